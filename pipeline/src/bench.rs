@@ -1,0 +1,213 @@
+//! Reader benchmark: sequential and random-gather throughput of a store, against a memcpy bound
+//! measured in the same run on the same bytes.
+
+use std::time::{Duration, Instant};
+
+use cpa_stream_stages::CsrBatch;
+use cpa_stream_stages::store::{Access, Store};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_xoshiro::Xoshiro256PlusPlus;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Bytes copied per memcpy call in the bound (large enough to run at full bandwidth).
+const MEMCPY_CHUNK: usize = 8 << 20;
+
+/// Options of [`bench_reader`].
+#[derive(Debug, Clone)]
+pub struct ReaderBenchOptions {
+    /// Rows per batch. Default 1024.
+    pub batch_size: usize,
+    /// Reader threads. Default: available cores.
+    pub threads: usize,
+    /// Seed of the random order.
+    pub seed: u64,
+    /// Repetitions of each measurement; the best is kept. Default 3.
+    pub repeats: usize,
+}
+
+impl Default for ReaderBenchOptions {
+    fn default() -> Self {
+        ReaderBenchOptions {
+            batch_size: 1024,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            seed: 0,
+            repeats: 3,
+        }
+    }
+}
+
+/// One measured pass.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub seconds: f64,
+    pub cells_per_s: f64,
+    pub gb_per_s: f64,
+}
+
+impl Throughput {
+    fn new(elapsed: Duration, cells: u64, bytes: u64) -> Throughput {
+        let s = elapsed.as_secs_f64().max(1e-9);
+        Throughput { seconds: s, cells_per_s: cells as f64 / s, gb_per_s: bytes as f64 / 1e9 / s }
+    }
+}
+
+/// Results of [`bench_reader`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ReaderBench {
+    pub store: String,
+    pub codec: String,
+    pub cells: u64,
+    pub n_vars: u64,
+    pub threads: usize,
+    pub batch_size: usize,
+    /// Payload bytes (indices + values) per cell, on average.
+    pub bytes_per_cell: f64,
+    /// Copying the payload with memcpy from the page-cached maps, with the same threads.
+    pub memcpy: Throughput,
+    /// memcpy's bytes/s expressed as cells/s.
+    pub memcpy_cells_per_s: f64,
+    pub sequential: Throughput,
+    pub random: Throughput,
+    pub sequential_vs_memcpy: f64,
+    pub random_vs_memcpy: f64,
+}
+
+/// Measures a store's read paths. The store's pages are touched first so that all passes read
+/// from the page cache.
+pub fn bench_reader(store: &Store, options: &ReaderBenchOptions) -> Result<ReaderBench> {
+    let threads = options.threads.max(1);
+    let batch = options.batch_size.max(1);
+    let cells = store.n_obs();
+    let payload_bytes = store.nnz() * 8;
+    let stage = |e| Error::Stage { stage: "bench", source: e };
+    store.advise(Access::WillNeed);
+
+    // Warm the page cache (and the copies' destination buffers) once.
+    let memcpy_once = || memcpy_pass(store, threads);
+    memcpy_once()?;
+    let best = |f: &dyn Fn() -> Result<Duration>| -> Result<Duration> {
+        let mut best = Duration::MAX;
+        for _ in 0..options.repeats.max(1) {
+            best = best.min(f()?);
+        }
+        Ok(best)
+    };
+    let memcpy = Throughput::new(best(&memcpy_once)?, cells, payload_bytes);
+
+    store.advise(Access::Sequential);
+    let sequential = Throughput::new(
+        best(&|| {
+            timed_threads(threads, |t| {
+                let rows = partition(cells, threads, t);
+                let mut cursor = store.cursor().map_err(stage)?;
+                let mut out = CsrBatch::new(store.n_vars() as u32);
+                let mut start = rows.start;
+                while start < rows.end {
+                    let end = (start + batch as u64).min(rows.end);
+                    out.clear();
+                    cursor.read_range(start..end, &mut out).map_err(stage)?;
+                    std::hint::black_box(out.nnz());
+                    start = end;
+                }
+                Ok(())
+            })
+        })?,
+        cells,
+        payload_bytes,
+    );
+
+    store.advise(Access::Random);
+    let mut order: Vec<u64> = (0..cells).collect();
+    order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(options.seed));
+    let random = Throughput::new(
+        best(&|| {
+            timed_threads(threads, |t| {
+                let part = partition(cells, threads, t);
+                let rows = &order[part.start as usize..part.end as usize];
+                let mut cursor = store.cursor().map_err(stage)?;
+                let mut out = CsrBatch::new(store.n_vars() as u32);
+                for chunk in rows.chunks(batch) {
+                    out.clear();
+                    cursor.gather(chunk, &mut out).map_err(stage)?;
+                    std::hint::black_box(out.nnz());
+                }
+                Ok(())
+            })
+        })?,
+        cells,
+        payload_bytes,
+    );
+
+    let bytes_per_cell = payload_bytes as f64 / cells.max(1) as f64;
+    let memcpy_cells_per_s = if bytes_per_cell > 0.0 { memcpy.gb_per_s * 1e9 / bytes_per_cell } else { f64::INFINITY };
+    Ok(ReaderBench {
+        store: store.path().display().to_string(),
+        codec: store.manifest().codec.name().to_owned(),
+        cells,
+        n_vars: store.n_vars(),
+        threads,
+        batch_size: batch,
+        bytes_per_cell,
+        sequential_vs_memcpy: sequential.cells_per_s / memcpy_cells_per_s,
+        random_vs_memcpy: random.cells_per_s / memcpy_cells_per_s,
+        memcpy_cells_per_s,
+        memcpy,
+        sequential,
+        random,
+    })
+}
+
+/// Copies the payload of every row with `threads` threads, in large chunks. For a compressed
+/// store the bound is the same number of plain bytes copied from a buffer.
+fn memcpy_pass(store: &Store, threads: usize) -> Result<Duration> {
+    let n = store.n_obs();
+    timed_threads(threads, |t| {
+        let rows = partition(n, threads, t);
+        let mut dst = vec![0u8; MEMCPY_CHUNK];
+        match store.raw_rows(rows.clone()) {
+            Some(view) => {
+                for src in [bytemuck::cast_slice::<u32, u8>(view.indices), bytemuck::cast_slice::<f32, u8>(view.data)] {
+                    for chunk in src.chunks(MEMCPY_CHUNK) {
+                        dst[..chunk.len()].copy_from_slice(chunk);
+                        std::hint::black_box(&dst);
+                    }
+                }
+            }
+            None => {
+                let indptr = store.indptr();
+                let bytes = (indptr[rows.end as usize] - indptr[rows.start as usize]) as usize * 8;
+                let src = vec![1u8; MEMCPY_CHUNK];
+                let mut left = bytes;
+                while left > 0 {
+                    let k = left.min(MEMCPY_CHUNK);
+                    dst[..k].copy_from_slice(&src[..k]);
+                    std::hint::black_box(&dst);
+                    left -= k;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn partition(n: u64, parts: usize, i: usize) -> std::ops::Range<u64> {
+    let per = n.div_ceil(parts as u64);
+    let start = (i as u64 * per).min(n);
+    start..(start + per).min(n)
+}
+
+fn timed_threads(threads: usize, work: impl Fn(usize) -> Result<()> + Sync) -> Result<Duration> {
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> = (0..threads).map(|t| scope.spawn(move || work(t))).collect();
+        for h in handles {
+            h.join().map_err(|p| Error::panic("bench", p))??;
+        }
+        Ok(())
+    })?;
+    Ok(start.elapsed())
+}

@@ -1,0 +1,18 @@
+//! Wiring of cpa-stream's stages: bounded channels between them, run loops that stop at the
+//! first error, and what every stage reports (rows, bytes, busy time, time blocked on input and
+//! on output, peak memory).
+//!
+//! - [`synth`]: generator workers -> store writer (synthetic atlases).
+//! - [`convert`]: store reader -> store writer (change codec).
+//! - [`bench`]: reader throughput against a memcpy bound measured in the same run.
+
+pub mod bench;
+pub mod convert;
+mod error;
+pub mod metrics;
+pub mod progress;
+pub mod synth;
+
+pub use error::{Error, Result};
+pub use metrics::{MemoryPeak, MemorySampler, MemoryUsage, RunReport, StageReport, StageStats};
+pub use progress::{Progress, Silent};

@@ -1,0 +1,278 @@
+//! Stage metrics and memory accounting.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde::Serialize;
+
+/// Counters of one stage, shared by its threads.
+#[derive(Debug, Default)]
+pub struct StageStats {
+    name: &'static str,
+    threads: AtomicU64,
+    busy_ns: AtomicU64,
+    blocked_in_ns: AtomicU64,
+    blocked_out_ns: AtomicU64,
+    rows: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl StageStats {
+    pub fn new(name: &'static str, threads: usize) -> Arc<StageStats> {
+        Arc::new(StageStats { name, threads: AtomicU64::new(threads as u64), ..Default::default() })
+    }
+
+    /// Runs `work`, counting its time as busy.
+    pub fn busy<T>(&self, work: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = work();
+        self.busy_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Counts `rows` rows and `bytes` bytes as done.
+    pub fn add(&self, rows: u64, bytes: u64) {
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Receives from the stage's input, counting the wait. `None` when the producer is gone.
+    pub fn recv<T>(&self, rx: &Receiver<T>) -> Option<T> {
+        let start = Instant::now();
+        let msg = rx.recv().ok();
+        self.blocked_in_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        msg
+    }
+
+    /// Sends to the stage's output, counting the wait. `false` when the consumer is gone (the
+    /// producer should stop quietly: the consumer reports why).
+    pub fn send<T>(&self, tx: &Sender<T>, msg: T) -> bool {
+        let start = Instant::now();
+        let ok = tx.send(msg).is_ok();
+        self.blocked_out_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        ok
+    }
+
+    pub fn report(&self) -> StageReport {
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        StageReport {
+            name: self.name.to_owned(),
+            threads: self.threads.load(Ordering::Relaxed),
+            busy: d(&self.busy_ns),
+            blocked_in: d(&self.blocked_in_ns),
+            blocked_out: d(&self.blocked_out_ns),
+            rows: self.rows.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What one stage did during a run (times summed over its threads).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageReport {
+    pub name: String,
+    pub threads: u64,
+    pub busy: Duration,
+    pub blocked_in: Duration,
+    pub blocked_out: Duration,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl StageReport {
+    /// Fraction of the stage's thread time spent working.
+    pub fn utilisation(&self, wall: Duration) -> f64 {
+        let capacity = wall.as_secs_f64() * self.threads.max(1) as f64;
+        if capacity > 0.0 { self.busy.as_secs_f64() / capacity } else { 0.0 }
+    }
+}
+
+/// The end-of-run report: stages, wall time, peak memory.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunReport {
+    pub wall: Duration,
+    pub stages: Vec<StageReport>,
+    pub memory: MemoryPeak,
+}
+
+impl RunReport {
+    /// The stage that limits the run: the one busiest relative to its threads.
+    pub fn bottleneck(&self) -> Option<&StageReport> {
+        self.stages.iter().max_by(|a, b| a.utilisation(self.wall).total_cmp(&b.utilisation(self.wall)))
+    }
+
+    /// A table of the stages followed by the bottleneck and peak memory.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<12} {:>7} {:>12} {:>12} {:>9} {:>9} {:>11} {:>6}",
+            "stage", "threads", "rows", "MB", "busy s", "in s", "out s", "busy%"
+        );
+        for s in &self.stages {
+            let _ = writeln!(
+                out,
+                "{:<12} {:>7} {:>12} {:>12.1} {:>9.2} {:>9.2} {:>11.2} {:>5.0}%",
+                s.name,
+                s.threads,
+                s.rows,
+                s.bytes as f64 / 1e6,
+                s.busy.as_secs_f64(),
+                s.blocked_in.as_secs_f64(),
+                s.blocked_out.as_secs_f64(),
+                100.0 * s.utilisation(self.wall)
+            );
+        }
+        if let Some(b) = self.bottleneck() {
+            let _ = writeln!(out, "bottleneck: {} ({:.0}% busy)", b.name, 100.0 * b.utilisation(self.wall));
+        }
+        let _ = writeln!(
+            out,
+            "wall {:.2} s; peak RssAnon {:.1} MiB, peak RssFile {:.1} MiB, VmHWM {:.1} MiB",
+            self.wall.as_secs_f64(),
+            mib(self.memory.rss_anon),
+            mib(self.memory.rss_file),
+            mib(self.memory.vm_hwm)
+        );
+        out
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Memory of this process now, from `/proc/self/status` (zeros where it is not available).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryUsage {
+    pub rss_anon: u64,
+    pub rss_file: u64,
+    pub vm_rss: u64,
+    pub vm_hwm: u64,
+}
+
+impl MemoryUsage {
+    pub fn current() -> MemoryUsage {
+        let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+            return MemoryUsage::default();
+        };
+        let mut usage = MemoryUsage::default();
+        for line in status.lines() {
+            let Some((key, value)) = line.split_once(':') else { continue };
+            let kib: u64 = value.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+            match key {
+                "RssAnon" => usage.rss_anon = kib * 1024,
+                "RssFile" => usage.rss_file = kib * 1024,
+                "VmRSS" => usage.vm_rss = kib * 1024,
+                "VmHWM" => usage.vm_hwm = kib * 1024,
+                _ => {}
+            }
+        }
+        usage
+    }
+}
+
+/// Peaks seen by a [`MemorySampler`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryPeak {
+    pub rss_anon: u64,
+    pub rss_file: u64,
+    pub vm_hwm: u64,
+}
+
+/// Samples `/proc/self/status` on a background thread (Linux keeps no peak of RssAnon itself).
+pub struct MemorySampler {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<MemoryPeak>>,
+}
+
+/// Sampling period of [`MemorySampler`].
+pub const MEMORY_SAMPLE_PERIOD: Duration = Duration::from_millis(10);
+
+impl MemorySampler {
+    pub fn start() -> MemorySampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("memory-sampler".to_owned())
+            .spawn(move || {
+                let mut peak = MemoryPeak::default();
+                loop {
+                    let now = MemoryUsage::current();
+                    peak.rss_anon = peak.rss_anon.max(now.rss_anon);
+                    peak.rss_file = peak.rss_file.max(now.rss_file);
+                    peak.vm_hwm = peak.vm_hwm.max(now.vm_hwm);
+                    if flag.load(Ordering::Relaxed) {
+                        return peak;
+                    }
+                    std::thread::sleep(MEMORY_SAMPLE_PERIOD);
+                }
+            })
+            .ok();
+        MemorySampler { stop, handle }
+    }
+
+    /// Stops sampling and returns the peaks.
+    pub fn finish(mut self) -> MemoryPeak {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for MemorySampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bottleneck_is_the_busiest_stage_per_thread() {
+        let wall = Duration::from_secs(10);
+        let stage = |name: &str, threads, busy| StageReport {
+            name: name.to_owned(),
+            threads,
+            busy: Duration::from_secs(busy),
+            blocked_in: Duration::ZERO,
+            blocked_out: Duration::ZERO,
+            rows: 1,
+            bytes: 1,
+        };
+        let report = RunReport {
+            wall,
+            stages: vec![stage("generate", 2, 12), stage("write", 1, 9)],
+            memory: MemoryPeak::default(),
+        };
+        assert_eq!(report.bottleneck().unwrap().name, "write");
+        assert!(report.render().contains("bottleneck: write (90% busy)"));
+    }
+
+    #[test]
+    fn reads_this_process_memory() {
+        let now = MemoryUsage::current();
+        assert!(now.vm_rss > 0 && now.rss_anon > 0, "{now:?}");
+        let sampler = MemorySampler::start();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(sampler.finish().rss_anon > 0);
+    }
+
+    #[test]
+    fn channel_helpers_count_waits_and_detect_a_gone_peer() {
+        let stats = StageStats::new("s", 1);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        assert!(stats.send(&tx, 1));
+        assert_eq!(stats.recv(&rx), Some(1));
+        drop(rx);
+        assert!(!stats.send(&tx, 2));
+        stats.add(3, 4);
+        let r = stats.report();
+        assert_eq!((r.rows, r.bytes), (3, 4));
+    }
+}

@@ -1,0 +1,13 @@
+//! Schemas shared by every cpa-stream crate: the store manifest (`manifest.json`) and the Arrow
+//! schemas of the store's tables (`obs.parquet`, `var.parquet`, `truth.parquet`).
+//!
+//! Every file cpa-stream writes has its schema defined here, once; tests compare written files
+//! against these definitions.
+
+mod manifest;
+pub mod tables;
+
+pub use manifest::{
+    ChecksumAlgorithm, Codec, DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL, FileEntry, MANIFEST_FILE, Manifest,
+    ManifestError, MatrixDtypes, STORE_FORMAT, STORE_FORMAT_VERSION, StoreFiles,
+};

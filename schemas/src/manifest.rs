@@ -1,0 +1,279 @@
+//! `manifest.json`: the description of a store directory.
+//!
+//! ```text
+//! NAME.store/
+//!   manifest.json      this file
+//!   X/indptr           u64 LE, n_obs + 1 row offsets into indices/data (both codecs)
+//!   X/indices          u32 LE column indices, sorted within a row      (codec "raw")
+//!   X/data             f32 LE values                                   (codec "raw")
+//!   X/blocks           zstd frames, one per block of rows              (codec "zstd")
+//!   X/block_index      u64 LE, n_blocks + 1 byte offsets into X/blocks (codec "zstd")
+//!   obs.parquet        one row per cell, matrix row order
+//!   var.parquet        one row per gene, matrix column order
+//!   truth.parquet      optional: ground truth of a synthetic atlas
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The format name every manifest carries in `format` (the store's magic).
+pub const STORE_FORMAT: &str = "cpa-stream-store";
+/// The manifest version this build writes and the only one it reads.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+/// File name of the manifest inside a store directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Default zstd level of the block codec: fast to write, about 2-3x smaller than raw on counts.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Default rows per zstd block: small enough that a random row costs one small decompression,
+/// large enough that the compressor sees repetition.
+pub const DEFAULT_ZSTD_BLOCK_ROWS: u32 = 256;
+
+/// Relative paths of the files of a store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreFiles;
+
+impl StoreFiles {
+    pub const INDPTR: &'static str = "X/indptr";
+    pub const INDICES: &'static str = "X/indices";
+    pub const DATA: &'static str = "X/data";
+    pub const BLOCKS: &'static str = "X/blocks";
+    pub const BLOCK_INDEX: &'static str = "X/block_index";
+    pub const OBS: &'static str = "obs.parquet";
+    pub const VAR: &'static str = "var.parquet";
+    pub const TRUTH: &'static str = "truth.parquet";
+}
+
+/// Errors in a manifest's content (the file's own I/O errors belong to the reader).
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum ManifestError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("format is {found:?}, expected {STORE_FORMAT:?} (is this a cpa-stream store?)")]
+    WrongFormat { found: String },
+    #[error("format version {found} is not supported, this build reads version {STORE_FORMAT_VERSION}")]
+    UnsupportedVersion { found: u64 },
+    #[error("invalid field: {0}")]
+    Invalid(String),
+}
+
+/// Element types of the matrix files. Fixed in format version 1; recorded so that other tools can
+/// map the files without reading this crate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixDtypes {
+    pub indptr: String,
+    pub indices: String,
+    pub data: String,
+}
+
+impl Default for MatrixDtypes {
+    fn default() -> Self {
+        MatrixDtypes { indptr: "u64le".to_owned(), indices: "u32le".to_owned(), data: "f32le".to_owned() }
+    }
+}
+
+/// How `X/indices` and `X/data` are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Codec {
+    /// Plain little-endian arrays, memory-mapped and read without copying.
+    Raw,
+    /// Blocks of `block_rows` rows, each one zstd frame holding the rows' delta-coded column
+    /// indices and values, byte-shuffled. Memory-mapped; a block is decompressed on demand.
+    Zstd { level: i32, block_rows: u32 },
+}
+
+impl Codec {
+    /// The zstd codec with the default level and block size.
+    pub fn zstd() -> Codec {
+        Codec::Zstd { level: DEFAULT_ZSTD_LEVEL, block_rows: DEFAULT_ZSTD_BLOCK_ROWS }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Codec::Raw => "raw",
+            Codec::Zstd { .. } => "zstd",
+        }
+    }
+}
+
+/// Checksum used for every file of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChecksumAlgorithm {
+    /// XXH3, 64-bit, written as 16 lowercase hex digits.
+    Xxh3_64,
+}
+
+/// Size and checksum of one file of the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub bytes: u64,
+    pub checksum: String,
+}
+
+/// The parsed `manifest.json` of a store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`STORE_FORMAT`].
+    pub format: String,
+    /// Always [`STORE_FORMAT_VERSION`] for stores this build reads.
+    pub version: u32,
+    pub n_obs: u64,
+    pub n_vars: u64,
+    pub nnz: u64,
+    pub dtypes: MatrixDtypes,
+    pub codec: Codec,
+    pub checksum: ChecksumAlgorithm,
+    /// Every file of the store by relative path (`/`-separated), the manifest excepted.
+    pub files: BTreeMap<String, FileEntry>,
+    /// The program that wrote the store, e.g. `cpa-stream 0.1.0`.
+    pub created_by: String,
+    /// Where the data came from (a command line, an input file), free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+impl Manifest {
+    /// Parses a manifest, checking the format name and version before the rest of the fields, so
+    /// that a file from another tool or a newer version gets that error rather than a field error.
+    pub fn from_json(text: &str) -> Result<Manifest, ManifestError> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("<missing>");
+        if format != STORE_FORMAT {
+            return Err(ManifestError::WrongFormat { found: format.to_owned() });
+        }
+        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if version != u64::from(STORE_FORMAT_VERSION) {
+            return Err(ManifestError::UnsupportedVersion { found: version });
+        }
+        let manifest: Manifest = serde_json::from_value(value).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Serialises the manifest as pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs and maps with string keys cannot fail.
+        let mut text = serde_json::to_string_pretty(self).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+
+    /// Checks the manifest's internal consistency (no I/O).
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let invalid = |msg: String| Err(ManifestError::Invalid(msg));
+        if self.dtypes != MatrixDtypes::default() {
+            return invalid(format!("dtypes {:?}, expected indptr u64le, indices u32le, data f32le", self.dtypes));
+        }
+        if self.n_vars > u64::from(u32::MAX) {
+            return invalid(format!("n_vars {} exceeds the u32 column index range", self.n_vars));
+        }
+        if let Codec::Zstd { level, block_rows } = self.codec {
+            if block_rows == 0 {
+                return invalid("codec zstd with block_rows 0".to_owned());
+            }
+            if !(-7..=22).contains(&level) {
+                return invalid(format!("codec zstd with level {level}, expected -7..=22"));
+            }
+        }
+        for name in self.required_files() {
+            if !self.files.contains_key(*name) {
+                return invalid(format!("files has no entry for {name:?}"));
+            }
+        }
+        for (path, entry) in &self.files {
+            let ok = entry.checksum.len() == 16 && entry.checksum.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok {
+                return invalid(format!("checksum of {path:?} is {:?}, expected 16 hex digits", entry.checksum));
+            }
+        }
+        Ok(())
+    }
+
+    /// The files a store of this codec cannot be without.
+    pub fn required_files(&self) -> &'static [&'static str] {
+        match self.codec {
+            Codec::Raw => {
+                &[StoreFiles::INDPTR, StoreFiles::INDICES, StoreFiles::DATA, StoreFiles::OBS, StoreFiles::VAR]
+            }
+            Codec::Zstd { .. } => {
+                &[StoreFiles::INDPTR, StoreFiles::BLOCKS, StoreFiles::BLOCK_INDEX, StoreFiles::OBS, StoreFiles::VAR]
+            }
+        }
+    }
+
+    /// Number of zstd blocks (0 for the raw codec).
+    pub fn n_blocks(&self) -> u64 {
+        match self.codec {
+            Codec::Raw => 0,
+            Codec::Zstd { block_rows, .. } => self.n_obs.div_ceil(u64::from(block_rows)),
+        }
+    }
+
+    /// Total bytes of all files of the store, manifest excluded.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.values().map(|f| f.bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let mut files = BTreeMap::new();
+        for name in [StoreFiles::INDPTR, StoreFiles::INDICES, StoreFiles::DATA, StoreFiles::OBS, StoreFiles::VAR] {
+            files.insert(name.to_owned(), FileEntry { bytes: 8, checksum: "0123456789abcdef".to_owned() });
+        }
+        Manifest {
+            format: STORE_FORMAT.to_owned(),
+            version: STORE_FORMAT_VERSION,
+            n_obs: 2,
+            n_vars: 3,
+            nnz: 4,
+            dtypes: MatrixDtypes::default(),
+            codec: Codec::Raw,
+            checksum: ChecksumAlgorithm::Xxh3_64,
+            files,
+            created_by: "test".to_owned(),
+            source: None,
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let m = sample();
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        let z = Manifest { codec: Codec::zstd(), ..sample() };
+        let text = z.to_json();
+        assert!(text.contains("\"name\": \"zstd\""), "{text}");
+        assert!(text.contains("\"checksum\": \"xxh3-64\""), "{text}");
+    }
+
+    #[test]
+    fn rejects_foreign_and_future_files() {
+        let m = sample().to_json();
+        let foreign = m.replace(STORE_FORMAT, "zarr");
+        assert_eq!(Manifest::from_json(&foreign), Err(ManifestError::WrongFormat { found: "zarr".to_owned() }));
+        let future = m.replace("\"version\": 1", "\"version\": 2");
+        assert_eq!(Manifest::from_json(&future), Err(ManifestError::UnsupportedVersion { found: 2 }));
+        assert!(matches!(Manifest::from_json("{"), Err(ManifestError::Json(_))));
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_missing_files() {
+        let m = sample().to_json().replacen("{", "{\"extra\": 1,", 1);
+        assert!(matches!(Manifest::from_json(&m), Err(ManifestError::Invalid(msg)) if msg.contains("extra")));
+        let mut missing = sample();
+        missing.files.remove(StoreFiles::DATA);
+        assert!(matches!(missing.validate(), Err(ManifestError::Invalid(msg)) if msg.contains("X/data")));
+        let mut bad_sum = sample();
+        bad_sum.files.get_mut(StoreFiles::OBS).unwrap().checksum = "xyz".to_owned();
+        assert!(bad_sum.validate().is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! Arrow schemas of the store's tables.
+//!
+//! - `obs.parquet`: first column [`CELL_ID`] (Utf8, not null), then metadata columns. Categorical
+//!   columns are `Dictionary(Int32, Utf8)` and carry their full ordered category list in the field
+//!   metadata under [`CATEGORIES_KEY`] (Parquet dictionaries keep neither order nor unused
+//!   categories, and perturbation vocabularies depend on both).
+//! - `var.parquet`: first column [`GENE_ID`] (Utf8, not null), then gene metadata.
+//! - `truth.parquet` (synthetic atlases): see [`truth_schema`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+/// Name of the cell id column, the first column of `obs.parquet`.
+pub const CELL_ID: &str = "cell_id";
+/// Name of the gene id column, the first column of `var.parquet`.
+pub const GENE_ID: &str = "gene_id";
+/// Field metadata key holding a categorical column's categories as a JSON array of strings.
+pub const CATEGORIES_KEY: &str = "cpa_stream.categories";
+/// The key type of categorical columns.
+pub const CATEGORICAL_KEY_TYPE: DataType = DataType::Int32;
+
+/// The Arrow type of a categorical column.
+pub fn categorical_type() -> DataType {
+    DataType::Dictionary(Box::new(CATEGORICAL_KEY_TYPE), Box::new(DataType::Utf8))
+}
+
+/// A categorical (dictionary-encoded) field that records its ordered categories.
+pub fn categorical_field(name: &str, categories: &[String], nullable: bool) -> Field {
+    let json = serde_json::to_string(categories).unwrap_or_else(|_| "[]".to_owned());
+    Field::new(name, categorical_type(), nullable).with_metadata(HashMap::from([(CATEGORIES_KEY.to_owned(), json)]))
+}
+
+/// The ordered categories recorded on a categorical field, if it is one.
+pub fn categories_of(field: &Field) -> Option<Vec<String>> {
+    if !matches!(field.data_type(), DataType::Dictionary(_, v) if **v == DataType::Utf8) {
+        return None;
+    }
+    let json = field.metadata().get(CATEGORIES_KEY)?;
+    serde_json::from_str(json).ok()
+}
+
+/// Whether a schema is a valid `obs` schema: first column `cell_id` Utf8 not null.
+pub fn check_obs_schema(schema: &Schema) -> Result<(), String> {
+    check_id_column(schema, CELL_ID)
+}
+
+/// Whether a schema is a valid `var` schema: first column `gene_id` Utf8 not null.
+pub fn check_var_schema(schema: &Schema) -> Result<(), String> {
+    check_id_column(schema, GENE_ID)
+}
+
+fn check_id_column(schema: &Schema, name: &str) -> Result<(), String> {
+    let Some(first) = schema.fields().first() else {
+        return Err(format!("no columns, expected {name:?} first"));
+    };
+    if first.name() != name || first.data_type() != &DataType::Utf8 || first.is_nullable() {
+        return Err(format!(
+            "first column is {:?} ({}, nullable {}), expected {name:?} (Utf8, not null)",
+            first.name(),
+            first.data_type(),
+            first.is_nullable()
+        ));
+    }
+    for field in schema.fields().iter().skip(1) {
+        if let DataType::Dictionary(_, _) = field.data_type()
+            && categories_of(field).is_none()
+        {
+            return Err(format!("categorical column {:?} has no {CATEGORIES_KEY:?} metadata", field.name()));
+        }
+    }
+    Ok(())
+}
+
+/// Columns of `truth.parquet`.
+pub mod truth {
+    /// Cell type (categorical).
+    pub const CELL_TYPE: &str = "cell_type";
+    /// Condition, `+`-joined perturbations (categorical).
+    pub const CONDITION: &str = "condition";
+    /// Doses, `+`-joined in the order of `condition` (categorical).
+    pub const DOSE: &str = "dose";
+    /// Cells of this group in the atlas (0 for held-back groups).
+    pub const N_CELLS: &str = "n_cells";
+    /// True when the group was held back from the cells (counterfactual only).
+    pub const HELD_OUT: &str = "held_out";
+    /// E[x_g]: the expected count of each gene.
+    pub const MEAN: &str = "mean";
+    /// E[log1p(x_g)], estimated by sampling.
+    pub const MEAN_LOG1P: &str = "mean_log1p";
+    /// Var[log1p(x_g)], estimated by sampling.
+    pub const VAR_LOG1P: &str = "var_log1p";
+}
+
+/// A `FixedSizeList<Float32>` of `len` items (per-gene vectors, embeddings).
+pub fn f32_vector_type(len: i32) -> DataType {
+    DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), len)
+}
+
+/// Schema of `truth.parquet`: one row per (cell_type, condition, dose) with per-gene vectors of
+/// `n_genes` values in `var` order.
+pub fn truth_schema(cell_types: &[String], conditions: &[String], doses: &[String], n_genes: i32) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        categorical_field(truth::CELL_TYPE, cell_types, false),
+        categorical_field(truth::CONDITION, conditions, false),
+        categorical_field(truth::DOSE, doses, false),
+        Field::new(truth::N_CELLS, DataType::UInt64, false),
+        Field::new(truth::HELD_OUT, DataType::Boolean, false),
+        Field::new(truth::MEAN, f32_vector_type(n_genes), false),
+        Field::new(truth::MEAN_LOG1P, f32_vector_type(n_genes), false),
+        Field::new(truth::VAR_LOG1P, f32_vector_type(n_genes), false),
+    ]))
+}
+
+/// Compares a schema read back from a file with the expected one: names, types and nullability,
+/// and the categories of categorical fields. Other metadata (writer-added keys) is ignored.
+pub fn same_schema(expected: &Schema, actual: &Schema) -> Result<(), String> {
+    if expected.fields().len() != actual.fields().len() {
+        return Err(format!("{} columns, expected {}", actual.fields().len(), expected.fields().len()));
+    }
+    for (e, a) in expected.fields().iter().zip(actual.fields()) {
+        if e.name() != a.name() || e.data_type() != a.data_type() || e.is_nullable() != a.is_nullable() {
+            return Err(format!(
+                "column {:?} is {} (nullable {}), expected {:?} {} (nullable {})",
+                a.name(),
+                a.data_type(),
+                a.is_nullable(),
+                e.name(),
+                e.data_type(),
+                e.is_nullable()
+            ));
+        }
+        if categories_of(e) != categories_of(a) {
+            return Err(format!("column {:?} has other categories than expected", a.name()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn categorical_fields_keep_order_and_unused_categories() {
+        let cats = vec!["b".to_owned(), "a".to_owned(), "unused".to_owned()];
+        let f = categorical_field("condition", &cats, false);
+        assert_eq!(categories_of(&f), Some(cats));
+        assert_eq!(categories_of(&Field::new("x", DataType::Utf8, false)), None);
+    }
+
+    #[test]
+    fn obs_schema_needs_cell_id_first() {
+        let good = Schema::new(vec![
+            Field::new(CELL_ID, DataType::Utf8, false),
+            categorical_field("cell_type", &["t".to_owned()], false),
+        ]);
+        assert!(check_obs_schema(&good).is_ok());
+        let bad = Schema::new(vec![Field::new("x", DataType::Utf8, false)]);
+        assert!(check_obs_schema(&bad).unwrap_err().contains("cell_id"));
+        let no_cats =
+            Schema::new(vec![Field::new(CELL_ID, DataType::Utf8, false), Field::new("c", categorical_type(), false)]);
+        assert!(check_obs_schema(&no_cats).unwrap_err().contains("metadata"));
+    }
+
+    #[test]
+    fn same_schema_reports_the_differing_column() {
+        let a = truth_schema(&["t".into()], &["control".into()], &["1".into()], 5);
+        assert!(same_schema(&a, &a).is_ok());
+        let b = truth_schema(&["t".into()], &["control".into()], &["1".into()], 6);
+        assert!(same_schema(&a, &b).unwrap_err().contains("mean"));
+    }
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs everything cpa-stream needs to build into a cache outside the checkout, then prints the
+# environment to use. Idempotent: a second run reuses the cache and returns in a second.
+#
+#   CPA_STREAM_CACHE   cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/cpa-stream)
+#
+# Usage: eval "$(scripts/bootstrap.sh)"   (the env lines go to stdout, progress to stderr)
+set -euo pipefail
+
+TORCH_VERSION=2.11.0   # tch =0.24.0 binds exactly this PyTorch
+cache="${CPA_STREAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cpa-stream}"
+venv="$cache/venv"
+stamp="$venv/.torch-$TORCH_VERSION.ok"
+python="${PYTHON:-python3}"
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+mkdir -p "$cache"
+if [ ! -f "$stamp" ]; then
+  # A lock so two concurrent first runs (tests, demo) do not install twice.
+  exec 9>"$cache/.bootstrap.lock"
+  flock 9
+  if [ ! -f "$stamp" ]; then
+    log "installing PyTorch $TORCH_VERSION (libtorch for tch) into $venv; this happens once"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2
+    touch "$stamp"
+  fi
+  flock -u 9
+fi
+
+torch_dir="$("$venv/bin/python" - <<'PY'
+import os, importlib.util
+spec = importlib.util.find_spec("torch")
+print(os.path.dirname(spec.origin))
+PY
+)"
+[ -f "$torch_dir/lib/libtorch_cpu.so" ] || { log "no libtorch under $torch_dir/lib; delete $venv and rerun"; exit 1; }
+
+echo "export CPA_STREAM_CACHE='$cache'"
+echo "export LIBTORCH='$torch_dir'"
+echo "export LIBTORCH_CXX11_ABI=1"
+echo "export CARGO_TARGET_DIR='${CARGO_TARGET_DIR:-$cache/target}'"
+echo "export CPA_STREAM_VENV='$venv'"

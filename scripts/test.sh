@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command of the README (and of CI): installs what is missing into the cache, builds,
+# and runs every test of the workspace. Tests that need a GPU print why they skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/bootstrap.sh)"
+echo "test.sh: libtorch $LIBTORCH, build cache $CARGO_TARGET_DIR" >&2
+# One profile for tests and the demo, so a cold run compiles the dependencies once.
+cargo test --release --locked --workspace "$@"

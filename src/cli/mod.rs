@@ -1,0 +1,60 @@
+//! Subcommands of the `cpa-stream` binary.
+
+mod bench;
+mod info;
+mod progress;
+mod store;
+mod synth;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Train and run the Compositional Perturbation Autoencoder on atlases larger than memory.
+#[derive(Debug, Parser)]
+#[command(name = "cpa-stream", version, about, propagate_version = true)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print libtorch, CUDA and build information.
+    Info(info::InfoArgs),
+    /// Generate a CPA-shaped synthetic atlas with ground truth.
+    Synth(synth::SynthArgs),
+    /// Show a store's shape, sizes and obs columns.
+    Inspect(store::InspectArgs),
+    /// Check a store's checksums and structure; exit 1 naming the first problem.
+    Verify(store::VerifyArgs),
+    /// Copy a store with another codec (raw or zstd).
+    Convert(store::ConvertArgs),
+    /// Measure throughput.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Runs a parsed command line.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::Info(a) => info::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Inspect(a) => store::inspect(a),
+        Command::Verify(a) => store::verify(a),
+        Command::Convert(a) => store::convert(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Logs go to stderr; `CPA_STREAM_LOG` (or `RUST_LOG`) sets the filter, default `info`.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("CPA_STREAM_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}

@@ -1,0 +1,152 @@
+//! `cpa-stream inspect`, `verify` and `convert`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use cpa_stream_pipeline::convert::run_convert;
+use cpa_stream_stages::store::{Store, summarize_obs};
+use serde::Serialize;
+
+use super::progress::CliProgress;
+use super::synth::CodecArgs;
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Store directory.
+    store: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Store directory.
+    store: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Input store directory.
+    store: PathBuf,
+    /// Output store directory.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    codec: CodecArgs,
+    /// Replace an existing store at --out.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Serialize)]
+struct Inspection<'a> {
+    path: String,
+    n_obs: u64,
+    n_vars: u64,
+    nnz: u64,
+    density: f64,
+    codec: &'a cpa_stream_schemas::Codec,
+    total_bytes: u64,
+    files: &'a std::collections::BTreeMap<String, cpa_stream_schemas::FileEntry>,
+    obs_columns: Vec<cpa_stream_stages::store::ColumnSummary>,
+    created_by: &'a str,
+    source: Option<&'a str>,
+}
+
+/// Categories listed in full by the text output; longer lists are cut with a count.
+const MAX_LISTED_CATEGORIES: usize = 20;
+
+pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&args.store)?;
+    let m = store.manifest();
+    let obs_columns = summarize_obs(&store)?;
+    let cells = (m.n_obs.max(1) as f64) * (m.n_vars.max(1) as f64);
+    let report = Inspection {
+        path: args.store.display().to_string(),
+        n_obs: m.n_obs,
+        n_vars: m.n_vars,
+        nnz: m.nnz,
+        density: m.nnz as f64 / cells,
+        codec: &m.codec,
+        total_bytes: m.total_bytes(),
+        files: &m.files,
+        obs_columns,
+        created_by: &m.created_by,
+        source: m.source.as_deref(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("store     {}", report.path);
+    println!("shape     {} cells x {} genes", report.n_obs, report.n_vars);
+    println!("nnz       {} (density {:.4})", report.nnz, report.density);
+    match m.codec {
+        cpa_stream_schemas::Codec::Raw => println!("codec     raw"),
+        cpa_stream_schemas::Codec::Zstd { level, block_rows } => {
+            println!("codec     zstd (level {level}, {block_rows} rows per block)")
+        }
+    }
+    println!("size      {:.1} MB", report.total_bytes as f64 / 1e6);
+    for (name, f) in report.files {
+        println!("  {name:<18} {:>14} bytes  xxh3 {}", f.bytes, f.checksum);
+    }
+    println!("obs columns");
+    for c in &report.obs_columns {
+        let nulls = if c.nulls > 0 { format!(", {} nulls", c.nulls) } else { String::new() };
+        match (&c.categories, c.range) {
+            (Some(cats), _) => {
+                println!("  {} (categorical, {} categories{nulls})", c.name, cats.len());
+                for (name, count) in cats.iter().take(MAX_LISTED_CATEGORIES) {
+                    println!("    {name:<30} {count}");
+                }
+                if cats.len() > MAX_LISTED_CATEGORIES {
+                    println!("    ... {} more (see --json)", cats.len() - MAX_LISTED_CATEGORIES);
+                }
+            }
+            (None, Some((lo, hi))) => println!("  {} ({}, range {lo} .. {hi}{nulls})", c.name, c.dtype),
+            (None, None) => println!("  {} ({}{nulls})", c.name, c.dtype),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let result = Store::open(&args.store).and_then(|s| s.verify());
+    match result {
+        Ok(r) => {
+            println!(
+                "ok: {} files, {:.1} MB checksummed, {} rows and {} entries checked",
+                r.files,
+                r.bytes as f64 / 1e6,
+                r.rows,
+                r.nnz
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("FAILED: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let input = Store::open(&args.store)?;
+    let progress = CliProgress::new();
+    let (manifest, report) = run_convert(&input, &args.out, args.codec.codec()?, args.overwrite, &progress)
+        .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
+    println!(
+        "wrote {}: codec {}, {:.1} MB (input {:.1} MB, ratio {:.2})",
+        args.out.display(),
+        manifest.codec.name(),
+        manifest.total_bytes() as f64 / 1e6,
+        input.manifest().total_bytes() as f64 / 1e6,
+        input.manifest().total_bytes() as f64 / manifest.total_bytes().max(1) as f64
+    );
+    print!("{}", report.render());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,173 @@
+//! `cpa-stream synth`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use cpa_stream_pipeline::synth::{DEFAULT_CHANNEL_DEPTH, SynthRunOptions, run_synth};
+use cpa_stream_schemas::{Codec, DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL};
+use cpa_stream_stages::synth::{
+    DEFAULT_CONTROL_FRACTION, DEFAULT_HIDDEN, DEFAULT_LATENT_DIM, DEFAULT_LIBRARY_LOG_SD, DEFAULT_LIBRARY_SIZE,
+    DEFAULT_TRUTH_SAMPLES, SynthAtlas, SynthConfig,
+};
+
+use super::progress::CliProgress;
+
+/// Matrix codec of a store written by the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CodecArg {
+    /// Plain little-endian arrays, read without copying.
+    Raw,
+    /// zstd-compressed blocks of rows, for disk-bound atlases.
+    Zstd,
+}
+
+/// Codec options shared by the commands that write stores.
+#[derive(Debug, Clone, Args)]
+pub struct CodecArgs {
+    /// Matrix codec.
+    #[arg(long, value_enum, default_value_t = CodecArg::Raw)]
+    pub codec: CodecArg,
+    /// zstd level (codec zstd).
+    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, allow_negative_numbers = true)]
+    pub zstd_level: i32,
+    /// Rows per compressed block (codec zstd).
+    #[arg(long, default_value_t = DEFAULT_ZSTD_BLOCK_ROWS)]
+    pub block_rows: u32,
+}
+
+impl CodecArgs {
+    pub fn codec(&self) -> anyhow::Result<Codec> {
+        Ok(match self.codec {
+            CodecArg::Raw => Codec::Raw,
+            CodecArg::Zstd => {
+                anyhow::ensure!(self.block_rows > 0, "--block-rows must be at least 1");
+                anyhow::ensure!((-7..=22).contains(&self.zstd_level), "--zstd-level must be in -7..=22");
+                Codec::Zstd { level: self.zstd_level, block_rows: self.block_rows }
+            }
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Number of cells.
+    #[arg(long)]
+    cells: u64,
+    /// Number of genes.
+    #[arg(long)]
+    genes: u32,
+    /// Number of single perturbations.
+    #[arg(long)]
+    perturbations: u32,
+    /// Dose levels, log-spaced from 0.01 to 1.
+    #[arg(long, default_value_t = 1)]
+    doses: u32,
+    /// Number of cell types.
+    #[arg(long, default_value_t = 1)]
+    cell_types: u32,
+    /// Two-perturbation combinations present in the cells.
+    #[arg(long, default_value_t = 0)]
+    combinations: u32,
+    /// Combinations present only in truth.parquet [default: 1 if --combinations > 0 and pairs remain].
+    #[arg(long)]
+    heldout_combinations: Option<u32>,
+    /// Strength of the combination interaction term in latent space (0: additive).
+    #[arg(long, default_value_t = 0.0)]
+    interaction: f32,
+    /// Fraction of control cells.
+    #[arg(long, default_value_t = DEFAULT_CONTROL_FRACTION)]
+    control_fraction: f64,
+    /// Median total counts per cell.
+    #[arg(long, default_value_t = DEFAULT_LIBRARY_SIZE)]
+    library_size: f64,
+    /// Standard deviation of log library size.
+    #[arg(long, default_value_t = DEFAULT_LIBRARY_LOG_SD)]
+    library_log_sd: f64,
+    /// Latent dimension of the true model.
+    #[arg(long, default_value_t = DEFAULT_LATENT_DIM)]
+    latent_dim: u32,
+    /// Hidden width of the true decoder.
+    #[arg(long, default_value_t = DEFAULT_HIDDEN)]
+    hidden: u32,
+    /// Monte-Carlo draws per group for truth.parquet.
+    #[arg(long, default_value_t = DEFAULT_TRUTH_SAMPLES)]
+    truth_samples: u32,
+    /// Random seed; the same seed gives the same atlas on any number of threads.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output store directory (NAME.store).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    codec: CodecArgs,
+    /// Generator threads [default: available cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Chunks of 1,024 cells queued per generator thread.
+    #[arg(long, default_value_t = DEFAULT_CHANNEL_DEPTH)]
+    channel_depth: usize,
+    /// Replace an existing store at --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
+    let mut config = SynthConfig::new(
+        args.cells,
+        args.genes,
+        args.perturbations,
+        args.doses,
+        args.cell_types,
+        args.combinations,
+        args.seed,
+    );
+    if let Some(h) = args.heldout_combinations {
+        config.heldout_combinations = h;
+    }
+    config.interaction = args.interaction;
+    config.control_fraction = args.control_fraction;
+    config.library_size = args.library_size;
+    config.library_log_sd = args.library_log_sd;
+    config.latent_dim = args.latent_dim;
+    config.hidden = args.hidden;
+    config.truth_samples = args.truth_samples;
+    let source = format!("cpa-stream synth {config:?}");
+    let atlas = SynthAtlas::new(config)?;
+    let mut options = SynthRunOptions {
+        codec: args.codec.codec()?,
+        channel_depth: args.channel_depth,
+        overwrite: args.overwrite,
+        source: Some(source),
+        ..SynthRunOptions::default()
+    };
+    if let Some(t) = args.threads {
+        options.threads = t.max(1);
+    }
+    let progress = CliProgress::new();
+    let summary = run_synth(&atlas, &args.out, &options, &progress)
+        .with_context(|| format!("synth into {}", args.out.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m = &summary.manifest;
+    println!(
+        "wrote {}: {} cells x {} genes, nnz {} (density {:.3}), codec {}, {:.1} MB, {} truth groups",
+        args.out.display(),
+        m.n_obs,
+        m.n_vars,
+        m.nnz,
+        m.nnz as f64 / (m.n_obs.max(1) * m.n_vars.max(1)) as f64,
+        m.codec.name(),
+        m.total_bytes() as f64 / 1e6,
+        summary.truth_groups
+    );
+    println!("cells/s {:.0}, matrix MB/s {:.1}", summary.cells_per_s, summary.mb_per_s);
+    print!("{}", summary.report.render());
+    Ok(ExitCode::SUCCESS)
+}

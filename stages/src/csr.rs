@@ -1,0 +1,148 @@
+//! An owned batch of sparse rows in CSR layout, reused between batches.
+
+/// Rows of a sparse matrix in CSR layout: `indptr` (starting at 0, one more entry than rows),
+/// column `indices` sorted within each row, and `data`.
+///
+/// Buffers are kept on [`clear`](CsrBatch::clear), so a batch recycled between stages allocates
+/// only while it grows.
+///
+/// ```
+/// use cpa_stream_stages::CsrBatch;
+/// let mut batch = CsrBatch::new(4);
+/// batch.push_row(&[0, 3], &[1.0, 2.0]);
+/// batch.push_row(&[], &[]);
+/// assert_eq!(batch.n_rows(), 2);
+/// assert_eq!(batch.row(0), (&[0u32, 3][..], &[1.0f32, 2.0][..]));
+/// assert_eq!(batch.validate(), Ok(()));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct CsrBatch {
+    n_cols: u32,
+    indptr: Vec<u64>,
+    indices: Vec<u32>,
+    data: Vec<f32>,
+}
+
+impl CsrBatch {
+    /// An empty batch of rows with `n_cols` columns.
+    pub fn new(n_cols: u32) -> CsrBatch {
+        CsrBatch { n_cols, indptr: vec![0], indices: Vec::new(), data: Vec::new() }
+    }
+
+    /// An empty batch with room for `rows` rows and `nnz` entries.
+    pub fn with_capacity(n_cols: u32, rows: usize, nnz: usize) -> CsrBatch {
+        let mut indptr = Vec::with_capacity(rows + 1);
+        indptr.push(0);
+        CsrBatch { n_cols, indptr, indices: Vec::with_capacity(nnz), data: Vec::with_capacity(nnz) }
+    }
+
+    /// Removes all rows, keeping the allocations.
+    pub fn clear(&mut self) {
+        self.indptr.truncate(1);
+        self.indices.clear();
+        self.data.clear();
+    }
+
+    /// Appends one row. Panics if `indices` and `data` differ in length (a programming error);
+    /// use [`validate`](CsrBatch::validate) for content checks on untrusted data.
+    pub fn push_row(&mut self, indices: &[u32], data: &[f32]) {
+        assert_eq!(indices.len(), data.len(), "a row needs one value per index");
+        self.indices.extend_from_slice(indices);
+        self.data.extend_from_slice(data);
+        self.indptr.push(self.indices.len() as u64);
+    }
+
+    /// Appends one row whose entries were written with [`entries_mut`](CsrBatch::entries_mut).
+    pub(crate) fn close_row(&mut self) {
+        debug_assert_eq!(self.indices.len(), self.data.len());
+        self.indptr.push(self.indices.len() as u64);
+    }
+
+    /// The index and value buffers, for appending the entries of the row being built.
+    pub(crate) fn entries_mut(&mut self) -> (&mut Vec<u32>, &mut Vec<f32>) {
+        (&mut self.indices, &mut self.data)
+    }
+
+    pub fn n_cols(&self) -> u32 {
+        self.n_cols
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.indptr.len() - 1
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.indices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n_rows() == 0
+    }
+
+    pub fn indptr(&self) -> &[u64] {
+        &self.indptr
+    }
+
+    pub fn indices(&self) -> &[u32] {
+        &self.indices
+    }
+
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// Row `i`'s column indices and values.
+    pub fn row(&self, i: usize) -> (&[u32], &[f32]) {
+        let (start, end) = (self.indptr[i] as usize, self.indptr[i + 1] as usize);
+        (&self.indices[start..end], &self.data[start..end])
+    }
+
+    /// Bytes of the payload (indptr, indices and data), the measure stages report.
+    pub fn byte_size(&self) -> u64 {
+        (self.indptr.len() * 8 + self.indices.len() * 4 + self.data.len() * 4) as u64
+    }
+
+    /// Checks that column indices are strictly increasing within each row and below `n_cols`, and
+    /// that values are finite. The error names the row (within the batch) and column.
+    pub fn validate(&self) -> Result<(), String> {
+        for r in 0..self.n_rows() {
+            let (indices, data) = self.row(r);
+            let mut prev: Option<u32> = None;
+            for (&c, &v) in indices.iter().zip(data) {
+                if c >= self.n_cols {
+                    return Err(format!("row {r}: column index {c} out of range, expected < {}", self.n_cols));
+                }
+                if prev.is_some_and(|p| p >= c) {
+                    return Err(format!("row {r}: column indices not strictly increasing at column {c}"));
+                }
+                if !v.is_finite() {
+                    return Err(format!("row {r}, column {c}: value {v} is not finite"));
+                }
+                prev = Some(c);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_names_row_and_column() {
+        let mut b = CsrBatch::new(3);
+        b.push_row(&[0, 2], &[1.0, 1.0]);
+        b.push_row(&[1, 3], &[1.0, 1.0]);
+        assert_eq!(b.validate().unwrap_err(), "row 1: column index 3 out of range, expected < 3");
+        b.clear();
+        b.push_row(&[2, 1], &[1.0, 1.0]);
+        assert!(b.validate().unwrap_err().contains("not strictly increasing"));
+        b.clear();
+        b.push_row(&[1], &[f32::NAN]);
+        assert!(b.validate().unwrap_err().contains("not finite"));
+        b.clear();
+        assert!(b.is_empty());
+        assert_eq!(b.byte_size(), 8);
+    }
+}

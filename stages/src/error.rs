@@ -1,0 +1,68 @@
+use std::io;
+use std::path::PathBuf;
+
+use arrow::error::ArrowError;
+use cpa_stream_schemas::ManifestError;
+use parquet::errors::ParquetError;
+
+/// Result of this crate's fallible operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors of the stages. Each names the file (and row, column or block where there is one) and
+/// what was expected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("{}: {what} is {actual}, expected {expected}", path.display())]
+    SizeMismatch { path: PathBuf, what: String, expected: u64, actual: u64 },
+    #[error("{}: checksum is {actual}, the manifest records {expected} (file modified or corrupt)", path.display())]
+    ChecksumMismatch { path: PathBuf, expected: String, actual: String },
+    #[error("{}: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{}: {source}", path.display())]
+    Parquet {
+        path: PathBuf,
+        #[source]
+        source: ParquetError,
+    },
+    #[error("{context}: {source}")]
+    Arrow {
+        context: String,
+        #[source]
+        source: ArrowError,
+    },
+    #[error("{}: already exists (remove it or choose another output)", path.display())]
+    OutputExists { path: PathBuf },
+    #[error("{0}")]
+    InvalidInput(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io { path: path.into(), source }
+    }
+
+    pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+        Error::Corrupt { path: path.into(), reason: reason.into() }
+    }
+
+    pub(crate) fn parquet(path: impl Into<PathBuf>, source: ParquetError) -> Error {
+        Error::Parquet { path: path.into(), source }
+    }
+
+    pub(crate) fn arrow(context: impl Into<String>, source: ArrowError) -> Error {
+        Error::Arrow { context: context.into(), source }
+    }
+}

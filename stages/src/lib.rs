@@ -1,0 +1,20 @@
+//! The stages of cpa-stream's dataflow and the on-disk atlas store they read.
+//!
+//! - [`store`]: the memory-mapped CSR store (`NAME.store/`): streaming writer, validated reader,
+//!   zero-copy row access, zstd blocks, verification.
+//! - [`synth`]: CPA-shaped synthetic atlases with ground truth.
+//! - [`csr`]: the owned CSR batch that stages hand to each other.
+//!
+//! Stages never wire themselves together: the `cpa-stream-pipeline` crate connects them with
+//! bounded channels.
+
+#[cfg(target_endian = "big")]
+compile_error!("cpa-stream stores are little-endian and mapped without conversion");
+
+pub mod csr;
+mod error;
+pub mod store;
+pub mod synth;
+
+pub use csr::CsrBatch;
+pub use error::{Error, Result};

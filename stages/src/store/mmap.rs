@@ -1,0 +1,67 @@
+//! Read-only memory maps of store files, viewed as little-endian arrays.
+
+use std::fs::File;
+use std::path::Path;
+
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+
+use crate::error::{Error, Result};
+
+/// A read-only map of a whole file (or nothing, for an empty file, which cannot be mapped).
+#[derive(Debug)]
+pub(crate) struct MappedFile {
+    map: Option<Mmap>,
+}
+
+impl MappedFile {
+    /// Maps `path` read-only.
+    ///
+    /// # Safety
+    /// The file must not be truncated or written while the map (or any slice taken from it) is
+    /// alive: the slices are plain Rust references into the page cache. Store files are written
+    /// once into a temporary directory and published by rename, never modified in place.
+    pub(crate) unsafe fn open(path: &Path) -> Result<MappedFile> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len == 0 {
+            return Ok(MappedFile { map: None });
+        }
+        // SAFETY: forwarded to the caller (see `# Safety`).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Ok(MappedFile { map: Some(map) })
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.bytes().len() as u64
+    }
+
+    /// The file as an array of `T`; `None` if its length is not a multiple of `T`'s size (sizes
+    /// are checked against the manifest before this is called; maps are page-aligned).
+    pub(crate) fn as_slice<T: bytemuck::Pod>(&self) -> Option<&[T]> {
+        bytemuck::try_cast_slice(self.bytes()).ok()
+    }
+
+    /// Hints the kernel about the access pattern of the whole file.
+    pub(crate) fn advise(&self, advice: Advice) {
+        if let Some(map) = &self.map {
+            // Advice is a hint; a kernel that refuses it changes nothing we rely on.
+            let _ = map.advise(advice);
+        }
+    }
+
+    /// Drops the pages of `bytes` (a byte range of the file) from this process's resident set.
+    pub(crate) fn release(&self, bytes: std::ops::Range<usize>) {
+        let Some(map) = &self.map else { return };
+        let end = bytes.end.min(map.len());
+        if bytes.start < end {
+            // SAFETY: DONTNEED on a private read-only file map only drops our view of the pages
+            // (memmap2 widens the range to whole pages); later reads fault them in again from the
+            // unchanged file, so no live reference observes different data.
+            let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, bytes.start, end - bytes.start) };
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The atlas store: a directory of memory-mapped CSR arrays plus Parquet tables.
+//!
+//! See [`cpa_stream_schemas::Manifest`] for the layout. [`StoreWriter`] writes a store from a
+//! stream of row chunks in bounded memory and publishes it atomically; [`Store`] maps and
+//! validates one and gives zero-copy row access ([`Store::raw_rows`]) or, for every codec, copies
+//! rows into a [`CsrBatch`](crate::CsrBatch) through a per-thread [`RowCursor`].
+
+mod blocks;
+mod hashing;
+mod mmap;
+mod reader;
+mod tables;
+mod verify;
+mod writer;
+
+pub use reader::{Access, CsrView, RowCursor, Store};
+pub use tables::{ColumnSummary, read_table, summarize_obs, table_schema};
+pub use verify::VerifyReport;
+pub(crate) use writer::truth_properties;
+pub use writer::{StoreWriter, StoreWriterOptions};

@@ -1,0 +1,451 @@
+//! The validated, memory-mapped store reader.
+
+use std::fs::{self, File};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use cpa_stream_schemas::tables::check_obs_schema;
+use cpa_stream_schemas::{Codec, MANIFEST_FILE, Manifest, StoreFiles};
+use memmap2::Advice;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+
+use super::blocks::BlockDecoder;
+use super::mmap::MappedFile;
+use crate::csr::CsrBatch;
+use crate::error::{Error, Result};
+
+/// Access pattern hints for the matrix maps (`madvise`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Rows are read front to back: read ahead aggressively.
+    Sequential,
+    /// Rows are read in random order: no read-ahead.
+    Random,
+    /// The whole matrix will be needed soon: start reading it in.
+    WillNeed,
+}
+
+enum Matrix {
+    Raw { indices: MappedFile, data: MappedFile },
+    Zstd { blocks: MappedFile, block_index: MappedFile, block_rows: u64 },
+}
+
+/// An open, validated store. `Send + Sync`: share one `&Store` between worker threads, each with
+/// its own [`RowCursor`].
+///
+/// Opening checks the manifest (format, version, fields), that every file exists with the size
+/// the manifest records and the size the shape implies, that `X/indptr` starts at 0, never
+/// decreases and ends at `nnz`, and that `obs`/`var` have `n_obs`/`n_vars` rows. Column indices
+/// are checked on demand ([`check_indices`](Store::check_indices)) and on every zstd block
+/// decode; checksums by [`verify`](Store::verify).
+pub struct Store {
+    dir: PathBuf,
+    manifest: Manifest,
+    indptr: MappedFile,
+    matrix: Matrix,
+}
+
+/// Rows of a raw store borrowed from the maps without copying.
+#[derive(Debug, Clone, Copy)]
+pub struct CsrView<'a> {
+    /// `rows.len() + 1` absolute offsets into the store's entries.
+    pub indptr: &'a [u64],
+    /// Column indices of entries `indptr[0]..indptr[last]`.
+    pub indices: &'a [u32],
+    /// Values of the same entries.
+    pub data: &'a [f32],
+}
+
+impl<'a> CsrView<'a> {
+    pub fn n_rows(&self) -> usize {
+        self.indptr.len() - 1
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Row `i` (relative to the view).
+    pub fn row(&self, i: usize) -> (&'a [u32], &'a [f32]) {
+        let base = self.indptr[0];
+        let (s, e) = ((self.indptr[i] - base) as usize, (self.indptr[i + 1] - base) as usize);
+        (&self.indices[s..e], &self.data[s..e])
+    }
+}
+
+impl Store {
+    /// Opens and validates the store at `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
+        let dir = dir.as_ref().to_owned();
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let text = fs::read_to_string(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
+        let manifest =
+            Manifest::from_json(&text).map_err(|source| Error::Manifest { path: manifest_path.clone(), source })?;
+        for (name, entry) in &manifest.files {
+            let path = dir.join(name);
+            let actual = fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+            if actual != entry.bytes {
+                return Err(Error::SizeMismatch {
+                    path,
+                    what: "file size in bytes".to_owned(),
+                    expected: entry.bytes,
+                    actual,
+                });
+            }
+        }
+        let map = |name: &str, expected: Option<u64>| -> Result<MappedFile> {
+            let path = dir.join(name);
+            // SAFETY: store files are published once and never modified in place (see
+            // `MappedFile::open`); a store that another process rewrites while open is misuse.
+            let file = unsafe { MappedFile::open(&path) }?;
+            if let Some(expected) = expected
+                && file.len() != expected
+            {
+                return Err(Error::SizeMismatch {
+                    path,
+                    what: "file size in bytes (from the manifest's shape)".to_owned(),
+                    expected,
+                    actual: file.len(),
+                });
+            }
+            Ok(file)
+        };
+        let indptr = map(StoreFiles::INDPTR, Some((manifest.n_obs + 1) * 8))?;
+        let matrix = match manifest.codec {
+            Codec::Raw => Matrix::Raw {
+                indices: map(StoreFiles::INDICES, Some(manifest.nnz * 4))?,
+                data: map(StoreFiles::DATA, Some(manifest.nnz * 4))?,
+            },
+            Codec::Zstd { block_rows, .. } => Matrix::Zstd {
+                blocks: map(StoreFiles::BLOCKS, None)?,
+                block_index: map(StoreFiles::BLOCK_INDEX, Some((manifest.n_blocks() + 1) * 8))?,
+                block_rows: u64::from(block_rows),
+            },
+        };
+        let store = Store { dir, manifest, indptr, matrix };
+        store.check_offsets()?;
+        store.check_tables()?;
+        Ok(store)
+    }
+
+    fn check_offsets(&self) -> Result<()> {
+        let path = self.dir.join(StoreFiles::INDPTR);
+        check_monotone(&path, self.indptr(), self.manifest.nnz, "row", "nnz")?;
+        if let Matrix::Zstd { blocks, block_index, .. } = &self.matrix {
+            let offsets = block_index
+                .as_slice::<u64>()
+                .ok_or_else(|| Error::corrupt(self.dir.join(StoreFiles::BLOCK_INDEX), "not an array of u64"))?;
+            check_monotone(
+                &self.dir.join(StoreFiles::BLOCK_INDEX),
+                offsets,
+                blocks.len(),
+                "block",
+                "the size of X/blocks",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn check_tables(&self) -> Result<()> {
+        for (name, expected, what) in [
+            (StoreFiles::OBS, self.manifest.n_obs, "rows (n_obs)"),
+            (StoreFiles::VAR, self.manifest.n_vars, "rows (n_vars)"),
+        ] {
+            let path = self.dir.join(name);
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let reader = SerializedFileReader::new(file).map_err(|e| Error::parquet(&path, e))?;
+            let actual = reader.metadata().file_metadata().num_rows();
+            if actual < 0 || actual as u64 != expected {
+                return Err(Error::SizeMismatch { path, what: what.to_owned(), expected, actual: actual as u64 });
+            }
+        }
+        let schema = super::tables::table_schema(&self.dir.join(StoreFiles::OBS))?;
+        check_obs_schema(&schema).map_err(|e| Error::corrupt(self.dir.join(StoreFiles::OBS), e))?;
+        Ok(())
+    }
+
+    /// The store directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Number of cells (rows).
+    pub fn n_obs(&self) -> u64 {
+        self.manifest.n_obs
+    }
+
+    /// Number of genes (columns).
+    pub fn n_vars(&self) -> u64 {
+        self.manifest.n_vars
+    }
+
+    /// Number of stored entries.
+    pub fn nnz(&self) -> u64 {
+        self.manifest.nnz
+    }
+
+    /// Row offsets, `n_obs + 1` entries.
+    pub fn indptr(&self) -> &[u64] {
+        // Size checked at open: (n_obs + 1) * 8 bytes of a page-aligned map.
+        self.indptr.as_slice().unwrap_or(&[0])
+    }
+
+    /// Path of a file of the store.
+    pub fn file_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Rows `rows` without copying; `None` for a compressed store (use a [`RowCursor`]).
+    pub fn raw_rows(&self, rows: Range<u64>) -> Option<CsrView<'_>> {
+        let Matrix::Raw { indices, data } = &self.matrix else { return None };
+        let indptr = self.indptr().get(rows.start as usize..=rows.end as usize)?;
+        let (s, e) = (indptr[0] as usize, indptr[indptr.len() - 1] as usize);
+        Some(CsrView {
+            indptr,
+            indices: indices.as_slice::<u32>()?.get(s..e)?,
+            data: data.as_slice::<f32>()?.get(s..e)?,
+        })
+    }
+
+    /// A reader of rows for one thread.
+    pub fn cursor(&self) -> Result<RowCursor<'_>> {
+        RowCursor::new(self)
+    }
+
+    /// Hints the kernel how the matrix will be read.
+    pub fn advise(&self, access: Access) {
+        let advice = match access {
+            Access::Sequential => Advice::Sequential,
+            Access::Random => Advice::Random,
+            Access::WillNeed => Advice::WillNeed,
+        };
+        self.indptr.advise(advice);
+        match &self.matrix {
+            Matrix::Raw { indices, data } => {
+                indices.advise(advice);
+                data.advise(advice);
+            }
+            Matrix::Zstd { blocks, .. } => blocks.advise(advice),
+        }
+    }
+
+    /// Drops the mapped pages of `rows` from this process's resident set (they stay in the page
+    /// cache). Streaming readers call this on consumed ranges so that RSS does not creep.
+    pub fn release(&self, rows: Range<u64>) {
+        let indptr = self.indptr();
+        let end_row = (rows.end as usize).min(indptr.len() - 1);
+        let start_row = (rows.start as usize).min(end_row);
+        match &self.matrix {
+            Matrix::Raw { indices, data } => {
+                let (s, e) = (indptr[start_row] as usize * 4, indptr[end_row] as usize * 4);
+                indices.release(s..e);
+                data.release(s..e);
+            }
+            Matrix::Zstd { blocks, block_index, block_rows } => {
+                let offsets = block_index.as_slice::<u64>().unwrap_or(&[]);
+                let first = (start_row as u64).div_ceil(*block_rows) as usize;
+                let last = (end_row as u64 / block_rows) as usize;
+                if first < last && last < offsets.len() {
+                    blocks.release(offsets[first] as usize..offsets[last] as usize);
+                }
+            }
+        }
+        self.indptr.release(start_row * 8..end_row * 8);
+    }
+
+    /// Checks every column index (`< n_vars`, strictly increasing within rows). Reads the whole
+    /// matrix; the error names the file and row.
+    pub fn check_indices(&self) -> Result<()> {
+        let n_vars = self.n_vars();
+        match &self.matrix {
+            Matrix::Raw { .. } => {
+                let path = self.dir.join(StoreFiles::INDICES);
+                let chunk = 65_536u64;
+                let mut start = 0;
+                while start < self.n_obs() {
+                    let end = (start + chunk).min(self.n_obs());
+                    let view =
+                        self.raw_rows(start..end).ok_or_else(|| Error::corrupt(&path, "unreadable row range"))?;
+                    for r in 0..view.n_rows() {
+                        let (indices, _) = view.row(r);
+                        let mut prev: Option<u32> = None;
+                        for &c in indices {
+                            if u64::from(c) >= n_vars {
+                                return Err(Error::corrupt(
+                                    &path,
+                                    format!(
+                                        "row {}: column index {c} out of range, expected < {n_vars}",
+                                        start + r as u64
+                                    ),
+                                ));
+                            }
+                            if prev.is_some_and(|p| p >= c) {
+                                return Err(Error::corrupt(
+                                    &path,
+                                    format!("row {}: column indices not strictly increasing at {c}", start + r as u64),
+                                ));
+                            }
+                            prev = Some(c);
+                        }
+                    }
+                    start = end;
+                }
+                Ok(())
+            }
+            Matrix::Zstd { block_rows, .. } => {
+                let mut cursor = self.cursor()?;
+                let n_blocks = self.manifest.n_blocks();
+                for b in 0..n_blocks {
+                    cursor.load_block(b * block_rows)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn raw_maps(&self) -> Vec<(&'static str, &[u8])> {
+        let mut out = vec![(StoreFiles::INDPTR, self.indptr.bytes())];
+        match &self.matrix {
+            Matrix::Raw { indices, data } => {
+                out.push((StoreFiles::INDICES, indices.bytes()));
+                out.push((StoreFiles::DATA, data.bytes()));
+            }
+            Matrix::Zstd { blocks, block_index, .. } => {
+                out.push((StoreFiles::BLOCKS, blocks.bytes()));
+                out.push((StoreFiles::BLOCK_INDEX, block_index.bytes()));
+            }
+        }
+        out
+    }
+}
+
+fn check_monotone(path: &Path, offsets: &[u64], end: u64, unit: &str, end_name: &str) -> Result<()> {
+    if offsets.first() != Some(&0) {
+        return Err(Error::corrupt(path, format!("first offset is {:?}, expected 0", offsets.first())));
+    }
+    if let Some(i) = offsets.windows(2).position(|w| w[1] < w[0]) {
+        return Err(Error::corrupt(
+            path,
+            format!("offsets decrease at {unit} {i} ({} then {}), expected non-decreasing", offsets[i], offsets[i + 1]),
+        ));
+    }
+    let last = offsets[offsets.len() - 1];
+    if last != end {
+        return Err(Error::corrupt(path, format!("last offset is {last}, expected {end} ({end_name})")));
+    }
+    Ok(())
+}
+
+/// Reads rows of a [`Store`] for one thread, for every codec. For the zstd codec it keeps the
+/// last decompressed block, so reading rows in order decompresses each block once.
+pub struct RowCursor<'a> {
+    store: &'a Store,
+    indptr: &'a [u64],
+    raw: Option<(&'a [u32], &'a [f32])>,
+    decoder: Option<BlockDecoder>,
+    block: Option<u64>,
+    block_start: u64,
+    indices: Vec<u32>,
+    data: Vec<f32>,
+}
+
+impl<'a> RowCursor<'a> {
+    fn new(store: &'a Store) -> Result<RowCursor<'a>> {
+        let (raw, decoder) = match &store.matrix {
+            Matrix::Raw { indices, data } => {
+                let path = store.dir.join(StoreFiles::INDICES);
+                let indices = indices.as_slice::<u32>().ok_or_else(|| Error::corrupt(&path, "not an array of u32"))?;
+                let data = data.as_slice::<f32>().ok_or_else(|| Error::corrupt(&path, "not an array of f32"))?;
+                (Some((indices, data)), None)
+            }
+            Matrix::Zstd { .. } => {
+                let decoder = BlockDecoder::new().map_err(|e| Error::io(store.dir.join(StoreFiles::BLOCKS), e))?;
+                (None, Some(decoder))
+            }
+        };
+        Ok(RowCursor {
+            store,
+            indptr: store.indptr(),
+            raw,
+            decoder,
+            block: None,
+            block_start: 0,
+            indices: Vec::new(),
+            data: Vec::new(),
+        })
+    }
+
+    /// Decompresses the block holding `row` unless it is the cached one.
+    fn load_block(&mut self, row: u64) -> Result<()> {
+        let Matrix::Zstd { blocks, block_index, block_rows } = &self.store.matrix else { return Ok(()) };
+        let b = row / block_rows;
+        if self.block == Some(b) {
+            return Ok(());
+        }
+        let path = self.store.dir.join(StoreFiles::BLOCKS);
+        let offsets = block_index.as_slice::<u64>().unwrap_or(&[]);
+        let (s, e) = match (offsets.get(b as usize), offsets.get(b as usize + 1)) {
+            (Some(&s), Some(&e)) => (s as usize, e as usize),
+            _ => return Err(Error::corrupt(&path, format!("no block {b} for row {row}"))),
+        };
+        let start = b * block_rows;
+        let end = (start + block_rows).min(self.store.n_obs());
+        let indptr = &self.store.indptr()[start as usize..=end as usize];
+        self.block = None;
+        let decoder = self.decoder.as_mut().ok_or_else(|| Error::corrupt(&path, "no decoder"))?;
+        decoder
+            .decode(&blocks.bytes()[s..e], indptr, self.store.n_vars(), &mut self.indices, &mut self.data)
+            .map_err(|reason| Error::corrupt(&path, format!("block {b} (rows {start}..{end}): {reason}")))?;
+        self.block = Some(b);
+        self.block_start = indptr[0];
+        Ok(())
+    }
+
+    /// Row `row`'s column indices and values (valid until the next call).
+    pub fn row(&mut self, row: u64) -> Result<(&[u32], &[f32])> {
+        if row >= self.store.n_obs() {
+            return Err(Error::InvalidInput(format!(
+                "{}: row {row} out of range, the store has {} rows",
+                self.store.dir.display(),
+                self.store.n_obs()
+            )));
+        }
+        let (s, e) = (self.indptr[row as usize], self.indptr[row as usize + 1]);
+        if let Some((indices, data)) = self.raw {
+            // Offsets were checked at open: non-decreasing and ending at nnz = the arrays' length.
+            return Ok((&indices[s as usize..e as usize], &data[s as usize..e as usize]));
+        }
+        self.load_block(row)?;
+        let (s, e) = ((s - self.block_start) as usize, (e - self.block_start) as usize);
+        Ok((&self.indices[s..e], &self.data[s..e]))
+    }
+
+    /// Appends rows `rows` (a contiguous range) to `out`.
+    pub fn read_range(&mut self, rows: Range<u64>, out: &mut CsrBatch) -> Result<()> {
+        if let Some(view) = self.store.raw_rows(rows.clone()) {
+            for r in 0..view.n_rows() {
+                let (i, d) = view.row(r);
+                out.push_row(i, d);
+            }
+            return Ok(());
+        }
+        for row in rows {
+            let (i, d) = self.row(row)?;
+            out.push_row(i, d);
+        }
+        Ok(())
+    }
+
+    /// Appends the rows listed in `rows` (any order, repeats allowed) to `out`.
+    pub fn gather(&mut self, rows: &[u64], out: &mut CsrBatch) -> Result<()> {
+        for &row in rows {
+            let (i, d) = self.row(row)?;
+            out.push_row(i, d);
+        }
+        Ok(())
+    }
+}

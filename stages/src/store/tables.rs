@@ -1,0 +1,114 @@
+//! Reading the store's Parquet tables (`obs`, `var`, extras) in bounded memory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use arrow::array::{Array, AsArray, DictionaryArray};
+use arrow::datatypes::{DataType, Float64Type, Int32Type, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use cpa_stream_schemas::StoreFiles;
+use cpa_stream_schemas::tables::categories_of;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+
+use super::Store;
+use crate::error::{Error, Result};
+
+/// Rows per batch when scanning a table.
+const SCAN_BATCH_ROWS: usize = 65_536;
+
+/// The Arrow schema stored in a Parquet file (field metadata included).
+pub fn table_schema(path: &Path) -> Result<SchemaRef> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+    Ok(builder.schema().clone())
+}
+
+/// Streams a Parquet table in batches of at most 65,536 rows.
+pub fn read_table(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader: ParquetRecordBatchReader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.with_batch_size(SCAN_BATCH_ROWS).build())
+        .map_err(|e| Error::parquet(path, e))?;
+    let path = path.to_owned();
+    Ok(reader.map(move |batch| batch.map_err(|e| Error::arrow(path.display().to_string(), e))))
+}
+
+/// What `inspect` shows of one `obs` column.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ColumnSummary {
+    pub name: String,
+    pub dtype: String,
+    pub nulls: u64,
+    /// Categorical columns: every category in order with its number of cells.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub categories: Option<Vec<(String, u64)>>,
+    /// Numeric columns: smallest and largest value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range: Option<(f64, f64)>,
+}
+
+/// Scans `obs.parquet` once and summarises each column. Checks that every categorical value is
+/// one of the column's recorded categories.
+pub fn summarize_obs(store: &Store) -> Result<Vec<ColumnSummary>> {
+    let path = store.file_path(StoreFiles::OBS);
+    let schema = table_schema(&path)?;
+    let mut summaries: Vec<ColumnSummary> = schema
+        .fields()
+        .iter()
+        .map(|f| ColumnSummary {
+            name: f.name().clone(),
+            dtype: f.data_type().to_string(),
+            nulls: 0,
+            categories: categories_of(f).map(|c| c.into_iter().map(|c| (c, 0)).collect()),
+            range: None,
+        })
+        .collect();
+    let lookups: Vec<Option<HashMap<String, usize>>> = summaries
+        .iter()
+        .map(|s| s.categories.as_ref().map(|c| c.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect()))
+        .collect();
+    let mut row = 0u64;
+    for batch in read_table(&path)? {
+        let batch = batch?;
+        for (col, summary) in summaries.iter_mut().enumerate() {
+            let array = batch.column(col);
+            summary.nulls += array.null_count() as u64;
+            if let (Some(counts), Some(lookup)) = (summary.categories.as_mut(), &lookups[col]) {
+                let dict: &DictionaryArray<Int32Type> = array.as_dictionary_opt().ok_or_else(|| {
+                    Error::corrupt(&path, format!("column {:?} is not Dictionary(Int32, Utf8)", summary.name))
+                })?;
+                let values = dict.values().as_string_opt::<i32>().ok_or_else(|| {
+                    Error::corrupt(&path, format!("column {:?} has non-string categories", summary.name))
+                })?;
+                let map: Vec<Option<usize>> = values.iter().map(|v| v.and_then(|v| lookup.get(v).copied())).collect();
+                for (i, key) in dict.keys().iter().enumerate() {
+                    let Some(key) = key else { continue };
+                    match map.get(key as usize).copied().flatten() {
+                        Some(c) => counts[c].1 += 1,
+                        None => {
+                            return Err(Error::corrupt(
+                                &path,
+                                format!(
+                                    "row {}: column {:?} holds a value that is not one of its categories",
+                                    row + i as u64,
+                                    summary.name
+                                ),
+                            ));
+                        }
+                    }
+                }
+            } else if array.data_type().is_numeric() {
+                let cast = arrow::compute::cast(array, &DataType::Float64)
+                    .map_err(|e| Error::arrow(format!("{}: column {:?}", path.display(), summary.name), e))?;
+                let values = cast.as_primitive::<Float64Type>();
+                for v in values.iter().flatten() {
+                    let (lo, hi) = summary.range.unwrap_or((v, v));
+                    summary.range = Some((lo.min(v), hi.max(v)));
+                }
+            }
+        }
+        row += batch.num_rows() as u64;
+    }
+    Ok(summaries)
+}

@@ -1,0 +1,52 @@
+//! Full verification of a store: checksums and structure.
+
+use std::fs::File;
+use std::io::BufReader;
+
+use cpa_stream_schemas::StoreFiles;
+use serde::Serialize;
+
+use super::Store;
+use super::hashing::{hash_bytes, hash_reader};
+use crate::error::{Error, Result};
+
+/// What [`Store::verify`] checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub files: u64,
+    pub bytes: u64,
+    pub rows: u64,
+    pub nnz: u64,
+}
+
+impl Store {
+    /// Checks every file's checksum, every column index, and that `obs` decodes with valid
+    /// categories. Stops at the first problem, which the error names.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let mapped = self.raw_maps();
+        for (name, entry) in &self.manifest().files {
+            let path = self.file_path(name);
+            let actual = match mapped.iter().find(|(n, _)| n == name) {
+                Some((_, bytes)) => hash_bytes(bytes),
+                None => {
+                    let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+                    hash_reader(BufReader::new(file)).map_err(|e| Error::io(&path, e))?.1
+                }
+            };
+            if actual != entry.checksum {
+                return Err(Error::ChecksumMismatch { path, expected: entry.checksum.clone(), actual });
+            }
+            report.files += 1;
+            report.bytes += entry.bytes;
+        }
+        self.check_indices()?;
+        super::summarize_obs(self)?;
+        for batch in super::read_table(&self.file_path(StoreFiles::VAR))? {
+            batch?;
+        }
+        report.rows = self.n_obs();
+        report.nnz = self.nnz();
+        Ok(report)
+    }
+}

@@ -1,0 +1,171 @@
+//! Damaged and foreign stores: each gives an error naming the file and what was expected.
+
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+
+use cpa_stream::schemas::{Codec, MANIFEST_FILE, StoreFiles};
+use cpa_stream::stages::store::Store;
+use parquet::arrow::ArrowWriter;
+
+use crate::common::*;
+
+fn open_err(path: &Path) -> String {
+    match Store::open(path) {
+        Ok(_) => panic!("{} opened although damaged", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit_manifest(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let file = path.join(MANIFEST_FILE);
+    let mut value: serde_json::Value = serde_json::from_str(&fs::read_to_string(&file).unwrap()).unwrap();
+    edit(&mut value);
+    fs::write(&file, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+#[test]
+fn missing_store_or_file_names_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = open_err(&dir.path().join("nowhere.store"));
+    assert!(err.contains("nowhere.store/manifest.json") && err.contains("No such file"), "{err}");
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    fs::remove_file(path.join(StoreFiles::DATA)).unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("X/data") && err.contains("No such file"), "{err}");
+}
+
+#[test]
+fn truncated_file_is_a_size_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    let f = OpenOptions::new().write(true).open(path.join(StoreFiles::INDICES)).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 4).unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("X/indices") && err.contains(&format!("is {}, expected {len}", len - 4)), "{err}");
+}
+
+#[test]
+fn wrong_magic_version_or_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    edit_manifest(&path, |v| v["format"] = "anndata".into());
+    let err = open_err(&path);
+    assert!(err.contains("manifest.json") && err.contains("\"anndata\", expected \"cpa-stream-store\""), "{err}");
+    edit_manifest(&path, |v| {
+        v["format"] = "cpa-stream-store".into();
+        v["version"] = 7.into();
+    });
+    let err = open_err(&path);
+    assert!(err.contains("version 7 is not supported") && err.contains("reads version 1"), "{err}");
+    fs::write(path.join(MANIFEST_FILE), "{not json").unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("manifest.json: not valid JSON"), "{err}");
+}
+
+#[test]
+fn sizes_disagreeing_with_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    edit_manifest(&path, |v| v["files"]["X/data"]["bytes"] = 12.into());
+    let err = open_err(&path);
+    assert!(err.contains("X/data: file size in bytes is") && err.contains("expected 12"), "{err}");
+
+    let path = small_store(dir.path(), "t.store", Codec::Raw);
+    edit_manifest(&path, |v| {
+        let nnz = v["nnz"].as_u64().unwrap();
+        v["nnz"] = (nnz + 1).into();
+    });
+    let err = open_err(&path);
+    assert!(err.contains("X/indices") && err.contains("from the manifest's shape"), "{err}");
+
+    let path = small_store(dir.path(), "u.store", Codec::zstd());
+    edit_manifest(&path, |v| v["n_obs"] = 51.into());
+    let err = open_err(&path);
+    assert!(err.contains("X/indptr") && err.contains("expected 416"), "{err}");
+}
+
+#[test]
+fn checksum_mismatch_is_found_by_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    patch(&path.join(StoreFiles::DATA), 8, &[0xff, 0xff]);
+    let store = Store::open(&path).unwrap();
+    let err = store.verify().unwrap_err().to_string();
+    assert!(err.contains("X/data: checksum is") && err.contains("the manifest records"), "{err}");
+
+    let out = run(&["verify", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("FAILED:") && stdout.contains("X/data"), "{stdout}");
+}
+
+#[test]
+fn non_monotone_indptr_names_the_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    // Row 3's end offset set far beyond row 4's.
+    patch(&path.join(StoreFiles::INDPTR), 4 * 8, &1000u64.to_le_bytes());
+    let err = open_err(&path);
+    assert!(err.contains("X/indptr: offsets decrease at row 4"), "{err}");
+    patch(&path.join(StoreFiles::INDPTR), 0, &5u64.to_le_bytes());
+    let err = open_err(&path);
+    assert!(err.contains("X/indptr: first offset is Some(5), expected 0"), "{err}");
+}
+
+#[test]
+fn column_index_out_of_range_is_found_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    let store = Store::open(&path).unwrap();
+    store.check_indices().unwrap();
+    drop(store);
+    // Row 1 holds the first entry (row 0 is empty in the sample rows).
+    patch(&path.join(StoreFiles::INDICES), 0, &25u32.to_le_bytes());
+    let store = Store::open(&path).unwrap();
+    let err = store.check_indices().unwrap_err().to_string();
+    assert!(err.contains("X/indices: row 1: column index 25 out of range, expected < 20"), "{err}");
+}
+
+#[test]
+fn corrupt_zstd_block_names_the_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Zstd { level: 3, block_rows: 16 });
+    let len = fs::metadata(path.join(StoreFiles::BLOCKS)).unwrap().len();
+    patch(&path.join(StoreFiles::BLOCKS), len / 2, &[0xde, 0xad, 0xbe, 0xef]);
+    let store = Store::open(&path).unwrap();
+    let mut cursor = store.cursor().unwrap();
+    let err = (0..50).find_map(|r| cursor.row(r).err()).expect("a damaged block fails to decode").to_string();
+    assert!(err.contains("X/blocks: block") && err.contains("rows"), "{err}");
+    assert!(store.check_indices().is_err());
+}
+
+#[test]
+fn obs_rows_must_match_n_obs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    let obs_path = path.join(StoreFiles::OBS);
+    let file = fs::File::create(&obs_path).unwrap();
+    let mut w = ArrowWriter::try_new(file, obs_schema(), None).unwrap();
+    w.write(&obs_batch(0, 49)).unwrap();
+    w.close().unwrap();
+    let bytes = fs::metadata(&obs_path).unwrap().len();
+    edit_manifest(&path, |v| v["files"]["obs.parquet"]["bytes"] = bytes.into());
+    let err = open_err(&path);
+    assert!(err.contains("obs.parquet: rows (n_obs) is 49, expected 50"), "{err}");
+}
+
+#[test]
+fn a_directory_that_is_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join(MANIFEST_FILE), "[1, 2]").unwrap();
+    let err = open_err(dir.path());
+    assert!(err.contains("format is \"<missing>\""), "{err}");
+}

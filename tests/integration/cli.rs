@@ -1,0 +1,145 @@
+//! The command line end to end: synth, inspect, verify, convert, bench; memory stays flat.
+
+use crate::common::*;
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = run(args);
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&out.stdout)))
+}
+
+#[test]
+fn synth_inspect_verify_convert_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("a.store");
+    let s = store.to_str().unwrap();
+    let summary = json(&[
+        "synth",
+        "--cells",
+        "3000",
+        "--genes",
+        "300",
+        "--perturbations",
+        "5",
+        "--doses",
+        "2",
+        "--cell-types",
+        "2",
+        "--combinations",
+        "2",
+        "--seed",
+        "3",
+        "--truth-samples",
+        "32",
+        "--out",
+        s,
+        "--json",
+    ]);
+    assert_eq!(summary["manifest"]["n_obs"], 3000);
+    assert_eq!(summary["report"]["stages"][0]["name"], "generate");
+    assert_eq!(summary["report"]["stages"][1]["rows"], 3000);
+
+    let inspect = json(&["inspect", s, "--json"]);
+    assert_eq!(inspect["n_vars"], 300);
+    let columns = inspect["obs_columns"].as_array().unwrap();
+    let names: Vec<&str> = columns.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cell_id", "condition", "dose", "cell_type"]);
+    let cats = columns[1]["categories"].as_array().unwrap();
+    assert_eq!(cats.len(), 1 + 5 + 2, "control, singles, observed pairs");
+    let total: u64 = cats.iter().map(|c| c[1].as_u64().unwrap()).sum();
+    assert_eq!(total, 3000);
+    let text_inspect = text(&run(&["inspect", s]).stdout);
+    assert!(text_inspect.contains("shape     3000 cells x 300 genes"), "{text_inspect}");
+
+    let verify = run(&["verify", s]);
+    assert_eq!(verify.status.code(), Some(0));
+    assert!(text(&verify.stdout).starts_with("ok:"));
+
+    let z = dir.path().join("a-zstd.store");
+    let conv = run(&["convert", s, "--codec", "zstd", "--out", z.to_str().unwrap()]);
+    assert!(conv.status.success(), "{}", text(&conv.stderr));
+    let zi = json(&["inspect", z.to_str().unwrap(), "--json"]);
+    assert_eq!(zi["nnz"], inspect["nnz"]);
+    assert_eq!(zi["codec"]["name"], "zstd");
+    assert!(zi["total_bytes"].as_u64() < inspect["total_bytes"].as_u64());
+    assert_eq!(zi["files"]["truth.parquet"], inspect["files"]["truth.parquet"]);
+    assert_eq!(zi["obs_columns"], inspect["obs_columns"]);
+    // Back to raw: the matrix files are byte-identical to the original.
+    let back = dir.path().join("back.store");
+    assert!(run(&["convert", z.to_str().unwrap(), "--out", back.to_str().unwrap()]).status.success());
+    let bi = json(&["inspect", back.to_str().unwrap(), "--json"]);
+    for f in ["X/indptr", "X/indices", "X/data"] {
+        assert_eq!(bi["files"][f], inspect["files"][f], "{f}");
+    }
+
+    let bench = json(&["bench", "reader", s, "--repeats", "1", "--threads", "2", "--json"]);
+    assert_eq!(bench["cells"], 3000);
+    for key in ["memcpy_cells_per_s", "sequential_vs_memcpy", "random_vs_memcpy"] {
+        assert!(bench[key].as_f64().unwrap() > 0.0, "{key}: {bench}");
+    }
+
+    let again = run(&["synth", "--cells", "10", "--genes", "5", "--perturbations", "1", "--out", s]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("x.store");
+    let out = run(&[
+        "synth",
+        "--cells",
+        "10",
+        "--genes",
+        "5",
+        "--perturbations",
+        "2",
+        "--combinations",
+        "3",
+        "--out",
+        s.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("pairs of perturbations"), "{}", text(&out.stderr));
+    assert!(!s.exists());
+    let out = run(&["inspect", dir.path().join("none.store").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("none.store/manifest.json"));
+}
+
+/// Peak anonymous memory of `synth` does not grow with the number of cells.
+#[test]
+fn synth_memory_is_flat_in_cells() {
+    let dir = tempfile::tempdir().unwrap();
+    let peak = |cells: &str| -> u64 {
+        let out = dir.path().join(format!("{cells}.store"));
+        let summary = json(&[
+            "synth",
+            "--cells",
+            cells,
+            "--genes",
+            "1000",
+            "--perturbations",
+            "6",
+            "--doses",
+            "2",
+            "--cell-types",
+            "2",
+            "--combinations",
+            "3",
+            "--truth-samples",
+            "16",
+            "--threads",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        summary["report"]["memory"]["rss_anon"].as_u64().unwrap()
+    };
+    let small = peak("16000");
+    let large = peak("160000");
+    eprintln!("synth peak RssAnon: 16k cells {small} B, 160k cells {large} B");
+    assert!(large < small + small / 4 + (16 << 20), "peak RssAnon grew from {small} to {large} bytes");
+}

@@ -1,0 +1,96 @@
+//! Helpers shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use cpa_stream::schemas::Codec;
+use cpa_stream::schemas::tables::{CELL_ID, GENE_ID, categorical_field};
+use cpa_stream::stages::CsrBatch;
+use cpa_stream::stages::store::{StoreWriter, StoreWriterOptions};
+
+/// Path of the built `cpa-stream` binary.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cpa-stream"))
+}
+
+/// Runs the binary with `args` and no `LD_LIBRARY_PATH` (the rpath must suffice).
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .env("CPA_STREAM_LOG", "warn")
+        .output()
+        .expect("the cpa-stream binary runs")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub const CONDITIONS: [&str; 3] = ["control", "A", "A+B"];
+
+pub fn obs_schema() -> SchemaRef {
+    let cats: Vec<String> = CONDITIONS.iter().map(|s| s.to_string()).collect();
+    Arc::new(Schema::new(vec![
+        Field::new(CELL_ID, DataType::Utf8, false),
+        categorical_field("condition", &cats, false),
+    ]))
+}
+
+pub fn var_table(n_vars: u32) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![Field::new(GENE_ID, DataType::Utf8, false)]));
+    let ids = StringArray::from_iter_values((0..n_vars).map(|g| format!("g{g}")));
+    RecordBatch::try_new(schema, vec![Arc::new(ids)]).unwrap()
+}
+
+/// obs rows for cells `start..start + n`, condition `i % 3`.
+pub fn obs_batch(start: usize, n: usize) -> RecordBatch {
+    let ids = StringArray::from_iter_values((start..start + n).map(|i| format!("cell{i}")));
+    let values: ArrayRef = Arc::new(StringArray::from_iter_values(CONDITIONS));
+    let keys = Int32Array::from_iter_values((start..start + n).map(|i| (i % 3) as i32));
+    let dict = DictionaryArray::try_new(keys, values).unwrap();
+    RecordBatch::try_new(obs_schema(), vec![Arc::new(ids), Arc::new(dict)]).unwrap()
+}
+
+/// Rows as (indices, values) pairs; row `i` has entries at `(i * 7 + k * 3) % n_vars`.
+pub fn sample_rows(n_rows: usize, n_vars: u32) -> Vec<(Vec<u32>, Vec<f32>)> {
+    (0..n_rows)
+        .map(|i| {
+            let mut idx: Vec<u32> = (0..(i % 5)).map(|k| ((i * 7 + k * 3) as u32) % n_vars).collect();
+            idx.sort_unstable();
+            idx.dedup();
+            let vals = idx.iter().map(|&c| (c as f32) + 0.5 + i as f32).collect();
+            (idx, vals)
+        })
+        .collect()
+}
+
+/// Writes `rows` to a store at `dir` in chunks of `chunk` rows.
+pub fn write_store(
+    dir: &Path,
+    rows: &[(Vec<u32>, Vec<f32>)],
+    n_vars: u32,
+    codec: Codec,
+    chunk: usize,
+) -> cpa_stream::schemas::Manifest {
+    let options = StoreWriterOptions { codec, ..Default::default() };
+    let mut writer = StoreWriter::create(dir, &var_table(n_vars), obs_schema(), options).unwrap();
+    for (c, part) in rows.chunks(chunk.max(1)).enumerate() {
+        let mut batch = CsrBatch::new(n_vars);
+        for (i, v) in part {
+            batch.push_row(i, v);
+        }
+        writer.push_rows(&batch, &obs_batch(c * chunk, part.len())).unwrap();
+    }
+    writer.finish().unwrap()
+}
+
+/// A small valid raw store (50 cells x 20 genes) at `dir/name`.
+pub fn small_store(dir: &Path, name: &str, codec: Codec) -> PathBuf {
+    let path = dir.join(name);
+    write_store(&path, &sample_rows(50, 20), 20, codec, 16);
+    path
+}

@@ -1,0 +1,8 @@
+//! Integration tests of cpa-stream (one test binary; one module per area).
+
+mod bad_input;
+mod cli;
+mod common;
+mod link;
+mod store;
+mod synth;

@@ -1,0 +1,172 @@
+//! The store writer and reader: round trips, codecs, zero-copy access, atomic publish.
+
+use cpa_stream::schemas::{Codec, StoreFiles};
+use cpa_stream::stages::CsrBatch;
+use cpa_stream::stages::store::{Store, StoreWriter, StoreWriterOptions, summarize_obs};
+use proptest::prelude::*;
+
+use crate::common::*;
+
+fn read_all(store: &Store) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let mut cursor = store.cursor().unwrap();
+    (0..store.n_obs())
+        .map(|r| {
+            let (i, d) = cursor.row(r).unwrap();
+            (i.to_vec(), d.to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn raw_and_zstd_stores_read_back_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = sample_rows(1000, 37);
+    for (name, codec) in [("raw.store", Codec::Raw), ("z.store", Codec::Zstd { level: 3, block_rows: 64 })] {
+        let path = dir.path().join(name);
+        let manifest = write_store(&path, &rows, 37, codec, 100);
+        assert_eq!(manifest.n_obs, 1000);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(read_all(&store), rows, "{name}");
+        // Ranges and gathers agree with single rows.
+        let mut cursor = store.cursor().unwrap();
+        let mut batch = CsrBatch::new(37);
+        cursor.read_range(10..75, &mut batch).unwrap();
+        cursor.gather(&[999, 3, 3, 500], &mut batch).unwrap();
+        assert_eq!(batch.n_rows(), 65 + 4);
+        assert_eq!(batch.row(0), (&rows[10].0[..], &rows[10].1[..]));
+        assert_eq!(batch.row(65), (&rows[999].0[..], &rows[999].1[..]));
+        assert_eq!(batch.row(67), (&rows[3].0[..], &rows[3].1[..]));
+        let report = store.verify().unwrap();
+        assert_eq!(report.rows, 1000);
+        // Zero-copy views only for raw.
+        assert_eq!(store.raw_rows(0..10).is_some(), codec == Codec::Raw);
+        store.release(0..500);
+        assert_eq!(read_all(&store), rows, "{name} after release");
+        let obs = summarize_obs(&store).unwrap();
+        let cats = obs[1].categories.as_ref().unwrap();
+        assert_eq!(cats.iter().map(|c| c.1).collect::<Vec<_>>(), vec![334, 333, 333]);
+        assert_eq!(cats[2].0, "A+B");
+    }
+}
+
+#[test]
+fn store_is_shareable_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Store>();
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::zstd());
+    let store = Store::open(&path).unwrap();
+    let sums: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                let store = &store;
+                s.spawn(move || {
+                    let mut c = store.cursor().unwrap();
+                    (t..50).step_by(4).map(|r| c.row(r as u64).unwrap().1.iter().map(|&v| v as f64).sum::<f64>()).sum()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let total: f64 = read_all(&store).iter().flat_map(|r| r.1.iter()).map(|&v| v as f64).sum();
+    assert!((sums.iter().sum::<f64>() - total).abs() < 1e-6);
+}
+
+#[test]
+fn empty_store_and_empty_rows_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.store");
+    let m = write_store(&path, &[], 5, Codec::Raw, 10);
+    assert_eq!((m.n_obs, m.nnz), (0, 0));
+    let store = Store::open(&path).unwrap();
+    store.verify().unwrap();
+    let zeros = vec![(vec![], vec![]); 3];
+    let path = dir.path().join("zeros.store");
+    write_store(&path, &zeros, 5, Codec::zstd(), 10);
+    assert_eq!(read_all(&Store::open(&path).unwrap()), zeros);
+}
+
+#[test]
+fn an_unfinished_writer_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("never.store");
+    {
+        let mut w = StoreWriter::create(&dest, &var_table(4), obs_schema(), StoreWriterOptions::default()).unwrap();
+        let mut b = CsrBatch::new(4);
+        b.push_row(&[1], &[1.0]);
+        w.push_rows(&b, &obs_batch(0, 1)).unwrap();
+        // Dropped without finish (an error elsewhere, a panic unwinding).
+    }
+    assert!(!dest.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temporary directory removed");
+}
+
+#[test]
+fn writer_rejects_bad_rows_with_the_cell_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("bad.store");
+    let mut w = StoreWriter::create(&dest, &var_table(4), obs_schema(), StoreWriterOptions::default()).unwrap();
+    let mut b = CsrBatch::new(4);
+    b.push_row(&[0], &[1.0]);
+    w.push_rows(&b, &obs_batch(0, 1)).unwrap();
+    b.clear();
+    b.push_row(&[3, 2], &[1.0, 1.0]);
+    let err = w.push_rows(&b, &obs_batch(1, 1)).unwrap_err().to_string();
+    assert!(err.contains("starting at cell 1") && err.contains("not strictly increasing"), "{err}");
+    let err = w.push_rows(&b, &obs_batch(1, 2)).unwrap_err().to_string();
+    assert!(err.contains("2 obs rows for 1 matrix rows"), "{err}");
+    let err = StoreWriter::create(&dest, &var_table(4), obs_schema(), StoreWriterOptions::default());
+    assert!(err.is_err() || !dest.exists());
+}
+
+#[test]
+fn existing_destination_needs_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    let err = StoreWriter::create(&path, &var_table(20), obs_schema(), StoreWriterOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let options = StoreWriterOptions { overwrite: true, ..Default::default() };
+    let mut w = StoreWriter::create(&path, &var_table(20), obs_schema(), options).unwrap();
+    let mut b = CsrBatch::new(20);
+    b.push_row(&[2], &[9.0]);
+    w.push_rows(&b, &obs_batch(0, 1)).unwrap();
+    w.finish().unwrap();
+    assert_eq!(Store::open(&path).unwrap().n_obs(), 1);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "old store removed, no temporaries");
+}
+
+#[test]
+fn manifest_records_sizes_and_checksums_of_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::zstd());
+    let m = Store::open(&path).unwrap().manifest().clone();
+    for name in [StoreFiles::INDPTR, StoreFiles::BLOCKS, StoreFiles::BLOCK_INDEX, StoreFiles::OBS, StoreFiles::VAR] {
+        let f = &m.files[name];
+        assert_eq!(f.bytes, std::fs::metadata(path.join(name)).unwrap().len(), "{name}");
+    }
+    assert!(!m.files.contains_key(StoreFiles::DATA));
+}
+
+fn arb_rows() -> impl Strategy<Value = (u32, Vec<Vec<(u32, f32)>>)> {
+    (1u32..300).prop_flat_map(|n_vars| {
+        let row = prop::collection::btree_map(0..n_vars, -1e6f32..1e6, 0..20usize)
+            .prop_map(|m| m.into_iter().collect::<Vec<_>>());
+        (Just(n_vars), prop::collection::vec(row, 0..120))
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn any_rows_round_trip_through_both_codecs((n_vars, rows) in arb_rows(), block_rows in 1u32..40, chunk in 1usize..50) {
+        let rows: Vec<(Vec<u32>, Vec<f32>)> = rows.into_iter().map(|r| r.into_iter().unzip()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        for codec in [Codec::Raw, Codec::Zstd { level: 1, block_rows }] {
+            let path = dir.path().join(codec.name());
+            write_store(&path, &rows, n_vars, codec, chunk);
+            let store = Store::open(&path).unwrap();
+            prop_assert_eq!(read_all(&store), rows.clone());
+            store.verify().unwrap();
+        }
+    }
+}
