@@ -26,7 +26,14 @@ pub struct ReaderBenchOptions {
     pub seed: u64,
     /// Repetitions of each measurement; the best is kept. Default 3.
     pub repeats: usize,
+    /// Rows read by the random-gather pass, drawn without replacement. Default: all rows of a
+    /// raw store, [`DEFAULT_RANDOM_ROWS_COMPRESSED`] of a compressed one (each random row there
+    /// decompresses a whole block).
+    pub random_rows: Option<u64>,
 }
+
+/// Default rows of the random-gather pass on a compressed store.
+pub const DEFAULT_RANDOM_ROWS_COMPRESSED: u64 = 16_384;
 
 impl Default for ReaderBenchOptions {
     fn default() -> Self {
@@ -35,6 +42,7 @@ impl Default for ReaderBenchOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             seed: 0,
             repeats: 3,
+            random_rows: None,
         }
     }
 }
@@ -70,8 +78,13 @@ pub struct ReaderBench {
     /// memcpy's bytes/s expressed as cells/s.
     pub memcpy_cells_per_s: f64,
     pub sequential: Throughput,
+    /// Contiguous runs of `batch_size` rows in a random order of runs (block shuffle).
+    pub block_shuffled: Throughput,
+    /// Single rows in a random order, `random_rows` of them.
     pub random: Throughput,
+    pub random_rows: u64,
     pub sequential_vs_memcpy: f64,
+    pub block_shuffled_vs_memcpy: f64,
     pub random_vs_memcpy: f64,
 }
 
@@ -119,13 +132,41 @@ pub fn bench_reader(store: &Store, options: &ReaderBenchOptions) -> Result<Reade
         payload_bytes,
     );
 
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(options.seed);
+    let mut runs: Vec<u64> = (0..cells.div_ceil(batch as u64)).collect();
+    runs.shuffle(&mut rng);
+    let block_shuffled = Throughput::new(
+        best(&|| {
+            timed_threads(threads, |t| {
+                let part = partition(runs.len() as u64, threads, t);
+                let mut cursor = store.cursor().map_err(stage)?;
+                let mut out = CsrBatch::new(store.n_vars() as u32);
+                for &run in &runs[part.start as usize..part.end as usize] {
+                    let start = run * batch as u64;
+                    out.clear();
+                    cursor.read_range(start..(start + batch as u64).min(cells), &mut out).map_err(stage)?;
+                    std::hint::black_box(out.nnz());
+                }
+                Ok(())
+            })
+        })?,
+        cells,
+        payload_bytes,
+    );
+
     store.advise(Access::Random);
+    let compressed = store.raw_rows(0..0).is_none();
+    let random_rows =
+        options.random_rows.unwrap_or(if compressed { DEFAULT_RANDOM_ROWS_COMPRESSED } else { cells }).min(cells);
     let mut order: Vec<u64> = (0..cells).collect();
-    order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(options.seed));
+    order.shuffle(&mut rng);
+    order.truncate(random_rows as usize);
+    let indptr = store.indptr();
+    let random_bytes: u64 = order.iter().map(|&r| (indptr[r as usize + 1] - indptr[r as usize]) * 8).sum();
     let random = Throughput::new(
         best(&|| {
             timed_threads(threads, |t| {
-                let part = partition(cells, threads, t);
+                let part = partition(random_rows, threads, t);
                 let rows = &order[part.start as usize..part.end as usize];
                 let mut cursor = store.cursor().map_err(stage)?;
                 let mut out = CsrBatch::new(store.n_vars() as u32);
@@ -137,8 +178,8 @@ pub fn bench_reader(store: &Store, options: &ReaderBenchOptions) -> Result<Reade
                 Ok(())
             })
         })?,
-        cells,
-        payload_bytes,
+        random_rows,
+        random_bytes,
     );
 
     let bytes_per_cell = payload_bytes as f64 / cells.max(1) as f64;
@@ -152,7 +193,10 @@ pub fn bench_reader(store: &Store, options: &ReaderBenchOptions) -> Result<Reade
         batch_size: batch,
         bytes_per_cell,
         sequential_vs_memcpy: sequential.cells_per_s / memcpy_cells_per_s,
+        block_shuffled_vs_memcpy: block_shuffled.cells_per_s / memcpy_cells_per_s,
         random_vs_memcpy: random.cells_per_s / memcpy_cells_per_s,
+        random_rows,
+        block_shuffled,
         memcpy_cells_per_s,
         memcpy,
         sequential,

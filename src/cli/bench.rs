@@ -26,6 +26,9 @@ pub struct ReaderArgs {
     /// Repetitions per measurement (the best is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Rows of the random-gather pass [default: all rows of a raw store, 16,384 of a zstd store].
+    #[arg(long)]
+    random_rows: Option<u64>,
     /// Seed of the random order.
     #[arg(long, default_value_t = 0)]
     seed: u64,

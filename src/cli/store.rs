@@ -39,6 +39,9 @@ pub struct ConvertArgs {
     /// Replace an existing store at --out.
     #[arg(long)]
     overwrite: bool,
+    /// Print the manifest and stage report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Serialize)]
@@ -139,6 +142,11 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let progress = CliProgress::new();
     let (manifest, report) = run_convert(&input, &args.out, args.codec.codec()?, args.overwrite, &progress)
         .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
+    if args.json {
+        let value = serde_json::json!({ "manifest": manifest, "report": report });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "wrote {}: codec {}, {:.1} MB (input {:.1} MB, ratio {:.2})",
         args.out.display(),

@@ -74,7 +74,7 @@ fn synth_inspect_verify_convert_bench() {
 
     let bench = json(&["bench", "reader", s, "--repeats", "1", "--threads", "2", "--json"]);
     assert_eq!(bench["cells"], 3000);
-    for key in ["memcpy_cells_per_s", "sequential_vs_memcpy", "random_vs_memcpy"] {
+    for key in ["memcpy_cells_per_s", "sequential_vs_memcpy", "block_shuffled_vs_memcpy", "random_vs_memcpy"] {
         assert!(bench[key].as_f64().unwrap() > 0.0, "{key}: {bench}");
     }
 

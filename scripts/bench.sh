@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Benchmarks of the store and the synthetic generator (the figures in the README).
+#   CELLS   cells of the synthetic atlas (default 1000000)
+#   GENES   genes (default 5000)
+#   BENCH_DIR  where stores and results go (default: $CPA_STREAM_CACHE/bench; needs ~10 GB at 1M x 5,000)
+# Results: $BENCH_DIR/results/*.json and a summary on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/bootstrap.sh)"
+cargo build --release --locked --bin cpa-stream >&2
+bin="$CARGO_TARGET_DIR/release/cpa-stream"
+cells="${CELLS:-1000000}"
+genes="${GENES:-5000}"
+dir="${BENCH_DIR:-$CPA_STREAM_CACHE/bench}"
+res="$dir/results"
+mkdir -p "$res"
+raw="$dir/synth-${cells}x${genes}.store"
+zst="$dir/synth-${cells}x${genes}-zstd.store"
+export CPA_STREAM_LOG=warn
+
+echo "== synth $cells x $genes (raw)"
+if [ -f "$raw/manifest.json" ] && [ -f "$res/synth-raw.json" ] && [ -z "${REGENERATE:-}" ]; then
+  echo "(reusing $raw and its synth figures; REGENERATE=1 makes it again)"
+else
+"$bin" synth --cells "$cells" --genes "$genes" --perturbations 20 --doses 4 --cell-types 5 \
+  --combinations 10 --seed 1 --out "$raw" --overwrite --json > "$res/synth-raw.json"
+fi
+python3 - "$res/synth-raw.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+m, r = s["manifest"], s["report"]
+print(f"synth: {m['n_obs']} cells, nnz {m['nnz']}, {s['cells_per_s']:.0f} cells/s, {s['mb_per_s']:.1f} MB/s, "
+      f"peak RssAnon {r['memory']['rss_anon']/2**20:.1f} MiB, wall {r['wall']['secs']} s")
+PY
+
+echo "== convert to zstd (level 3, 256 rows per block)"
+"$bin" convert "$raw" --codec zstd --out "$zst" --overwrite --json > "$res/convert.json"
+python3 - "$res/convert.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+r = c["report"]
+print(f"convert: {r['wall']['secs'] + r['wall']['nanos'] / 1e9:.1f} s, peak RssAnon {r['memory']['rss_anon'] / 2**20:.1f} MiB")
+PY
+
+for store in "$raw" "$zst"; do
+  name=$(basename "$store" .store)
+  echo "== reader $name"
+  "$bin" bench reader "$store" --threads 1 --repeats 3 --json > "$res/reader-$name-1t.json"
+  "$bin" bench reader "$store" --repeats 3 --json > "$res/reader-$name.json"
+  python3 - "$res/reader-$name-1t.json" "$res/reader-$name.json" <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    r = json.load(open(path))
+    print(f"  {r['codec']:>4} {r['threads']} thread(s): memcpy {r['memcpy_cells_per_s']:.0f} cells/s ({r['memcpy']['gb_per_s']:.2f} GB/s); "
+          f"sequential {r['sequential']['cells_per_s']:.0f} cells/s ({r['sequential_vs_memcpy']:.2f} of memcpy); "
+          f"block-shuffled {r['block_shuffled']['cells_per_s']:.0f} ({r['block_shuffled_vs_memcpy']:.2f}); "
+          f"random {r['random']['cells_per_s']:.0f} cells/s ({r['random_vs_memcpy']:.2f}, {r['random_rows']} rows)")
+PY
+done
+
+echo "== sizes"
+for store in "$raw" "$zst"; do
+  "$bin" inspect "$store" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); x=sum(f["bytes"] for n,f in d["files"].items() if n.startswith("X/")); print(f"  {d[\"codec\"][\"name\"]:>4}: total {d[\"total_bytes\"]/1e9:.3f} GB, matrix {x/1e9:.3f} GB")'
+done
