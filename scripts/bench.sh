@@ -60,5 +60,12 @@ done
 
 echo "== sizes"
 for store in "$raw" "$zst"; do
-  "$bin" inspect "$store" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); x=sum(f["bytes"] for n,f in d["files"].items() if n.startswith("X/")); print(f"  {d[\"codec\"][\"name\"]:>4}: total {d[\"total_bytes\"]/1e9:.3f} GB, matrix {x/1e9:.3f} GB")'
+  "$bin" inspect "$store" --json > "$res/inspect-$(basename "$store" .store).json"
+  python3 - "$res/inspect-$(basename "$store" .store).json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+matrix = sum(f["bytes"] for name, f in d["files"].items() if name.startswith("X/"))
+print(f"  {d['codec']['name']:>4}: total {d['total_bytes'] / 1e9:.3f} GB, matrix {matrix / 1e9:.3f} GB, "
+      f"{d['total_bytes'] / d['n_obs']:.0f} bytes/cell")
+PY
 done

@@ -11,9 +11,15 @@ fn main() -> ExitCode {
     cli::init_logging();
     match cli::run(args) {
         Ok(code) => code,
+        // A closed stdout (`cpa-stream inspect S | head`) ends the output, not the program's success.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }

@@ -33,7 +33,7 @@ pub struct ReaderBenchOptions {
 }
 
 /// Default rows of the random-gather pass on a compressed store.
-pub const DEFAULT_RANDOM_ROWS_COMPRESSED: u64 = 16_384;
+pub const DEFAULT_RANDOM_ROWS_COMPRESSED: u64 = 2_048;
 
 impl Default for ReaderBenchOptions {
     fn default() -> Self {

@@ -49,26 +49,26 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         libtorch_built_with_cuda: tch::utils::has_cuda(),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        outln!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("cpa-stream       {}", info.cpa_stream_version);
-    println!("libtorch         {}", info.libtorch_version);
+    outln!("cpa-stream       {}", info.cpa_stream_version);
+    outln!("libtorch         {}", info.libtorch_version);
     if let Some(p) = &info.libtorch_path {
-        println!("libtorch path    {}", p.display());
+        outln!("libtorch path    {}", p.display());
     }
-    println!(
+    outln!(
         "libtorch_cuda    {} (libtorch built with CUDA: {})",
         if info.libtorch_cuda_loaded { "loaded" } else { "not loaded" },
         info.libtorch_built_with_cuda
     );
-    println!("CUDA available   {}", info.cuda_available);
-    println!("cuDNN available  {}", info.cudnn_available);
-    println!("CUDA devices     {}", info.cuda_device_count);
+    outln!("CUDA available   {}", info.cuda_available);
+    outln!("cuDNN available  {}", info.cudnn_available);
+    outln!("CUDA devices     {}", info.cuda_device_count);
     for (i, name) in info.cuda_devices.iter().enumerate() {
-        println!("  cuda:{i}         {name}");
+        outln!("  cuda:{i}         {name}");
     }
-    println!("CPU threads      {}", info.cpu_threads);
+    outln!("CPU threads      {}", info.cpu_threads);
     Ok(ExitCode::SUCCESS)
 }
 

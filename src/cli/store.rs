@@ -81,37 +81,37 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         source: m.source.as_deref(),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("store     {}", report.path);
-    println!("shape     {} cells x {} genes", report.n_obs, report.n_vars);
-    println!("nnz       {} (density {:.4})", report.nnz, report.density);
+    outln!("store     {}", report.path);
+    outln!("shape     {} cells x {} genes", report.n_obs, report.n_vars);
+    outln!("nnz       {} (density {:.4})", report.nnz, report.density);
     match m.codec {
-        cpa_stream_schemas::Codec::Raw => println!("codec     raw"),
+        cpa_stream_schemas::Codec::Raw => outln!("codec     raw"),
         cpa_stream_schemas::Codec::Zstd { level, block_rows } => {
-            println!("codec     zstd (level {level}, {block_rows} rows per block)")
+            outln!("codec     zstd (level {level}, {block_rows} rows per block)")
         }
     }
-    println!("size      {:.1} MB", report.total_bytes as f64 / 1e6);
+    outln!("size      {:.1} MB", report.total_bytes as f64 / 1e6);
     for (name, f) in report.files {
-        println!("  {name:<18} {:>14} bytes  xxh3 {}", f.bytes, f.checksum);
+        outln!("  {name:<18} {:>14} bytes  xxh3 {}", f.bytes, f.checksum);
     }
-    println!("obs columns");
+    outln!("obs columns");
     for c in &report.obs_columns {
         let nulls = if c.nulls > 0 { format!(", {} nulls", c.nulls) } else { String::new() };
         match (&c.categories, c.range) {
             (Some(cats), _) => {
-                println!("  {} (categorical, {} categories{nulls})", c.name, cats.len());
+                outln!("  {} (categorical, {} categories{nulls})", c.name, cats.len());
                 for (name, count) in cats.iter().take(MAX_LISTED_CATEGORIES) {
-                    println!("    {name:<30} {count}");
+                    outln!("    {name:<30} {count}");
                 }
                 if cats.len() > MAX_LISTED_CATEGORIES {
-                    println!("    ... {} more (see --json)", cats.len() - MAX_LISTED_CATEGORIES);
+                    outln!("    ... {} more (see --json)", cats.len() - MAX_LISTED_CATEGORIES);
                 }
             }
-            (None, Some((lo, hi))) => println!("  {} ({}, range {lo} .. {hi}{nulls})", c.name, c.dtype),
-            (None, None) => println!("  {} ({}{nulls})", c.name, c.dtype),
+            (None, Some((lo, hi))) => outln!("  {} ({}, range {lo} .. {hi}{nulls})", c.name, c.dtype),
+            (None, None) => outln!("  {} ({}{nulls})", c.name, c.dtype),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -121,7 +121,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let result = Store::open(&args.store).and_then(|s| s.verify());
     match result {
         Ok(r) => {
-            println!(
+            outln!(
                 "ok: {} files, {:.1} MB checksummed, {} rows and {} entries checked",
                 r.files,
                 r.bytes as f64 / 1e6,
@@ -131,7 +131,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("FAILED: {e}");
+            outln!("FAILED: {e}");
             Ok(ExitCode::FAILURE)
         }
     }
@@ -144,10 +144,10 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
     if args.json {
         let value = serde_json::json!({ "manifest": manifest, "report": report });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "wrote {}: codec {}, {:.1} MB (input {:.1} MB, ratio {:.2})",
         args.out.display(),
         manifest.codec.name(),
@@ -155,6 +155,6 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         input.manifest().total_bytes() as f64 / 1e6,
         input.manifest().total_bytes() as f64 / manifest.total_bytes().max(1) as f64
     );
-    print!("{}", report.render());
+    out!("{}", report.render());
     Ok(ExitCode::SUCCESS)
 }

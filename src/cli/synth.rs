@@ -152,11 +152,11 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
     let summary = run_synth(&atlas, &args.out, &options, &progress)
         .with_context(|| format!("synth into {}", args.out.display()))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(ExitCode::SUCCESS);
     }
     let m = &summary.manifest;
-    println!(
+    outln!(
         "wrote {}: {} cells x {} genes, nnz {} (density {:.3}), codec {}, {:.1} MB, {} truth groups",
         args.out.display(),
         m.n_obs,
@@ -167,7 +167,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
         m.total_bytes() as f64 / 1e6,
         summary.truth_groups
     );
-    println!("cells/s {:.0}, matrix MB/s {:.1}", summary.cells_per_s, summary.mb_per_s);
-    print!("{}", summary.report.render());
+    outln!("cells/s {:.0}, matrix MB/s {:.1}", summary.cells_per_s, summary.mb_per_s);
+    out!("{}", summary.report.render());
     Ok(ExitCode::SUCCESS)
 }

@@ -108,13 +108,14 @@ fn bad_arguments_are_named() {
     assert!(text(&out.stderr).contains("none.store/manifest.json"));
 }
 
-/// Peak anonymous memory of `synth` does not grow with the number of cells.
+/// Peak anonymous memory of `synth` and `convert` does not grow with the number of cells.
 #[test]
-fn synth_memory_is_flat_in_cells() {
+fn synth_and_convert_memory_is_flat_in_cells() {
     let dir = tempfile::tempdir().unwrap();
-    let peak = |cells: &str| -> u64 {
+    let peaks = |cells: &str| -> (u64, u64) {
         let out = dir.path().join(format!("{cells}.store"));
-        let summary = json(&[
+        let out = out.to_str().unwrap();
+        let synth = [
             "synth",
             "--cells",
             cells,
@@ -133,13 +134,39 @@ fn synth_memory_is_flat_in_cells() {
             "--threads",
             "2",
             "--out",
-            out.to_str().unwrap(),
+            out,
             "--json",
-        ]);
-        summary["report"]["memory"]["rss_anon"].as_u64().unwrap()
+        ];
+        let summary = json(&synth);
+        let zstd = format!("{out}.zstd");
+        let converted = json(&["convert", out, "--codec", "zstd", "--out", &zstd, "--json"]);
+        let peak = |v: &serde_json::Value| v["report"]["memory"]["rss_anon"].as_u64().unwrap();
+        (peak(&summary), peak(&converted))
     };
-    let small = peak("16000");
-    let large = peak("160000");
-    eprintln!("synth peak RssAnon: 16k cells {small} B, 160k cells {large} B");
-    assert!(large < small + small / 4 + (16 << 20), "peak RssAnon grew from {small} to {large} bytes");
+    let small = peaks("16000");
+    let large = peaks("160000");
+    eprintln!("peak RssAnon (synth, convert): 16k cells {small:?} B, 160k cells {large:?} B");
+    let flat = |a: u64, b: u64| b < a + a / 4 + (16 << 20);
+    assert!(flat(small.0, large.0), "synth peak RssAnon grew from {} to {} bytes", small.0, large.0);
+    assert!(flat(small.1, large.1), "convert peak RssAnon grew from {} to {} bytes", small.1, large.1);
+}
+
+/// A closed stdout (`cpa-stream inspect S | head -1`) ends the output quietly, without a panic.
+#[test]
+fn closed_stdout_is_not_a_crash() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let store = small_store(dir.path(), "s.store", cpa_stream::schemas::Codec::Raw);
+    let mut child = Command::new(bin())
+        .args(["inspect", store.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the program has written (it first loads libtorch).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{stderr}");
 }

@@ -53,9 +53,12 @@ fn scatter(planes: &mut [u8], n: usize, i: usize, bytes: [u8; 4]) {
     }
 }
 
-#[inline]
-fn gather(planes: &[u8], n: usize, i: usize) -> [u8; 4] {
-    [planes[i], planes[n + i], planes[2 * n + i], planes[3 * n + i]]
+/// The `n` little-endian u32 words whose bytes were split into four planes of `n` bytes.
+fn unshuffle(planes: &[u8], n: usize) -> impl Iterator<Item = u32> + '_ {
+    let (p0, rest) = planes.split_at(n);
+    let (p1, rest) = rest.split_at(n);
+    let (p2, p3) = rest.split_at(n);
+    p0.iter().zip(p1).zip(p2).zip(p3).map(|(((&a, &b), &c), &d)| u32::from_le_bytes([a, b, c, d]))
 }
 
 /// Decompresses blocks; reuses its buffers.
@@ -92,28 +95,29 @@ impl BlockDecoder {
         let (idx_planes, val_planes) = self.shuffled.split_at(nnz * 4);
         indices.clear();
         data.clear();
-        indices.reserve(nnz);
-        data.reserve(nnz);
+        indices.extend(unshuffle(idx_planes, nnz));
+        data.extend(unshuffle(val_planes, nnz).map(f32::from_bits));
+        // Undo the per-row delta coding in place, checking order and range.
         for (row, w) in indptr.windows(2).enumerate() {
             let (start, end) = ((w[0] - base) as usize, (w[1] - base) as usize);
             let mut prev: u64 = 0;
-            for i in start..end {
-                let delta = u64::from(u32::from_le_bytes(gather(idx_planes, nnz, i)));
-                let c = if i == start {
-                    delta
-                } else if delta == 0 {
+            for (k, c) in indices[start..end].iter_mut().enumerate() {
+                let value = if k == 0 {
+                    u64::from(*c)
+                } else if *c == 0 {
                     return Err(format!("row {row} of the block: repeated column index {prev}"));
                 } else {
-                    prev + delta
+                    prev + u64::from(*c)
                 };
-                if c >= n_vars {
-                    return Err(format!("row {row} of the block: column index {c} out of range, expected < {n_vars}"));
+                if value >= n_vars {
+                    return Err(format!(
+                        "row {row} of the block: column index {value} out of range, expected < {n_vars}"
+                    ));
                 }
-                indices.push(c as u32);
-                prev = c;
+                *c = value as u32;
+                prev = value;
             }
         }
-        data.extend((0..nnz).map(|i| f32::from_bits(u32::from_le_bytes(gather(val_planes, nnz, i)))));
         Ok(())
     }
 }

@@ -42,7 +42,11 @@ impl MappedFile {
     /// The file as an array of `T`; `None` if its length is not a multiple of `T`'s size (sizes
     /// are checked against the manifest before this is called; maps are page-aligned).
     pub(crate) fn as_slice<T: bytemuck::Pod>(&self) -> Option<&[T]> {
-        bytemuck::try_cast_slice(self.bytes()).ok()
+        match &self.map {
+            // An empty file has no map; an empty byte slice need not be aligned for `T`.
+            None => Some(&[]),
+            Some(map) => bytemuck::try_cast_slice(map).ok(),
+        }
     }
 
     /// Hints the kernel about the access pattern of the whole file.
