@@ -20,7 +20,6 @@ struct Info {
     libtorch_version: String,
     libtorch_path: Option<PathBuf>,
     libtorch_cuda_loaded: bool,
-    libtorch_built_with_cuda: bool,
     cuda_available: bool,
     cudnn_available: bool,
     cuda_device_count: i64,
@@ -46,7 +45,6 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         cuda_device_count,
         cuda_devices: if cuda_available { cuda_device_names(cuda_device_count) } else { Vec::new() },
         cpu_threads: i64::from(tch::utils::get_num_threads()),
-        libtorch_built_with_cuda: tch::utils::has_cuda(),
     };
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&info)?);
@@ -57,11 +55,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &info.libtorch_path {
         outln!("libtorch path    {}", p.display());
     }
-    outln!(
-        "libtorch_cuda    {} (libtorch built with CUDA: {})",
-        if info.libtorch_cuda_loaded { "loaded" } else { "not loaded" },
-        info.libtorch_built_with_cuda
-    );
+    outln!("libtorch_cuda    {}", if info.libtorch_cuda_loaded { "loaded" } else { "not loaded" });
     outln!("CUDA available   {}", info.cuda_available);
     outln!("cuDNN available  {}", info.cudnn_available);
     outln!("CUDA devices     {}", info.cuda_device_count);
