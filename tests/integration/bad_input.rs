@@ -86,6 +86,11 @@ fn sizes_disagreeing_with_the_manifest() {
     let err = open_err(&path);
     assert!(err.contains("X/indices") && err.contains("from the manifest's shape"), "{err}");
 
+    let path = small_store(dir.path(), "big.store", Codec::Raw);
+    edit_manifest(&path, |v| v["nnz"] = (u64::MAX / 2).into());
+    let err = open_err(&path);
+    assert!(err.contains("manifest.json: nnz = 9223372036854775807 is too large"), "{err}");
+
     let path = small_store(dir.path(), "u.store", Codec::zstd());
     edit_manifest(&path, |v| v["n_obs"] = 51.into());
     let err = open_err(&path);

@@ -110,15 +110,26 @@ impl Store {
             }
             Ok(file)
         };
-        let indptr = map(StoreFiles::INDPTR, Some((manifest.n_obs + 1) * 8))?;
+        // Sizes implied by the shape; a manifest whose counts overflow them is rejected.
+        let bytes_of = |count: u64, width: u64, what: &str| -> Result<u64> {
+            count.checked_mul(width).ok_or_else(|| {
+                Error::corrupt(&manifest_path, format!("{what} = {count} is too large for this platform"))
+            })
+        };
+        let indptr_bytes = bytes_of(manifest.n_obs.saturating_add(1), 8, "n_obs")?;
+        let entry_bytes = bytes_of(manifest.nnz, 4, "nnz")?;
+        let indptr = map(StoreFiles::INDPTR, Some(indptr_bytes))?;
         let matrix = match manifest.codec {
             Codec::Raw => Matrix::Raw {
-                indices: map(StoreFiles::INDICES, Some(manifest.nnz * 4))?,
-                data: map(StoreFiles::DATA, Some(manifest.nnz * 4))?,
+                indices: map(StoreFiles::INDICES, Some(entry_bytes))?,
+                data: map(StoreFiles::DATA, Some(entry_bytes))?,
             },
             Codec::Zstd { block_rows, .. } => Matrix::Zstd {
                 blocks: map(StoreFiles::BLOCKS, None)?,
-                block_index: map(StoreFiles::BLOCK_INDEX, Some((manifest.n_blocks() + 1) * 8))?,
+                block_index: map(
+                    StoreFiles::BLOCK_INDEX,
+                    Some(bytes_of(manifest.n_blocks().saturating_add(1), 8, "blocks")?),
+                )?,
                 block_rows: u64::from(block_rows),
             },
         };
