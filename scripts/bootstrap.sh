@@ -8,6 +8,8 @@
 set -euo pipefail
 
 TORCH_VERSION=2.11.0   # tch =0.24.0 binds exactly this PyTorch
+EXTRAS="cmake==4.4.4 anndata==0.12.19 h5py==3.16.0"
+EXTRAS_VERSION=1
 cache="${CPA_STREAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cpa-stream}"
 venv="$cache/venv"
 stamp="$venv/.torch-$TORCH_VERSION.ok"
@@ -31,6 +33,20 @@ if [ ! -f "$stamp" ]; then
   flock -u 9
 fi
 
+# cmake builds the bundled HDF5 C library (hdf5-metno "static"); anndata and h5py make the .h5ad
+# test fixtures. Small; installed once next to torch.
+extras_stamp="$venv/.extras-$EXTRAS_VERSION.ok"
+if [ ! -f "$extras_stamp" ]; then
+  exec 9>"$cache/.bootstrap.lock"
+  flock 9
+  if [ ! -f "$extras_stamp" ]; then
+    log "installing cmake, anndata and h5py into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $EXTRAS >&2
+    touch "$extras_stamp"
+  fi
+  flock -u 9
+fi
+
 torch_dir="$("$venv/bin/python" - <<'PY'
 import os, importlib.util
 spec = importlib.util.find_spec("torch")
@@ -44,3 +60,5 @@ echo "export LIBTORCH='$torch_dir'"
 echo "export LIBTORCH_CXX11_ABI=1"
 echo "export CARGO_TARGET_DIR='${CARGO_TARGET_DIR:-$cache/target}'"
 echo "export CPA_STREAM_VENV='$venv'"
+echo "export CMAKE='$venv/bin/cmake'"
+echo "export CPA_STREAM_PYTHON='$venv/bin/python'"

@@ -17,6 +17,7 @@ macro_rules! out {
 }
 
 mod bench;
+mod h5ad;
 mod info;
 mod progress;
 mod store;
@@ -46,6 +47,10 @@ enum Command {
     Verify(store::VerifyArgs),
     /// Copy a store with another codec (raw or zstd).
     Convert(store::ConvertArgs),
+    /// Convert an AnnData .h5ad file into a store, in bounded memory.
+    Import(h5ad::ImportArgs),
+    /// Write a store as an AnnData .h5ad file.
+    Export(h5ad::ExportArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -59,6 +64,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Inspect(a) => store::inspect(a),
         Command::Verify(a) => store::verify(a),
         Command::Convert(a) => store::convert(a),
+        Command::Import(a) => h5ad::import(a),
+        Command::Export(a) => h5ad::export(a),
         Command::Bench(a) => bench::run(a),
     }
 }

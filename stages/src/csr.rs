@@ -102,6 +102,25 @@ impl CsrBatch {
         (self.indptr.len() * 8 + self.indices.len() * 4 + self.data.len() * 4) as u64
     }
 
+    /// Appends the rows of `other` with their columns mapped through `map` (old column ->
+    /// new column, `None` = dropped); rows are re-sorted when the map reorders columns.
+    pub fn push_remapped(&mut self, other: &CsrBatch, map: &[Option<u32>]) {
+        let mut pairs: Vec<(u32, f32)> = Vec::new();
+        for r in 0..other.n_rows() {
+            let (idx, val) = other.row(r);
+            pairs.clear();
+            pairs.extend(
+                idx.iter().zip(val).filter_map(|(&c, &v)| map.get(c as usize).copied().flatten().map(|n| (n, v))),
+            );
+            if pairs.windows(2).any(|w| w[0].0 > w[1].0) {
+                pairs.sort_unstable_by_key(|p| p.0);
+            }
+            self.indices.extend(pairs.iter().map(|p| p.0));
+            self.data.extend(pairs.iter().map(|p| p.1));
+            self.indptr.push(self.indices.len() as u64);
+        }
+    }
+
     /// Checks that column indices are strictly increasing within each row and below `n_cols`, and
     /// that values are finite. The error names the row (within the batch) and column.
     pub fn validate(&self) -> Result<(), String> {
@@ -128,6 +147,19 @@ impl CsrBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remapping_drops_and_reorders_columns() {
+        let mut b = CsrBatch::new(4);
+        b.push_row(&[0, 1, 3], &[1.0, 2.0, 4.0]);
+        b.push_row(&[2], &[3.0]);
+        let mut out = CsrBatch::new(3);
+        // keep genes 3, 0, 1 in that order; drop 2
+        out.push_remapped(&b, &[Some(1), Some(2), None, Some(0)]);
+        assert_eq!(out.row(0), (&[0u32, 1, 2][..], &[4.0f32, 1.0, 2.0][..]));
+        assert_eq!(out.row(1), (&[][..], &[][..]));
+        assert_eq!(out.validate(), Ok(()));
+    }
 
     #[test]
     fn validate_names_row_and_column() {

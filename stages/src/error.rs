@@ -45,6 +45,15 @@ pub enum Error {
     },
     #[error("{}: already exists (remove it or choose another output)", path.display())]
     OutputExists { path: PathBuf },
+    #[error("{}: {context}: {source}", path.display())]
+    Hdf5 {
+        path: PathBuf,
+        context: String,
+        #[source]
+        source: hdf5::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    Unsupported { path: PathBuf, reason: String },
     #[error("{0}")]
     InvalidInput(String),
 }
@@ -60,6 +69,11 @@ impl Error {
 
     pub(crate) fn parquet(path: impl Into<PathBuf>, source: ParquetError) -> Error {
         Error::Parquet { path: path.into(), source }
+    }
+
+    pub(crate) fn hdf5(path: impl Into<PathBuf>, context: impl Into<String>) -> impl FnOnce(hdf5::Error) -> Error {
+        let (path, context) = (path.into(), context.into());
+        move |source| Error::Hdf5 { path, context, source }
     }
 
     pub(crate) fn arrow(context: impl Into<String>, source: ArrowError) -> Error {

@@ -3,6 +3,7 @@
 //! - [`store`]: the memory-mapped CSR store (`NAME.store/`): streaming writer, validated reader,
 //!   zero-copy row access, zstd blocks, verification.
 //! - [`synth`]: CPA-shaped synthetic atlases with ground truth.
+//! - [`h5ad`]: AnnData `.h5ad` files in and out, in row chunks.
 //! - [`csr`]: the owned CSR batch that stages hand to each other.
 //!
 //! Stages never wire themselves together: the `cpa-stream-pipeline` crate connects them with
@@ -13,6 +14,7 @@ compile_error!("cpa-stream stores are little-endian and mapped without conversio
 
 pub mod csr;
 mod error;
+pub mod h5ad;
 pub mod store;
 pub mod synth;
 

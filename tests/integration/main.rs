@@ -3,6 +3,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod h5ad;
 mod link;
 mod store;
 mod synth;

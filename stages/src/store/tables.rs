@@ -34,6 +34,27 @@ pub fn read_table(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch
     Ok(reader.map(move |batch| batch.map_err(|e| Error::arrow(path.display().to_string(), e))))
 }
 
+/// Writes `batches` (all with `schema`) as a Parquet table with the store's table properties
+/// (zstd, bounded row groups), to a temporary name renamed into place on success.
+pub fn write_table(path: &Path, schema: SchemaRef, batches: impl IntoIterator<Item = RecordBatch>) -> Result<()> {
+    let tmp = super::temporary_sibling(path)?;
+    let result = (|| {
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let props = super::table_properties(SCAN_BATCH_ROWS);
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| Error::parquet(&tmp, e))?;
+        for batch in batches {
+            writer.write(&batch).map_err(|e| Error::parquet(&tmp, e))?;
+        }
+        writer.close().map_err(|e| Error::parquet(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// What `inspect` shows of one `obs` column.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ColumnSummary {

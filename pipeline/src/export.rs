@@ -1,0 +1,113 @@
+//! `export`: store reader -> `.h5ad` writer (CSR `X`, `obs`, `var`, DEG lists in `uns`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::record_batch::RecordBatch;
+use cpa_stream_schemas::StoreFiles;
+use cpa_stream_stages::h5ad::{DEG_FILE, H5adCompression, H5adWriter};
+use cpa_stream_stages::store::{Access, Store, read_table, table_schema};
+use cpa_stream_stages::{CsrBatch, Result as StageResult};
+use crossbeam_channel::bounded;
+
+use crate::error::{Error, Result};
+use crate::metrics::{MemorySampler, RunReport, StageStats};
+use crate::progress::Progress;
+
+/// Rows per chunk sent to the writer.
+const BATCH_ROWS: usize = 4096;
+/// Chunks queued between reader and writer.
+const CHANNEL_DEPTH: usize = 4;
+/// `uns` key of exported DEG lists when the store does not record one.
+pub const DEFAULT_DEG_KEY: &str = "rank_genes_groups_cov";
+
+/// Writes `store` as an AnnData file at `out`.
+pub fn run_export(
+    store: &Store,
+    out: &Path,
+    compression: H5adCompression,
+    overwrite: bool,
+    progress: &dyn Progress,
+) -> Result<RunReport> {
+    let sampler = MemorySampler::start();
+    let started = Instant::now();
+    let read = StageStats::new("read", 1);
+    let write = StageStats::new("write", 1);
+    let var_path = store.file_path(StoreFiles::VAR);
+    let var_schema = table_schema(&var_path).map_err(Error::stage("read"))?;
+    let var_batches = read_table(&var_path)
+        .map_err(Error::stage("read"))?
+        .collect::<StageResult<Vec<_>>>()
+        .map_err(Error::stage("read"))?;
+    let var = arrow::compute::concat_batches(&var_schema, &var_batches)
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", var_path.display())))?;
+    let obs_path = store.file_path(StoreFiles::OBS);
+    let obs_schema = table_schema(&obs_path).map_err(Error::stage("read"))?;
+    let mut writer = H5adWriter::create(out, &var, &obs_schema, store.nnz(), compression, overwrite)
+        .map_err(Error::stage("write"))?;
+    store.advise(Access::Sequential);
+    progress.begin("cells", store.n_obs());
+    let n_vars = store.n_vars() as u32;
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = bounded::<StageResult<(CsrBatch, RecordBatch)>>(CHANNEL_DEPTH);
+        let reader_stats = Arc::clone(&read);
+        let obs_path = &obs_path;
+        let reader = scope.spawn(move || {
+            let run = || -> StageResult<()> {
+                let mut cursor = store.cursor()?;
+                let mut row = 0u64;
+                for obs in read_table(obs_path)? {
+                    let obs = obs?;
+                    for offset in (0..obs.num_rows()).step_by(BATCH_ROWS) {
+                        let window = obs.slice(offset, BATCH_ROWS.min(obs.num_rows() - offset));
+                        let n = window.num_rows() as u64;
+                        let rows = reader_stats.busy(|| -> StageResult<CsrBatch> {
+                            let mut rows = CsrBatch::new(n_vars);
+                            cursor.read_range(row..row + n, &mut rows)?;
+                            store.release(row..row + n);
+                            Ok(rows)
+                        })?;
+                        row += n;
+                        reader_stats.add(n, rows.byte_size());
+                        if !reader_stats.send(&tx, Ok((rows, window))) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = run() {
+                reader_stats.send(&tx, Err(e));
+            }
+        });
+        let written = (|| -> Result<()> {
+            while let Some(item) = write.recv(&rx) {
+                let (rows, obs) = item.map_err(Error::stage("read"))?;
+                write.busy(|| writer.append(&rows, &obs)).map_err(Error::stage("write"))?;
+                write.add(rows.n_rows() as u64, rows.byte_size());
+                progress.advance(rows.n_rows() as u64);
+            }
+            Ok(())
+        })();
+        drop(rx);
+        reader.join().map_err(|p| Error::panic("read", p))?;
+        written
+    });
+    progress.end();
+    result?;
+    let deg_path = store.file_path(DEG_FILE);
+    if deg_path.exists() {
+        let schema = table_schema(&deg_path).map_err(Error::stage("read"))?;
+        let key = schema.metadata().get("uns_key").cloned().unwrap_or_else(|| DEFAULT_DEG_KEY.to_owned());
+        let batches = read_table(&deg_path)
+            .map_err(Error::stage("read"))?
+            .collect::<StageResult<Vec<_>>>()
+            .map_err(Error::stage("read"))?;
+        let table = arrow::compute::concat_batches(&schema, &batches)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", deg_path.display())))?;
+        writer.write_degs(&key, &table).map_err(Error::stage("write"))?;
+    }
+    write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
+    Ok(RunReport { wall: started.elapsed(), stages: vec![read.report(), write.report()], memory: sampler.finish() })
+}

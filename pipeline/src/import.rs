@@ -1,0 +1,377 @@
+//! `import`: `.h5ad` reader -> store writer, in row chunks.
+//!
+//! CSR and dense matrices are read by row ranges. CSC matrices are transposed out of core: one
+//! pass over column ranges scatters entries into row-range bucket files next to the output (each
+//! bucket sized to fit [`ImportOptions::memory_budget`]), then each bucket is counting-sorted
+//! into CSR rows. Entries arrive in column order, so rows come out sorted.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{RecordBatch, UInt32Array};
+use cpa_stream_schemas::Codec;
+use cpa_stream_stages::h5ad::{DEG_FILE, H5adReader, MatrixLayout};
+use cpa_stream_stages::store::{StoreWriter, StoreWriterOptions, write_table};
+use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
+use crossbeam_channel::{Sender, bounded};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::metrics::{MemorySampler, RunReport, StageStats};
+use crate::progress::Progress;
+
+/// Default rows per chunk read from the file.
+pub const DEFAULT_CHUNK_ROWS: usize = 4096;
+/// Default memory for one CSC transposition bucket (entries x 12 bytes).
+pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
+/// Columns read per pass step of the CSC transposition.
+const CSC_COLUMN_STEP: u64 = 64;
+/// Chunks queued between reader and writer.
+const CHANNEL_DEPTH: usize = 4;
+
+/// How to import.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// Import `layers/<layer>` instead of `X`.
+    pub layer: Option<String>,
+    /// Keep only these genes (by `var` index), in this order.
+    pub genes: Option<Vec<String>>,
+    /// Rows per chunk. Default [`DEFAULT_CHUNK_ROWS`].
+    pub chunk_rows: usize,
+    /// Bytes of one CSC transposition bucket. Default [`DEFAULT_MEMORY_BUDGET`].
+    pub memory_budget: usize,
+    pub codec: Codec,
+    pub overwrite: bool,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            layer: None,
+            genes: None,
+            chunk_rows: DEFAULT_CHUNK_ROWS,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            codec: Codec::Raw,
+            overwrite: false,
+        }
+    }
+}
+
+/// The outcome of an import.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportSummary {
+    pub manifest: cpa_stream_schemas::Manifest,
+    pub layout: String,
+    /// `uns` key and rows of the imported DEG table, if any.
+    pub degs: Option<(String, usize)>,
+    pub cells_per_s: f64,
+    /// Stored bytes of the input file read per second.
+    pub input_mb_per_s: f64,
+    pub report: RunReport,
+}
+
+type Chunk = StageResult<(CsrBatch, RecordBatch)>;
+
+/// Imports `input` into a new store at `out`.
+pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &dyn Progress) -> Result<ImportSummary> {
+    let sampler = MemorySampler::start();
+    let started = Instant::now();
+    let read = StageStats::new("read", 1);
+    let write = StageStats::new("write", 1);
+    let h5 = H5adReader::open(input, options.layer.as_deref()).map_err(Error::stage("read"))?;
+    let var_all = h5.read_var().map_err(Error::stage("read"))?;
+    let (var, map) = select_genes(input, &h5, &var_all, options.genes.as_deref())?;
+    let n_vars = var.num_rows() as u32;
+    let writer_options = StoreWriterOptions {
+        codec: options.codec,
+        overwrite: options.overwrite,
+        source: Some(format!(
+            "imported from {}{}",
+            input.display(),
+            options.layer.as_ref().map(|l| format!(" (layer {l})")).unwrap_or_default()
+        )),
+        ..StoreWriterOptions::default()
+    };
+    let mut writer = StoreWriter::create(out, &var, h5.obs_schema(), writer_options).map_err(Error::stage("write"))?;
+    let degs = match h5.read_degs().map_err(Error::stage("read"))? {
+        Some((key, table)) => {
+            let rows = table.num_rows();
+            let schema = Arc::new(
+                table.schema().as_ref().clone().with_metadata(HashMap::from([("uns_key".to_owned(), key.clone())])),
+            );
+            let table =
+                table.with_schema(Arc::clone(&schema)).map_err(|e| Error::InvalidInput(format!("DEG table: {e}")))?;
+            write_table(&writer.extra_file_path(DEG_FILE), schema, [table]).map_err(Error::stage("write"))?;
+            Some((key, rows))
+        }
+        None => None,
+    };
+    let layout = h5.layout();
+    let chunk_rows = options.chunk_rows.max(1) as u64;
+    let tmp_dir = bucket_dir(out);
+    progress.begin("cells", h5.n_obs());
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = bounded::<Chunk>(CHANNEL_DEPTH);
+        let reader_stats = Arc::clone(&read);
+        let (h5, map, tmp_dir) = (&h5, &map, &tmp_dir);
+        let reader = scope.spawn(move || {
+            let result = match layout {
+                MatrixLayout::Csc => {
+                    read_csc(h5, map, n_vars, chunk_rows, options.memory_budget, tmp_dir, &tx, &reader_stats)
+                }
+                _ => read_by_rows(h5, map, n_vars, chunk_rows, &tx, &reader_stats),
+            };
+            let _ = fs::remove_dir_all(tmp_dir);
+            if let Err(e) = result {
+                reader_stats.send(&tx, Err(e));
+            }
+        });
+        let written = (|| -> Result<()> {
+            while let Some(item) = write.recv(&rx) {
+                let (rows, obs) = item.map_err(Error::stage("read"))?;
+                write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
+                write.add(rows.n_rows() as u64, rows.byte_size());
+                progress.advance(rows.n_rows() as u64);
+            }
+            Ok(())
+        })();
+        drop(rx);
+        reader.join().map_err(|p| Error::panic("read", p))?;
+        written
+    });
+    progress.end();
+    result?;
+    if writer.n_obs() != h5.n_obs() {
+        return Err(Error::InvalidInput(format!(
+            "{}: read {} of {} cells",
+            input.display(),
+            writer.n_obs(),
+            h5.n_obs()
+        )));
+    }
+    let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
+    let wall = started.elapsed();
+    let input_bytes = fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+    Ok(ImportSummary {
+        cells_per_s: manifest.n_obs as f64 / wall.as_secs_f64().max(1e-9),
+        input_mb_per_s: input_bytes as f64 / 1e6 / wall.as_secs_f64().max(1e-9),
+        manifest,
+        layout: format!("{layout:?}").to_lowercase(),
+        degs,
+        report: RunReport { wall, stages: vec![read.report(), write.report()], memory: sampler.finish() },
+    })
+}
+
+/// The `var` table of the kept genes and the map from file columns to store columns.
+fn select_genes(
+    input: &Path,
+    h5: &H5adReader,
+    var: &RecordBatch,
+    genes: Option<&[String]>,
+) -> Result<(RecordBatch, Vec<Option<u32>>)> {
+    let n = h5.n_vars() as usize;
+    let Some(genes) = genes else {
+        return Ok((var.clone(), (0..n as u32).map(Some).collect()));
+    };
+    let ids = h5.gene_ids().map_err(Error::stage("read"))?;
+    let position: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
+    let mut map = vec![None; n];
+    let mut take = Vec::with_capacity(genes.len());
+    let mut missing = Vec::new();
+    for (new, g) in genes.iter().enumerate() {
+        match position.get(g.as_str()) {
+            Some(&old) if map[old].is_some() => {
+                return Err(Error::InvalidInput(format!("--genes: gene {g:?} is listed twice")));
+            }
+            Some(&old) => {
+                map[old] = Some(new as u32);
+                take.push(old as u32);
+            }
+            None => missing.push(g.as_str()),
+        }
+    }
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(10).copied().collect();
+        return Err(Error::InvalidInput(format!(
+            "--genes: {} gene(s) not in the var index of {}: {}{}",
+            missing.len(),
+            input.display(),
+            shown.join(", "),
+            if missing.len() > 10 { ", ..." } else { "" }
+        )));
+    }
+    let indices = UInt32Array::from(take);
+    let columns = var
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c, &indices, None))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::InvalidInput(format!("--genes: {e}")))?;
+    let var = RecordBatch::try_new(var.schema(), columns).map_err(|e| Error::InvalidInput(format!("--genes: {e}")))?;
+    Ok((var, map))
+}
+
+fn read_by_rows(
+    h5: &H5adReader,
+    map: &[Option<u32>],
+    n_vars: u32,
+    chunk_rows: u64,
+    tx: &Sender<Chunk>,
+    stats: &StageStats,
+) -> StageResult<()> {
+    let identity = map.len() == n_vars as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
+    let mut start = 0;
+    while start < h5.n_obs() {
+        let end = (start + chunk_rows).min(h5.n_obs());
+        let chunk = stats.busy(|| -> StageResult<(CsrBatch, RecordBatch)> {
+            let mut rows = CsrBatch::new(h5.n_vars() as u32);
+            h5.read_rows(start..end, &mut rows)?;
+            let rows = if identity {
+                rows
+            } else {
+                let mut kept = CsrBatch::new(n_vars);
+                kept.push_remapped(&rows, map);
+                kept
+            };
+            Ok((rows, h5.read_obs(start..end)?))
+        })?;
+        stats.add(chunk.0.n_rows() as u64, chunk.0.byte_size());
+        if !stats.send(tx, Ok(chunk)) {
+            return Ok(());
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+fn bucket_dir(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    out.with_file_name(format!(".{name}.import-{}", std::process::id()))
+}
+
+/// One transposition entry: row within its bucket, store column, value.
+const ENTRY_BYTES: usize = 12;
+
+#[allow(clippy::too_many_arguments)]
+fn read_csc(
+    h5: &H5adReader,
+    map: &[Option<u32>],
+    n_vars: u32,
+    chunk_rows: u64,
+    memory_budget: usize,
+    dir: &Path,
+    tx: &Sender<Chunk>,
+    stats: &StageStats,
+) -> StageResult<()> {
+    let n_obs = h5.n_obs();
+    let per_row = (h5.stored_entries() as f64 / n_obs.max(1) as f64).max(1.0);
+    let rows_per_bucket = ((memory_budget / ENTRY_BYTES) as f64 / per_row).max(1.0) as u64;
+    let n_buckets = n_obs.div_ceil(rows_per_bucket).max(1) as usize;
+    fs::create_dir_all(dir).map_err(|e| StageError::InvalidInput(format!("{}: {e}", dir.display())))?;
+    let io = |path: &Path, e: std::io::Error| StageError::InvalidInput(format!("{}: {e}", path.display()));
+    let bucket_path = |b: usize| dir.join(format!("bucket-{b:05}"));
+    // Pass 1: scatter entries by row range, columns in order.
+    stats.busy(|| -> StageResult<()> {
+        let mut buckets = (0..n_buckets)
+            .map(|b| {
+                File::create(bucket_path(b))
+                    .map(|f| BufWriter::with_capacity(64 << 10, f))
+                    .map_err(|e| io(&bucket_path(b), e))
+            })
+            .collect::<StageResult<Vec<_>>>()?;
+        let n_cols = h5.n_vars();
+        let mut c0 = 0;
+        while c0 < n_cols {
+            let c1 = (c0 + CSC_COLUMN_STEP).min(n_cols);
+            let (offsets, rows, vals) = h5.read_columns(c0..c1)?;
+            let base = offsets[0];
+            for (k, w) in offsets.windows(2).enumerate() {
+                let Some(col) = map[(c0 + k as u64) as usize] else { continue };
+                for e in (w[0] - base) as usize..(w[1] - base) as usize {
+                    let b = (rows[e] / rows_per_bucket) as usize;
+                    let local = (rows[e] % rows_per_bucket) as u32;
+                    let mut rec = [0u8; ENTRY_BYTES];
+                    rec[..4].copy_from_slice(&local.to_le_bytes());
+                    rec[4..8].copy_from_slice(&col.to_le_bytes());
+                    rec[8..].copy_from_slice(&vals[e].to_le_bytes());
+                    buckets[b].write_all(&rec).map_err(|e| io(&bucket_path(b), e))?;
+                }
+            }
+            c0 = c1;
+        }
+        for (b, w) in buckets.into_iter().enumerate() {
+            w.into_inner().map_err(|e| io(&bucket_path(b), e.into_error()))?;
+        }
+        Ok(())
+    })?;
+    // Pass 2: each bucket to CSR rows, sent in chunks with their obs rows.
+    for b in 0..n_buckets {
+        let first = b as u64 * rows_per_bucket;
+        let last = (first + rows_per_bucket).min(n_obs);
+        let path = bucket_path(b);
+        let rows = stats.busy(|| -> StageResult<CsrBatch> {
+            let mut bytes = Vec::new();
+            BufReader::new(File::open(&path).map_err(|e| io(&path, e))?)
+                .read_to_end(&mut bytes)
+                .map_err(|e| io(&path, e))?;
+            let _ = fs::remove_file(&path);
+            let n = (last - first) as usize;
+            let mut counts = vec![0u64; n + 1];
+            for rec in bytes.chunks_exact(ENTRY_BYTES) {
+                counts[u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize + 1] += 1;
+            }
+            for i in 0..n {
+                counts[i + 1] += counts[i];
+            }
+            let nnz = counts[n] as usize;
+            let mut idx = vec![0u32; nnz];
+            let mut val = vec![0f32; nnz];
+            let mut next = counts.clone();
+            for rec in bytes.chunks_exact(ENTRY_BYTES) {
+                let r = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize;
+                let at = next[r] as usize;
+                idx[at] = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
+                val[at] = f32::from_le_bytes([rec[8], rec[9], rec[10], rec[11]]);
+                next[r] += 1;
+            }
+            let mut out = CsrBatch::with_capacity(n_vars, n, nnz);
+            for r in 0..n {
+                let (s, e) = (counts[r] as usize, counts[r + 1] as usize);
+                let (ri, rv) = (&mut idx[s..e], &mut val[s..e]);
+                // Columns were scattered in increasing order unless --genes reordered them.
+                if ri.windows(2).any(|w| w[0] >= w[1]) {
+                    let mut pairs: Vec<(u32, f32)> = ri.iter().copied().zip(rv.iter().copied()).collect();
+                    pairs.sort_unstable_by_key(|p| p.0);
+                    for (k, (c, v)) in pairs.into_iter().enumerate() {
+                        ri[k] = c;
+                        rv[k] = v;
+                    }
+                }
+                out.push_row(ri, rv);
+            }
+            Ok(out)
+        })?;
+        let mut start = first;
+        while start < last {
+            let end = (start + chunk_rows).min(last);
+            let chunk = stats.busy(|| -> StageResult<(CsrBatch, RecordBatch)> {
+                let mut part = CsrBatch::new(n_vars);
+                for r in (start - first) as usize..(end - first) as usize {
+                    let (i, v) = rows.row(r);
+                    part.push_row(i, v);
+                }
+                Ok((part, h5.read_obs(start..end)?))
+            })?;
+            stats.add(chunk.0.n_rows() as u64, chunk.0.byte_size());
+            if !stats.send(tx, Ok(chunk)) {
+                return Ok(());
+            }
+            start = end;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! `cpa-stream import` and `export`: AnnData `.h5ad` files in and out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use cpa_stream_pipeline::export::run_export;
+use cpa_stream_pipeline::import::{DEFAULT_CHUNK_ROWS, DEFAULT_MEMORY_BUDGET, ImportOptions, run_import};
+use cpa_stream_stages::h5ad::H5adCompression;
+use cpa_stream_stages::store::Store;
+
+use super::progress::CliProgress;
+use super::synth::CodecArgs;
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Input AnnData file.
+    input: PathBuf,
+    /// Output store directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Import layers/NAME instead of X.
+    #[arg(long)]
+    layer: Option<String>,
+    /// Keep only the genes listed in FILE (one var index entry per line), in that order.
+    #[arg(long, value_name = "FILE")]
+    genes: Option<PathBuf>,
+    /// Rows read per chunk.
+    #[arg(long, default_value_t = DEFAULT_CHUNK_ROWS)]
+    chunk_rows: usize,
+    /// MiB of memory for one bucket of the CSC -> CSR transposition.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_BUDGET >> 20)]
+    csc_budget_mib: usize,
+    #[command(flatten)]
+    codec: CodecArgs,
+    /// Replace an existing store at --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Dataset compression of an exported file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressionArg {
+    None,
+    Gzip,
+    Lzf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Store directory.
+    store: PathBuf,
+    /// Output AnnData file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Compression of the written datasets.
+    #[arg(long, value_enum, default_value_t = CompressionArg::None)]
+    compression: CompressionArg,
+    /// gzip level (with --compression gzip).
+    #[arg(long, default_value_t = 4)]
+    gzip_level: u8,
+    /// Replace an existing file at --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// Print the stage report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let genes = match &args.genes {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("--genes {}", path.display()))?;
+            let list: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+            anyhow::ensure!(!list.is_empty(), "--genes {}: no gene names", path.display());
+            Some(list)
+        }
+    };
+    let options = ImportOptions {
+        layer: args.layer.clone(),
+        genes,
+        chunk_rows: args.chunk_rows,
+        memory_budget: args.csc_budget_mib.max(1) << 20,
+        codec: args.codec.codec()?,
+        overwrite: args.overwrite,
+    };
+    let progress = CliProgress::new();
+    let summary = run_import(&args.input, &args.out, &options, &progress)
+        .with_context(|| format!("import {} into {}", args.input.display(), args.out.display()))?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m = &summary.manifest;
+    outln!(
+        "wrote {}: {} cells x {} genes, nnz {}, from a {} matrix; {:.0} cells/s, {:.1} MB/s of input",
+        args.out.display(),
+        m.n_obs,
+        m.n_vars,
+        m.nnz,
+        summary.layout,
+        summary.cells_per_s,
+        summary.input_mb_per_s
+    );
+    if let Some((key, rows)) = &summary.degs {
+        outln!("DEG lists from uns/{key}: {rows} rows in degs.parquet");
+    }
+    out!("{}", summary.report.render());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&args.store)?;
+    let compression = match args.compression {
+        CompressionArg::None => H5adCompression::None,
+        CompressionArg::Lzf => H5adCompression::Lzf,
+        CompressionArg::Gzip => {
+            anyhow::ensure!(args.gzip_level <= 9, "--gzip-level must be 0-9");
+            H5adCompression::Gzip(args.gzip_level)
+        }
+    };
+    let progress = CliProgress::new();
+    let report = run_export(&store, &args.out, compression, args.overwrite, &progress)
+        .with_context(|| format!("export {} to {}", args.store.display(), args.out.display()))?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
+    outln!(
+        "wrote {}: {} cells x {} genes, {:.1} MB",
+        args.out.display(),
+        store.n_obs(),
+        store.n_vars(),
+        bytes as f64 / 1e6
+    );
+    out!("{}", report.render());
+    Ok(ExitCode::SUCCESS)
+}

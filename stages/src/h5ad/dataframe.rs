@@ -1,0 +1,579 @@
+//! AnnData dataframes (`obs`, `var`) read by row ranges into Arrow, and written from Arrow.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, DictionaryArray, Float64Array, Int32Array, Int64Array, StringArray,
+    UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type};
+use arrow::record_batch::RecordBatch;
+use cpa_stream_schemas::tables::{categorical_field, categories_of};
+use hdf5::types::{TypeDescriptor, VarLenAscii, VarLenUnicode};
+use hdf5::{Dataset, Group, Location};
+
+use crate::error::{Error, Result};
+
+/// Reads a string attribute (variable- or fixed-length).
+pub(super) fn attr_string(path: &Path, loc: &Location, name: &str) -> Result<Option<String>> {
+    if !loc.attr_names().map_err(Error::hdf5(path, format!("{}: attributes", loc.name())))?.iter().any(|n| n == name) {
+        return Ok(None);
+    }
+    let attr = loc.attr(name).map_err(Error::hdf5(path, format!("{}: attribute {name}", loc.name())))?;
+    let ctx = || format!("{}: attribute {name:?} is not a string", loc.name());
+    let desc = attr.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, ctx()))?;
+    let value = match desc {
+        TypeDescriptor::VarLenUnicode => attr.read_scalar::<VarLenUnicode>().map(|s| s.as_str().to_owned()),
+        TypeDescriptor::VarLenAscii => attr.read_scalar::<VarLenAscii>().map(|s| s.as_str().to_owned()),
+        _ => return Err(Error::Unsupported { path: path.to_owned(), reason: ctx() }),
+    };
+    value.map(Some).map_err(Error::hdf5(path, ctx()))
+}
+
+/// Reads a string-array attribute; an empty numeric array (h5py's empty list) is an empty list.
+pub(super) fn attr_strings(path: &Path, loc: &Location, name: &str) -> Result<Vec<String>> {
+    let attr = loc.attr(name).map_err(Error::hdf5(path, format!("{}: attribute {name}", loc.name())))?;
+    if attr.size() == 0 {
+        return Ok(Vec::new());
+    }
+    let ctx = || format!("{}: attribute {name:?} is not an array of strings", loc.name());
+    match attr.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, ctx()))? {
+        TypeDescriptor::VarLenUnicode => attr
+            .read_raw::<VarLenUnicode>()
+            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect())
+            .map_err(Error::hdf5(path, ctx())),
+        TypeDescriptor::VarLenAscii => attr
+            .read_raw::<VarLenAscii>()
+            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect())
+            .map_err(Error::hdf5(path, ctx())),
+        _ => Err(Error::Unsupported { path: path.to_owned(), reason: ctx() }),
+    }
+}
+
+/// Reads strings `rows` of a 1-D string dataset.
+pub(super) fn read_strings(path: &Path, ds: &Dataset, rows: Range<u64>) -> Result<Vec<String>> {
+    let ctx = || format!("{}: rows {}..{}", ds.name(), rows.start, rows.end);
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sel = rows.start as usize..rows.end as usize;
+    match ds.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, ctx()))? {
+        TypeDescriptor::VarLenUnicode => ds
+            .read_slice_1d::<VarLenUnicode, _>(sel)
+            .map(|a| a.iter().map(|s| s.as_str().to_owned()).collect())
+            .map_err(Error::hdf5(path, ctx())),
+        TypeDescriptor::VarLenAscii => ds
+            .read_slice_1d::<VarLenAscii, _>(sel)
+            .map(|a| a.iter().map(|s| s.as_str().to_owned()).collect())
+            .map_err(Error::hdf5(path, ctx())),
+        other => Err(Error::Unsupported {
+            path: path.to_owned(),
+            reason: format!("{}: strings stored as {other}, expected variable-length strings", ds.name()),
+        }),
+    }
+}
+
+/// How one dataframe column is stored.
+#[derive(Debug, Clone)]
+enum ColumnKind {
+    Categorical { codes: Dataset, categories: Vec<String> },
+    Strings(Dataset),
+    Int(Dataset),
+    UInt(Dataset),
+    Float(Dataset),
+    Bool(Dataset),
+    NullableInt { values: Dataset, mask: Dataset },
+    NullableBool { values: Dataset, mask: Dataset },
+    NullableStrings { values: Dataset, mask: Dataset },
+}
+
+/// An AnnData dataframe group, read by row ranges.
+#[derive(Debug, Clone)]
+pub(super) struct DataFrameReader {
+    path: PathBuf,
+    name: String,
+    index: Dataset,
+    columns: Vec<(String, ColumnKind)>,
+    schema: SchemaRef,
+    n_rows: u64,
+}
+
+fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
+    let full = format!("{}/{name}", group.name());
+    let unsupported = |what: String| Error::Unsupported { path: path.to_owned(), reason: format!("{full}: {what}") };
+    if let Ok(sub) = group.group(name) {
+        let encoding = attr_string(path, &sub, "encoding-type")?.unwrap_or_default();
+        let ds = |n: &str| sub.dataset(n).map_err(Error::hdf5(path, format!("{full}/{n}")));
+        return Ok(match encoding.as_str() {
+            "categorical" => {
+                let categories_ds = ds("categories")?;
+                let n = categories_ds.size() as u64;
+                let categories = match categories_ds.dtype().and_then(|t| t.to_descriptor()) {
+                    Ok(TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii) => {
+                        read_strings(path, &categories_ds, 0..n)?
+                    }
+                    Ok(TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_)) => categories_ds
+                        .read_raw::<i64>()
+                        .map_err(Error::hdf5(path, format!("{full}/categories")))?
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect(),
+                    Ok(TypeDescriptor::Float(_)) => categories_ds
+                        .read_raw::<f64>()
+                        .map_err(Error::hdf5(path, format!("{full}/categories")))?
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect(),
+                    Ok(other) => return Err(unsupported(format!("categories of type {other}"))),
+                    Err(e) => return Err(Error::hdf5(path, format!("{full}/categories"))(e)),
+                };
+                ColumnKind::Categorical { codes: ds("codes")?, categories }
+            }
+            "nullable-integer" => ColumnKind::NullableInt { values: ds("values")?, mask: ds("mask")? },
+            "nullable-boolean" => ColumnKind::NullableBool { values: ds("values")?, mask: ds("mask")? },
+            "nullable-string-array" => ColumnKind::NullableStrings { values: ds("values")?, mask: ds("mask")? },
+            other => return Err(unsupported(format!("column encoding {other:?} is not supported"))),
+        });
+    }
+    let ds = group.dataset(name).map_err(Error::hdf5(path, full.clone()))?;
+    if ds.ndim() != 1 {
+        return Err(unsupported(format!("{}-dimensional column, expected 1", ds.ndim())));
+    }
+    let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, full.clone()))?;
+    Ok(match desc {
+        TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii => ColumnKind::Strings(ds),
+        TypeDescriptor::Integer(_) => ColumnKind::Int(ds),
+        TypeDescriptor::Unsigned(_) => ColumnKind::UInt(ds),
+        TypeDescriptor::Float(_) => ColumnKind::Float(ds),
+        TypeDescriptor::Boolean => ColumnKind::Bool(ds),
+        // h5py stores numpy booleans as an enum {FALSE: 0, TRUE: 1}.
+        TypeDescriptor::Enum(e)
+            if e.members.len() == 2 && e.members.iter().all(|m| m.name == "FALSE" || m.name == "TRUE") =>
+        {
+            ColumnKind::Bool(ds)
+        }
+        other => return Err(unsupported(format!("column of type {other} is not supported"))),
+    })
+}
+
+impl DataFrameReader {
+    /// Opens dataframe group `name`; its index becomes column `id_column` (first, Utf8).
+    pub(super) fn open(path: &Path, file: &Group, name: &str, id_column: &str) -> Result<DataFrameReader> {
+        let group = file.group(name).map_err(Error::hdf5(path, format!("no {name:?} dataframe")))?;
+        let encoding = attr_string(path, &group, "encoding-type")?;
+        if encoding.as_deref() != Some("dataframe") {
+            return Err(Error::Unsupported {
+                path: path.to_owned(),
+                reason: format!("{name}: encoding-type {encoding:?}, expected \"dataframe\""),
+            });
+        }
+        let index_name = attr_string(path, &group, "_index")?.unwrap_or_else(|| "_index".to_owned());
+        let index = group.dataset(&index_name).map_err(Error::hdf5(path, format!("{name}/{index_name} (index)")))?;
+        let n_rows = index.size() as u64;
+        let order = attr_strings(path, &group, "column-order")?;
+        let mut columns = Vec::new();
+        let mut fields = vec![Field::new(id_column, DataType::Utf8, false)];
+        for col in order {
+            let kind = member_kind(path, &group, &col)?;
+            let len = match &kind {
+                ColumnKind::Categorical { codes, .. } => codes.size(),
+                ColumnKind::Strings(d)
+                | ColumnKind::Int(d)
+                | ColumnKind::UInt(d)
+                | ColumnKind::Float(d)
+                | ColumnKind::Bool(d) => d.size(),
+                ColumnKind::NullableInt { values, .. }
+                | ColumnKind::NullableBool { values, .. }
+                | ColumnKind::NullableStrings { values, .. } => values.size(),
+            } as u64;
+            if len != n_rows {
+                return Err(Error::SizeMismatch {
+                    path: path.to_owned(),
+                    what: format!("length of {name}/{col}"),
+                    expected: n_rows,
+                    actual: len,
+                });
+            }
+            let out_name = if col == id_column { format!("{col}_column") } else { col.clone() };
+            fields.push(match &kind {
+                ColumnKind::Categorical { categories, .. } => categorical_field(&out_name, categories, true),
+                ColumnKind::Strings(_) => Field::new(&out_name, DataType::Utf8, false),
+                ColumnKind::Int(_) => Field::new(&out_name, DataType::Int64, false),
+                ColumnKind::UInt(_) => Field::new(&out_name, DataType::UInt64, false),
+                ColumnKind::Float(_) => Field::new(&out_name, DataType::Float64, false),
+                ColumnKind::Bool(_) => Field::new(&out_name, DataType::Boolean, false),
+                ColumnKind::NullableInt { .. } => Field::new(&out_name, DataType::Int64, true),
+                ColumnKind::NullableBool { .. } => Field::new(&out_name, DataType::Boolean, true),
+                ColumnKind::NullableStrings { .. } => Field::new(&out_name, DataType::Utf8, true),
+            });
+            columns.push((col, kind));
+        }
+        Ok(DataFrameReader {
+            path: path.to_owned(),
+            name: name.to_owned(),
+            index,
+            columns,
+            schema: Arc::new(Schema::new(fields)),
+            n_rows,
+        })
+    }
+
+    pub(super) fn n_rows(&self) -> u64 {
+        self.n_rows
+    }
+
+    pub(super) fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    /// The index (ids) of rows `rows`.
+    pub(super) fn read_index(&self, rows: Range<u64>) -> Result<Vec<String>> {
+        read_strings(&self.path, &self.index, rows)
+    }
+
+    /// Rows `rows` as a record batch with [`schema`](Self::schema).
+    pub(super) fn read(&self, rows: Range<u64>) -> Result<RecordBatch> {
+        let path = &self.path;
+        let n = (rows.end - rows.start) as usize;
+        let sel = rows.start as usize..rows.end as usize;
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(StringArray::from(self.read_index(rows.clone())?))];
+        for (col, kind) in &self.columns {
+            let ctx = || format!("{}/{col}: rows {}..{}", self.name, rows.start, rows.end);
+            let num = |d: &Dataset| -> Result<ArrayRef> {
+                Ok(match d.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, ctx()))? {
+                    TypeDescriptor::Float(_) => Arc::new(Float64Array::from(read_vec::<f64>(path, d, &sel, n, ctx)?)),
+                    TypeDescriptor::Unsigned(_) => Arc::new(UInt64Array::from(read_vec::<u64>(path, d, &sel, n, ctx)?)),
+                    _ => Arc::new(Int64Array::from(read_vec::<i64>(path, d, &sel, n, ctx)?)),
+                })
+            };
+            let mask = |m: &Dataset| read_vec::<bool>(path, m, &sel, n, ctx);
+            let array: ArrayRef = match kind {
+                ColumnKind::Categorical { codes, categories } => {
+                    let codes = read_vec::<i32>(path, codes, &sel, n, ctx)?;
+                    if let Some(bad) = codes.iter().position(|&c| c >= categories.len() as i32 || c < -1) {
+                        return Err(Error::corrupt(
+                            path,
+                            format!(
+                                "{}: row {}: code {} outside {} categories",
+                                ctx(),
+                                rows.start + bad as u64,
+                                codes[bad],
+                                categories.len()
+                            ),
+                        ));
+                    }
+                    let keys = Int32Array::from_iter(codes.iter().map(|&c| (c >= 0).then_some(c)));
+                    let values: ArrayRef = Arc::new(StringArray::from_iter_values(categories));
+                    Arc::new(DictionaryArray::try_new(keys, values).map_err(|e| Error::arrow(ctx(), e))?)
+                }
+                ColumnKind::Strings(d) => Arc::new(StringArray::from(read_strings(path, d, rows.clone())?)),
+                ColumnKind::Int(d) | ColumnKind::UInt(d) | ColumnKind::Float(d) => num(d)?,
+                ColumnKind::Bool(d) => Arc::new(BooleanArray::from(read_vec::<bool>(path, d, &sel, n, ctx)?)),
+                ColumnKind::NullableInt { values, mask: m } => {
+                    let (v, m) = (read_vec::<i64>(path, values, &sel, n, ctx)?, mask(m)?);
+                    Arc::new(Int64Array::from_iter(v.iter().zip(&m).map(|(&v, &missing)| (!missing).then_some(v))))
+                }
+                ColumnKind::NullableBool { values, mask: m } => {
+                    let (v, m) = (read_vec::<bool>(path, values, &sel, n, ctx)?, mask(m)?);
+                    Arc::new(BooleanArray::from_iter(v.iter().zip(&m).map(|(&v, &missing)| (!missing).then_some(v))))
+                }
+                ColumnKind::NullableStrings { values, mask: m } => {
+                    let (v, m) = (read_strings(path, values, rows.clone())?, mask(m)?);
+                    Arc::new(StringArray::from_iter(v.iter().zip(&m).map(|(v, &missing)| (!missing).then_some(v))))
+                }
+            };
+            arrays.push(array);
+        }
+        RecordBatch::try_new(self.schema(), arrays)
+            .map_err(|e| Error::arrow(format!("{}: {}", path.display(), self.name), e))
+    }
+}
+
+/// Reads `sel` of a 1-D dataset as `T` (HDF5 converts numeric types).
+pub(super) fn read_vec<T: hdf5::H5Type + Clone>(
+    path: &Path,
+    ds: &Dataset,
+    sel: &Range<usize>,
+    n: usize,
+    ctx: impl Fn() -> String,
+) -> Result<Vec<T>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    ds.read_slice_1d::<T, _>(sel.clone()).map(|a| a.to_vec()).map_err(Error::hdf5(path, ctx()))
+}
+
+/// Writes an Arrow table as an AnnData dataframe group, appending rows chunk by chunk.
+pub(super) struct DataFrameWriter {
+    path: PathBuf,
+    group: Group,
+    columns: Vec<(String, WriterColumn)>,
+    rows: usize,
+}
+
+enum WriterColumn {
+    Index(Dataset),
+    Categorical(Dataset),
+    Strings(Dataset),
+    Int(Dataset),
+    UInt(Dataset),
+    Float(Dataset),
+    Bool(Dataset),
+    Nullable { values: Dataset, mask: Dataset },
+}
+
+pub(super) const CHUNK_ROWS: usize = 16_384;
+
+fn string_attr(path: &Path, loc: &Location, name: &str, value: &str) -> Result<()> {
+    let v: VarLenUnicode = value.parse().map_err(|e| Error::InvalidInput(format!("{name}: {e:?}")))?;
+    loc.new_attr::<VarLenUnicode>()
+        .create(name)
+        .and_then(|a| a.write_scalar(&v))
+        .map_err(Error::hdf5(path, format!("{}: attribute {name}", loc.name())))
+}
+
+pub(super) fn encoding(path: &Path, loc: &Location, kind: &str, version: &str) -> Result<()> {
+    string_attr(path, loc, "encoding-type", kind)?;
+    string_attr(path, loc, "encoding-version", version)
+}
+
+pub(super) fn strings_to_h5(values: impl IntoIterator<Item = impl AsRef<str>>) -> Result<Vec<VarLenUnicode>> {
+    values
+        .into_iter()
+        .map(|s| {
+            s.as_ref()
+                .parse::<VarLenUnicode>()
+                .map_err(|e| Error::InvalidInput(format!("string {:?}: {e:?}", s.as_ref())))
+        })
+        .collect()
+}
+
+/// A resizable, chunked 1-D dataset of `T`, optionally compressed.
+pub(super) fn appendable<T: hdf5::H5Type>(
+    path: &Path,
+    group: &Group,
+    name: &str,
+    compression: super::H5adCompression,
+) -> Result<Dataset> {
+    let mut builder = group.new_dataset::<T>().chunk(CHUNK_ROWS).shape(0..);
+    builder = match compression {
+        super::H5adCompression::None => builder,
+        super::H5adCompression::Gzip(level) => builder.deflate(level),
+        super::H5adCompression::Lzf => builder.lzf(),
+    };
+    builder.create(name).map_err(Error::hdf5(path, format!("{}/{name}", group.name())))
+}
+
+/// Appends `values` at row `at` of a resizable 1-D dataset.
+pub(super) fn append<T: hdf5::H5Type>(path: &Path, ds: &Dataset, at: usize, values: &[T]) -> Result<()> {
+    if values.is_empty() {
+        return Ok(());
+    }
+    let ctx = || format!("{}: rows {}..{}", ds.name(), at, at + values.len());
+    ds.resize(at + values.len()).map_err(Error::hdf5(path, ctx()))?;
+    ds.write_slice(values, at..at + values.len()).map_err(Error::hdf5(path, ctx()))
+}
+
+impl DataFrameWriter {
+    /// Creates dataframe group `name` for `schema` (first column = index).
+    pub(super) fn create(
+        path: &Path,
+        parent: &Group,
+        name: &str,
+        schema: &Schema,
+        compression: super::H5adCompression,
+    ) -> Result<DataFrameWriter> {
+        let group = parent.create_group(name).map_err(Error::hdf5(path, format!("create {name}")))?;
+        encoding(path, &group, "dataframe", "0.2.0")?;
+        string_attr(path, &group, "_index", "_index")?;
+        let mut columns = Vec::new();
+        let mut order = Vec::new();
+        for (i, field) in schema.fields().iter().enumerate() {
+            let col_name = if i == 0 { "_index".to_owned() } else { field.name().clone() };
+            let column = if i == 0 {
+                let ds = appendable::<VarLenUnicode>(path, &group, "_index", compression)?;
+                encoding(path, &ds, "string-array", "0.2.0")?;
+                WriterColumn::Index(ds)
+            } else {
+                order.push(col_name.clone());
+                match (field.data_type(), categories_of(field)) {
+                    (DataType::Dictionary(_, _), Some(categories)) => {
+                        let g =
+                            group.create_group(&col_name).map_err(Error::hdf5(path, format!("{name}/{col_name}")))?;
+                        encoding(path, &g, "categorical", "0.2.0")?;
+                        g.new_attr::<bool>()
+                            .create("ordered")
+                            .and_then(|a| a.write_scalar(&false))
+                            .map_err(Error::hdf5(path, format!("{name}/{col_name}: ordered")))?;
+                        let cats = strings_to_h5(&categories)?;
+                        let cds = g
+                            .new_dataset::<VarLenUnicode>()
+                            .shape(cats.len())
+                            .create("categories")
+                            .map_err(Error::hdf5(path, format!("{name}/{col_name}/categories")))?;
+                        if !cats.is_empty() {
+                            cds.write_raw(&cats).map_err(Error::hdf5(path, format!("{name}/{col_name}/categories")))?;
+                        }
+                        encoding(path, &cds, "string-array", "0.2.0")?;
+                        let codes = appendable::<i32>(path, &g, "codes", compression)?;
+                        encoding(path, &codes, "array", "0.2.0")?;
+                        WriterColumn::Categorical(codes)
+                    }
+                    (DataType::Utf8 | DataType::LargeUtf8, _) if field.is_nullable() => {
+                        nullable::<VarLenUnicode>(path, &group, &col_name, "nullable-string-array", compression)?
+                    }
+                    (DataType::Boolean, _) if field.is_nullable() => {
+                        nullable::<bool>(path, &group, &col_name, "nullable-boolean", compression)?
+                    }
+                    (
+                        DataType::Int8
+                        | DataType::Int16
+                        | DataType::Int32
+                        | DataType::Int64
+                        | DataType::UInt8
+                        | DataType::UInt16
+                        | DataType::UInt32,
+                        _,
+                    ) if field.is_nullable() => {
+                        nullable::<i64>(path, &group, &col_name, "nullable-integer", compression)?
+                    }
+                    (DataType::Utf8 | DataType::LargeUtf8, _) => {
+                        let ds = appendable::<VarLenUnicode>(path, &group, &col_name, compression)?;
+                        encoding(path, &ds, "string-array", "0.2.0")?;
+                        WriterColumn::Strings(ds)
+                    }
+                    (DataType::Boolean, _) => WriterColumn::Bool(plain::<bool>(path, &group, &col_name, compression)?),
+                    (DataType::UInt64, _) => WriterColumn::UInt(plain::<u64>(path, &group, &col_name, compression)?),
+                    (DataType::Float16 | DataType::Float32 | DataType::Float64, _) => {
+                        WriterColumn::Float(plain::<f64>(path, &group, &col_name, compression)?)
+                    }
+                    (t, _) if t.is_integer() => WriterColumn::Int(plain::<i64>(path, &group, &col_name, compression)?),
+                    (t, _) => {
+                        return Err(Error::Unsupported {
+                            path: path.to_owned(),
+                            reason: format!("{name} column {col_name:?} of type {t} cannot be written to .h5ad"),
+                        });
+                    }
+                }
+            };
+            columns.push((col_name, column));
+        }
+        let order_h5 = strings_to_h5(&order)?;
+        let attr = group
+            .new_attr::<VarLenUnicode>()
+            .shape(order_h5.len())
+            .create("column-order")
+            .map_err(Error::hdf5(path, format!("{name}: column-order")))?;
+        if !order_h5.is_empty() {
+            attr.write_raw(&order_h5).map_err(Error::hdf5(path, format!("{name}: column-order")))?;
+        }
+        Ok(DataFrameWriter { path: path.to_owned(), group, columns, rows: 0 })
+    }
+
+    /// Appends the rows of `batch` (same schema as at creation).
+    pub(super) fn append(&mut self, batch: &RecordBatch) -> Result<()> {
+        let path = self.path.clone();
+        let at = self.rows;
+        for ((name, column), array) in self.columns.iter().zip(batch.columns()) {
+            let bad = |what: &str| Error::InvalidInput(format!("{}/{name}: {what}", self.group.name()));
+            match column {
+                WriterColumn::Index(ds) | WriterColumn::Strings(ds) => {
+                    let a = cast(array, &DataType::Utf8)?;
+                    let s = a.as_string::<i32>();
+                    if s.null_count() > 0 {
+                        return Err(bad("null strings need a nullable column"));
+                    }
+                    append(&path, ds, at, &strings_to_h5(s.iter().map(|v| v.unwrap_or("")))?)?;
+                }
+                WriterColumn::Categorical(ds) => {
+                    let dict = array
+                        .as_dictionary_opt::<Int32Type>()
+                        .ok_or_else(|| bad("expected Dictionary(Int32, Utf8)"))?;
+                    let field = batch.schema_ref().field_with_name(name).ok().cloned();
+                    let categories = field.as_ref().and_then(categories_of).unwrap_or_default();
+                    let lookup: HashMap<&str, i32> =
+                        categories.iter().enumerate().map(|(i, c)| (c.as_str(), i as i32)).collect();
+                    let values = dict.values().as_string_opt::<i32>().ok_or_else(|| bad("non-string categories"))?;
+                    let map: Vec<i32> =
+                        values.iter().map(|v| v.and_then(|v| lookup.get(v).copied()).unwrap_or(-1)).collect();
+                    let codes: Vec<i32> = dict.keys().iter().map(|k| k.map_or(-1, |k| map[k as usize])).collect();
+                    append(&path, ds, at, &codes)?;
+                }
+                WriterColumn::Int(ds) => {
+                    let a = cast(array, &DataType::Int64)?;
+                    append(&path, ds, at, a.as_primitive::<Int64Type>().values())?;
+                }
+                WriterColumn::UInt(ds) => {
+                    append(&path, ds, at, cast(array, &DataType::UInt64)?.as_primitive::<UInt64Type>().values())?
+                }
+                WriterColumn::Float(ds) => {
+                    let a = cast(array, &DataType::Float64)?;
+                    let v: Vec<f64> = a.as_primitive::<Float64Type>().iter().map(|v| v.unwrap_or(f64::NAN)).collect();
+                    append(&path, ds, at, &v)?;
+                }
+                WriterColumn::Bool(ds) => {
+                    let v: Vec<bool> = array.as_boolean().iter().map(|v| v.unwrap_or(false)).collect();
+                    append(&path, ds, at, &v)?;
+                }
+                WriterColumn::Nullable { values, mask } => {
+                    let m: Vec<bool> = (0..array.len()).map(|i| array.is_null(i)).collect();
+                    match array.data_type() {
+                        DataType::Boolean => {
+                            let v: Vec<bool> = array.as_boolean().iter().map(|v| v.unwrap_or(false)).collect();
+                            append(&path, values, at, &v)?;
+                        }
+                        DataType::Utf8 | DataType::LargeUtf8 => {
+                            let a = cast(array, &DataType::Utf8)?;
+                            append(
+                                &path,
+                                values,
+                                at,
+                                &strings_to_h5(a.as_string::<i32>().iter().map(|v| v.unwrap_or("")))?,
+                            )?;
+                        }
+                        _ => {
+                            let a = cast(array, &DataType::Int64)?;
+                            let v: Vec<i64> = a.as_primitive::<Int64Type>().iter().map(|v| v.unwrap_or(0)).collect();
+                            append(&path, values, at, &v)?;
+                        }
+                    }
+                    append(&path, mask, at, &m)?;
+                }
+            }
+        }
+        self.rows += batch.num_rows();
+        Ok(())
+    }
+}
+
+fn cast(array: &ArrayRef, to: &DataType) -> Result<ArrayRef> {
+    arrow::compute::cast(array, to).map_err(|e| Error::arrow(format!("converting a column to {to}"), e))
+}
+
+fn plain<T: hdf5::H5Type>(
+    path: &Path,
+    group: &Group,
+    name: &str,
+    compression: super::H5adCompression,
+) -> Result<Dataset> {
+    let ds = appendable::<T>(path, group, name, compression)?;
+    encoding(path, &ds, "array", "0.2.0")?;
+    Ok(ds)
+}
+
+fn nullable<T: hdf5::H5Type>(
+    path: &Path,
+    group: &Group,
+    name: &str,
+    kind: &str,
+    compression: super::H5adCompression,
+) -> Result<WriterColumn> {
+    let g = group.create_group(name).map_err(Error::hdf5(path, format!("{}/{name}", group.name())))?;
+    encoding(path, &g, kind, "0.1.0")?;
+    let values = appendable::<T>(path, &g, "values", compression)?;
+    let mask = appendable::<bool>(path, &g, "mask", compression)?;
+    Ok(WriterColumn::Nullable { values, mask })
+}

@@ -1,0 +1,32 @@
+//! AnnData `.h5ad` files in and out of the store, in row chunks.
+//!
+//! An `.h5ad` is HDF5 with `encoding-type` attributes on every element (see
+//! `../shared/reference/engineering-notes.md`): `X` (and each of `layers/*`) is a `csr_matrix` or
+//! `csc_matrix` group (`data`, `indices`, `indptr`) or a dense 2-D dataset; `obs` and `var` are
+//! `dataframe` groups whose columns are datasets (numeric, boolean, `string-array`) or groups
+//! (`categorical`, `nullable-integer`, `nullable-boolean`, `nullable-string-array`).
+//!
+//! [`H5adReader`] reads row ranges of the matrix and of `obs` (HDF5 converts numeric types), so
+//! memory depends on the chunk, not the file. CSC matrices are read by column ranges for the
+//! out-of-core transposition done by the import pipeline. [`H5adWriter`] writes a CSR `.h5ad`
+//! by appending row chunks to resizable datasets.
+//!
+//! HDF5 calls are serialised by a global lock in the bindings: use one reader thread.
+
+mod dataframe;
+mod reader;
+mod writer;
+
+pub use reader::{H5adReader, MatrixLayout};
+pub use writer::{H5adCompression, H5adWriter};
+
+/// Column of the DEG table (`degs.parquet`): the group (condition or covariate-condition).
+pub const DEG_GROUP: &str = "group";
+/// Column of the DEG table: rank within the group, 0 = most differentially expressed.
+pub const DEG_RANK: &str = "rank";
+/// Column of the DEG table: gene name as in `var`'s id column.
+pub const DEG_GENE: &str = "gene";
+/// Column of the DEG table: the score (nullable: dict-of-lists DEGs carry none).
+pub const DEG_SCORE: &str = "score";
+/// File name of the DEG table inside a store.
+pub const DEG_FILE: &str = "degs.parquet";

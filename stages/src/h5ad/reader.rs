@@ -1,0 +1,433 @@
+//! Reading `.h5ad` files by row (or column) ranges.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float64Array, StringArray, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use hdf5::types::TypeDescriptor;
+use hdf5::{Dataset, File, Group};
+
+use super::dataframe::{DataFrameReader, attr_string, read_strings, read_vec};
+use super::{DEG_GENE, DEG_GROUP, DEG_RANK, DEG_SCORE};
+use crate::csr::CsrBatch;
+use crate::error::{Error, Result};
+
+/// Storage of the matrix being imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixLayout {
+    Csr,
+    Csc,
+    Dense,
+}
+
+#[derive(Debug, Clone)]
+enum Matrix {
+    Sparse { layout: MatrixLayout, data: Dataset, indices: Dataset, indptr: Dataset },
+    Dense(Dataset),
+}
+
+/// An open `.h5ad` file: the matrix (`X` or a layer), `obs`, `var` and DEG lists.
+#[derive(Debug)]
+pub struct H5adReader {
+    path: PathBuf,
+    file: File,
+    element: String,
+    matrix: Matrix,
+    n_obs: u64,
+    n_vars: u64,
+    obs: DataFrameReader,
+    var: DataFrameReader,
+}
+
+fn is_hdf5(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
+    // HDF5 files start with this signature (a user block could move it; anndata writes none).
+    if n < 8 || magic != *b"\x89HDF\r\n\x1a\n" {
+        return Err(Error::Unsupported {
+            path: path.to_owned(),
+            reason: "not an HDF5 file (no HDF5 signature at offset 0), expected an AnnData .h5ad".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+impl H5adReader {
+    /// Opens `path` and the matrix `X`, or `layers/<layer>`.
+    pub fn open(path: &Path, layer: Option<&str>) -> Result<H5adReader> {
+        is_hdf5(path)?;
+        let file = File::open(path).map_err(Error::hdf5(path, "opening"))?;
+        let root_encoding = attr_string(path, &file, "encoding-type")?;
+        if root_encoding.as_deref().is_some_and(|e| e != "anndata") {
+            return Err(Error::Unsupported {
+                path: path.to_owned(),
+                reason: format!("root encoding-type is {root_encoding:?}, expected \"anndata\""),
+            });
+        }
+        if !file.link_exists("obs") || !file.link_exists("var") {
+            return Err(Error::Unsupported {
+                path: path.to_owned(),
+                reason: "no obs and var dataframes: not an AnnData file".to_owned(),
+            });
+        }
+        let element = match layer {
+            None => "X".to_owned(),
+            Some(l) => {
+                let known: Vec<String> = file.group("layers").and_then(|g| g.member_names()).unwrap_or_default();
+                if !known.iter().any(|k| k == l) {
+                    return Err(Error::InvalidInput(format!(
+                        "{}: no layer {l:?}; layers: {}",
+                        path.display(),
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    )));
+                }
+                format!("layers/{l}")
+            }
+        };
+        if !file.link_exists(&element) {
+            return Err(Error::Unsupported { path: path.to_owned(), reason: format!("no {element} matrix") });
+        }
+        let obs = DataFrameReader::open(path, &file, "obs", cpa_stream_schemas::tables::CELL_ID)?;
+        let var = DataFrameReader::open(path, &file, "var", cpa_stream_schemas::tables::GENE_ID)?;
+        let (matrix, shape) = open_matrix(path, &file, &element)?;
+        let (n_obs, n_vars) = shape;
+        if n_obs != obs.n_rows() {
+            return Err(Error::SizeMismatch {
+                path: path.to_owned(),
+                what: format!("{element} rows"),
+                expected: obs.n_rows(),
+                actual: n_obs,
+            });
+        }
+        if n_vars != var.n_rows() {
+            return Err(Error::SizeMismatch {
+                path: path.to_owned(),
+                what: format!("{element} columns"),
+                expected: var.n_rows(),
+                actual: n_vars,
+            });
+        }
+        if n_vars > u64::from(u32::MAX) {
+            return Err(Error::Unsupported {
+                path: path.to_owned(),
+                reason: format!("{n_vars} genes exceed u32 indices"),
+            });
+        }
+        Ok(H5adReader { path: path.to_owned(), file, element, matrix, n_obs, n_vars, obs, var })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn n_obs(&self) -> u64 {
+        self.n_obs
+    }
+
+    pub fn n_vars(&self) -> u64 {
+        self.n_vars
+    }
+
+    pub fn layout(&self) -> MatrixLayout {
+        match &self.matrix {
+            Matrix::Sparse { layout, .. } => *layout,
+            Matrix::Dense(_) => MatrixLayout::Dense,
+        }
+    }
+
+    /// Stored entries of the sparse matrix (for dense: the number of elements).
+    pub fn stored_entries(&self) -> u64 {
+        match &self.matrix {
+            Matrix::Sparse { data, .. } => data.size() as u64,
+            Matrix::Dense(d) => d.size() as u64,
+        }
+    }
+
+    pub fn obs_schema(&self) -> SchemaRef {
+        self.obs.schema()
+    }
+
+    /// `obs` rows `rows`.
+    pub fn read_obs(&self, rows: Range<u64>) -> Result<RecordBatch> {
+        self.obs.read(rows)
+    }
+
+    /// The whole `var` table (genes are few).
+    pub fn read_var(&self) -> Result<RecordBatch> {
+        self.var.read(0..self.n_vars)
+    }
+
+    /// Gene ids (the `var` index).
+    pub fn gene_ids(&self) -> Result<Vec<String>> {
+        self.var.read_index(0..self.n_vars)
+    }
+
+    fn err(&self, what: String) -> impl FnOnce(hdf5::Error) -> Error {
+        Error::hdf5(&self.path, format!("{}: {what}", self.element))
+    }
+
+    /// Reads offsets `range` of a sparse matrix's `indptr` (as u64, validated).
+    fn offsets(&self, indptr: &Dataset, range: Range<u64>, nnz: u64) -> Result<Vec<u64>> {
+        let sel = range.start as usize..range.end as usize;
+        let raw: Vec<i64> = read_vec(&self.path, indptr, &sel, sel.len(), || format!("{}/indptr", self.element))?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, &v) in raw.iter().enumerate() {
+            if v < 0 || v as u64 > nnz || out.last().is_some_and(|&p| (v as u64) < p) {
+                return Err(Error::corrupt(
+                    &self.path,
+                    format!(
+                        "{}/indptr[{}] = {v}: expected non-decreasing offsets in 0..={nnz}",
+                        self.element,
+                        range.start + i as u64
+                    ),
+                ));
+            }
+            out.push(v as u64);
+        }
+        Ok(out)
+    }
+
+    /// Appends rows `rows` of a CSR or dense matrix to `out` (values as f32, zeros dropped from
+    /// dense rows). Checks indices against `n_vars` and their order within rows.
+    pub fn read_rows(&self, rows: Range<u64>, out: &mut CsrBatch) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match &self.matrix {
+            Matrix::Sparse { layout: MatrixLayout::Csr, data, indices, indptr } => {
+                let nnz = data.size() as u64;
+                let offsets = self.offsets(indptr, rows.start..rows.end + 1, nnz)?;
+                let (s, e) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
+                let ctx = || format!("{}: rows {}..{}", self.element, rows.start, rows.end);
+                let idx: Vec<i64> = read_vec(&self.path, indices, &(s..e), e - s, ctx)?;
+                let val: Vec<f32> = read_vec(&self.path, data, &(s..e), e - s, ctx)?;
+                let mut row_idx: Vec<u32> = Vec::new();
+                for (r, w) in offsets.windows(2).enumerate() {
+                    let (a, b) = (w[0] as usize - s, w[1] as usize - s);
+                    row_idx.clear();
+                    let mut sorted = true;
+                    for &c in &idx[a..b] {
+                        if c < 0 || c as u64 >= self.n_vars {
+                            return Err(Error::corrupt(
+                                &self.path,
+                                format!(
+                                    "{}/indices: row {}: column index {c} out of range, expected 0..{}",
+                                    self.element,
+                                    rows.start + r as u64,
+                                    self.n_vars
+                                ),
+                            ));
+                        }
+                        sorted &= row_idx.last().is_none_or(|&p| p < c as u32);
+                        row_idx.push(c as u32);
+                    }
+                    if sorted {
+                        out.push_row(&row_idx, &val[a..b]);
+                    } else {
+                        push_sorted(out, &row_idx, &val[a..b]).map_err(|c| {
+                            Error::corrupt(
+                                &self.path,
+                                format!(
+                                    "{}/indices: row {}: column {c} appears twice",
+                                    self.element,
+                                    rows.start + r as u64
+                                ),
+                            )
+                        })?;
+                    }
+                }
+                Ok(())
+            }
+            Matrix::Dense(x) => {
+                let block = x
+                    .read_slice_2d::<f32, _>((rows.start as usize..rows.end as usize, ..))
+                    .map_err(self.err(format!("rows {}..{}", rows.start, rows.end)))?;
+                let (mut idx, mut val) = (Vec::new(), Vec::new());
+                for row in block.rows() {
+                    idx.clear();
+                    val.clear();
+                    for (j, &v) in row.iter().enumerate() {
+                        if v != 0.0 {
+                            idx.push(j as u32);
+                            val.push(v);
+                        }
+                    }
+                    out.push_row(&idx, &val);
+                }
+                Ok(())
+            }
+            Matrix::Sparse { layout, .. } => Err(Error::InvalidInput(format!(
+                "{}: {:?} matrix cannot be read by rows; use read_columns",
+                self.path.display(),
+                layout
+            ))),
+        }
+    }
+
+    /// For a CSC matrix: columns `cols` as (column offsets, row indices, values).
+    pub fn read_columns(&self, cols: Range<u64>) -> Result<(Vec<u64>, Vec<u64>, Vec<f32>)> {
+        let Matrix::Sparse { layout: MatrixLayout::Csc, data, indices, indptr } = &self.matrix else {
+            return Err(Error::InvalidInput(format!("{}: not a CSC matrix", self.path.display())));
+        };
+        let nnz = data.size() as u64;
+        let offsets = self.offsets(indptr, cols.start..cols.end + 1, nnz)?;
+        let (s, e) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
+        let ctx = || format!("{}: columns {}..{}", self.element, cols.start, cols.end);
+        let rows: Vec<i64> = read_vec(&self.path, indices, &(s..e), e - s, ctx)?;
+        let vals: Vec<f32> = read_vec(&self.path, data, &(s..e), e - s, ctx)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for &r in &rows {
+            if r < 0 || r as u64 >= self.n_obs {
+                return Err(Error::corrupt(
+                    &self.path,
+                    format!("{}/indices: row index {r} out of range, expected 0..{}", self.element, self.n_obs),
+                ));
+            }
+            out.push(r as u64);
+        }
+        Ok((offsets, out, vals))
+    }
+
+    /// DEG lists from `uns`: every `dict` group whose members are all 1-D string arrays
+    /// (CPA's `deg_uns_key`: group name -> ranked gene names), as a table (`group`, `rank`,
+    /// `gene`, `score`). `None` when there is none. scanpy's `rank_genes_groups` (record
+    /// arrays) is reported as unsupported by name.
+    pub fn read_degs(&self) -> Result<Option<(String, RecordBatch)>> {
+        let Ok(uns) = self.file.group("uns") else { return Ok(None) };
+        let names = uns.member_names().map_err(Error::hdf5(&self.path, "uns"))?;
+        for key in names {
+            let Ok(group) = uns.group(&key) else { continue };
+            if let Some(table) = self.deg_dict(&group)? {
+                return Ok(Some((key, table)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn deg_dict(&self, group: &Group) -> Result<Option<RecordBatch>> {
+        let members = group.member_names().map_err(Error::hdf5(&self.path, group.name()))?;
+        if members.is_empty() {
+            return Ok(None);
+        }
+        let (mut groups, mut ranks, mut genes) = (Vec::new(), Vec::new(), Vec::new());
+        for m in &members {
+            let Ok(ds) = group.dataset(m) else { return Ok(None) };
+            let is_strings = matches!(
+                ds.dtype().and_then(|t| t.to_descriptor()),
+                Ok(TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii)
+            );
+            if ds.ndim() != 1 || !is_strings {
+                return Ok(None);
+            }
+            for (rank, gene) in read_strings(&self.path, &ds, 0..ds.size() as u64)?.into_iter().enumerate() {
+                groups.push(m.clone());
+                ranks.push(rank as u32);
+                genes.push(gene);
+            }
+        }
+        let n = genes.len();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(groups)),
+            Arc::new(UInt32Array::from(ranks)),
+            Arc::new(StringArray::from(genes)),
+            Arc::new(Float64Array::new_null(n)),
+        ];
+        RecordBatch::try_new(deg_schema(), columns).map(Some).map_err(|e| Error::arrow("DEG table", e))
+    }
+}
+
+/// Schema of the DEG table.
+pub(crate) fn deg_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(DEG_GROUP, DataType::Utf8, false),
+        Field::new(DEG_RANK, DataType::UInt32, false),
+        Field::new(DEG_GENE, DataType::Utf8, false),
+        Field::new(DEG_SCORE, DataType::Float64, true),
+    ]))
+}
+
+/// Sorts a row's entries by column; `Err(column)` on a repeated column.
+fn push_sorted(out: &mut CsrBatch, idx: &[u32], val: &[f32]) -> std::result::Result<(), u32> {
+    let mut pairs: Vec<(u32, f32)> = idx.iter().copied().zip(val.iter().copied()).collect();
+    pairs.sort_unstable_by_key(|p| p.0);
+    if let Some(w) = pairs.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(w[0].0);
+    }
+    let (i, v): (Vec<u32>, Vec<f32>) = pairs.into_iter().unzip();
+    out.push_row(&i, &v);
+    Ok(())
+}
+
+fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Matrix, (u64, u64))> {
+    if let Ok(group) = file.group(element) {
+        let encoding = attr_string(path, &group, "encoding-type")?.unwrap_or_default();
+        let layout = match encoding.as_str() {
+            "csr_matrix" => MatrixLayout::Csr,
+            "csc_matrix" => MatrixLayout::Csc,
+            other => {
+                return Err(Error::Unsupported {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "{element}: encoding-type {other:?}, expected csr_matrix, csc_matrix or a dense array"
+                    ),
+                });
+            }
+        };
+        let shape_attr = group.attr("shape").map_err(Error::hdf5(path, format!("{element}: shape attribute")))?;
+        let shape: Vec<i64> =
+            shape_attr.read_raw().map_err(Error::hdf5(path, format!("{element}: shape attribute")))?;
+        if shape.len() != 2 || shape.iter().any(|&d| d < 0) {
+            return Err(Error::corrupt(path, format!("{element}: shape {shape:?}, expected two non-negative sizes")));
+        }
+        let ds = |n: &str| group.dataset(n).map_err(Error::hdf5(path, format!("{element}/{n}")));
+        let (data, indices, indptr) = (ds("data")?, ds("indices")?, ds("indptr")?);
+        for (name, d) in [("data", &data), ("indices", &indices), ("indptr", &indptr)] {
+            let desc =
+                d.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, format!("{element}/{name}")))?;
+            let numeric =
+                matches!(desc, TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) | TypeDescriptor::Float(_));
+            let integral = matches!(desc, TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_));
+            if !numeric || (name != "data" && !integral) {
+                return Err(Error::Unsupported {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "{element}/{name} has type {desc}, expected {}",
+                        if name == "data" { "numbers" } else { "integers" }
+                    ),
+                });
+            }
+        }
+        let major = if layout == MatrixLayout::Csr { shape[0] } else { shape[1] } as u64;
+        if indptr.size() as u64 != major + 1 {
+            return Err(Error::SizeMismatch {
+                path: path.to_owned(),
+                what: format!("length of {element}/indptr"),
+                expected: major + 1,
+                actual: indptr.size() as u64,
+            });
+        }
+        if indices.size() != data.size() {
+            return Err(Error::SizeMismatch {
+                path: path.to_owned(),
+                what: format!("length of {element}/indices"),
+                expected: data.size() as u64,
+                actual: indices.size() as u64,
+            });
+        }
+        return Ok((Matrix::Sparse { layout, data, indices, indptr }, (shape[0] as u64, shape[1] as u64)));
+    }
+    let x = file.dataset(element).map_err(Error::hdf5(path, element.to_owned()))?;
+    let shape = x.shape();
+    if shape.len() != 2 {
+        return Err(Error::Unsupported {
+            path: path.to_owned(),
+            reason: format!("{element}: {}-dimensional array, expected 2", shape.len()),
+        });
+    }
+    Ok((Matrix::Dense(x), (shape[0] as u64, shape[1] as u64)))
+}

@@ -1,0 +1,328 @@
+//! `.h5ad` import and export against the real anndata package.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, UInt32Type};
+use cpa_stream::pipeline::Silent;
+use cpa_stream::pipeline::export::run_export;
+use cpa_stream::pipeline::import::{ImportOptions, run_import};
+use cpa_stream::schemas::StoreFiles;
+use cpa_stream::schemas::tables::categories_of;
+use cpa_stream::stages::h5ad::{DEG_FILE, H5adCompression};
+use cpa_stream::stages::store::{Store, read_table, table_schema};
+use serde_json::Value;
+
+use crate::common::*;
+
+const REAL_DATA: &str = "../shared/data/perturbench_devel_cpa.h5ad";
+
+/// The Python of the project's cache (anndata, h5py), from scripts/bootstrap.sh.
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("CPA_STREAM_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("CPA_STREAM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/cpa-stream"));
+    let p = cache.join("venv/bin/python");
+    assert!(p.exists(), "no Python with anndata at {}: run the tests through scripts/test.sh", p.display());
+    p
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/h5ad_fixtures.py")
+}
+
+/// Fixtures made once per test run by anndata itself.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("h5ad-fixtures-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new(python()).arg(script()).arg("make").arg(&dir).output().unwrap();
+        assert!(out.status.success(), "fixture script failed: {}", text(&out.stderr));
+        dir
+    })
+}
+
+/// What anndata reads from `file`.
+fn anndata_summary(file: &Path, layer: Option<&str>) -> Value {
+    let mut cmd = Command::new(python());
+    cmd.arg(script()).arg("summarize").arg(file);
+    if let Some(l) = layer {
+        cmd.args(["--layer", l]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "summarize {}: {}", file.display(), text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn import(input: &Path, out: &Path, options: ImportOptions) -> cpa_stream::schemas::Manifest {
+    run_import(input, out, &options, &Silent).unwrap_or_else(|e| panic!("import {}: {e}", input.display())).manifest
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * a.abs().max(b.abs()).max(1.0)
+}
+
+/// Compares a store with anndata's summary of the file it came from.
+fn assert_store_matches(store_path: &Path, expected: &Value, rel: f64) {
+    let store = Store::open(store_path).unwrap();
+    let shape = [store.n_obs(), store.n_vars()];
+    assert_eq!(expected["shape"], serde_json::json!(shape), "shape");
+    let mut cursor = store.cursor().unwrap();
+    let (mut nnz, mut sum) = (0u64, 0f64);
+    let mut row_sums = Vec::new();
+    for r in 0..store.n_obs() {
+        let (idx, val) = cursor.row(r).unwrap();
+        nnz += val.iter().filter(|&&v| v != 0.0).count() as u64;
+        let s: f64 = val.iter().map(|&v| f64::from(v)).sum();
+        sum += s;
+        row_sums.push(s);
+        if r < 5 {
+            let want = expected["rows"][r as usize].as_array().unwrap();
+            assert_eq!(want.len(), idx.len(), "row {r}");
+            for (k, pair) in want.iter().enumerate() {
+                assert_eq!(pair[0].as_u64().unwrap(), u64::from(idx[k]), "row {r} entry {k}");
+                assert!(close(pair[1].as_f64().unwrap(), f64::from(val[k]), rel), "row {r} entry {k}");
+            }
+        }
+    }
+    assert_eq!(expected["nnz"].as_u64().unwrap(), nnz, "nnz");
+    assert!(close(expected["sum"].as_f64().unwrap(), sum, rel), "sum {sum} vs {}", expected["sum"]);
+    for (r, want) in expected["row_sums"].as_array().unwrap().iter().enumerate() {
+        assert!(close(want.as_f64().unwrap(), row_sums[r], rel), "row {r} sum");
+    }
+    // obs: index, values (first rows) and categories, in order.
+    let schema = table_schema(&store.file_path(StoreFiles::OBS)).unwrap();
+    let first = read_table(&store.file_path(StoreFiles::OBS)).unwrap().next().unwrap().unwrap();
+    let n = expected["obs_index"].as_array().unwrap().len();
+    let ids: Vec<&str> = (0..n).map(|i| first.column(0).as_string::<i32>().value(i)).collect();
+    assert_eq!(serde_json::json!(ids), expected["obs_index"]);
+    for (name, want) in expected["obs"].as_object().unwrap() {
+        let field = schema.field_with_name(name).unwrap_or_else(|_| panic!("obs column {name} missing"));
+        let col = first.column_by_name(name).unwrap();
+        if let Some(cats) = want["categories"].as_array() {
+            let got = categories_of(field).unwrap_or_else(|| panic!("{name} is not categorical"));
+            assert_eq!(serde_json::json!(got), Value::Array(cats.clone()), "{name} categories");
+        }
+        for (i, v) in want["values"].as_array().unwrap().iter().enumerate() {
+            let got: Value = if col.is_null(i) {
+                Value::Null
+            } else {
+                match col.data_type() {
+                    DataType::Dictionary(_, _) => {
+                        let d = col.as_dictionary::<arrow::datatypes::Int32Type>();
+                        let values = d.values().as_string::<i32>();
+                        Value::from(values.value(d.keys().value(i) as usize))
+                    }
+                    DataType::Utf8 => Value::from(col.as_string::<i32>().value(i)),
+                    DataType::Int64 => Value::from(col.as_primitive::<Int64Type>().value(i)),
+                    DataType::Float64 => Value::from(col.as_primitive::<Float64Type>().value(i)),
+                    DataType::Boolean => Value::from(col.as_boolean().value(i)),
+                    t => panic!("{name}: unexpected type {t}"),
+                }
+            };
+            match (v.as_f64(), got.as_f64()) {
+                (Some(a), Some(b)) if !v.is_i64() => assert!(close(a, b, 1e-12), "{name}[{i}]: {got} vs {v}"),
+                _ => assert_eq!(&got, v, "{name}[{i}]"),
+            }
+        }
+    }
+    // var index.
+    let var = read_table(&store.file_path(StoreFiles::VAR)).unwrap().next().unwrap().unwrap();
+    let genes: Vec<&str> = (0..var.num_rows()).map(|i| var.column(0).as_string::<i32>().value(i)).collect();
+    assert_eq!(serde_json::json!(genes), expected["var_index"]);
+}
+
+#[test]
+fn every_encoding_imports_as_anndata_reads_it() {
+    let dir = fixtures();
+    for (name, rel) in [
+        ("csr_f32", 1e-9),
+        ("csr_f64_i64_gzip", 1e-6),
+        ("csc_lzf", 1e-9),
+        ("csc", 1e-9),
+        ("dense_i32", 1e-9),
+        ("csr_u16", 1e-9),
+    ] {
+        let file = dir.join(format!("{name}.h5ad"));
+        let out = dir.join(format!("{name}.store"));
+        let _ = std::fs::remove_dir_all(&out);
+        import(&file, &out, ImportOptions::default());
+        assert_store_matches(&out, &anndata_summary(&file, None), rel);
+        Store::open(&out).unwrap().verify().unwrap();
+    }
+}
+
+#[test]
+fn layers_degs_chunks_and_csc_buckets() {
+    let dir = fixtures();
+    let file = dir.join("csr_f32.h5ad");
+    let out = dir.join("layer.store");
+    let _ = std::fs::remove_dir_all(&out);
+    import(&file, &out, ImportOptions { layer: Some("counts".into()), chunk_rows: 7, ..Default::default() });
+    assert_store_matches(&out, &anndata_summary(&file, Some("counts")), 1e-9);
+
+    // DEG lists from uns, in rank order.
+    let degs = read_table(&out.join(DEG_FILE)).unwrap().next().unwrap().unwrap();
+    let group = degs.column(0).as_string::<i32>();
+    let rank = degs.column(1).as_primitive::<UInt32Type>();
+    let gene = degs.column(2).as_string::<i32>();
+    let rows: Vec<(String, u32, String)> =
+        (0..degs.num_rows()).map(|i| (group.value(i).into(), rank.value(i), gene.value(i).into())).collect();
+    assert_eq!(rows.len(), 5);
+    assert!(rows.contains(&("A".into(), 0, "GENE005".into())));
+    assert!(rows.contains(&("B+A".into(), 1, "GENE009".into())));
+    assert_eq!(table_schema(&out.join(DEG_FILE)).unwrap().metadata()["uns_key"], "rank_genes_groups_cov");
+
+    // CSC through many tiny buckets equals CSR.
+    let csr = dir.join("ref.store");
+    let csc = dir.join("buckets.store");
+    for p in [&csr, &csc] {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    let a = import(&file, &csr, ImportOptions::default());
+    let b =
+        import(&dir.join("csc.h5ad"), &csc, ImportOptions { memory_budget: 120, chunk_rows: 5, ..Default::default() });
+    for f in [StoreFiles::INDPTR, StoreFiles::INDICES, StoreFiles::DATA] {
+        assert_eq!(a.files[f], b.files[f], "{f}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".import-"))
+        .collect();
+    assert!(leftovers.is_empty(), "transposition buckets left behind");
+}
+
+#[test]
+fn gene_subset_keeps_the_given_order() {
+    let dir = fixtures();
+    let file = dir.join("csc.h5ad");
+    let (full, sub) = (dir.join("genes-full.store"), dir.join("genes-sub.store"));
+    for p in [&full, &sub] {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    import(&file, &full, ImportOptions::default());
+    let genes = ["GENE010", "GENE002", "GENE039"];
+    import(
+        &file,
+        &sub,
+        ImportOptions { genes: Some(genes.iter().map(|s| s.to_string()).collect()), ..Default::default() },
+    );
+    let (full, sub) = (Store::open(&full).unwrap(), Store::open(&sub).unwrap());
+    assert_eq!(sub.n_vars(), 3);
+    let (mut fc, mut sc) = (full.cursor().unwrap(), sub.cursor().unwrap());
+    for r in 0..full.n_obs() {
+        let (fi, fv) = fc.row(r).unwrap();
+        let dense: HashMap<u32, f32> = fi.iter().copied().zip(fv.iter().copied()).collect();
+        let want: Vec<(u32, f32)> =
+            [10u32, 2, 39].iter().enumerate().filter_map(|(k, g)| dense.get(g).map(|&v| (k as u32, v))).collect();
+        let (si, sv) = sc.row(r).unwrap();
+        let got: Vec<(u32, f32)> = si.iter().copied().zip(sv.iter().copied()).collect();
+        assert_eq!(got, want, "row {r}");
+    }
+    let var = read_table(&sub.file_path(StoreFiles::VAR)).unwrap().next().unwrap().unwrap();
+    assert_eq!(var.column(0).as_string::<i32>().iter().flatten().collect::<Vec<_>>(), genes);
+
+    let bad = run_import(
+        &file,
+        &dir.join("never.store"),
+        &ImportOptions { genes: Some(vec!["NOPE".into()]), ..Default::default() },
+        &Silent,
+    );
+    assert!(bad.unwrap_err().to_string().contains("not in the var index"));
+    assert!(!dir.join("never.store").exists());
+}
+
+#[test]
+fn bad_files_give_named_errors_and_no_store() {
+    let dir = fixtures();
+    for (name, layer, expected) in [
+        ("bad_not_hdf5", None, "not an HDF5 file"),
+        ("bad_not_anndata", None, "not an AnnData file"),
+        ("bad_encoding", None, "encoding-type \"awkward-array\""),
+        ("bad_shape", None, "X columns is 41, expected 40"),
+        ("bad_obs_length", None, "is 120, expected 100"),
+        ("csr_f32", Some("nope"), "no layer \"nope\"; layers: counts"),
+        ("missing", None, "No such file"),
+    ] {
+        let file = dir.join(format!("{name}.h5ad"));
+        let out = dir.join(format!("{name}-{}.store", layer.unwrap_or("x")));
+        let options = ImportOptions { layer: layer.map(str::to_owned), ..Default::default() };
+        let err =
+            run_import(&file, &out, &options, &Silent).err().unwrap_or_else(|| panic!("{name} imported")).to_string();
+        assert!(err.contains(expected) && err.contains(&*file.to_string_lossy()), "{name}: {err}");
+        assert!(!out.exists(), "{name}: a partial store was left");
+    }
+    let out = run(&[
+        "import",
+        dir.join("bad_shape.h5ad").to_str().unwrap(),
+        "--out",
+        dir.join("cli.store").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.matches("X columns is 41").count(), 1, "{stderr}");
+}
+
+#[test]
+fn real_data_imports_exports_and_round_trips() {
+    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join(REAL_DATA);
+    if !real.exists() {
+        eprintln!("SKIP: {} not found", real.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("real.store");
+    let m1 = import(&real, &first, ImportOptions::default());
+    let expected = anndata_summary(&real, None);
+    assert_store_matches(&first, &expected, 1e-9);
+    assert_eq!(m1.nnz, 211_790);
+
+    // Export, read with anndata: identical values.
+    let exported = dir.path().join("real.h5ad");
+    run_export(&Store::open(&first).unwrap(), &exported, H5adCompression::Gzip(4), false, &Silent).unwrap();
+    let mut again = anndata_summary(&exported, None);
+    let mut want = expected.clone();
+    // The exported file has the store's obs columns; compare everything anndata reports.
+    again["uns_degs"] = Value::Null;
+    want["uns_degs"] = Value::Null;
+    assert_eq!(again, want);
+
+    // Re-import: the same matrix and obs, byte for byte.
+    let second = dir.path().join("again.store");
+    let m2 = import(&exported, &second, ImportOptions::default());
+    for f in [StoreFiles::INDPTR, StoreFiles::INDICES, StoreFiles::DATA] {
+        assert_eq!(m1.files[f], m2.files[f], "{f}");
+    }
+    let a: Vec<_> = read_table(&first.join(StoreFiles::OBS)).unwrap().map(|b| b.unwrap()).collect();
+    let b: Vec<_> = read_table(&second.join(StoreFiles::OBS)).unwrap().map(|b| b.unwrap()).collect();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn export_round_trips_every_column_kind_and_degs() {
+    let dir = fixtures();
+    let file = dir.join("csr_f32.h5ad");
+    let store = dir.join("rt.store");
+    let _ = std::fs::remove_dir_all(&store);
+    import(&file, &store, ImportOptions::default());
+    let exported = dir.join("rt.h5ad");
+    let _ = std::fs::remove_file(&exported);
+    run_export(&Store::open(&store).unwrap(), &exported, H5adCompression::Lzf, false, &Silent).unwrap();
+    let original = anndata_summary(&file, None);
+    let round = anndata_summary(&exported, None);
+    for key in ["shape", "nnz", "sum", "row_sums", "rows", "obs_index", "obs", "var_index", "uns_degs"] {
+        assert_eq!(round[key], original[key], "{key}");
+    }
+    assert_eq!(round["var_columns"], original["var_columns"]);
+    // Exporting over an existing file needs overwrite.
+    let err = run_export(&Store::open(&store).unwrap(), &exported, H5adCompression::None, false, &Silent).unwrap_err();
+    assert!(err.to_string().contains("already exists"));
+}
