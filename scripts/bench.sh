@@ -69,3 +69,19 @@ print(f"  {d['codec']['name']:>4}: total {d['total_bytes'] / 1e9:.3f} GB, matrix
       f"{d['total_bytes'] / d['n_obs']:.0f} bytes/cell")
 PY
 done
+
+echo "== .h5ad export and import (uncompressed and gzip)"
+for comp in none gzip; do
+  h5="$dir/synth-${cells}x${genes}-$comp.h5ad"
+  "$bin" export "$raw" --out "$h5" --compression "$comp" --overwrite --json > "$res/export-$comp.json"
+  "$bin" import "$h5" --out "$dir/imported-$comp.store" --overwrite --json > "$res/import-$comp.json"
+  python3 - "$res/export-$comp.json" "$res/import-$comp.json" "$h5" "$comp" <<'PY'
+import json, os, sys
+e, i = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+secs = lambda d: d["secs"] + d["nanos"] / 1e9
+size = os.path.getsize(sys.argv[3])
+print(f"  {sys.argv[4]:>4}: file {size / 1e9:.2f} GB; export {secs(e['wall']):.1f} s, peak RssAnon {e['memory']['rss_anon'] / 2**20:.0f} MiB; "
+      f"import {i['cells_per_s']:.0f} cells/s, {i['input_mb_per_s']:.0f} MB/s of file, peak RssAnon {i['report']['memory']['rss_anon'] / 2**20:.0f} MiB")
+PY
+  rm -rf "$dir/imported-$comp.store"
+done
