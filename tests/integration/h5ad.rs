@@ -201,6 +201,33 @@ fn layers_degs_chunks_and_csc_buckets() {
 }
 
 #[test]
+fn scanpy_rank_genes_groups_becomes_the_deg_table() {
+    let dir = fixtures();
+    let out = dir.join("rgg.store");
+    let _ = std::fs::remove_dir_all(&out);
+    import(&dir.join("csr_rgg.h5ad"), &out, ImportOptions::default());
+    let degs = read_table(&out.join(DEG_FILE)).unwrap().next().unwrap().unwrap();
+    let group = degs.column(0).as_string::<i32>();
+    let rank = degs.column(1).as_primitive::<UInt32Type>();
+    let gene = degs.column(2).as_string::<i32>();
+    let score = degs.column(3).as_primitive::<Float64Type>();
+    let rows: Vec<(String, u32, String, f64)> = (0..degs.num_rows())
+        .map(|i| (group.value(i).into(), rank.value(i), gene.value(i).into(), score.value(i)))
+        .collect();
+    let want = [
+        ("A", 0, "GENE005", 9.5),
+        ("A", 1, "GENE001", 4.25),
+        ("A", 2, "GENE007", -1.0),
+        ("B+A", 0, "GENE002", 3.0),
+        ("B+A", 1, "GENE009", 2.5),
+        ("B+A", 2, "GENE000", 0.125),
+    ];
+    let want: Vec<(String, u32, String, f64)> = want.iter().map(|w| (w.0.into(), w.1, w.2.into(), w.3)).collect();
+    assert_eq!(rows, want);
+    assert_eq!(table_schema(&out.join(DEG_FILE)).unwrap().metadata()["uns_key"], "rank_genes_groups");
+}
+
+#[test]
 fn gene_subset_keeps_the_given_order() {
     let dir = fixtures();
     let file = dir.join("csc.h5ad");

@@ -15,6 +15,7 @@
 
 mod dataframe;
 mod reader;
+mod records;
 mod writer;
 
 pub use reader::{H5adReader, MatrixLayout};

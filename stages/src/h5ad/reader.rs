@@ -293,20 +293,55 @@ impl H5adReader {
         Ok((offsets, out, vals))
     }
 
-    /// DEG lists from `uns`: every `dict` group whose members are all 1-D string arrays
-    /// (CPA's `deg_uns_key`: group name -> ranked gene names), as a table (`group`, `rank`,
-    /// `gene`, `score`). `None` when there is none. scanpy's `rank_genes_groups` (record
-    /// arrays) is reported as unsupported by name.
+    /// DEG lists from `uns`, as a table (`group`, `rank`, `gene`, `score`): the first `uns`
+    /// entry that is either a dict of 1-D string arrays (CPA's `deg_uns_key`: group -> ranked
+    /// gene names; no scores) or scanpy's `rank_genes_groups` (record arrays `names` and
+    /// `scores`, one field per group). `None` when there is none.
     pub fn read_degs(&self) -> Result<Option<(String, RecordBatch)>> {
         let Ok(uns) = self.file.group("uns") else { return Ok(None) };
         let names = uns.member_names().map_err(Error::hdf5(&self.path, "uns"))?;
-        for key in names {
-            let Ok(group) = uns.group(&key) else { continue };
-            if let Some(table) = self.deg_dict(&group)? {
-                return Ok(Some((key, table)));
+        for key in &names {
+            let Ok(group) = uns.group(key) else { continue };
+            if group.link_exists("names") && group.dataset("names").is_ok() {
+                if let Some(table) = self.deg_records(&group)? {
+                    return Ok(Some((key.clone(), table)));
+                }
+            } else if let Some(table) = self.deg_dict(&group)? {
+                return Ok(Some((key.clone(), table)));
             }
         }
         Ok(None)
+    }
+
+    /// scanpy's `rank_genes_groups`: record arrays `names` (and optionally `scores`) with one
+    /// field per group, rows in rank order.
+    fn deg_records(&self, group: &Group) -> Result<Option<RecordBatch>> {
+        let names = group.dataset("names").map_err(Error::hdf5(&self.path, format!("{}/names", group.name())))?;
+        let Ok(TypeDescriptor::Compound(record)) = names.dtype().and_then(|t| t.to_descriptor()) else {
+            return Ok(None);
+        };
+        let scores = group.dataset("scores").ok();
+        let (mut groups, mut ranks, mut genes, mut values) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for field in &record.fields {
+            let list = super::records::read_string_field(&self.path, &names, &field.name)?;
+            let score = match &scores {
+                Some(s) => Some(super::records::read_number_field(&self.path, s, &field.name)?),
+                None => None,
+            };
+            for (rank, gene) in list.into_iter().enumerate() {
+                groups.push(field.name.clone());
+                ranks.push(rank as u32);
+                genes.push(gene);
+                values.push(score.as_ref().and_then(|s| s.get(rank).copied()));
+            }
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(groups)),
+            Arc::new(UInt32Array::from(ranks)),
+            Arc::new(StringArray::from(genes)),
+            Arc::new(Float64Array::from(values)),
+        ];
+        RecordBatch::try_new(deg_schema(), columns).map(Some).map_err(|e| Error::arrow("DEG table", e))
     }
 
     fn deg_dict(&self, group: &Group) -> Result<Option<RecordBatch>> {
