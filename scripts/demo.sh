@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo of the README: runs the main job on built-in data, in a few minutes on a laptop CPU.
+# The demo of the README: runs the main job on bundled and built-in data, in a few minutes on a
+# laptop CPU.
 #   OUT  output directory (default: out/demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,15 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "libtorch and devices"
 "$bin" info
+
+step "real data: import the bundled .h5ad (Norman 2019 + McFaline-Figueroa 2023 subset)"
+"$bin" import examples/data/perturbench_devel_cpa.h5ad --out "$out/perturbench.store" --overwrite
+"$bin" inspect "$out/perturbench.store"
+"$bin" verify "$out/perturbench.store"
+
+step "export it back to .h5ad (gzip) and import that again"
+"$bin" export "$out/perturbench.store" --out "$out/perturbench-roundtrip.h5ad" --compression gzip --overwrite
+"$bin" import "$out/perturbench-roundtrip.h5ad" --out "$out/perturbench-roundtrip.store" --overwrite
 
 step "synthetic atlas with ground truth: 20,000 cells x 2,000 genes"
 "$bin" synth --cells 20000 --genes 2000 --perturbations 8 --doses 3 --cell-types 3 \

@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 use crate::metrics::{MemorySampler, RunReport, StageStats};
 use crate::progress::Progress;
 
-/// Rows per chunk sent to the writer.
-const BATCH_ROWS: usize = 4096;
+/// Rows per chunk sent to the writer (about 7 MB of rows at 5,000 genes and 17% density).
+const BATCH_ROWS: usize = 1024;
 /// Chunks queued between reader and writer.
 const CHANNEL_DEPTH: usize = 4;
 /// `uns` key of exported DEG lists when the store does not record one.

@@ -303,7 +303,8 @@ pub(super) fn read_vec<T: hdf5::H5Type + Clone>(
     if n == 0 {
         return Ok(Vec::new());
     }
-    ds.read_slice_1d::<T, _>(sel.clone()).map(|a| a.to_vec()).map_err(Error::hdf5(path, ctx()))
+    // A freshly read 1-D array is standard-layout with offset 0: its buffer is the vector.
+    ds.read_slice_1d::<T, _>(sel.clone()).map(|a| a.into_raw_vec_and_offset().0).map_err(Error::hdf5(path, ctx()))
 }
 
 /// Writes an Arrow table as an AnnData dataframe group, appending rows chunk by chunk.
