@@ -7,12 +7,12 @@ use std::time::Instant;
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::{Codec, Manifest, StoreFiles};
 use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions, read_table, table_schema};
-use cpa_stream_stages::{CsrBatch, Result as StageResult};
-use crossbeam_channel::bounded;
+use cpa_stream_stages::CsrBatch;
 
 use crate::error::{Error, Result};
 use crate::metrics::{MemorySampler, RunReport, StageStats};
 use crate::progress::Progress;
+use crate::stream::{send_store_rows, two_stage};
 
 /// Batches queued between reader and writer.
 const CHANNEL_DEPTH: usize = 4;
@@ -65,61 +65,19 @@ pub fn run_convert(
     }
     input.advise(Access::Sequential);
     progress.begin("cells", input.n_obs());
-    let n_vars = input.n_vars() as u32;
-    let result = std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = bounded::<StageResult<(CsrBatch, RecordBatch)>>(CHANNEL_DEPTH);
-        let reader_stats = Arc::clone(&read);
-        let reader = scope.spawn(move || {
-            let mut row = 0u64;
-            let batches = match read_table(&obs_path).and_then(|b| Ok((b, input.cursor()?))) {
-                Ok(b) => b,
-                Err(e) => {
-                    reader_stats.send(&tx, Err(e));
-                    return;
-                }
-            };
-            let (obs_batches, mut cursor) = batches;
-            for obs in obs_batches {
-                let obs = match obs {
-                    Ok(obs) => obs,
-                    Err(e) => {
-                        reader_stats.send(&tx, Err(e));
-                        return;
-                    }
-                };
-                for offset in (0..obs.num_rows()).step_by(BATCH_ROWS) {
-                    let window = obs.slice(offset, BATCH_ROWS.min(obs.num_rows() - offset));
-                    let item = reader_stats.busy(|| {
-                        let n = window.num_rows() as u64;
-                        let mut rows = CsrBatch::new(n_vars);
-                        cursor.read_range(row..row + n, &mut rows)?;
-                        input.release(row..row + n);
-                        Ok((rows, window))
-                    });
-                    let failed = item.is_err();
-                    if let Ok((rows, _)) = &item {
-                        row += rows.n_rows() as u64;
-                        reader_stats.add(rows.n_rows() as u64, rows.byte_size());
-                    }
-                    if !reader_stats.send(&tx, item) || failed {
-                        return;
-                    }
-                }
-            }
-        });
-        let written = (|| -> Result<()> {
-            while let Some(item) = write.recv(&rx) {
-                let (rows, obs) = item.map_err(Error::stage("read"))?;
-                write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
-                write.add(rows.n_rows() as u64, rows.byte_size());
-                progress.advance(rows.n_rows() as u64);
-            }
+    let result = two_stage(
+        "read",
+        &read,
+        &write,
+        CHANNEL_DEPTH,
+        |out| send_store_rows(input, BATCH_ROWS, &read, out),
+        |(rows, obs): (CsrBatch, RecordBatch)| {
+            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
+            write.add(rows.n_rows() as u64, rows.byte_size());
+            progress.advance(rows.n_rows() as u64);
             Ok(())
-        })();
-        drop(rx);
-        reader.join().map_err(|p| Error::panic("read", p))?;
-        written
-    });
+        },
+    );
     progress.end();
     result?;
     if writer.n_obs() != input.n_obs() {

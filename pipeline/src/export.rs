@@ -1,7 +1,6 @@
 //! `export`: store reader -> `.h5ad` writer (CSR `X`, `obs`, `var`, DEG lists in `uns`).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::record_batch::RecordBatch;
@@ -9,11 +8,11 @@ use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::h5ad::{DEG_FILE, H5adCompression, H5adWriter};
 use cpa_stream_stages::store::{Access, Store, read_table, table_schema};
 use cpa_stream_stages::{CsrBatch, Result as StageResult};
-use crossbeam_channel::bounded;
 
 use crate::error::{Error, Result};
 use crate::metrics::{MemorySampler, RunReport, StageStats};
 use crate::progress::Progress;
+use crate::stream::{send_store_rows, two_stage};
 
 /// Rows per chunk sent to the writer (about 7 MB of rows at 5,000 genes and 17% density).
 const BATCH_ROWS: usize = 1024;
@@ -48,52 +47,19 @@ pub fn run_export(
         .map_err(Error::stage("write"))?;
     store.advise(Access::Sequential);
     progress.begin("cells", store.n_obs());
-    let n_vars = store.n_vars() as u32;
-    let result = std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = bounded::<StageResult<(CsrBatch, RecordBatch)>>(CHANNEL_DEPTH);
-        let reader_stats = Arc::clone(&read);
-        let obs_path = &obs_path;
-        let reader = scope.spawn(move || {
-            let run = || -> StageResult<()> {
-                let mut cursor = store.cursor()?;
-                let mut row = 0u64;
-                for obs in read_table(obs_path)? {
-                    let obs = obs?;
-                    for offset in (0..obs.num_rows()).step_by(BATCH_ROWS) {
-                        let window = obs.slice(offset, BATCH_ROWS.min(obs.num_rows() - offset));
-                        let n = window.num_rows() as u64;
-                        let rows = reader_stats.busy(|| -> StageResult<CsrBatch> {
-                            let mut rows = CsrBatch::new(n_vars);
-                            cursor.read_range(row..row + n, &mut rows)?;
-                            store.release(row..row + n);
-                            Ok(rows)
-                        })?;
-                        row += n;
-                        reader_stats.add(n, rows.byte_size());
-                        if !reader_stats.send(&tx, Ok((rows, window))) {
-                            return Ok(());
-                        }
-                    }
-                }
-                Ok(())
-            };
-            if let Err(e) = run() {
-                reader_stats.send(&tx, Err(e));
-            }
-        });
-        let written = (|| -> Result<()> {
-            while let Some(item) = write.recv(&rx) {
-                let (rows, obs) = item.map_err(Error::stage("read"))?;
-                write.busy(|| writer.append(&rows, &obs)).map_err(Error::stage("write"))?;
-                write.add(rows.n_rows() as u64, rows.byte_size());
-                progress.advance(rows.n_rows() as u64);
-            }
+    let result = two_stage(
+        "read",
+        &read,
+        &write,
+        CHANNEL_DEPTH,
+        |out| send_store_rows(store, BATCH_ROWS, &read, out),
+        |(rows, obs): (CsrBatch, RecordBatch)| {
+            write.busy(|| writer.append(&rows, &obs)).map_err(Error::stage("write"))?;
+            write.add(rows.n_rows() as u64, rows.byte_size());
+            progress.advance(rows.n_rows() as u64);
             Ok(())
-        })();
-        drop(rx);
-        reader.join().map_err(|p| Error::panic("read", p))?;
-        written
-    });
+        },
+    );
     progress.end();
     result?;
     let deg_path = store.file_path(DEG_FILE);

@@ -17,12 +17,13 @@ use cpa_stream_schemas::Codec;
 use cpa_stream_stages::h5ad::{DEG_FILE, H5adReader, MatrixLayout};
 use cpa_stream_stages::store::{StoreWriter, StoreWriterOptions, write_table};
 use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, bounded};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::metrics::{MemorySampler, RunReport, StageStats};
 use crate::progress::Progress;
+use crate::stream::{Emitter, two_stage};
 
 /// Default rows per chunk read from the file. Small enough that the batches in flight (channel
 /// depth + 2, recycled) stay a few tens of MB on wide atlases; at 4,096 rows and 5,000 genes they
@@ -76,8 +77,6 @@ pub struct ImportSummary {
     pub report: RunReport,
 }
 
-type Chunk = StageResult<(CsrBatch, RecordBatch)>;
-
 /// Imports `input` into a new store at `out`.
 pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &dyn Progress) -> Result<ImportSummary> {
     let sampler = MemorySampler::start();
@@ -116,38 +115,30 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
     let chunk_rows = options.chunk_rows.max(1) as u64;
     let tmp_dir = bucket_dir(out);
     progress.begin("cells", h5.n_obs());
-    let result = std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = bounded::<Chunk>(CHANNEL_DEPTH);
-        // Written batches go back to the reader, so steady state allocates no batch buffers.
-        let (recycle_tx, recycle_rx) = bounded::<CsrBatch>(CHANNEL_DEPTH + 2);
-        let reader_stats = Arc::clone(&read);
-        let (h5, map, tmp_dir) = (&h5, &map, &tmp_dir);
-        let reader = scope.spawn(move || {
-            let out = ChunkSink { tx: &tx, recycled: &recycle_rx, stats: &reader_stats, n_vars };
+    // Written batches go back to the reader, so steady state allocates no batch buffers.
+    let (recycle_tx, recycle_rx) = bounded::<CsrBatch>(CHANNEL_DEPTH + 2);
+    let result = two_stage(
+        "read",
+        &read,
+        &write,
+        CHANNEL_DEPTH,
+        |out| {
+            let sink = ChunkSink { out, recycled: &recycle_rx, stats: &read, n_vars };
             let result = match layout {
-                MatrixLayout::Csc => read_csc(h5, map, chunk_rows, options.memory_budget, tmp_dir, &out),
-                _ => read_by_rows(h5, map, chunk_rows, &out),
+                MatrixLayout::Csc => read_csc(&h5, &map, chunk_rows, options.memory_budget, &tmp_dir, &sink),
+                _ => read_by_rows(&h5, &map, chunk_rows, &sink),
             };
-            let _ = fs::remove_dir_all(tmp_dir);
-            if let Err(e) = result {
-                reader_stats.send(&tx, Err(e));
-            }
-            drop(recycle_rx);
-        });
-        let written = (|| -> Result<()> {
-            while let Some(item) = write.recv(&rx) {
-                let (rows, obs) = item.map_err(Error::stage("read"))?;
-                write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
-                write.add(rows.n_rows() as u64, rows.byte_size());
-                progress.advance(rows.n_rows() as u64);
-                let _ = recycle_tx.try_send(rows);
-            }
+            let _ = fs::remove_dir_all(&tmp_dir);
+            result
+        },
+        |(rows, obs): (CsrBatch, RecordBatch)| {
+            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
+            write.add(rows.n_rows() as u64, rows.byte_size());
+            progress.advance(rows.n_rows() as u64);
+            let _ = recycle_tx.try_send(rows);
             Ok(())
-        })();
-        drop(rx);
-        reader.join().map_err(|p| Error::panic("read", p))?;
-        written
-    });
+        },
+    );
     progress.end();
     result?;
     if writer.n_obs() != h5.n_obs() {
@@ -222,7 +213,7 @@ fn select_genes(
 
 /// Where the reader sends chunks; hands out recycled batches.
 struct ChunkSink<'a> {
-    tx: &'a Sender<Chunk>,
+    out: &'a Emitter<'a, (CsrBatch, RecordBatch)>,
     recycled: &'a Receiver<CsrBatch>,
     stats: &'a StageStats,
     n_vars: u32,
@@ -243,7 +234,7 @@ impl ChunkSink<'_> {
     /// Sends a chunk; `false` when the writer is gone.
     fn send(&self, rows: CsrBatch, obs: RecordBatch) -> bool {
         self.stats.add(rows.n_rows() as u64, rows.byte_size());
-        self.stats.send(self.tx, Ok((rows, obs)))
+        self.out.send((rows, obs))
     }
 }
 

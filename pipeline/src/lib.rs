@@ -14,6 +14,7 @@ pub mod export;
 pub mod import;
 pub mod metrics;
 pub mod progress;
+mod stream;
 pub mod synth;
 
 pub use error::{Error, Result};
