@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::{Codec, Manifest, StoreFiles};
-use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions, read_table, table_schema};
 use cpa_stream_stages::CsrBatch;
+use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions, read_table, table_schema};
 
 use crate::error::{Error, Result};
 use crate::metrics::{MemorySampler, RunReport, StageStats};

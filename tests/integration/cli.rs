@@ -108,11 +108,12 @@ fn bad_arguments_are_named() {
     assert!(text(&out.stderr).contains("none.store/manifest.json"));
 }
 
-/// Peak anonymous memory of `synth` and `convert` does not grow with the number of cells.
+/// Peak anonymous memory of `synth`, `convert`, `export` and `import` does not grow with the
+/// number of cells.
 #[test]
-fn synth_and_convert_memory_is_flat_in_cells() {
+fn pipelines_memory_is_flat_in_cells() {
     let dir = tempfile::tempdir().unwrap();
-    let peaks = |cells: &str| -> (u64, u64) {
+    let peaks = |cells: &str| -> (u64, u64, u64, u64) {
         let out = dir.path().join(format!("{cells}.store"));
         let out = out.to_str().unwrap();
         let synth = [
@@ -140,15 +141,20 @@ fn synth_and_convert_memory_is_flat_in_cells() {
         let summary = json(&synth);
         let zstd = format!("{out}.zstd");
         let converted = json(&["convert", out, "--codec", "zstd", "--out", &zstd, "--json"]);
-        let peak = |v: &serde_json::Value| v["report"]["memory"]["rss_anon"].as_u64().unwrap();
-        (peak(&summary), peak(&converted))
+        let h5ad = format!("{out}.h5ad");
+        let exported = json(&["export", out, "--out", &h5ad, "--json"]);
+        let imported = json(&["import", &h5ad, "--out", &format!("{out}.back"), "--json"]);
+        let peak = |v: &serde_json::Value| v["memory"]["rss_anon"].as_u64().unwrap();
+        (peak(&summary["report"]), peak(&converted["report"]), peak(&exported), peak(&imported["report"]))
     };
     let small = peaks("16000");
     let large = peaks("160000");
-    eprintln!("peak RssAnon (synth, convert): 16k cells {small:?} B, 160k cells {large:?} B");
+    eprintln!("peak RssAnon (synth, convert, export, import): 16k cells {small:?} B, 160k cells {large:?} B");
     let flat = |a: u64, b: u64| b < a + a / 4 + (16 << 20);
     assert!(flat(small.0, large.0), "synth peak RssAnon grew from {} to {} bytes", small.0, large.0);
     assert!(flat(small.1, large.1), "convert peak RssAnon grew from {} to {} bytes", small.1, large.1);
+    assert!(flat(small.2, large.2), "export peak RssAnon grew from {} to {} bytes", small.2, large.2);
+    assert!(flat(small.3, large.3), "import peak RssAnon grew from {} to {} bytes", small.3, large.3);
 }
 
 /// A closed stdout (`cpa-stream inspect S | head -1`) ends the output quietly, without a panic.
