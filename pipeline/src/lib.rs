@@ -5,7 +5,7 @@
 //! - [`synth`]: generator workers -> store writer (synthetic atlases).
 //! - [`convert`]: store reader -> store writer (change codec).
 //! - [`import`] / [`export`]: `.h5ad` files in and out of stores.
-//! - [`bench`]: reader throughput against a memcpy bound measured in the same run.
+//! - [`bench`](mod@bench): reader throughput against a memcpy bound measured in the same run.
 
 pub mod bench;
 pub mod convert;

@@ -85,7 +85,7 @@ pub mod truth {
     pub const N_CELLS: &str = "n_cells";
     /// True when the group was held back from the cells (counterfactual only).
     pub const HELD_OUT: &str = "held_out";
-    /// E[x_g]: the expected count of each gene.
+    /// E\[x_g\]: the expected count of each gene.
     pub const MEAN: &str = "mean";
     /// E[log1p(x_g)], estimated by sampling.
     pub const MEAN_LOG1P: &str = "mean_log1p";

@@ -471,7 +471,7 @@ impl SynthAtlas {
     }
 
     /// Writes `truth.parquet` to `path`: for every (cell type, condition, dose) group, held-back
-    /// ones included, the expected counts E[x] (Monte-Carlo mean of the NB means) and the mean
+    /// ones included, the expected counts E\[x\] (Monte-Carlo mean of the NB means) and the mean
     /// and variance (ddof 0) of log1p counts, from `truth_samples` draws per group. `counts` are
     /// the cells per group (summed [`SynthChunk::group_counts`]). Uses `threads` threads.
     pub fn write_truth(&self, path: &Path, counts: &[u64], threads: usize) -> Result<u64> {
