@@ -29,10 +29,13 @@ use crate::stream::{Emitter, two_stage};
 /// depth + 2, recycled) stay a few tens of MB on wide atlases; at 4,096 rows and 5,000 genes they
 /// were 28 MB each and peak RssAnon of a 1M-cell import reached 870 MB.
 pub const DEFAULT_CHUNK_ROWS: usize = 1024;
-/// Default memory for one CSC transposition bucket (entries x 12 bytes).
-pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
-/// Columns read per pass step of the CSC transposition.
-const CSC_COLUMN_STEP: u64 = 64;
+/// Default size of one CSC transposition bucket file (entries x 12 bytes). Turning a bucket into
+/// rows holds it about 2.5 times (file bytes, then indices, values and the CSR rows).
+pub const DEFAULT_MEMORY_BUDGET: usize = 128 << 20;
+/// Stored entries (values plus indices) read per HDF5 call: the CSC pass takes as many columns,
+/// and dense reads as many rows, as fit (about 48 MB of i64 indices + f32 values, or 16 MB of
+/// dense f32), whatever the shape of the file.
+const ENTRIES_PER_READ: u64 = 4 << 20;
 /// Chunks queued between reader and writer.
 const CHANNEL_DEPTH: usize = 4;
 
@@ -47,6 +50,9 @@ pub struct ImportOptions {
     pub chunk_rows: usize,
     /// Bytes of one CSC transposition bucket. Default [`DEFAULT_MEMORY_BUDGET`].
     pub memory_budget: usize,
+    /// CSC transposition buckets open at once; more buckets take more passes over the columns.
+    /// Default [`DEFAULT_MAX_OPEN_BUCKETS`].
+    pub max_open_buckets: usize,
     pub codec: Codec,
     pub overwrite: bool,
 }
@@ -58,6 +64,7 @@ impl Default for ImportOptions {
             genes: None,
             chunk_rows: DEFAULT_CHUNK_ROWS,
             memory_budget: DEFAULT_MEMORY_BUDGET,
+            max_open_buckets: DEFAULT_MAX_OPEN_BUCKETS,
             codec: Codec::Raw,
             overwrite: false,
         }
@@ -125,7 +132,7 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
         |out| {
             let sink = ChunkSink { out, recycled: &recycle_rx, stats: &read, n_vars };
             let result = match layout {
-                MatrixLayout::Csc => read_csc(&h5, &map, chunk_rows, options.memory_budget, &tmp_dir, &sink),
+                MatrixLayout::Csc => read_csc(&h5, &map, chunk_rows, options, &tmp_dir, &sink),
                 _ => read_by_rows(&h5, &map, chunk_rows, &sink),
             };
             let _ = fs::remove_dir_all(&tmp_dir);
@@ -239,6 +246,11 @@ impl ChunkSink<'_> {
 }
 
 fn read_by_rows(h5: &H5adReader, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink) -> StageResult<()> {
+    // A dense chunk is read whole: bound its elements, not just its rows.
+    let chunk_rows = match h5.layout() {
+        MatrixLayout::Dense => chunk_rows.min((ENTRIES_PER_READ / h5.n_vars().max(1)).max(1)),
+        _ => chunk_rows,
+    };
     let identity = map.len() == out.n_vars as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
     let mut file_rows = CsrBatch::new(h5.n_vars() as u32);
     let mut start = 0;
@@ -268,6 +280,10 @@ fn bucket_dir(out: &Path) -> PathBuf {
     out.with_file_name(format!(".{name}.import-{}", std::process::id()))
 }
 
+/// Default bucket files open at once during the CSC transposition (file handles and 64 KiB
+/// buffers).
+pub const DEFAULT_MAX_OPEN_BUCKETS: usize = 256;
+
 /// One transposition entry: row within its bucket, store column, value.
 const ENTRY_BYTES: usize = 12;
 
@@ -275,10 +291,11 @@ fn read_csc(
     h5: &H5adReader,
     map: &[Option<u32>],
     chunk_rows: u64,
-    memory_budget: usize,
+    options: &ImportOptions,
     dir: &Path,
     out: &ChunkSink,
 ) -> StageResult<()> {
+    let (memory_budget, max_open) = (options.memory_budget, options.max_open_buckets.max(1));
     let (stats, n_vars) = (out.stats, out.n_vars);
     let n_obs = h5.n_obs();
     let per_row = (h5.stored_entries() as f64 / n_obs.max(1) as f64).max(1.0);
@@ -287,102 +304,113 @@ fn read_csc(
     fs::create_dir_all(dir).map_err(|e| StageError::InvalidInput(format!("{}: {e}", dir.display())))?;
     let io = |path: &Path, e: std::io::Error| StageError::InvalidInput(format!("{}: {e}", path.display()));
     let bucket_path = |b: usize| dir.join(format!("bucket-{b:05}"));
-    // Pass 1: scatter entries by row range, columns in order.
-    stats.busy(|| -> StageResult<()> {
-        let mut buckets = (0..n_buckets)
-            .map(|b| {
-                File::create(bucket_path(b))
-                    .map(|f| BufWriter::with_capacity(64 << 10, f))
-                    .map_err(|e| io(&bucket_path(b), e))
-            })
-            .collect::<StageResult<Vec<_>>>()?;
-        let n_cols = h5.n_vars();
-        let mut c0 = 0;
-        while c0 < n_cols {
-            let c1 = (c0 + CSC_COLUMN_STEP).min(n_cols);
-            let (offsets, rows, vals) = h5.read_columns(c0..c1)?;
-            let base = offsets[0];
-            for (k, w) in offsets.windows(2).enumerate() {
-                let Some(col) = map[(c0 + k as u64) as usize] else { continue };
-                for e in (w[0] - base) as usize..(w[1] - base) as usize {
-                    let b = (rows[e] / rows_per_bucket) as usize;
-                    let local = (rows[e] % rows_per_bucket) as u32;
-                    let mut rec = [0u8; ENTRY_BYTES];
-                    rec[..4].copy_from_slice(&local.to_le_bytes());
-                    rec[4..8].copy_from_slice(&col.to_le_bytes());
-                    rec[8..].copy_from_slice(&vals[e].to_le_bytes());
-                    buckets[b].write_all(&rec).map_err(|e| io(&bucket_path(b), e))?;
-                }
-            }
-            c0 = c1;
-        }
-        for (b, w) in buckets.into_iter().enumerate() {
-            w.into_inner().map_err(|e| io(&bucket_path(b), e.into_error()))?;
-        }
-        Ok(())
-    })?;
-    // Pass 2: each bucket to CSR rows, sent in chunks with their obs rows.
-    for b in 0..n_buckets {
-        let first = b as u64 * rows_per_bucket;
-        let last = (first + rows_per_bucket).min(n_obs);
-        let path = bucket_path(b);
-        let rows = stats.busy(|| -> StageResult<CsrBatch> {
-            let mut bytes = Vec::new();
-            BufReader::new(File::open(&path).map_err(|e| io(&path, e))?)
-                .read_to_end(&mut bytes)
-                .map_err(|e| io(&path, e))?;
-            let _ = fs::remove_file(&path);
-            let n = (last - first) as usize;
-            let mut counts = vec![0u64; n + 1];
-            for rec in bytes.chunks_exact(ENTRY_BYTES) {
-                counts[u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize + 1] += 1;
-            }
-            for i in 0..n {
-                counts[i + 1] += counts[i];
-            }
-            let nnz = counts[n] as usize;
-            let mut idx = vec![0u32; nnz];
-            let mut val = vec![0f32; nnz];
-            let mut next = counts.clone();
-            for rec in bytes.chunks_exact(ENTRY_BYTES) {
-                let r = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize;
-                let at = next[r] as usize;
-                idx[at] = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
-                val[at] = f32::from_le_bytes([rec[8], rec[9], rec[10], rec[11]]);
-                next[r] += 1;
-            }
-            let mut out = CsrBatch::with_capacity(n_vars, n, nnz);
-            for r in 0..n {
-                let (s, e) = (counts[r] as usize, counts[r + 1] as usize);
-                let (ri, rv) = (&mut idx[s..e], &mut val[s..e]);
-                // Columns were scattered in increasing order unless --genes reordered them.
-                if ri.windows(2).any(|w| w[0] >= w[1]) {
-                    let mut pairs: Vec<(u32, f32)> = ri.iter().copied().zip(rv.iter().copied()).collect();
-                    pairs.sort_unstable_by_key(|p| p.0);
-                    for (k, (c, v)) in pairs.into_iter().enumerate() {
-                        ri[k] = c;
-                        rv[k] = v;
+    // Buckets are processed in groups so that at most `max_open` files are open; each group
+    // re-reads the columns (one pass for atlases up to `max_open` x the bucket budget).
+    for first_bucket in (0..n_buckets).step_by(max_open) {
+        let group = first_bucket..(first_bucket + max_open).min(n_buckets);
+        // Pass 1: scatter entries by row range, columns in order.
+        stats.busy(|| -> StageResult<()> {
+            let mut buckets = group
+                .clone()
+                .map(|b| {
+                    File::create(bucket_path(b))
+                        .map(|f| BufWriter::with_capacity(64 << 10, f))
+                        .map_err(|e| io(&bucket_path(b), e))
+                })
+                .collect::<StageResult<Vec<_>>>()?;
+            let n_cols = h5.n_vars();
+            let per_column = h5.stored_entries() as f64 / n_cols.max(1) as f64;
+            let step = ((ENTRIES_PER_READ as f64 / per_column.max(1.0)) as u64).max(1);
+            let mut c0 = 0;
+            while c0 < n_cols {
+                let c1 = (c0 + step).min(n_cols);
+                let (offsets, rows, vals) = h5.read_columns(c0..c1)?;
+                let base = offsets[0];
+                for (k, w) in offsets.windows(2).enumerate() {
+                    let Some(col) = map[(c0 + k as u64) as usize] else { continue };
+                    for e in (w[0] - base) as usize..(w[1] - base) as usize {
+                        let b = (rows[e] / rows_per_bucket) as usize;
+                        if !group.contains(&b) {
+                            continue;
+                        }
+                        let local = (rows[e] % rows_per_bucket) as u32;
+                        let mut rec = [0u8; ENTRY_BYTES];
+                        rec[..4].copy_from_slice(&local.to_le_bytes());
+                        rec[4..8].copy_from_slice(&col.to_le_bytes());
+                        rec[8..].copy_from_slice(&vals[e].to_le_bytes());
+                        buckets[b - group.start].write_all(&rec).map_err(|e| io(&bucket_path(b), e))?;
                     }
                 }
-                out.push_row(ri, rv);
+                c0 = c1;
             }
-            Ok(out)
+            for (b, w) in group.clone().zip(buckets) {
+                w.into_inner().map_err(|e| io(&bucket_path(b), e.into_error()))?;
+            }
+            Ok(())
         })?;
-        let mut start = first;
-        while start < last {
-            let end = (start + chunk_rows).min(last);
-            let chunk = stats.busy(|| -> StageResult<(CsrBatch, RecordBatch)> {
-                let mut part = out.batch();
-                for r in (start - first) as usize..(end - first) as usize {
-                    let (i, v) = rows.row(r);
-                    part.push_row(i, v);
+        // Pass 2: each bucket to CSR rows, sent in chunks with their obs rows.
+        for b in group {
+            let first = b as u64 * rows_per_bucket;
+            let last = (first + rows_per_bucket).min(n_obs);
+            let path = bucket_path(b);
+            let rows = stats.busy(|| -> StageResult<CsrBatch> {
+                let mut bytes = Vec::new();
+                BufReader::new(File::open(&path).map_err(|e| io(&path, e))?)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| io(&path, e))?;
+                let _ = fs::remove_file(&path);
+                let n = (last - first) as usize;
+                let mut counts = vec![0u64; n + 1];
+                for rec in bytes.chunks_exact(ENTRY_BYTES) {
+                    counts[u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize + 1] += 1;
                 }
-                Ok((part, h5.read_obs(start..end)?))
+                for i in 0..n {
+                    counts[i + 1] += counts[i];
+                }
+                let nnz = counts[n] as usize;
+                let mut idx = vec![0u32; nnz];
+                let mut val = vec![0f32; nnz];
+                let mut next = counts.clone();
+                for rec in bytes.chunks_exact(ENTRY_BYTES) {
+                    let r = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize;
+                    let at = next[r] as usize;
+                    idx[at] = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
+                    val[at] = f32::from_le_bytes([rec[8], rec[9], rec[10], rec[11]]);
+                    next[r] += 1;
+                }
+                let mut out = CsrBatch::with_capacity(n_vars, n, nnz);
+                for r in 0..n {
+                    let (s, e) = (counts[r] as usize, counts[r + 1] as usize);
+                    let (ri, rv) = (&mut idx[s..e], &mut val[s..e]);
+                    // Columns were scattered in increasing order unless --genes reordered them.
+                    if ri.windows(2).any(|w| w[0] >= w[1]) {
+                        let mut pairs: Vec<(u32, f32)> = ri.iter().copied().zip(rv.iter().copied()).collect();
+                        pairs.sort_unstable_by_key(|p| p.0);
+                        for (k, (c, v)) in pairs.into_iter().enumerate() {
+                            ri[k] = c;
+                            rv[k] = v;
+                        }
+                    }
+                    out.push_row(ri, rv);
+                }
+                Ok(out)
             })?;
-            if !out.send(chunk.0, chunk.1) {
-                return Ok(());
+            let mut start = first;
+            while start < last {
+                let end = (start + chunk_rows).min(last);
+                let chunk = stats.busy(|| -> StageResult<(CsrBatch, RecordBatch)> {
+                    let mut part = out.batch();
+                    for r in (start - first) as usize..(end - first) as usize {
+                        let (i, v) = rows.row(r);
+                        part.push_row(i, v);
+                    }
+                    Ok((part, h5.read_obs(start..end)?))
+                })?;
+                if !out.send(chunk.0, chunk.1) {
+                    return Ok(());
+                }
+                start = end;
             }
-            start = end;
         }
     }
     Ok(())

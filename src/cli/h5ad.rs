@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use cpa_stream_pipeline::export::run_export;
-use cpa_stream_pipeline::import::{DEFAULT_CHUNK_ROWS, DEFAULT_MEMORY_BUDGET, ImportOptions, run_import};
+use cpa_stream_pipeline::import::{
+    DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, ImportOptions, run_import,
+};
 use cpa_stream_stages::h5ad::H5adCompression;
 use cpa_stream_stages::store::Store;
 
@@ -29,9 +31,12 @@ pub struct ImportArgs {
     /// Rows read per chunk.
     #[arg(long, default_value_t = DEFAULT_CHUNK_ROWS)]
     chunk_rows: usize,
-    /// MiB of memory for one bucket of the CSC -> CSR transposition.
+    /// MiB of one bucket file of the CSC -> CSR transposition (peak memory about 2.5x this).
     #[arg(long, default_value_t = DEFAULT_MEMORY_BUDGET >> 20)]
     csc_budget_mib: usize,
+    /// Bucket files open at once during the CSC transposition (more buckets: more passes).
+    #[arg(long, default_value_t = DEFAULT_MAX_OPEN_BUCKETS)]
+    csc_max_open_buckets: usize,
     #[command(flatten)]
     codec: CodecArgs,
     /// Replace an existing store at --out.
@@ -86,6 +91,7 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         genes,
         chunk_rows: args.chunk_rows,
         memory_budget: args.csc_budget_mib.max(1) << 20,
+        max_open_buckets: args.csc_max_open_buckets,
         codec: args.codec.codec()?,
         overwrite: args.overwrite,
     };
