@@ -7,7 +7,7 @@ use std::time::Instant;
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::{Codec, Manifest, StoreFiles};
 use cpa_stream_stages::CsrBatch;
-use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions, read_table, table_schema};
+use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions, read_small_table, table_schema};
 
 use crate::error::{Error, Result};
 use crate::metrics::{MemorySampler, RunReport, StageStats};
@@ -34,14 +34,7 @@ pub fn run_convert(
     let started = Instant::now();
     let read = StageStats::new("read", 1);
     let write = StageStats::new("write", 1);
-    let var_path = input.file_path(StoreFiles::VAR);
-    let mut var_batches = Vec::new();
-    for batch in read_table(&var_path).map_err(Error::stage("read"))? {
-        var_batches.push(batch.map_err(Error::stage("read"))?);
-    }
-    let var_schema = table_schema(&var_path).map_err(Error::stage("read"))?;
-    let var = arrow::compute::concat_batches(&var_schema, &var_batches)
-        .map_err(|e| Error::InvalidInput(format!("{}: {e}", var_path.display())))?;
+    let var = read_small_table(&input.file_path(StoreFiles::VAR)).map_err(Error::stage("read"))?;
     let obs_path = input.file_path(StoreFiles::OBS);
     let obs_schema = table_schema(&obs_path).map_err(Error::stage("read"))?;
     let options = StoreWriterOptions {

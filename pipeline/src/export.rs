@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::StoreFiles;
+use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::h5ad::{DEG_FILE, H5adCompression, H5adWriter};
-use cpa_stream_stages::store::{Access, Store, read_table, table_schema};
-use cpa_stream_stages::{CsrBatch, Result as StageResult};
+use cpa_stream_stages::store::{Access, Store, read_small_table, table_schema};
 
 use crate::error::{Error, Result};
 use crate::metrics::{MemorySampler, RunReport, StageStats};
@@ -33,14 +33,7 @@ pub fn run_export(
     let started = Instant::now();
     let read = StageStats::new("read", 1);
     let write = StageStats::new("write", 1);
-    let var_path = store.file_path(StoreFiles::VAR);
-    let var_schema = table_schema(&var_path).map_err(Error::stage("read"))?;
-    let var_batches = read_table(&var_path)
-        .map_err(Error::stage("read"))?
-        .collect::<StageResult<Vec<_>>>()
-        .map_err(Error::stage("read"))?;
-    let var = arrow::compute::concat_batches(&var_schema, &var_batches)
-        .map_err(|e| Error::InvalidInput(format!("{}: {e}", var_path.display())))?;
+    let var = read_small_table(&store.file_path(StoreFiles::VAR)).map_err(Error::stage("read"))?;
     let obs_path = store.file_path(StoreFiles::OBS);
     let obs_schema = table_schema(&obs_path).map_err(Error::stage("read"))?;
     let mut writer = H5adWriter::create(out, &var, &obs_schema, store.nnz(), compression, overwrite)
@@ -64,14 +57,8 @@ pub fn run_export(
     result?;
     let deg_path = store.file_path(DEG_FILE);
     if deg_path.exists() {
-        let schema = table_schema(&deg_path).map_err(Error::stage("read"))?;
-        let key = schema.metadata().get("uns_key").cloned().unwrap_or_else(|| DEFAULT_DEG_KEY.to_owned());
-        let batches = read_table(&deg_path)
-            .map_err(Error::stage("read"))?
-            .collect::<StageResult<Vec<_>>>()
-            .map_err(Error::stage("read"))?;
-        let table = arrow::compute::concat_batches(&schema, &batches)
-            .map_err(|e| Error::InvalidInput(format!("{}: {e}", deg_path.display())))?;
+        let table = read_small_table(&deg_path).map_err(Error::stage("read"))?;
+        let key = table.schema().metadata().get("uns_key").cloned().unwrap_or_else(|| DEFAULT_DEG_KEY.to_owned());
         writer.write_degs(&key, &table).map_err(Error::stage("write"))?;
     }
     write.busy(|| writer.finish()).map_err(Error::stage("write"))?;

@@ -95,7 +95,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn items_flow_and_the_first_error_stops_both_sides() {
+    fn items_flow_and_the_first_error_stops_both_sides() -> Result<()> {
         let (p, c) = (StageStats::new("p", 1), StageStats::new("c", 1));
         let mut got = Vec::new();
         two_stage(
@@ -113,8 +113,7 @@ mod tests {
                 got.push(i);
                 Ok(())
             },
-        )
-        .unwrap();
+        )?;
         assert_eq!(got, [0, 1, 2, 3, 4]);
 
         let err = two_stage::<u32>(
@@ -155,5 +154,6 @@ mod tests {
 
         let err = two_stage::<u32>("p", &p, &c, 1, |_| panic!("boom"), |_| Ok(())).unwrap_err();
         assert_eq!(err.to_string(), "p: a worker thread panicked: boom");
+        Ok(())
     }
 }

@@ -246,13 +246,14 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_through_json() {
+    fn round_trips_through_json() -> Result<(), ManifestError> {
         let m = sample();
-        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        assert_eq!(Manifest::from_json(&m.to_json())?, m);
         let z = Manifest { codec: Codec::zstd(), ..sample() };
         let text = z.to_json();
         assert!(text.contains("\"name\": \"zstd\""), "{text}");
         assert!(text.contains("\"checksum\": \"xxh3-64\""), "{text}");
+        Ok(())
     }
 
     #[test]
@@ -273,7 +274,9 @@ mod tests {
         missing.files.remove(StoreFiles::DATA);
         assert!(matches!(missing.validate(), Err(ManifestError::Invalid(msg)) if msg.contains("X/data")));
         let mut bad_sum = sample();
-        bad_sum.files.get_mut(StoreFiles::OBS).unwrap().checksum = "xyz".to_owned();
+        if let Some(obs) = bad_sum.files.get_mut(StoreFiles::OBS) {
+            obs.checksum = "xyz".to_owned();
+        }
         assert!(bad_sum.validate().is_err());
     }
 }

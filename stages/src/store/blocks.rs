@@ -127,16 +127,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn blocks_round_trip() {
+    fn blocks_round_trip() -> Result<(), Box<dyn std::error::Error>> {
         let indptr = [0u64, 3, 3, 5];
         let indices = [1u32, 7, 9, 0, 4_000_000];
         let data = [1.0f32, 2.5, -3.0, 0.0, 7.0];
-        let mut enc = BlockEncoder::new(3).unwrap();
-        let frame = enc.encode(&indptr, &indices, &data).unwrap().to_vec();
-        let mut dec = BlockDecoder::new().unwrap();
+        let mut enc = BlockEncoder::new(3)?;
+        let frame = enc.encode(&indptr, &indices, &data)?.to_vec();
+        let mut dec = BlockDecoder::new()?;
         let (mut i, mut d) = (Vec::new(), Vec::new());
         let abs: Vec<u64> = indptr.iter().map(|x| x + 100).collect();
-        dec.decode(&frame, &abs, 5_000_000, &mut i, &mut d).unwrap();
+        dec.decode(&frame, &abs, 5_000_000, &mut i, &mut d)?;
         assert_eq!(i, indices);
         assert_eq!(d, data);
         let err = dec.decode(&frame, &abs, 10, &mut i, &mut d).unwrap_err();
@@ -144,5 +144,6 @@ mod tests {
         let short = [0u64, 3, 3, 4];
         assert!(dec.decode(&frame, &short, 5_000_000, &mut i, &mut d).unwrap_err().contains("expected 32"));
         assert!(dec.decode(&frame[..frame.len() / 2], &abs, 5_000_000, &mut i, &mut d).is_err());
+        Ok(())
     }
 }

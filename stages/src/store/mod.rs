@@ -14,7 +14,7 @@ mod verify;
 mod writer;
 
 pub use reader::{Access, CsrView, RowCursor, Store};
-pub use tables::{ColumnSummary, read_table, summarize_obs, table_schema, write_table};
+pub use tables::{ColumnSummary, read_small_table, read_table, summarize_obs, table_schema, write_table};
 pub use verify::VerifyReport;
 pub use writer::{DEFAULT_OBS_ROW_GROUP_ROWS, StoreWriter, StoreWriterOptions};
 pub(crate) use writer::{table_properties, temporary_sibling, truth_properties};

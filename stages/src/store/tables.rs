@@ -34,6 +34,13 @@ pub fn read_table(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch
     Ok(reader.map(move |batch| batch.map_err(|e| Error::arrow(path.display().to_string(), e))))
 }
 
+/// Reads a whole Parquet table into one batch (for small tables: `var`, DEG lists).
+pub fn read_small_table(path: &Path) -> Result<RecordBatch> {
+    let schema = table_schema(path)?;
+    let batches = read_table(path)?.collect::<Result<Vec<_>>>()?;
+    arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::arrow(path.display().to_string(), e))
+}
+
 /// Writes `batches` (all with `schema`) as a Parquet table with the store's table properties
 /// (zstd, bounded row groups), to a temporary name renamed into place on success.
 pub fn write_table(path: &Path, schema: SchemaRef, batches: impl IntoIterator<Item = RecordBatch>) -> Result<()> {

@@ -620,23 +620,24 @@ mod tests {
     }
 
     #[test]
-    fn chunks_are_deterministic_and_seed_dependent() {
-        let atlas = SynthAtlas::new(SynthConfig::new(3000, 40, 4, 2, 2, 2, 9)).unwrap();
-        let a = atlas.generate_chunk(1).unwrap();
-        let b = atlas.generate_chunk(1).unwrap();
+    fn chunks_are_deterministic_and_seed_dependent() -> Result<()> {
+        let atlas = SynthAtlas::new(SynthConfig::new(3000, 40, 4, 2, 2, 2, 9))?;
+        let a = atlas.generate_chunk(1)?;
+        let b = atlas.generate_chunk(1)?;
         assert_eq!(a.rows, b.rows);
         assert_eq!(a.obs, b.obs);
         assert_eq!(a.rows.n_rows(), 1024);
-        assert_eq!(atlas.generate_chunk(2).unwrap().rows.n_rows(), 3000 - 2048);
-        let other = SynthAtlas::new(SynthConfig::new(3000, 40, 4, 2, 2, 2, 10)).unwrap();
-        assert_ne!(other.generate_chunk(1).unwrap().rows, a.rows);
+        assert_eq!(atlas.generate_chunk(2)?.rows.n_rows(), 3000 - 2048);
+        let other = SynthAtlas::new(SynthConfig::new(3000, 40, 4, 2, 2, 2, 10))?;
+        assert_ne!(other.generate_chunk(1)?.rows, a.rows);
         assert_eq!(a.rows.validate(), Ok(()));
         assert_eq!(a.group_counts.iter().sum::<u64>(), 1024);
+        Ok(())
     }
 
     #[test]
-    fn design_holds_back_combinations() {
-        let atlas = SynthAtlas::new(SynthConfig::new(10, 5, 4, 3, 2, 2, 1)).unwrap();
+    fn design_holds_back_combinations() -> Result<()> {
+        let atlas = SynthAtlas::new(SynthConfig::new(10, 5, 4, 3, 2, 2, 1))?;
         let held: Vec<_> = atlas.conditions.iter().filter(|c| c.held_out).collect();
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].parts.len(), 2);
@@ -645,6 +646,7 @@ mod tests {
         assert_eq!(atlas.observed_arms, 1 + 12 + 6);
         assert_eq!(atlas.n_groups(), 2 * (1 + 12 + 6 + 3));
         assert_eq!(atlas.obs_doses, vec!["1", "0.01", "0.1", "0.01+0.01", "0.1+0.1", "1+1"]);
+        Ok(())
     }
 
     #[test]
