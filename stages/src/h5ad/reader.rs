@@ -335,13 +335,7 @@ impl H5adReader {
                 values.push(score.as_ref().and_then(|s| s.get(rank).copied()));
             }
         }
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from(groups)),
-            Arc::new(UInt32Array::from(ranks)),
-            Arc::new(StringArray::from(genes)),
-            Arc::new(Float64Array::from(values)),
-        ];
-        RecordBatch::try_new(deg_schema(), columns).map(Some).map_err(|e| Error::arrow("DEG table", e))
+        deg_table(groups, ranks, genes, values).map(Some)
     }
 
     fn deg_dict(&self, group: &Group) -> Result<Option<RecordBatch>> {
@@ -365,15 +359,25 @@ impl H5adReader {
                 genes.push(gene);
             }
         }
-        let n = genes.len();
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from(groups)),
-            Arc::new(UInt32Array::from(ranks)),
-            Arc::new(StringArray::from(genes)),
-            Arc::new(Float64Array::new_null(n)),
-        ];
-        RecordBatch::try_new(deg_schema(), columns).map(Some).map_err(|e| Error::arrow("DEG table", e))
+        let scores = vec![None; genes.len()];
+        deg_table(groups, ranks, genes, scores).map(Some)
     }
+}
+
+/// The DEG table from its columns.
+fn deg_table(
+    groups: Vec<String>,
+    ranks: Vec<u32>,
+    genes: Vec<String>,
+    scores: Vec<Option<f64>>,
+) -> Result<RecordBatch> {
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(groups)),
+        Arc::new(UInt32Array::from(ranks)),
+        Arc::new(StringArray::from(genes)),
+        Arc::new(Float64Array::from(scores)),
+    ];
+    RecordBatch::try_new(deg_schema(), columns).map_err(|e| Error::arrow("DEG table", e))
 }
 
 /// Schema of the DEG table.
