@@ -56,6 +56,18 @@ pub enum Error {
     Unsupported { path: PathBuf, reason: String },
     #[error("{0}")]
     InvalidInput(String),
+    #[error("libtorch: {context}: {source}")]
+    Torch {
+        context: String,
+        #[source]
+        source: tch::TchError,
+    },
+}
+
+impl From<tch::TchError> for Error {
+    fn from(source: tch::TchError) -> Error {
+        Error::Torch { context: "tensor operation".to_owned(), source }
+    }
 }
 
 impl Error {
@@ -74,6 +86,10 @@ impl Error {
     pub(crate) fn hdf5(path: impl Into<PathBuf>, context: impl Into<String>) -> impl FnOnce(hdf5::Error) -> Error {
         let (path, context) = (path.into(), context.into());
         move |source| Error::Hdf5 { path, context, source }
+    }
+
+    pub(crate) fn torch(context: impl Into<String>, source: tch::TchError) -> Error {
+        Error::Torch { context: context.into(), source }
     }
 
     pub(crate) fn arrow(context: impl Into<String>, source: ArrowError) -> Error {

@@ -5,6 +5,8 @@
 //! - [`synth`]: CPA-shaped synthetic atlases with ground truth.
 //! - [`h5ad`]: AnnData `.h5ad` files in and out, in row chunks.
 //! - [`csr`]: the owned CSR batch that stages hand to each other.
+//! - [`model`]: the CPA model in libtorch (configuration, vocabularies, network, likelihoods, files).
+//! - [`trainer`]: its training schedule, optimizers and exact-resume checkpoints.
 //!
 //! Stages never wire themselves together: the `cpa-stream-pipeline` crate connects them with
 //! bounded channels.
@@ -15,8 +17,10 @@ compile_error!("cpa-stream stores are little-endian and mapped without conversio
 pub mod csr;
 mod error;
 pub mod h5ad;
+pub mod model;
 pub mod store;
 pub mod synth;
+pub mod trainer;
 
 pub use csr::CsrBatch;
 pub use error::{Error, Result};

@@ -1,0 +1,215 @@
+//! Batches of cells: the host form the loader fills (CSR counts, CSR doses, covariate codes) and
+//! the device form the model reads (counts densified on the device).
+
+use tch::{Device, Kind, Tensor};
+
+use super::vocab::{PADDING_ID, Vocabulary};
+use crate::csr::CsrBatch;
+use crate::error::{Error, Result};
+
+/// One batch of cells as the loader hands it to the trainer. Its buffers are kept by
+/// [`clear`](HostBatch::clear), so a recycled batch allocates only while it grows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostBatch {
+    /// Counts (or values, for `gauss`), cells x genes.
+    pub counts: CsrBatch,
+    /// CSR of the perturbation doses, cells x perturbation vocabulary: `pert_offsets` has one
+    /// more entry than cells; `pert_ids` and `pert_doses` are each cell's parts in obs order.
+    pub pert_offsets: Vec<i64>,
+    pub pert_ids: Vec<i64>,
+    pub pert_doses: Vec<f32>,
+    /// Category codes, one vector per covariate of the vocabulary.
+    pub covariates: Vec<Vec<i64>>,
+    /// Condition class of each cell (the perturbation adversary's label).
+    pub conditions: Vec<i64>,
+}
+
+impl HostBatch {
+    pub fn new(n_genes: u32, n_covariates: usize) -> HostBatch {
+        HostBatch {
+            counts: CsrBatch::new(n_genes),
+            pert_offsets: vec![0],
+            pert_ids: Vec::new(),
+            pert_doses: Vec::new(),
+            covariates: vec![Vec::new(); n_covariates],
+            conditions: Vec::new(),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.counts.clear();
+        self.pert_offsets.truncate(1);
+        self.pert_ids.clear();
+        self.pert_doses.clear();
+        self.covariates.iter_mut().for_each(Vec::clear);
+        self.conditions.clear();
+    }
+
+    pub fn n_cells(&self) -> usize {
+        self.conditions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conditions.is_empty()
+    }
+
+    /// Appends a cell's perturbations, covariate codes and class; its counts go to `counts`
+    /// separately (the loader copies them straight from the store).
+    pub fn push_labels(&mut self, parts: &[(u32, f32)], covariates: &[u32], class: u32) {
+        for &(id, dose) in parts {
+            self.pert_ids.push(i64::from(id));
+            self.pert_doses.push(dose);
+        }
+        self.pert_offsets.push(self.pert_ids.len() as i64);
+        for (codes, &c) in self.covariates.iter_mut().zip(covariates) {
+            codes.push(i64::from(c));
+        }
+        self.conditions.push(i64::from(class));
+    }
+
+    /// Checks the batch against a vocabulary: shapes agree, ids and codes are in range, doses
+    /// finite and non-negative. Errors name the cell (row of the batch).
+    pub fn check(&self, vocab: &Vocabulary) -> Result<()> {
+        let n = self.n_cells();
+        let bad = |msg: String| Err(Error::InvalidInput(format!("batch: {msg}")));
+        if self.counts.n_rows() != n || self.pert_offsets.len() != n + 1 {
+            return bad(format!(
+                "{} count rows and {} perturbation rows for {n} cells",
+                self.counts.n_rows(),
+                self.pert_offsets.len().saturating_sub(1)
+            ));
+        }
+        if self.counts.n_cols() as usize != vocab.n_genes() {
+            return bad(format!("{} genes, the model has {}", self.counts.n_cols(), vocab.n_genes()));
+        }
+        if self.covariates.len() != vocab.covariates.len() || self.covariates.iter().any(|c| c.len() != n) {
+            return bad(format!("covariate codes do not match the model's {} covariates", vocab.covariates.len()));
+        }
+        if self.pert_ids.len() != self.pert_doses.len()
+            || self.pert_offsets.last() != Some(&(self.pert_ids.len() as i64))
+        {
+            return bad("perturbation ids, doses and offsets disagree".to_owned());
+        }
+        let n_perts = vocab.n_perturbations() as i64;
+        for row in 0..n {
+            let (s, e) = (self.pert_offsets[row], self.pert_offsets[row + 1]);
+            if s > e {
+                return bad(format!("cell {row}: perturbation offsets decrease"));
+            }
+            for k in s as usize..e as usize {
+                let id = self.pert_ids[k];
+                if id <= PADDING_ID as i64 || id >= n_perts {
+                    return bad(format!("cell {row}: perturbation id {id} outside 1..{n_perts}"));
+                }
+                let d = self.pert_doses[k];
+                if !d.is_finite() || d < 0.0 {
+                    return bad(format!("cell {row}: dose {d} is not a finite number >= 0"));
+                }
+            }
+            let class = self.conditions[row];
+            if class < 0 || class as usize >= vocab.conditions.len() {
+                return bad(format!("cell {row}: condition class {class} outside 0..{}", vocab.conditions.len()));
+            }
+            for (cov, codes) in vocab.covariates.iter().zip(&self.covariates) {
+                let c = codes[row];
+                if c < 0 || c as usize >= cov.categories.len() {
+                    return bad(format!("cell {row}: {} code {c} outside 0..{}", cov.name, cov.categories.len()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The perturbations of a batch on the device: CSR over the perturbation vocabulary.
+#[derive(Debug)]
+pub struct DevicePerts {
+    /// Perturbation id of each entry (int64).
+    pub ids: Tensor,
+    /// Entry offsets, one more than cells (int64).
+    pub offsets: Tensor,
+    /// Dose of each entry (float32).
+    pub doses: Tensor,
+    /// Cell (row) of each entry (int64), for dense formulations and tests.
+    pub rows: Tensor,
+}
+
+/// A batch on the model's device.
+#[derive(Debug)]
+pub struct DeviceBatch {
+    pub n_cells: i64,
+    /// Dense counts, cells x genes, float32.
+    pub x: Tensor,
+    pub perts: DevicePerts,
+    /// One int64 code vector per covariate.
+    pub covariates: Vec<Tensor>,
+    /// Condition classes, int64.
+    pub conditions: Tensor,
+}
+
+impl DeviceBatch {
+    /// Uploads a host batch and densifies its counts on `device` (the host never holds the dense
+    /// matrix). The batch should have passed [`HostBatch::check`].
+    pub fn upload(batch: &HostBatch, device: Device) -> Result<DeviceBatch> {
+        let n = batch.n_cells() as i64;
+        let genes = i64::from(batch.counts.n_cols());
+        let x = densify(&batch.counts, device)?;
+        let to = |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(device)?) };
+        let mut rows = Vec::with_capacity(batch.pert_ids.len());
+        for (row, w) in batch.pert_offsets.windows(2).enumerate() {
+            rows.extend(std::iter::repeat_n(row as i64, (w[1] - w[0]).max(0) as usize));
+        }
+        let perts = DevicePerts {
+            ids: to(Tensor::f_from_slice(&batch.pert_ids)?)?,
+            offsets: to(Tensor::f_from_slice(&batch.pert_offsets)?)?,
+            doses: to(Tensor::f_from_slice(&batch.pert_doses)?)?,
+            rows: to(Tensor::f_from_slice(&rows)?)?,
+        };
+        let covariates = batch.covariates.iter().map(|c| to(Tensor::f_from_slice(c)?)).collect::<Result<Vec<_>>>()?;
+        let conditions = to(Tensor::f_from_slice(&batch.conditions)?)?;
+        debug_assert_eq!(x.size(), [n, genes]);
+        Ok(DeviceBatch { n_cells: n, x, perts, covariates, conditions })
+    }
+}
+
+/// CSR rows to a dense float32 matrix on `device`: the CSR arrays are copied, the dense matrix
+/// is built there.
+pub fn densify(rows: &CsrBatch, device: Device) -> Result<Tensor> {
+    let (n, genes) = (rows.n_rows() as i64, i64::from(rows.n_cols()));
+    let (indptr, indices, data) = (rows.indptr(), rows.indices(), rows.data());
+    let values = Tensor::f_from_slice(data)?.f_to_device(device)?;
+    let (crow, col) = if indices.len() < i32::MAX as usize {
+        let crow: Vec<i32> = indptr.iter().map(|&p| p as i32).collect();
+        let col: &[i32] = bytemuck::cast_slice(indices);
+        (Tensor::f_from_slice(&crow)?, Tensor::f_from_slice(col)?)
+    } else {
+        let crow: &[i64] = bytemuck::cast_slice(indptr);
+        let col: Vec<i64> = indices.iter().map(|&c| i64::from(c)).collect();
+        (Tensor::f_from_slice(crow)?, Tensor::f_from_slice(&col)?)
+    };
+    let sparse = Tensor::f_sparse_csr_tensor_crow_col_value_size(
+        &crow.f_to_device(device)?,
+        &col.f_to_device(device)?,
+        &values,
+        [n, genes],
+        (Kind::Float, device),
+    )?;
+    Ok(sparse.f_to_dense(None, false)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn densify_places_every_entry() -> Result<()> {
+        let mut rows = CsrBatch::new(5);
+        rows.push_row(&[0, 3], &[1.0, 7.0]);
+        rows.push_row(&[], &[]);
+        rows.push_row(&[4], &[2.5]);
+        let dense = densify(&rows, Device::Cpu)?;
+        let got = Vec::<f32>::try_from(&dense.f_flatten(0, -1)?)?;
+        assert_eq!(got, [1.0, 0.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.5]);
+        Ok(())
+    }
+}

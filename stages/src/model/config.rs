@@ -1,0 +1,471 @@
+//! The typed model and training configuration (`cpa.toml`).
+//!
+//! Every default is a named constant equal to the reference's (cpa-tools 0.8.8), except where the
+//! reference has a defect that this project fixes; those are noted on the field. A file needs only
+//! the keys it changes: missing keys take their defaults, unknown keys are errors.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Latent dimension (`n_latent`).
+pub const DEFAULT_N_LATENT: usize = 128;
+/// Hidden width of the encoder and of the decoder.
+pub const DEFAULT_N_HIDDEN: usize = 256;
+/// Hidden layers of the encoder and of the decoder.
+pub const DEFAULT_N_LAYERS: usize = 3;
+/// Hidden width of each per-perturbation dose MLP (`doser_type = "mlp"`).
+pub const DEFAULT_N_HIDDEN_DOSER: usize = 128;
+/// Layers of each per-perturbation dose MLP.
+pub const DEFAULT_N_LAYERS_DOSER: usize = 2;
+/// Dropout of the encoder and of the decoder.
+pub const DEFAULT_DROPOUT: f64 = 0.0;
+/// Most perturbations in one combination.
+pub const DEFAULT_MAX_COMB_LEN: usize = 2;
+/// Hidden width of the adversarial classifiers.
+pub const DEFAULT_N_HIDDEN_ADV: usize = 64;
+/// Hidden layers of the adversarial classifiers.
+pub const DEFAULT_N_LAYERS_ADV: usize = 3;
+/// Dropout of the adversarial classifiers.
+pub const DEFAULT_DROPOUT_ADV: f64 = 0.1;
+/// Weight of the adversarial term in the autoencoder loss.
+pub const DEFAULT_REG_ADV: f64 = 1.0;
+/// Weight of the gradient penalty in the adversary loss.
+pub const DEFAULT_PEN_ADV: f64 = 1.0;
+/// Adversary steps per autoencoder step: batches with `index % adv_steps != 0` train the adversary.
+pub const DEFAULT_ADV_STEPS: u32 = 3;
+/// Focusing parameter of the focal loss.
+pub const DEFAULT_FOCAL_GAMMA: f64 = 2.0;
+/// Learning rate and weight decay of the autoencoder group (encoder, decoder, embeddings).
+pub const DEFAULT_LR: f64 = 5e-4;
+pub const DEFAULT_WD: f64 = 1e-6;
+/// Learning rate and weight decay of the dose-response group.
+pub const DEFAULT_DOSER_LR: f64 = 3e-4;
+pub const DEFAULT_DOSER_WD: f64 = 4e-7;
+/// Learning rate and weight decay of the adversary group.
+pub const DEFAULT_ADV_LR: f64 = 3e-4;
+pub const DEFAULT_ADV_WD: f64 = 4e-7;
+/// Epochs between learning-rate decays, and the decay factor.
+pub const DEFAULT_STEP_SIZE_LR: u32 = 45;
+pub const DEFAULT_LR_DECAY: f64 = 0.9;
+/// Gradient-norm limit when clipping is on (clipping is off by default, as in the reference).
+pub const DEFAULT_GRADIENT_CLIP: f64 = 3.0;
+/// Adam moments and epsilon (PyTorch's defaults).
+pub const DEFAULT_ADAM_BETAS: (f64, f64) = (0.9, 0.999);
+pub const DEFAULT_ADAM_EPS: f64 = 1e-8;
+/// Cells per device batch (the reference's; `cpa-stream train --batch-size auto` picks larger on a GPU).
+pub const DEFAULT_BATCH_SIZE: usize = 128;
+/// Validation every this many epochs, and early stopping after this many validations without improvement.
+pub const DEFAULT_CHECK_VAL_EVERY: u32 = 10;
+pub const DEFAULT_EARLY_STOPPING_PATIENCE: u32 = 10;
+/// Upper bound of the reference's automatic epoch count, `min(round(20000 / cells * 400), 400)`.
+pub const DEFAULT_MAX_EPOCHS_CAP: u32 = 400;
+/// Steps between reads of the device-side metrics (each read is one device-to-host sync).
+pub const DEFAULT_METRICS_EVERY: u32 = 50;
+/// Draws of `z_basal` averaged at prediction with a variational encoder.
+pub const DEFAULT_N_SAMPLES: u32 = 20;
+/// BatchNorm momentum and epsilon (scvi-tools' `FCLayers`).
+pub const BATCH_NORM_MOMENTUM: f64 = 0.01;
+pub const BATCH_NORM_EPS: f64 = 1e-3;
+/// LayerNorm epsilon (PyTorch's default).
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+/// Added to the variance heads (variational encoder and Gaussian decoder).
+pub const VAR_EPS: f64 = 1e-4;
+/// Added inside the logarithms of the likelihoods.
+pub const LOG_EPS: f64 = 1e-8;
+
+/// Likelihood of the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReconLoss {
+    /// Negative binomial with per-gene dispersion (the default).
+    Nb,
+    /// Zero-inflated negative binomial.
+    Zinb,
+    /// Gaussian with a learned per-cell, per-gene variance (for normalised, non-count data).
+    Gauss,
+}
+
+impl ReconLoss {
+    /// Whether the model sees counts (log1p input, library size from the cell).
+    pub fn is_count(self) -> bool {
+        matches!(self, ReconLoss::Nb | ReconLoss::Zinb)
+    }
+}
+
+/// Dose-response function applied to each perturbation's dose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DoserType {
+    /// `sigmoid(log1p(d) * beta + bias) - sigmoid(bias)` (the default).
+    Logsigm,
+    /// `sigmoid(d * beta + bias) - sigmoid(bias)`.
+    Sigm,
+    /// `d`.
+    Linear,
+    /// `sigmoid(MLP_k(d)) * [d > 0]`, one small MLP per perturbation.
+    Mlp,
+}
+
+/// Normalisation of the hidden layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// BatchNorm1d (momentum 0.01, eps 1e-3).
+    Batch,
+    /// LayerNorm without affine parameters.
+    Layer,
+    None,
+}
+
+/// Loss of the adversarial classifiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdvLoss {
+    /// Cross-entropy (the default).
+    Cce,
+    /// Focal loss with `focal_gamma`.
+    Focal,
+}
+
+/// How weight decay enters the Adam update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    /// Adam with L2 weight decay added to the gradient (`torch.optim.Adam`, the reference).
+    Adam,
+    /// Adam with decoupled weight decay (`torch.optim.AdamW`).
+    Adamw,
+}
+
+/// Floating-point precision of the forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    /// Matrix products in bfloat16, weights, normalisation, likelihoods and optimizer in float32.
+    Bf16,
+}
+
+/// The network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub n_latent: usize,
+    pub recon_loss: ReconLoss,
+    pub doser_type: DoserType,
+    pub n_hidden_encoder: usize,
+    pub n_layers_encoder: usize,
+    pub n_hidden_decoder: usize,
+    pub n_layers_decoder: usize,
+    pub n_hidden_doser: usize,
+    pub n_layers_doser: usize,
+    pub norm_encoder: Norm,
+    pub norm_decoder: Norm,
+    pub dropout_rate_encoder: f64,
+    pub dropout_rate_decoder: f64,
+    /// Variational encoder (Gaussian posterior, KL to N(0, I)); deterministic by default.
+    pub variational: bool,
+    pub max_comb_len: usize,
+    /// Draws of `z_basal` averaged at prediction when `variational`.
+    pub n_samples: u32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            n_latent: DEFAULT_N_LATENT,
+            recon_loss: ReconLoss::Nb,
+            doser_type: DoserType::Logsigm,
+            n_hidden_encoder: DEFAULT_N_HIDDEN,
+            n_layers_encoder: DEFAULT_N_LAYERS,
+            n_hidden_decoder: DEFAULT_N_HIDDEN,
+            n_layers_decoder: DEFAULT_N_LAYERS,
+            n_hidden_doser: DEFAULT_N_HIDDEN_DOSER,
+            n_layers_doser: DEFAULT_N_LAYERS_DOSER,
+            norm_encoder: Norm::Batch,
+            norm_decoder: Norm::Batch,
+            dropout_rate_encoder: DEFAULT_DROPOUT,
+            dropout_rate_decoder: DEFAULT_DROPOUT,
+            variational: false,
+            max_comb_len: DEFAULT_MAX_COMB_LEN,
+            n_samples: DEFAULT_N_SAMPLES,
+        }
+    }
+}
+
+/// The adversarial classifiers and their place in the loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdversaryConfig {
+    pub n_hidden: usize,
+    pub n_layers: usize,
+    pub norm: Norm,
+    pub dropout_rate: f64,
+    pub loss: AdvLoss,
+    pub focal_gamma: f64,
+    pub reg_adv: f64,
+    pub pen_adv: f64,
+    /// Batches with `index % adv_steps != 0` step the adversary only, the others the autoencoder
+    /// only. 0 steps both on every batch (the reference's `adv_steps = None`).
+    pub adv_steps: u32,
+}
+
+impl Default for AdversaryConfig {
+    fn default() -> Self {
+        AdversaryConfig {
+            n_hidden: DEFAULT_N_HIDDEN_ADV,
+            n_layers: DEFAULT_N_LAYERS_ADV,
+            norm: Norm::Batch,
+            dropout_rate: DEFAULT_DROPOUT_ADV,
+            loss: AdvLoss::Cce,
+            focal_gamma: DEFAULT_FOCAL_GAMMA,
+            reg_adv: DEFAULT_REG_ADV,
+            pen_adv: DEFAULT_PEN_ADV,
+            adv_steps: DEFAULT_ADV_STEPS,
+        }
+    }
+}
+
+/// Optimisation and schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    pub optimizer: Optimizer,
+    pub lr: f64,
+    pub wd: f64,
+    pub doser_lr: f64,
+    pub doser_wd: f64,
+    pub adv_lr: f64,
+    pub adv_wd: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// Epochs between learning-rate decays by `lr_decay` (0: no decay).
+    pub step_size_lr: u32,
+    pub lr_decay: f64,
+    /// Clip each optimizer group's gradient norm to `gradient_clip_value`.
+    pub do_clip_grad: bool,
+    pub gradient_clip_value: f64,
+    /// Epochs of autoencoder-only training before the adversarial term enters (0: none).
+    pub n_epochs_pretrain_ae: u32,
+    /// Epochs over which the KL weight rises from 0 to 1 (0: weight 1 from the start).
+    pub n_epochs_kl_warmup: u32,
+    /// Epochs, after pre-training, over which `reg_adv` rises from 0 (0: full weight at once).
+    pub n_epochs_adv_warmup: u32,
+    /// Epochs, after pre-training, over which the mixup alpha rises from 0 (0: full alpha at once).
+    /// The reference zeroes alpha when pre-training is also set; this counts from its end instead.
+    pub n_epochs_mixup_warmup: u32,
+    /// Beta(alpha, alpha) mixup; 0 is off.
+    pub mixup_alpha: f64,
+    /// Cells per device batch.
+    pub batch_size: usize,
+    /// Device batches whose gradients are summed before each optimizer step (effective batch =
+    /// `batch_size * accumulate_batches`).
+    pub accumulate_batches: usize,
+    /// Epochs to train; 0 takes the reference's rule `min(round(20000 / cells * 400), 400)`.
+    pub max_epochs: u32,
+    pub check_val_every_n_epoch: u32,
+    pub early_stopping_patience: u32,
+    pub precision: Precision,
+    /// Steps between reads of the device-side running metrics.
+    pub metrics_every_n_steps: u32,
+    pub seed: u64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            optimizer: Optimizer::Adam,
+            lr: DEFAULT_LR,
+            wd: DEFAULT_WD,
+            doser_lr: DEFAULT_DOSER_LR,
+            doser_wd: DEFAULT_DOSER_WD,
+            adv_lr: DEFAULT_ADV_LR,
+            adv_wd: DEFAULT_ADV_WD,
+            adam_beta1: DEFAULT_ADAM_BETAS.0,
+            adam_beta2: DEFAULT_ADAM_BETAS.1,
+            adam_eps: DEFAULT_ADAM_EPS,
+            step_size_lr: DEFAULT_STEP_SIZE_LR,
+            lr_decay: DEFAULT_LR_DECAY,
+            do_clip_grad: false,
+            gradient_clip_value: DEFAULT_GRADIENT_CLIP,
+            n_epochs_pretrain_ae: 0,
+            n_epochs_kl_warmup: 0,
+            n_epochs_adv_warmup: 0,
+            n_epochs_mixup_warmup: 0,
+            mixup_alpha: 0.0,
+            batch_size: DEFAULT_BATCH_SIZE,
+            accumulate_batches: 1,
+            max_epochs: 0,
+            check_val_every_n_epoch: DEFAULT_CHECK_VAL_EVERY,
+            early_stopping_patience: DEFAULT_EARLY_STOPPING_PATIENCE,
+            precision: Precision::Fp32,
+            metrics_every_n_steps: DEFAULT_METRICS_EVERY,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// The epochs to train on `cells` training cells: `max_epochs`, or the reference's rule.
+    pub fn epochs_for(&self, cells: u64) -> u32 {
+        if self.max_epochs > 0 {
+            return self.max_epochs;
+        }
+        let auto = (20_000.0 / cells.max(1) as f64 * 400.0).round();
+        (auto as u32).clamp(1, DEFAULT_MAX_EPOCHS_CAP)
+    }
+}
+
+/// The whole configuration: `[model]`, `[adversary]` and `[training]` tables.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CpaConfig {
+    pub model: ModelConfig,
+    pub adversary: AdversaryConfig,
+    pub training: TrainingConfig,
+}
+
+impl CpaConfig {
+    /// Parses and validates TOML text; `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<CpaConfig> {
+        let config: CpaConfig =
+            toml::from_str(text).map_err(|e| Error::InvalidInput(format!("{origin}: {}", e.to_string().trim_end())))?;
+        config.validate().map_err(|reason| Error::InvalidInput(format!("{origin}: {reason}")))?;
+        Ok(config)
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<CpaConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        CpaConfig::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::InvalidInput(format!("configuration to TOML: {e}")))
+    }
+
+    /// Checks ranges and combinations; the message names the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let (m, a, t) = (&self.model, &self.adversary, &self.training);
+        let positive = [
+            ("model.n_latent", m.n_latent),
+            ("model.n_hidden_encoder", m.n_hidden_encoder),
+            ("model.n_hidden_decoder", m.n_hidden_decoder),
+            ("model.n_layers_encoder", m.n_layers_encoder),
+            ("model.n_layers_decoder", m.n_layers_decoder),
+            ("model.n_hidden_doser", m.n_hidden_doser),
+            ("model.n_layers_doser", m.n_layers_doser),
+            ("model.max_comb_len", m.max_comb_len),
+            ("adversary.n_hidden", a.n_hidden),
+            ("adversary.n_layers", a.n_layers),
+            ("training.batch_size", t.batch_size),
+            ("training.accumulate_batches", t.accumulate_batches),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
+        for (key, value) in [
+            ("model.dropout_rate_encoder", m.dropout_rate_encoder),
+            ("model.dropout_rate_decoder", m.dropout_rate_decoder),
+            ("adversary.dropout_rate", a.dropout_rate),
+        ] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(format!("{key} is {value}, expected a probability in [0, 1)"));
+            }
+        }
+        let non_negative = [
+            ("adversary.reg_adv", a.reg_adv),
+            ("adversary.pen_adv", a.pen_adv),
+            ("adversary.focal_gamma", a.focal_gamma),
+            ("training.wd", t.wd),
+            ("training.doser_wd", t.doser_wd),
+            ("training.adv_wd", t.adv_wd),
+            ("training.mixup_alpha", t.mixup_alpha),
+        ];
+        for (key, value) in non_negative {
+            if !value.is_finite() || value < 0.0 {
+                return Err(format!("{key} is {value}, expected a finite number >= 0"));
+            }
+        }
+        let strictly_positive = [
+            ("training.lr", t.lr),
+            ("training.doser_lr", t.doser_lr),
+            ("training.adv_lr", t.adv_lr),
+            ("training.adam_eps", t.adam_eps),
+            ("training.lr_decay", t.lr_decay),
+            ("training.gradient_clip_value", t.gradient_clip_value),
+        ];
+        for (key, value) in strictly_positive {
+            if !value.is_finite() || value <= 0.0 {
+                return Err(format!("{key} is {value}, expected a finite number > 0"));
+            }
+        }
+        for (key, value) in [("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(format!("{key} is {value}, expected a number in [0, 1)"));
+            }
+        }
+        if m.n_samples == 0 {
+            return Err("model.n_samples must be at least 1".to_owned());
+        }
+        if t.metrics_every_n_steps == 0 {
+            return Err("training.metrics_every_n_steps must be at least 1".to_owned());
+        }
+        if t.check_val_every_n_epoch == 0 {
+            return Err("training.check_val_every_n_epoch must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() -> Result<()> {
+        let config = CpaConfig::default();
+        let text = config.to_toml()?;
+        assert_eq!(CpaConfig::from_toml(&text, "round trip")?, config);
+        Ok(())
+    }
+
+    #[test]
+    fn the_example_file_is_the_defaults() -> Result<()> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cpa.toml");
+        assert_eq!(CpaConfig::from_file(&path)?, CpaConfig::default());
+        Ok(())
+    }
+
+    #[test]
+    fn partial_files_take_defaults_and_unknown_keys_fail() -> Result<()> {
+        let config = CpaConfig::from_toml("[model]\nrecon_loss = \"zinb\"\n[training]\nlr = 1e-3\n", "t")?;
+        assert_eq!(config.model.recon_loss, ReconLoss::Zinb);
+        assert_eq!(config.training.lr, 1e-3);
+        assert_eq!(config.model.n_latent, DEFAULT_N_LATENT);
+        let err = CpaConfig::from_toml("[model]\nn_latnet = 3\n", "cpa.toml").err().map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.starts_with("cpa.toml: ") && err.contains("n_latnet"), "{err}");
+        let err = CpaConfig::from_toml("[adversary]\ndropout_rate = 1.5\n", "c.toml").err().map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("c.toml: adversary.dropout_rate is 1.5, expected a probability in [0, 1)"));
+        Ok(())
+    }
+
+    #[test]
+    fn automatic_epochs_follow_the_reference_rule() {
+        let t = TrainingConfig::default();
+        assert_eq!(t.epochs_for(20_000), 400);
+        assert_eq!(t.epochs_for(100_000), 80);
+        assert_eq!(t.epochs_for(1_000), 400);
+        assert_eq!(t.epochs_for(100_000_000), 1);
+        let fixed = TrainingConfig { max_epochs: 7, ..TrainingConfig::default() };
+        assert_eq!(fixed.epochs_for(10), 7);
+    }
+}

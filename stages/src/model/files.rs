@@ -1,0 +1,138 @@
+//! A saved model: `model.json` (format, configuration, vocabularies, gene names) and
+//! `weights.safetensors`, in a directory that appears complete or not at all.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use super::config::CpaConfig;
+use super::network::CpaModel;
+use super::vocab::Vocabulary;
+use crate::error::{Error, Result};
+
+/// `format` field of `model.json`.
+pub const MODEL_FORMAT: &str = "cpa-stream-model";
+/// Version of the model directory layout this build reads and writes.
+pub const MODEL_VERSION: u32 = 1;
+pub const MODEL_FILE: &str = "model.json";
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+
+/// The contents of `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    pub format: String,
+    pub version: u32,
+    /// The program that wrote it (`cpa-stream 0.1.0`).
+    pub written_by: String,
+    pub config: CpaConfig,
+    pub vocabulary: Vocabulary,
+    /// Width of the fixed perturbation features, when the model uses them.
+    pub perturbation_features: Option<i64>,
+    pub n_parameters: i64,
+}
+
+/// Reads `DIR/model.json`, checking the format and version before anything else.
+pub fn read_model_file(dir: &Path) -> Result<ModelFile> {
+    let path = dir.join(MODEL_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::corrupt(&path, format!("not JSON: {e}")))?;
+    let format = value.get("format").and_then(|f| f.as_str());
+    if format != Some(MODEL_FORMAT) {
+        return Err(Error::corrupt(
+            &path,
+            format!("format is {format:?}, expected {MODEL_FORMAT:?} (not a cpa-stream model)"),
+        ));
+    }
+    let version = value.get("version").and_then(|v| v.as_u64());
+    if version != Some(u64::from(MODEL_VERSION)) {
+        return Err(Error::Unsupported {
+            path,
+            reason: format!("model format version {version:?}; this build reads version {MODEL_VERSION}"),
+        });
+    }
+    let file: ModelFile = serde_json::from_value(value).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+    file.config.validate().map_err(|e| Error::corrupt(&path, format!("config: {e}")))?;
+    file.vocabulary.validate().map_err(|e| Error::corrupt(&path, e.to_string()))?;
+    Ok(file)
+}
+
+/// Writes `model.json` and the weights into `dir` (which must exist).
+pub(crate) fn write_model_files(model: &CpaModel, dir: &Path) -> Result<()> {
+    let file = ModelFile {
+        format: MODEL_FORMAT.to_owned(),
+        version: MODEL_VERSION,
+        written_by: format!("cpa-stream {}", env!("CARGO_PKG_VERSION")),
+        config: model.config().clone(),
+        vocabulary: model.vocabulary().clone(),
+        perturbation_features: model.perturbation_feature_width(),
+        n_parameters: model.n_parameters(),
+    };
+    let path = dir.join(MODEL_FILE);
+    let text = serde_json::to_string_pretty(&file).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    let weights = dir.join(WEIGHTS_FILE);
+    model.var_store().save(&weights).map_err(|e| Error::torch(format!("writing {}", weights.display()), e))
+}
+
+/// Saves a model to `dir` atomically: everything is written to a temporary sibling that replaces
+/// `dir` only when complete.
+pub fn save_model(model: &CpaModel, dir: &Path) -> Result<()> {
+    publish_dir(dir, |tmp| write_model_files(model, tmp))
+}
+
+/// Loads a model for prediction or further training on `device`.
+pub fn load_model(dir: &Path, device: Device) -> Result<CpaModel> {
+    let file = read_model_file(dir)?;
+    let features = file
+        .perturbation_features
+        .map(|width| {
+            tch::Tensor::f_zeros([file.vocabulary.n_perturbations() as i64, width], (tch::Kind::Float, device))
+        })
+        .transpose()?;
+    let mut model = CpaModel::new(&file.config, &file.vocabulary, features.as_ref(), device, 0)?;
+    let weights = dir.join(WEIGHTS_FILE);
+    model
+        .var_store_mut()
+        .load(&weights)
+        .map_err(|e| Error::corrupt(&weights, format!("weights do not fit model.json: {e}")))?;
+    Ok(model)
+}
+
+/// Runs `write` on a fresh temporary sibling of `dir`, then puts it in place of `dir`. If `write`
+/// fails, nothing changes at `dir` and the temporary directory is removed.
+pub fn publish_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name =
+        dir.file_name().ok_or_else(|| Error::InvalidInput(format!("{}: not a directory name", dir.display())))?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let sibling =
+        |tag: &str| -> PathBuf { parent.join(format!(".{}.{tag}-{}", name.to_string_lossy(), std::process::id())) };
+    let (tmp, old) = (sibling("tmp"), sibling("old"));
+    for stale in [&tmp, &old] {
+        if stale.exists() {
+            std::fs::remove_dir_all(stale).map_err(|e| Error::io(stale, e))?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let replaced = dir.exists();
+    if replaced {
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if replaced {
+            let _ = std::fs::rename(&old, dir);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::io(dir, e));
+    }
+    if replaced {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! Building blocks of the network: linear layers, normalisation, the scvi-tools `FCLayers` stack,
+//! and the source of randomness (initialisation, dropout, sampling, mixup).
+//!
+//! Parameters are created in a `tch` `VarStore` but initialised from this crate's own seeded
+//! generator, not from libtorch's process-global one, so two models in one process (tests run in
+//! parallel threads; an ETL job may hold several) do not disturb each other's streams.
+
+use rand::{Rng, SeedableRng};
+use rand_distr::{Beta, Distribution, StandardNormal};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use tch::{Device, Kind, Tensor, nn};
+
+use super::config::{BATCH_NORM_EPS, BATCH_NORM_MOMENTUM, LAYER_NORM_EPS, Norm, Precision};
+use crate::error::{Error, Result};
+
+/// A seeded generator whose stream is fixed by `(seed, stream, index)`.
+pub(crate) fn seeded(seed: u64, stream: u64, index: u64) -> Xoshiro256PlusPlus {
+    let mut x = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    Xoshiro256PlusPlus::seed_from_u64(x ^ (x >> 31))
+}
+
+/// Randomness of a model: host-generated on the CPU (exactly reproducible per model), libtorch's
+/// CUDA generator on a GPU (fast; reproducibility is promised on the CPU only).
+pub struct Noise {
+    rng: Xoshiro256PlusPlus,
+    device: Device,
+}
+
+impl Noise {
+    pub fn new(rng: Xoshiro256PlusPlus, device: Device) -> Noise {
+        Noise { rng, device }
+    }
+
+    /// Reseeds the stream (on CUDA also libtorch's CUDA generators).
+    pub fn reseed(&mut self, rng: Xoshiro256PlusPlus) {
+        self.rng = rng;
+        if self.device.is_cuda() {
+            tch::Cuda::manual_seed_all(self.rng.random());
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Uniform [0, 1) float32 values of `shape` on the device.
+    pub fn uniform(&mut self, shape: &[i64]) -> Result<Tensor> {
+        if self.device.is_cuda() {
+            return Ok(Tensor::f_rand(shape, (Kind::Float, self.device))?);
+        }
+        let n: i64 = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| self.rng.random::<f32>()).collect();
+        Ok(Tensor::f_from_slice(&values)?.f_reshape(shape)?)
+    }
+
+    /// Standard normal float32 values of `shape` on the device.
+    pub fn normal(&mut self, shape: &[i64]) -> Result<Tensor> {
+        if self.device.is_cuda() {
+            return Ok(Tensor::f_randn(shape, (Kind::Float, self.device))?);
+        }
+        let n: i64 = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| self.rng.sample::<f32, _>(StandardNormal)).collect();
+        Ok(Tensor::f_from_slice(&values)?.f_reshape(shape)?)
+    }
+
+    /// A uniformly random permutation of `0..n` (host generator on every device).
+    pub fn permutation(&mut self, n: usize) -> Vec<i64> {
+        let mut p: Vec<i64> = (0..n as i64).collect();
+        for i in (1..n).rev() {
+            let j = self.rng.random_range(0..=i);
+            p.swap(i, j);
+        }
+        p
+    }
+
+    /// A Beta(alpha, alpha) draw (host generator on every device).
+    pub fn beta(&mut self, alpha: f64) -> Result<f64> {
+        let dist = Beta::new(alpha, alpha).map_err(|e| Error::InvalidInput(format!("mixup alpha {alpha}: {e}")))?;
+        Ok(dist.sample(&mut self.rng))
+    }
+
+    /// Inverted dropout: zeroes each value with probability `p` and scales the rest by 1/(1-p).
+    pub fn dropout(&mut self, x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+        if !train || p == 0.0 {
+            return Ok(x.shallow_clone());
+        }
+        let keep = self.uniform(&x.size())?.f_ge(p)?.f_to_kind(x.kind())?;
+        Ok(x.f_mul(&keep)?.f_mul_scalar(1.0 / (1.0 - p))?)
+    }
+}
+
+/// Host-side initialiser drawing PyTorch's default distributions from a seeded generator.
+pub(crate) struct Init {
+    rng: Xoshiro256PlusPlus,
+}
+
+impl Init {
+    pub(crate) fn new(rng: Xoshiro256PlusPlus) -> Init {
+        Init { rng }
+    }
+
+    pub(crate) fn uniform(&mut self, shape: &[i64], bound: f64) -> Result<Tensor> {
+        let n: i64 = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| ((self.rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
+        Ok(Tensor::f_from_slice(&values)?.f_reshape(shape)?)
+    }
+
+    pub(crate) fn normal(&mut self, shape: &[i64]) -> Result<Tensor> {
+        let n: i64 = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| self.rng.sample::<f32, _>(StandardNormal)).collect();
+        Ok(Tensor::f_from_slice(&values)?.f_reshape(shape)?)
+    }
+}
+
+/// Creates a trainable variable under `path` holding `init` (moved to the store's device).
+pub(crate) fn variable(path: &nn::Path, name: &str, init: Tensor) -> Result<Tensor> {
+    Ok(path.f_var_copy(name, &init)?)
+}
+
+/// Matrix product `x @ w.T + b` in the chosen precision; the result is float32.
+pub(crate) fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>, precision: Precision) -> Result<Tensor> {
+    match precision {
+        Precision::Fp32 => Ok(x.f_linear(w, b)?),
+        Precision::Bf16 => {
+            let bf = Kind::BFloat16;
+            let b = b.map(|b| b.f_to_kind(bf)).transpose()?;
+            Ok(x.f_to_kind(bf)?.f_linear(&w.f_to_kind(bf)?, b.as_ref())?.f_to_kind(Kind::Float)?)
+        }
+    }
+}
+
+/// `nn.Linear` with PyTorch's default initialisation (uniform in ±1/sqrt(fan_in) for weight and bias).
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    pub(crate) fn new(path: &nn::Path, init: &mut Init, n_in: usize, n_out: usize) -> Result<Linear> {
+        let bound = 1.0 / (n_in as f64).sqrt();
+        let weight = variable(path, "weight", init.uniform(&[n_out as i64, n_in as i64], bound)?)?;
+        let bias = variable(path, "bias", init.uniform(&[n_out as i64], bound)?)?;
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
+        affine(x, &self.weight, Some(&self.bias), precision)
+    }
+}
+
+/// BatchNorm1d (momentum 0.01, eps 1e-3), LayerNorm without affine parameters, or nothing.
+#[derive(Debug)]
+pub(crate) enum NormLayer {
+    Batch { weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor },
+    Layer { dim: i64 },
+    None,
+}
+
+impl NormLayer {
+    fn new(path: &nn::Path, norm: Norm, dim: usize) -> Result<NormLayer> {
+        let d = dim as i64;
+        Ok(match norm {
+            Norm::Batch => NormLayer::Batch {
+                weight: path.f_ones("weight", &[d])?,
+                bias: path.f_zeros("bias", &[d])?,
+                running_mean: path.f_zeros_no_train("running_mean", &[d])?,
+                running_var: path.f_ones_no_train("running_var", &[d])?,
+            },
+            Norm::Layer => NormLayer::Layer { dim: d },
+            Norm::None => NormLayer::None,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match self {
+            NormLayer::Batch { weight, bias, running_mean, running_var } => Tensor::f_batch_norm(
+                x,
+                Some(weight),
+                Some(bias),
+                Some(running_mean),
+                Some(running_var),
+                train,
+                BATCH_NORM_MOMENTUM,
+                BATCH_NORM_EPS,
+                false,
+            )?,
+            NormLayer::Layer { dim } => {
+                x.f_layer_norm([*dim], None::<&Tensor>, None::<&Tensor>, LAYER_NORM_EPS, false)?
+            }
+            NormLayer::None => x.shallow_clone(),
+        })
+    }
+}
+
+/// scvi-tools' `FCLayers`: `n_layers` blocks of Linear -> norm -> ReLU -> Dropout, the first from
+/// `n_in` to `n_hidden`, the others `n_hidden` wide.
+#[derive(Debug)]
+pub struct FcLayers {
+    blocks: Vec<(Linear, NormLayer)>,
+    dropout: f64,
+    out_dim: usize,
+}
+
+impl FcLayers {
+    pub(crate) fn new(
+        path: &nn::Path,
+        init: &mut Init,
+        n_in: usize,
+        n_hidden: usize,
+        n_layers: usize,
+        norm: Norm,
+        dropout: f64,
+    ) -> Result<FcLayers> {
+        let mut blocks = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let p = path / format!("layer{i}");
+            let input = if i == 0 { n_in } else { n_hidden };
+            let linear = Linear::new(&(&p / "linear"), init, input, n_hidden)?;
+            let norm = NormLayer::new(&(&p / "norm"), norm, n_hidden)?;
+            blocks.push((linear, norm));
+        }
+        Ok(FcLayers { blocks, dropout, out_dim: n_hidden })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool, precision: Precision, noise: &mut Noise) -> Result<Tensor> {
+        let mut h = x.shallow_clone();
+        for (linear, norm) in &self.blocks {
+            h = norm.forward(&linear.forward(&h, precision)?, train)?.f_relu()?;
+            h = noise.dropout(&h, self.dropout, train)?;
+        }
+        Ok(h)
+    }
+}
+
+/// An MLP classifier: [`FcLayers`] then a Linear to the class logits.
+#[derive(Debug)]
+pub struct Classifier {
+    body: FcLayers,
+    head: Linear,
+}
+
+impl Classifier {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        path: &nn::Path,
+        init: &mut Init,
+        n_in: usize,
+        n_hidden: usize,
+        n_layers: usize,
+        norm: Norm,
+        dropout: f64,
+        n_classes: usize,
+    ) -> Result<Classifier> {
+        let body = FcLayers::new(&(path / "body"), init, n_in, n_hidden, n_layers, norm, dropout)?;
+        let head = Linear::new(&(path / "head"), init, n_hidden, n_classes)?;
+        Ok(Classifier { body, head })
+    }
+
+    pub fn forward(&self, z: &Tensor, train: bool, precision: Precision, noise: &mut Noise) -> Result<Tensor> {
+        self.head.forward(&self.body.forward(z, train, precision, noise)?, precision)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_noise_is_reproducible_and_dropout_keeps_the_mean() -> Result<()> {
+        let mut a = Noise::new(seeded(1, 2, 3), Device::Cpu);
+        let mut b = Noise::new(seeded(1, 2, 3), Device::Cpu);
+        let (ua, ub) = (a.uniform(&[4, 5])?, b.uniform(&[4, 5])?);
+        assert!(ua.f_equal(&ub)?);
+        let x = Tensor::f_ones([20_000], (Kind::Float, Device::Cpu))?;
+        let y = a.dropout(&x, 0.25, true)?;
+        let zeros = y.f_eq(0.0)?.f_sum(Kind::Float)?.f_double_value(&[])?;
+        assert!((zeros / 20_000.0 - 0.25).abs() < 0.02, "dropped fraction {}", zeros / 20_000.0);
+        let mean = y.f_mean(Kind::Float)?.f_double_value(&[])?;
+        assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
+        assert!(a.dropout(&x, 0.25, false)?.f_equal(&x)?);
+        let mut p = a.permutation(100);
+        p.sort_unstable();
+        assert_eq!(p, (0..100).collect::<Vec<i64>>());
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! Log-likelihoods of the reconstruction, element-wise (cells x genes), as in scvi-tools
+//! (`log_nb_positive`, `log_zinb_positive`, `Normal.log_prob`).
+
+use tch::Tensor;
+
+use super::config::LOG_EPS;
+use crate::error::Result;
+
+/// Negative binomial log-likelihood of counts `x` with mean `mu` and inverse dispersion `theta`
+/// (broadcast over cells). Finite for zero counts, zero means and very large counts.
+pub fn log_nb(x: &Tensor, mu: &Tensor, theta: &Tensor) -> Result<Tensor> {
+    let log_theta_mu = theta.f_add(mu)?.f_add_scalar(LOG_EPS)?.f_log()?;
+    let a = theta.f_mul(&theta.f_add_scalar(LOG_EPS)?.f_log()?.f_sub(&log_theta_mu)?)?;
+    let b = x.f_mul(&mu.f_add_scalar(LOG_EPS)?.f_log()?.f_sub(&log_theta_mu)?)?;
+    let c = x.f_add(theta)?.f_lgamma()?.f_sub(&theta.f_lgamma()?)?.f_sub(&x.f_add_scalar(1.0)?.f_lgamma()?)?;
+    Ok(a.f_add(&b)?.f_add(&c)?)
+}
+
+/// Zero-inflated negative binomial log-likelihood; `zi_logits` are the logits of the
+/// zero-inflation probability.
+pub fn log_zinb(x: &Tensor, mu: &Tensor, theta: &Tensor, zi_logits: &Tensor) -> Result<Tensor> {
+    let softplus_pi = zi_logits.f_neg()?.f_softplus()?;
+    let log_theta = theta.f_add_scalar(LOG_EPS)?.f_log()?;
+    let log_theta_mu = theta.f_add(mu)?.f_add_scalar(LOG_EPS)?.f_log()?;
+    let pi_theta_log = zi_logits.f_neg()?.f_add(&theta.f_mul(&log_theta.f_sub(&log_theta_mu)?)?)?;
+    let case_zero = pi_theta_log.f_softplus()?.f_sub(&softplus_pi)?;
+    let case_nonzero = softplus_pi
+        .f_neg()?
+        .f_add(&pi_theta_log)?
+        .f_add(&x.f_mul(&mu.f_add_scalar(LOG_EPS)?.f_log()?.f_sub(&log_theta_mu)?)?)?
+        .f_add(&x.f_add(theta)?.f_lgamma()?)?
+        .f_sub(&theta.f_lgamma()?)?
+        .f_sub(&x.f_add_scalar(1.0)?.f_lgamma()?)?;
+    let zero = x.f_lt(LOG_EPS)?;
+    Ok(case_zero.f_where_self(&zero, &case_nonzero)?)
+}
+
+/// Gaussian log-density of `x` with mean `mean` and variance `var`.
+pub fn log_normal(x: &Tensor, mean: &Tensor, var: &Tensor) -> Result<Tensor> {
+    let sq = x.f_sub(mean)?.f_square()?.f_div(&var.f_mul_scalar(2.0)?)?;
+    let log_norm = var.f_mul_scalar(2.0 * std::f64::consts::PI)?.f_log()?.f_mul_scalar(0.5)?;
+    Ok(sq.f_add(&log_norm)?.f_neg()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind};
+
+    use super::*;
+
+    fn t(values: &[f64]) -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(values)?.f_to_kind(Kind::Double)?)
+    }
+
+    fn values(x: &Tensor) -> Result<Vec<f64>> {
+        Ok(Vec::<f64>::try_from(&x.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?)
+    }
+
+    /// log NB(k; mu, theta) by hand: log of prod_{j<k} (theta + j) / k! * p^theta * (1-p)^k with
+    /// p = theta / (theta + mu), summed term by term in f64 (no gamma function).
+    fn nb_by_hand(k: u64, mu: f64, theta: f64) -> f64 {
+        let mut log_coef = 0.0;
+        for j in 0..k {
+            log_coef += (theta + j as f64).ln() - ((j + 1) as f64).ln();
+        }
+        let successes = if k == 0 { 0.0 } else { k as f64 * (mu / (theta + mu)).ln() };
+        log_coef + theta * (theta / (theta + mu)).ln() + successes
+    }
+
+    fn close(a: f64, b: f64, rel: f64) -> bool {
+        (a - b).abs() <= rel * (1.0 + b.abs())
+    }
+
+    #[test]
+    fn negative_binomial_matches_hand_computed_values() -> Result<()> {
+        // (count, mean, theta): zero, small, a zero-mean cell, and very large counts.
+        let cases = [(0u64, 3.0, 2.0), (3, 3.0, 2.0), (1, 0.5, 0.3), (7, 12.0, 0.5), (100_000, 98_000.0, 4.0)];
+        let x = t(&cases.map(|c| c.0 as f64))?;
+        let mu = t(&cases.map(|c| c.1))?;
+        let theta = t(&cases.map(|c| c.2))?;
+        let got = values(&log_nb(&x, &mu, &theta)?)?;
+        for (case, g) in cases.iter().zip(got) {
+            let want = nb_by_hand(case.0, case.1, case.2);
+            assert!(close(g, want, 1e-6), "NB{case:?}: {g} vs {want}");
+        }
+        // Exact small case: k = 3, theta = 2: Gamma(5) / (Gamma(2) 3!) = 4.
+        let p: f64 = 2.0 / 5.0;
+        assert!(close(nb_by_hand(3, 3.0, 2.0), (4.0 * p.powi(2) * (1.0 - p).powi(3)).ln(), 1e-12));
+        // A cell whose mean is 0 (zero library): zeros have likelihood 1, no NaN.
+        let zero = log_nb(&t(&[0.0])?, &t(&[0.0])?, &t(&[1.5])?)?;
+        assert!(values(&zero)?[0].abs() < 1e-6);
+        // float32, as in training: large counts stay finite and close.
+        let f = |v: &[f64]| -> Result<Tensor> { Ok(t(v)?.f_to_kind(Kind::Float)?) };
+        let big = log_nb(&f(&[50_000.0])?, &f(&[49_000.0])?, &f(&[3.0])?)?;
+        let want = nb_by_hand(50_000, 49_000.0, 3.0);
+        let g = values(&big)?[0];
+        assert!(g.is_finite() && close(g, want, 1e-3), "{g} vs {want}");
+        Ok(())
+    }
+
+    #[test]
+    fn zero_inflated_negative_binomial_matches_the_mixture() -> Result<()> {
+        let cases = [(0u64, 3.0, 2.0, 0.4), (0, 0.0, 1.0, -1.0), (5, 4.0, 1.5, 0.7), (20_000, 21_000.0, 2.5, -2.0)];
+        let x = t(&cases.map(|c| c.0 as f64))?;
+        let mu = t(&cases.map(|c| c.1))?;
+        let theta = t(&cases.map(|c| c.2))?;
+        let logits = t(&cases.map(|c| c.3))?;
+        let got = values(&log_zinb(&x, &mu, &theta, &logits)?)?;
+        for (case, g) in cases.iter().zip(got) {
+            let pi = 1.0 / (1.0 + (-case.3).exp());
+            let nb = nb_by_hand(case.0, case.1, case.2);
+            let want = if case.0 == 0 { (pi + (1.0 - pi) * nb.exp()).ln() } else { (1.0 - pi).ln() + nb };
+            assert!(close(g, want, 1e-6), "ZINB{case:?}: {g} vs {want}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gaussian_matches_the_density() -> Result<()> {
+        let got = values(&log_normal(&t(&[0.0, 2.5, -1.0])?, &t(&[0.0, 1.0, 3.0])?, &t(&[1.0, 0.25, 4.0])?)?)?;
+        let want = [
+            -0.5 * (2.0 * std::f64::consts::PI).ln(),
+            -0.5 * (2.0 * std::f64::consts::PI * 0.25).ln() - 1.5f64.powi(2) / 0.5,
+            -0.5 * (2.0 * std::f64::consts::PI * 4.0).ln() - 16.0 / 8.0,
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!(close(*g, w, 1e-12), "{g} vs {w}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,503 @@
+//! The CPA network: encoder, perturbation and covariate embeddings, decoder, adversaries.
+//!
+//! Parameters live in one `VarStore` under three prefixes, which are also the optimizer groups:
+//! `ae` (encoder, decoder, embeddings, dispersion), `doser` (dose responses) and `adv`
+//! (classifiers).
+
+use tch::{Device, Kind, Tensor, nn};
+
+use super::batch::DevicePerts;
+use super::config::{CpaConfig, DoserType, Precision, ReconLoss, VAR_EPS};
+use super::layers::{Classifier, FcLayers, Init, Linear, Noise, variable};
+use super::likelihood::{log_nb, log_normal, log_zinb};
+use super::vocab::{PADDING_ID, Vocabulary};
+use crate::error::{Error, Result};
+
+/// Variable-name prefixes of the three optimizer groups.
+pub const GROUP_AE: &str = "ae";
+pub const GROUP_DOSER: &str = "doser";
+pub const GROUP_ADV: &str = "adv";
+
+/// The encoder: deterministic (a Linear head) or variational (mean and variance heads).
+#[derive(Debug)]
+struct Encoder {
+    body: FcLayers,
+    mean: Linear,
+    var: Option<Linear>,
+}
+
+/// Output of the encoder.
+#[derive(Debug)]
+pub struct Encoded {
+    pub z_basal: Tensor,
+    /// Posterior mean and variance (variational encoder only).
+    pub posterior: Option<(Tensor, Tensor)>,
+}
+
+/// The perturbation embedding: free vectors, or fixed features through a trained projection.
+#[derive(Debug)]
+enum PertEmbedding {
+    Free(Tensor),
+    Features { features: Tensor, projection: Linear },
+}
+
+/// Dose-response parameters.
+#[derive(Debug)]
+enum Doser {
+    Sigmoid {
+        beta: Tensor,
+        bias: Tensor,
+        log: bool,
+    },
+    Linear,
+    /// Per-perturbation MLPs 1 -> h (-> h)* -> 1, stored stacked over perturbations.
+    Mlp {
+        w_in: Tensor,
+        b_in: Tensor,
+        hidden: Vec<(Tensor, Tensor)>,
+        w_out: Tensor,
+        b_out: Tensor,
+    },
+}
+
+/// Decoder heads.
+#[derive(Debug)]
+enum Heads {
+    Counts { scale: Linear, zi: Option<Linear>, log_theta: Tensor },
+    Gauss { mean: Linear, var: Linear },
+}
+
+/// Output of the decoder: the parameters of the likelihood.
+#[derive(Debug)]
+pub enum Generative {
+    /// `mu = exp(library) * softmax(..)`, per-gene `theta`, zero-inflation logits for zinb.
+    Counts {
+        mu: Tensor,
+        theta: Tensor,
+        zi_logits: Option<Tensor>,
+    },
+    Gauss {
+        mean: Tensor,
+        var: Tensor,
+    },
+}
+
+impl Generative {
+    /// The predicted mean expression (`mu`, or the Gaussian mean).
+    pub fn mean(&self) -> &Tensor {
+        match self {
+            Generative::Counts { mu, .. } => mu,
+            Generative::Gauss { mean, .. } => mean,
+        }
+    }
+}
+
+/// All latents of a forward pass (`z_pert` and `z_covs` are the added terms).
+#[derive(Debug)]
+pub struct Latents {
+    pub z_basal: Tensor,
+    pub z: Tensor,
+    pub z_corrected: Tensor,
+    pub z_no_pert: Tensor,
+    pub z_no_pert_corrected: Tensor,
+    pub z_pert: Tensor,
+    pub z_covs: Tensor,
+}
+
+/// The CPA model on one device.
+pub struct CpaModel {
+    vs: nn::VarStore,
+    config: CpaConfig,
+    vocab: Vocabulary,
+    encoder: Encoder,
+    embedding: PertEmbedding,
+    doser: Doser,
+    covariate_embeddings: Vec<Tensor>,
+    decoder: FcLayers,
+    heads: Heads,
+    pert_classifier: Classifier,
+    covariate_classifiers: Vec<Option<Classifier>>,
+    class_weights: Tensor,
+    precision: Precision,
+}
+
+impl std::fmt::Debug for CpaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpaModel")
+            .field("device", &self.vs.device())
+            .field("config", &self.config)
+            .field("parameters", &self.n_parameters())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CpaModel {
+    /// Builds a freshly initialised model. `features` are optional fixed perturbation features
+    /// (one row per vocabulary entry, e.g. fingerprints), projected to the latent space by a
+    /// trained Linear instead of free embeddings. Initialisation draws from `init`.
+    pub fn new(
+        config: &CpaConfig,
+        vocab: &Vocabulary,
+        features: Option<&Tensor>,
+        device: Device,
+        init_seed: u64,
+    ) -> Result<CpaModel> {
+        config.validate().map_err(|e| Error::InvalidInput(format!("model configuration: {e}")))?;
+        vocab.validate()?;
+        let mut init = Init::new(super::layers::seeded(init_seed, 11, 0));
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let (ae, doser_path, adv) = (&root / GROUP_AE, &root / GROUP_DOSER, &root / GROUP_ADV);
+        let m = &config.model;
+        let (genes, latent, perts) = (vocab.n_genes(), m.n_latent, vocab.n_perturbations());
+
+        let enc_path = &ae / "encoder";
+        let body = FcLayers::new(
+            &(&enc_path / "body"),
+            &mut init,
+            genes,
+            m.n_hidden_encoder,
+            m.n_layers_encoder,
+            m.norm_encoder,
+            m.dropout_rate_encoder,
+        )?;
+        let mean = Linear::new(&(&enc_path / "mean"), &mut init, m.n_hidden_encoder, latent)?;
+        let var = if m.variational {
+            Some(Linear::new(&(&enc_path / "var"), &mut init, m.n_hidden_encoder, latent)?)
+        } else {
+            None
+        };
+        let encoder = Encoder { body, mean, var };
+
+        let embedding = match features {
+            None => {
+                let e = init.normal(&[perts as i64, latent as i64])?;
+                // The padding row is zero (never indexed: batches hold real perturbations only).
+                let e = e.f_index_fill(0, &Tensor::f_from_slice(&[PADDING_ID as i64])?, 0.0)?;
+                PertEmbedding::Free(variable(&ae, "perturbation_embedding", e)?)
+            }
+            Some(f) => {
+                let size = f.size();
+                if size.len() != 2 || size[0] != perts as i64 {
+                    return Err(Error::InvalidInput(format!(
+                        "perturbation features have shape {size:?}, expected [{perts}, n_features]"
+                    )));
+                }
+                let mut features = ae.f_zeros_no_train("perturbation_features", &size)?;
+                tch::no_grad(|| features.f_copy_(&f.f_to_kind(Kind::Float)?))?;
+                let projection = Linear::new(&(&ae / "perturbation_projection"), &mut init, size[1] as usize, latent)?;
+                PertEmbedding::Features { features, projection }
+            }
+        };
+
+        let p = perts as i64;
+        let doser = match m.doser_type {
+            DoserType::Logsigm | DoserType::Sigm => Doser::Sigmoid {
+                beta: doser_path.f_ones("beta", &[p])?,
+                bias: doser_path.f_zeros("bias", &[p])?,
+                log: m.doser_type == DoserType::Logsigm,
+            },
+            DoserType::Linear => Doser::Linear,
+            DoserType::Mlp => {
+                let h = m.n_hidden_doser as i64;
+                // Each per-perturbation layer has PyTorch's default bounds: 1/sqrt(fan_in).
+                let w_in = variable(&doser_path, "w_in", init.uniform(&[p, h], 1.0)?)?;
+                let b_in = variable(&doser_path, "b_in", init.uniform(&[p, h], 1.0)?)?;
+                let bound = 1.0 / (h as f64).sqrt();
+                let mut hidden = Vec::new();
+                for i in 0..m.n_layers_doser.saturating_sub(2) {
+                    let w = variable(&doser_path, &format!("w_hidden{i}"), init.uniform(&[p, h, h], bound)?)?;
+                    let b = variable(&doser_path, &format!("b_hidden{i}"), init.uniform(&[p, h], bound)?)?;
+                    hidden.push((w, b));
+                }
+                let w_out = variable(&doser_path, "w_out", init.uniform(&[p, h], bound)?)?;
+                let b_out = variable(&doser_path, "b_out", init.uniform(&[p], bound)?)?;
+                Doser::Mlp { w_in, b_in, hidden, w_out, b_out }
+            }
+        };
+
+        let mut covariate_embeddings = Vec::with_capacity(vocab.covariates.len());
+        for (i, cov) in vocab.covariates.iter().enumerate() {
+            let e = init.normal(&[cov.categories.len() as i64, latent as i64])?;
+            covariate_embeddings.push(variable(&ae, &format!("covariate_embedding{i}"), e)?);
+        }
+
+        let dec_path = &ae / "decoder";
+        let decoder = FcLayers::new(
+            &(&dec_path / "body"),
+            &mut init,
+            latent,
+            m.n_hidden_decoder,
+            m.n_layers_decoder,
+            m.norm_decoder,
+            m.dropout_rate_decoder,
+        )?;
+        let heads = match m.recon_loss {
+            ReconLoss::Nb | ReconLoss::Zinb => {
+                let scale = Linear::new(&(&dec_path / "scale"), &mut init, m.n_hidden_decoder, genes)?;
+                let zi = if m.recon_loss == ReconLoss::Zinb {
+                    Some(Linear::new(&(&dec_path / "zero_inflation"), &mut init, m.n_hidden_decoder, genes)?)
+                } else {
+                    None
+                };
+                let log_theta = variable(&ae, "log_theta", init.normal(&[genes as i64])?)?;
+                Heads::Counts { scale, zi, log_theta }
+            }
+            ReconLoss::Gauss => Heads::Gauss {
+                mean: Linear::new(&(&dec_path / "mean"), &mut init, m.n_hidden_decoder, genes)?,
+                var: Linear::new(&(&dec_path / "var"), &mut init, m.n_hidden_decoder, genes)?,
+            },
+        };
+
+        let a = &config.adversary;
+        let classifier = |path: nn::Path, init: &mut Init, classes: usize| {
+            Classifier::new(&path, init, latent, a.n_hidden, a.n_layers, a.norm, a.dropout_rate, classes)
+        };
+        let pert_classifier = classifier(&adv / "perturbation", &mut init, vocab.conditions.len())?;
+        let mut covariate_classifiers = Vec::with_capacity(vocab.covariates.len());
+        for (i, cov) in vocab.covariates.iter().enumerate() {
+            covariate_classifiers.push(if cov.categories.len() > 1 {
+                Some(classifier(&adv / format!("covariate{i}"), &mut init, cov.categories.len())?)
+            } else {
+                None
+            });
+        }
+        let class_weights = Tensor::f_from_slice(&vocab.condition_weights())?.f_to_device(device)?;
+        Ok(CpaModel {
+            vs,
+            config: config.clone(),
+            vocab: vocab.clone(),
+            encoder,
+            embedding,
+            doser,
+            covariate_embeddings,
+            decoder,
+            heads,
+            pert_classifier,
+            covariate_classifiers,
+            class_weights,
+            precision: config.training.precision,
+        })
+    }
+
+    pub fn config(&self) -> &CpaConfig {
+        &self.config
+    }
+
+    pub fn vocabulary(&self) -> &Vocabulary {
+        &self.vocab
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    pub(crate) fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sets the compute precision (bf16 needs no change to the float32 weights).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    /// Number of trainable scalars.
+    pub fn n_parameters(&self) -> i64 {
+        self.vs.trainable_variables().iter().map(Tensor::numel).map(|n| n as i64).sum()
+    }
+
+    /// Trainable variables of one group (`ae`, `doser`, `adv`), sorted by name.
+    pub fn group_variables(&self, group: &str) -> Vec<(String, Tensor)> {
+        let prefix = format!("{group}.");
+        let mut vars: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, t)| name.starts_with(&prefix) && t.requires_grad())
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Encoder input and library size: `log1p(x)` and `log(sum x)` for count models (a cell with
+    /// no counts gets library size 1, not -inf), `x` and no library for `gauss`.
+    pub fn input(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        if self.config.model.recon_loss.is_count() {
+            let total = x.f_sum_dim_intlist(1, true, Kind::Float)?.f_clamp_min(1.0)?;
+            Ok((x.f_log1p()?, Some(total.f_log()?)))
+        } else {
+            Ok((x.shallow_clone(), None))
+        }
+    }
+
+    /// Encodes an encoder input. With a variational encoder, `sample` draws `z_basal` from the
+    /// posterior (training, or each of `n_samples` draws at prediction); otherwise its mean.
+    pub fn encode(&self, x_in: &Tensor, train: bool, sample: bool, noise: &mut Noise) -> Result<Encoded> {
+        let h = self.encoder.body.forward(x_in, train, self.precision, noise)?;
+        let mean = self.encoder.mean.forward(&h, self.precision)?;
+        match &self.encoder.var {
+            None => Ok(Encoded { z_basal: mean, posterior: None }),
+            Some(var_head) => {
+                let var = var_head.forward(&h, self.precision)?.f_softplus()?.f_add_scalar(VAR_EPS)?;
+                let z_basal = if sample {
+                    mean.f_add(&var.f_sqrt()?.f_mul(&noise.normal(&mean.size())?)?)?
+                } else {
+                    mean.shallow_clone()
+                };
+                Ok(Encoded { z_basal, posterior: Some((mean, var)) })
+            }
+        }
+    }
+
+    /// Embedding rows of the perturbation vocabulary (free, or projected features).
+    pub fn perturbation_embeddings(&self) -> Result<Tensor> {
+        match &self.embedding {
+            PertEmbedding::Free(e) => Ok(e.shallow_clone()),
+            PertEmbedding::Features { features, projection } => projection.forward(features, self.precision),
+        }
+    }
+
+    /// The scaled dose `s(d)` of each entry (perturbation `ids`, `doses`), one per entry.
+    pub fn dose_response(&self, ids: &Tensor, doses: &Tensor) -> Result<Tensor> {
+        Ok(match &self.doser {
+            Doser::Sigmoid { beta, bias, log } => {
+                let (b, c) = (beta.f_index_select(0, ids)?, bias.f_index_select(0, ids)?);
+                let d = if *log { doses.f_log1p()? } else { doses.shallow_clone() };
+                d.f_mul(&b)?.f_add(&c)?.f_sigmoid()?.f_sub(&c.f_sigmoid()?)?
+            }
+            Doser::Linear => doses.shallow_clone(),
+            Doser::Mlp { w_in, b_in, hidden, w_out, b_out } => {
+                let d = doses.f_unsqueeze(1)?;
+                let mut h = d.f_mul(&w_in.f_index_select(0, ids)?)?.f_add(&b_in.f_index_select(0, ids)?)?.f_relu()?;
+                for (w, b) in hidden {
+                    let w = w.f_index_select(0, ids)?;
+                    h = w.f_bmm(&h.f_unsqueeze(2)?)?.f_squeeze_dim(2)?.f_add(&b.f_index_select(0, ids)?)?.f_relu()?;
+                }
+                let out = h.f_mul(&w_out.f_index_select(0, ids)?)?.f_sum_dim_intlist(1, false, Kind::Float)?;
+                let out = out.f_add(&b_out.f_index_select(0, ids)?)?.f_sigmoid()?;
+                out.f_mul(&doses.f_gt(0.0)?.f_to_kind(Kind::Float)?)?
+            }
+        })
+    }
+
+    /// `z_pert`: the sum over each cell's perturbations of `s(dose) * E[id]`, as one
+    /// `embedding_bag` over the CSR of doses.
+    pub fn perturbation_latent(&self, perts: &DevicePerts) -> Result<Tensor> {
+        let scaled = self.dose_response(&perts.ids, &perts.doses)?;
+        let table = self.perturbation_embeddings()?;
+        let (z, _, _, _) =
+            Tensor::f_embedding_bag(&table, &perts.ids, &perts.offsets, false, 0, false, Some(&scaled), true)?;
+        Ok(z)
+    }
+
+    /// The same as [`perturbation_latent`](Self::perturbation_latent) through a dense cells x
+    /// vocabulary matrix of scaled doses times the embedding table (for checking the sparse path).
+    pub fn perturbation_latent_dense(&self, perts: &DevicePerts, n_cells: i64) -> Result<Tensor> {
+        let scaled = self.dose_response(&perts.ids, &perts.doses)?;
+        let table = self.perturbation_embeddings()?;
+        let dense = Tensor::f_zeros([n_cells, table.size()[0]], (Kind::Float, table.device()))?;
+        let dense =
+            dense.f_index_put(&[Some(perts.rows.shallow_clone()), Some(perts.ids.shallow_clone())], &scaled, true)?;
+        Ok(dense.f_matmul(&table)?)
+    }
+
+    /// Covariate embeddings of each covariate, cells x latent.
+    pub fn covariate_latents(&self, codes: &[Tensor]) -> Result<Vec<Tensor>> {
+        if codes.len() != self.covariate_embeddings.len() {
+            return Err(Error::InvalidInput(format!(
+                "{} covariate code vectors for a model with {} covariates",
+                codes.len(),
+                self.covariate_embeddings.len()
+            )));
+        }
+        self.covariate_embeddings.iter().zip(codes).map(|(e, c)| Ok(e.f_index_select(0, c)?)).collect()
+    }
+
+    /// Composes the latents from `z_basal`, `z_pert` and per-covariate embeddings.
+    pub fn compose(&self, z_basal: &Tensor, z_pert: &Tensor, covariates: &[Tensor]) -> Result<Latents> {
+        let mut z_covs = z_basal.f_zeros_like()?;
+        let mut z_covs_no_batch = z_basal.f_zeros_like()?;
+        for (cov, emb) in self.vocab.covariates.iter().zip(covariates) {
+            z_covs = z_covs.f_add(emb)?;
+            if !cov.is_batch {
+                z_covs_no_batch = z_covs_no_batch.f_add(emb)?;
+            }
+        }
+        Ok(Latents {
+            z: z_basal.f_add(z_pert)?.f_add(&z_covs)?,
+            z_corrected: z_basal.f_add(z_pert)?.f_add(&z_covs_no_batch)?,
+            z_no_pert: z_basal.f_add(&z_covs)?,
+            z_no_pert_corrected: z_basal.f_add(&z_covs_no_batch)?,
+            z_basal: z_basal.shallow_clone(),
+            z_pert: z_pert.shallow_clone(),
+            z_covs,
+        })
+    }
+
+    /// Decodes latents with the cells' library sizes (count models).
+    pub fn decode(&self, z: &Tensor, library: Option<&Tensor>, train: bool, noise: &mut Noise) -> Result<Generative> {
+        let h = self.decoder.forward(z, train, self.precision, noise)?;
+        match &self.heads {
+            Heads::Counts { scale, zi, log_theta } => {
+                let library = library.ok_or_else(|| Error::InvalidInput("count decoder needs library sizes".into()))?;
+                let px_scale = scale.forward(&h, self.precision)?.f_softmax(-1, Kind::Float)?;
+                let mu = px_scale.f_mul(&library.f_exp()?)?;
+                let zi_logits = zi.as_ref().map(|l| l.forward(&h, self.precision)).transpose()?;
+                Ok(Generative::Counts { mu, theta: log_theta.f_exp()?, zi_logits })
+            }
+            Heads::Gauss { mean, var } => Ok(Generative::Gauss {
+                mean: mean.forward(&h, self.precision)?,
+                var: var.forward(&h, self.precision)?.f_exp()?.f_add_scalar(VAR_EPS)?,
+            }),
+        }
+    }
+
+    /// Per-cell reconstruction log-likelihood (summed over genes).
+    pub fn log_likelihood(&self, x: &Tensor, generative: &Generative) -> Result<Tensor> {
+        let ll = match generative {
+            Generative::Counts { mu, theta, zi_logits: None } => log_nb(x, mu, theta)?,
+            Generative::Counts { mu, theta, zi_logits: Some(pi) } => log_zinb(x, mu, theta, pi)?,
+            Generative::Gauss { mean, var } => log_normal(x, mean, var)?,
+        };
+        Ok(ll.f_sum_dim_intlist(-1, false, Kind::Float)?)
+    }
+
+    /// Perturbation-condition logits of the adversary.
+    pub fn classify_perturbation(&self, z_basal: &Tensor, train: bool, noise: &mut Noise) -> Result<Tensor> {
+        self.pert_classifier.forward(z_basal, train, self.precision, noise)
+    }
+
+    /// Covariate logits of the adversaries (`None` for covariates with one category).
+    pub fn classify_covariates(&self, z_basal: &Tensor, train: bool, noise: &mut Noise) -> Result<Vec<Option<Tensor>>> {
+        self.covariate_classifiers
+            .iter()
+            .map(|c| c.as_ref().map(|c| c.forward(z_basal, train, self.precision, noise)).transpose())
+            .collect()
+    }
+
+    /// Class weights of the perturbation adversary on the device.
+    pub fn class_weights(&self) -> &Tensor {
+        &self.class_weights
+    }
+
+    /// Whether the encoder is variational.
+    pub fn is_variational(&self) -> bool {
+        self.encoder.var.is_some()
+    }
+
+    /// Width of the fixed perturbation features, when the model projects features.
+    pub fn perturbation_feature_width(&self) -> Option<i64> {
+        match &self.embedding {
+            PertEmbedding::Free(_) => None,
+            PertEmbedding::Features { features, .. } => features.size().get(1).copied(),
+        }
+    }
+}

@@ -1,0 +1,596 @@
+//! Training CPA: the schedule (pre-training, `adv_steps`, warm-ups, mixup, step decay), the
+//! three optimizer groups, gradient accumulation and clipping, device-side metrics, and
+//! checkpoints that resume exactly.
+//!
+//! The trainer owns the model and is driven one device batch at a time: [`Trainer::step`] for
+//! each batch of an epoch, then [`Trainer::end_epoch`]. Randomness (dropout, sampling, mixup) is
+//! reseeded from `(seed, epoch)` at the start of each epoch, so a run resumed from the checkpoint
+//! of epoch k continues exactly as the uninterrupted run would (on the CPU; CUDA kernels such as
+//! `embedding_bag`'s backward are not deterministic).
+
+pub mod optim;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::batch::{DeviceBatch, HostBatch};
+use crate::model::config::{AdvLoss, CpaConfig};
+use crate::model::files::{load_model, publish_dir, write_model_files};
+use crate::model::layers::{Noise, seeded};
+use crate::model::network::{CpaModel, GROUP_ADV, GROUP_AE, GROUP_DOSER};
+use optim::{AdamGroup, AdamSettings};
+
+/// Optimizer moments of a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Schedule position and seeds of a checkpoint.
+pub const STATE_FILE: &str = "trainer.json";
+
+const STREAM_EPOCH: u64 = 21;
+/// Running sums kept on the device: recon, kl, adversary loss, penalty, perturbation accuracy.
+const N_SUMS: usize = 5;
+
+/// Where training stands; saved with every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epoch: u32,
+    /// Optimizer steps (effective batches) taken.
+    pub global_step: u64,
+    pub cells_seen: u64,
+    pub seed: u64,
+    /// Steps taken by each optimizer group (`ae`, `doser`, `adv`), for Adam's bias correction.
+    pub group_steps: Vec<u64>,
+    /// Early stopping: best validation score so far, its epoch, and validations since.
+    pub best_score: Option<f64>,
+    pub best_epoch: Option<u32>,
+    pub validations_without_improvement: u32,
+}
+
+/// What a batch trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Before `n_epochs_pretrain_ae`: the autoencoder without the adversarial term, and the
+    /// adversary on the detached basal state.
+    Pretrain,
+    /// `adv_steps = 0`: the autoencoder (with the adversarial term) and then the adversary.
+    Both,
+    /// The adversary only.
+    Adversary,
+    /// The autoencoder and dosers only.
+    Autoencoder,
+}
+
+/// Means of the training losses over an epoch (or since its start).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: u32,
+    /// Negative log-likelihood per cell (summed over genes).
+    pub recon_loss: f64,
+    pub kl: f64,
+    /// Adversary classification loss (perturbation + covariates).
+    pub adv_loss: f64,
+    pub penalty_adv: f64,
+    /// Accuracy of the perturbation adversary on the basal state (lower is better disentangled).
+    pub acc_perts: f64,
+    pub autoencoder_batches: u64,
+    pub adversary_batches: u64,
+    pub cells: u64,
+    pub lr: f64,
+}
+
+struct Pending {
+    micro: usize,
+    ae: Option<Vec<Option<Tensor>>>,
+    adv: Option<Vec<Option<Tensor>>>,
+}
+
+/// The outputs of the adversaries on one basal state.
+struct AdversaryOut {
+    loss: Tensor,
+    penalty: Option<Tensor>,
+    accuracy: Tensor,
+}
+
+/// Trains a [`CpaModel`].
+pub struct Trainer {
+    model: CpaModel,
+    /// `ae`, `doser`, `adv`.
+    groups: [AdamGroup; 3],
+    noise: Noise,
+    state: TrainState,
+    in_epoch: bool,
+    batch_in_epoch: u64,
+    pending: Pending,
+    sums: Tensor,
+    counts: (u64, u64, u64),
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer").field("model", &self.model).field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+fn settings(config: &CpaConfig, lr: f64, wd: f64) -> AdamSettings {
+    let t = &config.training;
+    AdamSettings { lr, weight_decay: wd, beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps, kind: t.optimizer }
+}
+
+impl Trainer {
+    /// A trainer for a fresh (or loaded) model, at epoch 0, seeded by the configuration's seed.
+    pub fn new(model: CpaModel) -> Result<Trainer> {
+        let config = model.config().clone();
+        let t = &config.training;
+        let groups = [
+            AdamGroup::new(GROUP_AE, model.group_variables(GROUP_AE), settings(&config, t.lr, t.wd))?,
+            AdamGroup::new(GROUP_DOSER, model.group_variables(GROUP_DOSER), settings(&config, t.doser_lr, t.doser_wd))?,
+            AdamGroup::new(GROUP_ADV, model.group_variables(GROUP_ADV), settings(&config, t.adv_lr, t.adv_wd))?,
+        ];
+        let device = model.device();
+        let state = TrainState {
+            epoch: 0,
+            global_step: 0,
+            cells_seen: 0,
+            seed: t.seed,
+            group_steps: vec![0; 3],
+            best_score: None,
+            best_epoch: None,
+            validations_without_improvement: 0,
+        };
+        let sums = Tensor::f_zeros([N_SUMS as i64], (Kind::Float, device))?;
+        Ok(Trainer {
+            noise: Noise::new(seeded(t.seed, STREAM_EPOCH, 0), device),
+            model,
+            groups,
+            state,
+            in_epoch: false,
+            batch_in_epoch: 0,
+            pending: Pending { micro: 0, ae: None, adv: None },
+            sums,
+            counts: (0, 0, 0),
+        })
+    }
+
+    /// A fresh model from a configuration and vocabulary, initialised from the configuration's seed.
+    pub fn from_config(config: &CpaConfig, vocab: &crate::model::vocab::Vocabulary, device: Device) -> Result<Trainer> {
+        Trainer::new(CpaModel::new(config, vocab, None, device, config.training.seed)?)
+    }
+
+    pub fn model(&self) -> &CpaModel {
+        &self.model
+    }
+
+    pub fn into_model(self) -> CpaModel {
+        self.model
+    }
+
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+
+    pub fn state_mut(&mut self) -> &mut TrainState {
+        &mut self.state
+    }
+
+    fn config(&self) -> &CpaConfig {
+        self.model.config()
+    }
+
+    /// Epochs after pre-training, for the warm-ups (negative during pre-training).
+    fn epochs_after_pretrain(&self) -> i64 {
+        i64::from(self.state.epoch) - i64::from(self.config().training.n_epochs_pretrain_ae)
+    }
+
+    /// The phase of the current batch.
+    pub fn phase(&self) -> Phase {
+        let k = self.config().adversary.adv_steps;
+        if self.epochs_after_pretrain() < 0 {
+            Phase::Pretrain
+        } else if k == 0 {
+            Phase::Both
+        } else if self.batch_in_epoch % u64::from(k) != 0 {
+            Phase::Adversary
+        } else {
+            Phase::Autoencoder
+        }
+    }
+
+    /// Learning-rate factor of the current epoch: `lr_decay` per `step_size_lr` epochs, counted
+    /// as the reference's scheduler steps (after epochs e > 1 with e % step_size_lr == 0).
+    pub fn lr_factor(&self) -> f64 {
+        let t = &self.config().training;
+        let (e, s) = (u64::from(self.state.epoch), u64::from(t.step_size_lr));
+        if s == 0 || e < 2 {
+            return 1.0;
+        }
+        let decays = (e - 1) / s - u64::from(s == 1);
+        t.lr_decay.powi(decays as i32)
+    }
+
+    /// KL weight of the current epoch (ramped 0 -> 1 over `n_epochs_kl_warmup`).
+    pub fn kl_weight(&self) -> f64 {
+        let w = self.config().training.n_epochs_kl_warmup;
+        if w == 0 { 1.0 } else { (f64::from(self.state.epoch) / f64::from(w)).min(1.0) }
+    }
+
+    /// Weight of the adversarial term (`reg_adv`, ramped over `n_epochs_adv_warmup` after pre-training).
+    pub fn adv_weight(&self) -> f64 {
+        let (reg, w) = (self.config().adversary.reg_adv, self.config().training.n_epochs_adv_warmup);
+        if w == 0 { reg } else { reg * (self.epochs_after_pretrain().max(0) as f64 / f64::from(w)).min(1.0) }
+    }
+
+    /// Mixup alpha of the current epoch (ramped over `n_epochs_mixup_warmup` after pre-training).
+    pub fn mixup_alpha(&self) -> f64 {
+        let (alpha, w) = (self.config().training.mixup_alpha, self.config().training.n_epochs_mixup_warmup);
+        if w == 0 { alpha } else { alpha * (self.epochs_after_pretrain().max(0) as f64 / f64::from(w)).min(1.0) }
+    }
+
+    /// Trains on one device batch (gradients of `accumulate_batches` batches are summed before
+    /// each optimizer step).
+    pub fn step(&mut self, batch: &HostBatch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if !self.in_epoch {
+            self.noise.reseed(seeded(self.state.seed, STREAM_EPOCH, u64::from(self.state.epoch)));
+            self.in_epoch = true;
+        }
+        let b = DeviceBatch::upload(batch, self.model.device())?;
+        let phase = self.phase();
+        let alpha = self.mixup_alpha();
+        let (lambda, perm) = if alpha > 0.0 {
+            let lambda = self.noise.beta(alpha)?;
+            let perm =
+                Tensor::f_from_slice(&self.noise.permutation(batch.n_cells()))?.f_to_device(self.model.device())?;
+            (lambda, Some(perm))
+        } else {
+            (1.0, None)
+        };
+        let mix = |t: &Tensor| -> Result<Tensor> {
+            match &perm {
+                None => Ok(t.shallow_clone()),
+                Some(p) => Ok(t.f_mul_scalar(lambda)?.f_add(&t.f_index_select(0, p)?.f_mul_scalar(1.0 - lambda)?)?),
+            }
+        };
+        let permuted = |t: &Tensor| -> Result<Option<Tensor>> {
+            perm.as_ref().map(|p| t.f_index_select(0, p)).transpose().map_err(Error::from)
+        };
+        let x = mix(&b.x)?;
+        let (x_in, library) = self.model.input(&x)?;
+        let conditions_mix = permuted(&b.conditions)?;
+        let covariates_mix = b.covariates.iter().map(&permuted).collect::<Result<Vec<_>>>()?;
+        let labels = Labels {
+            conditions: &b.conditions,
+            conditions_mix: conditions_mix.as_ref(),
+            covariates: &b.covariates,
+            covariates_mix: &covariates_mix,
+            lambda,
+        };
+
+        let z_detached = if phase == Phase::Adversary {
+            tch::no_grad(|| self.model.encode(&x_in, true, true, &mut self.noise).map(|e| e.z_basal))?
+        } else {
+            let encoded = self.model.encode(&x_in, true, true, &mut self.noise)?;
+            let z_pert = mix(&self.model.perturbation_latent(&b.perts)?)?;
+            let covs = self.model.covariate_latents(&b.covariates)?.iter().map(&mix).collect::<Result<Vec<_>>>()?;
+            let latents = self.model.compose(&encoded.z_basal, &z_pert, &covs)?;
+            let generative = self.model.decode(&latents.z, library.as_ref(), true, &mut self.noise)?;
+            let recon = self.model.log_likelihood(&x, &generative)?.f_mean(Kind::Float)?.f_neg()?;
+            let kl = match &encoded.posterior {
+                Some((mean, var)) => kl_standard_normal(mean, var)?,
+                None => Tensor::f_zeros([], (Kind::Float, self.model.device()))?,
+            };
+            let mut loss = recon.f_add(&kl.f_mul_scalar(self.kl_weight())?)?;
+            let adv_weight = self.adv_weight();
+            if phase != Phase::Pretrain && adv_weight != 0.0 {
+                let adv = self.adversary(&encoded.z_basal, &labels, false)?;
+                loss = loss.f_sub(&adv.loss.f_mul_scalar(adv_weight)?)?;
+            }
+            let params: Vec<Tensor> =
+                self.groups[0].params().iter().chain(self.groups[1].params()).map(Tensor::shallow_clone).collect();
+            let grads = Tensor::f_run_backward(&[&loss], &params, false, false)?;
+            accumulate(&mut self.pending.ae, grads)?;
+            let zero = Tensor::f_zeros([], (Kind::Float, self.model.device()))?;
+            self.add_sums(&[&recon, &kl, &zero, &zero, &zero])?;
+            self.counts.0 += 1;
+            encoded.z_basal.f_detach()?
+        };
+
+        if phase != Phase::Autoencoder {
+            let z = z_detached.f_set_requires_grad(true)?;
+            let adv = self.adversary(&z, &labels, true)?;
+            let penalty = adv.penalty.unwrap_or(Tensor::f_zeros([], (Kind::Float, self.model.device()))?);
+            let total = adv.loss.f_add(&penalty.f_mul_scalar(self.config().adversary.pen_adv)?)?;
+            let grads = Tensor::f_run_backward(&[&total], self.groups[2].params(), false, false)?;
+            accumulate(&mut self.pending.adv, grads)?;
+            let zero = Tensor::f_zeros([], (Kind::Float, self.model.device()))?;
+            self.add_sums(&[&zero, &zero, &adv.loss, &penalty, &adv.accuracy])?;
+            self.counts.1 += 1;
+        }
+        self.counts.2 += batch.n_cells() as u64;
+        self.state.cells_seen += batch.n_cells() as u64;
+        self.pending.micro += 1;
+        if self.pending.micro >= self.config().training.accumulate_batches {
+            self.apply()?;
+        }
+        Ok(())
+    }
+
+    fn add_sums(&mut self, values: &[&Tensor]) -> Result<()> {
+        let row =
+            Tensor::f_stack(&values.iter().map(|v| v.f_detach()).collect::<std::result::Result<Vec<_>, _>>()?, 0)?;
+        self.sums = self.sums.f_add(&row.f_to_kind(Kind::Float)?)?;
+        Ok(())
+    }
+
+    /// Classification losses of the adversaries on `z_basal`, with the gradient penalty when
+    /// asked (which needs `z_basal` to require gradients).
+    fn adversary(&mut self, z_basal: &Tensor, labels: &Labels<'_>, penalty: bool) -> Result<AdversaryOut> {
+        let a = self.config().adversary.clone();
+        let focal = (a.loss == AdvLoss::Focal).then_some(a.focal_gamma);
+        let lambda = labels.lambda;
+        let mut logits_all = Vec::new();
+        let logits = self.model.classify_perturbation(z_basal, true, &mut self.noise)?;
+        let accuracy =
+            logits.f_argmax(1, false)?.f_eq_tensor(labels.conditions)?.f_to_kind(Kind::Float)?.f_mean(Kind::Float)?;
+        let mut loss = Tensor::f_zeros([], (Kind::Float, self.model.device()))?;
+        if self.model.vocabulary().conditions.len() > 1 {
+            let weights = Some(self.model.class_weights());
+            loss = mixed_loss(&logits, labels.conditions, labels.conditions_mix, weights, focal, lambda)?;
+            logits_all.push(logits);
+        }
+        let covariate_logits = self.model.classify_covariates(z_basal, true, &mut self.noise)?;
+        for (i, l) in covariate_logits.into_iter().enumerate() {
+            let Some(l) = l else { continue };
+            let mix = labels.covariates_mix.get(i).and_then(Option::as_ref);
+            loss = loss.f_add(&mixed_loss(&l, &labels.covariates[i], mix, None, focal, lambda)?)?;
+            logits_all.push(l);
+        }
+        let penalty = if penalty {
+            let mut total = Tensor::f_zeros([], (Kind::Float, self.model.device()))?;
+            for l in &logits_all {
+                total = total.f_add(&gradient_penalty(l, z_basal)?)?;
+            }
+            Some(total)
+        } else {
+            None
+        };
+        Ok(AdversaryOut { loss, penalty, accuracy })
+    }
+
+    /// Averages the accumulated gradients, clips and steps the optimizers.
+    fn apply(&mut self) -> Result<()> {
+        let count = self.pending.micro as f64;
+        let t = self.config().training.clone();
+        let factor = self.lr_factor();
+        let clip = t.do_clip_grad.then_some(t.gradient_clip_value);
+        if let Some(mut grads) = self.pending.ae.take() {
+            scale(&mut grads, count)?;
+            let doser = grads.split_off(self.groups[0].params().len());
+            let mut ae = grads;
+            if let Some(max) = clip {
+                clip_norm(&mut ae, max)?;
+            }
+            self.groups[0].step(&ae, t.lr * factor)?;
+            let mut doser = doser;
+            if let Some(max) = clip {
+                clip_norm(&mut doser, max)?;
+            }
+            self.groups[1].step(&doser, t.doser_lr * factor)?;
+        }
+        if let Some(mut grads) = self.pending.adv.take() {
+            scale(&mut grads, count)?;
+            if let Some(max) = clip {
+                clip_norm(&mut grads, max)?;
+            }
+            self.groups[2].step(&grads, t.adv_lr * factor)?;
+        }
+        self.pending.micro = 0;
+        self.state.global_step += 1;
+        self.batch_in_epoch += 1;
+        Ok(())
+    }
+
+    /// Whether the running metrics are due for a read (every `metrics_every_n_steps` steps).
+    pub fn metrics_due(&self) -> bool {
+        let every = u64::from(self.config().training.metrics_every_n_steps);
+        self.pending.micro == 0 && self.state.global_step > 0 && self.state.global_step % every == 0
+    }
+
+    /// Means of the losses since the start of the epoch (one device-to-host read).
+    pub fn running_metrics(&self) -> Result<EpochMetrics> {
+        let sums = Vec::<f32>::try_from(&self.sums.f_to_device(Device::Cpu)?)?;
+        let (ae, adv, cells) = self.counts;
+        let mean = |s: f32, n: u64| if n == 0 { f64::NAN } else { f64::from(s) / n as f64 };
+        Ok(EpochMetrics {
+            epoch: self.state.epoch,
+            recon_loss: mean(sums[0], ae),
+            kl: mean(sums[1], ae),
+            adv_loss: mean(sums[2], adv),
+            penalty_adv: mean(sums[3], adv),
+            acc_perts: mean(sums[4], adv),
+            autoencoder_batches: ae,
+            adversary_batches: adv,
+            cells,
+            lr: self.config().training.lr * self.lr_factor(),
+        })
+    }
+
+    /// Ends the epoch: steps any partial accumulation, returns the epoch's metrics, advances the
+    /// schedule.
+    pub fn end_epoch(&mut self) -> Result<EpochMetrics> {
+        if self.pending.micro > 0 {
+            self.apply()?;
+        }
+        let metrics = self.running_metrics()?;
+        self.sums = self.sums.f_zero_()?;
+        self.counts = (0, 0, 0);
+        self.state.epoch += 1;
+        self.batch_in_epoch = 0;
+        self.in_epoch = false;
+        Ok(metrics)
+    }
+
+    /// Writes a checkpoint directory (model files, optimizer moments, schedule state) atomically.
+    /// Checkpoints are taken between epochs.
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        if self.in_epoch {
+            return Err(Error::InvalidInput(format!(
+                "{}: a checkpoint is taken between epochs (call end_epoch first)",
+                dir.display()
+            )));
+        }
+        self.state.group_steps = self.groups.iter().map(AdamGroup::steps).collect();
+        let moments: Vec<(String, Tensor)> = self.groups.iter().flat_map(AdamGroup::state_tensors).collect();
+        let state = serde_json::to_string_pretty(&self.state).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        publish_dir(dir, |tmp| {
+            write_model_files(&self.model, tmp)?;
+            let path = tmp.join(OPTIMIZER_FILE);
+            Tensor::write_safetensors(&moments, &path)
+                .map_err(|e| Error::torch(format!("writing {}", path.display()), e))?;
+            let path = tmp.join(STATE_FILE);
+            std::fs::write(&path, &state).map_err(|e| Error::io(&path, e))
+        })
+    }
+
+    /// Continues training from a checkpoint directory on `device`.
+    pub fn resume(dir: &Path, device: Device) -> Result<Trainer> {
+        let model = load_model(dir, device)?;
+        let mut trainer = Trainer::new(model)?;
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+        if state.group_steps.len() != trainer.groups.len() {
+            return Err(Error::corrupt(&path, format!("{} group step counts, expected 3", state.group_steps.len())));
+        }
+        let path = dir.join(OPTIMIZER_FILE);
+        let saved: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .map_err(|e| Error::torch(format!("reading {}", path.display()), e))?
+            .into_iter()
+            .map(|(k, t)| t.f_to_device(device).map(|t| (k, t)))
+            .collect::<std::result::Result<_, _>>()?;
+        let origin = path.display().to_string();
+        for (group, &steps) in trainer.groups.iter_mut().zip(&state.group_steps) {
+            group.load_state(&saved, steps, &origin)?;
+        }
+        trainer.state = state;
+        Ok(trainer)
+    }
+}
+
+/// Labels of a batch for the adversaries, with their mixup partners.
+struct Labels<'a> {
+    conditions: &'a Tensor,
+    conditions_mix: Option<&'a Tensor>,
+    covariates: &'a [Tensor],
+    covariates_mix: &'a [Option<Tensor>],
+    lambda: f64,
+}
+
+/// `lambda * L(y) + (1 - lambda) * L(y_mix)` for cross-entropy or focal loss.
+fn mixed_loss(
+    logits: &Tensor,
+    target: &Tensor,
+    target_mix: Option<&Tensor>,
+    weights: Option<&Tensor>,
+    focal: Option<f64>,
+    lambda: f64,
+) -> Result<Tensor> {
+    let l = classification_loss(logits, target, weights, focal)?;
+    match target_mix {
+        Some(t) if lambda < 1.0 => {
+            let m = classification_loss(logits, t, weights, focal)?;
+            Ok(l.f_mul_scalar(lambda)?.f_add(&m.f_mul_scalar(1.0 - lambda)?)?)
+        }
+        _ => Ok(l),
+    }
+}
+
+/// Cross-entropy (weighted mean, as `nn.CrossEntropyLoss(weight=..)`) or focal loss
+/// (`(1 - p_t)^gamma * w_t * -log p_t`, plain mean, as the reference's `FocalLoss`).
+pub fn classification_loss(
+    logits: &Tensor,
+    target: &Tensor,
+    weights: Option<&Tensor>,
+    focal: Option<f64>,
+) -> Result<Tensor> {
+    match focal {
+        None => Ok(logits.f_cross_entropy_loss(target, weights, Reduction::Mean, -100, 0.0)?),
+        Some(gamma) => {
+            let log_p = logits.f_log_softmax(-1, Kind::Float)?;
+            let log_pt = log_p.f_gather(1, &target.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?;
+            let mut ce = log_pt.f_neg()?;
+            if let Some(w) = weights {
+                ce = ce.f_mul(&w.f_index_select(0, target)?)?;
+            }
+            let focal_term = log_pt.f_exp()?.f_neg()?.f_add_scalar(1.0)?.f_pow_tensor_scalar(gamma)?;
+            Ok(focal_term.f_mul(&ce)?.f_mean(Kind::Float)?)
+        }
+    }
+}
+
+/// The reference's gradient penalty of one classifier: the mean of the squared gradients of the
+/// summed logits with respect to `z` (kept differentiable, for the classifier's update).
+pub fn gradient_penalty(logits: &Tensor, z: &Tensor) -> Result<Tensor> {
+    let sum = logits.f_sum(Kind::Float)?;
+    let grads = Tensor::f_run_backward(&[&sum], &[z], true, true)?;
+    let g = grads.into_iter().next().ok_or_else(|| Error::InvalidInput("no gradient for the penalty".into()))?;
+    if !g.defined() {
+        return Ok(Tensor::f_zeros([], (Kind::Float, z.device()))?);
+    }
+    Ok(g.f_square()?.f_mean(Kind::Float)?)
+}
+
+/// KL(N(mean, var) || N(0, I)), summed over latent dimensions, averaged over cells.
+fn kl_standard_normal(mean: &Tensor, var: &Tensor) -> Result<Tensor> {
+    let per_dim = var.f_add(&mean.f_square()?)?.f_sub_scalar(1.0)?.f_sub(&var.f_log()?)?.f_mul_scalar(0.5)?;
+    Ok(per_dim.f_sum_dim_intlist(1, false, Kind::Float)?.f_mean(Kind::Float)?)
+}
+
+fn accumulate(into: &mut Option<Vec<Option<Tensor>>>, grads: Vec<Tensor>) -> Result<()> {
+    let grads: Vec<Option<Tensor>> = grads.into_iter().map(|g| g.defined().then_some(g)).collect();
+    match into {
+        None => *into = Some(grads),
+        Some(acc) => {
+            for (a, g) in acc.iter_mut().zip(grads) {
+                match (a.as_mut(), g) {
+                    (Some(a), Some(g)) => {
+                        let _ = a.f_add_(&g)?;
+                    }
+                    (None, Some(g)) => *a = Some(g),
+                    (_, None) => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scale(grads: &mut [Option<Tensor>], count: f64) -> Result<()> {
+    if count > 1.0 {
+        for g in grads.iter_mut().flatten() {
+            let _ = g.f_mul_scalar_(1.0 / count)?;
+        }
+    }
+    Ok(())
+}
+
+/// Scales gradients so that their joint norm is at most `max` (no device-to-host sync).
+fn clip_norm(grads: &mut [Option<Tensor>], max: f64) -> Result<()> {
+    let squares: Vec<Tensor> =
+        grads.iter().flatten().map(|g| g.f_square()?.f_sum(Kind::Float)).collect::<std::result::Result<_, _>>()?;
+    if squares.is_empty() {
+        return Ok(());
+    }
+    let norm = Tensor::f_stack(&squares, 0)?.f_sum(Kind::Float)?.f_sqrt()?;
+    let coef = norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max)?.f_clamp_max(1.0)?;
+    for g in grads.iter_mut().flatten() {
+        let _ = g.f_mul_(&coef)?;
+    }
+    Ok(())
+}
