@@ -5,5 +5,6 @@ mod cli;
 mod common;
 mod h5ad;
 mod link;
+mod model;
 mod store;
 mod synth;

@@ -172,29 +172,25 @@ impl DeviceBatch {
     }
 }
 
-/// CSR rows to a dense float32 matrix on `device`: the CSR arrays are copied, the dense matrix
-/// is built there.
+/// CSR rows to a dense float32 matrix on `device`: the CSR arrays are copied (values float32,
+/// column indices int32), the row of each entry is expanded and the entries scattered there.
 pub fn densify(rows: &CsrBatch, device: Device) -> Result<Tensor> {
     let (n, genes) = (rows.n_rows() as i64, i64::from(rows.n_cols()));
-    let (indptr, indices, data) = (rows.indptr(), rows.indices(), rows.data());
-    let values = Tensor::f_from_slice(data)?.f_to_device(device)?;
-    let (crow, col) = if indices.len() < i32::MAX as usize {
-        let crow: Vec<i32> = indptr.iter().map(|&p| p as i32).collect();
-        let col: &[i32] = bytemuck::cast_slice(indices);
-        (Tensor::f_from_slice(&crow)?, Tensor::f_from_slice(col)?)
-    } else {
-        let crow: &[i64] = bytemuck::cast_slice(indptr);
-        let col: Vec<i64> = indices.iter().map(|&c| i64::from(c)).collect();
-        (Tensor::f_from_slice(crow)?, Tensor::f_from_slice(&col)?)
-    };
-    let sparse = Tensor::f_sparse_csr_tensor_crow_col_value_size(
-        &crow.f_to_device(device)?,
-        &col.f_to_device(device)?,
-        &values,
-        [n, genes],
-        (Kind::Float, device),
-    )?;
-    Ok(sparse.f_to_dense(None, false)?)
+    let nnz = rows.nnz() as i64;
+    if rows.n_cols() > i32::MAX as u32 {
+        return Err(Error::InvalidInput(format!("{} genes: at most {} are supported", rows.n_cols(), i32::MAX)));
+    }
+    let dense = Tensor::f_zeros([n, genes], (Kind::Float, device))?;
+    if nnz == 0 {
+        return Ok(dense);
+    }
+    let values = Tensor::f_from_slice(rows.data())?.f_to_device(device)?;
+    let col: &[i32] = bytemuck::cast_slice(rows.indices());
+    let col = Tensor::f_from_slice(col)?.f_to_device(device)?.f_to_kind(Kind::Int64)?;
+    let indptr: &[i64] = bytemuck::cast_slice(rows.indptr());
+    let lengths = Tensor::f_from_slice(indptr)?.f_to_device(device)?.f_diff(1, 0, None::<&Tensor>, None::<&Tensor>)?;
+    let row = Tensor::f_repeat_interleave(&lengths, nnz)?;
+    Ok(dense.f_index_put(&[Some(row), Some(col)], &values, false)?)
 }
 
 #[cfg(test)]

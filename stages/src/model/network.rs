@@ -493,6 +493,36 @@ impl CpaModel {
         self.encoder.var.is_some()
     }
 
+    /// Counterfactual means: encodes the source cells `x` (evaluation mode), keeps their
+    /// `z_basal`, adds the target perturbations and covariates, and decodes with the source
+    /// cells' library sizes. A variational model averages the means of `n_samples` draws.
+    pub fn counterfactual(
+        &self,
+        x: &Tensor,
+        target_perts: &DevicePerts,
+        target_covariates: &[Tensor],
+        noise: &mut Noise,
+    ) -> Result<Tensor> {
+        tch::no_grad(|| {
+            let (x_in, library) = self.input(x)?;
+            let z_pert = self.perturbation_latent(target_perts)?;
+            let covs = self.covariate_latents(target_covariates)?;
+            let draws = if self.is_variational() { self.config.model.n_samples } else { 1 };
+            let mut sum: Option<Tensor> = None;
+            for _ in 0..draws {
+                let encoded = self.encode(&x_in, false, self.is_variational(), noise)?;
+                let latents = self.compose(&encoded.z_basal, &z_pert, &covs)?;
+                let mean = self.decode(&latents.z, library.as_ref(), false, noise)?.mean().shallow_clone();
+                sum = Some(match sum {
+                    None => mean,
+                    Some(s) => s.f_add(&mean)?,
+                });
+            }
+            let sum = sum.ok_or_else(|| Error::InvalidInput("no draws".into()))?;
+            Ok(sum.f_div_scalar(f64::from(draws))?)
+        })
+    }
+
     /// Width of the fixed perturbation features, when the model projects features.
     pub fn perturbation_feature_width(&self) -> Option<i64> {
         match &self.embedding {

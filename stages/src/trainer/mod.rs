@@ -537,13 +537,13 @@ pub fn classification_loss(
 /// The reference's gradient penalty of one classifier: the mean of the squared gradients of the
 /// summed logits with respect to `z` (kept differentiable, for the classifier's update).
 pub fn gradient_penalty(logits: &Tensor, z: &Tensor) -> Result<Tensor> {
-    let sum = logits.f_sum(Kind::Float)?;
+    let sum = logits.f_sum(logits.kind())?;
     let grads = Tensor::f_run_backward(&[&sum], &[z], true, true)?;
     let g = grads.into_iter().next().ok_or_else(|| Error::InvalidInput("no gradient for the penalty".into()))?;
     if !g.defined() {
-        return Ok(Tensor::f_zeros([], (Kind::Float, z.device()))?);
+        return Ok(Tensor::f_zeros([], (z.kind(), z.device()))?);
     }
-    Ok(g.f_square()?.f_mean(Kind::Float)?)
+    Ok(g.f_square()?.f_mean(g.kind())?)
 }
 
 /// KL(N(mean, var) || N(0, I)), summed over latent dimensions, averaged over cells.
@@ -594,3 +594,6 @@ fn clip_norm(grads: &mut [Option<Tensor>], max: f64) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
