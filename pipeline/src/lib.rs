@@ -6,6 +6,7 @@
 //! - [`convert`]: store reader -> store writer (change codec).
 //! - [`import`] / [`export`]: `.h5ad` files in and out of stores.
 //! - [`bench`](mod@bench): reader throughput against a memcpy bound measured in the same run.
+//! - [`model_bench`]: training throughput of the model alone, on preloaded batches.
 
 pub mod bench;
 pub mod convert;
@@ -13,6 +14,7 @@ mod error;
 pub mod export;
 pub mod import;
 pub mod metrics;
+pub mod model_bench;
 pub mod progress;
 mod stream;
 pub mod synth;

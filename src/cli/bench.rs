@@ -5,12 +5,47 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use cpa_stream_pipeline::bench::{ReaderBenchOptions, bench_reader};
+use cpa_stream_pipeline::model_bench::{ModelBenchOptions, bench_model, parse_device};
+use cpa_stream_stages::model::config::{CpaConfig, Precision};
 use cpa_stream_stages::store::Store;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Sequential and random-gather read throughput against a memcpy bound.
     Reader(ReaderArgs),
+    /// Training throughput of the model alone, on preloaded batches of a synthetic atlas.
+    Model(ModelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Cells of the synthetic atlas (held in memory).
+    #[arg(long, default_value_t = 5_000)]
+    cells: u64,
+    /// Genes of the synthetic atlas.
+    #[arg(long, default_value_t = 2_000)]
+    genes: u32,
+    /// Cells per batch.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Timed epochs (after one warm-up epoch).
+    #[arg(long, default_value_t = 2)]
+    epochs: u32,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// fp32 or bf16.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// libtorch threads [default: libtorch's choice].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Model configuration (TOML) [default: the reference architecture].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -38,7 +73,60 @@ pub struct ReaderArgs {
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
-    let BenchCommand::Reader(args) = command;
+    match command {
+        BenchCommand::Reader(args) => reader(args),
+        BenchCommand::Model(args) => model(args),
+    }
+}
+
+fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
+    let precision = match args.precision.as_str() {
+        "fp32" => Precision::Fp32,
+        "bf16" => Precision::Bf16,
+        other => anyhow::bail!("--precision {other:?}: expected fp32 or bf16"),
+    };
+    let config = match &args.config {
+        Some(path) => CpaConfig::from_file(path)?,
+        None => CpaConfig::default(),
+    };
+    let options = ModelBenchOptions {
+        cells: args.cells,
+        genes: args.genes,
+        batch_size: args.batch_size,
+        epochs: args.epochs,
+        device: parse_device(&args.device)?,
+        precision,
+        threads: args.threads.unwrap_or(0),
+        config,
+        seed: 0,
+    };
+    let r = bench_model(&options)?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "model: {} cells x {} genes, batch {}, {} {}, {} threads, {} parameters",
+        r.cells,
+        r.genes,
+        r.batch_size,
+        r.device,
+        r.precision,
+        r.threads,
+        r.parameters
+    );
+    outln!(
+        "{} epochs in {:.2} s: {:.0} cells/s, {:.2} ms per batch (final reconstruction loss {:.1})",
+        r.epochs,
+        r.seconds,
+        r.cells_per_s,
+        r.ms_per_batch,
+        r.final_recon_loss
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reader(args: ReaderArgs) -> anyhow::Result<ExitCode> {
     let store = Store::open(&args.store)?;
     let mut options = ReaderBenchOptions {
         batch_size: args.batch_size,

@@ -3,6 +3,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::likelihood::Entries;
 use super::vocab::{PADDING_ID, Vocabulary};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
@@ -140,6 +141,8 @@ pub struct DeviceBatch {
     pub n_cells: i64,
     /// Dense counts, cells x genes, float32.
     pub x: Tensor,
+    /// The non-zero entries of `x`.
+    pub entries: Entries,
     pub perts: DevicePerts,
     /// One int64 code vector per covariate.
     pub covariates: Vec<Tensor>,
@@ -153,7 +156,7 @@ impl DeviceBatch {
     pub fn upload(batch: &HostBatch, device: Device) -> Result<DeviceBatch> {
         let n = batch.n_cells() as i64;
         let genes = i64::from(batch.counts.n_cols());
-        let x = densify(&batch.counts, device)?;
+        let (x, entries) = densify_with_entries(&batch.counts, device)?;
         let to = |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(device)?) };
         let mut rows = Vec::with_capacity(batch.pert_ids.len());
         for (row, w) in batch.pert_offsets.windows(2).enumerate() {
@@ -168,13 +171,18 @@ impl DeviceBatch {
         let covariates = batch.covariates.iter().map(|c| to(Tensor::f_from_slice(c)?)).collect::<Result<Vec<_>>>()?;
         let conditions = to(Tensor::f_from_slice(&batch.conditions)?)?;
         debug_assert_eq!(x.size(), [n, genes]);
-        Ok(DeviceBatch { n_cells: n, x, perts, covariates, conditions })
+        Ok(DeviceBatch { n_cells: n, x, entries, perts, covariates, conditions })
     }
 }
 
 /// CSR rows to a dense float32 matrix on `device`: the CSR arrays are copied (values float32,
 /// column indices int32), the row of each entry is expanded and the entries scattered there.
 pub fn densify(rows: &CsrBatch, device: Device) -> Result<Tensor> {
+    Ok(densify_with_entries(rows, device)?.0)
+}
+
+/// [`densify`], also returning the non-zero entries (row, column, value) on the device.
+pub fn densify_with_entries(rows: &CsrBatch, device: Device) -> Result<(Tensor, Entries)> {
     let (n, genes) = (rows.n_rows() as i64, i64::from(rows.n_cols()));
     let nnz = rows.nnz() as i64;
     if rows.n_cols() > i32::MAX as u32 {
@@ -182,7 +190,11 @@ pub fn densify(rows: &CsrBatch, device: Device) -> Result<Tensor> {
     }
     let dense = Tensor::f_zeros([n, genes], (Kind::Float, device))?;
     if nnz == 0 {
-        return Ok(dense);
+        let empty = |kind| Tensor::f_zeros([0], (kind, device));
+        return Ok((
+            dense,
+            Entries { rows: empty(Kind::Int64)?, cols: empty(Kind::Int64)?, values: empty(Kind::Float)? },
+        ));
     }
     let values = Tensor::f_from_slice(rows.data())?.f_to_device(device)?;
     let col: &[i32] = bytemuck::cast_slice(rows.indices());
@@ -190,7 +202,8 @@ pub fn densify(rows: &CsrBatch, device: Device) -> Result<Tensor> {
     let indptr: &[i64] = bytemuck::cast_slice(rows.indptr());
     let lengths = Tensor::f_from_slice(indptr)?.f_to_device(device)?.f_diff(1, 0, None::<&Tensor>, None::<&Tensor>)?;
     let row = Tensor::f_repeat_interleave(&lengths, nnz)?;
-    Ok(dense.f_index_put(&[Some(row), Some(col)], &values, false)?)
+    let dense = dense.f_index_put(&[Some(row.shallow_clone()), Some(col.shallow_clone())], &values, false)?;
+    Ok((dense, Entries { rows: row, cols: col, values }))
 }
 
 #[cfg(test)]

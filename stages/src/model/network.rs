@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor, nn};
 use super::batch::DevicePerts;
 use super::config::{CpaConfig, DoserType, Precision, ReconLoss, VAR_EPS};
 use super::layers::{Classifier, FcLayers, Init, Linear, Noise, variable};
-use super::likelihood::{log_nb, log_normal, log_zinb};
+use super::likelihood::{Entries, count_log_likelihood_sparse, log_nb, log_normal, log_zinb};
 use super::vocab::{PADDING_ID, Vocabulary};
 use crate::error::{Error, Result};
 
@@ -460,8 +460,12 @@ impl CpaModel {
         }
     }
 
-    /// Per-cell reconstruction log-likelihood (summed over genes).
-    pub fn log_likelihood(&self, x: &Tensor, generative: &Generative) -> Result<Tensor> {
+    /// Per-cell reconstruction log-likelihood (summed over genes). With the non-zero `entries`
+    /// of `x`, count likelihoods compute their gamma-function terms on those entries only.
+    pub fn log_likelihood(&self, x: &Tensor, entries: Option<&Entries>, generative: &Generative) -> Result<Tensor> {
+        if let (Some(entries), Generative::Counts { mu, theta, zi_logits }) = (entries, generative) {
+            return count_log_likelihood_sparse(x, entries, mu, theta, zi_logits.as_ref());
+        }
         let ll = match generative {
             Generative::Counts { mu, theta, zi_logits: None } => log_nb(x, mu, theta)?,
             Generative::Counts { mu, theta, zi_logits: Some(pi) } => log_zinb(x, mu, theta, pi)?,

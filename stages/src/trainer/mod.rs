@@ -193,7 +193,7 @@ impl Trainer {
             Phase::Pretrain
         } else if k == 0 {
             Phase::Both
-        } else if self.batch_in_epoch % u64::from(k) != 0 {
+        } else if !self.batch_in_epoch.is_multiple_of(u64::from(k)) {
             Phase::Adversary
         } else {
             Phase::Autoencoder
@@ -280,7 +280,9 @@ impl Trainer {
             let covs = self.model.covariate_latents(&b.covariates)?.iter().map(&mix).collect::<Result<Vec<_>>>()?;
             let latents = self.model.compose(&encoded.z_basal, &z_pert, &covs)?;
             let generative = self.model.decode(&latents.z, library.as_ref(), true, &mut self.noise)?;
-            let recon = self.model.log_likelihood(&x, &generative)?.f_mean(Kind::Float)?.f_neg()?;
+            // Mixup blends counts, so the non-zero entries are those of the batch only without it.
+            let entries = if perm.is_none() { Some(&b.entries) } else { None };
+            let recon = self.model.log_likelihood(&x, entries, &generative)?.f_mean(Kind::Float)?.f_neg()?;
             let kl = match &encoded.posterior {
                 Some((mean, var)) => kl_standard_normal(mean, var)?,
                 None => Tensor::f_zeros([], (Kind::Float, self.model.device()))?,
@@ -376,19 +378,19 @@ impl Trainer {
             if let Some(max) = clip {
                 clip_norm(&mut ae, max)?;
             }
-            self.groups[0].step(&ae, t.lr * factor)?;
+            self.groups[0].step(ae, t.lr * factor)?;
             let mut doser = doser;
             if let Some(max) = clip {
                 clip_norm(&mut doser, max)?;
             }
-            self.groups[1].step(&doser, t.doser_lr * factor)?;
+            self.groups[1].step(doser, t.doser_lr * factor)?;
         }
         if let Some(mut grads) = self.pending.adv.take() {
             scale(&mut grads, count)?;
             if let Some(max) = clip {
                 clip_norm(&mut grads, max)?;
             }
-            self.groups[2].step(&grads, t.adv_lr * factor)?;
+            self.groups[2].step(grads, t.adv_lr * factor)?;
         }
         self.pending.micro = 0;
         self.state.global_step += 1;
@@ -399,7 +401,7 @@ impl Trainer {
     /// Whether the running metrics are due for a read (every `metrics_every_n_steps` steps).
     pub fn metrics_due(&self) -> bool {
         let every = u64::from(self.config().training.metrics_every_n_steps);
-        self.pending.micro == 0 && self.state.global_step > 0 && self.state.global_step % every == 0
+        self.pending.micro == 0 && self.state.global_step > 0 && self.state.global_step.is_multiple_of(every)
     }
 
     /// Means of the losses since the start of the epoch (one device-to-host read).

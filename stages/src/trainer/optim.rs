@@ -76,8 +76,9 @@ impl AdamGroup {
     }
 
     /// One update with `grads` (one per parameter, `None` where a parameter got no gradient) at
-    /// learning rate `lr`.
-    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+    /// learning rate `lr`. The gradients are consumed: they serve as scratch space, so that the
+    /// update allocates one temporary per parameter.
+    pub fn step(&mut self, grads: Vec<Option<Tensor>>, lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
             return Err(Error::InvalidInput(format!(
                 "optimizer group {}: {} gradients for {} parameters",
@@ -89,24 +90,36 @@ impl AdamGroup {
         self.steps += 1;
         let s = self.settings;
         let t = self.steps as i32;
-        let bias1 = 1.0 - s.beta1.powi(t);
+        let step_size = lr / (1.0 - s.beta1.powi(t));
         let bias2_sqrt = (1.0 - s.beta2.powi(t)).sqrt();
         tch::no_grad(|| -> Result<()> {
             for (((p, g), m), v) in self.params.iter().zip(grads).zip(&self.m).zip(&self.v) {
-                let Some(g) = g else { continue };
+                let Some(mut g) = g else { continue };
                 let (mut p, mut m, mut v) = (p.shallow_clone(), m.shallow_clone(), v.shallow_clone());
-                let g = match s.kind {
-                    Optimizer::Adam if s.weight_decay != 0.0 => g.f_add(&p.f_mul_scalar(s.weight_decay)?)?,
-                    _ => g.shallow_clone(),
-                };
-                if s.kind == Optimizer::Adamw && s.weight_decay != 0.0 {
-                    let _ = p.f_mul_scalar_(1.0 - lr * s.weight_decay)?;
+                if s.weight_decay != 0.0 {
+                    match s.kind {
+                        // g += wd * p
+                        Optimizer::Adam => {
+                            let wd = Tensor::f_scalar_tensor(s.weight_decay, (g.kind(), g.device()))?;
+                            let _ = g.f_addcmul_(&p, &wd)?;
+                        }
+                        Optimizer::Adamw => {
+                            let _ = p.f_mul_scalar_(1.0 - lr * s.weight_decay)?;
+                        }
+                    }
                 }
                 let _ = m.f_lerp_(&g, 1.0 - s.beta1)?;
-                let _ = v.f_mul_scalar_(s.beta2)?;
-                let _ = v.f_addcmul_(&g.f_mul_scalar(1.0 - s.beta2)?, &g)?;
-                let denom = v.f_sqrt()?.f_div_scalar(bias2_sqrt)?.f_add_scalar(s.eps)?;
-                let _ = p.f_sub_(&m.f_div(&denom)?.f_mul_scalar(lr / bias1)?)?;
+                let g2 = g.shallow_clone();
+                let _ = g.f_mul_(&g2)?;
+                let _ = v.f_lerp_(&g, 1.0 - s.beta2)?;
+                // p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+                let mut update = v.f_sqrt()?;
+                let _ = update.f_div_scalar_(bias2_sqrt)?;
+                let _ = update.f_add_scalar_(s.eps)?;
+                let _ = update.f_reciprocal_()?;
+                let _ = update.f_mul_(&m)?;
+                let _ = update.f_mul_scalar_(step_size)?;
+                let _ = p.f_sub_(&update)?;
             }
             Ok(())
         })
@@ -160,7 +173,7 @@ mod tests {
             let mut group = AdamGroup::new("g", vec![("p".into(), p.shallow_clone())], settings)?;
             let (mut x, mut m, mut v) = (1.0f64, 0.0f64, 0.0f64);
             for (t, grad) in [(1, 0.5f64), (2, -0.25)] {
-                group.step(&[Some(Tensor::f_from_slice(&[grad])?)], 0.1)?;
+                group.step(vec![Some(Tensor::f_from_slice(&[grad])?)], 0.1)?;
                 let mut g = grad;
                 if kind == Optimizer::Adam {
                     g += 0.01 * x;
@@ -176,7 +189,7 @@ mod tests {
             }
             // A step without a gradient leaves the parameter alone.
             let before = p.f_double_value(&[0])?;
-            group.step(&[None], 0.1)?;
+            group.step(vec![None], 0.1)?;
             assert_eq!(p.f_double_value(&[0])?, before);
         }
         Ok(())

@@ -1,0 +1,186 @@
+//! Model benchmark: training steps per second on preloaded batches of a synthetic atlas, i.e. the
+//! model alone, without the loader. The training pipeline's figures are compared against it.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+use cpa_stream_stages::model::config::{CpaConfig, Precision};
+use cpa_stream_stages::model::vocab::{Covariate, Vocabulary, canonical_condition, parse_condition};
+use cpa_stream_stages::model::{CpaModel, HostBatch};
+use cpa_stream_stages::synth::{SynthAtlas, SynthConfig};
+use cpa_stream_stages::trainer::Trainer;
+use serde::Serialize;
+use tch::Device;
+
+use crate::error::{Error, Result};
+
+/// Options of [`bench_model`].
+#[derive(Debug, Clone)]
+pub struct ModelBenchOptions {
+    pub cells: u64,
+    pub genes: u32,
+    pub batch_size: usize,
+    /// Timed epochs (after one untimed warm-up epoch).
+    pub epochs: u32,
+    pub device: Device,
+    pub precision: Precision,
+    /// libtorch intra-op threads (0: libtorch's default).
+    pub threads: usize,
+    /// Model configuration; batch size and precision are taken from the fields above.
+    pub config: CpaConfig,
+    pub seed: u64,
+}
+
+impl Default for ModelBenchOptions {
+    fn default() -> Self {
+        ModelBenchOptions {
+            cells: 5_000,
+            genes: 2_000,
+            batch_size: 128,
+            epochs: 2,
+            device: Device::Cpu,
+            precision: Precision::Fp32,
+            threads: 0,
+            config: CpaConfig::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// What [`bench_model`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBench {
+    pub cells: u64,
+    pub genes: u32,
+    pub batch_size: usize,
+    pub device: String,
+    pub precision: String,
+    pub threads: i32,
+    pub parameters: i64,
+    pub epochs: u32,
+    pub seconds: f64,
+    pub cells_per_s: f64,
+    pub ms_per_batch: f64,
+    pub final_recon_loss: f64,
+}
+
+/// Device from its command-line name (`cpu`, `cuda`, `cuda:N`).
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => match name.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(i) => Ok(Device::Cuda(i)),
+            None => Err(Error::InvalidInput(format!("device {name:?}: expected cpu, cuda or cuda:N"))),
+        },
+    }
+}
+
+/// Checks that a requested CUDA device exists, with a clear error when it does not.
+pub fn check_device(device: Device) -> Result<()> {
+    if let Device::Cuda(i) = device {
+        let n = tch::Cuda::device_count();
+        if !tch::Cuda::is_available() || i as i64 >= n {
+            return Err(Error::InvalidInput(format!(
+                "device cuda:{i} requested, but libtorch sees {n} CUDA devices (run `cpa-stream info`)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn strings(batch: &RecordBatch, column: &str) -> Result<Vec<String>> {
+    let col = batch.column_by_name(column).ok_or_else(|| Error::InvalidInput(format!("synth obs: no {column}")))?;
+    let utf8 = arrow::compute::cast(col, &DataType::Utf8).map_err(|e| Error::InvalidInput(format!("{column}: {e}")))?;
+    Ok(utf8.as_string::<i32>().iter().map(|s| s.unwrap_or_default().to_owned()).collect())
+}
+
+/// Generates a synthetic atlas in memory and cuts it into training batches (with its vocabulary).
+pub fn synthetic_batches(cells: u64, genes: u32, batch_size: usize, seed: u64) -> Result<(Vocabulary, Vec<HostBatch>)> {
+    let stage = |source| Error::Stage { stage: "synth", source };
+    let atlas = SynthAtlas::new(SynthConfig::new(cells, genes, 10, 4, 3, 5, seed)).map_err(stage)?;
+    let mut chunks = Vec::new();
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for k in 0..atlas.n_chunks() {
+        let chunk = atlas.generate_chunk(k).map_err(stage)?;
+        for c in strings(&chunk.obs, "condition")? {
+            *counts.entry(canonical_condition(&c)).or_default() += 1;
+        }
+        chunks.push(chunk);
+    }
+    let mut conditions: Vec<(String, u64)> = counts.into_iter().collect();
+    conditions.sort();
+    let covariates =
+        vec![Covariate { name: "cell_type".into(), categories: atlas.cell_types.clone(), is_batch: false }];
+    let gene_names = (0..genes).map(|g| format!("gene{g}")).collect();
+    let vocab =
+        Vocabulary::new(gene_names, "control", atlas.perturbations.clone(), covariates, conditions).map_err(stage)?;
+    let (perts, classes) = (vocab.perturbation_index(), vocab.condition_index());
+    let mut batches = Vec::new();
+    let mut batch = HostBatch::new(genes, 1);
+    for chunk in &chunks {
+        let (conds, doses, types) =
+            (strings(&chunk.obs, "condition")?, strings(&chunk.obs, "dose")?, strings(&chunk.obs, "cell_type")?);
+        for i in 0..chunk.rows.n_rows() {
+            let parsed =
+                parse_condition(&conds[i], Some(&doses[i]), 2, &perts, &classes).map_err(Error::InvalidInput)?;
+            let ct = atlas.cell_types.iter().position(|t| *t == types[i]).unwrap_or(0) as u32;
+            let (idx, val) = chunk.rows.row(i);
+            batch.counts.push_row(idx, val);
+            batch.push_labels(&parsed.parts, &[ct], parsed.class);
+            if batch.n_cells() == batch_size {
+                batches.push(std::mem::replace(&mut batch, HostBatch::new(genes, 1)));
+            }
+        }
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    Ok((vocab, batches))
+}
+
+/// Times training epochs over preloaded batches.
+pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
+    check_device(options.device)?;
+    if options.threads > 0 {
+        tch::set_num_threads(options.threads as i32);
+    }
+    let stage = |source| Error::Stage { stage: "trainer", source };
+    let (vocab, batches) = synthetic_batches(options.cells, options.genes, options.batch_size, options.seed)?;
+    let mut config = options.config.clone();
+    config.training.batch_size = options.batch_size;
+    config.training.precision = options.precision;
+    let model = CpaModel::new(&config, &vocab, None, options.device, config.training.seed).map_err(stage)?;
+    let parameters = model.n_parameters();
+    let mut trainer = Trainer::new(model).map_err(stage)?;
+    let run_epoch = |trainer: &mut Trainer| -> Result<f64> {
+        for b in &batches {
+            trainer.step(b).map_err(stage)?;
+        }
+        Ok(trainer.end_epoch().map_err(stage)?.recon_loss)
+    };
+    run_epoch(&mut trainer)?;
+    let start = Instant::now();
+    let mut recon = f64::NAN;
+    for _ in 0..options.epochs {
+        recon = run_epoch(&mut trainer)?;
+    }
+    let seconds = start.elapsed().as_secs_f64().max(1e-9);
+    let cells = options.cells * u64::from(options.epochs);
+    Ok(ModelBench {
+        cells: options.cells,
+        genes: options.genes,
+        batch_size: options.batch_size,
+        device: format!("{:?}", options.device).to_lowercase(),
+        precision: format!("{:?}", options.precision).to_lowercase(),
+        threads: tch::get_num_threads(),
+        parameters,
+        epochs: options.epochs,
+        seconds,
+        cells_per_s: cells as f64 / seconds,
+        ms_per_batch: seconds * 1e3 / (batches.len() as f64 * f64::from(options.epochs)),
+        final_recon_loss: recon,
+    })
+}
