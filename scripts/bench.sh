@@ -85,3 +85,18 @@ print(f"  {sys.argv[4]:>4}: file {size / 1e9:.2f} GB; export {secs(e['wall']):.1
 PY
   rm -rf "$dir/imported-$comp.store"
 done
+
+echo "== model training on preloaded batches (5,000 cells x 2,000 genes, reference architecture, CPU)"
+for bs in 128 1024; do
+  for threads in 1 0; do
+    t_arg=(); [ "$threads" != 0 ] && t_arg=(--threads "$threads")
+    "$bin" bench model --cells 5000 --genes 2000 --batch-size "$bs" --epochs 4 "${t_arg[@]}" --json \
+      > "$res/model-b$bs-t$threads.json"
+    python3 - "$res/model-b$bs-t$threads.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"  batch {r['batch_size']:>5}, {r['threads']} thread(s), {r['device']} {r['precision']}: "
+      f"{r['cells_per_s']:.0f} cells/s, {r['ms_per_batch']:.1f} ms per batch")
+PY
+  done
+done
