@@ -40,3 +40,6 @@ step "zstd copy"
 step "reader throughput (raw, then zstd)"
 "$bin" bench reader "$out/atlas.store" --repeats 2
 "$bin" bench reader "$out/atlas-zstd.store" --repeats 2
+
+step "CPA training throughput (reference architecture, 5,000 x 2,000 synthetic cells in memory, CPU)"
+"$bin" bench model --cells 5000 --genes 2000 --batch-size 128 --epochs 2
