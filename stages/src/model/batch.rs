@@ -1,6 +1,7 @@
 //! Batches of cells: the host form the loader fills (CSR counts, CSR doses, covariate codes) and
 //! the device form the model reads (counts densified on the device).
 
+use sprs::CsMatViewI;
 use tch::{Device, Kind, Tensor};
 
 use super::likelihood::Entries;
@@ -55,17 +56,37 @@ impl HostBatch {
     }
 
     /// Appends a cell's perturbations, covariate codes and class; its counts go to `counts`
-    /// separately (the loader copies them straight from the store).
+    /// separately (the loader copies them straight from the store). Within the cell, entries are
+    /// stored sorted by perturbation id (each dose with its own perturbation), the canonical CSR.
     pub fn push_labels(&mut self, parts: &[(u32, f32)], covariates: &[u32], class: u32) {
+        let start = self.pert_ids.len();
         for &(id, dose) in parts {
-            self.pert_ids.push(i64::from(id));
-            self.pert_doses.push(dose);
+            // Insertion sort: a cell has at most max_comb_len parts.
+            let mut at = self.pert_ids.len();
+            while at > start && self.pert_ids[at - 1] > i64::from(id) {
+                at -= 1;
+            }
+            self.pert_ids.insert(at, i64::from(id));
+            self.pert_doses.insert(at, dose);
         }
         self.pert_offsets.push(self.pert_ids.len() as i64);
         for (codes, &c) in self.covariates.iter_mut().zip(covariates) {
             codes.push(i64::from(c));
         }
         self.conditions.push(i64::from(class));
+    }
+
+    /// The doses as a cells x perturbation-vocabulary CSR matrix (a view of the batch's buffers),
+    /// after sprs's structural checks: offsets monotone and consistent, ids in range, sorted and
+    /// distinct within each cell.
+    pub fn dose_matrix(&self, n_perturbations: usize) -> Result<CsMatViewI<'_, f32, i64>> {
+        CsMatViewI::try_new(
+            (self.n_cells(), n_perturbations),
+            &self.pert_offsets[..],
+            &self.pert_ids[..],
+            &self.pert_doses[..],
+        )
+        .map_err(|(_, _, _, e)| Error::InvalidInput(format!("batch: perturbation doses: {e}")))
     }
 
     /// Checks the batch against a vocabulary: shapes agree, ids and codes are in range, doses
@@ -86,27 +107,18 @@ impl HostBatch {
         if self.covariates.len() != vocab.covariates.len() || self.covariates.iter().any(|c| c.len() != n) {
             return bad(format!("covariate codes do not match the model's {} covariates", vocab.covariates.len()));
         }
-        if self.pert_ids.len() != self.pert_doses.len()
-            || self.pert_offsets.last() != Some(&(self.pert_ids.len() as i64))
-        {
-            return bad("perturbation ids, doses and offsets disagree".to_owned());
-        }
-        let n_perts = vocab.n_perturbations() as i64;
-        for row in 0..n {
-            let (s, e) = (self.pert_offsets[row], self.pert_offsets[row + 1]);
-            if s > e {
-                return bad(format!("cell {row}: perturbation offsets decrease"));
-            }
-            for k in s as usize..e as usize {
-                let id = self.pert_ids[k];
-                if id <= PADDING_ID as i64 || id >= n_perts {
-                    return bad(format!("cell {row}: perturbation id {id} outside 1..{n_perts}"));
+        let doses = self.dose_matrix(vocab.n_perturbations())?;
+        for (row, cell) in doses.outer_iterator().enumerate() {
+            for (id, &d) in cell.iter() {
+                if id == PADDING_ID {
+                    return bad(format!("cell {row}: the padding id {PADDING_ID} is not a perturbation"));
                 }
-                let d = self.pert_doses[k];
                 if !d.is_finite() || d < 0.0 {
                     return bad(format!("cell {row}: dose {d} is not a finite number >= 0"));
                 }
             }
+        }
+        for row in 0..n {
             let class = self.conditions[row];
             if class < 0 || class as usize >= vocab.conditions.len() {
                 return bad(format!("cell {row}: condition class {class} outside 0..{}", vocab.conditions.len()));
@@ -209,6 +221,22 @@ pub fn densify_with_entries(rows: &CsrBatch, device: Device) -> Result<(Tensor, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doses_are_stored_sorted_and_checked_as_csr() -> Result<()> {
+        let mut b = HostBatch::new(3, 0);
+        b.counts.push_row(&[], &[]);
+        b.push_labels(&[(3, 1.0), (2, 0.1)], &[], 0);
+        assert_eq!((b.pert_ids.as_slice(), b.pert_doses.as_slice()), (&[2i64, 3][..], &[0.1f32, 1.0][..]));
+        let m = b.dose_matrix(4)?;
+        assert_eq!(m.get(0, 2), Some(&0.1));
+        assert!(b.dose_matrix(3).is_err(), "id 3 outside a vocabulary of 3");
+        b.counts.push_row(&[], &[]);
+        b.push_labels(&[(2, 1.0), (2, 0.5)], &[], 0);
+        let err = b.dose_matrix(4).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.starts_with("batch: perturbation doses:"), "{err}");
+        Ok(())
+    }
 
     #[test]
     fn densify_places_every_entry() -> Result<()> {
