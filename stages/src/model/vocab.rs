@@ -156,15 +156,12 @@ impl Vocabulary {
                 self.genes.len()
             )));
         }
-        let (i, (a, b)) = genes
-            .iter()
-            .zip(&self.genes)
-            .enumerate()
-            .find(|(_, (a, b))| a != b)
-            .unwrap_or((0, (&genes[0], &self.genes[0])));
-        Err(Error::InvalidInput(format!(
-            "{what}: gene {i} is {a:?}, the model's gene {i} is {b:?} (same genes in the same order expected)"
-        )))
+        match genes.iter().zip(&self.genes).enumerate().find(|(_, (a, b))| a != b) {
+            Some((i, (a, b))) => Err(Error::InvalidInput(format!(
+                "{what}: gene {i} is {a:?}, the model's gene {i} is {b:?} (same genes in the same order expected)"
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
