@@ -101,6 +101,14 @@ pub fn load_model(dir: &Path, device: Device) -> Result<CpaModel> {
     Ok(model)
 }
 
+/// Loads a model to run on data whose genes (var names, in column order) are `genes`; `what`
+/// names that data in the error when the genes differ from the model's.
+pub fn load_model_for(dir: &Path, genes: &[String], what: &str, device: Device) -> Result<CpaModel> {
+    let file = read_model_file(dir)?;
+    file.vocabulary.check_genes(genes, what)?;
+    load_model(dir, device)
+}
+
 /// Runs `write` on a fresh temporary sibling of `dir`, then puts it in place of `dir`. If `write`
 /// fails, nothing changes at `dir` and the temporary directory is removed.
 pub fn publish_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {

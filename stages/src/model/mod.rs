@@ -19,6 +19,6 @@ pub mod vocab;
 
 pub use batch::{DeviceBatch, HostBatch};
 pub use config::CpaConfig;
-pub use files::{load_model, read_model_file, save_model};
+pub use files::{load_model, load_model_for, read_model_file, save_model};
 pub use network::CpaModel;
 pub use vocab::Vocabulary;

@@ -376,6 +376,14 @@ fn saved_models_load_and_check_their_files() -> Result<()> {
         .collect::<std::io::Result<_>>()
         .map_err(|e| Error::io(dir.path(), e))?;
     assert_eq!(entries, ["model"], "temporary directories left behind");
+    let mut genes = v.genes.clone();
+    assert!(crate::model::load_model_for(&path, &genes, "store S", Device::Cpu).is_ok());
+    genes.swap(0, 1);
+    let err = crate::model::load_model_for(&path, &genes, "store S", Device::Cpu).err().map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some("store S: gene 0 is \"gene1\", the model's gene 0 is \"gene0\" (same genes in the same order expected)")
+    );
 
     let json = path.join(crate::model::files::MODEL_FILE);
     let text = std::fs::read_to_string(&json).map_err(|e| Error::io(&json, e))?;
