@@ -7,6 +7,7 @@
 //! - [`import`] / [`export`]: `.h5ad` files in and out of stores.
 //! - [`bench`](mod@bench): reader throughput against a memcpy bound measured in the same run.
 //! - [`model_bench`]: training throughput of the model alone, on preloaded batches.
+//! - [`train`]: store reader -> perturbation encoder -> batcher workers -> trainer.
 
 pub mod bench;
 pub mod convert;
@@ -18,6 +19,7 @@ pub mod model_bench;
 pub mod progress;
 mod stream;
 pub mod synth;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use metrics::{MemoryPeak, MemorySampler, MemoryUsage, RunReport, StageReport, StageStats};

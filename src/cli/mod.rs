@@ -22,6 +22,7 @@ mod info;
 mod progress;
 mod store;
 mod synth;
+mod train;
 
 use std::process::ExitCode;
 
@@ -51,6 +52,8 @@ enum Command {
     Import(h5ad::ImportArgs),
     /// Write a store as an AnnData .h5ad file.
     Export(h5ad::ExportArgs),
+    /// Train CPA on a store through the streaming pipeline.
+    Train(train::TrainArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -66,6 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Convert(a) => store::convert(a),
         Command::Import(a) => h5ad::import(a),
         Command::Export(a) => h5ad::export(a),
+        Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -1,0 +1,234 @@
+//! The batcher: which cells make each batch of an epoch (block shuffle with an in-buffer
+//! shuffle, a new seeded permutation each epoch), and the worker threads that gather them from
+//! the store into recycled host batches, delivered in order over bounded channels.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cpa_stream_stages::model::HostBatch;
+use cpa_stream_stages::store::Store;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use super::encoder::{CellLabels, Split};
+use crate::error::{Error, Result};
+use crate::metrics::StageStats;
+
+/// How batches are drawn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanOptions {
+    pub batch_size: usize,
+    /// Contiguous cells shuffled as a unit (align with the store's zstd block rows).
+    pub block_cells: u64,
+    /// Blocks whose cells are shuffled together before being cut into batches.
+    pub shuffle_blocks: usize,
+    pub seed: u64,
+    /// Shuffle (training) or read in store order (evaluation).
+    pub shuffle: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions { batch_size: 128, block_cells: 256, shuffle_blocks: 64, seed: 0, shuffle: true }
+    }
+}
+
+/// The batches of one epoch over the cells of `split`, as row lists. With `shuffle`, blocks of
+/// `block_cells` cells are permuted with a generator seeded by (seed, epoch), cells of
+/// `shuffle_blocks` consecutive blocks are shuffled together, and the stream is cut into batches
+/// of `batch_size` (the last may be smaller). Every cell of the split appears exactly once.
+pub struct EpochPlan<'a> {
+    labels: &'a CellLabels,
+    split: Split,
+    options: PlanOptions,
+    blocks: Vec<u64>,
+    next_block: usize,
+    buffer: Vec<u64>,
+    taken: usize,
+    rng: Xoshiro256PlusPlus,
+}
+
+impl<'a> EpochPlan<'a> {
+    pub fn new(labels: &'a CellLabels, split: Split, epoch: u64, options: &PlanOptions) -> EpochPlan<'a> {
+        let block = options.block_cells.max(1);
+        let n_blocks = labels.n_cells().div_ceil(block);
+        let mut rng =
+            Xoshiro256PlusPlus::seed_from_u64(options.seed ^ epoch.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut blocks: Vec<u64> = (0..n_blocks).collect();
+        if options.shuffle {
+            blocks.shuffle(&mut rng);
+        }
+        EpochPlan {
+            labels,
+            split,
+            options: PlanOptions { block_cells: block, batch_size: options.batch_size.max(1), ..options.clone() },
+            blocks,
+            next_block: 0,
+            buffer: Vec::new(),
+            taken: 0,
+            rng,
+        }
+    }
+
+    /// Refills the buffer with the split's cells of the next window of blocks.
+    fn refill(&mut self) {
+        self.buffer.drain(..self.taken);
+        self.taken = 0;
+        let window = if self.options.shuffle { self.options.shuffle_blocks.max(1) } else { 1 };
+        let start = self.buffer.len();
+        let n = self.labels.n_cells();
+        while self.buffer.len() < self.options.batch_size && self.next_block < self.blocks.len() {
+            for _ in 0..window {
+                let Some(&b) = self.blocks.get(self.next_block) else { break };
+                self.next_block += 1;
+                let first = b * self.options.block_cells;
+                for cell in first..(first + self.options.block_cells).min(n) {
+                    if self.labels.split(cell) == self.split {
+                        self.buffer.push(cell);
+                    }
+                }
+            }
+        }
+        if self.options.shuffle {
+            self.buffer[start..].shuffle(&mut self.rng);
+            // Mix the carried-over cells with the new ones too.
+            self.buffer.shuffle(&mut self.rng);
+        }
+    }
+
+    /// The next batch's rows, written into `out` (cleared first). `false` at the end of the epoch.
+    pub fn next_into(&mut self, out: &mut Vec<u64>) -> bool {
+        out.clear();
+        if self.buffer.len() - self.taken < self.options.batch_size {
+            self.refill();
+        }
+        let end = (self.taken + self.options.batch_size).min(self.buffer.len());
+        out.extend_from_slice(&self.buffer[self.taken..end]);
+        self.taken = end;
+        !out.is_empty()
+    }
+}
+
+impl Iterator for EpochPlan<'_> {
+    type Item = Vec<u64>;
+
+    fn next(&mut self) -> Option<Vec<u64>> {
+        let mut out = Vec::new();
+        self.next_into(&mut out).then_some(out)
+    }
+}
+
+/// Batches of one pass, filled by worker threads, received in plan order.
+pub struct Loaded {
+    outputs: Vec<Receiver<Result<HostBatch>>>,
+    next: usize,
+    recycle: Sender<HostBatch>,
+}
+
+impl Loaded {
+    /// The next batch in plan order; `None` at the end of the pass.
+    pub fn next(&mut self, stats: &StageStats) -> Option<Result<HostBatch>> {
+        let k = self.next % self.outputs.len();
+        self.next += 1;
+        stats.recv(&self.outputs[k])
+    }
+
+    /// Hands a used batch back to the workers.
+    pub fn recycle(&self, batch: HostBatch) {
+        let _ = self.recycle.try_send(batch);
+    }
+}
+
+/// Channel depths and threads of the loader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoaderOptions {
+    pub workers: usize,
+    /// Batches buffered ahead of the trainer, per worker.
+    pub prefetch: usize,
+}
+
+/// Runs one pass over `split` inside `scope`: a planner thread, `workers` gather threads. Stops
+/// early when `stop` is set or the receiver is dropped; errors arrive in order, as batches do.
+pub fn spawn_loader<'scope, 'env: 'scope>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    store: &'env Store,
+    labels: &'env CellLabels,
+    split: Split,
+    epoch: u64,
+    plan: &PlanOptions,
+    loader: LoaderOptions,
+    stats: (Arc<StageStats>, Arc<StageStats>),
+    stop: Arc<AtomicBool>,
+) -> Loaded {
+    let workers = loader.workers.max(1);
+    let genes = store.n_vars() as u32;
+    let n_covariates = labels.vocab.covariates.len();
+    let (recycle_tx, recycle_rx) = bounded::<HostBatch>(workers * (loader.prefetch + 2));
+    let mut job_txs = Vec::with_capacity(workers);
+    let mut outputs = Vec::with_capacity(workers);
+    let (plan_stats, gather_stats) = stats;
+    for _ in 0..workers {
+        let (job_tx, job_rx) = bounded::<Vec<u64>>(loader.prefetch.max(1));
+        let (out_tx, out_rx) = bounded::<Result<HostBatch>>(loader.prefetch.max(1));
+        job_txs.push(job_tx);
+        outputs.push(out_rx);
+        let recycle_rx = recycle_rx.clone();
+        let stats = Arc::clone(&gather_stats);
+        let stop = Arc::clone(&stop);
+        scope.spawn(move || {
+            let mut cursor = match store.cursor() {
+                Ok(c) => c,
+                Err(source) => {
+                    let _ = out_tx.send(Err(Error::Stage { stage: "batcher", source }));
+                    return;
+                }
+            };
+            while let Some(mut rows) = stats.recv(&job_rx) {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let result = stats.busy(|| {
+                    let mut batch = recycle_rx.try_recv().unwrap_or_else(|_| HostBatch::new(genes, n_covariates));
+                    batch.clear();
+                    // Store order within a batch: a compressed block is decoded once per batch.
+                    rows.sort_unstable();
+                    cursor
+                        .gather(&rows, &mut batch.counts)
+                        .map_err(|source| Error::Stage { stage: "batcher", source })?;
+                    for &row in &rows {
+                        let g = labels.group(row);
+                        batch.push_labels(&g.parts, &g.covariates, g.class);
+                    }
+                    Ok(batch)
+                });
+                if let Ok(b) = &result {
+                    stats.add(b.n_cells() as u64, b.counts.byte_size());
+                }
+                let failed = result.is_err();
+                if !stats.send(&out_tx, result) || failed {
+                    return;
+                }
+            }
+        });
+    }
+    let plan = plan.clone();
+    scope.spawn(move || {
+        let mut epoch_plan = EpochPlan::new(labels, split, epoch, &plan);
+        let mut k = 0usize;
+        loop {
+            let mut rows = Vec::with_capacity(plan.batch_size);
+            let more = plan_stats.busy(|| epoch_plan.next_into(&mut rows));
+            if !more || stop.load(Ordering::Relaxed) {
+                return;
+            }
+            plan_stats.add(rows.len() as u64, rows.len() as u64 * 8);
+            if !plan_stats.send(&job_txs[k % workers], rows) {
+                return;
+            }
+            k += 1;
+        }
+    });
+    Loaded { outputs, next: 0, recycle: recycle_tx }
+}

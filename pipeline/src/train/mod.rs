@@ -1,0 +1,354 @@
+//! Training through the streaming pipeline: store reader -> perturbation encoder -> batcher
+//! (planner + gather workers) -> trainer (the one thread that owns the model).
+//!
+//! A run directory holds `checkpoint/` (every epoch, for `--resume`), `best/` (the weights with
+//! the best validation score), `model/` (the final model: the best weights, or the last ones
+//! when there was no validation), `metrics.parquet` (one row per epoch) and `config.toml`.
+
+pub mod batcher;
+pub mod encoder;
+pub mod validate;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, Float64Array, RecordBatch, UInt32Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use cpa_stream_stages::model::config::CpaConfig;
+use cpa_stream_stages::model::files::publish_dir;
+use cpa_stream_stages::model::{CpaModel, save_model};
+use cpa_stream_stages::store::{Store, write_table};
+use cpa_stream_stages::trainer::{EpochMetrics, Trainer};
+use serde::Serialize;
+use tch::Device;
+
+use crate::error::{Error, Result};
+use crate::metrics::{MemorySampler, RunReport, StageStats};
+use crate::progress::Progress;
+use batcher::{LoaderOptions, PlanOptions, spawn_loader};
+use encoder::{CellLabels, EncoderOptions, Split};
+use validate::{ValidationScore, validate};
+
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+pub const BEST_DIR: &str = "best";
+pub const MODEL_DIR: &str = "model";
+pub const METRICS_FILE: &str = "metrics.parquet";
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// What `cpa-stream train` does.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub store: PathBuf,
+    pub out: PathBuf,
+    pub encoder: EncoderOptions,
+    pub config: CpaConfig,
+    pub device: Device,
+    /// Continue from `out/checkpoint`.
+    pub resume: bool,
+    pub workers: usize,
+    pub prefetch: usize,
+    pub block_cells: u64,
+    pub shuffle_blocks: usize,
+}
+
+/// One epoch's row of `metrics.parquet`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRecord {
+    pub train: EpochMetrics,
+    pub seconds: f64,
+    pub validation: Option<ValidationScore>,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub epochs: Vec<EpochRecord>,
+    pub best_epoch: Option<u32>,
+    pub stopped_early: bool,
+    pub interrupted: bool,
+    pub train_cells: u64,
+    pub valid_cells: u64,
+    pub cells_per_s: f64,
+    pub report: RunReport,
+    pub device_peak_bytes: Option<u64>,
+}
+
+/// Trains a model on a store through the pipeline. `stop` (e.g. set by Ctrl-C) ends the run
+/// after the current batch; the last completed epoch's checkpoint stays in place.
+pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<AtomicBool>) -> Result<TrainReport> {
+    let wall = Instant::now();
+    let sampler = MemorySampler::start();
+    let stage = |stage: &'static str| move |source| Error::Stage { stage, source };
+    let store = Store::open(&options.store).map_err(stage("reader"))?;
+    let encoder_stats = StageStats::new("encoder", 1);
+    let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &options.encoder))?;
+    encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
+    let [train_cells, valid_cells, _, _] = labels.split_counts;
+    if train_cells == 0 {
+        return Err(Error::InvalidInput(format!("{}: no training cells", options.store.display())));
+    }
+    std::fs::create_dir_all(&options.out)
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", options.out.display())))?;
+    let checkpoint = options.out.join(CHECKPOINT_DIR);
+    let mut trainer = if options.resume {
+        let t = Trainer::resume(&checkpoint, options.device).map_err(stage("trainer"))?;
+        if t.model().vocabulary() != &labels.vocab {
+            return Err(Error::InvalidInput(format!(
+                "{}: the checkpoint's vocabularies or genes differ from this store's",
+                checkpoint.display()
+            )));
+        }
+        t
+    } else {
+        let model = CpaModel::new(&options.config, &labels.vocab, None, options.device, options.config.training.seed)
+            .map_err(stage("trainer"))?;
+        Trainer::new(model).map_err(stage("trainer"))?
+    };
+    let config = trainer.model().config().clone();
+    let text = config.to_toml().map_err(stage("trainer"))?;
+    let config_path = options.out.join(CONFIG_FILE);
+    std::fs::write(&config_path, text).map_err(|e| Error::InvalidInput(format!("{}: {e}", config_path.display())))?;
+
+    let epochs = config.training.epochs_for(train_cells);
+    let plan = PlanOptions {
+        batch_size: config.training.batch_size,
+        block_cells: options.block_cells,
+        shuffle_blocks: options.shuffle_blocks,
+        seed: config.training.seed,
+        shuffle: true,
+    };
+    let loader = LoaderOptions { workers: options.workers.max(1), prefetch: options.prefetch.max(1) };
+    let (plan_stats, gather_stats, train_stats) =
+        (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("trainer", 1));
+    let mut records = read_metrics(&options.out.join(METRICS_FILE), trainer.state().epoch)?;
+    let mut stopped_early = false;
+    let mut interrupted = false;
+    let trained_start = Instant::now();
+    let mut trained_cells = 0u64;
+    progress.begin("train", u64::from(epochs.saturating_sub(trainer.state().epoch)) * train_cells);
+    while trainer.state().epoch < epochs {
+        let epoch = trainer.state().epoch;
+        let started = Instant::now();
+        std::thread::scope(|scope| -> Result<()> {
+            let mut loaded = spawn_loader(
+                scope,
+                &store,
+                &labels,
+                Split::Train,
+                u64::from(epoch),
+                &plan,
+                loader,
+                (Arc::clone(&plan_stats), Arc::clone(&gather_stats)),
+                Arc::clone(&stop),
+            );
+            while let Some(batch) = loaded.next(&train_stats) {
+                let batch = batch?;
+                if stop.load(Ordering::Relaxed) {
+                    interrupted = true;
+                    return Ok(());
+                }
+                train_stats.busy(|| trainer.step(&batch)).map_err(stage("trainer"))?;
+                let n = batch.n_cells() as u64;
+                train_stats.add(n, batch.counts.byte_size());
+                trained_cells += n;
+                progress.advance(n);
+                loaded.recycle(batch);
+            }
+            Ok(())
+        })
+        .inspect_err(|_| stop.store(true, Ordering::Relaxed))?;
+        if interrupted {
+            break;
+        }
+        let train_metrics = train_stats.busy(|| trainer.end_epoch()).map_err(stage("trainer"))?;
+        let last = trainer.state().epoch >= epochs;
+        let due = trainer.state().epoch.is_multiple_of(config.training.check_val_every_n_epoch);
+        let validation = if valid_cells > 0 && (due || last) {
+            let score = train_stats
+                .busy(|| validate(trainer.model(), &store, &labels, Split::Valid, &plan, loader, Arc::clone(&stop)))?;
+            let state = trainer.state_mut();
+            if state.best_score.is_none_or(|b| score.score > b) {
+                state.best_score = Some(score.score);
+                state.best_epoch = Some(epoch);
+                state.validations_without_improvement = 0;
+                save_model(trainer.model(), &options.out.join(BEST_DIR)).map_err(stage("trainer"))?;
+            } else {
+                state.validations_without_improvement += 1;
+            }
+            Some(score)
+        } else {
+            None
+        };
+        records.push(EpochRecord { train: train_metrics, seconds: started.elapsed().as_secs_f64(), validation });
+        write_metrics(&options.out.join(METRICS_FILE), &records)?;
+        trainer.save_checkpoint(&checkpoint).map_err(stage("trainer"))?;
+        tracing::info!(
+            "epoch {}: recon {:.3}, adv {:.3}, acc_perts {:.3}{}",
+            epoch,
+            train_metrics.recon_loss,
+            train_metrics.adv_loss,
+            train_metrics.acc_perts,
+            validation.map(|v| format!(", val score {:.4} (r2 mean {:.4})", v.score, v.r2_mean)).unwrap_or_default()
+        );
+        if trainer.state().validations_without_improvement >= config.training.early_stopping_patience {
+            stopped_early = true;
+            break;
+        }
+    }
+    progress.end();
+    // The final model: the best validated weights, else the last ones.
+    let best = options.out.join(BEST_DIR);
+    let final_model = options.out.join(MODEL_DIR);
+    if !interrupted {
+        if trainer.state().best_epoch.is_some() && best.exists() {
+            publish_dir(&final_model, |tmp| copy_dir(&best, tmp)).map_err(stage("trainer"))?;
+        } else {
+            save_model(trainer.model(), &final_model).map_err(stage("trainer"))?;
+        }
+    }
+    let seconds = trained_start.elapsed().as_secs_f64().max(1e-9);
+    let device_peak_bytes = None;
+    let report = RunReport {
+        wall: wall.elapsed(),
+        stages: vec![encoder_stats.report(), plan_stats.report(), gather_stats.report(), train_stats.report()],
+        memory: sampler.finish(),
+    };
+    Ok(TrainReport {
+        best_epoch: trainer.state().best_epoch,
+        epochs: records,
+        stopped_early,
+        interrupted,
+        train_cells,
+        valid_cells,
+        cells_per_s: trained_cells as f64 / seconds,
+        report,
+        device_peak_bytes,
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) -> cpa_stream_stages::Result<()> {
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |e| cpa_stream_stages::Error::InvalidInput(format!("{}: {e}", p.display()))
+    };
+    for entry in std::fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        std::fs::copy(entry.path(), to.join(entry.file_name())).map_err(io(&entry.path()))?;
+    }
+    Ok(())
+}
+
+fn metrics_schema() -> Arc<Schema> {
+    let f = |n: &str, t: DataType, null: bool| Field::new(n, t, null);
+    Arc::new(Schema::new(vec![
+        f("epoch", DataType::UInt32, false),
+        f("recon_loss", DataType::Float64, true),
+        f("kl", DataType::Float64, true),
+        f("adv_loss", DataType::Float64, true),
+        f("penalty_adv", DataType::Float64, true),
+        f("acc_perts", DataType::Float64, true),
+        f("lr", DataType::Float64, false),
+        f("cells", DataType::UInt64, false),
+        f("seconds", DataType::Float64, false),
+        f("val_recon_loss", DataType::Float64, true),
+        f("val_r2_mean", DataType::Float64, true),
+        f("val_r2_var", DataType::Float64, true),
+        f("val_score", DataType::Float64, true),
+    ]))
+}
+
+/// Writes every epoch's metrics to `path` (temporary name, then rename).
+fn write_metrics(path: &Path, records: &[EpochRecord]) -> Result<()> {
+    let num = |v: f64| v.is_finite().then_some(v);
+    let col = |f: &dyn Fn(&EpochRecord) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from(records.iter().map(f).collect::<Vec<_>>()))
+    };
+    let batch = RecordBatch::try_new(
+        metrics_schema(),
+        vec![
+            Arc::new(UInt32Array::from(records.iter().map(|r| r.train.epoch).collect::<Vec<_>>())),
+            col(&|r| num(r.train.recon_loss)),
+            col(&|r| num(r.train.kl)),
+            col(&|r| num(r.train.adv_loss)),
+            col(&|r| num(r.train.penalty_adv)),
+            col(&|r| num(r.train.acc_perts)),
+            Arc::new(Float64Array::from(records.iter().map(|r| r.train.lr).collect::<Vec<_>>())),
+            Arc::new(UInt64Array::from(records.iter().map(|r| r.train.cells).collect::<Vec<_>>())),
+            Arc::new(Float64Array::from(records.iter().map(|r| r.seconds).collect::<Vec<_>>())),
+            col(&|r| r.validation.and_then(|v| num(v.recon_loss))),
+            col(&|r| r.validation.and_then(|v| num(v.r2_mean))),
+            col(&|r| r.validation.and_then(|v| num(v.r2_var))),
+            col(&|r| r.validation.and_then(|v| num(v.score))),
+        ],
+    )
+    .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
+    write_table(path, metrics_schema(), [batch]).map_err(|source| Error::Stage { stage: "metrics", source })
+}
+
+/// Reads back the metrics of epochs before `epochs` (for `--resume`); none if there is no file.
+fn read_metrics(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
+    if epochs == 0 || !path.exists() {
+        return Ok(Vec::new());
+    }
+    let batch =
+        cpa_stream_stages::store::read_small_table(path).map_err(|source| Error::Stage { stage: "metrics", source })?;
+    let f64s = |name: &str| -> Vec<Option<f64>> {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
+            .map(|a| a.iter().collect())
+            .unwrap_or_default()
+    };
+    let get = |v: &[Option<f64>], i: usize| v.get(i).copied().flatten();
+    let epoch: Vec<u32> = batch
+        .column_by_name("epoch")
+        .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
+        .map(|a| a.values().to_vec())
+        .unwrap_or_default();
+    let cells: Vec<u64> = batch
+        .column_by_name("cells")
+        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+        .map(|a| a.values().to_vec())
+        .unwrap_or_default();
+    let (recon, kl, adv, pen, acc, lr, secs) = (
+        f64s("recon_loss"),
+        f64s("kl"),
+        f64s("adv_loss"),
+        f64s("penalty_adv"),
+        f64s("acc_perts"),
+        f64s("lr"),
+        f64s("seconds"),
+    );
+    let (vrec, vmean, vvar, vscore) =
+        (f64s("val_recon_loss"), f64s("val_r2_mean"), f64s("val_r2_var"), f64s("val_score"));
+    let mut out = Vec::new();
+    for (i, &e) in epoch.iter().enumerate().filter(|(_, e)| **e < epochs) {
+        let nan = f64::NAN;
+        let validation = get(&vscore, i).map(|score| ValidationScore {
+            recon_loss: get(&vrec, i).unwrap_or(nan),
+            r2_mean: get(&vmean, i).unwrap_or(nan),
+            r2_var: get(&vvar, i).unwrap_or(nan),
+            score,
+            cells: 0,
+        });
+        out.push(EpochRecord {
+            train: EpochMetrics {
+                epoch: e,
+                recon_loss: get(&recon, i).unwrap_or(nan),
+                kl: get(&kl, i).unwrap_or(nan),
+                adv_loss: get(&adv, i).unwrap_or(nan),
+                penalty_adv: get(&pen, i).unwrap_or(nan),
+                acc_perts: get(&acc, i).unwrap_or(nan),
+                autoencoder_batches: 0,
+                adversary_batches: 0,
+                cells: cells.get(i).copied().unwrap_or(0),
+                lr: get(&lr, i).unwrap_or(nan),
+            },
+            seconds: get(&secs, i).unwrap_or(nan),
+            validation,
+        });
+    }
+    Ok(out)
+}

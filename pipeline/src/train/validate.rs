@@ -1,0 +1,135 @@
+//! Validation: reconstruction of held-out cells under their own condition, scored like the
+//! reference's training metric (R2 of per-condition gene means and variances, log1p space for
+//! count models), from sufficient statistics accumulated on the device.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use cpa_stream_stages::model::layers::Noise;
+use cpa_stream_stages::model::{CpaModel, DeviceBatch};
+use cpa_stream_stages::store::Store;
+use rand::SeedableRng;
+use rand_xoshiro::Xoshiro256PlusPlus;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::batcher::{LoaderOptions, PlanOptions, spawn_loader};
+use super::encoder::{CellLabels, Split};
+use crate::error::{Error, Result};
+use crate::metrics::StageStats;
+
+/// Classes with fewer validation cells are left out of the R2 averages.
+pub const MIN_CELLS_PER_CONDITION: f64 = 2.0;
+
+/// Validation figures of one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ValidationScore {
+    /// Negative log-likelihood per cell.
+    pub recon_loss: f64,
+    /// Mean over conditions of the R2 (over genes) of predicted vs observed gene means.
+    pub r2_mean: f64,
+    /// The same for gene variances.
+    pub r2_var: f64,
+    /// `r2_mean + 0.5 * r2_var` (the reference's score without its k-NN disentanglement term);
+    /// early stopping keeps the weights that maximise it.
+    pub score: f64,
+    pub cells: u64,
+}
+
+/// Scores `model` on the cells of `split`.
+pub fn validate(
+    model: &CpaModel,
+    store: &Store,
+    labels: &CellLabels,
+    split: Split,
+    plan: &PlanOptions,
+    loader: LoaderOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<ValidationScore> {
+    let device = model.device();
+    let torch = |source| Error::Stage { stage: "validation", source };
+    let classes = labels.vocab.conditions.len() as i64;
+    let genes = labels.vocab.n_genes() as i64;
+    let zeros = || Tensor::f_zeros([classes, genes], (Kind::Float, device)).map_err(|e| torch(e.into()));
+    let (mut sum_t, mut sum_p, mut sq_t, mut sq_p) = (zeros()?, zeros()?, zeros()?, zeros()?);
+    let mut counts = Tensor::f_zeros([classes], (Kind::Float, device)).map_err(|e| torch(e.into()))?;
+    let mut recon = Tensor::f_zeros([], (Kind::Float, device)).map_err(|e| torch(e.into()))?;
+    let mut cells = 0u64;
+    let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(0), device);
+    let plan = PlanOptions { shuffle: false, ..plan.clone() };
+    let stats = (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers));
+    let consumer = StageStats::new("validation", 1);
+    let count_model = model.config().model.recon_loss.is_count();
+    std::thread::scope(|scope| -> Result<()> {
+        let mut loaded = spawn_loader(scope, store, labels, split, 0, &plan, loader, stats, stop);
+        while let Some(batch) = loaded.next(&consumer) {
+            let batch = batch?;
+            let mut step = || -> cpa_stream_stages::Result<()> {
+                tch::no_grad(|| -> cpa_stream_stages::Result<()> {
+                    let b = DeviceBatch::upload(&batch, device)?;
+                    let (x_in, library) = model.input(&b.x)?;
+                    let encoded = model.encode(&x_in, false, false, &mut noise)?;
+                    let z_pert = model.perturbation_latent(&b.perts)?;
+                    let covs = model.covariate_latents(&b.covariates)?;
+                    let latents = model.compose(&encoded.z_basal, &z_pert, &covs)?;
+                    let generative = model.decode(&latents.z, library.as_ref(), false, &mut noise)?;
+                    let ll = model.log_likelihood(&b.x, Some(&b.entries), &generative)?;
+                    recon = recon.f_sub(&ll.f_sum(Kind::Float)?)?;
+                    let (t, p) = if count_model {
+                        (b.x.f_log1p()?, generative.mean().f_log1p()?)
+                    } else {
+                        (b.x.shallow_clone(), generative.mean().shallow_clone())
+                    };
+                    let c = &b.conditions;
+                    sum_t = sum_t.f_index_add(0, c, &t)?;
+                    sum_p = sum_p.f_index_add(0, c, &p)?;
+                    sq_t = sq_t.f_index_add(0, c, &t.f_square()?)?;
+                    sq_p = sq_p.f_index_add(0, c, &p.f_square()?)?;
+                    counts = counts.f_index_add(0, c, &Tensor::f_ones([b.n_cells], (Kind::Float, device))?)?;
+                    Ok(())
+                })
+            };
+            step().map_err(torch)?;
+            cells += batch.n_cells() as u64;
+            loaded.recycle(batch);
+        }
+        Ok(())
+    })?;
+    let host = |t: &Tensor| -> Result<Vec<f64>> {
+        let t = t.f_to_kind(Kind::Double).and_then(|t| t.f_to_device(Device::Cpu)).map_err(|e| torch(e.into()))?;
+        Vec::<f64>::try_from(&t.f_flatten(0, -1).map_err(|e| torch(e.into()))?).map_err(|e| torch(e.into()))
+    };
+    let (st, sp, qt, qp, n) = (host(&sum_t)?, host(&sum_p)?, host(&sq_t)?, host(&sq_p)?, host(&counts)?);
+    let recon = host(&recon)?.first().copied().unwrap_or(f64::NAN) / cells.max(1) as f64;
+    let g = genes as usize;
+    let (mut r2m, mut r2v, mut used) = (0.0, 0.0, 0usize);
+    for c in 0..classes as usize {
+        if n[c] < MIN_CELLS_PER_CONDITION {
+            continue;
+        }
+        let row = |v: &[f64]| v[c * g..(c + 1) * g].to_vec();
+        let (mt, mp): (Vec<f64>, Vec<f64>) =
+            (row(&st).iter().map(|s| s / n[c]).collect(), row(&sp).iter().map(|s| s / n[c]).collect());
+        let vt: Vec<f64> = row(&qt).iter().zip(&mt).map(|(q, m)| (q / n[c] - m * m).max(0.0)).collect();
+        let vp: Vec<f64> = row(&qp).iter().zip(&mp).map(|(q, m)| (q / n[c] - m * m).max(0.0)).collect();
+        r2m += r2_score(&mp, &mt);
+        r2v += r2_score(&vp, &vt);
+        used += 1;
+    }
+    let (r2_mean, r2_var) = if used == 0 { (f64::NAN, f64::NAN) } else { (r2m / used as f64, r2v / used as f64) };
+    let score = if used == 0 { -recon } else { r2_mean + 0.5 * r2_var };
+    Ok(ValidationScore { recon_loss: recon, r2_mean, r2_var, score, cells })
+}
+
+/// sklearn's R2 of `pred` against `truth` (0 when the truth is constant and matched, else -inf
+/// clipped to a large negative number).
+pub fn r2_score(pred: &[f64], truth: &[f64]) -> f64 {
+    let n = truth.len().max(1) as f64;
+    let mean = truth.iter().sum::<f64>() / n;
+    let ss_res: f64 = pred.iter().zip(truth).map(|(p, t)| (t - p).powi(2)).sum();
+    let ss_tot: f64 = truth.iter().map(|t| (t - mean).powi(2)).sum();
+    if ss_tot == 0.0 {
+        return if ss_res == 0.0 { 1.0 } else { 0.0 };
+    }
+    1.0 - ss_res / ss_tot
+}

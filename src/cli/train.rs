@@ -1,0 +1,173 @@
+//! `cpa-stream train`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::Args;
+use cpa_stream_pipeline::model_bench::{check_device, parse_device};
+use cpa_stream_pipeline::train::encoder::{EncoderOptions, SplitSpec};
+use cpa_stream_pipeline::train::{TrainOptions, run_train};
+use cpa_stream_stages::model::config::CpaConfig;
+
+use super::progress::CliProgress;
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Store directory (see `cpa-stream import` / `synth`).
+    #[arg(long)]
+    store: PathBuf,
+    /// obs column of the perturbation condition (`drugA+drugB`).
+    #[arg(long, default_value = "condition")]
+    perturbation_key: String,
+    /// obs column of the doses (`0.1+1`); without it every part has dose 1.
+    #[arg(long)]
+    dose_key: Option<String>,
+    /// Name of the control condition.
+    #[arg(long, default_value = "control")]
+    control: String,
+    /// Categorical covariates (comma-separated obs columns).
+    #[arg(long, value_delimiter = ',')]
+    covariates: Vec<String>,
+    /// A batch covariate (left out of the corrected latents).
+    #[arg(long)]
+    batch_key: Option<String>,
+    /// obs column with train / valid / test / ood per cell.
+    #[arg(long, conflicts_with_all = ["holdout", "validation_fraction", "test_fraction"])]
+    split_key: Option<String>,
+    /// Conditions held out entirely (comma-separated, as written in obs).
+    #[arg(long, value_delimiter = ',')]
+    holdout: Vec<String>,
+    /// Fraction of each condition's cells used for validation (without --split-key).
+    #[arg(long, default_value_t = 0.1)]
+    validation_fraction: f64,
+    /// Fraction of each condition's cells kept for testing (without --split-key).
+    #[arg(long, default_value_t = 0.1)]
+    test_fraction: f64,
+    /// Model configuration (TOML; see examples/cpa.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run directory (checkpoint/, best/, model/, metrics.parquet).
+    #[arg(long)]
+    out: PathBuf,
+    /// Epochs [default: the configuration's, or the reference's rule].
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Cells per batch [default: the configuration's].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Continue from RUN/checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed [default: the configuration's].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Batcher worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Batches buffered ahead of the trainer, per worker.
+    #[arg(long, default_value_t = 2)]
+    prefetch: usize,
+    /// libtorch threads [default: libtorch's choice].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => CpaConfig::from_file(path)?,
+        None => CpaConfig::default(),
+    };
+    if let Some(e) = args.epochs {
+        config.training.max_epochs = e;
+    }
+    if let Some(b) = args.batch_size {
+        config.training.batch_size = b;
+    }
+    if let Some(s) = args.seed {
+        config.training.seed = s;
+    }
+    config.validate().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let device = parse_device(&args.device)?;
+    check_device(device)?;
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t as i32);
+    }
+    let split = match args.split_key {
+        Some(k) => SplitSpec::Column(k),
+        None => SplitSpec::Fraction {
+            validation: args.validation_fraction,
+            test: args.test_fraction,
+            seed: config.training.seed,
+            holdout: args.holdout,
+        },
+    };
+    let options = TrainOptions {
+        store: args.store.clone(),
+        out: args.out.clone(),
+        encoder: EncoderOptions {
+            perturbation_key: args.perturbation_key,
+            dose_key: args.dose_key,
+            control: args.control,
+            covariate_keys: args.covariates,
+            batch_key: args.batch_key,
+            split,
+            max_comb_len: config.model.max_comb_len,
+        },
+        config,
+        device,
+        resume: args.resume,
+        workers: args.workers,
+        prefetch: args.prefetch,
+        block_cells: 256,
+        shuffle_blocks: 64,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+        tracing::warn!("interrupted: stopping after this batch (Ctrl-C again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let progress = CliProgress::new();
+    let report =
+        run_train(&options, &progress, stop).with_context(|| format!("training on {}", args.store.display()))?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "{}: {} training cells, {} validation cells, {} epochs recorded{}{}",
+        args.out.display(),
+        report.train_cells,
+        report.valid_cells,
+        report.epochs.len(),
+        if report.stopped_early { ", stopped early" } else { "" },
+        if report.interrupted { ", interrupted (resume with --resume)" } else { "" }
+    );
+    if let Some(last) = report.epochs.last() {
+        outln!(
+            "last epoch {}: recon {:.3}, adversary {:.3}, acc_perts {:.3}",
+            last.train.epoch,
+            last.train.recon_loss,
+            last.train.adv_loss,
+            last.train.acc_perts
+        );
+    }
+    if let Some(best) = report.best_epoch {
+        outln!("best validation epoch: {best} (model/ holds its weights)");
+    }
+    outln!("training {:.0} cells/s", report.cells_per_s);
+    out!("{}", report.report.render());
+    Ok(if report.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+}
