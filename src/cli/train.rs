@@ -125,6 +125,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         config,
         device,
         resume: args.resume,
+        epochs: args.epochs,
         workers: args.workers,
         prefetch: args.prefetch,
         block_cells: 256,

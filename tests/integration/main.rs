@@ -8,3 +8,4 @@ mod link;
 mod model;
 mod store;
 mod synth;
+mod train;

@@ -232,3 +232,80 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
     });
     Loaded { outputs, next: 0, recycle: recycle_tx }
 }
+
+#[cfg(test)]
+mod tests {
+    use cpa_stream_stages::model::vocab::{Covariate, Vocabulary};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::train::encoder::Group;
+
+    fn labels(splits: &[Split]) -> CellLabels {
+        let vocab = Vocabulary::new(
+            vec!["g".into()],
+            "ctrl",
+            ["ctrl".to_owned()],
+            vec![Covariate { name: "c".into(), categories: vec!["a".into()], is_batch: false }],
+            vec![("ctrl".into(), 1)],
+        );
+        let group = Group { parts: vec![(1, 1.0)], covariates: vec![0], class: 0 };
+        let cells: Vec<(u32, Split)> = splits.iter().map(|&s| (0, s)).collect();
+        match vocab
+            .map_err(|source| Error::Stage { stage: "test", source })
+            .and_then(|v| CellLabels::from_parts(v, vec![group], &cells))
+        {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn split_strategy() -> impl Strategy<Value = Vec<Split>> {
+        prop::collection::vec(
+            prop_oneof![6 => Just(Split::Train), 2 => Just(Split::Valid), 1 => Just(Split::Test), 1 => Just(Split::Ood)],
+            0..3000,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn every_training_cell_once_per_epoch_and_no_other(
+            splits in split_strategy(),
+            batch in 1usize..300,
+            block in 1u64..100,
+            window in 1usize..8,
+            seed in any::<u64>(),
+            epoch in 0u64..5,
+        ) {
+            let l = labels(&splits);
+            let plan = PlanOptions { batch_size: batch, block_cells: block, shuffle_blocks: window, seed, shuffle: true };
+            let batches: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, epoch, &plan).collect();
+            let mut seen: Vec<u64> = batches.iter().flatten().copied().collect();
+            for (i, b) in batches.iter().enumerate() {
+                prop_assert!(b.len() == batch || i + 1 == batches.len(), "batch {i} has {} cells", b.len());
+            }
+            seen.sort_unstable();
+            let want: Vec<u64> = (0..splits.len() as u64).filter(|&c| splits[c as usize] == Split::Train).collect();
+            prop_assert_eq!(seen, want);
+            let again: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, epoch, &plan).collect();
+            prop_assert_eq!(&again, &batches);
+        }
+    }
+
+    #[test]
+    fn seeds_and_epochs_change_the_order() {
+        let l = labels(&vec![Split::Train; 5000]);
+        let plan = PlanOptions { batch_size: 128, block_cells: 64, shuffle_blocks: 4, seed: 1, shuffle: true };
+        let order = |seed: u64, epoch: u64| -> Vec<u64> {
+            EpochPlan::new(&l, Split::Train, epoch, &PlanOptions { seed, ..plan.clone() }).flatten().collect()
+        };
+        assert_eq!(order(1, 0), order(1, 0));
+        assert_ne!(order(1, 0), order(2, 0));
+        assert_ne!(order(1, 0), order(1, 1));
+        let in_order: Vec<u64> =
+            EpochPlan::new(&l, Split::Train, 0, &PlanOptions { shuffle: false, ..plan }).flatten().collect();
+        assert_eq!(in_order, (0..5000).collect::<Vec<u64>>());
+    }
+}

@@ -115,6 +115,21 @@ impl CellLabels {
         self.cells.capacity() * 4 + self.groups.len() * std::mem::size_of::<Group>()
     }
 
+    /// Labels from parts: each cell's (group, split). For tests and callers that encode obs
+    /// themselves.
+    pub fn from_parts(vocab: Vocabulary, groups: Vec<Group>, cells: &[(u32, Split)]) -> Result<CellLabels> {
+        let mut split_counts = [0u64; 4];
+        let mut packed = Vec::with_capacity(cells.len());
+        for &(g, split) in cells {
+            if g as usize >= groups.len() || g > GROUP_MASK {
+                return Err(Error::InvalidInput(format!("group {g} of {}", groups.len())));
+            }
+            split_counts[split as usize] += 1;
+            packed.push(g | ((split as u32) << GROUP_BITS));
+        }
+        Ok(CellLabels { vocab, groups, cells: packed, split_counts })
+    }
+
     /// Builds the labels of `store` in one pass over its obs table.
     pub fn from_store(store: &Store, options: &EncoderOptions) -> Result<CellLabels> {
         let obs_path = store.file_path(StoreFiles::OBS);

@@ -47,6 +47,9 @@ pub struct TrainOptions {
     pub device: Device,
     /// Continue from `out/checkpoint`.
     pub resume: bool,
+    /// Epochs in all (a resumed run keeps its checkpoint's configuration, so this is how it is
+    /// extended); `None` takes the configuration's.
+    pub epochs: Option<u32>,
     pub workers: usize,
     pub prefetch: usize,
     pub block_cells: u64,
@@ -111,7 +114,7 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
     let config_path = options.out.join(CONFIG_FILE);
     std::fs::write(&config_path, text).map_err(|e| Error::InvalidInput(format!("{}: {e}", config_path.display())))?;
 
-    let epochs = config.training.epochs_for(train_cells);
+    let epochs = options.epochs.unwrap_or_else(|| config.training.epochs_for(train_cells));
     let plan = PlanOptions {
         batch_size: config.training.batch_size,
         block_cells: options.block_cells,

@@ -1,0 +1,178 @@
+//! `cpa-stream train` end to end: a synthetic store and the bundled real data, exact resume,
+//! and errors from any stage stopping the run.
+
+use std::path::{Path, PathBuf};
+
+use cpa_stream::stages::model::load_model;
+use cpa_stream::stages::store::read_small_table;
+use cpa_stream::stages::trainer::Trainer;
+use serde_json::Value;
+use tch::Device;
+
+use crate::common::{run, text};
+
+const REAL_DATA: &str = "../shared/data/perturbench_devel_cpa.h5ad";
+
+fn synth_store(dir: &Path, name: &str, codec: &str) -> PathBuf {
+    let out = dir.join(name);
+    let o = run(&[
+        "synth",
+        "--cells",
+        "3000",
+        "--genes",
+        "150",
+        "--perturbations",
+        "5",
+        "--doses",
+        "2",
+        "--cell-types",
+        "2",
+        "--combinations",
+        "2",
+        "--seed",
+        "4",
+        "--codec",
+        codec,
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "synth failed: {}", text(&o.stderr));
+    out
+}
+
+/// Runs `train` with the given extra arguments, returning the JSON report.
+fn train(store: &Path, out: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "train",
+        "--store",
+        store.to_str().unwrap_or_default(),
+        "--dose-key",
+        "dose",
+        "--covariates",
+        "cell_type",
+        "--out",
+        out.to_str().unwrap_or_default(),
+        "--json",
+        "--seed",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("report is not JSON ({e}): {}", text(&o.stdout)))
+}
+
+fn recon(report: &Value, epoch: usize) -> f64 {
+    report["epochs"][epoch]["train"]["recon_loss"].as_f64().unwrap_or(f64::NAN)
+}
+
+#[test]
+fn trains_on_a_synthetic_store_with_checkpoints_metrics_and_a_final_model() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "raw");
+    let run_dir = dir.path().join("run");
+    let report = train(&store, &run_dir, &["--epochs", "4", "--batch-size", "64"]);
+    assert_eq!(report["epochs"].as_array().map(Vec::len), Some(4));
+    assert!(recon(&report, 3) < recon(&report, 0), "loss did not decrease: {report}");
+    let stages: Vec<&str> =
+        report["report"]["stages"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(stages, ["encoder", "planner", "batcher", "trainer"]);
+    for name in
+        ["checkpoint/model.json", "checkpoint/optimizer.safetensors", "model/weights.safetensors", "config.toml"]
+    {
+        assert!(run_dir.join(name).exists(), "{name} missing");
+    }
+    let metrics = read_small_table(&run_dir.join("metrics.parquet")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(metrics.num_rows(), 4);
+    assert!(metrics.column_by_name("val_score").is_some());
+    let model = load_model(&run_dir.join("model"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(model.vocabulary().n_genes(), 150);
+    let trainer = Trainer::resume(&run_dir.join("checkpoint"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(trainer.state().epoch, 4);
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "zstd");
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    train(&store, &straight, &["--epochs", "3", "--batch-size", "64"]);
+    train(&store, &split, &["--epochs", "1", "--batch-size", "64"]);
+    let resumed = train(&store, &split, &["--epochs", "3", "--batch-size", "64", "--resume"]);
+    assert_eq!(resumed["epochs"].as_array().map(Vec::len), Some(3), "metrics of all epochs kept");
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    for file in ["weights.safetensors", "optimizer.safetensors"] {
+        assert!(
+            read(straight.join("checkpoint").join(file)) == read(split.join("checkpoint").join(file)),
+            "{file} differs between the uninterrupted and the resumed run"
+        );
+    }
+}
+
+#[test]
+fn trains_on_the_bundled_real_data() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = dir.path().join("pb.store");
+    let o = run(&["import", REAL_DATA, "--out", store.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "import failed: {}", text(&o.stderr));
+    let run_dir = dir.path().join("run");
+    let report = train(&store, &run_dir, &["--epochs", "4", "--holdout", "MAP2K3+MAP2K6"]);
+    assert!(recon(&report, 3) < recon(&report, 0), "loss did not decrease: {report}");
+    let model = load_model(&run_dir.join("model"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    let vocab = model.vocabulary();
+    assert_eq!(vocab.control(), "control");
+    // The held-out pair's parts are known from their single perturbations; the pair never trained.
+    assert!(vocab.perturbations.iter().any(|p| p == "MAP2K6"));
+    let held = vocab.conditions.iter().position(|c| c == "MAP2K3+MAP2K6");
+    assert_eq!(held.map(|i| vocab.condition_counts[i]), Some(0), "held-out cells were counted as training");
+}
+
+#[test]
+fn errors_in_a_stage_stop_the_run_with_their_context() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // A malformed dose: cell types are not numbers.
+    let store = synth_store(dir.path(), "s.store", "zstd");
+    let out = dir.path().join("bad-dose");
+    let o = run(&[
+        "train",
+        "--store",
+        store.to_str().unwrap_or_default(),
+        "--dose-key",
+        "cell_type",
+        "--out",
+        out.to_str().unwrap_or_default(),
+        "--epochs",
+        "1",
+    ]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("obs.parquet: row 0 (cell \"cell000000\"): dose \"CT"), "{err}");
+    assert!(err.contains("is not a finite number >= 0"), "{err}");
+
+    // A corrupt compressed block: the batcher's error stops the trainer, no final model appears.
+    let blocks = store.join("X/blocks");
+    let mut bytes = std::fs::read(&blocks).unwrap_or_else(|e| panic!("{e}"));
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&blocks, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    let out = dir.path().join("corrupt");
+    let o = run(&[
+        "train",
+        "--store",
+        store.to_str().unwrap_or_default(),
+        "--dose-key",
+        "dose",
+        "--covariates",
+        "cell_type",
+        "--out",
+        out.to_str().unwrap_or_default(),
+        "--epochs",
+        "2",
+    ]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "a corrupt block trained: {err}");
+    assert!(err.contains("X/blocks") && err.contains("block "), "{err}");
+    assert!(!out.join("model").exists(), "a model was written by a failed run");
+}
