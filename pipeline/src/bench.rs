@@ -206,7 +206,7 @@ pub fn bench_reader(store: &Store, options: &ReaderBenchOptions) -> Result<Reade
 
 /// Copies the payload of every row with `threads` threads, in large chunks. For a compressed
 /// store the bound is the same number of plain bytes copied from a buffer.
-fn memcpy_pass(store: &Store, threads: usize) -> Result<Duration> {
+pub(crate) fn memcpy_pass(store: &Store, threads: usize) -> Result<Duration> {
     let n = store.n_obs();
     timed_threads(threads, |t| {
         let rows = partition(n, threads, t);

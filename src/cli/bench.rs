@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use cpa_stream_pipeline::bench::{ReaderBenchOptions, bench_reader};
 use cpa_stream_pipeline::model_bench::{ModelBenchOptions, bench_model, parse_device};
+use cpa_stream_pipeline::train::batcher::{LoaderOptions, PlanOptions};
+use cpa_stream_pipeline::train::bench_loader;
+use cpa_stream_pipeline::train::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream_stages::model::config::{CpaConfig, Precision};
 use cpa_stream_stages::store::Store;
 
@@ -15,6 +18,41 @@ pub enum BenchCommand {
     Reader(ReaderArgs),
     /// Training throughput of the model alone, on preloaded batches of a synthetic atlas.
     Model(ModelArgs),
+    /// The training pipeline without the model (encoder, planner, batcher workers) against a
+    /// memcpy bound.
+    Loader(LoaderArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoaderArgs {
+    /// Store directory.
+    store: PathBuf,
+    #[arg(long, default_value = "condition")]
+    perturbation_key: String,
+    #[arg(long)]
+    dose_key: Option<String>,
+    #[arg(long, default_value = "control")]
+    control: String,
+    #[arg(long, value_delimiter = ',')]
+    covariates: Vec<String>,
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    /// Batcher worker threads [default: available cores].
+    #[arg(long)]
+    workers: Option<usize>,
+    #[arg(long, default_value_t = 2)]
+    prefetch: usize,
+    /// Epochs to time.
+    #[arg(long, default_value_t = 1)]
+    epochs: u32,
+    /// Contiguous cells shuffled as a unit.
+    #[arg(long, default_value_t = 256)]
+    block_cells: u64,
+    /// Blocks shuffled together before being cut into batches.
+    #[arg(long, default_value_t = 64)]
+    shuffle_blocks: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -76,7 +114,49 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Reader(args) => reader(args),
         BenchCommand::Model(args) => model(args),
+        BenchCommand::Loader(args) => loader(args),
     }
+}
+
+fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
+    let encoder = EncoderOptions {
+        perturbation_key: args.perturbation_key,
+        dose_key: args.dose_key,
+        control: args.control,
+        covariate_keys: args.covariates,
+        batch_key: None,
+        split: SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
+        max_comb_len: 2,
+    };
+    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let loader = LoaderOptions { workers, prefetch: args.prefetch };
+    let plan = PlanOptions {
+        batch_size: args.batch_size,
+        block_cells: args.block_cells,
+        shuffle_blocks: args.shuffle_blocks,
+        ..PlanOptions::default()
+    };
+    let r = bench_loader(&args.store, &encoder, &plan, loader, args.epochs)?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "{}: {} cells x {} genes, batch {}, {} workers",
+        r.store,
+        r.cells,
+        r.genes,
+        r.batch_size,
+        r.workers
+    );
+    outln!(
+        "loader {:.0} cells/s; memcpy bound {:.0} cells/s; ratio {:.2}",
+        r.cells_per_s,
+        r.memcpy_cells_per_s,
+        r.vs_memcpy
+    );
+    out!("{}", r.report.render());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {

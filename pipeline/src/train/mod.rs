@@ -355,3 +355,90 @@ fn read_metrics(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
     }
     Ok(out)
 }
+
+/// What [`bench_loader`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoaderBench {
+    pub store: String,
+    pub cells: u64,
+    pub genes: u64,
+    pub workers: usize,
+    pub batch_size: usize,
+    pub seconds: f64,
+    pub cells_per_s: f64,
+    /// Copying the same payload bytes with the same number of threads (page-cached).
+    pub memcpy_cells_per_s: f64,
+    pub vs_memcpy: f64,
+    pub report: RunReport,
+}
+
+/// The pipeline without the model: one shuffled epoch of the encoder, planner and batcher
+/// workers over every cell, the consumer only handing batches back. Reports cells/s against a
+/// memcpy bound measured in the same run.
+pub fn bench_loader(
+    store_path: &Path,
+    encoder: &EncoderOptions,
+    plan: &PlanOptions,
+    loader: LoaderOptions,
+    epochs: u32,
+) -> Result<LoaderBench> {
+    let batch_size = plan.batch_size;
+    let wall = Instant::now();
+    let sampler = MemorySampler::start();
+    let store = Store::open(store_path).map_err(|source| Error::Stage { stage: "reader", source })?;
+    let encoder_stats = StageStats::new("encoder", 1);
+    let encoder = EncoderOptions {
+        split: encoder::SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
+        ..encoder.clone()
+    };
+    let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?;
+    store.advise(cpa_stream_stages::store::Access::WillNeed);
+    crate::bench::memcpy_pass(&store, loader.workers.max(1))?;
+    let memcpy = crate::bench::memcpy_pass(&store, loader.workers.max(1))?;
+    let (plan_stats, gather_stats, consumer) =
+        (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("consumer", 1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut cells = 0u64;
+    for epoch in 0..epochs.max(1) {
+        std::thread::scope(|scope| -> Result<()> {
+            let mut loaded = spawn_loader(
+                scope,
+                &store,
+                &labels,
+                Split::Train,
+                u64::from(epoch),
+                plan,
+                loader,
+                (Arc::clone(&plan_stats), Arc::clone(&gather_stats)),
+                Arc::clone(&stop),
+            );
+            while let Some(batch) = loaded.next(&consumer) {
+                let batch = batch?;
+                cells += batch.n_cells() as u64;
+                consumer.add(batch.n_cells() as u64, batch.counts.byte_size());
+                loaded.recycle(batch);
+            }
+            Ok(())
+        })?;
+    }
+    let seconds = start.elapsed().as_secs_f64().max(1e-9);
+    let cells_per_s = cells as f64 / seconds;
+    let memcpy_cells_per_s = store.n_obs() as f64 / memcpy.as_secs_f64().max(1e-9);
+    Ok(LoaderBench {
+        store: store_path.display().to_string(),
+        cells: store.n_obs(),
+        genes: store.n_vars(),
+        workers: loader.workers,
+        batch_size,
+        seconds,
+        cells_per_s,
+        memcpy_cells_per_s,
+        vs_memcpy: cells_per_s / memcpy_cells_per_s,
+        report: RunReport {
+            wall: wall.elapsed(),
+            stages: vec![encoder_stats.report(), plan_stats.report(), gather_stats.report(), consumer.report()],
+            memory: sampler.finish(),
+        },
+    })
+}
