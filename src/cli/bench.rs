@@ -141,14 +141,7 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!(
-        "{}: {} cells x {} genes, batch {}, {} workers",
-        r.store,
-        r.cells,
-        r.genes,
-        r.batch_size,
-        r.workers
-    );
+    outln!("{}: {} cells x {} genes, batch {}, {} workers", r.store, r.cells, r.genes, r.batch_size, r.workers);
     outln!(
         "loader {:.0} cells/s; memcpy bound {:.0} cells/s; ratio {:.2}",
         r.cells_per_s,

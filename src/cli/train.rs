@@ -55,9 +55,10 @@ pub struct TrainArgs {
     /// Epochs [default: the configuration's, or the reference's rule].
     #[arg(long)]
     epochs: Option<u32>,
-    /// Cells per batch [default: the configuration's].
+    /// Cells per batch, or `auto` (on CUDA the largest power of two that fits, halved for margin;
+    /// on the CPU the configuration's) [default: the configuration's].
     #[arg(long)]
-    batch_size: Option<usize>,
+    batch_size: Option<String>,
     /// Continue from RUN/checkpoint.
     #[arg(long)]
     resume: bool,
@@ -89,8 +90,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = args.epochs {
         config.training.max_epochs = e;
     }
-    if let Some(b) = args.batch_size {
-        config.training.batch_size = b;
+    let auto_batch_size = args.batch_size.as_deref() == Some("auto");
+    if let Some(b) = args.batch_size.as_deref().filter(|b| *b != "auto") {
+        config.training.batch_size =
+            b.parse().map_err(|_| anyhow::anyhow!("--batch-size {b:?}: expected a number of cells or auto"))?;
     }
     if let Some(s) = args.seed {
         config.training.seed = s;
@@ -126,6 +129,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         device,
         resume: args.resume,
         epochs: args.epochs,
+        auto_batch_size,
         workers: args.workers,
         prefetch: args.prefetch,
         block_cells: 256,

@@ -50,6 +50,8 @@ pub struct TrainOptions {
     /// Epochs in all (a resumed run keeps its checkpoint's configuration, so this is how it is
     /// extended); `None` takes the configuration's.
     pub epochs: Option<u32>,
+    /// Probe the batch size (`--batch-size auto`) instead of the configuration's.
+    pub auto_batch_size: bool,
     pub workers: usize,
     pub prefetch: usize,
     pub block_cells: u64,
@@ -105,7 +107,13 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         }
         t
     } else {
-        let model = CpaModel::new(&options.config, &labels.vocab, None, options.device, options.config.training.seed)
+        let mut config = options.config.clone();
+        if options.auto_batch_size {
+            let nnz_per_cell = (store.nnz() / store.n_obs().max(1)) as usize;
+            config.training.batch_size = probe_batch_size(&config, &labels, options.device, nnz_per_cell)?;
+            tracing::info!("batch size {} (probed on {:?})", config.training.batch_size, options.device);
+        }
+        let model = CpaModel::new(&config, &labels.vocab, None, options.device, config.training.seed)
             .map_err(stage("trainer"))?;
         Trainer::new(model).map_err(stage("trainer"))?
     };
@@ -441,4 +449,46 @@ pub fn bench_loader(
             memory: sampler.finish(),
         },
     })
+}
+
+/// Largest batch `--batch-size auto` probes.
+pub const AUTO_BATCH_MAX: usize = 1 << 16;
+
+/// The batch size for `--batch-size auto`: on CUDA, the largest power of two (from 256 up to
+/// [`AUTO_BATCH_MAX`]) whose training step runs on the device, halved for margin (probed with a
+/// scratch model and synthetic batches of `nnz_per_cell` entries per cell, not guessed); on the
+/// CPU, the configuration's batch size.
+pub fn probe_batch_size(config: &CpaConfig, labels: &CellLabels, device: Device, nnz_per_cell: usize) -> Result<usize> {
+    if !device.is_cuda() {
+        return Ok(config.training.batch_size);
+    }
+    let stage = |source| Error::Stage { stage: "batch-size probe", source };
+    let genes = labels.vocab.n_genes() as u32;
+    let mut probe = config.clone();
+    probe.training.accumulate_batches = 1;
+    probe.adversary.adv_steps = 0; // both steps on every batch: the largest memory footprint
+    let model = CpaModel::new(&probe, &labels.vocab, None, device, 0).map_err(stage)?;
+    let mut trainer = Trainer::new(model).map_err(stage)?;
+    let group = labels.groups().first().ok_or_else(|| Error::InvalidInput("no label groups".into()))?;
+    let step = nnz_per_cell.clamp(1, genes as usize);
+    let indices: Vec<u32> = (0..step as u32).map(|k| (k as u64 * genes as u64 / step as u64) as u32).collect();
+    let values = vec![3.0f32; indices.len()];
+    let mut best = None;
+    let mut size = 256usize;
+    while size <= AUTO_BATCH_MAX {
+        let mut batch = cpa_stream_stages::model::HostBatch::new(genes, labels.vocab.covariates.len());
+        for _ in 0..size {
+            batch.counts.push_row(&indices, &values);
+            batch.push_labels(&group.parts, &group.covariates, group.class);
+        }
+        // Two steps: the second runs with the optimizer state allocated.
+        let fits = trainer.step(&batch).and_then(|_| trainer.step(&batch)).is_ok();
+        if !fits {
+            break;
+        }
+        best = Some(size);
+        size *= 2;
+    }
+    let best = best.ok_or_else(|| Error::InvalidInput(format!("not even a batch of 256 cells fits on {device:?}")))?;
+    Ok((best / 2).max(256))
 }
