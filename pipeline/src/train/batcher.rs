@@ -151,6 +151,7 @@ pub struct LoaderOptions {
 
 /// Runs one pass over `split` inside `scope`: a planner thread, `workers` gather threads. Stops
 /// early when `stop` is set or the receiver is dropped; errors arrive in order, as batches do.
+#[allow(clippy::too_many_arguments)] // one call site per pass kind; a struct would only rename them
 pub fn spawn_loader<'scope, 'env: 'scope>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     store: &'env Store,

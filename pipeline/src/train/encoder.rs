@@ -149,10 +149,10 @@ impl CellLabels {
             need(d)?;
         }
         let mut covariate_keys = options.covariate_keys.clone();
-        if let Some(b) = &options.batch_key {
-            if !covariate_keys.contains(b) {
-                covariate_keys.push(b.clone());
-            }
+        if let Some(b) = &options.batch_key
+            && !covariate_keys.contains(b)
+        {
+            covariate_keys.push(b.clone());
         }
         for k in &covariate_keys {
             need(k)?;
