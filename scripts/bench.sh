@@ -100,3 +100,31 @@ print(f"  batch {r['batch_size']:>5}, {r['threads']} thread(s), {r['device']} {r
 PY
   done
 done
+
+echo "== training pipeline: loader alone, then one epoch at 10k, 100k and 1M cells (5,000 genes, batch 1,024)"
+"$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 1024 --json > "$res/loader-1024.json"
+"$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 256 --json > "$res/loader-256.json"
+python3 - "$res/loader-1024.json" "$res/loader-256.json" <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    r = json.load(open(path))
+    print(f"  loader batch {r['batch_size']}, {r['workers']} workers: {r['cells_per_s']:.0f} cells/s, "
+          f"memcpy bound {r['memcpy_cells_per_s']:.0f} cells/s, ratio {r['vs_memcpy']:.2f}")
+PY
+for n in 10000 100000; do
+  small="$dir/train-$n.store"
+  [ -d "$small" ] || "$bin" synth --cells "$n" --genes "$genes" --perturbations 20 --doses 4 --cell-types 5 \
+    --combinations 10 --seed 1 --truth-samples 8 --out "$small" > /dev/null
+done
+for store in "$dir/train-10000.store" "$dir/train-100000.store" "$raw"; do
+  name=$(basename "$store" .store)
+  rm -rf "$dir/run-$name"
+  "$bin" train --store "$store" --dose-key dose --covariates cell_type --epochs 1 --batch-size 1024 \
+    --validation-fraction 0 --test-fraction 0 --out "$dir/run-$name" --json > "$res/train-$name.json"
+  python3 - "$res/train-$name.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+m = r["report"]["memory"]
+print(f"  train {r['train_cells']} cells: {r['cells_per_s']:.0f} cells/s, peak RssAnon {m['rss_anon'] / 2**20:.1f} MiB")
+PY
+done

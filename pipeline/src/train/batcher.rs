@@ -167,6 +167,8 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
     let genes = store.n_vars() as u32;
     let n_covariates = labels.vocab.covariates.len();
     let (recycle_tx, recycle_rx) = bounded::<HostBatch>(workers * (loader.prefetch + 2));
+    // Row lists go back from the workers to the planner: no allocation per batch in steady state.
+    let (rows_back_tx, rows_back_rx) = bounded::<Vec<u64>>(workers * (loader.prefetch + 2));
     let mut job_txs = Vec::with_capacity(workers);
     let mut outputs = Vec::with_capacity(workers);
     let (plan_stats, gather_stats) = stats;
@@ -176,6 +178,7 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
         job_txs.push(job_tx);
         outputs.push(out_rx);
         let recycle_rx = recycle_rx.clone();
+        let rows_back = rows_back_tx.clone();
         let stats = Arc::clone(&gather_stats);
         let stop = Arc::clone(&stop);
         scope.spawn(move || {
@@ -207,6 +210,7 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
                 if let Ok(b) = &result {
                     stats.add(b.n_cells() as u64, b.counts.byte_size());
                 }
+                let _ = rows_back.try_send(rows);
                 let failed = result.is_err();
                 if !stats.send(&out_tx, result) || failed {
                     return;
@@ -219,7 +223,7 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
         let mut epoch_plan = EpochPlan::new(labels, split, epoch, &plan);
         let mut k = 0usize;
         loop {
-            let mut rows = Vec::with_capacity(plan.batch_size);
+            let mut rows = rows_back_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(plan.batch_size));
             let more = plan_stats.busy(|| epoch_plan.next_into(&mut rows));
             if !more || stop.load(Ordering::Relaxed) {
                 return;
