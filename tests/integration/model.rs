@@ -191,7 +191,9 @@ fn cuda_training_in_fp32_and_bf16() -> Result<()> {
         return Ok(());
     }
     let (vocab, batches) = cpa_stream::pipeline::model_bench::synthetic_batches(2_048, 500, 256, 1)?;
-    for precision in [cpa_stream::stages::model::config::Precision::Fp32, cpa_stream::stages::model::config::Precision::Bf16] {
+    for precision in
+        [cpa_stream::stages::model::config::Precision::Fp32, cpa_stream::stages::model::config::Precision::Bf16]
+    {
         let mut config = CpaConfig::default();
         config.training.precision = precision;
         config.training.batch_size = 256;
