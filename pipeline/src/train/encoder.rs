@@ -197,21 +197,20 @@ impl CellLabels {
             let ids = col(CELL_ID).ok();
             let perts = col(&options.perturbation_key)?;
             let doses = options.dose_key.as_deref().map(col).transpose()?;
-            let covs: Vec<Vec<Option<String>>> = covariate_keys.iter().map(|k| col(k)).collect::<Result<_>>()?;
+            let covs: Vec<TextColumn> = covariate_keys.iter().map(|k| col(k)).collect::<Result<_>>()?;
             let splits = match &options.split {
                 SplitSpec::Column(c) => Some(col(c)?),
                 SplitSpec::Fraction { .. } => None,
             };
             for i in 0..batch.num_rows() {
-                let cell = || match ids.as_ref().and_then(|v| v[i].clone()) {
+                let cell = || match ids.as_ref().and_then(|v| v.get(i)) {
                     Some(id) => format!("row {row} (cell {id:?})"),
                     None => format!("row {row}"),
                 };
-                let condition = perts[i]
-                    .as_deref()
-                    .ok_or_else(|| bad(format!("{}: {} is missing", cell(), options.perturbation_key)))?;
+                let condition =
+                    perts.get(i).ok_or_else(|| bad(format!("{}: {} is missing", cell(), options.perturbation_key)))?;
                 let dose = match &doses {
-                    Some(d) => Some(d[i].as_deref().ok_or_else(|| bad(format!("{}: dose is missing", cell())))?),
+                    Some(d) => Some(d.get(i).ok_or_else(|| bad(format!("{}: dose is missing", cell())))?),
                     None => None,
                 };
                 key.clear();
@@ -219,7 +218,7 @@ impl CellLabels {
                 key.push('\u{1f}');
                 key.push_str(dose.unwrap_or(""));
                 for (k, c) in covariate_keys.iter().zip(&covs) {
-                    let v = c[i].as_deref().ok_or_else(|| bad(format!("{}: {k} is missing", cell())))?;
+                    let v = c.get(i).ok_or_else(|| bad(format!("{}: {k} is missing", cell())))?;
                     key.push('\u{1f}');
                     key.push_str(v);
                 }
@@ -228,7 +227,8 @@ impl CellLabels {
                     None => {
                         let names = split_condition(condition, dose, options.max_comb_len)
                             .map_err(|reason| bad(format!("{}: {reason}", cell())))?;
-                        let covariates: Vec<String> = covs.iter().map(|c| c[i].clone().unwrap_or_default()).collect();
+                        let covariates: Vec<String> =
+                            covs.iter().map(|c| c.get(i).unwrap_or_default().to_owned()).collect();
                         for (seen, v) in seen_values.iter_mut().zip(&covariates) {
                             if !seen.contains(v) {
                                 seen.push(v.clone());
@@ -249,8 +249,9 @@ impl CellLabels {
                     }
                 };
                 let split = match (&splits, fractions) {
-                    (Some(s), _) => parse_split(s[i].as_deref())
-                        .ok_or_else(|| bad(format!("{}: split {:?} is not train, valid, test or ood", cell(), s[i])))?,
+                    (Some(s), _) => parse_split(s.get(i)).ok_or_else(|| {
+                        bad(format!("{}: split {:?} is not train, valid, test or ood", cell(), s.get(i)))
+                    })?,
                     (None, Some((validation, test, seed))) => {
                         let g = &raw_groups[group as usize];
                         if holdout.contains(&g.condition) {
@@ -366,14 +367,54 @@ fn parse_split(value: Option<&str>) -> Option<Split> {
     }
 }
 
-/// A column as optional strings per row (categorical, string or numeric columns).
-fn column_strings(batch: &RecordBatch, name: &str, origin: &str) -> Result<Vec<Option<String>>> {
+/// A column read as text without a string per row: categories through their dictionary,
+/// strings as they are, other types (numbers) formatted once per row.
+enum TextColumn {
+    Dictionary { keys: Vec<Option<usize>>, values: arrow::array::StringArray },
+    Strings(arrow::array::StringArray),
+    Formatted(Vec<Option<String>>),
+}
+
+impl TextColumn {
+    fn get(&self, i: usize) -> Option<&str> {
+        match self {
+            TextColumn::Dictionary { keys, values } => keys.get(i).copied().flatten().map(|k| values.value(k)),
+            TextColumn::Strings(s) => (i < s.len() && !s.is_null(i)).then(|| s.value(i)),
+            TextColumn::Formatted(v) => v.get(i).and_then(|s| s.as_deref()),
+        }
+    }
+}
+
+/// A column of `batch` as text (categorical, string or numeric columns).
+fn column_strings(batch: &RecordBatch, name: &str, origin: &str) -> Result<TextColumn> {
     let col =
         batch.column_by_name(name).ok_or_else(|| Error::InvalidInput(format!("{origin}: no obs column {name:?}")))?;
-    let utf8 = arrow::compute::cast(col, &DataType::Utf8)
-        .map_err(|e| Error::InvalidInput(format!("{origin}: obs column {name:?} cannot be read as text: {e}")))?;
+    let unreadable = |e: arrow::error::ArrowError| {
+        Error::InvalidInput(format!("{origin}: obs column {name:?} cannot be read as text: {e}"))
+    };
+    if let Some(dict) = col.as_any_dictionary_opt() {
+        let values = arrow::compute::cast(dict.values(), &DataType::Utf8).map_err(unreadable)?;
+        let keys = arrow::compute::cast(dict.keys(), &DataType::Int64).map_err(unreadable)?;
+        let keys = keys.as_primitive::<arrow::datatypes::Int64Type>();
+        let n_values = values.len();
+        let keys = (0..keys.len())
+            .map(|i| {
+                (!keys.is_null(i))
+                    .then(|| keys.value(i))
+                    .filter(|&k| k >= 0 && (k as usize) < n_values)
+                    .map(|k| k as usize)
+            })
+            .collect();
+        return Ok(TextColumn::Dictionary { keys, values: values.as_string::<i32>().clone() });
+    }
+    if let Some(s) = col.as_string_opt::<i32>() {
+        return Ok(TextColumn::Strings(s.clone()));
+    }
+    let utf8 = arrow::compute::cast(col, &DataType::Utf8).map_err(unreadable)?;
     let strings = utf8.as_string::<i32>();
-    Ok((0..strings.len()).map(|i| (!strings.is_null(i)).then(|| strings.value(i).to_owned())).collect())
+    Ok(TextColumn::Formatted(
+        (0..strings.len()).map(|i| (!strings.is_null(i)).then(|| strings.value(i).to_owned())).collect(),
+    ))
 }
 
 /// The store's gene names (var `gene_id`, else the first column).
