@@ -138,7 +138,6 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
     let mut interrupted = false;
     let trained_start = Instant::now();
     let mut trained_cells = 0u64;
-    let mut steps = 0u64;
     progress.begin("train", u64::from(epochs.saturating_sub(trainer.state().epoch)) * train_cells);
     while trainer.state().epoch < epochs {
         let epoch = trainer.state().epoch;
@@ -162,10 +161,6 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
                     return Ok(());
                 }
                 train_stats.busy(|| trainer.step(&batch)).map_err(stage("trainer"))?;
-                steps += 1;
-                if steps.is_multiple_of(TRIM_EVERY_STEPS) {
-                    release_free_heap();
-                }
                 let n = batch.n_cells() as u64;
                 train_stats.add(n, batch.counts.byte_size());
                 trained_cells += n;
@@ -242,21 +237,6 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         report,
         device_peak_bytes,
     })
-}
-
-/// Training steps between returns of freed heap memory to the OS.
-pub const TRIM_EVERY_STEPS: u64 = 32;
-
-/// Returns free heap pages to the OS. libtorch's large CPU temporaries (cells x genes per batch)
-/// come from the heap once glibc's dynamic mmap threshold has grown, and the freed holes between
-/// live blocks would otherwise keep host memory growing with the number of batches.
-pub fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas; it has no
-    // preconditions and is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 fn copy_dir(from: &Path, to: &Path) -> cpa_stream_stages::Result<()> {
