@@ -166,7 +166,12 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
     let workers = loader.workers.max(1);
     let genes = store.n_vars() as u32;
     let n_covariates = labels.vocab.covariates.len();
-    let (recycle_tx, recycle_rx) = bounded::<HostBatch>(workers * (loader.prefetch + 2));
+    // A fixed set of batches circulates: each worker's prefetch depth, one in its hands, and two
+    // at the trainer. Once all exist, a worker waits for one to come back (no allocation in
+    // steady state, host memory bounded by batch size x this count).
+    let pool_size = workers * (loader.prefetch.max(1) + 1) + 2;
+    let (recycle_tx, recycle_rx) = bounded::<HostBatch>(pool_size);
+    let created = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Row lists go back from the workers to the planner: no allocation per batch in steady state.
     let (rows_back_tx, rows_back_rx) = bounded::<Vec<u64>>(workers * (loader.prefetch + 2));
     let mut job_txs = Vec::with_capacity(workers);
@@ -178,6 +183,7 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
         job_txs.push(job_tx);
         outputs.push(out_rx);
         let recycle_rx = recycle_rx.clone();
+        let created = Arc::clone(&created);
         let rows_back = rows_back_tx.clone();
         let stats = Arc::clone(&gather_stats);
         let stop = Arc::clone(&stop);
@@ -193,8 +199,16 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
+                let batch = match recycle_rx.try_recv() {
+                    Ok(b) => Some(b),
+                    Err(_) if created.fetch_add(1, Ordering::Relaxed) < pool_size => None,
+                    Err(_) => match stats.recv(&recycle_rx) {
+                        Some(b) => Some(b),
+                        None => return,
+                    },
+                };
                 let result = stats.busy(|| {
-                    let mut batch = recycle_rx.try_recv().unwrap_or_else(|_| HostBatch::new(genes, n_covariates));
+                    let mut batch = batch.unwrap_or_else(|| HostBatch::new(genes, n_covariates));
                     batch.clear();
                     // Store order within a batch: a compressed block is decoded once per batch.
                     rows.sort_unstable();
