@@ -43,3 +43,8 @@ step "reader throughput (raw, then zstd)"
 
 step "CPA training throughput (reference architecture, 5,000 x 2,000 synthetic cells in memory, CPU)"
 "$bin" bench model --cells 5000 --genes 2000 --batch-size 128 --epochs 2
+
+step "train CPA on the real data through the streaming pipeline (held-out pair MAP2K3+MAP2K6)"
+rm -rf "$out/run"
+"$bin" train --store "$out/perturbench.store" --dose-key dose --covariates cell_type \
+  --holdout "MAP2K3+MAP2K6" --epochs 20 --out "$out/run"
