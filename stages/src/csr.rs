@@ -52,6 +52,19 @@ impl CsrBatch {
         self.indptr.push(self.indices.len() as u64);
     }
 
+    /// Appends consecutive rows given as CSR with absolute offsets: `indptr` (one more entry than
+    /// rows, non-decreasing) indexes `indices` and `data`, which hold entries
+    /// `indptr[0]..indptr[last]`. One copy per array instead of one per row.
+    pub fn push_rows(&mut self, indptr: &[u64], indices: &[u32], data: &[f32]) {
+        let (Some(&first), Some(&last)) = (indptr.first(), indptr.last()) else { return };
+        assert_eq!(indices.len() as u64, last - first, "entries must match the offsets");
+        assert_eq!(indices.len(), data.len(), "a row needs one value per index");
+        let base = self.indices.len() as u64;
+        self.indices.extend_from_slice(indices);
+        self.data.extend_from_slice(data);
+        self.indptr.extend(indptr[1..].iter().map(|&p| p - first + base));
+    }
+
     /// Appends one row whose entries were written with [`entries_mut`](CsrBatch::entries_mut).
     pub(crate) fn close_row(&mut self) {
         debug_assert_eq!(self.indices.len(), self.data.len());

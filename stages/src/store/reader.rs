@@ -438,10 +438,7 @@ impl<'a> RowCursor<'a> {
     /// Appends rows `rows` (a contiguous range) to `out`.
     pub fn read_range(&mut self, rows: Range<u64>, out: &mut CsrBatch) -> Result<()> {
         if let Some(view) = self.store.raw_rows(rows.clone()) {
-            for r in 0..view.n_rows() {
-                let (i, d) = view.row(r);
-                out.push_row(i, d);
-            }
+            out.push_rows(view.indptr, view.indices, view.data);
             return Ok(());
         }
         for row in rows {
@@ -451,11 +448,22 @@ impl<'a> RowCursor<'a> {
         Ok(())
     }
 
-    /// Appends the rows listed in `rows` (any order, repeats allowed) to `out`.
+    /// Appends the rows listed in `rows` (any order, repeats allowed) to `out`. Runs of
+    /// consecutive rows are copied as one range.
     pub fn gather(&mut self, rows: &[u64], out: &mut CsrBatch) -> Result<()> {
-        for &row in rows {
-            let (i, d) = self.row(row)?;
-            out.push_row(i, d);
+        let mut i = 0;
+        while i < rows.len() {
+            let mut j = i + 1;
+            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+                j += 1;
+            }
+            if j - i > 1 {
+                self.read_range(rows[i]..rows[j - 1] + 1, out)?;
+            } else {
+                let (idx, d) = self.row(rows[i])?;
+                out.push_row(idx, d);
+            }
+            i = j;
         }
         Ok(())
     }
