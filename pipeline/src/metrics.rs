@@ -48,6 +48,14 @@ impl StageStats {
         msg
     }
 
+    /// Receives with a time limit, counting the wait.
+    pub fn recv_timeout<T>(&self, rx: &Receiver<T>, limit: Duration) -> Result<T, crossbeam_channel::RecvTimeoutError> {
+        let start = Instant::now();
+        let msg = rx.recv_timeout(limit);
+        self.blocked_in_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        msg
+    }
+
     /// Sends to the stage's output, counting the wait. `false` when the consumer is gone (the
     /// producer should stop quietly: the consumer reports why).
     pub fn send<T>(&self, tx: &Sender<T>, msg: T) -> bool {

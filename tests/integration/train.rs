@@ -176,3 +176,51 @@ fn errors_in_a_stage_stop_the_run_with_their_context() {
     assert!(err.contains("X/blocks") && err.contains("block "), "{err}");
     assert!(!out.join("model").exists(), "a model was written by a failed run");
 }
+
+#[test]
+fn a_consumer_that_keeps_its_batches_still_gets_them_all() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use cpa_stream::pipeline::StageStats;
+    use cpa_stream::pipeline::train::batcher::{LoaderOptions, PlanOptions, spawn_loader};
+    use cpa_stream::pipeline::train::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
+    use cpa_stream::stages::store::Store;
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = synth_store(dir.path(), "s.store", "raw");
+    let store = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    let options = EncoderOptions {
+        perturbation_key: "condition".into(),
+        dose_key: Some("dose".into()),
+        control: "control".into(),
+        covariate_keys: vec!["cell_type".into()],
+        batch_key: None,
+        split: SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
+        max_comb_len: 2,
+    };
+    let labels = CellLabels::from_store(&store, &options).unwrap_or_else(|e| panic!("{e}"));
+    let plan = PlanOptions { batch_size: 100, ..PlanOptions::default() };
+    let loader = LoaderOptions { workers: 2, prefetch: 1 };
+    let mut kept = Vec::new();
+    std::thread::scope(|scope| {
+        let stats = (StageStats::new("planner", 1), StageStats::new("batcher", 2));
+        let mut loaded = spawn_loader(
+            scope,
+            &store,
+            &labels,
+            Split::Train,
+            0,
+            &plan,
+            loader,
+            stats,
+            Arc::new(AtomicBool::new(false)),
+        );
+        let consumer = StageStats::new("consumer", 1);
+        while let Some(batch) = loaded.next(&consumer) {
+            kept.push(batch.unwrap_or_else(|e| panic!("{e}")));
+        }
+    });
+    assert_eq!(kept.len(), 30, "3,000 cells in batches of 100");
+    assert_eq!(kept.iter().map(|b| b.n_cells()).sum::<usize>(), 3000);
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use cpa_stream_stages::model::HostBatch;
 use cpa_stream_stages::store::Store;
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -120,7 +120,11 @@ impl Iterator for EpochPlan<'_> {
     }
 }
 
-/// Batches of one pass, filled by worker threads, received in plan order.
+/// How long a worker waits for a recycled batch before allocating another.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Batches of one pass, filled by worker threads, received in plan order. Hand each batch back
+/// with [`recycle`](Loaded::recycle) when done with it: the workers reuse a fixed pool.
 pub struct Loaded {
     outputs: Vec<Receiver<Result<HostBatch>>>,
     next: usize,
@@ -202,9 +206,12 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
                 let batch = match recycle_rx.try_recv() {
                     Ok(b) => Some(b),
                     Err(_) if created.fetch_add(1, Ordering::Relaxed) < pool_size => None,
-                    Err(_) => match stats.recv(&recycle_rx) {
-                        Some(b) => Some(b),
-                        None => return,
+                    // Wait for a batch to come back; a consumer that keeps batches instead of
+                    // recycling them costs allocations, not a deadlock.
+                    Err(_) => match stats.recv_timeout(&recycle_rx, POOL_WAIT) {
+                        Ok(b) => Some(b),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => return,
                     },
                 };
                 let result = stats.busy(|| {
