@@ -18,6 +18,7 @@ pub mod csr;
 mod error;
 pub mod h5ad;
 pub mod model;
+pub mod rng;
 pub mod store;
 pub mod synth;
 pub mod trainer;

@@ -5,7 +5,7 @@
 //! generator, not from libtorch's process-global one, so two models in one process (tests run in
 //! parallel threads; an ETL job may hold several) do not disturb each other's streams.
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_distr::{Beta, Distribution, StandardNormal};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Device, Kind, Tensor, nn};
@@ -13,13 +13,7 @@ use tch::{Device, Kind, Tensor, nn};
 use super::config::{BATCH_NORM_EPS, BATCH_NORM_MOMENTUM, LAYER_NORM_EPS, Norm, Precision};
 use crate::error::{Error, Result};
 
-/// A seeded generator whose stream is fixed by `(seed, stream, index)`.
-pub(crate) fn seeded(seed: u64, stream: u64, index: u64) -> Xoshiro256PlusPlus {
-    let mut x = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    Xoshiro256PlusPlus::seed_from_u64(x ^ (x >> 31))
-}
+pub(crate) use crate::rng::seeded;
 
 /// Randomness of a model: host-generated on the CPU (exactly reproducible per model), libtorch's
 /// CUDA generator on a GPU (fast; reproducibility is promised on the CPU only).

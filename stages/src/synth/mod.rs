@@ -25,9 +25,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::tables::{CELL_ID, GENE_ID, categorical_field, truth_schema};
 use parquet::arrow::ArrowWriter;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_distr::StandardNormal;
-use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
@@ -222,14 +221,6 @@ impl std::fmt::Debug for SynthAtlas {
     }
 }
 
-fn stream_rng(seed: u64, stream: u64, index: u64) -> Xoshiro256PlusPlus {
-    // SplitMix64-style mixing so nearby (stream, index) pairs give unrelated seeds.
-    let mut x = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    Xoshiro256PlusPlus::seed_from_u64(x ^ (x >> 31))
-}
-
 /// Formats a dose with at most three significant digits and no trailing zeros.
 fn dose_label(d: f64) -> String {
     let decimals = (2 - d.log10().floor() as i32).max(0) as usize;
@@ -247,7 +238,7 @@ impl SynthAtlas {
     pub fn new(config: SynthConfig) -> Result<SynthAtlas> {
         config.validate()?;
         let (p, c) = (config.perturbations as usize, config.cell_types as usize);
-        let mut model_rng = stream_rng(config.seed, STREAM_MODEL, 0);
+        let mut model_rng = crate::rng::seeded(config.seed, STREAM_MODEL, 0);
         let model = TrueModel::draw(
             &mut model_rng,
             config.latent_dim as usize,
@@ -268,7 +259,7 @@ impl SynthAtlas {
 
         // Combinations: distinct unordered pairs, each written in a random order (so names are
         // not always in vocabulary order, as in real data).
-        let mut design_rng = stream_rng(config.seed, STREAM_DESIGN, 0);
+        let mut design_rng = crate::rng::seeded(config.seed, STREAM_DESIGN, 0);
         let mut pairs: Vec<(usize, usize)> = (0..p).flat_map(|a| (a + 1..p).map(move |b| (a, b))).collect();
         let wanted = (config.combinations + config.heldout_combinations) as usize;
         for i in 0..wanted {
@@ -387,7 +378,7 @@ impl SynthAtlas {
     pub fn generate_chunk(&self, index: u64) -> Result<SynthChunk> {
         let start = index * CHUNK_CELLS;
         let n = CHUNK_CELLS.min(self.config.cells.saturating_sub(start)) as usize;
-        let mut rng = stream_rng(self.config.seed, STREAM_CELLS, index);
+        let mut rng = crate::rng::seeded(self.config.seed, STREAM_CELLS, index);
         let l = self.model.latent;
         let n_types = self.cell_types.len();
         let mut z = vec![0f32; n * l];
@@ -560,7 +551,7 @@ impl SynthAtlas {
     fn group_truth(&self, group: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (l, g) = (self.model.latent, self.model.genes);
         let samples = self.config.truth_samples as usize;
-        let mut rng = stream_rng(self.config.seed, STREAM_TRUTH, group as u64);
+        let mut rng = crate::rng::seeded(self.config.seed, STREAM_TRUTH, group as u64);
         let (ct, arm) = (group / self.arms.len(), group % self.arms.len());
         let shift = self.shift(ct, arm).to_vec();
         let mut sum_mu = vec![0f64; g];
