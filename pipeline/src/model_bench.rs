@@ -4,8 +4,6 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use arrow::array::{AsArray, RecordBatch};
-use arrow::datatypes::DataType;
 use cpa_stream_stages::model::config::{CpaConfig, Precision};
 use cpa_stream_stages::model::vocab::{Covariate, Vocabulary, canonical_condition, parse_condition};
 use cpa_stream_stages::model::{CpaModel, HostBatch};
@@ -15,6 +13,7 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::error::{Error, Result};
+use crate::train::encoder::column_strings;
 
 /// Options of [`bench_model`].
 #[derive(Debug, Clone)]
@@ -91,12 +90,6 @@ pub fn check_device(device: Device) -> Result<()> {
     Ok(())
 }
 
-fn strings(batch: &RecordBatch, column: &str) -> Result<Vec<String>> {
-    let col = batch.column_by_name(column).ok_or_else(|| Error::InvalidInput(format!("synth obs: no {column}")))?;
-    let utf8 = arrow::compute::cast(col, &DataType::Utf8).map_err(|e| Error::InvalidInput(format!("{column}: {e}")))?;
-    Ok(utf8.as_string::<i32>().iter().map(|s| s.unwrap_or_default().to_owned()).collect())
-}
-
 /// Generates a synthetic atlas in memory and cuts it into training batches (with its vocabulary).
 pub fn synthetic_batches(cells: u64, genes: u32, batch_size: usize, seed: u64) -> Result<(Vocabulary, Vec<HostBatch>)> {
     let stage = |source| Error::Stage { stage: "synth", source };
@@ -105,8 +98,9 @@ pub fn synthetic_batches(cells: u64, genes: u32, batch_size: usize, seed: u64) -
     let mut counts: HashMap<String, u64> = HashMap::new();
     for k in 0..atlas.n_chunks() {
         let chunk = atlas.generate_chunk(k).map_err(stage)?;
-        for c in strings(&chunk.obs, "condition")? {
-            *counts.entry(canonical_condition(&c)).or_default() += 1;
+        let conditions = column_strings(&chunk.obs, "condition", "synth obs")?;
+        for i in 0..chunk.obs.num_rows() {
+            *counts.entry(canonical_condition(conditions.get(i).unwrap_or_default())).or_default() += 1;
         }
         chunks.push(chunk);
     }
@@ -121,12 +115,13 @@ pub fn synthetic_batches(cells: u64, genes: u32, batch_size: usize, seed: u64) -
     let mut batches = Vec::new();
     let mut batch = HostBatch::new(genes, 1);
     for chunk in &chunks {
-        let (conds, doses, types) =
-            (strings(&chunk.obs, "condition")?, strings(&chunk.obs, "dose")?, strings(&chunk.obs, "cell_type")?);
+        let text = |name: &str| column_strings(&chunk.obs, name, "synth obs");
+        let (conds, doses, types) = (text("condition")?, text("dose")?, text("cell_type")?);
         for i in 0..chunk.rows.n_rows() {
-            let parsed =
-                parse_condition(&conds[i], Some(&doses[i]), 2, &perts, &classes).map_err(Error::InvalidInput)?;
-            let ct = atlas.cell_types.iter().position(|t| *t == types[i]).unwrap_or(0) as u32;
+            let (cond, dose, ct_name) =
+                (conds.get(i).unwrap_or_default(), doses.get(i), types.get(i).unwrap_or_default());
+            let parsed = parse_condition(cond, dose, 2, &perts, &classes).map_err(Error::InvalidInput)?;
+            let ct = atlas.cell_types.iter().position(|t| t == ct_name).unwrap_or(0) as u32;
             let (idx, val) = chunk.rows.row(i);
             batch.counts.push_row(idx, val);
             batch.push_labels(&parsed.parts, &[ct], parsed.class);

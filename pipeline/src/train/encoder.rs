@@ -369,14 +369,14 @@ fn parse_split(value: Option<&str>) -> Option<Split> {
 
 /// A column read as text without a string per row: categories through their dictionary,
 /// strings as they are, other types (numbers) formatted once per row.
-enum TextColumn {
+pub(crate) enum TextColumn {
     Dictionary { keys: Vec<Option<usize>>, values: arrow::array::StringArray },
     Strings(arrow::array::StringArray),
     Formatted(Vec<Option<String>>),
 }
 
 impl TextColumn {
-    fn get(&self, i: usize) -> Option<&str> {
+    pub(crate) fn get(&self, i: usize) -> Option<&str> {
         match self {
             TextColumn::Dictionary { keys, values } => keys.get(i).copied().flatten().map(|k| values.value(k)),
             TextColumn::Strings(s) => (i < s.len() && !s.is_null(i)).then(|| s.value(i)),
@@ -386,7 +386,7 @@ impl TextColumn {
 }
 
 /// A column of `batch` as text (categorical, string or numeric columns).
-fn column_strings(batch: &RecordBatch, name: &str, origin: &str) -> Result<TextColumn> {
+pub(crate) fn column_strings(batch: &RecordBatch, name: &str, origin: &str) -> Result<TextColumn> {
     let col =
         batch.column_by_name(name).ok_or_else(|| Error::InvalidInput(format!("{origin}: no obs column {name:?}")))?;
     let unreadable = |e: arrow::error::ArrowError| {
