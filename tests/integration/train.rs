@@ -40,24 +40,19 @@ fn synth_store(dir: &Path, name: &str, codec: &str) -> PathBuf {
     out
 }
 
+/// Runs `train` on `store` (dose and cell-type keys of the synthetic stores) into `out`.
+fn train_output(store: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let (store, out) = (store.to_str().unwrap_or_default(), out.to_str().unwrap_or_default());
+    let mut args = vec!["train", "--store", store, "--dose-key", "dose", "--covariates", "cell_type", "--out", out];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 /// Runs `train` with the given extra arguments, returning the JSON report.
 fn train(store: &Path, out: &Path, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "train",
-        "--store",
-        store.to_str().unwrap_or_default(),
-        "--dose-key",
-        "dose",
-        "--covariates",
-        "cell_type",
-        "--out",
-        out.to_str().unwrap_or_default(),
-        "--json",
-        "--seed",
-        "3",
-    ];
+    let mut args = vec!["--json", "--seed", "3"];
     args.extend_from_slice(extra);
-    let o = run(&args);
+    let o = train_output(store, out, &args);
     assert!(o.status.success(), "train failed: {}", text(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("report is not JSON ({e}): {}", text(&o.stdout)))
 }
@@ -158,19 +153,7 @@ fn errors_in_a_stage_stop_the_run_with_their_context() {
     }
     std::fs::write(&blocks, &bytes).unwrap_or_else(|e| panic!("{e}"));
     let out = dir.path().join("corrupt");
-    let o = run(&[
-        "train",
-        "--store",
-        store.to_str().unwrap_or_default(),
-        "--dose-key",
-        "dose",
-        "--covariates",
-        "cell_type",
-        "--out",
-        out.to_str().unwrap_or_default(),
-        "--epochs",
-        "2",
-    ]);
+    let o = train_output(&store, &out, &["--epochs", "2"]);
     let err = text(&o.stderr);
     assert!(!o.status.success(), "a corrupt block trained: {err}");
     assert!(err.contains("X/blocks") && err.contains("block "), "{err}");
