@@ -143,8 +143,6 @@ pub struct DevicePerts {
     pub offsets: Tensor,
     /// Dose of each entry (float32).
     pub doses: Tensor,
-    /// Cell (row) of each entry (int64), for dense formulations and tests.
-    pub rows: Tensor,
 }
 
 /// A batch on the model's device.
@@ -170,15 +168,10 @@ impl DeviceBatch {
         let genes = i64::from(batch.counts.n_cols());
         let (x, entries) = densify_with_entries(&batch.counts, device)?;
         let to = |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(device)?) };
-        let mut rows = Vec::with_capacity(batch.pert_ids.len());
-        for (row, w) in batch.pert_offsets.windows(2).enumerate() {
-            rows.extend(std::iter::repeat_n(row as i64, (w[1] - w[0]).max(0) as usize));
-        }
         let perts = DevicePerts {
             ids: to(Tensor::f_from_slice(&batch.pert_ids)?)?,
             offsets: to(Tensor::f_from_slice(&batch.pert_offsets)?)?,
             doses: to(Tensor::f_from_slice(&batch.pert_doses)?)?,
-            rows: to(Tensor::f_from_slice(&rows)?)?,
         };
         let covariates = batch.covariates.iter().map(|c| to(Tensor::f_from_slice(c)?)).collect::<Result<Vec<_>>>()?;
         let conditions = to(Tensor::f_from_slice(&batch.conditions)?)?;

@@ -404,8 +404,9 @@ impl CpaModel {
         let scaled = self.dose_response(&perts.ids, &perts.doses)?;
         let table = self.perturbation_embeddings()?;
         let dense = Tensor::f_zeros([n_cells, table.size()[0]], (Kind::Float, table.device()))?;
-        let dense =
-            dense.f_index_put(&[Some(perts.rows.shallow_clone()), Some(perts.ids.shallow_clone())], &scaled, true)?;
+        let lengths = perts.offsets.f_diff(1, 0, None::<&Tensor>, None::<&Tensor>)?;
+        let rows = Tensor::f_repeat_interleave(&lengths, perts.ids.size()[0])?;
+        let dense = dense.f_index_put(&[Some(rows), Some(perts.ids.shallow_clone())], &scaled, true)?;
         Ok(dense.f_matmul(&table)?)
     }
 
