@@ -8,14 +8,20 @@
 //! - [`bench`](mod@bench): reader throughput against a memcpy bound measured in the same run.
 //! - [`model_bench`]: training throughput of the model alone, on preloaded batches.
 //! - [`train`]: store reader -> perturbation encoder -> batcher workers -> trainer.
+//! - [`evaluate`]: R2 of counterfactual means and variances per condition, from streaming
+//!   sufficient statistics.
+//! - [`predict`]: obs selection -> gather workers -> predictor -> Parquet sink (or a
+//!   `RecordBatchReader`).
 
 pub mod bench;
 pub mod convert;
 mod error;
+pub mod evaluate;
 pub mod export;
 pub mod import;
 pub mod metrics;
 pub mod model_bench;
+pub mod predict;
 pub mod progress;
 mod stream;
 pub mod synth;

@@ -48,6 +48,15 @@ impl StageStats {
         msg
     }
 
+    /// Runs `wait` (a receive the stage does not do through [`recv`](Self::recv)), counting its
+    /// time as blocked on input.
+    pub fn blocked_in<T>(&self, wait: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = wait();
+        self.blocked_in_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
     /// Receives with a time limit, counting the wait.
     pub fn recv_timeout<T>(&self, rx: &Receiver<T>, limit: Duration) -> Result<T, crossbeam_channel::RecvTimeoutError> {
         let start = Instant::now();

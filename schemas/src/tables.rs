@@ -113,6 +113,53 @@ pub fn truth_schema(cell_types: &[String], conditions: &[String], doses: &[Strin
     ]))
 }
 
+/// Columns and metadata of prediction files (`cpa-stream predict`).
+pub mod predictions {
+    /// The source cell's id (Utf8).
+    pub const CELL_ID: &str = super::CELL_ID;
+    /// Predicted means of the chosen genes, `FixedSizeList<Float32>` in the order of [`GENES_KEY`].
+    pub const MEAN: &str = "mean";
+    /// Schema metadata key: the chosen genes as a JSON array, in the order of [`MEAN`]'s items.
+    pub const GENES_KEY: &str = "cpa_stream.genes";
+    /// Schema metadata key: the model directory the predictions came from.
+    pub const MODEL_KEY: &str = "cpa_stream.model";
+    /// Latents that can be written, each a `FixedSizeList<Float32>` of the latent width.
+    pub const LATENTS: [&str; 5] = ["z_basal", "z", "z_corrected", "z_no_pert", "z_no_pert_corrected"];
+}
+
+/// Schema of a prediction file: `cell_id`, then one categorical column per label of the target
+/// condition (`label_columns`: the perturbation key, the dose key, the covariates), `mean` (one
+/// value per gene of `genes`, which the schema metadata records), then the chosen latents of
+/// width `latent_width`. Errors when a label column collides with another column.
+pub fn prediction_schema(
+    label_columns: &[String],
+    genes: &[String],
+    latents: &[String],
+    latent_width: i32,
+) -> Result<SchemaRef, String> {
+    let mut fields = vec![Field::new(predictions::CELL_ID, DataType::Utf8, false)];
+    fields.extend(label_columns.iter().map(|name| Field::new(name, categorical_type(), false)));
+    let n_genes = i32::try_from(genes.len()).map_err(|_| format!("{} genes is too many", genes.len()))?;
+    fields.push(Field::new(predictions::MEAN, f32_vector_type(n_genes), false));
+    for latent in latents {
+        if !predictions::LATENTS.contains(&latent.as_str()) {
+            return Err(format!("unknown latent {latent:?} (known: {})", predictions::LATENTS.join(", ")));
+        }
+        fields.push(Field::new(latent, f32_vector_type(latent_width), false));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = fields.iter().find(|f| !seen.insert(f.name().clone())) {
+        return Err(format!("column {:?} would appear twice (an obs label named like an output column)", dup.name()));
+    }
+    let genes_json = serde_json::to_string(genes).map_err(|e| e.to_string())?;
+    Ok(Arc::new(Schema::new(fields).with_metadata(HashMap::from([(predictions::GENES_KEY.to_owned(), genes_json)]))))
+}
+
+/// The genes recorded in a prediction schema's metadata.
+pub fn prediction_genes(schema: &Schema) -> Option<Vec<String>> {
+    serde_json::from_str(schema.metadata().get(predictions::GENES_KEY)?).ok()
+}
+
 /// Compares a schema read back from a file with the expected one: names, types and nullability,
 /// and the categories of categorical fields. Other metadata (writer-added keys) is ignored.
 pub fn same_schema(expected: &Schema, actual: &Schema) -> Result<(), String> {
@@ -162,6 +209,21 @@ mod tests {
         let no_cats =
             Schema::new(vec![Field::new(CELL_ID, DataType::Utf8, false), Field::new("c", categorical_type(), false)]);
         assert!(check_obs_schema(&no_cats).unwrap_err().contains("metadata"));
+    }
+
+    #[test]
+    fn prediction_schema_records_genes_and_rejects_collisions() {
+        let genes = vec!["g1".to_owned(), "g2".to_owned()];
+        let s = prediction_schema(&["condition".into(), "dose".into()], &genes, &["z_basal".into()], 4)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(prediction_genes(&s), Some(genes.clone()));
+        let names: Vec<&str> = s.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["cell_id", "condition", "dose", "mean", "z_basal"]);
+        assert_eq!(s.field(3).data_type(), &f32_vector_type(2));
+        assert!(
+            prediction_schema(&["mean".into()], &genes, &[], 4).unwrap_err().contains("\"mean\" would appear twice")
+        );
+        assert!(prediction_schema(&[], &genes, &["zz".into()], 4).unwrap_err().contains("unknown latent"));
     }
 
     #[test]

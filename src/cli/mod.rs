@@ -17,8 +17,10 @@ macro_rules! out {
 }
 
 mod bench;
+mod evaluate;
 mod h5ad;
 mod info;
+mod predict;
 mod progress;
 mod store;
 mod synth;
@@ -54,6 +56,10 @@ enum Command {
     Export(h5ad::ExportArgs),
     /// Train CPA on a store through the streaming pipeline.
     Train(train::TrainArgs),
+    /// Counterfactual predictions of a trained model into a Parquet file.
+    Predict(predict::PredictArgs),
+    /// R2 of counterfactual means and variances per condition (paper metrics), with plots.
+    Evaluate(evaluate::EvaluateArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -70,6 +76,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Import(a) => h5ad::import(a),
         Command::Export(a) => h5ad::export(a),
         Command::Train(a) => train::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Evaluate(a) => evaluate::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -7,6 +7,7 @@
 //! - [`csr`]: the owned CSR batch that stages hand to each other.
 //! - [`model`]: the CPA model in libtorch (configuration, vocabularies, network, likelihoods, files).
 //! - [`trainer`]: its training schedule, optimizers and exact-resume checkpoints.
+//! - [`sink`]: the Parquet sink (bounded row groups, zstd, complete or absent).
 //!
 //! Stages never wire themselves together: the `cpa-stream-pipeline` crate connects them with
 //! bounded channels.
@@ -19,6 +20,7 @@ mod error;
 pub mod h5ad;
 pub mod model;
 pub mod rng;
+pub mod sink;
 pub mod store;
 pub mod synth;
 pub mod trainer;

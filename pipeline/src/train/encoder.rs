@@ -10,20 +10,11 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::{CELL_ID, categories_of};
-use cpa_stream_stages::model::vocab::{Covariate, Vocabulary, canonical_condition, split_condition};
+pub use cpa_stream_stages::model::vocab::SplitSpec;
+use cpa_stream_stages::model::vocab::{Covariate, DataSpec, Vocabulary, canonical_condition, split_condition};
 use cpa_stream_stages::store::{Store, read_small_table, read_table, table_schema};
 
 use crate::error::{Error, Result};
-
-/// Which cells a run trains on, validates on, and holds out.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SplitSpec {
-    /// An obs column with values `train`, `valid`/`validation`/`val`, `test` and `ood`.
-    Column(String),
-    /// Seeded fractions, stratified by condition and covariates; `holdout` conditions (as written
-    /// in obs, any part order) are held out entirely (`ood`).
-    Fraction { validation: f64, test: f64, seed: u64, holdout: Vec<String> },
-}
 
 /// How the encoder reads obs.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +95,11 @@ impl CellLabels {
     /// The group of cell `cell`.
     pub fn group(&self, cell: u64) -> &Group {
         &self.groups[(self.cells[cell as usize] & GROUP_MASK) as usize]
+    }
+
+    /// The index into [`groups`](Self::groups) of cell `cell`'s group.
+    pub fn group_id(&self, cell: u64) -> u32 {
+        self.cells[cell as usize] & GROUP_MASK
     }
 
     pub fn split(&self, cell: u64) -> Split {
@@ -316,8 +312,13 @@ impl CellLabels {
         let perturbations: Vec<String> =
             raw_groups.iter().flat_map(|g| g.names.iter().map(|(n, _)| n.clone())).collect();
         let genes = gene_names(store)?;
-        let vocab = Vocabulary::new(genes, &options.control, perturbations, covariates, conditions)
+        let mut vocab = Vocabulary::new(genes, &options.control, perturbations, covariates, conditions)
             .map_err(|source| Error::Stage { stage: "encoder", source })?;
+        vocab.data = Some(DataSpec {
+            perturbation_key: options.perturbation_key.clone(),
+            dose_key: options.dose_key.clone(),
+            split: options.split.clone(),
+        });
         let (pert_index, class_index) = (vocab.perturbation_index(), vocab.condition_index());
         let mut groups = Vec::with_capacity(raw_groups.len());
         for g in &raw_groups {

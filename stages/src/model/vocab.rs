@@ -39,6 +39,31 @@ pub struct Vocabulary {
     pub conditions: Vec<String>,
     /// Training cells per condition class (the adversary's class weights `N / n_c - 1`).
     pub condition_counts: Vec<u64>,
+    /// The obs columns and the split the model was trained with, so that prediction and
+    /// evaluation read a store the same way (absent for models built from parts).
+    #[serde(default)]
+    pub data: Option<DataSpec>,
+}
+
+/// Which obs columns hold a cell's perturbations and doses, and how cells were split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub perturbation_key: String,
+    /// `None`: every part has dose 1.
+    pub dose_key: Option<String>,
+    pub split: SplitSpec,
+}
+
+/// Which cells a run trains on, validates on, tests on, and holds out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SplitSpec {
+    /// An obs column with values `train`, `valid`/`validation`/`val`, `test` and `ood`.
+    Column(String),
+    /// Seeded fractions, stratified by condition and covariates; `holdout` conditions (as written
+    /// in obs, any part order) are held out entirely (`ood`).
+    Fraction { validation: f64, test: f64, seed: u64, holdout: Vec<String> },
 }
 
 /// A cell's perturbations: vocabulary ids and doses, in the order written in obs.
@@ -68,7 +93,7 @@ impl Vocabulary {
         all.push(control.to_owned());
         all.extend(names);
         let (conditions, condition_counts) = conditions.into_iter().unzip();
-        let vocab = Vocabulary { genes, perturbations: all, covariates, conditions, condition_counts };
+        let vocab = Vocabulary { genes, perturbations: all, covariates, conditions, condition_counts, data: None };
         vocab.validate()?;
         Ok(vocab)
     }

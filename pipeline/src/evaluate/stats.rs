@@ -1,0 +1,136 @@
+//! Sufficient statistics and the scores computed from them.
+
+pub use crate::train::validate::r2_score;
+
+/// Count, per-gene sums and sums of squares of a set of cells.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    pub n: f64,
+    pub sum: Vec<f64>,
+    pub sq: Vec<f64>,
+}
+
+impl Moments {
+    pub fn new(genes: usize) -> Moments {
+        Moments { n: 0.0, sum: vec![0.0; genes], sq: vec![0.0; genes] }
+    }
+
+    pub fn from_sums(n: f64, sum: Vec<f64>, sq: Vec<f64>) -> Moments {
+        Moments { n, sum, sq }
+    }
+
+    /// Adds one cell given by its non-zero entries (`log1p` of them for count data; zeros add
+    /// nothing either way).
+    pub fn add_sparse(&mut self, genes: &[u32], values: &[f32], log1p: bool) {
+        self.n += 1.0;
+        for (&g, &v) in genes.iter().zip(values) {
+            let v = if log1p { f64::from(v).ln_1p() } else { f64::from(v) };
+            self.sum[g as usize] += v;
+            self.sq[g as usize] += v * v;
+        }
+    }
+
+    pub fn merge(&mut self, other: &Moments) {
+        self.n += other.n;
+        self.sum.iter_mut().zip(&other.sum).for_each(|(a, b)| *a += b);
+        self.sq.iter_mut().zip(&other.sq).for_each(|(a, b)| *a += b);
+    }
+
+    /// Per-gene means (NaN without cells).
+    pub fn mean(&self) -> Vec<f64> {
+        self.sum.iter().map(|s| s / self.n).collect()
+    }
+
+    /// Per-gene variances over cells (population, as numpy's default `var`).
+    pub fn var(&self) -> Vec<f64> {
+        self.sum.iter().zip(&self.sq).map(|(s, q)| (q / self.n - (s / self.n).powi(2)).max(0.0)).collect()
+    }
+
+    /// Per-gene sample variances (n - 1 in the denominator).
+    pub fn sample_var(&self) -> Vec<f64> {
+        let scale = if self.n > 1.0 { self.n / (self.n - 1.0) } else { f64::NAN };
+        self.var().into_iter().map(|v| v * scale).collect()
+    }
+}
+
+/// Welch's t statistic of every gene, `a` against `b`: `(mean_a - mean_b) / sqrt(s2_a / n_a +
+/// s2_b / n_b)` with sample variances. A gene constant in both groups scores 0 when the means
+/// agree and +-infinity when they differ.
+pub fn welch_t(a: &Moments, b: &Moments) -> Vec<f64> {
+    let (ma, mb, va, vb) = (a.mean(), b.mean(), a.sample_var(), b.sample_var());
+    (0..ma.len())
+        .map(|g| {
+            let diff = ma[g] - mb[g];
+            let se = (va[g] / a.n + vb[g] / b.n).sqrt();
+            if se > 0.0 {
+                diff / se
+            } else if diff == 0.0 || diff.is_nan() {
+                0.0
+            } else {
+                diff.signum() * f64::INFINITY
+            }
+        })
+        .collect()
+}
+
+/// Indices of the `k` largest `|score|`, largest first (ties by index, NaN as 0).
+pub fn top_by_abs(scores: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    let key = |i: usize| if scores[i].is_nan() { 0.0 } else { scores[i].abs() };
+    idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moments(cells: &[&[f64]]) -> Moments {
+        let genes = cells[0].len();
+        let mut m = Moments::new(genes);
+        for c in cells {
+            let (idx, val): (Vec<u32>, Vec<f32>) =
+                c.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(g, v)| (g as u32, *v as f32)).unzip();
+            m.add_sparse(&idx, &val, false);
+        }
+        m
+    }
+
+    #[test]
+    fn moments_give_numpy_means_and_variances() {
+        let m = moments(&[&[1.0, 0.0], &[3.0, 2.0], &[5.0, 4.0]]);
+        assert_eq!(m.mean(), [3.0, 2.0]);
+        // numpy: np.var([1, 3, 5]) = 8/3, np.var([0, 2, 4]) = 8/3; ddof=1: 4.
+        assert!((m.var()[0] - 8.0 / 3.0).abs() < 1e-12);
+        assert!((m.sample_var()[1] - 4.0).abs() < 1e-12);
+        let mut log = Moments::new(1);
+        log.add_sparse(&[0], &[1.0], true);
+        assert!((log.sum[0] - 2f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn welch_t_matches_scipy() {
+        // scipy.stats.ttest_ind([1, 2, 3, 4], [2, 4, 6], equal_var=False).statistic
+        //   = (2.5 - 4) / sqrt(1.6667 / 4 + 4 / 3) = -1.1338934190276817
+        let a = moments(&[&[1.0, 1.0], &[2.0, 1.0], &[3.0, 1.0], &[4.0, 1.0]]);
+        let b = moments(&[&[2.0, 1.0], &[4.0, 1.0], &[6.0, 1.0]]);
+        let t = welch_t(&a, &b);
+        assert!((t[0] - -1.1338934190276817).abs() < 1e-12, "{}", t[0]);
+        assert_eq!(t[1], 0.0, "constant and equal: no difference");
+        let c = moments(&[&[0.0, 2.0], &[0.0, 2.0]]);
+        assert_eq!(welch_t(&c, &moments(&[&[0.0, 1.0], &[0.0, 1.0]]))[1], f64::INFINITY);
+    }
+
+    #[test]
+    fn top_by_abs_ranks_by_magnitude() {
+        assert_eq!(top_by_abs(&[0.5, -3.0, f64::NAN, 2.0, -2.0], 4), [1, 3, 4, 0]);
+    }
+
+    #[test]
+    fn r2_is_sklearns() {
+        // sklearn.metrics.r2_score([3, -0.5, 2, 7], [2.5, 0.0, 2, 8]) = 0.9486081370449679
+        let r2 = r2_score(&[2.5, 0.0, 2.0, 8.0], &[3.0, -0.5, 2.0, 7.0]);
+        assert!((r2 - 0.9486081370449679).abs() < 1e-12, "{r2}");
+    }
+}

@@ -1,0 +1,245 @@
+//! Counterfactual targets: which perturbations, doses and covariate values the source cells are
+//! decoded into, from `--target` specs or a CSV / Parquet table, checked against a model's
+//! vocabulary.
+
+use std::path::Path;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+use cpa_stream_stages::model::Vocabulary;
+use cpa_stream_stages::model::vocab::split_condition;
+
+use crate::error::{Error, Result};
+
+/// A target as the user wrote it: `(key, value)` pairs. Keys are the model's perturbation key
+/// (or `perturbation` / `condition`), its dose key (or `dose`), and covariate names.
+pub type TargetSpec = Vec<(String, String)>;
+
+/// A target resolved against a vocabulary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    /// The condition as written (`A+B`).
+    pub condition: String,
+    /// The doses as written, or `1` per part.
+    pub dose: String,
+    /// Vocabulary ids and doses.
+    pub parts: Vec<(u32, f32)>,
+    /// Per covariate of the model: the target's category code, or `None` to keep the source
+    /// cell's own value.
+    pub covariates: Vec<Option<u32>>,
+}
+
+impl Target {
+    /// The target's value of covariate `c`, if it fixes one.
+    pub fn covariate_value<'a>(&self, vocab: &'a Vocabulary, c: usize) -> Option<&'a str> {
+        let code = self.covariates.get(c).copied().flatten()?;
+        vocab.covariates.get(c)?.categories.get(code as usize).map(String::as_str)
+    }
+}
+
+/// Parses `KEY=VALUE,KEY=VALUE`; a spec without `=` is a condition alone (`A+B`).
+pub fn parse_target_spec(text: &str) -> Result<TargetSpec> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(Error::InvalidInput("empty target".into()));
+    }
+    if !text.contains('=') {
+        return Ok(vec![("condition".to_owned(), text.to_owned())]);
+    }
+    text.split(',')
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| Error::InvalidInput(format!("target {text:?}: {pair:?} is not KEY=VALUE")))?;
+            let (k, v) = (k.trim(), v.trim());
+            if k.is_empty() || v.is_empty() {
+                return Err(Error::InvalidInput(format!("target {text:?}: {pair:?} has an empty key or value")));
+            }
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// Reads targets from a CSV (header row) or Parquet table; one target per row, one column per
+/// key, empty cells meaning "not set".
+pub fn read_targets_file(path: &Path) -> Result<Vec<TargetSpec>> {
+    let origin = path.display().to_string();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let batches: Vec<RecordBatch> = if ext == "parquet" || ext == "pq" {
+        let iter =
+            cpa_stream_stages::store::read_table(path).map_err(|source| Error::Stage { stage: "targets", source })?;
+        iter.collect::<std::result::Result<_, _>>().map_err(|source| Error::Stage { stage: "targets", source })?
+    } else {
+        read_csv(path)?
+    };
+    let mut out = Vec::new();
+    for batch in &batches {
+        let columns: Vec<(String, arrow::array::ArrayRef)> = batch
+            .schema()
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(|(f, c)| {
+                arrow::compute::cast(c, &DataType::Utf8)
+                    .map(|c| (f.name().clone(), c))
+                    .map_err(|e| Error::InvalidInput(format!("{origin}: column {:?}: {e}", f.name())))
+            })
+            .collect::<Result<_>>()?;
+        for row in 0..batch.num_rows() {
+            let spec: TargetSpec = columns
+                .iter()
+                .filter_map(|(name, col)| {
+                    let s = col.as_string::<i32>();
+                    (!s.is_null(row) && !s.value(row).trim().is_empty())
+                        .then(|| (name.clone(), s.value(row).trim().to_owned()))
+                })
+                .collect();
+            if spec.is_empty() {
+                return Err(Error::InvalidInput(format!("{origin}: row {} sets no key", out.len() + 1)));
+            }
+            out.push(spec);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::InvalidInput(format!("{origin}: no targets")));
+    }
+    Ok(out)
+}
+
+fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
+    use std::io::{BufRead, BufReader, Seek};
+    let origin = path.display().to_string();
+    let io = |e: std::io::Error| Error::InvalidInput(format!("{origin}: {e}"));
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut header = String::new();
+    BufReader::new(&mut file).read_line(&mut header).map_err(io)?;
+    let names: Vec<String> = header.trim_end().split(',').map(|n| n.trim().trim_matches('"').to_owned()).collect();
+    if names.iter().any(String::is_empty) {
+        return Err(Error::InvalidInput(format!(
+            "{origin}: the header row {:?} has an empty column name",
+            header.trim_end()
+        )));
+    }
+    file.rewind().map_err(io)?;
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(
+        names.iter().map(|n| arrow::datatypes::Field::new(n, DataType::Utf8, true)).collect::<Vec<_>>(),
+    ));
+    let reader = arrow::csv::ReaderBuilder::new(schema)
+        .with_header(true)
+        .build(file)
+        .map_err(|e| Error::InvalidInput(format!("{origin}: {e}")))?;
+    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::InvalidInput(format!("{origin}: {e}")))
+}
+
+/// Names a list for an error message (the first 30).
+pub(crate) fn known(values: impl IntoIterator<Item = impl AsRef<str>>) -> String {
+    let all: Vec<String> = values.into_iter().map(|v| v.as_ref().to_owned()).collect();
+    let shown = all.iter().take(30).cloned().collect::<Vec<_>>().join(", ");
+    if all.len() > 30 { format!("{shown}, ... ({} in all)", all.len()) } else { shown }
+}
+
+/// Resolves a spec against `vocab`; `perturbation_key` and `dose_key` are the obs columns the
+/// model was trained with. Unknown keys, perturbations or covariate values are errors that list
+/// the known ones.
+pub fn resolve_target(
+    spec: &TargetSpec,
+    vocab: &Vocabulary,
+    perturbation_key: &str,
+    dose_key: Option<&str>,
+    max_comb_len: usize,
+) -> Result<Target> {
+    let shown = || spec.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let bad = |msg: String| Error::InvalidInput(format!("target {:?}: {msg}", shown()));
+    let mut condition = None;
+    let mut dose = None;
+    let mut covariates = vec![None; vocab.covariates.len()];
+    for (key, value) in spec {
+        if key == perturbation_key || key == "perturbation" || key == "condition" {
+            condition = Some(value.clone());
+        } else if Some(key.as_str()) == dose_key || key == "dose" {
+            dose = Some(value.clone());
+        } else if let Some(c) = vocab.covariates.iter().position(|c| &c.name == key) {
+            let cov = &vocab.covariates[c];
+            let code = cov.categories.iter().position(|v| v == value).ok_or_else(|| {
+                bad(format!("{key} {value:?} is not a category the model knows ({})", known(&cov.categories)))
+            })?;
+            covariates[c] = Some(code as u32);
+        } else {
+            let mut keys = vec![perturbation_key.to_owned(), dose_key.unwrap_or("dose").to_owned()];
+            keys.extend(vocab.covariates.iter().map(|c| c.name.clone()));
+            return Err(bad(format!("unknown key {key:?} (keys: {})", keys.join(", "))));
+        }
+    }
+    let condition = condition.ok_or_else(|| bad(format!("no {perturbation_key} given")))?;
+    let parts = split_condition(&condition, dose.as_deref(), max_comb_len).map_err(bad)?;
+    let index = vocab.perturbation_index();
+    let parts = parts
+        .into_iter()
+        .map(|(name, d)| {
+            index.get(name).map(|&id| (id, d)).ok_or_else(|| {
+                bad(format!(
+                    "perturbation {name:?} is not in the model's vocabulary ({})",
+                    known(&vocab.perturbations[1..])
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dose = dose.unwrap_or_else(|| vec!["1"; parts.len()].join("+"));
+    Ok(Target { condition, dose, parts, covariates })
+}
+
+#[cfg(test)]
+mod tests {
+    use cpa_stream_stages::model::vocab::Covariate;
+
+    use super::*;
+
+    fn vocab() -> Vocabulary {
+        let cov = Covariate { name: "cell_type".into(), categories: vec!["A".into(), "B".into()], is_batch: false };
+        Vocabulary::new(
+            vec!["g1".into()],
+            "control",
+            ["control", "x", "y"].map(String::from),
+            vec![cov],
+            vec![("control".into(), 1)],
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn specs_resolve_with_doses_and_covariates() -> Result<()> {
+        let v = vocab();
+        let t = resolve_target(&parse_target_spec("y+x")?, &v, "condition", Some("dose"), 2)?;
+        assert_eq!(
+            (t.parts.clone(), t.dose.as_str(), t.covariates.clone()),
+            (vec![(3, 1.0), (2, 1.0)], "1+1", vec![None])
+        );
+        let spec = parse_target_spec("condition=x+y, dose=0.1+1, cell_type=B")?;
+        let t = resolve_target(&spec, &v, "condition", Some("dose"), 2)?;
+        assert_eq!((t.parts.clone(), t.covariates.clone()), (vec![(2, 0.1), (3, 1.0)], vec![Some(1)]));
+        assert_eq!(t.covariate_value(&v, 0), Some("B"));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_values_list_the_known_ones() -> Result<()> {
+        let v = vocab();
+        let err = |s: &str| {
+            parse_target_spec(s)
+                .and_then(|spec| resolve_target(&spec, &v, "condition", Some("dose"), 2))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err("z").contains("perturbation \"z\" is not in the model's vocabulary (control, x, y)"),
+            "{}",
+            err("z")
+        );
+        assert!(err("condition=x,cell_type=C").contains("\"C\" is not a category the model knows (A, B)"));
+        assert!(err("condition=x,donor=1").contains("unknown key \"donor\" (keys: condition, dose, cell_type)"));
+        assert!(err("condition=x+y,dose=1").contains("dose"));
+        assert!(err("cell_type=A").contains("no condition given"));
+        Ok(())
+    }
+}

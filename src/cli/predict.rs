@@ -1,0 +1,134 @@
+//! `cpa-stream predict`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use cpa_stream_pipeline::model_bench::{check_device, parse_device};
+use cpa_stream_pipeline::predict::targets::{parse_target_spec, read_targets_file};
+use cpa_stream_pipeline::predict::{GeneSelection, PredictOptions, Shard, run_predict};
+use cpa_stream_stages::sink::SinkOptions;
+
+use super::progress::CliProgress;
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Training run directory (its model/ is used) or model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Store with the source cells (same genes as the model).
+    #[arg(long)]
+    store: PathBuf,
+    /// Output Parquet file; with --shard, a dataset directory that receives part-K-of-N.parquet.
+    #[arg(long)]
+    out: PathBuf,
+    /// Source cells: an expression over obs columns, e.g. `condition == control and cell_type in
+    /// (A549, K562)`, or `all` [default: the control cells].
+    #[arg(long)]
+    source: Option<String>,
+    /// Target condition: `KEY=VALUE,...` with the perturbation key, dose key and covariates
+    /// (`condition=A+B,dose=0.1+1,cell_type=K562`), or just a condition (`A+B`, dose 1 each).
+    /// Covariates not set keep each source cell's own. Repeat for several targets.
+    #[arg(long, conflicts_with = "targets")]
+    target: Vec<String>,
+    /// CSV (header row) or Parquet table of targets, one per row, columns named like --target keys.
+    #[arg(long)]
+    targets: Option<PathBuf>,
+    /// Genes written: all, top-deg:K (the union of the targets' top K DEGs), or a file with one
+    /// gene per line.
+    #[arg(long, default_value = "all")]
+    genes: String,
+    /// DEG table (group, rank, gene) for top-deg:K [default: the store's degs.parquet].
+    #[arg(long)]
+    degs: Option<PathBuf>,
+    /// Latents written as vector columns (comma-separated: z_basal, z, z_corrected, z_no_pert,
+    /// z_no_pert_corrected).
+    #[arg(long, value_delimiter = ',')]
+    latents: Vec<String>,
+    /// The k-th of n contiguous cell ranges, 0-based (`3/16`), for job arrays.
+    #[arg(long)]
+    shard: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Source cells per batch.
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    /// Gather worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Batches buffered between stages.
+    #[arg(long, default_value_t = 2)]
+    prefetch: usize,
+    /// Rows per Parquet row group at most.
+    #[arg(long, default_value_t = 8192)]
+    row_group_rows: usize,
+    /// zstd level of the output.
+    #[arg(long, default_value_t = 3)]
+    zstd_level: i32,
+    /// Seed of the posterior draws (variational models).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// libtorch threads [default: libtorch's choice].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
+    let device = parse_device(&args.device)?;
+    check_device(device)?;
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t as i32);
+    }
+    let targets = match &args.targets {
+        Some(path) => read_targets_file(path)?,
+        None => args.target.iter().map(|t| parse_target_spec(t)).collect::<Result<_, _>>()?,
+    };
+    let options = PredictOptions {
+        source: args.source.clone(),
+        targets,
+        genes: GeneSelection::parse(&args.genes)?,
+        degs: args.degs.clone(),
+        latents: args.latents.clone(),
+        shard: args.shard.as_deref().map(Shard::parse).transpose()?,
+        device,
+        batch_size: args.batch_size,
+        workers: args.workers,
+        prefetch: args.prefetch,
+        seed: args.seed,
+        ..PredictOptions::new(&args.model, &args.store)
+    };
+    let sink =
+        SinkOptions { row_group_rows: args.row_group_rows, zstd_level: args.zstd_level, ..SinkOptions::default() };
+    let progress = CliProgress::new();
+    let report = run_predict(&options, &args.out, &sink, &progress)
+        .with_context(|| format!("predicting from {} with {}", args.store.display(), args.model.display()))?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "{}: {} rows ({} source cells x {} target{}), {} genes, {:.1} MB",
+        report.output.path.display(),
+        report.output.rows,
+        report.source_cells,
+        report.targets,
+        if report.targets == 1 { "" } else { "s" },
+        report.genes,
+        report.output.bytes as f64 / 1e6
+    );
+    outln!(
+        "{:.0} source cells/s, {:.0} rows/s; {:.0} bytes per row on disk vs {:.0} as raw float32 ({:.1}x smaller)",
+        report.cells_per_s,
+        report.rows_per_s,
+        report.bytes_per_row,
+        report.raw_f32_bytes_per_row,
+        report.raw_f32_bytes_per_row / report.bytes_per_row.max(1e-9)
+    );
+    out!("{}", report.report.render());
+    Ok(ExitCode::SUCCESS)
+}
