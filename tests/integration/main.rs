@@ -6,6 +6,7 @@ mod common;
 mod h5ad;
 mod link;
 mod model;
+mod predict;
 mod store;
 mod synth;
 mod train;

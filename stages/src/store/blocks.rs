@@ -3,7 +3,7 @@
 //! A block holds `block_rows` consecutive rows (the last may hold fewer). Its plain form is the
 //! rows' column indices, delta-coded within each row (first index absolute), followed by their
 //! values; each of the two u32/f32 arrays is byte-shuffled (all first bytes, then all second
-//! bytes, ...) before one zstd frame compresses the whole. Row boundaries come from `X/indptr`,
+//! bytes, ...) before one zstd frame (with a content checksum) compresses the whole. Row boundaries come from `X/indptr`,
 //! which stays uncompressed, so the plain size of every block is known before decompressing.
 
 use std::io;
@@ -19,7 +19,11 @@ pub(crate) struct BlockEncoder {
 
 impl BlockEncoder {
     pub(crate) fn new(level: i32) -> io::Result<BlockEncoder> {
-        Ok(BlockEncoder { compressor: Compressor::new(level)?, shuffled: Vec::new(), out: Vec::new() })
+        let mut compressor = Compressor::new(level)?;
+        // A content checksum per frame (xxh64, 4 bytes): a corrupt block is an error when read,
+        // not plausible garbage (damaged literals can otherwise decode to valid-looking values).
+        compressor.include_checksum(true)?;
+        Ok(BlockEncoder { compressor, shuffled: Vec::new(), out: Vec::new() })
     }
 
     /// Encodes rows given by `indptr` (relative offsets starting at 0), `indices` and `data`.

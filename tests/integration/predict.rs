@@ -1,0 +1,422 @@
+//! `cpa-stream predict` and `evaluate` end to end on one trained synthetic model: the output
+//! schema read back, a run that dies leaving no output, evaluation numbers recomputed by hand,
+//! and a held-out combination scored against the atlas's truth.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Float32Type, Float64Type, UInt64Type};
+use cpa_stream::schemas::tables::{prediction_genes, prediction_schema, same_schema};
+use cpa_stream::stages::store::{Store, read_small_table};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::common::{run, text};
+
+/// A synthetic atlas with a held-back combination and a model trained on it (built once).
+pub struct Fixture {
+    pub dir: PathBuf,
+    pub store: PathBuf,
+    pub run: PathBuf,
+}
+
+const CONFIG: &str = r#"
+[model]
+n_latent = 32
+n_hidden_encoder = 128
+n_hidden_decoder = 128
+n_layers_encoder = 2
+n_layers_decoder = 2
+
+[adversary]
+reg_adv = 20.0
+pen_adv = 5.0
+adv_steps = 0
+
+[training]
+lr = 0.002
+adv_lr = 0.003
+batch_size = 128
+seed = 1
+"#;
+
+pub fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")).keep();
+        let store = dir.join("atlas.store");
+        let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+        let o = run(&[
+            "synth",
+            "--cells",
+            "6000",
+            "--genes",
+            "100",
+            "--perturbations",
+            "4",
+            "--doses",
+            "1",
+            "--cell-types",
+            "2",
+            "--combinations",
+            "2",
+            "--heldout-combinations",
+            "1",
+            "--seed",
+            "5",
+            "--out",
+            &s(&store),
+        ]);
+        assert!(o.status.success(), "synth failed: {}", text(&o.stderr));
+        let config = dir.join("cpa.toml");
+        std::fs::write(&config, CONFIG).unwrap_or_else(|e| panic!("{e}"));
+        let run_dir = dir.join("run");
+        let o = run(&[
+            "train",
+            "--store",
+            &s(&store),
+            "--dose-key",
+            "dose",
+            "--covariates",
+            "cell_type",
+            "--config",
+            &s(&config),
+            "--epochs",
+            "100",
+            "--out",
+            &s(&run_dir),
+        ]);
+        assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+        Fixture { dir, store, run: run_dir }
+    })
+}
+
+fn read_parquet(path: &Path) -> (arrow::datatypes::SchemaRef, Vec<RecordBatch>) {
+    let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap_or_else(|e| panic!("{e}"));
+    let schema = builder.schema().clone();
+    let reader = builder.build().unwrap_or_else(|e| panic!("{e}"));
+    (schema, reader.map(|b| b.unwrap_or_else(|e| panic!("{e}"))).collect())
+}
+
+/// A column of text values (dictionary or plain) of every batch.
+fn strings(batches: &[RecordBatch], name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in batches {
+        let col = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+        let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Utf8).unwrap_or_else(|e| panic!("{e}"));
+        let s = col.as_string::<i32>();
+        out.extend((0..s.len()).map(|i| s.value(i).to_owned()));
+    }
+    out
+}
+
+/// The `mean` vectors of every row.
+fn means(batches: &[RecordBatch]) -> Vec<Vec<f64>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let list = b.column_by_name("mean").unwrap_or_else(|| panic!("no mean")).as_fixed_size_list();
+        let width = list.value_length() as usize;
+        let values = list.values().as_primitive::<Float32Type>();
+        for r in 0..list.len() {
+            out.push((0..width).map(|g| f64::from(values.value(r * width + g))).collect());
+        }
+    }
+    out
+}
+
+fn predict(args: &[&str]) -> std::process::Output {
+    let f = fixture();
+    let mut all = vec!["predict", "--model", f.run.to_str().unwrap_or_default(), "--store"];
+    all.push(f.store.to_str().unwrap_or_default());
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+/// The synthetic obs labels per store row.
+fn obs(store: &Path) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let t = read_small_table(&store.join("obs.parquet")).unwrap_or_else(|e| panic!("{e}"));
+    let b = [t];
+    (strings(&b, "condition"), strings(&b, "dose"), strings(&b, "cell_type"))
+}
+
+fn canonical(condition: &str, dose: &str) -> Vec<(String, String)> {
+    let mut parts: Vec<(String, String)> =
+        condition.split('+').zip(dose.split('+')).map(|(c, d)| (c.to_owned(), d.to_owned())).collect();
+    parts.sort();
+    parts
+}
+
+#[test]
+fn predictions_read_back_match_the_schema() {
+    let f = fixture();
+    let out = f.dir.join("preds.parquet");
+    let (conds, _, types) = obs(&f.store);
+    let target_type = types[0].clone();
+    let o = predict(&[
+        "--target",
+        "condition=PERT01+PERT02,dose=1+1",
+        "--target",
+        &format!("condition=PERT03,cell_type={target_type}"),
+        "--latents",
+        "z_basal,z",
+        "--batch-size",
+        "100",
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let (schema, batches) = read_parquet(&out);
+    let store_genes =
+        cpa_stream::pipeline::train::encoder::gene_names(&Store::open(&f.store).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(store_genes.len(), 100);
+    let labels = ["condition", "dose", "cell_type"].map(String::from);
+    let expected =
+        prediction_schema(&labels, &store_genes, &["z_basal".into(), "z".into()], 32).unwrap_or_else(|e| panic!("{e}"));
+    same_schema(&expected, &schema).unwrap_or_else(|e| panic!("schema read back: {e}"));
+    assert_eq!(prediction_genes(&schema), Some(store_genes));
+
+    let controls = conds.iter().filter(|c| *c == "control").count();
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(rows, 2 * controls, "every control cell decoded into both targets");
+    let (c, d, t) = (strings(&batches, "condition"), strings(&batches, "dose"), strings(&batches, "cell_type"));
+    assert_eq!(c.iter().filter(|c| *c == "PERT01+PERT02").count(), controls);
+    assert!(d.iter().zip(&c).all(|(d, c)| (c == "PERT03") == (d == "1")));
+    // The first target keeps each cell's own type; the second sets it.
+    assert!(t.iter().zip(&c).filter(|(_, c)| *c == "PERT03").all(|(t, _)| *t == target_type));
+    assert!(t.iter().zip(&c).filter(|(_, c)| *c != "PERT03").any(|(t, _)| *t != target_type));
+    let m = means(&batches);
+    assert!(m.iter().flatten().all(|v| v.is_finite() && *v >= 0.0));
+    // Same cell, same z_basal whatever the target; z differs.
+    let z_basal = batches[0].column_by_name("z_basal").map(|c| c.as_fixed_size_list().value(0));
+    assert!(z_basal.is_some());
+}
+
+#[test]
+fn a_failing_or_killed_prediction_leaves_no_output_file() {
+    let f = fixture();
+    // Killed mid-way: the sink's temporary file never becomes the output.
+    let out = f.dir.join("killed.parquet");
+    let mut child = std::process::Command::new(crate::common::bin())
+        .args(["predict", "--model", f.run.to_str().unwrap_or_default(), "--store"])
+        .args([f.store.to_str().unwrap_or_default(), "--source", "all", "--batch-size", "8", "--prefetch", "1"])
+        .args(["--target", "PERT01", "--target", "PERT02", "--target", "PERT03", "--target", "PERT04"])
+        .args(["--row-group-rows", "64", "--out", out.to_str().unwrap_or_default()])
+        .env_remove("LD_LIBRARY_PATH")
+        .env("CPA_STREAM_LOG", "warn")
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = std::time::Instant::now();
+    let tmp_exists = || {
+        std::fs::read_dir(&f.dir)
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".killed.parquet.tmp")))
+            .unwrap_or(false)
+    };
+    while !tmp_exists() && started.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!status.success(), "the prediction finished before it could be killed");
+    assert!(!out.exists(), "a killed run left {}", out.display());
+
+    // Failing mid-way: a corrupt block in a zstd copy of the store.
+    let zstd = f.dir.join("corrupt.store");
+    let o = run(&["convert", f.store.to_str().unwrap_or_default(), "--codec", "zstd", "--out"]
+        .into_iter()
+        .chain([zstd.to_str().unwrap_or_default(), "--block-rows", "64"])
+        .collect::<Vec<_>>());
+    assert!(o.status.success(), "convert failed: {}", text(&o.stderr));
+    let blocks = zstd.join("X/blocks");
+    let mut bytes = std::fs::read(&blocks).unwrap_or_else(|e| panic!("{e}"));
+    let at = bytes.len() * 3 / 4;
+    for b in &mut bytes[at..at + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&blocks, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    let out = f.dir.join("failed.parquet");
+    let o = run(&[
+        "predict",
+        "--model",
+        f.run.to_str().unwrap_or_default(),
+        "--store",
+        zstd.to_str().unwrap_or_default(),
+        "--source",
+        "all",
+        "--batch-size",
+        "64",
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "a corrupt store predicted: {err}");
+    assert!(err.contains("X/blocks") && err.contains("block "), "{err}");
+    assert!(!out.exists(), "a failed run left {}", out.display());
+    let leftovers: Vec<String> = std::fs::read_dir(&f.dir)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".failed.parquet"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+fn r2(pred: &[f64], truth: &[f64]) -> f64 {
+    let mean = truth.iter().sum::<f64>() / truth.len() as f64;
+    let res: f64 = pred.iter().zip(truth).map(|(p, t)| (t - p) * (t - p)).sum();
+    let tot: f64 = truth.iter().map(|t| (t - mean) * (t - mean)).sum();
+    1.0 - res / tot
+}
+
+fn mean_var(rows: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
+    let n = rows.len() as f64;
+    let g = rows[0].len();
+    let mean: Vec<f64> = (0..g).map(|j| rows.iter().map(|r| r[j]).sum::<f64>() / n).collect();
+    let var = (0..g).map(|j| rows.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f64>() / n).collect();
+    (mean, var)
+}
+
+fn metric(batches: &[RecordBatch], name: &str, row: usize) -> f64 {
+    let col = batches[0].column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+    col.as_primitive::<Float64Type>().value(row)
+}
+
+#[test]
+fn evaluation_equals_a_computation_by_hand() {
+    let f = fixture();
+    let eval = f.dir.join("eval-all");
+    let o = run(&[
+        "evaluate",
+        "--model",
+        f.run.to_str().unwrap_or_default(),
+        "--store",
+        f.store.to_str().unwrap_or_default(),
+        "--split",
+        "all",
+        "--out",
+        eval.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "evaluate failed: {}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("r2_mean"), "no table printed: {}", text(&o.stdout));
+    let (_, batches) = read_parquet(&eval.join("metrics.parquet"));
+    let (ec, ed, et) = (strings(&batches, "condition"), strings(&batches, "dose"), strings(&batches, "cell_type"));
+    let n_cells = batches[0].column_by_name("n_cells").map(|c| c.as_primitive::<UInt64Type>().value(0));
+    // The first condition with cells, recomputed from the store, obs and `predict`'s output.
+    let row = (0..ec.len()).find(|&i| n_cells.is_some() && !ec[i].contains("+") && ec[i] != "control");
+    let row = row.unwrap_or_else(|| panic!("no single-perturbation condition evaluated: {ec:?}"));
+    let (condition, dose, cell_type) = (&ec[row], &ed[row], &et[row]);
+
+    let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
+    let genes = store.n_vars() as usize;
+    let mut cursor = store.cursor().unwrap_or_else(|e| panic!("{e}"));
+    let (conds, doses, types) = obs(&f.store);
+    let key = canonical(condition, dose);
+    let (mut real, mut control) = (Vec::new(), Vec::new());
+    for r in 0..store.n_obs() as usize {
+        if types[r] != *cell_type {
+            continue;
+        }
+        let is_real = canonical(&conds[r], &doses[r]) == key;
+        if !is_real && conds[r] != "control" {
+            continue;
+        }
+        let (idx, val) = cursor.row(r as u64).unwrap_or_else(|e| panic!("{e}"));
+        let mut dense = vec![0.0f64; genes];
+        for (&g, &v) in idx.iter().zip(val) {
+            dense[g as usize] = f64::from(v).ln_1p();
+        }
+        if is_real { real.push(dense) } else { control.push(dense) }
+    }
+    let preds = f.dir.join("hand.parquet");
+    let source = format!("condition == control and cell_type == {cell_type}");
+    let target = format!("condition={condition},dose={dose},cell_type={cell_type}");
+    let o = predict(&["--source", &source, "--target", &target, "--out", preds.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let predicted: Vec<Vec<f64>> =
+        means(&read_parquet(&preds).1).into_iter().map(|r| r.into_iter().map(f64::ln_1p).collect()).collect();
+    assert_eq!(predicted.len(), control.len());
+
+    let (real_mean, real_var) = mean_var(&real);
+    let (pred_mean, pred_var) = mean_var(&predicted);
+    let (ctrl_mean, ctrl_var) = mean_var(&control);
+    let delta = |m: &[f64]| -> Vec<f64> { m.iter().zip(&ctrl_mean).map(|(a, b)| a - b).collect() };
+    // Welch's t over all cells (the split is `all`), top 20 genes by |t|.
+    let (nr, nc) = (real.len() as f64, control.len() as f64);
+    let t: Vec<f64> = (0..genes)
+        .map(|g| {
+            let se = (real_var[g] * nr / (nr - 1.0) / nr + ctrl_var[g] * nc / (nc - 1.0) / nc).sqrt();
+            let d = real_mean[g] - ctrl_mean[g];
+            if se > 0.0 {
+                d / se
+            } else if d == 0.0 {
+                0.0
+            } else {
+                d.signum() * f64::INFINITY
+            }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..genes).collect();
+    order.sort_by(|&a, &b| t[b].abs().total_cmp(&t[a].abs()).then(a.cmp(&b)));
+    let top: Vec<usize> = order[..20].to_vec();
+    let pick = |v: &[f64]| -> Vec<f64> { top.iter().map(|&g| v[g]).collect() };
+
+    let hand = [
+        ("r2_mean", r2(&pred_mean, &real_mean)),
+        ("r2_var", r2(&pred_var, &real_var)),
+        ("r2_delta", r2(&delta(&pred_mean), &delta(&real_mean))),
+        ("r2_mean_control", r2(&ctrl_mean, &real_mean)),
+        ("r2_mean_top20", r2(&pick(&pred_mean), &pick(&real_mean))),
+    ];
+    for (name, expected) in hand {
+        let got = metric(&batches, name, row);
+        assert!((got - expected).abs() < 1e-5, "{name} of {condition} {cell_type}: evaluate {got}, by hand {expected}");
+    }
+    let count = |name: &str| batches[0].column_by_name(name).map(|c| c.as_primitive::<UInt64Type>().value(row));
+    assert_eq!(count("n_cells"), Some(real.len() as u64));
+    assert_eq!(count("n_control"), Some(control.len() as u64));
+    assert_eq!(strings(&batches, "deg_source")[row], "computed");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json")).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("summary.json: {e}"));
+    assert_eq!(summary["conditions"].as_u64(), Some(ec.len() as u64));
+    assert!(eval.join("degs.parquet").exists());
+    let plots = std::fs::read_dir(eval.join("plots")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(plots, ec.len(), "one plot per condition");
+}
+
+#[test]
+fn a_held_out_combination_beats_the_control_mean_against_the_truth() {
+    let f = fixture();
+    let eval = f.dir.join("eval-test");
+    let o = run(&[
+        "evaluate",
+        "--model",
+        f.run.to_str().unwrap_or_default(),
+        "--store",
+        f.store.to_str().unwrap_or_default(),
+        "--out",
+        eval.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "evaluate failed: {}", text(&o.stderr));
+    let (_, batches) = read_parquet(&eval.join("metrics.parquet"));
+    let n = batches[0].num_rows();
+    let n_cells = batches[0].column_by_name("n_cells").map(|c| c.as_primitive::<UInt64Type>().clone());
+    let n_cells = n_cells.unwrap_or_else(|| panic!("no n_cells"));
+    let conditions = strings(&batches, "condition");
+    let held: Vec<usize> = (0..n).filter(|&i| n_cells.value(i) == 0).collect();
+    assert!(!held.is_empty(), "the held-back combination is evaluated against the truth: {conditions:?}");
+    let mut report = HashMap::new();
+    for &i in &held {
+        let (model, baseline) = (metric(&batches, "truth_r2_mean", i), metric(&batches, "truth_r2_mean_control", i));
+        report.insert(format!("{} {}", conditions[i], strings(&batches, "cell_type")[i]), (model, baseline));
+        assert!(conditions[i].contains('+'), "held-back groups are combinations");
+        let delta = metric(&batches, "truth_r2_delta", i);
+        eprintln!("{}: truth R2 {model:.3} (control mean {baseline:.3}), of the change {delta:.3}", conditions[i]);
+        assert!(model > baseline + 0.05, "{}: model R2 {model:.3} vs control mean {baseline:.3}", conditions[i]);
+        assert!(delta > 0.4, "{}: R2 of the change vs control {delta:.3}", conditions[i]);
+    }
+    eprintln!("held-out combination, R2 of log1p means against the truth (model, control mean): {report:?}");
+}
