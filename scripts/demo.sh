@@ -47,4 +47,23 @@ step "CPA training throughput (reference architecture, 5,000 x 2,000 synthetic c
 step "train CPA on the real data through the streaming pipeline (held-out pair MAP2K3+MAP2K6)"
 rm -rf "$out/run"
 "$bin" train --store "$out/perturbench.store" --dose-key dose --covariates cell_type \
-  --holdout "MAP2K3+MAP2K6" --epochs 20 --out "$out/run"
+  --holdout "MAP2K3+MAP2K6" --epochs 100 --out "$out/run"
+
+step "predict the held-out pair MAP2K3+MAP2K6 from K562 control cells (Parquet, streamed)"
+"$bin" predict --model "$out/run" --store "$out/perturbench.store" \
+  --source "condition == control and cell_type == k562" \
+  --target "condition=MAP2K3+MAP2K6,dose=1+1,cell_type=k562" --latents z_basal \
+  --out "$out/map2k3_map2k6.parquet"
+
+step "evaluate: the held-out pair (ood split), then the test split (R2 of log1p means over genes)"
+"$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split ood --out "$out/eval-ood"
+"$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split test --out "$out/eval-test"
+
+step "synthetic atlas with a held-back combination: train, then score against the true means"
+"$bin" synth --cells 6000 --genes 200 --perturbations 4 --doses 1 --cell-types 2 --combinations 2 \
+  --heldout-combinations 1 --seed 5 --out "$out/small.store" --overwrite
+rm -rf "$out/small-run"
+"$bin" train --store "$out/small.store" --dose-key dose --covariates cell_type \
+  --config examples/cpa-small.toml --epochs 100 --out "$out/small-run"
+"$bin" evaluate --model "$out/small-run" --store "$out/small.store" --out "$out/small-eval"
+echo "(rows with 0 cells are the held-back combination, scored only against the truth: column 'truth')"

@@ -22,25 +22,8 @@ pub struct Fixture {
     pub run: PathBuf,
 }
 
-const CONFIG: &str = r#"
-[model]
-n_latent = 32
-n_hidden_encoder = 128
-n_hidden_decoder = 128
-n_layers_encoder = 2
-n_layers_decoder = 2
-
-[adversary]
-reg_adv = 20.0
-pen_adv = 5.0
-adv_steps = 0
-
-[training]
-lr = 0.002
-adv_lr = 0.003
-batch_size = 128
-seed = 1
-"#;
+/// The small-atlas configuration the demo uses too.
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/cpa-small.toml");
 
 pub fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
@@ -70,8 +53,7 @@ pub fn fixture() -> &'static Fixture {
             &s(&store),
         ]);
         assert!(o.status.success(), "synth failed: {}", text(&o.stderr));
-        let config = dir.join("cpa.toml");
-        std::fs::write(&config, CONFIG).unwrap_or_else(|e| panic!("{e}"));
+        let config = PathBuf::from(CONFIG);
         let run_dir = dir.join("run");
         let o = run(&[
             "train",
@@ -419,4 +401,91 @@ fn a_held_out_combination_beats_the_control_mean_against_the_truth() {
         assert!(delta > 0.4, "{}: R2 of the change vs control {delta:.3}", conditions[i]);
     }
     eprintln!("held-out combination, R2 of log1p means against the truth (model, control mean): {report:?}");
+}
+
+#[test]
+fn the_library_streams_record_batches_and_exports_an_arrow_c_stream() {
+    use cpa_stream::pipeline::predict::targets::parse_target_spec;
+    use cpa_stream::pipeline::predict::{GeneSelection, PredictOptions, Predictor};
+
+    let f = fixture();
+    let mut options = PredictOptions::new(&f.run, &f.store);
+    options.targets = vec![parse_target_spec("condition=PERT02,dose=1").unwrap_or_else(|e| panic!("{e}"))];
+    options.genes = GeneSelection::Names(vec!["GENE007".into(), "GENE003".into()]);
+    options.batch_size = 50;
+    let predictor = Predictor::open(&options).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(predictor.genes(), ["GENE007", "GENE003"]);
+    let schema = predictor.schema();
+    let direct: Vec<RecordBatch> = predictor.stream().map(|b| b.unwrap_or_else(|e| panic!("{e}"))).collect();
+    assert!(direct.len() > 1, "several batches of 50 control cells");
+    assert!(direct.iter().all(|b| b.schema() == schema));
+
+    // Through the Arrow C stream interface, as another runtime would read it.
+    let ffi = Predictor::open(&options).unwrap_or_else(|e| panic!("{e}")).stream().into_ffi();
+    let reader = arrow::ffi_stream::RecordBatchStreamReader::try_new(ffi).unwrap_or_else(|e| panic!("{e}"));
+    let imported: Vec<RecordBatch> = reader.map(|b| b.unwrap_or_else(|e| panic!("{e}"))).collect();
+    assert_eq!(means(&imported), means(&direct), "same predictions through the C stream");
+    assert_eq!(strings(&imported, "cell_id"), strings(&direct, "cell_id"));
+
+    // The full prediction's columns agree with the selected genes.
+    options.genes = GeneSelection::All;
+    let all: Vec<RecordBatch> = Predictor::open(&options)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .stream()
+        .map(|b| b.unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let (full, picked) = (means(&all), means(&direct));
+    for (row, p) in full.iter().zip(&picked) {
+        assert_eq!(p, &vec![row[6], row[2]]);
+    }
+
+    // An error inside a stage ends the stream with that error.
+    let mut bad = PredictOptions::new(&f.run, &f.store);
+    bad.source = Some("cell_type == CT01".into());
+    bad.targets = Vec::new();
+    let err = Predictor::open(&PredictOptions { source: Some("nonexistent == 1".into()), ..bad })
+        .map(|p| p.stream().find_map(Result::err).map(|e| e.to_string()).unwrap_or_default())
+        .unwrap_or_else(|e| e.to_string());
+    assert!(err.contains("\"nonexistent\", which does not exist"), "{err}");
+}
+
+#[cfg(feature = "polars")]
+#[test]
+fn polars_reads_predictions_lazily_with_the_schema_types() {
+    use polars::prelude::{DataType, col};
+
+    let f = fixture();
+    let dir = f.dir.join("shards");
+    for k in 0..2 {
+        let shard = format!("{k}/2");
+        let o = predict(&[
+            "--target",
+            "PERT01",
+            "--latents",
+            "z",
+            "--shard",
+            &shard,
+            "--out",
+            dir.to_str().unwrap_or_default(),
+        ]);
+        assert!(o.status.success(), "predict shard {shard} failed: {}", text(&o.stderr));
+    }
+    let parts: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    let lazy = cpa_stream::lazy::scan_predictions(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let df = lazy.filter(col("condition").cast(DataType::String).eq(polars::prelude::lit("PERT01"))).collect();
+    let df = df.unwrap_or_else(|e| panic!("{e}"));
+    let (conds, _, _) = obs(&f.store);
+    assert_eq!(df.height(), conds.iter().filter(|c| *c == "control").count(), "both shards, every control cell");
+    let schema = df.schema();
+    assert_eq!(schema.get("mean"), Some(&DataType::Array(Box::new(DataType::Float32), 100)));
+    assert_eq!(schema.get("z"), Some(&DataType::Array(Box::new(DataType::Float32), 32)));
+    assert!(matches!(schema.get("condition"), Some(DataType::Categorical(..))), "{:?}", schema.get("condition"));
+    assert_eq!(schema.get("cell_id"), Some(&DataType::String));
+    let genes = cpa_stream::lazy::prediction_genes(&dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(genes.len(), 100);
 }

@@ -1,0 +1,187 @@
+//! An ETL job embedding the predictor: read a store, predict, transform, write.
+//!
+//! ```sh
+//! cargo run --release --example etl                  # the bundled real data (imported, trained)
+//! cargo run --release --example etl -- RUN STORE OUT # a trained run and its store
+//! ```
+//!
+//! Without arguments it imports `examples/data/perturbench_devel_cpa.h5ad` into
+//! `out/etl/perturbench.store` and trains a small model (20 epochs, seconds on a CPU) unless
+//! they exist. Then it streams counterfactual predictions for three targets (K562 control cells
+//! decoded into two held-out-style combinations and a single activation) and transforms each
+//! record batch as it arrives: per-cell log fold changes against the cell's own reconstruction
+//! under control, kept only for the genes that move most, written as a long table
+//! (`cell_id`, `target`, `gene`, `log2_fold_change`) to `OUT/changes.parquet` through the
+//! project's Parquet sink. Nothing holds more than one batch of predictions.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use arrow::array::{AsArray, Float32Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Float32Type, Schema};
+use cpa_stream::pipeline::Silent;
+use cpa_stream::pipeline::import::{ImportOptions, run_import};
+use cpa_stream::pipeline::predict::targets::parse_target_spec;
+use cpa_stream::pipeline::predict::{PredictOptions, Predictor};
+use cpa_stream::pipeline::train::encoder::{EncoderOptions, SplitSpec};
+use cpa_stream::pipeline::train::{TrainOptions, run_train};
+use cpa_stream::stages::model::CpaConfig;
+use cpa_stream::stages::sink::{ParquetSink, SinkOptions};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// Genes kept per cell and target: the largest absolute log fold changes.
+const TOP_GENES: usize = 10;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (run, store, out) = match args.as_slice() {
+        [run, store, out] => (PathBuf::from(run), PathBuf::from(store), PathBuf::from(out)),
+        [] => bundled()?,
+        _ => return Err("usage: etl [RUN STORE OUT]".into()),
+    };
+    std::fs::create_dir_all(&out)?;
+    let targets = ["condition=MAP2K3+MAP2K6,cell_type=k562", "condition=KLF1+MAP2K6,cell_type=k562", "KLF1"];
+    let source = "condition == control and cell_type == k562";
+
+    // Extract: the reference under control (each source cell reconstructed as a control cell)
+    // and the counterfactuals, as two streams of the same cells in the same order.
+    let mut reference = PredictOptions::new(&run, &store);
+    reference.source = Some(source.into());
+    reference.targets = vec![parse_target_spec("condition=control")?];
+    let mut counterfactual = PredictOptions { targets: Vec::new(), ..reference.clone() };
+    counterfactual.targets = targets.iter().map(|t| parse_target_spec(t)).collect::<std::result::Result<_, _>>()?;
+    let predictor = Predictor::open(&counterfactual)?;
+    let genes = predictor.genes().to_vec();
+    let mut changes = predictor.stream();
+    let mut controls = Predictor::open(&reference)?.stream();
+
+    // Load: a long table, written as it is produced.
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("cell_id", DataType::Utf8, false),
+        Field::new("target", DataType::Utf8, false),
+        Field::new("gene", DataType::Utf8, false),
+        Field::new("log2_fold_change", DataType::Float32, false),
+    ]));
+    let path = out.join("changes.parquet");
+    let mut sink = ParquetSink::create(&path, Arc::clone(&schema), &SinkOptions::default())?;
+    let mut per_target: HashMap<String, (u64, f64)> = HashMap::new();
+    // The counterfactual stream sends, per batch of source cells, one record batch per target.
+    while let Some(control) = controls.next() {
+        let control = control?;
+        let base = means(&control);
+        for _ in 0..targets.len() {
+            let batch = changes.next().ok_or("the counterfactual stream ended early")??;
+            let transformed = transform(&batch, &base, &genes, &schema)?;
+            let target = label(&batch, "condition", 0);
+            let entry = per_target.entry(target).or_default();
+            entry.0 += batch.num_rows() as u64;
+            let lfc = transformed.column(3).as_primitive::<Float32Type>();
+            entry.1 += lfc.values().iter().map(|v| f64::from(v.abs())).sum::<f64>();
+            sink.write(&transformed)?;
+        }
+    }
+    let summary = sink.finish()?;
+    println!("{}: {} rows, {:.2} MB", summary.path.display(), summary.rows, summary.bytes as f64 / 1e6);
+    let mut names: Vec<_> = per_target.into_iter().collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    for (target, (cells, sum)) in names {
+        println!(
+            "{target:<16} {cells} cells; mean |log2 fold change| of each cell's top {TOP_GENES} genes: {:.3}",
+            sum / (cells as f64 * TOP_GENES as f64)
+        );
+    }
+    Ok(())
+}
+
+/// The bundled real data: imported and trained once, under `out/etl/`.
+fn bundled() -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join("out/etl");
+    let store = out.join("perturbench.store");
+    if !store.exists() {
+        std::fs::create_dir_all(&out)?;
+        let input = root.join("examples/data/perturbench_devel_cpa.h5ad");
+        run_import(&input, &store, &ImportOptions::default(), &Silent)?;
+    }
+    let run = out.join("run");
+    if !run.join("model").exists() {
+        let mut config = CpaConfig::default();
+        config.training.max_epochs = 20;
+        let options = TrainOptions {
+            store: store.clone(),
+            out: run.clone(),
+            encoder: EncoderOptions {
+                perturbation_key: "condition".into(),
+                dose_key: Some("dose".into()),
+                control: "control".into(),
+                covariate_keys: vec!["cell_type".into()],
+                batch_key: None,
+                split: SplitSpec::Fraction {
+                    validation: 0.1,
+                    test: 0.1,
+                    seed: 0,
+                    holdout: vec!["MAP2K3+MAP2K6".into()],
+                },
+                max_comb_len: 2,
+            },
+            config,
+            device: tch::Device::Cpu,
+            resume: false,
+            epochs: Some(20),
+            auto_batch_size: false,
+            workers: 2,
+            prefetch: 2,
+            block_cells: 256,
+            shuffle_blocks: 64,
+        };
+        run_train(&options, &Silent, Arc::new(AtomicBool::new(false)))?;
+    }
+    Ok((run, store, out))
+}
+
+/// Row-major predicted means of a batch.
+fn means(batch: &RecordBatch) -> Vec<Vec<f32>> {
+    let Some(list) = batch.column_by_name("mean").map(|c| c.as_fixed_size_list()) else { return Vec::new() };
+    let width = list.value_length() as usize;
+    let values = list.values().as_primitive::<Float32Type>().values();
+    values.chunks(width).map(<[f32]>::to_vec).collect()
+}
+
+fn label(batch: &RecordBatch, column: &str, row: usize) -> String {
+    batch
+        .column_by_name(column)
+        .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
+        .map(|c| c.as_string::<i32>().value(row).to_owned())
+        .unwrap_or_default()
+}
+
+/// Per cell: log2((counterfactual + 1) / (control reconstruction + 1)), the top genes by size.
+fn transform(batch: &RecordBatch, base: &[Vec<f32>], genes: &[String], schema: &Arc<Schema>) -> Result<RecordBatch> {
+    let ids = batch.column_by_name("cell_id").ok_or("no cell_id")?.as_string::<i32>();
+    let predicted = means(batch);
+    let (mut cell, mut target, mut gene, mut lfc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (row, (p, b)) in predicted.iter().zip(base).enumerate() {
+        let mut changes: Vec<(usize, f32)> =
+            p.iter().zip(b).enumerate().map(|(g, (p, b))| (g, ((p + 1.0) / (b + 1.0)).log2())).collect();
+        changes.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+        let name = format!("{} {}", label(batch, "condition", row), label(batch, "cell_type", row));
+        for &(g, v) in changes.iter().take(TOP_GENES) {
+            cell.push(ids.value(row).to_owned());
+            target.push(name.clone());
+            gene.push(genes[g].clone());
+            lfc.push(v);
+        }
+    }
+    Ok(RecordBatch::try_new(
+        Arc::clone(schema),
+        vec![
+            Arc::new(StringArray::from(cell)),
+            Arc::new(StringArray::from(target)),
+            Arc::new(StringArray::from(gene)),
+            Arc::new(Float32Array::from(lfc)),
+        ],
+    )?)
+}
