@@ -67,6 +67,10 @@ pub fn fixture() -> &'static Fixture {
             &s(&config),
             "--epochs",
             "100",
+            // One libtorch thread: tests run in parallel on 2 cores, and oversubscribed libtorch
+            // threads slowed this training tenfold.
+            "--threads",
+            "1",
             "--out",
             &s(&run_dir),
         ]);
