@@ -69,7 +69,7 @@ fn main() -> Result<()> {
     let mut sink = ParquetSink::create(&path, Arc::clone(&schema), &SinkOptions::default())?;
     let mut per_target: HashMap<String, (u64, f64)> = HashMap::new();
     // The counterfactual stream sends, per batch of source cells, one record batch per target.
-    while let Some(control) = controls.next() {
+    for control in controls.by_ref() {
         let control = control?;
         let base = means(&control);
         for _ in 0..targets.len() {
