@@ -270,22 +270,30 @@ fn metric(batches: &[RecordBatch], name: &str, row: usize) -> f64 {
     col.as_primitive::<Float64Type>().value(row)
 }
 
+/// Runs `evaluate` on the fixture's model and store for `split` into `out`; must succeed.
+fn evaluate(out: &Path, split: &str) -> std::process::Output {
+    let f = fixture();
+    let (model, store) = (f.run.to_str().unwrap_or_default(), f.store.to_str().unwrap_or_default());
+    let o = run(&[
+        "evaluate",
+        "--model",
+        model,
+        "--store",
+        store,
+        "--split",
+        split,
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "evaluate failed: {}", text(&o.stderr));
+    o
+}
+
 #[test]
 fn evaluation_equals_a_computation_by_hand() {
     let f = fixture();
     let eval = f.dir.join("eval-all");
-    let o = run(&[
-        "evaluate",
-        "--model",
-        f.run.to_str().unwrap_or_default(),
-        "--store",
-        f.store.to_str().unwrap_or_default(),
-        "--split",
-        "all",
-        "--out",
-        eval.to_str().unwrap_or_default(),
-    ]);
-    assert!(o.status.success(), "evaluate failed: {}", text(&o.stderr));
+    let o = evaluate(&eval, "all");
     assert!(text(&o.stdout).contains("r2_mean"), "no table printed: {}", text(&o.stdout));
     let (_, batches) = read_parquet(&eval.join("metrics.parquet"));
     let (ec, ed, et) = (strings(&batches, "condition"), strings(&batches, "dose"), strings(&batches, "cell_type"));
@@ -377,16 +385,7 @@ fn evaluation_equals_a_computation_by_hand() {
 fn a_held_out_combination_beats_the_control_mean_against_the_truth() {
     let f = fixture();
     let eval = f.dir.join("eval-test");
-    let o = run(&[
-        "evaluate",
-        "--model",
-        f.run.to_str().unwrap_or_default(),
-        "--store",
-        f.store.to_str().unwrap_or_default(),
-        "--out",
-        eval.to_str().unwrap_or_default(),
-    ]);
-    assert!(o.status.success(), "evaluate failed: {}", text(&o.stderr));
+    evaluate(&eval, "test");
     let (_, batches) = read_parquet(&eval.join("metrics.parquet"));
     let n = batches[0].num_rows();
     let n_cells = batches[0].column_by_name("n_cells").map(|c| c.as_primitive::<UInt64Type>().clone());
