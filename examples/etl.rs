@@ -15,7 +15,7 @@
 //! project's Parquet sink. Nothing holds more than one batch of predictions.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -98,7 +98,9 @@ fn main() -> Result<()> {
 
 /// The bundled real data: imported and trained once, under `out/etl/`.
 fn bundled() -> Result<(PathBuf, PathBuf, PathBuf)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // `cargo run` sets the variable; the compiled-in path is the fallback for a copied binary.
+    let root =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     let out = root.join("out/etl");
     let store = out.join("perturbench.store");
     if !store.exists() {

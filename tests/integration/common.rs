@@ -11,6 +11,13 @@ use cpa_stream::schemas::tables::{CELL_ID, GENE_ID, categorical_field};
 use cpa_stream::stages::CsrBatch;
 use cpa_stream::stages::store::{StoreWriter, StoreWriterOptions};
 
+/// The repository root. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test, so the checkout
+/// being tested wins over the path compiled in (a build cache shared by checkouts at other paths
+/// can hold a binary compiled elsewhere).
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
 /// Path of the built `cpa-stream` binary.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cpa-stream"))

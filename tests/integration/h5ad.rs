@@ -34,7 +34,7 @@ fn python() -> PathBuf {
 }
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/h5ad_fixtures.py")
+    repo_root().join("tests/fixtures/h5ad_fixtures.py")
 }
 
 /// Fixtures made once per test run by anndata itself.
@@ -303,7 +303,7 @@ fn bad_files_give_named_errors_and_no_store() {
 
 #[test]
 fn real_data_imports_exports_and_round_trips() {
-    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join(REAL_DATA);
+    let real = repo_root().join(REAL_DATA);
     if !real.exists() {
         eprintln!("SKIP: {} not found", real.display());
         return;

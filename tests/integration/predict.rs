@@ -13,7 +13,7 @@ use cpa_stream::schemas::tables::{prediction_genes, prediction_schema, same_sche
 use cpa_stream::stages::store::{Store, read_small_table};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::common::{run, text};
+use crate::common::{repo_root, run, text};
 
 /// A synthetic atlas with a held-back combination and a model trained on it (built once).
 pub struct Fixture {
@@ -23,7 +23,7 @@ pub struct Fixture {
 }
 
 /// The small-atlas configuration the demo uses too.
-const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/cpa-small.toml");
+const CONFIG: &str = "examples/cpa-small.toml";
 
 pub fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
@@ -53,7 +53,7 @@ pub fn fixture() -> &'static Fixture {
             &s(&store),
         ]);
         assert!(o.status.success(), "synth failed: {}", text(&o.stderr));
-        let config = PathBuf::from(CONFIG);
+        let config = repo_root().join(CONFIG);
         let run_dir = dir.join("run");
         let o = run(&[
             "train",

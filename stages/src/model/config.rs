@@ -439,7 +439,9 @@ mod tests {
 
     #[test]
     fn the_example_file_is_the_defaults() -> Result<()> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cpa.toml");
+        let path = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from)
+            .join("../examples/cpa.toml");
         assert_eq!(CpaConfig::from_file(&path)?, CpaConfig::default());
         Ok(())
     }
