@@ -37,6 +37,13 @@ impl CsrBatch {
     }
 
     /// Removes all rows, keeping the allocations.
+    /// Makes room for `rows` more rows with `nnz` more entries in total, without over-allocating.
+    pub fn reserve_exact(&mut self, rows: usize, nnz: usize) {
+        self.indptr.reserve_exact(rows);
+        self.indices.reserve_exact(nnz);
+        self.data.reserve_exact(nnz);
+    }
+
     pub fn clear(&mut self) {
         self.indptr.truncate(1);
         self.indices.clear();

@@ -1,6 +1,8 @@
 //! Batches of cells: the host form the loader fills (CSR counts, CSR doses, covariate codes) and
 //! the device form the model reads (counts densified on the device).
 
+use std::ops::Range;
+
 use sprs::CsMatViewI;
 use tch::{Device, Kind, Tensor};
 
@@ -188,12 +190,23 @@ pub fn densify(rows: &CsrBatch, device: Device) -> Result<Tensor> {
 
 /// [`densify`], also returning the non-zero entries (row, column, value) on the device.
 pub fn densify_with_entries(rows: &CsrBatch, device: Device) -> Result<(Tensor, Entries)> {
-    let (n, genes) = (rows.n_rows() as i64, i64::from(rows.n_cols()));
-    let nnz = rows.nnz() as i64;
+    densify_range(rows, 0..rows.n_rows(), device)
+}
+
+/// [`densify_with_entries`] of the rows `range` of `rows` (row numbers of the result and of the
+/// entries start at 0).
+pub fn densify_range(rows: &CsrBatch, range: Range<usize>, device: Device) -> Result<(Tensor, Entries)> {
+    if range.start > range.end || range.end > rows.n_rows() {
+        return Err(Error::InvalidInput(format!("rows {range:?} of a batch of {} rows", rows.n_rows())));
+    }
     if rows.n_cols() > i32::MAX as u32 {
         return Err(Error::InvalidInput(format!("{} genes: at most {} are supported", rows.n_cols(), i32::MAX)));
     }
-    let dense = Tensor::f_zeros([n, genes], (Kind::Float, device))?;
+    let (n, genes) = (range.len() as i64, i64::from(rows.n_cols()));
+    let indptr = &rows.indptr()[range.start..=range.end];
+    let (first, last) = (indptr[0] as usize, indptr[indptr.len() - 1] as usize);
+    let nnz = (last - first) as i64;
+    let mut dense = Tensor::f_zeros([n, genes], (Kind::Float, device))?;
     if nnz == 0 {
         let empty = |kind| Tensor::f_zeros([0], (kind, device));
         return Ok((
@@ -201,13 +214,14 @@ pub fn densify_with_entries(rows: &CsrBatch, device: Device) -> Result<(Tensor, 
             Entries { rows: empty(Kind::Int64)?, cols: empty(Kind::Int64)?, values: empty(Kind::Float)? },
         ));
     }
-    let values = Tensor::f_from_slice(rows.data())?.f_to_device(device)?;
-    let col: &[i32] = bytemuck::cast_slice(rows.indices());
+    let values = Tensor::f_from_slice(&rows.data()[first..last])?.f_to_device(device)?;
+    let col: &[i32] = bytemuck::cast_slice(&rows.indices()[first..last]);
     let col = Tensor::f_from_slice(col)?.f_to_device(device)?.f_to_kind(Kind::Int64)?;
-    let indptr: &[i64] = bytemuck::cast_slice(rows.indptr());
+    let indptr: &[i64] = bytemuck::cast_slice(indptr);
     let lengths = Tensor::f_from_slice(indptr)?.f_to_device(device)?.f_diff(1, 0, None::<&Tensor>, None::<&Tensor>)?;
     let row = Tensor::f_repeat_interleave(&lengths, nnz)?;
-    let dense = dense.f_index_put(&[Some(row.shallow_clone()), Some(col.shallow_clone())], &values, false)?;
+    // In place: the zeros are fresh, and a copy would double the largest tensor of the step.
+    let _ = dense.f_index_put_(&[Some(row.shallow_clone()), Some(col.shallow_clone())], &values, false)?;
     Ok((dense, Entries { rows: row, cols: col, values }))
 }
 
@@ -240,6 +254,24 @@ mod tests {
         let dense = densify(&rows, Device::Cpu)?;
         let got = Vec::<f32>::try_from(&dense.f_flatten(0, -1)?)?;
         assert_eq!(got, [1.0, 0.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.5]);
+        Ok(())
+    }
+
+    #[test]
+    fn densify_range_is_the_slice_of_the_whole() -> Result<()> {
+        let mut rows = CsrBatch::new(4);
+        rows.push_row(&[1], &[3.0]);
+        rows.push_row(&[0, 2], &[1.0, 2.0]);
+        rows.push_row(&[], &[]);
+        rows.push_row(&[3], &[9.0]);
+        let whole = densify(&rows, Device::Cpu)?;
+        for (a, b) in [(0, 4), (1, 3), (2, 3), (3, 4), (2, 2)] {
+            let (part, entries) = densify_range(&rows, a..b, Device::Cpu)?;
+            assert!(part.f_equal(&whole.f_narrow(0, a as i64, (b - a) as i64)?)?, "rows {a}..{b}");
+            let nnz = (rows.indptr()[b] - rows.indptr()[a]) as i64;
+            assert_eq!(entries.values.size(), [nnz], "rows {a}..{b}");
+        }
+        assert!(densify_range(&rows, 3..5, Device::Cpu).is_err());
         Ok(())
     }
 }

@@ -299,6 +299,32 @@ fn resume_equals_an_uninterrupted_run() -> Result<()> {
 }
 
 #[test]
+fn the_mean_only_decoder_equals_the_full_decoder() -> Result<()> {
+    let v = vocab()?;
+    let b = batch(&v, 16, 9)?;
+    let d = DeviceBatch::upload(&b, Device::Cpu)?;
+    for (loss, precision) in
+        [(ReconLoss::Nb, Precision::Fp32), (ReconLoss::Zinb, Precision::Bf16), (ReconLoss::Gauss, Precision::Fp32)]
+    {
+        let mut c = small_config();
+        c.model.recon_loss = loss;
+        c.training.precision = precision;
+        let model = CpaModel::new(&c, &v, None, Device::Cpu, 11)?;
+        tch::no_grad(|| -> Result<()> {
+            let (x_in, library) = model.input(&d.x)?;
+            let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(1), Device::Cpu);
+            let z = model.encode(&x_in, false, false, &mut noise)?.z_basal;
+            let full = model.decode(&z, library.as_ref(), false, &mut noise)?.mean().f_to_kind(Kind::Float)?;
+            let mean = model.decode_mean(&z, library.as_ref(), &mut noise)?;
+            assert_eq!(mean.kind(), Kind::Float, "{loss:?}");
+            assert!(mean.f_equal(&full)?, "{loss:?} {precision:?}: decode_mean differs from decode().mean()");
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
 fn every_likelihood_doser_and_norm_trains_to_finite_losses() -> Result<()> {
     let v = vocab()?;
     let batches: Vec<HostBatch> = (0..3).map(|i| batch(&v, 16, 50 + i)).collect::<Result<_>>()?;
