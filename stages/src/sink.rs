@@ -128,6 +128,11 @@ impl ParquetSink {
         self.rows
     }
 
+    /// Row groups written to the file so far (the buffered one not counted).
+    pub fn row_groups_written(&self) -> usize {
+        self.writer.as_ref().map_or(0, |w| w.flushed_row_groups().len())
+    }
+
     /// Bytes held in the writer's buffered row group (its memory).
     pub fn buffered_bytes(&self) -> usize {
         self.writer.as_ref().map_or(0, ArrowWriter::memory_size)

@@ -14,20 +14,22 @@ pub mod targets;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use arrow::array::StringDictionaryBuilder;
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, RecordBatchReader, StringArray};
+use arrow::buffer::{Buffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Int32Type, SchemaRef};
 use arrow::error::ArrowError;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::{CELL_ID, prediction_schema};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::h5ad::{DEG_FILE, DEG_GENE, DEG_GROUP, DEG_RANK};
-use cpa_stream_stages::model::batch::{DevicePerts, densify};
+use cpa_stream_stages::model::batch::{DevicePerts, densify_range};
 use cpa_stream_stages::model::layers::Noise;
 use cpa_stream_stages::model::vocab::split_condition;
 use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
@@ -40,7 +42,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::metrics::{MemorySampler, RunReport, StageStats};
+use crate::metrics::{MemorySampler, RunReport, StageStats, release_free_memory};
 use crate::progress::Progress;
 use crate::train::MODEL_DIR;
 use crate::train::encoder::{TextColumn, column_strings, gene_names};
@@ -527,6 +529,7 @@ impl PredictionStream {
                     latents: &latents,
                     schema,
                     noise: Noise::new(Xoshiro256PlusPlus::seed_from_u64(seed), model.device()),
+                    pools: vec![BufferPool::default(); 1 + latents.len()],
                 };
                 let mut k = 0usize;
                 while let Some(item) = stats.recv(&gathered_rxs[k % gathered_rxs.len()]) {
@@ -541,19 +544,29 @@ impl PredictionStream {
                             return;
                         }
                     };
-                    let result = stats.busy(|| work.predict(&gathered));
-                    match result {
-                        Ok(batches) => {
-                            for b in batches {
-                                stats.add(b.num_rows() as u64, b.get_array_memory_size() as u64);
-                                if !stats.send(&out_tx, Ok(b)) {
-                                    return;
-                                }
-                            }
-                        }
+                    // Each step's batches go out before the next step runs: memory in flight is
+                    // a step's output, not a whole batch's.
+                    let conditions = match stats.busy(|| work.conditions(&gathered)) {
+                        Ok(c) => c,
                         Err(e) => {
                             let _ = out_tx.send(Err(e));
                             return;
+                        }
+                    };
+                    for rows in work.steps(gathered.chunk.rows.len()) {
+                        match stats.busy(|| work.step(&gathered, &conditions, rows)) {
+                            Ok(batches) => {
+                                for b in batches {
+                                    stats.add(b.num_rows() as u64, b.get_array_memory_size() as u64);
+                                    if !stats.send(&out_tx, Ok(b)) {
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                let _ = out_tx.send(Err(e));
+                                return;
+                            }
                         }
                     }
                     if let Some(&last) = gathered.chunk.rows.last() {
@@ -891,39 +904,27 @@ struct Work<'a> {
     latents: &'a [String],
     schema: SchemaRef,
     noise: Noise,
+    /// Output buffers: the means, then each latent.
+    pools: Vec<BufferPool>,
 }
 
-impl Work<'_> {
-    fn predict(&mut self, gathered: &Gathered) -> Result<Vec<RecordBatch>> {
+impl<'a> Work<'a> {
+    /// The passes of a batch: one per target, or one reconstruction under each cell's own
+    /// condition.
+    fn passes(&self) -> Vec<Option<&'a Target>> {
+        if self.targets.is_empty() { vec![None] } else { self.targets.iter().map(Some).collect() }
+    }
+
+    /// Per pass, the perturbation and covariate latents of every cell of the batch (cells x
+    /// latent: small, computed once per batch).
+    fn conditions(&self, gathered: &Gathered) -> Result<Conditions> {
         let torch = |source| Error::Stage { stage: "predictor", source };
         let device = self.model.device();
+        let model = self.model;
         let n = gathered.chunk.rows.len();
         let groups = &gathered.chunk.groups;
-        let gene_index = self
-            .gene_index
-            .map(|g| Tensor::f_from_slice(g).and_then(|t| t.f_to_device(device)))
-            .transpose()
-            .map_err(|e| torch(e.into()))?;
-        let model = self.model;
-        let (z_draws, z_mean, library) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
-            let x = densify(&gathered.counts, device)?;
-            let (x_in, library) = model.input(&x)?;
-            let mean = model.encode(&x_in, false, false, &mut self.noise)?.z_basal;
-            let draws = if model.is_variational() {
-                (0..model.config().model.n_samples.max(1))
-                    .map(|_| Ok(model.encode(&x_in, false, true, &mut self.noise)?.z_basal))
-                    .collect::<cpa_stream_stages::Result<Vec<_>>>()?
-            } else {
-                vec![mean.shallow_clone()]
-            };
-            Ok((draws, mean, library))
-        })
-        .map_err(torch)?;
-        let own = [None];
-        let passes: Vec<Option<&Target>> =
-            if self.targets.is_empty() { own.to_vec() } else { self.targets.iter().map(Some).collect() };
-        let mut out = Vec::with_capacity(passes.len());
-        for target in passes {
+        let mut conditions = Vec::new();
+        for target in self.passes() {
             // Perturbations (CSR) and covariate codes of the target, per cell.
             let (mut ids, mut offsets, mut doses) = (Vec::new(), vec![0i64], Vec::new());
             let mut codes: Vec<Vec<i64>> = vec![Vec::with_capacity(n); self.vocab.covariates.len()];
@@ -947,7 +948,7 @@ impl Work<'_> {
                     codes.push(i64::from(code));
                 }
             }
-            let (mean, latents) = tch::no_grad(|| -> cpa_stream_stages::Result<(Vec<f32>, Vec<Vec<f32>>)> {
+            let latents = tch::no_grad(|| -> cpa_stream_stages::Result<(Tensor, Vec<Tensor>)> {
                 let to = |t: Tensor| -> cpa_stream_stages::Result<Tensor> { Ok(t.f_to_device(device)?) };
                 let perts = DevicePerts {
                     ids: to(Tensor::f_from_slice(&ids)?)?,
@@ -958,33 +959,77 @@ impl Work<'_> {
                     .iter()
                     .map(|c| to(Tensor::f_from_slice(c)?))
                     .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
-                let z_pert = model.perturbation_latent(&perts)?;
-                let cov_latents = model.covariate_latents(&covs)?;
+                Ok((model.perturbation_latent(&perts)?, model.covariate_latents(&covs)?))
+            })
+            .map_err(torch)?;
+            conditions.push(latents);
+        }
+        Ok(conditions)
+    }
+
+    /// Rows `rows` of a batch through the model for every pass: one record batch per pass.
+    fn step(&mut self, gathered: &Gathered, conditions: &Conditions, rows: Range<usize>) -> Result<Vec<RecordBatch>> {
+        let torch = |source| Error::Stage { stage: "predictor", source };
+        let device = self.model.device();
+        let model = self.model;
+        let (a, b) = (rows.start, rows.end);
+        let n = b - a;
+        let gene_index = self
+            .gene_index
+            .map(|g| Tensor::f_from_slice(g).and_then(|t| t.f_to_device(device)))
+            .transpose()
+            .map_err(|e| torch(e.into()))?;
+        let genes = self.gene_index.map_or(self.vocab.genes.len(), <[i64]>::len);
+        let widths: Vec<usize> =
+            std::iter::once(genes).chain(self.latents.iter().map(|_| model.config().model.n_latent)).collect();
+        let slice = |t: &Tensor| t.f_narrow(0, a as i64, n as i64);
+        let (z_draws, z_mean, library) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
+            let (x, _) = densify_range(&gathered.counts, a..b, device)?;
+            let (x_in, library) = model.input(&x)?;
+            drop(x);
+            let mean = model.encode(&x_in, false, false, &mut self.noise)?.z_basal;
+            let draws = if model.is_variational() {
+                (0..model.config().model.n_samples.max(1))
+                    .map(|_| Ok(model.encode(&x_in, false, true, &mut self.noise)?.z_basal))
+                    .collect::<cpa_stream_stages::Result<Vec<_>>>()?
+            } else {
+                vec![mean.shallow_clone()]
+            };
+            Ok((draws, mean, library))
+        })
+        .map_err(torch)?;
+        let mut batches = Vec::with_capacity(conditions.len());
+        for (target, (z_pert, covs)) in self.passes().into_iter().zip(conditions) {
+            let mut out: Vec<Vec<f32>> = widths.iter().zip(&self.pools).map(|(w, pool)| pool.take(n * w)).collect();
+            tch::no_grad(|| -> cpa_stream_stages::Result<()> {
+                let z_pert = slice(z_pert)?;
+                let covs = covs.iter().map(slice).collect::<std::result::Result<Vec<_>, _>>()?;
+                // Accumulated in place: one cells x genes tensor per draw, none for the average.
                 let mut sum: Option<Tensor> = None;
                 for z_basal in &z_draws {
-                    let z = model.compose(z_basal, &z_pert, &cov_latents)?.z;
-                    let m =
-                        model.decode(&z, library.as_ref(), false, &mut self.noise)?.mean().f_to_kind(Kind::Float)?;
+                    let z = model.compose(z_basal, &z_pert, &covs)?.z;
+                    let m = model.decode_mean(&z, library.as_ref(), &mut self.noise)?;
                     sum = Some(match sum {
                         None => m,
-                        Some(s) => s.f_add(&m)?,
+                        Some(mut s) => {
+                            let _ = s.f_add_(&m)?;
+                            s
+                        }
                     });
                 }
-                let mut mean = match sum {
-                    Some(s) => s.f_div_scalar(z_draws.len() as f64)?,
-                    None => return Err(cpa_stream_stages::Error::InvalidInput("no draws".into())),
+                let Some(mut mean) = sum else {
+                    return Err(cpa_stream_stages::Error::InvalidInput("no draws".into()));
                 };
+                if z_draws.len() > 1 {
+                    let _ = mean.f_div_scalar_(z_draws.len() as f64)?;
+                }
                 if let Some(index) = &gene_index {
                     mean = mean.f_index_select(1, index)?;
                 }
-                let host = |t: &Tensor| -> cpa_stream_stages::Result<Vec<f32>> {
-                    let t = t.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
-                    Ok(Vec::<f32>::try_from(&t.f_flatten(0, -1)?)?)
-                };
-                let mut latent_values = Vec::with_capacity(self.latents.len());
+                copy_values(&mean, &mut out[0])?;
                 if !self.latents.is_empty() {
-                    let l = model.compose(&z_mean, &z_pert, &cov_latents)?;
-                    for name in self.latents {
+                    let l = model.compose(&z_mean, &z_pert, &covs)?;
+                    for (k, name) in self.latents.iter().enumerate() {
                         let t = match name.as_str() {
                             "z_basal" => &l.z_basal,
                             "z" => &l.z,
@@ -992,29 +1037,42 @@ impl Work<'_> {
                             "z_no_pert" => &l.z_no_pert,
                             _ => &l.z_no_pert_corrected,
                         };
-                        latent_values.push(host(t)?);
+                        copy_values(t, &mut out[1 + k])?;
                     }
                 }
-                Ok((host(&mean)?, latent_values))
+                Ok(())
             })
             .map_err(torch)?;
-            out.push(self.record_batch(&gathered.chunk, target, mean, latents)?);
+            let mut columns = out.into_iter().zip(&self.pools).map(|(values, pool)| pool.lend(values));
+            let mean = columns.next().ok_or_else(|| Error::InvalidInput("no mean column".into()))?;
+            batches.push(self.record_batch(&gathered.chunk, a..b, target, mean, columns.collect())?);
         }
-        Ok(out)
+        Ok(batches)
+    }
+
+    /// The row ranges a batch of `n` rows runs through the model in: on the CPU [`CPU_STEP_ROWS`]
+    /// at a time, so that the transient tensors of the model (input, decoder output, softmax:
+    /// each cells x genes) and the output batches in flight stay a few MB and the host memory of
+    /// a prediction stays flat; a GPU gets the whole batch.
+    fn steps(&self, n: usize) -> impl Iterator<Item = Range<usize>> + use<> {
+        let step = if self.model.device().is_cuda() { n.max(1) } else { CPU_STEP_ROWS };
+        (0..n).step_by(step).map(move |a| a..(a + step).min(n))
     }
 
     fn record_batch(
         &self,
         chunk: &Chunk,
+        rows: Range<usize>,
         target: Option<&Target>,
-        mean: Vec<f32>,
-        latents: Vec<Vec<f32>>,
+        mean: HostValues,
+        latents: Vec<HostValues>,
     ) -> Result<RecordBatch> {
         let arrow_err = |e: ArrowError| Error::InvalidInput(format!("building predictions: {e}"));
-        let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(chunk.ids.iter()))];
+        let groups = &chunk.groups[rows.clone()];
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(chunk.ids[rows.clone()].iter()))];
         let label = |value: &dyn Fn(&CellGroup) -> String| -> Result<ArrayRef> {
             let mut b = StringDictionaryBuilder::<Int32Type>::new();
-            for g in &chunk.groups {
+            for g in groups {
                 b.append(value(g)).map_err(arrow_err)?;
             }
             Ok(Arc::new(b.finish()))
@@ -1033,15 +1091,15 @@ impl Work<'_> {
             let fixed = target.and_then(|t| t.covariate_value(self.vocab, c)).map(str::to_owned);
             columns.push(label(&|g| fixed.clone().unwrap_or_else(|| g.covariate_values[c].clone()))?);
         }
-        let vector = |values: Vec<f32>, width: usize| -> Result<ArrayRef> {
+        let vector = |values: HostValues, width: usize| -> Result<ArrayRef> {
             let item = Arc::new(Field::new("item", DataType::Float32, false));
             let width = i32::try_from(width).map_err(|_| Error::InvalidInput(format!("vector width {width}")))?;
             Ok(Arc::new(
-                FixedSizeListArray::try_new(item, width, Arc::new(Float32Array::from(values)), None)
+                FixedSizeListArray::try_new(item, width, Arc::new(Float32Array::new(values, None)), None)
                     .map_err(arrow_err)?,
             ))
         };
-        let n = chunk.rows.len().max(1);
+        let n = rows.len().max(1);
         let gene_width = mean.len() / n;
         columns.push(vector(mean, gene_width)?);
         for values in latents {
@@ -1050,6 +1108,89 @@ impl Work<'_> {
         }
         RecordBatch::try_new(Arc::clone(&self.schema), columns).map_err(arrow_err)
     }
+}
+
+/// Per pass of a batch: the perturbation latent and the covariate latents of its cells.
+type Conditions = Vec<(Tensor, Vec<Tensor>)>;
+
+/// Float values on the host, ready to become an Arrow array.
+type HostValues = ScalarBuffer<f32>;
+
+/// Recycled host buffers for one output column. The predicted means of a batch (cells x genes
+/// float32, 20 MB at 1,024 x 5,000) are the largest and longest-lived allocation of a prediction:
+/// each lives from the predictor through the channel to the sink. Allocated afresh per batch
+/// they fragment the allocator's heaps, and the resident memory of a run kept creeping for
+/// hundreds of batches; recycled, a run reaches its steady state within a few batches.
+#[derive(Clone, Default)]
+struct BufferPool {
+    free: Arc<Mutex<Vec<Vec<f32>>>>,
+}
+
+/// Buffers a pool keeps; more in flight (a consumer holding batches) are freed on return.
+const POOL_KEEP: usize = 8;
+
+/// A pooled buffer lent to Arrow: returns to its pool when the last array using it is dropped.
+struct Lent {
+    values: Vec<f32>,
+    pool: Arc<Mutex<Vec<Vec<f32>>>>,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let values = std::mem::take(&mut self.values);
+        if let Ok(mut free) = self.pool.lock()
+            && free.len() < POOL_KEEP
+        {
+            free.push(values);
+        }
+    }
+}
+
+impl BufferPool {
+    /// A buffer of `len` values: a returned one of that length, else a new one (zeroed).
+    fn take(&self, len: usize) -> Vec<f32> {
+        let reused = self.free.lock().ok().and_then(|mut free| {
+            let at = free.iter().position(|v| v.len() == len)?;
+            Some(free.swap_remove(at))
+        });
+        reused.unwrap_or_else(|| vec![0.0; len])
+    }
+
+    /// `values` as an Arrow buffer that returns them to this pool once the last array using it
+    /// is dropped.
+    fn lend(&self, mut values: Vec<f32>) -> HostValues {
+        let len = values.len();
+        let Some(ptr) = NonNull::new(values.as_mut_ptr().cast::<u8>()) else {
+            return ScalarBuffer::from(values);
+        };
+        let lent = Lent { values, pool: Arc::clone(&self.free) };
+        // SAFETY: `ptr` points to the `len` initialised f32 values of `lent.values`, a vector that
+        // `lent` owns and never resizes or writes while the buffer exists (it is only taken back
+        // in `Drop`, after the last reference to the buffer is gone); the heap allocation does
+        // not move when `lent` does. The pointer is non-null and aligned for f32.
+        let buffer = unsafe { Buffer::from_custom_allocation(ptr, len * std::mem::size_of::<f32>(), Arc::new(lent)) };
+        ScalarBuffer::new(buffer, 0, len)
+    }
+}
+
+/// Rows the predictor runs the model on at a time on the CPU (see [`Work::steps`]).
+const CPU_STEP_ROWS: usize = 256;
+
+/// Copies the values of `t` (any float kind, any device) into `out`, which must hold exactly as
+/// many.
+fn copy_values(t: &Tensor, out: &mut [f32]) -> cpa_stream_stages::Result<()> {
+    let host = t.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+    if host.numel() != out.len() {
+        return Err(cpa_stream_stages::Error::InvalidInput(format!(
+            "{} predicted values for an output of {}",
+            host.numel(),
+            out.len()
+        )));
+    }
+    if !out.is_empty() {
+        host.f_copy_data(out, out.len())?;
+    }
+    Ok(())
 }
 
 /// What [`run_predict`] did.
@@ -1107,7 +1248,11 @@ pub fn run_predict(
             },
             other => Error::InvalidInput(other.to_string()),
         })?;
+        let flushed = sink.row_groups_written();
         sink_stats.busy(|| sink.write(&batch)).map_err(|source| Error::Stage { stage: "sink", source })?;
+        if sink.row_groups_written() > flushed {
+            sink_stats.busy(release_free_memory);
+        }
         sink_stats.add(batch.num_rows() as u64, batch.get_array_memory_size() as u64);
         written_cells += batch.num_rows() as u64;
         let done = stream.rows_done();
@@ -1139,4 +1284,36 @@ pub fn run_predict(
         rows_per_s: written_cells as f64 / seconds,
         report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lent_buffers_keep_their_values_and_return_to_the_pool() {
+        let pool = BufferPool::default();
+        let mut values = pool.take(6);
+        values.copy_from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let address = values.as_ptr();
+        let array = Float32Array::new(pool.lend(values), None);
+        let slice = array.slice(2, 3);
+        drop(array);
+        // A slice still holds the buffer: nothing returned yet, the values are intact.
+        assert_eq!(slice.values().as_ref(), &[3.0, 4.0, 5.0]);
+        assert_eq!(pool.free.lock().map(|f| f.len()).unwrap_or(usize::MAX), 0);
+        drop(slice);
+        let again = pool.take(6);
+        assert_eq!(again.as_ptr(), address, "the dropped buffer is reused");
+        assert_eq!(pool.take(6).len(), 6, "an empty pool allocates");
+        assert_eq!(pool.take(4).len(), 4, "other lengths get their own buffers");
+    }
+
+    #[test]
+    fn a_pool_keeps_a_bounded_number_of_buffers() {
+        let pool = BufferPool::default();
+        let lent: Vec<HostValues> = (0..POOL_KEEP + 5).map(|_| pool.lend(pool.take(3))).collect();
+        drop(lent);
+        assert_eq!(pool.free.lock().map(|f| f.len()).unwrap_or(0), POOL_KEEP);
+    }
 }
