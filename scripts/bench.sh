@@ -128,3 +128,29 @@ m = r["report"]["memory"]
 print(f"  train {r['train_cells']} cells: {r['cells_per_s']:.0f} cells/s, peak RssAnon {m['rss_anon'] / 2**20:.1f} MiB")
 PY
 done
+
+echo "== prediction: every cell of 10k, 200k (a shard) and 1M cells decoded into one target, all genes written"
+# The model: one epoch on the 10k store (its quality does not matter to the speed).
+rm -rf "$dir/run-predict"
+"$bin" train --store "$dir/train-10000.store" --dose-key dose --covariates cell_type --epochs 1 \
+  --batch-size 1024 --out "$dir/run-predict" > /dev/null
+for run in "10000:$dir/train-10000.store:" "200000:$raw:0/5" "1000000:$raw:"; do
+  IFS=: read -r n store shard <<< "$run"
+  out="$dir/predict-$n"
+  rm -rf "$out" && mkdir -p "$out"
+  # A shard writes OUT/part-k-of-n.parquet into a directory; a whole run writes one file.
+  shard_arg=(--out "$out/predictions.parquet"); [ -n "$shard" ] && shard_arg=(--shard "$shard" --out "$out")
+  "$bin" predict --model "$dir/run-predict" --store "$store" --source all \
+    --target "condition=PERT01+PERT02,dose=1+1" "${shard_arg[@]}" --json \
+    > "$res/predict-$n.json"
+  python3 - "$res/predict-$n.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+busy = {s["name"]: s["busy"]["secs"] + s["busy"]["nanos"] / 1e9 for s in r["report"]["stages"]}
+print(f"  predict {r['source_cells']} cells: {r['cells_per_s']:.0f} cells/s ({r['seconds']:.1f} s), "
+      f"{r['bytes_per_row']:.0f} bytes per row vs {r['raw_f32_bytes_per_row']:.0f} raw float32, "
+      f"peak RssAnon {r['report']['memory']['rss_anon'] / 2**20:.0f} MiB; busy s: "
+      + ", ".join(f"{k} {v:.0f}" for k, v in busy.items()))
+PY
+  rm -rf "$out"
+done
