@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/bootstrap.sh)"
 echo "test.sh: libtorch $LIBTORCH, build cache $CARGO_TARGET_DIR" >&2
-# One profile for tests and the demo, so a cold run compiles the dependencies once.
-cargo test --release --locked --workspace "$@"
+# The release profile, like the demo. The `polars` feature (the lazy reader of prediction files and
+# its test) costs about 12 minutes of a cold build on 2 cores; the binary does not need it.
+cargo test --release --locked --workspace --features cpa-stream/polars "$@"
