@@ -121,13 +121,15 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         report.genes,
         report.output.bytes as f64 / 1e6
     );
+    let ratio = report.raw_f32_bytes_per_row / report.bytes_per_row.max(1e-9);
+    let compared = if ratio >= 1.0 { format!("{ratio:.2}x smaller") } else { format!("{:.2}x larger", 1.0 / ratio) };
     outln!(
-        "{:.0} source cells/s, {:.0} rows/s; {:.0} bytes per row on disk vs {:.0} as raw float32 ({:.1}x smaller)",
+        "{:.0} source cells/s, {:.0} rows/s; {:.0} bytes per row on disk (ids, labels, means, latents) vs {:.0} for \
+         the means as raw float32 ({compared})",
         report.cells_per_s,
         report.rows_per_s,
         report.bytes_per_row,
         report.raw_f32_bytes_per_row,
-        report.raw_f32_bytes_per_row / report.bytes_per_row.max(1e-9)
     );
     out!("{}", report.report.render());
     Ok(ExitCode::SUCCESS)
