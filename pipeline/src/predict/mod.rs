@@ -526,6 +526,7 @@ impl PredictionStream {
                     vocab: &vocab,
                     targets: &targets,
                     gene_index: gene_index.as_deref(),
+                    gene_tensor: None,
                     latents: &latents,
                     schema,
                     noise: Noise::new(Xoshiro256PlusPlus::seed_from_u64(seed), model.device()),
@@ -901,6 +902,8 @@ struct Work<'a> {
     vocab: &'a Vocabulary,
     targets: &'a [Target],
     gene_index: Option<&'a [i64]>,
+    /// `gene_index` on the model's device, made on first use.
+    gene_tensor: Option<Tensor>,
     latents: &'a [String],
     schema: SchemaRef,
     noise: Noise,
@@ -974,11 +977,13 @@ impl<'a> Work<'a> {
         let model = self.model;
         let (a, b) = (rows.start, rows.end);
         let n = b - a;
-        let gene_index = self
-            .gene_index
-            .map(|g| Tensor::f_from_slice(g).and_then(|t| t.f_to_device(device)))
-            .transpose()
-            .map_err(|e| torch(e.into()))?;
+        if self.gene_tensor.is_none()
+            && let Some(g) = self.gene_index
+        {
+            let t = Tensor::f_from_slice(g).and_then(|t| t.f_to_device(device)).map_err(|e| torch(e.into()))?;
+            self.gene_tensor = Some(t);
+        }
+        let gene_index = self.gene_tensor.as_ref().map(Tensor::shallow_clone);
         let genes = self.gene_index.map_or(self.vocab.genes.len(), <[i64]>::len);
         let widths: Vec<usize> =
             std::iter::once(genes).chain(self.latents.iter().map(|_| model.config().model.n_latent)).collect();
