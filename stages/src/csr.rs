@@ -37,11 +37,20 @@ impl CsrBatch {
     }
 
     /// Removes all rows, keeping the allocations.
-    /// Makes room for `rows` more rows with `nnz` more entries in total, without over-allocating.
-    pub fn reserve_exact(&mut self, rows: usize, nnz: usize) {
-        self.indptr.reserve_exact(rows);
-        self.indices.reserve_exact(nnz);
-        self.data.reserve_exact(nnz);
+    /// Makes room for `rows` more rows with `nnz` more entries in total. When the buffers must
+    /// grow they grow to an eighth over what is asked, not to the next power of two: a recycled
+    /// batch then holds little more than the largest batch it carries and, since batches of a
+    /// stream are of similar size, stops reallocating after a few of them.
+    pub fn reserve(&mut self, rows: usize, nnz: usize) {
+        fn grow<T>(v: &mut Vec<T>, more: usize) {
+            if v.capacity() - v.len() < more {
+                let more = more.saturating_add(more / 8);
+                v.reserve_exact(more);
+            }
+        }
+        grow(&mut self.indptr, rows);
+        grow(&mut self.indices, nnz);
+        grow(&mut self.data, nnz);
     }
 
     pub fn clear(&mut self) {

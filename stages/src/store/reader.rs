@@ -451,9 +451,10 @@ impl<'a> RowCursor<'a> {
     /// Appends the rows listed in `rows` (any order, repeats allowed) to `out`. Runs of
     /// consecutive rows are copied as one range.
     pub fn gather(&mut self, rows: &[u64], out: &mut CsrBatch) -> Result<()> {
-        // Exactly the room these rows need: recycled batches then grow to the largest batch they
-        // carry, not to the next power of two (which left every buffer of a long run up to twice
-        // the size it needs, and the resident memory creeping as more buffers doubled).
+        // The room these rows need, with a little headroom: recycled batches then grow to about
+        // the largest batch they carry, not to the next power of two (which left every buffer of
+        // a long run up to twice the size it needs, and the resident memory creeping as more
+        // buffers doubled).
         let n_obs = self.store.n_obs();
         let mut nnz = 0u64;
         for &row in rows {
@@ -461,7 +462,7 @@ impl<'a> RowCursor<'a> {
                 nnz += self.indptr[row as usize + 1] - self.indptr[row as usize];
             }
         }
-        out.reserve_exact(rows.len(), usize::try_from(nnz).unwrap_or(usize::MAX));
+        out.reserve(rows.len(), usize::try_from(nnz).unwrap_or(usize::MAX));
         let mut i = 0;
         while i < rows.len() {
             let mut j = i + 1;
