@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use cpa_stream_pipeline::evaluate::{EvalSplit, EvaluateOptions, render_table, run_evaluate};
-use cpa_stream_pipeline::model_bench::{check_device, parse_device};
 
 use super::progress::CliProgress;
 
@@ -51,11 +50,7 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
-    let device = parse_device(&args.device)?;
-    check_device(device)?;
-    if let Some(t) = args.threads {
-        tch::set_num_threads(t as i32);
-    }
+    let device = super::model_device(&args.device, args.threads)?;
     let options = EvaluateOptions {
         split: EvalSplit::parse(&args.split)?,
         truth: args.truth.clone(),

@@ -83,6 +83,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Logs go to stderr; `CPA_STREAM_LOG` (or `RUST_LOG`) sets the filter, default `info`.
+/// The device named on the command line, checked to exist, with libtorch's thread count set when
+/// given (train, predict and evaluate).
+fn model_device(name: &str, threads: Option<usize>) -> anyhow::Result<tch::Device> {
+    let device = cpa_stream_pipeline::model_bench::parse_device(name)?;
+    cpa_stream_pipeline::model_bench::check_device(device)?;
+    if let Some(t) = threads {
+        let t = i32::try_from(t).map_err(|_| anyhow::anyhow!("--threads {t}: too many"))?;
+        tch::set_num_threads(t);
+    }
+    Ok(device)
+}
+
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("CPA_STREAM_LOG")

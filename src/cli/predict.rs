@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::model_bench::{check_device, parse_device};
 use cpa_stream_pipeline::predict::targets::{parse_target_spec, read_targets_file};
 use cpa_stream_pipeline::predict::{GeneSelection, PredictOptions, Shard, run_predict};
 use cpa_stream_stages::sink::SinkOptions;
@@ -79,11 +78,7 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
-    let device = parse_device(&args.device)?;
-    check_device(device)?;
-    if let Some(t) = args.threads {
-        tch::set_num_threads(t as i32);
-    }
+    let device = super::model_device(&args.device, args.threads)?;
     let targets = match &args.targets {
         Some(path) => read_targets_file(path)?,
         None => args.target.iter().map(|t| parse_target_spec(t)).collect::<Result<_, _>>()?,

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::model_bench::{check_device, parse_device};
 use cpa_stream_pipeline::train::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream_pipeline::train::{TrainOptions, run_train};
 use cpa_stream_stages::model::config::CpaConfig;
@@ -99,11 +98,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         config.training.seed = s;
     }
     config.validate().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-    let device = parse_device(&args.device)?;
-    check_device(device)?;
-    if let Some(t) = args.threads {
-        tch::set_num_threads(t as i32);
-    }
+    let device = super::model_device(&args.device, args.threads)?;
     let split = match args.split_key {
         Some(k) => SplitSpec::Column(k),
         None => SplitSpec::Fraction {
