@@ -994,9 +994,7 @@ impl<'a> Work<'a> {
             drop(x);
             let mean = model.encode(&x_in, false, false, &mut self.noise)?.z_basal;
             let draws = if model.is_variational() {
-                (0..model.config().model.n_samples.max(1))
-                    .map(|_| Ok(model.encode(&x_in, false, true, &mut self.noise)?.z_basal))
-                    .collect::<cpa_stream_stages::Result<Vec<_>>>()?
+                model.basal_draws(&x_in, &mut self.noise)?
             } else {
                 vec![mean.shallow_clone()]
             };
@@ -1009,25 +1007,7 @@ impl<'a> Work<'a> {
             tch::no_grad(|| -> cpa_stream_stages::Result<()> {
                 let z_pert = slice(z_pert)?;
                 let covs = covs.iter().map(slice).collect::<std::result::Result<Vec<_>, _>>()?;
-                // Accumulated in place: one cells x genes tensor per draw, none for the average.
-                let mut sum: Option<Tensor> = None;
-                for z_basal in &z_draws {
-                    let z = model.compose(z_basal, &z_pert, &covs)?.z;
-                    let m = model.decode_mean(&z, library.as_ref(), &mut self.noise)?;
-                    sum = Some(match sum {
-                        None => m,
-                        Some(mut s) => {
-                            let _ = s.f_add_(&m)?;
-                            s
-                        }
-                    });
-                }
-                let Some(mut mean) = sum else {
-                    return Err(cpa_stream_stages::Error::InvalidInput("no draws".into()));
-                };
-                if z_draws.len() > 1 {
-                    let _ = mean.f_div_scalar_(z_draws.len() as f64)?;
-                }
+                let mut mean = model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), &mut self.noise)?;
                 if let Some(index) = &gene_index {
                     mean = mean.f_index_select(1, index)?;
                 }

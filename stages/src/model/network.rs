@@ -528,26 +528,51 @@ impl CpaModel {
             let (x_in, library) = self.input(x)?;
             let z_pert = self.perturbation_latent(target_perts)?;
             let covs = self.covariate_latents(target_covariates)?;
-            let draws = if self.is_variational() { self.config.model.n_samples } else { 1 };
-            let mut sum: Option<Tensor> = None;
-            for _ in 0..draws {
-                let encoded = self.encode(&x_in, false, self.is_variational(), noise)?;
-                let latents = self.compose(&encoded.z_basal, &z_pert, &covs)?;
-                let mean = self.decode_mean(&latents.z, library.as_ref(), noise)?;
-                sum = Some(match sum {
-                    None => mean,
-                    Some(mut s) => {
-                        let _ = s.f_add_(&mean)?;
-                        s
-                    }
-                });
-            }
-            let mut sum = sum.ok_or_else(|| Error::InvalidInput("no draws".into()))?;
-            if draws > 1 {
-                let _ = sum.f_div_scalar_(f64::from(draws))?;
-            }
-            Ok(sum)
+            let draws = self.basal_draws(&x_in, noise)?;
+            self.mean_over_draws(&draws, &z_pert, &covs, library.as_ref(), noise)
         })
+    }
+
+    /// The `z_basal` a prediction decodes from: the posterior mean, or `n_samples` posterior
+    /// draws for a variational model (evaluation mode).
+    pub fn basal_draws(&self, x_in: &Tensor, noise: &mut Noise) -> Result<Vec<Tensor>> {
+        if self.is_variational() {
+            (0..self.config.model.n_samples.max(1))
+                .map(|_| Ok(self.encode(x_in, false, true, noise)?.z_basal))
+                .collect()
+        } else {
+            Ok(vec![self.encode(x_in, false, false, noise)?.z_basal])
+        }
+    }
+
+    /// The predicted means (float32) of each `z_basal` draw composed with the perturbation and
+    /// covariate latents, averaged over the draws; accumulated in place (one cells x genes
+    /// tensor per draw, none for the average).
+    pub fn mean_over_draws(
+        &self,
+        draws: &[Tensor],
+        z_pert: &Tensor,
+        covariates: &[Tensor],
+        library: Option<&Tensor>,
+        noise: &mut Noise,
+    ) -> Result<Tensor> {
+        let mut sum: Option<Tensor> = None;
+        for z_basal in draws {
+            let z = self.compose(z_basal, z_pert, covariates)?.z;
+            let mean = self.decode_mean(&z, library, noise)?;
+            sum = Some(match sum {
+                None => mean,
+                Some(mut s) => {
+                    let _ = s.f_add_(&mean)?;
+                    s
+                }
+            });
+        }
+        let mut sum = sum.ok_or_else(|| Error::InvalidInput("no draws".into()))?;
+        if draws.len() > 1 {
+            let _ = sum.f_div_scalar_(draws.len() as f64)?;
+        }
+        Ok(sum)
     }
 
     /// Width of the fixed perturbation features, when the model projects features.
