@@ -136,7 +136,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         if flag.swap(true, Ordering::Relaxed) {
             std::process::exit(130);
         }
-        tracing::warn!("interrupted: stopping after this batch (Ctrl-C again to quit at once)");
+        tracing::warn!("interrupted: stopping after this step with a checkpoint (Ctrl-C again to quit at once)");
     })
     .context("installing the Ctrl-C handler")?;
     let progress = CliProgress::new();

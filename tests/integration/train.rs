@@ -104,6 +104,102 @@ fn resume_continues_exactly() {
     }
 }
 
+/// Sets `stop` once `after` cells have been trained, as a Ctrl-C at that moment would.
+struct StopAfter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    after: u64,
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl cpa_stream::pipeline::progress::Progress for StopAfter {
+    fn begin(&self, _phase: &str, _total: u64) {}
+    fn advance(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        if self.done.fetch_add(n, Ordering::Relaxed) + n >= self.after {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+    }
+    fn end(&self) {}
+}
+
+#[test]
+fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+
+    use cpa_stream::pipeline::progress::Silent;
+    use cpa_stream::pipeline::train::encoder::{EncoderOptions, SplitSpec};
+    use cpa_stream::pipeline::train::{TrainOptions, run_train};
+    use cpa_stream::stages::model::config::CpaConfig;
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "raw");
+    let mut config = CpaConfig::default();
+    config.training.seed = 3;
+    config.training.batch_size = 64;
+    // Two batches per optimizer step: an interruption after an odd batch waits for the next.
+    config.training.accumulate_batches = 2;
+    let options = |out: &str, resume: bool| TrainOptions {
+        store: store.clone(),
+        out: dir.path().join(out),
+        encoder: EncoderOptions {
+            perturbation_key: "condition".into(),
+            dose_key: Some("dose".into()),
+            control: "control".into(),
+            covariate_keys: vec!["cell_type".into()],
+            batch_key: None,
+            split: SplitSpec::Fraction { validation: 0.1, test: 0.0, seed: 3, holdout: Vec::new() },
+            max_comb_len: 2,
+        },
+        config: config.clone(),
+        device: Device::Cpu,
+        resume,
+        epochs: Some(3),
+        auto_batch_size: false,
+        workers: 2,
+        prefetch: 2,
+        block_cells: 256,
+        shuffle_blocks: 64,
+    };
+    let never = Arc::new(AtomicBool::new(false));
+    let straight =
+        run_train(&options("straight", false), &Silent, Arc::clone(&never)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!straight.interrupted);
+
+    // Stop in the middle of the second epoch, after an odd number of its batches.
+    let stop = Arc::new(AtomicBool::new(false));
+    let after = straight.train_cells + 11 * 64;
+    let progress = StopAfter { stop: Arc::clone(&stop), after, done: AtomicU64::new(0) };
+    let first = run_train(&options("split", false), &progress, stop).unwrap_or_else(|e| panic!("{e}"));
+    assert!(first.interrupted, "the run was not interrupted");
+    assert_eq!(first.epochs.len(), 1, "only the first epoch is complete");
+    let checkpoint = dir.path().join("split/checkpoint");
+    let state: Value = serde_json::from_slice(&std::fs::read(checkpoint.join("trainer.json")).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("trainer.json: {e}"));
+    assert_eq!(state["epoch"], 1);
+    assert_eq!(state["within_epoch"]["batches"], 12, "stopped after the accumulation's second batch: {state}");
+    assert!(!dir.path().join("split/model").exists(), "an interrupted run publishes no final model");
+
+    let resumed = run_train(&options("split", true), &Silent, never).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!resumed.interrupted);
+    assert_eq!(resumed.epochs.len(), 3);
+    // (Epochs before the checkpoint are read back from metrics.parquet, which keeps the losses.)
+    let losses = |m: &cpa_stream::stages::trainer::EpochMetrics| {
+        (m.epoch, m.recon_loss, m.kl, m.adv_loss, m.penalty_adv, m.acc_perts, m.cells, m.lr)
+    };
+    for (a, b) in straight.epochs.iter().zip(&resumed.epochs) {
+        assert_eq!(losses(&a.train), losses(&b.train), "epoch {} metrics differ", a.train.epoch);
+        assert_eq!(a.validation.map(|v| v.score), b.validation.map(|v| v.score));
+    }
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    for file in ["checkpoint/weights.safetensors", "checkpoint/optimizer.safetensors", "model/weights.safetensors"] {
+        assert!(
+            read(dir.path().join("straight").join(file)) == read(dir.path().join("split").join(file)),
+            "{file} differs between the uninterrupted and the resumed run"
+        );
+    }
+}
+
 #[test]
 fn trains_on_the_bundled_real_data() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -193,6 +289,7 @@ fn a_consumer_that_keeps_its_batches_still_gets_them_all() {
             &store,
             &labels,
             Split::Train,
+            0,
             0,
             &plan,
             loader,

@@ -153,8 +153,10 @@ pub struct LoaderOptions {
     pub prefetch: usize,
 }
 
-/// Runs one pass over `split` inside `scope`: a planner thread, `workers` gather threads. Stops
-/// early when `stop` is set or the receiver is dropped; errors arrive in order, as batches do.
+/// Runs one pass over `split` inside `scope`: a planner thread, `workers` gather threads. The
+/// first `skip` batches of the epoch's plan are passed over without being read (a run resumed
+/// within an epoch). Stops early when `stop` is set or the receiver is dropped; errors arrive in
+/// order, as batches do.
 #[allow(clippy::too_many_arguments)] // one call site per pass kind; a struct would only rename them
 pub fn spawn_loader<'scope, 'env: 'scope>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
@@ -162,6 +164,7 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
     labels: &'env CellLabels,
     split: Split,
     epoch: u64,
+    skip: u64,
     plan: &PlanOptions,
     loader: LoaderOptions,
     stats: (Arc<StageStats>, Arc<StageStats>),
@@ -242,6 +245,12 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
     let plan = plan.clone();
     scope.spawn(move || {
         let mut epoch_plan = EpochPlan::new(labels, split, epoch, &plan);
+        let mut skipped = Vec::with_capacity(plan.batch_size);
+        for _ in 0..skip {
+            if !plan_stats.busy(|| epoch_plan.next_into(&mut skipped)) {
+                return;
+            }
+        }
         let mut k = 0usize;
         loop {
             let mut rows = rows_back_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(plan.batch_size));

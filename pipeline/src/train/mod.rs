@@ -81,7 +81,9 @@ pub struct TrainReport {
 }
 
 /// Trains a model on a store through the pipeline. `stop` (e.g. set by Ctrl-C) ends the run
-/// after the current batch; the last completed epoch's checkpoint stays in place.
+/// after the current optimizer step (the current batch, unless gradients accumulate over
+/// several) with a checkpoint of that point: `--resume` continues within the epoch, exactly as
+/// the uninterrupted run would on the CPU.
 pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     let wall = Instant::now();
     let sampler = MemorySampler::start();
@@ -138,7 +140,14 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
     let mut interrupted = false;
     let trained_start = Instant::now();
     let mut trained_cells = 0u64;
-    progress.begin("train", u64::from(epochs.saturating_sub(trainer.state().epoch)) * train_cells);
+    // The loader's own stop: set by the trainer once it has decided to stop (after an interruption
+    // it may still need the rest of an accumulation's batches) or on an error.
+    let halt = Arc::new(AtomicBool::new(false));
+    let resumed_cells = trainer.batches_in_epoch().saturating_mul(plan.batch_size as u64).min(train_cells);
+    progress.begin(
+        "train",
+        (u64::from(epochs.saturating_sub(trainer.state().epoch)) * train_cells).saturating_sub(resumed_cells),
+    );
     while trainer.state().epoch < epochs {
         let epoch = trainer.state().epoch;
         let started = Instant::now();
@@ -149,28 +158,35 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
                 &labels,
                 Split::Train,
                 u64::from(epoch),
+                trainer.batches_in_epoch(),
                 &plan,
                 loader,
                 (Arc::clone(&plan_stats), Arc::clone(&gather_stats)),
-                Arc::clone(&stop),
+                Arc::clone(&halt),
             );
             while let Some(batch) = loaded.next(&train_stats) {
                 let batch = batch?;
-                if stop.load(Ordering::Relaxed) {
-                    interrupted = true;
-                    return Ok(());
-                }
                 train_stats.busy(|| trainer.step(&batch)).map_err(stage("trainer"))?;
                 let n = batch.n_cells() as u64;
                 train_stats.add(n, batch.counts.byte_size());
                 trained_cells += n;
                 progress.advance(n);
                 loaded.recycle(batch);
+                if stop.load(Ordering::Relaxed) && trainer.can_checkpoint() {
+                    interrupted = true;
+                    halt.store(true, Ordering::Relaxed);
+                    return Ok(());
+                }
             }
             Ok(())
         })
-        .inspect_err(|_| stop.store(true, Ordering::Relaxed))?;
+        .inspect_err(|_| halt.store(true, Ordering::Relaxed))?;
         if interrupted {
+            train_stats.busy(|| trainer.save_checkpoint(&checkpoint)).map_err(stage("trainer"))?;
+            tracing::warn!(
+                "interrupted in epoch {epoch} after {} batches; checkpoint written (continue with --resume)",
+                trainer.batches_in_epoch()
+            );
             break;
         }
         let train_metrics = train_stats.busy(|| trainer.end_epoch()).map_err(stage("trainer"))?;
@@ -178,7 +194,7 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         let due = trainer.state().epoch.is_multiple_of(config.training.check_val_every_n_epoch);
         let validation = if valid_cells > 0 && (due || last) {
             let score = train_stats
-                .busy(|| validate(trainer.model(), &store, &labels, Split::Valid, &plan, loader, Arc::clone(&stop)))?;
+                .busy(|| validate(trainer.model(), &store, &labels, Split::Valid, &plan, loader, Arc::clone(&halt)))?;
             let state = trainer.state_mut();
             if state.best_score.is_none_or(|b| score.score > b) {
                 state.best_score = Some(score.score);
@@ -205,6 +221,13 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         );
         if trainer.state().validations_without_improvement >= config.training.early_stopping_patience {
             stopped_early = true;
+            break;
+        }
+        if stop.load(Ordering::Relaxed) && trainer.state().epoch < epochs {
+            // Interrupted during the epoch's last accumulation or its validation: the epoch's
+            // checkpoint is the place to stop.
+            interrupted = true;
+            tracing::warn!("interrupted after epoch {epoch}; checkpoint written (continue with --resume)");
             break;
         }
     }
@@ -416,6 +439,7 @@ pub fn bench_loader(
                 &labels,
                 Split::Train,
                 u64::from(epoch),
+                0,
                 plan,
                 loader,
                 (Arc::clone(&plan_stats), Arc::clone(&gather_stats)),

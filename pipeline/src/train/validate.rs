@@ -61,7 +61,7 @@ pub fn validate(
     let consumer = StageStats::new("validation", 1);
     let count_model = model.config().model.recon_loss.is_count();
     std::thread::scope(|scope| -> Result<()> {
-        let mut loaded = spawn_loader(scope, store, labels, split, 0, &plan, loader, stats, stop);
+        let mut loaded = spawn_loader(scope, store, labels, split, 0, 0, &plan, loader, stats, stop);
         while let Some(batch) = loaded.next(&consumer) {
             let batch = batch?;
             let mut step = || -> cpa_stream_stages::Result<()> {

@@ -39,6 +39,11 @@ impl Noise {
         self.device
     }
 
+    /// The stream's generator as it stands (for a checkpoint taken mid-epoch).
+    pub fn generator(&self) -> &Xoshiro256PlusPlus {
+        &self.rng
+    }
+
     /// Uniform [0, 1) float32 values of `shape` on the device.
     pub fn uniform(&mut self, shape: &[i64]) -> Result<Tensor> {
         if self.device.is_cuda() {

@@ -6,7 +6,9 @@
 //! each batch of an epoch, then [`Trainer::end_epoch`]. Randomness (dropout, sampling, mixup) is
 //! reseeded from `(seed, epoch)` at the start of each epoch, so a run resumed from the checkpoint
 //! of epoch k continues exactly as the uninterrupted run would (on the CPU; CUDA kernels such as
-//! `embedding_bag`'s backward are not deterministic).
+//! `embedding_bag`'s backward are not deterministic). A checkpoint taken within an epoch (after
+//! an interruption) also keeps the epoch's position, running sums and random stream; the caller
+//! resumes it by feeding the epoch's batches from [`Trainer::batches_in_epoch`] on.
 
 pub mod optim;
 
@@ -49,6 +51,24 @@ pub struct TrainState {
     pub best_score: Option<f64>,
     pub best_epoch: Option<u32>,
     pub validations_without_improvement: u32,
+    /// Where the current epoch stands, for a checkpoint taken within it; `None` between epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub within_epoch: Option<EpochPosition>,
+}
+
+/// The part of an epoch already trained when a checkpoint was taken within it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochPosition {
+    /// Batches of the epoch trained (the next batch to train is this one of the epoch's plan).
+    pub batches: u64,
+    /// Optimizer steps of the epoch (the adversary / autoencoder alternation counts them).
+    pub steps: u64,
+    /// Running loss sums and their counts (autoencoder batches, adversary batches, cells).
+    pub sums: Vec<f32>,
+    pub counts: (u64, u64, u64),
+    /// The random stream of dropout, sampling and mixup.
+    pub noise: rand_xoshiro::Xoshiro256PlusPlus,
 }
 
 /// What a batch trains.
@@ -104,7 +124,11 @@ pub struct Trainer {
     noise: Noise,
     state: TrainState,
     in_epoch: bool,
+    /// Optimizer steps of this epoch.
     batch_in_epoch: u64,
+    /// Batches of this epoch given to [`step`](Trainer::step) (several per optimizer step when
+    /// gradients accumulate).
+    batches_in_epoch: u64,
     pending: Pending,
     sums: Tensor,
     counts: (u64, u64, u64),
@@ -141,6 +165,7 @@ impl Trainer {
             best_score: None,
             best_epoch: None,
             validations_without_improvement: 0,
+            within_epoch: None,
         };
         let sums = Tensor::f_zeros([N_SUMS as i64], (Kind::Float, device))?;
         Ok(Trainer {
@@ -150,6 +175,7 @@ impl Trainer {
             state,
             in_epoch: false,
             batch_in_epoch: 0,
+            batches_in_epoch: 0,
             pending: Pending { micro: 0, ae: None, adv: None },
             sums,
             counts: (0, 0, 0),
@@ -179,6 +205,18 @@ impl Trainer {
 
     fn config(&self) -> &CpaConfig {
         self.model.config()
+    }
+
+    /// Batches of the current epoch trained so far (0 between epochs). A trainer resumed from a
+    /// checkpoint taken within an epoch continues with this batch of the epoch's plan.
+    pub fn batches_in_epoch(&self) -> u64 {
+        self.batches_in_epoch
+    }
+
+    /// Whether a checkpoint can be taken now: between epochs, or within one after an optimizer
+    /// step (not while gradients of a step are still being accumulated).
+    pub fn can_checkpoint(&self) -> bool {
+        self.pending.micro == 0
     }
 
     /// Epochs after pre-training, for the warm-ups (negative during pre-training).
@@ -316,6 +354,7 @@ impl Trainer {
         }
         self.counts.2 += batch.n_cells() as u64;
         self.state.cells_seen += batch.n_cells() as u64;
+        self.batches_in_epoch += 1;
         self.pending.micro += 1;
         if self.pending.micro >= self.config().training.accumulate_batches {
             self.apply()?;
@@ -434,19 +473,35 @@ impl Trainer {
         self.counts = (0, 0, 0);
         self.state.epoch += 1;
         self.batch_in_epoch = 0;
+        self.batches_in_epoch = 0;
         self.in_epoch = false;
         Ok(metrics)
     }
 
     /// Writes a checkpoint directory (model files, optimizer moments, schedule state) atomically.
-    /// Checkpoints are taken between epochs.
+    /// Checkpoints are taken between epochs, or within one when [`can_checkpoint`]
+    /// (Trainer::can_checkpoint) (the epoch's position is then saved too).
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        if self.in_epoch {
+        if !self.can_checkpoint() {
             return Err(Error::InvalidInput(format!(
-                "{}: a checkpoint is taken between epochs (call end_epoch first)",
-                dir.display()
+                "{}: no checkpoint while the gradients of an optimizer step are being accumulated \
+                 ({} of {} batches)",
+                dir.display(),
+                self.pending.micro,
+                self.config().training.accumulate_batches
             )));
         }
+        self.state.within_epoch = if self.in_epoch {
+            Some(EpochPosition {
+                batches: self.batches_in_epoch,
+                steps: self.batch_in_epoch,
+                sums: Vec::<f32>::try_from(&self.sums.f_to_device(Device::Cpu)?)?,
+                counts: self.counts,
+                noise: self.noise.generator().clone(),
+            })
+        } else {
+            None
+        };
         self.state.group_steps = self.groups.iter().map(AdamGroup::steps).collect();
         let moments: Vec<(String, Tensor)> = self.groups.iter().flat_map(AdamGroup::state_tensors).collect();
         let state = serde_json::to_string_pretty(&self.state).map_err(|e| Error::InvalidInput(e.to_string()))?;
@@ -466,7 +521,7 @@ impl Trainer {
         let mut trainer = Trainer::new(model)?;
         let path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+        let mut state: TrainState = serde_json::from_str(&text).map_err(|e| Error::corrupt(&path, e.to_string()))?;
         if state.group_steps.len() != trainer.groups.len() {
             return Err(Error::corrupt(&path, format!("{} group step counts, expected 3", state.group_steps.len())));
         }
@@ -479,6 +534,19 @@ impl Trainer {
         let origin = path.display().to_string();
         for (group, &steps) in trainer.groups.iter_mut().zip(&state.group_steps) {
             group.load_state(&saved, steps, &origin)?;
+        }
+        // Kept in the trainer's fields from here; the state records it again at the next save.
+        if let Some(position) = state.within_epoch.take() {
+            let path = dir.join(STATE_FILE);
+            if position.sums.len() != N_SUMS {
+                return Err(Error::corrupt(&path, format!("{} running sums, expected {N_SUMS}", position.sums.len())));
+            }
+            trainer.sums = Tensor::f_from_slice(&position.sums)?.f_to_device(device)?;
+            trainer.counts = position.counts;
+            trainer.batch_in_epoch = position.steps;
+            trainer.batches_in_epoch = position.batches;
+            trainer.noise.reseed(position.noise);
+            trainer.in_epoch = true;
         }
         trainer.state = state;
         Ok(trainer)

@@ -292,9 +292,44 @@ fn resume_equals_an_uninterrupted_run() -> Result<()> {
     assert!(same_weights(straight.model(), resumed.model())?, "resumed weights differ from the uninterrupted run");
     assert_eq!(resumed_metrics, straight_metrics[2..]);
     assert_eq!(straight.state().global_step, resumed.state().global_step);
-    // A checkpoint is refused mid-epoch.
+    // A checkpoint is refused while gradients accumulate (2 batches per step here).
     resumed.step(&batches[0])?;
+    assert!(!resumed.can_checkpoint());
     assert!(resumed.save_checkpoint(&ckpt).is_err());
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_within_an_epoch_resumes_exactly() -> Result<()> {
+    let v = vocab()?;
+    let batches: Vec<HostBatch> = (0..7).map(|i| batch(&v, 16, 200 + i)).collect::<Result<_>>()?;
+    // Mixup, dropout, sampling, accumulation over 2 batches and the adversary alternation all
+    // depend on the position within the epoch.
+    let config = busy_config(5);
+    let mut straight = Trainer::from_config(&config, &v, Device::Cpu)?;
+    let straight_metrics = train(&mut straight, &batches, 3)?;
+
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let ckpt = dir.path().join("checkpoint");
+    let mut first = Trainer::from_config(&config, &v, Device::Cpu)?;
+    train(&mut first, &batches, 1)?;
+    for b in &batches[..4] {
+        first.step(b)?;
+    }
+    assert!(first.can_checkpoint());
+    first.save_checkpoint(&ckpt)?;
+    drop(first);
+    let mut resumed = Trainer::resume(&ckpt, Device::Cpu)?;
+    assert_eq!((resumed.state().epoch, resumed.batches_in_epoch()), (1, 4));
+    for b in &batches[4..] {
+        resumed.step(b)?;
+    }
+    let mut resumed_metrics = vec![resumed.end_epoch()?];
+    resumed_metrics.extend(train(&mut resumed, &batches, 1)?);
+    assert!(same_weights(straight.model(), resumed.model())?, "resumed weights differ from the uninterrupted run");
+    assert_eq!(resumed_metrics, straight_metrics[1..]);
+    let position = |t: &Trainer| (t.state().epoch, t.state().global_step, t.state().cells_seen);
+    assert_eq!(position(&resumed), position(&straight));
     Ok(())
 }
 
