@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use cpa_stream::pipeline::train::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream::stages::model::load_model;
 use cpa_stream::stages::store::read_small_table;
 use cpa_stream::stages::trainer::Trainer;
@@ -55,6 +56,19 @@ fn train(store: &Path, out: &Path, extra: &[&str]) -> Value {
     let o = train_output(store, out, &args);
     assert!(o.status.success(), "train failed: {}", text(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("report is not JSON ({e}): {}", text(&o.stdout)))
+}
+
+/// The encoder options of the synthetic stores' obs columns.
+fn synth_encoder(split: SplitSpec) -> EncoderOptions {
+    EncoderOptions {
+        perturbation_key: "condition".into(),
+        dose_key: Some("dose".into()),
+        control: "control".into(),
+        covariate_keys: vec!["cell_type".into()],
+        batch_key: None,
+        split,
+        max_comb_len: 2,
+    }
 }
 
 fn recon(report: &Value, epoch: usize) -> f64 {
@@ -128,7 +142,6 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
     use std::sync::atomic::{AtomicBool, AtomicU64};
 
     use cpa_stream::pipeline::progress::Silent;
-    use cpa_stream::pipeline::train::encoder::{EncoderOptions, SplitSpec};
     use cpa_stream::pipeline::train::{TrainOptions, run_train};
     use cpa_stream::stages::model::config::CpaConfig;
 
@@ -142,15 +155,7 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
     let options = |out: &str, resume: bool| TrainOptions {
         store: store.clone(),
         out: dir.path().join(out),
-        encoder: EncoderOptions {
-            perturbation_key: "condition".into(),
-            dose_key: Some("dose".into()),
-            control: "control".into(),
-            covariate_keys: vec!["cell_type".into()],
-            batch_key: None,
-            split: SplitSpec::Fraction { validation: 0.1, test: 0.0, seed: 3, holdout: Vec::new() },
-            max_comb_len: 2,
-        },
+        encoder: synth_encoder(SplitSpec::Fraction { validation: 0.1, test: 0.0, seed: 3, holdout: Vec::new() }),
         config: config.clone(),
         device: Device::Cpu,
         resume,
@@ -263,21 +268,13 @@ fn a_consumer_that_keeps_its_batches_still_gets_them_all() {
 
     use cpa_stream::pipeline::StageStats;
     use cpa_stream::pipeline::train::batcher::{LoaderOptions, PlanOptions, spawn_loader};
-    use cpa_stream::pipeline::train::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
+    use cpa_stream::pipeline::train::encoder::{CellLabels, Split};
     use cpa_stream::stages::store::Store;
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = synth_store(dir.path(), "s.store", "raw");
     let store = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
-    let options = EncoderOptions {
-        perturbation_key: "condition".into(),
-        dose_key: Some("dose".into()),
-        control: "control".into(),
-        covariate_keys: vec!["cell_type".into()],
-        batch_key: None,
-        split: SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
-        max_comb_len: 2,
-    };
+    let options = synth_encoder(SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() });
     let labels = CellLabels::from_store(&store, &options).unwrap_or_else(|e| panic!("{e}"));
     let plan = PlanOptions { batch_size: 100, ..PlanOptions::default() };
     let loader = LoaderOptions { workers: 2, prefetch: 1 };
