@@ -479,8 +479,8 @@ impl Trainer {
     }
 
     /// Writes a checkpoint directory (model files, optimizer moments, schedule state) atomically.
-    /// Checkpoints are taken between epochs, or within one when [`can_checkpoint`]
-    /// (Trainer::can_checkpoint) (the epoch's position is then saved too).
+    /// Checkpoints are taken between epochs, or within one when
+    /// [`can_checkpoint`](Trainer::can_checkpoint) (the epoch's position is then saved too).
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
         if !self.can_checkpoint() {
             return Err(Error::InvalidInput(format!(
