@@ -143,10 +143,16 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
     }
     outln!("{}: {} cells x {} genes, batch {}, {} workers", r.store, r.cells, r.genes, r.batch_size, r.workers);
     outln!(
-        "loader {:.0} cells/s; memcpy bound {:.0} cells/s; ratio {:.2}",
+        "loader {:.0} cells/s; memcpy bound {:.0} cells/s (into {} batch buffers); ratio {:.2}",
         r.cells_per_s,
         r.memcpy_cells_per_s,
+        loader.pool_size(),
         r.vs_memcpy
+    );
+    outln!(
+        "read bound {:.0} cells/s (one reused buffer per thread); ratio {:.2}",
+        r.read_bound_cells_per_s,
+        r.vs_read_bound
     );
     out!("{}", r.report.render());
     Ok(ExitCode::SUCCESS)

@@ -78,6 +78,18 @@ fn synth_inspect_verify_convert_bench() {
         assert!(bench[key].as_f64().unwrap() > 0.0, "{key}: {bench}");
     }
 
+    // The loader against both bounds, on the raw store and on the zstd one (whose bound copies
+    // the same bytes from a plain buffer).
+    for store in [s, z.to_str().unwrap()] {
+        let args = ["bench", "loader", store, "--dose-key", "dose", "--covariates", "cell_type", "--batch-size", "256"];
+        let loader = json(&[&args[..], &["--workers", "2", "--json"]].concat());
+        assert_eq!(loader["cells"], 3000);
+        for key in ["cells_per_s", "memcpy_cells_per_s", "vs_memcpy", "read_bound_cells_per_s", "vs_read_bound"] {
+            assert!(loader[key].as_f64().unwrap() > 0.0, "{key}: {loader}");
+        }
+        assert_eq!(loader["report"]["stages"][2]["rows"], 3000, "{loader}");
+    }
+
     let again = run(&["synth", "--cells", "10", "--genes", "5", "--perturbations", "1", "--out", s]);
     assert_eq!(again.status.code(), Some(1));
     assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));

@@ -153,6 +153,15 @@ pub struct LoaderOptions {
     pub prefetch: usize,
 }
 
+impl LoaderOptions {
+    /// The batches that circulate: each worker's prefetch depth and one in its hands, and two at
+    /// the trainer. Once all exist, a worker waits for one to come back (no allocation in steady
+    /// state, host memory bounded by batch size x this count).
+    pub fn pool_size(&self) -> usize {
+        self.workers.max(1) * (self.prefetch.max(1) + 1) + 2
+    }
+}
+
 /// Runs one pass over `split` inside `scope`: a planner thread, `workers` gather threads. The
 /// first `skip` batches of the epoch's plan are passed over without being read (a run resumed
 /// within an epoch). Stops early when `stop` is set or the receiver is dropped; errors arrive in
@@ -173,10 +182,7 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
     let workers = loader.workers.max(1);
     let genes = store.n_vars() as u32;
     let n_covariates = labels.vocab.covariates.len();
-    // A fixed set of batches circulates: each worker's prefetch depth, one in its hands, and two
-    // at the trainer. Once all exist, a worker waits for one to come back (no allocation in
-    // steady state, host memory bounded by batch size x this count).
-    let pool_size = workers * (loader.prefetch.max(1) + 1) + 2;
+    let pool_size = loader.pool_size();
     let (recycle_tx, recycle_rx) = bounded::<HostBatch>(pool_size);
     let created = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Row lists go back from the workers to the planner: no allocation per batch in steady state.
