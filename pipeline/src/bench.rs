@@ -237,6 +237,9 @@ pub(crate) fn memcpy_pass(store: &Store, threads: usize) -> Result<Duration> {
     })
 }
 
+/// One destination batch of [`memcpy_into_batches`]: indices and values.
+type Destination = (Vec<u32>, Vec<f32>);
+
 /// Copies the payload of every row, in store order, into batch-shaped destinations: the indices
 /// and the values of each run of `batch_size` rows go, with one memcpy each, into one of
 /// `buffers` destination batches that circulate over the threads, as the loader's pool of batches
@@ -262,7 +265,7 @@ pub(crate) fn memcpy_into_batches(
     let per_thread = buffers.div_ceil(threads).max(1);
     // The destinations exist (and are mapped) before the clock starts, as the loader's recycled
     // batches do in steady state.
-    let pools: Vec<std::sync::Mutex<Vec<(Vec<u32>, Vec<f32>)>>> = (0..threads)
+    let pools: Vec<std::sync::Mutex<Vec<Destination>>> = (0..threads)
         .map(|_| std::sync::Mutex::new((0..per_thread).map(|_| (vec![0u32; widest], vec![0f32; widest])).collect()))
         .collect();
     let plain = store.raw_rows(0..0).is_none().then(|| (vec![1u32; widest], vec![1f32; widest]));
@@ -270,20 +273,23 @@ pub(crate) fn memcpy_into_batches(
         // Whole batches per thread, so that every run is one the widest destination holds.
         let batches = partition(n.div_ceil(batch), threads, t);
         let mut pool = pools[t].lock().map_err(|_| Error::InvalidInput("a bench thread panicked".into()))?;
-        let mut k = 0usize;
-        for b in batches {
+        for (k, b) in batches.enumerate() {
             let (start, end) = (b * batch, ((b + 1) * batch).min(n));
             let (s, e) = (indptr[start as usize] as usize, indptr[end as usize] as usize);
             let (src_indices, src_values) = match (&plain, store.raw_rows(start..end)) {
                 (None, Some(view)) => (view.indices, view.data),
                 (Some((i, v)), _) => (&i[..e - s], &v[..e - s]),
-                (None, None) => return Err(Error::InvalidInput("store rows unreadable".into())),
+                (None, None) => {
+                    return Err(Error::InvalidInput(format!(
+                        "{}: rows {start}..{end} unreadable",
+                        store.path().display()
+                    )));
+                }
             };
             let (dst_indices, dst_values) = &mut pool[k % per_thread];
             dst_indices[..src_indices.len()].copy_from_slice(src_indices);
             dst_values[..src_values.len()].copy_from_slice(src_values);
             std::hint::black_box((&dst_indices, &dst_values));
-            k += 1;
         }
         Ok(())
     })
