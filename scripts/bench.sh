@@ -109,7 +109,8 @@ import json, sys
 for path in sys.argv[1:]:
     r = json.load(open(path))
     print(f"  loader batch {r['batch_size']}, {r['workers']} workers: {r['cells_per_s']:.0f} cells/s, "
-          f"memcpy bound {r['memcpy_cells_per_s']:.0f} cells/s, ratio {r['vs_memcpy']:.2f}")
+          f"memcpy bound {r['memcpy_cells_per_s']:.0f} cells/s, ratio {r['vs_memcpy']:.2f}; "
+          f"read bound {r['read_bound_cells_per_s']:.0f} cells/s, ratio {r['vs_read_bound']:.2f}")
 PY
 for n in 10000 100000; do
   small="$dir/train-$n.store"
