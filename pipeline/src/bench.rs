@@ -276,15 +276,11 @@ pub(crate) fn memcpy_into_batches(
         for (k, b) in batches.enumerate() {
             let (start, end) = (b * batch, ((b + 1) * batch).min(n));
             let (s, e) = (indptr[start as usize] as usize, indptr[end as usize] as usize);
-            let (src_indices, src_values) = match (&plain, store.raw_rows(start..end)) {
-                (None, Some(view)) => (view.indices, view.data),
-                (Some((i, v)), _) => (&i[..e - s], &v[..e - s]),
-                (None, None) => {
-                    return Err(Error::InvalidInput(format!(
-                        "{}: rows {start}..{end} unreadable",
-                        store.path().display()
-                    )));
-                }
+            let (src_indices, src_values) = match &plain {
+                Some((i, v)) => (&i[..e - s], &v[..e - s]),
+                None => store.raw_rows(start..end).map(|view| (view.indices, view.data)).ok_or_else(|| {
+                    Error::InvalidInput(format!("{}: rows {start}..{end} unreadable", store.path().display()))
+                })?,
             };
             let (dst_indices, dst_values) = &mut pool[k % per_thread];
             dst_indices[..src_indices.len()].copy_from_slice(src_indices);
