@@ -291,6 +291,67 @@ pub(crate) fn memcpy_into_batches(
     })
 }
 
+/// Copies the rows of `order`, cut into batches of `batch_size` as the loader's plan cuts them,
+/// into `buffers` batch-sized destinations with plain memcpy: one per run of consecutive rows per
+/// array, batch `b` on thread `b % threads` as the loader deals batches to its workers, the rows
+/// of each batch sorted (as its workers sort them) before the clock starts. This is the loader's
+/// access pattern with nothing else: no planner, no channels, no labels, no prefetch hints. Its
+/// distance from [`memcpy_into_batches`] is the cost of reading scattered rows on this machine;
+/// the loader's distance from it is the loader's own overhead. `None` for a compressed store,
+/// whose scattered rows cost block decompressions rather than copies.
+pub(crate) fn gather_into_batches(
+    store: &Store,
+    threads: usize,
+    order: &mut [u64],
+    batch_size: usize,
+    buffers: usize,
+) -> Result<Option<Duration>> {
+    let Some(all) = store.raw_rows(0..store.n_obs()) else { return Ok(None) };
+    let (indices, values, indptr) = (all.indices, all.data, all.indptr);
+    let batch = batch_size.max(1);
+    let n_obs = store.n_obs();
+    if let Some(&row) = order.iter().find(|&&r| r >= n_obs) {
+        return Err(Error::InvalidInput(format!(
+            "{}: row {row} out of range, the store has {n_obs} rows",
+            store.path().display()
+        )));
+    }
+    let width =
+        |rows: &[u64]| -> usize { rows.iter().map(|&r| (indptr[r as usize + 1] - indptr[r as usize]) as usize).sum() };
+    let mut widest = 0;
+    for rows in order.chunks_mut(batch) {
+        rows.sort_unstable();
+        widest = widest.max(width(rows));
+    }
+    let order = &*order;
+    let per_thread = buffers.div_ceil(threads).max(1);
+    let pools: Vec<std::sync::Mutex<Vec<Destination>>> = (0..threads)
+        .map(|_| std::sync::Mutex::new((0..per_thread).map(|_| (vec![0u32; widest], vec![0f32; widest])).collect()))
+        .collect();
+    let elapsed = timed_threads(threads, |t| {
+        let mut pool = pools[t].lock().map_err(|_| Error::InvalidInput("a bench thread panicked".into()))?;
+        for (k, rows) in order.chunks(batch).skip(t).step_by(threads).enumerate() {
+            let (dst_indices, dst_values) = &mut pool[k % per_thread];
+            let mut at = 0;
+            let mut i = 0;
+            while i < rows.len() {
+                let mut j = i + 1;
+                while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+                    j += 1;
+                }
+                let (s, e) = (indptr[rows[i] as usize] as usize, indptr[rows[j - 1] as usize + 1] as usize);
+                dst_indices[at..at + e - s].copy_from_slice(&indices[s..e]);
+                dst_values[at..at + e - s].copy_from_slice(&values[s..e]);
+                at += e - s;
+                i = j;
+            }
+            std::hint::black_box((&dst_indices, &dst_values));
+        }
+        Ok(())
+    })?;
+    Ok(Some(elapsed))
+}
+
 fn partition(n: u64, parts: usize, i: usize) -> std::ops::Range<u64> {
     let per = n.div_ceil(parts as u64);
     let start = (i as u64 * per).min(n);

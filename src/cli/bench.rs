@@ -51,6 +51,10 @@ pub struct LoaderArgs {
     /// Blocks shuffled together before being cut into batches.
     #[arg(long, default_value_t = 64)]
     shuffle_blocks: usize,
+    /// Consecutive cells the in-buffer shuffle keeps together (training's
+    /// `shuffle_run_cells`; 1 shuffles single cells).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    shuffle_run_cells: u64,
     #[arg(long)]
     json: bool,
 }
@@ -134,6 +138,7 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
         batch_size: args.batch_size,
         block_cells: args.block_cells,
         shuffle_blocks: args.shuffle_blocks,
+        run_cells: usize::try_from(args.shuffle_run_cells).unwrap_or(usize::MAX),
         ..PlanOptions::default()
     };
     let r = bench_loader(&args.store, &encoder, &plan, loader, args.epochs)?;
@@ -154,6 +159,12 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
         r.read_bound_cells_per_s,
         r.vs_read_bound
     );
+    if let (Some(bound), Some(ratio)) = (r.gather_bound_cells_per_s, r.vs_gather_bound) {
+        outln!(
+            "gather bound {bound:.0} cells/s (the plan's rows, plain memcpy into {} batch buffers); ratio {ratio:.2}",
+            loader.pool_size()
+        );
+    }
     out!("{}", r.report.render());
     Ok(ExitCode::SUCCESS)
 }

@@ -78,17 +78,26 @@ fn synth_inspect_verify_convert_bench() {
         assert!(bench[key].as_f64().unwrap() > 0.0, "{key}: {bench}");
     }
 
-    // The loader against both bounds, on the raw store and on the zstd one (whose bound copies
-    // the same bytes from a plain buffer).
-    for store in [s, z.to_str().unwrap()] {
+    // The loader against its bounds, on the raw store and on the zstd one (whose memcpy bound
+    // copies the same bytes from a plain buffer, and which has no gather bound), with single
+    // cells and with runs of cells shuffled.
+    for (store, runs) in [(s, "1"), (s, "16"), (z.to_str().unwrap(), "1")] {
         let args = ["bench", "loader", store, "--dose-key", "dose", "--covariates", "cell_type", "--batch-size", "256"];
-        let loader = json(&[&args[..], &["--workers", "2", "--json"]].concat());
+        let loader = json(&[&args[..], &["--workers", "2", "--shuffle-run-cells", runs, "--json"]].concat());
         assert_eq!(loader["cells"], 3000);
         for key in ["cells_per_s", "memcpy_cells_per_s", "vs_memcpy", "read_bound_cells_per_s", "vs_read_bound"] {
             assert!(loader[key].as_f64().unwrap() > 0.0, "{key}: {loader}");
         }
+        let raw = store == s;
+        for key in ["gather_bound_cells_per_s", "vs_gather_bound"] {
+            assert_eq!(loader[key].as_f64().is_some_and(|v| v > 0.0), raw, "{key}: {loader}");
+        }
         assert_eq!(loader["report"]["stages"][2]["rows"], 3000, "{loader}");
     }
+    let zero =
+        run(&["bench", "loader", s, "--dose-key", "dose", "--covariates", "cell_type", "--shuffle-run-cells", "0"]);
+    assert_eq!(zero.status.code(), Some(2), "{}", text(&zero.stderr));
+    assert!(text(&zero.stderr).contains("--shuffle-run-cells"), "{}", text(&zero.stderr));
 
     let again = run(&["synth", "--cells", "10", "--genes", "5", "--perturbations", "1", "--out", s]);
     assert_eq!(again.status.code(), Some(1));

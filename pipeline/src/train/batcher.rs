@@ -24,6 +24,10 @@ pub struct PlanOptions {
     pub block_cells: u64,
     /// Blocks whose cells are shuffled together before being cut into batches.
     pub shuffle_blocks: usize,
+    /// Consecutive cells that the in-buffer shuffle keeps together (block sampling). 1 shuffles
+    /// single cells; k > 1 shuffles runs of k cells, so that a batch is about batch / k runs
+    /// of neighbours in the store: fewer scattered reads, less mixing within a batch.
+    pub run_cells: usize,
     pub seed: u64,
     /// Shuffle (training) or read in store order (evaluation).
     pub shuffle: bool,
@@ -31,14 +35,15 @@ pub struct PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { batch_size: 128, block_cells: 256, shuffle_blocks: 64, seed: 0, shuffle: true }
+        PlanOptions { batch_size: 128, block_cells: 256, shuffle_blocks: 64, run_cells: 1, seed: 0, shuffle: true }
     }
 }
 
 /// The batches of one epoch over the cells of `split`, as row lists. With `shuffle`, blocks of
 /// `block_cells` cells are permuted with a generator seeded by (seed, epoch), cells of
-/// `shuffle_blocks` consecutive blocks are shuffled together, and the stream is cut into batches
-/// of `batch_size` (the last may be smaller). Every cell of the split appears exactly once.
+/// `shuffle_blocks` consecutive blocks are shuffled together (in runs of `run_cells`), and the
+/// stream is cut into batches of `batch_size` (the last may be smaller). Every cell of the split
+/// appears exactly once.
 pub struct EpochPlan<'a> {
     labels: &'a CellLabels,
     split: Split,
@@ -48,6 +53,9 @@ pub struct EpochPlan<'a> {
     buffer: Vec<u64>,
     taken: usize,
     rng: Xoshiro256PlusPlus,
+    /// With `run_cells > 1`: the buffer's runs, and where their permutation is assembled.
+    runs: Vec<(usize, usize)>,
+    scratch: Vec<u64>,
 }
 
 impl<'a> EpochPlan<'a> {
@@ -63,12 +71,19 @@ impl<'a> EpochPlan<'a> {
         EpochPlan {
             labels,
             split,
-            options: PlanOptions { block_cells: block, batch_size: options.batch_size.max(1), ..options.clone() },
+            options: PlanOptions {
+                block_cells: block,
+                batch_size: options.batch_size.max(1),
+                run_cells: options.run_cells.max(1),
+                ..options.clone()
+            },
             blocks,
             next_block: 0,
             buffer: Vec::new(),
             taken: 0,
             rng,
+            scratch: Vec::new(),
+            runs: Vec::new(),
         }
     }
 
@@ -91,10 +106,27 @@ impl<'a> EpochPlan<'a> {
                 }
             }
         }
-        if self.options.shuffle {
+        if !self.options.shuffle {
+            return;
+        }
+        if self.options.run_cells <= 1 {
             self.buffer[start..].shuffle(&mut self.rng);
             // Mix the carried-over cells with the new ones too.
             self.buffer.shuffle(&mut self.rng);
+        } else {
+            // The carried-over cells are runs of their own: cutting across them and the new
+            // cells would split runs in two.
+            let k = self.options.run_cells;
+            self.runs.clear();
+            for (from, to) in [(0, start), (start, self.buffer.len())] {
+                self.runs.extend((from..to).step_by(k).map(|s| (s, (s + k).min(to))));
+            }
+            self.runs.shuffle(&mut self.rng);
+            self.scratch.clear();
+            for &(s, e) in &self.runs {
+                self.scratch.extend_from_slice(&self.buffer[s..e]);
+            }
+            std::mem::swap(&mut self.buffer, &mut self.scratch);
         }
     }
 
@@ -317,11 +349,19 @@ mod tests {
             batch in 1usize..300,
             block in 1u64..100,
             window in 1usize..8,
+            run in prop_oneof![3 => Just(1usize), 1 => 2usize..70],
             seed in any::<u64>(),
             epoch in 0u64..5,
         ) {
             let l = labels(&splits);
-            let plan = PlanOptions { batch_size: batch, block_cells: block, shuffle_blocks: window, seed, shuffle: true };
+            let plan = PlanOptions {
+                batch_size: batch,
+                block_cells: block,
+                shuffle_blocks: window,
+                run_cells: run,
+                seed,
+                shuffle: true,
+            };
             let batches: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, epoch, &plan).collect();
             let mut seen: Vec<u64> = batches.iter().flatten().copied().collect();
             for (i, b) in batches.iter().enumerate() {
@@ -335,10 +375,54 @@ mod tests {
         }
     }
 
+    /// Pieces of consecutive rows in a batch: the scattered reads it costs.
+    fn pieces(batch: &[u64]) -> usize {
+        let mut rows = batch.to_vec();
+        rows.sort_unstable();
+        1 + rows.windows(2).filter(|w| w[1] != w[0] + 1).count()
+    }
+
+    #[test]
+    fn runs_keep_neighbours_together() {
+        // One cell in ten held out, so that runs meet the gaps of a split and a window's cells
+        // are not a multiple of the batch (cells carried over to the next window).
+        let splits: Vec<Split> = (0..40_000).map(|i| if i % 10 == 3 { Split::Valid } else { Split::Train }).collect();
+        let l = labels(&splits);
+        let plan = |run_cells| PlanOptions {
+            batch_size: 128,
+            block_cells: 256,
+            shuffle_blocks: 8,
+            run_cells,
+            seed: 7,
+            shuffle: true,
+        };
+        let single: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, 0, &plan(1)).collect();
+        let runs: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, 0, &plan(16)).collect();
+        // A batch holds its 8 runs, plus up to three cut short (by the batch's two ends, and at
+        // the end of the cells carried over); a run of 16 training cells spans at most three
+        // pieces (held-out cells inside it) and one more where it crosses a block boundary.
+        let most = runs.iter().map(|b| pieces(b)).max().unwrap_or(0);
+        assert!(most <= 4 * (128usize.div_ceil(16) + 3), "a batch of runs of 16 has {most} pieces");
+        let mean = |batches: &[Vec<u64>]| {
+            batches.iter().map(|b| pieces(b)).sum::<usize>() as f64 / batches.len().max(1) as f64
+        };
+        assert!(mean(&single) > 100.0, "single-cell shuffle: {} pieces per batch", mean(&single));
+        assert!(mean(&runs) < 30.0, "runs of 16: {} pieces per batch", mean(&runs));
+        // Each batch still draws from the whole window, not from one block.
+        let blocks = |b: &[u64]| {
+            let mut blocks: Vec<u64> = b.iter().map(|c| c / 256).collect();
+            blocks.sort_unstable();
+            blocks.dedup();
+            blocks.len()
+        };
+        assert!(runs.iter().take(runs.len() - 1).all(|b| blocks(b) >= 3), "runs of 16 from fewer than 3 blocks");
+    }
+
     #[test]
     fn seeds_and_epochs_change_the_order() {
         let l = labels(&vec![Split::Train; 5000]);
-        let plan = PlanOptions { batch_size: 128, block_cells: 64, shuffle_blocks: 4, seed: 1, shuffle: true };
+        let plan =
+            PlanOptions { batch_size: 128, block_cells: 64, shuffle_blocks: 4, run_cells: 1, seed: 1, shuffle: true };
         let order = |seed: u64, epoch: u64| -> Vec<u64> {
             EpochPlan::new(&l, Split::Train, epoch, &PlanOptions { seed, ..plan.clone() }).flatten().collect()
         };

@@ -27,7 +27,7 @@ use tch::Device;
 use crate::error::{Error, Result};
 use crate::metrics::{MemorySampler, RunReport, StageStats, release_free_memory};
 use crate::progress::Progress;
-use batcher::{LoaderOptions, PlanOptions, spawn_loader};
+use batcher::{EpochPlan, LoaderOptions, PlanOptions, spawn_loader};
 use encoder::{CellLabels, EncoderOptions, Split};
 use validate::{ValidationScore, validate};
 
@@ -132,6 +132,7 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         batch_size: config.training.batch_size,
         block_cells: options.block_cells,
         shuffle_blocks: options.shuffle_blocks,
+        run_cells: config.training.shuffle_run_cells,
         seed: config.training.seed,
         shuffle: true,
     };
@@ -408,6 +409,11 @@ pub struct LoaderBench {
     /// the bound of `bench reader`. No loader that hands batches on can write its output there.
     pub read_bound_cells_per_s: f64,
     pub vs_read_bound: f64,
+    /// The gather bound: the rows of the first epoch's plan, in its batches, copied with plain
+    /// memcpy into the same number of buffers (the cost of the access pattern alone; `None` for
+    /// a compressed store). `vs_memcpy` is this bound's ratio times the loader's ratio to it.
+    pub gather_bound_cells_per_s: Option<f64>,
+    pub vs_gather_bound: Option<f64>,
     pub report: RunReport,
 }
 
@@ -436,6 +442,11 @@ pub fn bench_loader(
     crate::bench::memcpy_pass(&store, threads)?;
     let read_bound = crate::bench::memcpy_pass(&store, threads)?;
     let memcpy = crate::bench::memcpy_into_batches(&store, threads, batch_size, loader.pool_size())?;
+    let gather = {
+        // The plan's rows, 8 bytes per cell, freed before the loader runs.
+        let mut order: Vec<u64> = EpochPlan::new(&labels, Split::Train, 0, plan).flatten().collect();
+        crate::bench::gather_into_batches(&store, threads, &mut order, batch_size, loader.pool_size())?
+    };
     let (plan_stats, gather_stats, consumer) =
         (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("consumer", 1));
     let stop = Arc::new(AtomicBool::new(false));
@@ -468,6 +479,7 @@ pub fn bench_loader(
     let cells_per_s = cells as f64 / seconds;
     let memcpy_cells_per_s = store.n_obs() as f64 / memcpy.as_secs_f64().max(1e-9);
     let read_bound_cells_per_s = store.n_obs() as f64 / read_bound.as_secs_f64().max(1e-9);
+    let gather_bound_cells_per_s = gather.map(|g| labels.split_counts[0] as f64 / g.as_secs_f64().max(1e-9));
     Ok(LoaderBench {
         store: store_path.display().to_string(),
         cells: store.n_obs(),
@@ -480,6 +492,8 @@ pub fn bench_loader(
         vs_memcpy: cells_per_s / memcpy_cells_per_s,
         read_bound_cells_per_s,
         vs_read_bound: cells_per_s / read_bound_cells_per_s,
+        gather_bound_cells_per_s,
+        vs_gather_bound: gather_bound_cells_per_s.map(|g| cells_per_s / g),
         report: RunReport {
             wall: wall.elapsed(),
             stages: vec![encoder_stats.report(), plan_stats.report(), gather_stats.report(), consumer.report()],
