@@ -93,7 +93,11 @@ fn trains_on_a_synthetic_store_with_checkpoints_metrics_and_a_final_model() {
     }
     let metrics = read_small_table(&run_dir.join("metrics.parquet")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(metrics.num_rows(), 4);
-    assert!(metrics.column_by_name("val_score").is_some());
+    for column in
+        ["recon_loss", "cells", "autoencoder_batches", "adversary_batches", "seconds", "val_score", "val_cells"]
+    {
+        assert!(metrics.column_by_name(column).is_some(), "metrics.parquet has no {column}");
+    }
     let model = load_model(&run_dir.join("model"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(model.vocabulary().n_genes(), 150);
     let trainer = Trainer::resume(&run_dir.join("checkpoint"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
@@ -152,6 +156,8 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
     config.training.batch_size = 64;
     // Two batches per optimizer step: an interruption after an odd batch waits for the next.
     config.training.accumulate_batches = 2;
+    // A validation every epoch: the one read back from metrics.parquet has one too.
+    config.training.check_val_every_n_epoch = 1;
     let options = |out: &str, resume: bool| TrainOptions {
         store: store.clone(),
         out: dir.path().join(out),
@@ -183,19 +189,27 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
         .unwrap_or_else(|e| panic!("trainer.json: {e}"));
     assert_eq!(state["epoch"], 1);
     assert_eq!(state["within_epoch"]["batches"], 12, "stopped after the accumulation's second batch: {state}");
+    let seconds_before = state["within_epoch"]["seconds"].as_f64().unwrap_or(0.0);
+    assert!(seconds_before > 0.0, "the checkpoint records the epoch's time so far: {state}");
     assert!(!dir.path().join("split/model").exists(), "an interrupted run publishes no final model");
 
     let resumed = run_train(&options("split", true), &Silent, never).unwrap_or_else(|e| panic!("{e}"));
     assert!(!resumed.interrupted);
     assert_eq!(resumed.epochs.len(), 3);
-    // (Epochs before the checkpoint are read back from metrics.parquet, which keeps the losses.)
-    let losses = |m: &cpa_stream::stages::trainer::EpochMetrics| {
-        (m.epoch, m.recon_loss, m.kl, m.adv_loss, m.penalty_adv, m.acc_perts, m.cells, m.lr)
-    };
+    // Epochs before the checkpoint are read back from metrics.parquet: all their metrics, the
+    // batch counts and validation cells included.
     for (a, b) in straight.epochs.iter().zip(&resumed.epochs) {
-        assert_eq!(losses(&a.train), losses(&b.train), "epoch {} metrics differ", a.train.epoch);
-        assert_eq!(a.validation.map(|v| v.score), b.validation.map(|v| v.score));
+        assert_eq!(a.train, b.train, "epoch {} metrics differ", a.train.epoch);
+        assert!(b.train.autoencoder_batches > 0 && b.train.adversary_batches > 0, "{:?}", b.train);
+        assert_eq!(a.validation.map(|v| (v.score, v.cells)), b.validation.map(|v| (v.score, v.cells)));
     }
+    assert!(resumed.epochs[0].validation.is_some_and(|v| v.cells > 0), "{:?}", resumed.epochs[0]);
+    // The interrupted epoch's time includes its part before the interruption.
+    assert!(
+        resumed.epochs[1].seconds >= seconds_before,
+        "epoch 1 took {} s, {seconds_before} s of them before the interruption",
+        resumed.epochs[1].seconds
+    );
     let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     for file in ["checkpoint/weights.safetensors", "checkpoint/optimizer.safetensors", "model/weights.safetensors"] {
         assert!(

@@ -155,6 +155,8 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
     while trainer.state().epoch < epochs {
         let epoch = trainer.state().epoch;
         let started = Instant::now();
+        // An epoch resumed from a checkpoint taken within it counts its time before the stop.
+        let seconds_before = trainer.epoch_seconds_before_resume();
         std::thread::scope(|scope| -> Result<()> {
             let mut loaded = spawn_loader(
                 scope,
@@ -212,7 +214,8 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         } else {
             None
         };
-        records.push(EpochRecord { train: train_metrics, seconds: started.elapsed().as_secs_f64(), validation });
+        let seconds = seconds_before + started.elapsed().as_secs_f64();
+        records.push(EpochRecord { train: train_metrics, seconds, validation });
         write_metrics(&options.out.join(METRICS_FILE), &records)?;
         trainer.save_checkpoint(&checkpoint).map_err(stage("trainer"))?;
         tracing::info!(
@@ -289,11 +292,14 @@ fn metrics_schema() -> Arc<Schema> {
         f("acc_perts", DataType::Float64, true),
         f("lr", DataType::Float64, false),
         f("cells", DataType::UInt64, false),
+        f("autoencoder_batches", DataType::UInt64, false),
+        f("adversary_batches", DataType::UInt64, false),
         f("seconds", DataType::Float64, false),
         f("val_recon_loss", DataType::Float64, true),
         f("val_r2_mean", DataType::Float64, true),
         f("val_r2_var", DataType::Float64, true),
         f("val_score", DataType::Float64, true),
+        f("val_cells", DataType::UInt64, true),
     ]))
 }
 
@@ -314,11 +320,14 @@ fn write_metrics(path: &Path, records: &[EpochRecord]) -> Result<()> {
             col(&|r| num(r.train.acc_perts)),
             Arc::new(Float64Array::from(records.iter().map(|r| r.train.lr).collect::<Vec<_>>())),
             Arc::new(UInt64Array::from(records.iter().map(|r| r.train.cells).collect::<Vec<_>>())),
+            Arc::new(UInt64Array::from(records.iter().map(|r| r.train.autoencoder_batches).collect::<Vec<_>>())),
+            Arc::new(UInt64Array::from(records.iter().map(|r| r.train.adversary_batches).collect::<Vec<_>>())),
             Arc::new(Float64Array::from(records.iter().map(|r| r.seconds).collect::<Vec<_>>())),
             col(&|r| r.validation.and_then(|v| num(v.recon_loss))),
             col(&|r| r.validation.and_then(|v| num(v.r2_mean))),
             col(&|r| r.validation.and_then(|v| num(v.r2_var))),
             col(&|r| r.validation.and_then(|v| num(v.score))),
+            Arc::new(UInt64Array::from(records.iter().map(|r| r.validation.map(|v| v.cells)).collect::<Vec<_>>())),
         ],
     )
     .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
@@ -345,11 +354,17 @@ fn read_metrics(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
         .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
         .map(|a| a.values().to_vec())
         .unwrap_or_default();
-    let cells: Vec<u64> = batch
-        .column_by_name("cells")
-        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
-        .map(|a| a.values().to_vec())
-        .unwrap_or_default();
+    // Columns added later (batch counts, validation cells) read as 0 from older files.
+    let u64s = |name: &str| -> Vec<Option<u64>> {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+            .map(|a| a.iter().collect())
+            .unwrap_or_default()
+    };
+    let count = |v: &[Option<u64>], i: usize| v.get(i).copied().flatten().unwrap_or(0);
+    let (cells, ae_batches, adv_batches, val_cells) =
+        (u64s("cells"), u64s("autoencoder_batches"), u64s("adversary_batches"), u64s("val_cells"));
     let (recon, kl, adv, pen, acc, lr, secs) = (
         f64s("recon_loss"),
         f64s("kl"),
@@ -369,7 +384,7 @@ fn read_metrics(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
             r2_mean: get(&vmean, i).unwrap_or(nan),
             r2_var: get(&vvar, i).unwrap_or(nan),
             score,
-            cells: 0,
+            cells: count(&val_cells, i),
         });
         out.push(EpochRecord {
             train: EpochMetrics {
@@ -379,9 +394,9 @@ fn read_metrics(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
                 adv_loss: get(&adv, i).unwrap_or(nan),
                 penalty_adv: get(&pen, i).unwrap_or(nan),
                 acc_perts: get(&acc, i).unwrap_or(nan),
-                autoencoder_batches: 0,
-                adversary_batches: 0,
-                cells: cells.get(i).copied().unwrap_or(0),
+                autoencoder_batches: count(&ae_batches, i),
+                adversary_batches: count(&adv_batches, i),
+                cells: count(&cells, i),
                 lr: get(&lr, i).unwrap_or(nan),
             },
             seconds: get(&secs, i).unwrap_or(nan),

@@ -69,6 +69,10 @@ pub struct EpochPosition {
     pub counts: (u64, u64, u64),
     /// The random stream of dropout, sampling and mixup.
     pub noise: rand_xoshiro::Xoshiro256PlusPlus,
+    /// Wall seconds spent training in the epoch so far (0 in checkpoints written before it was
+    /// recorded).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// What a batch trains.
@@ -132,6 +136,10 @@ pub struct Trainer {
     pending: Pending,
     sums: Tensor,
     counts: (u64, u64, u64),
+    /// Wall seconds of this epoch before this trainer took it over from a checkpoint, and the
+    /// clock of its own part (from its first batch).
+    epoch_seconds_before: f64,
+    epoch_clock: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -179,6 +187,8 @@ impl Trainer {
             pending: Pending { micro: 0, ae: None, adv: None },
             sums,
             counts: (0, 0, 0),
+            epoch_seconds_before: 0.0,
+            epoch_clock: None,
         })
     }
 
@@ -211,6 +221,13 @@ impl Trainer {
     /// checkpoint taken within an epoch continues with this batch of the epoch's plan.
     pub fn batches_in_epoch(&self) -> u64 {
         self.batches_in_epoch
+    }
+
+    /// Wall seconds the current epoch had been trained for before this trainer resumed it from a
+    /// checkpoint taken within it (0 otherwise): the time of an epoch split by an interruption
+    /// is this plus the time after the resume.
+    pub fn epoch_seconds_before_resume(&self) -> f64 {
+        self.epoch_seconds_before
     }
 
     /// Whether a checkpoint can be taken now: between epochs, or within one after an optimizer
@@ -278,6 +295,7 @@ impl Trainer {
             self.noise.reseed(seeded(self.state.seed, STREAM_EPOCH, u64::from(self.state.epoch)));
             self.in_epoch = true;
         }
+        self.epoch_clock.get_or_insert_with(std::time::Instant::now);
         let b = DeviceBatch::upload(batch, self.model.device())?;
         let phase = self.phase();
         let alpha = self.mixup_alpha();
@@ -475,6 +493,8 @@ impl Trainer {
         self.batch_in_epoch = 0;
         self.batches_in_epoch = 0;
         self.in_epoch = false;
+        self.epoch_seconds_before = 0.0;
+        self.epoch_clock = None;
         Ok(metrics)
     }
 
@@ -498,6 +518,7 @@ impl Trainer {
                 sums: Vec::<f32>::try_from(&self.sums.f_to_device(Device::Cpu)?)?,
                 counts: self.counts,
                 noise: self.noise.generator().clone(),
+                seconds: self.epoch_seconds_before + self.epoch_clock.map_or(0.0, |c| c.elapsed().as_secs_f64()),
             })
         } else {
             None
@@ -547,6 +568,7 @@ impl Trainer {
             trainer.batches_in_epoch = position.batches;
             trainer.noise.reseed(position.noise);
             trainer.in_epoch = true;
+            trainer.epoch_seconds_before = position.seconds;
         }
         trainer.state = state;
         Ok(trainer)
