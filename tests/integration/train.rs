@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use cpa_stream::pipeline::train::encoder::{EncoderOptions, SplitSpec};
+use cpa_stream::stages::model::config::CpaConfig;
 use cpa_stream::stages::model::load_model;
 use cpa_stream::stages::store::read_small_table;
 use cpa_stream::stages::trainer::Trainer;
@@ -105,6 +106,17 @@ fn trains_on_a_synthetic_store_with_checkpoints_metrics_and_a_final_model() {
 }
 
 #[test]
+fn block_sampling_is_recorded_with_the_run() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "raw");
+    let run_dir = dir.path().join("run");
+    let report = train(&store, &run_dir, &["--epochs", "3", "--batch-size", "64", "--shuffle-run-cells", "8"]);
+    assert!(recon(&report, 2) < recon(&report, 0), "loss did not decrease: {report}");
+    let config = CpaConfig::from_file(&run_dir.join("config.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.training.shuffle_run_cells, 8);
+}
+
+#[test]
 fn resume_continues_exactly() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = synth_store(dir.path(), "s.store", "zstd");
@@ -147,7 +159,6 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
 
     use cpa_stream::pipeline::progress::Silent;
     use cpa_stream::pipeline::train::{TrainOptions, run_train};
-    use cpa_stream::stages::model::config::CpaConfig;
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = synth_store(dir.path(), "s.store", "raw");
