@@ -104,13 +104,18 @@ done
 echo "== training pipeline: loader alone, then one epoch at 10k, 100k and 1M cells (5,000 genes, batch 1,024)"
 "$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 1024 --json > "$res/loader-1024.json"
 "$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 256 --json > "$res/loader-256.json"
-python3 - "$res/loader-1024.json" "$res/loader-256.json" <<'PY'
+"$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 128 --json > "$res/loader-128.json"
+"$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 128 --shuffle-run-cells 8 \
+  --json > "$res/loader-128-runs8.json"
+python3 - "$res"/loader-1024.json "$res"/loader-256.json "$res"/loader-128.json "$res"/loader-128-runs8.json <<'PY'
 import json, sys
 for path in sys.argv[1:]:
     r = json.load(open(path))
-    print(f"  loader batch {r['batch_size']}, {r['workers']} workers: {r['cells_per_s']:.0f} cells/s, "
+    runs = " (runs of 8 cells)" if path.endswith("runs8.json") else ""
+    print(f"  loader batch {r['batch_size']}{runs}, {r['workers']} workers: {r['cells_per_s']:.0f} cells/s, "
           f"memcpy bound {r['memcpy_cells_per_s']:.0f} cells/s, ratio {r['vs_memcpy']:.2f}; "
-          f"read bound {r['read_bound_cells_per_s']:.0f} cells/s, ratio {r['vs_read_bound']:.2f}")
+          f"read bound {r['read_bound_cells_per_s']:.0f} cells/s, ratio {r['vs_read_bound']:.2f}; "
+          f"gather bound {r['gather_bound_cells_per_s']:.0f} cells/s, ratio {r['vs_gather_bound']:.2f}")
 PY
 for n in 10000 100000; do
   small="$dir/train-$n.store"
