@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use cpa_stream_stages::CsrBatch;
-use cpa_stream_stages::store::{Access, Store};
+use cpa_stream_stages::store::{Access, Store, consecutive_runs};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -333,17 +333,11 @@ pub(crate) fn gather_into_batches(
         for (k, rows) in order.chunks(batch).skip(t).step_by(threads).enumerate() {
             let (dst_indices, dst_values) = &mut pool[k % per_thread];
             let mut at = 0;
-            let mut i = 0;
-            while i < rows.len() {
-                let mut j = i + 1;
-                while j < rows.len() && rows[j] == rows[j - 1] + 1 {
-                    j += 1;
-                }
+            for (i, j) in consecutive_runs(rows) {
                 let (s, e) = (indptr[rows[i] as usize] as usize, indptr[rows[j - 1] as usize + 1] as usize);
                 dst_indices[at..at + e - s].copy_from_slice(&indices[s..e]);
                 dst_values[at..at + e - s].copy_from_slice(&values[s..e]);
                 at += e - s;
-                i = j;
             }
             std::hint::black_box((&dst_indices, &dst_values));
         }

@@ -489,12 +489,7 @@ impl<'a> RowCursor<'a> {
         // Rows whose loads have been started, for a raw store: the copy of one row overlaps the
         // memory latency of the next ones.
         let mut prefetched = 0;
-        let mut i = 0;
-        while i < rows.len() {
-            let mut j = i + 1;
-            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
-                j += 1;
-            }
+        for (i, j) in consecutive_runs(rows) {
             if let Some((indices, data)) = self.raw {
                 let ahead = (j + PREFETCH_ROWS).min(rows.len());
                 for &row in &rows[prefetched.max(i)..ahead] {
@@ -512,8 +507,39 @@ impl<'a> RowCursor<'a> {
                 let (idx, d) = self.row(rows[i])?;
                 out.push_row(idx, d);
             }
-            i = j;
         }
         Ok(())
+    }
+}
+
+/// The runs of consecutive row numbers in `rows`, as `(start, end)` positions in `rows`: each
+/// run is one contiguous range of the store.
+pub fn consecutive_runs(rows: &[u64]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= rows.len() {
+            return None;
+        }
+        let start = i;
+        i += 1;
+        while i < rows.len() && rows[i - 1].checked_add(1) == Some(rows[i]) {
+            i += 1;
+        }
+        Some((start, i))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consecutive_runs;
+
+    #[test]
+    fn runs_of_consecutive_rows() {
+        let runs = |rows: &[u64]| consecutive_runs(rows).collect::<Vec<_>>();
+        assert_eq!(runs(&[]), []);
+        assert_eq!(runs(&[7]), [(0, 1)]);
+        assert_eq!(runs(&[3, 4, 5, 9, 10, 2, 2]), [(0, 3), (3, 5), (5, 6), (6, 7)]);
+        // No run wraps around the largest row number.
+        assert_eq!(runs(&[u64::MAX, 0]), [(0, 1), (1, 2)]);
     }
 }
