@@ -36,6 +36,11 @@ pub struct ConvertArgs {
     out: PathBuf,
     #[command(flatten)]
     codec: CodecArgs,
+    /// Write the cells in a random order drawn from this seed (raw input): a store sorted by
+    /// condition can then be trained with runs of neighbouring cells (`--shuffle-run-cells`)
+    /// without each run being one condition.
+    #[arg(long, value_name = "SEED")]
+    shuffle: Option<u64>,
     /// Replace an existing store at --out.
     #[arg(long)]
     overwrite: bool,
@@ -140,8 +145,9 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let input = Store::open(&args.store)?;
     let progress = CliProgress::new();
-    let (manifest, report) = run_convert(&input, &args.out, args.codec.codec()?, args.overwrite, &progress)
-        .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
+    let (manifest, report) =
+        run_convert(&input, &args.out, args.codec.codec()?, args.shuffle, args.overwrite, &progress)
+            .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
     if args.json {
         let value = serde_json::json!({ "manifest": manifest, "report": report });
         outln!("{}", serde_json::to_string_pretty(&value)?);

@@ -170,3 +170,58 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn convert_shuffles_cells_with_their_obs_rows() {
+    use arrow::array::{Array, DictionaryArray, StringArray};
+    use arrow::datatypes::Int32Type;
+    use cpa_stream::schemas::tables::CELL_ID;
+    use cpa_stream::stages::store::read_small_table;
+
+    let dir = tempfile::tempdir().unwrap();
+    let rows = sample_rows(1000, 37);
+    let raw = dir.path().join("raw.store");
+    write_store(&raw, &rows, 37, Codec::Raw, 100);
+    let shuffle = |seed: &str, name: &str| {
+        let out = dir.path().join(name);
+        let done = run(&["convert", raw.to_str().unwrap(), "--out", out.to_str().unwrap(), "--shuffle", seed]);
+        assert!(done.status.success(), "{}", text(&done.stderr));
+        out
+    };
+    let (a, again, other) = (shuffle("7", "a.store"), shuffle("7", "again.store"), shuffle("8", "other.store"));
+
+    let store = Store::open(&a).unwrap();
+    assert_eq!(store.n_obs(), 1000);
+    store.verify().unwrap();
+    let obs = read_small_table(&a.join(StoreFiles::OBS)).unwrap();
+    let ids = obs.column_by_name(CELL_ID).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+    let conditions =
+        obs.column_by_name("condition").unwrap().as_any().downcast_ref::<DictionaryArray<Int32Type>>().unwrap();
+    let names = conditions.values().as_any().downcast_ref::<StringArray>().unwrap();
+    let mut cursor = store.cursor().unwrap();
+    let mut seen = vec![false; 1000];
+    let mut moved = 0;
+    for r in 0..1000 {
+        // Each cell keeps its own matrix row and obs row.
+        let cell: usize = ids.value(r).strip_prefix("cell").unwrap().parse().unwrap();
+        assert!(!std::mem::replace(&mut seen[cell], true), "cell {cell} written twice");
+        let (i, d) = cursor.row(r as u64).unwrap();
+        assert_eq!((i, d), (&rows[cell].0[..], &rows[cell].1[..]), "row {r} (cell {cell})");
+        assert_eq!(names.value(conditions.keys().value(r) as usize), CONDITIONS[cell % 3], "row {r}");
+        moved += usize::from(cell != r);
+    }
+    assert!(moved > 900, "only {moved} of 1,000 cells moved");
+    // The same seed writes the same store; another seed another order.
+    let x = |p: &std::path::Path| Store::open(p).unwrap().manifest().files["X/indices"].checksum.clone();
+    assert_eq!(x(&a), x(&again));
+    assert_ne!(x(&a), x(&other));
+
+    // A compressed store is refused, with the way out named.
+    let z = dir.path().join("z.store");
+    write_store(&z, &rows, 37, Codec::Zstd { level: 3, block_rows: 64 }, 100);
+    let out = dir.path().join("zs.store");
+    let refused = run(&["convert", z.to_str().unwrap(), "--out", out.to_str().unwrap(), "--shuffle", "1"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("convert it to raw first"), "{}", text(&refused.stderr));
+    assert!(!out.exists(), "a refused conversion left {}", out.display());
+}
