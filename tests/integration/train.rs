@@ -249,6 +249,34 @@ fn trains_on_the_bundled_real_data() {
 }
 
 #[test]
+fn runs_of_cells_on_a_store_sorted_by_condition_warn_until_it_is_shuffled() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let sorted = dir.path().join("pb.store");
+    let o = run(&["import", REAL_DATA, "--out", sorted.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "import failed: {}", text(&o.stderr));
+    let shuffled = dir.path().join("pb-shuffled.store");
+    let o = run(&[
+        "convert",
+        sorted.to_str().unwrap_or_default(),
+        "--out",
+        shuffled.to_str().unwrap_or_default(),
+        "--shuffle",
+        "11",
+    ]);
+    assert!(o.status.success(), "convert --shuffle failed: {}", text(&o.stderr));
+    let warned = |store: &Path, runs: &str| {
+        let out = dir.path().join(format!("run-{runs}"));
+        let o = train_output(store, &out, &["--epochs", "1", "--shuffle-run-cells", runs]);
+        let _ = std::fs::remove_dir_all(&out);
+        assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+        text(&o.stderr).contains("convert --shuffle")
+    };
+    assert!(warned(&sorted, "16"), "no warning for runs of 16 on the sorted store");
+    assert!(!warned(&sorted, "1"), "a warning for single cells");
+    assert!(!warned(&shuffled, "16"), "a warning for runs of 16 on the shuffled store");
+}
+
+#[test]
 fn errors_in_a_stage_stop_the_run_with_their_context() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     // A malformed dose: cell types are not numbers.

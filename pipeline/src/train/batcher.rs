@@ -152,6 +152,36 @@ impl Iterator for EpochPlan<'_> {
     }
 }
 
+/// How clustered the cells of `split` are in store order: the mean length of the stretches of
+/// consecutive cells (of the split) in one label group (condition, doses and covariates), over
+/// the same mean expected of a random order of those cells, `1 / (1 - sum of squared group
+/// shares)`. Near 1 for a shuffled store; far above it for a store sorted by condition, where
+/// runs of neighbouring cells ([`PlanOptions::run_cells`] > 1) each come from one group.
+pub fn group_clustering(labels: &CellLabels, split: Split) -> f64 {
+    let mut counts = vec![0u64; labels.groups().len()];
+    let (mut n, mut stretches) = (0u64, 0u64);
+    let mut last = None;
+    for cell in 0..labels.n_cells() {
+        if labels.split(cell) != split {
+            continue;
+        }
+        let g = labels.group_id(cell);
+        counts[g as usize] += 1;
+        n += 1;
+        if last != Some(g) {
+            stretches += 1;
+            last = Some(g);
+        }
+    }
+    if n == 0 {
+        return 1.0;
+    }
+    let n = n as f64;
+    let same: f64 = counts.iter().map(|&c| (c as f64 / n).powi(2)).sum();
+    let expected = if same < 1.0 { (1.0 / (1.0 - same)).min(n) } else { n };
+    n / stretches as f64 / expected
+}
+
 /// How long a worker waits for a recycled batch before allocating another.
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -416,6 +446,26 @@ mod tests {
             blocks.len()
         };
         assert!(runs.iter().take(runs.len() - 1).all(|b| blocks(b) >= 3), "runs of 16 from fewer than 3 blocks");
+    }
+
+    #[test]
+    fn clustering_tells_a_sorted_store_from_a_shuffled_one() {
+        let vocab = labels(&[]).vocab;
+        let group = |class| Group { parts: vec![(1, 1.0)], covariates: vec![0], class };
+        let with =
+            |cells: &[(u32, Split)]| match CellLabels::from_parts(vocab.clone(), (0..4).map(group).collect(), cells) {
+                Ok(l) => l,
+                Err(e) => panic!("{e}"),
+            };
+        // 4,000 cells of 4 groups, sorted by group; one in five held out for validation.
+        let split = |i: u32| if i % 5 == 0 { Split::Valid } else { Split::Train };
+        let sorted: Vec<(u32, Split)> = (0..4000u32).map(|i| (i / 1000, split(i))).collect();
+        let mut shuffled = sorted.clone();
+        shuffled.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(5));
+        let (s, r) = (group_clustering(&with(&sorted), Split::Train), group_clustering(&with(&shuffled), Split::Train));
+        assert!(s > 100.0, "sorted: {s}");
+        assert!((0.8..1.25).contains(&r), "shuffled: {r}");
+        assert_eq!(group_clustering(&with(&[]), Split::Train), 1.0);
     }
 
     #[test]

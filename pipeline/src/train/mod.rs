@@ -137,6 +137,18 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         shuffle: true,
     };
     let loader = LoaderOptions { workers: options.workers.max(1), prefetch: options.prefetch.max(1) };
+    if plan.run_cells > 1 {
+        let clustering = batcher::group_clustering(&labels, Split::Train);
+        if clustering > CLUSTERED {
+            tracing::warn!(
+                "{}: the training cells of each condition, dose and covariates lie together ({clustering:.0}x a \
+                 random order), so each run of {} neighbouring cells (shuffle_run_cells) will mostly be one \
+                 condition; shuffle the store once (cpa-stream convert --shuffle SEED) or train with single cells",
+                options.store.display(),
+                plan.run_cells
+            );
+        }
+    }
     let (plan_stats, gather_stats, train_stats) =
         (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("trainer", 1));
     let mut records = read_metrics(&options.out.join(METRICS_FILE), trainer.state().epoch)?;
@@ -516,6 +528,10 @@ pub fn bench_loader(
         },
     })
 }
+
+/// The [`batcher::group_clustering`] above which training with runs of cells warns that the
+/// store is sorted by label group.
+const CLUSTERED: f64 = 2.0;
 
 /// Largest batch `--batch-size auto` probes.
 pub const AUTO_BATCH_MAX: usize = 1 << 16;
