@@ -458,7 +458,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             };
         // 4,000 cells of 4 groups, sorted by group; one in five held out for validation.
-        let split = |i: u32| if i % 5 == 0 { Split::Valid } else { Split::Train };
+        let split = |i: u32| if i.is_multiple_of(5) { Split::Valid } else { Split::Train };
         let sorted: Vec<(u32, Split)> = (0..4000u32).map(|i| (i / 1000, split(i))).collect();
         let mut shuffled = sorted.clone();
         shuffled.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(5));
