@@ -230,12 +230,18 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
     }
 }
 
+/// Imports the bundled .h5ad into `dir/pb.store`.
+fn import_real_data(dir: &Path) -> PathBuf {
+    let store = dir.join("pb.store");
+    let o = run(&["import", REAL_DATA, "--out", store.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "import failed: {}", text(&o.stderr));
+    store
+}
+
 #[test]
 fn trains_on_the_bundled_real_data() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let store = dir.path().join("pb.store");
-    let o = run(&["import", REAL_DATA, "--out", store.to_str().unwrap_or_default()]);
-    assert!(o.status.success(), "import failed: {}", text(&o.stderr));
+    let store = import_real_data(dir.path());
     let run_dir = dir.path().join("run");
     let report = train(&store, &run_dir, &["--epochs", "4", "--holdout", "MAP2K3+MAP2K6"]);
     assert!(recon(&report, 3) < recon(&report, 0), "loss did not decrease: {report}");
@@ -251,9 +257,7 @@ fn trains_on_the_bundled_real_data() {
 #[test]
 fn runs_of_cells_on_a_store_sorted_by_condition_warn_until_it_is_shuffled() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let sorted = dir.path().join("pb.store");
-    let o = run(&["import", REAL_DATA, "--out", sorted.to_str().unwrap_or_default()]);
-    assert!(o.status.success(), "import failed: {}", text(&o.stderr));
+    let sorted = import_real_data(dir.path());
     let shuffled = dir.path().join("pb-shuffled.store");
     let o = run(&[
         "convert",
