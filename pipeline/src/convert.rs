@@ -2,7 +2,9 @@
 //! optionally the order of its cells (a seeded shuffle, once, so that training can read runs of
 //! neighbouring cells without taking them from one condition).
 
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,8 +15,8 @@ use cpa_stream_schemas::{Codec, Manifest, StoreFiles};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions, read_small_table, table_schema};
 
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::error::{Error, Result};
@@ -29,25 +31,34 @@ const CHANNEL_DEPTH: usize = 4;
 /// at 5,000 genes and 17% density a window is about 14 MB.
 const BATCH_ROWS: usize = 2048;
 
+/// Default memory for one bucket of [`Shuffle`]: 256 MiB.
+pub const DEFAULT_SHUFFLE_BUCKET_BYTES: u64 = 256 << 20;
+/// Most bucket files of a shuffle open at once.
+const MAX_SHUFFLE_BUCKETS: u64 = 4096;
+/// Write buffer of each bucket file.
+const BUCKET_BUFFER: usize = 256 << 10;
+
+/// Writing the cells in a seeded random order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shuffle {
+    pub seed: u64,
+    /// Payload bytes of the cells that one bucket holds in memory (about; bucket sizes vary a
+    /// little at random).
+    pub bucket_bytes: u64,
+}
+
 /// Copies `input` into a new store at `out` with `codec`, streaming `obs` batches and their rows;
 /// extra tables (truth, DEGs: per condition, not per cell) are copied as they are. With
-/// `shuffle_seed`, the cells are written in a random order drawn from that seed (see
+/// `shuffle`, the cells are written in a random order drawn from its seed (see
 /// [`copy_shuffled`]).
 pub fn run_convert(
     input: &Store,
     out: &Path,
     codec: Codec,
-    shuffle_seed: Option<u64>,
+    shuffle: Option<Shuffle>,
     overwrite: bool,
     progress: &dyn Progress,
 ) -> Result<(Manifest, RunReport)> {
-    if shuffle_seed.is_some() && input.raw_rows(0..0).is_none() {
-        return Err(Error::InvalidInput(format!(
-            "{}: shuffling reads the cells in a random order, which a compressed store would \
-             decompress a block for each; convert it to raw first",
-            input.path().display()
-        )));
-    }
     let sampler = MemorySampler::start();
     let started = Instant::now();
     let read = StageStats::new("read", 1);
@@ -55,7 +66,7 @@ pub fn run_convert(
     let var = read_small_table(&input.file_path(StoreFiles::VAR)).map_err(Error::stage("read"))?;
     let obs_path = input.file_path(StoreFiles::OBS);
     let obs_schema = table_schema(&obs_path).map_err(Error::stage("read"))?;
-    let shuffled = shuffle_seed.map(|seed| format!(", cells shuffled with seed {seed}")).unwrap_or_default();
+    let shuffled = shuffle.map(|s| format!(", cells shuffled with seed {}", s.seed)).unwrap_or_default();
     let options = StoreWriterOptions {
         codec,
         overwrite,
@@ -75,20 +86,15 @@ pub fn run_convert(
                 .map_err(|e| Error::InvalidInput(format!("copying {name}: {e}")))?;
         }
     }
-    progress.begin("cells", input.n_obs());
-    if let Some(seed) = shuffle_seed {
-        let result = copy_shuffled(input, &mut writer, seed, (&read, &write), progress);
-        progress.end();
-        result?;
+    if let Some(shuffle) = shuffle {
+        let scatter = StageStats::new("scatter", 1);
+        copy_shuffled(input, &mut writer, shuffle, out, [&read, &scatter, &write], progress)?;
         let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
-        let report = RunReport {
-            wall: started.elapsed(),
-            stages: vec![read.report(), write.report()],
-            memory: sampler.finish(),
-        };
-        return Ok((manifest, report));
+        let stages = vec![read.report(), scatter.report(), write.report()];
+        return Ok((manifest, RunReport { wall: started.elapsed(), stages, memory: sampler.finish() }));
     }
     input.advise(Access::Sequential);
+    progress.begin("cells", input.n_obs());
     let result = two_stage(
         "read",
         &read,
@@ -118,43 +124,154 @@ pub fn run_convert(
     Ok((manifest, report))
 }
 
-/// Writes the cells of a raw store in a random order drawn from `seed`, in windows of
-/// [`BATCH_ROWS`]. The permutation (8 bytes a cell) and the obs table are held in memory (about
-/// 100 MB at a million cells); the matrix rows are read in the new order through the page
-/// cache, a few rows at a time.
+/// Writes the cells of `input` in a random order drawn from `shuffle.seed`, reading the store
+/// sequentially only (an atlas larger than memory is never read at random): an external shuffle
+/// in two passes. The first reads the cells in order and appends each, with its row number, to
+/// one of `buckets` scratch files drawn at random; the second reads each bucket in turn into
+/// memory, shuffles its cells and writes them with their obs rows. Drawing a bucket per cell and
+/// shuffling within buckets gives every order the same chance. Memory: one bucket, the obs table
+/// (about 100 MB at a million cells) and a write buffer per bucket. The scratch files, as large
+/// as the payload, lie next to `out` and are removed as they are used, and on error.
 fn copy_shuffled(
     input: &Store,
     writer: &mut StoreWriter,
-    seed: u64,
-    (read, write): (&StageStats, &StageStats),
+    shuffle: Shuffle,
+    out: &Path,
+    [read, scatter, write]: [&StageStats; 3],
     progress: &dyn Progress,
 ) -> Result<()> {
     let obs_path = input.file_path(StoreFiles::OBS);
     let obs = read.busy(|| read_small_table(&obs_path)).map_err(Error::stage("read"))?;
-    if obs.num_rows() as u64 != input.n_obs() {
+    let n = input.n_obs();
+    if obs.num_rows() as u64 != n {
         return Err(Error::InvalidInput(format!(
-            "{}: {} rows, the matrix has {}",
+            "{}: {} rows, the matrix has {n}",
             obs_path.display(),
-            obs.num_rows(),
-            input.n_obs()
+            obs.num_rows()
         )));
     }
-    let mut order: Vec<u64> = (0..input.n_obs()).collect();
-    order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(seed));
-    input.advise(Access::Random);
+    // Each cell's record: row number (8 bytes), entries (4), indices and values (8 per entry).
+    let record_bytes = input.nnz() * 8 + n * 12;
+    let buckets = record_bytes.div_ceil(shuffle.bucket_bytes.max(1)).clamp(1, MAX_SHUFFLE_BUCKETS) as usize;
+    let scratch = Scratch::create(out)?;
+    let bucket_path = |b: usize| scratch.0.join(format!("bucket-{b}"));
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |e: std::io::Error| Error::InvalidInput(format!("{}: {e}", path.display()))
+    };
+    let mut files = (0..buckets)
+        .map(|b| {
+            File::create(bucket_path(b))
+                .map(|f| BufWriter::with_capacity(BUCKET_BUFFER, f))
+                .map_err(io(&bucket_path(b)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(shuffle.seed);
+
+    // Pass 1: the store in order, each cell to a random bucket.
+    input.advise(Access::Sequential);
     let mut cursor = input.cursor().map_err(Error::stage("read"))?;
     let mut rows = CsrBatch::new(input.n_vars() as u32);
-    for window in order.chunks(BATCH_ROWS) {
-        let part = read.busy(|| -> Result<RecordBatch> {
+    progress.begin("scatter", n);
+    for start in (0..n).step_by(BATCH_ROWS) {
+        let end = (start + BATCH_ROWS as u64).min(n);
+        read.busy(|| {
             rows.clear();
-            cursor.gather(window, &mut rows).map_err(Error::stage("read"))?;
-            take_record_batch(&obs, &UInt64Array::from(window.to_vec()))
-                .map_err(|e| Error::InvalidInput(format!("{}: {e}", obs_path.display())))
-        })?;
+            cursor.read_range(start..end, &mut rows)
+        })
+        .map_err(Error::stage("read"))?;
         read.add(rows.n_rows() as u64, rows.byte_size());
-        write.busy(|| writer.push_rows(&rows, &part)).map_err(Error::stage("write"))?;
-        write.add(rows.n_rows() as u64, rows.byte_size());
+        scatter.busy(|| -> Result<()> {
+            for r in 0..rows.n_rows() {
+                let b = rng.random_range(0..buckets);
+                let (indices, values) = rows.row(r);
+                let file = &mut files[b];
+                let record = [
+                    &(start + r as u64).to_le_bytes()[..],
+                    &(indices.len() as u32).to_le_bytes(),
+                    bytemuck::cast_slice(indices),
+                    bytemuck::cast_slice(values),
+                ];
+                for part in record {
+                    file.write_all(part).map_err(io(&bucket_path(b)))?;
+                }
+            }
+            Ok(())
+        })?;
+        scatter.add(rows.n_rows() as u64, rows.byte_size());
         progress.advance(rows.n_rows() as u64);
     }
+    for (b, file) in files.into_iter().enumerate() {
+        scatter.busy(|| file.into_inner().map_err(|e| e.into_error())).map_err(io(&bucket_path(b)))?;
+    }
+    progress.end();
+
+    // Pass 2: each bucket shuffled in memory and written.
+    progress.begin("write", n);
+    let (mut indices, mut values) = (Vec::new(), Vec::new());
+    let mut written = 0u64;
+    for b in 0..buckets {
+        let path = bucket_path(b);
+        let bytes = scatter.busy(|| std::fs::read(&path)).map_err(io(&path))?;
+        // (row number, offset of its entries, entries) of every cell of the bucket.
+        let mut cells: Vec<(u64, usize, usize)> = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let field = |from: usize, len: usize| bytes.get(from..from + len).ok_or_else(|| truncated(&path));
+            let row = u64::from_le_bytes(field(at, 8)?.try_into().map_err(|_| truncated(&path))?);
+            let nnz = u32::from_le_bytes(field(at + 8, 4)?.try_into().map_err(|_| truncated(&path))?) as usize;
+            field(at + 12, nnz * 8)?;
+            cells.push((row, at + 12, nnz));
+            at += 12 + nnz * 8;
+        }
+        cells.shuffle(&mut rng);
+        for chunk in cells.chunks(BATCH_ROWS) {
+            let part = write.busy(|| -> Result<RecordBatch> {
+                rows.clear();
+                for &(_, offset, nnz) in chunk {
+                    let (idx, val) = bytes[offset..offset + nnz * 8].split_at(nnz * 4);
+                    indices.clear();
+                    values.clear();
+                    indices.extend(idx.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                    values.extend(val.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                    rows.push_row(&indices, &values);
+                }
+                let ids = UInt64Array::from_iter_values(chunk.iter().map(|c| c.0));
+                take_record_batch(&obs, &ids).map_err(|e| Error::InvalidInput(format!("{}: {e}", obs_path.display())))
+            })?;
+            write.busy(|| writer.push_rows(&rows, &part)).map_err(Error::stage("write"))?;
+            write.add(rows.n_rows() as u64, rows.byte_size());
+            written += rows.n_rows() as u64;
+            progress.advance(rows.n_rows() as u64);
+        }
+        drop(bytes);
+        std::fs::remove_file(&path).map_err(io(&path))?;
+    }
+    progress.end();
+    if written != n {
+        return Err(Error::InvalidInput(format!("{}: the shuffle wrote {written} cells of {n}", scratch.0.display())));
+    }
     Ok(())
+}
+
+fn truncated(path: &Path) -> Error {
+    Error::InvalidInput(format!("{}: a scratch file of the shuffle ends within a cell", path.display()))
+}
+
+/// A scratch directory next to a store being written, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn create(out: &Path) -> Result<Scratch> {
+        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".to_owned());
+        let dir = out.with_file_name(format!(".{name}.shuffle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::InvalidInput(format!("{}: {e}", dir.display())))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::convert::run_convert;
+use cpa_stream_pipeline::convert::{DEFAULT_SHUFFLE_BUCKET_BYTES, Shuffle, run_convert};
 use cpa_stream_stages::store::{Store, summarize_obs};
 use serde::Serialize;
 
@@ -36,11 +36,16 @@ pub struct ConvertArgs {
     out: PathBuf,
     #[command(flatten)]
     codec: CodecArgs,
-    /// Write the cells in a random order drawn from this seed (raw input): a store sorted by
-    /// condition can then be trained with runs of neighbouring cells (`--shuffle-run-cells`)
-    /// without each run being one condition.
+    /// Write the cells in a random order drawn from this seed: a store sorted by condition can
+    /// then be trained with runs of neighbouring cells (`--shuffle-run-cells`) without each run
+    /// being one condition. Two sequential passes, with scratch files next to --out as large as
+    /// the matrix.
     #[arg(long, value_name = "SEED")]
     shuffle: Option<u64>,
+    /// Memory for one bucket of the shuffle, in MiB (the input is cut into buckets of about
+    /// this size).
+    #[arg(long, default_value_t = DEFAULT_SHUFFLE_BUCKET_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..))]
+    shuffle_memory_mib: u64,
     /// Replace an existing store at --out.
     #[arg(long)]
     overwrite: bool,
@@ -145,9 +150,9 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let input = Store::open(&args.store)?;
     let progress = CliProgress::new();
-    let (manifest, report) =
-        run_convert(&input, &args.out, args.codec.codec()?, args.shuffle, args.overwrite, &progress)
-            .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
+    let shuffle = args.shuffle.map(|seed| Shuffle { seed, bucket_bytes: args.shuffle_memory_mib << 20 });
+    let (manifest, report) = run_convert(&input, &args.out, args.codec.codec()?, shuffle, args.overwrite, &progress)
+        .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
     if args.json {
         let value = serde_json::json!({ "manifest": manifest, "report": report });
         outln!("{}", serde_json::to_string_pretty(&value)?);

@@ -179,49 +179,81 @@ fn convert_shuffles_cells_with_their_obs_rows() {
     use cpa_stream::stages::store::read_small_table;
 
     let dir = tempfile::tempdir().unwrap();
-    let rows = sample_rows(1000, 37);
-    let raw = dir.path().join("raw.store");
-    write_store(&raw, &rows, 37, Codec::Raw, 100);
-    let shuffle = |seed: &str, name: &str| {
-        let out = dir.path().join(name);
-        let done = run(&["convert", raw.to_str().unwrap(), "--out", out.to_str().unwrap(), "--shuffle", seed]);
-        assert!(done.status.success(), "{}", text(&done.stderr));
-        out
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let ok = |args: &[&str]| {
+        let done = run(args);
+        assert!(done.status.success(), "{args:?}: {}", text(&done.stderr));
+        text(&done.stderr)
     };
-    let (a, again, other) = (shuffle("7", "a.store"), shuffle("7", "again.store"), shuffle("8", "other.store"));
+    // About 12 MB of cells.
+    ok(&[
+        "synth",
+        "--cells",
+        "20000",
+        "--genes",
+        "500",
+        "--perturbations",
+        "4",
+        "--combinations",
+        "1",
+        "--seed",
+        "2",
+        "--out",
+        &path("orig.store"),
+    ]);
+    ok(&["convert", &path("orig.store"), "--codec", "zstd", "--out", &path("orig-z.store")]);
+    // Buckets of 1 MiB: a dozen scratch files.
+    let shuffle = |from: &str, seed: &str, name: &str| {
+        ok(&["convert", &path(from), "--out", &path(name), "--shuffle", seed, "--shuffle-memory-mib", "1"]);
+    };
+    shuffle("orig.store", "7", "a.store");
+    shuffle("orig.store", "7", "again.store");
+    shuffle("orig.store", "8", "other.store");
+    shuffle("orig-z.store", "7", "from-zstd.store");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("shuffle"))
+        .collect();
+    assert!(leftovers.is_empty(), "scratch files left: {leftovers:?}");
 
-    let store = Store::open(&a).unwrap();
-    assert_eq!(store.n_obs(), 1000);
+    let table = |name: &str| read_small_table(&dir.path().join(name).join(StoreFiles::OBS)).unwrap();
+    let (orig_obs, obs) = (table("orig.store"), table("a.store"));
+    let strings = |t: &arrow::array::RecordBatch, column: &str| -> Vec<String> {
+        let c = t.column_by_name(column).unwrap();
+        if let Some(s) = c.as_any().downcast_ref::<StringArray>() {
+            return (0..s.len()).map(|i| s.value(i).to_owned()).collect();
+        }
+        let d = c.as_any().downcast_ref::<DictionaryArray<Int32Type>>().unwrap();
+        let names = d.values().as_any().downcast_ref::<StringArray>().unwrap();
+        (0..d.len()).map(|i| names.value(d.keys().value(i) as usize).to_owned()).collect()
+    };
+    let position: std::collections::HashMap<String, usize> =
+        strings(&orig_obs, CELL_ID).into_iter().enumerate().map(|(i, id)| (id, i)).collect();
+    let (orig, store) =
+        (Store::open(&dir.path().join("orig.store")).unwrap(), Store::open(&dir.path().join("a.store")).unwrap());
+    assert_eq!(store.n_obs(), 20_000);
+    assert_eq!(store.nnz(), orig.nnz());
     store.verify().unwrap();
-    let obs = read_small_table(&a.join(StoreFiles::OBS)).unwrap();
-    let ids = obs.column_by_name(CELL_ID).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
-    let conditions =
-        obs.column_by_name("condition").unwrap().as_any().downcast_ref::<DictionaryArray<Int32Type>>().unwrap();
-    let names = conditions.values().as_any().downcast_ref::<StringArray>().unwrap();
-    let mut cursor = store.cursor().unwrap();
-    let mut seen = vec![false; 1000];
+    let (ids, conditions, orig_conditions) =
+        (strings(&obs, CELL_ID), strings(&obs, "condition"), strings(&orig_obs, "condition"));
+    let (mut a, mut b) = (orig.cursor().unwrap(), store.cursor().unwrap());
+    let mut seen = vec![false; 20_000];
     let mut moved = 0;
-    for r in 0..1000 {
+    for r in 0..20_000usize {
         // Each cell keeps its own matrix row and obs row.
-        let cell: usize = ids.value(r).strip_prefix("cell").unwrap().parse().unwrap();
+        let cell = position[&ids[r]];
         assert!(!std::mem::replace(&mut seen[cell], true), "cell {cell} written twice");
-        let (i, d) = cursor.row(r as u64).unwrap();
-        assert_eq!((i, d), (&rows[cell].0[..], &rows[cell].1[..]), "row {r} (cell {cell})");
-        assert_eq!(names.value(conditions.keys().value(r) as usize), CONDITIONS[cell % 3], "row {r}");
+        let want = a.row(cell as u64).map(|(i, d)| (i.to_vec(), d.to_vec())).unwrap();
+        let got = b.row(r as u64).map(|(i, d)| (i.to_vec(), d.to_vec())).unwrap();
+        assert_eq!(got, want, "row {r} (cell {cell})");
+        assert_eq!(conditions[r], orig_conditions[cell], "row {r}");
         moved += usize::from(cell != r);
     }
-    assert!(moved > 900, "only {moved} of 1,000 cells moved");
-    // The same seed writes the same store; another seed another order.
-    let x = |p: &std::path::Path| Store::open(p).unwrap().manifest().files["X/indices"].checksum.clone();
-    assert_eq!(x(&a), x(&again));
-    assert_ne!(x(&a), x(&other));
-
-    // A compressed store is refused, with the way out named.
-    let z = dir.path().join("z.store");
-    write_store(&z, &rows, 37, Codec::Zstd { level: 3, block_rows: 64 }, 100);
-    let out = dir.path().join("zs.store");
-    let refused = run(&["convert", z.to_str().unwrap(), "--out", out.to_str().unwrap(), "--shuffle", "1"]);
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(text(&refused.stderr).contains("convert it to raw first"), "{}", text(&refused.stderr));
-    assert!(!out.exists(), "a refused conversion left {}", out.display());
+    assert!(moved > 19_000, "only {moved} of 20,000 cells moved");
+    // The same seed writes the same store, from either codec; another seed another order.
+    let x = |name: &str| Store::open(&dir.path().join(name)).unwrap().manifest().files["X/indices"].checksum.clone();
+    assert_eq!(x("a.store"), x("again.store"));
+    assert_eq!(x("a.store"), x("from-zstd.store"));
+    assert_ne!(x("a.store"), x("other.store"));
 }
