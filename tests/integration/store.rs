@@ -231,7 +231,7 @@ fn convert_shuffles_cells_with_their_obs_rows() {
     let position: std::collections::HashMap<String, usize> =
         strings(&orig_obs, CELL_ID).into_iter().enumerate().map(|(i, id)| (id, i)).collect();
     let (orig, store) =
-        (Store::open(&dir.path().join("orig.store")).unwrap(), Store::open(&dir.path().join("a.store")).unwrap());
+        (Store::open(dir.path().join("orig.store")).unwrap(), Store::open(dir.path().join("a.store")).unwrap());
     assert_eq!(store.n_obs(), 20_000);
     assert_eq!(store.nnz(), orig.nnz());
     store.verify().unwrap();
@@ -252,7 +252,7 @@ fn convert_shuffles_cells_with_their_obs_rows() {
     }
     assert!(moved > 19_000, "only {moved} of 20,000 cells moved");
     // The same seed writes the same store, from either codec; another seed another order.
-    let x = |name: &str| Store::open(&dir.path().join(name)).unwrap().manifest().files["X/indices"].checksum.clone();
+    let x = |name: &str| Store::open(dir.path().join(name)).unwrap().manifest().files["X/indices"].checksum.clone();
     assert_eq!(x("a.store"), x("again.store"));
     assert_eq!(x("a.store"), x("from-zstd.store"));
     assert_ne!(x("a.store"), x("other.store"));
