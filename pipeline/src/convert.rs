@@ -14,7 +14,6 @@ use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::{Codec, Manifest, StoreFiles};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions, read_small_table, table_schema};
-
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -88,7 +87,12 @@ pub fn run_convert(
     }
     if let Some(shuffle) = shuffle {
         let scatter = StageStats::new("scatter", 1);
-        copy_shuffled(input, &mut writer, shuffle, out, [&read, &scatter, &write], progress)?;
+        let result = copy_shuffled(input, &mut writer, shuffle, out, [&read, &scatter, &write], progress);
+        if result.is_err() {
+            // Close the bar of the phase that failed.
+            progress.end();
+        }
+        result?;
         let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
         let stages = vec![read.report(), scatter.report(), write.report()];
         return Ok((manifest, RunReport { wall: started.elapsed(), stages, memory: sampler.finish() }));
