@@ -237,8 +237,19 @@ pub(crate) fn memcpy_pass(store: &Store, threads: usize) -> Result<Duration> {
     })
 }
 
-/// One destination batch of [`memcpy_into_batches`]: indices and values.
+/// One destination batch of the bounds: indices and values.
 type Destination = (Vec<u32>, Vec<f32>);
+
+/// `buffers` destinations of `width` entries, dealt to `threads` threads (as many per thread,
+/// rounded up), and that count per thread. They exist (and are mapped) before a bound's clock
+/// starts, as the loader's recycled batches do in steady state.
+fn destination_pools(threads: usize, buffers: usize, width: usize) -> (Vec<std::sync::Mutex<Vec<Destination>>>, usize) {
+    let per_thread = buffers.div_ceil(threads).max(1);
+    let pools = (0..threads)
+        .map(|_| std::sync::Mutex::new((0..per_thread).map(|_| (vec![0u32; width], vec![0f32; width])).collect()))
+        .collect();
+    (pools, per_thread)
+}
 
 /// Copies the payload of every row, in store order, into batch-shaped destinations: the indices
 /// and the values of each run of `batch_size` rows go, with one memcpy each, into one of
@@ -262,12 +273,7 @@ pub(crate) fn memcpy_into_batches(
         .map(|b| indptr[((b + 1) * batch).min(n) as usize] - indptr[(b * batch) as usize])
         .max()
         .unwrap_or(0) as usize;
-    let per_thread = buffers.div_ceil(threads).max(1);
-    // The destinations exist (and are mapped) before the clock starts, as the loader's recycled
-    // batches do in steady state.
-    let pools: Vec<std::sync::Mutex<Vec<Destination>>> = (0..threads)
-        .map(|_| std::sync::Mutex::new((0..per_thread).map(|_| (vec![0u32; widest], vec![0f32; widest])).collect()))
-        .collect();
+    let (pools, per_thread) = destination_pools(threads, buffers, widest);
     let plain = store.raw_rows(0..0).is_none().then(|| (vec![1u32; widest], vec![1f32; widest]));
     timed_threads(threads, |t| {
         // Whole batches per thread, so that every run is one the widest destination holds.
@@ -324,10 +330,7 @@ pub(crate) fn gather_into_batches(
         widest = widest.max(width(rows));
     }
     let order = &*order;
-    let per_thread = buffers.div_ceil(threads).max(1);
-    let pools: Vec<std::sync::Mutex<Vec<Destination>>> = (0..threads)
-        .map(|_| std::sync::Mutex::new((0..per_thread).map(|_| (vec![0u32; widest], vec![0f32; widest])).collect()))
-        .collect();
+    let (pools, per_thread) = destination_pools(threads, buffers, widest);
     let elapsed = timed_threads(threads, |t| {
         let mut pool = pools[t].lock().map_err(|_| Error::InvalidInput("a bench thread panicked".into()))?;
         for (k, rows) in order.chunks(batch).skip(t).step_by(threads).enumerate() {
