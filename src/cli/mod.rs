@@ -82,7 +82,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Logs go to stderr; `CPA_STREAM_LOG` (or `RUST_LOG`) sets the filter, default `info`.
+/// `--shuffle-run-cells`: `auto` (0, chosen from the store's order) or a run length of at least 1.
+fn parse_run_cells(value: &str) -> Result<usize, String> {
+    if value == "auto" {
+        return Ok(0);
+    }
+    match value.parse::<usize>() {
+        Ok(k) if k >= 1 => Ok(k),
+        _ => Err(format!("{value:?}: expected `auto` or a whole number of cells, at least 1")),
+    }
+}
+
 /// The device named on the command line, checked to exist, with libtorch's thread count set when
 /// given (train, predict and evaluate).
 fn model_device(name: &str, threads: Option<usize>) -> anyhow::Result<tch::Device> {
@@ -95,13 +105,21 @@ fn model_device(name: &str, threads: Option<usize>) -> anyhow::Result<tch::Devic
     Ok(device)
 }
 
+/// Logs go to stderr; `CPA_STREAM_LOG` (or `RUST_LOG`) sets the filter, default `info`. Colours
+/// only on a terminal (and not with `NO_COLOR` set), so that logs written to files stay plain.
 pub fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("CPA_STREAM_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(colour)
+        .try_init();
 }
