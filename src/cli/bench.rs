@@ -52,9 +52,10 @@ pub struct LoaderArgs {
     #[arg(long, default_value_t = 64)]
     shuffle_blocks: usize,
     /// Consecutive cells the in-buffer shuffle keeps together (training's
-    /// `shuffle_run_cells`; 1 shuffles single cells).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    shuffle_run_cells: u64,
+    /// `shuffle_run_cells`: 1 shuffles single cells; `auto` chooses from the store's order as
+    /// training does).
+    #[arg(long, default_value = "auto", value_parser = super::parse_run_cells)]
+    shuffle_run_cells: usize,
     #[arg(long)]
     json: bool,
 }
@@ -138,7 +139,7 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
         batch_size: args.batch_size,
         block_cells: args.block_cells,
         shuffle_blocks: args.shuffle_blocks,
-        run_cells: usize::try_from(args.shuffle_run_cells).unwrap_or(usize::MAX),
+        run_cells: args.shuffle_run_cells,
         ..PlanOptions::default()
     };
     let r = bench_loader(&args.store, &encoder, &plan, loader, args.epochs)?;
@@ -146,7 +147,17 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!("{}: {} cells x {} genes, batch {}, {} workers", r.store, r.cells, r.genes, r.batch_size, r.workers);
+    outln!(
+        "{}: {} cells x {} genes, batch {}, {} workers, shuffled in runs of {} cells (store order {:.2}x as \
+         clustered by label group as a random one)",
+        r.store,
+        r.cells,
+        r.genes,
+        r.batch_size,
+        r.workers,
+        r.run_cells,
+        r.group_clustering
+    );
     outln!(
         "loader {:.0} cells/s; memcpy bound {:.0} cells/s (into {} batch buffers); ratio {:.2}",
         r.cells_per_s,

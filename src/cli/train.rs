@@ -59,9 +59,10 @@ pub struct TrainArgs {
     #[arg(long)]
     batch_size: Option<String>,
     /// Consecutive store cells the shuffle keeps together (block sampling: faster reads, less
-    /// mixed batches on a store sorted by condition) [default: the configuration's, 1].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    shuffle_run_cells: Option<u64>,
+    /// mixed batches on a store sorted by condition), or `auto`: runs of 8 on a store in random
+    /// order of its labels, single cells otherwise [default: the configuration's, auto].
+    #[arg(long, value_parser = super::parse_run_cells)]
+    shuffle_run_cells: Option<usize>,
     /// Continue from RUN/checkpoint.
     #[arg(long)]
     resume: bool,
@@ -102,7 +103,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         config.training.seed = s;
     }
     if let Some(k) = args.shuffle_run_cells {
-        config.training.shuffle_run_cells = usize::try_from(k)?;
+        config.training.shuffle_run_cells = k;
     }
     config.validate().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     let device = super::model_device(&args.device, args.threads)?;

@@ -255,7 +255,7 @@ fn trains_on_the_bundled_real_data() {
 }
 
 #[test]
-fn runs_of_cells_on_a_store_sorted_by_condition_warn_until_it_is_shuffled() {
+fn runs_of_cells_follow_the_store_order_and_warn_when_asked_of_a_sorted_store() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let sorted = import_real_data(dir.path());
     let shuffled = dir.path().join("pb-shuffled.store");
@@ -268,16 +268,21 @@ fn runs_of_cells_on_a_store_sorted_by_condition_warn_until_it_is_shuffled() {
         "11",
     ]);
     assert!(o.status.success(), "convert --shuffle failed: {}", text(&o.stderr));
-    let warned = |store: &Path, runs: &str| {
+    // Trains one epoch; whether it warned, and the run length saved with the run.
+    let train_runs = |store: &Path, runs: &str| -> (bool, usize) {
         let out = dir.path().join(format!("run-{runs}"));
         let o = train_output(store, &out, &["--epochs", "1", "--shuffle-run-cells", runs]);
-        let _ = std::fs::remove_dir_all(&out);
         assert!(o.status.success(), "train failed: {}", text(&o.stderr));
-        text(&o.stderr).contains("convert --shuffle")
+        let config = CpaConfig::from_file(&out.join("config.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let _ = std::fs::remove_dir_all(&out);
+        (text(&o.stderr).contains("shuffle the store once"), config.training.shuffle_run_cells)
     };
-    assert!(warned(&sorted, "16"), "no warning for runs of 16 on the sorted store");
-    assert!(!warned(&sorted, "1"), "a warning for single cells");
-    assert!(!warned(&shuffled, "16"), "a warning for runs of 16 on the shuffled store");
+    assert_eq!(train_runs(&sorted, "16"), (true, 16), "runs of 16 on the sorted store");
+    assert_eq!(train_runs(&sorted, "1"), (false, 1), "single cells on the sorted store");
+    assert_eq!(train_runs(&shuffled, "16"), (false, 16), "runs of 16 on the shuffled store");
+    // The automatic choice: single cells on the sorted store, runs on the shuffled one.
+    assert_eq!(train_runs(&sorted, "auto"), (false, 1), "auto on the sorted store");
+    assert_eq!(train_runs(&shuffled, "auto"), (false, 8), "auto on the shuffled store");
 }
 
 #[test]

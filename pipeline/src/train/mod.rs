@@ -102,6 +102,7 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
     std::fs::create_dir_all(&options.out)
         .map_err(|e| Error::InvalidInput(format!("{}: {e}", options.out.display())))?;
     let checkpoint = options.out.join(CHECKPOINT_DIR);
+    let clustering = batcher::group_clustering(&labels, Split::Train);
     let mut trainer = if options.resume {
         let t = Trainer::resume(&checkpoint, options.device).map_err(stage("trainer"))?;
         if t.model().vocabulary() != &labels.vocab {
@@ -118,6 +119,23 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
             config.training.batch_size = probe_batch_size(&config, &labels, options.device, nnz_per_cell)?;
             tracing::info!("batch size {} (probed on {:?})", config.training.batch_size, options.device);
         }
+        if config.training.shuffle_run_cells == 0 {
+            let runs = batcher::run_cells_for(0, clustering);
+            config.training.shuffle_run_cells = runs;
+            if runs > 1 {
+                tracing::info!(
+                    "the training cells are in random order of their labels ({clustering:.2}x the stretches of one \
+                     label group expected of a random order): the loader shuffles runs of {runs} neighbouring cells"
+                );
+            } else {
+                tracing::info!(
+                    "the training cells lie together by label group ({clustering:.2}x the stretches of one group \
+                     expected of a random order): the loader shuffles single cells; a copy written by \
+                     `cpa-stream convert --shuffle SEED` would train with runs of {} cells, faster",
+                    batcher::AUTO_RUN_CELLS
+                );
+            }
+        }
         let model = CpaModel::new(&config, &labels.vocab, None, options.device, config.training.seed)
             .map_err(stage("trainer"))?;
         Trainer::new(model).map_err(stage("trainer"))?
@@ -132,22 +150,20 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         batch_size: config.training.batch_size,
         block_cells: options.block_cells,
         shuffle_blocks: options.shuffle_blocks,
-        run_cells: config.training.shuffle_run_cells,
+        // 0 only in checkpoints from before the setting, which shuffled single cells.
+        run_cells: config.training.shuffle_run_cells.max(1),
         seed: config.training.seed,
         shuffle: true,
     };
     let loader = LoaderOptions { workers: options.workers.max(1), prefetch: options.prefetch.max(1) };
-    if plan.run_cells > 1 {
-        let clustering = batcher::group_clustering(&labels, Split::Train);
-        if clustering > CLUSTERED {
-            tracing::warn!(
-                "{}: the training cells of each condition, dose and covariates lie together ({clustering:.0}x a \
-                 random order), so each run of {} neighbouring cells (shuffle_run_cells) will mostly be one \
-                 condition; shuffle the store once (cpa-stream convert --shuffle SEED) or train with single cells",
-                options.store.display(),
-                plan.run_cells
-            );
-        }
+    if plan.run_cells > 1 && clustering > CLUSTERED {
+        tracing::warn!(
+            "{}: the training cells of each condition, dose and covariates lie together ({clustering:.0}x a \
+             random order), so each run of {} neighbouring cells (shuffle_run_cells) will mostly be one \
+             condition; shuffle the store once (cpa-stream convert --shuffle SEED) or train with single cells",
+            options.store.display(),
+            plan.run_cells
+        );
     }
     let (plan_stats, gather_stats, train_stats) =
         (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("trainer", 1));
@@ -426,6 +442,10 @@ pub struct LoaderBench {
     pub genes: u64,
     pub workers: usize,
     pub batch_size: usize,
+    /// The in-buffer shuffle's run length: the one asked for, or the automatic choice (0).
+    pub run_cells: usize,
+    /// [`batcher::group_clustering`] of the store's cells.
+    pub group_clustering: f64,
     pub seconds: f64,
     pub cells_per_s: f64,
     /// The memcpy bound: the same payload bytes, in store order, copied with the same number of
@@ -446,7 +466,7 @@ pub struct LoaderBench {
 
 /// The pipeline without the model: one shuffled epoch of the encoder, planner and batcher
 /// workers over every cell, the consumer only handing batches back. Reports cells/s against a
-/// memcpy bound measured in the same run.
+/// memcpy bound measured in the same run. `plan.run_cells` 0 chooses as training does.
 pub fn bench_loader(
     store_path: &Path,
     encoder: &EncoderOptions,
@@ -464,6 +484,8 @@ pub fn bench_loader(
         ..encoder.clone()
     };
     let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?;
+    let group_clustering = batcher::group_clustering(&labels, Split::Train);
+    let plan = &PlanOptions { run_cells: batcher::run_cells_for(plan.run_cells, group_clustering), ..plan.clone() };
     store.advise(cpa_stream_stages::store::Access::WillNeed);
     let threads = loader.workers.max(1);
     crate::bench::memcpy_pass(&store, threads)?;
@@ -513,6 +535,8 @@ pub fn bench_loader(
         genes: store.n_vars(),
         workers: loader.workers,
         batch_size,
+        run_cells: plan.run_cells,
+        group_clustering,
         seconds,
         cells_per_s,
         memcpy_cells_per_s,

@@ -266,9 +266,11 @@ pub struct TrainingConfig {
     /// `batch_size * accumulate_batches`).
     pub accumulate_batches: usize,
     /// Consecutive cells of the store that the loader's in-buffer shuffle keeps together (block
-    /// sampling). 1, the default, shuffles single cells; k > 1 makes each batch about
-    /// `batch_size / k` runs of store neighbours: fewer scattered reads, but on a store sorted
-    /// by condition or sample, batches less mixed than the reference's.
+    /// sampling). 1 shuffles single cells; k > 1 makes each batch about `batch_size / k` runs of
+    /// store neighbours: fewer scattered reads, but on a store sorted by condition or sample,
+    /// batches less mixed than the reference's. 0, the default, lets `train` choose from the
+    /// store's order: runs of 8 when the training cells lie in random order of their labels,
+    /// single cells otherwise; the choice is saved with the run.
     pub shuffle_run_cells: usize,
     /// Epochs to train; 0 takes the reference's rule `min(round(20000 / cells * 400), 400)`.
     pub max_epochs: u32,
@@ -304,7 +306,7 @@ impl Default for TrainingConfig {
             mixup_alpha: 0.0,
             batch_size: DEFAULT_BATCH_SIZE,
             accumulate_batches: 1,
-            shuffle_run_cells: 1,
+            shuffle_run_cells: 0,
             max_epochs: 0,
             check_val_every_n_epoch: DEFAULT_CHECK_VAL_EVERY,
             early_stopping_patience: DEFAULT_EARLY_STOPPING_PATIENCE,
@@ -371,7 +373,6 @@ impl CpaConfig {
             ("adversary.n_layers", a.n_layers),
             ("training.batch_size", t.batch_size),
             ("training.accumulate_batches", t.accumulate_batches),
-            ("training.shuffle_run_cells", t.shuffle_run_cells),
         ];
         for (key, value) in positive {
             if value == 0 {
