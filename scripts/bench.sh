@@ -102,20 +102,27 @@ PY
 done
 
 echo "== training pipeline: loader alone, then one epoch at 10k, 100k and 1M cells (5,000 genes, batch 1,024)"
-"$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 1024 --json > "$res/loader-1024.json"
-"$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 256 --json > "$res/loader-256.json"
-"$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 128 --json > "$res/loader-128.json"
-"$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size 128 --shuffle-run-cells 8 \
-  --json > "$res/loader-128-runs8.json"
-python3 - "$res"/loader-1024.json "$res"/loader-256.json "$res"/loader-128.json "$res"/loader-128-runs8.json <<'PY'
+# The default run length is chosen from the store's order (runs of 8 cells on this shuffled-order
+# synthetic store); the -single runs shuffle single cells.
+loader_runs=()
+for b in 1024 256 128; do
+  for runs in auto 1; do
+    name="loader-$b"; [ "$runs" = auto ] || name="$name-single"
+    "$bin" bench loader "$raw" --dose-key dose --covariates cell_type --batch-size "$b" --shuffle-run-cells "$runs" \
+      --json > "$res/$name.json"
+    loader_runs+=("$res/$name.json")
+  done
+done
+python3 - "${loader_runs[@]}" <<'PY'
 import json, sys
 for path in sys.argv[1:]:
     r = json.load(open(path))
-    runs = " (runs of 8 cells)" if path.endswith("runs8.json") else ""
-    print(f"  loader batch {r['batch_size']}{runs}, {r['workers']} workers: {r['cells_per_s']:.0f} cells/s, "
+    runs = f"runs of {r['run_cells']} cells" if r["run_cells"] > 1 else "single cells"
+    bound = r["gather_bound_cells_per_s"]
+    print(f"  loader batch {r['batch_size']}, {runs}, {r['workers']} workers: {r['cells_per_s']:.0f} cells/s, "
           f"memcpy bound {r['memcpy_cells_per_s']:.0f} cells/s, ratio {r['vs_memcpy']:.2f}; "
           f"read bound {r['read_bound_cells_per_s']:.0f} cells/s, ratio {r['vs_read_bound']:.2f}; "
-          f"gather bound {r['gather_bound_cells_per_s']:.0f} cells/s, ratio {r['vs_gather_bound']:.2f}")
+          + (f"gather bound {bound:.0f} cells/s, ratio {r['vs_gather_bound']:.2f}" if bound else "no gather bound"))
 PY
 for n in 10000 100000; do
   small="$dir/train-$n.store"
