@@ -77,10 +77,15 @@ impl Progress for CliProgress {
         {
             bar.finish_and_clear();
         }
-        if let Ok(p) = self.phase.lock() {
+        // Only a phase begun and not yet ended: callers close the phase that failed on an error,
+        // which may be none.
+        if let Ok(mut p) = self.phase.lock()
+            && !p.0.is_empty()
+        {
+            let phase = std::mem::take(&mut p.0);
             let done = self.done.load(Ordering::Relaxed);
             let secs = p.2.elapsed().as_secs_f64();
-            tracing::info!("{}: {done} in {secs:.1} s ({:.0}/s)", p.0, done as f64 / secs.max(1e-9));
+            tracing::info!("{phase}: {done} in {secs:.1} s ({:.0}/s)", done as f64 / secs.max(1e-9));
         }
     }
 }
