@@ -158,6 +158,20 @@ fn copy_shuffled(
     let record_bytes = input.nnz() * 8 + n * 12;
     let buckets = record_bytes.div_ceil(shuffle.bucket_bytes.max(1)).clamp(1, MAX_SHUFFLE_BUCKETS) as usize;
     let scratch = Scratch::create(out)?;
+    // The scratch files hold every cell until pass 2 writes them bucket by bucket, deleting each
+    // bucket once written: at the peak, the records plus about one bucket of output.
+    let needed = record_bytes.saturating_add(record_bytes.div_ceil(buckets as u64));
+    if let Some(free) = free_bytes(&scratch.0)
+        && free < needed
+    {
+        return Err(Error::InvalidInput(format!(
+            "{}: the shuffle needs about {:.2} GB of scratch space next to the output (a copy of every cell until \
+             it is written), but only {:.2} GB are free there",
+            scratch.0.display(),
+            needed as f64 / 1e9,
+            free as f64 / 1e9
+        )));
+    }
     let bucket_path = |b: usize| scratch.0.join(format!("bucket-{b}"));
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -262,6 +276,29 @@ fn truncated(path: &Path) -> Error {
     Error::InvalidInput(format!("{}: a scratch file of the shuffle ends within a cell", path.display()))
 }
 
+/// Bytes that an unprivileged writer may still use on the filesystem holding `dir`; `None` where
+/// that cannot be told.
+#[cfg(unix)]
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and outlives the call; `stat` is valid for writes of a
+    // `statvfs`, which the call fills when it returns 0.
+    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `stat`.
+    let stat = unsafe { stat.assume_init() };
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
+    Some(u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_dir: &Path) -> Option<u64> {
+    None
+}
+
 /// A scratch directory next to a store being written, removed when dropped.
 struct Scratch(PathBuf);
 
@@ -277,5 +314,19 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(unix)]
+    fn free_bytes_asks_the_filesystem_of_an_existing_directory() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let free = free_bytes(dir.path());
+        assert!(free.is_some_and(|f| f > 0), "free space of {}: {free:?}", dir.path().display());
+        assert_eq!(free_bytes(&dir.path().join("absent")), None);
     }
 }
