@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use cpa_stream_stages::device_memory::{self, DeviceMemory};
 use cpa_stream_stages::model::config::{CpaConfig, Precision};
 use cpa_stream_stages::model::vocab::{Covariate, Vocabulary, canonical_condition, parse_condition};
 use cpa_stream_stages::model::{CpaModel, HostBatch};
@@ -63,6 +64,8 @@ pub struct ModelBench {
     pub cells_per_s: f64,
     pub ms_per_batch: f64,
     pub final_recon_loss: f64,
+    /// The CUDA caching allocator's counts at the end, peaks over model and steps (`None` on the CPU).
+    pub device_memory: Option<DeviceMemory>,
 }
 
 /// Device from its command-line name (`cpu`, `cuda`, `cuda:N`).
@@ -147,6 +150,7 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
     let mut config = options.config.clone();
     config.training.batch_size = options.batch_size;
     config.training.precision = options.precision;
+    device_memory::reset_peak(options.device);
     let model = CpaModel::new(&config, &vocab, None, options.device, config.training.seed).map_err(stage)?;
     let parameters = model.n_parameters();
     let mut trainer = Trainer::new(model).map_err(stage)?;
@@ -177,5 +181,6 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
         cells_per_s: cells as f64 / seconds,
         ms_per_batch: seconds * 1e3 / (batches.len() as f64 * f64::from(options.epochs)),
         final_recon_loss: recon,
+        device_memory: device_memory::stats(options.device),
     })
 }

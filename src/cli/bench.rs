@@ -224,6 +224,9 @@ fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
         r.ms_per_batch,
         r.final_recon_loss
     );
+    if let Some(memory) = r.device_memory {
+        outln!("{memory}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

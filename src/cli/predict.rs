@@ -127,5 +127,8 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         report.raw_f32_bytes_per_row,
     );
     out!("{}", report.report.render());
+    if let Some(memory) = report.device_memory {
+        outln!("{memory}");
+    }
     Ok(ExitCode::SUCCESS)
 }

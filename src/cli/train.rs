@@ -150,9 +150,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let progress = CliProgress::new();
     let report =
         run_train(&options, &progress, stop).with_context(|| format!("training on {}", args.store.display()))?;
+    let code = if report.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS };
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     outln!(
         "{}: {} training cells, {} validation cells, {} epochs recorded{}{}",
@@ -177,5 +178,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
     outln!("training {:.0} cells/s", report.cells_per_s);
     out!("{}", report.report.render());
-    Ok(if report.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+    if let Some(memory) = report.device_memory {
+        outln!("{memory}");
+    }
+    Ok(code)
 }

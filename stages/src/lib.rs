@@ -16,6 +16,7 @@
 compile_error!("cpa-stream stores are little-endian and mapped without conversion");
 
 pub mod csr;
+pub mod device_memory;
 mod error;
 pub mod h5ad;
 pub mod model;

@@ -28,6 +28,7 @@ use arrow::error::ArrowError;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::{CELL_ID, prediction_schema};
 use cpa_stream_stages::CsrBatch;
+use cpa_stream_stages::device_memory::{self, DeviceMemory};
 use cpa_stream_stages::h5ad::{DEG_FILE, DEG_GENE, DEG_GROUP, DEG_RANK};
 use cpa_stream_stages::model::batch::{DevicePerts, densify_range};
 use cpa_stream_stages::model::layers::Noise;
@@ -1193,6 +1194,9 @@ pub struct PredictReport {
     /// The same predicted means as raw float32 (genes x 4 bytes per row).
     pub raw_f32_bytes_per_row: f64,
     pub report: RunReport,
+    /// The CUDA caching allocator's counts at the end, peaks since the model loaded (`None` on
+    /// the CPU).
+    pub device_memory: Option<DeviceMemory>,
 }
 
 /// Runs a prediction into a Parquet file (`out`; with a shard, `out` is a dataset directory and
@@ -1213,6 +1217,7 @@ pub fn run_predict(
         None => out.to_owned(),
     };
     let predictor = Predictor::open(options)?;
+    device_memory::reset_peak(options.device);
     let (genes, targets) = (predictor.genes().len(), predictor.targets().len().max(1));
     let rows = predictor.rows();
     let mut sink = ParquetSink::create(&path, predictor.schema(), sink_options)
@@ -1268,6 +1273,7 @@ pub fn run_predict(
         cells_per_s: source_cells as f64 / seconds,
         rows_per_s: written_cells as f64 / seconds,
         report,
+        device_memory: device_memory::stats(options.device),
     })
 }
 

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
+use cpa_stream_stages::device_memory::{self, DeviceMemory};
 use cpa_stream_stages::model::config::CpaConfig;
 use cpa_stream_stages::model::files::publish_dir;
 use cpa_stream_stages::model::{CpaModel, save_model};
@@ -77,7 +78,8 @@ pub struct TrainReport {
     pub valid_cells: u64,
     pub cells_per_s: f64,
     pub report: RunReport,
-    pub device_peak_bytes: Option<u64>,
+    /// The CUDA caching allocator's counts at the end, peaks over the training (`None` on the CPU).
+    pub device_memory: Option<DeviceMemory>,
 }
 
 /// Trains a model on a store through the pipeline. `stop` (e.g. set by Ctrl-C) ends the run
@@ -140,6 +142,8 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
             .map_err(stage("trainer"))?;
         Trainer::new(model).map_err(stage("trainer"))?
     };
+    // Peak device memory counts from here: the model, optimizer state and training steps.
+    device_memory::reset_peak(options.device);
     let config = trainer.model().config().clone();
     let text = config.to_toml().map_err(stage("trainer"))?;
     let config_path = options.out.join(CONFIG_FILE);
@@ -278,7 +282,7 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         }
     }
     let seconds = trained_start.elapsed().as_secs_f64().max(1e-9);
-    let device_peak_bytes = None;
+    let device_memory = device_memory::stats(options.device);
     let report = RunReport {
         wall: wall.elapsed(),
         stages: vec![encoder_stats.report(), plan_stats.report(), gather_stats.report(), train_stats.report()],
@@ -293,7 +297,7 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         valid_cells,
         cells_per_s: trained_cells as f64 / seconds,
         report,
-        device_peak_bytes,
+        device_memory,
     })
 }
 
@@ -595,6 +599,9 @@ pub fn probe_batch_size(config: &CpaConfig, labels: &CellLabels, device: Device,
         best = Some(size);
         size *= 2;
     }
+    // The probe's blocks stay in the allocator's cache: give them back before training.
+    drop(trainer);
+    device_memory::empty_cache(device);
     let best = best.ok_or_else(|| Error::InvalidInput(format!("not even a batch of 256 cells fits on {device:?}")))?;
     Ok((best / 2).max(256))
 }
