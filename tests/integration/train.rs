@@ -87,6 +87,7 @@ fn trains_on_a_synthetic_store_with_checkpoints_metrics_and_a_final_model() {
     let stages: Vec<&str> =
         report["report"]["stages"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
     assert_eq!(stages, ["encoder", "planner", "batcher", "trainer"]);
+    assert!(report["device_memory"].is_null(), "device memory on the CPU: {}", report["device_memory"]);
     for name in
         ["checkpoint/model.json", "checkpoint/optimizer.safetensors", "model/weights.safetensors", "config.toml"]
     {
@@ -103,6 +104,28 @@ fn trains_on_a_synthetic_store_with_checkpoints_metrics_and_a_final_model() {
     assert_eq!(model.vocabulary().n_genes(), 150);
     let trainer = Trainer::resume(&run_dir.join("checkpoint"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(trainer.state().epoch, 4);
+}
+
+/// On a GPU: `--batch-size auto` probes a power-of-two batch, and the report gives the caching
+/// allocator's peak device memory. Skipped (with the reason printed) where libtorch sees no CUDA
+/// device.
+#[test]
+fn cuda_training_probes_its_batch_size_and_reports_device_memory() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device visible to libtorch");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "raw");
+    let run_dir = dir.path().join("run");
+    let report = train(&store, &run_dir, &["--epochs", "2", "--device", "cuda", "--batch-size", "auto"]);
+    let config = CpaConfig::from_file(&run_dir.join("config.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let batch = config.training.batch_size;
+    assert!(batch >= 256 && batch.is_power_of_two(), "probed batch size {batch}");
+    let bytes = |key: &str| report["device_memory"][key].as_u64().unwrap_or(0);
+    assert!(bytes("peak_allocated") > 0, "{}", report["device_memory"]);
+    assert!(bytes("peak_reserved") >= bytes("peak_allocated"), "{}", report["device_memory"]);
+    assert!(recon(&report, 1).is_finite(), "{report}");
 }
 
 #[test]
