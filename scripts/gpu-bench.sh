@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The GPU figures: a 1M x 5,000 training epoch in fp32 and bf16 with `--batch-size auto`, the
+# model on preloaded batches, peak device memory, and the loader on the GPU machine's cores.
+#
+#   scripts/gpu-bench.sh build   here: a stripped release binary in .device/ (ignored by git),
+#                                built against this checkout's PyPI torch 2.11.0
+#   scripts/gpu-bench.sh run     on a machine with libtorch 2.11.0 (CUDA) and no Rust: runs that
+#                                binary with the torch found in TORCH_LIB, or in /opt/torch/.venv
+#
+# `run` knobs: CELLS (1000000), GENES (5000), DEVICE (cuda), STEPS ("info synth model train
+# loader", any subset, in that order), OUT (results; default .device/results), STORE_DIR (the
+# synthetic store; default .device, kept between calls on a warm machine). Results: info.txt,
+# model.jsonl, train-fp32.json, train-bf16.json, loader.jsonl and summary.txt (7 files at most).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dev=.device
+
+case "${1:-}" in
+build)
+  eval "$(scripts/bootstrap.sh)"
+  cargo build --release --locked --bin cpa-stream >&2
+  mkdir -p "$dev"
+  strip -o "$dev/cpa-stream" "$CARGO_TARGET_DIR/release/cpa-stream"
+  ls -la "$dev/cpa-stream"
+  exit 0
+  ;;
+run) ;;
+*)
+  echo "usage: scripts/gpu-bench.sh build|run" >&2
+  exit 2
+  ;;
+esac
+
+bin="$dev/cpa-stream"
+[ -x "$bin" ] || { echo "$bin: missing; run 'scripts/gpu-bench.sh build' first (and carry .device)" >&2; exit 1; }
+if [ -z "${TORCH_LIB:-}" ]; then
+  TORCH_LIB=$(ls -d /opt/torch/.venv/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1 || true)
+fi
+[ -d "${TORCH_LIB:-}" ] || { echo "no torch lib/ folder: set TORCH_LIB" >&2; exit 1; }
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+py=python3
+[ -x /opt/torch/.venv/bin/python ] && py=/opt/torch/.venv/bin/python
+cells="${CELLS:-1000000}"
+genes="${GENES:-5000}"
+device="${DEVICE:-cuda}"
+steps=" ${STEPS:-info synth model train loader} "
+out="${OUT:-$dev/results}"
+store="${STORE_DIR:-$dev}/gpu-${cells}x${genes}.store"
+mkdir -p "$out"
+export CPA_STREAM_LOG=warn
+summary="$out/summary.txt"
+say() { echo "$*" | tee -a "$summary"; }
+want() { [[ "$steps" == *" $1 "* ]]; }
+
+if want info; then
+  "$bin" info > "$out/info.txt" 2>&1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$out/info.txt" 2>&1 || true
+  say "== $(grep -E 'CUDA devices|libtorch  ' "$out/info.txt" | tr -s ' ' | paste -sd ';' -)"
+fi
+
+if want synth && [ ! -f "$store/manifest.json" ]; then
+  start=$(date +%s)
+  "$bin" synth --cells "$cells" --genes "$genes" --perturbations 20 --doses 4 --cell-types 5 \
+    --combinations 10 --seed 1 --truth-samples 8 --out "$store" > /dev/null
+  say "== synth $cells x $genes: $(( $(date +%s) - start )) s"
+fi
+
+if want model; then
+  : > "$out/model.jsonl"
+  for precision in fp32 bf16; do
+    "$bin" bench model --cells 50000 --genes "$genes" --batch-size 1024 --epochs 2 --device "$device" \
+      --precision "$precision" --json | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' \
+      >> "$out/model.jsonl"
+  done
+  "$py" - "$out/model.jsonl" <<'PY' | tee -a "$summary"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    m = r.get("device_memory") or {}
+    print(f"== model on preloaded batches, {r['precision']}, batch {r['batch_size']}: {r['cells_per_s']:.0f} cells/s, "
+          f"{r['ms_per_batch']:.2f} ms per batch, peak device memory "
+          f"{m.get('peak_allocated', 0) / 2**20:.0f} MiB in tensors, {m.get('peak_reserved', 0) / 2**20:.0f} MiB reserved")
+PY
+fi
+
+if want train; then
+  for precision in fp32 bf16; do
+    config="$out/cpa-$precision.toml"
+    sed "s/^precision = .*/precision = \"$precision\"/" examples/cpa.toml > "$config"
+    run="$dev/run-$precision"
+    rm -rf "$run"
+    "$bin" train --store "$store" --dose-key dose --covariates cell_type --epochs 1 --batch-size auto \
+      --validation-fraction 0 --test-fraction 0 --device "$device" --config "$config" --out "$run" --json \
+      > "$out/train-$precision.json"
+    rm -f "$config"
+    "$py" - "$out/train-$precision.json" "$run/config.toml" "$precision" <<'PY' | tee -a "$summary"
+import json, re, sys
+r = json.load(open(sys.argv[1]))
+batch = re.search(r"^batch_size = (\d+)", open(sys.argv[2]).read(), re.M).group(1)
+secs = lambda d: d["secs"] + d["nanos"] * 1e-9
+stages = ", ".join(f"{s['name']} busy {secs(s['busy']):.1f} s, in {secs(s['blocked_in']):.1f} s, "
+                   f"out {secs(s['blocked_out']):.1f} s" for s in r["report"]["stages"])
+m = r.get("device_memory") or {}
+print(f"== train {r['train_cells']} cells, {sys.argv[3]}, batch {batch} (auto): epoch {r['epochs'][0]['seconds']:.1f} s, "
+      f"{r['cells_per_s']:.0f} cells/s; peak RssAnon {r['report']['memory']['rss_anon'] / 2**20:.0f} MiB; "
+      f"peak device memory {m.get('peak_allocated', 0) / 2**20:.0f} MiB in tensors, "
+      f"{m.get('peak_reserved', 0) / 2**20:.0f} MiB reserved\n   {stages}")
+PY
+  done
+fi
+
+if want loader; then
+  : > "$out/loader.jsonl"
+  for workers in 2 8; do
+    for batch in 128 1024; do
+      "$bin" bench loader "$store" --dose-key dose --covariates cell_type --epochs 2 --batch-size "$batch" \
+        --workers "$workers" --json | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' \
+        >> "$out/loader.jsonl"
+    done
+  done
+  "$py" - "$out/loader.jsonl" <<'PY' | tee -a "$summary"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"== loader {r['workers']} workers, batch {r['batch_size']}, runs of {r['run_cells']}: "
+          f"{r['cells_per_s']:.0f} cells/s, {r['vs_memcpy']:.2f} of the memcpy bound "
+          f"({r['memcpy_cells_per_s']:.0f}), {r['vs_gather_bound'] or 0:.2f} of the gather bound")
+PY
+fi
