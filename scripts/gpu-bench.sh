@@ -76,10 +76,11 @@ if want model; then
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    m = r.get("device_memory") or {}
+    m = r.get("device_memory")
+    memory = (f"{m['peak_allocated'] / 2**20:.0f} MiB in tensors, {m['peak_reserved'] / 2**20:.0f} MiB reserved"
+              if m else "none (not CUDA)")
     print(f"== model on preloaded batches, {r['precision']}, batch {r['batch_size']}: {r['cells_per_s']:.0f} cells/s, "
-          f"{r['ms_per_batch']:.2f} ms per batch, peak device memory "
-          f"{m.get('peak_allocated', 0) / 2**20:.0f} MiB in tensors, {m.get('peak_reserved', 0) / 2**20:.0f} MiB reserved")
+          f"{r['ms_per_batch']:.2f} ms per batch, peak device memory {memory}")
 PY
 fi
 
@@ -100,11 +101,12 @@ batch = re.search(r"^batch_size = (\d+)", open(sys.argv[2]).read(), re.M).group(
 secs = lambda d: d["secs"] + d["nanos"] * 1e-9
 stages = ", ".join(f"{s['name']} busy {secs(s['busy']):.1f} s, in {secs(s['blocked_in']):.1f} s, "
                    f"out {secs(s['blocked_out']):.1f} s" for s in r["report"]["stages"])
-m = r.get("device_memory") or {}
+m = r.get("device_memory")
+memory = (f"{m['peak_allocated'] / 2**20:.0f} MiB in tensors, {m['peak_reserved'] / 2**20:.0f} MiB reserved"
+          if m else "none (not CUDA)")
 print(f"== train {r['train_cells']} cells, {sys.argv[3]}, batch {batch} (auto): epoch {r['epochs'][0]['seconds']:.1f} s, "
       f"{r['cells_per_s']:.0f} cells/s; peak RssAnon {r['report']['memory']['rss_anon'] / 2**20:.0f} MiB; "
-      f"peak device memory {m.get('peak_allocated', 0) / 2**20:.0f} MiB in tensors, "
-      f"{m.get('peak_reserved', 0) / 2**20:.0f} MiB reserved\n   {stages}")
+      f"peak device memory {memory}\n   {stages}")
 PY
   done
 fi
