@@ -162,6 +162,10 @@ pub const AUTO_RUN_CELLS: usize = 8;
 /// scores about 1.25.
 pub const MIXED: f64 = 1.1;
 
+/// The [`group_clustering`] above which runs of cells asked for explicitly draw a warning that
+/// the store is sorted by label group.
+pub const CLUSTERED: f64 = 2.0;
+
 /// The run length to train with: `requested`, or for 0 (automatic) [`AUTO_RUN_CELLS`] when the
 /// training cells' `clustering` ([`group_clustering`]) is at most [`MIXED`], and single cells
 /// otherwise.

@@ -160,7 +160,7 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         shuffle: true,
     };
     let loader = LoaderOptions { workers: options.workers.max(1), prefetch: options.prefetch.max(1) };
-    if plan.run_cells > 1 && clustering > CLUSTERED {
+    if plan.run_cells > 1 && clustering > batcher::CLUSTERED {
         tracing::warn!(
             "{}: the training cells of each condition, dose and covariates lie together ({clustering:.0}x a \
              random order), so each run of {} neighbouring cells (shuffle_run_cells) will mostly be one \
@@ -446,7 +446,7 @@ pub struct LoaderBench {
     pub genes: u64,
     pub workers: usize,
     pub batch_size: usize,
-    /// The in-buffer shuffle's run length: the one asked for, or the automatic choice (0).
+    /// The in-buffer shuffle's run length: the one asked for, or the one chosen when asked for 0 (auto).
     pub run_cells: usize,
     /// [`batcher::group_clustering`] of the store's cells.
     pub group_clustering: f64,
@@ -556,10 +556,6 @@ pub fn bench_loader(
         },
     })
 }
-
-/// The [`batcher::group_clustering`] above which training with runs of cells warns that the
-/// store is sorted by label group.
-const CLUSTERED: f64 = 2.0;
 
 /// Largest batch `--batch-size auto` probes.
 pub const AUTO_BATCH_MAX: usize = 1 << 16;
