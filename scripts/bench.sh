@@ -122,7 +122,8 @@ for path in sys.argv[1:]:
     print(f"  loader batch {r['batch_size']}, {runs}, {r['workers']} workers: {r['cells_per_s']:.0f} cells/s, "
           f"memcpy bound {r['memcpy_cells_per_s']:.0f} cells/s, ratio {r['vs_memcpy']:.2f}; "
           f"read bound {r['read_bound_cells_per_s']:.0f} cells/s, ratio {r['vs_read_bound']:.2f}; "
-          + (f"gather bound {bound:.0f} cells/s, ratio {r['vs_gather_bound']:.2f}" if bound else "no gather bound"))
+          + (f"gather bound {bound:.0f} cells/s, ratio {r['vs_gather_bound']:.2f}" if bound else "no gather bound")
+          + "; per epoch " + " ".join(f"{x['vs_memcpy']:.2f}" for x in r["rounds"]))
 PY
 for n in 10000 100000; do
   small="$dir/train-$n.store"

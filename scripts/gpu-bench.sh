@@ -115,7 +115,7 @@ if want loader; then
   : > "$out/loader.jsonl"
   for workers in 2 8; do
     for batch in 128 1024; do
-      "$bin" bench loader "$store" --dose-key dose --covariates cell_type --epochs 2 --batch-size "$batch" \
+      "$bin" bench loader "$store" --dose-key dose --covariates cell_type --batch-size "$batch" \
         --workers "$workers" --json | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' \
         >> "$out/loader.jsonl"
     done
@@ -126,6 +126,7 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"== loader {r['workers']} workers, batch {r['batch_size']}, runs of {r['run_cells']}: "
           f"{r['cells_per_s']:.0f} cells/s, {r['vs_memcpy']:.2f} of the memcpy bound "
-          f"({r['memcpy_cells_per_s']:.0f}), {r['vs_gather_bound'] or 0:.2f} of the gather bound")
+          f"({r['memcpy_cells_per_s']:.0f}; per epoch " + " ".join(f"{x['vs_memcpy']:.2f}" for x in r["rounds"])
+          + f"), {r['vs_gather_bound'] or 0:.2f} of the gather bound")
 PY
 fi

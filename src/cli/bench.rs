@@ -7,8 +7,8 @@ use clap::{Args, Subcommand};
 use cpa_stream_pipeline::bench::{ReaderBenchOptions, bench_reader};
 use cpa_stream_pipeline::model_bench::{ModelBenchOptions, bench_model, parse_device};
 use cpa_stream_pipeline::train::batcher::{LoaderOptions, PlanOptions};
-use cpa_stream_pipeline::train::bench_loader;
 use cpa_stream_pipeline::train::encoder::{EncoderOptions, SplitSpec};
+use cpa_stream_pipeline::train::{LoaderRound, bench_loader};
 use cpa_stream_stages::model::config::{CpaConfig, Precision};
 use cpa_stream_stages::store::Store;
 
@@ -42,8 +42,8 @@ pub struct LoaderArgs {
     workers: Option<usize>,
     #[arg(long, default_value_t = 2)]
     prefetch: usize,
-    /// Epochs to time.
-    #[arg(long, default_value_t = 1)]
+    /// Epochs to time, each right after its own measurement of the memcpy and gather bounds.
+    #[arg(long, default_value_t = 3)]
     epochs: u32,
     /// Contiguous cells shuffled as a unit.
     #[arg(long, default_value_t = 256)]
@@ -176,6 +176,14 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
             loader.pool_size()
         );
     }
+    let ratios = |ratio: fn(&LoaderRound) -> Option<f64>| {
+        r.rounds.iter().map(|round| ratio(round).map_or("-".to_string(), |x| format!("{x:.2}"))).collect::<Vec<_>>()
+    };
+    outln!(
+        "per epoch (bounds measured just before it): {} of the memcpy bound, {} of the gather bound",
+        ratios(|round| Some(round.vs_memcpy)).join(" "),
+        ratios(|round| round.vs_gather_bound).join(" ")
+    );
     out!("{}", r.report.render());
     Ok(ExitCode::SUCCESS)
 }

@@ -83,7 +83,8 @@ fn synth_inspect_verify_convert_bench() {
     // cells and with runs of cells shuffled.
     for (store, runs) in [(s, "1"), (s, "16"), (z.to_str().unwrap(), "1")] {
         let args = ["bench", "loader", store, "--dose-key", "dose", "--covariates", "cell_type", "--batch-size", "256"];
-        let loader = json(&[&args[..], &["--workers", "2", "--shuffle-run-cells", runs, "--json"]].concat());
+        let options = ["--workers", "2", "--shuffle-run-cells", runs, "--epochs", "2", "--json"];
+        let loader = json(&[&args[..], &options[..]].concat());
         assert_eq!(loader["cells"], 3000);
         for key in ["cells_per_s", "memcpy_cells_per_s", "vs_memcpy", "read_bound_cells_per_s", "vs_read_bound"] {
             assert!(loader[key].as_f64().unwrap() > 0.0, "{key}: {loader}");
@@ -92,7 +93,16 @@ fn synth_inspect_verify_convert_bench() {
         for key in ["gather_bound_cells_per_s", "vs_gather_bound"] {
             assert_eq!(loader[key].as_f64().is_some_and(|v| v > 0.0), raw, "{key}: {loader}");
         }
-        assert_eq!(loader["report"]["stages"][2]["rows"], 3000, "{loader}");
+        // Two epochs, each a round with its own bounds; the overall ratio is the ratio of the
+        // rounds' summed times, so it lies between theirs.
+        assert_eq!(loader["report"]["stages"][2]["rows"], 6000, "{loader}");
+        let rounds = loader["rounds"].as_array().unwrap();
+        assert_eq!(rounds.len(), 2, "{loader}");
+        let ratios: Vec<f64> = rounds.iter().map(|r| r["vs_memcpy"].as_f64().unwrap()).collect();
+        let (low, high) = (ratios[0].min(ratios[1]), ratios[0].max(ratios[1]));
+        let overall = loader["vs_memcpy"].as_f64().unwrap();
+        assert!(overall >= low * 0.999 && overall <= high * 1.001, "{overall} not within {ratios:?}");
+        assert!(rounds.iter().all(|r| r["vs_gather_bound"].as_f64().is_some() == raw), "{loader}");
     }
     let zero =
         run(&["bench", "loader", s, "--dose-key", "dose", "--covariates", "cell_type", "--shuffle-run-cells", "0"]);

@@ -12,7 +12,7 @@ pub mod validate;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
@@ -438,6 +438,18 @@ fn read_metrics(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
     Ok(out)
 }
 
+/// One round of [`bench_loader`]: the bounds measured right before one loader epoch, so that the
+/// ratios compare runs under the same load on a shared machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoaderRound {
+    pub epoch: u64,
+    pub cells_per_s: f64,
+    pub memcpy_cells_per_s: f64,
+    pub vs_memcpy: f64,
+    pub gather_bound_cells_per_s: Option<f64>,
+    pub vs_gather_bound: Option<f64>,
+}
+
 /// What [`bench_loader`] measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoaderBench {
@@ -450,27 +462,34 @@ pub struct LoaderBench {
     pub run_cells: usize,
     /// [`batcher::group_clustering`] of the store's cells.
     pub group_clustering: f64,
+    /// Seconds of the loader's epochs (the bounds' time not included).
     pub seconds: f64,
     pub cells_per_s: f64,
     /// The memcpy bound: the same payload bytes, in store order, copied with the same number of
-    /// threads into as many batch-sized buffers as the loader circulates (page-cached source).
+    /// threads into as many batch-sized buffers as the loader circulates (page-cached source),
+    /// over all rounds. `vs_memcpy` is the loader's total time over the bound's.
     pub memcpy_cells_per_s: f64,
     pub vs_memcpy: f64,
     /// Read bandwidth: the same bytes copied into one reused cache-resident buffer per thread,
-    /// the bound of `bench reader`. No loader that hands batches on can write its output there.
+    /// the bound of `bench reader`, measured once before the rounds. No loader that hands batches
+    /// on can write its output there.
     pub read_bound_cells_per_s: f64,
     pub vs_read_bound: f64,
-    /// The gather bound: the rows of the first epoch's plan, in its batches, copied with plain
-    /// memcpy into the same number of buffers (the cost of the access pattern alone; `None` for
-    /// a compressed store). `vs_memcpy` is this bound's ratio times the loader's ratio to it.
+    /// The gather bound: each epoch's plan, in its batches, copied with plain memcpy into the same
+    /// number of buffers (the cost of the access pattern alone; `None` for a compressed store),
+    /// over all rounds. `vs_memcpy` is this bound's ratio times the loader's ratio to it.
     pub gather_bound_cells_per_s: Option<f64>,
     pub vs_gather_bound: Option<f64>,
+    /// Per epoch: the bounds, then the loader.
+    pub rounds: Vec<LoaderRound>,
     pub report: RunReport,
 }
 
-/// The pipeline without the model: one shuffled epoch of the encoder, planner and batcher
-/// workers over every cell, the consumer only handing batches back. Reports cells/s against a
-/// memcpy bound measured in the same run. `plan.run_cells` 0 chooses as training does.
+/// The pipeline without the model: shuffled epochs of the encoder, planner and batcher workers
+/// over every cell, the consumer only handing batches back. Each epoch is a round that first
+/// measures the memcpy and gather bounds, so each ratio compares runs made seconds apart (on a
+/// shared machine the bandwidth drifts between minutes). `plan.run_cells` 0 chooses as training
+/// does.
 pub fn bench_loader(
     store_path: &Path,
     encoder: &EncoderOptions,
@@ -494,25 +513,28 @@ pub fn bench_loader(
     let threads = loader.workers.max(1);
     crate::bench::memcpy_pass(&store, threads)?;
     let read_bound = crate::bench::memcpy_pass(&store, threads)?;
-    let memcpy = crate::bench::memcpy_into_batches(&store, threads, batch_size, loader.pool_size())?;
-    let gather = {
-        // The plan's rows, 8 bytes per cell, freed before the loader runs.
-        let mut order: Vec<u64> = EpochPlan::new(&labels, Split::Train, 0, plan).flatten().collect();
-        crate::bench::gather_into_batches(&store, threads, &mut order, batch_size, loader.pool_size())?
-    };
     let (plan_stats, gather_stats, consumer) =
         (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("consumer", 1));
     let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let mut cells = 0u64;
-    for epoch in 0..epochs.max(1) {
+    let rate = |cells: u64, time: Duration| cells as f64 / time.as_secs_f64().max(1e-9);
+    let (mut rounds, mut cells) = (Vec::new(), 0u64);
+    let (mut loader_time, mut memcpy_time, mut gather_time) = (Duration::ZERO, Duration::ZERO, Some(Duration::ZERO));
+    for epoch in 0..u64::from(epochs.max(1)) {
+        let memcpy = crate::bench::memcpy_into_batches(&store, threads, batch_size, loader.pool_size())?;
+        let gather = {
+            // The epoch's plan, 8 bytes per cell, freed before the loader runs.
+            let mut order: Vec<u64> = EpochPlan::new(&labels, Split::Train, epoch, plan).flatten().collect();
+            crate::bench::gather_into_batches(&store, threads, &mut order, batch_size, loader.pool_size())?
+        };
+        let start = Instant::now();
+        let mut epoch_cells = 0u64;
         std::thread::scope(|scope| -> Result<()> {
             let mut loaded = spawn_loader(
                 scope,
                 &store,
                 &labels,
                 Split::Train,
-                u64::from(epoch),
+                epoch,
                 0,
                 plan,
                 loader,
@@ -521,18 +543,31 @@ pub fn bench_loader(
             );
             while let Some(batch) = loaded.next(&consumer) {
                 let batch = batch?;
-                cells += batch.n_cells() as u64;
+                epoch_cells += batch.n_cells() as u64;
                 consumer.add(batch.n_cells() as u64, batch.counts.byte_size());
                 loaded.recycle(batch);
             }
             Ok(())
         })?;
+        let elapsed = start.elapsed();
+        let (loader_rate, memcpy_rate) = (rate(epoch_cells, elapsed), rate(store.n_obs(), memcpy));
+        let gather_rate = gather.map(|g| rate(labels.split_counts[0], g));
+        rounds.push(LoaderRound {
+            epoch,
+            cells_per_s: loader_rate,
+            memcpy_cells_per_s: memcpy_rate,
+            vs_memcpy: loader_rate / memcpy_rate,
+            gather_bound_cells_per_s: gather_rate,
+            vs_gather_bound: gather_rate.map(|g| loader_rate / g),
+        });
+        (cells, loader_time, memcpy_time) = (cells + epoch_cells, loader_time + elapsed, memcpy_time + memcpy);
+        gather_time = gather_time.zip(gather).map(|(total, g)| total + g);
     }
-    let seconds = start.elapsed().as_secs_f64().max(1e-9);
-    let cells_per_s = cells as f64 / seconds;
-    let memcpy_cells_per_s = store.n_obs() as f64 / memcpy.as_secs_f64().max(1e-9);
-    let read_bound_cells_per_s = store.n_obs() as f64 / read_bound.as_secs_f64().max(1e-9);
-    let gather_bound_cells_per_s = gather.map(|g| labels.split_counts[0] as f64 / g.as_secs_f64().max(1e-9));
+    let n_rounds = rounds.len() as u64;
+    let cells_per_s = rate(cells, loader_time);
+    let memcpy_cells_per_s = rate(store.n_obs() * n_rounds, memcpy_time);
+    let read_bound_cells_per_s = rate(store.n_obs(), read_bound);
+    let gather_bound_cells_per_s = gather_time.map(|g| rate(labels.split_counts[0] * n_rounds, g));
     Ok(LoaderBench {
         store: store_path.display().to_string(),
         cells: store.n_obs(),
@@ -541,7 +576,7 @@ pub fn bench_loader(
         batch_size,
         run_cells: plan.run_cells,
         group_clustering,
-        seconds,
+        seconds: loader_time.as_secs_f64(),
         cells_per_s,
         memcpy_cells_per_s,
         vs_memcpy: cells_per_s / memcpy_cells_per_s,
@@ -549,6 +584,7 @@ pub fn bench_loader(
         vs_read_bound: cells_per_s / read_bound_cells_per_s,
         gather_bound_cells_per_s,
         vs_gather_bound: gather_bound_cells_per_s.map(|g| cells_per_s / g),
+        rounds,
         report: RunReport {
             wall: wall.elapsed(),
             stages: vec![encoder_stats.report(), plan_stats.report(), gather_stats.report(), consumer.report()],
