@@ -101,7 +101,7 @@ PY
   done
 done
 
-echo "== training pipeline: loader alone, then one epoch at 10k, 100k and 1M cells (5,000 genes, batch 1,024)"
+echo "== training pipeline (5,000 genes): loader alone; training vs preloaded batches at 100k cells; one epoch at 10k, 100k and 1M cells (batch 1,024)"
 # The default run length is chosen from the store's order (runs of 8 cells on this shuffled-order
 # synthetic store); the -single runs shuffle single cells.
 loader_runs=()
@@ -129,6 +129,20 @@ for n in 10000 100000; do
   small="$dir/train-$n.store"
   [ -d "$small" ] || "$bin" synth --cells "$n" --genes "$genes" --perturbations 20 --doses 4 --cell-types 5 \
     --combinations 10 --seed 1 --truth-samples 8 --out "$small" > /dev/null
+done
+# Training through the pipeline against the same model on preloaded batches, passes alternating
+# (batch 1,024 and 128, 100k cells).
+for b in 1024 128; do
+  "$bin" bench train "$dir/train-100000.store" --dose-key dose --covariates cell_type --batch-size "$b" --json \
+    > "$res/train-vs-preloaded-$b.json"
+  python3 - "$res/train-vs-preloaded-$b.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"  train through the pipeline, batch {r['batch_size']}, runs of {r['run_cells']}: {r['pipeline_cells_per_s']:.0f} "
+      f"cells/s vs {r['preloaded_cells_per_s']:.0f} on preloaded batches, ratio {r['ratio']:.2f} (per epoch "
+      + " ".join(f"{x['ratio']:.2f}" for x in r["rounds"]) + "); trainer waited "
+      + " ".join(f"{x['trainer_blocked_s']:.2f}" for x in r["rounds"]) + " s")
+PY
 done
 for store in "$dir/train-10000.store" "$dir/train-100000.store" "$raw"; do
   name=$(basename "$store" .store)

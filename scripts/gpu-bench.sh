@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures: a 1M x 5,000 training epoch in fp32 and bf16 with `--batch-size auto`, the
-# model on preloaded batches, peak device memory, and the loader on the GPU machine's cores.
+# model on preloaded batches, training through the pipeline against preloaded batches, peak
+# device memory, and the loader on the GPU machine's cores.
 #
 #   scripts/gpu-bench.sh build   here: a stripped release binary in .device/ (ignored by git),
 #                                built against this checkout's PyPI torch 2.11.0
@@ -8,9 +9,9 @@
 #                                binary with the torch found in TORCH_LIB, or in /opt/torch/.venv
 #
 # `run` knobs: CELLS (1000000), GENES (5000), DEVICE (cuda), STEPS ("info synth model train
-# loader", any subset, in that order), OUT (results; default .device/results), STORE_DIR (the
-# synthetic store; default .device, kept between calls on a warm machine). Results: info.txt,
-# model.jsonl, train-fp32.json, train-bf16.json, loader.jsonl and summary.txt (7 files at most).
+# pipeline loader", any subset, in that order), OUT (results; default .device/results), STORE_DIR
+# (the synthetic store; default .device, kept between calls on a warm machine). Results: info.txt,
+# model.jsonl, train-fp32.json, train-bf16.json, pipeline.jsonl, loader.jsonl and summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=.device
@@ -43,7 +44,7 @@ py=python3
 cells="${CELLS:-1000000}"
 genes="${GENES:-5000}"
 device="${DEVICE:-cuda}"
-steps=" ${STEPS:-info synth model train loader} "
+steps=" ${STEPS:-info synth model train pipeline loader} "
 out="${OUT:-$dev/results}"
 store="${STORE_DIR:-$dev}/gpu-${cells}x${genes}.store"
 mkdir -p "$out"
@@ -109,6 +110,26 @@ print(f"== train {r['train_cells']} cells, {sys.argv[3]}, batch {batch} (auto): 
       f"peak device memory {memory}\n   {stages}")
 PY
   done
+fi
+
+if want pipeline; then
+  : > "$out/pipeline.jsonl"
+  for precision in fp32 bf16; do
+    # The batch size `train --batch-size auto` probed in the train step, else 4,096.
+    batch=$(sed -n 's/^batch_size = \([0-9]*\)$/\1/p' "$dev/run-$precision/config.toml" 2>/dev/null || true)
+    "$bin" bench train "$store" --dose-key dose --covariates cell_type --epochs 2 --batch-size "${batch:-4096}" \
+      --precision "$precision" --device "$device" --json \
+      | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$out/pipeline.jsonl"
+  done
+  "$py" - "$out/pipeline.jsonl" <<'PY' | tee -a "$summary"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"== train through the pipeline vs preloaded, {r['precision']}, batch {r['batch_size']}: "
+          f"{r['pipeline_cells_per_s']:.0f} vs {r['preloaded_cells_per_s']:.0f} cells/s, ratio {r['ratio']:.2f} "
+          f"(per epoch " + " ".join(f"{x['ratio']:.2f}" for x in r["rounds"]) + "); trainer waited "
+          + " ".join(f"{x['trainer_blocked_s']:.2f}" for x in r["rounds"]) + " s")
+PY
 fi
 
 if want loader; then

@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use cpa_stream_pipeline::bench::{ReaderBenchOptions, bench_reader};
 use cpa_stream_pipeline::model_bench::{ModelBenchOptions, bench_model, parse_device};
 use cpa_stream_pipeline::train::batcher::{LoaderOptions, PlanOptions};
+use cpa_stream_pipeline::train::bench::{TrainingBenchOptions, bench_training};
 use cpa_stream_pipeline::train::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream_pipeline::train::{LoaderRound, bench_loader};
 use cpa_stream_stages::model::config::{CpaConfig, Precision};
@@ -21,6 +23,55 @@ pub enum BenchCommand {
     /// The training pipeline without the model (encoder, planner, batcher workers) against a
     /// memcpy bound.
     Loader(LoaderArgs),
+    /// Training through the pipeline against the same model stepping on batches held in
+    /// memory, in alternating passes: whether the loader ever holds the trainer up.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Store directory (every cell trains).
+    store: PathBuf,
+    #[arg(long, default_value = "condition")]
+    perturbation_key: String,
+    #[arg(long)]
+    dose_key: Option<String>,
+    #[arg(long, default_value = "control")]
+    control: String,
+    #[arg(long, value_delimiter = ',')]
+    covariates: Vec<String>,
+    /// Model configuration (TOML) [default: the reference's].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Cells per batch [default: the configuration's].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// fp32 or bf16 [default: the configuration's].
+    #[arg(long)]
+    precision: Option<String>,
+    /// Consecutive store cells the shuffle keeps together, or `auto` [default: the configuration's].
+    #[arg(long, value_parser = super::parse_run_cells)]
+    shuffle_run_cells: Option<usize>,
+    /// Rounds: an epoch through the pipeline and as many steps on the preloaded batches.
+    #[arg(long, default_value_t = 3)]
+    epochs: u32,
+    /// Payload the preloaded batches may hold, in MiB (an epoch's first batches, reused in turn).
+    #[arg(long, default_value_t = 512)]
+    preload_mib: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch threads [default: libtorch's choice].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Batcher worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Batches buffered ahead of the trainer, per worker.
+    #[arg(long, default_value_t = 2)]
+    prefetch: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +171,83 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Reader(args) => reader(args),
         BenchCommand::Model(args) => model(args),
         BenchCommand::Loader(args) => loader(args),
+        BenchCommand::Train(args) => train(args),
+    }
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => CpaConfig::from_file(path)?,
+        None => CpaConfig::default(),
+    };
+    if let Some(b) = args.batch_size {
+        config.training.batch_size = b;
+    }
+    if let Some(p) = &args.precision {
+        config.training.precision = parse_precision(p)?;
+    }
+    if let Some(k) = args.shuffle_run_cells {
+        config.training.shuffle_run_cells = k;
+    }
+    config.validate().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let options = TrainingBenchOptions {
+        store: args.store.clone(),
+        encoder: EncoderOptions {
+            perturbation_key: args.perturbation_key,
+            dose_key: args.dose_key,
+            control: args.control,
+            covariate_keys: args.covariates,
+            batch_key: None,
+            split: SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
+            max_comb_len: config.model.max_comb_len,
+        },
+        device: super::model_device(&args.device, args.threads)?,
+        config,
+        loader: LoaderOptions { workers: args.workers.max(1), prefetch: args.prefetch.max(1) },
+        epochs: args.epochs,
+        preload_bytes: args.preload_mib.saturating_mul(1 << 20),
+    };
+    let r = bench_training(&options).with_context(|| format!("benchmarking training on {}", args.store.display()))?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "{}: {} cells x {} genes, batch {}, runs of {} cells, {} workers, {} {}, {} threads; {} batches ({} cells) \
+         preloaded",
+        r.store,
+        r.cells,
+        r.genes,
+        r.batch_size,
+        r.run_cells,
+        r.workers,
+        r.device,
+        r.precision,
+        r.threads,
+        r.preloaded_batches,
+        r.preloaded_cells
+    );
+    outln!(
+        "through the pipeline {:.0} cells/s; on preloaded batches {:.0} cells/s; ratio {:.2}",
+        r.pipeline_cells_per_s,
+        r.preloaded_cells_per_s,
+        r.ratio
+    );
+    let ratios: Vec<String> = r.rounds.iter().map(|round| format!("{:.2}", round.ratio)).collect();
+    let waits: Vec<String> = r.rounds.iter().map(|round| format!("{:.2}", round.trainer_blocked_s)).collect();
+    outln!("per epoch: ratio {}; trainer waited {} s for batches", ratios.join(" "), waits.join(" "));
+    if let Some(memory) = r.device_memory {
+        outln!("{memory}");
+    }
+    out!("{}", r.report.render());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_precision(name: &str) -> anyhow::Result<Precision> {
+    match name {
+        "fp32" => Ok(Precision::Fp32),
+        "bf16" => Ok(Precision::Bf16),
+        other => anyhow::bail!("--precision {other:?}: expected fp32 or bf16"),
     }
 }
 
@@ -189,11 +317,7 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
-    let precision = match args.precision.as_str() {
-        "fp32" => Precision::Fp32,
-        "bf16" => Precision::Bf16,
-        other => anyhow::bail!("--precision {other:?}: expected fp32 or bf16"),
-    };
+    let precision = parse_precision(&args.precision)?;
     let config = match &args.config {
         Some(path) => CpaConfig::from_file(path)?,
         None => CpaConfig::default(),

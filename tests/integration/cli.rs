@@ -1,4 +1,5 @@
-//! The command line end to end: synth, inspect, verify, convert, bench; memory stays flat.
+//! The command line end to end: synth, inspect, verify, convert, bench (reader, loader, train);
+//! memory stays flat.
 
 use crate::common::*;
 
@@ -108,6 +109,28 @@ fn synth_inspect_verify_convert_bench() {
         run(&["bench", "loader", s, "--dose-key", "dose", "--covariates", "cell_type", "--shuffle-run-cells", "0"]);
     assert_eq!(zero.status.code(), Some(2), "{}", text(&zero.stderr));
     assert!(text(&zero.stderr).contains("--shuffle-run-cells"), "{}", text(&zero.stderr));
+
+    // Training through the pipeline against preloaded batches: two rounds of two passes, each
+    // pass the epoch's 12 batches; the preloaded batches are the first ones that fit in 1 MiB.
+    let args = ["bench", "train", s, "--dose-key", "dose", "--covariates", "cell_type", "--batch-size", "256"];
+    let train = json(&[&args[..], &["--epochs", "2", "--preload-mib", "1", "--json"]].concat());
+    assert_eq!((train["cells"].as_u64(), train["batch_size"].as_u64()), (Some(3000), Some(256)), "{train}");
+    let preloaded = train["preloaded_batches"].as_u64().unwrap();
+    assert!((1..12).contains(&preloaded), "{train}");
+    assert_eq!(train["preloaded_cells"].as_u64(), Some(preloaded * 256), "{train}");
+    let trainer = &train["report"]["stages"][3];
+    assert_eq!((trainer["name"].as_str(), trainer["rows"].as_u64()), (Some("trainer"), Some(6000)), "{train}");
+    let rounds = train["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{train}");
+    assert!(rounds.iter().all(|r| r["batches"] == 12), "{train}");
+    let ratios: Vec<f64> = rounds.iter().map(|r| r["ratio"].as_f64().unwrap()).collect();
+    let overall = train["ratio"].as_f64().unwrap();
+    let (low, high) = (ratios[0].min(ratios[1]), ratios[0].max(ratios[1]));
+    assert!(overall >= low * 0.999 && overall <= high * 1.001, "{overall} not within {ratios:?}");
+    assert!(train["device_memory"].is_null(), "{train}");
+    let bad = run(&[&args[..], &["--precision", "fp16"]].concat());
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad.stderr));
+    assert!(text(&bad.stderr).contains("--precision \"fp16\": expected fp32 or bf16"), "{}", text(&bad.stderr));
 
     let again = run(&["synth", "--cells", "10", "--genes", "5", "--perturbations", "1", "--out", s]);
     assert_eq!(again.status.code(), Some(1));

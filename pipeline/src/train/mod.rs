@@ -6,6 +6,7 @@
 //! when there was no validation), `metrics.parquet` (one row per epoch) and `config.toml`.
 
 pub mod batcher;
+pub mod bench;
 pub mod encoder;
 pub mod validate;
 

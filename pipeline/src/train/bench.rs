@@ -1,0 +1,251 @@
+//! Training benchmark: the model trained through the pipeline against the same model stepping
+//! on batches already in memory, in alternating passes of the same run, so that the ratio says
+//! whether the loader ever holds the trainer up.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use cpa_stream_stages::device_memory::{self, DeviceMemory};
+use cpa_stream_stages::model::config::CpaConfig;
+use cpa_stream_stages::model::{CpaModel, HostBatch};
+use cpa_stream_stages::store::Store;
+use cpa_stream_stages::trainer::Trainer;
+use serde::Serialize;
+use tch::Device;
+
+use super::batcher::{self, LoaderOptions, PlanOptions, spawn_loader};
+use super::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
+use crate::error::{Error, Result};
+use crate::metrics::{MemorySampler, RunReport, StageStats, release_free_memory};
+
+/// Options of [`bench_training`].
+#[derive(Debug, Clone)]
+pub struct TrainingBenchOptions {
+    pub store: PathBuf,
+    /// Its split is ignored: every cell trains.
+    pub encoder: EncoderOptions,
+    /// Batch size, precision, seed and `shuffle_run_cells` (0: chosen as training chooses).
+    pub config: CpaConfig,
+    pub device: Device,
+    pub loader: LoaderOptions,
+    /// Rounds: one epoch through the pipeline and as many steps on the preloaded batches.
+    pub epochs: u32,
+    /// The most payload (counts' indices and values) the preloaded batches may hold; they are
+    /// an epoch's first batches, stepped through in turn as often as an epoch needs.
+    pub preload_bytes: u64,
+}
+
+/// One round of [`bench_training`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingRound {
+    pub epoch: u64,
+    pub batches: u64,
+    pub pipeline_cells_per_s: f64,
+    pub preloaded_cells_per_s: f64,
+    /// Pipeline over preloaded: 1 when the loader never holds the trainer up.
+    pub ratio: f64,
+    /// Seconds the trainer waited for the loader during the pipeline's epoch.
+    pub trainer_blocked_s: f64,
+}
+
+/// What [`bench_training`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingBench {
+    pub store: String,
+    pub cells: u64,
+    pub genes: u64,
+    pub batch_size: usize,
+    pub run_cells: usize,
+    pub workers: usize,
+    pub device: String,
+    pub precision: String,
+    pub threads: i32,
+    /// Batches and cells held in memory for the preloaded passes.
+    pub preloaded_batches: usize,
+    pub preloaded_cells: u64,
+    /// Over all rounds: total cells over total time of each kind of pass.
+    pub pipeline_cells_per_s: f64,
+    pub preloaded_cells_per_s: f64,
+    pub ratio: f64,
+    pub rounds: Vec<TrainingRound>,
+    pub report: RunReport,
+    pub device_memory: Option<DeviceMemory>,
+}
+
+/// Trains a fresh model on every cell of a store for `epochs` rounds. A round is two passes, each
+/// a trainer epoch of its own: one through the pipeline (planner, gather workers, trainer on
+/// bounded channels, as `train` runs) and the same number of steps over batches held in memory.
+/// Both then run the same sequence of autoencoder and adversary batches (an autoencoder step
+/// costs several adversary steps), and they take turns going first. One untimed warm-up pass
+/// over the preloaded batches comes before. Cells/s counts the cells stepped over the time of the
+/// pass, with the device synchronised at its end.
+pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
+    let wall = Instant::now();
+    let sampler = MemorySampler::start();
+    let stage = |stage: &'static str| move |source| Error::Stage { stage, source };
+    let store = Store::open(&options.store).map_err(stage("reader"))?;
+    let encoder = EncoderOptions {
+        split: SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
+        ..options.encoder.clone()
+    };
+    let encoder_stats = StageStats::new("encoder", 1);
+    let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?;
+    encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
+    release_free_memory();
+    let mut config = options.config.clone();
+    // The schedule after pre-training, the one most of a run trains with: autoencoder and
+    // adversary batches alternating from the first batch of each epoch.
+    config.training.n_epochs_pretrain_ae = 0;
+    let clustering = batcher::group_clustering(&labels, Split::Train);
+    config.training.shuffle_run_cells = batcher::run_cells_for(config.training.shuffle_run_cells, clustering);
+    let plan = PlanOptions {
+        batch_size: config.training.batch_size,
+        run_cells: config.training.shuffle_run_cells,
+        seed: config.training.seed,
+        ..PlanOptions::default()
+    };
+    let loader = options.loader;
+    device_memory::reset_peak(options.device);
+    let model =
+        CpaModel::new(&config, &labels.vocab, None, options.device, config.training.seed).map_err(stage("trainer"))?;
+    let mut trainer = Trainer::new(model).map_err(stage("trainer"))?;
+    let (plan_stats, gather_stats, train_stats) =
+        (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("trainer", 1));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // The preloaded batches: copies of the first batches of a pass, up to the byte limit.
+    let mut preloaded: Vec<HostBatch> = Vec::new();
+    let mut preloaded_bytes = 0u64;
+    std::thread::scope(|scope| -> Result<()> {
+        let stats = (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers));
+        let mut loaded =
+            spawn_loader(scope, &store, &labels, Split::Train, u64::MAX, 0, &plan, loader, stats, Arc::clone(&stop));
+        let ignored = StageStats::new("preload", 1);
+        while let Some(batch) = loaded.next(&ignored) {
+            let batch = batch?;
+            let bytes = batch.counts.byte_size();
+            if !preloaded.is_empty() && preloaded_bytes + bytes > options.preload_bytes {
+                break;
+            }
+            preloaded_bytes += bytes;
+            preloaded.push(batch.clone());
+            loaded.recycle(batch);
+        }
+        Ok(())
+    })?;
+    let preloaded_cells: u64 = preloaded.iter().map(|b| b.n_cells() as u64).sum();
+    let sync = |trainer: &Trainer| trainer.running_metrics().map(drop).map_err(stage("trainer"));
+
+    // Warm-up: the allocator's blocks and libtorch's kernels, outside every clock.
+    for batch in &preloaded {
+        trainer.step(batch).map_err(stage("trainer"))?;
+    }
+    trainer.end_epoch().map_err(stage("trainer"))?;
+
+    let mut rounds = Vec::new();
+    let (mut pipeline_time, mut preloaded_time) = (Duration::ZERO, Duration::ZERO);
+    let (mut pipeline_cells, mut preloaded_total) = (0u64, 0u64);
+    for epoch in 0..u64::from(options.epochs.max(1)) {
+        let blocked_before = train_stats.report().blocked_in;
+        let through_pipeline = |trainer: &mut Trainer| -> Result<(u64, u64, Duration)> {
+            let (mut batches, mut cells) = (0u64, 0u64);
+            let start = Instant::now();
+            std::thread::scope(|scope| -> Result<()> {
+                let mut loaded = spawn_loader(
+                    scope,
+                    &store,
+                    &labels,
+                    Split::Train,
+                    epoch,
+                    0,
+                    &plan,
+                    loader,
+                    (Arc::clone(&plan_stats), Arc::clone(&gather_stats)),
+                    Arc::clone(&stop),
+                );
+                while let Some(batch) = loaded.next(&train_stats) {
+                    let batch = batch?;
+                    train_stats.busy(|| trainer.step(&batch)).map_err(stage("trainer"))?;
+                    train_stats.add(batch.n_cells() as u64, batch.counts.byte_size());
+                    (batches, cells) = (batches + 1, cells + batch.n_cells() as u64);
+                    loaded.recycle(batch);
+                }
+                Ok(())
+            })?;
+            sync(trainer)?;
+            let elapsed = start.elapsed();
+            trainer.end_epoch().map_err(stage("trainer"))?;
+            Ok((batches, cells, elapsed))
+        };
+        let from_memory = |trainer: &mut Trainer, batches: u64| -> Result<(u64, Duration)> {
+            let start = Instant::now();
+            let mut cells = 0u64;
+            for batch in preloaded.iter().cycle().take(batches as usize) {
+                trainer.step(batch).map_err(stage("trainer"))?;
+                cells += batch.n_cells() as u64;
+            }
+            sync(trainer)?;
+            let elapsed = start.elapsed();
+            trainer.end_epoch().map_err(stage("trainer"))?;
+            Ok((cells, elapsed))
+        };
+        // Pipeline first in even rounds, preloaded first in odd ones (an epoch's plan cuts its
+        // cells into full batches and one last partial one), so that neither gains from its
+        // place in the round.
+        let epoch_batches = labels.split_counts[0].div_ceil(plan.batch_size.max(1) as u64);
+        let ((batches, cells, through_pipeline), (stepped, from_memory)) = if epoch % 2 == 0 {
+            let pipeline = through_pipeline(&mut trainer)?;
+            (pipeline, from_memory(&mut trainer, pipeline.0)?)
+        } else {
+            let memory = from_memory(&mut trainer, epoch_batches)?;
+            (through_pipeline(&mut trainer)?, memory)
+        };
+        let blocked = train_stats.report().blocked_in.saturating_sub(blocked_before);
+
+        let rate = |cells: u64, time: Duration| cells as f64 / time.as_secs_f64().max(1e-9);
+        let (pipeline_rate, preloaded_rate) = (rate(cells, through_pipeline), rate(stepped, from_memory));
+        rounds.push(TrainingRound {
+            epoch,
+            batches,
+            pipeline_cells_per_s: pipeline_rate,
+            preloaded_cells_per_s: preloaded_rate,
+            ratio: pipeline_rate / preloaded_rate,
+            trainer_blocked_s: blocked.as_secs_f64(),
+        });
+        tracing::info!(
+            "round {epoch}: pipeline {pipeline_rate:.0} cells/s, preloaded {preloaded_rate:.0} cells/s ({:.2}); \
+             trainer waited {:.2} s for batches",
+            pipeline_rate / preloaded_rate,
+            blocked.as_secs_f64()
+        );
+        (pipeline_time, preloaded_time) = (pipeline_time + through_pipeline, preloaded_time + from_memory);
+        (pipeline_cells, preloaded_total) = (pipeline_cells + cells, preloaded_total + stepped);
+    }
+    let pipeline_cells_per_s = pipeline_cells as f64 / pipeline_time.as_secs_f64().max(1e-9);
+    let preloaded_cells_per_s = preloaded_total as f64 / preloaded_time.as_secs_f64().max(1e-9);
+    Ok(TrainingBench {
+        store: options.store.display().to_string(),
+        cells: labels.n_cells(),
+        genes: store.n_vars(),
+        batch_size: plan.batch_size,
+        run_cells: plan.run_cells,
+        workers: loader.workers,
+        device: format!("{:?}", options.device).to_lowercase(),
+        precision: format!("{:?}", config.training.precision).to_lowercase(),
+        threads: tch::get_num_threads(),
+        preloaded_batches: preloaded.len(),
+        preloaded_cells,
+        pipeline_cells_per_s,
+        preloaded_cells_per_s,
+        ratio: pipeline_cells_per_s / preloaded_cells_per_s,
+        rounds,
+        report: RunReport {
+            wall: wall.elapsed(),
+            stages: vec![encoder_stats.report(), plan_stats.report(), gather_stats.report(), train_stats.report()],
+            memory: sampler.finish(),
+        },
+        device_memory: device_memory::stats(options.device),
+    })
+}
