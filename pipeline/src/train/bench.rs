@@ -94,6 +94,9 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
     let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?;
     encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
     release_free_memory();
+    if labels.split_counts[0] == 0 {
+        return Err(Error::InvalidInput(format!("{}: no cells to train on", options.store.display())));
+    }
     let mut config = options.config.clone();
     // The schedule after pre-training, the one most of a run trains with: autoencoder and
     // adversary batches alternating from the first batch of each epoch.
