@@ -9,7 +9,6 @@ use cpa_stream_pipeline::bench::{ReaderBenchOptions, bench_reader};
 use cpa_stream_pipeline::model_bench::{ModelBenchOptions, bench_model, parse_device};
 use cpa_stream_pipeline::train::batcher::{LoaderOptions, PlanOptions};
 use cpa_stream_pipeline::train::bench::{TrainingBenchOptions, bench_training};
-use cpa_stream_pipeline::train::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream_pipeline::train::{LoaderRound, bench_loader};
 use cpa_stream_stages::model::config::{CpaConfig, Precision};
 use cpa_stream_stages::store::Store;
@@ -32,14 +31,8 @@ pub enum BenchCommand {
 pub struct TrainArgs {
     /// Store directory (every cell trains).
     store: PathBuf,
-    #[arg(long, default_value = "condition")]
-    perturbation_key: String,
-    #[arg(long)]
-    dose_key: Option<String>,
-    #[arg(long, default_value = "control")]
-    control: String,
-    #[arg(long, value_delimiter = ',')]
-    covariates: Vec<String>,
+    #[command(flatten)]
+    labels: super::LabelArgs,
     /// Model configuration (TOML) [default: the reference's].
     #[arg(long)]
     config: Option<PathBuf>,
@@ -78,14 +71,8 @@ pub struct TrainArgs {
 pub struct LoaderArgs {
     /// Store directory.
     store: PathBuf,
-    #[arg(long, default_value = "condition")]
-    perturbation_key: String,
-    #[arg(long)]
-    dose_key: Option<String>,
-    #[arg(long, default_value = "control")]
-    control: String,
-    #[arg(long, value_delimiter = ',')]
-    covariates: Vec<String>,
+    #[command(flatten)]
+    labels: super::LabelArgs,
     #[arg(long, default_value_t = 1024)]
     batch_size: usize,
     /// Batcher worker threads [default: available cores].
@@ -192,15 +179,7 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     config.validate().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     let options = TrainingBenchOptions {
         store: args.store.clone(),
-        encoder: EncoderOptions {
-            perturbation_key: args.perturbation_key,
-            dose_key: args.dose_key,
-            control: args.control,
-            covariate_keys: args.covariates,
-            batch_key: None,
-            split: SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
-            max_comb_len: config.model.max_comb_len,
-        },
+        encoder: args.labels.all_training(config.model.max_comb_len),
         device: super::model_device(&args.device, args.threads)?,
         config,
         loader: LoaderOptions { workers: args.workers.max(1), prefetch: args.prefetch.max(1) },
@@ -252,15 +231,7 @@ fn parse_precision(name: &str) -> anyhow::Result<Precision> {
 }
 
 fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
-    let encoder = EncoderOptions {
-        perturbation_key: args.perturbation_key,
-        dose_key: args.dose_key,
-        control: args.control,
-        covariate_keys: args.covariates,
-        batch_key: None,
-        split: SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
-        max_comb_len: 2,
-    };
+    let encoder = args.labels.all_training(CpaConfig::default().model.max_comb_len);
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let loader = LoaderOptions { workers, prefetch: args.prefetch };
     let plan = PlanOptions {

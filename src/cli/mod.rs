@@ -28,6 +28,49 @@ mod train;
 
 use std::process::ExitCode;
 
+use cpa_stream_pipeline::train::encoder::{EncoderOptions, SplitSpec};
+
+/// The obs columns that label the cells for the model: `train`, `bench loader`, `bench train`.
+#[derive(Debug, clap::Args)]
+pub struct LabelArgs {
+    /// obs column of the perturbation condition (`drugA+drugB`).
+    #[arg(long, default_value = "condition")]
+    perturbation_key: String,
+    /// obs column of the doses (`0.1+1`); without it every part has dose 1.
+    #[arg(long)]
+    dose_key: Option<String>,
+    /// Name of the control condition.
+    #[arg(long, default_value = "control")]
+    control: String,
+    /// Categorical covariates (comma-separated obs columns).
+    #[arg(long, value_delimiter = ',')]
+    covariates: Vec<String>,
+}
+
+impl LabelArgs {
+    /// The encoder's options for these columns.
+    fn encoder(self, batch_key: Option<String>, split: SplitSpec, max_comb_len: usize) -> EncoderOptions {
+        EncoderOptions {
+            perturbation_key: self.perturbation_key,
+            dose_key: self.dose_key,
+            control: self.control,
+            covariate_keys: self.covariates,
+            batch_key,
+            split,
+            max_comb_len,
+        }
+    }
+
+    /// Every cell in training, none held out (the benchmarks).
+    fn all_training(self, max_comb_len: usize) -> EncoderOptions {
+        self.encoder(
+            None,
+            SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
+            max_comb_len,
+        )
+    }
+}
+
 use clap::{Parser, Subcommand};
 
 /// Train and run the Compositional Perturbation Autoencoder on atlases larger than memory.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::train::encoder::{EncoderOptions, SplitSpec};
+use cpa_stream_pipeline::train::encoder::SplitSpec;
 use cpa_stream_pipeline::train::{TrainOptions, run_train};
 use cpa_stream_stages::model::config::CpaConfig;
 
@@ -18,18 +18,8 @@ pub struct TrainArgs {
     /// Store directory (see `cpa-stream import` / `synth`).
     #[arg(long)]
     store: PathBuf,
-    /// obs column of the perturbation condition (`drugA+drugB`).
-    #[arg(long, default_value = "condition")]
-    perturbation_key: String,
-    /// obs column of the doses (`0.1+1`); without it every part has dose 1.
-    #[arg(long)]
-    dose_key: Option<String>,
-    /// Name of the control condition.
-    #[arg(long, default_value = "control")]
-    control: String,
-    /// Categorical covariates (comma-separated obs columns).
-    #[arg(long, value_delimiter = ',')]
-    covariates: Vec<String>,
+    #[command(flatten)]
+    labels: super::LabelArgs,
     /// A batch covariate (left out of the corrected latents).
     #[arg(long)]
     batch_key: Option<String>,
@@ -119,15 +109,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let options = TrainOptions {
         store: args.store.clone(),
         out: args.out.clone(),
-        encoder: EncoderOptions {
-            perturbation_key: args.perturbation_key,
-            dose_key: args.dose_key,
-            control: args.control,
-            covariate_keys: args.covariates,
-            batch_key: args.batch_key,
-            split,
-            max_comb_len: config.model.max_comb_len,
-        },
+        encoder: args.labels.encoder(args.batch_key, split, config.model.max_comb_len),
         config,
         device,
         resume: args.resume,
