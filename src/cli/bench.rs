@@ -19,7 +19,7 @@ pub enum BenchCommand {
     Reader(ReaderArgs),
     /// Training throughput of the model alone, on preloaded batches of a synthetic atlas.
     Model(ModelArgs),
-    /// The training pipeline without the model (encoder, planner, batcher workers) against a
+    /// The training pipeline without the model (encoder, batcher workers) against a
     /// memcpy bound.
     Loader(LoaderArgs),
     /// Training through the pipeline against the same model stepping on batches held in

@@ -133,13 +133,37 @@ impl<'a> EpochPlan<'a> {
     /// The next batch's rows, written into `out` (cleared first). `false` at the end of the epoch.
     pub fn next_into(&mut self, out: &mut Vec<u64>) -> bool {
         out.clear();
+        let rows = self.advance();
+        out.extend_from_slice(&self.buffer[rows.clone()]);
+        !rows.is_empty()
+    }
+
+    /// Passes over the next batch without copying its rows. `false` at the end of the epoch.
+    pub fn pass_over(&mut self) -> bool {
+        !self.advance().is_empty()
+    }
+
+    /// Passes over `gap` batches, then writes the next one into `out` (cleared first): a worker
+    /// filling every n-th batch calls it with its index first, then with n - 1. `false` at the end
+    /// of the epoch.
+    pub fn next_after_into(&mut self, gap: usize, out: &mut Vec<u64>) -> bool {
+        for _ in 0..gap {
+            if !self.pass_over() {
+                out.clear();
+                return false;
+            }
+        }
+        self.next_into(out)
+    }
+
+    /// The next batch's place in the buffer (empty at the end of the epoch).
+    fn advance(&mut self) -> std::ops::Range<usize> {
         if self.buffer.len() - self.taken < self.options.batch_size {
             self.refill();
         }
-        let end = (self.taken + self.options.batch_size).min(self.buffer.len());
-        out.extend_from_slice(&self.buffer[self.taken..end]);
+        let (start, end) = (self.taken, (self.taken + self.options.batch_size).min(self.buffer.len()));
         self.taken = end;
-        !out.is_empty()
+        start..end
     }
 }
 
@@ -249,9 +273,10 @@ impl LoaderOptions {
     }
 }
 
-/// Runs one pass over `split` inside `scope`: a planner thread, `workers` gather threads. The
-/// first `skip` batches of the epoch's plan are passed over without being read (a run resumed
-/// within an epoch). Stops early when `stop` is set or the receiver is dropped; errors arrive in
+/// Runs one pass over `split` inside `scope`: `workers` threads, each drawing the epoch's plan
+/// and filling every `workers`-th batch of it (planning time is counted in the first stats, as
+/// the planner's). The first `skip` batches of the epoch's plan are passed over without being
+/// read (a run resumed within an epoch). Stops early when `stop` is set or the receiver is dropped; errors arrive in
 /// order, as batches do.
 #[allow(clippy::too_many_arguments)] // one call site per pass kind; a struct would only rename them
 pub fn spawn_loader<'scope, 'env: 'scope>(
@@ -272,21 +297,16 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
     let pool_size = loader.pool_size();
     let (recycle_tx, recycle_rx) = bounded::<HostBatch>(pool_size);
     let created = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    // Row lists go back from the workers to the planner: no allocation per batch in steady state.
-    let (rows_back_tx, rows_back_rx) = bounded::<Vec<u64>>(workers * (loader.prefetch + 2));
-    let mut job_txs = Vec::with_capacity(workers);
     let mut outputs = Vec::with_capacity(workers);
     let (plan_stats, gather_stats) = stats;
-    for _ in 0..workers {
-        let (job_tx, job_rx) = bounded::<Vec<u64>>(loader.prefetch.max(1));
+    for w in 0..workers {
         let (out_tx, out_rx) = bounded::<Result<HostBatch>>(loader.prefetch.max(1));
-        job_txs.push(job_tx);
         outputs.push(out_rx);
         let recycle_rx = recycle_rx.clone();
         let created = Arc::clone(&created);
-        let rows_back = rows_back_tx.clone();
-        let stats = Arc::clone(&gather_stats);
+        let (plan_stats, stats) = (Arc::clone(&plan_stats), Arc::clone(&gather_stats));
         let stop = Arc::clone(&stop);
+        let plan = plan.clone();
         scope.spawn(move || {
             let mut cursor = match store.cursor() {
                 Ok(c) => c,
@@ -295,10 +315,24 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
                     return;
                 }
             };
-            while let Some(mut rows) = stats.recv(&job_rx) {
-                if stop.load(Ordering::Relaxed) {
+            // Every worker plans the whole epoch (cheap: a shuffle of row numbers) and fills
+            // batches w, w + workers, ...: no planner thread to hand jobs over, and no worker
+            // waits for another's job to be taken.
+            let mut epoch_plan = plan_stats.busy(|| EpochPlan::new(labels, split, epoch, &plan));
+            for _ in 0..skip {
+                if !plan_stats.busy(|| epoch_plan.pass_over()) {
                     return;
                 }
+            }
+            let mut rows = Vec::with_capacity(plan.batch_size);
+            let mut gap = w;
+            loop {
+                let more = plan_stats.busy(|| epoch_plan.next_after_into(gap, &mut rows));
+                gap = workers - 1;
+                if !more || stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                plan_stats.add(rows.len() as u64, rows.len() as u64 * 8);
                 let batch = match recycle_rx.try_recv() {
                     Ok(b) => Some(b),
                     Err(_) if created.fetch_add(1, Ordering::Relaxed) < pool_size => None,
@@ -327,7 +361,6 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
                 if let Ok(b) = &result {
                     stats.add(b.n_cells() as u64, b.counts.byte_size());
                 }
-                let _ = rows_back.try_send(rows);
                 let failed = result.is_err();
                 if !stats.send(&out_tx, result) || failed {
                     return;
@@ -335,29 +368,6 @@ pub fn spawn_loader<'scope, 'env: 'scope>(
             }
         });
     }
-    let plan = plan.clone();
-    scope.spawn(move || {
-        let mut epoch_plan = EpochPlan::new(labels, split, epoch, &plan);
-        let mut skipped = Vec::with_capacity(plan.batch_size);
-        for _ in 0..skip {
-            if !plan_stats.busy(|| epoch_plan.next_into(&mut skipped)) {
-                return;
-            }
-        }
-        let mut k = 0usize;
-        loop {
-            let mut rows = rows_back_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(plan.batch_size));
-            let more = plan_stats.busy(|| epoch_plan.next_into(&mut rows));
-            if !more || stop.load(Ordering::Relaxed) {
-                return;
-            }
-            plan_stats.add(rows.len() as u64, rows.len() as u64 * 8);
-            if !plan_stats.send(&job_txs[k % workers], rows) {
-                return;
-            }
-            k += 1;
-        }
-    });
     Loaded { outputs, next: 0, recycle: recycle_tx }
 }
 
@@ -427,6 +437,21 @@ mod tests {
             prop_assert_eq!(seen, want);
             let again: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, epoch, &plan).collect();
             prop_assert_eq!(&again, &batches);
+            // Workers drawing the plan each and taking every n-th batch share it exactly.
+            for workers in 1..4usize {
+                for w in 0..workers {
+                    let mut own = EpochPlan::new(&l, Split::Train, epoch, &plan);
+                    let (mut rows, mut got) = (Vec::new(), Vec::new());
+                    let mut gap = w;
+                    while own.next_after_into(gap, &mut rows) {
+                        got.push(rows.clone());
+                        gap = workers - 1;
+                    }
+                    prop_assert!(rows.is_empty());
+                    let want: Vec<Vec<u64>> = batches.iter().skip(w).step_by(workers).cloned().collect();
+                    prop_assert_eq!(got, want, "worker {} of {}", w, workers);
+                }
+            }
         }
     }
 

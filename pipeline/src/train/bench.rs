@@ -75,7 +75,7 @@ pub struct TrainingBench {
 }
 
 /// Trains a fresh model on every cell of a store for `epochs` rounds. A round is two passes, each
-/// a trainer epoch of its own: one through the pipeline (planner, gather workers, trainer on
+/// a trainer epoch of its own: one through the pipeline (gather workers, trainer on
 /// bounded channels, as `train` runs) and the same number of steps over batches held in memory.
 /// Both then run the same sequence of autoencoder and adversary batches (an autoencoder step
 /// costs several adversary steps), and they take turns going first. One untimed warm-up pass
@@ -114,15 +114,18 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
     let model =
         CpaModel::new(&config, &labels.vocab, None, options.device, config.training.seed).map_err(stage("trainer"))?;
     let mut trainer = Trainer::new(model).map_err(stage("trainer"))?;
-    let (plan_stats, gather_stats, train_stats) =
-        (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("trainer", 1));
+    let (plan_stats, gather_stats, train_stats) = (
+        StageStats::new("planner", loader.workers),
+        StageStats::new("batcher", loader.workers),
+        StageStats::new("trainer", 1),
+    );
     let stop = Arc::new(AtomicBool::new(false));
 
     // The preloaded batches: copies of the first batches of a pass, up to the byte limit.
     let mut preloaded: Vec<HostBatch> = Vec::new();
     let mut preloaded_bytes = 0u64;
     std::thread::scope(|scope| -> Result<()> {
-        let stats = (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers));
+        let stats = (StageStats::new("planner", loader.workers), StageStats::new("batcher", loader.workers));
         let mut loaded =
             spawn_loader(scope, &store, &labels, Split::Train, u64::MAX, 0, &plan, loader, stats, Arc::clone(&stop));
         let ignored = StageStats::new("preload", 1);

@@ -1,5 +1,5 @@
 //! Training through the streaming pipeline: store reader -> perturbation encoder -> batcher
-//! (planner + gather workers) -> trainer (the one thread that owns the model).
+//! (gather workers, each planning the epoch) -> trainer (the one thread that owns the model).
 //!
 //! A run directory holds `checkpoint/` (every epoch, for `--resume`), `best/` (the weights with
 //! the best validation score), `model/` (the final model: the best weights, or the last ones
@@ -170,8 +170,11 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
             plan.run_cells
         );
     }
-    let (plan_stats, gather_stats, train_stats) =
-        (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("trainer", 1));
+    let (plan_stats, gather_stats, train_stats) = (
+        StageStats::new("planner", loader.workers),
+        StageStats::new("batcher", loader.workers),
+        StageStats::new("trainer", 1),
+    );
     let mut records = read_metrics(&options.out.join(METRICS_FILE), trainer.state().epoch)?;
     let mut stopped_early = false;
     let mut interrupted = false;
@@ -486,7 +489,7 @@ pub struct LoaderBench {
     pub report: RunReport,
 }
 
-/// The pipeline without the model: shuffled epochs of the encoder, planner and batcher workers
+/// The pipeline without the model: shuffled epochs of the encoder and batcher workers
 /// over every cell, the consumer only handing batches back. Each epoch is a round that first
 /// measures the memcpy and gather bounds, so each ratio compares runs made seconds apart (on a
 /// shared machine the bandwidth drifts between minutes). `plan.run_cells` 0 chooses as training
@@ -514,8 +517,11 @@ pub fn bench_loader(
     let threads = loader.workers.max(1);
     crate::bench::memcpy_pass(&store, threads)?;
     let read_bound = crate::bench::memcpy_pass(&store, threads)?;
-    let (plan_stats, gather_stats, consumer) =
-        (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers), StageStats::new("consumer", 1));
+    let (plan_stats, gather_stats, consumer) = (
+        StageStats::new("planner", loader.workers),
+        StageStats::new("batcher", loader.workers),
+        StageStats::new("consumer", 1),
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let rate = |cells: u64, time: Duration| cells as f64 / time.as_secs_f64().max(1e-9);
     let (mut rounds, mut cells) = (Vec::new(), 0u64);

@@ -57,7 +57,7 @@ pub fn validate(
     let mut cells = 0u64;
     let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(0), device);
     let plan = PlanOptions { shuffle: false, ..plan.clone() };
-    let stats = (StageStats::new("planner", 1), StageStats::new("batcher", loader.workers));
+    let stats = (StageStats::new("planner", loader.workers), StageStats::new("batcher", loader.workers));
     let consumer = StageStats::new("validation", 1);
     let count_model = model.config().model.recon_loss.is_count();
     std::thread::scope(|scope| -> Result<()> {
