@@ -276,8 +276,8 @@ impl LoaderOptions {
 /// Runs one pass over `split` inside `scope`: `workers` threads, each drawing the epoch's plan
 /// and filling every `workers`-th batch of it (planning time is counted in the first stats, as
 /// the planner's). The first `skip` batches of the epoch's plan are passed over without being
-/// read (a run resumed within an epoch). Stops early when `stop` is set or the receiver is dropped; errors arrive in
-/// order, as batches do.
+/// read (a run resumed within an epoch). Stops early when `stop` is set or the receiver is
+/// dropped; errors arrive in order, as batches do.
 #[allow(clippy::too_many_arguments)] // one call site per pass kind; a struct would only rename them
 pub fn spawn_loader<'scope, 'env: 'scope>(
     scope: &'scope std::thread::Scope<'scope, 'env>,

@@ -197,13 +197,13 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
             trainer.end_epoch().map_err(stage("trainer"))?;
             Ok((cells, elapsed))
         };
-        // Pipeline first in even rounds, preloaded first in odd ones (an epoch's plan cuts its
-        // cells into full batches and one last partial one), so that neither gains from its
-        // place in the round.
+        // Pipeline first in even rounds, preloaded first in odd ones, so that neither gains from
+        // its place in the round. Both step an epoch's batches: its plan cuts the cells into full
+        // batches and one last partial one.
         let epoch_batches = labels.split_counts[0].div_ceil(plan.batch_size.max(1) as u64);
         let ((batches, cells, through_pipeline), (stepped, from_memory)) = if epoch % 2 == 0 {
             let pipeline = through_pipeline(&mut trainer)?;
-            (pipeline, from_memory(&mut trainer, pipeline.0)?)
+            (pipeline, from_memory(&mut trainer, epoch_batches)?)
         } else {
             let memory = from_memory(&mut trainer, epoch_batches)?;
             (through_pipeline(&mut trainer)?, memory)
