@@ -258,10 +258,11 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
         r.group_clustering
     );
     outln!(
-        "loader {:.0} cells/s; memcpy bound {:.0} cells/s (into {} batch buffers); ratio {:.2}",
+        "loader {:.0} cells/s; memcpy bound {:.0} cells/s (into {} batch buffers, {:.1} MB); ratio {:.2}",
         r.cells_per_s,
         r.memcpy_cells_per_s,
-        loader.pool_size(),
+        r.pool_batches,
+        r.pool_bytes as f64 / 1e6,
         r.vs_memcpy
     );
     outln!(
@@ -272,7 +273,7 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
     if let (Some(bound), Some(ratio)) = (r.gather_bound_cells_per_s, r.vs_gather_bound) {
         outln!(
             "gather bound {bound:.0} cells/s (the plan's rows, plain memcpy into {} batch buffers); ratio {ratio:.2}",
-            loader.pool_size()
+            r.pool_batches
         );
     }
     let ratios = |ratio: fn(&LoaderRound) -> Option<f64>| {

@@ -87,6 +87,11 @@ fn synth_inspect_verify_convert_bench() {
         let options = ["--workers", "2", "--shuffle-run-cells", runs, "--epochs", "2", "--json"];
         let loader = json(&[&args[..], &options[..]].concat());
         assert_eq!(loader["cells"], 3000);
+        // The pool: 2 workers x (prefetch 2 + 1) + 2 batches of 256 cells, at the store's mean
+        // payload per cell (8 bytes a non-zero); the bounds copy into as many buffers.
+        assert_eq!(loader["pool_batches"], 8, "{loader}");
+        let per_cell = (inspect["nnz"].as_u64().unwrap() * 8).div_ceil(3000);
+        assert_eq!(loader["pool_bytes"].as_u64(), Some(per_cell * 256 * 8), "{loader}");
         for key in ["cells_per_s", "memcpy_cells_per_s", "vs_memcpy", "read_bound_cells_per_s", "vs_read_bound"] {
             assert!(loader[key].as_f64().unwrap() > 0.0, "{key}: {loader}");
         }

@@ -462,6 +462,12 @@ pub struct LoaderBench {
     pub genes: u64,
     pub workers: usize,
     pub batch_size: usize,
+    /// Batches that circulate ([`LoaderOptions::pool_size`]), and the payload bytes they hold at
+    /// the store's mean cells: the bounds copy into as many buffers. Where these fit in the
+    /// last-level cache, writes stay there and the memcpy bound rises (on the development
+    /// machine, 32 MB of cache: 8 buffers are 6.9 MB at batch 128 and 54 MB at 1,024).
+    pub pool_batches: usize,
+    pub pool_bytes: u64,
     /// The in-buffer shuffle's run length: the one asked for, or the one chosen when asked for 0 (auto).
     pub run_cells: usize,
     /// [`batcher::group_clustering`] of the store's cells.
@@ -581,6 +587,8 @@ pub fn bench_loader(
         genes: store.n_vars(),
         workers: loader.workers,
         batch_size,
+        pool_batches: loader.pool_size(),
+        pool_bytes: (store.nnz() * 8).div_ceil(store.n_obs().max(1)) * (batch_size * loader.pool_size()) as u64,
         run_cells: plan.run_cells,
         group_clustering,
         seconds: loader_time.as_secs_f64(),
