@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/bootstrap.sh)"
 echo "test.sh: libtorch $LIBTORCH, build cache $CARGO_TARGET_DIR" >&2
 # The release profile, like the demo. The `polars` feature (the lazy reader of prediction files and
-# its test) costs about 12 minutes of a cold build on 2 cores; the binary does not need it.
+# its test) costs 12-20 minutes of a cold build on 2 cores (polars alone built in 20 minutes on
+# the development machine); the binary does not need it.
 cargo test --release --locked --workspace --features cpa-stream/polars "$@"
