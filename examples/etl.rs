@@ -22,10 +22,10 @@ use std::sync::atomic::AtomicBool;
 use arrow::array::{AsArray, Float32Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Float32Type, Schema};
 use cpa_stream::pipeline::Silent;
+use cpa_stream::pipeline::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream::pipeline::import::{ImportOptions, run_import};
 use cpa_stream::pipeline::predict::targets::parse_target_spec;
 use cpa_stream::pipeline::predict::{PredictOptions, Predictor};
-use cpa_stream::pipeline::train::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream::pipeline::train::{TrainOptions, run_train};
 use cpa_stream::stages::model::CpaConfig;
 use cpa_stream::stages::sink::{ParquetSink, SinkOptions};
@@ -55,8 +55,8 @@ fn main() -> Result<()> {
     counterfactual.targets = targets.iter().map(|t| parse_target_spec(t)).collect::<std::result::Result<_, _>>()?;
     let predictor = Predictor::open(&counterfactual)?;
     let genes = predictor.genes().to_vec();
-    let mut changes = predictor.stream();
-    let mut controls = Predictor::open(&reference)?.stream();
+    let mut changes = predictor.stream()?;
+    let mut controls = Predictor::open(&reference)?.stream()?;
 
     // Load: a long table, written as it is produced.
     let schema = Arc::new(Schema::new(vec![
@@ -121,12 +121,7 @@ fn bundled() -> Result<(PathBuf, PathBuf, PathBuf)> {
                 control: "control".into(),
                 covariate_keys: vec!["cell_type".into()],
                 batch_key: None,
-                split: SplitSpec::Fraction {
-                    validation: 0.1,
-                    test: 0.1,
-                    seed: 0,
-                    holdout: vec!["MAP2K3+MAP2K6".into()],
-                },
+                split: SplitSpec::fractions(0.1, 0.1, 0, vec!["MAP2K3+MAP2K6".into()]),
                 max_comb_len: 2,
             },
             config,
@@ -134,10 +129,7 @@ fn bundled() -> Result<(PathBuf, PathBuf, PathBuf)> {
             resume: false,
             epochs: Some(20),
             auto_batch_size: false,
-            workers: 2,
-            prefetch: 2,
-            block_cells: 256,
-            shuffle_blocks: 64,
+            ..TrainOptions::default()
         };
         run_train(&options, &Silent, Arc::new(AtomicBool::new(false)))?;
     }

@@ -14,7 +14,7 @@
 //! use cpa_stream::pipeline::predict::targets::parse_target_spec;
 //! let mut options = PredictOptions::new("run/", "atlas.store");
 //! options.targets = vec![parse_target_spec("condition=drugA+drugB,dose=0.1+1")?];
-//! let stream = Predictor::open(&options)?.stream(); // an arrow RecordBatchReader
+//! let stream = Predictor::open(&options)?.stream()?; // an arrow RecordBatchReader
 //! for batch in stream {
 //!     let batch = batch?; // cell_id, condition, dose, covariates, mean (FixedSizeList<Float32>)
 //!     println!("{} predicted cells", batch.num_rows());

@@ -19,9 +19,9 @@ use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::error::{Error, Result};
-use crate::metrics::{MemorySampler, RunReport, StageStats};
 use crate::progress::Progress;
-use crate::stream::{send_store_rows, two_stage};
+use crate::telemetry::{MemorySampler, RunReport, StageStats};
+use crate::two_stage::{send_store_rows, two_stage};
 
 /// Batches queued between reader and writer.
 const CHANNEL_DEPTH: usize = 4;
@@ -40,6 +40,7 @@ const BUCKET_BUFFER: usize = 256 << 10;
 /// Writing the cells in a seeded random order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shuffle {
+    /// Seed of the random order.
     pub seed: u64,
     /// Payload bytes of the cells that one bucket holds in memory (about; bucket sizes vary a
     /// little at random).
@@ -49,7 +50,7 @@ pub struct Shuffle {
 /// Copies `input` into a new store at `out` with `codec`, streaming `obs` batches and their rows;
 /// extra tables (truth, DEGs: per condition, not per cell) are copied as they are. With
 /// `shuffle`, the cells are written in a random order drawn from its seed (see
-/// [`copy_shuffled`]).
+/// `copy_shuffled`).
 pub fn run_convert(
     input: &Store,
     out: &Path,
@@ -78,11 +79,10 @@ pub fn run_convert(
         if !matrix_or_table {
             let dest = writer.extra_file_path(name);
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| Error::InvalidInput(format!("{}: {e}", parent.display())))?;
+                std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
             }
-            std::fs::copy(input.file_path(name), &dest)
-                .map_err(|e| Error::InvalidInput(format!("copying {name}: {e}")))?;
+            let from = input.file_path(name);
+            std::fs::copy(&from, &dest).map_err(Error::io(&from))?;
         }
     }
     if let Some(shuffle) = shuffle {
@@ -173,15 +173,11 @@ fn copy_shuffled(
         )));
     }
     let bucket_path = |b: usize| scratch.0.join(format!("bucket-{b}"));
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |e: std::io::Error| Error::InvalidInput(format!("{}: {e}", path.display()))
-    };
     let mut files = (0..buckets)
         .map(|b| {
             File::create(bucket_path(b))
                 .map(|f| BufWriter::with_capacity(BUCKET_BUFFER, f))
-                .map_err(io(&bucket_path(b)))
+                .map_err(Error::io(&bucket_path(b)))
         })
         .collect::<Result<Vec<_>>>()?;
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(shuffle.seed);
@@ -211,7 +207,7 @@ fn copy_shuffled(
                     bytemuck::cast_slice(values),
                 ];
                 for part in record {
-                    file.write_all(part).map_err(io(&bucket_path(b)))?;
+                    file.write_all(part).map_err(Error::io(&bucket_path(b)))?;
                 }
             }
             Ok(())
@@ -220,7 +216,7 @@ fn copy_shuffled(
         progress.advance(rows.n_rows() as u64);
     }
     for (b, file) in files.into_iter().enumerate() {
-        scatter.busy(|| file.into_inner().map_err(|e| e.into_error())).map_err(io(&bucket_path(b)))?;
+        scatter.busy(|| file.into_inner().map_err(|e| e.into_error())).map_err(Error::io(&bucket_path(b)))?;
     }
     progress.end();
 
@@ -230,7 +226,7 @@ fn copy_shuffled(
     let mut written = 0u64;
     for b in 0..buckets {
         let path = bucket_path(b);
-        let bytes = scatter.busy(|| std::fs::read(&path)).map_err(io(&path))?;
+        let bytes = scatter.busy(|| std::fs::read(&path)).map_err(Error::io(&path))?;
         // (row number, offset of its entries, entries) of every cell of the bucket.
         let mut cells: Vec<(u64, usize, usize)> = Vec::new();
         let mut at = 0;
@@ -255,7 +251,7 @@ fn copy_shuffled(
                     rows.push_row(&indices, &values);
                 }
                 let ids = UInt64Array::from_iter_values(chunk.iter().map(|c| c.0));
-                take_record_batch(&obs, &ids).map_err(|e| Error::InvalidInput(format!("{}: {e}", obs_path.display())))
+                take_record_batch(&obs, &ids).map_err(Error::arrow(obs_path.display().to_string()))
             })?;
             write.busy(|| writer.push_rows(&rows, &part)).map_err(Error::stage("write"))?;
             write.add(rows.n_rows() as u64, rows.byte_size());
@@ -263,7 +259,7 @@ fn copy_shuffled(
             progress.advance(rows.n_rows() as u64);
         }
         drop(bytes);
-        std::fs::remove_file(&path).map_err(io(&path))?;
+        std::fs::remove_file(&path).map_err(Error::io(&path))?;
     }
     progress.end();
     if written != n {
@@ -306,7 +302,7 @@ impl Scratch {
     fn create(out: &Path) -> Result<Scratch> {
         let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".to_owned());
         let dir = out.with_file_name(format!(".{name}.shuffle-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::InvalidInput(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
         Ok(Scratch(dir))
     }
 }

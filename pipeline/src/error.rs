@@ -1,34 +1,127 @@
+//! The pipeline's one error type: the first error of a run, with the stage or file it came from.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use arrow::error::ArrowError;
+use parquet::errors::ParquetError;
+
 /// Result of pipeline runs.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The first error of a run, with the stage it came from.
+/// The first error of a run, with the stage or file it came from.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A stage (reader, encoder, batcher, trainer, predictor, sink, ...) failed.
     #[error("{stage}: {source}")]
     Stage {
+        /// The stage, as the design names it.
         stage: &'static str,
+        /// What went wrong there.
         #[source]
         source: cpa_stream_stages::Error,
     },
+    /// A worker thread of a stage panicked; the run stopped.
     #[error("{stage}: a worker thread panicked: {message}")]
-    Panic { stage: &'static str, message: String },
+    Panic {
+        /// The stage whose thread panicked.
+        stage: &'static str,
+        /// The panic's message.
+        message: String,
+    },
+    /// Reading or writing a file or directory failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading or writing a Parquet file failed.
+    #[error("{}: {source}", path.display())]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// The Parquet library's error.
+        #[source]
+        source: ParquetError,
+    },
+    /// Building or reading an Arrow table failed.
+    #[error("{context}: {source}")]
+    Arrow {
+        /// What was being built or read.
+        context: String,
+        /// The Arrow library's error.
+        #[source]
+        source: ArrowError,
+    },
+    /// The operating system refused to start a worker thread.
+    #[error("{name}: cannot start a thread: {source}")]
+    Thread {
+        /// The thread's name (its stage and number).
+        name: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// An output, options or input data that cannot be used; the message says which and why.
     #[error("{0}")]
     InvalidInput(String),
 }
 
 impl Error {
-    pub(crate) fn stage(stage: &'static str) -> impl FnOnce(cpa_stream_stages::Error) -> Error {
+    /// Wraps a stage's error with the stage's name (`map_err(Error::stage("reader"))`).
+    pub fn stage(stage: &'static str) -> impl Fn(cpa_stream_stages::Error) -> Error + Copy {
         move |source| Error::Stage { stage, source }
     }
 
-    /// Turns a thread's panic payload into an error.
-    pub(crate) fn panic(stage: &'static str, payload: Box<dyn std::any::Any + Send>) -> Error {
+    /// An I/O error on `path` (`map_err(Error::io(&path))`).
+    pub fn io(path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> Error {
+        let path = path.as_ref().to_owned();
+        move |source| Error::Io { path, source }
+    }
+
+    /// An Arrow error while doing `context`.
+    pub fn arrow(context: impl Into<String>) -> impl FnOnce(ArrowError) -> Error {
+        let context = context.into();
+        move |source| Error::Arrow { context, source }
+    }
+
+    /// Turns a thread's panic payload into an error naming its stage.
+    pub fn panic(stage: &'static str, payload: Box<dyn std::any::Any + Send>) -> Error {
         let message = payload
             .downcast_ref::<&str>()
-            .map(|s| s.to_string())
+            .map(|s| (*s).to_owned())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic payload".to_owned());
         Error::Panic { stage, message }
     }
+}
+
+/// Spawns a worker thread named after its stage (`stage-N`), so that a panic message and a
+/// debugger name it.
+pub(crate) fn spawn_named<F, T>(name: String, work: F) -> Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new().name(name.clone()).spawn(work).map_err(|source| Error::Thread { name, source })
+}
+
+/// [`spawn_named`] inside a thread scope.
+pub(crate) fn spawn_scoped<'scope, 'env, F, T>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    name: String,
+    work: F,
+) -> Result<std::thread::ScopedJoinHandle<'scope, T>>
+where
+    F: FnOnce() -> T + Send + 'scope,
+    T: Send + 'scope,
+{
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn_scoped(scope, work)
+        .map_err(|source| Error::Thread { name, source })
 }

@@ -10,9 +10,9 @@ use cpa_stream_stages::h5ad::{DEG_FILE, H5adCompression, H5adWriter};
 use cpa_stream_stages::store::{Access, Store, read_small_table, table_schema};
 
 use crate::error::{Error, Result};
-use crate::metrics::{MemorySampler, RunReport, StageStats};
 use crate::progress::Progress;
-use crate::stream::{send_store_rows, two_stage};
+use crate::telemetry::{MemorySampler, RunReport, StageStats};
+use crate::two_stage::{send_store_rows, two_stage};
 
 /// Rows per chunk sent to the writer (about 7 MB of rows at 5,000 genes and 17% density).
 const BATCH_ROWS: usize = 1024;

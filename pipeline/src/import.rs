@@ -21,9 +21,9 @@ use crossbeam_channel::{Receiver, bounded};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::metrics::{MemorySampler, RunReport, StageStats};
 use crate::progress::Progress;
-use crate::stream::{Emitter, two_stage};
+use crate::telemetry::{MemorySampler, RunReport, StageStats};
+use crate::two_stage::{Emitter, two_stage};
 
 /// Default rows per chunk read from the file. Small enough that the batches in flight (channel
 /// depth + 2, recycled) stay a few tens of MB on wide atlases; at 4,096 rows and 5,000 genes they
@@ -53,7 +53,9 @@ pub struct ImportOptions {
     /// CSC transposition buckets open at once; more buckets take more passes over the columns.
     /// Default [`DEFAULT_MAX_OPEN_BUCKETS`].
     pub max_open_buckets: usize,
+    /// Matrix codec of the store.
     pub codec: Codec,
+    /// Replace an existing store.
     pub overwrite: bool,
 }
 
@@ -74,13 +76,17 @@ impl Default for ImportOptions {
 /// The outcome of an import.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImportSummary {
+    /// The store's manifest.
     pub manifest: cpa_stream_schemas::Manifest,
+    /// The file's matrix layout (`csr`, `csc`, `dense`).
     pub layout: String,
     /// `uns` key and rows of the imported DEG table, if any.
     pub degs: Option<(String, usize)>,
+    /// Cells imported per second.
     pub cells_per_s: f64,
     /// Stored bytes of the input file read per second.
     pub input_mb_per_s: f64,
+    /// Stages, wall time and peak memory.
     pub report: RunReport,
 }
 
@@ -301,8 +307,8 @@ fn read_csc(
     let per_row = (h5.stored_entries() as f64 / n_obs.max(1) as f64).max(1.0);
     let rows_per_bucket = ((memory_budget / ENTRY_BYTES) as f64 / per_row).max(1.0) as u64;
     let n_buckets = n_obs.div_ceil(rows_per_bucket).max(1) as usize;
-    fs::create_dir_all(dir).map_err(|e| StageError::InvalidInput(format!("{}: {e}", dir.display())))?;
-    let io = |path: &Path, e: std::io::Error| StageError::InvalidInput(format!("{}: {e}", path.display()));
+    let io = |path: &Path, source: std::io::Error| StageError::Io { path: path.to_owned(), source };
+    fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let bucket_path = |b: usize| dir.join(format!("bucket-{b:05}"));
     // Buckets are processed in groups so that at most `max_open` files are open; each group
     // re-reads the columns (one pass for atlases up to `max_open` x the bucket budget).

@@ -2,31 +2,45 @@
 //! first error, and what every stage reports (rows, bytes, busy time, time blocked on input and
 //! on output, peak memory).
 //!
-//! - [`synth`]: generator workers -> store writer (synthetic atlases).
-//! - [`convert`]: store reader -> store writer (change codec).
-//! - [`import`] / [`export`]: `.h5ad` files in and out of stores.
-//! - [`bench`](mod@bench): reader throughput against a memcpy bound measured in the same run.
-//! - [`model_bench`]: training throughput of the model alone, on preloaded batches.
-//! - [`train`]: store reader -> perturbation encoder -> batcher workers -> trainer.
-//! - [`evaluate`]: R2 of counterfactual means and variances per condition, from streaming
-//!   sufficient statistics.
-//! - [`predict`]: obs selection -> gather workers -> predictor -> Parquet sink (or a
-//!   `RecordBatchReader`).
+//! The stages of the design, and where each lives:
+//!
+//! | stage | module |
+//! | --- | --- |
+//! | memory-mapped matrix reader | `cpa_stream_stages::store` (`Store`, `RowCursor`) |
+//! | CSR perturbation encoder | [`encoder`] (labels, vocabularies, splits); its CSR builder is `cpa_stream_stages::model::PerturbationCsr` |
+//! | prefetching batcher with worker threads | [`batcher`] (epoch plans and the one gather-worker pool) |
+//! | libtorch trainer | `cpa_stream_stages::trainer` (`Trainer`), run by [`train`] |
+//! | libtorch predictor | [`predictor`] (`Predictor`) |
+//! | Parquet sink | `cpa_stream_stages::sink` (`ParquetSink`) |
+//!
+//! Commands wire the stages and never import one another:
+//! [`train`], [`predict`], [`evaluate`], [`import`], [`export`], [`convert`], [`synth`] and the
+//! benchmarks ([`bench`](mod@bench)). Shared pieces: [`obs`] (label columns, cell selection), [`run_dir`]
+//! (a training run's files), [`degs`] (DEG tables), [`stats`] (streaming moments and scores),
+//! [`telemetry`] (stage reports, memory) and [`progress`].
 
+#![warn(missing_docs)]
+
+pub mod batcher;
 pub mod bench;
 pub mod convert;
+pub mod degs;
+pub mod encoder;
 mod error;
 pub mod evaluate;
 pub mod export;
 pub mod import;
-pub mod metrics;
-pub mod model_bench;
+pub mod obs;
 pub mod predict;
+pub mod predictor;
 pub mod progress;
-mod stream;
+pub mod run_dir;
+pub mod stats;
 pub mod synth;
+pub mod telemetry;
 pub mod train;
+mod two_stage;
 
 pub use error::{Error, Result};
-pub use metrics::{MemoryPeak, MemorySampler, MemoryUsage, RunReport, StageReport, StageStats};
 pub use progress::{Progress, Silent};
+pub use telemetry::{MemoryPeak, MemorySampler, MemoryUsage, RunReport, StageReport, StageStats};

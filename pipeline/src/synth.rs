@@ -16,8 +16,8 @@ use crossbeam_channel::bounded;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::metrics::{MemorySampler, RunReport, StageStats};
 use crate::progress::Progress;
+use crate::telemetry::{MemorySampler, RunReport, StageStats};
 
 /// Default chunks queued per generator worker.
 pub const DEFAULT_CHANNEL_DEPTH: usize = 2;
@@ -52,12 +52,15 @@ impl Default for SynthRunOptions {
 /// The outcome of a `synth` run.
 #[derive(Debug, Clone, Serialize)]
 pub struct SynthSummary {
+    /// The store's manifest.
     pub manifest: Manifest,
+    /// Rows of the truth table.
     pub truth_groups: u64,
     /// Cells per second of the whole run (truth table excluded).
     pub cells_per_s: f64,
     /// Matrix bytes (indptr, indices, data or blocks) written per second.
     pub mb_per_s: f64,
+    /// Stages, wall time and peak memory.
     pub report: RunReport,
 }
 

@@ -4,6 +4,8 @@
 //! Every file cpa-stream writes has its schema defined here, once; tests compare written files
 //! against these definitions.
 
+#![warn(missing_docs)]
+
 mod manifest;
 pub mod tables;
 

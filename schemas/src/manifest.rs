@@ -34,13 +34,21 @@ pub const DEFAULT_ZSTD_BLOCK_ROWS: u32 = 256;
 pub struct StoreFiles;
 
 impl StoreFiles {
+    /// Row offsets, u64 LE, `n_obs + 1` of them (both codecs).
     pub const INDPTR: &'static str = "X/indptr";
+    /// Column indices, u32 LE, strictly increasing within a row (raw codec).
     pub const INDICES: &'static str = "X/indices";
+    /// Values, f32 LE (raw codec).
     pub const DATA: &'static str = "X/data";
+    /// zstd frames, one per block of rows (zstd codec).
     pub const BLOCKS: &'static str = "X/blocks";
+    /// Byte offsets of the blocks, u64 LE, `n_blocks + 1` of them (zstd codec).
     pub const BLOCK_INDEX: &'static str = "X/block_index";
+    /// One row per cell, matrix row order.
     pub const OBS: &'static str = "obs.parquet";
+    /// One row per gene, matrix column order.
     pub const VAR: &'static str = "var.parquet";
+    /// Ground truth of a synthetic atlas (optional).
     pub const TRUTH: &'static str = "truth.parquet";
 }
 
@@ -48,12 +56,22 @@ impl StoreFiles {
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[non_exhaustive]
 pub enum ManifestError {
+    /// The file is not JSON.
     #[error("not valid JSON: {0}")]
     Json(String),
+    /// Not a cpa-stream manifest.
     #[error("format is {found:?}, expected {STORE_FORMAT:?} (is this a cpa-stream store?)")]
-    WrongFormat { found: String },
+    WrongFormat {
+        /// The `format` field found.
+        found: String,
+    },
+    /// A version this build does not read.
     #[error("format version {found} is not supported, this build reads version {STORE_FORMAT_VERSION}")]
-    UnsupportedVersion { found: u64 },
+    UnsupportedVersion {
+        /// The `version` field found.
+        found: u64,
+    },
+    /// A field is missing, unknown or inconsistent.
     #[error("invalid field: {0}")]
     Invalid(String),
 }
@@ -63,8 +81,11 @@ pub enum ManifestError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatrixDtypes {
+    /// Element type of `X/indptr`: `u64le`.
     pub indptr: String,
+    /// Element type of `X/indices`: `u32le`.
     pub indices: String,
+    /// Element type of `X/data`: `f32le`.
     pub data: String,
 }
 
@@ -82,7 +103,12 @@ pub enum Codec {
     Raw,
     /// Blocks of `block_rows` rows, each one zstd frame holding the rows' delta-coded column
     /// indices and values, byte-shuffled. Memory-mapped; a block is decompressed on demand.
-    Zstd { level: i32, block_rows: u32 },
+    Zstd {
+        /// zstd compression level.
+        level: i32,
+        /// Rows per block.
+        block_rows: u32,
+    },
 }
 
 impl Codec {
@@ -91,6 +117,7 @@ impl Codec {
         Codec::Zstd { level: DEFAULT_ZSTD_LEVEL, block_rows: DEFAULT_ZSTD_BLOCK_ROWS }
     }
 
+    /// The codec's name in the manifest (`raw`, `zstd`).
     pub fn name(&self) -> &'static str {
         match self {
             Codec::Raw => "raw",
@@ -111,7 +138,9 @@ pub enum ChecksumAlgorithm {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntry {
+    /// Size in bytes.
     pub bytes: u64,
+    /// XXH3-64 of the bytes, 16 lowercase hex digits.
     pub checksum: String,
 }
 
@@ -123,11 +152,17 @@ pub struct Manifest {
     pub format: String,
     /// Always [`STORE_FORMAT_VERSION`] for stores this build reads.
     pub version: u32,
+    /// Cells (matrix rows).
     pub n_obs: u64,
+    /// Genes (matrix columns).
     pub n_vars: u64,
+    /// Stored entries.
     pub nnz: u64,
+    /// Element types of the matrix files.
     pub dtypes: MatrixDtypes,
+    /// How the matrix is stored.
     pub codec: Codec,
+    /// The checksum of every file.
     pub checksum: ChecksumAlgorithm,
     /// Every file of the store by relative path (`/`-separated), the manifest excepted.
     pub files: BTreeMap<String, FileEntry>,

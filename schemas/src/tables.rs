@@ -6,6 +6,11 @@
 //!   categories, and perturbation vocabularies depend on both).
 //! - `var.parquet`: first column [`GENE_ID`] (Utf8, not null), then gene metadata.
 //! - `truth.parquet` (synthetic atlases): see [`truth_schema`].
+//! - `degs.parquet` (a store's DEG lists, and evaluation's): see [`deg_schema`].
+//!
+//! And the outputs: predictions ([`prediction_schema`]), a training run's `metrics.parquet`
+//! ([`training_metrics_schema`]) and an evaluation's `metrics.parquet`
+//! ([`evaluation_metrics_schema`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -158,6 +163,95 @@ pub fn prediction_schema(
 /// The genes recorded in a prediction schema's metadata.
 pub fn prediction_genes(schema: &Schema) -> Option<Vec<String>> {
     serde_json::from_str(schema.metadata().get(predictions::GENES_KEY)?).ok()
+}
+
+/// Columns of a DEG table (`degs.parquet` in a store, imported from an `.h5ad`'s `uns`, and in an
+/// evaluation's output): one row per (group, rank).
+pub mod degs {
+    /// File name of the DEG table inside a store or an evaluation directory.
+    pub const FILE: &str = "degs.parquet";
+    /// The group (condition, or covariates and condition), Utf8.
+    pub const GROUP: &str = "group";
+    /// Rank within the group, 0 = most differentially expressed, UInt32.
+    pub const RANK: &str = "rank";
+    /// Gene name as in `var`'s id column, Utf8.
+    pub const GENE: &str = "gene";
+    /// The score, Float64 (null where the source has none).
+    pub const SCORE: &str = "score";
+}
+
+/// Schema of a DEG table.
+pub fn deg_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(degs::GROUP, DataType::Utf8, false),
+        Field::new(degs::RANK, DataType::UInt32, false),
+        Field::new(degs::GENE, DataType::Utf8, false),
+        Field::new(degs::SCORE, DataType::Float64, true),
+    ]))
+}
+
+/// Columns of a training run's `metrics.parquet`: one row per epoch.
+pub mod training_metrics {
+    /// Epoch, 0-based (UInt32).
+    pub const EPOCH: &str = "epoch";
+    /// Losses and accuracy of the epoch's training batches (Float64, null when not finite or not
+    /// computed): reconstruction, KL, adversary, gradient penalty, perturbation accuracy.
+    pub const TRAIN_FLOATS: [&str; 5] = ["recon_loss", "kl", "adv_loss", "penalty_adv", "acc_perts"];
+    /// The autoencoder's learning rate during the epoch (Float64).
+    pub const LR: &str = "lr";
+    /// Counts of the epoch (UInt64): cells, autoencoder batches, adversary batches.
+    pub const COUNTS: [&str; 3] = ["cells", "autoencoder_batches", "adversary_batches"];
+    /// Wall seconds of the epoch (Float64).
+    pub const SECONDS: &str = "seconds";
+    /// Validation after the epoch (Float64, null when not validated): reconstruction loss per
+    /// cell, mean R2 of means and of variances over conditions, and the score early stopping keeps.
+    pub const VALIDATION_FLOATS: [&str; 4] = ["val_recon_loss", "val_r2_mean", "val_r2_var", "val_score"];
+    /// Cells validated (UInt64, null when not validated).
+    pub const VAL_CELLS: &str = "val_cells";
+}
+
+/// Schema of a training run's `metrics.parquet`.
+pub fn training_metrics_schema() -> SchemaRef {
+    use training_metrics as m;
+    let mut fields = vec![Field::new(m::EPOCH, DataType::UInt32, false)];
+    fields.extend(m::TRAIN_FLOATS.iter().map(|n| Field::new(*n, DataType::Float64, true)));
+    fields.push(Field::new(m::LR, DataType::Float64, false));
+    fields.extend(m::COUNTS.iter().map(|n| Field::new(*n, DataType::UInt64, false)));
+    fields.push(Field::new(m::SECONDS, DataType::Float64, false));
+    fields.extend(m::VALIDATION_FLOATS.iter().map(|n| Field::new(*n, DataType::Float64, true)));
+    fields.push(Field::new(m::VAL_CELLS, DataType::UInt64, true));
+    Arc::new(Schema::new(fields))
+}
+
+/// Columns of an evaluation's `metrics.parquet` besides the labels and metrics.
+pub mod evaluation_metrics {
+    /// Which control cells were decoded (Utf8): the evaluated split's, `held-out` or `all`.
+    pub const CONTROL_SOURCE: &str = "control_source";
+    /// Where the condition's DEGs came from (Utf8): `store`, `file`, `computed`, `truth`, `none`.
+    pub const DEG_SOURCE: &str = "deg_source";
+    /// Real cells of the condition in the evaluated split (UInt64).
+    pub const N_CELLS: &str = "n_cells";
+    /// Control cells decoded into the condition (UInt64).
+    pub const N_CONTROL: &str = "n_control";
+}
+
+/// Schema of an evaluation's `metrics.parquet`: one Utf8 column per label (the model's
+/// covariates, then its perturbation and dose keys), the sources and counts of
+/// [`evaluation_metrics`], then one nullable Float64 column per metric. Errors when two columns
+/// would share a name.
+pub fn evaluation_metrics_schema(labels: &[String], metrics: &[String]) -> Result<SchemaRef, String> {
+    use evaluation_metrics as e;
+    let mut fields: Vec<Field> = labels.iter().map(|l| Field::new(l, DataType::Utf8, false)).collect();
+    fields.push(Field::new(e::CONTROL_SOURCE, DataType::Utf8, false));
+    fields.push(Field::new(e::DEG_SOURCE, DataType::Utf8, false));
+    fields.push(Field::new(e::N_CELLS, DataType::UInt64, false));
+    fields.push(Field::new(e::N_CONTROL, DataType::UInt64, false));
+    fields.extend(metrics.iter().map(|m| Field::new(m, DataType::Float64, true)));
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = fields.iter().find(|f| !seen.insert(f.name().clone())) {
+        return Err(format!("column {:?} would appear twice (an obs label named like a metric)", dup.name()));
+    }
+    Ok(Arc::new(Schema::new(fields)))
 }
 
 /// Compares a schema read back from a file with the expected one: names, types and nullability,

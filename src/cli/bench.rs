@@ -5,12 +5,15 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use cpa_stream_pipeline::bench::{ReaderBenchOptions, bench_reader};
-use cpa_stream_pipeline::model_bench::{ModelBenchOptions, bench_model, parse_device};
-use cpa_stream_pipeline::train::batcher::{LoaderOptions, PlanOptions};
-use cpa_stream_pipeline::train::bench::{TrainingBenchOptions, bench_training};
-use cpa_stream_pipeline::train::{LoaderRound, bench_loader};
-use cpa_stream_stages::model::config::{CpaConfig, Precision};
+use cpa_stream_pipeline::batcher::{
+    DEFAULT_BLOCK_CELLS, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, DEFAULT_WORKERS, LoaderOptions, PlanOptions,
+};
+use cpa_stream_pipeline::bench::{
+    DEFAULT_LOADER_BATCH_SIZE, DEFAULT_MODEL_CELLS, DEFAULT_MODEL_EPOCHS, DEFAULT_MODEL_GENES, DEFAULT_PRELOAD_MIB,
+    DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, DEFAULT_ROUNDS, LoaderRound, ModelBenchOptions, ReaderBenchOptions,
+    TrainingBenchOptions, bench_loader, bench_model, bench_reader, bench_training,
+};
+use cpa_stream_stages::model::config::{CpaConfig, DEFAULT_BATCH_SIZE, Precision};
 use cpa_stream_stages::store::Store;
 
 #[derive(Debug, Subcommand)]
@@ -46,10 +49,10 @@ pub struct TrainArgs {
     #[arg(long, value_parser = super::parse_run_cells)]
     shuffle_run_cells: Option<usize>,
     /// Rounds: an epoch through the pipeline and as many steps on the preloaded batches.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = DEFAULT_ROUNDS)]
     epochs: u32,
     /// Payload the preloaded batches may hold, in MiB (an epoch's first batches, reused in turn).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = DEFAULT_PRELOAD_MIB)]
     preload_mib: u64,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -58,10 +61,10 @@ pub struct TrainArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Batcher worker threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_WORKERS)]
     workers: usize,
     /// Batches buffered ahead of the trainer, per worker.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     #[arg(long)]
     json: bool,
@@ -73,21 +76,23 @@ pub struct LoaderArgs {
     store: PathBuf,
     #[command(flatten)]
     labels: super::LabelArgs,
-    #[arg(long, default_value_t = 1024)]
+    /// Cells per batch.
+    #[arg(long, default_value_t = DEFAULT_LOADER_BATCH_SIZE)]
     batch_size: usize,
     /// Batcher worker threads [default: available cores].
     #[arg(long)]
     workers: Option<usize>,
-    #[arg(long, default_value_t = 2)]
+    /// Batches buffered ahead of the consumer, per worker.
+    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     /// Epochs to time, each right after its own measurement of the memcpy and gather bounds.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = DEFAULT_ROUNDS)]
     epochs: u32,
     /// Contiguous cells shuffled as a unit.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = DEFAULT_BLOCK_CELLS)]
     block_cells: u64,
     /// Blocks shuffled together before being cut into batches.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT_SHUFFLE_BLOCKS)]
     shuffle_blocks: usize,
     /// Consecutive cells the in-buffer shuffle keeps together (training's
     /// `shuffle_run_cells`: 1 shuffles single cells; `auto` chooses from the store's order as
@@ -101,16 +106,16 @@ pub struct LoaderArgs {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Cells of the synthetic atlas (held in memory).
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = DEFAULT_MODEL_CELLS)]
     cells: u64,
     /// Genes of the synthetic atlas.
-    #[arg(long, default_value_t = 2_000)]
+    #[arg(long, default_value_t = DEFAULT_MODEL_GENES)]
     genes: u32,
     /// Cells per batch.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     /// Timed epochs (after one warm-up epoch).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_MODEL_EPOCHS)]
     epochs: u32,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -134,13 +139,13 @@ pub struct ReaderArgs {
     /// Store directory.
     store: PathBuf,
     /// Rows per batch.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = DEFAULT_READER_BATCH_SIZE)]
     batch_size: usize,
     /// Reader threads [default: available cores].
     #[arg(long)]
     threads: Option<usize>,
     /// Repetitions per measurement (the best is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = DEFAULT_REPEATS)]
     repeats: usize,
     /// Rows of the random-gather pass [default: all rows of a raw store, 2,048 of a zstd store].
     #[arg(long)]
@@ -299,7 +304,7 @@ fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
         genes: args.genes,
         batch_size: args.batch_size,
         epochs: args.epochs,
-        device: parse_device(&args.device)?,
+        device: cpa_stream_stages::device::parse(&args.device)?,
         precision,
         threads: args.threads.unwrap_or(0),
         config,

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::evaluate::{EvalSplit, EvaluateOptions, render_table, run_evaluate};
+use cpa_stream_pipeline::evaluate::{
+    DEFAULT_BATCH_SIZE, DEFAULT_MIN_CELLS, EvalSplit, EvaluateOptions, render_table, run_evaluate,
+};
 
 use super::progress::CliProgress;
 
@@ -30,7 +32,7 @@ pub struct EvaluateArgs {
     #[arg(long)]
     out: PathBuf,
     /// Conditions with fewer evaluated cells are skipped.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = DEFAULT_MIN_CELLS)]
     min_cells: u64,
     /// Do not write the per-condition SVG plots.
     #[arg(long)]
@@ -39,7 +41,7 @@ pub struct EvaluateArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Control cells decoded per batch.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     /// libtorch threads [default: libtorch's choice].
     #[arg(long)]

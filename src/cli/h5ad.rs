@@ -9,7 +9,7 @@ use cpa_stream_pipeline::export::run_export;
 use cpa_stream_pipeline::import::{
     DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, ImportOptions, run_import,
 };
-use cpa_stream_stages::h5ad::H5adCompression;
+use cpa_stream_stages::h5ad::{DEFAULT_GZIP_LEVEL, H5adCompression};
 use cpa_stream_stages::store::Store;
 
 use super::progress::CliProgress;
@@ -66,7 +66,7 @@ pub struct ExportArgs {
     #[arg(long, value_enum, default_value_t = CompressionArg::None)]
     compression: CompressionArg,
     /// gzip level (with --compression gzip).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = DEFAULT_GZIP_LEVEL)]
     gzip_level: u8,
     /// Replace an existing file at --out.
     #[arg(long)]

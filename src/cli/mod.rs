@@ -28,19 +28,19 @@ mod train;
 
 use std::process::ExitCode;
 
-use cpa_stream_pipeline::train::encoder::{EncoderOptions, SplitSpec};
+use cpa_stream_pipeline::encoder::{DEFAULT_CONTROL, DEFAULT_PERTURBATION_KEY, EncoderOptions, SplitSpec};
 
 /// The obs columns that label the cells for the model: `train`, `bench loader`, `bench train`.
 #[derive(Debug, clap::Args)]
 pub struct LabelArgs {
     /// obs column of the perturbation condition (`drugA+drugB`).
-    #[arg(long, default_value = "condition")]
+    #[arg(long, default_value = DEFAULT_PERTURBATION_KEY)]
     perturbation_key: String,
     /// obs column of the doses (`0.1+1`); without it every part has dose 1.
     #[arg(long)]
     dose_key: Option<String>,
     /// Name of the control condition.
-    #[arg(long, default_value = "control")]
+    #[arg(long, default_value = DEFAULT_CONTROL)]
     control: String,
     /// Categorical covariates (comma-separated obs columns).
     #[arg(long, value_delimiter = ',')]
@@ -63,11 +63,7 @@ impl LabelArgs {
 
     /// Every cell in training, none held out (the benchmarks).
     fn all_training(self, max_comb_len: usize) -> EncoderOptions {
-        self.encoder(
-            None,
-            SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
-            max_comb_len,
-        )
+        self.encoder(None, SplitSpec::all_training(), max_comb_len)
     }
 }
 
@@ -139,8 +135,8 @@ fn parse_run_cells(value: &str) -> Result<usize, String> {
 /// The device named on the command line, checked to exist, with libtorch's thread count set when
 /// given (train, predict and evaluate).
 fn model_device(name: &str, threads: Option<usize>) -> anyhow::Result<tch::Device> {
-    let device = cpa_stream_pipeline::model_bench::parse_device(name)?;
-    cpa_stream_pipeline::model_bench::check_device(device)?;
+    let device = cpa_stream_stages::device::parse(name)?;
+    cpa_stream_stages::device::check(device)?;
     if let Some(t) = threads {
         let t = i32::try_from(t).map_err(|_| anyhow::anyhow!("--threads {t}: too many"))?;
         tch::set_num_threads(t);

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use cpa_stream_pipeline::batcher::{DEFAULT_PREFETCH, DEFAULT_WORKERS, LoaderOptions};
 use cpa_stream_pipeline::predict::targets::{parse_target_spec, read_targets_file};
 use cpa_stream_pipeline::predict::{GeneSelection, PredictOptions, Shard, run_predict};
-use cpa_stream_stages::sink::SinkOptions;
+use cpa_stream_pipeline::predictor::DEFAULT_BATCH_SIZE;
+use cpa_stream_stages::sink::{DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, SinkOptions};
 
 use super::progress::CliProgress;
 
@@ -52,19 +54,19 @@ pub struct PredictArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Source cells per batch.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     /// Gather worker threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_WORKERS)]
     workers: usize,
     /// Batches buffered between stages.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     /// Rows per Parquet row group at most.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = DEFAULT_ROW_GROUP_ROWS)]
     row_group_rows: usize,
     /// zstd level of the output.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
     zstd_level: i32,
     /// Seed of the posterior draws (variational models).
     #[arg(long, default_value_t = 0)]
@@ -92,8 +94,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         shard: args.shard.as_deref().map(Shard::parse).transpose()?,
         device,
         batch_size: args.batch_size,
-        workers: args.workers,
-        prefetch: args.prefetch,
+        loader: LoaderOptions { workers: args.workers, prefetch: args.prefetch },
         seed: args.seed,
         ..PredictOptions::new(&args.model, &args.store)
     };

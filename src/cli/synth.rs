@@ -8,8 +8,9 @@ use clap::{Args, ValueEnum};
 use cpa_stream_pipeline::synth::{DEFAULT_CHANNEL_DEPTH, SynthRunOptions, run_synth};
 use cpa_stream_schemas::{Codec, DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL};
 use cpa_stream_stages::synth::{
-    DEFAULT_CONTROL_FRACTION, DEFAULT_HIDDEN, DEFAULT_LATENT_DIM, DEFAULT_LIBRARY_LOG_SD, DEFAULT_LIBRARY_SIZE,
-    DEFAULT_TRUTH_SAMPLES, SynthAtlas, SynthConfig,
+    DEFAULT_CELL_TYPES, DEFAULT_COMBINATIONS, DEFAULT_CONTROL_FRACTION, DEFAULT_DOSES, DEFAULT_HIDDEN,
+    DEFAULT_INTERACTION, DEFAULT_LATENT_DIM, DEFAULT_LIBRARY_LOG_SD, DEFAULT_LIBRARY_SIZE, DEFAULT_TRUTH_SAMPLES,
+    SynthAtlas, SynthConfig,
 };
 
 use super::progress::CliProgress;
@@ -62,19 +63,19 @@ pub struct SynthArgs {
     #[arg(long)]
     perturbations: u32,
     /// Dose levels, log-spaced from 0.01 to 1.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = DEFAULT_DOSES)]
     doses: u32,
     /// Number of cell types.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = DEFAULT_CELL_TYPES)]
     cell_types: u32,
     /// Two-perturbation combinations present in the cells.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = DEFAULT_COMBINATIONS)]
     combinations: u32,
     /// Combinations present only in truth.parquet [default: 1 if --combinations > 0 and pairs remain].
     #[arg(long)]
     heldout_combinations: Option<u32>,
     /// Strength of the combination interaction term in latent space (0: additive).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = DEFAULT_INTERACTION)]
     interaction: f32,
     /// Fraction of control cells.
     #[arg(long, default_value_t = DEFAULT_CONTROL_FRACTION)]

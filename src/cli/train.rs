@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::train::encoder::SplitSpec;
+use cpa_stream_pipeline::batcher::{
+    DEFAULT_BLOCK_CELLS, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, DEFAULT_WORKERS, LoaderOptions, PlanOptions,
+};
+use cpa_stream_pipeline::encoder::{DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, SplitSpec};
 use cpa_stream_pipeline::train::{TrainOptions, run_train};
 use cpa_stream_stages::model::config::CpaConfig;
 
@@ -30,10 +33,10 @@ pub struct TrainArgs {
     #[arg(long, value_delimiter = ',')]
     holdout: Vec<String>,
     /// Fraction of each condition's cells used for validation (without --split-key).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = DEFAULT_VALIDATION_FRACTION)]
     validation_fraction: f64,
     /// Fraction of each condition's cells kept for testing (without --split-key).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = DEFAULT_TEST_FRACTION)]
     test_fraction: f64,
     /// Model configuration (TOML; see examples/cpa.toml).
     #[arg(long)]
@@ -63,10 +66,10 @@ pub struct TrainArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Batcher worker threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_WORKERS)]
     workers: usize,
     /// Batches buffered ahead of the trainer, per worker.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     /// libtorch threads [default: libtorch's choice].
     #[arg(long)]
@@ -99,12 +102,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let device = super::model_device(&args.device, args.threads)?;
     let split = match args.split_key {
         Some(k) => SplitSpec::Column(k),
-        None => SplitSpec::Fraction {
-            validation: args.validation_fraction,
-            test: args.test_fraction,
-            seed: config.training.seed,
-            holdout: args.holdout,
-        },
+        None => SplitSpec::fractions(args.validation_fraction, args.test_fraction, config.training.seed, args.holdout),
     };
     let options = TrainOptions {
         store: args.store.clone(),
@@ -115,10 +113,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         resume: args.resume,
         epochs: args.epochs,
         auto_batch_size,
-        workers: args.workers,
-        prefetch: args.prefetch,
-        block_cells: 256,
-        shuffle_blocks: 64,
+        loader: LoaderOptions { workers: args.workers, prefetch: args.prefetch },
+        plan: PlanOptions {
+            block_cells: DEFAULT_BLOCK_CELLS,
+            shuffle_blocks: DEFAULT_SHUFFLE_BLOCKS,
+            ..PlanOptions::default()
+        },
     };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);

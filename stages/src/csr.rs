@@ -53,6 +53,7 @@ impl CsrBatch {
         grow(&mut self.data, nnz);
     }
 
+    /// Removes every row, keeping the buffers.
     pub fn clear(&mut self) {
         self.indptr.truncate(1);
         self.indices.clear();
@@ -92,30 +93,37 @@ impl CsrBatch {
         (&mut self.indices, &mut self.data)
     }
 
+    /// Columns (genes).
     pub fn n_cols(&self) -> u32 {
         self.n_cols
     }
 
+    /// Rows (cells).
     pub fn n_rows(&self) -> usize {
         self.indptr.len() - 1
     }
 
+    /// Stored entries.
     pub fn nnz(&self) -> usize {
         self.indices.len()
     }
 
+    /// Whether the batch has no rows.
     pub fn is_empty(&self) -> bool {
         self.n_rows() == 0
     }
 
+    /// Row offsets, one more than rows.
     pub fn indptr(&self) -> &[u64] {
         &self.indptr
     }
 
+    /// Column indices of every entry.
     pub fn indices(&self) -> &[u32] {
         &self.indices
     }
 
+    /// Values of every entry.
     pub fn data(&self) -> &[f32] {
         &self.data
     }

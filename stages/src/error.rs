@@ -13,52 +13,106 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
+    /// A store's `manifest.json` is not one this build reads.
     #[error("{}: {source}", path.display())]
     Manifest {
+        /// The manifest file.
         path: PathBuf,
+        /// What is wrong with it.
         #[source]
         source: ManifestError,
     },
+    /// A file or array has another size than its description says.
     #[error("{}: {what} is {actual}, expected {expected}", path.display())]
-    SizeMismatch { path: PathBuf, what: String, expected: u64, actual: u64 },
+    SizeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// What was measured.
+        what: String,
+        /// The size expected.
+        expected: u64,
+        /// The size found.
+        actual: u64,
+    },
+    /// A file's checksum is not the one the manifest records.
     #[error("{}: checksum is {actual}, the manifest records {expected} (file modified or corrupt)", path.display())]
-    ChecksumMismatch { path: PathBuf, expected: String, actual: String },
+    ChecksumMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The recorded checksum.
+        expected: String,
+        /// The computed checksum.
+        actual: String,
+    },
+    /// A file's content breaks the format (the reason names the row, column or block).
     #[error("{}: {reason}", path.display())]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and where.
+        reason: String,
+    },
+    /// Reading or writing a Parquet file failed.
     #[error("{}: {source}", path.display())]
     Parquet {
+        /// The file.
         path: PathBuf,
+        /// The Parquet library's error.
         #[source]
         source: ParquetError,
     },
+    /// Building or reading an Arrow table failed.
     #[error("{context}: {source}")]
     Arrow {
+        /// What was being built or read.
         context: String,
+        /// The Arrow library's error.
         #[source]
         source: ArrowError,
     },
+    /// The output already exists.
     #[error("{}: already exists (remove it or choose another output)", path.display())]
-    OutputExists { path: PathBuf },
+    OutputExists {
+        /// The output.
+        path: PathBuf,
+    },
+    /// An HDF5 (`.h5ad`) operation failed.
     #[error("{}: {context}: {source}", path.display())]
     Hdf5 {
+        /// The file.
         path: PathBuf,
+        /// The element and the operation.
         context: String,
+        /// The HDF5 library's error.
         #[source]
         source: hdf5::Error,
     },
+    /// A file uses an encoding this build does not read.
     #[error("{}: {reason}", path.display())]
-    Unsupported { path: PathBuf, reason: String },
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// Which encoding, and where.
+        reason: String,
+    },
+    /// Options or data that cannot be used; the message says which and why.
     #[error("{0}")]
     InvalidInput(String),
+    /// A libtorch operation failed.
     #[error("libtorch: {context}: {source}")]
     Torch {
+        /// What the model was doing.
         context: String,
+        /// libtorch's error.
         #[source]
         source: tch::TchError,
     },

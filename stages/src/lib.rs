@@ -12,11 +12,13 @@
 //! Stages never wire themselves together: the `cpa-stream-pipeline` crate connects them with
 //! bounded channels.
 
+#![warn(missing_docs)]
+
 #[cfg(target_endian = "big")]
 compile_error!("cpa-stream stores are little-endian and mapped without conversion");
 
 pub mod csr;
-pub mod device_memory;
+pub mod device;
 mod error;
 pub mod h5ad;
 pub mod model;

@@ -21,34 +21,76 @@ use parquet::schema::types::ColumnPath;
 
 use crate::error::{Error, Result};
 
+/// Rows per row group at most, unless set otherwise.
+pub const DEFAULT_ROW_GROUP_ROWS: usize = 8_192;
+/// Bytes per row group at most, unless set otherwise (64 MiB).
+pub const DEFAULT_ROW_GROUP_BYTES: usize = 64 << 20;
+/// zstd level of the pages, unless set otherwise.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
 /// How the sink lays out its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SinkOptions {
-    /// Rows per row group at most (the writer buffers one row group in memory).
+    /// Rows per row group at most (the writer buffers one row group in memory); default
+    /// [`DEFAULT_ROW_GROUP_ROWS`].
     pub row_group_rows: usize,
-    /// Bytes per row group at most (estimated by the writer), bounding memory for wide rows.
+    /// Bytes per row group at most (estimated by the writer), bounding memory for wide rows;
+    /// default [`DEFAULT_ROW_GROUP_BYTES`].
     pub row_group_bytes: usize,
-    /// zstd level of the pages.
+    /// zstd level of the pages; default [`DEFAULT_ZSTD_LEVEL`].
     pub zstd_level: i32,
 }
 
 impl Default for SinkOptions {
     fn default() -> Self {
-        SinkOptions { row_group_rows: 8_192, row_group_bytes: 64 << 20, zstd_level: 3 }
+        SinkOptions {
+            row_group_rows: DEFAULT_ROW_GROUP_ROWS,
+            row_group_bytes: DEFAULT_ROW_GROUP_BYTES,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+        }
     }
 }
 
 /// What a finished sink wrote.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SinkSummary {
+    /// The final path.
     pub path: PathBuf,
+    /// Rows written.
     pub rows: u64,
     /// Size of the finished file.
     pub bytes: u64,
+    /// Row groups.
     pub row_groups: usize,
 }
 
-/// A Parquet file being written.
+/// A Parquet file being written. Nothing appears at its path until [`finish`](Self::finish):
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use arrow::array::{Float32Array, RecordBatch, StringArray};
+/// use arrow::datatypes::{DataType, Field, Schema};
+/// use cpa_stream_stages::sink::{ParquetSink, SinkOptions};
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("out.parquet");
+/// let schema = Arc::new(Schema::new(vec![
+///     Field::new("cell_id", DataType::Utf8, false),
+///     Field::new("score", DataType::Float32, false),
+/// ]));
+/// let batch = RecordBatch::try_new(
+///     Arc::clone(&schema),
+///     vec![Arc::new(StringArray::from(vec!["a", "b"])), Arc::new(Float32Array::from(vec![0.5, 2.0]))],
+/// )?;
+/// let mut sink = ParquetSink::create(&path, schema, &SinkOptions::default())?;
+/// sink.write(&batch)?;
+/// assert!(!path.exists(), "still a temporary file");
+/// let summary = sink.finish()?;
+/// assert_eq!((summary.rows, summary.row_groups), (2, 1));
+/// assert!(path.exists());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct ParquetSink {
     writer: Option<ArrowWriter<BufWriter<File>>>,
     tmp: PathBuf,
@@ -107,7 +149,7 @@ impl ParquetSink {
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let props = writer_properties(&schema, options)?;
         let writer = ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), schema, Some(props))
-            .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())));
+            .map_err(|e| Error::parquet(path, e));
         let writer = match writer {
             Ok(w) => w,
             Err(e) => {
@@ -141,7 +183,7 @@ impl ParquetSink {
     /// Appends a batch (its schema must be the sink's).
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let writer = self.writer.as_mut().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
-        writer.write(batch).map_err(|e| Error::InvalidInput(format!("writing {}: {e}", self.path.display())))?;
+        writer.write(batch).map_err(|e| Error::parquet(&self.path, e))?;
         self.rows += batch.num_rows() as u64;
         Ok(())
     }
@@ -149,16 +191,14 @@ impl ParquetSink {
     /// Writes the footer, flushes the file to disk and renames it into place.
     pub fn finish(mut self) -> Result<SinkSummary> {
         let writer = self.writer.take().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
-        let closing =
-            |e: parquet::errors::ParquetError| Error::InvalidInput(format!("closing {}: {e}", self.path.display()));
-        let buffered = writer.into_inner().map_err(closing)?;
+        let buffered = writer.into_inner().map_err(|e| Error::parquet(&self.path, e))?;
         let file = buffered.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
         let metadata = parquet::file::reader::SerializedFileReader::new(
             File::open(&self.tmp).map_err(|e| Error::io(&self.tmp, e))?,
         )
-        .map_err(|e| Error::corrupt(&self.tmp, e.to_string()))?;
+        .map_err(|e| Error::parquet(&self.tmp, e))?;
         let row_groups = parquet::file::reader::FileReader::metadata(&metadata).num_row_groups();
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
         let bytes = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?.len();

@@ -190,7 +190,7 @@ fn cuda_training_in_fp32_and_bf16() -> Result<()> {
         eprintln!("skipped: no CUDA device visible to libtorch");
         return Ok(());
     }
-    let (vocab, batches) = cpa_stream::pipeline::model_bench::synthetic_batches(2_048, 500, 256, 1)?;
+    let (vocab, batches) = cpa_stream::pipeline::bench::synthetic_batches(2_048, 500, 256, 1)?;
     for precision in
         [cpa_stream::stages::model::config::Precision::Fp32, cpa_stream::stages::model::config::Precision::Bf16]
     {

@@ -155,9 +155,8 @@ fn predictions_read_back_match_the_schema() {
     ]);
     assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
     let (schema, batches) = read_parquet(&out);
-    let store_genes =
-        cpa_stream::pipeline::train::encoder::gene_names(&Store::open(&f.store).unwrap_or_else(|e| panic!("{e}")))
-            .unwrap_or_else(|e| panic!("{e}"));
+    let store_genes = cpa_stream::pipeline::obs::gene_names(&Store::open(&f.store).unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(store_genes.len(), 100);
     let labels = ["condition", "dose", "cell_type"].map(String::from);
     let expected =
@@ -419,12 +418,17 @@ fn the_library_streams_record_batches_and_exports_an_arrow_c_stream() {
     let predictor = Predictor::open(&options).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(predictor.genes(), ["GENE007", "GENE003"]);
     let schema = predictor.schema();
-    let direct: Vec<RecordBatch> = predictor.stream().map(|b| b.unwrap_or_else(|e| panic!("{e}"))).collect();
+    let direct: Vec<RecordBatch> =
+        predictor.stream().unwrap_or_else(|e| panic!("{e}")).map(|b| b.unwrap_or_else(|e| panic!("{e}"))).collect();
     assert!(direct.len() > 1, "several batches of 50 control cells");
     assert!(direct.iter().all(|b| b.schema() == schema));
 
     // Through the Arrow C stream interface, as another runtime would read it.
-    let ffi = Predictor::open(&options).unwrap_or_else(|e| panic!("{e}")).stream().into_ffi();
+    let ffi = Predictor::open(&options)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .stream()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_ffi();
     let reader = arrow::ffi_stream::RecordBatchStreamReader::try_new(ffi).unwrap_or_else(|e| panic!("{e}"));
     let imported: Vec<RecordBatch> = reader.map(|b| b.unwrap_or_else(|e| panic!("{e}"))).collect();
     assert_eq!(means(&imported), means(&direct), "same predictions through the C stream");
@@ -435,6 +439,7 @@ fn the_library_streams_record_batches_and_exports_an_arrow_c_stream() {
     let all: Vec<RecordBatch> = Predictor::open(&options)
         .unwrap_or_else(|e| panic!("{e}"))
         .stream()
+        .unwrap_or_else(|e| panic!("{e}"))
         .map(|b| b.unwrap_or_else(|e| panic!("{e}")))
         .collect();
     let (full, picked) = (means(&all), means(&direct));
@@ -447,7 +452,8 @@ fn the_library_streams_record_batches_and_exports_an_arrow_c_stream() {
     bad.source = Some("cell_type == CT01".into());
     bad.targets = Vec::new();
     let err = Predictor::open(&PredictOptions { source: Some("nonexistent == 1".into()), ..bad })
-        .map(|p| p.stream().find_map(Result::err).map(|e| e.to_string()).unwrap_or_default())
+        .and_then(|p| p.stream())
+        .map(|mut stream| stream.find_map(Result::err).map(|e| e.to_string()).unwrap_or_default())
         .unwrap_or_else(|e| e.to_string());
     assert!(err.contains("\"nonexistent\", which does not exist"), "{err}");
 }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cpa_stream::pipeline::train::encoder::{EncoderOptions, SplitSpec};
+use cpa_stream::pipeline::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream::stages::model::config::CpaConfig;
 use cpa_stream::stages::model::load_model;
 use cpa_stream::stages::store::read_small_table;
@@ -195,16 +195,13 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
     let options = |out: &str, resume: bool| TrainOptions {
         store: store.clone(),
         out: dir.path().join(out),
-        encoder: synth_encoder(SplitSpec::Fraction { validation: 0.1, test: 0.0, seed: 3, holdout: Vec::new() }),
+        encoder: synth_encoder(SplitSpec::fractions(0.1, 0.0, 3, Vec::new())),
         config: config.clone(),
         device: Device::Cpu,
         resume,
         epochs: Some(3),
         auto_batch_size: false,
-        workers: 2,
-        prefetch: 2,
-        block_cells: 256,
-        shuffle_blocks: 64,
+        ..TrainOptions::default()
     };
     let never = Arc::new(AtomicBool::new(false));
     let straight =
@@ -352,37 +349,25 @@ fn a_consumer_that_keeps_its_batches_still_gets_them_all() {
     use std::sync::atomic::AtomicBool;
 
     use cpa_stream::pipeline::StageStats;
-    use cpa_stream::pipeline::train::batcher::{LoaderOptions, PlanOptions, spawn_loader};
-    use cpa_stream::pipeline::train::encoder::{CellLabels, Split};
+    use cpa_stream::pipeline::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+    use cpa_stream::pipeline::encoder::{CellLabels, Split};
     use cpa_stream::stages::store::Store;
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = synth_store(dir.path(), "s.store", "raw");
-    let store = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
-    let options = synth_encoder(SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() });
-    let labels = CellLabels::from_store(&store, &options).unwrap_or_else(|e| panic!("{e}"));
+    let store = Arc::new(Store::open(&path).unwrap_or_else(|e| panic!("{e}")));
+    let options = synth_encoder(SplitSpec::all_training());
+    let labels = Arc::new(CellLabels::from_store(&store, &options).unwrap_or_else(|e| panic!("{e}")));
     let plan = PlanOptions { batch_size: 100, ..PlanOptions::default() };
     let loader = LoaderOptions { workers: 2, prefetch: 1 };
     let mut kept = Vec::new();
-    std::thread::scope(|scope| {
-        let stats = (StageStats::new("planner", 1), StageStats::new("batcher", 2));
-        let mut loaded = spawn_loader(
-            scope,
-            &store,
-            &labels,
-            Split::Train,
-            0,
-            0,
-            &plan,
-            loader,
-            stats,
-            Arc::new(AtomicBool::new(false)),
-        );
-        let consumer = StageStats::new("consumer", 1);
-        while let Some(batch) = loaded.next(&consumer) {
-            kept.push(batch.unwrap_or_else(|e| panic!("{e}")));
-        }
-    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loaded = spawn_loader(&store, &labels, Split::Train, 0, 0, &plan, loader, PoolStats::planned(2), stop)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let consumer = StageStats::new("consumer", 1);
+    while let Some(gathered) = loaded.next(&consumer) {
+        kept.push(gathered.unwrap_or_else(|e| panic!("{e}")).batch);
+    }
     assert_eq!(kept.len(), 30, "3,000 cells in batches of 100");
     assert_eq!(kept.iter().map(|b| b.n_cells()).sum::<usize>(), 3000);
 }

@@ -13,10 +13,11 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::batcher::{LoaderOptions, PlanOptions, spawn_loader};
-use super::encoder::{CellLabels, Split};
+use crate::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+use crate::encoder::{CellLabels, Split};
 use crate::error::{Error, Result};
-use crate::metrics::StageStats;
+use crate::stats::r2_score;
+use crate::telemetry::StageStats;
 
 /// Classes with fewer validation cells are left out of the R2 averages.
 pub const MIN_CELLS_PER_CONDITION: f64 = 2.0;
@@ -33,21 +34,22 @@ pub struct ValidationScore {
     /// `r2_mean + 0.5 * r2_var` (the reference's score without its k-NN disentanglement term);
     /// early stopping keeps the weights that maximise it.
     pub score: f64,
+    /// Cells scored.
     pub cells: u64,
 }
 
 /// Scores `model` on the cells of `split`.
 pub fn validate(
     model: &CpaModel,
-    store: &Store,
-    labels: &CellLabels,
+    store: &Arc<Store>,
+    labels: &Arc<CellLabels>,
     split: Split,
     plan: &PlanOptions,
     loader: LoaderOptions,
     stop: Arc<AtomicBool>,
 ) -> Result<ValidationScore> {
     let device = model.device();
-    let torch = |source| Error::Stage { stage: "validation", source };
+    let torch = Error::stage("validation");
     let classes = labels.vocab.conditions.len() as i64;
     let genes = labels.vocab.n_genes() as i64;
     let zeros = || Tensor::f_zeros([classes, genes], (Kind::Float, device)).map_err(|e| torch(e.into()));
@@ -57,13 +59,13 @@ pub fn validate(
     let mut cells = 0u64;
     let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(0), device);
     let plan = PlanOptions { shuffle: false, ..plan.clone() };
-    let stats = (StageStats::new("planner", loader.workers), StageStats::new("batcher", loader.workers));
     let consumer = StageStats::new("validation", 1);
     let count_model = model.config().model.recon_loss.is_count();
-    std::thread::scope(|scope| -> Result<()> {
-        let mut loaded = spawn_loader(scope, store, labels, split, 0, 0, &plan, loader, stats, stop);
-        while let Some(batch) = loaded.next(&consumer) {
-            let batch = batch?;
+    {
+        let stats = PoolStats::planned(loader.workers);
+        let mut loaded = spawn_loader(store, labels, split, 0, 0, &plan, loader, stats, stop)?;
+        while let Some(gathered) = loaded.next(&consumer) {
+            let batch = gathered?.batch;
             let mut step = || -> cpa_stream_stages::Result<()> {
                 tch::no_grad(|| -> cpa_stream_stages::Result<()> {
                     let b = DeviceBatch::upload(&batch, device)?;
@@ -93,8 +95,7 @@ pub fn validate(
             cells += batch.n_cells() as u64;
             loaded.recycle(batch);
         }
-        Ok(())
-    })?;
+    }
     let host = |t: &Tensor| -> Result<Vec<f64>> {
         let t = t.f_to_kind(Kind::Double).and_then(|t| t.f_to_device(Device::Cpu)).map_err(|e| torch(e.into()))?;
         Vec::<f64>::try_from(&t.f_flatten(0, -1).map_err(|e| torch(e.into()))?).map_err(|e| torch(e.into()))
@@ -119,17 +120,4 @@ pub fn validate(
     let (r2_mean, r2_var) = if used == 0 { (f64::NAN, f64::NAN) } else { (r2m / used as f64, r2v / used as f64) };
     let score = if used == 0 { -recon } else { r2_mean + 0.5 * r2_var };
     Ok(ValidationScore { recon_loss: recon, r2_mean, r2_var, score, cells })
-}
-
-/// sklearn's R2 of `pred` against `truth` (0 when the truth is constant and matched, else -inf
-/// clipped to a large negative number).
-pub fn r2_score(pred: &[f64], truth: &[f64]) -> f64 {
-    let n = truth.len().max(1) as f64;
-    let mean = truth.iter().sum::<f64>() / n;
-    let ss_res: f64 = pred.iter().zip(truth).map(|(p, t)| (t - p).powi(2)).sum();
-    let ss_tot: f64 = truth.iter().map(|t| (t - mean).powi(2)).sum();
-    if ss_tot == 0.0 {
-        return if ss_res == 0.0 { 1.0 } else { 0.0 };
-    }
-    1.0 - ss_res / ss_tot
 }

@@ -19,15 +19,8 @@ mod records;
 mod writer;
 
 pub use reader::{H5adReader, MatrixLayout};
-pub use writer::{H5adCompression, H5adWriter};
+pub use writer::{DEFAULT_GZIP_LEVEL, H5adCompression, H5adWriter};
 
-/// Column of the DEG table (`degs.parquet`): the group (condition or covariate-condition).
-pub const DEG_GROUP: &str = "group";
-/// Column of the DEG table: rank within the group, 0 = most differentially expressed.
-pub const DEG_RANK: &str = "rank";
-/// Column of the DEG table: gene name as in `var`'s id column.
-pub const DEG_GENE: &str = "gene";
-/// Column of the DEG table: the score (nullable: dict-of-lists DEGs carry none).
-pub const DEG_SCORE: &str = "score";
-/// File name of the DEG table inside a store.
-pub const DEG_FILE: &str = "degs.parquet";
+pub use cpa_stream_schemas::tables::degs::{
+    FILE as DEG_FILE, GENE as DEG_GENE, GROUP as DEG_GROUP, RANK as DEG_RANK, SCORE as DEG_SCORE,
+};

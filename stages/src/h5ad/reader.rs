@@ -5,21 +5,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, StringArray, UInt32Array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use hdf5::types::TypeDescriptor;
 use hdf5::{Dataset, File, Group};
 
 use super::dataframe::{DataFrameReader, attr_string, read_strings, read_vec};
-use super::{DEG_GENE, DEG_GROUP, DEG_RANK, DEG_SCORE};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
+use cpa_stream_schemas::tables::deg_schema;
 
 /// Storage of the matrix being imported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatrixLayout {
+    /// A `csr_matrix` group.
     Csr,
+    /// A `csc_matrix` group (read by column ranges and transposed by the importer).
     Csc,
+    /// A dense 2-D dataset.
     Dense,
 }
 
@@ -121,18 +124,22 @@ impl H5adReader {
         Ok(H5adReader { path: path.to_owned(), file, element, matrix, n_obs, n_vars, obs, var })
     }
 
+    /// The file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Cells.
     pub fn n_obs(&self) -> u64 {
         self.n_obs
     }
 
+    /// Genes (of the matrix read, after any gene selection).
     pub fn n_vars(&self) -> u64 {
         self.n_vars
     }
 
+    /// The matrix's layout.
     pub fn layout(&self) -> MatrixLayout {
         match &self.matrix {
             Matrix::Sparse { layout, .. } => *layout,
@@ -148,6 +155,7 @@ impl H5adReader {
         }
     }
 
+    /// The Arrow schema `obs` becomes.
     pub fn obs_schema(&self) -> SchemaRef {
         self.obs.schema()
     }
@@ -378,16 +386,6 @@ fn deg_table(
         Arc::new(Float64Array::from(scores)),
     ];
     RecordBatch::try_new(deg_schema(), columns).map_err(|e| Error::arrow("DEG table", e))
-}
-
-/// Schema of the DEG table.
-pub(crate) fn deg_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new(DEG_GROUP, DataType::Utf8, false),
-        Field::new(DEG_RANK, DataType::UInt32, false),
-        Field::new(DEG_GENE, DataType::Utf8, false),
-        Field::new(DEG_SCORE, DataType::Float64, true),
-    ]))
 }
 
 /// Sorts a row's entries by column; `Err(column)` on a repeated column.

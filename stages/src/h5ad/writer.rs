@@ -14,11 +14,18 @@ use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
 
 /// Compression of the datasets written to an `.h5ad`.
+/// gzip level of `--compression gzip`, unless set otherwise.
+pub const DEFAULT_GZIP_LEVEL: u8 = 4;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Compression of the datasets an `.h5ad` export writes.
 pub enum H5adCompression {
+    /// None (anndata's default).
     None,
     /// gzip (deflate) at this level, 0-9.
+    /// gzip (deflate) at a level from 0 to 9 ([`DEFAULT_GZIP_LEVEL`] unless set otherwise).
     Gzip(u8),
+    /// LZF: fast, light.
     Lzf,
 }
 

@@ -11,17 +11,104 @@ use super::vocab::{PADDING_ID, Vocabulary};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
 
+/// The perturbations of a run of cells as a CSR matrix of doses, cells x perturbation
+/// vocabulary: `offsets` has one more entry than cells, and each cell's entries (`ids` with their
+/// `doses`) are sorted by perturbation id, whatever the order of the parts in obs ("A+B" with
+/// "0.1+1" and "B+A" with "1+0.1" give the same row).
+///
+/// The one builder of perturbation rows: training and validation batches, prediction targets and
+/// evaluation's counterfactuals all fill one of these, and [`to_device`](Self::to_device) hands it
+/// to the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerturbationCsr {
+    /// Entry offsets, one more than cells.
+    pub offsets: Vec<i64>,
+    /// Perturbation id of each entry.
+    pub ids: Vec<i64>,
+    /// Dose of each entry.
+    pub doses: Vec<f32>,
+}
+
+impl Default for PerturbationCsr {
+    fn default() -> Self {
+        PerturbationCsr { offsets: vec![0], ids: Vec::new(), doses: Vec::new() }
+    }
+}
+
+impl PerturbationCsr {
+    /// An empty matrix (no cells).
+    pub fn new() -> PerturbationCsr {
+        PerturbationCsr::default()
+    }
+
+    /// Removes every cell, keeping the buffers.
+    pub fn clear(&mut self) {
+        self.offsets.truncate(1);
+        self.ids.clear();
+        self.doses.clear();
+    }
+
+    /// Cells (rows).
+    pub fn n_rows(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Appends one cell's parts (perturbation id, dose), stored sorted by id.
+    pub fn push(&mut self, parts: &[(u32, f32)]) {
+        let start = self.ids.len();
+        for &(id, dose) in parts {
+            // Insertion sort: a cell has at most max_comb_len parts.
+            let mut at = self.ids.len();
+            while at > start && self.ids[at - 1] > i64::from(id) {
+                at -= 1;
+            }
+            self.ids.insert(at, i64::from(id));
+            self.doses.insert(at, dose);
+        }
+        self.offsets.push(self.ids.len() as i64);
+    }
+
+    /// Appends `n` cells with the same parts (a target applied to a run of source cells).
+    pub fn push_repeated(&mut self, parts: &[(u32, f32)], n: usize) {
+        if n == 0 {
+            return;
+        }
+        let start = self.ids.len();
+        self.push(parts);
+        let end = self.ids.len();
+        for _ in 1..n {
+            self.ids.extend_from_within(start..end);
+            self.doses.extend_from_within(start..end);
+            self.offsets.push(self.ids.len() as i64);
+        }
+    }
+
+    /// The doses as a sparse matrix (a view of the buffers), after sprs's structural checks:
+    /// offsets monotone and consistent, ids in range, sorted and distinct within each cell.
+    pub fn matrix(&self, n_perturbations: usize) -> Result<CsMatViewI<'_, f32, i64>> {
+        CsMatViewI::try_new((self.n_rows(), n_perturbations), &self.offsets[..], &self.ids[..], &self.doses[..])
+            .map_err(|(_, _, _, e)| Error::InvalidInput(format!("batch: perturbation doses: {e}")))
+    }
+
+    /// The matrix on `device`, as the model reads it.
+    pub fn to_device(&self, device: Device) -> Result<DevicePerts> {
+        let to = |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(device)?) };
+        Ok(DevicePerts {
+            ids: to(Tensor::f_from_slice(&self.ids)?)?,
+            offsets: to(Tensor::f_from_slice(&self.offsets)?)?,
+            doses: to(Tensor::f_from_slice(&self.doses)?)?,
+        })
+    }
+}
+
 /// One batch of cells as the loader hands it to the trainer. Its buffers are kept by
 /// [`clear`](HostBatch::clear), so a recycled batch allocates only while it grows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostBatch {
     /// Counts (or values, for `gauss`), cells x genes.
     pub counts: CsrBatch,
-    /// CSR of the perturbation doses, cells x perturbation vocabulary: `pert_offsets` has one
-    /// more entry than cells; `pert_ids` and `pert_doses` are each cell's parts in obs order.
-    pub pert_offsets: Vec<i64>,
-    pub pert_ids: Vec<i64>,
-    pub pert_doses: Vec<f32>,
+    /// The perturbation doses of each cell.
+    pub perts: PerturbationCsr,
     /// Category codes, one vector per covariate of the vocabulary.
     pub covariates: Vec<Vec<i64>>,
     /// Condition class of each cell (the perturbation adversary's label).
@@ -29,66 +116,47 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
+    /// An empty batch for `n_genes` genes and `n_covariates` covariates.
     pub fn new(n_genes: u32, n_covariates: usize) -> HostBatch {
         HostBatch {
             counts: CsrBatch::new(n_genes),
-            pert_offsets: vec![0],
-            pert_ids: Vec::new(),
-            pert_doses: Vec::new(),
+            perts: PerturbationCsr::new(),
             covariates: vec![Vec::new(); n_covariates],
             conditions: Vec::new(),
         }
     }
 
+    /// Removes every cell, keeping the buffers.
     pub fn clear(&mut self) {
         self.counts.clear();
-        self.pert_offsets.truncate(1);
-        self.pert_ids.clear();
-        self.pert_doses.clear();
+        self.perts.clear();
         self.covariates.iter_mut().for_each(Vec::clear);
         self.conditions.clear();
     }
 
+    /// Cells in the batch.
     pub fn n_cells(&self) -> usize {
         self.conditions.len()
     }
 
+    /// Whether the batch holds no cell.
     pub fn is_empty(&self) -> bool {
         self.conditions.is_empty()
     }
 
     /// Appends a cell's perturbations, covariate codes and class; its counts go to `counts`
-    /// separately (the loader copies them straight from the store). Within the cell, entries are
-    /// stored sorted by perturbation id (each dose with its own perturbation), the canonical CSR.
+    /// separately (the loader copies them straight from the store).
     pub fn push_labels(&mut self, parts: &[(u32, f32)], covariates: &[u32], class: u32) {
-        let start = self.pert_ids.len();
-        for &(id, dose) in parts {
-            // Insertion sort: a cell has at most max_comb_len parts.
-            let mut at = self.pert_ids.len();
-            while at > start && self.pert_ids[at - 1] > i64::from(id) {
-                at -= 1;
-            }
-            self.pert_ids.insert(at, i64::from(id));
-            self.pert_doses.insert(at, dose);
-        }
-        self.pert_offsets.push(self.pert_ids.len() as i64);
+        self.perts.push(parts);
         for (codes, &c) in self.covariates.iter_mut().zip(covariates) {
             codes.push(i64::from(c));
         }
         self.conditions.push(i64::from(class));
     }
 
-    /// The doses as a cells x perturbation-vocabulary CSR matrix (a view of the batch's buffers),
-    /// after sprs's structural checks: offsets monotone and consistent, ids in range, sorted and
-    /// distinct within each cell.
+    /// The doses as a cells x perturbation-vocabulary CSR matrix ([`PerturbationCsr::matrix`]).
     pub fn dose_matrix(&self, n_perturbations: usize) -> Result<CsMatViewI<'_, f32, i64>> {
-        CsMatViewI::try_new(
-            (self.n_cells(), n_perturbations),
-            &self.pert_offsets[..],
-            &self.pert_ids[..],
-            &self.pert_doses[..],
-        )
-        .map_err(|(_, _, _, e)| Error::InvalidInput(format!("batch: perturbation doses: {e}")))
+        self.perts.matrix(n_perturbations)
     }
 
     /// Checks the batch against a vocabulary: shapes agree, ids and codes are in range, doses
@@ -96,11 +164,11 @@ impl HostBatch {
     pub fn check(&self, vocab: &Vocabulary) -> Result<()> {
         let n = self.n_cells();
         let bad = |msg: String| Err(Error::InvalidInput(format!("batch: {msg}")));
-        if self.counts.n_rows() != n || self.pert_offsets.len() != n + 1 {
+        if self.counts.n_rows() != n || self.perts.n_rows() != n {
             return bad(format!(
                 "{} count rows and {} perturbation rows for {n} cells",
                 self.counts.n_rows(),
-                self.pert_offsets.len().saturating_sub(1)
+                self.perts.n_rows()
             ));
         }
         if self.counts.n_cols() as usize != vocab.n_genes() {
@@ -150,11 +218,13 @@ pub struct DevicePerts {
 /// A batch on the model's device.
 #[derive(Debug)]
 pub struct DeviceBatch {
+    /// Cells.
     pub n_cells: i64,
     /// Dense counts, cells x genes, float32.
     pub x: Tensor,
     /// The non-zero entries of `x`.
     pub entries: Entries,
+    /// The cells' perturbations.
     pub perts: DevicePerts,
     /// One int64 code vector per covariate.
     pub covariates: Vec<Tensor>,
@@ -170,11 +240,7 @@ impl DeviceBatch {
         let genes = i64::from(batch.counts.n_cols());
         let (x, entries) = densify_with_entries(&batch.counts, device)?;
         let to = |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(device)?) };
-        let perts = DevicePerts {
-            ids: to(Tensor::f_from_slice(&batch.pert_ids)?)?,
-            offsets: to(Tensor::f_from_slice(&batch.pert_offsets)?)?,
-            doses: to(Tensor::f_from_slice(&batch.pert_doses)?)?,
-        };
+        let perts = batch.perts.to_device(device)?;
         let covariates = batch.covariates.iter().map(|c| to(Tensor::f_from_slice(c)?)).collect::<Result<Vec<_>>>()?;
         let conditions = to(Tensor::f_from_slice(&batch.conditions)?)?;
         debug_assert_eq!(x.size(), [n, genes]);
@@ -234,7 +300,7 @@ mod tests {
         let mut b = HostBatch::new(3, 0);
         b.counts.push_row(&[], &[]);
         b.push_labels(&[(3, 1.0), (2, 0.1)], &[], 0);
-        assert_eq!((b.pert_ids.as_slice(), b.pert_doses.as_slice()), (&[2i64, 3][..], &[0.1f32, 1.0][..]));
+        assert_eq!((b.perts.ids.as_slice(), b.perts.doses.as_slice()), (&[2i64, 3][..], &[0.1f32, 1.0][..]));
         let m = b.dose_matrix(4)?;
         assert_eq!(m.get(0, 2), Some(&0.1));
         assert!(b.dose_matrix(3).is_err(), "id 3 outside a vocabulary of 3");

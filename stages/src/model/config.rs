@@ -38,27 +38,33 @@ pub const DEFAULT_PEN_ADV: f64 = 1.0;
 pub const DEFAULT_ADV_STEPS: u32 = 3;
 /// Focusing parameter of the focal loss.
 pub const DEFAULT_FOCAL_GAMMA: f64 = 2.0;
-/// Learning rate and weight decay of the autoencoder group (encoder, decoder, embeddings).
+/// Learning rate of the autoencoder group (encoder, decoder, embeddings).
 pub const DEFAULT_LR: f64 = 5e-4;
+/// Weight decay of the autoencoder group.
 pub const DEFAULT_WD: f64 = 1e-6;
-/// Learning rate and weight decay of the dose-response group.
+/// Learning rate of the dose-response group.
 pub const DEFAULT_DOSER_LR: f64 = 3e-4;
+/// Weight decay of the dose-response group.
 pub const DEFAULT_DOSER_WD: f64 = 4e-7;
-/// Learning rate and weight decay of the adversary group.
+/// Learning rate of the adversary group.
 pub const DEFAULT_ADV_LR: f64 = 3e-4;
+/// Weight decay of the adversary group.
 pub const DEFAULT_ADV_WD: f64 = 4e-7;
-/// Epochs between learning-rate decays, and the decay factor.
+/// Epochs between learning-rate decays.
 pub const DEFAULT_STEP_SIZE_LR: u32 = 45;
+/// The learning-rate decay factor.
 pub const DEFAULT_LR_DECAY: f64 = 0.9;
 /// Gradient-norm limit when clipping is on (clipping is off by default, as in the reference).
 pub const DEFAULT_GRADIENT_CLIP: f64 = 3.0;
-/// Adam moments and epsilon (PyTorch's defaults).
+/// Adam moments (PyTorch's defaults).
 pub const DEFAULT_ADAM_BETAS: (f64, f64) = (0.9, 0.999);
+/// Adam epsilon (PyTorch's default).
 pub const DEFAULT_ADAM_EPS: f64 = 1e-8;
 /// Cells per device batch (the reference's; `cpa-stream train --batch-size auto` picks larger on a GPU).
 pub const DEFAULT_BATCH_SIZE: usize = 128;
-/// Validation every this many epochs, and early stopping after this many validations without improvement.
+/// Validation every this many epochs.
 pub const DEFAULT_CHECK_VAL_EVERY: u32 = 10;
+/// Early stopping after this many validations without improvement.
 pub const DEFAULT_EARLY_STOPPING_PATIENCE: u32 = 10;
 /// Upper bound of the reference's automatic epoch count, `min(round(20000 / cells * 400), 400)`.
 pub const DEFAULT_MAX_EPOCHS_CAP: u32 = 400;
@@ -66,8 +72,9 @@ pub const DEFAULT_MAX_EPOCHS_CAP: u32 = 400;
 pub const DEFAULT_METRICS_EVERY: u32 = 50;
 /// Draws of `z_basal` averaged at prediction with a variational encoder.
 pub const DEFAULT_N_SAMPLES: u32 = 20;
-/// BatchNorm momentum and epsilon (scvi-tools' `FCLayers`).
+/// BatchNorm momentum (scvi-tools' `FCLayers`).
 pub const BATCH_NORM_MOMENTUM: f64 = 0.01;
+/// BatchNorm epsilon (scvi-tools' `FCLayers`).
 pub const BATCH_NORM_EPS: f64 = 1e-3;
 /// LayerNorm epsilon (PyTorch's default).
 pub const LAYER_NORM_EPS: f64 = 1e-5;
@@ -117,6 +124,7 @@ pub enum Norm {
     Batch,
     /// LayerNorm without affine parameters.
     Layer,
+    /// No normalisation.
     None,
 }
 
@@ -144,6 +152,7 @@ pub enum Optimizer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// float32 everywhere.
     Fp32,
     /// Matrix products in bfloat16, weights, normalisation, likelihoods and optimizer in float32.
     Bf16,
@@ -153,21 +162,35 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
+    /// Width of the latent space.
     pub n_latent: usize,
+    /// The likelihood of the data.
     pub recon_loss: ReconLoss,
+    /// How doses scale a perturbation's embedding.
     pub doser_type: DoserType,
+    /// Hidden width of the encoder.
     pub n_hidden_encoder: usize,
+    /// Hidden layers of the encoder.
     pub n_layers_encoder: usize,
+    /// Hidden width of the decoder.
     pub n_hidden_decoder: usize,
+    /// Hidden layers of the decoder.
     pub n_layers_decoder: usize,
+    /// Hidden width of the `mlp` dose response.
     pub n_hidden_doser: usize,
+    /// Hidden layers of the `mlp` dose response.
     pub n_layers_doser: usize,
+    /// Normalisation of the encoder's layers.
     pub norm_encoder: Norm,
+    /// Normalisation of the decoder's layers.
     pub norm_decoder: Norm,
+    /// Dropout of the encoder.
     pub dropout_rate_encoder: f64,
+    /// Dropout of the decoder.
     pub dropout_rate_decoder: f64,
     /// Variational encoder (Gaussian posterior, KL to N(0, I)); deterministic by default.
     pub variational: bool,
+    /// Most perturbations in one condition.
     pub max_comb_len: usize,
     /// Draws of `z_basal` averaged at prediction when `variational`.
     pub n_samples: u32,
@@ -200,13 +223,21 @@ impl Default for ModelConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdversaryConfig {
+    /// Hidden width of each classifier.
     pub n_hidden: usize,
+    /// Hidden layers of each classifier.
     pub n_layers: usize,
+    /// Normalisation of the classifiers' layers.
     pub norm: Norm,
+    /// Dropout of the classifiers.
     pub dropout_rate: f64,
+    /// The classifiers' loss.
     pub loss: AdvLoss,
+    /// Focusing parameter of the focal loss.
     pub focal_gamma: f64,
+    /// Weight of the adversarial term in the autoencoder's loss.
     pub reg_adv: f64,
+    /// Weight of the adversaries' gradient penalty.
     pub pen_adv: f64,
     /// Batches with `index % adv_steps != 0` step the adversary only, the others the autoencoder
     /// only. 0 steps both on every batch (the reference's `adv_steps = None`).
@@ -233,21 +264,33 @@ impl Default for AdversaryConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
+    /// Adam with L2 weight decay, or decoupled (AdamW).
     pub optimizer: Optimizer,
+    /// Learning rate of the autoencoder group.
     pub lr: f64,
+    /// Weight decay of the autoencoder group.
     pub wd: f64,
+    /// Learning rate of the dose-response group.
     pub doser_lr: f64,
+    /// Weight decay of the dose-response group.
     pub doser_wd: f64,
+    /// Learning rate of the adversary group.
     pub adv_lr: f64,
+    /// Weight decay of the adversary group.
     pub adv_wd: f64,
+    /// Adam's first-moment decay.
     pub adam_beta1: f64,
+    /// Adam's second-moment decay.
     pub adam_beta2: f64,
+    /// Adam's epsilon.
     pub adam_eps: f64,
     /// Epochs between learning-rate decays by `lr_decay` (0: no decay).
     pub step_size_lr: u32,
+    /// The learning-rate decay factor.
     pub lr_decay: f64,
     /// Clip each optimizer group's gradient norm to `gradient_clip_value`.
     pub do_clip_grad: bool,
+    /// The gradient-norm limit of `do_clip_grad`.
     pub gradient_clip_value: f64,
     /// Epochs of autoencoder-only training before the adversarial term enters (0: none).
     pub n_epochs_pretrain_ae: u32,
@@ -274,11 +317,15 @@ pub struct TrainingConfig {
     pub shuffle_run_cells: usize,
     /// Epochs to train; 0 takes the reference's rule `min(round(20000 / cells * 400), 400)`.
     pub max_epochs: u32,
+    /// Validation every this many epochs (and after the last).
     pub check_val_every_n_epoch: u32,
+    /// Validations without improvement before training stops.
     pub early_stopping_patience: u32,
+    /// Arithmetic of the matrix products.
     pub precision: Precision,
     /// Steps between reads of the device-side running metrics.
     pub metrics_every_n_steps: u32,
+    /// Seed of the initialisation, the shuffles and the model's random draws.
     pub seed: u64,
 }
 
@@ -332,8 +379,11 @@ impl TrainingConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CpaConfig {
+    /// `[model]`: the network.
     pub model: ModelConfig,
+    /// `[adversary]`: the adversarial classifiers.
     pub adversary: AdversaryConfig,
+    /// `[training]`: optimisation and schedule.
     pub training: TrainingConfig,
 }
 

@@ -15,21 +15,28 @@ use crate::error::{Error, Result};
 pub const MODEL_FORMAT: &str = "cpa-stream-model";
 /// Version of the model directory layout this build reads and writes.
 pub const MODEL_VERSION: u32 = 1;
+/// The model description in a model directory.
 pub const MODEL_FILE: &str = "model.json";
+/// The weights in a model directory.
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 
 /// The contents of `model.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelFile {
+    /// Always [`MODEL_FORMAT`].
     pub format: String,
+    /// The format version.
     pub version: u32,
     /// The program that wrote it (`cpa-stream 0.1.0`).
     pub written_by: String,
+    /// The configuration the model was built with.
     pub config: CpaConfig,
+    /// What its inputs and outputs are indexed by.
     pub vocabulary: Vocabulary,
     /// Width of the fixed perturbation features, when the model uses them.
     pub perturbation_features: Option<i64>,
+    /// Trainable parameters.
     pub n_parameters: i64,
 }
 

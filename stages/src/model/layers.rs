@@ -23,6 +23,7 @@ pub struct Noise {
 }
 
 impl Noise {
+    /// A stream seeded by `rng`, drawing on `device`.
     pub fn new(rng: Xoshiro256PlusPlus, device: Device) -> Noise {
         Noise { rng, device }
     }
@@ -35,6 +36,7 @@ impl Noise {
         }
     }
 
+    /// Where the draws are made.
     pub fn device(&self) -> Device {
         self.device
     }
@@ -133,7 +135,9 @@ pub(crate) fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>, precision: Prec
 /// `nn.Linear` with PyTorch's default initialisation (uniform in ±1/sqrt(fan_in) for weight and bias).
 #[derive(Debug)]
 pub struct Linear {
+    /// The weight matrix, out x in.
     pub weight: Tensor,
+    /// The bias.
     pub bias: Tensor,
 }
 
@@ -145,6 +149,7 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
+    /// `x W^T + b`, the product in `precision`.
     pub fn forward(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
         affine(x, &self.weight, Some(&self.bias), precision)
     }
@@ -224,10 +229,12 @@ impl FcLayers {
         Ok(FcLayers { blocks, dropout, out_dim: n_hidden })
     }
 
+    /// Width of the output.
     pub fn out_dim(&self) -> usize {
         self.out_dim
     }
 
+    /// The layers on `x` (dropout and batch statistics only when `train`).
     pub fn forward(&self, x: &Tensor, train: bool, precision: Precision, noise: &mut Noise) -> Result<Tensor> {
         let mut h = x.shallow_clone();
         for (linear, norm) in &self.blocks {
@@ -262,6 +269,7 @@ impl Classifier {
         Ok(Classifier { body, head })
     }
 
+    /// The classifier's logits for `z`.
     pub fn forward(&self, z: &Tensor, train: bool, precision: Precision, noise: &mut Noise) -> Result<Tensor> {
         self.head.forward(&self.body.forward(z, train, precision, noise)?, precision)
     }

@@ -38,8 +38,11 @@ pub fn log_zinb(x: &Tensor, mu: &Tensor, theta: &Tensor, zi_logits: &Tensor) -> 
 /// The non-zero entries of a batch of counts: row, column and value of each.
 #[derive(Debug)]
 pub struct Entries {
+    /// Row of each entry.
     pub rows: Tensor,
+    /// Column of each entry.
     pub cols: Tensor,
+    /// Value of each entry.
     pub values: Tensor,
 }
 

@@ -17,7 +17,7 @@ pub mod likelihood;
 pub mod network;
 pub mod vocab;
 
-pub use batch::{DeviceBatch, HostBatch};
+pub use batch::{DeviceBatch, DevicePerts, HostBatch, PerturbationCsr};
 pub use config::CpaConfig;
 pub use files::{load_model, load_model_for, read_model_file, save_model};
 pub use network::CpaModel;

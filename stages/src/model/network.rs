@@ -13,9 +13,11 @@ use super::likelihood::{Entries, count_log_likelihood_sparse, log_nb, log_normal
 use super::vocab::{PADDING_ID, Vocabulary};
 use crate::error::{Error, Result};
 
-/// Variable-name prefixes of the three optimizer groups.
+/// Variable-name prefix of the autoencoder optimizer group (encoder, decoder, embeddings).
 pub const GROUP_AE: &str = "ae";
+/// Variable-name prefix of the dose-response optimizer group.
 pub const GROUP_DOSER: &str = "doser";
+/// Variable-name prefix of the adversary optimizer group.
 pub const GROUP_ADV: &str = "adv";
 
 /// The encoder: deterministic (a Linear head) or variational (mean and variance heads).
@@ -29,6 +31,7 @@ struct Encoder {
 /// Output of the encoder.
 #[derive(Debug)]
 pub struct Encoded {
+    /// The basal state (a posterior draw when sampling, else its mean).
     pub z_basal: Tensor,
     /// Posterior mean and variance (variational encoder only).
     pub posterior: Option<(Tensor, Tensor)>,
@@ -72,12 +75,18 @@ enum Heads {
 pub enum Generative {
     /// `mu = exp(library) * softmax(..)`, per-gene `theta`, zero-inflation logits for zinb.
     Counts {
+        /// Mean counts, cells x genes.
         mu: Tensor,
+        /// Per-gene inverse dispersion.
         theta: Tensor,
+        /// Zero-inflation logits (zinb only).
         zi_logits: Option<Tensor>,
     },
+    /// Mean and variance of a Gaussian, cells x genes.
     Gauss {
+        /// The mean.
         mean: Tensor,
+        /// The variance.
         var: Tensor,
     },
 }
@@ -95,12 +104,19 @@ impl Generative {
 /// All latents of a forward pass (`z_pert` and `z_covs` are the added terms).
 #[derive(Debug)]
 pub struct Latents {
+    /// The basal state (perturbations and covariates removed).
     pub z_basal: Tensor,
+    /// Basal + perturbation + covariates.
     pub z: Tensor,
+    /// `z` without the batch covariate.
     pub z_corrected: Tensor,
+    /// Basal + covariates.
     pub z_no_pert: Tensor,
+    /// Basal + covariates without the batch covariate.
     pub z_no_pert_corrected: Tensor,
+    /// The perturbation term.
     pub z_pert: Tensor,
+    /// The covariates' term.
     pub z_covs: Tensor,
 }
 
@@ -280,18 +296,22 @@ impl CpaModel {
         })
     }
 
+    /// The configuration.
     pub fn config(&self) -> &CpaConfig {
         &self.config
     }
 
+    /// The vocabularies.
     pub fn vocabulary(&self) -> &Vocabulary {
         &self.vocab
     }
 
+    /// The device the weights live on.
     pub fn device(&self) -> Device {
         self.vs.device()
     }
 
+    /// The weights.
     pub fn var_store(&self) -> &nn::VarStore {
         &self.vs
     }
@@ -300,6 +320,7 @@ impl CpaModel {
         &mut self.vs
     }
 
+    /// Arithmetic of the matrix products.
     pub fn precision(&self) -> Precision {
         self.precision
     }

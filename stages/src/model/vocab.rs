@@ -21,8 +21,11 @@ pub const COMBINATION_SEPARATOR: char = '+';
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Covariate {
+    /// The obs column.
     pub name: String,
+    /// Categories in code order.
     pub categories: Vec<String>,
+    /// Whether it is the batch covariate.
     pub is_batch: bool,
 }
 
@@ -34,6 +37,7 @@ pub struct Vocabulary {
     pub genes: Vec<String>,
     /// Perturbations: `<pad>` (id 0), the control (id 1), then the others sorted by name.
     pub perturbations: Vec<String>,
+    /// Categorical covariates.
     pub covariates: Vec<Covariate>,
     /// Classes of the perturbation adversary: whole conditions (parts sorted by name, `+`-joined).
     pub conditions: Vec<String>,
@@ -49,9 +53,11 @@ pub struct Vocabulary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
+    /// The obs column of the perturbation condition.
     pub perturbation_key: String,
     /// `None`: every part has dose 1.
     pub dose_key: Option<String>,
+    /// How cells were split.
     pub split: SplitSpec,
 }
 
@@ -63,12 +69,51 @@ pub enum SplitSpec {
     Column(String),
     /// Seeded fractions, stratified by condition and covariates; `holdout` conditions (as written
     /// in obs, any part order) are held out entirely (`ood`).
-    Fraction { validation: f64, test: f64, seed: u64, holdout: Vec<String> },
+    Fraction {
+        /// Fraction of each label group's cells for validation.
+        validation: f64,
+        /// Fraction of each label group's cells for testing.
+        test: f64,
+        /// Seed of the assignment.
+        seed: u64,
+        /// Conditions held out entirely.
+        holdout: Vec<String>,
+        /// How cells are assigned (absent in models from before the setting: the sequence).
+        #[serde(default)]
+        method: Stratify,
+    },
+}
+
+impl SplitSpec {
+    /// Seeded fractions with the exact assignment (what new runs record).
+    pub fn fractions(validation: f64, test: f64, seed: u64, holdout: Vec<String>) -> SplitSpec {
+        SplitSpec::Fraction { validation, test, seed, holdout, method: Stratify::Exact }
+    }
+
+    /// Every cell in training, none held out.
+    pub fn all_training() -> SplitSpec {
+        SplitSpec::fractions(0.0, 0.0, 0, Vec::new())
+    }
+}
+
+/// How a fraction split assigns the cells of a label group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stratify {
+    /// The k-th cell of a group by a seeded low-discrepancy sequence, decided as the cell is
+    /// read: fractions met to within a few cells. Models trained before `exact` record none and
+    /// are read with this one, so that their evaluation recomputes their split.
+    #[default]
+    Sequence,
+    /// `round(fraction x cells)` of each group, exactly, chosen by a seeded permutation of the
+    /// group's cells (decided once the group's size is known).
+    Exact,
 }
 
 /// A cell's perturbations: vocabulary ids and doses, in the order written in obs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedCondition {
+    /// Perturbation ids and doses.
     pub parts: Vec<(u32, f32)>,
     /// The condition class id (the adversary's label).
     pub class: u32,
@@ -137,6 +182,7 @@ impl Vocabulary {
         Ok(())
     }
 
+    /// Genes.
     pub fn n_genes(&self) -> usize {
         self.genes.len()
     }
@@ -146,6 +192,7 @@ impl Vocabulary {
         self.perturbations.len()
     }
 
+    /// The control condition's name.
     pub fn control(&self) -> &str {
         &self.perturbations[CONTROL_ID]
     }

@@ -38,6 +38,43 @@ enum Matrix {
 /// decreases and ends at `nnz`, and that `obs`/`var` have `n_obs`/`n_vars` rows. Column indices
 /// are checked on demand ([`check_indices`](Store::check_indices)) and on every zstd block
 /// decode; checksums by [`verify`](Store::verify).
+///
+/// A store of three cells written and read back:
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use arrow::array::{RecordBatch, StringArray};
+/// use arrow::datatypes::{DataType, Field, Schema};
+/// use cpa_stream_stages::CsrBatch;
+/// use cpa_stream_stages::store::{Store, StoreWriter, StoreWriterOptions};
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("tiny.store");
+/// let ids = |name: &str, values: &[&str]| {
+///     let schema = Arc::new(Schema::new(vec![Field::new(name, DataType::Utf8, false)]));
+///     RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(values.to_vec()))])
+/// };
+/// let var = ids("gene_id", &["g0", "g1", "g2", "g3"])?;
+/// let obs = ids("cell_id", &["a", "b", "c"])?;
+/// let mut writer = StoreWriter::create(&path, &var, obs.schema(), StoreWriterOptions::default())?;
+/// let mut rows = CsrBatch::new(4);
+/// rows.push_row(&[0, 3], &[1.0, 5.0]);
+/// rows.push_row(&[], &[]);
+/// rows.push_row(&[2], &[7.0]);
+/// writer.push_rows(&rows, &obs)?;
+/// writer.finish()?;
+///
+/// let store = Store::open(&path)?;
+/// assert_eq!((store.n_obs(), store.n_vars(), store.nnz()), (3, 4, 3));
+/// let mut cursor = store.cursor()?;
+/// let (genes, counts) = cursor.row(0)?;
+/// assert_eq!((genes, counts), (&[0u32, 3][..], &[1.0f32, 5.0][..]));
+/// let mut batch = CsrBatch::new(4);
+/// cursor.gather(&[2, 0], &mut batch)?; // any rows, in the order asked
+/// assert_eq!(batch.row(0), (&[2u32][..], &[7.0f32][..]));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Store {
     dir: PathBuf,
     manifest: Manifest,
@@ -57,10 +94,12 @@ pub struct CsrView<'a> {
 }
 
 impl<'a> CsrView<'a> {
+    /// Rows in the view.
     pub fn n_rows(&self) -> usize {
         self.indptr.len() - 1
     }
 
+    /// Entries in the view.
     pub fn nnz(&self) -> usize {
         self.indices.len()
     }
@@ -180,6 +219,7 @@ impl Store {
         &self.dir
     }
 
+    /// The parsed manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }

@@ -65,8 +65,11 @@ pub fn write_table(path: &Path, schema: SchemaRef, batches: impl IntoIterator<It
 /// What `inspect` shows of one `obs` column.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ColumnSummary {
+    /// Column name.
     pub name: String,
+    /// Arrow type.
     pub dtype: String,
+    /// Null values.
     pub nulls: u64,
     /// Categorical columns: every category in order with its number of cells.
     #[serde(skip_serializing_if = "Option::is_none")]

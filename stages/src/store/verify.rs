@@ -13,9 +13,13 @@ use crate::error::{Error, Result};
 /// What [`Store::verify`] checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
+    /// Files hashed.
     pub files: u64,
+    /// Bytes hashed.
     pub bytes: u64,
+    /// obs rows decoded.
     pub rows: u64,
+    /// Entries whose column index was checked.
     pub nnz: u64,
 }
 

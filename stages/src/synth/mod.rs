@@ -46,6 +46,14 @@ pub const DEFAULT_LIBRARY_SIZE: f64 = 2000.0;
 pub const DEFAULT_LIBRARY_LOG_SD: f64 = 0.4;
 /// Default Monte-Carlo draws per group for the truth table.
 pub const DEFAULT_TRUTH_SAMPLES: u32 = 256;
+/// Dose levels per perturbation, unless set otherwise.
+pub const DEFAULT_DOSES: u32 = 1;
+/// Cell types, unless set otherwise.
+pub const DEFAULT_CELL_TYPES: u32 = 1;
+/// Two-perturbation combinations in the cells, unless set otherwise.
+pub const DEFAULT_COMBINATIONS: u32 = 0;
+/// Strength of the combination interaction term, unless set otherwise (0: additive).
+pub const DEFAULT_INTERACTION: f32 = 0.0;
 /// Name of the control condition.
 pub const CONTROL: &str = "control";
 /// Dose label of the control condition.
@@ -62,11 +70,15 @@ const STREAM_TRUTH: u64 = 4;
 /// What to generate. Build with [`SynthConfig::new`] and adjust the public fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthConfig {
+    /// Cells.
     pub cells: u64,
+    /// Genes.
     pub genes: u32,
+    /// Single perturbations.
     pub perturbations: u32,
     /// Dose levels, log-spaced from 0.01 to 1 (a single level is dose 1).
     pub doses: u32,
+    /// Cell types.
     pub cell_types: u32,
     /// Two-perturbation combinations present in the cells.
     pub combinations: u32,
@@ -74,12 +86,19 @@ pub struct SynthConfig {
     pub heldout_combinations: u32,
     /// Strength of the combination interaction term (0: purely additive in latent space).
     pub interaction: f32,
+    /// Latent dimension of the true model.
     pub latent_dim: u32,
+    /// Hidden width of the true decoder.
     pub hidden: u32,
+    /// Fraction of control cells.
     pub control_fraction: f64,
+    /// Median total counts per cell.
     pub library_size: f64,
+    /// Standard deviation of the log library size.
     pub library_log_sd: f64,
+    /// Monte-Carlo draws per group for the truth table.
     pub truth_samples: u32,
+    /// Seed of everything drawn.
     pub seed: u64,
 }
 
@@ -163,6 +182,7 @@ pub struct SynthCondition {
     pub name: String,
     /// Perturbation indices, in the order of `name`.
     pub parts: Vec<usize>,
+    /// Only in the truth table (no cells).
     pub held_out: bool,
 }
 
@@ -179,10 +199,15 @@ struct Arm {
 pub struct SynthAtlas {
     config: SynthConfig,
     model: TrueModel,
+    /// Perturbation names.
     pub perturbations: Vec<String>,
+    /// Cell type names.
     pub cell_types: Vec<String>,
+    /// Dose levels.
     pub dose_levels: Vec<f64>,
+    /// Dose levels as obs writes them.
     pub dose_level_labels: Vec<String>,
+    /// Every condition, held-back ones included.
     pub conditions: Vec<SynthCondition>,
     arms: Vec<Arm>,
     /// Arms cells are drawn from (the control first); the rest are held back.
@@ -204,8 +229,11 @@ pub struct SynthAtlas {
 
 /// One generated chunk of cells.
 pub struct SynthChunk {
+    /// Chunk number.
     pub index: u64,
+    /// The chunk's counts.
     pub rows: CsrBatch,
+    /// The chunk's obs rows.
     pub obs: RecordBatch,
     /// Cells per (cell type, arm) group in this chunk, indexed `cell_type * arms + arm`.
     pub group_counts: Vec<u64>,
@@ -347,6 +375,7 @@ impl SynthAtlas {
         })
     }
 
+    /// The configuration.
     pub fn config(&self) -> &SynthConfig {
         &self.config
     }

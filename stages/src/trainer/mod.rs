@@ -43,17 +43,30 @@ pub struct TrainState {
     pub epoch: u32,
     /// Optimizer steps (effective batches) taken.
     pub global_step: u64,
+    /// Training cells stepped over.
     pub cells_seen: u64,
+    /// The run's seed.
     pub seed: u64,
     /// Steps taken by each optimizer group (`ae`, `doser`, `adv`), for Adam's bias correction.
     pub group_steps: Vec<u64>,
     /// Early stopping: best validation score so far, its epoch, and validations since.
     pub best_score: Option<f64>,
+    /// The epoch of the best score.
     pub best_epoch: Option<u32>,
+    /// Validations since the best score.
     pub validations_without_improvement: u32,
     /// Where the current epoch stands, for a checkpoint taken within it; `None` between epochs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub within_epoch: Option<EpochPosition>,
+}
+
+/// What a validation score did ([`Trainer::record_validation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EarlyStopping {
+    /// The score is the best so far: keep these weights.
+    pub improved: bool,
+    /// Validations without improvement reached the patience: stop training.
+    pub stop: bool,
 }
 
 /// The part of an epoch already trained when a checkpoint was taken within it.
@@ -66,6 +79,7 @@ pub struct EpochPosition {
     pub steps: u64,
     /// Running loss sums and their counts (autoencoder batches, adversary batches, cells).
     pub sums: Vec<f32>,
+    /// Counts behind the sums: autoencoder batches, adversary batches, cells.
     pub counts: (u64, u64, u64),
     /// The random stream of dropout, sampling and mixup.
     pub noise: rand_xoshiro::Xoshiro256PlusPlus,
@@ -92,18 +106,25 @@ pub enum Phase {
 /// Means of the training losses over an epoch (or since its start).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
+    /// The epoch (0-based).
     pub epoch: u32,
     /// Negative log-likelihood per cell (summed over genes).
     pub recon_loss: f64,
+    /// KL divergence per cell (variational encoder).
     pub kl: f64,
     /// Adversary classification loss (perturbation + covariates).
     pub adv_loss: f64,
+    /// The adversaries' gradient penalty.
     pub penalty_adv: f64,
     /// Accuracy of the perturbation adversary on the basal state (lower is better disentangled).
     pub acc_perts: f64,
+    /// Batches that stepped the autoencoder.
     pub autoencoder_batches: u64,
+    /// Batches that stepped the adversaries.
     pub adversary_batches: u64,
+    /// Cells trained.
     pub cells: u64,
+    /// The autoencoder's learning rate.
     pub lr: f64,
 }
 
@@ -197,20 +218,41 @@ impl Trainer {
         Trainer::new(CpaModel::new(config, vocab, None, device, config.training.seed)?)
     }
 
+    /// The model.
     pub fn model(&self) -> &CpaModel {
         &self.model
     }
 
+    /// The model, giving up the trainer.
     pub fn into_model(self) -> CpaModel {
         self.model
     }
 
+    /// Where training stands.
     pub fn state(&self) -> &TrainState {
         &self.state
     }
 
+    /// The state, to change by hand (tests, tools); training changes it itself.
     pub fn state_mut(&mut self) -> &mut TrainState {
         &mut self.state
+    }
+
+    /// Records the validation score of the epoch that just ended (call after
+    /// [`end_epoch`](Self::end_epoch)) for early stopping: a score above the best so far becomes
+    /// the best, with that epoch; any other adds one to the validations without improvement.
+    /// The run should stop once those reach `patience`.
+    pub fn record_validation(&mut self, score: f64, patience: u32) -> EarlyStopping {
+        let state = &mut self.state;
+        let improved = state.best_score.is_none_or(|best| score > best);
+        if improved {
+            state.best_score = Some(score);
+            state.best_epoch = Some(state.epoch.saturating_sub(1));
+            state.validations_without_improvement = 0;
+        } else {
+            state.validations_without_improvement += 1;
+        }
+        EarlyStopping { improved, stop: state.validations_without_improvement >= patience }
     }
 
     fn config(&self) -> &CpaConfig {

@@ -15,11 +15,17 @@ use crate::model::config::Optimizer;
 /// Hyper-parameters of one optimizer group.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamSettings {
+    /// Learning rate.
     pub lr: f64,
+    /// Weight decay.
     pub weight_decay: f64,
+    /// First-moment decay.
     pub beta1: f64,
+    /// Second-moment decay.
     pub beta2: f64,
+    /// Epsilon.
     pub eps: f64,
+    /// L2 or decoupled weight decay.
     pub kind: Optimizer,
 }
 
@@ -46,6 +52,7 @@ impl std::fmt::Debug for AdamGroup {
 }
 
 impl AdamGroup {
+    /// A group over `params` (named variables).
     pub fn new(name: &str, params: Vec<(String, Tensor)>, settings: AdamSettings) -> Result<AdamGroup> {
         let mut names = Vec::with_capacity(params.len());
         let mut tensors = Vec::with_capacity(params.len());
@@ -59,18 +66,22 @@ impl AdamGroup {
         Ok(AdamGroup { name: name.to_owned(), names, params: tensors, m, v, steps: 0, settings })
     }
 
+    /// The group's name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Its parameters.
     pub fn params(&self) -> &[Tensor] {
         &self.params
     }
 
+    /// Steps taken.
     pub fn steps(&self) -> u64 {
         self.steps
     }
 
+    /// Its settings.
     pub fn settings(&self) -> &AdamSettings {
         &self.settings
     }

@@ -464,3 +464,34 @@ fn saved_models_load_and_check_their_files() -> Result<()> {
     assert!(err.contains("weights do not fit model.json"), "{err}");
     Ok(())
 }
+
+#[test]
+fn early_stopping_keeps_the_best_epoch_and_stops_after_patience() -> Result<()> {
+    // (scores after epochs 0, 1, ..., patience) -> (best epoch, best score, epoch after which it stops)
+    type Case<'a> = (&'a [f64], u32, Option<u32>, Option<f64>, Option<usize>);
+    let table: [Case; 6] = [
+        (&[0.1, 0.2, 0.3], 2, Some(2), Some(0.3), None),
+        (&[0.5, 0.4, 0.3], 2, Some(0), Some(0.5), Some(2)),
+        (&[0.5, 0.5, 0.6, 0.6, 0.6], 2, Some(2), Some(0.6), Some(4)),
+        (&[0.5, 0.1], 1, Some(0), Some(0.5), Some(1)),
+        (&[0.5], 0, Some(0), Some(0.5), Some(0)),
+        (&[-1.0, -0.5, -2.0, -0.4], 3, Some(3), Some(-0.4), None),
+    ];
+    let v = vocab()?;
+    for (scores, patience, best_epoch, best_score, stops_after) in table {
+        let mut t = Trainer::from_config(&small_config(), &v, Device::Cpu)?;
+        let mut stopped = None;
+        for (e, &score) in scores.iter().enumerate() {
+            t.state_mut().epoch = e as u32 + 1; // as after end_epoch of epoch e
+            let outcome = t.record_validation(score, patience);
+            assert_eq!(outcome.improved, t.state().best_epoch == Some(e as u32), "{scores:?}: epoch {e}");
+            if outcome.stop && stopped.is_none() {
+                stopped = Some(e);
+            }
+        }
+        assert_eq!(t.state().best_epoch, best_epoch, "{scores:?}");
+        assert_eq!(t.state().best_score, best_score, "{scores:?}");
+        assert_eq!(stopped, stops_after, "{scores:?} with patience {patience}");
+    }
+    Ok(())
+}

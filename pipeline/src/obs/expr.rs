@@ -15,17 +15,23 @@ use std::collections::HashMap;
 
 use arrow::array::RecordBatch;
 
+use super::{TextColumn, column_strings};
 use crate::error::{Error, Result};
-use crate::train::encoder::{TextColumn, column_strings};
 
 /// A parsed selection.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
+    /// Every cell.
     All,
+    /// A column equals a value.
     Eq(String, String),
+    /// A column's value is one of these.
     In(String, Vec<String>),
+    /// The cells the inner expression does not select.
     Not(Box<Expr>),
+    /// Both.
     And(Box<Expr>, Box<Expr>),
+    /// Either.
     Or(Box<Expr>, Box<Expr>),
 }
 

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use cpa_stream_stages::device_memory::{self, DeviceMemory};
-use cpa_stream_stages::model::config::{CpaConfig, Precision};
+use cpa_stream_stages::device::{DeviceMemory, memory as device_memory};
+use cpa_stream_stages::model::config::{CpaConfig, DEFAULT_BATCH_SIZE, Precision};
 use cpa_stream_stages::model::vocab::{Covariate, Vocabulary, canonical_condition, parse_condition};
 use cpa_stream_stages::model::{CpaModel, HostBatch};
 use cpa_stream_stages::synth::{SynthAtlas, SynthConfig};
@@ -14,32 +14,45 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::error::{Error, Result};
-use crate::train::encoder::column_strings;
+use crate::obs::column_strings;
+
+/// Cells of the model benchmark's synthetic atlas, unless set otherwise.
+pub const DEFAULT_MODEL_CELLS: u64 = 5_000;
+/// Genes of the model benchmark's synthetic atlas, unless set otherwise.
+pub const DEFAULT_MODEL_GENES: u32 = 2_000;
+/// Timed epochs of the model benchmark, unless set otherwise.
+pub const DEFAULT_MODEL_EPOCHS: u32 = 2;
 
 /// Options of [`bench_model`].
 #[derive(Debug, Clone)]
 pub struct ModelBenchOptions {
+    /// Cells of the synthetic atlas (held in memory); default [`DEFAULT_MODEL_CELLS`].
     pub cells: u64,
+    /// Genes of the synthetic atlas; default [`DEFAULT_MODEL_GENES`].
     pub genes: u32,
+    /// Cells per batch; default the model's [`DEFAULT_BATCH_SIZE`].
     pub batch_size: usize,
     /// Timed epochs (after one untimed warm-up epoch).
     pub epochs: u32,
+    /// Where the model runs; default the CPU.
     pub device: Device,
+    /// Arithmetic of the matrix products; default fp32.
     pub precision: Precision,
     /// libtorch intra-op threads (0: libtorch's default).
     pub threads: usize,
     /// Model configuration; batch size and precision are taken from the fields above.
     pub config: CpaConfig,
+    /// Seed of the atlas and the model; default 0.
     pub seed: u64,
 }
 
 impl Default for ModelBenchOptions {
     fn default() -> Self {
         ModelBenchOptions {
-            cells: 5_000,
-            genes: 2_000,
-            batch_size: 128,
-            epochs: 2,
+            cells: DEFAULT_MODEL_CELLS,
+            genes: DEFAULT_MODEL_GENES,
+            batch_size: DEFAULT_BATCH_SIZE,
+            epochs: DEFAULT_MODEL_EPOCHS,
             device: Device::Cpu,
             precision: Precision::Fp32,
             threads: 0,
@@ -52,50 +65,37 @@ impl Default for ModelBenchOptions {
 /// What [`bench_model`] measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelBench {
+    /// Cells of the atlas.
     pub cells: u64,
+    /// Genes of the atlas.
     pub genes: u32,
+    /// Cells per batch.
     pub batch_size: usize,
+    /// The device (`cpu`, `cuda(0)`).
     pub device: String,
+    /// The precision (`fp32`, `bf16`).
     pub precision: String,
+    /// libtorch's intra-op threads.
     pub threads: i32,
+    /// Trainable parameters of the model.
     pub parameters: i64,
+    /// Timed epochs.
     pub epochs: u32,
+    /// Seconds of the timed epochs.
     pub seconds: f64,
+    /// Cells trained per second.
     pub cells_per_s: f64,
+    /// Milliseconds per batch.
     pub ms_per_batch: f64,
+    /// Reconstruction loss of the last epoch.
     pub final_recon_loss: f64,
     /// The CUDA caching allocator's counts at the end, peaks over model and steps (`None` on the CPU).
     pub device_memory: Option<DeviceMemory>,
 }
 
-/// Device from its command-line name (`cpu`, `cuda`, `cuda:N`).
-pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => match name.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(i) => Ok(Device::Cuda(i)),
-            None => Err(Error::InvalidInput(format!("device {name:?}: expected cpu, cuda or cuda:N"))),
-        },
-    }
-}
-
-/// Checks that a requested CUDA device exists, with a clear error when it does not.
-pub fn check_device(device: Device) -> Result<()> {
-    if let Device::Cuda(i) = device {
-        let n = tch::Cuda::device_count();
-        if !tch::Cuda::is_available() || i as i64 >= n {
-            return Err(Error::InvalidInput(format!(
-                "device cuda:{i} requested, but libtorch sees {n} CUDA devices (run `cpa-stream info`)"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Generates a synthetic atlas in memory and cuts it into training batches (with its vocabulary).
 pub fn synthetic_batches(cells: u64, genes: u32, batch_size: usize, seed: u64) -> Result<(Vocabulary, Vec<HostBatch>)> {
-    let stage = |source| Error::Stage { stage: "synth", source };
+    let stage = Error::stage("synth");
     let atlas = SynthAtlas::new(SynthConfig::new(cells, genes, 10, 4, 3, 5, seed)).map_err(stage)?;
     let mut chunks = Vec::new();
     let mut counts: HashMap<String, u64> = HashMap::new();
@@ -141,11 +141,11 @@ pub fn synthetic_batches(cells: u64, genes: u32, batch_size: usize, seed: u64) -
 
 /// Times training epochs over preloaded batches.
 pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
-    check_device(options.device)?;
+    cpa_stream_stages::device::check(options.device).map_err(Error::stage("trainer"))?;
     if options.threads > 0 {
         tch::set_num_threads(options.threads as i32);
     }
-    let stage = |source| Error::Stage { stage: "trainer", source };
+    let stage = Error::stage("trainer");
     let (vocab, batches) = synthetic_batches(options.cells, options.genes, options.batch_size, options.seed)?;
     let mut config = options.config.clone();
     config.training.batch_size = options.batch_size;

@@ -22,6 +22,7 @@ pub struct StageStats {
 }
 
 impl StageStats {
+    /// Counters of a stage named `name` run by `threads` threads.
     pub fn new(name: &'static str, threads: usize) -> Arc<StageStats> {
         Arc::new(StageStats { name, threads: AtomicU64::new(threads as u64), ..Default::default() })
     }
@@ -32,6 +33,11 @@ impl StageStats {
         let out = work();
         self.busy_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         out
+    }
+
+    /// Counts `time` as busy (work timed by the caller).
+    pub fn add_busy(&self, time: Duration) {
+        self.busy_ns.fetch_add(time.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Counts `rows` rows and `bytes` bytes as done.
@@ -74,6 +80,7 @@ impl StageStats {
         ok
     }
 
+    /// What the stage has done so far.
     pub fn report(&self) -> StageReport {
         let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
         StageReport {
@@ -91,12 +98,19 @@ impl StageStats {
 /// What one stage did during a run (times summed over its threads).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageReport {
+    /// The stage's name.
     pub name: String,
+    /// Its threads.
     pub threads: u64,
+    /// Time working, summed over threads.
     pub busy: Duration,
+    /// Time blocked on input (an empty channel), summed over threads.
     pub blocked_in: Duration,
+    /// Time blocked on output (a full channel), summed over threads.
     pub blocked_out: Duration,
+    /// Rows done.
     pub rows: u64,
+    /// Bytes done.
     pub bytes: u64,
 }
 
@@ -111,8 +125,11 @@ impl StageReport {
 /// The end-of-run report: stages, wall time, peak memory.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunReport {
+    /// Wall time of the run.
     pub wall: Duration,
+    /// Every stage's report.
     pub stages: Vec<StageReport>,
+    /// Peak memory of the process.
     pub memory: MemoryPeak,
 }
 
@@ -166,13 +183,18 @@ fn mib(bytes: u64) -> f64 {
 /// Memory of this process now, from `/proc/self/status` (zeros where it is not available).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct MemoryUsage {
+    /// Anonymous resident memory (heap, stacks): what a streaming run must keep flat.
     pub rss_anon: u64,
+    /// File-backed resident memory (mapped store pages).
     pub rss_file: u64,
+    /// All resident memory.
     pub vm_rss: u64,
+    /// Peak resident memory (the kernel's high-water mark).
     pub vm_hwm: u64,
 }
 
 impl MemoryUsage {
+    /// The process's memory now.
     pub fn current() -> MemoryUsage {
         let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
             return MemoryUsage::default();
@@ -196,8 +218,11 @@ impl MemoryUsage {
 /// Peaks seen by a [`MemorySampler`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct MemoryPeak {
+    /// Peak anonymous resident memory.
     pub rss_anon: u64,
+    /// Peak file-backed resident memory.
     pub rss_file: u64,
+    /// Peak resident memory (the kernel's high-water mark).
     pub vm_hwm: u64,
 }
 
@@ -230,6 +255,7 @@ pub struct MemorySampler {
 pub const MEMORY_SAMPLE_PERIOD: Duration = Duration::from_millis(10);
 
 impl MemorySampler {
+    /// Starts sampling.
     pub fn start() -> MemorySampler {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);

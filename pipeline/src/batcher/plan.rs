@@ -1,41 +1,50 @@
-//! The batcher: which cells make each batch of an epoch (block shuffle with an in-buffer
-//! shuffle, a new seeded permutation each epoch), and the worker threads that gather them from
-//! the store into recycled host batches, delivered in order over bounded channels.
+//! Which cells make each batch of an epoch: a block shuffle with an in-buffer shuffle, a new
+//! seeded permutation each epoch, or store order.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use cpa_stream_stages::model::HostBatch;
-use cpa_stream_stages::store::Store;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use cpa_stream_stages::model::config::DEFAULT_BATCH_SIZE;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use super::encoder::{CellLabels, Split};
-use crate::error::{Error, Result};
-use crate::metrics::StageStats;
+use crate::encoder::{CellLabels, Split};
+
+/// Contiguous cells shuffled as a unit, unless set otherwise (the zstd store's default block rows).
+pub const DEFAULT_BLOCK_CELLS: u64 = 256;
+/// Blocks whose cells are shuffled together, unless set otherwise.
+pub const DEFAULT_SHUFFLE_BLOCKS: usize = 64;
 
 /// How batches are drawn.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanOptions {
+    /// Cells per batch (the last of an epoch may have fewer); default the model's
+    /// [`DEFAULT_BATCH_SIZE`].
     pub batch_size: usize,
-    /// Contiguous cells shuffled as a unit (align with the store's zstd block rows).
+    /// Contiguous cells shuffled as a unit (align with the store's zstd block rows); default
+    /// [`DEFAULT_BLOCK_CELLS`].
     pub block_cells: u64,
-    /// Blocks whose cells are shuffled together before being cut into batches.
+    /// Blocks whose cells are shuffled together before being cut into batches; default
+    /// [`DEFAULT_SHUFFLE_BLOCKS`].
     pub shuffle_blocks: usize,
     /// Consecutive cells that the in-buffer shuffle keeps together (block sampling). 1 shuffles
     /// single cells; k > 1 shuffles runs of k cells, so that a batch is about batch / k runs
-    /// of neighbours in the store: fewer scattered reads, less mixing within a batch.
+    /// of neighbours in the store: fewer scattered reads, less mixing within a batch. Default 1.
     pub run_cells: usize,
+    /// Seed of the shuffles (each epoch draws its own from it); default 0.
     pub seed: u64,
-    /// Shuffle (training) or read in store order (evaluation).
+    /// Shuffle (training) or read in store order (validation, evaluation); default true.
     pub shuffle: bool,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { batch_size: 128, block_cells: 256, shuffle_blocks: 64, run_cells: 1, seed: 0, shuffle: true }
+        PlanOptions {
+            batch_size: DEFAULT_BATCH_SIZE,
+            block_cells: DEFAULT_BLOCK_CELLS,
+            shuffle_blocks: DEFAULT_SHUFFLE_BLOCKS,
+            run_cells: 1,
+            seed: 0,
+            shuffle: true,
+        }
     }
 }
 
@@ -59,6 +68,7 @@ pub struct EpochPlan<'a> {
 }
 
 impl<'a> EpochPlan<'a> {
+    /// The plan of epoch `epoch` over the cells of `split`.
     pub fn new(labels: &'a CellLabels, split: Split, epoch: u64, options: &PlanOptions) -> EpochPlan<'a> {
         let block = options.block_cells.max(1);
         let n_blocks = labels.n_cells().div_ceil(block);
@@ -231,153 +241,14 @@ pub fn group_clustering(labels: &CellLabels, split: Split) -> f64 {
     n / stretches as f64 / expected
 }
 
-/// How long a worker waits for a recycled batch before allocating another.
-const POOL_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
-
-/// Batches of one pass, filled by worker threads, received in plan order. Hand each batch back
-/// with [`recycle`](Loaded::recycle) when done with it: the workers reuse a fixed pool.
-pub struct Loaded {
-    outputs: Vec<Receiver<Result<HostBatch>>>,
-    next: usize,
-    recycle: Sender<HostBatch>,
-}
-
-impl Loaded {
-    /// The next batch in plan order; `None` at the end of the pass.
-    pub fn next(&mut self, stats: &StageStats) -> Option<Result<HostBatch>> {
-        let k = self.next % self.outputs.len();
-        self.next += 1;
-        stats.recv(&self.outputs[k])
-    }
-
-    /// Hands a used batch back to the workers.
-    pub fn recycle(&self, batch: HostBatch) {
-        let _ = self.recycle.try_send(batch);
-    }
-}
-
-/// Channel depths and threads of the loader.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoaderOptions {
-    pub workers: usize,
-    /// Batches buffered ahead of the trainer, per worker.
-    pub prefetch: usize,
-}
-
-impl LoaderOptions {
-    /// The batches that circulate: each worker's prefetch depth and one in its hands, and two at
-    /// the trainer. Once all exist, a worker waits for one to come back (no allocation in steady
-    /// state, host memory bounded by batch size x this count).
-    pub fn pool_size(&self) -> usize {
-        self.workers.max(1) * (self.prefetch.max(1) + 1) + 2
-    }
-}
-
-/// Runs one pass over `split` inside `scope`: `workers` threads, each drawing the epoch's plan
-/// and filling every `workers`-th batch of it (planning time is counted in the first stats, as
-/// the planner's). The first `skip` batches of the epoch's plan are passed over without being
-/// read (a run resumed within an epoch). Stops early when `stop` is set or the receiver is
-/// dropped; errors arrive in order, as batches do.
-#[allow(clippy::too_many_arguments)] // one call site per pass kind; a struct would only rename them
-pub fn spawn_loader<'scope, 'env: 'scope>(
-    scope: &'scope std::thread::Scope<'scope, 'env>,
-    store: &'env Store,
-    labels: &'env CellLabels,
-    split: Split,
-    epoch: u64,
-    skip: u64,
-    plan: &PlanOptions,
-    loader: LoaderOptions,
-    stats: (Arc<StageStats>, Arc<StageStats>),
-    stop: Arc<AtomicBool>,
-) -> Loaded {
-    let workers = loader.workers.max(1);
-    let genes = store.n_vars() as u32;
-    let n_covariates = labels.vocab.covariates.len();
-    let pool_size = loader.pool_size();
-    let (recycle_tx, recycle_rx) = bounded::<HostBatch>(pool_size);
-    let created = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut outputs = Vec::with_capacity(workers);
-    let (plan_stats, gather_stats) = stats;
-    for w in 0..workers {
-        let (out_tx, out_rx) = bounded::<Result<HostBatch>>(loader.prefetch.max(1));
-        outputs.push(out_rx);
-        let recycle_rx = recycle_rx.clone();
-        let created = Arc::clone(&created);
-        let (plan_stats, stats) = (Arc::clone(&plan_stats), Arc::clone(&gather_stats));
-        let stop = Arc::clone(&stop);
-        let plan = plan.clone();
-        scope.spawn(move || {
-            let mut cursor = match store.cursor() {
-                Ok(c) => c,
-                Err(source) => {
-                    let _ = out_tx.send(Err(Error::Stage { stage: "batcher", source }));
-                    return;
-                }
-            };
-            // Every worker plans the whole epoch (cheap: a shuffle of row numbers) and fills
-            // batches w, w + workers, ...: no planner thread to hand jobs over, and no worker
-            // waits for another's job to be taken.
-            let mut epoch_plan = plan_stats.busy(|| EpochPlan::new(labels, split, epoch, &plan));
-            for _ in 0..skip {
-                if !plan_stats.busy(|| epoch_plan.pass_over()) {
-                    return;
-                }
-            }
-            let mut rows = Vec::with_capacity(plan.batch_size);
-            let mut gap = w;
-            loop {
-                let more = plan_stats.busy(|| epoch_plan.next_after_into(gap, &mut rows));
-                gap = workers - 1;
-                if !more || stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                plan_stats.add(rows.len() as u64, rows.len() as u64 * 8);
-                let batch = match recycle_rx.try_recv() {
-                    Ok(b) => Some(b),
-                    Err(_) if created.fetch_add(1, Ordering::Relaxed) < pool_size => None,
-                    // Wait for a batch to come back; a consumer that keeps batches instead of
-                    // recycling them costs allocations, not a deadlock.
-                    Err(_) => match stats.recv_timeout(&recycle_rx, POOL_WAIT) {
-                        Ok(b) => Some(b),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    },
-                };
-                let result = stats.busy(|| {
-                    let mut batch = batch.unwrap_or_else(|| HostBatch::new(genes, n_covariates));
-                    batch.clear();
-                    // Store order within a batch: a compressed block is decoded once per batch.
-                    rows.sort_unstable();
-                    cursor
-                        .gather(&rows, &mut batch.counts)
-                        .map_err(|source| Error::Stage { stage: "batcher", source })?;
-                    for &row in &rows {
-                        let g = labels.group(row);
-                        batch.push_labels(&g.parts, &g.covariates, g.class);
-                    }
-                    Ok(batch)
-                });
-                if let Ok(b) = &result {
-                    stats.add(b.n_cells() as u64, b.counts.byte_size());
-                }
-                let failed = result.is_err();
-                if !stats.send(&out_tx, result) || failed {
-                    return;
-                }
-            }
-        });
-    }
-    Loaded { outputs, next: 0, recycle: recycle_tx }
-}
-
 #[cfg(test)]
 mod tests {
     use cpa_stream_stages::model::vocab::{Covariate, Vocabulary};
     use proptest::prelude::*;
 
     use super::*;
-    use crate::train::encoder::Group;
+    use crate::encoder::Group;
+    use crate::error::Error;
 
     fn labels(splits: &[Split]) -> CellLabels {
         let vocab = Vocabulary::new(

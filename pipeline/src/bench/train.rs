@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use cpa_stream_stages::device_memory::{self, DeviceMemory};
+use cpa_stream_stages::device::{DeviceMemory, memory as device_memory};
 use cpa_stream_stages::model::config::CpaConfig;
 use cpa_stream_stages::model::{CpaModel, HostBatch};
 use cpa_stream_stages::store::Store;
@@ -15,20 +15,26 @@ use cpa_stream_stages::trainer::Trainer;
 use serde::Serialize;
 use tch::Device;
 
-use super::batcher::{self, LoaderOptions, PlanOptions, spawn_loader};
-use super::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
+use crate::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+use crate::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
 use crate::error::{Error, Result};
-use crate::metrics::{MemorySampler, RunReport, StageStats, release_free_memory};
+use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
+
+/// Payload the preloaded batches may hold, in MiB, unless set otherwise.
+pub const DEFAULT_PRELOAD_MIB: u64 = 512;
 
 /// Options of [`bench_training`].
 #[derive(Debug, Clone)]
 pub struct TrainingBenchOptions {
+    /// The store to train on.
     pub store: PathBuf,
     /// Its split is ignored: every cell trains.
     pub encoder: EncoderOptions,
     /// Batch size, precision, seed and `shuffle_run_cells` (0: chosen as training chooses).
     pub config: CpaConfig,
+    /// Where the model runs.
     pub device: Device,
+    /// The batcher's threads and depth.
     pub loader: LoaderOptions,
     /// Rounds: one epoch through the pipeline and as many steps on the preloaded batches.
     pub epochs: u32,
@@ -40,9 +46,13 @@ pub struct TrainingBenchOptions {
 /// One round of [`bench_training`].
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainingRound {
+    /// The round.
     pub epoch: u64,
+    /// Batches of the pipeline's epoch (the preloaded pass steps as many).
     pub batches: u64,
+    /// Cells per second through the pipeline.
     pub pipeline_cells_per_s: f64,
+    /// Cells per second on the preloaded batches.
     pub preloaded_cells_per_s: f64,
     /// Pipeline over preloaded: 1 when the loader never holds the trainer up.
     pub ratio: f64,
@@ -53,24 +63,39 @@ pub struct TrainingRound {
 /// What [`bench_training`] measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainingBench {
+    /// The store benchmarked.
     pub store: String,
+    /// Its cells.
     pub cells: u64,
+    /// Its genes.
     pub genes: u64,
+    /// Cells per batch.
     pub batch_size: usize,
+    /// The shuffle's run length.
     pub run_cells: usize,
+    /// Batcher worker threads.
     pub workers: usize,
+    /// The device.
     pub device: String,
+    /// The precision.
     pub precision: String,
+    /// libtorch's intra-op threads.
     pub threads: i32,
     /// Batches and cells held in memory for the preloaded passes.
     pub preloaded_batches: usize,
+    /// Cells in the preloaded batches.
     pub preloaded_cells: u64,
     /// Over all rounds: total cells over total time of each kind of pass.
     pub pipeline_cells_per_s: f64,
+    /// Cells per second on the preloaded batches, over all rounds.
     pub preloaded_cells_per_s: f64,
+    /// The pipeline over the preloaded batches: 1 when the loader never holds the trainer up.
     pub ratio: f64,
+    /// Every round.
     pub rounds: Vec<TrainingRound>,
+    /// Stages, wall time and peak memory.
     pub report: RunReport,
+    /// The CUDA caching allocator's peaks (`None` on the CPU).
     pub device_memory: Option<DeviceMemory>,
 }
 
@@ -84,14 +109,11 @@ pub struct TrainingBench {
 pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
     let wall = Instant::now();
     let sampler = MemorySampler::start();
-    let stage = |stage: &'static str| move |source| Error::Stage { stage, source };
-    let store = Store::open(&options.store).map_err(stage("reader"))?;
-    let encoder = EncoderOptions {
-        split: SplitSpec::Fraction { validation: 0.0, test: 0.0, seed: 0, holdout: Vec::new() },
-        ..options.encoder.clone()
-    };
+    let stage = Error::stage;
+    let store = Arc::new(Store::open(&options.store).map_err(stage("reader"))?);
+    let encoder = EncoderOptions { split: SplitSpec::all_training(), ..options.encoder.clone() };
     let encoder_stats = StageStats::new("encoder", 1);
-    let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?;
+    let labels = Arc::new(encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?);
     encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
     release_free_memory();
     if labels.split_counts[0] == 0 {
@@ -114,23 +136,19 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
     let model =
         CpaModel::new(&config, &labels.vocab, None, options.device, config.training.seed).map_err(stage("trainer"))?;
     let mut trainer = Trainer::new(model).map_err(stage("trainer"))?;
-    let (plan_stats, gather_stats, train_stats) = (
-        StageStats::new("planner", loader.workers),
-        StageStats::new("batcher", loader.workers),
-        StageStats::new("trainer", 1),
-    );
+    let (pool, train_stats) = (PoolStats::planned(loader.workers), StageStats::new("trainer", 1));
     let stop = Arc::new(AtomicBool::new(false));
 
     // The preloaded batches: copies of the first batches of a pass, up to the byte limit.
     let mut preloaded: Vec<HostBatch> = Vec::new();
     let mut preloaded_bytes = 0u64;
-    std::thread::scope(|scope| -> Result<()> {
-        let stats = (StageStats::new("planner", loader.workers), StageStats::new("batcher", loader.workers));
+    {
+        let stats = PoolStats::planned(loader.workers);
         let mut loaded =
-            spawn_loader(scope, &store, &labels, Split::Train, u64::MAX, 0, &plan, loader, stats, Arc::clone(&stop));
+            spawn_loader(&store, &labels, Split::Train, u64::MAX, 0, &plan, loader, stats, Arc::clone(&stop))?;
         let ignored = StageStats::new("preload", 1);
-        while let Some(batch) = loaded.next(&ignored) {
-            let batch = batch?;
+        while let Some(gathered) = loaded.next(&ignored) {
+            let batch = gathered?.batch;
             let bytes = batch.counts.byte_size();
             if !preloaded.is_empty() && preloaded_bytes + bytes > options.preload_bytes {
                 break;
@@ -139,8 +157,7 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
             preloaded.push(batch.clone());
             loaded.recycle(batch);
         }
-        Ok(())
-    })?;
+    }
     let preloaded_cells: u64 = preloaded.iter().map(|b| b.n_cells() as u64).sum();
     let sync = |trainer: &Trainer| trainer.running_metrics().map(drop).map_err(stage("trainer"));
 
@@ -158,28 +175,16 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
         let through_pipeline = |trainer: &mut Trainer| -> Result<(u64, u64, Duration)> {
             let (mut batches, mut cells) = (0u64, 0u64);
             let start = Instant::now();
-            std::thread::scope(|scope| -> Result<()> {
-                let mut loaded = spawn_loader(
-                    scope,
-                    &store,
-                    &labels,
-                    Split::Train,
-                    epoch,
-                    0,
-                    &plan,
-                    loader,
-                    (Arc::clone(&plan_stats), Arc::clone(&gather_stats)),
-                    Arc::clone(&stop),
-                );
-                while let Some(batch) = loaded.next(&train_stats) {
-                    let batch = batch?;
-                    train_stats.busy(|| trainer.step(&batch)).map_err(stage("trainer"))?;
-                    train_stats.add(batch.n_cells() as u64, batch.counts.byte_size());
-                    (batches, cells) = (batches + 1, cells + batch.n_cells() as u64);
-                    loaded.recycle(batch);
-                }
-                Ok(())
-            })?;
+            let mut loaded =
+                spawn_loader(&store, &labels, Split::Train, epoch, 0, &plan, loader, pool.clone(), Arc::clone(&stop))?;
+            while let Some(gathered) = loaded.next(&train_stats) {
+                let batch = gathered?.batch;
+                train_stats.busy(|| trainer.step(&batch)).map_err(stage("trainer"))?;
+                train_stats.add(batch.n_cells() as u64, batch.counts.byte_size());
+                (batches, cells) = (batches + 1, cells + batch.n_cells() as u64);
+                loaded.recycle(batch);
+            }
+            drop(loaded);
             sync(trainer)?;
             let elapsed = start.elapsed();
             trainer.end_epoch().map_err(stage("trainer"))?;
@@ -249,7 +254,7 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
         rounds,
         report: RunReport {
             wall: wall.elapsed(),
-            stages: vec![encoder_stats.report(), plan_stats.report(), gather_stats.report(), train_stats.report()],
+            stages: [encoder_stats.report()].into_iter().chain(pool.reports()).chain([train_stats.report()]).collect(),
             memory: sampler.finish(),
         },
         device_memory: device_memory::stats(options.device),

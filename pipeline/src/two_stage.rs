@@ -10,7 +10,7 @@ use cpa_stream_stages::{CsrBatch, Result as StageResult};
 use crossbeam_channel::{Sender, bounded};
 
 use crate::error::{Error, Result};
-use crate::metrics::StageStats;
+use crate::telemetry::StageStats;
 
 /// The producer's end: sends items, counting time blocked on the channel.
 pub(crate) struct Emitter<'a, T> {

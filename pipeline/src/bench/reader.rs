@@ -15,16 +15,21 @@ use crate::error::{Error, Result};
 /// Bytes copied per memcpy call in the bound (large enough to run at full bandwidth).
 const MEMCPY_CHUNK: usize = 8 << 20;
 
+/// Rows per batch of the reader benchmark, unless set otherwise.
+pub const DEFAULT_READER_BATCH_SIZE: usize = 1024;
+/// Repetitions of each reader measurement (the best is kept), unless set otherwise.
+pub const DEFAULT_REPEATS: usize = 3;
+
 /// Options of [`bench_reader`].
 #[derive(Debug, Clone)]
 pub struct ReaderBenchOptions {
-    /// Rows per batch. Default 1024.
+    /// Rows per batch. Default [`DEFAULT_READER_BATCH_SIZE`].
     pub batch_size: usize,
     /// Reader threads. Default: available cores.
     pub threads: usize,
     /// Seed of the random order.
     pub seed: u64,
-    /// Repetitions of each measurement; the best is kept. Default 3.
+    /// Repetitions of each measurement; the best is kept. Default [`DEFAULT_REPEATS`].
     pub repeats: usize,
     /// Rows read by the random-gather pass, drawn without replacement. Default: all rows of a
     /// raw store, [`DEFAULT_RANDOM_ROWS_COMPRESSED`] of a compressed one (each random row there
@@ -38,10 +43,10 @@ pub const DEFAULT_RANDOM_ROWS_COMPRESSED: u64 = 2_048;
 impl Default for ReaderBenchOptions {
     fn default() -> Self {
         ReaderBenchOptions {
-            batch_size: 1024,
+            batch_size: DEFAULT_READER_BATCH_SIZE,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             seed: 0,
-            repeats: 3,
+            repeats: DEFAULT_REPEATS,
             random_rows: None,
         }
     }
@@ -50,8 +55,11 @@ impl Default for ReaderBenchOptions {
 /// One measured pass.
 #[derive(Debug, Clone, Serialize)]
 pub struct Throughput {
+    /// Seconds of the pass.
     pub seconds: f64,
+    /// Cells per second.
     pub cells_per_s: f64,
+    /// Payload gigabytes per second.
     pub gb_per_s: f64,
 }
 
@@ -65,11 +73,17 @@ impl Throughput {
 /// Results of [`bench_reader`].
 #[derive(Debug, Clone, Serialize)]
 pub struct ReaderBench {
+    /// The store benchmarked.
     pub store: String,
+    /// Its codec.
     pub codec: String,
+    /// Its cells.
     pub cells: u64,
+    /// Its genes.
     pub n_vars: u64,
+    /// Reader threads.
     pub threads: usize,
+    /// Rows per batch.
     pub batch_size: usize,
     /// Payload bytes (indices + values) per cell, on average.
     pub bytes_per_cell: f64,
@@ -77,14 +91,19 @@ pub struct ReaderBench {
     pub memcpy: Throughput,
     /// memcpy's bytes/s expressed as cells/s.
     pub memcpy_cells_per_s: f64,
+    /// Rows in store order.
     pub sequential: Throughput,
     /// Contiguous runs of `batch_size` rows in a random order of runs (block shuffle).
     pub block_shuffled: Throughput,
     /// Single rows in a random order, `random_rows` of them.
     pub random: Throughput,
+    /// Rows read by the random pass.
     pub random_rows: u64,
+    /// Sequential reads over the memcpy bound.
     pub sequential_vs_memcpy: f64,
+    /// Block-shuffled reads over the memcpy bound.
     pub block_shuffled_vs_memcpy: f64,
+    /// Random reads over the memcpy bound.
     pub random_vs_memcpy: f64,
 }
 
@@ -95,7 +114,7 @@ pub fn bench_reader(store: &Store, options: &ReaderBenchOptions) -> Result<Reade
     let batch = options.batch_size.max(1);
     let cells = store.n_obs();
     let payload_bytes = store.nnz() * 8;
-    let stage = |e| Error::Stage { stage: "bench", source: e };
+    let stage = Error::stage("bench");
     store.advise(Access::WillNeed);
 
     // Warm the page cache (and the copies' destination buffers) once.

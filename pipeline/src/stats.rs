@@ -1,20 +1,37 @@
-//! Sufficient statistics and the scores computed from them.
+//! Sufficient statistics of cells (streamed, bounded memory) and the scores computed from them,
+//! shared by validation and evaluation.
 
-pub use crate::train::validate::r2_score;
+/// sklearn's R2 of `pred` against `truth` (1 when the truth is constant and matched, else 0 for a
+/// constant truth).
+pub fn r2_score(pred: &[f64], truth: &[f64]) -> f64 {
+    let n = truth.len().max(1) as f64;
+    let mean = truth.iter().sum::<f64>() / n;
+    let ss_res: f64 = pred.iter().zip(truth).map(|(p, t)| (t - p).powi(2)).sum();
+    let ss_tot: f64 = truth.iter().map(|t| (t - mean).powi(2)).sum();
+    if ss_tot == 0.0 {
+        return if ss_res == 0.0 { 1.0 } else { 0.0 };
+    }
+    1.0 - ss_res / ss_tot
+}
 
 /// Count, per-gene sums and sums of squares of a set of cells.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Moments {
+    /// Cells.
     pub n: f64,
+    /// Per-gene sums.
     pub sum: Vec<f64>,
+    /// Per-gene sums of squares.
     pub sq: Vec<f64>,
 }
 
 impl Moments {
+    /// No cells, `genes` genes.
     pub fn new(genes: usize) -> Moments {
         Moments { n: 0.0, sum: vec![0.0; genes], sq: vec![0.0; genes] }
     }
 
+    /// Moments from their sums.
     pub fn from_sums(n: f64, sum: Vec<f64>, sq: Vec<f64>) -> Moments {
         Moments { n, sum, sq }
     }
@@ -30,6 +47,7 @@ impl Moments {
         }
     }
 
+    /// Adds another set's cells.
     pub fn merge(&mut self, other: &Moments) {
         self.n += other.n;
         self.sum.iter_mut().zip(&other.sum).for_each(|(a, b)| *a += b);

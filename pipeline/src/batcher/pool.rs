@@ -1,0 +1,386 @@
+//! The gather-worker pool: threads that gather each batch's rows from the store into recycled
+//! host batches and deliver them in order, one bounded channel per worker, read round-robin.
+//!
+//! Two ways to give the workers their batches:
+//! - [`spawn_loader`]: every worker draws the epoch's [`EpochPlan`] itself and fills every n-th
+//!   batch of it, labels included (training, validation, `bench loader`): no planner thread, and
+//!   no worker waits for another's job to be taken.
+//! - [`spawn_fed`]: a producer (prediction's source selection, evaluation's control cells) sends
+//!   row lists with a payload through a [`Feeder`], round-robin, in the order they are read back.
+//!
+//! The pool owns its threads: [`Loaded`] joins them when a pass ends or when it is dropped, and a
+//! worker's panic reaches the consumer as an error naming the batcher, never as a short pass.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cpa_stream_stages::model::HostBatch;
+use cpa_stream_stages::store::Store;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+
+use super::plan::{EpochPlan, PlanOptions};
+use crate::encoder::{CellLabels, Split};
+use crate::error::{Error, Result, spawn_named};
+use crate::telemetry::{StageReport, StageStats};
+
+/// The name workers and their errors carry.
+const STAGE: &str = "batcher";
+
+/// Batcher worker threads, unless set otherwise.
+pub const DEFAULT_WORKERS: usize = 2;
+/// Batches buffered ahead of the consumer per worker, unless set otherwise.
+pub const DEFAULT_PREFETCH: usize = 2;
+
+/// How long a worker waits for a recycled batch before allocating another.
+const POOL_WAIT: Duration = Duration::from_millis(200);
+
+/// Channel depths and threads of the loader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoaderOptions {
+    /// Gather worker threads; default [`DEFAULT_WORKERS`].
+    pub workers: usize,
+    /// Batches buffered ahead of the consumer, per worker; default [`DEFAULT_PREFETCH`].
+    pub prefetch: usize,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        LoaderOptions { workers: DEFAULT_WORKERS, prefetch: DEFAULT_PREFETCH }
+    }
+}
+
+impl LoaderOptions {
+    /// The batches that circulate: each worker's prefetch depth and one in its hands, and two at
+    /// the consumer. Once all exist, a worker waits for one to come back (no allocation in steady
+    /// state, host memory bounded by batch size x this count).
+    pub fn pool_size(&self) -> usize {
+        self.workers.max(1) * (self.prefetch.max(1) + 1) + 2
+    }
+}
+
+/// The counters of a pool: the time spent choosing rows (the planner's, when the workers plan
+/// themselves) and gathering them (the batcher's).
+#[derive(Debug, Clone)]
+pub struct PoolStats {
+    /// Planning time and rows planned (`None` for a fed pool: its producer counts its own).
+    pub planner: Option<Arc<StageStats>>,
+    /// Gathering time, rows and bytes gathered, time blocked.
+    pub batcher: Arc<StageStats>,
+}
+
+impl PoolStats {
+    /// Counters for a pool of `workers` threads that plan their own batches.
+    pub fn planned(workers: usize) -> PoolStats {
+        PoolStats { planner: Some(StageStats::new("planner", workers)), batcher: StageStats::new(STAGE, workers) }
+    }
+
+    /// Counters for a pool of `workers` threads fed by a producer.
+    pub fn fed(workers: usize) -> PoolStats {
+        PoolStats { planner: None, batcher: StageStats::new(STAGE, workers) }
+    }
+
+    /// The reports of the planner (if any) and the batcher.
+    pub fn reports(&self) -> Vec<StageReport> {
+        self.planner.iter().chain([&self.batcher]).map(|s| s.report()).collect()
+    }
+}
+
+/// A gathered batch and the payload its job came with.
+#[derive(Debug)]
+pub struct Gathered<M> {
+    /// Counts of the job's rows, in its order; labels for a planned pool.
+    pub batch: HostBatch,
+    /// The job's payload (`()` for a planned pool).
+    pub meta: M,
+}
+
+/// The batches of one pass, received in job order. Hand each batch back with
+/// [`recycle`](Loaded::recycle) when done with it: the workers reuse a fixed pool.
+pub struct Loaded<M> {
+    outputs: Vec<Receiver<Result<Gathered<M>>>>,
+    next: usize,
+    recycle: Sender<HostBatch>,
+    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl<M> std::fmt::Debug for Loaded<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded").field("workers", &self.workers.len()).field("next", &self.next).finish()
+    }
+}
+
+impl<M> Loaded<M> {
+    /// The next batch in job order; `None` at the end of the pass. A worker that panicked ends
+    /// the pass with an error, not early.
+    pub fn next(&mut self, stats: &StageStats) -> Option<Result<Gathered<M>>> {
+        if self.outputs.is_empty() {
+            return None;
+        }
+        let k = self.next % self.outputs.len();
+        self.next += 1;
+        match stats.recv(&self.outputs[k]) {
+            Some(item) => Some(item),
+            None => self.join().err().map(Err),
+        }
+    }
+
+    /// Hands a used batch back to the workers.
+    pub fn recycle(&self, batch: HostBatch) {
+        let _ = self.recycle.try_send(batch);
+    }
+
+    /// Stops the workers and waits for them; the first panic becomes an error.
+    fn join(&mut self) -> Result<()> {
+        self.shared.done.store(true, Ordering::Relaxed);
+        // Dropping the receivers wakes a worker blocked on a full channel.
+        self.outputs.clear();
+        let mut first = Ok(());
+        for worker in self.workers.drain(..) {
+            if let Err(payload) = worker.join()
+                && first.is_ok()
+            {
+                first = Err(Error::panic(STAGE, payload));
+            }
+        }
+        first
+    }
+}
+
+impl<M> Drop for Loaded<M> {
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
+}
+
+/// What every worker of a pool shares.
+struct Shared {
+    store: Arc<Store>,
+    recycle: Receiver<HostBatch>,
+    created: AtomicUsize,
+    pool_size: usize,
+    n_covariates: usize,
+    stats: PoolStats,
+    /// The caller's stop (shared with other passes).
+    stop: Arc<AtomicBool>,
+    /// This pass's own: set when its [`Loaded`] ends or is dropped.
+    done: AtomicBool,
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.done.load(Ordering::Relaxed)
+    }
+
+    /// A batch to fill: a recycled one, a new one while the pool is not full, else one that
+    /// comes back within [`POOL_WAIT`] (a consumer that keeps batches costs allocations, not a
+    /// deadlock). `None` when the consumer is gone.
+    fn take_batch(&self) -> Option<HostBatch> {
+        let genes = self.store.n_vars() as u32;
+        let batch = match self.recycle.try_recv() {
+            Ok(b) => Some(b),
+            Err(_) if self.created.fetch_add(1, Ordering::Relaxed) < self.pool_size => None,
+            Err(_) => match self.stats.batcher.recv_timeout(&self.recycle, POOL_WAIT) {
+                Ok(b) => Some(b),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return None,
+            },
+        };
+        Some(batch.unwrap_or_else(|| HostBatch::new(genes, self.n_covariates)))
+    }
+
+    /// A worker's loop: `next` writes the next job's rows (in the order the batch should hold
+    /// them) and returns its payload, `None` at the end; `labels` fills each cell's labels.
+    fn work<M>(
+        &self,
+        out: &Sender<Result<Gathered<M>>>,
+        next: &mut dyn FnMut(&mut Vec<u64>) -> Option<Result<M>>,
+        labels: Option<&CellLabels>,
+    ) {
+        let mut cursor = match self.store.cursor() {
+            Ok(c) => c,
+            Err(source) => {
+                let _ = out.send(Err(Error::Stage { stage: STAGE, source }));
+                return;
+            }
+        };
+        let mut rows = Vec::new();
+        loop {
+            let job = match &self.stats.planner {
+                Some(planner) => planner.busy(|| next(&mut rows)),
+                None => next(&mut rows),
+            };
+            let meta = match job {
+                None => return,
+                Some(Err(e)) => {
+                    let _ = self.stats.batcher.send(out, Err(e));
+                    return;
+                }
+                Some(Ok(meta)) => meta,
+            };
+            if self.stopped() {
+                return;
+            }
+            if let Some(planner) = &self.stats.planner {
+                planner.add(rows.len() as u64, rows.len() as u64 * 8);
+            }
+            let Some(mut batch) = self.take_batch() else { return };
+            let result = self.stats.batcher.busy(|| {
+                batch.clear();
+                cursor.gather(&rows, &mut batch.counts).map_err(Error::stage(STAGE))?;
+                if let Some(labels) = labels {
+                    for &row in &rows {
+                        let g = labels.group(row);
+                        batch.push_labels(&g.parts, &g.covariates, g.class);
+                    }
+                }
+                Ok(Gathered { batch, meta })
+            });
+            if let Ok(g) = &result {
+                self.stats.batcher.add(rows.len() as u64, g.batch.counts.byte_size());
+            }
+            let failed = result.is_err();
+            if !self.stats.batcher.send(out, result) || failed {
+                return;
+            }
+        }
+    }
+}
+
+/// Starts `workers` threads running `body(shared, worker index, output)`.
+fn spawn_workers<M: Send + 'static>(
+    store: &Arc<Store>,
+    loader: LoaderOptions,
+    n_covariates: usize,
+    stats: PoolStats,
+    stop: Arc<AtomicBool>,
+    mut body: impl FnMut(usize) -> Box<dyn FnOnce(&Shared, &Sender<Result<Gathered<M>>>) + Send>,
+) -> Result<Loaded<M>> {
+    let pool_size = loader.pool_size();
+    let (recycle_tx, recycle_rx) = bounded::<HostBatch>(pool_size);
+    let shared = Arc::new(Shared {
+        store: Arc::clone(store),
+        recycle: recycle_rx,
+        created: AtomicUsize::new(0),
+        pool_size,
+        n_covariates,
+        stats,
+        stop,
+        done: AtomicBool::new(false),
+    });
+    let mut loaded =
+        Loaded { outputs: Vec::new(), next: 0, recycle: recycle_tx, workers: Vec::new(), shared: Arc::clone(&shared) };
+    for w in 0..loader.workers.max(1) {
+        let (out_tx, out_rx) = bounded::<Result<Gathered<M>>>(loader.prefetch.max(1));
+        let (shared, work) = (Arc::clone(&shared), body(w));
+        // On an error here, `loaded` is dropped and joins the workers already started.
+        let handle = spawn_named(format!("{STAGE}-{w}"), move || work(&shared, &out_tx))?;
+        loaded.outputs.push(out_rx);
+        loaded.workers.push(handle);
+    }
+    Ok(loaded)
+}
+
+/// One pass over the cells of `split`: each worker draws the epoch's plan and fills batches
+/// `w, w + workers, ...` of it with counts and labels (planning time is counted in the planner's
+/// stats). The first `skip` batches of the plan are passed over without being read (a run
+/// resumed within an epoch). Stops early when `stop` is set or the [`Loaded`] is dropped; errors
+/// arrive in order, as batches do.
+#[allow(clippy::too_many_arguments)] // one call site per pass kind; a struct would only rename them
+pub fn spawn_loader(
+    store: &Arc<Store>,
+    labels: &Arc<CellLabels>,
+    split: Split,
+    epoch: u64,
+    skip: u64,
+    plan: &PlanOptions,
+    loader: LoaderOptions,
+    stats: PoolStats,
+    stop: Arc<AtomicBool>,
+) -> Result<Loaded<()>> {
+    let workers = loader.workers.max(1);
+    let n_covariates = labels.vocab.covariates.len();
+    spawn_workers(store, loader, n_covariates, stats, stop, |w| {
+        let (labels, plan) = (Arc::clone(labels), plan.clone());
+        Box::new(move |shared: &Shared, out: &Sender<Result<Gathered<()>>>| {
+            let busy = |f: &mut dyn FnMut() -> bool| match &shared.stats.planner {
+                Some(p) => p.busy(f),
+                None => f(),
+            };
+            let mut epoch_plan = EpochPlan::new(&labels, split, epoch, &plan);
+            for _ in 0..skip {
+                if !busy(&mut || epoch_plan.pass_over()) {
+                    return;
+                }
+            }
+            let mut gap = w;
+            let mut next = |rows: &mut Vec<u64>| {
+                let more = epoch_plan.next_after_into(gap, rows);
+                gap = workers - 1;
+                // Store order within a batch: a compressed block is decoded once per batch.
+                rows.sort_unstable();
+                more.then_some(Ok(()))
+            };
+            shared.work(out, &mut next, Some(&labels));
+        })
+    })
+}
+
+/// A job for a fed pool: store rows (ascending, so that a compressed block is decoded once per
+/// batch) and a payload that comes back with the batch.
+type Job<M> = Result<(Vec<u64>, M)>;
+
+/// The producer's end of a fed pool: jobs go to the workers round-robin, the order the
+/// [`Loaded`] reads their batches back in.
+pub struct Feeder<M> {
+    jobs: Vec<Sender<Job<M>>>,
+    next: usize,
+    stats: Arc<StageStats>,
+}
+
+impl<M> Feeder<M> {
+    /// Sends a job; `false` when the pool is gone (stop quietly: the consumer reports why).
+    pub fn send(&mut self, rows: Vec<u64>, meta: M) -> bool {
+        self.deliver(Ok((rows, meta)))
+    }
+
+    /// Sends the producer's error; the consumer receives it in job order.
+    pub fn fail(&mut self, error: Error) {
+        self.deliver(Err(error));
+    }
+
+    fn deliver(&mut self, job: Job<M>) -> bool {
+        let k = self.next % self.jobs.len();
+        self.next += 1;
+        self.stats.send(&self.jobs[k], job)
+    }
+}
+
+/// A pool fed by a producer: returns the producer's [`Feeder`] (its sends counted in `producer`)
+/// and the consumer's [`Loaded`]. Batches carry counts only (no labels).
+pub fn spawn_fed<M: Send + 'static>(
+    store: &Arc<Store>,
+    loader: LoaderOptions,
+    producer: Arc<StageStats>,
+    stats: PoolStats,
+    stop: Arc<AtomicBool>,
+) -> Result<(Feeder<M>, Loaded<M>)> {
+    let mut jobs = Vec::new();
+    let loaded = spawn_workers(store, loader, 0, stats, stop, |_| {
+        let (job_tx, job_rx) = bounded::<Job<M>>(loader.prefetch.max(1));
+        jobs.push(job_tx);
+        Box::new(move |shared: &Shared, out: &Sender<Result<Gathered<M>>>| {
+            let mut next = |rows: &mut Vec<u64>| {
+                let job = shared.stats.batcher.recv(&job_rx)?;
+                Some(job.map(|(r, meta)| {
+                    *rows = r;
+                    meta
+                }))
+            };
+            shared.work(out, &mut next, None);
+        })
+    })?;
+    Ok((Feeder { jobs, next: 0, stats: producer }, loaded))
+}

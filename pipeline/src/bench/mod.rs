@@ -1,0 +1,21 @@
+//! Benchmarks, each against a bound or a reference measured in the same run:
+//!
+//! - [`reader`]: sequential and random-gather reads of a store against a memcpy bound.
+//! - [`loader`]: the encoder and batcher without the model against memcpy and gather bounds.
+//! - [`model`]: training steps of the model alone, on preloaded batches.
+//! - [`train`]: training through the pipeline against the same model on preloaded batches.
+
+pub mod loader;
+pub mod model;
+pub mod reader;
+pub mod train;
+
+pub use loader::{DEFAULT_LOADER_BATCH_SIZE, DEFAULT_ROUNDS, LoaderBench, LoaderRound, bench_loader};
+pub use model::{
+    DEFAULT_MODEL_CELLS, DEFAULT_MODEL_EPOCHS, DEFAULT_MODEL_GENES, ModelBench, ModelBenchOptions, bench_model,
+    synthetic_batches,
+};
+pub use reader::{
+    DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, ReaderBench, ReaderBenchOptions, Throughput, bench_reader,
+};
+pub use train::{DEFAULT_PRELOAD_MIB, TrainingBench, TrainingBenchOptions, TrainingRound, bench_training};

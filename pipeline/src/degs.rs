@@ -1,0 +1,60 @@
+//! Differentially expressed genes: the DEG tables (`group`, `rank`, `gene`, `score`) that import
+//! keeps from an `.h5ad` and evaluation writes, and the group names they use for a condition.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use cpa_stream_stages::h5ad::{DEG_GENE, DEG_GROUP, DEG_RANK};
+use cpa_stream_stages::model::Vocabulary;
+use cpa_stream_stages::model::vocab::canonical_condition;
+use cpa_stream_stages::store::read_table;
+
+use crate::error::{Error, Result};
+use crate::obs::{ObsKeys, column_strings};
+use crate::predictor::targets::Target;
+
+/// Group names a DEG table may use for a target: `<covariates>_<condition>_<dose>`,
+/// `<covariates>_<condition>`, `<condition>` (the last also in canonical part order).
+pub fn deg_keys(target: &Target, vocab: &Vocabulary, keys: &ObsKeys) -> Vec<String> {
+    let covs: Vec<&str> = (0..vocab.covariates.len()).filter_map(|c| target.covariate_value(vocab, c)).collect();
+    let prefix = if covs.is_empty() { String::new() } else { format!("{}_", covs.join("_")) };
+    let mut out = Vec::new();
+    if keys.dose.is_some() {
+        out.push(format!("{prefix}{}_{}", target.condition, target.dose));
+    }
+    out.push(format!("{prefix}{}", target.condition));
+    out.push(target.condition.clone());
+    out.push(canonical_condition(&target.condition));
+    out.dedup();
+    out
+}
+
+/// Reads a DEG table (`group`, `rank`, `gene`): each group's genes in rank order.
+pub fn read_deg_lists(path: &Path) -> Result<HashMap<String, Vec<String>>> {
+    if !path.exists() {
+        return Err(Error::InvalidInput(format!(
+            "{}: no DEG table (import one with the .h5ad, run `cpa-stream evaluate` and pass its degs.parquet with \
+             --degs, or give a gene list file)",
+            path.display()
+        )));
+    }
+    let origin = path.display().to_string();
+    let mut lists: HashMap<String, Vec<(i64, String)>> = HashMap::new();
+    for batch in read_table(path).map_err(Error::stage("degs"))? {
+        let batch = batch.map_err(Error::stage("degs"))?;
+        let (group, gene) = (column_strings(&batch, DEG_GROUP, &origin)?, column_strings(&batch, DEG_GENE, &origin)?);
+        let rank = column_strings(&batch, DEG_RANK, &origin)?;
+        for i in 0..batch.num_rows() {
+            let (Some(g), Some(name)) = (group.get(i), gene.get(i)) else { continue };
+            let r = rank.get(i).and_then(|r| r.parse::<i64>().ok()).unwrap_or(i64::MAX);
+            lists.entry(g.to_owned()).or_default().push((r, name.to_owned()));
+        }
+    }
+    Ok(lists
+        .into_iter()
+        .map(|(g, mut v)| {
+            v.sort();
+            (g, v.into_iter().map(|(_, n)| n).collect())
+        })
+        .collect())
+}

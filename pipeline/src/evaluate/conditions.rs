@@ -1,0 +1,195 @@
+//! Which conditions are evaluated and which control cells are decoded into them: the store's
+//! label groups mapped into the model's vocabulary, merged by condition (any part order), with
+//! the truth table's conditions added, and per covariate combination the control cells to use.
+
+use std::collections::{BTreeMap, HashMap};
+
+use cpa_stream_stages::model::Vocabulary;
+use cpa_stream_stages::model::vocab::CONTROL_ID;
+
+use super::EvalSplit;
+use super::moments::GroupMoments;
+use super::truth::TruthRow;
+use crate::encoder::{CellLabels, Split};
+use crate::stats::Moments;
+
+/// A condition's key: covariate codes and the sorted (perturbation id, dose bits) parts.
+pub(super) type ConditionKey = (Vec<u32>, Vec<(u32, u32)>);
+
+/// The key of a condition with these covariate codes and parts (any part order).
+pub(super) fn key_of(covariates: &[u32], parts: &[(u32, f32)]) -> ConditionKey {
+    let mut p: Vec<(u32, u32)> = parts.iter().map(|&(id, d)| (id, d.to_bits())).collect();
+    p.sort_unstable();
+    (covariates.to_vec(), p)
+}
+
+/// A label group of the store in the model's vocabulary (`None` where it uses a perturbation or
+/// covariate value the model does not know).
+#[derive(Debug, Clone)]
+pub(super) struct MappedGroup {
+    pub(super) key: ConditionKey,
+    pub(super) parts: Vec<(u32, f32)>,
+    pub(super) condition: String,
+    pub(super) dose: String,
+    pub(super) is_control: bool,
+}
+
+/// A condition's labels and the label groups (same condition in other part orders) it covers.
+#[derive(Debug, Clone)]
+pub(super) struct Condition {
+    pub(super) covariates: Vec<u32>,
+    pub(super) parts: Vec<(u32, f32)>,
+    pub(super) condition: String,
+    pub(super) dose: String,
+    pub(super) groups: Vec<usize>,
+}
+
+/// The store's label groups in the model's vocabulary.
+pub(super) fn map_groups(labels: &CellLabels, vocab: &Vocabulary) -> Vec<Option<MappedGroup>> {
+    let index = vocab.perturbation_index();
+    let own = &labels.vocab;
+    labels
+        .groups()
+        .iter()
+        .map(|g| {
+            let parts: Option<Vec<(u32, f32)>> = g
+                .parts
+                .iter()
+                .map(|&(id, d)| index.get(own.perturbations.get(id as usize)?.as_str()).map(|&m| (m, d)))
+                .collect();
+            let parts = parts?;
+            let covariates: Option<Vec<u32>> = g
+                .covariates
+                .iter()
+                .zip(own.covariates.iter().zip(&vocab.covariates))
+                .map(|(&c, (mine, theirs))| {
+                    let value = mine.categories.get(c as usize)?;
+                    theirs.categories.iter().position(|v| v == value).map(|p| p as u32)
+                })
+                .collect();
+            let covariates = covariates?;
+            let names: Vec<&str> = g.parts.iter().map(|&(id, _)| own.perturbations[id as usize].as_str()).collect();
+            let doses: Vec<String> = g.parts.iter().map(|&(_, d)| format_dose(d)).collect();
+            Some(MappedGroup {
+                key: key_of(&covariates, &parts),
+                is_control: parts.iter().all(|&(id, _)| id as usize == CONTROL_ID),
+                parts,
+                condition: names.join("+"),
+                dose: doses.join("+"),
+            })
+        })
+        .collect()
+}
+
+fn format_dose(d: f32) -> String {
+    let s = format!("{d}");
+    s.strip_suffix(".0").map(str::to_owned).unwrap_or(s)
+}
+
+/// The perturbed conditions of the store's groups, and those of the truth table with no cells.
+pub(super) fn collect(
+    groups: &[Option<MappedGroup>],
+    truth: &HashMap<ConditionKey, TruthRow>,
+) -> BTreeMap<ConditionKey, Condition> {
+    let mut conditions: BTreeMap<ConditionKey, Condition> = BTreeMap::new();
+    for (g, group) in groups.iter().enumerate() {
+        let Some(group) = group else { continue };
+        if group.is_control {
+            continue;
+        }
+        let c = conditions.entry(group.key.clone()).or_insert_with(|| Condition {
+            covariates: group.key.0.clone(),
+            parts: group.parts.clone(),
+            condition: group.condition.clone(),
+            dose: group.dose.clone(),
+            groups: Vec::new(),
+        });
+        c.groups.push(g);
+    }
+    for (key, t) in truth {
+        if key.1.iter().all(|&(id, _)| id as usize == CONTROL_ID) {
+            continue;
+        }
+        let c = conditions.entry(key.clone()).or_insert_with(|| Condition {
+            covariates: key.0.clone(),
+            parts: key.1.iter().map(|&(id, d)| (id, f32::from_bits(d))).collect(),
+            condition: t.condition.clone(),
+            dose: t.dose.clone(),
+            groups: Vec::new(),
+        });
+        c.condition.clone_from(&t.condition);
+    }
+    conditions
+}
+
+/// Which control cells are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SourceSplits {
+    Evaluated,
+    HeldOut,
+    All,
+}
+
+impl SourceSplits {
+    pub(super) fn contains(self, evaluated: EvalSplit, split: Split) -> bool {
+        match self {
+            SourceSplits::Evaluated => evaluated.contains(split),
+            SourceSplits::HeldOut => split != Split::Train,
+            SourceSplits::All => true,
+        }
+    }
+
+    pub(super) fn name(self, evaluated: EvalSplit) -> &'static str {
+        match self {
+            SourceSplits::Evaluated => evaluated.name(),
+            SourceSplits::HeldOut => "held-out",
+            SourceSplits::All => "all",
+        }
+    }
+}
+
+/// The control cells of each covariate combination.
+pub(super) fn control_groups(groups: &[Option<MappedGroup>]) -> HashMap<Vec<u32>, Vec<usize>> {
+    let mut out: HashMap<Vec<u32>, Vec<usize>> = HashMap::new();
+    for (g, group) in groups.iter().enumerate() {
+        if let Some(group) = group
+            && group.is_control
+        {
+            out.entry(group.key.0.clone()).or_default().push(g);
+        }
+    }
+    out
+}
+
+/// Per covariate combination of the evaluated conditions, the control cells decoded into them:
+/// the evaluated split's, else every held-out split's, else all, the first with `min_cells`.
+pub(super) fn control_sources<'a>(
+    covariates: impl IntoIterator<Item = &'a Vec<u32>>,
+    controls: &HashMap<Vec<u32>, Vec<usize>>,
+    moments: &GroupMoments,
+    split: EvalSplit,
+    min_cells: u64,
+) -> HashMap<Vec<u32>, (SourceSplits, Moments)> {
+    let mut sources = HashMap::new();
+    for covs in covariates {
+        if sources.contains_key(covs) {
+            continue;
+        }
+        let groups = controls.get(covs).map(Vec::as_slice).unwrap_or(&[]);
+        let pick = |choice: SourceSplits| {
+            let mut m = Moments::new(moments.genes);
+            for &g in groups {
+                m.merge(&moments.of(g, |s| choice.contains(split, s)));
+            }
+            m
+        };
+        let chosen = [SourceSplits::Evaluated, SourceSplits::HeldOut, SourceSplits::All]
+            .into_iter()
+            .map(|choice| (choice, pick(choice)))
+            .find(|(_, m)| m.n >= min_cells.max(1) as f64);
+        if let Some(c) = chosen {
+            sources.insert(covs.clone(), c);
+        }
+    }
+    sources
+}

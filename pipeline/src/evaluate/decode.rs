@@ -1,0 +1,178 @@
+//! Pass 2 of an evaluation: the control cells of each covariate combination, gathered by the
+//! batcher in store order, decoded into every evaluated condition of those covariates; the moments
+//! of the predicted `log1p(mean)` (or mean) per condition, accumulated on the device.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use cpa_stream_stages::model::layers::Noise;
+use cpa_stream_stages::model::{CpaModel, PerturbationCsr};
+use cpa_stream_stages::store::Store;
+use rand::SeedableRng;
+use rand_xoshiro::Xoshiro256PlusPlus;
+use tch::{Device, Kind, Tensor};
+
+use super::EvalSplit;
+use super::conditions::{ConditionKey, SourceSplits};
+use crate::batcher::{Feeder, Loaded, LoaderOptions, PoolStats, spawn_fed};
+use crate::encoder::CellLabels;
+use crate::error::{Error, Result, spawn_scoped};
+use crate::predictor::targets::Target;
+use crate::progress::Progress;
+use crate::stats::Moments;
+use crate::telemetry::StageStats;
+
+/// Cells the planner scans between progress reports.
+const CHUNK_CELLS: u64 = 4096;
+
+/// What the decoding pass reads: which control cells go into which conditions.
+pub(super) struct Decode<'a> {
+    pub(super) model: &'a CpaModel,
+    pub(super) store: &'a Arc<Store>,
+    pub(super) labels: &'a CellLabels,
+    /// Per label group: its covariate codes and the splits decoded, for the control groups used.
+    pub(super) source_of_group: &'a [Option<(Vec<u32>, SourceSplits)>],
+    pub(super) targets: &'a [(ConditionKey, Target)],
+    pub(super) split: EvalSplit,
+    pub(super) batch_size: usize,
+    pub(super) loader: LoaderOptions,
+    pub(super) count_model: bool,
+}
+
+/// The counters of the decoding pass's stages.
+pub(super) struct DecodeStats {
+    pub(super) planner: Arc<StageStats>,
+    pub(super) pool: PoolStats,
+    pub(super) predictor: Arc<StageStats>,
+}
+
+impl DecodeStats {
+    pub(super) fn new(loader: LoaderOptions) -> DecodeStats {
+        DecodeStats {
+            planner: StageStats::new("planner", 1),
+            pool: PoolStats::fed(loader.workers),
+            predictor: StageStats::new("predictor", 1),
+        }
+    }
+}
+
+impl Decode<'_> {
+    /// Runs the pass: a planner thread groups the control cells by covariates into batches, the
+    /// batcher gathers them, and this thread decodes them.
+    pub(super) fn run(&self, stats: &DecodeStats, progress: &dyn Progress) -> Result<HashMap<ConditionKey, Moments>> {
+        std::thread::scope(|scope| {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (feeder, loaded) =
+                spawn_fed(self.store, self.loader, Arc::clone(&stats.planner), stats.pool.clone(), stop)?;
+            let plan = Plan {
+                labels: self.labels,
+                source_of_group: self.source_of_group,
+                split: self.split,
+                batch_size: self.batch_size.max(1),
+            };
+            let producer = spawn_scoped(scope, "planner".to_owned(), move || plan.run(feeder, progress))?;
+            let decoded = self.decode(loaded, &stats.predictor);
+            producer.join().map_err(|p| Error::panic("planner", p))?;
+            decoded
+        })
+    }
+
+    /// Decodes every gathered batch into the targets of its covariates.
+    fn decode(&self, mut loaded: Loaded<Vec<u32>>, stats: &StageStats) -> Result<HashMap<ConditionKey, Moments>> {
+        let torch = Error::stage("predictor");
+        let model = self.model;
+        let device = model.device();
+        let mut by_covariates: HashMap<&[u32], Vec<usize>> = HashMap::new();
+        for (i, (key, _)) in self.targets.iter().enumerate() {
+            by_covariates.entry(&key.0).or_default().push(i);
+        }
+        let mut sums: Vec<Option<(Tensor, Tensor)>> = (0..self.targets.len()).map(|_| None).collect();
+        let mut counts = vec![0u64; self.targets.len()];
+        let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(0), device);
+        let mut perts = PerturbationCsr::new();
+        while let Some(gathered) = loaded.next(stats) {
+            let gathered = gathered?;
+            let covs = &gathered.meta;
+            let n = gathered.batch.counts.n_rows();
+            let mut step = || -> cpa_stream_stages::Result<()> {
+                let x = cpa_stream_stages::model::batch::densify(&gathered.batch.counts, device)?;
+                for &t in by_covariates.get(covs.as_slice()).map(Vec::as_slice).unwrap_or(&[]) {
+                    perts.clear();
+                    perts.push_repeated(&self.targets[t].1.parts, n);
+                    let covariates = covs
+                        .iter()
+                        .map(|&c| Ok(Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device))?))
+                        .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
+                    let mean = model
+                        .counterfactual(&x, &perts.to_device(device)?, &covariates, &mut noise)?
+                        .f_to_kind(Kind::Double)?;
+                    let v = if self.count_model { mean.f_log1p()? } else { mean };
+                    let (s, q) = (
+                        v.f_sum_dim_intlist(0, false, Kind::Double)?,
+                        v.f_square()?.f_sum_dim_intlist(0, false, Kind::Double)?,
+                    );
+                    sums[t] = Some(match sums[t].take() {
+                        None => (s, q),
+                        Some((a, b)) => (a.f_add(&s)?, b.f_add(&q)?),
+                    });
+                    counts[t] += n as u64;
+                }
+                Ok(())
+            };
+            stats.busy(|| tch::no_grad(&mut step)).map_err(torch)?;
+            stats.add(n as u64, gathered.batch.counts.byte_size());
+            loaded.recycle(gathered.batch);
+        }
+        let host = |t: &Tensor| -> Result<Vec<f64>> {
+            let t = t.f_to_device(Device::Cpu).map_err(|e| torch(e.into()))?;
+            Vec::<f64>::try_from(&t).map_err(|e| torch(e.into()))
+        };
+        let mut out = HashMap::new();
+        for (t, (key, _)) in self.targets.iter().enumerate() {
+            let Some((s, q)) = sums[t].take() else { continue };
+            out.insert(key.clone(), Moments::from_sums(counts[t] as f64, host(&s)?, host(&q)?));
+        }
+        Ok(out)
+    }
+}
+
+/// The planner's view of the pass (no model: it runs on a thread of its own).
+struct Plan<'a> {
+    labels: &'a CellLabels,
+    source_of_group: &'a [Option<(Vec<u32>, SourceSplits)>],
+    split: EvalSplit,
+    batch_size: usize,
+}
+
+impl Plan<'_> {
+    /// The planner: each control cell joins its covariates' pending batch, sent when full;
+    /// the partial batches go last, in covariate order.
+    fn run(&self, mut feeder: Feeder<Vec<u32>>, progress: &dyn Progress) {
+        let mut pending: BTreeMap<Vec<u32>, Vec<u64>> = BTreeMap::new();
+        let batch_size = self.batch_size;
+        let n = self.labels.n_cells();
+        let mut start = 0u64;
+        while start < n {
+            let end = (start + CHUNK_CELLS).min(n);
+            for cell in start..end {
+                let Some((covs, choice)) = &self.source_of_group[self.labels.group_id(cell) as usize] else { continue };
+                if !choice.contains(self.split, self.labels.split(cell)) {
+                    continue;
+                }
+                let rows = pending.entry(covs.clone()).or_default();
+                rows.push(cell);
+                if rows.len() == batch_size && !feeder.send(std::mem::take(rows), covs.clone()) {
+                    return;
+                }
+            }
+            progress.advance(end - start);
+            start = end;
+        }
+        for (covs, rows) in pending {
+            if !rows.is_empty() && !feeder.send(rows, covs) {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! What an evaluation writes: `metrics.parquet` (one row per condition, schema
+//! [`evaluation_metrics_schema`]), `summary.json` (the means and every condition), `degs.parquet`
+//! (the DEGs used, [`deg_schema`], reusable with `predict --degs`) and `plots/*.svg`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use cpa_stream_schemas::tables::{deg_schema, degs, evaluation_metrics_schema};
+use cpa_stream_stages::model::Vocabulary;
+use cpa_stream_stages::store::write_table;
+
+use super::{ConditionMetrics, EvaluateOptions, EvaluateReport, TruthMetrics, plot};
+use crate::error::{Error, Result};
+use crate::obs::ObsKeys;
+
+/// File of the per-condition metrics.
+pub const METRICS_FILE: &str = "metrics.parquet";
+/// File of the means and every condition's figures.
+pub const SUMMARY_FILE: &str = "summary.json";
+/// Directory of the per-condition plots.
+pub const PLOTS_DIR: &str = "plots";
+
+/// One DEG row the evaluation used: group, rank, gene, score (NaN: none).
+pub(super) type DegRow = (String, usize, String, f64);
+
+/// Every metric of a condition, by column name, in column order.
+pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
+    let mut out = vec![
+        ("r2_mean".to_owned(), c.r2_mean),
+        ("r2_var".to_owned(), c.r2_var),
+        ("r2_delta".to_owned(), c.r2_delta),
+        ("r2_mean_control".to_owned(), c.r2_mean_control),
+    ];
+    for t in &c.top {
+        out.push((format!("r2_mean_top{}", t.k), t.r2_mean));
+        out.push((format!("r2_var_top{}", t.k), t.r2_var));
+        out.push((format!("r2_delta_top{}", t.k), t.r2_delta));
+        out.push((format!("r2_mean_control_top{}", t.k), t.r2_mean_control));
+    }
+    let truth = c.truth;
+    let t = |f: fn(&TruthMetrics) -> f64| truth.as_ref().map_or(f64::NAN, f);
+    out.push(("truth_r2_mean".to_owned(), t(|t| t.r2_mean)));
+    out.push(("truth_r2_delta".to_owned(), t(|t| t.r2_delta)));
+    out.push(("truth_r2_mean_control".to_owned(), t(|t| t.r2_mean_control)));
+    out.push(("truth_r2_mean_top20".to_owned(), t(|t| t.r2_mean_top20)));
+    out.push(("truth_r2_mean_control_top20".to_owned(), t(|t| t.r2_mean_control_top20)));
+    out
+}
+
+/// The mean of each metric over the conditions where it is defined.
+pub(super) fn summarize(conditions: &[ConditionMetrics]) -> BTreeMap<String, f64> {
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for c in conditions {
+        for (name, v) in metric_columns(c) {
+            let e = sums.entry(name).or_default();
+            if v.is_finite() {
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+    }
+    sums.into_iter().map(|(k, (s, n))| (k, if n == 0 { f64::NAN } else { s / n as f64 })).collect()
+}
+
+/// Writes every output into `options.out`.
+pub(super) fn write_outputs(
+    report: &EvaluateReport,
+    deg_rows: &[DegRow],
+    vocab: &Vocabulary,
+    options: &EvaluateOptions,
+) -> Result<()> {
+    let out = &options.out;
+    std::fs::create_dir_all(out).map_err(Error::io(out))?;
+    write_metrics(&out.join(METRICS_FILE), &report.conditions, vocab)?;
+    write_degs(&out.join(degs::FILE), deg_rows)?;
+    write_summary(&out.join(SUMMARY_FILE), report)?;
+    if options.plots {
+        write_plots(&out.join(PLOTS_DIR), &report.conditions)?;
+    }
+    Ok(())
+}
+
+/// `metrics.parquet`: labels, sources, counts, then every metric.
+fn write_metrics(path: &Path, rows: &[ConditionMetrics], vocab: &Vocabulary) -> Result<()> {
+    let keys = ObsKeys::of(vocab);
+    let mut labels: Vec<String> = vocab.covariates.iter().map(|c| c.name.clone()).collect();
+    labels.extend([keys.perturbation.clone(), keys.dose_output.clone()]);
+    let per_row: Vec<Vec<(String, f64)>> = rows.iter().map(metric_columns).collect();
+    let metric_names: Vec<String> =
+        rows.first().map(|r| metric_columns(r).into_iter().map(|(n, _)| n).collect()).unwrap_or_default();
+    let schema = evaluation_metrics_schema(&labels, &metric_names)
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
+    let text = |f: &dyn Fn(&ConditionMetrics) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let mut columns: Vec<ArrayRef> = (0..vocab.covariates.len()).map(|i| text(&|r| r.covariates[i].as_str())).collect();
+    columns.push(text(&|r| r.condition.as_str()));
+    columns.push(text(&|r| r.dose.as_str()));
+    columns.push(text(&|r| r.control_source.as_str()));
+    columns.push(text(&|r| r.deg_source.as_str()));
+    columns.push(Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.n_cells))));
+    columns.push(Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.n_control))));
+    for m in 0..metric_names.len() {
+        columns.push(Arc::new(Float64Array::from_iter(per_row.iter().map(|r| Some(r[m].1).filter(|v| v.is_finite())))));
+    }
+    let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(Error::arrow(path.display().to_string()))?;
+    write_table(path, schema, [batch]).map_err(Error::stage("evaluate"))
+}
+
+/// `degs.parquet`, in the store's DEG table layout.
+fn write_degs(path: &Path, rows: &[DegRow]) -> Result<()> {
+    let schema = deg_schema();
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()))),
+            Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.1 as u32))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2.as_str()))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.3).filter(|v| v.is_finite())))),
+        ],
+    )
+    .map_err(Error::arrow(path.display().to_string()))?;
+    write_table(path, schema, [batch]).map_err(Error::stage("evaluate"))
+}
+
+/// `summary.json`: the run, the means, and every condition (temporary name, then rename).
+fn write_summary(path: &Path, report: &EvaluateReport) -> Result<()> {
+    let finite = |v: f64| if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
+    let summary = serde_json::json!({
+        "model": report.model,
+        "store": report.store,
+        "split": report.split,
+        "conditions": report.conditions.len(),
+        "mean": report.summary.iter().map(|(k, v)| (k.clone(), finite(*v))).collect::<serde_json::Map<_, _>>(),
+        "per_condition": report.conditions,
+    });
+    let text =
+        serde_json::to_string_pretty(&summary).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
+    let tmp = path.with_file_name(format!(".{SUMMARY_FILE}.tmp"));
+    std::fs::write(&tmp, text).map_err(Error::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(path))
+}
+
+/// One scatter plot per condition with DEGs.
+fn write_plots(dir: &Path, rows: &[ConditionMetrics]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    for c in rows.iter().filter(|c| !c.plot.genes.is_empty()) {
+        let mut name: Vec<String> = c.covariates.clone();
+        name.push(c.condition.clone());
+        name.push(c.dose.clone());
+        let file = dir.join(format!("{}.svg", plot::file_stem(&name.join("_"))));
+        let title = format!("{} {} ({})", c.condition, c.dose, c.covariates.join(", "));
+        let truth_label = if c.n_cells == 0 { "true mean (truth table)" } else { "real mean" };
+        let svg = plot::scatter_svg(&title, truth_label, &c.plot, c.r2_mean);
+        std::fs::write(&file, svg).map_err(Error::io(&file))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! Scoring each evaluated condition: its DEGs (a table's list, else a Welch t-test over its cells
+//! against the controls, else the truth's change), then R2 of predicted against real means,
+//! variances and changes on all genes and the top-k DEGs, the control-mean baseline, and the
+//! truth's scores.
+
+use std::collections::{BTreeMap, HashMap};
+
+use cpa_stream_stages::model::Vocabulary;
+
+use super::conditions::{Condition, ConditionKey, SourceSplits};
+use super::moments::GroupMoments;
+use super::outputs::DegRow;
+use super::truth::TruthRow;
+use super::{ConditionMetrics, EvaluateOptions, PlotData, TOP_K, TopMetrics, TruthMetrics};
+use crate::degs::deg_keys;
+use crate::obs::ObsKeys;
+use crate::predictor::targets::Target;
+use crate::stats::{Moments, r2_score, top_by_abs, welch_t};
+
+/// Everything scoring reads.
+pub(super) struct Scoring<'a> {
+    pub(super) vocab: &'a Vocabulary,
+    pub(super) keys: &'a ObsKeys,
+    pub(super) genes: &'a [String],
+    pub(super) options: &'a EvaluateOptions,
+    pub(super) moments: &'a GroupMoments,
+    pub(super) conditions: &'a BTreeMap<ConditionKey, Condition>,
+    /// Per covariate combination: the control cells' groups (every split).
+    pub(super) control_groups: &'a HashMap<Vec<u32>, Vec<usize>>,
+    /// Per covariate combination: which controls were decoded, and their moments.
+    pub(super) sources: &'a HashMap<Vec<u32>, (SourceSplits, Moments)>,
+    pub(super) truth: &'a HashMap<ConditionKey, TruthRow>,
+    /// DEG lists by group name, and where they came from (`store` or `file`).
+    pub(super) deg_table: Option<(&'a HashMap<String, Vec<String>>, &'static str)>,
+}
+
+/// R2 over the genes `idx` (all genes when `None`).
+fn r2_on(pred: &[f64], truth: &[f64], idx: Option<&[usize]>) -> f64 {
+    match idx {
+        None => r2_score(pred, truth),
+        Some(idx) => {
+            let (p, t): (Vec<f64>, Vec<f64>) = idx.iter().map(|&i| (pred[i], truth[i])).unzip();
+            r2_score(&p, &t)
+        }
+    }
+}
+
+fn nan_unless(ok: bool, v: f64) -> f64 {
+    if ok { v } else { f64::NAN }
+}
+
+impl Scoring<'_> {
+    /// Scores one condition from its real and predicted moments; adds its DEGs to `deg_rows`.
+    pub(super) fn score(
+        &self,
+        key: &ConditionKey,
+        target: &Target,
+        real: &Moments,
+        predicted: &Moments,
+        deg_rows: &mut Vec<DegRow>,
+    ) -> ConditionMetrics {
+        let (choice, control) = &self.sources[&key.0];
+        let truth = self.truth.get(key);
+        let ctrl_mean = control.mean();
+        let (ranked, deg_source, scores) = self.degs(key, target, &ctrl_mean, truth);
+        let group_name = deg_keys(target, self.vocab, self.keys).into_iter().next().unwrap_or_default();
+        let largest_k = TOP_K[TOP_K.len() - 1];
+        for (rank, &g) in ranked.iter().take(largest_k).enumerate() {
+            let score = scores.as_ref().map_or(f64::NAN, |s| s[g]);
+            deg_rows.push((group_name.clone(), rank, self.genes[g].clone(), score));
+        }
+        let (pred_mean, pred_var) = (predicted.mean(), predicted.var());
+        let (real_mean, real_var) = (real.mean(), real.var());
+        let has_real = real.n >= 1.0;
+        let delta = |v: &[f64]| -> Vec<f64> { v.iter().zip(&ctrl_mean).map(|(a, b)| a - b).collect() };
+        let (pd, rd) = (delta(&pred_mean), delta(&real_mean));
+        let top = TOP_K
+            .iter()
+            .map(|&k| {
+                let idx = (ranked.len() >= k).then(|| &ranked[..k]);
+                let score = |p: &[f64], t: &[f64]| idx.map_or(f64::NAN, |i| r2_on(p, t, Some(i)));
+                TopMetrics {
+                    k,
+                    r2_mean: nan_unless(has_real, score(&pred_mean, &real_mean)),
+                    r2_var: nan_unless(real.n >= 2.0, score(&pred_var, &real_var)),
+                    r2_delta: nan_unless(has_real, score(&pd, &rd)),
+                    r2_mean_control: nan_unless(has_real, score(&ctrl_mean, &real_mean)),
+                }
+            })
+            .collect();
+        let truth_metrics = truth.map(|t| {
+            let td = delta(&t.mean_log1p);
+            let top20 = (ranked.len() >= 20).then(|| &ranked[..20]);
+            TruthMetrics {
+                r2_mean: r2_score(&pred_mean, &t.mean_log1p),
+                r2_delta: r2_score(&pd, &td),
+                r2_mean_control: r2_score(&ctrl_mean, &t.mean_log1p),
+                r2_mean_top20: top20.map_or(f64::NAN, |i| r2_on(&pred_mean, &t.mean_log1p, Some(i))),
+                r2_mean_control_top20: top20.map_or(f64::NAN, |i| r2_on(&ctrl_mean, &t.mean_log1p, Some(i))),
+            }
+        });
+        let plot_genes: Vec<usize> = ranked.iter().take(largest_k).copied().collect();
+        let reference = if has_real { &real_mean } else { truth.map_or(&real_mean, |t| &t.mean_log1p) };
+        ConditionMetrics {
+            covariates: key
+                .0
+                .iter()
+                .zip(&self.vocab.covariates)
+                .map(|(&c, cov)| cov.categories[c as usize].clone())
+                .collect(),
+            condition: target.condition.clone(),
+            dose: target.dose.clone(),
+            n_cells: real.n as u64,
+            n_control: control.n as u64,
+            control_source: choice.name(self.options.split).to_owned(),
+            deg_source: deg_source.to_owned(),
+            r2_mean: nan_unless(has_real, r2_on(&pred_mean, &real_mean, None)),
+            r2_var: nan_unless(real.n >= 2.0, r2_on(&pred_var, &real_var, None)),
+            r2_delta: nan_unless(has_real, r2_on(&pd, &rd, None)),
+            r2_mean_control: nan_unless(has_real, r2_on(&ctrl_mean, &real_mean, None)),
+            top,
+            truth: truth_metrics,
+            plot: PlotData {
+                genes: plot_genes.iter().map(|&g| self.genes[g].clone()).collect(),
+                predicted: plot_genes.iter().map(|&g| pred_mean[g]).collect(),
+                real: plot_genes.iter().map(|&g| reference[g]).collect(),
+                control: plot_genes.iter().map(|&g| ctrl_mean[g]).collect(),
+            },
+        }
+    }
+
+    /// A condition's genes ranked by differential expression, where the ranking came from, and
+    /// the scores when computed here: a table's list, else a Welch t-test over all its cells
+    /// against all the controls of its covariates, else the truth's change.
+    fn degs(
+        &self,
+        key: &ConditionKey,
+        target: &Target,
+        ctrl_mean: &[f64],
+        truth: Option<&TruthRow>,
+    ) -> (Vec<usize>, &'static str, Option<Vec<f64>>) {
+        let listed = self.deg_table.and_then(|(lists, source)| {
+            deg_keys(target, self.vocab, self.keys).into_iter().find_map(|k| lists.get(&k)).map(|l| (l, source))
+        });
+        if let Some((list, source)) = listed {
+            let position: HashMap<&str, usize> = self.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
+            return (list.iter().filter_map(|g| position.get(g.as_str()).copied()).collect(), source, None);
+        }
+        let n_genes = self.genes.len();
+        let all_splits = |_| true;
+        let treated = self.moments.of_groups(&self.conditions[key].groups, all_splits);
+        let controls =
+            self.moments.of_groups(self.control_groups.get(&key.0).map(Vec::as_slice).unwrap_or(&[]), all_splits);
+        if treated.n >= 2.0 && controls.n >= 2.0 {
+            let scores = welch_t(&treated, &controls);
+            return (top_by_abs(&scores, n_genes), "computed", Some(scores));
+        }
+        match truth {
+            Some(t) => {
+                let change: Vec<f64> = t.mean_log1p.iter().zip(ctrl_mean).map(|(a, b)| a - b).collect();
+                (top_by_abs(&change, n_genes), "truth", None)
+            }
+            None => (Vec::new(), "none", None),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The prediction stream: source selection -> batcher -> predictor, on threads joined by bounded
+//! channels, read as an iterator of record batches (an Arrow `RecordBatchReader`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arrow::array::{RecordBatch, RecordBatchReader};
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use super::select::{Needs, Select};
+use crate::batcher::{Loaded, LoaderOptions, PoolStats, spawn_fed};
+use crate::error::{Error, Result, spawn_named};
+use crate::predictor::{Predictor, SourceCells};
+use crate::telemetry::StageStats;
+
+/// Stage statistics of a prediction stream.
+#[derive(Debug, Clone)]
+pub struct PredictStats {
+    /// Source selection over obs.
+    pub source: Arc<StageStats>,
+    /// The gather workers.
+    pub batcher: Arc<StageStats>,
+    /// The model.
+    pub predictor: Arc<StageStats>,
+}
+
+/// Predictions as they are computed: an iterator of record batches (a `RecordBatchReader`),
+/// fed by background stages through bounded channels. Dropping it stops the stages. A stage that
+/// fails or panics ends the stream with an error naming it, never early.
+pub struct PredictionStream {
+    schema: SchemaRef,
+    output: Option<Receiver<Result<RecordBatch>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<(&'static str, JoinHandle<()>)>,
+    stats: PredictStats,
+    /// Source cells selected so far (known once the stream ends).
+    selected: Arc<AtomicU64>,
+    /// Store rows of the shard that the predictor has passed.
+    scanned: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for PredictionStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PredictionStream").field("schema", &self.schema).finish_non_exhaustive()
+    }
+}
+
+impl Predictor {
+    /// Starts the stages (source selection, batcher workers, this predictor on a thread of its
+    /// own) and returns the stream of record batches.
+    pub fn stream(self) -> Result<PredictionStream> {
+        let options = self.options();
+        let loader = LoaderOptions { workers: options.loader.workers.max(1), prefetch: options.loader.prefetch.max(1) };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = PredictStats {
+            source: StageStats::new("source", 1),
+            batcher: StageStats::new("batcher", loader.workers),
+            predictor: StageStats::new("predictor", 1),
+        };
+        let pool = PoolStats { planner: None, batcher: Arc::clone(&stats.batcher) };
+        let (mut feeder, loaded) =
+            spawn_fed::<SourceCells>(self.store(), loader, Arc::clone(&stats.source), pool, Arc::clone(&stop))?;
+        let select = Select {
+            store: Arc::clone(self.store()),
+            vocab: self.vocabulary().clone(),
+            keys: self.keys().clone(),
+            source: self.source().clone(),
+            rows: self.rows(),
+            need: Needs::of(self.targets(), self.vocabulary()),
+            batch_size: options.batch_size.max(1),
+            max_comb_len: self.max_comb_len(),
+        };
+        let (selected, scanned) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut stream = PredictionStream {
+            schema: self.schema(),
+            output: None,
+            stop: Arc::clone(&stop),
+            threads: Vec::new(),
+            stats: stats.clone(),
+            selected: Arc::clone(&selected),
+            scanned: Arc::clone(&scanned),
+        };
+        let (source_stats, source_stop) = (Arc::clone(&stats.source), Arc::clone(&stop));
+        let source = spawn_named("source".to_owned(), move || {
+            select.run(&mut feeder, &source_stats, &source_stop, &selected);
+        })?;
+        stream.threads.push(("source", source));
+        let (out_tx, out_rx) = bounded::<Result<RecordBatch>>(loader.prefetch);
+        let first_row = self.rows().start;
+        let predictor = spawn_named("predictor".to_owned(), move || {
+            run_predictor(self, loaded, &out_tx, &stats.predictor, &stop, &scanned, first_row);
+        })?;
+        stream.threads.push(("predictor", predictor));
+        stream.output = Some(out_rx);
+        Ok(stream)
+    }
+}
+
+/// The predictor's thread: every gathered batch through the model, each step's record batches
+/// sent on as they are made.
+fn run_predictor(
+    mut predictor: Predictor,
+    mut loaded: Loaded<SourceCells>,
+    out: &Sender<Result<RecordBatch>>,
+    stats: &StageStats,
+    stop: &AtomicBool,
+    scanned: &AtomicU64,
+    first_row: u64,
+) {
+    while let Some(item) = loaded.next(stats) {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let gathered = match item {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = out.send(Err(e));
+                return;
+            }
+        };
+        let (start, mut blocked) = (Instant::now(), Duration::ZERO);
+        let mut emit = |batch: RecordBatch| {
+            stats.add(batch.num_rows() as u64, batch.get_array_memory_size() as u64);
+            let sending = Instant::now();
+            let sent = stats.send(out, Ok(batch));
+            blocked += sending.elapsed();
+            sent
+        };
+        let done = predictor.predict(&gathered.meta, &gathered.batch.counts, &mut emit);
+        stats.add_busy(start.elapsed().saturating_sub(blocked));
+        match done {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let _ = out.send(Err(e));
+                return;
+            }
+        }
+        if let Some(&last) = gathered.meta.rows.last() {
+            scanned.store(last + 1 - first_row, Ordering::Relaxed);
+        }
+        loaded.recycle(gathered.batch);
+    }
+}
+
+impl PredictionStream {
+    /// Per-stage statistics (busy, blocked, rows, bytes).
+    pub fn stats(&self) -> &PredictStats {
+        &self.stats
+    }
+
+    /// Source cells selected so far.
+    pub fn source_cells(&self) -> u64 {
+        self.selected.load(Ordering::Relaxed)
+    }
+
+    /// Store rows of the shard whose source cells have been predicted.
+    pub fn rows_done(&self) -> u64 {
+        self.scanned.load(Ordering::Relaxed)
+    }
+
+    /// Exports the stream through the Arrow C stream interface, for other runtimes (pyarrow's
+    /// `RecordBatchReader._import_from_c`, DuckDB, R's nanoarrow, ...).
+    pub fn into_ffi(self) -> arrow::ffi_stream::FFI_ArrowArrayStream {
+        arrow::ffi_stream::FFI_ArrowArrayStream::new(Box::new(self))
+    }
+
+    /// Stops the stages and waits for them; the first panic becomes an error naming its stage.
+    fn shutdown(&mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.output.take();
+        let mut first = Ok(());
+        for (stage, thread) in self.threads.drain(..) {
+            if let Err(payload) = thread.join()
+                && first.is_ok()
+            {
+                first = Err(Error::panic(stage, payload));
+            }
+        }
+        first
+    }
+}
+
+/// A pipeline error as the Arrow error a `RecordBatchReader` yields (the pipeline's error inside).
+fn external(e: Error) -> ArrowError {
+    ArrowError::ExternalError(Box::new(e))
+}
+
+impl Iterator for PredictionStream {
+    type Item = std::result::Result<RecordBatch, ArrowError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let next = self.output.as_ref()?.recv().ok();
+        match next {
+            Some(Ok(b)) => Some(Ok(b)),
+            Some(Err(e)) => {
+                let _ = self.shutdown();
+                Some(Err(external(e)))
+            }
+            None => self.shutdown().err().map(|e| Err(external(e))),
+        }
+    }
+}
+
+impl RecordBatchReader for PredictionStream {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+}
+
+impl Drop for PredictionStream {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

@@ -1,0 +1,244 @@
+//! The predictor: the model stage of prediction. [`Predictor::open`] loads a trained model,
+//! checks it against the store and resolves the targets, genes and output schema; on the thread
+//! that owns it, [`Predictor::predict`] encodes each batch of source cells once, keeps their
+//! `z_basal`, adds every target's perturbations, doses and covariates, and decodes the means with
+//! the cells' own library sizes into Arrow record batches.
+//!
+//! The `predict` command wires it: source selection -> batcher -> predictor -> sink (or a
+//! `RecordBatchReader`, [`Predictor::stream`]).
+
+mod buffers;
+mod genes;
+pub mod options;
+mod step;
+pub mod targets;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use cpa_stream_schemas::tables::prediction_schema;
+use cpa_stream_schemas::tables::predictions::MODEL_KEY;
+use cpa_stream_stages::model::layers::Noise;
+use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
+use cpa_stream_stages::store::Store;
+pub use options::{DEFAULT_BATCH_SIZE, GeneSelection, PredictOptions, Shard};
+use rand::SeedableRng;
+use rand_xoshiro::Xoshiro256PlusPlus;
+use targets::{Target, resolve_target};
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+use crate::obs::expr::Expr;
+use crate::obs::{ObsKeys, gene_names};
+use crate::run_dir::model_dir;
+use buffers::BufferPool;
+
+/// The labels of one kind of source cell (condition, doses, covariates), resolved against the
+/// model's vocabulary where it could be.
+#[derive(Debug)]
+pub struct CellGroup {
+    /// The condition as obs writes it.
+    pub condition: String,
+    /// The doses as obs writes them (`1` per part without a dose column).
+    pub dose: String,
+    /// `Err`: why the condition does not fit the model (an error only where it is needed).
+    pub parts: std::result::Result<Vec<(u32, f32)>, String>,
+    /// Each covariate's code in the model (`None`: a category the model does not know).
+    pub covariates: Vec<Option<u32>>,
+    /// Each covariate's value as obs writes it.
+    pub covariate_values: Vec<String>,
+}
+
+/// A batch of selected source cells: store rows (ascending), ids and label groups.
+#[derive(Debug, Default)]
+pub struct SourceCells {
+    /// Store rows.
+    pub rows: Vec<u64>,
+    /// Cell ids.
+    pub ids: Vec<String>,
+    /// Each cell's labels (shared by the cells of one group).
+    pub groups: Vec<Arc<CellGroup>>,
+}
+
+/// A prepared prediction, and the stage that runs it: model loaded, targets and genes resolved,
+/// output schema known.
+///
+/// A tiny synthetic atlas, one epoch of training, and a counterfactual streamed as Arrow record
+/// batches:
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::AtomicBool;
+///
+/// use cpa_stream_pipeline::Silent;
+/// use cpa_stream_pipeline::encoder::EncoderOptions;
+/// use cpa_stream_pipeline::predictor::targets::parse_target_spec;
+/// use cpa_stream_pipeline::predictor::{PredictOptions, Predictor};
+/// use cpa_stream_pipeline::synth::{SynthRunOptions, run_synth};
+/// use cpa_stream_pipeline::train::{TrainOptions, run_train};
+/// use cpa_stream_stages::synth::{SynthAtlas, SynthConfig};
+///
+/// let dir = tempfile::tempdir()?;
+/// let store = dir.path().join("atlas.store");
+/// // 300 cells x 20 genes, 2 perturbations, 1 dose, 1 cell type.
+/// let atlas = SynthAtlas::new(SynthConfig::new(300, 20, 2, 1, 1, 0, 7))?;
+/// run_synth(&atlas, &store, &SynthRunOptions::default(), &Silent)?;
+///
+/// let mut train = TrainOptions { store: store.clone(), out: dir.path().join("run"), ..TrainOptions::default() };
+/// train.encoder = EncoderOptions { dose_key: Some("dose".into()), ..EncoderOptions::default() };
+/// train.config.model.n_latent = 4;
+/// train.config.model.n_hidden_encoder = 16;
+/// train.config.model.n_hidden_decoder = 16;
+/// train.epochs = Some(1);
+/// run_train(&train, &Silent, Arc::new(AtomicBool::new(false)))?;
+///
+/// let mut options = PredictOptions::new(dir.path().join("run"), &store);
+/// options.targets = vec![parse_target_spec("condition=PERT01,dose=1")?];
+/// let predictor = Predictor::open(&options)?;
+/// assert_eq!(predictor.genes().len(), 20);
+/// let mut rows = 0;
+/// for batch in predictor.stream()? {
+///     rows += batch?.num_rows(); // cell_id, condition, dose, mean (20 floats per row)
+/// }
+/// assert!(rows > 0, "one row per control cell");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Predictor {
+    store: Arc<Store>,
+    model: CpaModel,
+    keys: ObsKeys,
+    source: Expr,
+    targets: Vec<Target>,
+    /// Indices of the written genes among the model's (`None`: all), on the host and, made on
+    /// first use, on the model's device.
+    gene_index: Option<Vec<i64>>,
+    gene_tensor: Option<Tensor>,
+    genes: Vec<String>,
+    latents: Vec<String>,
+    schema: SchemaRef,
+    rows: Range<u64>,
+    options: PredictOptions,
+    /// The posterior draws of a variational model.
+    noise: Noise,
+    /// Output buffers: the means, then each latent.
+    pools: Vec<BufferPool>,
+}
+
+impl std::fmt::Debug for Predictor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Predictor")
+            .field("store", &self.store.path())
+            .field("targets", &self.targets.len())
+            .field("genes", &self.genes.len())
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Predictor {
+    /// Loads the model, checks it against the store, and resolves source, targets and genes.
+    pub fn open(options: &PredictOptions) -> Result<Predictor> {
+        let dir = model_dir(&options.model)?;
+        let file = read_model_file(&dir).map_err(Error::stage("predictor"))?;
+        let store = Store::open(&options.store).map_err(Error::stage("reader"))?;
+        let store_genes = gene_names(&store)?;
+        let model = load_model_for(&dir, &store_genes, &options.store.display().to_string(), options.device)
+            .map_err(Error::stage("predictor"))?;
+        let vocab = &file.vocabulary;
+        let keys = ObsKeys::of(vocab);
+        let source = match &options.source {
+            Some(text) => Expr::parse(text)?,
+            None => Expr::Eq(keys.perturbation.clone(), vocab.control().to_owned()),
+        };
+        let max_comb_len = file.config.model.max_comb_len;
+        let targets = options
+            .targets
+            .iter()
+            .map(|spec| resolve_target(spec, vocab, &keys.perturbation, keys.dose.as_deref(), max_comb_len))
+            .collect::<Result<Vec<_>>>()?;
+        let (gene_index, genes) =
+            genes::select_genes(&options.genes, vocab, &targets, &keys, &store, options.degs.as_deref())?;
+        let mut label_columns = vec![keys.perturbation.clone(), keys.dose_output.clone()];
+        label_columns.extend(vocab.covariates.iter().map(|c| c.name.clone()));
+        let latent_width = i32::try_from(file.config.model.n_latent).unwrap_or(i32::MAX);
+        let schema = prediction_schema(&label_columns, &genes, &options.latents, latent_width)
+            .map_err(|e| Error::InvalidInput(format!("predictions of {}: {e}", dir.display())))?;
+        let mut metadata = schema.metadata().clone();
+        metadata.insert(MODEL_KEY.to_owned(), dir.display().to_string());
+        let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));
+        let rows = options.shard.map_or(0..store.n_obs(), |s| s.rows(store.n_obs()));
+        let noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(options.seed), model.device());
+        Ok(Predictor {
+            store: Arc::new(store),
+            model,
+            keys,
+            source,
+            targets,
+            gene_index,
+            gene_tensor: None,
+            genes,
+            pools: vec![BufferPool::default(); 1 + options.latents.len()],
+            latents: options.latents.clone(),
+            schema,
+            rows,
+            options: options.clone(),
+            noise,
+        })
+    }
+
+    /// The schema of every batch.
+    pub fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    /// The genes of the `mean` column, in order.
+    pub fn genes(&self) -> &[String] {
+        &self.genes
+    }
+
+    /// The resolved targets (empty: reconstruction).
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// Store rows this prediction reads (the shard).
+    pub fn rows(&self) -> Range<u64> {
+        self.rows.clone()
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &PredictOptions {
+        &self.options
+    }
+
+    /// The store it reads.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The model's vocabulary.
+    pub fn vocabulary(&self) -> &Vocabulary {
+        self.model.vocabulary()
+    }
+
+    /// The obs columns the model was trained with.
+    pub fn keys(&self) -> &ObsKeys {
+        &self.keys
+    }
+
+    /// The source cells' selection.
+    pub fn source(&self) -> &Expr {
+        &self.source
+    }
+
+    /// Most parts of a combination the model takes.
+    pub fn max_comb_len(&self) -> usize {
+        self.model.config().model.max_comb_len
+    }
+
+    /// Output rows per source cell: one per target, or one reconstruction.
+    pub fn passes(&self) -> usize {
+        self.targets.len().max(1)
+    }
+}
