@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks of the store and the synthetic generator (the figures in the README).
+# Benchmarks of the store and the synthetic generator (the figures in docs/benchmarks.md).
 #   CELLS   cells of the synthetic atlas (default 1000000)
 #   GENES   genes (default 5000)
 #   BENCH_DIR  where stores and results go (default: $CPA_STREAM_CACHE/bench; needs ~10 GB at 1M x 5,000)
@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/bootstrap.sh)"
-cargo build --release --locked --bin cpa-stream >&2
+scripts/build.sh --quiet
 bin="$CARGO_TARGET_DIR/release/cpa-stream"
 cells="${CELLS:-1000000}"
 genes="${GENES:-5000}"

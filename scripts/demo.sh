@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/bootstrap.sh)"
-cargo build --release --locked --bin cpa-stream
+# The tests' build (scripts/build.sh): one build serves the demo and the tests.
+scripts/build.sh
 bin="$CARGO_TARGET_DIR/release/cpa-stream"
 out="${OUT:-out/demo}"
 mkdir -p "$out"

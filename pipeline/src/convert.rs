@@ -128,6 +128,8 @@ pub fn run_convert(
     Ok((manifest, report))
 }
 
+// Long: its two passes share the scratch files, the bucket count and one random stream, which
+// split functions would pass around as a dozen arguments; each pass is marked below.
 /// Writes the cells of `input` in a random order drawn from `shuffle.seed`, reading the store
 /// sequentially only (an atlas larger than memory is never read at random): an external shuffle
 /// in two passes. The first reads the cells in order and appends each, with its row number, to

@@ -90,6 +90,8 @@ pub struct ImportSummary {
     pub report: RunReport,
 }
 
+// Long: the wiring of the reader thread and the writer with their report, read top to bottom
+// as the data flows.
 /// Imports `input` into a new store at `out`.
 pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &dyn Progress) -> Result<ImportSummary> {
     let sampler = MemorySampler::start();
@@ -293,6 +295,8 @@ pub const DEFAULT_MAX_OPEN_BUCKETS: usize = 256;
 /// One transposition entry: row within its bucket, store column, value.
 const ENTRY_BYTES: usize = 12;
 
+// Long: its two passes per group of buckets share the bucket files, the column map and the
+// output; each pass is marked below.
 fn read_csc(
     h5: &H5adReader,
     map: &[Option<u32>],

@@ -15,7 +15,7 @@ use cpa_stream_stages::synth::{SynthAtlas, SynthChunk};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, spawn_scoped};
 use crate::progress::Progress;
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
 
@@ -64,6 +64,8 @@ pub struct SynthSummary {
     pub report: RunReport,
 }
 
+// Long: the wiring of three stages (generators, writer, truth) and their report, read top to
+// bottom as the data flows.
 /// Generates `atlas` into a store at `out`.
 pub fn run_synth(
     atlas: &SynthAtlas,
@@ -97,7 +99,7 @@ pub fn run_synth(
             let (tx, rx) = bounded::<StageResult<SynthChunk>>(options.channel_depth.max(1));
             receivers.push(rx);
             let generate = Arc::clone(&generate);
-            handles.push(scope.spawn(move || {
+            handles.push(spawn_scoped(scope, format!("generate-{w}"), move || {
                 for k in (w as u64..n_chunks).step_by(workers) {
                     let chunk = generate.busy(|| atlas.generate_chunk(k));
                     let failed = chunk.is_err();
@@ -108,7 +110,7 @@ pub fn run_synth(
                         return;
                     }
                 }
-            }));
+            })?);
         }
         let written = (|| -> Result<()> {
             for k in 0..n_chunks {

@@ -9,7 +9,7 @@ use cpa_stream_stages::store::{Store, read_table};
 use cpa_stream_stages::{CsrBatch, Result as StageResult};
 use crossbeam_channel::{Sender, bounded};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, spawn_scoped};
 use crate::telemetry::StageStats;
 
 /// The producer's end: sends items, counting time blocked on the channel.
@@ -72,12 +72,12 @@ pub(crate) fn two_stage<T: Send>(
     std::thread::scope(|scope| {
         let (tx, rx) = bounded::<StageResult<T>>(depth.max(1));
         let stats = Arc::clone(producer_stats);
-        let producer = scope.spawn(move || {
+        let producer = spawn_scoped(scope, producer_stage.to_owned(), move || {
             let emitter = Emitter { tx: &tx, stats: &stats };
             if let Err(e) = produce(&emitter) {
                 stats.send(&tx, Err(e));
             }
-        });
+        })?;
         let consumed = (|| -> Result<()> {
             while let Some(item) = consumer_stats.recv(&rx) {
                 consume(item.map_err(Error::stage(producer_stage))?)?;

@@ -17,6 +17,12 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
+/// A schema that is not the one a table or output must have; the message names the column and
+/// what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SchemaError(pub String);
+
 /// Name of the cell id column, the first column of `obs.parquet`.
 pub const CELL_ID: &str = "cell_id";
 /// Name of the gene id column, the first column of `var.parquet`.
@@ -47,32 +53,35 @@ pub fn categories_of(field: &Field) -> Option<Vec<String>> {
 }
 
 /// Whether a schema is a valid `obs` schema: first column `cell_id` Utf8 not null.
-pub fn check_obs_schema(schema: &Schema) -> Result<(), String> {
+pub fn check_obs_schema(schema: &Schema) -> Result<(), SchemaError> {
     check_id_column(schema, CELL_ID)
 }
 
 /// Whether a schema is a valid `var` schema: first column `gene_id` Utf8 not null.
-pub fn check_var_schema(schema: &Schema) -> Result<(), String> {
+pub fn check_var_schema(schema: &Schema) -> Result<(), SchemaError> {
     check_id_column(schema, GENE_ID)
 }
 
-fn check_id_column(schema: &Schema, name: &str) -> Result<(), String> {
+fn check_id_column(schema: &Schema, name: &str) -> Result<(), SchemaError> {
     let Some(first) = schema.fields().first() else {
-        return Err(format!("no columns, expected {name:?} first"));
+        return Err(SchemaError(format!("no columns, expected {name:?} first")));
     };
     if first.name() != name || first.data_type() != &DataType::Utf8 || first.is_nullable() {
-        return Err(format!(
+        return Err(SchemaError(format!(
             "first column is {:?} ({}, nullable {}), expected {name:?} (Utf8, not null)",
             first.name(),
             first.data_type(),
             first.is_nullable()
-        ));
+        )));
     }
     for field in schema.fields().iter().skip(1) {
         if let DataType::Dictionary(_, _) = field.data_type()
             && categories_of(field).is_none()
         {
-            return Err(format!("categorical column {:?} has no {CATEGORIES_KEY:?} metadata", field.name()));
+            return Err(SchemaError(format!(
+                "categorical column {:?} has no {CATEGORIES_KEY:?} metadata",
+                field.name()
+            )));
         }
     }
     Ok(())
@@ -141,22 +150,25 @@ pub fn prediction_schema(
     genes: &[String],
     latents: &[String],
     latent_width: i32,
-) -> Result<SchemaRef, String> {
+) -> Result<SchemaRef, SchemaError> {
     let mut fields = vec![Field::new(predictions::CELL_ID, DataType::Utf8, false)];
     fields.extend(label_columns.iter().map(|name| Field::new(name, categorical_type(), false)));
-    let n_genes = i32::try_from(genes.len()).map_err(|_| format!("{} genes is too many", genes.len()))?;
+    let n_genes = i32::try_from(genes.len()).map_err(|_| SchemaError(format!("{} genes is too many", genes.len())))?;
     fields.push(Field::new(predictions::MEAN, f32_vector_type(n_genes), false));
     for latent in latents {
         if !predictions::LATENTS.contains(&latent.as_str()) {
-            return Err(format!("unknown latent {latent:?} (known: {})", predictions::LATENTS.join(", ")));
+            return Err(SchemaError(format!("unknown latent {latent:?} (known: {})", predictions::LATENTS.join(", "))));
         }
         fields.push(Field::new(latent, f32_vector_type(latent_width), false));
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = fields.iter().find(|f| !seen.insert(f.name().clone())) {
-        return Err(format!("column {:?} would appear twice (an obs label named like an output column)", dup.name()));
+        return Err(SchemaError(format!(
+            "column {:?} would appear twice (an obs label named like an output column)",
+            dup.name()
+        )));
     }
-    let genes_json = serde_json::to_string(genes).map_err(|e| e.to_string())?;
+    let genes_json = serde_json::to_string(genes).map_err(|e| SchemaError(e.to_string()))?;
     Ok(Arc::new(Schema::new(fields).with_metadata(HashMap::from([(predictions::GENES_KEY.to_owned(), genes_json)]))))
 }
 
@@ -239,7 +251,7 @@ pub mod evaluation_metrics {
 /// covariates, then its perturbation and dose keys), the sources and counts of
 /// [`evaluation_metrics`], then one nullable Float64 column per metric. Errors when two columns
 /// would share a name.
-pub fn evaluation_metrics_schema(labels: &[String], metrics: &[String]) -> Result<SchemaRef, String> {
+pub fn evaluation_metrics_schema(labels: &[String], metrics: &[String]) -> Result<SchemaRef, SchemaError> {
     use evaluation_metrics as e;
     let mut fields: Vec<Field> = labels.iter().map(|l| Field::new(l, DataType::Utf8, false)).collect();
     fields.push(Field::new(e::CONTROL_SOURCE, DataType::Utf8, false));
@@ -249,20 +261,23 @@ pub fn evaluation_metrics_schema(labels: &[String], metrics: &[String]) -> Resul
     fields.extend(metrics.iter().map(|m| Field::new(m, DataType::Float64, true)));
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = fields.iter().find(|f| !seen.insert(f.name().clone())) {
-        return Err(format!("column {:?} would appear twice (an obs label named like a metric)", dup.name()));
+        return Err(SchemaError(format!(
+            "column {:?} would appear twice (an obs label named like a metric)",
+            dup.name()
+        )));
     }
     Ok(Arc::new(Schema::new(fields)))
 }
 
 /// Compares a schema read back from a file with the expected one: names, types and nullability,
 /// and the categories of categorical fields. Other metadata (writer-added keys) is ignored.
-pub fn same_schema(expected: &Schema, actual: &Schema) -> Result<(), String> {
+pub fn same_schema(expected: &Schema, actual: &Schema) -> Result<(), SchemaError> {
     if expected.fields().len() != actual.fields().len() {
-        return Err(format!("{} columns, expected {}", actual.fields().len(), expected.fields().len()));
+        return Err(SchemaError(format!("{} columns, expected {}", actual.fields().len(), expected.fields().len())));
     }
     for (e, a) in expected.fields().iter().zip(actual.fields()) {
         if e.name() != a.name() || e.data_type() != a.data_type() || e.is_nullable() != a.is_nullable() {
-            return Err(format!(
+            return Err(SchemaError(format!(
                 "column {:?} is {} (nullable {}), expected {:?} {} (nullable {})",
                 a.name(),
                 a.data_type(),
@@ -270,10 +285,10 @@ pub fn same_schema(expected: &Schema, actual: &Schema) -> Result<(), String> {
                 e.name(),
                 e.data_type(),
                 e.is_nullable()
-            ));
+            )));
         }
         if categories_of(e) != categories_of(a) {
-            return Err(format!("column {:?} has other categories than expected", a.name()));
+            return Err(SchemaError(format!("column {:?} has other categories than expected", a.name())));
         }
     }
     Ok(())
@@ -299,10 +314,10 @@ mod tests {
         ]);
         assert!(check_obs_schema(&good).is_ok());
         let bad = Schema::new(vec![Field::new("x", DataType::Utf8, false)]);
-        assert!(check_obs_schema(&bad).unwrap_err().contains("cell_id"));
+        assert!(check_obs_schema(&bad).unwrap_err().0.contains("cell_id"));
         let no_cats =
             Schema::new(vec![Field::new(CELL_ID, DataType::Utf8, false), Field::new("c", categorical_type(), false)]);
-        assert!(check_obs_schema(&no_cats).unwrap_err().contains("metadata"));
+        assert!(check_obs_schema(&no_cats).unwrap_err().0.contains("metadata"));
     }
 
     #[test]
@@ -315,9 +330,9 @@ mod tests {
         assert_eq!(names, ["cell_id", "condition", "dose", "mean", "z_basal"]);
         assert_eq!(s.field(3).data_type(), &f32_vector_type(2));
         assert!(
-            prediction_schema(&["mean".into()], &genes, &[], 4).unwrap_err().contains("\"mean\" would appear twice")
+            prediction_schema(&["mean".into()], &genes, &[], 4).unwrap_err().0.contains("\"mean\" would appear twice")
         );
-        assert!(prediction_schema(&[], &genes, &["zz".into()], 4).unwrap_err().contains("unknown latent"));
+        assert!(prediction_schema(&[], &genes, &["zz".into()], 4).unwrap_err().0.contains("unknown latent"));
     }
 
     #[test]
@@ -325,6 +340,6 @@ mod tests {
         let a = truth_schema(&["t".into()], &["control".into()], &["1".into()], 5);
         assert!(same_schema(&a, &a).is_ok());
         let b = truth_schema(&["t".into()], &["control".into()], &["1".into()], 6);
-        assert!(same_schema(&a, &b).unwrap_err().contains("mean"));
+        assert!(same_schema(&a, &b).unwrap_err().0.contains("mean"));
     }
 }

@@ -9,7 +9,9 @@ use std::sync::OnceLock;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float32Type, Float64Type, UInt64Type};
-use cpa_stream::schemas::tables::{prediction_genes, prediction_schema, same_schema};
+use cpa_stream::schemas::tables::{
+    deg_schema, evaluation_metrics, evaluation_metrics_schema, prediction_genes, prediction_schema, same_schema,
+};
 use cpa_stream::stages::store::{Store, read_small_table};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -294,7 +296,20 @@ fn evaluation_equals_a_computation_by_hand() {
     let eval = f.dir.join("eval-all");
     let o = evaluate(&eval, "all");
     assert!(text(&o.stdout).contains("r2_mean"), "no table printed: {}", text(&o.stdout));
-    let (_, batches) = read_parquet(&eval.join("metrics.parquet"));
+    let (schema, batches) = read_parquet(&eval.join("metrics.parquet"));
+    // The labels (covariates, perturbation and dose keys) and fixed columns as the schema defines
+    // them; the metric columns after them are Float64 and include the headline ones.
+    let fixed = 3 + 4;
+    let metrics: Vec<String> = schema.fields().iter().skip(fixed).map(|f| f.name().clone()).collect();
+    for m in ["r2_mean", "r2_var", "r2_delta", "r2_mean_control", "truth_r2_mean"] {
+        assert!(metrics.iter().any(|n| n == m), "no {m} among the metrics: {metrics:?}");
+    }
+    let labels = ["cell_type", "condition", "dose"].map(String::from);
+    let expected = evaluation_metrics_schema(&labels, &metrics).unwrap_or_else(|e| panic!("{e}"));
+    same_schema(&expected, &schema).unwrap_or_else(|e| panic!("evaluation metrics.parquet: {e}"));
+    assert_eq!(schema.field(fixed - 1).name(), evaluation_metrics::N_CONTROL);
+    let (deg_file_schema, _) = read_parquet(&eval.join("degs.parquet"));
+    same_schema(&deg_schema(), &deg_file_schema).unwrap_or_else(|e| panic!("evaluation degs.parquet: {e}"));
     let (ec, ed, et) = (strings(&batches, "condition"), strings(&batches, "dose"), strings(&batches, "cell_type"));
     let n_cells = batches[0].column_by_name("n_cells").map(|c| c.as_primitive::<UInt64Type>().value(0));
     // The first condition with cells, recomputed from the store, obs and `predict`'s output.
@@ -375,7 +390,6 @@ fn evaluation_equals_a_computation_by_hand() {
         serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json")).unwrap_or_default())
             .unwrap_or_else(|e| panic!("summary.json: {e}"));
     assert_eq!(summary["conditions"].as_u64(), Some(ec.len() as u64));
-    assert!(eval.join("degs.parquet").exists());
     let plots = std::fs::read_dir(eval.join("plots")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(plots, ec.len(), "one plot per condition");
 }

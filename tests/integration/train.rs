@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use cpa_stream::pipeline::encoder::{EncoderOptions, SplitSpec};
+use cpa_stream::schemas::tables::{same_schema, training_metrics_schema};
 use cpa_stream::stages::model::config::CpaConfig;
 use cpa_stream::stages::model::load_model;
 use cpa_stream::stages::store::read_small_table;
@@ -95,11 +96,8 @@ fn trains_on_a_synthetic_store_with_checkpoints_metrics_and_a_final_model() {
     }
     let metrics = read_small_table(&run_dir.join("metrics.parquet")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(metrics.num_rows(), 4);
-    for column in
-        ["recon_loss", "cells", "autoencoder_batches", "adversary_batches", "seconds", "val_score", "val_cells"]
-    {
-        assert!(metrics.column_by_name(column).is_some(), "metrics.parquet has no {column}");
-    }
+    same_schema(&training_metrics_schema(), &metrics.schema())
+        .unwrap_or_else(|e| panic!("metrics.parquet against its schema: {e}"));
     let model = load_model(&run_dir.join("model"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(model.vocabulary().n_genes(), 150);
     let trainer = Trainer::resume(&run_dir.join("checkpoint"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));

@@ -92,6 +92,7 @@ pub struct LoaderBench {
     pub report: RunReport,
 }
 
+// Long: a round measures both bounds and then the loader, on purpose in one place.
 /// The pipeline without the model: shuffled epochs of the encoder and batcher workers
 /// over every cell, the consumer only handing batches back. Each epoch is a round that first
 /// measures the memcpy and gather bounds, so each ratio compares runs made seconds apart (on a

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, spawn_scoped};
 
 /// Bytes copied per memcpy call in the bound (large enough to run at full bandwidth).
 const MEMCPY_CHUNK: usize = 8 << 20;
@@ -107,6 +107,7 @@ pub struct ReaderBench {
     pub random_vs_memcpy: f64,
 }
 
+// Long: the passes of one measurement, interleaved on purpose, with their figures.
 /// Measures a store's read paths. The store's pages are touched first so that all passes read
 /// from the page cache.
 pub fn bench_reader(store: &Store, options: &ReaderBenchOptions) -> Result<ReaderBench> {
@@ -378,7 +379,8 @@ fn timed_threads(threads: usize, work: impl Fn(usize) -> Result<()> + Sync) -> R
     let start = Instant::now();
     std::thread::scope(|scope| {
         let work = &work;
-        let handles: Vec<_> = (0..threads).map(|t| scope.spawn(move || work(t))).collect();
+        let handles: Vec<_> =
+            (0..threads).map(|t| spawn_scoped(scope, format!("bench-{t}"), move || work(t))).collect::<Result<_>>()?;
         for h in handles {
             h.join().map_err(|p| Error::panic("bench", p))??;
         }

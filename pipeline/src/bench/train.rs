@@ -99,6 +99,109 @@ pub struct TrainingBench {
     pub device_memory: Option<DeviceMemory>,
 }
 
+/// The state the passes of a training benchmark share.
+struct Bench {
+    store: Arc<Store>,
+    labels: Arc<CellLabels>,
+    plan: PlanOptions,
+    loader: LoaderOptions,
+    pool: PoolStats,
+    train_stats: Arc<StageStats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Bench {
+    /// Copies of an epoch's first batches, up to `limit` payload bytes (at least one).
+    fn preload(&self, limit: u64) -> Result<Vec<HostBatch>> {
+        let (mut preloaded, mut bytes) = (Vec::new(), 0u64);
+        let stats = PoolStats::planned(self.loader.workers);
+        let mut loaded = spawn_loader(
+            &self.store,
+            &self.labels,
+            Split::Train,
+            u64::MAX,
+            0,
+            &self.plan,
+            self.loader,
+            stats,
+            Arc::clone(&self.stop),
+        )?;
+        let ignored = StageStats::new("preload", 1);
+        while let Some(gathered) = loaded.next(&ignored) {
+            let batch = gathered?.batch;
+            let size = batch.counts.byte_size();
+            if !preloaded.is_empty() && bytes + size > limit {
+                break;
+            }
+            bytes += size;
+            preloaded.push(batch.clone());
+            loaded.recycle(batch);
+        }
+        Ok(preloaded)
+    }
+
+    /// One epoch through the pipeline: batches, cells, time (device synchronised).
+    fn through_pipeline(&self, trainer: &mut Trainer, epoch: u64) -> Result<(u64, u64, Duration)> {
+        let (mut batches, mut cells) = (0u64, 0u64);
+        let start = Instant::now();
+        let mut loaded = spawn_loader(
+            &self.store,
+            &self.labels,
+            Split::Train,
+            epoch,
+            0,
+            &self.plan,
+            self.loader,
+            self.pool.clone(),
+            Arc::clone(&self.stop),
+        )?;
+        while let Some(gathered) = loaded.next(&self.train_stats) {
+            let batch = gathered?.batch;
+            self.train_stats.busy(|| trainer.step(&batch)).map_err(Error::stage("trainer"))?;
+            self.train_stats.add(batch.n_cells() as u64, batch.counts.byte_size());
+            (batches, cells) = (batches + 1, cells + batch.n_cells() as u64);
+            loaded.recycle(batch);
+        }
+        drop(loaded);
+        sync(trainer)?;
+        let elapsed = start.elapsed();
+        trainer.end_epoch().map_err(Error::stage("trainer"))?;
+        Ok((batches, cells, elapsed))
+    }
+}
+
+/// `batches` steps over the preloaded batches in turn: cells, time (device synchronised).
+fn from_memory(trainer: &mut Trainer, preloaded: &[HostBatch], batches: u64) -> Result<(u64, Duration)> {
+    let start = Instant::now();
+    let mut cells = 0u64;
+    for batch in preloaded.iter().cycle().take(batches as usize) {
+        trainer.step(batch).map_err(Error::stage("trainer"))?;
+        cells += batch.n_cells() as u64;
+    }
+    sync(trainer)?;
+    let elapsed = start.elapsed();
+    trainer.end_epoch().map_err(Error::stage("trainer"))?;
+    Ok((cells, elapsed))
+}
+
+/// Waits for the device: reading the running metrics synchronises it.
+fn sync(trainer: &Trainer) -> Result<()> {
+    trainer.running_metrics().map(drop).map_err(Error::stage("trainer"))
+}
+
+/// The labels of every cell of the store (all in training), and the encoder's stats.
+fn label_cells(options: &TrainingBenchOptions, store: &Store) -> Result<(Arc<CellLabels>, Arc<StageStats>)> {
+    let encoder = EncoderOptions { split: SplitSpec::all_training(), ..options.encoder.clone() };
+    let encoder_stats = StageStats::new("encoder", 1);
+    let labels = Arc::new(encoder_stats.busy(|| CellLabels::from_store(store, &encoder))?);
+    encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
+    release_free_memory();
+    if labels.split_counts[0] == 0 {
+        return Err(Error::InvalidInput(format!("{}: no cells to train on", options.store.display())));
+    }
+    Ok((labels, encoder_stats))
+}
+
 /// Trains a fresh model on every cell of a store for `epochs` rounds. A round is two passes, each
 /// a trainer epoch of its own: one through the pipeline (gather workers, trainer on
 /// bounded channels, as `train` runs) and the same number of steps over batches held in memory.
@@ -109,16 +212,8 @@ pub struct TrainingBench {
 pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
     let wall = Instant::now();
     let sampler = MemorySampler::start();
-    let stage = Error::stage;
-    let store = Arc::new(Store::open(&options.store).map_err(stage("reader"))?);
-    let encoder = EncoderOptions { split: SplitSpec::all_training(), ..options.encoder.clone() };
-    let encoder_stats = StageStats::new("encoder", 1);
-    let labels = Arc::new(encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?);
-    encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
-    release_free_memory();
-    if labels.split_counts[0] == 0 {
-        return Err(Error::InvalidInput(format!("{}: no cells to train on", options.store.display())));
-    }
+    let store = Arc::new(Store::open(&options.store).map_err(Error::stage("reader"))?);
+    let (labels, encoder_stats) = label_cells(options, &store)?;
     let mut config = options.config.clone();
     // The schedule after pre-training, the one most of a run trains with: autoencoder and
     // adversary batches alternating from the first batch of each epoch.
@@ -131,92 +226,44 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
         seed: config.training.seed,
         ..PlanOptions::default()
     };
-    let loader = options.loader;
     device_memory::reset_peak(options.device);
-    let model =
-        CpaModel::new(&config, &labels.vocab, None, options.device, config.training.seed).map_err(stage("trainer"))?;
-    let mut trainer = Trainer::new(model).map_err(stage("trainer"))?;
-    let (pool, train_stats) = (PoolStats::planned(loader.workers), StageStats::new("trainer", 1));
-    let stop = Arc::new(AtomicBool::new(false));
-
-    // The preloaded batches: copies of the first batches of a pass, up to the byte limit.
-    let mut preloaded: Vec<HostBatch> = Vec::new();
-    let mut preloaded_bytes = 0u64;
-    {
-        let stats = PoolStats::planned(loader.workers);
-        let mut loaded =
-            spawn_loader(&store, &labels, Split::Train, u64::MAX, 0, &plan, loader, stats, Arc::clone(&stop))?;
-        let ignored = StageStats::new("preload", 1);
-        while let Some(gathered) = loaded.next(&ignored) {
-            let batch = gathered?.batch;
-            let bytes = batch.counts.byte_size();
-            if !preloaded.is_empty() && preloaded_bytes + bytes > options.preload_bytes {
-                break;
-            }
-            preloaded_bytes += bytes;
-            preloaded.push(batch.clone());
-            loaded.recycle(batch);
-        }
-    }
+    let model = CpaModel::new(&config, &labels.vocab, None, options.device, config.training.seed)
+        .map_err(Error::stage("trainer"))?;
+    let mut trainer = Trainer::new(model).map_err(Error::stage("trainer"))?;
+    let bench = Bench {
+        store: Arc::clone(&store),
+        labels: Arc::clone(&labels),
+        plan: plan.clone(),
+        loader: options.loader,
+        pool: PoolStats::planned(options.loader.workers),
+        train_stats: StageStats::new("trainer", 1),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let preloaded = bench.preload(options.preload_bytes)?;
     let preloaded_cells: u64 = preloaded.iter().map(|b| b.n_cells() as u64).sum();
-    let sync = |trainer: &Trainer| trainer.running_metrics().map(drop).map_err(stage("trainer"));
-
     // Warm-up: the allocator's blocks and libtorch's kernels, outside every clock.
-    for batch in &preloaded {
-        trainer.step(batch).map_err(stage("trainer"))?;
-    }
-    trainer.end_epoch().map_err(stage("trainer"))?;
+    from_memory(&mut trainer, &preloaded, preloaded.len() as u64)?;
 
     let mut rounds = Vec::new();
     let (mut pipeline_time, mut preloaded_time) = (Duration::ZERO, Duration::ZERO);
     let (mut pipeline_cells, mut preloaded_total) = (0u64, 0u64);
+    // Both passes step an epoch's batches: its plan cuts the cells into full batches and one last
+    // partial one.
+    let epoch_batches = labels.split_counts[0].div_ceil(plan.batch_size.max(1) as u64);
     for epoch in 0..u64::from(options.epochs.max(1)) {
-        let blocked_before = train_stats.report().blocked_in;
-        let through_pipeline = |trainer: &mut Trainer| -> Result<(u64, u64, Duration)> {
-            let (mut batches, mut cells) = (0u64, 0u64);
-            let start = Instant::now();
-            let mut loaded =
-                spawn_loader(&store, &labels, Split::Train, epoch, 0, &plan, loader, pool.clone(), Arc::clone(&stop))?;
-            while let Some(gathered) = loaded.next(&train_stats) {
-                let batch = gathered?.batch;
-                train_stats.busy(|| trainer.step(&batch)).map_err(stage("trainer"))?;
-                train_stats.add(batch.n_cells() as u64, batch.counts.byte_size());
-                (batches, cells) = (batches + 1, cells + batch.n_cells() as u64);
-                loaded.recycle(batch);
-            }
-            drop(loaded);
-            sync(trainer)?;
-            let elapsed = start.elapsed();
-            trainer.end_epoch().map_err(stage("trainer"))?;
-            Ok((batches, cells, elapsed))
-        };
-        let from_memory = |trainer: &mut Trainer, batches: u64| -> Result<(u64, Duration)> {
-            let start = Instant::now();
-            let mut cells = 0u64;
-            for batch in preloaded.iter().cycle().take(batches as usize) {
-                trainer.step(batch).map_err(stage("trainer"))?;
-                cells += batch.n_cells() as u64;
-            }
-            sync(trainer)?;
-            let elapsed = start.elapsed();
-            trainer.end_epoch().map_err(stage("trainer"))?;
-            Ok((cells, elapsed))
-        };
+        let blocked_before = bench.train_stats.report().blocked_in;
         // Pipeline first in even rounds, preloaded first in odd ones, so that neither gains from
-        // its place in the round. Both step an epoch's batches: its plan cuts the cells into full
-        // batches and one last partial one.
-        let epoch_batches = labels.split_counts[0].div_ceil(plan.batch_size.max(1) as u64);
-        let ((batches, cells, through_pipeline), (stepped, from_memory)) = if epoch % 2 == 0 {
-            let pipeline = through_pipeline(&mut trainer)?;
-            (pipeline, from_memory(&mut trainer, epoch_batches)?)
+        // its place in the round.
+        let ((batches, cells, through_pipeline), (stepped, in_memory)) = if epoch % 2 == 0 {
+            let pipeline = bench.through_pipeline(&mut trainer, epoch)?;
+            (pipeline, from_memory(&mut trainer, &preloaded, epoch_batches)?)
         } else {
-            let memory = from_memory(&mut trainer, epoch_batches)?;
-            (through_pipeline(&mut trainer)?, memory)
+            let memory = from_memory(&mut trainer, &preloaded, epoch_batches)?;
+            (bench.through_pipeline(&mut trainer, epoch)?, memory)
         };
-        let blocked = train_stats.report().blocked_in.saturating_sub(blocked_before);
-
+        let blocked = bench.train_stats.report().blocked_in.saturating_sub(blocked_before);
         let rate = |cells: u64, time: Duration| cells as f64 / time.as_secs_f64().max(1e-9);
-        let (pipeline_rate, preloaded_rate) = (rate(cells, through_pipeline), rate(stepped, from_memory));
+        let (pipeline_rate, preloaded_rate) = (rate(cells, through_pipeline), rate(stepped, in_memory));
         rounds.push(TrainingRound {
             epoch,
             batches,
@@ -231,18 +278,19 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
             pipeline_rate / preloaded_rate,
             blocked.as_secs_f64()
         );
-        (pipeline_time, preloaded_time) = (pipeline_time + through_pipeline, preloaded_time + from_memory);
+        (pipeline_time, preloaded_time) = (pipeline_time + through_pipeline, preloaded_time + in_memory);
         (pipeline_cells, preloaded_total) = (pipeline_cells + cells, preloaded_total + stepped);
     }
     let pipeline_cells_per_s = pipeline_cells as f64 / pipeline_time.as_secs_f64().max(1e-9);
     let preloaded_cells_per_s = preloaded_total as f64 / preloaded_time.as_secs_f64().max(1e-9);
+    let stages = [encoder_stats.report()].into_iter().chain(bench.pool.reports()).chain([bench.train_stats.report()]);
     Ok(TrainingBench {
         store: options.store.display().to_string(),
         cells: labels.n_cells(),
         genes: store.n_vars(),
         batch_size: plan.batch_size,
         run_cells: plan.run_cells,
-        workers: loader.workers,
+        workers: options.loader.workers,
         device: format!("{:?}", options.device).to_lowercase(),
         precision: format!("{:?}", config.training.precision).to_lowercase(),
         threads: tch::get_num_threads(),
@@ -252,11 +300,7 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
         preloaded_cells_per_s,
         ratio: pipeline_cells_per_s / preloaded_cells_per_s,
         rounds,
-        report: RunReport {
-            wall: wall.elapsed(),
-            stages: [encoder_stats.report()].into_iter().chain(pool.reports()).chain([train_stats.report()]).collect(),
-            memory: sampler.finish(),
-        },
+        report: RunReport { wall: wall.elapsed(), stages: stages.collect(), memory: sampler.finish() },
         device_memory: device_memory::stats(options.device),
     })
 }

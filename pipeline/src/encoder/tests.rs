@@ -200,6 +200,6 @@ fn models_from_before_the_exact_split_keep_their_sequence_split() {
     let options = EncoderOptions { split: old, ..options(0.0, 0.0, 0, Vec::new()) };
     let labels = CellLabels::from_store(&store, &options).unwrap_or_else(|e| panic!("{e}"));
     let splits: Vec<Split> = (0..1000).map(|c| labels.split(c)).collect();
-    let expected: Vec<Split> = (0..1000).map(|k| stratified(4, 0, k, 0.1, 0.2)).collect();
+    let expected: Vec<Split> = (0..1000).map(|k| super::scan::stratified(4, 0, k, 0.1, 0.2)).collect();
     assert_eq!(splits, expected);
 }

@@ -24,13 +24,13 @@ mod score;
 mod table;
 mod truth;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use cpa_stream_stages::h5ad::DEG_FILE;
-use cpa_stream_stages::model::{CpaModel, load_model_for, read_model_file};
+use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
 use cpa_stream_stages::store::Store;
 use serde::Serialize;
 pub use table::render_table;
@@ -278,6 +278,86 @@ impl Opened {
     }
 }
 
+/// What is evaluated: the conditions with enough cells (or a truth row), their real moments,
+/// the control cells decoded into each covariate combination, and the targets they decode into.
+struct Plan {
+    truth: HashMap<ConditionKey, truth::TruthRow>,
+    conditions: BTreeMap<ConditionKey, conditions::Condition>,
+    evaluated: Vec<(ConditionKey, Moments)>,
+    control_groups: HashMap<Vec<u32>, Vec<usize>>,
+    sources: HashMap<Vec<u32>, (SourceSplits, Moments)>,
+    targets: Vec<(ConditionKey, Target)>,
+    /// Per label group: its covariates and the splits decoded, for the control groups used.
+    source_of_group: Vec<Option<(Vec<u32>, SourceSplits)>>,
+}
+
+impl Plan {
+    fn new(
+        options: &EvaluateOptions,
+        store: &Store,
+        vocab: &Vocabulary,
+        groups: &[Option<conditions::MappedGroup>],
+        moments: &GroupMoments,
+    ) -> Result<Plan> {
+        let truth_path = options.truth.clone().or_else(|| {
+            let p = store.file_path(cpa_stream_schemas::StoreFiles::TRUTH);
+            p.exists().then_some(p)
+        });
+        let truth = truth_path.as_deref().map(|p| truth::read_truth(p, vocab)).transpose()?.unwrap_or_default();
+        let conditions = conditions::collect(groups, &truth);
+        let evaluated_split = |s: Split| options.split.contains(s);
+        let mut evaluated: Vec<(ConditionKey, Moments)> = conditions
+            .iter()
+            .map(|(key, c)| (key.clone(), moments.of_groups(&c.groups, evaluated_split)))
+            .filter(|(key, real)| real.n >= options.min_cells as f64 || truth.contains_key(key))
+            .collect();
+        let control_groups = conditions::control_groups(groups);
+        let sources = conditions::control_sources(
+            evaluated.iter().map(|(key, _)| &key.0),
+            &control_groups,
+            moments,
+            options.split,
+            options.min_cells,
+        );
+        evaluated.retain(|(key, _)| sources.contains_key(&key.0));
+        let targets = evaluated
+            .iter()
+            .map(|(key, _)| {
+                let c = &conditions[key];
+                let target = Target {
+                    condition: c.condition.clone(),
+                    dose: c.dose.clone(),
+                    parts: c.parts.clone(),
+                    covariates: c.covariates.iter().map(|&v| Some(v)).collect(),
+                };
+                (key.clone(), target)
+            })
+            .collect();
+        let source_of_group = groups
+            .iter()
+            .map(|g| {
+                let g = g.as_ref().filter(|g| g.is_control)?;
+                sources.get(&g.key.0).map(|(s, _)| (g.key.0.clone(), *s))
+            })
+            .collect();
+        Ok(Plan { truth, conditions, evaluated, control_groups, sources, targets, source_of_group })
+    }
+}
+
+/// DEG lists by group, and where they came from (`file` or `store`).
+type DegLists = (HashMap<String, Vec<String>>, &'static str);
+
+/// The DEG table to rank genes by: `--degs`, else the store's, else none (computed per condition).
+fn deg_table(options: &EvaluateOptions, store: &Store) -> Result<Option<DegLists>> {
+    Ok(match &options.degs {
+        Some(p) => Some((read_deg_lists(p)?, "file")),
+        None => {
+            let p = store.file_path(DEG_FILE);
+            if p.exists() { Some((read_deg_lists(&p)?, "store")) } else { None }
+        }
+    })
+}
+
 /// Evaluates a model on a store.
 pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Result<EvaluateReport> {
     let wall = Instant::now();
@@ -294,50 +374,9 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     let moments = moments_stats.busy(|| GroupMoments::read(&store, &labels, genes.len(), count_model, progress))?;
     moments_stats.add(store.n_obs(), store.nnz() * 8);
     progress.end();
-
-    // The conditions evaluated, and the control cells decoded into each covariate combination.
-    let truth_path = options.truth.clone().or_else(|| {
-        let p = store.file_path(cpa_stream_schemas::StoreFiles::TRUTH);
-        p.exists().then_some(p)
-    });
-    let truth_rows = truth_path.as_deref().map(|p| truth::read_truth(p, &vocab)).transpose()?.unwrap_or_default();
-    let conditions = conditions::collect(&groups, &truth_rows);
-    let evaluated_split = |s: Split| options.split.contains(s);
-    let mut evaluated: Vec<(ConditionKey, Moments)> = conditions
-        .iter()
-        .map(|(key, c)| (key.clone(), moments.of_groups(&c.groups, evaluated_split)))
-        .filter(|(key, real)| real.n >= options.min_cells as f64 || truth_rows.contains_key(key))
-        .collect();
-    let control_groups = conditions::control_groups(&groups);
-    let sources = conditions::control_sources(
-        evaluated.iter().map(|(key, _)| &key.0),
-        &control_groups,
-        &moments,
-        options.split,
-        options.min_cells,
-    );
-    evaluated.retain(|(key, _)| sources.contains_key(&key.0));
+    let plan = Plan::new(options, &store, &vocab, &groups, &moments)?;
 
     // Pass 2: decode the control cells into every condition of their covariates.
-    let targets: Vec<(ConditionKey, Target)> = evaluated
-        .iter()
-        .map(|(key, _)| {
-            let c = &conditions[key];
-            let target = Target {
-                condition: c.condition.clone(),
-                dose: c.dose.clone(),
-                parts: c.parts.clone(),
-                covariates: c.covariates.iter().map(|&v| Some(v)).collect(),
-            };
-            (key.clone(), target)
-        })
-        .collect();
-    let source_of_group: Vec<Option<(Vec<u32>, SourceSplits)>> = groups
-        .iter()
-        .map(|g| {
-            g.as_ref().filter(|g| g.is_control).and_then(|g| sources.get(&g.key.0).map(|(s, _)| (g.key.0.clone(), *s)))
-        })
-        .collect();
     let loader = LoaderOptions::default();
     let decode_stats = DecodeStats::new(loader);
     progress.begin("evaluate: counterfactuals", store.n_obs());
@@ -345,8 +384,8 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         model: &model,
         store: &store,
         labels: &labels,
-        source_of_group: &source_of_group,
-        targets: &targets,
+        source_of_group: &plan.source_of_group,
+        targets: &plan.targets,
         split: options.split,
         batch_size: options.batch_size,
         loader,
@@ -356,13 +395,7 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     progress.end();
 
     // DEGs and scores.
-    let deg_table = match &options.degs {
-        Some(p) => Some((read_deg_lists(p)?, "file")),
-        None => {
-            let p = store.file_path(DEG_FILE);
-            if p.exists() { Some((read_deg_lists(&p)?, "store")) } else { None }
-        }
-    };
+    let deg_table = deg_table(options, &store)?;
     let keys = ObsKeys::of(&vocab);
     let scoring = score::Scoring {
         vocab: &vocab,
@@ -370,16 +403,17 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         genes: &genes,
         options,
         moments: &moments,
-        conditions: &conditions,
-        control_groups: &control_groups,
-        sources: &sources,
-        truth: &truth_rows,
+        conditions: &plan.conditions,
+        control_groups: &plan.control_groups,
+        sources: &plan.sources,
+        truth: &plan.truth,
         deg_table: deg_table.as_ref().map(|(lists, source)| (lists, *source)),
     };
     let mut deg_rows = Vec::new();
-    let results: Vec<ConditionMetrics> = evaluated
+    let results: Vec<ConditionMetrics> = plan
+        .evaluated
         .iter()
-        .zip(&targets)
+        .zip(&plan.targets)
         .filter_map(|((key, real), (_, target))| {
             predicted.get(key).map(|pred| scoring.score(key, target, real, pred, &mut deg_rows))
         })

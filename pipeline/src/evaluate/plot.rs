@@ -19,6 +19,7 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+// Long: one SVG document written top to bottom.
 /// The plot as an SVG document.
 pub fn scatter_svg(title: &str, real_label: &str, data: &PlotData, r2: f64) -> String {
     let all = data.predicted.iter().chain(&data.real).chain(&data.control).copied().filter(|v| v.is_finite());

@@ -38,6 +38,7 @@ pub struct ValidationScore {
     pub cells: u64,
 }
 
+// Long: the accumulation on the device and the scores from it share a dozen tensors.
 /// Scores `model` on the cells of `split`.
 pub fn validate(
     model: &CpaModel,

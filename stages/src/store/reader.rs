@@ -210,7 +210,7 @@ impl Store {
             }
         }
         let schema = super::tables::table_schema(&self.dir.join(StoreFiles::OBS))?;
-        check_obs_schema(&schema).map_err(|e| Error::corrupt(self.dir.join(StoreFiles::OBS), e))?;
+        check_obs_schema(&schema).map_err(|e| Error::corrupt(self.dir.join(StoreFiles::OBS), e.0))?;
         Ok(())
     }
 
