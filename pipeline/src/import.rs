@@ -120,7 +120,7 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
                 table.schema().as_ref().clone().with_metadata(HashMap::from([("uns_key".to_owned(), key.clone())])),
             );
             let table =
-                table.with_schema(Arc::clone(&schema)).map_err(|e| Error::InvalidInput(format!("DEG table: {e}")))?;
+                table.with_schema(Arc::clone(&schema)).map_err(Error::arrow("DEG table"))?;
             write_table(&writer.extra_file_path(DEG_FILE), schema, [table]).map_err(Error::stage("write"))?;
             Some((key, rows))
         }
@@ -221,8 +221,8 @@ fn select_genes(
         .iter()
         .map(|c| arrow::compute::take(c, &indices, None))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::InvalidInput(format!("--genes: {e}")))?;
-    let var = RecordBatch::try_new(var.schema(), columns).map_err(|e| Error::InvalidInput(format!("--genes: {e}")))?;
+        .map_err(Error::arrow("--genes: var table"))?;
+    let var = RecordBatch::try_new(var.schema(), columns).map_err(Error::arrow("--genes: var table"))?;
     Ok((var, map))
 }
 

@@ -109,10 +109,9 @@ pub fn read_targets_file(path: &Path) -> Result<Vec<TargetSpec>> {
 fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
     use std::io::{BufRead, BufReader, Seek};
     let origin = path.display().to_string();
-    let io = |e: std::io::Error| Error::InvalidInput(format!("{origin}: {e}"));
-    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
     let mut header = String::new();
-    BufReader::new(&mut file).read_line(&mut header).map_err(io)?;
+    BufReader::new(&mut file).read_line(&mut header).map_err(Error::io(path))?;
     let names: Vec<String> = header.trim_end().split(',').map(|n| n.trim().trim_matches('"').to_owned()).collect();
     if names.iter().any(String::is_empty) {
         return Err(Error::InvalidInput(format!(
@@ -120,15 +119,15 @@ fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
             header.trim_end()
         )));
     }
-    file.rewind().map_err(io)?;
+    file.rewind().map_err(Error::io(path))?;
     let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(
         names.iter().map(|n| arrow::datatypes::Field::new(n, DataType::Utf8, true)).collect::<Vec<_>>(),
     ));
     let reader = arrow::csv::ReaderBuilder::new(schema)
         .with_header(true)
         .build(file)
-        .map_err(|e| Error::InvalidInput(format!("{origin}: {e}")))?;
-    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::InvalidInput(format!("{origin}: {e}")))
+        .map_err(Error::arrow(origin.as_str()))?;
+    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(Error::arrow(origin.as_str()))
 }
 
 /// Names a list for an error message (the first 30).
