@@ -14,7 +14,9 @@ fn main() -> ExitCode {
         // A closed stdout (`cpa-stream inspect S | head`) ends the output, not the program's success.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", message(&err));
+            // Not `eprintln!`: it panics when stderr is closed (`... 2>&1 | head -1`).
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "error: {}", message(&err));
             ExitCode::FAILURE
         }
     }

@@ -119,8 +119,7 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
             let schema = Arc::new(
                 table.schema().as_ref().clone().with_metadata(HashMap::from([("uns_key".to_owned(), key.clone())])),
             );
-            let table =
-                table.with_schema(Arc::clone(&schema)).map_err(Error::arrow("DEG table"))?;
+            let table = table.with_schema(Arc::clone(&schema)).map_err(Error::arrow("DEG table"))?;
             write_table(&writer.extra_file_path(DEG_FILE), schema, [table]).map_err(Error::stage("write"))?;
             Some((key, rows))
         }

@@ -36,6 +36,7 @@ pub mod predictor;
 pub mod progress;
 pub mod run_dir;
 pub mod stats;
+pub mod suggest;
 pub mod synth;
 pub mod telemetry;
 pub mod train;

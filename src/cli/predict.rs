@@ -28,6 +28,9 @@ pub struct PredictArgs {
     /// (A549, K562)`, or `all` [default: the control cells].
     #[arg(long)]
     source: Option<String>,
+    /// When the source selects no cell, write an empty file with a warning instead of failing.
+    #[arg(long)]
+    allow_empty: bool,
     /// Target condition: `KEY=VALUE,...` with the perturbation key, dose key and covariates
     /// (`condition=A+B,dose=0.1+1,cell_type=K562`), or just a condition (`A+B`, dose 1 each).
     /// Covariates not set keep each source cell's own. Repeat for several targets.
@@ -96,6 +99,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         batch_size: args.batch_size,
         loader: LoaderOptions { workers: args.workers, prefetch: args.prefetch },
         seed: args.seed,
+        allow_empty: args.allow_empty,
         ..PredictOptions::new(&args.model, &args.store)
     };
     let sink =

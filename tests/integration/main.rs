@@ -10,3 +10,4 @@ mod predict;
 mod store;
 mod synth;
 mod train;
+mod trust;

@@ -115,7 +115,7 @@ fn means(batches: &[RecordBatch]) -> Vec<Vec<f64>> {
     out
 }
 
-fn predict(args: &[&str]) -> std::process::Output {
+pub fn predict(args: &[&str]) -> std::process::Output {
     let f = fixture();
     let mut all = vec!["predict", "--model", f.run.to_str().unwrap_or_default(), "--store"];
     all.push(f.store.to_str().unwrap_or_default());

@@ -298,7 +298,10 @@ pub(crate) fn memcpy_into_batches(
     timed_threads(threads, |t| {
         // Whole batches per thread, so that every run is one the widest destination holds.
         let batches = partition(n.div_ceil(batch), threads, t);
-        let mut pool = pools[t].lock().map_err(|_| Error::Panic { stage: "bench", message: "another bench thread panicked holding its buffers".into() })?;
+        let mut pool = pools[t].lock().map_err(|_| Error::Panic {
+            stage: "bench",
+            message: "another bench thread panicked holding its buffers".into(),
+        })?;
         for (k, b) in batches.enumerate() {
             let (start, end) = (b * batch, ((b + 1) * batch).min(n));
             let (s, e) = (indptr[start as usize] as usize, indptr[end as usize] as usize);
@@ -352,7 +355,10 @@ pub(crate) fn gather_into_batches(
     let order = &*order;
     let (pools, per_thread) = destination_pools(threads, buffers, widest);
     let elapsed = timed_threads(threads, |t| {
-        let mut pool = pools[t].lock().map_err(|_| Error::Panic { stage: "bench", message: "another bench thread panicked holding its buffers".into() })?;
+        let mut pool = pools[t].lock().map_err(|_| Error::Panic {
+            stage: "bench",
+            message: "another bench thread panicked holding its buffers".into(),
+        })?;
         for (k, rows) in order.chunks(batch).skip(t).step_by(threads).enumerate() {
             let (dst_indices, dst_values) = &mut pool[k % per_thread];
             let mut at = 0;

@@ -223,6 +223,7 @@ impl CellLabels {
         if scan.row != store.n_obs() {
             return Err(scan.bad(format!("{} obs rows for {} cells", scan.row, store.n_obs())));
         }
+        scan.check_control()?;
         scan.check_holdout()?;
         // Covariate categories: the column's declared categories, else the sorted distinct values.
         let covariates = covariate_keys
@@ -249,9 +250,23 @@ fn check_columns(schema: &Schema, options: &EncoderOptions, origin: &str) -> Res
         if names.contains(&key) {
             Ok(())
         } else {
-            Err(Error::InvalidInput(format!("{origin}: no obs column {key:?} (columns: {})", names.join(", "))))
+            Err(Error::InvalidInput(format!(
+                "{origin}: no obs column {key:?} (closest first: {})",
+                crate::suggest::listing(key, names.iter().copied(), 12)
+            )))
         }
     };
+    let mut keys = options.covariate_keys.clone();
+    keys.sort();
+    if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::InvalidInput(format!("covariate {:?} is named twice", w[0])));
+    }
+    if options.covariate_keys.contains(&options.perturbation_key) {
+        return Err(Error::InvalidInput(format!(
+            "{:?} is the perturbation column; it cannot be a covariate too",
+            options.perturbation_key
+        )));
+    }
     need(&options.perturbation_key)?;
     if let Some(d) = &options.dose_key {
         need(d)?;

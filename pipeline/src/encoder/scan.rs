@@ -62,6 +62,17 @@ impl<'a> Scan<'a> {
                         "validation fraction {validation} and test fraction {test} must be >= 0 and sum below 1"
                     )));
                 }
+                let control = canonical_condition(&options.control);
+                if let Some(c) = holdout.iter().find(|c| canonical_condition(c) == control) {
+                    return Err(bad(format!(
+                        "the control {c:?} cannot be held out: every prediction starts from control cells"
+                    )));
+                }
+                let mut sorted: Vec<String> = holdout.iter().map(|c| canonical_condition(c)).collect();
+                sorted.sort();
+                if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(bad(format!("held-out condition {:?} is named twice", w[0])));
+                }
                 let fractions = Fractions { validation: *validation, test: *test, seed: *seed, method: *method };
                 (holdout.iter().map(|c| canonical_condition(c)).collect(), Some(fractions))
             }
@@ -159,14 +170,30 @@ impl<'a> Scan<'a> {
         Ok(g)
     }
 
+    /// The control must occur: without it there is nothing to decode counterfactuals from, and
+    /// the real control would silently train as one more perturbation.
+    pub(super) fn check_control(&self) -> Result<()> {
+        let control = canonical_condition(&self.options.control);
+        if self.groups.iter().any(|g| g.condition == control) {
+            return Ok(());
+        }
+        Err(self.bad(format!(
+            "control {:?} does not occur in obs column {:?}; its values, closest first: {} (set it with --control)",
+            self.options.control,
+            self.options.perturbation_key,
+            crate::suggest::listing(&self.options.control, self.groups.iter().map(|g| g.condition.as_str()), 12)
+        )))
+    }
+
     /// Every held-out condition must occur.
     pub(super) fn check_holdout(&self) -> Result<()> {
         let SplitSpec::Fraction { holdout, .. } = &self.options.split else { return Ok(()) };
         for (written, key) in holdout.iter().zip(&self.holdout) {
             if !self.groups.iter().any(|g| g.condition == *key) {
                 return Err(self.bad(format!(
-                    "held-out condition {written:?} does not occur in {}",
-                    self.options.perturbation_key
+                    "held-out condition {written:?} does not occur in {}; closest first: {}",
+                    self.options.perturbation_key,
+                    crate::suggest::listing(key, self.groups.iter().map(|g| g.condition.as_str()), 8)
                 )));
             }
         }

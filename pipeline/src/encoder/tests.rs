@@ -92,9 +92,11 @@ proptest! {
         let store = store_with(dir.path(), &rows);
         let holdout = if hold { vec!["B+A".to_owned()] } else { Vec::new() };
         let labels = CellLabels::from_store(&store, &options(validation, test, seed, holdout.clone()));
-        // A held-out condition that no cell has is an error, not an empty split.
+        // A held-out condition that no cell has is an error, not an empty split; so is a
+        // table without the control.
         let has_ab = rows.iter().any(|r| canonical_condition(&r.0) == "A+B");
-        if hold && !has_ab {
+        let has_control = rows.iter().any(|r| r.0 == "control");
+        if (hold && !has_ab) || !has_control {
             prop_assert!(labels.is_err());
             return Ok(());
         }
@@ -195,11 +197,43 @@ fn models_from_before_the_exact_split_keep_their_sequence_split() {
     assert!(text.contains(r#""method":"exact""#), "{text}");
     // The sequence assignment still labels every cell as it did: 1,000 cells of one group.
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let rows: Vec<Row> = (0..1000).map(|_| ("A".to_owned(), "1".to_owned(), "x".to_owned())).collect();
+    let mut rows: Vec<Row> = (0..1000).map(|_| ("A".to_owned(), "1".to_owned(), "x".to_owned())).collect();
+    rows.push(("control".to_owned(), "1".to_owned(), "x".to_owned()));
     let store = store_with(dir.path(), &rows);
     let options = EncoderOptions { split: old, ..options(0.0, 0.0, 0, Vec::new()) };
     let labels = CellLabels::from_store(&store, &options).unwrap_or_else(|e| panic!("{e}"));
     let splits: Vec<Split> = (0..1000).map(|c| labels.split(c)).collect();
+    // (The control is group 1, after them.)
     let expected: Vec<Split> = (0..1000).map(|k| super::scan::stratified(4, 0, k, 0.1, 0.2)).collect();
     assert_eq!(splits, expected);
+}
+
+#[test]
+fn a_control_that_does_not_occur_is_an_error_naming_the_closest_values() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let rows: Vec<Row> = [("A", "1"), ("ctrl", "1"), ("B", "1"), ("Control", "1")]
+        .iter()
+        .map(|(c, d)| ((*c).to_owned(), (*d).to_owned(), "x".to_owned()))
+        .collect();
+    let store = store_with(dir.path(), &rows);
+    let err = CellLabels::from_store(&store, &options(0.0, 0.0, 0, Vec::new())).unwrap_err().to_string();
+    assert!(err.contains(r#"control "control" does not occur in obs column "condition""#), "{err}");
+    assert!(err.contains(r#"closest first: "Control", "ctrl""#), "{err}");
+    let named = EncoderOptions { control: "Control".into(), ..options(0.0, 0.0, 0, Vec::new()) };
+    assert!(CellLabels::from_store(&store, &named).is_ok());
+    // Holding out the control, or naming a covariate or held-out condition twice, is refused.
+    let held = EncoderOptions { control: "Control".into(), ..options(0.1, 0.1, 0, vec!["Control".into()]) };
+    let err = CellLabels::from_store(&store, &held).unwrap_err().to_string();
+    assert!(err.contains("cannot be held out"), "{err}");
+    let twice = EncoderOptions { control: "Control".into(), ..options(0.1, 0.1, 0, vec!["A".into(), "A".into()]) };
+    assert!(CellLabels::from_store(&store, &twice).unwrap_err().to_string().contains("named twice"));
+    let twice = EncoderOptions {
+        control: "Control".into(),
+        covariate_keys: vec!["cell_type".into(), "cell_type".into()],
+        ..options(0.0, 0.0, 0, Vec::new())
+    };
+    assert!(CellLabels::from_store(&store, &twice).unwrap_err().to_string().contains("named twice"));
+    let missing = EncoderOptions { perturbation_key: "conditon".into(), ..options(0.0, 0.0, 0, Vec::new()) };
+    let err = CellLabels::from_store(&store, &missing).unwrap_err().to_string();
+    assert!(err.contains(r#"no obs column "conditon" (closest first: "condition""#), "{err}");
 }

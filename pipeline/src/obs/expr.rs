@@ -255,6 +255,62 @@ impl Expr {
         Ok((0..batch.num_rows()).map(|row| self.eval(&columns, row)).collect())
     }
 
+    /// Why the expression selects no cell of the obs table at `obs`: each value it compares
+    /// with that its column does not hold, with the column's values closest first; or, when every
+    /// value occurs, that no cell meets the whole expression.
+    pub fn explain_no_match(&self, obs: &std::path::Path) -> Result<String> {
+        /// Distinct values kept per column for the suggestions.
+        const MAX_DISTINCT: usize = 100_000;
+        let origin = obs.display().to_string();
+        let columns = self.columns();
+        let mut distinct: Vec<std::collections::HashSet<String>> = vec![Default::default(); columns.len()];
+        for batch in cpa_stream_stages::store::read_table(obs).map_err(crate::error::Error::stage("source"))? {
+            let batch = batch.map_err(crate::error::Error::stage("source"))?;
+            for (name, seen) in columns.iter().zip(&mut distinct) {
+                let col = column_strings(&batch, name, &origin)?;
+                for row in 0..batch.num_rows() {
+                    if let Some(v) = col.get(row)
+                        && seen.len() < MAX_DISTINCT
+                        && !seen.contains(v)
+                    {
+                        seen.insert(v.to_owned());
+                    }
+                }
+            }
+        }
+        let mut literals = Vec::new();
+        self.collect_literals(&mut literals);
+        let mut reasons = Vec::new();
+        for (column, value) in literals {
+            let Some(k) = columns.iter().position(|c| *c == column) else { continue };
+            if !distinct[k].contains(value) {
+                let mut values: Vec<&str> = distinct[k].iter().map(String::as_str).collect();
+                values.sort_unstable();
+                reasons.push(format!(
+                    "obs column {column:?} has no value {value:?} (closest first: {})",
+                    crate::suggest::listing(value, values, 8)
+                ));
+            }
+        }
+        if reasons.is_empty() {
+            reasons.push("every value it names occurs, but no cell meets the whole expression".to_owned());
+        }
+        Ok(reasons.join("; "))
+    }
+
+    fn collect_literals<'a>(&'a self, out: &mut Vec<(&'a str, &'a str)>) {
+        match self {
+            Expr::All => {}
+            Expr::Eq(c, v) => out.push((c, v)),
+            Expr::In(c, vs) => out.extend(vs.iter().map(|v| (c.as_str(), v.as_str()))),
+            Expr::Not(e) => e.collect_literals(out),
+            Expr::And(a, b) | Expr::Or(a, b) => {
+                a.collect_literals(out);
+                b.collect_literals(out);
+            }
+        }
+    }
+
     fn eval(&self, columns: &HashMap<&str, TextColumn>, row: usize) -> bool {
         let value = |c: &str| columns.get(c).and_then(|col| col.get(row));
         match self {

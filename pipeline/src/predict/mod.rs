@@ -15,6 +15,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use arrow::error::ArrowError;
+use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::device::{DeviceMemory, memory as device_memory};
 use cpa_stream_stages::sink::{ParquetSink, SinkOptions, SinkSummary};
 use serde::Serialize;
@@ -75,6 +76,7 @@ pub fn run_predict(
     device_memory::reset_peak(options.device);
     let (genes, targets) = (predictor.genes().len(), predictor.targets().len().max(1));
     let rows = predictor.rows();
+    let (source, obs) = (predictor.source().clone(), predictor.store().file_path(StoreFiles::OBS));
     let mut sink = ParquetSink::create(&path, predictor.schema(), sink_options).map_err(Error::stage("sink"))?;
     let sink_stats = StageStats::new("sink", 1);
     let start = Instant::now();
@@ -101,6 +103,24 @@ pub fn run_predict(
     let source_cells = stream.source_cells();
     let stats = stream.stats().clone();
     drop(stream);
+    if source_cells == 0 {
+        let selection = match &options.source {
+            Some(text) => format!("the source {text:?}"),
+            None => "the default source (the control cells)".to_owned(),
+        };
+        let shard = options
+            .shard
+            .map(|s| format!(" in shard {}/{} (rows {}..{})", s.index, s.count, rows.start, rows.end))
+            .unwrap_or_default();
+        let why = source.explain_no_match(&obs)?;
+        if !options.allow_empty {
+            return Err(Error::InvalidInput(format!(
+                "{selection} selects no cell{shard}: {why}. {} was not written (--allow-empty writes an empty file)",
+                path.display()
+            )));
+        }
+        tracing::warn!("{selection} selects no cell{shard}: {why}; writing an empty {}", path.display());
+    }
     // Every stage ended cleanly; the file must still hold every row it promises before it
     // appears (the sink removes its temporary file when dropped).
     let expected = source_cells.saturating_mul(targets as u64);

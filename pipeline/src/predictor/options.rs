@@ -113,6 +113,9 @@ pub struct PredictOptions {
     pub loader: LoaderOptions,
     /// Seed of the posterior draws of a variational model; default 0.
     pub seed: u64,
+    /// Write an empty file (with a warning) when the source selects no cell, instead of failing;
+    /// default false.
+    pub allow_empty: bool,
 }
 
 impl PredictOptions {
@@ -131,6 +134,7 @@ impl PredictOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             loader: LoaderOptions::default(),
             seed: 0,
+            allow_empty: false,
         }
     }
 }

@@ -123,10 +123,8 @@ fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
     let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(
         names.iter().map(|n| arrow::datatypes::Field::new(n, DataType::Utf8, true)).collect::<Vec<_>>(),
     ));
-    let reader = arrow::csv::ReaderBuilder::new(schema)
-        .with_header(true)
-        .build(file)
-        .map_err(Error::arrow(origin.as_str()))?;
+    let reader =
+        arrow::csv::ReaderBuilder::new(schema).with_header(true).build(file).map_err(Error::arrow(origin.as_str()))?;
     reader.collect::<std::result::Result<Vec<_>, _>>().map_err(Error::arrow(origin.as_str()))
 }
 

@@ -1,0 +1,77 @@
+//! No silent wrong or empty result: each mistake a user makes ends in an error that names it
+//! (and what they probably meant), never in exit 0 with a wrong or empty output.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use cpa_stream::schemas::Codec;
+
+use crate::common::{bin, run, small_store, text};
+use crate::predict::fixture;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+/// Runs the binary with stdout and/or stderr writing into a pipe nobody reads (closed before
+/// the start, so that every write fails with a broken pipe).
+fn run_closed(args: &[&str], close_stdout: bool, close_stderr: bool) -> std::process::ExitStatus {
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap_or_else(|e| panic!("{e}"));
+        drop(reader);
+        Stdio::from(writer)
+    };
+    let mut command = Command::new(bin());
+    command.args(args).env("CPA_STREAM_LOG", "info").stdin(Stdio::null());
+    command.stdout(if close_stdout { closed() } else { Stdio::null() });
+    command.stderr(if close_stderr { closed() } else { Stdio::null() });
+    command.status().unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn closed_output_streams_end_the_process_quietly() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = small_store(dir.path(), "s.store", Codec::Raw);
+    // An error with nowhere to report it: the failure's exit code, not a panic (101).
+    let status = run_closed(&["inspect", s(&dir.path().join("missing.store"))], false, true);
+    assert_eq!(status.code(), Some(1), "{status}");
+    // Output and logs into closed pipes: the work is done and succeeds.
+    assert_eq!(run_closed(&["inspect", s(&store)], true, true).code(), Some(0));
+    let out = dir.path().join("synth.store");
+    let args = ["synth", "--cells", "200", "--genes", "20", "--perturbations", "2", "--out", s(&out)];
+    assert_eq!(run_closed(&args, true, true).code(), Some(0));
+    assert!(out.join("manifest.json").exists());
+}
+
+#[test]
+fn a_control_missing_from_the_perturbation_column_is_an_error_listing_its_values() {
+    let f = fixture();
+    let out = f.dir.join("run-no-control");
+    let o = run(&["train", "--store", s(&f.store), "--control", "Control ", "--epochs", "1", "--out", s(&out)]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "trained without its control");
+    assert!(err.contains(r#"control "Control " does not occur in obs column "condition""#), "{err}");
+    assert!(err.contains(r#"closest first: "control""#), "{err}");
+    assert!(!out.join("model").exists());
+}
+
+#[test]
+fn a_source_that_selects_no_cell_is_an_error_unless_allowed() {
+    let f = fixture();
+    let out = f.dir.join("empty.parquet");
+    let o = crate::predict::predict(&["--source", "cell_type == ct01", "--out", s(&out)]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "an empty selection succeeded");
+    assert!(err.contains(r#"obs column "cell_type" has no value "ct01" (closest first: "CT01""#), "{err}");
+    assert!(!out.exists(), "an empty file was published");
+    // Both values occur, but no cell has both.
+    let o = crate::predict::predict(&["--source", "cell_type == CT01 and cell_type == CT02", "--out", s(&out)]);
+    assert!(text(&o.stderr).contains("no cell meets the whole expression"), "{}", text(&o.stderr));
+    // Asked for: a warning and an empty file with the full schema.
+    let o = crate::predict::predict(&["--source", "cell_type == ct01", "--allow-empty", "--out", s(&out)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("selects no cell"), "no warning: {}", text(&o.stderr));
+    let table = cpa_stream::stages::store::read_small_table(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(table.num_rows(), 0);
+    assert!(table.column_by_name("mean").is_some());
+}
