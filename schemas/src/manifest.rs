@@ -52,6 +52,37 @@ impl StoreFiles {
     pub const TRUTH: &'static str = "truth.parquet";
 }
 
+/// Largest `manifest.json` read, in bytes (a store of a few files has a manifest of about 1 KB).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// A file name a manifest may list: one the format defines, or a plain name in the store's top
+/// directory (letters, digits, `.`, `_`, `-`, not starting with `.`). Nothing absolute, nothing
+/// with `..`, nothing in another directory: a store never names a file outside itself.
+pub fn check_file_name(name: &str) -> Result<(), ManifestError> {
+    const DEFINED: [&str; 8] = [
+        StoreFiles::INDPTR,
+        StoreFiles::INDICES,
+        StoreFiles::DATA,
+        StoreFiles::BLOCKS,
+        StoreFiles::BLOCK_INDEX,
+        StoreFiles::OBS,
+        StoreFiles::VAR,
+        StoreFiles::TRUTH,
+    ];
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if DEFINED.contains(&name) || plain {
+        Ok(())
+    } else {
+        Err(ManifestError::Invalid(format!(
+            "files lists {name:?}: a store's files are the format's ({}) or plain names in its directory",
+            DEFINED.join(", ")
+        )))
+    }
+}
+
 /// Errors in a manifest's content (the file's own I/O errors belong to the reader).
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[non_exhaustive]
@@ -186,6 +217,19 @@ impl Manifest {
         if version != u64::from(STORE_FORMAT_VERSION) {
             return Err(ManifestError::UnsupportedVersion { found: version });
         }
+        // serde does not reject unknown fields of an internally tagged unit variant (`raw`).
+        if let Some(codec) = value.get("codec").and_then(|c| c.as_object()) {
+            let allowed: &[&str] = match codec.get("name").and_then(|n| n.as_str()) {
+                Some("zstd") => &["name", "level", "block_rows"],
+                _ => &["name"],
+            };
+            if let Some(field) = codec.keys().find(|k| !allowed.contains(&k.as_str())) {
+                return Err(ManifestError::Invalid(format!(
+                    "codec has an unknown field {field:?} (expected {})",
+                    allowed.join(", ")
+                )));
+            }
+        }
         let manifest: Manifest = serde_json::from_value(value).map_err(|e| ManifestError::Invalid(e.to_string()))?;
         manifest.validate()?;
         Ok(manifest)
@@ -222,6 +266,7 @@ impl Manifest {
             }
         }
         for (path, entry) in &self.files {
+            check_file_name(path)?;
             let ok = entry.checksum.len() == 16 && entry.checksum.bytes().all(|b| b.is_ascii_hexdigit());
             if !ok {
                 return invalid(format!("checksum of {path:?} is {:?}, expected 16 hex digits", entry.checksum));
@@ -313,5 +358,29 @@ mod tests {
             obs.checksum = "xyz".to_owned();
         }
         assert!(bad_sum.validate().is_err());
+    }
+
+    #[test]
+    fn file_names_stay_inside_the_store() {
+        for good in ["X/indptr", "obs.parquet", "degs.parquet", "truth.parquet", "notes-1_a.txt"] {
+            assert_eq!(check_file_name(good), Ok(()), "{good}");
+        }
+        for bad in ["/etc/passwd", "../x", "X/../../x", "X/other", ".hidden", "a/b", "", "a\\b", "obs.parquet\0"] {
+            assert!(check_file_name(bad).is_err(), "{bad:?} accepted");
+        }
+        let mut m = sample();
+        let entry = m.files[StoreFiles::OBS].clone();
+        m.files.insert("../outside".to_owned(), entry);
+        assert!(
+            matches!(Manifest::from_json(&m.to_json()), Err(ManifestError::Invalid(e)) if e.contains("../outside"))
+        );
+    }
+
+    #[test]
+    fn the_raw_codec_takes_no_other_field() {
+        let text = sample().to_json().replace(r#""name": "raw""#, r#""name": "raw", "level": 3"#);
+        assert!(text.contains(r#""level": 3"#), "{text}");
+        let err = Manifest::from_json(&text).unwrap_err().to_string();
+        assert!(err.contains(r#"unknown field "level""#), "{err}");
     }
 }

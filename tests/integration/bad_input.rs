@@ -174,3 +174,63 @@ fn a_directory_that_is_no_store() {
     let err = open_err(dir.path());
     assert!(err.contains("format is \"<missing>\""), "{err}");
 }
+
+#[test]
+fn manifest_file_names_never_leave_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    let outside = dir.path().join("outside.txt");
+    fs::write(&outside, b"not the store's").unwrap();
+    for name in ["../outside.txt", outside.to_str().unwrap(), "X/../../outside.txt"] {
+        let copy = dir.path().join("copy.store");
+        let _ = fs::remove_dir_all(&copy);
+        let o = run(&["convert", path.to_str().unwrap(), "--out", copy.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        edit_manifest(&copy, |v| {
+            v["files"][name] = serde_json::json!({"bytes": 15, "checksum": "0000000000000000"});
+        });
+        let err = open_err(&copy);
+        assert!(err.contains(&format!("files lists {name:?}")), "{err}");
+        // Neither verify nor convert follows the name out of the store.
+        let o = run(&["verify", copy.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o.stdout));
+        let o = run(&["convert", copy.to_str().unwrap(), "--out", dir.path().join("again.store").to_str().unwrap()]);
+        assert!(!o.status.success());
+        assert_eq!(fs::read(&outside).unwrap(), b"not the store's");
+    }
+}
+
+#[test]
+fn a_manifest_that_is_no_regular_file_or_too_large_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    let manifest = path.join(MANIFEST_FILE);
+    fs::remove_file(&manifest).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &manifest).unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("manifest.json: not a regular file"), "{err}");
+    fs::remove_file(&manifest).unwrap();
+    fs::write(&manifest, vec![b' '; 2 << 20]).unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("larger than 1048576 bytes"), "{err}");
+}
+
+#[test]
+fn verify_finds_unlisted_files_and_decodes_the_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    fs::write(path.join("X/stale"), b"left behind").unwrap();
+    let err = Store::open(&path).unwrap().verify().unwrap_err().to_string();
+    assert!(err.contains("X/stale: in the store but not listed"), "{err}");
+    fs::remove_file(path.join("X/stale")).unwrap();
+    Store::open(&path).unwrap().verify().unwrap();
+    // A truth table whose bytes match the manifest but do not decode.
+    let truth = path.join(StoreFiles::TRUTH);
+    fs::write(&truth, b"PAR1 not parquet PAR1").unwrap();
+    let (bytes, checksum) = cpa_stream::stages::store::file_checksum(&truth).unwrap();
+    edit_manifest(&path, |v| {
+        v["files"][StoreFiles::TRUTH] = serde_json::json!({"bytes": bytes, "checksum": checksum});
+    });
+    let err = Store::open(&path).unwrap().verify().unwrap_err().to_string();
+    assert!(err.contains("truth.parquet"), "{err}");
+}

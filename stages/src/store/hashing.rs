@@ -64,3 +64,8 @@ pub(crate) fn hash_reader(mut reader: impl Read) -> io::Result<(u64, String)> {
         total += n as u64;
     }
 }
+
+/// A file's size and checksum as a store's manifest records them (XXH3-64, 16 hex digits).
+pub fn file_checksum(path: &std::path::Path) -> io::Result<(u64, String)> {
+    hash_reader(std::io::BufReader::new(std::fs::File::open(path)?))
+}

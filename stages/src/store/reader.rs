@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use cpa_stream_schemas::tables::check_obs_schema;
-use cpa_stream_schemas::{Codec, MANIFEST_FILE, Manifest, StoreFiles};
+use cpa_stream_schemas::{Codec, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, StoreFiles};
 use memmap2::Advice;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
@@ -112,17 +112,38 @@ impl<'a> CsrView<'a> {
     }
 }
 
+/// The manifest's text: a regular file of at most [`MAX_MANIFEST_BYTES`] (a link to a device
+/// or a huge file is refused before it is read).
+fn read_manifest(path: &Path) -> Result<String> {
+    use std::io::Read as _;
+    let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::corrupt(path, "not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(Error::corrupt(path, format!("larger than {MAX_MANIFEST_BYTES} bytes; not a store manifest")));
+    }
+    Ok(text)
+}
+
 impl Store {
     /// Opens and validates the store at `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
         let dir = dir.as_ref().to_owned();
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = fs::read_to_string(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
+        let text = read_manifest(&manifest_path)?;
         let manifest =
             Manifest::from_json(&text).map_err(|source| Error::Manifest { path: manifest_path.clone(), source })?;
         for (name, entry) in &manifest.files {
             let path = dir.join(name);
-            let actual = fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+            let meta = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+            if !meta.is_file() {
+                return Err(Error::corrupt(&path, "not a regular file"));
+            }
+            let actual = meta.len();
             if actual != entry.bytes {
                 return Err(Error::SizeMismatch {
                     path,

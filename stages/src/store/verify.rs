@@ -44,13 +44,40 @@ impl Store {
             report.files += 1;
             report.bytes += entry.bytes;
         }
+        self.check_unlisted_files()?;
         self.check_indices()?;
         super::summarize_obs(self)?;
-        for batch in super::read_table(&self.file_path(StoreFiles::VAR))? {
-            batch?;
+        for name in [StoreFiles::VAR, StoreFiles::TRUTH] {
+            if name == StoreFiles::VAR || self.manifest().files.contains_key(name) {
+                for batch in super::read_table(&self.file_path(name))? {
+                    batch?;
+                }
+            }
         }
         report.rows = self.n_obs();
         report.nnz = self.nnz();
         Ok(report)
+    }
+
+    /// Every file in the store's directories is one the manifest lists (or the manifest).
+    fn check_unlisted_files(&self) -> Result<()> {
+        let listed = &self.manifest().files;
+        let mut dirs = vec![(self.path().to_owned(), String::new())];
+        while let Some((dir, prefix)) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+                let entry = entry.map_err(|e| Error::io(&dir, e))?;
+                let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+                let kind = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+                if kind.is_dir() && prefix.is_empty() && name == "X" {
+                    dirs.push((entry.path(), "X/".to_owned()));
+                } else if name != cpa_stream_schemas::MANIFEST_FILE && !listed.contains_key(&name) {
+                    return Err(Error::corrupt(
+                        entry.path(),
+                        "in the store but not listed in its manifest (a leftover of another write, or added by hand)",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
