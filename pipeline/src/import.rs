@@ -146,6 +146,14 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
             result
         },
         |(rows, obs): (CsrBatch, RecordBatch)| {
+            // The store's rule for values (finite, >= 0), reported against the input file.
+            for r in 0..rows.n_rows() {
+                let (indices, values) = rows.row(r);
+                cpa_stream_stages::csr::check_row(indices, values, n_vars).map_err(|e| {
+                    let matrix = options.layer.as_ref().map_or("X".to_owned(), |l| format!("layers/{l}"));
+                    Error::InvalidInput(format!("{}: {matrix}: cell {}{e}", input.display(), writer.n_obs() + r as u64))
+                })?;
+            }
             write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
             write.add(rows.n_rows() as u64, rows.byte_size());
             progress.advance(rows.n_rows() as u64);

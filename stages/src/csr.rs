@@ -158,27 +158,50 @@ impl CsrBatch {
         }
     }
 
-    /// Checks that column indices are strictly increasing within each row and below `n_cols`, and
-    /// that values are finite. The error names the row (within the batch) and column.
+    /// Checks every row with [`check_row`]. The error names the row (within the batch) and
+    /// column.
     pub fn validate(&self) -> Result<(), String> {
         for r in 0..self.n_rows() {
             let (indices, data) = self.row(r);
-            let mut prev: Option<u32> = None;
-            for (&c, &v) in indices.iter().zip(data) {
-                if c >= self.n_cols {
-                    return Err(format!("row {r}: column index {c} out of range, expected < {}", self.n_cols));
-                }
-                if prev.is_some_and(|p| p >= c) {
-                    return Err(format!("row {r}: column indices not strictly increasing at column {c}"));
-                }
-                if !v.is_finite() {
-                    return Err(format!("row {r}, column {c}: value {v} is not finite"));
-                }
-                prev = Some(c);
-            }
+            check_row(indices, data, self.n_cols).map_err(|e| format!("row {r}{e}"))?;
         }
         Ok(())
     }
+}
+
+/// The rule for every stored row: column indices strictly increasing and below `n_cols`,
+/// values finite and >= 0 (counts or normalised expression). A fast pass (what every reader runs
+/// on what it gathers); the error (`: column ...`, to follow a row's name) is worked out only when
+/// the pass fails.
+pub fn check_row(indices: &[u32], data: &[f32], n_cols: u32) -> Result<(), String> {
+    let ordered = indices.windows(2).all(|w| w[0] < w[1]) && indices.last().is_none_or(|&c| c < n_cols);
+    // `v >= 0 && v < inf` is false for NaN too.
+    let valid = data.iter().all(|&v| v >= 0.0 && v < f32::INFINITY);
+    if ordered && valid && indices.len() == data.len() {
+        return Ok(());
+    }
+    if indices.len() != data.len() {
+        return Err(format!(": {} column indices for {} values", indices.len(), data.len()));
+    }
+    let mut prev: Option<u32> = None;
+    for (&c, &v) in indices.iter().zip(data) {
+        if c >= n_cols {
+            return Err(format!(": column index {c} out of range, expected < {n_cols}"));
+        }
+        if prev.is_some_and(|p| p >= c) {
+            return Err(format!(": column indices not strictly increasing at column {c}"));
+        }
+        if !v.is_finite() {
+            return Err(format!(", column {c}: value {v} is not finite"));
+        }
+        if v < 0.0 {
+            return Err(format!(
+                ", column {c}: value {v} is negative (expected counts or normalised expression, >= 0)"
+            ));
+        }
+        prev = Some(c);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

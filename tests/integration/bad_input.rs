@@ -234,3 +234,48 @@ fn verify_finds_unlisted_files_and_decodes_the_truth() {
     let err = Store::open(&path).unwrap().verify().unwrap_err().to_string();
     assert!(err.contains("truth.parquet"), "{err}");
 }
+
+#[test]
+fn every_reader_checks_the_rows_it_gathers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_store(dir.path(), "s.store", Codec::Raw);
+    let first = |store: &Store| -> (u64, usize) {
+        let indptr = store.indptr();
+        let row = (0..store.n_obs()).find(|&r| indptr[r as usize + 1] > indptr[r as usize] + 1).unwrap();
+        (row, indptr[row as usize] as usize)
+    };
+    let (row, at) = first(&Store::open(&path).unwrap());
+    let read = |path: &Path| -> String {
+        let store = Store::open(path).unwrap();
+        let mut out = cpa_stream::stages::CsrBatch::new(store.n_vars() as u32);
+        let mut cursor = store.cursor().unwrap();
+        let by_range = cursor.read_range(0..store.n_obs(), &mut out).unwrap_err().to_string();
+        let by_row = cursor.gather(&[row], &mut out).unwrap_err().to_string();
+        assert_eq!(by_range, by_row);
+        by_range
+    };
+    // An index past the genes (it used to become the last gene, or a libtorch error later).
+    patch(&path.join(StoreFiles::INDICES), at as u64 * 4, &u32::MAX.to_le_bytes());
+    let err = read(&path);
+    assert!(err.contains(&format!("X/indices: row {row}: column index 4294967295 out of range")), "{err}");
+    // Repeated (zeroed) indices.
+    patch(&path.join(StoreFiles::INDICES), at as u64 * 4, &0u32.to_le_bytes());
+    patch(&path.join(StoreFiles::INDICES), at as u64 * 4 + 4, &0u32.to_le_bytes());
+    let err = read(&path);
+    assert!(err.contains(&format!("X/indices: row {row}: column indices not strictly increasing")), "{err}");
+    // A NaN or a negative value.
+    let path = small_store(dir.path(), "t.store", Codec::Raw);
+    patch(&path.join(StoreFiles::DATA), at as u64 * 4, &f32::NAN.to_le_bytes());
+    let err = read(&path);
+    assert!(err.contains(&format!("X/data: row {row}, column")) && err.contains("NaN is not finite"), "{err}");
+    patch(&path.join(StoreFiles::DATA), at as u64 * 4, &(-2.0f32).to_le_bytes());
+    let err = read(&path);
+    assert!(err.contains("value -2 is negative"), "{err}");
+    // verify finds it too, and export stops with the row rather than writing it.
+    let o = run(&["verify", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let h5ad = dir.path().join("out.h5ad");
+    let o = run(&["export", path.to_str().unwrap(), "--out", h5ad.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o.stderr).contains("is negative"), "{}", text(&o.stderr));
+    assert!(!h5ad.exists());
+}

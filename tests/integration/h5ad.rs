@@ -279,6 +279,8 @@ fn bad_files_give_named_errors_and_no_store() {
         ("bad_encoding", None, "encoding-type \"awkward-array\""),
         ("bad_shape", None, "X columns is 41, expected 40"),
         ("bad_obs_length", None, "is 120, expected 100"),
+        ("bad_negative", None, "value -1.5 is negative"),
+        ("bad_nan", None, "value NaN is not finite"),
         ("csr_f32", Some("nope"), "no layer \"nope\"; layers: counts"),
         ("missing", None, "No such file"),
     ] {

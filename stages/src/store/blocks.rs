@@ -121,6 +121,9 @@ impl BlockDecoder {
                 *c = value as u32;
                 prev = value;
             }
+            let n_cols = u32::try_from(n_vars).unwrap_or(u32::MAX);
+            crate::csr::check_row(&indices[start..end], &data[start..end], n_cols)
+                .map_err(|e| format!("row {row} of the block{e}"))?;
         }
         Ok(())
     }
@@ -134,7 +137,7 @@ mod tests {
     fn blocks_round_trip() -> Result<(), Box<dyn std::error::Error>> {
         let indptr = [0u64, 3, 3, 5];
         let indices = [1u32, 7, 9, 0, 4_000_000];
-        let data = [1.0f32, 2.5, -3.0, 0.0, 7.0];
+        let data = [1.0f32, 2.5, 3.0, 0.0, 7.0];
         let mut enc = BlockEncoder::new(3)?;
         let frame = enc.encode(&indptr, &indices, &data)?.to_vec();
         let mut dec = BlockDecoder::new()?;
@@ -148,6 +151,13 @@ mod tests {
         let short = [0u64, 3, 3, 4];
         assert!(dec.decode(&frame, &short, 5_000_000, &mut i, &mut d).unwrap_err().contains("expected 32"));
         assert!(dec.decode(&frame[..frame.len() / 2], &abs, 5_000_000, &mut i, &mut d).is_err());
+        // Values follow the stored-row rule too: finite and >= 0.
+        let negative = enc.encode(&indptr, &indices, &[1.0, 2.5, -3.0, 0.0, 7.0])?.to_vec();
+        let err = dec.decode(&negative, &abs, 5_000_000, &mut i, &mut d).unwrap_err();
+        assert_eq!(
+            err,
+            "row 0 of the block, column 9: value -3 is negative (expected counts or normalised expression, >= 0)"
+        );
         Ok(())
     }
 }

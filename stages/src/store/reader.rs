@@ -11,7 +11,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use super::blocks::BlockDecoder;
 use super::mmap::MappedFile;
-use crate::csr::CsrBatch;
+use crate::csr::{CsrBatch, check_row};
 use crate::error::{Error, Result};
 
 /// Access pattern hints for the matrix maps (`madvise`).
@@ -343,26 +343,9 @@ impl Store {
                     let view =
                         self.raw_rows(start..end).ok_or_else(|| Error::corrupt(&path, "unreadable row range"))?;
                     for r in 0..view.n_rows() {
-                        let (indices, _) = view.row(r);
-                        let mut prev: Option<u32> = None;
-                        for &c in indices {
-                            if u64::from(c) >= n_vars {
-                                return Err(Error::corrupt(
-                                    &path,
-                                    format!(
-                                        "row {}: column index {c} out of range, expected < {n_vars}",
-                                        start + r as u64
-                                    ),
-                                ));
-                            }
-                            if prev.is_some_and(|p| p >= c) {
-                                return Err(Error::corrupt(
-                                    &path,
-                                    format!("row {}: column indices not strictly increasing at {c}", start + r as u64),
-                                ));
-                            }
-                            prev = Some(c);
-                        }
+                        let (indices, data) = view.row(r);
+                        check_row(indices, data, n_vars as u32)
+                            .map_err(|e| Error::corrupt(&path, format!("row {}{e}", start + r as u64)))?;
                     }
                     start = end;
                 }
@@ -446,6 +429,7 @@ pub struct RowCursor<'a> {
     block_start: u64,
     indices: Vec<u32>,
     data: Vec<f32>,
+    n_vars: u32,
 }
 
 impl<'a> RowCursor<'a> {
@@ -471,6 +455,8 @@ impl<'a> RowCursor<'a> {
             block_start: 0,
             indices: Vec::new(),
             data: Vec::new(),
+            // At most u32::MAX (checked with the manifest).
+            n_vars: u32::try_from(store.n_vars()).unwrap_or(u32::MAX),
         })
     }
 
@@ -500,6 +486,19 @@ impl<'a> RowCursor<'a> {
         Ok(())
     }
 
+    /// The stored-row rule ([`check_row`]) on a raw row before it is handed out: a damaged store
+    /// stops the reader with the file and row, not a wrong gene or a libtorch index error later.
+    fn check(&self, row: u64, indices: &[u32], data: &[f32]) -> Result<()> {
+        check_row(indices, data, self.n_vars).map_err(|e| {
+            let file = if e.contains("column index") || e.contains("strictly") {
+                StoreFiles::INDICES
+            } else {
+                StoreFiles::DATA
+            };
+            Error::corrupt(self.store.dir.join(file), format!("row {row}{e}"))
+        })
+    }
+
     /// Row `row`'s column indices and values (valid until the next call).
     pub fn row(&mut self, row: u64) -> Result<(&[u32], &[f32])> {
         if row >= self.store.n_obs() {
@@ -512,7 +511,9 @@ impl<'a> RowCursor<'a> {
         let (s, e) = (self.indptr[row as usize], self.indptr[row as usize + 1]);
         if let Some((indices, data)) = self.raw {
             // Offsets were checked at open: non-decreasing and ending at nnz = the arrays' length.
-            return Ok((&indices[s as usize..e as usize], &data[s as usize..e as usize]));
+            let (indices, data) = (&indices[s as usize..e as usize], &data[s as usize..e as usize]);
+            self.check(row, indices, data)?;
+            return Ok((indices, data));
         }
         self.load_block(row)?;
         let (s, e) = ((s - self.block_start) as usize, (e - self.block_start) as usize);
@@ -522,6 +523,10 @@ impl<'a> RowCursor<'a> {
     /// Appends rows `rows` (a contiguous range) to `out`.
     pub fn read_range(&mut self, rows: Range<u64>, out: &mut CsrBatch) -> Result<()> {
         if let Some(view) = self.store.raw_rows(rows.clone()) {
+            for r in 0..view.n_rows() {
+                let (indices, data) = view.row(r);
+                self.check(rows.start + r as u64, indices, data)?;
+            }
             out.push_rows(view.indptr, view.indices, view.data);
             return Ok(());
         }
