@@ -107,6 +107,18 @@ pub enum Error {
     /// Options or data that cannot be used; the message says which and why.
     #[error("{0}")]
     InvalidInput(String),
+    /// Training produced a loss that is NaN or infinite: the model diverged, or a batch held a
+    /// non-finite value. Nothing after it is saved.
+    #[error(
+        "epoch {epoch}, batch {batch}: a training loss is not finite (NaN or infinite); the model diverged \
+         (lower lr or adv_lr, or keep do_clip_grad on) or the batch holds a non-finite value (`cpa-stream verify`)"
+    )]
+    Diverged {
+        /// The epoch (0-based).
+        epoch: u32,
+        /// The batch of the epoch (0-based).
+        batch: u64,
+    },
     /// A libtorch operation failed.
     #[error("libtorch: {context}: {source}")]
     Torch {

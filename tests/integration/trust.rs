@@ -75,3 +75,30 @@ fn a_source_that_selects_no_cell_is_an_error_unless_allowed() {
     assert_eq!(table.num_rows(), 0);
     assert!(table.column_by_name("mean").is_some());
 }
+
+#[test]
+fn a_diverging_run_or_zero_epochs_leaves_no_model() {
+    let f = fixture();
+    let config = f.dir.join("diverge.toml");
+    let toml = std::fs::read_to_string(crate::common::repo_root().join("examples/cpa-small.toml"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .replace("lr = 0.002", "lr = 1e30")
+        .replace("adv_lr = 0.003", "adv_lr = 1e30");
+    std::fs::write(&config, toml).unwrap_or_else(|e| panic!("{e}"));
+    let out = f.dir.join("run-diverged");
+    let args = ["--dose-key", "dose", "--covariates", "cell_type", "--threads", "1", "--out", s(&out)];
+    let mut all = vec!["train", "--store", s(&f.store), "--config", s(&config), "--epochs", "3"];
+    all.extend(args);
+    let o = run(&all);
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "a diverged run succeeded: {err}");
+    assert!(err.contains("a training loss is not finite") && err.contains("epoch 0, batch"), "{err}");
+    for dir in ["model", "best", "checkpoint"] {
+        assert!(!out.join(dir).exists(), "{dir}/ written by a diverged run");
+    }
+    let out = f.dir.join("run-zero");
+    let o = run(&["train", "--store", s(&f.store), "--epochs", "0", "--out", s(&out)]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--epochs 0 trains nothing"), "{}", text(&o.stderr));
+    assert!(!out.join("model").exists());
+}

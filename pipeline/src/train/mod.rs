@@ -122,6 +122,12 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
     if train_cells == 0 {
         return Err(Error::InvalidInput(format!("{}: no training cells", options.store.display())));
     }
+    if options.epochs == Some(0) {
+        return Err(Error::InvalidInput(
+            "--epochs 0 trains nothing; no model was written (give at least 1, or leave it to the configuration)"
+                .to_owned(),
+        ));
+    }
     std::fs::create_dir_all(&options.out).map_err(Error::io(&options.out))?;
     let trainer = start_trainer(options, &store, &labels)?;
     // Peak device memory counts from here: the model, optimizer state and training steps.
@@ -356,6 +362,16 @@ impl Run<'_> {
                 Arc::clone(&self.halt),
             )
         })?;
+        if !score.score.is_finite() {
+            return Err(Error::InvalidInput(format!(
+                "validation after epoch {}: the score is {} (reconstruction loss {}, r2 of means {}): a \
+                 validation cell holds a non-finite value or the model diverged; nothing of this epoch was saved",
+                self.trainer.state().epoch.saturating_sub(1),
+                score.score,
+                score.recon_loss,
+                score.r2_mean
+            )));
+        }
         let patience = self.trainer.model().config().training.early_stopping_patience;
         if self.trainer.record_validation(score.score, patience).improved {
             save_model(self.trainer.model(), &self.options.out.join(BEST_DIR)).map_err(Error::stage("trainer"))?;

@@ -156,12 +156,18 @@ pub struct Trainer {
     batches_in_epoch: u64,
     pending: Pending,
     sums: Tensor,
+    /// The first batch of the epoch with a non-finite loss ([`NO_BAD_BATCH`] if none), kept on
+    /// the device so that checking costs no synchronisation per batch.
+    first_nonfinite: Tensor,
     counts: (u64, u64, u64),
     /// Wall seconds of this epoch before this trainer took it over from a checkpoint, and the
     /// clock of its own part (from its first batch).
     epoch_seconds_before: f64,
     epoch_clock: Option<std::time::Instant>,
 }
+
+/// [`Trainer::first_nonfinite`] while every loss of the epoch is finite.
+const NO_BAD_BATCH: f64 = 1e300;
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,6 +213,7 @@ impl Trainer {
             batches_in_epoch: 0,
             pending: Pending { micro: 0, ae: None, adv: None },
             sums,
+            first_nonfinite: Tensor::f_full([], NO_BAD_BATCH, (Kind::Double, device))?,
             counts: (0, 0, 0),
             epoch_seconds_before: 0.0,
             epoch_clock: None,
@@ -426,6 +433,22 @@ impl Trainer {
         let row =
             Tensor::f_stack(&values.iter().map(|v| v.f_detach()).collect::<std::result::Result<Vec<_>, _>>()?, 0)?;
         self.sums = self.sums.f_add(&row.f_to_kind(Kind::Float)?)?;
+        // finite ? NO_BAD_BATCH : this batch, folded into the epoch's first.
+        let finite = row.f_isfinite()?.f_all()?.f_to_kind(Kind::Double)?;
+        let batch = self.batches_in_epoch as f64;
+        let here = finite.f_mul_scalar(NO_BAD_BATCH - batch)?.f_add_scalar(batch)?;
+        self.first_nonfinite = self.first_nonfinite.f_minimum(&here)?;
+        Ok(())
+    }
+
+    /// Errors ([`Error::Diverged`], naming the epoch and batch) when a loss of this epoch so far
+    /// was not finite. One device-to-host read; done wherever metrics are read and before a
+    /// checkpoint is written, so a diverged model is never saved.
+    pub fn check_finite(&self) -> Result<()> {
+        let first = self.first_nonfinite.f_double_value(&[])?;
+        if first < NO_BAD_BATCH {
+            return Err(Error::Diverged { epoch: self.state.epoch, batch: first as u64 });
+        }
         Ok(())
     }
 
@@ -505,6 +528,7 @@ impl Trainer {
 
     /// Means of the losses since the start of the epoch (one device-to-host read).
     pub fn running_metrics(&self) -> Result<EpochMetrics> {
+        self.check_finite()?;
         let sums = Vec::<f32>::try_from(&self.sums.f_to_device(Device::Cpu)?)?;
         let (ae, adv, cells) = self.counts;
         let mean = |s: f32, n: u64| if n == 0 { f64::NAN } else { f64::from(s) / n as f64 };
@@ -530,6 +554,7 @@ impl Trainer {
         }
         let metrics = self.running_metrics()?;
         self.sums = self.sums.f_zero_()?;
+        self.first_nonfinite = self.first_nonfinite.f_fill_(NO_BAD_BATCH)?;
         self.counts = (0, 0, 0);
         self.state.epoch += 1;
         self.batch_in_epoch = 0;
@@ -544,6 +569,7 @@ impl Trainer {
     /// Checkpoints are taken between epochs, or within one when
     /// [`can_checkpoint`](Trainer::can_checkpoint) (the epoch's position is then saved too).
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.check_finite()?;
         if !self.can_checkpoint() {
             return Err(Error::InvalidInput(format!(
                 "{}: no checkpoint while the gradients of an optimizer step are being accumulated \

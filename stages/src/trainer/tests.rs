@@ -495,3 +495,37 @@ fn early_stopping_keeps_the_best_epoch_and_stops_after_patience() -> Result<()> 
     }
     Ok(())
 }
+
+#[test]
+fn a_non_finite_loss_stops_training_naming_epoch_and_batch() -> Result<()> {
+    let v = vocab()?;
+    let mut trainer = Trainer::new(CpaModel::new(&small_config(), &v, None, Device::Cpu, 7)?)?;
+    let good: Vec<HostBatch> = (0..3).map(|s| batch(&v, 16, s)).collect::<Result<_>>()?;
+    train(&mut trainer, &good, 1)?;
+    // Epoch 1: batch 2 carries a NaN count (as a damaged store would without the reader's check).
+    let mut bad = batch(&v, 16, 9)?;
+    let first = (0..bad.counts.n_rows()).find(|&r| !bad.counts.row(r).0.is_empty()).unwrap_or(0);
+    let (idx, _) = bad.counts.row(first);
+    let idx = idx.to_vec();
+    let mut counts = crate::CsrBatch::new(GENES as u32);
+    for r in 0..bad.counts.n_rows() {
+        let (i, d) = bad.counts.row(r);
+        if r == first {
+            counts.push_row(&idx, &vec![f32::NAN; idx.len()]);
+        } else {
+            counts.push_row(i, d);
+        }
+    }
+    bad.counts = counts;
+    trainer.step(&good[0])?;
+    trainer.step(&good[1])?;
+    trainer.step(&bad)?;
+    trainer.step(&good[2])?;
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let err = trainer.save_checkpoint(&dir.path().join("checkpoint")).unwrap_err();
+    assert!(matches!(err, Error::Diverged { epoch: 1, batch: 2 }), "{err}");
+    assert!(!dir.path().join("checkpoint").exists(), "a diverged checkpoint was written");
+    let err = trainer.end_epoch().unwrap_err().to_string();
+    assert!(err.starts_with("epoch 1, batch 2: a training loss is not finite"), "{err}");
+    Ok(())
+}
