@@ -54,3 +54,54 @@ pub(crate) fn copy_files(from: &Path, to: &Path) -> cpa_stream_stages::Result<()
     }
     Ok(())
 }
+
+/// Every entry a training run directory may hold (with temporaries of them, `.NAME.tmp-*`).
+pub const RUN_ENTRIES: [&str; 6] = [CHECKPOINT_DIR, BEST_DIR, MODEL_DIR, METRICS_FILE, CONFIG_FILE, SETTINGS_FILE];
+
+/// The settings a run was trained with (obs keys, control, covariates, split, configuration),
+/// read back by `--resume`, `predict` and `evaluate`.
+pub const SETTINGS_FILE: &str = "settings.json";
+
+/// Whether `dir` exists and holds anything.
+pub fn is_nonempty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// An existing output directory may be replaced only when it holds nothing but what the
+/// command itself writes (`known`, and temporaries of them): `--overwrite` never deletes a
+/// user's other files (say, `--out .`).
+pub fn check_replaceable(dir: &Path, known: &[&str], what: &str) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(Error::io(dir))?;
+    let mut foreign = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(Error::io(dir))?.file_name().to_string_lossy().into_owned();
+        let ours = known.contains(&name.as_str())
+            || known.iter().any(|k| name.starts_with(&format!(".{k}.tmp-")) || name.starts_with(&format!(".{k}.old-")));
+        if !ours {
+            foreign.push(name);
+        }
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    Err(Error::InvalidInput(format!(
+        "{}: holds files that are not {what}'s ({}); --overwrite replaces only {what} (choose another directory)",
+        dir.display(),
+        foreign.iter().take(6).map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+    )))
+}
+
+/// Removes what a previous output of the same command left in `dir` (after
+/// [`check_replaceable`]).
+pub fn remove_entries(dir: &Path, known: &[&str]) -> Result<()> {
+    for name in known {
+        let path = dir.join(name);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path).map_err(Error::io(&path))?,
+            Ok(_) => std::fs::remove_file(&path).map_err(Error::io(&path))?,
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}

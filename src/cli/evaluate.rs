@@ -37,6 +37,9 @@ pub struct EvaluateArgs {
     /// Do not write the per-condition SVG plots.
     #[arg(long)]
     no_plots: bool,
+    /// Replace an existing evaluation at --out (a directory holding other files is refused).
+    #[arg(long)]
+    overwrite: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -61,6 +64,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         batch_size: args.batch_size,
         min_cells: args.min_cells,
         plots: !args.no_plots,
+        overwrite: args.overwrite,
         ..EvaluateOptions::new(&args.model, &args.store, &args.out)
     };
     let progress = CliProgress::new();

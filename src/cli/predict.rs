@@ -31,6 +31,9 @@ pub struct PredictArgs {
     /// When the source selects no cell, write an empty file with a warning instead of failing.
     #[arg(long)]
     allow_empty: bool,
+    /// Replace an existing output file (with --shard: an existing part file).
+    #[arg(long)]
+    overwrite: bool,
     /// Target condition: `KEY=VALUE,...` with the perturbation key, dose key and covariates
     /// (`condition=A+B,dose=0.1+1,cell_type=K562`), or just a condition (`A+B`, dose 1 each).
     /// Covariates not set keep each source cell's own. Repeat for several targets.
@@ -102,8 +105,12 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         allow_empty: args.allow_empty,
         ..PredictOptions::new(&args.model, &args.store)
     };
-    let sink =
-        SinkOptions { row_group_rows: args.row_group_rows, zstd_level: args.zstd_level, ..SinkOptions::default() };
+    let sink = SinkOptions {
+        row_group_rows: args.row_group_rows,
+        zstd_level: args.zstd_level,
+        overwrite: args.overwrite,
+        ..SinkOptions::default()
+    };
     let progress = CliProgress::new();
     let report = run_predict(&options, &args.out, &sink, &progress)
         .with_context(|| format!("predicting from {} with {}", args.store.display(), args.model.display()))?;

@@ -57,8 +57,11 @@ pub struct TrainArgs {
     #[arg(long, value_parser = super::parse_run_cells)]
     shuffle_run_cells: Option<usize>,
     /// Continue from RUN/checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Replace an existing run at --out (a directory holding other files is refused).
+    #[arg(long)]
+    overwrite: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -111,6 +114,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         config,
         device,
         resume: args.resume,
+        overwrite: args.overwrite,
         epochs: args.epochs,
         auto_batch_size,
         loader: LoaderOptions { workers: args.workers, prefetch: args.prefetch },

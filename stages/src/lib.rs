@@ -22,6 +22,7 @@ pub mod device;
 mod error;
 pub mod h5ad;
 pub mod model;
+pub mod output;
 pub mod rng;
 pub mod sink;
 pub mod store;

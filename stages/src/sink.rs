@@ -7,6 +7,7 @@
 //! float columns (plain or inside `FixedSizeList` vectors) are written without dictionaries and
 //! with the BYTE_STREAM_SPLIT encoding, which compresses float32 expression values well.
 
+use crate::output::OutputKind;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,9 @@ pub struct SinkOptions {
     pub row_group_bytes: usize,
     /// zstd level of the pages; default [`DEFAULT_ZSTD_LEVEL`].
     pub zstd_level: i32,
+    /// Replace an existing regular file at the path; default false (an existing file is an
+    /// error, see [`crate::output`]).
+    pub overwrite: bool,
 }
 
 impl Default for SinkOptions {
@@ -47,6 +51,7 @@ impl Default for SinkOptions {
             row_group_rows: DEFAULT_ROW_GROUP_ROWS,
             row_group_bytes: DEFAULT_ROW_GROUP_BYTES,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            overwrite: false,
         }
     }
 }
@@ -94,6 +99,7 @@ pub struct SinkSummary {
 pub struct ParquetSink {
     writer: Option<ArrowWriter<BufWriter<File>>>,
     tmp: PathBuf,
+    overwrite: bool,
     path: PathBuf,
     rows: u64,
 }
@@ -138,6 +144,7 @@ impl ParquetSink {
     /// Starts writing `path` (its directory must exist). Nothing appears at `path` until
     /// [`finish`](Self::finish).
     pub fn create(path: &Path, schema: SchemaRef, options: &SinkOptions) -> Result<ParquetSink> {
+        crate::output::check_destination(path, OutputKind::File, options.overwrite)?;
         let name =
             path.file_name().ok_or_else(|| Error::InvalidInput(format!("{}: not a file name", path.display())))?;
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -157,7 +164,7 @@ impl ParquetSink {
                 return Err(e);
             }
         };
-        Ok(ParquetSink { writer: Some(writer), tmp, path: path.to_owned(), rows: 0 })
+        Ok(ParquetSink { writer: Some(writer), tmp, path: path.to_owned(), rows: 0, overwrite: options.overwrite })
     }
 
     /// The final path.
@@ -200,7 +207,10 @@ impl ParquetSink {
         )
         .map_err(|e| Error::parquet(&self.tmp, e))?;
         let row_groups = parquet::file::reader::FileReader::metadata(&metadata).num_row_groups();
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        if let Err(e) = crate::output::publish(&self.tmp, &self.path, OutputKind::File, self.overwrite) {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(e);
+        }
         let bytes = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?.len();
         Ok(SinkSummary { path: self.path.clone(), rows: self.rows, bytes, row_groups })
     }

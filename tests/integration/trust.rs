@@ -102,3 +102,54 @@ fn a_diverging_run_or_zero_epochs_leaves_no_model() {
     assert!(text(&o.stderr).contains("--epochs 0 trains nothing"), "{}", text(&o.stderr));
     assert!(!out.join("model").exists());
 }
+
+#[test]
+fn every_command_refuses_an_existing_output_unless_asked() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // predict: an existing file is kept; --overwrite replaces it; never a device, link or `-`.
+    let out = dir.path().join("p.parquet");
+    std::fs::write(&out, b"mine").unwrap_or_else(|e| panic!("{e}"));
+    let o = crate::predict::predict(&["--out", s(&out)]);
+    assert!(!o.status.success() && text(&o.stderr).contains("already exists"), "{}", text(&o.stderr));
+    assert_eq!(std::fs::read(&out).unwrap_or_default(), b"mine");
+    let o = crate::predict::predict(&["--out", s(&out), "--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let link = dir.path().join("null");
+    std::os::unix::fs::symlink("/dev/null", &link).unwrap_or_else(|e| panic!("{e}"));
+    for target in [link.to_str().unwrap_or_default(), "/dev/null", "-"] {
+        let o = crate::predict::predict(&["--out", target, "--overwrite"]);
+        let err = text(&o.stderr);
+        assert!(!o.status.success(), "{target}: {err}");
+        assert!(err.contains("never replaced") || err.contains("standard output"), "{target}: {err}");
+    }
+    assert!(std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()));
+    // evaluate: an existing evaluation is replaced whole with --overwrite (no stale plots).
+    let eval = dir.path().join("eval");
+    let args = |extra: &[&'static str]| {
+        let mut a = vec!["evaluate", "--model", s(&f.run), "--store", s(&f.store), "--out", s(&eval)];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let go = |a: Vec<String>| run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(go(args(&[])).status.success());
+    assert!(eval.join("plots").is_dir());
+    let o = go(args(&["--no-plots"]));
+    assert!(!o.status.success() && text(&o.stderr).contains("already exists"), "{}", text(&o.stderr));
+    let o = go(args(&["--no-plots", "--overwrite"]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(!eval.join("plots").exists(), "old plots beside new metrics");
+    std::fs::write(eval.join("notes.txt"), b"mine").unwrap_or_else(|e| panic!("{e}"));
+    let o = go(args(&["--overwrite"]));
+    assert!(
+        text(&o.stderr).contains("holds files that are not an evaluation's (\"notes.txt\")"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(eval.join("notes.txt").exists());
+    // train: a finished run is kept unless resumed or replaced.
+    let o = run(&["train", "--store", s(&f.store), "--epochs", "1", "--out", s(&f.run)]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success() && err.contains("already holds a training run with a finished model/"), "{err}");
+    assert!(err.contains("--resume continues it, --overwrite replaces it"), "{err}");
+}

@@ -122,6 +122,9 @@ pub struct EvaluateOptions {
     pub min_cells: u64,
     /// Write one SVG plot per condition; default true.
     pub plots: bool,
+    /// Replace an existing evaluation at `out` (only one: a directory holding other files is
+    /// refused); default false.
+    pub overwrite: bool,
 }
 
 impl EvaluateOptions {
@@ -138,6 +141,7 @@ impl EvaluateOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             min_cells: DEFAULT_MIN_CELLS,
             plots: true,
+            overwrite: false,
         }
     }
 }
@@ -360,6 +364,7 @@ fn deg_table(options: &EvaluateOptions, store: &Store) -> Result<Option<DegLists
 
 /// Evaluates a model on a store.
 pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Result<EvaluateReport> {
+    outputs::check_output(options)?;
     let wall = Instant::now();
     let sampler = MemorySampler::start();
     let encoder_stats = StageStats::new("encoder", 1);

@@ -2,6 +2,9 @@
 //! [`evaluation_metrics_schema`]), `summary.json` (the means and every condition), `degs.parquet`
 //! (the DEGs used, [`deg_schema`], reusable with `predict --degs`) and `plots/*.svg`.
 
+use cpa_stream_stages::output::{OutputKind, check_destination, publish, temporary_sibling};
+
+use crate::run_dir::check_replaceable;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -64,7 +67,22 @@ pub(super) fn summarize(conditions: &[ConditionMetrics]) -> BTreeMap<String, f64
     sums.into_iter().map(|(k, (s, n))| (k, if n == 0 { f64::NAN } else { s / n as f64 })).collect()
 }
 
-/// Writes every output into `options.out`.
+/// What an evaluation directory holds.
+const ENTRIES: [&str; 4] = [METRICS_FILE, degs::FILE, SUMMARY_FILE, PLOTS_DIR];
+
+/// Checked before the work: `out` may be written (not a file, `-` or a link; an existing
+/// evaluation only with `overwrite`, and only if it holds nothing else).
+pub(super) fn check_output(options: &EvaluateOptions) -> Result<()> {
+    let out = &options.out;
+    check_destination(out, OutputKind::Directory, options.overwrite).map_err(Error::stage("evaluate"))?;
+    if out.exists() {
+        check_replaceable(out, &ENTRIES, "an evaluation")?;
+    }
+    Ok(())
+}
+
+/// Writes every output into a temporary sibling of `options.out`, published whole (an old
+/// evaluation there is replaced, none of its files left beside the new ones).
 pub(super) fn write_outputs(
     report: &EvaluateReport,
     deg_rows: &[DegRow],
@@ -72,14 +90,22 @@ pub(super) fn write_outputs(
     options: &EvaluateOptions,
 ) -> Result<()> {
     let out = &options.out;
-    std::fs::create_dir_all(out).map_err(Error::io(out))?;
-    write_metrics(&out.join(METRICS_FILE), &report.conditions, vocab)?;
-    write_degs(&out.join(degs::FILE), deg_rows)?;
-    write_summary(&out.join(SUMMARY_FILE), report)?;
-    if options.plots {
-        write_plots(&out.join(PLOTS_DIR), &report.conditions)?;
+    let tmp = temporary_sibling(out).map_err(Error::stage("evaluate"))?;
+    std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
+    let written = (|| {
+        write_metrics(&tmp.join(METRICS_FILE), &report.conditions, vocab)?;
+        write_degs(&tmp.join(degs::FILE), deg_rows)?;
+        write_summary(&tmp.join(SUMMARY_FILE), report)?;
+        if options.plots {
+            write_plots(&tmp.join(PLOTS_DIR), &report.conditions)?;
+        }
+        check_output(options)?;
+        publish(&tmp, out, OutputKind::Directory, options.overwrite).map_err(Error::stage("evaluate"))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    Ok(())
+    written
 }
 
 /// `metrics.parquet`: labels, sources, counts, then every metric.

@@ -10,6 +10,7 @@ pub mod history;
 pub mod probe;
 pub mod validate;
 
+use cpa_stream_stages::output::{OutputKind, check_destination};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +29,10 @@ use crate::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
 use crate::encoder::{CellLabels, EncoderOptions, Split};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::run_dir::{BEST_DIR, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, MODEL_DIR, copy_files};
+use crate::run_dir::{
+    BEST_DIR, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, MODEL_DIR, RUN_ENTRIES, check_replaceable, copy_files,
+    is_nonempty_dir, remove_entries,
+};
 use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
 pub use history::EpochRecord;
 use history::{read_history, write_history};
@@ -50,6 +54,9 @@ pub struct TrainOptions {
     pub device: Device,
     /// Continue from `out/checkpoint`; default false.
     pub resume: bool,
+    /// Replace an existing run at `out` (only a run: a directory holding other files is
+    /// refused); default false, and an existing run is an error unless resumed.
+    pub overwrite: bool,
     /// Epochs in all (a resumed run keeps its checkpoint's configuration, so this is how it is
     /// extended); `None` (the default) takes the configuration's.
     pub epochs: Option<u32>,
@@ -73,6 +80,7 @@ impl Default for TrainOptions {
             config: CpaConfig::default(),
             device: Device::Cpu,
             resume: false,
+            overwrite: false,
             epochs: None,
             auto_batch_size: false,
             loader: LoaderOptions::default(),
@@ -111,6 +119,7 @@ pub struct TrainReport {
 pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     let wall = Instant::now();
     let sampler = MemorySampler::start();
+    check_run_dir(options)?;
     let store = Arc::new(Store::open(&options.store).map_err(Error::stage("reader"))?);
     let encoder_stats = StageStats::new("encoder", 1);
     let labels = Arc::new(encoder_stats.busy(|| CellLabels::from_store(&store, &options.encoder))?);
@@ -180,6 +189,40 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         report: RunReport { wall: wall.elapsed(), stages, memory: sampler.finish() },
         device_memory: device_memory::stats(options.device),
     })
+}
+
+/// One rule for the run directory: a new run needs an empty or absent one; an existing run is
+/// continued (`resume`) or replaced (`overwrite`, which removes its files first, and only when
+/// the directory holds nothing but a run's files).
+fn check_run_dir(options: &TrainOptions) -> Result<()> {
+    let out = &options.out;
+    if options.resume && options.overwrite {
+        return Err(Error::InvalidInput("--resume continues a run and --overwrite replaces it: give one".to_owned()));
+    }
+    check_destination(out, OutputKind::Directory, true).map_err(Error::stage("trainer"))?;
+    if !is_nonempty_dir(out) {
+        if options.resume {
+            return Err(Error::InvalidInput(format!("{}: no run to resume", out.display())));
+        }
+        return Ok(());
+    }
+    check_replaceable(out, &RUN_ENTRIES, "a training run")?;
+    if options.resume {
+        return Ok(());
+    }
+    if !options.overwrite {
+        let finished = out.join(MODEL_DIR).exists();
+        return Err(Error::InvalidInput(format!(
+            "{}: already holds a training run{}; --resume continues it, --overwrite replaces it",
+            out.display(),
+            if finished { " with a finished model/" } else { "" }
+        )));
+    }
+    remove_entries(out, &RUN_ENTRIES)?;
+    for name in RUN_ENTRIES {
+        cpa_stream_stages::output::remove_stale_temporaries(&out.join(name));
+    }
+    Ok(())
 }
 
 /// The trainer of a run: resumed from its checkpoint, or a new model (with the batch size and

@@ -1,5 +1,6 @@
 //! Writing a CSR `.h5ad` by appending row chunks.
 
+use crate::output::OutputKind;
 use std::path::{Path, PathBuf};
 
 use arrow::array::AsArray;
@@ -46,6 +47,7 @@ pub struct H5adWriter {
     x_group: hdf5::Group,
     rows: u64,
     nnz: u64,
+    overwrite: bool,
     finished: bool,
 }
 
@@ -61,10 +63,8 @@ impl H5adWriter {
         compression: H5adCompression,
         overwrite: bool,
     ) -> Result<H5adWriter> {
-        if dest.exists() && !overwrite {
-            return Err(Error::OutputExists { path: dest.to_owned() });
-        }
-        let tmp = crate::store::temporary_sibling(dest)?;
+        crate::output::check_destination(dest, OutputKind::File, overwrite)?;
+        let tmp = crate::output::temporary_sibling(dest)?;
         let file = File::create(&tmp).map_err(Error::hdf5(&tmp, "creating"))?;
         let path = tmp.clone();
         encoding(&path, &file, "anndata", "0.1.0")?;
@@ -112,6 +112,7 @@ impl H5adWriter {
             x_group,
             rows: 0,
             nnz: 0,
+            overwrite,
             finished: false,
         })
     }
@@ -202,7 +203,7 @@ impl H5adWriter {
             file.flush().map_err(Error::hdf5(&path, "flush"))?;
             file.close().map_err(Error::hdf5(&path, "close"))?;
         }
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        crate::output::publish(&self.tmp, &self.dest, OutputKind::File, self.overwrite)?;
         self.finished = true;
         Ok(())
     }

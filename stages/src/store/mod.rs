@@ -18,4 +18,4 @@ pub use reader::{Access, CsrView, RowCursor, Store, consecutive_runs};
 pub use tables::{ColumnSummary, read_small_table, read_table, summarize_obs, table_schema, write_table};
 pub use verify::VerifyReport;
 pub use writer::{DEFAULT_OBS_ROW_GROUP_ROWS, StoreWriter, StoreWriterOptions};
-pub(crate) use writer::{table_properties, temporary_sibling, truth_properties};
+pub(crate) use writer::{table_properties, truth_properties};

@@ -44,7 +44,9 @@ pub fn read_small_table(path: &Path) -> Result<RecordBatch> {
 /// Writes `batches` (all with `schema`) as a Parquet table with the store's table properties
 /// (zstd, bounded row groups), to a temporary name renamed into place on success.
 pub fn write_table(path: &Path, schema: SchemaRef, batches: impl IntoIterator<Item = RecordBatch>) -> Result<()> {
-    let tmp = super::temporary_sibling(path)?;
+    // Replaced when it exists (tables rewritten as a run goes), but only a regular file.
+    crate::output::check_destination(path, crate::output::OutputKind::File, true)?;
+    let tmp = crate::output::temporary_sibling(path)?;
     let result = (|| {
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let props = super::table_properties(SCAN_BATCH_ROWS);

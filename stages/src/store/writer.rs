@@ -5,7 +5,6 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -22,6 +21,7 @@ use super::blocks::BlockEncoder;
 use super::hashing::{HashingWriter, hash_reader};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
+use crate::output::{OutputKind, check_destination, publish, temporary_sibling};
 
 /// Default rows per row group of `obs.parquet`: a few MB of metadata columns in memory at most.
 pub const DEFAULT_OBS_ROW_GROUP_ROWS: usize = 65_536;
@@ -94,9 +94,7 @@ impl StoreWriter {
         check_obs_schema(&obs_schema).map_err(|e| Error::InvalidInput(format!("obs table: {e}")))?;
         let n_vars = u32::try_from(var.num_rows())
             .map_err(|_| Error::InvalidInput(format!("{} genes exceed the u32 column index range", var.num_rows())))?;
-        if dest.exists() && !options.overwrite {
-            return Err(Error::OutputExists { path: dest.to_owned() });
-        }
+        check_destination(dest, OutputKind::Directory, options.overwrite)?;
         let tmp = temporary_sibling(dest)?;
         fs::create_dir_all(tmp.join("X")).map_err(|e| Error::io(&tmp, e))?;
         let mut writer = StoreWriter {
@@ -319,26 +317,7 @@ impl StoreWriter {
     }
 
     fn publish(&self) -> Result<()> {
-        let mut old = None;
-        if self.dest.exists() {
-            if !self.options.overwrite {
-                return Err(Error::OutputExists { path: self.dest.clone() });
-            }
-            let trash = temporary_sibling(&self.dest)?;
-            fs::rename(&self.dest, &trash).map_err(|e| Error::io(&self.dest, e))?;
-            old = Some(trash);
-        }
-        fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
-        if let Some(parent) = self.dest.parent()
-            && let Ok(dir) = File::open(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
-        {
-            // Make the rename durable; failure only weakens crash safety.
-            let _ = dir.sync_all();
-        }
-        if let Some(trash) = old {
-            fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
-        }
-        Ok(())
+        publish(&self.tmp, &self.dest, OutputKind::Directory, self.options.overwrite)
     }
 }
 
@@ -384,16 +363,6 @@ pub(crate) fn table_properties(row_group_rows: usize) -> WriterProperties {
 }
 
 /// A fresh, unused path next to `dest` (same file system, so a rename publishes it).
-pub(crate) fn temporary_sibling(dest: &Path) -> Result<PathBuf> {
-    let name = dest
-        .file_name()
-        .ok_or_else(|| Error::InvalidInput(format!("{}: not a file or directory name", dest.display())))?;
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}-{nanos}", std::process::id()));
-    Ok(dest.with_file_name(tmp_name))
-}
 
 fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();

@@ -1,0 +1,242 @@
+//! The one rule for every output (stores, `.h5ad` and Parquet files, run and evaluation
+//! directories): written under a temporary sibling name, then published by one rename, so that
+//! an output appears complete or not at all; an existing output is replaced only when asked
+//! (`--overwrite`), never when it is not a regular file (or, for directory outputs, a
+//! directory); `-` (stdout) is refused, since these outputs are files, not streams; and
+//! temporaries left by killed runs of the same output are removed.
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+
+/// What an output is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// One file (Parquet, `.h5ad`).
+    File,
+    /// A directory (a store, a run, an evaluation).
+    Directory,
+}
+
+impl OutputKind {
+    fn noun(self) -> &'static str {
+        match self {
+            OutputKind::File => "a regular file",
+            OutputKind::Directory => "a directory",
+        }
+    }
+}
+
+/// Checks that `dest` may be written: not `-`, and, if it exists, of the output's kind (a
+/// symbolic link, device or FIFO is never replaced) and `overwrite` given. Removes temporaries
+/// of `dest` left by runs that no longer exist.
+pub fn check_destination(dest: &Path, kind: OutputKind, overwrite: bool) -> Result<()> {
+    if dest.as_os_str() == "-" {
+        return Err(Error::InvalidInput(
+            "-: this output is written as a file and published whole when complete, so it cannot go to standard \
+             output; give a path"
+                .to_owned(),
+        ));
+    }
+    if dest.file_name().is_none() {
+        return Err(Error::InvalidInput(format!("{}: not a file or directory name", dest.display())));
+    }
+    match fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(dest, e)),
+        Ok(meta) => {
+            let t = meta.file_type();
+            let right = match kind {
+                OutputKind::File => t.is_file(),
+                OutputKind::Directory => t.is_dir(),
+            };
+            if !right {
+                let what = if t.is_symlink() {
+                    "a symbolic link"
+                } else if t.is_dir() {
+                    "a directory"
+                } else if t.is_file() {
+                    "a regular file"
+                } else {
+                    "a device, socket or FIFO"
+                };
+                return Err(Error::InvalidInput(format!(
+                    "{}: is {what}, and this output is {}; it is never replaced (choose another path)",
+                    dest.display(),
+                    kind.noun()
+                )));
+            }
+            // An empty directory is as good as none (`mkdir out` first is fine).
+            let empty_dir = t.is_dir() && fs::read_dir(dest).is_ok_and(|mut d| d.next().is_none());
+            if !overwrite && !empty_dir {
+                return Err(Error::OutputExists { path: dest.to_owned() });
+            }
+        }
+    }
+    remove_stale_temporaries(dest);
+    Ok(())
+}
+
+/// A temporary sibling of `dest` in its directory (same file system, so the publishing rename is
+/// atomic): `.NAME.tmp-PID-NANOS`.
+pub fn temporary_sibling(dest: &Path) -> Result<PathBuf> {
+    let name = dest
+        .file_name()
+        .ok_or_else(|| Error::InvalidInput(format!("{}: not a file or directory name", dest.display())))?;
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}-{nanos}", std::process::id()));
+    Ok(dest.with_file_name(tmp_name))
+}
+
+/// Moves the finished `tmp` to `dest`. Without `overwrite` the rename fails if `dest` appeared
+/// meanwhile (another run publishing the same output): exactly one of two racing runs
+/// succeeds. With it, an existing `dest` of the same kind is replaced (a directory moved aside
+/// first, then removed).
+pub fn publish(tmp: &Path, dest: &Path, kind: OutputKind, overwrite: bool) -> Result<()> {
+    if !overwrite {
+        if kind == OutputKind::Directory {
+            // Only succeeds on an empty directory, which the output may take the place of.
+            let _ = fs::remove_dir(dest);
+        }
+        rename_no_replace(tmp, dest)?;
+    } else {
+        check_destination(dest, kind, true)?;
+        match kind {
+            OutputKind::File => fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?,
+            OutputKind::Directory => {
+                let old = if dest.exists() {
+                    let trash = temporary_sibling(dest)?;
+                    fs::rename(dest, &trash).map_err(|e| Error::io(dest, e))?;
+                    Some(trash)
+                } else {
+                    None
+                };
+                fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
+                if let Some(trash) = old {
+                    fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
+                }
+            }
+        }
+    }
+    sync_parent(dest);
+    Ok(())
+}
+
+fn rename_no_replace(tmp: &Path, dest: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Error::InvalidInput(format!("{}: a NUL byte in the path", p.display())))
+    };
+    let (from, to) = (c(tmp)?, c(dest)?);
+    // SAFETY: both are valid NUL-terminated paths that live across the call.
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EEXIST) => Err(Error::OutputExists { path: dest.to_owned() }),
+        // File systems without RENAME_NOREPLACE: check, then rename (a narrow race remains).
+        Some(libc::EINVAL | libc::ENOSYS) => {
+            if fs::symlink_metadata(dest).is_ok() {
+                return Err(Error::OutputExists { path: dest.to_owned() });
+            }
+            fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))
+        }
+        _ => Err(Error::io(dest, e)),
+    }
+}
+
+/// Makes a rename in `path`'s directory durable; a failure only weakens crash safety.
+pub fn sync_parent(path: &Path) {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Ok(dir) = fs::File::open(parent) {
+        let _ = dir.sync_all();
+    }
+}
+
+/// Removes `.NAME.tmp-PID-*` siblings of `dest` whose process no longer runs (left by a run that
+/// was killed or ran out of space). Best effort: what cannot be removed stays.
+pub fn remove_stale_temporaries(dest: &Path) {
+    let (Some(name), Some(parent)) = (dest.file_name(), dest.parent()) else { return };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let _ = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_follow_one_rule() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let file = dir.path().join("out.parquet");
+        check_destination(&file, OutputKind::File, false)?;
+        fs::write(&file, b"x").map_err(|e| Error::io(&file, e))?;
+        assert!(matches!(check_destination(&file, OutputKind::File, false), Err(Error::OutputExists { .. })));
+        check_destination(&file, OutputKind::File, true)?;
+        let err = check_destination(&file, OutputKind::Directory, true).unwrap_err().to_string();
+        assert!(err.contains("is a regular file, and this output is a directory"), "{err}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/dev/null", &link).map_err(|e| Error::io(&link, e))?;
+        let err = check_destination(&link, OutputKind::File, true).unwrap_err().to_string();
+        assert!(err.contains("is a symbolic link"), "{err}");
+        let err = check_destination(Path::new("/dev/null"), OutputKind::File, true).unwrap_err().to_string();
+        assert!(err.contains("is a device, socket or FIFO"), "{err}");
+        let err = check_destination(Path::new("-"), OutputKind::File, true).unwrap_err().to_string();
+        assert!(err.contains("cannot go to standard output"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn publishing_never_replaces_unless_asked_and_stale_temporaries_go() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let dest = dir.path().join("out.h5ad");
+        let write = |p: &Path, b: &[u8]| fs::write(p, b).map_err(|e| Error::io(p, e));
+        let (a, b) = (temporary_sibling(&dest)?, dir.path().join(".out.h5ad.tmp-1-2"));
+        write(&a, b"first")?;
+        write(&b, b"second")?;
+        publish(&a, &dest, OutputKind::File, false)?;
+        assert!(matches!(publish(&b, &dest, OutputKind::File, false), Err(Error::OutputExists { .. })));
+        assert_eq!(fs::read(&dest).map_err(|e| Error::io(&dest, e))?, b"first");
+        // `b` belongs to a process that is gone (pid 1 is alive, so use a dead one's name).
+        let stale = dir.path().join(format!(".out.h5ad.tmp-{}-5", u32::MAX - 1));
+        fs::rename(&b, &stale).map_err(|e| Error::io(&b, e))?;
+        let live = dir.path().join(format!(".out.h5ad.tmp-{}-6", std::process::id()));
+        write(&live, b"mine")?;
+        remove_stale_temporaries(&dest);
+        assert!(!stale.exists() && live.exists());
+        // Directories: replaced whole when asked.
+        let store = dir.path().join("s.store");
+        let t = temporary_sibling(&store)?;
+        fs::create_dir_all(t.join("X")).map_err(|e| Error::io(&t, e))?;
+        publish(&t, &store, OutputKind::Directory, false)?;
+        let t = temporary_sibling(&store)?;
+        fs::create_dir_all(&t).map_err(|e| Error::io(&t, e))?;
+        assert!(matches!(publish(&t, &store, OutputKind::Directory, false), Err(Error::OutputExists { .. })));
+        publish(&t, &store, OutputKind::Directory, true)?;
+        assert!(!store.join("X").exists(), "the old directory was replaced");
+        Ok(())
+    }
+}
