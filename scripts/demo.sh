@@ -46,25 +46,25 @@ step "CPA training throughput (reference architecture, 5,000 x 2,000 synthetic c
 "$bin" bench model --cells 5000 --genes 2000 --batch-size 128 --epochs 2
 
 step "train CPA on the real data through the streaming pipeline (held-out pair MAP2K3+MAP2K6)"
-rm -rf "$out/run"
+
 "$bin" train --store "$out/perturbench.store" --dose-key dose --covariates cell_type \
-  --holdout "MAP2K3+MAP2K6" --epochs 100 --out "$out/run"
+  --holdout "MAP2K3+MAP2K6" --epochs 100 --out "$out/run" --overwrite
 
 step "predict the held-out pair MAP2K3+MAP2K6 from K562 control cells (Parquet, streamed)"
 "$bin" predict --model "$out/run" --store "$out/perturbench.store" \
   --source "condition == control and cell_type == k562" \
   --target "condition=MAP2K3+MAP2K6,dose=1+1,cell_type=k562" --latents z_basal \
-  --out "$out/map2k3_map2k6.parquet"
+  --out "$out/map2k3_map2k6.parquet" --overwrite
 
 step "evaluate: the held-out pair (ood split), then the test split (R2 of log1p means over genes)"
-"$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split ood --out "$out/eval-ood"
-"$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split test --out "$out/eval-test"
+"$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split ood --out "$out/eval-ood" --overwrite
+"$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split test --out "$out/eval-test" --overwrite
 
 step "synthetic atlas with a held-back combination: train, then score against the true means"
 "$bin" synth --cells 6000 --genes 200 --perturbations 4 --doses 1 --cell-types 2 --combinations 2 \
   --heldout-combinations 1 --seed 5 --out "$out/small.store" --overwrite
-rm -rf "$out/small-run"
+
 "$bin" train --store "$out/small.store" --dose-key dose --covariates cell_type \
-  --config examples/cpa-small.toml --epochs 100 --out "$out/small-run"
-"$bin" evaluate --model "$out/small-run" --store "$out/small.store" --out "$out/small-eval"
+  --config examples/cpa-small.toml --epochs 100 --out "$out/small-run" --overwrite
+"$bin" evaluate --model "$out/small-run" --store "$out/small.store" --out "$out/small-eval" --overwrite
 echo "(rows with 0 cells are the held-back combination, scored only against the truth: column 'truth')"
