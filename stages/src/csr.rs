@@ -176,7 +176,7 @@ impl CsrBatch {
 pub fn check_row(indices: &[u32], data: &[f32], n_cols: u32) -> Result<(), String> {
     let ordered = indices.windows(2).all(|w| w[0] < w[1]) && indices.last().is_none_or(|&c| c < n_cols);
     // `v >= 0 && v < inf` is false for NaN too.
-    let valid = data.iter().all(|&v| v >= 0.0 && v < f32::INFINITY);
+    let valid = data.iter().all(|v| (0.0..f32::INFINITY).contains(v));
     if ordered && valid && indices.len() == data.len() {
         return Ok(());
     }

@@ -116,38 +116,107 @@ pub fn load_model_for(dir: &Path, genes: &[String], what: &str, device: Device) 
     load_model(dir, device)
 }
 
-/// Runs `write` on a fresh temporary sibling of `dir`, then puts it in place of `dir`. If `write`
-/// fails, nothing changes at `dir` and the temporary directory is removed.
+/// Runs `write` on a fresh temporary sibling of `dir`, then puts it in place of `dir` with one
+/// atomic exchange of the two names (`renameat2(RENAME_EXCHANGE)`), so that `dir` exists, whole,
+/// at every instant: a kill at any moment leaves the old or the new directory at `dir`, and at
+/// most a sibling that the next call removes. If `write` fails, nothing changes at `dir`.
 pub fn publish_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name =
-        dir.file_name().ok_or_else(|| Error::InvalidInput(format!("{}: not a directory name", dir.display())))?;
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let sibling =
-        |tag: &str| -> PathBuf { parent.join(format!(".{}.{tag}-{}", name.to_string_lossy(), std::process::id())) };
-    let (tmp, old) = (sibling("tmp"), sibling("old"));
-    for stale in [&tmp, &old] {
-        if stale.exists() {
-            std::fs::remove_dir_all(stale).map_err(|e| Error::io(stale, e))?;
-        }
+    recover_dir(dir)?;
+    let tmp = sibling(dir, "tmp")?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    let replaced = dir.exists();
-    if replaced {
+    if let Ok(dir_file) = std::fs::File::open(&tmp) {
+        let _ = dir_file.sync_all();
+    }
+    if !dir.exists() {
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    } else if exchange(&tmp, dir)? {
+        // `tmp` now holds the old directory.
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    } else {
+        // No RENAME_EXCHANGE on this file system: two renames, the old kept as `.NAME.old-PID`
+        // until the new one is in place (recovered by `recover_dir` if killed between them).
+        let old = sibling(dir, "old")?;
         std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        if replaced {
+        if let Err(e) = std::fs::rename(&tmp, dir) {
             let _ = std::fs::rename(&old, dir);
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(Error::io(dir, e));
         }
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(Error::io(dir, e));
-    }
-    if replaced {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    crate::output::sync_parent(dir);
+    Ok(())
+}
+
+/// `.NAME.TAG-PID`, this process's sibling of `dir`.
+fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
+    let name =
+        dir.file_name().ok_or_else(|| Error::InvalidInput(format!("{}: not a directory name", dir.display())))?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok(parent.join(format!(".{}.{tag}-{}", name.to_string_lossy(), std::process::id())))
+}
+
+/// Swaps the names `a` and `b` atomically; false where the file system cannot.
+fn exchange(a: &Path, b: &Path) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Error::InvalidInput(format!("{}: a NUL byte in the path", p.display())))
+    };
+    let (a_c, b_c) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths that live across the call.
+    let rc = unsafe {
+        libc::renameat2(libc::AT_FDCWD, a_c.as_ptr(), libc::AT_FDCWD, b_c.as_ptr(), libc::RENAME_EXCHANGE)
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(Error::io(b, e)),
+    }
+}
+
+/// Puts back a directory that a run killed between the two renames of an older version (or of
+/// a file system without exchange) left as `.NAME.old-PID` with nothing at `dir`, and removes
+/// `.NAME.tmp-PID` / `.NAME.old-PID` siblings of processes that are gone.
+pub fn recover_dir(dir: &Path) -> Result<()> {
+    let (Some(name), Some(parent)) = (dir.file_name(), dir.parent()) else { return Ok(()) };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let name = name.to_string_lossy();
+    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
+    let mut olds = Vec::new();
+    let mut stale = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        for tag in ["old", "tmp"] {
+            let Some(pid) = file_name.strip_prefix(&format!(".{name}.{tag}-")) else { continue };
+            let Ok(pid) = pid.split('-').next().unwrap_or("").parse::<u32>() else { continue };
+            let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+            if !alive {
+                if tag == "old" {
+                    olds.push(entry.path());
+                } else {
+                    stale.push(entry.path());
+                }
+            }
+        }
+    }
+    if !dir.exists()
+        && let Some(old) = olds.pop()
+    {
+        std::fs::rename(&old, dir).map_err(|e| Error::io(dir, e))?;
+    }
+    for path in olds.into_iter().chain(stale) {
+        let _ = std::fs::remove_dir_all(&path);
     }
     Ok(())
 }

@@ -362,8 +362,6 @@ pub(crate) fn table_properties(row_group_rows: usize) -> WriterProperties {
         .build()
 }
 
-/// A fresh, unused path next to `dest` (same file system, so a rename publishes it).
-
 fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];

@@ -606,6 +606,7 @@ impl Trainer {
 
     /// Continues training from a checkpoint directory on `device`.
     pub fn resume(dir: &Path, device: Device) -> Result<Trainer> {
+        crate::model::files::recover_dir(dir)?;
         let model = load_model(dir, device)?;
         let mut trainer = Trainer::new(model)?;
         let path = dir.join(STATE_FILE);

@@ -529,3 +529,31 @@ fn a_non_finite_loss_stops_training_naming_epoch_and_batch() -> Result<()> {
     assert!(err.starts_with("epoch 1, batch 2: a training loss is not finite"), "{err}");
     Ok(())
 }
+
+#[test]
+fn checkpoints_are_replaced_whole_and_a_lost_one_is_recovered() -> Result<()> {
+    let v = vocab()?;
+    let mut trainer = Trainer::new(CpaModel::new(&small_config(), &v, None, Device::Cpu, 7)?)?;
+    let batches: Vec<HostBatch> = (0..2).map(|s| batch(&v, 16, s)).collect::<Result<_>>()?;
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let checkpoint = dir.path().join("checkpoint");
+    train(&mut trainer, &batches, 1)?;
+    trainer.save_checkpoint(&checkpoint)?;
+    train(&mut trainer, &batches, 1)?;
+    trainer.save_checkpoint(&checkpoint)?;
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .map_err(|e| Error::io(dir.path(), e))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert_eq!(names, ["checkpoint"], "siblings left: {names:?}");
+    assert_eq!(Trainer::resume(&checkpoint, Device::Cpu)?.state().epoch, 2);
+    // A run of an older version killed between its two renames: nothing at checkpoint/, the data
+    // in `.checkpoint.old-PID` of a process that is gone.
+    let old = dir.path().join(format!(".checkpoint.old-{}", u32::MAX - 3));
+    std::fs::rename(&checkpoint, &old).map_err(|e| Error::io(&old, e))?;
+    let stale_tmp = dir.path().join(format!(".checkpoint.tmp-{}", u32::MAX - 3));
+    std::fs::create_dir(&stale_tmp).map_err(|e| Error::io(&stale_tmp, e))?;
+    assert_eq!(Trainer::resume(&checkpoint, Device::Cpu)?.state().epoch, 2);
+    assert!(!old.exists() && !stale_tmp.exists());
+    Ok(())
+}
