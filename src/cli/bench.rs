@@ -40,7 +40,7 @@ pub struct TrainArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Cells per batch [default: the configuration's].
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_batch_size)]
     batch_size: Option<usize>,
     /// fp32 or bf16 [default: the configuration's].
     #[arg(long)]
@@ -58,13 +58,13 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch threads [default: libtorch's choice].
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Batcher worker threads.
-    #[arg(long, default_value_t = DEFAULT_WORKERS)]
+    #[arg(long, value_parser = super::parse_workers, default_value_t = DEFAULT_WORKERS)]
     workers: usize,
     /// Batches buffered ahead of the trainer, per worker.
-    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
+    #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     #[arg(long)]
     json: bool,
@@ -77,13 +77,13 @@ pub struct LoaderArgs {
     #[command(flatten)]
     labels: super::LabelArgs,
     /// Cells per batch.
-    #[arg(long, default_value_t = DEFAULT_LOADER_BATCH_SIZE)]
+    #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_LOADER_BATCH_SIZE)]
     batch_size: usize,
     /// Batcher worker threads [default: available cores].
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_workers)]
     workers: Option<usize>,
     /// Batches buffered ahead of the consumer, per worker.
-    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
+    #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     /// Epochs to time, each right after its own measurement of the memcpy and gather bounds.
     #[arg(long, default_value_t = DEFAULT_ROUNDS)]
@@ -112,7 +112,7 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = DEFAULT_MODEL_GENES)]
     genes: u32,
     /// Cells per batch.
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     /// Timed epochs (after one warm-up epoch).
     #[arg(long, default_value_t = DEFAULT_MODEL_EPOCHS)]
@@ -124,7 +124,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// libtorch threads [default: libtorch's choice].
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Model configuration (TOML) [default: the reference architecture].
     #[arg(long)]
@@ -139,10 +139,10 @@ pub struct ReaderArgs {
     /// Store directory.
     store: PathBuf,
     /// Rows per batch.
-    #[arg(long, default_value_t = DEFAULT_READER_BATCH_SIZE)]
+    #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_READER_BATCH_SIZE)]
     batch_size: usize,
     /// Reader threads [default: available cores].
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Repetitions per measurement (the best is reported).
     #[arg(long, default_value_t = DEFAULT_REPEATS)]

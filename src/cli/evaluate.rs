@@ -44,10 +44,10 @@ pub struct EvaluateArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Control cells decoded per batch.
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     /// libtorch threads [default: libtorch's choice].
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]

@@ -132,6 +132,41 @@ fn parse_run_cells(value: &str) -> Result<usize, String> {
     }
 }
 
+/// Most libtorch and worker threads a flag takes.
+const MAX_THREADS: usize = 1024;
+/// Most gather workers.
+const MAX_WORKERS: usize = 256;
+/// Most batches in flight between two stages.
+const MAX_PREFETCH: usize = 1024;
+/// Most cells in one batch.
+const MAX_BATCH_SIZE: usize = 1 << 20;
+
+/// A whole number in `min..=max` for flag values that size threads, queues and buffers: a typo
+/// (`--threads 0`, `--prefetch 1e9`) is an error before any work, not a panic or an allocation
+/// failure.
+fn bounded(value: &str, min: usize, max: usize, what: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{value:?}: expected {what}, a whole number from {min} to {max}")),
+    }
+}
+
+fn parse_threads(value: &str) -> Result<usize, String> {
+    bounded(value, 1, MAX_THREADS, "threads")
+}
+
+fn parse_workers(value: &str) -> Result<usize, String> {
+    bounded(value, 1, MAX_WORKERS, "gather workers")
+}
+
+fn parse_prefetch(value: &str) -> Result<usize, String> {
+    bounded(value, 1, MAX_PREFETCH, "batches in flight")
+}
+
+fn parse_batch_size(value: &str) -> Result<usize, String> {
+    bounded(value, 1, MAX_BATCH_SIZE, "cells per batch")
+}
+
 /// The device named on the command line, checked to exist, with libtorch's thread count set when
 /// given (train, predict and evaluate).
 fn model_device(name: &str, threads: Option<usize>) -> anyhow::Result<tch::Device> {

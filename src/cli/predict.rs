@@ -60,13 +60,13 @@ pub struct PredictArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Source cells per batch.
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     /// Gather worker threads.
-    #[arg(long, default_value_t = DEFAULT_WORKERS)]
+    #[arg(long, value_parser = super::parse_workers, default_value_t = DEFAULT_WORKERS)]
     workers: usize,
     /// Batches buffered between stages.
-    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
+    #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     /// Rows per Parquet row group at most.
     #[arg(long, default_value_t = DEFAULT_ROW_GROUP_ROWS)]
@@ -78,7 +78,7 @@ pub struct PredictArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// libtorch threads [default: libtorch's choice].
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]

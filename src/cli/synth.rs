@@ -104,7 +104,7 @@ pub struct SynthArgs {
     #[command(flatten)]
     codec: CodecArgs,
     /// Generator threads [default: available cores].
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Chunks of 1,024 cells queued per generator thread.
     #[arg(long, default_value_t = DEFAULT_CHANNEL_DEPTH)]

@@ -69,13 +69,13 @@ pub struct TrainArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Batcher worker threads.
-    #[arg(long, default_value_t = DEFAULT_WORKERS)]
+    #[arg(long, value_parser = super::parse_workers, default_value_t = DEFAULT_WORKERS)]
     workers: usize,
     /// Batches buffered ahead of the trainer, per worker.
-    #[arg(long, default_value_t = DEFAULT_PREFETCH)]
+    #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
     /// libtorch threads [default: libtorch's choice].
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]

@@ -153,3 +153,27 @@ fn every_command_refuses_an_existing_output_unless_asked() {
     assert!(!o.status.success() && err.contains("already holds a training run with a finished model/"), "{err}");
     assert!(err.contains("--resume continues it, --overwrite replaces it"), "{err}");
 }
+
+#[test]
+fn sizes_from_flags_and_configurations_are_bounded() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = small_store(dir.path(), "s.store", Codec::Raw);
+    let out = dir.path().join("run");
+    for (flag, value, what) in [
+        ("--threads", "0", "threads, a whole number from 1 to 1024"),
+        ("--workers", "100000", "gather workers, a whole number from 1 to 256"),
+        ("--prefetch", "1000000000", "batches in flight"),
+    ] {
+        let o = run(&["train", "--store", s(&store), flag, value, "--out", s(&out)]);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}");
+        assert!(text(&o.stderr).contains(what), "{flag}: {}", text(&o.stderr));
+    }
+    let o = run(&["predict", "--model", s(&out), "--store", s(&store), "--batch-size", "1000000000000", "--out", "x"]);
+    assert!(text(&o.stderr).contains("cells per batch, a whole number from 1 to 1048576"), "{}", text(&o.stderr));
+    let config = dir.path().join("huge.toml");
+    std::fs::write(&config, "[model]\nn_hidden_encoder = 100000000\n").unwrap_or_else(|e| panic!("{e}"));
+    let o = run(&["train", "--store", s(&store), "--config", s(&config), "--out", s(&out)]);
+    let err = text(&o.stderr);
+    assert!(err.contains("model.n_hidden_encoder is 100000000, expected a whole number from 1 to 65536"), "{err}");
+    assert!(!out.exists());
+}

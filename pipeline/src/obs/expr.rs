@@ -102,9 +102,16 @@ fn tokenize(text: &str) -> std::result::Result<Vec<Token>, String> {
     Ok(tokens)
 }
 
+/// Most tokens in an expression (names, values, operators): far more than a selection needs,
+/// and small enough that evaluating and dropping the tree never runs out of stack.
+pub const MAX_TOKENS: usize = 2000;
+/// Most levels of parentheses and `not`.
+pub const MAX_DEPTH: usize = 64;
+
 struct Parser {
     tokens: Vec<Token>,
     at: usize,
+    depth: usize,
 }
 
 impl Parser {
@@ -139,9 +146,24 @@ impl Parser {
     fn not(&mut self) -> std::result::Result<Expr, String> {
         if self.peek() == Some(&Token::Not) {
             self.at += 1;
-            return Ok(Expr::Not(Box::new(self.not()?)));
+            let inner = self.nested(Self::not)?;
+            return Ok(Expr::Not(Box::new(inner)));
         }
         self.atom()
+    }
+
+    /// Parses one level deeper, refusing more than [`MAX_DEPTH`].
+    fn nested(
+        &mut self,
+        parse: fn(&mut Self) -> std::result::Result<Expr, String>,
+    ) -> std::result::Result<Expr, String> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(format!("more than {MAX_DEPTH} levels of parentheses and not"));
+        }
+        let e = parse(self);
+        self.depth -= 1;
+        e
     }
 
     fn value(&mut self) -> std::result::Result<String, String> {
@@ -154,7 +176,7 @@ impl Parser {
     fn atom(&mut self) -> std::result::Result<Expr, String> {
         match self.bump() {
             Some(Token::Open) => {
-                let e = self.or()?;
+                let e = self.nested(Self::or)?;
                 match self.bump() {
                     Some(Token::Close) => Ok(e),
                     other => Err(format!("expected ')', found {}", describe(other.as_ref()))),
@@ -210,7 +232,10 @@ impl Expr {
     pub fn parse(text: &str) -> Result<Expr> {
         let bad = |msg: String| Error::InvalidInput(format!("source expression {text:?}: {msg}"));
         let tokens = tokenize(text).map_err(bad)?;
-        let mut parser = Parser { tokens, at: 0 };
+        if tokens.len() > MAX_TOKENS {
+            return Err(bad(format!("{} tokens, at most {MAX_TOKENS}", tokens.len())));
+        }
+        let mut parser = Parser { tokens, at: 0, depth: 0 };
         let expr = parser.or().map_err(bad)?;
         if let Some(t) = parser.peek() {
             return Err(bad(format!("unexpected {} after a complete expression", describe(Some(t)))));
@@ -359,6 +384,21 @@ mod tests {
             )
         );
         Ok(())
+    }
+
+    #[test]
+    fn deep_or_long_expressions_are_refused_not_overflowed() {
+        let deep = format!("{}a == b{}", "(".repeat(20_000), ")".repeat(20_000));
+        let err = Expr::parse(&deep).unwrap_err().to_string();
+        assert!(err.contains("tokens, at most"), "{err}");
+        let nots = format!("{}a == b", "!".repeat(50_000));
+        assert!(Expr::parse(&nots).is_err());
+        let nested = format!("{}a == b{}", "(".repeat(65), ")".repeat(65));
+        assert!(Expr::parse(&nested).unwrap_err().to_string().contains("more than 64 levels"));
+        let fine = format!("{}a == b{}", "(".repeat(64), ")".repeat(64));
+        assert!(Expr::parse(&fine).is_ok());
+        let chain = vec!["a == b"; 400].join(" and ");
+        assert!(Expr::parse(&chain).is_ok());
     }
 
     #[test]

@@ -410,23 +410,27 @@ impl CpaConfig {
     /// Checks ranges and combinations; the message names the key.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let (m, a, t) = (&self.model, &self.adversary, &self.training);
-        let positive = [
-            ("model.n_latent", m.n_latent),
-            ("model.n_hidden_encoder", m.n_hidden_encoder),
-            ("model.n_hidden_decoder", m.n_hidden_decoder),
-            ("model.n_layers_encoder", m.n_layers_encoder),
-            ("model.n_layers_decoder", m.n_layers_decoder),
-            ("model.n_hidden_doser", m.n_hidden_doser),
-            ("model.n_layers_doser", m.n_layers_doser),
-            ("model.max_comb_len", m.max_comb_len),
-            ("adversary.n_hidden", a.n_hidden),
-            ("adversary.n_layers", a.n_layers),
-            ("training.batch_size", t.batch_size),
-            ("training.accumulate_batches", t.accumulate_batches),
+        // Sizes from 1 to a bound far past any real model, so that a typo (`1e8` hidden units)
+        // is an error naming the key, not an allocation that aborts the process.
+        const WIDTH: usize = 1 << 16;
+        const LAYERS: usize = 64;
+        let sizes = [
+            ("model.n_latent", m.n_latent, WIDTH),
+            ("model.n_hidden_encoder", m.n_hidden_encoder, WIDTH),
+            ("model.n_hidden_decoder", m.n_hidden_decoder, WIDTH),
+            ("model.n_layers_encoder", m.n_layers_encoder, LAYERS),
+            ("model.n_layers_decoder", m.n_layers_decoder, LAYERS),
+            ("model.n_hidden_doser", m.n_hidden_doser, WIDTH),
+            ("model.n_layers_doser", m.n_layers_doser, LAYERS),
+            ("model.max_comb_len", m.max_comb_len, 64),
+            ("adversary.n_hidden", a.n_hidden, WIDTH),
+            ("adversary.n_layers", a.n_layers, LAYERS),
+            ("training.batch_size", t.batch_size, 1 << 20),
+            ("training.accumulate_batches", t.accumulate_batches, 1 << 16),
         ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err(format!("{key} must be at least 1"));
+        for (key, value, max) in sizes {
+            if value == 0 || value > max {
+                return Err(format!("{key} is {value}, expected a whole number from 1 to {max}"));
             }
         }
         for (key, value) in [
