@@ -62,6 +62,10 @@ pub struct TrainArgs {
     /// Replace an existing run at --out (a directory holding other files is refused).
     #[arg(long)]
     overwrite: bool,
+    /// Train the count likelihoods (nb, zinb) on values that are not whole numbers (a warning
+    /// instead of the error).
+    #[arg(long)]
+    allow_non_counts: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -115,6 +119,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         device,
         resume: args.resume,
         overwrite: args.overwrite,
+        allow_non_counts: args.allow_non_counts,
         epochs: args.epochs,
         auto_batch_size,
         loader: LoaderOptions { workers: args.workers, prefetch: args.prefetch },

@@ -177,3 +177,27 @@ fn sizes_from_flags_and_configurations_are_bounded() {
     assert!(err.contains("model.n_hidden_encoder is 100000000, expected a whole number from 1 to 65536"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_count_likelihood_on_a_normalised_layer_is_an_error_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = dir.path().join("lognorm.store");
+    let data = crate::common::repo_root().join("examples/data/perturbench_devel_cpa.h5ad");
+    let o = run(&["import", s(&data), "--layer", "lognorm", "--out", s(&store)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = dir.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut a = vec!["train", "--store", s(&store), "--dose-key", "dose", "--epochs", "1", "--threads", "1"];
+        a.extend_from_slice(&["--out", s(&out)]);
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let o = train(&[]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "nb trained on log-normalised values");
+    assert!(err.contains("models counts, but cell 0 holds") && err.contains("--allow-non-counts"), "{err}");
+    assert!(!out.exists(), "a run directory was left");
+    let o = train(&["--allow-non-counts", "--validation-fraction", "0", "--test-fraction", "0"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("training anyway"), "{}", text(&o.stderr));
+}

@@ -54,6 +54,9 @@ pub struct TrainOptions {
     pub device: Device,
     /// Continue from `out/checkpoint`; default false.
     pub resume: bool,
+    /// Train a count likelihood (`nb`, `zinb`) on values that are not whole numbers, with a
+    /// warning instead of the error; default false.
+    pub allow_non_counts: bool,
     /// Replace an existing run at `out` (only a run: a directory holding other files is
     /// refused); default false, and an existing run is an error unless resumed.
     pub overwrite: bool,
@@ -81,6 +84,7 @@ impl Default for TrainOptions {
             device: Device::Cpu,
             resume: false,
             overwrite: false,
+            allow_non_counts: false,
             epochs: None,
             auto_batch_size: false,
             loader: LoaderOptions::default(),
@@ -137,8 +141,11 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
                 .to_owned(),
         ));
     }
-    std::fs::create_dir_all(&options.out).map_err(Error::io(&options.out))?;
     let trainer = start_trainer(options, &store, &labels)?;
+    if trainer.model().config().model.recon_loss.is_count() {
+        check_counts(&store, options.allow_non_counts)?;
+    }
+    std::fs::create_dir_all(&options.out).map_err(Error::io(&options.out))?;
     // Peak device memory counts from here: the model, optimizer state and training steps.
     device_memory::reset_peak(options.device);
     let config = trainer.model().config().clone();
@@ -189,6 +196,36 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         report: RunReport { wall: wall.elapsed(), stages, memory: sampler.finish() },
         device_memory: device_memory::stats(options.device),
     })
+}
+
+/// Rows sampled by [`check_counts`], evenly spread over the store.
+const COUNT_SAMPLE_ROWS: u64 = 2000;
+
+/// A count likelihood on a log-normalised or scaled layer trains without complaint and models
+/// nonsense, so the values of a sample of cells must be whole numbers (as cpa-tools checks).
+fn check_counts(store: &Store, allow: bool) -> Result<()> {
+    let n = store.n_obs();
+    let step = (n / COUNT_SAMPLE_ROWS).max(1);
+    let rows: Vec<u64> = (0..n).step_by(step as usize).take(COUNT_SAMPLE_ROWS as usize).collect();
+    let mut batch = cpa_stream_stages::CsrBatch::new(u32::try_from(store.n_vars()).unwrap_or(u32::MAX));
+    store.cursor().and_then(|mut c| c.gather(&rows, &mut batch)).map_err(Error::stage("reader"))?;
+    for (r, &row) in rows.iter().enumerate() {
+        let (genes, values) = batch.row(r);
+        if let Some((g, v)) = genes.iter().zip(values).find(|(_, v)| v.fract() != 0.0) {
+            let message = format!(
+                "{}: the likelihood (model.recon_loss nb or zinb) models counts, but cell {row} holds {v} at gene \
+                 {g}: a normalised or log-transformed layer? Import the raw counts (import --layer counts), or set \
+                 model.recon_loss = \"gauss\" in the configuration",
+                store.path().display()
+            );
+            if allow {
+                tracing::warn!("{message}; training anyway (--allow-non-counts)");
+                return Ok(());
+            }
+            return Err(Error::InvalidInput(format!("{message} (--allow-non-counts trains anyway)")));
+        }
+    }
+    Ok(())
 }
 
 /// One rule for the run directory: a new run needs an empty or absent one; an existing run is
