@@ -281,6 +281,7 @@ fn bad_files_give_named_errors_and_no_store() {
         ("bad_obs_length", None, "is 120, expected 100"),
         ("bad_negative", None, "value -1.5 is negative"),
         ("bad_nan", None, "value NaN is not finite"),
+        ("bad_indptr_start", None, "X/indptr[0] = 1: expected 0"),
         ("csr_f32", Some("nope"), "no layer \"nope\"; layers: counts"),
         ("missing", None, "No such file"),
     ] {

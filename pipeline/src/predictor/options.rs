@@ -45,6 +45,16 @@ impl GeneSelection {
         if genes.is_empty() {
             return Err(Error::InvalidInput(format!("{text}: no gene names")));
         }
+        let mut seen = std::collections::HashMap::new();
+        for (line, gene) in genes.iter().enumerate() {
+            if let Some(first) = seen.insert(gene.as_str(), line) {
+                return Err(Error::InvalidInput(format!(
+                    "{text}: gene {gene:?} is listed twice (entries {} and {}); each gene is one column of the output",
+                    first + 1,
+                    line + 1
+                )));
+            }
+        }
         Ok(GeneSelection::Names(genes))
     }
 }

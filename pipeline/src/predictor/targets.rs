@@ -46,7 +46,8 @@ pub fn parse_target_spec(text: &str) -> Result<TargetSpec> {
     if !text.contains('=') {
         return Ok(vec![("condition".to_owned(), text.to_owned())]);
     }
-    text.split(',')
+    let spec: TargetSpec = text
+        .split(',')
         .map(|pair| {
             let (k, v) = pair
                 .split_once('=')
@@ -57,7 +58,13 @@ pub fn parse_target_spec(text: &str) -> Result<TargetSpec> {
             }
             Ok((k.to_owned(), v.to_owned()))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    for (i, (k, _)) in spec.iter().enumerate() {
+        if spec[..i].iter().any(|(seen, _)| seen == k) {
+            return Err(Error::InvalidInput(format!("target {text:?}: key {k:?} is given twice")));
+        }
+    }
+    Ok(spec)
 }
 
 /// Reads targets from a CSV (header row) or Parquet table; one target per row, one column per
@@ -215,6 +222,18 @@ mod tests {
         let t = resolve_target(&spec, &v, "condition", Some("dose"), 2)?;
         assert_eq!((t.parts.clone(), t.covariates.clone()), (vec![(2, 0.1), (3, 1.0)], vec![Some(1)]));
         assert_eq!(t.covariate_value(&v, 0), Some("B"));
+        let err = parse_target_spec("condition=x,cell_type=A,condition=y").unwrap_err().to_string();
+        assert!(err.contains(r#"key "condition" is given twice"#), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_gene_list_names_each_gene_once() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let path = dir.path().join("genes.txt");
+        std::fs::write(&path, "g1\ng2\n\"g1\"\n").map_err(Error::io(&path))?;
+        let err = crate::predictor::GeneSelection::parse(&path.to_string_lossy()).unwrap_err().to_string();
+        assert!(err.contains(r#"gene "g1" is listed twice (entries 1 and 3)"#), "{err}");
         Ok(())
     }
 

@@ -184,6 +184,24 @@ impl H5adReader {
         let sel = range.start as usize..range.end as usize;
         let raw: Vec<i64> = read_vec(&self.path, indptr, &sel, sel.len(), || format!("{}/indptr", self.element))?;
         let mut out = Vec::with_capacity(raw.len());
+        let whole = indptr.size() as u64;
+        if range.start == 0 && raw.first().is_some_and(|&v| v != 0) {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("{}/indptr[0] = {}: expected 0 (scipy refuses such a matrix too)", self.element, raw[0]),
+            ));
+        }
+        if range.end == whole && raw.last().is_some_and(|&v| v as u64 != nnz) {
+            return Err(Error::corrupt(
+                &self.path,
+                format!(
+                    "{}/indptr[{}] = {}: expected {nnz}, the number of stored values",
+                    self.element,
+                    whole - 1,
+                    raw[raw.len() - 1]
+                ),
+            ));
+        }
         for (i, &v) in raw.iter().enumerate() {
             if v < 0 || v as u64 > nnz || out.last().is_some_and(|&p| (v as u64) < p) {
                 return Err(Error::corrupt(
