@@ -33,15 +33,15 @@ use cpa_stream_pipeline::encoder::{DEFAULT_CONTROL, DEFAULT_PERTURBATION_KEY, En
 /// The obs columns that label the cells for the model: `train`, `bench loader`, `bench train`.
 #[derive(Debug, clap::Args)]
 pub struct LabelArgs {
-    /// obs column of the perturbation condition (`drugA+drugB`).
-    #[arg(long, default_value = DEFAULT_PERTURBATION_KEY)]
-    perturbation_key: String,
+    /// obs column of the perturbation condition (`drugA+drugB`) [default: condition].
+    #[arg(long)]
+    perturbation_key: Option<String>,
     /// obs column of the doses (`0.1+1`); without it every part has dose 1.
     #[arg(long)]
     dose_key: Option<String>,
-    /// Name of the control condition.
-    #[arg(long, default_value = DEFAULT_CONTROL)]
-    control: String,
+    /// Name of the control condition [default: control].
+    #[arg(long)]
+    control: Option<String>,
     /// Categorical covariates (comma-separated obs columns).
     #[arg(long, value_delimiter = ',')]
     covariates: Vec<String>,
@@ -51,14 +51,30 @@ impl LabelArgs {
     /// The encoder's options for these columns.
     fn encoder(self, batch_key: Option<String>, split: SplitSpec, max_comb_len: usize) -> EncoderOptions {
         EncoderOptions {
-            perturbation_key: self.perturbation_key,
+            perturbation_key: self.perturbation_key.unwrap_or_else(|| DEFAULT_PERTURBATION_KEY.to_owned()),
             dose_key: self.dose_key,
-            control: self.control,
+            control: self.control.unwrap_or_else(|| DEFAULT_CONTROL.to_owned()),
             covariate_keys: self.covariates,
             batch_key,
             split,
             max_comb_len,
         }
+    }
+
+    /// Each flag given that differs from what a resumed run recorded, as `(flag, given, recorded)`.
+    fn differences(&self, recorded: &EncoderOptions) -> Vec<(&'static str, String, String)> {
+        let mut out = Vec::new();
+        let mut check = |flag, given: Option<String>, had: String| {
+            if let Some(g) = given.filter(|g| *g != had) {
+                out.push((flag, g, had));
+            }
+        };
+        check("--perturbation-key", self.perturbation_key.clone(), recorded.perturbation_key.clone());
+        check("--dose-key", self.dose_key.clone(), recorded.dose_key.clone().unwrap_or_else(|| "(none)".into()));
+        check("--control", self.control.clone(), recorded.control.clone());
+        let covariates = (!self.covariates.is_empty()).then(|| self.covariates.join(","));
+        check("--covariates", covariates, recorded.covariate_keys.join(","));
+        out
     }
 
     /// Every cell in training, none held out (the benchmarks).

@@ -10,8 +10,8 @@ use clap::Args;
 use cpa_stream_pipeline::batcher::{
     DEFAULT_BLOCK_CELLS, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, DEFAULT_WORKERS, LoaderOptions, PlanOptions,
 };
-use cpa_stream_pipeline::encoder::{DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, SplitSpec};
-use cpa_stream_pipeline::train::{TrainOptions, run_train};
+use cpa_stream_pipeline::encoder::{DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, EncoderOptions, SplitSpec};
+use cpa_stream_pipeline::train::{TrainOptions, recorded_settings, run_train};
 use cpa_stream_stages::model::config::CpaConfig;
 
 use super::progress::CliProgress;
@@ -32,12 +32,12 @@ pub struct TrainArgs {
     /// Conditions held out entirely (comma-separated, as written in obs).
     #[arg(long, value_delimiter = ',')]
     holdout: Vec<String>,
-    /// Fraction of each condition's cells used for validation (without --split-key).
-    #[arg(long, default_value_t = DEFAULT_VALIDATION_FRACTION)]
-    validation_fraction: f64,
-    /// Fraction of each condition's cells kept for testing (without --split-key).
-    #[arg(long, default_value_t = DEFAULT_TEST_FRACTION)]
-    test_fraction: f64,
+    /// Fraction of each condition's cells used for validation (without --split-key) [default: 0.1].
+    #[arg(long)]
+    validation_fraction: Option<f64>,
+    /// Fraction of each condition's cells kept for testing (without --split-key) [default: 0.1].
+    #[arg(long)]
+    test_fraction: Option<f64>,
     /// Model configuration (TOML; see examples/cpa.toml).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -56,7 +56,8 @@ pub struct TrainArgs {
     /// order of its labels, single cells otherwise [default: the configuration's, auto].
     #[arg(long, value_parser = super::parse_run_cells)]
     shuffle_run_cells: Option<usize>,
-    /// Continue from RUN/checkpoint.
+    /// Continue from RUN/checkpoint, with the obs keys, control, covariates, split and
+    /// configuration the run recorded (flags given must agree).
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
     /// Replace an existing run at --out (a directory holding other files is refused).
@@ -86,10 +87,54 @@ pub struct TrainArgs {
     json: bool,
 }
 
+/// The settings a resumed run recorded, after checking that every flag given agrees.
+fn resumed(args: &TrainArgs) -> anyhow::Result<(EncoderOptions, CpaConfig)> {
+    let (encoder, recorded) = recorded_settings(&args.out)?;
+    let mut differ = args.labels.differences(&encoder);
+    let mut check = |flag: &'static str, given: Option<String>, had: String| {
+        if let Some(g) = given.filter(|g| *g != had) {
+            differ.push((flag, g, had));
+        }
+    };
+    check("--batch-key", args.batch_key.clone(), encoder.batch_key.clone().unwrap_or_else(|| "(none)".into()));
+    check("--seed", args.seed.map(|s| s.to_string()), recorded.training.seed.to_string());
+    match &encoder.split {
+        SplitSpec::Column(c) => check("--split-key", args.split_key.clone(), c.clone()),
+        SplitSpec::Fraction { validation, test, holdout, .. } => {
+            check("--split-key", args.split_key.clone(), "(none)".into());
+            check("--validation-fraction", args.validation_fraction.map(|v| v.to_string()), validation.to_string());
+            check("--test-fraction", args.test_fraction.map(|v| v.to_string()), test.to_string());
+            let given = (!args.holdout.is_empty()).then(|| args.holdout.join(","));
+            check("--holdout", given, holdout.join(","));
+        }
+    }
+    if let Some(path) = &args.config {
+        let mut given = CpaConfig::from_file(path)?;
+        // What a resume may change: the epochs, the batch and run lengths, the seed.
+        given.training.max_epochs = recorded.training.max_epochs;
+        given.training.batch_size = recorded.training.batch_size;
+        given.training.shuffle_run_cells = recorded.training.shuffle_run_cells;
+        given.training.seed = recorded.training.seed;
+        if given.to_toml()? != recorded.to_toml()? {
+            differ.push(("--config", path.display().to_string(), "the configuration in checkpoint/model.json".into()));
+        }
+    }
+    if let Some((flag, given, had)) = differ.first() {
+        anyhow::bail!(
+            "{}: {flag} {given} differs from the run's recorded {had:?}; a resumed run keeps its settings \
+             (leave the flag out, or start a new run with --overwrite)",
+            args.out.display()
+        );
+    }
+    Ok((encoder, recorded))
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let mut config = match &args.config {
-        Some(path) => CpaConfig::from_file(path)?,
-        None => CpaConfig::default(),
+    let recorded = if args.resume { Some(resumed(&args)?) } else { None };
+    let mut config = match (&recorded, &args.config) {
+        (Some((_, c)), _) => c.clone(),
+        (None, Some(path)) => CpaConfig::from_file(path)?,
+        (None, None) => CpaConfig::default(),
     };
     if let Some(e) = args.epochs {
         config.training.max_epochs = e;
@@ -109,12 +154,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let device = super::model_device(&args.device, args.threads)?;
     let split = match args.split_key {
         Some(k) => SplitSpec::Column(k),
-        None => SplitSpec::fractions(args.validation_fraction, args.test_fraction, config.training.seed, args.holdout),
+        None => SplitSpec::fractions(
+            args.validation_fraction.unwrap_or(DEFAULT_VALIDATION_FRACTION),
+            args.test_fraction.unwrap_or(DEFAULT_TEST_FRACTION),
+            config.training.seed,
+            args.holdout,
+        ),
     };
     let options = TrainOptions {
         store: args.store.clone(),
         out: args.out.clone(),
-        encoder: args.labels.encoder(args.batch_key, split, config.model.max_comb_len),
+        encoder: match recorded {
+            Some((encoder, _)) => encoder,
+            None => args.labels.encoder(args.batch_key, split, config.model.max_comb_len),
+        },
         config,
         device,
         resume: args.resume,

@@ -144,7 +144,15 @@ fn resume_continues_exactly() {
     let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
     train(&store, &straight, &["--epochs", "3", "--batch-size", "64"]);
     train(&store, &split, &["--epochs", "1", "--batch-size", "64"]);
-    let resumed = train(&store, &split, &["--epochs", "3", "--batch-size", "64", "--resume"]);
+    // A flag that disagrees with what the run recorded is an error naming both values.
+    let o = train_output(&store, &split, &["--epochs", "3", "--resume", "--covariates", "dose"]);
+    let err = text(&o.stderr);
+    assert!(err.contains(r#"--covariates cell_type,dose differs from the run's recorded "cell_type""#), "{err}");
+    // No flag repeated: keys, covariates, split and seed come from the run.
+    let (s, p) = (store.to_str().unwrap_or_default(), split.to_str().unwrap_or_default());
+    let o = run(&["train", "--store", s, "--out", p, "--epochs", "3", "--batch-size", "64", "--resume", "--json"]);
+    assert!(o.status.success(), "bare resume failed: {}", text(&o.stderr));
+    let resumed: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resumed["epochs"].as_array().map(Vec::len), Some(3), "metrics of all epochs kept");
     let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     for file in ["weights.safetensors", "optimizer.safetensors"] {

@@ -11,7 +11,7 @@ pub mod probe;
 pub mod validate;
 
 use cpa_stream_stages::output::{OutputKind, check_destination};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -480,4 +480,38 @@ fn log_epoch(epoch: u32, train: &EpochMetrics, validation: Option<&ValidationSco
         train.acc_perts,
         validation.map(|v| format!(", val score {:.4} (r2 mean {:.4})", v.score, v.r2_mean)).unwrap_or_default()
     );
+}
+
+/// What a run recorded of its labels in its checkpoint (obs keys, control, covariates and batch
+/// key, split with its seed) and its configuration: `--resume` trains on with these, so no flag
+/// needs repeating.
+pub fn recorded_settings(run: &Path) -> Result<(EncoderOptions, CpaConfig)> {
+    let checkpoint = run.join(CHECKPOINT_DIR);
+    cpa_stream_stages::model::files::recover_dir(&checkpoint).map_err(Error::stage("trainer"))?;
+    if !checkpoint.exists() {
+        return Err(Error::InvalidInput(format!("{}: no checkpoint/ to resume", run.display())));
+    }
+    let file = cpa_stream_stages::model::files::read_model_file(&checkpoint).map_err(Error::stage("trainer"))?;
+    let vocab = &file.vocabulary;
+    let data = vocab.data.as_ref().ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{}: the checkpoint records no obs keys or split (a model built from parts); give them as flags",
+            checkpoint.display()
+        ))
+    })?;
+    let batch = vocab.covariates.iter().find(|c| c.is_batch).map(|c| c.name.clone());
+    let mut covariate_keys: Vec<String> = vocab.covariates.iter().map(|c| c.name.clone()).collect();
+    if batch.is_some() && vocab.covariates.last().is_some_and(|c| c.is_batch) {
+        covariate_keys.pop();
+    }
+    let encoder = EncoderOptions {
+        perturbation_key: data.perturbation_key.clone(),
+        dose_key: data.dose_key.clone(),
+        control: vocab.control().to_owned(),
+        covariate_keys,
+        batch_key: batch,
+        split: data.split.clone(),
+        max_comb_len: file.config.model.max_comb_len,
+    };
+    Ok((encoder, file.config))
 }
