@@ -109,27 +109,7 @@ fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
         let ds = |n: &str| sub.dataset(n).map_err(Error::hdf5(path, format!("{full}/{n}")));
         return Ok(match encoding.as_str() {
             "categorical" => {
-                let categories_ds = ds("categories")?;
-                let n = categories_ds.size() as u64;
-                let categories = match categories_ds.dtype().and_then(|t| t.to_descriptor()) {
-                    Ok(TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii) => {
-                        read_strings(path, &categories_ds, 0..n)?
-                    }
-                    Ok(TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_)) => categories_ds
-                        .read_raw::<i64>()
-                        .map_err(Error::hdf5(path, format!("{full}/categories")))?
-                        .iter()
-                        .map(|v| v.to_string())
-                        .collect(),
-                    Ok(TypeDescriptor::Float(_)) => categories_ds
-                        .read_raw::<f64>()
-                        .map_err(Error::hdf5(path, format!("{full}/categories")))?
-                        .iter()
-                        .map(|v| v.to_string())
-                        .collect(),
-                    Ok(other) => return Err(unsupported(format!("categories of type {other}"))),
-                    Err(e) => return Err(Error::hdf5(path, format!("{full}/categories"))(e)),
-                };
+                let categories = read_categories(path, &ds("categories")?, &format!("{full}/categories"))?;
                 ColumnKind::Categorical { codes: ds("codes")?, categories }
             }
             "nullable-integer" => ColumnKind::NullableInt { values: ds("values")?, mask: ds("mask")? },
@@ -141,6 +121,19 @@ fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
     let ds = group.dataset(name).map_err(Error::hdf5(path, full.clone()))?;
     if ds.ndim() != 1 {
         return Err(unsupported(format!("{}-dimensional column, expected 1", ds.ndim())));
+    }
+    // anndata 0.7: a categorical is its integer codes with an attribute `categories`, an object
+    // reference to the categories, which anndata 0.7 always writes as `__categories/NAME` of
+    // the same dataframe (read from there; anndata reads the same dataset through the reference).
+    if ds.attr("categories").is_ok() {
+        let at = format!("{}/__categories/{name}", group.name());
+        let categories = group.dataset(&format!("__categories/{name}")).map_err(|_| {
+            unsupported(format!(
+                "a categorical in the anndata 0.7 layout (codes with a `categories` reference) whose categories \
+                 are not at {at}"
+            ))
+        })?;
+        return Ok(ColumnKind::Categorical { codes: ds, categories: read_categories(path, &categories, &at)? });
     }
     let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, full.clone()))?;
     Ok(match desc {
@@ -159,9 +152,48 @@ fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
     })
 }
 
+/// A categorical's categories as text: strings, or integers and floats printed as pandas would.
+fn read_categories(path: &Path, ds: &Dataset, full: &str) -> Result<Vec<String>> {
+    let n = ds.size() as u64;
+    match ds.dtype().and_then(|t| t.to_descriptor()) {
+        Ok(
+            TypeDescriptor::VarLenUnicode
+            | TypeDescriptor::VarLenAscii
+            | TypeDescriptor::FixedAscii(_)
+            | TypeDescriptor::FixedUnicode(_),
+        ) => read_strings(path, ds, 0..n),
+        Ok(TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_)) => Ok(ds
+            .read_raw::<i64>()
+            .map_err(Error::hdf5(path, full.to_owned()))?
+            .iter()
+            .map(|v| v.to_string())
+            .collect()),
+        Ok(TypeDescriptor::Float(_)) => Ok(ds
+            .read_raw::<f64>()
+            .map_err(Error::hdf5(path, full.to_owned()))?
+            .iter()
+            .map(|v| v.to_string())
+            .collect()),
+        Ok(other) => {
+            Err(Error::Unsupported { path: path.to_owned(), reason: format!("{full}: categories of type {other}") })
+        }
+        Err(e) => Err(Error::hdf5(path, full.to_owned())(e)),
+    }
+}
+
 impl DataFrameReader {
     /// Opens dataframe group `name`; its index becomes column `id_column` (first, Utf8).
     pub(super) fn open(path: &Path, file: &Group, name: &str, id_column: &str) -> Result<DataFrameReader> {
+        if file.dataset(name).is_ok() {
+            return Err(Error::Unsupported {
+                path: path.to_owned(),
+                reason: format!(
+                    "{name} is an HDF5 compound dataset, the layout anndata <= 0.6 wrote (2019 and before), which \
+                     this build does not read; rewrite the file with current anndata: python -c \"import anndata; \
+                     anndata.read_h5ad('IN.h5ad').write_h5ad('OUT.h5ad')\""
+                ),
+            });
+        }
         let group = file.group(name).map_err(Error::hdf5(path, format!("no {name:?} dataframe")))?;
         let encoding = attr_string(path, &group, "encoding-type")?;
         if encoding.as_deref() != Some("dataframe") {
