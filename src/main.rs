@@ -9,6 +9,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     cli::init_logging();
+    cpa_stream_stages::store::explain_sigbus();
     match cli::run(args) {
         Ok(code) => code,
         // A closed stdout (`cpa-stream inspect S | head`) ends the output, not the program's success.

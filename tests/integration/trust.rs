@@ -201,3 +201,42 @@ fn a_count_likelihood_on_a_normalised_layer_is_an_error_unless_allowed() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("training anyway"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn a_store_truncated_while_mapped_ends_the_run_with_an_explanation() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = dir.path().join("s.store");
+    let o = run(&["synth", "--cells", "20000", "--genes", "500", "--perturbations", "3", "--out", s(&store)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut child = Command::new(bin())
+        .args(["bench", "reader", s(&store), "--repeats", "1000000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let data = std::fs::OpenOptions::new().write(true).open(store.join("X/data")).unwrap_or_else(|e| panic!("{e}"));
+    data.set_len(0).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the reader did not stop after its store was truncated");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap_or_else(|| panic!("no stderr")), &mut err)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status.signal(), Some(libc_sigbus()), "{status}: {err}");
+    assert!(err.contains("the file became shorter while this process read it"), "{err}");
+}
+
+/// SIGBUS on Linux.
+fn libc_sigbus() -> i32 {
+    7
+}

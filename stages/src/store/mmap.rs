@@ -69,3 +69,29 @@ impl MappedFile {
         }
     }
 }
+
+/// What the process says when a mapped file shrinks under it.
+const SIGBUS_MESSAGE: &[u8] =
+    b"\ncpa-stream: bus error (SIGBUS) reading a memory-mapped store file: the file became shorter \
+while this process read it (another process truncated or rewrote the store in place). A store must not be modified \
+while in use; check it with `cpa-stream verify STORE` and rerun.\n";
+
+extern "C" fn on_sigbus(_signal: libc::c_int) {
+    // SAFETY: write(2), signal(2) and raise(3) are async-signal-safe; the message is static.
+    unsafe {
+        libc::write(2, SIGBUS_MESSAGE.as_ptr().cast(), SIGBUS_MESSAGE.len());
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        libc::raise(libc::SIGBUS);
+    }
+}
+
+/// Installs a SIGBUS handler that explains the one way a validated store can fault: a mapped
+/// file truncated by another process (sizes are checked at open, so a store that is not
+/// modified while in use never faults). The process still ends by SIGBUS (exit 135 in a shell),
+/// after the message. For programs (the CLI); a library leaves signals to its host.
+pub fn explain_sigbus() {
+    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGBUS, on_sigbus as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
+}

@@ -14,6 +14,7 @@ mod verify;
 mod writer;
 
 pub use hashing::file_checksum;
+pub use mmap::explain_sigbus;
 pub use reader::{Access, CsrView, RowCursor, Store, consecutive_runs};
 pub use tables::{ColumnSummary, read_small_table, read_table, summarize_obs, table_schema, write_table};
 pub use verify::VerifyReport;
