@@ -1,5 +1,7 @@
-//! The predictor's work on one batch of source cells: the latents of every pass, then the model
-//! a few hundred cells at a time, each step's output one record batch per pass.
+//! The predictor's work on one batch of source cells: the model a few hundred cells at a time;
+//! per step, each pass (target) gets its latents for those cells and its record batch, emitted
+//! before the next pass, so the memory in flight is one step of one pass whatever the number of
+//! targets.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -18,9 +20,6 @@ use crate::error::{Error, Result};
 
 /// Rows the predictor runs the model on at a time on the CPU (see [`Predictor::steps`]).
 const CPU_STEP_ROWS: usize = 256;
-
-/// Per pass of a batch: the perturbation latent and the covariate latents of its cells.
-type Conditions = Vec<(Tensor, Vec<Tensor>)>;
 
 /// The passes of a batch: one per target, or one reconstruction under each cell's own condition.
 fn pass_targets(targets: &[Target]) -> Vec<Option<&Target>> {
@@ -45,71 +44,67 @@ impl Predictor {
                 cells.rows.len()
             )));
         }
-        let conditions = self.conditions(cells)?;
         for rows in self.steps(cells.rows.len()) {
-            for batch in self.step(cells, counts, &conditions, rows)? {
-                if !emit(batch) {
-                    return Ok(false);
-                }
+            if !self.step(cells, counts, rows, emit)? {
+                return Ok(false);
             }
         }
         Ok(true)
     }
 
-    /// Per pass, the perturbation and covariate latents of every cell of the batch (cells x
-    /// latent: small, computed once per batch).
-    fn conditions(&self, cells: &SourceCells) -> Result<Conditions> {
+    /// The perturbation and covariate latents of one pass for the cells `rows` of the batch
+    /// (rows x latent: small, computed per step so that nothing grows with the targets).
+    fn pass_latents(
+        &self,
+        cells: &SourceCells,
+        rows: Range<usize>,
+        target: Option<&Target>,
+        perts: &mut PerturbationCsr,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let torch = Error::stage("predictor");
         let model = &self.model;
         let device = model.device();
         let vocab = model.vocabulary();
-        let n = cells.rows.len();
-        let mut conditions = Vec::new();
-        let mut perts = PerturbationCsr::new();
-        for target in pass_targets(&self.targets) {
-            // Perturbations (CSR) and covariate codes of the target, per cell.
-            perts.clear();
-            let mut codes: Vec<Vec<i64>> = vec![Vec::with_capacity(n); vocab.covariates.len()];
-            match target {
-                Some(t) => perts.push_repeated(&t.parts, n),
-                None => {
-                    for g in &cells.groups {
-                        perts.push(g.parts.as_deref().map_err(|e| Error::InvalidInput(e.clone()))?);
-                    }
+        let n = rows.len();
+        let groups = &cells.groups[rows];
+        // Perturbations (CSR) and covariate codes of the target, per cell.
+        perts.clear();
+        let mut codes: Vec<Vec<i64>> = vec![Vec::with_capacity(n); vocab.covariates.len()];
+        match target {
+            Some(t) => perts.push_repeated(&t.parts, n),
+            None => {
+                for g in groups {
+                    perts.push(g.parts.as_deref().map_err(|e| Error::InvalidInput(e.clone()))?);
                 }
             }
-            for g in &cells.groups {
-                for (c, codes) in codes.iter_mut().enumerate() {
-                    let code = target.and_then(|t| t.covariates[c]).or(g.covariates[c]).ok_or_else(|| {
-                        Error::InvalidInput(format!(
-                            "covariate {} of a source cell is unknown",
-                            vocab.covariates[c].name
-                        ))
-                    })?;
-                    codes.push(i64::from(code));
-                }
-            }
-            let latents = tch::no_grad(|| -> cpa_stream_stages::Result<(Tensor, Vec<Tensor>)> {
-                let covs = codes
-                    .iter()
-                    .map(|c| Ok(Tensor::f_from_slice(c)?.f_to_device(device)?))
-                    .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
-                Ok((model.perturbation_latent(&perts.to_device(device)?)?, model.covariate_latents(&covs)?))
-            })
-            .map_err(torch)?;
-            conditions.push(latents);
         }
-        Ok(conditions)
+        for g in groups {
+            for (c, codes) in codes.iter_mut().enumerate() {
+                let code = target.and_then(|t| t.covariates[c]).or(g.covariates[c]).ok_or_else(|| {
+                    Error::InvalidInput(format!("covariate {} of a source cell is unknown", vocab.covariates[c].name))
+                })?;
+                codes.push(i64::from(code));
+            }
+        }
+        tch::no_grad(|| -> cpa_stream_stages::Result<(Tensor, Vec<Tensor>)> {
+            let covs = codes
+                .iter()
+                .map(|c| Ok(Tensor::f_from_slice(c)?.f_to_device(device)?))
+                .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
+            Ok((model.perturbation_latent(&perts.to_device(device)?)?, model.covariate_latents(&covs)?))
+        })
+        .map_err(torch)
     }
 
-    /// Rows `rows` of a batch through the model for every pass: one record batch per pass.
+    /// Rows `rows` of a batch through the model for every pass, each pass's record batch given to
+    /// `emit` at once; `Ok(false)` when the consumer is gone.
     fn step(
         &mut self,
         cells: &SourceCells,
         counts: &CsrBatch,
-        conditions: &Conditions,
         rows: Range<usize>,
-    ) -> Result<Vec<RecordBatch>> {
+        emit: &mut dyn FnMut(RecordBatch) -> bool,
+    ) -> Result<bool> {
         let torch = Error::stage("predictor");
         let device = self.model.device();
         let (a, b) = (rows.start, rows.end);
@@ -125,7 +120,6 @@ impl Predictor {
         let genes = self.gene_index.as_ref().map_or(model.vocabulary().genes.len(), Vec::len);
         let widths: Vec<usize> =
             std::iter::once(genes).chain(self.latents.iter().map(|_| model.config().model.n_latent)).collect();
-        let slice = |t: &Tensor| t.f_narrow(0, a as i64, n as i64);
         let (z_draws, z_mean, library) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
             let (x, _) = densify_range(counts, a..b, device)?;
             let (x_in, library) = model.input(&x)?;
@@ -139,38 +133,47 @@ impl Predictor {
             Ok((draws, mean, library))
         })
         .map_err(torch)?;
-        let mut batches = Vec::with_capacity(conditions.len());
-        for (target, (z_pert, covs)) in pass_targets(&self.targets).into_iter().zip(conditions) {
-            let mut out: Vec<Vec<f32>> = widths.iter().zip(&self.pools).map(|(w, pool)| pool.take(n * w)).collect();
-            tch::no_grad(|| -> cpa_stream_stages::Result<()> {
-                let z_pert = slice(z_pert)?;
-                let covs = covs.iter().map(slice).collect::<std::result::Result<Vec<_>, _>>()?;
-                let mut mean = model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), &mut self.noise)?;
-                if let Some(index) = &gene_index {
-                    mean = mean.f_index_select(1, index)?;
-                }
-                copy_values(&mean, &mut out[0])?;
-                if !self.latents.is_empty() {
-                    let l = model.compose(&z_mean, &z_pert, &covs)?;
-                    for (k, name) in self.latents.iter().enumerate() {
-                        let t = match name.as_str() {
-                            "z_basal" => &l.z_basal,
-                            "z" => &l.z,
-                            "z_corrected" => &l.z_corrected,
-                            "z_no_pert" => &l.z_no_pert,
-                            _ => &l.z_no_pert_corrected,
-                        };
-                        copy_values(t, &mut out[1 + k])?;
+        let mut perts = PerturbationCsr::new();
+        let targets = std::mem::take(&mut self.targets);
+        let result = (|| -> Result<bool> {
+            for target in pass_targets(&targets) {
+                let (z_pert, covs) = self.pass_latents(cells, a..b, target, &mut perts)?;
+                let model = &self.model;
+                let mut out: Vec<Vec<f32>> = widths.iter().zip(&self.pools).map(|(w, pool)| pool.take(n * w)).collect();
+                tch::no_grad(|| -> cpa_stream_stages::Result<()> {
+                    let mut mean =
+                        model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), &mut self.noise)?;
+                    if let Some(index) = &gene_index {
+                        mean = mean.f_index_select(1, index)?;
                     }
+                    copy_values(&mean, &mut out[0])?;
+                    if !self.latents.is_empty() {
+                        let l = model.compose(&z_mean, &z_pert, &covs)?;
+                        for (k, name) in self.latents.iter().enumerate() {
+                            let t = match name.as_str() {
+                                "z_basal" => &l.z_basal,
+                                "z" => &l.z,
+                                "z_corrected" => &l.z_corrected,
+                                "z_no_pert" => &l.z_no_pert,
+                                _ => &l.z_no_pert_corrected,
+                            };
+                            copy_values(t, &mut out[1 + k])?;
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(torch)?;
+                let mut columns = out.into_iter().zip(&self.pools).map(|(values, pool)| pool.lend(values));
+                let mean = columns.next().ok_or_else(|| Error::InvalidInput("no mean column".into()))?;
+                let batch = self.record_batch(cells, a..b, target, mean, columns.collect())?;
+                if !emit(batch) {
+                    return Ok(false);
                 }
-                Ok(())
-            })
-            .map_err(torch)?;
-            let mut columns = out.into_iter().zip(&self.pools).map(|(values, pool)| pool.lend(values));
-            let mean = columns.next().ok_or_else(|| Error::InvalidInput("no mean column".into()))?;
-            batches.push(self.record_batch(cells, a..b, target, mean, columns.collect())?);
-        }
-        Ok(batches)
+            }
+            Ok(true)
+        })();
+        self.targets = targets;
+        result
     }
 
     /// The row ranges a batch of `n` rows runs through the model in: on the CPU [`CPU_STEP_ROWS`]
