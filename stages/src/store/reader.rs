@@ -224,8 +224,10 @@ impl Store {
         ] {
             let path = self.dir.join(name);
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-            let reader = SerializedFileReader::new(file).map_err(|e| Error::parquet(&path, e))?;
-            let actual = reader.metadata().file_metadata().num_rows();
+            let actual = super::tables::guarded(&path, || {
+                let reader = SerializedFileReader::new(file).map_err(|e| Error::parquet(&path, e))?;
+                Ok(reader.metadata().file_metadata().num_rows())
+            })?;
             if actual < 0 || actual as u64 != expected {
                 return Err(Error::SizeMismatch { path, what: what.to_owned(), expected, actual: actual as u64 });
             }

@@ -17,21 +17,53 @@ use crate::error::{Error, Result};
 /// Rows per batch when scanning a table.
 const SCAN_BATCH_ROWS: usize = 65_536;
 
+/// Runs a Parquet library call on a file that may be damaged: the library asserts on some
+/// malformed metadata (a negative column range, found by the damaged-store property test), and
+/// such a panic becomes an error naming the file rather than ending the process.
+pub(crate) fn guarded<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Error::corrupt(path, format!("damaged Parquet file ({message})")))
+    })
+}
+
 /// The Arrow schema stored in a Parquet file (field metadata included).
 pub fn table_schema(path: &Path) -> Result<SchemaRef> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
-    Ok(builder.schema().clone())
+    guarded(path, || {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+        Ok(builder.schema().clone())
+    })
 }
 
 /// Streams a Parquet table in batches of at most 65,536 rows.
 pub fn read_table(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader: ParquetRecordBatchReader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.with_batch_size(SCAN_BATCH_ROWS).build())
-        .map_err(|e| Error::parquet(path, e))?;
+    let mut reader: ParquetRecordBatchReader = guarded(path, || {
+        ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.with_batch_size(SCAN_BATCH_ROWS).build())
+            .map_err(|e| Error::parquet(path, e))
+    })?;
     let path = path.to_owned();
-    Ok(reader.map(move |batch| batch.map_err(|e| Error::arrow(path.display().to_string(), e))))
+    let mut failed = false;
+    Ok(std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        let next = guarded(&path, || Ok(reader.next()))
+            .and_then(|batch| batch.transpose().map_err(|e| Error::arrow(path.display().to_string(), e)));
+        match next {
+            Ok(batch) => batch.map(Ok),
+            Err(e) => {
+                failed = true;
+                Some(Err(e))
+            }
+        }
+    }))
 }
 
 /// Reads a whole Parquet table into one batch (for small tables: `var`, DEG lists).
