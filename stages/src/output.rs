@@ -127,20 +127,25 @@ pub fn publish(tmp: &Path, dest: &Path, kind: OutputKind, overwrite: bool) -> Re
     Ok(())
 }
 
-fn rename_no_replace(tmp: &Path, dest: &Path) -> Result<()> {
+/// `renameat2(2)` with `flags` (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`): the OS error as it is.
+pub(crate) fn renameat2(
+    from: &Path,
+    to: &Path,
+    flags: libc::c_uint,
+) -> Result<std::result::Result<(), std::io::Error>> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes())
             .map_err(|_| Error::InvalidInput(format!("{}: a NUL byte in the path", p.display())))
     };
-    let (from, to) = (c(tmp)?, c(dest)?);
+    let (from, to) = (c(from)?, c(to)?);
     // SAFETY: both are valid NUL-terminated paths that live across the call.
-    let rc =
-        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), flags) };
+    Ok(if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) })
+}
+
+fn rename_no_replace(tmp: &Path, dest: &Path) -> Result<()> {
+    let Err(e) = renameat2(tmp, dest, libc::RENAME_NOREPLACE)? else { return Ok(()) };
     match e.raw_os_error() {
         Some(libc::EEXIST) => Err(Error::OutputExists { path: dest.to_owned() }),
         // File systems without RENAME_NOREPLACE: check, then rename (a narrow race remains).

@@ -286,7 +286,7 @@ fn damaged_store_never_panics(codec: Codec, file: &str, edits: &[(usize, u8)]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn damaged_stores_give_errors_not_panics(

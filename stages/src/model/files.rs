@@ -165,22 +165,10 @@ fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
 
 /// Swaps the names `a` and `b` atomically; false where the file system cannot.
 fn exchange(a: &Path, b: &Path) -> Result<bool> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| Error::InvalidInput(format!("{}: a NUL byte in the path", p.display())))
-    };
-    let (a_c, b_c) = (c(a)?, c(b)?);
-    // SAFETY: both are valid NUL-terminated paths that live across the call.
-    let rc =
-        unsafe { libc::renameat2(libc::AT_FDCWD, a_c.as_ptr(), libc::AT_FDCWD, b_c.as_ptr(), libc::RENAME_EXCHANGE) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
-        _ => Err(Error::io(b, e)),
+    match crate::output::renameat2(a, b, libc::RENAME_EXCHANGE)? {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) => Ok(false),
+        Err(e) => Err(Error::io(b, e)),
     }
 }
 
