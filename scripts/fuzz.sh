@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation fuzzing of the parsers of user files, for SECONDS (default 60) per call:
-#   scripts/fuzz.sh h5ad [SECONDS]     random byte edits of .h5ad files (anndata's archived 0.7
-#                                      file and the bundled atlas), imported by the CLI in a child
+#   scripts/fuzz.sh h5ad [SECONDS]     random byte edits of .h5ad files (anndata's archived 0.5 and 0.7
+#                                      files and the bundled atlas), imported by the CLI in a child
 #                                      process each: exit 0 or 1 is fine, anything else a crash
 #   scripts/fuzz.sh store [SECONDS]    random byte edits of every file of raw and zstd stores:
 #                                      open, gather every row, verify (property test, in rounds)
@@ -28,6 +28,7 @@ import collections, os, random, subprocess, time
 inputs = [
     "../shared/data/anndata-archives/v0.7.8/adata.h5ad",
     "../shared/data/anndata-archives/v0.7.0/adata.h5ad",
+    "../shared/data/anndata-archives/v0.5.0/adata.h5ad",
     "examples/data/perturbench_devel_cpa.h5ad",
 ]
 inputs = [open(p, "rb").read() for p in inputs if os.path.exists(p)]
@@ -36,12 +37,13 @@ codes, runs, crashes = collections.Counter(), 0, 0
 work = os.path.join(os.environ["OUT"], "work")
 os.makedirs(work, exist_ok=True)
 while time.time() < int(os.environ["DEADLINE"]):
-    data = bytearray(rng.choice(inputs[:2] if rng.random() < 0.9 else inputs))
+    data = bytearray(rng.choice(inputs[:3] if rng.random() < 0.9 else inputs))
     for _ in range(rng.randint(1, 16)):
         data[rng.randrange(len(data))] = rng.randrange(256)
     path = os.path.join(work, "input.h5ad")
     open(path, "wb").write(data)
-    r = subprocess.run([os.environ["BIN"], "import", path, "--out", os.path.join(work, "s.store"), "--overwrite"],
+    args = ["--use-raw"] if rng.random() < 0.3 else []
+    r = subprocess.run([os.environ["BIN"], "import", path, "--out", os.path.join(work, "s.store"), "--overwrite", *args],
                        capture_output=True, timeout=300)
     runs += 1
     codes[r.returncode] += 1

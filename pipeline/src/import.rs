@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use arrow::array::{RecordBatch, UInt32Array};
 use cpa_stream_schemas::Codec;
-use cpa_stream_stages::h5ad::{DEG_FILE, H5adReader, MatrixLayout};
+use cpa_stream_stages::h5ad::{DEG_FILE, H5adReader, MatrixLayout, MatrixSource};
 use cpa_stream_stages::store::{StoreWriter, StoreWriterOptions, write_table};
 use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
 use crossbeam_channel::{Receiver, bounded};
@@ -44,6 +44,8 @@ const CHANNEL_DEPTH: usize = 4;
 pub struct ImportOptions {
     /// Import `layers/<layer>` instead of `X`.
     pub layer: Option<String>,
+    /// Import `adata.raw` (its matrix and genes) instead of `X`; excludes `layer`.
+    pub use_raw: bool,
     /// Keep only these genes (by `var` index), in this order.
     pub genes: Option<Vec<String>>,
     /// Rows per chunk. Default [`DEFAULT_CHUNK_ROWS`].
@@ -63,6 +65,7 @@ impl Default for ImportOptions {
     fn default() -> Self {
         ImportOptions {
             layer: None,
+            use_raw: false,
             genes: None,
             chunk_rows: DEFAULT_CHUNK_ROWS,
             memory_budget: DEFAULT_MEMORY_BUDGET,
@@ -98,7 +101,15 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
     let started = Instant::now();
     let read = StageStats::new("read", 1);
     let write = StageStats::new("write", 1);
-    let h5 = H5adReader::open(input, options.layer.as_deref()).map_err(Error::stage("read"))?;
+    let source = match (&options.layer, options.use_raw) {
+        (Some(l), false) => MatrixSource::Layer(l),
+        (None, true) => MatrixSource::Raw,
+        (None, false) => MatrixSource::X,
+        (Some(l), true) => {
+            return Err(Error::InvalidInput(format!("import: layer {l:?} and adata.raw both asked for; choose one")));
+        }
+    };
+    let h5 = H5adReader::open_matrix(input, source).map_err(Error::stage("read"))?;
     let var_all = h5.read_var().map_err(Error::stage("read"))?;
     let (var, map) = select_genes(input, &h5, &var_all, options.genes.as_deref())?;
     let n_vars = var.num_rows() as u32;
@@ -108,7 +119,7 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
         source: Some(format!(
             "imported from {}{}",
             input.display(),
-            options.layer.as_ref().map(|l| format!(" (layer {l})")).unwrap_or_default()
+            if h5.element() == "X" { String::new() } else { format!(" ({})", h5.element()) }
         )),
         ..StoreWriterOptions::default()
     };
@@ -150,8 +161,13 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
             for r in 0..rows.n_rows() {
                 let (indices, values) = rows.row(r);
                 cpa_stream_stages::csr::check_row(indices, values, n_vars).map_err(|e| {
-                    let matrix = options.layer.as_ref().map_or("X".to_owned(), |l| format!("layers/{l}"));
-                    Error::InvalidInput(format!("{}: {matrix}: cell {}{e}", input.display(), writer.n_obs() + r as u64))
+                    let (file, matrix) = (input.display(), h5.element());
+                    let others = h5.other_matrices();
+                    let hint = match others.is_empty() {
+                        true => String::new(),
+                        false => format!("; this file has other matrices: {}", others.join(", ")),
+                    };
+                    Error::InvalidInput(format!("{file}: {matrix}: cell {}{e}{hint}", writer.n_obs() + r as u64))
                 })?;
             }
             write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;

@@ -25,6 +25,10 @@ pub struct ImportArgs {
     /// Import layers/NAME instead of X.
     #[arg(long)]
     layer: Option<String>,
+    /// Import adata.raw (raw.X with the genes of raw.var) instead of X: where older files keep
+    /// the counts when X holds scaled or log-normalised values.
+    #[arg(long, conflicts_with = "layer")]
+    use_raw: bool,
     /// Keep only the genes listed in FILE (one var index entry per line), in that order.
     #[arg(long, value_name = "FILE")]
     genes: Option<PathBuf>,
@@ -88,6 +92,7 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     };
     let options = ImportOptions {
         layer: args.layer.clone(),
+        use_raw: args.use_raw,
         genes,
         chunk_rows: args.chunk_rows,
         memory_budget: args.csc_budget_mib.max(1) << 20,

@@ -51,11 +51,12 @@ fn fixtures() -> &'static Path {
 
 /// What anndata reads from `file`.
 fn anndata_summary(file: &Path, layer: Option<&str>) -> Value {
+    summarize(file, layer.map(|l| vec!["--layer", l]).unwrap_or_default())
+}
+
+fn summarize(file: &Path, args: Vec<&str>) -> Value {
     let mut cmd = Command::new(python());
-    cmd.arg(script()).arg("summarize").arg(file);
-    if let Some(l) = layer {
-        cmd.args(["--layer", l]);
-    }
+    cmd.arg(script()).arg("summarize").arg(file).args(args);
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "summarize {}: {}", file.display(), text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
@@ -385,13 +386,61 @@ fn files_of_every_anndata_version_import_as_anndata_reads_them_or_name_their_lay
             assert!(categories_of(field).is_some_and(|c| c.len() > 10), "{version} {column}: categories lost");
         }
     }
-    for (version, expected) in
-        [("v0.5.0", "obs is an HDF5 compound dataset, the layout anndata <= 0.6 wrote"), ("v0.11.4", "no X matrix")]
-    {
+    // anndata <= 0.6: record-array obs/var, categories in uns, an h5sparse raw.X. Its X is
+    // scaled (negative values), so the error names the counts in adata.raw; --use-raw imports
+    // them with raw.var's genes, as anndata reads adata.raw.
+    let file = archives.join("v0.5.0/adata.h5ad");
+    let out = dir.path().join("v0.5.0-raw.store");
+    import(&file, &out, ImportOptions { use_raw: true, ..Default::default() });
+    let expected = summarize(&file, vec!["--raw", "--rows", "700"]);
+    assert_store_matches(&out, &expected, 1e-6);
+    let schema = table_schema(&out.join(StoreFiles::OBS)).unwrap();
+    for (column, n) in [("bulk_labels", 10), ("phase", 3), ("louvain", 11)] {
+        let field = schema.field_with_name(column).unwrap();
+        assert_eq!(categories_of(field).map(|c| c.len()), Some(n), "v0.5.0 {column}");
+    }
+    assert_eq!(schema.field_with_name("n_genes").unwrap().data_type(), &DataType::Int64);
+    for (version, expected) in [("v0.5.0", "value -0.326 is negative"), ("v0.11.4", "no X matrix")] {
         let file = archives.join(version).join("adata.h5ad");
         let out = dir.path().join(format!("{version}.store"));
         let err = run_import(&file, &out, &ImportOptions::default(), &Silent).unwrap_err().to_string();
         assert!(err.contains(expected), "{version}: {err}");
+        assert!(version != "v0.5.0" || err.contains("--use-raw"), "{err}");
         assert!(!out.exists());
     }
+}
+
+/// A file in the anndata <= 0.6 layout made by hand (h5sparse X, record-array obs and var,
+/// categories in uns, fixed-length strings): imported as current anndata reads it, including
+/// the categorical whose codes exceed its categories (anndata keeps integers) and missing codes.
+#[test]
+fn the_anndata_06_layout_imports_as_anndata_reads_it() {
+    let file = fixtures().join("legacy_v06_csr.h5ad");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("legacy.store");
+    let manifest = import(&file, &out, ImportOptions::default());
+    let expected = summarize(&file, vec!["--rows", "120"]);
+    assert_store_matches(&out, &expected, 1e-6);
+    let schema = table_schema(&out.join(StoreFiles::OBS)).unwrap();
+    assert!(categories_of(schema.field_with_name("condition").unwrap()).is_some());
+    assert_eq!(schema.field_with_name("cluster").unwrap().data_type(), &DataType::Int64);
+    assert_eq!(schema.field_with_name("is_doublet").unwrap().data_type(), &DataType::Boolean);
+    let var = table_schema(&out.join(StoreFiles::VAR)).unwrap();
+    assert_eq!(var.field_with_name("symbol").unwrap().data_type(), &DataType::Utf8);
+    assert_eq!(var.field_with_name("highly_variable").unwrap().data_type(), &DataType::Boolean);
+    // scanpy's DEG record array with fixed-length strings.
+    let degs: Vec<_> = read_table(&out.join(DEG_FILE)).unwrap().map(|b| b.unwrap()).collect();
+    let genes: Vec<&str> = degs.iter().flat_map(|b| b.column(2).as_string::<i32>().iter().flatten()).collect();
+    assert_eq!(genes, ["GENE004", "GENE002", "GENE011", "GENE007", "GENE001", "GENE000"]);
+    assert_eq!(manifest.n_obs, 120);
+    // No adata.raw in this file: a clear error.
+    let err = run_import(
+        &file,
+        &dir.path().join("raw.store"),
+        &ImportOptions { use_raw: true, ..Default::default() },
+        &Silent,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no raw matrix"), "{err}");
 }

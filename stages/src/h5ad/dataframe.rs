@@ -12,9 +12,10 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type};
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::tables::{categorical_field, categories_of};
-use hdf5::types::{TypeDescriptor, VarLenAscii, VarLenUnicode};
+use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
 use hdf5::{Dataset, Group, Location};
 
+use super::records::{self, Scalar, Values};
 use crate::error::{Error, Result};
 
 /// Reads a string attribute (variable- or fixed-length).
@@ -28,6 +29,14 @@ pub(super) fn attr_string(path: &Path, loc: &Location, name: &str) -> Result<Opt
     let value = match desc {
         TypeDescriptor::VarLenUnicode => attr.read_scalar::<VarLenUnicode>().map(|s| s.as_str().to_owned()),
         TypeDescriptor::VarLenAscii => attr.read_scalar::<VarLenAscii>().map(|s| s.as_str().to_owned()),
+        // numpy bytes (`np.bytes_`), as older writers stored attributes: HDF5 pads them to the
+        // larger size on read.
+        TypeDescriptor::FixedAscii(n) if n <= 1024 => {
+            attr.read_scalar::<FixedAscii<1024>>().map(|s| s.as_str().to_owned())
+        }
+        TypeDescriptor::FixedUnicode(n) if n <= 1024 => {
+            attr.read_scalar::<FixedUnicode<1024>>().map(|s| s.as_str().to_owned())
+        }
         _ => return Err(Error::Unsupported { path: path.to_owned(), reason: ctx() }),
     };
     value.map(Some).map_err(Error::hdf5(path, ctx()))
@@ -69,9 +78,12 @@ pub(super) fn read_strings(path: &Path, ds: &Dataset, rows: Range<u64>) -> Resul
             .read_slice_1d::<VarLenAscii, _>(sel)
             .map(|a| a.iter().map(|s| s.as_str().to_owned()).collect())
             .map_err(Error::hdf5(path, ctx())),
+        TypeDescriptor::FixedAscii(_) | TypeDescriptor::FixedUnicode(_) => {
+            super::records::read_text(path, ds, None, rows)
+        }
         other => Err(Error::Unsupported {
             path: path.to_owned(),
-            reason: format!("{}: strings stored as {other}, expected variable-length strings", ds.name()),
+            reason: format!("{}: strings stored as {other}, expected strings", ds.name()),
         }),
     }
 }
@@ -79,15 +91,34 @@ pub(super) fn read_strings(path: &Path, ds: &Dataset, rows: Range<u64>) -> Resul
 /// How one dataframe column is stored.
 #[derive(Debug, Clone)]
 enum ColumnKind {
-    Categorical { codes: Dataset, categories: Vec<String> },
+    Categorical {
+        codes: Dataset,
+        categories: Vec<String>,
+    },
     Strings(Dataset),
     Int(Dataset),
     UInt(Dataset),
     Float(Dataset),
     Bool(Dataset),
-    NullableInt { values: Dataset, mask: Dataset },
-    NullableBool { values: Dataset, mask: Dataset },
-    NullableStrings { values: Dataset, mask: Dataset },
+    NullableInt {
+        values: Dataset,
+        mask: Dataset,
+    },
+    NullableBool {
+        values: Dataset,
+        mask: Dataset,
+    },
+    NullableStrings {
+        values: Dataset,
+        mask: Dataset,
+    },
+    /// A field of an anndata <= 0.6 record-array dataframe; integer codes become a categorical
+    /// when `uns/<field>_categories` names their categories (as anndata reads them).
+    Record {
+        field: String,
+        kind: Scalar,
+        categories: Option<Vec<String>>,
+    },
 }
 
 /// An AnnData dataframe group, read by row ranges.
@@ -95,7 +126,10 @@ enum ColumnKind {
 pub(super) struct DataFrameReader {
     path: PathBuf,
     name: String,
+    /// The index: a string dataset, or (anndata <= 0.6) the record-array dataframe itself, whose
+    /// first field is the index; then `records` names that field and every column is a field.
     index: Dataset,
+    records: Option<String>,
     columns: Vec<(String, ColumnKind)>,
     schema: SchemaRef,
     n_rows: u64,
@@ -181,18 +215,75 @@ fn read_categories(path: &Path, ds: &Dataset, full: &str) -> Result<Vec<String>>
     }
 }
 
+/// anndata <= 0.6's categories: `uns/<column>_categories` datasets by column name (anndata
+/// derives the name by deleting every `_categories` from the key).
+fn legacy_categories(path: &Path, file: &Group) -> Result<HashMap<String, Dataset>> {
+    let Ok(uns) = file.group("uns") else { return Ok(HashMap::new()) };
+    let names = uns.member_names().map_err(Error::hdf5(path, "uns"))?;
+    Ok(names
+        .iter()
+        .filter(|k| k.ends_with("_categories"))
+        .filter_map(|k| Some((k.replace("_categories", ""), uns.dataset(k).ok()?)))
+        .filter(|(_, ds)| ds.ndim() <= 1)
+        .collect())
+}
+
+/// Whether every code of integer field `field` is below `n_categories` (anndata's test for
+/// applying `uns` categories); codes below -1 are corrupt, as pandas rejects them.
+fn codes_fit(path: &Path, records: &Dataset, field: &str, n_rows: u64, n_categories: usize) -> Result<bool> {
+    const CHUNK: u64 = 1 << 20;
+    let mut start = 0;
+    while start < n_rows {
+        let end = (start + CHUNK).min(n_rows);
+        let codes = match records::read(path, records, Some(field), start..end)? {
+            Values::Int(v) => v,
+            Values::UInt(v) => v.into_iter().map(|c| i64::try_from(c).unwrap_or(i64::MAX)).collect(),
+            _ => return Ok(false),
+        };
+        if let Some(bad) = codes.iter().position(|&c| c < -1) {
+            return Err(Error::corrupt(
+                path,
+                format!("{}/{field}: row {}: categorical code {}", records.name(), start + bad as u64, codes[bad]),
+            ));
+        }
+        if codes.iter().any(|&c| c >= n_categories as i64) {
+            return Ok(false);
+        }
+        start = end;
+    }
+    Ok(true)
+}
+
+/// A dictionary array of `categories` from codes (-1 missing), checked against their number.
+fn categorical_array(
+    path: &Path,
+    codes: Vec<i32>,
+    categories: &[String],
+    first_row: u64,
+    ctx: impl Fn() -> String,
+) -> Result<ArrayRef> {
+    if let Some(bad) = codes.iter().position(|&c| c >= categories.len() as i32 || c < -1) {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "{}: row {}: code {} outside {} categories",
+                ctx(),
+                first_row + bad as u64,
+                codes[bad],
+                categories.len()
+            ),
+        ));
+    }
+    let keys = Int32Array::from_iter(codes.iter().map(|&c| (c >= 0).then_some(c)));
+    let values: ArrayRef = Arc::new(StringArray::from_iter_values(categories));
+    Ok(Arc::new(DictionaryArray::try_new(keys, values).map_err(|e| Error::arrow(ctx(), e))?))
+}
+
 impl DataFrameReader {
     /// Opens dataframe group `name`; its index becomes column `id_column` (first, Utf8).
     pub(super) fn open(path: &Path, file: &Group, name: &str, id_column: &str) -> Result<DataFrameReader> {
-        if file.dataset(name).is_ok() {
-            return Err(Error::Unsupported {
-                path: path.to_owned(),
-                reason: format!(
-                    "{name} is an HDF5 compound dataset, the layout anndata <= 0.6 wrote (2019 and before), which \
-                     this build does not read; rewrite the file with current anndata: python -c \"import anndata; \
-                     anndata.read_h5ad('IN.h5ad').write_h5ad('OUT.h5ad')\""
-                ),
-            });
+        if let Ok(records) = file.dataset(name) {
+            return DataFrameReader::open_records(path, file, name, id_column, records);
         }
         let group = file.group(name).map_err(Error::hdf5(path, format!("no {name:?} dataframe")))?;
         let encoding = attr_string(path, &group, "encoding-type")?;
@@ -207,10 +298,10 @@ impl DataFrameReader {
         let n_rows = index.size() as u64;
         let order = attr_strings(path, &group, "column-order")?;
         let mut columns = Vec::new();
-        let mut fields = vec![Field::new(id_column, DataType::Utf8, false)];
         for col in order {
             let kind = member_kind(path, &group, &col)?;
             let len = match &kind {
+                ColumnKind::Record { .. } => n_rows as usize,
                 ColumnKind::Categorical { codes, .. } => codes.size(),
                 ColumnKind::Strings(d)
                 | ColumnKind::Int(d)
@@ -229,28 +320,103 @@ impl DataFrameReader {
                     actual: len,
                 });
             }
+            columns.push((col, kind));
+        }
+        Ok(DataFrameReader::new(path, name, id_column, index, None, columns, n_rows))
+    }
+
+    fn new(
+        path: &Path,
+        name: &str,
+        id_column: &str,
+        index: Dataset,
+        records: Option<String>,
+        columns: Vec<(String, ColumnKind)>,
+        n_rows: u64,
+    ) -> DataFrameReader {
+        let mut fields = vec![Field::new(id_column, DataType::Utf8, false)];
+        for (col, kind) in &columns {
             let out_name = if col == id_column { format!("{col}_column") } else { col.clone() };
-            fields.push(match &kind {
-                ColumnKind::Categorical { categories, .. } => categorical_field(&out_name, categories, true),
-                ColumnKind::Strings(_) => Field::new(&out_name, DataType::Utf8, false),
-                ColumnKind::Int(_) => Field::new(&out_name, DataType::Int64, false),
-                ColumnKind::UInt(_) => Field::new(&out_name, DataType::UInt64, false),
-                ColumnKind::Float(_) => Field::new(&out_name, DataType::Float64, false),
-                ColumnKind::Bool(_) => Field::new(&out_name, DataType::Boolean, false),
+            fields.push(match kind {
+                ColumnKind::Categorical { categories, .. }
+                | ColumnKind::Record { categories: Some(categories), .. } => {
+                    categorical_field(&out_name, categories, true)
+                }
+                ColumnKind::Strings(_) | ColumnKind::Record { kind: Scalar::FixedText { .. }, .. } => {
+                    Field::new(&out_name, DataType::Utf8, false)
+                }
+                ColumnKind::Record { kind: Scalar::VarText { .. }, .. } => Field::new(&out_name, DataType::Utf8, false),
+                ColumnKind::Int(_) | ColumnKind::Record { kind: Scalar::Int, .. } => {
+                    Field::new(&out_name, DataType::Int64, false)
+                }
+                ColumnKind::UInt(_) | ColumnKind::Record { kind: Scalar::UInt, .. } => {
+                    Field::new(&out_name, DataType::UInt64, false)
+                }
+                ColumnKind::Float(_) | ColumnKind::Record { kind: Scalar::Float, .. } => {
+                    Field::new(&out_name, DataType::Float64, false)
+                }
+                ColumnKind::Bool(_) | ColumnKind::Record { kind: Scalar::Bool, .. } => {
+                    Field::new(&out_name, DataType::Boolean, false)
+                }
                 ColumnKind::NullableInt { .. } => Field::new(&out_name, DataType::Int64, true),
                 ColumnKind::NullableBool { .. } => Field::new(&out_name, DataType::Boolean, true),
                 ColumnKind::NullableStrings { .. } => Field::new(&out_name, DataType::Utf8, true),
             });
-            columns.push((col, kind));
         }
-        Ok(DataFrameReader {
+        DataFrameReader {
             path: path.to_owned(),
             name: name.to_owned(),
             index,
+            records,
             columns,
             schema: Arc::new(Schema::new(fields)),
             n_rows,
-        })
+        }
+    }
+
+    /// The layout anndata <= 0.6 wrote: the dataframe is one record-array dataset whose first
+    /// field is the index, and a categorical column is its integer codes with the categories in
+    /// `uns/<column>_categories`. Read as anndata reads it: codes become categories when every
+    /// code is below the number of categories (-1 is missing), otherwise they stay integers.
+    fn open_records(
+        path: &Path,
+        file: &Group,
+        name: &str,
+        id_column: &str,
+        records: Dataset,
+    ) -> Result<DataFrameReader> {
+        let unsupported = |what: String| Error::Unsupported {
+            path: path.to_owned(),
+            reason: format!("{name} (a record-array dataframe, the layout anndata <= 0.6 wrote): {what}"),
+        };
+        if records.ndim() != 1 {
+            return Err(unsupported(format!("{}-dimensional, expected 1", records.ndim())));
+        }
+        let fields = records::fields(path, &records).map_err(|e| unsupported(e.to_string()))?;
+        let Some(((index_field, index_kind), rest)) = fields.split_first() else {
+            return Err(unsupported("no fields, expected the index first".to_owned()));
+        };
+        if !index_kind.is_some_and(Scalar::is_text) {
+            return Err(unsupported(format!("its first field {index_field:?} (the index) does not hold strings")));
+        }
+        let n_rows = records.size() as u64;
+        let uns_categories = legacy_categories(path, file)?;
+        let mut columns = Vec::new();
+        for (field, kind) in rest {
+            let Some(kind) = *kind else {
+                let ty = records.dtype().and_then(|t| t.to_descriptor()).map(|d| d.to_string()).unwrap_or_default();
+                return Err(unsupported(format!("field {field:?} has a type this build does not read (record {ty})")));
+            };
+            let mut categories = None;
+            if let (Scalar::Int | Scalar::UInt, Some(cats)) = (kind, uns_categories.get(field.as_str())) {
+                let cats = read_categories(path, cats, &cats.name())?;
+                if codes_fit(path, &records, field, n_rows, cats.len())? {
+                    categories = Some(cats);
+                }
+            }
+            columns.push((field.clone(), ColumnKind::Record { field: field.clone(), kind, categories }));
+        }
+        Ok(DataFrameReader::new(path, name, id_column, records, Some(index_field.clone()), columns, n_rows))
     }
 
     pub(super) fn n_rows(&self) -> u64 {
@@ -263,6 +429,9 @@ impl DataFrameReader {
 
     /// The index (ids) of rows `rows`.
     pub(super) fn read_index(&self, rows: Range<u64>) -> Result<Vec<String>> {
+        if let Some(field) = &self.records {
+            return records::read_text(&self.path, &self.index, Some(field), rows);
+        }
         read_strings(&self.path, &self.index, rows)
     }
 
@@ -284,22 +453,25 @@ impl DataFrameReader {
             let mask = |m: &Dataset| read_vec::<bool>(path, m, &sel, n, ctx);
             let array: ArrayRef = match kind {
                 ColumnKind::Categorical { codes, categories } => {
-                    let codes = read_vec::<i32>(path, codes, &sel, n, ctx)?;
-                    if let Some(bad) = codes.iter().position(|&c| c >= categories.len() as i32 || c < -1) {
-                        return Err(Error::corrupt(
-                            path,
-                            format!(
-                                "{}: row {}: code {} outside {} categories",
-                                ctx(),
-                                rows.start + bad as u64,
-                                codes[bad],
-                                categories.len()
-                            ),
-                        ));
+                    categorical_array(path, read_vec::<i32>(path, codes, &sel, n, ctx)?, categories, rows.start, ctx)?
+                }
+                ColumnKind::Record { field, kind: _, categories } => {
+                    let values = records::read(path, &self.index, Some(field), rows.clone())?;
+                    match (values, categories) {
+                        (Values::Int(codes), Some(categories)) => {
+                            let codes = codes.into_iter().map(|c| i32::try_from(c).unwrap_or(i32::MAX)).collect();
+                            categorical_array(path, codes, categories, rows.start, ctx)?
+                        }
+                        (Values::UInt(codes), Some(categories)) => {
+                            let codes = codes.into_iter().map(|c| i32::try_from(c).unwrap_or(i32::MAX)).collect();
+                            categorical_array(path, codes, categories, rows.start, ctx)?
+                        }
+                        (Values::Text(v), _) => Arc::new(StringArray::from(v)),
+                        (Values::Int(v), _) => Arc::new(Int64Array::from(v)),
+                        (Values::UInt(v), _) => Arc::new(UInt64Array::from(v)),
+                        (Values::Float(v), _) => Arc::new(Float64Array::from(v)),
+                        (Values::Bool(v), _) => Arc::new(BooleanArray::from(v)),
                     }
-                    let keys = Int32Array::from_iter(codes.iter().map(|&c| (c >= 0).then_some(c)));
-                    let values: ArrayRef = Arc::new(StringArray::from_iter_values(categories));
-                    Arc::new(DictionaryArray::try_new(keys, values).map_err(|e| Error::arrow(ctx(), e))?)
                 }
                 ColumnKind::Strings(d) => Arc::new(StringArray::from(read_strings(path, d, rows.clone())?)),
                 ColumnKind::Int(d) | ColumnKind::UInt(d) | ColumnKind::Float(d) => num(d)?,

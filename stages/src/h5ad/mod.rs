@@ -18,7 +18,7 @@ mod reader;
 mod records;
 mod writer;
 
-pub use reader::{H5adReader, MatrixLayout};
+pub use reader::{H5adReader, MatrixLayout, MatrixSource};
 pub use writer::{DEFAULT_GZIP_LEVEL, H5adCompression, H5adWriter};
 
 pub use cpa_stream_schemas::tables::degs::{

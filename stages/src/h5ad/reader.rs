@@ -60,9 +60,27 @@ fn is_hdf5(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Which matrix of an AnnData file to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatrixSource<'a> {
+    /// `X`.
+    #[default]
+    X,
+    /// `layers/<name>`.
+    Layer(&'a str),
+    /// `raw.X` with the genes of `raw.var` (`adata.raw`: often the counts before filtering or
+    /// scaling; stored as `raw/X` and `raw/var`, or `raw.X` and `raw.var` by anndata <= 0.6).
+    Raw,
+}
+
 impl H5adReader {
     /// Opens `path` and the matrix `X`, or `layers/<layer>`.
     pub fn open(path: &Path, layer: Option<&str>) -> Result<H5adReader> {
+        H5adReader::open_matrix(path, layer.map_or(MatrixSource::X, MatrixSource::Layer))
+    }
+
+    /// Opens `path` and the matrix `source`.
+    pub fn open_matrix(path: &Path, source: MatrixSource<'_>) -> Result<H5adReader> {
         is_hdf5(path)?;
         let file = File::open(path).map_err(Error::hdf5(path, "opening"))?;
         let root_encoding = attr_string(path, &file, "encoding-type")?;
@@ -78,9 +96,21 @@ impl H5adReader {
                 reason: "no obs and var dataframes: not an AnnData file".to_owned(),
             });
         }
-        let element = match layer {
-            None => "X".to_owned(),
-            Some(l) => {
+        let mut var_name = "var";
+        let element = match source {
+            MatrixSource::X => "X".to_owned(),
+            MatrixSource::Raw => {
+                let (x, var) = if file.link_exists("raw") { ("raw/X", "raw/var") } else { ("raw.X", "raw.var") };
+                if !file.link_exists(x) || !file.link_exists(var) {
+                    return Err(Error::InvalidInput(format!(
+                        "{}: no raw matrix (adata.raw: raw/X and raw/var, or raw.X and raw.var)",
+                        path.display()
+                    )));
+                }
+                var_name = var;
+                x.to_owned()
+            }
+            MatrixSource::Layer(l) => {
                 let known: Vec<String> = file.group("layers").and_then(|g| g.member_names()).unwrap_or_default();
                 if !known.iter().any(|k| k == l) {
                     return Err(Error::InvalidInput(format!(
@@ -96,7 +126,7 @@ impl H5adReader {
             return Err(Error::Unsupported { path: path.to_owned(), reason: format!("no {element} matrix") });
         }
         let obs = DataFrameReader::open(path, &file, "obs", cpa_stream_schemas::tables::CELL_ID)?;
-        let var = DataFrameReader::open(path, &file, "var", cpa_stream_schemas::tables::GENE_ID)?;
+        let var = DataFrameReader::open(path, &file, var_name, cpa_stream_schemas::tables::GENE_ID)?;
         let (matrix, shape) = open_matrix(path, &file, &element)?;
         let (n_obs, n_vars) = shape;
         if n_obs != obs.n_rows() {
@@ -127,6 +157,26 @@ impl H5adReader {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The other matrices of the file, as the import flags that pick them (`--layer counts`,
+    /// `--use-raw`), for hints when the one read does not fit.
+    pub fn other_matrices(&self) -> Vec<String> {
+        let layers: Vec<String> = self.file.group("layers").and_then(|g| g.member_names()).unwrap_or_default();
+        let mut out: Vec<String> = layers
+            .into_iter()
+            .filter(|l| format!("layers/{l}") != self.element)
+            .map(|l| format!("--layer {l}"))
+            .collect();
+        if !self.element.starts_with("raw") && (self.file.link_exists("raw/X") || self.file.link_exists("raw.X")) {
+            out.push("--use-raw".to_owned());
+        }
+        out
+    }
+
+    /// The matrix read, as its path in the file (`X`, `layers/counts`, `raw/X`).
+    pub fn element(&self) -> &str {
+        &self.element
     }
 
     /// Cells.
@@ -420,8 +470,15 @@ fn push_sorted(out: &mut CsrBatch, idx: &[u32], val: &[f32]) -> std::result::Res
 
 fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Matrix, (u64, u64))> {
     if let Ok(group) = file.group(element) {
-        let encoding = attr_string(path, &group, "encoding-type")?.unwrap_or_default();
-        let layout = match encoding.as_str() {
+        // anndata <= 0.6 (h5sparse): no encoding-type, `h5sparse_format` "csr"/"csc" and
+        // `h5sparse_shape` instead.
+        let legacy = attr_string(path, &group, "encoding-type")?.is_none()
+            && attr_string(path, &group, "h5sparse_format")?.is_some();
+        let encoding = match legacy {
+            true => attr_string(path, &group, "h5sparse_format")?.map(|f| format!("{f}_matrix")),
+            false => attr_string(path, &group, "encoding-type")?,
+        };
+        let layout = match encoding.unwrap_or_default().as_str() {
             "csr_matrix" => MatrixLayout::Csr,
             "csc_matrix" => MatrixLayout::Csc,
             other => {
@@ -433,9 +490,11 @@ fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Matrix, (u64,
                 });
             }
         };
-        let shape_attr = group.attr("shape").map_err(Error::hdf5(path, format!("{element}: shape attribute")))?;
+        let shape_name = if legacy { "h5sparse_shape" } else { "shape" };
+        let shape_attr =
+            group.attr(shape_name).map_err(Error::hdf5(path, format!("{element}: {shape_name} attribute")))?;
         let shape: Vec<i64> =
-            shape_attr.read_raw().map_err(Error::hdf5(path, format!("{element}: shape attribute")))?;
+            shape_attr.read_raw().map_err(Error::hdf5(path, format!("{element}: {shape_name} attribute")))?;
         if shape.len() != 2 || shape.iter().any(|&d| d < 0) {
             return Err(Error::corrupt(path, format!("{element}: shape {shape:?}, expected two non-negative sizes")));
         }
