@@ -148,6 +148,7 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
         &write,
         CHANNEL_DEPTH,
         |out| {
+            crate::fault::point("import-read");
             let sink = ChunkSink { out, recycled: &recycle_rx, stats: &read, n_vars };
             let result = match layout {
                 MatrixLayout::Csc => read_csc(&h5, &map, chunk_rows, options, &tmp_dir, &sink),

@@ -29,6 +29,7 @@ pub mod encoder;
 mod error;
 pub mod evaluate;
 pub mod export;
+pub mod fault;
 pub mod import;
 pub mod obs;
 pub mod predict;

@@ -76,6 +76,45 @@ fn a_source_that_selects_no_cell_is_an_error_unless_allowed() {
     assert!(table.column_by_name("mean").is_some());
 }
 
+/// A panic in any thread of a command that publishes a file (injected with CPA_STREAM_FAULT)
+/// ends it with exit 1 and an error naming the stage, and publishes nothing: no truncated
+/// Parquet that looks complete.
+#[test]
+fn a_panicking_stage_is_an_error_naming_it_and_publishes_nothing() {
+    let f = fixture();
+    let fault = |stage: &str, args: &[&str]| {
+        let o = Command::new(bin())
+            .args(args)
+            .env("CPA_STREAM_FAULT", stage)
+            .env("CPA_STREAM_LOG", "warn")
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        (o.status.code(), text(&o.stderr))
+    };
+    for stage in ["source", "batcher", "predictor"] {
+        let out = f.dir.join(format!("fault-{stage}.parquet"));
+        let args = ["predict", "--model", s(&f.run), "--store", s(&f.store), "--out", s(&out)];
+        let (code, err) = fault(stage, &args);
+        assert_eq!(code, Some(1), "{stage}: {err}");
+        assert!(err.contains(&format!("{stage}: a worker thread panicked: fault injected into {stage}")), "{err}");
+        assert!(!out.exists(), "{stage}: a file was published");
+        let leftovers: Vec<_> = std::fs::read_dir(&f.dir)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(&format!("fault-{stage}")))
+            .collect();
+        assert!(leftovers.is_empty(), "{stage}: temporaries left: {leftovers:?}");
+    }
+    let h5ad = f.dir.join("fault.h5ad");
+    let (code, err) = fault("none", &["export", s(&f.store), "--out", s(&h5ad)]);
+    assert_eq!(code, Some(0), "{err}");
+    let store = f.dir.join("fault-import.store");
+    let (code, err) = fault("import-read", &["import", s(&h5ad), "--out", s(&store)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("import-read") && err.contains("panicked"), "{err}");
+    assert!(!store.exists(), "a store was published");
+}
+
 #[test]
 fn a_diverging_run_or_zero_epochs_leaves_no_model() {
     let f = fixture();

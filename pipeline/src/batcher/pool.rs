@@ -223,6 +223,7 @@ impl Shared {
             if self.stopped() {
                 return;
             }
+            crate::fault::point(STAGE);
             if let Some(planner) = &self.stats.planner {
                 planner.add(rows.len() as u64, rows.len() as u64 * 8);
             }

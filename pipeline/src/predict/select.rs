@@ -65,6 +65,7 @@ impl Select {
         stop: &AtomicBool,
         selected: &AtomicU64,
     ) {
+        crate::fault::point("source");
         if let Err(e) = self.select(feeder, stats, stop, selected) {
             feeder.fail(e);
         }

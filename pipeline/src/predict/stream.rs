@@ -115,6 +115,7 @@ fn run_predictor(
         if stop.load(Ordering::Relaxed) {
             return;
         }
+        crate::fault::point("predictor");
         let gathered = match item {
             Ok(g) => g,
             Err(e) => {
