@@ -10,6 +10,64 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    git_revision();
+    // The tch binding's version, from this package's own dependency pin.
+    let manifest = std::fs::read_to_string("Cargo.toml").unwrap_or_default();
+    let tch = manifest
+        .lines()
+        .find(|l| l.starts_with("tch = "))
+        .and_then(|l| l.split('"').nth(1))
+        .map(|v| v.trim_start_matches('=').to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=CPA_STREAM_TCH_VERSION={tch}");
+    if !libtorch_version_from_pip() {
+        println!("cargo:rustc-env=CPA_STREAM_LIBTORCH_BUILD_VERSION=unknown");
+    }
+    link_libtorch();
+}
+
+/// `CPA_STREAM_GIT_REVISION`: the commit built, `-dirty` with uncommitted changes to tracked
+/// files, `unknown` outside a git checkout (a source tarball).
+fn git_revision() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let revision = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".to_owned());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let suffix = if dirty { "-dirty" } else { "" };
+    println!("cargo:rustc-env=CPA_STREAM_GIT_REVISION={revision}{suffix}");
+    // Rebuilt (this crate only) when HEAD moves or the index changes.
+    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
+        let dir = PathBuf::from(dir);
+        println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
+        println!("cargo:rerun-if-changed={}", dir.join("index").display());
+        if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            let common = git(&["rev-parse", "--git-common-dir"]).map(PathBuf::from).unwrap_or(dir);
+            println!("cargo:rerun-if-changed={}", common.join(reference).display());
+        }
+    }
+}
+
+/// Sets `CPA_STREAM_LIBTORCH_BUILD_VERSION` from the pip package's version.py; false when absent.
+fn libtorch_version_from_pip() -> bool {
+    let Some(lib_dir) = env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else { return false };
+    let version_py = lib_dir.parent().map(|torch| torch.join("version.py"));
+    if let Some(text) = version_py.and_then(|p| std::fs::read_to_string(p).ok())
+        && let Some(line) = text.lines().find(|l| l.starts_with("__version__"))
+        && let Some(version) = line.split(['\'', '"']).nth(1)
+    {
+        println!("cargo:rustc-env=CPA_STREAM_LIBTORCH_BUILD_VERSION={version}");
+        return true;
+    }
+    false
+}
+
+fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Some(lib_dir) = env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         // torch-sys only exports the directory on unix-like targets; nothing to add elsewhere.
@@ -29,12 +87,4 @@ fn main() {
     }
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
     println!("cargo:rustc-env=CPA_STREAM_LIBTORCH_LIB={dir}");
-    // The pip package records its version (e.g. 2.11.0+cu130) next to lib/.
-    let version_py = lib_dir.parent().map(|torch| torch.join("version.py"));
-    if let Some(text) = version_py.and_then(|p| std::fs::read_to_string(p).ok())
-        && let Some(line) = text.lines().find(|l| l.starts_with("__version__"))
-        && let Some(version) = line.split(['\'', '"']).nth(1)
-    {
-        println!("cargo:rustc-env=CPA_STREAM_LIBTORCH_BUILD_VERSION={version}");
-    }
 }

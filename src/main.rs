@@ -8,7 +8,12 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    cli::init_logging();
+    if let Err(err) = cli::init_logging() {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "error: {err}");
+        // A usage error, as clap reports a bad flag.
+        return ExitCode::from(2);
+    }
     cpa_stream_stages::store::explain_sigbus();
     match cli::run(args) {
         Ok(code) => code,

@@ -19,14 +19,19 @@ use cpa_stream_stages::store::Store;
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Sequential and random-gather read throughput against a memcpy bound.
+    #[command(after_help = "Example:\n  cpa-stream bench reader atlas-zstd.store --repeats 3 --json")]
     Reader(ReaderArgs),
     /// Training throughput of the model alone, on preloaded batches of a synthetic atlas.
+    #[command(after_help = "Example:\n  cpa-stream bench model --cells 5000 --genes 2000 --batch-size 128 --epochs 2")]
     Model(ModelArgs),
     /// The training pipeline without the model (encoder, batcher workers) against a
     /// memcpy bound.
+    #[command(after_help = "Example:\n  cpa-stream bench loader atlas.store --dose-key dose --covariates cell_type \
+                            --batch-size 4096 --epochs 3")]
     Loader(LoaderArgs),
     /// Training through the pipeline against the same model stepping on batches held in
     /// memory, in alternating passes: whether the loader ever holds the trainer up.
+    #[command(after_help = "Example:\n  cpa-stream bench train atlas.store --dose-key dose --covariates cell_type")]
     Train(TrainArgs),
 }
 

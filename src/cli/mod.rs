@@ -85,9 +85,27 @@ impl LabelArgs {
 
 use clap::{Parser, Subcommand};
 
+/// `--version`: the crate version, the git revision built and the libtorch linked.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("CPA_STREAM_GIT_REVISION"),
+    ")\nlibtorch ",
+    env!("CPA_STREAM_LIBTORCH_BUILD_VERSION"),
+    " (tch ",
+    env!("CPA_STREAM_TCH_VERSION"),
+    ")"
+);
+
+/// Exit codes, the same for every command (also in `--help` and docs/cli.md).
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 error (the message names the file, row or column), 2 usage error, \
+130 interrupted (Ctrl-C; `train` keeps its last checkpoint for --resume). CPA_STREAM_LOG sets the log filter \
+(default info; e.g. warn, debug, cpa_stream=debug); a filter that does not parse is an error.";
+
 /// Train and run the Compositional Perturbation Autoencoder on atlases larger than memory.
 #[derive(Debug, Parser)]
-#[command(name = "cpa-stream", version, about, propagate_version = true)]
+#[command(name = "cpa-stream", version, long_version = LONG_VERSION, about, propagate_version = true)]
+#[command(after_help = EXIT_CODES)]
 pub struct Args {
     #[command(subcommand)]
     command: Command,
@@ -96,28 +114,59 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print libtorch, CUDA and build information.
+    #[command(after_help = "Example:\n  cpa-stream info --json")]
     Info(info::InfoArgs),
     /// Generate a CPA-shaped synthetic atlas with ground truth.
+    #[command(after_help = "Example:\n  cpa-stream synth --cells 20000 --genes 2000 --perturbations 8 --doses 3 \
+                            --cell-types 3 --combinations 4 --out atlas.store")]
     Synth(synth::SynthArgs),
     /// Show a store's shape, sizes and obs columns.
+    #[command(after_help = "Example:\n  cpa-stream inspect atlas.store")]
     Inspect(store::InspectArgs),
     /// Check a store's checksums and structure; exit 1 naming the first problem.
+    #[command(after_help = "Example:\n  cpa-stream verify atlas.store")]
     Verify(store::VerifyArgs),
     /// Copy a store with another codec (raw or zstd).
+    #[command(after_help = "Examples:\n  cpa-stream convert atlas.store --codec zstd --out atlas-zstd.store\n  \
+                            cpa-stream convert sorted.store --codec raw --shuffle 0 --out shuffled.store")]
     Convert(store::ConvertArgs),
     /// Convert an AnnData .h5ad file into a store, in bounded memory.
+    #[command(after_help = "Examples:\n  cpa-stream import adata.h5ad --out atlas.store\n  \
+                            cpa-stream import adata.h5ad --layer counts --codec zstd --out atlas.store\n  \
+                            cpa-stream import old_scanpy.h5ad --use-raw --out atlas.store")]
     Import(h5ad::ImportArgs),
     /// Write a store as an AnnData .h5ad file.
+    #[command(after_help = "Example:\n  cpa-stream export atlas.store --out atlas.h5ad --compression gzip")]
     Export(h5ad::ExportArgs),
     /// Train CPA on a store through the streaming pipeline.
+    #[command(after_help = "Examples:\n  cpa-stream train --store atlas.store --dose-key dose --covariates cell_type \
+                            --holdout \"MAP2K3+MAP2K6\" --epochs 100 --out run/\n  \
+                            cpa-stream train --store atlas.store --out run/ --resume      (after Ctrl-C)")]
     Train(train::TrainArgs),
     /// Counterfactual predictions of a trained model into a Parquet file.
+    #[command(after_help = "Example:\n  cpa-stream predict --model run/ --store atlas.store \
+                            --source \"condition == control and cell_type == k562\" \
+                            --target \"condition=MAP2K3+MAP2K6,dose=1+1\" --out pred.parquet")]
     Predict(predict::PredictArgs),
     /// R2 of counterfactual means and variances per condition (paper metrics), with plots.
+    #[command(after_help = "Example:\n  cpa-stream evaluate --model run/ --store atlas.store --split ood --out eval/")]
     Evaluate(evaluate::EvaluateArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  cpa-stream completions bash > ~/.local/share/bash-completion/completions/cpa-stream\n  \
+                            cpa-stream completions zsh > ~/.zfunc/_cpa-stream\n  \
+                            cpa-stream completions fish > ~/.config/fish/completions/cpa-stream.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the command-line reference as Markdown (docs/cli-reference.md is this output).
+    #[command(hide = true)]
+    MarkdownHelp,
 }
 
 /// Runs a parsed command line.
@@ -134,6 +183,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Predict(a) => predict::run(a),
         Command::Evaluate(a) => evaluate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Completions { shell } => {
+            let mut command = <Args as clap::CommandFactory>::command();
+            // Into memory first: clap_complete panics when a write fails (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "cpa-stream", &mut script);
+            let mut out = std::io::stdout().lock();
+            std::io::Write::write_all(&mut out, &script)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MarkdownHelp => {
+            let options = clap_markdown::MarkdownOptions::new()
+                .title("cpa-stream command-line reference".to_owned())
+                .show_footer(false);
+            out!("{}", clap_markdown::help_markdown_custom::<Args>(&options));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -195,16 +261,35 @@ fn model_device(name: &str, threads: Option<usize>) -> anyhow::Result<tch::Devic
     Ok(device)
 }
 
-/// Logs go to stderr; `CPA_STREAM_LOG` (or `RUST_LOG`) sets the filter, default `info`. Colours
-/// only on a terminal (and not with `NO_COLOR` set), so that logs written to files stay plain.
-pub fn init_logging() {
+/// The log levels a filter directive may name.
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Parses a log filter: comma-separated directives, each a level (`warn`) or `TARGET=LEVEL`
+/// (`cpa_stream_pipeline=debug`). tracing's own parser takes any word as a target, so a typo
+/// such as `CPA_STREAM_LOG=verbose` would silence every log; here it is an error.
+fn log_filter(var: &str, text: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    let level_ok = |l: &str| LEVELS.contains(&l.to_ascii_lowercase().as_str());
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        anyhow::ensure!(
+            level_ok(level),
+            "{var}={text:?}: {directive:?} is not a log level or TARGET=LEVEL; levels: {}",
+            LEVELS.join(", ")
+        );
+    }
+    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| anyhow::anyhow!("{var}={text:?}: {e}"))
+}
+
+/// Logs go to stderr; `CPA_STREAM_LOG` (or `RUST_LOG`) sets the filter, default `info`; a filter
+/// that does not parse is an error. Colours only on a terminal (and not with `NO_COLOR` set), so
+/// that logs written to files stay plain.
+pub fn init_logging() -> anyhow::Result<()> {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("CPA_STREAM_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let filter = match ["CPA_STREAM_LOG", "RUST_LOG"].iter().find_map(|v| Some((*v, std::env::var(v).ok()?))) {
+        Some((var, text)) => log_filter(var, &text)?,
+        None => EnvFilter::new("info"),
+    };
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -212,6 +297,7 @@ pub fn init_logging() {
         .with_target(false)
         .with_ansi(colour)
         .try_init();
+    Ok(())
 }
 
 /// stderr for log lines, quiet when stderr is closed (`... 2>&1 | head -1`): tracing reports a

@@ -235,3 +235,55 @@ fn closed_stdout_is_not_a_crash() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{stderr}");
 }
+
+/// The conventions every command follows: `--help` ends in an example, `--version` names the
+/// commit and the libtorch linked, completions for every shell clap knows, usage errors exit 2,
+/// a log filter that does not parse is an error, and docs/cli-reference.md is exactly what the
+/// parser prints (regenerate it with `cpa-stream markdown-help > docs/cli-reference.md`).
+#[test]
+fn help_version_completions_exit_codes_and_the_generated_reference() {
+    let commands: [&[&str]; 15] = [
+        &["info"],
+        &["synth"],
+        &["inspect"],
+        &["verify"],
+        &["convert"],
+        &["import"],
+        &["export"],
+        &["train"],
+        &["predict"],
+        &["evaluate"],
+        &["bench", "reader"],
+        &["bench", "model"],
+        &["bench", "loader"],
+        &["bench", "train"],
+        &["completions"],
+    ];
+    for command in commands {
+        let out = run(&[command, &["--help"]].concat());
+        assert!(out.status.success(), "{command:?}");
+        let help = text(&out.stdout);
+        assert!(help.contains("Example") && help.contains(&format!("cpa-stream {}", command.join(" "))), "{help}");
+    }
+    let version = text(&run(&["--version"]).stdout);
+    assert!(version.contains("(git ") && version.contains("\nlibtorch 2.11.0"), "{version}");
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success() && text(&out.stdout).contains("cpa-stream"), "{shell}");
+    }
+    assert_eq!(run(&["train", "--no-such-flag"]).status.code(), Some(2));
+    assert_eq!(run(&["completions", "tcsh"]).status.code(), Some(2));
+    let bad_log = std::process::Command::new(bin())
+        .arg("info")
+        .env("CPA_STREAM_LOG", "verbose")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(bad_log.status.code(), Some(2));
+    assert!(text(&bad_log.stderr).contains(r#""verbose" is not a log level"#), "{}", text(&bad_log.stderr));
+    let generated = text(&run(&["markdown-help"]).stdout);
+    let committed = std::fs::read_to_string(repo_root().join("docs/cli-reference.md")).unwrap_or_default();
+    assert!(
+        generated == committed,
+        "docs/cli-reference.md differs from the parser's help: run `cpa-stream markdown-help > docs/cli-reference.md`"
+    );
+}
