@@ -8,8 +8,9 @@
 set -euo pipefail
 
 TORCH_VERSION=2.11.0   # tch =0.24.0 binds exactly this PyTorch
-EXTRAS="cmake==4.4.4 anndata==0.12.19 h5py==3.16.0"
-EXTRAS_VERSION=1
+# duckdb and pyarrow: tests read every Parquet output as DuckDB and pandas users would.
+EXTRAS="cmake==4.4.4 anndata==0.12.19 h5py==3.16.0 duckdb==2.0.0 pyarrow==26.0.1"
+EXTRAS_VERSION=2
 cache="${CPA_STREAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cpa-stream}"
 venv="$cache/venv"
 stamp="$venv/.torch-$TORCH_VERSION.ok"

@@ -8,6 +8,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
+    cpa_stream_stages::provenance::set(
+        cli::VERSION_LINE,
+        &cpa_stream_stages::provenance::shell_words(std::env::args()),
+    );
     if let Err(err) = cli::init_logging() {
         use std::io::Write as _;
         let _ = writeln!(std::io::stderr(), "error: {err}");

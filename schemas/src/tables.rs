@@ -135,8 +135,15 @@ pub mod predictions {
     pub const MEAN: &str = "mean";
     /// Schema metadata key: the chosen genes as a JSON array, in the order of [`MEAN`]'s items.
     pub const GENES_KEY: &str = "cpa_stream.genes";
-    /// Schema metadata key: the model directory the predictions came from.
+    /// Schema metadata key: the model directory the predictions came from (absolute path).
     pub const MODEL_KEY: &str = "cpa_stream.model";
+    /// Schema metadata key: the model's content hash (`xxh3-64:HEX` of its weights file), which
+    /// identifies it wherever the directory moves.
+    pub const MODEL_ID_KEY: &str = "cpa_stream.model_id";
+    /// Schema metadata key: the store the source cells came from (absolute path).
+    pub const STORE_KEY: &str = "cpa_stream.store";
+    /// Schema metadata key: `long` (a `mean` list column) or `wide` (one column per gene).
+    pub const LAYOUT_KEY: &str = "cpa_stream.layout";
     /// Latents that can be written, each a `FixedSizeList<Float32>` of the latent width.
     pub const LATENTS: [&str; 5] = ["z_basal", "z", "z_corrected", "z_no_pert", "z_no_pert_corrected"];
 }

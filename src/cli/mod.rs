@@ -97,6 +97,9 @@ const LONG_VERSION: &str = concat!(
     ")"
 );
 
+/// The version stamped on output files: the crate version and the git revision built.
+pub const VERSION_LINE: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("CPA_STREAM_GIT_REVISION"), ")");
+
 /// Exit codes, the same for every command (also in `--help` and docs/cli.md).
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 error (the message names the file, row or column), 2 usage error, \
 130 interrupted (Ctrl-C; `train` keeps its last checkpoint for --resume). CPA_STREAM_LOG sets the log filter \

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use cpa_stream_pipeline::batcher::{DEFAULT_PREFETCH, DEFAULT_WORKERS, LoaderOptions};
 use cpa_stream_pipeline::predict::targets::{parse_target_spec, read_targets_file};
-use cpa_stream_pipeline::predict::{GeneSelection, PredictOptions, Shard, run_predict};
+use cpa_stream_pipeline::predict::{GeneSelection, Layout, PredictOptions, Shard, run_predict};
 use cpa_stream_pipeline::predictor::DEFAULT_BATCH_SIZE;
 use cpa_stream_stages::sink::{DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, SinkOptions};
 
@@ -53,7 +53,13 @@ pub struct PredictArgs {
     /// z_no_pert_corrected).
     #[arg(long, value_delimiter = ',')]
     latents: Vec<String>,
-    /// The k-th of n contiguous cell ranges, 0-based (`3/16`), for job arrays.
+    /// `long`: `mean` (and each latent) as one list column; `wide`: one float column per gene,
+    /// named by the gene (and `z_basal_0`, ... per latent dimension), for tools without list
+    /// columns.
+    #[arg(long, default_value = "long")]
+    layout: Layout,
+    /// The k-th of n contiguous cell ranges, 0-based (`3/16`), for job arrays; `genes.parquet`
+    /// (the var rows of the predicted genes, in column order) is written beside the parts.
     #[arg(long)]
     shard: Option<String>,
     /// cpu, cuda or cuda:N.
@@ -103,6 +109,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         loader: LoaderOptions { workers: args.workers, prefetch: args.prefetch },
         seed: args.seed,
         allow_empty: args.allow_empty,
+        layout: args.layout,
         ..PredictOptions::new(&args.model, &args.store)
     };
     let sink = SinkOptions {

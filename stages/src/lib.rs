@@ -23,6 +23,7 @@ mod error;
 pub mod h5ad;
 pub mod model;
 pub mod output;
+pub mod provenance;
 pub mod rng;
 pub mod sink;
 pub mod store;

@@ -119,7 +119,8 @@ pub fn writer_properties(schema: &SchemaRef, options: &SinkOptions) -> Result<Wr
     let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
         .set_max_row_group_row_count(Some(options.row_group_rows.max(1)))
-        .set_max_row_group_bytes(Some(options.row_group_bytes.max(1)));
+        .set_max_row_group_bytes(Some(options.row_group_bytes.max(1)))
+        .set_key_value_metadata(crate::provenance::key_values(schema));
     for field in schema.fields() {
         let leaf = match field.data_type() {
             DataType::Float32 | DataType::Float64 => Some(ColumnPath::new(vec![field.name().clone()])),

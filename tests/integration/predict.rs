@@ -182,6 +182,40 @@ fn predictions_read_back_match_the_schema() {
     assert!(z_basal.is_some());
 }
 
+/// What DuckDB and pandas users see: the meaning of a prediction file in plain Parquet
+/// key-value metadata, `--layout wide` with one column per gene equal to the long layout's lists,
+/// and a sharded dataset with its genes.parquet (tests/fixtures/read_outputs.py).
+#[test]
+fn predictions_are_self_describing_for_duckdb_and_pandas() {
+    fixture();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (long, wide, dataset) =
+        (dir.path().join("long.parquet"), dir.path().join("wide.parquet"), dir.path().join("ds"));
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let common = ["--target", "condition=PERT01+PERT02,dose=1+1", "--latents", "z_basal", "--source", "all"];
+    for (out, extra) in [(&long, vec![]), (&wide, vec!["--layout", "wide"])] {
+        let o = predict(&[&common[..], &["--out", &s(out)], &extra[..]].concat());
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    for shard in ["0/2", "1/2"] {
+        let o = predict(&[&common[..], &["--out", &s(&dataset), "--shard", shard]].concat());
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    let python = std::env::var("CPA_STREAM_PYTHON").map(PathBuf::from).unwrap_or_else(|_| {
+        let cache = std::env::var("CPA_STREAM_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/cpa-stream"));
+        cache.join("venv/bin/python")
+    });
+    let script = repo_root().join("tests/fixtures/read_outputs.py");
+    let o = std::process::Command::new(&python)
+        .arg(&script)
+        .args([&long, &wide, &dataset])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+}
+
 #[test]
 fn a_failing_or_killed_prediction_leaves_no_output_file() {
     let f = fixture();

@@ -10,6 +10,7 @@
 
 mod select;
 mod stream;
+mod wide;
 
 use std::path::Path;
 use std::time::Instant;
@@ -23,7 +24,7 @@ pub use stream::{PredictStats, PredictionStream};
 
 use crate::error::{Error, Result};
 pub use crate::predictor::targets;
-pub use crate::predictor::{GeneSelection, PredictOptions, Predictor, Shard};
+pub use crate::predictor::{GeneSelection, Layout, PredictOptions, Predictor, Shard};
 use crate::progress::Progress;
 use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
 
@@ -77,7 +78,16 @@ pub fn run_predict(
     let (genes, targets) = (predictor.genes().len(), predictor.targets().len().max(1));
     let rows = predictor.rows();
     let (source, obs) = (predictor.source().clone(), predictor.store().file_path(StoreFiles::OBS));
-    let mut sink = ParquetSink::create(&path, predictor.schema(), sink_options).map_err(Error::stage("sink"))?;
+    let widen = match options.layout {
+        Layout::Long => None,
+        Layout::Wide => Some(wide::Widen::new(&predictor.schema(), predictor.genes())?),
+    };
+    let schema = widen.as_ref().map_or_else(|| predictor.schema(), wide::Widen::schema);
+    let schema = cpa_stream_stages::provenance::stamp(&schema);
+    if options.shard.is_some() {
+        write_genes_table(&predictor, &out.join(GENES_FILE))?;
+    }
+    let mut sink = ParquetSink::create(&path, schema, sink_options).map_err(Error::stage("sink"))?;
     let sink_stats = StageStats::new("sink", 1);
     let start = Instant::now();
     progress.begin("predict", rows.end - rows.start);
@@ -88,6 +98,10 @@ pub fn run_predict(
         let next = sink_stats.blocked_in(|| stream.next());
         let Some(batch) = next else { break };
         let batch = batch.map_err(pipeline_error)?;
+        let batch = match &widen {
+            Some(w) => sink_stats.busy(|| w.apply(&batch))?,
+            None => batch,
+        };
         let flushed = sink.row_groups_written();
         sink_stats.busy(|| sink.write(&batch)).map_err(Error::stage("sink"))?;
         if sink.row_groups_written() > flushed {
@@ -153,6 +167,37 @@ pub fn run_predict(
         report,
         device_memory: device_memory::stats(options.device),
     })
+}
+
+/// The var table of a sharded dataset's genes, beside its parts.
+pub const GENES_FILE: &str = "genes.parquet";
+
+/// Writes the store's var rows of the predicted genes, in the order of the `mean` column (or the
+/// wide layout's gene columns), as `path`: what the dataset's gene columns are, for readers
+/// that do not see the Parquet metadata. Every shard writes the same table; each replaces it
+/// whole.
+fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
+    let var_path = predictor.store().file_path(StoreFiles::VAR);
+    let var = cpa_stream_stages::store::read_small_table(&var_path).map_err(Error::stage("reader"))?;
+    let ids = arrow::compute::cast(var.column(0), &arrow::datatypes::DataType::Utf8)
+        .map_err(Error::arrow(format!("{}: gene ids", var_path.display())))?;
+    let ids = arrow::array::AsArray::as_string::<i32>(ids.as_ref());
+    let row_of: std::collections::HashMap<&str, u32> =
+        ids.iter().enumerate().filter_map(|(i, g)| Some((g?, i as u32))).collect();
+    let rows: Vec<u32> = predictor
+        .genes()
+        .iter()
+        .map(|g| {
+            row_of.get(g.as_str()).copied().ok_or_else(|| {
+                Error::InvalidInput(format!("{}: gene {g:?} of the predictions is not in var", var_path.display()))
+            })
+        })
+        .collect::<Result<_>>()?;
+    let table = arrow::compute::take_record_batch(&var, &arrow::array::UInt32Array::from(rows))
+        .map_err(Error::arrow("genes table"))?;
+    let schema = cpa_stream_stages::provenance::stamp(table.schema_ref());
+    let table = table.with_schema(std::sync::Arc::clone(&schema)).map_err(Error::arrow("genes table"))?;
+    cpa_stream_stages::store::write_table(path, schema, [table]).map_err(Error::stage("sink"))
 }
 
 /// The pipeline's error back out of the Arrow error a `RecordBatchReader` carries it in.

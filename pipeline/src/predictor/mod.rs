@@ -14,15 +14,16 @@ mod step;
 pub mod targets;
 
 use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use cpa_stream_schemas::tables::prediction_schema;
-use cpa_stream_schemas::tables::predictions::MODEL_KEY;
+use cpa_stream_schemas::tables::predictions::{MODEL_ID_KEY, MODEL_KEY, STORE_KEY};
 use cpa_stream_stages::model::layers::Noise;
 use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
 use cpa_stream_stages::store::Store;
-pub use options::{DEFAULT_BATCH_SIZE, GeneSelection, PredictOptions, Shard};
+pub use options::{DEFAULT_BATCH_SIZE, GeneSelection, Layout, PredictOptions, Shard};
 use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use targets::{Target, resolve_target};
@@ -165,7 +166,12 @@ impl Predictor {
         let schema = prediction_schema(&label_columns, &genes, &options.latents, latent_width)
             .map_err(|e| Error::InvalidInput(format!("predictions of {}: {e}", dir.display())))?;
         let mut metadata = schema.metadata().clone();
-        metadata.insert(MODEL_KEY.to_owned(), dir.display().to_string());
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()).display().to_string();
+        metadata.insert(MODEL_KEY.to_owned(), absolute(&dir));
+        metadata.insert(STORE_KEY.to_owned(), absolute(&options.store));
+        let weights = dir.join(cpa_stream_stages::model::files::WEIGHTS_FILE);
+        let (_, hash) = cpa_stream_stages::store::file_checksum(&weights).map_err(Error::io(&weights))?;
+        metadata.insert(MODEL_ID_KEY.to_owned(), format!("xxh3-64:{hash}"));
         let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));
         let rows = options.shard.map_or(0..store.n_obs(), |s| s.rows(store.n_obs()));
         let noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(options.seed), model.device());

@@ -126,6 +126,31 @@ pub struct PredictOptions {
     /// Write an empty file (with a warning) when the source selects no cell, instead of failing;
     /// default false.
     pub allow_empty: bool,
+    /// How [`run_predict`](crate::predict::run_predict) lays out the file; default long.
+    pub layout: Layout,
+}
+
+/// The layout of a prediction file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// `mean` (and each latent) as one fixed-size list column: compact, one column per output.
+    #[default]
+    Long,
+    /// One Float32 column per gene, named by the gene, and `LATENT_i` per latent dimension: for
+    /// tools without list columns.
+    Wide,
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Layout, String> {
+        match text {
+            "long" => Ok(Layout::Long),
+            "wide" => Ok(Layout::Wide),
+            other => Err(format!("layout {other:?}: expected long or wide")),
+        }
+    }
 }
 
 impl PredictOptions {
@@ -145,6 +170,7 @@ impl PredictOptions {
             loader: LoaderOptions::default(),
             seed: 0,
             allow_empty: false,
+            layout: Layout::Long,
         }
     }
 }

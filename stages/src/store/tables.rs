@@ -81,7 +81,10 @@ pub fn write_table(path: &Path, schema: SchemaRef, batches: impl IntoIterator<It
     let tmp = crate::output::temporary_sibling(path)?;
     let result = (|| {
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let props = super::table_properties(SCAN_BATCH_ROWS);
+        let props = super::table_properties(SCAN_BATCH_ROWS)
+            .into_builder()
+            .set_key_value_metadata(crate::provenance::key_values(&schema))
+            .build();
         let mut writer =
             parquet::arrow::ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| Error::parquet(&tmp, e))?;
         for batch in batches {
