@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
-# Mutation fuzzing of the parsers of user files, for SECONDS (default 60) per call:
-#   scripts/fuzz.sh h5ad [SECONDS]     random byte edits of .h5ad files (anndata's archived 0.5 and 0.7
-#                                      files and the bundled atlas), imported by the CLI in a child
-#                                      process each: exit 0 or 1 is fine, anything else a crash
-#   scripts/fuzz.sh store [SECONDS]    random byte edits of every file of raw and zstd stores:
-#                                      open, gather every row, verify (property test, in rounds)
-#   scripts/fuzz.sh parsers [SECONDS]  --source expressions, targets, conditions and doses, TOML
-#                                      configurations, manifests (property tests, in rounds)
-# Crashing inputs are kept in out/fuzz/TARGET/ (h5ad) or in the proptest-regressions files
-# (store, parsers), which the test suite replays. Not coverage-guided (no libFuzzer/AFL: those
-# need the whole workspace rebuilt with nightly instrumentation); not part of CI's time budget.
+# Fuzzing of every parser of user files, for SECONDS (default 60) per call:
+#
+# Coverage-guided (libFuzzer through cargo-fuzz; fuzz/fuzz_targets/, AddressSanitizer on):
+#   scripts/fuzz.sh store [SECONDS]       store open + row gather + verify, raw and zstd: one file
+#                                         of a valid store edited byte by byte or truncated
+#   scripts/fuzz.sh h5ad [SECONDS]        the .h5ad reader (X, adata.raw, a layer, obs, var, DEGs),
+#                                         seeded with anndata's archived files 0.5-0.11 and fixtures
+#   scripts/fuzz.sh source [SECONDS]      the --source expression parser
+#   scripts/fuzz.sh condition [SECONDS]   condition/dose text and --targets specifications
+#   scripts/fuzz.sh targets [SECONDS]     the --targets FILE reader (CSV and Parquet)
+#   scripts/fuzz.sh config [SECONDS]      the model configuration (TOML)
+#   These need cargo-fuzz (installed into the cache on first use, from crates.io) and nightly
+#   Rust for the instrumentation flags (a `nightly` rustup toolchain if there is one, otherwise
+#   the stable one with RUSTC_BOOTSTRAP=1). The corpus grows in fuzz/corpus/TARGET; a crash is
+#   kept in fuzz/artifacts/TARGET and the script fails; add the input as a regression test.
+#
+# Without instrumentation (the ordinary release build):
+#   scripts/fuzz.sh mutate-h5ad [SECONDS]  random byte edits of .h5ad files imported by the CLI in
+#                                          a child process each: exit 0 or 1 is fine, else a crash
+#   scripts/fuzz.sh prop-store [SECONDS]   the damaged-store property test, in rounds of 5,000
+#   scripts/fuzz.sh prop-parsers [SECONDS] the parser property tests, in rounds of 5,000
+#   Crashing inputs are kept in out/fuzz/TARGET/ (mutate-h5ad) or in the proptest-regressions
+#   files, which the test suite replays.
+#
+# None of this is part of CI's time budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target="${1:?usage: scripts/fuzz.sh h5ad|store|parsers [SECONDS]}"
+target="${1:?usage: scripts/fuzz.sh store|h5ad|source|condition|targets|config|mutate-h5ad|prop-store|prop-parsers [SECONDS]}"
 seconds="${2:-60}"
 eval "$(scripts/bootstrap.sh)"
 scripts/build.sh --quiet
@@ -21,8 +35,94 @@ deadline=$(( $(date +%s) + seconds ))
 out="out/fuzz/$target"
 mkdir -p "$out"
 
+# A coverage-guided target: seeds, then cargo fuzz run for SECONDS.
+libfuzzer() {
+  local fuzz_bin="$CPA_STREAM_CACHE/cargo-fuzz/bin/cargo-fuzz"
+  if [ ! -x "$fuzz_bin" ]; then
+    echo "fuzz: installing cargo-fuzz into $CPA_STREAM_CACHE/cargo-fuzz" >&2
+    cargo install --quiet --locked --root "$CPA_STREAM_CACHE/cargo-fuzz" cargo-fuzz@0.13.2
+  fi
+  local toolchain=()
+  if rustup run nightly rustc --version > /dev/null 2>&1; then
+    toolchain=(+nightly)
+  else
+    echo "fuzz: no nightly toolchain; using stable with RUSTC_BOOTSTRAP=1 for the instrumentation flags" >&2
+    export RUSTC_BOOTSTRAP=1
+  fi
+  local seeds="$out/seeds"
+  rm -rf "$seeds"
+  mkdir -p "$seeds" "fuzz/corpus/$target"
+  BIN="$bin" SEEDS="$seeds" TARGET="$target" "$CPA_STREAM_PYTHON" - <<'PY'
+import os, pathlib, struct, subprocess, tempfile
+seeds, target = pathlib.Path(os.environ["SEEDS"]), os.environ["TARGET"]
+def seed(name, data):
+    (seeds / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+if target == "store":
+    for codec in (0, 0x80):
+        for f in range(8):
+            seed(f"edit-{codec}-{f}", bytes([codec | f, 0]) + struct.pack("<I", 7) + b"\xff")
+            seed(f"cut-{codec}-{f}", bytes([codec | f, 1]) + struct.pack("<I", 40) + b"\x00")
+elif target == "h5ad":
+    files = [pathlib.Path(f"../shared/data/anndata-archives/{v}/adata.h5ad") for v in ("v0.5.0", "v0.7.0", "v0.7.8", "v0.11.4")]
+    fixtures = pathlib.Path(tempfile.mkdtemp())
+    subprocess.run([os.environ["CPA_STREAM_PYTHON"], "tests/fixtures/h5ad_fixtures.py", "make", str(fixtures)],
+                   check=True, capture_output=True)
+    files += [fixtures / n for n in ("csr_f32.h5ad", "csc.h5ad", "dense_i32.h5ad", "csr_rgg.h5ad", "legacy_v06_csr.h5ad")]
+    for f in files:
+        if f.exists():
+            seed(f"{f.parent.name}-{f.name}", f.read_bytes())
+elif target == "source":
+    for i, t in enumerate(["condition == A", "cell_type in (CT01, 'B c') and not dose == 1.0",
+                           "(a != b or c == d) && !(e == 'f')", "all"]):
+        seed(f"s{i}", t)
+elif target == "condition":
+    for i, t in enumerate(["A+B\x001.0+0.5", "ctrl", "condition=A+B,dose=1+10,cell_type=T"]):
+        seed(f"c{i}", bytes([2]) + t.encode())
+elif target == "targets":
+    seed("csv", b"\x00condition,dose,cell_type\nA+B,1.0+0.5,T\nC,,\n")
+    with tempfile.TemporaryDirectory() as d:
+        p = pathlib.Path(d) / "t.parquet"
+        csv = pathlib.Path(d) / "t.csv"
+        csv.write_text("condition,dose\nA,1.0\n")
+        # A Parquet seed made by cpa-stream itself is not needed: the CSV one is mutated into
+        # Parquet-looking bytes rarely, so start from a real file when pyarrow is at hand.
+        try:
+            import pyarrow as pa, pyarrow.parquet as pq
+            pq.write_table(pa.table({"condition": ["A", "B+C"], "dose": ["1.0", "1+2"]}), p)
+            seed("parquet", b"\x01" + p.read_bytes())
+        except ImportError:
+            pass
+elif target == "config":
+    for f in pathlib.Path("examples").glob("*.toml"):
+        seed(f.name, f.read_bytes())
+PY
+  if [ "$target" = store ]; then
+    for codec in raw zstd; do
+      rm -rf "$out/template-$codec.store"
+      "$bin" synth --cells 300 --genes 40 --perturbations 4 --cell-types 2 --codec "$codec" \
+        --out "$out/template-$codec.store" > /dev/null 2>&1
+    done
+    export CPA_FUZZ_STORE_RAW="$PWD/$out/template-raw.store" CPA_FUZZ_STORE_ZSTD="$PWD/$out/template-zstd.store"
+  fi
+  local max_len=$(( $(find "$seeds" -type f -printf '%s\n' | sort -n | tail -1) + 4096 ))
+  PATH="$(dirname "$fuzz_bin"):$PATH" CARGO_TARGET_DIR="$CPA_STREAM_CACHE/fuzz-target" \
+    cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz -O \
+    "$target" "fuzz/corpus/$target" "$seeds" -- \
+    -max_total_time="$seconds" -max_len="$max_len" -rss_limit_mb=4096 -timeout=60 -print_final_stats=1 \
+    2>&1 | tee "$out/last.log" | grep -E "^#[0-9]+ +(INITED|DONE|pulse)|ERROR|SUMMARY|stat::|panicked|Done " || true
+  # cargo-fuzz's exit status is lost in the pipe: a crash leaves an artifact and no DONE line.
+  if ! grep -q "^#[0-9]* *DONE" "$out/last.log"; then
+    echo "$target: crash or failure, see $out/last.log and fuzz/artifacts/$target/" >&2
+    exit 1
+  fi
+  echo "$target: $(grep -oE 'stat::number_of_executed_units: [0-9]+' "$out/last.log" | grep -oE '[0-9]+$') inputs executed in ${seconds} s, no crash"
+}
+
 case "$target" in
-  h5ad)
+  store | h5ad | source | condition | targets | config)
+    libfuzzer
+    ;;
+  mutate-h5ad)
     BIN="$bin" OUT="$out" DEADLINE="$deadline" "$CPA_STREAM_PYTHON" - <<'PY'
 import collections, os, random, subprocess, time
 inputs = [
@@ -52,12 +152,12 @@ while time.time() < int(os.environ["DEADLINE"]):
         keep = os.path.join(os.environ["OUT"], f"crash-{runs}.h5ad")
         open(keep, "wb").write(data)
         print(f"crash (exit {r.returncode}) kept as {keep}: {r.stderr[-400:].decode(errors='replace')}")
-print(f"h5ad: {runs} inputs executed, exit codes {dict(codes)}, {crashes} crashes")
+print(f"mutate-h5ad: {runs} inputs executed, exit codes {dict(codes)}, {crashes} crashes")
 raise SystemExit(1 if crashes else 0)
 PY
     ;;
-  store | parsers)
-    if [ "$target" = store ]; then
+  prop-store | prop-parsers)
+    if [ "$target" = prop-store ]; then
       filter=(--features cpa-stream/polars --test integration store::damaged)
     else
       filter=(-p cpa-stream-pipeline --test parsers_never_panic)
@@ -71,7 +171,7 @@ PY
     echo "$target: $rounds rounds of 5,000 cases per property, no failure"
     ;;
   *)
-    echo "unknown target $target (h5ad, store, parsers)" >&2
+    echo "unknown target $target (store, h5ad, source, condition, targets, config, mutate-h5ad, prop-store, prop-parsers)" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,12 @@
+//! The `--source` / `--where` expression parser and its column listing.
+#![no_main]
+
+use cpa_stream_pipeline::obs::expr::Expr;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(e) = Expr::parse(text) {
+        let _ = e.columns();
+    }
+});
