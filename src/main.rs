@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         cli::VERSION_LINE,
         &cpa_stream_stages::provenance::shell_words(std::env::args()),
     );
-    if let Err(err) = cli::init_logging() {
+    if let Err(err) = cli::init_logging(&args) {
         use std::io::Write as _;
         let _ = writeln!(std::io::stderr(), "error: {err}");
         // A usage error, as clap reports a bad flag.

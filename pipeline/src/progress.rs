@@ -9,6 +9,12 @@ pub trait Progress: Sync {
     fn advance(&self, n: u64);
     /// The phase is over.
     fn end(&self);
+    /// The phase's units are cells of epochs: `cells_per_epoch` per epoch, from epoch `first`
+    /// (0-based; `resumed` of its cells were trained before this run) to `last` (exclusive), so
+    /// that progress can be shown in epochs.
+    fn epochs(&self, _cells_per_epoch: u64, _resumed: u64, _first: u32, _last: u32) {}
+    /// The latest figures worth showing beside the progress (an epoch's losses and validation).
+    fn note(&self, _text: &str) {}
 }
 
 /// Reports nothing.

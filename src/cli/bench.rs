@@ -198,7 +198,7 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let r = bench_training(&options).with_context(|| format!("benchmarking training on {}", args.store.display()))?;
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&r)?);
+        jsonln!(&r);
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
@@ -253,7 +253,7 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
     };
     let r = bench_loader(&args.store, &encoder, &plan, loader, args.epochs)?;
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&r)?);
+        jsonln!(&r);
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
@@ -317,7 +317,7 @@ fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
     };
     let r = bench_model(&options)?;
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&r)?);
+        jsonln!(&r);
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
@@ -357,7 +357,7 @@ fn reader(args: ReaderArgs) -> anyhow::Result<ExitCode> {
     }
     let r = bench_reader(&store, &options)?;
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&r)?);
+        jsonln!(&r);
         return Ok(ExitCode::SUCCESS);
     }
     outln!(

@@ -71,7 +71,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     let report = run_evaluate(&options, &progress)
         .with_context(|| format!("evaluating {} on {}", args.model.display(), args.store.display()))?;
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?);
+        jsonln!(&report);
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
@@ -86,6 +86,6 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         args.out.display(),
         if args.no_plots { "" } else { ", plots/" }
     );
-    out!("{}", report.report.render());
+    super::print_report(&report.report)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -104,7 +104,7 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let summary = run_import(&args.input, &args.out, &options, &progress)
         .with_context(|| format!("import {} into {}", args.input.display(), args.out.display()))?;
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&summary)?);
+        jsonln!(&summary);
         return Ok(ExitCode::SUCCESS);
     }
     let m = &summary.manifest;
@@ -121,7 +121,7 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     if let Some((key, rows)) = &summary.degs {
         outln!("DEG lists from uns/{key}: {rows} rows in degs.parquet");
     }
-    out!("{}", summary.report.render());
+    super::print_report(&summary.report)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -139,7 +139,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let report = run_export(&store, &args.out, compression, args.overwrite, &progress)
         .with_context(|| format!("export {} to {}", args.store.display(), args.out.display()))?;
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?);
+        jsonln!(&report);
         return Ok(ExitCode::SUCCESS);
     }
     let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
@@ -150,6 +150,6 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         store.n_vars(),
         bytes as f64 / 1e6
     );
-    out!("{}", report.render());
+    super::print_report(&report)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -47,7 +47,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         cpu_threads: i64::from(tch::utils::get_num_threads()),
     };
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&info)?);
+        jsonln!(&info);
         return Ok(ExitCode::SUCCESS);
     }
     outln!("cpa-stream       {}", info.cpa_stream_version);

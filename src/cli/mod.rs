@@ -1,18 +1,31 @@
 //! Subcommands of the `cpa-stream` binary.
 
-/// `println!` that returns an error instead of panicking when stdout is closed (`| head`).
+/// `println!` of a result line: nothing with `--quiet`, and an error instead of a panic when
+/// stdout is closed (`| head`).
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout().lock(), $($arg)*)?
+        if !$crate::cli::quiet() {
+            writeln!(std::io::stdout().lock(), $($arg)*)?
+        }
     }};
 }
 
-/// `print!` that returns an error instead of panicking when stdout is closed.
+/// `print!` of results, as [`outln!`].
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        write!(std::io::stdout().lock(), $($arg)*)?
+        if !$crate::cli::quiet() {
+            write!(std::io::stdout().lock(), $($arg)*)?
+        }
+    }};
+}
+
+/// `--json` output: printed even with `--quiet` (it is what the caller asked for).
+macro_rules! jsonln {
+    ($value:expr) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty($value)?)?
     }};
 }
 
@@ -110,8 +123,72 @@ const EXIT_CODES: &str = "Exit codes: 0 success, 1 error (the message names the 
 #[command(name = "cpa-stream", version, long_version = LONG_VERSION, about, propagate_version = true)]
 #[command(after_help = EXIT_CODES)]
 pub struct Args {
+    /// Also print each stage's report (rows, MB, busy and blocked seconds, memory) and detailed
+    /// logs.
+    #[arg(long, short, global = true, conflicts_with = "quiet")]
+    pub verbose: bool,
+    /// Print errors only (and `--json` output when asked for).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How much a command prints: 0 quiet, 1 results (default), 2 verbose.
+static OUTPUT_LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+
+/// Whether `--quiet` was given.
+pub fn quiet() -> bool {
+    OUTPUT_LEVEL.load(std::sync::atomic::Ordering::Relaxed) == 0
+}
+
+/// Whether `--verbose` was given.
+pub fn verbose() -> bool {
+    OUTPUT_LEVEL.load(std::sync::atomic::Ordering::Relaxed) == 2
+}
+
+/// Stages that move data for the stage doing the command's work (the model, the writer): when
+/// one of them is busy most of the run, the run was held up by it, which is worth a look.
+const FEEDING_STAGES: [&str; 7] = ["source", "batcher", "planner", "encoder", "reader", "sink", "loader"];
+
+/// The end of a command's results: with `--verbose` every stage's report; otherwise one line of
+/// time and peak memory, and the stage table only when a feeding stage held the run up (busy
+/// for most of a run of some length), with one line saying so.
+fn print_report(report: &cpa_stream_pipeline::RunReport) -> anyhow::Result<()> {
+    if verbose() {
+        out!("{}", report.render());
+        return Ok(());
+    }
+    let wall = report.wall.as_secs_f64();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    outln!(
+        "done in {}; peak memory {:.0} MiB (+{:.0} MiB of mapped files)",
+        human_seconds(wall),
+        mib(report.memory.rss_anon),
+        mib(report.memory.rss_file)
+    );
+    if let Some(b) = report.bottleneck()
+        && FEEDING_STAGES.contains(&b.name.as_str())
+        && wall >= 5.0
+        && b.utilisation(report.wall) >= 0.6
+    {
+        outln!(
+            "note: the {} stage was busy {:.0}% of the run and held the rest up; its report:",
+            b.name,
+            100.0 * b.utilisation(report.wall)
+        );
+        out!("{}", report.render());
+    }
+    Ok(())
+}
+
+/// `12.3 s`, `4 min 05 s`, `1 h 02 min`.
+fn human_seconds(s: f64) -> String {
+    match s {
+        s if s < 60.0 => format!("{s:.1} s"),
+        s if s < 3600.0 => format!("{} min {:02.0} s", (s / 60.0) as u64, s % 60.0),
+        s => format!("{} h {:02} min", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +251,14 @@ enum Command {
 
 /// Runs a parsed command line.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let level = if args.quiet {
+        0
+    } else if args.verbose {
+        2
+    } else {
+        1
+    };
+    OUTPUT_LEVEL.store(level, std::sync::atomic::Ordering::Relaxed);
     match args.command {
         Command::Info(a) => info::run(a),
         Command::Synth(a) => synth::run(a),
@@ -286,12 +371,17 @@ fn log_filter(var: &str, text: &str) -> anyhow::Result<tracing_subscriber::EnvFi
 /// Logs go to stderr; `CPA_STREAM_LOG` (or `RUST_LOG`) sets the filter, default `info`; a filter
 /// that does not parse is an error. Colours only on a terminal (and not with `NO_COLOR` set), so
 /// that logs written to files stay plain.
-pub fn init_logging() -> anyhow::Result<()> {
+pub fn init_logging(args: &Args) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    let default = match (args.quiet, args.verbose) {
+        (true, _) => "error",
+        (_, true) => "info,cpa_stream=debug,cpa_stream_pipeline=debug,cpa_stream_stages=debug",
+        _ => "info",
+    };
     let filter = match ["CPA_STREAM_LOG", "RUST_LOG"].iter().find_map(|v| Some((*v, std::env::var(v).ok()?))) {
         Some((var, text)) => log_filter(var, &text)?,
-        None => EnvFilter::new("info"),
+        None => EnvFilter::new(default),
     };
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
@@ -309,7 +399,7 @@ struct LogWriter;
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match std::io::stderr().write(buf) {
+        match progress::above_bar(|| std::io::stderr().write(buf)) {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(buf.len()),
             other => other,
         }

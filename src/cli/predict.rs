@@ -122,7 +122,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let report = run_predict(&options, &args.out, &sink, &progress)
         .with_context(|| format!("predicting from {} with {}", args.store.display(), args.model.display()))?;
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?);
+        jsonln!(&report);
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
@@ -145,7 +145,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         report.bytes_per_row,
         report.raw_f32_bytes_per_row,
     );
-    out!("{}", report.report.render());
+    super::print_report(&report.report)?;
     if let Some(memory) = report.device_memory {
         outln!("{memory}");
     }

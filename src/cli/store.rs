@@ -91,7 +91,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         source: m.source.as_deref(),
     };
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?);
+        jsonln!(&report);
         return Ok(ExitCode::SUCCESS);
     }
     outln!("store     {}", report.path);
@@ -155,7 +155,7 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
     if args.json {
         let value = serde_json::json!({ "manifest": manifest, "report": report });
-        outln!("{}", serde_json::to_string_pretty(&value)?);
+        jsonln!(&value);
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
@@ -166,6 +166,6 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         input.manifest().total_bytes() as f64 / 1e6,
         input.manifest().total_bytes() as f64 / manifest.total_bytes().max(1) as f64
     );
-    out!("{}", report.render());
+    super::print_report(&report)?;
     Ok(ExitCode::SUCCESS)
 }

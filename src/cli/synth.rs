@@ -153,7 +153,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
     let summary = run_synth(&atlas, &args.out, &options, &progress)
         .with_context(|| format!("synth into {}", args.out.display()))?;
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&summary)?);
+        jsonln!(&summary);
         return Ok(ExitCode::SUCCESS);
     }
     let m = &summary.manifest;
@@ -169,6 +169,6 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
         summary.truth_groups
     );
     outln!("cells/s {:.0}, matrix MB/s {:.1}", summary.cells_per_s, summary.mb_per_s);
-    out!("{}", summary.report.render());
+    super::print_report(&summary.report)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -196,7 +196,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         run_train(&options, &progress, stop).with_context(|| format!("training on {}", args.store.display()))?;
     let code = if report.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS };
     if args.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?);
+        jsonln!(&report);
         return Ok(code);
     }
     outln!(
@@ -221,7 +221,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         outln!("best validation epoch: {best} (model/ holds its weights)");
     }
     outln!("training {:.0} cells/s", report.cells_per_s);
-    out!("{}", report.report.render());
+    super::print_report(&report.report)?;
     if let Some(memory) = report.device_memory {
         outln!("{memory}");
     }

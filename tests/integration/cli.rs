@@ -287,3 +287,36 @@ fn help_version_completions_exit_codes_and_the_generated_reference() {
         "docs/cli-reference.md differs from the parser's help: run `cpa-stream markdown-help > docs/cli-reference.md`"
     );
 }
+
+/// Results first: by default a command prints what it wrote and one line of time and memory;
+/// `--verbose` adds the stage table, `--quiet` prints nothing (errors only), `--json` prints
+/// the full report even with `--quiet`.
+#[test]
+fn results_first_with_the_stage_table_behind_verbose() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = dir.path().join("s.store");
+    let synth = |extra: &[&str]| {
+        let s = store.to_str().unwrap_or_default();
+        let args = [
+            &["synth", "--cells", "500", "--genes", "30", "--perturbations", "3", "--out", s, "--overwrite"][..],
+            extra,
+        ];
+        let o = std::process::Command::new(bin())
+            .args(args.concat())
+            .env_remove("CPA_STREAM_LOG")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        (text(&o.stdout), text(&o.stderr))
+    };
+    let (out, err) = synth(&[]);
+    assert!(out.contains("done in ") && !out.contains("busy%"), "{out}");
+    assert!(!err.contains(": 0/"), "a start line for a moment's work: {err}");
+    let (out, _) = synth(&["--verbose"]);
+    assert!(out.contains("busy%") && out.contains("bottleneck"), "{out}");
+    let (out, err) = synth(&["--quiet"]);
+    assert!(out.is_empty() && err.is_empty(), "--quiet printed: {out}{err}");
+    let (out, _) = synth(&["--quiet", "--json"]);
+    assert!(out.trim_start().starts_with('{'), "{out}");
+}

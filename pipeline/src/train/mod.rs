@@ -287,12 +287,14 @@ fn start_trainer(options: &TrainOptions, store: &Store, labels: &CellLabels) -> 
         let runs = batcher::run_cells_for(0, clustering);
         config.training.shuffle_run_cells = runs;
         if runs > 1 {
-            tracing::info!(
+            tracing::info!("store in random label order: shuffling runs of {runs} neighbouring cells");
+            tracing::debug!(
                 "the training cells are in random order of their labels ({clustering:.2}x the stretches of one \
                  label group expected of a random order): the loader shuffles runs of {runs} neighbouring cells"
             );
         } else {
-            tracing::info!(
+            tracing::info!("store sorted by label: shuffling single cells (convert --shuffle trains faster)");
+            tracing::debug!(
                 "the training cells lie together by label group ({clustering:.2}x the stretches of one group \
                  expected of a random order): the loader shuffles single cells; a copy written by \
                  `cpa-stream convert --shuffle SEED` would train with runs of {} cells, faster",
@@ -354,6 +356,7 @@ impl Run<'_> {
             self.trainer.batches_in_epoch().saturating_mul(self.plan.batch_size as u64).min(train_cells);
         let remaining = u64::from(epochs.saturating_sub(self.trainer.state().epoch)) * train_cells;
         progress.begin("train", remaining.saturating_sub(resumed_cells));
+        progress.epochs(train_cells.max(1), resumed_cells, self.trainer.state().epoch, epochs);
         let mut end = End::default();
         while self.trainer.state().epoch < epochs {
             let epoch = self.trainer.state().epoch;
@@ -381,6 +384,7 @@ impl Run<'_> {
             self.records.push(EpochRecord { train: train_metrics, seconds, validation });
             write_history(&self.options.out.join(METRICS_FILE), &self.records)?;
             self.trainer.save_checkpoint(&checkpoint).map_err(Error::stage("trainer"))?;
+            progress.note(&epoch_summary(epoch, &train_metrics, validation.as_ref()));
             log_epoch(epoch, &train_metrics, validation.as_ref());
             if self.trainer.state().validations_without_improvement >= config.training.early_stopping_patience {
                 end.stopped_early = true;
@@ -472,14 +476,30 @@ impl Run<'_> {
 }
 
 fn log_epoch(epoch: u32, train: &EpochMetrics, validation: Option<&ValidationScore>) {
-    tracing::info!(
-        "epoch {}: recon {:.3}, adv {:.3}, acc_perts {:.3}{}",
+    tracing::info!("{}", epoch_summary(epoch, train, validation));
+}
+
+/// `epoch 3: recon 465.8, adv 2.13, acc_perts 0.45; val r2_mean 0.21, r2_var -1.14 (score -0.36)`.
+fn epoch_summary(epoch: u32, train: &EpochMetrics, validation: Option<&ValidationScore>) -> String {
+    format!(
+        "epoch {}: recon {}, adv {}, acc_perts {:.2}{}",
         epoch,
-        train.recon_loss,
-        train.adv_loss,
+        figures(train.recon_loss),
+        figures(train.adv_loss),
         train.acc_perts,
-        validation.map(|v| format!(", val score {:.4} (r2 mean {:.4})", v.score, v.r2_mean)).unwrap_or_default()
-    );
+        validation
+            .map(|v| format!("; val r2_mean {:.3}, r2_var {:.3} (score {:.3})", v.r2_mean, v.r2_var, v.score))
+            .unwrap_or_default()
+    )
+}
+
+/// A loss with four significant figures (`465.8`, `2.132`, `0.01234`).
+fn figures(v: f64) -> String {
+    if !v.is_finite() || v == 0.0 {
+        return format!("{v}");
+    }
+    let decimals = (3 - v.abs().log10().floor() as i64).clamp(0, 8) as usize;
+    format!("{v:.decimals$}")
 }
 
 /// What a run recorded of its labels in its checkpoint (obs keys, control, covariates and batch
