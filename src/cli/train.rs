@@ -218,7 +218,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some(best) = report.best_epoch {
-        outln!("best validation epoch: {best} (model/ holds its weights)");
+        let scored = report.epochs.iter().find(|e| e.train.epoch == best).and_then(|e| e.validation);
+        match scored {
+            Some(v) => outln!(
+                "best epoch {best}: validation r2_mean {:.3}, r2_var {:.3} (score r2_mean + 0.5 r2_var = {:.3}); \
+                 model/ holds its weights",
+                v.r2_mean,
+                v.r2_var,
+                v.score
+            ),
+            None => outln!("best validation epoch: {best} (model/ holds its weights)"),
+        }
     }
     outln!("training {:.0} cells/s", report.cells_per_s);
     super::print_report(&report.report)?;
