@@ -33,6 +33,16 @@ pub fn run(args: &[&str]) -> Output {
         .expect("the cpa-stream binary runs")
 }
 
+/// The Python of the project's cache (anndata, h5py, duckdb, pyarrow), from scripts/bootstrap.sh.
+pub fn python() -> PathBuf {
+    std::env::var("CPA_STREAM_PYTHON").map(PathBuf::from).unwrap_or_else(|_| {
+        let cache = std::env::var("CPA_STREAM_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/cpa-stream"));
+        cache.join("venv/bin/python")
+    })
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

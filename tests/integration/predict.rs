@@ -201,12 +201,7 @@ fn predictions_are_self_describing_for_duckdb_and_pandas() {
         let o = predict(&[&common[..], &["--out", &s(&dataset), "--shard", shard]].concat());
         assert!(o.status.success(), "{}", text(&o.stderr));
     }
-    let python = std::env::var("CPA_STREAM_PYTHON").map(PathBuf::from).unwrap_or_else(|_| {
-        let cache = std::env::var("CPA_STREAM_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/cpa-stream"));
-        cache.join("venv/bin/python")
-    });
+    let python = crate::common::python();
     let script = repo_root().join("tests/fixtures/read_outputs.py");
     let o = std::process::Command::new(&python)
         .arg(&script)
@@ -214,6 +209,82 @@ fn predictions_are_self_describing_for_duckdb_and_pandas() {
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+}
+
+/// One spelling of labels: obs spells doses `1.0`, `10.0`, `1.0+10.0` (as many public datasets
+/// do); evaluate's tables and predict's files keep those spellings, so that both join with obs
+/// on (condition, dose) as plain strings.
+#[test]
+fn outputs_spell_labels_as_obs_and_join_with_it() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let p = |name: &str| dir.path().join(name).to_str().unwrap_or_default().to_owned();
+    let made = std::process::Command::new(crate::common::python())
+        .arg(repo_root().join("tests/fixtures/h5ad_fixtures.py"))
+        .args(["doses", &p("doses.h5ad")])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let config = repo_root().join(CONFIG);
+    let steps: [&[&str]; 4] = [
+        &["import", &p("doses.h5ad"), "--out", &p("s.store")],
+        &[
+            "train",
+            "--store",
+            &p("s.store"),
+            "--dose-key",
+            "dose",
+            "--covariates",
+            "cell_type",
+            "--config",
+            config.to_str().unwrap_or_default(),
+            "--epochs",
+            "2",
+            "--out",
+            &p("run"),
+        ],
+        &[
+            "evaluate",
+            "--model",
+            &p("run"),
+            "--store",
+            &p("s.store"),
+            "--split",
+            "test",
+            "--no-plots",
+            "--out",
+            &p("eval"),
+        ],
+        &[
+            "predict",
+            "--model",
+            &p("run"),
+            "--store",
+            &p("s.store"),
+            "--target",
+            "condition=A+B,dose=1.0+10.0",
+            "--out",
+            &p("pred.parquet"),
+        ],
+    ];
+    for args in steps {
+        let o = run(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+    }
+    let (_, obs) = read_parquet(&dir.path().join("s.store/obs.parquet"));
+    let pairs: std::collections::HashSet<(String, String)> =
+        strings(&obs, "condition").into_iter().zip(strings(&obs, "dose")).collect();
+    assert!(pairs.contains(&("A+B".to_owned(), "1.0+10.0".to_owned())), "{pairs:?}");
+    let (_, metrics) = read_parquet(&dir.path().join("eval/metrics.parquet"));
+    let evaluated: Vec<(String, String)> =
+        strings(&metrics, "condition").into_iter().zip(strings(&metrics, "dose")).collect();
+    assert!(!evaluated.is_empty());
+    for pair in &evaluated {
+        assert!(pairs.contains(pair), "evaluate wrote {pair:?}, which obs does not spell so: {pairs:?}");
+    }
+    let (_, predicted) = read_parquet(&dir.path().join("pred.parquet"));
+    for pair in strings(&predicted, "condition").into_iter().zip(strings(&predicted, "dose")) {
+        assert!(pairs.contains(&pair), "predict wrote {pair:?}");
+    }
 }
 
 #[test]

@@ -258,7 +258,7 @@ mod tests {
             vec![Covariate { name: "c".into(), categories: vec!["a".into()], is_batch: false }],
             vec![("ctrl".into(), 1)],
         );
-        let group = Group { parts: vec![(1, 1.0)], covariates: vec![0], class: 0 };
+        let group = Group { parts: vec![(1, 1.0)], covariates: vec![0], class: 0, condition: "p".into(), dose: None };
         let cells: Vec<(u32, Split)> = splits.iter().map(|&s| (0, s)).collect();
         match vocab
             .map_err(|source| Error::Stage { stage: "test", source })
@@ -372,7 +372,8 @@ mod tests {
     #[test]
     fn clustering_tells_a_sorted_store_from_a_shuffled_one() {
         let vocab = labels(&[]).vocab;
-        let group = |class| Group { parts: vec![(1, 1.0)], covariates: vec![0], class };
+        let group =
+            |class| Group { parts: vec![(1, 1.0)], covariates: vec![0], class, condition: "p".into(), dose: None };
         let with =
             |cells: &[(u32, Split)]| match CellLabels::from_parts(vocab.clone(), (0..4).map(group).collect(), cells) {
                 Ok(l) => l,

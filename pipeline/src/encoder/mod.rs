@@ -133,6 +133,10 @@ pub struct Group {
     pub covariates: Vec<u32>,
     /// Condition class (the adversary's label).
     pub class: u32,
+    /// The condition as obs spells it (first cell of the group).
+    pub condition: String,
+    /// The dose as obs spells it; `None` without a dose column.
+    pub dose: Option<String>,
 }
 
 const GROUP_BITS: u32 = 30;

@@ -25,6 +25,8 @@ struct RawGroup {
     names: Vec<(String, f32)>,
     condition: String,
     covariates: Vec<String>,
+    /// The condition and dose as obs spells them.
+    obs_text: (String, Option<String>),
 }
 
 /// The state of the pass over obs.
@@ -123,7 +125,7 @@ impl<'a> Scan<'a> {
                 let key = key.to_owned();
                 let names = split_condition(condition, dose, self.options.max_comb_len)
                     .map_err(|reason| self.bad(format!("{}: {reason}", cell())))?;
-                self.new_group(key, names, condition, &values)?
+                self.new_group(key, names, (condition, dose), &values)?
             }
         };
         let split = match (&columns.splits, self.fractions) {
@@ -150,7 +152,13 @@ impl<'a> Scan<'a> {
         Ok(())
     }
 
-    fn new_group(&mut self, key: String, names: Vec<(&str, f32)>, condition: &str, values: &[&str]) -> Result<u32> {
+    fn new_group(
+        &mut self,
+        key: String,
+        names: Vec<(&str, f32)>,
+        (condition, dose): (&str, Option<&str>),
+        values: &[&str],
+    ) -> Result<u32> {
         for (seen, v) in self.seen_values.iter_mut().zip(values) {
             if !seen.iter().any(|s| s == v) {
                 seen.push((*v).to_owned());
@@ -164,6 +172,7 @@ impl<'a> Scan<'a> {
             names: names.into_iter().map(|(n, d)| (n.to_owned(), d)).collect(),
             condition: canonical_condition(condition),
             covariates: values.iter().map(|v| (*v).to_owned()).collect(),
+            obs_text: (condition.to_owned(), dose.map(str::to_owned)),
         });
         self.group_seen.push(0);
         self.lookup.insert(key, g);
@@ -284,7 +293,8 @@ impl<'a> Scan<'a> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let class = class_index.get(g.condition.as_str()).copied().unwrap_or(0);
-            groups.push(Group { parts, covariates, class });
+            let (condition, dose) = g.obs_text.clone();
+            groups.push(Group { parts, covariates, class, condition, dose });
         }
         let mut cells = self.cells;
         cells.shrink_to_fit();

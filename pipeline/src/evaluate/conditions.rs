@@ -68,22 +68,18 @@ pub(super) fn map_groups(labels: &CellLabels, vocab: &Vocabulary) -> Vec<Option<
                 })
                 .collect();
             let covariates = covariates?;
-            let names: Vec<&str> = g.parts.iter().map(|&(id, _)| own.perturbations[id as usize].as_str()).collect();
-            let doses: Vec<String> = g.parts.iter().map(|&(_, d)| format_dose(d)).collect();
+            // Labels exactly as obs spells them, so that outputs join with obs without numeric
+            // matching; without a dose column, `1` per part (what the model assumes).
+            let dose = g.dose.clone().unwrap_or_else(|| vec!["1"; g.parts.len()].join("+"));
             Some(MappedGroup {
                 key: key_of(&covariates, &parts),
                 is_control: parts.iter().all(|&(id, _)| id as usize == CONTROL_ID),
                 parts,
-                condition: names.join("+"),
-                dose: doses.join("+"),
+                condition: g.condition.clone(),
+                dose,
             })
         })
         .collect()
-}
-
-fn format_dose(d: f32) -> String {
-    let s = format!("{d}");
-    s.strip_suffix(".0").map(str::to_owned).unwrap_or(s)
 }
 
 /// The perturbed conditions of the store's groups, and those of the truth table with no cells.
