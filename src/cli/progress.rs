@@ -124,6 +124,7 @@ impl Progress for CliProgress {
         .progress_chars("=> ");
         bar.set_style(style);
         bar.set_prefix("train");
+        bar.set_message("");
     }
 
     fn note(&self, text: &str) {
