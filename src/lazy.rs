@@ -9,10 +9,11 @@ use std::path::Path;
 use polars::prelude::{LazyFrame, PlRefPath, PolarsError, PolarsResult, ScanArgsParquet};
 
 /// Opens a prediction file, or a directory of shard files (`part-*.parquet` from `predict
-/// --shard`), as one lazy frame. Nothing is read until the query runs.
+/// --shard`; the `genes.parquet` beside them is not a part), as one lazy frame. Nothing is read
+/// until the query runs.
 pub fn scan_predictions(path: impl AsRef<Path>) -> PolarsResult<LazyFrame> {
     let path = path.as_ref();
-    let target = if path.is_dir() { path.join("*.parquet") } else { path.to_owned() };
+    let target = if path.is_dir() { path.join("part-*.parquet") } else { path.to_owned() };
     let text = target
         .to_str()
         .ok_or_else(|| PolarsError::ComputeError(format!("{}: not a UTF-8 path", target.display()).into()))?;
@@ -27,13 +28,16 @@ pub fn prediction_genes(path: impl AsRef<Path>) -> std::io::Result<Vec<String>> 
         let mut parts: Vec<_> = std::fs::read_dir(path)?
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                name.starts_with("part-") && name.ends_with(".parquet")
+            })
             .collect();
         parts.sort();
         parts
             .into_iter()
             .next()
-            .ok_or_else(|| std::io::Error::other(format!("{}: no .parquet files", path.display())))?
+            .ok_or_else(|| std::io::Error::other(format!("{}: no part-*.parquet files", path.display())))?
     } else {
         path.to_owned()
     };

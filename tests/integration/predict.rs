@@ -598,12 +598,13 @@ fn polars_reads_predictions_lazily_with_the_schema_types() {
         ]);
         assert!(o.status.success(), "predict shard {shard} failed: {}", text(&o.stderr));
     }
-    let parts: Vec<String> = std::fs::read_dir(&dir)
+    let mut parts: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{e}"))
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(parts.len(), 2, "{parts:?}");
+    parts.sort();
+    assert_eq!(parts, ["genes.parquet", "part-0-of-2.parquet", "part-1-of-2.parquet"]);
     let lazy = cpa_stream::lazy::scan_predictions(&dir).unwrap_or_else(|e| panic!("{e}"));
     let df = lazy.filter(col("condition").cast(DataType::String).eq(polars::prelude::lit("PERT01"))).collect();
     let df = df.unwrap_or_else(|e| panic!("{e}"));
