@@ -105,7 +105,9 @@ PY
     export CPA_FUZZ_STORE_RAW="$PWD/$out/template-raw.store" CPA_FUZZ_STORE_ZSTD="$PWD/$out/template-zstd.store"
   fi
   local max_len=$(( $(find "$seeds" -type f -printf '%s\n' | sort -n | tail -1) + 4096 ))
+  # The fuzz binaries link libtorch (through the stages crate) without the CLI's rpath.
   PATH="$(dirname "$fuzz_bin"):$PATH" CARGO_TARGET_DIR="$CPA_STREAM_CACHE/fuzz-target" \
+    LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz -O \
     "$target" "fuzz/corpus/$target" "$seeds" -- \
     -max_total_time="$seconds" -max_len="$max_len" -rss_limit_mb=4096 -timeout=60 -print_final_stats=1 \

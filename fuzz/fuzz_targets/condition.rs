@@ -8,7 +8,10 @@ use cpa_stream_pipeline::predictor::targets::parse_target_spec;
 use cpa_stream_stages::model::vocab::split_condition;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(init: common::init(), |data: &[u8]| {
     let [max, rest @ ..] = data else { return };
     let Ok(text) = std::str::from_utf8(rest) else { return };
     let (condition, dose) = match text.split_once('\0') {

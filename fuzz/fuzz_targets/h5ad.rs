@@ -10,12 +10,15 @@ use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::h5ad::{H5adReader, MatrixLayout, MatrixSource};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "common.rs"]
+mod common;
+
 fn scratch() -> &'static std::path::Path {
     static D: OnceLock<tempfile::TempDir> = OnceLock::new();
     D.get_or_init(|| tempfile::tempdir().expect("scratch directory")).path()
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::init(), |data: &[u8]| {
     let path = scratch().join("input.h5ad");
     std::fs::write(&path, data).expect("scratch");
     for source in [MatrixSource::X, MatrixSource::Raw, MatrixSource::Layer("counts")] {

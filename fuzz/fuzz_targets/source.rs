@@ -4,7 +4,10 @@
 use cpa_stream_pipeline::obs::expr::Expr;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(init: common::init(), |data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(e) = Expr::parse(text) {
         let _ = e.columns();

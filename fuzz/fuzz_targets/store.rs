@@ -15,6 +15,9 @@ use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::store::{Store, summarize_obs};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "common.rs"]
+mod common;
+
 /// A template store's files: (relative path, bytes).
 type Files = Vec<(PathBuf, Vec<u8>)>;
 
@@ -47,7 +50,7 @@ fn scratch() -> &'static Path {
     D.get_or_init(|| tempfile::tempdir().expect("scratch directory")).path()
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: common::init(), |data: &[u8]| {
     let [select, flags, edits @ ..] = data else { return };
     let files = &templates()[usize::from(select >> 7)];
     let which = usize::from(select & 0x7f) % files.len();

@@ -1,0 +1,17 @@
+//! What every target shares: the panic rule.
+//!
+//! libfuzzer-sys aborts on every panic, even one that is caught. cpa-stream deliberately
+//! catches the parquet crate's assertions on damaged files (`tables::guarded` turns them into
+//! an error naming the file), so here a panic aborts only when it escapes cpa-stream's code to
+//! the fuzz target's boundary (libfuzzer-sys aborts then, after unwinding): a panic that reaches
+//! a user is a crash, a caught one is not. Panics from the parquet crate are not printed (they
+//! are expected on damaged files); any other is.
+
+pub fn init() {
+    std::panic::set_hook(Box::new(|info| {
+        let from_parquet = info.location().is_some_and(|l| l.file().contains("/parquet-"));
+        if !from_parquet {
+            eprintln!("{info}");
+        }
+    }));
+}
