@@ -106,8 +106,12 @@ PY
   fi
   local max_len=$(( $(find "$seeds" -type f -printf '%s\n' | sort -n | tail -1) + 4096 ))
   # The fuzz binaries link libtorch (through the stages crate) without the CLI's rpath.
+  # allocator_may_return_null: a damaged .h5ad makes the HDF5 C library ask for absurd buffers;
+  # glibc's malloc returns NULL and HDF5 reports "memory allocation failed" (an error, as the CLI
+  # shows), whereas AddressSanitizer's allocator would abort by default.
   PATH="$(dirname "$fuzz_bin"):$PATH" CARGO_TARGET_DIR="$CPA_STREAM_CACHE/fuzz-target" \
     LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    ASAN_OPTIONS="allocator_may_return_null=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
     cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz -O \
     "$target" "fuzz/corpus/$target" "$seeds" -- \
     -max_total_time="$seconds" -max_len="$max_len" -rss_limit_mb=4096 -timeout=60 -print_final_stats=1 \

@@ -295,6 +295,16 @@ fn bad_files_give_named_errors_and_no_store() {
         assert!(err.contains(expected) && err.contains(&*file.to_string_lossy()), "{name}: {err}");
         assert!(!out.exists(), "{name}: a partial store was left");
     }
+    // Found by `scripts/fuzz.sh h5ad`: damaged metadata makes the HDF5 library ask for an absurd
+    // buffer; the import ends with the library's error naming the element, never a crash.
+    let damaged = repo_root().join("tests/fixtures/damaged/h5ad-huge-allocation.h5ad");
+    let out_store = dir.join("damaged.store");
+    let err = run_import(&damaged, &out_store, &ImportOptions::default(), &Silent)
+        .err()
+        .unwrap_or_else(|| panic!("the damaged file imported"))
+        .to_string();
+    assert!(err.contains("memory allocation failed") && err.contains("h5ad-huge-allocation.h5ad"), "{err}");
+    assert!(!out_store.exists());
     let out = run(&[
         "import",
         dir.join("bad_shape.h5ad").to_str().unwrap(),
