@@ -113,12 +113,30 @@ pub fn read_targets_file(path: &Path) -> Result<Vec<TargetSpec>> {
     Ok(out)
 }
 
+/// Largest targets CSV read (a table of conditions, not of cells).
+const MAX_TARGETS_CSV_BYTES: u64 = 64 << 20;
+
 fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
-    use std::io::{BufRead, BufReader, Seek};
+    use std::io::Read;
     let origin = path.display().to_string();
-    let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
-    let mut header = String::new();
-    BufReader::new(&mut file).read_line(&mut header).map_err(Error::io(path))?;
+    let file = std::fs::File::open(path).map_err(Error::io(path))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_TARGETS_CSV_BYTES + 1).read_to_end(&mut bytes).map_err(Error::io(path))?;
+    if bytes.len() as u64 > MAX_TARGETS_CSV_BYTES {
+        return Err(Error::InvalidInput(format!(
+            "{origin}: larger than {} MiB; a targets table lists conditions, one per row",
+            MAX_TARGETS_CSV_BYTES >> 20
+        )));
+    }
+    // The whole file must be UTF-8 before arrow-csv sees it: arrow-csv 60 checks the fields of a
+    // batch only together, so two invalid halves of a character in neighbouring fields pass and
+    // each field becomes a `&str` that is not UTF-8 (undefined behaviour; found by the `targets`
+    // fuzz target). In valid UTF-8 the ASCII delimiters never split a character.
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+        Error::InvalidInput(format!("{origin}: line {line}: not UTF-8 text (byte {})", e.valid_up_to()))
+    })?;
+    let header = text.lines().next().unwrap_or_default();
     let names: Vec<String> = header.trim_end().split(',').map(|n| n.trim().trim_matches('"').to_owned()).collect();
     if names.iter().any(String::is_empty) {
         return Err(Error::InvalidInput(format!(
@@ -126,12 +144,13 @@ fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
             header.trim_end()
         )));
     }
-    file.rewind().map_err(Error::io(path))?;
     let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(
         names.iter().map(|n| arrow::datatypes::Field::new(n, DataType::Utf8, true)).collect::<Vec<_>>(),
     ));
-    let reader =
-        arrow::csv::ReaderBuilder::new(schema).with_header(true).build(file).map_err(Error::arrow(origin.as_str()))?;
+    let reader = arrow::csv::ReaderBuilder::new(schema)
+        .with_header(true)
+        .build(std::io::Cursor::new(text.as_bytes()))
+        .map_err(Error::arrow(origin.as_str()))?;
     reader.collect::<std::result::Result<Vec<_>, _>>().map_err(Error::arrow(origin.as_str()))
 }
 
@@ -235,6 +254,16 @@ mod tests {
         let err = crate::predictor::GeneSelection::parse(&path.to_string_lossy()).unwrap_err().to_string();
         assert!(err.contains(r#"gene "g1" is listed twice (entries 1 and 3)"#), "{err}");
         Ok(())
+    }
+
+    /// Found by `scripts/fuzz.sh targets` (AddressSanitizer: heap-buffer-overflow): a CSV whose
+    /// fields hold halves of one UTF-8 character passed arrow-csv's check and became invalid
+    /// `&str`s. Now the file is checked whole first and the error names the line.
+    #[test]
+    fn a_targets_csv_that_is_not_utf8_is_an_error_naming_the_line() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/damaged/targets-split-utf8.csv");
+        let err = read_targets_file(&path).unwrap_err().to_string();
+        assert!(err.contains("line 22: not UTF-8 text"), "{err}");
     }
 
     #[test]
