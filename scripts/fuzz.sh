@@ -14,6 +14,8 @@
 #   Rust for the instrumentation flags (a `nightly` rustup toolchain if there is one, otherwise
 #   the stable one with RUSTC_BOOTSTRAP=1). The corpus grows in fuzz/corpus/TARGET; a crash is
 #   kept in fuzz/artifacts/TARGET and the script fails; add the input as a regression test.
+#   FUZZ_ARGS adds libFuzzer flags: `FUZZ_ARGS="-fork=1 -ignore_timeouts=1"` goes on past a hang
+#   inside the HDF5 C library (fuzz/known/ lists the one found).
 #
 # Without instrumentation (the ordinary release build):
 #   scripts/fuzz.sh mutate-h5ad [SECONDS]  random byte edits of .h5ad files imported by the CLI in
@@ -115,13 +117,20 @@ PY
     cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz -O \
     "$target" "fuzz/corpus/$target" "$seeds" -- \
     -max_total_time="$seconds" -max_len="$max_len" -rss_limit_mb=4096 -timeout=60 -print_final_stats=1 \
+    ${FUZZ_ARGS:-} \
     2>&1 | tee "$out/last.log" | grep -E "^#[0-9]+ +(INITED|DONE|pulse)|ERROR|SUMMARY|stat::|panicked|Done " || true
-  # cargo-fuzz's exit status is lost in the pipe: a crash leaves an artifact and no DONE line.
-  if ! grep -q "^#[0-9]* *DONE" "$out/last.log"; then
+  # cargo-fuzz's exit status is lost in the pipe: a crash leaves an artifact and no DONE line
+  # (fork mode ends with "INFO: exiting: 0" instead, and counts timeouts it went past).
+  if ! grep -aqE "^#[0-9]+[[:space:]]+DONE|^INFO: exiting: 0" "$out/last.log"; then
     echo "$target: crash or failure, see $out/last.log and fuzz/artifacts/$target/" >&2
     exit 1
   fi
-  echo "$target: $(grep -oE 'stat::number_of_executed_units: [0-9]+' "$out/last.log" | grep -oE '[0-9]+$') inputs executed in ${seconds} s, no crash"
+  local executed
+  executed=$(grep -aoE 'stat::number_of_executed_units: [0-9]+' "$out/last.log" | grep -oE '[0-9]+$' | tail -1)
+  [ -n "$executed" ] || executed=$(grep -aoE '^#[0-9]+' "$out/last.log" | tail -1 | tr -d '#')
+  local timeouts
+  timeouts=$(grep -acE "ERROR: libFuzzer: timeout" "$out/last.log" || true)
+  echo "$target: $executed inputs executed in ${seconds} s, no crash${timeouts:+, $timeouts timeouts past}"
 }
 
 case "$target" in
