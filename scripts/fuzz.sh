@@ -118,7 +118,7 @@ PY
     "$target" "fuzz/corpus/$target" "$seeds" -- \
     -max_total_time="$seconds" -max_len="$max_len" -rss_limit_mb=4096 -timeout=60 -print_final_stats=1 \
     ${FUZZ_ARGS:-} \
-    2>&1 | tee "$out/last.log" | grep -E "^#[0-9]+ +(INITED|DONE|pulse)|ERROR|SUMMARY|stat::|panicked|Done " || true
+    2>&1 | tee "$out/last.log" | grep -E "^#[0-9]+[[:space:]]+(INITED|DONE|pulse)|ERROR|SUMMARY|stat::|panicked|Done " || true
   # cargo-fuzz's exit status is lost in the pipe: a crash leaves an artifact and no DONE line
   # (fork mode ends with "INFO: exiting: 0" instead, and counts timeouts it went past).
   if ! grep -aqE "^#[0-9]+[[:space:]]+DONE|^INFO: exiting: 0" "$out/last.log"; then
