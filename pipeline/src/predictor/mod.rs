@@ -158,6 +158,7 @@ impl Predictor {
             .iter()
             .map(|spec| resolve_target(spec, vocab, &keys.perturbation, keys.dose.as_deref(), max_comb_len))
             .collect::<Result<Vec<_>>>()?;
+        let targets = targets::spell_as_obs(targets, &store, &keys.perturbation, keys.dose.as_deref())?;
         let (gene_index, genes) =
             genes::select_genes(&options.genes, vocab, &targets, &keys, &store, options.degs.as_deref())?;
         let mut label_columns = vec![keys.perturbation.clone(), keys.dose_output.clone()];

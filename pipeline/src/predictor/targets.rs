@@ -154,6 +154,58 @@ fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
     reader.collect::<std::result::Result<Vec<_>, _>>().map_err(Error::arrow(origin.as_str()))
 }
 
+/// The targets with their condition and dose spelled as the store's obs spells the same
+/// condition (`B+A` → `A+B` with the doses reordered alike; `1+10` → `1.0+10.0`), so that
+/// prediction files join with obs and with `evaluate`'s tables by plain strings. A target obs
+/// does not hold keeps its own spelling.
+pub fn spell_as_obs(
+    mut targets: Vec<Target>,
+    store: &cpa_stream_stages::store::Store,
+    perturbation_key: &str,
+    dose_key: Option<&str>,
+) -> Result<Vec<Target>> {
+    use cpa_stream_schemas::tables::categories_of;
+    let obs = store.file_path(cpa_stream_schemas::StoreFiles::OBS);
+    let schema =
+        cpa_stream_stages::store::table_schema(&obs).map_err(|source| Error::Stage { stage: "targets", source })?;
+    let categories = |key: &str| schema.field_with_name(key).ok().and_then(|f| categories_of(f)).unwrap_or_default();
+    let conditions = categories(perturbation_key);
+    let doses = dose_key.map(categories).unwrap_or_default();
+    let numbers = |text: &str| -> Option<Vec<f32>> { text.split('+').map(|d| d.trim().parse().ok()).collect() };
+    for target in &mut targets {
+        let names: Vec<&str> = target.condition.split('+').collect();
+        let given: Vec<&str> = target.dose.split('+').collect();
+        if !conditions.contains(&target.condition) {
+            let mut sorted = names.clone();
+            sorted.sort_unstable();
+            let same = conditions.iter().find(|c| {
+                let mut parts: Vec<&str> = c.split('+').collect();
+                parts.sort_unstable();
+                parts == sorted
+            });
+            if let Some(obs_condition) = same {
+                if given.len() == names.len() {
+                    let reordered: Option<Vec<&str>> = obs_condition
+                        .split('+')
+                        .map(|n| names.iter().position(|m| *m == n).map(|i| given[i]))
+                        .collect();
+                    if let Some(reordered) = reordered {
+                        target.dose = reordered.join("+");
+                    }
+                }
+                target.condition = obs_condition.clone();
+            }
+        }
+        if !doses.contains(&target.dose)
+            && let Some(want) = numbers(&target.dose)
+            && let Some(obs_dose) = doses.iter().find(|d| numbers(d).is_some_and(|v| v == want))
+        {
+            target.dose = obs_dose.clone();
+        }
+    }
+    Ok(targets)
+}
+
 /// Names a list for an error message (the first 30).
 pub(crate) fn known(values: impl IntoIterator<Item = impl AsRef<str>>) -> String {
     let all: Vec<String> = values.into_iter().map(|v| v.as_ref().to_owned()).collect();
