@@ -168,7 +168,7 @@ pub fn spell_as_obs(
     let obs = store.file_path(cpa_stream_schemas::StoreFiles::OBS);
     let schema =
         cpa_stream_stages::store::table_schema(&obs).map_err(|source| Error::Stage { stage: "targets", source })?;
-    let categories = |key: &str| schema.field_with_name(key).ok().and_then(|f| categories_of(f)).unwrap_or_default();
+    let categories = |key: &str| schema.field_with_name(key).ok().and_then(categories_of).unwrap_or_default();
     let conditions = categories(perturbation_key);
     let doses = dose_key.map(categories).unwrap_or_default();
     let numbers = |text: &str| -> Option<Vec<f32>> { text.split('+').map(|d| d.trim().parse().ok()).collect() };
