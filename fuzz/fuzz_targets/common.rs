@@ -1,4 +1,4 @@
-//! What every target shares: the panic rule.
+//! What every target shares: the panic rule and a scratch directory.
 //!
 //! libfuzzer-sys aborts on every panic, even one that is caught. cpa-stream deliberately
 //! catches the parquet crate's assertions on damaged files (`tables::guarded` turns them into
@@ -14,4 +14,11 @@ pub fn init() {
             eprintln!("{info}");
         }
     }));
+}
+
+/// A scratch directory for the process's inputs, made once (the file-reading targets).
+#[allow(dead_code, reason = "the text-parsing targets write no files")]
+pub fn scratch() -> &'static std::path::Path {
+    static D: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    D.get_or_init(|| tempfile::tempdir().expect("scratch directory")).path()
 }

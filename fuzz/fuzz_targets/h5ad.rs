@@ -4,7 +4,6 @@
 //! instrumented: coverage guides through cpa-stream's own reading code.
 #![no_main]
 
-use std::sync::OnceLock;
 
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::h5ad::{H5adReader, MatrixLayout, MatrixSource};
@@ -13,13 +12,8 @@ use libfuzzer_sys::fuzz_target;
 #[path = "common.rs"]
 mod common;
 
-fn scratch() -> &'static std::path::Path {
-    static D: OnceLock<tempfile::TempDir> = OnceLock::new();
-    D.get_or_init(|| tempfile::tempdir().expect("scratch directory")).path()
-}
-
 fuzz_target!(init: common::init(), |data: &[u8]| {
-    let path = scratch().join("input.h5ad");
+    let path = common::scratch().join("input.h5ad");
     std::fs::write(&path, data).expect("scratch");
     for source in [MatrixSource::X, MatrixSource::Raw, MatrixSource::Layer("counts")] {
         let Ok(h5) = H5adReader::open_matrix(&path, source) else { continue };

@@ -8,7 +8,7 @@
 //! (u32 LE offset modulo the file's length, new byte).
 #![no_main]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use cpa_stream_stages::CsrBatch;
@@ -45,16 +45,11 @@ fn templates() -> &'static [Files; 2] {
     T.get_or_init(|| [load("CPA_FUZZ_STORE_RAW"), load("CPA_FUZZ_STORE_ZSTD")])
 }
 
-fn scratch() -> &'static Path {
-    static D: OnceLock<tempfile::TempDir> = OnceLock::new();
-    D.get_or_init(|| tempfile::tempdir().expect("scratch directory")).path()
-}
-
 fuzz_target!(init: common::init(), |data: &[u8]| {
     let [select, flags, edits @ ..] = data else { return };
     let files = &templates()[usize::from(select >> 7)];
     let which = usize::from(select & 0x7f) % files.len();
-    let store = scratch().join("s.store");
+    let store = common::scratch().join("s.store");
     let _ = std::fs::remove_dir_all(&store);
     for (i, (name, bytes)) in files.iter().enumerate() {
         let path = store.join(name);
