@@ -40,6 +40,7 @@ pub mod stats;
 pub mod suggest;
 pub mod synth;
 pub mod telemetry;
+pub mod threads;
 pub mod train;
 mod two_stage;
 

@@ -6,15 +6,15 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use cpa_stream_pipeline::batcher::{
-    DEFAULT_BLOCK_CELLS, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, DEFAULT_WORKERS, LoaderOptions, PlanOptions,
+    DEFAULT_BLOCK_CELLS, DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, LoaderOptions, PlanOptions,
 };
 use cpa_stream_pipeline::bench::{
     DEFAULT_LOADER_BATCH_SIZE, DEFAULT_MODEL_CELLS, DEFAULT_MODEL_EPOCHS, DEFAULT_MODEL_GENES, DEFAULT_PRELOAD_MIB,
     DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, DEFAULT_ROUNDS, LoaderRound, ModelBenchOptions, ReaderBenchOptions,
-    TrainingBenchOptions, bench_loader, bench_model, bench_reader, bench_training,
+    TrainingBenchOptions, bench_loader, bench_loader_cold, bench_model, bench_reader, bench_training,
 };
 use cpa_stream_stages::model::config::{CpaConfig, DEFAULT_BATCH_SIZE, Precision};
-use cpa_stream_stages::store::Store;
+use cpa_stream_stages::store::{Access, Store};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -62,12 +62,12 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// libtorch threads [default: libtorch's choice].
+    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
     #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
-    /// Batcher worker threads.
-    #[arg(long, value_parser = super::parse_workers, default_value_t = DEFAULT_WORKERS)]
-    workers: usize,
+    /// Batcher worker threads [default: planned with --threads from the usable CPUs].
+    #[arg(long, value_parser = super::parse_workers)]
+    workers: Option<usize>,
     /// Batches buffered ahead of the trainer, per worker.
     #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
@@ -97,15 +97,43 @@ pub struct LoaderArgs {
     #[arg(long, default_value_t = DEFAULT_BLOCK_CELLS)]
     block_cells: u64,
     /// Blocks shuffled together before being cut into batches.
-    #[arg(long, default_value_t = DEFAULT_SHUFFLE_BLOCKS)]
+    #[arg(long, value_parser = super::parse_shuffle_blocks, default_value_t = DEFAULT_SHUFFLE_BLOCKS)]
     shuffle_blocks: usize,
+    /// Most MiB of decoded blocks a compressed store's shuffle buffer holds.
+    #[arg(long, value_parser = super::parse_buffer_mb, default_value_t = DEFAULT_BUFFER_BYTES >> 20)]
+    shuffle_buffer_mb: u64,
     /// Consecutive cells the in-buffer shuffle keeps together (training's
     /// `shuffle_run_cells`: 1 shuffles single cells; `auto` chooses from the store's order as
     /// training does).
     #[arg(long, default_value = "auto", value_parser = super::parse_run_cells)]
     shuffle_run_cells: usize,
+    /// Hand each batch on dense (cells x genes f32 on the host, as a loader yielding numpy arrays
+    /// does) instead of as CSR.
+    #[arg(long)]
+    dense: bool,
+    /// Read from disk: before each epoch drop the store's files from the page cache
+    /// (`posix_fadvise(DONTNEED)`), time the disk's sequential read of them as the bound, drop
+    /// them again and time the loader's epoch (no memcpy or gather bounds).
+    #[arg(long)]
+    cold: bool,
+    /// With --cold: the access advice (`madvise`) given to the store's maps before each epoch.
+    #[arg(long, value_enum, default_value_t = AdviceArg::Normal, requires = "cold")]
+    advice: AdviceArg,
     #[arg(long)]
     json: bool,
+}
+
+/// `madvise` advice for `bench loader --cold`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AdviceArg {
+    /// The kernel's default read-around.
+    Normal,
+    /// No read-ahead.
+    Random,
+    /// Aggressive read-ahead.
+    Sequential,
+    /// Read the whole matrix in now.
+    Willneed,
 }
 
 #[derive(Debug, Args)]
@@ -187,12 +215,13 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         config.training.shuffle_run_cells = k;
     }
     config.validate().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let (device, workers) = super::model_device(&args.device, args.threads, args.workers)?;
     let options = TrainingBenchOptions {
         store: args.store.clone(),
         encoder: args.labels.all_training(config.model.max_comb_len),
-        device: super::model_device(&args.device, args.threads)?,
+        device,
         config,
-        loader: LoaderOptions { workers: args.workers.max(1), prefetch: args.prefetch.max(1) },
+        loader: LoaderOptions { workers, prefetch: args.prefetch.max(1), ..LoaderOptions::default() },
         epochs: args.epochs,
         preload_bytes: args.preload_mib.saturating_mul(1 << 20),
     };
@@ -243,7 +272,7 @@ fn parse_precision(name: &str) -> anyhow::Result<Precision> {
 fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
     let encoder = args.labels.all_training(CpaConfig::default().model.max_comb_len);
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let loader = LoaderOptions { workers, prefetch: args.prefetch };
+    let loader = LoaderOptions { workers, prefetch: args.prefetch, buffer_bytes: args.shuffle_buffer_mb << 20 };
     let plan = PlanOptions {
         batch_size: args.batch_size,
         block_cells: args.block_cells,
@@ -251,7 +280,37 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
         run_cells: args.shuffle_run_cells,
         ..PlanOptions::default()
     };
-    let r = bench_loader(&args.store, &encoder, &plan, loader, args.epochs)?;
+    if args.cold {
+        let advice = match args.advice {
+            AdviceArg::Normal => Access::Normal,
+            AdviceArg::Random => Access::Random,
+            AdviceArg::Sequential => Access::Sequential,
+            AdviceArg::Willneed => Access::WillNeed,
+        };
+        let r = bench_loader_cold(&args.store, &encoder, &plan, loader, advice, args.epochs)?;
+        if args.json {
+            jsonln!(&r);
+            return Ok(ExitCode::SUCCESS);
+        }
+        outln!(
+            "{} ({}, {:.0} MB of matrix): batch {}, {} workers, advice {}, cold epochs from disk",
+            r.store,
+            r.codec,
+            r.matrix_bytes as f64 / 1e6,
+            r.batch_size,
+            r.workers,
+            r.advice
+        );
+        let disk = r.disk_mb_per_s.map_or("-".to_owned(), |d| format!("{d:.0}"));
+        outln!(
+            "loader {:.0} cells/s reading {disk} MB/s from disk; the disk's sequential read {:.0} MB/s (medians of {})",
+            r.cells_per_s,
+            r.disk_sequential_mb_per_s,
+            r.rounds.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = bench_loader(&args.store, &encoder, &plan, loader, args.epochs, args.dense)?;
     if args.json {
         jsonln!(&r);
         return Ok(ExitCode::SUCCESS);
@@ -284,6 +343,18 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
         outln!(
             "gather bound {bound:.0} cells/s (the plan's rows, plain memcpy into {} batch buffers); ratio {ratio:.2}",
             r.pool_batches
+        );
+    }
+    if r.store_blocks > 0 {
+        outln!(
+            "zstd blocks: {} decoded over {} rounds of {} (window {} blocks, buffer peak {:.1} of {:.0} MB, {} dropped early)",
+            r.blocks.decodes,
+            r.rounds.len(),
+            r.store_blocks,
+            r.shuffle_blocks,
+            r.blocks.peak_bytes as f64 / 1e6,
+            r.buffer_bytes as f64 / 1e6,
+            r.blocks.early_drops
         );
     }
     let ratios = |ratio: fn(&LoaderRound) -> Option<f64>| {

@@ -46,7 +46,7 @@ pub struct EvaluateArgs {
     /// Control cells decoded per batch.
     #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
-    /// libtorch threads [default: libtorch's choice].
+    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
     #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Print the report as JSON.
@@ -55,7 +55,7 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
-    let device = super::model_device(&args.device, args.threads)?;
+    let (device, _) = super::model_device(&args.device, args.threads, None)?;
     let options = EvaluateOptions {
         split: EvalSplit::parse(&args.split)?,
         truth: args.truth.clone(),

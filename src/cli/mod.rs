@@ -310,6 +310,10 @@ const MAX_WORKERS: usize = 256;
 const MAX_PREFETCH: usize = 1024;
 /// Most cells in one batch.
 const MAX_BATCH_SIZE: usize = 1 << 20;
+/// Most blocks in a shuffle window.
+const MAX_SHUFFLE_BLOCKS: usize = 1 << 20;
+/// Most MiB of shuffle buffer (1 TiB).
+const MAX_BUFFER_MB: usize = 1 << 20;
 
 /// A whole number in `min..=max` for flag values that size threads, queues and buffers: a typo
 /// (`--threads 0`, `--prefetch 1e9`) is an error before any work, not a panic or an allocation
@@ -333,20 +337,40 @@ fn parse_prefetch(value: &str) -> Result<usize, String> {
     bounded(value, 1, MAX_PREFETCH, "batches in flight")
 }
 
+fn parse_shuffle_blocks(value: &str) -> Result<usize, String> {
+    bounded(value, 1, MAX_SHUFFLE_BLOCKS, "blocks in the shuffle window")
+}
+
+fn parse_buffer_mb(value: &str) -> Result<u64, String> {
+    bounded(value, 1, MAX_BUFFER_MB, "MiB of shuffle buffer").map(|v| v as u64)
+}
+
 fn parse_batch_size(value: &str) -> Result<usize, String> {
     bounded(value, 1, MAX_BATCH_SIZE, "cells per batch")
 }
 
-/// The device named on the command line, checked to exist, with libtorch's thread count set when
-/// given (train, predict and evaluate).
-fn model_device(name: &str, threads: Option<usize>) -> anyhow::Result<tch::Device> {
+/// The device named on the command line, checked to exist, and the run's threads planned
+/// ([`threads::plan`]): libtorch's set from `--threads` or the plan, the batcher's workers
+/// returned (`--workers` or the plan). On the CPU without both flags, the plan first watches the
+/// CPUs for [`threads::SAMPLE`] to see how busy other processes keep them.
+fn model_device(name: &str, threads: Option<usize>, workers: Option<usize>) -> anyhow::Result<(tch::Device, usize)> {
+    use cpa_stream_pipeline::threads;
     let device = cpa_stream_stages::device::parse(name)?;
     cpa_stream_stages::device::check(device)?;
-    if let Some(t) = threads {
-        let t = i32::try_from(t).map_err(|_| anyhow::anyhow!("--threads {t}: too many"))?;
-        tch::set_num_threads(t);
-    }
-    Ok(device)
+    let on_cpu = device == tch::Device::Cpu;
+    let busy =
+        if on_cpu && (threads.is_none() || workers.is_none()) { threads::busy_elsewhere(threads::SAMPLE) } else { 0.0 };
+    let plan = threads::plan(on_cpu, threads, workers, cpa_stream_pipeline::batcher::DEFAULT_WORKERS, busy);
+    let t = i32::try_from(plan.torch).map_err(|_| anyhow::anyhow!("--threads {}: too many", plan.torch))?;
+    tch::set_num_threads(t);
+    tracing::debug!(
+        "threads: {} CPUs usable, {:.1} busy elsewhere: libtorch {}, batcher workers {}",
+        plan.cpus,
+        plan.busy_elsewhere,
+        plan.torch,
+        plan.workers
+    );
+    Ok((device, plan.workers))
 }
 
 /// The log levels a filter directive may name.

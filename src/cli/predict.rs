@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::batcher::{DEFAULT_PREFETCH, DEFAULT_WORKERS, LoaderOptions};
+use cpa_stream_pipeline::batcher::{DEFAULT_PREFETCH, LoaderOptions};
 use cpa_stream_pipeline::predict::targets::{parse_target_spec, read_targets_file};
 use cpa_stream_pipeline::predict::{GeneSelection, Layout, PredictOptions, Shard, run_predict};
 use cpa_stream_pipeline::predictor::DEFAULT_BATCH_SIZE;
@@ -68,9 +68,9 @@ pub struct PredictArgs {
     /// Source cells per batch.
     #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
-    /// Gather worker threads.
-    #[arg(long, value_parser = super::parse_workers, default_value_t = DEFAULT_WORKERS)]
-    workers: usize,
+    /// Gather worker threads [default: planned with --threads from the usable CPUs].
+    #[arg(long, value_parser = super::parse_workers)]
+    workers: Option<usize>,
     /// Batches buffered between stages.
     #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
@@ -83,7 +83,7 @@ pub struct PredictArgs {
     /// Seed of the posterior draws (variational models).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// libtorch threads [default: libtorch's choice].
+    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
     #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Print the report as JSON.
@@ -92,7 +92,7 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
-    let device = super::model_device(&args.device, args.threads)?;
+    let (device, workers) = super::model_device(&args.device, args.threads, args.workers)?;
     let targets = match &args.targets {
         Some(path) => read_targets_file(path)?,
         None => args.target.iter().map(|t| parse_target_spec(t)).collect::<Result<_, _>>()?,
@@ -106,7 +106,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         shard: args.shard.as_deref().map(Shard::parse).transpose()?,
         device,
         batch_size: args.batch_size,
-        loader: LoaderOptions { workers: args.workers, prefetch: args.prefetch },
+        loader: LoaderOptions { workers, prefetch: args.prefetch, ..LoaderOptions::default() },
         seed: args.seed,
         allow_empty: args.allow_empty,
         layout: args.layout,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use clap::Args;
 use cpa_stream_pipeline::batcher::{
-    DEFAULT_BLOCK_CELLS, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, DEFAULT_WORKERS, LoaderOptions, PlanOptions,
+    DEFAULT_BLOCK_CELLS, DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, LoaderOptions, PlanOptions,
 };
 use cpa_stream_pipeline::encoder::{DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, EncoderOptions, SplitSpec};
 use cpa_stream_pipeline::train::{TrainOptions, recorded_settings, run_train};
@@ -73,13 +73,21 @@ pub struct TrainArgs {
     /// Seed [default: the configuration's].
     #[arg(long)]
     seed: Option<u64>,
-    /// Batcher worker threads.
-    #[arg(long, value_parser = super::parse_workers, default_value_t = DEFAULT_WORKERS)]
-    workers: usize,
+    /// Batcher worker threads [default: planned with --threads from the usable CPUs].
+    #[arg(long, value_parser = super::parse_workers)]
+    workers: Option<usize>,
     /// Batches buffered ahead of the trainer, per worker.
     #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
     prefetch: usize,
-    /// libtorch threads [default: libtorch's choice].
+    /// Blocks of 256 cells whose cells are shuffled together (the shuffle window): each batch
+    /// draws from this many random blocks. A compressed store decodes each block once per epoch.
+    #[arg(long, value_parser = super::parse_shuffle_blocks, default_value_t = DEFAULT_SHUFFLE_BLOCKS)]
+    shuffle_blocks: usize,
+    /// Most MiB of decoded blocks a compressed store's shuffle buffer holds; the window is
+    /// narrowed to fit half of it.
+    #[arg(long, value_parser = super::parse_buffer_mb, default_value_t = DEFAULT_BUFFER_BYTES >> 20)]
+    shuffle_buffer_mb: u64,
+    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
     #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
     /// Print the report as JSON.
@@ -151,7 +159,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         config.training.shuffle_run_cells = k;
     }
     config.validate().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-    let device = super::model_device(&args.device, args.threads)?;
+    let (device, workers) = super::model_device(&args.device, args.threads, args.workers)?;
     let split = match args.split_key {
         Some(k) => SplitSpec::Column(k),
         None => SplitSpec::fractions(
@@ -175,10 +183,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         allow_non_counts: args.allow_non_counts,
         epochs: args.epochs,
         auto_batch_size,
-        loader: LoaderOptions { workers: args.workers, prefetch: args.prefetch },
+        loader: LoaderOptions { workers, prefetch: args.prefetch, buffer_bytes: args.shuffle_buffer_mb << 20 },
         plan: PlanOptions {
             block_cells: DEFAULT_BLOCK_CELLS,
-            shuffle_blocks: DEFAULT_SHUFFLE_BLOCKS,
+            shuffle_blocks: args.shuffle_blocks,
             ..PlanOptions::default()
         },
     };

@@ -365,7 +365,7 @@ fn a_consumer_that_keeps_its_batches_still_gets_them_all() {
     let options = synth_encoder(SplitSpec::all_training());
     let labels = Arc::new(CellLabels::from_store(&store, &options).unwrap_or_else(|e| panic!("{e}")));
     let plan = PlanOptions { batch_size: 100, ..PlanOptions::default() };
-    let loader = LoaderOptions { workers: 2, prefetch: 1 };
+    let loader = LoaderOptions { workers: 2, prefetch: 1, ..LoaderOptions::default() };
     let mut kept = Vec::new();
     let stop = Arc::new(AtomicBool::new(false));
     let mut loaded = spawn_loader(&store, &labels, Split::Train, 0, 0, &plan, loader, PoolStats::planned(2), stop)
@@ -376,4 +376,155 @@ fn a_consumer_that_keeps_its_batches_still_gets_them_all() {
     }
     assert_eq!(kept.len(), 30, "3,000 cells in batches of 100");
     assert_eq!(kept.iter().map(|b| b.n_cells()).sum::<usize>(), 3000);
+}
+
+/// The batches of one planned pass over every cell, as (rows of counts) per batch, and the pool's
+/// block counts.
+fn one_pass(
+    store: &std::path::Path,
+    plan: &cpa_stream::pipeline::batcher::PlanOptions,
+    loader: cpa_stream::pipeline::batcher::LoaderOptions,
+) -> (Vec<Vec<(Vec<u32>, Vec<f32>)>>, cpa_stream::stages::store::BlockCacheReport) {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use cpa_stream::pipeline::StageStats;
+    use cpa_stream::pipeline::batcher::{PoolStats, spawn_loader};
+    use cpa_stream::pipeline::encoder::{CellLabels, Split};
+    use cpa_stream::stages::store::Store;
+
+    let store = Arc::new(Store::open(store).unwrap_or_else(|e| panic!("{e}")));
+    let labels = Arc::new(
+        CellLabels::from_store(&store, &synth_encoder(SplitSpec::all_training())).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let stats = PoolStats::planned(loader.workers);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loaded = spawn_loader(&store, &labels, Split::Train, 1, 0, plan, loader, stats.clone(), stop)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let consumer = StageStats::new("consumer", 1);
+    let mut batches = Vec::new();
+    while let Some(gathered) = loaded.next(&consumer) {
+        let batch = gathered.unwrap_or_else(|e| panic!("{e}")).batch;
+        batches.push(
+            (0..batch.n_cells())
+                .map(|i| {
+                    let (g, v) = batch.counts.row(i);
+                    (g.to_vec(), v.to_vec())
+                })
+                .collect(),
+        );
+        loaded.recycle(batch);
+    }
+    drop(loaded);
+    (batches, stats.block_report())
+}
+
+#[test]
+fn a_compressed_store_decodes_each_block_once_per_pass_and_within_its_buffer() {
+    use cpa_stream::pipeline::batcher::{LoaderOptions, PlanOptions};
+    use cpa_stream::stages::store::Store;
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let raw = synth_store(dir.path(), "raw.store", "raw");
+    let zstd = synth_store(dir.path(), "zstd.store", "zstd");
+    let blocks = Store::open(&zstd).unwrap_or_else(|e| panic!("{e}")).n_blocks();
+    assert_eq!(blocks, 12, "3,000 cells in blocks of 256");
+    // Batches of 64 from a window of 4 blocks, three workers: every batch draws from up to 4
+    // blocks, and a block feeds 16 batches; decoded per batch, that would be ~190 decodes.
+    let plan = PlanOptions { batch_size: 64, shuffle_blocks: 4, run_cells: 1, seed: 3, ..PlanOptions::default() };
+    let loader = LoaderOptions { workers: 3, prefetch: 2, ..LoaderOptions::default() };
+    let (from_raw, raw_blocks) = one_pass(&raw, &plan, loader);
+    let (from_zstd, zstd_blocks) = one_pass(&zstd, &plan, loader);
+    assert_eq!(raw_blocks.decodes, 0);
+    assert_eq!(zstd_blocks.decodes, blocks, "{zstd_blocks:?}");
+    assert_eq!(zstd_blocks.early_drops, 0);
+    // The same plan gives the same batches, row for row, whatever the codec.
+    assert_eq!(from_raw.len(), from_zstd.len());
+    assert!(from_raw == from_zstd, "the zstd store's batches differ from the raw store's");
+    assert_eq!(from_zstd.iter().map(Vec::len).sum::<usize>(), 3000);
+
+    // A buffer of room for about two blocks: the window narrows to one block (half the buffer),
+    // each block is still decoded once, and the decoded bytes held stay within the buffer.
+    let cell_bytes = {
+        let s = Store::open(&zstd).unwrap_or_else(|e| panic!("{e}"));
+        (s.nnz() * 8).div_ceil(s.n_obs())
+    };
+    let buffer = 2 * 256 * cell_bytes + 256 * cell_bytes / 2;
+    let small = LoaderOptions { buffer_bytes: buffer, workers: 2, prefetch: 1 };
+    let (narrow, counts) = one_pass(&zstd, &plan, small);
+    assert_eq!(narrow.iter().map(Vec::len).sum::<usize>(), 3000);
+    assert!(counts.peak_bytes <= buffer, "{counts:?} over a buffer of {buffer}");
+    assert_eq!(counts.decodes, blocks + counts.early_drops, "{counts:?}");
+}
+
+#[test]
+fn fed_passes_decode_each_block_once_when_their_producer_says_what_is_to_come() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use cpa_stream::pipeline::StageStats;
+    use cpa_stream::pipeline::batcher::{LoaderOptions, PoolStats, spawn_fed};
+    use cpa_stream::stages::store::Store;
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let zstd = synth_store(dir.path(), "zstd.store", "zstd");
+    let store = Arc::new(Store::open(&zstd).unwrap_or_else(|e| panic!("{e}")));
+    let loader = LoaderOptions { workers: 3, prefetch: 1, ..LoaderOptions::default() };
+    let consumer = StageStats::new("consumer", 1);
+    let drain = |mut loaded: cpa_stream::pipeline::batcher::Loaded<u32>| {
+        let mut cells = 0;
+        while let Some(g) = loaded.next(&consumer) {
+            let g = g.unwrap_or_else(|e| panic!("{e}"));
+            cells += g.batch.counts.n_rows();
+            loaded.recycle(g.batch);
+        }
+        cells
+    };
+
+    // Prediction's way: ascending jobs of 100 cells (jobs share blocks at their ends), the scan
+    // position held between jobs.
+    let stats = PoolStats::fed(loader.workers);
+    let (mut feeder, loaded) =
+        spawn_fed::<u32>(&store, loader, StageStats::new("source", 1), stats.clone(), Arc::new(AtomicBool::new(false)))
+            .unwrap_or_else(|e| panic!("{e}"));
+    let producer = std::thread::spawn(move || {
+        for (k, start) in (0..3000u64).step_by(100).enumerate() {
+            feeder.send_in_order((start..start + 100).collect(), k as u32);
+        }
+    });
+    assert_eq!(drain(loaded), 3000);
+    producer.join().unwrap_or_else(|_| panic!("producer panicked"));
+    assert_eq!(stats.block_report().decodes, 12, "{:?}", stats.block_report());
+
+    // Evaluation's way: cells of three groups interleaved in store order, each group's batch sent
+    // when full, the rest at the end; every cell reserved when the scan reaches it.
+    let stats = PoolStats::fed(loader.workers);
+    let (mut feeder, loaded) = spawn_fed::<u32>(
+        &store,
+        loader,
+        StageStats::new("planner", 1),
+        stats.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let producer = std::thread::spawn(move || {
+        let mut pending: Vec<Vec<u64>> = vec![Vec::new(); 3];
+        for cell in 0..3000u64 {
+            feeder.scan(cell);
+            feeder.reserve(cell);
+            let group = (cell * 7 % 3) as usize;
+            pending[group].push(cell);
+            if pending[group].len() == 90 {
+                feeder.send_reserved(std::mem::take(&mut pending[group]), group as u32);
+            }
+        }
+        for (group, rows) in pending.into_iter().enumerate() {
+            if !rows.is_empty() {
+                feeder.send_reserved(rows, group as u32);
+            }
+        }
+    });
+    assert_eq!(drain(loaded), 3000);
+    producer.join().unwrap_or_else(|_| panic!("producer panicked"));
+    assert_eq!(stats.block_report().decodes, 12, "{:?}", stats.block_report());
 }

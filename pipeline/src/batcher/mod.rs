@@ -10,5 +10,6 @@ pub use plan::{
     group_clustering, run_cells_for,
 };
 pub use pool::{
-    DEFAULT_PREFETCH, DEFAULT_WORKERS, Feeder, Gathered, Loaded, LoaderOptions, PoolStats, spawn_fed, spawn_loader,
+    DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_WORKERS, Feeder, Gathered, Loaded, LoaderOptions, PoolStats,
+    spawn_fed, spawn_loader,
 };

@@ -2,6 +2,7 @@
 //! seeded permutation each epoch, or store order.
 
 use cpa_stream_stages::model::config::DEFAULT_BATCH_SIZE;
+use cpa_stream_stages::store::Store;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -33,6 +34,22 @@ pub struct PlanOptions {
     pub seed: u64,
     /// Shuffle (training) or read in store order (validation, evaluation); default true.
     pub shuffle: bool,
+}
+
+impl PlanOptions {
+    /// These options with the shuffle window narrowed, on a compressed store, so that its
+    /// decoded cells fill at most half of `buffer_bytes` at the store's mean cell (the other half
+    /// is room for the cells carried over between windows and for the next window's first
+    /// blocks, decoded by workers running ahead). A raw store is read in place: unchanged.
+    pub fn fitted(&self, store: &Store, buffer_bytes: u64) -> PlanOptions {
+        if store.block_rows().is_none() || store.n_obs() == 0 {
+            return self.clone();
+        }
+        let cell_bytes = (store.nnz() * 8).div_ceil(store.n_obs()).max(1);
+        let block_bytes = self.block_cells.max(1).saturating_mul(cell_bytes);
+        let fit = usize::try_from(buffer_bytes / 2 / block_bytes).unwrap_or(usize::MAX).max(1);
+        PlanOptions { shuffle_blocks: self.shuffle_blocks.min(fit).max(1), ..self.clone() }
+    }
 }
 
 impl Default for PlanOptions {

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cpa_stream_stages::model::HostBatch;
-use cpa_stream_stages::store::Store;
+use cpa_stream_stages::store::{BlockCache, BlockCacheCounts, BlockCacheReport, Store};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 use super::plan::{EpochPlan, PlanOptions};
@@ -33,6 +33,10 @@ pub const DEFAULT_WORKERS: usize = 2;
 /// Batches buffered ahead of the consumer per worker, unless set otherwise.
 pub const DEFAULT_PREFETCH: usize = 2;
 
+/// Decoded bytes of a compressed store's blocks a pass holds at most, unless set otherwise
+/// ([`LoaderOptions::buffer_bytes`]).
+pub const DEFAULT_BUFFER_BYTES: u64 = 256 << 20;
+
 /// How long a worker waits for a recycled batch before allocating another.
 const POOL_WAIT: Duration = Duration::from_millis(200);
 
@@ -43,11 +47,17 @@ pub struct LoaderOptions {
     pub workers: usize,
     /// Batches buffered ahead of the consumer, per worker; default [`DEFAULT_PREFETCH`].
     pub prefetch: usize,
+    /// The shuffle buffer of a compressed store: the decoded bytes of its blocks that a pass
+    /// holds at most; default [`DEFAULT_BUFFER_BYTES`]. Each block is decoded once per pass and
+    /// kept until its last cell of the pass is read; the training plan's window is narrowed to
+    /// half of this ([`PlanOptions::fitted`]), and past it, blocks are dropped least recently
+    /// used first (a dropped block still to be read is decoded again). Unused for a raw store.
+    pub buffer_bytes: u64,
 }
 
 impl Default for LoaderOptions {
     fn default() -> Self {
-        LoaderOptions { workers: DEFAULT_WORKERS, prefetch: DEFAULT_PREFETCH }
+        LoaderOptions { workers: DEFAULT_WORKERS, prefetch: DEFAULT_PREFETCH, buffer_bytes: DEFAULT_BUFFER_BYTES }
     }
 }
 
@@ -68,17 +78,28 @@ pub struct PoolStats {
     pub planner: Option<Arc<StageStats>>,
     /// Gathering time, rows and bytes gathered, time blocked.
     pub batcher: Arc<StageStats>,
+    /// A compressed store's blocks: decoded, and the most decoded bytes held at once.
+    pub blocks: Arc<BlockCacheCounts>,
 }
 
 impl PoolStats {
     /// Counters for a pool of `workers` threads that plan their own batches.
     pub fn planned(workers: usize) -> PoolStats {
-        PoolStats { planner: Some(StageStats::new("planner", workers)), batcher: StageStats::new(STAGE, workers) }
+        PoolStats {
+            planner: Some(StageStats::new("planner", workers)),
+            batcher: StageStats::new(STAGE, workers),
+            blocks: BlockCacheCounts::new(),
+        }
     }
 
     /// Counters for a pool of `workers` threads fed by a producer.
     pub fn fed(workers: usize) -> PoolStats {
-        PoolStats { planner: None, batcher: StageStats::new(STAGE, workers) }
+        PoolStats { planner: None, batcher: StageStats::new(STAGE, workers), blocks: BlockCacheCounts::new() }
+    }
+
+    /// What the passes did with a compressed store's blocks (zeros for a raw store).
+    pub fn block_report(&self) -> BlockCacheReport {
+        self.blocks.report()
     }
 
     /// The reports of the planner (if any) and the batcher.
@@ -158,6 +179,8 @@ impl<M> Drop for Loaded<M> {
 /// What every worker of a pool shares.
 struct Shared {
     store: Arc<Store>,
+    /// A compressed store's decoded blocks, shared by the workers of this pass.
+    cache: Option<Arc<BlockCache>>,
     recycle: Receiver<HostBatch>,
     created: AtomicUsize,
     pool_size: usize,
@@ -230,7 +253,11 @@ impl Shared {
             let Some(mut batch) = self.take_batch() else { return };
             let result = self.stats.batcher.busy(|| {
                 batch.clear();
-                cursor.gather(&rows, &mut batch.counts).map_err(Error::stage(STAGE))?;
+                match &self.cache {
+                    Some(cache) => cursor.gather_cached(&rows, cache, &mut batch.counts),
+                    None => cursor.gather(&rows, &mut batch.counts),
+                }
+                .map_err(Error::stage(STAGE))?;
                 if let Some(labels) = labels {
                     for &row in &rows {
                         let g = labels.group(row);
@@ -253,6 +280,7 @@ impl Shared {
 /// Starts `workers` threads running `body(shared, worker index, output)`.
 fn spawn_workers<M: Send + 'static>(
     store: &Arc<Store>,
+    cache: Option<Arc<BlockCache>>,
     loader: LoaderOptions,
     n_covariates: usize,
     stats: PoolStats,
@@ -263,6 +291,7 @@ fn spawn_workers<M: Send + 'static>(
     let (recycle_tx, recycle_rx) = bounded::<HostBatch>(pool_size);
     let shared = Arc::new(Shared {
         store: Arc::clone(store),
+        cache,
         recycle: recycle_rx,
         created: AtomicUsize::new(0),
         pool_size,
@@ -303,7 +332,14 @@ pub fn spawn_loader(
 ) -> Result<Loaded<()>> {
     let workers = loader.workers.max(1);
     let n_covariates = labels.vocab.covariates.len();
-    spawn_workers(store, loader, n_covariates, stats, stop, |w| {
+    let plan = plan.fitted(store, loader.buffer_bytes);
+    let cache = BlockCache::new(store, loader.buffer_bytes, Arc::clone(&stats.blocks)).map(Arc::new);
+    if let Some(cache) = &cache {
+        // Every cell of the split is read once in the pass: hold them all, so that each block
+        // is decoded by the first batch that needs it and dropped after the last.
+        hold_split(cache, labels, split);
+    }
+    spawn_workers(store, cache, loader, n_covariates, stats, stop, |w| {
         let (labels, plan) = (Arc::clone(labels), plan.clone());
         Box::new(move |shared: &Shared, out: &Sender<Result<Gathered<()>>>| {
             let busy = |f: &mut dyn FnMut() -> bool| match &shared.stats.planner {
@@ -311,8 +347,21 @@ pub fn spawn_loader(
                 None => f(),
             };
             let mut epoch_plan = EpochPlan::new(&labels, split, epoch, &plan);
+            let mut skipped = Vec::new();
             for _ in 0..skip {
-                if !busy(&mut || epoch_plan.pass_over()) {
+                // The first worker gives back the holds of the batches passed over.
+                let more = match (&shared.cache, w) {
+                    (Some(cache), 0) => busy(&mut || {
+                        let more = epoch_plan.next_into(&mut skipped);
+                        skipped.sort_unstable();
+                        for &row in &skipped {
+                            cache.release(row / cache.block_rows(), 1);
+                        }
+                        more
+                    }),
+                    _ => busy(&mut || epoch_plan.pass_over()),
+                };
+                if !more {
                     return;
                 }
             }
@@ -320,7 +369,7 @@ pub fn spawn_loader(
             let mut next = |rows: &mut Vec<u64>| {
                 let more = epoch_plan.next_after_into(gap, rows);
                 gap = workers - 1;
-                // Store order within a batch: a compressed block is decoded once per batch.
+                // Store order within a batch: a compressed block is looked up once per batch.
                 rows.sort_unstable();
                 more.then_some(Ok(()))
             };
@@ -329,22 +378,90 @@ pub fn spawn_loader(
     })
 }
 
+/// Holds, block by block, every cell of `split`.
+fn hold_split(cache: &BlockCache, labels: &CellLabels, split: Split) {
+    let block_rows = cache.block_rows();
+    let n = labels.n_cells();
+    let mut first = 0;
+    while first < n {
+        let end = (first + block_rows).min(n);
+        let cells = (first..end).filter(|&c| labels.split(c) == split).count() as u64;
+        if cells > 0 {
+            cache.hold(first / block_rows, cells);
+        }
+        first = end;
+    }
+}
+
 /// A job for a fed pool: store rows (ascending, so that a compressed block is decoded once per
 /// batch) and a payload that comes back with the batch.
 type Job<M> = Result<(Vec<u64>, M)>;
 
 /// The producer's end of a fed pool: jobs go to the workers round-robin, the order the
 /// [`Loaded`] reads their batches back in.
+///
+/// On a compressed store a fed pass decodes each block once too, provided the producer says
+/// which cells are still to come: [`send`](Feeder::send) holds a job's rows until a worker has
+/// gathered them, [`reserve`](Feeder::reserve) holds a cell that a later job will carry, and
+/// [`scan`](Feeder::scan) holds the block a producer reading the store in order is in, so that
+/// the block survives between two jobs that share it ([`send_in_order`](Feeder::send_in_order)
+/// does both for a producer whose jobs ascend). A hold is always taken before the rows it covers
+/// are sent.
 pub struct Feeder<M> {
     jobs: Vec<Sender<Job<M>>>,
     next: usize,
     stats: Arc<StageStats>,
+    cache: Option<Arc<BlockCache>>,
+    /// The block [`scan`](Feeder::scan) holds.
+    scanning: Option<u64>,
 }
 
 impl<M> Feeder<M> {
     /// Sends a job; `false` when the pool is gone (stop quietly: the consumer reports why).
     pub fn send(&mut self, rows: Vec<u64>, meta: M) -> bool {
+        if let Some(cache) = &self.cache {
+            cache.hold_rows(&rows);
+        }
         self.deliver(Ok((rows, meta)))
+    }
+
+    /// Sends a job of a producer that reads the store in ascending order, and keeps the block of
+    /// its last row held until the next such job (which may start in that block) is sent. The
+    /// holds are taken before the job leaves, so no worker can drop a block in between.
+    pub fn send_in_order(&mut self, rows: Vec<u64>, meta: M) -> bool {
+        if let Some(cache) = &self.cache {
+            cache.hold_rows(&rows);
+        }
+        if let Some(&last) = rows.last() {
+            self.scan(last);
+        }
+        self.deliver(Ok((rows, meta)))
+    }
+
+    /// Holds `row` for a job sent later with [`send_reserved`](Feeder::send_reserved).
+    pub fn reserve(&mut self, row: u64) {
+        if let Some(cache) = &self.cache {
+            cache.hold(row / cache.block_rows(), 1);
+        }
+    }
+
+    /// Sends a job whose rows were each [`reserve`](Feeder::reserve)d.
+    pub fn send_reserved(&mut self, rows: Vec<u64>, meta: M) -> bool {
+        self.deliver(Ok((rows, meta)))
+    }
+
+    /// The producer reads the store in order and has reached `row`: the block holding it is
+    /// kept at least until the scan moves past it.
+    pub fn scan(&mut self, row: u64) {
+        let Some(cache) = &self.cache else { return };
+        let block = row / cache.block_rows();
+        if self.scanning == Some(block) {
+            return;
+        }
+        cache.hold(block, 1);
+        if let Some(old) = self.scanning.replace(block) {
+            cache.release(old, 1);
+        }
     }
 
     /// Sends the producer's error; the consumer receives it in job order.
@@ -359,6 +476,14 @@ impl<M> Feeder<M> {
     }
 }
 
+impl<M> Drop for Feeder<M> {
+    fn drop(&mut self) {
+        if let (Some(cache), Some(block)) = (&self.cache, self.scanning.take()) {
+            cache.release(block, 1);
+        }
+    }
+}
+
 /// A pool fed by a producer: returns the producer's [`Feeder`] (its sends counted in `producer`)
 /// and the consumer's [`Loaded`]. Batches carry counts only (no labels).
 pub fn spawn_fed<M: Send + 'static>(
@@ -369,7 +494,9 @@ pub fn spawn_fed<M: Send + 'static>(
     stop: Arc<AtomicBool>,
 ) -> Result<(Feeder<M>, Loaded<M>)> {
     let mut jobs = Vec::new();
-    let loaded = spawn_workers(store, loader, 0, stats, stop, |_| {
+    let cache = BlockCache::new(store, loader.buffer_bytes, Arc::clone(&stats.blocks)).map(Arc::new);
+    let feeder_cache = cache.clone();
+    let loaded = spawn_workers(store, cache, loader, 0, stats, stop, |_| {
         let (job_tx, job_rx) = bounded::<Job<M>>(loader.prefetch.max(1));
         jobs.push(job_tx);
         Box::new(move |shared: &Shared, out: &Sender<Result<Gathered<M>>>| {
@@ -383,5 +510,5 @@ pub fn spawn_fed<M: Send + 'static>(
             shared.work(out, &mut next, None);
         })
     })?;
-    Ok((Feeder { jobs, next: 0, stats: producer }, loaded))
+    Ok((Feeder { jobs, next: 0, stats: producer, cache: feeder_cache, scanning: None }, loaded))
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use cpa_stream_stages::store::{Access, Store};
+use cpa_stream_stages::CsrBatch;
+use cpa_stream_stages::store::{Access, BlockCacheReport, Store};
 use serde::Serialize;
 
 use super::reader::{gather_into_batches, memcpy_into_batches, memcpy_pass};
@@ -64,6 +65,20 @@ pub struct LoaderBench {
     pub run_cells: usize,
     /// [`batcher::group_clustering`] of the store's cells.
     pub group_clustering: f64,
+    /// Whether the consumer wrote each batch out dense on the host (cells x genes f32, as a
+    /// loader handing numpy arrays does) instead of taking it as CSR.
+    pub dense: bool,
+    /// The store's codec (`raw` or `zstd`).
+    pub codec: String,
+    /// Blocks in the shuffle window, after fitting a compressed store's window to the buffer.
+    pub shuffle_blocks: usize,
+    /// The shuffle buffer's limit in bytes (compressed stores).
+    pub buffer_bytes: u64,
+    /// Compressed blocks of the store (0 for a raw store).
+    pub store_blocks: u64,
+    /// Over all rounds: blocks decoded (ideally `store_blocks` per round), the bytes they
+    /// decoded to, blocks dropped early for the buffer's limit, and the most decoded bytes held.
+    pub blocks: BlockCacheReport,
     /// Seconds of the loader's epochs (the bounds' time not included).
     pub seconds: f64,
     /// The loader's cells per second over all rounds.
@@ -104,6 +119,7 @@ pub fn bench_loader(
     plan: &PlanOptions,
     loader: LoaderOptions,
     epochs: u32,
+    dense: bool,
 ) -> Result<LoaderBench> {
     let batch_size = plan.batch_size;
     let wall = Instant::now();
@@ -113,7 +129,8 @@ pub fn bench_loader(
     let encoder = EncoderOptions { split: SplitSpec::all_training(), ..encoder.clone() };
     let labels = Arc::new(encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?);
     let group_clustering = batcher::group_clustering(&labels, Split::Train);
-    let plan = &PlanOptions { run_cells: batcher::run_cells_for(plan.run_cells, group_clustering), ..plan.clone() };
+    let plan = &PlanOptions { run_cells: batcher::run_cells_for(plan.run_cells, group_clustering), ..plan.clone() }
+        .fitted(&store, loader.buffer_bytes);
     store.advise(Access::WillNeed);
     let threads = loader.workers.max(1);
     memcpy_pass(&store, threads)?;
@@ -121,6 +138,7 @@ pub fn bench_loader(
     let (pool, consumer) = (PoolStats::planned(loader.workers), StageStats::new("consumer", 1));
     let stop = Arc::new(AtomicBool::new(false));
     let rate = |cells: u64, time: Duration| cells as f64 / time.as_secs_f64().max(1e-9);
+    let mut dense_rows = Vec::new();
     let (mut rounds, mut cells) = (Vec::new(), 0u64);
     let (mut loader_time, mut memcpy_time, mut gather_time) = (Duration::ZERO, Duration::ZERO, Some(Duration::ZERO));
     for epoch in 0..u64::from(epochs.max(1)) {
@@ -136,6 +154,9 @@ pub fn bench_loader(
             spawn_loader(&store, &labels, Split::Train, epoch, 0, plan, loader, pool.clone(), Arc::clone(&stop))?;
         while let Some(gathered) = loaded.next(&consumer) {
             let batch = gathered?.batch;
+            if dense {
+                consumer.busy(|| densify(&batch.counts, &mut dense_rows));
+            }
             epoch_cells += batch.n_cells() as u64;
             consumer.add(batch.n_cells() as u64, batch.counts.byte_size());
             loaded.recycle(batch);
@@ -170,6 +191,12 @@ pub fn bench_loader(
         pool_bytes: (store.nnz() * 8).div_ceil(store.n_obs().max(1)) * (batch_size * loader.pool_size()) as u64,
         run_cells: plan.run_cells,
         group_clustering,
+        dense,
+        codec: store.manifest().codec.name().to_owned(),
+        shuffle_blocks: plan.shuffle_blocks,
+        buffer_bytes: loader.buffer_bytes,
+        store_blocks: store.n_blocks(),
+        blocks: pool.block_report(),
         seconds: loader_time.as_secs_f64(),
         cells_per_s,
         memcpy_cells_per_s,
@@ -185,4 +212,18 @@ pub fn bench_loader(
             memory: sampler.finish(),
         },
     })
+}
+
+/// Writes `rows` as a dense row-major cells x genes matrix into `out` (resized, zeroed first).
+fn densify(rows: &CsrBatch, out: &mut Vec<f32>) {
+    let genes = rows.n_cols() as usize;
+    out.clear();
+    out.resize(rows.n_rows() * genes, 0.0);
+    for (r, dense) in out.chunks_exact_mut(genes.max(1)).enumerate().take(rows.n_rows()) {
+        let (indices, values) = rows.row(r);
+        for (&g, &v) in indices.iter().zip(values) {
+            dense[g as usize] = v;
+        }
+    }
+    std::hint::black_box(out);
 }

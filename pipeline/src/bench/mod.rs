@@ -5,11 +5,13 @@
 //! - [`model`]: training steps of the model alone, on preloaded batches.
 //! - [`train`]: training through the pipeline against the same model on preloaded batches.
 
+pub mod cold;
 pub mod loader;
 pub mod model;
 pub mod reader;
 pub mod train;
 
+pub use cold::{ColdLoaderBench, ColdRound, advice_name, bench_loader_cold};
 pub use loader::{DEFAULT_LOADER_BATCH_SIZE, DEFAULT_ROUNDS, LoaderBench, LoaderRound, bench_loader};
 pub use model::{
     DEFAULT_MODEL_CELLS, DEFAULT_MODEL_EPOCHS, DEFAULT_MODEL_GENES, ModelBench, ModelBenchOptions, bench_model,

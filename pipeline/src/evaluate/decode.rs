@@ -160,9 +160,11 @@ impl Plan<'_> {
                 if !choice.contains(self.split, self.labels.split(cell)) {
                     continue;
                 }
+                feeder.scan(cell);
+                feeder.reserve(cell);
                 let rows = pending.entry(covs.clone()).or_default();
                 rows.push(cell);
-                if rows.len() == batch_size && !feeder.send(std::mem::take(rows), covs.clone()) {
+                if rows.len() == batch_size && !feeder.send_reserved(std::mem::take(rows), covs.clone()) {
                     return;
                 }
             }
@@ -170,7 +172,7 @@ impl Plan<'_> {
             start = end;
         }
         for (covs, rows) in pending {
-            if !rows.is_empty() && !feeder.send(rows, covs) {
+            if !rows.is_empty() && !feeder.send_reserved(rows, covs) {
                 return;
             }
         }

@@ -86,7 +86,9 @@ impl Select {
         let mut send = |chunk: &mut SourceCells| -> bool {
             stats.add(chunk.rows.len() as u64, chunk.rows.len() as u64 * 8);
             let full = std::mem::take(chunk);
-            feeder.send(full.rows.clone(), full)
+            // Rows ascend: the block of this job's last cell is kept until the next job, which
+            // may share it, has been sent, so that a compressed block is decoded once.
+            feeder.send_in_order(full.rows.clone(), full)
         };
         let mut row = 0u64;
         for batch in read_table(&obs).map_err(Error::stage("source"))? {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{RecordBatch, RecordBatchReader};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
+use cpa_stream_stages::store::BlockCacheCounts;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::select::{Needs, Select};
@@ -26,6 +27,8 @@ pub struct PredictStats {
     pub batcher: Arc<StageStats>,
     /// The model.
     pub predictor: Arc<StageStats>,
+    /// A compressed store's blocks decoded (each once per pass when all goes to plan).
+    pub blocks: Arc<BlockCacheCounts>,
 }
 
 /// Predictions as they are computed: an iterator of record batches (a `RecordBatchReader`),
@@ -54,14 +57,19 @@ impl Predictor {
     /// own) and returns the stream of record batches.
     pub fn stream(self) -> Result<PredictionStream> {
         let options = self.options();
-        let loader = LoaderOptions { workers: options.loader.workers.max(1), prefetch: options.loader.prefetch.max(1) };
+        let loader = LoaderOptions {
+            workers: options.loader.workers.max(1),
+            prefetch: options.loader.prefetch.max(1),
+            ..options.loader
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let stats = PredictStats {
             source: StageStats::new("source", 1),
             batcher: StageStats::new("batcher", loader.workers),
             predictor: StageStats::new("predictor", 1),
+            blocks: BlockCacheCounts::new(),
         };
-        let pool = PoolStats { planner: None, batcher: Arc::clone(&stats.batcher) };
+        let pool = PoolStats { planner: None, batcher: Arc::clone(&stats.batcher), blocks: Arc::clone(&stats.blocks) };
         let (mut feeder, loaded) =
             spawn_fed::<SourceCells>(self.store(), loader, Arc::clone(&stats.source), pool, Arc::clone(&stop))?;
         let select = Select {

@@ -160,7 +160,11 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         shuffle: true,
         ..options.plan.clone()
     };
-    let loader = LoaderOptions { workers: options.loader.workers.max(1), prefetch: options.loader.prefetch.max(1) };
+    let loader = LoaderOptions {
+        workers: options.loader.workers.max(1),
+        prefetch: options.loader.prefetch.max(1),
+        ..options.loader
+    };
     warn_if_clustered(options, &labels, &plan);
     let epochs = options.epochs.unwrap_or_else(|| config.training.epochs_for(train_cells));
     let records = read_history(&options.out.join(METRICS_FILE), trainer.state().epoch)?;

@@ -6,6 +6,7 @@
 //! rows into a [`CsrBatch`](crate::CsrBatch) through a per-thread [`RowCursor`].
 
 mod blocks;
+mod cache;
 mod hashing;
 mod mmap;
 mod reader;
@@ -13,6 +14,7 @@ mod tables;
 mod verify;
 mod writer;
 
+pub use cache::{BlockCache, BlockCacheCounts, BlockCacheReport};
 pub use hashing::file_checksum;
 pub use mmap::explain_sigbus;
 pub use reader::{Access, CsrView, RowCursor, Store, consecutive_runs};

@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 /// Access pattern hints for the matrix maps (`madvise`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// No particular pattern: the kernel's default read-around.
+    Normal,
     /// Rows are read front to back: read ahead aggressively.
     Sequential,
     /// Rows are read in random order: no read-ahead.
@@ -293,6 +295,7 @@ impl Store {
     /// Hints the kernel how the matrix will be read.
     pub fn advise(&self, access: Access) {
         let advice = match access {
+            Access::Normal => Advice::Normal,
             Access::Sequential => Advice::Sequential,
             Access::Random => Advice::Random,
             Access::WillNeed => Advice::WillNeed,
@@ -329,6 +332,85 @@ impl Store {
             }
         }
         self.indptr.release(start_row * 8..end_row * 8);
+    }
+
+    /// Rows per compressed block; `None` for a raw store.
+    pub fn block_rows(&self) -> Option<u64> {
+        match &self.matrix {
+            Matrix::Raw { .. } => None,
+            Matrix::Zstd { block_rows, .. } => Some(*block_rows),
+        }
+    }
+
+    /// Compressed blocks of the store (0 for a raw store).
+    pub fn n_blocks(&self) -> u64 {
+        self.block_rows().map_or(0, |rows| self.n_obs().div_ceil(rows))
+    }
+
+    /// Decompresses block `b` into `indices` and `data` (replacing their contents) and returns
+    /// the store offset of its first entry.
+    pub(crate) fn decode_block(
+        &self,
+        b: u64,
+        decoder: &mut BlockDecoder,
+        indices: &mut Vec<u32>,
+        data: &mut Vec<f32>,
+    ) -> Result<u64> {
+        let Matrix::Zstd { blocks, block_index, block_rows } = &self.matrix else {
+            return Err(Error::InvalidInput(format!("{}: a raw store has no blocks", self.dir.display())));
+        };
+        let path = self.dir.join(StoreFiles::BLOCKS);
+        let offsets = block_index.as_slice::<u64>().unwrap_or(&[]);
+        let start = b.saturating_mul(*block_rows);
+        let (s, e) = match (offsets.get(b as usize), offsets.get(b as usize + 1)) {
+            (Some(&s), Some(&e)) if start < self.n_obs() => (s as usize, e as usize),
+            _ => return Err(Error::corrupt(&path, format!("no block {b} (rows from {start})"))),
+        };
+        let end = (start + block_rows).min(self.n_obs());
+        let indptr = &self.indptr()[start as usize..=end as usize];
+        decoder
+            .decode(&blocks.bytes()[s..e], indptr, self.n_vars(), indices, data)
+            .map_err(|reason| Error::corrupt(&path, format!("block {b} (rows {start}..{end}): {reason}")))?;
+        Ok(indptr[0])
+    }
+
+    /// Drops the matrix files (and `X/indptr`) from the page cache as far as the kernel allows,
+    /// so that the next reads come from the disk: this process's mapped pages first (a mapped page
+    /// cannot be evicted), then `posix_fadvise(DONTNEED)` on each file. Pages that other
+    /// processes map, and dirty pages, stay. Returns the bytes of the files advised. For
+    /// benchmarks of a cold start (`bench loader --cold`).
+    pub fn evict_from_page_cache(&self) -> Result<u64> {
+        use std::os::fd::AsRawFd as _;
+        let mut bytes = 0;
+        let maps: Vec<&MappedFile> = match &self.matrix {
+            Matrix::Raw { indices, data } => vec![&self.indptr, indices, data],
+            Matrix::Zstd { blocks, block_index, .. } => vec![&self.indptr, blocks, block_index],
+        };
+        for map in &maps {
+            map.release(0..map.bytes().len());
+        }
+        for (name, map_bytes) in self.raw_maps() {
+            let path = self.dir.join(name);
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: posix_fadvise only takes a descriptor that `file` keeps open and plain
+            // integers; it changes no memory of this process.
+            let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if rc != 0 {
+                return Err(Error::io(&path, std::io::Error::from_raw_os_error(rc)));
+            }
+            bytes += map_bytes.len() as u64;
+        }
+        Ok(bytes)
+    }
+
+    /// The names of the matrix files and `X/indptr` (see [`file_path`](Store::file_path)).
+    pub fn matrix_files(&self) -> Vec<&'static str> {
+        self.raw_maps().into_iter().map(|(name, _)| name).collect()
+    }
+
+    /// Bytes of the matrix files and `X/indptr`: what a pass over every cell reads from disk.
+    pub fn matrix_bytes(&self) -> u64 {
+        self.raw_maps().iter().map(|(_, b)| b.len() as u64).sum()
     }
 
     /// Checks every column index (`< n_vars`, strictly increasing within rows). Reads the whole
@@ -432,7 +514,12 @@ pub struct RowCursor<'a> {
     indices: Vec<u32>,
     data: Vec<f32>,
     n_vars: u32,
+    /// This cursor's number among those opened by the process.
+    id: u64,
 }
+
+/// Cursors opened so far.
+static CURSORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl<'a> RowCursor<'a> {
     fn new(store: &'a Store) -> Result<RowCursor<'a>> {
@@ -459,32 +546,40 @@ impl<'a> RowCursor<'a> {
             data: Vec::new(),
             // At most u32::MAX (checked with the manifest).
             n_vars: u32::try_from(store.n_vars()).unwrap_or(u32::MAX),
+            id: CURSORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// The store read.
+    pub(crate) fn store(&self) -> &'a Store {
+        self.store
+    }
+
+    /// A place in `0..len` that differs between cursors, as far apart as the golden ratio keeps
+    /// consecutive cursors: where each thread starts decoding a batch's shared blocks.
+    pub(crate) fn spread_start(&self, len: usize) -> usize {
+        let fraction = (self.id as f64 * 0.618_033_988_749_895).fract();
+        ((fraction * len as f64) as usize).min(len.saturating_sub(1))
+    }
+
+    /// This cursor's block decoder (a zstd store's).
+    pub(crate) fn decoder_mut(&mut self) -> Result<&mut BlockDecoder> {
+        let path = self.store.dir.join(StoreFiles::BLOCKS);
+        self.decoder.as_mut().ok_or_else(|| Error::corrupt(&path, "a raw store has no block decoder"))
     }
 
     /// Decompresses the block holding `row` unless it is the cached one.
     fn load_block(&mut self, row: u64) -> Result<()> {
-        let Matrix::Zstd { blocks, block_index, block_rows } = &self.store.matrix else { return Ok(()) };
+        let Some(block_rows) = self.store.block_rows() else { return Ok(()) };
         let b = row / block_rows;
         if self.block == Some(b) {
             return Ok(());
         }
-        let path = self.store.dir.join(StoreFiles::BLOCKS);
-        let offsets = block_index.as_slice::<u64>().unwrap_or(&[]);
-        let (s, e) = match (offsets.get(b as usize), offsets.get(b as usize + 1)) {
-            (Some(&s), Some(&e)) => (s as usize, e as usize),
-            _ => return Err(Error::corrupt(&path, format!("no block {b} for row {row}"))),
-        };
-        let start = b * block_rows;
-        let end = (start + block_rows).min(self.store.n_obs());
-        let indptr = &self.store.indptr()[start as usize..=end as usize];
         self.block = None;
+        let path = self.store.dir.join(StoreFiles::BLOCKS);
         let decoder = self.decoder.as_mut().ok_or_else(|| Error::corrupt(&path, "no decoder"))?;
-        decoder
-            .decode(&blocks.bytes()[s..e], indptr, self.store.n_vars(), &mut self.indices, &mut self.data)
-            .map_err(|reason| Error::corrupt(&path, format!("block {b} (rows {start}..{end}): {reason}")))?;
+        self.block_start = self.store.decode_block(b, decoder, &mut self.indices, &mut self.data)?;
         self.block = Some(b);
-        self.block_start = indptr[0];
         Ok(())
     }
 

@@ -1,0 +1,162 @@
+//! How many threads libtorch and the batcher get: planned together from the CPUs this process
+//! may use and from how busy they already are, so that a run on shared cores does not queue its
+//! own threads behind everyone else's.
+//!
+//! On a CPU device every libtorch operator splits its work over `torch` threads and waits for the
+//! slowest: one thread descheduled by a competing process holds up the whole step. With cores
+//! already busy the plan therefore gives libtorch only the cores that are free (at least one) and
+//! the batcher one worker, which spends most of its time blocked on the trainer anyway.
+//! `--threads` and `--workers` override either.
+
+use std::fs;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// How long [`busy_elsewhere`] watches the CPUs.
+pub const SAMPLE: Duration = Duration::from_millis(200);
+
+/// The threads of a run and why.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ThreadPlan {
+    /// CPUs this process may use: its affinity mask and cgroup CPU quota
+    /// (`std::thread::available_parallelism`).
+    pub cpus: usize,
+    /// CPUs kept busy by other processes while the plan was made (0 when not measured).
+    pub busy_elsewhere: f64,
+    /// libtorch's intra-op threads.
+    pub torch: usize,
+    /// Batcher workers.
+    pub workers: usize,
+}
+
+/// The CPUs this process may use (affinity and cgroup quota), at least 1.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Plans the threads of a run on the CPU (`on_cpu`) or on a GPU; `torch` and `workers` are the
+/// user's (kept as given), `busy` the CPUs other processes keep busy ([`busy_elsewhere`]).
+///
+/// On the CPU: libtorch gets the CPUs not busy elsewhere, rounded to the nearest whole CPU and at
+/// least one; the batcher `default_workers` when at least two CPUs are left beside libtorch's,
+/// else one. On a GPU libtorch's CPU threads only launch kernels: the batcher gets up to
+/// `default_workers`, within the CPUs.
+pub fn plan(
+    on_cpu: bool,
+    torch: Option<usize>,
+    workers: Option<usize>,
+    default_workers: usize,
+    busy: f64,
+) -> ThreadPlan {
+    let cpus = cpus();
+    let free = ((cpus as f64 - busy.max(0.0)).round() as usize).clamp(1, cpus);
+    let torch = torch.unwrap_or(if on_cpu { free } else { cpus.min(4) }).max(1);
+    let workers = workers
+        .unwrap_or_else(|| {
+            if !on_cpu {
+                default_workers.min(cpus)
+            } else if cpus.saturating_sub(torch) >= 2 {
+                default_workers
+            } else {
+                1
+            }
+        })
+        .max(1);
+    ThreadPlan { cpus, busy_elsewhere: busy, torch, workers }
+}
+
+/// The CPUs that other processes kept busy over `sample`: the machine's busy time
+/// (`/proc/stat`) less this process's own (`/proc/self/stat`), over the sample. `0.0` where
+/// `/proc` cannot be read. Counts the whole machine, which inside a container with a CPU quota
+/// overstates the competition for this process's own share; the plan only uses it to give up
+/// cores, never to take more than [`cpus`].
+pub fn busy_elsewhere(sample: Duration) -> f64 {
+    let (Some(machine0), Some(own0)) = (machine_ticks(), own_ticks()) else { return 0.0 };
+    std::thread::sleep(sample);
+    let (Some(machine1), Some(own1)) = (machine_ticks(), own_ticks()) else { return 0.0 };
+    elsewhere(machine0, machine1, own1.saturating_sub(own0), online_cpus())
+}
+
+/// CPUs busy elsewhere from two readings of the machine's `(busy, total)` ticks, this process's
+/// own ticks between them, and the CPUs the ticks add up over.
+fn elsewhere((busy0, total0): (u64, u64), (busy1, total1): (u64, u64), own: u64, all_cpus: usize) -> f64 {
+    let total = total1.saturating_sub(total0) as f64;
+    if total <= 0.0 {
+        return 0.0;
+    }
+    // /proc/stat's times add up over CPUs: a second of wall on n CPUs is n seconds of ticks.
+    let busy = busy1.saturating_sub(busy0).saturating_sub(own) as f64;
+    (busy / total * all_cpus as f64).clamp(0.0, all_cpus as f64)
+}
+
+/// Busy and total ticks of all CPUs (`/proc/stat`'s first line; idle and iowait count as idle).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let text = fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line.split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// This process's user + system ticks (`/proc/self/stat` fields 14 and 15).
+fn own_ticks() -> Option<u64> {
+    let text = fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; fields after it follow the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, stime 15.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// CPUs online in the machine (what `/proc/stat` adds up over).
+fn online_cpus() -> usize {
+    fs::read_to_string("/proc/stat")
+        .map(|t| {
+            t.lines().filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)).count()
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_user_s_counts_are_kept() {
+        let p = plan(true, Some(7), Some(3), 2, 100.0);
+        assert_eq!((p.torch, p.workers), (7, 3));
+    }
+
+    #[test]
+    fn busy_cores_are_left_to_their_owners() {
+        let n = cpus();
+        let idle = plan(true, None, None, 2, 0.0);
+        assert_eq!(idle.torch, n);
+        let loaded = plan(true, None, None, 2, n as f64);
+        assert_eq!(loaded.torch, 1, "every CPU busy elsewhere: one libtorch thread");
+        assert_eq!(loaded.workers, if n >= 3 { 2 } else { 1 });
+        // A GPU run plans the batcher, not libtorch's compute.
+        let gpu = plan(false, None, None, 2, n as f64);
+        assert_eq!(gpu.workers, 2.min(n));
+    }
+
+    #[test]
+    fn competition_is_the_machine_s_busy_time_less_this_process_s() {
+        // 4 CPUs over 1 s: 400 ticks; 300 busy, 100 of them this process's: 2 CPUs elsewhere.
+        assert_eq!(elsewhere((1000, 5000), (1300, 5400), 100, 4), 2.0);
+        // An idle machine, a busy process of our own only, and a clock that did not move.
+        assert_eq!(elsewhere((1000, 5000), (1100, 5400), 100, 4), 0.0);
+        assert_eq!(elsewhere((1000, 5000), (1000, 5000), 0, 4), 0.0);
+        // Never more CPUs than the machine has.
+        assert_eq!(elsewhere((0, 0), (900, 400), 0, 4), 4.0);
+        if fs::metadata("/proc/stat").is_ok() {
+            let now = busy_elsewhere(Duration::from_millis(50));
+            assert!((0.0..=online_cpus() as f64).contains(&now), "{now}");
+            assert!(own_ticks().is_some() && machine_ticks().is_some());
+        }
+    }
+}

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Throughput on shared cores: training and prediction idle and beside N busy processes (one per
+# core), interleaved, several repetitions; medians and the loaded/idle ratio per setting. With
+# cpa-tools' peer venv present (../shared/peer/cpa-tools, VENV below), cpa-tools' training on the
+# same cells under the same load too.
+#
+#   REPS       repetitions (default 3)
+#   BUSY       competing busy processes (default: the CPUs this process may use)
+#   CELLS      cells of the synthetic store (default 20000), GENES (default 2000)
+#   CPA_PEER   cpa-tools venv python (default $CPA_STREAM_CACHE/cpa-peer/bin/python; skipped if absent)
+#   OUT        results directory (default $CPA_STREAM_CACHE/bench-busy)
+#
+# Settings compared (each a line of the table):
+#   default          cpa-stream as shipped (planned threads, passive OpenMP)
+#   spin             as before this change: libtorch's OpenMP spinning (GOMP_SPINCOUNT=300000,
+#                    libgomp's own default) with libtorch's default thread count (--threads = cores)
+#   threads1         --threads 1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/bootstrap.sh)"
+scripts/build.sh --quiet
+bin="$CARGO_TARGET_DIR/release/cpa-stream"
+reps="${REPS:-3}"
+cpus=$(python3 -c 'import os; print(len(os.sched_getaffinity(0)))')
+busy="${BUSY:-$cpus}"
+cells="${CELLS:-20000}"
+genes="${GENES:-2000}"
+out="${OUT:-$CPA_STREAM_CACHE/bench-busy}"
+peer="${CPA_PEER:-$CPA_STREAM_CACHE/cpa-peer/bin/python}"
+mkdir -p "$out"
+export CPA_STREAM_LOG=warn
+
+store="$out/synth-${cells}x${genes}.store"
+if [ ! -f "$store/manifest.json" ]; then
+  "$bin" synth --cells "$cells" --genes "$genes" --perturbations 8 --doses 2 --cell-types 3 --combinations 4 \
+    --seed 1 --out "$store" --overwrite -q
+fi
+h5ad="$out/synth-${cells}x${genes}.h5ad"
+if [ -x "$peer" ] && [ ! -f "$h5ad" ]; then
+  "$bin" export "$store" --out "$h5ad" --overwrite -q
+fi
+run="$out/model.run"
+if [ ! -f "$run/model.safetensors" ] && [ ! -d "$run/checkpoint" ]; then
+  "$bin" train "$store" --out "$run" --epochs 1 --overwrite -q
+fi
+
+pids=()
+start_busy() {
+  for _ in $(seq "$busy"); do
+    sh -c 'while :; do :; done' &
+    pids+=($!)
+  done
+}
+stop_busy() {
+  if [ "${#pids[@]}" -gt 0 ]; then kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; fi
+  pids=()
+}
+trap stop_busy EXIT
+
+results="$out/results.jsonl"
+: > "$results"
+record() { # setting load task seconds cells
+  printf '{"setting":"%s","load":%s,"task":"%s","seconds":%s,"cells":%s}\n' "$@" >> "$results"
+}
+timed() { # prints seconds of the command
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$@" > /dev/null
+  t1=$(date +%s.%N)
+  python3 -c "print($t1 - $t0)"
+}
+
+train_cells=$(python3 -c "print(int($cells * 0.8))")
+epochs=2
+for rep in $(seq "$reps"); do
+  for load in 0 "$busy"; do
+    [ "$load" -gt 0 ] && start_busy
+    sleep 1
+    for setting in default spin threads1; do
+      env_args=() flags=()
+      case $setting in
+        spin) env_args=(GOMP_SPINCOUNT=300000); flags=(--threads "$cpus") ;;
+        threads1) flags=(--threads 1) ;;
+      esac
+      s=$(timed env "${env_args[@]}" "$bin" train "$store" --out "$out/busy.run" --epochs "$epochs" --overwrite "${flags[@]}" -q)
+      record "$setting" "$load" train "$s" "$((train_cells * epochs))"
+      s=$(timed env "${env_args[@]}" "$bin" predict --model "$run" --store "$store" --out "$out/pred.parquet" --overwrite "${flags[@]}" -q)
+      record "$setting" "$load" predict "$s" "$cells"
+    done
+    if [ -x "$peer" ]; then
+      s=$(timed "$peer" ../shared/peer/cpa-tools/run_peer.py "$h5ad" --perturbation-key condition \
+        --dose-key dose --control-group control --covariate-keys cell_type --epochs "$epochs" --threads "$cpus")
+      record cpa-tools "$load" train "$s" "$((train_cells * epochs))"
+    fi
+    stop_busy
+    echo "rep $rep load $load done" >&2
+  done
+done
+
+python3 - "$results" "$busy" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+busy = int(sys.argv[2])
+print(f"cells/s, medians of {len(rows) and max(1, len(rows) // len({(r['setting'], r['load'], r['task']) for r in rows}))} runs; "
+      f"loaded = {busy} busy processes beside it")
+print(f"{'setting':<10} {'task':<8} {'idle':>10} {'loaded':>10} {'loaded/idle':>12}")
+keys = sorted({(r['setting'], r['task']) for r in rows})
+for setting, task in keys:
+    rate = {}
+    for load in (0, busy):
+        xs = [r['cells'] / r['seconds'] for r in rows if (r['setting'], r['task'], r['load']) == (setting, task, load)]
+        rate[load] = statistics.median(xs) if xs else float('nan')
+    print(f"{setting:<10} {task:<8} {rate[0]:>10.0f} {rate[busy]:>10.0f} {rate[busy] / rate[0]:>12.2f}")
+PY

@@ -1,0 +1,452 @@
+//! Decoded zstd blocks shared by the threads of one pass, so that each block is decompressed at
+//! most once per pass however many batches draw cells from it.
+//!
+//! A pass that knows which cells it will read *holds* them ([`BlockCache::hold`]) before any is
+//! gathered; gathering through the cache ([`RowCursor::gather_cached`]) releases them. A block
+//! is decoded by the first gather that needs it (other threads needing it meanwhile wait for that
+//! decode rather than repeat it) and dropped when its last held cell has been gathered. Memory is
+//! therefore the decoded size of the blocks with cells still to come, which the batcher's plan
+//! keeps to its shuffle window; [`BlockCache::new`]'s budget caps it in any case: past it, the
+//! least recently used blocks are dropped (those with cells still held too, which then cost a
+//! second decode, counted in [`BlockCacheCounts::early_drops`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use serde::Serialize;
+
+use super::blocks::BlockDecoder;
+use super::reader::{RowCursor, Store};
+use crate::csr::CsrBatch;
+use crate::error::{Error, Result};
+
+/// One decompressed block.
+#[derive(Debug)]
+struct Decoded {
+    /// Store offset of the block's first entry.
+    base: u64,
+    indices: Vec<u32>,
+    data: Vec<f32>,
+}
+
+impl Decoded {
+    fn bytes(&self) -> u64 {
+        (self.indices.len() * 4 + self.data.len() * 4) as u64
+    }
+}
+
+/// A block's decode, done once by whichever thread gets there first.
+type Slot = Arc<OnceLock<std::result::Result<Arc<Decoded>, String>>>;
+
+#[derive(Debug)]
+struct Entry {
+    /// Cells held and not yet gathered; below zero once more were gathered than held (a pass
+    /// that does not hold: the block then stays until the budget drops it).
+    held: i64,
+    slot: Slot,
+    /// Decoded bytes counted in [`State::bytes`] (0 until decoded).
+    bytes: u64,
+    last_use: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<u64, Entry>,
+    bytes: u64,
+    clock: u64,
+    /// Buffers of dropped blocks, reused by the next decodes (fresh ones would each cost page
+    /// faults and zeroing by the kernel).
+    free: Vec<(Vec<u32>, Vec<f32>)>,
+}
+
+/// Most pairs of buffers kept for reuse.
+const FREE_BUFFERS: usize = 8;
+
+impl State {
+    /// Removes `block`'s entry and keeps its buffers for reuse when nobody else holds them.
+    fn remove(&mut self, block: u64) {
+        let Some(entry) = self.entries.remove(&block) else { return };
+        self.bytes -= entry.bytes;
+        self.recycle(entry.slot);
+    }
+
+    fn recycle(&mut self, slot: Slot) {
+        if self.free.len() >= FREE_BUFFERS {
+            return;
+        }
+        let decoded = Arc::try_unwrap(slot).ok().and_then(OnceLock::into_inner).and_then(|r| r.ok());
+        if let Some(Ok(d)) = decoded.map(Arc::try_unwrap) {
+            self.free.push((d.indices, d.data));
+        }
+    }
+}
+
+/// What a cache did, shared by every pass that reports into it.
+#[derive(Debug, Default)]
+pub struct BlockCacheCounts {
+    decodes: AtomicU64,
+    decoded_bytes: AtomicU64,
+    early_drops: AtomicU64,
+    peak_bytes: AtomicU64,
+}
+
+/// A snapshot of [`BlockCacheCounts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BlockCacheReport {
+    /// Blocks decompressed.
+    pub decodes: u64,
+    /// Bytes they decompressed to.
+    pub decoded_bytes: u64,
+    /// Blocks dropped for the budget while cells of theirs were still to be read.
+    pub early_drops: u64,
+    /// Most decoded bytes held at once.
+    pub peak_bytes: u64,
+}
+
+impl BlockCacheCounts {
+    /// New, zeroed counters.
+    pub fn new() -> Arc<BlockCacheCounts> {
+        Arc::default()
+    }
+
+    /// The counts so far.
+    pub fn report(&self) -> BlockCacheReport {
+        BlockCacheReport {
+            decodes: self.decodes.load(Ordering::Relaxed),
+            decoded_bytes: self.decoded_bytes.load(Ordering::Relaxed),
+            early_drops: self.early_drops.load(Ordering::Relaxed),
+            peak_bytes: self.peak_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Decoded blocks of one zstd store shared by the threads of a pass (see the module docs).
+#[derive(Debug)]
+pub struct BlockCache {
+    block_rows: u64,
+    budget: u64,
+    state: Mutex<State>,
+    counts: Arc<BlockCacheCounts>,
+}
+
+impl BlockCache {
+    /// A cache for `store`, holding at most `budget` decoded bytes, counting into `counts`;
+    /// `None` for a raw store (its rows are read from the map directly).
+    pub fn new(store: &Store, budget: u64, counts: Arc<BlockCacheCounts>) -> Option<BlockCache> {
+        let block_rows = store.block_rows()?;
+        Some(BlockCache { block_rows, budget: budget.max(1), state: Mutex::default(), counts })
+    }
+
+    /// Rows per block.
+    pub fn block_rows(&self) -> u64 {
+        self.block_rows
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held left the counts as they were; keep going with them.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Announces that `cells` cells of block `block` will be gathered through this cache.
+    pub fn hold(&self, block: u64, cells: u64) {
+        let mut state = self.state();
+        let entry = state.entries.entry(block).or_insert_with(|| Entry {
+            held: 0,
+            slot: Arc::default(),
+            bytes: 0,
+            last_use: 0,
+        });
+        entry.held += cells as i64;
+    }
+
+    /// Announces `rows` (any order), grouped by block.
+    pub fn hold_rows(&self, rows: &[u64]) {
+        for (block, n) in self.blocks_of(rows) {
+            self.hold(block, n);
+        }
+    }
+
+    /// Takes back a hold of `cells` cells of `block` without gathering them; a block with nothing
+    /// more to come is dropped.
+    pub fn release(&self, block: u64, cells: u64) {
+        let mut state = self.state();
+        self.release_locked(&mut state, block, cells);
+    }
+
+    fn release_locked(&self, state: &mut State, block: u64, cells: u64) {
+        let Some(entry) = state.entries.get_mut(&block) else { return };
+        let was = entry.held;
+        entry.held -= cells as i64;
+        // Only a block that was held and now has nothing to come is done; one gathered without
+        // a hold stays for the budget to drop.
+        if was > 0 && entry.held <= 0 {
+            state.remove(block);
+        }
+    }
+
+    /// `(block, cells)` for the runs of `rows` in one block.
+    fn blocks_of<'r>(&self, rows: &'r [u64]) -> impl Iterator<Item = (u64, u64)> + 'r {
+        let block_rows = self.block_rows;
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            let first = *rows.get(i)?;
+            let b = first / block_rows;
+            let start = i;
+            while i < rows.len() && rows[i] / block_rows == b {
+                i += 1;
+            }
+            Some((b, (i - start) as u64))
+        })
+    }
+
+    /// Block `b` decoded, by this thread or another.
+    fn get(&self, store: &Store, decoder: &mut BlockDecoder, b: u64) -> Result<Arc<Decoded>> {
+        let (slot, buffers) = {
+            let mut state = self.state();
+            state.clock += 1;
+            let now = state.clock;
+            let entry = state.entries.entry(b).or_insert_with(|| Entry {
+                held: 0,
+                slot: Arc::default(),
+                bytes: 0,
+                last_use: 0,
+            });
+            entry.last_use = now;
+            let slot = Arc::clone(&entry.slot);
+            let buffers = if slot.get().is_none() { state.free.pop() } else { None };
+            (slot, buffers)
+        };
+        let mut decoded_here = false;
+        let result = slot.get_or_init(|| {
+            decoded_here = true;
+            let (mut indices, mut data) = buffers.unwrap_or_default();
+            match store.decode_block(b, decoder, &mut indices, &mut data) {
+                Ok(base) => Ok(Arc::new(Decoded { base, indices, data })),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        let decoded = match result {
+            Ok(d) => Arc::clone(d),
+            Err(e) => return Err(Error::InvalidInput(e.clone())),
+        };
+        if decoded_here {
+            let bytes = decoded.bytes();
+            self.counts.decodes.fetch_add(1, Ordering::Relaxed);
+            self.counts.decoded_bytes.fetch_add(bytes, Ordering::Relaxed);
+            let mut state = self.state();
+            // The entry may be gone (released meanwhile): then the bytes were never counted.
+            let counted = match state.entries.get_mut(&b) {
+                Some(entry) if Arc::ptr_eq(&entry.slot, &slot) => {
+                    entry.bytes = bytes;
+                    true
+                }
+                _ => false,
+            };
+            if counted {
+                state.bytes += bytes;
+                self.shrink(&mut state, b);
+                self.counts.peak_bytes.fetch_max(state.bytes, Ordering::Relaxed);
+            }
+        }
+        Ok(decoded)
+    }
+
+    /// Drops least recently used decoded blocks (never `keep`) until the budget holds.
+    fn shrink(&self, state: &mut State, keep: u64) {
+        while state.bytes > self.budget {
+            let victim = state
+                .entries
+                .iter()
+                .filter(|(b, e)| **b != keep && e.bytes > 0)
+                .min_by_key(|(_, e)| (e.held > 0, e.last_use))
+                .map(|(&b, e)| (b, e.held > 0));
+            let Some((b, still_held)) = victim else { break };
+            if still_held {
+                self.counts.early_drops.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(entry) = state.entries.get_mut(&b) {
+                if entry.held <= 0 {
+                    state.remove(b);
+                } else {
+                    // A fresh slot: the next gather decodes again.
+                    let (bytes, old) = (entry.bytes, std::mem::take(&mut entry.slot));
+                    entry.bytes = 0;
+                    state.bytes -= bytes;
+                    state.recycle(old);
+                }
+            }
+        }
+    }
+}
+
+impl RowCursor<'_> {
+    /// Appends the rows listed in `rows` to `out`, as [`gather`](RowCursor::gather) does, taking
+    /// zstd blocks from `cache` (decoded there once for every thread of the pass) and releasing
+    /// one held cell per row. Rows in ascending order touch each block once.
+    pub fn gather_cached(&mut self, rows: &[u64], cache: &BlockCache, out: &mut CsrBatch) -> Result<()> {
+        let store = self.store();
+        let n_obs = store.n_obs();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n_obs) {
+            return Err(Error::InvalidInput(format!(
+                "{}: row {bad} out of range, the store has {n_obs} rows",
+                store.path().display()
+            )));
+        }
+        let indptr = store.indptr();
+        let nnz: u64 = rows.iter().map(|&r| indptr[r as usize + 1] - indptr[r as usize]).sum();
+        out.reserve(rows.len(), usize::try_from(nnz).unwrap_or(usize::MAX));
+        // Decode first, starting at a place of the batch that depends on the thread: workers
+        // whose batches share the window's blocks then decode different blocks side by side
+        // instead of queueing on the same one. The copy below stays in the rows' order.
+        let blocks: Vec<u64> = cache.blocks_of(rows).map(|(b, _)| b).collect();
+        if blocks.len() > 1 {
+            let start = self.spread_start(blocks.len());
+            for &b in blocks[start..].iter().chain(&blocks[..start]) {
+                cache.get(store, self.decoder_mut()?, b)?;
+            }
+        }
+        let mut i = 0;
+        for (b, n) in cache.blocks_of(rows) {
+            let decoded = cache.get(store, self.decoder_mut()?, b)?;
+            for &row in &rows[i..i + n as usize] {
+                let (s, e) = (
+                    (indptr[row as usize] - decoded.base) as usize,
+                    (indptr[row as usize + 1] - decoded.base) as usize,
+                );
+                out.push_row(&decoded.indices[s..e], &decoded.data[s..e]);
+            }
+            i += n as usize;
+            // Let go of the block first, so that a block whose last cells these were can hand
+            // its buffers on.
+            drop(decoded);
+            let mut state = cache.state();
+            cache.release_locked(&mut state, b, n);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use cpa_stream_schemas::Codec;
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    use rand_xoshiro::Xoshiro256PlusPlus;
+
+    use super::*;
+    use crate::store::{StoreWriter, StoreWriterOptions};
+
+    /// A zstd store of `n` cells of 50 genes in blocks of 16 rows; row r holds gene r % 50 with
+    /// count r + 1, so that every gathered row can be checked.
+    fn store(dir: &std::path::Path, n: u64) -> Store {
+        let ids = |name: &str, values: Vec<String>| {
+            let schema = Arc::new(Schema::new(vec![Field::new(name, DataType::Utf8, false)]));
+            RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(values))]).expect("batch")
+        };
+        let var = ids("gene_id", (0..50).map(|g| format!("g{g}")).collect());
+        let obs = ids("cell_id", (0..n).map(|c| format!("c{c}")).collect());
+        let options =
+            StoreWriterOptions { codec: Codec::Zstd { level: 3, block_rows: 16 }, ..StoreWriterOptions::default() };
+        let path = dir.join("z.store");
+        let mut writer = StoreWriter::create(&path, &var, obs.schema(), options).expect("writer");
+        let mut rows = CsrBatch::new(50);
+        for r in 0..n {
+            rows.push_row(&[(r % 50) as u32], &[(r + 1) as f32]);
+        }
+        writer.push_rows(&rows, &obs).expect("push");
+        writer.finish().expect("finish");
+        Store::open(&path).expect("open")
+    }
+
+    #[test]
+    fn held_blocks_are_decoded_once_and_dropped_after_their_last_cell() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path(), 1000);
+        let counts = BlockCacheCounts::new();
+        let cache = BlockCache::new(&store, u64::MAX, Arc::clone(&counts)).expect("zstd store");
+        let mut order: Vec<u64> = (0..1000).collect();
+        order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(3));
+        cache.hold_rows(&{
+            let mut all = order.clone();
+            all.sort_unstable();
+            all
+        });
+        let mut cursor = store.cursor().expect("cursor");
+        let mut seen = 0u64;
+        for batch in order.chunks(37) {
+            let mut rows = batch.to_vec();
+            rows.sort_unstable();
+            let mut out = CsrBatch::new(50);
+            cursor.gather_cached(&rows, &cache, &mut out).expect("gather");
+            for (i, &r) in rows.iter().enumerate() {
+                assert_eq!(out.row(i), (&[(r % 50) as u32][..], &[(r + 1) as f32][..]));
+            }
+            seen += rows.len() as u64;
+        }
+        assert_eq!(seen, 1000);
+        let report = counts.report();
+        // 1,000 rows in blocks of 16: 63 blocks, each decoded once although every batch of 37
+        // random rows touches about 30 of them.
+        assert_eq!(report.decodes, 63);
+        assert_eq!(report.early_drops, 0);
+        assert!(cache.state().entries.is_empty(), "blocks left after every cell was read");
+        assert_eq!(cache.state().bytes, 0);
+    }
+
+    #[test]
+    fn the_budget_caps_decoded_bytes_at_the_price_of_decoding_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path(), 1024);
+        // A block of 16 one-entry rows decodes to 128 bytes: room for 4.
+        let counts = BlockCacheCounts::new();
+        let cache = BlockCache::new(&store, 4 * 128, Arc::clone(&counts)).expect("zstd store");
+        let all: Vec<u64> = (0..1024).collect();
+        cache.hold_rows(&all);
+        let mut cursor = store.cursor().expect("cursor");
+        let mut order = all.clone();
+        order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(4));
+        for batch in order.chunks(50) {
+            let mut rows = batch.to_vec();
+            rows.sort_unstable();
+            let mut out = CsrBatch::new(50);
+            cursor.gather_cached(&rows, &cache, &mut out).expect("gather");
+            assert!(cache.state().bytes <= 4 * 128);
+        }
+        let report = counts.report();
+        assert!(report.peak_bytes <= 4 * 128, "{report:?}");
+        assert!(report.early_drops > 0 && report.decodes > 64, "{report:?}");
+        // Every block is a full one of 128 bytes.
+        assert_eq!(report.decoded_bytes, report.decodes * 128);
+    }
+
+    #[test]
+    fn threads_share_one_decode_per_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path(), 4096);
+        let counts = BlockCacheCounts::new();
+        let cache = BlockCache::new(&store, u64::MAX, Arc::clone(&counts)).expect("zstd store");
+        let all: Vec<u64> = (0..4096).collect();
+        cache.hold_rows(&all);
+        // Four threads each read every fourth row: each block is wanted by all four at once.
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let (store, cache) = (&store, &cache);
+                scope.spawn(move || {
+                    let mut cursor = store.cursor().expect("cursor");
+                    let rows: Vec<u64> = (0..4096).filter(|r| r % 4 == t).collect();
+                    for chunk in rows.chunks(8) {
+                        let mut out = CsrBatch::new(50);
+                        cursor.gather_cached(chunk, cache, &mut out).expect("gather");
+                    }
+                });
+            }
+        });
+        assert_eq!(counts.report().decodes, 256);
+        assert!(cache.state().entries.is_empty());
+    }
+}
