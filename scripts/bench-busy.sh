@@ -6,14 +6,15 @@
 #
 #   REPS       repetitions (default 3)
 #   BUSY       competing busy processes (default: the CPUs this process may use)
-#   CELLS      cells of the synthetic store (default 20000), GENES (default 2000)
+#   CELLS      cells of the synthetic store (default 40000), GENES (default 2000)
 #   CPA_PEER   cpa-tools venv python (default $CPA_STREAM_CACHE/cpa-peer/bin/python; skipped if absent)
 #   OUT        results directory (default $CPA_STREAM_CACHE/bench-busy)
 #
 # Settings compared (each a line of the table):
 #   default          cpa-stream as shipped (planned threads, passive OpenMP)
-#   spin             as before this change: libtorch's OpenMP spinning (GOMP_SPINCOUNT=300000,
-#                    libgomp's own default) with libtorch's default thread count (--threads = cores)
+#   spin             as before the thread plan: libtorch's OpenMP spinning (GOMP_SPINCOUNT=300000,
+#                    libgomp's own default, which also stops the re-execution), one libtorch thread
+#                    per core and 2 batcher workers
 #   threads1         --threads 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +24,12 @@ bin="$CARGO_TARGET_DIR/release/cpa-stream"
 reps="${REPS:-3}"
 cpus=$(python3 -c 'import os; print(len(os.sched_getaffinity(0)))')
 busy="${BUSY:-$cpus}"
-cells="${CELLS:-20000}"
+cells="${CELLS:-40000}"
 genes="${GENES:-2000}"
 out="${OUT:-$CPA_STREAM_CACHE/bench-busy}"
 peer="${CPA_PEER:-$CPA_STREAM_CACHE/cpa-peer/bin/python}"
+# cpa-tools trains ~1,000 cells/s here: a subsample keeps its runs under a minute.
+peer_cells="${PEER_CELLS:-10000}"
 mkdir -p "$out"
 export CPA_STREAM_LOG=warn
 
@@ -40,8 +43,8 @@ if [ -x "$peer" ] && [ ! -f "$h5ad" ]; then
   "$bin" export "$store" --out "$h5ad" --overwrite -q
 fi
 run="$out/model.run"
-if [ ! -f "$run/model.safetensors" ] && [ ! -d "$run/checkpoint" ]; then
-  "$bin" train "$store" --out "$run" --epochs 1 --overwrite -q
+if [ ! -d "$run/model" ]; then
+  "$bin" train --store "$store" --out "$run" --epochs 1 --overwrite -q
 fi
 
 pids=()
@@ -65,7 +68,7 @@ record() { # setting load task seconds cells
 timed() { # prints seconds of the command
   local t0 t1
   t0=$(date +%s.%N)
-  "$@" > /dev/null
+  "$@" > /dev/null || { echo "failed: $*" >&2; return 1; }
   t1=$(date +%s.%N)
   python3 -c "print($t1 - $t0)"
 }
@@ -79,18 +82,26 @@ for rep in $(seq "$reps"); do
     for setting in default spin threads1; do
       env_args=() flags=()
       case $setting in
-        spin) env_args=(GOMP_SPINCOUNT=300000); flags=(--threads "$cpus") ;;
+        spin) env_args=(GOMP_SPINCOUNT=300000); flags=(--threads "$cpus" --workers 2) ;;
         threads1) flags=(--threads 1) ;;
       esac
-      s=$(timed env "${env_args[@]}" "$bin" train "$store" --out "$out/busy.run" --epochs "$epochs" --overwrite "${flags[@]}" -q)
-      record "$setting" "$load" train "$s" "$((train_cells * epochs))"
-      s=$(timed env "${env_args[@]}" "$bin" predict --model "$run" --store "$store" --out "$out/pred.parquet" --overwrite "${flags[@]}" -q)
-      record "$setting" "$load" predict "$s" "$cells"
+      if s=$(timed env "${env_args[@]}" "$bin" train --store "$store" --out "$out/busy.run" --epochs "$epochs" --overwrite "${flags[@]}" -q); then
+        record "$setting" "$load" train "$s" "$((train_cells * epochs))"
+      fi
+      if s=$(timed env "${env_args[@]}" "$bin" predict --model "$run" --store "$store" --source all --out "$out/pred.parquet" --overwrite "${flags[@]}" -q); then
+        record "$setting" "$load" predict "$s" "$cells"
+      fi
     done
     if [ -x "$peer" ]; then
-      s=$(timed "$peer" ../shared/peer/cpa-tools/run_peer.py "$h5ad" --perturbation-key condition \
-        --dose-key dose --control-group control --covariate-keys cell_type --epochs "$epochs" --threads "$cpus")
-      record cpa-tools "$load" train "$s" "$((train_cells * epochs))"
+      # Its own training figure (steady epochs, cells/s), not its wall time with set-up and scoring.
+      if "$peer" ../shared/peer/cpa-tools/run_peer.py "$h5ad" --perturbation-key condition \
+        --dose-key dose --control-group control --covariate-keys cell_type --max-comb-len 2 \
+        --max-cells "$peer_cells" --epochs "$epochs" --threads "$cpus" --json "$out/peer.json" > /dev/null; then
+        rate=$(python3 -c "import json; print(json.load(open('$out/peer.json'))['train_cells_per_s'])")
+        record cpa-tools "$load" train "$(python3 -c "print(1 / $rate)")" 1
+      else
+        echo "cpa-tools failed" >&2
+      fi
     fi
     stop_busy
     echo "rep $rep load $load done" >&2

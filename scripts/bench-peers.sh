@@ -13,6 +13,7 @@
 #   REPS   repetitions (default 3)      CELLS / GENES   data shape (default 200000 x 5000)
 #   DIR    data and results (default $CPA_STREAM_CACHE/bench-peers)
 #   COLD   1 to add the cold table       PEERS  0 to skip the peers (cpa-stream only)
+#   WARM   0 to skip the page-cached table (keeps the last one's results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -48,7 +49,7 @@ if [ ! -d "synth_$tag.annbatch.zarr" ]; then
   timed annbatch-lz4 "$peer" "$harness/prep_annbatch.py" "$h5ad" "synth_$tag.annbatch.zarr"
   timed annbatch-raw "$peer" "$harness/prep_annbatch.py" "$h5ad" "synth_$tag.annbatch-raw.zarr" --compressor none
 fi
-if [ ! -f "raw.store/manifest.json" ] || [ ! -f "zstd.store/manifest.json" ]; then
+if [ ! -f "raw.store/manifest.json" ] || [ ! -f "zstd.store/manifest.json" ] || [ ! -f "$res/convert.time" ]; then
   echo "== cpa-stream import + convert --shuffle to zstd"
   timed import "$bin" import "$h5ad" --out raw.store --overwrite -q
   timed convert "$bin" convert raw.store --codec zstd --shuffle 0 --out zstd.store --overwrite -q
@@ -56,6 +57,7 @@ fi
 # make_data.py's conditions are cond_0 .. cond_9; the loader needs one named as the control.
 control=cond_0
 
+if [ "${WARM:-1}" = 1 ]; then
 : > "$res/ours.jsonl"
 for rep in $(seq "$reps"); do
   echo "== repetition $rep of $reps"
@@ -78,6 +80,7 @@ for rep in $(seq "$reps"); do
       --out "$res/peers-$rep.json" > "$res/peers-$rep.log" 2>&1 || echo "peer harness failed: see $dir/$res/peers-$rep.log"
   fi
 done
+fi
 
 if [ "${COLD:-0}" = 1 ]; then
   : > "$res/cold.jsonl"

@@ -33,29 +33,41 @@ fn main() -> ExitCode {
     }
 }
 
-/// Commands that run the model on the CPU, whose libtorch threads should wait passively.
+/// Commands that run the model, whose OpenMP threads may need to wait passively.
 const MODEL_COMMANDS: [&str; 4] = ["train", "predict", "evaluate", "bench"];
-/// Set in the re-executed process, so that it does not re-execute again.
-const REEXEC_MARK: &str = "CPA_STREAM_OPENMP_SET";
 
-/// libtorch's OpenMP runtime (libgomp) lets an idle worker thread spin for about 300,000 rounds
-/// before it sleeps, and reads that setting once, when it is loaded, before `main` runs. On cores
-/// shared with other processes the spinning takes the time they and the batcher need, and the
-/// whole step waits for the thread that lost its core. So the model commands, unless the user set
-/// `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`, execute themselves again once with a short spin
-/// (`GOMP_SPINCOUNT`, [`SPIN_COUNT`]), which libgomp then reads. If that fails the run goes on
-/// as it is.
+/// libtorch's OpenMP runtime (libgomp) reads its wait policy once, when it is loaded, before
+/// `main` runs. By default an idle OpenMP thread spins for about 300,000 rounds before it sleeps:
+/// the fastest on idle cores, but on cores shared with other processes the spinning takes the
+/// time the step's other threads need (a quarter of the idle throughput, measured; see
+/// [`cpa_stream_pipeline::threads`]). So a model command first watches the CPUs for
+/// [`threads::SAMPLE`](cpa_stream_pipeline::threads::SAMPLE); when at least
+/// [`threads::BUSY`](cpa_stream_pipeline::threads::BUSY) CPUs are busy elsewhere it executes
+/// itself again with `OMP_WAIT_POLICY=PASSIVE`, which libgomp then reads, and passes the
+/// measurement on in [`BUSY_VAR`] so that the thread plan need not watch again. Nothing happens
+/// when the user set `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`, or on a GPU run (`--device cuda...`),
+/// and if the re-execution fails the run goes on as it is.
 fn openmp_waits_passively() {
     use std::os::unix::process::CommandExt as _;
-    let env = |name: &str| std::env::var_os(name).is_some();
-    if env("OMP_WAIT_POLICY") || env("GOMP_SPINCOUNT") || env(REEXEC_MARK) {
+
+    use cpa_stream_pipeline::threads;
+    let set = |name: &str| std::env::var_os(name).is_some();
+    if set("OMP_WAIT_POLICY") || set("GOMP_SPINCOUNT") || set(BUSY_VAR) {
         return;
     }
     let mut args = std::env::args_os();
     let arg0 = args.next();
     let rest: Vec<std::ffi::OsString> = args.collect();
     let command = rest.iter().find(|a| !a.to_string_lossy().starts_with('-'));
-    if !command.is_some_and(|c| MODEL_COMMANDS.iter().any(|m| c == *m)) {
+    let on_gpu = rest.iter().any(|a| a.to_string_lossy().contains("cuda"));
+    if on_gpu || !command.is_some_and(|c| MODEL_COMMANDS.iter().any(|m| c == *m)) {
+        return;
+    }
+    let busy = threads::busy_elsewhere(threads::SAMPLE);
+    // SAFETY: nothing else runs yet (main's first statement): no other thread reads the
+    // environment while it changes.
+    unsafe { std::env::set_var(BUSY_VAR, format!("{busy:.2}")) };
+    if busy < threads::BUSY {
         return;
     }
     let Ok(exe) = std::env::current_exe() else { return };
@@ -64,11 +76,11 @@ fn openmp_waits_passively() {
         again.arg0(arg0);
     }
     // Only returns on failure.
-    let _ = again.args(rest).env("GOMP_SPINCOUNT", SPIN_COUNT).env(REEXEC_MARK, "1").exec();
+    let _ = again.args(rest).env("OMP_WAIT_POLICY", "PASSIVE").exec();
 }
 
-/// The spin count the model commands run with (see [`openmp_waits_passively`]).
-const SPIN_COUNT: &str = "10000";
+/// The CPUs busy elsewhere, as measured at start (see [`openmp_waits_passively`]).
+pub const BUSY_VAR: &str = "CPA_STREAM_BUSY_CPUS";
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)

@@ -1,12 +1,25 @@
-//! How many threads libtorch and the batcher get: planned together from the CPUs this process
-//! may use and from how busy they already are, so that a run on shared cores does not queue its
-//! own threads behind everyone else's.
+//! How many threads libtorch and the batcher get, and how libtorch's OpenMP threads wait:
+//! planned together from the CPUs this process may use and from how busy other processes keep
+//! them, so that a run on shared cores does not fall apart.
 //!
-//! On a CPU device every libtorch operator splits its work over `torch` threads and waits for the
-//! slowest: one thread descheduled by a competing process holds up the whole step. With cores
-//! already busy the plan therefore gives libtorch only the cores that are free (at least one) and
-//! the batcher one worker, which spends most of its time blocked on the trainer anyway.
-//! `--threads` and `--workers` override either.
+//! Measured on a 2-core machine (`bench model`, 3,000 cells x 2,000 genes, batch 128; see
+//! docs/benchmarks.md): idle, libtorch's own setting (OpenMP threads spinning about 300,000
+//! rounds between operators, one thread per core) is the fastest, 5,500-6,200 cells/s; with
+//! both cores busy with other processes it falls to 1,400 (25 %), because the spinning threads
+//! take the time the step's other thread needs. Passive waiting (`OMP_WAIT_POLICY=PASSIVE`)
+//! holds 3,300-3,900 cells/s under that load, but costs up to a third idle. So the plan keeps
+//! libtorch's setting on idle CPUs and switches to passive waiting when at least half a CPU is
+//! busy elsewhere ([`BUSY`]); OpenMP reads its wait policy only when it is loaded, so the CLI
+//! re-executes itself once to apply it. The thread count is the CPUs this process may use
+//! (libtorch's own default counts the machine's cores, ignoring a container's CPU quota), busy or
+//! not: libtorch's CPU results depend on its thread count, and the same command with the same
+//! seed must give the same model whatever else runs on the machine. (Fewer threads would be
+//! faster on busy cores: `train` on 40,000 x 2,000 cells beside two busy processes ran 2,900
+//! cells/s with `--threads 1` and 2,300 with the two passive threads of the plan; that choice is
+//! left to `--threads`.) The batcher gets one worker per four CPUs (at least one, at most the
+//! default), one when shared: on a CPU device the trainer, not the loader, is the bottleneck, and
+//! the workers never change a result. `--threads` and `--workers`
+//! override either.
 
 use std::fs;
 use std::time::Duration;
@@ -28,6 +41,8 @@ pub struct ThreadPlan {
     pub torch: usize,
     /// Batcher workers.
     pub workers: usize,
+    /// Whether OpenMP threads should wait passively (the CPUs are shared).
+    pub passive: bool,
 }
 
 /// The CPUs this process may use (affinity and cgroup quota), at least 1.
@@ -35,13 +50,11 @@ pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// CPUs busy with other processes from which a run counts the machine as shared.
+pub const BUSY: f64 = 0.5;
+
 /// Plans the threads of a run on the CPU (`on_cpu`) or on a GPU; `torch` and `workers` are the
 /// user's (kept as given), `busy` the CPUs other processes keep busy ([`busy_elsewhere`]).
-///
-/// On the CPU: libtorch gets the CPUs not busy elsewhere, rounded to the nearest whole CPU and at
-/// least one; the batcher `default_workers` when at least two CPUs are left beside libtorch's,
-/// else one. On a GPU libtorch's CPU threads only launch kernels: the batcher gets up to
-/// `default_workers`, within the CPUs.
 pub fn plan(
     on_cpu: bool,
     torch: Option<usize>,
@@ -50,20 +63,18 @@ pub fn plan(
     busy: f64,
 ) -> ThreadPlan {
     let cpus = cpus();
-    let free = ((cpus as f64 - busy.max(0.0)).round() as usize).clamp(1, cpus);
-    let torch = torch.unwrap_or(if on_cpu { free } else { cpus.min(4) }).max(1);
-    let workers = workers
-        .unwrap_or_else(|| {
-            if !on_cpu {
-                default_workers.min(cpus)
-            } else if cpus.saturating_sub(torch) >= 2 {
-                default_workers
-            } else {
-                1
-            }
-        })
-        .max(1);
-    ThreadPlan { cpus, busy_elsewhere: busy, torch, workers }
+    let shared = busy >= BUSY;
+    // Never from the load: libtorch's CPU results depend on its thread count (the reductions
+    // split differently), and the same command with the same seed must give the same model
+    // whatever else runs on the machine. On a GPU libtorch's CPU threads only launch kernels.
+    let torch = torch.unwrap_or(if on_cpu { cpus } else { cpus.min(4) }).max(1);
+    let planned = match (on_cpu, shared) {
+        (true, true) => 1,
+        (true, false) => (cpus / 4).clamp(1, default_workers.max(1)),
+        (false, _) => default_workers.min(cpus).max(1),
+    };
+    let workers = workers.unwrap_or(planned).max(1);
+    ThreadPlan { cpus, busy_elsewhere: busy, torch, workers, passive: shared }
 }
 
 /// The CPUs that other processes kept busy over `sample`: the machine's busy time
@@ -132,16 +143,19 @@ mod tests {
     }
 
     #[test]
-    fn busy_cores_are_left_to_their_owners() {
+    fn shared_cpus_make_openmp_wait_passively_and_the_batcher_small() {
         let n = cpus();
         let idle = plan(true, None, None, 2, 0.0);
-        assert_eq!(idle.torch, n);
+        assert_eq!((idle.torch, idle.passive), (n, false));
+        assert_eq!(idle.workers, (n / 4).clamp(1, 2));
         let loaded = plan(true, None, None, 2, n as f64);
-        assert_eq!(loaded.torch, 1, "every CPU busy elsewhere: one libtorch thread");
-        assert_eq!(loaded.workers, if n >= 3 { 2 } else { 1 });
+        // The load changes how threads wait and the batcher, never libtorch's thread count (its
+        // results depend on it).
+        assert_eq!((loaded.torch, loaded.workers, loaded.passive), (n, 1, true));
         // A GPU run plans the batcher, not libtorch's compute.
-        let gpu = plan(false, None, None, 2, n as f64);
+        let gpu = plan(false, None, None, 2, 0.0);
         assert_eq!(gpu.workers, 2.min(n));
+        assert_eq!(gpu.torch, n.min(4));
     }
 
     #[test]

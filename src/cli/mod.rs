@@ -358,16 +358,27 @@ fn model_device(name: &str, threads: Option<usize>, workers: Option<usize>) -> a
     let device = cpa_stream_stages::device::parse(name)?;
     cpa_stream_stages::device::check(device)?;
     let on_cpu = device == tch::Device::Cpu;
-    let busy =
-        if on_cpu && (threads.is_none() || workers.is_none()) { threads::busy_elsewhere(threads::SAMPLE) } else { 0.0 };
+    // Measured at start, before libtorch's OpenMP settings were fixed (main.rs); watched here
+    // only when that did not happen (the user set the OpenMP variables).
+    let measured = std::env::var("CPA_STREAM_BUSY_CPUS").ok().and_then(|v| v.parse::<f64>().ok());
+    let busy = match measured {
+        Some(b) => b,
+        None if on_cpu && (threads.is_none() || workers.is_none()) => threads::busy_elsewhere(threads::SAMPLE),
+        None => 0.0,
+    };
     let plan = threads::plan(on_cpu, threads, workers, cpa_stream_pipeline::batcher::DEFAULT_WORKERS, busy);
     let t = i32::try_from(plan.torch).map_err(|_| anyhow::anyhow!("--threads {}: too many", plan.torch))?;
     tch::set_num_threads(t);
     tracing::debug!(
-        "threads: {} CPUs usable, {:.1} busy elsewhere: libtorch {}, batcher workers {}",
+        "threads: {} CPUs usable, {:.1} busy elsewhere: libtorch {} ({} OpenMP wait), batcher workers {}",
         plan.cpus,
         plan.busy_elsewhere,
         plan.torch,
+        if std::env::var("OMP_WAIT_POLICY").is_ok_and(|v| v.eq_ignore_ascii_case("passive")) {
+            "passive"
+        } else {
+            "spinning"
+        },
         plan.workers
     );
     Ok((device, plan.workers))

@@ -378,13 +378,16 @@ fn a_consumer_that_keeps_its_batches_still_gets_them_all() {
     assert_eq!(kept.iter().map(|b| b.n_cells()).sum::<usize>(), 3000);
 }
 
+/// A batch's rows of counts: (genes, values) per cell.
+type BatchRows = Vec<(Vec<u32>, Vec<f32>)>;
+
 /// The batches of one planned pass over every cell, as (rows of counts) per batch, and the pool's
 /// block counts.
 fn one_pass(
     store: &std::path::Path,
     plan: &cpa_stream::pipeline::batcher::PlanOptions,
     loader: cpa_stream::pipeline::batcher::LoaderOptions,
-) -> (Vec<Vec<(Vec<u32>, Vec<f32>)>>, cpa_stream::stages::store::BlockCacheReport) {
+) -> (Vec<BatchRows>, cpa_stream::stages::store::BlockCacheReport) {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
