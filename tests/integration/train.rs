@@ -457,7 +457,8 @@ fn a_compressed_store_decodes_each_block_once_per_pass_and_within_its_buffer() {
     let (narrow, counts) = one_pass(&zstd, &plan, small);
     assert_eq!(narrow.iter().map(Vec::len).sum::<usize>(), 3000);
     assert!(counts.peak_bytes <= buffer, "{counts:?} over a buffer of {buffer}");
-    assert_eq!(counts.decodes, blocks + counts.early_drops, "{counts:?}");
+    // A block dropped early costs at most one more decode (none when a batch still held it).
+    assert!((blocks..=blocks + counts.early_drops).contains(&counts.decodes), "{counts:?}");
 }
 
 #[test]

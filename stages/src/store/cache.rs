@@ -50,6 +50,12 @@ struct Entry {
     last_use: u64,
 }
 
+impl Entry {
+    fn new() -> Entry {
+        Entry { held: 0, slot: Arc::default(), bytes: 0, last_use: 0 }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     entries: HashMap<u64, Entry>,
@@ -151,12 +157,7 @@ impl BlockCache {
     /// Announces that `cells` cells of block `block` will be gathered through this cache.
     pub fn hold(&self, block: u64, cells: u64) {
         let mut state = self.state();
-        let entry = state.entries.entry(block).or_insert_with(|| Entry {
-            held: 0,
-            slot: Arc::default(),
-            bytes: 0,
-            last_use: 0,
-        });
+        let entry = state.entries.entry(block).or_insert_with(Entry::new);
         entry.held += cells as i64;
     }
 
@@ -206,12 +207,7 @@ impl BlockCache {
             let mut state = self.state();
             state.clock += 1;
             let now = state.clock;
-            let entry = state.entries.entry(b).or_insert_with(|| Entry {
-                held: 0,
-                slot: Arc::default(),
-                bytes: 0,
-                last_use: 0,
-            });
+            let entry = state.entries.entry(b).or_insert_with(Entry::new);
             entry.last_use = now;
             let slot = Arc::clone(&entry.slot);
             let buffers = if slot.get().is_none() { state.free.pop() } else { None };
@@ -298,17 +294,18 @@ impl RowCursor<'_> {
         out.reserve(rows.len(), usize::try_from(nnz).unwrap_or(usize::MAX));
         // Decode first, starting at a place of the batch that depends on the thread: workers
         // whose batches share the window's blocks then decode different blocks side by side
-        // instead of queueing on the same one. The copy below stays in the rows' order.
-        let blocks: Vec<u64> = cache.blocks_of(rows).map(|(b, _)| b).collect();
-        if blocks.len() > 1 {
-            let start = self.spread_start(blocks.len());
-            for &b in blocks[start..].iter().chain(&blocks[..start]) {
-                cache.get(store, self.decoder_mut()?, b)?;
-            }
+        // instead of queueing on the same one. The copy below stays in the rows' order and uses
+        // the blocks taken here (one look-up each; a block the budget drops meanwhile stays
+        // readable through its handle).
+        let runs: Vec<(u64, u64)> = cache.blocks_of(rows).collect();
+        let mut blocks: Vec<Option<Arc<Decoded>>> = vec![None; runs.len()];
+        let start = self.spread_start(runs.len());
+        for k in (start..runs.len()).chain(0..start) {
+            blocks[k] = Some(cache.get(store, self.decoder_mut()?, runs[k].0)?);
         }
         let mut i = 0;
-        for (b, n) in cache.blocks_of(rows) {
-            let decoded = cache.get(store, self.decoder_mut()?, b)?;
+        for (&(b, n), decoded) in runs.iter().zip(&mut blocks) {
+            let Some(decoded) = decoded.take() else { continue };
             for &row in &rows[i..i + n as usize] {
                 let (s, e) = (
                     (indptr[row as usize] - decoded.base) as usize,
@@ -363,6 +360,25 @@ mod tests {
         Store::open(&path).expect("open")
     }
 
+    /// Reads `order` through `cache` in batches of `batch` rows (each sorted, as the batcher
+    /// sends them), checks every row, calls `after` after each batch; returns the rows read.
+    fn read_in_batches(store: &Store, cache: &BlockCache, order: &[u64], batch: usize, after: impl Fn()) -> u64 {
+        let mut cursor = store.cursor().expect("cursor");
+        let mut seen = 0u64;
+        for chunk in order.chunks(batch) {
+            let mut rows = chunk.to_vec();
+            rows.sort_unstable();
+            let mut out = CsrBatch::new(50);
+            cursor.gather_cached(&rows, cache, &mut out).expect("gather");
+            for (i, &r) in rows.iter().enumerate() {
+                assert_eq!(out.row(i), (&[(r % 50) as u32][..], &[(r + 1) as f32][..]));
+            }
+            seen += rows.len() as u64;
+            after();
+        }
+        seen
+    }
+
     #[test]
     fn held_blocks_are_decoded_once_and_dropped_after_their_last_cell() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -376,19 +392,7 @@ mod tests {
             all.sort_unstable();
             all
         });
-        let mut cursor = store.cursor().expect("cursor");
-        let mut seen = 0u64;
-        for batch in order.chunks(37) {
-            let mut rows = batch.to_vec();
-            rows.sort_unstable();
-            let mut out = CsrBatch::new(50);
-            cursor.gather_cached(&rows, &cache, &mut out).expect("gather");
-            for (i, &r) in rows.iter().enumerate() {
-                assert_eq!(out.row(i), (&[(r % 50) as u32][..], &[(r + 1) as f32][..]));
-            }
-            seen += rows.len() as u64;
-        }
-        assert_eq!(seen, 1000);
+        assert_eq!(read_in_batches(&store, &cache, &order, 37, || ()), 1000);
         let report = counts.report();
         // 1,000 rows in blocks of 16: 63 blocks, each decoded once although every batch of 37
         // random rows touches about 30 of them.
@@ -407,16 +411,10 @@ mod tests {
         let cache = BlockCache::new(&store, 4 * 128, Arc::clone(&counts)).expect("zstd store");
         let all: Vec<u64> = (0..1024).collect();
         cache.hold_rows(&all);
-        let mut cursor = store.cursor().expect("cursor");
         let mut order = all.clone();
         order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(4));
-        for batch in order.chunks(50) {
-            let mut rows = batch.to_vec();
-            rows.sort_unstable();
-            let mut out = CsrBatch::new(50);
-            cursor.gather_cached(&rows, &cache, &mut out).expect("gather");
-            assert!(cache.state().bytes <= 4 * 128);
-        }
+        let within = || assert!(cache.state().bytes <= 4 * 128);
+        assert_eq!(read_in_batches(&store, &cache, &order, 50, within), 1024);
         let report = counts.report();
         assert!(report.peak_bytes <= 4 * 128, "{report:?}");
         assert!(report.early_drops > 0 && report.decodes > 64, "{report:?}");
@@ -437,12 +435,8 @@ mod tests {
             for t in 0..4u64 {
                 let (store, cache) = (&store, &cache);
                 scope.spawn(move || {
-                    let mut cursor = store.cursor().expect("cursor");
                     let rows: Vec<u64> = (0..4096).filter(|r| r % 4 == t).collect();
-                    for chunk in rows.chunks(8) {
-                        let mut out = CsrBatch::new(50);
-                        cursor.gather_cached(chunk, cache, &mut out).expect("gather");
-                    }
+                    assert_eq!(read_in_batches(store, cache, &rows, 8, || ()), 1024);
                 });
             }
         });
