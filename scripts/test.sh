@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README (and of CI): installs what is missing into the cache, builds,
-# and runs every test of the workspace. Tests that need a GPU print why they skip.
+# runs every test of the workspace, then builds the Python package and runs its tests (pytest).
+# Tests that need a GPU or an optional tool print why they skip. Arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/bootstrap.sh)"
@@ -9,3 +10,12 @@ echo "test.sh: libtorch $LIBTORCH, build cache $CARGO_TARGET_DIR" >&2
 # the lazy reader of prediction files and its test), then every test.
 scripts/build.sh
 cargo test --release --locked --workspace --features cpa-stream/polars "$@"
+# The Python package, built from the same compiled dependencies, and its tests.
+scripts/python.sh >/dev/null
+export CPA_STREAM_BIN="$CARGO_TARGET_DIR/release/cpa-stream"
+status=0
+"$CPA_STREAM_VENV/bin/python" -m pytest python/tests -q -rs || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests in python/tests" >&2
+fi
+exit "$status"

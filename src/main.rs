@@ -5,6 +5,8 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::Parser;
+// The CPUs busy elsewhere, as measured at start (see `openmp_waits_passively`).
+use cpa_stream_pipeline::threads::BUSY_CPUS_VAR as BUSY_VAR;
 
 fn main() -> ExitCode {
     openmp_waits_passively();
@@ -78,9 +80,6 @@ fn openmp_waits_passively() {
     // Only returns on failure.
     let _ = again.args(rest).env("OMP_WAIT_POLICY", "PASSIVE").exec();
 }
-
-/// The CPUs busy elsewhere, as measured at start (see [`openmp_waits_passively`]).
-pub const BUSY_VAR: &str = "CPA_STREAM_BUSY_CPUS";
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)

@@ -449,3 +449,107 @@ fn read_csc(
     }
     Ok(())
 }
+
+/// Tables of an in-memory dataset (an AnnData in a Python process), in the store's schemas.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    /// The cells: first column `cell_id` (Utf8, not null), categoricals as
+    /// [`categorical_field`](cpa_stream_schemas::tables::categorical_field)s.
+    pub obs: RecordBatch,
+    /// The genes: first column `gene_id` (Utf8, not null).
+    pub var: RecordBatch,
+    /// A DEG table ([`deg_schema`](cpa_stream_schemas::tables::deg_schema)) and the name of its
+    /// source (an `uns` key), if any.
+    pub degs: Option<(String, RecordBatch)>,
+}
+
+/// Imports a matrix given as chunks of CSR rows, in cell order, with its [`Tables`], into a new
+/// store at `out`: the path of data already in memory (no `.h5ad` written in between). `what`
+/// names the data in messages (`"AnnData (in memory)"`). Every row is checked as
+/// [`run_import`] checks a file's (sorted column indices inside the genes, values finite and
+/// >= 0), and the chunks must hold exactly the cells of `obs`.
+pub fn import_chunks(
+    what: &str,
+    tables: &Tables,
+    mut chunks: impl Iterator<Item = Result<CsrBatch>>,
+    out: &Path,
+    options: &ImportOptions,
+    progress: &dyn Progress,
+) -> Result<ImportSummary> {
+    let sampler = MemorySampler::start();
+    let started = Instant::now();
+    let read = StageStats::new("read", 1);
+    let write = StageStats::new("write", 1);
+    let n_vars = u32::try_from(tables.var.num_rows())
+        .map_err(|_| Error::InvalidInput(format!("{what}: {} genes exceed the u32 range", tables.var.num_rows())))?;
+    let n_obs = tables.obs.num_rows() as u64;
+    if let Some((_, degs)) = &tables.degs {
+        cpa_stream_schemas::tables::same_schema(&cpa_stream_schemas::tables::deg_schema(), degs.schema_ref())
+            .map_err(|e| Error::InvalidInput(format!("{what}: DEG table: {e}")))?;
+    }
+    let writer_options = StoreWriterOptions {
+        codec: options.codec,
+        overwrite: options.overwrite,
+        source: Some(format!("imported from {what}")),
+        ..StoreWriterOptions::default()
+    };
+    let mut writer =
+        StoreWriter::create(out, &tables.var, tables.obs.schema(), writer_options).map_err(Error::stage("write"))?;
+    let degs = match &tables.degs {
+        Some((key, table)) => {
+            let schema = Arc::new(
+                table.schema().as_ref().clone().with_metadata(HashMap::from([("uns_key".to_owned(), key.clone())])),
+            );
+            let table = table.clone().with_schema(Arc::clone(&schema)).map_err(Error::arrow("DEG table"))?;
+            write_table(&writer.extra_file_path(DEG_FILE), schema, [table]).map_err(Error::stage("write"))?;
+            Some((key.clone(), tables.degs.as_ref().map_or(0, |(_, t)| t.num_rows())))
+        }
+        None => None,
+    };
+    progress.begin("cells", n_obs);
+    let result = (|| {
+        while let Some(rows) = read.busy(|| chunks.next()) {
+            let rows = rows?;
+            read.add(rows.n_rows() as u64, rows.byte_size());
+            let first = writer.n_obs();
+            if rows.n_cols() != n_vars {
+                return Err(Error::InvalidInput(format!(
+                    "{what}: cells {first}..: a chunk of {} columns for {n_vars} genes",
+                    rows.n_cols()
+                )));
+            }
+            let end = first + rows.n_rows() as u64;
+            if end > n_obs {
+                return Err(Error::InvalidInput(format!(
+                    "{what}: the matrix has more rows than the {n_obs} cells of obs"
+                )));
+            }
+            for r in 0..rows.n_rows() {
+                let (indices, values) = rows.row(r);
+                cpa_stream_stages::csr::check_row(indices, values, n_vars)
+                    .map_err(|e| Error::InvalidInput(format!("{what}: cell {}{e}", first + r as u64)))?;
+            }
+            let obs = tables.obs.slice(first as usize, rows.n_rows());
+            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
+            write.add(rows.n_rows() as u64, rows.byte_size());
+            progress.advance(rows.n_rows() as u64);
+        }
+        Ok(())
+    })();
+    progress.end();
+    result?;
+    if writer.n_obs() != n_obs {
+        return Err(Error::InvalidInput(format!("{what}: the matrix has {} rows for {n_obs} cells", writer.n_obs())));
+    }
+    let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
+    let wall = started.elapsed();
+    let bytes = read.report().bytes;
+    Ok(ImportSummary {
+        cells_per_s: manifest.n_obs as f64 / wall.as_secs_f64().max(1e-9),
+        input_mb_per_s: bytes as f64 / 1e6 / wall.as_secs_f64().max(1e-9),
+        manifest,
+        layout: "csr".to_owned(),
+        degs,
+        report: RunReport { wall, stages: vec![read.report(), write.report()], memory: sampler.finish() },
+    })
+}

@@ -25,6 +25,7 @@ pub mod batcher;
 pub mod bench;
 pub mod convert;
 pub mod degs;
+pub mod embeddings;
 pub mod encoder;
 mod error;
 pub mod evaluate;

@@ -74,22 +74,6 @@ impl LabelArgs {
         }
     }
 
-    /// Each flag given that differs from what a resumed run recorded, as `(flag, given, recorded)`.
-    fn differences(&self, recorded: &EncoderOptions) -> Vec<(&'static str, String, String)> {
-        let mut out = Vec::new();
-        let mut check = |flag, given: Option<String>, had: String| {
-            if let Some(g) = given.filter(|g| *g != had) {
-                out.push((flag, g, had));
-            }
-        };
-        check("--perturbation-key", self.perturbation_key.clone(), recorded.perturbation_key.clone());
-        check("--dose-key", self.dose_key.clone(), recorded.dose_key.clone().unwrap_or_else(|| "(none)".into()));
-        check("--control", self.control.clone(), recorded.control.clone());
-        let covariates = (!self.covariates.is_empty()).then(|| self.covariates.join(","));
-        check("--covariates", covariates, recorded.covariate_keys.join(","));
-        out
-    }
-
     /// Every cell in training, none held out (the benchmarks).
     fn all_training(self, max_comb_len: usize) -> EncoderOptions {
         self.encoder(None, SplitSpec::all_training(), max_comb_len)
@@ -354,34 +338,7 @@ fn parse_batch_size(value: &str) -> Result<usize, String> {
 /// returned (`--workers` or the plan). On the CPU without both flags, the plan first watches the
 /// CPUs for [`threads::SAMPLE`] to see how busy other processes keep them.
 fn model_device(name: &str, threads: Option<usize>, workers: Option<usize>) -> anyhow::Result<(tch::Device, usize)> {
-    use cpa_stream_pipeline::threads;
-    let device = cpa_stream_stages::device::parse(name)?;
-    cpa_stream_stages::device::check(device)?;
-    let on_cpu = device == tch::Device::Cpu;
-    // Measured at start, before libtorch's OpenMP settings were fixed (main.rs); watched here
-    // only when that did not happen (the user set the OpenMP variables).
-    let measured = std::env::var("CPA_STREAM_BUSY_CPUS").ok().and_then(|v| v.parse::<f64>().ok());
-    let busy = match measured {
-        Some(b) => b,
-        None if on_cpu && (threads.is_none() || workers.is_none()) => threads::busy_elsewhere(threads::SAMPLE),
-        None => 0.0,
-    };
-    let plan = threads::plan(on_cpu, threads, workers, cpa_stream_pipeline::batcher::DEFAULT_WORKERS, busy);
-    let t = i32::try_from(plan.torch).map_err(|_| anyhow::anyhow!("--threads {}: too many", plan.torch))?;
-    tch::set_num_threads(t);
-    tracing::debug!(
-        "threads: {} CPUs usable, {:.1} busy elsewhere: libtorch {} ({} OpenMP wait), batcher workers {}",
-        plan.cpus,
-        plan.busy_elsewhere,
-        plan.torch,
-        if std::env::var("OMP_WAIT_POLICY").is_ok_and(|v| v.eq_ignore_ascii_case("passive")) {
-            "passive"
-        } else {
-            "spinning"
-        },
-        plan.workers
-    );
-    Ok((device, plan.workers))
+    Ok(cpa_stream_pipeline::threads::configure(name, threads, workers)?)
 }
 
 /// The log levels a filter directive may name.

@@ -7,12 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::batcher::{
-    DEFAULT_BLOCK_CELLS, DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, LoaderOptions, PlanOptions,
-};
-use cpa_stream_pipeline::encoder::{DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, EncoderOptions, SplitSpec};
-use cpa_stream_pipeline::train::{TrainOptions, recorded_settings, run_train};
-use cpa_stream_stages::model::config::CpaConfig;
+use cpa_stream_pipeline::batcher::{DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS};
+use cpa_stream_pipeline::train::request::{ConfigSource, Naming, TrainRequest};
+use cpa_stream_pipeline::train::run_train;
 
 use super::progress::CliProgress;
 
@@ -95,101 +92,40 @@ pub struct TrainArgs {
     json: bool,
 }
 
-/// The settings a resumed run recorded, after checking that every flag given agrees.
-fn resumed(args: &TrainArgs) -> anyhow::Result<(EncoderOptions, CpaConfig)> {
-    let (encoder, recorded) = recorded_settings(&args.out)?;
-    let mut differ = args.labels.differences(&encoder);
-    let mut check = |flag: &'static str, given: Option<String>, had: String| {
-        if let Some(g) = given.filter(|g| *g != had) {
-            differ.push((flag, g, had));
-        }
-    };
-    check("--batch-key", args.batch_key.clone(), encoder.batch_key.clone().unwrap_or_else(|| "(none)".into()));
-    check("--seed", args.seed.map(|s| s.to_string()), recorded.training.seed.to_string());
-    match &encoder.split {
-        SplitSpec::Column(c) => check("--split-key", args.split_key.clone(), c.clone()),
-        SplitSpec::Fraction { validation, test, holdout, .. } => {
-            check("--split-key", args.split_key.clone(), "(none)".into());
-            check("--validation-fraction", args.validation_fraction.map(|v| v.to_string()), validation.to_string());
-            check("--test-fraction", args.test_fraction.map(|v| v.to_string()), test.to_string());
-            let given = (!args.holdout.is_empty()).then(|| args.holdout.join(","));
-            check("--holdout", given, holdout.join(","));
-        }
-    }
-    if let Some(path) = &args.config {
-        let mut given = CpaConfig::from_file(path)?;
-        // What a resume may change: the epochs, the batch and run lengths, the seed.
-        given.training.max_epochs = recorded.training.max_epochs;
-        given.training.batch_size = recorded.training.batch_size;
-        given.training.shuffle_run_cells = recorded.training.shuffle_run_cells;
-        given.training.seed = recorded.training.seed;
-        if given.to_toml()? != recorded.to_toml()? {
-            differ.push(("--config", path.display().to_string(), "the configuration in checkpoint/model.json".into()));
+impl TrainArgs {
+    /// The request these flags make.
+    fn request(&self) -> TrainRequest {
+        TrainRequest {
+            store: self.store.clone(),
+            out: self.out.clone(),
+            perturbation_key: self.labels.perturbation_key.clone(),
+            dose_key: self.labels.dose_key.clone(),
+            control: self.labels.control.clone(),
+            covariates: self.labels.covariates.clone(),
+            batch_key: self.batch_key.clone(),
+            split_key: self.split_key.clone(),
+            holdout: self.holdout.clone(),
+            validation_fraction: self.validation_fraction,
+            test_fraction: self.test_fraction,
+            config: self.config.clone().map_or(ConfigSource::Default, ConfigSource::File),
+            epochs: self.epochs,
+            batch_size: self.batch_size.clone(),
+            shuffle_run_cells: self.shuffle_run_cells,
+            seed: self.seed,
+            resume: self.resume,
+            overwrite: self.overwrite,
+            allow_non_counts: self.allow_non_counts,
+            prefetch: Some(self.prefetch),
+            shuffle_blocks: Some(self.shuffle_blocks),
+            shuffle_buffer_bytes: Some(self.shuffle_buffer_mb << 20),
+            naming: Naming::Flags,
         }
     }
-    if let Some((flag, given, had)) = differ.first() {
-        anyhow::bail!(
-            "{}: {flag} {given} differs from the run's recorded {had:?}; a resumed run keeps its settings \
-             (leave the flag out, or start a new run with --overwrite)",
-            args.out.display()
-        );
-    }
-    Ok((encoder, recorded))
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let recorded = if args.resume { Some(resumed(&args)?) } else { None };
-    let mut config = match (&recorded, &args.config) {
-        (Some((_, c)), _) => c.clone(),
-        (None, Some(path)) => CpaConfig::from_file(path)?,
-        (None, None) => CpaConfig::default(),
-    };
-    if let Some(e) = args.epochs {
-        config.training.max_epochs = e;
-    }
-    let auto_batch_size = args.batch_size.as_deref() == Some("auto");
-    if let Some(b) = args.batch_size.as_deref().filter(|b| *b != "auto") {
-        config.training.batch_size =
-            b.parse().map_err(|_| anyhow::anyhow!("--batch-size {b:?}: expected a number of cells or auto"))?;
-    }
-    if let Some(s) = args.seed {
-        config.training.seed = s;
-    }
-    if let Some(k) = args.shuffle_run_cells {
-        config.training.shuffle_run_cells = k;
-    }
-    config.validate().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     let (device, workers) = super::model_device(&args.device, args.threads, args.workers)?;
-    let split = match args.split_key {
-        Some(k) => SplitSpec::Column(k),
-        None => SplitSpec::fractions(
-            args.validation_fraction.unwrap_or(DEFAULT_VALIDATION_FRACTION),
-            args.test_fraction.unwrap_or(DEFAULT_TEST_FRACTION),
-            config.training.seed,
-            args.holdout,
-        ),
-    };
-    let options = TrainOptions {
-        store: args.store.clone(),
-        out: args.out.clone(),
-        encoder: match recorded {
-            Some((encoder, _)) => encoder,
-            None => args.labels.encoder(args.batch_key, split, config.model.max_comb_len),
-        },
-        config,
-        device,
-        resume: args.resume,
-        overwrite: args.overwrite,
-        allow_non_counts: args.allow_non_counts,
-        epochs: args.epochs,
-        auto_batch_size,
-        loader: LoaderOptions { workers, prefetch: args.prefetch, buffer_bytes: args.shuffle_buffer_mb << 20 },
-        plan: PlanOptions {
-            block_cells: DEFAULT_BLOCK_CELLS,
-            shuffle_blocks: args.shuffle_blocks,
-            ..PlanOptions::default()
-        },
-    };
+    let options = args.request().options(device, workers)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     ctrlc::set_handler(move || {

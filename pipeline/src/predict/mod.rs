@@ -91,7 +91,7 @@ pub fn run_predict(
     let sink_stats = StageStats::new("sink", 1);
     let start = Instant::now();
     progress.begin("predict", rows.end - rows.start);
-    let mut stream = predictor.stream()?;
+    let mut stream = predictor.stream()?.without_empty_check();
     let mut written_cells = 0u64;
     let mut reported = 0u64;
     loop {

@@ -44,6 +44,37 @@ pub struct PredictionStream {
     selected: Arc<AtomicU64>,
     /// Store rows of the shard that the predictor has passed.
     scanned: Arc<AtomicU64>,
+    /// Where to look when the source selects no cell, unless an empty result was allowed.
+    empty: Option<EmptyCheck>,
+}
+
+/// What explains a source that selected no cell: the expression, the obs table, the rows.
+struct EmptyCheck {
+    text: Option<String>,
+    source: crate::obs::expr::Expr,
+    obs: std::path::PathBuf,
+    shard: Option<crate::predictor::Shard>,
+    rows: std::ops::Range<u64>,
+}
+
+impl EmptyCheck {
+    /// The error of a source that selected no cell, naming close values of its columns.
+    fn error(&self) -> Error {
+        let selection = match &self.text {
+            Some(text) => format!("the source {text:?}"),
+            None => "the default source (the control cells)".to_owned(),
+        };
+        let shard = self
+            .shard
+            .map(|s| format!(" in shard {}/{} (rows {}..{})", s.index, s.count, self.rows.start, self.rows.end))
+            .unwrap_or_default();
+        match self.source.explain_no_match(&self.obs) {
+            Ok(why) => Error::InvalidInput(format!(
+                "{selection} selects no cell{shard}: {why} (an empty result must be asked for: allow_empty / --allow-empty)"
+            )),
+            Err(e) => e,
+        }
+    }
 }
 
 impl std::fmt::Debug for PredictionStream {
@@ -91,6 +122,13 @@ impl Predictor {
             stats: stats.clone(),
             selected: Arc::clone(&selected),
             scanned: Arc::clone(&scanned),
+            empty: (!options.allow_empty).then(|| EmptyCheck {
+                text: options.source.clone(),
+                source: self.source().clone(),
+                obs: self.store().file_path(cpa_stream_schemas::StoreFiles::OBS),
+                shard: options.shard,
+                rows: self.rows(),
+            }),
         };
         let (source_stats, source_stop) = (Arc::clone(&stats.source), Arc::clone(&stop));
         let source = spawn_named("source".to_owned(), move || {
@@ -178,6 +216,12 @@ impl PredictionStream {
         arrow::ffi_stream::FFI_ArrowArrayStream::new(Box::new(self))
     }
 
+    /// Leaves an empty result to the caller, which explains it itself (`run_predict`).
+    pub(crate) fn without_empty_check(mut self) -> Self {
+        self.empty = None;
+        self
+    }
+
     /// Stops the stages and waits for them; the first panic becomes an error naming its stage.
     fn shutdown(&mut self) -> Result<()> {
         self.stop.store(true, Ordering::Relaxed);
@@ -210,7 +254,14 @@ impl Iterator for PredictionStream {
                 let _ = self.shutdown();
                 Some(Err(external(e)))
             }
-            None => self.shutdown().err().map(|e| Err(external(e))),
+            None => match self.shutdown() {
+                Err(e) => Some(Err(external(e))),
+                // Once: the check is taken, so a later call ends the stream.
+                Ok(()) => match self.empty.take() {
+                    Some(check) if self.selected.load(Ordering::Relaxed) == 0 => Some(Err(external(check.error()))),
+                    _ => None,
+                },
+            },
         }
     }
 }

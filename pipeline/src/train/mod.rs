@@ -8,6 +8,7 @@
 
 pub mod history;
 pub mod probe;
+pub mod request;
 pub mod validate;
 
 use cpa_stream_stages::output::{OutputKind, check_destination};

@@ -1,0 +1,441 @@
+"""Training runs: ``train`` and what a run can do (history, predictions, latents, evaluation,
+embeddings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import _native, _progress
+from ._store import PathLike, Store, table_to_pandas
+
+if TYPE_CHECKING:
+    import anndata
+
+#: Latents a prediction can carry (``latents=``).
+LATENTS = ("z_basal", "z", "z_corrected", "z_no_pert", "z_no_pert_corrected")
+#: Schema metadata key of the predicted genes (a JSON list).
+GENES_KEY = b"cpa_stream.genes"
+
+Targets = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | pd.DataFrame | None
+
+
+def _path(p: Store | PathLike) -> str:
+    return os.fspath(p)
+
+
+def _compute(device: str, threads: int | None, workers: int | None) -> str:
+    return json.dumps({"device": device, "threads": threads, "workers": workers})
+
+
+def train(
+    store: Store | PathLike,
+    out: PathLike,
+    *,
+    perturbation_key: str | None = None,
+    dosage_key: str | None = None,
+    control_group: str | None = None,
+    categorical_covariate_keys: Sequence[str] = (),
+    batch_key: str | None = None,
+    split_key: str | None = None,
+    holdout: Sequence[str] = (),
+    validation_fraction: float | None = None,
+    test_fraction: float | None = None,
+    config: Mapping[str, Any] | PathLike | None = None,
+    max_epochs: int | None = None,
+    batch_size: int | str | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_non_counts: bool = False,
+    progress: bool | None = None,
+) -> Run:
+    """Trains CPA on ``store`` into the run directory ``out`` and returns the :class:`Run`.
+
+    The obs columns (cpa-tools' names): ``perturbation_key`` (conditions such as ``"A+B"``,
+    default ``"condition"``), ``dosage_key`` (``"0.1+1"``; without it every dose is 1),
+    ``control_group`` (default ``"control"``), ``categorical_covariate_keys`` and ``batch_key``
+    (left out of the corrected latents). The split: ``split_key`` (an obs column of
+    train / valid / test / ood), else ``validation_fraction`` and ``test_fraction`` of each
+    condition (0.1 each) with the conditions in ``holdout`` held out entirely.
+
+    ``config`` is a dict of the TOML file's tables (``{"model": {...}, "training": {...}}``;
+    missing keys take the defaults), a path to such a file, or ``None`` for the defaults.
+    ``max_epochs``, ``batch_size`` (or ``"auto"`` on CUDA) and ``seed`` override it.
+
+    ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``threads`` libtorch's threads (note:
+    libtorch's thread count is per process, so this also sets PyTorch's) and ``workers`` the
+    batcher's, planned from the usable CPUs when ``None``. With the same seed, threads and
+    workers, the weights are byte-identical to the CLI's.
+
+    An existing run at ``out`` is an error unless ``overwrite`` (start again) or ``resume``
+    (continue from its checkpoint with its recorded settings; settings given must agree).
+    Runs on a thread of its own with the GIL released; a progress bar shows in Jupyter and on a
+    terminal. Ctrl-C (KeyboardInterrupt) stops after the current step with a checkpoint, as the
+    CLI does, and returns the run with ``interrupted`` set (continue with ``resume=True``).
+    """
+    if isinstance(config, Mapping):
+        config_value: Any = dict(config)
+    elif config is None:
+        config_value = None
+    else:
+        config_value = os.fspath(config)
+    if isinstance(batch_size, int):
+        batch_size = str(batch_size)
+    request = {
+        "store": _path(store),
+        "out": os.fspath(out),
+        "perturbation_key": perturbation_key,
+        "dose_key": dosage_key,
+        "control": control_group,
+        "covariates": list(categorical_covariate_keys),
+        "batch_key": batch_key,
+        "split_key": split_key,
+        "holdout": list(holdout),
+        "validation_fraction": validation_fraction,
+        "test_fraction": test_fraction,
+        "epochs": max_epochs,
+        "batch_size": batch_size,
+        "seed": seed,
+        "resume": resume,
+        "overwrite": overwrite,
+        "allow_non_counts": allow_non_counts,
+        "naming": "keywords",
+    }
+    if config_value is not None:
+        request["config"] = config_value
+    report = json.loads(
+        _native.train(json.dumps(request), _compute(device, threads, workers), _progress.make(progress, "train"))
+    )
+    run = Run(out)
+    run.report = report
+    if report.get("interrupted"):
+        warnings.warn(
+            f"{os.fspath(out)}: training interrupted after {len(report.get('epochs', []))} epoch(s); "
+            "the checkpoint is kept (continue with resume=True)",
+            stacklevel=2,
+        )
+    return run
+
+
+def _target_specs(targets: Targets) -> list[str]:
+    """Targets as the CLI's ``--target`` strings: ``"A+B"``, ``"condition=A+B,dose=1+1,cell_type=K562"``,
+    a dict of the same keys, a list of either, or a DataFrame with one target per row."""
+    if targets is None:
+        return []
+    if isinstance(targets, pd.DataFrame):
+        targets = targets.to_dict("records")
+    if isinstance(targets, (str, Mapping)):
+        targets = [targets]
+    specs = []
+    for t in targets:
+        if isinstance(t, str):
+            specs.append(t)
+        elif isinstance(t, Mapping):
+            for k, v in t.items():
+                if any(c in str(v) for c in ",=") or any(c in str(k) for c in ",="):
+                    raise ValueError(f"target {dict(t)!r}: keys and values may not contain ',' or '='")
+            specs.append(",".join(f"{k}={v}" for k, v in t.items()))
+        else:
+            raise ValueError(f"target {t!r}: expected a string or a dict")
+    return specs
+
+
+class Run:
+    """A training run directory (``checkpoint/``, ``best/``, ``model/``, ``metrics.parquet``,
+    ``config.toml``), as ``train`` (here or on the command line) writes it."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: no such training run")
+        #: The training report when this run was just trained (epochs, timings, stages).
+        self.report: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the training that returned this run was stopped by Ctrl-C."""
+        return bool(self.report and self.report.get("interrupted"))
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per epoch: losses, accuracy, learning rate, cells, seconds and validation."""
+        return pq.read_table(self.path / "metrics.parquet").to_pandas()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The configuration the run trained with (the TOML file's tables)."""
+        return json.loads(_native.run_settings(str(self.path)))["config"]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The obs keys, control and covariates the run recorded."""
+        return json.loads(_native.run_settings(str(self.path)))["encoder"]
+
+    @property
+    def vocabulary(self) -> dict[str, Any]:
+        """The model's vocabulary: genes, perturbations, covariates with their categories,
+        conditions."""
+        return json.loads(_native.model_vocabulary(str(self.path)))
+
+    @property
+    def perturbations(self) -> list[str]:
+        """The perturbations the model knows (the control included)."""
+        return [p for p in self.vocabulary["perturbations"] if p != "<pad>"]
+
+    def _request(self, store: Store | PathLike, **kw: Any) -> str:
+        genes = kw.pop("genes", None)
+        if isinstance(genes, str):
+            genes = [genes]
+        latents = kw.pop("latents", ())
+        latents = [latents] if isinstance(latents, str) else list(latents)
+        request = {
+            "model": str(self.path),
+            "store": _path(store),
+            "targets": _target_specs(kw.pop("targets", None)),
+            "genes": list(genes) if genes is not None else None,
+            "latents": latents,
+            **kw,
+        }
+        return json.dumps(request)
+
+    def predict(
+        self,
+        store: Store | PathLike,
+        *,
+        source: str | None = None,
+        targets: Targets = None,
+        genes: Sequence[str] | None = None,
+        top_deg: int | None = None,
+        latents: Sequence[str] = (),
+        batch_size: int | None = None,
+        seed: int = 0,
+        allow_empty: bool = False,
+        device: str = "cpu",
+        threads: int | None = None,
+        workers: int | None = None,
+    ) -> pa.RecordBatchReader:
+        """Counterfactual predictions as a ``pyarrow.RecordBatchReader``, computed as it is read
+        (zero-copy, through the Arrow PyCapsule stream interface): polars
+        (``pl.DataFrame(reader)``) and DuckDB (``duckdb.sql("from reader")``) read it directly.
+
+        ``source`` selects the source cells (``"condition == control and cell_type == K562"``,
+        ``"all"``; default the control cells); ``targets`` are the conditions predicted for each
+        (``"A+B"``, ``"condition=A+B,dose=0.1+1,cell_type=K562"``, dicts of the same keys, a list,
+        or a DataFrame with one target per row; none: each cell reconstructed under its own).
+        Columns: ``cell_id``, the target's labels, ``mean`` (a list per row: the predicted means
+        of ``genes``, default all, or the union of the targets' ``top_deg`` DEGs) and each of
+        ``latents`` (:data:`LATENTS`). The genes are in ``schema.metadata[b"cpa_stream.genes"]``.
+        """
+        request = self._request(
+            store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
+            batch_size=batch_size, seed=seed, allow_empty=allow_empty,
+        )
+        stream = _native.predict_stream(request, _compute(device, threads, workers))
+        return pa.RecordBatchReader.from_stream(stream)
+
+    def predict_to_parquet(
+        self,
+        out: PathLike,
+        store: Store | PathLike,
+        *,
+        source: str | None = None,
+        targets: Targets = None,
+        genes: Sequence[str] | None = None,
+        top_deg: int | None = None,
+        latents: Sequence[str] = (),
+        shard: str | None = None,
+        wide: bool = False,
+        batch_size: int | None = None,
+        seed: int = 0,
+        allow_empty: bool = False,
+        overwrite: bool = False,
+        device: str = "cpu",
+        threads: int | None = None,
+        workers: int | None = None,
+        progress: bool | None = None,
+    ) -> dict[str, Any]:
+        """Writes the predictions to a Parquet file at ``out`` as ``cpa-stream predict`` does
+        (streamed: memory does not grow with the cells) and returns its report. With ``shard``
+        (``"k/n"``) ``out`` is a dataset directory that receives ``part-k-of-n.parquet`` and
+        ``genes.parquet``. ``wide`` writes one column per gene. The way for predictions that do
+        not fit in memory; read them back lazily with ``polars.scan_parquet`` or DuckDB."""
+        request = self._request(
+            store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
+            shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
+        )
+        return json.loads(
+            _native.predict_file(
+                request, _compute(device, threads, workers), os.fspath(out), overwrite=overwrite,
+                progress=_progress.make(progress, "predict"),
+            )
+        )
+
+    def predict_anndata(
+        self,
+        store: Store | PathLike,
+        *,
+        source: str | None = None,
+        targets: Targets = None,
+        genes: Sequence[str] | None = None,
+        top_deg: int | None = None,
+        latents: Sequence[str] = (),
+        batch_size: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        threads: int | None = None,
+        workers: int | None = None,
+    ) -> anndata.AnnData:
+        """The predictions as an AnnData, for results that fit in memory: ``X`` the predicted
+        means (float32), ``obs`` the source cell id and the target's labels (categoricals),
+        ``var`` the genes, ``obsm`` each latent. Arguments as :meth:`predict`. For more rows than
+        memory holds use :meth:`predict_to_parquet` (or :meth:`predict` batch by batch)."""
+        import anndata as ad
+
+        reader = self.predict(
+            store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
+            batch_size=batch_size, seed=seed, device=device, threads=threads, workers=workers,
+        )
+        genes_json = (reader.schema.metadata or {}).get(GENES_KEY)
+        gene_names = json.loads(genes_json) if genes_json else []
+        latent_names = [n for n in reader.schema.names if n in LATENTS]
+        label_names = [n for n in reader.schema.names if n not in ("mean", *LATENTS)]
+        means: list[np.ndarray] = []
+        obsm: dict[str, list[np.ndarray]] = {n: [] for n in latent_names}
+        labels: list[pa.Table] = []
+        for batch in reader:
+            means.append(_vectors(batch.column("mean"), len(gene_names)))
+            for n in latent_names:
+                column = batch.column(n)
+                obsm[n].append(_vectors(column, column.type.list_size))
+            labels.append(pa.Table.from_batches([batch.select(label_names)]))
+        if labels:
+            obs = table_to_pandas(pa.concat_tables(labels))
+        else:
+            obs = table_to_pandas(pa.schema([reader.schema.field(n) for n in label_names]).empty_table())
+        obs.index = obs.index.astype(str)
+        x = np.concatenate(means) if means else np.zeros((0, len(gene_names)), np.float32)
+        latents_out = {n: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for n, v in obsm.items()}
+        return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)), obsm=latents_out)
+
+    def latents(
+        self,
+        store: Store | PathLike,
+        kinds: Sequence[str] | str = ("z_basal",),
+        *,
+        source: str = "all",
+        batch_size: int | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        workers: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Latents of the store's cells under their own conditions, ``kinds`` of :data:`LATENTS`,
+        as arrays with one row per selected cell in store order: for a store imported from an
+        AnnData, ready for ``adata.obsm["X_cpa_basal"] = run.latents(store)["z_basal"]``. The key
+        ``"cell_id"`` holds the cells' ids."""
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        unknown = [k for k in kinds if k not in LATENTS]
+        if unknown or not kinds:
+            raise ValueError(f"latents {unknown or kinds!r}: expected some of {', '.join(LATENTS)}")
+        first_gene = self.vocabulary["genes"][:1]
+        reader = self.predict(
+            store, source=source, genes=first_gene, latents=kinds, batch_size=batch_size,
+            device=device, threads=threads, workers=workers,
+        )
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
+        ids: list[np.ndarray] = []
+        for batch in reader:
+            for k in kinds:
+                column = batch.column(k)
+                parts[k].append(_vectors(column, column.type.list_size))
+            ids.append(batch.column("cell_id").to_numpy(zero_copy_only=False))
+        out: dict[str, np.ndarray] = {k: np.concatenate(v) for k, v in parts.items()}
+        out["cell_id"] = np.concatenate(ids) if ids else np.array([], dtype=object)
+        return out
+
+    def evaluate(
+        self,
+        store: Store | PathLike,
+        *,
+        split: str = "test",
+        out: PathLike | None = None,
+        truth: PathLike | None = None,
+        degs: PathLike | None = None,
+        min_cells: int | None = None,
+        plots: bool = False,
+        overwrite: bool = False,
+        batch_size: int | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        progress: bool | None = None,
+    ) -> pd.DataFrame:
+        """Evaluates the model as ``cpa-stream evaluate`` does and returns the per-condition
+        metrics as a DataFrame (``attrs["summary"]``: the summary, ``attrs["report"]``: the whole
+        report). ``split``: ``train``, ``valid``, ``test``, ``ood`` or ``all``. With ``out`` the
+        files (``metrics.parquet``, ``summary.json``, ``degs.parquet``, ``plots/`` when
+        ``plots``) are kept there; without, they go to a temporary directory."""
+        with tempfile.TemporaryDirectory(prefix="cpa-stream-eval-") as scratch:
+            target = Path(out) if out is not None else Path(scratch) / "eval"
+            request = {
+                "model": str(self.path), "store": _path(store), "out": str(target), "split": split,
+                "truth": os.fspath(truth) if truth is not None else None,
+                "degs": os.fspath(degs) if degs is not None else None,
+                "min_cells": min_cells, "plots": plots, "overwrite": overwrite, "batch_size": batch_size,
+            }
+            report = json.loads(
+                _native.evaluate(json.dumps(request), _compute(device, threads, None), _progress.make(progress, "evaluate"))
+            )
+            frame = table_to_pandas(pq.read_table(target / "metrics.parquet"))
+        frame.attrs["summary"] = report.get("summary", {})
+        frame.attrs["report"] = report
+        return frame
+
+    def perturbation_embeddings(self) -> pd.DataFrame:
+        """The learned perturbation embeddings: one row per perturbation (index), one column per
+        latent dimension, and ``is_control``."""
+        table = pa.RecordBatchReader.from_stream(_native.embeddings(str(self.path), "perturbation")).read_all()
+        vectors = _vectors(table.column("embedding").combine_chunks(), table.schema.field("embedding").type.list_size)
+        frame = pd.DataFrame(vectors, index=pd.Index(table.column("name").to_pylist(), name="perturbation"))
+        frame.insert(0, "is_control", table.column("is_control").to_numpy(zero_copy_only=False))
+        return frame
+
+    def covariate_embeddings(self) -> pd.DataFrame:
+        """The learned covariate embeddings: one row per (covariate, category) (a MultiIndex),
+        one column per latent dimension."""
+        table = pa.RecordBatchReader.from_stream(_native.embeddings(str(self.path), "covariate")).read_all()
+        vectors = _vectors(table.column("embedding").combine_chunks(), table.schema.field("embedding").type.list_size)
+        index = pd.MultiIndex.from_arrays(
+            [table.column("covariate").to_pylist(), table.column("name").to_pylist()], names=["covariate", "category"]
+        )
+        return pd.DataFrame(vectors, index=index)
+
+
+def _vectors(column: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+    """A fixed-size list column of float32 as a (rows, width) array, without copying where the
+    column has no offset."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, width), np.float32)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), width)
+

@@ -1,0 +1,330 @@
+"""Stores: importing AnnData (files or objects) and reading a store's tables."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import _native, _progress
+
+if TYPE_CHECKING:
+    import anndata
+    import polars
+
+#: Field metadata key of a categorical column's ordered categories (the store's schema).
+CATEGORIES_KEY = b"cpa_stream.categories"
+#: Rows of an in-memory matrix written per chunk.
+DEFAULT_CHUNK_ROWS = 1024
+
+PathLike = str | os.PathLike
+
+
+class Store:
+    """A cpa-stream store: the cells x genes matrix (memory-mapped, raw or zstd blocks) with its
+    ``obs`` and ``var`` tables, as ``cpa-stream import`` writes it.
+
+    ``Store(path)`` opens and checks an existing store; :func:`import_h5ad` makes one.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = json.loads(_native.store_manifest(str(self.path)))
+
+    def __repr__(self) -> str:
+        codec = self.manifest.get("codec")
+        codec = codec if isinstance(codec, str) else next(iter(codec), "?")
+        return f"Store({str(self.path)!r}: {self.n_obs:,} cells x {self.n_vars:,} genes, {codec})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def n_obs(self) -> int:
+        """Cells."""
+        return int(self.manifest["n_obs"])
+
+    @property
+    def n_vars(self) -> int:
+        """Genes."""
+        return int(self.manifest["n_vars"])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(cells, genes)``, as ``AnnData.shape``."""
+        return (self.n_obs, self.n_vars)
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """The cells' metadata, indexed by cell id; categorical columns keep their categories in
+        their recorded order (unused ones included). Read from ``obs.parquet`` on each access."""
+        return _frame(self.path / "obs.parquet")
+
+    @property
+    def var(self) -> pd.DataFrame:
+        """The genes' metadata, indexed by gene id."""
+        return _frame(self.path / "var.parquet")
+
+    def obs_polars(self) -> polars.DataFrame:
+        """``obs`` as a polars DataFrame (``cell_id`` a column)."""
+        import polars as pl
+
+        return pl.read_parquet(self.path / "obs.parquet")
+
+    def var_polars(self) -> polars.DataFrame:
+        """``var`` as a polars DataFrame (``gene_id`` a column)."""
+        import polars as pl
+
+        return pl.read_parquet(self.path / "var.parquet")
+
+    @property
+    def degs(self) -> pd.DataFrame | None:
+        """The store's DEG lists (``group``, ``rank``, ``gene``, ``score``), imported from the
+        AnnData's ``uns``; ``None`` when it has none. ``attrs["uns_key"]`` names their entry."""
+        path = self.path / "degs.parquet"
+        if not path.exists():
+            return None
+        table = pq.read_table(path)
+        frame = table.to_pandas()
+        key = (table.schema.metadata or {}).get(b"uns_key")
+        frame.attrs["uns_key"] = key.decode() if key else None
+        return frame
+
+
+def _frame(path: Path) -> pd.DataFrame:
+    table = pq.read_table(path)
+    return table_to_pandas(table, index=table.schema.names[0])
+
+
+def table_to_pandas(table: pa.Table, index: str | None = None) -> pd.DataFrame:
+    """A table of the store's schemas as pandas: categorical columns with their recorded
+    categories, in order, and ``index`` (a column) as the index."""
+    frame = table.to_pandas()
+    for field in table.schema:
+        categories = (field.metadata or {}).get(CATEGORIES_KEY)
+        if categories is not None or pa.types.is_dictionary(field.type):
+            values = frame[field.name].astype(object)
+            order = json.loads(categories) if categories is not None else None
+            frame[field.name] = pd.Categorical(values, categories=order)
+    if index is not None:
+        frame = frame.set_index(index)
+        frame.index = frame.index.astype(str)
+        frame.index.name = None
+    return frame
+
+
+def import_h5ad(
+    data: anndata.AnnData | PathLike,
+    out: PathLike,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    genes: list[str] | None = None,
+    codec: str = "raw",
+    zstd_level: int = 3,
+    block_rows: int = 256,
+    deg_uns_key: str | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Store:
+    """Imports an AnnData into a new store at ``out`` and returns it.
+
+    ``data`` is a path to an ``.h5ad`` file, a backed AnnData (read from its file, out of core,
+    as ``cpa-stream import`` does) or an AnnData in memory, whose matrix (``X`` or
+    ``layers[layer]``, or ``raw``; CSR, CSC or dense) is written through the streaming store
+    writer in chunks of ``chunk_rows`` cells, with no temporary ``.h5ad``. The values must be
+    finite and non-negative (counts, or normalised values for a Gaussian model).
+
+    ``codec`` is ``"raw"`` (fastest to read) or ``"zstd"`` (several times smaller; blocks of
+    ``block_rows`` cells at ``zstd_level``). ``genes`` keeps those genes, in that order (files
+    only). DEG lists come from ``uns`` (CPA's dict of group -> ranked genes, or scanpy's
+    ``rank_genes_groups``): ``deg_uns_key`` picks the entry of an in-memory AnnData, else the
+    first found. An existing store at ``out`` is an error unless ``overwrite``.
+    """
+    out = Path(out)
+    codec_args = dict(codec_name=codec, zstd_level=zstd_level, block_rows=block_rows, overwrite=overwrite)
+    if isinstance(data, (str, os.PathLike)):
+        _native.import_h5ad(
+            str(data), str(out), layer=layer, use_raw=use_raw, genes=genes,
+            progress=_progress.make(progress, "import"), **codec_args,
+        )
+        return Store(out)
+    if getattr(data, "isbacked", False):
+        _native.import_h5ad(
+            str(data.filename), str(out), layer=layer, use_raw=use_raw, genes=genes,
+            progress=_progress.make(progress, "import"), **codec_args,
+        )
+        return Store(out)
+    if genes is not None:
+        data = data[:, genes]
+    if use_raw:
+        if layer is not None:
+            raise ValueError(f"import: layer {layer!r} and adata.raw both asked for; choose one")
+        if data.raw is None:
+            raise ValueError("import: use_raw=True but the AnnData has no .raw")
+        matrix, var = data.raw.X, data.raw.var
+        what = "AnnData.raw (in memory)"
+    elif layer is not None:
+        if layer not in data.layers:
+            raise ValueError(f"import: no layer {layer!r}; the AnnData has {sorted(data.layers.keys()) or 'none'}")
+        matrix, var = data.layers[layer], data.var
+        what = f"AnnData layer {layer!r} (in memory)"
+    else:
+        if data.X is None:
+            raise ValueError("import: the AnnData has no X; give layer= or use_raw=True")
+        matrix, var = data.X, data.var
+        what = "AnnData (in memory)"
+    obs = dataframe_to_arrow(data.obs, "cell_id", "obs")
+    var = dataframe_to_arrow(var, "gene_id", "var")
+    degs = _degs_from_uns(data.uns, deg_uns_key)
+    _native.import_arrays(
+        what, obs, var, _csr_chunks(matrix, chunk_rows), str(out), degs=degs,
+        progress=_progress.make(progress, "import"), **codec_args,
+    )
+    return Store(out)
+
+
+def _number_text(value: Any) -> str:
+    """A category as the store writes it: integers plainly, floats in their shortest positional
+    form (``1.0`` -> ``1``, ``1e-05`` -> ``0.00001``), as the .h5ad importer does."""
+    if isinstance(value, (float, np.floating)):
+        return np.format_float_positional(float(value), trim="-")
+    return str(value)
+
+
+def dataframe_to_arrow(frame: pd.DataFrame, id_column: str, what: str) -> pa.Table:
+    """A pandas obs/var frame in the store's schema: the index as ``id_column`` (first, not
+    null), categoricals as dictionaries with their ordered categories recorded, integers Int64,
+    floats Float64, booleans, strings; a column named like the id becomes ``<id>_column``."""
+    fields: list[pa.Field] = []
+    arrays: list[pa.Array] = []
+    index = frame.index.astype(str)
+    fields.append(pa.field(id_column, pa.string(), nullable=False))
+    arrays.append(pa.array(np.asarray(index, dtype=object), type=pa.string()))
+    for name, column in frame.items():
+        name = str(name)
+        out_name = f"{name}_column" if name == id_column else name
+        dtype = column.dtype
+        if isinstance(dtype, pd.CategoricalDtype):
+            categories = [_number_text(c) for c in dtype.categories]
+            codes = pa.array(np.asarray(column.cat.codes, dtype=np.int32), mask=np.asarray(column.cat.codes) < 0)
+            array = pa.DictionaryArray.from_arrays(codes, pa.array(categories, type=pa.string()))
+            meta = {CATEGORIES_KEY: json.dumps(categories, separators=(",", ":"), ensure_ascii=False).encode()}
+            fields.append(pa.field(out_name, pa.dictionary(pa.int32(), pa.string()), nullable=True, metadata=meta))
+            arrays.append(array)
+            continue
+        nullable = bool(column.isna().any())
+        if pd.api.types.is_bool_dtype(dtype):
+            array = pa.array(column, type=pa.bool_(), from_pandas=True)
+        elif pd.api.types.is_unsigned_integer_dtype(dtype) and not nullable:
+            array = pa.array(column, type=pa.uint64(), from_pandas=True)
+        elif pd.api.types.is_integer_dtype(dtype):
+            array = pa.array(column, type=pa.int64(), from_pandas=True)
+        elif pd.api.types.is_float_dtype(dtype):
+            array = pa.array(column, type=pa.float64(), from_pandas=True)
+            nullable = False
+        elif pd.api.types.is_string_dtype(dtype) or dtype == object:
+            values = [None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in column]
+            array = pa.array(values, type=pa.string())
+        else:
+            raise ValueError(
+                f"{what} column {name!r}: dtype {dtype} is not supported "
+                "(categorical, string, integer, float or boolean)"
+            )
+        fields.append(pa.field(out_name, array.type, nullable=nullable))
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _csr_chunks(matrix: Any, chunk_rows: int) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """The matrix in chunks of CSR rows, as little-endian ``(indptr u64, indices u32, data f32)``
+    bytes. CSC is converted to CSR once (row slices of CSC cost a pass over the matrix each);
+    dense rows are made sparse chunk by chunk."""
+    import scipy.sparse as sp
+
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be at least 1")
+    if sp.issparse(matrix) and matrix.format == "csc":
+        matrix = matrix.tocsr()
+    elif sp.issparse(matrix) and matrix.format != "csr":
+        matrix = sp.csr_matrix(matrix)
+    n = matrix.shape[0]
+    for start in range(0, n, chunk_rows):
+        block = matrix[start : min(start + chunk_rows, n)]
+        if sp.issparse(block):
+            block = sp.csr_matrix(block, copy=False)
+            if not block.has_canonical_format:
+                block = block.copy()
+                block.sum_duplicates()
+        else:
+            block = sp.csr_matrix(np.asarray(block))
+        indptr = (block.indptr - block.indptr[0]).astype("<u8", copy=False)
+        yield (
+            indptr.tobytes(),
+            np.asarray(block.indices).astype("<u4", copy=False).tobytes(),
+            np.asarray(block.data).astype("<f4", copy=False).tobytes(),
+        )
+
+
+def _degs_from_uns(uns: Any, key: str | None) -> tuple[str, pa.Table] | None:
+    """A DEG table from ``uns``: ``key``'s entry, or the first that is CPA's dict of group ->
+    ranked gene names or scanpy's ``rank_genes_groups`` (record arrays ``names``, ``scores``)."""
+    keys = [key] if key is not None else list(uns.keys())
+    if key is not None and key not in uns:
+        raise ValueError(f"deg_uns_key {key!r}: not in uns (keys: {', '.join(map(str, uns.keys())) or 'none'})")
+    for k in keys:
+        entry = uns[k]
+        rows = _deg_rows(entry)
+        if rows is None:
+            if key is not None:
+                raise ValueError(f"uns[{key!r}] is neither a dict of group -> genes nor rank_genes_groups")
+            continue
+        groups, ranks, genes, scores = rows
+        table = pa.table(
+            {"group": pa.array(groups, pa.string()), "rank": pa.array(ranks, pa.uint32()),
+             "gene": pa.array(genes, pa.string()), "score": pa.array(scores, pa.float64())},
+            schema=pa.schema([
+                pa.field("group", pa.string(), nullable=False), pa.field("rank", pa.uint32(), nullable=False),
+                pa.field("gene", pa.string(), nullable=False), pa.field("score", pa.float64()),
+            ]),
+        )
+        return str(k), table
+    return None
+
+
+def _deg_rows(entry: Any) -> tuple[list, list, list, list] | None:
+    groups: list[str] = []
+    ranks: list[int] = []
+    genes: list[str] = []
+    scores: list[float | None] = []
+    if not isinstance(entry, dict) or not entry:
+        return None
+    names = entry.get("names")
+    if isinstance(names, np.ndarray) and names.dtype.names:
+        score_records = entry.get("scores")
+        for group in names.dtype.names:
+            for rank, gene in enumerate(names[group]):
+                groups.append(group)
+                ranks.append(rank)
+                genes.append(str(gene))
+                ok = isinstance(score_records, np.ndarray) and score_records.dtype.names and group in score_records.dtype.names
+                scores.append(float(score_records[group][rank]) if ok else None)
+        return groups, ranks, genes, scores
+    for group, listed in entry.items():
+        values = np.asarray(listed)
+        if values.ndim != 1 or values.dtype.kind not in "OUS":
+            return None
+        for rank, gene in enumerate(values):
+            groups.append(str(group))
+            ranks.append(rank)
+            genes.append(str(gene))
+            scores.append(None)
+    return groups, ranks, genes, scores

@@ -1,0 +1,66 @@
+"""Prediction of an atlas that outgrows one machine, fanned out as Ray tasks.
+
+The store's cells are cut into ``shards`` contiguous ranges (``cpa-stream predict --shard k/n``);
+each range is one Ray task that streams its predictions to ``out/part-k-of-n.parquet``, so the
+dataset directory ``out`` is one Parquet dataset (``pyarrow.dataset.dataset(out)``,
+``polars.scan_parquet(out / "part-*.parquet")``, DuckDB's ``read_parquet``). Every node must
+see the run and the store at the same paths (a shared file system) and have ``cpa_stream``
+installed; Ray schedules the tasks, retries failed ones and reports progress.
+
+    import ray, cpa_stream.ray
+    ray.init(address="auto")
+    reports = cpa_stream.ray.predict("run/", "atlas.store", "predictions/", shards=64,
+                                     targets="condition=A+B", cpus_per_task=8)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ._run import Targets, _target_specs
+from ._store import PathLike, Store
+
+
+def _predict_shard(run: str, store: str, out: str, shard: str, options: dict[str, Any]) -> dict[str, Any]:
+    from ._run import Run
+
+    return Run(run).predict_to_parquet(out, store, shard=shard, progress=False, **options)
+
+
+def predict(
+    run: Any,
+    store: Store | PathLike,
+    out: PathLike,
+    *,
+    shards: int,
+    targets: Targets = None,
+    source: str | None = None,
+    genes: list[str] | None = None,
+    top_deg: int | None = None,
+    latents: list[str] | tuple[str, ...] = (),
+    wide: bool = False,
+    overwrite: bool = False,
+    cpus_per_task: int = 1,
+    gpus_per_task: float = 0,
+    max_retries: int = 3,
+) -> list[dict[str, Any]]:
+    """Predicts ``shards`` contiguous cell ranges of ``store`` as Ray tasks (``cpus_per_task``
+    CPUs, and ``gpus_per_task`` GPUs, each: a task with a GPU runs on ``cuda``), all writing into
+    the dataset directory ``out``; returns the per-shard reports in shard order. Arguments as
+    :meth:`cpa_stream.Run.predict_to_parquet`. Raises the first task's error after all ended."""
+    import ray
+
+    if shards < 1:
+        raise ValueError("shards must be at least 1")
+    run_path = os.path.abspath(os.fspath(run))
+    store_path = os.path.abspath(os.fspath(store))
+    out_path = os.path.abspath(os.fspath(out))
+    os.makedirs(out_path, exist_ok=True)
+    options = dict(
+        targets=_target_specs(targets), source=source, genes=genes, top_deg=top_deg, latents=list(latents),
+        wide=wide, overwrite=overwrite, device="cuda" if gpus_per_task else "cpu", threads=cpus_per_task,
+    )
+    task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries)(_predict_shard)
+    refs = [task.remote(run_path, store_path, out_path, f"{k}/{shards}", options) for k in range(shards)]
+    return ray.get(refs)

@@ -1,0 +1,67 @@
+"""Fixtures of the Python package's tests: the bundled real data (examples/data), a store imported
+from it and a short training run, shared by the session to keep the suite quick."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLED = REPO / "examples" / "data" / "perturbench_devel_cpa.h5ad"
+#: The labels of the bundled data, as cpa-tools names them.
+LABELS = dict(perturbation_key="condition", dosage_key="dose", control_group="control",
+              categorical_covariate_keys=["cell_type"])
+#: The same as CLI flags.
+LABEL_FLAGS = ["--perturbation-key", "condition", "--dose-key", "dose", "--control", "control",
+               "--covariates", "cell_type"]
+#: Fixed threads and workers: libtorch's results depend on its thread count.
+COMPUTE = dict(threads=1, workers=1)
+EPOCHS = 3
+
+
+@pytest.fixture(scope="session")
+def cli() -> Path:
+    """The `cpa-stream` binary of the same build (scripts/test.sh sets CPA_STREAM_BIN)."""
+    path = os.environ.get("CPA_STREAM_BIN")
+    if not path:
+        target = os.environ.get("CARGO_TARGET_DIR", str(Path.home() / ".cache" / "cpa-stream" / "target"))
+        path = str(Path(target) / "release" / "cpa-stream")
+    if not Path(path).is_file():
+        pytest.skip(f"the cpa-stream binary is not built at {path} (run scripts/build.sh)")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def adata():
+    import anndata as ad
+
+    return ad.read_h5ad(BUNDLED)
+
+
+@pytest.fixture(scope="session")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cpa")
+
+
+@pytest.fixture(scope="session")
+def store(adata, scratch):
+    import cpa_stream as cs
+
+    return cs.import_h5ad(adata, scratch / "bundled.store", progress=False)
+
+
+@pytest.fixture(scope="session")
+def run(store, scratch):
+    import cpa_stream as cs
+
+    return cs.train(store, scratch / "run", **LABELS, holdout=["MAP2K3+MAP2K6"], max_epochs=EPOCHS, seed=1,
+                    progress=False, **COMPUTE)
+
+
+@pytest.fixture
+def fresh(tmp_path) -> Path:
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,179 @@
+"""Training, prediction, latents, evaluation and embeddings through Python, and the same
+results as the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import cpa_stream as cs
+
+from conftest import COMPUTE, EPOCHS, LABEL_FLAGS, LABELS
+
+TARGET = "condition=MAP2K3+MAP2K6,dose=1+1,cell_type=k562"
+SOURCE = "condition == control and cell_type == k562"
+
+
+def test_python_and_the_cli_train_byte_identical_models_and_predict_the_same(store, run, cli, scratch):
+    out = scratch / "cli-run"
+    flags = ["--threads", str(COMPUTE["threads"]), "--workers", str(COMPUTE["workers"])]
+    subprocess.run(
+        [cli, "train", "--store", store.path, "--out", out, *LABEL_FLAGS, "--holdout", "MAP2K3+MAP2K6",
+         "--epochs", str(EPOCHS), "--seed", "1", "--quiet", *flags],
+        check=True,
+    )
+    for part in ("model", "best", "checkpoint"):
+        ours = (run.path / part / "weights.safetensors").read_bytes()
+        theirs = (out / part / "weights.safetensors").read_bytes()
+        assert ours == theirs, f"{part}/weights.safetensors differs between Python and the CLI"
+    assert run.history.drop(columns="seconds").equals(pq.read_table(out / "metrics.parquet").to_pandas().drop(columns="seconds"))
+
+    parquet = scratch / "cli-pred.parquet"
+    subprocess.run(
+        [cli, "predict", "--model", out, "--store", store.path, "--source", SOURCE, "--target", TARGET,
+         "--latents", "z_basal", "--out", parquet, "--quiet", *flags],
+        check=True,
+    )
+    ours = run.predict(store, source=SOURCE, targets=TARGET, latents=["z_basal"], **COMPUTE).read_all()
+    theirs = pq.read_table(parquet)
+    assert ours.num_rows == theirs.num_rows > 0
+    assert ours.column("mean").equals(theirs.column("mean"))
+    assert ours.column("z_basal").equals(theirs.column("z_basal"))
+    assert ours.column("cell_id").equals(theirs.column("cell_id"))
+
+
+def test_history_config_vocabulary(run):
+    history = run.history
+    assert len(history) == EPOCHS and list(history.epoch) == list(range(EPOCHS))
+    assert {"recon_loss", "adv_loss", "lr", "val_r2_mean"} <= set(history.columns)
+    assert run.config["training"]["max_epochs"] == EPOCHS
+    assert run.settings["dose_key"] == "dose"
+    assert "MAP2K6" in run.perturbations and "control" in run.perturbations
+    assert run.report["epochs"] and not run.interrupted
+
+
+def test_predictions_stream_to_polars_and_duckdb(run, store):
+    import duckdb
+    import polars as pl
+
+    reader = run.predict(store, source=SOURCE, targets=[TARGET, {"condition": "SGK1", "dose": "1"}], **COMPUTE)
+    assert isinstance(reader, pa.RecordBatchReader)
+    genes = json.loads(reader.schema.metadata[b"cpa_stream.genes"])
+    assert len(genes) == store.n_vars
+    frame = pl.DataFrame(reader)
+    obs = store.obs
+    n_source = int(((obs["condition"] == "control") & (obs["cell_type"] == "k562")).sum())
+    assert frame.height == 2 * n_source
+    assert frame.schema["mean"] == pl.Array(pl.Float32, store.n_vars)
+    again = run.predict(store, source=SOURCE, targets=TARGET, genes=genes[:3], **COMPUTE)
+    counted = duckdb.sql("select count(*) as n, avg(len(mean)) as width from again").fetchall()
+    assert counted == [(n_source, 3)]
+
+
+def test_predict_anndata_and_the_streaming_file_agree(run, store, fresh):
+    adata = run.predict_anndata(store, source=SOURCE, targets=TARGET, latents=["z_basal"], **COMPUTE)
+    n_latent = run.config["model"]["n_latent"]
+    assert adata.n_vars == store.n_vars and list(adata.var_names) == list(store.var.index)
+    assert adata.obsm["z_basal"].shape == (adata.n_obs, n_latent)
+    assert isinstance(adata.obs["condition"].dtype, pd.CategoricalDtype)
+    assert set(adata.obs["condition"]) == {"MAP2K3+MAP2K6"}
+    assert adata.obs["cell_id"].is_unique
+    report = run.predict_to_parquet(fresh / "p.parquet", store, source=SOURCE, targets=TARGET, **COMPUTE)
+    assert report["output"]["rows"] == adata.n_obs
+    written = pq.read_table(fresh / "p.parquet")
+    means = np.stack(written.column("mean").to_numpy(zero_copy_only=False))
+    assert np.array_equal(means, adata.X)
+
+
+def test_latents_cover_every_cell_in_store_order(run, store):
+    latents = run.latents(store, ["z_basal", "z"], **COMPUTE)
+    assert latents["z_basal"].shape == (store.n_obs, run.config["model"]["n_latent"])
+    assert latents["z"].shape == latents["z_basal"].shape
+    assert list(latents["cell_id"]) == list(store.obs.index)
+    assert np.isfinite(latents["z_basal"]).all()
+
+
+def test_evaluate_returns_the_metrics(run, store, fresh):
+    metrics = run.evaluate(store, split="ood", **{"threads": 1})
+    assert len(metrics) >= 1 and "r2_mean" in " ".join(metrics.columns)
+    assert metrics.attrs["summary"]
+    kept = run.evaluate(store, split="test", out=fresh / "eval", plots=False, threads=1)
+    assert (fresh / "eval" / "metrics.parquet").exists() and len(kept) > 0
+
+
+def test_embeddings(run):
+    perts = run.perturbation_embeddings()
+    n_latent = run.config["model"]["n_latent"]
+    assert perts.shape[1] == n_latent + 1 and "SGK1" in perts.index
+    assert perts.loc["control", "is_control"]
+    covs = run.covariate_embeddings()
+    assert covs.shape[1] == n_latent
+    assert ("cell_type", "k562") in covs.index
+
+
+def test_errors_are_python_exceptions_with_the_message(run, store, fresh):
+    with pytest.raises(ValueError, match="NOPE"):
+        run.predict(store, targets="condition=NOPE", **COMPUTE).read_all()
+    with pytest.raises(ValueError, match="k562"):
+        run.predict(store, source="cell_type == K562", targets=TARGET, **COMPUTE).read_all()
+    with pytest.raises(FileNotFoundError):
+        run.predict(fresh / "nothing.store", **COMPUTE)
+    with pytest.raises(ValueError, match="control_group|--control|control"):
+        cs.train(store, fresh / "r", **{**LABELS, "control_group": "ctrl"}, max_epochs=1, progress=False, **COMPUTE)
+    with pytest.raises(ValueError, match="resume"):
+        cs.train(store, run.path, **LABELS, max_epochs=1, progress=False, **COMPUTE)
+
+
+def _python(code: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("order", ["cpa_stream, torch", "torch, cpa_stream"])
+def test_one_libtorch_whatever_the_import_order(order):
+    done = _python(f"""
+        import {order}
+        maps = open("/proc/self/maps").read().split("\\n")
+        libs = sorted({{line.split()[-1] for line in maps if "libtorch_cpu.so" in line}})
+        print(libs)
+        assert len(libs) == 1, libs
+        x = torch.ones(3)
+        print(float(x.sum()))
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "3.0" in done.stdout
+
+
+def test_ctrl_c_checkpoints_and_the_run_resumes(store, fresh):
+    script = f"""
+        import cpa_stream as cs
+        run = cs.train({str(store.path)!r}, {str(fresh / 'run')!r}, perturbation_key="condition",
+                       dosage_key="dose", categorical_covariate_keys=["cell_type"], max_epochs=200,
+                       threads=1, workers=1, progress=False)
+        print("interrupted", run.interrupted, len(run.history), flush=True)
+    """
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    metrics = fresh / "run" / "metrics.parquet"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.2)
+    assert metrics.exists(), "no epoch finished"
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert out.startswith("interrupted True"), out + err
+    epochs = int(out.split()[-1])
+    assert 1 <= epochs < 200
+    resumed = cs.train(store, fresh / "run", resume=True, max_epochs=epochs + 1, progress=False, threads=1, workers=1)
+    assert len(resumed.history) == epochs + 1

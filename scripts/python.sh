@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the Python package (python/: the cpa_stream package and its native module) into a wheel
+# with maturin and installs it into the cache's virtual environment (the one whose torch 2.11.0
+# libtorch the module links), with what the package's tests use. Run after
+# `eval "$(scripts/bootstrap.sh)"` and scripts/build.sh: the module shares that build's compiled
+# dependencies (same target directory and profile), so only the module itself is compiled here.
+#   Prints the wheel's path on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CPA_STREAM_VENV:?run eval \"\$(scripts/bootstrap.sh)\" first}"
+py="$CPA_STREAM_VENV/bin/python"
+log() { printf 'python.sh: %s\n' "$*" >&2; }
+
+# maturin builds the wheel; pytest, scanpy, polars run the tests; tqdm is a dependency of the
+# package. Installed once (pip's wheels, no compiler).
+PY_DEPS="maturin==1.16.0 pytest==9.2.0 scanpy==1.11.5 polars==2.1.0 tqdm==4.70.1"
+PY_DEPS_VERSION=1
+stamp="$CPA_STREAM_VENV/.python-deps-$PY_DEPS_VERSION.ok"
+if [ ! -f "$stamp" ]; then
+  exec 9>"$CPA_STREAM_CACHE/.bootstrap.lock"
+  flock 9
+  if [ ! -f "$stamp" ]; then
+    log "installing maturin, pytest, scanpy, polars and tqdm into $CPA_STREAM_VENV"
+    "$py" -m pip install --quiet --disable-pip-version-check $PY_DEPS >&2
+    touch "$stamp"
+  fi
+  flock -u 9
+fi
+# Ray for the fan-out test: optional (large); its test skips with the reason when it is absent.
+ray_stamp="$CPA_STREAM_VENV/.ray-1.tried"
+if [ ! -f "$ray_stamp" ]; then
+  log "installing ray (optional: the Ray test skips without it)"
+  "$py" -m pip install --quiet --disable-pip-version-check "ray==2.60.0" >&2 || log "ray could not be installed"
+  touch "$ray_stamp"
+fi
+
+wheels="$CPA_STREAM_CACHE/wheels"
+rm -rf "$wheels"
+started=$(date +%s)
+# PYO3_PYTHON: the interpreter the module is built for; maturin sets PYO3_BUILD_EXTENSION_MODULE.
+build_log="$CPA_STREAM_CACHE/maturin-build.log"
+PYO3_PYTHON="$py" "$CPA_STREAM_VENV/bin/maturin" build --release --locked --manifest-path python/Cargo.toml \
+  --interpreter "$py" --out "$wheels" 2>&1 | tee "$build_log" >&2
+# After scripts/build.sh only PyO3 and the module itself compile; more means the features of a
+# shared dependency drifted from the workspace build (see the note in python/Cargo.toml).
+compiled=$(grep -c '^ *Compiling ' "$build_log" || true)
+if [ "$compiled" -gt 6 ] && [ -d "$CARGO_TARGET_DIR/release/.fingerprint" ]; then
+  log "warning: the module's build compiled $compiled crates; shared dependencies may have drifted in features"
+fi
+wheel=$(ls "$wheels"/cpa_stream-*.whl)
+"$py" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$wheel" >&2
+log "built and installed $(basename "$wheel") ($(du -h "$wheel" | cut -f1)) in $(( $(date +%s) - started )) s"
+echo "$wheel"
