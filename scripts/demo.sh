@@ -68,3 +68,7 @@ step "synthetic atlas with a held-back combination: train, then score against th
   --config examples/cpa-small.toml --epochs 100 --out "$out/small-run" --overwrite
 "$bin" evaluate --model "$out/small-run" --store "$out/small.store" --out "$out/small-eval" --overwrite
 echo "(rows with 0 cells are the held-back combination, scored only against the truth: column 'truth')"
+
+step "the same from Python: the cpa_stream package on an in-memory AnnData (examples/python/quickstart.py)"
+scripts/python.sh >/dev/null
+"$CPA_STREAM_VENV/bin/python" examples/python/quickstart.py "$out/python"

@@ -65,6 +65,14 @@ matplotlib.pyplot.savefig(out / "umap_z_basal.png", dpi=120, bbox_inches="tight"
 print(f"UMAP of z_basal: {out / 'umap_z_basal.png'}")
 
 # 5. Evaluate on the held-out pair and on the test split.
+#    r2_mean: R2 over genes of the predicted vs real log1p means; r2_mean_control: the control
+#    cells' mean as the prediction (the baseline to beat).
 for split in ("ood", "test"):
     metrics = run.evaluate(store, split=split)
-    print(f"{split}: {len(metrics)} conditions; summary {metrics.attrs['summary']}")
+    summary = metrics.attrs["summary"]
+    print(
+        f"{split}: {len(metrics)} conditions, mean R2 {summary['r2_mean']:.3f} "
+        f"(control mean {summary['r2_mean_control']:.3f}), top-20 DEGs {summary['r2_mean_top20']:.3f} "
+        f"(control mean {summary['r2_mean_control_top20']:.3f})"
+    )
+print(metrics[["cell_type", "condition", "n_cells", "r2_mean", "r2_mean_control"]].head().to_string(index=False))

@@ -40,7 +40,8 @@ class _Bar:
 
         self.end()
         self.done = 0
-        self.bar = tqdm(total=total, desc=f"{self.label}: {phase}", unit="cell", unit_scale=True, dynamic_ncols=True)
+        desc = phase if phase.startswith(self.label) else f"{self.label}: {phase}"
+        self.bar = tqdm(total=total, desc=desc, unit="cell", unit_scale=True, dynamic_ncols=True)
 
     def epochs(self, cells_per_epoch: int, resumed: int, first: int, last: int) -> None:
         self.epochs_of = (cells_per_epoch, resumed, first, last)
@@ -81,6 +82,8 @@ class _Lines:
         self.last_note = -math.inf
 
     def _print(self, text: str) -> None:
+        # Phases often repeat the label ("evaluate: statistics"): say it once.
+        text = text.removeprefix(f"{self.label}: ").removeprefix(f"{self.label} ")
         print(f"cpa_stream {self.label}: {text}", file=sys.stderr, flush=True)
 
     def begin(self, phase: str, total: int) -> None:

@@ -339,7 +339,7 @@ impl Progress for Direct<'_> {
 /// Little-endian bytes as a vector of `T` (the bytes of a NumPy array, any alignment).
 fn pod_vec<T: bytemuck::Pod>(what: &str, bytes: &[u8]) -> PyResult<Vec<T>> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(PyValueError::new_err(format!(
             "{what}: {} bytes is not a whole number of {size}-byte values",
             bytes.len()

@@ -177,3 +177,16 @@ def test_ctrl_c_checkpoints_and_the_run_resumes(store, fresh):
     assert 1 <= epochs < 200
     resumed = cs.train(store, fresh / "run", resume=True, max_epochs=epochs + 1, progress=False, threads=1, workers=1)
     assert len(resumed.history) == epochs + 1
+
+
+def test_the_quickstart_notebook_is_the_script():
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "examples" / "python"))
+    try:
+        import notebook
+    finally:
+        sys.path.pop(0)
+    assert (REPO / "examples" / "python" / "quickstart.ipynb").read_text() == notebook.render(), (
+        "examples/python/quickstart.ipynb differs from quickstart.py: run python examples/python/notebook.py"
+    )
