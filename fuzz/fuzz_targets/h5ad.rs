@@ -20,7 +20,7 @@ fuzz_target!(init: common::init(), |data: &[u8]| {
         let n = h5.n_obs();
         let _ = h5.read_obs(0..n);
         let _ = h5.read_var();
-        let _ = h5.read_degs();
+        let _ = h5.read_degs(None);
         let _ = h5.other_matrices();
         if h5.layout() == MatrixLayout::Csc {
             let _ = h5.read_columns(0..h5.n_vars().min(64));

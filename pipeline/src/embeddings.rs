@@ -87,3 +87,51 @@ fn batch(labels: &[(&str, DataType)], columns: Vec<ArrayRef>) -> Result<RecordBa
     fields.push(Field::new(EMBEDDING, columns[columns.len() - 1].data_type().clone(), false));
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(Error::arrow("embedding table"))
 }
+
+/// File of the perturbation embeddings in an embeddings directory.
+pub const PERTURBATIONS_FILE: &str = "perturbations.parquet";
+/// File of the covariate embeddings in an embeddings directory.
+pub const COVARIATES_FILE: &str = "covariates.parquet";
+
+/// What [`write_embeddings`] wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EmbeddingsReport {
+    /// The output directory.
+    pub out: std::path::PathBuf,
+    /// Perturbation rows.
+    pub perturbations: usize,
+    /// Covariate category rows.
+    pub covariate_categories: usize,
+    /// Latent width.
+    pub width: usize,
+}
+
+/// Writes the model's perturbation and covariate embeddings to `out/perturbations.parquet` and
+/// `out/covariates.parquet`, published whole; an existing `out` only with `overwrite` (and only
+/// if it holds nothing else).
+pub fn write_embeddings(model: &Path, out: &Path, overwrite: bool) -> Result<EmbeddingsReport> {
+    use cpa_stream_stages::output::{OutputKind, check_destination};
+    check_destination(out, OutputKind::Directory, overwrite).map_err(Error::stage("embeddings"))?;
+    if out.exists() {
+        crate::run_dir::check_replaceable(out, &[PERTURBATIONS_FILE, COVARIATES_FILE], "an embeddings directory")?;
+    }
+    let (perts, covs) = (perturbation_embeddings(model)?, covariate_embeddings(model)?);
+    let width = match perts.schema().field_with_name(EMBEDDING).map(|f| f.data_type().clone()) {
+        Ok(DataType::FixedSizeList(_, w)) => w as usize,
+        _ => 0,
+    };
+    cpa_stream_stages::model::files::publish_dir(out, |tmp| {
+        let write = |name: &str, batch: &RecordBatch| {
+            cpa_stream_stages::store::write_table(&tmp.join(name), batch.schema(), [batch.clone()])
+        };
+        write(PERTURBATIONS_FILE, &perts)?;
+        write(COVARIATES_FILE, &covs)
+    })
+    .map_err(Error::stage("embeddings"))?;
+    Ok(EmbeddingsReport {
+        out: out.to_owned(),
+        perturbations: perts.num_rows(),
+        covariate_categories: covs.num_rows(),
+        width,
+    })
+}

@@ -59,6 +59,8 @@ pub struct ImportOptions {
     pub codec: Codec,
     /// Replace an existing store.
     pub overwrite: bool,
+    /// The `uns` entry with the DEG lists; `None`: the first entry that holds DEG lists.
+    pub deg_uns_key: Option<String>,
 }
 
 impl Default for ImportOptions {
@@ -72,6 +74,7 @@ impl Default for ImportOptions {
             max_open_buckets: DEFAULT_MAX_OPEN_BUCKETS,
             codec: Codec::Raw,
             overwrite: false,
+            deg_uns_key: None,
         }
     }
 }
@@ -124,7 +127,7 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
         ..StoreWriterOptions::default()
     };
     let mut writer = StoreWriter::create(out, &var, h5.obs_schema(), writer_options).map_err(Error::stage("write"))?;
-    let degs = match h5.read_degs().map_err(Error::stage("read"))? {
+    let degs = match h5.read_degs(options.deg_uns_key.as_deref()).map_err(Error::stage("read"))? {
         Some((key, table)) => {
             let rows = table.num_rows();
             let schema = Arc::new(

@@ -25,6 +25,7 @@ def import_h5ad(
     layer: str | None = None,
     use_raw: bool = False,
     genes: list[str] | None = None,
+    deg_uns_key: str | None = None,
     codec_name: str = "raw",
     zstd_level: int = 3,
     block_rows: int = 256,

@@ -146,20 +146,20 @@ def import_h5ad(
     ``codec`` is ``"raw"`` (fastest to read) or ``"zstd"`` (several times smaller; blocks of
     ``block_rows`` cells at ``zstd_level``). ``genes`` keeps those genes, in that order (files
     only). DEG lists come from ``uns`` (CPA's dict of group -> ranked genes, or scanpy's
-    ``rank_genes_groups``): ``deg_uns_key`` picks the entry of an in-memory AnnData, else the
-    first found. An existing store at ``out`` is an error unless ``overwrite``.
+    ``rank_genes_groups``): ``deg_uns_key`` picks the entry (an error when it is absent or not
+    DEG lists), else the first found. An existing store at ``out`` is an error unless ``overwrite``.
     """
     out = Path(out)
     codec_args = dict(codec_name=codec, zstd_level=zstd_level, block_rows=block_rows, overwrite=overwrite)
     if isinstance(data, (str, os.PathLike)):
         _native.import_h5ad(
-            str(data), str(out), layer=layer, use_raw=use_raw, genes=genes,
+            str(data), str(out), layer=layer, use_raw=use_raw, genes=genes, deg_uns_key=deg_uns_key,
             progress=_progress.make(progress, "import"), **codec_args,
         )
         return Store(out)
     if getattr(data, "isbacked", False):
         _native.import_h5ad(
-            str(data.filename), str(out), layer=layer, use_raw=use_raw, genes=genes,
+            str(data.filename), str(out), layer=layer, use_raw=use_raw, genes=genes, deg_uns_key=deg_uns_key,
             progress=_progress.make(progress, "import"), **codec_args,
         )
         return Store(out)

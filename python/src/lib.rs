@@ -291,7 +291,7 @@ fn codec(name: &str, level: i32, block_rows: u32) -> PyResult<Codec> {
 
 /// Imports an `.h5ad` file into a store; returns the summary as JSON.
 #[pyfunction]
-#[pyo3(signature = (path, out, layer=None, use_raw=false, genes=None, codec_name="raw", zstd_level=3, block_rows=256, overwrite=false, progress=None))]
+#[pyo3(signature = (path, out, layer=None, use_raw=false, genes=None, deg_uns_key=None, codec_name="raw", zstd_level=3, block_rows=256, overwrite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn import_h5ad(
     py: Python<'_>,
@@ -300,6 +300,7 @@ fn import_h5ad(
     layer: Option<String>,
     use_raw: bool,
     genes: Option<Vec<String>>,
+    deg_uns_key: Option<String>,
     codec_name: &str,
     zstd_level: i32,
     block_rows: u32,
@@ -310,6 +311,7 @@ fn import_h5ad(
         layer,
         use_raw,
         genes,
+        deg_uns_key,
         codec: codec(codec_name, zstd_level, block_rows)?,
         overwrite,
         ..ImportOptions::default()

@@ -190,3 +190,29 @@ def test_the_quickstart_notebook_is_the_script():
     assert (REPO / "examples" / "python" / "quickstart.ipynb").read_text() == notebook.render(), (
         "examples/python/quickstart.ipynb differs from quickstart.py: run python examples/python/notebook.py"
     )
+
+
+def test_training_releases_the_gil(store, fresh):
+    import threading
+
+    ticks = 0
+    stop = threading.Event()
+
+    def count() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    started = time.monotonic()
+    try:
+        cs.train(store, fresh / "gil", **LABELS, max_epochs=2, progress=False, **COMPUTE)
+    finally:
+        stop.set()
+        counter.join()
+    seconds = time.monotonic() - started
+    # A thread that ran only between polls would tick a few times; one that runs alongside
+    # ticks about once per millisecond (slower on a loaded machine, never near zero).
+    assert ticks > 50 * seconds, f"{ticks} ticks in {seconds:.1f} s"

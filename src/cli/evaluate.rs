@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use cpa_stream_pipeline::evaluate::{
-    DEFAULT_BATCH_SIZE, DEFAULT_MIN_CELLS, EvalSplit, EvaluateOptions, render_table, run_evaluate,
+    DEFAULT_BATCH_SIZE, DEFAULT_MIN_CELLS, EvalSplit, EvaluateOptions, MetricSet, render_table, run_evaluate,
 };
 
 use super::progress::CliProgress;
@@ -34,6 +34,11 @@ pub struct EvaluateArgs {
     /// Conditions with fewer evaluated cells are skipped.
     #[arg(long, default_value_t = DEFAULT_MIN_CELLS)]
     min_cells: u64,
+    /// The metrics printed: `default` (R2 of means and its control-mean baseline on all genes and
+    /// the top 20 DEGs, Pearson of the change, L1 discrimination rank) or `all`; metrics.parquet
+    /// holds every metric either way.
+    #[arg(long, default_value = "default")]
+    metrics: MetricSet,
     /// Do not write the per-condition SVG plots.
     #[arg(long)]
     no_plots: bool,
@@ -75,17 +80,70 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
-        "{} conditions evaluated on the {} split of {} (R2 over genes, log1p means; ctrl_bl: the control mean as the prediction)",
+        "{} conditions evaluated on the {} split of {} (log1p means; R2 over genes; ctrl_bl, top20_bl: the control mean \
+         as the prediction; p_delta: Pearson of the change from the control; disc_l1: rank of the true condition, 0 best)",
         report.conditions.len(),
         report.split,
         args.store.display()
     );
-    out!("{}", render_table(&report));
+    out!("{}", render_table(&report, args.metrics));
+    outln!("DEGs: {}", deg_sources(&report));
     outln!(
         "written: {}/metrics.parquet, summary.json, degs.parquet{}",
         args.out.display(),
         if args.no_plots { "" } else { ", plots/" }
     );
     super::print_report(&report.report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where each condition's DEGs came from, counted: an evaluation always says which DEGs it used.
+fn deg_sources(report: &cpa_stream_pipeline::evaluate::EvaluateReport) -> String {
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for c in &report.conditions {
+        *counts.entry(c.deg_source.as_str()).or_default() += 1;
+    }
+    let what = |source: &str| match source {
+        "store" => "the store's DEG table (imported from the .h5ad's uns)",
+        "file" => "the --degs table",
+        "computed" => "computed here (Welch t of the condition's cells against the controls)",
+        "truth" => "the synthetic atlas's true changes",
+        _ => "none (no DEG metrics)",
+    };
+    counts.iter().map(|(s, n)| format!("{} for {n} condition(s)", what(s))).collect::<Vec<_>>().join("; ")
+}
+
+#[derive(Debug, Args)]
+pub struct EmbeddingsArgs {
+    /// Training run directory (its model/ is used) or model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output directory: perturbations.parquet (name, is_control, embedding) and
+    /// covariates.parquet (covariate, name, embedding).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing embeddings directory at --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn embeddings(args: EmbeddingsArgs) -> anyhow::Result<ExitCode> {
+    let report = cpa_stream_pipeline::embeddings::write_embeddings(&args.model, &args.out, args.overwrite)
+        .with_context(|| format!("embeddings of {}", args.model.display()))?;
+    if args.json {
+        jsonln!(&report);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "{}: {} perturbations and {} covariate categories, {} latent dimensions each \
+         (perturbations.parquet, covariates.parquet)",
+        args.out.display(),
+        report.perturbations,
+        report.covariate_categories,
+        report.width
+    );
     Ok(ExitCode::SUCCESS)
 }

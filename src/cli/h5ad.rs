@@ -32,6 +32,10 @@ pub struct ImportArgs {
     /// Keep only the genes listed in FILE (one var index entry per line), in that order.
     #[arg(long, value_name = "FILE")]
     genes: Option<PathBuf>,
+    /// The uns entry with the DEG lists (CPA's dict of group -> ranked genes, or scanpy's
+    /// rank_genes_groups) [default: the first such entry].
+    #[arg(long, value_name = "KEY")]
+    deg_uns_key: Option<String>,
     /// Rows read per chunk.
     #[arg(long, default_value_t = DEFAULT_CHUNK_ROWS)]
     chunk_rows: usize,
@@ -99,6 +103,7 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         max_open_buckets: args.csc_max_open_buckets,
         codec: args.codec.codec()?,
         overwrite: args.overwrite,
+        deg_uns_key: args.deg_uns_key.clone(),
     };
     let progress = CliProgress::new();
     let summary = run_import(&args.input, &args.out, &options, &progress)

@@ -212,9 +212,13 @@ enum Command {
                             --source \"condition == control and cell_type == k562\" \
                             --target \"condition=MAP2K3+MAP2K6,dose=1+1\" --out pred.parquet")]
     Predict(predict::PredictArgs),
-    /// R2 of counterfactual means and variances per condition (paper metrics), with plots.
+    /// Per-condition scores of counterfactual means: the CPA paper's R2 family and the field's
+    /// (cell-eval's Pearson of the change, errors, DEG overlap, discrimination), with plots.
     #[command(after_help = "Example:\n  cpa-stream evaluate --model run/ --store atlas.store --split ood --out eval/")]
     Evaluate(evaluate::EvaluateArgs),
+    /// The learned perturbation and covariate embeddings of a model, to Parquet.
+    #[command(after_help = "Example:\n  cpa-stream embeddings --model run/ --out embeddings/")]
+    Embeddings(evaluate::EmbeddingsArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -254,6 +258,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Train(a) => train::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Evaluate(a) => evaluate::run(a),
+        Command::Embeddings(a) => evaluate::embeddings(a),
         Command::Bench(a) => bench::run(a),
         Command::Completions { shell } => {
             let mut command = <Args as clap::CommandFactory>::command();

@@ -230,6 +230,21 @@ fn scanpy_rank_genes_groups_becomes_the_deg_table() {
     let want: Vec<(String, u32, String, f64)> = want.iter().map(|w| (w.0.into(), w.1, w.2.into(), w.3)).collect();
     assert_eq!(rows, want);
     assert_eq!(table_schema(&out.join(DEG_FILE)).unwrap().metadata()["uns_key"], "rank_genes_groups");
+
+    // Named: the same entry; an absent one is an error naming what uns holds, never a silent
+    // fall-back to another entry or to none.
+    let named = dir.join("rgg-named.store");
+    let _ = std::fs::remove_dir_all(&named);
+    let options = |key: &str| ImportOptions { deg_uns_key: Some(key.into()), ..Default::default() };
+    import(&dir.join("csr_rgg.h5ad"), &named, options("rank_genes_groups"));
+    assert_eq!(table_schema(&named.join(DEG_FILE)).unwrap().metadata()["uns_key"], "rank_genes_groups");
+    let absent = dir.join("rgg-absent.store");
+    let err = run_import(&dir.join("csr_rgg.h5ad"), &absent, &options("rank_genes_groups_cov"), &Silent)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("no uns/rank_genes_groups_cov") && err.contains("rank_genes_groups"), "{err}");
+    assert!(!absent.exists(), "a failed import leaves no store");
 }
 
 #[test]

@@ -410,7 +410,23 @@ fn evaluation_equals_a_computation_by_hand() {
     // them; the metric columns after them are Float64 and include the headline ones.
     let fixed = 3 + 4;
     let metrics: Vec<String> = schema.fields().iter().skip(fixed).map(|f| f.name().clone()).collect();
-    for m in ["r2_mean", "r2_var", "r2_delta", "r2_mean_control", "truth_r2_mean"] {
+    for m in [
+        "r2_mean",
+        "r2_var",
+        "r2_delta",
+        "r2_mean_control",
+        "truth_r2_mean",
+        "pearson_delta",
+        "pearson_delta_top20",
+        "mse",
+        "mae_delta",
+        "deg_overlap_at100",
+        "direction_match_top20",
+        "spearman_delta_top20",
+        "discrimination_l1",
+        "discrimination_cosine",
+        "beats_control",
+    ] {
         assert!(metrics.iter().any(|n| n == m), "no {m} among the metrics: {metrics:?}");
     }
     let labels = ["cell_type", "condition", "dose"].map(String::from);
@@ -480,7 +496,24 @@ fn evaluation_equals_a_computation_by_hand() {
     let top: Vec<usize> = order[..20].to_vec();
     let pick = |v: &[f64]| -> Vec<f64> { top.iter().map(|&g| v[g]).collect() };
 
+    let (pd, rd) = (delta(&pred_mean), delta(&real_mean));
+    let pearson = |a: &[f64], b: &[f64]| {
+        let n = a.len() as f64;
+        let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+        let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let (va, vb): (f64, f64) = (a.iter().map(|x| (x - ma).powi(2)).sum(), b.iter().map(|y| (y - mb).powi(2)).sum());
+        cov / (va * vb).sqrt()
+    };
+    let mean_of = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    let same_sign = top.iter().filter(|&&g| pd[g].signum() == rd[g].signum()).count() as f64 / top.len() as f64;
+    let beats = if r2(&pred_mean, &real_mean) > r2(&ctrl_mean, &real_mean) { 1.0 } else { 0.0 };
     let hand = [
+        ("pearson_delta", pearson(&pd, &rd)),
+        ("pearson_delta_top20", pearson(&pick(&pd), &pick(&rd))),
+        ("mse", mean_of(pred_mean.iter().zip(&real_mean).map(|(a, b)| (a - b).powi(2)).collect())),
+        ("mae_delta", mean_of(pd.iter().zip(&rd).map(|(a, b)| (a - b).abs()).collect())),
+        ("direction_match_top20", same_sign),
+        ("beats_control", beats),
         ("r2_mean", r2(&pred_mean, &real_mean)),
         ("r2_var", r2(&pred_var, &real_var)),
         ("r2_delta", r2(&delta(&pred_mean), &delta(&real_mean))),
@@ -621,4 +654,33 @@ fn polars_reads_predictions_lazily_with_the_schema_types() {
     assert_eq!(schema.get("cell_id"), Some(&DataType::String));
     let genes = cpa_stream::lazy::prediction_genes(&dir).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(genes.len(), 100);
+}
+
+#[test]
+fn embeddings_are_written_once_and_match_the_model() {
+    let f = fixture();
+    let out = f.dir.join("embeddings");
+    let model = f.run.to_str().unwrap_or_default();
+    let o = run(&["embeddings", "--model", model, "--out", out.to_str().unwrap_or_default(), "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let file =
+        cpa_stream::stages::model::files::read_model_file(&f.run.join("model")).unwrap_or_else(|e| panic!("{e}"));
+    let (schema, batches) = read_parquet(&out.join("perturbations.parquet"));
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, file.vocabulary.perturbations.len() - 1, "every perturbation but the padding entry");
+    assert_eq!(report["perturbations"].as_u64(), Some(rows as u64));
+    let width = match schema.field_with_name("embedding").map(|f| f.data_type().clone()) {
+        Ok(arrow::datatypes::DataType::FixedSizeList(_, w)) => w as usize,
+        other => panic!("embedding column: {other:?}"),
+    };
+    assert_eq!(width, file.config.model.n_latent);
+    let names = strings(&batches, "name");
+    assert!(names.contains(&file.vocabulary.control().to_owned()));
+    let (_, covs) = read_parquet(&out.join("covariates.parquet"));
+    let categories: usize = file.vocabulary.covariates.iter().map(|c| c.categories.len()).sum();
+    assert_eq!(covs.iter().map(|b| b.num_rows()).sum::<usize>(), categories);
+    // An existing output is refused without --overwrite.
+    let again = run(&["embeddings", "--model", model, "--out", out.to_str().unwrap_or_default()]);
+    assert!(!again.status.success() && text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
 }

@@ -17,6 +17,7 @@
 
 mod conditions;
 mod decode;
+pub mod field;
 mod moments;
 pub mod outputs;
 pub mod plot;
@@ -33,7 +34,7 @@ use cpa_stream_stages::h5ad::DEG_FILE;
 use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
 use cpa_stream_stages::store::Store;
 use serde::Serialize;
-pub use table::render_table;
+pub use table::{MetricSet, render_table};
 use tch::Device;
 
 use crate::batcher::LoaderOptions;
@@ -175,6 +176,11 @@ pub struct ConditionMetrics {
     pub top: Vec<TopMetrics>,
     /// Scores against a synthetic atlas's truth table, when there is one.
     pub truth: Option<TruthMetrics>,
+    /// The field's metrics (cell-eval's and PerturBench's families; [`field`]).
+    pub field: FieldMetrics,
+    /// The predicted and real changes from the control pseudobulk (the discrimination ranks).
+    #[serde(skip)]
+    pub effects: Effects,
     /// Top-k DEG names (the largest k) and the predicted / real / control means there (plots).
     #[serde(skip)]
     pub plot: PlotData,
@@ -208,6 +214,49 @@ pub struct TruthMetrics {
     pub r2_mean_top20: f64,
     /// `r2_mean_control` on the top 20 DEGs.
     pub r2_mean_control_top20: f64,
+}
+
+/// The field's metrics of a condition (see [`field`] for their definitions).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FieldMetrics {
+    /// Pearson of the predicted and real changes from the control, all genes.
+    pub pearson_delta: f64,
+    /// The same on the top-k DEGs, k in [`TOP_K`].
+    pub pearson_delta_top: Vec<(usize, f64)>,
+    /// Cosine similarity of the changes, all genes.
+    pub cosine_delta: f64,
+    /// Mean squared error of the pseudobulks.
+    pub mse: f64,
+    /// Mean absolute error of the pseudobulks.
+    pub mae: f64,
+    /// Mean squared error of the changes.
+    pub mse_delta: f64,
+    /// Mean absolute error of the changes.
+    pub mae_delta: f64,
+    /// `(k, overlap)` of the predicted top-k changed genes with the top-k DEGs, k in [`DEG_OVERLAP_K`].
+    pub deg_overlap: Vec<(usize, f64)>,
+    /// Share of the top 20 DEGs whose predicted change has the real sign.
+    pub direction_match_top20: f64,
+    /// Spearman of the predicted and real changes on the top 20 DEGs.
+    pub spearman_delta_top20: f64,
+    /// `(distance, normalised rank)`, 0 best, for L1, L2 and cosine.
+    pub discrimination: Vec<(&'static str, f64)>,
+    /// 1 when `r2_mean` beats the control mean's, 0 when not, NaN without real cells.
+    pub beats_control: f64,
+}
+
+/// The DEG list lengths of the overlap metrics.
+pub const DEG_OVERLAP_K: [usize; 3] = [20, 50, 100];
+
+/// A condition's changes from the control pseudobulk, kept until every condition is scored.
+#[derive(Debug, Clone, Default)]
+pub struct Effects {
+    /// Predicted minus control.
+    pub predicted: Vec<f64>,
+    /// Real minus control; `None` without real cells.
+    pub real: Option<Vec<f64>>,
+    /// Genes named by the condition's perturbations (left out of its distances).
+    pub exclude: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -423,6 +472,8 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
             predicted.get(key).map(|pred| scoring.score(key, target, real, pred, &mut deg_rows))
         })
         .collect();
+    let mut results = results;
+    discriminate(&mut results);
     let mut stages = vec![encoder_stats.report(), moments_stats.report(), decode_stats.planner.report()];
     stages.extend(decode_stats.pool.reports());
     stages.push(decode_stats.predictor.report());
@@ -437,4 +488,23 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     };
     outputs::write_outputs(&report, &deg_rows, &vocab, options)?;
     Ok(report)
+}
+
+/// Fills each condition's discrimination ranks: against every condition of the same covariates.
+fn discriminate(results: &mut [ConditionMetrics]) {
+    let ranks: Vec<Vec<f64>> = {
+        let effects: Vec<field::Effects<'_>> = results
+            .iter()
+            .map(|c| field::Effects {
+                group: &c.covariates,
+                predicted: &c.effects.predicted,
+                real: c.effects.real.as_deref(),
+                exclude: c.effects.exclude.clone(),
+            })
+            .collect();
+        field::Distance::ALL.iter().map(|&d| field::discrimination_ranks(&effects, d)).collect()
+    };
+    for (i, c) in results.iter_mut().enumerate() {
+        c.field.discrimination = field::Distance::ALL.iter().zip(&ranks).map(|(d, r)| (d.name(), r[i])).collect();
+    }
 }

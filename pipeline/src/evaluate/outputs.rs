@@ -49,6 +49,19 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("truth_r2_mean_control".to_owned(), t(|t| t.r2_mean_control)));
     out.push(("truth_r2_mean_top20".to_owned(), t(|t| t.r2_mean_top20)));
     out.push(("truth_r2_mean_control_top20".to_owned(), t(|t| t.r2_mean_control_top20)));
+    let f = &c.field;
+    out.push(("pearson_delta".to_owned(), f.pearson_delta));
+    out.extend(f.pearson_delta_top.iter().map(|(k, v)| (format!("pearson_delta_top{k}"), *v)));
+    out.push(("cosine_delta".to_owned(), f.cosine_delta));
+    out.push(("mse".to_owned(), f.mse));
+    out.push(("mae".to_owned(), f.mae));
+    out.push(("mse_delta".to_owned(), f.mse_delta));
+    out.push(("mae_delta".to_owned(), f.mae_delta));
+    out.extend(f.deg_overlap.iter().map(|(k, v)| (format!("deg_overlap_at{k}"), *v)));
+    out.push(("direction_match_top20".to_owned(), f.direction_match_top20));
+    out.push(("spearman_delta_top20".to_owned(), f.spearman_delta_top20));
+    out.extend(f.discrimination.iter().map(|(d, v)| (format!("discrimination_{d}"), *v)));
+    out.push(("beats_control".to_owned(), f.beats_control));
     out
 }
 

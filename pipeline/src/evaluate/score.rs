@@ -8,10 +8,13 @@ use std::collections::{BTreeMap, HashMap};
 use cpa_stream_stages::model::Vocabulary;
 
 use super::conditions::{Condition, ConditionKey, SourceSplits};
+use super::field::{cosine, direction_match, mae, mse, overlap_at, pearson, spearman};
 use super::moments::GroupMoments;
 use super::outputs::DegRow;
 use super::truth::TruthRow;
-use super::{ConditionMetrics, EvaluateOptions, PlotData, TOP_K, TopMetrics, TruthMetrics};
+use super::{
+    ConditionMetrics, DEG_OVERLAP_K, Effects, EvaluateOptions, FieldMetrics, PlotData, TOP_K, TopMetrics, TruthMetrics,
+};
 use crate::degs::deg_keys;
 use crate::obs::ObsKeys;
 use crate::predictor::targets::Target;
@@ -74,6 +77,7 @@ impl Scoring<'_> {
         let has_real = real.n >= 1.0;
         let delta = |v: &[f64]| -> Vec<f64> { v.iter().zip(&ctrl_mean).map(|(a, b)| a - b).collect() };
         let (pd, rd) = (delta(&pred_mean), delta(&real_mean));
+        let beats = r2_on(&pred_mean, &real_mean, None) > r2_on(&ctrl_mean, &real_mean, None);
         let top = TOP_K
             .iter()
             .map(|&k| {
@@ -99,6 +103,10 @@ impl Scoring<'_> {
                 r2_mean_control_top20: top20.map_or(f64::NAN, |i| r2_on(&ctrl_mean, &t.mean_log1p, Some(i))),
             }
         });
+        let field = self.field(&ranked, has_real, (&pred_mean, &real_mean), (&pd, &rd));
+        let exclude: Vec<usize> =
+            target.condition.split('+').filter_map(|part| self.genes.iter().position(|g| g == part)).collect();
+        let effects = Effects { predicted: pd.clone(), real: has_real.then(|| rd.clone()), exclude };
         let plot_genes: Vec<usize> = ranked.iter().take(largest_k).copied().collect();
         let reference = if has_real { &real_mean } else { truth.map_or(&real_mean, |t| &t.mean_log1p) };
         ConditionMetrics {
@@ -120,12 +128,48 @@ impl Scoring<'_> {
             r2_mean_control: nan_unless(has_real, r2_on(&ctrl_mean, &real_mean, None)),
             top,
             truth: truth_metrics,
+            field: FieldMetrics { beats_control: nan_unless(has_real, f64::from(u8::from(beats))), ..field },
+            effects,
             plot: PlotData {
                 genes: plot_genes.iter().map(|&g| self.genes[g].clone()).collect(),
                 predicted: plot_genes.iter().map(|&g| pred_mean[g]).collect(),
                 real: plot_genes.iter().map(|&g| reference[g]).collect(),
                 control: plot_genes.iter().map(|&g| ctrl_mean[g]).collect(),
             },
+        }
+    }
+
+    /// The field's metrics of a condition but its discrimination ranks and baseline flag:
+    /// `ranked` its DEGs, `means` the predicted and real pseudobulks, `deltas` their changes.
+    fn field(
+        &self,
+        ranked: &[usize],
+        has_real: bool,
+        means: (&[f64], &[f64]),
+        deltas: (&[f64], &[f64]),
+    ) -> FieldMetrics {
+        let ((pm, rm), (pd, rd)) = (means, deltas);
+        let on = |v: &[f64], idx: &[usize]| -> Vec<f64> { idx.iter().map(|&i| v[i]).collect() };
+        let top = |k: usize| (ranked.len() >= k).then(|| &ranked[..k]);
+        let predicted_order = top_by_abs(pd, pd.len());
+        let real = |v: f64| nan_unless(has_real, v);
+        let top20 = top(20);
+        FieldMetrics {
+            pearson_delta: real(pearson(pd, rd)),
+            pearson_delta_top: TOP_K
+                .iter()
+                .map(|&k| (k, real(top(k).map_or(f64::NAN, |i| pearson(&on(pd, i), &on(rd, i))))))
+                .collect(),
+            cosine_delta: real(cosine(pd, rd)),
+            mse: real(mse(pm, rm)),
+            mae: real(mae(pm, rm)),
+            mse_delta: real(mse(pd, rd)),
+            mae_delta: real(mae(pd, rd)),
+            deg_overlap: DEG_OVERLAP_K.iter().map(|&k| (k, overlap_at(&predicted_order, ranked, k))).collect(),
+            direction_match_top20: real(top20.map_or(f64::NAN, |i| direction_match(pd, rd, i))),
+            spearman_delta_top20: real(top20.map_or(f64::NAN, |i| spearman(&on(pd, i), &on(rd, i)))),
+            discrimination: Vec::new(),
+            beats_control: f64::NAN,
         }
     }
 

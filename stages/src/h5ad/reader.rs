@@ -369,22 +369,47 @@ impl H5adReader {
         Ok((offsets, out, vals))
     }
 
-    /// DEG lists from `uns`, as a table (`group`, `rank`, `gene`, `score`): the first `uns`
-    /// entry that is either a dict of 1-D string arrays (CPA's `deg_uns_key`: group -> ranked
-    /// gene names; no scores) or scanpy's `rank_genes_groups` (record arrays `names` and
-    /// `scores`, one field per group). `None` when there is none.
-    pub fn read_degs(&self) -> Result<Option<(String, RecordBatch)>> {
-        let Ok(uns) = self.file.group("uns") else { return Ok(None) };
-        let names = uns.member_names().map_err(Error::hdf5(&self.path, "uns"))?;
-        for key in &names {
-            let Ok(group) = uns.group(key) else { continue };
-            if group.link_exists("names") && group.dataset("names").is_ok() {
-                if let Some(table) = self.deg_records(&group)? {
-                    return Ok(Some((key.clone(), table)));
-                }
-            } else if let Some(table) = self.deg_dict(&group)? {
-                return Ok(Some((key.clone(), table)));
+    /// DEG lists from `uns`, as a table (`group`, `rank`, `gene`, `score`): the entry `key`, or
+    /// without one the first `uns` entry that is either a dict of 1-D string arrays (CPA's
+    /// `deg_uns_key`: group -> ranked gene names; no scores) or scanpy's `rank_genes_groups`
+    /// (record arrays `names` and `scores`, one field per group). `None` when there is none; an
+    /// error when `key` is absent or not DEG lists, naming the entries there are.
+    pub fn read_degs(&self, key: Option<&str>) -> Result<Option<(String, RecordBatch)>> {
+        let uns = self.file.group("uns").ok();
+        let names = match &uns {
+            Some(uns) => uns.member_names().map_err(Error::hdf5(&self.path, "uns"))?,
+            None => Vec::new(),
+        };
+        let wanted: Vec<&String> = match key {
+            Some(k) => names.iter().filter(|n| n.as_str() == k).collect(),
+            None => names.iter().collect(),
+        };
+        if let Some(k) = key
+            && wanted.is_empty()
+        {
+            let shown = if names.is_empty() { "none".to_owned() } else { names.join(", ") };
+            return Err(Error::InvalidInput(format!(
+                "{}: no uns/{k} for the DEG lists; uns holds: {shown}",
+                self.path.display()
+            )));
+        }
+        let Some(uns) = uns else { return Ok(None) };
+        for name in wanted {
+            let Ok(group) = uns.group(name) else { continue };
+            let table = if group.link_exists("names") && group.dataset("names").is_ok() {
+                self.deg_records(&group)?
+            } else {
+                self.deg_dict(&group)?
+            };
+            if let Some(table) = table {
+                return Ok(Some((name.clone(), table)));
             }
+        }
+        if let Some(k) = key {
+            return Err(Error::InvalidInput(format!(
+                "{}: uns/{k} is neither a dict of group -> ranked gene names nor scanpy's rank_genes_groups",
+                self.path.display()
+            )));
         }
         Ok(None)
     }
