@@ -134,6 +134,9 @@ def main() -> None:
     result = {
         "reps": args.reps, "epochs": args.epochs, "targets": len(conditions), "threads": args.threads,
         "load_average": os.getloadavg(), "median_s": med, "all_s": rows,
+        "median_in_process_s": med_in, "all_in_process_s": inside,
+        "train_call_over_cli": med_in["train_py"] / med["train_cli"],
+        "predict_call_over_cli": med_in["predict_py"] / med["predict_cli"],
         "train_py_over_cli": med["train_py"] / med["train_cli"],
         "predict_py_over_cli": med["predict_py"] / med["predict_cli"],
         "stream_py_over_cli": med["stream_py"] / med["predict_cli"],

@@ -91,6 +91,51 @@ pub fn welch_t(a: &Moments, b: &Moments) -> Vec<f64> {
         .collect()
 }
 
+/// Welch's two-sided test of every gene, `a` against `b`: the t statistic ([`welch_t`]) and its
+/// p-value from Student's t with the Welch-Satterthwaite degrees of freedom (scipy's
+/// `ttest_ind(equal_var=False)`). A gene constant in both groups has p 1 when the means agree and
+/// 0 when they differ.
+pub fn welch_test(a: &Moments, b: &Moments) -> (Vec<f64>, Vec<f64>) {
+    use statrs::distribution::{ContinuousCDF, StudentsT};
+    let t = welch_t(a, b);
+    let (va, vb) = (a.sample_var(), b.sample_var());
+    let p = t
+        .iter()
+        .enumerate()
+        .map(|(g, &t)| {
+            let (sa, sb) = (va[g] / a.n, vb[g] / b.n);
+            let df = (sa + sb).powi(2) / (sa * sa / (a.n - 1.0) + sb * sb / (b.n - 1.0));
+            if t.is_infinite() {
+                return 0.0;
+            }
+            if t == 0.0 && !(sa + sb > 0.0) {
+                return 1.0;
+            }
+            match StudentsT::new(0.0, 1.0, df) {
+                Ok(dist) if df.is_finite() && df > 0.0 => (2.0 * dist.sf(t.abs())).min(1.0),
+                _ => f64::NAN,
+            }
+        })
+        .collect();
+    (t, p)
+}
+
+/// Benjamini-Hochberg adjusted p-values (q-values), as scipy's `false_discovery_control`; a NaN
+/// p-value counts as 1 and stays NaN.
+pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
+    let m = p.len();
+    let value = |i: usize| if p[i].is_nan() { 1.0 } else { p[i] };
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|&a, &b| value(a).total_cmp(&value(b)).then(a.cmp(&b)));
+    let mut q = vec![f64::NAN; m];
+    let mut running = 1.0f64;
+    for (rank, &i) in order.iter().enumerate().rev() {
+        running = running.min(value(i) * m as f64 / (rank + 1) as f64);
+        q[i] = if p[i].is_nan() { f64::NAN } else { running.min(1.0) };
+    }
+    q
+}
+
 /// Indices of the `k` largest `|score|`, largest first (ties by index, NaN as 0).
 pub fn top_by_abs(scores: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
@@ -125,6 +170,23 @@ mod tests {
         let mut log = Moments::new(1);
         log.add_sparse(&[0], &[1.0], true);
         assert!((log.sum[0] - 2f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn welch_p_values_and_q_values_match_scipy() {
+        // scipy.stats.ttest_ind([1, 2, 3, 4], [2, 4, 6, 9, 7], equal_var=False):
+        // statistic -2.2629143880251155, pvalue 0.06457258080137228.
+        let a = moments(&[&[1.0, 5.0], &[2.0, 5.0], &[3.0, 5.0], &[4.0, 5.0]]);
+        let b = moments(&[&[2.0, 5.0], &[4.0, 5.0], &[6.0, 5.0], &[9.0, 5.0], &[7.0, 5.0]]);
+        let (t, p) = welch_test(&a, &b);
+        assert!((t[0] + 2.2629143880251155).abs() < 1e-9, "{t:?}");
+        assert!((p[0] - 0.06457258080137228).abs() < 1e-9, "{p:?}");
+        assert_eq!(p[1], 1.0, "constant and equal in both groups");
+        // scipy.stats.false_discovery_control([0.01, 0.04, 0.03, 0.2, 0.5]).
+        let q = benjamini_hochberg(&[0.01, 0.04, 0.03, 0.2, 0.5]);
+        let want = [0.05, 0.06666666666666667, 0.06666666666666667, 0.25, 0.5];
+        assert!(q.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{q:?}");
+        assert!(benjamini_hochberg(&[f64::NAN, 0.01])[0].is_nan());
     }
 
     #[test]

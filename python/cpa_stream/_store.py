@@ -86,7 +86,7 @@ class Store:
 
     @property
     def degs(self) -> pd.DataFrame | None:
-        """The store's DEG lists (``group``, ``rank``, ``gene``, ``score``), imported from the
+        """The store's DEG lists (``group``, ``rank``, ``gene``, ``score``, ``pvalue``, ``qvalue``), imported from the
         AnnData's ``uns``; ``None`` when it has none. ``attrs["uns_key"]`` names their entry."""
         path = self.path / "degs.parquet"
         if not path.exists():
@@ -287,37 +287,47 @@ def _degs_from_uns(uns: Any, key: str | None) -> tuple[str, pa.Table] | None:
             if key is not None:
                 raise ValueError(f"uns[{key!r}] is neither a dict of group -> genes nor rank_genes_groups")
             continue
-        groups, ranks, genes, scores = rows
+        groups, ranks, genes, scores, pvalues, qvalues = rows
         table = pa.table(
             {"group": pa.array(groups, pa.string()), "rank": pa.array(ranks, pa.uint32()),
-             "gene": pa.array(genes, pa.string()), "score": pa.array(scores, pa.float64())},
+             "gene": pa.array(genes, pa.string()), "score": pa.array(scores, pa.float64()),
+             "pvalue": pa.array(pvalues, pa.float64()), "qvalue": pa.array(qvalues, pa.float64())},
             schema=pa.schema([
                 pa.field("group", pa.string(), nullable=False), pa.field("rank", pa.uint32(), nullable=False),
                 pa.field("gene", pa.string(), nullable=False), pa.field("score", pa.float64()),
+                pa.field("pvalue", pa.float64()), pa.field("qvalue", pa.float64()),
             ]),
         )
         return str(k), table
     return None
 
 
-def _deg_rows(entry: Any) -> tuple[list, list, list, list] | None:
+def _deg_rows(entry: Any) -> tuple[list, list, list, list, list, list] | None:
+    """``(groups, ranks, genes, scores, pvalues, qvalues)`` of a DEG entry of ``uns``; ``None``
+    when it is not one. scanpy's ``scores``, ``pvals`` and ``pvals_adj`` are kept where present."""
     groups: list[str] = []
     ranks: list[int] = []
     genes: list[str] = []
     scores: list[float | None] = []
+    pvalues: list[float | None] = []
+    qvalues: list[float | None] = []
     if not isinstance(entry, dict) or not entry:
         return None
     names = entry.get("names")
     if isinstance(names, np.ndarray) and names.dtype.names:
-        score_records = entry.get("scores")
+        def field(records: Any, group: str, rank: int) -> float | None:
+            ok = isinstance(records, np.ndarray) and records.dtype.names and group in records.dtype.names
+            return float(records[group][rank]) if ok else None
+
         for group in names.dtype.names:
             for rank, gene in enumerate(names[group]):
                 groups.append(group)
                 ranks.append(rank)
                 genes.append(str(gene))
-                ok = isinstance(score_records, np.ndarray) and score_records.dtype.names and group in score_records.dtype.names
-                scores.append(float(score_records[group][rank]) if ok else None)
-        return groups, ranks, genes, scores
+                scores.append(field(entry.get("scores"), group, rank))
+                pvalues.append(field(entry.get("pvals"), group, rank))
+                qvalues.append(field(entry.get("pvals_adj"), group, rank))
+        return groups, ranks, genes, scores, pvalues, qvalues
     for group, listed in entry.items():
         values = np.asarray(listed)
         if values.ndim != 1 or values.dtype.kind not in "OUS":
@@ -327,4 +337,6 @@ def _deg_rows(entry: Any) -> tuple[list, list, list, list] | None:
             ranks.append(rank)
             genes.append(str(gene))
             scores.append(None)
-    return groups, ranks, genes, scores
+            pvalues.append(None)
+            qvalues.append(None)
+    return groups, ranks, genes, scores, pvalues, qvalues

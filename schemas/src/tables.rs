@@ -197,6 +197,12 @@ pub mod degs {
     pub const GENE: &str = "gene";
     /// The score, Float64 (null where the source has none).
     pub const SCORE: &str = "score";
+    /// The two-sided p-value, Float64 (null where the source has none; Welch's test when
+    /// `evaluate` computes the DEGs, scanpy's `pvals` when imported).
+    pub const PVALUE: &str = "pvalue";
+    /// The Benjamini-Hochberg adjusted p-value over the group's genes, Float64 (null where the
+    /// source has none; scanpy's `pvals_adj` when imported).
+    pub const QVALUE: &str = "qvalue";
 }
 
 /// Schema of a DEG table.
@@ -206,6 +212,8 @@ pub fn deg_schema() -> SchemaRef {
         Field::new(degs::RANK, DataType::UInt32, false),
         Field::new(degs::GENE, DataType::Utf8, false),
         Field::new(degs::SCORE, DataType::Float64, true),
+        Field::new(degs::PVALUE, DataType::Float64, true),
+        Field::new(degs::QVALUE, DataType::Float64, true),
     ]))
 }
 

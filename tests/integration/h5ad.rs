@@ -230,6 +230,10 @@ fn scanpy_rank_genes_groups_becomes_the_deg_table() {
     let want: Vec<(String, u32, String, f64)> = want.iter().map(|w| (w.0.into(), w.1, w.2.into(), w.3)).collect();
     assert_eq!(rows, want);
     assert_eq!(table_schema(&out.join(DEG_FILE)).unwrap().metadata()["uns_key"], "rank_genes_groups");
+    // scanpy's p-values and adjusted p-values beside the scores.
+    let (p, q) = (degs.column(4).as_primitive::<Float64Type>(), degs.column(5).as_primitive::<Float64Type>());
+    assert_eq!((p.value(0), q.value(0)), (1e-6, 3e-6));
+    assert_eq!((p.value(5), q.value(5)), (0.9, 0.9));
 
     // Named: the same entry; an absent one is an error naming what uns holds, never a silent
     // fall-back to another entry or to none.

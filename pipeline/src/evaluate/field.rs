@@ -15,7 +15,10 @@
 //!   own real change among the real changes of every condition of the same covariates, by
 //!   distance to its predicted change, genes named by the condition left out (cell-eval's
 //!   `discrimination_score_*` is `1 -` this);
-//! - `beats_control`: 1 when `r2_mean` beats the control mean's (`r2_mean_control`), else 0.
+//! - `beats_control`: 1 when `r2_mean` beats the control mean's (`r2_mean_control`), else 0;
+//! - with DEGs computed here (Welch's test, Benjamini-Hochberg over genes): `n_significant` (q <
+//!   0.05, cell-eval's threshold) and `deg_precision_at_k`, the share of the k genes with the
+//!   largest predicted change that are significant real DEGs.
 
 use std::collections::HashMap;
 
@@ -86,6 +89,16 @@ pub fn overlap_at(predicted: &[usize], real: &[usize], k: usize) -> f64 {
     }
     let real: std::collections::HashSet<usize> = real[..k].iter().copied().collect();
     predicted[..k].iter().filter(|g| real.contains(g)).count() as f64 / k as f64
+}
+
+/// The share of `predicted`'s first k that are in `significant` (a condition's significant real
+/// DEGs); NaN when fewer than k are predicted or nothing is significant.
+pub fn precision_at(predicted: &[usize], significant: &[usize], k: usize) -> f64 {
+    if k == 0 || predicted.len() < k || significant.is_empty() {
+        return f64::NAN;
+    }
+    let set: std::collections::HashSet<usize> = significant.iter().copied().collect();
+    predicted[..k].iter().filter(|g| set.contains(g)).count() as f64 / k as f64
 }
 
 /// The share of `genes` where the predicted and the real change have the same sign (a zero
@@ -219,6 +232,9 @@ mod tests {
         assert!(close(overlap_at(&[3, 1, 2, 9], &[1, 3, 7, 8], 2), 1.0));
         assert!(close(overlap_at(&[3, 1, 2, 9], &[1, 3, 7, 8], 4), 0.5));
         assert!(overlap_at(&[3], &[1, 3], 2).is_nan(), "too few predicted genes");
+        assert!(close(precision_at(&[3, 1, 2, 9], &[9, 3], 2), 0.5));
+        assert!(close(precision_at(&[3, 1, 2, 9], &[9, 3], 4), 0.5));
+        assert!(precision_at(&[3, 1], &[], 2).is_nan(), "nothing significant");
         let (pred, real) = ([1.0, -2.0, 0.5, 0.0], [2.0, 1.0, 0.1, -1.0]);
         assert!(close(direction_match(&pred, &real, &[0, 1, 2]), 2.0 / 3.0));
         assert!(close(direction_match(&pred, &real, &[3]), 0.0), "no change where there is one");

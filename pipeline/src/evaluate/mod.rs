@@ -243,6 +243,10 @@ pub struct FieldMetrics {
     pub discrimination: Vec<(&'static str, f64)>,
     /// 1 when `r2_mean` beats the control mean's, 0 when not, NaN without real cells.
     pub beats_control: f64,
+    /// Genes with a q-value below 0.05 in the computed DEG test (NaN with listed DEGs).
+    pub n_significant: f64,
+    /// `(k, precision)`: the share of the predicted top-k changed genes that are significant.
+    pub deg_precision: Vec<(usize, f64)>,
 }
 
 /// The DEG list lengths of the overlap metrics.

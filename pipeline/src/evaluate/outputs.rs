@@ -25,8 +25,8 @@ pub const SUMMARY_FILE: &str = "summary.json";
 /// Directory of the per-condition plots.
 pub const PLOTS_DIR: &str = "plots";
 
-/// One DEG row the evaluation used: group, rank, gene, score (NaN: none).
-pub(super) type DegRow = (String, usize, String, f64);
+/// One DEG row the evaluation used: group, rank, gene, score, p-value, q-value (NaN: none).
+pub(super) type DegRow = (String, usize, String, f64, f64, f64);
 
 /// Every metric of a condition, by column name, in column order.
 pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
@@ -62,6 +62,8 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("spearman_delta_top20".to_owned(), f.spearman_delta_top20));
     out.extend(f.discrimination.iter().map(|(d, v)| (format!("discrimination_{d}"), *v)));
     out.push(("beats_control".to_owned(), f.beats_control));
+    out.push(("n_significant".to_owned(), f.n_significant));
+    out.extend(f.deg_precision.iter().map(|(k, v)| (format!("deg_precision_at{k}"), *v)));
     out
 }
 
@@ -158,6 +160,8 @@ fn write_degs(path: &Path, rows: &[DegRow]) -> Result<()> {
             Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.1 as u32))),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2.as_str()))),
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.3).filter(|v| v.is_finite())))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.4).filter(|v| v.is_finite())))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.5).filter(|v| v.is_finite())))),
         ],
     )
     .map_err(Error::arrow(path.display().to_string()))?;

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use cpa_stream_stages::model::Vocabulary;
 
 use super::conditions::{Condition, ConditionKey, SourceSplits};
-use super::field::{cosine, direction_match, mae, mse, overlap_at, pearson, spearman};
+use super::field::{cosine, direction_match, mae, mse, overlap_at, pearson, precision_at, spearman};
 use super::moments::GroupMoments;
 use super::outputs::DegRow;
 use super::truth::TruthRow;
@@ -18,7 +18,18 @@ use super::{
 use crate::degs::deg_keys;
 use crate::obs::ObsKeys;
 use crate::predictor::targets::Target;
-use crate::stats::{Moments, r2_score, top_by_abs, welch_t};
+use crate::stats::{Moments, benjamini_hochberg, r2_score, top_by_abs, welch_test};
+
+/// A DEG is significant below this Benjamini-Hochberg q-value (cell-eval's FDR threshold).
+pub const SIGNIFICANT_Q: f64 = 0.05;
+
+/// A condition's test of every gene against the controls: Welch's t, its p-value and the
+/// Benjamini-Hochberg q-value over the genes.
+pub(super) struct Tested {
+    score: Vec<f64>,
+    pvalue: Vec<f64>,
+    qvalue: Vec<f64>,
+}
 
 /// Everything scoring reads.
 pub(super) struct Scoring<'a> {
@@ -65,12 +76,19 @@ impl Scoring<'_> {
         let (choice, control) = &self.sources[&key.0];
         let truth = self.truth.get(key);
         let ctrl_mean = control.mean();
-        let (ranked, deg_source, scores) = self.degs(key, target, &ctrl_mean, truth);
+        let (ranked, deg_source, tested) = self.degs(key, target, &ctrl_mean, truth);
         let group_name = deg_keys(target, self.vocab, self.keys).into_iter().next().unwrap_or_default();
         let largest_k = TOP_K[TOP_K.len() - 1];
         for (rank, &g) in ranked.iter().take(largest_k).enumerate() {
-            let score = scores.as_ref().map_or(f64::NAN, |s| s[g]);
-            deg_rows.push((group_name.clone(), rank, self.genes[g].clone(), score));
+            let at = |v: fn(&Tested) -> &Vec<f64>| tested.as_ref().map_or(f64::NAN, |t| v(t)[g]);
+            deg_rows.push((
+                group_name.clone(),
+                rank,
+                self.genes[g].clone(),
+                at(|t| &t.score),
+                at(|t| &t.pvalue),
+                at(|t| &t.qvalue),
+            ));
         }
         let (pred_mean, pred_var) = (predicted.mean(), predicted.var());
         let (real_mean, real_var) = (real.mean(), real.var());
@@ -103,7 +121,18 @@ impl Scoring<'_> {
                 r2_mean_control_top20: top20.map_or(f64::NAN, |i| r2_on(&ctrl_mean, &t.mean_log1p, Some(i))),
             }
         });
-        let field = self.field(&ranked, has_real, (&pred_mean, &real_mean), (&pd, &rd));
+        let significant: Option<Vec<usize>> =
+            tested.as_ref().map(|t| ranked.iter().copied().filter(|&g| t.qvalue[g] < SIGNIFICANT_Q).collect());
+        let mut field = self.field(&ranked, has_real, (&pred_mean, &real_mean), (&pd, &rd));
+        let predicted_order = top_by_abs(&pd, pd.len());
+        field.n_significant = significant.as_ref().map_or(f64::NAN, |s| s.len() as f64);
+        field.deg_precision = DEG_OVERLAP_K
+            .iter()
+            .map(|&k| {
+                let p = significant.as_ref().map_or(f64::NAN, |s| precision_at(&predicted_order, s, k));
+                (k, nan_unless(has_real, p))
+            })
+            .collect();
         let exclude: Vec<usize> =
             target.condition.split('+').filter_map(|part| self.genes.iter().position(|g| g == part)).collect();
         let effects = Effects { predicted: pd.clone(), real: has_real.then(|| rd.clone()), exclude };
@@ -170,6 +199,8 @@ impl Scoring<'_> {
             spearman_delta_top20: real(top20.map_or(f64::NAN, |i| spearman(&on(pd, i), &on(rd, i)))),
             discrimination: Vec::new(),
             beats_control: f64::NAN,
+            n_significant: f64::NAN,
+            deg_precision: Vec::new(),
         }
     }
 
@@ -182,7 +213,7 @@ impl Scoring<'_> {
         target: &Target,
         ctrl_mean: &[f64],
         truth: Option<&TruthRow>,
-    ) -> (Vec<usize>, &'static str, Option<Vec<f64>>) {
+    ) -> (Vec<usize>, &'static str, Option<Tested>) {
         let listed = self.deg_table.and_then(|(lists, source)| {
             deg_keys(target, self.vocab, self.keys).into_iter().find_map(|k| lists.get(&k)).map(|l| (l, source))
         });
@@ -196,8 +227,9 @@ impl Scoring<'_> {
         let controls =
             self.moments.of_groups(self.control_groups.get(&key.0).map(Vec::as_slice).unwrap_or(&[]), all_splits);
         if treated.n >= 2.0 && controls.n >= 2.0 {
-            let scores = welch_t(&treated, &controls);
-            return (top_by_abs(&scores, n_genes), "computed", Some(scores));
+            let (score, pvalue) = welch_test(&treated, &controls);
+            let qvalue = benjamini_hochberg(&pvalue);
+            return (top_by_abs(&score, n_genes), "computed", Some(Tested { score, pvalue, qvalue }));
         }
         match truth {
             Some(t) => {

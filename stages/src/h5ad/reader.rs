@@ -421,22 +421,30 @@ impl H5adReader {
         let Ok(TypeDescriptor::Compound(record)) = names.dtype().and_then(|t| t.to_descriptor()) else {
             return Ok(None);
         };
-        let scores = group.dataset("scores").ok();
+        // scanpy's record arrays beside `names`, one field per group: scores, p-values and
+        // adjusted p-values, each optional.
+        let numbers = |name: &str| group.dataset(name).ok();
+        let (scores, pvals, pvals_adj) = (numbers("scores"), numbers("pvals"), numbers("pvals_adj"));
         let (mut groups, mut ranks, mut genes, mut values) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut pvalues, mut qvalues) = (Vec::new(), Vec::new());
         for field in &record.fields {
             let list = super::records::read_string_field(&self.path, &names, &field.name)?;
-            let score = match &scores {
-                Some(s) => Some(super::records::read_number_field(&self.path, s, &field.name)?),
-                None => None,
+            let read = |ds: &Option<Dataset>| match ds {
+                Some(d) => super::records::read_number_field(&self.path, d, &field.name).map(Some),
+                None => Ok(None),
             };
+            let (score, p, q) = (read(&scores)?, read(&pvals)?, read(&pvals_adj)?);
+            let at = |v: &Option<Vec<f64>>, rank: usize| v.as_ref().and_then(|v| v.get(rank).copied());
             for (rank, gene) in list.into_iter().enumerate() {
                 groups.push(field.name.clone());
                 ranks.push(rank as u32);
                 genes.push(gene);
-                values.push(score.as_ref().and_then(|s| s.get(rank).copied()));
+                values.push(at(&score, rank));
+                pvalues.push(at(&p, rank));
+                qvalues.push(at(&q, rank));
             }
         }
-        deg_table(groups, ranks, genes, values).map(Some)
+        deg_table(groups, ranks, genes, values, (pvalues, qvalues)).map(Some)
     }
 
     fn deg_dict(&self, group: &Group) -> Result<Option<RecordBatch>> {
@@ -461,7 +469,8 @@ impl H5adReader {
             }
         }
         let scores = vec![None; genes.len()];
-        deg_table(groups, ranks, genes, scores).map(Some)
+        let none = vec![None; genes.len()];
+        deg_table(groups, ranks, genes, scores, (none.clone(), none)).map(Some)
     }
 }
 
@@ -471,12 +480,15 @@ fn deg_table(
     ranks: Vec<u32>,
     genes: Vec<String>,
     scores: Vec<Option<f64>>,
+    (pvalues, qvalues): (Vec<Option<f64>>, Vec<Option<f64>>),
 ) -> Result<RecordBatch> {
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(groups)),
         Arc::new(UInt32Array::from(ranks)),
         Arc::new(StringArray::from(genes)),
         Arc::new(Float64Array::from(scores)),
+        Arc::new(Float64Array::from(pvalues)),
+        Arc::new(Float64Array::from(qvalues)),
     ];
     RecordBatch::try_new(deg_schema(), columns).map_err(|e| Error::arrow("DEG table", e))
 }
