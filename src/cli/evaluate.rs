@@ -34,9 +34,9 @@ pub struct EvaluateArgs {
     /// Conditions with fewer evaluated cells are skipped.
     #[arg(long, default_value_t = DEFAULT_MIN_CELLS)]
     min_cells: u64,
-    /// The metrics printed: `default` (R2 of means and its control-mean baseline on all genes and
-    /// the top 20 DEGs, Pearson of the change, L1 discrimination rank) or `all`; metrics.parquet
-    /// holds every metric either way.
+    /// The metrics printed: `default` (R2 of means with its control-mean baseline and the data's
+    /// split-half ceiling, on all genes and the top 20 DEGs, Pearson of the change, L1
+    /// discrimination rank) or `all`; metrics.parquet holds every metric either way.
     #[arg(long, default_value = "default")]
     metrics: MetricSet,
     /// Do not write the per-condition SVG plots.
@@ -81,7 +81,8 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     }
     outln!(
         "{} conditions evaluated on the {} split of {} (log1p means; R2 over genes; ctrl_bl, top20_bl: the control mean \
-         as the prediction; p_delta: Pearson of the change from the control; disc_l1: rank of the true condition, 0 best)",
+         as the prediction; ceiling: half the real cells predicting the other half; p_delta: Pearson of the change \
+         from the control; disc_l1: rank of the true condition, 0 best)",
         report.conditions.len(),
         report.split,
         args.store.display()

@@ -426,6 +426,9 @@ fn evaluation_equals_a_computation_by_hand() {
         "discrimination_l1",
         "discrimination_cosine",
         "beats_control",
+        "ceiling_r2_mean",
+        "n_significant",
+        "deg_precision_at20",
     ] {
         assert!(metrics.iter().any(|n| n == m), "no {m} among the metrics: {metrics:?}");
     }
@@ -447,7 +450,7 @@ fn evaluation_equals_a_computation_by_hand() {
     let mut cursor = store.cursor().unwrap_or_else(|e| panic!("{e}"));
     let (conds, doses, types) = obs(&f.store);
     let key = canonical(condition, dose);
-    let (mut real, mut control) = (Vec::new(), Vec::new());
+    let (mut real, mut control, mut real_rows) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..store.n_obs() as usize {
         if types[r] != *cell_type {
             continue;
@@ -461,7 +464,12 @@ fn evaluation_equals_a_computation_by_hand() {
         for (&g, &v) in idx.iter().zip(val) {
             dense[g as usize] = f64::from(v).ln_1p();
         }
-        if is_real { real.push(dense) } else { control.push(dense) }
+        if is_real {
+            real.push(dense);
+            real_rows.push(r as u64);
+        } else {
+            control.push(dense);
+        }
     }
     let preds = f.dir.join("hand.parquet");
     let source = format!("condition == control and cell_type == {cell_type}");
@@ -507,6 +515,14 @@ fn evaluation_equals_a_computation_by_hand() {
     let mean_of = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
     let same_sign = top.iter().filter(|&&g| pd[g].signum() == rd[g].signum()).count() as f64 / top.len() as f64;
     let beats = if r2(&pred_mean, &real_mean) > r2(&ctrl_mean, &real_mean) { 1.0 } else { 0.0 };
+    // The split-half ceiling: the library's fixed halves of the real cells, one predicting the other.
+    let (second, first): (Vec<_>, Vec<_>) =
+        real.iter().zip(&real_rows).partition(|(_, r)| cpa_stream::pipeline::evaluate::in_second_half(**r));
+    let half_mean = |h: &[(&Vec<f64>, &u64)]| mean_var(&h.iter().map(|(v, _)| (*v).clone()).collect::<Vec<_>>()).0;
+    assert!(first.len() >= 2 && second.len() >= 2, "halves {} and {}", first.len(), second.len());
+    let (first_mean, second_mean) = (half_mean(&first), half_mean(&second));
+    let ceiling = r2(&first_mean, &second_mean);
+    let ceiling_delta = pearson(&delta(&first_mean), &delta(&second_mean));
     let hand = [
         ("pearson_delta", pearson(&pd, &rd)),
         ("pearson_delta_top20", pearson(&pick(&pd), &pick(&rd))),
@@ -514,6 +530,8 @@ fn evaluation_equals_a_computation_by_hand() {
         ("mae_delta", mean_of(pd.iter().zip(&rd).map(|(a, b)| (a - b).abs()).collect())),
         ("direction_match_top20", same_sign),
         ("beats_control", beats),
+        ("ceiling_r2_mean", ceiling),
+        ("ceiling_pearson_delta", ceiling_delta),
         ("r2_mean", r2(&pred_mean, &real_mean)),
         ("r2_var", r2(&pred_var, &real_var)),
         ("r2_delta", r2(&delta(&pred_mean), &delta(&real_mean))),

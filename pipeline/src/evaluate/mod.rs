@@ -33,6 +33,7 @@ use std::time::Instant;
 use cpa_stream_stages::h5ad::DEG_FILE;
 use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
 use cpa_stream_stages::store::Store;
+pub use moments::in_second_half;
 use serde::Serialize;
 pub use table::{MetricSet, render_table};
 use tch::Device;
@@ -247,6 +248,11 @@ pub struct FieldMetrics {
     pub n_significant: f64,
     /// `(k, precision)`: the share of the predicted top-k changed genes that are significant.
     pub deg_precision: Vec<(usize, f64)>,
+    /// The data's own ceiling: one random half of the condition's evaluated cells as the
+    /// prediction of the other half, `r2_mean` (NaN with fewer than 2 cells in a half).
+    pub ceiling_r2_mean: f64,
+    /// The same for `pearson_delta`.
+    pub ceiling_pearson_delta: f64,
 }
 
 /// The DEG list lengths of the overlap metrics.
@@ -429,7 +435,9 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     // Pass 1: moments of every group and split.
     let moments_stats = StageStats::new("moments", 1);
     progress.begin("evaluate: statistics", store.n_obs());
-    let moments = moments_stats.busy(|| GroupMoments::read(&store, &labels, genes.len(), count_model, progress))?;
+    let evaluated = |s: Split| options.split.contains(s);
+    let moments =
+        moments_stats.busy(|| GroupMoments::read(&store, &labels, genes.len(), count_model, evaluated, progress))?;
     moments_stats.add(store.n_obs(), store.nnz() * 8);
     progress.end();
     let plan = Plan::new(options, &store, &vocab, &groups, &moments)?;

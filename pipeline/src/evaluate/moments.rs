@@ -12,10 +12,21 @@ use crate::stats::Moments;
 /// Cells read per step of the pass.
 const CHUNK_CELLS: u64 = 4096;
 
-/// Per-(group, split) moments of every gene.
+/// Per-(group, split) moments of every gene, and per group those of one half of its evaluated
+/// cells (the split-half ceiling: the other half is the rest).
 pub(super) struct GroupMoments {
     pub(super) genes: usize,
     moments: Vec<Moments>,
+    half: Vec<Moments>,
+}
+
+/// Which half of the cells a cell falls in: a fixed hash of its row (splitmix64), so the halves
+/// are random with respect to the store's order and the same in every run.
+pub fn in_second_half(cell: u64) -> bool {
+    let mut z = cell.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) & 1 == 1
 }
 
 impl GroupMoments {
@@ -43,15 +54,27 @@ impl GroupMoments {
         out
     }
 
-    /// One pass over `store`: moments of `log1p(x)` (count models) or `x` per group and split.
+    /// Moments of the second half ([`in_second_half`]) of the evaluated cells of `groups`.
+    pub(super) fn second_half(&self, groups: &[usize]) -> Moments {
+        let mut out = Moments::new(self.genes);
+        for &g in groups {
+            out.merge(&self.half[g]);
+        }
+        out
+    }
+
+    /// One pass over `store`: moments of `log1p(x)` (count models) or `x` per group and split,
+    /// and per group of the second half of the cells whose split `evaluated` accepts.
     pub(super) fn read(
         store: &Store,
         labels: &CellLabels,
         genes: usize,
         count_model: bool,
+        evaluated: impl Fn(Split) -> bool,
         progress: &dyn Progress,
     ) -> Result<GroupMoments> {
         let mut moments: Vec<Moments> = (0..labels.groups().len() * 4).map(|_| Moments::new(genes)).collect();
+        let mut half: Vec<Moments> = (0..labels.groups().len()).map(|_| Moments::new(genes)).collect();
         let mut cursor = store.cursor().map_err(Error::stage("reader"))?;
         let mut batch = CsrBatch::new(genes as u32);
         let mut start = 0u64;
@@ -60,14 +83,17 @@ impl GroupMoments {
             batch.clear();
             cursor.read_range(start..end, &mut batch).map_err(Error::stage("reader"))?;
             for (i, cell) in (start..end).enumerate() {
-                let slot = Self::slot(labels.group_id(cell) as usize, labels.split(cell));
+                let (group, split) = (labels.group_id(cell) as usize, labels.split(cell));
                 let (idx, val) = batch.row(i);
-                moments[slot].add_sparse(idx, val, count_model);
+                moments[Self::slot(group, split)].add_sparse(idx, val, count_model);
+                if evaluated(split) && in_second_half(cell) {
+                    half[group].add_sparse(idx, val, count_model);
+                }
             }
             store.release(start..end);
             progress.advance(end - start);
             start = end;
         }
-        Ok(GroupMoments { genes, moments })
+        Ok(GroupMoments { genes, moments, half })
     }
 }

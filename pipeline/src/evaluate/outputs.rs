@@ -64,6 +64,8 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("beats_control".to_owned(), f.beats_control));
     out.push(("n_significant".to_owned(), f.n_significant));
     out.extend(f.deg_precision.iter().map(|(k, v)| (format!("deg_precision_at{k}"), *v)));
+    out.push(("ceiling_r2_mean".to_owned(), f.ceiling_r2_mean));
+    out.push(("ceiling_pearson_delta".to_owned(), f.ceiling_pearson_delta));
     out
 }
 

@@ -125,6 +125,7 @@ impl Scoring<'_> {
             tested.as_ref().map(|t| ranked.iter().copied().filter(|&g| t.qvalue[g] < SIGNIFICANT_Q).collect());
         let mut field = self.field(&ranked, has_real, (&pred_mean, &real_mean), (&pd, &rd));
         let predicted_order = top_by_abs(&pd, pd.len());
+        (field.ceiling_r2_mean, field.ceiling_pearson_delta) = self.ceiling(key, real, &ctrl_mean);
         field.n_significant = significant.as_ref().map_or(f64::NAN, |s| s.len() as f64);
         field.deg_precision = DEG_OVERLAP_K
             .iter()
@@ -201,7 +202,24 @@ impl Scoring<'_> {
             beats_control: f64::NAN,
             n_significant: f64::NAN,
             deg_precision: Vec::new(),
+            ceiling_r2_mean: f64::NAN,
+            ceiling_pearson_delta: f64::NAN,
         }
+    }
+
+    /// The split-half ceiling of a condition: the means of one random half of its evaluated cells
+    /// (`real` is all of them) against the other's, as `r2_mean` and `pearson_delta` score the
+    /// model; NaN with fewer than 2 cells in a half.
+    fn ceiling(&self, key: &ConditionKey, real: &Moments, ctrl_mean: &[f64]) -> (f64, f64) {
+        let second = self.moments.second_half(&self.conditions[key].groups);
+        let first_n = real.n - second.n;
+        if first_n < 2.0 || second.n < 2.0 {
+            return (f64::NAN, f64::NAN);
+        }
+        let first: Vec<f64> = real.sum.iter().zip(&second.sum).map(|(a, b)| (a - b) / first_n).collect();
+        let second = second.mean();
+        let delta = |m: &[f64]| -> Vec<f64> { m.iter().zip(ctrl_mean).map(|(a, b)| a - b).collect() };
+        (r2_score(&first, &second), pearson(&delta(&first), &delta(&second)))
     }
 
     /// A condition's genes ranked by differential expression, where the ranking came from, and

@@ -1,6 +1,7 @@
 //! The table `cpa-stream evaluate` prints: one line per condition and the means. The default set
-//! is short (R2 of means against the control-mean baseline, on all genes and the top 20 DEGs, the
-//! change's Pearson, the L1 discrimination rank and whether the model beats the baseline); `all`
+//! is short (R2 of means against the control-mean baseline and the data's split-half ceiling, on
+//! all genes and the top 20 DEGs, the change's Pearson, the L1 discrimination rank and whether the
+//! model beats the baseline); `all`
 //! adds the variances, the change's R2 and the rest of the field's metrics. Every metric is in
 //! `metrics.parquet` either way.
 
@@ -49,6 +50,7 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
     let mut out = vec![
         Column { header: "r2_mean", value: |c| c.r2_mean, summary: "r2_mean" },
         Column { header: "ctrl_bl", value: |c| c.r2_mean_control, summary: "r2_mean_control" },
+        Column { header: "ceiling", value: |c| c.field.ceiling_r2_mean, summary: "ceiling_r2_mean" },
         Column { header: "top20", value: |c| top(c, 20, |t| t.r2_mean), summary: "r2_mean_top20" },
         Column { header: "top20_bl", value: |c| top(c, 20, |t| t.r2_mean_control), summary: "r2_mean_control_top20" },
         Column { header: "p_delta", value: |c| c.field.pearson_delta, summary: "pearson_delta" },
