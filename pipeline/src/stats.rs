@@ -108,7 +108,8 @@ pub fn welch_test(a: &Moments, b: &Moments) -> (Vec<f64>, Vec<f64>) {
             if t.is_infinite() {
                 return 0.0;
             }
-            if t == 0.0 && !(sa + sb > 0.0) {
+            let spread = sa + sb;
+            if t == 0.0 && (spread.is_nan() || spread <= 0.0) {
                 return 1.0;
             }
             match StudentsT::new(0.0, 1.0, df) {

@@ -390,7 +390,10 @@ class Run:
     ) -> pd.DataFrame:
         """Evaluates the model as ``cpa-stream evaluate`` does and returns the per-condition
         metrics as a DataFrame (``attrs["summary"]``: the summary, ``attrs["report"]``: the whole
-        report). ``split``: ``train``, ``valid``, ``test``, ``ood`` or ``all``. With ``out`` the
+        report): the CPA paper's R2 family with the control-mean baseline (``r2_mean_control``)
+        and the data's split-half ceiling (``ceiling_r2_mean``), and the field's metrics
+        (``pearson_delta``, ``mse``/``mae`` and their ``_delta``, ``deg_overlap_at*``,
+        ``deg_precision_at*``, ``discrimination_*``, ``beats_control``; docs/evaluation.md). ``split``: ``train``, ``valid``, ``test``, ``ood`` or ``all``. With ``out`` the
         files (``metrics.parquet``, ``summary.json``, ``degs.parquet``, ``plots/`` when
         ``plots``) are kept there; without, they go to a temporary directory."""
         with tempfile.TemporaryDirectory(prefix="cpa-stream-eval-") as scratch:
