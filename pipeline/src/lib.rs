@@ -33,6 +33,7 @@ pub mod export;
 pub mod fault;
 pub mod import;
 pub mod obs;
+pub mod plots;
 pub mod predict;
 pub mod predictor;
 pub mod progress;

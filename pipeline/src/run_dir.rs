@@ -7,6 +7,7 @@
 //!   model/            the final model: the best weights, or the last ones without validation
 //!   metrics.parquet   one row per epoch (schema: cpa_stream_schemas::tables::training_metrics_schema)
 //!   config.toml       the configuration the run trained with
+//!   history.svg/.png  losses, validation and learning rate per epoch
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -56,7 +57,11 @@ pub(crate) fn copy_files(from: &Path, to: &Path) -> cpa_stream_stages::Result<()
 }
 
 /// Every entry a training run directory may hold (with temporaries of them, `.NAME.tmp-*`).
-pub const RUN_ENTRIES: [&str; 6] = [CHECKPOINT_DIR, BEST_DIR, MODEL_DIR, METRICS_FILE, CONFIG_FILE, SETTINGS_FILE];
+pub const RUN_ENTRIES: [&str; 8] =
+    [CHECKPOINT_DIR, BEST_DIR, MODEL_DIR, METRICS_FILE, CONFIG_FILE, SETTINGS_FILE, "history.svg", "history.png"];
+
+/// The picture of a run's history (`.svg` and `.png`, [`crate::plots::write_history`]).
+pub const HISTORY_STEM: &str = "history";
 
 /// The settings a run was trained with (obs keys, control, covariates, split, configuration),
 /// read back by `--resume`, `predict` and `evaluate`.

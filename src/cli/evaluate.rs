@@ -92,7 +92,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     outln!(
         "written: {}/metrics.parquet, summary.json, degs.parquet{}",
         args.out.display(),
-        if args.no_plots { "" } else { ", plots/" }
+        if args.no_plots { "" } else { ", plots/, overview.svg and overview.png" }
     );
     super::print_report(&report.report)?;
     Ok(ExitCode::SUCCESS)

@@ -405,6 +405,11 @@ fn evaluation_equals_a_computation_by_hand() {
     let eval = f.dir.join("eval-all");
     let o = evaluate(&eval, "all");
     assert!(text(&o.stdout).contains("r2_mean"), "no table printed: {}", text(&o.stdout));
+    // The one-page overview, as SVG and PNG.
+    let svg = std::fs::read_to_string(eval.join("overview.svg")).unwrap_or_default();
+    assert!(svg.starts_with("<svg") && svg.contains("R2 of means per condition"), "overview.svg: {:.200}", svg);
+    let png = std::fs::read(eval.join("overview.png")).unwrap_or_default();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "overview.png: {} bytes", png.len());
     let (schema, batches) = read_parquet(&eval.join("metrics.parquet"));
     // The labels (covariates, perturbation and dose keys) and fixed columns as the schema defines
     // them; the metric columns after them are Float64 and include the headline ones.

@@ -94,6 +94,11 @@ fn trains_on_a_synthetic_store_with_checkpoints_metrics_and_a_final_model() {
     {
         assert!(run_dir.join(name).exists(), "{name} missing");
     }
+    // The history picture, as SVG and PNG.
+    let svg = std::fs::read_to_string(run_dir.join("history.svg")).unwrap_or_default();
+    assert!(svg.starts_with("<svg") && svg.contains("reconstruction loss"), "history.svg: {:.200}", svg);
+    let png = std::fs::read(run_dir.join("history.png")).unwrap_or_default();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "history.png: {} bytes", png.len());
     let metrics = read_small_table(&run_dir.join("metrics.parquet")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(metrics.num_rows(), 4);
     same_schema(&training_metrics_schema(), &metrics.schema())

@@ -84,8 +84,11 @@ pub(super) fn summarize(conditions: &[ConditionMetrics]) -> BTreeMap<String, f64
     sums.into_iter().map(|(k, (s, n))| (k, if n == 0 { f64::NAN } else { s / n as f64 })).collect()
 }
 
+/// The one-page overview of an evaluation (`.svg` and `.png`).
+pub const OVERVIEW_STEM: &str = "overview";
+
 /// What an evaluation directory holds.
-const ENTRIES: [&str; 4] = [METRICS_FILE, degs::FILE, SUMMARY_FILE, PLOTS_DIR];
+const ENTRIES: [&str; 6] = [METRICS_FILE, degs::FILE, SUMMARY_FILE, PLOTS_DIR, "overview.svg", "overview.png"];
 
 /// Checked before the work: `out` may be written (not a file, `-` or a link; an existing
 /// evaluation only with `overwrite`, and only if it holds nothing else).
@@ -115,6 +118,8 @@ pub(super) fn write_outputs(
         write_summary(&tmp.join(SUMMARY_FILE), report)?;
         if options.plots {
             write_plots(&tmp.join(PLOTS_DIR), &report.conditions)?;
+            let title = format!("{} split", report.split);
+            crate::plots::write_overview(&tmp.join(OVERVIEW_STEM), &title, &report.conditions)?;
         }
         check_output(options)?;
         publish(&tmp, out, OutputKind::Directory, options.overwrite).map_err(Error::stage("evaluate"))

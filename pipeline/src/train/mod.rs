@@ -31,8 +31,8 @@ use crate::encoder::{CellLabels, EncoderOptions, Split};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::run_dir::{
-    BEST_DIR, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, MODEL_DIR, RUN_ENTRIES, check_replaceable, copy_files,
-    is_nonempty_dir, remove_entries,
+    BEST_DIR, CHECKPOINT_DIR, CONFIG_FILE, HISTORY_STEM, METRICS_FILE, MODEL_DIR, RUN_ENTRIES, check_replaceable,
+    copy_files, is_nonempty_dir, remove_entries,
 };
 use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
 pub use history::EpochRecord;
@@ -189,6 +189,11 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
     }
     let seconds = trained_start.elapsed().as_secs_f64().max(1e-9);
     let Run { trainer, records, pool, train_stats, trained_cells, .. } = run;
+    // A picture is no reason to fail a run: a warning when it cannot be drawn.
+    let title = format!("training history of {}", options.out.display());
+    if let Err(e) = crate::plots::write_history(&options.out.join(HISTORY_STEM), &title, &records) {
+        tracing::warn!("{e}");
+    }
     let stages = [encoder_stats.report()].into_iter().chain(pool.reports()).chain([train_stats.report()]).collect();
     Ok(TrainReport {
         best_epoch: trainer.state().best_epoch,
