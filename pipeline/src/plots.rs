@@ -314,3 +314,78 @@ pub fn write_overview(stem: &Path, title: &str, conditions: &[ConditionMetrics])
     }
     both_with(stem, (1000, height), |svg| picture!(svg), |png| picture!(png))
 }
+
+/// Genes named beside their point in a condition's scatter plot (the top DEGs first).
+const LABELLED_GENES: usize = 10;
+
+/// Writes one condition's scatter plot as SVG at `path`: its top DEGs' predicted means (blue) and
+/// control means (grey), half transparent, against the real (or true) means, with the identity
+/// line; the first [`LABELLED_GENES`] genes named beside their predicted point.
+pub fn write_scatter(
+    path: &Path,
+    title: &str,
+    real_label: &str,
+    data: &crate::evaluate::PlotData,
+    r2: f64,
+) -> Result<()> {
+    font()?;
+    let points: Vec<(usize, f64, f64, f64)> = data
+        .genes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, _)| {
+            let (p, r, c) = (data.predicted[i], data.real[i], data.control[i]);
+            (p.is_finite() && r.is_finite()).then_some((i, r, p, c))
+        })
+        .collect();
+    let (lo, hi) = range(points.iter().flat_map(|&(_, r, p, c)| [r, p, c]), (0.0, 1.0));
+    let subtitle = match r2.is_finite() {
+        true => format!("top {} DEGs, log1p means; R2 of means over all genes {r2:.3}", data.genes.len()),
+        false => format!("top {} DEGs, log1p means", data.genes.len()),
+    };
+    let draw = || -> std::result::Result<(), String> {
+        let e = |x: DrawingAreaErrorKind<std::io::Error>| x.to_string();
+        let root = SVGBackend::new(path, (480, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(e)?;
+        let root = root.titled(title, (FAMILY, 15)).map_err(e)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(&subtitle, (FAMILY, 11))
+            .margin(10)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(lo..hi, lo..hi)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc(real_label)
+            .y_desc("mean: predicted (blue), control (grey)")
+            .x_labels(6)
+            .y_labels(6)
+            .x_label_formatter(&|v| format!("{v:.2}"))
+            .y_label_formatter(&|v| format!("{v:.2}"))
+            .light_line_style(WHITE.mix(0.0))
+            .label_style((FAMILY, 10))
+            .draw()
+            .map_err(e)?;
+        chart
+            .draw_series(std::iter::once(PathElement::new(vec![(lo, lo), (hi, hi)], BLACK.mix(0.3).stroke_width(1))))
+            .map_err(e)?;
+        chart
+            .draw_series(
+                points
+                    .iter()
+                    .filter(|p| p.3.is_finite())
+                    .map(|&(_, r, _, c)| Circle::new((r, c), 3, GREY.mix(0.5).filled())),
+            )
+            .map_err(e)?;
+        chart
+            .draw_series(points.iter().map(|&(_, r, p, _)| Circle::new((r, p), 3, BLUE.mix(0.6).filled())))
+            .map_err(e)?;
+        let labels = points.iter().filter(|p| p.0 < LABELLED_GENES).map(|&(i, r, p, _)| {
+            Text::new(format!(" {}", data.genes[i]), (r, p), (FAMILY, 9).into_font().color(&BLACK.mix(0.8)))
+        });
+        chart.draw_series(labels).map_err(e)?;
+        root.present().map_err(e)
+    };
+    draw().map_err(plot_error(path))
+}

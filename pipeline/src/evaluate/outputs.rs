@@ -203,8 +203,7 @@ fn write_plots(dir: &Path, rows: &[ConditionMetrics]) -> Result<()> {
         let file = dir.join(format!("{}.svg", plot::file_stem(&name.join("_"))));
         let title = format!("{} {} ({})", c.condition, c.dose, c.covariates.join(", "));
         let truth_label = if c.n_cells == 0 { "true mean (truth table)" } else { "real mean" };
-        let svg = plot::scatter_svg(&title, truth_label, &c.plot, c.r2_mean);
-        std::fs::write(&file, svg).map_err(Error::io(&file))?;
+        crate::plots::write_scatter(&file, &title, truth_label, &c.plot, c.r2_mean)?;
     }
     Ok(())
 }
