@@ -77,7 +77,12 @@ def test_predictions_stream_to_polars_and_duckdb(run, store):
     assert frame.height == 2 * n_source
     assert frame.schema["mean"] == pl.Array(pl.Float32, store.n_vars)
     again = run.predict(store, source=SOURCE, targets=TARGET, genes=genes[:3], **COMPUTE)
-    counted = duckdb.sql("select count(*) as n, avg(len(mean)) as width from again").fetchall()
+    db = duckdb.connect()
+    try:
+        db.register("again", again)
+        counted = db.sql("select count(*) as n, avg(len(mean)) as width from again").fetchall()
+    finally:
+        db.close()
     assert counted == [(n_source, 3)]
 
 
