@@ -44,12 +44,15 @@ fn range(values: impl Iterator<Item = f64>, fallback: (f64, f64)) -> (f64, f64) 
     (lo - pad, hi + pad)
 }
 
-/// One panel of the history: a title, and (label, colour, points) series over epochs.
+/// A line of a panel: its legend label, colour and (epoch, value) points.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
+/// One panel of the history: a title, and series over epochs.
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     title: &str,
     epochs: (f64, f64),
-    series: &[(&str, RGBColor, Vec<(f64, f64)>)],
+    series: &[Series<'_>],
 ) -> std::result::Result<(), String> {
     let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
     let y = range(series.iter().flat_map(|s| s.2.iter().map(|p| p.1)), (0.0, 1.0));
