@@ -41,11 +41,13 @@ started=$(date +%s)
 build_log="$CPA_STREAM_CACHE/maturin-build.log"
 PYO3_PYTHON="$py" "$CPA_STREAM_VENV/bin/maturin" build --release --locked --manifest-path python/Cargo.toml \
   --interpreter "$py" --out "$wheels" 2>&1 | tee "$build_log" >&2
-# After scripts/build.sh only PyO3 and the module itself compile; more means the features of a
-# shared dependency drifted from the workspace build (see the note in python/Cargo.toml).
-compiled=$(grep -c '^ *Compiling ' "$build_log" || true)
-if [ "$compiled" -gt 6 ] && [ -d "$CARGO_TARGET_DIR/release/.fingerprint" ]; then
-  log "warning: the module's build compiled $compiled crates; shared dependencies may have drifted in features"
+# After scripts/build.sh only PyO3 (and its build helpers) and the module itself compile; any
+# other crate means the features of a shared dependency drifted from the workspace build (see
+# the note in python/Cargo.toml).
+drifted=$(grep '^ *Compiling ' "$build_log" | grep -vE 'Compiling (pyo3|target-lexicon|cpa-stream-python)' || true)
+if [ -n "$drifted" ]; then
+  log "warning: the module's build compiled crates the workspace build had compiled with other features:"
+  printf '%s\n' "$drifted" >&2
 fi
 wheel=$(ls "$wheels"/cpa_stream-*.whl)
 "$py" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$wheel" >&2
