@@ -128,15 +128,7 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
     };
     let mut writer = StoreWriter::create(out, &var, h5.obs_schema(), writer_options).map_err(Error::stage("write"))?;
     let degs = match h5.read_degs(options.deg_uns_key.as_deref()).map_err(Error::stage("read"))? {
-        Some((key, table)) => {
-            let rows = table.num_rows();
-            let schema = Arc::new(
-                table.schema().as_ref().clone().with_metadata(HashMap::from([("uns_key".to_owned(), key.clone())])),
-            );
-            let table = table.with_schema(Arc::clone(&schema)).map_err(Error::arrow("DEG table"))?;
-            write_table(&writer.extra_file_path(DEG_FILE), schema, [table]).map_err(Error::stage("write"))?;
-            Some((key, rows))
-        }
+        Some((key, table)) => Some(write_degs(&writer, &key, &table)?),
         None => None,
     };
     let layout = h5.layout();
@@ -453,6 +445,17 @@ fn read_csc(
     Ok(())
 }
 
+/// Writes a DEG table into the store being written, its `uns` key in the table's metadata;
+/// returns the key and its rows.
+fn write_degs(writer: &StoreWriter, key: &str, table: &RecordBatch) -> Result<(String, usize)> {
+    let rows = table.num_rows();
+    let metadata = HashMap::from([("uns_key".to_owned(), key.to_owned())]);
+    let schema = Arc::new(table.schema().as_ref().clone().with_metadata(metadata));
+    let table = table.clone().with_schema(Arc::clone(&schema)).map_err(Error::arrow("DEG table"))?;
+    write_table(&writer.extra_file_path(DEG_FILE), schema, [table]).map_err(Error::stage("write"))?;
+    Ok((key.to_owned(), rows))
+}
+
 /// Tables of an in-memory dataset (an AnnData in a Python process), in the store's schemas.
 #[derive(Debug, Clone)]
 pub struct Tables {
@@ -498,17 +501,7 @@ pub fn import_chunks(
     };
     let mut writer =
         StoreWriter::create(out, &tables.var, tables.obs.schema(), writer_options).map_err(Error::stage("write"))?;
-    let degs = match &tables.degs {
-        Some((key, table)) => {
-            let schema = Arc::new(
-                table.schema().as_ref().clone().with_metadata(HashMap::from([("uns_key".to_owned(), key.clone())])),
-            );
-            let table = table.clone().with_schema(Arc::clone(&schema)).map_err(Error::arrow("DEG table"))?;
-            write_table(&writer.extra_file_path(DEG_FILE), schema, [table]).map_err(Error::stage("write"))?;
-            Some((key.clone(), tables.degs.as_ref().map_or(0, |(_, t)| t.num_rows())))
-        }
-        None => None,
-    };
+    let degs = tables.degs.as_ref().map(|(key, table)| write_degs(&writer, key, table)).transpose()?;
     progress.begin("cells", n_obs);
     let result = (|| {
         while let Some(rows) = read.busy(|| chunks.next()) {
