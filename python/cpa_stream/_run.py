@@ -52,6 +52,7 @@ def train(
     validation_fraction: float | None = None,
     test_fraction: float | None = None,
     config: Mapping[str, Any] | PathLike | None = None,
+    preset: str | None = None,
     max_epochs: int | None = None,
     batch_size: int | str | None = None,
     seed: int | None = None,
@@ -74,6 +75,8 @@ def train(
 
     ``config`` is a dict of the TOML file's tables (``{"model": {...}, "training": {...}}``;
     missing keys take the defaults), a path to such a file, or ``None`` for the defaults.
+    ``preset`` changes the defaults the configuration starts from: ``"reference"`` behaves as
+    cpa-tools 0.8.8 where the defaults differ from it on purpose (its learning-rate schedule).
     ``max_epochs``, ``batch_size`` (or ``"auto"`` on CUDA) and ``seed`` override it.
 
     ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``threads`` libtorch's threads (note:
@@ -107,6 +110,7 @@ def train(
         "holdout": list(holdout),
         "validation_fraction": validation_fraction,
         "test_fraction": test_fraction,
+        "preset": preset,
         "epochs": max_epochs,
         "batch_size": batch_size,
         "seed": seed,
@@ -381,6 +385,7 @@ class Run:
         truth: PathLike | None = None,
         degs: PathLike | None = None,
         min_cells: int | None = None,
+        definitions: str = "default",
         plots: bool = False,
         overwrite: bool = False,
         batch_size: int | None = None,
@@ -393,7 +398,9 @@ class Run:
         report): the CPA paper's R2 family with the control-mean baseline (``r2_mean_control``)
         and the data's split-half ceiling (``ceiling_r2_mean``), and the field's metrics
         (``pearson_delta``, ``mse``/``mae`` and their ``_delta``, ``deg_overlap_at*``,
-        ``deg_precision_at*``, ``discrimination_*``, ``beats_control``; docs/evaluation.md). ``split``: ``train``, ``valid``, ``test``, ``ood`` or ``all``. With ``out`` the
+        ``deg_precision_at*``, ``discrimination_*``, ``beats_control``; docs/evaluation.md). ``split``: ``train``, ``valid``, ``test``, ``ood`` or ``all``. ``definitions="reference"``
+        scores with cpa-tools' tutorial definitions (every control cell of the covariates, DEGs
+        by the difference of means, conditions of 2 cells or more). With ``out`` the
         files (``metrics.parquet``, ``summary.json``, ``degs.parquet``, ``plots/`` when
         ``plots``) are kept there; without, they go to a temporary directory."""
         with tempfile.TemporaryDirectory(prefix="cpa-stream-eval-") as scratch:
@@ -402,7 +409,7 @@ class Run:
                 "model": str(self.path), "store": _path(store), "out": str(target), "split": split,
                 "truth": os.fspath(truth) if truth is not None else None,
                 "degs": os.fspath(degs) if degs is not None else None,
-                "min_cells": min_cells, "plots": plots, "overwrite": overwrite, "batch_size": batch_size,
+                "min_cells": min_cells, "definitions": definitions, "plots": plots, "overwrite": overwrite, "batch_size": batch_size,
             }
             report = json.loads(
                 _native.evaluate(json.dumps(request), _compute(device, threads, None), _progress.make(progress, "evaluate"))

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use arrow::array::{RecordBatch, RecordBatchIterator, RecordBatchReader};
 use arrow::ffi_stream::{FFI_ArrowArrayStream, RecordBatchStreamReader};
-use cpa_stream_pipeline::evaluate::{EvalSplit, EvaluateOptions, run_evaluate};
+use cpa_stream_pipeline::evaluate::{Definitions, EvalSplit, EvaluateOptions, run_evaluate};
 use cpa_stream_pipeline::import::{ImportOptions, Tables, import_chunks, run_import};
 use cpa_stream_pipeline::predict::targets::parse_target_spec;
 use cpa_stream_pipeline::predict::{GeneSelection, Layout, PredictOptions, Shard, run_predict};
@@ -573,6 +573,8 @@ struct EvaluateRequest {
     #[serde(default)]
     min_cells: Option<u64>,
     #[serde(default)]
+    definitions: Option<String>,
+    #[serde(default)]
     plots: bool,
     #[serde(default)]
     overwrite: bool,
@@ -598,9 +600,10 @@ fn evaluate(py: Python<'_>, request: &str, compute: &str, progress: Option<Bound
     options.device = device;
     options.plots = request.plots;
     options.overwrite = request.overwrite;
-    if let Some(m) = request.min_cells {
-        options.min_cells = m;
+    if let Some(d) = &request.definitions {
+        options.definitions = Definitions::parse(d).map_err(to_py)?;
     }
+    options.min_cells = request.min_cells.unwrap_or(options.definitions.min_cells());
     if let Some(b) = request.batch_size {
         options.batch_size = b.max(1);
     }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use cpa_stream_pipeline::evaluate::{
-    DEFAULT_BATCH_SIZE, DEFAULT_MIN_CELLS, EvalSplit, EvaluateOptions, MetricSet, render_table, run_evaluate,
+    DEFAULT_BATCH_SIZE, Definitions, EvalSplit, EvaluateOptions, MetricSet, render_table, run_evaluate,
 };
 
 use super::progress::CliProgress;
@@ -31,9 +31,15 @@ pub struct EvaluateArgs {
     /// Output directory: metrics.parquet, summary.json, degs.parquet, plots/.
     #[arg(long)]
     out: PathBuf,
-    /// Conditions with fewer evaluated cells are skipped.
-    #[arg(long, default_value_t = DEFAULT_MIN_CELLS)]
-    min_cells: u64,
+    /// Conditions with fewer evaluated cells are skipped [default: 5; 2 with --definitions
+    /// reference].
+    #[arg(long)]
+    min_cells: Option<u64>,
+    /// Whose definitions: `default`, or `reference` for cpa-tools' tutorial scoring (every
+    /// control cell of the covariates as source and control mean, DEGs by the difference of
+    /// means over all cells; docs/evaluation.md).
+    #[arg(long, default_value = "default", value_parser = ["default", "reference"])]
+    definitions: String,
     /// The metrics printed: `default` (R2 of means with its control-mean baseline and the data's
     /// split-half ceiling, on all genes and the top 20 DEGs, Pearson of the change, L1
     /// discrimination rank) or `all`; metrics.parquet holds every metric either way.
@@ -61,13 +67,15 @@ pub struct EvaluateArgs {
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     let (device, _) = super::model_device(&args.device, args.threads, None)?;
+    let definitions = Definitions::parse(&args.definitions)?;
     let options = EvaluateOptions {
         split: EvalSplit::parse(&args.split)?,
         truth: args.truth.clone(),
         degs: args.degs.clone(),
         device,
         batch_size: args.batch_size,
-        min_cells: args.min_cells,
+        min_cells: args.min_cells.unwrap_or(definitions.min_cells()),
+        definitions,
         plots: !args.no_plots,
         overwrite: args.overwrite,
         ..EvaluateOptions::new(&args.model, &args.store, &args.out)
@@ -109,6 +117,7 @@ fn deg_sources(report: &cpa_stream_pipeline::evaluate::EvaluateReport) -> String
         "file" => "the --degs table",
         "computed" => "computed here (Welch t of the condition's cells against the controls)",
         "truth" => "the synthetic atlas's true changes",
+        "mean difference" => "the reference's (difference of the condition's mean from the control mean)",
         _ => "none (no DEG metrics)",
     };
     counts.iter().map(|(s, n)| format!("{} for {n} condition(s)", what(s))).collect::<Vec<_>>().join("; ")

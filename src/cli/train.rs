@@ -35,9 +35,14 @@ pub struct TrainArgs {
     /// Fraction of each condition's cells kept for testing (without --split-key) [default: 0.1].
     #[arg(long)]
     test_fraction: Option<f64>,
-    /// Model configuration (TOML; see examples/cpa.toml).
+    /// Model configuration (TOML; see examples/cpa.toml); with --preset, changes only the keys it
+    /// sets.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Starting point of the configuration: `default`, or `reference` for cpa-tools 0.8.8's
+    /// behaviour where the defaults differ from it (its learning-rate schedule; docs/fidelity.md).
+    #[arg(long, value_parser = ["default", "reference"])]
+    preset: Option<String>,
     /// Run directory (checkpoint/, best/, model/, metrics.parquet).
     #[arg(long)]
     out: PathBuf,
@@ -107,6 +112,7 @@ impl TrainArgs {
             holdout: self.holdout.clone(),
             validation_fraction: self.validation_fraction,
             test_fraction: self.test_fraction,
+            preset: self.preset.clone(),
             config: self.config.clone().map_or(ConfigSource::Default, ConfigSource::File),
             epochs: self.epochs,
             batch_size: self.batch_size.clone(),

@@ -560,6 +560,63 @@ fn evaluation_equals_a_computation_by_hand() {
 }
 
 #[test]
+fn the_reference_definitions_decode_every_control_and_rank_degs_by_mean_difference() {
+    let f = fixture();
+    let eval = f.dir.join("eval-reference");
+    let (model, store) = (f.run.to_str().unwrap_or_default(), f.store.to_str().unwrap_or_default());
+    let args = ["evaluate", "--model", model, "--store", store, "--definitions", "reference", "--no-plots"];
+    let o = run(&[&args[..], &["--out", eval.to_str().unwrap_or_default()]].concat());
+    assert!(o.status.success(), "evaluate failed: {}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("DEGs: the reference's"), "{}", text(&o.stdout));
+    let (_, batches) = read_parquet(&eval.join("metrics.parquet"));
+    let (ec, ed, et) = (strings(&batches, "condition"), strings(&batches, "dose"), strings(&batches, "cell_type"));
+    let n_cells = batches[0].column_by_name("n_cells").map(|c| c.as_primitive::<UInt64Type>().clone());
+    let n_cells = n_cells.unwrap_or_else(|| panic!("no n_cells"));
+    let row = (0..ec.len()).find(|&i| n_cells.value(i) > 0).unwrap_or_else(|| panic!("nothing evaluated"));
+    assert_eq!(strings(&batches, "deg_source")[row], "mean difference");
+    assert_eq!(strings(&batches, "control_source")[row], "all");
+    // Every control cell of the cell type, whatever its split, and the condition's DEGs ranked by
+    // |mean of all its cells - mean of those controls| of log1p counts.
+    let (condition, dose, cell_type) = (&ec[row], &ed[row], &et[row]);
+    let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
+    let genes = store.n_vars() as usize;
+    let mut cursor = store.cursor().unwrap_or_else(|e| panic!("{e}"));
+    let (conds, doses, types) = obs(&f.store);
+    let key = canonical(condition, dose);
+    let (mut real, mut control) = (vec![0.0f64; genes], vec![0.0f64; genes]);
+    let (mut n_real, mut n_control) = (0u64, 0u64);
+    for r in 0..store.n_obs() as usize {
+        let is_real = canonical(&conds[r], &doses[r]) == key;
+        if types[r] != *cell_type || (!is_real && conds[r] != "control") {
+            continue;
+        }
+        let (idx, val) = cursor.row(r as u64).unwrap_or_else(|e| panic!("{e}"));
+        let into = if is_real { &mut real } else { &mut control };
+        for (&g, &v) in idx.iter().zip(val) {
+            into[g as usize] += f64::from(v).ln_1p();
+        }
+        if is_real { n_real += 1 } else { n_control += 1 }
+    }
+    let count = batches[0].column_by_name("n_control").map(|c| c.as_primitive::<UInt64Type>().value(row));
+    assert_eq!(count, Some(n_control));
+    let change: Vec<f64> = (0..genes).map(|g| real[g] / n_real as f64 - control[g] / n_control as f64).collect();
+    let mut order: Vec<usize> = (0..genes).collect();
+    order.sort_by(|&a, &b| change[b].abs().total_cmp(&change[a].abs()).then(a.cmp(&b)));
+    let (_, degs) = read_parquet(&eval.join("degs.parquet"));
+    let group = format!("{cell_type}_{condition}_{dose}");
+    let listed: Vec<String> = strings(&degs, "group")
+        .into_iter()
+        .zip(strings(&degs, "gene"))
+        .filter(|(g, _)| *g == group)
+        .map(|(_, gene)| gene)
+        .take(10)
+        .collect();
+    let names = cpa_stream::pipeline::obs::gene_names(&store).unwrap_or_else(|e| panic!("{e}"));
+    let by_hand: Vec<String> = order[..10].iter().map(|&g| names[g].clone()).collect();
+    assert_eq!(listed, by_hand, "top 10 DEGs of {group}");
+}
+
+#[test]
 fn a_held_out_combination_beats_the_control_mean_against_the_truth() {
     let f = fixture();
     let eval = f.dir.join("eval-test");

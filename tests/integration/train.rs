@@ -143,6 +143,25 @@ fn block_sampling_is_recorded_with_the_run() {
 }
 
 #[test]
+fn a_preset_is_the_base_a_configuration_file_changes() {
+    use cpa_stream::stages::model::config::LrSchedule;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "raw");
+    let toml = dir.path().join("c.toml");
+    std::fs::write(&toml, "[training]\nstep_size_lr = 2\n").unwrap_or_else(|e| panic!("{e}"));
+    let run_dir = dir.path().join("run");
+    let c = toml.to_str().unwrap_or_default();
+    train(&store, &run_dir, &["--epochs", "1", "--batch-size", "256", "--preset", "reference", "--config", c]);
+    let config = CpaConfig::from_file(&run_dir.join("config.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((config.training.lr_schedule, config.training.step_size_lr), (LrSchedule::Reference, 2));
+    // A resume with another preset is refused, naming it.
+    let o = train_output(&store, &run_dir, &["--resume", "--preset", "default"]);
+    assert!(!o.status.success() && text(&o.stderr).contains("--preset default"), "{}", text(&o.stderr));
+    let o = train_output(&store, &dir.path().join("other"), &["--preset", "paper"]);
+    assert!(!o.status.success() && text(&o.stderr).contains("reference"), "{}", text(&o.stderr));
+}
+
+#[test]
 fn resume_continues_exactly() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = synth_store(dir.path(), "s.store", "zstd");

@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::CONTROL_ID;
 
-use super::EvalSplit;
 use super::moments::GroupMoments;
 use super::truth::TruthRow;
+use super::{Definitions, EvalSplit};
 use crate::encoder::{CellLabels, Split};
 use crate::stats::Moments;
 
@@ -165,7 +165,12 @@ pub(super) fn control_sources<'a>(
     moments: &GroupMoments,
     split: EvalSplit,
     min_cells: u64,
+    definitions: Definitions,
 ) -> HashMap<Vec<u32>, (SourceSplits, Moments)> {
+    let choices: &[SourceSplits] = match definitions {
+        Definitions::Default => &[SourceSplits::Evaluated, SourceSplits::HeldOut, SourceSplits::All],
+        Definitions::Reference => &[SourceSplits::All],
+    };
     let mut sources = HashMap::new();
     for covs in covariates {
         if sources.contains_key(covs) {
@@ -179,10 +184,7 @@ pub(super) fn control_sources<'a>(
             }
             m
         };
-        let chosen = [SourceSplits::Evaluated, SourceSplits::HeldOut, SourceSplits::All]
-            .into_iter()
-            .map(|choice| (choice, pick(choice)))
-            .find(|(_, m)| m.n >= min_cells.max(1) as f64);
+        let chosen = choices.iter().map(|&choice| (choice, pick(choice))).find(|(_, m)| m.n >= min_cells.max(1) as f64);
         if let Some(c) = chosen {
             sources.insert(covs.clone(), c);
         }

@@ -55,6 +55,9 @@ use moments::GroupMoments;
 /// Top-k DEG sets every condition is scored on.
 pub const TOP_K: [usize; 3] = [10, 20, 50];
 
+/// The reference scores groups of at least 2 cells.
+pub const REFERENCE_MIN_CELLS: u64 = 2;
+
 /// Control cells decoded per batch, unless set otherwise.
 pub const DEFAULT_BATCH_SIZE: usize = 1024;
 
@@ -100,6 +103,42 @@ impl EvalSplit {
     }
 }
 
+/// Definitions of the scores' ingredients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Definitions {
+    /// This project's: the evaluated split's control cells (then every held-out split's, then
+    /// all), DEGs from the store's table or a Welch t-test.
+    #[default]
+    Default,
+    /// The reference's scoring (cpa-tools' tutorials, `../shared/peer/cpa-tools/run_peer.py`):
+    /// every control cell of the covariates, whatever its split, as the decoded source and the
+    /// control mean; DEGs ranked by the absolute difference of the condition's mean (all its
+    /// cells) from that control mean, whatever DEG table the store has. With `min_cells` 2, the
+    /// numbers are the reference's but for its random draw of control cells (here each control
+    /// cell is decoded once, the expectation of that draw).
+    Reference,
+}
+
+impl Definitions {
+    /// `default` or `reference`.
+    pub fn parse(name: &str) -> Result<Definitions> {
+        match name {
+            "default" => Ok(Definitions::Default),
+            "reference" => Ok(Definitions::Reference),
+            other => Err(Error::InvalidInput(format!("definitions {other:?}: expected \"default\" or \"reference\""))),
+        }
+    }
+
+    /// The fewest evaluated cells a condition needs under these definitions, unless set.
+    pub fn min_cells(self) -> u64 {
+        match self {
+            Definitions::Default => DEFAULT_MIN_CELLS,
+            Definitions::Reference => REFERENCE_MIN_CELLS,
+        }
+    }
+}
+
 /// What `cpa-stream evaluate` does.
 #[derive(Debug, Clone)]
 pub struct EvaluateOptions {
@@ -122,6 +161,8 @@ pub struct EvaluateOptions {
     /// Conditions with fewer evaluated cells are skipped (unless scored against the truth);
     /// default [`DEFAULT_MIN_CELLS`].
     pub min_cells: u64,
+    /// Whose definitions score the predictions: this project's, or the reference's.
+    pub definitions: Definitions,
     /// Write one SVG plot per condition; default true.
     pub plots: bool,
     /// Replace an existing evaluation at `out` (only one: a directory holding other files is
@@ -142,6 +183,7 @@ impl EvaluateOptions {
             device: Device::Cpu,
             batch_size: DEFAULT_BATCH_SIZE,
             min_cells: DEFAULT_MIN_CELLS,
+            definitions: Definitions::Default,
             plots: true,
             overwrite: false,
         }
@@ -381,6 +423,7 @@ impl Plan {
             moments,
             options.split,
             options.min_cells,
+            options.definitions,
         );
         evaluated.retain(|(key, _)| sources.contains_key(&key.0));
         let targets = evaluated

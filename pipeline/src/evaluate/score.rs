@@ -13,7 +13,8 @@ use super::moments::GroupMoments;
 use super::outputs::DegRow;
 use super::truth::TruthRow;
 use super::{
-    ConditionMetrics, DEG_OVERLAP_K, Effects, EvaluateOptions, FieldMetrics, PlotData, TOP_K, TopMetrics, TruthMetrics,
+    ConditionMetrics, DEG_OVERLAP_K, Definitions, Effects, EvaluateOptions, FieldMetrics, PlotData, TOP_K, TopMetrics,
+    TruthMetrics,
 };
 use crate::degs::deg_keys;
 use crate::obs::ObsKeys;
@@ -232,6 +233,16 @@ impl Scoring<'_> {
         ctrl_mean: &[f64],
         truth: Option<&TruthRow>,
     ) -> (Vec<usize>, &'static str, Option<Tested>) {
+        let n_genes = self.genes.len();
+        let all_splits = |_| true;
+        if self.options.definitions == Definitions::Reference {
+            // The reference ranks by |mean of all the condition's cells - control mean|.
+            let treated = self.moments.of_groups(&self.conditions[key].groups, all_splits);
+            if treated.n >= 1.0 {
+                let change: Vec<f64> = treated.mean().iter().zip(ctrl_mean).map(|(a, b)| a - b).collect();
+                return (top_by_abs(&change, n_genes), "mean difference", None);
+            }
+        }
         let listed = self.deg_table.and_then(|(lists, source)| {
             deg_keys(target, self.vocab, self.keys).into_iter().find_map(|k| lists.get(&k)).map(|l| (l, source))
         });
@@ -239,8 +250,6 @@ impl Scoring<'_> {
             let position: HashMap<&str, usize> = self.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
             return (list.iter().filter_map(|g| position.get(g.as_str()).copied()).collect(), source, None);
         }
-        let n_genes = self.genes.len();
-        let all_splits = |_| true;
         let treated = self.moments.of_groups(&self.conditions[key].groups, all_splits);
         let controls =
             self.moments.of_groups(self.control_groups.get(&key.0).map(Vec::as_slice).unwrap_or(&[]), all_splits);

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use cpa_stream_stages::model::config::CpaConfig;
+use cpa_stream_stages::model::config::{CpaConfig, Preset};
 use serde::Deserialize;
 
 use super::{TrainOptions, recorded_settings};
@@ -52,13 +52,32 @@ pub enum ConfigSource {
 }
 
 impl ConfigSource {
-    fn load(&self) -> Result<Option<CpaConfig>> {
+    /// The configuration over `base` (keys not given keep `base`'s); `None` when none was given.
+    fn load(&self, base: &CpaConfig) -> Result<Option<CpaConfig>> {
         match self {
             ConfigSource::Default => Ok(None),
-            ConfigSource::File(path) => CpaConfig::from_file(path).map(Some).map_err(Error::stage("trainer")),
-            ConfigSource::Inline(map) => serde_json::from_value(serde_json::Value::Object(map.clone()))
-                .map(Some)
-                .map_err(|e| Error::InvalidInput(format!("configuration: {e}"))),
+            ConfigSource::File(path) => {
+                CpaConfig::from_file_over(base, path).map(Some).map_err(Error::stage("trainer"))
+            }
+            ConfigSource::Inline(map) => {
+                let invalid = |e: serde_json::Error| Error::InvalidInput(format!("configuration: {e}"));
+                let mut merged = serde_json::to_value(base).map_err(invalid)?;
+                for (table, keys) in map {
+                    match (merged.get_mut(table), keys) {
+                        (Some(serde_json::Value::Object(into)), serde_json::Value::Object(keys)) => {
+                            into.extend(keys.clone());
+                        }
+                        (_, keys) => {
+                            if let serde_json::Value::Object(m) = &mut merged {
+                                m.insert(table.clone(), keys.clone());
+                            }
+                        }
+                    }
+                }
+                let config: CpaConfig = serde_json::from_value(merged).map_err(invalid)?;
+                config.validate().map_err(|e| Error::InvalidInput(format!("configuration: {e}")))?;
+                Ok(Some(config))
+            }
         }
     }
 
@@ -99,6 +118,9 @@ pub struct TrainRequest {
     pub validation_fraction: Option<f64>,
     /// Fraction of each condition's cells kept for testing (without `split_key`).
     pub test_fraction: Option<f64>,
+    /// The configuration's starting point (`default`, `reference`); `config` changes the keys it
+    /// sets.
+    pub preset: Option<String>,
     /// The model configuration.
     pub config: ConfigSource,
     /// Epochs.
@@ -139,6 +161,18 @@ impl TrainRequest {
         }
     }
 
+    /// The configuration given (preset, then file or tables over it); `None` when neither was.
+    fn given_config(&self) -> Result<Option<CpaConfig>> {
+        let base = match &self.preset {
+            Some(name) => Preset::parse(name)
+                .map_err(|e| Error::InvalidInput(format!("{}: {}", self.naming.name("--preset"), e.to_string())))?,
+            None => Preset::Default,
+        };
+        let base_config = base.config();
+        let given = self.config.load(&base_config)?;
+        Ok(given.or_else(|| self.preset.is_some().then_some(base_config)))
+    }
+
     /// The settings a resumed run recorded, after checking that every setting given agrees.
     fn resumed(&self) -> Result<(EncoderOptions, CpaConfig)> {
         let (encoder, recorded) = recorded_settings(&self.out)?;
@@ -165,7 +199,7 @@ impl TrainRequest {
                 check("--holdout", given, holdout.join(","));
             }
         }
-        if let Some(mut given) = self.config.load()? {
+        if let Some(mut given) = self.given_config()? {
             // What a resume may change: the epochs, the batch and run lengths, the seed.
             given.training.max_epochs = recorded.training.max_epochs;
             given.training.batch_size = recorded.training.batch_size;
@@ -173,7 +207,12 @@ impl TrainRequest {
             given.training.seed = recorded.training.seed;
             let toml = |c: &CpaConfig| c.to_toml().map_err(Error::stage("trainer"));
             if toml(&given)? != toml(&recorded)? {
-                differ.push(("--config", self.config.describe(), "the configuration in checkpoint/model.json".into()));
+                let flag = if matches!(self.config, ConfigSource::Default) { "--preset" } else { "--config" };
+                let described = match (&self.preset, &self.config) {
+                    (Some(p), ConfigSource::Default) => p.clone(),
+                    _ => self.config.describe(),
+                };
+                differ.push((flag, described, "the configuration in checkpoint/model.json".into()));
             }
         }
         if let Some((flag, given, had)) = differ.first() {
@@ -216,7 +255,7 @@ impl TrainRequest {
         let recorded = if self.resume { Some(self.resumed()?) } else { None };
         let mut config = match &recorded {
             Some((_, c)) => c.clone(),
-            None => self.config.load()?.unwrap_or_default(),
+            None => self.given_config()?.unwrap_or_default(),
         };
         if let Some(e) = self.epochs {
             config.training.max_epochs = e;

@@ -148,6 +148,19 @@ pub enum Optimizer {
     Adamw,
 }
 
+/// When the learning rates decay by `lr_decay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Every `step_size_lr` epochs (after epochs e > 1 with e % step_size_lr == 0): the decay the
+    /// reference's documentation describes.
+    Epochs,
+    /// What cpa-tools 0.8.8 does: its `StepLR(step_size = step_size_lr)` is stepped once after
+    /// each such epoch, so the rate decays every `step_size_lr` of those steps, every
+    /// `step_size_lr`² epochs (never within 100 epochs at `step_size_lr = 10`).
+    Reference,
+}
+
 /// Floating-point precision of the forward and backward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -286,6 +299,8 @@ pub struct TrainingConfig {
     pub adam_eps: f64,
     /// Epochs between learning-rate decays by `lr_decay` (0: no decay).
     pub step_size_lr: u32,
+    /// How `step_size_lr` counts: `epochs`, or `reference` (cpa-tools' effective schedule).
+    pub lr_schedule: LrSchedule,
     /// The learning-rate decay factor.
     pub lr_decay: f64,
     /// Clip each optimizer group's gradient norm to `gradient_clip_value`.
@@ -343,6 +358,7 @@ impl Default for TrainingConfig {
             adam_beta2: DEFAULT_ADAM_BETAS.1,
             adam_eps: DEFAULT_ADAM_EPS,
             step_size_lr: DEFAULT_STEP_SIZE_LR,
+            lr_schedule: LrSchedule::Epochs,
             lr_decay: DEFAULT_LR_DECAY,
             do_clip_grad: false,
             gradient_clip_value: DEFAULT_GRADIENT_CLIP,
@@ -375,6 +391,54 @@ impl TrainingConfig {
     }
 }
 
+/// A named starting point of the configuration (`train --preset`); a configuration file or
+/// inline tables then change only the keys they set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// This project's defaults ([`CpaConfig::default`]).
+    #[default]
+    Default,
+    /// cpa-tools 0.8.8's behaviour where the defaults differ from it on purpose: its
+    /// learning-rate schedule (`lr_schedule = "reference"`). For reproducing the reference's
+    /// numbers; `docs/fidelity.md` measures what each difference does.
+    Reference,
+}
+
+impl Preset {
+    /// The names `parse` accepts.
+    pub const NAMES: [&'static str; 2] = ["default", "reference"];
+
+    /// The preset named `name`.
+    pub fn parse(name: &str) -> Result<Preset> {
+        match name {
+            "default" => Ok(Preset::Default),
+            "reference" => Ok(Preset::Reference),
+            other => Err(Error::InvalidInput(format!(
+                "preset {other:?} is not one of {}",
+                Preset::NAMES.map(|n| format!("{n:?}")).join(", ")
+            ))),
+        }
+    }
+
+    /// The preset's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Default => "default",
+            Preset::Reference => "reference",
+        }
+    }
+
+    /// The configuration the preset starts from.
+    pub fn config(self) -> CpaConfig {
+        let mut config = CpaConfig::default();
+        if self == Preset::Reference {
+            config.training.lr_schedule = LrSchedule::Reference;
+        }
+        config
+    }
+}
+
 /// The whole configuration: `[model]`, `[adversary]` and `[training]` tables.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -400,6 +464,33 @@ impl CpaConfig {
     pub fn from_file(path: &Path) -> Result<CpaConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         CpaConfig::from_toml(&text, &path.display().to_string())
+    }
+
+    /// TOML text over `base`: the keys the text sets replace `base`'s, the others stay.
+    pub fn from_toml_over(base: &CpaConfig, text: &str, origin: &str) -> Result<CpaConfig> {
+        let invalid =
+            |e: &dyn std::fmt::Display| Error::InvalidInput(format!("{origin}: {}", e.to_string().trim_end()));
+        // Parsed once as a whole configuration for its errors (unknown keys, types, with lines).
+        toml::from_str::<CpaConfig>(text).map_err(|e| invalid(&e))?;
+        let given: toml::Table = toml::from_str(text).map_err(|e| invalid(&e))?;
+        let mut merged = toml::Table::try_from(base).map_err(|e| invalid(&e))?;
+        for (table, keys) in given {
+            match (merged.get_mut(&table), keys) {
+                (Some(toml::Value::Table(into)), toml::Value::Table(keys)) => into.extend(keys),
+                (_, keys) => {
+                    merged.insert(table, keys);
+                }
+            }
+        }
+        let config: CpaConfig = merged.try_into().map_err(|e: toml::de::Error| invalid(&e))?;
+        config.validate().map_err(|reason| Error::InvalidInput(format!("{origin}: {reason}")))?;
+        Ok(config)
+    }
+
+    /// A TOML file over `base` (see [`from_toml_over`](Self::from_toml_over)).
+    pub fn from_file_over(base: &CpaConfig, path: &Path) -> Result<CpaConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        CpaConfig::from_toml_over(base, &text, &path.display().to_string())
     }
 
     /// The configuration as TOML.
@@ -519,6 +610,21 @@ mod tests {
         assert!(err.starts_with("cpa.toml: ") && err.contains("n_latnet"), "{err}");
         let err = CpaConfig::from_toml("[adversary]\ndropout_rate = 1.5\n", "c.toml").err().map(|e| e.to_string());
         assert_eq!(err.as_deref(), Some("c.toml: adversary.dropout_rate is 1.5, expected a probability in [0, 1)"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_over_a_preset_changes_only_its_keys() -> Result<()> {
+        let base = Preset::parse("reference")?.config();
+        assert_eq!(base.training.lr_schedule, LrSchedule::Reference);
+        let config = CpaConfig::from_toml_over(&base, "[training]\nlr = 1e-3\n[model]\nn_latent = 8\n", "t")?;
+        assert_eq!((config.training.lr, config.model.n_latent), (1e-3, 8));
+        assert_eq!(config.training.lr_schedule, LrSchedule::Reference);
+        assert_eq!(config.training.wd, DEFAULT_WD);
+        let err = CpaConfig::from_toml_over(&base, "[training]\nlr_shedule = 3\n", "c.toml").err();
+        assert!(err.is_some_and(|e| e.to_string().contains("lr_shedule")));
+        let err = Preset::parse("paper").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("\"default\", \"reference\""), "{err}");
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::batch::{DeviceBatch, HostBatch};
-use crate::model::config::{AdvLoss, CpaConfig};
+use crate::model::config::{AdvLoss, CpaConfig, LrSchedule};
 use crate::model::files::{load_model, publish_dir, write_model_files};
 use crate::model::layers::{Noise, seeded};
 use crate::model::network::{CpaModel, GROUP_ADV, GROUP_AE, GROUP_DOSER};
@@ -304,16 +304,22 @@ impl Trainer {
         }
     }
 
-    /// Learning-rate factor of the current epoch: `lr_decay` per `step_size_lr` epochs, counted
-    /// as the reference's scheduler steps (after epochs e > 1 with e % step_size_lr == 0).
+    /// Learning-rate factor of the current epoch. The reference steps its schedulers after epochs
+    /// e > 1 with e % step_size_lr == 0; with `lr_schedule = "epochs"` each of those steps decays
+    /// by `lr_decay`, with `"reference"` every `step_size_lr`-th one does (a `StepLR` of that step
+    /// size, as cpa-tools 0.8.8 builds it).
     pub fn lr_factor(&self) -> f64 {
         let t = &self.config().training;
         let (e, s) = (u64::from(self.state.epoch), u64::from(t.step_size_lr));
         if s == 0 || e < 2 {
             return 1.0;
         }
-        let decays = (e - 1) / s - u64::from(s == 1);
-        t.lr_decay.powi(decays as i32)
+        let steps = (e - 1) / s - u64::from(s == 1);
+        let decays = match t.lr_schedule {
+            LrSchedule::Epochs => steps,
+            LrSchedule::Reference => steps / s,
+        };
+        t.lr_decay.powi(i32::try_from(decays).unwrap_or(i32::MAX))
     }
 
     /// KL weight of the current epoch (ramped 0 -> 1 over `n_epochs_kl_warmup`).

@@ -416,6 +416,18 @@ fn the_schedule_follows_the_reference() -> Result<()> {
         .collect();
     // The reference steps its scheduler after epochs e > 1 with e % 2 == 0.
     assert_eq!(factors, [1.0, 1.0, 1.0, 0.9, 0.9, 0.9 * 0.9]);
+    // cpa-tools' StepLR(step_size = 2) decays on every second of those steps: after epochs 4, 8.
+    let mut reference = c.clone();
+    reference.training.lr_schedule = LrSchedule::Reference;
+    let mut t = Trainer::from_config(&reference, &v, Device::Cpu)?;
+    let factors: Vec<f64> = (0..11u32)
+        .map(|e| {
+            t.state_mut().epoch = e;
+            t.lr_factor()
+        })
+        .collect();
+    let expected = [1.0, 1.0, 1.0, 1.0, 1.0, 0.9, 0.9, 0.9, 0.9, 0.9 * 0.9, 0.9 * 0.9];
+    assert_eq!(factors, expected);
     Ok(())
 }
 

@@ -1,0 +1,617 @@
+#!/usr/bin/env python3
+"""The fidelity harness's Python side: cpa-stream and cpa-tools trained on the same cells with the
+same hyper-parameters, scored by one definition. `scripts/fidelity.sh` drives it; each step can
+also be run by hand.
+
+  prepare  H5AD DIR [--split random|combos]   one split column (`fidelity_split`) written into
+           DIR/data.h5ad (imported into DIR/data.store on first use); DIR/meta.json the keys
+  peer     DIR --epochs E --seed S            cpa-tools via ../shared/peer/cpa-tools/run_peer.py
+  stream   DIR --epochs E --seed S --variant V [--set KEY=VALUE ...]
+                                              cpa-stream with the translated configuration
+  table    DIR                                 means and spreads over seeds, as Markdown
+
+Scoring (`score`, the definitions of run_peer.py, applied to both tools' predicted group means):
+the test cells of each perturbed group (covariates | condition | dose, at least 2 test cells);
+counterfactual predictions decode, for each test cell, a control cell of the same covariates
+drawn with numpy's `default_rng(seed)` in test-cell order (run_peer.py's draws, so both tools
+decode the same cells); recon decodes each test cell itself. Means of log1p values (count
+models). R2 is sklearn's (1 - SS_res / SS_tot over genes) of the true test-cell mean against the
+predicted mean over all genes (`all`), over the 20 genes with the largest |group mean - control
+mean| over all the group's cells (`deg`), and of the change vs the control mean of the
+covariates (`change`, all genes). The control-mean baseline predicts the control mean itself.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "peer", "cpa-tools"))
+SPLIT = "fidelity_split"
+N_TOP_DEG = 20
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def read_meta(directory):
+    with open(os.path.join(directory, "meta.json")) as f:
+        return json.load(f)
+
+
+def group_keys(obs, meta):
+    """Group label per cell, spelled as run_peer.py spells it: `cov1|...|condition|dose`."""
+    import pandas as pd
+
+    covs = meta["covariates"]
+    dose = obs[meta["dose_key"]].astype(str) if meta["dose_key"] else pd.Series("1.0", index=obs.index)
+    parts = [obs[c].astype(str) for c in covs] + [obs[meta["perturbation_key"]].astype(str), dose]
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + "|" + p
+    return out.values
+
+
+def covariate_keys(obs, meta):
+    import numpy as np
+
+    covs = meta["covariates"]
+    if not covs:
+        return np.array([""] * len(obs))
+    return obs[covs].astype(str).agg("|".join, axis=1).values
+
+
+def log_values(matrix, counts):
+    import numpy as np
+    import scipy.sparse as sp
+
+    m = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+    m = m.astype(np.float64)
+    return np.log1p(np.clip(m, 0, None)) if counts else m
+
+
+def prepare(a):
+    import anndata
+    import numpy as np
+    import pandas as pd
+
+    os.makedirs(a.dir, exist_ok=True)
+    adata = anndata.read_h5ad(a.h5ad)
+    covs = [c for c in a.covariates.split(",") if c]
+    meta = {
+        "source": os.path.abspath(a.h5ad), "split": a.split, "split_seed": a.seed,
+        "perturbation_key": a.perturbation_key, "dose_key": a.dose_key, "control": a.control,
+        "covariates": covs, "max_comb_len": a.max_comb_len, "counts": not a.not_counts,
+        "n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars),
+    }
+    for key in [a.perturbation_key, a.dose_key, *covs]:
+        if key and key not in adata.obs:
+            sys.exit(f"fidelity: {a.h5ad}: obs has no column {key!r} (columns: {', '.join(adata.obs.columns)})")
+    group = group_keys(adata.obs, meta)
+    condition = adata.obs[a.perturbation_key].astype(str).values
+    rng = np.random.default_rng(a.seed)
+    split = np.empty(adata.n_obs, dtype=object)
+    held = set()
+    if a.split == "combos":
+        # Combinations held out as a group: every cell of a condition with more than one part is
+        # a test cell; the rest is split 80/10/10 per group as in `random`.
+        held = {c for c in np.unique(condition) if "+" in c}
+        if not held:
+            sys.exit(f"fidelity: {a.h5ad}: --split combos needs conditions with '+' (none found)")
+    for g in np.unique(group):
+        idx = np.where(group == g)[0]
+        if condition[idx[0]] in held:
+            split[idx] = "test"
+            continue
+        rng.shuffle(idx)
+        n = len(idx)
+        n_te = max(1, int(round(0.1 * n))) if n >= 3 else 0
+        n_va = max(1, int(round(0.1 * n))) if n >= 3 else 0
+        split[idx[:n_te]] = "test"
+        split[idx[n_te:n_te + n_va]] = "valid"
+        split[idx[n_te + n_va:]] = "train"
+    adata.obs[SPLIT] = pd.Categorical(split, categories=["train", "valid", "test"])
+    meta["held_out_conditions"] = sorted(held)
+    meta["cells"] = {s: int((split == s).sum()) for s in ["train", "valid", "test"]}
+    path = os.path.join(a.dir, "data.h5ad")
+    adata.write_h5ad(path)
+    with open(os.path.join(a.dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"fidelity: {path}: {adata.n_obs} cells x {adata.n_vars} genes, split {meta['cells']}"
+          + (f", held out: {len(held)} combinations" if held else ""))
+
+
+def binary():
+    path = os.environ.get("CPA_STREAM_BIN")
+    if not path:
+        sys.exit("fidelity: CPA_STREAM_BIN is not set (scripts/fidelity.sh sets it)")
+    return path
+
+
+# ------------------------------------------------------------------------------- translation
+
+
+def peer_defaults():
+    """run_peer.py's hyper-parameters (the Kang tutorial's with short warm-ups), read from the
+    script itself so that a change there carries over."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_peer", os.path.join(PEER, "run_peer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, plan = dict(module.KANG_MODEL_PARAMS), dict(module.KANG_PLAN_PARAMS)
+    plan["n_epochs_pretrain_ae"], plan["n_epochs_adv_warmup"] = 2, 5  # run_peer.py's CLI defaults
+    return model, plan
+
+
+def norm(batch, layer):
+    return "batch" if batch else ("layer" if layer else "none")
+
+
+def translate(model, plan, *, batch_size, check_val_every, max_comb_len, epochs, seed):
+    """cpa-tools' model and plan parameters as a cpa-stream configuration, key by key, and the
+    parts that have no key of their own (listed, not silently dropped)."""
+    count = model["recon_loss"] in ("nb", "zinb")
+    config = {
+        "model": {
+            "n_latent": model["n_latent"], "recon_loss": model["recon_loss"],
+            "doser_type": model["doser_type"],
+            "n_hidden_encoder": model["n_hidden_encoder"], "n_layers_encoder": model["n_layers_encoder"],
+            "n_hidden_decoder": model["n_hidden_decoder"], "n_layers_decoder": model["n_layers_decoder"],
+            "norm_encoder": norm(model["use_batch_norm_encoder"], model["use_layer_norm_encoder"]),
+            "norm_decoder": norm(model["use_batch_norm_decoder"], model["use_layer_norm_decoder"]),
+            "dropout_rate_encoder": model["dropout_rate_encoder"],
+            # cpa-tools builds scvi's DecoderSCVI for nb/zinb without its dropout argument: the
+            # key has no effect there, so the equivalent model has none.
+            "dropout_rate_decoder": 0.0 if count else model["dropout_rate_decoder"],
+            "variational": model["variational"], "max_comb_len": max_comb_len,
+        },
+        "adversary": {
+            "n_hidden": plan["n_hidden_adv"], "n_layers": plan["n_layers_adv"],
+            "norm": norm(plan["use_batch_norm_adv"], plan["use_layer_norm_adv"]),
+            "dropout_rate": plan["dropout_rate_adv"], "loss": plan["adv_loss"],
+            "reg_adv": plan["reg_adv"], "pen_adv": plan["pen_adv"],
+            "adv_steps": plan["adv_steps"] or 0,
+        },
+        "training": {
+            "lr": plan["lr"], "wd": plan["wd"], "doser_lr": plan["doser_lr"], "doser_wd": plan["doser_wd"],
+            "adv_lr": plan["adv_lr"], "adv_wd": plan["adv_wd"], "step_size_lr": plan["step_size_lr"],
+            "do_clip_grad": plan["do_clip_grad"], "gradient_clip_value": plan["gradient_clip_value"],
+            "n_epochs_pretrain_ae": plan["n_epochs_pretrain_ae"],
+            "n_epochs_kl_warmup": plan["n_epochs_kl_warmup"] or 0,
+            "n_epochs_adv_warmup": plan["n_epochs_adv_warmup"] or 0,
+            "n_epochs_mixup_warmup": plan["n_epochs_mixup_warmup"] or 0,
+            "mixup_alpha": plan["mixup_alpha"], "batch_size": batch_size,
+            "max_epochs": epochs, "check_val_every_n_epoch": check_val_every,
+            "early_stopping_patience": 1_000_000, "seed": seed,
+        },
+    }
+    unexpressed = [
+        "seed: cpa-tools seeds torch's global generator, cpa-stream its own streams: the same number draws "
+        "other initial weights, batches and dropout masks",
+        "dropout_rate_decoder: cpa-tools ignores it for nb/zinb (scvi's DecoderSCVI gets none), so it is "
+        "translated as 0.0",
+        "best state: cpa-tools keeps the weights of the best r2_mean + 0.5 r2_var + exp(disnt_after - "
+        "disnt_basal) (k-NN disentanglement); cpa-stream the best r2_mean + 0.5 r2_var (`-last` variants "
+        "score the last epoch's weights instead)",
+        "schedulers: cpa-tools' StepLR(step_size_lr) is stepped every step_size_lr epochs (one decay per "
+        "step_size_lr^2 epochs); the translation keeps cpa-stream's lr_schedule = \"epochs\" unless a "
+        "variant sets preset=reference",
+    ]
+    return config, unexpressed
+
+
+def toml_text(config):
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        return repr(v)
+
+    lines = []
+    for table, keys in config.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {value(v)}" for k, v in keys.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def set_key(config, assignment):
+    key, _, raw = assignment.partition("=")
+    table, _, name = key.partition(".")
+    if not name or table not in config:
+        sys.exit(f"fidelity: --set {assignment!r}: expected TABLE.KEY=VALUE with TABLE one of {list(config)}")
+    try:
+        v = json.loads(raw)
+    except json.JSONDecodeError:
+        v = raw
+    config[table][name] = v
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+def cf_draws(obs, meta, test_idx, seed):
+    """The control cell each test cell is decoded from: run_peer.py's draws (same rng, order)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ctrl = obs[meta["perturbation_key"]].astype(str).values == meta["control"]
+    cov = covariate_keys(obs, meta)
+    src = np.empty(len(test_idx), dtype=int)
+    for i, ci in enumerate(test_idx):
+        pool = np.where(ctrl & (cov == cov[ci]))[0]
+        if len(pool) == 0:
+            pool = np.where(ctrl)[0]
+        src[i] = rng.choice(pool)
+    return src
+
+
+def r2(t, p):
+    import numpy as np
+
+    ss_res = float(((t - p) ** 2).sum())
+    ss_tot = float(((t - t.mean()) ** 2).sum())
+    if ss_tot == 0.0:
+        return 1.0 if ss_res == 0.0 else 0.0
+    return 1.0 - ss_res / ss_tot
+
+
+def score(directory, predictions, seed):
+    """Per-group and mean R2 of `predictions` ({group: {"cf": mean, "recon": mean}}) and of the
+    control-mean baseline, with run_peer.py's definitions."""
+    import anndata
+    import numpy as np
+
+    meta = read_meta(directory)
+    adata = anndata.read_h5ad(os.path.join(directory, "data.h5ad"))
+    obs = adata.obs
+    values = log_values(adata.X, meta["counts"])
+    group = group_keys(obs, meta)
+    cov = covariate_keys(obs, meta)
+    ctrl = obs[meta["perturbation_key"]].astype(str).values == meta["control"]
+    test = obs[SPLIT].astype(str).values == "test"
+    rows = []
+    for g in np.unique(group[test & ~ctrl]):
+        m = test & (group == g)
+        if m.sum() < 2:
+            continue
+        c = cov[np.argmax(m)]
+        cmean = values[ctrl & (cov == c)].mean(0)
+        tmean = values[m].mean(0)
+        deg = np.argsort(-np.abs(values[group == g].mean(0) - cmean))[:N_TOP_DEG]
+        held = obs[meta["perturbation_key"]].astype(str).values[np.argmax(m)] in meta.get("held_out_conditions", [])
+        row = {"group": g, "n_test": int(m.sum()), "held_out": held}
+        for name, pred in (("cf", predictions[g]["cf"]), ("recon", predictions[g]["recon"]), ("ctrl", cmean)):
+            row[f"{name}_all"] = r2(tmean, pred)
+            row[f"{name}_deg"] = r2(tmean[deg], pred[deg])
+            row[f"{name}_change"] = r2(tmean - cmean, pred - cmean)
+        rows.append(row)
+    if not rows:
+        raise SystemExit(f"fidelity: {directory}: no perturbed group has 2 test cells")
+    keys = [k for k in rows[0] if k not in ("group", "n_test", "held_out")]
+    means = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    held = [r for r in rows if r["held_out"]]
+    held_means = {k: float(np.mean([r[k] for r in held])) for k in keys} if held else None
+    return {"mean": means, "held_out_mean": held_means, "groups": rows}
+
+
+# --------------------------------------------------------------------------------- the tools
+
+
+def peer(a):
+    """cpa-tools through run_peer.py, its group means re-scored here."""
+    import numpy as np
+
+    meta = read_meta(a.dir)
+    python = os.environ.get("CPA_PEER_PYTHON")
+    if not python or not os.path.exists(python):
+        sys.exit("fidelity: CPA_PEER_PYTHON is not set or missing (cpa-tools' venv)")
+    out = os.path.join(a.dir, "results", f"cpa-tools-e{a.epochs}-s{a.seed}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "model.json"), "w") as f:
+        json.dump({"seed": a.seed}, f)
+    command = [
+        python, os.path.join(PEER, "run_peer.py"), os.path.join(a.dir, "data.h5ad"),
+        "--perturbation-key", meta["perturbation_key"], "--control-group", meta["control"],
+        "--covariate-keys", ",".join(meta["covariates"]), "--max-comb-len", str(meta["max_comb_len"]),
+        "--split-key", SPLIT, "--epochs", str(a.epochs), "--seed", str(a.seed),
+        "--check-val-every", str(a.check_val_every), "--threads", "1",
+        "--model-json", os.path.join(out, "model.json"),
+        "--json", os.path.join(out, "report.json"), "--save-pred", os.path.join(out, "groups.npz"),
+    ]
+    if meta["dose_key"]:
+        command += ["--dose-key", meta["dose_key"]]
+    if not meta["counts"]:
+        command += ["--not-counts"]
+    with open(os.path.join(out, "log.txt"), "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    report = json.load(open(os.path.join(out, "report.json")))
+    saved = np.load(os.path.join(out, "groups.npz"), allow_pickle=False)
+    predictions = {str(g): {"cf": cf, "recon": rc} for g, cf, rc in
+                   zip(saved["groups"], saved["pred_cf"], saved["pred_recon"])}
+    result = score(a.dir, predictions, a.seed)
+    result.update({
+        "tool": "cpa-tools", "variant": "cpa-tools", "epochs": a.epochs, "seed": a.seed,
+        "train_cpu_s": report["train_cpu_s"], "train_wall_s": report["time_train_total_s"],
+        "peak_rss_mib": report["peak_rss_mib"], "loadavg": [report["loadavg_start"][0], report["loadavg_end"][0]],
+        "peer_r2": report["r2_perturbed_mean"],
+    })
+    with open(os.path.join(out, "score.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print_result(result)
+
+
+def stream(a):
+    """cpa-stream: the translated configuration (plus --set), trained through the CLI, predicted
+    through the Python package."""
+    import anndata
+    import numpy as np
+    import cpa_stream
+
+    meta = read_meta(a.dir)
+    model, plan = peer_defaults()
+    config, _ = translate(model, plan, batch_size=128, check_val_every=a.check_val_every,
+                          max_comb_len=meta["max_comb_len"], epochs=a.epochs, seed=a.seed)
+    if not meta["counts"]:
+        config["model"]["recon_loss"] = "gauss"
+    for assignment in a.set or []:
+        set_key(config, assignment)
+    out = os.path.join(a.dir, "results", f"{a.variant}-e{a.epochs}-s{a.seed}")
+    os.makedirs(out, exist_ok=True)
+    toml = os.path.join(out, "cpa.toml")
+    with open(toml, "w") as f:
+        f.write(toml_text(config))
+    store = os.path.join(a.dir, "data.store")
+    if not os.path.isdir(store):
+        subprocess.run([binary(), "import", os.path.join(a.dir, "data.h5ad"), "--out", store, "--overwrite"],
+                       check=True, stdout=subprocess.DEVNULL)
+    run = os.path.join(out, "run")
+    command = [
+        binary(), "train", "--store", os.path.join(a.dir, "data.store"),
+        "--perturbation-key", meta["perturbation_key"], "--control", meta["control"],
+        "--split-key", SPLIT, "--config", toml, "--out", run, "--overwrite",
+        "--threads", "1", "--workers", "1",
+    ]
+    if meta["dose_key"]:
+        command += ["--dose-key", meta["dose_key"]]
+    if meta["covariates"]:
+        command += ["--covariates", ",".join(meta["covariates"])]
+    if a.preset:
+        command += ["--preset", a.preset]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with open(os.path.join(out, "log.txt"), "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, "CPA_STREAM_LOG": "warn"})
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+    history = cpa_stream.Run(run).history
+    weights = [(a.variant, run)]
+    if a.also_last:
+        # The same training's last-epoch weights (checkpoint/) beside the best-scoring ones.
+        weights.append((f"{a.variant}-last", os.path.join(run, "checkpoint")))
+    for variant, path in weights:
+        predictions = predict_groups(a.dir, meta, path, a.seed)
+        result = score(a.dir, predictions, a.seed)
+        result.update({
+            "tool": "cpa-stream", "variant": variant, "epochs": a.epochs, "seed": a.seed,
+            "set": a.set or [], "preset": a.preset, "train_cpu_s": cpu, "train_wall_s": wall,
+            "peak_rss_mib": after.ru_maxrss / 1024.0, "loadavg": [load0, os.getloadavg()[0]],
+            "best_epoch": best_epoch(history),
+        })
+        target = os.path.join(a.dir, "results", f"{variant}-e{a.epochs}-s{a.seed}")
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, "score.json"), "w") as f:
+            json.dump(result, f, indent=1, default=float)
+        print_result(result)
+
+
+def predict_groups(directory, meta, model, seed):
+    """Predicted group means of the test groups through the Python package: counterfactual
+    (`cf`, run_peer.py's control draws) and reconstruction (`recon`)."""
+    import anndata
+    import numpy as np
+    import cpa_stream
+
+    adata = anndata.read_h5ad(os.path.join(directory, "data.h5ad"), backed="r")
+    obs = adata.obs
+    group = group_keys(obs, meta)
+    cov = covariate_keys(obs, meta)
+    test_idx = np.where(obs[SPLIT].astype(str).values == "test")[0]
+    src = cf_draws(obs, meta, test_idx, seed)
+    cell_ids = np.asarray(obs.index)
+    result_run = cpa_stream.Run(model)
+    store = os.path.join(directory, "data.store")
+    counts = meta["counts"]
+
+    def transform(rows):
+        return np.log1p(np.clip(rows, 0, None)) if counts else rows
+
+    # Counterfactual: per covariate value, every control cell of it decoded into each test group
+    # of it; a group's mean weighs each control cell by how often run_peer.py's draws chose it.
+    ctrl = obs[meta["perturbation_key"]].astype(str).values == meta["control"]
+    predictions = {}
+    for c in np.unique(cov[test_idx]):
+        in_c = test_idx[cov[test_idx] == c]
+        groups = [g for g in np.unique(group[in_c]) if not ctrl[in_c[np.argmax(group[in_c] == g)]]]
+        if not groups:
+            continue
+        first = {g: in_c[np.argmax(group[in_c] == g)] for g in groups}
+        targets = []
+        for g in groups:
+            row = obs.iloc[first[g]]
+            t = {meta["perturbation_key"]: str(row[meta["perturbation_key"]])}
+            if meta["dose_key"]:
+                t[meta["dose_key"]] = str(row[meta["dose_key"]])
+            for k in meta["covariates"]:
+                t[k] = str(row[k])
+            targets.append(t)
+        values = [str(obs.iloc[in_c[0]][k]) for k in meta["covariates"]]
+        source = " and ".join([f'{meta["perturbation_key"]} == "{meta["control"]}"']
+                              + [f'{k} == "{v}"' for k, v in zip(meta["covariates"], values)])
+        if not ctrl[cov == c].any():
+            source = f'{meta["perturbation_key"]} == "{meta["control"]}"'
+        reader = result_run.predict(store, source=source, targets=targets, threads=1, workers=1)
+        sums = {g: None for g in groups}
+        weight = {g: {} for g in groups}
+        for g in groups:
+            members = np.where(group[test_idx] == g)[0]
+            for s in src[members]:
+                weight[g][cell_ids[s]] = weight[g].get(cell_ids[s], 0) + 1
+        spell = {tuple(t.values()): g for t, g in zip(targets, groups)}
+        label_columns = list(targets[0].keys())
+        for batch in reader:
+            ids = batch.column("cell_id").to_pylist()
+            labels = [batch.column(k).to_pylist() for k in label_columns]
+            means = np.asarray(batch.column("mean").flatten().to_numpy(zero_copy_only=False)).reshape(len(ids), -1)
+            means = transform(means.astype(np.float64))
+            for i, cid in enumerate(ids):
+                key = tuple(str(v[i]) for v in labels)
+                g = spell.get(key)
+                if g is None:
+                    raise SystemExit(f"fidelity: prediction labels {key} match no target of {list(spell)}")
+                w = weight[g].get(cid, 0)
+                if w:
+                    sums[g] = means[i] * w if sums[g] is None else sums[g] + means[i] * w
+        for g in groups:
+            n = sum(weight[g].values())
+            predictions[g] = {"cf": sums[g] / n}
+
+    # Reconstruction: the test cells under their own condition.
+    reader = result_run.predict(store, source=f"{SPLIT} == test", threads=1, workers=1)
+    position = {cid: i for i, cid in enumerate(cell_ids)}
+    recon_sum, recon_n = {}, {}
+    for batch in reader:
+        ids = batch.column("cell_id").to_pylist()
+        means = transform(np.asarray(batch.column("mean").flatten().to_numpy(zero_copy_only=False))
+                          .reshape(len(ids), -1).astype(np.float64))
+        for i, cid in enumerate(ids):
+            g = group[position[cid]]
+            recon_sum[g] = means[i] if g not in recon_sum else recon_sum[g] + means[i]
+            recon_n[g] = recon_n.get(g, 0) + 1
+    for g in predictions:
+        predictions[g]["recon"] = recon_sum[g] / recon_n[g]
+
+    return predictions
+
+
+def best_epoch(history):
+    try:
+        valid = history.dropna(subset=["score"])
+        return int(valid.loc[valid["score"].idxmax(), "epoch"])
+    except (KeyError, ValueError):
+        return None
+
+
+def print_result(r):
+    m = r["mean"]
+    print(f"fidelity: {r['variant']:>22s} e{r['epochs']} s{r['seed']}: cf all {m['cf_all']:.3f} "
+          f"deg {m['cf_deg']:.3f} change {m['cf_change']:.3f} | recon all {m['recon_all']:.3f} "
+          f"| control mean all {m['ctrl_all']:.3f} deg {m['ctrl_deg']:.3f} | {r['train_cpu_s']:.0f} CPU-s")
+
+
+# ------------------------------------------------------------------------------------ table
+
+
+def table(a):
+    import glob
+
+    results = []
+    for path in sorted(glob.glob(os.path.join(a.dir, "results", "*", "score.json"))):
+        results.append(json.load(open(path)))
+    if not results:
+        sys.exit(f"fidelity: no results under {a.dir}/results")
+    meta = read_meta(a.dir)
+    metrics = [("cf_all", "cf all"), ("cf_deg", "cf top-20 DEG"), ("cf_change", "cf change"),
+               ("recon_all", "recon all"), ("recon_deg", "recon top-20 DEG")]
+    by = {}
+    for r in results:
+        by.setdefault((r["epochs"], r["variant"]), []).append(r)
+    lines = [f"Fidelity on {os.path.basename(meta['source'])} (split {meta['split']}, "
+             f"{meta['cells']['test']} test cells); R2 of log1p group means, mean ± sd over seeds", "",
+             "| epochs | tool / variant | seeds | " + " | ".join(n for _, n in metrics) + " | CPU-s / epoch | peak RSS MiB |",
+             "|---:|---|---:|" + "---:|" * len(metrics) + "---:|---:|"]
+
+    def cell(values):
+        if len(values) > 1:
+            return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.3f}"
+
+    for epochs in sorted({k[0] for k in by}):
+        variants = sorted({k[1] for k in by if k[0] == epochs}, key=lambda v: (v != "cpa-tools", v))
+        for v in variants:
+            rs = by[(epochs, v)]
+            cols = [cell([r["mean"][k] for r in rs]) for k, _ in metrics]
+            cpu = statistics.median(r["train_cpu_s"] / r["epochs"] for r in rs)
+            rss = statistics.median(r["peak_rss_mib"] for r in rs)
+            lines.append(f"| {epochs} | {v} | {len(rs)} | " + " | ".join(cols) + f" | {cpu:.2f} | {rss:.0f} |")
+        base = by[(epochs, variants[0])]
+        lines.append(f"| {epochs} | control mean | | {cell([r['mean']['ctrl_all'] for r in base])} | "
+                     f"{cell([r['mean']['ctrl_deg'] for r in base])} | {cell([r['mean']['ctrl_change'] for r in base])} | | | | |")
+        if base[0].get("held_out_mean"):
+            for v in variants:
+                rs = by[(epochs, v)]
+                cols = [cell([r["held_out_mean"][k] for r in rs]) for k, _ in metrics]
+                lines.append(f"| {epochs} | {v}, held-out conditions only | {len(rs)} | " + " | ".join(cols) + " | | |")
+            lines.append(f"| {epochs} | control mean, held-out conditions only | | "
+                         + " | ".join(cell([r["held_out_mean"][k] for r in base]) for k in ("ctrl_all", "ctrl_deg", "ctrl_change"))
+                         + " | | | | |")
+    loads = [x for r in results for x in r["loadavg"]]
+    lines += ["", f"Load average during the runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs."]
+    model, plan = peer_defaults()
+    _, unexpressed = translate(model, plan, batch_size=128, check_val_every=5, max_comb_len=meta["max_comb_len"],
+                               epochs=0, seed=0)
+    lines += ["", "Not expressed by the translation:"] + [f"- {u}" for u in unexpressed]
+    variants = sorted({(r["variant"], tuple(r.get("set") or []), r.get("preset")) for r in results if r["tool"] == "cpa-stream"})
+    lines += ["", "cpa-stream variants (over the translation):"] + [
+        f"- {v}: " + (", ".join(([f"preset {p}"] if p else []) + list(sets)) or "as translated") for v, sets, p in variants]
+    text = "\n".join(lines)
+    with open(os.path.join(a.dir, "table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("h5ad")
+    p.add_argument("dir")
+    p.add_argument("--split", choices=["random", "combos"], default="random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perturbation-key", default="condition")
+    p.add_argument("--dose-key", default="dose")
+    p.add_argument("--control", default="control")
+    p.add_argument("--covariates", default="cell_type")
+    p.add_argument("--max-comb-len", type=int, default=2)
+    p.add_argument("--not-counts", action="store_true")
+    for name in ("peer", "stream"):
+        p = sub.add_parser(name)
+        p.add_argument("dir")
+        p.add_argument("--epochs", type=int, required=True)
+        p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--check-val-every", type=int, default=5)
+        if name == "stream":
+            p.add_argument("--variant", default="cpa-stream")
+            p.add_argument("--preset", default=None)
+            p.add_argument("--set", action="append", help="TABLE.KEY=VALUE over the translation")
+            p.add_argument("--also-last", action="store_true",
+                           help="also score the last epoch's weights, as VARIANT-last")
+    p = sub.add_parser("table")
+    p.add_argument("dir")
+    a = ap.parse_args()
+    {"prepare": prepare, "peer": peer, "stream": stream, "table": table}[a.command](a)
+
+
+if __name__ == "__main__":
+    main()

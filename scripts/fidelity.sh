@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Fidelity against the reference: cpa-stream and cpa-tools 0.8.8 trained on the same cells (one
+# split column), with cpa-tools' hyper-parameters translated key by key (scripts/fidelity.py
+# `translate`), equal epochs, the same counterfactual control-cell draws, scored by one script;
+# prints a table of means and spreads over seeds with the control-mean baseline.
+#
+#   scripts/fidelity.sh [H5AD ...]        default: the bundled data and the synthetic atlas
+#
+#   EPOCHS    epochs, space-separated (default "10 50")
+#   SEEDS     seeds, space-separated (default "0 1 2")
+#   SPLIT     random (stratified 80/10/10 per group, the default) or combos (combinations held out)
+#   VARIANTS  cpa-stream variants, space-separated NAME[:preset=P][:KEY=VALUE...]; default
+#             "cpa-stream" (the translation as is). Example: "cpa-stream ref:preset=reference
+#             drop:model.dropout_rate_decoder=0.1"
+#   PEER      0 to leave cpa-tools out (kept results are still tabled)
+#   DIR       results (default $CPA_STREAM_CACHE/fidelity); one subdirectory per data set and split
+#
+# cpa-tools is installed on first use into $CPA_STREAM_CACHE/cpa-peer by
+# ../shared/peer/cpa-tools/INSTALL.sh (Python 3.10, about 6 GB); when it cannot be, its runs are
+# skipped with a message and cpa-stream's still run. Each training run uses one thread, so the
+# two tools get the same CPU on a busy machine; runs are interleaved (cpa-tools, then each
+# variant, per seed), and every result records the load average.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+eval "$(scripts/bootstrap.sh)"
+scripts/build.sh --quiet
+scripts/python.sh >/dev/null
+export CPA_STREAM_BIN="$CARGO_TARGET_DIR/release/cpa-stream"
+py="$CPA_STREAM_VENV/bin/python"
+epochs="${EPOCHS:-10 50}"
+seeds="${SEEDS:-0 1 2}"
+split="${SPLIT:-random}"
+variants="${VARIANTS:-cpa-stream}"
+dir="${DIR:-$CPA_STREAM_CACHE/fidelity}"
+peer_dir="$repo/../shared/peer/cpa-tools"
+log() { printf 'fidelity: %s\n' "$*" >&2; }
+
+peer=0
+if [ "${PEER:-1}" = 1 ]; then
+  export CPA_PEER_PYTHON="$CPA_STREAM_CACHE/cpa-peer/bin/python"
+  if [ ! -x "$CPA_PEER_PYTHON" ] || ! "$CPA_PEER_PYTHON" -c 'import cpa' 2>/dev/null; then
+    if [ -f "$peer_dir/INSTALL.sh" ]; then
+      log "installing cpa-tools 0.8.8 into $CPA_STREAM_CACHE/cpa-peer (once; about 6 GB)"
+      VENV="$CPA_STREAM_CACHE/cpa-peer" EXACT=1 bash "$peer_dir/INSTALL.sh" >"$CPA_STREAM_CACHE/cpa-peer-install.log" 2>&1 ||
+        log "cpa-tools could not be installed (see $CPA_STREAM_CACHE/cpa-peer-install.log); its runs are skipped"
+    else
+      log "no $peer_dir/INSTALL.sh; cpa-tools' runs are skipped"
+    fi
+  fi
+  if [ -x "$CPA_PEER_PYTHON" ] && "$CPA_PEER_PYTHON" -c 'import cpa' 2>/dev/null; then
+    peer=1
+  fi
+fi
+
+data=("$@")
+if [ ${#data[@]} -eq 0 ]; then
+  synth="$dir/synth.h5ad"
+  if [ ! -f "$synth" ]; then
+    mkdir -p "$dir"
+    "$py" "$peer_dir/make_synth.py" --out "$synth" >/dev/null
+  fi
+  data=("$repo/../shared/data/perturbench_devel_cpa.h5ad" "$synth")
+fi
+
+for h5ad in "${data[@]}"; do
+  name=$(basename "$h5ad" .h5ad)
+  out="$dir/$name-$split"
+  if [ ! -f "$out/meta.json" ]; then
+    "$py" scripts/fidelity.py prepare "$h5ad" "$out" --split "$split"
+  fi
+  for e in $epochs; do
+    for s in $seeds; do
+      if [ $peer = 1 ] && [ ! -f "$out/results/cpa-tools-e$e-s$s/score.json" ]; then
+        "$py" scripts/fidelity.py peer "$out" --epochs "$e" --seed "$s" ||
+          log "cpa-tools failed on $name, $e epochs, seed $s (see $out/results/cpa-tools-e$e-s$s/log.txt)"
+      fi
+      for v in $variants; do
+        IFS=: read -r -a parts <<<"$v"
+        args=(--variant "${parts[0]}")
+        for p in "${parts[@]:1}"; do
+          case "$p" in
+            preset=*) args+=(--preset "${p#preset=}") ;;
+            *) args+=(--set "$p") ;;
+          esac
+        done
+        if [ ! -f "$out/results/${parts[0]}-e$e-s$s/score.json" ]; then
+          "$py" scripts/fidelity.py stream "$out" --epochs "$e" --seed "$s" "${args[@]}"
+        fi
+      done
+    done
+  done
+  "$py" scripts/fidelity.py table "$out"
+done
