@@ -8,6 +8,8 @@ also be run by hand.
   peer     DIR --epochs E --seed S            cpa-tools via ../shared/peer/cpa-tools/run_peer.py
   stream   DIR --epochs E --seed S --variant V [--set KEY=VALUE ...]
                                               cpa-stream with the translated configuration
+  rescore  DIR [--variants V,...]              finished cpa-stream runs scored again with the
+                                              expected log1p of the predicted NB (VARIANT-elog)
   table    DIR                                 means and spreads over seeds, as Markdown
 
 Scoring (`score`, the definitions of run_peer.py, applied to both tools' predicted group means):
@@ -416,9 +418,32 @@ def stream(a):
         print_result(result)
 
 
-def predict_groups(directory, meta, model, seed):
+def read_log_theta(model):
+    """The NB inverse dispersion's log per gene, from a model directory's safetensors."""
+    import struct
+
+    import numpy as np
+
+    path = os.path.join(model, "weights.safetensors")
+    if not os.path.exists(path):
+        path = os.path.join(model, "model", "weights.safetensors")
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        entry = header["ae.log_theta"]
+        begin, end = entry["data_offsets"]
+        f.seek(8 + n + begin)
+        return np.frombuffer(f.read(end - begin), dtype=np.float32).astype(np.float64)
+
+
+def predict_groups(directory, meta, model, seed, space="mean", controls="drawn"):
     """Predicted group means of the test groups through the Python package: counterfactual
-    (`cf`, run_peer.py's control draws) and reconstruction (`recon`)."""
+    (`cf`, run_peer.py's control draws) and reconstruction (`recon`). `space`: `mean` scores
+    log1p of the predicted NB mean (both tools' tutorials); `expected` the expectation of log1p
+    of the predicted NB counts (what the real side's mean of log1p counts estimates), by Monte
+    Carlo over 32 seeded draws per cell. `controls`: `drawn` (run_peer.py's draws, one control
+    cell per test cell) or `all` (every control cell of the covariates once: the expectation of
+    the draw, and the cells the control-mean baseline averages)."""
     import anndata
     import numpy as np
     import cpa_stream
@@ -434,8 +459,20 @@ def predict_groups(directory, meta, model, seed):
     store = os.path.join(directory, "data.store")
     counts = meta["counts"]
 
+    theta = np.exp(read_log_theta(model)) if space == "expected" else None
+    draws = np.random.default_rng(seed)
+
     def transform(rows):
-        return np.log1p(np.clip(rows, 0, None)) if counts else rows
+        if not counts:
+            return rows
+        if theta is None:
+            return np.log1p(np.clip(rows, 0, None))
+        mu = np.clip(rows, 1e-8, None)
+        total = np.zeros_like(mu)
+        for _ in range(32):
+            lam = draws.gamma(theta[None, :], mu / theta[None, :])
+            total += np.log1p(draws.poisson(lam))
+        return total / 32
 
     # Counterfactual: per covariate value, every control cell of it decoded into each test group
     # of it; a group's mean weighs each control cell by how often run_peer.py's draws chose it.
@@ -464,7 +501,11 @@ def predict_groups(directory, meta, model, seed):
         reader = result_run.predict(store, source=source, targets=targets, threads=1, workers=1)
         sums = {g: None for g in groups}
         weight = {g: {} for g in groups}
+        pool = cell_ids[ctrl & (cov == c)] if ctrl[cov == c].any() else cell_ids[ctrl]
         for g in groups:
+            if controls == "all":
+                weight[g] = {cid: 1 for cid in pool}
+                continue
             members = np.where(group[test_idx] == g)[0]
             for s in src[members]:
                 weight[g][cell_ids[s]] = weight[g].get(cell_ids[s], 0) + 1
@@ -503,6 +544,32 @@ def predict_groups(directory, meta, model, seed):
         predictions[g]["recon"] = recon_sum[g] / recon_n[g]
 
     return predictions
+
+
+def rescore(a):
+    """Scores finished cpa-stream runs again in the expected-log1p space (`expected`, see
+    `predict_groups`), as VARIANT-elog: the same weights, the real side's space."""
+    import glob
+
+    meta = read_meta(a.dir)
+    for path in sorted(glob.glob(os.path.join(a.dir, "results", "*", "score.json"))):
+        r = json.load(open(path))
+        run = os.path.join(os.path.dirname(path), "run")
+        if r["tool"] != "cpa-stream" or not os.path.isdir(run) or r["variant"] not in a.variants.split(","):
+            continue
+        suffix = "-elog" + ("-allctrl" if a.controls == "all" else "")
+        target = os.path.join(a.dir, "results", f"{r['variant']}{suffix}-e{r['epochs']}-s{r['seed']}")
+        if os.path.exists(os.path.join(target, "score.json")):
+            continue
+        predictions = predict_groups(a.dir, meta, run, r["seed"], "expected", a.controls)
+        result = score(a.dir, predictions, r["seed"])
+        result.update({k: r[k] for k in ("tool", "epochs", "seed", "set", "preset", "train_cpu_s", "train_wall_s",
+                                         "peak_rss_mib", "loadavg", "best_epoch")})
+        result["variant"] = f"{r['variant']}{suffix}"
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, "score.json"), "w") as f:
+            json.dump(result, f, indent=1, default=float)
+        print_result(result)
 
 
 def best_epoch(history):
@@ -607,10 +674,15 @@ def main():
             p.add_argument("--set", action="append", help="TABLE.KEY=VALUE over the translation")
             p.add_argument("--also-last", action="store_true",
                            help="also score the last epoch's weights, as VARIANT-last")
+    p = sub.add_parser("rescore")
+    p.add_argument("dir")
+    p.add_argument("--variants", default="cpa-stream", help="comma-separated variants to score again")
+    p.add_argument("--controls", choices=["drawn", "all"], default="drawn",
+                   help="all: every control cell of the covariates decoded once (VARIANT-elog-allctrl)")
     p = sub.add_parser("table")
     p.add_argument("dir")
     a = ap.parse_args()
-    {"prepare": prepare, "peer": peer, "stream": stream, "table": table}[a.command](a)
+    {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "table": table}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ impl TrainRequest {
     fn given_config(&self) -> Result<Option<CpaConfig>> {
         let base = match &self.preset {
             Some(name) => Preset::parse(name)
-                .map_err(|e| Error::InvalidInput(format!("{}: {}", self.naming.name("--preset"), e.to_string())))?,
+                .map_err(|e| Error::InvalidInput(format!("{}: {}", self.naming.name("--preset"), e)))?,
             None => Preset::Default,
         };
         let base_config = base.config();

@@ -1,0 +1,122 @@
+"""scripts/fidelity.py, the harness beside cpa-tools: its scorer against a computation by hand, its
+control draws against run_peer.py's, and its translation of cpa-tools' hyper-parameters as a
+configuration cpa-stream trains with."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import COMPUTE, LABELS, REPO
+
+SCRIPT = REPO / "scripts" / "fidelity.py"
+RUN_PEER = REPO.parent / "shared" / "peer" / "cpa-tools" / "run_peer.py"
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    spec = importlib.util.spec_from_file_location("fidelity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fidelity"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def prepared(fidelity, adata, tmp_path_factory):
+    """The bundled data with the harness's split column."""
+    directory = tmp_path_factory.mktemp("fidelity")
+    path = directory / "in.h5ad"
+    adata.write_h5ad(path)
+    args = ["prepare", str(path), str(directory / "d")]
+    sys.argv = ["fidelity.py", *args]
+    fidelity.main()
+    return directory / "d"
+
+
+def test_the_split_is_stratified_and_recorded(prepared):
+    import anndata as ad
+
+    meta = json.loads((prepared / "meta.json").read_text())
+    data = ad.read_h5ad(prepared / "data.h5ad")
+    split = data.obs["fidelity_split"].astype(str)
+    assert meta["cells"] == {s: int((split == s).sum()) for s in ["train", "valid", "test"]}
+    # Every group of 3 cells or more has test cells.
+    group = data.obs["cell_type"].astype(str) + "|" + data.obs["condition"].astype(str)
+    sizes = group.value_counts()
+    tested = set(group[split == "test"])
+    assert all(g in tested for g, n in sizes.items() if n >= 3)
+
+
+def test_the_scorer_equals_r2_by_hand(fidelity, prepared):
+    import anndata as ad
+
+    meta = fidelity.read_meta(prepared)
+    data = ad.read_h5ad(prepared / "data.h5ad")
+    values = np.log1p(np.asarray(data.X.todense(), dtype=np.float64))
+    group = fidelity.group_keys(data.obs, meta)
+    test = data.obs["fidelity_split"].astype(str).values == "test"
+    ctrl = data.obs["condition"].astype(str).values == "control"
+    cov = data.obs["cell_type"].astype(str).values
+    # A prediction: the group's true test mean plus a fixed perturbation on one gene.
+    predictions = {}
+    for g in np.unique(group[test & ~ctrl]):
+        m = test & (group == g)
+        shifted = values[m].mean(0).copy()
+        shifted[0] += 0.5
+        predictions[g] = {"cf": shifted, "recon": values[m].mean(0)}
+    result = fidelity.score(str(prepared), predictions, 0)
+    rows = {r["group"]: r for r in result["groups"]}
+    g = next(iter(rows))
+    m = test & (group == g)
+    t = values[m].mean(0)
+    c = values[ctrl & (cov == cov[np.argmax(m)])].mean(0)
+    p = predictions[g]["cf"]
+    r2 = lambda a, b: 1 - ((a - b) ** 2).sum() / ((a - a.mean()) ** 2).sum()  # noqa: E731
+    deg = np.argsort(-np.abs(values[group == g].mean(0) - c))[:20]
+    assert rows[g]["cf_all"] == pytest.approx(r2(t, p))
+    assert rows[g]["cf_deg"] == pytest.approx(r2(t[deg], p[deg]))
+    assert rows[g]["cf_change"] == pytest.approx(r2(t - c, p - c))
+    assert rows[g]["recon_all"] == pytest.approx(1.0)
+    assert rows[g]["ctrl_all"] == pytest.approx(r2(t, c))
+    assert result["mean"]["recon_all"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not RUN_PEER.exists(), reason=f"no {RUN_PEER} (the peer harness)")
+def test_the_translation_trains(fidelity, store, tmp_path):
+    import cpa_stream as cs
+
+    model, plan = fidelity.peer_defaults()
+    config, unexpressed = fidelity.translate(model, plan, batch_size=128, check_val_every=5, max_comb_len=2,
+                                             epochs=1, seed=0)
+    assert config["model"]["dropout_rate_decoder"] == 0.0 and unexpressed
+    path = tmp_path / "cpa.toml"
+    path.write_text(fidelity.toml_text(config))
+    run = cs.train(store, tmp_path / "run", **LABELS, config=path, progress=False, **COMPUTE)
+    trained = run.config
+    assert trained["model"]["n_hidden_decoder"] == model["n_hidden_decoder"]
+    assert trained["adversary"]["reg_adv"] == plan["reg_adv"]
+    assert trained["training"]["n_epochs_pretrain_ae"] == 2
+
+
+@pytest.mark.skipif(not RUN_PEER.exists(), reason=f"no {RUN_PEER} (the peer harness)")
+def test_the_control_draws_are_run_peers(fidelity, prepared):
+    """run_peer.py draws, per test cell in order, rng.choice over the control cells of its
+    covariates with default_rng(seed); the harness must decode the same cells."""
+    import anndata as ad
+
+    meta = fidelity.read_meta(prepared)
+    data = ad.read_h5ad(prepared / "data.h5ad")
+    test_idx = np.where(data.obs["fidelity_split"].astype(str).values == "test")[0]
+    drawn = fidelity.cf_draws(data.obs, meta, test_idx, 3)
+    source = RUN_PEER.read_text()
+    assert "src[i] = rng.choice(pool)" in source and "rng = np.random.default_rng(a.seed)" in source
+    rng = np.random.default_rng(3)
+    ctrl = data.obs["condition"].astype(str).values == "control"
+    cov = data.obs["cell_type"].astype(str).values
+    expected = [rng.choice(np.where(ctrl & (cov == cov[i]))[0]) for i in test_idx]
+    assert list(drawn) == expected
