@@ -11,7 +11,9 @@
 #   SPLIT     random (stratified 80/10/10 per group, the default) or combos (combinations held out)
 #   VARIANTS  cpa-stream variants, space-separated NAME[:preset=P][:KEY=VALUE...]; default
 #             "cpa-stream" (the translation as is). Example: "cpa-stream ref:preset=reference
-#             drop:model.dropout_rate_decoder=0.1"
+#             drop:model.dropout_rate_decoder=0.1"; `last` also scores the last epoch's weights
+#   RESCORE   variants scored again as VARIANT-elog (expected log1p of the predicted counts) and
+#             VARIANT-elog-allctrl (every control cell decoded once), comma-separated
 #   PEER      0 to leave cpa-tools out (kept results are still tabled)
 #   DIR       results (default $CPA_STREAM_CACHE/fidelity); one subdirectory per data set and split
 #
@@ -81,6 +83,7 @@ for h5ad in "${data[@]}"; do
         for p in "${parts[@]:1}"; do
           case "$p" in
             preset=*) args+=(--preset "${p#preset=}") ;;
+            last) args+=(--also-last) ;;
             *) args+=(--set "$p") ;;
           esac
         done
@@ -90,5 +93,9 @@ for h5ad in "${data[@]}"; do
       done
     done
   done
+  if [ -n "${RESCORE:-}" ]; then
+    "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE"
+    "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE" --controls all
+  fi
   "$py" scripts/fidelity.py table "$out"
 done

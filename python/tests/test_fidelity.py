@@ -120,3 +120,17 @@ def test_the_control_draws_are_run_peers(fidelity, prepared):
     cov = data.obs["cell_type"].astype(str).values
     expected = [rng.choice(np.where(ctrl & (cov == cov[i]))[0]) for i in test_idx]
     assert list(drawn) == expected
+
+
+def test_the_reference_preset_and_definitions_from_python(store, run, tmp_path):
+    import cpa_stream as cs
+
+    trained = cs.train(store, tmp_path / "ref", **LABELS, preset="reference", config={"training": {"lr": 1e-3}},
+                       max_epochs=1, progress=False, **COMPUTE)
+    assert trained.config["training"]["lr_schedule"] == "reference"
+    assert trained.config["training"]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="reference"):
+        cs.train(store, tmp_path / "bad", **LABELS, preset="paper", max_epochs=1, progress=False, **COMPUTE)
+    frame = run.evaluate(store, definitions="reference", progress=False)
+    assert set(frame["deg_source"]) == {"mean difference"}
+    assert set(frame["control_source"]) == {"all"}
