@@ -324,7 +324,7 @@ def peer(a):
         "--perturbation-key", meta["perturbation_key"], "--control-group", meta["control"],
         "--covariate-keys", ",".join(meta["covariates"]), "--max-comb-len", str(meta["max_comb_len"]),
         "--split-key", SPLIT, "--epochs", str(a.epochs), "--seed", str(a.seed),
-        "--check-val-every", str(a.check_val_every), "--threads", "1",
+        "--check-val-every", str(min(a.check_val_every, a.epochs)), "--threads", "1",
         "--model-json", os.path.join(out, "model.json"),
         "--json", os.path.join(out, "report.json"), "--save-pred", os.path.join(out, "groups.npz"),
     ]
@@ -359,7 +359,9 @@ def stream(a):
 
     meta = read_meta(a.dir)
     model, plan = peer_defaults()
-    config, _ = translate(model, plan, batch_size=128, check_val_every=a.check_val_every,
+    # Both tools validate within the run: cpa-tools ignores the validation of epoch 0 and, without
+    # a later one, restores its untrained weights (run_peer.py's note).
+    config, _ = translate(model, plan, batch_size=128, check_val_every=min(a.check_val_every, a.epochs),
                           max_comb_len=meta["max_comb_len"], epochs=a.epochs, seed=a.seed)
     if not meta["counts"]:
         config["model"]["recon_loss"] = "gauss"
@@ -640,8 +642,17 @@ def table(a):
                                epochs=0, seed=0)
     lines += ["", "Not expressed by the translation:"] + [f"- {u}" for u in unexpressed]
     variants = sorted({(r["variant"], tuple(r.get("set") or []), r.get("preset")) for r in results if r["tool"] == "cpa-stream"})
-    lines += ["", "cpa-stream variants (over the translation):"] + [
-        f"- {v}: " + (", ".join(([f"preset {p}"] if p else []) + list(sets)) or "as translated") for v, sets, p in variants]
+    def describe(v, sets, p):
+        if v.endswith("-last"):
+            return f"the last epoch's weights of {v[:-5]}'s training"
+        for suffix, what in (("-elog-allctrl", "expected log1p, every control cell decoded once"),
+                             ("-elog", "expected log1p of the predicted counts")):
+            if v.endswith(suffix):
+                return f"the weights of {v[: -len(suffix)]}, scored with the {what}"
+        return ", ".join(([f"preset {p}"] if p else []) + list(sets)) or "as translated"
+
+    lines += ["", "cpa-stream variants (over the translation):"] + [f"- {v}: {describe(v, sets, p)}"
+                                                                   for v, sets, p in variants]
     text = "\n".join(lines)
     with open(os.path.join(a.dir, "table.md"), "w") as f:
         f.write(text + "\n")

@@ -27,7 +27,10 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 eval "$(scripts/bootstrap.sh)"
 scripts/build.sh --quiet
-scripts/python.sh >/dev/null
+if ! scripts/python.sh >"$CPA_STREAM_CACHE/fidelity-python.log" 2>&1; then
+  cat "$CPA_STREAM_CACHE/fidelity-python.log" >&2
+  exit 1
+fi
 export CPA_STREAM_BIN="$CARGO_TARGET_DIR/release/cpa-stream"
 py="$CPA_STREAM_VENV/bin/python"
 epochs="${EPOCHS:-10 50}"
