@@ -438,12 +438,31 @@ def read_log_theta(model):
         return np.frombuffer(f.read(end - begin), dtype=np.float32).astype(np.float64)
 
 
+def expected_log1p_nb(mu, theta, nodes=48):
+    """E[log(1 + X)] for X ~ NB(mean mu, inverse dispersion theta), elementwise. From
+    log(1 + x) = int_0^inf (1 - e^(-t x)) e^(-t) / t dt and the NB's Laplace transform,
+    E[log(1 + X)] = int_0^1 (1 - (1 + mu u / theta)^(-theta)) / (-log(1 - u)) du, integrated by
+    Gauss-Legendre in log u over [1e-10, 1] (the rest contributes below mu * 1e-10). Matches a
+    400,000-draw Monte Carlo to within its noise (<= 0.006) for theta 0.1-200, mu 0.01-1000."""
+    import numpy as np
+
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    low = np.log(1e-10)
+    u = np.exp((x + 1) / 2 * -low + low)
+    weights = w * -low / 2 * u / -np.log1p(-np.minimum(u, 1 - 1e-16))
+    mu = np.asarray(mu, dtype=np.float64)
+    total = np.zeros(np.broadcast(mu, theta).shape)
+    for uk, wk in zip(u, weights):
+        total += wk * (1.0 - np.power(1.0 + mu * uk / theta, -theta))
+    return total
+
+
 def predict_groups(directory, meta, model, seed, space="mean", controls="drawn"):
     """Predicted group means of the test groups through the Python package: counterfactual
     (`cf`, run_peer.py's control draws) and reconstruction (`recon`). `space`: `mean` scores
     log1p of the predicted NB mean (both tools' tutorials); `expected` the expectation of log1p
-    of the predicted NB counts (what the real side's mean of log1p counts estimates), by Monte
-    Carlo over 32 seeded draws per cell. `controls`: `drawn` (run_peer.py's draws, one control
+    of the predicted NB counts (what the real side's mean of log1p counts estimates), by
+    `expected_log1p_nb`. `controls`: `drawn` (run_peer.py's draws, one control
     cell per test cell) or `all` (every control cell of the covariates once: the expectation of
     the draw, and the cells the control-mean baseline averages)."""
     import anndata
@@ -462,19 +481,13 @@ def predict_groups(directory, meta, model, seed, space="mean", controls="drawn")
     counts = meta["counts"]
 
     theta = np.exp(read_log_theta(model)) if space == "expected" else None
-    draws = np.random.default_rng(seed)
 
     def transform(rows):
         if not counts:
             return rows
         if theta is None:
             return np.log1p(np.clip(rows, 0, None))
-        mu = np.clip(rows, 1e-8, None)
-        total = np.zeros_like(mu)
-        for _ in range(32):
-            lam = draws.gamma(theta[None, :], mu / theta[None, :])
-            total += np.log1p(draws.poisson(lam))
-        return total / 32
+        return expected_log1p_nb(np.clip(rows, 0, None), theta[None, :])
 
     # Counterfactual: per covariate value, every control cell of it decoded into each test group
     # of it; a group's mean weighs each control cell by how often run_peer.py's draws chose it.

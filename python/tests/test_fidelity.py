@@ -134,3 +134,15 @@ def test_the_reference_preset_and_definitions_from_python(store, run, tmp_path):
     frame = run.evaluate(store, definitions="reference", progress=False)
     assert set(frame["deg_source"]) == {"mean difference"}
     assert set(frame["control_source"]) == {"all"}
+
+
+def test_the_expected_log1p_of_a_negative_binomial_is_exact(fidelity):
+    from scipy.stats import nbinom
+
+    for mu, theta in [(0.05, 0.3), (0.5, 1.0), (3.0, 0.2), (40.0, 4.0), (200.0, 20.0)]:
+        k = np.arange(0, 200_000)
+        pmf = nbinom.pmf(k, theta, theta / (theta + mu))
+        exact = float((pmf * np.log1p(k)).sum())
+        got = float(fidelity.expected_log1p_nb(np.array([mu]), np.array([theta]))[0])
+        assert got == pytest.approx(exact, abs=2e-3), (mu, theta)
+        assert got < np.log1p(mu)  # Jensen: log1p of the mean overstates it
