@@ -386,6 +386,7 @@ class Run:
         degs: PathLike | None = None,
         min_cells: int | None = None,
         definitions: str = "default",
+        expected_log1p: bool = False,
         plots: bool = False,
         overwrite: bool = False,
         batch_size: int | None = None,
@@ -400,7 +401,9 @@ class Run:
         (``pearson_delta``, ``mse``/``mae`` and their ``_delta``, ``deg_overlap_at*``,
         ``deg_precision_at*``, ``discrimination_*``, ``beats_control``; docs/evaluation.md). ``split``: ``train``, ``valid``, ``test``, ``ood`` or ``all``. ``definitions="reference"``
         scores with cpa-tools' tutorial definitions (every control cell of the covariates, DEGs
-        by the difference of means, conditions of 2 cells or more). With ``out`` the
+        by the difference of means, conditions of 2 cells or more). ``expected_log1p`` scores the
+        expected log1p of the predicted counts (nb models) instead of log1p of the predicted mean.
+        With ``out`` the
         files (``metrics.parquet``, ``summary.json``, ``degs.parquet``, ``plots/`` when
         ``plots``) are kept there; without, they go to a temporary directory."""
         with tempfile.TemporaryDirectory(prefix="cpa-stream-eval-") as scratch:
@@ -409,7 +412,8 @@ class Run:
                 "model": str(self.path), "store": _path(store), "out": str(target), "split": split,
                 "truth": os.fspath(truth) if truth is not None else None,
                 "degs": os.fspath(degs) if degs is not None else None,
-                "min_cells": min_cells, "definitions": definitions, "plots": plots, "overwrite": overwrite, "batch_size": batch_size,
+                "min_cells": min_cells, "definitions": definitions, "expected_log1p": expected_log1p,
+                "plots": plots, "overwrite": overwrite, "batch_size": batch_size,
             }
             report = json.loads(
                 _native.evaluate(json.dumps(request), _compute(device, threads, None), _progress.make(progress, "evaluate"))

@@ -575,6 +575,8 @@ struct EvaluateRequest {
     #[serde(default)]
     definitions: Option<String>,
     #[serde(default)]
+    expected_log1p: bool,
+    #[serde(default)]
     plots: bool,
     #[serde(default)]
     overwrite: bool,
@@ -604,6 +606,7 @@ fn evaluate(py: Python<'_>, request: &str, compute: &str, progress: Option<Bound
         options.definitions = Definitions::parse(d).map_err(to_py)?;
     }
     options.min_cells = request.min_cells.unwrap_or(options.definitions.min_cells());
+    options.expected_log1p = request.expected_log1p;
     if let Some(b) = request.batch_size {
         options.batch_size = b.max(1);
     }

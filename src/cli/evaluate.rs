@@ -40,6 +40,10 @@ pub struct EvaluateArgs {
     /// means over all cells; docs/evaluation.md).
     #[arg(long, default_value = "default", value_parser = ["default", "reference"])]
     definitions: String,
+    /// Score the expected log1p of the predicted counts (nb models) instead of log1p of the
+    /// predicted mean: what the real cells' mean of log1p counts estimates (docs/fidelity.md).
+    #[arg(long)]
+    expected_log1p: bool,
     /// The metrics printed: `default` (R2 of means with its control-mean baseline and the data's
     /// split-half ceiling, on all genes and the top 20 DEGs, Pearson of the change, L1
     /// discrimination rank) or `all`; metrics.parquet holds every metric either way.
@@ -76,6 +80,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         batch_size: args.batch_size,
         min_cells: args.min_cells.unwrap_or(definitions.min_cells()),
         definitions,
+        expected_log1p: args.expected_log1p,
         plots: !args.no_plots,
         overwrite: args.overwrite,
         ..EvaluateOptions::new(&args.model, &args.store, &args.out)

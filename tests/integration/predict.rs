@@ -617,6 +617,31 @@ fn the_reference_definitions_decode_every_control_and_rank_degs_by_mean_differen
 }
 
 #[test]
+fn the_expected_log1p_is_scored_below_log1p_of_the_mean() {
+    let f = fixture();
+    let (model, store) = (f.run.to_str().unwrap_or_default(), f.store.to_str().unwrap_or_default());
+    let summaries: Vec<serde_json::Value> = [&[][..], &["--expected-log1p"][..]]
+        .iter()
+        .enumerate()
+        .map(|(i, extra)| {
+            let out = f.dir.join(format!("eval-space-{i}"));
+            let args = ["evaluate", "--model", model, "--store", store, "--no-plots", "--split", "all", "--out"];
+            let o = run(&[&args[..], &[out.to_str().unwrap_or_default()], extra].concat());
+            assert!(o.status.success(), "evaluate failed: {}", text(&o.stderr));
+            let text = std::fs::read_to_string(out.join("summary.json")).unwrap_or_default();
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("summary.json: {e}"))
+        })
+        .collect();
+    let (plain, expected) = (&summaries[0], &summaries[1]);
+    assert_eq!(plain["predicted"].as_str(), Some("log1p(mean)"), "{plain}");
+    assert_eq!(expected["predicted"].as_str(), Some("expected log1p"), "{expected}");
+    // E[log1p X] < log1p(E[X]) for every gene: the predicted mean moves, the real side does not.
+    let mean = |s: &serde_json::Value, k: &str| s["mean"][k].as_f64().unwrap_or(f64::NAN);
+    assert!(mean(expected, "mse") != mean(plain, "mse"), "{expected}");
+    assert_eq!(mean(expected, "r2_mean_control"), mean(plain, "r2_mean_control"));
+}
+
+#[test]
 fn a_held_out_combination_beats_the_control_mean_against_the_truth() {
     let f = fixture();
     let eval = f.dir.join("eval-test");

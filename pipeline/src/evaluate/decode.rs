@@ -1,12 +1,14 @@
 //! Pass 2 of an evaluation: the control cells of each covariate combination, gathered by the
 //! batcher in store order, decoded into every evaluated condition of those covariates; the moments
-//! of the predicted `log1p(mean)` (or mean) per condition, accumulated on the device.
+//! of the predicted `log1p(mean)` (or mean, or the expected log1p of the predicted counts) per
+//! condition, accumulated on the device.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use cpa_stream_stages::model::layers::Noise;
+use cpa_stream_stages::model::likelihood::expected_log1p_nb;
 use cpa_stream_stages::model::{CpaModel, PerturbationCsr};
 use cpa_stream_stages::store::Store;
 use rand::SeedableRng;
@@ -38,6 +40,8 @@ pub(super) struct Decode<'a> {
     pub(super) batch_size: usize,
     pub(super) loader: LoaderOptions,
     pub(super) count_model: bool,
+    /// The `nb` inverse dispersion when the expected log1p of the counts is scored.
+    pub(super) theta: Option<&'a Tensor>,
 }
 
 /// The counters of the decoding pass's stages.
@@ -107,7 +111,11 @@ impl Decode<'_> {
                     let mean = model
                         .counterfactual(&x, &perts.to_device(device)?, &covariates, &mut noise)?
                         .f_to_kind(Kind::Double)?;
-                    let v = if self.count_model { mean.f_log1p()? } else { mean };
+                    let v = match (self.count_model, self.theta) {
+                        (true, Some(theta)) => expected_log1p_nb(&mean, theta)?,
+                        (true, None) => mean.f_log1p()?,
+                        (false, _) => mean,
+                    };
                     let (s, q) = (
                         v.f_sum_dim_intlist(0, false, Kind::Double)?,
                         v.f_square()?.f_sum_dim_intlist(0, false, Kind::Double)?,

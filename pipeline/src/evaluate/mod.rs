@@ -163,6 +163,9 @@ pub struct EvaluateOptions {
     pub min_cells: u64,
     /// Whose definitions score the predictions: this project's, or the reference's.
     pub definitions: Definitions,
+    /// For an `nb` model, score the expected log1p of the predicted counts instead of log1p of
+    /// the predicted mean; default false (the tutorials' log1p of the mean).
+    pub expected_log1p: bool,
     /// Write one SVG plot per condition; default true.
     pub plots: bool,
     /// Replace an existing evaluation at `out` (only one: a directory holding other files is
@@ -184,6 +187,7 @@ impl EvaluateOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             min_cells: DEFAULT_MIN_CELLS,
             definitions: Definitions::Default,
+            expected_log1p: false,
             plots: true,
             overwrite: false,
         }
@@ -333,6 +337,10 @@ pub struct EvaluateReport {
     pub store: String,
     /// The split evaluated.
     pub split: String,
+    /// The definitions scored with.
+    pub definitions: Definitions,
+    /// What the predicted side is: `log1p(mean)` (count models), `expected log1p` or `mean`.
+    pub predicted: String,
     /// Every evaluated condition.
     pub conditions: Vec<ConditionMetrics>,
     /// Mean of each metric over the conditions where it is defined.
@@ -474,6 +482,18 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     let vocab = model.vocabulary().clone();
     let groups = conditions::map_groups(&labels, &vocab);
     let count_model = model.config().model.recon_loss.is_count();
+    let theta = if options.expected_log1p {
+        let theta = model.nb_theta().map_err(Error::stage("predictor"))?;
+        Some(theta.ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{}: the expected log1p of the predicted counts needs an nb model; this one is {:?}",
+                dir.display(),
+                model.config().model.recon_loss
+            ))
+        })?)
+    } else {
+        None
+    };
 
     // Pass 1: moments of every group and split.
     let moments_stats = StageStats::new("moments", 1);
@@ -499,6 +519,7 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         batch_size: options.batch_size,
         loader,
         count_model,
+        theta: theta.as_ref(),
     }
     .run(&decode_stats, progress)?;
     progress.end();
@@ -536,6 +557,13 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         model: dir.display().to_string(),
         store: options.store.display().to_string(),
         split: options.split.name().to_owned(),
+        definitions: options.definitions,
+        predicted: match (count_model, options.expected_log1p) {
+            (true, true) => "expected log1p",
+            (true, false) => "log1p(mean)",
+            (false, _) => "mean",
+        }
+        .to_owned(),
         summary: outputs::summarize(&results),
         conditions: results,
         seconds: wall.elapsed().as_secs_f64(),

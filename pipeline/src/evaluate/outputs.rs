@@ -182,6 +182,8 @@ fn write_summary(path: &Path, report: &EvaluateReport) -> Result<()> {
         "model": report.model,
         "store": report.store,
         "split": report.split,
+        "definitions": report.definitions,
+        "predicted": report.predicted,
         "conditions": report.conditions.len(),
         "mean": report.summary.iter().map(|(k, v)| (k.clone(), finite(*v))).collect::<serde_json::Map<_, _>>(),
         "per_condition": report.conditions,

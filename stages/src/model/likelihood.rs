@@ -202,3 +202,85 @@ mod tests {
         Ok(())
     }
 }
+
+/// Gauss-Legendre nodes and weights on [-1, 1] (Newton's iteration on the Legendre polynomial).
+fn gauss_legendre(n: usize) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut x = (std::f64::consts::PI * (i as f64 + 0.75) / (n as f64 + 0.5)).cos();
+        let mut derivative = 1.0;
+        for _ in 0..100 {
+            let (mut p0, mut p1) = (1.0, x);
+            for k in 2..=n {
+                let k = k as f64;
+                (p0, p1) = (p1, ((2.0 * k - 1.0) * x * p1 - (k - 1.0) * p0) / k);
+            }
+            derivative = n as f64 * (x * p1 - p0) / (x * x - 1.0);
+            let step = p1 / derivative;
+            x -= step;
+            if step.abs() < 1e-15 {
+                break;
+            }
+        }
+        out.push((x, 2.0 / ((1.0 - x * x) * derivative * derivative)));
+    }
+    out
+}
+
+/// Nodes of [`expected_log1p_nb`].
+pub const EXPECTED_LOG1P_NODES: usize = 48;
+
+/// `E[log(1 + X)]` for `X ~ NB(mean mu, inverse dispersion theta)`, elementwise (theta broadcast
+/// over cells): what a mean of `log1p` counts estimates, where `log1p(mu)` overstates it (Jensen).
+/// From `log(1 + x) = int_0^inf (1 - e^(-t x)) e^(-t) / t dt` and the NB's Laplace transform,
+/// `E[log(1 + X)] = int_0^1 (1 - (1 + mu u / theta)^(-theta)) / (-log(1 - u)) du`, by
+/// Gauss-Legendre in `log u` over [1e-10, 1] (the rest is below `mu * 1e-10`). In double precision.
+pub fn expected_log1p_nb(mu: &Tensor, theta: &Tensor) -> Result<Tensor> {
+    let mu = mu.f_to_kind(Kind::Double)?.f_clamp_min(0.0)?;
+    let theta = theta.f_to_kind(Kind::Double)?;
+    let low = 1e-10f64.ln();
+    let mut total = mu.f_zeros_like()?;
+    for (x, w) in gauss_legendre(EXPECTED_LOG1P_NODES) {
+        let u = ((x + 1.0) / 2.0 * -low + low).exp();
+        let weight = w * -low / 2.0 * u / -(-u.min(1.0 - 1e-16)).ln_1p();
+        // 1 - (1 + mu u / theta)^(-theta) = -expm1(-theta log1p(mu u / theta)), exact for small terms.
+        let term = mu.f_mul_scalar(u)?.f_div(&theta)?.f_log1p()?.f_mul(&theta)?.f_neg()?.f_expm1()?.f_neg()?;
+        total = total.f_add(&term.f_mul_scalar(weight)?)?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod expected_log1p_tests {
+    use super::*;
+
+    /// `E[log1p X]` by the NB's probabilities, summed until their tail is negligible.
+    fn by_pmf(mu: f64, theta: f64) -> f64 {
+        let q = mu / (theta + mu);
+        let mut p = (theta / (theta + mu)).powf(theta);
+        let (mut total, mut mass) = (0.0, 0.0);
+        for k in 0..5_000_000u64 {
+            total += p * (k as f64).ln_1p();
+            mass += p;
+            if 1.0 - mass < 1e-12 && k as f64 > mu {
+                break;
+            }
+            p *= (k as f64 + theta) / (k as f64 + 1.0) * q;
+        }
+        total
+    }
+
+    #[test]
+    fn the_expected_log1p_of_a_negative_binomial_is_its_pmf_sum() -> Result<()> {
+        let cases = [(0.01, 1.0), (0.5, 0.3), (3.0, 0.2), (40.0, 4.0), (200.0, 20.0), (1000.0, 0.5)];
+        let mu = Tensor::f_from_slice(&cases.map(|c| c.0))?;
+        let theta = Tensor::f_from_slice(&cases.map(|c| c.1))?;
+        let got = Vec::<f64>::try_from(&expected_log1p_nb(&mu, &theta)?)?;
+        for ((m, t), g) in cases.iter().zip(&got) {
+            let exact = by_pmf(*m, *t);
+            assert!((g - exact).abs() < 2e-3, "mu {m} theta {t}: quadrature {g}, pmf sum {exact}");
+            assert!(*g < m.ln_1p(), "mu {m} theta {t}: {g} not below log1p(mu)");
+        }
+        Ok(())
+    }
+}

@@ -301,6 +301,15 @@ impl CpaModel {
         &self.config
     }
 
+    /// The negative binomial's per-gene inverse dispersion, for a count model without zero
+    /// inflation (`nb`); `None` otherwise.
+    pub fn nb_theta(&self) -> Result<Option<Tensor>> {
+        match &self.heads {
+            Heads::Counts { zi: None, log_theta, .. } => Ok(Some(log_theta.f_detach()?.f_exp()?)),
+            _ => Ok(None),
+        }
+    }
+
     /// The vocabularies.
     pub fn vocabulary(&self) -> &Vocabulary {
         &self.vocab
