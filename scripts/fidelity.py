@@ -353,8 +353,6 @@ def peer(a):
 def stream(a):
     """cpa-stream: the translated configuration (plus --set), trained through the CLI, predicted
     through the Python package."""
-    import anndata
-    import numpy as np
     import cpa_stream
 
     meta = read_meta(a.dir)

@@ -375,6 +375,35 @@ fn mean_var(rows: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
     (mean, var)
 }
 
+/// The dense log1p rows of a condition's cells (with their store rows) and of the control cells
+/// of the same cell type, every split.
+fn log1p_rows(store: &Path, condition: &str, dose: &str, cell_type: &str) -> (Vec<Vec<f64>>, Vec<u64>, Vec<Vec<f64>>) {
+    let opened = Store::open(store).unwrap_or_else(|e| panic!("{e}"));
+    let genes = opened.n_vars() as usize;
+    let mut cursor = opened.cursor().unwrap_or_else(|e| panic!("{e}"));
+    let (conds, doses, types) = obs(store);
+    let key = canonical(condition, dose);
+    let (mut real, mut real_rows, mut control) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..opened.n_obs() as usize {
+        let is_real = canonical(&conds[r], &doses[r]) == key;
+        if types[r] != cell_type || (!is_real && conds[r] != "control") {
+            continue;
+        }
+        let (idx, val) = cursor.row(r as u64).unwrap_or_else(|e| panic!("{e}"));
+        let mut dense = vec![0.0f64; genes];
+        for (&g, &v) in idx.iter().zip(val) {
+            dense[g as usize] = f64::from(v).ln_1p();
+        }
+        if is_real {
+            real.push(dense);
+            real_rows.push(r as u64);
+        } else {
+            control.push(dense);
+        }
+    }
+    (real, real_rows, control)
+}
+
 fn metric(batches: &[RecordBatch], name: &str, row: usize) -> f64 {
     let col = batches[0].column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
     col.as_primitive::<Float64Type>().value(row)
@@ -450,32 +479,8 @@ fn evaluation_equals_a_computation_by_hand() {
     let row = row.unwrap_or_else(|| panic!("no single-perturbation condition evaluated: {ec:?}"));
     let (condition, dose, cell_type) = (&ec[row], &ed[row], &et[row]);
 
-    let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
-    let genes = store.n_vars() as usize;
-    let mut cursor = store.cursor().unwrap_or_else(|e| panic!("{e}"));
-    let (conds, doses, types) = obs(&f.store);
-    let key = canonical(condition, dose);
-    let (mut real, mut control, mut real_rows) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..store.n_obs() as usize {
-        if types[r] != *cell_type {
-            continue;
-        }
-        let is_real = canonical(&conds[r], &doses[r]) == key;
-        if !is_real && conds[r] != "control" {
-            continue;
-        }
-        let (idx, val) = cursor.row(r as u64).unwrap_or_else(|e| panic!("{e}"));
-        let mut dense = vec![0.0f64; genes];
-        for (&g, &v) in idx.iter().zip(val) {
-            dense[g as usize] = f64::from(v).ln_1p();
-        }
-        if is_real {
-            real.push(dense);
-            real_rows.push(r as u64);
-        } else {
-            control.push(dense);
-        }
-    }
+    let (real, real_rows, control) = log1p_rows(&f.store, condition, dose, cell_type);
+    let genes = control[0].len();
     let preds = f.dir.join("hand.parquet");
     let source = format!("condition == control and cell_type == {cell_type}");
     let target = format!("condition={condition},dose={dose},cell_type={cell_type}");
@@ -578,29 +583,13 @@ fn the_reference_definitions_decode_every_control_and_rank_degs_by_mean_differen
     // Every control cell of the cell type, whatever its split, and the condition's DEGs ranked by
     // |mean of all its cells - mean of those controls| of log1p counts.
     let (condition, dose, cell_type) = (&ec[row], &ed[row], &et[row]);
-    let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
-    let genes = store.n_vars() as usize;
-    let mut cursor = store.cursor().unwrap_or_else(|e| panic!("{e}"));
-    let (conds, doses, types) = obs(&f.store);
-    let key = canonical(condition, dose);
-    let (mut real, mut control) = (vec![0.0f64; genes], vec![0.0f64; genes]);
-    let (mut n_real, mut n_control) = (0u64, 0u64);
-    for r in 0..store.n_obs() as usize {
-        let is_real = canonical(&conds[r], &doses[r]) == key;
-        if types[r] != *cell_type || (!is_real && conds[r] != "control") {
-            continue;
-        }
-        let (idx, val) = cursor.row(r as u64).unwrap_or_else(|e| panic!("{e}"));
-        let into = if is_real { &mut real } else { &mut control };
-        for (&g, &v) in idx.iter().zip(val) {
-            into[g as usize] += f64::from(v).ln_1p();
-        }
-        if is_real { n_real += 1 } else { n_control += 1 }
-    }
+    let (real, _, control) = log1p_rows(&f.store, condition, dose, cell_type);
+    let (real_mean, control_mean) = (mean_var(&real).0, mean_var(&control).0);
+    let n_control = control.len() as u64;
     let count = batches[0].column_by_name("n_control").map(|c| c.as_primitive::<UInt64Type>().value(row));
     assert_eq!(count, Some(n_control));
-    let change: Vec<f64> = (0..genes).map(|g| real[g] / n_real as f64 - control[g] / n_control as f64).collect();
-    let mut order: Vec<usize> = (0..genes).collect();
+    let change: Vec<f64> = real_mean.iter().zip(&control_mean).map(|(a, b)| a - b).collect();
+    let mut order: Vec<usize> = (0..change.len()).collect();
     order.sort_by(|&a, &b| change[b].abs().total_cmp(&change[a].abs()).then(a.cmp(&b)));
     let (_, degs) = read_parquet(&eval.join("degs.parquet"));
     let group = format!("{cell_type}_{condition}_{dose}");
@@ -611,6 +600,7 @@ fn the_reference_definitions_decode_every_control_and_rank_degs_by_mean_differen
         .map(|(_, gene)| gene)
         .take(10)
         .collect();
+    let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
     let names = cpa_stream::pipeline::obs::gene_names(&store).unwrap_or_else(|e| panic!("{e}"));
     let by_hand: Vec<String> = order[..10].iter().map(|&g| names[g].clone()).collect();
     assert_eq!(listed, by_hand, "top 10 DEGs of {group}");
