@@ -25,6 +25,7 @@ pub mod batcher;
 pub mod bench;
 pub mod convert;
 pub mod degs;
+pub mod dose_response;
 pub mod embeddings;
 pub mod encoder;
 mod error;

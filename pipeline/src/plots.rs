@@ -54,8 +54,25 @@ fn panel<DB: DrawingBackend>(
     epochs: (f64, f64),
     series: &[Series<'_>],
 ) -> std::result::Result<(), String> {
+    panel_over(area, title, ("epoch", epochs), series, &[])
+}
+
+/// A panel of lines over `x` (its description and range), with optional marker-only series
+/// (drawn as crosses, unlabelled).
+fn panel_over<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    x: (&str, (f64, f64)),
+    series: &[Series<'_>],
+    markers: &[(RGBColor, Vec<(f64, f64)>)],
+) -> std::result::Result<(), String> {
+    let (x_desc, epochs) = x;
+    let integral = x_desc == "epoch";
     let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
-    let y = range(series.iter().flat_map(|s| s.2.iter().map(|p| p.1)), (0.0, 1.0));
+    let y = range(
+        series.iter().flat_map(|s| s.2.iter().map(|p| p.1)).chain(markers.iter().flat_map(|m| m.1.iter().map(|p| p.1))),
+        (0.0, 1.0),
+    );
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FAMILY, 16))
         .margin(8)
@@ -66,8 +83,8 @@ fn panel<DB: DrawingBackend>(
     let small = y.0.abs().max(y.1.abs()) < 1e-2;
     chart
         .configure_mesh()
-        .x_desc("epoch")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc(x_desc)
+        .x_label_formatter(&|x| if integral { format!("{x:.0}") } else { format!("{x:.3}") })
         .y_label_formatter(&|v| if small { format!("{v:.2e}") } else { format!("{v:.3}") })
         .light_line_style(WHITE.mix(0.0))
         .label_style((FAMILY, 11))
@@ -84,6 +101,11 @@ fn panel<DB: DrawingBackend>(
         if finite.len() < 40 {
             chart.draw_series(finite.iter().map(|&p| Circle::new(p, 2, colour.filled()))).map_err(e)?;
         }
+    }
+    for (colour, points) in markers {
+        let colour = *colour;
+        let finite = points.iter().copied().filter(|p| p.1.is_finite());
+        chart.draw_series(finite.map(|p| Cross::new(p, 5, colour.stroke_width(2)))).map_err(e)?;
     }
     chart
         .configure_series_labels()
@@ -391,4 +413,93 @@ pub fn write_scatter(
         root.present().map_err(e)
     };
     draw().map_err(plot_error(path))
+}
+
+/// Colours of the dose-response lines (the tab10 palette).
+const PALETTE: [RGBColor; 10] = [
+    BLUE,
+    ORANGE,
+    GREEN,
+    RED_,
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    GREY,
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Writes `stem.svg` and `stem.png`: each perturbation's learned dose scaling `s(d)` (left) and,
+/// with decoded curves, the length of the decoded change from dose 0 for the first covariate
+/// combination (right), the truth's at its doses as crosses. At most ten perturbations are
+/// drawn (those with the largest decoded, else latent, response); the title says how many.
+pub fn write_dose_response(
+    stem: &Path,
+    title: &str,
+    latent: &[crate::dose_response::LatentPoint],
+    decoded: &[crate::dose_response::DecodedPoint],
+    space: &str,
+) -> Result<()> {
+    let mut order: Vec<&str> = Vec::new();
+    for p in latent {
+        if !order.contains(&p.perturbation.as_str()) {
+            order.push(&p.perturbation);
+        }
+    }
+    let first = decoded.first().map(|d| d.covariates.clone());
+    let decoded: Vec<_> = decoded.iter().filter(|d| Some(&d.covariates) == first.as_ref()).collect();
+    let largest = |name: &str| -> f64 {
+        let of_decoded = decoded.iter().filter(|d| d.perturbation == name).map(|d| d.response).fold(0.0, f64::max);
+        let of_latent = latent.iter().filter(|d| d.perturbation == name).map(|d| d.norm).fold(0.0, f64::max);
+        if decoded.is_empty() { of_latent } else { of_decoded }
+    };
+    let total = order.len();
+    if total > PALETTE.len() {
+        order.sort_by(|a, b| largest(b).total_cmp(&largest(a)));
+        order.truncate(PALETTE.len());
+    }
+    let mut latent_lines: Vec<(String, RGBColor, Vec<(f64, f64)>)> = Vec::new();
+    let mut decoded_lines: Vec<(String, RGBColor, Vec<(f64, f64)>)> = Vec::new();
+    let mut truth_marks = Vec::new();
+    for (i, &name) in order.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        let points: Vec<(f64, f64)> =
+            latent.iter().filter(|p| p.perturbation == name).map(|p| (p.dose, p.response)).collect();
+        latent_lines.push((name.to_owned(), colour, points));
+        let mine: Vec<_> = decoded.iter().filter(|p| p.perturbation == name).collect();
+        if !mine.is_empty() {
+            decoded_lines.push((name.to_owned(), colour, mine.iter().map(|p| (p.dose, p.response)).collect::<Vec<_>>()));
+            truth_marks.push((colour, mine.iter().map(|p| (p.dose, p.true_response)).collect::<Vec<_>>()));
+        }
+    }
+    let doses = range(latent.iter().map(|p| p.dose), (0.0, 1.0));
+    let doses = (doses.0.max(0.0).min(0.0), doses.1);
+    let shown = if total > order.len() { format!(" ({} of {total} perturbations, largest responses)", order.len()) } else { String::new() };
+    let title = format!("{title}{shown}");
+    let right = match &first {
+        Some(c) if c.is_empty() => format!("decoded change |Δ {space}|"),
+        Some(c) => format!("decoded change |Δ {space}|, {}", c.join(", ")),
+        None => String::new(),
+    };
+    let has_truth = truth_marks.iter().any(|m| m.1.iter().any(|p| p.1.is_finite()));
+    let right = if has_truth { format!("{right} (x: truth)") } else { right };
+    let latent_series: Vec<Series<'_>> = latent_lines.iter().map(|(n, c, p)| (n.as_str(), *c, p.clone())).collect();
+    let decoded_series: Vec<Series<'_>> = decoded_lines.iter().map(|(n, c, p)| (n.as_str(), *c, p.clone())).collect();
+    macro_rules! picture {
+        ($root:expr) => {{
+            let root = $root;
+            root.fill(&WHITE).map_err(|e| e.to_string())?;
+            let root = root.titled(&title, (FAMILY, 18)).map_err(|e| e.to_string())?;
+            if decoded_series.is_empty() {
+                panel_over(&root, "latent dose scaling s(d)", ("dose", doses), &latent_series, &[])?;
+            } else {
+                let panels = root.split_evenly((1, 2));
+                panel_over(&panels[0], "latent dose scaling s(d)", ("dose", doses), &latent_series, &[])?;
+                panel_over(&panels[1], &right, ("dose", doses), &decoded_series, &truth_marks)?;
+            }
+            Ok(())
+        }};
+    }
+    let width = if decoded_series.is_empty() { 700 } else { 1300 };
+    both_with(stem, (width, 560), |svg| picture!(svg), |png| picture!(png))
 }

@@ -234,6 +234,7 @@ class Run:
         batch_size: int | None = None,
         seed: int = 0,
         allow_empty: bool = False,
+        batch_corrected: bool = False,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
@@ -249,10 +250,12 @@ class Run:
         Columns: ``cell_id``, the target's labels, ``mean`` (a list per row: the predicted means
         of ``genes``, default all, or the union of the targets' ``top_deg`` DEGs) and each of
         ``latents`` (:data:`LATENTS`). The genes are in ``schema.metadata[b"cpa_stream.genes"]``.
+        ``batch_corrected`` decodes without the batch covariate's embedding (cpa-tools'
+        ``custom_predict(add_batch=False)``; the model needs a batch key).
         """
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
-            batch_size=batch_size, seed=seed, allow_empty=allow_empty,
+            batch_size=batch_size, seed=seed, allow_empty=allow_empty, batch_corrected=batch_corrected,
         )
         stream = _native.predict_stream(request, _compute(device, threads, workers))
         return pa.RecordBatchReader.from_stream(stream)
@@ -272,6 +275,7 @@ class Run:
         batch_size: int | None = None,
         seed: int = 0,
         allow_empty: bool = False,
+        batch_corrected: bool = False,
         overwrite: bool = False,
         device: str = "cpu",
         threads: int | None = None,
@@ -286,6 +290,7 @@ class Run:
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
             shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
+            batch_corrected=batch_corrected,
         )
         return json.loads(
             _native.predict_file(
@@ -305,6 +310,7 @@ class Run:
         latents: Sequence[str] = (),
         batch_size: int | None = None,
         seed: int = 0,
+        batch_corrected: bool = False,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
@@ -317,7 +323,8 @@ class Run:
 
         reader = self.predict(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
-            batch_size=batch_size, seed=seed, device=device, threads=threads, workers=workers,
+            batch_size=batch_size, seed=seed, batch_corrected=batch_corrected, device=device, threads=threads,
+            workers=workers,
         )
         genes_json = (reader.schema.metadata or {}).get(GENES_KEY)
         gene_names = json.loads(genes_json) if genes_json else []
@@ -422,6 +429,55 @@ class Run:
         frame.attrs["summary"] = report.get("summary", {})
         frame.attrs["report"] = report
         return frame
+
+    def dose_response(
+        self,
+        store: Store | PathLike | None = None,
+        *,
+        perturbations: Sequence[str] | None = None,
+        doses: Sequence[float] | None = None,
+        genes: Sequence[str] | None = None,
+        cells: int = 100,
+        seed: int = 0,
+        out: PathLike | None = None,
+        plots: bool = False,
+        overwrite: bool = False,
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> dict[str, pd.DataFrame]:
+        """Dose-response curves as ``cpa-stream dose-response`` computes them (cpa-tools'
+        ``latent_dose_response`` and ``get_response``): ``"latent"``, each perturbation's learned
+        dose scaling ``response`` = s(d) and the latent shift's length ``norm``; with a ``store``,
+        ``"decoded"``, per covariate combination the length of the change of the mean predicted
+        expression of up to ``cells`` sampled control cells from dose 0 (``response``), and
+        ``"genes"``, the per-gene curves (``predicted``, ``delta``) of ``genes`` (default the 5
+        largest changes of each curve). A synthetic atlas's truth fills ``true_response`` and
+        ``true_delta``. ``doses`` default: 0 to the largest dose the store has for each
+        perturbation, plus every dose it has. ``attrs["summary"]`` of each frame holds the report
+        (R2 against the truth included). With ``out`` the files (and, with ``plots``,
+        ``dose_response.svg``/``.png``) are kept there."""
+        if isinstance(perturbations, str):
+            perturbations = [perturbations]
+        if isinstance(genes, str):
+            genes = [genes]
+        with tempfile.TemporaryDirectory(prefix="cpa-stream-dose-") as scratch:
+            target = Path(out) if out is not None else Path(scratch) / "dose"
+            request = {
+                "model": str(self.path), "out": str(target),
+                "store": _path(store) if store is not None else None,
+                "perturbations": list(perturbations or []),
+                "doses": [float(d) for d in doses] if doses is not None else None,
+                "genes": list(genes or []), "cells": cells, "seed": seed, "plots": plots,
+                "overwrite": overwrite,
+            }
+            report = json.loads(_native.dose_response(json.dumps(request), _compute(device, threads, None)))
+            frames = {}
+            for name in ("latent", "decoded", "genes"):
+                path = target / f"{name}.parquet"
+                if path.exists():
+                    frames[name] = table_to_pandas(pq.read_table(path))
+                    frames[name].attrs["summary"] = report
+        return frames
 
     def perturbation_embeddings(self) -> pd.DataFrame:
         """The learned perturbation embeddings: one row per perturbation (index), one column per

@@ -496,6 +496,8 @@ struct PredictRequest {
     allow_empty: bool,
     #[serde(default)]
     wide: bool,
+    #[serde(default)]
+    batch_corrected: bool,
 }
 
 impl PredictRequest {
@@ -522,6 +524,7 @@ impl PredictRequest {
         options.seed = self.seed;
         options.allow_empty = self.allow_empty;
         options.layout = if self.wide { Layout::Wide } else { Layout::Long };
+        options.batch_corrected = self.batch_corrected;
         Ok(options)
     }
 }
@@ -614,6 +617,51 @@ fn evaluate(py: Python<'_>, request: &str, compute: &str, progress: Option<Bound
     to_json(&report)
 }
 
+/// A dose-response request, as JSON from Python.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DoseResponseRequest {
+    model: PathBuf,
+    out: PathBuf,
+    #[serde(default)]
+    store: Option<PathBuf>,
+    #[serde(default)]
+    perturbations: Vec<String>,
+    #[serde(default)]
+    doses: Option<Vec<f64>>,
+    #[serde(default)]
+    genes: Vec<String>,
+    #[serde(default)]
+    cells: Option<usize>,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    plots: bool,
+    #[serde(default)]
+    overwrite: bool,
+}
+
+/// Dose-response curves as `cpa-stream dose-response` computes them; returns the report as JSON.
+#[pyfunction]
+fn dose_response(py: Python<'_>, request: &str, compute: &str) -> PyResult<String> {
+    use cpa_stream_pipeline::dose_response::{DoseResponseOptions, run_dose_response};
+    let request: DoseResponseRequest = serde_json::from_str(request).map_err(json_err("dose_response"))?;
+    let compute: Compute = serde_json::from_str(compute).map_err(json_err("dose_response"))?;
+    let (device, _) = compute.configure()?;
+    let mut options = DoseResponseOptions::new(&request.model, &request.out);
+    options.store = request.store;
+    options.perturbations = request.perturbations;
+    options.doses = request.doses;
+    options.genes = request.genes;
+    options.cells = request.cells.unwrap_or(options.cells);
+    options.seed = request.seed;
+    options.plots = request.plots;
+    options.overwrite = request.overwrite;
+    options.device = device;
+    let report = py.detach(|| run_dose_response(&options)).map_err(to_py)?;
+    to_json(&report)
+}
+
 /// The model's perturbation (`kind` "perturbation") or covariate ("covariate") embeddings.
 #[pyfunction]
 fn embeddings(py: Python<'_>, model: PathBuf, kind: &str) -> PyResult<ArrowStream> {
@@ -668,6 +716,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(predict_file, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(embeddings, m)?)?;
+    m.add_function(wrap_pyfunction!(dose_response, m)?)?;
     m.add_function(wrap_pyfunction!(run_settings, m)?)?;
     m.add_function(wrap_pyfunction!(model_vocabulary, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;

@@ -162,3 +162,95 @@ pub fn embeddings(args: EmbeddingsArgs) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, Args)]
+pub struct DoseResponseArgs {
+    /// Training run directory (its model/ is used) or model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The store the model was trained on: its control cells are decoded over the dose grid
+    /// (without it, only the latent curves).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Output directory: latent.parquet, decoded.parquet, genes.parquet, summary.json,
+    /// dose_response.svg and .png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Perturbations to draw, comma-separated [default: every one but the control].
+    #[arg(long, value_delimiter = ',')]
+    perturbations: Vec<String>,
+    /// Dose grid, comma-separated (e.g. 0,0.1,0.5,1) [default: 0 to the largest dose the store
+    /// has for each perturbation in 25 steps, plus every dose it has].
+    #[arg(long, value_delimiter = ',')]
+    doses: Option<Vec<f64>>,
+    /// Genes whose curves go to genes.parquet, comma-separated [default: the 5 largest changes
+    /// at the top dose of each curve].
+    #[arg(long, value_delimiter = ',')]
+    genes: Vec<String>,
+    /// Control cells sampled per covariate combination.
+    #[arg(long, default_value_t = cpa_stream_pipeline::dose_response::DEFAULT_CELLS)]
+    cells: usize,
+    /// Seed of the control-cell sample.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Do not draw dose_response.svg and .png.
+    #[arg(long)]
+    no_plots: bool,
+    /// Replace an existing dose-response directory at --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
+    #[arg(long, value_parser = super::parse_threads)]
+    threads: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn dose_response(args: DoseResponseArgs) -> anyhow::Result<ExitCode> {
+    use cpa_stream_pipeline::dose_response::{DoseResponseOptions, run_dose_response};
+    let (device, _) = super::model_device(&args.device, args.threads, None)?;
+    let options = DoseResponseOptions {
+        store: args.store.clone(),
+        perturbations: args.perturbations.clone(),
+        doses: args.doses.clone(),
+        genes: args.genes.clone(),
+        cells: args.cells,
+        seed: args.seed,
+        device,
+        overwrite: args.overwrite,
+        plots: !args.no_plots,
+        ..DoseResponseOptions::new(&args.model, &args.out)
+    };
+    let report = run_dose_response(&options).with_context(|| format!("dose response of {}", args.model.display()))?;
+    if args.json {
+        jsonln!(&report);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "{}: latent curves of {} perturbations ({} points){}",
+        args.out.display(),
+        report.perturbations,
+        report.latent_points,
+        if report.decoded_points > 0 {
+            format!(
+                "; decoded curves in {} covariate combination(s) ({} points, {} of the sampled control cells)",
+                report.covariate_combinations, report.decoded_points, report.space
+            )
+        } else {
+            String::new()
+        }
+    );
+    if report.truth_curves > 0 {
+        outln!(
+            "against the truth table ({} curves): R2 of the per-gene changes {:.3}, of the response length {:.3}",
+            report.truth_curves,
+            report.r2_truth_delta,
+            report.r2_truth_response
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

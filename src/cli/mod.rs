@@ -219,6 +219,13 @@ enum Command {
     /// The learned perturbation and covariate embeddings of a model, to Parquet.
     #[command(after_help = "Example:\n  cpa-stream embeddings --model run/ --out embeddings/")]
     Embeddings(evaluate::EmbeddingsArgs),
+    /// Dose-response curves of a model: the learned dose scaling of each perturbation and the
+    /// decoded change of expression over a dose grid (cpa-tools' latent_dose_response and
+    /// get_response), to Parquet, with a plot.
+    #[command(after_help = "Examples:\n  cpa-stream dose-response --model run/ --store atlas.store --out dose/\n  \
+                            cpa-stream dose-response --model run/ --store atlas.store --perturbations drug_1,drug_2 \
+                            --doses 0,0.01,0.1,1 --genes GATA1,HBG2 --out dose/")]
+    DoseResponse(evaluate::DoseResponseArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -259,6 +266,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Predict(a) => predict::run(a),
         Command::Evaluate(a) => evaluate::run(a),
         Command::Embeddings(a) => evaluate::embeddings(a),
+        Command::DoseResponse(a) => evaluate::dose_response(a),
         Command::Bench(a) => bench::run(a),
         Command::Completions { shell } => {
             let mut command = <Args as clap::CommandFactory>::command();

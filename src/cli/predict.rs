@@ -58,6 +58,10 @@ pub struct PredictArgs {
     /// columns.
     #[arg(long, default_value = "long")]
     layout: Layout,
+    /// Decode without the batch covariate's embedding: expression corrected for the batch
+    /// (cpa-tools' custom_predict(add_batch=False)); the model must have a batch key.
+    #[arg(long)]
+    batch_corrected: bool,
     /// The k-th of n contiguous cell ranges, 0-based (`3/16`), for job arrays; `genes.parquet`
     /// (the var rows of the predicted genes, in column order) is written beside the parts.
     #[arg(long)]
@@ -110,6 +114,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         allow_empty: args.allow_empty,
         layout: args.layout,
+        batch_corrected: args.batch_corrected,
         ..PredictOptions::new(&args.model, &args.store)
     };
     let sink = SinkOptions {

@@ -1,5 +1,6 @@
 //! Integration tests of cpa-stream (one test binary; one module per area).
 
+mod analyses;
 mod bad_input;
 mod cli;
 mod common;

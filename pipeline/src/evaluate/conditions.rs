@@ -14,10 +14,10 @@ use crate::encoder::{CellLabels, Split};
 use crate::stats::Moments;
 
 /// A condition's key: covariate codes and the sorted (perturbation id, dose bits) parts.
-pub(super) type ConditionKey = (Vec<u32>, Vec<(u32, u32)>);
+pub(crate) type ConditionKey = (Vec<u32>, Vec<(u32, u32)>);
 
 /// The key of a condition with these covariate codes and parts (any part order).
-pub(super) fn key_of(covariates: &[u32], parts: &[(u32, f32)]) -> ConditionKey {
+pub(crate) fn key_of(covariates: &[u32], parts: &[(u32, f32)]) -> ConditionKey {
     let mut p: Vec<(u32, u32)> = parts.iter().map(|&(id, d)| (id, d.to_bits())).collect();
     p.sort_unstable();
     (covariates.to_vec(), p)
@@ -26,26 +26,26 @@ pub(super) fn key_of(covariates: &[u32], parts: &[(u32, f32)]) -> ConditionKey {
 /// A label group of the store in the model's vocabulary (`None` where it uses a perturbation or
 /// covariate value the model does not know).
 #[derive(Debug, Clone)]
-pub(super) struct MappedGroup {
-    pub(super) key: ConditionKey,
-    pub(super) parts: Vec<(u32, f32)>,
-    pub(super) condition: String,
-    pub(super) dose: String,
-    pub(super) is_control: bool,
+pub(crate) struct MappedGroup {
+    pub(crate) key: ConditionKey,
+    pub(crate) parts: Vec<(u32, f32)>,
+    pub(crate) condition: String,
+    pub(crate) dose: String,
+    pub(crate) is_control: bool,
 }
 
 /// A condition's labels and the label groups (same condition in other part orders) it covers.
 #[derive(Debug, Clone)]
-pub(super) struct Condition {
-    pub(super) covariates: Vec<u32>,
-    pub(super) parts: Vec<(u32, f32)>,
-    pub(super) condition: String,
-    pub(super) dose: String,
-    pub(super) groups: Vec<usize>,
+pub(crate) struct Condition {
+    pub(crate) covariates: Vec<u32>,
+    pub(crate) parts: Vec<(u32, f32)>,
+    pub(crate) condition: String,
+    pub(crate) dose: String,
+    pub(crate) groups: Vec<usize>,
 }
 
 /// The store's label groups in the model's vocabulary.
-pub(super) fn map_groups(labels: &CellLabels, vocab: &Vocabulary) -> Vec<Option<MappedGroup>> {
+pub(crate) fn map_groups(labels: &CellLabels, vocab: &Vocabulary) -> Vec<Option<MappedGroup>> {
     let index = vocab.perturbation_index();
     let own = &labels.vocab;
     labels
@@ -83,7 +83,7 @@ pub(super) fn map_groups(labels: &CellLabels, vocab: &Vocabulary) -> Vec<Option<
 }
 
 /// The perturbed conditions of the store's groups, and those of the truth table with no cells.
-pub(super) fn collect(
+pub(crate) fn collect(
     groups: &[Option<MappedGroup>],
     truth: &HashMap<ConditionKey, TruthRow>,
 ) -> BTreeMap<ConditionKey, Condition> {
@@ -120,14 +120,14 @@ pub(super) fn collect(
 
 /// Which control cells are decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum SourceSplits {
+pub(crate) enum SourceSplits {
     Evaluated,
     HeldOut,
     All,
 }
 
 impl SourceSplits {
-    pub(super) fn contains(self, evaluated: EvalSplit, split: Split) -> bool {
+    pub(crate) fn contains(self, evaluated: EvalSplit, split: Split) -> bool {
         match self {
             SourceSplits::Evaluated => evaluated.contains(split),
             SourceSplits::HeldOut => split != Split::Train,
@@ -135,7 +135,7 @@ impl SourceSplits {
         }
     }
 
-    pub(super) fn name(self, evaluated: EvalSplit) -> &'static str {
+    pub(crate) fn name(self, evaluated: EvalSplit) -> &'static str {
         match self {
             SourceSplits::Evaluated => evaluated.name(),
             SourceSplits::HeldOut => "held-out",
@@ -145,7 +145,7 @@ impl SourceSplits {
 }
 
 /// The control cells of each covariate combination.
-pub(super) fn control_groups(groups: &[Option<MappedGroup>]) -> HashMap<Vec<u32>, Vec<usize>> {
+pub(crate) fn control_groups(groups: &[Option<MappedGroup>]) -> HashMap<Vec<u32>, Vec<usize>> {
     let mut out: HashMap<Vec<u32>, Vec<usize>> = HashMap::new();
     for (g, group) in groups.iter().enumerate() {
         if let Some(group) = group

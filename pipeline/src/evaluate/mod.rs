@@ -15,7 +15,7 @@
 //! (`decode.rs`, through the batcher). Then `score.rs` scores each condition and [`outputs`]
 //! writes the files.
 
-mod conditions;
+pub(crate) mod conditions;
 mod decode;
 pub mod field;
 mod moments;
@@ -23,7 +23,7 @@ pub mod outputs;
 pub mod plot;
 mod score;
 mod table;
-mod truth;
+pub(crate) mod truth;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -353,21 +353,28 @@ pub struct EvaluateReport {
 
 /// A model and the store it is evaluated on, with the store's cells labelled as the model was
 /// trained.
-struct Opened {
-    dir: PathBuf,
-    model: CpaModel,
-    store: Arc<Store>,
-    genes: Vec<String>,
-    labels: CellLabels,
+pub(crate) struct Opened {
+    pub(crate) dir: PathBuf,
+    pub(crate) model: CpaModel,
+    pub(crate) store: Arc<Store>,
+    pub(crate) genes: Vec<String>,
+    pub(crate) labels: CellLabels,
 }
 
 impl Opened {
-    fn open(options: &EvaluateOptions, encoder_stats: &StageStats) -> Result<Opened> {
-        let dir = model_dir(&options.model)?;
+    /// Opens the model at `model` (a run or model directory) on `device` and the store at
+    /// `store_path`, and labels the store's cells with the model's obs keys and split.
+    pub(crate) fn open(
+        model: &std::path::Path,
+        store_path: &std::path::Path,
+        device: Device,
+        encoder_stats: &StageStats,
+    ) -> Result<Opened> {
+        let dir = model_dir(model)?;
         let file = read_model_file(&dir).map_err(Error::stage("evaluate"))?;
-        let store = Arc::new(Store::open(&options.store).map_err(Error::stage("reader"))?);
+        let store = Arc::new(Store::open(store_path).map_err(Error::stage("reader"))?);
         let genes = gene_names(&store)?;
-        let model = load_model_for(&dir, &genes, &options.store.display().to_string(), options.device)
+        let model = load_model_for(&dir, &genes, &store_path.display().to_string(), device)
             .map_err(Error::stage("evaluate"))?;
         let vocab = model.vocabulary();
         let data = vocab.data.clone().ok_or_else(|| {
@@ -478,7 +485,7 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     let wall = Instant::now();
     let sampler = MemorySampler::start();
     let encoder_stats = StageStats::new("encoder", 1);
-    let Opened { dir, model, store, genes, labels } = Opened::open(options, &encoder_stats)?;
+    let Opened { dir, model, store, genes, labels } = Opened::open(&options.model, &options.store, options.device, &encoder_stats)?;
     let vocab = model.vocabulary().clone();
     let groups = conditions::map_groups(&labels, &vocab);
     let count_model = model.config().model.recon_loss.is_count();

@@ -16,14 +16,14 @@ use crate::obs::column_strings;
 
 /// A truth table row: labels as written and the true `E[log1p x]` per gene.
 #[derive(Debug, Clone)]
-pub(super) struct TruthRow {
-    pub(super) condition: String,
-    pub(super) dose: String,
-    pub(super) mean_log1p: Vec<f64>,
+pub(crate) struct TruthRow {
+    pub(crate) condition: String,
+    pub(crate) dose: String,
+    pub(crate) mean_log1p: Vec<f64>,
 }
 
 /// Reads `truth.parquet`; rows whose labels the model does not know are skipped.
-pub(super) fn read_truth(path: &Path, vocab: &Vocabulary) -> Result<HashMap<ConditionKey, TruthRow>> {
+pub(crate) fn read_truth(path: &Path, vocab: &Vocabulary) -> Result<HashMap<ConditionKey, TruthRow>> {
     let origin = path.display().to_string();
     let table = read_small_table(path).map_err(Error::stage("truth"))?;
     let text = |name: &str| column_strings(&table, name, &origin);

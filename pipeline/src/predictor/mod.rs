@@ -147,6 +147,14 @@ impl Predictor {
         let model = load_model_for(&dir, &store_genes, &options.store.display().to_string(), options.device)
             .map_err(Error::stage("predictor"))?;
         let vocab = &file.vocabulary;
+        if options.batch_corrected && !vocab.covariates.iter().any(|c| c.is_batch) {
+            return Err(Error::InvalidInput(format!(
+                "{}: a batch-corrected prediction needs a model trained with a batch key (train --batch-key); this \
+                 one has covariates {:?} and no batch",
+                dir.display(),
+                vocab.covariates.iter().map(|c| c.name.as_str()).collect::<Vec<_>>()
+            )));
+        }
         let keys = ObsKeys::of(vocab);
         let source = match &options.source {
             Some(text) => Expr::parse(text)?,

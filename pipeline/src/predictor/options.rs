@@ -128,6 +128,9 @@ pub struct PredictOptions {
     pub allow_empty: bool,
     /// How [`run_predict`](crate::predict::run_predict) lays out the file; default long.
     pub layout: Layout,
+    /// Decode without the batch covariate's embedding (cpa-tools' `custom_predict(add_batch=False)`):
+    /// expression corrected for the batch; the model needs a batch key. Default false.
+    pub batch_corrected: bool,
 }
 
 /// The layout of a prediction file.
@@ -171,6 +174,7 @@ impl PredictOptions {
             seed: 0,
             allow_empty: false,
             layout: Layout::Long,
+            batch_corrected: false,
         }
     }
 }

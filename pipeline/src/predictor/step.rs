@@ -91,7 +91,16 @@ impl Predictor {
                 .iter()
                 .map(|c| Ok(Tensor::f_from_slice(c)?.f_to_device(device)?))
                 .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
-            Ok((model.perturbation_latent(&perts.to_device(device)?)?, model.covariate_latents(&covs)?))
+            let mut latents = model.covariate_latents(&covs)?;
+            if self.options.batch_corrected {
+                // The batch covariate's embedding left out of every latent, as in `z_corrected`.
+                for (cov, latent) in vocab.covariates.iter().zip(latents.iter_mut()) {
+                    if cov.is_batch {
+                        *latent = latent.f_zeros_like()?;
+                    }
+                }
+            }
+            Ok((model.perturbation_latent(&perts.to_device(device)?)?, latents))
         })
         .map_err(torch)
     }
