@@ -238,8 +238,16 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
         for (covs, sample) in &data.samples {
             combos += 1;
             for (&p, grid) in perturbations.iter().zip(&grids) {
-                let curve =
-                    decoder.curve(covs, sample, p, grid, &data.observed_with, &mut noise, &mut decoded, &mut gene_points)?;
+                let curve = decoder.curve(
+                    covs,
+                    sample,
+                    p,
+                    grid,
+                    &data.observed_with,
+                    &mut noise,
+                    &mut decoded,
+                    &mut gene_points,
+                )?;
                 if let Some((d, r)) = curve {
                     r2_delta.push(d);
                     r2_response.push(r);
@@ -285,8 +293,9 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
         }
         let json = serde_json::to_string_pretty(&report)
             .map_err(|e| cpa_stream_stages::Error::InvalidInput(format!("summary: {e}")))?;
-        std::fs::write(tmp.join(SUMMARY_FILE), json + "\n")
-            .map_err(|e| cpa_stream_stages::Error::InvalidInput(format!("{}: {e}", tmp.join(SUMMARY_FILE).display())))?;
+        std::fs::write(tmp.join(SUMMARY_FILE), json + "\n").map_err(|e| {
+            cpa_stream_stages::Error::InvalidInput(format!("{}: {e}", tmp.join(SUMMARY_FILE).display()))
+        })?;
         if options.plots {
             let title = format!("dose response: {}", dir.display());
             crate::plots::write_dose_response(&tmp.join(PLOT_STEM), &title, &latent, &decoded, &report.space)
@@ -513,7 +522,10 @@ impl Decoder<'_> {
                 truth_control.map(|c| vec![0.0; c.len()])
             } else {
                 let key = key_of(covs, &[(p, dose as f32)]);
-                self.truth.get(&key).zip(truth_control).map(|(t, c)| t.mean_log1p.iter().zip(c).map(|(a, b)| a - b).collect())
+                self.truth
+                    .get(&key)
+                    .zip(truth_control)
+                    .map(|(t, c)| t.mean_log1p.iter().zip(c).map(|(a, b)| a - b).collect())
             };
             let response = norm(&delta);
             let true_response = truth_delta.as_deref().map_or(f64::NAN, norm);
@@ -618,7 +630,10 @@ fn with_covariates(
     RecordBatch::try_new(schema(fields), columns)
 }
 
-fn decoded_batch(names: &[String], points: &[DecodedPoint]) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+fn decoded_batch(
+    names: &[String],
+    points: &[DecodedPoint],
+) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
     let rows: Vec<&DecodedPoint> = points.iter().collect();
     let float = |name: &str, f: fn(&DecodedPoint) -> f64| -> (Field, ArrayRef) {
         (Field::new(name, DataType::Float64, false), Arc::new(Float64Array::from_iter_values(points.iter().map(f))))
@@ -633,7 +648,10 @@ fn decoded_batch(names: &[String], points: &[DecodedPoint]) -> std::result::Resu
                 Field::new("observed", DataType::Boolean, false),
                 Arc::new(BooleanArray::from_iter(points.iter().map(|p| Some(p.observed)))),
             ),
-            (Field::new("cells", DataType::UInt64, false), Arc::new(UInt64Array::from_iter_values(points.iter().map(|p| p.cells)))),
+            (
+                Field::new("cells", DataType::UInt64, false),
+                Arc::new(UInt64Array::from_iter_values(points.iter().map(|p| p.cells))),
+            ),
         ],
     )
 }

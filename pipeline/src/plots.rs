@@ -468,13 +468,21 @@ pub fn write_dose_response(
         latent_lines.push((name.to_owned(), colour, points));
         let mine: Vec<_> = decoded.iter().filter(|p| p.perturbation == name).collect();
         if !mine.is_empty() {
-            decoded_lines.push((name.to_owned(), colour, mine.iter().map(|p| (p.dose, p.response)).collect::<Vec<_>>()));
+            decoded_lines.push((
+                name.to_owned(),
+                colour,
+                mine.iter().map(|p| (p.dose, p.response)).collect::<Vec<_>>(),
+            ));
             truth_marks.push((colour, mine.iter().map(|p| (p.dose, p.true_response)).collect::<Vec<_>>()));
         }
     }
     let doses = range(latent.iter().map(|p| p.dose), (0.0, 1.0));
     let doses = (doses.0.max(0.0).min(0.0), doses.1);
-    let shown = if total > order.len() { format!(" ({} of {total} perturbations, largest responses)", order.len()) } else { String::new() };
+    let shown = if total > order.len() {
+        format!(" ({} of {total} perturbations, largest responses)", order.len())
+    } else {
+        String::new()
+    };
     let title = format!("{title}{shown}");
     let right = match &first {
         Some(c) if c.is_empty() => format!("decoded change |Δ {space}|"),

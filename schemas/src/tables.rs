@@ -260,6 +260,10 @@ pub mod evaluation_metrics {
     pub const N_CELLS: &str = "n_cells";
     /// Control cells decoded into the condition (UInt64).
     pub const N_CONTROL: &str = "n_control";
+    /// The training condition whose latent shift is closest to the condition's (Utf8; empty when
+    /// none has enough training cells); `uncertainty_cosine` and `uncertainty_euclidean` are the
+    /// distances.
+    pub const CLOSEST_CONDITION: &str = "closest_condition";
 }
 
 /// Schema of an evaluation's `metrics.parquet`: one Utf8 column per label (the model's
@@ -273,6 +277,7 @@ pub fn evaluation_metrics_schema(labels: &[String], metrics: &[String]) -> Resul
     fields.push(Field::new(e::DEG_SOURCE, DataType::Utf8, false));
     fields.push(Field::new(e::N_CELLS, DataType::UInt64, false));
     fields.push(Field::new(e::N_CONTROL, DataType::UInt64, false));
+    fields.push(Field::new(e::CLOSEST_CONDITION, DataType::Utf8, false));
     fields.extend(metrics.iter().map(|m| Field::new(m, DataType::Float64, true)));
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = fields.iter().find(|f| !seen.insert(f.name().clone())) {

@@ -113,7 +113,8 @@ fn dose_response_recovers_the_true_curves_and_writes_complete_tables() {
     // Latent: s(0) = 0, rising with the dose (the logsigm doser with a positive slope), one
     // curve per perturbation, the observed doses flagged.
     let latent = read_small_table(&out.join("latent.parquet")).unwrap_or_else(|e| panic!("{e}"));
-    let (perts, doses, response) = (strings(&latent, "perturbation"), floats(&latent, "dose"), floats(&latent, "response"));
+    let (perts, doses, response) =
+        (strings(&latent, "perturbation"), floats(&latent, "dose"), floats(&latent, "response"));
     let mut curves: HashMap<&str, Vec<(f64, f64)>> = HashMap::new();
     for i in 0..latent.num_rows() {
         curves.entry(perts[i].as_str()).or_default().push((doses[i], response[i]));
@@ -207,7 +208,8 @@ fn batch_corrected_predictions_do_not_depend_on_the_batch() {
     };
     let means = |b: &RecordBatch| -> (Vec<f32>, Vec<f32>) {
         let ct = strings(b, "cell_type");
-        let list = b.column_by_name("mean").map(|c| c.as_fixed_size_list().clone()).unwrap_or_else(|| panic!("no mean"));
+        let list =
+            b.column_by_name("mean").map(|c| c.as_fixed_size_list().clone()).unwrap_or_else(|| panic!("no mean"));
         let (mut a, mut c) = (Vec::new(), Vec::new());
         for (i, t) in ct.iter().enumerate() {
             let row = list.value(i);

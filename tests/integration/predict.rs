@@ -442,7 +442,7 @@ fn evaluation_equals_a_computation_by_hand() {
     let (schema, batches) = read_parquet(&eval.join("metrics.parquet"));
     // The labels (covariates, perturbation and dose keys) and fixed columns as the schema defines
     // them; the metric columns after them are Float64 and include the headline ones.
-    let fixed = 3 + 4;
+    let fixed = 3 + 5;
     let metrics: Vec<String> = schema.fields().iter().skip(fixed).map(|f| f.name().clone()).collect();
     for m in [
         "r2_mean",
@@ -463,13 +463,16 @@ fn evaluation_equals_a_computation_by_hand() {
         "ceiling_r2_mean",
         "n_significant",
         "deg_precision_at20",
+        "uncertainty_cosine",
+        "uncertainty_euclidean",
     ] {
         assert!(metrics.iter().any(|n| n == m), "no {m} among the metrics: {metrics:?}");
     }
     let labels = ["cell_type", "condition", "dose"].map(String::from);
     let expected = evaluation_metrics_schema(&labels, &metrics).unwrap_or_else(|e| panic!("{e}"));
     same_schema(&expected, &schema).unwrap_or_else(|e| panic!("evaluation metrics.parquet: {e}"));
-    assert_eq!(schema.field(fixed - 1).name(), evaluation_metrics::N_CONTROL);
+    assert_eq!(schema.field(fixed - 2).name(), evaluation_metrics::N_CONTROL);
+    assert_eq!(schema.field(fixed - 1).name(), evaluation_metrics::CLOSEST_CONDITION);
     let (deg_file_schema, _) = read_parquet(&eval.join("degs.parquet"));
     same_schema(&deg_schema(), &deg_file_schema).unwrap_or_else(|e| panic!("evaluation degs.parquet: {e}"));
     let (ec, ed, et) = (strings(&batches, "condition"), strings(&batches, "dose"), strings(&batches, "cell_type"));
@@ -654,6 +657,27 @@ fn a_held_out_combination_beats_the_control_mean_against_the_truth() {
         assert!(delta > 0.4, "{}: R2 of the change vs control {delta:.3}", conditions[i]);
     }
     eprintln!("held-out combination, R2 of log1p means against the truth (model, control mean): {report:?}");
+
+    // Uncertainty (cpa-tools' compute_uncertainty): a condition seen in training is its own
+    // closest training condition at distance 0; the held-out combination lies away from all.
+    let closest = strings(&batches, "closest_condition");
+    let doses = strings(&batches, "dose");
+    for i in (0..n).filter(|&i| n_cells.value(i) > 0) {
+        let d = metric(&batches, "uncertainty_euclidean", i);
+        assert!(d < 1e-6, "{} seen in training: distance {d}", conditions[i]);
+        assert!(
+            closest[i].starts_with(&format!("{} {}", conditions[i], doses[i])),
+            "{} -> {}",
+            conditions[i],
+            closest[i]
+        );
+    }
+    for &i in &held {
+        let (cos, euc) = (metric(&batches, "uncertainty_cosine", i), metric(&batches, "uncertainty_euclidean", i));
+        eprintln!("{}: uncertainty cosine {cos:.3}, euclidean {euc:.3}, closest {}", conditions[i], closest[i]);
+        assert!(euc > 0.1 && cos > 0.0, "{}: cosine {cos}, euclidean {euc}", conditions[i]);
+        assert!(!closest[i].is_empty() && !closest[i].starts_with(&conditions[i]), "{}", closest[i]);
+    }
 }
 
 #[test]

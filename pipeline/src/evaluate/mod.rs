@@ -24,6 +24,7 @@ pub mod plot;
 mod score;
 mod table;
 pub(crate) mod truth;
+pub mod uncertainty;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -225,6 +226,13 @@ pub struct ConditionMetrics {
     pub truth: Option<TruthMetrics>,
     /// The field's metrics (cell-eval's and PerturBench's families; [`field`]).
     pub field: FieldMetrics,
+    /// Distance of the condition's latent shift to the closest training condition's
+    /// ([`uncertainty`]; NaN when no training condition has enough cells): cosine, Euclidean.
+    pub uncertainty_cosine: f64,
+    /// See `uncertainty_cosine`.
+    pub uncertainty_euclidean: f64,
+    /// The training condition closest by Euclidean distance (empty when none is compared with).
+    pub closest_condition: String,
     /// The predicted and real changes from the control pseudobulk (the discrimination ranks).
     #[serde(skip)]
     pub effects: Effects,
@@ -485,7 +493,8 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     let wall = Instant::now();
     let sampler = MemorySampler::start();
     let encoder_stats = StageStats::new("encoder", 1);
-    let Opened { dir, model, store, genes, labels } = Opened::open(&options.model, &options.store, options.device, &encoder_stats)?;
+    let Opened { dir, model, store, genes, labels } =
+        Opened::open(&options.model, &options.store, options.device, &encoder_stats)?;
     let vocab = model.vocabulary().clone();
     let groups = conditions::map_groups(&labels, &vocab);
     let count_model = model.config().model.recon_loss.is_count();
@@ -547,12 +556,22 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         deg_table: deg_table.as_ref().map(|(lists, source)| (lists, *source)),
     };
     let mut deg_rows = Vec::new();
+    let queried: Vec<(ConditionKey, Vec<(u32, f32)>)> =
+        plan.targets.iter().map(|(key, target)| (key.clone(), target.parts.clone())).collect();
+    let distances = uncertainty::uncertainties(&model, &groups, &moments, &queried)?;
     let results: Vec<ConditionMetrics> = plan
         .evaluated
         .iter()
         .zip(&plan.targets)
-        .filter_map(|((key, real), (_, target))| {
-            predicted.get(key).map(|pred| scoring.score(key, target, real, pred, &mut deg_rows))
+        .zip(&distances)
+        .filter_map(|(((key, real), (_, target)), distance)| {
+            let mut metrics = predicted.get(key).map(|pred| scoring.score(key, target, real, pred, &mut deg_rows))?;
+            if let Some(d) = distance {
+                metrics.uncertainty_cosine = d.cosine;
+                metrics.uncertainty_euclidean = d.euclidean;
+                metrics.closest_condition.clone_from(&d.closest);
+            }
+            Some(metrics)
         })
         .collect();
     let mut results = results;

@@ -66,6 +66,8 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.extend(f.deg_precision.iter().map(|(k, v)| (format!("deg_precision_at{k}"), *v)));
     out.push(("ceiling_r2_mean".to_owned(), f.ceiling_r2_mean));
     out.push(("ceiling_pearson_delta".to_owned(), f.ceiling_pearson_delta));
+    out.push(("uncertainty_cosine".to_owned(), c.uncertainty_cosine));
+    out.push(("uncertainty_euclidean".to_owned(), c.uncertainty_euclidean));
     out
 }
 
@@ -150,6 +152,7 @@ fn write_metrics(path: &Path, rows: &[ConditionMetrics], vocab: &Vocabulary) -> 
     columns.push(text(&|r| r.deg_source.as_str()));
     columns.push(Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.n_cells))));
     columns.push(Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.n_control))));
+    columns.push(text(&|r| r.closest_condition.as_str()));
     for m in 0..metric_names.len() {
         columns.push(Arc::new(Float64Array::from_iter(per_row.iter().map(|r| Some(r[m].1).filter(|v| v.is_finite())))));
     }

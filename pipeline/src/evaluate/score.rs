@@ -160,6 +160,9 @@ impl Scoring<'_> {
             top,
             truth: truth_metrics,
             field: FieldMetrics { beats_control: nan_unless(has_real, f64::from(u8::from(beats))), ..field },
+            uncertainty_cosine: f64::NAN,
+            uncertainty_euclidean: f64::NAN,
+            closest_condition: String::new(),
             effects,
             plot: PlotData {
                 genes: plot_genes.iter().map(|&g| self.genes[g].clone()).collect(),
