@@ -152,6 +152,8 @@ pub fn run_synth(
     let truth_path = writer.extra_file_path(StoreFiles::TRUTH);
     let groups = truth.busy(|| atlas.write_truth(&truth_path, &counts, workers)).map_err(Error::stage("truth"))?;
     truth.add(groups, std::fs::metadata(&truth_path).map(|m| m.len()).unwrap_or(0));
+    let features_path = writer.extra_file_path(cpa_stream_stages::synth::FEATURES_FILE);
+    truth.busy(|| atlas.write_perturbation_features(&features_path)).map_err(Error::stage("truth"))?;
     progress.advance(groups);
     progress.end();
     let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;

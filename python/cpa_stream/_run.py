@@ -53,6 +53,7 @@ def train(
     test_fraction: float | None = None,
     config: Mapping[str, Any] | PathLike | None = None,
     preset: str | None = None,
+    perturbation_features: PathLike | None = None,
     max_epochs: int | None = None,
     batch_size: int | str | None = None,
     seed: int | None = None,
@@ -78,6 +79,11 @@ def train(
     ``preset`` changes the defaults the configuration starts from: ``"reference"`` behaves as
     cpa-tools 0.8.8 where the defaults differ from it on purpose (its learning-rate schedule).
     ``max_epochs``, ``batch_size`` (or ``"auto"`` on CUDA) and ``seed`` override it.
+
+    ``perturbation_features`` is a Parquet or CSV table with one row per perturbation (a name
+    column, then numbers: e.g. RDKit descriptors or fingerprint bits); the model projects them
+    instead of learning a free embedding per perturbation, and perturbations of the table without
+    cells can then be predicted (cpa-tools' drug embeddings, trained here).
 
     ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``threads`` libtorch's threads (note:
     libtorch's thread count is per process, so this also sets PyTorch's) and ``workers`` the
@@ -111,6 +117,7 @@ def train(
         "validation_fraction": validation_fraction,
         "test_fraction": test_fraction,
         "preset": preset,
+        "perturbation_features": os.fspath(perturbation_features) if perturbation_features is not None else None,
         "epochs": max_epochs,
         "batch_size": batch_size,
         "seed": seed,

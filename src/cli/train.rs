@@ -23,6 +23,13 @@ pub struct TrainArgs {
     /// A batch covariate (left out of the corrected latents).
     #[arg(long)]
     batch_key: Option<String>,
+    /// Fixed perturbation features: a Parquet or CSV table with one row per perturbation (a name
+    /// column named like the perturbation key, `perturbation`, `name` or `drug`, else the first;
+    /// every other column a number, e.g. RDKit descriptors or fingerprint bits). The model
+    /// projects them instead of learning a free embedding per perturbation; perturbations of the
+    /// table without cells can then be predicted.
+    #[arg(long)]
+    perturbation_features: Option<PathBuf>,
     /// obs column with train / valid / test / ood per cell.
     #[arg(long, conflicts_with_all = ["holdout", "validation_fraction", "test_fraction"])]
     split_key: Option<String>,
@@ -124,6 +131,7 @@ impl TrainArgs {
             prefetch: Some(self.prefetch),
             shuffle_blocks: Some(self.shuffle_blocks),
             shuffle_buffer_bytes: Some(self.shuffle_buffer_mb << 20),
+            perturbation_features: self.perturbation_features.clone(),
             naming: Naming::Flags,
         }
     }

@@ -245,3 +245,97 @@ fn batch_corrected_prediction_needs_a_batch_key() {
     assert!(text(&o.stderr).contains("batch key"), "{}", text(&o.stderr));
     assert!(!out.exists());
 }
+
+/// Reads one Float32 fixed-size-list or plain row of the embeddings table by name.
+fn embedding_of(table: &RecordBatch, name: &str) -> Vec<f32> {
+    let names = strings(table, "name");
+    let row = names.iter().position(|n| n == name).unwrap_or_else(|| panic!("no embedding of {name}: {names:?}"));
+    let list = table.column_by_name("embedding").map(|c| c.as_fixed_size_list().clone()).unwrap_or_else(|| panic!());
+    list.value(row).as_primitive::<arrow::datatypes::Float32Type>().values().to_vec()
+}
+
+#[test]
+fn perturbation_features_reach_the_model_and_predict_a_perturbation_without_cells() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = dir.path().join("atlas.store");
+    let o =
+        run(&["synth", "--cells", "3000", "--genes", "60", "--perturbations", "4", "--seed", "2", "--out", &s(&store)]);
+    assert!(o.status.success(), "synth failed: {}", text(&o.stderr));
+    // The atlas's true effects as features, and one perturbation without cells halfway between
+    // two others: the model's embedding of it must be the midpoint of theirs (the projection is
+    // affine), which only holds when the features reach the model.
+    let truth = read_small_table(&store.join("perturbation_features.parquet")).unwrap_or_else(|e| panic!("{e}"));
+    let names = strings(&truth, "perturbation");
+    let widths: Vec<String> = truth.schema().fields().iter().skip(1).map(|f| f.name().clone()).collect();
+    let value = |row: usize, c: &str| -> f64 {
+        let col = truth.column_by_name(c).unwrap_or_else(|| panic!());
+        f64::from(col.as_primitive::<arrow::datatypes::Float32Type>().value(row))
+    };
+    let mut csv = format!("drug,{}\n", widths.join(","));
+    for (row, name) in names.iter().enumerate() {
+        let values: Vec<String> = widths.iter().map(|c| format!("{}", value(row, c))).collect();
+        csv.push_str(&format!("{name},{}\n", values.join(",")));
+    }
+    let mid: Vec<String> = widths.iter().map(|c| format!("{}", (value(0, c) + value(1, c)) / 2.0)).collect();
+    csv.push_str(&format!("NEWDRUG,{}\n", mid.join(",")));
+    let features = dir.path().join("features.csv");
+    std::fs::write(&features, &csv).unwrap_or_else(|e| panic!("{e}"));
+    let run_dir = dir.path().join("run");
+    let config = repo_root().join("examples/cpa-small.toml");
+    let train = |out: &Path, table: &Path| {
+        run(&[
+            "train",
+            "--store",
+            &s(&store),
+            "--config",
+            &s(&config),
+            "--perturbation-features",
+            &s(table),
+            "--epochs",
+            "10",
+            "--threads",
+            "1",
+            "--out",
+            &s(out),
+        ])
+    };
+    let o = train(&run_dir, &features);
+    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    let emb = dir.path().join("emb");
+    let o = run(&["embeddings", "--model", &s(&run_dir), "--out", &s(&emb)]);
+    assert!(o.status.success(), "embeddings failed: {}", text(&o.stderr));
+    let table = read_small_table(&emb.join("perturbations.parquet")).unwrap_or_else(|e| panic!("{e}"));
+    let (a, b, m) = (embedding_of(&table, &names[0]), embedding_of(&table, &names[1]), embedding_of(&table, "NEWDRUG"));
+    for i in 0..m.len() {
+        let midpoint = (a[i] + b[i]) / 2.0;
+        assert!((m[i] - midpoint).abs() < 1e-4 * (1.0 + midpoint.abs()), "dimension {i}: {} vs {midpoint}", m[i]);
+    }
+    assert!(a != b, "distinct features give distinct embeddings");
+
+    // The perturbation without cells is predicted from its features.
+    let pred = dir.path().join("new.parquet");
+    let o =
+        run(&["predict", "--model", &s(&run_dir), "--store", &s(&store), "--target", "NEWDRUG", "--out", &s(&pred)]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let predicted = read_small_table(&pred).unwrap_or_else(|e| panic!("{e}"));
+    assert!(predicted.num_rows() > 0);
+    assert!(strings(&predicted, "condition").iter().all(|c| c == "NEWDRUG"));
+
+    // Bad tables: a perturbation of the store without features, a cell that is not a number.
+    let missing = dir.path().join("missing.csv");
+    let without_first: String =
+        csv.lines().filter(|l| !l.starts_with(&format!("{},", names[0]))).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&missing, without_first).unwrap_or_else(|e| panic!("{e}"));
+    let o = train(&dir.path().join("run-missing"), &missing);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains(&format!("{:?}", names[0])) && err.contains("no features"), "{err}");
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, csv.replacen(&format!("{},", names[1]), &format!("{},x", names[1]), 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let o = train(&dir.path().join("run-bad"), &bad);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("row 2") && err.contains("effect_0") && err.contains("not a finite number"), "{err}");
+    assert!(!dir.path().join("run-bad").join("model").exists());
+}

@@ -199,6 +199,28 @@ impl CellLabels {
         Ok(CellLabels { vocab, groups, cells: packed, split_counts })
     }
 
+    /// The labels with `extra` perturbations (without cells) added to the vocabulary in its order
+    /// (the control, then every other name sorted), the groups' perturbation ids renumbered.
+    pub fn with_perturbations(mut self, extra: &[String]) -> CellLabels {
+        use cpa_stream_stages::model::vocab::CONTROL_ID;
+        let old = self.vocab.perturbations.clone();
+        let mut others: Vec<String> = old[CONTROL_ID + 1..].iter().chain(extra).cloned().collect();
+        others.sort();
+        others.dedup();
+        let mut all: Vec<String> = old[..=CONTROL_ID].to_vec();
+        all.extend(others);
+        let id_of: std::collections::HashMap<&str, u32> =
+            all.iter().enumerate().map(|(i, n)| (n.as_str(), i as u32)).collect();
+        let renumber: Vec<u32> = old.iter().map(|n| id_of[n.as_str()]).collect();
+        for group in &mut self.groups {
+            for part in &mut group.parts {
+                part.0 = renumber[part.0 as usize];
+            }
+        }
+        self.vocab.perturbations = all;
+        self
+    }
+
     /// Builds the labels of `store` in one pass over its obs table.
     pub fn from_store(store: &Store, options: &EncoderOptions) -> Result<CellLabels> {
         let obs_path = store.file_path(StoreFiles::OBS);

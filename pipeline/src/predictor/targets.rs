@@ -116,7 +116,7 @@ pub fn read_targets_file(path: &Path) -> Result<Vec<TargetSpec>> {
 /// Largest targets CSV read (a table of conditions, not of cells).
 const MAX_TARGETS_CSV_BYTES: u64 = 64 << 20;
 
-fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
+pub(crate) fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
     use std::io::Read;
     let origin = path.display().to_string();
     let file = std::fs::File::open(path).map_err(Error::io(path))?;

@@ -6,6 +6,7 @@
 //! weights, or the last ones when there was no validation), `metrics.parquet` (one row per epoch,
 //! [`history`]) and `config.toml`.
 
+pub mod features;
 pub mod history;
 pub mod probe;
 pub mod request;
@@ -68,6 +69,10 @@ pub struct TrainOptions {
     pub auto_batch_size: bool,
     /// The batcher's threads and depth.
     pub loader: LoaderOptions,
+    /// Fixed perturbation features ([`features::FeatureTable`]) the model projects instead of
+    /// learning free embeddings; perturbations of the table without cells join the vocabulary.
+    /// A resumed run keeps its checkpoint's. Default none.
+    pub perturbation_features: Option<PathBuf>,
     /// How batches are drawn: its `block_cells` and `shuffle_blocks` are used as they are; the
     /// batch size, run length and seed are the configuration's `[training]` values (so that the
     /// run records them), and training always shuffles.
@@ -82,6 +87,7 @@ impl Default for TrainOptions {
             out: PathBuf::new(),
             encoder: EncoderOptions::default(),
             config: CpaConfig::default(),
+            perturbation_features: None,
             device: Device::Cpu,
             resume: false,
             overwrite: false,
@@ -127,7 +133,9 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
     check_run_dir(options)?;
     let store = Arc::new(Store::open(&options.store).map_err(Error::stage("reader"))?);
     let encoder_stats = StageStats::new("encoder", 1);
-    let labels = Arc::new(encoder_stats.busy(|| CellLabels::from_store(&store, &options.encoder))?);
+    let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &options.encoder))?;
+    let (labels, features) = with_features(options, labels)?;
+    let labels = Arc::new(labels);
     encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
     // Reading obs's columns takes memory in proportion to the cells (about 100 MB at a million);
     // it is freed now, but glibc would keep it resident under the whole run.
@@ -142,7 +150,7 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
                 .to_owned(),
         ));
     }
-    let trainer = start_trainer(options, &store, &labels)?;
+    let trainer = start_trainer(options, &store, &labels, features.as_ref())?;
     if trainer.model().config().model.recon_loss.is_count() {
         check_counts(&store, options.allow_non_counts)?;
     }
@@ -274,7 +282,12 @@ fn check_run_dir(options: &TrainOptions) -> Result<()> {
 
 /// The trainer of a run: resumed from its checkpoint, or a new model (with the batch size and
 /// run length chosen here when the configuration leaves them to the run).
-fn start_trainer(options: &TrainOptions, store: &Store, labels: &CellLabels) -> Result<Trainer> {
+fn start_trainer(
+    options: &TrainOptions,
+    store: &Store,
+    labels: &CellLabels,
+    features: Option<&tch::Tensor>,
+) -> Result<Trainer> {
     let checkpoint = options.out.join(CHECKPOINT_DIR);
     if options.resume {
         let t = Trainer::resume(&checkpoint, options.device).map_err(Error::stage("trainer"))?;
@@ -312,9 +325,48 @@ fn start_trainer(options: &TrainOptions, store: &Store, labels: &CellLabels) -> 
             );
         }
     }
-    let model = CpaModel::new(&config, &labels.vocab, None, options.device, config.training.seed)
+    let model = CpaModel::new(&config, &labels.vocab, features, options.device, config.training.seed)
         .map_err(Error::stage("trainer"))?;
     Trainer::new(model).map_err(Error::stage("trainer"))
+}
+
+/// The labels and features of a run with perturbation features: the table's perturbations
+/// without cells added to the vocabulary, and the features in its order. A resumed run takes
+/// its checkpoint's vocabulary (its features are in the checkpoint's weights).
+fn with_features(options: &TrainOptions, labels: CellLabels) -> Result<(CellLabels, Option<tch::Tensor>)> {
+    if options.resume {
+        if options.perturbation_features.is_some() {
+            return Err(Error::InvalidInput(
+                "--perturbation-features with --resume: a resumed run keeps the features of its checkpoint \
+                 (leave it out)"
+                    .to_owned(),
+            ));
+        }
+        let checkpoint = options.out.join(CHECKPOINT_DIR);
+        let file = cpa_stream_stages::model::files::read_model_file(&checkpoint).map_err(Error::stage("trainer"))?;
+        if file.perturbation_features.is_none() {
+            return Ok((labels, None));
+        }
+        let known = labels.vocab.perturbation_index();
+        let extra: Vec<String> =
+            file.vocabulary.perturbations.iter().filter(|p| !known.contains_key(p.as_str())).cloned().collect();
+        drop(known);
+        return Ok((labels.with_perturbations(&extra), None));
+    }
+    let Some(path) = &options.perturbation_features else { return Ok((labels, None)) };
+    let table = features::FeatureTable::read(path, &options.encoder.perturbation_key)?;
+    let extra = table.extra(&labels.vocab);
+    let labels = labels.with_perturbations(&extra);
+    let tensor = table.tensor(&labels.vocab)?;
+    tracing::info!(
+        "perturbation features: {} columns from {} for {} perturbations ({} without cells, predicted from their \
+         features)",
+        table.columns.len(),
+        path.display(),
+        labels.vocab.perturbations.len() - 1,
+        extra.len()
+    );
+    Ok((labels, Some(tensor)))
 }
 
 /// Runs of neighbouring cells on a store sorted by label group make batches of one condition.

@@ -143,6 +143,8 @@ pub struct TrainRequest {
     pub shuffle_blocks: Option<usize>,
     /// Bytes of a compressed store's shuffle buffer [default: [`DEFAULT_BUFFER_BYTES`]].
     pub shuffle_buffer_bytes: Option<u64>,
+    /// Fixed perturbation features (Parquet or CSV, one row per perturbation).
+    pub perturbation_features: Option<PathBuf>,
     /// How messages name the settings.
     pub naming: Naming,
 }
@@ -296,6 +298,7 @@ impl TrainRequest {
             out: self.out.clone(),
             encoder,
             config,
+            perturbation_features: self.perturbation_features.clone(),
             device,
             resume: self.resume,
             overwrite: self.overwrite,

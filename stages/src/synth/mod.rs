@@ -60,6 +60,10 @@ pub const CONTROL: &str = "control";
 pub const CONTROL_DOSE: &str = "1";
 /// Truth rows per written batch (and row group).
 const TRUTH_BATCH_GROUPS: usize = 32;
+/// File of the perturbations' true latent effects in a synthetic store: one row per single
+/// perturbation (`perturbation`, then `effect_0`, ... Float32), the features that determine each
+/// perturbation's effect, for training and testing `train --perturbation-features`.
+pub const FEATURES_FILE: &str = "perturbation_features.parquet";
 
 // Independent random streams derived from the seed.
 const STREAM_MODEL: u64 = 1;
@@ -488,6 +492,25 @@ impl SynthAtlas {
             }
         }
         rows
+    }
+
+    /// Writes [`FEATURES_FILE`]'s table to `path`: each single perturbation's true latent effect.
+    pub fn write_perturbation_features(&self, path: &Path) -> Result<()> {
+        let singles: Vec<&SynthCondition> = self.conditions.iter().filter(|c| c.parts.len() == 1).collect();
+        let l = self.model.latent;
+        let mut fields = vec![Field::new("perturbation", DataType::Utf8, false)];
+        fields.extend((0..l).map(|i| Field::new(format!("effect_{i}"), DataType::Float32, false)));
+        let mut columns: Vec<ArrayRef> =
+            vec![Arc::new(StringArray::from_iter_values(singles.iter().map(|c| c.name.as_str())))];
+        for i in 0..l {
+            columns.push(Arc::new(Float32Array::from_iter_values(
+                singles.iter().map(|c| self.model.effect(c.parts[0])[i]),
+            )));
+        }
+        let schema: SchemaRef = Arc::new(Schema::new(fields));
+        let batch =
+            RecordBatch::try_new(Arc::clone(&schema), columns).map_err(|e| Error::arrow("features table", e))?;
+        crate::store::write_table(path, schema, [batch])
     }
 
     /// Writes `truth.parquet` to `path`: for every (cell type, condition, dose) group, held-back

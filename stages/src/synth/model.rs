@@ -63,6 +63,11 @@ impl TrueModel {
         TrueModel { latent, hidden, genes, cell_type_effect, pert_effect, ec50, hill, w1, b1, w2, baseline, theta }
     }
 
+    /// The latent effect of perturbation `p` at full dose response.
+    pub(crate) fn effect(&self, p: usize) -> &[f32] {
+        &self.pert_effect[p * self.latent..(p + 1) * self.latent]
+    }
+
     /// Dose response of perturbation `p` at dose `d` (a Hill curve in [0, 1)).
     pub(crate) fn response(&self, p: usize, dose: f64) -> f64 {
         if dose <= 0.0 {
