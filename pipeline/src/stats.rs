@@ -137,6 +137,65 @@ pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
     q
 }
 
+/// Two-sided p-value of the Wilcoxon rank-sum (Mann-Whitney U) test of `x` against `y`: the
+/// normal approximation with the tie correction and a continuity correction, as scipy's
+/// `mannwhitneyu(x, y, method="asymptotic")`. NaN when either sample is empty or every value
+/// is tied.
+pub fn rank_sum_p(x: &[f32], y: &[f32]) -> f64 {
+    let (n1, n2) = (x.len() as f64, y.len() as f64);
+    if x.is_empty() || y.is_empty() {
+        return f64::NAN;
+    }
+    let mut all: Vec<(f32, bool)> = x.iter().map(|&v| (v, true)).chain(y.iter().map(|&v| (v, false))).collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let n = all.len();
+    let (mut rank_sum_x, mut ties) = (0.0f64, 0.0f64);
+    let mut i = 0;
+    while i < n {
+        let mut j = i + 1;
+        while j < n && all[j].0 == all[i].0 {
+            j += 1;
+        }
+        // Ranks i+1 ..= j share their mean.
+        let rank = (i + 1 + j) as f64 / 2.0;
+        let t = (j - i) as f64;
+        ties += t * t * t - t;
+        rank_sum_x += rank * all[i..j].iter().filter(|e| e.1).count() as f64;
+        i = j;
+    }
+    let u = rank_sum_x - n1 * (n1 + 1.0) / 2.0;
+    let mean = n1 * n2 / 2.0;
+    let total = n1 + n2;
+    let var = n1 * n2 / 12.0 * ((total + 1.0) - ties / (total * (total - 1.0)));
+    if var <= 0.0 {
+        return f64::NAN;
+    }
+    let z = ((u - mean).abs() - 0.5).max(0.0) / var.sqrt();
+    (2.0 * normal_sf(z)).min(1.0)
+}
+
+/// The standard normal survival function.
+fn normal_sf(z: f64) -> f64 {
+    0.5 * statrs::function::erf::erfc(z / std::f64::consts::SQRT_2)
+}
+
+/// The energy distance of two samples of rows (Euclidean, the V-statistic as `dcor`'s
+/// `energy_distance`): `2 E|X - Y| - E|X - X'| - E|Y - Y'|`, 0 for equal distributions. NaN when
+/// a sample is empty.
+pub fn energy_distance(x: &[Vec<f32>], y: &[Vec<f32>]) -> f64 {
+    if x.is_empty() || y.is_empty() {
+        return f64::NAN;
+    }
+    let dist = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter().zip(b).map(|(p, q)| (f64::from(*p) - f64::from(*q)).powi(2)).sum::<f64>().sqrt()
+    };
+    let mean_between = |a: &[Vec<f32>], b: &[Vec<f32>]| -> f64 {
+        let total: f64 = a.iter().map(|r| b.iter().map(|s| dist(r, s)).sum::<f64>()).sum();
+        total / (a.len() * b.len()) as f64
+    };
+    2.0 * mean_between(x, y) - mean_between(x, x) - mean_between(y, y)
+}
+
 /// Indices of the `k` largest `|score|`, largest first (ties by index, NaN as 0).
 pub fn top_by_abs(scores: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
@@ -188,6 +247,24 @@ mod tests {
         let want = [0.05, 0.06666666666666667, 0.06666666666666667, 0.25, 0.5];
         assert!(q.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{q:?}");
         assert!(benjamini_hochberg(&[f64::NAN, 0.01])[0].is_nan());
+    }
+
+    #[test]
+    fn rank_sum_matches_scipy_and_energy_distance_by_hand() {
+        // scipy.stats.mannwhitneyu(x, y, method="asymptotic").pvalue (scipy 1.17.1; ties included).
+        let x = [1.0f32, 2.0, 2.0, 3.0, 5.0, 8.0];
+        let y = [2.0f32, 4.0, 6.0, 7.0, 9.0, 9.0, 10.0];
+        let p = rank_sum_p(&x, &y);
+        assert!((p - 0.072_160_113).abs() < 1e-8, "{p}");
+        // Identical samples: p = 1; all tied: NaN; empty: NaN.
+        assert!((rank_sum_p(&x, &x) - 1.0).abs() < 1e-12);
+        assert!(rank_sum_p(&[1.0, 1.0], &[1.0]).is_nan());
+        assert!(rank_sum_p(&[], &y).is_nan());
+        // Energy distance of {0} and {3} (1-d): 2*3 - 0 - 0 = 6; of {0, 2} and {1}: 2*1 - 1 - 0 = 1.
+        assert!((energy_distance(&[vec![0.0]], &[vec![3.0]]) - 6.0).abs() < 1e-12);
+        assert!((energy_distance(&[vec![0.0], vec![2.0]], &[vec![1.0]]) - 1.0).abs() < 1e-12);
+        let a = vec![vec![0.0f32, 1.0], vec![1.0, 1.0]];
+        assert!(energy_distance(&a, &a).abs() < 1e-12);
     }
 
     #[test]

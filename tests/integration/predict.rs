@@ -465,6 +465,10 @@ fn evaluation_equals_a_computation_by_hand() {
         "deg_precision_at20",
         "uncertainty_cosine",
         "uncertainty_euclidean",
+        "energy_distance",
+        "energy_distance_control",
+        "de_recall",
+        "de_precision",
     ] {
         assert!(metrics.iter().any(|n| n == m), "no {m} among the metrics: {metrics:?}");
     }
@@ -662,6 +666,13 @@ fn a_held_out_combination_beats_the_control_mean_against_the_truth() {
     // closest training condition at distance 0; the held-out combination lies away from all.
     let closest = strings(&batches, "closest_condition");
     let doses = strings(&batches, "dose");
+    for i in (0..n).filter(|&i| n_cells.value(i) >= 10) {
+        // Sample metrics: computed wherever the condition has the cells.
+        for m in ["energy_distance", "energy_distance_control"] {
+            let e = metric(&batches, m, i);
+            assert!(e.is_finite() && e > -1e-9, "{m} of {}: {e}", conditions[i]);
+        }
+    }
     for i in (0..n).filter(|&i| n_cells.value(i) > 0) {
         let d = metric(&batches, "uncertainty_euclidean", i);
         assert!(d < 1e-6, "{} seen in training: distance {d}", conditions[i]);

@@ -23,6 +23,8 @@ use crate::error::{Error, Result, spawn_scoped};
 use crate::predictor::targets::Target;
 use crate::progress::Progress;
 use crate::stats::Moments;
+
+use super::samples::{Reservoir, sampler};
 use crate::telemetry::StageStats;
 
 /// Cells the planner scans between progress reports.
@@ -42,7 +44,16 @@ pub(super) struct Decode<'a> {
     pub(super) count_model: bool,
     /// The `nb` inverse dispersion when the expected log1p of the counts is scored.
     pub(super) theta: Option<&'a Tensor>,
+    /// Predicted cells kept per target at most ([`super::samples`]).
+    pub(super) sample_cap: usize,
+    /// An `nb` model's inverse dispersion per gene: the sampled predicted cells are count draws
+    /// (log1p), like the real cells, instead of means.
+    pub(super) sample_theta: Option<Vec<f64>>,
 }
+
+/// What the decoding pass produced per condition: the moments of the predictions and a sample
+/// of predicted cells.
+pub(super) type Decoded = HashMap<ConditionKey, (Moments, Vec<Vec<f32>>)>;
 
 /// The counters of the decoding pass's stages.
 pub(super) struct DecodeStats {
@@ -64,7 +75,7 @@ impl DecodeStats {
 impl Decode<'_> {
     /// Runs the pass: a planner thread groups the control cells by covariates into batches, the
     /// batcher gathers them, and this thread decodes them.
-    pub(super) fn run(&self, stats: &DecodeStats, progress: &dyn Progress) -> Result<HashMap<ConditionKey, Moments>> {
+    pub(super) fn run(&self, stats: &DecodeStats, progress: &dyn Progress) -> Result<Decoded> {
         std::thread::scope(|scope| {
             let stop = Arc::new(AtomicBool::new(false));
             let (feeder, loaded) =
@@ -83,7 +94,7 @@ impl Decode<'_> {
     }
 
     /// Decodes every gathered batch into the targets of its covariates.
-    fn decode(&self, mut loaded: Loaded<Vec<u32>>, stats: &StageStats) -> Result<HashMap<ConditionKey, Moments>> {
+    fn decode(&self, mut loaded: Loaded<Vec<u32>>, stats: &StageStats) -> Result<Decoded> {
         let torch = Error::stage("predictor");
         let model = self.model;
         let device = model.device();
@@ -93,6 +104,8 @@ impl Decode<'_> {
         }
         let mut sums: Vec<Option<(Tensor, Tensor)>> = (0..self.targets.len()).map(|_| None).collect();
         let mut counts = vec![0u64; self.targets.len()];
+        let mut samples: Vec<Reservoir> = (0..self.targets.len()).map(|_| Reservoir::new(self.sample_cap)).collect();
+        let mut rng = sampler(2);
         let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(0), device);
         let mut perts = PerturbationCsr::new();
         while let Some(gathered) = loaded.next(stats) {
@@ -114,7 +127,7 @@ impl Decode<'_> {
                     let v = match (self.count_model, self.theta) {
                         (true, Some(theta)) => expected_log1p_nb(&mean, theta)?,
                         (true, None) => mean.f_log1p()?,
-                        (false, _) => mean,
+                        (false, _) => mean.shallow_clone(),
                     };
                     let (s, q) = (
                         v.f_sum_dim_intlist(0, false, Kind::Double)?,
@@ -124,6 +137,28 @@ impl Decode<'_> {
                         None => (s, q),
                         Some((a, b)) => (a.f_add(&s)?, b.f_add(&q)?),
                     });
+                    // The rows the target's sample keeps, copied to the host together.
+                    let kept: Vec<(usize, usize)> =
+                        (0..n).filter_map(|i| samples[t].offer(&mut rng).map(|slot| (i, slot))).collect();
+                    if !kept.is_empty() {
+                        let rows: Vec<i64> = kept.iter().map(|&(i, _)| i as i64).collect();
+                        let index = Tensor::f_from_slice(&rows)?.f_to_device(device)?;
+                        let source = if self.sample_theta.is_some() { &mean } else { &v };
+                        let picked = source
+                            .f_index_select(0, &index)?
+                            .f_to_kind(Kind::Float)?
+                            .f_to_device(Device::Cpu)?
+                            .f_contiguous()?;
+                        let mut flat = Vec::<f32>::try_from(&picked.f_flatten(0, -1)?)?;
+                        if let Some(theta) = &self.sample_theta {
+                            draw_log1p_counts(&mut flat, theta, &mut rng);
+                        }
+                        let width = flat.len() / kept.len();
+                        // In offer order: a later row of this batch may replace an earlier one.
+                        for (k, &(_, slot)) in kept.iter().enumerate() {
+                            samples[t].put(slot, flat[k * width..(k + 1) * width].to_vec());
+                        }
+                    }
                     counts[t] += n as u64;
                 }
                 Ok(())
@@ -139,9 +174,27 @@ impl Decode<'_> {
         let mut out = HashMap::new();
         for (t, (key, _)) in self.targets.iter().enumerate() {
             let Some((s, q)) = sums[t].take() else { continue };
-            out.insert(key.clone(), Moments::from_sums(counts[t] as f64, host(&s)?, host(&q)?));
+            let rows = std::mem::take(&mut samples[t].rows);
+            out.insert(key.clone(), (Moments::from_sums(counts[t] as f64, host(&s)?, host(&q)?), rows));
         }
         Ok(out)
+    }
+}
+
+/// Replaces each predicted mean (rows of `theta.len()` genes) by `log1p` of a negative binomial
+/// draw with that mean and the gene's inverse dispersion (a gamma-Poisson mixture).
+fn draw_log1p_counts(values: &mut [f32], theta: &[f64], rng: &mut Xoshiro256PlusPlus) {
+    use rand_distr::{Distribution, Gamma, Poisson};
+    for row in values.chunks_mut(theta.len().max(1)) {
+        for (v, &t) in row.iter_mut().zip(theta) {
+            let mu = f64::from(*v);
+            let rate = match Gamma::new(t, mu / t) {
+                Ok(g) if mu > 0.0 && t > 0.0 => g.sample(rng),
+                _ => 0.0,
+            };
+            let count = if rate > 0.0 { Poisson::new(rate).map_or(0.0, |p| p.sample(rng)) } else { 0.0 };
+            *v = (count as f32).ln_1p();
+        }
     }
 }
 

@@ -21,6 +21,7 @@ pub mod field;
 mod moments;
 pub mod outputs;
 pub mod plot;
+pub mod samples;
 mod score;
 mod table;
 pub(crate) mod truth;
@@ -233,6 +234,8 @@ pub struct ConditionMetrics {
     pub uncertainty_euclidean: f64,
     /// The training condition closest by Euclidean distance (empty when none is compared with).
     pub closest_condition: String,
+    /// Metrics from bounded samples of cells: energy distance, Wilcoxon DE agreement.
+    pub samples: samples::SampleMetrics,
     /// The predicted and real changes from the control pseudobulk (the discrimination ranks).
     #[serde(skip)]
     pub effects: Effects,
@@ -511,12 +514,17 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         None
     };
 
+    // Samples of cells for the energy distance and the Wilcoxon tests, within a fixed budget.
+    let is_control: Vec<bool> = groups.iter().map(|g| g.as_ref().is_some_and(|g| g.is_control)).collect();
+    let real_cap = samples::sample_cap(groups.len(), genes.len());
+
     // Pass 1: moments of every group and split.
     let moments_stats = StageStats::new("moments", 1);
     progress.begin("evaluate: statistics", store.n_obs());
     let evaluated = |s: Split| options.split.contains(s);
-    let moments =
-        moments_stats.busy(|| GroupMoments::read(&store, &labels, genes.len(), count_model, evaluated, progress))?;
+    let moments = moments_stats.busy(|| {
+        GroupMoments::read(&store, &labels, genes.len(), count_model, evaluated, &is_control, real_cap, progress)
+    })?;
     moments_stats.add(store.n_obs(), store.nnz() * 8);
     progress.end();
     let plan = Plan::new(options, &store, &vocab, &groups, &moments)?;
@@ -536,6 +544,8 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         loader,
         count_model,
         theta: theta.as_ref(),
+        sample_cap: samples::sample_cap(plan.targets.len(), genes.len()),
+        sample_theta: if count_model { nb_theta_host(&model)? } else { None },
     }
     .run(&decode_stats, progress)?;
     progress.end();
@@ -565,7 +575,9 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         .zip(&plan.targets)
         .zip(&distances)
         .filter_map(|(((key, real), (_, target)), distance)| {
-            let mut metrics = predicted.get(key).map(|pred| scoring.score(key, target, real, pred, &mut deg_rows))?;
+            let (pred, predicted_cells) = predicted.get(key)?;
+            let mut metrics = scoring.score(key, target, real, pred, &mut deg_rows);
+            metrics.samples = sample_metrics(&plan, &moments, key, predicted_cells);
             if let Some(d) = distance {
                 metrics.uncertainty_cosine = d.cosine;
                 metrics.uncertainty_euclidean = d.euclidean;
@@ -574,6 +586,16 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
             Some(metrics)
         })
         .collect();
+    if real_cap == 0 {
+        tracing::warn!(
+            "{} label groups x {} genes: too many for samples of {} cells within {} MiB; the energy distance and \
+             the Wilcoxon DE metrics are left out",
+            groups.len(),
+            genes.len(),
+            samples::MIN_SAMPLE_CELLS,
+            samples::BUDGET_BYTES >> 20
+        );
+    }
     let mut results = results;
     discriminate(&mut results);
     let mut stages = vec![encoder_stats.report(), moments_stats.report(), decode_stats.planner.report()];
@@ -597,6 +619,32 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     };
     outputs::write_outputs(&report, &deg_rows, &vocab, options)?;
     Ok(report)
+}
+
+/// An `nb` model's inverse dispersions on the host (`None` for other likelihoods).
+fn nb_theta_host(model: &CpaModel) -> Result<Option<Vec<f64>>> {
+    let torch = Error::stage("predictor");
+    let Some(theta) = model.nb_theta().map_err(torch)? else { return Ok(None) };
+    let theta =
+        theta.f_to_kind(tch::Kind::Double).and_then(|t| t.f_to_device(Device::Cpu)).map_err(|e| torch(e.into()))?;
+    Ok(Some(Vec::<f64>::try_from(&theta.f_flatten(0, -1).map_err(|e| torch(e.into()))?).map_err(|e| torch(e.into()))?))
+}
+
+/// The sample metrics of the condition `key`: its real cells' samples (all its label groups),
+/// its covariates' control cells' samples, and the predicted sample, each at most the cap.
+fn sample_metrics(
+    plan: &Plan,
+    moments: &GroupMoments,
+    key: &ConditionKey,
+    predicted: &[Vec<f32>],
+) -> samples::SampleMetrics {
+    let gather = |groups: &[usize]| -> Vec<Vec<f32>> {
+        let cap = groups.iter().map(|&g| moments.samples[g].rows.len()).max().unwrap_or(0).max(predicted.len());
+        groups.iter().flat_map(|&g| moments.samples[g].rows.iter().cloned()).take(cap.max(1)).collect()
+    };
+    let real = plan.conditions.get(key).map(|c| gather(&c.groups)).unwrap_or_default();
+    let control = plan.control_groups.get(&key.0).map(|g| gather(g)).unwrap_or_default();
+    samples::SampleMetrics::compute(&real, predicted, &control)
 }
 
 /// Fills each condition's discrimination ranks: against every condition of the same covariates.

@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::stats::Moments;
 
+use super::samples::{Reservoir, sampler};
+
 /// Cells read per step of the pass.
 const CHUNK_CELLS: u64 = 4096;
 
@@ -18,6 +20,9 @@ pub(super) struct GroupMoments {
     pub(super) genes: usize,
     moments: Vec<Moments>,
     half: Vec<Moments>,
+    /// Per group: a sample of its evaluated cells (control groups: of all their cells), dense,
+    /// in the space the moments are in.
+    pub(super) samples: Vec<Reservoir>,
 }
 
 /// Which half of the cells a cell falls in: a fixed hash of its row (splitmix64), so the halves
@@ -64,17 +69,24 @@ impl GroupMoments {
     }
 
     /// One pass over `store`: moments of `log1p(x)` (count models) or `x` per group and split,
-    /// and per group of the second half of the cells whose split `evaluated` accepts.
+    /// and per group of the second half of the cells whose split `evaluated` accepts; a sample of
+    /// at most `sample_cap` of those cells per group (of every cell for the groups `is_control`
+    /// marks).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn read(
         store: &Store,
         labels: &CellLabels,
         genes: usize,
         count_model: bool,
         evaluated: impl Fn(Split) -> bool,
+        is_control: &[bool],
+        sample_cap: usize,
         progress: &dyn Progress,
     ) -> Result<GroupMoments> {
         let mut moments: Vec<Moments> = (0..labels.groups().len() * 4).map(|_| Moments::new(genes)).collect();
         let mut half: Vec<Moments> = (0..labels.groups().len()).map(|_| Moments::new(genes)).collect();
+        let mut samples: Vec<Reservoir> = (0..labels.groups().len()).map(|_| Reservoir::new(sample_cap)).collect();
+        let mut rng = sampler(1);
         let mut cursor = store.cursor().map_err(Error::stage("reader"))?;
         let mut batch = CsrBatch::new(genes as u32);
         let mut start = 0u64;
@@ -89,11 +101,20 @@ impl GroupMoments {
                 if evaluated(split) && in_second_half(cell) {
                     half[group].add_sparse(idx, val, count_model);
                 }
+                if (evaluated(split) || is_control.get(group).copied().unwrap_or(false))
+                    && let Some(slot) = samples[group].offer(&mut rng)
+                {
+                    let mut row = vec![0f32; genes];
+                    for (&g, &v) in idx.iter().zip(val) {
+                        row[g as usize] = if count_model { v.ln_1p() } else { v };
+                    }
+                    samples[group].put(slot, row);
+                }
             }
             store.release(start..end);
             progress.advance(end - start);
             start = end;
         }
-        Ok(GroupMoments { genes, moments, half })
+        Ok(GroupMoments { genes, moments, half, samples })
     }
 }

@@ -68,6 +68,14 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("ceiling_pearson_delta".to_owned(), f.ceiling_pearson_delta));
     out.push(("uncertainty_cosine".to_owned(), c.uncertainty_cosine));
     out.push(("uncertainty_euclidean".to_owned(), c.uncertainty_euclidean));
+    let m = &c.samples;
+    out.push(("energy_distance".to_owned(), m.energy_distance));
+    out.push(("energy_distance_control".to_owned(), m.energy_distance_control));
+    out.push(("de_n_real".to_owned(), m.de_n_real));
+    out.push(("de_n_predicted".to_owned(), m.de_n_predicted));
+    out.push(("de_recall".to_owned(), m.de_recall));
+    out.push(("de_precision".to_owned(), m.de_precision));
+    out.push(("de_direction_match".to_owned(), m.de_direction_match));
     out
 }
 

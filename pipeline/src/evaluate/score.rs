@@ -163,6 +163,7 @@ impl Scoring<'_> {
             uncertainty_cosine: f64::NAN,
             uncertainty_euclidean: f64::NAN,
             closest_condition: String::new(),
+            samples: super::samples::SampleMetrics::missing(),
             effects,
             plot: PlotData {
                 genes: plot_genes.iter().map(|&g| self.genes[g].clone()).collect(),
