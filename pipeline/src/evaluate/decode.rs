@@ -27,6 +27,9 @@ use crate::stats::Moments;
 use super::samples::{Reservoir, sampler};
 use crate::telemetry::StageStats;
 
+/// Rows decoded at once on the CPU.
+const CPU_STEP_ROWS: usize = 256;
+
 /// Cells the planner scans between progress reports.
 const CHUNK_CELLS: u64 = 4096;
 
@@ -112,54 +115,62 @@ impl Decode<'_> {
             let gathered = gathered?;
             let covs = &gathered.meta;
             let n = gathered.batch.counts.n_rows();
+            // On the CPU a few hundred rows at a time: the transient cells x genes tensors (input,
+            // decoder output, float64 moments) stay a few MB whatever the batch, so memory does not
+            // grow as batches fill up on larger stores.
+            let chunk = if device.is_cuda() { n.max(1) } else { CPU_STEP_ROWS };
             let mut step = || -> cpa_stream_stages::Result<()> {
-                let x = cpa_stream_stages::model::batch::densify(&gathered.batch.counts, device)?;
-                for &t in by_covariates.get(covs.as_slice()).map(Vec::as_slice).unwrap_or(&[]) {
-                    perts.clear();
-                    perts.push_repeated(&self.targets[t].1.parts, n);
-                    let covariates = covs
-                        .iter()
-                        .map(|&c| Ok(Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device))?))
-                        .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
-                    let mean = model
-                        .counterfactual(&x, &perts.to_device(device)?, &covariates, &mut noise)?
-                        .f_to_kind(Kind::Double)?;
-                    let v = match (self.count_model, self.theta) {
-                        (true, Some(theta)) => expected_log1p_nb(&mean, theta)?,
-                        (true, None) => mean.f_log1p()?,
-                        (false, _) => mean.shallow_clone(),
-                    };
-                    let (s, q) = (
-                        v.f_sum_dim_intlist(0, false, Kind::Double)?,
-                        v.f_square()?.f_sum_dim_intlist(0, false, Kind::Double)?,
-                    );
-                    sums[t] = Some(match sums[t].take() {
-                        None => (s, q),
-                        Some((a, b)) => (a.f_add(&s)?, b.f_add(&q)?),
-                    });
-                    // The rows the target's sample keeps, copied to the host together.
-                    let kept: Vec<(usize, usize)> =
-                        (0..n).filter_map(|i| samples[t].offer(&mut rng).map(|slot| (i, slot))).collect();
-                    if !kept.is_empty() {
-                        let rows: Vec<i64> = kept.iter().map(|&(i, _)| i as i64).collect();
-                        let index = Tensor::f_from_slice(&rows)?.f_to_device(device)?;
-                        let source = if self.sample_theta.is_some() { &mean } else { &v };
-                        let picked = source
-                            .f_index_select(0, &index)?
-                            .f_to_kind(Kind::Float)?
-                            .f_to_device(Device::Cpu)?
-                            .f_contiguous()?;
-                        let mut flat = Vec::<f32>::try_from(&picked.f_flatten(0, -1)?)?;
-                        if let Some(theta) = &self.sample_theta {
-                            draw_log1p_counts(&mut flat, theta, &mut rng);
+                for start in (0..n).step_by(chunk) {
+                    let rows = start..(start + chunk).min(n);
+                    let n = rows.len();
+                    let (x, _) = cpa_stream_stages::model::batch::densify_range(&gathered.batch.counts, rows, device)?;
+                    for &t in by_covariates.get(covs.as_slice()).map(Vec::as_slice).unwrap_or(&[]) {
+                        perts.clear();
+                        perts.push_repeated(&self.targets[t].1.parts, n);
+                        let covariates = covs
+                            .iter()
+                            .map(|&c| Ok(Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device))?))
+                            .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
+                        let mean = model
+                            .counterfactual(&x, &perts.to_device(device)?, &covariates, &mut noise)?
+                            .f_to_kind(Kind::Double)?;
+                        let v = match (self.count_model, self.theta) {
+                            (true, Some(theta)) => expected_log1p_nb(&mean, theta)?,
+                            (true, None) => mean.f_log1p()?,
+                            (false, _) => mean.shallow_clone(),
+                        };
+                        let (s, q) = (
+                            v.f_sum_dim_intlist(0, false, Kind::Double)?,
+                            v.f_square()?.f_sum_dim_intlist(0, false, Kind::Double)?,
+                        );
+                        sums[t] = Some(match sums[t].take() {
+                            None => (s, q),
+                            Some((a, b)) => (a.f_add(&s)?, b.f_add(&q)?),
+                        });
+                        // The rows the target's sample keeps, copied to the host together.
+                        let kept: Vec<(usize, usize)> =
+                            (0..n).filter_map(|i| samples[t].offer(&mut rng).map(|slot| (i, slot))).collect();
+                        if !kept.is_empty() {
+                            let rows: Vec<i64> = kept.iter().map(|&(i, _)| i as i64).collect();
+                            let index = Tensor::f_from_slice(&rows)?.f_to_device(device)?;
+                            let source = if self.sample_theta.is_some() { &mean } else { &v };
+                            let picked = source
+                                .f_index_select(0, &index)?
+                                .f_to_kind(Kind::Float)?
+                                .f_to_device(Device::Cpu)?
+                                .f_contiguous()?;
+                            let mut flat = Vec::<f32>::try_from(&picked.f_flatten(0, -1)?)?;
+                            if let Some(theta) = &self.sample_theta {
+                                draw_log1p_counts(&mut flat, theta, &mut rng);
+                            }
+                            let width = flat.len() / kept.len();
+                            // In offer order: a later row of this batch may replace an earlier one.
+                            for (k, &(_, slot)) in kept.iter().enumerate() {
+                                samples[t].put(slot, flat[k * width..(k + 1) * width].to_vec());
+                            }
                         }
-                        let width = flat.len() / kept.len();
-                        // In offer order: a later row of this batch may replace an earlier one.
-                        for (k, &(_, slot)) in kept.iter().enumerate() {
-                            samples[t].put(slot, flat[k * width..(k + 1) * width].to_vec());
-                        }
+                        counts[t] += n as u64;
                     }
-                    counts[t] += n as u64;
                 }
                 Ok(())
             };
