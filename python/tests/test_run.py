@@ -221,3 +221,22 @@ def test_training_releases_the_gil(store, fresh):
     # A thread that ran only between polls would tick a few times; one that runs alongside
     # ticks about once per millisecond (slower on a loaded machine, never near zero).
     assert ticks > 50 * seconds, f"{ticks} ticks in {seconds:.1f} s"
+
+
+def test_dose_response_and_batch_corrected_prediction(run, store, fresh):
+    frames = run.dose_response(store, perturbations="SGK1", doses=[1, 0, 0.5], cells=20, out=fresh / "dose", threads=1)
+    latent, decoded, genes = frames["latent"], frames["decoded"], frames["genes"]
+    assert list(latent.dose) == [0.0, 0.5, 1.0] and set(latent.perturbation) == {"SGK1"}
+    assert latent.response.iloc[0] == 0.0
+    assert (decoded.cells <= 20).all() and set(decoded.cell_type) == set(store.obs.cell_type)
+    assert (decoded[decoded.dose == 0].response.abs() < 1e-9).all()
+    assert len(genes) == 5 * len(decoded) and {"predicted", "delta", "true_delta"} <= set(genes.columns)
+    assert decoded.attrs["summary"]["perturbations"] == 1
+    assert (fresh / "dose" / "summary.json").exists()
+    latent_only = run.dose_response(perturbations=["SGK1"], threads=1)
+    assert set(latent_only) == {"latent"}
+    with pytest.raises(ValueError, match="closest"):
+        run.dose_response(perturbations=["SGK"], threads=1)
+    # The run has no batch key: a batch-corrected prediction is refused with the reason.
+    with pytest.raises(ValueError, match="batch key"):
+        run.predict(store, targets=TARGET, batch_corrected=True, **COMPUTE)
