@@ -415,6 +415,9 @@ pub fn write_scatter(
     draw().map_err(plot_error(path))
 }
 
+/// A line with its own label: name, colour, points.
+type OwnedSeries = (String, RGBColor, Vec<(f64, f64)>);
+
 /// Colours of the dose-response lines (the tab10 palette).
 const PALETTE: [RGBColor; 10] = [
     BLUE,
@@ -458,8 +461,8 @@ pub fn write_dose_response(
         order.sort_by(|a, b| largest(b).total_cmp(&largest(a)));
         order.truncate(PALETTE.len());
     }
-    let mut latent_lines: Vec<(String, RGBColor, Vec<(f64, f64)>)> = Vec::new();
-    let mut decoded_lines: Vec<(String, RGBColor, Vec<(f64, f64)>)> = Vec::new();
+    let mut latent_lines: Vec<OwnedSeries> = Vec::new();
+    let mut decoded_lines: Vec<OwnedSeries> = Vec::new();
     let mut truth_marks = Vec::new();
     for (i, &name) in order.iter().enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
@@ -477,7 +480,8 @@ pub fn write_dose_response(
         }
     }
     let doses = range(latent.iter().map(|p| p.dose), (0.0, 1.0));
-    let doses = (doses.0.max(0.0).min(0.0), doses.1);
+    // Doses start at 0 (the curves' origin).
+    let doses = (0.0, doses.1);
     let shown = if total > order.len() {
         format!(" ({} of {total} perturbations, largest responses)", order.len())
     } else {

@@ -2,7 +2,9 @@
 //! is short (R2 of means against the control-mean baseline and the data's split-half ceiling, on
 //! all genes and the top 20 DEGs, the change's Pearson, the L1 discrimination rank and whether the
 //! model beats the baseline); `all`
-//! adds the variances, the change's R2 and the rest of the field's metrics. Every metric is in
+//! adds the variances, the change's R2, the rest of the field's metrics, the energy distance (with
+//! the control cells' as its baseline), the Wilcoxon DE recall and precision and the uncertainty.
+//! Every metric is in
 //! `metrics.parquet` either way.
 
 use std::fmt::Write as _;
@@ -71,6 +73,15 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
                 value: |c| listed(&c.field.discrimination, "cosine"),
                 summary: "discrimination_cosine",
             },
+            Column { header: "energy", value: |c| c.samples.energy_distance, summary: "energy_distance" },
+            Column {
+                header: "en_bl",
+                value: |c| c.samples.energy_distance_control,
+                summary: "energy_distance_control",
+            },
+            Column { header: "de_rec", value: |c| c.samples.de_recall, summary: "de_recall" },
+            Column { header: "de_prec", value: |c| c.samples.de_precision, summary: "de_precision" },
+            Column { header: "uncert", value: |c| c.uncertainty_euclidean, summary: "uncertainty_euclidean" },
         ]);
     }
     if truth {

@@ -17,6 +17,9 @@ use crate::error::{Error, Result};
 /// Training conditions with fewer training cells are not compared with (cpa-tools' threshold).
 pub const MIN_TRAINING_CELLS: f64 = 30.0;
 
+/// A condition as the shifts are computed from it: covariate codes and perturbation parts.
+type ConditionParts<'a> = (&'a [u32], &'a [(u32, f32)]);
+
 /// A condition's distances to the closest training condition.
 #[derive(Debug, Clone)]
 pub struct Uncertainty {
@@ -49,10 +52,9 @@ pub(super) fn uncertainties(
         return Ok(vec![None; keys.len()]);
     }
     let names: Vec<String> = training.values().map(|(_, g)| label(model, g)).collect();
-    let train_shifts: Vec<(&[u32], &[(u32, f32)])> =
+    let train_shifts: Vec<ConditionParts<'_>> =
         training.iter().map(|(k, (_, g))| (k.0.as_slice(), g.parts.as_slice())).collect();
-    let query: Vec<(&[u32], &[(u32, f32)])> =
-        keys.iter().map(|(k, parts)| (k.0.as_slice(), parts.as_slice())).collect();
+    let query: Vec<ConditionParts<'_>> = keys.iter().map(|(k, parts)| (k.0.as_slice(), parts.as_slice())).collect();
     let (a, b) = tch::no_grad(|| -> cpa_stream_stages::Result<(Tensor, Tensor)> {
         Ok((shifts(model, &query)?, shifts(model, &train_shifts)?))
     })
@@ -88,7 +90,7 @@ pub(super) fn uncertainties(
 
 /// The latent shift of each (covariates, parts): `z_pert` plus the covariate embeddings, one row
 /// each (float64, on the CPU).
-fn shifts(model: &CpaModel, conditions: &[(&[u32], &[(u32, f32)])]) -> cpa_stream_stages::Result<Tensor> {
+fn shifts(model: &CpaModel, conditions: &[ConditionParts<'_>]) -> cpa_stream_stages::Result<Tensor> {
     let device = model.device();
     let mut perts = PerturbationCsr::new();
     for (_, parts) in conditions {
