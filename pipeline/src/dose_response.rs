@@ -189,6 +189,9 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
     if options.cells == 0 {
         return Err(Error::InvalidInput("--cells must be at least 1".to_owned()));
     }
+    if options.doses.as_ref().is_some_and(Vec::is_empty) {
+        return Err(Error::InvalidInput("--doses: an empty list; give at least one dose".to_owned()));
+    }
     if let Some(d) = options.doses.iter().flatten().find(|d| !d.is_finite() || **d < 0.0) {
         return Err(Error::InvalidInput(format!("dose {d}: doses must be finite and not negative")));
     }
