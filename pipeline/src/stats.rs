@@ -265,6 +265,11 @@ mod tests {
         assert!((energy_distance(&[vec![0.0], vec![2.0]], &[vec![1.0]]) - 1.0).abs() < 1e-12);
         let a = vec![vec![0.0f32, 1.0], vec![1.0, 1.0]];
         assert!(energy_distance(&a, &a).abs() < 1e-12);
+        // scipy.stats.energy_distance (1-D only; it returns the square root of this statistic):
+        // energy_distance([0.5, 1.5, 2, 4, 4.5], [1, 3, 3.5, 6]) ** 2 = 0.5325 (scipy 1.17.1).
+        let rows = |v: &[f32]| v.iter().map(|&x| vec![x]).collect::<Vec<_>>();
+        let e = energy_distance(&rows(&[0.5, 1.5, 2.0, 4.0, 4.5]), &rows(&[1.0, 3.0, 3.5, 6.0]));
+        assert!((e - 0.5325).abs() < 1e-12, "{e}");
     }
 
     #[test]
