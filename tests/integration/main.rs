@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod h5ad;
 mod link;
+mod memory;
 mod model;
 mod predict;
 mod store;
