@@ -203,6 +203,11 @@ pub mod degs {
     /// The Benjamini-Hochberg adjusted p-value over the group's genes, Float64 (null where the
     /// source has none; scanpy's `pvals_adj` when imported).
     pub const QVALUE: &str = "qvalue";
+    /// In an evaluation's table: the Wilcoxon rank-sum p-value of the condition's sampled real
+    /// cells against its control cells (at most 100 each), Float64 (null without samples).
+    pub const WILCOXON_PVALUE: &str = "wilcoxon_pvalue";
+    /// Its Benjamini-Hochberg adjusted value over all genes, Float64 (null without samples).
+    pub const WILCOXON_QVALUE: &str = "wilcoxon_qvalue";
 }
 
 /// Schema of a DEG table.
@@ -215,6 +220,15 @@ pub fn deg_schema() -> SchemaRef {
         Field::new(degs::PVALUE, DataType::Float64, true),
         Field::new(degs::QVALUE, DataType::Float64, true),
     ]))
+}
+
+/// Schema of an evaluation's `degs.parquet`: [`deg_schema`]'s columns (readable wherever a DEG
+/// table is, `predict --degs` included) and the Wilcoxon rank-sum p- and q-values.
+pub fn evaluation_deg_schema() -> SchemaRef {
+    let mut fields: Vec<Field> = deg_schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(degs::WILCOXON_PVALUE, DataType::Float64, true));
+    fields.push(Field::new(degs::WILCOXON_QVALUE, DataType::Float64, true));
+    Arc::new(Schema::new(fields))
 }
 
 /// Columns of a training run's `metrics.parquet`: one row per epoch.

@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float32Type, Float64Type, UInt64Type};
 use cpa_stream::schemas::tables::{
-    deg_schema, evaluation_metrics, evaluation_metrics_schema, prediction_genes, prediction_schema, same_schema,
+    evaluation_deg_schema, evaluation_metrics, evaluation_metrics_schema, prediction_genes, prediction_schema,
+    same_schema,
 };
 use cpa_stream::stages::store::{Store, read_small_table};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -477,8 +478,22 @@ fn evaluation_equals_a_computation_by_hand() {
     same_schema(&expected, &schema).unwrap_or_else(|e| panic!("evaluation metrics.parquet: {e}"));
     assert_eq!(schema.field(fixed - 2).name(), evaluation_metrics::N_CONTROL);
     assert_eq!(schema.field(fixed - 1).name(), evaluation_metrics::CLOSEST_CONDITION);
-    let (deg_file_schema, _) = read_parquet(&eval.join("degs.parquet"));
-    same_schema(&deg_schema(), &deg_file_schema).unwrap_or_else(|e| panic!("evaluation degs.parquet: {e}"));
+    let (deg_file_schema, deg_batches) = read_parquet(&eval.join("degs.parquet"));
+    same_schema(&evaluation_deg_schema(), &deg_file_schema).unwrap_or_else(|e| panic!("evaluation degs.parquet: {e}"));
+    // Wilcoxon p- and q-values from the cell samples: probabilities, q never below p.
+    let mut tested = 0;
+    for b in &deg_batches {
+        let col = |n: &str| {
+            b.column_by_name(n).map(|c| c.as_primitive::<Float64Type>().clone()).unwrap_or_else(|| panic!("{n}"))
+        };
+        let (p, q) = (col("wilcoxon_pvalue"), col("wilcoxon_qvalue"));
+        for i in (0..b.num_rows()).filter(|&i| !p.is_null(i)) {
+            let (p, q) = (p.value(i), q.value(i));
+            assert!((0.0..=1.0).contains(&p) && (0.0..=1.0).contains(&q) && q >= p - 1e-12, "p {p}, q {q}");
+            tested += 1;
+        }
+    }
+    assert!(tested > 0, "no Wilcoxon values in degs.parquet");
     let (ec, ed, et) = (strings(&batches, "condition"), strings(&batches, "dose"), strings(&batches, "cell_type"));
     let n_cells = batches[0].column_by_name("n_cells").map(|c| c.as_primitive::<UInt64Type>().value(0));
     // The first condition with cells, recomputed from the store, obs and `predict`'s output.

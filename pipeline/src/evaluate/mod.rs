@@ -566,6 +566,7 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         deg_table: deg_table.as_ref().map(|(lists, source)| (lists, *source)),
     };
     let mut deg_rows = Vec::new();
+    let gene_index: HashMap<&str, usize> = genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
     let queried: Vec<(ConditionKey, Vec<(u32, f32)>)> =
         plan.targets.iter().map(|(key, target)| (key.clone(), target.parts.clone())).collect();
     let distances = uncertainty::uncertainties(&model, &groups, &moments, &queried)?;
@@ -576,8 +577,17 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         .zip(&distances)
         .filter_map(|(((key, real), (_, target)), distance)| {
             let (pred, predicted_cells) = predicted.get(key)?;
+            let first_row = deg_rows.len();
             let mut metrics = scoring.score(key, target, real, pred, &mut deg_rows);
-            metrics.samples = sample_metrics(&plan, &moments, key, predicted_cells);
+            let (sampled, tests) = sample_metrics(&plan, &moments, key, predicted_cells);
+            metrics.samples = sampled;
+            if let Some((p, q)) = tests {
+                for row in &mut deg_rows[first_row..] {
+                    if let Some(&g) = gene_index.get(row.2.as_str()) {
+                        (row.6, row.7) = (p[g], q[g]);
+                    }
+                }
+            }
             if let Some(d) = distance {
                 metrics.uncertainty_cosine = d.cosine;
                 metrics.uncertainty_euclidean = d.euclidean;
@@ -637,14 +647,14 @@ fn sample_metrics(
     moments: &GroupMoments,
     key: &ConditionKey,
     predicted: &[Vec<f32>],
-) -> samples::SampleMetrics {
+) -> (samples::SampleMetrics, Option<(Vec<f64>, Vec<f64>)>) {
     let gather = |groups: &[usize]| -> Vec<Vec<f32>> {
         let cap = groups.iter().map(|&g| moments.samples[g].rows.len()).max().unwrap_or(0).max(predicted.len());
         groups.iter().flat_map(|&g| moments.samples[g].rows.iter().cloned()).take(cap.max(1)).collect()
     };
     let real = plan.conditions.get(key).map(|c| gather(&c.groups)).unwrap_or_default();
     let control = plan.control_groups.get(&key.0).map(|g| gather(g)).unwrap_or_default();
-    samples::SampleMetrics::compute(&real, predicted, &control)
+    samples::SampleMetrics::compute_with_tests(&real, predicted, &control)
 }
 
 /// Fills each condition's discrimination ranks: against every condition of the same covariates.

@@ -1,6 +1,6 @@
 //! What an evaluation writes: `metrics.parquet` (one row per condition, schema
 //! [`evaluation_metrics_schema`]), `summary.json` (the means and every condition), `degs.parquet`
-//! (the DEGs used, [`deg_schema`], reusable with `predict --degs`) and `plots/*.svg`.
+//! (the DEGs used, [`evaluation_deg_schema`], reusable with `predict --degs`) and `plots/*.svg`.
 
 use cpa_stream_stages::output::{OutputKind, check_destination, publish, temporary_sibling};
 
@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
-use cpa_stream_schemas::tables::{deg_schema, degs, evaluation_metrics_schema};
+use cpa_stream_schemas::tables::{degs, evaluation_deg_schema, evaluation_metrics_schema};
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::store::write_table;
 
@@ -26,7 +26,8 @@ pub const SUMMARY_FILE: &str = "summary.json";
 pub const PLOTS_DIR: &str = "plots";
 
 /// One DEG row the evaluation used: group, rank, gene, score, p-value, q-value (NaN: none).
-pub(super) type DegRow = (String, usize, String, f64, f64, f64);
+/// A row of `degs.parquet`: group, rank, gene, score, Welch p and q, Wilcoxon p and q.
+pub(super) type DegRow = (String, usize, String, f64, f64, f64, f64, f64);
 
 /// Every metric of a condition, by column name, in column order.
 pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
@@ -168,9 +169,9 @@ fn write_metrics(path: &Path, rows: &[ConditionMetrics], vocab: &Vocabulary) -> 
     write_table(path, schema, [batch]).map_err(Error::stage("evaluate"))
 }
 
-/// `degs.parquet`, in the store's DEG table layout.
+/// `degs.parquet`, in the store's DEG table layout with the Wilcoxon values beside.
 fn write_degs(path: &Path, rows: &[DegRow]) -> Result<()> {
-    let schema = deg_schema();
+    let schema = evaluation_deg_schema();
     let batch = RecordBatch::try_new(
         Arc::clone(&schema),
         vec![
@@ -180,6 +181,8 @@ fn write_degs(path: &Path, rows: &[DegRow]) -> Result<()> {
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.3).filter(|v| v.is_finite())))),
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.4).filter(|v| v.is_finite())))),
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.5).filter(|v| v.is_finite())))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.6).filter(|v| v.is_finite())))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.7).filter(|v| v.is_finite())))),
         ],
     )
     .map_err(Error::arrow(path.display().to_string()))?;

@@ -110,6 +110,16 @@ impl SampleMetrics {
 
     /// The metrics of real, predicted and control samples (rows of equal width).
     pub fn compute(real: &[Vec<f32>], predicted: &[Vec<f32>], control: &[Vec<f32>]) -> SampleMetrics {
+        Self::compute_with_tests(real, predicted, control).0
+    }
+
+    /// [`compute`](Self::compute), and the real cells' Wilcoxon p- and q-values per gene against
+    /// the control cells (`None` when the samples are too small).
+    pub fn compute_with_tests(
+        real: &[Vec<f32>],
+        predicted: &[Vec<f32>],
+        control: &[Vec<f32>],
+    ) -> (SampleMetrics, Option<(Vec<f64>, Vec<f64>)>) {
         let cells = (real.len(), predicted.len(), control.len());
         let enough = |s: &[Vec<f32>]| s.len() >= MIN_SAMPLE_CELLS;
         let mut out = SampleMetrics { cells, ..SampleMetrics::missing() };
@@ -120,7 +130,7 @@ impl SampleMetrics {
             out.energy_distance_control = energy_distance(control, real);
         }
         if !(enough(real) && enough(predicted) && enough(control)) {
-            return out;
+            return (out, None);
         }
         let genes = real[0].len();
         let column = |s: &[Vec<f32>], g: usize| -> Vec<f32> { s.iter().map(|r| r[g]).collect() };
@@ -147,7 +157,7 @@ impl SampleMetrics {
         out.de_precision = ratio(both, n_pred);
         let matched = (0..genes).filter(|&g| s_real[g] && same_sign[g]).count();
         out.de_direction_match = ratio(matched, n_real);
-        out
+        (out, Some((p_real, q_real)))
     }
 }
 

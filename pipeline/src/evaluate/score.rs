@@ -89,6 +89,8 @@ impl Scoring<'_> {
                 at(|t| &t.score),
                 at(|t| &t.pvalue),
                 at(|t| &t.qvalue),
+                f64::NAN,
+                f64::NAN,
             ));
         }
         let (pred_mean, pred_var) = (predicted.mean(), predicted.var());
