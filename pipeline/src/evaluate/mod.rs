@@ -647,7 +647,7 @@ fn sample_metrics(
     moments: &GroupMoments,
     key: &ConditionKey,
     predicted: &[Vec<f32>],
-) -> (samples::SampleMetrics, Option<(Vec<f64>, Vec<f64>)>) {
+) -> (samples::SampleMetrics, Option<samples::RankSumTests>) {
     let gather = |groups: &[usize]| -> Vec<Vec<f32>> {
         let cap = groups.iter().map(|&g| moments.samples[g].rows.len()).max().unwrap_or(0).max(predicted.len());
         groups.iter().flat_map(|&g| moments.samples[g].rows.iter().cloned()).take(cap.max(1)).collect()

@@ -72,6 +72,9 @@ pub(super) fn sampler(stream: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(0x5A4D_504C ^ stream)
 }
 
+/// The real cells' Wilcoxon p- and q-values per gene against the control cells.
+pub type RankSumTests = (Vec<f64>, Vec<f64>);
+
 /// The sample metrics of one condition (NaN where a sample is missing or too small).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct SampleMetrics {
@@ -119,7 +122,7 @@ impl SampleMetrics {
         real: &[Vec<f32>],
         predicted: &[Vec<f32>],
         control: &[Vec<f32>],
-    ) -> (SampleMetrics, Option<(Vec<f64>, Vec<f64>)>) {
+    ) -> (SampleMetrics, Option<RankSumTests>) {
         let cells = (real.len(), predicted.len(), control.len());
         let enough = |s: &[Vec<f32>]| s.len() >= MIN_SAMPLE_CELLS;
         let mut out = SampleMetrics { cells, ..SampleMetrics::missing() };
