@@ -70,6 +70,9 @@ pub struct DoseResponseOptions {
     /// Genes whose curves go to `genes.parquet` (default: the [`DEFAULT_TOP_GENES`] largest
     /// changes at the top dose of each curve).
     pub genes: Vec<String>,
+    /// Covariate values the decoded curves are limited to (`(covariate, value)`; several values of
+    /// one covariate are alternatives); default every combination with control cells.
+    pub covariates: Vec<(String, String)>,
     /// Control cells sampled per covariate combination.
     pub cells: usize,
     /// Seed of the sample (and of a variational model's draws).
@@ -93,6 +96,7 @@ impl DoseResponseOptions {
             perturbations: Vec::new(),
             doses: None,
             genes: Vec::new(),
+            covariates: Vec::new(),
             cells: DEFAULT_CELLS,
             seed: 0,
             out: out.into(),
@@ -238,7 +242,11 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
         };
         let decoder = Decoder { model: &model, gene_index: &gene_index, truth: &truth };
         let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(options.seed), model.device());
+        let wanted = covariate_filter(vocab, &options.covariates)?;
         for (covs, sample) in &data.samples {
+            if !wanted.iter().zip(covs).all(|(allowed, c)| allowed.is_empty() || allowed.contains(c)) {
+                continue;
+            }
             combos += 1;
             for (&p, grid) in perturbations.iter().zip(&grids) {
                 let curve = decoder.curve(
@@ -259,9 +267,10 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
         }
         if combos == 0 {
             return Err(Error::InvalidInput(format!(
-                "{}: no control cells of the model's covariates, nothing to decode (run without --store for the \
-                 latent curves alone)",
-                store.display()
+                "{}: no control cells of the model's covariates{}, nothing to decode (run without --store for \
+                 the latent curves alone)",
+                store.display(),
+                if options.covariates.is_empty() { "" } else { " with the --covariate values given" }
             )));
         }
     }
@@ -308,6 +317,29 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
     })
     .map_err(Error::stage("dose-response"))?;
     Ok(report)
+}
+
+/// Per covariate of the model, the category codes `given` allows (empty: any). Unknown keys or
+/// values are errors naming the closest valid ones.
+fn covariate_filter(vocab: &cpa_stream_stages::model::Vocabulary, given: &[(String, String)]) -> Result<Vec<Vec<u32>>> {
+    let mut allowed = vec![Vec::new(); vocab.covariates.len()];
+    for (key, value) in given {
+        let Some(c) = vocab.covariates.iter().position(|c| &c.name == key) else {
+            return Err(Error::InvalidInput(format!(
+                "--covariate {key}={value}: {key:?} is not a covariate of the model; closest: {}",
+                listing(key, vocab.covariates.iter().map(|c| c.name.as_str()), 5)
+            )));
+        };
+        let categories = &vocab.covariates[c].categories;
+        let Some(code) = categories.iter().position(|v| v == value) else {
+            return Err(Error::InvalidInput(format!(
+                "--covariate {key}={value}: {value:?} is not a category of {key:?}; closest: {}",
+                listing(value, categories.iter().map(String::as_str), 5)
+            )));
+        };
+        allowed[c].push(code as u32);
+    }
+    Ok(allowed)
 }
 
 /// The perturbation ids to draw: the named ones (combinations refused: dose scalings belong to

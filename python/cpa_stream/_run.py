@@ -444,6 +444,7 @@ class Run:
         perturbations: Sequence[str] | None = None,
         doses: Sequence[float] | None = None,
         genes: Sequence[str] | None = None,
+        covariates: Mapping[str, str | Sequence[str]] | None = None,
         cells: int = 100,
         seed: int = 0,
         out: PathLike | None = None,
@@ -458,7 +459,8 @@ class Run:
         ``"decoded"``, per covariate combination the length of the change of the mean predicted
         expression of up to ``cells`` sampled control cells from dose 0 (``response``), and
         ``"genes"``, the per-gene curves (``predicted``, ``delta``) of ``genes`` (default the 5
-        largest changes of each curve). A synthetic atlas's truth fills ``true_response`` and
+        largest changes of each curve), in the covariate combinations ``covariates`` allows
+        (``{"cell_type": "K562"}`` or a list of values; default all). A synthetic atlas's truth fills ``true_response`` and
         ``true_delta``. ``doses`` default: 0 to the largest dose the store has for each
         perturbation, plus every dose it has. ``attrs["summary"]`` of each frame holds the report
         (R2 against the truth included). With ``out`` the files (and, with ``plots``,
@@ -475,6 +477,9 @@ class Run:
                 "perturbations": list(perturbations or []),
                 "doses": [float(d) for d in doses] if doses is not None else None,
                 "genes": list(genes or []), "cells": cells, "seed": seed, "plots": plots,
+                "covariates": [
+                    [k, v] for k, vs in (covariates or {}).items() for v in ([vs] if isinstance(vs, str) else vs)
+                ],
                 "overwrite": overwrite,
             }
             report = json.loads(_native.dose_response(json.dumps(request), _compute(device, threads, None)))

@@ -632,6 +632,8 @@ struct DoseResponseRequest {
     #[serde(default)]
     genes: Vec<String>,
     #[serde(default)]
+    covariates: Vec<(String, String)>,
+    #[serde(default)]
     cells: Option<usize>,
     #[serde(default)]
     seed: u64,
@@ -653,6 +655,7 @@ fn dose_response(py: Python<'_>, request: &str, compute: &str) -> PyResult<Strin
     options.perturbations = request.perturbations;
     options.doses = request.doses;
     options.genes = request.genes;
+    options.covariates = request.covariates;
     options.cells = request.cells.unwrap_or(options.cells);
     options.seed = request.seed;
     options.plots = request.plots;

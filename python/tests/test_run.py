@@ -233,6 +233,8 @@ def test_dose_response_and_batch_corrected_prediction(run, store, fresh):
     assert len(genes) == 5 * len(decoded) and {"predicted", "delta", "true_delta"} <= set(genes.columns)
     assert decoded.attrs["summary"]["perturbations"] == 1
     assert (fresh / "dose" / "summary.json").exists()
+    one = run.dose_response(store, perturbations="SGK1", doses=[0, 1], covariates={"cell_type": "k562"}, cells=5, threads=1)
+    assert set(one["decoded"].cell_type) == {"k562"} and len(one["decoded"]) == 2
     latent_only = run.dose_response(perturbations=["SGK1"], threads=1)
     assert set(latent_only) == {"latent"}
     with pytest.raises(ValueError, match="closest"):

@@ -187,6 +187,11 @@ pub struct DoseResponseArgs {
     /// at the top dose of each curve].
     #[arg(long, value_delimiter = ',')]
     genes: Vec<String>,
+    /// Decode only these covariate values, `KEY=VALUE` (repeat; values of one key are
+    /// alternatives), e.g. `--covariate cell_type=K562` [default: every combination with control
+    /// cells].
+    #[arg(long, value_parser = parse_key_value)]
+    covariate: Vec<(String, String)>,
     /// Control cells sampled per covariate combination.
     #[arg(long, default_value_t = cpa_stream_pipeline::dose_response::DEFAULT_CELLS)]
     cells: usize,
@@ -218,6 +223,7 @@ pub fn dose_response(args: DoseResponseArgs) -> anyhow::Result<ExitCode> {
         perturbations: args.perturbations.clone(),
         doses: args.doses.clone(),
         genes: args.genes.clone(),
+        covariates: args.covariate.clone(),
         cells: args.cells,
         seed: args.seed,
         device,
@@ -253,4 +259,12 @@ pub fn dose_response(args: DoseResponseArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `KEY=VALUE`.
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!("{text:?}: expected KEY=VALUE, e.g. cell_type=K562")),
+    }
 }

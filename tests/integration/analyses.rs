@@ -173,6 +173,19 @@ fn dose_response_recovers_the_true_curves_and_writes_complete_tables() {
     let genes = read_small_table(&named.join("genes.parquet")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(genes.num_rows(), 2 * 3 * 2, "2 cell types x 3 doses x 2 genes");
     assert!(!named.join("dose_response.png").exists());
+    // One cell type only; a value the model does not know is an error naming the closest.
+    let one = f.dir.join("dose-one");
+    let args = ["dose-response", "--model", &s(&f.run), "--store", &s(&f.store), "--no-plots"];
+    let o = run(&[
+        &args[..],
+        &["--perturbations", "PERT02", "--doses", "0,1", "--covariate", "cell_type=CT02", "--out", &s(&one)],
+    ]
+    .concat());
+    assert!(o.status.success(), "dose-response failed: {}", text(&o.stderr));
+    let decoded = read_small_table(&one.join("decoded.parquet")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(strings(&decoded, "cell_type"), ["CT02", "CT02"]);
+    let o = run(&[&args[..], &["--covariate", "cell_type=CT2", "--out", &s(&f.dir.join("bad-ct"))]].concat());
+    assert!(!o.status.success() && text(&o.stderr).contains("\"CT02\""), "{}", text(&o.stderr));
     let o = run(&["dose-response", "--model", &s(&f.run), "--perturbations", "PERT2", "--out", &s(&f.dir.join("bad"))]);
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("\"PERT02\""), "no suggestion: {}", text(&o.stderr));
