@@ -248,10 +248,11 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
                 continue;
             }
             combos += 1;
+            let encoded = decoder.encode(covs, sample, &mut noise)?;
             for (&p, grid) in perturbations.iter().zip(&grids) {
                 let curve = decoder.curve(
                     covs,
-                    sample,
+                    &encoded,
                     p,
                     grid,
                     &data.observed_with,
@@ -490,7 +491,49 @@ struct Decoder<'a> {
     truth: &'a HashMap<ConditionKey, TruthRow>,
 }
 
+/// A covariate combination's sampled control cells, encoded once for all its curves, and the
+/// model's prediction for them at dose 0 (every doser scales dose 0 to 0), the curves' origin.
+struct Encoded {
+    n: usize,
+    draws: Vec<Tensor>,
+    library: Option<Tensor>,
+    covariates: Vec<Tensor>,
+    origin: Vec<f64>,
+}
+
 impl Decoder<'_> {
+    /// Encodes `sample` (control cells of the covariates `covs`) and decodes its origin.
+    fn encode(&self, covs: &[u32], sample: &CsrBatch, noise: &mut Noise) -> Result<Encoded> {
+        let model = self.model;
+        let n = sample.n_rows();
+        tch::no_grad(|| -> cpa_stream_stages::Result<Encoded> {
+            let device = model.device();
+            let x = cpa_stream_stages::model::batch::densify(sample, device)?;
+            let (x_in, library) = model.input(&x)?;
+            let draws = model.basal_draws(&x_in, noise)?;
+            let codes: Vec<Tensor> = covs
+                .iter()
+                .map(|&c| Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device)))
+                .collect::<std::result::Result<_, _>>()?;
+            let covariates = model.covariate_latents(&codes)?;
+            let zeros = Tensor::f_zeros([n as i64, model.config().model.n_latent as i64], (Kind::Float, device))?;
+            let mut encoded = Encoded { n, draws, library, covariates, origin: Vec::new() };
+            encoded.origin = self.average(&encoded, &zeros, noise)?;
+            Ok(encoded)
+        })
+        .map_err(Error::stage("predictor"))
+    }
+
+    /// The mean over the encoded cells of their prediction with the perturbation latent `z_pert`
+    /// (`log1p` of the means for count models).
+    fn average(&self, encoded: &Encoded, z_pert: &Tensor, noise: &mut Noise) -> cpa_stream_stages::Result<Vec<f64>> {
+        let model = self.model;
+        let mean =
+            model.mean_over_draws(&encoded.draws, z_pert, &encoded.covariates, encoded.library.as_ref(), noise)?;
+        let v = if model.config().model.recon_loss.is_count() { mean.f_log1p()? } else { mean };
+        Ok(Vec::<f64>::try_from(&v.f_mean_dim(0, false, Kind::Double)?.f_to_device(Device::Cpu)?)?)
+    }
+
     /// Appends the decoded points of perturbation `p` over `grid` in covariates `covs`; returns
     /// the curve's R2 against the truth (per-gene changes, responses) where the truth has at least
     /// two of its doses.
@@ -498,7 +541,7 @@ impl Decoder<'_> {
     fn curve(
         &self,
         covs: &[u32],
-        sample: &CsrBatch,
+        encoded: &Encoded,
         p: u32,
         grid: &[f64],
         observed_with: &HashMap<(Vec<u32>, u32), BTreeSet<u32>>,
@@ -508,35 +551,20 @@ impl Decoder<'_> {
     ) -> Result<Option<(f64, f64)>> {
         let model = self.model;
         let vocab = model.vocabulary();
-        let n = sample.n_rows();
-        let count_model = model.config().model.recon_loss.is_count();
-        let means = tch::no_grad(|| -> cpa_stream_stages::Result<Vec<Vec<f64>>> {
-            let device = model.device();
-            let x = cpa_stream_stages::model::batch::densify(sample, device)?;
-            let (x_in, library) = model.input(&x)?;
-            let draws = model.basal_draws(&x_in, noise)?;
-            let codes: Vec<Tensor> = covs
-                .iter()
-                .map(|&c| Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device)))
-                .collect::<std::result::Result<_, _>>()?;
-            let cov_latents = model.covariate_latents(&codes)?;
+        let n = encoded.n;
+        let curve = tch::no_grad(|| -> cpa_stream_stages::Result<Vec<Vec<f64>>> {
             let mut perts = PerturbationCsr::new();
-            // Dose 0 first: the model's own control prediction, the curves' origin.
-            std::iter::once(0.0)
-                .chain(grid.iter().copied())
-                .map(|dose| {
+            grid.iter()
+                .map(|&dose| {
                     perts.clear();
                     perts.push_repeated(&[(p, dose as f32)], n);
-                    let z_pert = model.perturbation_latent(&perts.to_device(device)?)?;
-                    let mean = model.mean_over_draws(&draws, &z_pert, &cov_latents, library.as_ref(), noise)?;
-                    let v = if count_model { mean.f_log1p()? } else { mean };
-                    let avg = v.f_mean_dim(0, false, Kind::Double)?.f_to_device(Device::Cpu)?;
-                    Ok(Vec::<f64>::try_from(&avg)?)
+                    let z_pert = model.perturbation_latent(&perts.to_device(model.device())?)?;
+                    self.average(encoded, &z_pert, noise)
                 })
                 .collect()
         })
         .map_err(Error::stage("predictor"))?;
-        let (origin, curve) = means.split_first().ok_or_else(|| Error::InvalidInput("empty dose grid".into()))?;
+        let origin = &encoded.origin;
         let truth_control = self
             .truth
             .iter()
@@ -725,7 +753,7 @@ mod tests {
         let seen: BTreeSet<u32> = [0.01f32, 0.1, 1.0].iter().map(|d| d.to_bits()).collect();
         let grid = dose_grid(None, Some(&seen));
         assert_eq!(grid[0], 0.0);
-        assert_eq!(*grid.last().unwrap(), 1.0);
+        assert_eq!(grid.last().copied(), Some(1.0));
         for d in [0.01f32, 0.1] {
             assert!(grid.iter().any(|&g| g as f32 == d), "{d} missing from {grid:?}");
         }
