@@ -89,19 +89,15 @@ fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
 #[test]
 fn dose_response_recovers_the_true_curves_and_writes_complete_tables() {
     let f = fixture();
+    // `dose-response` of the fixture's model and store into `out`, with `extra` flags.
+    let dose_response = |out: &Path, extra: &[&str]| {
+        let (model, store, out) = (s(&f.run), s(&f.store), s(out));
+        let mut args = vec!["dose-response", "--model", &model, "--store", &store, "--out", &out];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
     let out = f.dir.join("dose");
-    let o = run(&[
-        "dose-response",
-        "--model",
-        &s(&f.run),
-        "--store",
-        &s(&f.store),
-        "--cells",
-        "50",
-        "--out",
-        &s(&out),
-        "--json",
-    ]);
+    let o = dose_response(&out, &["--cells", "50", "--json"]);
     assert!(o.status.success(), "dose-response failed: {}", text(&o.stderr));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}"));
     for file in ["latent.parquet", "decoded.parquet", "genes.parquet", "summary.json", "dose_response.svg"] {
@@ -153,38 +149,20 @@ fn dose_response_recovers_the_true_curves_and_writes_complete_tables() {
 
     // Named genes and doses; bad names get the closest valid ones.
     let named = f.dir.join("dose-named");
-    let o = run(&[
-        "dose-response",
-        "--model",
-        &s(&f.run),
-        "--store",
-        &s(&f.store),
-        "--perturbations",
-        "PERT02",
-        "--doses",
-        "1,0,0.5",
-        "--genes",
-        "GENE001,GENE002",
-        "--no-plots",
-        "--out",
-        &s(&named),
-    ]);
+    let flags = ["--perturbations", "PERT02", "--doses", "1,0,0.5", "--genes", "GENE001,GENE002", "--no-plots"];
+    let o = dose_response(&named, &flags);
     assert!(o.status.success(), "dose-response failed: {}", text(&o.stderr));
     let genes = read_small_table(&named.join("genes.parquet")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(genes.num_rows(), 2 * 3 * 2, "2 cell types x 3 doses x 2 genes");
     assert!(!named.join("dose_response.png").exists());
     // One cell type only; a value the model does not know is an error naming the closest.
     let one = f.dir.join("dose-one");
-    let args = ["dose-response", "--model", &s(&f.run), "--store", &s(&f.store), "--no-plots"];
-    let o = run(&[
-        &args[..],
-        &["--perturbations", "PERT02", "--doses", "0,1", "--covariate", "cell_type=CT02", "--out", &s(&one)],
-    ]
-    .concat());
+    let flags = ["--perturbations", "PERT02", "--doses", "0,1", "--covariate", "cell_type=CT02", "--no-plots"];
+    let o = dose_response(&one, &flags);
     assert!(o.status.success(), "dose-response failed: {}", text(&o.stderr));
     let decoded = read_small_table(&one.join("decoded.parquet")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(strings(&decoded, "cell_type"), ["CT02", "CT02"]);
-    let o = run(&[&args[..], &["--covariate", "cell_type=CT2", "--out", &s(&f.dir.join("bad-ct"))]].concat());
+    let o = dose_response(&f.dir.join("bad-ct"), &["--covariate", "cell_type=CT2"]);
     assert!(!o.status.success() && text(&o.stderr).contains("\"CT02\""), "{}", text(&o.stderr));
     let o = run(&["dose-response", "--model", &s(&f.run), "--perturbations", "PERT2", "--out", &s(&f.dir.join("bad"))]);
     assert!(!o.status.success());
