@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Evaluation peak memory and time against the number of cells: synthetic atlases of CELLS_LIST
 # cells x GENES genes (same generator seed), one model trained briefly on the smallest, then
-# `evaluate` on each, REPS repetitions interleaved, with glibc's defaults and with its mmap
-# threshold fixed at 1 MiB. Prints: rep allocator cells peak_RssAnon_MiB max_RSS_MiB seconds load.
+# `evaluate` on each, REPS repetitions interleaved. Prints: rep allocator cells peak_RssAnon_MiB
+# max_RSS_MiB seconds load. ALLOCATORS lists the environments compared ("default": as the CLI
+# runs, which fixes glibc's mmap threshold at 1 MiB itself; e.g. "default MALLOC_ARENA_MAX=2").
 #
 #   scripts/bench-eval-memory.sh                     10k, 100k, 1M x 5,000 genes (about 7 GB of stores)
 #   CELLS_LIST="20000 200000" GENES=200 scripts/bench-eval-memory.sh
 #
 # Knobs: OUT (default $CPA_STREAM_CACHE/bench-eval-memory), CELLS_LIST, GENES, REPS (3), BATCH
-# (evaluate --batch-size; default its own).
+# (evaluate --batch-size; default its own), ALLOCATORS ("default").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/bootstrap.sh 2>/dev/null)"
@@ -27,7 +28,7 @@ done
 [ -d "$OUT/run-$GENES/model" ] || "$CS" train --store "$OUT/m$first-$GENES.store" --dose-key dose \
   --covariates cell_type --epochs 5 --out "$OUT/run-$GENES" --overwrite -q
 for rep in $(seq "$REPS"); do
-  for allocator in default MALLOC_MMAP_THRESHOLD_=1048576; do
+  for allocator in ${ALLOCATORS:-default}; do
     for n in $CELLS_LIST; do
       env_args=(); [ "$allocator" != default ] && env_args=("$allocator")
       env "${env_args[@]}" /usr/bin/time -f "%M" -o "$OUT/time.txt" "$CS" evaluate --model "$OUT/run-$GENES" \

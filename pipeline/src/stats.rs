@@ -196,6 +196,60 @@ pub fn energy_distance(x: &[Vec<f32>], y: &[Vec<f32>]) -> f64 {
     2.0 * mean_between(x, y) - mean_between(x, x) - mean_between(y, y)
 }
 
+/// Groups of equal scores, highest first: `(positives, negatives)` per distinct score (NaN
+/// scores count as the lowest).
+fn tied_groups(labels: &[bool], scores: &[f64]) -> Vec<(f64, f64)> {
+    let key = |i: usize| if scores[i].is_nan() { f64::NEG_INFINITY } else { scores[i] };
+    let mut order: Vec<usize> = (0..labels.len().min(scores.len())).collect();
+    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
+    let mut groups: Vec<(f64, f64)> = Vec::new();
+    let mut last = None;
+    for i in order {
+        if last != Some(key(i)) {
+            groups.push((0.0, 0.0));
+            last = Some(key(i));
+        }
+        if let Some(g) = groups.last_mut() {
+            if labels[i] { g.0 += 1.0 } else { g.1 += 1.0 }
+        }
+    }
+    groups
+}
+
+/// Average precision of `scores` ranking the `labels` (the area under the precision-recall
+/// curve as a step sum over the distinct thresholds, scikit-learn's `average_precision_score`).
+/// NaN without positives.
+pub fn average_precision(labels: &[bool], scores: &[f64]) -> f64 {
+    let groups = tied_groups(labels, scores);
+    let positives: f64 = groups.iter().map(|g| g.0).sum();
+    if positives == 0.0 {
+        return f64::NAN;
+    }
+    let (mut tp, mut fp, mut ap) = (0.0, 0.0, 0.0);
+    for (pos, neg) in groups {
+        tp += pos;
+        fp += neg;
+        ap += pos / positives * (tp / (tp + fp));
+    }
+    ap
+}
+
+/// Area under the ROC curve of `scores` ranking the `labels` (trapezoids over the distinct
+/// thresholds, scikit-learn's `roc_curve` + `auc`: ties count half). NaN unless both classes occur.
+pub fn roc_auc(labels: &[bool], scores: &[f64]) -> f64 {
+    let groups = tied_groups(labels, scores);
+    let (positives, negatives): (f64, f64) = groups.iter().fold((0.0, 0.0), |a, g| (a.0 + g.0, a.1 + g.1));
+    if positives == 0.0 || negatives == 0.0 {
+        return f64::NAN;
+    }
+    let (mut tp, mut area) = (0.0, 0.0);
+    for (pos, neg) in groups {
+        area += neg * (tp + pos / 2.0);
+        tp += pos;
+    }
+    area / (positives * negatives)
+}
+
 /// Indices of the `k` largest `|score|`, largest first (ties by index, NaN as 0).
 pub fn top_by_abs(scores: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
@@ -295,5 +349,20 @@ mod tests {
         // sklearn.metrics.r2_score([3, -0.5, 2, 7], [2.5, 0.0, 2, 8]) = 0.9486081370449679
         let r2 = r2_score(&[2.5, 0.0, 2.0, 8.0], &[3.0, -0.5, 2.0, 7.0]);
         assert!((r2 - 0.9486081370449679).abs() < 1e-12, "{r2}");
+    }
+
+    #[test]
+    fn average_precision_and_roc_auc_by_hand() {
+        // Scores 0.9 (+), 0.8 (-), 0.7 (+), 0.1 (-): AP = 1/2 * 1 + 1/2 * 2/3; AUC: 3 of 4 pairs.
+        let labels = [true, false, true, false];
+        let scores = [0.9, 0.8, 0.7, 0.1];
+        assert!((average_precision(&labels, &scores) - (0.5 + 1.0 / 3.0)).abs() < 1e-12);
+        assert!((roc_auc(&labels, &scores) - 0.75).abs() < 1e-12);
+        // All tied: AP is the share of positives, AUC one half.
+        assert!((average_precision(&labels, &[1.0; 4]) - 0.5).abs() < 1e-12);
+        assert!((roc_auc(&labels, &[1.0; 4]) - 0.5).abs() < 1e-12);
+        // One class only: undefined.
+        assert!(roc_auc(&[true, true], &[0.1, 0.2]).is_nan());
+        assert!(average_precision(&[false, false], &[0.1, 0.2]).is_nan());
     }
 }

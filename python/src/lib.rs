@@ -611,7 +611,7 @@ fn evaluate(py: Python<'_>, request: &str, compute: &str, progress: Option<Bound
     options.min_cells = request.min_cells.unwrap_or(options.definitions.min_cells());
     options.expected_log1p = request.expected_log1p;
     if let Some(b) = request.batch_size {
-        options.batch_size = b.max(1);
+        options.batch_size = Some(b.max(1));
     }
     let (report, _) = run_shown(py, progress, None, move |p| run_evaluate(&options, p))?;
     to_json(&report)

@@ -5,9 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::evaluate::{
-    DEFAULT_BATCH_SIZE, Definitions, EvalSplit, EvaluateOptions, MetricSet, render_table, run_evaluate,
-};
+use cpa_stream_pipeline::evaluate::{Definitions, EvalSplit, EvaluateOptions, MetricSet, render_table, run_evaluate};
 
 use super::progress::CliProgress;
 
@@ -58,9 +56,10 @@ pub struct EvaluateArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Control cells decoded per batch.
-    #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_BATCH_SIZE)]
-    batch_size: usize,
+    /// Control cells decoded per batch [default: 128 on the CPU, where larger batches only hold
+    /// more memory, 1024 on a GPU].
+    #[arg(long, value_parser = super::parse_batch_size)]
+    batch_size: Option<usize>,
     /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
     #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
@@ -70,6 +69,7 @@ pub struct EvaluateArgs {
 }
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
+    cpa_stream_pipeline::evaluate::return_large_buffers_to_the_system();
     let (device, _) = super::model_device(&args.device, args.threads, None)?;
     let definitions = Definitions::parse(&args.definitions)?;
     let options = EvaluateOptions {

@@ -470,6 +470,16 @@ fn evaluation_equals_a_computation_by_hand() {
         "energy_distance_control",
         "de_recall",
         "de_precision",
+        "energy_distance_predicted_control",
+        "de_overlap_at_n",
+        "de_precision_at_n",
+        "de_spearman_lfc",
+        "de_pr_auc",
+        "de_roc_auc",
+        "cosine_logfc",
+        "rmse",
+        "rank_cosine_logfc",
+        "rank_rmse",
     ] {
         assert!(metrics.iter().any(|n| n == m), "no {m} among the metrics: {metrics:?}");
     }

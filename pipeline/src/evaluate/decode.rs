@@ -24,11 +24,13 @@ use crate::predictor::targets::Target;
 use crate::progress::Progress;
 use crate::stats::Moments;
 
-use super::samples::{Reservoir, sampler};
+use super::samples::{Samples, sampler};
 use crate::telemetry::StageStats;
 
-/// Rows decoded at once on the CPU.
-const CPU_STEP_ROWS: usize = 256;
+/// Rows decoded at once on the CPU: the per-target transients (decoded means and their float64
+/// moments) stay about 5 MB at 5,000 genes. Measured at 1M cells x 5,000 genes
+/// (`docs/benchmarks.md`): 128 decodes as fast as 256 with 25 MB less peak memory; 64 is slower.
+pub(super) const CPU_STEP_ROWS: usize = 128;
 
 /// Cells the planner scans between progress reports.
 const CHUNK_CELLS: u64 = 4096;
@@ -54,9 +56,12 @@ pub(super) struct Decode<'a> {
     pub(super) sample_theta: Option<Vec<f64>>,
 }
 
-/// What the decoding pass produced per condition: the moments of the predictions and a sample
-/// of predicted cells.
-pub(super) type Decoded = HashMap<ConditionKey, (Moments, Vec<Vec<f32>>)>;
+/// What the decoding pass produced: per condition the moments of the predictions and its index
+/// among the samples of predicted cells.
+pub(super) struct Decoded {
+    pub(super) conditions: HashMap<ConditionKey, (Moments, usize)>,
+    pub(super) samples: Samples,
+}
 
 /// The counters of the decoding pass's stages.
 pub(super) struct DecodeStats {
@@ -107,7 +112,7 @@ impl Decode<'_> {
         }
         let mut sums: Vec<Option<(Tensor, Tensor)>> = (0..self.targets.len()).map(|_| None).collect();
         let mut counts = vec![0u64; self.targets.len()];
-        let mut samples: Vec<Reservoir> = (0..self.targets.len()).map(|_| Reservoir::new(self.sample_cap)).collect();
+        let mut samples = Samples::new(self.targets.len(), self.sample_cap, self.store.n_vars() as usize);
         let mut rng = sampler(2);
         let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(0), device);
         let mut perts = PerturbationCsr::new();
@@ -149,7 +154,7 @@ impl Decode<'_> {
                         });
                         // The rows the target's sample keeps, copied to the host together.
                         let kept: Vec<(usize, usize)> =
-                            (0..n).filter_map(|i| samples[t].offer(&mut rng).map(|slot| (i, slot))).collect();
+                            (0..n).filter_map(|i| samples.offer(t, &mut rng).map(|slot| (i, slot))).collect();
                         if !kept.is_empty() {
                             let rows: Vec<i64> = kept.iter().map(|&(i, _)| i as i64).collect();
                             let index = Tensor::f_from_slice(&rows)?.f_to_device(device)?;
@@ -166,7 +171,9 @@ impl Decode<'_> {
                             let width = flat.len() / kept.len();
                             // In offer order: a later row of this batch may replace an earlier one.
                             for (k, &(_, slot)) in kept.iter().enumerate() {
-                                samples[t].put(slot, flat[k * width..(k + 1) * width].to_vec());
+                                samples.put(t, slot, &flat[k * width..(k + 1) * width]).map_err(|source| {
+                                    cpa_stream_stages::Error::Io { path: std::env::temp_dir(), source }
+                                })?;
                             }
                         }
                         counts[t] += n as u64;
@@ -182,13 +189,12 @@ impl Decode<'_> {
             let t = t.f_to_device(Device::Cpu).map_err(|e| torch(e.into()))?;
             Vec::<f64>::try_from(&t).map_err(|e| torch(e.into()))
         };
-        let mut out = HashMap::new();
+        let mut conditions = HashMap::new();
         for (t, (key, _)) in self.targets.iter().enumerate() {
             let Some((s, q)) = sums[t].take() else { continue };
-            let rows = std::mem::take(&mut samples[t].rows);
-            out.insert(key.clone(), (Moments::from_sums(counts[t] as f64, host(&s)?, host(&q)?), rows));
+            conditions.insert(key.clone(), (Moments::from_sums(counts[t] as f64, host(&s)?, host(&q)?), t));
         }
-        Ok(out)
+        Ok(Decoded { conditions, samples })
     }
 }
 

@@ -203,6 +203,62 @@ pub fn discrimination_ranks(effects: &[Effects<'_>], distance: Distance) -> Vec<
         .collect()
 }
 
+/// PerturBench's pseudocount of its log fold changes.
+pub const PERTURBENCH_PSEUDOCOUNT: f64 = 0.1;
+
+/// PerturBench's `logfc` pseudobulk: `log2(mean + 0.1) - log2(control + 0.1)` per gene, of the
+/// pseudobulks as they are (log1p means for count models).
+pub fn perturbench_logfc(mean: &[f64], control: &[f64]) -> Vec<f64> {
+    let l = |v: f64| (v + PERTURBENCH_PSEUDOCOUNT).log2();
+    mean.iter().zip(control).map(|(&m, &c)| l(m) - l(c)).collect()
+}
+
+/// One condition as PerturBench's rank metrics see it: a predicted and (with real cells) a real
+/// vector, compared within its group.
+pub struct Ranked<'a> {
+    /// Conditions are ranked only against conditions of the same group (covariates).
+    pub group: &'a [String],
+    /// The predicted vector.
+    pub predicted: &'a [f64],
+    /// The real vector; `None` without real cells (neither ranked nor a candidate).
+    pub real: Option<&'a [f64]>,
+}
+
+/// PerturBench's rank metric: for each condition with real cells, the position of its own
+/// prediction among the predictions of its group's conditions with real cells, ordered by
+/// `score(prediction, its real vector)` best first (`higher_is_better` for similarities), over
+/// their number (0 best). Ties keep the conditions' order (PerturBench shuffles them). NaN
+/// without real cells or alone in its group.
+pub fn perturbench_ranks(
+    conditions: &[Ranked<'_>],
+    score: impl Fn(&[f64], &[f64]) -> f64,
+    higher_is_better: bool,
+) -> Vec<f64> {
+    let mut groups: HashMap<&[String], Vec<usize>> = HashMap::new();
+    for (i, c) in conditions.iter().enumerate() {
+        if c.real.is_some() {
+            groups.entry(c.group).or_default().push(i);
+        }
+    }
+    conditions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (Some(real), Some(members)) = (c.real, groups.get(c.group)) else { return f64::NAN };
+            if members.len() < 2 {
+                return f64::NAN;
+            }
+            let key = |j: usize| {
+                let v = score(conditions[j].predicted, real);
+                if higher_is_better { -v } else { v }
+            };
+            let own = key(i);
+            let rank = members.iter().filter(|&&j| key(j) < own || (key(j) == own && j < i)).count();
+            rank as f64 / members.len() as f64
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +386,49 @@ mod tests {
             for (i, p) in perts.iter().enumerate() {
                 // cell-eval's score is 1 - the normalised rank.
                 check(&format!("discrimination_score_{}", distance.name()), p, 1.0 - ranks[i]);
+            }
+        }
+    }
+
+    /// PerturBench's metrics by its formulas (no package on PyPI; `make_reference.py` writes the
+    /// numbers from its definitions), on the same fixture, as predicted and with the predictions
+    /// rotated by one perturbation (ranks not all 0).
+    #[test]
+    fn agree_with_perturbench_formulas() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cell_eval/reference.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let r: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        let vector = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array().map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect()).unwrap_or_default()
+        };
+        let perts: Vec<String> = r["perturbations"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|g| g.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        let control = vector(&r["control_real"]);
+        let real: Vec<Vec<f64>> = perts.iter().map(|p| vector(&r["real"][p])).collect();
+        let pred: Vec<Vec<f64>> = perts.iter().map(|p| vector(&r["pred"][p])).collect();
+        let rotated: Vec<Vec<f64>> = (0..perts.len()).map(|i| pred[(i + 1) % perts.len()].clone()).collect();
+        let group: Vec<String> = Vec::new();
+        for (key, pred) in [("perturbench", &pred), ("perturbench_rotated", &rotated)] {
+            let expect = |metric: &str, p: &str| r[key][metric][p].as_f64().unwrap_or(f64::NAN);
+            let plfc: Vec<Vec<f64>> = pred.iter().map(|m| perturbench_logfc(m, &control)).collect();
+            let rlfc: Vec<Vec<f64>> = real.iter().map(|m| perturbench_logfc(m, &control)).collect();
+            fn conditions<'a>(group: &'a [String], p: &'a [Vec<f64>], q: &'a [Vec<f64>]) -> Vec<Ranked<'a>> {
+                p.iter().zip(q).map(|(p, q)| Ranked { group, predicted: p, real: Some(q) }).collect()
+            }
+            let rank_cosine = perturbench_ranks(&conditions(&group, &plfc, &rlfc), cosine, true);
+            let rank_rmse = perturbench_ranks(&conditions(&group, pred, &real), |a, b| mse(a, b).sqrt(), false);
+            for (i, p) in perts.iter().enumerate() {
+                for (metric, ours) in [
+                    ("cosine_logfc", cosine(&plfc[i], &rlfc[i])),
+                    ("rmse_average", mse(&pred[i], &real[i]).sqrt()),
+                    ("rank_cosine_logfc", rank_cosine[i]),
+                    ("rank_rmse_average", rank_rmse[i]),
+                ] {
+                    let theirs = expect(metric, p);
+                    assert!((ours - theirs).abs() <= 1e-9, "{key} {metric} of {p}: ours {ours}, PerturBench {theirs}");
+                }
             }
         }
     }

@@ -60,8 +60,34 @@ pub const TOP_K: [usize; 3] = [10, 20, 50];
 /// The reference scores groups of at least 2 cells.
 pub const REFERENCE_MIN_CELLS: u64 = 2;
 
-/// Control cells decoded per batch, unless set otherwise.
-pub const DEFAULT_BATCH_SIZE: usize = 1024;
+/// Control cells decoded per batch on the CPU, unless set otherwise: the decoder's step
+/// ([`decode::CPU_STEP_ROWS`]), since larger batches there only hold more memory in flight.
+pub const DEFAULT_BATCH_SIZE: usize = decode::CPU_STEP_ROWS;
+
+/// Control cells decoded per batch on a GPU (one step per batch), unless set otherwise.
+pub const DEFAULT_GPU_BATCH_SIZE: usize = 1024;
+
+/// Makes glibc's malloc serve every allocation of 1 MiB or more from its own mapping, returned
+/// to the system when freed, for the rest of the process. By default glibc raises that threshold
+/// to the largest block freed so far (up to 32 MiB), after which the evaluation's transient
+/// buffers (a pass's chunk of cells, decoded means) land in the heap and fragment it: peak memory
+/// at 1M cells x 5,000 genes was 430 MiB instead of 242 MiB (10k cells: 224-281 MiB). The CLI's
+/// `evaluate` calls this; a library user may too (it is process-wide and disables glibc's
+/// adjustment; setting `MALLOC_MMAP_THRESHOLD_=1048576` does the same). Not for training: its
+/// per-batch tensors then fault in fresh pages every step (measured 40% slower at 5,000 genes).
+/// Does nothing off glibc.
+pub fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes a malloc parameter; it is called before the work allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+/// The default batch size on `device`.
+pub fn default_batch_size(device: Device) -> usize {
+    if device.is_cuda() { DEFAULT_GPU_BATCH_SIZE } else { DEFAULT_BATCH_SIZE }
+}
 
 /// Conditions with fewer evaluated cells are skipped, unless set otherwise.
 pub const DEFAULT_MIN_CELLS: u64 = 5;
@@ -158,8 +184,9 @@ pub struct EvaluateOptions {
     pub out: PathBuf,
     /// Where the model runs; default the CPU.
     pub device: Device,
-    /// Control cells decoded per batch; default [`DEFAULT_BATCH_SIZE`].
-    pub batch_size: usize,
+    /// Control cells decoded per batch; default (`None`) [`default_batch_size`] of the device:
+    /// [`DEFAULT_BATCH_SIZE`] on the CPU, [`DEFAULT_GPU_BATCH_SIZE`] on a GPU.
+    pub batch_size: Option<usize>,
     /// Conditions with fewer evaluated cells are skipped (unless scored against the truth);
     /// default [`DEFAULT_MIN_CELLS`].
     pub min_cells: u64,
@@ -186,7 +213,7 @@ impl EvaluateOptions {
             degs: None,
             out: out.into(),
             device: Device::Cpu,
-            batch_size: DEFAULT_BATCH_SIZE,
+            batch_size: None,
             min_cells: DEFAULT_MIN_CELLS,
             definitions: Definitions::Default,
             expected_log1p: false,
@@ -310,6 +337,14 @@ pub struct FieldMetrics {
     pub ceiling_r2_mean: f64,
     /// The same for `pearson_delta`.
     pub ceiling_pearson_delta: f64,
+    /// PerturBench's `cosine` of the `logfc` pseudobulks ([`field::perturbench_logfc`]).
+    pub cosine_logfc: f64,
+    /// PerturBench's `rmse` of the `average` pseudobulks.
+    pub rmse: f64,
+    /// PerturBench's rank metric of `cosine_logfc` (0 best; [`field::perturbench_ranks`]).
+    pub rank_cosine_logfc: f64,
+    /// PerturBench's rank metric of `rmse`.
+    pub rank_rmse: f64,
 }
 
 /// The DEG list lengths of the overlap metrics.
@@ -324,6 +359,10 @@ pub struct Effects {
     pub real: Option<Vec<f64>>,
     /// Genes named by the condition's perturbations (left out of its distances).
     pub exclude: Vec<usize>,
+    /// PerturBench's log fold changes of the prediction ([`field::perturbench_logfc`]).
+    pub predicted_logfc: Vec<f64>,
+    /// The same of the real cells; `None` without real cells.
+    pub real_logfc: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -540,7 +579,7 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         source_of_group: &plan.source_of_group,
         targets: &plan.targets,
         split: options.split,
-        batch_size: options.batch_size,
+        batch_size: options.batch_size.unwrap_or_else(|| default_batch_size(options.device)),
         loader,
         count_model,
         theta: theta.as_ref(),
@@ -549,6 +588,13 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     }
     .run(&decode_stats, progress)?;
     progress.end();
+
+    tracing::debug!(
+        "sampled cells: {:.1} MiB written to temporary files (real {:.1}, predicted {:.1})",
+        (moments.samples.spilled_bytes() + predicted.samples.spilled_bytes()) as f64 / 1048576.0,
+        moments.samples.spilled_bytes() as f64 / 1048576.0,
+        predicted.samples.spilled_bytes() as f64 / 1048576.0
+    );
 
     // DEGs and scores.
     let deg_table = deg_table(options, &store)?;
@@ -570,32 +616,27 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     let queried: Vec<(ConditionKey, Vec<(u32, f32)>)> =
         plan.targets.iter().map(|(key, target)| (key.clone(), target.parts.clone())).collect();
     let distances = uncertainty::uncertainties(&model, &groups, &moments, &queried)?;
-    let results: Vec<ConditionMetrics> = plan
-        .evaluated
-        .iter()
-        .zip(&plan.targets)
-        .zip(&distances)
-        .filter_map(|(((key, real), (_, target)), distance)| {
-            let (pred, predicted_cells) = predicted.get(key)?;
-            let first_row = deg_rows.len();
-            let mut metrics = scoring.score(key, target, real, pred, &mut deg_rows);
-            let (sampled, tests) = sample_metrics(&plan, &moments, key, predicted_cells);
-            metrics.samples = sampled;
-            if let Some((p, q)) = tests {
-                for row in &mut deg_rows[first_row..] {
-                    if let Some(&g) = gene_index.get(row.2.as_str()) {
-                        (row.6, row.7) = (p[g], q[g]);
-                    }
+    let mut results: Vec<ConditionMetrics> = Vec::with_capacity(plan.targets.len());
+    for (((key, real), (_, target)), distance) in plan.evaluated.iter().zip(&plan.targets).zip(&distances) {
+        let Some((pred, t)) = predicted.conditions.get(key) else { continue };
+        let first_row = deg_rows.len();
+        let mut metrics = scoring.score(key, target, real, pred, &mut deg_rows);
+        let (sampled, tests) = sample_metrics(&plan, &moments, key, &predicted.samples, *t)?;
+        metrics.samples = sampled;
+        if let Some((p, q)) = tests {
+            for row in &mut deg_rows[first_row..] {
+                if let Some(&g) = gene_index.get(row.2.as_str()) {
+                    (row.6, row.7) = (p[g], q[g]);
                 }
             }
-            if let Some(d) = distance {
-                metrics.uncertainty_cosine = d.cosine;
-                metrics.uncertainty_euclidean = d.euclidean;
-                metrics.closest_condition.clone_from(&d.closest);
-            }
-            Some(metrics)
-        })
-        .collect();
+        }
+        if let Some(d) = distance {
+            metrics.uncertainty_cosine = d.cosine;
+            metrics.uncertainty_euclidean = d.euclidean;
+            metrics.closest_condition.clone_from(&d.closest);
+        }
+        results.push(metrics);
+    }
     if real_cap == 0 {
         tracing::warn!(
             "{} label groups x {} genes: too many for samples of {} cells within {} MiB; the energy distance and \
@@ -606,7 +647,6 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
             samples::BUDGET_BYTES >> 20
         );
     }
-    let mut results = results;
     discriminate(&mut results);
     let mut stages = vec![encoder_stats.report(), moments_stats.report(), decode_stats.planner.report()];
     stages.extend(decode_stats.pool.reports());
@@ -641,20 +681,24 @@ fn nb_theta_host(model: &CpaModel) -> Result<Option<Vec<f64>>> {
 }
 
 /// The sample metrics of the condition `key`: its real cells' samples (all its label groups),
-/// its covariates' control cells' samples, and the predicted sample, each at most the cap.
+/// its covariates' control cells' samples, and the predicted sample (`target` of `predicted`),
+/// each at most the cap, read back from the samples' files one condition at a time.
 fn sample_metrics(
     plan: &Plan,
     moments: &GroupMoments,
     key: &ConditionKey,
-    predicted: &[Vec<f32>],
-) -> (samples::SampleMetrics, Option<samples::RankSumTests>) {
-    let gather = |groups: &[usize]| -> Vec<Vec<f32>> {
-        let cap = groups.iter().map(|&g| moments.samples[g].rows.len()).max().unwrap_or(0).max(predicted.len());
-        groups.iter().flat_map(|&g| moments.samples[g].rows.iter().cloned()).take(cap.max(1)).collect()
+    predicted: &samples::Samples,
+    target: usize,
+) -> Result<(samples::SampleMetrics, Option<samples::RankSumTests>)> {
+    let spill = |source| Error::Io { path: std::env::temp_dir(), source };
+    let predicted = predicted.rows(&[target], usize::MAX).map_err(spill)?;
+    let gather = |groups: &[usize]| -> std::io::Result<Vec<Vec<f32>>> {
+        let cap = groups.iter().map(|&g| moments.samples.len(g)).max().unwrap_or(0).max(predicted.len());
+        moments.samples.rows(groups, cap.max(1))
     };
-    let real = plan.conditions.get(key).map(|c| gather(&c.groups)).unwrap_or_default();
-    let control = plan.control_groups.get(&key.0).map(|g| gather(g)).unwrap_or_default();
-    samples::SampleMetrics::compute_with_tests(&real, predicted, &control)
+    let real = plan.conditions.get(key).map(|c| gather(&c.groups)).transpose().map_err(spill)?.unwrap_or_default();
+    let control = plan.control_groups.get(&key.0).map(|g| gather(g)).transpose().map_err(spill)?.unwrap_or_default();
+    Ok(samples::SampleMetrics::compute_with_tests(&real, &predicted, &control))
 }
 
 /// Fills each condition's discrimination ranks: against every condition of the same covariates.
@@ -671,7 +715,21 @@ fn discriminate(results: &mut [ConditionMetrics]) {
             .collect();
         field::Distance::ALL.iter().map(|&d| field::discrimination_ranks(&effects, d)).collect()
     };
+    let perturbench = |predicted: fn(&Effects) -> &[f64], real: fn(&Effects) -> Option<&[f64]>| {
+        let conditions: Vec<field::Ranked<'_>> = results
+            .iter()
+            .map(|c| field::Ranked { group: &c.covariates, predicted: predicted(&c.effects), real: real(&c.effects) })
+            .collect();
+        conditions
+    };
+    let by_logfc = perturbench(|e| &e.predicted_logfc, |e| e.real_logfc.as_deref());
+    let rank_cosine_logfc = field::perturbench_ranks(&by_logfc, field::cosine, true);
+    // Within a group the control is the same, so the RMSE of the means is that of the changes.
+    let by_delta = perturbench(|e| &e.predicted, |e| e.real.as_deref());
+    let rank_rmse = field::perturbench_ranks(&by_delta, |a, b| field::mse(a, b).sqrt(), false);
     for (i, c) in results.iter_mut().enumerate() {
         c.field.discrimination = field::Distance::ALL.iter().zip(&ranks).map(|(d, r)| (d.name(), r[i])).collect();
+        c.field.rank_cosine_logfc = rank_cosine_logfc[i];
+        c.field.rank_rmse = rank_rmse[i];
     }
 }

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::stats::Moments;
 
-use super::samples::{Reservoir, sampler};
+use super::samples::{Samples, sampler};
 
 /// Cells read per step of the pass.
 const CHUNK_CELLS: u64 = 4096;
@@ -22,7 +22,7 @@ pub(super) struct GroupMoments {
     half: Vec<Moments>,
     /// Per group: a sample of its evaluated cells (control groups: of all their cells), dense,
     /// in the space the moments are in.
-    pub(super) samples: Vec<Reservoir>,
+    pub(super) samples: Samples,
 }
 
 /// Which half of the cells a cell falls in: a fixed hash of its row (splitmix64), so the halves
@@ -85,7 +85,7 @@ impl GroupMoments {
     ) -> Result<GroupMoments> {
         let mut moments: Vec<Moments> = (0..labels.groups().len() * 4).map(|_| Moments::new(genes)).collect();
         let mut half: Vec<Moments> = (0..labels.groups().len()).map(|_| Moments::new(genes)).collect();
-        let mut samples: Vec<Reservoir> = (0..labels.groups().len()).map(|_| Reservoir::new(sample_cap)).collect();
+        let mut samples = Samples::new(labels.groups().len(), sample_cap, genes);
         let mut rng = sampler(1);
         let mut cursor = store.cursor().map_err(Error::stage("reader"))?;
         let mut batch = CsrBatch::new(genes as u32);
@@ -102,13 +102,11 @@ impl GroupMoments {
                     half[group].add_sparse(idx, val, count_model);
                 }
                 if (evaluated(split) || is_control.get(group).copied().unwrap_or(false))
-                    && let Some(slot) = samples[group].offer(&mut rng)
+                    && let Some(slot) = samples.offer(group, &mut rng)
                 {
-                    let mut row = vec![0f32; genes];
-                    for (&g, &v) in idx.iter().zip(val) {
-                        row[g as usize] = if count_model { v.ln_1p() } else { v };
-                    }
-                    samples[group].put(slot, row);
+                    samples
+                        .put_sparse(group, slot, idx, val, |v| if count_model { v.ln_1p() } else { v })
+                        .map_err(Error::io(std::env::temp_dir()))?;
                 }
             }
             store.release(start..end);

@@ -14,7 +14,7 @@ use cpa_stream_schemas::tables::{degs, evaluation_deg_schema, evaluation_metrics
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::store::write_table;
 
-use super::{ConditionMetrics, EvaluateOptions, EvaluateReport, TruthMetrics, plot};
+use super::{ConditionMetrics, EvaluateOptions, EvaluateReport, TruthMetrics, plot, samples};
 use crate::error::{Error, Result};
 use crate::obs::ObsKeys;
 
@@ -65,6 +65,10 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("beats_control".to_owned(), f.beats_control));
     out.push(("n_significant".to_owned(), f.n_significant));
     out.extend(f.deg_precision.iter().map(|(k, v)| (format!("deg_precision_at{k}"), *v)));
+    out.push(("cosine_logfc".to_owned(), f.cosine_logfc));
+    out.push(("rmse".to_owned(), f.rmse));
+    out.push(("rank_cosine_logfc".to_owned(), f.rank_cosine_logfc));
+    out.push(("rank_rmse".to_owned(), f.rank_rmse));
     out.push(("ceiling_r2_mean".to_owned(), f.ceiling_r2_mean));
     out.push(("ceiling_pearson_delta".to_owned(), f.ceiling_pearson_delta));
     out.push(("uncertainty_cosine".to_owned(), c.uncertainty_cosine));
@@ -77,10 +81,17 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("de_recall".to_owned(), m.de_recall));
     out.push(("de_precision".to_owned(), m.de_precision));
     out.push(("de_direction_match".to_owned(), m.de_direction_match));
+    out.push(("energy_distance_predicted_control".to_owned(), m.energy_distance_predicted_control));
+    out.push(("de_overlap_at_n".to_owned(), m.de_overlap_at_n));
+    out.push(("de_precision_at_n".to_owned(), m.de_precision_at_n));
+    out.push(("de_spearman_lfc".to_owned(), m.de_spearman_lfc));
+    out.push(("de_pr_auc".to_owned(), m.de_pr_auc));
+    out.push(("de_roc_auc".to_owned(), m.de_roc_auc));
     out
 }
 
-/// The mean of each metric over the conditions where it is defined.
+/// The mean of each metric over the conditions where it is defined, and cell-eval's two
+/// correlations across conditions ([`samples::across_conditions`]).
 pub(super) fn summarize(conditions: &[ConditionMetrics]) -> BTreeMap<String, f64> {
     let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
     for c in conditions {
@@ -92,7 +103,10 @@ pub(super) fn summarize(conditions: &[ConditionMetrics]) -> BTreeMap<String, f64
             }
         }
     }
-    sums.into_iter().map(|(k, (s, n))| (k, if n == 0 { f64::NAN } else { s / n as f64 })).collect()
+    let mut out: BTreeMap<String, f64> =
+        sums.into_iter().map(|(k, (s, n))| (k, if n == 0 { f64::NAN } else { s / n as f64 })).collect();
+    out.extend(samples::across_conditions(conditions.iter().map(|c| &c.samples)).map(|(k, v)| (k.to_owned(), v)));
+    out
 }
 
 /// The one-page overview of an evaluation (`.svg` and `.png`).

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use cpa_stream_stages::model::Vocabulary;
 
 use super::conditions::{Condition, ConditionKey, SourceSplits};
-use super::field::{cosine, direction_match, mae, mse, overlap_at, pearson, precision_at, spearman};
+use super::field::{cosine, direction_match, mae, mse, overlap_at, pearson, perturbench_logfc, precision_at, spearman};
 use super::moments::GroupMoments;
 use super::outputs::DegRow;
 use super::truth::TruthRow;
@@ -139,7 +139,17 @@ impl Scoring<'_> {
             .collect();
         let exclude: Vec<usize> =
             target.condition.split('+').filter_map(|part| self.genes.iter().position(|g| g == part)).collect();
-        let effects = Effects { predicted: pd.clone(), real: has_real.then(|| rd.clone()), exclude };
+        let (predicted_logfc, real_logfc) =
+            (perturbench_logfc(&pred_mean, &ctrl_mean), perturbench_logfc(&real_mean, &ctrl_mean));
+        field.cosine_logfc = nan_unless(has_real, cosine(&predicted_logfc, &real_logfc));
+        field.rmse = nan_unless(has_real, field.mse.sqrt());
+        let effects = Effects {
+            predicted: pd.clone(),
+            real: has_real.then(|| rd.clone()),
+            exclude,
+            predicted_logfc,
+            real_logfc: has_real.then_some(real_logfc),
+        };
         let plot_genes: Vec<usize> = ranked.iter().take(largest_k).copied().collect();
         let reference = if has_real { &real_mean } else { truth.map_or(&real_mean, |t| &t.mean_log1p) };
         ConditionMetrics {
@@ -211,6 +221,10 @@ impl Scoring<'_> {
             deg_precision: Vec::new(),
             ceiling_r2_mean: f64::NAN,
             ceiling_pearson_delta: f64::NAN,
+            cosine_logfc: f64::NAN,
+            rmse: f64::NAN,
+            rank_cosine_logfc: f64::NAN,
+            rank_rmse: f64::NAN,
         }
     }
 
