@@ -101,6 +101,14 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         args.store.display()
     );
     out!("{}", render_table(&report, args.metrics));
+    if args.metrics == MetricSet::All {
+        outln!(
+            "cos_lfc, rk_rmse: PerturBench's cosine of log fold changes and rank by RMSE (0 best); energy, en_bl: \
+             energy distance of the predicted and of the control cells to the real ones; de_rec, de_prec, de_auc: \
+             cell-eval's DE agreement (Wilcoxon on sampled cells; recall, precision, ROC AUC); uncert: distance to \
+             the training conditions (docs/evaluation.md has every column)"
+        );
+    }
     outln!("DEGs: {}", deg_sources(&report));
     outln!(
         "written: {}/metrics.parquet, summary.json, degs.parquet{}",

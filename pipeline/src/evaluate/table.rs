@@ -63,6 +63,8 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
             Column { header: "r2_var", value: |c| c.r2_var, summary: "r2_var" },
             Column { header: "r2_delta", value: |c| c.r2_delta, summary: "r2_delta" },
             Column { header: "cos_dlt", value: |c| c.field.cosine_delta, summary: "cosine_delta" },
+            Column { header: "cos_lfc", value: |c| c.field.cosine_logfc, summary: "cosine_logfc" },
+            Column { header: "rk_rmse", value: |c| c.field.rank_rmse, summary: "rank_rmse" },
             Column { header: "mse", value: |c| c.field.mse, summary: "mse" },
             Column { header: "mae_dlt", value: |c| c.field.mae_delta, summary: "mae_delta" },
             Column { header: "ovl@20", value: |c| listed(&c.field.deg_overlap, 20), summary: "deg_overlap_at20" },
@@ -81,6 +83,7 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
             },
             Column { header: "de_rec", value: |c| c.samples.de_recall, summary: "de_recall" },
             Column { header: "de_prec", value: |c| c.samples.de_precision, summary: "de_precision" },
+            Column { header: "de_auc", value: |c| c.samples.de_roc_auc, summary: "de_roc_auc" },
             Column { header: "uncert", value: |c| c.uncertainty_euclidean, summary: "uncertainty_euclidean" },
         ]);
     }
