@@ -22,6 +22,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     cpa_stream_stages::store::explain_sigbus();
+    // A damaged .h5ad can make the HDF5 library loop forever: end with an error instead.
+    cpa_stream_stages::h5ad::watchdog::install(None);
     match cli::run(args) {
         Ok(code) => code,
         // A closed stdout (`cpa-stream inspect S | head`) ends the output, not the program's success.

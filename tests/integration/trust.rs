@@ -43,6 +43,45 @@ fn closed_output_streams_end_the_process_quietly() {
     assert!(out.join("manifest.json").exists());
 }
 
+/// fuzz/known's damaged .h5ad makes the HDF5 library loop forever (h5py and anndata too): the
+/// CLI's watchdog ends the import with an error naming the file and what was being read.
+#[test]
+fn an_hdf5_call_that_never_returns_ends_the_import_with_an_error() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = crate::common::repo_root().join("fuzz/known/h5ad-hdf5-global-heap-hang.h5ad");
+    let out = dir.path().join("hang.store");
+    let started = std::time::Instant::now();
+    let mut child = Command::new(bin())
+        .args(["import", s(&file), "--out", s(&out)])
+        .env("CPA_STREAM_HDF5_TIMEOUT", "2")
+        .env("CPA_STREAM_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Without the watchdog the import would never end: give up (and fail) after two minutes
+    // rather than hang the test suite. Not a timing assertion of the watchdog itself.
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the import of a damaged .h5ad still runs after 120 s: the HDF5 watchdog did not end it");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read as _;
+        e.read_to_string(&mut err).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("h5ad-hdf5-global-heap-hang.h5ad: /: reading attribute encoding-type"), "{err}");
+    assert!(err.contains("has not returned after 2 s"), "{err}");
+    assert!(!out.exists(), "a store was published");
+}
+
 #[test]
 fn a_control_missing_from_the_perturbation_column_is_an_error_listing_its_values() {
     let f = fixture();

@@ -16,6 +16,7 @@ use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenU
 use hdf5::{Dataset, Group, Location};
 
 use super::records::{self, Scalar, Values};
+use super::watchdog;
 use crate::error::{Error, Result};
 
 /// Reads a string attribute (variable- or fixed-length).
@@ -24,6 +25,7 @@ pub(super) fn attr_string(path: &Path, loc: &Location, name: &str) -> Result<Opt
         return Ok(None);
     }
     let attr = loc.attr(name).map_err(Error::hdf5(path, format!("{}: attribute {name}", loc.name())))?;
+    let _watch = watchdog::guard(|| format!("{}: {}: reading attribute {name}", path.display(), loc.name()));
     let ctx = || format!("{}: attribute {name:?} is not a string", loc.name());
     let desc = attr.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, ctx()))?;
     let value = match desc {
@@ -45,6 +47,7 @@ pub(super) fn attr_string(path: &Path, loc: &Location, name: &str) -> Result<Opt
 /// Reads a string-array attribute; an empty numeric array (h5py's empty list) is an empty list.
 pub(super) fn attr_strings(path: &Path, loc: &Location, name: &str) -> Result<Vec<String>> {
     let attr = loc.attr(name).map_err(Error::hdf5(path, format!("{}: attribute {name}", loc.name())))?;
+    let _watch = watchdog::guard(|| format!("{}: {}: reading attribute {name}", path.display(), loc.name()));
     if attr.size() == 0 {
         return Ok(Vec::new());
     }
@@ -69,6 +72,8 @@ pub(super) fn read_strings(path: &Path, ds: &Dataset, rows: Range<u64>) -> Resul
         return Ok(Vec::new());
     }
     let sel = rows.start as usize..rows.end as usize;
+    let _watch =
+        watchdog::guard(|| format!("{}: {}: reading rows {}..{}", path.display(), ds.name(), rows.start, rows.end));
     match ds.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, ctx()))? {
         TypeDescriptor::VarLenUnicode => ds
             .read_slice_1d::<VarLenUnicode, _>(sel)

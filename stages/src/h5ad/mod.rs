@@ -16,6 +16,7 @@
 mod dataframe;
 mod reader;
 mod records;
+pub mod watchdog;
 mod writer;
 
 pub use reader::{H5adReader, MatrixLayout, MatrixSource};
