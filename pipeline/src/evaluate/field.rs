@@ -333,24 +333,30 @@ mod tests {
         assert!(close(cos[2], 2.0 / 3.0), "{cos:?}");
     }
 
+    /// The stored fixture `tests/fixtures/cell_eval/reference.json`.
+    fn reference() -> serde_json::Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cell_eval/reference.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// A JSON array of numbers.
+    fn vector(v: &serde_json::Value) -> Vec<f64> {
+        v.as_array().map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect()).unwrap_or_default()
+    }
+
+    /// A JSON array of strings.
+    fn names(v: &serde_json::Value) -> Vec<String> {
+        v.as_array().map(|a| a.iter().filter_map(|g| g.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    }
+
     /// The definitions against cell-eval 0.8.2's own numbers on a seeded fixture
     /// (tests/fixtures/cell_eval/make_reference.py made reference.json with cell-eval installed).
     #[test]
     fn agree_with_cell_eval_to_1e5() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cell_eval/reference.json");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let r: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
-        let vector = |v: &serde_json::Value| -> Vec<f64> {
-            v.as_array().map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect()).unwrap_or_default()
-        };
-        let genes: Vec<String> = r["genes"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|g| g.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default();
-        let perts: Vec<String> = r["perturbations"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|g| g.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default();
+        let r = reference();
+        let genes = names(&r["genes"]);
+        let perts = names(&r["perturbations"]);
         assert_eq!(perts.len(), 5);
         let (ctrl_real, ctrl_pred) = (vector(&r["control_real"]), vector(&r["control_pred"]));
         let minus = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
@@ -395,16 +401,8 @@ mod tests {
     /// rotated by one perturbation (ranks not all 0).
     #[test]
     fn agree_with_perturbench_formulas() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cell_eval/reference.json");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let r: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
-        let vector = |v: &serde_json::Value| -> Vec<f64> {
-            v.as_array().map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect()).unwrap_or_default()
-        };
-        let perts: Vec<String> = r["perturbations"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|g| g.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default();
+        let r = reference();
+        let perts = names(&r["perturbations"]);
         let control = vector(&r["control_real"]);
         let real: Vec<Vec<f64>> = perts.iter().map(|p| vector(&r["real"][p])).collect();
         let pred: Vec<Vec<f64>> = perts.iter().map(|p| vector(&r["pred"][p])).collect();
