@@ -284,7 +284,7 @@ fn codec(name: &str, level: i32, block_rows: u32) -> PyResult<Codec> {
         "raw" => Ok(Codec::Raw),
         "zstd" if block_rows == 0 => Err(PyValueError::new_err("block_rows must be at least 1")),
         "zstd" if !(-7..=22).contains(&level) => Err(PyValueError::new_err("zstd_level must be in -7..=22")),
-        "zstd" => Ok(Codec::Zstd { level, block_rows }),
+        "zstd" => Ok(Codec::zstd_with(level, block_rows)),
         other => Err(PyValueError::new_err(format!("codec {other:?}: expected \"raw\" or \"zstd\""))),
     }
 }

@@ -11,5 +11,5 @@ pub mod tables;
 
 pub use manifest::{
     ChecksumAlgorithm, Codec, DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL, FileEntry, MANIFEST_FILE,
-    MAX_MANIFEST_BYTES, Manifest, ManifestError, MatrixDtypes, STORE_FORMAT, STORE_FORMAT_VERSION, StoreFiles,
+    MAX_MANIFEST_BYTES, Manifest, ManifestError, MatrixDtypes, Planes, STORE_FORMAT, STORE_FORMAT_VERSION, StoreFiles,
 };

@@ -139,13 +139,35 @@ pub enum Codec {
         level: i32,
         /// Rows per block.
         block_rows: u32,
+        /// How a block's arrays are split into byte planes before compression. Manifests
+        /// written before the field existed hold [`Planes::Wide`] blocks.
+        #[serde(default)]
+        planes: Planes,
     },
+}
+
+/// The byte planes of a zstd block's plain form.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Planes {
+    /// Both arrays as four planes of 32-bit words (the first layout; still read).
+    #[default]
+    Wide,
+    /// A one-byte header, then each array as two planes of 16-bit words where the block's
+    /// values allow (index deltas up to 65,535; whole-number values up to 65,535), otherwise
+    /// four planes as in `Wide`. About 15% smaller and faster to decode on counts.
+    Narrow,
 }
 
 impl Codec {
     /// The zstd codec with the default level and block size.
     pub fn zstd() -> Codec {
-        Codec::Zstd { level: DEFAULT_ZSTD_LEVEL, block_rows: DEFAULT_ZSTD_BLOCK_ROWS }
+        Codec::zstd_with(DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_BLOCK_ROWS)
+    }
+
+    /// The zstd codec as new stores are written: `level`, `block_rows`, narrow planes.
+    pub fn zstd_with(level: i32, block_rows: u32) -> Codec {
+        Codec::Zstd { level, block_rows, planes: Planes::Narrow }
     }
 
     /// The codec's name in the manifest (`raw`, `zstd`).
@@ -220,7 +242,7 @@ impl Manifest {
         // serde does not reject unknown fields of an internally tagged unit variant (`raw`).
         if let Some(codec) = value.get("codec").and_then(|c| c.as_object()) {
             let allowed: &[&str] = match codec.get("name").and_then(|n| n.as_str()) {
-                Some("zstd") => &["name", "level", "block_rows"],
+                Some("zstd") => &["name", "level", "block_rows", "planes"],
                 _ => &["name"],
             };
             if let Some(field) = codec.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -252,7 +274,7 @@ impl Manifest {
         if self.n_vars > u64::from(u32::MAX) {
             return invalid(format!("n_vars {} exceeds the u32 column index range", self.n_vars));
         }
-        if let Codec::Zstd { level, block_rows } = self.codec {
+        if let Codec::Zstd { level, block_rows, .. } = self.codec {
             if block_rows == 0 {
                 return invalid("codec zstd with block_rows 0".to_owned());
             }
@@ -333,6 +355,18 @@ mod tests {
         let text = z.to_json();
         assert!(text.contains("\"name\": \"zstd\""), "{text}");
         assert!(text.contains("\"checksum\": \"xxh3-64\""), "{text}");
+        assert!(text.contains("\"planes\": \"narrow\""), "{text}");
+        let mut z = z;
+        for name in [StoreFiles::BLOCKS, StoreFiles::BLOCK_INDEX] {
+            z.files.insert(name.to_owned(), z.files[StoreFiles::INDPTR].clone());
+        }
+        assert_eq!(Manifest::from_json(&z.to_json())?, z);
+        // A manifest from before the field holds wide planes.
+        let old = z.to_json().replace(",\n    \"planes\": \"narrow\"", "");
+        assert!(!old.contains("planes"), "{old}");
+        assert_eq!(Manifest::from_json(&old)?.codec, Codec::Zstd { level: 3, block_rows: 256, planes: Planes::Wide });
+        let unknown = z.to_json().replace("\"narrow\"", "\"tiny\"");
+        assert!(matches!(Manifest::from_json(&unknown), Err(ManifestError::Invalid(e)) if e.contains("tiny")));
         Ok(())
     }
 

@@ -99,8 +99,12 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     outln!("nnz       {} (density {:.4})", report.nnz, report.density);
     match m.codec {
         cpa_stream_schemas::Codec::Raw => outln!("codec     raw"),
-        cpa_stream_schemas::Codec::Zstd { level, block_rows } => {
-            outln!("codec     zstd (level {level}, {block_rows} rows per block)")
+        cpa_stream_schemas::Codec::Zstd { level, block_rows, planes } => {
+            let planes = match planes {
+                cpa_stream_schemas::Planes::Wide => "32-bit planes",
+                cpa_stream_schemas::Planes::Narrow => "16-bit planes where they fit",
+            };
+            outln!("codec     zstd (level {level}, {block_rows} rows per block, {planes})")
         }
     }
     outln!("size      {:.1} MB", report.total_bytes as f64 / 1e6);

@@ -45,7 +45,7 @@ impl CodecArgs {
             CodecArg::Zstd => {
                 anyhow::ensure!(self.block_rows > 0, "--block-rows must be at least 1");
                 anyhow::ensure!((-7..=22).contains(&self.zstd_level), "--zstd-level must be in -7..=22");
-                Codec::Zstd { level: self.zstd_level, block_rows: self.block_rows }
+                Codec::zstd_with(self.zstd_level, self.block_rows)
             }
         })
     }

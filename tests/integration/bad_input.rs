@@ -142,7 +142,7 @@ fn column_index_out_of_range_is_found_on_demand() {
 #[test]
 fn corrupt_zstd_block_names_the_block() {
     let dir = tempfile::tempdir().unwrap();
-    let path = small_store(dir.path(), "s.store", Codec::Zstd { level: 3, block_rows: 16 });
+    let path = small_store(dir.path(), "s.store", Codec::zstd_with(3, 16));
     let len = fs::metadata(path.join(StoreFiles::BLOCKS)).unwrap().len();
     patch(&path.join(StoreFiles::BLOCKS), len / 2, &[0xde, 0xad, 0xbe, 0xef]);
     let store = Store::open(&path).unwrap();

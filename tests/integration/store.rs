@@ -1,6 +1,6 @@
 //! The store writer and reader: round trips, codecs, zero-copy access, atomic publish.
 
-use cpa_stream::schemas::{Codec, StoreFiles};
+use cpa_stream::schemas::{Codec, Planes, StoreFiles};
 use cpa_stream::stages::CsrBatch;
 use cpa_stream::stages::store::{Store, StoreWriter, StoreWriterOptions, summarize_obs};
 use proptest::prelude::*;
@@ -21,7 +21,7 @@ fn read_all(store: &Store) -> Vec<(Vec<u32>, Vec<f32>)> {
 fn raw_and_zstd_stores_read_back_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let rows = sample_rows(1000, 37);
-    for (name, codec) in [("raw.store", Codec::Raw), ("z.store", Codec::Zstd { level: 3, block_rows: 64 })] {
+    for (name, codec) in [("raw.store", Codec::Raw), ("z.store", Codec::zstd_with(3, 64))] {
         let path = dir.path().join(name);
         let manifest = write_store(&path, &rows, 37, codec, 100);
         assert_eq!(manifest.n_obs, 1000);
@@ -47,6 +47,45 @@ fn raw_and_zstd_stores_read_back_what_was_written() {
         assert_eq!(cats.iter().map(|c| c.1).collect::<Vec<_>>(), vec![334, 333, 333]);
         assert_eq!(cats[2].0, "A+B");
     }
+}
+
+#[test]
+fn zstd_stores_of_either_plane_layout_read_back_exactly() {
+    // Counts (16-bit planes where a block allows), with a block holding a count above 65,535 and
+    // one holding a gap above 65,535, so that blocks of every header meet in one store.
+    let n_vars = 70_000u32;
+    let mut rows: Vec<(Vec<u32>, Vec<f32>)> =
+        (0..300).map(|i| (vec![i % 50, 100 + i % 7], vec![(i % 9) as f32, 1.0 + (i % 3) as f32])).collect();
+    rows[70] = (vec![3, 69_999], vec![2.0, 5.0]);
+    rows[150] = (vec![4, 9], vec![70_000.0, 1.0]);
+    rows[250] = (vec![5], vec![0.25]);
+    let dir = tempfile::tempdir().unwrap();
+    let wide = Codec::Zstd { level: 3, block_rows: 64, planes: Planes::Wide };
+    let mut sizes = Vec::new();
+    for (name, codec) in [("narrow.store", Codec::zstd_with(3, 64)), ("wide.store", wide)] {
+        let path = dir.path().join(name);
+        let manifest = write_store(&path, &rows, n_vars, codec, 100);
+        let text = std::fs::read_to_string(path.join("manifest.json")).unwrap();
+        let expected = if name == "wide.store" { "\"planes\": \"wide\"" } else { "\"planes\": \"narrow\"" };
+        assert!(text.contains(expected), "{text}");
+        let store = Store::open(&path).unwrap();
+        let back = read_all(&store);
+        for (r, (got, want)) in back.iter().zip(&rows).enumerate() {
+            assert_eq!(got.0, want.0, "{name} row {r}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.1), bits(&want.1), "{name} row {r}");
+        }
+        assert_eq!(store.verify().unwrap().rows, 300);
+        sizes.push(manifest.files[StoreFiles::BLOCKS].bytes);
+    }
+    // A store written before the field existed (no "planes" in its codec) reads as wide.
+    let wide = dir.path().join("wide.store");
+    let manifest = std::fs::read_to_string(wide.join("manifest.json")).unwrap();
+    let old = manifest.replace(",\n    \"planes\": \"wide\"", "");
+    assert!(!old.contains("planes"), "{old}");
+    std::fs::write(wide.join("manifest.json"), old).unwrap();
+    assert_eq!(read_all(&Store::open(&wide).unwrap()).len(), 300);
+    assert!(sizes[0] < sizes[1], "narrow blocks {} bytes, wide {}", sizes[0], sizes[1]);
 }
 
 #[test]
@@ -161,7 +200,7 @@ proptest! {
     fn any_rows_round_trip_through_both_codecs((n_vars, rows) in arb_rows(), block_rows in 1u32..40, chunk in 1usize..50) {
         let rows: Vec<(Vec<u32>, Vec<f32>)> = rows.into_iter().map(|r| r.into_iter().unzip()).collect();
         let dir = tempfile::tempdir().unwrap();
-        for codec in [Codec::Raw, Codec::Zstd { level: 1, block_rows }] {
+        for codec in [Codec::Raw, Codec::zstd_with(1, block_rows)] {
             let path = dir.path().join(codec.name());
             write_store(&path, &rows, n_vars, codec, chunk);
             let store = Store::open(&path).unwrap();

@@ -21,18 +21,61 @@ use super::reader::{RowCursor, Store};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
 
-/// One decompressed block.
+/// One decompressed block. Dropping it (when the cache and every gather are done with it) hands
+/// its buffers to the cache's [`Spares`].
 #[derive(Debug)]
 struct Decoded {
     /// Store offset of the block's first entry.
     base: u64,
     indices: Vec<u32>,
     data: Vec<f32>,
+    spares: Arc<Spares>,
 }
 
 impl Decoded {
     fn bytes(&self) -> u64 {
         (self.indices.len() * 4 + self.data.len() * 4) as u64
+    }
+}
+
+impl Drop for Decoded {
+    fn drop(&mut self) {
+        self.spares.put(std::mem::take(&mut self.indices), std::mem::take(&mut self.data));
+    }
+}
+
+/// Buffers of dropped blocks, reused by the next decodes: fresh ones would each cost page faults
+/// and zeroing by the kernel (a fifth of a worker's time on a zstd store when measured). A block
+/// is often dropped by another thread than the one that decoded it (the last to copy rows from
+/// it), so they are handed back on drop. Kept up to an eighth of the cache's budget.
+#[derive(Debug)]
+struct Spares {
+    buffers: Mutex<(Vec<(Vec<u32>, Vec<f32>)>, u64)>,
+    max_bytes: u64,
+}
+
+impl Spares {
+    fn put(&self, indices: Vec<u32>, data: Vec<f32>) {
+        let bytes = (indices.capacity() * 4 + data.capacity() * 4) as u64;
+        if bytes == 0 {
+            return;
+        }
+        let mut spare = self.buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if spare.1 + bytes <= self.max_bytes {
+            spare.1 += bytes;
+            spare.0.push((indices, data));
+        }
+    }
+
+    fn take(&self) -> (Vec<u32>, Vec<f32>) {
+        let mut spare = self.buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match spare.0.pop() {
+            Some((indices, data)) => {
+                spare.1 -= (indices.capacity() * 4 + data.capacity() * 4) as u64;
+                (indices, data)
+            }
+            None => Default::default(),
+        }
     }
 }
 
@@ -61,30 +104,13 @@ struct State {
     entries: HashMap<u64, Entry>,
     bytes: u64,
     clock: u64,
-    /// Buffers of dropped blocks, reused by the next decodes (fresh ones would each cost page
-    /// faults and zeroing by the kernel).
-    free: Vec<(Vec<u32>, Vec<f32>)>,
 }
 
-/// Most pairs of buffers kept for reuse.
-const FREE_BUFFERS: usize = 8;
-
 impl State {
-    /// Removes `block`'s entry and keeps its buffers for reuse when nobody else holds them.
+    /// Removes `block`'s entry; its buffers go to the spares once nobody reads it any more.
     fn remove(&mut self, block: u64) {
         let Some(entry) = self.entries.remove(&block) else { return };
         self.bytes -= entry.bytes;
-        self.recycle(entry.slot);
-    }
-
-    fn recycle(&mut self, slot: Slot) {
-        if self.free.len() >= FREE_BUFFERS {
-            return;
-        }
-        let decoded = Arc::try_unwrap(slot).ok().and_then(OnceLock::into_inner).and_then(|r| r.ok());
-        if let Some(Ok(d)) = decoded.map(Arc::try_unwrap) {
-            self.free.push((d.indices, d.data));
-        }
     }
 }
 
@@ -133,6 +159,7 @@ pub struct BlockCache {
     block_rows: u64,
     budget: u64,
     state: Mutex<State>,
+    spares: Arc<Spares>,
     counts: Arc<BlockCacheCounts>,
 }
 
@@ -141,7 +168,9 @@ impl BlockCache {
     /// `None` for a raw store (its rows are read from the map directly).
     pub fn new(store: &Store, budget: u64, counts: Arc<BlockCacheCounts>) -> Option<BlockCache> {
         let block_rows = store.block_rows()?;
-        Some(BlockCache { block_rows, budget: budget.max(1), state: Mutex::default(), counts })
+        let budget = budget.max(1);
+        let spares = Arc::new(Spares { buffers: Mutex::default(), max_bytes: budget / 8 });
+        Some(BlockCache { block_rows, budget, state: Mutex::default(), spares, counts })
     }
 
     /// Rows per block.
@@ -203,22 +232,20 @@ impl BlockCache {
 
     /// Block `b` decoded, by this thread or another.
     fn get(&self, store: &Store, decoder: &mut BlockDecoder, b: u64) -> Result<Arc<Decoded>> {
-        let (slot, buffers) = {
+        let slot = {
             let mut state = self.state();
             state.clock += 1;
             let now = state.clock;
             let entry = state.entries.entry(b).or_insert_with(Entry::new);
             entry.last_use = now;
-            let slot = Arc::clone(&entry.slot);
-            let buffers = if slot.get().is_none() { state.free.pop() } else { None };
-            (slot, buffers)
+            Arc::clone(&entry.slot)
         };
         let mut decoded_here = false;
         let result = slot.get_or_init(|| {
             decoded_here = true;
-            let (mut indices, mut data) = buffers.unwrap_or_default();
+            let (mut indices, mut data) = self.spares.take();
             match store.decode_block(b, decoder, &mut indices, &mut data) {
-                Ok(base) => Ok(Arc::new(Decoded { base, indices, data })),
+                Ok(base) => Ok(Arc::new(Decoded { base, indices, data, spares: Arc::clone(&self.spares) })),
                 Err(e) => Err(e.to_string()),
             }
         });
@@ -266,10 +293,10 @@ impl BlockCache {
                     state.remove(b);
                 } else {
                     // A fresh slot: the next gather decodes again.
-                    let (bytes, old) = (entry.bytes, std::mem::take(&mut entry.slot));
+                    let bytes = entry.bytes;
+                    entry.slot = Slot::default();
                     entry.bytes = 0;
                     state.bytes -= bytes;
-                    state.recycle(old);
                 }
             }
         }
@@ -347,8 +374,7 @@ mod tests {
         };
         let var = ids("gene_id", (0..50).map(|g| format!("g{g}")).collect());
         let obs = ids("cell_id", (0..n).map(|c| format!("c{c}")).collect());
-        let options =
-            StoreWriterOptions { codec: Codec::Zstd { level: 3, block_rows: 16 }, ..StoreWriterOptions::default() };
+        let options = StoreWriterOptions { codec: Codec::zstd_with(3, 16), ..StoreWriterOptions::default() };
         let path = dir.join("z.store");
         let mut writer = StoreWriter::create(&path, &var, obs.schema(), options).expect("writer");
         let mut rows = CsrBatch::new(50);

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use cpa_stream_schemas::tables::check_obs_schema;
-use cpa_stream_schemas::{Codec, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, StoreFiles};
+use cpa_stream_schemas::{Codec, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Planes, StoreFiles};
 use memmap2::Advice;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
@@ -29,7 +29,7 @@ pub enum Access {
 
 enum Matrix {
     Raw { indices: MappedFile, data: MappedFile },
-    Zstd { blocks: MappedFile, block_index: MappedFile, block_rows: u64 },
+    Zstd { blocks: MappedFile, block_index: MappedFile, block_rows: u64, planes: Planes },
 }
 
 /// An open, validated store. `Send + Sync`: share one `&Store` between worker threads, each with
@@ -186,13 +186,14 @@ impl Store {
                 indices: map(StoreFiles::INDICES, Some(entry_bytes))?,
                 data: map(StoreFiles::DATA, Some(entry_bytes))?,
             },
-            Codec::Zstd { block_rows, .. } => Matrix::Zstd {
+            Codec::Zstd { block_rows, planes, .. } => Matrix::Zstd {
                 blocks: map(StoreFiles::BLOCKS, None)?,
                 block_index: map(
                     StoreFiles::BLOCK_INDEX,
                     Some(bytes_of(manifest.n_blocks().saturating_add(1), 8, "blocks")?),
                 )?,
                 block_rows: u64::from(block_rows),
+                planes,
             },
         };
         let store = Store { dir, manifest, indptr, matrix };
@@ -322,7 +323,7 @@ impl Store {
                 indices.release(s..e);
                 data.release(s..e);
             }
-            Matrix::Zstd { blocks, block_index, block_rows } => {
+            Matrix::Zstd { blocks, block_index, block_rows, .. } => {
                 let offsets = block_index.as_slice::<u64>().unwrap_or(&[]);
                 let first = (start_row as u64).div_ceil(*block_rows) as usize;
                 let last = (end_row as u64 / block_rows) as usize;
@@ -356,7 +357,7 @@ impl Store {
         indices: &mut Vec<u32>,
         data: &mut Vec<f32>,
     ) -> Result<u64> {
-        let Matrix::Zstd { blocks, block_index, block_rows } = &self.matrix else {
+        let Matrix::Zstd { blocks, block_index, block_rows, .. } = &self.matrix else {
             return Err(Error::InvalidInput(format!("{}: a raw store has no blocks", self.dir.display())));
         };
         let path = self.dir.join(StoreFiles::BLOCKS);
@@ -530,8 +531,9 @@ impl<'a> RowCursor<'a> {
                 let data = data.as_slice::<f32>().ok_or_else(|| Error::corrupt(&path, "not an array of f32"))?;
                 (Some((indices, data)), None)
             }
-            Matrix::Zstd { .. } => {
-                let decoder = BlockDecoder::new().map_err(|e| Error::io(store.dir.join(StoreFiles::BLOCKS), e))?;
+            Matrix::Zstd { planes, .. } => {
+                let decoder =
+                    BlockDecoder::new(*planes).map_err(|e| Error::io(store.dir.join(StoreFiles::BLOCKS), e))?;
                 (None, Some(decoder))
             }
         };
