@@ -214,16 +214,35 @@ pub fn bench_loader(
     })
 }
 
-/// Writes `rows` as a dense row-major cells x genes matrix into `out` (resized, zeroed first).
+/// Writes `rows` as a dense row-major cells x genes matrix into `out` (resized). Each row is
+/// zeroed right before its values are scattered into it, while it is in the cache: zeroing the
+/// whole batch first (82 MB at 4,096 x 5,000) and scattering after writes it to memory twice.
 fn densify(rows: &CsrBatch, out: &mut Vec<f32>) {
     let genes = rows.n_cols() as usize;
-    out.clear();
     out.resize(rows.n_rows() * genes, 0.0);
     for (r, dense) in out.chunks_exact_mut(genes.max(1)).enumerate().take(rows.n_rows()) {
+        dense.fill(0.0);
         let (indices, values) = rows.row(r);
         for (&g, &v) in indices.iter().zip(values) {
             dense[g as usize] = v;
         }
     }
     std::hint::black_box(out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn densify_overwrites_every_cell_of_a_reused_buffer() {
+        let mut rows = CsrBatch::new(4);
+        rows.push_row(&[1, 3], &[2.0, 5.0]);
+        rows.push_row(&[], &[]);
+        rows.push_row(&[0], &[7.0]);
+        // A buffer left over from a larger batch, full of other values.
+        let mut out = vec![9.0f32; 20];
+        densify(&rows, &mut out);
+        assert_eq!(out, [0.0, 2.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 7.0, 0.0, 0.0, 0.0]);
+    }
 }
