@@ -64,7 +64,8 @@ impl BlockEncoder {
             Planes::Narrow => {
                 let narrow_indices = self.deltas.iter().all(|&d| d <= u32::from(u16::MAX));
                 let narrow_values = data.iter().all(|&v| is_u16_whole(v));
-                let header = u8::from(narrow_indices) * NARROW_INDICES | u8::from(narrow_values) * NARROW_VALUES;
+                let header =
+                    if narrow_indices { NARROW_INDICES } else { 0 } | if narrow_values { NARROW_VALUES } else { 0 };
                 self.shuffled.push(header);
                 if narrow_indices {
                     shuffle(&mut self.shuffled, self.deltas.iter().map(|&d| (d as u16).to_le_bytes()));

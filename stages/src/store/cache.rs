@@ -50,9 +50,13 @@ impl Drop for Decoded {
 /// it), so they are handed back on drop. Kept up to an eighth of the cache's budget.
 #[derive(Debug)]
 struct Spares {
-    buffers: Mutex<(Vec<(Vec<u32>, Vec<f32>)>, u64)>,
+    /// The spare buffers and their bytes of capacity.
+    buffers: Mutex<(Vec<BlockBuffers>, u64)>,
     max_bytes: u64,
 }
+
+/// The index and value buffers of one decoded block.
+type BlockBuffers = (Vec<u32>, Vec<f32>);
 
 impl Spares {
     fn put(&self, indices: Vec<u32>, data: Vec<f32>) {
@@ -67,7 +71,7 @@ impl Spares {
         }
     }
 
-    fn take(&self) -> (Vec<u32>, Vec<f32>) {
+    fn take(&self) -> BlockBuffers {
         let mut spare = self.buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match spare.0.pop() {
             Some((indices, data)) => {
