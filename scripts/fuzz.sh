@@ -121,17 +121,29 @@ PY
     -max_total_time="$seconds" -max_len="$max_len" -rss_limit_mb=4096 -timeout=60 -print_final_stats=1 \
     ${FUZZ_ARGS:-} \
     2>&1 | tee "$out/last.log" | grep -E "^#[0-9]+[[:space:]]+(INITED|DONE|pulse)|ERROR|SUMMARY|stat::|panicked|Done " || true
-  # cargo-fuzz's exit status is lost in the pipe: a crash leaves an artifact and no DONE line
-  # (fork mode ends with "INFO: exiting: 0" instead, and counts timeouts it went past).
-  if ! grep -aqE "^#[0-9]+[[:space:]]+DONE|^INFO: exiting: 0" "$out/last.log"; then
+  # cargo-fuzz's exit status is lost in the pipe: a crash leaves an artifact and no DONE line.
+  # Fork mode (FUZZ_ARGS="-fork=1 ...") ends with "INFO: exiting: N" instead, N = 70 when it went
+  # past timeouts; its status lines count "oom/timeout/crash: O/T/C", so it is clean when the last
+  # one shows no OOM and no crash.
+  local executed timeouts=""
+  if grep -aqE "^#[0-9]+[[:space:]]+DONE" "$out/last.log"; then
+    executed=$(grep -aoE 'stat::number_of_executed_units: [0-9]+' "$out/last.log" | grep -oE '[0-9]+$' | tail -1)
+    [ -n "$executed" ] || executed=$(grep -aoE '^#[0-9]+' "$out/last.log" | tail -1 | tr -d '#')
+  elif grep -aqE "^INFO: exiting: (0|70) " "$out/last.log"; then
+    local status
+    status=$(grep -aoE '^#[0-9]+: cov: .* oom/timeout/crash: [0-9]+/[0-9]+/[0-9]+' "$out/last.log" | tail -1)
+    if [ -z "$status" ] || ! [[ "$status" =~ oom/timeout/crash:\ 0/([0-9]+)/0$ ]]; then
+      echo "$target: crash, out-of-memory or failure in fork mode (${status##*: }), see $out/last.log and fuzz/artifacts/$target/" >&2
+      exit 1
+    fi
+    timeouts=${BASH_REMATCH[1]}
+    executed=$(echo "$status" | grep -oE '^#[0-9]+' | tr -d '#')
+  else
     echo "$target: crash or failure, see $out/last.log and fuzz/artifacts/$target/" >&2
     exit 1
   fi
-  local executed
-  executed=$(grep -aoE 'stat::number_of_executed_units: [0-9]+' "$out/last.log" | grep -oE '[0-9]+$' | tail -1)
-  [ -n "$executed" ] || executed=$(grep -aoE '^#[0-9]+' "$out/last.log" | tail -1 | tr -d '#')
-  local timeouts
-  timeouts=$(grep -acE "ERROR: libFuzzer: timeout" "$out/last.log" || true)
+  [ -n "$timeouts" ] || timeouts=$(grep -acE "ERROR: libFuzzer: timeout" "$out/last.log" || true)
+  [ "$timeouts" != 0 ] || timeouts=""
   echo "$target: $executed inputs executed in ${seconds} s, no crash${timeouts:+, $timeouts timeouts past}"
 }
 
