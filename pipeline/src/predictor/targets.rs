@@ -68,43 +68,27 @@ pub fn parse_target_spec(text: &str) -> Result<TargetSpec> {
 }
 
 /// Reads targets from a CSV (header row) or Parquet table; one target per row, one column per
-/// key, empty cells meaning "not set".
+/// key, empty cells meaning "not set". Files over [`MAX_TARGETS_FILE_BYTES`] and tables of more
+/// than [`MAX_TARGETS`] rows are errors: a damaged or hostile Parquet file can declare billions
+/// of rows in a few bytes (one run-length-encoded page), so rows are counted as they are decoded.
 pub fn read_targets_file(path: &Path) -> Result<Vec<TargetSpec>> {
     let origin = path.display().to_string();
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let batches: Vec<RecordBatch> = if ext == "parquet" || ext == "pq" {
-        let iter =
-            cpa_stream_stages::store::read_table(path).map_err(|source| Error::Stage { stage: "targets", source })?;
-        iter.collect::<std::result::Result<_, _>>().map_err(|source| Error::Stage { stage: "targets", source })?
-    } else {
-        read_csv(path)?
-    };
     let mut out = Vec::new();
-    for batch in &batches {
-        let columns: Vec<(String, arrow::array::ArrayRef)> = batch
-            .schema()
-            .fields()
-            .iter()
-            .zip(batch.columns())
-            .map(|(f, c)| {
-                arrow::compute::cast(c, &DataType::Utf8)
-                    .map(|c| (f.name().clone(), c))
-                    .map_err(|e| Error::InvalidInput(format!("{origin}: column {:?}: {e}", f.name())))
-            })
-            .collect::<Result<_>>()?;
-        for row in 0..batch.num_rows() {
-            let spec: TargetSpec = columns
-                .iter()
-                .filter_map(|(name, col)| {
-                    let s = col.as_string::<i32>();
-                    (!s.is_null(row) && !s.value(row).trim().is_empty())
-                        .then(|| (name.clone(), s.value(row).trim().to_owned()))
-                })
-                .collect();
-            if spec.is_empty() {
-                return Err(Error::InvalidInput(format!("{origin}: row {} sets no key", out.len() + 1)));
-            }
-            out.push(spec);
+    if ext == "parquet" || ext == "pq" {
+        let bytes = std::fs::metadata(path).map_err(Error::io(path))?.len();
+        if bytes > MAX_TARGETS_FILE_BYTES {
+            return Err(too_large(&origin));
+        }
+        let batches =
+            cpa_stream_stages::store::read_table(path).map_err(|source| Error::Stage { stage: "targets", source })?;
+        for batch in batches {
+            let batch = batch.map_err(|source| Error::Stage { stage: "targets", source })?;
+            push_targets(&batch, &origin, &mut out)?;
+        }
+    } else {
+        for batch in read_csv(path)? {
+            push_targets(&batch, &origin, &mut out)?;
         }
     }
     if out.is_empty() {
@@ -113,20 +97,63 @@ pub fn read_targets_file(path: &Path) -> Result<Vec<TargetSpec>> {
     Ok(out)
 }
 
-/// Largest targets CSV read (a table of conditions, not of cells).
-const MAX_TARGETS_CSV_BYTES: u64 = 64 << 20;
+/// Most targets one table may list: each costs the predictor a resolved target and the sink a
+/// share of its metadata (about 1 KiB together), and a table of conditions is far smaller.
+pub const MAX_TARGETS: usize = 1_000_000;
+
+/// Largest targets file read (a table of conditions, not of cells).
+const MAX_TARGETS_FILE_BYTES: u64 = 64 << 20;
+
+fn too_large(origin: &str) -> Error {
+    Error::InvalidInput(format!(
+        "{origin}: larger than {} MiB; a targets table lists conditions, one per row",
+        MAX_TARGETS_FILE_BYTES >> 20
+    ))
+}
+
+/// Appends the targets of one batch of a targets table to `out`.
+fn push_targets(batch: &RecordBatch, origin: &str, out: &mut Vec<TargetSpec>) -> Result<()> {
+    if out.len() + batch.num_rows() > MAX_TARGETS {
+        return Err(Error::InvalidInput(format!(
+            "{origin}: more than {MAX_TARGETS} targets (rows); split the table and predict in parts"
+        )));
+    }
+    let columns: Vec<(String, arrow::array::ArrayRef)> = batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(f, c)| {
+            arrow::compute::cast(c, &DataType::Utf8)
+                .map(|c| (f.name().clone(), c))
+                .map_err(|e| Error::InvalidInput(format!("{origin}: column {:?}: {e}", f.name())))
+        })
+        .collect::<Result<_>>()?;
+    for row in 0..batch.num_rows() {
+        let spec: TargetSpec = columns
+            .iter()
+            .filter_map(|(name, col)| {
+                let s = col.as_string::<i32>();
+                (!s.is_null(row) && !s.value(row).trim().is_empty())
+                    .then(|| (name.clone(), s.value(row).trim().to_owned()))
+            })
+            .collect();
+        if spec.is_empty() {
+            return Err(Error::InvalidInput(format!("{origin}: row {} sets no key", out.len() + 1)));
+        }
+        out.push(spec);
+    }
+    Ok(())
+}
 
 pub(crate) fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
     use std::io::Read;
     let origin = path.display().to_string();
     let file = std::fs::File::open(path).map_err(Error::io(path))?;
     let mut bytes = Vec::new();
-    file.take(MAX_TARGETS_CSV_BYTES + 1).read_to_end(&mut bytes).map_err(Error::io(path))?;
-    if bytes.len() as u64 > MAX_TARGETS_CSV_BYTES {
-        return Err(Error::InvalidInput(format!(
-            "{origin}: larger than {} MiB; a targets table lists conditions, one per row",
-            MAX_TARGETS_CSV_BYTES >> 20
-        )));
+    file.take(MAX_TARGETS_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(Error::io(path))?;
+    if bytes.len() as u64 > MAX_TARGETS_FILE_BYTES {
+        return Err(too_large(&origin));
     }
     // The whole file must be UTF-8 before arrow-csv sees it: arrow-csv 60 checks the fields of a
     // batch only together, so two invalid halves of a character in neighbouring fields pass and
@@ -311,6 +338,34 @@ mod tests {
     /// Found by `scripts/fuzz.sh targets` (AddressSanitizer: heap-buffer-overflow): a CSV whose
     /// fields hold halves of one UTF-8 character passed arrow-csv's check and became invalid
     /// `&str`s. Now the file is checked whole first and the error names the line.
+    #[test]
+    fn targets_tables_are_bounded_in_bytes_and_rows() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        use std::sync::Arc;
+
+        use arrow::array::StringArray;
+        use arrow::datatypes::{Field, Schema};
+        let dir = tempfile::tempdir()?;
+        // One more row than allowed, all the same condition: dictionary- and run-length-encoded
+        // into a file of a few KB, as a hostile file would declare them.
+        let schema = Arc::new(Schema::new(vec![Field::new("condition", DataType::Utf8, false)]));
+        let rows = StringArray::from_iter_values(std::iter::repeat_n("x", MAX_TARGETS + 1));
+        let path = dir.path().join("many.parquet");
+        let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path)?, schema.clone(), None)?;
+        writer.write(&RecordBatch::try_new(schema, vec![Arc::new(rows)])?)?;
+        writer.close()?;
+        assert!(std::fs::metadata(&path)?.len() < 1 << 20);
+        let err = read_targets_file(&path).unwrap_err().to_string();
+        assert!(err.contains("more than 1000000 targets (rows)"), "{err}");
+        // Files over the byte bound, CSV or Parquet, are not read at all.
+        for name in ["big.parquet", "big.csv"] {
+            let big = dir.path().join(name);
+            std::fs::File::create(&big)?.set_len(MAX_TARGETS_FILE_BYTES + 1)?;
+            let err = read_targets_file(&big).unwrap_err().to_string();
+            assert!(err.contains("larger than 64 MiB"), "{name}: {err}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn a_targets_csv_that_is_not_utf8_is_an_error_naming_the_line() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/damaged/targets-split-utf8.csv");
