@@ -473,4 +473,36 @@ mod tests {
         assert_eq!(counts.report().decodes, 256);
         assert!(cache.state().entries.is_empty());
     }
+
+    #[test]
+    fn dropped_blocks_hand_their_buffers_on_within_a_bound() {
+        let spares = Spares { buffers: Mutex::default(), max_bytes: 3 * 64 };
+        for _ in 0..5 {
+            spares.put(Vec::with_capacity(8), Vec::with_capacity(8));
+        }
+        // Three pairs of 64 bytes fit; the other two were let go.
+        assert_eq!(spares.buffers.lock().map(|b| (b.0.len(), b.1)).ok(), Some((3, 192)));
+        let (indices, data) = spares.take();
+        assert!(indices.capacity() >= 8 && data.capacity() >= 8);
+        assert_eq!(spares.buffers.lock().map(|b| b.1).ok(), Some(128));
+
+        // Through the cache: a block dropped by another thread than its decoder still hands its
+        // buffers back, so a pass over many blocks allocates only a few pairs.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path(), 4096);
+        let cache = BlockCache::new(&store, 1 << 20, BlockCacheCounts::new()).expect("zstd store");
+        let all: Vec<u64> = (0..4096).collect();
+        cache.hold_rows(&all);
+        std::thread::scope(|scope| {
+            for t in 0..2u64 {
+                let (store, cache) = (&store, &cache);
+                scope.spawn(move || {
+                    let rows: Vec<u64> = (0..4096).filter(|r| r % 2 == t).collect();
+                    assert_eq!(read_in_batches(store, cache, &rows, 8, || ()), 2048);
+                });
+            }
+        });
+        let spare = cache.spares.buffers.lock().map(|b| (b.0.len(), b.1)).ok();
+        assert!(matches!(spare, Some((n, bytes)) if n >= 1 && bytes <= (1 << 20) / 8), "{spare:?}");
+    }
 }
