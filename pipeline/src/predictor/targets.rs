@@ -76,12 +76,9 @@ pub fn read_targets_file(path: &Path) -> Result<Vec<TargetSpec>> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let mut out = Vec::new();
     if ext == "parquet" || ext == "pq" {
-        let bytes = std::fs::metadata(path).map_err(Error::io(path))?.len();
-        if bytes > MAX_TARGETS_FILE_BYTES {
-            return Err(too_large(&origin));
-        }
-        let batches =
-            cpa_stream_stages::store::read_table(path).map_err(|source| Error::Stage { stage: "targets", source })?;
+        let bytes = read_bounded(path)?;
+        let batches = cpa_stream_stages::store::read_table_from_bytes(path, bytes)
+            .map_err(|source| Error::Stage { stage: "targets", source })?;
         for batch in batches {
             let batch = batch.map_err(|source| Error::Stage { stage: "targets", source })?;
             push_targets(&batch, &origin, &mut out)?;
@@ -146,15 +143,21 @@ fn push_targets(batch: &RecordBatch, origin: &str, out: &mut Vec<TargetSpec>) ->
     Ok(())
 }
 
-pub(crate) fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
+/// The whole file, at most [`MAX_TARGETS_FILE_BYTES`] of it.
+fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
-    let origin = path.display().to_string();
     let file = std::fs::File::open(path).map_err(Error::io(path))?;
     let mut bytes = Vec::new();
     file.take(MAX_TARGETS_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(Error::io(path))?;
     if bytes.len() as u64 > MAX_TARGETS_FILE_BYTES {
-        return Err(too_large(&origin));
+        return Err(too_large(&path.display().to_string()));
     }
+    Ok(bytes)
+}
+
+pub(crate) fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
+    let origin = path.display().to_string();
+    let bytes = read_bounded(path)?;
     // The whole file must be UTF-8 before arrow-csv sees it: arrow-csv 60 checks the fields of a
     // batch only together, so two invalid halves of a character in neighbouring fields pass and
     // each field becomes a `&str` that is not UTF-8 (undefined behaviour; found by the `targets`
@@ -364,6 +367,16 @@ mod tests {
             assert!(err.contains("larger than 64 MiB"), "{name}: {err}");
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_parquet_page_header_that_skips_past_the_end_is_an_error_not_a_hang() {
+        // Found by the `targets` fuzz target: read from the file, the Parquet library's skipping
+        // of this damaged page header made a system call per skipped field and ran for hours.
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/damaged/targets-page-header-skip.parquet");
+        let err = read_targets_file(&path).unwrap_err().to_string();
+        assert!(err.contains("targets-page-header-skip.parquet"), "{err}");
     }
 
     #[test]

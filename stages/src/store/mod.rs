@@ -18,7 +18,9 @@ pub use cache::{BlockCache, BlockCacheCounts, BlockCacheReport};
 pub use hashing::file_checksum;
 pub use mmap::explain_sigbus;
 pub use reader::{Access, CsrView, RowCursor, Store, consecutive_runs};
-pub use tables::{ColumnSummary, read_small_table, read_table, summarize_obs, table_schema, write_table};
+pub use tables::{
+    ColumnSummary, read_small_table, read_table, read_table_from_bytes, summarize_obs, table_schema, write_table,
+};
 pub use verify::VerifyReport;
 pub use writer::{DEFAULT_OBS_ROW_GROUP_ROWS, StoreWriter, StoreWriterOptions};
 pub(crate) use writer::{table_properties, truth_properties};

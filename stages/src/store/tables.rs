@@ -43,8 +43,23 @@ pub fn table_schema(path: &Path) -> Result<SchemaRef> {
 /// Streams a Parquet table in batches of at most 65,536 rows.
 pub fn read_table(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    read_table_from(path, file)
+}
+
+/// [`read_table`] of a Parquet file already read into memory (`path` names it in errors). For
+/// small files from users (a `--targets` table): a damaged page header can make the Parquet
+/// library skip a field billions of times at the end of its input, which from a file is a system
+/// call each time (minutes to hours, found by the `targets` fuzz target) and from memory is not.
+pub fn read_table_from_bytes(path: &Path, bytes: Vec<u8>) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    read_table_from(path, bytes::Bytes::from(bytes))
+}
+
+fn read_table_from<R: parquet::file::reader::ChunkReader + 'static>(
+    path: &Path,
+    input: R,
+) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
     let mut reader: ParquetRecordBatchReader = guarded(path, || {
-        ParquetRecordBatchReaderBuilder::try_new(file)
+        ParquetRecordBatchReaderBuilder::try_new(input)
             .and_then(|b| b.with_batch_size(SCAN_BATCH_ROWS).build())
             .map_err(|e| Error::parquet(path, e))
     })?;
