@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, DictionaryArray};
@@ -10,6 +11,7 @@ use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::categories_of;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::file::reader::{ChunkReader, Length};
 
 use super::Store;
 use crate::error::{Error, Result};
@@ -46,20 +48,18 @@ pub fn read_table(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch
     read_table_from(path, file)
 }
 
-/// [`read_table`] of a Parquet file already read into memory (`path` names it in errors). For
-/// small files from users (a `--targets` table): a damaged page header can make the Parquet
-/// library skip a field billions of times at the end of its input, which from a file is a system
-/// call each time (minutes to hours, found by the `targets` fuzz target) and from memory is not.
+/// [`read_table`] of a Parquet file already read into memory (`path` names it in errors), for
+/// small files from users (a `--targets` table), read whole once instead of in many small reads.
 pub fn read_table_from_bytes(path: &Path, bytes: Vec<u8>) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
     read_table_from(path, bytes::Bytes::from(bytes))
 }
 
-fn read_table_from<R: parquet::file::reader::ChunkReader + 'static>(
+fn read_table_from<R: ChunkReader + 'static>(
     path: &Path,
     input: R,
 ) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
     let mut reader: ParquetRecordBatchReader = guarded(path, || {
-        ParquetRecordBatchReaderBuilder::try_new(input)
+        ParquetRecordBatchReaderBuilder::try_new(EndIsAnError(input))
             .and_then(|b| b.with_batch_size(SCAN_BATCH_ROWS).build())
             .map_err(|e| Error::parquet(path, e))
     })?;
@@ -79,6 +79,49 @@ fn read_table_from<R: parquet::file::reader::ChunkReader + 'static>(
             }
         }
     }))
+}
+
+/// A Parquet input whose streams fail when read past the end of the file.
+///
+/// The Parquet library (60.1) skips an unknown field of a page header by copying its bytes
+/// into a sink, and a copy that meets the end of its input stops without an error; a damaged
+/// header declaring a list of two billion 8-byte fields then spins through two billion empty
+/// copies (found by the `targets` fuzz target: minutes per file). A stream that reports
+/// reading past the end as an error ends the first such copy instead. No valid file reads past
+/// its end: the footer and every page lie inside it.
+struct EndIsAnError<R>(R);
+
+impl<R: Length> Length for EndIsAnError<R> {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+}
+
+impl<R: ChunkReader> ChunkReader for EndIsAnError<R> {
+    type T = EndIsAnErrorRead<R::T>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        self.0.get_read(start).map(EndIsAnErrorRead)
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        self.0.get_bytes(start, length)
+    }
+}
+
+/// See [`EndIsAnError`].
+struct EndIsAnErrorRead<R>(R);
+
+impl<R: Read> Read for EndIsAnErrorRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.0.read(buf)? {
+            0 if !buf.is_empty() => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "a page header runs past the end of the file",
+            )),
+            n => Ok(n),
+        }
+    }
 }
 
 /// Reads a whole Parquet table into one batch (for small tables: `var`, DEG lists).
