@@ -128,7 +128,7 @@ def import_h5ad(
     use_raw: bool = False,
     genes: list[str] | None = None,
     codec: str = "raw",
-    zstd_level: int = 3,
+    zstd_level: int = 1,
     block_rows: int = 256,
     deg_uns_key: str | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,

@@ -291,7 +291,7 @@ fn codec(name: &str, level: i32, block_rows: u32) -> PyResult<Codec> {
 
 /// Imports an `.h5ad` file into a store; returns the summary as JSON.
 #[pyfunction]
-#[pyo3(signature = (path, out, layer=None, use_raw=false, genes=None, deg_uns_key=None, codec_name="raw", zstd_level=3, block_rows=256, overwrite=false, progress=None))]
+#[pyo3(signature = (path, out, layer=None, use_raw=false, genes=None, deg_uns_key=None, codec_name="raw", zstd_level=1, block_rows=256, overwrite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn import_h5ad(
     py: Python<'_>,
@@ -380,7 +380,7 @@ fn csr_chunk(n_vars: u32, item: &Bound<'_, PyAny>) -> PyResult<CsrBatch> {
 /// `(indptr, indices, data)` bytes) with its obs and var tables into a store; returns the
 /// summary as JSON.
 #[pyfunction]
-#[pyo3(signature = (what, obs, var, chunks, out, degs=None, codec_name="raw", zstd_level=3, block_rows=256, overwrite=false, progress=None))]
+#[pyo3(signature = (what, obs, var, chunks, out, degs=None, codec_name="raw", zstd_level=1, block_rows=256, overwrite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn import_arrays(
     what: &str,
