@@ -49,7 +49,9 @@ if [ ! -d "synth_$tag.annbatch.zarr" ]; then
   timed annbatch-lz4 "$peer" "$harness/prep_annbatch.py" "$h5ad" "synth_$tag.annbatch.zarr"
   timed annbatch-raw "$peer" "$harness/prep_annbatch.py" "$h5ad" "synth_$tag.annbatch-raw.zarr" --compressor none
 fi
-if [ ! -f "raw.store/manifest.json" ] || [ ! -f "zstd.store/manifest.json" ] || [ ! -f "$res/convert.time" ]; then
+# Again whenever the binary is newer than the stores: they are written as this build writes them.
+if [ ! -f "raw.store/manifest.json" ] || [ ! -f "zstd.store/manifest.json" ] || [ ! -f "$res/convert.time" ] \
+  || [ "$bin" -nt zstd.store/manifest.json ]; then
   echo "== cpa-stream import + convert --shuffle to zstd"
   timed import "$bin" import "$h5ad" --out raw.store --overwrite -q
   timed convert "$bin" convert raw.store --codec zstd --shuffle 0 --out zstd.store --overwrite -q
