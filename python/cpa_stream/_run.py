@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 LATENTS = ("z_basal", "z", "z_corrected", "z_no_pert", "z_no_pert_corrected")
 #: Schema metadata key of the predicted genes (a JSON list).
 GENES_KEY = b"cpa_stream.genes"
+#: The column of ``expected_log1p=True``: E[log1p(x)] of each predicted count distribution.
+EXPECTED_LOG1P = "expected_log1p"
 
 Targets = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | pd.DataFrame | None
 
@@ -242,6 +244,7 @@ class Run:
         seed: int = 0,
         allow_empty: bool = False,
         batch_corrected: bool = False,
+        expected_log1p: bool = False,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
@@ -258,11 +261,14 @@ class Run:
         of ``genes``, default all, or the union of the targets' ``top_deg`` DEGs) and each of
         ``latents`` (:data:`LATENTS`). The genes are in ``schema.metadata[b"cpa_stream.genes"]``.
         ``batch_corrected`` decodes without the batch covariate's embedding (cpa-tools'
-        ``custom_predict(add_batch=False)``; the model needs a batch key).
+        ``custom_predict(add_batch=False)``; the model needs a batch key). ``expected_log1p``
+        adds a column of the same name: E[log1p(x)] of each predicted count distribution (nb
+        models), what a mean of log-normalised counts estimates (``log1p(mean)`` overstates it).
         """
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
             batch_size=batch_size, seed=seed, allow_empty=allow_empty, batch_corrected=batch_corrected,
+            expected_log1p=expected_log1p,
         )
         stream = _native.predict_stream(request, _compute(device, threads, workers))
         return pa.RecordBatchReader.from_stream(stream)
@@ -283,6 +289,7 @@ class Run:
         seed: int = 0,
         allow_empty: bool = False,
         batch_corrected: bool = False,
+        expected_log1p: bool = False,
         overwrite: bool = False,
         device: str = "cpu",
         threads: int | None = None,
@@ -297,7 +304,7 @@ class Run:
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
             shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
-            batch_corrected=batch_corrected,
+            batch_corrected=batch_corrected, expected_log1p=expected_log1p,
         )
         return json.loads(
             _native.predict_file(
@@ -318,30 +325,35 @@ class Run:
         batch_size: int | None = None,
         seed: int = 0,
         batch_corrected: bool = False,
+        expected_log1p: bool = False,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
     ) -> anndata.AnnData:
         """The predictions as an AnnData, for results that fit in memory: ``X`` the predicted
         means (float32), ``obs`` the source cell id and the target's labels (categoricals),
-        ``var`` the genes, ``obsm`` each latent. Arguments as :meth:`predict`. For more rows than
+        ``var`` the genes, ``obsm`` each latent, ``layers["expected_log1p"]`` with
+        ``expected_log1p``. Arguments as :meth:`predict`. For more rows than
         memory holds use :meth:`predict_to_parquet` (or :meth:`predict` batch by batch)."""
         import anndata as ad
 
         reader = self.predict(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
-            batch_size=batch_size, seed=seed, batch_corrected=batch_corrected, device=device, threads=threads,
-            workers=workers,
+            batch_size=batch_size, seed=seed, batch_corrected=batch_corrected, expected_log1p=expected_log1p,
+            device=device, threads=threads, workers=workers,
         )
         genes_json = (reader.schema.metadata or {}).get(GENES_KEY)
         gene_names = json.loads(genes_json) if genes_json else []
         latent_names = [n for n in reader.schema.names if n in LATENTS]
-        label_names = [n for n in reader.schema.names if n not in ("mean", *LATENTS)]
+        label_names = [n for n in reader.schema.names if n not in ("mean", EXPECTED_LOG1P, *LATENTS)]
         means: list[np.ndarray] = []
+        expected: list[np.ndarray] = []
         obsm: dict[str, list[np.ndarray]] = {n: [] for n in latent_names}
         labels: list[pa.Table] = []
         for batch in reader:
             means.append(_vectors(batch.column("mean"), len(gene_names)))
+            if expected_log1p:
+                expected.append(_vectors(batch.column(EXPECTED_LOG1P), len(gene_names)))
             for n in latent_names:
                 column = batch.column(n)
                 obsm[n].append(_vectors(column, column.type.list_size))
@@ -353,7 +365,12 @@ class Run:
         obs.index = obs.index.astype(str)
         x = np.concatenate(means) if means else np.zeros((0, len(gene_names)), np.float32)
         latents_out = {n: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for n, v in obsm.items()}
-        return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)), obsm=latents_out)
+        layers = {}
+        if expected_log1p:
+            layers[EXPECTED_LOG1P] = np.concatenate(expected) if expected else np.zeros_like(x)
+        return ad.AnnData(
+            X=x, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)), obsm=latents_out, layers=layers
+        )
 
     def latents(
         self,

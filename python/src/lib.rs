@@ -498,6 +498,8 @@ struct PredictRequest {
     wide: bool,
     #[serde(default)]
     batch_corrected: bool,
+    #[serde(default)]
+    expected_log1p: bool,
 }
 
 impl PredictRequest {
@@ -525,6 +527,7 @@ impl PredictRequest {
         options.allow_empty = self.allow_empty;
         options.layout = if self.wide { Layout::Wide } else { Layout::Long };
         options.batch_corrected = self.batch_corrected;
+        options.expected_log1p = self.expected_log1p;
         Ok(options)
     }
 }

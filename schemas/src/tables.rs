@@ -133,6 +133,9 @@ pub mod predictions {
     pub const CELL_ID: &str = super::CELL_ID;
     /// Predicted means of the chosen genes, `FixedSizeList<Float32>` in the order of [`GENES_KEY`].
     pub const MEAN: &str = "mean";
+    /// `E[log1p(x)]` of the predicted counts for the same genes, `FixedSizeList<Float32>`
+    /// (`predict --expected-log1p`, nb models): what a mean of log-normalised counts estimates.
+    pub const EXPECTED_LOG1P: &str = "expected_log1p";
     /// Schema metadata key: the chosen genes as a JSON array, in the order of [`MEAN`]'s items.
     pub const GENES_KEY: &str = "cpa_stream.genes";
     /// Schema metadata key: the model directory the predictions came from (absolute path).
@@ -150,11 +153,13 @@ pub mod predictions {
 
 /// Schema of a prediction file: `cell_id`, then one categorical column per label of the target
 /// condition (`label_columns`: the perturbation key, the dose key, the covariates), `mean` (one
-/// value per gene of `genes`, which the schema metadata records), then the chosen latents of
-/// width `latent_width`. Errors when a label column collides with another column.
+/// value per gene of `genes`, which the schema metadata records), `expected_log1p` (the same
+/// genes) when asked for, then the chosen latents of width `latent_width`. Errors when a label
+/// column collides with another column.
 pub fn prediction_schema(
     label_columns: &[String],
     genes: &[String],
+    expected_log1p: bool,
     latents: &[String],
     latent_width: i32,
 ) -> Result<SchemaRef, SchemaError> {
@@ -162,6 +167,9 @@ pub fn prediction_schema(
     fields.extend(label_columns.iter().map(|name| Field::new(name, categorical_type(), false)));
     let n_genes = i32::try_from(genes.len()).map_err(|_| SchemaError(format!("{} genes is too many", genes.len())))?;
     fields.push(Field::new(predictions::MEAN, f32_vector_type(n_genes), false));
+    if expected_log1p {
+        fields.push(Field::new(predictions::EXPECTED_LOG1P, f32_vector_type(n_genes), false));
+    }
     for latent in latents {
         if !predictions::LATENTS.contains(&latent.as_str()) {
             return Err(SchemaError(format!("unknown latent {latent:?} (known: {})", predictions::LATENTS.join(", "))));
@@ -357,16 +365,16 @@ mod tests {
     #[test]
     fn prediction_schema_records_genes_and_rejects_collisions() {
         let genes = vec!["g1".to_owned(), "g2".to_owned()];
-        let s = prediction_schema(&["condition".into(), "dose".into()], &genes, &["z_basal".into()], 4)
+        let s = prediction_schema(&["condition".into(), "dose".into()], &genes, false, &["z_basal".into()], 4)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(prediction_genes(&s), Some(genes.clone()));
         let names: Vec<&str> = s.fields().iter().map(|f| f.name().as_str()).collect();
         assert_eq!(names, ["cell_id", "condition", "dose", "mean", "z_basal"]);
         assert_eq!(s.field(3).data_type(), &f32_vector_type(2));
         assert!(
-            prediction_schema(&["mean".into()], &genes, &[], 4).unwrap_err().0.contains("\"mean\" would appear twice")
+            prediction_schema(&["mean".into()], &genes, false, &[], 4).unwrap_err().0.contains("\"mean\" would appear twice")
         );
-        assert!(prediction_schema(&[], &genes, &["zz".into()], 4).unwrap_err().0.contains("unknown latent"));
+        assert!(prediction_schema(&[], &genes, false, &["zz".into()], 4).unwrap_err().0.contains("unknown latent"));
     }
 
     #[test]

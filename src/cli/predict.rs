@@ -62,6 +62,11 @@ pub struct PredictArgs {
     /// (cpa-tools' custom_predict(add_batch=False)); the model must have a batch key.
     #[arg(long)]
     batch_corrected: bool,
+    /// Also write `expected_log1p`: E[log1p(x)] of each predicted count distribution, the same
+    /// genes as `mean` (nb models). What a mean of log-normalised counts estimates, which
+    /// log1p(mean) overstates; `evaluate --expected-log1p` scores it.
+    #[arg(long)]
+    expected_log1p: bool,
     /// The k-th of n contiguous cell ranges, 0-based (`3/16`), for job arrays; `genes.parquet`
     /// (the var rows of the predicted genes, in column order) is written beside the parts.
     #[arg(long)]
@@ -115,6 +120,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         allow_empty: args.allow_empty,
         layout: args.layout,
         batch_corrected: args.batch_corrected,
+        expected_log1p: args.expected_log1p,
         ..PredictOptions::new(&args.model, &args.store)
     };
     let sink = SinkOptions {

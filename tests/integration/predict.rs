@@ -104,9 +104,14 @@ fn strings(batches: &[RecordBatch], name: &str) -> Vec<String> {
 
 /// The `mean` vectors of every row.
 fn means(batches: &[RecordBatch]) -> Vec<Vec<f64>> {
+    vectors(batches, "mean")
+}
+
+/// The vectors of a list column of every row.
+fn vectors(batches: &[RecordBatch], name: &str) -> Vec<Vec<f64>> {
     let mut out = Vec::new();
     for b in batches {
-        let list = b.column_by_name("mean").unwrap_or_else(|| panic!("no mean")).as_fixed_size_list();
+        let list = b.column_by_name(name).unwrap_or_else(|| panic!("no {name}")).as_fixed_size_list();
         let width = list.value_length() as usize;
         let values = list.values().as_primitive::<Float32Type>();
         for r in 0..list.len() {
@@ -163,7 +168,7 @@ fn predictions_read_back_match_the_schema() {
     assert_eq!(store_genes.len(), 100);
     let labels = ["condition", "dose", "cell_type"].map(String::from);
     let expected =
-        prediction_schema(&labels, &store_genes, &["z_basal".into(), "z".into()], 32).unwrap_or_else(|e| panic!("{e}"));
+        prediction_schema(&labels, &store_genes, false, &["z_basal".into(), "z".into()], 32).unwrap_or_else(|e| panic!("{e}"));
     same_schema(&expected, &schema).unwrap_or_else(|e| panic!("schema read back: {e}"));
     assert_eq!(prediction_genes(&schema), Some(store_genes));
 
@@ -661,6 +666,89 @@ fn the_expected_log1p_is_scored_below_log1p_of_the_mean() {
     let mean = |s: &serde_json::Value, k: &str| s["mean"][k].as_f64().unwrap_or(f64::NAN);
     assert!(mean(expected, "mse") != mean(plain, "mse"), "{expected}");
     assert_eq!(mean(expected, "r2_mean_control"), mean(plain, "r2_mean_control"));
+}
+
+/// E[log1p X] for X ~ NB(mean mu, inverse dispersion theta), summed over the pmf.
+fn expected_log1p_by_pmf(mu: f64, theta: f64) -> f64 {
+    let q = mu / (theta + mu);
+    let (mut p, mut total, mut mass) = ((theta / (theta + mu)).powf(theta), 0.0, 0.0);
+    for k in 0..1_000_000u32 {
+        let k = f64::from(k);
+        total += p * k.ln_1p();
+        mass += p;
+        if mass > 1.0 - 1e-13 && k > mu {
+            break;
+        }
+        p *= (k + theta) / (k + 1.0) * q;
+    }
+    total
+}
+
+#[test]
+fn predict_writes_the_expected_log1p_of_each_predicted_distribution() {
+    let f = fixture();
+    let long = f.dir.join("preds-elog.parquet");
+    let o = predict(&["--target", "PERT03", "--expected-log1p", "--out", long.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let (schema, batches) = read_parquet(&long);
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["cell_id", "condition", "dose", "cell_type", "mean", "expected_log1p"]);
+    let (mean, expected) = (means(&batches), vectors(&batches, "expected_log1p"));
+    assert_eq!(mean.len(), expected.len());
+    // Against the pmf sum with the model's own dispersion, for the first cells.
+    let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
+    let genes = cpa_stream::pipeline::obs::gene_names(&store).unwrap_or_else(|e| panic!("{e}"));
+    let model = cpa_stream::stages::model::load_model_for(&f.run.join("model"), &genes, "test", tch::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let theta = model.nb_theta().unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|| panic!("an nb model"));
+    let theta = Vec::<f64>::try_from(&theta.to_kind(tch::Kind::Double)).unwrap_or_else(|e| panic!("{e}"));
+    let mut worst = 0.0f64;
+    for (m, e) in mean.iter().zip(&expected).take(20) {
+        for g in 0..genes.len() {
+            let by_hand = expected_log1p_by_pmf(m[g], theta[g]);
+            worst = worst.max((e[g] - by_hand).abs() / (1.0 + by_hand));
+            // Below log1p of the mean (Jensen), never negative.
+            assert!(e[g] >= 0.0 && e[g] <= m[g].ln_1p() + 1e-6, "gene {g}: {} vs log1p(mean {})", e[g], m[g]);
+        }
+    }
+    // The quadrature (48 nodes) is good to about 1e-4 of the value on these means.
+    assert!(worst < 5e-4, "largest relative difference from the pmf sum: {worst}");
+    // Wide: one column per gene, named expected_log1p_GENE, equal to the long lists.
+    let wide = f.dir.join("preds-elog-wide.parquet");
+    let o = predict(&[
+        "--target",
+        "PERT03",
+        "--expected-log1p",
+        "--layout",
+        "wide",
+        "--out",
+        wide.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let (_, wide_batches) = read_parquet(&wide);
+    let column = format!("expected_log1p_{}", genes[7]);
+    let values = wide_batches[0].column_by_name(&column).unwrap_or_else(|| panic!("no {column}"));
+    assert_eq!(f64::from(values.as_primitive::<Float32Type>().value(0)), expected[0][7]);
+
+    // A model without an nb dispersion cannot: an error naming the likelihood, no file.
+    let config = f.dir.join("gauss.toml");
+    std::fs::write(&config, "[model]\nrecon_loss = \"gauss\"\n").unwrap_or_else(|e| panic!("{e}"));
+    let gauss = f.dir.join("run-gauss");
+    let (store_arg, config_arg, run_arg) =
+        (f.store.to_str().unwrap_or_default(), config.to_str().unwrap_or_default(), gauss.to_str().unwrap_or_default());
+    let o = run(&[
+        "train", "--store", store_arg, "--dose-key", "dose", "--covariates", "cell_type", "--config", config_arg,
+        "--epochs", "1", "--threads", "1", "--allow-non-counts", "--out", run_arg, "-q",
+    ]);
+    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    let refused = f.dir.join("preds-elog-gauss.parquet");
+    let o = run(&[
+        "predict", "--model", run_arg, "--store", store_arg, "--target", "PERT03", "--expected-log1p", "--out",
+        refused.to_str().unwrap_or_default(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--expected-log1p needs a model with the nb likelihood"), "{}", text(&o.stderr));
+    assert!(!refused.exists());
 }
 
 #[test]

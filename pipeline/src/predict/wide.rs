@@ -1,12 +1,13 @@
 //! `--layout wide`: the prediction table with one Float32 column per gene (named by the gene)
-//! instead of the `mean` list column, and one column per latent dimension (`z_basal_0`, ...),
+//! instead of the `mean` list column (`expected_log1p_GENE` for the expected log1p, when written),
+//! and one column per latent dimension (`z_basal_0`, ...),
 //! for tools without list columns (spreadsheets, pandas without object arrays, SQL engines).
 
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
-use cpa_stream_schemas::tables::predictions::{LAYOUT_KEY, MEAN};
+use cpa_stream_schemas::tables::predictions::{EXPECTED_LOG1P, LAYOUT_KEY, MEAN};
 
 use crate::error::{Error, Result};
 
@@ -29,6 +30,8 @@ impl Widen {
                     let n = usize::try_from(*n).unwrap_or(0);
                     let names: Vec<String> = if field.name() == MEAN {
                         genes.to_vec()
+                    } else if field.name() == EXPECTED_LOG1P {
+                        genes.iter().map(|g| format!("{EXPECTED_LOG1P}_{g}")).collect()
                     } else {
                         (0..n).map(|i| format!("{}_{i}", field.name())).collect()
                     };

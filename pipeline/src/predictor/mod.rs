@@ -117,12 +117,15 @@ pub struct Predictor {
     gene_tensor: Option<Tensor>,
     genes: Vec<String>,
     latents: Vec<String>,
+    /// The nb dispersion of the written genes, on the model's device, when `expected_log1p` is
+    /// written.
+    theta: Option<Tensor>,
     schema: SchemaRef,
     rows: Range<u64>,
     options: PredictOptions,
     /// The posterior draws of a variational model.
     noise: Noise,
-    /// Output buffers: the means, then each latent.
+    /// Output buffers: the means, the expected log1p if written, then each latent.
     pools: Vec<BufferPool>,
 }
 
@@ -134,6 +137,28 @@ impl std::fmt::Debug for Predictor {
             .field("genes", &self.genes.len())
             .field("rows", &self.rows)
             .finish_non_exhaustive()
+    }
+}
+
+/// The dispersion of the genes `index` (all: `None`) of an nb model, for `expected_log1p`.
+fn written_theta(model: &CpaModel, dir: &Path, index: Option<&[i64]>) -> Result<Tensor> {
+    let torch = Error::stage("predictor");
+    let theta = model.nb_theta().map_err(torch)?.ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{}: --expected-log1p needs a model with the nb likelihood (its dispersion); this one is {:?}",
+            dir.display(),
+            model.config().model.recon_loss
+        ))
+    })?;
+    match index {
+        None => Ok(theta),
+        Some(index) => {
+            let index = Tensor::f_from_slice(index)
+                .and_then(|i| i.f_to_device(theta.device()))
+                .and_then(|i| theta.f_index_select(0, &i))
+                .map_err(|e| torch(e.into()))?;
+            Ok(index)
+        }
     }
 }
 
@@ -172,7 +197,8 @@ impl Predictor {
         let mut label_columns = vec![keys.perturbation.clone(), keys.dose_output.clone()];
         label_columns.extend(vocab.covariates.iter().map(|c| c.name.clone()));
         let latent_width = i32::try_from(file.config.model.n_latent).unwrap_or(i32::MAX);
-        let schema = prediction_schema(&label_columns, &genes, &options.latents, latent_width)
+        let theta = if options.expected_log1p { Some(written_theta(&model, &dir, gene_index.as_deref())?) } else { None };
+        let schema = prediction_schema(&label_columns, &genes, options.expected_log1p, &options.latents, latent_width)
             .map_err(|e| Error::InvalidInput(format!("predictions of {}: {e}", dir.display())))?;
         let mut metadata = schema.metadata().clone();
         let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()).display().to_string();
@@ -193,8 +219,9 @@ impl Predictor {
             gene_index,
             gene_tensor: None,
             genes,
-            pools: vec![BufferPool::default(); 1 + options.latents.len()],
+            pools: vec![BufferPool::default(); 1 + usize::from(options.expected_log1p) + options.latents.len()],
             latents: options.latents.clone(),
+            theta,
             schema,
             rows,
             options: options.clone(),

@@ -131,6 +131,9 @@ pub struct PredictOptions {
     /// Decode without the batch covariate's embedding (cpa-tools' `custom_predict(add_batch=False)`):
     /// expression corrected for the batch; the model needs a batch key. Default false.
     pub batch_corrected: bool,
+    /// Also write `expected_log1p`: `E[log1p(x)]` of each predicted count distribution (nb models),
+    /// what a mean of log-normalised counts estimates; `log1p(mean)` overstates it. Default false.
+    pub expected_log1p: bool,
 }
 
 /// The layout of a prediction file.
@@ -175,6 +178,7 @@ impl PredictOptions {
             allow_empty: false,
             layout: Layout::Long,
             batch_corrected: false,
+            expected_log1p: false,
         }
     }
 }

@@ -11,6 +11,7 @@ use arrow::datatypes::{DataType, Field, Int32Type};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::model::PerturbationCsr;
 use cpa_stream_stages::model::batch::densify_range;
+use cpa_stream_stages::model::likelihood::expected_log1p_nb;
 use tch::Tensor;
 
 use super::buffers::{HostValues, copy_values};
@@ -127,8 +128,10 @@ impl Predictor {
         let gene_index = self.gene_tensor.as_ref().map(Tensor::shallow_clone);
         let model = &self.model;
         let genes = self.gene_index.as_ref().map_or(model.vocabulary().genes.len(), Vec::len);
-        let widths: Vec<usize> =
-            std::iter::once(genes).chain(self.latents.iter().map(|_| model.config().model.n_latent)).collect();
+        let expected = usize::from(self.theta.is_some());
+        let widths: Vec<usize> = std::iter::repeat_n(genes, 1 + expected)
+            .chain(self.latents.iter().map(|_| model.config().model.n_latent))
+            .collect();
         let (z_draws, z_mean, library) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
             let (x, _) = densify_range(counts, a..b, device)?;
             let (x_in, library) = model.input(&x)?;
@@ -156,6 +159,9 @@ impl Predictor {
                         mean = mean.f_index_select(1, index)?;
                     }
                     copy_values(&mean, &mut out[0])?;
+                    if let Some(theta) = &self.theta {
+                        copy_values(&expected_log1p_nb(&mean, theta)?, &mut out[1])?;
+                    }
                     if !self.latents.is_empty() {
                         let l = model.compose(&z_mean, &z_pert, &covs)?;
                         for (k, name) in self.latents.iter().enumerate() {
@@ -166,7 +172,7 @@ impl Predictor {
                                 "z_no_pert" => &l.z_no_pert,
                                 _ => &l.z_no_pert_corrected,
                             };
-                            copy_values(t, &mut out[1 + k])?;
+                            copy_values(t, &mut out[1 + expected + k])?;
                         }
                     }
                     Ok(())
@@ -174,6 +180,7 @@ impl Predictor {
                 .map_err(torch)?;
                 let mut columns = out.into_iter().zip(&self.pools).map(|(values, pool)| pool.lend(values));
                 let mean = columns.next().ok_or_else(|| Error::InvalidInput("no mean column".into()))?;
+                // The expected log1p, if written, is the first of the other per-cell vectors.
                 let batch = self.record_batch(cells, a..b, target, mean, columns.collect())?;
                 if !emit(batch) {
                     return Ok(false);
@@ -200,7 +207,7 @@ impl Predictor {
         rows: Range<usize>,
         target: Option<&Target>,
         mean: HostValues,
-        latents: Vec<HostValues>,
+        vectors: Vec<HostValues>,
     ) -> Result<RecordBatch> {
         let arrow_err = |e| Error::Arrow { context: "building predictions".to_owned(), source: e };
         let groups = &chunk.groups[rows.clone()];
@@ -238,7 +245,7 @@ impl Predictor {
         let n = rows.len().max(1);
         let gene_width = mean.len() / n;
         columns.push(vector(mean, gene_width)?);
-        for values in latents {
+        for values in vectors {
             let width = values.len() / n;
             columns.push(vector(values, width)?);
         }
