@@ -101,6 +101,20 @@ def test_predict_anndata_and_the_streaming_file_agree(run, store, fresh):
     assert np.array_equal(means, adata.X)
 
 
+def test_expected_log1p_rides_beside_the_mean(run, store, fresh):
+    adata = run.predict_anndata(store, source=SOURCE, targets=TARGET, expected_log1p=True, **COMPUTE)
+    expected = adata.layers["expected_log1p"]
+    assert expected.shape == adata.X.shape and expected.dtype == np.float32
+    # E[log1p X] <= log1p(E[X]) (Jensen), and positive wherever the mean is.
+    assert (expected >= 0).all() and (expected <= np.log1p(adata.X) + 1e-6).all()
+    assert (expected[adata.X > 0.1] > 0).all()
+    run.predict_to_parquet(fresh / "e.parquet", store, source=SOURCE, targets=TARGET, expected_log1p=True, **COMPUTE)
+    written = pq.read_table(fresh / "e.parquet")
+    assert written.column_names[-2:] == ["mean", "expected_log1p"]
+    assert np.array_equal(np.stack(written.column("expected_log1p").to_numpy(zero_copy_only=False)), expected)
+    assert "expected_log1p" not in run.predict_anndata(store, source=SOURCE, targets=TARGET, **COMPUTE).layers
+
+
 def test_latents_cover_every_cell_in_store_order(run, store):
     latents = run.latents(store, ["z_basal", "z"], **COMPUTE)
     assert latents["z_basal"].shape == (store.n_obs, run.config["model"]["n_latent"])

@@ -149,8 +149,8 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let ratio = report.raw_f32_bytes_per_row / report.bytes_per_row.max(1e-9);
     let compared = if ratio >= 1.0 { format!("{ratio:.2}x smaller") } else { format!("{:.2}x larger", 1.0 / ratio) };
     outln!(
-        "{:.0} source cells/s, {:.0} rows/s; {:.0} bytes per row on disk (ids, labels, means, latents) vs {:.0} for \
-         the means as raw float32 ({compared})",
+        "{:.0} source cells/s, {:.0} rows/s; {:.0} bytes per row on disk (ids, labels, values) vs {:.0} for \
+         its values as raw float32 ({compared})",
         report.cells_per_s,
         report.rows_per_s,
         report.bytes_per_row,

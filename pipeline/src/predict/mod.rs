@@ -47,7 +47,7 @@ pub struct PredictReport {
     pub rows_per_s: f64,
     /// Bytes of the file per row.
     pub bytes_per_row: f64,
-    /// The same predicted means as raw float32 (genes x 4 bytes per row).
+    /// The same predicted values (means, expected log1p, latents) as raw float32, per row.
     pub raw_f32_bytes_per_row: f64,
     /// Stages, wall time and peak memory.
     pub report: RunReport,
@@ -76,6 +76,16 @@ pub fn run_predict(
     let predictor = Predictor::open(options)?;
     device_memory::reset_peak(options.device);
     let (genes, targets) = (predictor.genes().len(), predictor.targets().len().max(1));
+    // The floats of a row: each vector column's width (means, expected log1p, latents).
+    let floats_per_row: usize = predictor
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            arrow::datatypes::DataType::FixedSizeList(_, n) => usize::try_from(*n).unwrap_or(0),
+            _ => 0,
+        })
+        .sum();
     let rows = predictor.rows();
     let (source, obs) = (predictor.source().clone(), predictor.store().file_path(StoreFiles::OBS));
     let widen = match options.layout {
@@ -156,7 +166,7 @@ pub fn run_predict(
     let rows_out = output.rows.max(1) as f64;
     Ok(PredictReport {
         bytes_per_row: output.bytes as f64 / rows_out,
-        raw_f32_bytes_per_row: genes as f64 * 4.0,
+        raw_f32_bytes_per_row: floats_per_row as f64 * 4.0,
         output,
         source_cells,
         targets,
