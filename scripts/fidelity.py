@@ -455,19 +455,22 @@ def expected_log1p_nb(mu, theta, nodes=48):
     return total
 
 
-def predict_groups(directory, meta, model, seed, space="mean", controls="drawn"):
+def predict_groups(directory, meta, model, seed, space="mean", controls="drawn", anchor=False):
     """Predicted group means of the test groups through the Python package: counterfactual
     (`cf`, run_peer.py's control draws) and reconstruction (`recon`). `space`: `mean` scores
     log1p of the predicted NB mean (both tools' tutorials); `expected` the expectation of log1p
     of the predicted NB counts (what the real side's mean of log1p counts estimates), by
     `expected_log1p_nb`. `controls`: `drawn` (run_peer.py's draws, one control
     cell per test cell) or `all` (every control cell of the covariates once: the expectation of
-    the draw, and the cells the control-mean baseline averages)."""
+    the draw, and the cells the control-mean baseline averages). `anchor`: the model predicts
+    the change only: each decoded control cell's prediction minus the same cell decoded under
+    the control condition, averaged with the same weights and added to the observed control mean
+    of the covariates (the baseline's prediction; its change is the model's alone)."""
     import anndata
     import numpy as np
     import cpa_stream
 
-    adata = anndata.read_h5ad(os.path.join(directory, "data.h5ad"), backed="r")
+    adata = anndata.read_h5ad(os.path.join(directory, "data.h5ad"), backed=None if anchor else "r")
     obs = adata.obs
     group = group_keys(obs, meta)
     cov = covariate_keys(obs, meta)
@@ -512,6 +515,16 @@ def predict_groups(directory, meta, model, seed, space="mean", controls="drawn")
         if not ctrl[cov == c].any():
             source = f'{meta["perturbation_key"]} == "{meta["control"]}"'
         reader = result_run.predict(store, source=source, targets=targets, threads=1, workers=1)
+        if anchor:
+            # The same control cells under their own (control) condition, and their observed mean.
+            own = {}
+            for batch in result_run.predict(store, source=source, threads=1, workers=1):
+                ids = batch.column("cell_id").to_pylist()
+                means = np.asarray(batch.column("mean").flatten().to_numpy(zero_copy_only=False))
+                means = transform(means.reshape(len(ids), -1).astype(np.float64))
+                own.update(zip(ids, means))
+            members = np.where(np.isin(cell_ids, list(own)))[0]
+            observed = log_values(adata[members].X, counts).mean(0)
         sums = {g: None for g in groups}
         weight = {g: {} for g in groups}
         pool = cell_ids[ctrl & (cov == c)] if ctrl[cov == c].any() else cell_ids[ctrl]
@@ -540,6 +553,9 @@ def predict_groups(directory, meta, model, seed, space="mean", controls="drawn")
         for g in groups:
             n = sum(weight[g].values())
             predictions[g] = {"cf": sums[g] / n}
+            if anchor:
+                decoded_control = sum(own[cid] * w for cid, w in weight[g].items()) / n
+                predictions[g]["cf"] = observed + predictions[g]["cf"] - decoded_control
 
     # Reconstruction: the test cells under their own condition.
     reader = result_run.predict(store, source=f"{SPLIT} == test", threads=1, workers=1)
@@ -570,11 +586,11 @@ def rescore(a):
         run = os.path.join(os.path.dirname(path), "run")
         if r["tool"] != "cpa-stream" or not os.path.isdir(run) or r["variant"] not in a.variants.split(","):
             continue
-        suffix = "-elog" + ("-allctrl" if a.controls == "all" else "")
+        suffix = "-elog" + ("-allctrl" if a.controls == "all" else "") + ("-delta" if a.anchor else "")
         target = os.path.join(a.dir, "results", f"{r['variant']}{suffix}-e{r['epochs']}-s{r['seed']}")
         if os.path.exists(os.path.join(target, "score.json")):
             continue
-        predictions = predict_groups(a.dir, meta, run, r["seed"], "expected", a.controls)
+        predictions = predict_groups(a.dir, meta, run, r["seed"], "expected", a.controls, a.anchor)
         result = score(a.dir, predictions, r["seed"])
         result.update({k: r[k] for k in ("tool", "epochs", "seed", "set", "preset", "train_cpu_s", "train_wall_s",
                                          "peak_rss_mib", "loadavg", "best_epoch")})
@@ -701,6 +717,8 @@ def main():
     p.add_argument("--variants", default="cpa-stream", help="comma-separated variants to score again")
     p.add_argument("--controls", choices=["drawn", "all"], default="drawn",
                    help="all: every control cell of the covariates decoded once (VARIANT-elog-allctrl)")
+    p.add_argument("--anchor", action="store_true",
+                   help="the model's predicted change added to the observed control mean (VARIANT-elog-...-delta)")
     p = sub.add_parser("table")
     p.add_argument("dir")
     a = ap.parse_args()

@@ -28,6 +28,8 @@ LATENTS = ("z_basal", "z", "z_corrected", "z_no_pert", "z_no_pert_corrected")
 GENES_KEY = b"cpa_stream.genes"
 #: The column of ``expected_log1p=True``: E[log1p(x)] of each predicted count distribution.
 EXPECTED_LOG1P = "expected_log1p"
+#: The column of ``change=True``: E[log1p(x)] under the target minus under the cell's own condition.
+CHANGE_LOG1P = "change_log1p"
 
 Targets = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | pd.DataFrame | None
 
@@ -245,6 +247,7 @@ class Run:
         allow_empty: bool = False,
         batch_corrected: bool = False,
         expected_log1p: bool = False,
+        change: bool = False,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
@@ -264,11 +267,13 @@ class Run:
         ``custom_predict(add_batch=False)``; the model needs a batch key). ``expected_log1p``
         adds a column of the same name: E[log1p(x)] of each predicted count distribution (nb
         models), what a mean of log-normalised counts estimates (``log1p(mean)`` overstates it).
+        ``change`` adds ``change_log1p``: that expectation under the target minus under the cell's
+        own condition, the model's predicted change, to add to the cells' observed log1p counts.
         """
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
             batch_size=batch_size, seed=seed, allow_empty=allow_empty, batch_corrected=batch_corrected,
-            expected_log1p=expected_log1p,
+            expected_log1p=expected_log1p, change=change,
         )
         stream = _native.predict_stream(request, _compute(device, threads, workers))
         return pa.RecordBatchReader.from_stream(stream)
@@ -290,6 +295,7 @@ class Run:
         allow_empty: bool = False,
         batch_corrected: bool = False,
         expected_log1p: bool = False,
+        change: bool = False,
         overwrite: bool = False,
         device: str = "cpu",
         threads: int | None = None,
@@ -304,7 +310,7 @@ class Run:
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
             shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
-            batch_corrected=batch_corrected, expected_log1p=expected_log1p,
+            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change,
         )
         return json.loads(
             _native.predict_file(
@@ -326,6 +332,7 @@ class Run:
         seed: int = 0,
         batch_corrected: bool = False,
         expected_log1p: bool = False,
+        change: bool = False,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
@@ -333,27 +340,30 @@ class Run:
         """The predictions as an AnnData, for results that fit in memory: ``X`` the predicted
         means (float32), ``obs`` the source cell id and the target's labels (categoricals),
         ``var`` the genes, ``obsm`` each latent, ``layers["expected_log1p"]`` with
-        ``expected_log1p``. Arguments as :meth:`predict`. For more rows than
+        ``expected_log1p`` and ``layers["change_log1p"]`` with ``change``. Arguments as :meth:`predict`. For more rows than
         memory holds use :meth:`predict_to_parquet` (or :meth:`predict` batch by batch)."""
         import anndata as ad
 
         reader = self.predict(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
             batch_size=batch_size, seed=seed, batch_corrected=batch_corrected, expected_log1p=expected_log1p,
-            device=device, threads=threads, workers=workers,
+            change=change, device=device, threads=threads, workers=workers,
         )
         genes_json = (reader.schema.metadata or {}).get(GENES_KEY)
         gene_names = json.loads(genes_json) if genes_json else []
         latent_names = [n for n in reader.schema.names if n in LATENTS]
-        label_names = [n for n in reader.schema.names if n not in ("mean", EXPECTED_LOG1P, *LATENTS)]
+        label_names = [n for n in reader.schema.names if n not in ("mean", EXPECTED_LOG1P, CHANGE_LOG1P, *LATENTS)]
         means: list[np.ndarray] = []
         expected: list[np.ndarray] = []
+        changes: list[np.ndarray] = []
         obsm: dict[str, list[np.ndarray]] = {n: [] for n in latent_names}
         labels: list[pa.Table] = []
         for batch in reader:
             means.append(_vectors(batch.column("mean"), len(gene_names)))
             if expected_log1p:
                 expected.append(_vectors(batch.column(EXPECTED_LOG1P), len(gene_names)))
+            if change:
+                changes.append(_vectors(batch.column(CHANGE_LOG1P), len(gene_names)))
             for n in latent_names:
                 column = batch.column(n)
                 obsm[n].append(_vectors(column, column.type.list_size))
@@ -368,6 +378,8 @@ class Run:
         layers = {}
         if expected_log1p:
             layers[EXPECTED_LOG1P] = np.concatenate(expected) if expected else np.zeros_like(x)
+        if change:
+            layers[CHANGE_LOG1P] = np.concatenate(changes) if changes else np.zeros_like(x)
         return ad.AnnData(
             X=x, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)), obsm=latents_out, layers=layers
         )

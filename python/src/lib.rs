@@ -500,6 +500,8 @@ struct PredictRequest {
     batch_corrected: bool,
     #[serde(default)]
     expected_log1p: bool,
+    #[serde(default)]
+    change: bool,
 }
 
 impl PredictRequest {
@@ -528,6 +530,7 @@ impl PredictRequest {
         options.layout = if self.wide { Layout::Wide } else { Layout::Long };
         options.batch_corrected = self.batch_corrected;
         options.expected_log1p = self.expected_log1p;
+        options.change = self.change;
         Ok(options)
     }
 }

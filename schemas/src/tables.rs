@@ -136,6 +136,12 @@ pub mod predictions {
     /// `E[log1p(x)]` of the predicted counts for the same genes, `FixedSizeList<Float32>`
     /// (`predict --expected-log1p`, nb models): what a mean of log-normalised counts estimates.
     pub const EXPECTED_LOG1P: &str = "expected_log1p";
+    /// The predicted change of `E[log1p(x)]` from the source cell decoded under its own condition
+    /// to the target, the same genes, `FixedSizeList<Float32>` (`predict --change`, nb models):
+    /// added to the cells' observed log1p counts, the model's prediction anchored on real data.
+    pub const CHANGE_LOG1P: &str = "change_log1p";
+    /// The per-gene columns besides `mean`, in the order they are written.
+    pub const GENE_COLUMNS: [&str; 2] = [EXPECTED_LOG1P, CHANGE_LOG1P];
     /// Schema metadata key: the chosen genes as a JSON array, in the order of [`MEAN`]'s items.
     pub const GENES_KEY: &str = "cpa_stream.genes";
     /// Schema metadata key: the model directory the predictions came from (absolute path).
@@ -153,13 +159,13 @@ pub mod predictions {
 
 /// Schema of a prediction file: `cell_id`, then one categorical column per label of the target
 /// condition (`label_columns`: the perturbation key, the dose key, the covariates), `mean` (one
-/// value per gene of `genes`, which the schema metadata records), `expected_log1p` (the same
-/// genes) when asked for, then the chosen latents of width `latent_width`. Errors when a label
-/// column collides with another column.
+/// value per gene of `genes`, which the schema metadata records), the per-gene columns of
+/// `gene_columns` (of [`predictions::GENE_COLUMNS`], the same genes), then the chosen latents of
+/// width `latent_width`. Errors when a label column collides with another column.
 pub fn prediction_schema(
     label_columns: &[String],
     genes: &[String],
-    expected_log1p: bool,
+    gene_columns: &[&str],
     latents: &[String],
     latent_width: i32,
 ) -> Result<SchemaRef, SchemaError> {
@@ -167,8 +173,11 @@ pub fn prediction_schema(
     fields.extend(label_columns.iter().map(|name| Field::new(name, categorical_type(), false)));
     let n_genes = i32::try_from(genes.len()).map_err(|_| SchemaError(format!("{} genes is too many", genes.len())))?;
     fields.push(Field::new(predictions::MEAN, f32_vector_type(n_genes), false));
-    if expected_log1p {
-        fields.push(Field::new(predictions::EXPECTED_LOG1P, f32_vector_type(n_genes), false));
+    for name in gene_columns {
+        if !predictions::GENE_COLUMNS.contains(name) {
+            return Err(SchemaError(format!("unknown gene column {name:?}")));
+        }
+        fields.push(Field::new(*name, f32_vector_type(n_genes), false));
     }
     for latent in latents {
         if !predictions::LATENTS.contains(&latent.as_str()) {
@@ -257,6 +266,9 @@ pub mod training_metrics {
     pub const VALIDATION_FLOATS: [&str; 4] = ["val_recon_loss", "val_r2_mean", "val_r2_var", "val_score"];
     /// Cells validated (UInt64, null when not validated).
     pub const VAL_CELLS: &str = "val_cells";
+    /// Mean R2 over conditions of the means of each one's top 20 genes by change from the
+    /// validation controls (Float64, null when not validated or without control cells).
+    pub const VAL_R2_MEAN_DEG: &str = "val_r2_mean_deg";
 }
 
 /// Schema of a training run's `metrics.parquet`.
@@ -269,6 +281,7 @@ pub fn training_metrics_schema() -> SchemaRef {
     fields.push(Field::new(m::SECONDS, DataType::Float64, false));
     fields.extend(m::VALIDATION_FLOATS.iter().map(|n| Field::new(*n, DataType::Float64, true)));
     fields.push(Field::new(m::VAL_CELLS, DataType::UInt64, true));
+    fields.push(Field::new(m::VAL_R2_MEAN_DEG, DataType::Float64, true));
     Arc::new(Schema::new(fields))
 }
 
@@ -365,16 +378,16 @@ mod tests {
     #[test]
     fn prediction_schema_records_genes_and_rejects_collisions() {
         let genes = vec!["g1".to_owned(), "g2".to_owned()];
-        let s = prediction_schema(&["condition".into(), "dose".into()], &genes, false, &["z_basal".into()], 4)
+        let s = prediction_schema(&["condition".into(), "dose".into()], &genes, &[], &["z_basal".into()], 4)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(prediction_genes(&s), Some(genes.clone()));
         let names: Vec<&str> = s.fields().iter().map(|f| f.name().as_str()).collect();
         assert_eq!(names, ["cell_id", "condition", "dose", "mean", "z_basal"]);
         assert_eq!(s.field(3).data_type(), &f32_vector_type(2));
         assert!(
-            prediction_schema(&["mean".into()], &genes, false, &[], 4).unwrap_err().0.contains("\"mean\" would appear twice")
+            prediction_schema(&["mean".into()], &genes, &[], &[], 4).unwrap_err().0.contains("\"mean\" would appear twice")
         );
-        assert!(prediction_schema(&[], &genes, false, &["zz".into()], 4).unwrap_err().0.contains("unknown latent"));
+        assert!(prediction_schema(&[], &genes, &[], &["zz".into()], 4).unwrap_err().0.contains("unknown latent"));
     }
 
     #[test]

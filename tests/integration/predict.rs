@@ -168,7 +168,7 @@ fn predictions_read_back_match_the_schema() {
     assert_eq!(store_genes.len(), 100);
     let labels = ["condition", "dose", "cell_type"].map(String::from);
     let expected =
-        prediction_schema(&labels, &store_genes, false, &["z_basal".into(), "z".into()], 32).unwrap_or_else(|e| panic!("{e}"));
+        prediction_schema(&labels, &store_genes, &[], &["z_basal".into(), "z".into()], 32).unwrap_or_else(|e| panic!("{e}"));
     same_schema(&expected, &schema).unwrap_or_else(|e| panic!("schema read back: {e}"));
     assert_eq!(prediction_genes(&schema), Some(store_genes));
 
@@ -685,7 +685,7 @@ fn expected_log1p_by_pmf(mu: f64, theta: f64) -> f64 {
 }
 
 #[test]
-fn predict_writes_the_expected_log1p_of_each_predicted_distribution() {
+fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_change() {
     let f = fixture();
     let long = f.dir.join("preds-elog.parquet");
     let o = predict(&["--target", "PERT03", "--expected-log1p", "--out", long.to_str().unwrap_or_default()]);
@@ -730,6 +730,28 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution() {
     let values = wide_batches[0].column_by_name(&column).unwrap_or_else(|| panic!("no {column}"));
     assert_eq!(f64::from(values.as_primitive::<Float32Type>().value(0)), expected[0][7]);
 
+    // The change: the expected log1p under the target minus under the cell's own condition (the
+    // control cells reconstructed), and exactly 0 where the target is the cell's own condition.
+    let changed = f.dir.join("preds-change.parquet");
+    let o = predict(&["--target", "PERT03", "--change", "--out", changed.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let (schema, batches) = read_parquet(&changed);
+    assert_eq!(schema.fields().iter().map(|f| f.name().as_str()).last(), Some("change_log1p"));
+    let change = vectors(&batches, "change_log1p");
+    let own_file = f.dir.join("preds-own.parquet");
+    let o = predict(&["--expected-log1p", "--change", "--out", own_file.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let (_, own_batches) = read_parquet(&own_file);
+    let own = vectors(&own_batches, "expected_log1p");
+    assert!(vectors(&own_batches, "change_log1p").iter().flatten().all(|v| *v == 0.0));
+    assert_eq!(change.len(), own.len());
+    for ((c, e), o) in change.iter().zip(&expected).zip(&own) {
+        for g in 0..genes.len() {
+            assert!((c[g] - (e[g] - o[g])).abs() < 1e-5, "gene {g}: change {} vs {} - {}", c[g], e[g], o[g]);
+        }
+    }
+    assert!(change.iter().flatten().any(|v| v.abs() > 0.1), "PERT03 moves some gene");
+
     // A model without an nb dispersion cannot: an error naming the likelihood, no file.
     let config = f.dir.join("gauss.toml");
     std::fs::write(&config, "[model]\nrecon_loss = \"gauss\"\n").unwrap_or_else(|e| panic!("{e}"));
@@ -748,6 +770,12 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution() {
     ]);
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("--expected-log1p needs a model with the nb likelihood"), "{}", text(&o.stderr));
+    assert!(!refused.exists());
+    let o = run(&[
+        "predict", "--model", run_arg, "--store", store_arg, "--target", "PERT03", "--change", "--out",
+        refused.to_str().unwrap_or_default(),
+    ]);
+    assert!(text(&o.stderr).contains("--change needs a model with the nb likelihood"), "{}", text(&o.stderr));
     assert!(!refused.exists());
 }
 

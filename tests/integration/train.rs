@@ -143,6 +143,36 @@ fn block_sampling_is_recorded_with_the_run() {
 }
 
 #[test]
+fn the_deg_aware_validation_score_adds_the_top_changes_r2_to_all_genes() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "raw");
+    let validations = |score: &str| -> Vec<Value> {
+        let toml = dir.path().join(format!("{score}.toml"));
+        let config = format!("[training]\ncheck_val_every_n_epoch = 1\nvalidation_score = \"{score}\"\n");
+        std::fs::write(&toml, config).unwrap_or_else(|e| panic!("{e}"));
+        let run_dir = dir.path().join(format!("run-{score}"));
+        let c = toml.to_str().unwrap_or_default();
+        let report = train(&store, &run_dir, &["--epochs", "3", "--batch-size", "128", "--threads", "1", "--config", c]);
+        let history = cpa_stream::stages::store::read_small_table(&run_dir.join("metrics.parquet"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(history.column_by_name("val_r2_mean_deg").is_some(), "metrics.parquet has the DEG R2");
+        report["epochs"].as_array().into_iter().flatten().map(|e| e["validation"].clone()).collect()
+    };
+    let (reference, degs) = (validations("reference"), validations("degs"));
+    assert_eq!(reference.len(), 3);
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    for (r, d) in reference.iter().zip(&degs) {
+        // The score chooses the best weights, not the training: the same figures either way.
+        for k in ["r2_mean", "r2_var", "r2_mean_deg"] {
+            assert_eq!(f(r, k), f(d, k), "{k}: {r} vs {d}");
+        }
+        assert!(f(d, "r2_mean_deg").is_finite() && f(d, "r2_mean_deg") < 1.0, "{d}");
+        assert!((f(r, "score") - (f(r, "r2_mean") + 0.5 * f(r, "r2_var"))).abs() < 1e-12, "{r}");
+        assert!((f(d, "score") - (f(d, "r2_mean") + f(d, "r2_mean_deg"))).abs() < 1e-12, "{d}");
+    }
+}
+
+#[test]
 fn a_preset_is_the_base_a_configuration_file_changes() {
     use cpa_stream::stages::model::config::LrSchedule;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -1,5 +1,5 @@
 //! `--layout wide`: the prediction table with one Float32 column per gene (named by the gene)
-//! instead of the `mean` list column (`expected_log1p_GENE` for the expected log1p, when written),
+//! instead of the `mean` list column (`expected_log1p_GENE`, `change_log1p_GENE` when written),
 //! and one column per latent dimension (`z_basal_0`, ...),
 //! for tools without list columns (spreadsheets, pandas without object arrays, SQL engines).
 
@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
-use cpa_stream_schemas::tables::predictions::{EXPECTED_LOG1P, LAYOUT_KEY, MEAN};
+use cpa_stream_schemas::tables::predictions::{GENE_COLUMNS, LAYOUT_KEY, MEAN};
 
 use crate::error::{Error, Result};
 
@@ -30,8 +30,8 @@ impl Widen {
                     let n = usize::try_from(*n).unwrap_or(0);
                     let names: Vec<String> = if field.name() == MEAN {
                         genes.to_vec()
-                    } else if field.name() == EXPECTED_LOG1P {
-                        genes.iter().map(|g| format!("{EXPECTED_LOG1P}_{g}")).collect()
+                    } else if GENE_COLUMNS.contains(&field.name().as_str()) {
+                        genes.iter().map(|g| format!("{}_{g}", field.name())).collect()
                     } else {
                         (0..n).map(|i| format!("{}_{i}", field.name())).collect()
                     };

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use cpa_stream_schemas::tables::prediction_schema;
-use cpa_stream_schemas::tables::predictions::{MODEL_ID_KEY, MODEL_KEY, STORE_KEY};
+use cpa_stream_schemas::tables::predictions::{CHANGE_LOG1P, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY};
 use cpa_stream_stages::model::layers::Noise;
 use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
 use cpa_stream_stages::store::Store;
@@ -117,15 +117,15 @@ pub struct Predictor {
     gene_tensor: Option<Tensor>,
     genes: Vec<String>,
     latents: Vec<String>,
-    /// The nb dispersion of the written genes, on the model's device, when `expected_log1p` is
-    /// written.
+    /// The nb dispersion of the written genes, on the model's device, when `expected_log1p` or
+    /// `change_log1p` is written.
     theta: Option<Tensor>,
     schema: SchemaRef,
     rows: Range<u64>,
     options: PredictOptions,
     /// The posterior draws of a variational model.
     noise: Noise,
-    /// Output buffers: the means, the expected log1p if written, then each latent.
+    /// Output buffers: the means, the expected log1p and the change if written, then each latent.
     pools: Vec<BufferPool>,
 }
 
@@ -140,13 +140,15 @@ impl std::fmt::Debug for Predictor {
     }
 }
 
-/// The dispersion of the genes `index` (all: `None`) of an nb model, for `expected_log1p`.
-fn written_theta(model: &CpaModel, dir: &Path, index: Option<&[i64]>) -> Result<Tensor> {
+/// The dispersion of the genes `index` (all: `None`) of an nb model, for `expected_log1p` and
+/// `change_log1p` (`change`: the flag that asked, for the error).
+fn written_theta(model: &CpaModel, dir: &Path, index: Option<&[i64]>, change: bool) -> Result<Tensor> {
     let torch = Error::stage("predictor");
     let theta = model.nb_theta().map_err(torch)?.ok_or_else(|| {
         Error::InvalidInput(format!(
-            "{}: --expected-log1p needs a model with the nb likelihood (its dispersion); this one is {:?}",
+            "{}: {} needs a model with the nb likelihood (its dispersion); this one is {:?}",
             dir.display(),
+            if change { "--change" } else { "--expected-log1p" },
             model.config().model.recon_loss
         ))
     })?;
@@ -197,8 +199,16 @@ impl Predictor {
         let mut label_columns = vec![keys.perturbation.clone(), keys.dose_output.clone()];
         label_columns.extend(vocab.covariates.iter().map(|c| c.name.clone()));
         let latent_width = i32::try_from(file.config.model.n_latent).unwrap_or(i32::MAX);
-        let theta = if options.expected_log1p { Some(written_theta(&model, &dir, gene_index.as_deref())?) } else { None };
-        let schema = prediction_schema(&label_columns, &genes, options.expected_log1p, &options.latents, latent_width)
+        let theta = if options.expected_log1p || options.change {
+            Some(written_theta(&model, &dir, gene_index.as_deref(), options.change)?)
+        } else {
+            None
+        };
+        let gene_columns: Vec<&str> = [(options.expected_log1p, EXPECTED_LOG1P), (options.change, CHANGE_LOG1P)]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        let schema = prediction_schema(&label_columns, &genes, &gene_columns, &options.latents, latent_width)
             .map_err(|e| Error::InvalidInput(format!("predictions of {}: {e}", dir.display())))?;
         let mut metadata = schema.metadata().clone();
         let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()).display().to_string();
@@ -219,7 +229,7 @@ impl Predictor {
             gene_index,
             gene_tensor: None,
             genes,
-            pools: vec![BufferPool::default(); 1 + usize::from(options.expected_log1p) + options.latents.len()],
+            pools: vec![BufferPool::default(); 1 + gene_columns.len() + options.latents.len()],
             latents: options.latents.clone(),
             theta,
             schema,

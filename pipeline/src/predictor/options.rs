@@ -134,6 +134,10 @@ pub struct PredictOptions {
     /// Also write `expected_log1p`: `E[log1p(x)]` of each predicted count distribution (nb models),
     /// what a mean of log-normalised counts estimates; `log1p(mean)` overstates it. Default false.
     pub expected_log1p: bool,
+    /// Also write `change_log1p`: per gene, `E[log1p(x)]` under the target minus under the source
+    /// cell's own condition (nb models): the model's predicted change, to add to observed log1p
+    /// counts. Default false.
+    pub change: bool,
 }
 
 /// The layout of a prediction file.
@@ -179,6 +183,7 @@ impl PredictOptions {
             layout: Layout::Long,
             batch_corrected: false,
             expected_log1p: false,
+            change: false,
         }
     }
 }

@@ -128,8 +128,9 @@ impl Predictor {
         let gene_index = self.gene_tensor.as_ref().map(Tensor::shallow_clone);
         let model = &self.model;
         let genes = self.gene_index.as_ref().map_or(model.vocabulary().genes.len(), Vec::len);
-        let expected = usize::from(self.theta.is_some());
-        let widths: Vec<usize> = std::iter::repeat_n(genes, 1 + expected)
+        let (write_expected, write_change) = (self.options.expected_log1p, self.options.change);
+        let gene_columns = usize::from(write_expected) + usize::from(write_change);
+        let widths: Vec<usize> = std::iter::repeat_n(genes, 1 + gene_columns)
             .chain(self.latents.iter().map(|_| model.config().model.n_latent))
             .collect();
         let (z_draws, z_mean, library) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
@@ -146,6 +147,25 @@ impl Predictor {
         })
         .map_err(torch)?;
         let mut perts = PerturbationCsr::new();
+        // `change_log1p`'s reference: the expected log1p of the cells under their own condition,
+        // decoded once per step for every target.
+        let own = match (&self.theta, write_change) {
+            (Some(theta), true) => {
+                let (z_pert, covs) = self.pass_latents(cells, a..b, None, &mut perts)?;
+                let model = &self.model;
+                let own = tch::no_grad(|| -> cpa_stream_stages::Result<Tensor> {
+                    let mut mean =
+                        model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), &mut self.noise)?;
+                    if let Some(index) = &gene_index {
+                        mean = mean.f_index_select(1, index)?;
+                    }
+                    expected_log1p_nb(&mean, theta)
+                })
+                .map_err(torch)?;
+                Some(own)
+            }
+            _ => None,
+        };
         let targets = std::mem::take(&mut self.targets);
         let result = (|| -> Result<bool> {
             for target in pass_targets(&targets) {
@@ -160,7 +180,13 @@ impl Predictor {
                     }
                     copy_values(&mean, &mut out[0])?;
                     if let Some(theta) = &self.theta {
-                        copy_values(&expected_log1p_nb(&mean, theta)?, &mut out[1])?;
+                        let expected = expected_log1p_nb(&mean, theta)?;
+                        if write_expected {
+                            copy_values(&expected, &mut out[1])?;
+                        }
+                        if let Some(own) = &own {
+                            copy_values(&expected.f_sub(own)?, &mut out[1 + usize::from(write_expected)])?;
+                        }
                     }
                     if !self.latents.is_empty() {
                         let l = model.compose(&z_mean, &z_pert, &covs)?;
@@ -172,7 +198,7 @@ impl Predictor {
                                 "z_no_pert" => &l.z_no_pert,
                                 _ => &l.z_no_pert_corrected,
                             };
-                            copy_values(t, &mut out[1 + expected + k])?;
+                            copy_values(t, &mut out[1 + gene_columns + k])?;
                         }
                     }
                     Ok(())
@@ -180,7 +206,6 @@ impl Predictor {
                 .map_err(torch)?;
                 let mut columns = out.into_iter().zip(&self.pools).map(|(values, pool)| pool.lend(values));
                 let mean = columns.next().ok_or_else(|| Error::InvalidInput("no mean column".into()))?;
-                // The expected log1p, if written, is the first of the other per-cell vectors.
                 let batch = self.record_batch(cells, a..b, target, mean, columns.collect())?;
                 if !emit(batch) {
                     return Ok(false);

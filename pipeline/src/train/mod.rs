@@ -541,7 +541,8 @@ fn log_epoch(epoch: u32, train: &EpochMetrics, validation: Option<&ValidationSco
     tracing::info!("{}", epoch_summary(epoch, train, validation));
 }
 
-/// `epoch 3: recon 465.8, adv 2.13, acc_perts 0.45; val r2_mean 0.21, r2_var -1.14 (score -0.36)`.
+/// `epoch 3: recon 465.8, adv 2.13, acc_perts 0.45; val r2_mean 0.21, r2_var -1.14, top-20 DEGs
+/// 0.05 (score -0.36)`.
 fn epoch_summary(epoch: u32, train: &EpochMetrics, validation: Option<&ValidationScore>) -> String {
     format!(
         "epoch {}: recon {}, adv {}, acc_perts {:.2}{}",
@@ -550,7 +551,11 @@ fn epoch_summary(epoch: u32, train: &EpochMetrics, validation: Option<&Validatio
         figures(train.adv_loss),
         train.acc_perts,
         validation
-            .map(|v| format!("; val r2_mean {:.3}, r2_var {:.3} (score {:.3})", v.r2_mean, v.r2_var, v.score))
+            .map(|v| {
+                let degs =
+                    if v.r2_mean_deg.is_finite() { format!(", top-20 DEGs {:.3}", v.r2_mean_deg) } else { String::new() };
+                format!("; val r2_mean {:.3}, r2_var {:.3}{degs} (score {:.3})", v.r2_mean, v.r2_var, v.score)
+            })
             .unwrap_or_default()
     )
 }

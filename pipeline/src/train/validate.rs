@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use cpa_stream_stages::model::layers::Noise;
+use cpa_stream_stages::model::config::ValidationScoreKind;
 use cpa_stream_stages::model::{CpaModel, DeviceBatch};
 use cpa_stream_stages::store::Store;
 use rand::SeedableRng;
@@ -22,6 +23,9 @@ use crate::telemetry::StageStats;
 /// Classes with fewer validation cells are left out of the R2 averages.
 pub const MIN_CELLS_PER_CONDITION: f64 = 2.0;
 
+/// Genes per condition in [`ValidationScore::r2_mean_deg`]: the top 20, as the field reports.
+pub const DEG_GENES: usize = 20;
+
 /// Validation figures of one pass.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ValidationScore {
@@ -31,8 +35,12 @@ pub struct ValidationScore {
     pub r2_mean: f64,
     /// The same for gene variances.
     pub r2_var: f64,
-    /// `r2_mean + 0.5 * r2_var` (the reference's score without its k-NN disentanglement term);
-    /// early stopping keeps the weights that maximise it.
+    /// Mean over the perturbed conditions of the R2 of the means of each one's top
+    /// [`DEG_GENES`] genes by change from the validation controls (NaN without control cells).
+    pub r2_mean_deg: f64,
+    /// The score early stopping keeps the weights that maximise: by `training.validation_score`,
+    /// `r2_mean + 0.5 * r2_var` (the reference's score without its k-NN disentanglement term) or
+    /// `r2_mean + r2_mean_deg`.
     pub score: f64,
     /// Cells scored.
     pub cells: u64,
@@ -104,21 +112,61 @@ pub fn validate(
     let (st, sp, qt, qp, n) = (host(&sum_t)?, host(&sum_p)?, host(&sq_t)?, host(&sq_p)?, host(&counts)?);
     let recon = host(&recon)?.first().copied().unwrap_or(f64::NAN) / cells.max(1) as f64;
     let g = genes as usize;
+    let means = |sums: &[f64], c: usize| -> Vec<f64> { sums[c * g..(c + 1) * g].iter().map(|s| s / n[c]).collect() };
+    // The validation controls' true means, the reference for each condition's DEGs.
+    let vocab = &labels.vocab;
+    let control = vocab
+        .conditions
+        .iter()
+        .position(|c| c == vocab.control())
+        .filter(|&c| n[c] >= MIN_CELLS_PER_CONDITION)
+        .map(|c| means(&st, c));
     let (mut r2m, mut r2v, mut used) = (0.0, 0.0, 0usize);
+    let (mut r2d, mut used_deg) = (0.0, 0usize);
     for c in 0..classes as usize {
         if n[c] < MIN_CELLS_PER_CONDITION {
             continue;
         }
-        let row = |v: &[f64]| v[c * g..(c + 1) * g].to_vec();
-        let (mt, mp): (Vec<f64>, Vec<f64>) =
-            (row(&st).iter().map(|s| s / n[c]).collect(), row(&sp).iter().map(|s| s / n[c]).collect());
-        let vt: Vec<f64> = row(&qt).iter().zip(&mt).map(|(q, m)| (q / n[c] - m * m).max(0.0)).collect();
-        let vp: Vec<f64> = row(&qp).iter().zip(&mp).map(|(q, m)| (q / n[c] - m * m).max(0.0)).collect();
+        let (mt, mp) = (means(&st, c), means(&sp, c));
+        let vt: Vec<f64> = means(&qt, c).iter().zip(&mt).map(|(q, m)| (q - m * m).max(0.0)).collect();
+        let vp: Vec<f64> = means(&qp, c).iter().zip(&mp).map(|(q, m)| (q - m * m).max(0.0)).collect();
         r2m += r2_score(&mp, &mt);
         r2v += r2_score(&vp, &vt);
         used += 1;
+        if let Some(control) = control.as_ref().filter(|_| vocab.conditions[c] != vocab.control()) {
+            let degs = top_changes(&mt, control, DEG_GENES);
+            let pick = |v: &[f64]| degs.iter().map(|&i| v[i]).collect::<Vec<f64>>();
+            r2d += r2_score(&pick(&mp), &pick(&mt));
+            used_deg += 1;
+        }
     }
     let (r2_mean, r2_var) = if used == 0 { (f64::NAN, f64::NAN) } else { (r2m / used as f64, r2v / used as f64) };
-    let score = if used == 0 { -recon } else { r2_mean + 0.5 * r2_var };
-    Ok(ValidationScore { recon_loss: recon, r2_mean, r2_var, score, cells })
+    let r2_mean_deg = if used_deg == 0 { f64::NAN } else { r2d / used_deg as f64 };
+    let score = match model.config().training.validation_score {
+        _ if used == 0 => -recon,
+        ValidationScoreKind::Degs if used_deg > 0 => r2_mean + r2_mean_deg,
+        _ => r2_mean + 0.5 * r2_var,
+    };
+    Ok(ValidationScore { recon_loss: recon, r2_mean, r2_var, r2_mean_deg, score, cells })
+}
+
+/// The indices of the `k` largest `|a - b|`, ties in gene order.
+fn top_changes(a: &[f64], b: &[f64], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..a.len()).collect();
+    order.sort_by(|&i, &j| (a[j] - b[j]).abs().total_cmp(&(a[i] - b[i]).abs()).then(i.cmp(&j)));
+    order.truncate(k);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_changes_rank_by_absolute_change_then_gene_order() {
+        let control = [1.0, 1.0, 1.0, 1.0, 1.0];
+        let condition = [1.5, 0.0, 1.0, 2.0, 0.5];
+        assert_eq!(top_changes(&condition, &control, 3), [1, 3, 0]);
+        assert_eq!(top_changes(&condition, &control, 10), [1, 3, 0, 4, 2]);
+    }
 }

@@ -161,6 +161,19 @@ pub enum LrSchedule {
     Reference,
 }
 
+/// The validation score that early stopping and the best weights maximise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValidationScoreKind {
+    /// `r2_mean + 0.5 r2_var` over all genes: the reference's, without its k-NN term.
+    #[default]
+    Reference,
+    /// `r2_mean + r2_mean_deg`: all genes, plus the R2 of the means of each condition's top
+    /// 20 genes by change from the validation controls (the genes a perturbation moves, which
+    /// all-gene R2 barely sees). Falls back to `reference` without validation control cells.
+    Degs,
+}
+
 /// Floating-point precision of the forward and backward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -336,6 +349,8 @@ pub struct TrainingConfig {
     pub check_val_every_n_epoch: u32,
     /// Validations without improvement before training stops.
     pub early_stopping_patience: u32,
+    /// The score of the validations: `reference` or `degs` ([`ValidationScoreKind`]).
+    pub validation_score: ValidationScoreKind,
     /// Arithmetic of the matrix products.
     pub precision: Precision,
     /// Steps between reads of the device-side running metrics.
@@ -373,6 +388,7 @@ impl Default for TrainingConfig {
             max_epochs: 0,
             check_val_every_n_epoch: DEFAULT_CHECK_VAL_EVERY,
             early_stopping_patience: DEFAULT_EARLY_STOPPING_PATIENCE,
+            validation_score: ValidationScoreKind::Reference,
             precision: Precision::Fp32,
             metrics_every_n_steps: DEFAULT_METRICS_EVERY,
             seed: 0,
