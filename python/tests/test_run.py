@@ -113,6 +113,13 @@ def test_expected_log1p_rides_beside_the_mean(run, store, fresh):
     assert written.column_names[-2:] == ["mean", "expected_log1p"]
     assert np.array_equal(np.stack(written.column("expected_log1p").to_numpy(zero_copy_only=False)), expected)
     assert "expected_log1p" not in run.predict_anndata(store, source=SOURCE, targets=TARGET, **COMPUTE).layers
+    # The change: under the target minus under the cells' own condition (0 for their own).
+    both = run.predict_anndata(store, source=SOURCE, targets=TARGET, expected_log1p=True, change=True, **COMPUTE)
+    own = run.predict_anndata(store, source=SOURCE, expected_log1p=True, change=True, **COMPUTE)
+    assert (own.layers["change_log1p"] == 0).all()
+    assert list(own.obs["cell_id"]) == list(both.obs["cell_id"])
+    np.testing.assert_allclose(both.layers["change_log1p"],
+                               both.layers["expected_log1p"] - own.layers["expected_log1p"], atol=1e-5)
 
 
 def test_latents_cover_every_cell_in_store_order(run, store):

@@ -366,7 +366,10 @@ mod tests {
         // A manifest from before the field holds wide planes.
         let old = z.to_json().replace(",\n    \"planes\": \"narrow\"", "");
         assert!(!old.contains("planes"), "{old}");
-        assert_eq!(Manifest::from_json(&old)?.codec, Codec::Zstd { level: DEFAULT_ZSTD_LEVEL, block_rows: 256, planes: Planes::Wide });
+        assert_eq!(
+            Manifest::from_json(&old)?.codec,
+            Codec::Zstd { level: DEFAULT_ZSTD_LEVEL, block_rows: 256, planes: Planes::Wide }
+        );
         let unknown = z.to_json().replace("\"narrow\"", "\"tiny\"");
         assert!(matches!(Manifest::from_json(&unknown), Err(ManifestError::Invalid(e)) if e.contains("tiny")));
         Ok(())

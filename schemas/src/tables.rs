@@ -385,7 +385,10 @@ mod tests {
         assert_eq!(names, ["cell_id", "condition", "dose", "mean", "z_basal"]);
         assert_eq!(s.field(3).data_type(), &f32_vector_type(2));
         assert!(
-            prediction_schema(&["mean".into()], &genes, &[], &[], 4).unwrap_err().0.contains("\"mean\" would appear twice")
+            prediction_schema(&["mean".into()], &genes, &[], &[], 4)
+                .unwrap_err()
+                .0
+                .contains("\"mean\" would appear twice")
         );
         assert!(prediction_schema(&[], &genes, &[], &["zz".into()], 4).unwrap_err().0.contains("unknown latent"));
     }

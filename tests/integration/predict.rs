@@ -167,8 +167,8 @@ fn predictions_read_back_match_the_schema() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(store_genes.len(), 100);
     let labels = ["condition", "dose", "cell_type"].map(String::from);
-    let expected =
-        prediction_schema(&labels, &store_genes, &[], &["z_basal".into(), "z".into()], 32).unwrap_or_else(|e| panic!("{e}"));
+    let expected = prediction_schema(&labels, &store_genes, &[], &["z_basal".into(), "z".into()], 32)
+        .unwrap_or_else(|e| panic!("{e}"));
     same_schema(&expected, &schema).unwrap_or_else(|e| panic!("schema read back: {e}"));
     assert_eq!(prediction_genes(&schema), Some(store_genes));
 
@@ -759,20 +759,51 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_chan
     let (store_arg, config_arg, run_arg) =
         (f.store.to_str().unwrap_or_default(), config.to_str().unwrap_or_default(), gauss.to_str().unwrap_or_default());
     let o = run(&[
-        "train", "--store", store_arg, "--dose-key", "dose", "--covariates", "cell_type", "--config", config_arg,
-        "--epochs", "1", "--threads", "1", "--allow-non-counts", "--out", run_arg, "-q",
+        "train",
+        "--store",
+        store_arg,
+        "--dose-key",
+        "dose",
+        "--covariates",
+        "cell_type",
+        "--config",
+        config_arg,
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--allow-non-counts",
+        "--out",
+        run_arg,
+        "-q",
     ]);
     assert!(o.status.success(), "train failed: {}", text(&o.stderr));
     let refused = f.dir.join("preds-elog-gauss.parquet");
     let o = run(&[
-        "predict", "--model", run_arg, "--store", store_arg, "--target", "PERT03", "--expected-log1p", "--out",
+        "predict",
+        "--model",
+        run_arg,
+        "--store",
+        store_arg,
+        "--target",
+        "PERT03",
+        "--expected-log1p",
+        "--out",
         refused.to_str().unwrap_or_default(),
     ]);
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("--expected-log1p needs a model with the nb likelihood"), "{}", text(&o.stderr));
     assert!(!refused.exists());
     let o = run(&[
-        "predict", "--model", run_arg, "--store", store_arg, "--target", "PERT03", "--change", "--out",
+        "predict",
+        "--model",
+        run_arg,
+        "--store",
+        store_arg,
+        "--target",
+        "PERT03",
+        "--change",
+        "--out",
         refused.to_str().unwrap_or_default(),
     ]);
     assert!(text(&o.stderr).contains("--change needs a model with the nb likelihood"), "{}", text(&o.stderr));

@@ -152,7 +152,8 @@ fn the_deg_aware_validation_score_adds_the_top_changes_r2_to_all_genes() {
         std::fs::write(&toml, config).unwrap_or_else(|e| panic!("{e}"));
         let run_dir = dir.path().join(format!("run-{score}"));
         let c = toml.to_str().unwrap_or_default();
-        let report = train(&store, &run_dir, &["--epochs", "3", "--batch-size", "128", "--threads", "1", "--config", c]);
+        let report =
+            train(&store, &run_dir, &["--epochs", "3", "--batch-size", "128", "--threads", "1", "--config", c]);
         let history = cpa_stream::stages::store::read_small_table(&run_dir.join("metrics.parquet"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(history.column_by_name("val_r2_mean_deg").is_some(), "metrics.parquet has the DEG R2");

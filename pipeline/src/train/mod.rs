@@ -552,8 +552,11 @@ fn epoch_summary(epoch: u32, train: &EpochMetrics, validation: Option<&Validatio
         train.acc_perts,
         validation
             .map(|v| {
-                let degs =
-                    if v.r2_mean_deg.is_finite() { format!(", top-20 DEGs {:.3}", v.r2_mean_deg) } else { String::new() };
+                let degs = if v.r2_mean_deg.is_finite() {
+                    format!(", top-20 DEGs {:.3}", v.r2_mean_deg)
+                } else {
+                    String::new()
+                };
                 format!("; val r2_mean {:.3}, r2_var {:.3}{degs} (score {:.3})", v.r2_mean, v.r2_var, v.score)
             })
             .unwrap_or_default()

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use cpa_stream_stages::model::layers::Noise;
 use cpa_stream_stages::model::config::ValidationScoreKind;
+use cpa_stream_stages::model::layers::Noise;
 use cpa_stream_stages::model::{CpaModel, DeviceBatch};
 use cpa_stream_stages::store::Store;
 use rand::SeedableRng;
