@@ -736,7 +736,7 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_chan
     let o = predict(&["--target", "PERT03", "--change", "--out", changed.to_str().unwrap_or_default()]);
     assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
     let (schema, batches) = read_parquet(&changed);
-    assert_eq!(schema.fields().iter().map(|f| f.name().as_str()).last(), Some("change_log1p"));
+    assert_eq!(schema.fields().iter().map(|f| f.name().as_str()).next_back(), Some("change_log1p"));
     let change = vectors(&batches, "change_log1p");
     let own_file = f.dir.join("preds-own.parquet");
     let o = predict(&["--expected-log1p", "--change", "--out", own_file.to_str().unwrap_or_default()]);

@@ -123,8 +123,8 @@ pub fn validate(
         .map(|c| means(&st, c));
     let (mut r2m, mut r2v, mut used) = (0.0, 0.0, 0usize);
     let (mut r2d, mut used_deg) = (0.0, 0usize);
-    for c in 0..classes as usize {
-        if n[c] < MIN_CELLS_PER_CONDITION {
+    for (c, &n_c) in n.iter().enumerate().take(classes as usize) {
+        if n_c < MIN_CELLS_PER_CONDITION {
             continue;
         }
         let (mt, mp) = (means(&st, c), means(&sp, c));
