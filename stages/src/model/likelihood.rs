@@ -236,16 +236,20 @@ pub const EXPECTED_LOG1P_NODES: usize = 48;
 /// `E[log(1 + X)] = int_0^1 (1 - (1 + mu u / theta)^(-theta)) / (-log(1 - u)) du`, by
 /// Gauss-Legendre in `log u` over [1e-10, 1] (the rest is below `mu * 1e-10`). In double precision.
 pub fn expected_log1p_nb(mu: &Tensor, theta: &Tensor) -> Result<Tensor> {
-    let mu = mu.f_to_kind(Kind::Double)?.f_clamp_min(0.0)?;
     let theta = theta.f_to_kind(Kind::Double)?;
+    let scaled = mu.f_to_kind(Kind::Double)?.f_clamp_min(0.0)?.f_div(&theta)?;
+    let minus_theta = theta.f_neg()?;
     let low = 1e-10f64.ln();
-    let mut total = mu.f_zeros_like()?;
+    let mut total = scaled.f_zeros_like()?;
+    // One temporary for all nodes, updated in place (no allocation per node).
+    let mut term = scaled.f_empty_like()?;
     for (x, w) in gauss_legendre(EXPECTED_LOG1P_NODES) {
         let u = ((x + 1.0) / 2.0 * -low + low).exp();
         let weight = w * -low / 2.0 * u / -(-u.min(1.0 - 1e-16)).ln_1p();
         // 1 - (1 + mu u / theta)^(-theta) = -expm1(-theta log1p(mu u / theta)), exact for small terms.
-        let term = mu.f_mul_scalar(u)?.f_div(&theta)?.f_log1p()?.f_mul(&theta)?.f_neg()?.f_expm1()?.f_neg()?;
-        total = total.f_add(&term.f_mul_scalar(weight)?)?;
+        let _ = scaled.f_mul_scalar_out(&term, u)?;
+        let _ = term.f_log1p_()?.f_mul_(&minus_theta)?.f_expm1_()?;
+        let _ = total.f_sub_(&term.f_mul_scalar_(weight)?)?;
     }
     Ok(total)
 }
