@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cpa_stream_stages::model::HostBatch;
-use cpa_stream_stages::store::{BlockCache, BlockCacheCounts, BlockCacheReport, Store};
+use cpa_stream_stages::store::{BlockCache, BlockCacheReport, BlockCacheShared, Store};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 use super::plan::{EpochPlan, PlanOptions};
@@ -79,7 +79,7 @@ pub struct PoolStats {
     /// Gathering time, rows and bytes gathered, time blocked.
     pub batcher: Arc<StageStats>,
     /// A compressed store's blocks: decoded, and the most decoded bytes held at once.
-    pub blocks: Arc<BlockCacheCounts>,
+    pub blocks: Arc<BlockCacheShared>,
 }
 
 impl PoolStats {
@@ -88,13 +88,13 @@ impl PoolStats {
         PoolStats {
             planner: Some(StageStats::new("planner", workers)),
             batcher: StageStats::new(STAGE, workers),
-            blocks: BlockCacheCounts::new(),
+            blocks: BlockCacheShared::new(),
         }
     }
 
     /// Counters for a pool of `workers` threads fed by a producer.
     pub fn fed(workers: usize) -> PoolStats {
-        PoolStats { planner: None, batcher: StageStats::new(STAGE, workers), blocks: BlockCacheCounts::new() }
+        PoolStats { planner: None, batcher: StageStats::new(STAGE, workers), blocks: BlockCacheShared::new() }
     }
 
     /// What the passes did with a compressed store's blocks (zeros for a raw store).

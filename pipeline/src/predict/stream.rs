@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{RecordBatch, RecordBatchReader};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
-use cpa_stream_stages::store::BlockCacheCounts;
+use cpa_stream_stages::store::BlockCacheShared;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::select::{Needs, Select};
@@ -28,7 +28,7 @@ pub struct PredictStats {
     /// The model.
     pub predictor: Arc<StageStats>,
     /// A compressed store's blocks decoded (each once per pass when all goes to plan).
-    pub blocks: Arc<BlockCacheCounts>,
+    pub blocks: Arc<BlockCacheShared>,
 }
 
 /// Predictions as they are computed: an iterator of record batches (a `RecordBatchReader`),
@@ -98,7 +98,7 @@ impl Predictor {
             source: StageStats::new("source", 1),
             batcher: StageStats::new("batcher", loader.workers),
             predictor: StageStats::new("predictor", 1),
-            blocks: BlockCacheCounts::new(),
+            blocks: BlockCacheShared::new(),
         };
         let pool = PoolStats { planner: None, batcher: Arc::clone(&stats.batcher), blocks: Arc::clone(&stats.blocks) };
         let (mut feeder, loaded) =

@@ -8,7 +8,7 @@
 //! therefore the decoded size of the blocks with cells still to come, which the batcher's plan
 //! keeps to its shuffle window; [`BlockCache::new`]'s budget caps it in any case: past it, the
 //! least recently used blocks are dropped (those with cells still held too, which then cost a
-//! second decode, counted in [`BlockCacheCounts::early_drops`]).
+//! second decode, counted in [`BlockCacheShared::early_drops`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,42 +44,58 @@ impl Drop for Decoded {
     }
 }
 
-/// Buffers of dropped blocks, reused by the next decodes: fresh ones would each cost page faults
-/// and zeroing by the kernel (a fifth of a worker's time on a zstd store when measured). A block
-/// is often dropped by another thread than the one that decoded it (the last to copy rows from
-/// it), so they are handed back on drop. Kept up to an eighth of the cache's budget.
-#[derive(Debug)]
+/// Buffers of dropped blocks, reused by the next decodes, of this pass or a later one of the
+/// run: fresh ones would each cost page faults and zeroing by the kernel (a quarter of a worker's
+/// time on a zstd store when measured). A block is often dropped by another thread than the one
+/// that decoded it (the last to copy rows from it), so they are handed back on drop. Kept while
+/// they and the decoded blocks of the caches using them fit the largest of their budgets: a pass
+/// drops a window's blocks at about the rate it decodes the next window's, so in steady state
+/// every decode reuses a buffer, and the next pass starts with the last one's.
+#[derive(Debug, Default)]
 struct Spares {
     /// The spare buffers and their bytes of capacity.
     buffers: Mutex<(Vec<BlockBuffers>, u64)>,
-    max_bytes: u64,
+    /// Decoded bytes the caches using these spares hold (the sum of their [`State::bytes`],
+    /// kept here for the drops outside their locks).
+    live: AtomicU64,
+    /// The largest budget of those caches.
+    budget: AtomicU64,
 }
 
 /// The index and value buffers of one decoded block.
 type BlockBuffers = (Vec<u32>, Vec<f32>);
 
+/// Bytes of capacity of a pair of buffers.
+fn capacity_bytes(buffers: &BlockBuffers) -> u64 {
+    (buffers.0.capacity() * 4 + buffers.1.capacity() * 4) as u64
+}
+
 impl Spares {
     fn put(&self, indices: Vec<u32>, data: Vec<f32>) {
-        let bytes = (indices.capacity() * 4 + data.capacity() * 4) as u64;
+        let buffers = (indices, data);
+        let bytes = capacity_bytes(&buffers);
         if bytes == 0 {
             return;
         }
         let mut spare = self.buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if spare.1 + bytes <= self.max_bytes {
+        let live = self.live.load(Ordering::Relaxed);
+        if spare.1 + bytes + live <= self.budget.load(Ordering::Relaxed) {
             spare.1 += bytes;
-            spare.0.push((indices, data));
+            spare.0.push(buffers);
         }
     }
 
-    fn take(&self) -> BlockBuffers {
+    /// A spare pair with room for `entries` entries each if there is one, else the most recent
+    /// (grown by the decode); `None` when there are none.
+    fn take(&self, entries: usize) -> Option<BlockBuffers> {
         let mut spare = self.buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match spare.0.pop() {
-            Some((indices, data)) => {
-                spare.1 -= (indices.capacity() * 4 + data.capacity() * 4) as u64;
-                (indices, data)
-            }
-            None => Default::default(),
-        }
+        let fits = spare.0.iter().rposition(|(i, d)| i.capacity() >= entries && d.capacity() >= entries);
+        let taken = match fits {
+            Some(k) => spare.0.swap_remove(k),
+            None => spare.0.pop()?,
+        };
+        spare.1 -= capacity_bytes(&taken);
+        Some(taken)
     }
 }
 
@@ -103,31 +119,57 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     entries: HashMap<u64, Entry>,
+    /// Decoded bytes held; change it through [`State::set_bytes`].
     bytes: u64,
+    /// Where [`State::bytes`] is summed with the other caches' for the spares.
+    spares: Arc<Spares>,
     clock: u64,
 }
 
 impl State {
-    /// Removes `block`'s entry; its buffers go to the spares once nobody reads it any more.
+    fn set_bytes(&mut self, bytes: u64) {
+        if bytes >= self.bytes {
+            self.spares.live.fetch_add(bytes - self.bytes, Ordering::Relaxed);
+        } else {
+            self.spares.live.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+        }
+        self.bytes = bytes;
+    }
+
+    /// Removes `block`'s entry; its buffers go to the spares once nobody reads it any more (here,
+    /// if nobody else holds it: after the bytes are no longer counted).
     fn remove(&mut self, block: u64) {
         let Some(entry) = self.entries.remove(&block) else { return };
-        self.bytes -= entry.bytes;
+        let total = self.bytes - entry.bytes;
+        self.set_bytes(total);
+        drop(entry);
     }
 }
 
-/// What a cache did, shared by every pass that reports into it.
+impl Drop for State {
+    fn drop(&mut self) {
+        // The cache is done: its blocks no longer count against the spares' room (the entries,
+        // dropped after this, may hand theirs on).
+        self.set_bytes(0);
+    }
+}
+
+/// What the caches of a run's passes share: what they did, and the buffers of the blocks they
+/// dropped, for the next decodes.
 #[derive(Debug, Default)]
-pub struct BlockCacheCounts {
+pub struct BlockCacheShared {
     decodes: AtomicU64,
     decoded_bytes: AtomicU64,
     early_drops: AtomicU64,
     peak_bytes: AtomicU64,
+    new_buffers: AtomicU64,
+    spares: Arc<Spares>,
 }
 
-/// A snapshot of [`BlockCacheCounts`].
+/// A snapshot of [`BlockCacheShared`]'s counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct BlockCacheReport {
     /// Blocks decompressed.
@@ -138,11 +180,13 @@ pub struct BlockCacheReport {
     pub early_drops: u64,
     /// Most decoded bytes held at once.
     pub peak_bytes: u64,
+    /// Decodes that allocated their buffers (no dropped block's were spare).
+    pub new_buffers: u64,
 }
 
-impl BlockCacheCounts {
+impl BlockCacheShared {
     /// New, zeroed counters.
-    pub fn new() -> Arc<BlockCacheCounts> {
+    pub fn new() -> Arc<BlockCacheShared> {
         Arc::default()
     }
 
@@ -153,6 +197,7 @@ impl BlockCacheCounts {
             decoded_bytes: self.decoded_bytes.load(Ordering::Relaxed),
             early_drops: self.early_drops.load(Ordering::Relaxed),
             peak_bytes: self.peak_bytes.load(Ordering::Relaxed),
+            new_buffers: self.new_buffers.load(Ordering::Relaxed),
         }
     }
 }
@@ -163,18 +208,19 @@ pub struct BlockCache {
     block_rows: u64,
     budget: u64,
     state: Mutex<State>,
-    spares: Arc<Spares>,
-    counts: Arc<BlockCacheCounts>,
+    counts: Arc<BlockCacheShared>,
 }
 
 impl BlockCache {
-    /// A cache for `store`, holding at most `budget` decoded bytes, counting into `counts`;
-    /// `None` for a raw store (its rows are read from the map directly).
-    pub fn new(store: &Store, budget: u64, counts: Arc<BlockCacheCounts>) -> Option<BlockCache> {
+    /// A cache for `store`, holding at most `budget` decoded bytes, counting into `counts` and
+    /// sharing its spare buffers with the other caches of `counts`; `None` for a raw store (its
+    /// rows are read from the map directly).
+    pub fn new(store: &Store, budget: u64, counts: Arc<BlockCacheShared>) -> Option<BlockCache> {
         let block_rows = store.block_rows()?;
         let budget = budget.max(1);
-        let spares = Arc::new(Spares { buffers: Mutex::default(), max_bytes: budget / 8 });
-        Some(BlockCache { block_rows, budget, state: Mutex::default(), spares, counts })
+        counts.spares.budget.fetch_max(budget, Ordering::Relaxed);
+        let state = State { entries: HashMap::new(), bytes: 0, spares: Arc::clone(&counts.spares), clock: 0 };
+        Some(BlockCache { block_rows, budget, state: Mutex::new(state), counts })
     }
 
     /// Rows per block.
@@ -247,9 +293,12 @@ impl BlockCache {
         let mut decoded_here = false;
         let result = slot.get_or_init(|| {
             decoded_here = true;
-            let (mut indices, mut data) = self.spares.take();
+            let (mut indices, mut data) = self.counts.spares.take(store.block_entries(b)).unwrap_or_else(|| {
+                self.counts.new_buffers.fetch_add(1, Ordering::Relaxed);
+                Default::default()
+            });
             match store.decode_block(b, decoder, &mut indices, &mut data) {
-                Ok(base) => Ok(Arc::new(Decoded { base, indices, data, spares: Arc::clone(&self.spares) })),
+                Ok(base) => Ok(Arc::new(Decoded { base, indices, data, spares: Arc::clone(&self.counts.spares) })),
                 Err(e) => Err(e.to_string()),
             }
         });
@@ -271,7 +320,8 @@ impl BlockCache {
                 _ => false,
             };
             if counted {
-                state.bytes += bytes;
+                let total = state.bytes + bytes;
+                state.set_bytes(total);
                 self.shrink(&mut state, b);
                 self.counts.peak_bytes.fetch_max(state.bytes, Ordering::Relaxed);
             }
@@ -296,11 +346,13 @@ impl BlockCache {
                 if entry.held <= 0 {
                     state.remove(b);
                 } else {
-                    // A fresh slot: the next gather decodes again.
-                    let bytes = entry.bytes;
-                    entry.slot = Slot::default();
+                    // A fresh slot: the next gather decodes again. Uncounted first, so that
+                    // its buffers may go to the spares when the old slot drops.
+                    let (bytes, old) = (entry.bytes, std::mem::take(&mut entry.slot));
                     entry.bytes = 0;
-                    state.bytes -= bytes;
+                    let total = state.bytes - bytes;
+                    state.set_bytes(total);
+                    drop(old);
                 }
             }
         }
@@ -413,7 +465,7 @@ mod tests {
     fn held_blocks_are_decoded_once_and_dropped_after_their_last_cell() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path(), 1000);
-        let counts = BlockCacheCounts::new();
+        let counts = BlockCacheShared::new();
         let cache = BlockCache::new(&store, u64::MAX, Arc::clone(&counts)).expect("zstd store");
         let mut order: Vec<u64> = (0..1000).collect();
         order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(3));
@@ -437,7 +489,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path(), 1024);
         // A block of 16 one-entry rows decodes to 128 bytes: room for 4.
-        let counts = BlockCacheCounts::new();
+        let counts = BlockCacheShared::new();
         let cache = BlockCache::new(&store, 4 * 128, Arc::clone(&counts)).expect("zstd store");
         let all: Vec<u64> = (0..1024).collect();
         cache.hold_rows(&all);
@@ -456,7 +508,7 @@ mod tests {
     fn threads_share_one_decode_per_block() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path(), 4096);
-        let counts = BlockCacheCounts::new();
+        let counts = BlockCacheShared::new();
         let cache = BlockCache::new(&store, u64::MAX, Arc::clone(&counts)).expect("zstd store");
         let all: Vec<u64> = (0..4096).collect();
         cache.hold_rows(&all);
@@ -476,21 +528,35 @@ mod tests {
 
     #[test]
     fn dropped_blocks_hand_their_buffers_on_within_a_bound() {
-        let spares = Spares { buffers: Mutex::default(), max_bytes: 3 * 64 };
-        for _ in 0..5 {
+        // Spares and live blocks share the budget: with 64 bytes live, two more pairs of 64
+        // bytes fit in 3 x 64; the other three are let go.
+        let spares = Spares::default();
+        spares.budget.store(3 * 64, Ordering::Relaxed);
+        spares.live.store(64, Ordering::Relaxed);
+        for capacity in [8, 4, 8, 8, 8] {
+            spares.put(Vec::with_capacity(capacity), Vec::with_capacity(capacity));
+        }
+        assert_eq!(spares.buffers.lock().map(|b| (b.0.len(), b.1)).ok(), Some((2, 96)));
+        // A pair that fits is taken before the most recent one.
+        let (indices, data) = spares.take(6).expect("a spare");
+        assert!(indices.capacity() >= 8 && data.capacity() >= 8);
+        assert_eq!(spares.buffers.lock().map(|b| b.1).ok(), Some(32));
+        // None fits: the most recent, to be grown.
+        assert_eq!(spares.take(100).map(|(i, _)| i.capacity()), Some(4));
+        assert!(spares.take(1).is_none());
+        // Less live, more room.
+        spares.live.store(0, Ordering::Relaxed);
+        for _ in 0..4 {
             spares.put(Vec::with_capacity(8), Vec::with_capacity(8));
         }
-        // Three pairs of 64 bytes fit; the other two were let go.
         assert_eq!(spares.buffers.lock().map(|b| (b.0.len(), b.1)).ok(), Some((3, 192)));
-        let (indices, data) = spares.take();
-        assert!(indices.capacity() >= 8 && data.capacity() >= 8);
-        assert_eq!(spares.buffers.lock().map(|b| b.1).ok(), Some(128));
 
         // Through the cache: a block dropped by another thread than its decoder still hands its
-        // buffers back, so a pass over many blocks allocates only a few pairs.
+        // buffers back.
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path(), 4096);
-        let cache = BlockCache::new(&store, 1 << 20, BlockCacheCounts::new()).expect("zstd store");
+        let shared = BlockCacheShared::new();
+        let cache = BlockCache::new(&store, 1 << 20, Arc::clone(&shared)).expect("zstd store");
         let all: Vec<u64> = (0..4096).collect();
         cache.hold_rows(&all);
         std::thread::scope(|scope| {
@@ -502,7 +568,39 @@ mod tests {
                 });
             }
         });
-        let spare = cache.spares.buffers.lock().map(|b| (b.0.len(), b.1)).ok();
-        assert!(matches!(spare, Some((n, bytes)) if n >= 1 && bytes <= (1 << 20) / 8), "{spare:?}");
+        drop(cache);
+        let spare = shared.spares.buffers.lock().map(|b| (b.0.len(), b.1)).ok();
+        assert!(matches!(spare, Some((n, bytes)) if n >= 1 && bytes <= 1 << 20), "{spare:?}");
+        assert_eq!(shared.spares.live.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn later_passes_decode_into_the_buffers_of_earlier_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path(), 4096);
+        let shared = BlockCacheShared::new();
+        let all: Vec<u64> = (0..4096).collect();
+        for pass in 1..=3 {
+            let cache = BlockCache::new(&store, 1 << 20, Arc::clone(&shared)).expect("zstd store");
+            cache.hold_rows(&all);
+            // In order, 8 rows a batch: one block of 16 rows in use at a time, dropped after its
+            // last row, its buffers taken by the next block's decode.
+            assert_eq!(read_in_batches(&store, &cache, &all, 8, || ()), 4096);
+            let report = shared.report();
+            assert_eq!((report.decodes, report.new_buffers), (256 * pass, 1), "pass {pass}");
+        }
+        // A pass that keeps 64 blocks at once needs 63 more, and no pass after it.
+        let mut order = Vec::new();
+        for window in all.chunks(64 * 16) {
+            for k in 0..16 {
+                order.extend(window.iter().skip(k).step_by(16));
+            }
+        }
+        for pass in 0..2 {
+            let cache = BlockCache::new(&store, 1 << 20, Arc::clone(&shared)).expect("zstd store");
+            cache.hold_rows(&all);
+            assert_eq!(read_in_batches(&store, &cache, &order, 64, || ()), 4096);
+            assert_eq!(shared.report().new_buffers, 64, "pass {pass}");
+        }
     }
 }

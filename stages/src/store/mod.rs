@@ -14,7 +14,7 @@ mod tables;
 mod verify;
 mod writer;
 
-pub use cache::{BlockCache, BlockCacheCounts, BlockCacheReport};
+pub use cache::{BlockCache, BlockCacheReport, BlockCacheShared};
 pub use hashing::file_checksum;
 pub use mmap::explain_sigbus;
 pub use reader::{Access, CsrView, RowCursor, Store, consecutive_runs};

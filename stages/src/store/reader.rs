@@ -348,6 +348,20 @@ impl Store {
         self.block_rows().map_or(0, |rows| self.n_obs().div_ceil(rows))
     }
 
+    /// Entries of block `b` of a zstd store (0 for a raw store or a block past the end): what
+    /// its decode fills.
+    pub(crate) fn block_entries(&self, b: u64) -> usize {
+        let Some(block_rows) = self.block_rows() else { return 0 };
+        let indptr = self.indptr();
+        let n_obs = indptr.len().saturating_sub(1) as u64;
+        let start = b.saturating_mul(block_rows).min(n_obs) as usize;
+        let end = b.saturating_add(1).saturating_mul(block_rows).min(n_obs) as usize;
+        match (indptr.get(start), indptr.get(end)) {
+            (Some(&s), Some(&e)) => usize::try_from(e.saturating_sub(s)).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// Decompresses block `b` into `indices` and `data` (replacing their contents) and returns
     /// the store offset of its first entry.
     pub(crate) fn decode_block(
