@@ -20,6 +20,8 @@ use std::io;
 use cpa_stream_schemas::Planes;
 use zstd::bulk::{Compressor, Decompressor};
 
+use crate::csr::CsrBatch;
+
 /// Header bit of a narrow block: index deltas in two 16-bit planes.
 const NARROW_INDICES: u8 = 1;
 /// Header bit of a narrow block: values as whole numbers in two 16-bit planes.
@@ -127,6 +129,76 @@ fn unshuffle2_into<T>(planes: &[u8], n: usize, out: &mut Vec<T>, word: impl Fn(u
     out.extend((0..n).map(|i| word(u16::from(p0[i]) | (u16::from(p1[i]) << 8))));
 }
 
+/// A decoded block in its smallest exact form, as the shared block cache keeps it: the arrays
+/// of a narrow block stay 16-bit (index deltas, counts) and are widened row by row when gathered
+/// ([`CompactBlock::push_row`]), which halves the bytes a decode writes and a gather reads
+/// against the 32-bit form; wide arrays are undone to absolute u32 indices and f32 values.
+/// Checked as [`BlockDecoder::decode`] checks (an error names the row), so a gather cannot fail.
+#[derive(Debug, Default)]
+pub(crate) struct CompactBlock {
+    /// Narrow indices: per-row deltas, the first of a row absolute.
+    deltas: Vec<u16>,
+    /// Wide indices, absolute.
+    indices: Vec<u32>,
+    /// Narrow values: whole numbers.
+    counts: Vec<u16>,
+    /// Wide values.
+    values: Vec<f32>,
+    narrow_indices: bool,
+    narrow_values: bool,
+}
+
+impl CompactBlock {
+    /// Bytes of the arrays in use.
+    pub(crate) fn bytes(&self) -> u64 {
+        let index_bytes = if self.narrow_indices { self.deltas.len() * 2 } else { self.indices.len() * 4 };
+        let value_bytes = if self.narrow_values { self.counts.len() * 2 } else { self.values.len() * 4 };
+        (index_bytes + value_bytes) as u64
+    }
+
+    /// Bytes allocated, in use or not.
+    pub(crate) fn capacity_bytes(&self) -> u64 {
+        (self.deltas.capacity() * 2
+            + self.indices.capacity() * 4
+            + self.counts.capacity() * 2
+            + self.values.capacity() * 4) as u64
+    }
+
+    /// Entries a block of the same layout fits without growing.
+    pub(crate) fn room(&self) -> usize {
+        let indices = if self.narrow_indices { self.deltas.capacity() } else { self.indices.capacity() };
+        let values = if self.narrow_values { self.counts.capacity() } else { self.values.capacity() };
+        indices.min(values)
+    }
+
+    /// Empty wide buffers with room for `entries` entries (8 bytes each).
+    #[cfg(test)]
+    pub(crate) fn with_room(entries: usize) -> CompactBlock {
+        CompactBlock { indices: Vec::with_capacity(entries), values: Vec::with_capacity(entries), ..Default::default() }
+    }
+
+    /// Appends entries `start..end` (one row of the block) to `out` as a row.
+    pub(crate) fn push_row(&self, start: usize, end: usize, out: &mut CsrBatch) {
+        let (indices, data) = out.entries_mut();
+        if self.narrow_indices {
+            // No overflow: every row's deltas were checked to sum below n_vars.
+            let mut at = 0u32;
+            indices.extend(self.deltas[start..end].iter().map(|&d| {
+                at += u32::from(d);
+                at
+            }));
+        } else {
+            indices.extend_from_slice(&self.indices[start..end]);
+        }
+        if self.narrow_values {
+            data.extend(self.counts[start..end].iter().map(|&c| f32::from(c)));
+        } else {
+            data.extend_from_slice(&self.values[start..end]);
+        }
+        out.close_row();
+    }
+}
+
 /// Decompresses blocks; reuses its buffers.
 pub(crate) struct BlockDecoder {
     decompressor: Decompressor<'static>,
@@ -134,9 +206,44 @@ pub(crate) struct BlockDecoder {
     shuffled: Vec<u8>,
 }
 
+/// Where the arrays of a decompressed block are: bytes per index and per value (2 or 4), and the
+/// plain body's range in the decoder's buffer.
+struct Body {
+    index_bytes: usize,
+    value_bytes: usize,
+    range: std::ops::Range<usize>,
+}
+
 impl BlockDecoder {
     pub(crate) fn new(planes: Planes) -> io::Result<BlockDecoder> {
         Ok(BlockDecoder { decompressor: Decompressor::new()?, planes, shuffled: Vec::new() })
+    }
+
+    /// Decompresses a block of `nnz` entries into the decoder's buffer and checks its size.
+    fn decompress(&mut self, compressed: &[u8], nnz: usize) -> Result<Body, String> {
+        self.shuffled.clear();
+        // At most a header byte and 8 bytes per entry: a frame claiming more is an error below.
+        self.shuffled.reserve(nnz * 8 + 1);
+        let n =
+            self.decompressor.decompress_to_buffer(compressed, &mut self.shuffled).map_err(|e| format!("zstd: {e}"))?;
+        let (index_bytes, value_bytes, start) = match self.planes {
+            Planes::Wide => (4, 4, 0),
+            Planes::Narrow => {
+                let Some(&header) = self.shuffled[..n].first() else {
+                    return Err(format!("decompressed to 0 bytes, expected a header byte and {nnz} entries"));
+                };
+                if header & !(NARROW_INDICES | NARROW_VALUES) != 0 {
+                    return Err(format!("unknown block header {header:#04x}"));
+                }
+                let width = |bit: u8| if header & bit != 0 { 2 } else { 4 };
+                (width(NARROW_INDICES), width(NARROW_VALUES), 1)
+            }
+        };
+        let expected = nnz * (index_bytes + value_bytes);
+        if n - start != expected {
+            return Err(format!("decompressed to {} bytes, expected {expected} for {nnz} entries", n - start));
+        }
+        Ok(Body { index_bytes, value_bytes, range: start..n })
     }
 
     /// Decodes a block whose rows have the absolute offsets `indptr` into `indices` and `data`
@@ -151,81 +258,133 @@ impl BlockDecoder {
         indices: &mut Vec<u32>,
         data: &mut Vec<f32>,
     ) -> Result<(), String> {
-        let base = indptr[0];
-        let nnz = (indptr[indptr.len() - 1] - base) as usize;
-        self.shuffled.clear();
-        // At most a header byte and 8 bytes per entry: a frame claiming more is an error below.
-        self.shuffled.reserve(nnz * 8 + 1);
-        let n =
-            self.decompressor.decompress_to_buffer(compressed, &mut self.shuffled).map_err(|e| format!("zstd: {e}"))?;
-        let (index_bytes, value_bytes, body) = match self.planes {
-            Planes::Wide => (4, 4, &self.shuffled[..n]),
-            Planes::Narrow => {
-                let Some((&header, body)) = self.shuffled[..n].split_first() else {
-                    return Err(format!("decompressed to 0 bytes, expected a header byte and {nnz} entries"));
-                };
-                if header & !(NARROW_INDICES | NARROW_VALUES) != 0 {
-                    return Err(format!("unknown block header {header:#04x}"));
-                }
-                let width = |bit: u8| if header & bit != 0 { 2 } else { 4 };
-                (width(NARROW_INDICES), width(NARROW_VALUES), body)
-            }
-        };
-        let expected = nnz * (index_bytes + value_bytes);
-        if body.len() != expected {
-            return Err(format!("decompressed to {} bytes, expected {expected} for {nnz} entries", body.len()));
-        }
-        let (idx_planes, val_planes) = body.split_at(nnz * index_bytes);
-        if index_bytes == 2 {
+        let nnz = (indptr[indptr.len() - 1] - indptr[0]) as usize;
+        let body = self.decompress(compressed, nnz)?;
+        let (idx_planes, val_planes) = self.shuffled[body.range].split_at(nnz * body.index_bytes);
+        if body.index_bytes == 2 {
             unshuffle2_into(idx_planes, nnz, indices, u32::from);
         } else {
             unshuffle4_into(idx_planes, nnz, indices, |w| w);
         }
-        let values_checked = value_bytes == 2;
-        if values_checked {
+        if body.value_bytes == 2 {
             // Whole numbers 0..=65535: finite and >= 0 by construction.
             unshuffle2_into(val_planes, nnz, data, f32::from);
         } else {
             unshuffle4_into(val_planes, nnz, data, f32::from_bits);
         }
-        // Undo the per-row delta coding in place. A row is fine when no delta after its first is
-        // 0 (strictly increasing) and its last index is below n_vars; the exact complaint is
-        // worked out only for a row that is not.
-        for (row, w) in indptr.windows(2).enumerate() {
-            let (start, end) = ((w[0] - base) as usize, (w[1] - base) as usize);
-            let Some((&mut first, rest)) = indices[start..end].split_first_mut() else { continue };
-            // Two branch-free reductions (vectorised), then the prefix sum.
-            let repeated = rest.iter().fold(false, |any, &c| any | (c == 0));
-            let last = rest.iter().fold(u64::from(first), |sum, &c| sum + u64::from(c));
-            if repeated || last >= n_vars {
-                return Err(delta_error(row, &indices[start..end], n_vars));
-            }
-            let mut prev = first;
-            for c in rest.iter_mut() {
-                // No overflow: the sum of the deltas is below n_vars.
-                prev += *c;
-                *c = prev;
-            }
+        undo_deltas(indptr, indices, n_vars)?;
+        if body.value_bytes == 4 {
+            check_values(indptr, indices, data, n_vars)?;
         }
-        if values_checked {
-            return Ok(());
+        Ok(())
+    }
+
+    /// Decodes a block as [`decode`](BlockDecoder::decode) does (the same checks and errors) into
+    /// its compact form.
+    pub(crate) fn decode_compact(
+        &mut self,
+        compressed: &[u8],
+        indptr: &[u64],
+        n_vars: u64,
+        out: &mut CompactBlock,
+    ) -> Result<(), String> {
+        let nnz = (indptr[indptr.len() - 1] - indptr[0]) as usize;
+        let body = self.decompress(compressed, nnz)?;
+        let (idx_planes, val_planes) = self.shuffled[body.range].split_at(nnz * body.index_bytes);
+        out.narrow_indices = body.index_bytes == 2;
+        out.narrow_values = body.value_bytes == 2;
+        if out.narrow_indices {
+            out.indices.clear();
+            unshuffle2_into(idx_planes, nnz, &mut out.deltas, |w| w);
+            check_narrow_deltas(indptr, &out.deltas, n_vars)?;
+        } else {
+            out.deltas.clear();
+            unshuffle4_into(idx_planes, nnz, &mut out.indices, |w| w);
+            undo_deltas(indptr, &mut out.indices, n_vars)?;
         }
-        // A value is finite and >= 0 when its bits, with -0.0 taken as 0.0, are below those of
-        // +inf (NaNs and negatives are above): one branch-free max over the block.
-        let highest = data.iter().fold(0u32, |m, v| {
-            let bits = v.to_bits();
-            m.max(if bits == 0x8000_0000 { 0 } else { bits })
-        });
-        if highest >= f32::INFINITY.to_bits() {
-            let n_cols = u32::try_from(n_vars).unwrap_or(u32::MAX);
-            for (row, w) in indptr.windows(2).enumerate() {
-                let (start, end) = ((w[0] - base) as usize, (w[1] - base) as usize);
-                crate::csr::check_row(&indices[start..end], &data[start..end], n_cols)
-                    .map_err(|e| format!("row {row} of the block{e}"))?;
+        if out.narrow_values {
+            out.values.clear();
+            unshuffle2_into(val_planes, nnz, &mut out.counts, |w| w);
+        } else {
+            out.counts.clear();
+            unshuffle4_into(val_planes, nnz, &mut out.values, f32::from_bits);
+            if !out.narrow_indices {
+                check_values(indptr, &out.indices, &out.values, n_vars)?;
+            } else if !values_ok(&out.values) {
+                // Only a block with a bad value needs absolute indices, for the error's words.
+                let mut absolute: Vec<u32> = out.deltas.iter().map(|&d| u32::from(d)).collect();
+                undo_deltas(indptr, &mut absolute, n_vars)?;
+                check_values(indptr, &absolute, &out.values, n_vars)?;
             }
         }
         Ok(())
     }
+}
+
+/// The rows (offsets `indptr` from its first) of a block's entries: `(row, start..end)`.
+fn block_rows(indptr: &[u64]) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + '_ {
+    let base = indptr[0];
+    indptr.windows(2).enumerate().map(move |(row, w)| (row, (w[0] - base) as usize..(w[1] - base) as usize))
+}
+
+/// Undoes the per-row delta coding of `indices` in place. A row is fine when no delta after its
+/// first is 0 (strictly increasing) and its last index is below n_vars; the exact complaint is
+/// worked out only for a row that is not.
+fn undo_deltas(indptr: &[u64], indices: &mut [u32], n_vars: u64) -> Result<(), String> {
+    for (row, range) in block_rows(indptr) {
+        let Some((&mut first, rest)) = indices[range.clone()].split_first_mut() else { continue };
+        // Two branch-free reductions (vectorised), then the prefix sum.
+        let repeated = rest.iter().fold(false, |any, &c| any | (c == 0));
+        let last = rest.iter().fold(u64::from(first), |sum, &c| sum + u64::from(c));
+        if repeated || last >= n_vars {
+            return Err(delta_error(row, &indices[range], n_vars));
+        }
+        let mut prev = first;
+        for c in rest.iter_mut() {
+            // No overflow: the sum of the deltas is below n_vars.
+            prev += *c;
+            *c = prev;
+        }
+    }
+    Ok(())
+}
+
+/// The checks of [`undo_deltas`] on 16-bit deltas, which stay deltas.
+fn check_narrow_deltas(indptr: &[u64], deltas: &[u16], n_vars: u64) -> Result<(), String> {
+    for (row, range) in block_rows(indptr) {
+        let Some((&first, rest)) = deltas[range.clone()].split_first() else { continue };
+        let repeated = rest.iter().fold(false, |any, &c| any | (c == 0));
+        let last = rest.iter().fold(u64::from(first), |sum, &c| sum + u64::from(c));
+        if repeated || last >= n_vars {
+            let wide: Vec<u32> = deltas[range].iter().map(|&d| u32::from(d)).collect();
+            return Err(delta_error(row, &wide, n_vars));
+        }
+    }
+    Ok(())
+}
+
+/// Whether every value is finite and >= 0 (-0.0 included). A value is when its bits, with -0.0
+/// taken as 0.0, are below those of +inf (NaNs and negatives are above): one branch-free max.
+fn values_ok(data: &[f32]) -> bool {
+    let highest = data.iter().fold(0u32, |m, v| {
+        let bits = v.to_bits();
+        m.max(if bits == 0x8000_0000 { 0 } else { bits })
+    });
+    highest < f32::INFINITY.to_bits()
+}
+
+/// Checks that every value is finite and >= 0; the error names the row, worked out with
+/// [`check_row`](crate::csr::check_row) over the block's absolute `indices`.
+fn check_values(indptr: &[u64], indices: &[u32], data: &[f32], n_vars: u64) -> Result<(), String> {
+    if values_ok(data) {
+        return Ok(());
+    }
+    let n_cols = u32::try_from(n_vars).unwrap_or(u32::MAX);
+    for (row, range) in block_rows(indptr) {
+        crate::csr::check_row(&indices[range.clone()], &data[range], n_cols)
+            .map_err(|e| format!("row {row} of the block{e}"))?;
+    }
+    Ok(())
 }
 
 /// What is wrong with a row of deltas (first index absolute) that failed the fast check.
@@ -251,13 +410,47 @@ fn delta_error(row: usize, deltas: &[u32], n_vars: u64) -> String {
 mod tests {
     use super::*;
 
+    /// Decodes `frame` both ways, [`BlockDecoder::decode`] and [`BlockDecoder::decode_compact`]
+    /// with every row gathered, asserts that they agree (the same entries bit for bit, or the
+    /// same error), and returns the entries.
+    fn decode_both(
+        dec: &mut BlockDecoder,
+        frame: &[u8],
+        indptr: &[u64],
+        n_vars: u64,
+    ) -> Result<(Vec<u32>, Vec<f32>), String> {
+        let (mut i, mut d) = (Vec::new(), Vec::new());
+        let full = dec.decode(frame, indptr, n_vars, &mut i, &mut d).map(|()| (i, d));
+        let mut block = CompactBlock::default();
+        let compact = dec.decode_compact(frame, indptr, n_vars, &mut block).map(|()| {
+            let mut batch = CsrBatch::new(u32::try_from(n_vars).unwrap_or(u32::MAX));
+            let base = indptr[0];
+            for w in indptr.windows(2) {
+                block.push_row((w[0] - base) as usize, (w[1] - base) as usize, &mut batch);
+            }
+            let rows = (0..batch.n_rows()).map(|r| batch.row(r));
+            let (i, d): (Vec<Vec<u32>>, Vec<Vec<f32>>) = rows.map(|(i, d)| (i.to_vec(), d.to_vec())).unzip();
+            (i.concat(), d.concat())
+        });
+        let bits = |r: &Result<(Vec<u32>, Vec<f32>), String>| {
+            r.as_ref()
+                .map(|(i, d)| (i.clone(), d.iter().map(|x| x.to_bits()).collect::<Vec<_>>()))
+                .map_err(|e| e.clone())
+        };
+        assert_eq!(bits(&full), bits(&compact), "the compact decode must agree with the full one");
+        if full.is_ok() {
+            // The compact form holds at most the bytes of the full one.
+            assert!(block.bytes() <= (full.as_ref().map_or(0, |(i, _)| i.len()) * 8) as u64);
+        }
+        full
+    }
+
     fn round_trip(planes: Planes, indptr: &[u64], indices: &[u32], data: &[f32]) -> Result<Vec<u8>, String> {
         let mut enc = BlockEncoder::new(3, planes).map_err(|e| e.to_string())?;
         let frame = enc.encode(indptr, indices, data).map_err(|e| e.to_string())?.to_vec();
         let mut dec = BlockDecoder::new(planes).map_err(|e| e.to_string())?;
-        let (mut i, mut d) = (Vec::new(), Vec::new());
         let abs: Vec<u64> = indptr.iter().map(|x| x + 100).collect();
-        dec.decode(&frame, &abs, 5_000_000, &mut i, &mut d)?;
+        let (i, d) = decode_both(&mut dec, &frame, &abs, 5_000_000)?;
         assert_eq!(i, indices);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&d), bits(data), "values must come back bit for bit");
@@ -277,17 +470,16 @@ mod tests {
         for planes in [Planes::Wide, Planes::Narrow] {
             let frame = round_trip(planes, &indptr, &indices, &data)?;
             let mut dec = BlockDecoder::new(planes)?;
-            let (mut i, mut d) = (Vec::new(), Vec::new());
             let abs: Vec<u64> = indptr.iter().map(|x| x + 100).collect();
-            let err = dec.decode(&frame, &abs, 10, &mut i, &mut d).unwrap_err();
+            let err = decode_both(&mut dec, &frame, &abs, 10).unwrap_err();
             assert_eq!(err, "row 2 of the block: column index 4000000 out of range, expected < 10");
             let short = [0u64, 3, 3, 4];
-            assert!(dec.decode(&frame, &short, 5_000_000, &mut i, &mut d).unwrap_err().contains("expected 32"));
-            assert!(dec.decode(&frame[..frame.len() / 2], &abs, 5_000_000, &mut i, &mut d).is_err());
+            assert!(decode_both(&mut dec, &frame, &short, 5_000_000).unwrap_err().contains("expected 32"));
+            assert!(decode_both(&mut dec, &frame[..frame.len() / 2], &abs, 5_000_000).is_err());
             // Values follow the stored-row rule too: finite and >= 0.
             let mut enc = BlockEncoder::new(3, planes)?;
             let negative = enc.encode(&indptr, &indices, &[1.0, 2.5, -3.0, 0.0, 7.0])?.to_vec();
-            let err = dec.decode(&negative, &abs, 5_000_000, &mut i, &mut d).unwrap_err();
+            let err = decode_both(&mut dec, &negative, &abs, 5_000_000).unwrap_err();
             assert_eq!(
                 err,
                 "row 0 of the block, column 9: value -3 is negative (expected counts or normalised expression, >= 0)"
@@ -317,18 +509,45 @@ mod tests {
     }
 
     #[test]
+    fn narrow_blocks_are_checked_as_wide_ones() -> Result<(), Box<dyn std::error::Error>> {
+        let mut enc = BlockEncoder::new(3, Planes::Narrow)?;
+        let mut dec = BlockDecoder::new(Planes::Narrow)?;
+        let indptr = [0u64, 2, 5];
+        let mut check = |indices: &[u32], data: &[f32], n_vars: u64, expected_header: u8| {
+            let frame = enc.encode(&indptr, indices, data).map_err(|e| e.to_string())?.to_vec();
+            assert_eq!(header(&frame)?, expected_header);
+            decode_both(&mut dec, &frame, &indptr, n_vars).map(|_| ())
+        };
+        let counts = [1.0, 2.0, 3.0, 4.0, 5.0];
+        assert_eq!(check(&[1, 7, 0, 3, 9], &counts, 10, NARROW_INDICES | NARROW_VALUES), Ok(()));
+        assert_eq!(
+            check(&[1, 7, 0, 3, 3], &counts, 10, NARROW_INDICES | NARROW_VALUES),
+            Err("row 1 of the block: repeated column index 3".into())
+        );
+        assert_eq!(
+            check(&[1, 7, 0, 3, 9], &counts, 9, NARROW_INDICES | NARROW_VALUES),
+            Err("row 1 of the block: column index 9 out of range, expected < 9".into())
+        );
+        // 16-bit deltas with 32-bit values: a bad value names its row and absolute column.
+        assert_eq!(
+            check(&[1, 7, 0, 3, 9], &[1.0, 2.0, 3.0, f32::NAN, 5.0], 10, NARROW_INDICES),
+            Err("row 1 of the block, column 3: value NaN is not finite".into())
+        );
+        Ok(())
+    }
+
+    #[test]
     fn a_narrow_block_with_a_wrong_header_is_an_error() -> Result<(), Box<dyn std::error::Error>> {
         let mut dec = BlockDecoder::new(Planes::Narrow)?;
-        let (mut i, mut d) = (Vec::new(), Vec::new());
         let frame = |plain: &[u8]| zstd::bulk::compress(plain, 3);
-        let err = dec.decode(&frame(&[4, 1, 0, 1, 0])?, &[0, 1], 10, &mut i, &mut d).unwrap_err();
+        let err = decode_both(&mut dec, &frame(&[4, 1, 0, 1, 0])?, &[0, 1], 10).unwrap_err();
         assert_eq!(err, "unknown block header 0x04");
-        let err = dec.decode(&frame(&[])?, &[0, 1], 10, &mut i, &mut d).unwrap_err();
+        let err = decode_both(&mut dec, &frame(&[])?, &[0, 1], 10).unwrap_err();
         assert!(err.contains("expected a header byte"), "{err}");
         // Header 3 (both 16-bit) with one entry is 5 bytes; 9 is the wide size.
-        let err = dec.decode(&frame(&[3, 1, 0, 1, 0, 0, 0, 0, 0])?, &[0, 1], 10, &mut i, &mut d).unwrap_err();
+        let err = decode_both(&mut dec, &frame(&[3, 1, 0, 1, 0, 0, 0, 0, 0])?, &[0, 1], 10).unwrap_err();
         assert_eq!(err, "decompressed to 8 bytes, expected 4 for 1 entries");
-        dec.decode(&frame(&[3, 1, 0, 2, 0])?, &[0, 1], 10, &mut i, &mut d)?;
+        let (i, d) = decode_both(&mut dec, &frame(&[3, 1, 0, 2, 0])?, &[0, 1], 10)?;
         assert_eq!((i.as_slice(), d.as_slice()), (&[1u32][..], &[2.0f32][..]));
         Ok(())
     }

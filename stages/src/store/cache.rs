@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use serde::Serialize;
 
-use super::blocks::BlockDecoder;
+use super::blocks::{BlockDecoder, CompactBlock};
 use super::reader::{RowCursor, Store};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
@@ -27,20 +27,13 @@ use crate::error::{Error, Result};
 struct Decoded {
     /// Store offset of the block's first entry.
     base: u64,
-    indices: Vec<u32>,
-    data: Vec<f32>,
+    block: CompactBlock,
     spares: Arc<Spares>,
-}
-
-impl Decoded {
-    fn bytes(&self) -> u64 {
-        (self.indices.len() * 4 + self.data.len() * 4) as u64
-    }
 }
 
 impl Drop for Decoded {
     fn drop(&mut self) {
-        self.spares.put(std::mem::take(&mut self.indices), std::mem::take(&mut self.data));
+        self.spares.put(std::mem::take(&mut self.block));
     }
 }
 
@@ -54,7 +47,7 @@ impl Drop for Decoded {
 #[derive(Debug, Default)]
 struct Spares {
     /// The spare buffers and their bytes of capacity.
-    buffers: Mutex<(Vec<BlockBuffers>, u64)>,
+    buffers: Mutex<(Vec<CompactBlock>, u64)>,
     /// Decoded bytes the caches using these spares hold (the sum of their [`State::bytes`],
     /// kept here for the drops outside their locks).
     live: AtomicU64,
@@ -62,18 +55,9 @@ struct Spares {
     budget: AtomicU64,
 }
 
-/// The index and value buffers of one decoded block.
-type BlockBuffers = (Vec<u32>, Vec<f32>);
-
-/// Bytes of capacity of a pair of buffers.
-fn capacity_bytes(buffers: &BlockBuffers) -> u64 {
-    (buffers.0.capacity() * 4 + buffers.1.capacity() * 4) as u64
-}
-
 impl Spares {
-    fn put(&self, indices: Vec<u32>, data: Vec<f32>) {
-        let buffers = (indices, data);
-        let bytes = capacity_bytes(&buffers);
+    fn put(&self, buffers: CompactBlock) {
+        let bytes = buffers.capacity_bytes();
         if bytes == 0 {
             return;
         }
@@ -85,16 +69,16 @@ impl Spares {
         }
     }
 
-    /// A spare pair with room for `entries` entries each if there is one, else the most recent
-    /// (grown by the decode); `None` when there are none.
-    fn take(&self, entries: usize) -> Option<BlockBuffers> {
+    /// Spare buffers with room for `entries` entries if there are, else the most recent (grown
+    /// by the decode); `None` when there are none.
+    fn take(&self, entries: usize) -> Option<CompactBlock> {
         let mut spare = self.buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let fits = spare.0.iter().rposition(|(i, d)| i.capacity() >= entries && d.capacity() >= entries);
+        let fits = spare.0.iter().rposition(|b| b.room() >= entries);
         let taken = match fits {
             Some(k) => spare.0.swap_remove(k),
             None => spare.0.pop()?,
         };
-        spare.1 -= capacity_bytes(&taken);
+        spare.1 -= taken.capacity_bytes();
         Some(taken)
     }
 }
@@ -293,12 +277,12 @@ impl BlockCache {
         let mut decoded_here = false;
         let result = slot.get_or_init(|| {
             decoded_here = true;
-            let (mut indices, mut data) = self.counts.spares.take(store.block_entries(b)).unwrap_or_else(|| {
+            let mut block = self.counts.spares.take(store.block_entries(b)).unwrap_or_else(|| {
                 self.counts.new_buffers.fetch_add(1, Ordering::Relaxed);
-                Default::default()
+                CompactBlock::default()
             });
-            match store.decode_block(b, decoder, &mut indices, &mut data) {
-                Ok(base) => Ok(Arc::new(Decoded { base, indices, data, spares: Arc::clone(&self.counts.spares) })),
+            match store.decode_block_compact(b, decoder, &mut block) {
+                Ok(base) => Ok(Arc::new(Decoded { base, block, spares: Arc::clone(&self.counts.spares) })),
                 Err(e) => Err(e.to_string()),
             }
         });
@@ -307,7 +291,7 @@ impl BlockCache {
             Err(e) => return Err(Error::InvalidInput(e.clone())),
         };
         if decoded_here {
-            let bytes = decoded.bytes();
+            let bytes = decoded.block.bytes();
             self.counts.decodes.fetch_add(1, Ordering::Relaxed);
             self.counts.decoded_bytes.fetch_add(bytes, Ordering::Relaxed);
             let mut state = self.state();
@@ -394,7 +378,7 @@ impl RowCursor<'_> {
                     (indptr[row as usize] - decoded.base) as usize,
                     (indptr[row as usize + 1] - decoded.base) as usize,
                 );
-                out.push_row(&decoded.indices[s..e], &decoded.data[s..e]);
+                decoded.block.push_row(s, e, out);
             }
             i += n as usize;
             // Let go of the block first, so that a block whose last cells these were can hand
@@ -488,20 +472,21 @@ mod tests {
     fn the_budget_caps_decoded_bytes_at_the_price_of_decoding_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path(), 1024);
-        // A block of 16 one-entry rows decodes to 128 bytes: room for 4.
+        // A block of 16 one-entry rows (small indices, counts) decodes to 16-bit deltas and counts,
+        // 64 bytes: room for 4.
         let counts = BlockCacheShared::new();
-        let cache = BlockCache::new(&store, 4 * 128, Arc::clone(&counts)).expect("zstd store");
+        let cache = BlockCache::new(&store, 4 * 64, Arc::clone(&counts)).expect("zstd store");
         let all: Vec<u64> = (0..1024).collect();
         cache.hold_rows(&all);
         let mut order = all.clone();
         order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(4));
-        let within = || assert!(cache.state().bytes <= 4 * 128);
+        let within = || assert!(cache.state().bytes <= 4 * 64);
         assert_eq!(read_in_batches(&store, &cache, &order, 50, within), 1024);
         let report = counts.report();
-        assert!(report.peak_bytes <= 4 * 128, "{report:?}");
+        assert!(report.peak_bytes <= 4 * 64, "{report:?}");
         assert!(report.early_drops > 0 && report.decodes > 64, "{report:?}");
-        // Every block is a full one of 128 bytes.
-        assert_eq!(report.decoded_bytes, report.decodes * 128);
+        // Every block is a full one of 64 bytes.
+        assert_eq!(report.decoded_bytes, report.decodes * 64);
     }
 
     #[test]
@@ -534,20 +519,19 @@ mod tests {
         spares.budget.store(3 * 64, Ordering::Relaxed);
         spares.live.store(64, Ordering::Relaxed);
         for capacity in [8, 4, 8, 8, 8] {
-            spares.put(Vec::with_capacity(capacity), Vec::with_capacity(capacity));
+            spares.put(CompactBlock::with_room(capacity));
         }
         assert_eq!(spares.buffers.lock().map(|b| (b.0.len(), b.1)).ok(), Some((2, 96)));
         // A pair that fits is taken before the most recent one.
-        let (indices, data) = spares.take(6).expect("a spare");
-        assert!(indices.capacity() >= 8 && data.capacity() >= 8);
+        assert!(spares.take(6).expect("a spare").room() >= 8);
         assert_eq!(spares.buffers.lock().map(|b| b.1).ok(), Some(32));
         // None fits: the most recent, to be grown.
-        assert_eq!(spares.take(100).map(|(i, _)| i.capacity()), Some(4));
+        assert_eq!(spares.take(100).map(|b| b.room()), Some(4));
         assert!(spares.take(1).is_none());
         // Less live, more room.
         spares.live.store(0, Ordering::Relaxed);
         for _ in 0..4 {
-            spares.put(Vec::with_capacity(8), Vec::with_capacity(8));
+            spares.put(CompactBlock::with_room(8));
         }
         assert_eq!(spares.buffers.lock().map(|b| (b.0.len(), b.1)).ok(), Some((3, 192)));
 

@@ -9,7 +9,7 @@ use cpa_stream_schemas::{Codec, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Pla
 use memmap2::Advice;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
-use super::blocks::BlockDecoder;
+use super::blocks::{BlockDecoder, CompactBlock};
 use super::mmap::MappedFile;
 use crate::csr::{CsrBatch, check_row};
 use crate::error::{Error, Result};
@@ -362,8 +362,26 @@ impl Store {
         }
     }
 
-    /// Decompresses block `b` into `indices` and `data` (replacing their contents) and returns
-    /// the store offset of its first entry.
+    /// Block `b`'s compressed bytes, the offsets of its rows (absolute; one more than rows) and
+    /// its first and end rows.
+    fn block_parts(&self, b: u64) -> Result<(&[u8], &[u64], u64, u64)> {
+        let Matrix::Zstd { blocks, block_index, block_rows, .. } = &self.matrix else {
+            return Err(Error::InvalidInput(format!("{}: a raw store has no blocks", self.dir.display())));
+        };
+        let offsets = block_index.as_slice::<u64>().unwrap_or(&[]);
+        let start = b.saturating_mul(*block_rows);
+        let (s, e) = match (offsets.get(b as usize), offsets.get(b as usize + 1)) {
+            (Some(&s), Some(&e)) if start < self.n_obs() => (s as usize, e as usize),
+            _ => {
+                let path = self.dir.join(StoreFiles::BLOCKS);
+                return Err(Error::corrupt(&path, format!("no block {b} (rows from {start})")));
+            }
+        };
+        let end = (start + block_rows).min(self.n_obs());
+        Ok((&blocks.bytes()[s..e], &self.indptr()[start as usize..=end as usize], start, end))
+    }
+
+    /// Decodes block `b` into `indices` and `data`; returns the store offset of its first entry.
     pub(crate) fn decode_block(
         &self,
         b: u64,
@@ -371,21 +389,24 @@ impl Store {
         indices: &mut Vec<u32>,
         data: &mut Vec<f32>,
     ) -> Result<u64> {
-        let Matrix::Zstd { blocks, block_index, block_rows, .. } = &self.matrix else {
-            return Err(Error::InvalidInput(format!("{}: a raw store has no blocks", self.dir.display())));
-        };
-        let path = self.dir.join(StoreFiles::BLOCKS);
-        let offsets = block_index.as_slice::<u64>().unwrap_or(&[]);
-        let start = b.saturating_mul(*block_rows);
-        let (s, e) = match (offsets.get(b as usize), offsets.get(b as usize + 1)) {
-            (Some(&s), Some(&e)) if start < self.n_obs() => (s as usize, e as usize),
-            _ => return Err(Error::corrupt(&path, format!("no block {b} (rows from {start})"))),
-        };
-        let end = (start + block_rows).min(self.n_obs());
-        let indptr = &self.indptr()[start as usize..=end as usize];
-        decoder
-            .decode(&blocks.bytes()[s..e], indptr, self.n_vars(), indices, data)
-            .map_err(|reason| Error::corrupt(&path, format!("block {b} (rows {start}..{end}): {reason}")))?;
+        let (bytes, indptr, start, end) = self.block_parts(b)?;
+        decoder.decode(bytes, indptr, self.n_vars(), indices, data).map_err(|reason| {
+            Error::corrupt(self.dir.join(StoreFiles::BLOCKS), format!("block {b} (rows {start}..{end}): {reason}"))
+        })?;
+        Ok(indptr[0])
+    }
+
+    /// Decodes block `b` into its compact form; returns the store offset of its first entry.
+    pub(crate) fn decode_block_compact(
+        &self,
+        b: u64,
+        decoder: &mut BlockDecoder,
+        out: &mut CompactBlock,
+    ) -> Result<u64> {
+        let (bytes, indptr, start, end) = self.block_parts(b)?;
+        decoder.decode_compact(bytes, indptr, self.n_vars(), out).map_err(|reason| {
+            Error::corrupt(self.dir.join(StoreFiles::BLOCKS), format!("block {b} (rows {start}..{end}): {reason}"))
+        })?;
         Ok(indptr[0])
     }
 
