@@ -6,10 +6,14 @@ also be run by hand.
   prepare  H5AD DIR [--split random|combos]   one split column (`fidelity_split`) written into
            DIR/data.h5ad (imported into DIR/data.store on first use); DIR/meta.json the keys
   peer     DIR --epochs E --seed S            cpa-tools via ../shared/peer/cpa-tools/run_peer.py
+                                              (through peer_anchor.py: also cpa-tools-delta, the
+                                              anchored prediction)
   stream   DIR --epochs E --seed S --variant V [--set KEY=VALUE ...]
                                               cpa-stream with the translated configuration
   rescore  DIR [--variants V,...]              finished cpa-stream runs scored again with the
-                                              expected log1p of the predicted NB (VARIANT-elog)
+           [--space expected|mean]            expected log1p of the predicted NB (VARIANT-elog),
+           [--controls drawn|all] [--anchor]  every control cell (-allctrl), anchored on the
+                                              observed controls (-delta)
   table    DIR                                 means and spreads over seeds, as Markdown
 
 Scoring (`score`, the definitions of run_peer.py, applied to both tools' predicted group means):
@@ -320,7 +324,7 @@ def peer(a):
     with open(os.path.join(out, "model.json"), "w") as f:
         json.dump({"seed": a.seed}, f)
     command = [
-        python, os.path.join(PEER, "run_peer.py"), os.path.join(a.dir, "data.h5ad"),
+        python, os.path.join(HERE, "peer_anchor.py"), os.path.join(out, "own.npz"), os.path.join(a.dir, "data.h5ad"),
         "--perturbation-key", meta["perturbation_key"], "--control-group", meta["control"],
         "--covariate-keys", ",".join(meta["covariates"]), "--max-comb-len", str(meta["max_comb_len"]),
         "--split-key", SPLIT, "--epochs", str(a.epochs), "--seed", str(a.seed),
@@ -338,16 +342,43 @@ def peer(a):
     saved = np.load(os.path.join(out, "groups.npz"), allow_pickle=False)
     predictions = {str(g): {"cf": cf, "recon": rc} for g, cf, rc in
                    zip(saved["groups"], saved["pred_cf"], saved["pred_recon"])}
-    result = score(a.dir, predictions, a.seed)
-    result.update({
-        "tool": "cpa-tools", "variant": "cpa-tools", "epochs": a.epochs, "seed": a.seed,
-        "train_cpu_s": report["train_cpu_s"], "train_wall_s": report["time_train_total_s"],
-        "peak_rss_mib": report["peak_rss_mib"], "loadavg": [report["loadavg_start"][0], report["loadavg_end"][0]],
-        "peer_r2": report["r2_perturbed_mean"],
-    })
-    with open(os.path.join(out, "score.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print_result(result)
+    # Anchored (`cpa-tools-delta`, as `rescore --space mean --anchor` for cpa-stream): the observed
+    # control mean of the covariates plus the predicted change of the drawn control cells (their
+    # counterfactual minus the same cells decoded under their own condition, peer_anchor.py).
+    own = np.load(os.path.join(out, "own.npz"), allow_pickle=False)
+    observed = control_means(a.dir, meta)
+    anchored = {g: {"cf": observed[group_covariates(g, meta)] + p["cf"] - o, "recon": p["recon"]}
+                for (g, p), o in zip(predictions.items(), own["pred_own"])}
+    for variant, preds in (("cpa-tools", predictions), ("cpa-tools-delta", anchored)):
+        result = score(a.dir, preds, a.seed)
+        result.update({
+            "tool": "cpa-tools", "variant": variant, "epochs": a.epochs, "seed": a.seed,
+            "train_cpu_s": report["train_cpu_s"], "train_wall_s": report["time_train_total_s"],
+            "peak_rss_mib": report["peak_rss_mib"], "loadavg": [report["loadavg_start"][0], report["loadavg_end"][0]],
+            "peer_r2": report["r2_perturbed_mean"],
+        })
+        target = out if variant == "cpa-tools" else os.path.join(a.dir, "results", f"{variant}-e{a.epochs}-s{a.seed}")
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, "score.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print_result(result)
+
+
+def control_means(directory, meta):
+    """Mean log1p (or plain) expression of every control cell, per covariates label."""
+    import anndata
+    import numpy as np
+
+    adata = anndata.read_h5ad(os.path.join(directory, "data.h5ad"))
+    values = log_values(adata.X, meta["counts"])
+    cov = covariate_keys(adata.obs, meta)
+    ctrl = adata.obs[meta["perturbation_key"]].astype(str).values == meta["control"]
+    return {c: values[ctrl & (cov == c)].mean(0) for c in np.unique(cov[ctrl])}
+
+
+def group_covariates(group, meta):
+    """The covariates label of a group label (`cov1|...|condition|dose`)."""
+    return "|".join(group.split("|")[: len(meta["covariates"])])
 
 
 def stream(a):
@@ -586,11 +617,14 @@ def rescore(a):
         run = os.path.join(os.path.dirname(path), "run")
         if r["tool"] != "cpa-stream" or not os.path.isdir(run) or r["variant"] not in a.variants.split(","):
             continue
-        suffix = "-elog" + ("-allctrl" if a.controls == "all" else "") + ("-delta" if a.anchor else "")
+        suffix = (("-elog" if a.space == "expected" else "") + ("-allctrl" if a.controls == "all" else "")
+                  + ("-delta" if a.anchor else ""))
+        if not suffix:
+            sys.exit("fidelity: rescore --space mean --controls drawn without --anchor is the run's own score")
         target = os.path.join(a.dir, "results", f"{r['variant']}{suffix}-e{r['epochs']}-s{r['seed']}")
         if os.path.exists(os.path.join(target, "score.json")):
             continue
-        predictions = predict_groups(a.dir, meta, run, r["seed"], "expected", a.controls, a.anchor)
+        predictions = predict_groups(a.dir, meta, run, r["seed"], a.space, a.controls, a.anchor)
         result = score(a.dir, predictions, r["seed"])
         result.update({k: r[k] for k in ("tool", "epochs", "seed", "set", "preset", "train_cpu_s", "train_wall_s",
                                          "peak_rss_mib", "loadavg", "best_epoch")})
@@ -672,10 +706,15 @@ def table(a):
     def describe(v, sets, p):
         if v.endswith("-last"):
             return f"the last epoch's weights of {v[:-5]}'s training"
-        for suffix, what in (("-elog-allctrl", "expected log1p, every control cell decoded once"),
-                             ("-elog", "expected log1p of the predicted counts")):
-            if v.endswith(suffix):
-                return f"the weights of {v[: -len(suffix)]}, scored with the {what}"
+        ways = {"-elog": "the expected log1p of the predicted counts", "-allctrl": "every control cell decoded once",
+                "-delta": "the predicted change added to the observed control mean"}
+        base, found = v, []
+        while any(base.endswith(k) for k in ways):
+            k = next(k for k in ways if base.endswith(k))
+            found.insert(0, ways[k])
+            base = base[: -len(k)]
+        if found:
+            return f"the weights of {base}, scored with " + "; ".join(found)
         return ", ".join(([f"preset {p}"] if p else []) + list(sets)) or "as translated"
 
     lines += ["", "cpa-stream variants (over the translation):"] + [f"- {v}: {describe(v, sets, p)}"
@@ -719,6 +758,10 @@ def main():
                    help="all: every control cell of the covariates decoded once (VARIANT-elog-allctrl)")
     p.add_argument("--anchor", action="store_true",
                    help="the model's predicted change added to the observed control mean (VARIANT-elog-...-delta)")
+    p.add_argument("--space", choices=["expected", "mean"], default="expected",
+                   help="expected: E[log1p] of the predicted counts (VARIANT-elog...); mean: log1p of the "
+                        "predicted mean, as cpa-tools is scored (no -elog; with --anchor the like-for-like "
+                        "of cpa-tools-delta)")
     p = sub.add_parser("table")
     p.add_argument("dir")
     a = ap.parse_args()

@@ -12,8 +12,10 @@
 #   VARIANTS  cpa-stream variants, space-separated NAME[:preset=P][:KEY=VALUE...]; default
 #             "cpa-stream" (the translation as is). Example: "cpa-stream ref:preset=reference
 #             drop:model.dropout_rate_decoder=0.1"; `last` also scores the last epoch's weights
-#   RESCORE   variants scored again as VARIANT-elog (expected log1p of the predicted counts) and
-#             VARIANT-elog-allctrl (every control cell decoded once), comma-separated
+#   RESCORE   variants scored again as VARIANT-elog (expected log1p of the predicted counts),
+#             VARIANT-elog-allctrl (every control cell decoded once), VARIANT-elog-allctrl-delta
+#             (anchored on the observed controls: the recipe) and VARIANT-delta (anchored, log1p
+#             of the mean, the draws: like for like with cpa-tools-delta), comma-separated
 #   PEER      0 to leave cpa-tools out (kept results are still tabled)
 #   DIR       results (default $CPA_STREAM_CACHE/fidelity); one subdirectory per data set and split
 #
@@ -99,6 +101,8 @@ for h5ad in "${data[@]}"; do
   if [ -n "${RESCORE:-}" ]; then
     "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE"
     "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE" --controls all
+    "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE" --controls all --anchor
+    "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE" --space mean --anchor
   fi
   "$py" scripts/fidelity.py table "$out"
 done
