@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""cpa-tools' side of the anchored comparison: runs ../shared/peer/cpa-tools/run_peer.py unchanged
+(same arguments, same training, same counterfactual draws), keeps the model it trains, then decodes
+the control cells it drew for the counterfactuals under their own (control) condition and writes,
+per test group, the mean of log1p of those predictions (`pred_own`, in run_peer.py's group order
+and space) to an .npz. With run_peer.py's `pred_cf` of the same cells, `observed control mean +
+pred_cf - pred_own` is the anchored prediction that `scripts/fidelity.py rescore --anchor` makes
+for cpa-stream. Run with cpa-tools' venv (scripts/fidelity.py peer calls it):
+
+    $CPA_STREAM_CACHE/cpa-peer/bin/python scripts/peer_anchor.py OWN.npz RUN_PEER_ARGS...
+"""
+import os
+import runpy
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUN_PEER = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "peer", "cpa-tools", "run_peer.py"))
+
+
+def argument(args, name, default=None):
+    return args[args.index(name) + 1] if name in args else default
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    own_path, args = sys.argv[1], sys.argv[2:]
+    for needed in ("--split-key", "--save-pred"):
+        if needed not in args:
+            sys.exit(f"peer_anchor: {needed} is needed (the draws and groups follow the split column)")
+    if "--max-cells" in args:
+        sys.exit("peer_anchor: --max-cells draws cells first, which changes run_peer.py's draws")
+
+    import cpa
+
+    trained = {}
+    train = cpa.CPA.train
+
+    def keep_model(self, *a, **k):
+        trained["model"] = self
+        return train(self, *a, **k)
+
+    cpa.CPA.train = keep_model
+    sys.argv = [RUN_PEER] + args
+    runpy.run_path(RUN_PEER, run_name="__main__")
+
+    import numpy as np
+    import scipy.sparse as sp
+
+    model = trained["model"]
+    adata = model.adata
+    pk = argument(args, "--perturbation-key")
+    control = argument(args, "--control-group")
+    covs = [c for c in argument(args, "--covariate-keys", "").split(",") if c]
+    dose_key = argument(args, "--dose-key")
+    seed = int(argument(args, "--seed", "0"))
+    counts = "--not-counts" not in args and argument(args, "--recon-loss", "nb") in ("nb", "zinb")
+    # run_peer.py's draws: its generator is used for nothing else when the split is given.
+    rng = np.random.default_rng(seed)
+    split = adata.obs[argument(args, "--split-key")].astype(str).values
+    test_idx = np.where(split == argument(args, "--test-split", "test"))[0]
+    ctrl = adata.obs[pk].astype(str).values == control
+    cov = (adata.obs[covs].astype(str).agg("|".join, axis=1).values if covs
+           else np.array([""] * adata.n_obs))
+    src = np.empty(len(test_idx), dtype=int)
+    for i, ci in enumerate(test_idx):
+        pool = np.where(ctrl & (cov == cov[ci]))[0]
+        if len(pool) == 0:
+            pool = np.where(ctrl)[0]
+        src[i] = rng.choice(pool)
+    own = adata[src].copy()
+    model.predict(own, batch_size=1024)
+    pred = np.asarray(own.obsm["CPA_pred"])
+    pred = pred.toarray() if sp.issparse(pred) else pred
+    pred = np.log1p(np.clip(pred, 0, None)) if counts else pred
+
+    dose = adata.obs[dose_key].astype(str).values if dose_key else np.array(["1.0"] * adata.n_obs)
+    # run_peer.py's group labels: `cov1|...|condition|dose` (`|condition|dose` without covariates).
+    group = np.array([c + "|" + p + "|" + d for c, p, d in zip(cov, adata.obs[pk].astype(str).values, dose)])
+    saved = np.load(argument(args, "--save-pred"), allow_pickle=False)
+    gt = group[test_idx]
+    rows = []
+    for g in saved["groups"]:
+        m = gt == str(g)
+        if not m.any():
+            sys.exit(f"peer_anchor: group {g} of run_peer.py's predictions has no test cell here")
+        rows.append(pred[m].mean(0))
+    np.savez(own_path, groups=saved["groups"], pred_own=np.asarray(rows))
+    print(f"control cells decoded under their own condition, group means -> {own_path}")
+
+
+if __name__ == "__main__":
+    main()
