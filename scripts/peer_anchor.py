@@ -13,6 +13,8 @@ import os
 import runpy
 import sys
 
+import fidelity
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN_PEER = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "peer", "cpa-tools", "run_peer.py"))
 
@@ -55,19 +57,13 @@ def main():
     dose_key = argument(args, "--dose-key")
     seed = int(argument(args, "--seed", "0"))
     counts = "--not-counts" not in args and argument(args, "--recon-loss", "nb") in ("nb", "zinb")
-    # run_peer.py's draws: its generator is used for nothing else when the split is given.
-    rng = np.random.default_rng(seed)
     split = adata.obs[argument(args, "--split-key")].astype(str).values
     test_idx = np.where(split == argument(args, "--test-split", "test"))[0]
-    ctrl = adata.obs[pk].astype(str).values == control
-    cov = (adata.obs[covs].astype(str).agg("|".join, axis=1).values if covs
-           else np.array([""] * adata.n_obs))
-    src = np.empty(len(test_idx), dtype=int)
-    for i, ci in enumerate(test_idx):
-        pool = np.where(ctrl & (cov == cov[ci]))[0]
-        if len(pool) == 0:
-            pool = np.where(ctrl)[0]
-        src[i] = rng.choice(pool)
+    # run_peer.py's draws (its generator is used for nothing else when the split is given),
+    # computed by the same function that draws them for cpa-stream.
+    meta = {"perturbation_key": pk, "control": control, "covariates": covs}
+    cov = fidelity.covariate_keys(adata.obs, meta)
+    src = fidelity.cf_draws(adata.obs, meta, test_idx, seed)
     own = adata[src].copy()
     model.predict(own, batch_size=1024)
     pred = np.asarray(own.obsm["CPA_pred"])
