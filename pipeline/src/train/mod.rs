@@ -497,16 +497,14 @@ impl Run<'_> {
     /// Scores the validation cells and records the score for early stopping; the best weights
     /// so far go to `best/`.
     fn validate(&mut self) -> Result<ValidationScore> {
+        let (store, labels, plan, loader, halt) = (&self.store, &self.labels, &self.plan, self.loader, &self.halt);
+        let trainer = &mut self.trainer;
         let score = self.train_stats.busy(|| {
-            validate(
-                self.trainer.model(),
-                &self.store,
-                &self.labels,
-                Split::Valid,
-                &self.plan,
-                self.loader,
-                Arc::clone(&self.halt),
-            )
+            trainer
+                .with_published_weights(|model| {
+                    validate(model, store, labels, Split::Valid, plan, loader, Arc::clone(halt))
+                })
+                .map_err(Error::stage("trainer"))?
         })?;
         if !score.score.is_finite() {
             return Err(Error::InvalidInput(format!(
@@ -520,19 +518,24 @@ impl Run<'_> {
         }
         let patience = self.trainer.model().config().training.early_stopping_patience;
         if self.trainer.record_validation(score.score, patience).improved {
-            save_model(self.trainer.model(), &self.options.out.join(BEST_DIR)).map_err(Error::stage("trainer"))?;
+            let best = self.options.out.join(BEST_DIR);
+            self.trainer
+                .with_published_weights(|model| save_model(model, &best))
+                .map_err(Error::stage("trainer"))?
+                .map_err(Error::stage("trainer"))?;
         }
         Ok(score)
     }
 
     /// The final model: the best validated weights, else the last ones.
-    fn publish_model(&self) -> Result<()> {
+    fn publish_model(&mut self) -> Result<()> {
         let best = self.options.out.join(BEST_DIR);
         let final_model = self.options.out.join(MODEL_DIR);
         if self.trainer.state().best_epoch.is_some() && best.exists() {
             publish_dir(&final_model, |tmp| copy_files(&best, tmp)).map_err(Error::stage("trainer"))
         } else {
-            save_model(self.trainer.model(), &final_model).map_err(Error::stage("trainer"))
+            let saved = self.trainer.with_published_weights(|model| save_model(model, &final_model));
+            saved.map_err(Error::stage("trainer"))?.map_err(Error::stage("trainer"))
         }
     }
 }

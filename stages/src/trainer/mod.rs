@@ -10,6 +10,7 @@
 //! an interruption) also keeps the epoch's position, running sums and random stream; the caller
 //! resumes it by feeding the epoch's batches from [`Trainer::batches_in_epoch`] on.
 
+mod average;
 pub mod optim;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use crate::model::config::{AdvLoss, CpaConfig, LrSchedule};
 use crate::model::files::{load_model, publish_dir, write_model_files};
 use crate::model::layers::{Noise, seeded};
 use crate::model::network::{CpaModel, GROUP_ADV, GROUP_AE, GROUP_DOSER};
+use average::Averaged;
 use optim::{AdamGroup, AdamSettings};
 
 /// Optimizer moments of a checkpoint.
@@ -164,6 +166,8 @@ pub struct Trainer {
     /// clock of its own part (from its first batch).
     epoch_seconds_before: f64,
     epoch_clock: Option<std::time::Instant>,
+    /// The moving average of the weights, when `training.ema_decay` is set.
+    average: Option<Averaged>,
 }
 
 /// [`Trainer::first_nonfinite`] while every loss of the epoch is finite.
@@ -203,6 +207,13 @@ impl Trainer {
             within_epoch: None,
         };
         let sums = Tensor::f_zeros([N_SUMS as i64], (Kind::Float, device))?;
+        let average = if t.ema_decay > 0.0 {
+            let (names, live): (Vec<String>, Vec<Tensor>) =
+                [GROUP_AE, GROUP_DOSER].iter().flat_map(|g| model.group_variables(g)).unzip();
+            Some(Averaged::new(t.ema_decay, names, live)?)
+        } else {
+            None
+        };
         Ok(Trainer {
             noise: Noise::new(seeded(t.seed, STREAM_EPOCH, 0), device),
             model,
@@ -217,6 +228,7 @@ impl Trainer {
             counts: (0, 0, 0),
             epoch_seconds_before: 0.0,
             epoch_clock: None,
+            average,
         })
     }
 
@@ -233,6 +245,18 @@ impl Trainer {
     /// The model, giving up the trainer.
     pub fn into_model(self) -> CpaModel {
         self.model
+    }
+
+    /// Runs `f` on the model with the weights it is validated and published with: the moving
+    /// average of the weights when `training.ema_decay` is set (put in place for `f` and taken
+    /// out after it, whatever `f` returns), else the weights as trained. An error here is one of
+    /// moving the weights; `f`'s own result is returned as it is.
+    pub fn with_published_weights<T>(&mut self, f: impl FnOnce(&CpaModel) -> T) -> Result<T> {
+        let Some(average) = self.average.as_mut() else { return Ok(f(&self.model)) };
+        average.swap()?;
+        let value = f(&self.model);
+        self.average.as_mut().map_or(Ok(()), Averaged::swap)?;
+        Ok(value)
     }
 
     /// Where training stands.
@@ -512,6 +536,9 @@ impl Trainer {
                 clip_norm(&mut doser, max)?;
             }
             self.groups[1].step(doser, t.doser_lr * factor)?;
+            if let Some(average) = self.average.as_mut() {
+                average.update(self.groups[0].steps().saturating_sub(1))?;
+            }
         }
         if let Some(mut grads) = self.pending.adv.take() {
             scale(&mut grads, count)?;
@@ -598,7 +625,10 @@ impl Trainer {
             None
         };
         self.state.group_steps = self.groups.iter().map(AdamGroup::steps).collect();
-        let moments: Vec<(String, Tensor)> = self.groups.iter().flat_map(AdamGroup::state_tensors).collect();
+        let mut moments: Vec<(String, Tensor)> = self.groups.iter().flat_map(AdamGroup::state_tensors).collect();
+        if let Some(average) = &self.average {
+            moments.extend(average.state_tensors());
+        }
         let state = serde_json::to_string_pretty(&self.state).map_err(|e| Error::InvalidInput(e.to_string()))?;
         publish_dir(dir, |tmp| {
             write_model_files(&self.model, tmp)?;
@@ -630,6 +660,9 @@ impl Trainer {
         let origin = path.display().to_string();
         for (group, &steps) in trainer.groups.iter_mut().zip(&state.group_steps) {
             group.load_state(&saved, steps, &origin)?;
+        }
+        if let Some(average) = trainer.average.as_mut() {
+            average.load_state(&saved, &origin)?;
         }
         // Kept in the trainer's fields from here; the state records it again at the next save.
         if let Some(position) = state.within_epoch.take() {

@@ -569,3 +569,78 @@ fn checkpoints_are_replaced_whole_and_a_lost_one_is_recovered() -> Result<()> {
     assert!(!old.exists() && !stale_tmp.exists());
     Ok(())
 }
+
+#[test]
+fn averaged_weights_follow_their_rule_stay_apart_and_resume_exactly() -> Result<()> {
+    let v = vocab()?;
+    let batches: Vec<HostBatch> = (0..7).map(|i| batch(&v, 16, 300 + i)).collect::<Result<_>>()?;
+    let mut config = busy_config(9);
+    config.training.ema_decay = 0.5;
+    let averaged = |m: &CpaModel| -> Vec<Tensor> {
+        [GROUP_AE, GROUP_DOSER].iter().flat_map(|g| m.group_variables(g)).map(|(_, w)| w.copy()).collect()
+    };
+
+    // The shadow by hand, in f64: after the n-th autoencoder step (0-based) it moves towards the
+    // weights by 1 - min(0.5, (1 + n) / (10 + n)).
+    let mut straight = Trainer::from_config(&config, &v, Device::Cpu)?;
+    let mut shadow: Vec<Tensor> =
+        averaged(straight.model()).iter().map(|w| w.f_to_kind(Kind::Double)).collect::<std::result::Result<_, _>>()?;
+    // An optimizer step ends a batch (every 2 here) or the epoch (an odd batch left over).
+    let mut follow = |trainer: &mut Trainer, work: &dyn Fn(&mut Trainer) -> Result<()>| -> Result<()> {
+        let before = trainer.groups[0].steps();
+        work(trainer)?;
+        if trainer.groups[0].steps() > before {
+            let d = 0.5f64.min((1.0 + before as f64) / (10.0 + before as f64));
+            for (s, w) in shadow.iter_mut().zip(averaged(trainer.model())) {
+                *s = s.f_mul_scalar(d)?.f_add(&w.f_to_kind(Kind::Double)?.f_mul_scalar(1.0 - d)?)?;
+            }
+        }
+        Ok(())
+    };
+    for _ in 0..6 {
+        for b in &batches {
+            follow(&mut straight, &|t| t.step(b))?;
+        }
+        follow(&mut straight, &|t| t.end_epoch().map(drop))?;
+    }
+    assert!(straight.groups[0].steps() > 9, "too few steps to pass the decay's warm-up");
+    let live = averaged(straight.model());
+    let published = straight.with_published_weights(averaged)?;
+    let mut moved = false;
+    for ((p, s), l) in published.iter().zip(&shadow).zip(&live) {
+        let err = scalar(&p.f_to_kind(Kind::Double)?.f_sub(s)?.f_abs()?.f_max()?)?;
+        assert!(err < 1e-5, "averaged weight off the rule by {err}");
+        moved |= !p.f_equal(l)?;
+    }
+    assert!(moved, "the averaged weights equal the live ones");
+    // The live weights are back in place afterwards.
+    for (now, before) in averaged(straight.model()).iter().zip(&live) {
+        assert!(now.f_equal(before)?, "the live weights were not restored");
+    }
+
+    // A checkpoint keeps the shadows: a resumed run publishes the same averaged weights.
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let ckpt = dir.path().join("checkpoint");
+    let mut first = Trainer::from_config(&config, &v, Device::Cpu)?;
+    train(&mut first, &batches, 3)?;
+    first.save_checkpoint(&ckpt)?;
+    drop(first);
+    let mut resumed = Trainer::resume(&ckpt, Device::Cpu)?;
+    train(&mut resumed, &batches, 3)?;
+    assert!(same_weights(straight.model(), resumed.model())?, "resumed live weights differ");
+    let resumed_published = resumed.with_published_weights(averaged)?;
+    for (a, b) in published.iter().zip(&resumed_published) {
+        assert!(a.f_equal(b)?, "resumed averaged weights differ from the uninterrupted run");
+    }
+
+    // Without an average the published weights are the live ones.
+    let mut off = busy_config(9);
+    off.training.ema_decay = 0.0;
+    let mut plain = Trainer::from_config(&off, &v, Device::Cpu)?;
+    train(&mut plain, &batches, 1)?;
+    let live = averaged(plain.model());
+    for (p, l) in plain.with_published_weights(averaged)?.iter().zip(&live) {
+        assert!(p.f_equal(l)?);
+    }
+    Ok(())
+}
