@@ -635,6 +635,40 @@ def rescore(a):
         print_result(result)
 
 
+def draws(a):
+    """How much of the seeds' spread is the counterfactual draw: each kept cpa-stream model of
+    VARIANT at EPOCHS (one per seed) scored with every seed's draws of control cells. Prints the
+    matrix (model seed x draw seed) and the spread over models with the draws fixed, and over
+    draws with the model fixed (sd, mean over the other axis)."""
+    import glob
+
+    import numpy as np
+
+    meta = read_meta(a.dir)
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(a.dir, "results", f"{a.variant}-e{a.epochs}-s*", "run"))):
+        seed = int(path.split(f"{a.variant}-e{a.epochs}-s")[1].split(os.sep)[0])
+        runs[seed] = path
+    if len(runs) < 2:
+        raise SystemExit(f"fidelity: {a.dir}: fewer than 2 trained runs of {a.variant} at {a.epochs} epochs")
+    seeds = sorted(runs)
+    keys = ("cf_all", "cf_deg", "cf_change")
+    grid = np.empty((len(seeds), len(seeds), len(keys)))
+    for i, model in enumerate(seeds):
+        for j, draw in enumerate(seeds):
+            m = score(a.dir, predict_groups(a.dir, meta, runs[model], draw), draw)["mean"]
+            grid[i, j] = [m[k] for k in keys]
+            print(f"fidelity: model s{model} draws s{draw}: " + " ".join(f"{k} {v:.3f}" for k, v in zip(keys, grid[i, j])),
+                  flush=True)
+    same = grid[range(len(seeds)), range(len(seeds))]
+    fmt = lambda v: " / ".join(f"{x:.3f}" for x in v)  # noqa: E731
+    print(f"fidelity: {a.variant} e{a.epochs}, {len(seeds)} seeds; {' / '.join(keys)}")
+    print(f"  model seed = draw seed (the harness): mean {fmt(same.mean(0))}, sd {fmt(same.std(0, ddof=1))}")
+    print(f"  sd over models, draws fixed:          {fmt(grid.std(0, ddof=1).mean(0))}")
+    print(f"  sd over draws, model fixed:           {fmt(grid.std(1, ddof=1).mean(0))}")
+    print(f"  mean of each draw seed over models:   " + ", ".join(f"s{d} {fmt(grid[:, j].mean(0))}" for j, d in enumerate(seeds)))
+
+
 def best_epoch(history):
     try:
         valid = history.dropna(subset=["score"])
@@ -762,10 +796,15 @@ def main():
                    help="expected: E[log1p] of the predicted counts (VARIANT-elog...); mean: log1p of the "
                         "predicted mean, as cpa-tools is scored (no -elog; with --anchor the like-for-like "
                         "of cpa-tools-delta)")
+    p = sub.add_parser("draws", help="score each seed's model with every seed's control-cell draws")
+    p.add_argument("dir")
+    p.add_argument("--variant", default="cpa-stream")
+    p.add_argument("--epochs", type=int, required=True)
     p = sub.add_parser("table")
     p.add_argument("dir")
     a = ap.parse_args()
-    {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "table": table}[a.command](a)
+    commands = {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "draws": draws, "table": table}
+    commands[a.command](a)
 
 
 if __name__ == "__main__":

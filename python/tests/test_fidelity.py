@@ -146,3 +146,26 @@ def test_the_expected_log1p_of_a_negative_binomial_is_exact(fidelity):
         got = float(fidelity.expected_log1p_nb(np.array([mu]), np.array([theta]))[0])
         assert got == pytest.approx(exact, abs=2e-3), (mu, theta)
         assert got < np.log1p(mu)  # Jensen: log1p of the mean overstates it
+
+
+def test_the_draws_split_the_spread_between_models_and_draws(fidelity, tmp_path, monkeypatch, capsys):
+    """`fidelity.py draws`: model seed i scored with draw seed j; here the score is 0.1 i + 0.01 j
+    (a fake prediction and scorer), so the spread over models is 10 times that over draws."""
+    for seed in (0, 1, 2):
+        (tmp_path / "results" / f"v-e5-s{seed}" / "run").mkdir(parents=True)
+    monkeypatch.setattr(fidelity, "read_meta", lambda directory: {})
+    monkeypatch.setattr(fidelity, "predict_groups", lambda d, meta, run, draw: (run, draw))
+    def fake_score(directory, predictions, draw):
+        run, _ = predictions
+        model = int(run.split("-s")[-1].split("/")[0])
+        value = 0.1 * model + 0.01 * draw
+        return {"mean": {"cf_all": value, "cf_deg": value, "cf_change": value}}
+    monkeypatch.setattr(fidelity, "score", fake_score)
+    monkeypatch.setattr(sys, "argv", ["fidelity.py", "draws", str(tmp_path), "--variant", "v", "--epochs", "5"])
+    fidelity.main()
+    out = capsys.readouterr().out
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines()}
+    assert "0.100 / 0.100 / 0.100" in lines["sd over models, draws fixed"]
+    assert "0.010 / 0.010 / 0.010" in lines["sd over draws, model fixed"]
+    # The harness's own pairing (model seed = draw seed): 0, 0.11, 0.22.
+    assert "mean 0.110 / 0.110 / 0.110, sd 0.110 / 0.110 / 0.110" in lines["model seed = draw seed (the harness)"]
