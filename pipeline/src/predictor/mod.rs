@@ -164,6 +164,43 @@ fn written_theta(model: &CpaModel, dir: &Path, index: Option<&[i64]>, change: bo
     }
 }
 
+/// Warns when targets hold perturbations that no training cell had: the model knows nothing of
+/// them. A model of this version gives them a zero embedding (no effect, so a combination is
+/// predicted as its trained parts); one trained before holds a random start for them.
+fn warn_untrained(model: &CpaModel, vocab: &Vocabulary, targets: &[Target]) -> cpa_stream_stages::Result<()> {
+    if model.perturbation_feature_width().is_some() {
+        // Projected features: an untrained perturbation is placed by its features.
+        return Ok(());
+    }
+    let untrained = vocab.untrained_perturbations();
+    let mut named: Vec<u32> =
+        targets.iter().flat_map(|t| t.parts.iter().map(|&(id, _)| id)).filter(|id| untrained.contains(id)).collect();
+    named.sort_unstable();
+    named.dedup();
+    if named.is_empty() {
+        return Ok(());
+    }
+    let rows = Tensor::f_from_slice(&named.iter().map(|&id| i64::from(id)).collect::<Vec<_>>())?
+        .f_to_device(model.device())?;
+    let magnitude = model.perturbation_embeddings()?.f_index_select(0, &rows)?.f_abs()?.f_max()?;
+    let random = magnitude.f_double_value(&[])? > 0.0;
+    let names: Vec<&str> = named.iter().map(|&id| vocab.perturbations[id as usize].as_str()).collect();
+    if random {
+        tracing::warn!(
+            "targets hold perturbations without training cells ({}): this model was trained by an earlier \
+             version, which left them random embeddings, so their predictions are noise; retrain it with this one",
+            names.join(", ")
+        );
+    } else {
+        tracing::warn!(
+            "targets hold perturbations without training cells ({}): the model knows nothing of them and \
+             predicts them as having no effect (a combination as its trained parts)",
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+
 impl Predictor {
     /// Loads the model, checks it against the store, and resolves source, targets and genes.
     pub fn open(options: &PredictOptions) -> Result<Predictor> {
@@ -194,6 +231,7 @@ impl Predictor {
             .map(|spec| resolve_target(spec, vocab, &keys.perturbation, keys.dose.as_deref(), max_comb_len))
             .collect::<Result<Vec<_>>>()?;
         let targets = targets::spell_as_obs(targets, &store, &keys.perturbation, keys.dose.as_deref())?;
+        warn_untrained(&model, vocab, &targets).map_err(Error::stage("predictor"))?;
         let (gene_index, genes) =
             genes::select_genes(&options.genes, vocab, &targets, &keys, &store, options.degs.as_deref())?;
         let mut label_columns = vec![keys.perturbation.clone(), keys.dose_output.clone()];

@@ -188,8 +188,13 @@ impl CpaModel {
         let embedding = match features {
             None => {
                 let e = init.normal(&[perts as i64, latent as i64])?;
-                // The padding row is zero (never indexed: batches hold real perturbations only).
-                let e = e.f_index_fill(0, &Tensor::f_from_slice(&[PADDING_ID as i64])?, 0.0)?;
+                // The padding row is zero (never indexed: batches hold real perturbations only),
+                // and so are the rows of perturbations no training cell has: no loss reaches them,
+                // so a random start would stay a random effect at prediction; zero is no effect,
+                // and stays zero (no gradient, weight decay of zero).
+                let mut zero: Vec<i64> = vec![PADDING_ID as i64];
+                zero.extend(vocab.untrained_perturbations().iter().map(|&id| i64::from(id)));
+                let e = e.f_index_fill(0, &Tensor::f_from_slice(&zero)?, 0.0)?;
                 PertEmbedding::Free(variable(&ae, "perturbation_embedding", e)?)
             }
             Some(f) => {

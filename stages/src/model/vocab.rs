@@ -206,6 +206,25 @@ impl Vocabulary {
             .collect()
     }
 
+    /// Perturbations (by id) that no training cell has, alone or in a combination: the model
+    /// learns nothing about them, and a freshly built model gives them a zero embedding (no
+    /// effect). Empty when the vocabulary counts no training cells at all (built from parts).
+    pub fn untrained_perturbations(&self) -> Vec<u32> {
+        if self.condition_counts.iter().all(|&n| n == 0) {
+            return Vec::new();
+        }
+        let index = self.perturbation_index();
+        let mut trained = vec![false; self.perturbations.len()];
+        for (condition, _) in self.conditions.iter().zip(&self.condition_counts).filter(|(_, n)| **n > 0) {
+            for part in condition.split(COMBINATION_SEPARATOR) {
+                if let Some(&id) = index.get(part) {
+                    trained[id as usize] = true;
+                }
+            }
+        }
+        (0..self.perturbations.len() as u32).filter(|&id| id as usize != PADDING_ID && !trained[id as usize]).collect()
+    }
+
     /// A lookup from perturbation name to id.
     pub fn perturbation_index(&self) -> HashMap<&str, u32> {
         self.perturbations.iter().enumerate().skip(1).map(|(i, p)| (p.as_str(), i as u32)).collect()
@@ -334,6 +353,24 @@ mod tests {
             vec![Covariate { name: "cell_type".into(), categories: vec!["t1".into(), "t2".into()], is_batch: false }],
             vec![("ctrl".into(), 6), ("A".into(), 2), ("A+B".into(), 1)],
         )
+    }
+
+    #[test]
+    fn perturbations_without_training_cells_are_named() -> Result<()> {
+        let v = Vocabulary::new(
+            vec!["g1".into()],
+            "ctrl",
+            ["A", "B", "C", "D", "ctrl"].map(String::from),
+            vec![],
+            // B is trained within a combination only; C and D only in conditions without cells.
+            vec![("ctrl".into(), 6), ("A".into(), 2), ("A+B".into(), 1), ("C".into(), 0), ("C+D".into(), 0)],
+        )?;
+        let names: Vec<&str> =
+            v.untrained_perturbations().iter().map(|&id| v.perturbations[id as usize].as_str()).collect();
+        assert_eq!(names, ["C", "D"]);
+        let parts = Vocabulary::new(vec!["g1".into()], "ctrl", ["A".to_owned()], vec![], vec![("A".into(), 0)])?;
+        assert!(parts.untrained_perturbations().is_empty());
+        Ok(())
     }
 
     #[test]

@@ -644,3 +644,37 @@ fn averaged_weights_follow_their_rule_stay_apart_and_resume_exactly() -> Result<
     }
     Ok(())
 }
+
+#[test]
+fn perturbations_without_training_cells_keep_a_zero_embedding() -> Result<()> {
+    // D is only in conditions without training cells (a held-out combination and itself).
+    let covariates = vocab()?.covariates;
+    let v = Vocabulary::new(
+        (0..GENES).map(|g| format!("gene{g}")).collect(),
+        "ctrl",
+        ["A", "B", "C", "D", "ctrl"].map(String::from),
+        covariates,
+        vec![
+            ("ctrl".into(), 40),
+            ("A".into(), 20),
+            ("A+B".into(), 20),
+            ("A+D".into(), 0),
+            ("B".into(), 10),
+            ("C".into(), 10),
+            ("D".into(), 0),
+        ],
+    )?;
+    let batches: Vec<HostBatch> = (0..5).map(|i| batch(&v, 16, 400 + i)).collect::<Result<_>>()?;
+    let mut trainer = Trainer::from_config(&busy_config(4), &v, Device::Cpu)?;
+    train(&mut trainer, &batches, 3)?;
+    let index = v.perturbation_index();
+    let rows = trainer.with_published_weights(|m| {
+        m.perturbation_embeddings().and_then(|e| Ok(e.f_abs()?.f_sum_dim_intlist(1, false, Kind::Float)?))
+    })??;
+    let row = |name: &str| -> Result<f64> { Ok(rows.f_double_value(&[i64::from(index[name])])?) };
+    assert_eq!(row("D")?, 0.0, "the untrained perturbation moved");
+    for name in ["A", "B", "C", "ctrl"] {
+        assert!(row(name)? > 0.0, "{name} has a zero embedding");
+    }
+    Ok(())
+}
