@@ -730,6 +730,7 @@ def table(a):
             lines.append(f"| {epochs} | control mean, held-out conditions only | | "
                          + " | ".join(cell([r["held_out_mean"][k] for r in base]) for k in ("ctrl_all", "ctrl_deg", "ctrl_change"))
                          + " | | | | |")
+    lines += paired_lines(by)
     loads = [x for r in results for x in r["loadavg"]]
     lines += ["", f"Load average during the runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs."]
     model, plan = peer_defaults()
@@ -757,6 +758,67 @@ def table(a):
     with open(os.path.join(a.dir, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)
+
+
+PAIRED_METRICS = (("cf_all", "cf all"), ("cf_deg", "top-20"), ("cf_change", "change"), ("recon_all", "recon"))
+
+
+def paired(stream, peer, resamples=2000):
+    """cpa-stream against cpa-tools on the seeds both ran (a seed fixes both tools' control-cell
+    draws, so the seeds pair them), per metric: the mean difference and its standard error, and the
+    ratio of the spreads (sd over seeds) with a 90% interval from resampling the seeds (pairs kept
+    together, a fixed generator). None when fewer than 3 seeds are shared."""
+    import numpy as np
+
+    a = {r["seed"]: r for r in stream}
+    b = {r["seed"]: r for r in peer}
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 3:
+        return None
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(seeds), size=(resamples, len(seeds)))
+    out = {"seeds": len(seeds)}
+    for key, _ in PAIRED_METRICS:
+        x = np.array([a[s]["mean"][key] for s in seeds])
+        y = np.array([b[s]["mean"][key] for s in seeds])
+        d = x - y
+        ratio = x.std(ddof=1) / y.std(ddof=1) if y.std(ddof=1) > 0 else float("inf")
+        sx, sy = x[picks].std(axis=1, ddof=1), y[picks].std(axis=1, ddof=1)
+        keep = sy > 0  # a resample of one repeated seed has no spread to compare
+        lo, hi = np.quantile(sx[keep] / sy[keep], [0.05, 0.95]) if keep.any() else (float("nan"),) * 2
+        out[key] = {"diff": float(d.mean()), "diff_se": float(d.std(ddof=1) / np.sqrt(len(d))),
+                    "ahead": int((d >= 0).sum()), "sd_ratio": float(ratio), "sd_ratio_90": (float(lo), float(hi))}
+    return out
+
+
+def paired_lines(by):
+    """The table's paired section: each cpa-stream variant against cpa-tools at equal epochs."""
+    rows = []
+    for epochs, variant in sorted(by):
+        # Like for like only: plain against plain, anchored (-delta, the draws, log1p of the mean)
+        # against cpa-tools anchored; scorings cpa-tools has no counterpart of are left out.
+        if variant.startswith("cpa-tools") or "-elog" in variant or "-allctrl" in variant:
+            continue
+        peer = "cpa-tools-delta" if variant.endswith("-delta") else "cpa-tools"
+        if (epochs, peer) not in by:
+            continue
+        p = paired(by[(epochs, variant)], by[(epochs, peer)])
+        if p is None:
+            continue
+        cells = []
+        for key, _ in PAIRED_METRICS:
+            m = p[key]
+            lo, hi = m["sd_ratio_90"]
+            cells.append(f"{m['diff']:+.3f} ± {m['diff_se']:.3f} ({m['ahead']}/{p['seeds']}); "
+                         f"{m['sd_ratio']:.2f} [{lo:.2f}, {hi:.2f}]")
+        rows.append(f"| {epochs} | {variant} vs {peer} | {p['seeds']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "Paired by seed against cpa-tools (a seed fixes both tools' control-cell draws): mean "
+            "difference ± its standard error (seeds ahead or level / seeds); ratio of the spreads "
+            "(sd over seeds, cpa-stream / cpa-tools) [90% interval, seeds resampled in pairs]", "",
+            "| epochs | variant | seeds | " + " | ".join(n for _, n in PAIRED_METRICS) + " |",
+            "|---:|---|---:|" + "---|" * len(PAIRED_METRICS)] + rows
 
 
 def main():

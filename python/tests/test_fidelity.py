@@ -169,3 +169,30 @@ def test_the_draws_split_the_spread_between_models_and_draws(fidelity, tmp_path,
     assert "0.010 / 0.010 / 0.010" in lines["sd over draws, model fixed"]
     # The harness's own pairing (model seed = draw seed): 0, 0.11, 0.22.
     assert "mean 0.110 / 0.110 / 0.110, sd 0.110 / 0.110 / 0.110" in lines["model seed = draw seed (the harness)"]
+
+
+def test_the_paired_comparison_pairs_seeds_and_bounds_the_spread_ratio(fidelity):
+    def result(seed, value):
+        return {"seed": seed, "mean": {k: value for k, _ in fidelity.PAIRED_METRICS}}
+
+    peer_values = [0.70, 0.74, 0.79, 0.72, 0.77]  # mean 0.744
+    # cpa-stream: half the deviations about a mean 0.01 higher, seed by seed; seed 9 unpaired.
+    stream = [result(s, 0.754 + (v - 0.744) / 2) for s, v in enumerate(peer_values)] + [result(9, 0.0)]
+    peer = [result(s, v) for s, v in enumerate(peer_values)]
+    p = fidelity.paired(stream, peer)
+    assert p["seeds"] == 5
+    for key, _ in fidelity.PAIRED_METRICS:
+        m = p[key]
+        d = np.array([0.754 + (v - 0.744) / 2 - v for v in peer_values])
+        assert m["diff"] == pytest.approx(d.mean())
+        assert m["diff_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(5))
+        assert m["ahead"] == 3  # seeds 0, 1 and 3 (differences 0.032, 0.012, 0.022; -0.013, -0.003)
+        assert m["sd_ratio"] == pytest.approx(0.5)
+        # The deviations are proportional in every resample, so the interval is the ratio itself.
+        assert m["sd_ratio_90"] == pytest.approx((0.5, 0.5))
+    assert fidelity.paired(stream[:2], peer[:2]) is None
+
+    by = {(10, "cpa-tools"): peer, (10, "cpa-stream"): stream, (10, "cpa-stream-elog"): stream}
+    lines = fidelity.paired_lines(by)
+    rows = [line for line in lines if line.startswith("| 10 |")]
+    assert len(rows) == 1 and "cpa-stream vs cpa-tools" in rows[0] and "0.50 [0.50, 0.50]" in rows[0]
