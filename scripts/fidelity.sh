@@ -2,7 +2,8 @@
 # Fidelity against the reference: cpa-stream and cpa-tools 0.8.8 trained on the same cells (one
 # split column), with cpa-tools' hyper-parameters translated key by key (scripts/fidelity.py
 # `translate`), equal epochs, the same counterfactual control-cell draws, scored by one script;
-# prints a table of means and spreads over seeds with the control-mean baseline.
+# prints a table of means and spreads over seeds with the control-mean baseline, and each variant
+# paired by seed against cpa-tools (difference and its standard error, ratio of the spreads).
 #
 #   scripts/fidelity.sh [H5AD ...]        default: the bundled data and the synthetic atlas
 #
