@@ -129,46 +129,56 @@ fn unshuffle2_into<T>(planes: &[u8], n: usize, out: &mut Vec<T>, word: impl Fn(u
     out.extend((0..n).map(|i| word(u16::from(p0[i]) | (u16::from(p1[i]) << 8))));
 }
 
-/// A decoded block in its smallest exact form, as the shared block cache keeps it: the arrays
-/// of a narrow block stay 16-bit (index deltas, counts) and are widened row by row when gathered
-/// ([`CompactBlock::push_row`]), which halves the bytes a decode writes and a gather reads
-/// against the 32-bit form; wide arrays are undone to absolute u32 indices and f32 values.
-/// Checked as [`BlockDecoder::decode`] checks (an error names the row), so a gather cannot fail.
+/// A decoded block in its smallest exact form, as the shared block cache keeps it. A narrow
+/// block's 16-bit arrays (index deltas, counts) stay the byte planes zstd wrote, in the buffer it
+/// wrote them to, and are put together and widened row by row when gathered
+/// ([`CompactBlock::push_row`]): the decode is one decompression with no pass of its own over the
+/// entries, and it writes and a gather reads half the bytes of the 32-bit form. Wide arrays are
+/// undone to absolute u32 indices and f32 values. Checked as [`BlockDecoder::decode`] checks (an
+/// error names the row), so a gather cannot fail.
 #[derive(Debug, Default)]
 pub(crate) struct CompactBlock {
-    /// Narrow indices: per-row deltas, the first of a row absolute.
-    deltas: Vec<u16>,
+    /// The narrow arrays' planes, each `nnz` bytes: low then high bytes of the index deltas (per
+    /// row, the first of a row absolute) when the indices are narrow, then those of the counts
+    /// when the values are; after a header byte, which is how zstd wrote them (a narrow block
+    /// whose arrays are both wide keeps nothing here).
+    planes: Vec<u8>,
+    /// Entries of the block.
+    nnz: usize,
     /// Wide indices, absolute.
     indices: Vec<u32>,
-    /// Narrow values: whole numbers.
-    counts: Vec<u16>,
     /// Wide values.
     values: Vec<f32>,
     narrow_indices: bool,
     narrow_values: bool,
 }
 
+/// Where the first plane starts in [`CompactBlock::planes`]: after the block's header byte.
+const PLANES_AT: usize = 1;
+
 impl CompactBlock {
     /// Bytes of the arrays in use.
     pub(crate) fn bytes(&self) -> u64 {
-        let index_bytes = if self.narrow_indices { self.deltas.len() * 2 } else { self.indices.len() * 4 };
-        let value_bytes = if self.narrow_values { self.counts.len() * 2 } else { self.values.len() * 4 };
+        let index_bytes = if self.narrow_indices { self.nnz * 2 } else { self.indices.len() * 4 };
+        let value_bytes = if self.narrow_values { self.nnz * 2 } else { self.values.len() * 4 };
         (index_bytes + value_bytes) as u64
     }
 
     /// Bytes allocated, in use or not.
     pub(crate) fn capacity_bytes(&self) -> u64 {
-        (self.deltas.capacity() * 2
-            + self.indices.capacity() * 4
-            + self.counts.capacity() * 2
-            + self.values.capacity() * 4) as u64
+        (self.planes.capacity() + self.indices.capacity() * 4 + self.values.capacity() * 4) as u64
     }
 
     /// Entries a block of the same layout fits without growing.
     pub(crate) fn room(&self) -> usize {
-        let indices = if self.narrow_indices { self.deltas.capacity() } else { self.indices.capacity() };
-        let values = if self.narrow_values { self.counts.capacity() } else { self.values.capacity() };
-        indices.min(values)
+        let narrow = 2 * (usize::from(self.narrow_indices) + usize::from(self.narrow_values));
+        let in_planes = match narrow {
+            0 => usize::MAX,
+            n => self.planes.capacity().saturating_sub(PLANES_AT) / n,
+        };
+        let indices = if self.narrow_indices { usize::MAX } else { self.indices.capacity() };
+        let values = if self.narrow_values { usize::MAX } else { self.values.capacity() };
+        in_planes.min(indices).min(values)
     }
 
     /// Empty wide buffers with room for `entries` entries (8 bytes each).
@@ -177,25 +187,43 @@ impl CompactBlock {
         CompactBlock { indices: Vec::with_capacity(entries), values: Vec::with_capacity(entries), ..Default::default() }
     }
 
+    /// The low and high planes of entries `start..end` of the narrow array whose planes begin at
+    /// `at`.
+    fn plane_pair(&self, at: usize, start: usize, end: usize) -> (&[u8], &[u8]) {
+        let (low, high) = self.planes[at..at + 2 * self.nnz].split_at(self.nnz);
+        (&low[start..end], &high[start..end])
+    }
+
     /// Appends entries `start..end` (one row of the block) to `out` as a row.
     pub(crate) fn push_row(&self, start: usize, end: usize, out: &mut CsrBatch) {
         let (indices, data) = out.entries_mut();
         if self.narrow_indices {
-            // No overflow: every row's deltas were checked to sum below n_vars.
-            let mut at = 0u32;
-            indices.extend(self.deltas[start..end].iter().map(|&d| {
-                at += u32::from(d);
-                at
-            }));
+            let (low, high) = self.plane_pair(PLANES_AT, start, end);
+            let first = indices.len();
+            // The deltas put together (vectorised), then summed in place.
+            indices.extend(low.iter().zip(high).map(|(&l, &h)| u32::from(l) | (u32::from(h) << 8)));
+            prefix_sum(&mut indices[first..]);
         } else {
             indices.extend_from_slice(&self.indices[start..end]);
         }
         if self.narrow_values {
-            data.extend(self.counts[start..end].iter().map(|&c| f32::from(c)));
+            let at = PLANES_AT + if self.narrow_indices { 2 * self.nnz } else { 0 };
+            let (low, high) = self.plane_pair(at, start, end);
+            data.extend(low.iter().zip(high).map(|(&l, &h)| f32::from(u16::from(l) | (u16::from(h) << 8))));
         } else {
             data.extend_from_slice(&self.values[start..end]);
         }
         out.close_row();
+    }
+}
+
+/// Replaces each of `words` by the sum of it and those before it. No overflow: every row's deltas
+/// were checked to sum below n_vars.
+fn prefix_sum(words: &mut [u32]) {
+    let mut at = 0u32;
+    for w in words {
+        at += *w;
+        *w = at;
     }
 }
 
@@ -221,29 +249,7 @@ impl BlockDecoder {
 
     /// Decompresses a block of `nnz` entries into the decoder's buffer and checks its size.
     fn decompress(&mut self, compressed: &[u8], nnz: usize) -> Result<Body, String> {
-        self.shuffled.clear();
-        // At most a header byte and 8 bytes per entry: a frame claiming more is an error below.
-        self.shuffled.reserve(nnz * 8 + 1);
-        let n =
-            self.decompressor.decompress_to_buffer(compressed, &mut self.shuffled).map_err(|e| format!("zstd: {e}"))?;
-        let (index_bytes, value_bytes, start) = match self.planes {
-            Planes::Wide => (4, 4, 0),
-            Planes::Narrow => {
-                let Some(&header) = self.shuffled[..n].first() else {
-                    return Err(format!("decompressed to 0 bytes, expected a header byte and {nnz} entries"));
-                };
-                if header & !(NARROW_INDICES | NARROW_VALUES) != 0 {
-                    return Err(format!("unknown block header {header:#04x}"));
-                }
-                let width = |bit: u8| if header & bit != 0 { 2 } else { 4 };
-                (width(NARROW_INDICES), width(NARROW_VALUES), 1)
-            }
-        };
-        let expected = nnz * (index_bytes + value_bytes);
-        if n - start != expected {
-            return Err(format!("decompressed to {} bytes, expected {expected} for {nnz} entries", n - start));
-        }
-        Ok(Body { index_bytes, value_bytes, range: start..n })
+        decompress_into(&mut self.decompressor, self.planes, compressed, nnz, &mut self.shuffled)
     }
 
     /// Decodes a block whose rows have the absolute offsets `indptr` into `indices` and `data`
@@ -280,7 +286,8 @@ impl BlockDecoder {
     }
 
     /// Decodes a block as [`decode`](BlockDecoder::decode) does (the same checks and errors) into
-    /// its compact form.
+    /// its compact form. A narrow store's block is decompressed into `out`'s own buffer, whose
+    /// 16-bit planes it keeps as they are.
     pub(crate) fn decode_compact(
         &mut self,
         compressed: &[u8],
@@ -289,36 +296,96 @@ impl BlockDecoder {
         out: &mut CompactBlock,
     ) -> Result<(), String> {
         let nnz = (indptr[indptr.len() - 1] - indptr[0]) as usize;
-        let body = self.decompress(compressed, nnz)?;
-        let (idx_planes, val_planes) = self.shuffled[body.range].split_at(nnz * body.index_bytes);
+        out.nnz = nnz;
+        out.indices.clear();
+        out.values.clear();
+        if self.planes == Planes::Wide {
+            out.planes.clear();
+            (out.narrow_indices, out.narrow_values) = (false, false);
+            let body = self.decompress(compressed, nnz)?;
+            let (idx_planes, val_planes) = self.shuffled[body.range].split_at(nnz * 4);
+            unshuffle4_into(idx_planes, nnz, &mut out.indices, |w| w);
+            unshuffle4_into(val_planes, nnz, &mut out.values, f32::from_bits);
+            undo_deltas(indptr, &mut out.indices, n_vars)?;
+            return check_values(indptr, &out.indices, &out.values, n_vars);
+        }
+        let body = decompress_into(&mut self.decompressor, self.planes, compressed, nnz, &mut out.planes)?;
         out.narrow_indices = body.index_bytes == 2;
         out.narrow_values = body.value_bytes == 2;
-        if out.narrow_indices {
-            out.indices.clear();
-            unshuffle2_into(idx_planes, nnz, &mut out.deltas, |w| w);
-            check_narrow_deltas(indptr, &out.deltas, n_vars)?;
-        } else {
-            out.deltas.clear();
-            unshuffle4_into(idx_planes, nnz, &mut out.indices, |w| w);
-            undo_deltas(indptr, &mut out.indices, n_vars)?;
+        let values_at = PLANES_AT + nnz * body.index_bytes;
+        if !out.narrow_values {
+            unshuffle4_into(&out.planes[values_at..], nnz, &mut out.values, f32::from_bits);
+            out.planes.truncate(values_at);
         }
-        if out.narrow_values {
-            out.values.clear();
-            unshuffle2_into(val_planes, nnz, &mut out.counts, |w| w);
-        } else {
-            out.counts.clear();
-            unshuffle4_into(val_planes, nnz, &mut out.values, f32::from_bits);
-            if !out.narrow_indices {
-                check_values(indptr, &out.indices, &out.values, n_vars)?;
-            } else if !values_ok(&out.values) {
+        if out.narrow_indices {
+            let (low, high) = out.planes[PLANES_AT..PLANES_AT + 2 * nnz].split_at(nnz);
+            check_narrow_deltas(indptr, low, high, n_vars)?;
+            if !out.narrow_values && !values_ok(&out.values) {
                 // Only a block with a bad value needs absolute indices, for the error's words.
-                let mut absolute: Vec<u32> = out.deltas.iter().map(|&d| u32::from(d)).collect();
+                let mut absolute: Vec<u32> =
+                    low.iter().zip(high).map(|(&l, &h)| u32::from(l) | (u32::from(h) << 8)).collect();
                 undo_deltas(indptr, &mut absolute, n_vars)?;
                 check_values(indptr, &absolute, &out.values, n_vars)?;
+            }
+        } else {
+            unshuffle4_into(&out.planes[PLANES_AT..], nnz, &mut out.indices, |w| w);
+            undo_deltas(indptr, &mut out.indices, n_vars)?;
+            if out.narrow_values {
+                // Only the counts' planes stay, right after the header byte.
+                out.planes.copy_within(values_at..values_at + 2 * nnz, PLANES_AT);
+                out.planes.truncate(PLANES_AT + 2 * nnz);
+            } else {
+                out.planes.clear();
+                check_values(indptr, &out.indices, &out.values, n_vars)?;
             }
         }
         Ok(())
     }
+}
+
+/// Decompresses a block of `nnz` entries into `out` (replacing its contents) and checks its
+/// size. `out` grows to the size the frame declares when that is a possible one, else to the
+/// largest possible, so that a reused buffer is not grown beyond what the block needs.
+fn decompress_into(
+    decompressor: &mut Decompressor<'static>,
+    planes: Planes,
+    compressed: &[u8],
+    nnz: usize,
+    out: &mut Vec<u8>,
+) -> Result<Body, String> {
+    out.clear();
+    // At most a header byte and 8 bytes per entry. A frame that says it holds more is an error
+    // before it is decompressed; one that holds more than it says is one when decompressed.
+    let header = usize::from(planes == Planes::Narrow);
+    let largest = nnz * 8 + header;
+    let declared = zstd::zstd_safe::get_frame_content_size(compressed).ok().flatten();
+    if let Some(declared) = declared.filter(|&n| n > largest as u64) {
+        return Err(format!(
+            "decompresses to {} bytes, expected at most {} for {nnz} entries",
+            declared - header as u64,
+            largest - header
+        ));
+    }
+    out.reserve(declared.map_or(largest, |n| n as usize));
+    let n = decompressor.decompress_to_buffer(compressed, out).map_err(|e| format!("zstd: {e}"))?;
+    let (index_bytes, value_bytes, start) = match planes {
+        Planes::Wide => (4, 4, 0),
+        Planes::Narrow => {
+            let Some(&header) = out[..n].first() else {
+                return Err(format!("decompressed to 0 bytes, expected a header byte and {nnz} entries"));
+            };
+            if header & !(NARROW_INDICES | NARROW_VALUES) != 0 {
+                return Err(format!("unknown block header {header:#04x}"));
+            }
+            let width = |bit: u8| if header & bit != 0 { 2 } else { 4 };
+            (width(NARROW_INDICES), width(NARROW_VALUES), 1)
+        }
+    };
+    let expected = nnz * (index_bytes + value_bytes);
+    if n - start != expected {
+        return Err(format!("decompressed to {} bytes, expected {expected} for {nnz} entries", n - start));
+    }
+    Ok(Body { index_bytes, value_bytes, range: start..n })
 }
 
 /// The rows (offsets `indptr` from its first) of a block's entries: `(row, start..end)`.
@@ -349,18 +416,29 @@ fn undo_deltas(indptr: &[u64], indices: &mut [u32], n_vars: u64) -> Result<(), S
     Ok(())
 }
 
-/// The checks of [`undo_deltas`] on 16-bit deltas, which stay deltas.
-fn check_narrow_deltas(indptr: &[u64], deltas: &[u16], n_vars: u64) -> Result<(), String> {
+/// The checks of [`undo_deltas`] on 16-bit deltas, which stay deltas, in their low and high
+/// byte planes.
+fn check_narrow_deltas(indptr: &[u64], low: &[u8], high: &[u8], n_vars: u64) -> Result<(), String> {
     for (row, range) in block_rows(indptr) {
-        let Some((&first, rest)) = deltas[range.clone()].split_first() else { continue };
-        let repeated = rest.iter().fold(false, |any, &c| any | (c == 0));
-        let last = rest.iter().fold(u64::from(first), |sum, &c| sum + u64::from(c));
-        if repeated || last >= n_vars {
-            let wide: Vec<u32> = deltas[range].iter().map(|&d| u32::from(d)).collect();
+        let (low, high) = (&low[range.clone()], &high[range.clone()]);
+        if low.is_empty() {
+            continue;
+        }
+        // A delta is 0 when both its bytes are; the row's sum is that of the low bytes plus 256
+        // times that of the high ones. Branch-free reductions (vectorised).
+        let repeated = low[1..].iter().zip(&high[1..]).fold(false, |any, (&l, &h)| any | (l | h == 0));
+        if repeated || byte_sum(low) + (byte_sum(high) << 8) >= n_vars {
+            let wide: Vec<u32> = low.iter().zip(high).map(|(&l, &h)| u32::from(l) | (u32::from(h) << 8)).collect();
             return Err(delta_error(row, &wide, n_vars));
         }
     }
     Ok(())
+}
+
+/// The sum of `bytes`, in 32-bit sums of up to 2^24 bytes (which cannot overflow and vectorise
+/// well, unlike one 64-bit sum).
+fn byte_sum(bytes: &[u8]) -> u64 {
+    bytes.chunks(1 << 24).map(|chunk| u64::from(chunk.iter().map(|&b| u32::from(b)).sum::<u32>())).sum()
 }
 
 /// Whether every value is finite and >= 0 (-0.0 included). A value is when its bits, with -0.0
@@ -474,7 +552,8 @@ mod tests {
             let err = decode_both(&mut dec, &frame, &abs, 10).unwrap_err();
             assert_eq!(err, "row 2 of the block: column index 4000000 out of range, expected < 10");
             let short = [0u64, 3, 3, 4];
-            assert!(decode_both(&mut dec, &frame, &short, 5_000_000).unwrap_err().contains("expected 32"));
+            let err = decode_both(&mut dec, &frame, &short, 5_000_000).unwrap_err();
+            assert_eq!(err, "decompresses to 40 bytes, expected at most 32 for 4 entries");
             assert!(decode_both(&mut dec, &frame[..frame.len() / 2], &abs, 5_000_000).is_err());
             // Values follow the stored-row rule too: finite and >= 0.
             let mut enc = BlockEncoder::new(3, planes)?;
@@ -505,6 +584,43 @@ mod tests {
         // An empty block and empty rows.
         round_trip(Planes::Narrow, &[0, 0, 0], &[], &[])?;
         round_trip(Planes::Wide, &[0, 0, 0], &[], &[])?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_reused_compact_block_decodes_every_layout() -> Result<(), Box<dyn std::error::Error>> {
+        // One buffer through blocks of each layout and size in turn, as the cache's spares hand
+        // buffers on: every gather matches a fresh decode.
+        let mut enc = BlockEncoder::new(3, Planes::Narrow)?;
+        let mut dec = BlockDecoder::new(Planes::Narrow)?;
+        let blocks: [(&[u64], &[u32], &[f32]); 5] = [
+            (&[0, 2, 5], &[1, 7, 0, 3, 9], &[1.0, 2.0, 3.0, 4.0, 5.0]),
+            (&[0, 2, 3], &[1, 70_000, 4], &[1.0, 2.0, 3.0]),
+            (&[0, 1, 3], &[5, 0, 9], &[1.5, 2.0, 3.0]),
+            (&[0, 3, 4], &[1, 80_000, 90_000, 2], &[0.5, 2.0, 3.0, 1e6]),
+            (&[0, 1, 2], &[3, 4], &[6.0, 7.0]),
+        ];
+        let mut reused = CompactBlock::default();
+        for (indptr, indices, data) in blocks.iter().chain(blocks.iter().rev()) {
+            let frame = enc.encode(indptr, indices, data)?.to_vec();
+            dec.decode_compact(&frame, indptr, 100_000, &mut reused)?;
+            assert_eq!(reused.bytes(), {
+                let mut fresh = CompactBlock::default();
+                dec.decode_compact(&frame, indptr, 100_000, &mut fresh)?;
+                fresh.bytes()
+            });
+            let mut batch = CsrBatch::new(100_000);
+            for w in indptr.windows(2) {
+                reused.push_row(w[0] as usize, w[1] as usize, &mut batch);
+            }
+            let rows: Vec<(Vec<u32>, Vec<f32>)> =
+                (0..batch.n_rows()).map(|r| batch.row(r)).map(|(i, d)| (i.to_vec(), d.to_vec())).collect();
+            let expected: Vec<(Vec<u32>, Vec<f32>)> = indptr
+                .windows(2)
+                .map(|w| (indices[w[0] as usize..w[1] as usize].to_vec(), data[w[0] as usize..w[1] as usize].to_vec()))
+                .collect();
+            assert_eq!(rows, expected);
+        }
         Ok(())
     }
 
