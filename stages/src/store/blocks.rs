@@ -199,10 +199,7 @@ impl CompactBlock {
         let (indices, data) = out.entries_mut();
         if self.narrow_indices {
             let (low, high) = self.plane_pair(PLANES_AT, start, end);
-            let first = indices.len();
-            // The deltas put together (vectorised), then summed in place.
-            indices.extend(low.iter().zip(high).map(|(&l, &h)| u32::from(l) | (u32::from(h) << 8)));
-            prefix_sum(&mut indices[first..]);
+            push_running_sums(low, high, indices);
         } else {
             indices.extend_from_slice(&self.indices[start..end]);
         }
@@ -217,13 +214,58 @@ impl CompactBlock {
     }
 }
 
-/// Replaces each of `words` by the sum of it and those before it. No overflow: every row's deltas
-/// were checked to sum below n_vars.
-fn prefix_sum(words: &mut [u32]) {
+/// Appends to `out` the running sums of the 16-bit words whose low and high bytes are `low` and
+/// `high`: a row's column indices from its deltas. No overflow: every row's deltas were checked
+/// to sum below n_vars. On x86_64 eight words at a time in SSE2 registers (a third of a gather's
+/// time on a zstd store went to the one-at-a-time sum, which the compiler cannot vectorise).
+fn push_running_sums(low: &[u8], high: &[u8], out: &mut Vec<u32>) {
+    #[cfg(target_arch = "x86_64")]
+    let (low, high, mut at) = sse2::push_running_sums_by_8(low, high, out);
+    #[cfg(not(target_arch = "x86_64"))]
     let mut at = 0u32;
-    for w in words {
-        at += *w;
-        *w = at;
+    out.extend(low.iter().zip(high).map(|(&l, &h)| {
+        at += u32::from(l) | (u32::from(h) << 8);
+        at
+    }));
+}
+
+#[cfg(target_arch = "x86_64")]
+mod sse2 {
+    use safe_arch::{
+        add_i32_m128i, byte_shl_imm_u128_m128i, get_i32_from_m128i_s, m128i, set_i64_m128i_s, shuffle_ai_f32_all_m128i,
+        unpack_high_i16_m128i, unpack_low_i8_m128i, unpack_low_i16_m128i, zeroed_m128i,
+    };
+
+    /// The four lanes' running sums.
+    fn running(words: m128i) -> m128i {
+        let words = add_i32_m128i(words, byte_shl_imm_u128_m128i::<4>(words));
+        add_i32_m128i(words, byte_shl_imm_u128_m128i::<8>(words))
+    }
+
+    /// [`push_running_sums`](super::push_running_sums) for whole groups of eight words; returns
+    /// the words left over and the sum so far.
+    pub(super) fn push_running_sums_by_8<'a>(
+        low: &'a [u8],
+        high: &'a [u8],
+        out: &mut Vec<u32>,
+    ) -> (&'a [u8], &'a [u8], u32) {
+        let (low_groups, low_rest) = low.as_chunks::<8>();
+        let (high_groups, high_rest) = high.as_chunks::<8>();
+        out.reserve(low.len());
+        let zero = zeroed_m128i();
+        // The sum so far in every lane.
+        let mut carry = zero;
+        for (l, h) in low_groups.iter().zip(high_groups) {
+            let bytes =
+                unpack_low_i8_m128i(set_i64_m128i_s(i64::from_le_bytes(*l)), set_i64_m128i_s(i64::from_le_bytes(*h)));
+            let first = add_i32_m128i(running(unpack_low_i16_m128i(bytes, zero)), carry);
+            carry = shuffle_ai_f32_all_m128i::<0xFF>(first);
+            let second = add_i32_m128i(running(unpack_high_i16_m128i(bytes, zero)), carry);
+            carry = shuffle_ai_f32_all_m128i::<0xFF>(second);
+            out.extend_from_slice(&<[u32; 4]>::from(first));
+            out.extend_from_slice(&<[u32; 4]>::from(second));
+        }
+        (low_rest, high_rest, get_i32_from_m128i_s(carry) as u32)
     }
 }
 
@@ -622,6 +664,31 @@ mod tests {
             assert_eq!(rows, expected);
         }
         Ok(())
+    }
+
+    #[test]
+    fn running_sums_of_planes_match_the_plain_sum() {
+        // Every length around the groups of eight, small and large deltas (high bytes set).
+        let mut state = 12_345u32;
+        for len in 0..40usize {
+            let words: Vec<u16> = (0..len)
+                .map(|_| {
+                    state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    (state >> 16) as u16 >> (state % 12)
+                })
+                .collect();
+            let low: Vec<u8> = words.iter().map(|w| w.to_le_bytes()[0]).collect();
+            let high: Vec<u8> = words.iter().map(|w| w.to_le_bytes()[1]).collect();
+            let mut sums = vec![7u32];
+            push_running_sums(&low, &high, &mut sums);
+            let expected: Vec<u32> = std::iter::once(7)
+                .chain(words.iter().scan(0u32, |at, &w| {
+                    *at += u32::from(w);
+                    Some(*at)
+                }))
+                .collect();
+            assert_eq!(sums, expected, "{len} words");
+        }
     }
 
     #[test]
