@@ -517,6 +517,56 @@ fn a_compressed_store_decodes_each_block_once_per_pass_and_within_its_buffer() {
 }
 
 #[test]
+fn later_passes_fill_the_batches_of_earlier_ones() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use cpa_stream::pipeline::StageStats;
+    use cpa_stream::pipeline::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+    use cpa_stream::pipeline::encoder::{CellLabels, Split};
+    use cpa_stream::stages::store::Store;
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = synth_store(dir.path(), "zstd.store", "zstd");
+    let store = Arc::new(Store::open(&path).unwrap_or_else(|e| panic!("{e}")));
+    let labels = Arc::new(
+        CellLabels::from_store(&store, &synth_encoder(SplitSpec::all_training())).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let plan = PlanOptions { batch_size: 64, shuffle_blocks: 4, run_cells: 1, seed: 3, ..PlanOptions::default() };
+    let loader = LoaderOptions { workers: 2, prefetch: 2, ..LoaderOptions::default() };
+    let pool_size = loader.pool_size();
+    let stats = PoolStats::planned(loader.workers);
+    let consumer = StageStats::new("consumer", 1);
+    let pass = |epoch: u64| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut loaded = spawn_loader(&store, &labels, Split::Train, epoch, 0, &plan, loader, stats.clone(), stop)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut rows: Vec<(Vec<u32>, Vec<f32>)> = Vec::new();
+        while let Some(gathered) = loaded.next(&consumer) {
+            let batch = gathered.unwrap_or_else(|e| panic!("{e}")).batch;
+            rows.extend((0..batch.n_cells()).map(|i| {
+                let (g, v) = batch.counts.row(i);
+                (g.to_vec(), v.to_vec())
+            }));
+            loaded.recycle(batch);
+        }
+        drop(loaded);
+        rows
+    };
+    let first = pass(1);
+    let (kept, allocated) = stats.batches();
+    assert!(allocated >= 1 && allocated <= pool_size as u64, "{allocated} allocated, pool of {pool_size}");
+    assert_eq!(kept as u64, allocated, "every batch handed back is kept for the next pass");
+    // The same epoch again: the same rows, read into the kept batches, none allocated.
+    assert!(pass(1) == first, "a pass into kept batches read other rows");
+    assert_eq!(stats.batches(), (kept, allocated));
+    // Another epoch: other rows, still none allocated, never more than a pool's worth kept.
+    assert_eq!(pass(2).len(), 3000);
+    assert_eq!(stats.batches().1, allocated);
+    assert!(stats.batches().0 <= pool_size);
+}
+
+#[test]
 fn fed_passes_decode_each_block_once_when_their_producer_says_what_is_to_come() {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;

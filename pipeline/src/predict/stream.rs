@@ -100,7 +100,7 @@ impl Predictor {
             predictor: StageStats::new("predictor", 1),
             blocks: BlockCacheShared::new(),
         };
-        let pool = PoolStats { planner: None, batcher: Arc::clone(&stats.batcher), blocks: Arc::clone(&stats.blocks) };
+        let pool = PoolStats::fed_with(Arc::clone(&stats.batcher), Arc::clone(&stats.blocks));
         let (mut feeder, loaded) =
             spawn_fed::<SourceCells>(self.store(), loader, Arc::clone(&stats.source), pool, Arc::clone(&stop))?;
         let select = Select {
