@@ -90,6 +90,9 @@ fn synth_inspect_verify_convert_bench() {
         // The pool: 2 workers x (prefetch 2 + 1) + 2 batches of 256 cells, at the store's mean
         // payload per cell (8 bytes a non-zero); the bounds copy into as many buffers.
         assert_eq!(loader["pool_batches"], 8, "{loader}");
+        // The second epoch fills the first one's batches: no more than one pool in all.
+        let allocated = loader["host_batches_allocated"].as_u64().unwrap();
+        assert!((1..=8).contains(&allocated), "{loader}");
         let per_cell = (inspect["nnz"].as_u64().unwrap() * 8).div_ceil(3000);
         assert_eq!(loader["pool_bytes"].as_u64(), Some(per_cell * 256 * 8), "{loader}");
         for key in ["cells_per_s", "memcpy_cells_per_s", "vs_memcpy", "read_bound_cells_per_s", "vs_read_bound"] {

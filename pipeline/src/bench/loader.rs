@@ -79,6 +79,9 @@ pub struct LoaderBench {
     /// Over all rounds: blocks decoded (ideally `store_blocks` per round), the bytes they
     /// decoded to, blocks dropped early for the buffer's limit, and the most decoded bytes held.
     pub blocks: BlockCacheReport,
+    /// Host batches allocated over all rounds: at most `pool_batches`, since each round after
+    /// the first fills the batches of the one before.
+    pub host_batches_allocated: u64,
     /// Seconds of the loader's epochs (the bounds' time not included).
     pub seconds: f64,
     /// The loader's cells per second over all rounds.
@@ -197,6 +200,7 @@ pub fn bench_loader(
         buffer_bytes: loader.buffer_bytes,
         store_blocks: store.n_blocks(),
         blocks: pool.block_report(),
+        host_batches_allocated: pool.batches().1,
         seconds: loader_time.as_secs_f64(),
         cells_per_s,
         memcpy_cells_per_s,
