@@ -94,24 +94,12 @@ pub struct PoolStats {
 impl PoolStats {
     /// Counters for a pool of `workers` threads that plan their own batches.
     pub fn planned(workers: usize) -> PoolStats {
-        PoolStats {
-            planner: Some(StageStats::new("planner", workers)),
-            batcher: StageStats::new(STAGE, workers),
-            blocks: BlockCacheShared::new(),
-            kept: Arc::default(),
-            allocated: Arc::default(),
-        }
+        PoolStats { planner: Some(StageStats::new("planner", workers)), ..PoolStats::fed(workers) }
     }
 
     /// Counters for a pool of `workers` threads fed by a producer.
     pub fn fed(workers: usize) -> PoolStats {
-        PoolStats {
-            planner: None,
-            batcher: StageStats::new(STAGE, workers),
-            blocks: BlockCacheShared::new(),
-            kept: Arc::default(),
-            allocated: Arc::default(),
-        }
+        PoolStats::fed_with(StageStats::new(STAGE, workers), BlockCacheShared::new())
     }
 
     /// A fed pool's counters kept by its caller, with nothing handed on yet.

@@ -224,10 +224,15 @@ fn push_running_sums(low: &[u8], high: &[u8], out: &mut Vec<u32>) {
     let (low, high, mut at) = sse2::push_running_sums_by_8(low, high, out);
     #[cfg(not(target_arch = "x86_64"))]
     let mut at = 0u32;
-    out.extend(low.iter().zip(high).map(|(&l, &h)| {
-        at += u32::from(l) | (u32::from(h) << 8);
+    out.extend(words(low, high).map(|word| {
+        at += word;
         at
     }));
+}
+
+/// The 16-bit words whose low and high bytes are `low` and `high`, widened.
+fn words<'a>(low: &'a [u8], high: &'a [u8]) -> impl Iterator<Item = u32> + 'a {
+    low.iter().zip(high).map(|(&l, &h)| u32::from(l) | (u32::from(h) << 8))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -365,8 +370,7 @@ impl BlockDecoder {
             check_narrow_deltas(indptr, low, high, n_vars)?;
             if !out.narrow_values && !values_ok(&out.values) {
                 // Only a block with a bad value needs absolute indices, for the error's words.
-                let mut absolute: Vec<u32> =
-                    low.iter().zip(high).map(|(&l, &h)| u32::from(l) | (u32::from(h) << 8)).collect();
+                let mut absolute: Vec<u32> = words(low, high).collect();
                 undo_deltas(indptr, &mut absolute, n_vars)?;
                 check_values(indptr, &absolute, &out.values, n_vars)?;
             }
@@ -471,7 +475,7 @@ fn check_narrow_deltas(indptr: &[u64], low: &[u8], high: &[u8], n_vars: u64) -> 
         // times that of the high ones. Branch-free reductions (vectorised).
         let repeated = low[1..].iter().zip(&high[1..]).fold(false, |any, (&l, &h)| any | (l | h == 0));
         if repeated || byte_sum(low) + (byte_sum(high) << 8) >= n_vars {
-            let wide: Vec<u32> = low.iter().zip(high).map(|(&l, &h)| u32::from(l) | (u32::from(h) << 8)).collect();
+            let wide: Vec<u32> = words(low, high).collect();
             return Err(delta_error(row, &wide, n_vars));
         }
     }
