@@ -10,6 +10,6 @@ mod manifest;
 pub mod tables;
 
 pub use manifest::{
-    ChecksumAlgorithm, Codec, DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL, FileEntry, MANIFEST_FILE,
+    BlockChecksum, ChecksumAlgorithm, Codec, DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL, FileEntry, MANIFEST_FILE,
     MAX_MANIFEST_BYTES, Manifest, ManifestError, MatrixDtypes, Planes, STORE_FORMAT, STORE_FORMAT_VERSION, StoreFiles,
 };

@@ -99,12 +99,16 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     outln!("nnz       {} (density {:.4})", report.nnz, report.density);
     match m.codec {
         cpa_stream_schemas::Codec::Raw => outln!("codec     raw"),
-        cpa_stream_schemas::Codec::Zstd { level, block_rows, planes } => {
+        cpa_stream_schemas::Codec::Zstd { level, block_rows, planes, block_checksum } => {
             let planes = match planes {
                 cpa_stream_schemas::Planes::Wide => "32-bit planes",
                 cpa_stream_schemas::Planes::Narrow => "16-bit planes where they fit",
             };
-            outln!("codec     zstd (level {level}, {block_rows} rows per block, {planes})")
+            let checksum = match block_checksum {
+                cpa_stream_schemas::BlockChecksum::Content => "zstd content checksums",
+                cpa_stream_schemas::BlockChecksum::Xxh3_64 => "an XXH3-64 per block",
+            };
+            outln!("codec     zstd (level {level}, {block_rows} rows per block, {planes}, {checksum})")
         }
     }
     outln!("size      {:.1} MB", report.total_bytes as f64 / 1e6);

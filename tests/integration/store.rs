@@ -1,6 +1,6 @@
 //! The store writer and reader: round trips, codecs, zero-copy access, atomic publish.
 
-use cpa_stream::schemas::{Codec, Planes, StoreFiles};
+use cpa_stream::schemas::{BlockChecksum, Codec, Planes, StoreFiles};
 use cpa_stream::stages::CsrBatch;
 use cpa_stream::stages::store::{Store, StoreWriter, StoreWriterOptions, summarize_obs};
 use proptest::prelude::*;
@@ -50,9 +50,11 @@ fn raw_and_zstd_stores_read_back_what_was_written() {
 }
 
 #[test]
-fn zstd_stores_of_either_plane_layout_read_back_exactly() {
+fn zstd_stores_of_every_block_layout_read_back_exactly() {
     // Counts (16-bit planes where a block allows), with a block holding a count above 65,535 and
-    // one holding a gap above 65,535, so that blocks of every header meet in one store.
+    // one holding a gap above 65,535, so that blocks of every header meet in one store; written
+    // as now (narrow planes, an XXH3-64 after each frame) and as earlier versions did (zstd's
+    // content checksums; wide planes before that).
     let n_vars = 70_000u32;
     let mut rows: Vec<(Vec<u32>, Vec<f32>)> =
         (0..300).map(|i| (vec![i % 50, 100 + i % 7], vec![(i % 9) as f32, 1.0 + (i % 3) as f32])).collect();
@@ -60,13 +62,16 @@ fn zstd_stores_of_either_plane_layout_read_back_exactly() {
     rows[150] = (vec![4, 9], vec![70_000.0, 1.0]);
     rows[250] = (vec![5], vec![0.25]);
     let dir = tempfile::tempdir().unwrap();
-    let wide = Codec::Zstd { level: 3, block_rows: 64, planes: Planes::Wide };
+    let earlier = |planes| Codec::Zstd { level: 3, block_rows: 64, planes, block_checksum: BlockChecksum::Content };
     let mut sizes = Vec::new();
-    for (name, codec) in [("narrow.store", Codec::zstd_with(3, 64)), ("wide.store", wide)] {
+    for (name, codec, expected) in [
+        ("narrow.store", Codec::zstd_with(3, 64), "\"planes\": \"narrow\",\n    \"block_checksum\": \"xxh3-64\""),
+        ("content.store", earlier(Planes::Narrow), "\"planes\": \"narrow\",\n    \"block_checksum\": \"content\""),
+        ("wide.store", earlier(Planes::Wide), "\"planes\": \"wide\",\n    \"block_checksum\": \"content\""),
+    ] {
         let path = dir.path().join(name);
         let manifest = write_store(&path, &rows, n_vars, codec, 100);
         let text = std::fs::read_to_string(path.join("manifest.json")).unwrap();
-        let expected = if name == "wide.store" { "\"planes\": \"wide\"" } else { "\"planes\": \"narrow\"" };
         assert!(text.contains(expected), "{text}");
         let store = Store::open(&path).unwrap();
         let back = read_all(&store);
@@ -78,14 +83,26 @@ fn zstd_stores_of_either_plane_layout_read_back_exactly() {
         assert_eq!(store.verify().unwrap().rows, 300);
         sizes.push(manifest.files[StoreFiles::BLOCKS].bytes);
     }
-    // A store written before the field existed (no "planes" in its codec) reads as wide.
-    let wide = dir.path().join("wide.store");
-    let manifest = std::fs::read_to_string(wide.join("manifest.json")).unwrap();
-    let old = manifest.replace(",\n    \"planes\": \"wide\"", "");
-    assert!(!old.contains("planes"), "{old}");
-    std::fs::write(wide.join("manifest.json"), old).unwrap();
-    assert_eq!(read_all(&Store::open(&wide).unwrap()).len(), 300);
-    assert!(sizes[0] < sizes[1], "narrow blocks {} bytes, wide {}", sizes[0], sizes[1]);
+    // Stores written before the fields existed: no "block_checksum" reads as content checksums,
+    // no "planes" as wide planes.
+    for (name, fields) in [
+        ("content.store", ",\n    \"block_checksum\": \"content\""),
+        ("wide.store", ",\n    \"planes\": \"wide\",\n    \"block_checksum\": \"content\""),
+    ] {
+        let path = dir.path().join(name);
+        let manifest = std::fs::read_to_string(path.join("manifest.json")).unwrap();
+        let old = manifest.replace(fields, "");
+        assert!(!old.contains("block_checksum"), "{old}");
+        std::fs::write(path.join("manifest.json"), old).unwrap();
+        assert_eq!(
+            read_all(&Store::open(&path).unwrap()),
+            read_all(&Store::open(dir.path().join("narrow.store")).unwrap())
+        );
+    }
+    // 8 bytes of checksum per block against zstd's 4, and narrow planes smaller than wide ones.
+    let blocks = 300u64.div_ceil(64);
+    assert_eq!(sizes[0], sizes[1] + 4 * blocks, "xxh3 blocks {} bytes, content {}", sizes[0], sizes[1]);
+    assert!(sizes[1] < sizes[2], "narrow blocks {} bytes, wide {}", sizes[1], sizes[2]);
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use cpa_stream_schemas::tables::check_obs_schema;
-use cpa_stream_schemas::{Codec, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Planes, StoreFiles};
+use cpa_stream_schemas::{BlockChecksum, Codec, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Planes, StoreFiles};
 use memmap2::Advice;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
@@ -29,7 +29,7 @@ pub enum Access {
 
 enum Matrix {
     Raw { indices: MappedFile, data: MappedFile },
-    Zstd { blocks: MappedFile, block_index: MappedFile, block_rows: u64, planes: Planes },
+    Zstd { blocks: MappedFile, block_index: MappedFile, block_rows: u64, planes: Planes, block_checksum: BlockChecksum },
 }
 
 /// An open, validated store. `Send + Sync`: share one `&Store` between worker threads, each with
@@ -186,7 +186,7 @@ impl Store {
                 indices: map(StoreFiles::INDICES, Some(entry_bytes))?,
                 data: map(StoreFiles::DATA, Some(entry_bytes))?,
             },
-            Codec::Zstd { block_rows, planes, .. } => Matrix::Zstd {
+            Codec::Zstd { block_rows, planes, block_checksum, .. } => Matrix::Zstd {
                 blocks: map(StoreFiles::BLOCKS, None)?,
                 block_index: map(
                     StoreFiles::BLOCK_INDEX,
@@ -194,6 +194,7 @@ impl Store {
                 )?,
                 block_rows: u64::from(block_rows),
                 planes,
+                block_checksum,
             },
         };
         let store = Store { dir, manifest, indptr, matrix };
@@ -566,9 +567,9 @@ impl<'a> RowCursor<'a> {
                 let data = data.as_slice::<f32>().ok_or_else(|| Error::corrupt(&path, "not an array of f32"))?;
                 (Some((indices, data)), None)
             }
-            Matrix::Zstd { planes, .. } => {
-                let decoder =
-                    BlockDecoder::new(*planes).map_err(|e| Error::io(store.dir.join(StoreFiles::BLOCKS), e))?;
+            Matrix::Zstd { planes, block_checksum, .. } => {
+                let decoder = BlockDecoder::new(*planes, *block_checksum)
+                    .map_err(|e| Error::io(store.dir.join(StoreFiles::BLOCKS), e))?;
                 (None, Some(decoder))
             }
         };

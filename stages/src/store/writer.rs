@@ -122,11 +122,11 @@ impl StoreWriter {
             Codec::Raw => {
                 MatrixSink::Raw { indices: self.sink(StoreFiles::INDICES)?, data: self.sink(StoreFiles::DATA)? }
             }
-            Codec::Zstd { level, block_rows, planes } => {
+            Codec::Zstd { level, block_rows, planes, block_checksum } => {
                 let mut block_index = self.sink(StoreFiles::BLOCK_INDEX)?;
                 write_all(&mut block_index, &0u64.to_le_bytes(), &self.tmp.join(StoreFiles::BLOCK_INDEX))?;
-                let encoder =
-                    BlockEncoder::new(level, planes).map_err(|e| Error::io(self.tmp.join(StoreFiles::BLOCKS), e))?;
+                let encoder = BlockEncoder::new(level, planes, block_checksum)
+                    .map_err(|e| Error::io(self.tmp.join(StoreFiles::BLOCKS), e))?;
                 MatrixSink::Zstd {
                     blocks: self.sink(StoreFiles::BLOCKS)?,
                     block_index,
