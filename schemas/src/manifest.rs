@@ -400,26 +400,16 @@ mod tests {
         // before the planes, wide planes too.
         let before_checksum = z.to_json().replace(",\n    \"block_checksum\": \"xxh3-64\"", "");
         assert!(!before_checksum.contains("block_checksum"), "{before_checksum}");
-        assert_eq!(
-            Manifest::from_json(&before_checksum)?.codec,
-            Codec::Zstd {
-                level: DEFAULT_ZSTD_LEVEL,
-                block_rows: 256,
-                planes: Planes::Narrow,
-                block_checksum: BlockChecksum::Content
-            }
-        );
+        let earlier = |planes| Codec::Zstd {
+            level: DEFAULT_ZSTD_LEVEL,
+            block_rows: 256,
+            planes,
+            block_checksum: BlockChecksum::Content,
+        };
+        assert_eq!(Manifest::from_json(&before_checksum)?.codec, earlier(Planes::Narrow));
         let old = before_checksum.replace(",\n    \"planes\": \"narrow\"", "");
         assert!(!old.contains("planes"), "{old}");
-        assert_eq!(
-            Manifest::from_json(&old)?.codec,
-            Codec::Zstd {
-                level: DEFAULT_ZSTD_LEVEL,
-                block_rows: 256,
-                planes: Planes::Wide,
-                block_checksum: BlockChecksum::Content
-            }
-        );
+        assert_eq!(Manifest::from_json(&old)?.codec, earlier(Planes::Wide));
         let unknown = z.to_json().replace("\"xxh3-64\"\n", "\"crc32\"\n");
         assert!(matches!(Manifest::from_json(&unknown), Err(ManifestError::Invalid(e)) if e.contains("crc32")));
         let unknown = z.to_json().replace("\"narrow\"", "\"tiny\"");

@@ -699,34 +699,18 @@ mod tests {
 
     #[test]
     fn narrow_blocks_use_16_bits_only_where_every_entry_fits() -> Result<(), Box<dyn std::error::Error>> {
-        let indptr = [0u64, 3, 5];
+        let narrow = |indices: &[u32], data: &[f32]| {
+            round_trip(Planes::Narrow, BlockChecksum::Xxh3_64, &[0, 3, 5], indices, data)
+        };
         // Counts with small gaps: both arrays in 16 bits.
-        let frame = round_trip(
-            Planes::Narrow,
-            BlockChecksum::Xxh3_64,
-            &indptr,
-            &[1, 7, 65_535, 0, 65_535],
-            &[1.0, 65_535.0, 3.0, 0.0, 7.0],
-        )?;
+        let frame = narrow(&[1, 7, 65_535, 0, 65_535], &[1.0, 65_535.0, 3.0, 0.0, 7.0])?;
         assert_eq!(header(&frame)?, NARROW_INDICES | NARROW_VALUES);
         // A gap above 65,535 (the first index of a row counts as one) widens the indices only.
-        let frame = round_trip(
-            Planes::Narrow,
-            BlockChecksum::Xxh3_64,
-            &indptr,
-            &[1, 7, 65_543, 65_536, 70_000],
-            &[1.0, 2.0, 3.0, 0.0, 7.0],
-        )?;
+        let frame = narrow(&[1, 7, 65_543, 65_536, 70_000], &[1.0, 2.0, 3.0, 0.0, 7.0])?;
         assert_eq!(header(&frame)?, NARROW_VALUES);
         // A fraction, a value above 65,535 or a -0.0 widens the values only.
         for odd in [2.5f32, 65_536.0, -0.0, 1e-30] {
-            let frame = round_trip(
-                Planes::Narrow,
-                BlockChecksum::Xxh3_64,
-                &indptr,
-                &[1, 7, 9, 0, 4],
-                &[1.0, odd, 3.0, 0.0, 7.0],
-            )?;
+            let frame = narrow(&[1, 7, 9, 0, 4], &[1.0, odd, 3.0, 0.0, 7.0])?;
             assert_eq!(header(&frame)?, NARROW_INDICES, "{odd}");
         }
         // An empty block and empty rows.
