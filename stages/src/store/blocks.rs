@@ -245,9 +245,29 @@ fn words<'a>(low: &'a [u8], high: &'a [u8]) -> impl Iterator<Item = u32> + 'a {
 #[cfg(target_arch = "x86_64")]
 mod sse2 {
     use safe_arch::{
-        add_i32_m128i, byte_shl_imm_u128_m128i, get_i32_from_m128i_s, m128i, set_i64_m128i_s, shuffle_ai_f32_all_m128i,
-        unpack_high_i16_m128i, unpack_low_i8_m128i, unpack_low_i16_m128i, zeroed_m128i,
+        add_i32_m128i, add_i64_m128i, byte_shl_imm_u128_m128i, cmp_eq_mask_i8_m128i, get_i32_from_m128i_s,
+        load_unaligned_m128i, m128i, move_mask_i8_m128i, set_i64_m128i_s, shuffle_ai_f32_all_m128i,
+        sum_of_u8_abs_diff_m128i, unpack_high_i16_m128i, unpack_low_i8_m128i, unpack_low_i16_m128i, zeroed_m128i,
     };
+
+    /// The parts of `low` and `high` after their whole groups of sixteen bytes.
+    pub(super) fn split_at_16s<'a>(low: &'a [u8], high: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+        (low.as_chunks::<16>().1, high.as_chunks::<16>().1)
+    }
+
+    /// [`delta_stats`](super::delta_stats) of the whole groups of sixteen bytes.
+    pub(super) fn delta_stats_by_16(low: &[u8], high: &[u8]) -> (bool, u64, u64) {
+        let zero = zeroed_m128i();
+        let (mut zeros, mut low_sum, mut high_sum) = (zero, zero, zero);
+        for (l, h) in low.as_chunks::<16>().0.iter().zip(high.as_chunks::<16>().0) {
+            let (l, h) = (load_unaligned_m128i(l), load_unaligned_m128i(h));
+            zeros |= cmp_eq_mask_i8_m128i(l | h, zero);
+            low_sum = add_i64_m128i(low_sum, sum_of_u8_abs_diff_m128i(l, zero));
+            high_sum = add_i64_m128i(high_sum, sum_of_u8_abs_diff_m128i(h, zero));
+        }
+        let total = |sums: m128i| <[u64; 2]>::from(sums).iter().sum();
+        (move_mask_i8_m128i(zeros) != 0, total(low_sum), total(high_sum))
+    }
 
     /// The four lanes' running sums.
     fn running(words: m128i) -> m128i {
@@ -502,14 +522,28 @@ fn check_narrow_deltas(indptr: &[u64], low: &[u8], high: &[u8], n_vars: u64) -> 
             continue;
         }
         // A delta is 0 when both its bytes are; the row's sum is that of the low bytes plus 256
-        // times that of the high ones. Branch-free reductions (vectorised).
-        let repeated = low[1..].iter().zip(&high[1..]).fold(false, |any, (&l, &h)| any | (l | h == 0));
-        if repeated || byte_sum(low) + (byte_sum(high) << 8) >= n_vars {
+        // times that of the high ones.
+        let (repeated, low_sum, high_sum) = delta_stats(&low[1..], &high[1..]);
+        let sum = u64::from(low[0]) + low_sum + ((u64::from(high[0]) + high_sum) << 8);
+        if repeated || sum >= n_vars {
             let wide: Vec<u32> = words(low, high).collect();
             return Err(delta_error(row, &wide, n_vars));
         }
     }
     Ok(())
+}
+
+/// Whether any of the 16-bit words whose low and high bytes are `low` and `high` is 0, and the
+/// sums of the low and of the high bytes. On x86_64 sixteen words at a time in SSE2 registers
+/// (one `psadbw` per sum): the plain reductions, which the compiler widens to 32-bit lanes eight
+/// bytes at a time, took a tenth of a worker's time on a zstd store when measured.
+fn delta_stats(low: &[u8], high: &[u8]) -> (bool, u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    let ((low, high), found) = (sse2::split_at_16s(low, high), sse2::delta_stats_by_16(low, high));
+    #[cfg(not(target_arch = "x86_64"))]
+    let found = (false, 0, 0);
+    let repeated = low.iter().zip(high).fold(found.0, |any, (&l, &h)| any | (l | h == 0));
+    (repeated, found.1 + byte_sum(low), found.2 + byte_sum(high))
 }
 
 /// The sum of `bytes`, in 32-bit sums of up to 2^24 bytes (which cannot overflow and vectorise
@@ -806,6 +840,64 @@ mod tests {
             check(&[1, 7, 0, 3, 9], &[1.0, 2.0, 3.0, f32::NAN, 5.0], 10, NARROW_INDICES),
             Err("row 1 of the block, column 3: value NaN is not finite".into())
         );
+        Ok(())
+    }
+
+    #[test]
+    fn delta_stats_match_the_plain_reductions() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(7);
+        for len in 0..80usize {
+            for zero_at in [None, Some(0), Some(len / 2), Some(len.saturating_sub(1))] {
+                let mut low: Vec<u8> = (0..len).map(|_| rng.random_range(1..=255)).collect();
+                let mut high: Vec<u8> = (0..len).map(|_| if rng.random_bool(0.2) { rng.random() } else { 0 }).collect();
+                if let Some(k) = zero_at.filter(|&k| k < len) {
+                    (low[k], high[k]) = (0, 0);
+                }
+                let sum = |bytes: &[u8]| bytes.iter().map(|&b| u64::from(b)).sum::<u64>();
+                let repeated = low.iter().zip(&high).any(|(&l, &h)| l == 0 && h == 0);
+                assert_eq!(
+                    delta_stats(&low, &high),
+                    (repeated, sum(&low), sum(&high)),
+                    "len {len}, zero at {zero_at:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn long_narrow_rows_are_checked_at_every_position() -> Result<(), Box<dyn std::error::Error>> {
+        // Rows long enough for whole groups of sixteen entries and a remainder: a repeated index
+        // is found wherever it is, and the deltas' high bytes count towards the last index.
+        let mut enc = BlockEncoder::new(3, Planes::Narrow, BlockChecksum::Xxh3_64)?;
+        let mut dec = BlockDecoder::new(Planes::Narrow, BlockChecksum::Xxh3_64)?;
+        for len in [16usize, 17, 33, 50] {
+            // A one-entry row, then `len` strictly increasing indices, deltas up to 299.
+            let indptr = [0u64, 1, 1 + len as u64];
+            let mut indices = vec![5u32];
+            indices.extend((0..len as u32).scan(0u32, |at, k| {
+                *at += 1 + k * 37 % 299;
+                Some(*at)
+            }));
+            let data = vec![1.0f32; len + 1];
+            let mut check = |indices: &[u32], n_vars: u64| {
+                let frame = enc.encode(&indptr, indices, &data).map_err(|e| e.to_string())?.to_vec();
+                assert_eq!(header(&frame)?, NARROW_INDICES | NARROW_VALUES);
+                decode_both(&mut dec, &frame, &indptr, n_vars).map(|_| ())
+            };
+            let last = u64::from(indices[len]);
+            assert_eq!(check(&indices, last + 1), Ok(()));
+            assert_eq!(
+                check(&indices, last),
+                Err(format!("row 1 of the block: column index {last} out of range, expected < {last}"))
+            );
+            for k in 2..=len {
+                let mut repeated = indices.clone();
+                repeated[k] = repeated[k - 1];
+                let expected = format!("row 1 of the block: repeated column index {}", repeated[k]);
+                assert_eq!(check(&repeated, last + 1), Err(expected), "row of {len}, entry {k}");
+            }
+        }
         Ok(())
     }
 
