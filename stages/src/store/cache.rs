@@ -83,6 +83,10 @@ impl Spares {
     }
 }
 
+/// Rows of a decoded block whose planes [`RowCursor::gather_cached`] asks for ahead of the one it
+/// copies (zstd store, batch 4,096: +1 to +3 % in five interleaved A/B runs; no change at 128).
+const PREFETCH_ROWS: usize = 2;
+
 /// A block's decode, done once by whichever thread gets there first.
 type Slot = Arc<SlotCell>;
 
@@ -402,11 +406,22 @@ impl RowCursor<'_> {
         let mut i = 0;
         for (&(b, n), decoded) in runs.iter().zip(&mut blocks) {
             let Some(decoded) = decoded.take() else { continue };
-            for &row in &rows[i..i + n as usize] {
-                let (s, e) = (
-                    (indptr[row as usize] - decoded.base) as usize,
-                    (indptr[row as usize + 1] - decoded.base) as usize,
-                );
+            let block_rows = &rows[i..i + n as usize];
+            let span = |row: u64| {
+                ((indptr[row as usize] - decoded.base) as usize, (indptr[row as usize + 1] - decoded.base) as usize)
+            };
+            // Each row's planes are asked for PREFETCH_ROWS rows before they are copied.
+            let ahead = block_rows.iter().skip(PREFETCH_ROWS).map(Some).chain([None; PREFETCH_ROWS]);
+            for &row in block_rows.iter().take(PREFETCH_ROWS) {
+                let (s, e) = span(row);
+                decoded.block.prefetch_row(s, e);
+            }
+            for (&row, next) in block_rows.iter().zip(ahead) {
+                if let Some(&next) = next {
+                    let (s, e) = span(next);
+                    decoded.block.prefetch_row(s, e);
+                }
+                let (s, e) = span(row);
                 decoded.block.push_row(s, e, out);
             }
             i += n as usize;

@@ -519,17 +519,21 @@ fn check_monotone(path: &Path, offsets: &[u64], end: u64, unit: &str, end_name: 
 /// Rows whose loads [`RowCursor::gather`] starts ahead of the one it copies.
 const PREFETCH_ROWS: usize = 4;
 
-/// Asks the CPU to start loading `values` into its caches. Gathering scattered rows is bound by
-/// memory latency, not bandwidth (each row is a few KB at a new place, and the hardware
-/// prefetchers do not cross pages): loads started a couple of rows ahead overlap it. A hint
-/// only: no effect on results, and nothing on targets without the instruction.
+/// Bytes of a memory page: a mapped row's pages are prefetched one line each.
+const PAGE: usize = 4096;
+
+/// Asks the CPU to start loading `values` into its caches, one line every `stride` bytes.
+/// Gathering scattered rows is bound by memory latency, not bandwidth (each row is a few KB at a
+/// new place, and the hardware prefetchers do not cross pages): loads started a couple of rows
+/// ahead overlap it. A hint only: no effect on results, and nothing on targets without the
+/// instruction.
 #[inline]
-fn prefetch<T>(values: &[T]) {
+pub(crate) fn prefetch<T>(values: &[T], stride: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         let start = values.as_ptr().cast::<i8>();
-        for offset in (0..std::mem::size_of_val(values)).step_by(4096) {
+        for offset in (0..std::mem::size_of_val(values)).step_by(stride) {
             // SAFETY: prefetching never faults and does not change memory; the address lies
             // inside `values`.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
@@ -696,8 +700,8 @@ impl<'a> RowCursor<'a> {
                 for &row in &rows[prefetched.max(i)..ahead] {
                     if row < n_obs {
                         let (s, e) = (self.indptr[row as usize] as usize, self.indptr[row as usize + 1] as usize);
-                        prefetch(&indices[s..e]);
-                        prefetch(&data[s..e]);
+                        prefetch(&indices[s..e], PAGE);
+                        prefetch(&data[s..e], PAGE);
                     }
                 }
                 prefetched = ahead;
