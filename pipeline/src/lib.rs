@@ -50,3 +50,14 @@ mod two_stage;
 pub use error::{Error, Result};
 pub use progress::{Progress, Silent};
 pub use telemetry::{MemoryPeak, MemorySampler, MemoryUsage, RunReport, StageReport, StageStats};
+
+/// A file under the repository's `tests/fixtures`. Cargo sets `CARGO_MANIFEST_DIR` when it runs
+/// a test, so the checkout being tested wins over the path compiled in: a build cache shared by
+/// checkouts at other paths can hold a test binary compiled elsewhere.
+#[cfg(test)]
+pub(crate) fn test_fixture(relative: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from)
+        .join("../tests/fixtures")
+        .join(relative)
+}

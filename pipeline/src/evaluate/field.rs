@@ -335,7 +335,7 @@ mod tests {
 
     /// The stored fixture `tests/fixtures/cell_eval/reference.json`.
     fn reference() -> serde_json::Value {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cell_eval/reference.json");
+        let path = crate::test_fixture("cell_eval/reference.json");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }

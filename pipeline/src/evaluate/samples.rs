@@ -458,8 +458,7 @@ mod tests {
     #[test]
     fn agree_with_cell_eval_to_1e5() {
         use serde_json::Value;
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cell_eval/reference_cells.json");
+        let path = crate::test_fixture("cell_eval/reference_cells.json");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let r: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
         let cells = |v: &Value| -> Vec<Vec<f32>> {

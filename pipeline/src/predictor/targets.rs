@@ -375,7 +375,7 @@ mod tests {
         // page headers billions of times at the end of its input (one ran for hours read from
         // its file, the other for minutes from memory). Reading past the end is now an error.
         for name in ["targets-page-header-skip.parquet", "targets-page-header-skip-2.parquet"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/damaged").join(name);
+            let path = crate::test_fixture("damaged").join(name);
             let started = std::time::Instant::now();
             let err = read_targets_file(&path).unwrap_err().to_string();
             eprintln!("{name}: error after {:?}: {err}", started.elapsed());
@@ -386,7 +386,7 @@ mod tests {
 
     #[test]
     fn a_targets_csv_that_is_not_utf8_is_an_error_naming_the_line() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/damaged/targets-split-utf8.csv");
+        let path = crate::test_fixture("damaged/targets-split-utf8.csv");
         let err = read_targets_file(&path).unwrap_err().to_string();
         assert!(err.contains("line 22: not UTF-8 text"), "{err}");
     }
