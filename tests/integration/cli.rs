@@ -78,6 +78,15 @@ fn synth_inspect_verify_convert_bench() {
     for key in ["memcpy_cells_per_s", "sequential_vs_memcpy", "block_shuffled_vs_memcpy", "random_vs_memcpy"] {
         assert!(bench[key].as_f64().unwrap() > 0.0, "{key}: {bench}");
     }
+    // As a person reads it: a compressed store's random pass says why it is slow and what to
+    // measure instead; a raw store's does not.
+    for (store, explained) in [(s, false), (z.to_str().unwrap(), true)] {
+        let out = run(&["bench", "reader", store, "--repeats", "1", "--threads", "2"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let said = text(&out.stdout);
+        assert!(said.contains("random"), "{said}");
+        assert_eq!(said.contains("decodes its whole block") && said.contains("bench loader"), explained, "{said}");
+    }
 
     // The loader against its bounds, on the raw store and on the zstd one (whose memcpy bound
     // copies the same bytes from a plain buffer, and which has no gather bound), with single
