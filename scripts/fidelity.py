@@ -14,6 +14,10 @@ also be run by hand.
            [--space expected|mean]            expected log1p of the predicted NB (VARIANT-elog),
            [--controls drawn|all] [--anchor]  every control cell (-allctrl), anchored on the
                                               observed controls (-delta)
+  draws    DIR --epochs E [--variant V] [--against cpa-tools]
+                                              each seed's model scored with every seed's
+                                              control-cell draws: the spread over seeds split
+                                              into the training's part and the draws' part
   table    DIR                                 means and spreads over seeds, as Markdown
 
 Scoring (`score`, the definitions of run_peer.py, applied to both tools' predicted group means):
@@ -635,38 +639,122 @@ def rescore(a):
         print_result(result)
 
 
-def draws(a):
-    """How much of the seeds' spread is the counterfactual draw: each kept cpa-stream model of
-    VARIANT at EPOCHS (one per seed) scored with every seed's draws of control cells. Prints the
-    matrix (model seed x draw seed) and the spread over models with the draws fixed, and over
-    draws with the model fixed (sd, mean over the other axis)."""
+DRAW_METRICS = ("cf_all", "cf_deg", "cf_change")
+
+
+def draw_grid(directory, meta, variant, epochs):
+    """Each seed's model of VARIANT at EPOCHS scored with every seed's control-cell draws: the
+    seeds and a grid [model, draw, metric] of DRAW_METRICS. cpa-stream's kept runs are decoded
+    again here; cpa-tools keeps no model, so its grid comes from the draws.npz that peer_anchor.py
+    writes when the run was made with FIDELITY_DRAW_SEEDS."""
     import glob
 
     import numpy as np
 
-    meta = read_meta(a.dir)
-    runs = {}
-    for path in sorted(glob.glob(os.path.join(a.dir, "results", f"{a.variant}-e{a.epochs}-s*", "run"))):
-        seed = int(path.split(f"{a.variant}-e{a.epochs}-s")[1].split(os.sep)[0])
-        runs[seed] = path
+    prefix = os.path.join(directory, "results", f"{variant}-e{epochs}-s")
+    found = "draws.npz" if variant == "cpa-tools" else "run"
+    runs = {int(path[len(prefix):].split(os.sep)[0]): os.path.dirname(path) if variant == "cpa-tools" else path
+            for path in glob.glob(f"{prefix}*{os.sep}{found}")}
+    if variant == "cpa-tools":
+        saved = {s: np.load(os.path.join(d, "draws.npz"), allow_pickle=False) for s, d in runs.items()}
+        shared = set(runs)
+        for z in saved.values():
+            shared &= {int(x) for x in z["seeds"]}
+        runs = {s: d for s, d in runs.items() if s in shared}
     if len(runs) < 2:
-        raise SystemExit(f"fidelity: {a.dir}: fewer than 2 trained runs of {a.variant} at {a.epochs} epochs")
+        raise SystemExit(f"fidelity: {directory}: fewer than 2 runs of {variant} at {epochs} epochs with "
+                         f"their {'draws (peer runs made with FIDELITY_DRAW_SEEDS)' if variant == 'cpa-tools' else 'model kept'}")
     seeds = sorted(runs)
-    keys = ("cf_all", "cf_deg", "cf_change")
-    grid = np.empty((len(seeds), len(seeds), len(keys)))
+    grid = np.empty((len(seeds), len(seeds), len(DRAW_METRICS)))
     for i, model in enumerate(seeds):
+        if variant == "cpa-tools":
+            z = saved[model]
+            recon = np.load(os.path.join(runs[model], "groups.npz"), allow_pickle=False)["pred_recon"]
+            column = {int(x): k for k, x in enumerate(z["seeds"])}
         for j, draw in enumerate(seeds):
-            m = score(a.dir, predict_groups(a.dir, meta, runs[model], draw), draw)["mean"]
-            grid[i, j] = [m[k] for k in keys]
-            print(f"fidelity: model s{model} draws s{draw}: " + " ".join(f"{k} {v:.3f}" for k, v in zip(keys, grid[i, j])),
-                  flush=True)
-    same = grid[range(len(seeds)), range(len(seeds))]
+            if variant == "cpa-tools":
+                cf = z["pred_cf"][column[draw]]
+                predictions = {str(g): {"cf": cf[k], "recon": recon[k]} for k, g in enumerate(z["groups"])}
+                m = score(directory, predictions, draw)["mean"]
+                grid[i, j] = [m[k] for k in DRAW_METRICS]
+            else:
+                # Decoding is the slow part; a kept run's scores under each draw are kept beside it.
+                cache = os.path.join(os.path.dirname(runs[model]), "draws.json")
+                known = json.load(open(cache)) if os.path.exists(cache) else {}
+                if str(draw) not in known:
+                    m = score(directory, predict_groups(directory, meta, runs[model], draw), draw)["mean"]
+                    known[str(draw)] = [m[k] for k in DRAW_METRICS]
+                    with open(cache + ".tmp", "w") as f:
+                        json.dump(known, f)
+                    os.replace(cache + ".tmp", cache)
+                grid[i, j] = known[str(draw)]
+            print(f"fidelity: {variant} model s{model} draws s{draw}: "
+                  + " ".join(f"{k} {v:.3f}" for k, v in zip(DRAW_METRICS, grid[i, j])), flush=True)
+        # The harness's own run (model seed = draw seed) must come out as it was scored then.
+        kept = os.path.join(f"{prefix}{model}", "score.json")
+        if os.path.exists(kept):
+            then = json.load(open(kept))["mean"]
+            off = max(abs(then[k] - grid[i, i, n]) for n, k in enumerate(DRAW_METRICS))
+            if off > 1e-6:
+                raise SystemExit(f"fidelity: {variant} s{model}: its own draws score {off:.2g} away from {kept}")
+    return seeds, grid
+
+
+def draws(a):
+    """How much of the seeds' spread is the counterfactual draw: each seed's model of VARIANT at
+    EPOCHS scored with every seed's draws of control cells. Prints the spread over models with the
+    draws fixed, over draws with the model fixed, and of each model's score averaged over all the
+    draws (the training's own spread, the draw lottery taken out); with --against, the same for
+    that variant on the seeds both have, and the ratios."""
+    import numpy as np
+
+    meta = read_meta(a.dir)
     fmt = lambda v: " / ".join(f"{x:.3f}" for x in v)  # noqa: E731
-    print(f"fidelity: {a.variant} e{a.epochs}, {len(seeds)} seeds; {' / '.join(keys)}")
-    print(f"  model seed = draw seed (the harness): mean {fmt(same.mean(0))}, sd {fmt(same.std(0, ddof=1))}")
-    print(f"  sd over models, draws fixed:          {fmt(grid.std(0, ddof=1).mean(0))}")
-    print(f"  sd over draws, model fixed:           {fmt(grid.std(1, ddof=1).mean(0))}")
-    print(f"  mean of each draw seed over models:   " + ", ".join(f"s{d} {fmt(grid[:, j].mean(0))}" for j, d in enumerate(seeds)))
+    grids = {}
+    for variant in [a.variant] + ([a.against] if a.against else []):
+        grids[variant] = draw_grid(a.dir, meta, variant, a.epochs)
+    if a.against:
+        shared = sorted(set(grids[a.variant][0]) & set(grids[a.against][0]))
+        for v, (seeds, grid) in grids.items():
+            pick = [seeds.index(s) for s in shared]
+            grids[v] = (shared, grid[np.ix_(pick, pick)])
+    summary = {}
+    for variant, (seeds, grid) in grids.items():
+        same = grid[range(len(seeds)), range(len(seeds))]
+        averaged = grid.mean(1)
+        summary[variant] = {"harness": same.std(0, ddof=1), "models": grid.std(0, ddof=1).mean(0),
+                            "draws": grid.std(1, ddof=1).mean(0), "averaged": averaged}
+        print(f"fidelity: {variant} e{a.epochs}, {len(seeds)} seeds; {' / '.join(DRAW_METRICS)}")
+        print(f"  model seed = draw seed (the harness): mean {fmt(same.mean(0))}, sd {fmt(same.std(0, ddof=1))}")
+        print(f"  sd over models, draws fixed:          {fmt(grid.std(0, ddof=1).mean(0))}")
+        print(f"  sd over draws, model fixed:           {fmt(grid.std(1, ddof=1).mean(0))}")
+        print(f"  each model over all draws:            mean {fmt(averaged.mean(0))}, sd {fmt(averaged.std(0, ddof=1))}")
+        print(f"  mean of each draw seed over models:   " + ", ".join(f"s{d} {fmt(grid[:, j].mean(0))}" for j, d in enumerate(seeds)))
+    if a.against:
+        x, y = summary[a.variant], summary[a.against]
+        d = x["averaged"] - y["averaged"]
+        n = len(d)
+        ratio = lambda key: " / ".join(f"{p / q:.2f}" if q > 0 else "-" for p, q in zip(x[key], y[key]))  # noqa: E731
+        print(f"fidelity: {a.variant} against {a.against}, e{a.epochs}, {n} seeds; {' / '.join(DRAW_METRICS)}")
+        print(f"  over all draws, mean difference:      " + " / ".join(
+            f"{m:+.3f} ± {e:.3f} ({k}/{n})" for m, e, k in zip(d.mean(0), d.std(0, ddof=1) / np.sqrt(n), (d >= 0).sum(0))))
+        print(f"  spread ratio, the harness (sd):       {ratio('harness')}")
+        print(f"  spread ratio, models (draws fixed):   {ratio('models')}")
+        print(f"  spread ratio, draws (model fixed):    {ratio('draws')}")
+        # The training's own spread: each model's score averaged over every draw, its sd over the
+        # models; the interval resamples the model seeds, the two tools' models of a seed together.
+        sx, sy = x["averaged"].std(0, ddof=1), y["averaged"].std(0, ddof=1)
+        picks = np.random.default_rng(0).integers(0, n, size=(2000, n))
+        rx, ry = x["averaged"][picks].std(1, ddof=1), y["averaged"][picks].std(1, ddof=1)
+        cells = []
+        for k in range(len(DRAW_METRICS)):
+            keep = ry[:, k] > 0  # a resample of one repeated seed has no spread to compare
+            if sy[k] == 0 or not keep.any():
+                cells.append("no spread to compare")
+                continue
+            lo, hi = np.quantile(rx[keep, k] / ry[keep, k], [0.05, 0.95])
+            cells.append(f"{sx[k] / sy[k]:.2f} [{lo:.2f}, {hi:.2f}]")
+        print(f"  spread ratio, over all draws:         " + " / ".join(cells))
 
 
 def best_epoch(history):
@@ -861,6 +949,7 @@ def main():
     p = sub.add_parser("draws", help="score each seed's model with every seed's control-cell draws")
     p.add_argument("dir")
     p.add_argument("--variant", default="cpa-stream")
+    p.add_argument("--against", default=None, help="a second variant (cpa-tools: runs made with FIDELITY_DRAW_SEEDS)")
     p.add_argument("--epochs", type=int, required=True)
     p = sub.add_parser("table")
     p.add_argument("dir")

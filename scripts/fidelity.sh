@@ -20,6 +20,10 @@
 #   PEER      0 to leave cpa-tools out (kept results are still tabled)
 #   DIR       results (default $CPA_STREAM_CACHE/fidelity); one subdirectory per data set and split
 #
+# Each cpa-tools model also decodes every seed's control-cell draws (draws.npz), so that
+# `scripts/fidelity.py draws DIR --variant cpa-stream --against cpa-tools --epochs E` can split
+# both tools' spread over seeds into the training's part and the draws' part.
+#
 # cpa-tools is installed on first use into $CPA_STREAM_CACHE/cpa-peer by
 # ../shared/peer/cpa-tools/INSTALL.sh (Python 3.10, about 6 GB); when it cannot be, its runs are
 # skipped with a message and cpa-stream's still run. Each training run uses one thread, so the
@@ -47,6 +51,7 @@ log() { printf 'fidelity: %s\n' "$*" >&2; }
 peer=0
 if [ "${PEER:-1}" = 1 ]; then
   export CPA_PEER_PYTHON="$CPA_STREAM_CACHE/cpa-peer/bin/python"
+  export FIDELITY_DRAW_SEEDS="$seeds"
   if [ ! -x "$CPA_PEER_PYTHON" ] || ! "$CPA_PEER_PYTHON" -c 'import cpa' 2>/dev/null; then
     if [ -f "$peer_dir/INSTALL.sh" ]; then
       log "installing cpa-tools 0.8.8 into $CPA_STREAM_CACHE/cpa-peer (once; about 6 GB)"

@@ -5,7 +5,10 @@ the control cells it drew for the counterfactuals under their own (control) cond
 per test group, the mean of log1p of those predictions (`pred_own`, in run_peer.py's group order
 and space) to an .npz. With run_peer.py's `pred_cf` of the same cells, `observed control mean +
 pred_cf - pred_own` is the anchored prediction that `scripts/fidelity.py rescore --anchor` makes
-for cpa-stream. Run with cpa-tools' venv (scripts/fidelity.py peer calls it):
+for cpa-stream. With FIDELITY_DRAW_SEEDS set ("0 1 2 ..."), the same model also decodes every one
+of those seeds' counterfactual draws and writes their group means to draws.npz beside OWN.npz
+(`scripts/fidelity.py draws --variant cpa-tools`: how much of the seeds' spread is the draw). Run
+with cpa-tools' venv (scripts/fidelity.py peer calls it):
 
     $CPA_STREAM_CACHE/cpa-peer/bin/python scripts/peer_anchor.py OWN.npz RUN_PEER_ARGS...
 """
@@ -83,6 +86,23 @@ def main():
         rows.append(pred[m].mean(0))
     np.savez(own_path, groups=saved["groups"], pred_own=np.asarray(rows))
     print(f"control cells decoded under their own condition, group means -> {own_path}")
+
+    # Every listed seed's draws decoded by this model, as run_peer.py decodes its own: the test
+    # cells with their expression swapped for the drawn control cells'.
+    draw_seeds = [int(s) for s in os.environ.get("FIDELITY_DRAW_SEEDS", "").split()]
+    if draw_seeds:
+        log = (lambda m: np.log1p(np.clip(m, 0, None))) if counts else (lambda m: m)
+        per_seed = []
+        for d in draw_seeds:
+            cells = adata[test_idx].copy()
+            cells.X = adata.X[fidelity.cf_draws(adata.obs, meta, test_idx, d)].copy()
+            model.predict(cells, batch_size=1024)
+            p = np.asarray(cells.obsm["CPA_pred"])
+            p = log(p.toarray() if sp.issparse(p) else p)
+            per_seed.append([p[gt == str(g)].mean(0) for g in saved["groups"]])
+        path = os.path.join(os.path.dirname(own_path), "draws.npz")
+        np.savez(path, groups=saved["groups"], seeds=np.asarray(draw_seeds), pred_cf=np.asarray(per_seed))
+        print(f"counterfactuals of the draws of seeds {draw_seeds}, group means -> {path}")
 
 
 if __name__ == "__main__":

@@ -196,3 +196,56 @@ def test_the_paired_comparison_pairs_seeds_and_bounds_the_spread_ratio(fidelity)
     lines = fidelity.paired_lines(by)
     rows = [line for line in lines if line.startswith("| 10 |")]
     assert len(rows) == 1 and "cpa-stream vs cpa-tools" in rows[0] and "0.50 [0.50, 0.50]" in rows[0]
+
+
+def test_the_peer_draw_grid_scores_each_model_with_each_draw(fidelity, prepared, capsys):
+    """cpa-tools keeps no model, so its draws grid is read from what peer_anchor.py wrote: each
+    model's group means for every seed's draws (draws.npz) and its reconstruction (groups.npz).
+    Cell [i, j] must be the scorer's result for model i's predictions under draw seed j, and a
+    model whose own draws no longer score as its run did is refused."""
+    import anndata as ad
+    from types import SimpleNamespace
+
+    meta = fidelity.read_meta(prepared)
+    data = ad.read_h5ad(prepared / "data.h5ad")
+    values = np.log1p(np.asarray(data.X.todense(), dtype=np.float64))
+    group = fidelity.group_keys(data.obs, meta)
+    test = data.obs["fidelity_split"].astype(str).values == "test"
+    ctrl = data.obs["condition"].astype(str).values == "control"
+    groups = np.array([g for g in np.unique(group[test & ~ctrl]) if (test & (group == g)).sum() >= 2])
+    truth = np.stack([values[test & (group == g)].mean(0) for g in groups])
+    seeds = [0, 1, 2]
+    # Model i under draw j: the truth off by a pattern of its own on the first genes.
+    off = lambda i, j: np.concatenate([[0.3 * (i + 1), -0.2 * (j + 1), 0.1 * i * j], np.zeros(truth.shape[1] - 3)])  # noqa: E731
+    for i in seeds:
+        out = prepared / "results" / f"cpa-tools-e5-s{i}"
+        out.mkdir(parents=True)
+        np.savez(out / "groups.npz", groups=groups, pred_recon=truth, pred_cf=truth + off(i, i))
+        np.savez(out / "draws.npz", groups=groups, seeds=np.array(seeds),
+                 pred_cf=np.stack([truth + off(i, j) for j in seeds]))
+    got, grid = fidelity.draw_grid(str(prepared), meta, "cpa-tools", 5)
+    assert got == seeds
+    for i in seeds:
+        for j in seeds:
+            preds = {str(g): {"cf": truth[k] + off(i, j), "recon": truth[k]} for k, g in enumerate(groups)}
+            want = fidelity.score(str(prepared), preds, j)["mean"]
+            assert list(grid[i, j]) == pytest.approx([want[k] for k in fidelity.DRAW_METRICS])
+    # Different models and draws score differently: the grid is not one number repeated.
+    assert len({round(v, 9) for v in grid[:, :, 0].ravel()}) == 9
+
+    fidelity.draws(SimpleNamespace(dir=str(prepared), variant="cpa-tools", against=None, epochs=5))
+    printed = capsys.readouterr().out
+    averaged = grid.mean(1)
+    assert f"each model over all draws:            mean {averaged[:, 0].mean():.3f}" in printed
+    assert f"sd over draws, model fixed:           {grid.std(1, ddof=1).mean(0)[0]:.3f}" in printed
+    # Against itself every ratio is 1 and every difference 0.
+    fidelity.draws(SimpleNamespace(dir=str(prepared), variant="cpa-tools", against="cpa-tools", epochs=5))
+    printed = capsys.readouterr().out
+    assert "over all draws, mean difference:      +0.000 ± 0.000 (3/3)" in printed
+    assert "spread ratio, over all draws:         1.00 [1.00, 1.00] / no spread to compare / 1.00 [1.00, 1.00]" in printed
+
+    kept = {"mean": {k: float(grid[1, 1, n]) + (0.01 if k == "cf_deg" else 0.0)
+                     for n, k in enumerate(fidelity.DRAW_METRICS)}}
+    (prepared / "results" / "cpa-tools-e5-s1" / "score.json").write_text(json.dumps(kept))
+    with pytest.raises(SystemExit, match="s1: its own draws score"):
+        fidelity.draw_grid(str(prepared), meta, "cpa-tools", 5)
