@@ -705,7 +705,7 @@ def draws(a):
     EPOCHS scored with every seed's draws of control cells. Prints the spread over models with the
     draws fixed, over draws with the model fixed, and of each model's score averaged over all the
     draws (the training's own spread, the draw lottery taken out); with --against, the same for
-    that variant on the seeds both have, and the ratios."""
+    that variant on the seeds both have, and the ratios of the spreads with 90% intervals."""
     import numpy as np
 
     meta = read_meta(a.dir)
@@ -734,27 +734,38 @@ def draws(a):
         x, y = summary[a.variant], summary[a.against]
         d = x["averaged"] - y["averaged"]
         n = len(d)
-        ratio = lambda key: " / ".join(f"{p / q:.2f}" if q > 0 else "-" for p, q in zip(x[key], y[key]))  # noqa: E731
         print(f"fidelity: {a.variant} against {a.against}, e{a.epochs}, {n} seeds; {' / '.join(DRAW_METRICS)}")
         print(f"  over all draws, mean difference:      " + " / ".join(
             f"{m:+.3f} ± {e:.3f} ({k}/{n})" for m, e, k in zip(d.mean(0), d.std(0, ddof=1) / np.sqrt(n), (d >= 0).sum(0))))
-        print(f"  spread ratio, the harness (sd):       {ratio('harness')}")
-        print(f"  spread ratio, models (draws fixed):   {ratio('models')}")
-        print(f"  spread ratio, draws (model fixed):    {ratio('draws')}")
-        # The training's own spread: each model's score averaged over every draw, its sd over the
-        # models; the interval resamples the model seeds, the two tools' models of a seed together.
-        sx, sy = x["averaged"].std(0, ddof=1), y["averaged"].std(0, ddof=1)
-        picks = np.random.default_rng(0).integers(0, n, size=(2000, n))
-        rx, ry = x["averaged"][picks].std(1, ddof=1), y["averaged"][picks].std(1, ddof=1)
-        cells = []
-        for k in range(len(DRAW_METRICS)):
-            keep = ry[:, k] > 0  # a resample of one repeated seed has no spread to compare
-            if sy[k] == 0 or not keep.any():
-                cells.append("no spread to compare")
-                continue
-            lo, hi = np.quantile(rx[keep, k] / ry[keep, k], [0.05, 0.95])
-            cells.append(f"{sx[k] / sy[k]:.2f} [{lo:.2f}, {hi:.2f}]")
-        print(f"  spread ratio, over all draws:         " + " / ".join(cells))
+        print(f"  spread ratio, the harness (sd):       " + " / ".join(
+            f"{p / q:.2f}" if q > 0 else "-" for p, q in zip(x["harness"], y["harness"])))
+        # Spreads of both grids, with 90% intervals from resampling the model seeds and the draw
+        # seeds (each tool's model of a seed, and each draw, kept together across the tools):
+        # `training`: each model's score averaged over every draw, its sd over the models (what
+        # training varies, the draw lottery taken out); `draws`: the sd over draws with the model
+        # fixed, averaged over the models; `any pair`: the sd over every model with every draw
+        # (the spread a run of the harness would show, model and draw seeds being independent).
+        measures = {
+            "training": lambda g: g.mean(1).std(0, ddof=1),
+            "draws": lambda g: g.std(1, ddof=1).mean(0),
+            "any pair": lambda g: g.reshape(-1, g.shape[2]).std(0, ddof=1),
+        }
+        gx, gy = grids[a.variant][1], grids[a.against][1]
+        rng = np.random.default_rng(0)
+        picks = [(rng.integers(0, n, size=n), rng.integers(0, n, size=n)) for _ in range(2000)]
+        for name, measure in measures.items():
+            sx, sy = measure(gx), measure(gy)
+            rx = np.array([measure(gx[np.ix_(m, w)]) for m, w in picks])
+            ry = np.array([measure(gy[np.ix_(m, w)]) for m, w in picks])
+            cells = []
+            for k in range(len(DRAW_METRICS)):
+                keep = ry[:, k] > 0  # a resample of one repeated seed has no spread to compare
+                if sy[k] == 0 or not keep.any():
+                    cells.append("no spread to compare")
+                    continue
+                lo, hi = np.quantile(rx[keep, k] / ry[keep, k], [0.05, 0.95])
+                cells.append(f"{sx[k] / sy[k]:.2f} [{lo:.2f}, {hi:.2f}]")
+            print(f"  spread ratio, {name + ':':<24s}" + " / ".join(cells))
 
 
 def best_epoch(history):
