@@ -642,7 +642,7 @@ def rescore(a):
 DRAW_METRICS = ("cf_all", "cf_deg", "cf_change")
 
 
-def draw_grid(directory, meta, variant, epochs):
+def draw_grid(directory, meta, variant, epochs, verbose=False):
     """Each seed's model of VARIANT at EPOCHS scored with every seed's control-cell draws: the
     seeds and a grid [model, draw, metric] of DRAW_METRICS. cpa-stream's kept runs are decoded
     again here; cpa-tools keeps no model, so its grid comes from the draws.npz that peer_anchor.py
@@ -682,14 +682,16 @@ def draw_grid(directory, meta, variant, epochs):
                 cache = os.path.join(os.path.dirname(runs[model]), "draws.json")
                 known = json.load(open(cache)) if os.path.exists(cache) else {}
                 if str(draw) not in known:
+                    print(f"fidelity: {variant} model s{model}: decoding draws s{draw}", file=sys.stderr, flush=True)
                     m = score(directory, predict_groups(directory, meta, runs[model], draw), draw)["mean"]
                     known[str(draw)] = [m[k] for k in DRAW_METRICS]
                     with open(cache + ".tmp", "w") as f:
                         json.dump(known, f)
                     os.replace(cache + ".tmp", cache)
                 grid[i, j] = known[str(draw)]
-            print(f"fidelity: {variant} model s{model} draws s{draw}: "
-                  + " ".join(f"{k} {v:.3f}" for k, v in zip(DRAW_METRICS, grid[i, j])), flush=True)
+            if verbose:
+                print(f"fidelity: {variant} model s{model} draws s{draw}: "
+                      + " ".join(f"{k} {v:.3f}" for k, v in zip(DRAW_METRICS, grid[i, j])), flush=True)
         # The harness's own run (model seed = draw seed) must come out as it was scored then.
         kept = os.path.join(f"{prefix}{model}", "score.json")
         if os.path.exists(kept):
@@ -712,7 +714,7 @@ def draws(a):
     fmt = lambda v: " / ".join(f"{x:.3f}" for x in v)  # noqa: E731
     grids = {}
     for variant in [a.variant] + ([a.against] if a.against else []):
-        grids[variant] = draw_grid(a.dir, meta, variant, a.epochs)
+        grids[variant] = draw_grid(a.dir, meta, variant, a.epochs, a.verbose)
     if a.against:
         shared = sorted(set(grids[a.variant][0]) & set(grids[a.against][0]))
         for v, (seeds, grid) in grids.items():
@@ -962,6 +964,7 @@ def main():
     p.add_argument("--variant", default="cpa-stream")
     p.add_argument("--against", default=None, help="a second variant (cpa-tools: runs made with FIDELITY_DRAW_SEEDS)")
     p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--verbose", action="store_true", help="also print every model-draw pair's scores")
     p = sub.add_parser("table")
     p.add_argument("dir")
     a = ap.parse_args()

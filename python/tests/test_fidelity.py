@@ -234,13 +234,13 @@ def test_the_peer_draw_grid_scores_each_model_with_each_draw(fidelity, prepared,
     # Different models and draws score differently: the grid is not one number repeated.
     assert len({round(v, 9) for v in grid[:, :, 0].ravel()}) == 9
 
-    fidelity.draws(SimpleNamespace(dir=str(prepared), variant="cpa-tools", against=None, epochs=5))
+    fidelity.draws(SimpleNamespace(dir=str(prepared), variant="cpa-tools", against=None, epochs=5, verbose=False))
     printed = capsys.readouterr().out
     averaged = grid.mean(1)
     assert f"each model over all draws:            mean {averaged[:, 0].mean():.3f}" in printed
     assert f"sd over draws, model fixed:           {grid.std(1, ddof=1).mean(0)[0]:.3f}" in printed
     # Against itself every ratio is 1 and every difference 0.
-    fidelity.draws(SimpleNamespace(dir=str(prepared), variant="cpa-tools", against="cpa-tools", epochs=5))
+    fidelity.draws(SimpleNamespace(dir=str(prepared), variant="cpa-tools", against="cpa-tools", epochs=5, verbose=False))
     printed = capsys.readouterr().out
     assert "over all draws, mean difference:      +0.000 ± 0.000 (3/3)" in printed
     one = r"1\.00 \[1\.00, 1\.00\]"
