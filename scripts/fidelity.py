@@ -917,7 +917,8 @@ def paired_lines(by):
         return []
     return ["", "Paired by seed against cpa-tools (a seed fixes both tools' control-cell draws): mean "
             "difference ± its standard error (seeds ahead or level / seeds); ratio of the spreads "
-            "(sd over seeds, cpa-stream / cpa-tools) [90% interval, seeds resampled in pairs]", "",
+            "(sd over seeds, cpa-stream / cpa-tools) [90% interval, seeds resampled in pairs]. That spread "
+            "mixes training with the draws; `fidelity.py draws DIR --against cpa-tools --epochs E` splits it.", "",
             "| epochs | variant | seeds | " + " | ".join(n for _, n in PAIRED_METRICS) + " |",
             "|---:|---|---:|" + "---|" * len(PAIRED_METRICS)] + rows
 
