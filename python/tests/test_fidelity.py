@@ -53,7 +53,9 @@ def test_the_split_is_stratified_and_recorded(prepared):
     assert all(g in tested for g, n in sizes.items() if n >= 3)
 
 
-def test_the_scorer_equals_r2_by_hand(fidelity, prepared):
+def prepared_cells(fidelity, prepared):
+    """The prepared data as the scorer sees it: meta, the AnnData, log1p counts, each cell's group
+    key, and which cells are test cells and which are controls."""
     import anndata as ad
 
     meta = fidelity.read_meta(prepared)
@@ -62,6 +64,11 @@ def test_the_scorer_equals_r2_by_hand(fidelity, prepared):
     group = fidelity.group_keys(data.obs, meta)
     test = data.obs["fidelity_split"].astype(str).values == "test"
     ctrl = data.obs["condition"].astype(str).values == "control"
+    return meta, data, values, group, test, ctrl
+
+
+def test_the_scorer_equals_r2_by_hand(fidelity, prepared):
+    meta, data, values, group, test, ctrl = prepared_cells(fidelity, prepared)
     cov = data.obs["cell_type"].astype(str).values
     # A prediction: the group's true test mean plus a fixed perturbation on one gene.
     predictions = {}
@@ -204,15 +211,9 @@ def test_the_peer_draw_grid_scores_each_model_with_each_draw(fidelity, prepared,
     model's group means for every seed's draws (draws.npz) and its reconstruction (groups.npz).
     Cell [i, j] must be the scorer's result for model i's predictions under draw seed j, and a
     model whose own draws no longer score as its run did is refused."""
-    import anndata as ad
     from types import SimpleNamespace
 
-    meta = fidelity.read_meta(prepared)
-    data = ad.read_h5ad(prepared / "data.h5ad")
-    values = np.log1p(np.asarray(data.X.todense(), dtype=np.float64))
-    group = fidelity.group_keys(data.obs, meta)
-    test = data.obs["fidelity_split"].astype(str).values == "test"
-    ctrl = data.obs["condition"].astype(str).values == "control"
+    meta, data, values, group, test, ctrl = prepared_cells(fidelity, prepared)
     groups = np.array([g for g in np.unique(group[test & ~ctrl]) if (test & (group == g)).sum() >= 2])
     truth = np.stack([values[test & (group == g)].mean(0) for g in groups])
     seeds = [0, 1, 2]
