@@ -101,7 +101,10 @@ def main():
             p = log(p.toarray() if sp.issparse(p) else p)
             per_seed.append([p[gt == str(g)].mean(0) for g in saved["groups"]])
         path = os.path.join(os.path.dirname(own_path), "draws.npz")
-        np.savez(path, groups=saved["groups"], seeds=np.asarray(draw_seeds), pred_cf=np.asarray(per_seed))
+        # Whole or not at all: fidelity.sh takes an existing draws.npz as a finished run.
+        with open(path + ".tmp", "wb") as f:
+            np.savez(f, groups=saved["groups"], seeds=np.asarray(draw_seeds), pred_cf=np.asarray(per_seed))
+        os.replace(path + ".tmp", path)
         print(f"counterfactuals of the draws of seeds {draw_seeds}, group means -> {path}")
 
 
