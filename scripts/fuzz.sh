@@ -65,7 +65,7 @@ if target == "store":
             seed(f"edit-{codec}-{f}", bytes([codec | f, 0]) + struct.pack("<I", 7) + b"\xff")
             seed(f"cut-{codec}-{f}", bytes([codec | f, 1]) + struct.pack("<I", 40) + b"\x00")
 elif target == "h5ad":
-    files = [pathlib.Path(f"../shared/data/anndata-archives/{v}/adata.h5ad") for v in ("v0.5.0", "v0.7.0", "v0.7.8", "v0.11.4")]
+    files = [pathlib.Path(f"tests/fixtures/anndata-archives/{v}/adata.h5ad") for v in ("v0.5.0", "v0.7.0", "v0.7.8", "v0.11.4")]
     fixtures = pathlib.Path(tempfile.mkdtemp())
     subprocess.run([os.environ["CPA_STREAM_PYTHON"], "tests/fixtures/h5ad_fixtures.py", "make", str(fixtures)],
                    check=True, capture_output=True)
@@ -155,9 +155,9 @@ case "$target" in
     BIN="$bin" OUT="$out" DEADLINE="$deadline" "$CPA_STREAM_PYTHON" - <<'PY'
 import collections, os, random, subprocess, time
 inputs = [
-    "../shared/data/anndata-archives/v0.7.8/adata.h5ad",
-    "../shared/data/anndata-archives/v0.7.0/adata.h5ad",
-    "../shared/data/anndata-archives/v0.5.0/adata.h5ad",
+    "tests/fixtures/anndata-archives/v0.7.8/adata.h5ad",
+    "tests/fixtures/anndata-archives/v0.7.0/adata.h5ad",
+    "tests/fixtures/anndata-archives/v0.5.0/adata.h5ad",
     "examples/data/perturbench_devel_cpa.h5ad",
 ]
 inputs = [open(p, "rb").read() for p in inputs if os.path.exists(p)]

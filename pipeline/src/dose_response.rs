@@ -24,7 +24,7 @@ use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::model::layers::Noise;
 use cpa_stream_stages::model::vocab::CONTROL_ID;
 use cpa_stream_stages::model::{CpaModel, PerturbationCsr};
-use cpa_stream_stages::output::{OutputKind, check_destination};
+use cpa_stream_stages::output::{OutputKind, claim_output};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
@@ -182,7 +182,8 @@ pub struct DoseResponseReport {
 /// Computes the curves and writes them to `options.out` (published whole).
 pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseReport> {
     let wall = Instant::now();
-    check_destination(&options.out, OutputKind::Directory, options.overwrite).map_err(Error::stage("dose-response"))?;
+    let _lock =
+        claim_output(&options.out, OutputKind::Directory, options.overwrite).map_err(Error::stage("dose-response"))?;
     if options.out.exists() {
         crate::run_dir::check_replaceable(
             &options.out,

@@ -110,8 +110,8 @@ pub struct EmbeddingsReport {
 /// `out/covariates.parquet`, published whole; an existing `out` only with `overwrite` (and only
 /// if it holds nothing else).
 pub fn write_embeddings(model: &Path, out: &Path, overwrite: bool) -> Result<EmbeddingsReport> {
-    use cpa_stream_stages::output::{OutputKind, check_destination};
-    check_destination(out, OutputKind::Directory, overwrite).map_err(Error::stage("embeddings"))?;
+    use cpa_stream_stages::output::{OutputKind, claim_output};
+    let _lock = claim_output(out, OutputKind::Directory, overwrite).map_err(Error::stage("embeddings"))?;
     if out.exists() {
         crate::run_dir::check_replaceable(out, &[PERTURBATIONS_FILE, COVARIATES_FILE], "an embeddings directory")?;
     }

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use arrow::array::{RecordBatch, UInt32Array};
 use cpa_stream_schemas::Codec;
-use cpa_stream_stages::h5ad::{DEG_FILE, H5adReader, MatrixLayout, MatrixSource};
+use cpa_stream_stages::h5ad::{DEG_FILE, ExternalData, H5adReader, MatrixLayout, MatrixSource};
 use cpa_stream_stages::store::{StoreWriter, StoreWriterOptions, write_table};
 use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
 use crossbeam_channel::{Receiver, bounded};
@@ -32,9 +32,10 @@ pub const DEFAULT_CHUNK_ROWS: usize = 1024;
 /// Default size of one CSC transposition bucket file (entries x 12 bytes). Turning a bucket into
 /// rows holds it about 2.5 times (file bytes, then indices, values and the CSR rows).
 pub const DEFAULT_MEMORY_BUDGET: usize = 128 << 20;
-/// Stored entries (values plus indices) read per HDF5 call: the CSC pass takes as many columns,
-/// and dense reads as many rows, as fit (about 48 MB of i64 indices + f32 values, or 16 MB of
-/// dense f32), whatever the shape of the file.
+/// Stored entries (values plus indices) read per HDF5 call: a chunk of CSR rows, of CSC columns
+/// or of dense rows ends where they would exceed it (about 48 MB of i64 indices + f32 values, or
+/// 16 MB of dense f32), whatever the file declares; a single row holds at most as many entries
+/// as there are genes (checked before it is read).
 const ENTRIES_PER_READ: u64 = 4 << 20;
 /// Chunks queued between reader and writer.
 const CHANNEL_DEPTH: usize = 4;
@@ -61,6 +62,9 @@ pub struct ImportOptions {
     pub overwrite: bool,
     /// The `uns` entry with the DEG lists; `None`: the first entry that holds DEG lists.
     pub deg_uns_key: Option<String>,
+    /// Whether the file may read data from other files (HDF5 external storage, external links,
+    /// virtual datasets). Default [`ExternalData::Refuse`]: an imported file is untrusted.
+    pub external: ExternalData,
 }
 
 impl Default for ImportOptions {
@@ -75,6 +79,7 @@ impl Default for ImportOptions {
             codec: Codec::Raw,
             overwrite: false,
             deg_uns_key: None,
+            external: ExternalData::Refuse,
         }
     }
 }
@@ -112,7 +117,7 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
             return Err(Error::InvalidInput(format!("import: layer {l:?} and adata.raw both asked for; choose one")));
         }
     };
-    let h5 = H5adReader::open_matrix(input, source).map_err(Error::stage("read"))?;
+    let h5 = H5adReader::open_matrix_with(input, source, options.external).map_err(Error::stage("read"))?;
     let var_all = h5.read_var().map_err(Error::stage("read"))?;
     let (var, map) = select_genes(input, &h5, &var_all, options.genes.as_deref())?;
     let n_vars = var.num_rows() as u32;
@@ -273,17 +278,13 @@ impl ChunkSink<'_> {
 }
 
 fn read_by_rows(h5: &H5adReader, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink) -> StageResult<()> {
-    // A dense chunk is read whole: bound its elements, not just its rows.
-    let chunk_rows = match h5.layout() {
-        MatrixLayout::Dense => chunk_rows.min((ENTRIES_PER_READ / h5.n_vars().max(1)).max(1)),
-        _ => chunk_rows,
-    };
     let identity = map.len() == out.n_vars as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
     let mut file_rows = CsrBatch::new(h5.n_vars() as u32);
     let mut start = 0;
     while start < h5.n_obs() {
-        let end = (start + chunk_rows).min(h5.n_obs());
-        let chunk = out.stats.busy(|| -> StageResult<(CsrBatch, RecordBatch)> {
+        // A chunk is bounded by its entries too, whatever the file declares.
+        let chunk = out.stats.busy(|| -> StageResult<(CsrBatch, RecordBatch, u64)> {
+            let end = h5.lines_within(start, chunk_rows, ENTRIES_PER_READ)?;
             let mut rows = out.batch();
             if identity {
                 h5.read_rows(start..end, &mut rows)?;
@@ -292,12 +293,12 @@ fn read_by_rows(h5: &H5adReader, map: &[Option<u32>], chunk_rows: u64, out: &Chu
                 h5.read_rows(start..end, &mut file_rows)?;
                 rows.push_remapped(&file_rows, map);
             }
-            Ok((rows, h5.read_obs(start..end)?))
+            Ok((rows, h5.read_obs(start..end)?, end))
         })?;
         if !out.send(chunk.0, chunk.1) {
             return Ok(());
         }
-        start = end;
+        start = chunk.2;
     }
     Ok(())
 }
@@ -348,11 +349,9 @@ fn read_csc(
                 })
                 .collect::<StageResult<Vec<_>>>()?;
             let n_cols = h5.n_vars();
-            let per_column = h5.stored_entries() as f64 / n_cols.max(1) as f64;
-            let step = ((ENTRIES_PER_READ as f64 / per_column.max(1.0)) as u64).max(1);
             let mut c0 = 0;
             while c0 < n_cols {
-                let c1 = (c0 + step).min(n_cols);
+                let c1 = h5.lines_within(c0, (n_cols - c0).min(1 << 16), ENTRIES_PER_READ)?;
                 let (offsets, rows, vals) = h5.read_columns(c0..c1)?;
                 let base = offsets[0];
                 for (k, w) in offsets.windows(2).enumerate() {

@@ -30,6 +30,7 @@ def import_h5ad(
     zstd_level: int = 1,
     block_rows: int = 256,
     overwrite: bool = False,
+    allow_external: bool = False,
     progress: _Progress | None = None,
 ) -> str: ...
 def import_arrays(

@@ -133,6 +133,7 @@ def import_h5ad(
     deg_uns_key: str | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     overwrite: bool = False,
+    allow_external: bool = False,
     progress: bool | None = None,
 ) -> Store:
     """Imports an AnnData into a new store at ``out`` and returns it.
@@ -148,19 +149,24 @@ def import_h5ad(
     only). DEG lists come from ``uns`` (CPA's dict of group -> ranked genes, or scanpy's
     ``rank_genes_groups``): ``deg_uns_key`` picks the entry (an error when it is absent or not
     DEG lists), else the first found. An existing store at ``out`` is an error unless ``overwrite``.
+
+    A file is untrusted: importing it reads nothing but that file, so a file whose data lives in
+    other files (HDF5 external storage, external links, virtual datasets) is a ``ValueError``
+    naming the object; ``allow_external=True`` reads such data for a trusted collection, from
+    regular files in the file's own folder only.
     """
     out = Path(out)
     codec_args = dict(codec_name=codec, zstd_level=zstd_level, block_rows=block_rows, overwrite=overwrite)
     if isinstance(data, (str, os.PathLike)):
         _native.import_h5ad(
             str(data), str(out), layer=layer, use_raw=use_raw, genes=genes, deg_uns_key=deg_uns_key,
-            progress=_progress.make(progress, "import"), **codec_args,
+            allow_external=allow_external, progress=_progress.make(progress, "import"), **codec_args,
         )
         return Store(out)
     if getattr(data, "isbacked", False):
         _native.import_h5ad(
             str(data.filename), str(out), layer=layer, use_raw=use_raw, genes=genes, deg_uns_key=deg_uns_key,
-            progress=_progress.make(progress, "import"), **codec_args,
+            allow_external=allow_external, progress=_progress.make(progress, "import"), **codec_args,
         )
         return Store(out)
     if genes is not None:

@@ -291,7 +291,7 @@ fn codec(name: &str, level: i32, block_rows: u32) -> PyResult<Codec> {
 
 /// Imports an `.h5ad` file into a store; returns the summary as JSON.
 #[pyfunction]
-#[pyo3(signature = (path, out, layer=None, use_raw=false, genes=None, deg_uns_key=None, codec_name="raw", zstd_level=1, block_rows=256, overwrite=false, progress=None))]
+#[pyo3(signature = (path, out, layer=None, use_raw=false, genes=None, deg_uns_key=None, codec_name="raw", zstd_level=1, block_rows=256, overwrite=false, allow_external=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn import_h5ad(
     py: Python<'_>,
@@ -305,8 +305,10 @@ fn import_h5ad(
     zstd_level: i32,
     block_rows: u32,
     overwrite: bool,
+    allow_external: bool,
     progress: Option<Bound<'_, PyAny>>,
 ) -> PyResult<String> {
+    use cpa_stream_stages::h5ad::ExternalData;
     let options = ImportOptions {
         layer,
         use_raw,
@@ -314,6 +316,7 @@ fn import_h5ad(
         deg_uns_key,
         codec: codec(codec_name, zstd_level, block_rows)?,
         overwrite,
+        external: if allow_external { ExternalData::SameDirectory } else { ExternalData::Refuse },
         ..ImportOptions::default()
     };
     let (summary, _) = run_shown(py, progress, None, move |p| run_import(&path, &out, &options, p))?;

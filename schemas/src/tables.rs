@@ -43,6 +43,45 @@ pub fn categorical_field(name: &str, categories: &[String], nullable: bool) -> F
     Field::new(name, categorical_type(), nullable).with_metadata(HashMap::from([(CATEGORIES_KEY.to_owned(), json)]))
 }
 
+/// Field metadata key set to `"true"` on a categorical column whose categories are ordered
+/// (pandas' `ordered=True`; absent otherwise).
+pub const ORDERED_KEY: &str = "cpa_stream.ordered";
+
+/// Field metadata key holding a column's name in the file it came from, when the store had to
+/// name it otherwise (an obs column called `cell_id` beside the index, which becomes `cell_id`);
+/// export gives it its name back.
+pub const SOURCE_NAME_KEY: &str = "cpa_stream.source_name";
+
+/// `field` marked as an ordered categorical ([`ORDERED_KEY`]) when `ordered`.
+pub fn with_order(field: Field, ordered: bool) -> Field {
+    if !ordered {
+        return field;
+    }
+    let mut metadata = field.metadata().clone();
+    metadata.insert(ORDERED_KEY.to_owned(), "true".to_owned());
+    field.with_metadata(metadata)
+}
+
+/// Whether a categorical field's categories are ordered.
+pub fn is_ordered(field: &Field) -> bool {
+    field.metadata().get(ORDERED_KEY).is_some_and(|v| v == "true")
+}
+
+/// The name a field had in its source file (see [`SOURCE_NAME_KEY`]).
+pub fn source_name(field: &Field) -> &str {
+    field.metadata().get(SOURCE_NAME_KEY).map_or(field.name().as_str(), String::as_str)
+}
+
+/// A name for a column `name` that clashes with the table's id column `id`: `<name>_column`, or
+/// with a number when `taken` (the other columns' names) has that too.
+pub fn renamed_column(name: &str, taken: &dyn Fn(&str) -> bool) -> String {
+    let first = format!("{name}_column");
+    if !taken(&first) {
+        return first;
+    }
+    (2..).map(|k| format!("{name}_column_{k}")).find(|n| !taken(n)).unwrap_or(first)
+}
+
 /// The ordered categories recorded on a categorical field, if it is one.
 pub fn categories_of(field: &Field) -> Option<Vec<String>> {
     if !matches!(field.data_type(), DataType::Dictionary(_, v) if **v == DataType::Utf8) {

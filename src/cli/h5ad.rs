@@ -9,7 +9,7 @@ use cpa_stream_pipeline::export::run_export;
 use cpa_stream_pipeline::import::{
     DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, ImportOptions, run_import,
 };
-use cpa_stream_stages::h5ad::{DEFAULT_GZIP_LEVEL, H5adCompression};
+use cpa_stream_stages::h5ad::{DEFAULT_GZIP_LEVEL, ExternalData, H5adCompression};
 use cpa_stream_stages::store::Store;
 
 use super::progress::CliProgress;
@@ -45,6 +45,12 @@ pub struct ImportArgs {
     /// Bucket files open at once during the CSC transposition (more buckets: more passes).
     #[arg(long, default_value_t = DEFAULT_MAX_OPEN_BUCKETS)]
     csc_max_open_buckets: usize,
+    /// Read data that the file keeps in other files (HDF5 external storage, external links,
+    /// virtual datasets), for a trusted collection: only regular files in the input's own folder
+    /// are read. Without it such a file is refused, naming the object: an imported file is
+    /// untrusted, and reading it reads nothing else.
+    #[arg(long)]
+    allow_external: bool,
     #[command(flatten)]
     codec: CodecArgs,
     /// Replace an existing store at --out.
@@ -104,6 +110,7 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         codec: args.codec.codec()?,
         overwrite: args.overwrite,
         deg_uns_key: args.deg_uns_key.clone(),
+        external: if args.allow_external { ExternalData::SameDirectory } else { ExternalData::Refuse },
     };
     let progress = CliProgress::new();
     let summary = run_import(&args.input, &args.out, &options, &progress)

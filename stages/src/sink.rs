@@ -102,6 +102,8 @@ pub struct ParquetSink {
     overwrite: bool,
     path: PathBuf,
     rows: u64,
+    /// Held until the file is published or abandoned (dropped after `Drop::drop`).
+    _lock: crate::output::OutputLock,
 }
 
 impl std::fmt::Debug for ParquetSink {
@@ -145,7 +147,7 @@ impl ParquetSink {
     /// Starts writing `path` (its directory must exist). Nothing appears at `path` until
     /// [`finish`](Self::finish).
     pub fn create(path: &Path, schema: SchemaRef, options: &SinkOptions) -> Result<ParquetSink> {
-        crate::output::check_destination(path, OutputKind::File, options.overwrite)?;
+        let lock = crate::output::claim_output(path, OutputKind::File, options.overwrite)?;
         let name =
             path.file_name().ok_or_else(|| Error::InvalidInput(format!("{}: not a file name", path.display())))?;
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -165,7 +167,14 @@ impl ParquetSink {
                 return Err(e);
             }
         };
-        Ok(ParquetSink { writer: Some(writer), tmp, path: path.to_owned(), rows: 0, overwrite: options.overwrite })
+        Ok(ParquetSink {
+            writer: Some(writer),
+            tmp,
+            path: path.to_owned(),
+            rows: 0,
+            overwrite: options.overwrite,
+            _lock: lock,
+        })
     }
 
     /// The final path.

@@ -18,6 +18,17 @@ pub fn repo_root() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
+/// The bundled real data (examples/data, with its provenance): every test reads files inside the
+/// repository only, so that a fresh clone with nothing beside it passes.
+pub fn bundled_data() -> PathBuf {
+    repo_root().join("examples/data/perturbench_devel_cpa.h5ad")
+}
+
+/// anndata's own archived `.h5ad` files, one folder per version (tests/fixtures/anndata-archives).
+pub fn anndata_archives() -> PathBuf {
+    repo_root().join("tests/fixtures/anndata-archives")
+}
+
 /// Path of the built `cpa-stream` binary.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cpa-stream"))

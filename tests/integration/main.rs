@@ -9,6 +9,7 @@ mod link;
 mod memory;
 mod model;
 mod predict;
+mod repository;
 mod store;
 mod synth;
 mod train;

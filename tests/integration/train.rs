@@ -12,9 +12,7 @@ use cpa_stream::stages::trainer::Trainer;
 use serde_json::Value;
 use tch::Device;
 
-use crate::common::{run, text};
-
-const REAL_DATA: &str = "../shared/data/perturbench_devel_cpa.h5ad";
+use crate::common::{bundled_data, run, text};
 
 fn synth_store(dir: &Path, name: &str, codec: &str) -> PathBuf {
     let out = dir.join(name);
@@ -314,7 +312,8 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
 /// Imports the bundled .h5ad into `dir/pb.store`.
 fn import_real_data(dir: &Path) -> PathBuf {
     let store = dir.join("pb.store");
-    let o = run(&["import", REAL_DATA, "--out", store.to_str().unwrap_or_default()]);
+    let data = bundled_data();
+    let o = run(&["import", data.to_str().unwrap_or_default(), "--out", store.to_str().unwrap_or_default()]);
     assert!(o.status.success(), "import failed: {}", text(&o.stderr));
     store
 }

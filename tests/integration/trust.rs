@@ -260,7 +260,7 @@ fn sizes_from_flags_and_configurations_are_bounded() {
 fn a_count_likelihood_on_a_normalised_layer_is_an_error_unless_allowed() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = dir.path().join("lognorm.store");
-    let data = crate::common::repo_root().join("examples/data/perturbench_devel_cpa.h5ad");
+    let data = crate::common::bundled_data();
     let o = run(&["import", s(&data), "--layer", "lognorm", "--out", s(&store)]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = dir.path().join("run");

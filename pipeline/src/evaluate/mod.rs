@@ -531,7 +531,7 @@ fn deg_table(options: &EvaluateOptions, store: &Store) -> Result<Option<DegLists
 
 /// Evaluates a model on a store.
 pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Result<EvaluateReport> {
-    outputs::check_output(options)?;
+    let lock = outputs::claim_output(options)?;
     let wall = Instant::now();
     let sampler = MemorySampler::start();
     let encoder_stats = StageStats::new("encoder", 1);
@@ -667,7 +667,7 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         seconds: wall.elapsed().as_secs_f64(),
         report: RunReport { wall: wall.elapsed(), stages, memory: sampler.finish() },
     };
-    outputs::write_outputs(&report, &deg_rows, &vocab, options)?;
+    outputs::write_outputs(&lock, &report, &deg_rows, &vocab, options)?;
     Ok(report)
 }
 

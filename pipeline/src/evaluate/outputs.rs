@@ -2,7 +2,7 @@
 //! [`evaluation_metrics_schema`]), `summary.json` (the means and every condition), `degs.parquet`
 //! (the DEGs used, [`evaluation_deg_schema`], reusable with `predict --degs`) and `plots/*.svg`.
 
-use cpa_stream_stages::output::{OutputKind, check_destination, publish, temporary_sibling};
+use cpa_stream_stages::output::{OutputKind, OutputLock, check_destination, publish, temporary_sibling};
 
 use crate::run_dir::check_replaceable;
 use std::collections::BTreeMap;
@@ -115,9 +115,17 @@ pub const OVERVIEW_STEM: &str = "overview";
 /// What an evaluation directory holds.
 const ENTRIES: [&str; 6] = [METRICS_FILE, degs::FILE, SUMMARY_FILE, PLOTS_DIR, "overview.svg", "overview.png"];
 
-/// Checked before the work: `out` may be written (not a file, `-` or a link; an existing
-/// evaluation only with `overwrite`, and only if it holds nothing else).
-pub(super) fn check_output(options: &EvaluateOptions) -> Result<()> {
+/// Claimed before the work: `out` is locked for this command, and may be written (not a file,
+/// `-` or a link; an existing evaluation only with `overwrite`, and only if it holds nothing
+/// else). Keep the lock until [`write_outputs`] has published.
+pub(super) fn claim_output(options: &EvaluateOptions) -> Result<OutputLock> {
+    let lock = cpa_stream_stages::output::claim_output(&options.out, OutputKind::Directory, options.overwrite)
+        .map_err(Error::stage("evaluate"))?;
+    check_output(options)?;
+    Ok(lock)
+}
+
+fn check_output(options: &EvaluateOptions) -> Result<()> {
     let out = &options.out;
     check_destination(out, OutputKind::Directory, options.overwrite).map_err(Error::stage("evaluate"))?;
     if out.exists() {
@@ -127,8 +135,10 @@ pub(super) fn check_output(options: &EvaluateOptions) -> Result<()> {
 }
 
 /// Writes every output into a temporary sibling of `options.out`, published whole (an old
-/// evaluation there is replaced, none of its files left beside the new ones).
+/// evaluation there is replaced, none of its files left beside the new ones), under the lock
+/// that [`claim_output`] took.
 pub(super) fn write_outputs(
+    _lock: &OutputLock,
     report: &EvaluateReport,
     deg_rows: &[DegRow],
     vocab: &Vocabulary,

@@ -184,8 +184,10 @@ pub const GENES_FILE: &str = "genes.parquet";
 
 /// Writes the store's var rows of the predicted genes, in the order of the `mean` column (or the
 /// wide layout's gene columns), as `path`: what the dataset's gene columns are, for readers
-/// that do not see the Parquet metadata. Every shard writes the same table; each replaces it
-/// whole.
+/// that do not see the Parquet metadata. Every shard of a job array computes the same table:
+/// the first writes it, shards running meanwhile wait for it under its lock, and a shard that
+/// finds it written leaves it alone when its rows are the same (another table, say from other
+/// genes, replaces it).
 fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
     let var_path = predictor.store().file_path(StoreFiles::VAR);
     let var = cpa_stream_stages::store::read_small_table(&var_path).map_err(Error::stage("reader"))?;
@@ -205,9 +207,17 @@ fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
         .collect::<Result<_>>()?;
     let table = arrow::compute::take_record_batch(&var, &arrow::array::UInt32Array::from(rows))
         .map_err(Error::arrow("genes table"))?;
+    let lock = cpa_stream_stages::output::lock_output(path, cpa_stream_stages::output::Wait::Yes)
+        .map_err(Error::stage("sink"))?;
+    if path.is_file()
+        && let Ok(written) = cpa_stream_stages::store::read_small_table(path)
+        && written.columns() == table.columns()
+    {
+        return Ok(());
+    }
     let schema = cpa_stream_stages::provenance::stamp(table.schema_ref());
     let table = table.with_schema(std::sync::Arc::clone(&schema)).map_err(Error::arrow("genes table"))?;
-    cpa_stream_stages::store::write_table(path, schema, [table]).map_err(Error::stage("sink"))
+    cpa_stream_stages::store::write_table_locked(path, &lock, schema, [table]).map_err(Error::stage("sink"))
 }
 
 /// The pipeline's error back out of the Arrow error a `RecordBatchReader` carries it in.

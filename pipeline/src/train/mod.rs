@@ -12,7 +12,7 @@ pub mod probe;
 pub mod request;
 pub mod validate;
 
-use cpa_stream_stages::output::{OutputKind, check_destination};
+use cpa_stream_stages::output::{OutputKind, OutputLock, claim_output};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -130,7 +130,8 @@ pub struct TrainReport {
 pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     let wall = Instant::now();
     let sampler = MemorySampler::start();
-    check_run_dir(options)?;
+    // Held for the whole run: a second command on this run (a training, a --resume) is refused.
+    let _lock = claim_run_dir(options)?;
     let store = Arc::new(Store::open(&options.store).map_err(Error::stage("reader"))?);
     let encoder_stats = StageStats::new("encoder", 1);
     let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &options.encoder))?;
@@ -246,24 +247,28 @@ fn check_counts(store: &Store, allow: bool) -> Result<()> {
     Ok(())
 }
 
-/// One rule for the run directory: a new run needs an empty or absent one; an existing run is
-/// continued (`resume`) or replaced (`overwrite`, which removes its files first, and only when
-/// the directory holds nothing but a run's files).
-fn check_run_dir(options: &TrainOptions) -> Result<()> {
+/// One rule for the run directory: locked for this command (one writer per run), a new run needs
+/// an empty or absent one; an existing run is continued (`resume`) or replaced (`overwrite`,
+/// which removes its files first, and only when the directory holds nothing but a run's files).
+fn claim_run_dir(options: &TrainOptions) -> Result<OutputLock> {
     let out = &options.out;
     if options.resume && options.overwrite {
         return Err(Error::InvalidInput("--resume continues a run and --overwrite replaces it: give one".to_owned()));
     }
-    check_destination(out, OutputKind::Directory, true).map_err(Error::stage("trainer"))?;
+    let lock = claim_output(out, OutputKind::Directory, true).map_err(Error::stage("trainer"))?;
     if !is_nonempty_dir(out) {
         if options.resume {
             return Err(Error::InvalidInput(format!("{}: no run to resume", out.display())));
         }
-        return Ok(());
+        return Ok(lock);
     }
     check_replaceable(out, &RUN_ENTRIES, "a training run")?;
     if options.resume {
-        return Ok(());
+        // What a killed run of this one left half-written (under the lock, nobody else's).
+        for name in RUN_ENTRIES {
+            cpa_stream_stages::output::remove_stale_temporaries(&out.join(name));
+        }
+        return Ok(lock);
     }
     if !options.overwrite {
         let finished = out.join(MODEL_DIR).exists();
@@ -277,7 +282,7 @@ fn check_run_dir(options: &TrainOptions) -> Result<()> {
     for name in RUN_ENTRIES {
         cpa_stream_stages::output::remove_stale_temporaries(&out.join(name));
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// The trainer of a run: resumed from its checkpoint, or a new model (with the batch size and

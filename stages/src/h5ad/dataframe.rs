@@ -11,7 +11,9 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type};
 use arrow::record_batch::RecordBatch;
-use cpa_stream_schemas::tables::{categorical_field, categories_of};
+use cpa_stream_schemas::tables::{
+    SOURCE_NAME_KEY, categorical_field, categories_of, is_ordered, renamed_column, source_name, with_order,
+};
 use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
 use hdf5::{Dataset, Group, Location};
 
@@ -99,6 +101,7 @@ enum ColumnKind {
     Categorical {
         codes: Dataset,
         categories: Vec<String>,
+        ordered: bool,
     },
     Strings(Dataset),
     Int(Dataset),
@@ -149,7 +152,8 @@ fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
         return Ok(match encoding.as_str() {
             "categorical" => {
                 let categories = read_categories(path, &ds("categories")?, &format!("{full}/categories"))?;
-                ColumnKind::Categorical { codes: ds("codes")?, categories }
+                let ordered = attr_flag(&sub, "ordered");
+                ColumnKind::Categorical { codes: ds("codes")?, categories, ordered }
             }
             "nullable-integer" => ColumnKind::NullableInt { values: ds("values")?, mask: ds("mask")? },
             "nullable-boolean" => ColumnKind::NullableBool { values: ds("values")?, mask: ds("mask")? },
@@ -172,7 +176,8 @@ fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
                  are not at {at}"
             ))
         })?;
-        return Ok(ColumnKind::Categorical { codes: ds, categories: read_categories(path, &categories, &at)? });
+        let ordered = attr_flag(&ds, "ordered");
+        return Ok(ColumnKind::Categorical { codes: ds, categories: read_categories(path, &categories, &at)?, ordered });
     }
     let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, full.clone()))?;
     Ok(match desc {
@@ -191,6 +196,13 @@ fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
     })
 }
 
+/// A boolean attribute (h5py writes numpy's as an enum, anndata's `ordered` flag among them);
+/// `false` when absent or not a boolean.
+fn attr_flag(loc: &Location, name: &str) -> bool {
+    let Ok(attr) = loc.attr(name) else { return false };
+    attr.read_scalar::<bool>().or_else(|_| attr.read_scalar::<i64>().map(|v| v != 0)).unwrap_or(false)
+}
+
 /// A categorical's categories as text: strings, or integers and floats printed as pandas would.
 fn read_categories(path: &Path, ds: &Dataset, full: &str) -> Result<Vec<String>> {
     let n = ds.size() as u64;
@@ -207,17 +219,64 @@ fn read_categories(path: &Path, ds: &Dataset, full: &str) -> Result<Vec<String>>
             .iter()
             .map(|v| v.to_string())
             .collect()),
-        Ok(TypeDescriptor::Float(_)) => Ok(ds
-            .read_raw::<f64>()
-            .map_err(Error::hdf5(path, full.to_owned()))?
-            .iter()
-            .map(|v| v.to_string())
-            .collect()),
+        Ok(TypeDescriptor::Float(size)) => {
+            let values = ds.read_raw::<f64>().map_err(Error::hdf5(path, full.to_owned()))?;
+            // Each in its stored precision: a float32 0.1 is "0.1", as numpy prints it.
+            let single = !matches!(size, hdf5::types::FloatSize::U8);
+            Ok(values.into_iter().map(|v| if single { float_text_f32(v as f32) } else { float_text(v) }).collect())
+        }
         Ok(other) => {
             Err(Error::Unsupported { path: path.to_owned(), reason: format!("{full}: categories of type {other}") })
         }
         Err(e) => Err(Error::hdf5(path, full.to_owned())(e)),
     }
+}
+
+/// A float as Python and pandas print it (`str(1.0)` is `1.0`, `str(1e-05)` is `1e-05`): the
+/// shortest digits that read back as the same value, positional from 1e-4 up to 1e16, else
+/// scientific with a signed exponent of at least two digits; `nan`, `inf`, `-inf`.
+pub fn float_text(value: f64) -> String {
+    layout_float(value.is_nan(), value.is_infinite(), value.is_sign_negative(), format!("{:e}", value.abs()))
+}
+
+/// [`float_text`] of a float32, with the shortest digits of its own precision (as numpy's
+/// `astype(str)` of a float32 column: 0.1, not 0.10000000149011612).
+pub fn float_text_f32(value: f32) -> String {
+    layout_float(value.is_nan(), value.is_infinite(), value.is_sign_negative(), format!("{:e}", value.abs()))
+}
+
+/// Lays out Rust's shortest scientific form (`"1.25e-5"`) of a non-negative value as Python does.
+fn layout_float(nan: bool, infinite: bool, negative: bool, scientific: String) -> String {
+    if nan {
+        return "nan".to_owned();
+    }
+    let sign = if negative { "-" } else { "" };
+    if infinite {
+        return format!("{sign}inf");
+    }
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((scientific.as_str(), "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    if digits.bytes().all(|b| b == b'0') {
+        return format!("{sign}0.0");
+    }
+    if (-4..16).contains(&exponent) {
+        // Positional: the point goes after digit `exponent + 1`.
+        let point = exponent + 1;
+        let text = if point <= 0 {
+            format!("0.{}{digits}", "0".repeat((-point) as usize))
+        } else if point as usize >= digits.len() {
+            format!("{digits}{}.0", "0".repeat(point as usize - digits.len()))
+        } else {
+            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+        };
+        return format!("{sign}{text}");
+    }
+    let mantissa = match digits.len() {
+        1 => digits,
+        _ => format!("{}.{}", &digits[..1], &digits[1..]),
+    };
+    format!("{sign}{mantissa}e{}{:02}", if exponent < 0 { '-' } else { '+' }, exponent.abs())
 }
 
 /// anndata <= 0.6's categories: `uns/<column>_categories` datasets by column name (anndata
@@ -340,11 +399,15 @@ impl DataFrameReader {
         n_rows: u64,
     ) -> DataFrameReader {
         let mut fields = vec![Field::new(id_column, DataType::Utf8, false)];
+        let taken = |n: &str| n == id_column || columns.iter().any(|(c, _)| c == n);
         for (col, kind) in &columns {
-            let out_name = if col == id_column { format!("{col}_column") } else { col.clone() };
-            fields.push(match kind {
-                ColumnKind::Categorical { categories, .. }
-                | ColumnKind::Record { categories: Some(categories), .. } => {
+            // A column named like the index column gets another name (its own kept for export).
+            let out_name = if col == id_column { renamed_column(col, &taken) } else { col.clone() };
+            let field = match kind {
+                ColumnKind::Categorical { categories, ordered, .. } => {
+                    with_order(categorical_field(&out_name, categories, true), *ordered)
+                }
+                ColumnKind::Record { categories: Some(categories), .. } => {
                     categorical_field(&out_name, categories, true)
                 }
                 ColumnKind::Strings(_) | ColumnKind::Record { kind: Scalar::FixedText { .. }, .. } => {
@@ -366,6 +429,14 @@ impl DataFrameReader {
                 ColumnKind::NullableInt { .. } => Field::new(&out_name, DataType::Int64, true),
                 ColumnKind::NullableBool { .. } => Field::new(&out_name, DataType::Boolean, true),
                 ColumnKind::NullableStrings { .. } => Field::new(&out_name, DataType::Utf8, true),
+            };
+            fields.push(match out_name == *col {
+                true => field,
+                false => {
+                    let mut metadata = field.metadata().clone();
+                    metadata.insert(SOURCE_NAME_KEY.to_owned(), col.clone());
+                    field.with_metadata(metadata)
+                }
             });
         }
         DataFrameReader {
@@ -457,7 +528,7 @@ impl DataFrameReader {
             };
             let mask = |m: &Dataset| read_vec::<bool>(path, m, &sel, n, ctx);
             let array: ArrayRef = match kind {
-                ColumnKind::Categorical { codes, categories } => {
+                ColumnKind::Categorical { codes, categories, .. } => {
                     categorical_array(path, read_vec::<i32>(path, codes, &sel, n, ctx)?, categories, rows.start, ctx)?
                 }
                 ColumnKind::Record { field, kind: _, categories } => {
@@ -602,7 +673,7 @@ impl DataFrameWriter {
         let mut columns = Vec::new();
         let mut order = Vec::new();
         for (i, field) in schema.fields().iter().enumerate() {
-            let col_name = if i == 0 { "_index".to_owned() } else { field.name().clone() };
+            let col_name = if i == 0 { "_index".to_owned() } else { source_name(field).to_owned() };
             let column = if i == 0 {
                 let ds = appendable::<VarLenUnicode>(path, &group, "_index", compression)?;
                 encoding(path, &ds, "string-array", "0.2.0")?;
@@ -616,7 +687,7 @@ impl DataFrameWriter {
                         encoding(path, &g, "categorical", "0.2.0")?;
                         g.new_attr::<bool>()
                             .create("ordered")
-                            .and_then(|a| a.write_scalar(&false))
+                            .and_then(|a| a.write_scalar(&is_ordered(field)))
                             .map_err(Error::hdf5(path, format!("{name}/{col_name}: ordered")))?;
                         let cats = strings_to_h5(&categories)?;
                         let cds = g
@@ -786,4 +857,39 @@ fn nullable<T: hdf5::H5Type>(
     let values = appendable::<T>(path, &g, "values", compression)?;
     let mask = appendable::<bool>(path, &g, "mask", compression)?;
     Ok(WriterColumn::Nullable { values, mask })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_are_printed_as_python_and_numpy_print_them() {
+        // Values and spellings from `str(x)` (float64) and `np.float32(x).astype(str)`.
+        for (value, text) in [
+            (1.0, "1.0"),
+            (1e-05, "1e-05"),
+            (0.5, "0.5"),
+            (2.5e16, "2.5e+16"),
+            (0.1, "0.1"),
+            (100.0, "100.0"),
+            (123456789.0, "123456789.0"),
+            (1e16, "1e+16"),
+            (9999999999999998.0, "9999999999999998.0"),
+            (0.0001, "0.0001"),
+            (0.00012, "0.00012"),
+            (-0.0, "-0.0"),
+            (0.0, "0.0"),
+            (-2.5, "-2.5"),
+            (1.5e300, "1.5e+300"),
+            (5e-324, "5e-324"),
+            (f64::NAN, "nan"),
+            (f64::NEG_INFINITY, "-inf"),
+        ] {
+            assert_eq!(float_text(value), text, "{value:e}");
+        }
+        for (value, text) in [(0.1f32, "0.1"), (1e-05, "1e-05"), (1.0, "1.0"), (0.3, "0.3")] {
+            assert_eq!(float_text_f32(value), text, "{value:e}");
+        }
+    }
 }

@@ -13,12 +13,14 @@
 //!
 //! HDF5 calls are serialised by a global lock in the bindings: use one reader thread.
 
+mod audit;
 mod dataframe;
 mod reader;
 mod records;
 pub mod watchdog;
 mod writer;
 
+pub use audit::{ExternalData, disable_plugins};
 pub use reader::{H5adReader, MatrixLayout, MatrixSource};
 pub use writer::{DEFAULT_GZIP_LEVEL, H5adCompression, H5adWriter};
 

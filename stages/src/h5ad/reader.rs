@@ -10,6 +10,7 @@ use arrow::record_batch::RecordBatch;
 use hdf5::types::TypeDescriptor;
 use hdf5::{Dataset, File, Group};
 
+use super::audit::ExternalData;
 use super::dataframe::{DataFrameReader, attr_string, read_strings, read_vec};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
@@ -45,19 +46,41 @@ pub struct H5adReader {
     var: DataFrameReader,
 }
 
+/// Checks that `path` is a regular file holding an HDF5 signature where HDF5 looks for one: at
+/// offset 0, or after a user block of 512, 1,024, 2,048... bytes (h5py's `userblock_size`).
+/// Opened without blocking, so that a FIFO or device given as the input is refused, not waited on.
 fn is_hdf5(path: &Path) -> Result<()> {
-    use std::io::Read;
-    let mut magic = [0u8; 8];
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
-    // HDF5 files start with this signature (a user block could move it; anndata writes none).
-    if n < 8 || magic != *b"\x89HDF\r\n\x1a\n" {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    const SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
         return Err(Error::Unsupported {
             path: path.to_owned(),
-            reason: "not an HDF5 file (no HDF5 signature at offset 0), expected an AnnData .h5ad".to_owned(),
+            reason: "not a regular file (a directory, FIFO, socket or device); expected an AnnData .h5ad file"
+                .to_owned(),
         });
     }
-    Ok(())
+    let mut offset = 0u64;
+    while offset + 8 <= meta.len() {
+        let mut magic = [0u8; 8];
+        file.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(path, e))?;
+        file.read_exact(&mut magic).map_err(|e| Error::io(path, e))?;
+        if magic == *SIGNATURE {
+            return Ok(());
+        }
+        offset = if offset == 0 { 512 } else { offset * 2 };
+    }
+    Err(Error::Unsupported {
+        path: path.to_owned(),
+        reason: "not an HDF5 file (no HDF5 signature at offset 0 or after a user block), expected an AnnData .h5ad"
+            .to_owned(),
+    })
 }
 
 /// Which matrix of an AnnData file to read.
@@ -79,10 +102,19 @@ impl H5adReader {
         H5adReader::open_matrix(path, layer.map_or(MatrixSource::X, MatrixSource::Layer))
     }
 
-    /// Opens `path` and the matrix `source`.
+    /// Opens `path` and the matrix `source`, reading nothing but that file (see
+    /// [`ExternalData::Refuse`]).
     pub fn open_matrix(path: &Path, source: MatrixSource<'_>) -> Result<H5adReader> {
+        H5adReader::open_matrix_with(path, source, ExternalData::Refuse)
+    }
+
+    /// Opens `path` and the matrix `source`; every link and dataset of the file is checked first
+    /// (external data as `external` allows, filters, declared sizes: [`super::audit`]).
+    pub fn open_matrix_with(path: &Path, source: MatrixSource<'_>, external: ExternalData) -> Result<H5adReader> {
         is_hdf5(path)?;
+        super::audit::disable_plugins();
         let file = File::open(path).map_err(Error::hdf5(path, "opening"))?;
+        super::audit::check_file(path, &file, external)?;
         let root_encoding = attr_string(path, &file, "encoding-type")?;
         if root_encoding.as_deref().is_some_and(|e| e != "anndata") {
             return Err(Error::Unsupported {
@@ -229,7 +261,9 @@ impl H5adReader {
         Error::hdf5(&self.path, format!("{}: {what}", self.element))
     }
 
-    /// Reads offsets `range` of a sparse matrix's `indptr` (as u64, validated).
+    /// Reads offsets `range` of a sparse matrix's `indptr` (as u64, validated: from 0, never
+    /// decreasing, at most `nnz`, and no row (column of a CSC matrix) holding more entries than
+    /// the matrix has columns (rows): sizes are checked before anything is allocated from them).
     fn offsets(&self, indptr: &Dataset, range: Range<u64>, nnz: u64) -> Result<Vec<u64>> {
         let sel = range.start as usize..range.end as usize;
         let raw: Vec<i64> = read_vec(&self.path, indptr, &sel, sel.len(), || format!("{}/indptr", self.element))?;
@@ -252,6 +286,10 @@ impl H5adReader {
                 ),
             ));
         }
+        let (minor, line) = match self.layout() {
+            MatrixLayout::Csc => (self.n_obs, "column"),
+            _ => (self.n_vars, "row"),
+        };
         for (i, &v) in raw.iter().enumerate() {
             if v < 0 || v as u64 > nnz || out.last().is_some_and(|&p| (v as u64) < p) {
                 return Err(Error::corrupt(
@@ -263,9 +301,45 @@ impl H5adReader {
                     ),
                 ));
             }
+            if let Some(&p) = out.last()
+                && v as u64 - p > minor
+            {
+                return Err(Error::corrupt(
+                    &self.path,
+                    format!(
+                        "{}/indptr: {line} {} holds {} entries, more than the matrix's {minor} {}s",
+                        self.element,
+                        range.start + i as u64 - 1,
+                        v as u64 - p,
+                        if line == "row" { "column" } else { "row" }
+                    ),
+                ));
+            }
             out.push(v as u64);
         }
         Ok(out)
+    }
+
+    /// The end of the longest run of rows (columns of a CSC matrix) from `start`, at most
+    /// `max_lines` of them, whose entries number at most `max_entries` (at least one line, which
+    /// holds at most as many entries as the matrix is wide). For a dense matrix, the run whose
+    /// elements fit. Import reads by these runs, so that one read is bounded whatever the file
+    /// declares.
+    pub fn lines_within(&self, start: u64, max_lines: u64, max_entries: u64) -> Result<u64> {
+        let (lines, minor) = match self.layout() {
+            MatrixLayout::Csc => (self.n_vars, self.n_obs),
+            _ => (self.n_obs, self.n_vars),
+        };
+        let end = start.saturating_add(max_lines.max(1)).min(lines);
+        if start >= end {
+            return Ok(end);
+        }
+        let Matrix::Sparse { data, indptr, .. } = &self.matrix else {
+            return Ok(end.min(start + (max_entries / minor.max(1)).max(1)));
+        };
+        let offsets = self.offsets(indptr, start..end + 1, data.size() as u64)?;
+        let fit = offsets.partition_point(|&o| o - offsets[0] <= max_entries);
+        Ok(start + (fit as u64).saturating_sub(1).max(1))
     }
 
     /// Appends rows `rows` of a CSR or dense matrix to `out` (values as f32, zeros dropped from
@@ -281,7 +355,7 @@ impl H5adReader {
                 let (s, e) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
                 let ctx = || format!("{}: rows {}..{}", self.element, rows.start, rows.end);
                 let idx: Vec<i64> = read_vec(&self.path, indices, &(s..e), e - s, ctx)?;
-                let val: Vec<f32> = read_vec(&self.path, data, &(s..e), e - s, ctx)?;
+                let val = read_values(&self.path, data, &(s..e), ctx)?;
                 let mut row_idx: Vec<u32> = Vec::new();
                 for (r, w) in offsets.windows(2).enumerate() {
                     let (a, b) = (w[0] as usize - s, w[1] as usize - s);
@@ -320,9 +394,12 @@ impl H5adReader {
                 Ok(())
             }
             Matrix::Dense(x) => {
-                let block = x
-                    .read_slice_2d::<f32, _>((rows.start as usize..rows.end as usize, ..))
-                    .map_err(self.err(format!("rows {}..{}", rows.start, rows.end)))?;
+                let sel = (rows.start as usize..rows.end as usize, ..);
+                let block = match is_boolean(x) {
+                    true => x.read_slice_2d::<bool, _>(sel).map(|b| b.mapv(|v| f32::from(u8::from(v)))),
+                    false => x.read_slice_2d::<f32, _>(sel),
+                }
+                .map_err(self.err(format!("rows {}..{}", rows.start, rows.end)))?;
                 let (mut idx, mut val) = (Vec::new(), Vec::new());
                 for row in block.rows() {
                     idx.clear();
@@ -355,7 +432,7 @@ impl H5adReader {
         let (s, e) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
         let ctx = || format!("{}: columns {}..{}", self.element, cols.start, cols.end);
         let rows: Vec<i64> = read_vec(&self.path, indices, &(s..e), e - s, ctx)?;
-        let vals: Vec<f32> = read_vec(&self.path, data, &(s..e), e - s, ctx)?;
+        let vals = read_values(&self.path, data, &(s..e), ctx)?;
         let mut out = Vec::with_capacity(rows.len());
         for &r in &rows {
             if r < 0 || r as u64 >= self.n_obs {
@@ -493,6 +570,27 @@ fn deg_table(
     RecordBatch::try_new(deg_schema(), columns).map_err(|e| Error::arrow("DEG table", e))
 }
 
+/// Whether a dataset holds booleans (h5py writes numpy's as an enum {FALSE: 0, TRUE: 1}).
+fn is_boolean(ds: &Dataset) -> bool {
+    match ds.dtype().and_then(|t| t.to_descriptor()) {
+        Ok(TypeDescriptor::Boolean) => true,
+        Ok(TypeDescriptor::Enum(e)) => {
+            e.members.len() == 2 && e.members.iter().all(|m| m.name == "FALSE" || m.name == "TRUE")
+        }
+        _ => false,
+    }
+}
+
+/// Entries `sel` of a matrix's values as f32 (HDF5 converts numbers; booleans become 1 and 0).
+fn read_values(path: &Path, data: &Dataset, sel: &Range<usize>, ctx: impl Fn() -> String) -> Result<Vec<f32>> {
+    let n = sel.len();
+    if is_boolean(data) {
+        let flags: Vec<bool> = read_vec(path, data, sel, n, ctx)?;
+        return Ok(flags.into_iter().map(|v| f32::from(u8::from(v))).collect());
+    }
+    read_vec(path, data, sel, n, ctx)
+}
+
 /// Sorts a row's entries by column; `Err(column)` on a repeated column.
 fn push_sorted(out: &mut CsrBatch, idx: &[u32], val: &[f32]) -> std::result::Result<(), u32> {
     let mut pairs: Vec<(u32, f32)> = idx.iter().copied().zip(val.iter().copied()).collect();
@@ -540,8 +638,11 @@ fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Matrix, (u64,
         for (name, d) in [("data", &data), ("indices", &indices), ("indptr", &indptr)] {
             let desc =
                 d.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, format!("{element}/{name}")))?;
-            let numeric =
-                matches!(desc, TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) | TypeDescriptor::Float(_));
+            // Booleans (a binary matrix) are read as anndata reads them: 1 for true, 0 for false.
+            let numeric = matches!(
+                desc,
+                TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) | TypeDescriptor::Float(_)
+            ) || (name == "data" && is_boolean(d));
             let integral = matches!(desc, TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_));
             if !numeric || (name != "data" && !integral) {
                 return Err(Error::Unsupported {

@@ -49,6 +49,8 @@ pub struct H5adWriter {
     nnz: u64,
     overwrite: bool,
     finished: bool,
+    /// Held until the file is published or abandoned (dropped after `Drop::drop`).
+    _lock: crate::output::OutputLock,
 }
 
 impl H5adWriter {
@@ -63,7 +65,7 @@ impl H5adWriter {
         compression: H5adCompression,
         overwrite: bool,
     ) -> Result<H5adWriter> {
-        crate::output::check_destination(dest, OutputKind::File, overwrite)?;
+        let lock = crate::output::claim_output(dest, OutputKind::File, overwrite)?;
         let tmp = crate::output::temporary_sibling(dest)?;
         let file = File::create(&tmp).map_err(Error::hdf5(&tmp, "creating"))?;
         let path = tmp.clone();
@@ -114,6 +116,7 @@ impl H5adWriter {
             nnz: 0,
             overwrite,
             finished: false,
+            _lock: lock,
         })
     }
 

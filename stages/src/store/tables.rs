@@ -133,8 +133,24 @@ pub fn read_small_table(path: &Path) -> Result<RecordBatch> {
 
 /// Writes `batches` (all with `schema`) as a Parquet table with the store's table properties
 /// (zstd, bounded row groups), to a temporary name renamed into place on success.
+/// The file's lock is held while it is written.
 pub fn write_table(path: &Path, schema: SchemaRef, batches: impl IntoIterator<Item = RecordBatch>) -> Result<()> {
     // Replaced when it exists (tables rewritten as a run goes), but only a regular file.
+    let lock = crate::output::claim_output(path, crate::output::OutputKind::File, true)?;
+    write_table_locked(path, &lock, schema, batches)
+}
+
+/// [`write_table`] by a caller that holds `path`'s lock already (taken with
+/// [`lock_output`](crate::output::lock_output), say to compare the file with what it would write).
+pub fn write_table_locked(
+    path: &Path,
+    lock: &crate::output::OutputLock,
+    schema: SchemaRef,
+    batches: impl IntoIterator<Item = RecordBatch>,
+) -> Result<()> {
+    if crate::output::lock_path(path)? != lock.path() {
+        return Err(Error::InvalidInput(format!("{}: written under another output's lock", path.display())));
+    }
     crate::output::check_destination(path, crate::output::OutputKind::File, true)?;
     let tmp = crate::output::temporary_sibling(path)?;
     let result = (|| {

@@ -21,7 +21,7 @@ use super::blocks::BlockEncoder;
 use super::hashing::{HashingWriter, hash_reader};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
-use crate::output::{OutputKind, check_destination, publish, temporary_sibling};
+use crate::output::{OutputKind, OutputLock, claim_output, publish, temporary_sibling};
 
 /// Default rows per row group of `obs.parquet`: a few MB of metadata columns in memory at most.
 pub const DEFAULT_OBS_ROW_GROUP_ROWS: usize = 65_536;
@@ -79,6 +79,8 @@ pub struct StoreWriter {
     obs: Option<ArrowWriter<File>>,
     obs_schema: SchemaRef,
     finished: bool,
+    /// Held until the store is published or abandoned (dropped after `Drop::drop`).
+    _lock: OutputLock,
 }
 
 impl StoreWriter {
@@ -94,7 +96,7 @@ impl StoreWriter {
         check_obs_schema(&obs_schema).map_err(|e| Error::InvalidInput(format!("obs table: {e}")))?;
         let n_vars = u32::try_from(var.num_rows())
             .map_err(|_| Error::InvalidInput(format!("{} genes exceed the u32 column index range", var.num_rows())))?;
-        check_destination(dest, OutputKind::Directory, options.overwrite)?;
+        let lock = claim_output(dest, OutputKind::Directory, options.overwrite)?;
         let tmp = temporary_sibling(dest)?;
         fs::create_dir_all(tmp.join("X")).map_err(|e| Error::io(&tmp, e))?;
         let mut writer = StoreWriter {
@@ -109,6 +111,7 @@ impl StoreWriter {
             obs: None,
             obs_schema,
             finished: false,
+            _lock: lock,
         };
         writer.open_files(var)?;
         Ok(writer)

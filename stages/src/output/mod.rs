@@ -2,8 +2,13 @@
 //! directories): written under a temporary sibling name, then published by one rename, so that
 //! an output appears complete or not at all; an existing output is replaced only when asked
 //! (`--overwrite`), never when it is not a regular file (or, for directory outputs, a
-//! directory); `-` (stdout) is refused, since these outputs are files, not streams; and
-//! temporaries left by killed runs of the same output are removed.
+//! directory); `-` (stdout) is refused, since these outputs are files, not streams; one
+//! command writes an output at a time ([`lock`]); and temporaries left by killed runs of the
+//! same output are removed by the next writer, under the lock.
+
+mod lock;
+
+pub use lock::{NO_LOCKS_VAR, OutputLock, Wait, lock_output, lock_path};
 
 use std::ffi::OsString;
 use std::fs;
@@ -30,10 +35,28 @@ impl OutputKind {
     }
 }
 
-/// Checks that `dest` may be written: not `-`, and, if it exists, of the output's kind (a
-/// symbolic link, device or FIFO is never replaced) and `overwrite` given. Removes temporaries
-/// of `dest` left by runs that no longer exist.
-pub fn check_destination(dest: &Path, kind: OutputKind, overwrite: bool) -> Result<()> {
+/// Claims output `dest` for this command: takes its lock ([`lock_output`], refused while
+/// another command writes it), checks that it may be written ([`check_destination`]) and removes
+/// the temporaries of `dest` that earlier, killed writers left (any writer's, on any node: the
+/// lock proves they are gone). Keep the lock until the output is published.
+pub fn claim_output(dest: &Path, kind: OutputKind, overwrite: bool) -> Result<OutputLock> {
+    check_name(dest)?;
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match kind {
+        // A directory output makes its parents, as `mkdir -p` would.
+        OutputKind::Directory => fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?,
+        OutputKind::File if !parent.is_dir() => {
+            return Err(Error::InvalidInput(format!("{}: no such directory", parent.display())));
+        }
+        OutputKind::File => {}
+    }
+    let lock = lock_output(dest, Wait::No)?;
+    check_destination(dest, kind, overwrite)?;
+    remove_stale_temporaries(dest);
+    Ok(lock)
+}
+
+fn check_name(dest: &Path) -> Result<()> {
     if dest.as_os_str() == "-" {
         return Err(Error::InvalidInput(
             "-: this output is written as a file and published whole when complete, so it cannot go to standard \
@@ -44,6 +67,14 @@ pub fn check_destination(dest: &Path, kind: OutputKind, overwrite: bool) -> Resu
     if dest.file_name().is_none() {
         return Err(Error::InvalidInput(format!("{}: not a file or directory name", dest.display())));
     }
+    Ok(())
+}
+
+/// Checks that `dest` may be written: not `-`, and, if it exists, of the output's kind (a
+/// symbolic link, device or FIFO is never replaced) and `overwrite` given. Takes no lock (see
+/// [`claim_output`]).
+pub fn check_destination(dest: &Path, kind: OutputKind, overwrite: bool) -> Result<()> {
+    check_name(dest)?;
     match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(dest, e)),
@@ -76,7 +107,6 @@ pub fn check_destination(dest: &Path, kind: OutputKind, overwrite: bool) -> Resu
             }
         }
     }
-    remove_stale_temporaries(dest);
     Ok(())
 }
 
@@ -167,18 +197,24 @@ pub fn sync_parent(path: &Path) {
     }
 }
 
-/// Removes `.NAME.tmp-PID-*` siblings of `dest` whose process no longer runs (left by a run that
-/// was killed or ran out of space). Best effort: what cannot be removed stays.
+/// Removes the temporaries of `dest` in its directory: `.NAME.tmp-*` (outputs being written and
+/// outputs moved aside) and `.NAME.import-*` (an import's transposition buckets), but this
+/// process's own. Call it only while holding `dest`'s lock ([`claim_output`]): every writer of
+/// `dest` holds it while its temporaries exist, so the others' are dead. Best effort: what cannot
+/// be removed stays.
 pub fn remove_stale_temporaries(dest: &Path) {
     let (Some(name), Some(parent)) = (dest.file_name(), dest.parent()) else { return };
     let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
-    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let prefixes = [".tmp-", ".import-"].map(|kind| format!(".{}{kind}", name.to_string_lossy()));
     let Ok(entries) = fs::read_dir(parent) else { return };
+    let own = std::process::id().to_string();
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        let Some(rest) = file_name.to_str().and_then(|n| prefixes.iter().find_map(|p| n.strip_prefix(p.as_str())))
+        else {
+            continue;
+        };
+        if rest.split('-').next() == Some(own.as_str()) {
             continue;
         }
         let path = entry.path();
@@ -225,13 +261,17 @@ mod tests {
         publish(&a, &dest, OutputKind::File, false)?;
         assert!(matches!(publish(&b, &dest, OutputKind::File, false), Err(Error::OutputExists { .. })));
         assert_eq!(fs::read(&dest).map_err(|e| Error::io(&dest, e))?, b"first");
-        // `b` belongs to a process that is gone (pid 1 is alive, so use a dead one's name).
-        let stale = dir.path().join(format!(".out.h5ad.tmp-{}-5", u32::MAX - 1));
+        // Under the lock, another writer's temporaries are dead whatever their process id says
+        // (pid 1 lives here, but a process on another node wrote it); this process's own stay.
+        let stale = dir.path().join(".out.h5ad.tmp-1-5");
         fs::rename(&b, &stale).map_err(|e| Error::io(&b, e))?;
+        let buckets = dir.path().join(".out.h5ad.import-1");
+        fs::create_dir(&buckets).map_err(|e| Error::io(&buckets, e))?;
         let live = dir.path().join(format!(".out.h5ad.tmp-{}-6", std::process::id()));
         write(&live, b"mine")?;
-        remove_stale_temporaries(&dest);
-        assert!(!stale.exists() && live.exists());
+        let lock = claim_output(&dest, OutputKind::File, true)?;
+        assert!(!stale.exists() && !buckets.exists() && live.exists());
+        drop(lock);
         // Directories: replaced whole when asked.
         let store = dir.path().join("s.store");
         let t = temporary_sibling(&store)?;
