@@ -11,9 +11,11 @@ use cpa_stream_pipeline::threads::BUSY_CPUS_VAR as BUSY_VAR;
 fn main() -> ExitCode {
     openmp_waits_passively();
     let args = cli::Args::parse();
+    // Arguments are OS strings (a path may hold any byte but NUL); provenance records them
+    // lossily, with U+FFFD where a byte is not UTF-8.
     cpa_stream_stages::provenance::set(
         cli::VERSION_LINE,
-        &cpa_stream_stages::provenance::shell_words(std::env::args()),
+        &cpa_stream_stages::provenance::shell_words(std::env::args_os().map(|a| a.to_string_lossy().into_owned())),
     );
     if let Err(err) = cli::init_logging(&args) {
         use std::io::Write as _;

@@ -13,7 +13,7 @@ use arrow::compute::take_record_batch;
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::{Codec, Manifest, StoreFiles};
 use cpa_stream_stages::CsrBatch;
-use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions, read_small_table, table_schema};
+use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -63,9 +63,8 @@ pub fn run_convert(
     let started = Instant::now();
     let read = StageStats::new("read", 1);
     let write = StageStats::new("write", 1);
-    let var = read_small_table(&input.file_path(StoreFiles::VAR)).map_err(Error::stage("read"))?;
-    let obs_path = input.file_path(StoreFiles::OBS);
-    let obs_schema = table_schema(&obs_path).map_err(Error::stage("read"))?;
+    let var = input.small_table(StoreFiles::VAR).map_err(Error::stage("read"))?;
+    let obs_schema = input.table_schema(StoreFiles::OBS).map_err(Error::stage("read"))?;
     let shuffled = shuffle.map(|s| format!(", cells shuffled with seed {}", s.seed)).unwrap_or_default();
     let options = StoreWriterOptions {
         codec,
@@ -82,7 +81,9 @@ pub fn run_convert(
                 std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
             }
             let from = input.file_path(name);
-            std::fs::copy(&from, &dest).map_err(Error::io(&from))?;
+            let mut source = input.open_file(name).map_err(Error::stage("read"))?;
+            let mut target = std::fs::File::create(&dest).map_err(Error::io(&dest))?;
+            std::io::copy(&mut source, &mut target).map_err(Error::io(&from))?;
         }
     }
     if let Some(shuffle) = shuffle {
@@ -147,7 +148,7 @@ fn copy_shuffled(
     progress: &dyn Progress,
 ) -> Result<()> {
     let obs_path = input.file_path(StoreFiles::OBS);
-    let obs = read.busy(|| read_small_table(&obs_path)).map_err(Error::stage("read"))?;
+    let obs = read.busy(|| input.small_table(StoreFiles::OBS)).map_err(Error::stage("read"))?;
     let n = input.n_obs();
     if obs.num_rows() as u64 != n {
         return Err(Error::InvalidInput(format!(

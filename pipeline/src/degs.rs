@@ -2,12 +2,11 @@
 //! keeps from an `.h5ad` and evaluation writes, and the group names they use for a condition.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use cpa_stream_stages::h5ad::{DEG_GENE, DEG_GROUP, DEG_RANK};
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::canonical_condition;
-use cpa_stream_stages::store::read_table;
+use cpa_stream_stages::store::TableFile;
 
 use crate::error::{Error, Result};
 use crate::obs::{ObsKeys, column_strings};
@@ -30,8 +29,9 @@ pub fn deg_keys(target: &Target, vocab: &Vocabulary, keys: &ObsKeys) -> Vec<Stri
 }
 
 /// Reads a DEG table (`group`, `rank`, `gene`): each group's genes in rank order.
-pub fn read_deg_lists(path: &Path) -> Result<HashMap<String, Vec<String>>> {
-    if !path.exists() {
+pub fn read_deg_lists(table: TableFile<'_>) -> Result<HashMap<String, Vec<String>>> {
+    let path = &table.path();
+    if !table.exists() {
         return Err(Error::InvalidInput(format!(
             "{}: no DEG table (import one with the .h5ad, run `cpa-stream evaluate` and pass its degs.parquet with \
              --degs, or give a gene list file)",
@@ -40,7 +40,7 @@ pub fn read_deg_lists(path: &Path) -> Result<HashMap<String, Vec<String>>> {
     }
     let origin = path.display().to_string();
     let mut lists: HashMap<String, Vec<(i64, String)>> = HashMap::new();
-    for batch in read_table(path).map_err(Error::stage("degs"))? {
+    for batch in table.read().map_err(Error::stage("degs"))? {
         let batch = batch.map_err(Error::stage("degs"))?;
         let (group, gene) = (column_strings(&batch, DEG_GROUP, &origin)?, column_strings(&batch, DEG_GENE, &origin)?);
         let rank = column_strings(&batch, DEG_RANK, &origin)?;

@@ -25,6 +25,7 @@ use cpa_stream_stages::model::layers::Noise;
 use cpa_stream_stages::model::vocab::CONTROL_ID;
 use cpa_stream_stages::model::{CpaModel, PerturbationCsr};
 use cpa_stream_stages::output::{OutputKind, claim_output};
+use cpa_stream_stages::store::TableFile;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
@@ -237,11 +238,8 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
     let (mut r2_delta, mut r2_response) = (Vec::new(), Vec::new());
     let mut combos = 0;
     if let Some((data, store)) = &data {
-        let truth = match &data.truth_path {
-            Some(path) => read_truth(path, vocab)?,
-            None => HashMap::new(),
-        };
-        let decoder = Decoder { model: &model, gene_index: &gene_index, truth: &truth };
+        let truth = &data.truth;
+        let decoder = Decoder { model: &model, gene_index: &gene_index, truth };
         let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(options.seed), model.device());
         let wanted = covariate_filter(vocab, &options.covariates)?;
         for (covs, sample) in &data.samples {
@@ -438,7 +436,7 @@ struct StoreData {
     /// Per covariate combination: the sampled control cells' rows.
     samples: BTreeMap<Vec<u32>, CsrBatch>,
     /// The store's truth table, when it has one (a synthetic atlas).
-    truth_path: Option<PathBuf>,
+    truth: HashMap<ConditionKey, TruthRow>,
 }
 
 impl StoreData {
@@ -480,8 +478,12 @@ impl StoreData {
             cursor.gather(&rows, &mut batch).map_err(Error::stage("reader"))?;
             samples.insert(covs, batch);
         }
-        let truth_path = Some(opened.store.file_path(cpa_stream_schemas::StoreFiles::TRUTH)).filter(|p| p.exists());
-        Ok(StoreData { observed, observed_with, samples, truth_path })
+        let table = TableFile::Store(&opened.store, cpa_stream_schemas::StoreFiles::TRUTH);
+        let truth = match table.exists() {
+            true => read_truth(table, opened.model.vocabulary())?,
+            false => HashMap::new(),
+        };
+        Ok(StoreData { observed, observed_with, samples, truth })
     }
 }
 

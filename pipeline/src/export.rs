@@ -7,7 +7,7 @@ use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::h5ad::{DEG_FILE, H5adCompression, H5adWriter};
-use cpa_stream_stages::store::{Access, Store, read_small_table, table_schema};
+use cpa_stream_stages::store::{Access, Store};
 
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -33,9 +33,8 @@ pub fn run_export(
     let started = Instant::now();
     let read = StageStats::new("read", 1);
     let write = StageStats::new("write", 1);
-    let var = read_small_table(&store.file_path(StoreFiles::VAR)).map_err(Error::stage("read"))?;
-    let obs_path = store.file_path(StoreFiles::OBS);
-    let obs_schema = table_schema(&obs_path).map_err(Error::stage("read"))?;
+    let var = store.small_table(StoreFiles::VAR).map_err(Error::stage("read"))?;
+    let obs_schema = store.table_schema(StoreFiles::OBS).map_err(Error::stage("read"))?;
     let mut writer = H5adWriter::create(out, &var, &obs_schema, store.nnz(), compression, overwrite)
         .map_err(Error::stage("write"))?;
     store.advise(Access::Sequential);
@@ -55,9 +54,8 @@ pub fn run_export(
     );
     progress.end();
     result?;
-    let deg_path = store.file_path(DEG_FILE);
-    if deg_path.exists() {
-        let table = read_small_table(&deg_path).map_err(Error::stage("read"))?;
+    if store.has_file(DEG_FILE) {
+        let table = store.small_table(DEG_FILE).map_err(Error::stage("read"))?;
         let key = table.schema().metadata().get("uns_key").cloned().unwrap_or_else(|| DEFAULT_DEG_KEY.to_owned());
         writer.write_degs(&key, &table).map_err(Error::stage("write"))?;
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::StoreFiles;
-use cpa_stream_stages::store::{Store, read_table};
+use cpa_stream_stages::store::Store;
 use cpa_stream_stages::{CsrBatch, Result as StageResult};
 use crossbeam_channel::{Sender, bounded};
 
@@ -36,7 +36,7 @@ pub(crate) fn send_store_rows(
     let n_vars = store.n_vars() as u32;
     let mut cursor = store.cursor()?;
     let mut row = 0u64;
-    for obs in read_table(&store.file_path(StoreFiles::OBS))? {
+    for obs in store.table(StoreFiles::OBS)? {
         let obs = obs?;
         for offset in (0..obs.num_rows()).step_by(batch_rows.max(1)) {
             let window = obs.slice(offset, batch_rows.min(obs.num_rows() - offset));

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 #: Field metadata key of a categorical column's ordered categories (the store's schema).
 CATEGORIES_KEY = b"cpa_stream.categories"
+#: Field metadata key marking an ordered categorical (``b"true"``).
+ORDERED_KEY = b"cpa_stream.ordered"
+#: Field metadata key of a column's name in its source when the store renamed it.
+SOURCE_NAME_KEY = b"cpa_stream.source_name"
 #: Rows of an in-memory matrix written per chunk.
 DEFAULT_CHUNK_ROWS = 1024
 
@@ -112,7 +116,8 @@ def table_to_pandas(table: pa.Table, index: str | None = None) -> pd.DataFrame:
         if categories is not None or pa.types.is_dictionary(field.type):
             values = frame[field.name].astype(object)
             order = json.loads(categories) if categories is not None else None
-            frame[field.name] = pd.Categorical(values, categories=order)
+            ordered = (field.metadata or {}).get(ORDERED_KEY) == b"true"
+            frame[field.name] = pd.Categorical(values, categories=order, ordered=ordered)
     if index is not None:
         frame = frame.set_index(index)
         frame.index = frame.index.astype(str)
@@ -199,31 +204,47 @@ def import_h5ad(
 
 
 def _number_text(value: Any) -> str:
-    """A category as the store writes it: integers plainly, floats in their shortest positional
-    form (``1.0`` -> ``1``, ``1e-05`` -> ``0.00001``), as the .h5ad importer does."""
+    """A category as the store writes it, as the .h5ad importer does: integers plainly, floats as
+    Python prints them (``1.0``, ``1e-05``, ``2.5e+16``), a float32 or float16 with the shortest
+    digits of its own precision (``0.1``, as ``astype(str)`` gives, not ``0.10000000149011612``)."""
+    if isinstance(value, (np.float32, np.float16)):
+        if not np.isfinite(value):
+            return repr(float(value))
+        return repr(float(np.format_float_positional(value, unique=True, trim="-")))
     if isinstance(value, (float, np.floating)):
-        return np.format_float_positional(float(value), trim="-")
+        return repr(float(value))
     return str(value)
 
 
 def dataframe_to_arrow(frame: pd.DataFrame, id_column: str, what: str) -> pa.Table:
     """A pandas obs/var frame in the store's schema: the index as ``id_column`` (first, not
     null), categoricals as dictionaries with their ordered categories recorded, integers Int64,
-    floats Float64, booleans, strings; a column named like the id becomes ``<id>_column``."""
+    floats Float64, booleans, strings; a column named like the id becomes ``<id>_column`` (or
+    ``<id>_column_2``... when that is taken), its own name kept in its metadata for export, and
+    an ordered categorical says so in its metadata."""
     fields: list[pa.Field] = []
     arrays: list[pa.Array] = []
     index = frame.index.astype(str)
     fields.append(pa.field(id_column, pa.string(), nullable=False))
     arrays.append(pa.array(np.asarray(index, dtype=object), type=pa.string()))
+    taken = {id_column, *map(str, frame.columns)}
     for name, column in frame.items():
         name = str(name)
-        out_name = f"{name}_column" if name == id_column else name
+        out_name, meta = name, {}
+        if name == id_column:
+            out_name = f"{name}_column"
+            k = 2
+            while out_name in taken:
+                out_name, k = f"{name}_column_{k}", k + 1
+            meta[SOURCE_NAME_KEY] = name.encode()
         dtype = column.dtype
         if isinstance(dtype, pd.CategoricalDtype):
             categories = [_number_text(c) for c in dtype.categories]
             codes = pa.array(np.asarray(column.cat.codes, dtype=np.int32), mask=np.asarray(column.cat.codes) < 0)
             array = pa.DictionaryArray.from_arrays(codes, pa.array(categories, type=pa.string()))
-            meta = {CATEGORIES_KEY: json.dumps(categories, separators=(",", ":"), ensure_ascii=False).encode()}
+            meta[CATEGORIES_KEY] = json.dumps(categories, separators=(",", ":"), ensure_ascii=False).encode()
+            if dtype.ordered:
+                meta[ORDERED_KEY] = b"true"
             fields.append(pa.field(out_name, pa.dictionary(pa.int32(), pa.string()), nullable=True, metadata=meta))
             arrays.append(array)
             continue
@@ -245,7 +266,7 @@ def dataframe_to_arrow(frame: pd.DataFrame, id_column: str, what: str) -> pa.Tab
                 f"{what} column {name!r}: dtype {dtype} is not supported "
                 "(categorical, string, integer, float or boolean)"
             )
-        fields.append(pa.field(out_name, array.type, nullable=nullable))
+        fields.append(pa.field(out_name, array.type, nullable=nullable, metadata=meta or None))
         arrays.append(array)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 

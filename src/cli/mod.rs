@@ -35,6 +35,7 @@ mod h5ad;
 mod info;
 mod predict;
 mod progress;
+mod signals;
 mod store;
 mod synth;
 mod train;
@@ -99,7 +100,8 @@ pub const VERSION_LINE: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!
 
 /// Exit codes, the same for every command (also in `--help` and docs/cli.md).
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 error (the message names the file, row or column), 2 usage error, \
-130 interrupted (Ctrl-C; `train` keeps its last checkpoint for --resume). CPA_STREAM_LOG sets the log filter \
+130 interrupted (Ctrl-C); `train` stops at the next step with a checkpoint for --resume on Ctrl-C, SIGTERM \
+(exit 143) or SIGHUP (129), and quits at once on a second. CPA_STREAM_LOG sets the log filter \
 (default info; e.g. warn, debug, cpa_stream=debug); a filter that does not parse is an error.";
 
 /// Train and run the Compositional Perturbation Autoencoder on atlases larger than memory.

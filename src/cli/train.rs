@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use clap::Args;
@@ -141,18 +141,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let (device, workers) = super::model_device(&args.device, args.threads, args.workers)?;
     let options = args.request().options(device, workers)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::Relaxed) {
-            std::process::exit(130);
-        }
-        tracing::warn!("interrupted: stopping after this step with a checkpoint (Ctrl-C again to quit at once)");
-    })
-    .context("installing the Ctrl-C handler")?;
+    super::signals::stop_on_signals(Arc::clone(&stop))?;
     let progress = CliProgress::new();
     let report =
         run_train(&options, &progress, stop).with_context(|| format!("training on {}", args.store.display()))?;
-    let code = if report.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS };
+    let code = match report.interrupted {
+        true => ExitCode::from(super::signals::interrupted_exit_code()),
+        false => ExitCode::SUCCESS,
+    };
     if args.json {
         jsonln!(&report);
         return Ok(code);
@@ -164,7 +160,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         report.valid_cells,
         report.epochs.len(),
         if report.stopped_early { ", stopped early" } else { "" },
-        if report.interrupted { ", interrupted (resume with --resume)" } else { "" }
+        if report.interrupted {
+            format!(", stopped by {} (resume with --resume)", super::signals::received_name())
+        } else {
+            String::new()
+        }
     );
     if let Some(last) = report.epochs.last() {
         outln!(

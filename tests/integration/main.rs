@@ -14,3 +14,4 @@ mod store;
 mod synth;
 mod train;
 mod trust;
+mod untrusted;

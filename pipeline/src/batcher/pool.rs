@@ -89,6 +89,8 @@ pub struct PoolStats {
     kept: Arc<Mutex<Vec<HostBatch>>>,
     /// Host batches allocated by the passes.
     allocated: Arc<AtomicU64>,
+    /// Host batches taken from `kept`.
+    reused: Arc<AtomicU64>,
 }
 
 impl PoolStats {
@@ -104,7 +106,14 @@ impl PoolStats {
 
     /// A fed pool's counters kept by its caller, with nothing handed on yet.
     pub fn fed_with(batcher: Arc<StageStats>, blocks: Arc<BlockCacheShared>) -> PoolStats {
-        PoolStats { planner: None, batcher, blocks, kept: Arc::default(), allocated: Arc::default() }
+        PoolStats {
+            planner: None,
+            batcher,
+            blocks,
+            kept: Arc::default(),
+            allocated: Arc::default(),
+            reused: Arc::default(),
+        }
     }
 
     /// What the passes did with a compressed store's blocks (zeros for a raw store).
@@ -116,6 +125,7 @@ impl PoolStats {
     fn take_kept(&self, genes: u32, n_covariates: usize) -> Option<HostBatch> {
         let mut kept = self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let k = kept.iter().rposition(|b| b.counts.n_cols() == genes && b.covariates.len() == n_covariates)?;
+        self.reused.fetch_add(1, Ordering::Relaxed);
         Some(kept.swap_remove(k))
     }
 
@@ -124,6 +134,11 @@ impl PoolStats {
         let mut kept = self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let room = pool_size.saturating_sub(kept.len());
         kept.extend(batches.take(room));
+    }
+
+    /// Host batches taken from those an earlier pass kept, so far.
+    pub fn reused(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
     }
 
     /// Host batches kept for the next pass, and allocated by the passes so far.
@@ -231,7 +246,8 @@ impl Shared {
 
     /// A batch to fill: a recycled one, a new one while the pool is not full, else one that
     /// comes back within [`POOL_WAIT`] (a consumer that keeps batches costs allocations, not a
-    /// deadlock). `None` when the consumer is gone.
+    /// deadlock). A batch an earlier pass kept is always taken before one is allocated, however
+    /// the threads were scheduled. `None` when the consumer is gone.
     fn take_batch(&self) -> Option<HostBatch> {
         let genes = self.store.n_vars() as u32;
         let batch = match self.recycle.try_recv() {
@@ -241,7 +257,7 @@ impl Shared {
             }
             Err(_) => match self.stats.batcher.recv_timeout(&self.recycle, POOL_WAIT) {
                 Ok(b) => Some(b),
-                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Timeout) => self.stats.take_kept(genes, self.n_covariates),
                 Err(RecvTimeoutError::Disconnected) => return None,
             },
         };

@@ -17,7 +17,7 @@ use cpa_stream_schemas::tables::{CELL_ID, categories_of};
 use cpa_stream_stages::model::config::DEFAULT_MAX_COMB_LEN;
 use cpa_stream_stages::model::vocab::{Covariate, Vocabulary};
 pub use cpa_stream_stages::model::vocab::{SplitSpec, Stratify};
-use cpa_stream_stages::store::{Store, read_table, table_schema};
+use cpa_stream_stages::store::Store;
 pub(crate) use key::GroupKey;
 
 use crate::error::{Error, Result};
@@ -225,11 +225,11 @@ impl CellLabels {
     pub fn from_store(store: &Store, options: &EncoderOptions) -> Result<CellLabels> {
         let obs_path = store.file_path(StoreFiles::OBS);
         let origin = obs_path.display().to_string();
-        let schema = table_schema(&obs_path).map_err(Error::stage("encoder"))?;
+        let schema = store.table_schema(StoreFiles::OBS).map_err(Error::stage("encoder"))?;
         check_columns(&schema, options, &origin)?;
         let covariate_keys = options.all_covariate_keys();
         let mut scan = Scan::new(options, store.n_obs(), &origin)?;
-        for batch in read_table(&obs_path).map_err(Error::stage("encoder"))? {
+        for batch in store.table(StoreFiles::OBS).map_err(Error::stage("encoder"))? {
             let batch = batch.map_err(Error::stage("encoder"))?;
             let col = |name: &str| column_strings(&batch, name, &origin);
             let columns = Columns {

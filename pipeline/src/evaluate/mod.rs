@@ -34,7 +34,7 @@ use std::time::Instant;
 
 use cpa_stream_stages::h5ad::DEG_FILE;
 use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
-use cpa_stream_stages::store::Store;
+use cpa_stream_stages::store::{Store, TableFile};
 pub use moments::in_second_half;
 use serde::Serialize;
 pub use table::{MetricSet, render_table};
@@ -469,11 +469,11 @@ impl Plan {
         groups: &[Option<conditions::MappedGroup>],
         moments: &GroupMoments,
     ) -> Result<Plan> {
-        let truth_path = options.truth.clone().or_else(|| {
-            let p = store.file_path(cpa_stream_schemas::StoreFiles::TRUTH);
-            p.exists().then_some(p)
-        });
-        let truth = truth_path.as_deref().map(|p| truth::read_truth(p, vocab)).transpose()?.unwrap_or_default();
+        let truth_table = match &options.truth {
+            Some(p) => Some(TableFile::Path(p)),
+            None => Some(TableFile::Store(store, cpa_stream_schemas::StoreFiles::TRUTH)).filter(TableFile::exists),
+        };
+        let truth = truth_table.map(|t| truth::read_truth(t, vocab)).transpose()?.unwrap_or_default();
         let conditions = conditions::collect(groups, &truth);
         let evaluated_split = |s: Split| options.split.contains(s);
         let mut evaluated: Vec<(ConditionKey, Moments)> = conditions
@@ -521,10 +521,10 @@ type DegLists = (HashMap<String, Vec<String>>, &'static str);
 /// The DEG table to rank genes by: `--degs`, else the store's, else none (computed per condition).
 fn deg_table(options: &EvaluateOptions, store: &Store) -> Result<Option<DegLists>> {
     Ok(match &options.degs {
-        Some(p) => Some((read_deg_lists(p)?, "file")),
+        Some(p) => Some((read_deg_lists(TableFile::Path(p))?, "file")),
         None => {
-            let p = store.file_path(DEG_FILE);
-            if p.exists() { Some((read_deg_lists(&p)?, "store")) } else { None }
+            let table = TableFile::Store(store, DEG_FILE);
+            if table.exists() { Some((read_deg_lists(table)?, "store")) } else { None }
         }
     })
 }

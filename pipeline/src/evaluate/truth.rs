@@ -1,14 +1,13 @@
 //! A synthetic atlas's truth table, read for scoring: the true `E[log1p x]` per condition.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use arrow::array::AsArray;
 use arrow::datatypes::Float32Type;
 use cpa_stream_schemas::tables::truth;
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::split_condition;
-use cpa_stream_stages::store::read_small_table;
+use cpa_stream_stages::store::TableFile;
 
 use super::conditions::{ConditionKey, key_of};
 use crate::error::{Error, Result};
@@ -23,9 +22,9 @@ pub(crate) struct TruthRow {
 }
 
 /// Reads `truth.parquet`; rows whose labels the model does not know are skipped.
-pub(crate) fn read_truth(path: &Path, vocab: &Vocabulary) -> Result<HashMap<ConditionKey, TruthRow>> {
-    let origin = path.display().to_string();
-    let table = read_small_table(path).map_err(Error::stage("truth"))?;
+pub(crate) fn read_truth(file: TableFile<'_>, vocab: &Vocabulary) -> Result<HashMap<ConditionKey, TruthRow>> {
+    let origin = file.path().display().to_string();
+    let table = file.read_small().map_err(Error::stage("truth"))?;
     let text = |name: &str| column_strings(&table, name, &origin);
     let (conditions, doses) = (text(truth::CONDITION)?, text(truth::DOSE)?);
     let covariates = vocab

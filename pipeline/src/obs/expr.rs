@@ -283,13 +283,13 @@ impl Expr {
     /// Why the expression selects no cell of the obs table at `obs`: each value it compares
     /// with that its column does not hold, with the column's values closest first; or, when every
     /// value occurs, that no cell meets the whole expression.
-    pub fn explain_no_match(&self, obs: &std::path::Path) -> Result<String> {
+    pub fn explain_no_match(&self, obs: cpa_stream_stages::store::TableFile<'_>) -> Result<String> {
         /// Distinct values kept per column for the suggestions.
         const MAX_DISTINCT: usize = 100_000;
-        let origin = obs.display().to_string();
+        let origin = obs.path().display().to_string();
         let columns = self.columns();
         let mut distinct: Vec<std::collections::HashSet<String>> = vec![Default::default(); columns.len()];
-        for batch in cpa_stream_stages::store::read_table(obs).map_err(crate::error::Error::stage("source"))? {
+        for batch in obs.read().map_err(crate::error::Error::stage("source"))? {
             let batch = batch.map_err(crate::error::Error::stage("source"))?;
             for (name, seen) in columns.iter().zip(&mut distinct) {
                 let col = column_strings(&batch, name, &origin)?;

@@ -8,7 +8,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::model::Vocabulary;
-use cpa_stream_stages::store::{Store, read_small_table};
+use cpa_stream_stages::store::Store;
 
 use crate::error::{Error, Result};
 
@@ -74,7 +74,7 @@ pub fn column_strings(batch: &RecordBatch, name: &str, origin: &str) -> Result<T
 /// The store's gene names (var `gene_id`, else the first column).
 pub fn gene_names(store: &Store) -> Result<Vec<String>> {
     let path = store.file_path(StoreFiles::VAR);
-    let var = read_small_table(&path).map_err(Error::stage("reader"))?;
+    let var = store.small_table(StoreFiles::VAR).map_err(Error::stage("reader"))?;
     let col = var
         .column_by_name(cpa_stream_schemas::tables::GENE_ID)
         .or_else(|| (var.num_columns() > 0).then(|| var.column(0)))

@@ -87,7 +87,7 @@ pub fn run_predict(
         })
         .sum();
     let rows = predictor.rows();
-    let (source, obs) = (predictor.source().clone(), predictor.store().file_path(StoreFiles::OBS));
+    let (source, store) = (predictor.source().clone(), std::sync::Arc::clone(predictor.store()));
     let widen = match options.layout {
         Layout::Long => None,
         Layout::Wide => Some(wide::Widen::new(&predictor.schema(), predictor.genes())?),
@@ -136,7 +136,7 @@ pub fn run_predict(
             .shard
             .map(|s| format!(" in shard {}/{} (rows {}..{})", s.index, s.count, rows.start, rows.end))
             .unwrap_or_default();
-        let why = source.explain_no_match(&obs)?;
+        let why = source.explain_no_match(cpa_stream_stages::store::TableFile::Store(&store, StoreFiles::OBS))?;
         if !options.allow_empty {
             return Err(Error::InvalidInput(format!(
                 "{selection} selects no cell{shard}: {why}. {} was not written (--allow-empty writes an empty file)",
@@ -190,7 +190,7 @@ pub const GENES_FILE: &str = "genes.parquet";
 /// genes, replaces it).
 fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
     let var_path = predictor.store().file_path(StoreFiles::VAR);
-    let var = cpa_stream_stages::store::read_small_table(&var_path).map_err(Error::stage("reader"))?;
+    let var = predictor.store().small_table(StoreFiles::VAR).map_err(Error::stage("reader"))?;
     let ids = arrow::compute::cast(var.column(0), &arrow::datatypes::DataType::Utf8)
         .map_err(Error::arrow(format!("{}: gene ids", var_path.display())))?;
     let ids = arrow::array::AsArray::as_string::<i32>(ids.as_ref());

@@ -12,7 +12,7 @@ use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::CELL_ID;
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::split_condition;
-use cpa_stream_stages::store::{Store, read_table};
+use cpa_stream_stages::store::Store;
 
 use crate::batcher::Feeder;
 use crate::encoder::GroupKey;
@@ -91,7 +91,7 @@ impl Select {
             feeder.send_in_order(full.rows.clone(), full)
         };
         let mut row = 0u64;
-        for batch in read_table(&obs).map_err(Error::stage("source"))? {
+        for batch in self.store.table(StoreFiles::OBS).map_err(Error::stage("source"))? {
             let batch = batch.map_err(Error::stage("source"))?;
             let n = batch.num_rows() as u64;
             if row + n <= self.rows.start {

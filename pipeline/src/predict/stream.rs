@@ -52,7 +52,7 @@ pub struct PredictionStream {
 struct EmptyCheck {
     text: Option<String>,
     source: crate::obs::expr::Expr,
-    obs: std::path::PathBuf,
+    store: Arc<cpa_stream_stages::store::Store>,
     shard: Option<crate::predictor::Shard>,
     rows: std::ops::Range<u64>,
 }
@@ -68,7 +68,8 @@ impl EmptyCheck {
             .shard
             .map(|s| format!(" in shard {}/{} (rows {}..{})", s.index, s.count, self.rows.start, self.rows.end))
             .unwrap_or_default();
-        match self.source.explain_no_match(&self.obs) {
+        let obs = cpa_stream_stages::store::TableFile::Store(&self.store, cpa_stream_schemas::StoreFiles::OBS);
+        match self.source.explain_no_match(obs) {
             Ok(why) => Error::InvalidInput(format!(
                 "{selection} selects no cell{shard}: {why} (an empty result must be asked for: allow_empty / --allow-empty)"
             )),
@@ -125,7 +126,7 @@ impl Predictor {
             empty: (!options.allow_empty).then(|| EmptyCheck {
                 text: options.source.clone(),
                 source: self.source().clone(),
-                obs: self.store().file_path(cpa_stream_schemas::StoreFiles::OBS),
+                store: Arc::clone(self.store()),
                 shard: options.shard,
                 rows: self.rows(),
             }),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use cpa_stream_stages::h5ad::DEG_FILE;
 use cpa_stream_stages::model::Vocabulary;
-use cpa_stream_stages::store::Store;
+use cpa_stream_stages::store::{Store, TableFile};
 
 use super::options::GeneSelection;
 use super::targets::{Target, known};
@@ -42,8 +42,9 @@ pub(super) fn select_genes(
             if targets.is_empty() {
                 return Err(Error::InvalidInput("--genes top-deg:K needs --target or --targets".into()));
             }
-            let path = degs.map(Path::to_owned).unwrap_or_else(|| store.file_path(DEG_FILE));
-            let lists = read_deg_lists(&path)?;
+            let table = degs.map_or(TableFile::Store(store, DEG_FILE), TableFile::Path);
+            let path = table.path();
+            let lists = read_deg_lists(table)?;
             let mut chosen = vec![false; vocab.genes.len()];
             for target in targets {
                 let list =

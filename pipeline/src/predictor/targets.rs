@@ -195,9 +195,9 @@ pub fn spell_as_obs(
     dose_key: Option<&str>,
 ) -> Result<Vec<Target>> {
     use cpa_stream_schemas::tables::categories_of;
-    let obs = store.file_path(cpa_stream_schemas::StoreFiles::OBS);
-    let schema =
-        cpa_stream_stages::store::table_schema(&obs).map_err(|source| Error::Stage { stage: "targets", source })?;
+    let schema = store
+        .table_schema(cpa_stream_schemas::StoreFiles::OBS)
+        .map_err(|source| Error::Stage { stage: "targets", source })?;
     let categories = |key: &str| schema.field_with_name(key).ok().and_then(categories_of).unwrap_or_default();
     let conditions = categories(perturbation_key);
     let doses = dose_key.map(categories).unwrap_or_default();

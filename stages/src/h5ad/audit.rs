@@ -26,8 +26,8 @@ use hdf5_sys::h5d::{H5D_layout_t, H5Dget_create_plist, H5Dget_storage_size};
 use hdf5_sys::h5i::hid_t;
 use hdf5_sys::h5l::{H5L_info2_t, H5Lget_info2, H5Lget_val, H5Lunpack_elink_val};
 use hdf5_sys::h5p::{
-    H5P_DEFAULT, H5Pclose, H5Pget_external, H5Pget_external_count, H5Pget_filter2, H5Pget_layout,
-    H5Pget_nfilters, H5Pget_virtual_count, H5Pget_virtual_dsetname, H5Pget_virtual_filename,
+    H5P_DEFAULT, H5Pclose, H5Pget_external, H5Pget_external_count, H5Pget_filter2, H5Pget_layout, H5Pget_nfilters,
+    H5Pget_virtual_count, H5Pget_virtual_dsetname, H5Pget_virtual_filename,
 };
 use hdf5_sys::h5z::H5Zfilter_avail;
 
@@ -75,6 +75,7 @@ pub fn disable_plugins() {
 /// data is read.
 pub(crate) fn check_file(path: &Path, file: &File, policy: ExternalData) -> Result<()> {
     disable_plugins();
+    let _watch = super::watchdog::guard(|| format!("{}: checking its links and datasets", path.display()));
     let mut visited = Visited::default();
     check_tree(path, file, policy, 0, &mut visited)
 }

@@ -177,7 +177,11 @@ fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
             ))
         })?;
         let ordered = attr_flag(&ds, "ordered");
-        return Ok(ColumnKind::Categorical { codes: ds, categories: read_categories(path, &categories, &at)?, ordered });
+        return Ok(ColumnKind::Categorical {
+            codes: ds,
+            categories: read_categories(path, &categories, &at)?,
+            ordered,
+        });
     }
     let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, full.clone()))?;
     Ok(match desc {

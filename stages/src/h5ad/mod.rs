@@ -27,3 +27,14 @@ pub use writer::{DEFAULT_GZIP_LEVEL, H5adCompression, H5adWriter};
 pub use cpa_stream_schemas::tables::degs::{
     FILE as DEG_FILE, GENE as DEG_GENE, GROUP as DEG_GROUP, RANK as DEG_RANK, SCORE as DEG_SCORE,
 };
+
+/// The name to give the HDF5 library for `path`, which `opened` holds open: `path` itself, or,
+/// when it is not UTF-8 (the library takes only UTF-8 names; a Linux path may hold any byte but
+/// NUL), the process's link to the open file (`/proc/self/fd/N`), which opens the same file.
+fn hdf5_name(path: &std::path::Path, opened: &std::fs::File) -> std::path::PathBuf {
+    use std::os::unix::io::AsRawFd;
+    match path.to_str() {
+        Some(_) => path.to_owned(),
+        None => std::path::PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd())),
+    }
+}

@@ -49,7 +49,7 @@ pub struct H5adReader {
 /// Checks that `path` is a regular file holding an HDF5 signature where HDF5 looks for one: at
 /// offset 0, or after a user block of 512, 1,024, 2,048... bytes (h5py's `userblock_size`).
 /// Opened without blocking, so that a FIFO or device given as the input is refused, not waited on.
-fn is_hdf5(path: &Path) -> Result<()> {
+fn is_hdf5(path: &Path) -> Result<std::fs::File> {
     use std::io::{Read, Seek, SeekFrom};
     use std::os::unix::fs::OpenOptionsExt;
     const SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
@@ -72,7 +72,7 @@ fn is_hdf5(path: &Path) -> Result<()> {
         file.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(path, e))?;
         file.read_exact(&mut magic).map_err(|e| Error::io(path, e))?;
         if magic == *SIGNATURE {
-            return Ok(());
+            return Ok(file);
         }
         offset = if offset == 0 { 512 } else { offset * 2 };
     }
@@ -111,10 +111,9 @@ impl H5adReader {
     /// Opens `path` and the matrix `source`; every link and dataset of the file is checked first
     /// (external data as `external` allows, filters, declared sizes: [`super::audit`]).
     pub fn open_matrix_with(path: &Path, source: MatrixSource<'_>, external: ExternalData) -> Result<H5adReader> {
-        is_hdf5(path)?;
+        let opened = is_hdf5(path)?;
         super::audit::disable_plugins();
-        let file = File::open(path).map_err(Error::hdf5(path, "opening"))?;
-        super::audit::check_file(path, &file, external)?;
+        let file = File::open(super::hdf5_name(path, &opened)).map_err(Error::hdf5(path, "opening"))?;
         let root_encoding = attr_string(path, &file, "encoding-type")?;
         if root_encoding.as_deref().is_some_and(|e| e != "anndata") {
             return Err(Error::Unsupported {
@@ -128,6 +127,7 @@ impl H5adReader {
                 reason: "no obs and var dataframes: not an AnnData file".to_owned(),
             });
         }
+        super::audit::check_file(path, &file, external)?;
         let mut var_name = "var";
         let element = match source {
             MatrixSource::X => "X".to_owned(),
@@ -639,10 +639,9 @@ fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Matrix, (u64,
             let desc =
                 d.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, format!("{element}/{name}")))?;
             // Booleans (a binary matrix) are read as anndata reads them: 1 for true, 0 for false.
-            let numeric = matches!(
-                desc,
-                TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) | TypeDescriptor::Float(_)
-            ) || (name == "data" && is_boolean(d));
+            let numeric =
+                matches!(desc, TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) | TypeDescriptor::Float(_))
+                    || (name == "data" && is_boolean(d));
             let integral = matches!(desc, TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_));
             if !numeric || (name != "data" && !integral) {
                 return Err(Error::Unsupported {

@@ -9,21 +9,62 @@
 //! on the looping thread). Nothing is published then; the temporary output is cleaned by the
 //! next run of the same output. Without [`install`] (the Python module: ending a user's
 //! interpreter is not this library's call) guards cost one relaxed atomic load.
+//!
+//! The limit counts the CPU time of the thread making the call, not wall time: a looping call
+//! burns CPU, while a process that is stopped (Ctrl-Z, `scontrol suspend`, a cgroup freezer),
+//! waiting for its turn on a busy machine or reading a slow disk does not, and is never taken
+//! for hung. (A call blocked for ever without using the CPU, such as a read from a FIFO, cannot
+//! happen: [`super::audit`] refuses every reference to another file before anything is read.)
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Seconds a guarded call may take by default, unless `CPA_STREAM_HDF5_TIMEOUT` says otherwise.
+/// CPU seconds a guarded call may take by default, unless `CPA_STREAM_HDF5_TIMEOUT` says otherwise.
 /// The guarded reads are attributes and slices of string columns: milliseconds on a sound file.
 pub const DEFAULT_LIMIT_SECS: u64 = 300;
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static LIMIT: OnceLock<Duration> = OnceLock::new();
 static NEXT: AtomicU64 = AtomicU64::new(0);
-static WATCHED: Mutex<Option<HashMap<u64, (Instant, String)>>> = Mutex::new(None);
+static WATCHED: Mutex<Option<HashMap<u64, (ThreadClock, String)>>> = Mutex::new(None);
+
+/// The CPU-time clock of the thread that made a guarded call, and its reading then.
+#[derive(Debug, Clone, Copy)]
+struct ThreadClock {
+    clock: libc::clockid_t,
+    start: Duration,
+}
+
+impl ThreadClock {
+    /// The calling thread's clock (`None` where the system has none).
+    fn current() -> Option<ThreadClock> {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: pthread_self is always valid for the calling thread; the clock id is written
+        // into a live local.
+        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } != 0 {
+            return None;
+        }
+        Some(ThreadClock { clock, start: read_clock(clock)? })
+    }
+
+    /// CPU time the thread has used since the call began. The thread is alive while its guard
+    /// is registered (the guard is dropped on that thread before it can end).
+    fn used(&self) -> Duration {
+        read_clock(self.clock).map_or(Duration::ZERO, |now| now.saturating_sub(self.start))
+    }
+}
+
+fn read_clock(clock: libc::clockid_t) -> Option<Duration> {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into a live timespec.
+    if unsafe { libc::clock_gettime(clock, &mut now) } != 0 {
+        return None;
+    }
+    Some(Duration::new(u64::try_from(now.tv_sec).ok()?, u32::try_from(now.tv_nsec).ok()?))
+}
 
 /// Starts the watchdog (once per process) with `limit`, or with `CPA_STREAM_HDF5_TIMEOUT`
 /// seconds when that is set, or [`DEFAULT_LIMIT_SECS`].
@@ -49,13 +90,13 @@ fn watch_loop(limit: Duration) {
             let watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
             watched
                 .as_ref()
-                .and_then(|w| w.values().find(|(since, _)| since.elapsed() >= limit).map(|(_, what)| what.clone()))
+                .and_then(|w| w.values().find(|(clock, _)| clock.used() >= limit).map(|(_, what)| what.clone()))
         };
         if let Some(what) = overdue {
             let message = format!(
-                "error: {what}: the HDF5 library has not returned after {:.0} s; the file is probably damaged \
-                 (a corrupt global heap makes HDF5 loop; h5py and anndata hang on it too). Stopped; nothing was \
-                 published. CPA_STREAM_HDF5_TIMEOUT=SECONDS waits longer.\n",
+                "error: {what}: the HDF5 library has not returned after {:.0} s of CPU time; the file is probably \
+                 damaged (a corrupt global heap makes HDF5 loop; h5py and anndata hang on it too). Stopped; nothing \
+                 was published. CPA_STREAM_HDF5_TIMEOUT=SECONDS waits longer.\n",
                 limit.as_secs_f64()
             );
             let _ = std::io::stderr().write_all(message.as_bytes());
@@ -85,8 +126,9 @@ pub(crate) fn guard(what: impl FnOnce() -> String) -> Guard {
     if !INSTALLED.load(Ordering::Acquire) {
         return Guard(None);
     }
+    let Some(clock) = ThreadClock::current() else { return Guard(None) };
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
-    watched.get_or_insert_with(HashMap::new).insert(id, (Instant::now(), what()));
+    watched.get_or_insert_with(HashMap::new).insert(id, (clock, what()));
     Guard(Some(id))
 }

@@ -67,7 +67,8 @@ impl H5adWriter {
     ) -> Result<H5adWriter> {
         let lock = crate::output::claim_output(dest, OutputKind::File, overwrite)?;
         let tmp = crate::output::temporary_sibling(dest)?;
-        let file = File::create(&tmp).map_err(Error::hdf5(&tmp, "creating"))?;
+        let created = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let file = File::create(super::hdf5_name(&tmp, &created)).map_err(Error::hdf5(&tmp, "creating"))?;
         let path = tmp.clone();
         encoding(&path, &file, "anndata", "0.1.0")?;
         let n_vars = var.num_rows() as u64;

@@ -194,10 +194,7 @@ fn unsafe_zeroed_flock() -> libc::flock {
 fn holder_description() -> String {
     let host = host_name();
     let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|b| b.trim().to_owned()).unwrap_or_default();
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     serde_json::json!({"pid": std::process::id(), "host": host, "boot_id": boot, "since": since}).to_string()
 }
 

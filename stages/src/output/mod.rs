@@ -205,16 +205,16 @@ pub fn sync_parent(path: &Path) {
 pub fn remove_stale_temporaries(dest: &Path) {
     let (Some(name), Some(parent)) = (dest.file_name(), dest.parent()) else { return };
     let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
-    let prefixes = [".tmp-", ".import-"].map(|kind| format!(".{}{kind}", name.to_string_lossy()));
+    // Compared as bytes: a name need not be UTF-8.
+    use std::os::unix::ffi::OsStrExt;
+    let prefixes = [".tmp-", ".import-"].map(|kind| [b".", name.as_bytes(), kind.as_bytes()].concat());
     let Ok(entries) = fs::read_dir(parent) else { return };
-    let own = std::process::id().to_string();
+    let own = format!("{}", std::process::id());
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| prefixes.iter().find_map(|p| n.strip_prefix(p.as_str())))
-        else {
-            continue;
-        };
-        if rest.split('-').next() == Some(own.as_str()) {
+        let bytes = file_name.as_bytes();
+        let Some(rest) = prefixes.iter().find_map(|p| bytes.strip_prefix(p.as_slice())) else { continue };
+        if rest.split(|&b| b == b'-').next() == Some(own.as_bytes()) {
             continue;
         }
         let path = entry.path();

@@ -14,20 +14,19 @@ pub(crate) struct MappedFile {
 }
 
 impl MappedFile {
-    /// Maps `path` read-only.
+    /// Maps the open `file` (at `path`, for messages) read-only.
     ///
     /// # Safety
     /// The file must not be truncated or written while the map (or any slice taken from it) is
     /// alive: the slices are plain Rust references into the page cache. Store files are written
     /// once into a temporary directory and published by rename, never modified in place.
-    pub(crate) unsafe fn open(path: &Path) -> Result<MappedFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    pub(crate) unsafe fn map(file: &File, path: &Path) -> Result<MappedFile> {
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len == 0 {
             return Ok(MappedFile { map: None });
         }
         // SAFETY: forwarded to the caller (see `# Safety`).
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let map = unsafe { Mmap::map(file) }.map_err(|e| Error::io(path, e))?;
         Ok(MappedFile { map: Some(map) })
     }
 

@@ -19,8 +19,8 @@ pub use hashing::file_checksum;
 pub use mmap::explain_sigbus;
 pub use reader::{Access, CsrView, RowCursor, Store, consecutive_runs};
 pub use tables::{
-    ColumnSummary, read_small_table, read_table, read_table_from_bytes, summarize_obs, table_schema, write_table,
-    write_table_locked,
+    ColumnSummary, TableFile, read_small_table, read_table, read_table_from_bytes, summarize_obs, table_schema,
+    write_table, write_table_locked,
 };
 pub use verify::VerifyReport;
 pub use writer::{DEFAULT_OBS_ROW_GROUP_ROWS, StoreWriter, StoreWriterOptions};

@@ -1,9 +1,11 @@
 //! The validated, memory-mapped store reader.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::tables::check_obs_schema;
 use cpa_stream_schemas::{BlockChecksum, Codec, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Planes, StoreFiles};
 use memmap2::Advice;
@@ -80,6 +82,10 @@ enum Matrix {
 pub struct Store {
     dir: PathBuf,
     manifest: Manifest,
+    /// Every file the manifest lists, opened when the store was (through one handle on its
+    /// directory): what is read later comes from these, so a store replaced meanwhile (`convert
+    /// --overwrite`, an import over it) is never read half old, half new.
+    files: HashMap<String, File>,
     indptr: MappedFile,
     matrix: Matrix,
 }
@@ -116,9 +122,8 @@ impl<'a> CsrView<'a> {
 
 /// The manifest's text: a regular file of at most [`MAX_MANIFEST_BYTES`] (a link to a device
 /// or a huge file is refused before it is read).
-fn read_manifest(path: &Path) -> Result<String> {
+fn read_manifest(path: &Path, file: File) -> Result<String> {
     use std::io::Read as _;
-    let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         return Err(Error::corrupt(path, "not a regular file"));
@@ -131,35 +136,72 @@ fn read_manifest(path: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// The store directory, opened once: every file of one store is opened relative to it, so all
+/// come from the same directory even if another takes its name meanwhile.
+fn open_directory(dir: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(dir).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::ENOTDIR) => Error::InvalidInput(format!("{}: not a store directory", dir.display())),
+            _ => Error::io(dir, e),
+        }
+    })
+}
+
+/// Opens `name` (a manifest name, checked to stay inside the store) relative to the directory
+/// `dir` (at `dir_path`), without blocking on a FIFO; it must be a regular file.
+fn open_in(dir: &File, dir_path: &Path, name: &str) -> Result<File> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::io::{AsRawFd as _, FromRawFd as _};
+    let path = dir_path.join(name);
+    let c_name = std::ffi::CString::new(std::ffi::OsStr::new(name).as_bytes())
+        .map_err(|_| Error::corrupt(&path, "a NUL byte in a file name"))?;
+    // SAFETY: openat on a live directory descriptor with a NUL-terminated name; the returned
+    // descriptor is owned by the File made from it, exactly once.
+    let fd =
+        unsafe { libc::openat(dir.as_raw_fd(), c_name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::io(&path, std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
+    if !meta.is_file() {
+        return Err(Error::corrupt(&path, "not a regular file"));
+    }
+    Ok(file)
+}
+
 impl Store {
     /// Opens and validates the store at `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
         let dir = dir.as_ref().to_owned();
+        let handle = open_directory(&dir)?;
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = read_manifest(&manifest_path)?;
+        let text = read_manifest(&manifest_path, open_in(&handle, &dir, MANIFEST_FILE)?)?;
         let manifest =
             Manifest::from_json(&text).map_err(|source| Error::Manifest { path: manifest_path.clone(), source })?;
+        let mut files = HashMap::with_capacity(manifest.files.len());
         for (name, entry) in &manifest.files {
-            let path = dir.join(name);
-            let meta = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
-            if !meta.is_file() {
-                return Err(Error::corrupt(&path, "not a regular file"));
-            }
-            let actual = meta.len();
+            let file = open_in(&handle, &dir, name)?;
+            let actual = file.metadata().map_err(|e| Error::io(dir.join(name), e))?.len();
             if actual != entry.bytes {
                 return Err(Error::SizeMismatch {
-                    path,
+                    path: dir.join(name),
                     what: "file size in bytes".to_owned(),
                     expected: entry.bytes,
                     actual,
                 });
             }
+            files.insert(name.clone(), file);
         }
         let map = |name: &str, expected: Option<u64>| -> Result<MappedFile> {
             let path = dir.join(name);
+            let opened =
+                files.get(name).ok_or_else(|| Error::corrupt(&manifest_path, format!("no entry for {name}")))?;
             // SAFETY: store files are published once and never modified in place (see
-            // `MappedFile::open`); a store that another process rewrites while open is misuse.
-            let file = unsafe { MappedFile::open(&path) }?;
+            // `MappedFile::map`); a store that another process rewrites while open is misuse.
+            let file = unsafe { MappedFile::map(opened, &path) }?;
             if let Some(expected) = expected
                 && file.len() != expected
             {
@@ -197,7 +239,7 @@ impl Store {
                 block_checksum,
             },
         };
-        let store = Store { dir, manifest, indptr, matrix };
+        let store = Store { dir, manifest, files, indptr, matrix };
         store.check_offsets()?;
         store.check_tables()?;
         Ok(store)
@@ -227,7 +269,7 @@ impl Store {
             (StoreFiles::VAR, self.manifest.n_vars, "rows (n_vars)"),
         ] {
             let path = self.dir.join(name);
-            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let file = self.open_file(name)?;
             let actual = super::tables::guarded(&path, || {
                 let reader = SerializedFileReader::new(file).map_err(|e| Error::parquet(&path, e))?;
                 Ok(reader.metadata().file_metadata().num_rows())
@@ -236,7 +278,7 @@ impl Store {
                 return Err(Error::SizeMismatch { path, what: what.to_owned(), expected, actual: actual as u64 });
             }
         }
-        let schema = super::tables::table_schema(&self.dir.join(StoreFiles::OBS))?;
+        let schema = super::tables::table_schema_of(&self.dir.join(StoreFiles::OBS), self.open_file(StoreFiles::OBS)?)?;
         check_obs_schema(&schema).map_err(|e| Error::corrupt(self.dir.join(StoreFiles::OBS), e.0))?;
         Ok(())
     }
@@ -272,9 +314,45 @@ impl Store {
         self.indptr.as_slice().unwrap_or(&[0])
     }
 
-    /// Path of a file of the store.
+    /// Path of a file of the store, for messages; read the file through
+    /// [`open_file`](Store::open_file), which gives this version of the store.
     pub fn file_path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// Whether the manifest lists file `name` (`truth.parquet`, `degs.parquet`, ...).
+    pub fn has_file(&self, name: &str) -> bool {
+        self.files.contains_key(name)
+    }
+
+    /// A new handle (its own read position) on file `name` as it was when the store was opened,
+    /// even if the store has since been replaced or removed.
+    pub fn open_file(&self, name: &str) -> Result<File> {
+        use std::os::unix::io::AsRawFd as _;
+        let path = self.dir.join(name);
+        let held = self.files.get(name).ok_or_else(|| {
+            Error::InvalidInput(format!("{}: not a file of this store (its manifest does not list it)", path.display()))
+        })?;
+        // The process's link to the open file opens that same file (not whatever now has its name).
+        File::open(format!("/proc/self/fd/{}", held.as_raw_fd())).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Streams table `name` of the store (`obs.parquet`, `var.parquet`, ...) in batches.
+    pub fn table(&self, name: &str) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<>> {
+        super::tables::read_table_of(&self.dir.join(name), self.open_file(name)?)
+    }
+
+    /// Table `name` whole, as one batch (for small tables: `var`, DEG lists).
+    pub fn small_table(&self, name: &str) -> Result<RecordBatch> {
+        let path = self.dir.join(name);
+        let schema = self.table_schema(name)?;
+        let batches = self.table(name)?.collect::<Result<Vec<_>>>()?;
+        arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::arrow(path.display().to_string(), e))
+    }
+
+    /// The Arrow schema of table `name` of the store.
+    pub fn table_schema(&self, name: &str) -> Result<arrow::datatypes::SchemaRef> {
+        super::tables::table_schema_of(&self.dir.join(name), self.open_file(name)?)
     }
 
     /// Rows `rows` without copying; `None` for a compressed store (use a [`RowCursor`]).

@@ -16,6 +16,64 @@ use parquet::file::reader::{ChunkReader, Length};
 use super::Store;
 use crate::error::{Error, Result};
 
+/// A Parquet table to read: a file the user named, or a file of an open store (read from the
+/// version of the store that was opened, see [`Store::open_file`]).
+#[derive(Clone, Copy)]
+pub enum TableFile<'a> {
+    /// A file by its path.
+    Path(&'a Path),
+    /// A file of an open store, by its name in the manifest.
+    Store(&'a Store, &'a str),
+}
+
+impl std::fmt::Debug for TableFile<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TableFile").field(&self.path()).finish()
+    }
+}
+
+impl TableFile<'_> {
+    /// The file's path, for messages.
+    pub fn path(&self) -> std::path::PathBuf {
+        match self {
+            TableFile::Path(p) => p.to_path_buf(),
+            TableFile::Store(s, name) => s.file_path(name),
+        }
+    }
+
+    /// Whether there is such a table (a store's: listed in its manifest).
+    pub fn exists(&self) -> bool {
+        match self {
+            TableFile::Path(p) => p.exists(),
+            TableFile::Store(s, name) => s.has_file(name),
+        }
+    }
+
+    /// Streams the table in batches.
+    pub fn read(&self) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<>> {
+        match self {
+            TableFile::Path(p) => read_table_of(p, File::open(p).map_err(|e| Error::io(p, e))?),
+            TableFile::Store(s, name) => read_table_of(&s.file_path(name), s.open_file(name)?),
+        }
+    }
+
+    /// The table's Arrow schema.
+    pub fn schema(&self) -> Result<SchemaRef> {
+        match self {
+            TableFile::Path(p) => table_schema(p),
+            TableFile::Store(s, name) => s.table_schema(name),
+        }
+    }
+
+    /// The whole table as one batch (small tables).
+    pub fn read_small(&self) -> Result<RecordBatch> {
+        let schema = self.schema()?;
+        let batches = self.read()?.collect::<Result<Vec<_>>>()?;
+        arrow::compute::concat_batches(&schema, &batches)
+            .map_err(|e| Error::arrow(self.path().display().to_string(), e))
+    }
+}
+
 /// Rows per batch when scanning a table.
 const SCAN_BATCH_ROWS: usize = 65_536;
 
@@ -36,6 +94,11 @@ pub(crate) fn guarded<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Resul
 /// The Arrow schema stored in a Parquet file (field metadata included).
 pub fn table_schema(path: &Path) -> Result<SchemaRef> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    table_schema_of(path, file)
+}
+
+/// [`table_schema`] of an open file (`path` names it in errors).
+pub(crate) fn table_schema_of(path: &Path, file: File) -> Result<SchemaRef> {
     guarded(path, || {
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
         Ok(builder.schema().clone())
@@ -48,6 +111,11 @@ pub fn read_table(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch
     read_table_from(path, file)
 }
 
+/// [`read_table`] of an open file (`path` names it in errors).
+pub(crate) fn read_table_of(path: &Path, file: File) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<>> {
+    read_table_from(path, file)
+}
+
 /// [`read_table`] of a Parquet file already read into memory (`path` names it in errors), for
 /// small files from users (a `--targets` table), read whole once instead of in many small reads.
 pub fn read_table_from_bytes(path: &Path, bytes: Vec<u8>) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
@@ -57,7 +125,7 @@ pub fn read_table_from_bytes(path: &Path, bytes: Vec<u8>) -> Result<impl Iterato
 fn read_table_from<R: ChunkReader + 'static>(
     path: &Path,
     input: R,
-) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<R>> {
     let mut reader: ParquetRecordBatchReader = guarded(path, || {
         ParquetRecordBatchReaderBuilder::try_new(EndIsAnError(input))
             .and_then(|b| b.with_batch_size(SCAN_BATCH_ROWS).build())
@@ -194,7 +262,7 @@ pub struct ColumnSummary {
 /// one of the column's recorded categories.
 pub fn summarize_obs(store: &Store) -> Result<Vec<ColumnSummary>> {
     let path = store.file_path(StoreFiles::OBS);
-    let schema = table_schema(&path)?;
+    let schema = store.table_schema(StoreFiles::OBS)?;
     let mut summaries: Vec<ColumnSummary> = schema
         .fields()
         .iter()
@@ -211,7 +279,7 @@ pub fn summarize_obs(store: &Store) -> Result<Vec<ColumnSummary>> {
         .map(|s| s.categories.as_ref().map(|c| c.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect()))
         .collect();
     let mut row = 0u64;
-    for batch in read_table(&path)? {
+    for batch in store.table(StoreFiles::OBS)? {
         let batch = batch?;
         for (col, summary) in summaries.iter_mut().enumerate() {
             let array = batch.column(col);

@@ -1,6 +1,5 @@
 //! Full verification of a store: checksums and structure.
 
-use std::fs::File;
 use std::io::BufReader;
 
 use cpa_stream_schemas::StoreFiles;
@@ -34,7 +33,7 @@ impl Store {
             let actual = match mapped.iter().find(|(n, _)| n == name) {
                 Some((_, bytes)) => hash_bytes(bytes),
                 None => {
-                    let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+                    let file = self.open_file(name)?;
                     hash_reader(BufReader::new(file)).map_err(|e| Error::io(&path, e))?.1
                 }
             };
@@ -49,7 +48,7 @@ impl Store {
         super::summarize_obs(self)?;
         for name in [StoreFiles::VAR, StoreFiles::TRUTH] {
             if name == StoreFiles::VAR || self.manifest().files.contains_key(name) {
-                for batch in super::read_table(&self.file_path(name))? {
+                for batch in self.table(name)? {
                     batch?;
                 }
             }
