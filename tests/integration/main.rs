@@ -10,6 +10,7 @@ mod memory;
 mod model;
 mod predict;
 mod repository;
+mod shared;
 mod store;
 mod synth;
 mod train;

@@ -86,13 +86,7 @@ fn watch_loop(limit: Duration) {
     let tick = (limit / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         std::thread::sleep(tick);
-        let overdue = {
-            let watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
-            watched
-                .as_ref()
-                .and_then(|w| w.values().find(|(clock, _)| clock.used() >= limit).map(|(_, what)| what.clone()))
-        };
-        if let Some(what) = overdue {
+        if let Some(what) = overdue(limit) {
             let message = format!(
                 "error: {what}: the HDF5 library has not returned after {:.0} s of CPU time; the file is probably \
                  damaged (a corrupt global heap makes HDF5 loop; h5py and anndata hang on it too). Stopped; nothing \
@@ -104,6 +98,12 @@ fn watch_loop(limit: Duration) {
             unsafe { libc::_exit(1) }
         }
     }
+}
+
+/// A guarded call whose thread has used `limit` of CPU time in it, by what it reads.
+fn overdue(limit: Duration) -> Option<String> {
+    let watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
+    watched.as_ref().and_then(|w| w.values().find(|(clock, _)| clock.used() >= limit).map(|(_, what)| what.clone()))
 }
 
 /// A guarded call in progress: dropped when it returns.
@@ -131,4 +131,41 @@ pub(crate) fn guard(what: impl FnOnce() -> String) -> Guard {
     let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
     watched.get_or_insert_with(HashMap::new).insert(id, (clock, what()));
     Guard(Some(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_is_overdue_by_the_cpu_time_it_used_not_by_the_time_it_waited() {
+        // Installed with a limit no test reaches: the watchdog itself never fires here.
+        install(Some(Duration::from_secs(3600)));
+        let limit = Duration::from_millis(100);
+        let (to_main, from_call) = std::sync::mpsc::channel();
+        let (to_call, from_main) = std::sync::mpsc::channel::<()>();
+        let call = std::thread::spawn(move || {
+            let _guard = guard(|| "a test call".to_owned());
+            // Stopped, suspended or waiting its turn: wall time passes, CPU time does not.
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = to_main.send(());
+            let _ = from_main.recv();
+            // Looping, as HDF5 on a corrupt heap: CPU time passes.
+            let clock = ThreadClock::current().map(|c| c.clock);
+            let start = clock.and_then(read_clock).unwrap_or_default();
+            while clock.and_then(read_clock).is_some_and(|now| now.saturating_sub(start) < 2 * limit) {
+                std::hint::spin_loop();
+            }
+            let _ = to_main.send(());
+            let _ = from_main.recv();
+        });
+        let _ = from_call.recv();
+        assert_eq!(overdue(limit), None, "a call that only waited was taken for hung");
+        let _ = to_call.send(());
+        let _ = from_call.recv();
+        assert_eq!(overdue(limit).as_deref(), Some("a test call"));
+        let _ = to_call.send(());
+        let _ = call.join();
+        assert_eq!(overdue(limit), None, "the guard was dropped with its call");
+    }
 }

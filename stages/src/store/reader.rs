@@ -86,6 +86,8 @@ pub struct Store {
     /// directory): what is read later comes from these, so a store replaced meanwhile (`convert
     /// --overwrite`, an import over it) is never read half old, half new.
     files: HashMap<String, File>,
+    /// The directory they were opened in (listed by `verify`).
+    directory: File,
     indptr: MappedFile,
     matrix: Matrix,
 }
@@ -239,7 +241,7 @@ impl Store {
                 block_checksum,
             },
         };
-        let store = Store { dir, manifest, files, indptr, matrix };
+        let store = Store { dir, manifest, files, directory: handle, indptr, matrix };
         store.check_offsets()?;
         store.check_tables()?;
         Ok(store)
@@ -318,6 +320,13 @@ impl Store {
     /// [`open_file`](Store::open_file), which gives this version of the store.
     pub fn file_path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The directory the store's files were opened in, as a path that still leads to it if
+    /// another directory has since taken the store's name (for listing it).
+    pub(crate) fn opened_directory(&self) -> PathBuf {
+        use std::os::unix::io::AsRawFd as _;
+        PathBuf::from(format!("/proc/self/fd/{}", self.directory.as_raw_fd()))
     }
 
     /// Whether the manifest lists file `name` (`truth.parquet`, `degs.parquet`, ...).

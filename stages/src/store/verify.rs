@@ -61,17 +61,19 @@ impl Store {
     /// Every file in the store's directories is one the manifest lists (or the manifest).
     fn check_unlisted_files(&self) -> Result<()> {
         let listed = &self.manifest().files;
-        let mut dirs = vec![(self.path().to_owned(), String::new())];
+        // The directory opened, listed through its handle; named as the user named it.
+        let mut dirs = vec![(self.opened_directory(), String::new())];
         while let Some((dir, prefix)) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-                let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let shown = self.path().join(&prefix);
+            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&shown, e))? {
+                let entry = entry.map_err(|e| Error::io(&shown, e))?;
                 let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-                let kind = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+                let kind = entry.file_type().map_err(|e| Error::io(shown.join(entry.file_name()), e))?;
                 if kind.is_dir() && prefix.is_empty() && name == "X" {
                     dirs.push((entry.path(), "X/".to_owned()));
                 } else if name != cpa_stream_schemas::MANIFEST_FILE && !listed.contains_key(&name) {
                     return Err(Error::corrupt(
-                        entry.path(),
+                        self.path().join(&name),
                         "in the store but not listed in its manifest (a leftover of another write, or added by hand)",
                     ));
                 }
