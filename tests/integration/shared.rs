@@ -241,3 +241,80 @@ fn paths_that_are_not_utf8_work_in_every_command() {
     let o = Command::new(bin()).args([os("inspect"), os("--bogus"), OsStr::from_bytes(b"\xff")]).output();
     assert_eq!(o.unwrap_or_else(|e| panic!("{e}")).status.code(), Some(2));
 }
+
+/// The split is a function of cell identity: a shuffled copy of the training store tests the
+/// same cells, `--resume` on it goes on, and a store with other cells is named as such (by
+/// evaluate, with the cells it cannot label; refused by `--resume`).
+#[test]
+fn the_split_follows_cell_ids_and_another_store_is_named() {
+    use std::collections::HashMap;
+
+    use arrow::array::AsArray;
+    use cpa_stream::pipeline::encoder::{CellLabels, Split};
+    use cpa_stream::schemas::StoreFiles;
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = dir.path().join("s.store");
+    synth(&store, "3000");
+    let run_dir = dir.path().join("run");
+    let o = spawn_train(&store, &run_dir, &["--epochs", "1"]).wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let shuffled = dir.path().join("shuffled.store");
+    let o = run(&["convert", s(&store), "--out", s(&shuffled), "--shuffle", "11"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // Each cell id's split, in either store, as the run recorded it.
+    let (encoder, _) = cpa_stream::pipeline::train::recorded_settings(&run_dir).unwrap_or_else(|e| panic!("{e}"));
+    let splits = |path: &Path| -> HashMap<String, Split> {
+        let opened = Store::open(path).unwrap_or_else(|e| panic!("{e}"));
+        let labels = CellLabels::from_store(&opened, &encoder).unwrap_or_else(|e| panic!("{e}"));
+        let obs = opened.small_table(StoreFiles::OBS).unwrap_or_else(|e| panic!("{e}"));
+        let ids = obs.column(0).as_string::<i32>();
+        (0..labels.n_cells()).map(|c| (ids.value(c as usize).to_owned(), labels.split(c))).collect()
+    };
+    let (a, b) = (splits(&store), splits(&shuffled));
+    assert_eq!(a.len(), 3000);
+    assert_eq!(a, b, "a shuffled copy of the store splits its cells otherwise");
+    assert!(a.values().filter(|s| **s == Split::Test).count() > 100, "a test split of a few cells");
+    // Evaluate on the copy: the same cells, nothing said; `--resume` on it goes on.
+    let eval = |store: &Path, out: &str| -> Value {
+        let out = dir.path().join(out);
+        let o = run(&["evaluate", "--model", s(&run_dir), "--store", s(store), "--out", s(&out), "--json"]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let report = eval(&shuffled, "eval-shuffled");
+    assert!(report.get("other_store").is_none(), "{report}");
+    assert_eq!(report["dropped"], serde_json::json!([]));
+    let o = spawn_train(&shuffled, &run_dir, &["--resume", "--epochs", "2"]).wait_with_output();
+    let o = o.unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // A store with other cells and a cell type the model never saw.
+    let other = dir.path().join("other.store");
+    let o = run(&[
+        "synth",
+        "--cells",
+        "2000",
+        "--genes",
+        "60",
+        "--perturbations",
+        "3",
+        "--cell-types",
+        "3",
+        "--seed",
+        "7",
+        "--out",
+        s(&other),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report = eval(&other, "eval-other");
+    let said = report["other_store"].as_str().unwrap_or_default();
+    assert!(said.contains("is not the store the run trained on") && said.contains("2000 cells"), "{report}");
+    let dropped = report["dropped"].as_array().cloned().unwrap_or_default();
+    assert!(!dropped.is_empty(), "cells of an unknown cell type were dropped without a word: {report}");
+    assert!(dropped.iter().all(|d| d[0].as_str().is_some_and(|l| l.contains("CT03"))), "{dropped:?}");
+    let o = spawn_train(&other, &run_dir, &["--resume", "--epochs", "3"]).wait_with_output();
+    let o = o.unwrap_or_else(|e| panic!("{e}"));
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("holds 2000 cells, not the 3000 the run") && err.contains("trained on"), "{err}");
+}

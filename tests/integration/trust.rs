@@ -1,8 +1,10 @@
 //! No silent wrong or empty result: each mistake a user makes ends in an error that names it
 //! (and what they probably meant), never in exit 0 with a wrong or empty output.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+use serde_json::Value;
 
 use cpa_stream::schemas::Codec;
 
@@ -329,4 +331,96 @@ fn a_store_truncated_while_mapped_ends_the_run_with_an_explanation() {
 /// SIGBUS on Linux.
 fn libc_sigbus() -> i32 {
     7
+}
+
+/// Weights that are not the model's are refused at load, naming the tensor: a shape that
+/// libtorch would broadcast into place, NaN, another element type, a missing or extra tensor;
+/// and a weights file that is not the one model.json was written with.
+#[test]
+fn weights_that_do_not_fit_the_model_are_refused_at_load() {
+    use tch::{Kind, Tensor};
+
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let original = f.run.join("model");
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let tensors = Tensor::read_safetensors(original.join("weights.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    let (name, shape) = tensors
+        .iter()
+        .find(|(_, t)| t.size().len() == 1 && t.size()[0] > 1)
+        .map(|(n, t)| (n.clone(), t.size()))
+        .unwrap_or_else(|| panic!("no 1-D tensor among the weights"));
+    let model_json: Value = serde_json::from_slice(&read(&original.join("model.json"))).unwrap_or_default();
+    assert!(model_json["weights_checksum"].as_str().is_some_and(|c| c.starts_with("xxh3-64:")), "{model_json}");
+    // A model directory whose weights are `edit`ed, with or without the recorded checksum.
+    let crafted = |label: &str, keep_checksum: bool, edit: &dyn Fn(&mut Vec<(String, Tensor)>)| -> PathBuf {
+        let model = dir.path().join(label);
+        std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("{e}"));
+        let mut json = model_json.clone();
+        if !keep_checksum && let Some(o) = json.as_object_mut() {
+            o.remove("weights_checksum");
+        }
+        std::fs::write(model.join("model.json"), json.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        let mut weights: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        edit(&mut weights);
+        let refs: Vec<(&str, &Tensor)> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, model.join("weights.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+        model
+    };
+    let replace = |with: Tensor| {
+        let name = name.clone();
+        move |w: &mut Vec<(String, Tensor)>| {
+            for (n, t) in w.iter_mut() {
+                if *n == name {
+                    *t = with.copy();
+                }
+            }
+        }
+    };
+    let predict_with = |model: &Path| {
+        let out = model.join("p.parquet");
+        let o = run(&["predict", "--model", s(model), "--store", s(&f.store), "--target", "PERT01", "--out", s(&out)]);
+        assert_eq!(out.exists(), o.status.success(), "{}", text(&o.stderr));
+        (o.status.code(), text(&o.stderr))
+    };
+    let nan = Tensor::full(shape.as_slice(), f64::NAN, (Kind::Float, tch::Device::Cpu));
+    let cases: Vec<(&str, PathBuf, String)> = vec![
+        (
+            "broadcast",
+            crafted("broadcast", false, &replace(Tensor::ones([1], (Kind::Float, tch::Device::Cpu)))),
+            format!("tensor {name} has shape [1], the model needs {shape:?}"),
+        ),
+        ("nan", crafted("nan", false, &replace(nan)), format!("tensor {name} holds NaN or infinite values")),
+        (
+            "double",
+            crafted("double", false, &replace(Tensor::ones(shape.as_slice(), (Kind::Double, tch::Device::Cpu)))),
+            format!("tensor {name} holds Double values, the model needs Float"),
+        ),
+        (
+            "missing",
+            crafted("missing", false, &|w: &mut Vec<(String, Tensor)>| w.retain(|(n, _)| *n != name)),
+            format!("no tensor {name}, which the model of model.json needs"),
+        ),
+        (
+            "extra",
+            crafted("extra", false, &|w: &mut Vec<(String, Tensor)>| {
+                w.push(("stowaway".to_owned(), Tensor::zeros([3], (Kind::Float, tch::Device::Cpu))));
+            }),
+            "tensors the model of model.json does not have: stowaway".to_owned(),
+        ),
+        (
+            "tampered",
+            crafted("tampered", true, &replace(Tensor::ones(shape.as_slice(), (Kind::Float, tch::Device::Cpu)))),
+            "model.json records the weights it was written with".to_owned(),
+        ),
+    ];
+    for (label, model, expected) in cases {
+        let (code, err) = predict_with(&model);
+        assert_eq!(code, Some(1), "{label}: {err}");
+        assert!(err.contains(&expected) && err.contains("weights.safetensors"), "{label}: {err}");
+    }
+    // The model itself, copied, loads.
+    let copy = crafted("copy", true, &|_| {});
+    let (code, err) = predict_with(&copy);
+    assert_eq!(code, Some(0), "{err}");
 }

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use cpa_stream_stages::model::vocab::{
-    Covariate, DataSpec, SplitSpec, Stratify, Vocabulary, canonical_condition, split_condition,
+    CellSet, Covariate, DataSpec, IdSplit, SplitSpec, Stratify, Vocabulary, canonical_condition, split_condition,
+    split_of_cell_id,
 };
 
 use super::key::GroupKey;
@@ -42,6 +43,8 @@ pub(super) struct Scan<'a> {
     key: GroupKey,
     holdout: Vec<String>,
     fractions: Option<Fractions>,
+    /// The cells read, by id.
+    cell_set: CellSet,
     pub(super) row: u64,
 }
 
@@ -91,6 +94,7 @@ impl<'a> Scan<'a> {
             key: GroupKey::default(),
             holdout,
             fractions,
+            cell_set: CellSet::default(),
             row: 0,
         })
     }
@@ -128,6 +132,10 @@ impl<'a> Scan<'a> {
                 self.new_group(key, names, (condition, dose), &values)?
             }
         };
+        let id = columns.ids.as_ref().and_then(|v| v.get(i));
+        if let Some(id) = id {
+            self.cell_set.add(id);
+        }
         let split = match (&columns.splits, self.fractions) {
             (Some(s), _) => s.get(i).and_then(Split::parse).ok_or_else(|| {
                 self.bad(format!("{}: split {:?} is not train, valid, test or ood", cell(), s.get(i)))
@@ -142,6 +150,14 @@ impl<'a> Scan<'a> {
                         Stratify::Sequence => stratified(f.seed, group, k, f.validation, f.test),
                         // Decided once every group's size is known (`assign_exact`).
                         Stratify::Exact => Split::Train,
+                        Stratify::CellId => {
+                            let id = id.ok_or_else(|| self.bad(format!("{}: no cell id to split by", cell())))?;
+                            match split_of_cell_id(id, f.seed, f.validation, f.test) {
+                                IdSplit::Train => Split::Train,
+                                IdSplit::Validation => Split::Valid,
+                                IdSplit::Test => Split::Test,
+                            }
+                        }
                     }
                 }
             }
@@ -277,6 +293,7 @@ impl<'a> Scan<'a> {
             perturbation_key: options.perturbation_key.clone(),
             dose_key: options.dose_key.clone(),
             split: options.split.clone(),
+            cells: Some(self.cell_set),
         });
         let (pert_index, class_index) = (vocab.perturbation_index(), vocab.condition_index());
         let mut groups = Vec::with_capacity(self.groups.len());

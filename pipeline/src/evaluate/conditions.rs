@@ -82,6 +82,34 @@ pub(crate) fn map_groups(labels: &CellLabels, vocab: &Vocabulary) -> Vec<Option<
         .collect()
 }
 
+/// The labels of the store's cells that the model cannot map (a perturbation or covariate value
+/// it was not trained with), each with its cells, most cells first.
+pub(crate) fn dropped(labels: &CellLabels, groups: &[Option<MappedGroup>]) -> Vec<(String, u64)> {
+    let mut cells = vec![0u64; groups.len()];
+    for cell in 0..labels.n_cells() {
+        cells[labels.group_id(cell) as usize] += 1;
+    }
+    let mut dropped: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for ((group, mapped), n) in labels.groups().iter().zip(groups).zip(cells) {
+        if mapped.is_none() && n > 0 {
+            let covariates: Vec<&str> = group
+                .covariates
+                .iter()
+                .zip(&labels.vocab.covariates)
+                .filter_map(|(&c, cov)| cov.categories.get(c as usize).map(String::as_str))
+                .collect();
+            let label = match covariates.is_empty() {
+                true => group.condition.clone(),
+                false => format!("{} in {}", group.condition, covariates.join("/")),
+            };
+            *dropped.entry(label).or_default() += n;
+        }
+    }
+    let mut dropped: Vec<(String, u64)> = dropped.into_iter().collect();
+    dropped.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    dropped
+}
+
 /// The perturbed conditions of the store's groups, and those of the truth table with no cells.
 pub(crate) fn collect(
     groups: &[Option<MappedGroup>],

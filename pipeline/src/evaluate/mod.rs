@@ -395,6 +395,12 @@ pub struct EvaluateReport {
     pub conditions: Vec<ConditionMetrics>,
     /// Mean of each metric over the conditions where it is defined.
     pub summary: BTreeMap<String, f64>,
+    /// Cells the store holds and the model cannot label (perturbations or covariate values it
+    /// was not trained with): left out of every score, each label with its cells.
+    pub dropped: Vec<(String, u64)>,
+    /// Why the store is not the one the run trained on, when it is not (its cells differ).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_store: Option<String>,
     /// Wall seconds.
     pub seconds: f64,
     /// Stages, wall time and peak memory.
@@ -409,6 +415,25 @@ pub(crate) struct Opened {
     pub(crate) store: Arc<Store>,
     pub(crate) genes: Vec<String>,
     pub(crate) labels: CellLabels,
+    /// Why the store is not the one the run trained on (see [`other_store`]).
+    pub(crate) other_store: Option<String>,
+}
+
+/// Whether `labels` (of `store`) hold the cells the model was trained from: `None` when they do
+/// (in any order) or the model did not record them, else why not, for a warning.
+pub(crate) fn other_store(vocab: &Vocabulary, labels: &CellLabels, store: &std::path::Path) -> Option<String> {
+    let trained = vocab.data.as_ref()?.cells?;
+    let here = labels.vocab.data.as_ref()?.cells?;
+    (trained != here).then(|| {
+        format!(
+            "{} is not the store the run trained on: it holds {} cells, other than the run's {} (a filtered, \
+             extended or other store). Cells keep the split of their id, so cells the run trained on stay out of \
+             the test split; cells it never saw are split by their ids too",
+            store.display(),
+            here.cells,
+            trained.cells
+        )
+    })
 }
 
 impl Opened {
@@ -444,7 +469,11 @@ impl Opened {
         };
         let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?;
         encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
-        Ok(Opened { dir, model, store, genes, labels })
+        let other_store = other_store(model.vocabulary(), &labels, store_path);
+        if let Some(why) = &other_store {
+            tracing::warn!("{why}");
+        }
+        Ok(Opened { dir, model, store, genes, labels, other_store })
     }
 }
 
@@ -535,10 +564,26 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     let wall = Instant::now();
     let sampler = MemorySampler::start();
     let encoder_stats = StageStats::new("encoder", 1);
-    let Opened { dir, model, store, genes, labels } =
+    let Opened { dir, model, store, genes, labels, other_store } =
         Opened::open(&options.model, &options.store, options.device, &encoder_stats)?;
     let vocab = model.vocabulary().clone();
     let groups = conditions::map_groups(&labels, &vocab);
+    let dropped = conditions::dropped(&labels, &groups);
+    if !dropped.is_empty() {
+        let cells: u64 = dropped.iter().map(|(_, n)| n).sum();
+        let shown: Vec<String> = dropped.iter().take(8).map(|(label, n)| format!("{label} ({n})")).collect();
+        let message = format!(
+            "{}: {cells} of {} cells have labels the model was not trained with, and are left out: {}{}",
+            options.store.display(),
+            labels.n_cells(),
+            shown.join(", "),
+            if dropped.len() > 8 { ", ..." } else { "" }
+        );
+        if cells == labels.n_cells() {
+            return Err(Error::InvalidInput(format!("{message}; nothing is left to evaluate")));
+        }
+        tracing::warn!("{message}");
+    }
     let count_model = model.config().model.recon_loss.is_count();
     let theta = if options.expected_log1p {
         let theta = model.nb_theta().map_err(Error::stage("predictor"))?;
@@ -664,6 +709,8 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         .to_owned(),
         summary: outputs::summarize(&results),
         conditions: results,
+        dropped,
+        other_store,
         seconds: wall.elapsed().as_secs_f64(),
         report: RunReport { wall: wall.elapsed(), stages, memory: sampler.finish() },
     };

@@ -296,7 +296,29 @@ fn start_trainer(
     let checkpoint = options.out.join(CHECKPOINT_DIR);
     if options.resume {
         let t = Trainer::resume(&checkpoint, options.device).map_err(Error::stage("trainer"))?;
-        if t.model().vocabulary() != &labels.vocab {
+        // A run continues on the cells it started with (in any order): another store would
+        // train on cells the split had put elsewhere.
+        let cells = |v: &cpa_stream_stages::model::Vocabulary| v.data.as_ref().and_then(|d| d.cells);
+        if let (Some(trained), Some(here)) = (cells(t.model().vocabulary()), cells(&labels.vocab))
+            && trained != here
+        {
+            return Err(Error::InvalidInput(format!(
+                "{}: holds {} cells, not the {} the run in {} trained on; --resume continues on the store the run \
+                 started with (a shuffled copy of it is fine)",
+                options.store.display(),
+                here.cells,
+                trained.cells,
+                options.out.display()
+            )));
+        }
+        let without_cells = |v: &cpa_stream_stages::model::Vocabulary| {
+            let mut v = v.clone();
+            if let Some(d) = v.data.as_mut() {
+                d.cells = None;
+            }
+            v
+        };
+        if without_cells(t.model().vocabulary()) != without_cells(&labels.vocab) {
             return Err(Error::InvalidInput(format!(
                 "{}: the checkpoint's vocabularies or genes differ from this store's",
                 checkpoint.display()
@@ -584,11 +606,11 @@ fn figures(v: f64) -> String {
 /// key, split with its seed) and its configuration: `--resume` trains on with these, so no flag
 /// needs repeating.
 pub fn recorded_settings(run: &Path) -> Result<(EncoderOptions, CpaConfig)> {
-    let checkpoint = run.join(CHECKPOINT_DIR);
-    cpa_stream_stages::model::files::recover_dir(&checkpoint).map_err(Error::stage("trainer"))?;
-    if !checkpoint.exists() {
-        return Err(Error::InvalidInput(format!("{}: no checkpoint/ to resume", run.display())));
-    }
+    // Read only: a reader never moves or removes what a writer (another process, perhaps on
+    // another node) may be in the middle of; `train --resume` recovers a killed write under the
+    // run's lock.
+    let checkpoint = cpa_stream_stages::model::files::readable_dir(&run.join(CHECKPOINT_DIR))
+        .ok_or_else(|| Error::InvalidInput(format!("{}: no checkpoint/ to resume", run.display())))?;
     let file = cpa_stream_stages::model::files::read_model_file(&checkpoint).map_err(Error::stage("trainer"))?;
     let vocab = &file.vocabulary;
     let data = vocab.data.as_ref().ok_or_else(|| {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::Device;
+use tch::{Device, Tensor};
 
 use super::config::CpaConfig;
 use super::network::CpaModel;
@@ -38,6 +38,10 @@ pub struct ModelFile {
     pub perturbation_features: Option<i64>,
     /// Trainable parameters.
     pub n_parameters: i64,
+    /// `xxh3-64:HEX` of `weights.safetensors`, checked when the model is loaded (absent in
+    /// models written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_checksum: Option<String>,
 }
 
 /// Reads `DIR/model.json`, checking the format and version before anything else.
@@ -68,6 +72,8 @@ pub fn read_model_file(dir: &Path) -> Result<ModelFile> {
 
 /// Writes `model.json` and the weights into `dir` (which must exist).
 pub(crate) fn write_model_files(model: &CpaModel, dir: &Path) -> Result<()> {
+    let weights = dir.join(WEIGHTS_FILE);
+    model.var_store().save(&weights).map_err(|e| Error::torch(format!("writing {}", weights.display()), e))?;
     let file = ModelFile {
         format: MODEL_FORMAT.to_owned(),
         version: MODEL_VERSION,
@@ -76,12 +82,46 @@ pub(crate) fn write_model_files(model: &CpaModel, dir: &Path) -> Result<()> {
         vocabulary: model.vocabulary().clone(),
         perturbation_features: model.perturbation_feature_width(),
         n_parameters: model.n_parameters(),
+        weights_checksum: Some(weights_checksum(&weights)?),
     };
     let path = dir.join(MODEL_FILE);
     let text = serde_json::to_string_pretty(&file).map_err(|e| Error::corrupt(&path, e.to_string()))?;
-    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
-    let weights = dir.join(WEIGHTS_FILE);
-    model.var_store().save(&weights).map_err(|e| Error::torch(format!("writing {}", weights.display()), e))
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+}
+
+/// `xxh3-64:HEX` of a weights file.
+pub fn weights_checksum(path: &Path) -> Result<String> {
+    let (_, hex) = crate::store::file_checksum(path).map_err(|e| Error::io(path, e))?;
+    Ok(format!("xxh3-64:{hex}"))
+}
+
+/// Copies a saved tensor into a model's (or optimizer's) variable after checking that it is
+/// the variable's: the same shape (libtorch would broadcast a [1] into a [120] silently), the
+/// same element type, and finite values. `origin` names the file and `key` the tensor.
+pub(crate) fn checked_copy(dst: &Tensor, src: &Tensor, origin: &str, key: &str) -> Result<()> {
+    if src.size() != dst.size() {
+        return Err(Error::InvalidInput(format!(
+            "{origin}: tensor {key} has shape {:?}, the model needs {:?} (the weights are not this model's)",
+            src.size(),
+            dst.size()
+        )));
+    }
+    if src.kind() != dst.kind() {
+        return Err(Error::InvalidInput(format!(
+            "{origin}: tensor {key} holds {:?} values, the model needs {:?}",
+            src.kind(),
+            dst.kind()
+        )));
+    }
+    let finite = bool::try_from(src.f_isfinite()?.f_all()?).unwrap_or(false);
+    if !finite {
+        return Err(Error::InvalidInput(format!(
+            "{origin}: tensor {key} holds NaN or infinite values (a diverged or damaged model)"
+        )));
+    }
+    let mut dst = dst.shallow_clone();
+    tch::no_grad(|| dst.f_copy_(src))?;
+    Ok(())
 }
 
 /// Saves a model to `dir` atomically: everything is written to a temporary sibling that replaces
@@ -99,12 +139,39 @@ pub fn load_model(dir: &Path, device: Device) -> Result<CpaModel> {
             tch::Tensor::f_zeros([file.vocabulary.n_perturbations() as i64, width], (tch::Kind::Float, device))
         })
         .transpose()?;
-    let mut model = CpaModel::new(&file.config, &file.vocabulary, features.as_ref(), device, 0)?;
+    let model = CpaModel::new(&file.config, &file.vocabulary, features.as_ref(), device, 0)?;
     let weights = dir.join(WEIGHTS_FILE);
-    model
-        .var_store_mut()
-        .load(&weights)
-        .map_err(|e| Error::corrupt(&weights, format!("weights do not fit model.json: {e}")))?;
+    if let Some(expected) = &file.weights_checksum {
+        let actual = weights_checksum(&weights)?;
+        if &actual != expected {
+            return Err(Error::ChecksumMismatch {
+                path: weights,
+                expected: expected.clone(),
+                actual: format!("{actual} (model.json records the weights it was written with)"),
+            });
+        }
+    }
+    let origin = weights.display().to_string();
+    let mut saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&weights)
+        .map_err(|e| Error::corrupt(&weights, format!("not a safetensors file of tensors: {e}")))?
+        .into_iter()
+        .collect();
+    let mut variables: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, variable) in &variables {
+        let src = saved.remove(name).ok_or_else(|| {
+            Error::InvalidInput(format!("{origin}: no tensor {name}, which the model of model.json needs"))
+        })?;
+        checked_copy(variable, &src, &origin, name)?;
+    }
+    if !saved.is_empty() {
+        let mut extra: Vec<&String> = saved.keys().collect();
+        extra.sort();
+        return Err(Error::InvalidInput(format!(
+            "{origin}: tensors the model of model.json does not have: {}",
+            extra.iter().take(5).map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
     Ok(model)
 }
 
@@ -120,6 +187,8 @@ pub fn load_model_for(dir: &Path, genes: &[String], what: &str, device: Device) 
 /// atomic exchange of the two names (`renameat2(RENAME_EXCHANGE)`), so that `dir` exists, whole,
 /// at every instant: a kill at any moment leaves the old or the new directory at `dir`, and at
 /// most a sibling that the next call removes. If `write` fails, nothing changes at `dir`.
+/// Call it while holding the lock of `dir` or of the output it is in (a run's, see
+/// [`crate::output::claim_output`]): siblings of other processes are then known dead.
 pub fn publish_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     recover_dir(dir)?;
     let tmp = sibling(dir, "tmp")?;
@@ -172,9 +241,28 @@ fn exchange(a: &Path, b: &Path) -> Result<bool> {
     }
 }
 
+/// Where a published directory can be read without changing anything: `dir` itself, or, when a
+/// writer was killed between the two renames of a file system without exchange (or is between
+/// them now), the old version it set aside (`.NAME.old-PID`). `None` when there is neither.
+pub fn readable_dir(dir: &Path) -> Option<PathBuf> {
+    if dir.is_dir() {
+        return Some(dir.to_owned());
+    }
+    let (name, parent) = (dir.file_name()?, dir.parent()?);
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let prefix = format!(".{}.old-", name.to_string_lossy());
+    std::fs::read_dir(parent)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+}
+
 /// Puts back a directory that a run killed between the two renames of an older version (or of
 /// a file system without exchange) left as `.NAME.old-PID` with nothing at `dir`, and removes
-/// `.NAME.tmp-PID` / `.NAME.old-PID` siblings of processes that are gone.
+/// the `.NAME.tmp-PID` / `.NAME.old-PID` siblings of other processes (called under the lock of
+/// `dir`'s output, which every writer holds: theirs are dead).
 pub fn recover_dir(dir: &Path) -> Result<()> {
     let (Some(name), Some(parent)) = (dir.file_name(), dir.parent()) else { return Ok(()) };
     let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
@@ -187,8 +275,9 @@ pub fn recover_dir(dir: &Path) -> Result<()> {
         for tag in ["old", "tmp"] {
             let Some(pid) = file_name.strip_prefix(&format!(".{name}.{tag}-")) else { continue };
             let Ok(pid) = pid.split('-').next().unwrap_or("").parse::<u32>() else { continue };
-            let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
-            if !alive {
+            // Called under the output's lock (see `publish_dir`): another writer's are dead,
+            // whatever their process id says here (it may be another node's).
+            if pid != std::process::id() {
                 if tag == "old" {
                     olds.push(entry.path());
                 } else {

@@ -330,6 +330,8 @@ impl CpaModel {
         &self.vs
     }
 
+    /// The weights, to change (tests).
+    #[cfg(test)]
     pub(crate) fn var_store_mut(&mut self) -> &mut nn::VarStore {
         &mut self.vs
     }

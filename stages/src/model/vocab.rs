@@ -59,6 +59,44 @@ pub struct DataSpec {
     pub dose_key: Option<String>,
     /// How cells were split.
     pub split: SplitSpec,
+    /// The cells the model was trained from (absent in models from before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cells: Option<CellSet>,
+}
+
+/// A set of cells by their ids, order aside: how many, and the sum of a hash of each id. Two
+/// stores with the same cells (say one a shuffled copy of the other) have the same; a filtered,
+/// concatenated or other store has another, almost surely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CellSet {
+    /// Cells.
+    pub cells: u64,
+    /// Wrapping sum of the XXH3-64 of every cell id (as hexadecimal text in JSON, whose numbers
+    /// some readers hold as doubles).
+    #[serde(with = "hex_u64")]
+    pub id_hash: u64,
+}
+
+impl CellSet {
+    /// Adds a cell by its id.
+    pub fn add(&mut self, id: &str) {
+        self.cells += 1;
+        self.id_hash = self.id_hash.wrapping_add(xxhash_rust::xxh3::xxh3_64(id.as_bytes()));
+    }
+}
+
+mod hex_u64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{value:016x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(d)?;
+        u64::from_str_radix(&text, 16).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Which cells a run trains on, validates on, tests on, and holds out.
@@ -85,9 +123,9 @@ pub enum SplitSpec {
 }
 
 impl SplitSpec {
-    /// Seeded fractions with the exact assignment (what new runs record).
+    /// Seeded fractions assigned by cell id (what new runs record).
     pub fn fractions(validation: f64, test: f64, seed: u64, holdout: Vec<String>) -> SplitSpec {
-        SplitSpec::Fraction { validation, test, seed, holdout, method: Stratify::Exact }
+        SplitSpec::Fraction { validation, test, seed, holdout, method: Stratify::CellId }
     }
 
     /// Every cell in training, none held out.
@@ -106,8 +144,39 @@ pub enum Stratify {
     #[default]
     Sequence,
     /// `round(fraction x cells)` of each group, exactly, chosen by a seeded permutation of the
-    /// group's cells (decided once the group's size is known).
+    /// group's cells (decided once the group's size is known). A function of the cells' order:
+    /// on a reordered copy of the store other cells are tested (models trained before
+    /// `cell_id` record it).
     Exact,
+    /// A function of the cell's id and the seed alone: a cell goes to validation when a seeded
+    /// hash of its id, read as a fraction, is below the validation fraction, to test when below
+    /// the two together. The same cell is in the same split in any store that holds it (a
+    /// shuffled, filtered or concatenated copy); a group's fractions are met on average
+    /// (binomially: a group of 1,000 cells and a 10 % test fraction has about 100 ± 9 tested).
+    CellId,
+}
+
+/// Where [`Stratify::CellId`] puts a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSplit {
+    /// Training.
+    Train,
+    /// Validation.
+    Validation,
+    /// Test.
+    Test,
+}
+
+/// The split of the cell with id `id` by [`Stratify::CellId`].
+pub fn split_of_cell_id(id: &str, seed: u64, validation: f64, test: f64) -> IdSplit {
+    let u = (xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), seed) >> 11) as f64 / (1u64 << 53) as f64;
+    if u < validation {
+        IdSplit::Validation
+    } else if u < validation + test {
+        IdSplit::Test
+    } else {
+        IdSplit::Train
+    }
 }
 
 /// A cell's perturbations: vocabulary ids and doses, in the order written in obs.

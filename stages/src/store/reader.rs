@@ -145,6 +145,8 @@ fn open_directory(dir: &Path) -> Result<File> {
     fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(dir).map_err(|e| {
         match e.raw_os_error() {
             Some(libc::ENOTDIR) => Error::InvalidInput(format!("{}: not a store directory", dir.display())),
+            // A store is its manifest: say which file is missing, as reading it would.
+            Some(libc::ENOENT) => Error::io(dir.join(MANIFEST_FILE), e),
             _ => Error::io(dir, e),
         }
     })

@@ -153,15 +153,7 @@ impl AdamGroup {
                 let src = saved
                     .get(&key)
                     .ok_or_else(|| Error::InvalidInput(format!("{origin}: optimizer moment {key} is missing")))?;
-                if src.size() != dst.size() {
-                    return Err(Error::InvalidInput(format!(
-                        "{origin}: optimizer moment {key} has shape {:?}, expected {:?}",
-                        src.size(),
-                        dst.size()
-                    )));
-                }
-                let mut dst = dst.shallow_clone();
-                tch::no_grad(|| dst.f_copy_(src))?;
+                crate::model::files::checked_copy(dst, src, origin, &key)?;
             }
         }
         self.steps = steps;
