@@ -69,6 +69,10 @@ pub enum Error {
     /// An output, options or input data that cannot be used; the message says which and why.
     #[error("{0}")]
     InvalidInput(String),
+    /// The caller asked the run to stop ([`Progress::cancelled`](crate::Progress::cancelled));
+    /// nothing was published.
+    #[error("interrupted; nothing was published")]
+    Interrupted,
 }
 
 impl Error {

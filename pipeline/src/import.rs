@@ -174,6 +174,7 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
             write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
             write.add(rows.n_rows() as u64, rows.byte_size());
             progress.advance(rows.n_rows() as u64);
+            crate::progress::check_cancelled(progress)?;
             let _ = recycle_tx.try_send(rows);
             Ok(())
         },
@@ -528,6 +529,7 @@ pub fn import_chunks(
             write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
             write.add(rows.n_rows() as u64, rows.byte_size());
             progress.advance(rows.n_rows() as u64);
+            crate::progress::check_cancelled(progress)?;
         }
         Ok(())
     })();

@@ -33,6 +33,7 @@ pub mod evaluate;
 pub mod export;
 pub mod fault;
 pub mod import;
+pub mod limits;
 pub mod obs;
 pub mod plots;
 pub mod predict;

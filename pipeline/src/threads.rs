@@ -86,6 +86,13 @@ pub fn plan(
 /// libtorch's thread count is process-wide: in a process that also uses PyTorch this sets it
 /// for both.
 pub fn configure(device: &str, threads: Option<usize>, workers: Option<usize>) -> crate::Result<(tch::Device, usize)> {
+    use crate::limits::{MAX_THREADS, MAX_WORKERS, check};
+    if let Some(n) = threads {
+        check("threads", n, 1, MAX_THREADS, "libtorch threads")?;
+    }
+    if let Some(n) = workers {
+        check("workers", n, 1, MAX_WORKERS, "gather workers")?;
+    }
     let device = cpa_stream_stages::device::parse(device).map_err(crate::Error::stage("device"))?;
     cpa_stream_stages::device::check(device).map_err(crate::Error::stage("device"))?;
     let on_cpu = device == tch::Device::Cpu;

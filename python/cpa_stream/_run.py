@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import _native, _progress
+from . import _args, _native, _progress
 from ._store import PathLike, Store, table_to_pandas
 
 if TYPE_CHECKING:
@@ -114,10 +114,10 @@ def train(
         "perturbation_key": perturbation_key,
         "dose_key": dosage_key,
         "control": control_group,
-        "covariates": list(categorical_covariate_keys),
+        "covariates": _args.names("categorical_covariate_keys", categorical_covariate_keys),
         "batch_key": batch_key,
         "split_key": split_key,
-        "holdout": list(holdout),
+        "holdout": _args.names("holdout", holdout),
         "validation_fraction": validation_fraction,
         "test_fraction": test_fraction,
         "preset": preset,
@@ -132,9 +132,8 @@ def train(
     }
     if config_value is not None:
         request["config"] = config_value
-    report = json.loads(
-        _native.train(json.dumps(request), _compute(device, threads, workers), _progress.make(progress, "train"))
-    )
+    as_json = _args.request(request, {"covariates": "categorical_covariate_keys", "epochs": "max_epochs"})
+    report = json.loads(_native.train(as_json, _compute(device, threads, workers), _progress.make(progress, "train")))
     run = Run(out)
     run.report = report
     if report.get("interrupted"):
@@ -219,19 +218,15 @@ class Run:
 
     def _request(self, store: Store | PathLike, **kw: Any) -> str:
         genes = kw.pop("genes", None)
-        if isinstance(genes, str):
-            genes = [genes]
-        latents = kw.pop("latents", ())
-        latents = [latents] if isinstance(latents, str) else list(latents)
         request = {
             "model": str(self.path),
             "store": _path(store),
             "targets": _target_specs(kw.pop("targets", None)),
-            "genes": list(genes) if genes is not None else None,
-            "latents": latents,
+            "genes": _args.names("genes", genes) if genes is not None else None,
+            "latents": _args.names("latents", kw.pop("latents", ())),
             **kw,
         }
-        return json.dumps(request)
+        return _args.request(request)
 
     def predict(
         self,
@@ -459,7 +454,7 @@ class Run:
                 "plots": plots, "overwrite": overwrite, "batch_size": batch_size,
             }
             report = json.loads(
-                _native.evaluate(json.dumps(request), _compute(device, threads, None), _progress.make(progress, "evaluate"))
+                _native.evaluate(_args.request(request), _compute(device, threads, None), _progress.make(progress, "evaluate"))
             )
             frame = table_to_pandas(pq.read_table(target / "metrics.parquet"))
         frame.attrs["summary"] = report.get("summary", {})
@@ -494,24 +489,20 @@ class Run:
         perturbation, plus every dose it has. ``attrs["summary"]`` of each frame holds the report
         (R2 against the truth included). With ``out`` the files (and, with ``plots``,
         ``dose_response.svg``/``.png``) are kept there."""
-        if isinstance(perturbations, str):
-            perturbations = [perturbations]
-        if isinstance(genes, str):
-            genes = [genes]
         with tempfile.TemporaryDirectory(prefix="cpa-stream-dose-") as scratch:
             target = Path(out) if out is not None else Path(scratch) / "dose"
             request = {
                 "model": str(self.path), "out": str(target),
                 "store": _path(store) if store is not None else None,
-                "perturbations": list(perturbations or []),
+                "perturbations": _args.names("perturbations", perturbations),
                 "doses": [float(d) for d in doses] if doses is not None else None,
-                "genes": list(genes or []), "cells": cells, "seed": seed, "plots": plots,
+                "genes": _args.names("genes", genes), "cells": cells, "seed": seed, "plots": plots,
                 "covariates": [
                     [k, v] for k, vs in (covariates or {}).items() for v in ([vs] if isinstance(vs, str) else vs)
                 ],
                 "overwrite": overwrite,
             }
-            report = json.loads(_native.dose_response(json.dumps(request), _compute(device, threads, None)))
+            report = json.loads(_native.dose_response(_args.request(request), _compute(device, threads, None)))
             frames = {}
             for name in ("latent", "decoded", "genes"):
                 path = target / f"{name}.parquet"

@@ -168,7 +168,12 @@ def import_h5ad(
             allow_external=allow_external, progress=_progress.make(progress, "import"), **codec_args,
         )
         return Store(out)
-    if getattr(data, "isbacked", False):
+    backed = getattr(data, "isbacked", False)
+    if backed and getattr(data, "is_view", False):
+        # A view of a backed AnnData (``adata[:100]``): its cells only, read from the file chunk
+        # by chunk through the view, never the whole file.
+        return _import_backed_view(data, out, layer, use_raw, genes, deg_uns_key, chunk_rows, progress, codec_args)
+    if backed:
         _native.import_h5ad(
             str(data.filename), str(out), layer=layer, use_raw=use_raw, genes=genes, deg_uns_key=deg_uns_key,
             allow_external=allow_external, progress=_progress.make(progress, "import"), **codec_args,
@@ -198,6 +203,45 @@ def import_h5ad(
     degs = _degs_from_uns(data.uns, deg_uns_key)
     _native.import_arrays(
         what, obs, var, _csr_chunks(matrix, chunk_rows), str(out), degs=degs,
+        progress=_progress.make(progress, "import"), **codec_args,
+    )
+    return Store(out)
+
+
+class _ViewRows:
+    """The matrix of a view of a backed AnnData as row blocks: ``rows[a:b]`` reads those cells of
+    the view from the file (``view[a:b]`` is a view of the same file), so memory holds a chunk."""
+
+    def __init__(self, view: Any, pick: Any) -> None:
+        self.view, self.pick = view, pick
+        self.shape = (view.n_obs, view.n_vars)
+
+    def __getitem__(self, rows: slice) -> Any:
+        return self.pick(self.view[rows])
+
+
+def _import_backed_view(
+    view: Any, out: Path, layer: str | None, use_raw: bool, genes: list[str] | None, deg_uns_key: str | None,
+    chunk_rows: int, progress: bool | None, codec_args: dict[str, Any],
+) -> Store:
+    if genes is not None:
+        view = view[:, genes]
+    if use_raw:
+        raise ValueError(
+            "import: use_raw=True of a view of a backed AnnData is not supported; import the file with "
+            "use_raw=True, or the view's cells from memory (view.to_memory())"
+        )
+    if layer is not None:
+        if layer not in view.layers:
+            raise ValueError(f"import: no layer {layer!r}; the AnnData has {sorted(view.layers.keys()) or 'none'}")
+        pick, what = (lambda v: v.layers[layer]), f"AnnData layer {layer!r} (a view of {view.filename})"
+    else:
+        pick, what = (lambda v: v.X), f"AnnData (a view of {view.filename})"
+    obs = dataframe_to_arrow(view.obs, "cell_id", "obs")
+    var = dataframe_to_arrow(view.var, "gene_id", "var")
+    degs = _degs_from_uns(view.uns, deg_uns_key)
+    _native.import_arrays(
+        what, obs, var, _csr_chunks(_ViewRows(view, pick), chunk_rows), str(out), degs=degs,
         progress=_progress.make(progress, "import"), **codec_args,
     )
     return Store(out)

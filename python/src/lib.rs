@@ -55,6 +55,9 @@ const STREAM_CAPSULE: &CStr = c"arrow_array_stream";
 fn to_py(err: Error) -> PyErr {
     use cpa_stream_stages::Error as StageError;
     let message = err.to_string();
+    if matches!(err, Error::Interrupted) {
+        return PyKeyboardInterrupt::new_err(message);
+    }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     let mut invalid = matches!(err, Error::InvalidInput(_));
     while let Some(e) = cause {
@@ -101,7 +104,8 @@ enum Event {
     Note(String),
 }
 
-struct ChannelProgress(Sender<Event>);
+/// Progress sent to the calling thread, and Ctrl-C seen there as a request to stop.
+struct ChannelProgress(Sender<Event>, Arc<AtomicBool>);
 
 impl Progress for ChannelProgress {
     fn begin(&self, phase: &str, total: u64) {
@@ -118,6 +122,9 @@ impl Progress for ChannelProgress {
     }
     fn note(&self, text: &str) {
         let _ = self.0.send(Event::Note(text.to_owned()));
+    }
+    fn cancelled(&self) -> bool {
+        self.1.load(Ordering::Relaxed)
     }
 }
 
@@ -146,9 +153,10 @@ impl<'py> Shown<'py> {
 }
 
 /// Runs `work` on a thread of its own and shows its progress on this one, with the GIL released
-/// while waiting. Ctrl-C sets `stop` (the run ends at its next step, as the CLI's first Ctrl-C)
-/// where there is one, and is raised as `KeyboardInterrupt` once the work has ended otherwise.
-/// Returns what the work returned and whether Ctrl-C was pressed.
+/// while waiting. Ctrl-C sets `stop` where there is one (training: the run ends at its next step
+/// with a checkpoint, as the CLI's first Ctrl-C); otherwise it asks the work to stop
+/// ([`Progress::cancelled`]: nothing is published) and is raised as `KeyboardInterrupt` once the
+/// work has ended. Returns what the work returned and whether Ctrl-C was pressed.
 fn run_shown<T: Send + 'static>(
     py: Python<'_>,
     progress: Option<Bound<'_, PyAny>>,
@@ -156,9 +164,11 @@ fn run_shown<T: Send + 'static>(
     work: impl FnOnce(&dyn Progress) -> cpa_stream_pipeline::Result<T> + Send + 'static,
 ) -> PyResult<(T, bool)> {
     let (tx, rx) = unbounded::<Event>();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let cancelled = Arc::clone(&cancel);
     let thread = std::thread::Builder::new()
         .name("cpa-stream".to_owned())
-        .spawn(move || work(&ChannelProgress(tx)))
+        .spawn(move || work(&ChannelProgress(tx, cancelled)))
         .map_err(|e| PyOSError::new_err(format!("starting a thread: {e}")))?;
     let mut shown = Shown { target: progress };
     let (mut interrupted, mut pending): (bool, Option<PyErr>) = (false, None);
@@ -181,7 +191,10 @@ fn run_shown<T: Send + 'static>(
                         flag.store(true, Ordering::Relaxed);
                         shown.deliver(Event::Note("interrupted: stopping after this step with a checkpoint".into()));
                     }
-                    None => pending = Some(e),
+                    None => {
+                        cancel.store(true, Ordering::Relaxed);
+                        pending = Some(e);
+                    }
                 }
             } else {
                 pending.get_or_insert(e);
@@ -250,12 +263,42 @@ impl ArrowStream {
 
 impl ArrowStream {
     fn of(reader: impl RecordBatchReader + Send + 'static) -> ArrowStream {
-        ArrowStream { reader: std::sync::Mutex::new(Some(Box::new(reader))) }
+        let serialized =
+            Serialized { schema: reader.schema(), reader: Arc::new(std::sync::Mutex::new(Some(Box::new(reader)))) };
+        ArrowStream { reader: std::sync::Mutex::new(Some(Box::new(serialized))) }
     }
 
     fn of_batch(batch: RecordBatch) -> ArrowStream {
         let schema = batch.schema();
         ArrowStream::of(RecordBatchIterator::new([Ok(batch)], schema))
+    }
+}
+
+/// A reader that Python threads may share (pyarrow releases the GIL while it asks the stream
+/// for the next batch, so two threads reading one `RecordBatchReader` call it at once): one
+/// batch at a time, and after the end (or an error) only the end.
+struct Serialized {
+    schema: arrow::datatypes::SchemaRef,
+    reader: Arc<std::sync::Mutex<Option<Box<dyn RecordBatchReader + Send>>>>,
+}
+
+impl Iterator for Serialized {
+    type Item = Result<RecordBatch, arrow::error::ArrowError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut reader = self.reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let next = reader.as_mut()?.next();
+        if !matches!(next, Some(Ok(_))) {
+            // Ended or failed: the stream's threads are released now, and later calls see the end.
+            *reader = None;
+        }
+        next
+    }
+}
+
+impl RecordBatchReader for Serialized {
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        Arc::clone(&self.schema)
     }
 }
 
@@ -526,7 +569,10 @@ impl PredictRequest {
         options.latents = self.latents.clone();
         options.shard = self.shard.as_deref().map(Shard::parse).transpose().map_err(to_py)?;
         options.device = device;
-        options.batch_size = self.batch_size.unwrap_or(options.batch_size).max(1);
+        if let Some(b) = self.batch_size {
+            use cpa_stream_pipeline::limits::{MAX_BATCH_SIZE, check};
+            options.batch_size = check("batch_size", b, 1, MAX_BATCH_SIZE, "cells per batch").map_err(to_py)?;
+        }
         options.loader.workers = workers;
         options.seed = self.seed;
         options.allow_empty = self.allow_empty;
@@ -620,7 +666,8 @@ fn evaluate(py: Python<'_>, request: &str, compute: &str, progress: Option<Bound
     options.min_cells = request.min_cells.unwrap_or(options.definitions.min_cells());
     options.expected_log1p = request.expected_log1p;
     if let Some(b) = request.batch_size {
-        options.batch_size = Some(b.max(1));
+        use cpa_stream_pipeline::limits::{MAX_BATCH_SIZE, check};
+        options.batch_size = Some(check("batch_size", b, 1, MAX_BATCH_SIZE, "cells per batch").map_err(to_py)?);
     }
     let (report, _) = run_shown(py, progress, None, move |p| run_evaluate(&options, p))?;
     to_json(&report)

@@ -301,18 +301,9 @@ fn parse_run_cells(value: &str) -> Result<usize, String> {
     }
 }
 
-/// Most libtorch and worker threads a flag takes.
-const MAX_THREADS: usize = 1024;
-/// Most gather workers.
-const MAX_WORKERS: usize = 256;
-/// Most batches in flight between two stages.
-const MAX_PREFETCH: usize = 1024;
-/// Most cells in one batch.
-const MAX_BATCH_SIZE: usize = 1 << 20;
-/// Most blocks in a shuffle window.
-const MAX_SHUFFLE_BLOCKS: usize = 1 << 20;
-/// Most MiB of shuffle buffer (1 TiB).
-const MAX_BUFFER_MB: usize = 1 << 20;
+use cpa_stream_pipeline::limits::{
+    MAX_BATCH_SIZE, MAX_BUFFER_MB, MAX_PREFETCH, MAX_SHUFFLE_BLOCKS, MAX_THREADS, MAX_WORKERS,
+};
 
 /// A whole number in `min..=max` for flag values that size threads, queues and buffers: a typo
 /// (`--threads 0`, `--prefetch 1e9`) is an error before any work, not a panic or an allocation

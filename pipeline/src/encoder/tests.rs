@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use cpa_stream_schemas::tables::{CELL_ID, GENE_ID};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::model::HostBatch;
-use cpa_stream_stages::model::vocab::{canonical_condition, split_condition};
+use cpa_stream_stages::model::vocab::{IdSplit, Stratify, canonical_condition, split_condition, split_of_cell_id};
 use cpa_stream_stages::store::{Store, StoreWriter, StoreWriterOptions};
 use proptest::prelude::*;
 
@@ -77,6 +77,14 @@ fn options(validation: f64, test: f64, seed: u64, holdout: Vec<String>) -> Encod
     }
 }
 
+/// [`options`] with the split assigned by `method`.
+fn options_by(method: Stratify, validation: f64, test: f64, seed: u64, holdout: Vec<String>) -> EncoderOptions {
+    EncoderOptions {
+        split: SplitSpec::Fraction { validation, test, seed, holdout, method },
+        ..options(0.0, 0.0, 0, Vec::new())
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
@@ -87,11 +95,13 @@ proptest! {
         test in 0.0f64..0.4,
         seed in any::<u64>(),
         hold in any::<bool>(),
+        by_id in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let store = store_with(dir.path(), &rows);
         let holdout = if hold { vec!["B+A".to_owned()] } else { Vec::new() };
-        let labels = CellLabels::from_store(&store, &options(validation, test, seed, holdout.clone()));
+        let method = if by_id { Stratify::CellId } else { Stratify::Exact };
+        let labels = CellLabels::from_store(&store, &options_by(method, validation, test, seed, holdout.clone()));
         // A held-out condition that no cell has is an error, not an empty split; so is a
         // table without the control.
         let has_ab = rows.iter().any(|r| canonical_condition(&r.0) == "A+B");
@@ -122,13 +132,22 @@ proptest! {
             let split = labels.split(cell as u64);
             let held = hold && canonical_condition(&r.0) == "A+B";
             prop_assert_eq!(split == Split::Ood, held, "cell {} ({:?})", cell, r);
+            if by_id && !held {
+                // A function of the cell's id alone.
+                let expected = match split_of_cell_id(&format!("c{cell}"), seed, validation, test) {
+                    IdSplit::Train => Split::Train,
+                    IdSplit::Validation => Split::Valid,
+                    IdSplit::Test => Split::Test,
+                };
+                prop_assert_eq!(split, expected, "cell {}", cell);
+            }
             let e = per_group.entry(r).or_default();
             e.0 += 1;
             e.1[split as usize] += 1;
         }
-        // Stratified: each group's validation and test cells are its fractions, to one cell.
+        // Exact: each group's validation and test cells are its fractions, to one cell.
         for (group, (n, splits)) in &per_group {
-            if hold && canonical_condition(&group.0) == "A+B" {
+            if by_id || (hold && canonical_condition(&group.0) == "A+B") {
                 continue;
             }
             let close = |got: u64, fraction: f64| (got as f64 - fraction * *n as f64).abs() <= 1.0;
@@ -194,7 +213,7 @@ fn models_from_before_the_exact_split_keep_their_sequence_split() {
     assert!(matches!(old, SplitSpec::Fraction { method: Stratify::Sequence, .. }), "{old:?}");
     let new = SplitSpec::fractions(0.1, 0.2, 4, Vec::new());
     let text = serde_json::to_string(&new).unwrap_or_default();
-    assert!(text.contains(r#""method":"exact""#), "{text}");
+    assert!(text.contains(r#""method":"cell_id""#), "{text}");
     // The sequence assignment still labels every cell as it did: 1,000 cells of one group.
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let mut rows: Vec<Row> = (0..1000).map(|_| ("A".to_owned(), "1".to_owned(), "x".to_owned())).collect();
@@ -236,4 +255,20 @@ fn a_control_that_does_not_occur_is_an_error_naming_the_closest_values() {
     let missing = EncoderOptions { perturbation_key: "conditon".into(), ..options(0.0, 0.0, 0, Vec::new()) };
     let err = CellLabels::from_store(&store, &missing).unwrap_err().to_string();
     assert!(err.contains(r#"no obs column "conditon" (closest first: "condition""#), "{err}");
+}
+
+#[test]
+fn cell_id_splits_meet_their_fractions_on_a_large_group() {
+    // 20,000 cells of one group: the counts are binomial around the fractions (deterministic
+    // here: the ids and the seed are fixed).
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut rows: Vec<Row> = (0..20_000).map(|_| ("A".to_owned(), "1".to_owned(), "x".to_owned())).collect();
+    rows.push(("control".to_owned(), "1".to_owned(), "x".to_owned()));
+    let store = store_with(dir.path(), &rows);
+    let labels = CellLabels::from_store(&store, &options(0.1, 0.2, 7, Vec::new())).unwrap_or_else(|e| panic!("{e}"));
+    let [train, valid, test, _] = labels.split_counts;
+    let sd = |p: f64| (20_001.0 * p * (1.0 - p)).sqrt();
+    assert!((valid as f64 - 2_000.1).abs() < 4.0 * sd(0.1), "{valid} validation cells of 20,001");
+    assert!((test as f64 - 4_000.2).abs() < 4.0 * sd(0.2), "{test} test cells of 20,001");
+    assert_eq!(train + valid + test, 20_001);
 }

@@ -247,6 +247,10 @@ impl Plan<'_> {
                 }
             }
             progress.advance(end - start);
+            if progress.cancelled() {
+                feeder.fail(Error::Interrupted);
+                return;
+            }
             start = end;
         }
         for (covs, rows) in pending {

@@ -111,6 +111,7 @@ impl GroupMoments {
             }
             store.release(start..end);
             progress.advance(end - start);
+            crate::progress::check_cancelled(progress)?;
             start = end;
         }
         Ok(GroupMoments { genes, moments, half, samples })

@@ -122,6 +122,8 @@ pub fn run_predict(
         let done = stream.rows_done();
         progress.advance(done.saturating_sub(reported));
         reported = reported.max(done);
+        // Dropping the sink removes its temporary file: nothing is published.
+        crate::progress::check_cancelled(progress)?;
     }
     progress.advance((rows.end - rows.start).saturating_sub(reported));
     let source_cells = stream.source_cells();
