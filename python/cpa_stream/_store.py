@@ -210,14 +210,18 @@ def import_h5ad(
 
 class _ViewRows:
     """The matrix of a view of a backed AnnData as row blocks: ``rows[a:b]`` reads those cells of
-    the view from the file (``view[a:b]`` is a view of the same file), so memory holds a chunk."""
+    the view from the file, so memory holds a chunk. (anndata does not index a backed view
+    again: the blocks are views of the backed AnnData it is a view of, at the view's rows.)"""
 
     def __init__(self, view: Any, pick: Any) -> None:
-        self.view, self.pick = view, pick
-        self.shape = (view.n_obs, view.n_vars)
+        parent = view._adata_ref
+        self.rows = np.arange(parent.n_obs)[view._oidx]
+        self.columns = np.arange(parent.n_vars)[view._vidx]
+        self.parent, self.pick = parent, pick
+        self.shape = (len(self.rows), len(self.columns))
 
     def __getitem__(self, rows: slice) -> Any:
-        return self.pick(self.view[rows])
+        return self.pick(self.parent[self.rows[rows], self.columns])
 
 
 def _import_backed_view(
@@ -225,7 +229,11 @@ def _import_backed_view(
     chunk_rows: int, progress: bool | None, codec_args: dict[str, Any],
 ) -> Store:
     if genes is not None:
-        view = view[:, genes]
+        positions = view.var_names.get_indexer(genes)
+        if (positions < 0).any():
+            missing = [g for g, p in zip(genes, positions) if p < 0]
+            raise ValueError(f"--genes: {len(missing)} gene(s) not in var: {', '.join(missing[:10])}")
+        view = view._adata_ref[view._oidx, np.arange(view._adata_ref.n_vars)[view._vidx][positions]]
     if use_raw:
         raise ValueError(
             "import: use_raw=True of a view of a backed AnnData is not supported; import the file with "
