@@ -70,6 +70,11 @@ elif target == "h5ad":
     subprocess.run([os.environ["CPA_STREAM_PYTHON"], "tests/fixtures/h5ad_fixtures.py", "make", str(fixtures)],
                    check=True, capture_output=True)
     files += [fixtures / n for n in ("csr_f32.h5ad", "csc.h5ad", "dense_i32.h5ad", "csr_rgg.h5ad", "legacy_v06_csr.h5ad")]
+    # The attack files of issue 47 (external storage, links, virtual datasets, filters, sizes).
+    attacks, outside = pathlib.Path(tempfile.mkdtemp()), pathlib.Path(tempfile.mkdtemp())
+    subprocess.run([os.environ["CPA_STREAM_PYTHON"], "tests/fixtures/untrusted_h5ad.py", "make", str(attacks), str(outside)],
+                   check=True, capture_output=True)
+    files += sorted(p for p in attacks.glob("*.h5ad"))
     for f in files:
         if f.exists():
             seed(f"{f.parent.name}-{f.name}", f.read_bytes())

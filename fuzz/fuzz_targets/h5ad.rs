@@ -1,12 +1,15 @@
 //! The .h5ad reader: the input is a whole file (seeded by scripts/fuzz.sh with anndata's
-//! archived files of versions 0.5 to 0.11 and generated ones), opened as X, as adata.raw and as
-//! its first layer, with obs, var, every row and the DEG table read. The HDF5 C library is not
-//! instrumented: coverage guides through cpa-stream's own reading code.
+//! archived files of versions 0.5 to 0.11, generated ones, and the attack files of
+//! tests/fixtures/untrusted_h5ad.py: external storage, external links, virtual datasets, filters
+//! that are not built in, sizes the file cannot hold), opened as X, as adata.raw and as its
+//! first layer, untrusted and as a trusted collection (its folder holds nothing else, so every
+//! external reference must be refused), with obs, var, every row and the DEG table read. The
+//! HDF5 C library is not instrumented: coverage guides through cpa-stream's own reading code.
 #![no_main]
 
 
 use cpa_stream_stages::CsrBatch;
-use cpa_stream_stages::h5ad::{H5adReader, MatrixLayout, MatrixSource};
+use cpa_stream_stages::h5ad::{ExternalData, H5adReader, MatrixLayout, MatrixSource};
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]
@@ -15,8 +18,9 @@ mod common;
 fuzz_target!(init: common::init(), |data: &[u8]| {
     let path = common::scratch().join("input.h5ad");
     std::fs::write(&path, data).expect("scratch");
-    for source in [MatrixSource::X, MatrixSource::Raw, MatrixSource::Layer("counts")] {
-        let Ok(h5) = H5adReader::open_matrix(&path, source) else { continue };
+    let sources = [MatrixSource::X, MatrixSource::Raw, MatrixSource::Layer("counts")];
+    for (source, external) in sources.into_iter().flat_map(|s| [(s, ExternalData::Refuse), (s, ExternalData::SameDirectory)]) {
+        let Ok(h5) = H5adReader::open_matrix_with(&path, source, external) else { continue };
         let n = h5.n_obs();
         let _ = h5.read_obs(0..n);
         let _ = h5.read_var();
