@@ -17,12 +17,9 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
+        let cache = matches!(path.file_name().and_then(|n| n.to_str()), Some("__pycache__" | ".pytest_cache"));
         match entry.file_type() {
-            Ok(t) if t.is_dir() => {
-                if !matches!(path.file_name().and_then(|n| n.to_str()), Some("__pycache__" | ".pytest_cache")) {
-                    files_under(&path, out);
-                }
-            }
+            Ok(t) if t.is_dir() && !cache => files_under(&path, out),
             Ok(t) if t.is_file() => out.push(path),
             _ => {}
         }

@@ -318,3 +318,35 @@ fn the_split_follows_cell_ids_and_another_store_is_named() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("holds 2000 cells, not the 3000 the run") && err.contains("trained on"), "{err}");
 }
+
+/// A working directory deeper than PATH_MAX (4,096 bytes), where libtorch's MKL ended every
+/// command before `main` (exit 2): the commands work, and relative paths mean what they say.
+#[test]
+fn a_working_directory_deeper_than_path_max_works() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // A shell walks down (no single path may exceed PATH_MAX) and runs the binary there.
+    let script = r#"
+        set -e
+        cd "$1"
+        name=$(printf 'd%.0s' $(seq 200))
+        for i in $(seq 25); do mkdir "$name"; cd "$name"; done
+        [ "$(pwd | wc -c)" -gt 4096 ]
+        "$2" --version
+        "$2" synth --cells 300 --genes 20 --perturbations 2 --out deep.store --quiet
+        "$2" inspect deep.store > inspected.txt
+        "$2" train --store deep.store --out run --epochs 1 --threads 1 --quiet
+        test -f run/model/model.json
+        grep -q "300 cells" inspected.txt
+    "#;
+    let o = Command::new("bash")
+        .args(["-c", script, "bash", s(tmp.path()), s(&bin())])
+        .env("CPA_STREAM_LOG", "warn")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "exit {:?}: {}{}", o.status.code(), text(&o.stdout), text(&o.stderr));
+    assert!(text(&o.stdout).contains("cpa-stream"), "{}", text(&o.stdout));
+    // tempdir's removal cannot walk a path this deep by name: remove it from the inside out.
+    let cleanup = "cd \"$1\" && while [ -d d* ]; do n=$(ls -d d*); cd \"$n\"; done; cd \"$1\"; \
+        rm -rf -- \"$(ls -d d*)\" 2>/dev/null || true";
+    let _ = Command::new("bash").args(["-c", cleanup, "bash", s(tmp.path())]).status();
+}

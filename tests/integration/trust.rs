@@ -353,7 +353,8 @@ fn weights_that_do_not_fit_the_model_are_refused_at_load() {
     let model_json: Value = serde_json::from_slice(&read(&original.join("model.json"))).unwrap_or_default();
     assert!(model_json["weights_checksum"].as_str().is_some_and(|c| c.starts_with("xxh3-64:")), "{model_json}");
     // A model directory whose weights are `edit`ed, with or without the recorded checksum.
-    let crafted = |label: &str, keep_checksum: bool, edit: &dyn Fn(&mut Vec<(String, Tensor)>)| -> PathBuf {
+    type Weights = Vec<(String, Tensor)>;
+    let crafted = |label: &str, keep_checksum: bool, edit: &dyn Fn(&mut Weights)| -> PathBuf {
         let model = dir.path().join(label);
         std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("{e}"));
         let mut json = model_json.clone();

@@ -135,10 +135,10 @@ fn check_tree(path: &Path, file: &File, policy: ExternalData, depth: usize, visi
                 LinkType::Hard => {
                     let info = group.loc_info_by_name(&name).map_err(Error::hdf5(path, full.clone()))?;
                     match info.loc_type {
-                        LocationType::Group => {
-                            if visited.groups.insert(format!("{}:{:?}", path.display(), info.token)) {
-                                stack.push(full);
-                            }
+                        LocationType::Group
+                            if visited.groups.insert(format!("{}:{:?}", path.display(), info.token)) =>
+                        {
+                            stack.push(full);
                         }
                         LocationType::Dataset => {
                             let ds = group.dataset(&name).map_err(Error::hdf5(path, full.clone()))?;
