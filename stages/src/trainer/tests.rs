@@ -473,7 +473,7 @@ fn saved_models_load_and_check_their_files() -> Result<()> {
     file.vocabulary.perturbations.push("D".into());
     write(&serde_json::to_string(&file).map_err(|e| Error::InvalidInput(e.to_string()))?)?;
     let err = crate::model::load_model(&path, Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(err.contains("weights do not fit model.json"), "{err}");
+    assert!(err.contains("the model needs [6, 8] (the weights are not this model's)"), "{err}");
     Ok(())
 }
 
