@@ -93,6 +93,17 @@ pub enum Split {
     Ood = 3,
 }
 
+impl From<cpa_stream_stages::model::vocab::IdSplit> for Split {
+    fn from(split: cpa_stream_stages::model::vocab::IdSplit) -> Split {
+        use cpa_stream_stages::model::vocab::IdSplit;
+        match split {
+            IdSplit::Train => Split::Train,
+            IdSplit::Validation => Split::Valid,
+            IdSplit::Test => Split::Test,
+        }
+    }
+}
+
 impl Split {
     /// Every split, in code order.
     pub const ALL: [Split; 4] = [Split::Train, Split::Valid, Split::Test, Split::Ood];

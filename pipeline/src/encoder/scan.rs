@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use cpa_stream_stages::model::vocab::{
-    CellSet, Covariate, DataSpec, IdSplit, SplitSpec, Stratify, Vocabulary, canonical_condition, split_condition,
-    split_of_cell_id,
+    CellSet, Covariate, DataSpec, SplitSpec, Stratify, Vocabulary, canonical_condition, split_by_fraction,
+    split_condition, split_of_cell_id,
 };
 
 use super::key::GroupKey;
@@ -152,11 +152,7 @@ impl<'a> Scan<'a> {
                         Stratify::Exact => Split::Train,
                         Stratify::CellId => {
                             let id = id.ok_or_else(|| self.bad(format!("{}: no cell id to split by", cell())))?;
-                            match split_of_cell_id(id, f.seed, f.validation, f.test) {
-                                IdSplit::Train => Split::Train,
-                                IdSplit::Validation => Split::Valid,
-                                IdSplit::Test => Split::Test,
-                            }
+                            Split::from(split_of_cell_id(id, f.seed, f.validation, f.test))
                         }
                     }
                 }
@@ -353,11 +349,5 @@ pub(super) fn stratified(seed: u64, group: u32, k: u64, validation: f64, test: f
     x = (x ^ (x >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     let offset = (x >> 11) as f64 / (1u64 << 53) as f64;
     let u = (offset + k as f64 * 0.618_033_988_749_894_9).fract();
-    if u < validation {
-        Split::Valid
-    } else if u < validation + test {
-        Split::Test
-    } else {
-        Split::Train
-    }
+    Split::from(split_by_fraction(u, validation, test))
 }

@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use cpa_stream_schemas::tables::{CELL_ID, GENE_ID};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::model::HostBatch;
-use cpa_stream_stages::model::vocab::{IdSplit, Stratify, canonical_condition, split_condition, split_of_cell_id};
+use cpa_stream_stages::model::vocab::{Stratify, canonical_condition, split_condition, split_of_cell_id};
 use cpa_stream_stages::store::{Store, StoreWriter, StoreWriterOptions};
 use proptest::prelude::*;
 
@@ -134,11 +134,7 @@ proptest! {
             prop_assert_eq!(split == Split::Ood, held, "cell {} ({:?})", cell, r);
             if by_id && !held {
                 // A function of the cell's id alone.
-                let expected = match split_of_cell_id(&format!("c{cell}"), seed, validation, test) {
-                    IdSplit::Train => Split::Train,
-                    IdSplit::Validation => Split::Valid,
-                    IdSplit::Test => Split::Test,
-                };
+                let expected = Split::from(split_of_cell_id(&format!("c{cell}"), seed, validation, test));
                 prop_assert_eq!(split, expected, "cell {}", cell);
             }
             let e = per_group.entry(r).or_default();

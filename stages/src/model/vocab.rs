@@ -170,6 +170,12 @@ pub enum IdSplit {
 /// The split of the cell with id `id` by [`Stratify::CellId`].
 pub fn split_of_cell_id(id: &str, seed: u64, validation: f64, test: f64) -> IdSplit {
     let u = (xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), seed) >> 11) as f64 / (1u64 << 53) as f64;
+    split_by_fraction(u, validation, test)
+}
+
+/// Where a cell drawn at `u` in [0, 1) goes: validation below `validation`, test below the two
+/// together, else training.
+pub fn split_by_fraction(u: f64, validation: f64, test: f64) -> IdSplit {
     if u < validation {
         IdSplit::Validation
     } else if u < validation + test {
