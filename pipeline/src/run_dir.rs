@@ -73,15 +73,19 @@ pub fn is_nonempty_dir(dir: &Path) -> bool {
 }
 
 /// An existing output directory may be replaced only when it holds nothing but what the
-/// command itself writes (`known`, and temporaries of them): `--overwrite` never deletes a
-/// user's other files (say, `--out .`).
+/// command itself writes (`known`, and temporaries and lock files of them, which a killed run
+/// leaves): `--overwrite` never deletes a user's other files (say, `--out .`).
 pub fn check_replaceable(dir: &Path, known: &[&str], what: &str) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(Error::io(dir))?;
     let mut foreign = Vec::new();
     for entry in entries {
         let name = entry.map_err(Error::io(dir))?.file_name().to_string_lossy().into_owned();
         let ours = known.contains(&name.as_str())
-            || known.iter().any(|k| name.starts_with(&format!(".{k}.tmp-")) || name.starts_with(&format!(".{k}.old-")));
+            || known.iter().any(|k| {
+                name.starts_with(&format!(".{k}.tmp-"))
+                    || name.starts_with(&format!(".{k}.old-"))
+                    || name == format!(".{k}.lock")
+            });
         if !ours {
             foreign.push(name);
         }
@@ -98,7 +102,8 @@ pub fn check_replaceable(dir: &Path, known: &[&str], what: &str) -> Result<()> {
 }
 
 /// Removes what a previous output of the same command left in `dir` (after
-/// [`check_replaceable`]).
+/// [`check_replaceable`]; under the lock of `dir`, so the lock files of its entries that a
+/// killed run left are nobody's).
 pub fn remove_entries(dir: &Path, known: &[&str]) -> Result<()> {
     for name in known {
         let path = dir.join(name);
@@ -107,6 +112,27 @@ pub fn remove_entries(dir: &Path, known: &[&str]) -> Result<()> {
             Ok(_) => std::fs::remove_file(&path).map_err(Error::io(&path))?,
             Err(_) => {}
         }
+        let _ = std::fs::remove_file(dir.join(format!(".{name}.lock")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_runs_lock_files_are_its_own_and_go_with_it() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io("tempdir"))?;
+        for name in [METRICS_FILE, ".metrics.parquet.lock", ".config.toml.tmp-1-2"] {
+            std::fs::write(dir.path().join(name), b"x").map_err(Error::io(dir.path()))?;
+        }
+        check_replaceable(dir.path(), &RUN_ENTRIES, "a training run")?;
+        remove_entries(dir.path(), &RUN_ENTRIES)?;
+        assert!(!dir.path().join(".metrics.parquet.lock").exists() && !dir.path().join(METRICS_FILE).exists());
+        std::fs::write(dir.path().join(".notes.lock"), b"x").map_err(Error::io(dir.path()))?;
+        let err = check_replaceable(dir.path(), &RUN_ENTRIES, "a training run").unwrap_err().to_string();
+        assert!(err.contains(".notes.lock"), "{err}");
+        Ok(())
+    }
 }
