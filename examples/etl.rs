@@ -17,18 +17,11 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use arrow::array::{AsArray, Float32Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Float32Type, Schema};
-use cpa_stream::pipeline::Silent;
-use cpa_stream::pipeline::encoder::{EncoderOptions, SplitSpec};
-use cpa_stream::pipeline::import::{ImportOptions, run_import};
-use cpa_stream::pipeline::predict::targets::parse_target_spec;
-use cpa_stream::pipeline::predict::{PredictOptions, Predictor};
-use cpa_stream::pipeline::train::{TrainOptions, run_train};
-use cpa_stream::stages::model::CpaConfig;
-use cpa_stream::stages::sink::{ParquetSink, SinkOptions};
+use cpa_stream::predict::{PredictOptions, PredictRequest, Predictor};
+use cpa_stream::{ParquetSink, RunContext, SinkOptions, import, train};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -48,11 +41,17 @@ fn main() -> Result<()> {
 
     // Extract: the reference under control (each source cell reconstructed as a control cell)
     // and the counterfactuals, as two streams of the same cells in the same order.
-    let mut reference = PredictOptions::new(&run, &store);
-    reference.source = Some(source.into());
-    reference.targets = vec![parse_target_spec("condition=control")?];
-    let mut counterfactual = PredictOptions { targets: Vec::new(), ..reference.clone() };
-    counterfactual.targets = targets.iter().map(|t| parse_target_spec(t)).collect::<std::result::Result<_, _>>()?;
+    let request = |targets: &[&str]| -> cpa_stream::Result<PredictOptions> {
+        let request = PredictRequest {
+            model: run.clone(),
+            store: store.clone(),
+            source: Some(source.into()),
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        };
+        request.options()
+    };
+    let (reference, counterfactual) = (request(&["condition=control"])?, request(&targets)?);
     let predictor = Predictor::open(&counterfactual)?;
     let genes = predictor.genes().to_vec();
     let mut changes = predictor.stream()?;
@@ -106,32 +105,22 @@ fn bundled() -> Result<(PathBuf, PathBuf, PathBuf)> {
     if !store.exists() {
         std::fs::create_dir_all(&out)?;
         let input = root.join("examples/data/perturbench_devel_cpa.h5ad");
-        run_import(&input, &store, &ImportOptions::default(), &Silent)?;
+        let request = import::ImportRequest { input, out: store.clone(), ..Default::default() };
+        import::run(&request.options()?, &RunContext::default())?;
     }
     let run = out.join("run");
     if !run.join("model").exists() {
-        let mut config = CpaConfig::default();
-        config.training.max_epochs = 20;
-        let options = TrainOptions {
+        let request = train::TrainRequest {
             store: store.clone(),
             out: run.clone(),
-            encoder: EncoderOptions {
-                perturbation_key: "condition".into(),
-                dose_key: Some("dose".into()),
-                control: "control".into(),
-                covariate_keys: vec!["cell_type".into()],
-                batch_key: None,
-                split: SplitSpec::fractions(0.1, 0.1, 0, vec!["MAP2K3+MAP2K6".into()]),
-                max_comb_len: 2,
-            },
-            config,
-            device: tch::Device::Cpu,
-            resume: false,
+            dose_key: Some("dose".into()),
+            covariates: vec!["cell_type".into()],
+            holdout: vec!["MAP2K3+MAP2K6".into()],
+            seed: Some(0),
             epochs: Some(20),
-            auto_batch_size: false,
-            ..TrainOptions::default()
+            ..Default::default()
         };
-        run_train(&options, &Silent, Arc::new(AtomicBool::new(false)))?;
+        train::run(&request.options()?, &RunContext::default())?;
     }
     Ok((run, store, out))
 }

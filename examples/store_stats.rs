@@ -8,11 +8,8 @@
 
 use std::path::PathBuf;
 
-use cpa_stream::pipeline::Silent;
-use cpa_stream::pipeline::synth::{SynthRunOptions, run_synth};
-use cpa_stream::stages::CsrBatch;
-use cpa_stream::stages::store::{Access, Store};
-use cpa_stream::stages::synth::{SynthAtlas, SynthConfig};
+use cpa_stream::synth::{SynthConfig, SynthOptions};
+use cpa_stream::{Access, CsrBatch, RunContext, Store};
 
 /// Rows copied per batch.
 const BATCH_ROWS: u64 = 4096;
@@ -25,8 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let dir = std::env::temp_dir().join(format!("cpa-stream-example-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             let path = dir.join("example.store");
-            let atlas = SynthAtlas::new(SynthConfig::new(5_000, 500, 4, 2, 2, 2, 7))?;
-            run_synth(&atlas, &path, &SynthRunOptions { overwrite: true, ..Default::default() }, &Silent)?;
+            let config = SynthConfig::new(5_000, 500, 4, 2, 2, 2, 7);
+            let options = SynthOptions { overwrite: true, ..SynthOptions::new(config, &path) };
+            cpa_stream::synth::run(&options, &RunContext::default())?;
             _scratch = RemoveOnDrop(dir);
             path
         }

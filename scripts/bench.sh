@@ -77,7 +77,7 @@ for comp in none gzip; do
   "$bin" import "$h5" --out "$dir/imported-$comp.store" --overwrite --json > "$res/import-$comp.json"
   python3 - "$res/export-$comp.json" "$res/import-$comp.json" "$h5" "$comp" <<'PY'
 import json, os, sys
-e, i = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+e, i = json.load(open(sys.argv[1]))["report"], json.load(open(sys.argv[2]))
 secs = lambda d: d["secs"] + d["nanos"] / 1e9
 size = os.path.getsize(sys.argv[3])
 print(f"  {sys.argv[4]:>4}: file {size / 1e9:.2f} GB; export {secs(e['wall']):.1f} s, peak RssAnon {e['memory']['rss_anon'] / 2**20:.0f} MiB; "

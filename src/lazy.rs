@@ -2,7 +2,7 @@
 //!
 //! polars reads the `mean` and latent columns as `Array(Float32, n)` and the label columns as
 //! `Categorical`; the gene of each `mean` item is in the file's schema metadata (see
-//! [`crate::schemas::tables::prediction_genes`], or [`prediction_genes`] here).
+//! [`crate::unstable::schemas::tables::prediction_genes`], or [`prediction_genes`] here).
 
 use std::path::Path;
 
@@ -46,7 +46,7 @@ pub fn prediction_genes(path: impl AsRef<Path>) -> std::io::Result<Vec<String>> 
     let metadata = parquet::file::reader::FileReader::metadata(&reader).file_metadata();
     let schema = parquet::arrow::parquet_to_arrow_schema(metadata.schema_descr(), metadata.key_value_metadata())
         .map_err(|e| std::io::Error::other(format!("{}: {e}", file.display())))?;
-    crate::schemas::tables::prediction_genes(&schema).ok_or_else(|| {
+    cpa_stream_schemas::tables::prediction_genes(&schema).ok_or_else(|| {
         std::io::Error::other(format!("{}: not a cpa-stream prediction file (no gene list)", file.display()))
     })
 }

@@ -8,6 +8,7 @@ use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::canonical_condition;
 use cpa_stream_stages::store::TableFile;
 
+use crate::Stage;
 use crate::error::{Error, Result};
 use crate::obs::{ObsKeys, column_strings};
 use crate::predictor::targets::Target;
@@ -40,8 +41,8 @@ pub fn read_deg_lists(table: TableFile<'_>) -> Result<HashMap<String, Vec<String
     }
     let origin = path.display().to_string();
     let mut lists: HashMap<String, Vec<(i64, String)>> = HashMap::new();
-    for batch in table.read().map_err(Error::stage("degs"))? {
-        let batch = batch.map_err(Error::stage("degs"))?;
+    for batch in table.read().map_err(Error::stage(Stage::Degs))? {
+        let batch = batch.map_err(Error::stage(Stage::Degs))?;
         let (group, gene) = (column_strings(&batch, DEG_GROUP, &origin)?, column_strings(&batch, DEG_GENE, &origin)?);
         let rank = column_strings(&batch, DEG_RANK, &origin)?;
         for i in 0..batch.num_rows() {

@@ -3,6 +3,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::Stage;
 use arrow::error::ArrowError;
 use parquet::errors::ParquetError;
 
@@ -17,7 +18,7 @@ pub enum Error {
     #[error("{stage}: {source}")]
     Stage {
         /// The stage, as the design names it.
-        stage: &'static str,
+        stage: Stage,
         /// What went wrong there.
         #[source]
         source: cpa_stream_stages::Error,
@@ -26,7 +27,7 @@ pub enum Error {
     #[error("{stage}: a worker thread panicked: {message}")]
     Panic {
         /// The stage whose thread panicked.
-        stage: &'static str,
+        stage: Stage,
         /// The panic's message.
         message: String,
     },
@@ -69,15 +70,15 @@ pub enum Error {
     /// An output, options or input data that cannot be used; the message says which and why.
     #[error("{0}")]
     InvalidInput(String),
-    /// The caller asked the run to stop ([`Progress::cancelled`](crate::Progress::cancelled));
+    /// The caller asked the run to stop ([`RunContext`](crate::RunContext)'s stop flag);
     /// nothing was published.
     #[error("interrupted; nothing was published")]
     Interrupted,
 }
 
 impl Error {
-    /// Wraps a stage's error with the stage's name (`map_err(Error::stage("reader"))`).
-    pub fn stage(stage: &'static str) -> impl Fn(cpa_stream_stages::Error) -> Error + Copy {
+    /// Wraps a stage's error with the stage's name (`map_err(Error::stage(Stage::Reader))`).
+    pub fn stage(stage: Stage) -> impl Fn(cpa_stream_stages::Error) -> Error + Copy {
         move |source| Error::Stage { stage, source }
     }
 
@@ -94,7 +95,7 @@ impl Error {
     }
 
     /// Turns a thread's panic payload into an error naming its stage.
-    pub fn panic(stage: &'static str, payload: Box<dyn std::any::Any + Send>) -> Error {
+    pub fn panic(stage: Stage, payload: Box<dyn std::any::Any + Send>) -> Error {
         let message = payload
             .downcast_ref::<&str>()
             .map(|s| (*s).to_owned())
@@ -102,30 +103,4 @@ impl Error {
             .unwrap_or_else(|| "unknown panic payload".to_owned());
         Error::Panic { stage, message }
     }
-}
-
-/// Spawns a worker thread named after its stage (`stage-N`), so that a panic message and a
-/// debugger name it.
-pub(crate) fn spawn_named<F, T>(name: String, work: F) -> Result<std::thread::JoinHandle<T>>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    std::thread::Builder::new().name(name.clone()).spawn(work).map_err(|source| Error::Thread { name, source })
-}
-
-/// [`spawn_named`] inside a thread scope.
-pub(crate) fn spawn_scoped<'scope, 'env, F, T>(
-    scope: &'scope std::thread::Scope<'scope, 'env>,
-    name: String,
-    work: F,
-) -> Result<std::thread::ScopedJoinHandle<'scope, T>>
-where
-    F: FnOnce() -> T + Send + 'scope,
-    T: Send + 'scope,
-{
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn_scoped(scope, work)
-        .map_err(|source| Error::Thread { name, source })
 }

@@ -23,7 +23,9 @@
 
 pub mod batcher;
 pub mod bench;
+pub mod context;
 pub mod convert;
+mod crew;
 pub mod degs;
 pub mod dose_response;
 pub mod embeddings;
@@ -39,7 +41,9 @@ pub mod plots;
 pub mod predict;
 pub mod predictor;
 pub mod progress;
+pub mod request;
 pub mod run_dir;
+mod stage;
 pub mod stats;
 pub mod suggest;
 pub mod synth;
@@ -48,8 +52,10 @@ pub mod threads;
 pub mod train;
 mod two_stage;
 
+pub use context::RunContext;
 pub use error::{Error, Result};
 pub use progress::{Progress, Silent};
+pub use stage::Stage;
 pub use telemetry::{MemoryPeak, MemorySampler, MemoryUsage, RunReport, StageReport, StageStats};
 
 /// A file under the repository's `tests/fixtures`. Cargo sets `CARGO_MANIFEST_DIR` when it runs

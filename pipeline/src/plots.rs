@@ -184,11 +184,12 @@ fn both_with(
     font()?;
     let svg = stem.with_extension("svg");
     let png = stem.with_extension("png");
-    // The PNG encoder picks the format from the extension: the temporary name keeps it.
+    // The PNG encoder picks the format from the extension: the temporary name keeps it, after
+    // the one rule's `.NAME.tmp-PID` (so that a killed run's are known as the file's).
     let tmp = |p: &Path| {
-        let stem = p.file_stem().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let name = p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let ext = p.extension().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        p.with_file_name(format!(".{stem}.tmp-{}.{ext}", std::process::id()))
+        p.with_file_name(format!(".{name}.tmp-{}.{ext}", std::process::id()))
     };
     let (svg_tmp, png_tmp) = (tmp(&svg), tmp(&png));
     let result = (|| {

@@ -1,7 +1,6 @@
 //! How runs report progress: the CLI draws a bar on a terminal and logs lines otherwise;
-//! library users pass [`Silent`] or their own implementation.
-
-use crate::error::{Error, Result};
+//! library users pass [`Silent`] or their own implementation, in a
+//! [`RunContext`](crate::RunContext).
 
 /// Receives progress of a run's main loop.
 pub trait Progress: Sync {
@@ -17,20 +16,6 @@ pub trait Progress: Sync {
     fn epochs(&self, _cells_per_epoch: u64, _resumed: u64, _first: u32, _last: u32) {}
     /// The latest figures worth showing beside the progress (an epoch's losses and validation).
     fn note(&self, _text: &str) {}
-    /// Whether the caller wants the run to stop (Ctrl-C in Python): runs that publish an output
-    /// (import, predict to a file, evaluate) then end with [`Error::Interrupted`] before
-    /// publishing anything. Training has its own stop flag, which checkpoints first.
-    fn cancelled(&self) -> bool {
-        false
-    }
-}
-
-/// `Err(`[`Error::Interrupted`]`)` when `progress` says the caller wants the run to stop.
-pub fn check_cancelled(progress: &dyn Progress) -> Result<()> {
-    match progress.cancelled() {
-        true => Err(Error::Interrupted),
-        false => Ok(()),
-    }
 }
 
 /// Reports nothing.

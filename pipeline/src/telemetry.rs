@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::Stage;
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 /// Counters of one stage, shared by its threads.
 #[derive(Debug, Default)]
 pub struct StageStats {
-    name: &'static str,
+    name: Stage,
     threads: AtomicU64,
     busy_ns: AtomicU64,
     blocked_in_ns: AtomicU64,
@@ -23,7 +24,7 @@ pub struct StageStats {
 
 impl StageStats {
     /// Counters of a stage named `name` run by `threads` threads.
-    pub fn new(name: &'static str, threads: usize) -> Arc<StageStats> {
+    pub fn new(name: Stage, threads: usize) -> Arc<StageStats> {
         Arc::new(StageStats { name, threads: AtomicU64::new(threads as u64), ..Default::default() })
     }
 
@@ -84,7 +85,7 @@ impl StageStats {
     pub fn report(&self) -> StageReport {
         let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
         StageReport {
-            name: self.name.to_owned(),
+            name: self.name.name().to_owned(),
             threads: self.threads.load(Ordering::Relaxed),
             busy: d(&self.busy_ns),
             blocked_in: d(&self.blocked_in_ns),
@@ -137,6 +138,17 @@ impl RunReport {
     /// The stage that limits the run: the one busiest relative to its threads.
     pub fn bottleneck(&self) -> Option<&StageReport> {
         self.stages.iter().max_by(|a, b| a.utilisation(self.wall).total_cmp(&b.utilisation(self.wall)))
+    }
+
+    /// The stage that held the run up, worth a note beside a command's results: the bottleneck,
+    /// when it is a stage that moves data ([`Stage::moves_data`]: a reader, the batcher, a
+    /// writer, the sink, ...), busy for at least [`HOLDUP_UTILISATION`] of a run of at least
+    /// [`HOLDUP_SECONDS`]. `None` when the model or nothing in particular limited the run.
+    pub fn holdup(&self) -> Option<&StageReport> {
+        let b = self.bottleneck()?;
+        let moves_data = b.name.parse::<Stage>().is_ok_and(Stage::moves_data);
+        let long = self.wall.as_secs_f64() >= HOLDUP_SECONDS;
+        (moves_data && long && b.utilisation(self.wall) >= HOLDUP_UTILISATION).then_some(b)
     }
 
     /// A table of the stages followed by the bottleneck and peak memory.
@@ -291,9 +303,46 @@ impl Drop for MemorySampler {
     }
 }
 
+/// Runs shorter than this (seconds) are not worth a note on what held them up.
+pub const HOLDUP_SECONDS: f64 = 5.0;
+/// The share of a run a stage must be busy to have held it up.
+pub const HOLDUP_UTILISATION: f64 = 0.6;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stage_that_moves_data_and_held_the_run_up_is_named_for_every_command() {
+        let stage = |name: &str, busy| StageReport {
+            name: name.to_owned(),
+            threads: 1,
+            busy: Duration::from_secs(busy),
+            blocked_in: Duration::ZERO,
+            blocked_out: Duration::ZERO,
+            rows: 1,
+            bytes: 1,
+        };
+        let report =
+            |wall, stages| RunReport { wall: Duration::from_secs(wall), stages, memory: MemoryPeak::default() };
+        // import, convert and export: read and write (scatter for a shuffle); train and predict:
+        // the batcher, source and sink.
+        for (held_up, other) in [
+            ("read", "write"),
+            ("write", "read"),
+            ("scatter", "write"),
+            ("batcher", "trainer"),
+            ("source", "predictor"),
+            ("sink", "predictor"),
+        ] {
+            let r = report(10, vec![stage(held_up, 8), stage(other, 3)]);
+            assert_eq!(r.holdup().map(|b| b.name.as_str()), Some(held_up), "{held_up}");
+        }
+        // The model's own work, a short run, or a stage busy for less than most of it: no note.
+        assert!(report(10, vec![stage("trainer", 9), stage("batcher", 2)]).holdup().is_none());
+        assert!(report(4, vec![stage("read", 4), stage("write", 1)]).holdup().is_none());
+        assert!(report(10, vec![stage("read", 5), stage("write", 1)]).holdup().is_none());
+    }
 
     #[test]
     fn bottleneck_is_the_busiest_stage_per_thread() {
@@ -327,7 +376,7 @@ mod tests {
 
     #[test]
     fn channel_helpers_count_waits_and_detect_a_gone_peer() {
-        let stats = StageStats::new("s", 1);
+        let stats = StageStats::new(Stage::Source, 1);
         let (tx, rx) = crossbeam_channel::bounded(1);
         assert!(stats.send(&tx, 1));
         assert_eq!(stats.recv(&rx), Some(1));

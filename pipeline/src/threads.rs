@@ -24,6 +24,7 @@
 use std::fs;
 use std::time::Duration;
 
+use crate::Stage;
 use serde::Serialize;
 
 /// How long [`busy_elsewhere`] watches the CPUs.
@@ -93,8 +94,8 @@ pub fn configure(device: &str, threads: Option<usize>, workers: Option<usize>) -
     if let Some(n) = workers {
         check("workers", n, 1, MAX_WORKERS, "gather workers")?;
     }
-    let device = cpa_stream_stages::device::parse(device).map_err(crate::Error::stage("device"))?;
-    cpa_stream_stages::device::check(device).map_err(crate::Error::stage("device"))?;
+    let device = cpa_stream_stages::device::parse(device).map_err(crate::Error::stage(Stage::Device))?;
+    cpa_stream_stages::device::check(device).map_err(crate::Error::stage(Stage::Device))?;
     let on_cpu = device == tch::Device::Cpu;
     let measured = std::env::var(BUSY_CPUS_VAR).ok().and_then(|v| v.parse::<f64>().ok());
     let busy = match measured {

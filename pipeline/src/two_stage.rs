@@ -9,7 +9,9 @@ use cpa_stream_stages::store::Store;
 use cpa_stream_stages::{CsrBatch, Result as StageResult};
 use crossbeam_channel::{Sender, bounded};
 
-use crate::error::{Error, Result, spawn_scoped};
+use crate::Stage;
+use crate::crew::Crew;
+use crate::error::{Error, Result};
 use crate::telemetry::StageStats;
 
 /// The producer's end: sends items, counting time blocked on the channel.
@@ -62,7 +64,7 @@ pub(crate) fn send_store_rows(
 /// items sent before it; the consumer's first error drops the channel so the producer stops at
 /// its next send. A panic of the producer becomes an error naming `producer_stage`.
 pub(crate) fn two_stage<T: Send>(
-    producer_stage: &'static str,
+    producer_stage: Stage,
     producer_stats: &Arc<StageStats>,
     consumer_stats: &StageStats,
     depth: usize,
@@ -72,7 +74,8 @@ pub(crate) fn two_stage<T: Send>(
     std::thread::scope(|scope| {
         let (tx, rx) = bounded::<StageResult<T>>(depth.max(1));
         let stats = Arc::clone(producer_stats);
-        let producer = spawn_scoped(scope, producer_stage.to_owned(), move || {
+        let mut crew = Crew::new();
+        crew.spawn_in(scope, producer_stage, producer_stage.name().to_owned(), move || {
             let emitter = Emitter { tx: &tx, stats: &stats };
             if let Err(e) = produce(&emitter) {
                 stats.send(&tx, Err(e));
@@ -84,8 +87,9 @@ pub(crate) fn two_stage<T: Send>(
             }
             Ok(())
         })();
+        // A producer blocked on a full channel wakes to a closed one.
         drop(rx);
-        producer.join().map_err(|p| Error::panic(producer_stage, p))?;
+        crew.join()?;
         consumed
     })
 }
@@ -96,10 +100,10 @@ mod tests {
 
     #[test]
     fn items_flow_and_the_first_error_stops_both_sides() -> Result<()> {
-        let (p, c) = (StageStats::new("p", 1), StageStats::new("c", 1));
+        let (p, c) = (StageStats::new(Stage::Source, 1), StageStats::new(Stage::Consumer, 1));
         let mut got = Vec::new();
         two_stage(
-            "p",
+            Stage::Source,
             &p,
             &c,
             2,
@@ -117,7 +121,7 @@ mod tests {
         assert_eq!(got, [0, 1, 2, 3, 4]);
 
         let err = two_stage::<u32>(
-            "p",
+            Stage::Source,
             &p,
             &c,
             1,
@@ -128,12 +132,12 @@ mod tests {
             |_| Ok(()),
         )
         .unwrap_err();
-        assert_eq!(err.to_string(), "p: bad row 7");
+        assert_eq!(err.to_string(), "source: bad row 7");
 
         // The consumer fails: the producer's sends start failing and it stops.
         let sent = std::sync::atomic::AtomicU32::new(0);
         let err = two_stage(
-            "p",
+            Stage::Source,
             &p,
             &c,
             1,
@@ -152,8 +156,8 @@ mod tests {
         assert_eq!(err.to_string(), "stop");
         assert!(sent.load(std::sync::atomic::Ordering::Relaxed) < 1000);
 
-        let err = two_stage::<u32>("p", &p, &c, 1, |_| panic!("boom"), |_| Ok(())).unwrap_err();
-        assert_eq!(err.to_string(), "p: a worker thread panicked: boom");
+        let err = two_stage::<u32>(Stage::Source, &p, &c, 1, |_| panic!("boom"), |_| Ok(())).unwrap_err();
+        assert_eq!(err.to_string(), "source: a worker thread panicked: boom");
         Ok(())
     }
 }

@@ -13,6 +13,12 @@ The workflow of a cpa-tools user, out of core::
     reader = run.predict(store, targets="condition=A+B,dose=1+1")   # a pyarrow.RecordBatchReader
     pred = run.predict_anndata(store, targets=["A+B"])     # an AnnData, when it fits in memory
     run.evaluate(store)                                    # the metrics as a DataFrame
+    cs.export_h5ad(store, "atlas.h5ad")                    # back to AnnData, streamed
+
+Every command of the ``cpa-stream`` command line is here with the same settings as keywords
+(``cs.synth``, ``cs.convert``, ``cs.export_h5ad``, ``cs.import_h5ad``, ``cs.train``,
+``Run.predict_to_parquet``, ``Run.evaluate``, ``Run.dose_response``); ``cpa-stream COMMAND
+--print-request`` prints the request a command line makes, the same JSON these keywords build.
 
 Everything runs in the Rust library the `cpa-stream` command line uses; the same request gives
 the same model through either. libtorch is PyTorch's own: this package imports ``torch`` first,
@@ -23,9 +29,11 @@ so one libtorch serves both.
 import torch as _torch  # noqa: F401
 
 from ._native import CpaStreamError
-from ._store import Store, import_h5ad
+from ._store import Store, convert, export_h5ad, import_h5ad, synth
 from ._run import Run, train
 
 __version__ = "0.1.0"
 
-__all__ = ["CpaStreamError", "Run", "Store", "import_h5ad", "train", "__version__"]
+__all__ = [
+    "CpaStreamError", "Run", "Store", "convert", "export_h5ad", "import_h5ad", "synth", "train", "__version__",
+]

@@ -39,8 +39,9 @@ def _check_finite(value: Any, where: str) -> None:
 def request(fields: dict[str, Any], keywords: dict[str, str] | None = None) -> str:
     """The request as JSON, after checking that every number in it is finite (NaN and infinity
     are errors naming the keyword, as the caller spelled it: ``keywords`` maps request fields to
-    keyword names where they differ)."""
+    keyword names where they differ). A field left ``None`` is left out: the library's default
+    applies, as it does to a flag not given."""
     keywords = keywords or {}
     for field, value in fields.items():
         _check_finite(value, keywords.get(field, field))
-    return json.dumps(fields, allow_nan=False)
+    return json.dumps({k: v for k, v in fields.items() if v is not None}, allow_nan=False)

@@ -38,8 +38,17 @@ def _path(p: Store | PathLike) -> str:
     return os.fspath(p)
 
 
-def _compute(device: str, threads: int | None, workers: int | None) -> str:
-    return json.dumps({"device": device, "threads": threads, "workers": workers})
+def _compute(device: str, threads: int | None, workers: int | None = None) -> dict[str, Any]:
+    """Where a command runs, as the requests' ``compute`` field."""
+    return {"device": device, "threads": threads, "workers": workers}
+
+
+def _plots(plots: bool | None, out: PathLike | None) -> bool | None:
+    """``plots`` of a request: the library's default (drawn) when the caller keeps the files,
+    none drawn into a temporary directory nobody reads."""
+    if plots is None:
+        return None if out is not None else False
+    return bool(plots)
 
 
 def train(
@@ -128,12 +137,13 @@ def train(
         "resume": resume,
         "overwrite": overwrite,
         "allow_non_counts": allow_non_counts,
+        "compute": _compute(device, threads, workers),
         "naming": "keywords",
     }
     if config_value is not None:
         request["config"] = config_value
     as_json = _args.request(request, {"covariates": "categorical_covariate_keys", "epochs": "max_epochs"})
-    report = json.loads(_native.train(as_json, _compute(device, threads, workers), _progress.make(progress, "train")))
+    report = json.loads(_native.run("train", as_json, _progress.make(progress, "train")))
     run = Run(out)
     run.report = report
     if report.get("interrupted"):
@@ -216,15 +226,23 @@ class Run:
         """The perturbations the model knows (the control included)."""
         return [p for p in self.vocabulary["perturbations"] if p != "<pad>"]
 
-    def _request(self, store: Store | PathLike, **kw: Any) -> str:
+    def _request(self, store: Store | PathLike, *, out: PathLike | None = None, device: str = "cpu",
+                 threads: int | None = None, workers: int | None = None, wide: bool = False, **kw: Any) -> str:
+        """The library's ``PredictRequest`` for these keywords, as JSON."""
         genes = kw.pop("genes", None)
+        degs = kw.pop("degs", None)
         request = {
+            "degs": os.fspath(degs) if degs is not None else None,
             "model": str(self.path),
             "store": _path(store),
+            "out": os.fspath(out) if out is not None else None,
             "targets": _target_specs(kw.pop("targets", None)),
             "genes": _args.names("genes", genes) if genes is not None else None,
             "latents": _args.names("latents", kw.pop("latents", ())),
+            "layout": "wide" if wide else "long",
             **kw,
+            "compute": _compute(device, threads, workers),
+            "naming": "keywords",
         }
         return _args.request(request)
 
@@ -236,6 +254,7 @@ class Run:
         targets: Targets = None,
         genes: Sequence[str] | None = None,
         top_deg: int | None = None,
+        degs: PathLike | None = None,
         latents: Sequence[str] = (),
         batch_size: int | None = None,
         seed: int = 0,
@@ -256,7 +275,8 @@ class Run:
         (``"A+B"``, ``"condition=A+B,dose=0.1+1,cell_type=K562"``, dicts of the same keys, a list,
         or a DataFrame with one target per row; none: each cell reconstructed under its own).
         Columns: ``cell_id``, the target's labels, ``mean`` (a list per row: the predicted means
-        of ``genes``, default all, or the union of the targets' ``top_deg`` DEGs) and each of
+        of ``genes``, default all, or the union of the targets' ``top_deg`` DEGs, from the store's
+        DEG table or the table at ``degs``) and each of
         ``latents`` (:data:`LATENTS`). The genes are in ``schema.metadata[b"cpa_stream.genes"]``.
         ``batch_corrected`` decodes without the batch covariate's embedding (cpa-tools'
         ``custom_predict(add_batch=False)``; the model needs a batch key). ``expected_log1p``
@@ -266,11 +286,11 @@ class Run:
         own condition, the model's predicted change, to add to the cells' observed log1p counts.
         """
         request = self._request(
-            store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
+            store, source=source, targets=targets, genes=genes, top_deg=top_deg, degs=degs, latents=latents,
             batch_size=batch_size, seed=seed, allow_empty=allow_empty, batch_corrected=batch_corrected,
-            expected_log1p=expected_log1p, change=change,
+            expected_log1p=expected_log1p, change=change, device=device, threads=threads, workers=workers,
         )
-        stream = _native.predict_stream(request, _compute(device, threads, workers))
+        stream = _native.predict_stream(request)
         return pa.RecordBatchReader.from_stream(stream)
 
     def predict_to_parquet(
@@ -282,6 +302,7 @@ class Run:
         targets: Targets = None,
         genes: Sequence[str] | None = None,
         top_deg: int | None = None,
+        degs: PathLike | None = None,
         latents: Sequence[str] = (),
         shard: str | None = None,
         wide: bool = False,
@@ -303,16 +324,12 @@ class Run:
         ``genes.parquet``. ``wide`` writes one column per gene. The way for predictions that do
         not fit in memory; read them back lazily with ``polars.scan_parquet`` or DuckDB."""
         request = self._request(
-            store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
-            shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
-            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change,
+            store, source=source, targets=targets, genes=genes, top_deg=top_deg, degs=degs, latents=latents,
+            out=out, shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
+            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, overwrite=overwrite,
+            device=device, threads=threads, workers=workers,
         )
-        return json.loads(
-            _native.predict_file(
-                request, _compute(device, threads, workers), os.fspath(out), overwrite=overwrite,
-                progress=_progress.make(progress, "predict"),
-            )
-        )
+        return json.loads(_native.run("predict", request, _progress.make(progress, "predict")))
 
     def predict_anndata(
         self,
@@ -425,7 +442,7 @@ class Run:
         min_cells: int | None = None,
         definitions: str = "default",
         expected_log1p: bool = False,
-        plots: bool = False,
+        plots: bool | None = None,
         overwrite: bool = False,
         batch_size: int | None = None,
         device: str = "cpu",
@@ -442,8 +459,9 @@ class Run:
         by the difference of means, conditions of 2 cells or more). ``expected_log1p`` scores the
         expected log1p of the predicted counts (nb models) instead of log1p of the predicted mean.
         With ``out`` the
-        files (``metrics.parquet``, ``summary.json``, ``degs.parquet``, ``plots/`` when
-        ``plots``) are kept there; without, they go to a temporary directory."""
+        files (``metrics.parquet``, ``summary.json``, ``degs.parquet``, ``plots/``) are kept
+        there; without, they go to a temporary directory. ``plots`` defaults to the CLI's: drawn
+        when there is an ``out`` to keep them in."""
         with tempfile.TemporaryDirectory(prefix="cpa-stream-eval-") as scratch:
             target = Path(out) if out is not None else Path(scratch) / "eval"
             request = {
@@ -451,11 +469,10 @@ class Run:
                 "truth": os.fspath(truth) if truth is not None else None,
                 "degs": os.fspath(degs) if degs is not None else None,
                 "min_cells": min_cells, "definitions": definitions, "expected_log1p": expected_log1p,
-                "plots": plots, "overwrite": overwrite, "batch_size": batch_size,
+                "plots": _plots(plots, out), "overwrite": overwrite, "batch_size": batch_size,
+                "compute": _compute(device, threads), "naming": "keywords",
             }
-            report = json.loads(
-                _native.evaluate(_args.request(request), _compute(device, threads, None), _progress.make(progress, "evaluate"))
-            )
+            report = json.loads(_native.run("evaluate", _args.request(request), _progress.make(progress, "evaluate")))
             frame = table_to_pandas(pq.read_table(target / "metrics.parquet"))
         frame.attrs["summary"] = report.get("summary", {})
         frame.attrs["report"] = report
@@ -472,10 +489,11 @@ class Run:
         cells: int = 100,
         seed: int = 0,
         out: PathLike | None = None,
-        plots: bool = False,
+        plots: bool | None = None,
         overwrite: bool = False,
         device: str = "cpu",
         threads: int | None = None,
+        progress: bool | None = None,
     ) -> dict[str, pd.DataFrame]:
         """Dose-response curves as ``cpa-stream dose-response`` computes them (cpa-tools'
         ``latent_dose_response`` and ``get_response``): ``"latent"``, each perturbation's learned
@@ -487,7 +505,7 @@ class Run:
         (``{"cell_type": "K562"}`` or a list of values; default all). A synthetic atlas's truth fills ``true_response`` and
         ``true_delta``. ``doses`` default: 0 to the largest dose the store has for each
         perturbation, plus every dose it has. ``attrs["summary"]`` of each frame holds the report
-        (R2 against the truth included). With ``out`` the files (and, with ``plots``,
+        (R2 against the truth included). With ``out`` the files (and, unless ``plots=False``,
         ``dose_response.svg``/``.png``) are kept there."""
         with tempfile.TemporaryDirectory(prefix="cpa-stream-dose-") as scratch:
             target = Path(out) if out is not None else Path(scratch) / "dose"
@@ -496,13 +514,15 @@ class Run:
                 "store": _path(store) if store is not None else None,
                 "perturbations": _args.names("perturbations", perturbations),
                 "doses": [float(d) for d in doses] if doses is not None else None,
-                "genes": _args.names("genes", genes), "cells": cells, "seed": seed, "plots": plots,
+                "genes": _args.names("genes", genes), "cells": cells, "seed": seed,
+                "plots": _plots(plots, out),
                 "covariates": [
                     [k, v] for k, vs in (covariates or {}).items() for v in ([vs] if isinstance(vs, str) else vs)
                 ],
                 "overwrite": overwrite,
+                "compute": _compute(device, threads), "naming": "keywords",
             }
-            report = json.loads(_native.dose_response(_args.request(request), _compute(device, threads, None)))
+            report = json.loads(_native.run("dose-response", _args.request(request), _progress.make(progress, "dose-response")))
             frames = {}
             for name in ("latent", "decoded", "genes"):
                 path = target / f"{name}.parquet"
@@ -511,10 +531,13 @@ class Run:
                     frames[name].attrs["summary"] = report
         return frames
 
+    def _embeddings_request(self) -> str:
+        return _args.request({"model": str(self.path), "naming": "keywords"})
+
     def perturbation_embeddings(self) -> pd.DataFrame:
         """The learned perturbation embeddings: one row per perturbation (index), one column per
         latent dimension, and ``is_control``."""
-        table = pa.RecordBatchReader.from_stream(_native.embeddings(str(self.path), "perturbation")).read_all()
+        table = pa.RecordBatchReader.from_stream(_native.embeddings(self._embeddings_request(), "perturbation")).read_all()
         vectors = _vectors(table.column("embedding").combine_chunks(), table.schema.field("embedding").type.list_size)
         frame = pd.DataFrame(vectors, index=pd.Index(table.column("name").to_pylist(), name="perturbation"))
         frame.insert(0, "is_control", table.column("is_control").to_numpy(zero_copy_only=False))
@@ -523,7 +546,7 @@ class Run:
     def covariate_embeddings(self) -> pd.DataFrame:
         """The learned covariate embeddings: one row per (covariate, category) (a MultiIndex),
         one column per latent dimension."""
-        table = pa.RecordBatchReader.from_stream(_native.embeddings(str(self.path), "covariate")).read_all()
+        table = pa.RecordBatchReader.from_stream(_native.embeddings(self._embeddings_request(), "covariate")).read_all()
         vectors = _vectors(table.column("embedding").combine_chunks(), table.schema.field("embedding").type.list_size)
         index = pd.MultiIndex.from_arrays(
             [table.column("covariate").to_pylist(), table.column("name").to_pylist()], names=["covariate", "category"]

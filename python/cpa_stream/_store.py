@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import _native, _progress
+from . import _args, _native, _progress
 
 if TYPE_CHECKING:
     import anndata
@@ -133,10 +133,10 @@ def import_h5ad(
     use_raw: bool = False,
     genes: list[str] | None = None,
     codec: str = "raw",
-    zstd_level: int = 1,
-    block_rows: int = 256,
+    zstd_level: int | None = None,
+    block_rows: int | None = None,
     deg_uns_key: str | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
     progress: bool | None = None,
@@ -150,7 +150,8 @@ def import_h5ad(
     finite and non-negative (counts, or normalised values for a Gaussian model).
 
     ``codec`` is ``"raw"`` (fastest to read) or ``"zstd"`` (several times smaller; blocks of
-    ``block_rows`` cells at ``zstd_level``). ``genes`` keeps those genes, in that order (files
+    ``block_rows`` cells, default 256, at ``zstd_level``, default 1). ``chunk_rows`` (default
+    1,024) are read or written at a time. ``genes`` keeps those genes, in that order (files
     only). DEG lists come from ``uns`` (CPA's dict of group -> ranked genes, or scanpy's
     ``rank_genes_groups``): ``deg_uns_key`` picks the entry (an error when it is absent or not
     DEG lists), else the first found. An existing store at ``out`` is an error unless ``overwrite``.
@@ -161,24 +162,24 @@ def import_h5ad(
     regular files in the file's own folder only.
     """
     out = Path(out)
-    codec_args = dict(codec_name=codec, zstd_level=zstd_level, block_rows=block_rows, overwrite=overwrite)
-    if isinstance(data, (str, os.PathLike)):
-        _native.import_h5ad(
-            str(data), str(out), layer=layer, use_raw=use_raw, genes=genes, deg_uns_key=deg_uns_key,
-            allow_external=allow_external, progress=_progress.make(progress, "import"), **codec_args,
-        )
+    request = {
+        "out": os.fspath(out), "layer": layer, "use_raw": use_raw,
+        "genes": _args.names("genes", genes) if genes is not None else None, "deg_uns_key": deg_uns_key,
+        "chunk_rows": chunk_rows, "allow_external": allow_external, "codec": codec, "zstd_level": zstd_level,
+        "block_rows": block_rows, "overwrite": overwrite, "naming": "keywords",
+    }
+    if isinstance(data, (str, os.PathLike)) or getattr(data, "isbacked", False) and not data.is_view:
+        # A file, or a backed AnnData read from its file, out of core, as `cpa-stream import` does.
+        request["input"] = os.fspath(data if isinstance(data, (str, os.PathLike)) else data.filename)
+        _native.run("import", _args.request(request), _progress.make(progress, "import"))
         return Store(out)
-    backed = getattr(data, "isbacked", False)
-    if backed and getattr(data, "is_view", False):
+    # The matrix comes from Python; the request says where it goes and how.
+    arrays = _args.request({k: v for k, v in request.items() if k in _ARRAY_REQUEST})
+    chunk_rows = chunk_rows if chunk_rows is not None else DEFAULT_CHUNK_ROWS
+    if getattr(data, "isbacked", False):
         # A view of a backed AnnData (``adata[:100]``): its cells only, read from the file chunk
         # by chunk through the view, never the whole file.
-        return _import_backed_view(data, out, layer, use_raw, genes, deg_uns_key, chunk_rows, progress, codec_args)
-    if backed:
-        _native.import_h5ad(
-            str(data.filename), str(out), layer=layer, use_raw=use_raw, genes=genes, deg_uns_key=deg_uns_key,
-            allow_external=allow_external, progress=_progress.make(progress, "import"), **codec_args,
-        )
-        return Store(out)
+        return _import_backed_view(data, out, layer, use_raw, genes, deg_uns_key, chunk_rows, progress, arrays)
     if genes is not None:
         data = data[:, genes]
     if use_raw:
@@ -202,9 +203,100 @@ def import_h5ad(
     var = dataframe_to_arrow(var, "gene_id", "var")
     degs = _degs_from_uns(data.uns, deg_uns_key)
     _native.import_arrays(
-        what, obs, var, _csr_chunks(matrix, chunk_rows), str(out), degs=degs,
-        progress=_progress.make(progress, "import"), **codec_args,
+        arrays, what, obs, var, _csr_chunks(matrix, chunk_rows), degs=degs, progress=_progress.make(progress, "import")
     )
+    return Store(out)
+
+
+#: The fields of an import request that apply to a matrix given from Python (no file to read).
+_ARRAY_REQUEST = ("out", "codec", "zstd_level", "block_rows", "overwrite", "naming")
+
+
+def export_h5ad(
+    store: Store | PathLike,
+    out: PathLike,
+    *,
+    compression: str = "none",
+    gzip_level: int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Writes a store as an AnnData ``.h5ad`` file at ``out``, as ``cpa-stream export`` does
+    (streamed: memory does not grow with the cells), and returns its path: CSR ``X``, ``obs``,
+    ``var`` and the DEG lists in ``uns``. ``compression`` is ``"none"`` (anndata's default),
+    ``"gzip"`` (at ``gzip_level``, default 4) or ``"lzf"``."""
+    request = {
+        "store": os.fspath(store.path if isinstance(store, Store) else store), "out": os.fspath(out),
+        "compression": compression, "gzip_level": gzip_level, "overwrite": overwrite, "naming": "keywords",
+    }
+    _native.run("export", _args.request(request), _progress.make(progress, "export"))
+    return Path(out)
+
+
+def convert(
+    store: Store | PathLike,
+    out: PathLike,
+    *,
+    codec: str = "raw",
+    zstd_level: int | None = None,
+    block_rows: int | None = None,
+    shuffle: int | None = None,
+    shuffle_memory_mib: int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Store:
+    """Copies a store into a new one at ``out`` with another ``codec`` (as ``import_h5ad``), as
+    ``cpa-stream convert`` does, and returns it. ``shuffle`` (a seed) writes the cells in a
+    random order drawn from it, in buckets of about ``shuffle_memory_mib`` MiB (default 256): a
+    store sorted by condition can then be trained with runs of neighbouring cells."""
+    request = {
+        "store": os.fspath(store.path if isinstance(store, Store) else store), "out": os.fspath(out),
+        "codec": codec, "zstd_level": zstd_level, "block_rows": block_rows, "shuffle": shuffle,
+        "shuffle_memory_mib": shuffle_memory_mib, "overwrite": overwrite, "naming": "keywords",
+    }
+    _native.run("convert", _args.request(request), _progress.make(progress, "convert"))
+    return Store(out)
+
+
+def synth(
+    out: PathLike,
+    *,
+    cells: int,
+    genes: int,
+    perturbations: int,
+    doses: int | None = None,
+    cell_types: int | None = None,
+    combinations: int | None = None,
+    heldout_combinations: int | None = None,
+    interaction: float | None = None,
+    control_fraction: float | None = None,
+    library_size: float | None = None,
+    library_log_sd: float | None = None,
+    latent_dim: int | None = None,
+    hidden: int | None = None,
+    truth_samples: int | None = None,
+    seed: int = 0,
+    codec: str = "raw",
+    zstd_level: int | None = None,
+    block_rows: int | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Store:
+    """Generates a CPA-shaped synthetic atlas with ground truth (``truth.parquet``: the true
+    mean of every condition, held-out combinations included) into a store at ``out``, as
+    ``cpa-stream synth`` does, and returns it. Settings left ``None`` take the CLI's defaults
+    (``cpa-stream synth --help``); the same seed gives the same atlas on any number of
+    ``threads``."""
+    request = {
+        "out": os.fspath(out), "cells": cells, "genes": genes, "perturbations": perturbations, "doses": doses,
+        "cell_types": cell_types, "combinations": combinations, "heldout_combinations": heldout_combinations,
+        "interaction": interaction, "control_fraction": control_fraction, "library_size": library_size,
+        "library_log_sd": library_log_sd, "latent_dim": latent_dim, "hidden": hidden,
+        "truth_samples": truth_samples, "seed": seed, "codec": codec, "zstd_level": zstd_level,
+        "block_rows": block_rows, "threads": threads, "overwrite": overwrite, "naming": "keywords",
+    }
+    _native.run("synth", _args.request(request), _progress.make(progress, "synth"))
     return Store(out)
 
 
@@ -226,7 +318,7 @@ class _ViewRows:
 
 def _import_backed_view(
     view: Any, out: Path, layer: str | None, use_raw: bool, genes: list[str] | None, deg_uns_key: str | None,
-    chunk_rows: int, progress: bool | None, codec_args: dict[str, Any],
+    chunk_rows: int, progress: bool | None, request: str,
 ) -> Store:
     if genes is not None:
         positions = view.var_names.get_indexer(genes)
@@ -249,8 +341,8 @@ def _import_backed_view(
     var = dataframe_to_arrow(view.var, "gene_id", "var")
     degs = _degs_from_uns(view.uns, deg_uns_key)
     _native.import_arrays(
-        what, obs, var, _csr_chunks(_ViewRows(view, pick), chunk_rows), str(out), degs=degs,
-        progress=_progress.make(progress, "import"), **codec_args,
+        request, what, obs, var, _csr_chunks(_ViewRows(view, pick), chunk_rows), degs=degs,
+        progress=_progress.make(progress, "import"),
     )
     return Store(out)
 

@@ -19,17 +19,18 @@ use std::time::Duration;
 
 use arrow::array::{RecordBatch, RecordBatchIterator, RecordBatchReader};
 use arrow::ffi_stream::{FFI_ArrowArrayStream, RecordBatchStreamReader};
-use cpa_stream_pipeline::evaluate::{Definitions, EvalSplit, EvaluateOptions, run_evaluate};
-use cpa_stream_pipeline::import::{ImportOptions, Tables, import_chunks, run_import};
-use cpa_stream_pipeline::predict::targets::parse_target_spec;
-use cpa_stream_pipeline::predict::{GeneSelection, Layout, PredictOptions, Shard, run_predict};
-use cpa_stream_pipeline::predictor::Predictor;
+use cpa_stream_pipeline::convert::ConvertRequest;
+use cpa_stream_pipeline::dose_response::DoseResponseRequest;
+use cpa_stream_pipeline::embeddings::EmbeddingsRequest;
+use cpa_stream_pipeline::evaluate::EvaluateRequest;
+use cpa_stream_pipeline::export::ExportRequest;
+use cpa_stream_pipeline::import::{ImportRequest, Tables};
+use cpa_stream_pipeline::predict::PredictRequest;
+use cpa_stream_pipeline::request::Naming;
+use cpa_stream_pipeline::synth::SynthRequest;
 use cpa_stream_pipeline::train::request::TrainRequest;
-use cpa_stream_pipeline::train::run_train;
-use cpa_stream_pipeline::{Error, Progress};
-use cpa_stream_schemas::Codec;
+use cpa_stream_pipeline::{Error, Progress, RunContext, Stage};
 use cpa_stream_stages::CsrBatch;
-use cpa_stream_stages::sink::SinkOptions;
 use cpa_stream_stages::store::Store;
 use crossbeam_channel::{RecvTimeoutError, Sender, unbounded};
 use pyo3::exceptions::{
@@ -37,7 +38,6 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyCapsule};
-use serde::Deserialize;
 
 pyo3::create_exception!(
     _native,
@@ -104,8 +104,8 @@ enum Event {
     Note(String),
 }
 
-/// Progress sent to the calling thread, and Ctrl-C seen there as a request to stop.
-struct ChannelProgress(Sender<Event>, Arc<AtomicBool>);
+/// Progress sent to the calling thread.
+struct ChannelProgress(Sender<Event>);
 
 impl Progress for ChannelProgress {
     fn begin(&self, phase: &str, total: u64) {
@@ -122,9 +122,6 @@ impl Progress for ChannelProgress {
     }
     fn note(&self, text: &str) {
         let _ = self.0.send(Event::Note(text.to_owned()));
-    }
-    fn cancelled(&self) -> bool {
-        self.1.load(Ordering::Relaxed)
     }
 }
 
@@ -152,26 +149,38 @@ impl<'py> Shown<'py> {
     }
 }
 
+/// What Ctrl-C does to a command.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnInterrupt {
+    /// Training: the run ends at its next step with a checkpoint, as on the CLI's first Ctrl-C,
+    /// and returns its report (`interrupted`).
+    Checkpoint,
+    /// Everything else: nothing is published, and `KeyboardInterrupt` is raised once the work
+    /// has ended.
+    Raise,
+}
+
 /// Runs `work` on a thread of its own and shows its progress on this one, with the GIL released
-/// while waiting. Ctrl-C sets `stop` where there is one (training: the run ends at its next step
-/// with a checkpoint, as the CLI's first Ctrl-C); otherwise it asks the work to stop
-/// ([`Progress::cancelled`]: nothing is published) and is raised as `KeyboardInterrupt` once the
-/// work has ended. Returns what the work returned and whether Ctrl-C was pressed.
+/// while waiting; Ctrl-C sets the context's stop flag, with the effect `on_interrupt` says.
+/// Returns what the work returned.
 fn run_shown<T: Send + 'static>(
     py: Python<'_>,
     progress: Option<Bound<'_, PyAny>>,
-    stop: Option<Arc<AtomicBool>>,
-    work: impl FnOnce(&dyn Progress) -> cpa_stream_pipeline::Result<T> + Send + 'static,
-) -> PyResult<(T, bool)> {
+    on_interrupt: OnInterrupt,
+    work: impl FnOnce(&RunContext) -> cpa_stream_pipeline::Result<T> + Send + 'static,
+) -> PyResult<T> {
     let (tx, rx) = unbounded::<Event>();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let cancelled = Arc::clone(&cancel);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("cpa-stream".to_owned())
-        .spawn(move || work(&ChannelProgress(tx, cancelled)))
+        .spawn(move || {
+            let progress = ChannelProgress(tx);
+            work(&RunContext::new(&progress).with_stop(&flag))
+        })
         .map_err(|e| PyOSError::new_err(format!("starting a thread: {e}")))?;
     let mut shown = Shown { target: progress };
-    let (mut interrupted, mut pending): (bool, Option<PyErr>) = (false, None);
+    let mut pending: Option<PyErr> = None;
     loop {
         match py.detach(|| rx.recv_timeout(Duration::from_millis(100))) {
             Ok(event) => {
@@ -185,16 +194,12 @@ fn run_shown<T: Send + 'static>(
         }
         if let Err(e) = py.check_signals() {
             if e.is_instance_of::<PyKeyboardInterrupt>(py) {
-                interrupted = true;
-                match &stop {
-                    Some(flag) => {
-                        flag.store(true, Ordering::Relaxed);
+                stop.store(true, Ordering::Relaxed);
+                match on_interrupt {
+                    OnInterrupt::Checkpoint => {
                         shown.deliver(Event::Note("interrupted: stopping after this step with a checkpoint".into()));
                     }
-                    None => {
-                        cancel.store(true, Ordering::Relaxed);
-                        pending = Some(e);
-                    }
+                    OnInterrupt::Raise => pending = Some(e),
                 }
             } else {
                 pending.get_or_insert(e);
@@ -207,7 +212,7 @@ fn run_shown<T: Send + 'static>(
     if let Some(e) = pending {
         return Err(e);
     }
-    Ok((result.map_err(to_py)?, interrupted))
+    result.map_err(to_py)
 }
 
 fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
@@ -322,50 +327,6 @@ fn read_table(what: &str, object: &Bound<'_, PyAny>) -> PyResult<RecordBatch> {
 // ---------------------------------------------------------------------------------------------
 // Import.
 
-fn codec(name: &str, level: i32, block_rows: u32) -> PyResult<Codec> {
-    match name {
-        "raw" => Ok(Codec::Raw),
-        "zstd" if block_rows == 0 => Err(PyValueError::new_err("block_rows must be at least 1")),
-        "zstd" if !(-7..=22).contains(&level) => Err(PyValueError::new_err("zstd_level must be in -7..=22")),
-        "zstd" => Ok(Codec::zstd_with(level, block_rows)),
-        other => Err(PyValueError::new_err(format!("codec {other:?}: expected \"raw\" or \"zstd\""))),
-    }
-}
-
-/// Imports an `.h5ad` file into a store; returns the summary as JSON.
-#[pyfunction]
-#[pyo3(signature = (path, out, layer=None, use_raw=false, genes=None, deg_uns_key=None, codec_name="raw", zstd_level=1, block_rows=256, overwrite=false, allow_external=false, progress=None))]
-#[allow(clippy::too_many_arguments)]
-fn import_h5ad(
-    py: Python<'_>,
-    path: PathBuf,
-    out: PathBuf,
-    layer: Option<String>,
-    use_raw: bool,
-    genes: Option<Vec<String>>,
-    deg_uns_key: Option<String>,
-    codec_name: &str,
-    zstd_level: i32,
-    block_rows: u32,
-    overwrite: bool,
-    allow_external: bool,
-    progress: Option<Bound<'_, PyAny>>,
-) -> PyResult<String> {
-    use cpa_stream_stages::h5ad::ExternalData;
-    let options = ImportOptions {
-        layer,
-        use_raw,
-        genes,
-        deg_uns_key,
-        codec: codec(codec_name, zstd_level, block_rows)?,
-        overwrite,
-        external: if allow_external { ExternalData::SameDirectory } else { ExternalData::Refuse },
-        ..ImportOptions::default()
-    };
-    let (summary, _) = run_shown(py, progress, None, move |p| run_import(&path, &out, &options, p))?;
-    to_json(&summary)
-}
-
 /// A synchronous progress for work that runs on the calling thread with the GIL held.
 struct Direct<'py>(std::cell::RefCell<Shown<'py>>);
 
@@ -423,32 +384,27 @@ fn csr_chunk(n_vars: u32, item: &Bound<'_, PyAny>) -> PyResult<CsrBatch> {
 }
 
 /// Imports an in-memory matrix (chunks of CSR rows from `chunks`, an iterator of
-/// `(indptr, indices, data)` bytes) with its obs and var tables into a store; returns the
-/// summary as JSON.
+/// `(indptr, indices, data)` bytes) with its obs and var tables into a store, as the JSON
+/// [`ImportRequest`] says (its `out`, codec and `overwrite`; it has no input file); returns the
+/// report as JSON.
 #[pyfunction]
-#[pyo3(signature = (what, obs, var, chunks, out, degs=None, codec_name="raw", zstd_level=1, block_rows=256, overwrite=false, progress=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (request, what, obs, var, chunks, degs=None, progress=None))]
 fn import_arrays(
+    request: &str,
     what: &str,
     obs: &Bound<'_, PyAny>,
     var: &Bound<'_, PyAny>,
     chunks: &Bound<'_, PyAny>,
-    out: PathBuf,
     degs: Option<(String, Bound<'_, PyAny>)>,
-    codec_name: &str,
-    zstd_level: i32,
-    block_rows: u32,
-    overwrite: bool,
     progress: Option<Bound<'_, PyAny>>,
 ) -> PyResult<String> {
+    let options = self::request::<ImportRequest>("import", request)?.options().map_err(to_py)?;
     let tables = Tables {
         obs: read_table("obs", obs)?,
         var: read_table("var", var)?,
         degs: degs.map(|(key, table)| Ok::<_, PyErr>((key, read_table("DEG table", &table)?))).transpose()?,
     };
     let n_vars = u32::try_from(tables.var.num_rows()).map_err(|_| PyValueError::new_err("too many genes"))?;
-    let options =
-        ImportOptions { codec: codec(codec_name, zstd_level, block_rows)?, overwrite, ..ImportOptions::default() };
     // A Python error of the iterator (or a bad chunk) ends the import; it is raised as itself.
     let failed: std::cell::RefCell<Option<PyErr>> = std::cell::RefCell::new(None);
     let iter = chunks.try_iter()?;
@@ -461,7 +417,7 @@ fn import_arrays(
         })
     });
     let progress = Direct(std::cell::RefCell::new(Shown { target: progress }));
-    match import_chunks(what, &tables, rows, &out, &options, &progress) {
+    match cpa_stream_pipeline::import::run_chunks(what, &tables, rows, &options, &RunContext::new(&progress)) {
         Ok(summary) => to_json(&summary),
         Err(e) => Err(failed.take().unwrap_or_else(|| to_py(e))),
     }
@@ -470,267 +426,100 @@ fn import_arrays(
 /// The manifest of the store at `path` (opened and checked) as JSON.
 #[pyfunction]
 fn store_manifest(path: PathBuf) -> PyResult<String> {
-    let store = Store::open(&path).map_err(|e| to_py(Error::stage("reader")(e)))?;
+    let store = Store::open(&path).map_err(|e| to_py(Error::stage(Stage::Reader)(e)))?;
     to_json(store.manifest())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Train, predict, evaluate.
 
-/// Threads and device of a model command, as the CLI plans them.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Compute {
-    #[serde(default = "cpu")]
-    device: String,
-    #[serde(default)]
-    threads: Option<usize>,
-    #[serde(default)]
-    workers: Option<usize>,
+/// A request of the library's type `T` from the JSON Python built (unknown keys are errors
+/// naming them, as for the CLI's flags).
+fn request<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> PyResult<T> {
+    serde_json::from_str(json).map_err(json_err(what))
 }
 
-fn cpu() -> String {
-    "cpu".to_owned()
-}
+/// The commands `run` and `canonical_request` know, as the CLI names them.
+const COMMANDS: &str = "train, predict, evaluate, dose-response, embeddings, import, export, convert, synth";
 
-impl Compute {
-    fn configure(&self) -> PyResult<(tch::Device, usize)> {
-        cpa_stream_pipeline::threads::configure(&self.device, self.threads, self.workers).map_err(to_py)
+/// Runs a command of the library as `cpa-stream COMMAND` runs it: `request` is its JSON request
+/// (the library's `*Request`, as `cpa-stream COMMAND --print-request` prints it); returns its
+/// report as JSON. Training returns its report with `interrupted` set after Ctrl-C; the other
+/// commands publish nothing and raise `KeyboardInterrupt`.
+#[pyfunction]
+#[pyo3(signature = (command, request, progress=None))]
+fn run(py: Python<'_>, command: &str, request: &str, progress: Option<Bound<'_, PyAny>>) -> PyResult<String> {
+    use OnInterrupt::{Checkpoint, Raise};
+    use cpa_stream_pipeline as p;
+    macro_rules! command {
+        ($request:ty, $run:path, $on_interrupt:expr) => {{
+            let options = self::request::<$request>(command, request)?.options().map_err(to_py)?;
+            to_json(&run_shown(py, progress, $on_interrupt, move |ctx| $run(&options, ctx))?)
+        }};
+    }
+    match command {
+        "train" => command!(TrainRequest, p::train::run, Checkpoint),
+        "predict" => command!(PredictRequest, p::predict::run, Raise),
+        "evaluate" => command!(EvaluateRequest, p::evaluate::run, Raise),
+        "dose-response" => command!(DoseResponseRequest, p::dose_response::run, Raise),
+        "embeddings" => command!(EmbeddingsRequest, p::embeddings::run, Raise),
+        "import" => command!(ImportRequest, p::import::run, Raise),
+        "export" => command!(ExportRequest, p::export::run, Raise),
+        "convert" => command!(ConvertRequest, p::convert::run, Raise),
+        "synth" => command!(SynthRequest, p::synth::run, Raise),
+        other => Err(PyValueError::new_err(format!("command {other:?}: expected one of {COMMANDS}"))),
     }
 }
 
-/// Trains a model; `request` is a JSON `TrainRequest`, `compute` JSON `{device, threads,
-/// workers}`. Returns the report as JSON (with `interrupted` true after Ctrl-C).
+/// The request as the library reads it, written back as JSON with every field (defaults
+/// filled in) and the CLI's naming: two requests that read the same compare equal. What the
+/// tests compare the CLI's `--print-request` with.
 #[pyfunction]
-#[pyo3(signature = (request, compute, progress=None))]
-fn train(py: Python<'_>, request: &str, compute: &str, progress: Option<Bound<'_, PyAny>>) -> PyResult<String> {
-    let request: TrainRequest = serde_json::from_str(request).map_err(json_err("train"))?;
-    let compute: Compute = serde_json::from_str(compute).map_err(json_err("train"))?;
-    let (device, workers) = compute.configure()?;
-    let options = request.options(device, workers).map_err(to_py)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    let (report, _) = run_shown(py, progress, Some(stop), move |p| run_train(&options, p, flag))?;
-    to_json(&report)
-}
-
-/// What to predict, as JSON from Python.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PredictRequest {
-    model: PathBuf,
-    store: PathBuf,
-    #[serde(default)]
-    source: Option<String>,
-    #[serde(default)]
-    targets: Vec<String>,
-    #[serde(default)]
-    genes: Option<Vec<String>>,
-    #[serde(default)]
-    top_deg: Option<usize>,
-    #[serde(default)]
-    degs: Option<PathBuf>,
-    #[serde(default)]
-    latents: Vec<String>,
-    #[serde(default)]
-    shard: Option<String>,
-    #[serde(default)]
-    batch_size: Option<usize>,
-    #[serde(default)]
-    seed: u64,
-    #[serde(default)]
-    allow_empty: bool,
-    #[serde(default)]
-    wide: bool,
-    #[serde(default)]
-    batch_corrected: bool,
-    #[serde(default)]
-    expected_log1p: bool,
-    #[serde(default)]
-    change: bool,
-}
-
-impl PredictRequest {
-    fn options(&self, compute: &Compute) -> PyResult<PredictOptions> {
-        let (device, workers) = compute.configure()?;
-        let genes = match (&self.genes, self.top_deg) {
-            (Some(_), Some(_)) => return Err(PyValueError::new_err("genes and top_deg both given; choose one")),
-            (Some(names), None) if names.is_empty() => return Err(PyValueError::new_err("genes: an empty list")),
-            (Some(names), None) => GeneSelection::Names(names.clone()),
-            (None, Some(0)) => return Err(PyValueError::new_err("top_deg must be at least 1")),
-            (None, Some(k)) => GeneSelection::TopDeg(k),
-            (None, None) => GeneSelection::All,
-        };
-        let mut options = PredictOptions::new(&self.model, &self.store);
-        options.source = self.source.clone();
-        options.targets = self.targets.iter().map(|t| parse_target_spec(t)).collect::<Result<_, _>>().map_err(to_py)?;
-        options.genes = genes;
-        options.degs = self.degs.clone();
-        options.latents = self.latents.clone();
-        options.shard = self.shard.as_deref().map(Shard::parse).transpose().map_err(to_py)?;
-        options.device = device;
-        if let Some(b) = self.batch_size {
-            use cpa_stream_pipeline::limits::{MAX_BATCH_SIZE, check};
-            options.batch_size = check("batch_size", b, 1, MAX_BATCH_SIZE, "cells per batch").map_err(to_py)?;
-        }
-        options.loader.workers = workers;
-        options.seed = self.seed;
-        options.allow_empty = self.allow_empty;
-        options.layout = if self.wide { Layout::Wide } else { Layout::Long };
-        options.batch_corrected = self.batch_corrected;
-        options.expected_log1p = self.expected_log1p;
-        options.change = self.change;
-        Ok(options)
+fn canonical_request(command: &str, request: &str) -> PyResult<String> {
+    fn canonical<T: serde::de::DeserializeOwned + serde::Serialize>(
+        command: &str,
+        json: &str,
+        naming: impl FnOnce(&mut T) -> &mut Naming,
+    ) -> PyResult<String> {
+        let mut value: T = self::request(command, json)?;
+        *naming(&mut value) = Naming::Flags;
+        to_json(&value)
+    }
+    match command {
+        "train" => canonical(command, request, |r: &mut TrainRequest| &mut r.naming),
+        "predict" => canonical(command, request, |r: &mut PredictRequest| &mut r.naming),
+        "evaluate" => canonical(command, request, |r: &mut EvaluateRequest| &mut r.naming),
+        "dose-response" => canonical(command, request, |r: &mut DoseResponseRequest| &mut r.naming),
+        "embeddings" => canonical(command, request, |r: &mut EmbeddingsRequest| &mut r.naming),
+        "import" => canonical(command, request, |r: &mut ImportRequest| &mut r.naming),
+        "export" => canonical(command, request, |r: &mut ExportRequest| &mut r.naming),
+        "convert" => canonical(command, request, |r: &mut ConvertRequest| &mut r.naming),
+        "synth" => canonical(command, request, |r: &mut SynthRequest| &mut r.naming),
+        other => Err(PyValueError::new_err(format!("command {other:?}: expected one of {COMMANDS}"))),
     }
 }
 
-/// Opens the model and store and returns the predictions as an [`ArrowStream`], computed as
-/// they are read.
+/// Opens the model and store of a JSON [`PredictRequest`] and returns the predictions as an
+/// [`ArrowStream`], computed as they are read.
 #[pyfunction]
-fn predict_stream(py: Python<'_>, request: &str, compute: &str) -> PyResult<ArrowStream> {
-    let request: PredictRequest = serde_json::from_str(request).map_err(json_err("predict"))?;
-    let compute: Compute = serde_json::from_str(compute).map_err(json_err("predict"))?;
-    let options = request.options(&compute)?;
-    let stream = py.detach(|| Predictor::open(&options).and_then(Predictor::stream)).map_err(to_py)?;
+fn predict_stream(py: Python<'_>, request: &str) -> PyResult<ArrowStream> {
+    let options = self::request::<PredictRequest>("predict", request)?.options().map_err(to_py)?;
+    let stream = py.detach(|| cpa_stream_pipeline::predict::open(&options)).map_err(to_py)?;
     Ok(ArrowStream::of(stream))
 }
 
-/// Writes the predictions to a Parquet file (with a shard: into a dataset directory), as
-/// `cpa-stream predict` does; returns the report as JSON.
+/// The perturbation (`kind` "perturbation") or covariate ("covariate") embeddings of the model
+/// of a JSON [`EmbeddingsRequest`].
 #[pyfunction]
-#[pyo3(signature = (request, compute, out, overwrite=false, progress=None))]
-fn predict_file(
-    py: Python<'_>,
-    request: &str,
-    compute: &str,
-    out: PathBuf,
-    overwrite: bool,
-    progress: Option<Bound<'_, PyAny>>,
-) -> PyResult<String> {
-    let request: PredictRequest = serde_json::from_str(request).map_err(json_err("predict"))?;
-    let compute: Compute = serde_json::from_str(compute).map_err(json_err("predict"))?;
-    let options = request.options(&compute)?;
-    let sink = SinkOptions { overwrite, ..SinkOptions::default() };
-    let (report, _) = run_shown(py, progress, None, move |p| run_predict(&options, &out, &sink, p))?;
-    to_json(&report)
-}
-
-/// An evaluation request, as JSON from Python.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EvaluateRequest {
-    model: PathBuf,
-    store: PathBuf,
-    out: PathBuf,
-    #[serde(default = "test_split")]
-    split: String,
-    #[serde(default)]
-    truth: Option<PathBuf>,
-    #[serde(default)]
-    degs: Option<PathBuf>,
-    #[serde(default)]
-    min_cells: Option<u64>,
-    #[serde(default)]
-    definitions: Option<String>,
-    #[serde(default)]
-    expected_log1p: bool,
-    #[serde(default)]
-    plots: bool,
-    #[serde(default)]
-    overwrite: bool,
-    #[serde(default)]
-    batch_size: Option<usize>,
-}
-
-fn test_split() -> String {
-    "test".to_owned()
-}
-
-/// Evaluates a model as `cpa-stream evaluate` does; returns the report as JSON.
-#[pyfunction]
-#[pyo3(signature = (request, compute, progress=None))]
-fn evaluate(py: Python<'_>, request: &str, compute: &str, progress: Option<Bound<'_, PyAny>>) -> PyResult<String> {
-    let request: EvaluateRequest = serde_json::from_str(request).map_err(json_err("evaluate"))?;
-    let compute: Compute = serde_json::from_str(compute).map_err(json_err("evaluate"))?;
-    let (device, _) = compute.configure()?;
-    let mut options = EvaluateOptions::new(&request.model, &request.store, &request.out);
-    options.split = EvalSplit::parse(&request.split).map_err(to_py)?;
-    options.truth = request.truth;
-    options.degs = request.degs;
-    options.device = device;
-    options.plots = request.plots;
-    options.overwrite = request.overwrite;
-    if let Some(d) = &request.definitions {
-        options.definitions = Definitions::parse(d).map_err(to_py)?;
-    }
-    options.min_cells = request.min_cells.unwrap_or(options.definitions.min_cells());
-    options.expected_log1p = request.expected_log1p;
-    if let Some(b) = request.batch_size {
-        use cpa_stream_pipeline::limits::{MAX_BATCH_SIZE, check};
-        options.batch_size = Some(check("batch_size", b, 1, MAX_BATCH_SIZE, "cells per batch").map_err(to_py)?);
-    }
-    let (report, _) = run_shown(py, progress, None, move |p| run_evaluate(&options, p))?;
-    to_json(&report)
-}
-
-/// A dose-response request, as JSON from Python.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DoseResponseRequest {
-    model: PathBuf,
-    out: PathBuf,
-    #[serde(default)]
-    store: Option<PathBuf>,
-    #[serde(default)]
-    perturbations: Vec<String>,
-    #[serde(default)]
-    doses: Option<Vec<f64>>,
-    #[serde(default)]
-    genes: Vec<String>,
-    #[serde(default)]
-    covariates: Vec<(String, String)>,
-    #[serde(default)]
-    cells: Option<usize>,
-    #[serde(default)]
-    seed: u64,
-    #[serde(default)]
-    plots: bool,
-    #[serde(default)]
-    overwrite: bool,
-}
-
-/// Dose-response curves as `cpa-stream dose-response` computes them; returns the report as JSON.
-#[pyfunction]
-fn dose_response(py: Python<'_>, request: &str, compute: &str) -> PyResult<String> {
-    use cpa_stream_pipeline::dose_response::{DoseResponseOptions, run_dose_response};
-    let request: DoseResponseRequest = serde_json::from_str(request).map_err(json_err("dose_response"))?;
-    let compute: Compute = serde_json::from_str(compute).map_err(json_err("dose_response"))?;
-    let (device, _) = compute.configure()?;
-    let mut options = DoseResponseOptions::new(&request.model, &request.out);
-    options.store = request.store;
-    options.perturbations = request.perturbations;
-    options.doses = request.doses;
-    options.genes = request.genes;
-    options.covariates = request.covariates;
-    options.cells = request.cells.unwrap_or(options.cells);
-    options.seed = request.seed;
-    options.plots = request.plots;
-    options.overwrite = request.overwrite;
-    options.device = device;
-    let report = py.detach(|| run_dose_response(&options)).map_err(to_py)?;
-    to_json(&report)
-}
-
-/// The model's perturbation (`kind` "perturbation") or covariate ("covariate") embeddings.
-#[pyfunction]
-fn embeddings(py: Python<'_>, model: PathBuf, kind: &str) -> PyResult<ArrowStream> {
-    use cpa_stream_pipeline::embeddings::{covariate_embeddings, perturbation_embeddings};
+fn embeddings(py: Python<'_>, request: &str, kind: &str) -> PyResult<ArrowStream> {
+    let options = self::request::<EmbeddingsRequest>("embeddings", request)?.options().map_err(to_py)?;
+    let opened = py.detach(|| cpa_stream_pipeline::embeddings::open(&options)).map_err(to_py)?;
     let batch = match kind {
-        "perturbation" => py.detach(|| perturbation_embeddings(&model)),
-        "covariate" => py.detach(|| covariate_embeddings(&model)),
+        "perturbation" => opened.perturbations,
+        "covariate" => opened.covariates,
         other => return Err(PyValueError::new_err(format!("kind {other:?}: expected perturbation or covariate"))),
     };
-    Ok(ArrowStream::of_batch(batch.map_err(to_py)?))
+    Ok(ArrowStream::of_batch(batch))
 }
 
 /// What a run recorded: `{"encoder": ..., "config": ...}` of its checkpoint, as JSON.
@@ -753,7 +542,7 @@ fn run_settings(run: PathBuf) -> PyResult<String> {
 fn model_vocabulary(model: PathBuf) -> PyResult<String> {
     let dir = cpa_stream_pipeline::run_dir::model_dir(&model).map_err(to_py)?;
     let file =
-        cpa_stream_stages::model::files::read_model_file(&dir).map_err(|e| to_py(Error::stage("predictor")(e)))?;
+        cpa_stream_stages::model::files::read_model_file(&dir).map_err(|e| to_py(Error::stage(Stage::Predictor)(e)))?;
     to_json(&file.vocabulary)
 }
 
@@ -767,15 +556,12 @@ fn version() -> &'static str {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CpaStreamError", m.py().get_type::<CpaStreamError>())?;
     m.add_class::<ArrowStream>()?;
-    m.add_function(wrap_pyfunction!(import_h5ad, m)?)?;
     m.add_function(wrap_pyfunction!(import_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(store_manifest, m)?)?;
-    m.add_function(wrap_pyfunction!(train, m)?)?;
+    m.add_function(wrap_pyfunction!(run, m)?)?;
+    m.add_function(wrap_pyfunction!(canonical_request, m)?)?;
     m.add_function(wrap_pyfunction!(predict_stream, m)?)?;
-    m.add_function(wrap_pyfunction!(predict_file, m)?)?;
-    m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(embeddings, m)?)?;
-    m.add_function(wrap_pyfunction!(dose_response, m)?)?;
     m.add_function(wrap_pyfunction!(run_settings, m)?)?;
     m.add_function(wrap_pyfunction!(model_vocabulary, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;

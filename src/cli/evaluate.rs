@@ -5,7 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::evaluate::{Definitions, EvalSplit, EvaluateOptions, MetricSet, render_table, run_evaluate};
+use cpa_stream_pipeline::RunContext;
+use cpa_stream_pipeline::dose_response::DoseResponseRequest;
+use cpa_stream_pipeline::embeddings::EmbeddingsRequest;
+use cpa_stream_pipeline::evaluate::{EvaluateRequest, MetricSet, render_table};
+use cpa_stream_pipeline::request::{Compute, Naming};
 
 use super::progress::CliProgress;
 
@@ -68,25 +72,36 @@ pub struct EvaluateArgs {
     json: bool,
 }
 
+impl EvaluateArgs {
+    /// The request these flags make.
+    pub fn request(&self) -> EvaluateRequest {
+        EvaluateRequest {
+            model: self.model.clone(),
+            store: self.store.clone(),
+            out: self.out.clone(),
+            split: self.split.clone(),
+            truth: self.truth.clone(),
+            degs: self.degs.clone(),
+            min_cells: self.min_cells,
+            definitions: self.definitions.clone(),
+            expected_log1p: self.expected_log1p,
+            plots: !self.no_plots,
+            overwrite: self.overwrite,
+            batch_size: self.batch_size,
+            compute: Compute { device: self.device.clone(), threads: self.threads, workers: None },
+            naming: Naming::Flags,
+        }
+    }
+}
+
 pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
-    cpa_stream_pipeline::evaluate::return_large_buffers_to_the_system();
-    let (device, _) = super::model_device(&args.device, args.threads, None)?;
-    let definitions = Definitions::parse(&args.definitions)?;
-    let options = EvaluateOptions {
-        split: EvalSplit::parse(&args.split)?,
-        truth: args.truth.clone(),
-        degs: args.degs.clone(),
-        device,
-        batch_size: args.batch_size,
-        min_cells: args.min_cells.unwrap_or(definitions.min_cells()),
-        definitions,
-        expected_log1p: args.expected_log1p,
-        plots: !args.no_plots,
-        overwrite: args.overwrite,
-        ..EvaluateOptions::new(&args.model, &args.store, &args.out)
-    };
+    let request = args.request();
+    if super::printed_request(&request)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = request.options()?;
     let progress = CliProgress::new();
-    let report = run_evaluate(&options, &progress)
+    let report = cpa_stream_pipeline::evaluate::run(&options, &RunContext::new(&progress))
         .with_context(|| format!("evaluating {} on {}", args.model.display(), args.store.display()))?;
     if args.json {
         jsonln!(&report);
@@ -154,7 +169,16 @@ pub struct EmbeddingsArgs {
 }
 
 pub fn embeddings(args: EmbeddingsArgs) -> anyhow::Result<ExitCode> {
-    let report = cpa_stream_pipeline::embeddings::write_embeddings(&args.model, &args.out, args.overwrite)
+    let request = EmbeddingsRequest {
+        model: args.model.clone(),
+        out: Some(args.out.clone()),
+        overwrite: args.overwrite,
+        naming: Naming::Flags,
+    };
+    if super::printed_request(&request)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = cpa_stream_pipeline::embeddings::run(&request.options()?, &RunContext::default())
         .with_context(|| format!("embeddings of {}", args.model.display()))?;
     if args.json {
         jsonln!(&report);
@@ -223,23 +247,36 @@ pub struct DoseResponseArgs {
     json: bool,
 }
 
+impl DoseResponseArgs {
+    /// The request these flags make.
+    pub fn request(&self) -> DoseResponseRequest {
+        DoseResponseRequest {
+            model: self.model.clone(),
+            out: self.out.clone(),
+            store: self.store.clone(),
+            perturbations: self.perturbations.clone(),
+            doses: self.doses.clone(),
+            genes: self.genes.clone(),
+            covariates: self.covariate.clone(),
+            cells: self.cells,
+            seed: self.seed,
+            plots: !self.no_plots,
+            overwrite: self.overwrite,
+            compute: Compute { device: self.device.clone(), threads: self.threads, workers: None },
+            naming: Naming::Flags,
+        }
+    }
+}
+
 pub fn dose_response(args: DoseResponseArgs) -> anyhow::Result<ExitCode> {
-    use cpa_stream_pipeline::dose_response::{DoseResponseOptions, run_dose_response};
-    let (device, _) = super::model_device(&args.device, args.threads, None)?;
-    let options = DoseResponseOptions {
-        store: args.store.clone(),
-        perturbations: args.perturbations.clone(),
-        doses: args.doses.clone(),
-        genes: args.genes.clone(),
-        covariates: args.covariate.clone(),
-        cells: args.cells,
-        seed: args.seed,
-        device,
-        overwrite: args.overwrite,
-        plots: !args.no_plots,
-        ..DoseResponseOptions::new(&args.model, &args.out)
-    };
-    let report = run_dose_response(&options).with_context(|| format!("dose response of {}", args.model.display()))?;
+    let request = args.request();
+    if super::printed_request(&request)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = request.options()?;
+    let progress = CliProgress::new();
+    let report = cpa_stream_pipeline::dose_response::run(&options, &RunContext::new(&progress))
+        .with_context(|| format!("dose response of {}", args.model.display()))?;
     if args.json {
         jsonln!(&report);
         return Ok(ExitCode::SUCCESS);

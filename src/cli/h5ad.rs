@@ -5,12 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use cpa_stream_pipeline::export::run_export;
-use cpa_stream_pipeline::import::{
-    DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, ImportOptions, run_import,
-};
-use cpa_stream_stages::h5ad::{DEFAULT_GZIP_LEVEL, ExternalData, H5adCompression};
-use cpa_stream_stages::store::Store;
+use cpa_stream_pipeline::RunContext;
+use cpa_stream_pipeline::export::{ExportCompression, ExportRequest};
+use cpa_stream_pipeline::import::{DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, ImportRequest};
+use cpa_stream_pipeline::request::Naming;
+use cpa_stream_stages::h5ad::DEFAULT_GZIP_LEVEL;
 
 use super::progress::CliProgress;
 use super::synth::CodecArgs;
@@ -36,15 +35,18 @@ pub struct ImportArgs {
     /// rank_genes_groups) [default: the first such entry].
     #[arg(long, value_name = "KEY")]
     deg_uns_key: Option<String>,
-    /// Rows read per chunk.
-    #[arg(long, default_value_t = DEFAULT_CHUNK_ROWS)]
-    chunk_rows: usize,
-    /// MiB of one bucket file of the CSC -> CSR transposition (peak memory about 2.5x this).
-    #[arg(long, default_value_t = DEFAULT_MEMORY_BUDGET >> 20)]
-    csc_budget_mib: usize,
-    /// Bucket files open at once during the CSC transposition (more buckets: more passes).
-    #[arg(long, default_value_t = DEFAULT_MAX_OPEN_BUCKETS)]
-    csc_max_open_buckets: usize,
+    #[arg(long, help = format!("Rows read per chunk [default: {DEFAULT_CHUNK_ROWS}]"))]
+    chunk_rows: Option<usize>,
+    #[arg(long, help = format!(
+        "MiB of one bucket file of the CSC -> CSR transposition (peak memory about 2.5x this) [default: {}]",
+        DEFAULT_MEMORY_BUDGET >> 20
+    ))]
+    csc_budget_mib: Option<usize>,
+    #[arg(long, help = format!(
+        "Bucket files open at once during the CSC transposition (more buckets: more passes) [default: \
+         {DEFAULT_MAX_OPEN_BUCKETS}]"
+    ))]
+    csc_max_open_buckets: Option<usize>,
     /// Read data that the file keeps in other files (HDF5 external storage, external links,
     /// virtual datasets), for a trusted collection: only regular files in the input's own folder
     /// are read. Without it such a file is refused, naming the object: an imported file is
@@ -79,9 +81,8 @@ pub struct ExportArgs {
     /// Compression of the written datasets.
     #[arg(long, value_enum, default_value_t = CompressionArg::None)]
     compression: CompressionArg,
-    /// gzip level (with --compression gzip).
-    #[arg(long, default_value_t = DEFAULT_GZIP_LEVEL)]
-    gzip_level: u8,
+    #[arg(long, help = format!("gzip level (with --compression gzip) [default: {DEFAULT_GZIP_LEVEL}]"))]
+    gzip_level: Option<u8>,
     /// Replace an existing file at --out.
     #[arg(long)]
     overwrite: bool,
@@ -90,30 +91,38 @@ pub struct ExportArgs {
     json: bool,
 }
 
-pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
-    let genes = match &args.genes {
-        None => None,
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("--genes {}", path.display()))?;
-            let list: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
-            anyhow::ensure!(!list.is_empty(), "--genes {}: no gene names", path.display());
-            Some(list)
+impl ImportArgs {
+    /// The request these flags make.
+    fn request(&self) -> ImportRequest {
+        ImportRequest {
+            input: self.input.clone(),
+            out: self.out.clone(),
+            layer: self.layer.clone(),
+            use_raw: self.use_raw,
+            genes: None,
+            genes_file: self.genes.clone(),
+            deg_uns_key: self.deg_uns_key.clone(),
+            chunk_rows: self.chunk_rows,
+            csc_budget_mib: self.csc_budget_mib,
+            csc_max_open_buckets: self.csc_max_open_buckets,
+            allow_external: self.allow_external,
+            codec: self.codec.codec.into(),
+            zstd_level: self.codec.zstd_level,
+            block_rows: self.codec.block_rows,
+            overwrite: self.overwrite,
+            naming: Naming::Flags,
         }
-    };
-    let options = ImportOptions {
-        layer: args.layer.clone(),
-        use_raw: args.use_raw,
-        genes,
-        chunk_rows: args.chunk_rows,
-        memory_budget: args.csc_budget_mib.max(1) << 20,
-        max_open_buckets: args.csc_max_open_buckets,
-        codec: args.codec.codec()?,
-        overwrite: args.overwrite,
-        deg_uns_key: args.deg_uns_key.clone(),
-        external: if args.allow_external { ExternalData::SameDirectory } else { ExternalData::Refuse },
-    };
+    }
+}
+
+pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let request = args.request();
+    if super::printed_request(&request)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = request.options()?;
     let progress = CliProgress::new();
-    let summary = run_import(&args.input, &args.out, &options, &progress)
+    let summary = cpa_stream_pipeline::import::run(&options, &RunContext::new(&progress))
         .with_context(|| format!("import {} into {}", args.input.display(), args.out.display()))?;
     if args.json {
         jsonln!(&summary);
@@ -138,30 +147,36 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::open(&args.store)?;
-    let compression = match args.compression {
-        CompressionArg::None => H5adCompression::None,
-        CompressionArg::Lzf => H5adCompression::Lzf,
-        CompressionArg::Gzip => {
-            anyhow::ensure!(args.gzip_level <= 9, "--gzip-level must be 0-9");
-            H5adCompression::Gzip(args.gzip_level)
-        }
+    let request = ExportRequest {
+        store: args.store.clone(),
+        out: args.out.clone(),
+        compression: match args.compression {
+            CompressionArg::None => ExportCompression::None,
+            CompressionArg::Gzip => ExportCompression::Gzip,
+            CompressionArg::Lzf => ExportCompression::Lzf,
+        },
+        gzip_level: args.gzip_level,
+        overwrite: args.overwrite,
+        naming: Naming::Flags,
     };
+    if super::printed_request(&request)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = request.options()?;
     let progress = CliProgress::new();
-    let report = run_export(&store, &args.out, compression, args.overwrite, &progress)
+    let report = cpa_stream_pipeline::export::run(&options, &RunContext::new(&progress))
         .with_context(|| format!("export {} to {}", args.store.display(), args.out.display()))?;
     if args.json {
         jsonln!(&report);
         return Ok(ExitCode::SUCCESS);
     }
-    let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
     outln!(
         "wrote {}: {} cells x {} genes, {:.1} MB",
         args.out.display(),
-        store.n_obs(),
-        store.n_vars(),
-        bytes as f64 / 1e6
+        report.cells,
+        report.genes,
+        report.bytes as f64 / 1e6
     );
-    super::print_report(&report)?;
+    super::print_report(&report.report)?;
     Ok(ExitCode::SUCCESS)
 }

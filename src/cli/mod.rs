@@ -116,6 +116,11 @@ pub struct Args {
     /// Print errors only (and `--json` output when asked for).
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Print the command's request as JSON and exit without running it: the settings as given,
+    /// in the form the library (`cpa_stream::*Request`) and the Python package take, defaults
+    /// left to the command (commands that write files or train).
+    #[arg(long, global = true)]
+    pub print_request: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -133,9 +138,18 @@ pub fn verbose() -> bool {
     OUTPUT_LEVEL.load(std::sync::atomic::Ordering::Relaxed) == 2
 }
 
-/// Stages that move data for the stage doing the command's work (the model, the writer): when
-/// one of them is busy most of the run, the run was held up by it, which is worth a look.
-const FEEDING_STAGES: [&str; 7] = ["source", "batcher", "planner", "encoder", "reader", "sink", "loader"];
+/// Whether `--print-request` was given.
+static PRINT_REQUEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `--print-request`, prints `request` as JSON and returns true: the command then ends
+/// without running.
+fn printed_request<T: serde::Serialize>(request: &T) -> anyhow::Result<bool> {
+    if !PRINT_REQUEST.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(false);
+    }
+    jsonln!(request);
+    Ok(true)
+}
 
 /// The end of a command's results: with `--verbose` every stage's report; otherwise one line of
 /// time and peak memory, and the stage table only when a feeding stage held the run up (busy
@@ -153,11 +167,7 @@ fn print_report(report: &cpa_stream_pipeline::RunReport) -> anyhow::Result<()> {
         mib(report.memory.rss_anon),
         mib(report.memory.rss_file)
     );
-    if let Some(b) = report.bottleneck()
-        && FEEDING_STAGES.contains(&b.name.as_str())
-        && wall >= 5.0
-        && b.utilisation(report.wall) >= 0.6
-    {
+    if let Some(b) = report.holdup() {
         outln!(
             "note: the {} stage was busy {:.0}% of the run and held the rest up; its report:",
             b.name,
@@ -256,6 +266,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         1
     };
     OUTPUT_LEVEL.store(level, std::sync::atomic::Ordering::Relaxed);
+    PRINT_REQUEST.store(args.print_request, std::sync::atomic::Ordering::Relaxed);
+    let has_request = matches!(
+        args.command,
+        Command::Synth(_)
+            | Command::Convert(_)
+            | Command::Import(_)
+            | Command::Export(_)
+            | Command::Train(_)
+            | Command::Predict(_)
+            | Command::Evaluate(_)
+            | Command::Embeddings(_)
+            | Command::DoseResponse(_)
+    );
+    if args.print_request && !has_request {
+        anyhow::bail!(
+            "--print-request: this command takes no request (those that do: synth, convert, import, export, train, \
+             predict, evaluate, embeddings, dose-response)"
+        );
+    }
     match args.command {
         Command::Info(a) => info::run(a),
         Command::Synth(a) => synth::run(a),

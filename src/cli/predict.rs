@@ -5,11 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::batcher::{DEFAULT_PREFETCH, LoaderOptions};
-use cpa_stream_pipeline::predict::targets::{parse_target_spec, read_targets_file};
-use cpa_stream_pipeline::predict::{GeneSelection, Layout, PredictOptions, Shard, run_predict};
-use cpa_stream_pipeline::predictor::DEFAULT_BATCH_SIZE;
-use cpa_stream_stages::sink::{DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL, SinkOptions};
+use cpa_stream_pipeline::RunContext;
+use cpa_stream_pipeline::batcher::DEFAULT_PREFETCH;
+use cpa_stream_pipeline::predict::PredictRequest;
+use cpa_stream_pipeline::predictor::{DEFAULT_BATCH_SIZE, Layout};
+use cpa_stream_pipeline::request::{Compute, Naming};
+use cpa_stream_stages::sink::{DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL};
 
 use super::progress::CliProgress;
 
@@ -80,21 +81,21 @@ pub struct PredictArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Source cells per batch.
-    #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_BATCH_SIZE)]
-    batch_size: usize,
+    #[arg(long, value_parser = super::parse_batch_size, help = format!(
+        "Source cells per batch [default: {DEFAULT_BATCH_SIZE}]"
+    ))]
+    batch_size: Option<usize>,
     /// Gather worker threads [default: planned with --threads from the usable CPUs].
     #[arg(long, value_parser = super::parse_workers)]
     workers: Option<usize>,
-    /// Batches buffered between stages.
-    #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
-    prefetch: usize,
-    /// Rows per Parquet row group at most.
-    #[arg(long, default_value_t = DEFAULT_ROW_GROUP_ROWS)]
-    row_group_rows: usize,
-    /// zstd level of the output.
-    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
-    zstd_level: i32,
+    #[arg(long, value_parser = super::parse_prefetch, help = format!(
+        "Batches buffered between stages [default: {DEFAULT_PREFETCH}]"
+    ))]
+    prefetch: Option<usize>,
+    #[arg(long, help = format!("Rows per Parquet row group at most [default: {DEFAULT_ROW_GROUP_ROWS}]"))]
+    row_group_rows: Option<usize>,
+    #[arg(long, help = format!("zstd level of the output [default: {DEFAULT_ZSTD_LEVEL}]"))]
+    zstd_level: Option<i32>,
     /// Seed of the posterior draws (variational models).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -106,38 +107,57 @@ pub struct PredictArgs {
     json: bool,
 }
 
+impl PredictArgs {
+    /// The request these flags make (`--genes` is `all`, `top-deg:K` or a file of names).
+    pub fn request(&self) -> anyhow::Result<PredictRequest> {
+        let (genes_file, top_deg) = match self.genes.as_str() {
+            "all" => (None, None),
+            text => match text.strip_prefix("top-deg:") {
+                Some(k) => match k.parse::<usize>() {
+                    Ok(k) if k > 0 => (None, Some(k)),
+                    _ => anyhow::bail!("--genes {text:?}: K must be a positive integer"),
+                },
+                None => (Some(PathBuf::from(text)), None),
+            },
+        };
+        Ok(PredictRequest {
+            model: self.model.clone(),
+            store: self.store.clone(),
+            out: Some(self.out.clone()),
+            source: self.source.clone(),
+            targets: self.target.clone(),
+            targets_file: self.targets.clone(),
+            genes: None,
+            genes_file,
+            top_deg,
+            degs: self.degs.clone(),
+            latents: self.latents.clone(),
+            shard: self.shard.clone(),
+            layout: self.layout,
+            batch_size: self.batch_size,
+            prefetch: self.prefetch,
+            seed: self.seed,
+            allow_empty: self.allow_empty,
+            batch_corrected: self.batch_corrected,
+            expected_log1p: self.expected_log1p,
+            change: self.change,
+            row_group_rows: self.row_group_rows,
+            zstd_level: self.zstd_level,
+            overwrite: self.overwrite,
+            compute: Compute { device: self.device.clone(), threads: self.threads, workers: self.workers },
+            naming: Naming::Flags,
+        })
+    }
+}
+
 pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
-    let (device, workers) = super::model_device(&args.device, args.threads, args.workers)?;
-    let targets = match &args.targets {
-        Some(path) => read_targets_file(path)?,
-        None => args.target.iter().map(|t| parse_target_spec(t)).collect::<Result<_, _>>()?,
-    };
-    let options = PredictOptions {
-        source: args.source.clone(),
-        targets,
-        genes: GeneSelection::parse(&args.genes)?,
-        degs: args.degs.clone(),
-        latents: args.latents.clone(),
-        shard: args.shard.as_deref().map(Shard::parse).transpose()?,
-        device,
-        batch_size: args.batch_size,
-        loader: LoaderOptions { workers, prefetch: args.prefetch, ..LoaderOptions::default() },
-        seed: args.seed,
-        allow_empty: args.allow_empty,
-        layout: args.layout,
-        batch_corrected: args.batch_corrected,
-        expected_log1p: args.expected_log1p,
-        change: args.change,
-        ..PredictOptions::new(&args.model, &args.store)
-    };
-    let sink = SinkOptions {
-        row_group_rows: args.row_group_rows,
-        zstd_level: args.zstd_level,
-        overwrite: args.overwrite,
-        ..SinkOptions::default()
-    };
+    let request = args.request()?;
+    if super::printed_request(&request)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = request.options()?;
     let progress = CliProgress::new();
-    let report = run_predict(&options, &args.out, &sink, &progress)
+    let report = cpa_stream_pipeline::predict::run(&options, &RunContext::new(&progress))
         .with_context(|| format!("predicting from {} with {}", args.store.display(), args.model.display()))?;
     if args.json {
         jsonln!(&report);

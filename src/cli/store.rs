@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::convert::{DEFAULT_SHUFFLE_BUCKET_BYTES, Shuffle, run_convert};
+use cpa_stream_pipeline::RunContext;
+use cpa_stream_pipeline::convert::{ConvertRequest, DEFAULT_SHUFFLE_BUCKET_BYTES};
+use cpa_stream_pipeline::request::Naming;
 use cpa_stream_stages::store::{Store, summarize_obs};
 use serde::Serialize;
 
@@ -42,10 +44,11 @@ pub struct ConvertArgs {
     /// the matrix.
     #[arg(long, value_name = "SEED")]
     shuffle: Option<u64>,
-    /// Memory for one bucket of the shuffle, in MiB (the input is cut into buckets of about
-    /// this size).
-    #[arg(long, default_value_t = DEFAULT_SHUFFLE_BUCKET_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..))]
-    shuffle_memory_mib: u64,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), help = format!(
+        "Memory for one bucket of the shuffle, in MiB (the input is cut into buckets of about this size) \
+         [default: {}]", DEFAULT_SHUFFLE_BUCKET_BYTES >> 20
+    ))]
+    shuffle_memory_mib: Option<u64>,
     /// Replace an existing store at --out.
     #[arg(long)]
     overwrite: bool,
@@ -156,14 +159,27 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
-    let input = Store::open(&args.store)?;
+    let request = ConvertRequest {
+        store: args.store.clone(),
+        out: args.out.clone(),
+        codec: args.codec.codec.into(),
+        zstd_level: args.codec.zstd_level,
+        block_rows: args.codec.block_rows,
+        shuffle: args.shuffle,
+        shuffle_memory_mib: args.shuffle_memory_mib,
+        overwrite: args.overwrite,
+        naming: Naming::Flags,
+    };
+    if super::printed_request(&request)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = request.options()?;
     let progress = CliProgress::new();
-    let shuffle = args.shuffle.map(|seed| Shuffle { seed, bucket_bytes: args.shuffle_memory_mib << 20 });
-    let (manifest, report) = run_convert(&input, &args.out, args.codec.codec()?, shuffle, args.overwrite, &progress)
+    let converted = cpa_stream_pipeline::convert::run(&options, &RunContext::new(&progress))
         .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
+    let (manifest, report) = (&converted.manifest, &converted.report);
     if args.json {
-        let value = serde_json::json!({ "manifest": manifest, "report": report });
-        jsonln!(&value);
+        jsonln!(&converted);
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
@@ -171,9 +187,9 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         args.out.display(),
         manifest.codec.name(),
         manifest.total_bytes() as f64 / 1e6,
-        input.manifest().total_bytes() as f64 / 1e6,
-        input.manifest().total_bytes() as f64 / manifest.total_bytes().max(1) as f64
+        converted.input_bytes as f64 / 1e6,
+        converted.input_bytes as f64 / manifest.total_bytes().max(1) as f64
     );
-    super::print_report(&report)?;
+    super::print_report(report)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -5,12 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use cpa_stream_pipeline::synth::{DEFAULT_CHANNEL_DEPTH, SynthRunOptions, run_synth};
-use cpa_stream_schemas::{Codec, DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL};
+use cpa_stream_pipeline::RunContext;
+use cpa_stream_pipeline::request::{CodecName, Naming};
+use cpa_stream_pipeline::synth::{DEFAULT_CHANNEL_DEPTH, SynthRequest};
+use cpa_stream_schemas::{DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL};
 use cpa_stream_stages::synth::{
     DEFAULT_CELL_TYPES, DEFAULT_COMBINATIONS, DEFAULT_CONTROL_FRACTION, DEFAULT_DOSES, DEFAULT_HIDDEN,
     DEFAULT_INTERACTION, DEFAULT_LATENT_DIM, DEFAULT_LIBRARY_LOG_SD, DEFAULT_LIBRARY_SIZE, DEFAULT_TRUTH_SAMPLES,
-    SynthAtlas, SynthConfig,
 };
 
 use super::progress::CliProgress;
@@ -24,31 +25,27 @@ pub enum CodecArg {
     Zstd,
 }
 
+impl From<CodecArg> for CodecName {
+    fn from(codec: CodecArg) -> CodecName {
+        match codec {
+            CodecArg::Raw => CodecName::Raw,
+            CodecArg::Zstd => CodecName::Zstd,
+        }
+    }
+}
+
 /// Codec options shared by the commands that write stores.
 #[derive(Debug, Clone, Args)]
 pub struct CodecArgs {
     /// Matrix codec.
     #[arg(long, value_enum, default_value_t = CodecArg::Raw)]
     pub codec: CodecArg,
-    /// zstd level (codec zstd).
-    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, allow_negative_numbers = true)]
-    pub zstd_level: i32,
-    /// Rows per compressed block (codec zstd).
-    #[arg(long, default_value_t = DEFAULT_ZSTD_BLOCK_ROWS)]
-    pub block_rows: u32,
-}
-
-impl CodecArgs {
-    pub fn codec(&self) -> anyhow::Result<Codec> {
-        Ok(match self.codec {
-            CodecArg::Raw => Codec::Raw,
-            CodecArg::Zstd => {
-                anyhow::ensure!(self.block_rows > 0, "--block-rows must be at least 1");
-                anyhow::ensure!((-7..=22).contains(&self.zstd_level), "--zstd-level must be in -7..=22");
-                Codec::zstd_with(self.zstd_level, self.block_rows)
-            }
-        })
-    }
+    #[arg(long, allow_negative_numbers = true, help = format!(
+        "zstd level (codec zstd) [default: {DEFAULT_ZSTD_LEVEL}]"
+    ))]
+    pub zstd_level: Option<i32>,
+    #[arg(long, help = format!("Rows per compressed block (codec zstd) [default: {DEFAULT_ZSTD_BLOCK_ROWS}]"))]
+    pub block_rows: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -117,40 +114,45 @@ pub struct SynthArgs {
     json: bool,
 }
 
+impl SynthArgs {
+    /// The request these flags make.
+    fn request(&self) -> SynthRequest {
+        SynthRequest {
+            cells: self.cells,
+            genes: self.genes,
+            perturbations: self.perturbations,
+            doses: self.doses,
+            cell_types: self.cell_types,
+            combinations: self.combinations,
+            heldout_combinations: self.heldout_combinations,
+            interaction: self.interaction,
+            control_fraction: self.control_fraction,
+            library_size: self.library_size,
+            library_log_sd: self.library_log_sd,
+            latent_dim: self.latent_dim,
+            hidden: self.hidden,
+            truth_samples: self.truth_samples,
+            seed: self.seed,
+            out: self.out.clone(),
+            codec: self.codec.codec.into(),
+            zstd_level: self.codec.zstd_level,
+            block_rows: self.codec.block_rows,
+            threads: self.threads,
+            channel_depth: self.channel_depth,
+            overwrite: self.overwrite,
+            naming: Naming::Flags,
+        }
+    }
+}
+
 pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
-    let mut config = SynthConfig::new(
-        args.cells,
-        args.genes,
-        args.perturbations,
-        args.doses,
-        args.cell_types,
-        args.combinations,
-        args.seed,
-    );
-    if let Some(h) = args.heldout_combinations {
-        config.heldout_combinations = h;
+    let request = args.request();
+    if super::printed_request(&request)? {
+        return Ok(ExitCode::SUCCESS);
     }
-    config.interaction = args.interaction;
-    config.control_fraction = args.control_fraction;
-    config.library_size = args.library_size;
-    config.library_log_sd = args.library_log_sd;
-    config.latent_dim = args.latent_dim;
-    config.hidden = args.hidden;
-    config.truth_samples = args.truth_samples;
-    let source = format!("cpa-stream synth {config:?}");
-    let atlas = SynthAtlas::new(config)?;
-    let mut options = SynthRunOptions {
-        codec: args.codec.codec()?,
-        channel_depth: args.channel_depth,
-        overwrite: args.overwrite,
-        source: Some(source),
-        ..SynthRunOptions::default()
-    };
-    if let Some(t) = args.threads {
-        options.threads = t.max(1);
-    }
+    let options = request.options()?;
     let progress = CliProgress::new();
-    let summary = run_synth(&atlas, &args.out, &options, &progress)
+    let summary = cpa_stream_pipeline::synth::run(&options, &RunContext::new(&progress))
         .with_context(|| format!("synth into {}", args.out.display()))?;
     if args.json {
         jsonln!(&summary);

@@ -7,9 +7,10 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use clap::Args;
+use cpa_stream_pipeline::RunContext;
 use cpa_stream_pipeline::batcher::{DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS};
-use cpa_stream_pipeline::train::request::{ConfigSource, Naming, TrainRequest};
-use cpa_stream_pipeline::train::run_train;
+use cpa_stream_pipeline::request::{Compute, Naming};
+use cpa_stream_pipeline::train::request::{ConfigSource, TrainRequest};
 
 use super::progress::CliProgress;
 
@@ -85,17 +86,20 @@ pub struct TrainArgs {
     /// Batcher worker threads [default: planned with --threads from the usable CPUs].
     #[arg(long, value_parser = super::parse_workers)]
     workers: Option<usize>,
-    /// Batches buffered ahead of the trainer, per worker.
-    #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
-    prefetch: usize,
-    /// Blocks of 256 cells whose cells are shuffled together (the shuffle window): each batch
-    /// draws from this many random blocks. A compressed store decodes each block once per epoch.
-    #[arg(long, value_parser = super::parse_shuffle_blocks, default_value_t = DEFAULT_SHUFFLE_BLOCKS)]
-    shuffle_blocks: usize,
-    /// Most MiB of decoded blocks a compressed store's shuffle buffer holds; the window is
-    /// narrowed to fit half of it.
-    #[arg(long, value_parser = super::parse_buffer_mb, default_value_t = DEFAULT_BUFFER_BYTES >> 20)]
-    shuffle_buffer_mb: u64,
+    #[arg(long, value_parser = super::parse_prefetch, help = format!(
+        "Batches buffered ahead of the trainer, per worker [default: {DEFAULT_PREFETCH}]"
+    ))]
+    prefetch: Option<usize>,
+    #[arg(long, value_parser = super::parse_shuffle_blocks, help = format!(
+        "Blocks of 256 cells whose cells are shuffled together (the shuffle window): each batch draws from this \
+         many random blocks. A compressed store decodes each block once per epoch [default: {DEFAULT_SHUFFLE_BLOCKS}]"
+    ))]
+    shuffle_blocks: Option<usize>,
+    #[arg(long, value_parser = super::parse_buffer_mb, help = format!(
+        "Most MiB of decoded blocks a compressed store's shuffle buffer holds; the window is narrowed to fit half \
+         of it [default: {}]", DEFAULT_BUFFER_BYTES >> 20
+    ))]
+    shuffle_buffer_mb: Option<u64>,
     /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
     #[arg(long, value_parser = super::parse_threads)]
     threads: Option<usize>,
@@ -128,23 +132,28 @@ impl TrainArgs {
             resume: self.resume,
             overwrite: self.overwrite,
             allow_non_counts: self.allow_non_counts,
-            prefetch: Some(self.prefetch),
-            shuffle_blocks: Some(self.shuffle_blocks),
-            shuffle_buffer_bytes: Some(self.shuffle_buffer_mb << 20),
+            prefetch: self.prefetch,
+            shuffle_blocks: self.shuffle_blocks,
+            shuffle_buffer_bytes: self.shuffle_buffer_mb.map(|mb| mb << 20),
             perturbation_features: self.perturbation_features.clone(),
+            compute: Compute { device: self.device.clone(), threads: self.threads, workers: self.workers },
             naming: Naming::Flags,
         }
     }
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let (device, workers) = super::model_device(&args.device, args.threads, args.workers)?;
-    let options = args.request().options(device, workers)?;
+    let request = args.request();
+    if super::printed_request(&request)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let options = request.options()?;
     let stop = Arc::new(AtomicBool::new(false));
     super::signals::stop_on_signals(Arc::clone(&stop))?;
     let progress = CliProgress::new();
-    let report =
-        run_train(&options, &progress, stop).with_context(|| format!("training on {}", args.store.display()))?;
+    let ctx = RunContext::new(&progress).with_stop(&stop);
+    let report = cpa_stream_pipeline::train::run(&options, &ctx)
+        .with_context(|| format!("training on {}", args.store.display()))?;
     let code = match report.interrupted {
         true => ExitCode::from(super::signals::interrupted_exit_code()),
         false => ExitCode::SUCCESS,

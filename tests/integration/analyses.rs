@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, UInt64Type};
-use cpa_stream::stages::store::read_small_table;
+use cpa_stream::unstable::stages::store::read_small_table;
 
 use crate::common::{repo_root, run, text};
 

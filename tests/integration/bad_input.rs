@@ -3,8 +3,8 @@
 use std::fs::{self, OpenOptions};
 use std::path::Path;
 
-use cpa_stream::schemas::{Codec, MANIFEST_FILE, StoreFiles};
-use cpa_stream::stages::store::Store;
+use cpa_stream::unstable::schemas::{Codec, MANIFEST_FILE, StoreFiles};
+use cpa_stream::unstable::stages::store::Store;
 use parquet::arrow::ArrowWriter;
 
 use crate::common::*;
@@ -227,7 +227,7 @@ fn verify_finds_unlisted_files_and_decodes_the_truth() {
     // A truth table whose bytes match the manifest but do not decode.
     let truth = path.join(StoreFiles::TRUTH);
     fs::write(&truth, b"PAR1 not parquet PAR1").unwrap();
-    let (bytes, checksum) = cpa_stream::stages::store::file_checksum(&truth).unwrap();
+    let (bytes, checksum) = cpa_stream::unstable::stages::store::file_checksum(&truth).unwrap();
     edit_manifest(&path, |v| {
         v["files"][StoreFiles::TRUTH] = serde_json::json!({"bytes": bytes, "checksum": checksum});
     });
@@ -247,7 +247,7 @@ fn every_reader_checks_the_rows_it_gathers() {
     let (row, at) = first(&Store::open(&path).unwrap());
     let read = |path: &Path| -> String {
         let store = Store::open(path).unwrap();
-        let mut out = cpa_stream::stages::CsrBatch::new(store.n_vars() as u32);
+        let mut out = cpa_stream::unstable::stages::CsrBatch::new(store.n_vars() as u32);
         let mut cursor = store.cursor().unwrap();
         let by_range = cursor.read_range(0..store.n_obs(), &mut out).unwrap_err().to_string();
         let by_row = cursor.gather(&[row], &mut out).unwrap_err().to_string();

@@ -216,7 +216,7 @@ fn pipelines_memory_is_flat_in_cells() {
         let exported = json(&["export", out, "--out", &h5ad, "--json"]);
         let imported = json(&["import", &h5ad, "--out", &format!("{out}.back"), "--json"]);
         let peak = |v: &serde_json::Value| v["memory"]["rss_anon"].as_u64().unwrap();
-        (peak(&summary["report"]), peak(&converted["report"]), peak(&exported), peak(&imported["report"]))
+        (peak(&summary["report"]), peak(&converted["report"]), peak(&exported["report"]), peak(&imported["report"]))
     };
     let small = peaks("16000");
     let large = peaks("160000");
@@ -233,7 +233,7 @@ fn pipelines_memory_is_flat_in_cells() {
 fn closed_stdout_is_not_a_crash() {
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
-    let store = small_store(dir.path(), "s.store", cpa_stream::schemas::Codec::Raw);
+    let store = small_store(dir.path(), "s.store", cpa_stream::unstable::schemas::Codec::Raw);
     let mut child = Command::new(bin())
         .args(["inspect", store.to_str().unwrap()])
         .stdout(Stdio::piped())

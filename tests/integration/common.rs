@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use cpa_stream::schemas::Codec;
-use cpa_stream::schemas::tables::{CELL_ID, GENE_ID, categorical_field};
-use cpa_stream::stages::CsrBatch;
-use cpa_stream::stages::store::{StoreWriter, StoreWriterOptions};
+use cpa_stream::unstable::schemas::Codec;
+use cpa_stream::unstable::schemas::tables::{CELL_ID, GENE_ID, categorical_field};
+use cpa_stream::unstable::stages::CsrBatch;
+use cpa_stream::unstable::stages::store::{StoreWriter, StoreWriterOptions};
 
 /// The repository root. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test, so the checkout
 /// being tested wins over the path compiled in (a build cache shared by checkouts at other paths
@@ -103,7 +103,7 @@ pub fn write_store(
     n_vars: u32,
     codec: Codec,
     chunk: usize,
-) -> cpa_stream::schemas::Manifest {
+) -> cpa_stream::unstable::schemas::Manifest {
     let options = StoreWriterOptions { codec, ..Default::default() };
     let mut writer = StoreWriter::create(dir, &var_table(n_vars), obs_schema(), options).unwrap();
     for (c, part) in rows.chunks(chunk.max(1)).enumerate() {

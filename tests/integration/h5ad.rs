@@ -7,13 +7,13 @@ use std::sync::OnceLock;
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, UInt32Type};
-use cpa_stream::pipeline::Silent;
-use cpa_stream::pipeline::export::run_export;
-use cpa_stream::pipeline::import::{ImportOptions, run_import};
-use cpa_stream::schemas::StoreFiles;
-use cpa_stream::schemas::tables::categories_of;
-use cpa_stream::stages::h5ad::{DEG_FILE, H5adCompression};
-use cpa_stream::stages::store::{Store, read_table, table_schema};
+use cpa_stream::RunContext;
+use cpa_stream::export::ExportOptions;
+use cpa_stream::import::{ImportOptions, ImportReport};
+use cpa_stream::unstable::schemas::StoreFiles;
+use cpa_stream::unstable::schemas::tables::categories_of;
+use cpa_stream::unstable::stages::h5ad::{DEG_FILE, H5adCompression};
+use cpa_stream::unstable::stages::store::{Store, read_table, table_schema};
 use serde_json::Value;
 
 use crate::common::*;
@@ -60,8 +60,20 @@ fn summarize(file: &Path, args: Vec<&str>) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn import(input: &Path, out: &Path, options: ImportOptions) -> cpa_stream::schemas::Manifest {
-    run_import(input, out, &options, &Silent).unwrap_or_else(|e| panic!("import {}: {e}", input.display())).manifest
+fn import(input: &Path, out: &Path, options: ImportOptions) -> cpa_stream::Manifest {
+    import_file(input, out, &options).unwrap_or_else(|e| panic!("import {}: {e}", input.display())).manifest
+}
+
+/// `options` with `input` and `out`, run.
+fn import_file(input: &Path, out: &Path, options: &ImportOptions) -> cpa_stream::Result<ImportReport> {
+    let options = ImportOptions { input: input.to_owned(), out: out.to_owned(), ..options.clone() };
+    cpa_stream::import::run(&options, &RunContext::default())
+}
+
+/// The store at `store` exported to `out` with `compression`.
+fn export(store: &Path, out: &Path, compression: H5adCompression) -> cpa_stream::Result<()> {
+    let options = ExportOptions { compression, ..ExportOptions::new(store, out) };
+    cpa_stream::export::run(&options, &RunContext::default()).map(|_| ())
 }
 
 fn close(a: f64, b: f64, rel: f64) -> bool {
@@ -241,7 +253,7 @@ fn scanpy_rank_genes_groups_becomes_the_deg_table() {
     import(&dir.join("csr_rgg.h5ad"), &named, options("rank_genes_groups"));
     assert_eq!(table_schema(&named.join(DEG_FILE)).unwrap().metadata()["uns_key"], "rank_genes_groups");
     let absent = dir.join("rgg-absent.store");
-    let err = run_import(&dir.join("csr_rgg.h5ad"), &absent, &options("rank_genes_groups_cov"), &Silent)
+    let err = import_file(&dir.join("csr_rgg.h5ad"), &absent, &options("rank_genes_groups_cov"))
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
@@ -279,11 +291,10 @@ fn gene_subset_keeps_the_given_order() {
     let var = read_table(&sub.file_path(StoreFiles::VAR)).unwrap().next().unwrap().unwrap();
     assert_eq!(var.column(0).as_string::<i32>().iter().flatten().collect::<Vec<_>>(), genes);
 
-    let bad = run_import(
+    let bad = import_file(
         &file,
         &dir.join("never.store"),
         &ImportOptions { genes: Some(vec!["NOPE".into()]), ..Default::default() },
-        &Silent,
     );
     assert!(bad.unwrap_err().to_string().contains("not in the var index"));
     assert!(!dir.join("never.store").exists());
@@ -307,8 +318,7 @@ fn bad_files_give_named_errors_and_no_store() {
         let file = dir.join(format!("{name}.h5ad"));
         let out = dir.join(format!("{name}-{}.store", layer.unwrap_or("x")));
         let options = ImportOptions { layer: layer.map(str::to_owned), ..Default::default() };
-        let err =
-            run_import(&file, &out, &options, &Silent).err().unwrap_or_else(|| panic!("{name} imported")).to_string();
+        let err = import_file(&file, &out, &options).err().unwrap_or_else(|| panic!("{name} imported")).to_string();
         assert!(err.contains(expected) && err.contains(&*file.to_string_lossy()), "{name}: {err}");
         assert!(!out.exists(), "{name}: a partial store was left");
     }
@@ -317,7 +327,7 @@ fn bad_files_give_named_errors_and_no_store() {
     // every link is checked before reading, the damaged group's listing is what fails first).
     let damaged = repo_root().join("tests/fixtures/damaged/h5ad-huge-allocation.h5ad");
     let out_store = dir.join("damaged.store");
-    let err = run_import(&damaged, &out_store, &ImportOptions::default(), &Silent)
+    let err = import_file(&damaged, &out_store, &ImportOptions::default())
         .err()
         .unwrap_or_else(|| panic!("the damaged file imported"))
         .to_string();
@@ -347,7 +357,7 @@ fn real_data_imports_exports_and_round_trips() {
 
     // Export, read with anndata: identical values.
     let exported = dir.path().join("real.h5ad");
-    run_export(&Store::open(&first).unwrap(), &exported, H5adCompression::Gzip(4), false, &Silent).unwrap();
+    export(&first, &exported, H5adCompression::Gzip(4)).unwrap();
     let mut again = anndata_summary(&exported, None);
     let mut want = expected.clone();
     // The exported file has the store's obs columns; compare everything anndata reports.
@@ -375,7 +385,7 @@ fn export_round_trips_every_column_kind_and_degs() {
     import(&file, &store, ImportOptions::default());
     let exported = dir.join("rt.h5ad");
     let _ = std::fs::remove_file(&exported);
-    run_export(&Store::open(&store).unwrap(), &exported, H5adCompression::Lzf, false, &Silent).unwrap();
+    export(&store, &exported, H5adCompression::Lzf).unwrap();
     let original = anndata_summary(&file, None);
     let round = anndata_summary(&exported, None);
     for key in ["shape", "nnz", "sum", "row_sums", "rows", "obs_index", "obs", "var_index", "uns_degs"] {
@@ -383,7 +393,7 @@ fn export_round_trips_every_column_kind_and_degs() {
     }
     assert_eq!(round["var_columns"], original["var_columns"]);
     // Exporting over an existing file needs overwrite.
-    let err = run_export(&Store::open(&store).unwrap(), &exported, H5adCompression::None, false, &Silent).unwrap_err();
+    let err = export(&store, &exported, H5adCompression::None).unwrap_err();
     assert!(err.to_string().contains("already exists"));
 }
 
@@ -424,7 +434,7 @@ fn files_of_every_anndata_version_import_as_anndata_reads_them_or_name_their_lay
     for (version, expected) in [("v0.5.0", "value -0.326 is negative"), ("v0.11.4", "no X matrix")] {
         let file = archives.join(version).join("adata.h5ad");
         let out = dir.path().join(format!("{version}.store"));
-        let err = run_import(&file, &out, &ImportOptions::default(), &Silent).unwrap_err().to_string();
+        let err = import_file(&file, &out, &ImportOptions::default()).unwrap_err().to_string();
         assert!(err.contains(expected), "{version}: {err}");
         assert!(version != "v0.5.0" || err.contains("--use-raw"), "{err}");
         assert!(!out.exists());
@@ -455,13 +465,8 @@ fn the_anndata_06_layout_imports_as_anndata_reads_it() {
     assert_eq!(genes, ["GENE004", "GENE002", "GENE011", "GENE007", "GENE001", "GENE000"]);
     assert_eq!(manifest.n_obs, 120);
     // No adata.raw in this file: a clear error.
-    let err = run_import(
-        &file,
-        &dir.path().join("raw.store"),
-        &ImportOptions { use_raw: true, ..Default::default() },
-        &Silent,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = import_file(&file, &dir.path().join("raw.store"), &ImportOptions { use_raw: true, ..Default::default() })
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no raw matrix"), "{err}");
 }

@@ -9,11 +9,11 @@ use std::sync::OnceLock;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float32Type, Float64Type, UInt64Type};
-use cpa_stream::schemas::tables::{
+use cpa_stream::unstable::schemas::tables::{
     evaluation_deg_schema, evaluation_metrics, evaluation_metrics_schema, prediction_genes, prediction_schema,
     same_schema,
 };
-use cpa_stream::stages::store::{Store, read_small_table};
+use cpa_stream::unstable::stages::store::{Store, read_small_table};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::common::{repo_root, run, text};
@@ -163,8 +163,9 @@ fn predictions_read_back_match_the_schema() {
     ]);
     assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
     let (schema, batches) = read_parquet(&out);
-    let store_genes = cpa_stream::pipeline::obs::gene_names(&Store::open(&f.store).unwrap_or_else(|e| panic!("{e}")))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let store_genes =
+        cpa_stream::unstable::pipeline::obs::gene_names(&Store::open(&f.store).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(store_genes.len(), 100);
     let labels = ["condition", "dose", "cell_type"].map(String::from);
     let expected = prediction_schema(&labels, &store_genes, &[], &["z_basal".into(), "z".into()], 32)
@@ -564,7 +565,7 @@ fn evaluation_equals_a_computation_by_hand() {
     let beats = if r2(&pred_mean, &real_mean) > r2(&ctrl_mean, &real_mean) { 1.0 } else { 0.0 };
     // The split-half ceiling: the library's fixed halves of the real cells, one predicting the other.
     let (second, first): (Vec<_>, Vec<_>) =
-        real.iter().zip(&real_rows).partition(|(_, r)| cpa_stream::pipeline::evaluate::in_second_half(**r));
+        real.iter().zip(&real_rows).partition(|(_, r)| cpa_stream::unstable::pipeline::evaluate::in_second_half(**r));
     let half_mean = |h: &[(&Vec<f64>, &u64)]| mean_var(&h.iter().map(|(v, _)| (*v).clone()).collect::<Vec<_>>()).0;
     assert!(first.len() >= 2 && second.len() >= 2, "halves {} and {}", first.len(), second.len());
     let (first_mean, second_mean) = (half_mean(&first), half_mean(&second));
@@ -638,7 +639,7 @@ fn the_reference_definitions_decode_every_control_and_rank_degs_by_mean_differen
         .take(10)
         .collect();
     let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
-    let names = cpa_stream::pipeline::obs::gene_names(&store).unwrap_or_else(|e| panic!("{e}"));
+    let names = cpa_stream::unstable::pipeline::obs::gene_names(&store).unwrap_or_else(|e| panic!("{e}"));
     let by_hand: Vec<String> = order[..10].iter().map(|&g| names[g].clone()).collect();
     assert_eq!(listed, by_hand, "top 10 DEGs of {group}");
 }
@@ -697,9 +698,10 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_chan
     assert_eq!(mean.len(), expected.len());
     // Against the pmf sum with the model's own dispersion, for the first cells.
     let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
-    let genes = cpa_stream::pipeline::obs::gene_names(&store).unwrap_or_else(|e| panic!("{e}"));
-    let model = cpa_stream::stages::model::load_model_for(&f.run.join("model"), &genes, "test", tch::Device::Cpu)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let genes = cpa_stream::unstable::pipeline::obs::gene_names(&store).unwrap_or_else(|e| panic!("{e}"));
+    let model =
+        cpa_stream::unstable::stages::model::load_model_for(&f.run.join("model"), &genes, "test", tch::Device::Cpu)
+            .unwrap_or_else(|e| panic!("{e}"));
     let theta = model.nb_theta().unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|| panic!("an nb model"));
     let theta = Vec::<f64>::try_from(&theta.to_kind(tch::Kind::Double)).unwrap_or_else(|e| panic!("{e}"));
     let mut worst = 0.0f64;
@@ -865,8 +867,8 @@ fn a_held_out_combination_beats_the_control_mean_against_the_truth() {
 
 #[test]
 fn the_library_streams_record_batches_and_exports_an_arrow_c_stream() {
-    use cpa_stream::pipeline::predict::targets::parse_target_spec;
-    use cpa_stream::pipeline::predict::{GeneSelection, PredictOptions, Predictor};
+    use cpa_stream::predict::parse_target_spec;
+    use cpa_stream::predict::{GeneSelection, PredictOptions, Predictor};
 
     let f = fixture();
     let mut options = PredictOptions::new(&f.run, &f.store);
@@ -966,8 +968,8 @@ fn embeddings_are_written_once_and_match_the_model() {
     let o = run(&["embeddings", "--model", model, "--out", out.to_str().unwrap_or_default(), "--json"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}"));
-    let file =
-        cpa_stream::stages::model::files::read_model_file(&f.run.join("model")).unwrap_or_else(|e| panic!("{e}"));
+    let file = cpa_stream::unstable::stages::model::files::read_model_file(&f.run.join("model"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let (schema, batches) = read_parquet(&out.join("perturbations.parquet"));
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, file.vocabulary.perturbations.len() - 1, "every perturbation but the padding entry");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cpa_stream::stages::store::Store;
+use cpa_stream::unstable::stages::store::Store;
 use serde_json::Value;
 
 use crate::common::{bin, run, small_store, text};
@@ -128,7 +128,7 @@ fn a_run_has_one_writer_and_schedulers_signals_checkpoint_it() {
 #[test]
 fn a_store_replaced_under_a_reader_is_read_as_it_was_opened() {
     use arrow::array::AsArray;
-    use cpa_stream::schemas::{Codec, StoreFiles};
+    use cpa_stream::unstable::schemas::{Codec, StoreFiles};
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = small_store(dir.path(), "s.store", Codec::Raw);
@@ -173,8 +173,9 @@ fn shards_write_their_shared_genes_table_once() {
     let inode = std::fs::metadata(&genes).map(|m| m.ino()).unwrap_or_else(|e| panic!("{e}"));
     // A live temporary of genes.parquet that some shard on another node is writing (its pid
     // need not exist here): the lock, not the pid, says whether it is alive.
-    let held = cpa_stream::stages::output::lock_output(&genes, cpa_stream::stages::output::Wait::No)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let held =
+        cpa_stream::unstable::stages::output::lock_output(&genes, cpa_stream::unstable::stages::output::Wait::No)
+            .unwrap_or_else(|e| panic!("{e}"));
     let foreign = dir.join(format!(".genes.parquet.tmp-{}-1", u32::MAX - 7));
     std::fs::write(&foreign, b"being written elsewhere").unwrap_or_else(|e| panic!("{e}"));
     let waiting = std::thread::spawn(move || shard(1));
@@ -250,8 +251,8 @@ fn the_split_follows_cell_ids_and_another_store_is_named() {
     use std::collections::HashMap;
 
     use arrow::array::AsArray;
-    use cpa_stream::pipeline::encoder::{CellLabels, Split};
-    use cpa_stream::schemas::StoreFiles;
+    use cpa_stream::unstable::pipeline::encoder::{CellLabels, Split};
+    use cpa_stream::unstable::schemas::StoreFiles;
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = dir.path().join("s.store");
@@ -263,7 +264,8 @@ fn the_split_follows_cell_ids_and_another_store_is_named() {
     let o = run(&["convert", s(&store), "--out", s(&shuffled), "--shuffle", "11"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     // Each cell id's split, in either store, as the run recorded it.
-    let (encoder, _) = cpa_stream::pipeline::train::recorded_settings(&run_dir).unwrap_or_else(|e| panic!("{e}"));
+    let (encoder, _) =
+        cpa_stream::unstable::pipeline::train::recorded_settings(&run_dir).unwrap_or_else(|e| panic!("{e}"));
     let splits = |path: &Path| -> HashMap<String, Split> {
         let opened = Store::open(path).unwrap_or_else(|e| panic!("{e}"));
         let labels = CellLabels::from_store(&opened, &encoder).unwrap_or_else(|e| panic!("{e}"));

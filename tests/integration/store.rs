@@ -1,8 +1,8 @@
 //! The store writer and reader: round trips, codecs, zero-copy access, atomic publish.
 
-use cpa_stream::schemas::{BlockChecksum, Codec, Planes, StoreFiles};
-use cpa_stream::stages::CsrBatch;
-use cpa_stream::stages::store::{Store, StoreWriter, StoreWriterOptions, summarize_obs};
+use cpa_stream::unstable::schemas::{BlockChecksum, Codec, Planes, StoreFiles};
+use cpa_stream::unstable::stages::CsrBatch;
+use cpa_stream::unstable::stages::store::{Store, StoreWriter, StoreWriterOptions, summarize_obs};
 use proptest::prelude::*;
 
 use crate::common::*;
@@ -231,8 +231,8 @@ proptest! {
 fn convert_shuffles_cells_with_their_obs_rows() {
     use arrow::array::{Array, DictionaryArray, StringArray};
     use arrow::datatypes::Int32Type;
-    use cpa_stream::schemas::tables::CELL_ID;
-    use cpa_stream::stages::store::read_small_table;
+    use cpa_stream::unstable::schemas::tables::CELL_ID;
+    use cpa_stream::unstable::stages::store::read_small_table;
 
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();

@@ -4,12 +4,12 @@ use std::collections::HashMap;
 
 use arrow::array::{AsArray, DictionaryArray, FixedSizeListArray};
 use arrow::datatypes::{Float32Type, Int32Type, UInt64Type};
-use cpa_stream::pipeline::Silent;
-use cpa_stream::pipeline::synth::{SynthRunOptions, run_synth};
-use cpa_stream::schemas::tables::{categories_of, truth};
-use cpa_stream::schemas::{Codec, StoreFiles};
-use cpa_stream::stages::store::{Store, read_table, table_schema};
-use cpa_stream::stages::synth::{SynthAtlas, SynthConfig};
+use cpa_stream::RunContext;
+use cpa_stream::synth::SynthOptions;
+use cpa_stream::unstable::schemas::tables::{categories_of, truth};
+use cpa_stream::unstable::schemas::{Codec, StoreFiles};
+use cpa_stream::unstable::stages::store::{Store, read_table, table_schema};
+use cpa_stream::unstable::stages::synth::{SynthAtlas, SynthConfig};
 
 fn small_config(seed: u64) -> SynthConfig {
     let mut c = SynthConfig::new(6000, 120, 4, 2, 2, 2, seed);
@@ -20,10 +20,9 @@ fn small_config(seed: u64) -> SynthConfig {
 #[test]
 fn same_seed_same_atlas_whatever_the_threads_and_codec_agree() {
     let dir = tempfile::tempdir().unwrap();
-    let atlas = SynthAtlas::new(small_config(5)).unwrap();
     let run = |name: &str, threads, codec| {
-        let options = SynthRunOptions { threads, codec, ..Default::default() };
-        run_synth(&atlas, &dir.path().join(name), &options, &Silent).unwrap().manifest
+        let options = SynthOptions { threads, codec, ..SynthOptions::new(small_config(5), dir.path().join(name)) };
+        cpa_stream::synth::run(&options, &RunContext::default()).unwrap().manifest
     };
     let one = run("one.store", 1, Codec::Raw);
     let three = run("three.store", 3, Codec::Raw);
@@ -33,11 +32,9 @@ fn same_seed_same_atlas_whatever_the_threads_and_codec_agree() {
     let z = run("z.store", 2, Codec::zstd());
     assert_eq!(z.nnz, one.nnz);
     assert!(z.total_bytes() < one.total_bytes());
-    let other = run_synth(
-        &SynthAtlas::new(small_config(6)).unwrap(),
-        &dir.path().join("other.store"),
-        &SynthRunOptions::default(),
-        &Silent,
+    let other = cpa_stream::synth::run(
+        &SynthOptions::new(small_config(6), dir.path().join("other.store")),
+        &RunContext::default(),
     )
     .unwrap()
     .manifest;
@@ -83,22 +80,22 @@ fn truth_table_describes_the_cells_and_the_held_back_combination() {
     let mut config = SynthConfig::new(24_000, 150, 3, 1, 2, 1, 11);
     config.truth_samples = 3000;
     config.control_fraction = 0.2;
-    let atlas = SynthAtlas::new(config).unwrap();
+    let atlas = SynthAtlas::new(config.clone()).unwrap();
     let path = dir.path().join("t.store");
-    run_synth(&atlas, &path, &SynthRunOptions::default(), &Silent).unwrap();
+    cpa_stream::synth::run(&SynthOptions::new(config, &path), &RunContext::default()).unwrap();
     let store = Store::open(&path).unwrap();
     let empirical = empirical_group_sums(&store);
 
     let truth_path = store.file_path(StoreFiles::TRUTH);
     let schema = table_schema(&truth_path).unwrap();
     let conditions = categories_of(schema.field_with_name(truth::CONDITION).unwrap()).unwrap();
-    let expected = cpa_stream::schemas::tables::truth_schema(
+    let expected = cpa_stream::unstable::schemas::tables::truth_schema(
         &atlas.cell_types,
         &conditions,
         &categories_of(schema.field_with_name(truth::DOSE).unwrap()).unwrap(),
         150,
     );
-    cpa_stream::schemas::tables::same_schema(&expected, &schema).unwrap();
+    cpa_stream::unstable::schemas::tables::same_schema(&expected, &schema).unwrap();
     // control, 3 singles, 1 observed pair, 1 held-back pair.
     assert_eq!(conditions.len(), 6);
 

@@ -3,16 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
-use cpa_stream::pipeline::encoder::{EncoderOptions, SplitSpec};
-use cpa_stream::schemas::tables::{same_schema, training_metrics_schema};
-use cpa_stream::stages::model::config::CpaConfig;
-use cpa_stream::stages::model::load_model;
-use cpa_stream::stages::store::read_small_table;
-use cpa_stream::stages::trainer::Trainer;
+use cpa_stream::unstable::pipeline::encoder::{EncoderOptions, SplitSpec};
+use cpa_stream::unstable::schemas::tables::{same_schema, training_metrics_schema};
+use cpa_stream::unstable::stages::model::config::CpaConfig;
+use cpa_stream::unstable::stages::model::load_model;
+use cpa_stream::unstable::stages::store::read_small_table;
+use cpa_stream::unstable::stages::trainer::Trainer;
 use serde_json::Value;
 use tch::Device;
 
 use crate::common::{bundled_data, run, text};
+use cpa_stream::unstable::pipeline::Stage;
 
 fn synth_store(dir: &Path, name: &str, codec: &str) -> PathBuf {
     let out = dir.join(name);
@@ -152,7 +153,7 @@ fn the_deg_aware_validation_score_adds_the_top_changes_r2_to_all_genes() {
         let c = toml.to_str().unwrap_or_default();
         let report =
             train(&store, &run_dir, &["--epochs", "3", "--batch-size", "128", "--threads", "1", "--config", c]);
-        let history = cpa_stream::stages::store::read_small_table(&run_dir.join("metrics.parquet"))
+        let history = cpa_stream::unstable::stages::store::read_small_table(&run_dir.join("metrics.parquet"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(history.column_by_name("val_r2_mean_deg").is_some(), "metrics.parquet has the DEG R2");
         report["epochs"].as_array().into_iter().flatten().map(|e| e["validation"].clone()).collect()
@@ -173,7 +174,7 @@ fn the_deg_aware_validation_score_adds_the_top_changes_r2_to_all_genes() {
 
 #[test]
 fn a_preset_is_the_base_a_configuration_file_changes() {
-    use cpa_stream::stages::model::config::LrSchedule;
+    use cpa_stream::unstable::stages::model::config::LrSchedule;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = synth_store(dir.path(), "s.store", "raw");
     let toml = dir.path().join("c.toml");
@@ -223,7 +224,7 @@ struct StopAfter {
     done: std::sync::atomic::AtomicU64,
 }
 
-impl cpa_stream::pipeline::progress::Progress for StopAfter {
+impl cpa_stream::unstable::pipeline::progress::Progress for StopAfter {
     fn begin(&self, _phase: &str, _total: u64) {}
     fn advance(&self, n: u64) {
         use std::sync::atomic::Ordering;
@@ -239,8 +240,8 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64};
 
-    use cpa_stream::pipeline::progress::Silent;
-    use cpa_stream::pipeline::train::{TrainOptions, run_train};
+    use cpa_stream::RunContext;
+    use cpa_stream::train::TrainOptions;
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = synth_store(dir.path(), "s.store", "raw");
@@ -262,16 +263,16 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
         auto_batch_size: false,
         ..TrainOptions::default()
     };
-    let never = Arc::new(AtomicBool::new(false));
     let straight =
-        run_train(&options("straight", false), &Silent, Arc::clone(&never)).unwrap_or_else(|e| panic!("{e}"));
+        cpa_stream::train::run(&options("straight", false), &RunContext::default()).unwrap_or_else(|e| panic!("{e}"));
     assert!(!straight.interrupted);
 
     // Stop in the middle of the second epoch, after an odd number of its batches.
     let stop = Arc::new(AtomicBool::new(false));
     let after = straight.train_cells + 11 * 64;
     let progress = StopAfter { stop: Arc::clone(&stop), after, done: AtomicU64::new(0) };
-    let first = run_train(&options("split", false), &progress, stop).unwrap_or_else(|e| panic!("{e}"));
+    let first = cpa_stream::train::run(&options("split", false), &RunContext::new(&progress).with_stop(&stop))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(first.interrupted, "the run was not interrupted");
     assert_eq!(first.epochs.len(), 1, "only the first epoch is complete");
     let checkpoint = dir.path().join("split/checkpoint");
@@ -283,7 +284,8 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
     assert!(seconds_before > 0.0, "the checkpoint records the epoch's time so far: {state}");
     assert!(!dir.path().join("split/model").exists(), "an interrupted run publishes no final model");
 
-    let resumed = run_train(&options("split", true), &Silent, never).unwrap_or_else(|e| panic!("{e}"));
+    let resumed =
+        cpa_stream::train::run(&options("split", true), &RunContext::default()).unwrap_or_else(|e| panic!("{e}"));
     assert!(!resumed.interrupted);
     assert_eq!(resumed.epochs.len(), 3);
     // Epochs before the checkpoint are read back from metrics.parquet: all their metrics, the
@@ -408,10 +410,10 @@ fn a_consumer_that_keeps_its_batches_still_gets_them_all() {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
-    use cpa_stream::pipeline::StageStats;
-    use cpa_stream::pipeline::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
-    use cpa_stream::pipeline::encoder::{CellLabels, Split};
-    use cpa_stream::stages::store::Store;
+    use cpa_stream::unstable::pipeline::StageStats;
+    use cpa_stream::unstable::pipeline::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+    use cpa_stream::unstable::pipeline::encoder::{CellLabels, Split};
+    use cpa_stream::unstable::stages::store::Store;
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = synth_store(dir.path(), "s.store", "raw");
@@ -424,7 +426,7 @@ fn a_consumer_that_keeps_its_batches_still_gets_them_all() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut loaded = spawn_loader(&store, &labels, Split::Train, 0, 0, &plan, loader, PoolStats::planned(2), stop)
         .unwrap_or_else(|e| panic!("{e}"));
-    let consumer = StageStats::new("consumer", 1);
+    let consumer = StageStats::new(Stage::Consumer, 1);
     while let Some(gathered) = loaded.next(&consumer) {
         kept.push(gathered.unwrap_or_else(|e| panic!("{e}")).batch);
     }
@@ -439,16 +441,16 @@ type BatchRows = Vec<(Vec<u32>, Vec<f32>)>;
 /// block counts.
 fn one_pass(
     store: &std::path::Path,
-    plan: &cpa_stream::pipeline::batcher::PlanOptions,
-    loader: cpa_stream::pipeline::batcher::LoaderOptions,
-) -> (Vec<BatchRows>, cpa_stream::stages::store::BlockCacheReport) {
+    plan: &cpa_stream::unstable::pipeline::batcher::PlanOptions,
+    loader: cpa_stream::unstable::pipeline::batcher::LoaderOptions,
+) -> (Vec<BatchRows>, cpa_stream::unstable::stages::store::BlockCacheReport) {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
-    use cpa_stream::pipeline::StageStats;
-    use cpa_stream::pipeline::batcher::{PoolStats, spawn_loader};
-    use cpa_stream::pipeline::encoder::{CellLabels, Split};
-    use cpa_stream::stages::store::Store;
+    use cpa_stream::unstable::pipeline::StageStats;
+    use cpa_stream::unstable::pipeline::batcher::{PoolStats, spawn_loader};
+    use cpa_stream::unstable::pipeline::encoder::{CellLabels, Split};
+    use cpa_stream::unstable::stages::store::Store;
 
     let store = Arc::new(Store::open(store).unwrap_or_else(|e| panic!("{e}")));
     let labels = Arc::new(
@@ -458,7 +460,7 @@ fn one_pass(
     let stop = Arc::new(AtomicBool::new(false));
     let mut loaded = spawn_loader(&store, &labels, Split::Train, 1, 0, plan, loader, stats.clone(), stop)
         .unwrap_or_else(|e| panic!("{e}"));
-    let consumer = StageStats::new("consumer", 1);
+    let consumer = StageStats::new(Stage::Consumer, 1);
     let mut batches = Vec::new();
     while let Some(gathered) = loaded.next(&consumer) {
         let batch = gathered.unwrap_or_else(|e| panic!("{e}")).batch;
@@ -478,8 +480,8 @@ fn one_pass(
 
 #[test]
 fn a_compressed_store_decodes_each_block_once_per_pass_and_within_its_buffer() {
-    use cpa_stream::pipeline::batcher::{LoaderOptions, PlanOptions};
-    use cpa_stream::stages::store::Store;
+    use cpa_stream::unstable::pipeline::batcher::{LoaderOptions, PlanOptions};
+    use cpa_stream::unstable::stages::store::Store;
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let raw = synth_store(dir.path(), "raw.store", "raw");
@@ -520,10 +522,10 @@ fn later_passes_fill_the_batches_of_earlier_ones() {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
-    use cpa_stream::pipeline::StageStats;
-    use cpa_stream::pipeline::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
-    use cpa_stream::pipeline::encoder::{CellLabels, Split};
-    use cpa_stream::stages::store::Store;
+    use cpa_stream::unstable::pipeline::StageStats;
+    use cpa_stream::unstable::pipeline::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+    use cpa_stream::unstable::pipeline::encoder::{CellLabels, Split};
+    use cpa_stream::unstable::stages::store::Store;
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = synth_store(dir.path(), "zstd.store", "zstd");
@@ -535,7 +537,7 @@ fn later_passes_fill_the_batches_of_earlier_ones() {
     let loader = LoaderOptions { workers: 2, prefetch: 2, ..LoaderOptions::default() };
     let pool_size = loader.pool_size();
     let stats = PoolStats::planned(loader.workers);
-    let consumer = StageStats::new("consumer", 1);
+    let consumer = StageStats::new(Stage::Consumer, 1);
     let pass = |epoch: u64| {
         let stop = Arc::new(AtomicBool::new(false));
         let mut loaded = spawn_loader(&store, &labels, Split::Train, epoch, 0, &plan, loader, stats.clone(), stop)
@@ -586,16 +588,16 @@ fn fed_passes_decode_each_block_once_when_their_producer_says_what_is_to_come() 
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
-    use cpa_stream::pipeline::StageStats;
-    use cpa_stream::pipeline::batcher::{LoaderOptions, PoolStats, spawn_fed};
-    use cpa_stream::stages::store::Store;
+    use cpa_stream::unstable::pipeline::StageStats;
+    use cpa_stream::unstable::pipeline::batcher::{LoaderOptions, PoolStats, spawn_fed};
+    use cpa_stream::unstable::stages::store::Store;
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let zstd = synth_store(dir.path(), "zstd.store", "zstd");
     let store = Arc::new(Store::open(&zstd).unwrap_or_else(|e| panic!("{e}")));
     let loader = LoaderOptions { workers: 3, prefetch: 1, ..LoaderOptions::default() };
-    let consumer = StageStats::new("consumer", 1);
-    let drain = |mut loaded: cpa_stream::pipeline::batcher::Loaded<u32>| {
+    let consumer = StageStats::new(Stage::Consumer, 1);
+    let drain = |mut loaded: cpa_stream::unstable::pipeline::batcher::Loaded<u32>| {
         let mut cells = 0;
         while let Some(g) = loaded.next(&consumer) {
             let g = g.unwrap_or_else(|e| panic!("{e}"));
@@ -608,9 +610,14 @@ fn fed_passes_decode_each_block_once_when_their_producer_says_what_is_to_come() 
     // Prediction's way: ascending jobs of 100 cells (jobs share blocks at their ends), the scan
     // position held between jobs.
     let stats = PoolStats::fed(loader.workers);
-    let (mut feeder, loaded) =
-        spawn_fed::<u32>(&store, loader, StageStats::new("source", 1), stats.clone(), Arc::new(AtomicBool::new(false)))
-            .unwrap_or_else(|e| panic!("{e}"));
+    let (mut feeder, loaded) = spawn_fed::<u32>(
+        &store,
+        loader,
+        StageStats::new(Stage::Source, 1),
+        stats.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let producer = std::thread::spawn(move || {
         for (k, start) in (0..3000u64).step_by(100).enumerate() {
             feeder.send_in_order((start..start + 100).collect(), k as u32);
@@ -626,7 +633,7 @@ fn fed_passes_decode_each_block_once_when_their_producer_says_what_is_to_come() 
     let (mut feeder, loaded) = spawn_fed::<u32>(
         &store,
         loader,
-        StageStats::new("planner", 1),
+        StageStats::new(Stage::Planner, 1),
         stats.clone(),
         Arc::new(AtomicBool::new(false)),
     )

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use cpa_stream::schemas::Codec;
+use cpa_stream::unstable::schemas::Codec;
 
 use crate::common::{bin, run, small_store, text};
 use crate::predict::fixture;
@@ -112,7 +112,7 @@ fn a_source_that_selects_no_cell_is_an_error_unless_allowed() {
     let o = crate::predict::predict(&["--source", "cell_type == ct01", "--allow-empty", "--out", s(&out)]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stderr).contains("selects no cell"), "no warning: {}", text(&o.stderr));
-    let table = cpa_stream::stages::store::read_small_table(&out).unwrap_or_else(|e| panic!("{e}"));
+    let table = cpa_stream::unstable::stages::store::read_small_table(&out).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(table.num_rows(), 0);
     assert!(table.column_by_name("mean").is_some());
 }
@@ -150,9 +150,9 @@ fn a_panicking_stage_is_an_error_naming_it_and_publishes_nothing() {
     let (code, err) = fault("none", &["export", s(&f.store), "--out", s(&h5ad)]);
     assert_eq!(code, Some(0), "{err}");
     let store = f.dir.join("fault-import.store");
-    let (code, err) = fault("import-read", &["import", s(&h5ad), "--out", s(&store)]);
+    let (code, err) = fault("read", &["import", s(&h5ad), "--out", s(&store)]);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("import-read") && err.contains("panicked"), "{err}");
+    assert!(err.contains("read: a worker thread panicked: fault injected into read"), "{err}");
     assert!(!store.exists(), "a store was published");
 }
 

@@ -100,14 +100,12 @@ fn files_that_read_from_elsewhere_block_or_exhaust_memory_are_refused_naming_the
         assert!(!out.exists(), "{name}: a store was published");
     }
     // The library refuses the same (the Python import and the fuzz target call it).
-    let err = cpa_stream::pipeline::import::run_import(
-        &f.dir.join("external_x.h5ad"),
-        &out_dir.path().join("lib.store"),
-        &cpa_stream::pipeline::import::ImportOptions::default(),
-        &cpa_stream::pipeline::Silent,
-    )
-    .unwrap_err()
-    .to_string();
+    let options = cpa_stream::import::ImportOptions {
+        input: f.dir.join("external_x.h5ad"),
+        out: out_dir.path().join("lib.store"),
+        ..Default::default()
+    };
+    let err = cpa_stream::import::run(&options, &cpa_stream::RunContext::default()).unwrap_err().to_string();
     assert!(err.contains("/X/data: external storage") && err.contains("--allow-external"), "{err}");
 }
 
@@ -212,8 +210,8 @@ fn anndata_reads(file: &Path) -> Value {
 
 #[test]
 fn files_of_other_valid_writers_import_and_export_as_anndata_reads_them() {
-    use cpa_stream::schemas::tables::{categories_of, is_ordered};
-    use cpa_stream::stages::store::Store;
+    use cpa_stream::unstable::schemas::tables::{categories_of, is_ordered};
+    use cpa_stream::unstable::stages::store::Store;
 
     let f = fixtures();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -264,6 +264,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::Stage;
     use crate::encoder::Group;
     use crate::error::Error;
 
@@ -278,7 +279,7 @@ mod tests {
         let group = Group { parts: vec![(1, 1.0)], covariates: vec![0], class: 0, condition: "p".into(), dose: None };
         let cells: Vec<(u32, Split)> = splits.iter().map(|&s| (0, s)).collect();
         match vocab
-            .map_err(|source| Error::Stage { stage: "test", source })
+            .map_err(|source| Error::Stage { stage: Stage::Consumer, source })
             .and_then(|v| CellLabels::from_parts(v, vec![group], &cells))
         {
             Ok(l) => l,

@@ -13,7 +13,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cpa_stream_stages::model::HostBatch;
@@ -21,12 +20,14 @@ use cpa_stream_stages::store::{BlockCache, BlockCacheReport, BlockCacheShared, S
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 use super::plan::{EpochPlan, PlanOptions};
+use crate::Stage;
+use crate::crew::Crew;
 use crate::encoder::{CellLabels, Split};
-use crate::error::{Error, Result, spawn_named};
+use crate::error::{Error, Result};
 use crate::telemetry::{StageReport, StageStats};
 
 /// The name workers and their errors carry.
-const STAGE: &str = "batcher";
+const STAGE: Stage = Stage::Batcher;
 
 /// Batcher worker threads, unless set otherwise.
 pub const DEFAULT_WORKERS: usize = 2;
@@ -96,7 +97,7 @@ pub struct PoolStats {
 impl PoolStats {
     /// Counters for a pool of `workers` threads that plan their own batches.
     pub fn planned(workers: usize) -> PoolStats {
-        PoolStats { planner: Some(StageStats::new("planner", workers)), ..PoolStats::fed(workers) }
+        PoolStats { planner: Some(StageStats::new(Stage::Planner, workers)), ..PoolStats::fed(workers) }
     }
 
     /// Counters for a pool of `workers` threads fed by a producer.
@@ -168,13 +169,14 @@ pub struct Loaded<M> {
     outputs: Vec<Receiver<Result<Gathered<M>>>>,
     next: usize,
     recycle: Sender<HostBatch>,
-    workers: Vec<JoinHandle<()>>,
+    /// The workers; its stop flag is the pass's own (set when the pass ends or is dropped).
+    workers: Crew<'static>,
     shared: Arc<Shared>,
 }
 
 impl<M> std::fmt::Debug for Loaded<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").field("workers", &self.workers.len()).field("next", &self.next).finish()
+        f.debug_struct("Loaded").field("workers", &self.workers).field("next", &self.next).finish()
     }
 }
 
@@ -200,20 +202,13 @@ impl<M> Loaded<M> {
 
     /// Stops the workers and waits for them; the first panic becomes an error.
     fn join(&mut self) -> Result<()> {
-        self.shared.done.store(true, Ordering::Relaxed);
+        self.workers.stop();
         // Dropping the receivers wakes a worker blocked on a full channel.
         self.outputs.clear();
-        let mut first = Ok(());
-        for worker in self.workers.drain(..) {
-            if let Err(payload) = worker.join()
-                && first.is_ok()
-            {
-                first = Err(Error::panic(STAGE, payload));
-            }
-        }
+        let joined = self.workers.join();
         // The batches handed back and not taken again go to the next pass.
         self.shared.stats.keep(self.shared.recycle.try_iter(), self.shared.pool_size);
-        first
+        joined
     }
 }
 
@@ -235,8 +230,8 @@ struct Shared {
     stats: PoolStats,
     /// The caller's stop (shared with other passes).
     stop: Arc<AtomicBool>,
-    /// This pass's own: set when its [`Loaded`] ends or is dropped.
-    done: AtomicBool,
+    /// This pass's own: set when its [`Loaded`] ends or is dropped (its crew's stop flag).
+    done: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -342,6 +337,7 @@ fn spawn_workers<M: Send + 'static>(
 ) -> Result<Loaded<M>> {
     let pool_size = loader.pool_size();
     let (recycle_tx, recycle_rx) = bounded::<HostBatch>(pool_size);
+    let workers = Crew::new();
     let shared = Arc::new(Shared {
         store: Arc::clone(store),
         cache,
@@ -351,17 +347,15 @@ fn spawn_workers<M: Send + 'static>(
         n_covariates,
         stats,
         stop,
-        done: AtomicBool::new(false),
+        done: workers.stop_flag(),
     });
-    let mut loaded =
-        Loaded { outputs: Vec::new(), next: 0, recycle: recycle_tx, workers: Vec::new(), shared: Arc::clone(&shared) };
+    let mut loaded = Loaded { outputs: Vec::new(), next: 0, recycle: recycle_tx, workers, shared: Arc::clone(&shared) };
     for w in 0..loader.workers.max(1) {
         let (out_tx, out_rx) = bounded::<Result<Gathered<M>>>(loader.prefetch.max(1));
         let (shared, work) = (Arc::clone(&shared), body(w));
         // On an error here, `loaded` is dropped and joins the workers already started.
-        let handle = spawn_named(format!("{STAGE}-{w}"), move || work(&shared, &out_tx))?;
         loaded.outputs.push(out_rx);
-        loaded.workers.push(handle);
+        loaded.workers.spawn(STAGE, format!("{STAGE}-{w}"), move || work(&shared, &out_tx))?;
     }
     Ok(loaded)
 }

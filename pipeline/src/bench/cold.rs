@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use cpa_stream_stages::store::{Access, Store};
 use serde::Serialize;
 
+use crate::Stage;
 use crate::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
 use crate::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
 use crate::error::{Error, Result};
@@ -113,19 +114,19 @@ pub fn bench_loader_cold(
     advice: Access,
     rounds: u32,
 ) -> Result<ColdLoaderBench> {
-    let store = Arc::new(Store::open(store_path).map_err(Error::stage("reader"))?);
+    let store = Arc::new(Store::open(store_path).map_err(Error::stage(Stage::Reader))?);
     let encoder = EncoderOptions { split: SplitSpec::all_training(), ..encoder.clone() };
     let labels = Arc::new(CellLabels::from_store(&store, &encoder)?);
     let clustering = batcher::group_clustering(&labels, Split::Train);
     let plan = PlanOptions { run_cells: batcher::run_cells_for(plan.run_cells, clustering), ..plan.clone() }
         .fitted(&store, loader.buffer_bytes);
     let matrix_bytes = store.matrix_bytes();
-    let consumer = StageStats::new("consumer", 1);
+    let consumer = StageStats::new(Stage::Consumer, 1);
     let mut out = Vec::new();
     for epoch in 0..u64::from(rounds.max(1)) {
-        store.evict_from_page_cache().map_err(Error::stage("reader"))?;
+        store.evict_from_page_cache().map_err(Error::stage(Stage::Reader))?;
         let sequential = sequential_read(&store)?;
-        store.evict_from_page_cache().map_err(Error::stage("reader"))?;
+        store.evict_from_page_cache().map_err(Error::stage(Stage::Reader))?;
         store.advise(advice);
         let before = storage_read_bytes();
         let start = Instant::now();

@@ -12,6 +12,7 @@ use cpa_stream_stages::store::{Access, BlockCacheReport, Store};
 use serde::Serialize;
 
 use super::reader::{gather_into_batches, memcpy_into_batches, memcpy_pass};
+use crate::Stage;
 use crate::batcher::{self, EpochPlan, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
 use crate::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
 use crate::error::{Error, Result};
@@ -127,8 +128,8 @@ pub fn bench_loader(
     let batch_size = plan.batch_size;
     let wall = Instant::now();
     let sampler = MemorySampler::start();
-    let store = Arc::new(Store::open(store_path).map_err(Error::stage("reader"))?);
-    let encoder_stats = StageStats::new("encoder", 1);
+    let store = Arc::new(Store::open(store_path).map_err(Error::stage(Stage::Reader))?);
+    let encoder_stats = StageStats::new(Stage::Encoder, 1);
     let encoder = EncoderOptions { split: SplitSpec::all_training(), ..encoder.clone() };
     let labels = Arc::new(encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?);
     let group_clustering = batcher::group_clustering(&labels, Split::Train);
@@ -138,7 +139,7 @@ pub fn bench_loader(
     let threads = loader.workers.max(1);
     memcpy_pass(&store, threads)?;
     let read_bound = memcpy_pass(&store, threads)?;
-    let (pool, consumer) = (PoolStats::planned(loader.workers), StageStats::new("consumer", 1));
+    let (pool, consumer) = (PoolStats::planned(loader.workers), StageStats::new(Stage::Consumer, 1));
     let stop = Arc::new(AtomicBool::new(false));
     let rate = |cells: u64, time: Duration| cells as f64 / time.as_secs_f64().max(1e-9);
     let mut dense_rows = Vec::new();

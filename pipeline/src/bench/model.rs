@@ -13,6 +13,7 @@ use cpa_stream_stages::trainer::Trainer;
 use serde::Serialize;
 use tch::Device;
 
+use crate::Stage;
 use crate::error::{Error, Result};
 use crate::obs::column_strings;
 
@@ -95,7 +96,7 @@ pub struct ModelBench {
 
 /// Generates a synthetic atlas in memory and cuts it into training batches (with its vocabulary).
 pub fn synthetic_batches(cells: u64, genes: u32, batch_size: usize, seed: u64) -> Result<(Vocabulary, Vec<HostBatch>)> {
-    let stage = Error::stage("synth");
+    let stage = Error::stage(Stage::Synth);
     let atlas = SynthAtlas::new(SynthConfig::new(cells, genes, 10, 4, 3, 5, seed)).map_err(stage)?;
     let mut chunks = Vec::new();
     let mut counts: HashMap<String, u64> = HashMap::new();
@@ -141,11 +142,11 @@ pub fn synthetic_batches(cells: u64, genes: u32, batch_size: usize, seed: u64) -
 
 /// Times training epochs over preloaded batches.
 pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
-    cpa_stream_stages::device::check(options.device).map_err(Error::stage("trainer"))?;
+    cpa_stream_stages::device::check(options.device).map_err(Error::stage(Stage::Trainer))?;
     if options.threads > 0 {
         tch::set_num_threads(options.threads as i32);
     }
-    let stage = Error::stage("trainer");
+    let stage = Error::stage(Stage::Trainer);
     let (vocab, batches) = synthetic_batches(options.cells, options.genes, options.batch_size, options.seed)?;
     let mut config = options.config.clone();
     config.training.batch_size = options.batch_size;

@@ -10,7 +10,9 @@ use rand::seq::SliceRandom;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
 
-use crate::error::{Error, Result, spawn_scoped};
+use crate::Stage;
+use crate::crew::Crew;
+use crate::error::{Error, Result};
 
 /// Bytes copied per memcpy call in the bound (large enough to run at full bandwidth).
 const MEMCPY_CHUNK: usize = 8 << 20;
@@ -115,7 +117,7 @@ pub fn bench_reader(store: &Store, options: &ReaderBenchOptions) -> Result<Reade
     let batch = options.batch_size.max(1);
     let cells = store.n_obs();
     let payload_bytes = store.nnz() * 8;
-    let stage = Error::stage("bench");
+    let stage = Error::stage(Stage::Bench);
     store.advise(Access::WillNeed);
 
     // Warm the page cache (and the copies' destination buffers) once.
@@ -299,7 +301,7 @@ pub(crate) fn memcpy_into_batches(
         // Whole batches per thread, so that every run is one the widest destination holds.
         let batches = partition(n.div_ceil(batch), threads, t);
         let mut pool = pools[t].lock().map_err(|_| Error::Panic {
-            stage: "bench",
+            stage: Stage::Bench,
             message: "another bench thread panicked holding its buffers".into(),
         })?;
         for (k, b) in batches.enumerate() {
@@ -356,7 +358,7 @@ pub(crate) fn gather_into_batches(
     let (pools, per_thread) = destination_pools(threads, buffers, widest);
     let elapsed = timed_threads(threads, |t| {
         let mut pool = pools[t].lock().map_err(|_| Error::Panic {
-            stage: "bench",
+            stage: Stage::Bench,
             message: "another bench thread panicked holding its buffers".into(),
         })?;
         for (k, rows) in order.chunks(batch).skip(t).step_by(threads).enumerate() {
@@ -383,14 +385,21 @@ fn partition(n: u64, parts: usize, i: usize) -> std::ops::Range<u64> {
 
 fn timed_threads(threads: usize, work: impl Fn(usize) -> Result<()> + Sync) -> Result<Duration> {
     let start = Instant::now();
+    let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
     std::thread::scope(|scope| {
-        let work = &work;
-        let handles: Vec<_> =
-            (0..threads).map(|t| spawn_scoped(scope, format!("bench-{t}"), move || work(t))).collect::<Result<_>>()?;
-        for h in handles {
-            h.join().map_err(|p| Error::panic("bench", p))??;
+        let (work, failed) = (&work, &failed);
+        let mut crew = Crew::new();
+        for t in 0..threads {
+            crew.spawn_in(scope, Stage::Bench, format!("{}-{t}", Stage::Bench), move || {
+                if let Err(e) = work(t) {
+                    failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                }
+            })?;
         }
-        Ok(())
+        crew.join()
     })?;
-    Ok(start.elapsed())
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(start.elapsed()),
+    }
 }

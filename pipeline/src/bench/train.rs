@@ -15,6 +15,7 @@ use cpa_stream_stages::trainer::Trainer;
 use serde::Serialize;
 use tch::Device;
 
+use crate::Stage;
 use crate::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
 use crate::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
 use crate::error::{Error, Result};
@@ -126,7 +127,7 @@ impl Bench {
             stats,
             Arc::clone(&self.stop),
         )?;
-        let ignored = StageStats::new("preload", 1);
+        let ignored = StageStats::new(Stage::Bench, 1);
         while let Some(gathered) = loaded.next(&ignored) {
             let batch = gathered?.batch;
             let size = batch.counts.byte_size();
@@ -157,7 +158,7 @@ impl Bench {
         )?;
         while let Some(gathered) = loaded.next(&self.train_stats) {
             let batch = gathered?.batch;
-            self.train_stats.busy(|| trainer.step(&batch)).map_err(Error::stage("trainer"))?;
+            self.train_stats.busy(|| trainer.step(&batch)).map_err(Error::stage(Stage::Trainer))?;
             self.train_stats.add(batch.n_cells() as u64, batch.counts.byte_size());
             (batches, cells) = (batches + 1, cells + batch.n_cells() as u64);
             loaded.recycle(batch);
@@ -165,7 +166,7 @@ impl Bench {
         drop(loaded);
         sync(trainer)?;
         let elapsed = start.elapsed();
-        trainer.end_epoch().map_err(Error::stage("trainer"))?;
+        trainer.end_epoch().map_err(Error::stage(Stage::Trainer))?;
         Ok((batches, cells, elapsed))
     }
 }
@@ -175,24 +176,24 @@ fn from_memory(trainer: &mut Trainer, preloaded: &[HostBatch], batches: u64) -> 
     let start = Instant::now();
     let mut cells = 0u64;
     for batch in preloaded.iter().cycle().take(batches as usize) {
-        trainer.step(batch).map_err(Error::stage("trainer"))?;
+        trainer.step(batch).map_err(Error::stage(Stage::Trainer))?;
         cells += batch.n_cells() as u64;
     }
     sync(trainer)?;
     let elapsed = start.elapsed();
-    trainer.end_epoch().map_err(Error::stage("trainer"))?;
+    trainer.end_epoch().map_err(Error::stage(Stage::Trainer))?;
     Ok((cells, elapsed))
 }
 
 /// Waits for the device: reading the running metrics synchronises it.
 fn sync(trainer: &Trainer) -> Result<()> {
-    trainer.running_metrics().map(drop).map_err(Error::stage("trainer"))
+    trainer.running_metrics().map(drop).map_err(Error::stage(Stage::Trainer))
 }
 
 /// The labels of every cell of the store (all in training), and the encoder's stats.
 fn label_cells(options: &TrainingBenchOptions, store: &Store) -> Result<(Arc<CellLabels>, Arc<StageStats>)> {
     let encoder = EncoderOptions { split: SplitSpec::all_training(), ..options.encoder.clone() };
-    let encoder_stats = StageStats::new("encoder", 1);
+    let encoder_stats = StageStats::new(Stage::Encoder, 1);
     let labels = Arc::new(encoder_stats.busy(|| CellLabels::from_store(store, &encoder))?);
     encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
     release_free_memory();
@@ -212,7 +213,7 @@ fn label_cells(options: &TrainingBenchOptions, store: &Store) -> Result<(Arc<Cel
 pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
     let wall = Instant::now();
     let sampler = MemorySampler::start();
-    let store = Arc::new(Store::open(&options.store).map_err(Error::stage("reader"))?);
+    let store = Arc::new(Store::open(&options.store).map_err(Error::stage(Stage::Reader))?);
     let (labels, encoder_stats) = label_cells(options, &store)?;
     let mut config = options.config.clone();
     // The schedule after pre-training, the one most of a run trains with: autoencoder and
@@ -228,15 +229,15 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
     };
     device_memory::reset_peak(options.device);
     let model = CpaModel::new(&config, &labels.vocab, None, options.device, config.training.seed)
-        .map_err(Error::stage("trainer"))?;
-    let mut trainer = Trainer::new(model).map_err(Error::stage("trainer"))?;
+        .map_err(Error::stage(Stage::Trainer))?;
+    let mut trainer = Trainer::new(model).map_err(Error::stage(Stage::Trainer))?;
     let bench = Bench {
         store: Arc::clone(&store),
         labels: Arc::clone(&labels),
         plan: plan.clone(),
         loader: options.loader,
         pool: PoolStats::planned(options.loader.workers),
-        train_stats: StageStats::new("trainer", 1),
+        train_stats: StageStats::new(Stage::Trainer, 1),
         stop: Arc::new(AtomicBool::new(false)),
     };
     let preloaded = bench.preload(options.preload_bytes)?;

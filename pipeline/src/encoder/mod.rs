@@ -20,6 +20,7 @@ pub use cpa_stream_stages::model::vocab::{SplitSpec, Stratify};
 use cpa_stream_stages::store::Store;
 pub(crate) use key::GroupKey;
 
+use crate::Stage;
 use crate::error::{Error, Result};
 use crate::obs::{column_strings, gene_names};
 use scan::{Columns, Scan};
@@ -236,12 +237,12 @@ impl CellLabels {
     pub fn from_store(store: &Store, options: &EncoderOptions) -> Result<CellLabels> {
         let obs_path = store.file_path(StoreFiles::OBS);
         let origin = obs_path.display().to_string();
-        let schema = store.table_schema(StoreFiles::OBS).map_err(Error::stage("encoder"))?;
+        let schema = store.table_schema(StoreFiles::OBS).map_err(Error::stage(Stage::Encoder))?;
         check_columns(&schema, options, &origin)?;
         let covariate_keys = options.all_covariate_keys();
         let mut scan = Scan::new(options, store.n_obs(), &origin)?;
-        for batch in store.table(StoreFiles::OBS).map_err(Error::stage("encoder"))? {
-            let batch = batch.map_err(Error::stage("encoder"))?;
+        for batch in store.table(StoreFiles::OBS).map_err(Error::stage(Stage::Encoder))? {
+            let batch = batch.map_err(Error::stage(Stage::Encoder))?;
             let col = |name: &str| column_strings(&batch, name, &origin);
             let columns = Columns {
                 ids: col(CELL_ID).ok(),

@@ -9,6 +9,7 @@ use cpa_stream_stages::model::vocab::{
 
 use super::key::GroupKey;
 use super::{CellLabels, EncoderOptions, GROUP_BITS, GROUP_MASK, Group, Split};
+use crate::Stage;
 use crate::error::{Error, Result};
 use crate::obs::TextColumn;
 
@@ -284,7 +285,7 @@ impl<'a> Scan<'a> {
         let perturbations: Vec<String> =
             self.groups.iter().flat_map(|g| g.names.iter().map(|(n, _)| n.clone())).collect();
         let mut vocab = Vocabulary::new(genes, &options.control, perturbations, covariates, conditions)
-            .map_err(Error::stage("encoder"))?;
+            .map_err(Error::stage(Stage::Encoder))?;
         vocab.data = Some(DataSpec {
             perturbation_key: options.perturbation_key.clone(),
             dose_key: options.dose_key.clone(),

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use cpa_stream_stages::model::layers::Noise;
 use cpa_stream_stages::model::likelihood::expected_log1p_nb;
@@ -18,13 +17,15 @@ use tch::{Device, Kind, Tensor};
 use super::EvalSplit;
 use super::conditions::{ConditionKey, SourceSplits};
 use crate::batcher::{Feeder, Loaded, LoaderOptions, PoolStats, spawn_fed};
+use crate::context::RunContext;
+use crate::crew::Crew;
 use crate::encoder::CellLabels;
-use crate::error::{Error, Result, spawn_scoped};
+use crate::error::{Error, Result};
 use crate::predictor::targets::Target;
-use crate::progress::Progress;
 use crate::stats::Moments;
 
 use super::samples::{Samples, sampler};
+use crate::Stage;
 use crate::telemetry::StageStats;
 
 /// Rows decoded at once on the CPU: the per-target transients (decoded means and their float64
@@ -73,9 +74,9 @@ pub(super) struct DecodeStats {
 impl DecodeStats {
     pub(super) fn new(loader: LoaderOptions) -> DecodeStats {
         DecodeStats {
-            planner: StageStats::new("planner", 1),
+            planner: StageStats::new(Stage::Planner, 1),
             pool: PoolStats::fed(loader.workers),
-            predictor: StageStats::new("predictor", 1),
+            predictor: StageStats::new(Stage::Predictor, 1),
         }
     }
 }
@@ -83,27 +84,31 @@ impl DecodeStats {
 impl Decode<'_> {
     /// Runs the pass: a planner thread groups the control cells by covariates into batches, the
     /// batcher gathers them, and this thread decodes them.
-    pub(super) fn run(&self, stats: &DecodeStats, progress: &dyn Progress) -> Result<Decoded> {
+    pub(super) fn run(&self, stats: &DecodeStats, ctx: &RunContext) -> Result<Decoded> {
         std::thread::scope(|scope| {
-            let stop = Arc::new(AtomicBool::new(false));
+            let mut crew = Crew::new();
             let (feeder, loaded) =
-                spawn_fed(self.store, self.loader, Arc::clone(&stats.planner), stats.pool.clone(), stop)?;
+                spawn_fed(self.store, self.loader, Arc::clone(&stats.planner), stats.pool.clone(), crew.stop_flag())?;
             let plan = Plan {
                 labels: self.labels,
                 source_of_group: self.source_of_group,
                 split: self.split,
                 batch_size: self.batch_size.max(1),
             };
-            let producer = spawn_scoped(scope, "planner".to_owned(), move || plan.run(feeder, progress))?;
+            crew.spawn_in(scope, Stage::Planner, Stage::Planner.name().to_owned(), move || plan.run(feeder, ctx))?;
             let decoded = self.decode(loaded, &stats.predictor);
-            producer.join().map_err(|p| Error::panic("planner", p))?;
+            // The planner ends with its jobs, or at the stop when the decoding failed.
+            if decoded.is_err() {
+                crew.stop();
+            }
+            crew.join()?;
             decoded
         })
     }
 
     /// Decodes every gathered batch into the targets of its covariates.
     fn decode(&self, mut loaded: Loaded<Vec<u32>>, stats: &StageStats) -> Result<Decoded> {
-        let torch = Error::stage("predictor");
+        let torch = Error::stage(Stage::Predictor);
         let model = self.model;
         let device = model.device();
         let mut by_covariates: HashMap<&[u32], Vec<usize>> = HashMap::new();
@@ -226,7 +231,7 @@ struct Plan<'a> {
 impl Plan<'_> {
     /// The planner: each control cell joins its covariates' pending batch, sent when full;
     /// the partial batches go last, in covariate order.
-    fn run(&self, mut feeder: Feeder<Vec<u32>>, progress: &dyn Progress) {
+    fn run(&self, mut feeder: Feeder<Vec<u32>>, ctx: &RunContext) {
         let mut pending: BTreeMap<Vec<u32>, Vec<u64>> = BTreeMap::new();
         let batch_size = self.batch_size;
         let n = self.labels.n_cells();
@@ -246,8 +251,8 @@ impl Plan<'_> {
                     return;
                 }
             }
-            progress.advance(end - start);
-            if progress.cancelled() {
+            ctx.progress().advance(end - start);
+            if ctx.stopped() {
                 feeder.fail(Error::Interrupted);
                 return;
             }

@@ -21,6 +21,7 @@ pub mod field;
 mod moments;
 pub mod outputs;
 pub mod plot;
+mod request;
 pub mod samples;
 mod score;
 mod table;
@@ -36,17 +37,19 @@ use cpa_stream_stages::h5ad::DEG_FILE;
 use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
 use cpa_stream_stages::store::{Store, TableFile};
 pub use moments::in_second_half;
+pub use request::EvaluateRequest;
 use serde::Serialize;
 pub use table::{MetricSet, render_table};
 use tch::Device;
 
+use crate::Stage;
 use crate::batcher::LoaderOptions;
+use crate::context::RunContext;
 use crate::degs::read_deg_lists;
 use crate::encoder::{CellLabels, EncoderOptions, Split};
 use crate::error::{Error, Result};
 use crate::obs::{ObsKeys, gene_names};
 use crate::predictor::targets::Target;
-use crate::progress::Progress;
 use crate::run_dir::model_dir;
 use crate::stats::Moments;
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
@@ -67,20 +70,36 @@ pub const DEFAULT_BATCH_SIZE: usize = decode::CPU_STEP_ROWS;
 /// Control cells decoded per batch on a GPU (one step per batch), unless set otherwise.
 pub const DEFAULT_GPU_BATCH_SIZE: usize = 1024;
 
-/// Makes glibc's malloc serve every allocation of 1 MiB or more from its own mapping, returned
-/// to the system when freed, for the rest of the process. By default glibc raises that threshold
-/// to the largest block freed so far (up to 32 MiB), after which the evaluation's transient
-/// buffers (a pass's chunk of cells, decoded means) land in the heap and fragment it: peak memory
-/// at 1M cells x 5,000 genes was 430 MiB instead of 242 MiB (10k cells: 224-281 MiB). The CLI's
-/// `evaluate` calls this; a library user may too (it is process-wide and disables glibc's
-/// adjustment; setting `MALLOC_MMAP_THRESHOLD_=1048576` does the same). Not for training: its
-/// per-batch tensors then fault in fresh pages every step (measured 40% slower at 5,000 genes).
+/// While it lives, glibc's malloc serves every allocation of 1 MiB or more from its own mapping,
+/// returned to the system when freed. By default glibc raises that threshold to the largest
+/// block freed so far (up to 32 MiB), after which the evaluation's transient buffers (a pass's
+/// chunk of cells, decoded means) land in the heap and fragment it: peak memory at 1M cells x
+/// 5,000 genes was 430 MiB instead of 242 MiB (10k cells: 224-281 MiB). [`run`] holds
+/// one, for every caller (the CLI, Python, a library). Not for training: its per-batch tensors
+/// would fault in fresh pages every step (measured 40% slower at 5,000 genes), so when dropped
+/// the threshold becomes 32 MiB, where glibc's own adjustment ends up for such allocations
+/// (setting the threshold turns the adjustment off for good). The setting is process-wide.
 /// Does nothing off glibc.
-pub fn return_large_buffers_to_the_system() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes a malloc parameter; it is called before the work allocates.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+struct LargeBuffersReturned;
+
+impl LargeBuffersReturned {
+    fn for_this_run() -> LargeBuffersReturned {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only changes a malloc parameter.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+        LargeBuffersReturned
+    }
+}
+
+impl Drop for LargeBuffersReturned {
+    fn drop(&mut self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: as above.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        }
     }
 }
 
@@ -101,19 +120,23 @@ pub enum EvalSplit {
     All,
 }
 
-impl EvalSplit {
+impl std::str::FromStr for EvalSplit {
+    type Err = Error;
+
     /// `train`, `valid` (`validation`), `test`, `ood` or `all`.
-    pub fn parse(text: &str) -> Result<EvalSplit> {
+    fn from_str(text: &str) -> Result<EvalSplit> {
         Ok(match text {
             "train" => EvalSplit::One(Split::Train),
             "valid" | "validation" => EvalSplit::One(Split::Valid),
             "test" => EvalSplit::One(Split::Test),
             "ood" => EvalSplit::One(Split::Ood),
             "all" => EvalSplit::All,
-            _ => return Err(Error::InvalidInput(format!("--split {text:?}: expected train, valid, test, ood or all"))),
+            _ => return Err(Error::InvalidInput(format!("split {text:?}: expected train, valid, test, ood or all"))),
         })
     }
+}
 
+impl EvalSplit {
     /// Whether cells of `split` are evaluated.
     pub fn contains(self, split: Split) -> bool {
         match self {
@@ -148,16 +171,20 @@ pub enum Definitions {
     Reference,
 }
 
-impl Definitions {
+impl std::str::FromStr for Definitions {
+    type Err = Error;
+
     /// `default` or `reference`.
-    pub fn parse(name: &str) -> Result<Definitions> {
+    fn from_str(name: &str) -> Result<Definitions> {
         match name {
             "default" => Ok(Definitions::Default),
             "reference" => Ok(Definitions::Reference),
             other => Err(Error::InvalidInput(format!("definitions {other:?}: expected \"default\" or \"reference\""))),
         }
     }
+}
 
+impl Definitions {
     /// The fewest evaluated cells a condition needs under these definitions, unless set.
     pub fn min_cells(self) -> u64 {
         match self {
@@ -446,11 +473,11 @@ impl Opened {
         encoder_stats: &StageStats,
     ) -> Result<Opened> {
         let dir = model_dir(model)?;
-        let file = read_model_file(&dir).map_err(Error::stage("evaluate"))?;
-        let store = Arc::new(Store::open(store_path).map_err(Error::stage("reader"))?);
+        let file = read_model_file(&dir).map_err(Error::stage(Stage::Evaluate))?;
+        let store = Arc::new(Store::open(store_path).map_err(Error::stage(Stage::Reader))?);
         let genes = gene_names(&store)?;
         let model = load_model_for(&dir, &genes, &store_path.display().to_string(), device)
-            .map_err(Error::stage("evaluate"))?;
+            .map_err(Error::stage(Stage::Evaluate))?;
         let vocab = model.vocabulary();
         let data = vocab.data.clone().ok_or_else(|| {
             Error::InvalidInput(format!(
@@ -559,11 +586,13 @@ fn deg_table(options: &EvaluateOptions, store: &Store) -> Result<Option<DegLists
 }
 
 /// Evaluates a model on a store.
-pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Result<EvaluateReport> {
+pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport> {
+    let progress = ctx.progress();
     let lock = outputs::claim_output(options)?;
+    let _allocator = LargeBuffersReturned::for_this_run();
     let wall = Instant::now();
     let sampler = MemorySampler::start();
-    let encoder_stats = StageStats::new("encoder", 1);
+    let encoder_stats = StageStats::new(Stage::Encoder, 1);
     let Opened { dir, model, store, genes, labels, other_store } =
         Opened::open(&options.model, &options.store, options.device, &encoder_stats)?;
     let vocab = model.vocabulary().clone();
@@ -586,7 +615,7 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     }
     let count_model = model.config().model.recon_loss.is_count();
     let theta = if options.expected_log1p {
-        let theta = model.nb_theta().map_err(Error::stage("predictor"))?;
+        let theta = model.nb_theta().map_err(Error::stage(Stage::Predictor))?;
         Some(theta.ok_or_else(|| {
             Error::InvalidInput(format!(
                 "{}: the expected log1p of the predicted counts needs an nb model; this one is {:?}",
@@ -603,11 +632,11 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
     let real_cap = samples::sample_cap(groups.len(), genes.len());
 
     // Pass 1: moments of every group and split.
-    let moments_stats = StageStats::new("moments", 1);
+    let moments_stats = StageStats::new(Stage::Moments, 1);
     progress.begin("evaluate: statistics", store.n_obs());
     let evaluated = |s: Split| options.split.contains(s);
     let moments = moments_stats.busy(|| {
-        GroupMoments::read(&store, &labels, genes.len(), count_model, evaluated, &is_control, real_cap, progress)
+        GroupMoments::read(&store, &labels, genes.len(), count_model, evaluated, &is_control, real_cap, ctx)
     })?;
     moments_stats.add(store.n_obs(), store.nnz() * 8);
     progress.end();
@@ -631,7 +660,7 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
         sample_cap: samples::sample_cap(plan.targets.len(), genes.len()),
         sample_theta: if count_model { nb_theta_host(&model)? } else { None },
     }
-    .run(&decode_stats, progress)?;
+    .run(&decode_stats, ctx)?;
     progress.end();
 
     tracing::debug!(
@@ -720,7 +749,7 @@ pub fn run_evaluate(options: &EvaluateOptions, progress: &dyn Progress) -> Resul
 
 /// An `nb` model's inverse dispersions on the host (`None` for other likelihoods).
 fn nb_theta_host(model: &CpaModel) -> Result<Option<Vec<f64>>> {
-    let torch = Error::stage("predictor");
+    let torch = Error::stage(Stage::Predictor);
     let Some(theta) = model.nb_theta().map_err(torch)? else { return Ok(None) };
     let theta =
         theta.f_to_kind(tch::Kind::Double).and_then(|t| t.f_to_device(Device::Cpu)).map_err(|e| torch(e.into()))?;

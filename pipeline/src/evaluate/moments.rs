@@ -4,12 +4,13 @@
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::store::Store;
 
+use crate::context::RunContext;
 use crate::encoder::{CellLabels, Split};
 use crate::error::{Error, Result};
-use crate::progress::Progress;
 use crate::stats::Moments;
 
 use super::samples::{Samples, sampler};
+use crate::Stage;
 
 /// Cells read per step of the pass.
 const CHUNK_CELLS: u64 = 4096;
@@ -81,19 +82,19 @@ impl GroupMoments {
         evaluated: impl Fn(Split) -> bool,
         is_control: &[bool],
         sample_cap: usize,
-        progress: &dyn Progress,
+        ctx: &RunContext,
     ) -> Result<GroupMoments> {
         let mut moments: Vec<Moments> = (0..labels.groups().len() * 4).map(|_| Moments::new(genes)).collect();
         let mut half: Vec<Moments> = (0..labels.groups().len()).map(|_| Moments::new(genes)).collect();
         let mut samples = Samples::new(labels.groups().len(), sample_cap, genes);
         let mut rng = sampler(1);
-        let mut cursor = store.cursor().map_err(Error::stage("reader"))?;
+        let mut cursor = store.cursor().map_err(Error::stage(Stage::Reader))?;
         let mut batch = CsrBatch::new(genes as u32);
         let mut start = 0u64;
         while start < store.n_obs() {
             let end = (start + CHUNK_CELLS).min(store.n_obs());
             batch.clear();
-            cursor.read_range(start..end, &mut batch).map_err(Error::stage("reader"))?;
+            cursor.read_range(start..end, &mut batch).map_err(Error::stage(Stage::Reader))?;
             for (i, cell) in (start..end).enumerate() {
                 let (group, split) = (labels.group_id(cell) as usize, labels.split(cell));
                 let (idx, val) = batch.row(i);
@@ -110,8 +111,8 @@ impl GroupMoments {
                 }
             }
             store.release(start..end);
-            progress.advance(end - start);
-            crate::progress::check_cancelled(progress)?;
+            ctx.progress().advance(end - start);
+            ctx.check_stopped()?;
             start = end;
         }
         Ok(GroupMoments { genes, moments, half, samples })

@@ -15,6 +15,7 @@ use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::store::write_table;
 
 use super::{ConditionMetrics, EvaluateOptions, EvaluateReport, TruthMetrics, plot, samples};
+use crate::Stage;
 use crate::error::{Error, Result};
 use crate::obs::ObsKeys;
 
@@ -120,14 +121,14 @@ const ENTRIES: [&str; 6] = [METRICS_FILE, degs::FILE, SUMMARY_FILE, PLOTS_DIR, "
 /// else). Keep the lock until [`write_outputs`] has published.
 pub(super) fn claim_output(options: &EvaluateOptions) -> Result<OutputLock> {
     let lock = cpa_stream_stages::output::claim_output(&options.out, OutputKind::Directory, options.overwrite)
-        .map_err(Error::stage("evaluate"))?;
+        .map_err(Error::stage(Stage::Evaluate))?;
     check_output(options)?;
     Ok(lock)
 }
 
 fn check_output(options: &EvaluateOptions) -> Result<()> {
     let out = &options.out;
-    check_destination(out, OutputKind::Directory, options.overwrite).map_err(Error::stage("evaluate"))?;
+    check_destination(out, OutputKind::Directory, options.overwrite).map_err(Error::stage(Stage::Evaluate))?;
     if out.exists() {
         check_replaceable(out, &ENTRIES, "an evaluation")?;
     }
@@ -145,7 +146,7 @@ pub(super) fn write_outputs(
     options: &EvaluateOptions,
 ) -> Result<()> {
     let out = &options.out;
-    let tmp = temporary_sibling(out).map_err(Error::stage("evaluate"))?;
+    let tmp = temporary_sibling(out).map_err(Error::stage(Stage::Evaluate))?;
     std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
     let written = (|| {
         write_metrics(&tmp.join(METRICS_FILE), &report.conditions, vocab)?;
@@ -157,7 +158,7 @@ pub(super) fn write_outputs(
             crate::plots::write_overview(&tmp.join(OVERVIEW_STEM), &title, &report.conditions)?;
         }
         check_output(options)?;
-        publish(&tmp, out, OutputKind::Directory, options.overwrite).map_err(Error::stage("evaluate"))
+        publish(&tmp, out, OutputKind::Directory, options.overwrite).map_err(Error::stage(Stage::Evaluate))
     })();
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -190,7 +191,7 @@ fn write_metrics(path: &Path, rows: &[ConditionMetrics], vocab: &Vocabulary) -> 
         columns.push(Arc::new(Float64Array::from_iter(per_row.iter().map(|r| Some(r[m].1).filter(|v| v.is_finite())))));
     }
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(Error::arrow(path.display().to_string()))?;
-    write_table(path, schema, [batch]).map_err(Error::stage("evaluate"))
+    write_table(path, schema, [batch]).map_err(Error::stage(Stage::Evaluate))
 }
 
 /// `degs.parquet`, in the store's DEG table layout with the Wilcoxon values beside.
@@ -210,7 +211,7 @@ fn write_degs(path: &Path, rows: &[DegRow]) -> Result<()> {
         ],
     )
     .map_err(Error::arrow(path.display().to_string()))?;
-    write_table(path, schema, [batch]).map_err(Error::stage("evaluate"))
+    write_table(path, schema, [batch]).map_err(Error::stage(Stage::Evaluate))
 }
 
 /// `summary.json`: the run, the means, and every condition (temporary name, then rename).

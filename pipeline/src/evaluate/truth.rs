@@ -10,6 +10,7 @@ use cpa_stream_stages::model::vocab::split_condition;
 use cpa_stream_stages::store::TableFile;
 
 use super::conditions::{ConditionKey, key_of};
+use crate::Stage;
 use crate::error::{Error, Result};
 use crate::obs::column_strings;
 
@@ -24,7 +25,7 @@ pub(crate) struct TruthRow {
 /// Reads `truth.parquet`; rows whose labels the model does not know are skipped.
 pub(crate) fn read_truth(file: TableFile<'_>, vocab: &Vocabulary) -> Result<HashMap<ConditionKey, TruthRow>> {
     let origin = file.path().display().to_string();
-    let table = file.read_small().map_err(Error::stage("truth"))?;
+    let table = file.read_small().map_err(Error::stage(Stage::Truth))?;
     let text = |name: &str| column_strings(&table, name, &origin);
     let (conditions, doses) = (text(truth::CONDITION)?, text(truth::DOSE)?);
     let covariates = vocab

@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::conditions::{ConditionKey, MappedGroup};
 use super::moments::GroupMoments;
+use crate::Stage;
 use crate::encoder::Split;
 use crate::error::{Error, Result};
 
@@ -58,7 +59,7 @@ pub(super) fn uncertainties(
     let (a, b) = tch::no_grad(|| -> cpa_stream_stages::Result<(Tensor, Tensor)> {
         Ok((shifts(model, &query)?, shifts(model, &train_shifts)?))
     })
-    .map_err(Error::stage("predictor"))?;
+    .map_err(Error::stage(Stage::Predictor))?;
     let (cosine, euclidean) = tch::no_grad(|| -> cpa_stream_stages::Result<(Vec<f64>, Vec<f64>)> {
         let unit = |t: &Tensor| -> cpa_stream_stages::Result<Tensor> {
             let norm = t.f_norm_scalaropt_dim(2, [1i64].as_slice(), true)?.f_clamp_min(1e-12)?;
@@ -70,7 +71,7 @@ pub(super) fn uncertainties(
             |t: Tensor| -> cpa_stream_stages::Result<Vec<f64>> { Ok(Vec::<f64>::try_from(&t.f_flatten(0, -1)?)?) };
         Ok((flat(cos)?, flat(euc)?))
     })
-    .map_err(Error::stage("predictor"))?;
+    .map_err(Error::stage(Stage::Predictor))?;
     let t = names.len();
     Ok((0..keys.len())
         .map(|i| {

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use arrow::array::RecordBatch;
 
 use super::{TextColumn, column_strings};
+use crate::Stage;
 use crate::error::{Error, Result};
 
 /// A parsed selection.
@@ -289,8 +290,8 @@ impl Expr {
         let origin = obs.path().display().to_string();
         let columns = self.columns();
         let mut distinct: Vec<std::collections::HashSet<String>> = vec![Default::default(); columns.len()];
-        for batch in obs.read().map_err(crate::error::Error::stage("source"))? {
-            let batch = batch.map_err(crate::error::Error::stage("source"))?;
+        for batch in obs.read().map_err(crate::error::Error::stage(Stage::Source))? {
+            let batch = batch.map_err(crate::error::Error::stage(Stage::Source))?;
             for (name, seen) in columns.iter().zip(&mut distinct) {
                 let col = column_strings(&batch, name, &origin)?;
                 for row in 0..batch.num_rows() {

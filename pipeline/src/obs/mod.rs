@@ -10,6 +10,7 @@ use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::store::Store;
 
+use crate::Stage;
 use crate::error::{Error, Result};
 
 /// A column read as text without a string per row: categories through their dictionary,
@@ -74,7 +75,7 @@ pub fn column_strings(batch: &RecordBatch, name: &str, origin: &str) -> Result<T
 /// The store's gene names (var `gene_id`, else the first column).
 pub fn gene_names(store: &Store) -> Result<Vec<String>> {
     let path = store.file_path(StoreFiles::VAR);
-    let var = store.small_table(StoreFiles::VAR).map_err(Error::stage("reader"))?;
+    let var = store.small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Reader))?;
     let col = var
         .column_by_name(cpa_stream_schemas::tables::GENE_ID)
         .or_else(|| (var.num_columns() > 0).then(|| var.column(0)))

@@ -8,6 +8,7 @@
 //! a bounded number of batches: host memory depends on batch size, prefetch depth, genes and
 //! targets, never on the number of cells.
 
+mod request;
 mod select;
 mod stream;
 mod wide;
@@ -18,17 +19,23 @@ use std::time::Instant;
 use arrow::error::ArrowError;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::device::{DeviceMemory, memory as device_memory};
-use cpa_stream_stages::sink::{ParquetSink, SinkOptions, SinkSummary};
+use cpa_stream_stages::sink::{ParquetSink, SinkSummary};
+pub use request::PredictRequest;
 use serde::Serialize;
 pub use stream::{PredictStats, PredictionStream};
 
+use crate::Stage;
+use crate::context::RunContext;
 use crate::error::{Error, Result};
-pub use crate::predictor::targets;
-pub use crate::predictor::{GeneSelection, Layout, PredictOptions, Predictor, Shard};
-use crate::progress::Progress;
+use crate::predictor::{Layout, PredictOptions, Predictor};
 use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
 
-/// What [`run_predict`] did.
+/// The predictions of `options` as a stream of record batches, computed as they are read.
+pub fn open(options: &PredictOptions) -> Result<PredictionStream> {
+    Predictor::open(options)?.stream()
+}
+
+/// What [`run`] did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PredictReport {
     /// The file written.
@@ -56,14 +63,13 @@ pub struct PredictReport {
     pub device_memory: Option<DeviceMemory>,
 }
 
-/// Runs a prediction into a Parquet file (`out`; with a shard, `out` is a dataset directory and
-/// the file is the shard's part). The file appears only when complete.
-pub fn run_predict(
-    options: &PredictOptions,
-    out: &Path,
-    sink_options: &SinkOptions,
-    progress: &dyn Progress,
-) -> Result<PredictReport> {
+/// Runs a prediction into a Parquet file (`options.out`; with a shard, `out` is a dataset
+/// directory and the file is the shard's part). The file appears only when complete.
+pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> {
+    let out = options.out.as_deref().ok_or_else(|| {
+        Error::InvalidInput("predict: no output file given (a stream is read with `predict::open`)".to_owned())
+    })?;
+    let progress = ctx.progress();
     let wall = Instant::now();
     let sampler = MemorySampler::start();
     let path = match options.shard {
@@ -97,8 +103,8 @@ pub fn run_predict(
     if options.shard.is_some() {
         write_genes_table(&predictor, &out.join(GENES_FILE))?;
     }
-    let mut sink = ParquetSink::create(&path, schema, sink_options).map_err(Error::stage("sink"))?;
-    let sink_stats = StageStats::new("sink", 1);
+    let mut sink = ParquetSink::create(&path, schema, &options.sink).map_err(Error::stage(Stage::Sink))?;
+    let sink_stats = StageStats::new(Stage::Sink, 1);
     let start = Instant::now();
     progress.begin("predict", rows.end - rows.start);
     let mut stream = predictor.stream()?.without_empty_check();
@@ -113,7 +119,7 @@ pub fn run_predict(
             None => batch,
         };
         let flushed = sink.row_groups_written();
-        sink_stats.busy(|| sink.write(&batch)).map_err(Error::stage("sink"))?;
+        sink_stats.busy(|| sink.write(&batch)).map_err(Error::stage(Stage::Sink))?;
         if sink.row_groups_written() > flushed {
             sink_stats.busy(release_free_memory);
         }
@@ -123,7 +129,7 @@ pub fn run_predict(
         progress.advance(done.saturating_sub(reported));
         reported = reported.max(done);
         // Dropping the sink removes its temporary file: nothing is published.
-        crate::progress::check_cancelled(progress)?;
+        ctx.check_stopped()?;
     }
     progress.advance((rows.end - rows.start).saturating_sub(reported));
     let source_cells = stream.source_cells();
@@ -157,7 +163,7 @@ pub fn run_predict(
             path.display()
         )));
     }
-    let output = sink_stats.busy(|| sink.finish()).map_err(Error::stage("sink"))?;
+    let output = sink_stats.busy(|| sink.finish()).map_err(Error::stage(Stage::Sink))?;
     progress.end();
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     let report = RunReport {
@@ -192,7 +198,7 @@ pub const GENES_FILE: &str = "genes.parquet";
 /// genes, replaces it).
 fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
     let var_path = predictor.store().file_path(StoreFiles::VAR);
-    let var = predictor.store().small_table(StoreFiles::VAR).map_err(Error::stage("reader"))?;
+    let var = predictor.store().small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Reader))?;
     let ids = arrow::compute::cast(var.column(0), &arrow::datatypes::DataType::Utf8)
         .map_err(Error::arrow(format!("{}: gene ids", var_path.display())))?;
     let ids = arrow::array::AsArray::as_string::<i32>(ids.as_ref());
@@ -210,7 +216,7 @@ fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
     let table = arrow::compute::take_record_batch(&var, &arrow::array::UInt32Array::from(rows))
         .map_err(Error::arrow("genes table"))?;
     let lock = cpa_stream_stages::output::lock_output(path, cpa_stream_stages::output::Wait::Yes)
-        .map_err(Error::stage("sink"))?;
+        .map_err(Error::stage(Stage::Sink))?;
     if path.is_file()
         && let Ok(written) = cpa_stream_stages::store::read_small_table(path)
         && written.columns() == table.columns()
@@ -219,7 +225,7 @@ fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
     }
     let schema = cpa_stream_stages::provenance::stamp(table.schema_ref());
     let table = table.with_schema(std::sync::Arc::clone(&schema)).map_err(Error::arrow("genes table"))?;
-    cpa_stream_stages::store::write_table_locked(path, &lock, schema, [table]).map_err(Error::stage("sink"))
+    cpa_stream_stages::store::write_table_locked(path, &lock, schema, [table]).map_err(Error::stage(Stage::Sink))
 }
 
 /// The pipeline's error back out of the Arrow error a `RecordBatchReader` carries it in.

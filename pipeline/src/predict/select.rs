@@ -14,6 +14,7 @@ use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::split_condition;
 use cpa_stream_stages::store::Store;
 
+use crate::Stage;
 use crate::batcher::Feeder;
 use crate::encoder::GroupKey;
 use crate::error::{Error, Result};
@@ -65,7 +66,7 @@ impl Select {
         stop: &AtomicBool,
         selected: &AtomicU64,
     ) {
-        crate::fault::point("source");
+        crate::fault::point(Stage::Source);
         if let Err(e) = self.select(feeder, stats, stop, selected) {
             feeder.fail(e);
         }
@@ -91,8 +92,8 @@ impl Select {
             feeder.send_in_order(full.rows.clone(), full)
         };
         let mut row = 0u64;
-        for batch in self.store.table(StoreFiles::OBS).map_err(Error::stage("source"))? {
-            let batch = batch.map_err(Error::stage("source"))?;
+        for batch in self.store.table(StoreFiles::OBS).map_err(Error::stage(Stage::Source))? {
+            let batch = batch.map_err(Error::stage(Stage::Source))?;
             let n = batch.num_rows() as u64;
             if row + n <= self.rows.start {
                 row += n;

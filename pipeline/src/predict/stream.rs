@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arrow::array::{RecordBatch, RecordBatchReader};
@@ -13,8 +12,10 @@ use cpa_stream_stages::store::BlockCacheShared;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::select::{Needs, Select};
+use crate::Stage;
 use crate::batcher::{Loaded, LoaderOptions, PoolStats, spawn_fed};
-use crate::error::{Error, Result, spawn_named};
+use crate::crew::Crew;
+use crate::error::{Error, Result};
 use crate::predictor::{Predictor, SourceCells};
 use crate::telemetry::StageStats;
 
@@ -37,8 +38,8 @@ pub struct PredictStats {
 pub struct PredictionStream {
     schema: SchemaRef,
     output: Option<Receiver<Result<RecordBatch>>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<(&'static str, JoinHandle<()>)>,
+    /// The source and predictor threads (the batcher's workers are the predictor's).
+    crew: Crew<'static>,
     stats: PredictStats,
     /// Source cells selected so far (known once the stream ends).
     selected: Arc<AtomicU64>,
@@ -94,11 +95,12 @@ impl Predictor {
             prefetch: options.loader.prefetch.max(1),
             ..options.loader
         };
-        let stop = Arc::new(AtomicBool::new(false));
+        let crew = Crew::new();
+        let stop = crew.stop_flag();
         let stats = PredictStats {
-            source: StageStats::new("source", 1),
-            batcher: StageStats::new("batcher", loader.workers),
-            predictor: StageStats::new("predictor", 1),
+            source: StageStats::new(Stage::Source, 1),
+            batcher: StageStats::new(Stage::Batcher, loader.workers),
+            predictor: StageStats::new(Stage::Predictor, 1),
             blocks: BlockCacheShared::new(),
         };
         let pool = PoolStats::fed_with(Arc::clone(&stats.batcher), Arc::clone(&stats.blocks));
@@ -118,8 +120,7 @@ impl Predictor {
         let mut stream = PredictionStream {
             schema: self.schema(),
             output: None,
-            stop: Arc::clone(&stop),
-            threads: Vec::new(),
+            crew,
             stats: stats.clone(),
             selected: Arc::clone(&selected),
             scanned: Arc::clone(&scanned),
@@ -132,16 +133,14 @@ impl Predictor {
             }),
         };
         let (source_stats, source_stop) = (Arc::clone(&stats.source), Arc::clone(&stop));
-        let source = spawn_named("source".to_owned(), move || {
+        stream.crew.spawn(Stage::Source, Stage::Source.name().to_owned(), move || {
             select.run(&mut feeder, &source_stats, &source_stop, &selected);
         })?;
-        stream.threads.push(("source", source));
         let (out_tx, out_rx) = bounded::<Result<RecordBatch>>(loader.prefetch);
         let first_row = self.rows().start;
-        let predictor = spawn_named("predictor".to_owned(), move || {
+        stream.crew.spawn(Stage::Predictor, Stage::Predictor.name().to_owned(), move || {
             run_predictor(self, loaded, &out_tx, &stats.predictor, &stop, &scanned, first_row);
         })?;
-        stream.threads.push(("predictor", predictor));
         stream.output = Some(out_rx);
         Ok(stream)
     }
@@ -162,7 +161,7 @@ fn run_predictor(
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        crate::fault::point("predictor");
+        crate::fault::point(Stage::Predictor);
         let gathered = match item {
             Ok(g) => g,
             Err(e) => {
@@ -217,7 +216,7 @@ impl PredictionStream {
         arrow::ffi_stream::FFI_ArrowArrayStream::new(Box::new(self))
     }
 
-    /// Leaves an empty result to the caller, which explains it itself (`run_predict`).
+    /// Leaves an empty result to the caller, which explains it itself (`predict::run`).
     pub(crate) fn without_empty_check(mut self) -> Self {
         self.empty = None;
         self
@@ -225,17 +224,10 @@ impl PredictionStream {
 
     /// Stops the stages and waits for them; the first panic becomes an error naming its stage.
     fn shutdown(&mut self) -> Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.crew.stop();
+        // The predictor blocked on a full channel wakes to a closed one.
         self.output.take();
-        let mut first = Ok(());
-        for (stage, thread) in self.threads.drain(..) {
-            if let Err(payload) = thread.join()
-                && first.is_ok()
-            {
-                first = Err(Error::panic(stage, payload));
-            }
-        }
-        first
+        self.crew.join()
     }
 }
 

@@ -29,6 +29,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use targets::{Target, resolve_target};
 use tch::Tensor;
 
+use crate::Stage;
 use crate::error::{Error, Result};
 use crate::obs::expr::Expr;
 use crate::obs::{ObsKeys, gene_names};
@@ -69,30 +70,26 @@ pub struct SourceCells {
 /// batches:
 ///
 /// ```
-/// use std::sync::Arc;
-/// use std::sync::atomic::AtomicBool;
-///
-/// use cpa_stream_pipeline::Silent;
+/// use cpa_stream_pipeline::RunContext;
 /// use cpa_stream_pipeline::encoder::EncoderOptions;
 /// use cpa_stream_pipeline::predictor::targets::parse_target_spec;
 /// use cpa_stream_pipeline::predictor::{PredictOptions, Predictor};
-/// use cpa_stream_pipeline::synth::{SynthRunOptions, run_synth};
-/// use cpa_stream_pipeline::train::{TrainOptions, run_train};
-/// use cpa_stream_stages::synth::{SynthAtlas, SynthConfig};
+/// use cpa_stream_pipeline::synth::{self, SynthOptions};
+/// use cpa_stream_pipeline::train::{self, TrainOptions};
+/// use cpa_stream_stages::synth::SynthConfig;
 ///
 /// let dir = tempfile::tempdir()?;
 /// let store = dir.path().join("atlas.store");
 /// // 300 cells x 20 genes, 2 perturbations, 1 dose, 1 cell type.
-/// let atlas = SynthAtlas::new(SynthConfig::new(300, 20, 2, 1, 1, 0, 7))?;
-/// run_synth(&atlas, &store, &SynthRunOptions::default(), &Silent)?;
+/// synth::run(&SynthOptions::new(SynthConfig::new(300, 20, 2, 1, 1, 0, 7), &store), &RunContext::default())?;
 ///
-/// let mut train = TrainOptions { store: store.clone(), out: dir.path().join("run"), ..TrainOptions::default() };
-/// train.encoder = EncoderOptions { dose_key: Some("dose".into()), ..EncoderOptions::default() };
-/// train.config.model.n_latent = 4;
-/// train.config.model.n_hidden_encoder = 16;
-/// train.config.model.n_hidden_decoder = 16;
-/// train.epochs = Some(1);
-/// run_train(&train, &Silent, Arc::new(AtomicBool::new(false)))?;
+/// let mut options = TrainOptions { store: store.clone(), out: dir.path().join("run"), ..TrainOptions::default() };
+/// options.encoder = EncoderOptions { dose_key: Some("dose".into()), ..EncoderOptions::default() };
+/// options.config.model.n_latent = 4;
+/// options.config.model.n_hidden_encoder = 16;
+/// options.config.model.n_hidden_decoder = 16;
+/// options.epochs = Some(1);
+/// train::run(&options, &RunContext::default())?;
 ///
 /// let mut options = PredictOptions::new(dir.path().join("run"), &store);
 /// options.targets = vec![parse_target_spec("condition=PERT01,dose=1")?];
@@ -143,7 +140,7 @@ impl std::fmt::Debug for Predictor {
 /// The dispersion of the genes `index` (all: `None`) of an nb model, for `expected_log1p` and
 /// `change_log1p` (`change`: the flag that asked, for the error).
 fn written_theta(model: &CpaModel, dir: &Path, index: Option<&[i64]>, change: bool) -> Result<Tensor> {
-    let torch = Error::stage("predictor");
+    let torch = Error::stage(Stage::Predictor);
     let theta = model.nb_theta().map_err(torch)?.ok_or_else(|| {
         Error::InvalidInput(format!(
             "{}: {} needs a model with the nb likelihood (its dispersion); this one is {:?}",
@@ -205,11 +202,11 @@ impl Predictor {
     /// Loads the model, checks it against the store, and resolves source, targets and genes.
     pub fn open(options: &PredictOptions) -> Result<Predictor> {
         let dir = model_dir(&options.model)?;
-        let file = read_model_file(&dir).map_err(Error::stage("predictor"))?;
-        let store = Store::open(&options.store).map_err(Error::stage("reader"))?;
+        let file = read_model_file(&dir).map_err(Error::stage(Stage::Predictor))?;
+        let store = Store::open(&options.store).map_err(Error::stage(Stage::Reader))?;
         let store_genes = gene_names(&store)?;
         let model = load_model_for(&dir, &store_genes, &options.store.display().to_string(), options.device)
-            .map_err(Error::stage("predictor"))?;
+            .map_err(Error::stage(Stage::Predictor))?;
         let vocab = &file.vocabulary;
         if options.batch_corrected && !vocab.covariates.iter().any(|c| c.is_batch) {
             return Err(Error::InvalidInput(format!(
@@ -231,7 +228,7 @@ impl Predictor {
             .map(|spec| resolve_target(spec, vocab, &keys.perturbation, keys.dose.as_deref(), max_comb_len))
             .collect::<Result<Vec<_>>>()?;
         let targets = targets::spell_as_obs(targets, &store, &keys.perturbation, keys.dose.as_deref())?;
-        warn_untrained(&model, vocab, &targets).map_err(Error::stage("predictor"))?;
+        warn_untrained(&model, vocab, &targets).map_err(Error::stage(Stage::Predictor))?;
         let (gene_index, genes) =
             genes::select_genes(&options.genes, vocab, &targets, &keys, &store, options.degs.as_deref())?;
         let mut label_columns = vec![keys.perturbation.clone(), keys.dose_output.clone()];

@@ -4,6 +4,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use cpa_stream_stages::sink::SinkOptions;
 use tch::Device;
 
 use super::targets::TargetSpec;
@@ -36,7 +37,12 @@ impl GeneSelection {
                 .ok_or_else(|| Error::InvalidInput(format!("--genes {text:?}: K must be a positive integer")))?;
             return Ok(GeneSelection::TopDeg(k));
         }
-        let path = Path::new(text);
+        GeneSelection::from_file(Path::new(text))
+    }
+
+    /// The genes listed in a file, one name per line (quotes and blank lines ignored).
+    pub fn from_file(path: &Path) -> Result<GeneSelection> {
+        let text = path.display();
         let body = std::fs::read_to_string(path).map_err(|e| {
             Error::InvalidInput(format!("--genes {text:?}: not all, top-deg:K or a readable gene list file ({e})"))
         })?;
@@ -126,8 +132,13 @@ pub struct PredictOptions {
     /// Write an empty file (with a warning) when the source selects no cell, instead of failing;
     /// default false.
     pub allow_empty: bool,
-    /// How [`run_predict`](crate::predict::run_predict) lays out the file; default long.
+    /// The file [`predict::run`](crate::predict::run) writes (with a shard: the dataset
+    /// directory that receives the shard's part); unused by a stream. Default none.
+    pub out: Option<PathBuf>,
+    /// How [`predict::run`](crate::predict::run) lays out the file; default long.
     pub layout: Layout,
+    /// The file's row groups, compression and replacement; default [`SinkOptions::default`].
+    pub sink: SinkOptions,
     /// Decode without the batch covariate's embedding (cpa-tools' `custom_predict(add_batch=False)`):
     /// expression corrected for the batch; the model needs a batch key. Default false.
     pub batch_corrected: bool,
@@ -141,7 +152,8 @@ pub struct PredictOptions {
 }
 
 /// The layout of a prediction file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Layout {
     /// `mean` (and each latent) as one fixed-size list column: compact, one column per output.
     #[default]
@@ -180,7 +192,9 @@ impl PredictOptions {
             loader: LoaderOptions::default(),
             seed: 0,
             allow_empty: false,
+            out: None,
             layout: Layout::Long,
+            sink: SinkOptions::default(),
             batch_corrected: false,
             expected_log1p: false,
             change: false,

@@ -17,6 +17,7 @@ use tch::Tensor;
 use super::buffers::{HostValues, copy_values};
 use super::targets::Target;
 use super::{CellGroup, Predictor, SourceCells};
+use crate::Stage;
 use crate::error::{Error, Result};
 
 /// Rows the predictor runs the model on at a time on the CPU (see [`Predictor::steps`]).
@@ -62,7 +63,7 @@ impl Predictor {
         target: Option<&Target>,
         perts: &mut PerturbationCsr,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let torch = Error::stage("predictor");
+        let torch = Error::stage(Stage::Predictor);
         let model = &self.model;
         let device = model.device();
         let vocab = model.vocabulary();
@@ -115,7 +116,7 @@ impl Predictor {
         rows: Range<usize>,
         emit: &mut dyn FnMut(RecordBatch) -> bool,
     ) -> Result<bool> {
-        let torch = Error::stage("predictor");
+        let torch = Error::stage(Stage::Predictor);
         let device = self.model.device();
         let (a, b) = (rows.start, rows.end);
         let n = b - a;

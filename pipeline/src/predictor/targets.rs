@@ -9,6 +9,7 @@ use arrow::datatypes::DataType;
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::split_condition;
 
+use crate::Stage;
 use crate::error::{Error, Result};
 
 /// A target as the user wrote it: `(key, value)` pairs. Keys are the model's perturbation key
@@ -78,9 +79,9 @@ pub fn read_targets_file(path: &Path) -> Result<Vec<TargetSpec>> {
     if ext == "parquet" || ext == "pq" {
         let bytes = read_bounded(path)?;
         let batches = cpa_stream_stages::store::read_table_from_bytes(path, bytes)
-            .map_err(|source| Error::Stage { stage: "targets", source })?;
+            .map_err(|source| Error::Stage { stage: Stage::Targets, source })?;
         for batch in batches {
-            let batch = batch.map_err(|source| Error::Stage { stage: "targets", source })?;
+            let batch = batch.map_err(|source| Error::Stage { stage: Stage::Targets, source })?;
             push_targets(&batch, &origin, &mut out)?;
         }
     } else {
@@ -197,7 +198,7 @@ pub fn spell_as_obs(
     use cpa_stream_schemas::tables::categories_of;
     let schema = store
         .table_schema(cpa_stream_schemas::StoreFiles::OBS)
-        .map_err(|source| Error::Stage { stage: "targets", source })?;
+        .map_err(|source| Error::Stage { stage: Stage::Targets, source })?;
     let categories = |key: &str| schema.field_with_name(key).ok().and_then(categories_of).unwrap_or_default();
     let conditions = categories(perturbation_key);
     let doses = dose_key.map(categories).unwrap_or_default();

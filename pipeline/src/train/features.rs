@@ -13,6 +13,7 @@ use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::{CONTROL_ID, PADDING_NAME};
 use tch::Tensor;
 
+use crate::Stage;
 use crate::error::{Error, Result};
 use crate::suggest::listing;
 
@@ -40,7 +41,7 @@ impl FeatureTable {
         let origin = path.display().to_string();
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
         let batches: Vec<RecordBatch> = if ext == "parquet" || ext == "pq" {
-            let table = cpa_stream_stages::store::read_small_table(path).map_err(Error::stage("features"))?;
+            let table = cpa_stream_stages::store::read_small_table(path).map_err(Error::stage(Stage::Features))?;
             vec![table]
         } else {
             crate::predictor::targets::read_csv(path)?
@@ -154,6 +155,6 @@ impl FeatureTable {
         }
         Tensor::f_from_slice(&out)
             .and_then(|t| t.f_view([vocab.perturbations.len() as i64, width as i64]))
-            .map_err(|e| Error::stage("features")(e.into()))
+            .map_err(|e| Error::stage(Stage::Features)(e.into()))
     }
 }

@@ -13,6 +13,7 @@ use cpa_stream_stages::trainer::EpochMetrics;
 use serde::Serialize;
 
 use super::validate::ValidationScore;
+use crate::Stage;
 use crate::error::{Error, Result};
 
 /// One epoch's row of `metrics.parquet`.
@@ -58,7 +59,7 @@ pub fn write_history(path: &Path, records: &[EpochRecord]) -> Result<()> {
     ];
     let schema = training_metrics_schema();
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(Error::arrow(path.display().to_string()))?;
-    write_table(path, schema, [batch]).map_err(Error::stage("metrics"))
+    write_table(path, schema, [batch]).map_err(Error::stage(Stage::Metrics))
 }
 
 /// Reads back the metrics of epochs before `epochs` (for `--resume`); none if there is no file.
@@ -67,7 +68,7 @@ pub fn read_history(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
     if epochs == 0 || !path.exists() {
         return Ok(Vec::new());
     }
-    let batch = read_small_table(path).map_err(Error::stage("metrics"))?;
+    let batch = read_small_table(path).map_err(Error::stage(Stage::Metrics))?;
     let f64s = |name: &str| -> Vec<Option<f64>> {
         batch
             .column_by_name(name)

@@ -27,10 +27,11 @@ use cpa_stream_stages::trainer::{EpochMetrics, Trainer};
 use serde::Serialize;
 use tch::Device;
 
+use crate::Stage;
 use crate::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+use crate::context::RunContext;
 use crate::encoder::{CellLabels, EncoderOptions, Split};
 use crate::error::{Error, Result};
-use crate::progress::Progress;
 use crate::run_dir::{
     BEST_DIR, CHECKPOINT_DIR, CONFIG_FILE, HISTORY_STEM, METRICS_FILE, MODEL_DIR, RUN_ENTRIES, check_replaceable,
     copy_files, is_nonempty_dir, remove_entries,
@@ -39,6 +40,7 @@ use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory
 pub use history::EpochRecord;
 use history::{read_history, write_history};
 pub use probe::{AUTO_BATCH_MAX, probe_batch_size};
+pub use request::{ConfigSource, TrainRequest};
 use validate::{ValidationScore, validate};
 
 /// What `cpa-stream train` does.
@@ -109,7 +111,7 @@ pub struct TrainReport {
     pub best_epoch: Option<u32>,
     /// Early stopping ended the run.
     pub stopped_early: bool,
-    /// `stop` ended the run (a checkpoint was written; continue with `--resume`).
+    /// The context's stop ended the run (a checkpoint was written; continue with `--resume`).
     pub interrupted: bool,
     /// Cells of the training split.
     pub train_cells: u64,
@@ -123,17 +125,17 @@ pub struct TrainReport {
     pub device_memory: Option<DeviceMemory>,
 }
 
-/// Trains a model on a store through the pipeline. `stop` (e.g. set by Ctrl-C) ends the run
-/// after the current optimizer step (the current batch, unless gradients accumulate over
-/// several) with a checkpoint of that point: `--resume` continues within the epoch, exactly as
-/// the uninterrupted run would on the CPU.
-pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<AtomicBool>) -> Result<TrainReport> {
+/// Trains a model on a store through the pipeline. The context's stop flag (e.g. set by Ctrl-C)
+/// ends the run after the current optimizer step (the current batch, unless gradients accumulate
+/// over several) with a checkpoint of that point: `--resume` continues within the epoch,
+/// exactly as the uninterrupted run would on the CPU.
+pub fn run(options: &TrainOptions, ctx: &RunContext) -> Result<TrainReport> {
     let wall = Instant::now();
     let sampler = MemorySampler::start();
     // Held for the whole run: a second command on this run (a training, a --resume) is refused.
     let _lock = claim_run_dir(options)?;
-    let store = Arc::new(Store::open(&options.store).map_err(Error::stage("reader"))?);
-    let encoder_stats = StageStats::new("encoder", 1);
+    let store = Arc::new(Store::open(&options.store).map_err(Error::stage(Stage::Reader))?);
+    let encoder_stats = StageStats::new(Stage::Encoder, 1);
     let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &options.encoder))?;
     let (labels, features) = with_features(options, labels)?;
     let labels = Arc::new(labels);
@@ -160,7 +162,7 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
     device_memory::reset_peak(options.device);
     let config = trainer.model().config().clone();
     let config_path = options.out.join(CONFIG_FILE);
-    let text = config.to_toml().map_err(Error::stage("trainer"))?;
+    let text = config.to_toml().map_err(Error::stage(Stage::Trainer))?;
     std::fs::write(&config_path, text).map_err(Error::io(&config_path))?;
     let plan = PlanOptions {
         batch_size: config.training.batch_size,
@@ -186,13 +188,13 @@ pub fn run_train(options: &TrainOptions, progress: &dyn Progress, stop: Arc<Atom
         loader,
         trainer,
         pool: PoolStats::planned(loader.workers),
-        train_stats: StageStats::new("trainer", 1),
+        train_stats: StageStats::new(Stage::Trainer, 1),
         records,
         halt: Arc::new(AtomicBool::new(false)),
         trained_cells: 0,
     };
     let trained_start = Instant::now();
-    let end = run.epochs(epochs, progress, &stop)?;
+    let end = run.epochs(epochs, ctx)?;
     if !end.interrupted {
         run.publish_model()?;
     }
@@ -227,7 +229,7 @@ fn check_counts(store: &Store, allow: bool) -> Result<()> {
     let step = (n / COUNT_SAMPLE_ROWS).max(1);
     let rows: Vec<u64> = (0..n).step_by(step as usize).take(COUNT_SAMPLE_ROWS as usize).collect();
     let mut batch = cpa_stream_stages::CsrBatch::new(u32::try_from(store.n_vars()).unwrap_or(u32::MAX));
-    store.cursor().and_then(|mut c| c.gather(&rows, &mut batch)).map_err(Error::stage("reader"))?;
+    store.cursor().and_then(|mut c| c.gather(&rows, &mut batch)).map_err(Error::stage(Stage::Reader))?;
     for (r, &row) in rows.iter().enumerate() {
         let (genes, values) = batch.row(r);
         if let Some((g, v)) = genes.iter().zip(values).find(|(_, v)| v.fract() != 0.0) {
@@ -255,7 +257,7 @@ fn claim_run_dir(options: &TrainOptions) -> Result<OutputLock> {
     if options.resume && options.overwrite {
         return Err(Error::InvalidInput("--resume continues a run and --overwrite replaces it: give one".to_owned()));
     }
-    let lock = claim_output(out, OutputKind::Directory, true).map_err(Error::stage("trainer"))?;
+    let lock = claim_output(out, OutputKind::Directory, true).map_err(Error::stage(Stage::Trainer))?;
     if !is_nonempty_dir(out) {
         if options.resume {
             return Err(Error::InvalidInput(format!("{}: no run to resume", out.display())));
@@ -295,7 +297,7 @@ fn start_trainer(
 ) -> Result<Trainer> {
     let checkpoint = options.out.join(CHECKPOINT_DIR);
     if options.resume {
-        let t = Trainer::resume(&checkpoint, options.device).map_err(Error::stage("trainer"))?;
+        let t = Trainer::resume(&checkpoint, options.device).map_err(Error::stage(Stage::Trainer))?;
         // A run continues on the cells it started with (in any order): another store would
         // train on cells the split had put elsewhere.
         let cells = |v: &cpa_stream_stages::model::Vocabulary| v.data.as_ref().and_then(|d| d.cells);
@@ -353,8 +355,8 @@ fn start_trainer(
         }
     }
     let model = CpaModel::new(&config, &labels.vocab, features, options.device, config.training.seed)
-        .map_err(Error::stage("trainer"))?;
-    Trainer::new(model).map_err(Error::stage("trainer"))
+        .map_err(Error::stage(Stage::Trainer))?;
+    Trainer::new(model).map_err(Error::stage(Stage::Trainer))
 }
 
 /// The labels and features of a run with perturbation features: the table's perturbations
@@ -370,7 +372,8 @@ fn with_features(options: &TrainOptions, labels: CellLabels) -> Result<(CellLabe
             ));
         }
         let checkpoint = options.out.join(CHECKPOINT_DIR);
-        let file = cpa_stream_stages::model::files::read_model_file(&checkpoint).map_err(Error::stage("trainer"))?;
+        let file =
+            cpa_stream_stages::model::files::read_model_file(&checkpoint).map_err(Error::stage(Stage::Trainer))?;
         if file.perturbation_features.is_none() {
             return Ok((labels, None));
         }
@@ -436,7 +439,8 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// Trains up to `epochs` epochs, validating, recording and checkpointing after each.
-    fn epochs(&mut self, epochs: u32, progress: &dyn Progress, stop: &AtomicBool) -> Result<End> {
+    fn epochs(&mut self, epochs: u32, ctx: &RunContext) -> Result<End> {
+        let progress = ctx.progress();
         let train_cells = self.labels.split_counts[Split::Train as usize];
         let valid_cells = self.labels.split_counts[Split::Valid as usize];
         let config = self.trainer.model().config().clone();
@@ -452,34 +456,37 @@ impl Run<'_> {
             let started = Instant::now();
             // An epoch resumed from a checkpoint taken within it counts its time before the stop.
             let seconds_before = self.trainer.epoch_seconds_before_resume();
-            let trained = self.train_epoch(u64::from(epoch), progress, stop);
+            let trained = self.train_epoch(u64::from(epoch), ctx);
             if trained.is_err() {
                 self.halt.store(true, Ordering::Relaxed);
             }
             if trained? {
                 end.interrupted = true;
-                self.train_stats.busy(|| self.trainer.save_checkpoint(&checkpoint)).map_err(Error::stage("trainer"))?;
+                self.train_stats
+                    .busy(|| self.trainer.save_checkpoint(&checkpoint))
+                    .map_err(Error::stage(Stage::Trainer))?;
                 tracing::warn!(
                     "interrupted in epoch {epoch} after {} batches; checkpoint written (continue with --resume)",
                     self.trainer.batches_in_epoch()
                 );
                 break;
             }
-            let train_metrics = self.train_stats.busy(|| self.trainer.end_epoch()).map_err(Error::stage("trainer"))?;
+            let train_metrics =
+                self.train_stats.busy(|| self.trainer.end_epoch()).map_err(Error::stage(Stage::Trainer))?;
             let last = self.trainer.state().epoch >= epochs;
             let due = self.trainer.state().epoch.is_multiple_of(config.training.check_val_every_n_epoch);
             let validation = if valid_cells > 0 && (due || last) { Some(self.validate()?) } else { None };
             let seconds = seconds_before + started.elapsed().as_secs_f64();
             self.records.push(EpochRecord { train: train_metrics, seconds, validation });
             write_history(&self.options.out.join(METRICS_FILE), &self.records)?;
-            self.trainer.save_checkpoint(&checkpoint).map_err(Error::stage("trainer"))?;
+            self.trainer.save_checkpoint(&checkpoint).map_err(Error::stage(Stage::Trainer))?;
             progress.note(&epoch_summary(epoch, &train_metrics, validation.as_ref()));
             log_epoch(epoch, &train_metrics, validation.as_ref());
             if self.trainer.state().validations_without_improvement >= config.training.early_stopping_patience {
                 end.stopped_early = true;
                 break;
             }
-            if stop.load(Ordering::Relaxed) && self.trainer.state().epoch < epochs {
+            if ctx.stopped() && self.trainer.state().epoch < epochs {
                 // Interrupted during the epoch's last accumulation or its validation: the epoch's
                 // checkpoint is the place to stop.
                 end.interrupted = true;
@@ -491,9 +498,9 @@ impl Run<'_> {
         Ok(end)
     }
 
-    /// One epoch's batches through the trainer; `true` when `stop` ended it early (at a point
-    /// where a checkpoint can be taken).
-    fn train_epoch(&mut self, epoch: u64, progress: &dyn Progress, stop: &AtomicBool) -> Result<bool> {
+    /// One epoch's batches through the trainer; `true` when the context's stop ended it early
+    /// (at a point where a checkpoint can be taken).
+    fn train_epoch(&mut self, epoch: u64, ctx: &RunContext) -> Result<bool> {
         let mut loaded = spawn_loader(
             &self.store,
             &self.labels,
@@ -507,13 +514,13 @@ impl Run<'_> {
         )?;
         while let Some(gathered) = loaded.next(&self.train_stats) {
             let batch = gathered?.batch;
-            self.train_stats.busy(|| self.trainer.step(&batch)).map_err(Error::stage("trainer"))?;
+            self.train_stats.busy(|| self.trainer.step(&batch)).map_err(Error::stage(Stage::Trainer))?;
             let n = batch.n_cells() as u64;
             self.train_stats.add(n, batch.counts.byte_size());
             self.trained_cells += n;
-            progress.advance(n);
+            ctx.progress().advance(n);
             loaded.recycle(batch);
-            if stop.load(Ordering::Relaxed) && self.trainer.can_checkpoint() {
+            if ctx.stopped() && self.trainer.can_checkpoint() {
                 self.halt.store(true, Ordering::Relaxed);
                 return Ok(true);
             }
@@ -531,7 +538,7 @@ impl Run<'_> {
                 .with_published_weights(|model| {
                     validate(model, store, labels, Split::Valid, plan, loader, Arc::clone(halt))
                 })
-                .map_err(Error::stage("trainer"))?
+                .map_err(Error::stage(Stage::Trainer))?
         })?;
         if !score.score.is_finite() {
             return Err(Error::InvalidInput(format!(
@@ -548,8 +555,8 @@ impl Run<'_> {
             let best = self.options.out.join(BEST_DIR);
             self.trainer
                 .with_published_weights(|model| save_model(model, &best))
-                .map_err(Error::stage("trainer"))?
-                .map_err(Error::stage("trainer"))?;
+                .map_err(Error::stage(Stage::Trainer))?
+                .map_err(Error::stage(Stage::Trainer))?;
         }
         Ok(score)
     }
@@ -559,10 +566,10 @@ impl Run<'_> {
         let best = self.options.out.join(BEST_DIR);
         let final_model = self.options.out.join(MODEL_DIR);
         if self.trainer.state().best_epoch.is_some() && best.exists() {
-            publish_dir(&final_model, |tmp| copy_files(&best, tmp)).map_err(Error::stage("trainer"))
+            publish_dir(&final_model, |tmp| copy_files(&best, tmp)).map_err(Error::stage(Stage::Trainer))
         } else {
             let saved = self.trainer.with_published_weights(|model| save_model(model, &final_model));
-            saved.map_err(Error::stage("trainer"))?.map_err(Error::stage("trainer"))
+            saved.map_err(Error::stage(Stage::Trainer))?.map_err(Error::stage(Stage::Trainer))
         }
     }
 }
@@ -611,7 +618,7 @@ pub fn recorded_settings(run: &Path) -> Result<(EncoderOptions, CpaConfig)> {
     // run's lock.
     let checkpoint = cpa_stream_stages::model::files::readable_dir(&run.join(CHECKPOINT_DIR))
         .ok_or_else(|| Error::InvalidInput(format!("{}: no checkpoint/ to resume", run.display())))?;
-    let file = cpa_stream_stages::model::files::read_model_file(&checkpoint).map_err(Error::stage("trainer"))?;
+    let file = cpa_stream_stages::model::files::read_model_file(&checkpoint).map_err(Error::stage(Stage::Trainer))?;
     let vocab = &file.vocabulary;
     let data = vocab.data.as_ref().ok_or_else(|| {
         Error::InvalidInput(format!(

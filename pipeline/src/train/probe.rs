@@ -6,6 +6,7 @@ use cpa_stream_stages::model::{CpaModel, HostBatch};
 use cpa_stream_stages::trainer::Trainer;
 use tch::Device;
 
+use crate::Stage;
 use crate::encoder::CellLabels;
 use crate::error::{Error, Result};
 
@@ -23,7 +24,7 @@ pub fn probe_batch_size(config: &CpaConfig, labels: &CellLabels, device: Device,
     if !device.is_cuda() {
         return Ok(config.training.batch_size);
     }
-    let stage = Error::stage("batch-size probe");
+    let stage = Error::stage(Stage::Probe);
     let genes = labels.vocab.n_genes() as u32;
     let mut probe = config.clone();
     probe.training.accumulate_batches = 1;

@@ -6,9 +6,10 @@
 use std::path::PathBuf;
 
 use cpa_stream_stages::model::config::{CpaConfig, Preset};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{TrainOptions, recorded_settings};
+use crate::Stage;
 use crate::batcher::{
     DEFAULT_BLOCK_CELLS, DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, LoaderOptions, PlanOptions,
 };
@@ -18,28 +19,11 @@ use crate::encoder::{
 };
 use crate::error::{Error, Result};
 
-/// How messages name a request's settings: as the CLI's flags or as keyword arguments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Naming {
-    /// `--batch-key`.
-    #[default]
-    Flags,
-    /// `batch_key`.
-    Keywords,
-}
-
-impl Naming {
-    fn name(self, flag: &'static str) -> String {
-        match self {
-            Naming::Flags => flag.to_owned(),
-            Naming::Keywords => flag.trim_start_matches("--").replace('-', "_"),
-        }
-    }
-}
+use crate::request::Compute;
+pub use crate::request::Naming;
 
 /// Where the model's configuration comes from.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ConfigSource {
     /// The defaults (the reference's).
@@ -57,7 +41,7 @@ impl ConfigSource {
         match self {
             ConfigSource::Default => Ok(None),
             ConfigSource::File(path) => {
-                CpaConfig::from_file_over(base, path).map(Some).map_err(Error::stage("trainer"))
+                CpaConfig::from_file_over(base, path).map(Some).map_err(Error::stage(Stage::Trainer))
             }
             ConfigSource::Inline(map) => {
                 let invalid = |e: serde_json::Error| Error::InvalidInput(format!("configuration: {e}"));
@@ -93,7 +77,7 @@ impl ConfigSource {
 /// A training request: the store and run directory, the obs columns that label the cells, the
 /// split, the configuration and what may override it. `None` takes the default, or on
 /// `resume` the run's record.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainRequest {
     /// The store to train on.
@@ -145,6 +129,8 @@ pub struct TrainRequest {
     pub shuffle_buffer_bytes: Option<u64>,
     /// Fixed perturbation features (Parquet or CSV, one row per perturbation).
     pub perturbation_features: Option<PathBuf>,
+    /// Device and threads.
+    pub compute: Compute,
     /// How messages name the settings.
     pub naming: Naming,
 }
@@ -207,7 +193,7 @@ impl TrainRequest {
             given.training.batch_size = recorded.training.batch_size;
             given.training.shuffle_run_cells = recorded.training.shuffle_run_cells;
             given.training.seed = recorded.training.seed;
-            let toml = |c: &CpaConfig| c.to_toml().map_err(Error::stage("trainer"));
+            let toml = |c: &CpaConfig| c.to_toml().map_err(Error::stage(Stage::Trainer));
             if toml(&given)? != toml(&recorded)? {
                 let flag = if matches!(self.config, ConfigSource::Default) { "--preset" } else { "--config" };
                 let described = match (&self.preset, &self.config) {
@@ -233,9 +219,9 @@ impl TrainRequest {
     }
 
     /// The options of the run: defaults, the configuration, the resumed run's record and the
-    /// overrides, validated. `device` and `workers` come from
-    /// [`threads::configure`](crate::threads::configure).
-    pub fn options(&self, device: tch::Device, workers: usize) -> Result<TrainOptions> {
+    /// overrides, validated; configures the device and libtorch's threads (process-wide,
+    /// [`threads::configure`](crate::threads::configure)).
+    pub fn options(&self) -> Result<TrainOptions> {
         if self.resume && self.overwrite {
             return Err(Error::InvalidInput(format!(
                 "{} and {} both given; choose one",
@@ -255,6 +241,7 @@ impl TrainRequest {
             )));
         }
         let recorded = if self.resume { Some(self.resumed()?) } else { None };
+        let (device, workers) = self.compute.configure()?;
         let mut config = match &recorded {
             Some((_, c)) => c.clone(),
             None => self.given_config()?.unwrap_or_default(),
@@ -307,7 +294,7 @@ impl TrainRequest {
             auto_batch_size,
             loader: LoaderOptions {
                 workers,
-                prefetch: self.prefetch.unwrap_or(DEFAULT_PREFETCH),
+                prefetch: self.naming.prefetch(self.prefetch)?.unwrap_or(DEFAULT_PREFETCH),
                 buffer_bytes: self.shuffle_buffer_bytes.unwrap_or(DEFAULT_BUFFER_BYTES),
             },
             plan: PlanOptions {

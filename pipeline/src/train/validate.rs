@@ -14,6 +14,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::Stage;
 use crate::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
 use crate::encoder::{CellLabels, Split};
 use crate::error::{Error, Result};
@@ -58,7 +59,7 @@ pub fn validate(
     stop: Arc<AtomicBool>,
 ) -> Result<ValidationScore> {
     let device = model.device();
-    let torch = Error::stage("validation");
+    let torch = Error::stage(Stage::Validation);
     let classes = labels.vocab.conditions.len() as i64;
     let genes = labels.vocab.n_genes() as i64;
     let zeros = || Tensor::f_zeros([classes, genes], (Kind::Float, device)).map_err(|e| torch(e.into()));
@@ -68,7 +69,7 @@ pub fn validate(
     let mut cells = 0u64;
     let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(0), device);
     let plan = PlanOptions { shuffle: false, ..plan.clone() };
-    let consumer = StageStats::new("validation", 1);
+    let consumer = StageStats::new(Stage::Validation, 1);
     let count_model = model.config().model.recon_loss.is_count();
     {
         let stats = PoolStats::planned(loader.workers);

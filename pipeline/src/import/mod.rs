@@ -5,6 +5,8 @@
 //! bucket sized to fit [`ImportOptions::memory_budget`]), then each bucket is counting-sorted
 //! into CSR rows. Entries arrive in column order, so rows come out sorted.
 
+mod request;
+
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -20,8 +22,11 @@ use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
 use crossbeam_channel::{Receiver, bounded};
 use serde::Serialize;
 
+pub use request::ImportRequest;
+
+use crate::Stage;
+use crate::context::RunContext;
 use crate::error::{Error, Result};
-use crate::progress::Progress;
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
 use crate::two_stage::{Emitter, two_stage};
 
@@ -43,6 +48,10 @@ const CHANNEL_DEPTH: usize = 4;
 /// How to import.
 #[derive(Debug, Clone)]
 pub struct ImportOptions {
+    /// The `.h5ad` file [`run`] reads ([`run_chunks`] is given its data instead).
+    pub input: PathBuf,
+    /// The store written.
+    pub out: PathBuf,
     /// Import `layers/<layer>` instead of `X`.
     pub layer: Option<String>,
     /// Import `adata.raw` (its matrix and genes) instead of `X`; excludes `layer`.
@@ -70,6 +79,8 @@ pub struct ImportOptions {
 impl Default for ImportOptions {
     fn default() -> Self {
         ImportOptions {
+            input: PathBuf::new(),
+            out: PathBuf::new(),
             layer: None,
             use_raw: false,
             genes: None,
@@ -86,7 +97,7 @@ impl Default for ImportOptions {
 
 /// The outcome of an import.
 #[derive(Debug, Clone, Serialize)]
-pub struct ImportSummary {
+pub struct ImportReport {
     /// The store's manifest.
     pub manifest: cpa_stream_schemas::Manifest,
     /// The file's matrix layout (`csr`, `csc`, `dense`).
@@ -103,12 +114,13 @@ pub struct ImportSummary {
 
 // Long: the wiring of the reader thread and the writer with their report, read top to bottom
 // as the data flows.
-/// Imports `input` into a new store at `out`.
-pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &dyn Progress) -> Result<ImportSummary> {
+/// Imports the `.h5ad` file `options.input` into a new store at `options.out`.
+pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
+    let (input, out, progress) = (options.input.as_path(), options.out.as_path(), ctx.progress());
     let sampler = MemorySampler::start();
     let started = Instant::now();
-    let read = StageStats::new("read", 1);
-    let write = StageStats::new("write", 1);
+    let read = StageStats::new(Stage::Read, 1);
+    let write = StageStats::new(Stage::Write, 1);
     let source = match (&options.layer, options.use_raw) {
         (Some(l), false) => MatrixSource::Layer(l),
         (None, true) => MatrixSource::Raw,
@@ -117,8 +129,8 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
             return Err(Error::InvalidInput(format!("import: layer {l:?} and adata.raw both asked for; choose one")));
         }
     };
-    let h5 = H5adReader::open_matrix_with(input, source, options.external).map_err(Error::stage("read"))?;
-    let var_all = h5.read_var().map_err(Error::stage("read"))?;
+    let h5 = H5adReader::open_matrix_with(input, source, options.external).map_err(Error::stage(Stage::Read))?;
+    let var_all = h5.read_var().map_err(Error::stage(Stage::Read))?;
     let (var, map) = select_genes(input, &h5, &var_all, options.genes.as_deref())?;
     let n_vars = var.num_rows() as u32;
     let writer_options = StoreWriterOptions {
@@ -131,8 +143,9 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
         )),
         ..StoreWriterOptions::default()
     };
-    let mut writer = StoreWriter::create(out, &var, h5.obs_schema(), writer_options).map_err(Error::stage("write"))?;
-    let degs = match h5.read_degs(options.deg_uns_key.as_deref()).map_err(Error::stage("read"))? {
+    let mut writer =
+        StoreWriter::create(out, &var, h5.obs_schema(), writer_options).map_err(Error::stage(Stage::Write))?;
+    let degs = match h5.read_degs(options.deg_uns_key.as_deref()).map_err(Error::stage(Stage::Read))? {
         Some((key, table)) => Some(write_degs(&writer, &key, &table)?),
         None => None,
     };
@@ -143,12 +156,12 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
     // Written batches go back to the reader, so steady state allocates no batch buffers.
     let (recycle_tx, recycle_rx) = bounded::<CsrBatch>(CHANNEL_DEPTH + 2);
     let result = two_stage(
-        "read",
+        Stage::Read,
         &read,
         &write,
         CHANNEL_DEPTH,
         |out| {
-            crate::fault::point("import-read");
+            crate::fault::point(Stage::Read);
             let sink = ChunkSink { out, recycled: &recycle_rx, stats: &read, n_vars };
             let result = match layout {
                 MatrixLayout::Csc => read_csc(&h5, &map, chunk_rows, options, &tmp_dir, &sink),
@@ -171,10 +184,10 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
                     Error::InvalidInput(format!("{file}: {matrix}: cell {}{e}{hint}", writer.n_obs() + r as u64))
                 })?;
             }
-            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
+            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage(Stage::Write))?;
             write.add(rows.n_rows() as u64, rows.byte_size());
             progress.advance(rows.n_rows() as u64);
-            crate::progress::check_cancelled(progress)?;
+            ctx.check_stopped()?;
             let _ = recycle_tx.try_send(rows);
             Ok(())
         },
@@ -189,10 +202,10 @@ pub fn run_import(input: &Path, out: &Path, options: &ImportOptions, progress: &
             h5.n_obs()
         )));
     }
-    let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
+    let manifest = write.busy(|| writer.finish()).map_err(Error::stage(Stage::Write))?;
     let wall = started.elapsed();
     let input_bytes = fs::metadata(input).map(|m| m.len()).unwrap_or(0);
-    Ok(ImportSummary {
+    Ok(ImportReport {
         cells_per_s: manifest.n_obs as f64 / wall.as_secs_f64().max(1e-9),
         input_mb_per_s: input_bytes as f64 / 1e6 / wall.as_secs_f64().max(1e-9),
         manifest,
@@ -213,7 +226,7 @@ fn select_genes(
     let Some(genes) = genes else {
         return Ok((var.clone(), (0..n as u32).map(Some).collect()));
     };
-    let ids = h5.gene_ids().map_err(Error::stage("read"))?;
+    let ids = h5.gene_ids().map_err(Error::stage(Stage::Read))?;
     let position: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
     let mut map = vec![None; n];
     let mut take = Vec::with_capacity(genes.len());
@@ -452,7 +465,7 @@ fn write_degs(writer: &StoreWriter, key: &str, table: &RecordBatch) -> Result<(S
     let metadata = HashMap::from([("uns_key".to_owned(), key.to_owned())]);
     let schema = Arc::new(table.schema().as_ref().clone().with_metadata(metadata));
     let table = table.clone().with_schema(Arc::clone(&schema)).map_err(Error::arrow("DEG table"))?;
-    write_table(&writer.extra_file_path(DEG_FILE), schema, [table]).map_err(Error::stage("write"))?;
+    write_table(&writer.extra_file_path(DEG_FILE), schema, [table]).map_err(Error::stage(Stage::Write))?;
     Ok((key.to_owned(), rows))
 }
 
@@ -470,22 +483,22 @@ pub struct Tables {
 }
 
 /// Imports a matrix given as chunks of CSR rows, in cell order, with its [`Tables`], into a new
-/// store at `out`: the path of data already in memory (no `.h5ad` written in between). `what`
-/// names the data in messages (`"AnnData (in memory)"`). Every row is checked as
-/// [`run_import`] checks a file's (sorted column indices inside the genes, values finite and
-/// >= 0), and the chunks must hold exactly the cells of `obs`.
-pub fn import_chunks(
+/// store at `options.out`: the path of data already in memory (no `.h5ad` written in between).
+/// `what` names the data in messages (`"AnnData (in memory)"`). Every row is checked as [`run`]
+/// checks a file's (sorted column indices inside the genes, values finite and >= 0), and the
+/// chunks must hold exactly the cells of `obs`.
+pub fn run_chunks(
     what: &str,
     tables: &Tables,
     mut chunks: impl Iterator<Item = Result<CsrBatch>>,
-    out: &Path,
     options: &ImportOptions,
-    progress: &dyn Progress,
-) -> Result<ImportSummary> {
+    ctx: &RunContext,
+) -> Result<ImportReport> {
+    let (out, progress) = (options.out.as_path(), ctx.progress());
     let sampler = MemorySampler::start();
     let started = Instant::now();
-    let read = StageStats::new("read", 1);
-    let write = StageStats::new("write", 1);
+    let read = StageStats::new(Stage::Read, 1);
+    let write = StageStats::new(Stage::Write, 1);
     let n_vars = u32::try_from(tables.var.num_rows())
         .map_err(|_| Error::InvalidInput(format!("{what}: {} genes exceed the u32 range", tables.var.num_rows())))?;
     let n_obs = tables.obs.num_rows() as u64;
@@ -499,8 +512,8 @@ pub fn import_chunks(
         source: Some(format!("imported from {what}")),
         ..StoreWriterOptions::default()
     };
-    let mut writer =
-        StoreWriter::create(out, &tables.var, tables.obs.schema(), writer_options).map_err(Error::stage("write"))?;
+    let mut writer = StoreWriter::create(out, &tables.var, tables.obs.schema(), writer_options)
+        .map_err(Error::stage(Stage::Write))?;
     let degs = tables.degs.as_ref().map(|(key, table)| write_degs(&writer, key, table)).transpose()?;
     progress.begin("cells", n_obs);
     let result = (|| {
@@ -526,10 +539,10 @@ pub fn import_chunks(
                     .map_err(|e| Error::InvalidInput(format!("{what}: cell {}{e}", first + r as u64)))?;
             }
             let obs = tables.obs.slice(first as usize, rows.n_rows());
-            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
+            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage(Stage::Write))?;
             write.add(rows.n_rows() as u64, rows.byte_size());
             progress.advance(rows.n_rows() as u64);
-            crate::progress::check_cancelled(progress)?;
+            ctx.check_stopped()?;
         }
         Ok(())
     })();
@@ -538,10 +551,10 @@ pub fn import_chunks(
     if writer.n_obs() != n_obs {
         return Err(Error::InvalidInput(format!("{what}: the matrix has {} rows for {n_obs} cells", writer.n_obs())));
     }
-    let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
+    let manifest = write.busy(|| writer.finish()).map_err(Error::stage(Stage::Write))?;
     let wall = started.elapsed();
     let bytes = read.report().bytes;
-    Ok(ImportSummary {
+    Ok(ImportReport {
         cells_per_s: manifest.n_obs as f64 / wall.as_secs_f64().max(1e-9),
         input_mb_per_s: bytes as f64 / 1e6 / wall.as_secs_f64().max(1e-9),
         manifest,

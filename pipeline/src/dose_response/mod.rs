@@ -13,6 +13,8 @@
 //! Memory: the sampled control cells (at most `cells` per covariate combination) and one
 //! decoded batch; the store is read once for the sample.
 
+mod request;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +33,8 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::Stage;
+use crate::context::RunContext;
 use crate::error::{Error, Result};
 use crate::evaluate::Opened;
 use crate::evaluate::conditions::{ConditionKey, key_of, map_groups};
@@ -51,6 +55,8 @@ pub const PLOT_STEM: &str = "dose_response";
 
 /// Control cells sampled per covariate combination, unless set otherwise (cpa-tools' default).
 pub const DEFAULT_CELLS: usize = 100;
+pub use request::DoseResponseRequest;
+
 /// Points of the default dose grid, from 0 to the largest dose the data has.
 pub const DEFAULT_GRID_POINTS: usize = 25;
 /// Genes per curve in `genes.parquet` when none are named: the largest changes at the top dose.
@@ -181,10 +187,10 @@ pub struct DoseResponseReport {
 }
 
 /// Computes the curves and writes them to `options.out` (published whole).
-pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseReport> {
+pub fn run(options: &DoseResponseOptions, ctx: &RunContext) -> Result<DoseResponseReport> {
     let wall = Instant::now();
-    let _lock =
-        claim_output(&options.out, OutputKind::Directory, options.overwrite).map_err(Error::stage("dose-response"))?;
+    let _lock = claim_output(&options.out, OutputKind::Directory, options.overwrite)
+        .map_err(Error::stage(Stage::DoseResponse))?;
     if options.out.exists() {
         crate::run_dir::check_replaceable(
             &options.out,
@@ -201,7 +207,7 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
     if let Some(d) = options.doses.iter().flatten().find(|d| !d.is_finite() || **d < 0.0) {
         return Err(Error::InvalidInput(format!("dose {d}: doses must be finite and not negative")));
     }
-    let encoder_stats = StageStats::new("encoder", 1);
+    let encoder_stats = StageStats::new(Stage::Encoder, 1);
     let (model, dir, data) = match &options.store {
         Some(store) => {
             let opened = Opened::open(&options.model, store, options.device, &encoder_stats)?;
@@ -211,7 +217,7 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
         None => {
             let dir = crate::run_dir::model_dir(&options.model)?;
             let model = cpa_stream_stages::model::files::load_model(&dir, options.device)
-                .map_err(Error::stage("dose-response"))?;
+                .map_err(Error::stage(Stage::DoseResponse))?;
             (model, dir, None)
         }
     };
@@ -242,7 +248,10 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
         let decoder = Decoder { model: &model, gene_index: &gene_index, truth };
         let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(options.seed), model.device());
         let wanted = covariate_filter(vocab, &options.covariates)?;
+        ctx.progress().begin("dose-response: covariate combinations", data.samples.len() as u64);
         for (covs, sample) in &data.samples {
+            ctx.progress().advance(1);
+            ctx.check_stopped()?;
             if !wanted.iter().zip(covs).all(|(allowed, c)| allowed.is_empty() || allowed.contains(c)) {
                 continue;
             }
@@ -265,6 +274,7 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
                 }
             }
         }
+        ctx.progress().end();
         if combos == 0 {
             return Err(Error::InvalidInput(format!(
                 "{}: no control cells of the model's covariates{}, nothing to decode (run without --store for \
@@ -315,7 +325,7 @@ pub fn run_dose_response(options: &DoseResponseOptions) -> Result<DoseResponseRe
         }
         Ok(())
     })
-    .map_err(Error::stage("dose-response"))?;
+    .map_err(Error::stage(Stage::DoseResponse))?;
     Ok(report)
 }
 
@@ -394,7 +404,7 @@ fn latent_curves(
     grids: &[Vec<f64>],
     observed: Option<&HashMap<u32, BTreeSet<u32>>>,
 ) -> Result<Vec<LatentPoint>> {
-    let torch = Error::stage("predictor");
+    let torch = Error::stage(Stage::Predictor);
     let vocab = model.vocabulary();
     let device = model.device();
     let norms: Vec<f64> = tch::no_grad(|| -> cpa_stream_stages::Result<Vec<f64>> {
@@ -470,12 +480,12 @@ impl StoreData {
             }
         }
         let genes = opened.genes.len() as u32;
-        let mut cursor = opened.store.cursor().map_err(Error::stage("reader"))?;
+        let mut cursor = opened.store.cursor().map_err(Error::stage(Stage::Reader))?;
         let mut samples = BTreeMap::new();
         for (covs, (_, mut rows)) in reservoirs {
             rows.sort_unstable();
             let mut batch = CsrBatch::new(genes);
-            cursor.gather(&rows, &mut batch).map_err(Error::stage("reader"))?;
+            cursor.gather(&rows, &mut batch).map_err(Error::stage(Stage::Reader))?;
             samples.insert(covs, batch);
         }
         let table = TableFile::Store(&opened.store, cpa_stream_schemas::StoreFiles::TRUTH);
@@ -524,7 +534,7 @@ impl Decoder<'_> {
             encoded.origin = self.average(&encoded, &zeros, noise)?;
             Ok(encoded)
         })
-        .map_err(Error::stage("predictor"))
+        .map_err(Error::stage(Stage::Predictor))
     }
 
     /// The mean over the encoded cells of their prediction with the perturbation latent `z_pert`
@@ -566,7 +576,7 @@ impl Decoder<'_> {
                 })
                 .collect()
         })
-        .map_err(Error::stage("predictor"))?;
+        .map_err(Error::stage(Stage::Predictor))?;
         let origin = &encoded.origin;
         let truth_control = self
             .truth

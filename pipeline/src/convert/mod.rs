@@ -2,6 +2,8 @@
 //! optionally the order of its cells (a seeded shuffle, once, so that training can read runs of
 //! neighbouring cells without taking them from one condition).
 
+mod request;
+
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +20,11 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
+pub use request::ConvertRequest;
+use serde::Serialize;
+
+use crate::Stage;
+use crate::context::RunContext;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
@@ -47,32 +54,66 @@ pub struct Shuffle {
     pub bucket_bytes: u64,
 }
 
-/// Copies `input` into a new store at `out` with `codec`, streaming `obs` batches and their rows;
-/// extra tables (truth, DEGs: per condition, not per cell) are copied as they are. With
-/// `shuffle`, the cells are written in a random order drawn from its seed (see
-/// `copy_shuffled`).
-pub fn run_convert(
-    input: &Store,
-    out: &Path,
-    codec: Codec,
-    shuffle: Option<Shuffle>,
-    overwrite: bool,
-    progress: &dyn Progress,
-) -> Result<(Manifest, RunReport)> {
+/// What `convert` writes.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// The store read.
+    pub store: PathBuf,
+    /// The store written.
+    pub out: PathBuf,
+    /// The written store's matrix codec.
+    pub codec: Codec,
+    /// Write the cells in a seeded random order; default none (the input's order).
+    pub shuffle: Option<Shuffle>,
+    /// Replace an existing store; default false.
+    pub overwrite: bool,
+}
+
+impl ConvertOptions {
+    /// A copy of `store` at `out` with `codec`, in the same order.
+    pub fn new(store: impl Into<PathBuf>, out: impl Into<PathBuf>, codec: Codec) -> ConvertOptions {
+        ConvertOptions { store: store.into(), out: out.into(), codec, shuffle: None, overwrite: false }
+    }
+}
+
+/// What a conversion wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertReport {
+    /// The written store's manifest.
+    pub manifest: Manifest,
+    /// Bytes of the input store's files.
+    pub input_bytes: u64,
+    /// Stages, wall time and peak memory.
+    pub report: RunReport,
+}
+
+/// Copies the store `options.store` into a new store at `options.out` with `options.codec`,
+/// streaming `obs` batches and their rows; extra tables (truth, DEGs: per condition, not per
+/// cell) are copied as they are. With `shuffle`, the cells are written in a random order drawn
+/// from its seed (see `copy_shuffled`).
+pub fn run(options: &ConvertOptions, ctx: &RunContext) -> Result<ConvertReport> {
+    let input = &Store::open(&options.store).map_err(Error::stage(Stage::Read))?;
+    let (out, progress, codec, shuffle) = (options.out.as_path(), ctx.progress(), options.codec, options.shuffle);
+    let report = |manifest: Manifest, report: RunReport| ConvertReport {
+        manifest,
+        input_bytes: input.manifest().total_bytes(),
+        report,
+    };
     let sampler = MemorySampler::start();
     let started = Instant::now();
-    let read = StageStats::new("read", 1);
-    let write = StageStats::new("write", 1);
-    let var = input.small_table(StoreFiles::VAR).map_err(Error::stage("read"))?;
-    let obs_schema = input.table_schema(StoreFiles::OBS).map_err(Error::stage("read"))?;
+    let read = StageStats::new(Stage::Read, 1);
+    let write = StageStats::new(Stage::Write, 1);
+    let var = input.small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Read))?;
+    let obs_schema = input.table_schema(StoreFiles::OBS).map_err(Error::stage(Stage::Read))?;
     let shuffled = shuffle.map(|s| format!(", cells shuffled with seed {}", s.seed)).unwrap_or_default();
-    let options = StoreWriterOptions {
+    let writer_options = StoreWriterOptions {
         codec,
-        overwrite,
+        overwrite: options.overwrite,
         source: Some(format!("converted from {}{shuffled}", input.path().display())),
         ..StoreWriterOptions::default()
     };
-    let mut writer = StoreWriter::create(out, &var, Arc::clone(&obs_schema), options).map_err(Error::stage("write"))?;
+    let mut writer =
+        StoreWriter::create(out, &var, Arc::clone(&obs_schema), writer_options).map_err(Error::stage(Stage::Write))?;
     for name in input.manifest().files.keys() {
         let matrix_or_table = name.starts_with("X/") || name == StoreFiles::OBS || name == StoreFiles::VAR;
         if !matrix_or_table {
@@ -81,36 +122,36 @@ pub fn run_convert(
                 std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
             }
             let from = input.file_path(name);
-            let mut source = input.open_file(name).map_err(Error::stage("read"))?;
+            let mut source = input.open_file(name).map_err(Error::stage(Stage::Read))?;
             let mut target = std::fs::File::create(&dest).map_err(Error::io(&dest))?;
             std::io::copy(&mut source, &mut target).map_err(Error::io(&from))?;
         }
     }
     if let Some(shuffle) = shuffle {
-        let scatter = StageStats::new("scatter", 1);
+        let scatter = StageStats::new(Stage::Scatter, 1);
         let result = copy_shuffled(input, &mut writer, shuffle, out, [&read, &scatter, &write], progress);
         if result.is_err() {
             // Close the bar of the phase that failed.
             progress.end();
         }
         result?;
-        let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
+        let manifest = write.busy(|| writer.finish()).map_err(Error::stage(Stage::Write))?;
         let stages = vec![read.report(), scatter.report(), write.report()];
-        return Ok((manifest, RunReport { wall: started.elapsed(), stages, memory: sampler.finish() }));
+        return Ok(report(manifest, RunReport { wall: started.elapsed(), stages, memory: sampler.finish() }));
     }
     input.advise(Access::Sequential);
     progress.begin("cells", input.n_obs());
     let result = two_stage(
-        "read",
+        Stage::Read,
         &read,
         &write,
         CHANNEL_DEPTH,
         |out| send_store_rows(input, BATCH_ROWS, &read, out),
         |(rows, obs): (CsrBatch, RecordBatch)| {
-            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage("write"))?;
+            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage(Stage::Write))?;
             write.add(rows.n_rows() as u64, rows.byte_size());
             progress.advance(rows.n_rows() as u64);
-            Ok(())
+            ctx.check_stopped()
         },
     );
     progress.end();
@@ -123,10 +164,10 @@ pub fn run_convert(
             input.n_obs()
         )));
     }
-    let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
-    let report =
+    let manifest = write.busy(|| writer.finish()).map_err(Error::stage(Stage::Write))?;
+    let run =
         RunReport { wall: started.elapsed(), stages: vec![read.report(), write.report()], memory: sampler.finish() };
-    Ok((manifest, report))
+    Ok(report(manifest, run))
 }
 
 // Long: its two passes share the scratch files, the bucket count and one random stream, which
@@ -148,7 +189,7 @@ fn copy_shuffled(
     progress: &dyn Progress,
 ) -> Result<()> {
     let obs_path = input.file_path(StoreFiles::OBS);
-    let obs = read.busy(|| input.small_table(StoreFiles::OBS)).map_err(Error::stage("read"))?;
+    let obs = read.busy(|| input.small_table(StoreFiles::OBS)).map_err(Error::stage(Stage::Read))?;
     let n = input.n_obs();
     if obs.num_rows() as u64 != n {
         return Err(Error::InvalidInput(format!(
@@ -187,7 +228,7 @@ fn copy_shuffled(
 
     // Pass 1: the store in order, each cell to a random bucket.
     input.advise(Access::Sequential);
-    let mut cursor = input.cursor().map_err(Error::stage("read"))?;
+    let mut cursor = input.cursor().map_err(Error::stage(Stage::Read))?;
     let mut rows = CsrBatch::new(input.n_vars() as u32);
     progress.begin("scatter", n);
     for start in (0..n).step_by(BATCH_ROWS) {
@@ -196,7 +237,7 @@ fn copy_shuffled(
             rows.clear();
             cursor.read_range(start..end, &mut rows)
         })
-        .map_err(Error::stage("read"))?;
+        .map_err(Error::stage(Stage::Read))?;
         read.add(rows.n_rows() as u64, rows.byte_size());
         scatter.busy(|| -> Result<()> {
             for r in 0..rows.n_rows() {
@@ -256,7 +297,7 @@ fn copy_shuffled(
                 let ids = UInt64Array::from_iter_values(chunk.iter().map(|c| c.0));
                 take_record_batch(&obs, &ids).map_err(Error::arrow(obs_path.display().to_string()))
             })?;
-            write.busy(|| writer.push_rows(&rows, &part)).map_err(Error::stage("write"))?;
+            write.busy(|| writer.push_rows(&rows, &part)).map_err(Error::stage(Stage::Write))?;
             write.add(rows.n_rows() as u64, rows.byte_size());
             written += rows.n_rows() as u64;
             progress.advance(rows.n_rows() as u64);

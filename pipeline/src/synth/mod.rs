@@ -4,27 +4,37 @@
 //! the writer takes chunk `k` from channel `k % W`, so chunks arrive in order with no reorder
 //! buffer and at most `W * depth` chunks in flight.
 
-use std::path::Path;
+mod request;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use cpa_stream_schemas::{Codec, Manifest, StoreFiles};
 use cpa_stream_stages::Result as StageResult;
 use cpa_stream_stages::store::{StoreWriter, StoreWriterOptions};
-use cpa_stream_stages::synth::{SynthAtlas, SynthChunk};
+use cpa_stream_stages::synth::{SynthAtlas, SynthChunk, SynthConfig};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 
-use crate::error::{Error, Result, spawn_scoped};
-use crate::progress::Progress;
+pub use request::SynthRequest;
+
+use crate::Stage;
+use crate::context::RunContext;
+use crate::crew::Crew;
+use crate::error::{Error, Result};
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
 
 /// Default chunks queued per generator worker.
 pub const DEFAULT_CHANNEL_DEPTH: usize = 2;
 
-/// How to run `synth`.
+/// What `synth` generates, and how.
 #[derive(Debug, Clone)]
-pub struct SynthRunOptions {
+pub struct SynthOptions {
+    /// The atlas: its shape, true model and seed.
+    pub config: SynthConfig,
+    /// The store written.
+    pub out: PathBuf,
     /// Generator threads (the writer runs on the calling thread). Default: available cores.
     pub threads: usize,
     /// Matrix codec of the store. Default: raw.
@@ -37,9 +47,12 @@ pub struct SynthRunOptions {
     pub source: Option<String>,
 }
 
-impl Default for SynthRunOptions {
-    fn default() -> Self {
-        SynthRunOptions {
+impl SynthOptions {
+    /// The atlas of `config` into `out`, with every other default.
+    pub fn new(config: SynthConfig, out: impl Into<PathBuf>) -> SynthOptions {
+        SynthOptions {
+            config,
+            out: out.into(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             codec: Codec::Raw,
             channel_depth: DEFAULT_CHANNEL_DEPTH,
@@ -51,7 +64,7 @@ impl Default for SynthRunOptions {
 
 /// The outcome of a `synth` run.
 #[derive(Debug, Clone, Serialize)]
-pub struct SynthSummary {
+pub struct SynthReport {
     /// The store's manifest.
     pub manifest: Manifest,
     /// Rows of the truth table.
@@ -66,20 +79,17 @@ pub struct SynthSummary {
 
 // Long: the wiring of three stages (generators, writer, truth) and their report, read top to
 // bottom as the data flows.
-/// Generates `atlas` into a store at `out`.
-pub fn run_synth(
-    atlas: &SynthAtlas,
-    out: &Path,
-    options: &SynthRunOptions,
-    progress: &dyn Progress,
-) -> Result<SynthSummary> {
+/// Generates the atlas of `options.config` into a store at `options.out`.
+pub fn run(options: &SynthOptions, ctx: &RunContext) -> Result<SynthReport> {
+    let atlas = &SynthAtlas::new(options.config.clone()).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let (out, progress) = (options.out.as_path(), ctx.progress());
     let sampler = MemorySampler::start();
     let started = Instant::now();
     let workers = options.threads.max(1);
-    let generate = StageStats::new("generate", workers);
-    let write = StageStats::new("write", 1);
-    let truth = StageStats::new("truth", workers);
-    let var = atlas.var_table().map_err(Error::stage("synth"))?;
+    let generate = StageStats::new(Stage::Generate, workers);
+    let write = StageStats::new(Stage::Write, 1);
+    let truth = StageStats::new(Stage::Truth, workers);
+    let var = atlas.var_table().map_err(Error::stage(Stage::Synth))?;
     let writer_options = StoreWriterOptions {
         codec: options.codec,
         overwrite: options.overwrite,
@@ -87,19 +97,19 @@ pub fn run_synth(
         ..StoreWriterOptions::default()
     };
     let mut writer =
-        StoreWriter::create(out, &var, atlas.obs_schema(), writer_options).map_err(Error::stage("write"))?;
+        StoreWriter::create(out, &var, atlas.obs_schema(), writer_options).map_err(Error::stage(Stage::Write))?;
     let n_chunks = atlas.n_chunks();
     let mut counts = vec![0u64; atlas.n_groups()];
     progress.begin("cells", atlas.config().cells);
 
     let cells_result = std::thread::scope(|scope| -> Result<()> {
         let mut receivers = Vec::with_capacity(workers);
-        let mut handles = Vec::with_capacity(workers);
+        let mut crew = Crew::new();
         for w in 0..workers {
             let (tx, rx) = bounded::<StageResult<SynthChunk>>(options.channel_depth.max(1));
             receivers.push(rx);
             let generate = Arc::clone(&generate);
-            handles.push(spawn_scoped(scope, format!("generate-{w}"), move || {
+            crew.spawn_in(scope, Stage::Generate, format!("{}-{w}", Stage::Generate), move || {
                 for k in (w as u64..n_chunks).step_by(workers) {
                     let chunk = generate.busy(|| atlas.generate_chunk(k));
                     let failed = chunk.is_err();
@@ -110,7 +120,7 @@ pub fn run_synth(
                         return;
                     }
                 }
-            })?);
+            })?;
         }
         let written = (|| -> Result<()> {
             for k in 0..n_chunks {
@@ -119,21 +129,20 @@ pub fn run_synth(
                     // The worker ended without sending: it panicked; the join below says why.
                     return Ok(());
                 };
-                let chunk = chunk.map_err(Error::stage("generate"))?;
-                write.busy(|| writer.push_rows(&chunk.rows, &chunk.obs)).map_err(Error::stage("write"))?;
+                let chunk = chunk.map_err(Error::stage(Stage::Generate))?;
+                write.busy(|| writer.push_rows(&chunk.rows, &chunk.obs)).map_err(Error::stage(Stage::Write))?;
                 write.add(chunk.rows.n_rows() as u64, chunk.rows.byte_size());
                 for (total, c) in counts.iter_mut().zip(&chunk.group_counts) {
                     *total += c;
                 }
                 progress.advance(chunk.rows.n_rows() as u64);
+                ctx.check_stopped()?;
             }
             Ok(())
         })();
         // Unblock workers still sending, then collect their fate.
         drop(receivers);
-        for h in handles {
-            h.join().map_err(|p| Error::panic("generate", p))?;
-        }
+        crew.join()?;
         written?;
         if writer.n_obs() != atlas.config().cells {
             return Err(Error::InvalidInput(format!(
@@ -150,13 +159,13 @@ pub fn run_synth(
 
     progress.begin("truth groups", atlas.n_groups() as u64);
     let truth_path = writer.extra_file_path(StoreFiles::TRUTH);
-    let groups = truth.busy(|| atlas.write_truth(&truth_path, &counts, workers)).map_err(Error::stage("truth"))?;
+    let groups = truth.busy(|| atlas.write_truth(&truth_path, &counts, workers)).map_err(Error::stage(Stage::Truth))?;
     truth.add(groups, std::fs::metadata(&truth_path).map(|m| m.len()).unwrap_or(0));
     let features_path = writer.extra_file_path(cpa_stream_stages::synth::FEATURES_FILE);
-    truth.busy(|| atlas.write_perturbation_features(&features_path)).map_err(Error::stage("truth"))?;
+    truth.busy(|| atlas.write_perturbation_features(&features_path)).map_err(Error::stage(Stage::Truth))?;
     progress.advance(groups);
     progress.end();
-    let manifest = write.busy(|| writer.finish()).map_err(Error::stage("write"))?;
+    let manifest = write.busy(|| writer.finish()).map_err(Error::stage(Stage::Write))?;
 
     let matrix_bytes: u64 =
         manifest.files.iter().filter(|(name, _)| name.starts_with("X/")).map(|(_, f)| f.bytes).sum();
@@ -166,7 +175,7 @@ pub fn run_synth(
         stages: vec![generate.report(), write.report(), truth.report()],
         memory: sampler.finish(),
     };
-    Ok(SynthSummary {
+    Ok(SynthReport {
         cells_per_s: manifest.n_obs as f64 / secs,
         mb_per_s: matrix_bytes as f64 / 1e6 / secs,
         manifest,
