@@ -1,33 +1,15 @@
 //! Differentially expressed genes: the DEG tables (`group`, `rank`, `gene`, `score`) that import
-//! keeps from an `.h5ad` and evaluation writes, and the group names they use for a condition.
+//! keeps from an `.h5ad` and evaluation writes (the group names a target's DEGs go by:
+//! [`Target::deg_keys`](crate::predictor::targets::Target::deg_keys)).
 
 use std::collections::HashMap;
 
 use cpa_stream_stages::h5ad::{DEG_GENE, DEG_GROUP, DEG_RANK};
-use cpa_stream_stages::model::Vocabulary;
-use cpa_stream_stages::model::vocab::canonical_condition;
 use cpa_stream_stages::store::TableFile;
 
 use crate::Stage;
 use crate::error::{Error, Result};
-use crate::obs::{ObsKeys, column_strings};
-use crate::predictor::targets::Target;
-
-/// Group names a DEG table may use for a target: `<covariates>_<condition>_<dose>`,
-/// `<covariates>_<condition>`, `<condition>` (the last also in canonical part order).
-pub fn deg_keys(target: &Target, vocab: &Vocabulary, keys: &ObsKeys) -> Vec<String> {
-    let covs: Vec<&str> = (0..vocab.covariates.len()).filter_map(|c| target.covariate_value(vocab, c)).collect();
-    let prefix = if covs.is_empty() { String::new() } else { format!("{}_", covs.join("_")) };
-    let mut out = Vec::new();
-    if keys.dose.is_some() {
-        out.push(format!("{prefix}{}_{}", target.condition, target.dose));
-    }
-    out.push(format!("{prefix}{}", target.condition));
-    out.push(target.condition.clone());
-    out.push(canonical_condition(&target.condition));
-    out.dedup();
-    out
-}
+use crate::obs::column_strings;
 
 /// Reads a DEG table (`group`, `rank`, `gene`): each group's genes in rank order.
 pub fn read_deg_lists(table: TableFile<'_>) -> Result<HashMap<String, Vec<String>>> {

@@ -23,6 +23,7 @@
 
 pub mod batcher;
 pub mod bench;
+mod condition;
 pub mod context;
 pub mod convert;
 mod crew;
@@ -37,6 +38,7 @@ pub mod fault;
 pub mod import;
 pub mod limits;
 pub mod obs;
+mod opened;
 pub mod plots;
 pub mod predict;
 pub mod predictor;

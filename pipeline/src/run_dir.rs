@@ -60,7 +60,7 @@ pub(crate) fn copy_files(from: &Path, to: &Path) -> cpa_stream_stages::Result<()
 pub const RUN_ENTRIES: [&str; 8] =
     [CHECKPOINT_DIR, BEST_DIR, MODEL_DIR, METRICS_FILE, CONFIG_FILE, SETTINGS_FILE, "history.svg", "history.png"];
 
-/// The picture of a run's history (`.svg` and `.png`, [`crate::plots::write_history`]).
+/// The picture of a run's history (`.svg` and `.png`, [`crate::train::history::plot_history`]).
 pub const HISTORY_STEM: &str = "history";
 
 /// The settings a run was trained with (obs keys, control, covariates, split, configuration),

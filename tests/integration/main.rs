@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod h5ad;
+mod layout;
 mod link;
 mod memory;
 mod model;

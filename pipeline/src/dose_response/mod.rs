@@ -13,6 +13,7 @@
 //! Memory: the sampled control cells (at most `cells` per covariate combination) and one
 //! decoded batch; the store is read once for the sample.
 
+mod plot;
 mod request;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -34,11 +35,11 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::Stage;
+use crate::condition::{ConditionKey, TruthRow, map_groups, read_truth};
 use crate::context::RunContext;
+use crate::encoder::CellLabels;
 use crate::error::{Error, Result};
-use crate::evaluate::Opened;
-use crate::evaluate::conditions::{ConditionKey, key_of, map_groups};
-use crate::evaluate::truth::{TruthRow, read_truth};
+use crate::opened::Opened;
 use crate::suggest::listing;
 use crate::telemetry::StageStats;
 
@@ -210,8 +211,9 @@ pub fn run(options: &DoseResponseOptions, ctx: &RunContext) -> Result<DoseRespon
     let encoder_stats = StageStats::new(Stage::Encoder, 1);
     let (model, dir, data) = match &options.store {
         Some(store) => {
-            let opened = Opened::open(&options.model, store, options.device, &encoder_stats)?;
-            let data = StoreData::read(&opened, options)?;
+            let opened = Opened::open(&options.model, store, options.device, Stage::DoseResponse)?;
+            let labels = opened.label(&encoder_stats)?.labels;
+            let data = StoreData::read(&opened, &labels, options)?;
             (opened.model, opened.dir, Some((data, store.clone())))
         }
         None => {
@@ -320,7 +322,7 @@ pub fn run(options: &DoseResponseOptions, ctx: &RunContext) -> Result<DoseRespon
         })?;
         if options.plots {
             let title = format!("dose response: {}", dir.display());
-            crate::plots::write_dose_response(&tmp.join(PLOT_STEM), &title, &latent, &decoded, &report.space)
+            plot::plot(&tmp.join(PLOT_STEM), &title, &latent, &decoded, &report.space)
                 .map_err(|e| cpa_stream_stages::Error::InvalidInput(e.to_string()))?;
         }
         Ok(())
@@ -450,8 +452,8 @@ struct StoreData {
 }
 
 impl StoreData {
-    fn read(opened: &Opened, options: &DoseResponseOptions) -> Result<StoreData> {
-        let groups = map_groups(&opened.labels, opened.model.vocabulary());
+    fn read(opened: &Opened, labels: &CellLabels, options: &DoseResponseOptions) -> Result<StoreData> {
+        let groups = map_groups(labels, opened.model.vocabulary());
         let mut observed: HashMap<u32, BTreeSet<u32>> = HashMap::new();
         let mut observed_with: HashMap<(Vec<u32>, u32), BTreeSet<u32>> = HashMap::new();
         for g in groups.iter().flatten().filter(|g| !g.is_control) {
@@ -459,16 +461,15 @@ impl StoreData {
                 observed.entry(p).or_default().insert(d.to_bits());
             }
             if let [(p, d)] = g.parts[..] {
-                observed_with.entry((g.key.0.clone(), p)).or_default().insert(d.to_bits());
+                observed_with.entry((g.key.covariates.clone(), p)).or_default().insert(d.to_bits());
             }
         }
         // Reservoir sample (algorithm R) of each combination's control cells, in store order.
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(options.seed);
         let mut reservoirs: BTreeMap<Vec<u32>, (u64, Vec<u64>)> = BTreeMap::new();
-        let labels = &opened.labels;
         for cell in 0..labels.n_cells() {
             let Some(g) = groups[labels.group_id(cell) as usize].as_ref().filter(|g| g.is_control) else { continue };
-            let (seen, rows) = reservoirs.entry(g.key.0.clone()).or_default();
+            let (seen, rows) = reservoirs.entry(g.key.covariates.clone()).or_default();
             *seen += 1;
             if rows.len() < options.cells {
                 rows.push(cell);
@@ -578,11 +579,8 @@ impl Decoder<'_> {
         })
         .map_err(Error::stage(Stage::Predictor))?;
         let origin = &encoded.origin;
-        let truth_control = self
-            .truth
-            .iter()
-            .find(|(k, _)| k.0 == covs && k.1.iter().all(|&(id, _)| id as usize == CONTROL_ID))
-            .map(|(_, row)| &row.mean_log1p);
+        let truth_control =
+            self.truth.iter().find(|(k, _)| k.covariates == covs && k.is_control()).map(|(_, row)| &row.mean_log1p);
         let seen = observed_with.get(&(covs.to_vec(), p));
         let top = curve.last().map(|m| top_genes(m, origin, DEFAULT_TOP_GENES)).unwrap_or_default();
         let genes: &[usize] = if self.gene_index.is_empty() { &top } else { self.gene_index };
@@ -597,7 +595,7 @@ impl Decoder<'_> {
             let truth_delta: Option<Vec<f64>> = if dose == 0.0 {
                 truth_control.map(|c| vec![0.0; c.len()])
             } else {
-                let key = key_of(covs, &[(p, dose as f32)]);
+                let key = ConditionKey::of(covs, &[(p, dose as f32)]);
                 self.truth
                     .get(&key)
                     .zip(truth_control)

@@ -11,6 +11,8 @@ mod scan;
 #[cfg(test)]
 mod tests;
 
+use std::path::Path;
+
 use arrow::datatypes::Schema;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::{CELL_ID, categories_of};
@@ -69,6 +71,34 @@ impl Default for EncoderOptions {
 }
 
 impl EncoderOptions {
+    /// The options a model recorded (obs keys, control, covariates and batch key, split with its
+    /// seed), to label a store's cells as the model was trained. The covariates come back in
+    /// the model's order: the batch key leaves the covariate list only where training put it
+    /// (last, when it was not among the covariates). `origin` names the model in errors.
+    pub fn recorded(vocab: &Vocabulary, max_comb_len: usize, origin: &Path) -> Result<EncoderOptions> {
+        let data = vocab.data.as_ref().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{}: the model records no obs keys or split (a model built from parts; train it with cpa-stream \
+                 train, or give them as flags)",
+                origin.display()
+            ))
+        })?;
+        let batch = vocab.covariates.iter().find(|c| c.is_batch).map(|c| c.name.clone());
+        let mut covariate_keys: Vec<String> = vocab.covariates.iter().map(|c| c.name.clone()).collect();
+        if batch.is_some() && vocab.covariates.last().is_some_and(|c| c.is_batch) {
+            covariate_keys.pop();
+        }
+        Ok(EncoderOptions {
+            perturbation_key: data.perturbation_key.clone(),
+            dose_key: data.dose_key.clone(),
+            control: vocab.control().to_owned(),
+            covariate_keys,
+            batch_key: batch,
+            split: data.split.clone(),
+            max_comb_len,
+        })
+    }
+
     /// The covariate columns, the batch key last when it is not among them.
     pub fn all_covariate_keys(&self) -> Vec<String> {
         let mut keys = self.covariate_keys.clone();

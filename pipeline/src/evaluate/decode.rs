@@ -15,8 +15,9 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Device, Kind, Tensor};
 
 use super::EvalSplit;
-use super::conditions::{ConditionKey, SourceSplits};
+use super::conditions::SourceSplits;
 use crate::batcher::{Feeder, Loaded, LoaderOptions, PoolStats, spawn_fed};
+use crate::condition::ConditionKey;
 use crate::context::RunContext;
 use crate::crew::Crew;
 use crate::encoder::CellLabels;
@@ -113,7 +114,7 @@ impl Decode<'_> {
         let device = model.device();
         let mut by_covariates: HashMap<&[u32], Vec<usize>> = HashMap::new();
         for (i, (key, _)) in self.targets.iter().enumerate() {
-            by_covariates.entry(&key.0).or_default().push(i);
+            by_covariates.entry(&key.covariates).or_default().push(i);
         }
         let mut sums: Vec<Option<(Tensor, Tensor)>> = (0..self.targets.len()).map(|_| None).collect();
         let mut counts = vec![0u64; self.targets.len()];

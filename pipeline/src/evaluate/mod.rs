@@ -25,16 +25,15 @@ mod request;
 pub mod samples;
 mod score;
 mod table;
-pub(crate) mod truth;
+
 pub mod uncertainty;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use cpa_stream_stages::h5ad::DEG_FILE;
-use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
+use cpa_stream_stages::model::{CpaModel, Vocabulary};
 use cpa_stream_stages::store::{Store, TableFile};
 pub use moments::in_second_half;
 pub use request::EvaluateRequest;
@@ -44,16 +43,17 @@ use tch::Device;
 
 use crate::Stage;
 use crate::batcher::LoaderOptions;
+use crate::condition::{ConditionKey, MappedGroup, TruthRow, dropped, map_groups, read_truth};
 use crate::context::RunContext;
 use crate::degs::read_deg_lists;
-use crate::encoder::{CellLabels, EncoderOptions, Split};
+use crate::encoder::Split;
 use crate::error::{Error, Result};
-use crate::obs::{ObsKeys, gene_names};
+use crate::obs::ObsKeys;
+use crate::opened::{Labelled, Opened};
 use crate::predictor::targets::Target;
-use crate::run_dir::model_dir;
 use crate::stats::Moments;
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
-use conditions::{ConditionKey, SourceSplits};
+use conditions::SourceSplits;
 use decode::{Decode, DecodeStats};
 use moments::GroupMoments;
 
@@ -434,80 +434,10 @@ pub struct EvaluateReport {
     pub report: RunReport,
 }
 
-/// A model and the store it is evaluated on, with the store's cells labelled as the model was
-/// trained.
-pub(crate) struct Opened {
-    pub(crate) dir: PathBuf,
-    pub(crate) model: CpaModel,
-    pub(crate) store: Arc<Store>,
-    pub(crate) genes: Vec<String>,
-    pub(crate) labels: CellLabels,
-    /// Why the store is not the one the run trained on (see [`other_store`]).
-    pub(crate) other_store: Option<String>,
-}
-
-/// Whether `labels` (of `store`) hold the cells the model was trained from: `None` when they do
-/// (in any order) or the model did not record them, else why not, for a warning.
-pub(crate) fn other_store(vocab: &Vocabulary, labels: &CellLabels, store: &std::path::Path) -> Option<String> {
-    let trained = vocab.data.as_ref()?.cells?;
-    let here = labels.vocab.data.as_ref()?.cells?;
-    (trained != here).then(|| {
-        format!(
-            "{} is not the store the run trained on: it holds {} cells, other than the run's {} (a filtered, \
-             extended or other store). Cells keep the split of their id, so cells the run trained on stay out of \
-             the test split; cells it never saw are split by their ids too",
-            store.display(),
-            here.cells,
-            trained.cells
-        )
-    })
-}
-
-impl Opened {
-    /// Opens the model at `model` (a run or model directory) on `device` and the store at
-    /// `store_path`, and labels the store's cells with the model's obs keys and split.
-    pub(crate) fn open(
-        model: &std::path::Path,
-        store_path: &std::path::Path,
-        device: Device,
-        encoder_stats: &StageStats,
-    ) -> Result<Opened> {
-        let dir = model_dir(model)?;
-        let file = read_model_file(&dir).map_err(Error::stage(Stage::Evaluate))?;
-        let store = Arc::new(Store::open(store_path).map_err(Error::stage(Stage::Reader))?);
-        let genes = gene_names(&store)?;
-        let model = load_model_for(&dir, &genes, &store_path.display().to_string(), device)
-            .map_err(Error::stage(Stage::Evaluate))?;
-        let vocab = model.vocabulary();
-        let data = vocab.data.clone().ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "{}: the model records no obs keys or split (train it with cpa-stream train)",
-                dir.display()
-            ))
-        })?;
-        let encoder = EncoderOptions {
-            perturbation_key: data.perturbation_key.clone(),
-            dose_key: data.dose_key.clone(),
-            control: vocab.control().to_owned(),
-            covariate_keys: vocab.covariates.iter().filter(|c| !c.is_batch).map(|c| c.name.clone()).collect(),
-            batch_key: vocab.covariates.iter().find(|c| c.is_batch).map(|c| c.name.clone()),
-            split: data.split.clone(),
-            max_comb_len: file.config.model.max_comb_len,
-        };
-        let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &encoder))?;
-        encoder_stats.add(labels.n_cells(), labels.heap_bytes() as u64);
-        let other_store = other_store(model.vocabulary(), &labels, store_path);
-        if let Some(why) = &other_store {
-            tracing::warn!("{why}");
-        }
-        Ok(Opened { dir, model, store, genes, labels, other_store })
-    }
-}
-
 /// What is evaluated: the conditions with enough cells (or a truth row), their real moments,
 /// the control cells decoded into each covariate combination, and the targets they decode into.
 struct Plan {
-    truth: HashMap<ConditionKey, truth::TruthRow>,
+    truth: HashMap<ConditionKey, TruthRow>,
     conditions: BTreeMap<ConditionKey, conditions::Condition>,
     evaluated: Vec<(ConditionKey, Moments)>,
     control_groups: HashMap<Vec<u32>, Vec<usize>>,
@@ -522,14 +452,14 @@ impl Plan {
         options: &EvaluateOptions,
         store: &Store,
         vocab: &Vocabulary,
-        groups: &[Option<conditions::MappedGroup>],
+        groups: &[Option<MappedGroup>],
         moments: &GroupMoments,
     ) -> Result<Plan> {
         let truth_table = match &options.truth {
             Some(p) => Some(TableFile::Path(p)),
             None => Some(TableFile::Store(store, cpa_stream_schemas::StoreFiles::TRUTH)).filter(TableFile::exists),
         };
-        let truth = truth_table.map(|t| truth::read_truth(t, vocab)).transpose()?.unwrap_or_default();
+        let truth = truth_table.map(|t| read_truth(t, vocab)).transpose()?.unwrap_or_default();
         let conditions = conditions::collect(groups, &truth);
         let evaluated_split = |s: Split| options.split.contains(s);
         let mut evaluated: Vec<(ConditionKey, Moments)> = conditions
@@ -539,14 +469,14 @@ impl Plan {
             .collect();
         let control_groups = conditions::control_groups(groups);
         let sources = conditions::control_sources(
-            evaluated.iter().map(|(key, _)| &key.0),
+            evaluated.iter().map(|(key, _)| &key.covariates),
             &control_groups,
             moments,
             options.split,
             options.min_cells,
             options.definitions,
         );
-        evaluated.retain(|(key, _)| sources.contains_key(&key.0));
+        evaluated.retain(|(key, _)| sources.contains_key(&key.covariates));
         let targets = evaluated
             .iter()
             .map(|(key, _)| {
@@ -564,7 +494,7 @@ impl Plan {
             .iter()
             .map(|g| {
                 let g = g.as_ref().filter(|g| g.is_control)?;
-                sources.get(&g.key.0).map(|(s, _)| (g.key.0.clone(), *s))
+                sources.get(&g.key.covariates).map(|(s, _)| (g.key.covariates.clone(), *s))
             })
             .collect();
         Ok(Plan { truth, conditions, evaluated, control_groups, sources, targets, source_of_group })
@@ -593,11 +523,12 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
     let wall = Instant::now();
     let sampler = MemorySampler::start();
     let encoder_stats = StageStats::new(Stage::Encoder, 1);
-    let Opened { dir, model, store, genes, labels, other_store } =
-        Opened::open(&options.model, &options.store, options.device, &encoder_stats)?;
+    let opened = Opened::open(&options.model, &options.store, options.device, Stage::Evaluate)?;
+    let Labelled { labels, other_store } = opened.label(&encoder_stats)?;
+    let Opened { dir, model, store, genes } = opened;
     let vocab = model.vocabulary().clone();
-    let groups = conditions::map_groups(&labels, &vocab);
-    let dropped = conditions::dropped(&labels, &groups);
+    let groups = map_groups(&labels, &vocab);
+    let dropped = dropped(&labels, &groups);
     if !dropped.is_empty() {
         let cells: u64 = dropped.iter().map(|(_, n)| n).sum();
         let shown: Vec<String> = dropped.iter().take(8).map(|(label, n)| format!("{label} ({n})")).collect();
@@ -773,7 +704,8 @@ fn sample_metrics(
         moments.samples.rows(groups, cap.max(1))
     };
     let real = plan.conditions.get(key).map(|c| gather(&c.groups)).transpose().map_err(spill)?.unwrap_or_default();
-    let control = plan.control_groups.get(&key.0).map(|g| gather(g)).transpose().map_err(spill)?.unwrap_or_default();
+    let control =
+        plan.control_groups.get(&key.covariates).map(|g| gather(g)).transpose().map_err(spill)?.unwrap_or_default();
     Ok(samples::SampleMetrics::compute_with_tests(&real, &predicted, &control))
 }
 

@@ -155,7 +155,7 @@ pub(super) fn write_outputs(
         if options.plots {
             write_plots(&tmp.join(PLOTS_DIR), &report.conditions)?;
             let title = format!("{} split", report.split);
-            crate::plots::write_overview(&tmp.join(OVERVIEW_STEM), &title, &report.conditions)?;
+            plot::overview(&tmp.join(OVERVIEW_STEM), &title, &report.conditions)?;
         }
         check_output(options)?;
         publish(&tmp, out, OutputKind::Directory, options.overwrite).map_err(Error::stage(Stage::Evaluate))
@@ -244,7 +244,7 @@ fn write_plots(dir: &Path, rows: &[ConditionMetrics]) -> Result<()> {
         let file = dir.join(format!("{}.svg", plot::file_stem(&name.join("_"))));
         let title = format!("{} {} ({})", c.condition, c.dose, c.covariates.join(", "));
         let truth_label = if c.n_cells == 0 { "true mean (truth table)" } else { "real mean" };
-        crate::plots::write_scatter(&file, &title, truth_label, &c.plot, c.r2_mean)?;
+        plot::scatter(&file, &title, truth_label, &c.plot, c.r2_mean)?;
     }
     Ok(())
 }

@@ -7,16 +7,15 @@ use std::collections::{BTreeMap, HashMap};
 
 use cpa_stream_stages::model::Vocabulary;
 
-use super::conditions::{Condition, ConditionKey, SourceSplits};
+use super::conditions::{Condition, SourceSplits};
 use super::field::{cosine, direction_match, mae, mse, overlap_at, pearson, perturbench_logfc, precision_at, spearman};
 use super::moments::GroupMoments;
 use super::outputs::DegRow;
-use super::truth::TruthRow;
 use super::{
     ConditionMetrics, DEG_OVERLAP_K, Definitions, Effects, EvaluateOptions, FieldMetrics, PlotData, TOP_K, TopMetrics,
     TruthMetrics,
 };
-use crate::degs::deg_keys;
+use crate::condition::{ConditionKey, TruthRow};
 use crate::obs::ObsKeys;
 use crate::predictor::targets::Target;
 use crate::stats::{Moments, benjamini_hochberg, r2_score, top_by_abs, welch_test};
@@ -74,11 +73,11 @@ impl Scoring<'_> {
         predicted: &Moments,
         deg_rows: &mut Vec<DegRow>,
     ) -> ConditionMetrics {
-        let (choice, control) = &self.sources[&key.0];
+        let (choice, control) = &self.sources[&key.covariates];
         let truth = self.truth.get(key);
         let ctrl_mean = control.mean();
         let (ranked, deg_source, tested) = self.degs(key, target, &ctrl_mean, truth);
-        let group_name = deg_keys(target, self.vocab, self.keys).into_iter().next().unwrap_or_default();
+        let group_name = target.deg_keys(self.vocab, self.keys).into_iter().next().unwrap_or_default();
         let largest_k = TOP_K[TOP_K.len() - 1];
         for (rank, &g) in ranked.iter().take(largest_k).enumerate() {
             let at = |v: fn(&Tested) -> &Vec<f64>| tested.as_ref().map_or(f64::NAN, |t| v(t)[g]);
@@ -154,7 +153,7 @@ impl Scoring<'_> {
         let reference = if has_real { &real_mean } else { truth.map_or(&real_mean, |t| &t.mean_log1p) };
         ConditionMetrics {
             covariates: key
-                .0
+                .covariates
                 .iter()
                 .zip(&self.vocab.covariates)
                 .map(|(&c, cov)| cov.categories[c as usize].clone())
@@ -264,15 +263,16 @@ impl Scoring<'_> {
             }
         }
         let listed = self.deg_table.and_then(|(lists, source)| {
-            deg_keys(target, self.vocab, self.keys).into_iter().find_map(|k| lists.get(&k)).map(|l| (l, source))
+            target.deg_keys(self.vocab, self.keys).into_iter().find_map(|k| lists.get(&k)).map(|l| (l, source))
         });
         if let Some((list, source)) = listed {
             let position: HashMap<&str, usize> = self.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
             return (list.iter().filter_map(|g| position.get(g.as_str()).copied()).collect(), source, None);
         }
         let treated = self.moments.of_groups(&self.conditions[key].groups, all_splits);
-        let controls =
-            self.moments.of_groups(self.control_groups.get(&key.0).map(Vec::as_slice).unwrap_or(&[]), all_splits);
+        let controls = self
+            .moments
+            .of_groups(self.control_groups.get(&key.covariates).map(Vec::as_slice).unwrap_or(&[]), all_splits);
         if treated.n >= 2.0 && controls.n >= 2.0 {
             let (score, pvalue) = welch_test(&treated, &controls);
             let qvalue = benjamini_hochberg(&pvalue);

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use cpa_stream_stages::model::{CpaModel, PerturbationCsr};
 use tch::{Device, Kind, Tensor};
 
-use super::conditions::{ConditionKey, MappedGroup};
 use super::moments::GroupMoments;
 use crate::Stage;
+use crate::condition::{ConditionKey, MappedGroup};
 use crate::encoder::Split;
 use crate::error::{Error, Result};
 
@@ -54,8 +54,9 @@ pub(super) fn uncertainties(
     }
     let names: Vec<String> = training.values().map(|(_, g)| label(model, g)).collect();
     let train_shifts: Vec<ConditionParts<'_>> =
-        training.iter().map(|(k, (_, g))| (k.0.as_slice(), g.parts.as_slice())).collect();
-    let query: Vec<ConditionParts<'_>> = keys.iter().map(|(k, parts)| (k.0.as_slice(), parts.as_slice())).collect();
+        training.iter().map(|(k, (_, g))| (k.covariates.as_slice(), g.parts.as_slice())).collect();
+    let query: Vec<ConditionParts<'_>> =
+        keys.iter().map(|(k, parts)| (k.covariates.as_slice(), parts.as_slice())).collect();
     let (a, b) = tch::no_grad(|| -> cpa_stream_stages::Result<(Tensor, Tensor)> {
         Ok((shifts(model, &query)?, shifts(model, &train_shifts)?))
     })
@@ -116,7 +117,7 @@ fn shifts(model: &CpaModel, conditions: &[ConditionParts<'_>]) -> cpa_stream_sta
 fn label(model: &CpaModel, group: &MappedGroup) -> String {
     let covs: Vec<&str> = group
         .key
-        .0
+        .covariates
         .iter()
         .zip(&model.vocabulary().covariates)
         .map(|(&c, cov)| cov.categories.get(c as usize).map_or("?", String::as_str))

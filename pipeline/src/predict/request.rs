@@ -92,7 +92,11 @@ impl PredictRequest {
             }
             (None, None, Some(k)) => GeneSelection::TopDeg(k),
             (Some(_), _, _) => {
-                return Err(choose_one(n, "--genes", if self.top_deg.is_some() { "--top-deg" } else { "--genes-file" }));
+                return Err(choose_one(
+                    n,
+                    "--genes",
+                    if self.top_deg.is_some() { "--top-deg" } else { "--genes-file" },
+                ));
             }
             (None, Some(_), Some(_)) => return Err(choose_one(n, "--genes-file", "--top-deg")),
         };

@@ -9,7 +9,7 @@ use cpa_stream_stages::store::{Store, TableFile};
 
 use super::options::GeneSelection;
 use super::targets::{Target, known};
-use crate::degs::{deg_keys, read_deg_lists};
+use crate::degs::read_deg_lists;
 use crate::error::{Error, Result};
 use crate::obs::ObsKeys;
 
@@ -48,12 +48,12 @@ pub(super) fn select_genes(
             let mut chosen = vec![false; vocab.genes.len()];
             for target in targets {
                 let list =
-                    deg_keys(target, vocab, keys).into_iter().find_map(|key| lists.get(&key)).ok_or_else(|| {
+                    target.deg_keys(vocab, keys).into_iter().find_map(|key| lists.get(&key)).ok_or_else(|| {
                         Error::InvalidInput(format!(
                             "{}: no DEG list for target {} (tried {}; groups there: {})",
                             path.display(),
                             target.condition,
-                            deg_keys(target, vocab, keys).join(", "),
+                            target.deg_keys(vocab, keys).join(", "),
                             known(lists.keys())
                         ))
                     })?;

@@ -21,7 +21,7 @@ use arrow::datatypes::SchemaRef;
 use cpa_stream_schemas::tables::prediction_schema;
 use cpa_stream_schemas::tables::predictions::{CHANGE_LOG1P, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY};
 use cpa_stream_stages::model::layers::Noise;
-use cpa_stream_stages::model::{CpaModel, Vocabulary, load_model_for, read_model_file};
+use cpa_stream_stages::model::{CpaModel, Vocabulary};
 use cpa_stream_stages::store::Store;
 pub use options::{DEFAULT_BATCH_SIZE, GeneSelection, Layout, PredictOptions, Shard};
 use rand::SeedableRng;
@@ -31,9 +31,9 @@ use tch::Tensor;
 
 use crate::Stage;
 use crate::error::{Error, Result};
+use crate::obs::ObsKeys;
 use crate::obs::expr::Expr;
-use crate::obs::{ObsKeys, gene_names};
-use crate::run_dir::model_dir;
+use crate::opened::Opened;
 use buffers::BufferPool;
 
 /// The labels of one kind of source cell (condition, doses, covariates), resolved against the
@@ -201,13 +201,10 @@ fn warn_untrained(model: &CpaModel, vocab: &Vocabulary, targets: &[Target]) -> c
 impl Predictor {
     /// Loads the model, checks it against the store, and resolves source, targets and genes.
     pub fn open(options: &PredictOptions) -> Result<Predictor> {
-        let dir = model_dir(&options.model)?;
-        let file = read_model_file(&dir).map_err(Error::stage(Stage::Predictor))?;
-        let store = Store::open(&options.store).map_err(Error::stage(Stage::Reader))?;
-        let store_genes = gene_names(&store)?;
-        let model = load_model_for(&dir, &store_genes, &options.store.display().to_string(), options.device)
-            .map_err(Error::stage(Stage::Predictor))?;
-        let vocab = &file.vocabulary;
+        let Opened { dir, model, store, .. } =
+            Opened::open(&options.model, &options.store, options.device, Stage::Predictor)?;
+        let vocab = &model.vocabulary().clone();
+        let config = model.config().clone();
         if options.batch_corrected && !vocab.covariates.iter().any(|c| c.is_batch) {
             return Err(Error::InvalidInput(format!(
                 "{}: a batch-corrected prediction needs a model trained with a batch key (train --batch-key); this \
@@ -221,7 +218,7 @@ impl Predictor {
             Some(text) => Expr::parse(text)?,
             None => Expr::Eq(keys.perturbation.clone(), vocab.control().to_owned()),
         };
-        let max_comb_len = file.config.model.max_comb_len;
+        let max_comb_len = config.model.max_comb_len;
         let targets = options
             .targets
             .iter()
@@ -233,7 +230,7 @@ impl Predictor {
             genes::select_genes(&options.genes, vocab, &targets, &keys, &store, options.degs.as_deref())?;
         let mut label_columns = vec![keys.perturbation.clone(), keys.dose_output.clone()];
         label_columns.extend(vocab.covariates.iter().map(|c| c.name.clone()));
-        let latent_width = i32::try_from(file.config.model.n_latent).unwrap_or(i32::MAX);
+        let latent_width = i32::try_from(config.model.n_latent).unwrap_or(i32::MAX);
         let theta = if options.expected_log1p || options.change {
             Some(written_theta(&model, &dir, gene_index.as_deref(), options.change)?)
         } else {
@@ -256,7 +253,7 @@ impl Predictor {
         let rows = options.shard.map_or(0..store.n_obs(), |s| s.rows(store.n_obs()));
         let noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(options.seed), model.device());
         Ok(Predictor {
-            store: Arc::new(store),
+            store,
             model,
             keys,
             source,

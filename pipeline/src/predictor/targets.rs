@@ -7,10 +7,11 @@ use std::path::Path;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 use cpa_stream_stages::model::Vocabulary;
-use cpa_stream_stages::model::vocab::split_condition;
+use cpa_stream_stages::model::vocab::{canonical_condition, split_condition};
 
 use crate::Stage;
 use crate::error::{Error, Result};
+use crate::obs::ObsKeys;
 
 /// A target as the user wrote it: `(key, value)` pairs. Keys are the model's perturbation key
 /// (or `perturbation` / `condition`), its dose key (or `dose`), and covariate names.
@@ -35,6 +36,22 @@ impl Target {
     pub fn covariate_value<'a>(&self, vocab: &'a Vocabulary, c: usize) -> Option<&'a str> {
         let code = self.covariates.get(c).copied().flatten()?;
         vocab.covariates.get(c)?.categories.get(code as usize).map(String::as_str)
+    }
+
+    /// Group names a DEG table may use for this target: `<covariates>_<condition>_<dose>`,
+    /// `<covariates>_<condition>`, `<condition>` (the last also in canonical part order).
+    pub fn deg_keys(&self, vocab: &Vocabulary, keys: &ObsKeys) -> Vec<String> {
+        let covs: Vec<&str> = (0..vocab.covariates.len()).filter_map(|c| self.covariate_value(vocab, c)).collect();
+        let prefix = if covs.is_empty() { String::new() } else { format!("{}_", covs.join("_")) };
+        let mut out = Vec::new();
+        if keys.dose.is_some() {
+            out.push(format!("{prefix}{}_{}", self.condition, self.dose));
+        }
+        out.push(format!("{prefix}{}", self.condition));
+        out.push(self.condition.clone());
+        out.push(canonical_condition(&self.condition));
+        out.dedup();
+        out
     }
 }
 

@@ -124,3 +124,51 @@ pub fn read_history(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
     }
     Ok(out)
 }
+
+/// Writes `stem.svg` and `stem.png`: the run's reconstruction and adversary losses, its
+/// validation scores and its learning rate, per epoch (1-based, as the logs count).
+pub fn plot_history(stem: &Path, title: &str, records: &[EpochRecord]) -> Result<()> {
+    use crate::plots::{Colour, Line, Panel, write_panels};
+    if records.is_empty() {
+        return Ok(());
+    }
+    let x = |r: &EpochRecord| f64::from(r.train.epoch) + 1.0;
+    let line = |label: &str, colour: Colour, f: &dyn Fn(&EpochRecord) -> f64| Line {
+        label: label.to_owned(),
+        colour,
+        points: records.iter().map(|r| (x(r), f(r))).collect(),
+    };
+    let validation = |label: &str, colour: Colour, f: fn(&ValidationScore) -> f64| Line {
+        label: label.to_owned(),
+        colour,
+        points: records.iter().filter_map(|r| r.validation.map(|v| (x(r), f(&v)))).collect(),
+    };
+    let epochs = (0.5, records.last().map_or(1.0, x) + 0.5);
+    let panel = |title: &str, lines: Vec<Line>| Panel {
+        title: title.to_owned(),
+        x_desc: "epoch".to_owned(),
+        x_range: epochs,
+        lines,
+        marks: Vec::new(),
+    };
+    let panels = [
+        panel("reconstruction loss (per cell)", vec![line("recon", Colour::Blue, &|r| r.train.recon_loss)]),
+        panel(
+            "adversaries",
+            vec![
+                line("adversary loss", Colour::Orange, &|r| r.train.adv_loss),
+                line("perturbation accuracy", Colour::Grey, &|r| r.train.acc_perts),
+            ],
+        ),
+        panel(
+            "validation",
+            vec![
+                validation("r2_mean", Colour::Green, |v| v.r2_mean),
+                validation("r2_var", Colour::Orange, |v| v.r2_var),
+                validation("score", Colour::Blue, |v| v.score),
+            ],
+        ),
+        panel("learning rate (autoencoder)", vec![line("lr", Colour::Red, &|r| r.train.lr)]),
+    ];
+    write_panels(stem, title, 20, (1100, 760), (2, 2), &panels)
+}

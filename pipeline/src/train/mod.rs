@@ -202,7 +202,7 @@ pub fn run(options: &TrainOptions, ctx: &RunContext) -> Result<TrainReport> {
     let Run { trainer, records, pool, train_stats, trained_cells, .. } = run;
     // A picture is no reason to fail a run: a warning when it cannot be drawn.
     let title = format!("training history of {}", options.out.display());
-    if let Err(e) = crate::plots::write_history(&options.out.join(HISTORY_STEM), &title, &records) {
+    if let Err(e) = history::plot_history(&options.out.join(HISTORY_STEM), &title, &records) {
         tracing::warn!("{e}");
     }
     let stages = [encoder_stats.report()].into_iter().chain(pool.reports()).chain([train_stats.report()]).collect();
@@ -619,26 +619,6 @@ pub fn recorded_settings(run: &Path) -> Result<(EncoderOptions, CpaConfig)> {
     let checkpoint = cpa_stream_stages::model::files::readable_dir(&run.join(CHECKPOINT_DIR))
         .ok_or_else(|| Error::InvalidInput(format!("{}: no checkpoint/ to resume", run.display())))?;
     let file = cpa_stream_stages::model::files::read_model_file(&checkpoint).map_err(Error::stage(Stage::Trainer))?;
-    let vocab = &file.vocabulary;
-    let data = vocab.data.as_ref().ok_or_else(|| {
-        Error::InvalidInput(format!(
-            "{}: the checkpoint records no obs keys or split (a model built from parts); give them as flags",
-            checkpoint.display()
-        ))
-    })?;
-    let batch = vocab.covariates.iter().find(|c| c.is_batch).map(|c| c.name.clone());
-    let mut covariate_keys: Vec<String> = vocab.covariates.iter().map(|c| c.name.clone()).collect();
-    if batch.is_some() && vocab.covariates.last().is_some_and(|c| c.is_batch) {
-        covariate_keys.pop();
-    }
-    let encoder = EncoderOptions {
-        perturbation_key: data.perturbation_key.clone(),
-        dose_key: data.dose_key.clone(),
-        control: vocab.control().to_owned(),
-        covariate_keys,
-        batch_key: batch,
-        split: data.split.clone(),
-        max_comb_len: file.config.model.max_comb_len,
-    };
+    let encoder = EncoderOptions::recorded(&file.vocabulary, file.config.model.max_comb_len, &checkpoint)?;
     Ok((encoder, file.config))
 }

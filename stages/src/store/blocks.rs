@@ -202,14 +202,14 @@ impl CompactBlock {
     }
 
     /// Starts loading the narrow planes of entries `start..end` into the CPU's caches, every
-    /// line of them (a hint, see [`prefetch`](super::reader::prefetch)): the blocks of a window
+    /// line of them (a hint, see [`prefetch`](super::mmap::prefetch)): the blocks of a window
     /// outgrow the core's own cache, and each row read from them is four short runs of bytes.
     pub(crate) fn prefetch_row(&self, start: usize, end: usize) {
         // A block whose arrays are both wide keeps no planes (not even the header byte).
         let Some(planes) = self.planes.get(PLANES_AT..).filter(|_| self.nnz > 0) else { return };
         let narrow_planes = 2 * (usize::from(self.narrow_indices) + usize::from(self.narrow_values));
         for plane in planes.chunks_exact(self.nnz).take(narrow_planes) {
-            super::reader::prefetch(&plane[start..end], 64);
+            super::mmap::prefetch(&plane[start..end], 64);
         }
     }
 

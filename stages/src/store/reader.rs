@@ -12,7 +12,7 @@ use memmap2::Advice;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use super::blocks::{BlockDecoder, CompactBlock};
-use super::mmap::MappedFile;
+use super::mmap::{MappedFile, prefetch};
 use crate::csr::{CsrBatch, check_row};
 use crate::error::{Error, Result};
 
@@ -610,27 +610,6 @@ const PREFETCH_ROWS: usize = 4;
 
 /// Bytes of a memory page: a mapped row's pages are prefetched one line each.
 const PAGE: usize = 4096;
-
-/// Asks the CPU to start loading `values` into its caches, one line every `stride` bytes.
-/// Gathering scattered rows is bound by memory latency, not bandwidth (each row is a few KB at a
-/// new place, and the hardware prefetchers do not cross pages): loads started a couple of rows
-/// ahead overlap it. A hint only: no effect on results, and nothing on targets without the
-/// instruction.
-#[inline]
-pub(crate) fn prefetch<T>(values: &[T], stride: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let start = values.as_ptr().cast::<i8>();
-        for offset in (0..std::mem::size_of_val(values)).step_by(stride) {
-            // SAFETY: prefetching never faults and does not change memory; the address lies
-            // inside `values`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = values;
-}
 
 /// Reads rows of a [`Store`] for one thread, for every codec. For the zstd codec it keeps the
 /// last decompressed block, so reading rows in order decompresses each block once.

@@ -9,7 +9,7 @@ use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::split_condition;
 use cpa_stream_stages::store::TableFile;
 
-use super::conditions::{ConditionKey, key_of};
+use super::ConditionKey;
 use crate::Stage;
 use crate::error::{Error, Result};
 use crate::obs::column_strings;
@@ -66,7 +66,7 @@ pub(crate) fn read_truth(file: TableFile<'_>, vocab: &Vocabulary) -> Result<Hash
         let start = row * width;
         let mean_log1p = (start..start + width).map(|i| f64::from(values.value(i))).collect();
         out.insert(
-            key_of(&covs, &parts),
+            ConditionKey::of(&covs, &parts),
             TruthRow { condition: condition.to_owned(), dose: dose.to_owned(), mean_log1p },
         );
     }

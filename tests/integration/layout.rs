@@ -1,0 +1,293 @@
+//! The house rules of the source tree, checked: no circles between the modules of `pipeline` or
+//! `stages` (at every level, a module never uses a sibling that uses it back, directly or round
+//! a loop), and the commands of `pipeline` never use one another.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use crate::common::repo_root;
+
+/// A module's path inside its crate (`["evaluate", "truth"]`; the crate root is empty).
+type ModulePath = Vec<String>;
+
+/// Where a use of another module was seen: the file and line.
+type Seen = (PathBuf, usize);
+
+/// Every module file of the crate whose `src` is `src`, by module path.
+fn modules(src: &Path) -> BTreeMap<ModulePath, PathBuf> {
+    let mut found = BTreeMap::new();
+    let mut stack = vec![src.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let relative = path.strip_prefix(src).unwrap_or(&path).with_extension("");
+            let mut parts: ModulePath = relative.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+                parts.pop();
+            }
+            found.insert(parts, path);
+        }
+    }
+    found
+}
+
+/// The code of a file without its comments and its `#[cfg(test)]` module (tests may use what
+/// they test from anywhere).
+fn code_of(text: &str) -> Vec<(usize, String)> {
+    let end = text.find("#[cfg(test)]\nmod tests").unwrap_or(text.len());
+    text[..end]
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let code = match line.find("//") {
+                Some(at) if !line[..at].contains('"') => &line[..at],
+                _ => line,
+            };
+            (i + 1, code.to_owned())
+        })
+        .collect()
+}
+
+/// The paths a use tree names: `crate::{a::B, c::{D, E}}` gives `crate::a::B`, `crate::c::D`,
+/// `crate::c::E`.
+fn expand(tree: &str) -> Vec<String> {
+    let tree: String = tree.chars().filter(|c| !c.is_whitespace()).collect();
+    let Some(open) = tree.find('{') else { return vec![tree] };
+    let prefix = &tree[..open];
+    let mut inner = &tree[open + 1..];
+    if let Some(close) = inner.rfind('}') {
+        inner = &inner[..close];
+    }
+    let (mut parts, mut depth, mut start) = (Vec::new(), 0, 0);
+    for (i, c) in inner.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&inner[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&inner[start..]);
+    parts.into_iter().filter(|p| !p.is_empty()).flat_map(|p| expand(&format!("{prefix}{p}"))).collect()
+}
+
+/// The `crate::`, `super::` and `self::` paths a file's code names, with their lines.
+fn paths_named(code: &[(usize, String)]) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut pending: Option<(usize, String)> = None;
+    for (line, text) in code {
+        let trimmed = text.trim_start();
+        let use_start =
+            ["use ", "pub use ", "pub(crate) use ", "pub(super) use "].iter().find_map(|p| trimmed.strip_prefix(p));
+        match (&mut pending, use_start) {
+            (Some((_, tree)), _) => tree.push_str(text),
+            (None, Some(rest)) => pending = Some((*line, rest.to_owned())),
+            (None, None) => {}
+        }
+        if let Some((at, tree)) = pending.take() {
+            match tree.find(';') {
+                Some(end) => out.extend(expand(&tree[..end]).into_iter().map(|p| (at, p))),
+                None => pending = Some((at, tree)),
+            }
+            if pending.is_some() {
+                continue;
+            }
+        }
+        // Paths written inline (`crate::plots::write(...)`, `super::Options`).
+        for start in ["crate::", "super::", "self::"] {
+            let mut from = 0;
+            while let Some(at) = text[from..].find(start) {
+                let begin = from + at;
+                let before = text[..begin].chars().next_back();
+                let path: String =
+                    text[begin..].chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':').collect();
+                if before.is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == ':')) && !trimmed.starts_with("use ")
+                {
+                    out.push((*line, path.clone()));
+                }
+                from = begin + path.len().max(1);
+            }
+        }
+    }
+    out
+}
+
+/// The module a path names from `module` (the longest known module it starts with), if any.
+fn resolve(module: &ModulePath, path: &str, known: &BTreeMap<ModulePath, PathBuf>) -> Option<ModulePath> {
+    let mut segments: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
+    let mut base: ModulePath = match segments.first() {
+        Some(&"crate") => Vec::new(),
+        Some(&"self") => module.clone(),
+        Some(&"super") => {
+            let mut base = module.clone();
+            while segments.first() == Some(&"super") {
+                // `super` of `a/b.rs` and of `a/b/mod.rs` is `a`.
+                base.pop();
+                segments.remove(0);
+            }
+            segments.insert(0, "super");
+            base
+        }
+        _ => return None,
+    };
+    for s in segments.into_iter().skip(1) {
+        base.push(s.to_owned());
+    }
+    while !base.is_empty() && !known.contains_key(&base) {
+        base.pop();
+    }
+    Some(base)
+}
+
+/// Every use of one module by another in the crate at `src`: (user, used) -> where first seen.
+fn uses(src: &Path) -> BTreeMap<(ModulePath, ModulePath), Seen> {
+    let known = modules(src);
+    let mut edges = BTreeMap::new();
+    for (module, file) in &known {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        for (line, path) in paths_named(&code_of(&text)) {
+            if let Some(used) = resolve(module, &path, &known)
+                && &used != module
+            {
+                edges.entry((module.clone(), used)).or_insert_with(|| (file.clone(), line));
+            }
+        }
+    }
+    edges
+}
+
+/// The loops among siblings: at each level, a module's use of another below the same parent
+/// (neither inside the other) is an edge between the two children of that parent; a strongly
+/// connected set of two or more children is a circle. Returns each circle with one use per edge.
+fn circles(edges: &BTreeMap<(ModulePath, ModulePath), Seen>) -> Vec<Vec<String>> {
+    let mut levels: BTreeMap<ModulePath, BTreeMap<String, BTreeMap<String, Seen>>> = BTreeMap::new();
+    for ((from, to), seen) in edges {
+        let common = from.iter().zip(to).take_while(|(a, b)| a == b).count();
+        if common == from.len() || common == to.len() {
+            continue; // a parent and its child
+        }
+        let parent: ModulePath = from[..common].to_vec();
+        levels
+            .entry(parent)
+            .or_default()
+            .entry(from[common].clone())
+            .or_default()
+            .entry(to[common].clone())
+            .or_insert_with(|| seen.clone());
+    }
+    let mut found = Vec::new();
+    for (parent, graph) in &levels {
+        // Reachability by repeated search: the graphs have tens of nodes.
+        let reach = |start: &str| -> BTreeSet<String> {
+            let mut seen = BTreeSet::new();
+            let mut stack = vec![start.to_owned()];
+            while let Some(n) = stack.pop() {
+                for next in graph.get(&n).map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
+                    if seen.insert(next.clone()) {
+                        stack.push(next);
+                    }
+                }
+            }
+            seen
+        };
+        let mut done = BTreeSet::new();
+        for node in graph.keys() {
+            if done.contains(node) || !reach(node).contains(node) {
+                continue;
+            }
+            let members: BTreeSet<String> =
+                reach(node).into_iter().filter(|other| reach(other).contains(node)).collect();
+            let mut described = Vec::new();
+            for a in &members {
+                for (b, (file, line)) in graph.get(a).into_iter().flatten() {
+                    if members.contains(b) {
+                        let at = file.strip_prefix(repo_root()).unwrap_or(file).display().to_string();
+                        described.push(format!("{}{a} -> {b} ({at}:{line})", prefix(parent)));
+                    }
+                }
+            }
+            done.extend(members);
+            found.push(described);
+        }
+    }
+    found
+}
+
+fn prefix(parent: &ModulePath) -> String {
+    if parent.is_empty() { String::new() } else { format!("{}::", parent.join("::")) }
+}
+
+#[test]
+fn no_module_of_pipeline_or_stages_goes_round_in_a_circle() {
+    let mut found = Vec::new();
+    for krate in ["pipeline", "stages"] {
+        let src = repo_root().join(krate).join("src");
+        let edges = uses(&src);
+        assert!(edges.len() > 30, "{krate}: only {} uses between modules found", edges.len());
+        found.extend(circles(&edges).into_iter().map(|c| format!("{krate}: {}", c.join("\n  "))));
+    }
+    assert!(found.is_empty(), "modules that use each other:\n{}", found.join("\n\n"));
+}
+
+/// The commands of `pipeline`: what they share lives in the modules below them, never in
+/// another command.
+const COMMANDS: [&str; 9] =
+    ["synth", "import", "export", "convert", "train", "predict", "evaluate", "dose_response", "embeddings"];
+
+#[test]
+fn the_commands_never_use_one_another() {
+    let edges = uses(&repo_root().join("pipeline/src"));
+    let crossing: Vec<String> = edges
+        .iter()
+        .filter(|((from, to), _)| {
+            let (a, b) = (from.first().map(String::as_str), to.first().map(String::as_str));
+            a != b && a.is_some_and(|a| COMMANDS.contains(&a)) && b.is_some_and(|b| COMMANDS.contains(&b))
+        })
+        .map(|((from, to), (file, line))| {
+            format!("{} -> {} ({}:{line})", from.join("::"), to.join("::"), file.display())
+        })
+        .collect();
+    assert!(crossing.is_empty(), "commands using another command:\n{}", crossing.join("\n"));
+}
+
+#[test]
+fn the_circle_check_finds_circles_and_reads_use_trees() {
+    assert_eq!(
+        expand("crate::{a::B, c::{D, e::F}}"),
+        ["crate::a::B", "crate::c::D", "crate::c::e::F"].map(str::to_owned).to_vec()
+    );
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let src = dir.path();
+    std::fs::create_dir_all(src.join("eval")).unwrap_or_else(|e| panic!("{e}"));
+    let files = [
+        ("lib.rs", "mod plots;\nmod eval;\nmod train;\n"),
+        ("plots.rs", "use crate::{eval::Metrics, train::history::Epoch};\n"),
+        ("train.rs", "// crate::eval is only mentioned here\npub fn run() { crate::plots::draw(); }\n"),
+        ("eval/mod.rs", "mod a;\nmod b;\npub use a::X;\nfn f() { super::plots::draw(); }\n"),
+        ("eval/a.rs", "use super::b::Y;\n"),
+        ("eval/b.rs", "pub fn g() -> super::a::X { todo!() }\n#[cfg(test)]\nmod tests {\n    use crate::train;\n}\n"),
+    ];
+    for (name, text) in files {
+        std::fs::write(src.join(name), text).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let edges = uses(src);
+    let found = circles(&edges);
+    let text = format!("{found:?}");
+    assert_eq!(found.len(), 2, "{text}");
+    assert!(text.contains("eval::a -> b") && text.contains("eval::b -> a"), "{text}");
+    assert!(text.contains("plots -> eval") && text.contains("eval -> plots") && text.contains("train -> plots"));
+    assert!(text.contains("plots -> train"), "{text}");
+    assert!(!edges.contains_key(&(vec!["eval".to_owned(), "b".to_owned()], vec!["train".to_owned()])), "tests count");
+    assert!(!edges.contains_key(&(vec!["train".to_owned()], vec!["eval".to_owned()])), "comments count");
+}
