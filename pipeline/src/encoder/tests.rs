@@ -268,3 +268,45 @@ fn cell_id_splits_meet_their_fractions_on_a_large_group() {
     assert!((test as f64 - 4_000.2).abs() < 4.0 * sd(0.2), "{test} test cells of 20,001");
     assert_eq!(train + valid + test, 20_001);
 }
+
+/// The options a model recorded give its covariates back in the model's order, wherever the
+/// batch covariate was: listed among the covariates (any place) or appended by the batch key.
+#[test]
+fn recorded_options_label_covariates_in_the_models_order() {
+    use cpa_stream_stages::model::vocab::{Covariate, DataSpec, Vocabulary};
+    let covariate = |name: &str, is_batch: bool| Covariate { name: name.into(), categories: vec!["a".into()], is_batch };
+    for order in [
+        vec![covariate("cell_type", false), covariate("batch", true)],
+        vec![covariate("batch", true), covariate("cell_type", false)],
+        vec![covariate("donor", false), covariate("batch", true), covariate("cell_type", false)],
+        vec![covariate("cell_type", false)],
+    ] {
+        let names: Vec<String> = order.iter().map(|c| c.name.clone()).collect();
+        let vocab = Vocabulary {
+            genes: vec!["g0".into()],
+            perturbations: vec!["<pad>".into(), "control".into()],
+            covariates: order,
+            conditions: vec!["control".into()],
+            condition_counts: vec![1],
+            data: Some(DataSpec {
+                perturbation_key: "condition".into(),
+                dose_key: None,
+                split: SplitSpec::fractions(0.1, 0.1, 0, Vec::new()),
+                cells: None,
+            }),
+        };
+        let recorded = EncoderOptions::recorded(&vocab, 2, Path::new("model")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(recorded.all_covariate_keys(), names);
+        assert_eq!(recorded.batch_key.is_some(), names.iter().any(|n| n == "batch"));
+    }
+    let bare = Vocabulary {
+        genes: Vec::new(),
+        perturbations: Vec::new(),
+        covariates: Vec::new(),
+        conditions: Vec::new(),
+        condition_counts: Vec::new(),
+        data: None,
+    };
+    let err = EncoderOptions::recorded(&bare, 2, Path::new("m")).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("m: the model records no obs keys"), "{err}");
+}
