@@ -274,7 +274,8 @@ fn cell_id_splits_meet_their_fractions_on_a_large_group() {
 #[test]
 fn recorded_options_label_covariates_in_the_models_order() {
     use cpa_stream_stages::model::vocab::{Covariate, DataSpec, Vocabulary};
-    let covariate = |name: &str, is_batch: bool| Covariate { name: name.into(), categories: vec!["a".into()], is_batch };
+    let covariate =
+        |name: &str, is_batch: bool| Covariate { name: name.into(), categories: vec!["a".into()], is_batch };
     for order in [
         vec![covariate("cell_type", false), covariate("batch", true)],
         vec![covariate("batch", true), covariate("cell_type", false)],

@@ -501,16 +501,24 @@ impl Plan {
     }
 }
 
-/// DEG lists by group, and where they came from (`file` or `store`).
-type DegLists = (HashMap<String, Vec<String>>, &'static str);
+/// DEG lists by group, and where they came from.
+pub(crate) struct DegLists {
+    /// Each group's genes, in rank order.
+    pub(crate) lists: HashMap<String, Vec<String>>,
+    /// `file` (`--degs`) or `store` (the store's DEG table).
+    pub(crate) source: &'static str,
+}
 
 /// The DEG table to rank genes by: `--degs`, else the store's, else none (computed per condition).
 fn deg_table(options: &EvaluateOptions, store: &Store) -> Result<Option<DegLists>> {
     Ok(match &options.degs {
-        Some(p) => Some((read_deg_lists(TableFile::Path(p))?, "file")),
+        Some(p) => Some(DegLists { lists: read_deg_lists(TableFile::Path(p))?, source: "file" }),
         None => {
             let table = TableFile::Store(store, DEG_FILE);
-            if table.exists() { Some((read_deg_lists(table)?, "store")) } else { None }
+            match table.exists() {
+                true => Some(DegLists { lists: read_deg_lists(table)?, source: "store" }),
+                false => None,
+            }
         }
     })
 }
@@ -614,7 +622,7 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         control_groups: &plan.control_groups,
         sources: &plan.sources,
         truth: &plan.truth,
-        deg_table: deg_table.as_ref().map(|(lists, source)| (lists, *source)),
+        deg_table: deg_table.as_ref(),
     };
     let mut deg_rows = Vec::new();
     let gene_index: HashMap<&str, usize> = genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
@@ -628,10 +636,10 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         let mut metrics = scoring.score(key, target, real, pred, &mut deg_rows);
         let (sampled, tests) = sample_metrics(&plan, &moments, key, &predicted.samples, *t)?;
         metrics.samples = sampled;
-        if let Some((p, q)) = tests {
+        if let Some(tests) = tests {
             for row in &mut deg_rows[first_row..] {
-                if let Some(&g) = gene_index.get(row.2.as_str()) {
-                    (row.6, row.7) = (p[g], q[g]);
+                if let Some(&g) = gene_index.get(row.gene.as_str()) {
+                    (row.wilcoxon_p, row.wilcoxon_q) = (tests.pvalue[g], tests.qvalue[g]);
                 }
             }
         }

@@ -26,9 +26,22 @@ pub const SUMMARY_FILE: &str = "summary.json";
 /// Directory of the per-condition plots.
 pub const PLOTS_DIR: &str = "plots";
 
-/// One DEG row the evaluation used: group, rank, gene, score, p-value, q-value (NaN: none).
-/// A row of `degs.parquet`: group, rank, gene, score, Welch p and q, Wilcoxon p and q.
-pub(super) type DegRow = (String, usize, String, f64, f64, f64, f64, f64);
+/// One DEG the evaluation used, a row of `degs.parquet` (NaN: none).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct DegRow {
+    /// The DEG table's group name of the condition.
+    pub(super) group: String,
+    /// 0-based rank.
+    pub(super) rank: usize,
+    pub(super) gene: String,
+    /// Welch's t of the condition's cells against the controls.
+    pub(super) score: f64,
+    pub(super) welch_p: f64,
+    pub(super) welch_q: f64,
+    /// The Wilcoxon rank-sum test on sampled cells.
+    pub(super) wilcoxon_p: f64,
+    pub(super) wilcoxon_q: f64,
+}
 
 /// Every metric of a condition, by column name, in column order.
 pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
@@ -196,18 +209,19 @@ fn write_metrics(path: &Path, rows: &[ConditionMetrics], vocab: &Vocabulary) -> 
 
 /// `degs.parquet`, in the store's DEG table layout with the Wilcoxon values beside.
 fn write_degs(path: &Path, rows: &[DegRow]) -> Result<()> {
+    let finite = |v: f64| Some(v).filter(|v| v.is_finite());
     let schema = evaluation_deg_schema();
     let batch = RecordBatch::try_new(
         Arc::clone(&schema),
         vec![
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str()))),
-            Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.1 as u32))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2.as_str()))),
-            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.3).filter(|v| v.is_finite())))),
-            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.4).filter(|v| v.is_finite())))),
-            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.5).filter(|v| v.is_finite())))),
-            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.6).filter(|v| v.is_finite())))),
-            Arc::new(Float64Array::from_iter(rows.iter().map(|r| Some(r.7).filter(|v| v.is_finite())))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.group.as_str()))),
+            Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.rank as u32))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.gene.as_str()))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| finite(r.score)))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| finite(r.welch_p)))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| finite(r.welch_q)))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| finite(r.wilcoxon_p)))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| finite(r.wilcoxon_q)))),
         ],
     )
     .map_err(Error::arrow(path.display().to_string()))?;

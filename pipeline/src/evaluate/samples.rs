@@ -235,8 +235,14 @@ pub(super) fn sampler(stream: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(0x5A4D_504C ^ stream)
 }
 
-/// The real cells' Wilcoxon p- and q-values per gene against the control cells.
-pub type RankSumTests = (Vec<f64>, Vec<f64>);
+/// The real cells' Wilcoxon rank-sum tests against the control cells, per gene.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankSumTests {
+    /// p-values.
+    pub pvalue: Vec<f64>,
+    /// Benjamini-Hochberg q-values.
+    pub qvalue: Vec<f64>,
+}
 
 /// The sample metrics of one condition (NaN where a sample is missing or too small).
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -382,7 +388,7 @@ impl SampleMetrics {
             q_pred.iter().map(|&q| -(if q.is_nan() { 1.0 } else { q.clamp(1e-10, 1.0) }).log10()).collect();
         out.de_pr_auc = if s_real.len() < genes { average_precision(&labels, &scores) } else { f64::NAN };
         out.de_roc_auc = roc_auc(&labels, &scores);
-        (out, Some((p_real, q_real)))
+        (out, Some(RankSumTests { pvalue: p_real, qvalue: q_real }))
     }
 }
 

@@ -45,7 +45,7 @@ pub(super) struct Scoring<'a> {
     pub(super) sources: &'a HashMap<Vec<u32>, (SourceSplits, Moments)>,
     pub(super) truth: &'a HashMap<ConditionKey, TruthRow>,
     /// DEG lists by group name, and where they came from (`store` or `file`).
-    pub(super) deg_table: Option<(&'a HashMap<String, Vec<String>>, &'static str)>,
+    pub(super) deg_table: Option<&'a super::DegLists>,
 }
 
 /// R2 over the genes `idx` (all genes when `None`).
@@ -81,16 +81,16 @@ impl Scoring<'_> {
         let largest_k = TOP_K[TOP_K.len() - 1];
         for (rank, &g) in ranked.iter().take(largest_k).enumerate() {
             let at = |v: fn(&Tested) -> &Vec<f64>| tested.as_ref().map_or(f64::NAN, |t| v(t)[g]);
-            deg_rows.push((
-                group_name.clone(),
+            deg_rows.push(DegRow {
+                group: group_name.clone(),
                 rank,
-                self.genes[g].clone(),
-                at(|t| &t.score),
-                at(|t| &t.pvalue),
-                at(|t| &t.qvalue),
-                f64::NAN,
-                f64::NAN,
-            ));
+                gene: self.genes[g].clone(),
+                score: at(|t| &t.score),
+                welch_p: at(|t| &t.pvalue),
+                welch_q: at(|t| &t.qvalue),
+                wilcoxon_p: f64::NAN,
+                wilcoxon_q: f64::NAN,
+            });
         }
         let (pred_mean, pred_var) = (predicted.mean(), predicted.var());
         let (real_mean, real_var) = (real.mean(), real.var());
@@ -262,8 +262,9 @@ impl Scoring<'_> {
                 return (top_by_abs(&change, n_genes), "mean difference", None);
             }
         }
-        let listed = self.deg_table.and_then(|(lists, source)| {
-            target.deg_keys(self.vocab, self.keys).into_iter().find_map(|k| lists.get(&k)).map(|l| (l, source))
+        let listed = self.deg_table.and_then(|table| {
+            let keys = target.deg_keys(self.vocab, self.keys);
+            keys.into_iter().find_map(|k| table.lists.get(&k)).map(|l| (l, table.source))
         });
         if let Some((list, source)) = listed {
             let position: HashMap<&str, usize> = self.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
