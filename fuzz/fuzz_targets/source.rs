@@ -9,7 +9,7 @@ mod common;
 
 fuzz_target!(init: common::init(), |data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    if let Ok(e) = Expr::parse(text) {
+    if let Ok(e) = text.parse::<Expr>() {
         let _ = e.columns();
     }
 });

@@ -23,7 +23,7 @@ proptest! {
         any::<String>(),
         tokens(&["a", "b", " ", "==", "!=", "!", "(", ")", ",", "in", "not", "and", "or", "&&", "||", "'", "\"", "all", "=", "&", "|"]),
     ]) {
-        if let Ok(e) = Expr::parse(&text) {
+        if let Ok(e) = text.parse::<Expr>() {
             let _ = e.columns();
         }
     }

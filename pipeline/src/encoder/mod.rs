@@ -152,16 +152,20 @@ impl Split {
             Split::Ood => "ood",
         }
     }
+}
+
+impl std::str::FromStr for Split {
+    type Err = Error;
 
     /// A split column's value (`train`/`training`, `valid`/`validation`/`val`, `test`, `ood`,
     /// any case).
-    pub fn parse(value: &str) -> Option<Split> {
+    fn from_str(value: &str) -> Result<Split> {
         match value.to_ascii_lowercase().as_str() {
-            "train" | "training" => Some(Split::Train),
-            "valid" | "validation" | "val" => Some(Split::Valid),
-            "test" => Some(Split::Test),
-            "ood" => Some(Split::Ood),
-            _ => None,
+            "train" | "training" => Ok(Split::Train),
+            "valid" | "validation" | "val" => Ok(Split::Valid),
+            "test" => Ok(Split::Test),
+            "ood" => Ok(Split::Ood),
+            _ => Err(Error::InvalidInput(format!("split {value:?}: expected train, valid, test or ood"))),
         }
     }
 }

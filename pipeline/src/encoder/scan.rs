@@ -138,7 +138,7 @@ impl<'a> Scan<'a> {
             self.cell_set.add(id);
         }
         let split = match (&columns.splits, self.fractions) {
-            (Some(s), _) => s.get(i).and_then(Split::parse).ok_or_else(|| {
+            (Some(s), _) => s.get(i).and_then(|v| v.parse::<Split>().ok()).ok_or_else(|| {
                 self.bad(format!("{}: split {:?} is not train, valid, test or ood", cell(), s.get(i)))
             })?,
             (None, Some(f)) => {

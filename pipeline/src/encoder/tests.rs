@@ -182,11 +182,11 @@ fn combinations_in_any_order_give_the_same_perturbation_row() {
 
 #[test]
 fn a_split_column_and_bad_values() {
-    assert_eq!(Split::parse("Validation"), Some(Split::Valid));
-    assert_eq!(Split::parse("training"), Some(Split::Train));
-    assert_eq!(Split::parse("holdout"), None);
+    assert_eq!("Validation".parse::<Split>().ok(), Some(Split::Valid));
+    assert_eq!("training".parse::<Split>().ok(), Some(Split::Train));
+    assert!("holdout".parse::<Split>().is_err());
     for s in Split::ALL {
-        assert_eq!(Split::parse(s.name()), Some(s));
+        assert_eq!(s.name().parse::<Split>().ok(), Some(s));
         assert_eq!(Split::from_bits(s as u32), s);
     }
 }

@@ -228,9 +228,11 @@ fn describe(token: Option<&Token>) -> String {
     }
 }
 
-impl Expr {
+impl std::str::FromStr for Expr {
+    type Err = Error;
+
     /// Parses a selection; errors say what was expected where.
-    pub fn parse(text: &str) -> Result<Expr> {
+    fn from_str(text: &str) -> Result<Expr> {
         let bad = |msg: String| Error::InvalidInput(format!("source expression {text:?}: {msg}"));
         let tokens = tokenize(text).map_err(bad)?;
         if tokens.len() > MAX_TOKENS {
@@ -243,7 +245,9 @@ impl Expr {
         }
         Ok(expr)
     }
+}
 
+impl Expr {
     /// The obs columns the expression reads.
     pub fn columns(&self) -> Vec<&str> {
         let mut out = Vec::new();
@@ -365,9 +369,9 @@ mod tests {
 
     #[test]
     fn parses_precedence_quotes_and_lists() -> Result<()> {
-        assert_eq!(Expr::parse("all")?, Expr::All);
+        assert_eq!("all".parse::<Expr>()?, Expr::All);
         assert_eq!(
-            Expr::parse("condition == control and cell_type in (A549, 'K 562') or not dose != 1")?,
+            "condition == control and cell_type in (A549, 'K 562') or not dose != 1".parse::<Expr>()?,
             Expr::Or(
                 Box::new(Expr::And(
                     Box::new(eq("condition", "control")),
@@ -376,9 +380,9 @@ mod tests {
                 Box::new(Expr::Not(Box::new(Expr::Not(Box::new(eq("dose", "1"))))))
             )
         );
-        assert_eq!(Expr::parse("condition=MAP2K3+MAP2K6")?, eq("condition", "MAP2K3+MAP2K6"));
+        assert_eq!("condition=MAP2K3+MAP2K6".parse::<Expr>()?, eq("condition", "MAP2K3+MAP2K6"));
         assert_eq!(
-            Expr::parse("!(a == 1) && b not in (x)")?,
+            "!(a == 1) && b not in (x)".parse::<Expr>()?,
             Expr::And(
                 Box::new(Expr::Not(Box::new(eq("a", "1")))),
                 Box::new(Expr::Not(Box::new(Expr::In("b".into(), vec!["x".into()]))))
@@ -390,16 +394,16 @@ mod tests {
     #[test]
     fn deep_or_long_expressions_are_refused_not_overflowed() {
         let deep = format!("{}a == b{}", "(".repeat(20_000), ")".repeat(20_000));
-        let err = Expr::parse(&deep).unwrap_err().to_string();
+        let err = &deep.parse::<Expr>().unwrap_err().to_string();
         assert!(err.contains("tokens, at most"), "{err}");
         let nots = format!("{}a == b", "!".repeat(50_000));
-        assert!(Expr::parse(&nots).is_err());
+        assert!(&nots.parse::<Expr>().is_err());
         let nested = format!("{}a == b{}", "(".repeat(65), ")".repeat(65));
-        assert!(Expr::parse(&nested).unwrap_err().to_string().contains("more than 64 levels"));
+        assert!(&nested.parse::<Expr>().unwrap_err().to_string().contains("more than 64 levels"));
         let fine = format!("{}a == b{}", "(".repeat(64), ")".repeat(64));
-        assert!(Expr::parse(&fine).is_ok());
+        assert!(&fine.parse::<Expr>().is_ok());
         let chain = vec!["a == b"; 400].join(" and ");
-        assert!(Expr::parse(&chain).is_ok());
+        assert!(&chain.parse::<Expr>().is_ok());
     }
 
     #[test]
@@ -412,7 +416,7 @@ mod tests {
             ("a == 1 b", "unexpected \"b\""),
             ("== 1", "expected a column name"),
         ] {
-            let err = Expr::parse(text).map(|_| ()).unwrap_err().to_string();
+            let err = text.parse::<Expr>().map(|_| ()).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
     }
@@ -428,10 +432,10 @@ mod tests {
             Arc::new(StringArray::from(vec!["x", "x", "y", "y"])),
         ];
         let batch = RecordBatch::try_new(schema, columns).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        let e = Expr::parse("condition == control and cell_type != x")?;
+        let e = "condition == control and cell_type != x".parse::<Expr>()?;
         assert_eq!(e.select(&batch, "obs")?, [false, false, false, true]);
-        assert_eq!(Expr::parse("condition != control")?.select(&batch, "obs")?, [false, true, true, false]);
-        let err = Expr::parse("donor == 1").and_then(|e| e.select(&batch, "obs.parquet")).unwrap_err().to_string();
+        assert_eq!("condition != control".parse::<Expr>()?.select(&batch, "obs")?, [false, true, true, false]);
+        let err = "donor == 1".parse::<Expr>().and_then(|e| e.select(&batch, "obs.parquet")).unwrap_err().to_string();
         assert!(err.contains("\"donor\", which does not exist (columns: condition, cell_type)"), "{err}");
         Ok(())
     }

@@ -104,7 +104,7 @@ impl PredictRequest {
             .shard
             .as_deref()
             .map(|s| {
-                Shard::parse(s).map_err(|_| {
+                s.parse::<Shard>().map_err(|_| {
                     Error::InvalidInput(format!("{} {s:?}: expected k/n with 0 <= k < n (0-based)", n.name("--shard")))
                 })
             })

@@ -215,7 +215,7 @@ impl Predictor {
         }
         let keys = ObsKeys::of(vocab);
         let source = match &options.source {
-            Some(text) => Expr::parse(text)?,
+            Some(text) => text.parse::<Expr>()?,
             None => Expr::Eq(keys.perturbation.clone(), vocab.control().to_owned()),
         };
         let max_comb_len = config.model.max_comb_len;

@@ -24,22 +24,6 @@ pub enum GeneSelection {
 }
 
 impl GeneSelection {
-    /// `all`, `top-deg:K`, or a file with one gene name per line.
-    pub fn parse(text: &str) -> Result<GeneSelection> {
-        if text == "all" {
-            return Ok(GeneSelection::All);
-        }
-        if let Some(k) = text.strip_prefix("top-deg:") {
-            let k: usize = k
-                .parse()
-                .ok()
-                .filter(|&k| k > 0)
-                .ok_or_else(|| Error::InvalidInput(format!("--genes {text:?}: K must be a positive integer")))?;
-            return Ok(GeneSelection::TopDeg(k));
-        }
-        GeneSelection::from_file(Path::new(text))
-    }
-
     /// The genes listed in a file, one name per line (quotes and blank lines ignored).
     pub fn from_file(path: &Path) -> Result<GeneSelection> {
         let text = path.display();
@@ -74,9 +58,11 @@ pub struct Shard {
     pub count: u64,
 }
 
-impl Shard {
+impl std::str::FromStr for Shard {
+    type Err = Error;
+
     /// `k/n` with `0 <= k < n`.
-    pub fn parse(text: &str) -> Result<Shard> {
+    fn from_str(text: &str) -> Result<Shard> {
         let bad = || Error::InvalidInput(format!("--shard {text:?}: expected k/n with 0 <= k < n (0-based)"));
         let (k, n) = text.split_once('/').ok_or_else(bad)?;
         let (index, count): (u64, u64) = (k.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
@@ -85,7 +71,9 @@ impl Shard {
         }
         Ok(Shard { index, count })
     }
+}
 
+impl Shard {
     /// The rows of this shard among `n_cells`.
     pub fn rows(&self, n_cells: u64) -> Range<u64> {
         let at = |k: u64| (u128::from(n_cells) * u128::from(k) / u128::from(self.count)) as u64;

@@ -351,7 +351,7 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::InvalidInput(e.to_string()))?;
         let path = dir.path().join("genes.txt");
         std::fs::write(&path, "g1\ng2\n\"g1\"\n").map_err(Error::io(&path))?;
-        let err = crate::predictor::GeneSelection::parse(&path.to_string_lossy()).unwrap_err().to_string();
+        let err = crate::predictor::GeneSelection::from_file(&path).unwrap_err().to_string();
         assert!(err.contains(r#"gene "g1" is listed twice (entries 1 and 3)"#), "{err}");
         Ok(())
     }

@@ -152,7 +152,8 @@ impl TrainRequest {
     /// The configuration given (preset, then file or tables over it); `None` when neither was.
     fn given_config(&self) -> Result<Option<CpaConfig>> {
         let base = match &self.preset {
-            Some(name) => Preset::parse(name)
+            Some(name) => name
+                .parse::<Preset>()
                 .map_err(|e| Error::InvalidInput(format!("{}: {}", self.naming.name("--preset"), e)))?,
             None => Preset::Default,
         };

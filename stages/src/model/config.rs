@@ -433,12 +433,11 @@ pub enum Preset {
     Reference,
 }
 
-impl Preset {
-    /// The names `parse` accepts.
-    pub const NAMES: [&'static str; 2] = ["default", "reference"];
+impl std::str::FromStr for Preset {
+    type Err = Error;
 
     /// The preset named `name`.
-    pub fn parse(name: &str) -> Result<Preset> {
+    fn from_str(name: &str) -> Result<Preset> {
         match name {
             "default" => Ok(Preset::Default),
             "reference" => Ok(Preset::Reference),
@@ -448,6 +447,11 @@ impl Preset {
             ))),
         }
     }
+}
+
+impl Preset {
+    /// The names a preset goes by.
+    pub const NAMES: [&'static str; 2] = ["default", "reference"];
 
     /// The preset's name.
     pub fn name(self) -> &'static str {
@@ -664,7 +668,7 @@ mod tests {
 
     #[test]
     fn a_file_over_a_preset_changes_only_its_keys() -> Result<()> {
-        let base = Preset::parse("reference")?.config();
+        let base = "reference".parse::<Preset>()?.config();
         assert_eq!(base.training.lr_schedule, LrSchedule::Reference);
         let config = CpaConfig::from_toml_over(&base, "[training]\nlr = 1e-3\n[model]\nn_latent = 8\n", "t")?;
         assert_eq!((config.training.lr, config.model.n_latent), (1e-3, 8));
@@ -672,7 +676,7 @@ mod tests {
         assert_eq!(config.training.wd, DEFAULT_WD);
         let err = CpaConfig::from_toml_over(&base, "[training]\nlr_shedule = 3\n", "c.toml").err();
         assert!(err.is_some_and(|e| e.to_string().contains("lr_shedule")));
-        let err = Preset::parse("paper").err().map(|e| e.to_string()).unwrap_or_default();
+        let err = "paper".parse::<Preset>().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("\"default\", \"reference\""), "{err}");
         Ok(())
     }
