@@ -149,8 +149,9 @@ pub mod train {
     pub use cpa_stream_pipeline::train::{ConfigSource, EpochRecord, TrainOptions, TrainReport, TrainRequest, run};
 }
 
-/// `cpa-stream predict`: counterfactual predictions into a Parquet file ([`run`]) or as a
-/// stream of record batches ([`open`]).
+/// `cpa-stream predict`: counterfactual predictions into a Parquet file
+/// ([`predict::run`]) or as a stream of record batches
+/// ([`predict::open`]).
 ///
 /// ```no_run
 /// use cpa_stream::{RunContext, predict};

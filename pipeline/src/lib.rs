@@ -2,6 +2,17 @@
 //! first error, and what every stage reports (rows, bytes, busy time, time blocked on input and
 //! on output, peak memory).
 //!
+//! What belongs here and not in `cpa_stream_stages`: what runs on threads and channels (a
+//! stage's threads are owned by one crew: named after their [`Stage`], stopped and joined
+//! together, the first panic an error naming the stage), and the commands' computations.
+//! `cpa_stream_stages` holds the single-threaded pieces that know files and tensors.
+//!
+//! Every command has one front door, the same shape for each: a `*Request` in its module's
+//! `request.rs` (serde, unknown fields refused; what the CLI's flags and the Python package's
+//! keywords fill in), resolved by `options()` in one place into `*Options` (defaults, a run's
+//! record, checks, process-wide settings), run by `run(&Options, &`[`RunContext`]`)` into a
+//! `*Report`; streaming commands also `open(&Options)` a stream of record batches.
+//!
 //! The stages of the design, and where each lives:
 //!
 //! | stage | module |
@@ -14,10 +25,13 @@
 //! | Parquet sink | `cpa_stream_stages::sink` (`ParquetSink`) |
 //!
 //! Commands wire the stages and never import one another:
-//! [`train`], [`predict`], [`evaluate`], [`import`], [`export`], [`convert`], [`synth`] and the
-//! benchmarks ([`bench`](mod@bench)). Shared pieces: [`obs`] (label columns, cell selection), [`run_dir`]
+//! [`synth`], [`import`], [`export`], [`convert`], [`train`], [`predict`], [`evaluate`],
+//! [`dose_response`], [`embeddings`] and the benchmarks ([`bench`](mod@bench)). Shared pieces:
+//! [`request`] (what every request shares), [`obs`] (label columns, cell selection), [`run_dir`]
 //! (a training run's files), [`degs`] (DEG tables), [`stats`] (streaming moments and scores),
-//! [`telemetry`] (stage reports, memory) and [`progress`].
+//! [`plots`] (the drawing kit), [`telemetry`] (stage reports, memory) and [`progress`]; inside
+//! the crate, a trained model opened on a store and conditions' keys have rooms of their own.
+//! No module uses a sibling that uses it back (`tests/integration/layout.rs`).
 
 #![warn(missing_docs)]
 

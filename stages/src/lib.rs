@@ -9,8 +9,10 @@
 //! - [`trainer`]: its training schedule, optimizers and exact-resume checkpoints.
 //! - [`sink`]: the Parquet sink (bounded row groups, zstd, complete or absent).
 //!
-//! Stages never wire themselves together: the `cpa-stream-pipeline` crate connects them with
-//! bounded channels.
+//! What belongs here: single-threaded pieces that know files and tensors, each doing one thing
+//! to what it is handed. Stages never start threads of their own for a run, nor wire
+//! themselves together: the `cpa-stream-pipeline` crate connects them with bounded channels,
+//! owns their threads, and holds the commands.
 
 #![warn(missing_docs)]
 

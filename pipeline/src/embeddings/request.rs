@@ -16,7 +16,7 @@ use crate::request::Naming;
 pub struct EmbeddingsRequest {
     /// A run directory (its `model/` is used) or a model directory.
     pub model: PathBuf,
-    /// The directory written by [`run`]: `perturbations.parquet`, `covariates.parquet`.
+    /// The directory written by [`run`](super::run): `perturbations.parquet`, `covariates.parquet`.
     pub out: Option<PathBuf>,
     /// Replace an existing embeddings directory.
     pub overwrite: bool,

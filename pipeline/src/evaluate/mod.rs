@@ -64,7 +64,7 @@ pub const TOP_K: [usize; 3] = [10, 20, 50];
 pub const REFERENCE_MIN_CELLS: u64 = 2;
 
 /// Control cells decoded per batch on the CPU, unless set otherwise: the decoder's step
-/// ([`decode::CPU_STEP_ROWS`]), since larger batches there only hold more memory in flight.
+/// (128 rows), since larger batches there only hold more memory in flight.
 pub const DEFAULT_BATCH_SIZE: usize = decode::CPU_STEP_ROWS;
 
 /// Control cells decoded per batch on a GPU (one step per batch), unless set otherwise.

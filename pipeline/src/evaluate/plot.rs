@@ -76,7 +76,7 @@ const LABELLED_GENES: usize = 10;
 
 /// Writes one condition's scatter plot as SVG at `path`: its top DEGs' predicted means (blue) and
 /// control means (grey), half transparent, against the real (or true) means, with the identity
-/// line; the first [`LABELLED_GENES`] genes named beside their predicted point.
+/// line; the first `LABELLED_GENES` (10) genes named beside their predicted point.
 pub fn scatter(path: &Path, title: &str, real_label: &str, data: &PlotData, r2: f64) -> Result<()> {
     let points = (0..data.genes.len())
         .map(|i| ScatterPoint {

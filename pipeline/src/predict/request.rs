@@ -44,7 +44,7 @@ pub struct PredictRequest {
     pub shard: Option<String>,
     /// `long` (list columns) or `wide` (one column per gene).
     pub layout: Layout,
-    /// Source cells per batch [default: [`DEFAULT_BATCH_SIZE`](super::DEFAULT_BATCH_SIZE)].
+    /// Source cells per batch [default: [`DEFAULT_BATCH_SIZE`](crate::predictor::DEFAULT_BATCH_SIZE)].
     pub batch_size: Option<usize>,
     /// Batches buffered between stages [default: the loader's].
     pub prefetch: Option<usize>,

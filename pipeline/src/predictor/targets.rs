@@ -86,7 +86,7 @@ pub fn parse_target_spec(text: &str) -> Result<TargetSpec> {
 }
 
 /// Reads targets from a CSV (header row) or Parquet table; one target per row, one column per
-/// key, empty cells meaning "not set". Files over [`MAX_TARGETS_FILE_BYTES`] and tables of more
+/// key, empty cells meaning "not set". Files over `MAX_TARGETS_FILE_BYTES` (64 MiB) and tables of more
 /// than [`MAX_TARGETS`] rows are errors: a damaged or hostile Parquet file can declare billions
 /// of rows in a few bytes (one run-length-encoded page), so rows are counted as they are decoded.
 pub fn read_targets_file(path: &Path) -> Result<Vec<TargetSpec>> {

@@ -109,7 +109,7 @@ impl H5adReader {
     }
 
     /// Opens `path` and the matrix `source`; every link and dataset of the file is checked first
-    /// (external data as `external` allows, filters, declared sizes: [`super::audit`]).
+    /// (external data as `external` allows, filters, declared sizes: the `audit` module).
     pub fn open_matrix_with(path: &Path, source: MatrixSource<'_>, external: ExternalData) -> Result<H5adReader> {
         let opened = is_hdf5(path)?;
         super::audit::disable_plugins();

@@ -14,7 +14,7 @@
 //! burns CPU, while a process that is stopped (Ctrl-Z, `scontrol suspend`, a cgroup freezer),
 //! waiting for its turn on a busy machine or reading a slow disk does not, and is never taken
 //! for hung. (A call blocked for ever without using the CPU, such as a read from a FIFO, cannot
-//! happen: [`super::audit`] refuses every reference to another file before anything is read.)
+//! happen: the `audit` module refuses every reference to another file before anything is read.)
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -3,7 +3,7 @@
 //! an output appears complete or not at all; an existing output is replaced only when asked
 //! (`--overwrite`), never when it is not a regular file (or, for directory outputs, a
 //! directory); `-` (stdout) is refused, since these outputs are files, not streams; one
-//! command writes an output at a time ([`lock`]); and temporaries left by killed runs of the
+//! command writes an output at a time (the `lock` module); and temporaries left by killed runs of the
 //! same output are removed by the next writer, under the lock.
 
 mod lock;
