@@ -199,15 +199,7 @@ pub fn run(options: &DoseResponseOptions, ctx: &RunContext) -> Result<DoseRespon
             "a dose-response directory",
         )?;
     }
-    if options.cells == 0 {
-        return Err(Error::InvalidInput("--cells must be at least 1".to_owned()));
-    }
-    if options.doses.as_ref().is_some_and(Vec::is_empty) {
-        return Err(Error::InvalidInput("--doses: an empty list; give at least one dose".to_owned()));
-    }
-    if let Some(d) = options.doses.iter().flatten().find(|d| !d.is_finite() || **d < 0.0) {
-        return Err(Error::InvalidInput(format!("dose {d}: doses must be finite and not negative")));
-    }
+    check(options)?;
     let encoder_stats = StageStats::new(Stage::Encoder, 1);
     let (model, dir, data) = match &options.store {
         Some(store) => {
@@ -225,18 +217,7 @@ pub fn run(options: &DoseResponseOptions, ctx: &RunContext) -> Result<DoseRespon
     };
     let vocab = model.vocabulary();
     let perturbations = chosen_perturbations(&model, &options.perturbations)?;
-    let gene_index: Vec<usize> = options
-        .genes
-        .iter()
-        .map(|g| {
-            vocab.genes.iter().position(|v| v == g).ok_or_else(|| {
-                Error::InvalidInput(format!(
-                    "--genes: {g:?} is not a gene of the model; closest: {}",
-                    listing(g, vocab.genes.iter().map(String::as_str), 5)
-                ))
-            })
-        })
-        .collect::<Result<_>>()?;
+    let gene_index = gene_indices(vocab, &options.genes)?;
     let observed = data.as_ref().map(|(d, _)| &d.observed);
     let grids: Vec<Vec<f64>> =
         perturbations.iter().map(|&p| dose_grid(options.doses.as_deref(), observed.and_then(|o| o.get(&p)))).collect();
@@ -304,31 +285,83 @@ pub fn run(options: &DoseResponseOptions, ctx: &RunContext) -> Result<DoseRespon
         truth_curves: r2_delta.len(),
         seconds: wall.elapsed().as_secs_f64(),
     };
+    let curves =
+        Curves { latent: &latent, decoded: &decoded, gene_points: &gene_points, decoded_files: data.is_some() };
+    publish(options, &dir, vocab, &report, &curves)?;
+    Ok(report)
+}
+
+/// The options' own checks (a library caller's options did not come through a request).
+fn check(options: &DoseResponseOptions) -> Result<()> {
+    if options.cells == 0 {
+        return Err(Error::InvalidInput("--cells must be at least 1".to_owned()));
+    }
+    if options.doses.as_ref().is_some_and(Vec::is_empty) {
+        return Err(Error::InvalidInput("--doses: an empty list; give at least one dose".to_owned()));
+    }
+    if let Some(d) = options.doses.iter().flatten().find(|d| !d.is_finite() || **d < 0.0) {
+        return Err(Error::InvalidInput(format!("dose {d}: doses must be finite and not negative")));
+    }
+    Ok(())
+}
+
+/// The model's indices of `genes`; an unknown gene is an error naming the closest.
+fn gene_indices(vocab: &cpa_stream_stages::model::Vocabulary, genes: &[String]) -> Result<Vec<usize>> {
+    genes
+        .iter()
+        .map(|g| {
+            vocab.genes.iter().position(|v| v == g).ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "--genes: {g:?} is not a gene of the model; closest: {}",
+                    listing(g, vocab.genes.iter().map(String::as_str), 5)
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The curves a run computed.
+struct Curves<'a> {
+    latent: &'a [LatentPoint],
+    decoded: &'a [DecodedPoint],
+    gene_points: &'a [GenePoint],
+    /// Whether there were decoded curves (a store): their tables are written, empty or not.
+    decoded_files: bool,
+}
+
+/// Writes the tables, the summary and the picture into `options.out`, published whole.
+fn publish(
+    options: &DoseResponseOptions,
+    dir: &std::path::Path,
+    vocab: &cpa_stream_stages::model::Vocabulary,
+    report: &DoseResponseReport,
+    curves: &Curves<'_>,
+) -> Result<()> {
+    let Curves { latent, decoded, gene_points, decoded_files } = *curves;
     let covariate_names: Vec<String> = vocab.covariates.iter().map(|c| c.name.clone()).collect();
     cpa_stream_stages::model::files::publish_dir(&options.out, |tmp| {
         let write = |name: &str, batch: RecordBatch| {
             cpa_stream_stages::store::write_table(&tmp.join(name), batch.schema(), [batch])
         };
         let table = |e| cpa_stream_stages::Error::InvalidInput(format!("dose-response table: {e}"));
-        write(LATENT_FILE, latent_batch(&latent).map_err(table)?)?;
-        if data.is_some() {
-            write(DECODED_FILE, decoded_batch(&covariate_names, &decoded).map_err(table)?)?;
-            write(GENES_FILE, genes_batch(&covariate_names, &vocab.genes, &decoded, &gene_points).map_err(table)?)?;
+        write(LATENT_FILE, latent_batch(latent).map_err(table)?)?;
+        if decoded_files {
+            write(DECODED_FILE, decoded_batch(&covariate_names, decoded).map_err(table)?)?;
+            write(GENES_FILE, genes_batch(&covariate_names, &vocab.genes, decoded, gene_points).map_err(table)?)?;
         }
-        let json = serde_json::to_string_pretty(&report)
+        let json = serde_json::to_string_pretty(report)
             .map_err(|e| cpa_stream_stages::Error::InvalidInput(format!("summary: {e}")))?;
         std::fs::write(tmp.join(SUMMARY_FILE), json + "\n").map_err(|e| {
             cpa_stream_stages::Error::InvalidInput(format!("{}: {e}", tmp.join(SUMMARY_FILE).display()))
         })?;
         if options.plots {
             let title = format!("dose response: {}", dir.display());
-            plot::plot(&tmp.join(PLOT_STEM), &title, &latent, &decoded, &report.space)
+            plot::plot(&tmp.join(PLOT_STEM), &title, latent, decoded, &report.space)
                 .map_err(|e| cpa_stream_stages::Error::InvalidInput(e.to_string()))?;
         }
         Ok(())
     })
-    .map_err(Error::stage(Stage::DoseResponse))?;
-    Ok(report)
+    .map_err(Error::stage(Stage::DoseResponse))
 }
 
 /// Per covariate of the model, the category codes `given` allows (empty: any). Unknown keys or

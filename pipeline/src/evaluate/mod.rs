@@ -46,7 +46,7 @@ use crate::batcher::LoaderOptions;
 use crate::condition::{ConditionKey, MappedGroup, TruthRow, dropped, map_groups, read_truth};
 use crate::context::RunContext;
 use crate::degs::read_deg_lists;
-use crate::encoder::Split;
+use crate::encoder::{CellLabels, Split};
 use crate::error::{Error, Result};
 use crate::obs::ObsKeys;
 use crate::opened::{Labelled, Opened};
@@ -523,6 +523,79 @@ fn deg_table(options: &EvaluateOptions, store: &Store) -> Result<Option<DegLists
     })
 }
 
+/// Warns of the cells whose labels the model cannot map (`dropped`); an error when that is
+/// every cell.
+fn warn_dropped(store: &std::path::Path, labels: &CellLabels, dropped: &[(String, u64)]) -> Result<()> {
+    if dropped.is_empty() {
+        return Ok(());
+    }
+    let cells: u64 = dropped.iter().map(|(_, n)| n).sum();
+    let shown: Vec<String> = dropped.iter().take(8).map(|(label, n)| format!("{label} ({n})")).collect();
+    let message = format!(
+        "{}: {cells} of {} cells have labels the model was not trained with, and are left out: {}{}",
+        store.display(),
+        labels.n_cells(),
+        shown.join(", "),
+        if dropped.len() > 8 { ", ..." } else { "" }
+    );
+    if cells == labels.n_cells() {
+        return Err(Error::InvalidInput(format!("{message}; nothing is left to evaluate")));
+    }
+    tracing::warn!("{message}");
+    Ok(())
+}
+
+/// The inverse dispersions of an nb model, for the expected log1p of its predicted counts.
+fn expected_log1p_theta(model: &CpaModel, dir: &std::path::Path) -> Result<tch::Tensor> {
+    let theta = model.nb_theta().map_err(Error::stage(Stage::Predictor))?;
+    theta.ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{}: the expected log1p of the predicted counts needs an nb model; this one is {:?}",
+            dir.display(),
+            model.config().model.recon_loss
+        ))
+    })
+}
+
+/// Scores every evaluated condition that was decoded: its metrics (with the sampled cells'
+/// metrics and its distance to the training conditions) and the DEG rows it used.
+fn score_conditions(
+    scoring: &score::Scoring<'_>,
+    plan: &Plan,
+    model: &CpaModel,
+    groups: &[Option<MappedGroup>],
+    predicted: &decode::Decoded,
+) -> Result<(Vec<ConditionMetrics>, Vec<outputs::DegRow>)> {
+    let moments = scoring.moments;
+    let mut deg_rows = Vec::new();
+    let gene_index: HashMap<&str, usize> = scoring.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
+    let queried: Vec<(ConditionKey, Vec<(u32, f32)>)> =
+        plan.targets.iter().map(|(key, target)| (key.clone(), target.parts.clone())).collect();
+    let distances = uncertainty::uncertainties(model, groups, moments, &queried)?;
+    let mut results: Vec<ConditionMetrics> = Vec::with_capacity(plan.targets.len());
+    for (((key, real), (_, target)), distance) in plan.evaluated.iter().zip(&plan.targets).zip(&distances) {
+        let Some((pred, t)) = predicted.conditions.get(key) else { continue };
+        let first_row = deg_rows.len();
+        let mut metrics = scoring.score(key, target, real, pred, &mut deg_rows);
+        let (sampled, tests) = sample_metrics(plan, moments, key, &predicted.samples, *t)?;
+        metrics.samples = sampled;
+        if let Some(tests) = tests {
+            for row in &mut deg_rows[first_row..] {
+                if let Some(&g) = gene_index.get(row.gene.as_str()) {
+                    (row.wilcoxon_p, row.wilcoxon_q) = (tests.pvalue[g], tests.qvalue[g]);
+                }
+            }
+        }
+        if let Some(d) = distance {
+            metrics.uncertainty_cosine = d.cosine;
+            metrics.uncertainty_euclidean = d.euclidean;
+            metrics.closest_condition.clone_from(&d.closest);
+        }
+        results.push(metrics);
+    }
+    Ok((results, deg_rows))
+}
+
 /// Evaluates a model on a store.
 pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport> {
     let progress = ctx.progress();
@@ -537,34 +610,9 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
     let vocab = model.vocabulary().clone();
     let groups = map_groups(&labels, &vocab);
     let dropped = dropped(&labels, &groups);
-    if !dropped.is_empty() {
-        let cells: u64 = dropped.iter().map(|(_, n)| n).sum();
-        let shown: Vec<String> = dropped.iter().take(8).map(|(label, n)| format!("{label} ({n})")).collect();
-        let message = format!(
-            "{}: {cells} of {} cells have labels the model was not trained with, and are left out: {}{}",
-            options.store.display(),
-            labels.n_cells(),
-            shown.join(", "),
-            if dropped.len() > 8 { ", ..." } else { "" }
-        );
-        if cells == labels.n_cells() {
-            return Err(Error::InvalidInput(format!("{message}; nothing is left to evaluate")));
-        }
-        tracing::warn!("{message}");
-    }
+    warn_dropped(&options.store, &labels, &dropped)?;
     let count_model = model.config().model.recon_loss.is_count();
-    let theta = if options.expected_log1p {
-        let theta = model.nb_theta().map_err(Error::stage(Stage::Predictor))?;
-        Some(theta.ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "{}: the expected log1p of the predicted counts needs an nb model; this one is {:?}",
-                dir.display(),
-                model.config().model.recon_loss
-            ))
-        })?)
-    } else {
-        None
-    };
+    let theta = if options.expected_log1p { Some(expected_log1p_theta(&model, &dir)?) } else { None };
 
     // Samples of cells for the energy distance and the Wilcoxon tests, within a fixed budget.
     let is_control: Vec<bool> = groups.iter().map(|g| g.as_ref().is_some_and(|g| g.is_control)).collect();
@@ -624,32 +672,7 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         truth: &plan.truth,
         deg_table: deg_table.as_ref(),
     };
-    let mut deg_rows = Vec::new();
-    let gene_index: HashMap<&str, usize> = genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
-    let queried: Vec<(ConditionKey, Vec<(u32, f32)>)> =
-        plan.targets.iter().map(|(key, target)| (key.clone(), target.parts.clone())).collect();
-    let distances = uncertainty::uncertainties(&model, &groups, &moments, &queried)?;
-    let mut results: Vec<ConditionMetrics> = Vec::with_capacity(plan.targets.len());
-    for (((key, real), (_, target)), distance) in plan.evaluated.iter().zip(&plan.targets).zip(&distances) {
-        let Some((pred, t)) = predicted.conditions.get(key) else { continue };
-        let first_row = deg_rows.len();
-        let mut metrics = scoring.score(key, target, real, pred, &mut deg_rows);
-        let (sampled, tests) = sample_metrics(&plan, &moments, key, &predicted.samples, *t)?;
-        metrics.samples = sampled;
-        if let Some(tests) = tests {
-            for row in &mut deg_rows[first_row..] {
-                if let Some(&g) = gene_index.get(row.gene.as_str()) {
-                    (row.wilcoxon_p, row.wilcoxon_q) = (tests.pvalue[g], tests.qvalue[g]);
-                }
-            }
-        }
-        if let Some(d) = distance {
-            metrics.uncertainty_cosine = d.cosine;
-            metrics.uncertainty_euclidean = d.euclidean;
-            metrics.closest_condition.clone_from(&d.closest);
-        }
-        results.push(metrics);
-    }
+    let (mut results, deg_rows) = score_conditions(&scoring, &plan, &model, &groups, &predicted)?;
     if real_cap == 0 {
         tracing::warn!(
             "{} label groups x {} genes: too many for samples of {} cells within {} MiB; the energy distance and \
