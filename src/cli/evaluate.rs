@@ -3,15 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::RunContext;
-use cpa_stream_pipeline::dose_response::DoseResponseRequest;
-use cpa_stream_pipeline::embeddings::EmbeddingsRequest;
-use cpa_stream_pipeline::evaluate::{EvaluateRequest, MetricSet, render_table};
+use cpa_stream_pipeline::dose_response::{self, DoseResponseRequest};
+use cpa_stream_pipeline::embeddings::{self, EmbeddingsRequest};
+use cpa_stream_pipeline::evaluate::{self, EvaluateRequest, MetricSet, render_table};
 use cpa_stream_pipeline::request::{Compute, Naming};
-
-use super::progress::CliProgress;
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
@@ -95,18 +91,11 @@ impl EvaluateArgs {
 }
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
-    let request = args.request();
-    if super::printed_request(&request)? {
+    let what = || format!("evaluating {} on {}", args.model.display(), args.store.display());
+    let Some(report) = super::run_request(&args.request(), EvaluateRequest::options, evaluate::run, args.json, what)?
+    else {
         return Ok(ExitCode::SUCCESS);
-    }
-    let options = request.options()?;
-    let progress = CliProgress::new();
-    let report = cpa_stream_pipeline::evaluate::run(&options, &RunContext::new(&progress))
-        .with_context(|| format!("evaluating {} on {}", args.model.display(), args.store.display()))?;
-    if args.json {
-        jsonln!(&report);
-        return Ok(ExitCode::SUCCESS);
-    }
+    };
     outln!(
         "{} conditions evaluated on the {} split of {} (log1p means; R2 over genes; ctrl_bl, top20_bl: the control mean \
          as the prediction; ceiling: half the real cells predicting the other half; p_delta: Pearson of the change \
@@ -175,15 +164,11 @@ pub fn embeddings(args: EmbeddingsArgs) -> anyhow::Result<ExitCode> {
         overwrite: args.overwrite,
         naming: Naming::Flags,
     };
-    if super::printed_request(&request)? {
+    let what = || format!("embeddings of {}", args.model.display());
+    let Some(report) = super::run_request(&request, EmbeddingsRequest::options, embeddings::run, args.json, what)?
+    else {
         return Ok(ExitCode::SUCCESS);
-    }
-    let report = cpa_stream_pipeline::embeddings::run(&request.options()?, &RunContext::default())
-        .with_context(|| format!("embeddings of {}", args.model.display()))?;
-    if args.json {
-        jsonln!(&report);
-        return Ok(ExitCode::SUCCESS);
-    }
+    };
     outln!(
         "{}: {} perturbations and {} covariate categories, {} latent dimensions each \
          (perturbations.parquet, covariates.parquet)",
@@ -269,18 +254,12 @@ impl DoseResponseArgs {
 }
 
 pub fn dose_response(args: DoseResponseArgs) -> anyhow::Result<ExitCode> {
-    let request = args.request();
-    if super::printed_request(&request)? {
+    let what = || format!("dose response of {}", args.model.display());
+    let Some(report) =
+        super::run_request(&args.request(), DoseResponseRequest::options, dose_response::run, args.json, what)?
+    else {
         return Ok(ExitCode::SUCCESS);
-    }
-    let options = request.options()?;
-    let progress = CliProgress::new();
-    let report = cpa_stream_pipeline::dose_response::run(&options, &RunContext::new(&progress))
-        .with_context(|| format!("dose response of {}", args.model.display()))?;
-    if args.json {
-        jsonln!(&report);
-        return Ok(ExitCode::SUCCESS);
-    }
+    };
     outln!(
         "{}: latent curves of {} perturbations ({} points){}",
         args.out.display(),

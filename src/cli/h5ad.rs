@@ -3,15 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
-use cpa_stream_pipeline::RunContext;
-use cpa_stream_pipeline::export::{ExportCompression, ExportRequest};
-use cpa_stream_pipeline::import::{DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, ImportRequest};
+use cpa_stream_pipeline::export::{self, ExportCompression, ExportRequest};
+use cpa_stream_pipeline::import::{
+    self, DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, ImportRequest,
+};
 use cpa_stream_pipeline::request::Naming;
 use cpa_stream_stages::h5ad::DEFAULT_GZIP_LEVEL;
 
-use super::progress::CliProgress;
 use super::synth::CodecArgs;
 
 #[derive(Debug, Args)]
@@ -116,18 +115,11 @@ impl ImportArgs {
 }
 
 pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
-    let request = args.request();
-    if super::printed_request(&request)? {
+    let what = || format!("import {} into {}", args.input.display(), args.out.display());
+    let Some(summary) = super::run_request(&args.request(), ImportRequest::options, import::run, args.json, what)?
+    else {
         return Ok(ExitCode::SUCCESS);
-    }
-    let options = request.options()?;
-    let progress = CliProgress::new();
-    let summary = cpa_stream_pipeline::import::run(&options, &RunContext::new(&progress))
-        .with_context(|| format!("import {} into {}", args.input.display(), args.out.display()))?;
-    if args.json {
-        jsonln!(&summary);
-        return Ok(ExitCode::SUCCESS);
-    }
+    };
     let m = &summary.manifest;
     outln!(
         "wrote {}: {} cells x {} genes, nnz {}, from a {} matrix; {:.0} cells/s, {:.1} MB/s of input",
@@ -159,17 +151,10 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         overwrite: args.overwrite,
         naming: Naming::Flags,
     };
-    if super::printed_request(&request)? {
+    let what = || format!("export {} to {}", args.store.display(), args.out.display());
+    let Some(report) = super::run_request(&request, ExportRequest::options, export::run, args.json, what)? else {
         return Ok(ExitCode::SUCCESS);
-    }
-    let options = request.options()?;
-    let progress = CliProgress::new();
-    let report = cpa_stream_pipeline::export::run(&options, &RunContext::new(&progress))
-        .with_context(|| format!("export {} to {}", args.store.display(), args.out.display()))?;
-    if args.json {
-        jsonln!(&report);
-        return Ok(ExitCode::SUCCESS);
-    }
+    };
     outln!(
         "wrote {}: {} cells x {} genes, {:.1} MB",
         args.out.display(),

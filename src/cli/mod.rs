@@ -141,14 +141,30 @@ pub fn verbose() -> bool {
 /// Whether `--print-request` was given.
 static PRINT_REQUEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// With `--print-request`, prints `request` as JSON and returns true: the command then ends
-/// without running.
-fn printed_request<T: serde::Serialize>(request: &T) -> anyhow::Result<bool> {
-    if !PRINT_REQUEST.load(std::sync::atomic::Ordering::Relaxed) {
-        return Ok(false);
+/// A command as every command runs: with `--print-request`, `request` printed as JSON and
+/// nothing run; else the request resolved into options (`options`) and run (`run`) with
+/// progress shown, errors with the context `what` says. With `json` the report is printed as
+/// JSON. `Some(report)` when there is text to print; `None` when the command is done.
+fn run_request<R: serde::Serialize, O, T: serde::Serialize>(
+    request: &R,
+    options: impl FnOnce(&R) -> cpa_stream_pipeline::Result<O>,
+    run: impl FnOnce(&O, &cpa_stream_pipeline::RunContext) -> cpa_stream_pipeline::Result<T>,
+    json: bool,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<Option<T>> {
+    use anyhow::Context as _;
+    if PRINT_REQUEST.load(std::sync::atomic::Ordering::Relaxed) {
+        jsonln!(request);
+        return Ok(None);
     }
-    jsonln!(request);
-    Ok(true)
+    let options = options(request)?;
+    let progress = progress::CliProgress::new();
+    let report = run(&options, &cpa_stream_pipeline::RunContext::new(&progress)).with_context(what)?;
+    if json {
+        jsonln!(&report);
+        return Ok(None);
+    }
+    Ok(Some(report))
 }
 
 /// The end of a command's results: with `--verbose` every stage's report; otherwise one line of

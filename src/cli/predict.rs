@@ -3,16 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::RunContext;
 use cpa_stream_pipeline::batcher::DEFAULT_PREFETCH;
-use cpa_stream_pipeline::predict::PredictRequest;
+use cpa_stream_pipeline::predict::{self, PredictRequest};
 use cpa_stream_pipeline::predictor::{DEFAULT_BATCH_SIZE, Layout};
 use cpa_stream_pipeline::request::{Compute, Naming};
 use cpa_stream_stages::sink::{DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL};
-
-use super::progress::CliProgress;
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
@@ -151,18 +147,11 @@ impl PredictArgs {
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
-    let request = args.request()?;
-    if super::printed_request(&request)? {
+    let what = || format!("predicting from {} with {}", args.store.display(), args.model.display());
+    let Some(report) = super::run_request(&args.request()?, PredictRequest::options, predict::run, args.json, what)?
+    else {
         return Ok(ExitCode::SUCCESS);
-    }
-    let options = request.options()?;
-    let progress = CliProgress::new();
-    let report = cpa_stream_pipeline::predict::run(&options, &RunContext::new(&progress))
-        .with_context(|| format!("predicting from {} with {}", args.store.display(), args.model.display()))?;
-    if args.json {
-        jsonln!(&report);
-        return Ok(ExitCode::SUCCESS);
-    }
+    };
     outln!(
         "{}: {} rows ({} source cells x {} target{}), {} genes, {:.1} MB",
         report.output.path.display(),

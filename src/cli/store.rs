@@ -3,15 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
-use cpa_stream_pipeline::RunContext;
-use cpa_stream_pipeline::convert::{ConvertRequest, DEFAULT_SHUFFLE_BUCKET_BYTES};
+use cpa_stream_pipeline::convert::{self, ConvertRequest, DEFAULT_SHUFFLE_BUCKET_BYTES};
 use cpa_stream_pipeline::request::Naming;
 use cpa_stream_stages::store::{Store, summarize_obs};
 use serde::Serialize;
 
-use super::progress::CliProgress;
 use super::synth::CodecArgs;
 
 #[derive(Debug, Args)]
@@ -170,18 +167,11 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         overwrite: args.overwrite,
         naming: Naming::Flags,
     };
-    if super::printed_request(&request)? {
+    let what = || format!("convert {} into {}", args.store.display(), args.out.display());
+    let Some(converted) = super::run_request(&request, ConvertRequest::options, convert::run, args.json, what)? else {
         return Ok(ExitCode::SUCCESS);
-    }
-    let options = request.options()?;
-    let progress = CliProgress::new();
-    let converted = cpa_stream_pipeline::convert::run(&options, &RunContext::new(&progress))
-        .with_context(|| format!("convert {} into {}", args.store.display(), args.out.display()))?;
+    };
     let (manifest, report) = (&converted.manifest, &converted.report);
-    if args.json {
-        jsonln!(&converted);
-        return Ok(ExitCode::SUCCESS);
-    }
     outln!(
         "wrote {}: codec {}, {:.1} MB (input {:.1} MB, ratio {:.2})",
         args.out.display(),

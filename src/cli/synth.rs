@@ -3,18 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
-use cpa_stream_pipeline::RunContext;
 use cpa_stream_pipeline::request::{CodecName, Naming};
-use cpa_stream_pipeline::synth::{DEFAULT_CHANNEL_DEPTH, SynthRequest};
+use cpa_stream_pipeline::synth::{self, DEFAULT_CHANNEL_DEPTH, SynthRequest};
 use cpa_stream_schemas::{DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL};
 use cpa_stream_stages::synth::{
     DEFAULT_CELL_TYPES, DEFAULT_COMBINATIONS, DEFAULT_CONTROL_FRACTION, DEFAULT_DOSES, DEFAULT_HIDDEN,
     DEFAULT_INTERACTION, DEFAULT_LATENT_DIM, DEFAULT_LIBRARY_LOG_SD, DEFAULT_LIBRARY_SIZE, DEFAULT_TRUTH_SAMPLES,
 };
-
-use super::progress::CliProgress;
 
 /// Matrix codec of a store written by the CLI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -146,18 +142,10 @@ impl SynthArgs {
 }
 
 pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
-    let request = args.request();
-    if super::printed_request(&request)? {
+    let what = || format!("synth into {}", args.out.display());
+    let Some(summary) = super::run_request(&args.request(), SynthRequest::options, synth::run, args.json, what)? else {
         return Ok(ExitCode::SUCCESS);
-    }
-    let options = request.options()?;
-    let progress = CliProgress::new();
-    let summary = cpa_stream_pipeline::synth::run(&options, &RunContext::new(&progress))
-        .with_context(|| format!("synth into {}", args.out.display()))?;
-    if args.json {
-        jsonln!(&summary);
-        return Ok(ExitCode::SUCCESS);
-    }
+    };
     let m = &summary.manifest;
     outln!(
         "wrote {}: {} cells x {} genes, nnz {} (density {:.3}), codec {}, {:.1} MB, {} truth groups",

@@ -5,14 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::Context;
 use clap::Args;
 use cpa_stream_pipeline::RunContext;
 use cpa_stream_pipeline::batcher::{DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS};
 use cpa_stream_pipeline::request::{Compute, Naming};
 use cpa_stream_pipeline::train::request::{ConfigSource, TrainRequest};
-
-use super::progress::CliProgress;
+use cpa_stream_pipeline::train::{self, TrainOptions};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -143,17 +141,19 @@ impl TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let request = args.request();
-    if super::printed_request(&request)? {
-        return Ok(ExitCode::SUCCESS);
-    }
-    let options = request.options()?;
     let stop = Arc::new(AtomicBool::new(false));
-    super::signals::stop_on_signals(Arc::clone(&stop))?;
-    let progress = CliProgress::new();
-    let ctx = RunContext::new(&progress).with_stop(&stop);
-    let report = cpa_stream_pipeline::train::run(&options, &ctx)
-        .with_context(|| format!("training on {}", args.store.display()))?;
+    let what = || format!("training on {}", args.store.display());
+    let run = |options: &TrainOptions, ctx: &RunContext| {
+        // Signals stop the run from the start of the training, not while the request is read.
+        if let Err(e) = super::signals::stop_on_signals(Arc::clone(&stop)) {
+            return Err(cpa_stream_pipeline::Error::InvalidInput(e.to_string()));
+        }
+        train::run(options, &ctx.with_stop(&stop))
+    };
+    // `--json` is printed below: the exit code depends on the report either way.
+    let Some(report) = super::run_request(&args.request(), TrainRequest::options, run, false, what)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let code = match report.interrupted {
         true => ExitCode::from(super::signals::interrupted_exit_code()),
         false => ExitCode::SUCCESS,
