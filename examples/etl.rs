@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use arrow::array::{AsArray, Float32Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Float32Type, Schema};
-use cpa_stream::predict::{PredictOptions, PredictRequest, Predictor};
-use cpa_stream::{ParquetSink, RunContext, SinkOptions, import, train};
+use cpa_stream::predict::{PredictOptions, PredictRequest};
+use cpa_stream::{ParquetSink, Predictor, RunContext, SinkOptions, import, train};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
