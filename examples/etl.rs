@@ -105,7 +105,7 @@ fn bundled() -> Result<(PathBuf, PathBuf, PathBuf)> {
     if !store.exists() {
         std::fs::create_dir_all(&out)?;
         let input = root.join("examples/data/perturbench_devel_cpa.h5ad");
-        let request = import::ImportRequest { input, out: store.clone(), ..Default::default() };
+        let request = import::ImportRequest { inputs: vec![input], out: store.clone(), ..Default::default() };
         import::run(&request.options()?, &RunContext::default())?;
     }
     let run = out.join("run");

@@ -93,13 +93,15 @@ pub mod synth {
 ///
 /// ```no_run
 /// use cpa_stream::{RunContext, import};
-/// let request = import::ImportRequest { input: "adata.h5ad".into(), out: "atlas.store".into(), ..Default::default() };
+/// let request = import::ImportRequest { inputs: vec!["adata.h5ad".into()], out: "atlas.store".into(), ..Default::default() };
 /// let report = import::run(&request.options()?, &RunContext::default())?;
 /// println!("{} cells", report.manifest.n_obs);
 /// # Ok::<(), cpa_stream::Error>(())
 /// ```
 pub mod import {
-    pub use cpa_stream_pipeline::import::{ImportOptions, ImportReport, ImportRequest, Tables, run, run_chunks};
+    pub use cpa_stream_pipeline::import::{
+        GeneJoin, ImportOptions, ImportReport, ImportRequest, InputReport, JoinName, Tables, run, run_chunks,
+    };
 }
 
 /// `cpa-stream export`: a store as an AnnData `.h5ad` file.

@@ -59,6 +59,7 @@ pub mod predictor;
 pub mod progress;
 pub mod request;
 pub mod run_dir;
+mod shuffle;
 mod stage;
 pub mod stats;
 pub mod suggest;

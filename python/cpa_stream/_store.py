@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,12 +126,18 @@ def table_to_pandas(table: pa.Table, index: str | None = None) -> pd.DataFrame:
 
 
 def import_h5ad(
-    data: anndata.AnnData | PathLike,
+    data: anndata.AnnData | PathLike | Sequence[anndata.AnnData | PathLike],
     out: PathLike,
     *,
     layer: str | None = None,
     use_raw: bool = False,
     genes: list[str] | None = None,
+    join: str | None = None,
+    gene_key: str | None = None,
+    source_key: str | None = None,
+    labels: list[str] | None = None,
+    make_unique: bool | str | None = None,
+    shuffle: int | None = None,
     codec: str = "raw",
     zstd_level: int | None = None,
     block_rows: int | None = None,
@@ -156,21 +162,41 @@ def import_h5ad(
     ``rank_genes_groups``): ``deg_uns_key`` picks the entry (an error when it is absent or not
     DEG lists), else the first found. An existing store at ``out`` is an error unless ``overwrite``.
 
+    ``data`` may also be a list of paths and AnnData objects, mixed: they become one store in one
+    streaming pass, as ``cpa-stream import A.h5ad B.h5ad ...`` (and ``anndata.concat``) makes it.
+    Genes are matched by the var index, or by the var column ``gene_key``; ``join`` keeps the
+    genes every file has (``"inner"``, the default) or any has (``"outer"``, zero where a file
+    lacks one); ``genes`` lists them instead. obs columns are merged (missing where a file lacks
+    one), and ``source_key`` (default ``"source_file"``) names each cell's file by its label
+    (``labels``, default the file names without ``.h5ad``; ``adata0``, ``adata1``, ... for
+    objects). A cell id in two files is an error unless ``make_unique`` (``True`` or a
+    separator) appends the label to every id, as anndata's ``index_unique`` does. ``shuffle``
+    (a seed) writes the cells in a random order. AnnData objects of a list are written to a
+    temporary ``.h5ad`` next to ``out`` first (files and backed objects are read in place).
+
     A file is untrusted: importing it reads nothing but that file, so a file whose data lives in
     other files (HDF5 external storage, external links, virtual datasets) is a ``ValueError``
     naming the object; ``allow_external=True`` reads such data for a trusted collection, from
     regular files in the file's own folder only.
     """
     out = Path(out)
+    if make_unique is True:
+        make_unique = "-"
     request = {
         "out": os.fspath(out), "layer": layer, "use_raw": use_raw,
         "genes": _args.names("genes", genes) if genes is not None else None, "deg_uns_key": deg_uns_key,
+        "join": join, "gene_key": gene_key, "source_key": source_key,
+        "labels": _args.names("labels", labels) if labels is not None else None,
+        "make_unique": make_unique or None, "shuffle": shuffle,
         "chunk_rows": chunk_rows, "allow_external": allow_external, "codec": codec, "zstd_level": zstd_level,
         "block_rows": block_rows, "overwrite": overwrite, "naming": "keywords",
     }
+    many = isinstance(data, (list, tuple))
+    if many or (shuffle is not None or gene_key is not None) and not isinstance(data, (str, os.PathLike)):
+        return _import_many(list(data) if many else [data], out, request, labels, progress)
     if isinstance(data, (str, os.PathLike)) or getattr(data, "isbacked", False) and not data.is_view:
         # A file, or a backed AnnData read from its file, out of core, as `cpa-stream import` does.
-        request["input"] = os.fspath(data if isinstance(data, (str, os.PathLike)) else data.filename)
+        request["inputs"] = [os.fspath(data if isinstance(data, (str, os.PathLike)) else data.filename)]
         _native.run("import", _args.request(request), _progress.make(progress, "import"))
         return Store(out)
     # The matrix comes from Python; the request says where it goes and how.
@@ -205,6 +231,40 @@ def import_h5ad(
     _native.import_arrays(
         arrays, what, obs, var, _csr_chunks(matrix, chunk_rows), degs=degs, progress=_progress.make(progress, "import")
     )
+    return Store(out)
+
+
+def _import_many(
+    items: list[Any], out: Path, request: dict[str, Any], labels: list[str] | None, progress: bool | None
+) -> Store:
+    """Imports files and AnnData objects, mixed, in one pass of the native import: objects in
+    memory (or views) are written to a temporary ``.h5ad`` next to ``out`` first."""
+    if not items:
+        raise ValueError("import_h5ad: an empty list of inputs")
+    import tempfile
+
+    parent = out.parent if str(out.parent) else Path(".")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.anndata-", dir=parent) as scratch:
+        paths, names = [], []
+        for i, item in enumerate(items):
+            if isinstance(item, (str, os.PathLike)):
+                paths.append(os.fspath(item))
+                name = Path(item).name
+                names.append(name[: -len(".h5ad")] if name.endswith(".h5ad") else name)
+            elif getattr(item, "isbacked", False) and not item.is_view:
+                paths.append(os.fspath(item.filename))
+                names.append(Path(item.filename).stem)
+            elif hasattr(item, "obs") and hasattr(item, "var"):
+                path = os.path.join(scratch, f"adata{i}.h5ad")
+                (item.to_memory() if getattr(item, "isbacked", False) else item).write_h5ad(path)
+                paths.append(path)
+                names.append(f"adata{i}")
+            else:
+                raise TypeError(f"import_h5ad: input {i} is a {type(item).__name__}, not a path or an AnnData")
+        request["inputs"] = paths
+        if labels is None and len(paths) > 1:
+            request["labels"] = names
+        _native.run("import", _args.request(request), _progress.make(progress, "import"))
     return Store(out)
 
 

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 use cpa_stream_pipeline::export::{self, ExportCompression, ExportRequest};
 use cpa_stream_pipeline::import::{
-    self, DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, ImportRequest,
+    self, DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, DEFAULT_SOURCE_KEY, ImportRequest,
+    JoinName,
 };
 use cpa_stream_pipeline::request::Naming;
 use cpa_stream_stages::h5ad::DEFAULT_GZIP_LEVEL;
@@ -15,8 +16,14 @@ use super::synth::CodecArgs;
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// Input AnnData file.
-    input: PathBuf,
+    /// Input AnnData files, in order: many become one store (genes aligned, obs columns
+    /// merged, like anndata.concat). A quoted pattern ("plates/*.h5ad") stands for the files it
+    /// matches, sorted.
+    #[arg(required_unless_present = "inputs_from")]
+    inputs: Vec<PathBuf>,
+    /// Also import the files listed in FILE, one per line (relative to FILE's folder).
+    #[arg(long, value_name = "FILE")]
+    inputs_from: Option<PathBuf>,
     /// Output store directory.
     #[arg(long)]
     out: PathBuf,
@@ -27,9 +34,31 @@ pub struct ImportArgs {
     /// the counts when X holds scaled or log-normalised values.
     #[arg(long, conflicts_with = "layer")]
     use_raw: bool,
-    /// Keep only the genes listed in FILE (one var index entry per line), in that order.
-    #[arg(long, value_name = "FILE")]
+    /// Which genes the store keeps: `inner` (of many files, those all have; the default),
+    /// `outer` (those any has, zero where a file lacks one) or the genes listed in FILE (one per
+    /// line, in that order; every file must have them).
+    #[arg(long, value_name = "inner|outer|FILE")]
     genes: Option<PathBuf>,
+    /// The var column that identifies genes across files (gene_ids, for Ensembl ids), instead
+    /// of the var index; the store's gene ids are its values.
+    #[arg(long, value_name = "COLUMN")]
+    gene_key: Option<String>,
+    #[arg(long, value_name = "COLUMN", help = format!(
+        "The obs column naming each cell's file (categorical) [default: {DEFAULT_SOURCE_KEY} of many files, none          of one]"
+    ))]
+    source_key: Option<String>,
+    /// The label of each file in --source-key and --make-unique, comma-separated, in order
+    /// [default: the file names without .h5ad].
+    #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Append SEP and the file's label to every cell id, so that ids repeated across files
+    /// stay apart (anndata's index_unique). Without it, an id in two files is an error.
+    #[arg(long, value_name = "SEP", num_args = 0..=1, default_missing_value = "-")]
+    make_unique: Option<String>,
+    /// Write the cells in a random order drawn from SEED (a uniform shuffle of every cell, out
+    /// of core: files sorted by plate or condition otherwise train on runs of one kind).
+    #[arg(long, value_name = "SEED")]
+    shuffle: Option<u64>,
     /// The uns entry with the DEG lists (CPA's dict of group -> ranked genes, or scanpy's
     /// rank_genes_groups) [default: the first such entry].
     #[arg(long, value_name = "KEY")]
@@ -93,13 +122,25 @@ pub struct ExportArgs {
 impl ImportArgs {
     /// The request these flags make.
     fn request(&self) -> ImportRequest {
+        let join = match self.genes.as_ref().and_then(|g| g.to_str()) {
+            Some("inner") => Some(JoinName::Inner),
+            Some("outer") => Some(JoinName::Outer),
+            _ => None,
+        };
         ImportRequest {
-            input: self.input.clone(),
+            inputs: self.inputs.clone(),
+            inputs_from: self.inputs_from.clone(),
             out: self.out.clone(),
             layer: self.layer.clone(),
             use_raw: self.use_raw,
             genes: None,
-            genes_file: self.genes.clone(),
+            genes_file: if join.is_some() { None } else { self.genes.clone() },
+            join,
+            gene_key: self.gene_key.clone(),
+            source_key: self.source_key.clone(),
+            labels: self.labels.clone(),
+            make_unique: self.make_unique.clone(),
+            shuffle: self.shuffle,
             deg_uns_key: self.deg_uns_key.clone(),
             chunk_rows: self.chunk_rows,
             csc_budget_mib: self.csc_budget_mib,
@@ -115,7 +156,10 @@ impl ImportArgs {
 }
 
 pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
-    let what = || format!("import {} into {}", args.input.display(), args.out.display());
+    let what = || match args.inputs.as_slice() {
+        [one] => format!("import {} into {}", one.display(), args.out.display()),
+        _ => format!("import into {}", args.out.display()),
+    };
     let Some(summary) = super::run_request(&args.request(), ImportRequest::options, import::run, args.json, what)?
     else {
         return Ok(ExitCode::SUCCESS);
@@ -131,6 +175,21 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         summary.cells_per_s,
         summary.input_mb_per_s
     );
+    if summary.inputs.len() > 1 {
+        for input in &summary.inputs {
+            outln!(
+                "  {}: {} cells, {} of its {} genes kept ({})",
+                input.path.display(),
+                input.cells,
+                input.genes_kept,
+                input.genes,
+                input.layout
+            );
+        }
+    }
+    if let Some(seed) = summary.shuffle_seed {
+        outln!("cells written in a random order (seed {seed})");
+    }
     if let Some((key, rows)) = &summary.degs {
         outln!("DEG lists from uns/{key}: {rows} rows in degs.parquet");
     }

@@ -9,7 +9,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, UInt32Type};
 use cpa_stream::RunContext;
 use cpa_stream::export::ExportOptions;
-use cpa_stream::import::{ImportOptions, ImportReport};
+use cpa_stream::import::{GeneJoin, ImportOptions, ImportReport};
 use cpa_stream::unstable::schemas::StoreFiles;
 use cpa_stream::unstable::schemas::tables::categories_of;
 use cpa_stream::unstable::stages::h5ad::{DEG_FILE, H5adCompression};
@@ -66,7 +66,7 @@ fn import(input: &Path, out: &Path, options: ImportOptions) -> cpa_stream::Manif
 
 /// `options` with `input` and `out`, run.
 fn import_file(input: &Path, out: &Path, options: &ImportOptions) -> cpa_stream::Result<ImportReport> {
-    let options = ImportOptions { input: input.to_owned(), out: out.to_owned(), ..options.clone() };
+    let options = ImportOptions { inputs: vec![input.to_owned()], out: out.to_owned(), ..options.clone() };
     cpa_stream::import::run(&options, &RunContext::default())
 }
 
@@ -274,7 +274,7 @@ fn gene_subset_keeps_the_given_order() {
     import(
         &file,
         &sub,
-        ImportOptions { genes: Some(genes.iter().map(|s| s.to_string()).collect()), ..Default::default() },
+        ImportOptions { join: GeneJoin::List(genes.iter().map(|s| s.to_string()).collect()), ..Default::default() },
     );
     let (full, sub) = (Store::open(&full).unwrap(), Store::open(&sub).unwrap());
     assert_eq!(sub.n_vars(), 3);
@@ -294,9 +294,9 @@ fn gene_subset_keeps_the_given_order() {
     let bad = import_file(
         &file,
         &dir.join("never.store"),
-        &ImportOptions { genes: Some(vec!["NOPE".into()]), ..Default::default() },
+        &ImportOptions { join: GeneJoin::List(vec!["NOPE".into()]), ..Default::default() },
     );
-    assert!(bad.unwrap_err().to_string().contains("not in the var index"));
+    assert!(bad.unwrap_err().to_string().contains("not in the genes of"));
     assert!(!dir.join("never.store").exists());
 }
 

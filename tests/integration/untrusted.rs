@@ -101,7 +101,7 @@ fn files_that_read_from_elsewhere_block_or_exhaust_memory_are_refused_naming_the
     }
     // The library refuses the same (the Python import and the fuzz target call it).
     let options = cpa_stream::import::ImportOptions {
-        input: f.dir.join("external_x.h5ad"),
+        inputs: vec![f.dir.join("external_x.h5ad")],
         out: out_dir.path().join("lib.store"),
         ..Default::default()
     };

@@ -4,29 +4,23 @@
 
 mod request;
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::UInt64Array;
-use arrow::compute::take_record_batch;
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::{Codec, Manifest, StoreFiles};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use rand_xoshiro::Xoshiro256PlusPlus;
 
+pub use crate::shuffle::{DEFAULT_SHUFFLE_BUCKET_BYTES, Shuffle};
 pub use request::ConvertRequest;
 use serde::Serialize;
 
 use crate::Stage;
 use crate::context::RunContext;
 use crate::error::{Error, Result};
-use crate::progress::Progress;
+use crate::shuffle::copy_shuffled;
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
 use crate::two_stage::{send_store_rows, two_stage};
 
@@ -36,23 +30,6 @@ const CHANNEL_DEPTH: usize = 4;
 /// windows of this many rows (zero-copy slices) so that the matrix rows in flight stay small:
 /// at 5,000 genes and 17% density a window is about 14 MB.
 const BATCH_ROWS: usize = 2048;
-
-/// Default memory for one bucket of [`Shuffle`]: 256 MiB.
-pub const DEFAULT_SHUFFLE_BUCKET_BYTES: u64 = 256 << 20;
-/// Most bucket files of a shuffle open at once.
-const MAX_SHUFFLE_BUCKETS: u64 = 4096;
-/// Write buffer of each bucket file.
-const BUCKET_BUFFER: usize = 256 << 10;
-
-/// Writing the cells in a seeded random order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shuffle {
-    /// Seed of the random order.
-    pub seed: u64,
-    /// Payload bytes of the cells that one bucket holds in memory (about; bucket sizes vary a
-    /// little at random).
-    pub bucket_bytes: u64,
-}
 
 /// What `convert` writes.
 #[derive(Debug, Clone)]
@@ -168,205 +145,4 @@ pub fn run(options: &ConvertOptions, ctx: &RunContext) -> Result<ConvertReport> 
     let run =
         RunReport { wall: started.elapsed(), stages: vec![read.report(), write.report()], memory: sampler.finish() };
     Ok(report(manifest, run))
-}
-
-// Long: its two passes share the scratch files, the bucket count and one random stream, which
-// split functions would pass around as a dozen arguments; each pass is marked below.
-/// Writes the cells of `input` in a random order drawn from `shuffle.seed`, reading the store
-/// sequentially only (an atlas larger than memory is never read at random): an external shuffle
-/// in two passes. The first reads the cells in order and appends each, with its row number, to
-/// one of `buckets` scratch files drawn at random; the second reads each bucket in turn into
-/// memory, shuffles its cells and writes them with their obs rows. Drawing a bucket per cell and
-/// shuffling within buckets gives every order the same chance. Memory: one bucket, the obs table
-/// (about 100 MB at a million cells) and a write buffer per bucket. The scratch files, as large
-/// as the payload, lie next to `out` and are removed as they are used, and on error.
-fn copy_shuffled(
-    input: &Store,
-    writer: &mut StoreWriter,
-    shuffle: Shuffle,
-    out: &Path,
-    [read, scatter, write]: [&StageStats; 3],
-    progress: &dyn Progress,
-) -> Result<()> {
-    let obs_path = input.file_path(StoreFiles::OBS);
-    let obs = read.busy(|| input.small_table(StoreFiles::OBS)).map_err(Error::stage(Stage::Read))?;
-    let n = input.n_obs();
-    if obs.num_rows() as u64 != n {
-        return Err(Error::InvalidInput(format!(
-            "{}: {} rows, the matrix has {n}",
-            obs_path.display(),
-            obs.num_rows()
-        )));
-    }
-    // Each cell's record: row number (8 bytes), entries (4), indices and values (8 per entry).
-    let record_bytes = input.nnz() * 8 + n * 12;
-    let buckets = record_bytes.div_ceil(shuffle.bucket_bytes.max(1)).clamp(1, MAX_SHUFFLE_BUCKETS) as usize;
-    let scratch = Scratch::create(out)?;
-    // The scratch files hold every cell until pass 2 writes them bucket by bucket, deleting each
-    // bucket once written: at the peak, the records plus about one bucket of output.
-    let needed = record_bytes.saturating_add(record_bytes.div_ceil(buckets as u64));
-    if let Some(free) = free_bytes(&scratch.0)
-        && free < needed
-    {
-        return Err(Error::InvalidInput(format!(
-            "{}: the shuffle needs about {:.2} GB of scratch space next to the output (a copy of every cell until \
-             it is written), but only {:.2} GB are free there",
-            scratch.0.display(),
-            needed as f64 / 1e9,
-            free as f64 / 1e9
-        )));
-    }
-    let bucket_path = |b: usize| scratch.0.join(format!("bucket-{b}"));
-    let mut files = (0..buckets)
-        .map(|b| {
-            File::create(bucket_path(b))
-                .map(|f| BufWriter::with_capacity(BUCKET_BUFFER, f))
-                .map_err(Error::io(&bucket_path(b)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(shuffle.seed);
-
-    // Pass 1: the store in order, each cell to a random bucket.
-    input.advise(Access::Sequential);
-    let mut cursor = input.cursor().map_err(Error::stage(Stage::Read))?;
-    let mut rows = CsrBatch::new(input.n_vars() as u32);
-    progress.begin("scatter", n);
-    for start in (0..n).step_by(BATCH_ROWS) {
-        let end = (start + BATCH_ROWS as u64).min(n);
-        read.busy(|| {
-            rows.clear();
-            cursor.read_range(start..end, &mut rows)
-        })
-        .map_err(Error::stage(Stage::Read))?;
-        read.add(rows.n_rows() as u64, rows.byte_size());
-        scatter.busy(|| -> Result<()> {
-            for r in 0..rows.n_rows() {
-                let b = rng.random_range(0..buckets);
-                let (indices, values) = rows.row(r);
-                let file = &mut files[b];
-                let record = [
-                    &(start + r as u64).to_le_bytes()[..],
-                    &(indices.len() as u32).to_le_bytes(),
-                    bytemuck::cast_slice(indices),
-                    bytemuck::cast_slice(values),
-                ];
-                for part in record {
-                    file.write_all(part).map_err(Error::io(&bucket_path(b)))?;
-                }
-            }
-            Ok(())
-        })?;
-        scatter.add(rows.n_rows() as u64, rows.byte_size());
-        progress.advance(rows.n_rows() as u64);
-    }
-    for (b, file) in files.into_iter().enumerate() {
-        scatter.busy(|| file.into_inner().map_err(|e| e.into_error())).map_err(Error::io(&bucket_path(b)))?;
-    }
-    progress.end();
-
-    // Pass 2: each bucket shuffled in memory and written.
-    progress.begin("write", n);
-    let (mut indices, mut values) = (Vec::new(), Vec::new());
-    let mut written = 0u64;
-    for b in 0..buckets {
-        let path = bucket_path(b);
-        let bytes = scatter.busy(|| std::fs::read(&path)).map_err(Error::io(&path))?;
-        // (row number, offset of its entries, entries) of every cell of the bucket.
-        let mut cells: Vec<(u64, usize, usize)> = Vec::new();
-        let mut at = 0;
-        while at < bytes.len() {
-            let field = |from: usize, len: usize| bytes.get(from..from + len).ok_or_else(|| truncated(&path));
-            let row = u64::from_le_bytes(field(at, 8)?.try_into().map_err(|_| truncated(&path))?);
-            let nnz = u32::from_le_bytes(field(at + 8, 4)?.try_into().map_err(|_| truncated(&path))?) as usize;
-            field(at + 12, nnz * 8)?;
-            cells.push((row, at + 12, nnz));
-            at += 12 + nnz * 8;
-        }
-        cells.shuffle(&mut rng);
-        for chunk in cells.chunks(BATCH_ROWS) {
-            let part = write.busy(|| -> Result<RecordBatch> {
-                rows.clear();
-                for &(_, offset, nnz) in chunk {
-                    let (idx, val) = bytes[offset..offset + nnz * 8].split_at(nnz * 4);
-                    indices.clear();
-                    values.clear();
-                    indices.extend(idx.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-                    values.extend(val.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-                    rows.push_row(&indices, &values);
-                }
-                let ids = UInt64Array::from_iter_values(chunk.iter().map(|c| c.0));
-                take_record_batch(&obs, &ids).map_err(Error::arrow(obs_path.display().to_string()))
-            })?;
-            write.busy(|| writer.push_rows(&rows, &part)).map_err(Error::stage(Stage::Write))?;
-            write.add(rows.n_rows() as u64, rows.byte_size());
-            written += rows.n_rows() as u64;
-            progress.advance(rows.n_rows() as u64);
-        }
-        drop(bytes);
-        std::fs::remove_file(&path).map_err(Error::io(&path))?;
-    }
-    progress.end();
-    if written != n {
-        return Err(Error::InvalidInput(format!("{}: the shuffle wrote {written} cells of {n}", scratch.0.display())));
-    }
-    Ok(())
-}
-
-fn truncated(path: &Path) -> Error {
-    Error::InvalidInput(format!("{}: a scratch file of the shuffle ends within a cell", path.display()))
-}
-
-/// Bytes that an unprivileged writer may still use on the filesystem holding `dir`; `None` where
-/// that cannot be told.
-#[cfg(unix)]
-fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is NUL-terminated and outlives the call; `stat` is valid for writes of a
-    // `statvfs`, which the call fills when it returns 0.
-    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it initialised `stat`.
-    let stat = unsafe { stat.assume_init() };
-    #[allow(clippy::useless_conversion)] // the field types differ between targets
-    Some(u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
-}
-
-#[cfg(not(unix))]
-fn free_bytes(_dir: &Path) -> Option<u64> {
-    None
-}
-
-/// A scratch directory next to a store being written, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn create(out: &Path) -> Result<Scratch> {
-        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".to_owned());
-        let dir = out.with_file_name(format!(".{name}.shuffle-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
-        Ok(Scratch(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    #[cfg(unix)]
-    fn free_bytes_asks_the_filesystem_of_an_existing_directory() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let free = free_bytes(dir.path());
-        assert!(free.is_some_and(|f| f > 0), "free space of {}: {free:?}", dir.path().display());
-        assert_eq!(free_bytes(&dir.path().join("absent")), None);
-    }
 }

@@ -5,7 +5,9 @@
 //! bucket sized to fit [`ImportOptions::memory_budget`]), then each bucket is counting-sorted
 //! into CSR rows. Entries arrive in column order, so rows come out sorted.
 
+mod collection;
 mod request;
+mod unique;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -14,19 +16,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{RecordBatch, UInt32Array};
+use arrow::array::{AsArray, RecordBatch, StringArray};
 use cpa_stream_schemas::Codec;
 use cpa_stream_stages::h5ad::{DEG_FILE, ExternalData, H5adReader, MatrixLayout, MatrixSource};
-use cpa_stream_stages::store::{StoreWriter, StoreWriterOptions, write_table};
+use cpa_stream_stages::store::{Store, StoreWriter, StoreWriterOptions, write_table};
 use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
 use crossbeam_channel::{Receiver, bounded};
 use serde::Serialize;
 
-pub use request::ImportRequest;
+pub use collection::GeneJoin;
+use collection::{Collection, Part, Plan};
+pub use request::{DEFAULT_SOURCE_KEY, ImportRequest, JoinName};
+use unique::SharedIds;
 
 use crate::Stage;
 use crate::context::RunContext;
 use crate::error::{Error, Result};
+use crate::shuffle::{Shuffle, copy_shuffled};
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
 use crate::two_stage::{Emitter, two_stage};
 
@@ -48,16 +54,30 @@ const CHANNEL_DEPTH: usize = 4;
 /// How to import.
 #[derive(Debug, Clone)]
 pub struct ImportOptions {
-    /// The `.h5ad` file [`run`] reads ([`run_chunks`] is given its data instead).
-    pub input: PathBuf,
+    /// The `.h5ad` files [`run`] reads, in order, into one store ([`run_chunks`] is given its
+    /// data instead).
+    pub inputs: Vec<PathBuf>,
     /// The store written.
     pub out: PathBuf,
     /// Import `layers/<layer>` instead of `X`.
     pub layer: Option<String>,
     /// Import `adata.raw` (its matrix and genes) instead of `X`; excludes `layer`.
     pub use_raw: bool,
-    /// Keep only these genes (by `var` index), in this order.
-    pub genes: Option<Vec<String>>,
+    /// Which genes the store keeps. Default [`GeneJoin::Inner`] (of one file: all its genes).
+    pub join: GeneJoin,
+    /// The `var` column that identifies genes across files; `None`: the var index.
+    pub gene_key: Option<String>,
+    /// The `obs` column naming each cell's file (categorical, one category per file); `None`:
+    /// none.
+    pub source_key: Option<String>,
+    /// The label of each file in `source_key` and `index_unique` (one per input); `None`: the
+    /// file names without their extension.
+    pub labels: Option<Vec<String>>,
+    /// Append this separator and the file's label to every cell id (anndata's `index_unique`);
+    /// `None`: ids as the files have them, and an id in two files is an error.
+    pub index_unique: Option<String>,
+    /// Write the cells in a random order drawn from this seed.
+    pub shuffle: Option<Shuffle>,
     /// Rows per chunk. Default [`DEFAULT_CHUNK_ROWS`].
     pub chunk_rows: usize,
     /// Bytes of one CSC transposition bucket. Default [`DEFAULT_MEMORY_BUDGET`].
@@ -69,7 +89,8 @@ pub struct ImportOptions {
     pub codec: Codec,
     /// Replace an existing store.
     pub overwrite: bool,
-    /// The `uns` entry with the DEG lists; `None`: the first entry that holds DEG lists.
+    /// The `uns` entry with the DEG lists; `None`: the first entry that holds DEG lists. Of many
+    /// files, the first that has one gives the store its DEG table.
     pub deg_uns_key: Option<String>,
     /// Whether the file may read data from other files (HDF5 external storage, external links,
     /// virtual datasets). Default [`ExternalData::Refuse`]: an imported file is untrusted.
@@ -79,11 +100,16 @@ pub struct ImportOptions {
 impl Default for ImportOptions {
     fn default() -> Self {
         ImportOptions {
-            input: PathBuf::new(),
+            inputs: Vec::new(),
             out: PathBuf::new(),
             layer: None,
             use_raw: false,
-            genes: None,
+            join: GeneJoin::Inner,
+            gene_key: None,
+            source_key: None,
+            labels: None,
+            index_unique: None,
+            shuffle: None,
             chunk_rows: DEFAULT_CHUNK_ROWS,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             max_open_buckets: DEFAULT_MAX_OPEN_BUCKETS,
@@ -100,23 +126,40 @@ impl Default for ImportOptions {
 pub struct ImportReport {
     /// The store's manifest.
     pub manifest: cpa_stream_schemas::Manifest,
-    /// The file's matrix layout (`csr`, `csc`, `dense`).
+    /// The files' matrix layout (`csr`, `csc`, `dense`, or `mixed`).
     pub layout: String,
+    /// Each file read.
+    pub inputs: Vec<InputReport>,
     /// `uns` key and rows of the imported DEG table, if any.
     pub degs: Option<(String, usize)>,
+    /// The seed of the cells' random order, if shuffled.
+    pub shuffle_seed: Option<u64>,
     /// Cells imported per second.
     pub cells_per_s: f64,
-    /// Stored bytes of the input file read per second.
+    /// Stored bytes of the input files read per second.
     pub input_mb_per_s: f64,
     /// Stages, wall time and peak memory.
     pub report: RunReport,
 }
 
-// Long: the wiring of the reader thread and the writer with their report, read top to bottom
-// as the data flows.
-/// Imports the `.h5ad` file `options.input` into a new store at `options.out`.
+/// One file of an import.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputReport {
+    /// The file.
+    pub path: PathBuf,
+    /// Its cells.
+    pub cells: u64,
+    /// Its genes.
+    pub genes: usize,
+    /// Its genes that the store keeps.
+    pub genes_kept: usize,
+    /// Its matrix layout.
+    pub layout: String,
+}
+
+/// Imports the `.h5ad` files `options.inputs`, in order, into a new store at `options.out`.
 pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
-    let (input, out, progress) = (options.input.as_path(), options.out.as_path(), ctx.progress());
+    let out = options.out.as_path();
     let sampler = MemorySampler::start();
     let started = Instant::now();
     let read = StageStats::new(Stage::Read, 1);
@@ -129,60 +172,241 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
             return Err(Error::InvalidInput(format!("import: layer {l:?} and adata.raw both asked for; choose one")));
         }
     };
-    let h5 = H5adReader::open_matrix_with(input, source, options.external).map_err(Error::stage(Stage::Read))?;
-    let var_all = h5.read_var().map_err(Error::stage(Stage::Read))?;
-    let (var, map) = select_genes(input, &h5, &var_all, options.genes.as_deref())?;
-    let n_vars = var.num_rows() as u32;
+    if options.inputs.is_empty() {
+        return Err(Error::InvalidInput("import: no input file".to_owned()));
+    }
+    let labels = labels(options)?;
+    let plan = Plan {
+        source,
+        external: options.external,
+        join: &options.join,
+        gene_key: options.gene_key.as_deref(),
+        source_key: options.source_key.as_deref().map(|key| (key, labels.as_slice())),
+        index_unique: options.index_unique.as_deref(),
+    };
+    let collection = collection::plan(&options.inputs, &plan)?;
+    let element = match source {
+        MatrixSource::X => String::new(),
+        MatrixSource::Raw => " (adata.raw)".to_owned(),
+        MatrixSource::Layer(l) => format!(" (layers/{l})"),
+    };
+    let files = match options.inputs.as_slice() {
+        [one] => one.display().to_string(),
+        [first, .., last] => format!("{} files, {} .. {}", options.inputs.len(), first.display(), last.display()),
+        [] => String::new(),
+    };
+    let shuffled = options.shuffle.map(|s| format!(", cells shuffled with seed {}", s.seed)).unwrap_or_default();
     let writer_options = StoreWriterOptions {
         codec: options.codec,
         overwrite: options.overwrite,
-        source: Some(format!(
-            "imported from {}{}",
-            input.display(),
-            if h5.element() == "X" { String::new() } else { format!(" ({})", h5.element()) }
-        )),
+        source: Some(format!("imported from {files}{element}{shuffled}")),
         ..StoreWriterOptions::default()
     };
-    let mut writer =
-        StoreWriter::create(out, &var, h5.obs_schema(), writer_options).map_err(Error::stage(Stage::Write))?;
-    let degs = match h5.read_degs(options.deg_uns_key.as_deref()).map_err(Error::stage(Stage::Read))? {
+    let mut writer = StoreWriter::create(out, &collection.var, Arc::clone(&collection.obs_schema), writer_options)
+        .map_err(Error::stage(Stage::Write))?;
+    // Created once the store's lock is held: while it is, no other import sweeps it away.
+    let scratch = Scratch::create(out)?;
+    let degs = match read_degs(&collection, options, source)? {
         Some((key, table)) => Some(write_degs(&writer, &key, &table)?),
         None => None,
     };
-    let layout = h5.layout();
+    let scatter = StageStats::new(Stage::Scatter, 1);
+    let mut inputs = Vec::with_capacity(collection.parts.len());
+    match options.shuffle {
+        None => stream(&collection, options, source, &mut writer, &scratch, &mut inputs, [&read, &write], ctx)?,
+        Some(shuffle) => {
+            // The cells in file order into a raw store in the scratch directory, then shuffled
+            // into the store (convert --shuffle's two passes).
+            let staged_path = scratch.0.join("unshuffled");
+            let staging_options = StoreWriterOptions { overwrite: true, ..StoreWriterOptions::default() };
+            let mut staging =
+                StoreWriter::create(&staged_path, &collection.var, Arc::clone(&collection.obs_schema), staging_options)
+                    .map_err(Error::stage(Stage::Write))?;
+            stream(&collection, options, source, &mut staging, &scratch, &mut inputs, [&read, &write], ctx)?;
+            write.busy(|| staging.finish()).map_err(Error::stage(Stage::Write))?;
+            let staged = Store::open(&staged_path).map_err(Error::stage(Stage::Read))?;
+            let result = copy_shuffled(&staged, &mut writer, shuffle, out, [&read, &scatter, &write], ctx.progress());
+            if result.is_err() {
+                ctx.progress().end();
+            }
+            result?;
+        }
+    }
+    let manifest = write.busy(|| writer.finish()).map_err(Error::stage(Stage::Write))?;
+    drop(scratch);
+    let wall = started.elapsed();
+    let input_bytes: u64 = options.inputs.iter().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    let layout = match inputs.iter().all(|i| i.layout == inputs[0].layout) {
+        true => inputs[0].layout.clone(),
+        false => "mixed".to_owned(),
+    };
+    let mut stages = vec![read.report(), write.report()];
+    if options.shuffle.is_some() {
+        stages.insert(1, scatter.report());
+    }
+    Ok(ImportReport {
+        cells_per_s: manifest.n_obs as f64 / wall.as_secs_f64().max(1e-9),
+        input_mb_per_s: input_bytes as f64 / 1e6 / wall.as_secs_f64().max(1e-9),
+        manifest,
+        layout,
+        inputs,
+        degs,
+        shuffle_seed: options.shuffle.map(|s| s.seed),
+        report: RunReport { wall, stages, memory: sampler.finish() },
+    })
+}
+
+/// The label of each input: as given, or the file names without `.h5ad`.
+fn labels(options: &ImportOptions) -> Result<Vec<String>> {
+    let labels: Vec<String> = match &options.labels {
+        Some(labels) if labels.len() != options.inputs.len() => {
+            return Err(Error::InvalidInput(format!(
+                "--labels: {} labels for {} input files; give one per file, in order",
+                labels.len(),
+                options.inputs.len()
+            )));
+        }
+        Some(labels) => labels.clone(),
+        None => options
+            .inputs
+            .iter()
+            .map(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                name.strip_suffix(".h5ad").map(str::to_owned).unwrap_or(name)
+            })
+            .collect(),
+    };
+    let mut seen = HashMap::new();
+    for (i, label) in labels.iter().enumerate() {
+        if label.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "--labels: the label of {} is empty",
+                options.inputs[i].display()
+            )));
+        }
+        if let Some(j) = seen.insert(label.as_str(), i) {
+            return Err(Error::InvalidInput(format!(
+                "{} and {} have the same label {label:?}; --labels gives each file its own",
+                options.inputs[j].display(),
+                options.inputs[i].display()
+            )));
+        }
+    }
+    Ok(labels)
+}
+
+/// A scratch directory next to a store being written (`.NAME.import-PID`), removed when dropped
+/// and, after a kill, by the next writer of the store.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn create(out: &Path) -> Result<Scratch> {
+        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let dir = out.with_file_name(format!(".{name}.import-{}", std::process::id()));
+        fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One chunk of a file's cells: store rows, the file's obs rows, the file, its first row.
+type Chunk = (CsrBatch, RecordBatch, usize, u64);
+
+/// The first value of a file that is not a count: its row and the value.
+type NotACount = Option<(u64, f32)>;
+
+// Long: the wiring of the reader thread and the writer with their checks, read top to bottom
+// as the data flows.
+/// Streams the files' cells, in order, into `writer`, checking each row, the files' kinds of
+/// values and that no cell id is in two files.
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    collection: &Collection,
+    options: &ImportOptions,
+    source: MatrixSource,
+    writer: &mut StoreWriter,
+    scratch: &Scratch,
+    inputs: &mut Vec<InputReport>,
+    [read, write]: [&Arc<StageStats>; 2],
+    ctx: &RunContext,
+) -> Result<()> {
+    let progress = ctx.progress();
+    let parts = &collection.parts;
+    let n_vars = collection.var.num_rows() as u32;
+    let n_obs: u64 = parts.iter().map(|p| p.n_obs).sum();
     let chunk_rows = options.chunk_rows.max(1) as u64;
-    let tmp_dir = bucket_dir(out);
-    progress.begin("cells", h5.n_obs());
+    let csc_dir = scratch.0.join("csc");
+    let mut ids = match parts.len() {
+        1 => None,
+        _ => Some(SharedIds::new(&scratch.0.join("ids"), n_obs)?),
+    };
+    let mut not_counts: Vec<NotACount> = vec![None; parts.len()];
+    let layouts = std::sync::Mutex::new(Vec::with_capacity(parts.len()));
+    progress.begin("cells", n_obs);
     // Written batches go back to the reader, so steady state allocates no batch buffers.
     let (recycle_tx, recycle_rx) = bounded::<CsrBatch>(CHANNEL_DEPTH + 2);
     let result = two_stage(
         Stage::Read,
-        &read,
-        &write,
+        read,
+        write,
         CHANNEL_DEPTH,
         |out| {
             crate::fault::point(Stage::Read);
-            let sink = ChunkSink { out, recycled: &recycle_rx, stats: &read, n_vars };
-            let result = match layout {
-                MatrixLayout::Csc => read_csc(&h5, &map, chunk_rows, options, &tmp_dir, &sink),
-                _ => read_by_rows(&h5, &map, chunk_rows, &sink),
-            };
-            let _ = fs::remove_dir_all(&tmp_dir);
-            result
+            for (f, part) in parts.iter().enumerate() {
+                let h5 = H5adReader::open_matrix_with(&part.path, source, options.external)?;
+                if h5.n_obs() != part.n_obs || h5.n_vars() as usize != part.map.len() {
+                    return Err(StageError::InvalidInput(format!(
+                        "{}: changed while it was imported ({} x {} when opened, now {} x {})",
+                        part.path.display(),
+                        part.n_obs,
+                        part.map.len(),
+                        h5.n_obs(),
+                        h5.n_vars()
+                    )));
+                }
+                layouts.lock().unwrap_or_else(|e| e.into_inner()).push(h5.layout());
+                let sink = ChunkSink { out, recycled: &recycle_rx, stats: read, n_vars, part: f };
+                let sent = match h5.layout() {
+                    MatrixLayout::Csc => {
+                        let sent = read_csc(&h5, &part.map, chunk_rows, options, &csc_dir, &sink);
+                        let _ = fs::remove_dir_all(&csc_dir);
+                        sent?
+                    }
+                    _ => read_by_rows(&h5, &part.map, chunk_rows, &sink)?,
+                };
+                if !sent {
+                    return Ok(());
+                }
+            }
+            Ok(())
         },
-        |(rows, obs): (CsrBatch, RecordBatch)| {
+        |(rows, obs, f, first): Chunk| {
+            let part = &parts[f];
             // The store's rule for values (finite, >= 0), reported against the input file.
             for r in 0..rows.n_rows() {
                 let (indices, values) = rows.row(r);
                 cpa_stream_stages::csr::check_row(indices, values, n_vars).map_err(|e| {
-                    let (file, matrix) = (input.display(), h5.element());
-                    let others = h5.other_matrices();
-                    let hint = match others.is_empty() {
-                        true => String::new(),
-                        false => format!("; this file has other matrices: {}", others.join(", ")),
-                    };
-                    Error::InvalidInput(format!("{file}: {matrix}: cell {}{e}{hint}", writer.n_obs() + r as u64))
+                    Error::InvalidInput(format!(
+                        "{}: {}: cell {}{e}",
+                        part.path.display(),
+                        element(source),
+                        first + r as u64
+                    ))
                 })?;
+                if not_counts[f].is_none()
+                    && let Some(v) = values.iter().find(|v| v.fract() != 0.0)
+                {
+                    not_counts[f] = Some((first + r as u64, *v));
+                }
+            }
+            let obs = part.obs.apply(&obs)?;
+            if let Some(ids) = ids.as_mut() {
+                ids.add(f, first, &obs)?;
             }
             write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage(Stage::Write))?;
             write.add(rows.n_rows() as u64, rows.byte_size());
@@ -194,82 +418,117 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
     );
     progress.end();
     result?;
-    if writer.n_obs() != h5.n_obs() {
-        return Err(Error::InvalidInput(format!(
-            "{}: read {} of {} cells",
-            input.display(),
-            writer.n_obs(),
-            h5.n_obs()
-        )));
+    if writer.n_obs() != n_obs {
+        return Err(Error::InvalidInput(format!("read {} of the {n_obs} cells of the input files", writer.n_obs())));
     }
-    let manifest = write.busy(|| writer.finish()).map_err(Error::stage(Stage::Write))?;
-    let wall = started.elapsed();
-    let input_bytes = fs::metadata(input).map(|m| m.len()).unwrap_or(0);
-    Ok(ImportReport {
-        cells_per_s: manifest.n_obs as f64 / wall.as_secs_f64().max(1e-9),
-        input_mb_per_s: input_bytes as f64 / 1e6 / wall.as_secs_f64().max(1e-9),
-        manifest,
-        layout: format!("{layout:?}").to_lowercase(),
-        degs,
-        report: RunReport { wall, stages: vec![read.report(), write.report()], memory: sampler.finish() },
-    })
+    let layouts = layouts.into_inner().unwrap_or_else(|e| e.into_inner());
+    for (part, layout) in parts.iter().zip(layouts) {
+        inputs.push(InputReport {
+            path: part.path.clone(),
+            cells: part.n_obs,
+            genes: part.map.len(),
+            genes_kept: part.kept_genes,
+            layout: format!("{layout:?}").to_lowercase(),
+        });
+    }
+    check_counts(parts, &not_counts, source)?;
+    if let Some(ids) = ids {
+        check_shared_ids(parts, ids, source, options.external)?;
+    }
+    Ok(())
 }
 
-/// The `var` table of the kept genes and the map from file columns to store columns.
-fn select_genes(
-    input: &Path,
-    h5: &H5adReader,
-    var: &RecordBatch,
-    genes: Option<&[String]>,
-) -> Result<(RecordBatch, Vec<Option<u32>>)> {
-    let n = h5.n_vars() as usize;
-    let Some(genes) = genes else {
-        return Ok((var.clone(), (0..n as u32).map(Some).collect()));
-    };
-    let ids = h5.gene_ids().map_err(Error::stage(Stage::Read))?;
-    let position: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
-    let mut map = vec![None; n];
-    let mut take = Vec::with_capacity(genes.len());
-    let mut missing = Vec::new();
-    for (new, g) in genes.iter().enumerate() {
-        match position.get(g.as_str()) {
-            Some(&old) if map[old].is_some() => {
-                return Err(Error::InvalidInput(format!("--genes: gene {g:?} is listed twice")));
-            }
-            Some(&old) => {
-                map[old] = Some(new as u32);
-                take.push(old as u32);
-            }
-            None => missing.push(g.as_str()),
-        }
+fn element(source: MatrixSource) -> String {
+    match source {
+        MatrixSource::X => "X".to_owned(),
+        MatrixSource::Raw => "raw.X".to_owned(),
+        MatrixSource::Layer(l) => format!("layers/{l}"),
     }
-    if !missing.is_empty() {
-        let shown: Vec<&str> = missing.iter().take(10).copied().collect();
+}
+
+/// Files of counts beside files of other values are an error naming one of each.
+fn check_counts(parts: &[Part], not_counts: &[NotACount], source: MatrixSource) -> Result<()> {
+    let counts = parts.iter().zip(not_counts).find(|(_, n)| n.is_none());
+    let other = parts.iter().zip(not_counts).find_map(|(p, n)| n.map(|n| (p, n)));
+    if let (Some((counts, _)), Some((part, (row, value)))) = (counts, other) {
         return Err(Error::InvalidInput(format!(
-            "--genes: {} gene(s) not in the var index of {}: {}{}",
-            missing.len(),
-            input.display(),
-            shown.join(", "),
-            if missing.len() > 10 { ", ..." } else { "" }
+            "{}: {} holds values that are not counts (cell {row}: {value}) while {} holds counts: a store holds one \
+             kind of value; import the counts of every file (--layer NAME, --use-raw)",
+            part.path.display(),
+            element(source),
+            counts.path.display()
         )));
     }
-    let indices = UInt32Array::from(take);
-    let columns = var
-        .columns()
-        .iter()
-        .map(|c| arrow::compute::take(c, &indices, None))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(Error::arrow("--genes: var table"))?;
-    let var = RecordBatch::try_new(var.schema(), columns).map_err(Error::arrow("--genes: var table"))?;
-    Ok((var, map))
+    Ok(())
+}
+
+/// Cell ids in two files are an error naming one and its files.
+fn check_shared_ids(parts: &[Part], ids: SharedIds, source: MatrixSource, external: ExternalData) -> Result<()> {
+    let id_at = |f: usize, row: u64| -> Result<String> {
+        let part = &parts[f];
+        let h5 = H5adReader::open_matrix_with(&part.path, source, external).map_err(Error::stage(Stage::Read))?;
+        let obs = part.obs.apply(&h5.read_obs(row..row + 1).map_err(Error::stage(Stage::Read))?)?;
+        Ok(obs.column(0).as_string::<i32>().value(0).to_owned())
+    };
+    let Some(shared) = ids.finish(id_at)? else { return Ok(()) };
+    let unique::SharedId { id, at: [(a, ra), (b, rb)] } = &shared.examples[0];
+    Err(Error::InvalidInput(format!(
+        "cell id {id:?} is in {} (cell {ra}) and in {} (cell {rb}){}: a store's cell ids are unique; \
+         --make-unique appends each file's label to its cell ids (anndata's index_unique)",
+        parts[*a].path.display(),
+        parts[*b].path.display(),
+        match shared.candidates {
+            1 => String::new(),
+            n => format!(", and about {} more ids are in two files", n - 1),
+        }
+    )))
+}
+
+/// The DEG table of the first file that has one, its genes named as the store names them.
+fn read_degs(
+    collection: &Collection,
+    options: &ImportOptions,
+    source: MatrixSource,
+) -> Result<Option<(String, RecordBatch)>> {
+    let mut first_error = None;
+    for part in &collection.parts {
+        let h5 =
+            H5adReader::open_matrix_with(&part.path, source, options.external).map_err(Error::stage(Stage::Read))?;
+        match h5.read_degs(options.deg_uns_key.as_deref()) {
+            Ok(Some((key, table))) => return Ok(Some((key, rename_deg_genes(part, table)?))),
+            Ok(None) => {}
+            Err(e) if collection.parts.len() > 1 && options.deg_uns_key.is_some() => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(Error::stage(Stage::Read)(e)),
+        }
+    }
+    match first_error {
+        Some(e) => Err(Error::stage(Stage::Read)(e)),
+        None => Ok(None),
+    }
+}
+
+/// A file's DEG table with its genes (var index entries) named by the gene key.
+fn rename_deg_genes(part: &Part, table: RecordBatch) -> Result<RecordBatch> {
+    let Some(names) = &part.gene_names else { return Ok(table) };
+    let column = table.schema().index_of(cpa_stream_schemas::tables::degs::GENE).map_err(Error::arrow("DEG table"))?;
+    let genes = table.column(column).as_string::<i32>();
+    let renamed: StringArray =
+        genes.iter().map(|g| g.map(|g| names.get(g).map_or_else(|| g.to_owned(), Clone::clone))).collect();
+    let mut columns = table.columns().to_vec();
+    columns[column] = Arc::new(renamed);
+    RecordBatch::try_new(table.schema(), columns).map_err(Error::arrow("DEG table"))
 }
 
 /// Where the reader sends chunks; hands out recycled batches.
 struct ChunkSink<'a> {
-    out: &'a Emitter<'a, (CsrBatch, RecordBatch)>,
+    out: &'a Emitter<'a, Chunk>,
     recycled: &'a Receiver<CsrBatch>,
     stats: &'a StageStats,
     n_vars: u32,
+    /// The file read.
+    part: usize,
 }
 
 impl ChunkSink<'_> {
@@ -284,14 +543,15 @@ impl ChunkSink<'_> {
         }
     }
 
-    /// Sends a chunk; `false` when the writer is gone.
-    fn send(&self, rows: CsrBatch, obs: RecordBatch) -> bool {
+    /// Sends a chunk of the file's cells from row `first`; `false` when the writer is gone.
+    fn send(&self, rows: CsrBatch, obs: RecordBatch, first: u64) -> bool {
         self.stats.add(rows.n_rows() as u64, rows.byte_size());
-        self.out.send((rows, obs))
+        self.out.send((rows, obs, self.part, first))
     }
 }
 
-fn read_by_rows(h5: &H5adReader, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink) -> StageResult<()> {
+/// Sends the file's cells read by row ranges; `false` when the writer is gone.
+fn read_by_rows(h5: &H5adReader, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink) -> StageResult<bool> {
     let identity = map.len() == out.n_vars as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
     let mut file_rows = CsrBatch::new(h5.n_vars() as u32);
     let mut start = 0;
@@ -309,17 +569,12 @@ fn read_by_rows(h5: &H5adReader, map: &[Option<u32>], chunk_rows: u64, out: &Chu
             }
             Ok((rows, h5.read_obs(start..end)?, end))
         })?;
-        if !out.send(chunk.0, chunk.1) {
-            return Ok(());
+        if !out.send(chunk.0, chunk.1, start) {
+            return Ok(false);
         }
         start = chunk.2;
     }
-    Ok(())
-}
-
-fn bucket_dir(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    out.with_file_name(format!(".{name}.import-{}", std::process::id()))
+    Ok(true)
 }
 
 /// Default bucket files open at once during the CSC transposition (file handles and 64 KiB
@@ -338,7 +593,7 @@ fn read_csc(
     options: &ImportOptions,
     dir: &Path,
     out: &ChunkSink,
-) -> StageResult<()> {
+) -> StageResult<bool> {
     let (memory_budget, max_open) = (options.memory_budget, options.max_open_buckets.max(1));
     let (stats, n_vars) = (out.stats, out.n_vars);
     let n_obs = h5.n_obs();
@@ -448,14 +703,14 @@ fn read_csc(
                     }
                     Ok((part, h5.read_obs(start..end)?))
                 })?;
-                if !out.send(chunk.0, chunk.1) {
-                    return Ok(());
+                if !out.send(chunk.0, chunk.1, start) {
+                    return Ok(false);
                 }
                 start = end;
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Writes a DEG table into the store being written, its `uns` key in the table's metadata;
@@ -559,7 +814,15 @@ pub fn run_chunks(
         input_mb_per_s: bytes as f64 / 1e6 / wall.as_secs_f64().max(1e-9),
         manifest,
         layout: "csr".to_owned(),
+        inputs: vec![InputReport {
+            path: PathBuf::from(what),
+            cells: n_obs,
+            genes: n_vars as usize,
+            genes_kept: n_vars as usize,
+            layout: "csr".to_owned(),
+        }],
         degs,
+        shuffle_seed: None,
         report: RunReport { wall, stages: vec![read.report(), write.report()], memory: sampler.finish() },
     })
 }

@@ -6,25 +6,44 @@ use std::path::PathBuf;
 use cpa_stream_stages::h5ad::ExternalData;
 use serde::{Deserialize, Serialize};
 
-use super::{DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, ImportOptions};
+use super::{DEFAULT_CHUNK_ROWS, DEFAULT_MAX_OPEN_BUCKETS, DEFAULT_MEMORY_BUDGET, GeneJoin, ImportOptions};
 use crate::error::{Error, Result};
 use crate::limits::MAX_BATCH_SIZE;
 use crate::request::{CodecName, Naming, choose_one};
+use crate::shuffle::{DEFAULT_SHUFFLE_BUCKET_BYTES, Shuffle};
 
 /// An import request. `None` takes the default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImportRequest {
-    /// The `.h5ad` file.
-    pub input: PathBuf,
+    /// The `.h5ad` files, in order (a glob pattern stands for the files it matches, sorted); one
+    /// path is read as a list of one.
+    #[serde(alias = "input", deserialize_with = "one_or_many")]
+    pub inputs: Vec<PathBuf>,
+    /// A file listing more inputs, one path per line (relative paths from the list's folder;
+    /// blank lines and lines starting with `#` skipped).
+    pub inputs_from: Option<PathBuf>,
     /// The store written.
     pub out: PathBuf,
     /// Import `layers/NAME` instead of `X`.
     pub layer: Option<String>,
     /// Import `adata.raw` instead of `X`.
     pub use_raw: bool,
-    /// Keep only these genes (var index entries), in this order.
+    /// Keep only these genes (var index entries, or values of `gene_key`), in this order.
     pub genes: Option<Vec<String>>,
+    /// Of many files, keep the genes all of them have (`inner`, the default) or any has
+    /// (`outer`, zero where a file lacks one).
+    pub join: Option<JoinName>,
+    /// The var column that identifies genes across files [default: the var index].
+    pub gene_key: Option<String>,
+    /// The obs column naming each cell's file [default: `source_file` of many files, none of one].
+    pub source_key: Option<String>,
+    /// Each file's label in `source_key` and `make_unique` [default: file names without `.h5ad`].
+    pub labels: Option<Vec<String>>,
+    /// Append this separator and the file's label to every cell id (anndata's `index_unique`).
+    pub make_unique: Option<String>,
+    /// Write the cells in a random order drawn from this seed.
+    pub shuffle: Option<u64>,
     /// A file with one gene per line (instead of `genes`).
     pub genes_file: Option<PathBuf>,
     /// The `uns` entry with the DEG lists [default: the first such entry].
@@ -49,7 +68,72 @@ pub struct ImportRequest {
     pub naming: Naming,
 }
 
+/// Which genes a store of many files keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinName {
+    /// The genes every file has.
+    Inner,
+    /// The genes any file has.
+    Outer,
+}
+
+/// Default name of the column naming each cell's file, when there are many.
+pub const DEFAULT_SOURCE_KEY: &str = "source_file";
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(path) => vec![path],
+        OneOrMany::Many(paths) => paths,
+    })
+}
+
 impl ImportRequest {
+    /// The input files: the paths given, each glob pattern replaced by the files it matches
+    /// (sorted), then those listed in `inputs_from`.
+    pub fn input_files(&self) -> Result<Vec<PathBuf>> {
+        let n = self.naming;
+        let mut files = Vec::new();
+        for path in &self.inputs {
+            let text = path.to_string_lossy();
+            let pattern = text.contains(['*', '?', '[']) && !path.exists();
+            if !pattern {
+                files.push(path.clone());
+                continue;
+            }
+            let matches = glob::glob(&text).map_err(|e| {
+                Error::InvalidInput(format!("input {text:?}: not a valid pattern ({e}) and no such file"))
+            })?;
+            let mut found: Vec<PathBuf> = matches.filter_map(|m| m.ok()).filter(|p| p.is_file()).collect();
+            if found.is_empty() {
+                return Err(Error::InvalidInput(format!("input {text:?}: no file matches the pattern")));
+            }
+            found.sort();
+            files.extend(found);
+        }
+        if let Some(list) = &self.inputs_from {
+            let text = std::fs::read_to_string(list).map_err(Error::io(list))?;
+            let folder = list.parent().unwrap_or(std::path::Path::new(""));
+            let before = files.len();
+            for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+                files.push(folder.join(line));
+            }
+            if files.len() == before {
+                return Err(Error::InvalidInput(format!("{} {}: no paths", n.name("--inputs-from"), list.display())));
+            }
+        }
+        if files.is_empty() {
+            return Err(Error::InvalidInput(format!("no input file (give files or {})", n.name("--inputs-from"))));
+        }
+        Ok(files)
+    }
+
     /// The options of the import, validated.
     pub fn options(&self) -> Result<ImportOptions> {
         let n = self.naming;
@@ -89,12 +173,39 @@ impl ImportRequest {
             Some(b) => n.bounded("--csc-max-open-buckets", b, 1, 1 << 16, "open bucket files")?,
             None => DEFAULT_MAX_OPEN_BUCKETS,
         };
+        let inputs = self.input_files()?;
+        let join = match (genes, self.join) {
+            (Some(_), Some(_)) => return Err(choose_one(n, "--genes LIST", "--genes inner|outer")),
+            (Some(list), None) => GeneJoin::List(list),
+            (None, Some(JoinName::Outer)) => GeneJoin::Outer,
+            (None, _) => GeneJoin::Inner,
+        };
+        if self.make_unique.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(Error::InvalidInput(format!("{}: an empty separator", n.name("--make-unique"))));
+        }
+        let source_key = match (&self.source_key, inputs.len()) {
+            (Some(key), _) if key.is_empty() || key == cpa_stream_schemas::tables::CELL_ID => {
+                return Err(Error::InvalidInput(format!(
+                    "{} {key:?}: not a column name to add",
+                    n.name("--source-key")
+                )));
+            }
+            (Some(key), _) => Some(key.clone()),
+            (None, 1) => None,
+            (None, _) => Some(DEFAULT_SOURCE_KEY.to_owned()),
+        };
+        let shuffle = self.shuffle.map(|seed| Shuffle { seed, bucket_bytes: DEFAULT_SHUFFLE_BUCKET_BYTES });
         Ok(ImportOptions {
-            input: self.input.clone(),
+            inputs,
             out: self.out.clone(),
             layer: self.layer.clone(),
             use_raw: self.use_raw,
-            genes,
+            join,
+            gene_key: self.gene_key.clone(),
+            source_key,
+            labels: self.labels.clone(),
+            index_unique: self.make_unique.clone(),
+            shuffle,
             chunk_rows,
             memory_budget,
             max_open_buckets,

@@ -858,8 +858,10 @@ fn nullable<T: hdf5::H5Type>(
 ) -> Result<WriterColumn> {
     let g = group.create_group(name).map_err(Error::hdf5(path, format!("{}/{name}", group.name())))?;
     encoding(path, &g, kind, "0.1.0")?;
-    let values = appendable::<T>(path, &g, "values", compression)?;
-    let mask = appendable::<bool>(path, &g, "mask", compression)?;
+    // Its arrays carry their own encoding, as anndata writes them (it warns of an old format
+    // where they do not).
+    let values = plain::<T>(path, &g, "values", compression)?;
+    let mask = plain::<bool>(path, &g, "mask", compression)?;
     Ok(WriterColumn::Nullable { values, mask })
 }
 

@@ -198,7 +198,7 @@ pub fn sync_parent(path: &Path) {
 }
 
 /// Removes the temporaries of `dest` in its directory: `.NAME.tmp-*` (outputs being written and
-/// outputs moved aside) and `.NAME.import-*` (an import's transposition buckets), but this
+/// outputs moved aside) and `.NAME.import-*` (an import's scratch: transposition buckets, cell ids, cells before a shuffle), `.NAME.shuffle-*` (a shuffle's buckets), but this
 /// process's own. Call it only while holding `dest`'s lock ([`claim_output`]): every writer of
 /// `dest` holds it while its temporaries exist, so the others' are dead. Best effort: what cannot
 /// be removed stays.
@@ -207,7 +207,7 @@ pub fn remove_stale_temporaries(dest: &Path) {
     let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
     // Compared as bytes: a name need not be UTF-8.
     use std::os::unix::ffi::OsStrExt;
-    let prefixes = [".tmp-", ".import-"].map(|kind| [b".", name.as_bytes(), kind.as_bytes()].concat());
+    let prefixes = [".tmp-", ".import-", ".shuffle-"].map(|kind| [b".", name.as_bytes(), kind.as_bytes()].concat());
     let Ok(entries) = fs::read_dir(parent) else { return };
     let own = format!("{}", std::process::id());
     for entry in entries.flatten() {

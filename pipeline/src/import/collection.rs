@@ -1,0 +1,480 @@
+//! Many `.h5ad` files planned as one store: which genes the store keeps and where each file's
+//! columns go, and one `obs` and `var` schema that every file's rows are adapted to as they
+//! stream (`anndata.concat(join=...)`'s rules where it has them; the differences are in
+//! docs/store.md).
+//!
+//! Nothing here reads a matrix: planning reads each file's `var` table and `obs` schema once,
+//! then the import streams the files one after another with the [`Part`]s made here.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, Int32Array, RecordBatch, StringArray, new_null_array};
+use arrow::compute::{cast, interleave};
+use arrow::datatypes::{DataType, Field, FieldRef, Int32Type, Schema, SchemaRef};
+use cpa_stream_schemas::tables::{
+    CATEGORIES_KEY, GENE_ID, ORDERED_KEY, categorical_field, categorical_type, categories_of, is_ordered,
+};
+use cpa_stream_stages::h5ad::{ExternalData, H5adReader, MatrixSource};
+
+use crate::Stage;
+use crate::error::{Error, Result};
+
+/// Which genes a store made of many files keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GeneJoin {
+    /// The genes every file has, in the first file's order (`anndata.concat(join="inner")`).
+    Inner,
+    /// The genes of any file: the first file's in its order, then each later file's new genes in
+    /// its order; a cell of a file without a gene holds zero for it.
+    Outer,
+    /// These genes, in this order; every file must have each of them.
+    List(Vec<String>),
+}
+
+/// How the files become one store.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    /// The matrix read of each file.
+    pub source: MatrixSource<'a>,
+    /// Whether files may read data from other files.
+    pub external: ExternalData,
+    /// Which genes are kept.
+    pub join: &'a GeneJoin,
+    /// The `var` column that identifies genes across files; `None`: the var index.
+    pub gene_key: Option<&'a str>,
+    /// The `obs` column naming each cell's file, and the label of each file; `None`: no column.
+    pub source_key: Option<(&'a str, &'a [String])>,
+    /// Separator of a cell id and its file's label (anndata's `index_unique`); `None`: ids kept.
+    pub index_unique: Option<&'a str>,
+}
+
+/// One input file as the import streams it.
+#[derive(Debug)]
+pub struct Part {
+    /// The file.
+    pub path: PathBuf,
+    /// Cells.
+    pub n_obs: u64,
+    /// Store column of each of the file's columns (`None`: not kept).
+    pub map: Vec<Option<u32>>,
+    /// The file's genes kept in the store.
+    pub kept_genes: usize,
+    /// Turns the file's `obs` rows into the store's.
+    pub obs: Adapter,
+    /// With a gene key, the key of each var index entry (DEG lists name genes by the index).
+    pub gene_names: Option<HashMap<String, String>>,
+}
+
+/// The files, planned.
+#[derive(Debug)]
+pub struct Collection {
+    /// The files in order.
+    pub parts: Vec<Part>,
+    /// The store's genes.
+    pub var: RecordBatch,
+    /// The store's `obs` schema.
+    pub obs_schema: SchemaRef,
+}
+
+/// Opens each file once and plans the store: genes, their columns in each file, and the `obs`
+/// and `var` schemas every file's rows are adapted to.
+pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
+    let mut files = Vec::with_capacity(inputs.len());
+    for path in inputs {
+        let h5 = H5adReader::open_matrix_with(path, plan.source, plan.external).map_err(Error::stage(Stage::Read))?;
+        let var = file_var(path, &h5, plan.gene_key)?;
+        let ids = key_values(path, &var, 0, GENE_ID)?;
+        if inputs.len() > 1 || matches!(plan.join, GeneJoin::List(_)) {
+            check_unique_genes(path, &ids, plan.gene_key)?;
+        }
+        let gene_names = match plan.gene_key {
+            Some(_) => {
+                let index = key_values(path, &var, var.num_columns() - 1, "var_index")?;
+                Some(index.into_iter().zip(ids.iter().cloned()).collect())
+            }
+            None => None,
+        };
+        files.push(FileTables { path: path.clone(), n_obs: h5.n_obs(), var, ids, obs: h5.obs_schema(), gene_names });
+    }
+    let genes = join_genes(&files, plan.join)?;
+    let position: HashMap<&str, u32> = genes.iter().enumerate().map(|(i, g)| (g.as_str(), i as u32)).collect();
+    let maps: Vec<Vec<Option<u32>>> =
+        files.iter().map(|f| f.ids.iter().map(|g| position.get(g.as_str()).copied()).collect()).collect();
+    let var = merged_var(&files, &genes, &maps)?;
+    let obs_schema = merged_schema(files.iter().map(|f| f.obs.as_ref()).collect(), plan.source_key)?;
+    let mut parts = Vec::with_capacity(files.len());
+    for (i, (file, map)) in files.into_iter().zip(maps).enumerate() {
+        let label = plan.source_key.map(|(_, labels)| (i, labels));
+        let suffix = plan.index_unique.zip(plan.source_key).map(|(sep, (_, labels))| format!("{sep}{}", labels[i]));
+        let obs = Adapter::new(&file.path, &file.obs, &obs_schema, label, suffix)?;
+        parts.push(Part {
+            kept_genes: map.iter().filter(|m| m.is_some()).count(),
+            path: file.path,
+            n_obs: file.n_obs,
+            map,
+            obs,
+            gene_names: file.gene_names,
+        });
+    }
+    Ok(Collection { parts, var, obs_schema })
+}
+
+/// What planning keeps of a file.
+struct FileTables {
+    path: PathBuf,
+    n_obs: u64,
+    /// `var`, first column the gene key.
+    var: RecordBatch,
+    ids: Vec<String>,
+    obs: SchemaRef,
+    gene_names: Option<HashMap<String, String>>,
+}
+
+/// The file's `var` table with the gene key as its first column: the index itself, or with
+/// `gene_key`, that column's values, the index then kept as column `var_index`.
+fn file_var(path: &Path, h5: &H5adReader, gene_key: Option<&str>) -> Result<RecordBatch> {
+    let var = h5.read_var().map_err(Error::stage(Stage::Read))?;
+    let Some(key) = gene_key else { return Ok(var) };
+    let Some(column) = var.schema().fields().iter().position(|f| f.name() == key) else {
+        let schema = var.schema();
+        let names: Vec<&str> = schema.fields().iter().skip(1).map(|f| f.name().as_str()).collect();
+        return Err(Error::InvalidInput(format!(
+            "{}: --gene-key {key:?}: no such var column; its var columns: {}",
+            path.display(),
+            if names.is_empty() { "none (only the index)".to_owned() } else { names.join(", ") }
+        )));
+    };
+    let ids = key_values(path, &var, column, key)?;
+    let mut fields: Vec<FieldRef> = vec![Arc::new(Field::new(GENE_ID, DataType::Utf8, false))];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(ids))];
+    for (field, column) in var.schema().fields().iter().zip(var.columns()).skip(1) {
+        fields.push(Arc::clone(field));
+        columns.push(Arc::clone(column));
+    }
+    let index_name = "var_index";
+    if fields.iter().any(|f| f.name() == index_name) {
+        return Err(Error::InvalidInput(format!(
+            "{}: --gene-key keeps the var index as column {index_name:?}, which the file already has",
+            path.display()
+        )));
+    }
+    fields.push(Arc::new(Field::new(index_name, DataType::Utf8, false)));
+    columns.push(Arc::clone(var.column(0)));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(Error::arrow("var table"))
+}
+
+/// The values of column `column` of `var` as gene identifiers: text, none missing.
+fn key_values(path: &Path, var: &RecordBatch, column: usize, name: &str) -> Result<Vec<String>> {
+    let text = cast(var.column(column), &DataType::Utf8).map_err(Error::arrow(format!("var column {name:?}")))?;
+    let text = text.as_string::<i32>();
+    if let Some(row) = (0..text.len()).find(|&r| text.is_null(r)) {
+        return Err(Error::InvalidInput(format!(
+            "{}: var column {name:?}: gene {row} has no value; genes need an identifier to be matched",
+            path.display()
+        )));
+    }
+    Ok(text.iter().map(|v| v.unwrap_or_default().to_owned()).collect())
+}
+
+fn check_unique_genes(path: &Path, ids: &[String], gene_key: Option<&str>) -> Result<()> {
+    let mut seen = HashSet::with_capacity(ids.len());
+    for (row, id) in ids.iter().enumerate() {
+        if !seen.insert(id.as_str()) {
+            let by = gene_key.map_or("the var index".to_owned(), |k| format!("var column {k:?}"));
+            return Err(Error::InvalidInput(format!(
+                "{}: gene {id:?} appears twice in {by} (again at gene {row}): genes cannot be matched across \
+                 files by it; --gene-key names a var column of unique identifiers (gene_ids, for one)",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The store's genes.
+fn join_genes(files: &[FileTables], join: &GeneJoin) -> Result<Vec<String>> {
+    let first = &files[0];
+    // Every file after the first shares genes with those before it: identifiers of another kind
+    // (symbols beside Ensembl ids) or of another species are a mistake, whatever the join.
+    let mut seen: HashSet<&str> = first.ids.iter().map(String::as_str).collect();
+    for file in &files[1..] {
+        if !file.ids.iter().any(|g| seen.contains(g.as_str())) {
+            let examples = |ids: &[String]| ids.iter().take(4).map(|g| format!("{g:?}")).collect::<Vec<_>>().join(", ");
+            return Err(Error::InvalidInput(format!(
+                "{}: none of its {} genes is a gene of the files before it (its genes: {}, ...; {}: {}, ...): are they \
+                 identifiers of another kind? --gene-key names the var column to match genes by",
+                file.path.display(),
+                file.ids.len(),
+                examples(&file.ids),
+                first.path.display(),
+                examples(&first.ids),
+            )));
+        }
+        seen.extend(file.ids.iter().map(String::as_str));
+    }
+    let genes: Vec<String> = match join {
+        GeneJoin::Inner => {
+            let sets: Vec<HashSet<&str>> =
+                files[1..].iter().map(|f| f.ids.iter().map(String::as_str).collect()).collect();
+            first.ids.iter().filter(|g| sets.iter().all(|s| s.contains(g.as_str()))).cloned().collect()
+        }
+        GeneJoin::Outer => {
+            let mut taken = HashSet::new();
+            files.iter().flat_map(|f| f.ids.iter()).filter(|g| taken.insert(g.as_str())).cloned().collect()
+        }
+        GeneJoin::List(list) => {
+            let mut listed = HashSet::new();
+            if let Some(twice) = list.iter().find(|g| !listed.insert(g.as_str())) {
+                return Err(Error::InvalidInput(format!("--genes: gene {twice:?} is listed twice")));
+            }
+            for file in files {
+                let has: HashSet<&str> = file.ids.iter().map(String::as_str).collect();
+                let missing: Vec<&str> = list.iter().map(String::as_str).filter(|g| !has.contains(g)).collect();
+                if !missing.is_empty() {
+                    let shown: Vec<&str> = missing.iter().take(10).copied().collect();
+                    return Err(Error::InvalidInput(format!(
+                        "--genes: {} gene(s) not in the genes of {}: {}{}",
+                        missing.len(),
+                        file.path.display(),
+                        shown.join(", "),
+                        if missing.len() > 10 { ", ..." } else { "" }
+                    )));
+                }
+            }
+            list.clone()
+        }
+    };
+    if genes.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "no gene is in every one of the {} files (--genes inner); --genes outer keeps the genes of any",
+            files.len()
+        )));
+    }
+    Ok(genes)
+}
+
+/// The store's `var`: each gene's row from the first file that has it, in the merged schema.
+fn merged_var(files: &[FileTables], genes: &[String], maps: &[Vec<Option<u32>>]) -> Result<RecordBatch> {
+    let schema = merged_schema(files.iter().map(|f| f.var.schema_ref().as_ref()).collect(), None)?;
+    let adapted = files
+        .iter()
+        .map(|f| Adapter::new(&f.path, f.var.schema_ref(), &schema, None, None)?.apply(&f.var))
+        .collect::<Result<Vec<_>>>()?;
+    let mut from = vec![None; genes.len()];
+    for (file, map) in maps.iter().enumerate() {
+        for (row, column) in map.iter().enumerate() {
+            if let Some(c) = column
+                && from[*c as usize].is_none()
+            {
+                from[*c as usize] = Some((file, row));
+            }
+        }
+    }
+    let from: Vec<(usize, usize)> = from.into_iter().map(|f| f.unwrap_or_default()).collect();
+    let columns = (0..schema.fields().len())
+        .map(|c| {
+            let arrays: Vec<&dyn Array> = adapted.iter().map(|b| b.column(c).as_ref()).collect();
+            interleave(&arrays, &from)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(Error::arrow("var table"))?;
+    RecordBatch::try_new(schema, columns).map_err(Error::arrow("var table"))
+}
+
+/// One schema for tables of the files' schemas: the first column (the index) as the first file
+/// has it, then every column of any file in the order met, with the source column last. A
+/// column that some file lacks may be null; categories are merged in the order met (ordered
+/// only where every file has the same ordered categories); other differing types become the
+/// type that holds both (Int64 for integers, Float64 for numbers, text otherwise).
+fn merged_schema(schemas: Vec<&Schema>, source: Option<(&str, &[String])>) -> Result<SchemaRef> {
+    let mut names: Vec<&str> = Vec::new();
+    for schema in &schemas {
+        for field in schema.fields().iter().skip(1) {
+            if !names.contains(&field.name().as_str()) {
+                names.push(field.name());
+            }
+        }
+    }
+    let mut fields = vec![schemas[0].field(0).clone()];
+    for name in names {
+        let present: Vec<Option<&Field>> = schemas.iter().map(|s| s.field_with_name(name).ok()).collect();
+        fields.push(merged_field(name, &present));
+    }
+    if let Some((key, labels)) = source {
+        if fields.iter().any(|f| f.name() == key) {
+            return Err(Error::InvalidInput(format!(
+                "--source-key {key:?}: the files already have an obs column of that name; choose another"
+            )));
+        }
+        fields.push(categorical_field(key, labels, false));
+    }
+    Ok(Arc::new(Schema::new_with_metadata(fields, schemas[0].metadata().clone())))
+}
+
+fn merged_field(name: &str, present: &[Option<&Field>]) -> Field {
+    let found: Vec<&Field> = present.iter().flatten().copied().collect();
+    let nullable = found.len() < present.len() || found.iter().any(|f| f.is_nullable());
+    let first = found[0];
+    if found.iter().all(|f| *f == first) {
+        return first.clone().with_nullable(nullable);
+    }
+    let categories: Vec<Option<Vec<String>>> = found.iter().map(|f| categories_of(f)).collect();
+    if categories.iter().all(Option::is_some) {
+        let lists: Vec<Vec<String>> = categories.into_iter().flatten().collect();
+        let mut merged: Vec<String> = Vec::new();
+        let mut taken = HashSet::new();
+        for category in lists.iter().flatten() {
+            if taken.insert(category.as_str()) {
+                merged.push(category.clone());
+            }
+        }
+        let ordered = found.iter().all(|f| is_ordered(f)) && lists.iter().all(|l| *l == lists[0]);
+        let mut metadata = first.metadata().clone();
+        metadata.remove(ORDERED_KEY);
+        let field = categorical_field(name, &merged, nullable);
+        metadata.insert(CATEGORIES_KEY.to_owned(), field.metadata()[CATEGORIES_KEY].clone());
+        if ordered {
+            metadata.insert(ORDERED_KEY.to_owned(), "true".to_owned());
+        }
+        return field.with_metadata(metadata);
+    }
+    let types: Vec<&DataType> = found.iter().map(|f| f.data_type()).collect();
+    let data_type = if types.iter().all(|t| *t == types[0]) {
+        types[0].clone()
+    } else if types.iter().all(|t| t.is_integer()) {
+        DataType::Int64
+    } else if types.iter().all(|t| t.is_numeric()) {
+        DataType::Float64
+    } else {
+        DataType::Utf8
+    };
+    let mut metadata = first.metadata().clone();
+    metadata.remove(CATEGORIES_KEY);
+    metadata.remove(ORDERED_KEY);
+    Field::new(name, data_type, nullable).with_metadata(metadata)
+}
+
+/// Where a column of the merged schema comes from in one file.
+#[derive(Debug)]
+enum Column {
+    /// The file's column at this position, as it is.
+    Same(usize),
+    /// The file's column at this position, cast.
+    Cast(usize),
+    /// The file's categorical column at this position, its codes mapped to the merged categories.
+    Recode(usize),
+    /// A column the file lacks: null.
+    Missing,
+    /// The source column: this file's label.
+    Label(i32),
+}
+
+/// Turns batches of one file's table into the merged schema.
+#[derive(Debug)]
+pub struct Adapter {
+    schema: SchemaRef,
+    columns: Vec<Column>,
+    /// Merged categories of each merged categorical column, by position.
+    categories: HashMap<usize, (ArrayRef, HashMap<String, i32>)>,
+    /// Appended to every id of the first column (anndata's `index_unique`).
+    suffix: Option<String>,
+    identity: bool,
+}
+
+impl Adapter {
+    fn new(
+        path: &Path,
+        file: &SchemaRef,
+        merged: &SchemaRef,
+        label: Option<(usize, &[String])>,
+        suffix: Option<String>,
+    ) -> Result<Adapter> {
+        let mut columns = Vec::with_capacity(merged.fields().len());
+        let mut categories = HashMap::new();
+        for (i, field) in merged.fields().iter().enumerate() {
+            let column = match file.index_of(field.name()) {
+                _ if i == 0 => Column::Same(0),
+                Ok(at) => {
+                    let theirs = file.field(at);
+                    if let Some(list) = categories_of(field) {
+                        if categories_of(theirs).is_none() {
+                            return Err(Error::InvalidInput(format!(
+                                "{}: obs column {:?} is not categorical where other files have it categorical",
+                                path.display(),
+                                field.name()
+                            )));
+                        }
+                        let lookup = list.iter().enumerate().map(|(k, c)| (c.clone(), k as i32)).collect();
+                        categories.insert(i, (Arc::new(StringArray::from(list)) as ArrayRef, lookup));
+                        if theirs == field.as_ref() { Column::Same(at) } else { Column::Recode(at) }
+                    } else if theirs.data_type() == field.data_type() {
+                        Column::Same(at)
+                    } else {
+                        Column::Cast(at)
+                    }
+                }
+                Err(_) => match label {
+                    Some((k, labels)) if i == merged.fields().len() - 1 => {
+                        let list = labels.to_vec();
+                        categories.insert(i, (Arc::new(StringArray::from(list)) as ArrayRef, HashMap::new()));
+                        Column::Label(k as i32)
+                    }
+                    _ => Column::Missing,
+                },
+            };
+            columns.push(column);
+        }
+        let identity = suffix.is_none()
+            && file.fields().len() == merged.fields().len()
+            && columns.iter().enumerate().all(|(i, c)| matches!(c, Column::Same(at) if *at == i))
+            && file.fields() == merged.fields();
+        Ok(Adapter { schema: Arc::clone(merged), columns, categories, suffix, identity })
+    }
+
+    /// `batch` (a batch of the file's table) in the merged schema.
+    pub fn apply(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        if self.identity {
+            return Ok(batch.clone());
+        }
+        let rows = batch.num_rows();
+        let mut out: Vec<ArrayRef> = Vec::with_capacity(self.columns.len());
+        for (i, (column, field)) in self.columns.iter().zip(self.schema.fields()).enumerate() {
+            let array = match column {
+                Column::Same(0) if i == 0 => match &self.suffix {
+                    Some(suffix) => {
+                        let ids = batch.column(0).as_string::<i32>();
+                        Arc::new(ids.iter().map(|id| id.map(|id| format!("{id}{suffix}"))).collect::<StringArray>())
+                    }
+                    None => Arc::clone(batch.column(0)),
+                },
+                Column::Same(at) => Arc::clone(batch.column(*at)),
+                Column::Cast(at) => cast(batch.column(*at), field.data_type())
+                    .map_err(Error::arrow(format!("obs column {:?}", field.name())))?,
+                Column::Recode(at) => self.recode(i, batch.column(*at), field)?,
+                Column::Missing => new_null_array(field.data_type(), rows),
+                Column::Label(k) => {
+                    let values = Arc::clone(&self.categories[&i].0);
+                    Arc::new(DictionaryArray::<Int32Type>::new(Int32Array::from(vec![*k; rows]), values))
+                }
+            };
+            out.push(array);
+        }
+        RecordBatch::try_new(Arc::clone(&self.schema), out).map_err(Error::arrow("obs table"))
+    }
+
+    /// A categorical column's codes mapped to the merged categories.
+    fn recode(&self, i: usize, column: &ArrayRef, field: &Field) -> Result<ArrayRef> {
+        let context = || format!("obs column {:?}", field.name());
+        let column = cast(column, &categorical_type()).map_err(Error::arrow(context()))?;
+        let dictionary = column.as_dictionary::<Int32Type>();
+        let (values, lookup) = &self.categories[&i];
+        let theirs = cast(dictionary.values(), &DataType::Utf8).map_err(Error::arrow(context()))?;
+        let code: Vec<Option<i32>> =
+            theirs.as_string::<i32>().iter().map(|c| c.and_then(|c| lookup.get(c).copied())).collect();
+        let keys: Int32Array =
+            dictionary.keys().iter().map(|k| k.and_then(|k| code.get(k as usize).copied().flatten())).collect();
+        Ok(Arc::new(DictionaryArray::<Int32Type>::try_new(keys, Arc::clone(values)).map_err(Error::arrow(context()))?))
+    }
+}
