@@ -65,6 +65,8 @@ pub struct Part {
     pub obs: Adapter,
     /// With a gene key, the key of each var index entry (DEG lists name genes by the index).
     pub gene_names: Option<HashMap<String, String>>,
+    /// The file's other matrices (named when its values are refused).
+    pub other_matrices: Vec<String>,
 }
 
 /// The files, planned.
@@ -96,7 +98,8 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             }
             None => None,
         };
-        files.push(FileTables { path: path.clone(), n_obs: h5.n_obs(), var, ids, obs: h5.obs_schema(), gene_names });
+        let (n_obs, obs, other_matrices) = (h5.n_obs(), h5.obs_schema(), h5.other_matrices());
+        files.push(FileTables { path: path.clone(), n_obs, var, ids, obs, gene_names, other_matrices });
     }
     let genes = join_genes(&files, plan.join)?;
     let position: HashMap<&str, u32> = genes.iter().enumerate().map(|(i, g)| (g.as_str(), i as u32)).collect();
@@ -116,6 +119,7 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             map,
             obs,
             gene_names: file.gene_names,
+            other_matrices: file.other_matrices,
         });
     }
     Ok(Collection { parts, var, obs_schema })
@@ -130,6 +134,7 @@ struct FileTables {
     ids: Vec<String>,
     obs: SchemaRef,
     gene_names: Option<HashMap<String, String>>,
+    other_matrices: Vec<String>,
 }
 
 /// The file's `var` table with the gene key as its first column: the index itself, or with

@@ -391,12 +391,12 @@ fn stream(
             for r in 0..rows.n_rows() {
                 let (indices, values) = rows.row(r);
                 cpa_stream_stages::csr::check_row(indices, values, n_vars).map_err(|e| {
-                    Error::InvalidInput(format!(
-                        "{}: {}: cell {}{e}",
-                        part.path.display(),
-                        element(source),
-                        first + r as u64
-                    ))
+                    let hint = match part.other_matrices.is_empty() {
+                        true => String::new(),
+                        false => format!("; this file has other matrices: {}", part.other_matrices.join(", ")),
+                    };
+                    let (file, matrix, cell) = (part.path.display(), element(source), first + r as u64);
+                    Error::InvalidInput(format!("{file}: {matrix}: cell {cell}{e}{hint}"))
                 })?;
                 if not_counts[f].is_none()
                     && let Some(v) = values.iter().find(|v| v.fract() != 0.0)
