@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Crash safety under SIGKILL: import, convert, train and predict are killed at random moments
-# (KILLS per command, default 20) and at each of their renames (strace injects SIGKILL at the
-# N-th rename/renameat2 call), then checked:
+# Crash safety under SIGKILL: import (of one file, and of two shuffled into one store), convert,
+# train and predict are killed at random moments (KILLS per command, default 20) and at each of
+# their renames (strace injects SIGKILL at the N-th rename/renameat2 call), then checked:
 #   - an output is either absent or byte-identical to an uninterrupted run's (never half-written);
 #   - the rerun (--overwrite; train: --resume when a checkpoint exists) succeeds;
 #   - train: the resumed run's final weights and optimizer are byte-identical to the
@@ -25,11 +25,15 @@ export CPA_STREAM_LOG=error
 "$bin" synth --cells 4000 --genes 100 --perturbations 4 --doses 1 --cell-types 2 --combinations 2 \
   --seed 3 --out "$work/in.store" > /dev/null
 "$bin" export "$work/in.store" --out "$work/in.h5ad" > /dev/null
+cp "$work/in.h5ad" "$work/in-b.h5ad"
 
 # Each command: its output path and argument list (train and predict also need a model).
 declare -A out args
 out[import]="$work/o/import.store"
 args[import]="import $work/in.h5ad --out ${out[import]} --overwrite"
+# Many files into one store, shuffled: its scratch store, id buckets and shuffle buckets.
+out[import-many]="$work/o/many.store"
+args[import-many]="import $work/in.h5ad $work/in-b.h5ad --make-unique --shuffle 5 --out ${out[import-many]} --overwrite"
 out[convert]="$work/o/convert.store"
 args[convert]="convert $work/in.store --codec zstd --shuffle 7 --out ${out[convert]} --overwrite"
 out[train]="$work/o/run"
@@ -68,7 +72,7 @@ kill_at() {
 }
 
 mkdir -p "$work/o"
-for cmd in import convert predict train; do
+for cmd in import import-many convert predict train; do
   # The uninterrupted run, its time and its output.
   rm -rf "${out[$cmd]}"
   start=$(date +%s%N)
@@ -111,7 +115,9 @@ for cmd in import convert predict train; do
       [ "$(digest "${out[$cmd]}")" = "$expected" ] || fail "$cmd rerun after a kill at $point differs"
     fi
     # No temporaries left beside the output after the rerun.
-    left=$(find "$(dirname "${out[$cmd]}")" -maxdepth 2 -name ".$(basename "${out[$cmd]}").tmp-*" | head -1)
+    name=$(basename "${out[$cmd]}")
+    left=$(find "$(dirname "${out[$cmd]}")" -maxdepth 2 \( -name ".$name.tmp-*" -o -name ".$name.import-*" \
+      -o -name ".$name.shuffle-*" \) | head -1)
     [ -z "$left" ] || fail "$cmd after a kill at $point: temporary $left left behind"
     survived=$((survived + 1))
   done

@@ -138,6 +138,12 @@ def import_h5ad(
     labels: list[str] | None = None,
     make_unique: bool | str | None = None,
     shuffle: int | None = None,
+    var_table: PathLike | None = None,
+    var_id: str | None = None,
+    genes_column: str | None = None,
+    counts_column: str | None = None,
+    cell_id_column: str | None = None,
+    marker_value: float | None = None,
     codec: str = "raw",
     zstd_level: int | None = None,
     block_rows: int | None = None,
@@ -174,6 +180,13 @@ def import_h5ad(
     (a seed) writes the cells in a random order. AnnData objects of a list are written to a
     temporary ``.h5ad`` next to ``out`` first (files and backed objects are read in place).
 
+    Paths ending in ``.parquet`` are cell tables (a row per cell, lists of gene ids and counts, as
+    Hugging Face's Tahoe-100M): ``var_table`` names their gene vocabulary (a Parquet file, a row per
+    gene, genes named by the column ``gene_key``), ``var_id`` its column the lists hold (default
+    ``token_id``), ``genes_column``/``counts_column`` the list columns (default ``genes``,
+    ``expressions``), ``cell_id_column`` the ids, ``marker_value`` a count that marks entries to
+    leave out (Tahoe's -2).
+
     A file is untrusted: importing it reads nothing but that file, so a file whose data lives in
     other files (HDF5 external storage, external links, virtual datasets) is a ``ValueError``
     naming the object; ``allow_external=True`` reads such data for a trusted collection, from
@@ -188,11 +201,16 @@ def import_h5ad(
         "join": join, "gene_key": gene_key, "source_key": source_key,
         "labels": _args.names("labels", labels) if labels is not None else None,
         "make_unique": make_unique or None, "shuffle": shuffle,
+        "var_table": os.fspath(var_table) if var_table is not None else None, "var_id": var_id,
+        "genes_column": genes_column, "counts_column": counts_column, "cell_id_column": cell_id_column,
+        "marker_value": marker_value,
         "chunk_rows": chunk_rows, "allow_external": allow_external, "codec": codec, "zstd_level": zstd_level,
         "block_rows": block_rows, "overwrite": overwrite, "naming": "keywords",
     }
     many = isinstance(data, (list, tuple))
-    if many or (shuffle is not None or gene_key is not None) and not isinstance(data, (str, os.PathLike)):
+    if many or var_table is not None or (shuffle is not None or gene_key is not None) and not isinstance(
+        data, (str, os.PathLike)
+    ):
         return _import_many(list(data) if many else [data], out, request, labels, progress)
     if isinstance(data, (str, os.PathLike)) or getattr(data, "isbacked", False) and not data.is_view:
         # A file, or a backed AnnData read from its file, out of core, as `cpa-stream import` does.
@@ -250,7 +268,7 @@ def _import_many(
             if isinstance(item, (str, os.PathLike)):
                 paths.append(os.fspath(item))
                 name = Path(item).name
-                names.append(name[: -len(".h5ad")] if name.endswith(".h5ad") else name)
+                names.append(next((name[: -len(x)] for x in (".h5ad", ".parquet", ".pq") if name.endswith(x)), name))
             elif getattr(item, "isbacked", False) and not item.is_view:
                 paths.append(os.fspath(item.filename))
                 names.append(Path(item.filename).stem)

@@ -180,3 +180,82 @@ def test_mistakes_name_the_file(files, tmp_path):
     with pytest.raises(ValueError, match="--labels|labels: 1 labels for 2"):
         cs.import_h5ad(files[:2], tmp_path / "l.store", labels=["one"])
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+def cell_table(adata, path, vocabulary: dict[str, int], marker: bool):
+    """``adata`` as a Parquet cell table (Tahoe-100M's layout: a row per cell, token ids and counts
+    as lists, a marker entry of count -2 first), with its obs columns beside."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    X = sp.csr_matrix(adata.X)
+    genes, counts = [], []
+    for r in range(adata.n_obs):
+        cols, vals = X.indices[X.indptr[r] : X.indptr[r + 1]], X.data[X.indptr[r] : X.indptr[r + 1]]
+        ids = [vocabulary[adata.var_names[c]] for c in cols]
+        # Lists in another order than the vocabulary's: the reader sorts them.
+        order = np.argsort(ids)[::-1]
+        ids, vals = [ids[k] for k in order], [float(vals[k]) for k in order]
+        genes.append(([0] if marker else []) + ids)
+        counts.append(([-2.0] if marker else []) + vals)
+    table = pa.table(
+        {
+            "genes": pa.array(genes, pa.list_(pa.int64())),
+            "expressions": pa.array(counts, pa.list_(pa.float32())),
+            "BARCODE_SUB_LIB_ID": list(adata.obs_names),
+            "drug": list(adata.obs["condition"].astype(str)),
+            "dose": adata.obs["dose"].to_numpy(),
+        }
+    )
+    pq.write_table(table, path, row_group_size=7)
+
+
+def test_parquet_cell_tables_import_as_their_h5ad_twins(files, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    adatas = [ad.read_h5ad(p) for p in files[:2]]
+    names = sorted(set(adatas[0].var_names) | set(adatas[1].var_names))
+    vocabulary = {g: 10 + 3 * k for k, g in enumerate(names)}
+    vocabulary["<cls>"] = 0
+    pq.write_table(
+        pa.table({"token_id": list(vocabulary.values()), "gene_symbol": list(vocabulary.keys())}),
+        tmp_path / "gene_metadata.parquet",
+    )
+    tables = [tmp_path / "shard0.parquet", tmp_path / "shard1.parquet"]
+    for adata, path in zip(adatas, tables):
+        cell_table(adata, path, vocabulary, marker=True)
+    common = dict(labels=["p0", "p1"], join="outer")
+    store = cs.import_h5ad(
+        tables, tmp_path / "cells.store", var_table=tmp_path / "gene_metadata.parquet", marker_value=-2,
+        cell_id_column="BARCODE_SUB_LIB_ID", **common,
+    )
+    # The twins: the same cells as .h5ad files, their obs named as the tables name them.
+    twins = []
+    for k, adata in enumerate(adatas):
+        twin = ad.AnnData(adata.X, obs=pd.DataFrame({"drug": adata.obs["condition"].astype(str).to_numpy(),
+                                                     "dose": adata.obs["dose"].to_numpy()}, index=adata.obs_names),
+                          var=pd.DataFrame(index=adata.var_names))
+        twins.append(twin)
+    want = ad.concat(twins, join="outer", label="source_file", keys=["p0", "p1"])
+    got = read_back(store, tmp_path, "cells")
+    assert store.n_vars == len(vocabulary)
+    assert list(got.obs_names) == list(want.obs_names)
+    np.testing.assert_array_equal(dense(got[:, list(want.var_names)]), dense(want).astype(np.float32))
+    assert dense(got[:, ["<cls>"]]).sum() == 0
+    assert list(got.obs["drug"]) == list(want.obs["drug"])
+    np.testing.assert_array_equal(got.obs["dose"].to_numpy(), want.obs["dose"].to_numpy())
+    assert list(got.obs["source_file"]) == list(want.obs["source_file"])
+    # Without the marker's count, its token is a gene the vocabulary names (<cls>, count -2):
+    # refused as a negative count, naming the file and cell.
+    with pytest.raises(ValueError, match=r"shard0.parquet: expressions: cell 0, .*negative.*--marker-value"):
+        cs.import_h5ad(tables, tmp_path / "never.store", var_table=tmp_path / "gene_metadata.parquet")
+    # An id the vocabulary lacks names the cell and the vocabulary.
+    vocabulary.pop(names[0])
+    pq.write_table(
+        pa.table({"token_id": list(vocabulary.values()), "gene_symbol": list(vocabulary.keys())}),
+        tmp_path / "short.parquet",
+    )
+    with pytest.raises(ValueError, match=r"shard0.parquet: cell \d+: gene id 10 is not in the vocabulary"):
+        cs.import_h5ad(tables, tmp_path / "never.store", var_table=tmp_path / "short.parquet", marker_value=-2)
+    assert not (tmp_path / "never.store").exists()

@@ -16,9 +16,9 @@ use super::synth::CodecArgs;
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// Input AnnData files, in order: many become one store (genes aligned, obs columns
-    /// merged, like anndata.concat). A quoted pattern ("plates/*.h5ad") stands for the files it
-    /// matches, sorted.
+    /// Input AnnData files (or Parquet cell tables, *.parquet, with --var-table), in order: many
+    /// become one store (genes aligned, obs columns merged, like anndata.concat). A quoted
+    /// pattern ("plates/*.h5ad") stands for the files it matches, sorted.
     #[arg(required_unless_present = "inputs_from")]
     inputs: Vec<PathBuf>,
     /// Also import the files listed in FILE, one per line (relative to FILE's folder).
@@ -59,6 +59,28 @@ pub struct ImportArgs {
     /// of core: files sorted by plate or condition otherwise train on runs of one kind).
     #[arg(long, value_name = "SEED")]
     shuffle: Option<u64>,
+    /// The gene vocabulary of Parquet cell tables (inputs *.parquet: a row per cell with lists of
+    /// gene ids and counts, as Hugging Face's Tahoe-100M): a Parquet file with a row per gene;
+    /// --gene-key names its column of gene names [default: gene_id, gene_symbol, gene_name or
+    /// ensembl_id].
+    #[arg(long, value_name = "FILE", help_heading = "Parquet cell tables")]
+    var_table: Option<PathBuf>,
+    /// The vocabulary's column that the gene lists hold [default: token_id, else gene names].
+    #[arg(long, value_name = "COLUMN", help_heading = "Parquet cell tables")]
+    var_id: Option<String>,
+    /// The cell tables' list column of gene ids [default: genes].
+    #[arg(long, value_name = "COLUMN", help_heading = "Parquet cell tables")]
+    genes_column: Option<String>,
+    /// The cell tables' list column of counts [default: expressions].
+    #[arg(long, value_name = "COLUMN", help_heading = "Parquet cell tables")]
+    counts_column: Option<String>,
+    /// The cell tables' column of cell ids [default: cell_id, else the row number].
+    #[arg(long, value_name = "COLUMN", help_heading = "Parquet cell tables")]
+    cell_id_column: Option<String>,
+    /// Leave out entries with this count: markers, not genes (Tahoe-100M opens each cell with
+    /// one whose count is -2).
+    #[arg(long, value_name = "COUNT", allow_negative_numbers = true, help_heading = "Parquet cell tables")]
+    marker_value: Option<f32>,
     /// The uns entry with the DEG lists (CPA's dict of group -> ranked genes, or scanpy's
     /// rank_genes_groups) [default: the first such entry].
     #[arg(long, value_name = "KEY")]
@@ -141,6 +163,12 @@ impl ImportArgs {
             labels: self.labels.clone(),
             make_unique: self.make_unique.clone(),
             shuffle: self.shuffle,
+            var_table: self.var_table.clone(),
+            var_id: self.var_id.clone(),
+            genes_column: self.genes_column.clone(),
+            counts_column: self.counts_column.clone(),
+            cell_id_column: self.cell_id_column.clone(),
+            marker_value: self.marker_value,
             deg_uns_key: self.deg_uns_key.clone(),
             chunk_rows: self.chunk_rows,
             csc_budget_mib: self.csc_budget_mib,
@@ -166,15 +194,21 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     };
     let m = &summary.manifest;
     outln!(
-        "wrote {}: {} cells x {} genes, nnz {}, from a {} matrix; {:.0} cells/s, {:.1} MB/s of input",
+        "wrote {}: {} cells x {} genes, nnz {}, from {}; {:.0} cells/s, {:.1} MB/s of input",
         args.out.display(),
         m.n_obs,
         m.n_vars,
         m.nnz,
-        summary.layout,
+        match summary.layout.as_str() {
+            "cell table" => "cell tables".to_owned(),
+            layout => format!("a {layout} matrix"),
+        },
         summary.cells_per_s,
         summary.input_mb_per_s
     );
+    for input in summary.inputs.iter().filter(|i| !i.skipped_columns.is_empty()) {
+        outln!("  {}: columns left out of obs: {}", input.path.display(), input.skipped_columns.join(", "));
+    }
     if summary.inputs.len() > 1 {
         for input in &summary.inputs {
             outln!(

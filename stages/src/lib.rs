@@ -19,6 +19,7 @@
 #[cfg(target_endian = "big")]
 compile_error!("cpa-stream stores are little-endian and mapped without conversion");
 
+pub mod cell_table;
 pub mod csr;
 pub mod device;
 mod error;

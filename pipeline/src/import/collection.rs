@@ -16,6 +16,7 @@ use arrow::datatypes::{DataType, Field, FieldRef, Int32Type, Schema, SchemaRef};
 use cpa_stream_schemas::tables::{
     CATEGORIES_KEY, GENE_ID, ORDERED_KEY, categorical_field, categorical_type, categories_of, is_ordered,
 };
+use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
 use cpa_stream_stages::h5ad::{ExternalData, H5adReader, MatrixSource};
 
 use crate::Stage;
@@ -48,6 +49,22 @@ pub struct Plan<'a> {
     pub source_key: Option<(&'a str, &'a [String])>,
     /// Separator of a cell id and its file's label (anndata's `index_unique`); `None`: ids kept.
     pub index_unique: Option<&'a str>,
+    /// How Parquet cell tables lay out their cells, and their genes (needed when an input is one).
+    pub cells: Option<(&'a CellTableLayout, &'a Vocabulary)>,
+}
+
+/// Whether `path` names a Parquet cell table (by its extension) rather than an `.h5ad` file.
+pub fn is_cell_table(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("pq"))
+}
+
+/// What an input file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An AnnData `.h5ad` file.
+    H5ad,
+    /// A Parquet cell table.
+    Cells,
 }
 
 /// One input file as the import streams it.
@@ -55,10 +72,13 @@ pub struct Plan<'a> {
 pub struct Part {
     /// The file.
     pub path: PathBuf,
+    /// What it is.
+    pub kind: Kind,
     /// Cells.
     pub n_obs: u64,
-    /// Store column of each of the file's columns (`None`: not kept).
-    pub map: Vec<Option<u32>>,
+    /// Store column of each of the file's columns (`None`: not kept); cell tables of one
+    /// vocabulary share one.
+    pub map: Arc<Vec<Option<u32>>>,
     /// The file's genes kept in the store.
     pub kept_genes: usize,
     /// Turns the file's `obs` rows into the store's.
@@ -67,6 +87,8 @@ pub struct Part {
     pub gene_names: Option<HashMap<String, String>>,
     /// The file's other matrices (named when its values are refused).
     pub other_matrices: Vec<String>,
+    /// Columns of a cell table left out of `obs` (lists, structs, binary), with their types.
+    pub skipped: Vec<String>,
 }
 
 /// The files, planned.
@@ -84,7 +106,41 @@ pub struct Collection {
 /// and `var` schemas every file's rows are adapted to.
 pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
     let mut files = Vec::with_capacity(inputs.len());
+    let all_tables = inputs.iter().all(|p| is_cell_table(p));
+    let vocabulary_ids = match plan.cells {
+        Some((_, vocabulary)) if inputs.iter().any(|p| is_cell_table(p)) => {
+            let ids = key_values(&vocabulary.path, &vocabulary.var, 0, GENE_ID)?;
+            if !all_tables {
+                check_unique_genes(&vocabulary.path, &ids, plan.gene_key)?;
+            }
+            Some(Arc::new(ids))
+        }
+        _ => None,
+    };
     for path in inputs {
+        if is_cell_table(path) {
+            let Some((layout, vocabulary)) = plan.cells else {
+                return Err(Error::InvalidInput(format!(
+                    "{}: a Parquet cell table needs its genes: --var-table names the vocabulary (a Parquet file with \
+                     a row per gene)",
+                    path.display()
+                )));
+            };
+            let table = CellTable::open(path, layout).map_err(Error::stage(Stage::Read))?;
+            let ids = Arc::clone(vocabulary_ids.as_ref().unwrap_or(&Arc::new(Vec::new())));
+            files.push(FileTables {
+                path: path.clone(),
+                kind: Kind::Cells,
+                n_obs: table.n_obs(),
+                var: vocabulary.var.clone(),
+                ids,
+                obs: table.obs_schema(),
+                gene_names: None,
+                other_matrices: Vec::new(),
+                skipped: table.skipped().to_vec(),
+            });
+            continue;
+        }
         let h5 = H5adReader::open_matrix_with(path, plan.source, plan.external).map_err(Error::stage(Stage::Read))?;
         let var = file_var(path, &h5, plan.gene_key)?;
         let ids = key_values(path, &var, 0, GENE_ID)?;
@@ -99,13 +155,22 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             None => None,
         };
         let (n_obs, obs, other_matrices) = (h5.n_obs(), h5.obs_schema(), h5.other_matrices());
-        files.push(FileTables { path: path.clone(), n_obs, var, ids, obs, gene_names, other_matrices });
+        let ids = Arc::new(ids);
+        let (kind, skipped) = (Kind::H5ad, Vec::new());
+        files.push(FileTables { path: path.clone(), kind, n_obs, var, ids, obs, gene_names, other_matrices, skipped });
     }
-    let genes = join_genes(&files, plan.join)?;
-    let position: HashMap<&str, u32> = genes.iter().enumerate().map(|(i, g)| (g.as_str(), i as u32)).collect();
-    let maps: Vec<Vec<Option<u32>>> =
-        files.iter().map(|f| f.ids.iter().map(|g| position.get(g.as_str()).copied()).collect()).collect();
-    let var = merged_var(&files, &genes, &maps)?;
+    // Cell tables alone share one vocabulary: its genes, in its order (names may repeat there).
+    let (var, maps) = if all_tables && !matches!(plan.join, GeneJoin::List(_)) {
+        let identity = Arc::new((0..files[0].ids.len() as u32).map(Some).collect::<Vec<_>>());
+        (files[0].var.clone(), files.iter().map(|_| Arc::clone(&identity)).collect::<Vec<_>>())
+    } else {
+        let genes = join_genes(&files, plan.join)?;
+        let position: HashMap<&str, u32> = genes.iter().enumerate().map(|(i, g)| (g.as_str(), i as u32)).collect();
+        let maps: Vec<Vec<Option<u32>>> =
+            files.iter().map(|f| f.ids.iter().map(|g| position.get(g.as_str()).copied()).collect()).collect();
+        let var = merged_var(&files, &genes, &maps)?;
+        (var, maps.into_iter().map(Arc::new).collect())
+    };
     let obs_schema = merged_schema(files.iter().map(|f| f.obs.as_ref()).collect(), plan.source_key)?;
     let mut parts = Vec::with_capacity(files.len());
     for (i, (file, map)) in files.into_iter().zip(maps).enumerate() {
@@ -114,12 +179,14 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
         let obs = Adapter::new(&file.path, &file.obs, &obs_schema, label, suffix)?;
         parts.push(Part {
             kept_genes: map.iter().filter(|m| m.is_some()).count(),
+            kind: file.kind,
             path: file.path,
             n_obs: file.n_obs,
             map,
             obs,
             gene_names: file.gene_names,
             other_matrices: file.other_matrices,
+            skipped: file.skipped,
         });
     }
     Ok(Collection { parts, var, obs_schema })
@@ -128,13 +195,15 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
 /// What planning keeps of a file.
 struct FileTables {
     path: PathBuf,
+    kind: Kind,
     n_obs: u64,
     /// `var`, first column the gene key.
     var: RecordBatch,
-    ids: Vec<String>,
+    ids: Arc<Vec<String>>,
     obs: SchemaRef,
     gene_names: Option<HashMap<String, String>>,
     other_matrices: Vec<String>,
+    skipped: Vec<String>,
 }
 
 /// The file's `var` table with the gene key as its first column: the index itself, or with
@@ -436,6 +505,11 @@ impl Adapter {
             && columns.iter().enumerate().all(|(i, c)| matches!(c, Column::Same(at) if *at == i))
             && file.fields() == merged.fields();
         Ok(Adapter { schema: Arc::clone(merged), columns, categories, suffix, identity })
+    }
+
+    /// What is appended to every cell id (anndata's `index_unique` and the file's label).
+    pub fn suffix(&self) -> Option<&str> {
+        self.suffix.as_deref()
     }
 
     /// `batch` (a batch of the file's table) in the merged schema.

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use arrow::array::{AsArray, RecordBatch, StringArray};
 use cpa_stream_schemas::Codec;
+use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
 use cpa_stream_stages::h5ad::{DEG_FILE, ExternalData, H5adReader, MatrixLayout, MatrixSource};
 use cpa_stream_stages::store::{Store, StoreWriter, StoreWriterOptions, write_table};
 use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
@@ -25,7 +26,7 @@ use crossbeam_channel::{Receiver, bounded};
 use serde::Serialize;
 
 pub use collection::GeneJoin;
-use collection::{Collection, Part, Plan};
+use collection::{Collection, Kind, Part, Plan};
 pub use request::{DEFAULT_SOURCE_KEY, ImportRequest, JoinName};
 use unique::SharedIds;
 
@@ -95,6 +96,13 @@ pub struct ImportOptions {
     /// Whether the file may read data from other files (HDF5 external storage, external links,
     /// virtual datasets). Default [`ExternalData::Refuse`]: an imported file is untrusted.
     pub external: ExternalData,
+    /// How Parquet cell tables among the inputs lay out their cells.
+    pub cell_table: CellTableLayout,
+    /// The gene vocabulary of Parquet cell tables (a Parquet file, a row per gene).
+    pub var_table: Option<PathBuf>,
+    /// The vocabulary's column that the cell tables' gene lists refer to [default: `token_id`
+    /// if it has one, else the gene names].
+    pub var_id: Option<String>,
 }
 
 impl Default for ImportOptions {
@@ -117,6 +125,9 @@ impl Default for ImportOptions {
             overwrite: false,
             deg_uns_key: None,
             external: ExternalData::Refuse,
+            cell_table: CellTableLayout::default(),
+            var_table: None,
+            var_id: None,
         }
     }
 }
@@ -153,8 +164,10 @@ pub struct InputReport {
     pub genes: usize,
     /// Its genes that the store keeps.
     pub genes_kept: usize,
-    /// Its matrix layout.
+    /// Its matrix layout (`csr`, `csc`, `dense`, `cell table`).
     pub layout: String,
+    /// Columns of a cell table left out of `obs` (lists, structs, binary), with their types.
+    pub skipped_columns: Vec<String>,
 }
 
 /// Imports the `.h5ad` files `options.inputs`, in order, into a new store at `options.out`.
@@ -176,6 +189,19 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
         return Err(Error::InvalidInput("import: no input file".to_owned()));
     }
     let labels = labels(options)?;
+    let vocabulary = match &options.var_table {
+        Some(path) if options.inputs.iter().any(|p| collection::is_cell_table(p)) => Some(
+            Vocabulary::read(path, options.gene_key.as_deref(), options.var_id.as_deref())
+                .map_err(Error::stage(Stage::Read))?,
+        ),
+        Some(path) => {
+            return Err(Error::InvalidInput(format!(
+                "--var-table {}: the genes of Parquet cell tables, but no input is one (*.parquet)",
+                path.display()
+            )));
+        }
+        None => None,
+    };
     let plan = Plan {
         source,
         external: options.external,
@@ -183,8 +209,10 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
         gene_key: options.gene_key.as_deref(),
         source_key: options.source_key.as_deref().map(|key| (key, labels.as_slice())),
         index_unique: options.index_unique.as_deref(),
+        cells: vocabulary.as_ref().map(|v| (&options.cell_table, v)),
     };
     let collection = collection::plan(&options.inputs, &plan)?;
+    let cells = vocabulary.as_ref().map(|v| (&options.cell_table, v));
     let element = match source {
         MatrixSource::X => String::new(),
         MatrixSource::Raw => " (adata.raw)".to_owned(),
@@ -213,7 +241,7 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
     let scatter = StageStats::new(Stage::Scatter, 1);
     let mut inputs = Vec::with_capacity(collection.parts.len());
     match options.shuffle {
-        None => stream(&collection, options, source, &mut writer, &scratch, &mut inputs, [&read, &write], ctx)?,
+        None => stream(&collection, options, source, cells, &mut writer, &scratch, &mut inputs, [&read, &write], ctx)?,
         Some(shuffle) => {
             // The cells in file order into a raw store in the scratch directory, then shuffled
             // into the store (convert --shuffle's two passes).
@@ -222,7 +250,7 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
             let mut staging =
                 StoreWriter::create(&staged_path, &collection.var, Arc::clone(&collection.obs_schema), staging_options)
                     .map_err(Error::stage(Stage::Write))?;
-            stream(&collection, options, source, &mut staging, &scratch, &mut inputs, [&read, &write], ctx)?;
+            stream(&collection, options, source, cells, &mut staging, &scratch, &mut inputs, [&read, &write], ctx)?;
             write.busy(|| staging.finish()).map_err(Error::stage(Stage::Write))?;
             let staged = Store::open(&staged_path).map_err(Error::stage(Stage::Read))?;
             let result = copy_shuffled(&staged, &mut writer, shuffle, out, [&read, &scatter, &write], ctx.progress());
@@ -272,7 +300,11 @@ fn labels(options: &ImportOptions) -> Result<Vec<String>> {
             .iter()
             .map(|p| {
                 let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                name.strip_suffix(".h5ad").map(str::to_owned).unwrap_or(name)
+                [".h5ad", ".parquet", ".pq"]
+                    .iter()
+                    .find_map(|x| name.strip_suffix(x))
+                    .map(str::to_owned)
+                    .unwrap_or(name)
             })
             .collect(),
     };
@@ -329,6 +361,7 @@ fn stream(
     collection: &Collection,
     options: &ImportOptions,
     source: MatrixSource,
+    cells: Option<(&CellTableLayout, &Vocabulary)>,
     writer: &mut StoreWriter,
     scratch: &Scratch,
     inputs: &mut Vec<InputReport>,
@@ -358,6 +391,17 @@ fn stream(
         |out| {
             crate::fault::point(Stage::Read);
             for (f, part) in parts.iter().enumerate() {
+                let sink = ChunkSink { out, recycled: &recycle_rx, stats: read, n_vars, part: f };
+                if part.kind == Kind::Cells {
+                    let (layout, vocabulary) = cells.ok_or_else(|| {
+                        StageError::InvalidInput(format!("{}: a cell table without a vocabulary", part.path.display()))
+                    })?;
+                    layouts.lock().unwrap_or_else(|e| e.into_inner()).push("cell table".to_owned());
+                    if !read_cell_table(&part.path, layout, vocabulary, &part.map, chunk_rows, &sink)? {
+                        return Ok(());
+                    }
+                    continue;
+                }
                 let h5 = H5adReader::open_matrix_with(&part.path, source, options.external)?;
                 if h5.n_obs() != part.n_obs || h5.n_vars() as usize != part.map.len() {
                     return Err(StageError::InvalidInput(format!(
@@ -369,8 +413,7 @@ fn stream(
                         h5.n_vars()
                     )));
                 }
-                layouts.lock().unwrap_or_else(|e| e.into_inner()).push(h5.layout());
-                let sink = ChunkSink { out, recycled: &recycle_rx, stats: read, n_vars, part: f };
+                layouts.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{:?}", h5.layout()).to_lowercase());
                 let sent = match h5.layout() {
                     MatrixLayout::Csc => {
                         let sent = read_csc(&h5, &part.map, chunk_rows, options, &csc_dir, &sink);
@@ -395,8 +438,15 @@ fn stream(
                         true => String::new(),
                         false => format!("; this file has other matrices: {}", part.other_matrices.join(", ")),
                     };
-                    let (file, matrix, cell) = (part.path.display(), element(source), first + r as u64);
-                    Error::InvalidInput(format!("{file}: {matrix}: cell {cell}{e}{hint}"))
+                    let (file, cell) = (part.path.display(), first + r as u64);
+                    if part.kind == Kind::Cells {
+                        let counts = &options.cell_table.counts;
+                        return Error::InvalidInput(format!(
+                            "{file}: {counts}: cell {cell}{e}; some cell tables mark entries with a negative count \
+                             (Tahoe-100M opens each cell with one of -2): --marker-value leaves them out"
+                        ));
+                    }
+                    Error::InvalidInput(format!("{file}: {}: cell {cell}{e}{hint}", element(source)))
                 })?;
                 if not_counts[f].is_none()
                     && let Some(v) = values.iter().find(|v| v.fract() != 0.0)
@@ -428,12 +478,13 @@ fn stream(
             cells: part.n_obs,
             genes: part.map.len(),
             genes_kept: part.kept_genes,
-            layout: format!("{layout:?}").to_lowercase(),
+            layout,
+            skipped_columns: part.skipped.clone(),
         });
     }
     check_counts(parts, &not_counts, source)?;
     if let Some(ids) = ids {
-        check_shared_ids(parts, ids, source, options.external)?;
+        check_shared_ids(parts, ids, source, options.external, &options.cell_table)?;
     }
     Ok(())
 }
@@ -463,9 +514,20 @@ fn check_counts(parts: &[Part], not_counts: &[NotACount], source: MatrixSource) 
 }
 
 /// Cell ids in two files are an error naming one and its files.
-fn check_shared_ids(parts: &[Part], ids: SharedIds, source: MatrixSource, external: ExternalData) -> Result<()> {
+fn check_shared_ids(
+    parts: &[Part],
+    ids: SharedIds,
+    source: MatrixSource,
+    external: ExternalData,
+    layout: &CellTableLayout,
+) -> Result<()> {
     let id_at = |f: usize, row: u64| -> Result<String> {
         let part = &parts[f];
+        if part.kind == Kind::Cells {
+            let table = CellTable::open(&part.path, layout).map_err(Error::stage(Stage::Read))?;
+            let id = table.cell_id(row).map_err(Error::stage(Stage::Read))?;
+            return Ok(format!("{id}{}", part.obs.suffix().unwrap_or_default()));
+        }
         let h5 = H5adReader::open_matrix_with(&part.path, source, external).map_err(Error::stage(Stage::Read))?;
         let obs = part.obs.apply(&h5.read_obs(row..row + 1).map_err(Error::stage(Stage::Read))?)?;
         Ok(obs.column(0).as_string::<i32>().value(0).to_owned())
@@ -491,7 +553,7 @@ fn read_degs(
     source: MatrixSource,
 ) -> Result<Option<(String, RecordBatch)>> {
     let mut first_error = None;
-    for part in &collection.parts {
+    for part in collection.parts.iter().filter(|p| p.kind == Kind::H5ad) {
         let h5 =
             H5adReader::open_matrix_with(&part.path, source, options.external).map_err(Error::stage(Stage::Read))?;
         match h5.read_degs(options.deg_uns_key.as_deref()) {
@@ -548,6 +610,53 @@ impl ChunkSink<'_> {
         self.stats.add(rows.n_rows() as u64, rows.byte_size());
         self.out.send((rows, obs, self.part, first))
     }
+}
+
+/// Sends the cells of a Parquet cell table, a batch of rows at a time; `false` when the writer is
+/// gone.
+fn read_cell_table(
+    path: &Path,
+    layout: &CellTableLayout,
+    vocabulary: &Vocabulary,
+    map: &[Option<u32>],
+    chunk_rows: u64,
+    out: &ChunkSink,
+) -> StageResult<bool> {
+    let table = CellTable::open(path, layout)?;
+    let identity = map.len() == out.n_vars as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
+    let mut batches = table.batches(chunk_rows as usize)?;
+    let mut table_rows = CsrBatch::new(vocabulary.len() as u32);
+    let mut first = 0u64;
+    loop {
+        let chunk = out.stats.busy(|| -> StageResult<Option<(CsrBatch, RecordBatch)>> {
+            let Some(batch) = batches.next() else { return Ok(None) };
+            let batch = batch.map_err(|e| StageError::InvalidInput(format!("{}: {e}", path.display())))?;
+            let mut rows = out.batch();
+            let obs = if identity {
+                table.split(&batch, first, vocabulary, &mut rows)?
+            } else {
+                table_rows.clear();
+                let obs = table.split(&batch, first, vocabulary, &mut table_rows)?;
+                rows.push_remapped(&table_rows, map);
+                obs
+            };
+            Ok(Some((rows, obs)))
+        })?;
+        let Some((rows, obs)) = chunk else { break };
+        let n = rows.n_rows() as u64;
+        if !out.send(rows, obs, first) {
+            return Ok(false);
+        }
+        first += n;
+    }
+    if first != table.n_obs() {
+        return Err(StageError::InvalidInput(format!(
+            "{}: read {first} cells, its metadata says {}",
+            path.display(),
+            table.n_obs()
+        )));
+    }
+    Ok(true)
 }
 
 /// Sends the file's cells read by row ranges; `false` when the writer is gone.
@@ -820,6 +929,7 @@ pub fn run_chunks(
             genes: n_vars as usize,
             genes_kept: n_vars as usize,
             layout: "csr".to_owned(),
+            skipped_columns: Vec::new(),
         }],
         degs,
         shuffle_seed: None,

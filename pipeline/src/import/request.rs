@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use cpa_stream_stages::cell_table::CellTableLayout;
 use cpa_stream_stages::h5ad::ExternalData;
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +45,18 @@ pub struct ImportRequest {
     pub make_unique: Option<String>,
     /// Write the cells in a random order drawn from this seed.
     pub shuffle: Option<u64>,
+    /// The gene vocabulary of Parquet cell tables (a Parquet file with a row per gene).
+    pub var_table: Option<PathBuf>,
+    /// The vocabulary's column that gene lists refer to [default: `token_id`, else the names].
+    pub var_id: Option<String>,
+    /// The cell tables' list column of genes [default: `genes`].
+    pub genes_column: Option<String>,
+    /// The cell tables' list column of counts [default: `expressions`].
+    pub counts_column: Option<String>,
+    /// The cell tables' column of cell ids [default: `cell_id`, else the row number].
+    pub cell_id_column: Option<String>,
+    /// Entries of cell tables with this count are markers, not genes, and are left out.
+    pub marker_value: Option<f32>,
     /// A file with one gene per line (instead of `genes`).
     pub genes_file: Option<PathBuf>,
     /// The `uns` entry with the DEG lists [default: the first such entry].
@@ -195,6 +208,10 @@ impl ImportRequest {
             (None, _) => Some(DEFAULT_SOURCE_KEY.to_owned()),
         };
         let shuffle = self.shuffle.map(|seed| Shuffle { seed, bucket_bytes: DEFAULT_SHUFFLE_BUCKET_BYTES });
+        if self.marker_value.is_some_and(|m| !m.is_finite()) {
+            return Err(Error::InvalidInput(format!("{}: not a finite number", n.name("--marker-value"))));
+        }
+        let defaults = CellTableLayout::default();
         Ok(ImportOptions {
             inputs,
             out: self.out.clone(),
@@ -213,6 +230,14 @@ impl ImportRequest {
             overwrite: self.overwrite,
             deg_uns_key: self.deg_uns_key.clone(),
             external: if self.allow_external { ExternalData::SameDirectory } else { ExternalData::Refuse },
+            cell_table: CellTableLayout {
+                genes: self.genes_column.clone().unwrap_or(defaults.genes),
+                counts: self.counts_column.clone().unwrap_or(defaults.counts),
+                cell_id: self.cell_id_column.clone(),
+                marker: self.marker_value,
+            },
+            var_table: self.var_table.clone(),
+            var_id: self.var_id.clone(),
         })
     }
 }
