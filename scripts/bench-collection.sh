@@ -5,6 +5,7 @@
 # three (the order rotates), and the summary gives medians and ratios.
 #   FILES GENES CELLS   the collection: FILES files of CELLS cells x GENES genes, genes in a
 #                       shuffled order per file (default 14 x 100000 x 5000)
+#   DENSITY             non-zero fraction of the matrix (default 0.05)
 #   REPS                repetitions (default 3)
 #   ANNBATCH_PYTHON     a Python with annbatch[zarrs] 0.3.1 (Python >= 3.12); without it annbatch
 #                       is skipped, with the reason printed
@@ -15,12 +16,13 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/bootstrap.sh)"
 scripts/build.sh --quiet
 bin="$CARGO_TARGET_DIR/release/cpa-stream"
-files="${FILES:-14}" cells="${CELLS:-100000}" genes="${GENES:-5000}" reps="${REPS:-3}"
-dir="${BENCH_DIR:-$CPA_STREAM_CACHE/bench-collection}/${files}x${cells}x${genes}"
+files="${FILES:-14}" cells="${CELLS:-100000}" genes="${GENES:-5000}" reps="${REPS:-3}" density="${DENSITY:-0.05}"
+dir="${BENCH_DIR:-$CPA_STREAM_CACHE/bench-collection}/${files}x${cells}x${genes}x${density}"
 mkdir -p "$dir/out"
 export CPA_STREAM_LOG=warn
 if [ ! -f "$dir/in/plate$(printf %02d $((files - 1))).h5ad" ]; then
-  "$CPA_STREAM_PYTHON" scripts/bench_collection.py make "$dir/in" --files "$files" --cells "$cells" --genes "$genes"
+  "$CPA_STREAM_PYTHON" scripts/bench_collection.py make "$dir/in" --files "$files" --cells "$cells" --genes "$genes" \
+    --density "$density"
 fi
 inputs=("$dir"/in/plate*.h5ad)
 tools=(cpa-stream annbatch concat)
