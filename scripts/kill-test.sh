@@ -123,3 +123,37 @@ for cmd in import import-many convert predict train; do
   done
   echo "$cmd: ${#points[@]} kills survived ($kills at random moments within ${ms} ms, $renames at each rename)"
 done
+
+# Appending to a store: the store is its own input and output, so each kill starts from a copy
+# of the base store, and what is left must be the base store (the kill came before the new
+# version was published) or the complete new version, readable either way.
+base="$work/o/base.store" app="$work/o/app.store"
+"$bin" import "$work/in.h5ad" --out "$base" > /dev/null
+append_args="import --append $app $work/in-b.h5ad --make-unique"
+cp -r "$base" "$app"
+start=$(date +%s%N)
+$bin $append_args > /dev/null
+ms=$(( ($(date +%s%N) - start) / 1000000 ))
+expected=$(digest "$app") before=$(digest "$base")
+rm -rf "$app" && cp -r "$base" "$app"
+renames=$(strace -f -qq -e trace=rename,renameat,renameat2 -o /dev/stdout $bin $append_args 2>/dev/null \
+  | grep -c 'rename' || true)
+points=()
+for ((k = 0; k < kills; k++)); do points+=("delay:$(( RANDOM % (ms + 1) ))"); done
+for ((r = 1; r <= renames; r++)); do points+=("rename:$r"); done
+for point in "${points[@]}"; do
+  rm -rf "$app" && cp -r "$base" "$app"
+  kill_at "$point" "$append_args" 2> /dev/null
+  [ -d "$app" ] || fail "append killed at $point: the store is gone"
+  "$bin" verify "$app" > /dev/null 2>"$work/err" || fail "append killed at $point: $(cat "$work/err")"
+  if [ "$(digest "$app")" != "$expected" ]; then
+    # Not the new version: then the old one, as it was.
+    [ "$(digest "$app" | sed 's/app.store/base.store/')" = "$before" ] \
+      || fail "append killed at $point left a store that is neither the old nor the new version"
+    $bin $append_args > /dev/null 2>"$work/err" || fail "append rerun after a kill at $point: $(cat "$work/err")"
+    [ "$(digest "$app")" = "$expected" ] || fail "append rerun after a kill at $point differs"
+  fi
+  left=$(find "$work/o" -maxdepth 1 \( -name ".app.store.tmp-*" -o -name ".app.store.import-*" \) | head -1)
+  [ -z "$left" ] || fail "append after a kill at $point: temporary $left left behind"
+done
+echo "append: ${#points[@]} kills survived ($kills at random moments within ${ms} ms, $renames at each rename)"

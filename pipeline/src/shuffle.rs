@@ -104,7 +104,10 @@ pub(crate) fn copy_shuffled(
         let end = (start + BATCH_ROWS as u64).min(n);
         read.busy(|| {
             rows.clear();
-            cursor.read_range(start..end, &mut rows)
+            let read = cursor.read_range(start..end, &mut rows);
+            // Read once: its pages need not stay resident (the process's RSS stays flat).
+            input.release(start..end);
+            read
         })
         .map_err(Error::stage(Stage::Read))?;
         read.add(rows.n_rows() as u64, rows.byte_size());

@@ -144,6 +144,7 @@ def import_h5ad(
     counts_column: str | None = None,
     cell_id_column: str | None = None,
     marker_value: float | None = None,
+    append: bool = False,
     codec: str = "raw",
     zstd_level: int | None = None,
     block_rows: int | None = None,
@@ -187,6 +188,10 @@ def import_h5ad(
     ``expressions``), ``cell_id_column`` the ids, ``marker_value`` a count that marks entries to
     leave out (Tahoe's -2).
 
+    ``append=True`` adds the cells of ``data`` to the existing store ``out`` (its genes kept: every
+    file must have them) as a new version, which replaces it once complete: a kill leaves the store
+    as it was, and readers that have it open go on reading it.
+
     A file is untrusted: importing it reads nothing but that file, so a file whose data lives in
     other files (HDF5 external storage, external links, virtual datasets) is a ``ValueError``
     naming the object; ``allow_external=True`` reads such data for a trusted collection, from
@@ -207,8 +212,10 @@ def import_h5ad(
         "chunk_rows": chunk_rows, "allow_external": allow_external, "codec": codec, "zstd_level": zstd_level,
         "block_rows": block_rows, "overwrite": overwrite, "naming": "keywords",
     }
+    if append:
+        request["append"] = os.fspath(out)
     many = isinstance(data, (list, tuple))
-    if many or var_table is not None or (shuffle is not None or gene_key is not None) and not isinstance(
+    if many or append or var_table is not None or (shuffle is not None or gene_key is not None) and not isinstance(
         data, (str, os.PathLike)
     ):
         return _import_many(list(data) if many else [data], out, request, labels, progress)

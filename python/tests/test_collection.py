@@ -7,6 +7,7 @@ naming the file."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import anndata as ad
@@ -16,6 +17,7 @@ import pytest
 import scipy.sparse as sp
 
 import cpa_stream as cs
+from conftest import BUNDLED
 
 BIN = os.environ.get("CPA_STREAM_BIN")
 
@@ -259,3 +261,31 @@ def test_parquet_cell_tables_import_as_their_h5ad_twins(files, tmp_path):
     with pytest.raises(ValueError, match=r"shard0.parquet: cell \d+: gene id 10 is not in the vocabulary"):
         cs.import_h5ad(tables, tmp_path / "never.store", var_table=tmp_path / "short.parquet", marker_value=-2)
     assert not (tmp_path / "never.store").exists()
+
+
+def test_appending_adds_cells_as_a_new_version_that_the_old_model_predicts_on(files, tmp_path, run, store):
+    path = tmp_path / "a.store"
+    cs.import_h5ad(files[:2], path, labels=["p0", "p1"])
+    cs.import_h5ad([files[2]], path, append=True, labels=["p2"])
+    got = read_back(cs.Store(path), tmp_path, "appended")
+    want = ad.concat([ad.read_h5ad(p) for p in files], join="inner", label="source_file", keys=["p0", "p1", "p2"])
+    # The store's genes, in its order (the third file has them all and five more, left out).
+    assert list(got.var_names) == [g for g in ad.read_h5ad(files[0]).var_names if g in set(want.var_names)]
+    same_as_concat(got, want)
+    # A file without the store's genes is refused, and the store stays as it was.
+    before = sorted(p.name for p in path.iterdir())
+    lacking = ad.read_h5ad(files[1])
+    lacking.obs_names = [f"x{i}" for i in range(lacking.n_obs)]
+    lacking[:, lacking.var_names[3:]].write_h5ad(tmp_path / "lacking.h5ad")
+    with pytest.raises(ValueError, match=r"lacking.h5ad: 3 gene\(s\) of .*a.store are not among its genes"):
+        cs.import_h5ad([tmp_path / "lacking.h5ad"], path, append=True)
+    assert sorted(p.name for p in path.iterdir()) == before
+    assert cs.Store(path).n_obs == 75
+    # A model trained on a store predicts on the store with cells appended (the bundled cells
+    # again, their ids made unique).
+    grown = tmp_path / "grown.store"
+    shutil.copytree(store.path, grown)
+    cs.import_h5ad([BUNDLED], grown, append=True, make_unique=True, labels=["again"])
+    assert cs.Store(grown).n_obs == 2 * store.n_obs
+    table = run.predict(cs.Store(grown), targets=["MAP2K6"], threads=1, workers=1).read_all()
+    assert table.num_rows > 0

@@ -21,12 +21,17 @@ pub struct ImportArgs {
     /// pattern ("plates/*.h5ad") stands for the files it matches, sorted.
     #[arg(required_unless_present = "inputs_from")]
     inputs: Vec<PathBuf>,
+    /// Add the inputs' cells to STORE (its genes kept: every input must have them) as a new
+    /// version of it, which replaces it once complete: a kill leaves the store as it was, and
+    /// readers that have it open go on reading it.
+    #[arg(long, value_name = "STORE", conflicts_with = "out")]
+    append: Option<PathBuf>,
     /// Also import the files listed in FILE, one per line (relative to FILE's folder).
     #[arg(long, value_name = "FILE")]
     inputs_from: Option<PathBuf>,
     /// Output store directory.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "append")]
+    out: Option<PathBuf>,
     /// Import layers/NAME instead of X.
     #[arg(long)]
     layer: Option<String>,
@@ -152,7 +157,8 @@ impl ImportArgs {
         ImportRequest {
             inputs: self.inputs.clone(),
             inputs_from: self.inputs_from.clone(),
-            out: self.out.clone(),
+            out: self.out.clone().unwrap_or_default(),
+            append: self.append.clone(),
             layer: self.layer.clone(),
             use_raw: self.use_raw,
             genes: None,
@@ -184,9 +190,11 @@ impl ImportArgs {
 }
 
 pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
-    let what = || match args.inputs.as_slice() {
-        [one] => format!("import {} into {}", one.display(), args.out.display()),
-        _ => format!("import into {}", args.out.display()),
+    let out = args.out.clone().or_else(|| args.append.clone()).unwrap_or_default();
+    let what = || match (args.inputs.as_slice(), &args.append) {
+        (_, Some(store)) => format!("append to {}", store.display()),
+        ([one], None) => format!("import {} into {}", one.display(), out.display()),
+        _ => format!("import into {}", out.display()),
     };
     let Some(summary) = super::run_request(&args.request(), ImportRequest::options, import::run, args.json, what)?
     else {
@@ -195,7 +203,7 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let m = &summary.manifest;
     outln!(
         "wrote {}: {} cells x {} genes, nnz {}, from {}; {:.0} cells/s, {:.1} MB/s of input",
-        args.out.display(),
+        out.display(),
         m.n_obs,
         m.n_vars,
         m.nnz,

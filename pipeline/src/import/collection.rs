@@ -13,11 +13,13 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, Int32Array, RecordBatch, StringArray, new_null_array};
 use arrow::compute::{cast, interleave};
 use arrow::datatypes::{DataType, Field, FieldRef, Int32Type, Schema, SchemaRef};
+use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::{
     CATEGORIES_KEY, GENE_ID, ORDERED_KEY, categorical_field, categorical_type, categories_of, is_ordered,
 };
 use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
 use cpa_stream_stages::h5ad::{ExternalData, H5adReader, MatrixSource};
+use cpa_stream_stages::store::Store;
 
 use crate::Stage;
 use crate::error::{Error, Result};
@@ -32,6 +34,8 @@ pub enum GeneJoin {
     Outer,
     /// These genes, in this order; every file must have each of them.
     List(Vec<String>),
+    /// The first input's genes (a store appended to), which every other file must have.
+    First,
 }
 
 /// How the files become one store.
@@ -65,6 +69,8 @@ pub enum Kind {
     H5ad,
     /// A Parquet cell table.
     Cells,
+    /// A store (a directory).
+    Store,
 }
 
 /// One input file as the import streams it.
@@ -141,8 +147,17 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             });
             continue;
         }
-        let h5 = H5adReader::open_matrix_with(path, plan.source, plan.external).map_err(Error::stage(Stage::Read))?;
-        let var = file_var(path, &h5, plan.gene_key)?;
+        let (kind, var, n_obs, obs, other_matrices) = if path.is_dir() {
+            let store = Store::open(path).map_err(Error::stage(Stage::Read))?;
+            let var = store.small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Read))?;
+            let obs = store.table_schema(StoreFiles::OBS).map_err(Error::stage(Stage::Read))?;
+            (Kind::Store, keyed_var(path, var, plan.gene_key)?, store.n_obs(), obs, Vec::new())
+        } else {
+            let h5 =
+                H5adReader::open_matrix_with(path, plan.source, plan.external).map_err(Error::stage(Stage::Read))?;
+            let var = keyed_var(path, h5.read_var().map_err(Error::stage(Stage::Read))?, plan.gene_key)?;
+            (Kind::H5ad, var, h5.n_obs(), h5.obs_schema(), h5.other_matrices())
+        };
         let ids = key_values(path, &var, 0, GENE_ID)?;
         if inputs.len() > 1 || matches!(plan.join, GeneJoin::List(_)) {
             check_unique_genes(path, &ids, plan.gene_key)?;
@@ -154,9 +169,7 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             }
             None => None,
         };
-        let (n_obs, obs, other_matrices) = (h5.n_obs(), h5.obs_schema(), h5.other_matrices());
-        let ids = Arc::new(ids);
-        let (kind, skipped) = (Kind::H5ad, Vec::new());
+        let (ids, skipped) = (Arc::new(ids), Vec::new());
         files.push(FileTables { path: path.clone(), kind, n_obs, var, ids, obs, gene_names, other_matrices, skipped });
     }
     // Cell tables alone share one vocabulary: its genes, in its order (names may repeat there).
@@ -171,10 +184,11 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
         let var = merged_var(&files, &genes, &maps)?;
         (var, maps.into_iter().map(Arc::new).collect())
     };
-    let obs_schema = merged_schema(files.iter().map(|f| f.obs.as_ref()).collect(), plan.source_key)?;
+    let stores: Vec<bool> = files.iter().map(|f| f.kind == Kind::Store).collect();
+    let obs_schema = merged_schema(files.iter().map(|f| f.obs.as_ref()).collect(), &stores, plan.source_key)?;
     let mut parts = Vec::with_capacity(files.len());
     for (i, (file, map)) in files.into_iter().zip(maps).enumerate() {
-        let label = plan.source_key.map(|(_, labels)| (i, labels));
+        let label = plan.source_key.map(|(_, labels)| labels[i].as_str());
         let suffix = plan.index_unique.zip(plan.source_key).map(|(sep, (_, labels))| format!("{sep}{}", labels[i]));
         let obs = Adapter::new(&file.path, &file.obs, &obs_schema, label, suffix)?;
         parts.push(Part {
@@ -206,10 +220,9 @@ struct FileTables {
     skipped: Vec<String>,
 }
 
-/// The file's `var` table with the gene key as its first column: the index itself, or with
+/// A file's `var` table with the gene key as its first column: the index itself, or with
 /// `gene_key`, that column's values, the index then kept as column `var_index`.
-fn file_var(path: &Path, h5: &H5adReader, gene_key: Option<&str>) -> Result<RecordBatch> {
-    let var = h5.read_var().map_err(Error::stage(Stage::Read))?;
+fn keyed_var(path: &Path, var: RecordBatch, gene_key: Option<&str>) -> Result<RecordBatch> {
     let Some(key) = gene_key else { return Ok(var) };
     let Some(column) = var.schema().fields().iter().position(|f| f.name() == key) else {
         let schema = var.schema();
@@ -298,6 +311,25 @@ fn join_genes(files: &[FileTables], join: &GeneJoin) -> Result<Vec<String>> {
             let mut taken = HashSet::new();
             files.iter().flat_map(|f| f.ids.iter()).filter(|g| taken.insert(g.as_str())).cloned().collect()
         }
+        GeneJoin::First => {
+            for file in &files[1..] {
+                let has: HashSet<&str> = file.ids.iter().map(String::as_str).collect();
+                let missing: Vec<&str> = first.ids.iter().map(String::as_str).filter(|g| !has.contains(g)).collect();
+                if !missing.is_empty() {
+                    let shown: Vec<&str> = missing.iter().take(10).copied().collect();
+                    return Err(Error::InvalidInput(format!(
+                        "{}: {} gene(s) of {} are not among its genes: {}{}; a store appended to keeps its genes \
+                         (a model trained on it predicts on the cells added), so every file added must have them",
+                        file.path.display(),
+                        missing.len(),
+                        first.path.display(),
+                        shown.join(", "),
+                        if missing.len() > 10 { ", ..." } else { "" }
+                    )));
+                }
+            }
+            first.ids.to_vec()
+        }
         GeneJoin::List(list) => {
             let mut listed = HashSet::new();
             if let Some(twice) = list.iter().find(|g| !listed.insert(g.as_str())) {
@@ -331,7 +363,7 @@ fn join_genes(files: &[FileTables], join: &GeneJoin) -> Result<Vec<String>> {
 
 /// The store's `var`: each gene's row from the first file that has it, in the merged schema.
 fn merged_var(files: &[FileTables], genes: &[String], maps: &[Vec<Option<u32>>]) -> Result<RecordBatch> {
-    let schema = merged_schema(files.iter().map(|f| f.var.schema_ref().as_ref()).collect(), None)?;
+    let schema = merged_schema(files.iter().map(|f| f.var.schema_ref().as_ref()).collect(), &[], None)?;
     let adapted = files
         .iter()
         .map(|f| Adapter::new(&f.path, f.var.schema_ref(), &schema, None, None)?.apply(&f.var))
@@ -362,11 +394,14 @@ fn merged_var(files: &[FileTables], genes: &[String], maps: &[Vec<Option<u32>>])
 /// column that some file lacks may be null; categories are merged in the order met (ordered
 /// only where every file has the same ordered categories); other differing types become the
 /// type that holds both (Int64 for integers, Float64 for numbers, text otherwise).
-fn merged_schema(schemas: Vec<&Schema>, source: Option<(&str, &[String])>) -> Result<SchemaRef> {
+/// A store among the files (`stores[i]`) may have the source column already (from the import
+/// that made it): its labels come first among the column's categories.
+fn merged_schema(schemas: Vec<&Schema>, stores: &[bool], source: Option<(&str, &[String])>) -> Result<SchemaRef> {
+    let key = source.map(|(key, _)| key);
     let mut names: Vec<&str> = Vec::new();
     for schema in &schemas {
         for field in schema.fields().iter().skip(1) {
-            if !names.contains(&field.name().as_str()) {
+            if !names.contains(&field.name().as_str()) && Some(field.name().as_str()) != key {
                 names.push(field.name());
             }
         }
@@ -377,12 +412,29 @@ fn merged_schema(schemas: Vec<&Schema>, source: Option<(&str, &[String])>) -> Re
         fields.push(merged_field(name, &present));
     }
     if let Some((key, labels)) = source {
+        let mut categories: Vec<String> = Vec::new();
+        for (i, schema) in schemas.iter().enumerate() {
+            let theirs = match schema.field_with_name(key) {
+                Ok(field) if stores.get(i) == Some(&true) && categories_of(field).is_some() => categories_of(field),
+                Ok(_) => {
+                    return Err(Error::InvalidInput(format!(
+                        "--source-key {key:?}: the files already have an obs column of that name; choose another"
+                    )));
+                }
+                Err(_) => None,
+            };
+            for label in theirs.unwrap_or_else(|| vec![labels[i].clone()]) {
+                if !categories.contains(&label) {
+                    categories.push(label);
+                }
+            }
+        }
         if fields.iter().any(|f| f.name() == key) {
             return Err(Error::InvalidInput(format!(
                 "--source-key {key:?}: the files already have an obs column of that name; choose another"
             )));
         }
-        fields.push(categorical_field(key, labels, false));
+        fields.push(categorical_field(key, &categories, false));
     }
     Ok(Arc::new(Schema::new_with_metadata(fields, schemas[0].metadata().clone())))
 }
@@ -462,7 +514,7 @@ impl Adapter {
         path: &Path,
         file: &SchemaRef,
         merged: &SchemaRef,
-        label: Option<(usize, &[String])>,
+        label: Option<&str>,
         suffix: Option<String>,
     ) -> Result<Adapter> {
         let mut columns = Vec::with_capacity(merged.fields().len());
@@ -490,10 +542,11 @@ impl Adapter {
                     }
                 }
                 Err(_) => match label {
-                    Some((k, labels)) if i == merged.fields().len() - 1 => {
-                        let list = labels.to_vec();
+                    Some(label) if i == merged.fields().len() - 1 => {
+                        let list = categories_of(field).unwrap_or_default();
+                        let code = list.iter().position(|c| c == label).unwrap_or_default() as i32;
                         categories.insert(i, (Arc::new(StringArray::from(list)) as ArrayRef, HashMap::new()));
-                        Column::Label(k as i32)
+                        Column::Label(code)
                     }
                     _ => Column::Missing,
                 },

@@ -79,6 +79,9 @@ pub struct ImportOptions {
     pub index_unique: Option<String>,
     /// Write the cells in a random order drawn from this seed.
     pub shuffle: Option<Shuffle>,
+    /// The store appended to (also the first input and the output): the new version replaces it
+    /// atomically once complete.
+    pub append: Option<PathBuf>,
     /// Rows per chunk. Default [`DEFAULT_CHUNK_ROWS`].
     pub chunk_rows: usize,
     /// Bytes of one CSC transposition bucket. Default [`DEFAULT_MEMORY_BUDGET`].
@@ -118,6 +121,7 @@ impl Default for ImportOptions {
             labels: None,
             index_unique: None,
             shuffle: None,
+            append: None,
             chunk_rows: DEFAULT_CHUNK_ROWS,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             max_open_buckets: DEFAULT_MAX_OPEN_BUCKETS,
@@ -223,6 +227,10 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
         [first, .., last] => format!("{} files, {} .. {}", options.inputs.len(), first.display(), last.display()),
         [] => String::new(),
     };
+    let files = match &options.append {
+        Some(store) => format!("{} with {} appended", store.display(), options.inputs.len() - 1),
+        None => files,
+    };
     let shuffled = options.shuffle.map(|s| format!(", cells shuffled with seed {}", s.seed)).unwrap_or_default();
     let writer_options = StoreWriterOptions {
         codec: options.codec,
@@ -286,7 +294,19 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
 
 /// The label of each input: as given, or the file names without `.h5ad`.
 fn labels(options: &ImportOptions) -> Result<Vec<String>> {
+    let default = |p: &PathBuf| {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        [".h5ad", ".parquet", ".pq", ".store"]
+            .iter()
+            .find_map(|x| name.strip_suffix(x))
+            .map(str::to_owned)
+            .unwrap_or(name)
+    };
     let labels: Vec<String> = match &options.labels {
+        // Appending, the labels name the files added; the store's cells keep theirs.
+        Some(labels) if options.append.is_some() && labels.len() + 1 == options.inputs.len() => {
+            std::iter::once(default(&options.inputs[0])).chain(labels.iter().cloned()).collect()
+        }
         Some(labels) if labels.len() != options.inputs.len() => {
             return Err(Error::InvalidInput(format!(
                 "--labels: {} labels for {} input files; give one per file, in order",
@@ -295,18 +315,7 @@ fn labels(options: &ImportOptions) -> Result<Vec<String>> {
             )));
         }
         Some(labels) => labels.clone(),
-        None => options
-            .inputs
-            .iter()
-            .map(|p| {
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                [".h5ad", ".parquet", ".pq"]
-                    .iter()
-                    .find_map(|x| name.strip_suffix(x))
-                    .map(str::to_owned)
-                    .unwrap_or(name)
-            })
-            .collect(),
+        None => options.inputs.iter().map(default).collect(),
     };
     let mut seen = HashMap::new();
     for (i, label) in labels.iter().enumerate() {
@@ -392,6 +401,13 @@ fn stream(
             crate::fault::point(Stage::Read);
             for (f, part) in parts.iter().enumerate() {
                 let sink = ChunkSink { out, recycled: &recycle_rx, stats: read, n_vars, part: f };
+                if part.kind == Kind::Store {
+                    layouts.lock().unwrap_or_else(|e| e.into_inner()).push("store".to_owned());
+                    if !read_store(&part.path, &part.map, chunk_rows, &sink)? {
+                        return Ok(());
+                    }
+                    continue;
+                }
                 if part.kind == Kind::Cells {
                     let (layout, vocabulary) = cells.ok_or_else(|| {
                         StageError::InvalidInput(format!("{}: a cell table without a vocabulary", part.path.display()))
@@ -523,6 +539,19 @@ fn check_shared_ids(
 ) -> Result<()> {
     let id_at = |f: usize, row: u64| -> Result<String> {
         let part = &parts[f];
+        if part.kind == Kind::Store {
+            let store = Store::open(&part.path).map_err(Error::stage(Stage::Read))?;
+            let mut seen = 0u64;
+            for obs in store.table(cpa_stream_schemas::StoreFiles::OBS).map_err(Error::stage(Stage::Read))? {
+                let obs = obs.map_err(Error::stage(Stage::Read))?;
+                if row < seen + obs.num_rows() as u64 {
+                    let obs = part.obs.apply(&obs.slice((row - seen) as usize, 1))?;
+                    return Ok(obs.column(0).as_string::<i32>().value(0).to_owned());
+                }
+                seen += obs.num_rows() as u64;
+            }
+            return Err(Error::InvalidInput(format!("{}: no cell {row}", part.path.display())));
+        }
         if part.kind == Kind::Cells {
             let table = CellTable::open(&part.path, layout).map_err(Error::stage(Stage::Read))?;
             let id = table.cell_id(row).map_err(Error::stage(Stage::Read))?;
@@ -553,7 +582,23 @@ fn read_degs(
     source: MatrixSource,
 ) -> Result<Option<(String, RecordBatch)>> {
     let mut first_error = None;
-    for part in collection.parts.iter().filter(|p| p.kind == Kind::H5ad) {
+    for part in collection.parts.iter().filter(|p| p.kind != Kind::Cells) {
+        if part.kind == Kind::Store {
+            let store = Store::open(&part.path).map_err(Error::stage(Stage::Read))?;
+            if !store.has_file(DEG_FILE) {
+                continue;
+            }
+            let schema = store.table_schema(DEG_FILE).map_err(Error::stage(Stage::Read))?;
+            let key = schema.metadata().get("uns_key").cloned().unwrap_or_else(|| "degs".to_owned());
+            if options.deg_uns_key.as_ref().is_some_and(|k| *k != key) {
+                continue;
+            }
+            let table = store.small_table(DEG_FILE).map_err(Error::stage(Stage::Read))?;
+            // The store's own schema (without its metadata: the writer sets the key again).
+            let plain = Arc::new(table.schema().as_ref().clone().with_metadata(HashMap::new()));
+            let table = table.with_schema(plain);
+            return Ok(Some((key, rename_deg_genes(part, table.map_err(Error::arrow("DEG table"))?)?)));
+        }
         let h5 =
             H5adReader::open_matrix_with(&part.path, source, options.external).map_err(Error::stage(Stage::Read))?;
         match h5.read_degs(options.deg_uns_key.as_deref()) {
@@ -610,6 +655,50 @@ impl ChunkSink<'_> {
         self.stats.add(rows.n_rows() as u64, rows.byte_size());
         self.out.send((rows, obs, self.part, first))
     }
+}
+
+/// Sends the cells of a store, in order; `false` when the writer is gone.
+fn read_store(path: &Path, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink) -> StageResult<bool> {
+    let store = Store::open(path)?;
+    if map.len() as u64 != store.n_vars() {
+        return Err(StageError::InvalidInput(format!("{}: changed while it was imported", path.display())));
+    }
+    let identity = map.len() == out.n_vars as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
+    store.advise(cpa_stream_stages::store::Access::Sequential);
+    let mut cursor = store.cursor()?;
+    let mut store_rows = CsrBatch::new(store.n_vars() as u32);
+    let mut row = 0u64;
+    for obs in store.table(cpa_stream_schemas::StoreFiles::OBS)? {
+        let obs = obs?;
+        for offset in (0..obs.num_rows()).step_by(chunk_rows as usize) {
+            let window = obs.slice(offset, (chunk_rows as usize).min(obs.num_rows() - offset));
+            let n = window.num_rows() as u64;
+            let rows = out.stats.busy(|| -> StageResult<CsrBatch> {
+                let mut rows = out.batch();
+                if identity {
+                    cursor.read_range(row..row + n, &mut rows)?;
+                } else {
+                    store_rows.clear();
+                    cursor.read_range(row..row + n, &mut store_rows)?;
+                    rows.push_remapped(&store_rows, map);
+                }
+                store.release(row..row + n);
+                Ok(rows)
+            })?;
+            if !out.send(rows, window, row) {
+                return Ok(false);
+            }
+            row += n;
+        }
+    }
+    if row != store.n_obs() {
+        return Err(StageError::InvalidInput(format!(
+            "{}: obs has {row} rows, the matrix {}",
+            path.display(),
+            store.n_obs()
+        )));
+    }
+    Ok(true)
 }
 
 /// Sends the cells of a Parquet cell table, a batch of rows at a time; `false` when the writer is

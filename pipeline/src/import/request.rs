@@ -45,6 +45,9 @@ pub struct ImportRequest {
     pub make_unique: Option<String>,
     /// Write the cells in a random order drawn from this seed.
     pub shuffle: Option<u64>,
+    /// Append the inputs' cells to this store (its genes kept: every input must have them); the
+    /// store is also the output, replaced atomically once the new version is complete.
+    pub append: Option<PathBuf>,
     /// The gene vocabulary of Parquet cell tables (a Parquet file with a row per gene).
     pub var_table: Option<PathBuf>,
     /// The vocabulary's column that gene lists refer to [default: `token_id`, else the names].
@@ -141,9 +144,7 @@ impl ImportRequest {
                 return Err(Error::InvalidInput(format!("{} {}: no paths", n.name("--inputs-from"), list.display())));
             }
         }
-        if files.is_empty() {
-            return Err(Error::InvalidInput(format!("no input file (give files or {})", n.name("--inputs-from"))));
-        }
+        // None is for `run_chunks` (data given from memory); `run` refuses it.
         Ok(files)
     }
 
@@ -186,12 +187,43 @@ impl ImportRequest {
             Some(b) => n.bounded("--csc-max-open-buckets", b, 1, 1 << 16, "open bucket files")?,
             None => DEFAULT_MAX_OPEN_BUCKETS,
         };
-        let inputs = self.input_files()?;
+        let mut inputs = self.input_files()?;
         let join = match (genes, self.join) {
             (Some(_), Some(_)) => return Err(choose_one(n, "--genes LIST", "--genes inner|outer")),
+            (Some(_), None) | (None, Some(_)) if self.append.is_some() => {
+                return Err(Error::InvalidInput(format!(
+                    "{}: a store appended to keeps its genes; {} does not apply",
+                    n.name("--append"),
+                    n.name("--genes")
+                )));
+            }
             (Some(list), None) => GeneJoin::List(list),
             (None, Some(JoinName::Outer)) => GeneJoin::Outer,
+            (None, _) if self.append.is_some() => GeneJoin::First,
             (None, _) => GeneJoin::Inner,
+        };
+        let (out, overwrite) = match &self.append {
+            Some(store) => {
+                if !self.out.as_os_str().is_empty() && self.out != *store {
+                    return Err(Error::InvalidInput(format!(
+                        "{} {}: the store appended to is the output; {} {} does not apply",
+                        n.name("--append"),
+                        store.display(),
+                        n.name("--out"),
+                        self.out.display()
+                    )));
+                }
+                if !store.join(cpa_stream_schemas::MANIFEST_FILE).is_file() {
+                    return Err(Error::InvalidInput(format!(
+                        "{} {}: not a store (no manifest.json)",
+                        n.name("--append"),
+                        store.display()
+                    )));
+                }
+                inputs.insert(0, store.clone());
+                (store.clone(), true)
+            }
+            None => (self.out.clone(), self.overwrite),
         };
         if self.make_unique.as_ref().is_some_and(|s| s.is_empty()) {
             return Err(Error::InvalidInput(format!("{}: an empty separator", n.name("--make-unique"))));
@@ -212,9 +244,18 @@ impl ImportRequest {
             return Err(Error::InvalidInput(format!("{}: not a finite number", n.name("--marker-value"))));
         }
         let defaults = CellTableLayout::default();
+        // Appending keeps the store's codec unless another is asked for.
+        let codec = match &self.append {
+            Some(store) if self.codec == CodecName::Raw && self.zstd_level.is_none() && self.block_rows.is_none() => {
+                let opened = cpa_stream_stages::store::Store::open(store).map_err(Error::stage(crate::Stage::Read))?;
+                opened.manifest().codec
+            }
+            _ => n.codec(self.codec, self.zstd_level, self.block_rows)?,
+        };
         Ok(ImportOptions {
             inputs,
-            out: self.out.clone(),
+            out,
+            append: self.append.clone(),
             layer: self.layer.clone(),
             use_raw: self.use_raw,
             join,
@@ -226,8 +267,8 @@ impl ImportRequest {
             chunk_rows,
             memory_budget,
             max_open_buckets,
-            codec: n.codec(self.codec, self.zstd_level, self.block_rows)?,
-            overwrite: self.overwrite,
+            codec,
+            overwrite,
             deg_uns_key: self.deg_uns_key.clone(),
             external: if self.allow_external { ExternalData::SameDirectory } else { ExternalData::Refuse },
             cell_table: CellTableLayout {

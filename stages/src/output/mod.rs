@@ -138,19 +138,21 @@ pub fn publish(tmp: &Path, dest: &Path, kind: OutputKind, overwrite: bool) -> Re
         check_destination(dest, kind, true)?;
         match kind {
             OutputKind::File => fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?,
-            OutputKind::Directory => {
-                let old = if dest.exists() {
+            // The new directory and the old one trade places in one step, so that a kill at any
+            // moment leaves one of them at `dest` (a store appended to is never absent); the old
+            // one, now at `tmp`, goes after.
+            OutputKind::Directory if dest.exists() => match renameat2(tmp, dest, libc::RENAME_EXCHANGE)? {
+                Ok(()) => fs::remove_dir_all(tmp).map_err(|e| Error::io(tmp, e))?,
+                // File systems without RENAME_EXCHANGE: the old one aside, then the new in place.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
                     let trash = temporary_sibling(dest)?;
                     fs::rename(dest, &trash).map_err(|e| Error::io(dest, e))?;
-                    Some(trash)
-                } else {
-                    None
-                };
-                fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
-                if let Some(trash) = old {
+                    fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
                     fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
                 }
-            }
+                Err(e) => return Err(Error::io(dest, e)),
+            },
+            OutputKind::Directory => fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?,
         }
     }
     sync_parent(dest);
