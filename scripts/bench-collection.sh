@@ -7,8 +7,8 @@
 #                       shuffled order per file (default 14 x 100000 x 5000)
 #   DENSITY             non-zero fraction of the matrix (default 0.05)
 #   REPS                repetitions (default 3)
-#   ANNBATCH_PYTHON     a Python with annbatch[zarrs] 0.3.1 (Python >= 3.12); without it annbatch
-#                       is skipped, with the reason printed
+#   ANNBATCH_PYTHON     a Python with annbatch[zarrs] 0.3.1 (default: scripts/peer-env.sh's venv,
+#                       made once; where it cannot be made annbatch is skipped, the reason printed)
 #   BENCH_DIR           where the files and outputs go (default $CPA_STREAM_CACHE/bench-collection)
 # Peak memory is /usr/bin/time's maximum resident set size of each process.
 set -euo pipefail
@@ -26,19 +26,23 @@ if [ ! -f "$dir/in/plate$(printf %02d $((files - 1))).h5ad" ]; then
 fi
 inputs=("$dir"/in/plate*.h5ad)
 tools=(cpa-stream annbatch concat)
-if [ -z "${ANNBATCH_PYTHON:-}" ]; then
-  echo "annbatch skipped: ANNBATCH_PYTHON is not set (a Python >= 3.12 with annbatch[zarrs]==0.3.1)"
+ANNBATCH_PYTHON="${ANNBATCH_PYTHON:-$(scripts/peer-env.sh || true)}"
+if [ -z "$ANNBATCH_PYTHON" ]; then
+  echo "annbatch skipped: no Python >= 3.12 with annbatch[zarrs]==0.3.1 (scripts/peer-env.sh could not make one)"
   tools=(cpa-stream concat)
 fi
 results="$dir/results.tsv"
 printf 'rep\ttool\twall_s\tpeak_rss_mib\toutput_mb\n' > "$results"
+: > "$dir/anon"
 run() { # tool rep
   local tool=$1 rep=$2 out wall
   case "$tool" in
     cpa-stream)
       out="$dir/out/collection.store"
       /usr/bin/time -f '%e %M' -o "$dir/time" "$bin" import "${inputs[@]}" --shuffle 0 --out "$out" --overwrite \
-        > /dev/null
+        --json > "$dir/json"
+      python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["report"]["memory"]["rss_anon"] / 2**20))' \
+        "$dir/json" >> "$dir/anon"
       wall=$(awk '{print $1}' "$dir/time") ;;
     annbatch)
       out="$dir/out/collection.zarr"
@@ -62,6 +66,7 @@ for ((rep = 0; rep < reps; rep++)); do
     run "$tool" "$rep"
   done
 done
+echo "cpa-stream's own peak RssAnon (MiB, each repetition): $(paste -sd' ' "$dir/anon"); mapped store pages make up the rest of its RSS"
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores; input: $(du -sm "$dir/in" | cut -f1) MB in $files files"
 python3 - "$results" <<'PY'
 import csv, statistics, sys
