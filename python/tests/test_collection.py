@@ -287,5 +287,8 @@ def test_appending_adds_cells_as_a_new_version_that_the_old_model_predicts_on(fi
     shutil.copytree(store.path, grown)
     cs.import_h5ad([BUNDLED], grown, append=True, make_unique=True, labels=["again"])
     assert cs.Store(grown).n_obs == 2 * store.n_obs
+    # The store's cells keep their ids; the cells added take their file's label.
+    ids, theirs = list(cs.Store(grown).obs.index), list(store.obs.index)
+    assert ids == theirs + [f"{i}-again" for i in theirs]
     table = run.predict(cs.Store(grown), targets=["MAP2K6"], threads=1, workers=1).read_all()
     assert table.num_rows > 0

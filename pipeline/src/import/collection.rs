@@ -53,6 +53,8 @@ pub struct Plan<'a> {
     pub source_key: Option<(&'a str, &'a [String])>,
     /// Separator of a cell id and its file's label (anndata's `index_unique`); `None`: ids kept.
     pub index_unique: Option<&'a str>,
+    /// The first input is a store appended to: its cell ids stay as they are.
+    pub appending: bool,
     /// How Parquet cell tables lay out their cells, and their genes (needed when an input is one).
     pub cells: Option<(&'a CellTableLayout, &'a Vocabulary)>,
 }
@@ -190,6 +192,7 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
     for (i, (file, map)) in files.into_iter().zip(maps).enumerate() {
         let label = plan.source_key.map(|(_, labels)| labels[i].as_str());
         let suffix = plan.index_unique.zip(plan.source_key).map(|(sep, (_, labels))| format!("{sep}{}", labels[i]));
+        let suffix = suffix.filter(|_| !(plan.appending && i == 0));
         let obs = Adapter::new(&file.path, &file.obs, &obs_schema, label, suffix)?;
         parts.push(Part {
             kept_genes: map.iter().filter(|m| m.is_some()).count(),

@@ -213,6 +213,7 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
         gene_key: options.gene_key.as_deref(),
         source_key: options.source_key.as_deref().map(|key| (key, labels.as_slice())),
         index_unique: options.index_unique.as_deref(),
+        appending: options.append.is_some(),
         cells: vocabulary.as_ref().map(|v| (&options.cell_table, v)),
     };
     let collection = collection::plan(&options.inputs, &plan)?;
