@@ -51,6 +51,13 @@ pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Threads that encode a prediction's Parquet row groups, unless given: on the CPU one (the
+/// model's libtorch threads have the CPUs, and one thread encodes as fast as the CPU predicts);
+/// on a GPU the CPUs but one, at most 8 (the host must keep pace with the device).
+pub fn sink_threads(on_cpu: bool) -> usize {
+    if on_cpu { 1 } else { cpus().saturating_sub(1).clamp(1, 8) }
+}
+
 /// CPUs busy with other processes from which a run counts the machine as shared.
 pub const BUSY: f64 = 0.5;
 

@@ -90,6 +90,10 @@ pub struct PredictArgs {
     prefetch: Option<usize>,
     #[arg(long, help = format!("Rows per Parquet row group at most [default: {DEFAULT_ROW_GROUP_ROWS}]"))]
     row_group_rows: Option<usize>,
+    /// Threads that encode the output's row groups (the file is the same for any count)
+    /// [default: 1 on the CPU; on a GPU the CPUs but one, at most 8].
+    #[arg(long, value_name = "N")]
+    sink_threads: Option<usize>,
     #[arg(long, help = format!("zstd level of the output [default: {DEFAULT_ZSTD_LEVEL}]"))]
     zstd_level: Option<i32>,
     /// Seed of the posterior draws (variational models).
@@ -138,6 +142,7 @@ impl PredictArgs {
             expected_log1p: self.expected_log1p,
             change: self.change,
             row_group_rows: self.row_group_rows,
+            sink_threads: self.sink_threads,
             zstd_level: self.zstd_level,
             overwrite: self.overwrite,
             compute: Compute { device: self.device.clone(), threads: self.threads, workers: self.workers },

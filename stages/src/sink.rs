@@ -6,21 +6,32 @@
 //! half-written output. Row groups are bounded in rows and bytes, pages are zstd-compressed, and
 //! float columns (plain or inside `FixedSizeList` vectors) are written without dictionaries and
 //! with the BYTE_STREAM_SPLIT encoding, which compresses float32 expression values well.
+//!
+//! Row groups are cut as rows arrive (at [`SinkOptions::row_group_rows`] rows, fewer for wide
+//! rows) and encoded on [`SinkOptions::threads`] threads, each a whole row group at a time, then
+//! written in order: the file's bytes are the same for any thread count, and memory holds at
+//! most twice as many row groups as threads.
 
 use crate::output::OutputKind;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, SchemaRef};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_writer::{ArrowColumnChunk, ArrowColumnWriter, ArrowRowGroupWriterFactory, compute_leaves};
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::ColumnPath;
 
 use crate::error::{Error, Result};
+use std::sync::Arc;
 
 /// Rows per row group at most, unless set otherwise.
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 8_192;
@@ -43,6 +54,9 @@ pub struct SinkOptions {
     /// Replace an existing regular file at the path; default false (an existing file is an
     /// error, see [`crate::output`]).
     pub overwrite: bool,
+    /// Threads that encode row groups; default 1 (encoded on the caller's thread). The file is
+    /// the same for any count.
+    pub threads: usize,
 }
 
 impl Default for SinkOptions {
@@ -52,6 +66,7 @@ impl Default for SinkOptions {
             row_group_bytes: DEFAULT_ROW_GROUP_BYTES,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             overwrite: false,
+            threads: 1,
         }
     }
 }
@@ -97,7 +112,7 @@ pub struct SinkSummary {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct ParquetSink {
-    writer: Option<ArrowWriter<BufWriter<File>>>,
+    writer: Option<RowGroups>,
     tmp: PathBuf,
     overwrite: bool,
     path: PathBuf,
@@ -158,8 +173,10 @@ impl ParquetSink {
         let tmp = parent.join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id()));
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let props = writer_properties(&schema, options)?;
-        let writer = ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), schema, Some(props))
-            .map_err(|e| Error::parquet(path, e));
+        let writer = ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), Arc::clone(&schema), Some(props))
+            .and_then(ArrowWriter::into_serialized_writer)
+            .map_err(|e| Error::parquet(path, e))
+            .and_then(|(file, factory)| RowGroups::new(path, file, factory, schema, options));
         let writer = match writer {
             Ok(w) => w,
             Err(e) => {
@@ -187,20 +204,24 @@ impl ParquetSink {
         self.rows
     }
 
-    /// Row groups written to the file so far (the buffered one not counted).
+    /// Row groups written to the file so far (those buffered or being encoded not counted).
     pub fn row_groups_written(&self) -> usize {
-        self.writer.as_ref().map_or(0, |w| w.flushed_row_groups().len())
+        self.writer.as_ref().map_or(0, |w| w.written)
     }
 
-    /// Bytes held in the writer's buffered row group (its memory).
+    /// Bytes of the rows held for the row group being filled (its memory; row groups being
+    /// encoded not counted).
     pub fn buffered_bytes(&self) -> usize {
-        self.writer.as_ref().map_or(0, ArrowWriter::memory_size)
+        self.writer.as_ref().map_or(0, |w| w.pending.iter().map(RecordBatch::get_array_memory_size).sum())
     }
 
     /// Appends a batch (its schema must be the sink's).
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let writer = self.writer.as_mut().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
-        writer.write(batch).map_err(|e| Error::parquet(&self.path, e))?;
+        if batch.schema_ref().fields() != writer.schema.fields() {
+            return Err(Error::InvalidInput(format!("{}: a batch of another schema", self.path.display())));
+        }
+        writer.write(batch)?;
         self.rows += batch.num_rows() as u64;
         Ok(())
     }
@@ -208,7 +229,7 @@ impl ParquetSink {
     /// Writes the footer, flushes the file to disk and renames it into place.
     pub fn finish(mut self) -> Result<SinkSummary> {
         let writer = self.writer.take().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
-        let buffered = writer.into_inner().map_err(|e| Error::parquet(&self.path, e))?;
+        let buffered = writer.finish()?;
         let file = buffered.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
@@ -226,6 +247,210 @@ impl ParquetSink {
     }
 }
 
+/// One row group's rows, its index and its column writers, for an encoding thread.
+type Job = (usize, Vec<RecordBatch>, Vec<ArrowColumnWriter>);
+/// An encoded row group, by index.
+type Done = (usize, Result<Vec<ArrowColumnChunk>>);
+
+/// Cuts rows into row groups, encodes them (on threads when there are several) and writes them
+/// in order.
+struct RowGroups {
+    path: PathBuf,
+    /// Taken by `finish`.
+    file: Option<SerializedFileWriter<BufWriter<File>>>,
+    factory: ArrowRowGroupWriterFactory,
+    schema: SchemaRef,
+    rows_per_group: usize,
+    bytes_per_group: usize,
+    /// Rows of the row group being filled.
+    pending: Vec<RecordBatch>,
+    pending_rows: usize,
+    /// The next row group's index, and the next one to write.
+    next: usize,
+    written: usize,
+    /// Encoding threads (none when there is one thread: the caller's).
+    jobs: Option<Sender<Job>>,
+    done: Option<Receiver<Done>>,
+    threads: Vec<JoinHandle<()>>,
+    encoded: BTreeMap<usize, Vec<ArrowColumnChunk>>,
+    in_flight: usize,
+    limit: usize,
+}
+
+impl RowGroups {
+    fn new(
+        path: &Path,
+        file: SerializedFileWriter<BufWriter<File>>,
+        factory: ArrowRowGroupWriterFactory,
+        schema: SchemaRef,
+        options: &SinkOptions,
+    ) -> Result<RowGroups> {
+        let threads = options.threads.max(1);
+        let mut groups = RowGroups {
+            path: path.to_owned(),
+            file: Some(file),
+            factory,
+            rows_per_group: options.row_group_rows.max(1),
+            bytes_per_group: options.row_group_bytes.max(1),
+            pending: Vec::new(),
+            pending_rows: 0,
+            next: 0,
+            written: 0,
+            jobs: None,
+            done: None,
+            threads: Vec::new(),
+            encoded: BTreeMap::new(),
+            in_flight: 0,
+            limit: 2 * threads,
+            schema,
+        };
+        if threads > 1 {
+            let (jobs, job_rx) = crossbeam_channel::bounded::<Job>(threads);
+            let (done_tx, done) = unbounded::<Done>();
+            for t in 0..threads {
+                let (job_rx, done_tx, schema) = (job_rx.clone(), done_tx.clone(), Arc::clone(&groups.schema));
+                let handle = std::thread::Builder::new()
+                    .name(format!("sink-encode-{t}"))
+                    .spawn(move || {
+                        for (index, batches, writers) in job_rx {
+                            let encoded = encode(&schema, &batches, writers);
+                            if done_tx.send((index, encoded)).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                    .map_err(|e| Error::io(path, e))?;
+                groups.threads.push(handle);
+            }
+            groups.jobs = Some(jobs);
+            groups.done = Some(done);
+        }
+        Ok(groups)
+    }
+
+    /// Adds rows, cutting a row group off whenever one is full.
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        // Wide rows make smaller row groups: at most `bytes_per_group` of Arrow data each.
+        let row_bytes = batch.get_array_memory_size().div_ceil(batch.num_rows().max(1)).max(1);
+        let cap = self.rows_per_group.min(self.bytes_per_group / row_bytes).max(1);
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let take = (cap.saturating_sub(self.pending_rows)).max(1).min(batch.num_rows() - offset);
+            self.pending.push(batch.slice(offset, take));
+            self.pending_rows += take;
+            offset += take;
+            if self.pending_rows >= cap {
+                self.cut()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the row group being filled to be encoded, and writes those encoded in order.
+    fn cut(&mut self) -> Result<()> {
+        if self.pending_rows == 0 {
+            return Ok(());
+        }
+        let batches = std::mem::take(&mut self.pending);
+        self.pending_rows = 0;
+        let index = self.next;
+        self.next += 1;
+        let writers = self.factory.create_column_writers(index).map_err(|e| Error::parquet(&self.path, e))?;
+        match self.jobs.clone() {
+            None => {
+                let chunks = encode(&self.schema, &batches, writers)?;
+                self.append(chunks)
+            }
+            Some(jobs) => {
+                while self.in_flight >= self.limit {
+                    self.collect(true)?;
+                }
+                jobs.send((index, batches, writers))
+                    .map_err(|_| Error::InvalidInput(format!("{}: an encoding thread ended", self.path.display())))?;
+                self.in_flight += 1;
+                self.collect(false)
+            }
+        }
+    }
+
+    /// Takes encoded row groups (waiting for one when `wait`) and writes those next in order.
+    fn collect(&mut self, wait: bool) -> Result<()> {
+        let Some(done) = &self.done else { return Ok(()) };
+        let mut received = Vec::new();
+        if wait {
+            let first = done
+                .recv()
+                .map_err(|_| Error::InvalidInput(format!("{}: an encoding thread ended", self.path.display())))?;
+            received.push(first);
+        }
+        received.extend(done.try_iter());
+        for (index, chunks) in received {
+            self.in_flight -= 1;
+            self.encoded.insert(index, chunks?);
+        }
+        while let Some(chunks) = self.encoded.remove(&self.written) {
+            self.append(chunks)?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, chunks: Vec<ArrowColumnChunk>) -> Result<()> {
+        let file = self.file.as_mut().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
+        let mut row_group = file.next_row_group().map_err(|e| Error::parquet(&self.path, e))?;
+        for chunk in chunks {
+            chunk.append_to_row_group(&mut row_group).map_err(|e| Error::parquet(&self.path, e))?;
+        }
+        row_group.close().map_err(|e| Error::parquet(&self.path, e))?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Encodes and writes what is left, writes the footer and returns the file's buffer.
+    fn finish(mut self) -> Result<BufWriter<File>> {
+        self.cut()?;
+        while self.in_flight > 0 {
+            self.collect(true)?;
+        }
+        self.stop();
+        let file = self.file.take().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
+        file.into_inner().map_err(|e| Error::parquet(&self.path, e))
+    }
+
+    fn stop(&mut self) {
+        self.jobs = None;
+        for handle in self.threads.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for RowGroups {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Encodes one row group's rows into its column chunks.
+fn encode(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    mut writers: Vec<ArrowColumnWriter>,
+) -> Result<Vec<ArrowColumnChunk>> {
+    let context = |e: parquet::errors::ParquetError| Error::InvalidInput(format!("encoding a row group: {e}"));
+    for batch in batches {
+        let mut leaves = writers.iter_mut();
+        for (field, column) in schema.fields().iter().zip(batch.columns()) {
+            for leaf in compute_leaves(field, column).map_err(context)? {
+                let writer = leaves
+                    .next()
+                    .ok_or_else(|| Error::InvalidInput("encoding a row group: more leaves than writers".into()))?;
+                writer.write(&leaf).map_err(context)?;
+            }
+        }
+    }
+    writers.into_iter().map(|w| w.close().map_err(context)).collect()
+}
+
 impl Drop for ParquetSink {
     fn drop(&mut self) {
         if self.writer.take().is_some() {
@@ -236,8 +461,6 @@ impl Drop for ParquetSink {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use arrow::array::{Float32Array, StringArray};
     use arrow::datatypes::{Field, Schema};
 
@@ -279,6 +502,87 @@ mod tests {
         sink.write(&b)?;
         drop(sink);
         assert_eq!(std::fs::read_dir(dir.path()).map_err(|e| Error::io(dir.path(), e))?.count(), 0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod parallel_tests {
+    use std::sync::Arc;
+
+    use arrow::array::{FixedSizeListArray, Float32Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    /// Rows of ids and 50-gene vectors, in batches of uneven sizes.
+    fn batches() -> Vec<RecordBatch> {
+        let item = Arc::new(Field::new("item", DataType::Float32, false));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("cell_id", DataType::Utf8, false),
+            Field::new("mean", DataType::FixedSizeList(Arc::clone(&item), 50), false),
+        ]));
+        let mut first = 0usize;
+        [700usize, 13, 2048, 1, 999, 3000]
+            .iter()
+            .map(|&n| {
+                let ids = StringArray::from_iter_values((first..first + n).map(|i| format!("cell{i}")));
+                let values =
+                    Float32Array::from_iter_values((0..n * 50).map(|k| ((first * 50 + k) as f32 * 0.37).sin().abs()));
+                first += n;
+                let means = FixedSizeListArray::try_new(Arc::clone(&item), 50, Arc::new(values), None)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(ids), Arc::new(means)])
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn any_thread_count_writes_the_same_bytes_in_bounded_row_groups() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
+        let mut files = Vec::new();
+        for threads in [1, 2, 3, 8] {
+            let path = dir.path().join(format!("t{threads}.parquet"));
+            let options = SinkOptions { row_group_rows: 512, threads, ..Default::default() };
+            let all = batches();
+            let mut sink = ParquetSink::create(&path, all[0].schema(), &options)?;
+            for batch in &all {
+                sink.write(batch)?;
+            }
+            let summary = sink.finish()?;
+            assert_eq!(summary.rows, 6761);
+            assert_eq!(summary.row_groups, 6761usize.div_ceil(512), "{threads} threads");
+            files.push(std::fs::read(&path).map_err(|e| Error::io(&path, e))?);
+        }
+        assert!(files.windows(2).all(|w| w[0] == w[1]), "the bytes differ between thread counts");
+        // And the file reads back as written, rows in order.
+        let path = dir.path().join("t8.parquet");
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 10_000)
+            .map_err(|e| Error::parquet(&path, e))?;
+        let read: Vec<RecordBatch> =
+            reader.collect::<std::result::Result<_, _>>().map_err(|e| Error::arrow("reading back", e))?;
+        let all = batches();
+        let want = arrow::compute::concat_batches(&all[0].schema(), &all).map_err(|e| Error::arrow("concat", e))?;
+        let got = arrow::compute::concat_batches(&read[0].schema(), &read).map_err(|e| Error::arrow("concat", e))?;
+        assert_eq!(got.columns(), want.columns());
+        Ok(())
+    }
+
+    #[test]
+    fn wide_rows_make_smaller_row_groups() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
+        let path = dir.path().join("wide.parquet");
+        // About 200 bytes of Arrow data a row, at most 64 KiB a row group: a few hundred rows.
+        let options = SinkOptions { row_group_bytes: 64 << 10, threads: 2, ..Default::default() };
+        let all = batches();
+        let mut sink = ParquetSink::create(&path, all[0].schema(), &options)?;
+        for batch in &all {
+            sink.write(batch)?;
+        }
+        let summary = sink.finish()?;
+        assert!(summary.row_groups >= 6761 * 200 / (64 << 10), "{} row groups", summary.row_groups);
         Ok(())
     }
 }

@@ -60,6 +60,8 @@ pub struct PredictRequest {
     pub change: bool,
     /// Rows per Parquet row group at most (files) [default: the sink's].
     pub row_group_rows: Option<usize>,
+    /// Threads that encode the output's row groups [default: [`crate::threads::sink_threads`]].
+    pub sink_threads: Option<usize>,
     /// zstd level of the file [default: the sink's].
     pub zstd_level: Option<i32>,
     /// Replace an existing output file.
@@ -131,7 +133,11 @@ impl PredictRequest {
         options.expected_log1p = self.expected_log1p;
         options.change = self.change;
         options.out = self.out.clone();
-        options.sink = SinkOptions { overwrite: self.overwrite, ..SinkOptions::default() };
+        let sink_threads = match self.sink_threads {
+            Some(t) => n.bounded("--sink-threads", t, 1, crate::limits::MAX_THREADS, "threads")?,
+            None => crate::threads::sink_threads(device == tch::Device::Cpu),
+        };
+        options.sink = SinkOptions { overwrite: self.overwrite, threads: sink_threads, ..SinkOptions::default() };
         if let Some(rows) = self.row_group_rows {
             options.sink.row_group_rows = n.bounded("--row-group-rows", rows, 1, usize::MAX, "rows per row group")?;
         }
