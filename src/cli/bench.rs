@@ -10,8 +10,9 @@ use cpa_stream_pipeline::batcher::{
 };
 use cpa_stream_pipeline::bench::{
     DEFAULT_LOADER_BATCH_SIZE, DEFAULT_MODEL_CELLS, DEFAULT_MODEL_EPOCHS, DEFAULT_MODEL_GENES, DEFAULT_PRELOAD_MIB,
-    DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, DEFAULT_ROUNDS, LoaderRound, ModelBenchOptions, ReaderBenchOptions,
-    TrainingBenchOptions, bench_loader, bench_loader_cold, bench_model, bench_reader, bench_training,
+    DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, DEFAULT_ROUNDS, DEFAULT_SINK_MIB, LoaderRound, ModelBenchOptions,
+    ReaderBenchOptions, SinkBenchOptions, TrainingBenchOptions, bench_loader, bench_loader_cold, bench_model,
+    bench_reader, bench_sink, bench_training,
 };
 use cpa_stream_stages::model::config::{CpaConfig, DEFAULT_BATCH_SIZE, Precision};
 use cpa_stream_stages::store::{Access, Store};
@@ -33,6 +34,32 @@ pub enum BenchCommand {
     /// memory, in alternating passes: whether the loader ever holds the trainer up.
     #[command(after_help = "Example:\n  cpa-stream bench train atlas.store --dose-key dose --covariates cell_type")]
     Train(TrainArgs),
+    /// The prediction sink alone, fed prediction batches made beforehand, per gene count and
+    /// encoding thread count, against a memcpy bound.
+    #[command(after_help = "Example:\n  cpa-stream bench sink --genes 5000,20000 --threads 1,2 --repeats 3")]
+    Sink(SinkArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SinkArgs {
+    /// Genes per row, comma-separated (a round each).
+    #[arg(long, value_delimiter = ',', default_value = "5000,20000")]
+    genes: Vec<usize>,
+    /// Encoding threads, comma-separated (a round each).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// MiB of float32 values written per round.
+    #[arg(long, default_value_t = DEFAULT_SINK_MIB)]
+    mib: usize,
+    /// Repetitions of every round (interleaved; medians reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Where the files go while written [default: the system's temporary directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print the figures as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +224,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Model(args) => model(args),
         BenchCommand::Loader(args) => loader(args),
         BenchCommand::Train(args) => train(args),
+        BenchCommand::Sink(args) => sink(args),
     }
 }
 
@@ -412,6 +440,51 @@ fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
     if let Some(memory) = r.device_memory {
         outln!("{memory}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
+    let limit = |what: &str, values: &[usize], max: usize| -> anyhow::Result<()> {
+        match values.iter().find(|&&v| v == 0 || v > max) {
+            Some(v) => anyhow::bail!("--{what} {v}: expected 1 to {max}"),
+            None => Ok(()),
+        }
+    };
+    limit("genes", &args.genes, 1 << 20)?;
+    limit("threads", &args.threads, 256)?;
+    limit("mib", &[args.mib], 1 << 16)?;
+    let options = SinkBenchOptions { genes: args.genes, threads: args.threads, mib: args.mib, repeats: args.repeats };
+    let r = bench_sink(&options, args.dir.as_deref())?;
+    if args.json {
+        jsonln!(&r);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!("memcpy of the same values: {:.0} MB/s (one thread); {} CPUs", r.memcpy_mb_per_s, r.cpus);
+    outln!(
+        "{:>7} {:>8} {:>9} {:>12} {:>10} {:>14} {:>10} {:>10}",
+        "genes",
+        "threads",
+        "rows",
+        "rows/s",
+        "MB/s",
+        "MB/s/thread",
+        "vs memcpy",
+        "file MB"
+    );
+    for round in &r.rounds {
+        outln!(
+            "{:>7} {:>8} {:>9} {:>12.0} {:>10.0} {:>14.0} {:>10.3} {:>10.1}",
+            round.genes,
+            round.threads,
+            round.rows,
+            round.rows_per_s,
+            round.mb_per_s,
+            round.mb_per_s_per_thread,
+            round.mb_per_s / r.memcpy_mb_per_s,
+            round.file_bytes as f64 / 1e6
+        );
+    }
+    outln!("(MB/s of float32 values taken in; medians of {} interleaved repetitions)", options.repeats.max(1));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -4,11 +4,13 @@
 //! - [`loader`]: the encoder and batcher without the model against memcpy and gather bounds.
 //! - [`model`]: training steps of the model alone, on preloaded batches.
 //! - [`train`]: training through the pipeline against the same model on preloaded batches.
+//! - [`sink`]: the prediction sink alone, per encoding thread count, against a memcpy bound.
 
 pub mod cold;
 pub mod loader;
 pub mod model;
 pub mod reader;
+pub mod sink;
 pub mod train;
 
 pub use cold::{ColdLoaderBench, ColdRound, advice_name, bench_loader_cold};
@@ -20,4 +22,5 @@ pub use model::{
 pub use reader::{
     DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, ReaderBench, ReaderBenchOptions, Throughput, bench_reader,
 };
+pub use sink::{DEFAULT_SINK_MIB, SinkBench, SinkBenchOptions, SinkRound, bench_sink};
 pub use train::{DEFAULT_PRELOAD_MIB, TrainingBench, TrainingBenchOptions, TrainingRound, bench_training};
