@@ -117,10 +117,13 @@ def test_a_list_of_paths_and_anndata_objects_imports_as_the_cli_does(files, tmp_
     listing.write_text("# the plates\nplate1.h5ad\n\nplate2.h5ad\n")
     cli = tmp_path / "cli.store"
     subprocess.run(
-        [BIN, "import", str(files[0]), "--inputs-from", str(listing), "--out", str(cli)], check=True, capture_output=True
+        [BIN, "import", str(files[0]), "--inputs-from", str(listing), "--out", str(cli)],
+        check=True,
+        capture_output=True,
     )
     pattern = tmp_path / "glob.store"
-    subprocess.run([BIN, "import", str(tmp_path / "plate?.h5ad"), "--out", str(pattern)], check=True, capture_output=True)
+    command = [BIN, "import", str(tmp_path / "plate?.h5ad"), "--out", str(pattern)]
+    subprocess.run(command, check=True, capture_output=True)
     want = read_back(store, tmp_path, "mixed")
     for other in (cli, pattern):
         got = read_back(cs.Store(other), tmp_path, other.stem)
@@ -163,7 +166,8 @@ def test_genes_matched_by_a_var_column(files, tmp_path):
 
 
 def test_mistakes_name_the_file(files, tmp_path):
-    with pytest.raises(ValueError, match=r'cell id "a\d+" is in .*plate0.h5ad \(cell \d+\) and in .*plate0b.h5ad \(cell \d+\), and about 29 more'):
+    shared = r'cell id "a\d+" is in .*plate0.h5ad \(cell \d+\) and in .*plate0b.h5ad \(cell \d+\), and about 29 more'
+    with pytest.raises(ValueError, match=shared):
         twin = tmp_path / "plate0b.h5ad"
         twin.write_bytes(files[0].read_bytes())
         cs.import_h5ad([files[0], twin], tmp_path / "dup.store")

@@ -48,6 +48,9 @@ pub struct SinkArgs {
     /// Encoding threads, comma-separated (a round each).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
+    /// Page encodings, comma-separated (small, fast; a round each).
+    #[arg(long, value_delimiter = ',', default_value = "small,fast")]
+    profiles: Vec<cpa_stream_stages::sink::SinkProfile>,
     /// MiB of float32 values written per round.
     #[arg(long, default_value_t = DEFAULT_SINK_MIB)]
     mib: usize,
@@ -453,7 +456,13 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     limit("genes", &args.genes, 1 << 20)?;
     limit("threads", &args.threads, 256)?;
     limit("mib", &[args.mib], 1 << 16)?;
-    let options = SinkBenchOptions { genes: args.genes, threads: args.threads, mib: args.mib, repeats: args.repeats };
+    let options = SinkBenchOptions {
+        genes: args.genes,
+        threads: args.threads,
+        profiles: args.profiles,
+        mib: args.mib,
+        repeats: args.repeats,
+    };
     let r = bench_sink(&options, args.dir.as_deref())?;
     if args.json {
         jsonln!(&r);
@@ -461,8 +470,9 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     }
     outln!("memcpy of the same values: {:.0} MB/s (one thread); {} CPUs", r.memcpy_mb_per_s, r.cpus);
     outln!(
-        "{:>7} {:>8} {:>9} {:>12} {:>10} {:>14} {:>10} {:>10}",
+        "{:>7} {:>7} {:>8} {:>9} {:>12} {:>10} {:>14} {:>10} {:>10}",
         "genes",
+        "profile",
         "threads",
         "rows",
         "rows/s",
@@ -473,8 +483,9 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     );
     for round in &r.rounds {
         outln!(
-            "{:>7} {:>8} {:>9} {:>12.0} {:>10.0} {:>14.0} {:>10.3} {:>10.1}",
+            "{:>7} {:>7} {:>8} {:>9} {:>12.0} {:>10.0} {:>14.0} {:>10.3} {:>10.1}",
             round.genes,
+            format!("{:?}", round.profile).to_lowercase(),
             round.threads,
             round.rows,
             round.rows_per_s,

@@ -94,6 +94,10 @@ pub struct PredictArgs {
     /// [default: 1 on the CPU; on a GPU the CPUs but one, at most 8].
     #[arg(long, value_name = "N")]
     sink_threads: Option<usize>,
+    /// Page encoding of the output: small (zstd, byte-stream-split floats; the default) or fast
+    /// (uncompressed pages, plain floats: faster to write and read, larger).
+    #[arg(long, value_name = "small|fast")]
+    sink_profile: Option<cpa_stream_stages::sink::SinkProfile>,
     #[arg(long, help = format!("zstd level of the output [default: {DEFAULT_ZSTD_LEVEL}]"))]
     zstd_level: Option<i32>,
     /// Seed of the posterior draws (variational models).
@@ -143,6 +147,7 @@ impl PredictArgs {
             change: self.change,
             row_group_rows: self.row_group_rows,
             sink_threads: self.sink_threads,
+            sink_profile: self.sink_profile,
             zstd_level: self.zstd_level,
             overwrite: self.overwrite,
             compute: Compute { device: self.device.clone(), threads: self.threads, workers: self.workers },

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use cpa_stream_stages::sink::{ParquetSink, SinkOptions};
+use cpa_stream_stages::sink::{ParquetSink, SinkOptions, SinkProfile};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
@@ -29,6 +29,8 @@ pub struct SinkBenchOptions {
     pub genes: Vec<usize>,
     /// Encoding threads (one round each).
     pub threads: Vec<usize>,
+    /// Page encodings (one round each).
+    pub profiles: Vec<SinkProfile>,
     /// MiB of float32 values per round.
     pub mib: usize,
     /// Repetitions of every round.
@@ -37,7 +39,13 @@ pub struct SinkBenchOptions {
 
 impl Default for SinkBenchOptions {
     fn default() -> Self {
-        SinkBenchOptions { genes: vec![5_000, 20_000], threads: vec![1, 2], mib: DEFAULT_SINK_MIB, repeats: 3 }
+        SinkBenchOptions {
+            genes: vec![5_000, 20_000],
+            threads: vec![1, 2],
+            profiles: vec![SinkProfile::Small, SinkProfile::Fast],
+            mib: DEFAULT_SINK_MIB,
+            repeats: 3,
+        }
     }
 }
 
@@ -48,6 +56,8 @@ pub struct SinkRound {
     pub genes: usize,
     /// Encoding threads.
     pub threads: usize,
+    /// Page encoding.
+    pub profile: SinkProfile,
     /// Rows written.
     pub rows: usize,
     /// Median seconds of a round.
@@ -100,9 +110,9 @@ fn batches(genes: usize, mib: usize) -> Result<Vec<RecordBatch>> {
 }
 
 /// Writes `batches` through a sink of `threads` threads into `dir`; seconds and file bytes.
-fn round(dir: &Path, batches: &[RecordBatch], threads: usize) -> Result<(f64, u64)> {
+fn round(dir: &Path, batches: &[RecordBatch], threads: usize, profile: SinkProfile) -> Result<(f64, u64)> {
     let path = dir.join("sink-bench.parquet");
-    let options = SinkOptions { threads, overwrite: true, ..SinkOptions::default() };
+    let options = SinkOptions { threads, profile, overwrite: true, ..SinkOptions::default() };
     let started = Instant::now();
     let mut sink = ParquetSink::create(&path, batches[0].schema(), &options).map_err(Error::stage(Stage::Sink))?;
     for batch in batches {
@@ -152,24 +162,27 @@ pub fn bench_sink(options: &SinkBenchOptions, dir: Option<&Path>) -> Result<Sink
     for &genes in &options.genes {
         let batches = batches(genes.max(1), options.mib.max(1))?;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let mut seconds = vec![Vec::new(); options.threads.len()];
-        let mut bytes = vec![0u64; options.threads.len()];
+        let cases: Vec<(SinkProfile, usize)> =
+            options.profiles.iter().flat_map(|&p| options.threads.iter().map(move |&t| (p, t.max(1)))).collect();
+        let mut seconds = vec![Vec::new(); cases.len()];
+        let mut bytes = vec![0u64; cases.len()];
         for repeat in 0..repeats {
             memcpy_rates.push(memcpy(&batches));
-            // Thread counts in a rotating order: each repetition starts with another.
-            for k in 0..options.threads.len() {
-                let t = (k + repeat) % options.threads.len();
-                let (s, b) = round(dir, &batches, options.threads[t].max(1))?;
-                seconds[t].push(s);
-                bytes[t] = b;
+            // Cases in a rotating order: each repetition starts with another.
+            for k in 0..cases.len() {
+                let c = (k + repeat) % cases.len();
+                let (s, b) = round(dir, &batches, cases[c].1, cases[c].0)?;
+                seconds[c].push(s);
+                bytes[c] = b;
             }
         }
-        for (t, &threads) in options.threads.iter().enumerate() {
-            let s = median(seconds[t].clone());
+        for (c, &(profile, threads)) in cases.iter().enumerate() {
+            let (t, s) = (c, median(seconds[c].clone()));
             let mb = (rows * genes * 4) as f64 / 1e6;
             rounds.push(SinkRound {
                 genes,
                 threads,
+                profile,
                 rows,
                 seconds: s,
                 rows_per_s: rows as f64 / s,

@@ -62,6 +62,8 @@ pub struct PredictRequest {
     pub row_group_rows: Option<usize>,
     /// Threads that encode the output's row groups [default: [`crate::threads::sink_threads`]].
     pub sink_threads: Option<usize>,
+    /// How the output's pages are encoded [default: small].
+    pub sink_profile: Option<cpa_stream_stages::sink::SinkProfile>,
     /// zstd level of the file [default: the sink's].
     pub zstd_level: Option<i32>,
     /// Replace an existing output file.
@@ -137,7 +139,12 @@ impl PredictRequest {
             Some(t) => n.bounded("--sink-threads", t, 1, crate::limits::MAX_THREADS, "threads")?,
             None => crate::threads::sink_threads(device == tch::Device::Cpu),
         };
-        options.sink = SinkOptions { overwrite: self.overwrite, threads: sink_threads, ..SinkOptions::default() };
+        options.sink = SinkOptions {
+            overwrite: self.overwrite,
+            threads: sink_threads,
+            profile: self.sink_profile.unwrap_or_default(),
+            ..SinkOptions::default()
+        };
         if let Some(rows) = self.row_group_rows {
             options.sink.row_group_rows = n.bounded("--row-group-rows", rows, 1, usize::MAX, "rows per row group")?;
         }
