@@ -25,8 +25,13 @@ the same model through either. libtorch is PyTorch's own: this package imports `
 so one libtorch serves both.
 """
 
-# The native module links PyTorch's libtorch; importing torch first loads it once for both.
-import torch as _torch  # noqa: F401
+# libtorch's OpenMP runtime reads its wait policy when torch loads it: on busy CPUs, passive
+# (see _openmp). Then the native module links PyTorch's libtorch; importing torch first loads it
+# once for both.
+from . import _openmp
+
+_openmp.prepare()
+import torch as _torch  # noqa: E402, F401
 
 from ._native import CpaStreamError
 from ._store import Store, convert, export_h5ad, import_h5ad, synth

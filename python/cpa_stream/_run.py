@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import _args, _native, _progress
+from . import _args, _native, _openmp, _progress
 from ._store import PathLike, Store, table_to_pandas
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def train(
     if config_value is not None:
         request["config"] = config_value
     as_json = _args.request(request, {"covariates": "categorical_covariate_keys", "epochs": "max_epochs"})
-    report = json.loads(_native.run("train", as_json, _progress.make(progress, "train")))
+    report = json.loads(_openmp.compute("train", as_json, _progress.make(progress, "train")))
     run = Run(out)
     run.report = report
     if report.get("interrupted"):
@@ -329,7 +329,7 @@ class Run:
             batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, overwrite=overwrite,
             device=device, threads=threads, workers=workers,
         )
-        return json.loads(_native.run("predict", request, _progress.make(progress, "predict")))
+        return json.loads(_openmp.compute("predict", request, _progress.make(progress, "predict")))
 
     def predict_anndata(
         self,
@@ -472,7 +472,8 @@ class Run:
                 "plots": _plots(plots, out), "overwrite": overwrite, "batch_size": batch_size,
                 "compute": _compute(device, threads), "naming": "keywords",
             }
-            report = json.loads(_native.run("evaluate", _args.request(request), _progress.make(progress, "evaluate")))
+            shown = _progress.make(progress, "evaluate")
+            report = json.loads(_openmp.compute("evaluate", _args.request(request), shown))
             frame = table_to_pandas(pq.read_table(target / "metrics.parquet"))
         frame.attrs["summary"] = report.get("summary", {})
         frame.attrs["report"] = report
@@ -522,7 +523,8 @@ class Run:
                 "overwrite": overwrite,
                 "compute": _compute(device, threads), "naming": "keywords",
             }
-            report = json.loads(_native.run("dose-response", _args.request(request), _progress.make(progress, "dose-response")))
+            shown = _progress.make(progress, "dose-response")
+            report = json.loads(_openmp.compute("dose-response", _args.request(request), shown))
             frames = {}
             for name in ("latent", "decoded", "genes"):
                 path = target / f"{name}.parquet"

@@ -1,0 +1,191 @@
+"""libtorch's OpenMP threads, and a Python process as fast as the command line.
+
+libgomp (the OpenMP runtime of PyTorch's libtorch) reads its wait policy once, when torch loads
+it. By default an idle OpenMP thread spins before it sleeps: the fastest on idle cores, but on
+cores shared with other processes the spinning takes the time the step's other threads need (on
+this project's 2-core machine with six busy processes, 4 epochs of the bundled data took 57 s
+spinning against 8 s waiting passively). The command line watches the CPUs before it starts and
+runs itself again with ``OMP_WAIT_POLICY=PASSIVE`` when they are busy. A Python process cannot
+run itself again, so:
+
+- imported before torch, ``cpa_stream`` watches the CPUs for 0.2 s and sets
+  ``OMP_WAIT_POLICY=PASSIVE`` when they are busy, before it imports torch;
+- each training, prediction to a file, evaluation and dose-response then checks the CPUs again;
+  when the policy torch loaded with does not suit them (torch was imported first on a busy
+  machine, or the machine was busy at import and is idle now), the work runs in a child Python
+  process that loads torch with the suitable policy, its progress and errors relayed here.
+
+Nothing of this happens when the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``, and
+``CPA_STREAM_ISOLATE=0`` (never) or ``1`` (always) decides instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+#: CPUs busy with other processes from which the machine counts as shared (as the CLI's).
+BUSY = 0.5
+#: How long the CPUs are watched.
+SAMPLE = 0.2
+
+_USER_SET = any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+_SET_HERE = False
+_PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:9]]
+    return sum(values), values[3] + values[4]
+
+
+def busy_elsewhere(sample: float = SAMPLE) -> float:
+    """CPUs kept busy by other processes over ``sample`` seconds (0 where it cannot be told)."""
+    try:
+        total0, idle0 = _cpu_ticks()
+        own0 = os.times()
+        time.sleep(sample)
+        total1, idle1 = _cpu_ticks()
+        own1 = os.times()
+    except OSError:
+        return 0.0
+    ticks = total1 - total0
+    if ticks <= 0:
+        return 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    own = (own1.user - own0.user + own1.system - own0.system) * hz
+    cpus = os.cpu_count() or 1
+    return max(0.0, (ticks - (idle1 - idle0) - own) / ticks * cpus)
+
+
+def prepare() -> None:
+    """Before torch is imported: wait passively when the CPUs are busy."""
+    global _PASSIVE, _SET_HERE
+    if _USER_SET or "torch" in sys.modules:
+        return
+    if busy_elsewhere() >= BUSY:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        _PASSIVE = _SET_HERE = True
+
+
+def compute(command: str, request: str, progress: object | None) -> str:
+    """``_native.run`` of work on libtorch's threads, in this process or, when the wait policy
+    torch loaded with does not suit the CPUs now, in a child process (a GPU run never moves)."""
+    from . import _native
+
+    if '"cuda' not in request and should_isolate():
+        return run(command, request, progress)
+    return _native.run(command, request, progress)
+
+
+def should_isolate() -> bool:
+    """Whether work on libtorch's CPU threads should run in a child process now."""
+    forced = os.environ.get("CPA_STREAM_ISOLATE")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if _USER_SET:
+        return False
+    return (busy_elsewhere() >= BUSY) != _PASSIVE
+
+
+class _Relay:
+    """The progress object of the child: events as lines on standard output."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+    def _send(self, *event: Any) -> None:
+        self.out.write("EVENT " + json.dumps(event) + "\n")
+        self.out.flush()
+
+    def begin(self, phase: str, total: int) -> None:
+        self._send("begin", phase, total)
+
+    def epochs(self, cells_per_epoch: int, resumed: int, first: int, last: int) -> None:
+        self._send("epochs", cells_per_epoch, resumed, first, last)
+
+    def advance(self, n: int) -> None:
+        self._send("advance", n)
+
+    def note(self, text: str) -> None:
+        self._send("note", text)
+
+    def end(self) -> None:
+        self._send("end")
+
+
+def run(command: str, request: str, progress: object | None) -> str:
+    """``_native.run(command, request, progress)`` in a child Python process that loads torch
+    with the wait policy the CPUs call for now; the same result, errors raised as themselves."""
+    env = dict(os.environ)
+    if _SET_HERE:
+        env.pop("OMP_WAIT_POLICY", None)
+    env["CPA_STREAM_ISOLATE"] = "0"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cpa_stream._child"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+    def relay_stderr() -> None:
+        for line in child.stderr:
+            sys.stderr.write(line)
+
+    thread = threading.Thread(target=relay_stderr, daemon=True)
+    thread.start()
+    child.stdin.write(json.dumps({"command": command, "request": request, "progress": progress is not None}))
+    child.stdin.close()
+    result = None
+    try:
+        for line in child.stdout:
+            if line.startswith("EVENT ") and progress is not None:
+                name, *args = json.loads(line[6:])
+                getattr(progress, name)(*args)
+            elif line.startswith("RESULT "):
+                result = json.loads(line[7:])
+        child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(2)
+        child.wait()
+        raise
+    thread.join(timeout=5)
+    if result is None:
+        raise RuntimeError(f"{command}: the child process ended with status {child.returncode} and no result")
+    if "error" in result:
+        raise _error(result["type"], result["error"])
+    return result["ok"]
+
+
+def _error(kind: str, message: str) -> BaseException:
+    import builtins
+
+    from ._native import CpaStreamError
+
+    known = {"CpaStreamError": CpaStreamError, "KeyboardInterrupt": KeyboardInterrupt}
+    cls = known.get(kind) or getattr(builtins, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        cls = RuntimeError
+    return cls(message)
+
+
+def _child() -> None:
+    job = json.loads(sys.stdin.read())
+    out = sys.stdout
+    from . import _native
+
+    try:
+        relay = _Relay(out) if job["progress"] else None
+        answer = {"ok": _native.run(job["command"], job["request"], relay)}
+    except BaseException as e:  # noqa: BLE001 - relayed to the parent, which raises it
+        answer = {"error": str(e), "type": type(e).__name__}
+    out.write("RESULT " + json.dumps(answer) + "\n")
+    out.flush()
