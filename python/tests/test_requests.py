@@ -175,3 +175,11 @@ def test_print_request_is_refused_where_a_command_takes_none(cli, tmp_path):
     out = subprocess.run([str(cli), "inspect", str(tmp_path), "--print-request"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 1 and "takes no request" in out.stderr, out.stderr
+
+
+def test_errors_of_keywords_name_the_keywords(tmp_path):
+    import cpa_stream as cs
+
+    with pytest.raises(ValueError, match="perturbations must be at least 1") as refused:
+        cs.synth(tmp_path / "s.store", cells=10, genes=5, perturbations=0)
+    assert "--" not in str(refused.value)

@@ -11,7 +11,7 @@ use cpa_stream_stages::synth::{
 use serde::{Deserialize, Serialize};
 
 use super::{DEFAULT_CHANNEL_DEPTH, SynthOptions};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::limits::MAX_THREADS;
 use crate::request::{CodecName, Naming};
 
@@ -103,6 +103,16 @@ impl SynthRequest {
     /// The options of the atlas and its store, validated.
     pub fn options(&self) -> Result<SynthOptions> {
         let n = self.naming;
+        // Checked here too so that the message names the setting as the caller spells it.
+        let counts = [
+            ("--genes", self.genes),
+            ("--perturbations", self.perturbations),
+            ("--doses", self.doses),
+            ("--cell-types", self.cell_types),
+        ];
+        if let Some((flag, _)) = counts.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::InvalidInput(format!("synth: {} must be at least 1", n.name(flag))));
+        }
         let mut config = SynthConfig::new(
             self.cells,
             self.genes,
