@@ -39,16 +39,10 @@ pub struct Shuffle {
     pub bucket_bytes: u64,
 }
 
-// Long: its two passes share the scratch files, the bucket count and one random stream, which
-// split functions would pass around as a dozen arguments; each pass is marked below.
 /// Writes the cells of `input` in a random order drawn from `shuffle.seed`, reading the store
 /// sequentially only (an atlas larger than memory is never read at random): an external shuffle
-/// in two passes. The first reads the cells in order and appends each, with its row number, to
-/// one of `buckets` scratch files drawn at random; the second reads each bucket in turn into
-/// memory, shuffles its cells and writes them with their obs rows. Drawing a bucket per cell and
-/// shuffling within buckets gives every order the same chance. Memory: one bucket, the obs table
-/// (about 100 MB at a million cells) and a write buffer per bucket. The scratch files, as large
-/// as the payload, lie next to `out` and are removed as they are used, and on error.
+/// in two passes ([`Scatter`]). Memory: one bucket, the obs table (about 100 MB at a million
+/// cells) and a write buffer per bucket.
 pub(crate) fn copy_shuffled(
     input: &Store,
     writer: &mut StoreWriter,
@@ -67,34 +61,7 @@ pub(crate) fn copy_shuffled(
             obs.num_rows()
         )));
     }
-    // Each cell's record: row number (8 bytes), entries (4), indices and values (8 per entry).
-    let record_bytes = input.nnz() * 8 + n * 12;
-    let buckets = record_bytes.div_ceil(shuffle.bucket_bytes.max(1)).clamp(1, MAX_SHUFFLE_BUCKETS) as usize;
-    let scratch = Scratch::create(out)?;
-    // The scratch files hold every cell until pass 2 writes them bucket by bucket, deleting each
-    // bucket once written: at the peak, the records plus about one bucket of output.
-    let needed = record_bytes.saturating_add(record_bytes.div_ceil(buckets as u64));
-    if let Some(free) = free_bytes(&scratch.0)
-        && free < needed
-    {
-        return Err(Error::InvalidInput(format!(
-            "{}: the shuffle needs about {:.2} GB of scratch space next to the output (a copy of every cell until \
-             it is written), but only {:.2} GB are free there",
-            scratch.0.display(),
-            needed as f64 / 1e9,
-            free as f64 / 1e9
-        )));
-    }
-    let bucket_path = |b: usize| scratch.0.join(format!("bucket-{b}"));
-    let mut files = (0..buckets)
-        .map(|b| {
-            File::create(bucket_path(b))
-                .map(|f| BufWriter::with_capacity(BUCKET_BUFFER, f))
-                .map_err(Error::io(&bucket_path(b)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(shuffle.seed);
-
+    let mut buckets = Scatter::new(out, shuffle, Scatter::record_bytes(n, input.nnz()))?;
     // Pass 1: the store in order, each cell to a random bucket.
     input.advise(Access::Sequential);
     let mut cursor = input.cursor().map_err(Error::stage(Stage::Read))?;
@@ -111,77 +78,151 @@ pub(crate) fn copy_shuffled(
         })
         .map_err(Error::stage(Stage::Read))?;
         read.add(rows.n_rows() as u64, rows.byte_size());
-        scatter.busy(|| -> Result<()> {
-            for r in 0..rows.n_rows() {
-                let b = rng.random_range(0..buckets);
-                let (indices, values) = rows.row(r);
-                let file = &mut files[b];
-                let record = [
-                    &(start + r as u64).to_le_bytes()[..],
-                    &(indices.len() as u32).to_le_bytes(),
-                    bytemuck::cast_slice(indices),
-                    bytemuck::cast_slice(values),
-                ];
-                for part in record {
-                    file.write_all(part).map_err(Error::io(&bucket_path(b)))?;
-                }
-            }
-            Ok(())
-        })?;
+        scatter.busy(|| buckets.push(&rows))?;
         scatter.add(rows.n_rows() as u64, rows.byte_size());
         progress.advance(rows.n_rows() as u64);
     }
-    for (b, file) in files.into_iter().enumerate() {
-        scatter.busy(|| file.into_inner().map_err(|e| e.into_error())).map_err(Error::io(&bucket_path(b)))?;
-    }
     progress.end();
+    buckets.write_out(&obs, &obs_path.display().to_string(), writer, [scatter, write], progress)
+}
 
-    // Pass 2: each bucket shuffled in memory and written.
-    progress.begin("write", n);
-    let (mut indices, mut values) = (Vec::new(), Vec::new());
-    let mut written = 0u64;
-    for b in 0..buckets {
-        let path = bucket_path(b);
-        let bytes = scatter.busy(|| std::fs::read(&path)).map_err(Error::io(&path))?;
-        // (row number, offset of its entries, entries) of every cell of the bucket.
-        let mut cells: Vec<(u64, usize, usize)> = Vec::new();
-        let mut at = 0;
-        while at < bytes.len() {
-            let field = |from: usize, len: usize| bytes.get(from..from + len).ok_or_else(|| truncated(&path));
-            let row = u64::from_le_bytes(field(at, 8)?.try_into().map_err(|_| truncated(&path))?);
-            let nnz = u32::from_le_bytes(field(at + 8, 4)?.try_into().map_err(|_| truncated(&path))?) as usize;
-            field(at + 12, nnz * 8)?;
-            cells.push((row, at + 12, nnz));
-            at += 12 + nnz * 8;
-        }
-        cells.shuffle(&mut rng);
-        for chunk in cells.chunks(BATCH_ROWS) {
-            let part = write.busy(|| -> Result<RecordBatch> {
-                rows.clear();
-                for &(_, offset, nnz) in chunk {
-                    let (idx, val) = bytes[offset..offset + nnz * 8].split_at(nnz * 4);
-                    indices.clear();
-                    values.clear();
-                    indices.extend(idx.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-                    values.extend(val.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-                    rows.push_row(&indices, &values);
-                }
-                let ids = UInt64Array::from_iter_values(chunk.iter().map(|c| c.0));
-                take_record_batch(&obs, &ids).map_err(Error::arrow(obs_path.display().to_string()))
-            })?;
-            write.busy(|| writer.push_rows(&rows, &part)).map_err(Error::stage(Stage::Write))?;
-            write.add(rows.n_rows() as u64, rows.byte_size());
-            written += rows.n_rows() as u64;
-            progress.advance(rows.n_rows() as u64);
-        }
-        drop(bytes);
-        std::fs::remove_file(&path).map_err(Error::io(&path))?;
+/// An external shuffle of cells given in order: each cell, with its row number, goes to one of
+/// the scratch files (buckets) drawn at random as it comes ([`push`](Self::push)); then each
+/// bucket in turn is read into memory, its cells shuffled and written with their obs rows
+/// ([`write_out`](Self::write_out)). Drawing a bucket per cell and shuffling within buckets
+/// gives every order the same chance. The scratch files, as large as the payload, lie next to
+/// the output (`.NAME.shuffle-PID`) and are removed as they are used, and on error.
+pub(crate) struct Scatter {
+    scratch: Scratch,
+    files: Vec<BufWriter<File>>,
+    rng: Xoshiro256PlusPlus,
+    /// Cells pushed.
+    cells: u64,
+}
+
+impl Scatter {
+    /// Bytes of the records of `cells` cells holding `nnz` entries: row number (8 bytes),
+    /// entries (4), indices and values (8 per entry).
+    pub(crate) fn record_bytes(cells: u64, nnz: u64) -> u64 {
+        nnz * 8 + cells * 12
     }
-    progress.end();
-    if written != n {
-        return Err(Error::InvalidInput(format!("{}: the shuffle wrote {written} cells of {n}", scratch.0.display())));
+
+    /// Buckets next to `out` for about `record_bytes` of cells ([`record_bytes`](Self::record_bytes)),
+    /// each about `shuffle.bucket_bytes`; refused when the filesystem has not room for them.
+    pub(crate) fn new(out: &Path, shuffle: Shuffle, record_bytes: u64) -> Result<Scatter> {
+        let buckets = record_bytes.div_ceil(shuffle.bucket_bytes.max(1)).clamp(1, MAX_SHUFFLE_BUCKETS) as usize;
+        let scratch = Scratch::create(out)?;
+        // The scratch files hold every cell until pass 2 writes them bucket by bucket, deleting
+        // each bucket once written: at the peak, the records plus about one bucket of output.
+        let needed = record_bytes.saturating_add(record_bytes.div_ceil(buckets as u64));
+        if let Some(free) = free_bytes(&scratch.0)
+            && free < needed
+        {
+            return Err(Error::InvalidInput(format!(
+                "{}: the shuffle needs about {:.2} GB of scratch space next to the output (a copy of every cell \
+                 until it is written), but only {:.2} GB are free there",
+                scratch.0.display(),
+                needed as f64 / 1e9,
+                free as f64 / 1e9
+            )));
+        }
+        let files = (0..buckets)
+            .map(|b| {
+                let path = scratch.bucket(b);
+                File::create(&path).map(|f| BufWriter::with_capacity(BUCKET_BUFFER, f)).map_err(Error::io(&path))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Scatter { scratch, files, rng: Xoshiro256PlusPlus::seed_from_u64(shuffle.seed), cells: 0 })
     }
-    Ok(())
+
+    /// Sends the cells of `rows`, the next in order, to buckets drawn at random.
+    pub(crate) fn push(&mut self, rows: &CsrBatch) -> Result<()> {
+        let buckets = self.files.len();
+        for r in 0..rows.n_rows() {
+            let b = self.rng.random_range(0..buckets);
+            let (indices, values) = rows.row(r);
+            let record = [
+                &(self.cells + r as u64).to_le_bytes()[..],
+                &(indices.len() as u32).to_le_bytes(),
+                bytemuck::cast_slice(indices),
+                bytemuck::cast_slice(values),
+            ];
+            for part in record {
+                self.files[b].write_all(part).map_err(Error::io(self.scratch.bucket(b)))?;
+            }
+        }
+        self.cells += rows.n_rows() as u64;
+        Ok(())
+    }
+
+    /// Pass 2: each bucket shuffled in memory and written to `writer` with its rows of `obs`
+    /// (the obs rows of every cell pushed, in order; `obs_name` names it in messages).
+    pub(crate) fn write_out(
+        mut self,
+        obs: &RecordBatch,
+        obs_name: &str,
+        writer: &mut StoreWriter,
+        [scatter, write]: [&StageStats; 2],
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let n = self.cells;
+        if obs.num_rows() as u64 != n {
+            return Err(Error::InvalidInput(format!("{obs_name}: {} rows for {n} cells", obs.num_rows())));
+        }
+        let buckets = self.files.len();
+        for (b, file) in std::mem::take(&mut self.files).into_iter().enumerate() {
+            scatter
+                .busy(|| file.into_inner().map_err(|e| e.into_error()))
+                .map_err(Error::io(self.scratch.bucket(b)))?;
+        }
+        progress.begin("write", n);
+        let mut rows = CsrBatch::new(writer.n_vars());
+        let (mut indices, mut values) = (Vec::new(), Vec::new());
+        let mut written = 0u64;
+        for b in 0..buckets {
+            let path = self.scratch.bucket(b);
+            let bytes = scatter.busy(|| std::fs::read(&path)).map_err(Error::io(&path))?;
+            // (row number, offset of its entries, entries) of every cell of the bucket.
+            let mut cells: Vec<(u64, usize, usize)> = Vec::new();
+            let mut at = 0;
+            while at < bytes.len() {
+                let field = |from: usize, len: usize| bytes.get(from..from + len).ok_or_else(|| truncated(&path));
+                let row = u64::from_le_bytes(field(at, 8)?.try_into().map_err(|_| truncated(&path))?);
+                let nnz = u32::from_le_bytes(field(at + 8, 4)?.try_into().map_err(|_| truncated(&path))?) as usize;
+                field(at + 12, nnz * 8)?;
+                cells.push((row, at + 12, nnz));
+                at += 12 + nnz * 8;
+            }
+            cells.shuffle(&mut self.rng);
+            for chunk in cells.chunks(BATCH_ROWS) {
+                let part = write.busy(|| -> Result<RecordBatch> {
+                    rows.clear();
+                    for &(_, offset, nnz) in chunk {
+                        let (idx, val) = bytes[offset..offset + nnz * 8].split_at(nnz * 4);
+                        indices.clear();
+                        values.clear();
+                        indices.extend(idx.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                        values.extend(val.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                        rows.push_row(&indices, &values);
+                    }
+                    let ids = UInt64Array::from_iter_values(chunk.iter().map(|c| c.0));
+                    take_record_batch(obs, &ids).map_err(Error::arrow(obs_name.to_owned()))
+                })?;
+                write.busy(|| writer.push_rows(&rows, &part)).map_err(Error::stage(Stage::Write))?;
+                write.add(rows.n_rows() as u64, rows.byte_size());
+                written += rows.n_rows() as u64;
+                progress.advance(rows.n_rows() as u64);
+            }
+            drop(bytes);
+            std::fs::remove_file(&path).map_err(Error::io(&path))?;
+        }
+        progress.end();
+        if written != n {
+            let dir = self.scratch.0.display();
+            return Err(Error::InvalidInput(format!("{dir}: the shuffle wrote {written} cells of {n}")));
+        }
+        Ok(())
+    }
 }
 
 fn truncated(path: &Path) -> Error {
@@ -215,6 +256,10 @@ fn free_bytes(_dir: &Path) -> Option<u64> {
 struct Scratch(PathBuf);
 
 impl Scratch {
+    fn bucket(&self, b: usize) -> PathBuf {
+        self.0.join(format!("bucket-{b}"))
+    }
+
     fn create(out: &Path) -> Result<Scratch> {
         let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "store".to_owned());
         let dir = out.with_file_name(format!(".{name}.shuffle-{}", std::process::id()));

@@ -84,6 +84,8 @@ pub struct Part {
     pub kind: Kind,
     /// Cells.
     pub n_obs: u64,
+    /// Stored entries of its matrix (of a cell table, estimated from the file's size).
+    pub entries: u64,
     /// Store column of each of the file's columns (`None`: not kept); cell tables of one
     /// vocabulary share one.
     pub map: Arc<Vec<Option<u32>>>,
@@ -136,10 +138,13 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             };
             let table = CellTable::open(path, layout).map_err(Error::stage(Stage::Read))?;
             let ids = Arc::clone(vocabulary_ids.as_ref().unwrap_or(&Arc::new(Vec::new())));
+            // An estimate: about 12 bytes a stored entry (an id and a count) in the file.
+            let entries = std::fs::metadata(path).map_or(0, |m| m.len() / 12);
             files.push(FileTables {
                 path: path.clone(),
                 kind: Kind::Cells,
                 n_obs: table.n_obs(),
+                entries,
                 var: vocabulary.var.clone(),
                 ids,
                 obs: table.obs_schema(),
@@ -149,16 +154,17 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             });
             continue;
         }
-        let (kind, var, n_obs, obs, other_matrices) = if path.is_dir() {
+        let (kind, var, n_obs, entries, obs, other_matrices) = if path.is_dir() {
             let store = Store::open(path).map_err(Error::stage(Stage::Read))?;
             let var = store.small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Read))?;
             let obs = store.table_schema(StoreFiles::OBS).map_err(Error::stage(Stage::Read))?;
-            (Kind::Store, keyed_var(path, var, plan.gene_key)?, store.n_obs(), obs, Vec::new())
+            (Kind::Store, keyed_var(path, var, plan.gene_key)?, store.n_obs(), store.nnz(), obs, Vec::new())
         } else {
             let h5 =
                 H5adReader::open_matrix_with(path, plan.source, plan.external).map_err(Error::stage(Stage::Read))?;
             let var = keyed_var(path, h5.read_var().map_err(Error::stage(Stage::Read))?, plan.gene_key)?;
-            (Kind::H5ad, var, h5.n_obs(), h5.obs_schema(), h5.other_matrices())
+            let entries = h5.stored_entries();
+            (Kind::H5ad, var, h5.n_obs(), entries, h5.obs_schema(), h5.other_matrices())
         };
         let ids = key_values(path, &var, 0, GENE_ID)?;
         if inputs.len() > 1 || matches!(plan.join, GeneJoin::List(_)) {
@@ -172,7 +178,18 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             None => None,
         };
         let (ids, skipped) = (Arc::new(ids), Vec::new());
-        files.push(FileTables { path: path.clone(), kind, n_obs, var, ids, obs, gene_names, other_matrices, skipped });
+        files.push(FileTables {
+            path: path.clone(),
+            kind,
+            n_obs,
+            entries,
+            var,
+            ids,
+            obs,
+            gene_names,
+            other_matrices,
+            skipped,
+        });
     }
     // Cell tables alone share one vocabulary: its genes, in its order (names may repeat there).
     let (var, maps) = if all_tables && !matches!(plan.join, GeneJoin::List(_)) {
@@ -199,6 +216,7 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             kind: file.kind,
             path: file.path,
             n_obs: file.n_obs,
+            entries: file.entries,
             map,
             obs,
             gene_names: file.gene_names,
@@ -213,6 +231,7 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
 struct FileTables {
     path: PathBuf,
     kind: Kind,
+    entries: u64,
     n_obs: u64,
     /// `var`, first column the gene key.
     var: RecordBatch,

@@ -33,7 +33,7 @@ use unique::SharedIds;
 use crate::Stage;
 use crate::context::RunContext;
 use crate::error::{Error, Result};
-use crate::shuffle::{Shuffle, copy_shuffled};
+use crate::shuffle::{Scatter, Shuffle};
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
 use crate::two_stage::{Emitter, two_stage};
 
@@ -250,19 +250,22 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
     let scatter = StageStats::new(Stage::Scatter, 1);
     let mut inputs = Vec::with_capacity(collection.parts.len());
     match options.shuffle {
-        None => stream(&collection, options, source, cells, &mut writer, &scratch, &mut inputs, [&read, &write], ctx)?,
+        None => {
+            let target = Target::Store(&mut writer);
+            stream(&collection, options, source, cells, target, &scratch, &mut inputs, [&read, &write], ctx)?
+        }
         Some(shuffle) => {
-            // The cells in file order into a raw store in the scratch directory, then shuffled
-            // into the store (convert --shuffle's two passes).
-            let staged_path = scratch.0.join("unshuffled");
-            let staging_options = StoreWriterOptions { overwrite: true, ..StoreWriterOptions::default() };
-            let mut staging =
-                StoreWriter::create(&staged_path, &collection.var, Arc::clone(&collection.obs_schema), staging_options)
-                    .map_err(Error::stage(Stage::Write))?;
-            stream(&collection, options, source, cells, &mut staging, &scratch, &mut inputs, [&read, &write], ctx)?;
-            write.busy(|| staging.finish()).map_err(Error::stage(Stage::Write))?;
-            let staged = Store::open(&staged_path).map_err(Error::stage(Stage::Read))?;
-            let result = copy_shuffled(&staged, &mut writer, shuffle, out, [&read, &scatter, &write], ctx.progress());
+            // The cells go to the shuffle's buckets as they are read (convert --shuffle's first
+            // pass, while the files stream), their obs rows kept; then each bucket is shuffled
+            // and written (its second pass).
+            let entries: u64 = collection.parts.iter().map(|p| p.entries).sum();
+            let records = Scatter::record_bytes(collection.parts.iter().map(|p| p.n_obs).sum(), entries);
+            let mut buckets = Scatter::new(out, shuffle, records)?;
+            let mut obs = Vec::new();
+            let target = Target::Scatter(&mut buckets, &mut obs, &scatter);
+            stream(&collection, options, source, cells, target, &scratch, &mut inputs, [&read, &write], ctx)?;
+            let obs = arrow::compute::concat_batches(&collection.obs_schema, &obs).map_err(Error::arrow("obs"))?;
+            let result = buckets.write_out(&obs, "obs", &mut writer, [&scatter, &write], ctx.progress());
             if result.is_err() {
                 ctx.progress().end();
             }
@@ -356,6 +359,13 @@ impl Drop for Scratch {
     }
 }
 
+/// Where the cells of an import go: the store, or the shuffle's buckets (their obs rows kept
+/// in order) with the stage that scatters them.
+enum Target<'a> {
+    Store(&'a mut StoreWriter),
+    Scatter(&'a mut Scatter, &'a mut Vec<RecordBatch>, &'a Arc<StageStats>),
+}
+
 /// One chunk of a file's cells: store rows, the file's obs rows, the file, its first row.
 type Chunk = (CsrBatch, RecordBatch, usize, u64);
 
@@ -372,7 +382,7 @@ fn stream(
     options: &ImportOptions,
     source: MatrixSource,
     cells: Option<(&CellTableLayout, &Vocabulary)>,
-    writer: &mut StoreWriter,
+    mut target: Target,
     scratch: &Scratch,
     inputs: &mut Vec<InputReport>,
     [read, write]: [&Arc<StageStats>; 2],
@@ -389,6 +399,7 @@ fn stream(
         _ => Some(SharedIds::new(&scratch.0.join("ids"), n_obs)?),
     };
     let mut not_counts: Vec<NotACount> = vec![None; parts.len()];
+    let mut consumed = 0u64;
     let layouts = std::sync::Mutex::new(Vec::with_capacity(parts.len()));
     progress.begin("cells", n_obs);
     // Written batches go back to the reader, so steady state allocates no batch buffers.
@@ -475,8 +486,18 @@ fn stream(
             if let Some(ids) = ids.as_mut() {
                 ids.add(f, first, &obs)?;
             }
-            write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage(Stage::Write))?;
-            write.add(rows.n_rows() as u64, rows.byte_size());
+            match &mut target {
+                Target::Store(writer) => {
+                    write.busy(|| writer.push_rows(&rows, &obs)).map_err(Error::stage(Stage::Write))?;
+                    write.add(rows.n_rows() as u64, rows.byte_size());
+                }
+                Target::Scatter(buckets, kept, scatter) => {
+                    scatter.busy(|| buckets.push(&rows))?;
+                    scatter.add(rows.n_rows() as u64, rows.byte_size());
+                    kept.push(obs);
+                }
+            }
+            consumed += rows.n_rows() as u64;
             progress.advance(rows.n_rows() as u64);
             ctx.check_stopped()?;
             let _ = recycle_tx.try_send(rows);
@@ -485,8 +506,8 @@ fn stream(
     );
     progress.end();
     result?;
-    if writer.n_obs() != n_obs {
-        return Err(Error::InvalidInput(format!("read {} of the {n_obs} cells of the input files", writer.n_obs())));
+    if consumed != n_obs {
+        return Err(Error::InvalidInput(format!("read {consumed} of the {n_obs} cells of the input files")));
     }
     let layouts = layouts.into_inner().unwrap_or_else(|e| e.into_inner());
     for (part, layout) in parts.iter().zip(layouts) {
