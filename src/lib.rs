@@ -62,7 +62,7 @@ pub use cpa_stream_pipeline::predict::PredictionStream;
 pub use cpa_stream_pipeline::predictor::Predictor;
 pub use cpa_stream_pipeline::{Error, Progress, Result, RunContext, RunReport, Silent, Stage, StageReport};
 pub use cpa_stream_schemas::{Codec, Manifest};
-pub use cpa_stream_stages::sink::{ParquetSink, SinkOptions, SinkSummary};
+pub use cpa_stream_stages::sink::{ParquetSink, SinkOptions, SinkProfile, SinkSummary};
 pub use cpa_stream_stages::store::{Access, RowCursor, Store};
 pub use cpa_stream_stages::{CsrBatch, Error as StoreError};
 /// Where a model runs (`Device::Cpu`, `Device::Cuda(0)`): libtorch's, re-exported so that
