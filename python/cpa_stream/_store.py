@@ -145,6 +145,7 @@ def import_h5ad(
     cell_id_column: str | None = None,
     marker_value: float | None = None,
     append: bool = False,
+    allow_empty: bool = False,
     codec: str = "raw",
     zstd_level: int | None = None,
     block_rows: int | None = None,
@@ -188,6 +189,8 @@ def import_h5ad(
     ``expressions``), ``cell_id_column`` the ids, ``marker_value`` a count that marks entries to
     leave out (Tahoe's -2).
 
+    Inputs holding no cells are a ``ValueError`` (nothing is written) unless ``allow_empty=True``.
+
     ``append=True`` adds the cells of ``data`` to the existing store ``out`` (its genes kept: every
     file must have them) as a new version, which replaces it once complete: a kill leaves the store
     as it was, and readers that have it open go on reading it.
@@ -208,7 +211,7 @@ def import_h5ad(
         "make_unique": make_unique or None, "shuffle": shuffle,
         "var_table": os.fspath(var_table) if var_table is not None else None, "var_id": var_id,
         "genes_column": genes_column, "counts_column": counts_column, "cell_id_column": cell_id_column,
-        "marker_value": marker_value,
+        "marker_value": marker_value, "allow_empty": allow_empty,
         "chunk_rows": chunk_rows, "allow_external": allow_external, "codec": codec, "zstd_level": zstd_level,
         "block_rows": block_rows, "overwrite": overwrite, "naming": "keywords",
     }
@@ -294,7 +297,7 @@ def _import_many(
 
 
 #: The fields of an import request that apply to a matrix given from Python (no file to read).
-_ARRAY_REQUEST = ("out", "codec", "zstd_level", "block_rows", "overwrite", "naming")
+_ARRAY_REQUEST = ("out", "codec", "zstd_level", "block_rows", "overwrite", "allow_empty", "naming")
 
 
 def export_h5ad(

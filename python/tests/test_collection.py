@@ -296,3 +296,15 @@ def test_appending_adds_cells_as_a_new_version_that_the_old_model_predicts_on(fi
     assert ids == theirs + [f"{i}-again" for i in theirs]
     table = run.predict(cs.Store(grown), targets=["MAP2K6"], threads=1, workers=1).read_all()
     assert table.num_rows > 0
+
+
+def test_inputs_without_cells_are_an_error_unless_allowed(files, tmp_path):
+    empty = ad.read_h5ad(files[0])[:0].copy()
+    empty.write_h5ad(tmp_path / "empty.h5ad")
+    for data in (tmp_path / "empty.h5ad", empty, [tmp_path / "empty.h5ad", empty]):
+        with pytest.raises(ValueError, match="no cells; nothing was written"):
+            cs.import_h5ad(data, tmp_path / "never.store")
+        assert not (tmp_path / "never.store").exists()
+    assert cs.import_h5ad(tmp_path / "empty.h5ad", tmp_path / "empty.store", allow_empty=True).n_obs == 0
+    # A file without cells beside others is no error.
+    assert cs.import_h5ad([tmp_path / "empty.h5ad", files[0]], tmp_path / "some.store").n_obs == 30

@@ -86,6 +86,9 @@ pub struct ImportArgs {
     /// one whose count is -2).
     #[arg(long, value_name = "COUNT", allow_negative_numbers = true, help_heading = "Parquet cell tables")]
     marker_value: Option<f32>,
+    /// Write a store of no cells when the inputs hold none (without it, an error).
+    #[arg(long)]
+    allow_empty: bool,
     /// The uns entry with the DEG lists (CPA's dict of group -> ranked genes, or scanpy's
     /// rank_genes_groups) [default: the first such entry].
     #[arg(long, value_name = "KEY")]
@@ -175,6 +178,7 @@ impl ImportArgs {
             counts_column: self.counts_column.clone(),
             cell_id_column: self.cell_id_column.clone(),
             marker_value: self.marker_value,
+            allow_empty: self.allow_empty,
             deg_uns_key: self.deg_uns_key.clone(),
             chunk_rows: self.chunk_rows,
             csc_budget_mib: self.csc_budget_mib,

@@ -103,6 +103,8 @@ pub struct ImportOptions {
     pub cell_table: CellTableLayout,
     /// The gene vocabulary of Parquet cell tables (a Parquet file, a row per gene).
     pub var_table: Option<PathBuf>,
+    /// Write a store of no cells when the inputs hold none (else an error).
+    pub allow_empty: bool,
     /// The vocabulary's column that the cell tables' gene lists refer to [default: `token_id`
     /// if it has one, else the gene names].
     pub var_id: Option<String>,
@@ -132,6 +134,7 @@ impl Default for ImportOptions {
             cell_table: CellTableLayout::default(),
             var_table: None,
             var_id: None,
+            allow_empty: false,
         }
     }
 }
@@ -217,6 +220,13 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
         cells: vocabulary.as_ref().map(|v| (&options.cell_table, v)),
     };
     let collection = collection::plan(&options.inputs, &plan)?;
+    if !options.allow_empty && collection.parts.iter().all(|p| p.n_obs == 0) {
+        let files: Vec<String> = options.inputs.iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::InvalidInput(format!(
+            "{}: no cells; nothing was written (allow_empty, --allow-empty, writes a store of no cells)",
+            files.join(", ")
+        )));
+    }
     let cells = vocabulary.as_ref().map(|v| (&options.cell_table, v));
     let element = match source {
         MatrixSource::X => String::new(),
@@ -679,16 +689,42 @@ impl ChunkSink<'_> {
     }
 }
 
+/// A file's columns into the store's: rows read straight into the store's batch when the map is
+/// the identity, else read into a batch of the file's columns and remapped.
+struct Remap<'a> {
+    map: &'a [Option<u32>],
+    identity: bool,
+    file_rows: CsrBatch,
+}
+
+impl<'a> Remap<'a> {
+    fn new(map: &'a [Option<u32>], store_columns: u32, file_columns: u32) -> Remap<'a> {
+        let identity = map.len() == store_columns as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
+        Remap { map, identity, file_rows: CsrBatch::new(file_columns) }
+    }
+
+    /// Appends to `rows` (in the store's columns) the rows that `read` appends to the batch it is
+    /// given (in the file's columns).
+    fn fill<T>(&mut self, rows: &mut CsrBatch, read: impl FnOnce(&mut CsrBatch) -> StageResult<T>) -> StageResult<T> {
+        if self.identity {
+            return read(rows);
+        }
+        self.file_rows.clear();
+        let value = read(&mut self.file_rows)?;
+        rows.push_remapped(&self.file_rows, self.map);
+        Ok(value)
+    }
+}
+
 /// Sends the cells of a store, in order; `false` when the writer is gone.
 fn read_store(path: &Path, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink) -> StageResult<bool> {
     let store = Store::open(path)?;
     if map.len() as u64 != store.n_vars() {
         return Err(StageError::InvalidInput(format!("{}: changed while it was imported", path.display())));
     }
-    let identity = map.len() == out.n_vars as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
+    let mut columns = Remap::new(map, out.n_vars, store.n_vars() as u32);
     store.advise(cpa_stream_stages::store::Access::Sequential);
     let mut cursor = store.cursor()?;
-    let mut store_rows = CsrBatch::new(store.n_vars() as u32);
     let mut row = 0u64;
     for obs in store.table(cpa_stream_schemas::StoreFiles::OBS)? {
         let obs = obs?;
@@ -697,13 +733,7 @@ fn read_store(path: &Path, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink
             let n = window.num_rows() as u64;
             let rows = out.stats.busy(|| -> StageResult<CsrBatch> {
                 let mut rows = out.batch();
-                if identity {
-                    cursor.read_range(row..row + n, &mut rows)?;
-                } else {
-                    store_rows.clear();
-                    cursor.read_range(row..row + n, &mut store_rows)?;
-                    rows.push_remapped(&store_rows, map);
-                }
+                columns.fill(&mut rows, |into| cursor.read_range(row..row + n, into))?;
                 store.release(row..row + n);
                 Ok(rows)
             })?;
@@ -734,23 +764,15 @@ fn read_cell_table(
     out: &ChunkSink,
 ) -> StageResult<bool> {
     let table = CellTable::open(path, layout)?;
-    let identity = map.len() == out.n_vars as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
+    let mut columns = Remap::new(map, out.n_vars, vocabulary.len() as u32);
     let mut batches = table.batches(chunk_rows as usize)?;
-    let mut table_rows = CsrBatch::new(vocabulary.len() as u32);
     let mut first = 0u64;
     loop {
         let chunk = out.stats.busy(|| -> StageResult<Option<(CsrBatch, RecordBatch)>> {
             let Some(batch) = batches.next() else { return Ok(None) };
             let batch = batch.map_err(|e| StageError::InvalidInput(format!("{}: {e}", path.display())))?;
             let mut rows = out.batch();
-            let obs = if identity {
-                table.split(&batch, first, vocabulary, &mut rows)?
-            } else {
-                table_rows.clear();
-                let obs = table.split(&batch, first, vocabulary, &mut table_rows)?;
-                rows.push_remapped(&table_rows, map);
-                obs
-            };
+            let obs = columns.fill(&mut rows, |into| table.split(&batch, first, vocabulary, into))?;
             Ok(Some((rows, obs)))
         })?;
         let Some((rows, obs)) = chunk else { break };
@@ -772,21 +794,14 @@ fn read_cell_table(
 
 /// Sends the file's cells read by row ranges; `false` when the writer is gone.
 fn read_by_rows(h5: &H5adReader, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink) -> StageResult<bool> {
-    let identity = map.len() == out.n_vars as usize && map.iter().enumerate().all(|(i, m)| *m == Some(i as u32));
-    let mut file_rows = CsrBatch::new(h5.n_vars() as u32);
+    let mut columns = Remap::new(map, out.n_vars, h5.n_vars() as u32);
     let mut start = 0;
     while start < h5.n_obs() {
         // A chunk is bounded by its entries too, whatever the file declares.
         let chunk = out.stats.busy(|| -> StageResult<(CsrBatch, RecordBatch, u64)> {
             let end = h5.lines_within(start, chunk_rows, ENTRIES_PER_READ)?;
             let mut rows = out.batch();
-            if identity {
-                h5.read_rows(start..end, &mut rows)?;
-            } else {
-                file_rows.clear();
-                h5.read_rows(start..end, &mut file_rows)?;
-                rows.push_remapped(&file_rows, map);
-            }
+            columns.fill(&mut rows, |into| h5.read_rows(start..end, into))?;
             Ok((rows, h5.read_obs(start..end)?, end))
         })?;
         if !out.send(chunk.0, chunk.1, start) {
@@ -977,6 +992,11 @@ pub fn run_chunks(
     let n_vars = u32::try_from(tables.var.num_rows())
         .map_err(|_| Error::InvalidInput(format!("{what}: {} genes exceed the u32 range", tables.var.num_rows())))?;
     let n_obs = tables.obs.num_rows() as u64;
+    if n_obs == 0 && !options.allow_empty {
+        return Err(Error::InvalidInput(format!(
+            "{what}: no cells; nothing was written (allow_empty, --allow-empty, writes a store of no cells)"
+        )));
+    }
     if let Some((_, degs)) = &tables.degs {
         cpa_stream_schemas::tables::same_schema(&cpa_stream_schemas::tables::deg_schema(), degs.schema_ref())
             .map_err(|e| Error::InvalidInput(format!("{what}: DEG table: {e}")))?;

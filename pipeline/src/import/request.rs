@@ -60,6 +60,8 @@ pub struct ImportRequest {
     pub cell_id_column: Option<String>,
     /// Entries of cell tables with this count are markers, not genes, and are left out.
     pub marker_value: Option<f32>,
+    /// Write a store of no cells when the inputs hold none (else an error).
+    pub allow_empty: bool,
     /// A file with one gene per line (instead of `genes`).
     pub genes_file: Option<PathBuf>,
     /// The `uns` entry with the DEG lists [default: the first such entry].
@@ -279,6 +281,7 @@ impl ImportRequest {
             },
             var_table: self.var_table.clone(),
             var_id: self.var_id.clone(),
+            allow_empty: self.allow_empty,
         })
     }
 }
