@@ -65,7 +65,7 @@ def test_a_view_of_a_backed_anndata_imports_its_own_cells(fresh):
 
     backed = ad.read_h5ad(BUNDLED, backed="r")
     try:
-        for name, view in [("first100", backed[:100]), ("k562", backed[backed.obs["cell_type"] == "K562"])]:
+        for name, view in [("first100", backed[:100]), ("k562", backed[backed.obs["cell_type"] == "k562"])]:
             store = cs.import_h5ad(view, fresh / f"{name}.store", progress=False, chunk_rows=64)
             assert store.n_obs == view.n_obs, name
             assert list(store.obs.index) == list(view.obs_names), name
