@@ -231,6 +231,14 @@ class Run:
         """The library's ``PredictRequest`` for these keywords, as JSON."""
         genes = kw.pop("genes", None)
         degs = kw.pop("degs", None)
+        aggregate = kw.pop("aggregate", None)
+        if isinstance(aggregate, str):
+            aggregate = [part.strip() for part in aggregate.split(",")]
+        group_by = kw.pop("group_by", None)
+        if aggregate:
+            kw["aggregate"] = _args.names("aggregate", aggregate)
+        if group_by is not None:
+            kw["group_by"] = _args.names("group_by", group_by)
         request = {
             "degs": os.fspath(degs) if degs is not None else None,
             "model": str(self.path),
@@ -262,6 +270,8 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
+        aggregate: str | Sequence[str] | None = None,
+        group_by: str | Sequence[str] | None = None,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
@@ -284,11 +294,19 @@ class Run:
         models), what a mean of log-normalised counts estimates (``log1p(mean)`` overstates it).
         ``change`` adds ``change_log1p``: that expectation under the target minus under the cell's
         own condition, the model's predicted change, to add to the cells' observed log1p counts.
+
+        ``aggregate`` (``"mean"``, ``"var"`` or both, a list or ``"mean,var"``) writes, instead of a
+        row per cell, a row per target and group of source cells: ``n_cells``, and per predicted
+        column its mean (``mean``, ...) and sample variance (``mean_var``, ..., ddof 1, null for a
+        group of one cell), computed where the model runs as the cells pass. ``group_by`` names the
+        obs columns that group the source cells (default: the model's covariates; a covariate's
+        group is its value in the output).
         """
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, degs=degs, latents=latents,
             batch_size=batch_size, seed=seed, allow_empty=allow_empty, batch_corrected=batch_corrected,
-            expected_log1p=expected_log1p, change=change, device=device, threads=threads, workers=workers,
+            expected_log1p=expected_log1p, change=change, aggregate=aggregate, group_by=group_by, device=device,
+            threads=threads, workers=workers,
         )
         stream = _native.predict_stream(request)
         return pa.RecordBatchReader.from_stream(stream)
@@ -312,6 +330,8 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
+        aggregate: str | Sequence[str] | None = None,
+        group_by: str | Sequence[str] | None = None,
         overwrite: bool = False,
         device: str = "cpu",
         threads: int | None = None,
@@ -326,8 +346,8 @@ class Run:
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, degs=degs, latents=latents,
             out=out, shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
-            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, overwrite=overwrite,
-            device=device, threads=threads, workers=workers,
+            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, aggregate=aggregate,
+            group_by=group_by, overwrite=overwrite, device=device, threads=threads, workers=workers,
         )
         return json.loads(_openmp.compute("predict", request, _progress.make(progress, "predict")))
 

@@ -42,3 +42,33 @@ def test_every_profile_reads_the_same_in_every_reader(cli, run, store, tmp_path,
         np.testing.assert_array_equal(np.stack([np.asarray(v, dtype=np.float32) for v in column]), means, name)
     codec = pq.ParquetFile(written[1]).metadata.row_group(0).column(0).compression
     assert codec == ("UNCOMPRESSED" if profile == "fast" else "ZSTD")
+
+
+def test_aggregates_from_python_equal_the_cells_grouped_in_polars(run, store, tmp_path):
+    """``aggregate=`` on the Arrow stream and on ``predict_to_parquet``: one row per target and
+    group, equal to the per-cell predictions grouped afterwards (polars, ddof 1)."""
+    import polars as pl
+
+    keywords = dict(source="all", targets=["MAP2K6"], threads=1)
+    cells = pl.DataFrame(run.predict(store, **keywords))
+    groups = pl.DataFrame(run.predict(store, aggregate="mean,var", **keywords))
+    covariates = [c for c in groups.columns if c not in ("condition", "dose", "n_cells", "mean", "mean_var")]
+    assert groups.columns[:2] == ["condition", "dose"] and len(covariates) >= 1, groups.columns
+    keys = ["condition", "dose", *covariates]
+    values = np.stack(cells["mean"].to_numpy())
+    labels = cells.select(pl.col(k).cast(pl.String) for k in keys).rows()
+    assert len(groups) == len(set(labels))
+    for row in groups.with_columns(pl.col(k).cast(pl.String) for k in keys).iter_rows(named=True):
+        members = np.array([label == tuple(row[k] for k in keys) for label in labels])
+        assert row["n_cells"] == members.sum()
+        np.testing.assert_allclose(row["mean"], values[members].mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(row["mean_var"], values[members].var(axis=0, ddof=1), rtol=1e-4, atol=1e-6)
+
+    out = tmp_path / "groups.parquet"
+    report = run.predict_to_parquet(out, store, aggregate=["mean"], group_by=[], **keywords)
+    assert report["aggregated"] and report["output"]["rows"] == 1, report
+    table = pq.read_table(out)
+    assert table.column_names == ["condition", "dose", "n_cells", "mean"]
+    assert table.column("n_cells")[0].as_py() == len(cells)
+    with pytest.raises(Exception, match="group_by"):
+        run.predict(store, group_by="cell_type", **keywords)

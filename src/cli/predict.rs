@@ -70,6 +70,17 @@ pub struct PredictArgs {
     /// beats the control-mean baseline (docs/fidelity.md).
     #[arg(long)]
     change: bool,
+    /// Instead of a row per cell, write per target and group of source cells these statistics of
+    /// every predicted column (comma-separated: mean, var), computed where the model runs as the
+    /// cells pass: one row per group with `n_cells`, `mean`, `mean_var`, ... (the variance is
+    /// the sample variance, ddof 1).
+    #[arg(long, value_delimiter = ',', value_name = "mean,var")]
+    aggregate: Vec<cpa_stream_pipeline::predictor::aggregate::Statistic>,
+    /// The obs columns whose values group the source cells of --aggregate (comma-separated)
+    /// [default: the model's covariates]; a covariate's group is its value in the output (the
+    /// target's where the target sets it).
+    #[arg(long, value_delimiter = ',', value_name = "COLUMNS")]
+    group_by: Option<Vec<String>>,
     /// The k-th of n contiguous cell ranges, 0-based (`3/16`), for job arrays; `genes.parquet`
     /// (the var rows of the predicted genes, in column order) is written beside the parts.
     #[arg(long)]
@@ -145,6 +156,8 @@ impl PredictArgs {
             batch_corrected: self.batch_corrected,
             expected_log1p: self.expected_log1p,
             change: self.change,
+            aggregate: self.aggregate.clone(),
+            group_by: self.group_by.clone(),
             row_group_rows: self.row_group_rows,
             sink_threads: self.sink_threads,
             sink_profile: self.sink_profile,
@@ -162,26 +175,40 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     else {
         return Ok(ExitCode::SUCCESS);
     };
-    outln!(
-        "{}: {} rows ({} source cells x {} target{}), {} genes, {:.1} MB",
-        report.output.path.display(),
-        report.output.rows,
-        report.source_cells,
-        report.targets,
-        if report.targets == 1 { "" } else { "s" },
-        report.genes,
-        report.output.bytes as f64 / 1e6
-    );
-    let ratio = report.raw_f32_bytes_per_row / report.bytes_per_row.max(1e-9);
-    let compared = if ratio >= 1.0 { format!("{ratio:.2}x smaller") } else { format!("{:.2}x larger", 1.0 / ratio) };
-    outln!(
-        "{:.0} source cells/s, {:.0} rows/s; {:.0} bytes per row on disk (ids, labels, values) vs {:.0} for \
-         its values as raw float32 ({compared})",
-        report.cells_per_s,
-        report.rows_per_s,
-        report.bytes_per_row,
-        report.raw_f32_bytes_per_row,
-    );
+    let plural = if report.targets == 1 { "" } else { "s" };
+    if report.aggregated {
+        outln!(
+            "{}: {} groups (aggregates of {} source cells x {} target{plural}), {} genes, {:.1} MB",
+            report.output.path.display(),
+            report.output.rows,
+            report.source_cells,
+            report.targets,
+            report.genes,
+            report.output.bytes as f64 / 1e6
+        );
+        outln!("{:.0} source cells/s, {:.0} cell predictions/s", report.cells_per_s, report.rows_per_s);
+    } else {
+        outln!(
+            "{}: {} rows ({} source cells x {} target{plural}), {} genes, {:.1} MB",
+            report.output.path.display(),
+            report.output.rows,
+            report.source_cells,
+            report.targets,
+            report.genes,
+            report.output.bytes as f64 / 1e6
+        );
+        let ratio = report.raw_f32_bytes_per_row / report.bytes_per_row.max(1e-9);
+        let compared =
+            if ratio >= 1.0 { format!("{ratio:.2}x smaller") } else { format!("{:.2}x larger", 1.0 / ratio) };
+        outln!(
+            "{:.0} source cells/s, {:.0} rows/s; {:.0} bytes per row on disk (ids, labels, values) vs {:.0} for \
+             its values as raw float32 ({compared})",
+            report.cells_per_s,
+            report.rows_per_s,
+            report.bytes_per_row,
+            report.raw_f32_bytes_per_row,
+        );
+    }
     super::print_report(&report.report)?;
     if let Some(memory) = report.device_memory {
         outln!("{memory}");

@@ -988,3 +988,156 @@ fn embeddings_are_written_once_and_match_the_model() {
     let again = run(&["embeddings", "--model", model, "--out", out.to_str().unwrap_or_default()]);
     assert!(!again.status.success() && text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
 }
+
+/// Per group of rows (by the labels `keys`), the count, mean and sample variance of `values`.
+fn group_stats(keys: &[Vec<String>], values: &[Vec<f64>]) -> HashMap<Vec<String>, (u64, Vec<f64>, Vec<f64>)> {
+    let mut rows: HashMap<Vec<String>, Vec<usize>> = HashMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        rows.entry(k.clone()).or_default().push(i);
+    }
+    rows.into_iter()
+        .map(|(k, members)| {
+            let width = values[members[0]].len();
+            let n = members.len() as f64;
+            let mean: Vec<f64> = (0..width).map(|g| members.iter().map(|&r| values[r][g]).sum::<f64>() / n).collect();
+            let var: Vec<f64> = (0..width)
+                .map(|g| members.iter().map(|&r| (values[r][g] - mean[g]).powi(2)).sum::<f64>() / (n - 1.0))
+                .collect();
+            (k, (members.len() as u64, mean, var))
+        })
+        .collect()
+}
+
+#[test]
+fn aggregates_equal_the_per_cell_predictions_aggregated_afterwards() {
+    let f = fixture();
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let common =
+        ["--source", "all", "--target", "PERT01", "--target", "PERT03", "--expected-log1p", "--latents", "z_basal"];
+    let cells = f.dir.join("agg-cells.parquet");
+    let mut args = common.to_vec();
+    let cells_path = s(&cells);
+    args.extend(["--out", &cells_path]);
+    let o = predict(&args);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let (_, batches) = read_parquet(&cells);
+    let labels: Vec<Vec<String>> = {
+        let (c, d, t) = (strings(&batches, "condition"), strings(&batches, "dose"), strings(&batches, "cell_type"));
+        (0..c.len()).map(|i| vec![c[i].clone(), d[i].clone(), t[i].clone()]).collect()
+    };
+    let aggregated = f.dir.join("agg-groups.parquet");
+    let mut args = common.to_vec();
+    let aggregated_path = s(&aggregated);
+    args.extend(["--aggregate", "mean,var", "--out", &aggregated_path]);
+    let o = predict(&args);
+    assert!(o.status.success(), "predict --aggregate failed: {}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("groups (aggregates of 6000 source cells x 2 targets)"), "{}", text(&o.stdout));
+    let (schema, groups) = read_parquet(&aggregated);
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "condition",
+            "dose",
+            "cell_type",
+            "n_cells",
+            "mean",
+            "mean_var",
+            "expected_log1p",
+            "expected_log1p_var",
+            "z_basal",
+            "z_basal_var"
+        ]
+    );
+    let group_labels: Vec<Vec<String>> = {
+        let (c, d, t) = (strings(&groups, "condition"), strings(&groups, "dose"), strings(&groups, "cell_type"));
+        (0..c.len()).map(|i| vec![c[i].clone(), d[i].clone(), t[i].clone()]).collect()
+    };
+    let counts: Vec<u64> = groups
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name("n_cells").map(|c| c.as_primitive::<UInt64Type>().values().to_vec()).unwrap_or_default()
+        })
+        .collect();
+    let mut sorted = group_labels.clone();
+    sorted.sort();
+    assert_eq!(group_labels, sorted, "rows ordered by the targets, then the groups' labels");
+    assert_eq!(group_labels.len(), 4, "2 targets x 2 cell types: {group_labels:?}");
+    for column in ["mean", "expected_log1p", "z_basal"] {
+        let by_hand = group_stats(&labels, &vectors(&batches, column));
+        let (means, vars) = (vectors(&groups, column), vectors(&groups, &format!("{column}_var")));
+        for (i, key) in group_labels.iter().enumerate() {
+            let (n, mean, var) = &by_hand[key];
+            assert_eq!(counts[i], *n, "{key:?}");
+            for g in 0..mean.len() {
+                let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * (1.0 + b.abs());
+                assert!(close(means[i][g], mean[g], 1e-5), "{column} {key:?} gene {g}: {} vs {}", means[i][g], mean[g]);
+                assert!(close(vars[i][g], var[g], 1e-4), "{column}_var {key:?} gene {g}: {} vs {}", vars[i][g], var[g]);
+            }
+        }
+    }
+
+    // Grouped by an obs column that is not a covariate (here each cell's id): one row per cell
+    // and target, equal to the cell's own prediction, its variance undefined (null).
+    let by_cell = f.dir.join("agg-by-cell.parquet");
+    let by_cell_path = s(&by_cell);
+    let o = predict(&[
+        "--source",
+        "cell_type == CT01",
+        "--target",
+        "PERT01",
+        "--aggregate",
+        "var,mean",
+        "--group-by",
+        "cell_id",
+        "--out",
+        &by_cell_path,
+    ]);
+    assert!(o.status.success(), "predict --group-by cell_id failed: {}", text(&o.stderr));
+    let (schema, rows) = read_parquet(&by_cell);
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["condition", "dose", "cell_id", "n_cells", "mean", "mean_var"]);
+    let ids = strings(&rows, "cell_id");
+    let per_cell: HashMap<String, Vec<f64>> = {
+        let all_ids = strings(&batches, "cell_id");
+        let all_means = means(&batches);
+        let conditions = strings(&batches, "condition");
+        all_ids
+            .into_iter()
+            .zip(all_means)
+            .zip(conditions)
+            .filter(|(_, c)| c == "PERT01")
+            .map(|((i, m), _)| (i, m))
+            .collect()
+    };
+    let aggregated_means = means(&rows);
+    assert!(!ids.is_empty());
+    for (id, mean) in ids.iter().zip(&aggregated_means) {
+        let own = &per_cell[id];
+        assert!(mean.iter().zip(own).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "cell {id}");
+    }
+    for b in &rows {
+        let var = b.column_by_name("mean_var").unwrap_or_else(|| panic!("no mean_var"));
+        assert_eq!(var.null_count(), b.num_rows(), "a group of one cell has no sample variance");
+    }
+
+    // Asked wrongly: an error naming the flag or the column, and no file.
+    let refused = f.dir.join("agg-refused.parquet");
+    let refused_path = s(&refused);
+    for (args, expected) in [
+        (vec!["--aggregate", "mean", "--group-by", "condition"], "always groups the rows"),
+        (vec!["--aggregate", "mean", "--group-by", "celltype"], "\"cell_type\""),
+        (vec!["--group-by", "cell_type"], "--aggregate"),
+        (vec!["--aggregate", "mean", "--layout", "wide"], "long layout"),
+        (vec!["--aggregate", "mean", "--shard", "0/2"], "--shard"),
+        (vec!["--aggregate", "mean,mean"], "listed twice"),
+        (vec!["--aggregate", "median"], "expected mean or var"),
+    ] {
+        let mut all = vec!["--target", "PERT01", "--out", &refused_path];
+        all.extend(args.iter().copied());
+        let o = predict(&all);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(text(&o.stderr).contains(expected), "{args:?}: {}", text(&o.stderr));
+        assert!(!refused.exists(), "{args:?} left a file");
+    }
+}

@@ -46,11 +46,14 @@ pub struct PredictReport {
     pub targets: usize,
     /// Genes of the `mean` column.
     pub genes: usize,
+    /// Whether the rows are aggregates of groups of cells (`--aggregate`) rather than cells.
+    pub aggregated: bool,
     /// Seconds from the model's load to the file's rename.
     pub seconds: f64,
     /// Source cells per second (each decoded into every target).
     pub cells_per_s: f64,
-    /// Output rows per second.
+    /// Rows predicted per second: source cells x targets (with aggregates, the cells' rows that
+    /// were folded into them).
     pub rows_per_s: f64,
     /// Bytes of the file per row.
     pub bytes_per_row: f64,
@@ -69,6 +72,13 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
     let out = options.out.as_deref().ok_or_else(|| {
         Error::InvalidInput("predict: no output file given (a stream is read with `predict::open`)".to_owned())
     })?;
+    if options.aggregate.is_some() && options.shard.is_some() {
+        return Err(Error::InvalidInput(
+            "aggregates of a shard would be partial groups: predict --aggregate runs on the whole store (or a \
+             --source selection), not with --shard"
+                .to_owned(),
+        ));
+    }
     let progress = ctx.progress();
     let wall = Instant::now();
     let sampler = MemorySampler::start();
@@ -93,6 +103,7 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         })
         .sum();
     let rows = predictor.rows();
+    let aggregated = predictor.aggregates();
     let (source, store) = (predictor.source().clone(), std::sync::Arc::clone(predictor.store()));
     let widen = match options.layout {
         Layout::Long => None,
@@ -124,7 +135,10 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
             sink_stats.busy(release_free_memory);
         }
         sink_stats.add(batch.num_rows() as u64, batch.get_array_memory_size() as u64);
-        written_cells += batch.num_rows() as u64;
+        written_cells += match aggregated {
+            true => aggregate_cells(&batch)?,
+            false => batch.num_rows() as u64,
+        };
         let done = stream.rows_done();
         progress.advance(done.saturating_sub(reported));
         reported = reported.max(done);
@@ -158,9 +172,10 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
     let expected = source_cells.saturating_mul(targets as u64);
     if written_cells != expected {
         return Err(Error::InvalidInput(format!(
-            "{}: {written_cells} rows predicted for {source_cells} source cells x {targets} target(s) = {expected}; \
+            "{}: {written_cells} {} predicted for {source_cells} source cells x {targets} target(s) = {expected}; \
              the file was not written",
-            path.display()
+            path.display(),
+            if aggregated { "cells aggregated" } else { "rows" },
         )));
     }
     let output = sink_stats.busy(|| sink.finish()).map_err(Error::stage(Stage::Sink))?;
@@ -179,6 +194,7 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         source_cells,
         targets,
         genes,
+        aggregated,
         seconds,
         cells_per_s: source_cells as f64 / seconds,
         rows_per_s: written_cells as f64 / seconds,
@@ -226,6 +242,16 @@ fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
     let schema = cpa_stream_stages::provenance::stamp(table.schema_ref());
     let table = table.with_schema(std::sync::Arc::clone(&schema)).map_err(Error::arrow("genes table"))?;
     cpa_stream_stages::store::write_table_locked(path, &lock, schema, [table]).map_err(Error::stage(Stage::Sink))
+}
+
+/// The cells x targets an aggregate batch sums up (its `n_cells` column).
+fn aggregate_cells(batch: &arrow::array::RecordBatch) -> Result<u64> {
+    use arrow::array::AsArray as _;
+    let column = batch
+        .column_by_name(crate::predictor::aggregate::N_CELLS)
+        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::UInt64Type>())
+        .ok_or_else(|| Error::InvalidInput("aggregates without their n_cells column".to_owned()))?;
+    Ok(column.values().iter().sum())
 }
 
 /// The pipeline's error back out of the Arrow error a `RecordBatchReader` carries it in.

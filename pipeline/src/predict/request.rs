@@ -58,6 +58,12 @@ pub struct PredictRequest {
     pub expected_log1p: bool,
     /// Also write the predicted change of E[log1p(x)].
     pub change: bool,
+    /// Statistics per target and group of source cells written instead of per-cell rows
+    /// (`mean`, `var`) [default: none, per-cell rows].
+    pub aggregate: Vec<crate::predictor::aggregate::Statistic>,
+    /// The obs columns whose values group the source cells of the aggregates [default: the
+    /// model's covariates].
+    pub group_by: Option<Vec<String>>,
     /// Rows per Parquet row group at most (files) [default: the sink's].
     pub row_group_rows: Option<usize>,
     /// Threads that encode the output's row groups [default: [`crate::threads::sink_threads`]].
@@ -135,6 +141,25 @@ impl PredictRequest {
         options.expected_log1p = self.expected_log1p;
         options.change = self.change;
         options.out = self.out.clone();
+        options.aggregate = match (self.aggregate.as_slice(), &self.group_by) {
+            ([], None) => None,
+            ([], Some(_)) => {
+                return Err(Error::InvalidInput(format!(
+                    "{} groups the rows of aggregates: give {} too (mean, var)",
+                    n.name("--group-by"),
+                    n.name("--aggregate")
+                )));
+            }
+            (statistics, group_by) => {
+                if statistics.iter().enumerate().any(|(i, s)| statistics[..i].contains(s)) {
+                    return Err(Error::InvalidInput(format!("{}: a statistic is listed twice", n.name("--aggregate"))));
+                }
+                Some(crate::predictor::aggregate::AggregateOptions {
+                    statistics: statistics.to_vec(),
+                    group_by: group_by.clone(),
+                })
+            }
+        };
         let sink_threads = match self.sink_threads {
             Some(t) => n.bounded("--sink-threads", t, 1, crate::limits::MAX_THREADS, "threads")?,
             None => crate::threads::sink_threads(device == tch::Device::Cpu),

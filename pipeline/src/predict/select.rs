@@ -54,6 +54,8 @@ pub(super) struct Select {
     pub(super) need: Needs,
     pub(super) batch_size: usize,
     pub(super) max_comb_len: usize,
+    /// Extra obs columns whose values group the cells of an aggregate.
+    pub(super) group_by: Vec<String>,
 }
 
 impl Select {
@@ -157,7 +159,21 @@ impl Select {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(LabelColumns { cell_id: optional(CELL_ID)?, perturbation, dose, covariates })
+        let by = self
+            .group_by
+            .iter()
+            .map(|name| {
+                required(name, "a group-by column of the aggregates").map_err(|e| match e {
+                    Error::InvalidInput(text) if batch.column_by_name(name).is_none() => {
+                        let names: Vec<&str> = batch.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+                        let close = crate::suggest::listing(name, names, 5);
+                        Error::InvalidInput(format!("{text}; obs columns, closest first: {close}"))
+                    }
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LabelColumns { cell_id: optional(CELL_ID)?, perturbation, dose, covariates, by })
     }
 
     /// The label group of row `i` (store row `row`): looked up by its key, resolved against the
@@ -174,7 +190,10 @@ impl Select {
         let dose = columns.dose.as_ref().and_then(|c| c.get(i));
         let values: Vec<&str> =
             columns.covariates.iter().map(|c| c.as_ref().and_then(|c| c.get(i)).unwrap_or("")).collect();
-        let key = key.of(condition, dose, &values);
+        let by: Vec<Option<&str>> = columns.by.iter().map(|c| c.get(i)).collect();
+        // A null group-by value keys apart from any text (the key's separator is never in labels).
+        let keyed: Vec<&str> = values.iter().copied().chain(by.iter().map(|v| v.unwrap_or("\u{1f}"))).collect();
+        let key = key.of(condition, dose, &keyed);
         let cell = || match columns.cell_id.as_ref().and_then(|c| c.get(i)) {
             Some(id) => format!("{origin}: row {row} (cell {id:?})"),
             None => format!("{origin}: row {row}"),
@@ -210,6 +229,7 @@ impl Select {
                     parts,
                     covariates,
                     covariate_values: values.iter().map(|v| (*v).to_owned()).collect(),
+                    by_values: by.iter().map(|v| v.map(str::to_owned)).collect(),
                 });
                 lookup.insert(key.to_owned(), Arc::clone(&group));
                 group
@@ -240,4 +260,5 @@ struct LabelColumns {
     perturbation: Option<TextColumn>,
     dose: Option<TextColumn>,
     covariates: Vec<Option<TextColumn>>,
+    by: Vec<TextColumn>,
 }

@@ -115,6 +115,7 @@ impl Predictor {
             need: Needs::of(self.targets(), self.vocabulary()),
             batch_size: options.batch_size.max(1),
             max_comb_len: self.max_comb_len(),
+            group_by: self.group_by_obs().to_vec(),
         };
         let (selected, scanned) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let mut stream = PredictionStream {
@@ -191,6 +192,25 @@ fn run_predictor(
             scanned.store(last + 1 - first_row, Ordering::Relaxed);
         }
         loaded.recycle(gathered.batch);
+    }
+    if stop.load(Ordering::Relaxed) || !predictor.aggregates() {
+        return;
+    }
+    // Every batch has passed: the aggregates, one row per group.
+    let start = Instant::now();
+    match predictor.finish_aggregates() {
+        Ok(batches) => {
+            stats.add_busy(start.elapsed());
+            for batch in batches {
+                stats.add(batch.num_rows() as u64, batch.get_array_memory_size() as u64);
+                if !stats.send(out, Ok(batch)) {
+                    return;
+                }
+            }
+        }
+        Err(e) => {
+            let _ = out.send(Err(e));
+        }
     }
 }
 

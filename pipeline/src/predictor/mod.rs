@@ -7,6 +7,7 @@
 //! The `predict` command wires it: source selection -> batcher -> predictor -> sink (or a
 //! `RecordBatchReader`, [`Predictor::stream`]).
 
+pub mod aggregate;
 mod buffers;
 mod genes;
 pub mod options;
@@ -50,6 +51,8 @@ pub struct CellGroup {
     pub covariates: Vec<Option<u32>>,
     /// Each covariate's value as obs writes it.
     pub covariate_values: Vec<String>,
+    /// The values of the aggregate's extra group-by obs columns (`None`: null).
+    pub by_values: Vec<Option<String>>,
 }
 
 /// A batch of selected source cells: store rows (ascending), ids and label groups.
@@ -124,6 +127,10 @@ pub struct Predictor {
     noise: Noise,
     /// Output buffers: the means, the expected log1p and the change if written, then each latent.
     pools: Vec<BufferPool>,
+    /// The running aggregates (`predict --aggregate`), instead of per-cell rows.
+    aggregator: Option<aggregate::Aggregator>,
+    /// The obs columns of the source cells that group them besides the labels (aggregates).
+    group_by_obs: Vec<String>,
 }
 
 impl std::fmt::Debug for Predictor {
@@ -250,6 +257,41 @@ impl Predictor {
         let (_, hash) = cpa_stream_stages::store::file_checksum(&weights).map_err(Error::io(&weights))?;
         metadata.insert(MODEL_ID_KEY.to_owned(), format!("xxh3-64:{hash}"));
         let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));
+        let (aggregator, group_by_obs, schema) = match &options.aggregate {
+            None => (None, Vec::new(), schema),
+            Some(aggregate) => {
+                if options.layout == Layout::Wide {
+                    return Err(Error::InvalidInput(
+                        "aggregates are written in the long layout (a list column per statistic); the wide layout \
+                         is for per-cell rows"
+                            .to_owned(),
+                    ));
+                }
+                if aggregate.statistics.is_empty() {
+                    return Err(Error::InvalidInput("aggregate: no statistic given (mean, var)".to_owned()));
+                }
+                let group_by = aggregate::GroupBy::resolve(aggregate, vocab, &keys)?;
+                let labels = &label_columns[..2];
+                let aggregated = aggregate::aggregate_schema(&schema, labels, &group_by, &aggregate.statistics)?;
+                let widths = schema
+                    .fields()
+                    .iter()
+                    .filter_map(|f| match f.data_type() {
+                        arrow::datatypes::DataType::FixedSizeList(_, w) => Some(*w as usize),
+                        _ => None,
+                    })
+                    .collect();
+                let obs = group_by.obs_columns.clone();
+                let aggregator = aggregate::Aggregator::new(
+                    group_by,
+                    &aggregate.statistics,
+                    widths,
+                    model.device(),
+                    Arc::clone(&aggregated),
+                );
+                (Some(aggregator), obs, aggregated)
+            }
+        };
         let rows = options.shard.map_or(0..store.n_obs(), |s| s.rows(store.n_obs()));
         let noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(options.seed), model.device());
         Ok(Predictor {
@@ -268,6 +310,8 @@ impl Predictor {
             rows,
             options: options.clone(),
             noise,
+            aggregator,
+            group_by_obs,
         })
     }
 
@@ -319,6 +363,24 @@ impl Predictor {
     /// Most parts of a combination the model takes.
     pub fn max_comb_len(&self) -> usize {
         self.model.config().model.max_comb_len
+    }
+
+    /// The obs columns the source stage reads for the aggregate's groups.
+    pub fn group_by_obs(&self) -> &[String] {
+        &self.group_by_obs
+    }
+
+    /// Whether this prediction writes aggregates instead of per-cell rows.
+    pub fn aggregates(&self) -> bool {
+        self.aggregator.is_some()
+    }
+
+    /// The aggregate rows, once every batch has passed (none for per-cell predictions).
+    pub fn finish_aggregates(&self) -> Result<Vec<arrow::array::RecordBatch>> {
+        match &self.aggregator {
+            Some(a) => a.finish(),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Output rows per source cell: one per target, or one reconstruction.

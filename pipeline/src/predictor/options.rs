@@ -137,6 +137,9 @@ pub struct PredictOptions {
     /// cell's own condition (nb models): the model's predicted change, to add to observed log1p
     /// counts. Default false.
     pub change: bool,
+    /// Write per target and group of source cells the statistics of every vector column instead
+    /// of per-cell rows ([`aggregate`](super::aggregate)); default none.
+    pub aggregate: Option<super::aggregate::AggregateOptions>,
 }
 
 /// The layout of a prediction file.
@@ -186,6 +189,7 @@ impl PredictOptions {
             batch_corrected: false,
             expected_log1p: false,
             change: false,
+            aggregate: None,
         }
     }
 }

@@ -169,29 +169,31 @@ impl Predictor {
         };
         let targets = std::mem::take(&mut self.targets);
         let result = (|| -> Result<bool> {
-            for target in pass_targets(&targets) {
+            for (pass, target) in pass_targets(&targets).into_iter().enumerate() {
                 let (z_pert, covs) = self.pass_latents(cells, a..b, target, &mut perts)?;
                 let model = &self.model;
-                let mut out: Vec<Vec<f32>> = widths.iter().zip(&self.pools).map(|(w, pool)| pool.take(n * w)).collect();
-                tch::no_grad(|| -> cpa_stream_stages::Result<()> {
+                // Every vector column of the pass, in the schema's order, on the device.
+                let values = tch::no_grad(|| -> cpa_stream_stages::Result<Vec<Tensor>> {
                     let mut mean =
                         model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), &mut self.noise)?;
                     if let Some(index) = &gene_index {
                         mean = mean.f_index_select(1, index)?;
                     }
-                    copy_values(&mean, &mut out[0])?;
+                    let mut values = Vec::with_capacity(widths.len());
                     if let Some(theta) = &self.theta {
                         let expected = expected_log1p_nb(&mean, theta)?;
+                        let change = own.as_ref().map(|own| expected.f_sub(own)).transpose()?;
+                        values.push(mean);
                         if write_expected {
-                            copy_values(&expected, &mut out[1])?;
+                            values.push(expected);
                         }
-                        if let Some(own) = &own {
-                            copy_values(&expected.f_sub(own)?, &mut out[1 + usize::from(write_expected)])?;
-                        }
+                        values.extend(change);
+                    } else {
+                        values.push(mean);
                     }
                     if !self.latents.is_empty() {
                         let l = model.compose(&z_mean, &z_pert, &covs)?;
-                        for (k, name) in self.latents.iter().enumerate() {
+                        for name in &self.latents {
                             let t = match name.as_str() {
                                 "z_basal" => &l.z_basal,
                                 "z" => &l.z,
@@ -199,12 +201,22 @@ impl Predictor {
                                 "z_no_pert" => &l.z_no_pert,
                                 _ => &l.z_no_pert_corrected,
                             };
-                            copy_values(t, &mut out[1 + gene_columns + k])?;
+                            values.push(t.shallow_clone());
                         }
                     }
-                    Ok(())
+                    Ok(values)
                 })
                 .map_err(torch)?;
+                if let Some(aggregator) = &mut self.aggregator {
+                    let slots = aggregator.slots_of(pass, target, &cells.groups[a..b], model.vocabulary());
+                    tch::no_grad(|| aggregator.add(&slots, &values)).map_err(|e| torch(e.into()))?;
+                    continue;
+                }
+                let mut out: Vec<Vec<f32>> = widths.iter().zip(&self.pools).map(|(w, pool)| pool.take(n * w)).collect();
+                for (t, out) in values.iter().zip(out.iter_mut()) {
+                    copy_values(t, out).map_err(torch)?;
+                }
+                drop(values);
                 let mut columns = out.into_iter().zip(&self.pools).map(|(values, pool)| pool.lend(values));
                 let mean = columns.next().ok_or_else(|| Error::InvalidInput("no mean column".into()))?;
                 let batch = self.record_batch(cells, a..b, target, mean, columns.collect())?;
