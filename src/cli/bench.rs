@@ -38,6 +38,48 @@ pub enum BenchCommand {
     /// encoding thread count, against a memcpy bound.
     #[command(after_help = "Example:\n  cpa-stream bench sink --genes 5000,20000 --threads 1,2 --repeats 3")]
     Sink(SinkArgs),
+    /// Prediction through the whole pipeline, per output mode (per-cell rows small or fast,
+    /// aggregates), with the predictor's and the sink's rates side by side: which one limits.
+    #[command(after_help = "Example:\n  cpa-stream bench predict --model run --store atlas.store --source all \
+                            --target PERT01 --repeats 3")]
+    Predict(PredictBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PredictBenchArgs {
+    /// Run directory (or model directory).
+    #[arg(long)]
+    model: PathBuf,
+    /// Store with the source cells.
+    #[arg(long)]
+    store: PathBuf,
+    /// Source cells: an expression over obs columns, or `all` [default: the control cells].
+    #[arg(long)]
+    source: Option<String>,
+    /// A target (repeat for several) [default: each cell reconstructed under its own condition].
+    #[arg(long)]
+    target: Vec<String>,
+    /// Output modes, comma-separated (small, fast, aggregate; a round each).
+    #[arg(long, value_delimiter = ',', default_value = "small,fast,aggregate")]
+    modes: Vec<cpa_stream_pipeline::bench::PredictMode>,
+    /// Repetitions of every mode (interleaved; medians reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Threads that encode the file's row groups [default: as predict's].
+    #[arg(long, value_name = "N")]
+    sink_threads: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch threads [default: as predict's].
+    #[arg(long, value_parser = super::parse_threads)]
+    threads: Option<usize>,
+    /// Where the files go while written [default: the system's temporary directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print the figures as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -228,6 +270,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Loader(args) => loader(args),
         BenchCommand::Train(args) => train(args),
         BenchCommand::Sink(args) => sink(args),
+        BenchCommand::Predict(args) => predict(args),
     }
 }
 
@@ -496,6 +539,61 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
         );
     }
     outln!("(MB/s of float32 values taken in; medians of {} interleaved repetitions)", options.repeats.max(1));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn predict(args: PredictBenchArgs) -> anyhow::Result<ExitCode> {
+    use cpa_stream_pipeline::predict::PredictRequest;
+    use cpa_stream_pipeline::request::Compute;
+    let request = PredictRequest {
+        model: args.model.clone(),
+        store: args.store.clone(),
+        source: args.source.clone(),
+        targets: args.target.clone(),
+        sink_threads: args.sink_threads,
+        compute: Compute { device: args.device.clone(), threads: args.threads, workers: None },
+        ..PredictRequest::default()
+    };
+    let base = request.options()?;
+    let r = cpa_stream_pipeline::bench::bench_predict(&base, &args.modes, args.repeats, args.dir.as_deref())?;
+    if args.json {
+        jsonln!(&r);
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!("{} genes per row; sink threads {}; {} CPUs", r.genes, r.sink_threads, r.cpus);
+    outln!(
+        "{:>9} {:>12} {:>8} {:>9} {:>12} {:>12} {:>12} {:>11} {:>11} {:>10}",
+        "mode",
+        "predictions",
+        "rows",
+        "wall s",
+        "per s",
+        "predictor/s",
+        "sink/s",
+        "sink share",
+        "bottleneck",
+        "file MB"
+    );
+    for round in &r.rounds {
+        outln!(
+            "{:>9} {:>12} {:>8} {:>9.2} {:>12.0} {:>12.0} {:>12.0} {:>10.1}% {:>11} {:>10.1}",
+            format!("{:?}", round.mode).to_lowercase(),
+            round.predictions,
+            round.rows,
+            round.seconds,
+            round.per_s,
+            round.predictor_per_s,
+            round.sink_per_s,
+            100.0 * round.sink_share,
+            round.bottleneck,
+            round.file_bytes as f64 / 1e6
+        );
+    }
+    outln!(
+        "(cell predictions per second of wall time, and of each stage's busy time; medians of {} interleaved \
+         repetitions)",
+        args.repeats.max(1)
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1141,3 +1141,43 @@ fn aggregates_equal_the_per_cell_predictions_aggregated_afterwards() {
         assert!(!refused.exists(), "{args:?} left a file");
     }
 }
+
+#[test]
+fn bench_predict_reports_the_predictor_and_the_sink_side_by_side() {
+    let f = fixture();
+    let o = run(&[
+        "bench",
+        "predict",
+        "--model",
+        f.run.to_str().unwrap_or_default(),
+        "--store",
+        f.store.to_str().unwrap_or_default(),
+        "--source",
+        "cell_type == CT01",
+        "--target",
+        "PERT01",
+        "--modes",
+        "fast,aggregate",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "bench predict failed: {}", text(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o.stdout)));
+    let rounds = r["rounds"].as_array().unwrap_or_else(|| panic!("no rounds: {r}"));
+    assert_eq!(rounds.len(), 2);
+    let (fast, aggregate) = (&rounds[0], &rounds[1]);
+    assert_eq!((fast["mode"].as_str(), aggregate["mode"].as_str()), (Some("fast"), Some("aggregate")));
+    // The same predictions either way: one row each in the file, or one row per cell type group.
+    assert_eq!(fast["predictions"], aggregate["predictions"]);
+    assert_eq!(fast["rows"], fast["predictions"]);
+    assert_eq!(aggregate["rows"].as_u64(), Some(1));
+    for round in rounds {
+        for key in ["per_s", "predictor_per_s", "sink_per_s", "sink_share"] {
+            assert!(round[key].as_f64().is_some_and(|v| v.is_finite() && v >= 0.0), "{key}: {round}");
+        }
+    }
+    assert_eq!(r["genes"].as_u64(), Some(100));
+}

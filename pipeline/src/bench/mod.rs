@@ -5,10 +5,12 @@
 //! - [`model`]: training steps of the model alone, on preloaded batches.
 //! - [`train`]: training through the pipeline against the same model on preloaded batches.
 //! - [`sink`]: the prediction sink alone, per encoding thread count, against a memcpy bound.
+//! - [`predict`]: prediction through the pipeline per output mode, predictor and sink side by side.
 
 pub mod cold;
 pub mod loader;
 pub mod model;
+pub mod predict;
 pub mod reader;
 pub mod sink;
 pub mod train;
@@ -19,6 +21,7 @@ pub use model::{
     DEFAULT_MODEL_CELLS, DEFAULT_MODEL_EPOCHS, DEFAULT_MODEL_GENES, ModelBench, ModelBenchOptions, bench_model,
     synthetic_batches,
 };
+pub use predict::{PredictBench, PredictMode, PredictRound, bench_predict};
 pub use reader::{
     DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, ReaderBench, ReaderBenchOptions, Throughput, bench_reader,
 };

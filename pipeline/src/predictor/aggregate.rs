@@ -3,9 +3,10 @@
 //! `change_log1p`, latents), accumulated on the model's device as the steps pass, so that no
 //! per-cell value leaves the device and the output is one row per group.
 //!
-//! Each step's rows are reduced to per-group count, mean and sum of squared deviations, and merged
-//! into the running ones with Chan et al.'s pairwise update, in float64: exact for any order of
-//! merging up to rounding, and free of the cancellation of a sum of squares.
+//! Each step's rows are reduced to per-group count, mean and sum of squared deviations (in the
+//! model's float32: a step is a few hundred rows), and merged into the running ones with Chan et
+//! al.'s pairwise update in float64: exact for any order of merging up to rounding, and free of
+//! the cancellation of a sum of squares over millions of cells.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -305,20 +306,32 @@ impl Aggregator {
         let weight_b = n_b_t.f_div(&n_t)?;
         let weight_ab = to_device(&n_a.iter().zip(&n_b).zip(&n).map(|((a, b), n)| a * b / n).collect::<Vec<_>>())?;
         let u = unique.len() as i64;
+        let n_b_f32 = n_b_t.f_to_kind(Kind::Float)?;
         for (c, column) in columns.iter().enumerate() {
-            let x = column.f_to_kind(Kind::Double)?;
+            // The step's own statistics in the model's float32 (a step is a few hundred rows on
+            // the CPU, a batch on a GPU), merged into the running ones in float64.
+            let x = column.f_to_kind(Kind::Float)?;
             let width = x.size()[1];
-            let zeros = || Tensor::f_zeros([u, width], (Kind::Double, self.device));
-            let mean_b = zeros()?.f_index_add(0, &local_t, &x)?.f_div(&n_b_t)?;
+            let sum = if u == 1 {
+                x.f_sum_dim_intlist(0, true, Kind::Float)?
+            } else {
+                Tensor::f_zeros([u, width], (Kind::Float, self.device))?.f_index_add(0, &local_t, &x)?
+            };
+            let mean_b = sum.f_div(&n_b_f32)?;
             let mean_a = self.mean[c].f_index_select(0, &unique_t)?;
-            let delta = mean_b.f_sub(&mean_a)?;
+            let delta = mean_b.f_to_kind(Kind::Double)?.f_sub(&mean_a)?;
             let mean = mean_a.f_add(&delta.f_mul(&weight_b)?)?;
             let _ = self.mean[c].f_index_copy_(0, &unique_t, &mean)?;
             if self.variance {
-                let deviation = x.f_sub(&mean_b.f_index_select(0, &local_t)?)?;
-                let m2_b = zeros()?.f_index_add(0, &local_t, &deviation.f_square()?)?;
+                let deviation = if u == 1 { x.f_sub(&mean_b)? } else { x.f_sub(&mean_b.f_index_select(0, &local_t)?)? };
+                let squares = deviation.f_square()?;
+                let m2_b = if u == 1 {
+                    squares.f_sum_dim_intlist(0, true, Kind::Float)?
+                } else {
+                    Tensor::f_zeros([u, width], (Kind::Float, self.device))?.f_index_add(0, &local_t, &squares)?
+                };
                 let m2_a = self.m2[c].f_index_select(0, &unique_t)?;
-                let m2 = m2_a.f_add(&m2_b)?.f_add(&delta.f_square()?.f_mul(&weight_ab)?)?;
+                let m2 = m2_a.f_add(&m2_b.f_to_kind(Kind::Double)?)?.f_add(&delta.f_square()?.f_mul(&weight_ab)?)?;
                 let _ = self.m2[c].f_index_copy_(0, &unique_t, &m2)?;
             }
         }
