@@ -332,6 +332,7 @@ class Run:
         change: bool = False,
         aggregate: str | Sequence[str] | None = None,
         group_by: str | Sequence[str] | None = None,
+        values: str | None = None,
         overwrite: bool = False,
         device: str = "cpu",
         threads: int | None = None,
@@ -341,13 +342,14 @@ class Run:
         """Writes the predictions to a Parquet file at ``out`` as ``cpa-stream predict`` does
         (streamed: memory does not grow with the cells) and returns its report. With ``shard``
         (``"k/n"``) ``out`` is a dataset directory that receives ``part-k-of-n.parquet`` and
-        ``genes.parquet``. ``wide`` writes one column per gene. The way for predictions that do
-        not fit in memory; read them back lazily with ``polars.scan_parquet`` or DuckDB."""
+        ``genes.parquet``. ``wide`` writes one column per gene. ``values="f16"`` writes the float columns
+        as Parquet FLOAT16 (half the bytes; relative error at most 0.049%, a value above 65504 an
+        error). The way for predictions that do not fit in memory; read them back lazily with ``polars.scan_parquet`` or DuckDB."""
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, degs=degs, latents=latents,
             out=out, shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
             batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, aggregate=aggregate,
-            group_by=group_by, overwrite=overwrite, device=device, threads=threads, workers=workers,
+            group_by=group_by, values=values, overwrite=overwrite, device=device, threads=threads, workers=workers,
         )
         return json.loads(_openmp.compute("predict", request, _progress.make(progress, "predict")))
 

@@ -72,3 +72,33 @@ def test_aggregates_from_python_equal_the_cells_grouped_in_polars(run, store, tm
     assert table.column("n_cells")[0].as_py() == len(cells)
     with pytest.raises(Exception, match="group_by"):
         run.predict(store, group_by="cell_type", **keywords)
+
+
+def test_float16_values_read_in_every_reader_within_half_precision(cli, run, store, tmp_path):
+    """``--values f16`` (Parquet FLOAT16): pyarrow, pandas, polars and DuckDB read it, each value
+    within half precision of the float32 file's."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    files = {}
+    for values in ("f32", "f16"):
+        files[values] = tmp_path / f"{values}.parquet"
+        subprocess.run(
+            [cli, "predict", "--model", str(run.path), "--store", str(store.path), "--target", "MAP2K6",
+             "--threads", "1", "--values", values, "--out", str(files[values])],
+            check=True, capture_output=True,
+        )
+    single = np.stack(pq.read_table(files["f32"]).column("mean").to_numpy(zero_copy_only=False)).astype(np.float64)
+    assert files["f16"].stat().st_size < 0.75 * files["f32"].stat().st_size
+    read = {
+        "pyarrow": pq.read_table(files["f16"]).column("mean").to_numpy(zero_copy_only=False),
+        "pandas": pd.read_parquet(files["f16"])["mean"].to_numpy(),
+        "polars": pl.read_parquet(files["f16"])["mean"].to_numpy(),
+        "duckdb": duckdb.sql(f"select mean from '{files['f16']}'").df()["mean"].to_numpy(),
+    }
+    for name, column in read.items():
+        half = np.stack([np.asarray(v, dtype=np.float64) for v in column])
+        assert half.shape == single.shape, name
+        bound = np.maximum(np.abs(single) * 2.0**-11, 2.0**-25)
+        assert (np.abs(half - single) <= bound).all(), name

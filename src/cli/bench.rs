@@ -93,6 +93,9 @@ pub struct SinkArgs {
     /// Page encodings, comma-separated (small, fast; a round each).
     #[arg(long, value_delimiter = ',', default_value = "small,fast")]
     profiles: Vec<cpa_stream_stages::sink::SinkProfile>,
+    /// The float type written (f32 or f16).
+    #[arg(long, default_value = "f32")]
+    values: cpa_stream_stages::sink::Values,
     /// MiB of float32 values written per round.
     #[arg(long, default_value_t = DEFAULT_SINK_MIB)]
     mib: usize,
@@ -505,6 +508,7 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
         profiles: args.profiles,
         mib: args.mib,
         repeats: args.repeats,
+        values: args.values,
     };
     let r = bench_sink(&options, args.dir.as_deref())?;
     if args.json {

@@ -109,6 +109,10 @@ pub struct PredictArgs {
     /// (uncompressed pages, plain floats: faster to write and read, larger).
     #[arg(long, value_name = "small|fast")]
     sink_profile: Option<cpa_stream_stages::sink::SinkProfile>,
+    /// The float type of the output's float columns: f32 (as computed) or f16 (Parquet FLOAT16:
+    /// half the bytes, relative error at most 0.049%; a value above 65504 is an error).
+    #[arg(long, value_name = "f32|f16")]
+    values: Option<cpa_stream_stages::sink::Values>,
     #[arg(long, help = format!("zstd level of the output [default: {DEFAULT_ZSTD_LEVEL}]"))]
     zstd_level: Option<i32>,
     /// Seed of the posterior draws (variational models).
@@ -161,6 +165,7 @@ impl PredictArgs {
             row_group_rows: self.row_group_rows,
             sink_threads: self.sink_threads,
             sink_profile: self.sink_profile,
+            values: self.values,
             zstd_level: self.zstd_level,
             overwrite: self.overwrite,
             compute: Compute { device: self.device.clone(), threads: self.threads, workers: self.workers },

@@ -958,6 +958,14 @@ fn polars_reads_predictions_lazily_with_the_schema_types() {
     assert_eq!(schema.get("cell_id"), Some(&DataType::String));
     let genes = cpa_stream::lazy::prediction_genes(&dir).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(genes.len(), 100);
+
+    // float16 values (`--values f16`) read as polars' float16 arrays.
+    let half = f.dir.join("preds-f16.parquet");
+    let o = predict(&["--target", "PERT01", "--values", "f16", "--out", half.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "predict --values f16 failed: {}", text(&o.stderr));
+    let df = cpa_stream::lazy::scan_predictions(&half).and_then(|l| l.collect()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(df.height(), conds.iter().filter(|c| *c == "control").count());
+    assert_eq!(df.schema().get("mean"), Some(&DataType::Array(Box::new(DataType::Float16), 100)));
 }
 
 #[test]

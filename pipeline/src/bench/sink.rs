@@ -35,6 +35,8 @@ pub struct SinkBenchOptions {
     pub mib: usize,
     /// Repetitions of every round.
     pub repeats: usize,
+    /// The float type written.
+    pub values: cpa_stream_stages::sink::Values,
 }
 
 impl Default for SinkBenchOptions {
@@ -45,6 +47,7 @@ impl Default for SinkBenchOptions {
             profiles: vec![SinkProfile::Small, SinkProfile::Fast],
             mib: DEFAULT_SINK_MIB,
             repeats: 3,
+            values: cpa_stream_stages::sink::Values::F32,
         }
     }
 }
@@ -110,9 +113,15 @@ fn batches(genes: usize, mib: usize) -> Result<Vec<RecordBatch>> {
 }
 
 /// Writes `batches` through a sink of `threads` threads into `dir`; seconds and file bytes.
-fn round(dir: &Path, batches: &[RecordBatch], threads: usize, profile: SinkProfile) -> Result<(f64, u64)> {
+fn round(
+    dir: &Path,
+    batches: &[RecordBatch],
+    threads: usize,
+    profile: SinkProfile,
+    values: cpa_stream_stages::sink::Values,
+) -> Result<(f64, u64)> {
     let path = dir.join("sink-bench.parquet");
-    let options = SinkOptions { threads, profile, overwrite: true, ..SinkOptions::default() };
+    let options = SinkOptions { threads, profile, values, overwrite: true, ..SinkOptions::default() };
     let started = Instant::now();
     let mut sink = ParquetSink::create(&path, batches[0].schema(), &options).map_err(Error::stage(Stage::Sink))?;
     for batch in batches {
@@ -171,7 +180,7 @@ pub fn bench_sink(options: &SinkBenchOptions, dir: Option<&Path>) -> Result<Sink
             // Cases in a rotating order: each repetition starts with another.
             for k in 0..cases.len() {
                 let c = (k + repeat) % cases.len();
-                let (s, b) = round(dir, &batches, cases[c].1, cases[c].0)?;
+                let (s, b) = round(dir, &batches, cases[c].1, cases[c].0, options.values)?;
                 seconds[c].push(s);
                 bytes[c] = b;
             }

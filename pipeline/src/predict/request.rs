@@ -70,6 +70,8 @@ pub struct PredictRequest {
     pub sink_threads: Option<usize>,
     /// How the output's pages are encoded [default: small].
     pub sink_profile: Option<cpa_stream_stages::sink::SinkProfile>,
+    /// The float type of the file's float columns: f32 or f16 [default: f32].
+    pub values: Option<cpa_stream_stages::sink::Values>,
     /// zstd level of the file [default: the sink's].
     pub zstd_level: Option<i32>,
     /// Replace an existing output file.
@@ -168,6 +170,7 @@ impl PredictRequest {
             overwrite: self.overwrite,
             threads: sink_threads,
             profile: self.sink_profile.unwrap_or_default(),
+            values: self.values.unwrap_or_default(),
             ..SinkOptions::default()
         };
         if let Some(rows) = self.row_group_rows {
