@@ -77,6 +77,16 @@ pub struct PredictBench {
     pub cpus: usize,
 }
 
+/// One repetition of a mode: wall, predictor busy and sink busy seconds, the sink's share of the
+/// wall time, the bottleneck's name.
+struct Sample {
+    wall: f64,
+    predictor: f64,
+    sink: f64,
+    share: f64,
+    bottleneck: String,
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -101,7 +111,7 @@ pub fn bench_predict(
         Some(dir) => tempfile::tempdir_in(dir).map_err(Error::io(dir))?,
         None => tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?,
     };
-    let mut samples: Vec<Vec<(f64, f64, f64, f64, String)>> = vec![Vec::new(); modes.len()];
+    let mut samples: Vec<Vec<Sample>> = (0..modes.len()).map(|_| Vec::new()).collect();
     let mut shapes = vec![(0u64, 0u64, 0u64); modes.len()];
     let mut genes = 0;
     for _ in 0..repeats.max(1) {
@@ -122,13 +132,14 @@ pub fn bench_predict(
             let stages = &report.report.stages;
             let wall = report.seconds;
             let bottleneck = report.report.bottleneck().map(|s| s.name.clone()).unwrap_or_default();
-            samples[k].push((
+            let sink = busy(stages, crate::Stage::Sink.name());
+            samples[k].push(Sample {
                 wall,
-                busy(stages, crate::Stage::Predictor.name()),
-                busy(stages, crate::Stage::Sink.name()),
-                busy(stages, crate::Stage::Sink.name()) / wall.max(1e-9),
+                predictor: busy(stages, crate::Stage::Predictor.name()),
+                sink,
+                share: sink / wall.max(1e-9),
                 bottleneck,
-            ));
+            });
             shapes[k] = (predictions, report.output.rows, report.output.bytes);
             genes = report.genes;
         }
@@ -139,12 +150,12 @@ pub fn bench_predict(
         .zip(shapes)
         .map(|((&mode, s), (predictions, rows, file_bytes))| {
             let n = predictions as f64;
-            let seconds = median(s.iter().map(|x| x.0).collect());
-            let predictor = median(s.iter().map(|x| x.1).collect());
-            let sink = median(s.iter().map(|x| x.2).collect());
+            let seconds = median(s.iter().map(|x| x.wall).collect());
+            let predictor = median(s.iter().map(|x| x.predictor).collect());
+            let sink = median(s.iter().map(|x| x.sink).collect());
             // The bottleneck of the median-wall repetition.
-            let mut by_wall: Vec<&(f64, f64, f64, f64, String)> = s.iter().collect();
-            by_wall.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let mut by_wall: Vec<&Sample> = s.iter().collect();
+            by_wall.sort_by(|a, b| a.wall.total_cmp(&b.wall));
             PredictRound {
                 mode,
                 predictions,
@@ -153,8 +164,8 @@ pub fn bench_predict(
                 per_s: n / seconds.max(1e-9),
                 predictor_per_s: n / predictor.max(1e-9),
                 sink_per_s: n / sink.max(1e-9),
-                sink_share: median(s.iter().map(|x| x.3).collect()),
-                bottleneck: by_wall.get(by_wall.len() / 2).map(|x| x.4.clone()).unwrap_or_default(),
+                sink_share: median(s.iter().map(|x| x.share).collect()),
+                bottleneck: by_wall.get(by_wall.len() / 2).map(|x| x.bottleneck.clone()).unwrap_or_default(),
                 file_bytes,
             }
         })
