@@ -770,11 +770,15 @@ def draws(a):
 
 
 def best_epoch(history):
-    try:
-        valid = history.dropna(subset=["score"])
-        return int(valid.loc[valid["score"].idxmax(), "epoch"])
-    except (KeyError, ValueError):
+    """The epoch whose weights the run kept: the best validation score (cpa-stream's history calls
+    it ``val_score``; ``score`` in histories written before it), the first of equals."""
+    column = next((c for c in ("val_score", "score") if c in history.columns), None)
+    if column is None:
         return None
+    valid = history.dropna(subset=[column])
+    if valid.empty:
+        return None
+    return int(valid.loc[valid[column].idxmax(), "epoch"])
 
 
 def print_result(r):

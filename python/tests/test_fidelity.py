@@ -253,3 +253,14 @@ def test_the_peer_draw_grid_scores_each_model_with_each_draw(fidelity, prepared,
     (prepared / "results" / "cpa-tools-e5-s1" / "score.json").write_text(json.dumps(kept))
     with pytest.raises(SystemExit, match="s1: its own draws score"):
         fidelity.draw_grid(str(prepared), meta, "cpa-tools", 5)
+
+
+def test_the_best_epoch_is_read_from_the_runs_validation_score(fidelity, run):
+    """score.json's ``best_epoch`` (issue 52 item 6): the epoch of the best ``val_score``, not null."""
+    history = run.history
+    assert "val_score" in history.columns
+    best = fidelity.best_epoch(history)
+    scored = history.dropna(subset=["val_score"])
+    assert best is not None and best in set(scored["epoch"])
+    assert scored.loc[scored["epoch"] == best, "val_score"].iloc[0] == scored["val_score"].max()
+    assert fidelity.best_epoch(history.drop(columns=["val_score"])) is None
