@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import _args, _native, _openmp, _progress
-from ._store import PathLike, Store, table_to_pandas
+from ._store import PathLike, Store, store_of, table_to_pandas
 
 if TYPE_CHECKING:
     import anndata
@@ -34,8 +34,10 @@ CHANGE_LOG1P = "change_log1p"
 Targets = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | pd.DataFrame | None
 
 
-def _path(p: Store | PathLike) -> str:
-    return os.fspath(p)
+def _path(p: Store | PathLike | Any) -> str:
+    """A store argument: a Store, a store's path, an .h5ad path or an AnnData (whose store is
+    found or made, :func:`cpa_stream._store.store_of`)."""
+    return store_of(p)
 
 
 def _compute(device: str, threads: int | None, workers: int | None = None) -> dict[str, Any]:
@@ -52,7 +54,7 @@ def _plots(plots: bool | None, out: PathLike | None) -> bool | None:
 
 
 def train(
-    store: Store | PathLike,
+    store: Store | PathLike | anndata.AnnData,
     out: PathLike,
     *,
     perturbation_key: str | None = None,
@@ -79,6 +81,11 @@ def train(
     progress: bool | None = None,
 ) -> Run:
     """Trains CPA on ``store`` into the run directory ``out`` and returns the :class:`Run`.
+
+    ``store`` is a :class:`Store`, a store's path, an ``.h5ad`` path or an AnnData (in memory or
+    backed): an AnnData or file already imported with :func:`import_h5ad` trains on that store,
+    others are imported once into ``$CPA_STREAM_CACHE/stores`` and found there again (the same
+    holds for every method of :class:`Run` that takes a store).
 
     The obs columns (cpa-tools' names): ``perturbation_key`` (conditions such as ``"A+B"``,
     default ``"condition"``), ``dosage_key`` (``"0.1+1"``; without it every dose is 1),
@@ -256,7 +263,7 @@ class Run:
 
     def predict(
         self,
-        store: Store | PathLike,
+        store: Store | PathLike | anndata.AnnData,
         *,
         source: str | None = None,
         targets: Targets = None,
@@ -314,7 +321,7 @@ class Run:
     def predict_to_parquet(
         self,
         out: PathLike,
-        store: Store | PathLike,
+        store: Store | PathLike | anndata.AnnData,
         *,
         source: str | None = None,
         targets: Targets = None,
@@ -355,7 +362,7 @@ class Run:
 
     def predict_anndata(
         self,
-        store: Store | PathLike,
+        store: Store | PathLike | anndata.AnnData,
         *,
         source: str | None = None,
         targets: Targets = None,
@@ -406,7 +413,7 @@ class Run:
             obs = table_to_pandas(pa.concat_tables(labels))
         else:
             obs = table_to_pandas(pa.schema([reader.schema.field(n) for n in label_names]).empty_table())
-        obs.index = obs.index.astype(str)
+        obs.index = _prediction_names(obs)
         x = np.concatenate(means) if means else np.zeros((0, len(gene_names)), np.float32)
         latents_out = {n: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for n, v in obsm.items()}
         layers = {}
@@ -420,7 +427,7 @@ class Run:
 
     def latents(
         self,
-        store: Store | PathLike,
+        store: Store | PathLike | anndata.AnnData,
         kinds: Sequence[str] | str = ("z_basal",),
         *,
         source: str = "all",
@@ -455,7 +462,7 @@ class Run:
 
     def evaluate(
         self,
-        store: Store | PathLike,
+        store: Store | PathLike | anndata.AnnData,
         *,
         split: str = "test",
         out: PathLike | None = None,
@@ -503,7 +510,7 @@ class Run:
 
     def dose_response(
         self,
-        store: Store | PathLike | None = None,
+        store: Store | PathLike | anndata.AnnData | None = None,
         *,
         perturbations: Sequence[str] | None = None,
         doses: Sequence[float] | None = None,
@@ -576,6 +583,27 @@ class Run:
             [table.column("covariate").to_pylist(), table.column("name").to_pylist()], names=["covariate", "category"]
         )
         return pd.DataFrame(vectors, index=index)
+
+
+def _prediction_names(obs: pd.DataFrame) -> pd.Index:
+    """obs names of predicted rows: the source cells' ids where each appears once (one target),
+    else ``<cell id>_<condition>`` (and ``_<dose>`` where doses tell targets apart), else row
+    numbers."""
+    if "cell_id" not in obs.columns or len(obs) == 0:
+        return obs.index.astype(str)
+    ids = obs["cell_id"].astype(str)
+    if ids.is_unique:
+        return pd.Index(ids.to_numpy(), dtype=str)
+    labels = [c for c in obs.columns if c != "cell_id"]
+    for n in (1, 2):
+        if len(labels) < n:
+            break
+        names = ids
+        for column in labels[:n]:
+            names = names + "_" + obs[column].astype(str)
+        if names.is_unique:
+            return pd.Index(names.to_numpy(), dtype=str)
+    return obs.index.astype(str)
 
 
 def _vectors(column: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:

@@ -226,14 +226,18 @@ def import_h5ad(
         # A file, or a backed AnnData read from its file, out of core, as `cpa-stream import` does.
         request["inputs"] = [os.fspath(data if isinstance(data, (str, os.PathLike)) else data.filename)]
         _native.run("import", _args.request(request), _progress.make(progress, "import"))
+        _remember(data, out)
         return Store(out)
+    original = data
     # The matrix comes from Python; the request says where it goes and how.
     arrays = _args.request({k: v for k, v in request.items() if k in _ARRAY_REQUEST})
     chunk_rows = chunk_rows if chunk_rows is not None else DEFAULT_CHUNK_ROWS
     if getattr(data, "isbacked", False):
         # A view of a backed AnnData (``adata[:100]``): its cells only, read from the file chunk
         # by chunk through the view, never the whole file.
-        return _import_backed_view(data, out, layer, use_raw, genes, deg_uns_key, chunk_rows, progress, arrays)
+        store = _import_backed_view(data, out, layer, use_raw, genes, deg_uns_key, chunk_rows, progress, arrays)
+        _remember(data, out)
+        return store
     if genes is not None:
         data = data[:, genes]
     if use_raw:
@@ -259,6 +263,7 @@ def import_h5ad(
     _native.import_arrays(
         arrays, what, obs, var, _csr_chunks(matrix, chunk_rows), degs=degs, progress=_progress.make(progress, "import")
     )
+    _remember(original, out)
     return Store(out)
 
 
@@ -599,3 +604,104 @@ def _deg_rows(entry: Any) -> tuple[list, list, list, list, list, list] | None:
             pvalues.append(None)
             qvalues.append(None)
     return groups, ranks, genes, scores, pvalues, qvalues
+
+
+# -- Finding the store of an AnnData or an .h5ad file ---------------------------------------------
+
+#: In-process: ``id(adata)`` -> (a weak reference to it, its store), for AnnData objects imported
+#: (AnnData objects refuse equality, so they cannot key a weak dictionary).
+_ANNDATA_STORES: dict[int, tuple[Any, str]] = {}
+
+
+def _cache_dir() -> Path:
+    """Where stores made for files and AnnData objects live: ``$CPA_STREAM_CACHE/stores`` (default
+    ``~/.cache/cpa-stream/stores``)."""
+    root = os.environ.get("CPA_STREAM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cpa-stream"
+    )
+    return Path(root) / "stores"
+
+
+def _file_key(path: Path) -> str:
+    """A file's identity as it is now: its real path, size and modification time."""
+    import hashlib
+
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    text = f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _is_store(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, "manifest.json"))
+
+
+def _remember(data: Any, out: Path) -> None:
+    """Records ``out`` as the store of ``data`` (an ``.h5ad`` path or an AnnData)."""
+    import weakref
+
+    if isinstance(data, (str, os.PathLike)):
+        if not os.path.isfile(data):
+            return
+        entry = _cache_dir() / f"{_file_key(Path(data))}.json"
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"source": os.path.realpath(data), "store": os.path.abspath(out)}))
+        os.replace(tmp, entry)
+    elif _is_anndata(data):
+        key = id(data)
+        _ANNDATA_STORES[key] = (weakref.ref(data, lambda _ref, key=key: _ANNDATA_STORES.pop(key, None)),
+                                os.path.abspath(out))
+
+
+def _is_anndata(data: Any) -> bool:
+    return all(hasattr(data, a) for a in ("obs", "var", "obs_names", "var_names", "X"))
+
+
+def store_of(data: Any, progress: bool | None = None) -> str:
+    """The store of ``data``: a :class:`Store` or a store's path as it is; an ``.h5ad`` path or an
+    AnnData finds the store it was imported into (by :func:`import_h5ad`, or earlier by this
+    function) or, the first time, imports it into the cache (``$CPA_STREAM_CACHE/stores``). A
+    file's store is reused while the file is unchanged (same path, size and modification time);
+    an AnnData's while the object lives in this process (after changing its obs or X, import it
+    again)."""
+    if isinstance(data, Store):
+        return os.fspath(data)
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            # A store's directory (or a path the library's error names).
+            return os.fspath(path)
+        entry = _cache_dir() / f"{_file_key(path)}.json"
+        if entry.is_file():
+            known = json.loads(entry.read_text()).get("store")
+            if known and _is_store(known):
+                return known
+        out = _cache_dir() / f"{_file_key(path)}.store"
+        if not _is_store(out):
+            import_h5ad(path, out, overwrite=out.exists(), progress=progress)
+        _remember(path, out)
+        return os.fspath(out)
+    if _is_anndata(data):
+        found = _ANNDATA_STORES.get(id(data))
+        if found is not None and found[0]() is data and _is_store(found[1]):
+            return found[1]
+        if getattr(data, "isbacked", False) and not data.is_view and data.filename is not None:
+            out = store_of(Path(data.filename), progress)
+            _remember(data, Path(out))
+            return out
+        import tempfile
+        import weakref
+
+        _cache_dir().mkdir(parents=True, exist_ok=True)
+        directory = tempfile.mkdtemp(prefix="anndata-", dir=_cache_dir())
+        out = Path(directory) / "store"
+        import_h5ad(data, out, progress=progress)
+        # The store made here goes with the object.
+        import shutil
+
+        weakref.finalize(data, shutil.rmtree, directory, True)
+        return os.fspath(out)
+    raise TypeError(
+        f"expected a Store, a store's path, an .h5ad path or an AnnData; got {type(data).__name__}"
+    )

@@ -161,7 +161,7 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         let why = source.explain_no_match(cpa_stream_stages::store::TableFile::Store(&store, StoreFiles::OBS))?;
         if !options.allow_empty {
             return Err(Error::InvalidInput(format!(
-                "{selection} selects no cell{shard}: {why}. {} was not written (--allow-empty writes an empty file)",
+                "{selection} selects no cell{shard}: {why}. {} was not written (--allow-empty, in Python allow_empty=True, writes an empty file)",
                 path.display()
             )));
         }

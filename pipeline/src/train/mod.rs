@@ -240,10 +240,12 @@ fn check_counts(store: &Store, allow: bool) -> Result<()> {
                 store.path().display()
             );
             if allow {
-                tracing::warn!("{message}; training anyway (--allow-non-counts)");
+                tracing::warn!("{message}; training anyway (--allow-non-counts / allow_non_counts=True)");
                 return Ok(());
             }
-            return Err(Error::InvalidInput(format!("{message} (--allow-non-counts trains anyway)")));
+            return Err(Error::InvalidInput(format!(
+                "{message} (--allow-non-counts, in Python allow_non_counts=True, trains anyway)"
+            )));
         }
     }
     Ok(())
