@@ -250,6 +250,30 @@ impl EvaluateOptions {
     }
 }
 
+/// The simple baselines of a condition, each a predicted pseudobulk built from the training cells
+/// of other conditions and scored as the model is (NaN where a baseline has no data): the
+/// *additive* baseline of a combination (the control mean plus each part's mean shift from its
+/// covariates' training controls, in the same covariates), and the *other covariates* baseline
+/// (the control mean plus the condition's mean shift in the other covariate values where it has
+/// training cells, averaged with equal weight per value: the classic baseline of an unseen cell
+/// type).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BaselineMetrics {
+    /// R2 of the additive baseline's means against the real means, all genes.
+    pub additive_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub additive_r2_mean_top20: f64,
+    /// 1 when the model's `r2_mean` and `r2_mean_top20` both exceed the additive baseline's, 0
+    /// when not (the flag to look for), NaN without the baseline.
+    pub beats_additive: f64,
+    /// R2 of the other-covariates baseline's means, all genes.
+    pub other_covariates_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub other_covariates_r2_mean_top20: f64,
+    /// 1 when the model beats the other-covariates baseline on both, 0 when not, NaN without it.
+    pub beats_other_covariates: f64,
+}
+
 /// One evaluated condition's figures (NaN where not computable).
 #[derive(Debug, Clone, Serialize)]
 pub struct ConditionMetrics {
@@ -281,6 +305,8 @@ pub struct ConditionMetrics {
     pub truth: Option<TruthMetrics>,
     /// The field's metrics (cell-eval's and PerturBench's families; [`field`]).
     pub field: FieldMetrics,
+    /// The simple baselines the field reports beside the model (from training cells only).
+    pub baselines: BaselineMetrics,
     /// Distance of the condition's latent shift to the closest training condition's
     /// ([`uncertainty`]; NaN when no training condition has enough cells): cosine, Euclidean.
     pub uncertainty_cosine: f64,

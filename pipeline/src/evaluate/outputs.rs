@@ -77,6 +77,13 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("spearman_delta_top20".to_owned(), f.spearman_delta_top20));
     out.extend(f.discrimination.iter().map(|(d, v)| (format!("discrimination_{d}"), *v)));
     out.push(("beats_control".to_owned(), f.beats_control));
+    let b = &c.baselines;
+    out.push(("additive_r2_mean".to_owned(), b.additive_r2_mean));
+    out.push(("additive_r2_mean_top20".to_owned(), b.additive_r2_mean_top20));
+    out.push(("beats_additive".to_owned(), b.beats_additive));
+    out.push(("other_covariates_r2_mean".to_owned(), b.other_covariates_r2_mean));
+    out.push(("other_covariates_r2_mean_top20".to_owned(), b.other_covariates_r2_mean_top20));
+    out.push(("beats_other_covariates".to_owned(), b.beats_other_covariates));
     out.push(("n_significant".to_owned(), f.n_significant));
     out.extend(f.deg_precision.iter().map(|(k, v)| (format!("deg_precision_at{k}"), *v)));
     out.push(("cosine_logfc".to_owned(), f.cosine_logfc));

@@ -12,10 +12,11 @@ use super::field::{cosine, direction_match, mae, mse, overlap_at, pearson, pertu
 use super::moments::GroupMoments;
 use super::outputs::DegRow;
 use super::{
-    ConditionMetrics, DEG_OVERLAP_K, Definitions, Effects, EvaluateOptions, FieldMetrics, PlotData, TOP_K, TopMetrics,
+    BaselineMetrics, ConditionMetrics, DEG_OVERLAP_K, Definitions, Effects, EvaluateOptions, FieldMetrics, PlotData, TOP_K, TopMetrics,
     TruthMetrics,
 };
 use crate::condition::{ConditionKey, TruthRow};
+use crate::encoder::Split;
 use crate::obs::ObsKeys;
 use crate::predictor::targets::Target;
 use crate::stats::{Moments, benjamini_hochberg, r2_score, top_by_abs, welch_test};
@@ -149,6 +150,7 @@ impl Scoring<'_> {
             predicted_logfc,
             real_logfc: has_real.then_some(real_logfc),
         };
+        let baselines = self.baselines(key, &ctrl_mean, &ranked, has_real, &real_mean, &pred_mean);
         let plot_genes: Vec<usize> = ranked.iter().take(largest_k).copied().collect();
         let reference = if has_real { &real_mean } else { truth.map_or(&real_mean, |t| &t.mean_log1p) };
         ConditionMetrics {
@@ -171,6 +173,7 @@ impl Scoring<'_> {
             top,
             truth: truth_metrics,
             field: FieldMetrics { beats_control: nan_unless(has_real, f64::from(u8::from(beats))), ..field },
+            baselines,
             uncertainty_cosine: f64::NAN,
             uncertainty_euclidean: f64::NAN,
             closest_condition: String::new(),
@@ -224,6 +227,85 @@ impl Scoring<'_> {
             rmse: f64::NAN,
             rank_cosine_logfc: f64::NAN,
             rank_rmse: f64::NAN,
+        }
+    }
+
+    /// The mean of the training cells of `key`'s condition (`None` without any).
+    fn training_mean(&self, key: &ConditionKey) -> Option<Vec<f64>> {
+        let groups = if key.is_control() {
+            self.control_groups.get(&key.covariates)?
+        } else {
+            &self.conditions.get(key)?.groups
+        };
+        let moments = self.moments.of_groups(groups, |s| s == Split::Train);
+        (moments.n >= 1.0).then(|| moments.mean())
+    }
+
+    /// The mean shift of `parts` from the training controls in `covariates`, training cells only.
+    fn training_shift(&self, covariates: &[u32], parts: &[(u32, u32)]) -> Option<Vec<f64>> {
+        let control = ConditionKey { covariates: covariates.to_vec(), parts: Vec::new() };
+        let control = self.training_mean(&control)?;
+        let treated = self.training_mean(&ConditionKey { covariates: covariates.to_vec(), parts: parts.to_vec() })?;
+        Some(treated.iter().zip(&control).map(|(t, c)| t - c).collect())
+    }
+
+    /// The additive and other-covariates baselines of a condition ([`BaselineMetrics`]), scored
+    /// against its real means as the model's `pred_mean` is.
+    fn baselines(
+        &self,
+        key: &ConditionKey,
+        ctrl_mean: &[f64],
+        ranked: &[usize],
+        has_real: bool,
+        real_mean: &[f64],
+        pred_mean: &[f64],
+    ) -> BaselineMetrics {
+        let top20 = (ranked.len() >= 20).then(|| &ranked[..20]);
+        let score = |shift: Option<Vec<f64>>| -> (f64, f64, f64) {
+            let Some(shift) = shift.filter(|_| has_real) else { return (f64::NAN, f64::NAN, f64::NAN) };
+            let baseline: Vec<f64> = ctrl_mean.iter().zip(&shift).map(|(c, d)| c + d).collect();
+            let all = r2_on(&baseline, real_mean, None);
+            let top = top20.map_or(f64::NAN, |i| r2_on(&baseline, real_mean, Some(i)));
+            let model_all = r2_on(pred_mean, real_mean, None);
+            let model_top = top20.map_or(f64::NAN, |i| r2_on(pred_mean, real_mean, Some(i)));
+            let beats = model_all > all && (top.is_nan() || model_top > top);
+            (all, top, f64::from(u8::from(beats)))
+        };
+        // Additive: a combination of two or more perturbations, each part's own shift summed.
+        let parts: Vec<(u32, u32)> =
+            key.parts.iter().copied().filter(|&(id, _)| id as usize != cpa_stream_stages::model::vocab::CONTROL_ID).collect();
+        let additive = (parts.len() >= 2)
+            .then(|| {
+                let mut sum = vec![0.0; ctrl_mean.len()];
+                for &part in &parts {
+                    let shift = self.training_shift(&key.covariates, &[part])?;
+                    sum.iter_mut().zip(&shift).for_each(|(s, d)| *s += d);
+                }
+                Some(sum)
+            })
+            .flatten();
+        // Other covariates: the same condition's shift where the covariates differ.
+        let mut others: Vec<Vec<f64>> = Vec::new();
+        if !key.covariates.is_empty() {
+            for other in self.conditions.keys().filter(|k| k.parts == key.parts && k.covariates != key.covariates) {
+                if let Some(shift) = self.training_shift(&other.covariates, &other.parts) {
+                    others.push(shift);
+                }
+            }
+        }
+        let other = (!others.is_empty()).then(|| {
+            let n = others.len() as f64;
+            (0..ctrl_mean.len()).map(|g| others.iter().map(|s| s[g]).sum::<f64>() / n).collect()
+        });
+        let (additive_r2_mean, additive_r2_mean_top20, beats_additive) = score(additive);
+        let (other_covariates_r2_mean, other_covariates_r2_mean_top20, beats_other_covariates) = score(other);
+        BaselineMetrics {
+            additive_r2_mean,
+            additive_r2_mean_top20,
+            beats_additive,
+            other_covariates_r2_mean,
+            other_covariates_r2_mean_top20,
+            beats_other_covariates,
         }
     }
 
