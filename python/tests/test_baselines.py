@@ -54,6 +54,29 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
             return None
         return mean(treated) - mean(train & (condition == "control") & (cell_type == ct))
 
+    # The linear baseline: ridge (lambda 1) from perturbation and cell-type indicators and an
+    # intercept to each training condition's change from its training controls.
+    perturbations = sorted({p for c in condition if c != "control" for p in c.split("+")})
+    columns = [*perturbations, *cell_types, "intercept"]
+
+    def features(cond: str, ct: str) -> np.ndarray:
+        x = np.zeros(len(columns))
+        for p in cond.split("+"):
+            x[columns.index(p)] = 1.0
+        x[columns.index(ct)] = 1.0
+        x[-1] = 1.0
+        return x
+
+    rows, changes = [], []
+    for cond in sorted(set(condition) - {"control"}):
+        for ct in cell_types:
+            change = shift(cond, ct)
+            if change is not None:
+                rows.append(features(cond, ct))
+                changes.append(change)
+    design, target = np.array(rows), np.array(changes)
+    weights = np.linalg.solve(design.T @ design + np.eye(len(columns)), design.T @ target)
+
     checked = 0
     for _, row in metrics.iterrows():
         ct = row["cell_type"]
@@ -61,6 +84,9 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
         assert row["control_source"] == "all", row["control_source"]
         control = mean((condition == "control") & (cell_type == ct))
         real = mean((split == "ood") & (condition == row["condition"]) & (cell_type == ct))
+        linear = control + features(row["condition"], ct) @ weights
+        assert row["linear_r2_mean"] == pytest.approx(r2(linear, real), abs=1e-9)
+        assert row["beats_linear"] in (0.0, 1.0)
         if row["condition"] == combination:
             shifts = [shift(p, ct) for p in combination.split("+")]
             if any(s is None for s in shifts):
@@ -81,4 +107,4 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
             checked += 1
     assert checked >= 2, metrics[["cell_type", "condition"]]
     summary = metrics.attrs["summary"]
-    assert "additive_r2_mean" in summary and "beats_other_covariates" in summary
+    assert "additive_r2_mean" in summary and "beats_other_covariates" in summary and "beats_linear" in summary

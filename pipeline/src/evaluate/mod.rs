@@ -22,6 +22,7 @@ mod moments;
 pub mod outputs;
 pub mod plot;
 mod request;
+mod ridge;
 pub mod samples;
 mod score;
 mod table;
@@ -272,6 +273,12 @@ pub struct BaselineMetrics {
     pub other_covariates_r2_mean_top20: f64,
     /// 1 when the model beats the other-covariates baseline on both, 0 when not, NaN without it.
     pub beats_other_covariates: f64,
+    /// R2 of the linear (ridge) baseline's means, all genes (perturbation and covariate indicators to the change).
+    pub linear_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub linear_r2_mean_top20: f64,
+    /// 1 when the model beats the linear baseline on both, 0 when not, NaN without it.
+    pub beats_linear: f64,
 }
 
 /// One evaluated condition's figures (NaN where not computable).
@@ -697,7 +704,9 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         sources: &plan.sources,
         truth: &plan.truth,
         deg_table: deg_table.as_ref(),
+        ridge: None,
     };
+    let scoring = score::Scoring { ridge: scoring.fit_ridge(), ..scoring };
     let (mut results, deg_rows) = score_conditions(&scoring, &plan, &model, &groups, &predicted)?;
     if real_cap == 0 {
         tracing::warn!(

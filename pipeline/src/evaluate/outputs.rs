@@ -84,6 +84,9 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("other_covariates_r2_mean".to_owned(), b.other_covariates_r2_mean));
     out.push(("other_covariates_r2_mean_top20".to_owned(), b.other_covariates_r2_mean_top20));
     out.push(("beats_other_covariates".to_owned(), b.beats_other_covariates));
+    out.push(("linear_r2_mean".to_owned(), b.linear_r2_mean));
+    out.push(("linear_r2_mean_top20".to_owned(), b.linear_r2_mean_top20));
+    out.push(("beats_linear".to_owned(), b.beats_linear));
     out.push(("n_significant".to_owned(), f.n_significant));
     out.extend(f.deg_precision.iter().map(|(k, v)| (format!("deg_precision_at{k}"), *v)));
     out.push(("cosine_logfc".to_owned(), f.cosine_logfc));

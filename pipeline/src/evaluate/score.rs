@@ -12,8 +12,8 @@ use super::field::{cosine, direction_match, mae, mse, overlap_at, pearson, pertu
 use super::moments::GroupMoments;
 use super::outputs::DegRow;
 use super::{
-    BaselineMetrics, ConditionMetrics, DEG_OVERLAP_K, Definitions, Effects, EvaluateOptions, FieldMetrics, PlotData, TOP_K, TopMetrics,
-    TruthMetrics,
+    BaselineMetrics, ConditionMetrics, DEG_OVERLAP_K, Definitions, Effects, EvaluateOptions, FieldMetrics, PlotData,
+    TOP_K, TopMetrics, TruthMetrics,
 };
 use crate::condition::{ConditionKey, TruthRow};
 use crate::encoder::Split;
@@ -47,6 +47,8 @@ pub(super) struct Scoring<'a> {
     pub(super) truth: &'a HashMap<ConditionKey, TruthRow>,
     /// DEG lists by group name, and where they came from (`store` or `file`).
     pub(super) deg_table: Option<&'a super::DegLists>,
+    /// The linear baseline, fitted once ([`Scoring::fit_ridge`]).
+    pub(super) ridge: Option<super::ridge::Ridge>,
 }
 
 /// R2 over the genes `idx` (all genes when `None`).
@@ -230,6 +232,16 @@ impl Scoring<'_> {
         }
     }
 
+    /// The linear baseline fitted on every perturbed condition's training cells.
+    pub(super) fn fit_ridge(&self) -> Option<super::ridge::Ridge> {
+        let changes: BTreeMap<ConditionKey, Vec<f64>> = self
+            .conditions
+            .keys()
+            .filter_map(|k| Some((k.clone(), self.training_shift(&k.covariates, &k.parts)?)))
+            .collect();
+        super::ridge::Ridge::fit(self.vocab, &changes, self.genes.len())
+    }
+
     /// The mean of the training cells of `key`'s condition (`None` without any).
     fn training_mean(&self, key: &ConditionKey) -> Option<Vec<f64>> {
         let groups = if key.is_control() {
@@ -272,8 +284,12 @@ impl Scoring<'_> {
             (all, top, f64::from(u8::from(beats)))
         };
         // Additive: a combination of two or more perturbations, each part's own shift summed.
-        let parts: Vec<(u32, u32)> =
-            key.parts.iter().copied().filter(|&(id, _)| id as usize != cpa_stream_stages::model::vocab::CONTROL_ID).collect();
+        let parts: Vec<(u32, u32)> = key
+            .parts
+            .iter()
+            .copied()
+            .filter(|&(id, _)| id as usize != cpa_stream_stages::model::vocab::CONTROL_ID)
+            .collect();
         let additive = (parts.len() >= 2)
             .then(|| {
                 let mut sum = vec![0.0; ctrl_mean.len()];
@@ -299,6 +315,8 @@ impl Scoring<'_> {
         });
         let (additive_r2_mean, additive_r2_mean_top20, beats_additive) = score(additive);
         let (other_covariates_r2_mean, other_covariates_r2_mean_top20, beats_other_covariates) = score(other);
+        let (linear_r2_mean, linear_r2_mean_top20, beats_linear) =
+            score(self.ridge.as_ref().and_then(|r| r.change(key)));
         BaselineMetrics {
             additive_r2_mean,
             additive_r2_mean_top20,
@@ -306,6 +324,9 @@ impl Scoring<'_> {
             other_covariates_r2_mean,
             other_covariates_r2_mean_top20,
             beats_other_covariates,
+            linear_r2_mean,
+            linear_r2_mean_top20,
+            beats_linear,
         }
     }
 
