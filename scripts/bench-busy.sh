@@ -16,6 +16,11 @@
 #                    libgomp's own default, which also stops the re-execution), one libtorch thread
 #                    per core and 2 batcher workers
 #   threads1         --threads 1
+#   python           the same training and prediction from Python in a fresh interpreter
+#                    (`cs.train`, `run.predict_to_parquet`), cpa_stream imported first, no setting
+#   python-torch     the same with torch imported before cpa_stream (a notebook's usual order)
+#
+# Each run is a fresh process, timed from its start: the CLI's and Python's start-up included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/bootstrap.sh)"
@@ -92,6 +97,16 @@ for rep in $(seq "$reps"); do
         record "$setting" "$load" predict "$s" "$cells"
       fi
     done
+    for setting in python python-torch; do
+      first=""
+      [ "$setting" = python-torch ] && first="import torch; "
+      if s=$(timed "$CPA_STREAM_PYTHON" -c "${first}import cpa_stream as cs; cs.train('$store', '$out/busy-py.run', max_epochs=$epochs, overwrite=True, progress=False)"); then
+        record "$setting" "$load" train "$s" "$((train_cells * epochs))"
+      fi
+      if s=$(timed "$CPA_STREAM_PYTHON" -c "${first}import cpa_stream as cs; cs.Run('$run').predict_to_parquet('$out/pred-py.parquet', '$store', source='all', overwrite=True, progress=False)"); then
+        record "$setting" "$load" predict "$s" "$cells"
+      fi
+    done
     if [ -x "$peer" ]; then
       # Its own training figure (steady epochs, cells/s), not its wall time with set-up and scoring.
       if "$peer" ../shared/peer/cpa-tools/run_peer.py "$h5ad" --perturbation-key condition \
@@ -114,12 +129,23 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 busy = int(sys.argv[2])
 print(f"cells/s, medians of {len(rows) and max(1, len(rows) // len({(r['setting'], r['load'], r['task']) for r in rows}))} runs; "
       f"loaded = {busy} busy processes beside it")
-print(f"{'setting':<10} {'task':<8} {'idle':>10} {'loaded':>10} {'loaded/idle':>12}")
+print(f"{'setting':<12} {'task':<8} {'idle':>10} {'loaded':>10} {'loaded/idle':>12}")
 keys = sorted({(r['setting'], r['task']) for r in rows})
 for setting, task in keys:
     rate = {}
     for load in (0, busy):
         xs = [r['cells'] / r['seconds'] for r in rows if (r['setting'], r['task'], r['load']) == (setting, task, load)]
         rate[load] = statistics.median(xs) if xs else float('nan')
-    print(f"{setting:<10} {task:<8} {rate[0]:>10.0f} {rate[busy]:>10.0f} {rate[busy] / rate[0]:>12.2f}")
+    print(f"{setting:<12} {task:<8} {rate[0]:>10.0f} {rate[busy]:>10.0f} {rate[busy] / rate[0]:>12.2f}")
+# Python against the CLI in the same conditions (issue 50: within 1.2x, whichever is imported first).
+def median_rate(setting, task, load):
+    xs = [r['cells'] / r['seconds'] for r in rows if (r['setting'], r['task'], r['load']) == (setting, task, load)]
+    return statistics.median(xs) if xs else float('nan')
+for setting in ("python", "python-torch"):
+    for task in ("train", "predict"):
+        cells = []
+        for load in (0, busy):
+            cli, py = median_rate("default", task, load), median_rate(setting, task, load)
+            cells.append(f"{'idle' if load == 0 else 'loaded'} {cli / py:.2f}x")
+        print(f"CLI speed / {setting} speed, {task}: " + ", ".join(cells))
 PY
