@@ -122,6 +122,15 @@ def test_every_command_gets_the_same_request_from_flags_and_keywords(cli, monkey
         ("predict", ["--model", model, "--store", store, "--out", out],
          lambda: run.predict_to_parquet(out, store, progress=False)),
         (
+            "predict",
+            ["--model", model, "--store", store, "--out", out, "--aggregate", "mean,var", "--group-by", "cell_type",
+             "--values", "f16", "--sink-threads", "3", "--sink-profile", "fast", "--row-group-rows", "100",
+             "--zstd-level", "5", "--prefetch", "2"],
+            lambda: run.predict_to_parquet(out, store, aggregate="mean,var", group_by=["cell_type"], values="f16",
+                                           sink_threads=3, sink_profile="fast", row_group_rows=100, zstd_level=5,
+                                           prefetch=2, progress=False),
+        ),
+        (
             "evaluate",
             ["--model", model, "--store", store, "--out", out, "--split", "ood", "--truth", truth, "--degs", degs,
              "--min-cells", "3", "--definitions", "reference", "--expected-log1p", "--no-plots", "--overwrite",
