@@ -3,8 +3,12 @@
 same hyper-parameters, scored by one definition. `scripts/fidelity.sh` drives it; each step can
 also be run by hand.
 
-  prepare  H5AD DIR [--split random|combos]   one split column (`fidelity_split`) written into
-           DIR/data.h5ad (imported into DIR/data.store on first use); DIR/meta.json the keys
+  prepare  H5AD DIR [--split random|combos|celltype] [--heldout-value V]
+                                              one split column (`fidelity_split`) written into
+           DIR/data.h5ad (imported into DIR/data.store on first use); DIR/meta.json the keys.
+           `celltype`: one covariate value's perturbed cells of every condition another value
+           also has are test cells, none of them trained on (the unseen cell type task); the
+           value is V, else the one with most such cells
   peer     DIR --epochs E --seed S            cpa-tools via ../shared/peer/cpa-tools/run_peer.py
                                               (through peer_anchor.py: also cpa-tools-delta, the
                                               anchored prediction)
@@ -107,15 +111,35 @@ def prepare(a):
     rng = np.random.default_rng(a.seed)
     split = np.empty(adata.n_obs, dtype=object)
     held = set()
+    unseen = None
+    if a.split == "celltype":
+        if not covs:
+            sys.exit(f"fidelity: {a.h5ad}: --split celltype needs a covariate (--covariates)")
+        cov = covariate_keys(adata.obs, meta)
+        perturbed = condition != a.control
+        shared = {}
+        for value in np.unique(cov):
+            elsewhere = set(condition[perturbed & (cov != value)])
+            mine = perturbed & (cov == value) & np.isin(condition, list(elsewhere))
+            shared[value] = int(mine.sum())
+        unseen = a.heldout_value if a.heldout_value is not None else max(sorted(shared), key=lambda v: shared[v])
+        if unseen not in shared or shared[unseen] == 0:
+            sys.exit(f"fidelity: {a.h5ad}: --heldout-value {unseen!r}: no perturbed cells of a condition other "
+                     f"values have (cells per value: {shared})")
+        elsewhere = set(condition[perturbed & (cov != unseen)])
+        held_cells = perturbed & (cov == unseen) & np.isin(condition, list(elsewhere))
+        held = {f"{unseen}|{c}" for c in np.unique(condition[held_cells])}
+        meta["heldout_value"] = unseen
     if a.split == "combos":
         # Combinations held out as a group: every cell of a condition with more than one part is
         # a test cell; the rest is split 80/10/10 per group as in `random`.
         held = {c for c in np.unique(condition) if "+" in c}
         if not held:
             sys.exit(f"fidelity: {a.h5ad}: --split combos needs conditions with '+' (none found)")
+    cov_of = covariate_keys(adata.obs, meta)
     for g in np.unique(group):
         idx = np.where(group == g)[0]
-        if condition[idx[0]] in held:
+        if condition[idx[0]] in held or f"{cov_of[idx[0]]}|{condition[idx[0]]}" in held:
             split[idx] = "test"
             continue
         rng.shuffle(idx)
@@ -133,7 +157,7 @@ def prepare(a):
     with open(os.path.join(a.dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"fidelity: {path}: {adata.n_obs} cells x {adata.n_vars} genes, split {meta['cells']}"
-          + (f", held out: {len(held)} combinations" if held else ""))
+          + (f", held out: {len(held)} {'groups of ' + str(unseen) if unseen is not None else 'combinations'}" if held else ""))
 
 
 def binary():
@@ -287,6 +311,15 @@ def score(directory, predictions, seed):
     cov = covariate_keys(obs, meta)
     ctrl = obs[meta["perturbation_key"]].astype(str).values == meta["control"]
     test = obs[SPLIT].astype(str).values == "test"
+    train = obs[SPLIT].astype(str).values == "train"
+    condition = obs[meta["perturbation_key"]].astype(str).values
+
+    def shift(p, c):
+        treated, controls = train & (condition == p) & (cov == c), train & ctrl & (cov == c)
+        if not treated.any() or not controls.any():
+            return None
+        return values[treated].mean(0) - values[controls].mean(0)
+
     rows = []
     for g in np.unique(group[test & ~ctrl]):
         m = test & (group == g)
@@ -296,8 +329,25 @@ def score(directory, predictions, seed):
         cmean = values[ctrl & (cov == c)].mean(0)
         tmean = values[m].mean(0)
         deg = np.argsort(-np.abs(values[group == g].mean(0) - cmean))[:N_TOP_DEG]
-        held = obs[meta["perturbation_key"]].astype(str).values[np.argmax(m)] in meta.get("held_out_conditions", [])
+        p = condition[np.argmax(m)]
+        held_names = meta.get("held_out_conditions", [])
+        held = p in held_names or f"{c}|{p}" in held_names
         row = {"group": g, "n_test": int(m.sum()), "held_out": held}
+        # The baselines, from training cells only: the condition's mean shift in the other
+        # covariate values (the unseen cell type's), and a combination's parts' shifts summed.
+        others = [s for s in (shift(p, o) for o in np.unique(cov) if o != c) if s is not None]
+        parts = [shift(q, c) for q in p.split("+")] if "+" in p else []
+        baselines = {
+            "shift": cmean + np.mean(others, axis=0) if others else None,
+            "additive": cmean + np.sum(parts, axis=0) if parts and all(q is not None for q in parts) else None,
+        }
+        for name, pred in baselines.items():
+            for kind in ("all", "deg", "change"):
+                row[f"{name}_{kind}"] = float("nan")
+            if pred is not None:
+                row[f"{name}_all"] = r2(tmean, pred)
+                row[f"{name}_deg"] = r2(tmean[deg], pred[deg])
+                row[f"{name}_change"] = r2(tmean - cmean, pred - cmean)
         for name, pred in (("cf", predictions[g]["cf"]), ("recon", predictions[g]["recon"]), ("ctrl", cmean)):
             row[f"{name}_all"] = r2(tmean, pred)
             row[f"{name}_deg"] = r2(tmean[deg], pred[deg])
@@ -306,9 +356,14 @@ def score(directory, predictions, seed):
     if not rows:
         raise SystemExit(f"fidelity: {directory}: no perturbed group has 2 test cells")
     keys = [k for k in rows[0] if k not in ("group", "n_test", "held_out")]
-    means = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+    def mean_of(rs, k):
+        xs = [r[k] for r in rs if not np.isnan(r[k])]
+        return float(np.mean(xs)) if xs else float("nan")
+
+    means = {k: mean_of(rows, k) for k in keys}
     held = [r for r in rows if r["held_out"]]
-    held_means = {k: float(np.mean([r[k] for r in held])) for k in keys} if held else None
+    held_means = {k: mean_of(held, k) for k in keys} if held else None
     return {"mean": means, "held_out_mean": held_means, "groups": rows}
 
 
@@ -932,7 +987,8 @@ def main():
     p = sub.add_parser("prepare")
     p.add_argument("h5ad")
     p.add_argument("dir")
-    p.add_argument("--split", choices=["random", "combos"], default="random")
+    p.add_argument("--split", choices=["random", "combos", "celltype"], default="random")
+    p.add_argument("--heldout-value", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perturbation-key", default="condition")
     p.add_argument("--dose-key", default="dose")

@@ -9,7 +9,8 @@
 #
 #   EPOCHS    epochs, space-separated (default "10 50")
 #   SEEDS     seeds, space-separated (default "0 1 2")
-#   SPLIT     random (stratified 80/10/10 per group, the default) or combos (combinations held out)
+#   SPLIT     random (stratified 80/10/10 per group, the default), combos (combinations held out) or
+#             celltype (one covariate value's perturbed cells held out: the unseen cell type; HELDOUT=V picks it)
 #   VARIANTS  cpa-stream variants, space-separated NAME[:preset=P][:KEY=VALUE...]; default
 #             "cpa-stream" (the translation as is). Example: "cpa-stream ref:preset=reference
 #             drop:model.dropout_rate_decoder=0.1"; `last` also scores the last epoch's weights
@@ -80,7 +81,9 @@ for h5ad in "${data[@]}"; do
   name=$(basename "$h5ad" .h5ad)
   out="$dir/$name-$split"
   if [ ! -f "$out/meta.json" ]; then
-    "$py" scripts/fidelity.py prepare "$h5ad" "$out" --split "$split"
+    heldout=()
+    if [ -n "${HELDOUT:-}" ]; then heldout=(--heldout-value "$HELDOUT"); fi
+    "$py" scripts/fidelity.py prepare "$h5ad" "$out" --split "$split" "${heldout[@]}"
   fi
   for e in $epochs; do
     for s in $seeds; do

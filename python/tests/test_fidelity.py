@@ -264,3 +264,49 @@ def test_the_best_epoch_is_read_from_the_runs_validation_score(fidelity, run):
     assert best is not None and best in set(scored["epoch"])
     assert scored.loc[scored["epoch"] == best, "val_score"].iloc[0] == scored["val_score"].max()
     assert fidelity.best_epoch(history.drop(columns=["val_score"])) is None
+
+
+def test_the_celltype_split_holds_out_one_values_shared_conditions_and_scores_its_baselines(fidelity, adata, tmp_path):
+    """``--split celltype`` (issue 52 item 4): the held-out value's perturbed cells of conditions
+    another value has are test cells and nothing else is; the scorer's other-covariates baseline
+    equals its computation by hand from training cells."""
+    import anndata as ad
+
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    sys.argv = ["fidelity.py", "prepare", str(path), str(tmp_path / "d"), "--split", "celltype"]
+    fidelity.main()
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    data = ad.read_h5ad(tmp_path / "d" / "data.h5ad")
+    obs = data.obs
+    split = obs["fidelity_split"].astype(str).values
+    cov, condition = obs["cell_type"].astype(str).values, obs["condition"].astype(str).values
+    unseen = meta["heldout_value"]
+    perturbed = condition != "control"
+    elsewhere = set(condition[perturbed & (cov != unseen)])
+    expected = perturbed & (cov == unseen) & np.isin(condition, list(elsewhere))
+    assert expected.any()
+    # Those cells are all test cells (none trained on); the other groups split as `random` does.
+    assert (split[expected] == "test").all()
+    assert set(meta["held_out_conditions"]) == {f"{unseen}|{c}" for c in np.unique(condition[expected])}
+
+    values = np.log1p(np.asarray(data.X.todense(), dtype=np.float64))
+    group = fidelity.group_keys(obs, meta)
+    test, ctrl = split == "test", condition == "control"
+    predictions = {g: {"cf": values[test & (group == g)].mean(0), "recon": values[test & (group == g)].mean(0)}
+                   for g in np.unique(group[test])}
+    result = fidelity.score(str(tmp_path / "d"), predictions, 0)
+    held_rows = [r for r in result["groups"] if r["held_out"]]
+    assert held_rows and all(r["group"].startswith(f"{unseen}|") for r in held_rows)
+    row = held_rows[0]
+    m = test & (group == row["group"])
+    p = condition[np.argmax(m)]
+    train = split == "train"
+    shifts = [values[train & (condition == p) & (cov == o)].mean(0) - values[train & ctrl & (cov == o)].mean(0)
+              for o in np.unique(cov) if o != unseen and (train & (condition == p) & (cov == o)).any()]
+    base = values[ctrl & (cov == unseen)].mean(0) + np.mean(shifts, axis=0)
+    t = values[m].mean(0)
+    r2 = lambda a, b: 1 - ((a - b) ** 2).sum() / ((a - a.mean()) ** 2).sum()  # noqa: E731
+    assert row["shift_all"] == pytest.approx(r2(t, base))
+    assert np.isnan(row["additive_all"]) or "+" in p
+    assert np.isfinite(result["held_out_mean"]["shift_all"])
