@@ -181,27 +181,19 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let plural = if report.targets == 1 { "" } else { "s" };
+    let (rows, of) = if report.aggregated { ("groups", "aggregates of ") } else { ("rows", "") };
+    outln!(
+        "{}: {} {rows} ({of}{} source cells x {} target{plural}), {} genes, {:.1} MB",
+        report.output.path.display(),
+        report.output.rows,
+        report.source_cells,
+        report.targets,
+        report.genes,
+        report.output.bytes as f64 / 1e6
+    );
     if report.aggregated {
-        outln!(
-            "{}: {} groups (aggregates of {} source cells x {} target{plural}), {} genes, {:.1} MB",
-            report.output.path.display(),
-            report.output.rows,
-            report.source_cells,
-            report.targets,
-            report.genes,
-            report.output.bytes as f64 / 1e6
-        );
         outln!("{:.0} source cells/s, {:.0} cell predictions/s", report.cells_per_s, report.rows_per_s);
     } else {
-        outln!(
-            "{}: {} rows ({} source cells x {} target{plural}), {} genes, {:.1} MB",
-            report.output.path.display(),
-            report.output.rows,
-            report.source_cells,
-            report.targets,
-            report.genes,
-            report.output.bytes as f64 / 1e6
-        );
         let ratio = report.raw_f32_bytes_per_row / report.bytes_per_row.max(1e-9);
         let compared =
             if ratio >= 1.0 { format!("{ratio:.2}x smaller") } else { format!("{:.2}x larger", 1.0 / ratio) };
