@@ -98,7 +98,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     };
     outln!(
         "{} conditions evaluated on the {} split of {} (log1p means; R2 over genes; ctrl_bl, top20_bl: the control mean \
-         as the prediction; ceiling: half the real cells predicting the other half; p_delta: Pearson of the change \
+         as the prediction; lin_bl: the linear baseline; ceiling: half the real cells predicting the other half; p_delta: Pearson of the change \
          from the control; disc_l1: rank of the true condition, 0 best)",
         report.conditions.len(),
         report.split,

@@ -55,6 +55,7 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
         Column { header: "ceiling", value: |c| c.field.ceiling_r2_mean, summary: "ceiling_r2_mean" },
         Column { header: "top20", value: |c| top(c, 20, |t| t.r2_mean), summary: "r2_mean_top20" },
         Column { header: "top20_bl", value: |c| top(c, 20, |t| t.r2_mean_control), summary: "r2_mean_control_top20" },
+        Column { header: "lin_bl", value: |c| c.baselines.linear_r2_mean, summary: "linear_r2_mean" },
         Column { header: "p_delta", value: |c| c.field.pearson_delta, summary: "pearson_delta" },
         Column { header: "disc_l1", value: |c| listed(&c.field.discrimination, "l1"), summary: "discrimination_l1" },
     ];
@@ -85,6 +86,13 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
             Column { header: "de_prec", value: |c| c.samples.de_precision, summary: "de_precision" },
             Column { header: "de_auc", value: |c| c.samples.de_roc_auc, summary: "de_roc_auc" },
             Column { header: "uncert", value: |c| c.uncertainty_euclidean, summary: "uncertainty_euclidean" },
+            Column { header: "add_bl", value: |c| c.baselines.additive_r2_mean, summary: "additive_r2_mean" },
+            Column {
+                header: "cov_bl",
+                value: |c| c.baselines.other_covariates_r2_mean,
+                summary: "other_covariates_r2_mean",
+            },
+            Column { header: "lin_bl20", value: |c| c.baselines.linear_r2_mean_top20, summary: "linear_r2_mean_top20" },
         ]);
     }
     if truth {
