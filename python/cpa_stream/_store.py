@@ -409,6 +409,58 @@ class _ViewRows:
         return self.pick(self.parent[self.rows[rows], self.columns])
 
 
+class _BackedRows:
+    """The matrix of a backed AnnData (not a view) as row blocks read from its file."""
+
+    def __init__(self, adata: Any, pick: Any) -> None:
+        self.adata, self.pick = adata, pick
+        self.shape = (adata.n_obs, adata.n_vars)
+
+    def __getitem__(self, rows: slice) -> Any:
+        return self.pick(self.adata[rows])
+
+
+def import_matrix(
+    adata: Any,
+    obs: pd.DataFrame,
+    out: PathLike,
+    *,
+    layer: str | None = None,
+    deg_uns_key: str | None = None,
+    overwrite: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: bool | None = None,
+) -> Store:
+    """Writes the matrix of ``adata`` (``X`` or ``layers[layer]``; in memory, backed, or a view of
+    either) with the obs table ``obs`` (one row per cell, in the AnnData's order) into a new store
+    at ``out``, chunk by chunk: a backed AnnData is read from its file ``chunk_rows`` cells at a
+    time. For callers that import an AnnData with obs columns of their own (the cpa-tools layer)
+    without changing the object."""
+    if len(obs) != adata.n_obs:
+        raise ValueError(f"import: obs has {len(obs)} rows, the AnnData {adata.n_obs} cells")
+    if layer is not None:
+        if layer not in adata.layers:
+            raise ValueError(f"import: no layer {layer!r}; the AnnData has {sorted(adata.layers.keys()) or 'none'}")
+        pick, what = (lambda a: a.layers[layer]), f"AnnData layer {layer!r}"
+    else:
+        pick, what = (lambda a: a.X), "AnnData"
+    if getattr(adata, "isbacked", False):
+        rows: Any = _ViewRows(adata, pick) if adata.is_view else _BackedRows(adata, pick)
+        what += f" (backed by {adata.filename})"
+    else:
+        rows = pick(adata)
+        if rows is None:
+            raise ValueError("import: the AnnData has no X; give a layer")
+        what += " (in memory)"
+    request = _args.request({"out": os.fspath(out), "overwrite": overwrite, "naming": "keywords"})
+    _native.import_arrays(
+        request, what, dataframe_to_arrow(obs, "cell_id", "obs"), dataframe_to_arrow(adata.var, "gene_id", "var"),
+        _csr_chunks(rows, chunk_rows), degs=_degs_from_uns(adata.uns, deg_uns_key),
+        progress=_progress.make(progress, "import"),
+    )
+    return Store(out)
+
+
 def _import_backed_view(
     view: Any, out: Path, layer: str | None, use_raw: bool, genes: list[str] | None, deg_uns_key: str | None,
     chunk_rows: int, progress: bool | None, request: str,

@@ -1,0 +1,962 @@
+"""cpa-tools' API on cpa-stream: a cpa-tools notebook runs by changing its import line.
+
+::
+
+    import cpa_stream.compat as cpa      # instead of: import cpa
+
+    cpa.CPA.setup_anndata(adata, perturbation_key="condition", control_group="ctrl",
+                          dosage_key="dose", categorical_covariate_keys=["cell_type"])
+    model = cpa.CPA(adata, split_key="split", train_split="train", valid_split="valid",
+                    test_split="ood", n_latent=64, recon_loss="nb", doser_type="linear")
+    model.train(max_epochs=100, batch_size=512, plan_kwargs={"reg_adv": 20.0, "lr": 3e-4})
+    cpa.pl.plot_history(model)
+    latents = model.get_latent_representation(adata)     # dict of AnnData
+    model.predict(adata)                                  # adata.obsm["CPA_pred"]
+
+The calls, argument names, defaults and returned shapes are cpa-tools 0.8.8's (the ones its
+tutorials use); the work runs on cpa-stream's out-of-core engine: the AnnData (in memory or
+backed) is written to a store by the streaming writer, and results come back in cpa-tools'
+shapes. Hyper-parameters map one to one onto cpa-stream's configuration, starting from the
+``reference`` preset (cpa-tools' learning-rate schedule, no weight averaging); a key that cannot
+be honoured is an error naming it, one without effect here a warning. What differs on purpose
+(docs/python.md, "Coming from cpa-tools"):
+
+- the setup belongs to the model (``CPA(adata)`` copies it from ``adata.uns``), not to class
+  attributes, so two datasets never share encoders;
+- ``train`` writes files only where ``save_path`` says (cpa-tools writes into the working
+  directory when it is not given);
+- no dense per-cell DEG masks (``obsm['deg_mask']``) are made;
+- ``pl.mean_plot`` leaves ``adata.X`` as it is (cpa-tools densifies it in place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import _run, _store
+from ._run import Run, _vectors
+
+__all__ = ["CPA", "ComPertAPI", "pl"]
+
+#: Where :meth:`CPA.setup_anndata` records its arguments in ``adata.uns``.
+SETUP_KEY = "_cpa_stream_setup"
+#: The obs column of the split the store is given (cpa-stream's names: train, valid, test, ood).
+SPLIT_COLUMN = "_cpa_stream_split"
+#: The file :meth:`CPA.save` writes beside the run.
+SAVED = "cpa_stream_compat.json"
+#: The padding entry of cpa-tools' perturbation vocabulary.
+PAD = "<PAD>"
+
+# cpa-tools' module keys -> (table, key) of cpa-stream's configuration. The norm flags are
+# handled together (one ``norm_*`` key of three values).
+_MODULE_KEYS: dict[str, tuple[str, str]] = {
+    "n_latent": ("model", "n_latent"),
+    "recon_loss": ("model", "recon_loss"),
+    "doser_type": ("model", "doser_type"),
+    "n_hidden_encoder": ("model", "n_hidden_encoder"),
+    "n_layers_encoder": ("model", "n_layers_encoder"),
+    "n_hidden_decoder": ("model", "n_hidden_decoder"),
+    "n_layers_decoder": ("model", "n_layers_decoder"),
+    "n_hidden_doser": ("model", "n_hidden_doser"),
+    "n_layers_doser": ("model", "n_layers_doser"),
+    "dropout_rate_encoder": ("model", "dropout_rate_encoder"),
+    "dropout_rate_decoder": ("model", "dropout_rate_decoder"),
+    "variational": ("model", "variational"),
+    "seed": ("training", "seed"),
+}
+_NORM_KEYS = {
+    "use_batch_norm_encoder": "encoder", "use_layer_norm_encoder": "encoder",
+    "use_batch_norm_decoder": "decoder", "use_layer_norm_decoder": "decoder",
+}
+# cpa-tools' defaults of the norm flags (batch norm on, layer norm off).
+_NORM_DEFAULTS = {"batch": True, "layer": False}
+
+# ``plan_kwargs`` keys -> (table, key). ``None`` values mean "off" in cpa-tools.
+_PLAN_KEYS: dict[str, tuple[str, str]] = {
+    "lr": ("training", "lr"), "wd": ("training", "wd"),
+    "doser_lr": ("training", "doser_lr"), "doser_wd": ("training", "doser_wd"),
+    "adv_lr": ("training", "adv_lr"), "adv_wd": ("training", "adv_wd"),
+    "n_epochs_pretrain_ae": ("training", "n_epochs_pretrain_ae"),
+    "n_epochs_kl_warmup": ("training", "n_epochs_kl_warmup"),
+    "n_epochs_adv_warmup": ("training", "n_epochs_adv_warmup"),
+    "n_epochs_mixup_warmup": ("training", "n_epochs_mixup_warmup"),
+    "mixup_alpha": ("training", "mixup_alpha"),
+    "step_size_lr": ("training", "step_size_lr"),
+    "do_clip_grad": ("training", "do_clip_grad"),
+    "gradient_clip_value": ("training", "gradient_clip_value"),
+    "adv_steps": ("adversary", "adv_steps"),
+    "reg_adv": ("adversary", "reg_adv"), "pen_adv": ("adversary", "pen_adv"),
+    "n_hidden_adv": ("adversary", "n_hidden"), "n_layers_adv": ("adversary", "n_layers"),
+    "dropout_rate_adv": ("adversary", "dropout_rate"), "adv_loss": ("adversary", "loss"),
+}
+_PLAN_NORM_KEYS = {"use_batch_norm_adv", "use_layer_norm_adv"}
+# Keys whose ``None`` means 0 in cpa-stream's configuration (off).
+_NONE_IS_ZERO = {
+    "n_epochs_pretrain_ae", "n_epochs_kl_warmup", "n_epochs_adv_warmup", "n_epochs_mixup_warmup", "adv_steps",
+    "step_size_lr",
+}
+# Keys that change only what cpa-tools prints.
+_PLAN_DISPLAY_KEYS = {"n_epochs_verbose"}
+
+
+def _norm(flags: Mapping[str, Any], batch_key: str, layer_key: str) -> str:
+    """cpa-stream's ``norm`` from cpa-tools' two flags."""
+    batch = bool(flags.get(batch_key, _NORM_DEFAULTS["batch"]))
+    layer = bool(flags.get(layer_key, _NORM_DEFAULTS["layer"]))
+    if batch and layer:
+        raise ValueError(
+            f"{batch_key}=True and {layer_key}=True: cpa-stream normalises a layer one way; choose one"
+        )
+    return "batch" if batch else "layer" if layer else "none"
+
+
+def module_config(hparams: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """cpa-tools' module keys (``CPA(adata, **hparams)``) as cpa-stream's configuration tables;
+    an unknown key is a ``TypeError`` naming it, as cpa-tools' constructor raises."""
+    config: dict[str, dict[str, Any]] = {"model": {}, "adversary": {}, "training": {}}
+    for key, value in hparams.items():
+        if key in _MODULE_KEYS:
+            table, name = _MODULE_KEYS[key]
+            if key == "recon_loss" and isinstance(value, str):
+                value = value.lower()
+            config[table][name] = value
+        elif key not in _NORM_KEYS:
+            known = sorted([*_MODULE_KEYS, *_NORM_KEYS])
+            raise TypeError(f"CPA(): unexpected keyword {key!r}; the module keys are {', '.join(known)}")
+    for part in ("encoder", "decoder"):
+        b, ln = f"use_batch_norm_{part}", f"use_layer_norm_{part}"
+        if b in hparams or ln in hparams:
+            config["model"][f"norm_{part}"] = _norm(hparams, b, ln)
+    return config
+
+
+def plan_config(plan_kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """cpa-tools' ``plan_kwargs`` as cpa-stream's configuration tables. Keys counted in steps
+    (``n_steps_*``) are refused (cpa-stream counts epochs); display-only keys warn."""
+    config: dict[str, dict[str, Any]] = {"adversary": {}, "training": {}}
+    for key, value in plan_kwargs.items():
+        if key in _PLAN_KEYS:
+            table, name = _PLAN_KEYS[key]
+            if value is None:
+                if key not in _NONE_IS_ZERO:
+                    raise ValueError(f"plan_kwargs[{key!r}] = None: expected a value")
+                value = 0
+            config[table][name] = value
+        elif key in _PLAN_NORM_KEYS:
+            continue
+        elif key in _PLAN_DISPLAY_KEYS:
+            warnings.warn(f"plan_kwargs[{key!r}] only changes cpa-tools' printing; ignored", stacklevel=3)
+        elif key.startswith("n_steps_"):
+            raise ValueError(
+                f"plan_kwargs[{key!r}]: cpa-stream counts warm-ups in epochs; give "
+                f"{key.replace('n_steps_', 'n_epochs_')!r} instead"
+            )
+        else:
+            known = sorted([*_PLAN_KEYS, *_PLAN_NORM_KEYS])
+            raise ValueError(f"plan_kwargs: unknown key {key!r}; the keys are {', '.join(known)}")
+    if _PLAN_NORM_KEYS & set(plan_kwargs):
+        config["adversary"]["norm"] = _norm(plan_kwargs, "use_batch_norm_adv", "use_layer_norm_adv")
+    return config
+
+
+def _merge(into: dict[str, dict[str, Any]], tables: Mapping[str, Mapping[str, Any]]) -> None:
+    for table, keys in tables.items():
+        into.setdefault(table, {}).update(keys)
+
+
+def _device(use_gpu: Any, accelerator: Any) -> str:
+    """cpa-tools' ``use_gpu`` / Lightning's ``accelerator`` as a device: CUDA when asked for and
+    present, else the CPU with a warning."""
+    wanted = use_gpu not in (None, False) or (isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda"))
+    if not wanted:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        warnings.warn("use_gpu: no CUDA device is visible; training on the CPU", stacklevel=3)
+        return "cpu"
+    if isinstance(use_gpu, int) and not isinstance(use_gpu, bool):
+        return f"cuda:{use_gpu}"
+    if isinstance(use_gpu, str) and use_gpu.startswith("cuda"):
+        return use_gpu
+    return "cuda"
+
+
+def _dose_text(condition: str) -> str:
+    return "+".join("1.0" for _ in str(condition).split("+"))
+
+
+class CPA:
+    """cpa-tools' ``CPA`` model on cpa-stream's engine (arguments as cpa-tools 0.8.8's).
+
+    ``CPA(adata, split_key=None, train_split="train", valid_split="test", test_split="ood",
+    use_rdkit_embeddings=False, **hyper_params)``: ``adata`` must have been set up with
+    :meth:`setup_anndata`; ``split_key`` names an obs column whose values ``train_split``,
+    ``valid_split`` and ``test_split`` (a value or a list) select training, validation and
+    held-out cells (cells in none of them are held out too); without it, :meth:`train` splits at
+    random by ``train_size``. ``hyper_params`` are cpa-tools' module keys (``n_latent``,
+    ``recon_loss``, ``doser_type``, ``n_hidden_encoder``, ..., ``seed``)."""
+
+    def __init__(
+        self,
+        adata: Any,
+        split_key: str | None = None,
+        train_split: str | Sequence[str] = "train",
+        valid_split: str | Sequence[str] = "test",
+        test_split: str | Sequence[str] = "ood",
+        use_rdkit_embeddings: bool = False,
+        **hyper_params: Any,
+    ) -> None:
+        setup = adata.uns.get(SETUP_KEY) if hasattr(adata, "uns") else None
+        if not isinstance(setup, Mapping):
+            raise ValueError("CPA(adata): call cpa.CPA.setup_anndata(adata, ...) first")
+        if use_rdkit_embeddings:
+            raise NotImplementedError(
+                "use_rdkit_embeddings=True is not available in cpa_stream.compat yet: compute the molecules' "
+                "features (e.g. RDKit Morgan fingerprints) into a table and train with "
+                "cpa_stream.train(..., perturbation_features=TABLE)"
+            )
+        self.adata = adata
+        self._setup: dict[str, Any] = {k: _plain(v) for k, v in setup.items()}
+        self.split_key = split_key
+        self._splits = {
+            "train": _values(train_split), "valid": _values(valid_split), "test": _values(test_split),
+        }
+        if split_key is not None and split_key not in adata.obs.columns:
+            raise ValueError(f"split_key {split_key!r} is not an obs column; obs has {', '.join(map(str, adata.obs.columns))}")
+        self.hyper_params = dict(hyper_params)
+        self._config = module_config(hyper_params)
+        self._config["model"]["max_comb_len"] = int(self._setup.get("max_comb_len", 2))
+        self.pert_encoder = _pert_encoder(adata.obs[self._setup["perturbation_key"]], self._setup["control_group"])
+        self.covars_encoder = {
+            key: {str(c): i for i, c in enumerate(_categories(adata.obs[key]))}
+            for key in self._setup.get("categorical_covariate_keys", [])
+        }
+        self.drugs = list(self.pert_encoder)
+        self.covars = {k: list(v) for k, v in self.covars_encoder.items()}
+        if self.split_key is not None:
+            labels = adata.obs[self.split_key].astype(str)
+            self.train_indices = np.flatnonzero(labels.isin(self._splits["train"]).to_numpy())
+            self.valid_indices = np.flatnonzero(labels.isin(self._splits["valid"]).to_numpy())
+            self.test_indices = np.flatnonzero(labels.isin(self._splits["test"]).to_numpy())
+        else:
+            self.train_indices = self.valid_indices = self.test_indices = None
+        self.epoch_history: pd.DataFrame | None = None
+        self.is_trained_ = False
+        self.run: Run | None = None
+        self._scratch = tempfile.mkdtemp(prefix="cpa-stream-compat-")
+        weakref.finalize(self, shutil.rmtree, self._scratch, True)
+        self._stores: dict[tuple, str] = {}
+        #: libtorch threads of this model's commands (``train(threads=...)``; default planned).
+        self.threads: int | None = None
+
+    def __repr__(self) -> str:
+        state = f"trained ({self.run})" if self.is_trained_ else "not trained"
+        return f"CPA(cpa_stream.compat; {self.adata.n_obs:,} cells x {self.adata.n_vars:,} genes; {state})"
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: Any,
+        perturbation_key: str,
+        control_group: str,
+        dosage_key: str | None = None,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        smiles_key: str | None = None,
+        is_count_data: bool = True,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        deg_uns_key: str | None = None,
+        deg_uns_cat_key: str | None = None,
+        max_comb_len: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        """Records how ``adata`` is read (in ``adata.uns['_cpa_stream_setup']``, which the model
+        copies) and writes cpa-tools' obs/obsm fields: ``CPA_cat`` (batch, covariates and
+        perturbation joined by ``_``), ``CPA_<control_group>`` (1 for control cells),
+        ``CPA_dose_val`` when no ``dosage_key`` is given (``"1.0"`` per ``+``-part), and obsm
+        ``perts`` / ``perts_doses`` (cells x ``max_comb_len``, padding index 0). No dense DEG
+        masks are made (cpa-stream reads the DEG lists from ``uns[deg_uns_key]``)."""
+        if kwargs:
+            raise TypeError(f"setup_anndata(): unexpected keyword {next(iter(kwargs))!r}")
+        obs = adata.obs
+        covariates = list(categorical_covariate_keys or [])
+        for what, key in [("perturbation_key", perturbation_key), ("dosage_key", dosage_key),
+                          ("batch_key", batch_key), ("smiles_key", smiles_key), ("deg_uns_cat_key", deg_uns_cat_key),
+                          *[("categorical_covariate_keys", k) for k in covariates]]:
+            if key is not None and key not in obs.columns:
+                raise ValueError(
+                    f"setup_anndata: {what} {key!r} is not an obs column; obs has {', '.join(map(str, obs.columns))}"
+                )
+        if layer is not None and layer not in adata.layers:
+            raise ValueError(f"setup_anndata: no layer {layer!r}; the AnnData has {sorted(adata.layers.keys()) or 'none'}")
+        if deg_uns_key is not None and deg_uns_key not in adata.uns:
+            raise ValueError(f"setup_anndata: deg_uns_key {deg_uns_key!r} is not in adata.uns")
+        conditions = obs[perturbation_key].astype(str)
+        if not (conditions == control_group).any():
+            close = sorted(set(conditions.unique()))[:10]
+            raise ValueError(
+                f"setup_anndata: no cell has {perturbation_key} == {control_group!r}; values include {', '.join(close)}"
+            )
+        if dosage_key is None:
+            print('Warning: dosage_key is not set. Setting it to "1.0" for all cells')
+            codes, uniques = pd.factorize(conditions)
+            adata.obs["CPA_dose_val"] = np.asarray([_dose_text(u) for u in uniques], dtype=object)[codes]
+            dose_column = "CPA_dose_val"
+        else:
+            dose_column = dosage_key
+        keys = ([batch_key] if batch_key is not None else []) + covariates + [perturbation_key]
+        joined = obs[keys[0]].astype(str)
+        for key in keys[1:]:
+            joined = joined + "_" + obs[key].astype(str)
+        adata.obs["CPA_cat"] = joined.to_numpy()
+        adata.obs[f"CPA_{control_group}"] = (conditions == control_group).astype(int).to_numpy()
+        encoder = _pert_encoder(obs[perturbation_key], control_group)
+        perts, doses = _perts_matrices(conditions, obs[dose_column].astype(str), encoder, max_comb_len, perturbation_key)
+        adata.obsm["perts"] = perts
+        adata.obsm["perts_doses"] = doses
+        setup = {
+            "perturbation_key": perturbation_key, "control_group": control_group, "dosage_key": dosage_key,
+            "batch_key": batch_key, "layer": layer, "smiles_key": smiles_key, "is_count_data": bool(is_count_data),
+            "categorical_covariate_keys": covariates, "deg_uns_key": deg_uns_key,
+            "deg_uns_cat_key": deg_uns_cat_key, "max_comb_len": int(max_comb_len),
+        }
+        # Only values an .h5ad can hold (no None), so the AnnData can still be written.
+        adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
+
+    # -- the store ------------------------------------------------------------------------------
+
+    def _obs(self, adata: Any) -> pd.DataFrame:
+        """The obs columns the engine reads, and the split in cpa-stream's names."""
+        s = self._setup
+        keys = [s["perturbation_key"], s.get("dosage_key"), s.get("batch_key"), s.get("deg_uns_cat_key"),
+                *s.get("categorical_covariate_keys", [])]
+        columns = list(dict.fromkeys(k for k in keys if k is not None))
+        missing = [k for k in columns if k not in adata.obs.columns]
+        if missing:
+            raise ValueError(f"the AnnData lacks the obs column(s) the model was set up with: {', '.join(missing)}")
+        obs = adata.obs[columns].copy()
+        if self.split_key is not None and self.split_key in adata.obs.columns:
+            labels = adata.obs[self.split_key].astype(str)
+            split = np.full(len(labels), "test", dtype=object)
+            for name in ("test", "valid", "train"):
+                split[labels.isin(self._splits[name]).to_numpy()] = name
+            # cpa-tools' held-out value "ood" is cpa-stream's held-out conditions.
+            split[(split == "test") & (labels == "ood").to_numpy()] = "ood"
+            obs[SPLIT_COLUMN] = split
+        return obs
+
+    def _store_of(self, adata: Any | None, indices: Sequence[int] | None = None) -> tuple[Any, str]:
+        """``adata`` (default the model's) or its cells at ``indices``, and a store of it. The
+        store is made again when the matrix or the obs columns changed (the Norman tutorial
+        replaces ``X`` by control cells before predicting)."""
+        adata = self.adata if adata is None else adata
+        if indices is not None:
+            adata = adata[np.asarray(indices)]
+        obs = self._obs(adata)
+        key = (id(adata), _matrix_key(adata, self._setup.get("layer")),
+               int(pd.util.hash_pandas_object(obs.astype(str), index=True).sum()))
+        found = self._stores.get(key)
+        if found is not None and _store._is_store(found):
+            return adata, found
+        out = Path(tempfile.mkdtemp(prefix="store-", dir=self._scratch)) / "store"
+        _store.import_matrix(
+            adata, obs, out, layer=self._setup.get("layer"), deg_uns_key=self._setup.get("deg_uns_key"), progress=False,
+        )
+        self._stores[key] = os.fspath(out)
+        return adata, os.fspath(out)
+
+    def _trained(self) -> Run:
+        if not self.is_trained_ or self.run is None:
+            raise RuntimeError("Please train the model first.")
+        return self.run
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        use_gpu: bool | str | int | None = None,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        batch_size: int = 128,
+        plan_kwargs: Mapping[str, Any] | None = None,
+        save_path: str | os.PathLike | None = None,
+        check_val_every_n_epoch: int = 10,
+        early_stopping_patience: int = 10,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Trains as cpa-tools' ``train`` does, on cpa-stream's engine (the ``reference``
+        preset plus the model's and ``plan_kwargs``' keys). ``max_epochs`` defaults to
+        cpa-tools' rule ``min(round(20000 / cells * 400), 400)``; early stopping and the best
+        weights follow the validation score every ``check_val_every_n_epoch`` epochs.
+        ``use_gpu`` (or ``accelerator="gpu"``) trains on CUDA when there is one, else on the CPU
+        with a warning. With ``save_path`` the model is saved there (as :meth:`save` with
+        ``overwrite=True``); without, nothing is written outside a temporary directory.
+        ``threads`` (cpa-stream's) sets libtorch's threads; other Lightning keywords warn."""
+        accelerator = trainer_kwargs.pop("accelerator", None)
+        self.threads = trainer_kwargs.pop("threads", self.threads)
+        trainer_kwargs.pop("devices", None)
+        for key in trainer_kwargs:
+            warnings.warn(f"train(): Lightning keyword {key!r} has no counterpart in cpa-stream; ignored", stacklevel=2)
+        device = _device(use_gpu, accelerator)
+        config = json.loads(json.dumps(self._config))
+        _merge(config, plan_config(plan_kwargs or {}))
+        n_cells = self.adata.n_obs
+        epochs = int(max_epochs) if max_epochs is not None else int(min(round(20000 / max(n_cells, 1) * 400), 400))
+        config["training"].update({
+            "max_epochs": epochs, "batch_size": int(batch_size),
+            "check_val_every_n_epoch": int(check_val_every_n_epoch),
+            "early_stopping_patience": int(early_stopping_patience),
+        })
+        split: dict[str, Any] = {}
+        if self.split_key is not None:
+            split["split_key"] = SPLIT_COLUMN
+        else:
+            if not 0 < train_size <= 1:
+                raise ValueError(f"train_size={train_size}: expected a fraction in (0, 1]")
+            valid = validation_size if validation_size is not None else 1.0 - train_size
+            split["validation_fraction"] = float(valid)
+            split["test_fraction"] = float(max(0.0, 1.0 - train_size - valid))
+        _, store = self._store_of(None)
+        s = self._setup
+        out = Path(save_path) / "run" if save_path is not None else Path(self._scratch) / "run"
+        if save_path is not None:
+            _check_save_dir(Path(save_path), overwrite=True)
+        self.run = _run.train(
+            store, out, perturbation_key=s["perturbation_key"], dosage_key=s.get("dosage_key"),
+            control_group=s["control_group"], categorical_covariate_keys=s.get("categorical_covariate_keys", []),
+            batch_key=s.get("batch_key"), config=config, preset="reference", device=device, threads=self.threads,
+            overwrite=True, allow_non_counts=not s.get("is_count_data", True), **split,
+        )
+        self.is_trained_ = True
+        self.epoch_history = _epoch_history(self.run.history)
+        if save_path is not None:
+            self.save(save_path, overwrite=True)
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _check_samples(self, n_samples: int, return_mean: bool) -> None:
+        model = self._trained().config["model"]
+        if model.get("variational"):
+            if not return_mean:
+                raise NotImplementedError("return_mean=False: cpa-stream returns the mean over the draws")
+            if n_samples != model.get("n_samples"):
+                warnings.warn(
+                    f"n_samples={n_samples}: the model averages its configured {model.get('n_samples')} draws",
+                    stacklevel=3,
+                )
+
+    def predict(
+        self,
+        adata: Any | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = 32,
+        n_samples: int = 20,
+        return_mean: bool = True,
+    ) -> None:
+        """Each cell's expression predicted from its own ``X`` under its own perturbation, dose
+        and covariates (the predicted means), written to ``adata.obsm['CPA_pred']`` (cells x
+        genes, float32). For counterfactuals, replace ``X`` by control cells first (keeping the
+        truth in a layer), as cpa-tools' tutorials do. With ``indices``, those cells' rows are
+        filled and the others are NaN. For more cells than memory holds, use
+        :meth:`cpa_stream.Run.predict_to_parquet` on ``model.run``."""
+        self._check_samples(n_samples, return_mean)
+        full = self.adata if adata is None else adata
+        sub, store = self._store_of(full, indices)
+        reader = self._trained().predict(store, source="all", batch_size=batch_size, threads=self.threads)
+        means, ids = [], []
+        n_genes = len(self.run.vocabulary["genes"])
+        for batch in reader:
+            means.append(_vectors(batch.column("mean"), n_genes))
+            ids.append(batch.column("cell_id").to_numpy(zero_copy_only=False))
+        x = _in_order(means, ids, sub.obs_names, n_genes)
+        if indices is not None:
+            filled = np.full((full.n_obs, n_genes), np.nan, dtype=np.float32)
+            filled[np.asarray(indices)] = x
+            x = filled
+        full.obsm[f"{type(self).__name__}_pred"] = x
+
+    def get_latent_representation(
+        self, adata: Any | None = None, indices: Sequence[int] | None = None, batch_size: int | None = 32,
+    ) -> dict[str, Any]:
+        """The latents of the cells under their own conditions, a dict of AnnData (``X`` the
+        latent, ``obs`` a copy of the cells' obs): ``latent_basal`` (z_basal), ``latent_after``
+        (z, what the decoder reads) and ``latent_corrected`` (z without the batch)."""
+        sub, store = self._store_of(adata, indices)
+        kinds = {"latent_corrected": "z_corrected", "latent_basal": "z_basal", "latent_after": "z"}
+        found = self._trained().latents(
+            store, list(kinds.values()), source="all", batch_size=batch_size, threads=self.threads
+        )
+        return {name: _latent_anndata(found[kind], found["cell_id"], sub) for name, kind in kinds.items()}
+
+    def custom_predict(
+        self,
+        covars_to_add: Sequence[str] | None = None,
+        basal: bool = False,
+        add_batch: bool = True,
+        add_pert: bool = True,
+        adata: Any | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = 32,
+        n_samples: int = 20,
+        return_mean: bool = True,
+    ) -> dict[str, Any]:
+        """cpa-tools' ``custom_predict``: a dict of AnnData, ``latent_x_pred`` (the predicted
+        means) and ``latent_z``, ``latent_z_corrected``, ``latent_z_no_pert``,
+        ``latent_z_no_pert_corrected``, ``latent_z_basal``. ``add_batch=False`` decodes without
+        the batch covariate (the batch-correction tutorial). Decoding without the perturbation
+        (``add_pert=False``), from the basal state alone (``basal=True``) or with some
+        covariates (``covars_to_add``) is not available and is an error naming the argument."""
+        self._check_samples(n_samples, return_mean)
+        run = self._trained()
+        covariates = list(self.covars_encoder)
+        if covars_to_add is not None and sorted(covars_to_add) != sorted(covariates):
+            unknown = [c for c in covars_to_add if c not in covariates]
+            if unknown:
+                raise ValueError(f"covars_to_add: covariate {unknown[0]!r} not found in learned covariates")
+            raise NotImplementedError(
+                f"covars_to_add={list(covars_to_add)!r}: cpa-stream decodes with all covariates ({covariates})"
+            )
+        if basal:
+            raise NotImplementedError("basal=True: cpa-stream does not decode the basal latent alone")
+        if not add_pert:
+            raise NotImplementedError("add_pert=False: cpa-stream does not decode without the perturbation")
+        sub, store = self._store_of(adata, indices)
+        kinds = ["z", "z_corrected", "z_no_pert", "z_no_pert_corrected", "z_basal"]
+        # Without a batch key there is no batch to leave out: z_no_batch is z, as in cpa-tools.
+        corrected = not add_batch and self._setup.get("batch_key") is not None
+        reader = run.predict(
+            store, source="all", latents=kinds, batch_size=batch_size, batch_corrected=corrected, threads=self.threads
+        )
+        n_genes = len(run.vocabulary["genes"])
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ["mean", *kinds]}
+        ids = []
+        for batch in reader:
+            parts["mean"].append(_vectors(batch.column("mean"), n_genes))
+            for k in kinds:
+                column = batch.column(k)
+                parts[k].append(_vectors(column, column.type.list_size))
+            ids.append(batch.column("cell_id").to_numpy(zero_copy_only=False))
+        out = {"latent_x_pred": _latent_anndata(np.concatenate(parts["mean"]), np.concatenate(ids), sub)}
+        for k in kinds:
+            out[f"latent_{k}"] = _latent_anndata(np.concatenate(parts[k]), np.concatenate(ids), sub)
+        return out
+
+    def get_pert_embeddings(self, dosage: float = 1.0, pert: str | None = None) -> Any:
+        """The perturbations' latent shifts at ``dosage`` (embedding times the learned dose
+        response), an AnnData with ``obs['pert_name']``: every perturbation of cpa-tools'
+        vocabulary (``<PAD>`` a zero row), or ``pert`` alone."""
+        import anndata as ad
+
+        if not isinstance(dosage, float):
+            raise NotImplementedError("dosage: one float (cpa-tools takes no other)")
+        run = self._trained()
+        table = run.perturbation_embeddings()
+        vectors = table.drop(columns="is_control")
+        names = [pert] if pert is not None else list(self.pert_encoder)
+        unknown = [n for n in names if n != PAD and n not in vectors.index]
+        if unknown:
+            raise ValueError(f"pert {unknown[0]!r}: not a perturbation of the model; it knows {', '.join(vectors.index[:10])}")
+        response = run.dose_response(doses=[dosage], plots=False, progress=False, threads=self.threads)["latent"]
+        scale = dict(zip(response["perturbation"], response["response"]))
+        rows = []
+        for name in names:
+            if name == PAD:
+                rows.append(np.zeros(vectors.shape[1], np.float32))
+            else:
+                rows.append(vectors.loc[name].to_numpy(np.float32) * np.float32(scale.get(name, dosage)))
+        out = ad.AnnData(X=np.vstack(rows))
+        out.obs["pert_name"] = names
+        return out
+
+    def get_covar_embeddings(self, covariate: str, covariate_value: str | None = None) -> Any:
+        """A covariate's embeddings, an AnnData with ``obs[covariate]`` (every value, or
+        ``covariate_value``)."""
+        import anndata as ad
+
+        if covariate not in self.covars_encoder:
+            raise ValueError(f"covariate {covariate} not found in learned covariates")
+        table = self._trained().covariate_embeddings().loc[covariate]
+        values = [covariate_value] if covariate_value is not None else list(table.index)
+        unknown = [v for v in values if v not in table.index]
+        if unknown:
+            raise ValueError(f"covariate_value {unknown[0]!r}: {covariate} has {', '.join(map(str, table.index))}")
+        out = ad.AnnData(X=table.loc[values].to_numpy(np.float32))
+        out.obs[covariate] = values
+        return out
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False,
+             **anndata_write_kwargs: Any) -> None:
+        """Saves the model into ``dir_path``: the cpa-stream run (``run/``, which the command
+        line also reads), the setup and split (``cpa_stream_compat.json``), ``history.csv`` and,
+        with ``save_anndata``, ``adata.h5ad``. An existing directory is replaced only with
+        ``overwrite`` and only when it holds a model saved here (or is empty)."""
+        run = self._trained()
+        target = Path(dir_path)
+        _check_save_dir(target, overwrite)
+        target.mkdir(parents=True, exist_ok=True)
+        if run.path.resolve() != (target / "run").resolve():
+            tmp = Path(tempfile.mkdtemp(prefix=".run-", dir=target))
+            shutil.copytree(run.path, tmp / "run")
+            if (target / "run").exists():
+                shutil.rmtree(target / "run")
+            os.replace(tmp / "run", target / "run")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.run = Run(target / "run")
+        state = {
+            "setup": self._setup, "split_key": self.split_key, "splits": self._splits,
+            "hyper_params": self.hyper_params, "pert_encoder": self.pert_encoder,
+            "covars_encoder": self.covars_encoder,
+        }
+        _write_atomic(target / SAVED, json.dumps(state, indent=1, default=_plain))
+        if self.epoch_history is not None:
+            self.epoch_history.to_csv(target / "history.csv", index=False)
+        if save_anndata:
+            self.adata.write_h5ad(target / "adata.h5ad", **anndata_write_kwargs)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: Any | None = None, use_gpu: Any = None) -> CPA:
+        """The model saved in ``dir_path``, for ``adata`` (set up again as it was saved) or the
+        AnnData saved with it."""
+        import anndata as ad
+
+        path = Path(dir_path)
+        saved = path / SAVED
+        if not saved.is_file():
+            raise FileNotFoundError(f"{path}: no model saved by cpa_stream.compat ({SAVED} is missing)")
+        state = json.loads(saved.read_text())
+        if adata is None:
+            if not (path / "adata.h5ad").is_file():
+                raise ValueError(f"{path}: no adata.h5ad saved with the model; pass adata")
+            adata = ad.read_h5ad(path / "adata.h5ad")
+        if not isinstance(adata.uns.get(SETUP_KEY), Mapping):
+            setup = {k: v for k, v in state["setup"].items() if k in _SETUP_ARGS}
+            cls.setup_anndata(adata, **setup)
+        splits = state["splits"]
+        model = cls(adata, split_key=state["split_key"], train_split=splits["train"], valid_split=splits["valid"],
+                    test_split=splits["test"], **state["hyper_params"])
+        model.run = Run(path / "run")
+        model.is_trained_ = True
+        model.epoch_history = _epoch_history(model.run.history)
+        return model
+
+
+_SETUP_ARGS = (
+    "perturbation_key", "control_group", "dosage_key", "batch_key", "layer", "smiles_key", "is_count_data",
+    "categorical_covariate_keys", "deg_uns_key", "deg_uns_cat_key", "max_comb_len",
+)
+
+
+def _check_save_dir(target: Path, overwrite: bool) -> None:
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target}: exists and is not a directory")
+    entries = [e for e in target.iterdir() if not e.name.startswith(".run-")]
+    if not entries:
+        return
+    if not (target / SAVED).is_file() and not (target / "run").is_dir():
+        raise FileExistsError(f"{target}: a directory with other files; save into a new or empty directory")
+    if not overwrite:
+        raise FileExistsError(f"{target}: a model is saved there; pass overwrite=True to replace it")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    """uns values (numpy arrays and scalars after an .h5ad round trip) as plain Python."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _values(split: str | Sequence[str]) -> list[str]:
+    return [split] if isinstance(split, str) else [str(s) for s in split]
+
+
+def _categories(column: pd.Series) -> list[Any]:
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return list(column.cat.categories)
+    return sorted(column.astype(str).unique())
+
+
+def _pert_encoder(conditions: pd.Series, control: str) -> dict[str, int]:
+    """cpa-tools' perturbation vocabulary: ``<PAD>``, the control, then the other perturbations
+    (the ``+``-parts of the conditions) sorted."""
+    parts = {p for c in conditions.astype(str).unique() for p in c.split("+") if p != control}
+    return {name: i for i, name in enumerate([PAD, control, *sorted(parts)])}
+
+
+def _perts_matrices(conditions: pd.Series, doses: pd.Series, encoder: Mapping[str, int], max_comb_len: int,
+                    key: str) -> tuple[np.ndarray, np.ndarray]:
+    """obsm ``perts`` / ``perts_doses``: per cell the perturbations' indices and doses, padded
+    with 0 to ``max_comb_len``; computed once per distinct (condition, dose)."""
+    pairs = pd.MultiIndex.from_arrays([conditions.to_numpy(), doses.to_numpy()])
+    codes, uniques = pd.factorize(pairs)
+    perts = np.zeros((len(uniques), max_comb_len), dtype=np.int64)
+    values = np.zeros((len(uniques), max_comb_len), dtype=np.float64)
+    for i, (condition, dose) in enumerate(uniques):
+        names = str(condition).split("+")
+        amounts = str(dose).split("+")
+        if len(names) > max_comb_len:
+            raise ValueError(f"setup_anndata: {key} {condition!r} has {len(names)} parts; max_comb_len is {max_comb_len}")
+        for j, name in enumerate(names):
+            perts[i, j] = encoder[name]
+        for j, amount in enumerate(amounts[:max_comb_len]):
+            try:
+                values[i, j] = float(amount)
+            except ValueError:
+                raise ValueError(f"setup_anndata: dose {dose!r} of condition {condition!r} is not a number") from None
+    return perts[codes], values[codes]
+
+
+def _matrix_key(adata: Any, layer: str | None) -> tuple:
+    """What identifies an AnnData's matrix as it is now: its file for a backed AnnData, else the
+    object and a checksum of its values (so an X changed in place is seen)."""
+    import hashlib
+
+    import scipy.sparse as sp
+
+    if getattr(adata, "isbacked", False):
+        path = Path(adata.filename)
+        stat = path.stat()
+        return ("file", os.path.realpath(path), stat.st_size, stat.st_mtime_ns, layer)
+    matrix = adata.layers[layer] if layer is not None else adata.X
+    digest = hashlib.blake2b(digest_size=16)
+    if sp.issparse(matrix):
+        for part in (matrix.data, matrix.indices, matrix.indptr):
+            digest.update(np.ascontiguousarray(part).view(np.uint8))
+    else:
+        digest.update(np.ascontiguousarray(np.asarray(matrix)).view(np.uint8))
+    return ("memory", id(matrix), matrix.shape, layer, digest.hexdigest())
+
+
+def _in_order(parts: list[np.ndarray], ids: list[np.ndarray], names: pd.Index, width: int) -> np.ndarray:
+    """Rows in the order of ``names`` (the AnnData's cells) from batches keyed by cell id."""
+    x = np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
+    got = pd.Index(np.concatenate(ids) if ids else np.array([], dtype=object))
+    if len(got) == len(names) and (got == names.astype(str)).all():
+        return x
+    position = got.get_indexer(names.astype(str))
+    if (position < 0).any():
+        raise RuntimeError(f"prediction lacks {(position < 0).sum()} of the AnnData's cells")
+    return x[position]
+
+
+def _latent_anndata(x: np.ndarray, ids: np.ndarray, adata: Any) -> Any:
+    import anndata as ad
+
+    names = adata.obs_names
+    x = _in_order([x], [ids], names, x.shape[1] if x.ndim == 2 else 0)
+    out = ad.AnnData(X=x, obs=adata.obs.copy())
+    out.obs_names = names
+    return out
+
+
+def _epoch_history(history: pd.DataFrame) -> pd.DataFrame:
+    """cpa-tools' ``epoch_history``: a row per training epoch (``mode`` train) and per
+    validation (``mode`` valid), metric columns first, then ``epoch`` and ``mode``."""
+    rows = []
+    for _, r in history.iterrows():
+        rows.append({
+            "recon_loss": r.get("recon_loss"), "KL": r.get("kl"), "adv_loss": r.get("adv_loss"),
+            "penalty_adv": r.get("penalty_adv"), "acc_perts": r.get("acc_perts"),
+            "r2_mean": np.nan, "r2_var": np.nan, "cpa_metric": np.nan, "epoch": int(r["epoch"]), "mode": "train",
+        })
+        if "val_score" in r and pd.notna(r.get("val_score")):
+            rows.append({
+                "recon_loss": r.get("val_recon_loss"), "KL": np.nan, "adv_loss": np.nan, "penalty_adv": np.nan,
+                "acc_perts": np.nan, "r2_mean": r.get("val_r2_mean"), "r2_var": r.get("val_r2_var"),
+                "cpa_metric": r.get("val_score"), "epoch": int(r["epoch"]), "mode": "valid",
+            })
+    return pd.DataFrame(rows)
+
+
+class ComPertAPI:
+    """cpa-tools' ``ComPertAPI`` with the members its combo-sciplex tutorial uses:
+    ``measured_points`` / ``num_measured_points`` per split (cells per ``pert_category_key``
+    value), ``get_pert_embeddings(dose)`` and ``get_covars_embeddings(covariate)``."""
+
+    def __init__(self, adata: Any, model: CPA, de_genes_uns_key: str = "rank_genes_groups_cov",
+                 pert_category_key: str = "cov_drug_dose_name", control_group: str = "ctrl",
+                 experiment: str = "drug") -> None:
+        if pert_category_key not in adata.obs.columns:
+            raise ValueError(f"pert_category_key {pert_category_key!r} is not an obs column")
+        self.model, self.adata = model, adata
+        self.var_names = adata.var_names
+        self.control_group = control_group
+        self.experiment = experiment.lower()
+        self.de_genes = adata.uns.get(de_genes_uns_key)
+        self.split_key = model.split_key
+        self.perturbation_key = model._setup["perturbation_key"]
+        self.dose_key = model._setup.get("dosage_key")
+        self.covars_key = model._setup.get("categorical_covariate_keys", [])
+        self.unique_perts = list(model.pert_encoder)
+        self.unique_covars = {k: list(v) for k, v in model.covars_encoder.items()}
+        self.num_drugs = len(model.pert_encoder)
+        self.perts_dict = dict(model.pert_encoder)
+        self.covars_dict = {k: dict(v) for k, v in model.covars_encoder.items()}
+        self.pert_categories_key = pert_category_key
+        categories = adata.obs[pert_category_key].astype(str)
+        splits = adata.obs[self.split_key].astype(str) if self.split_key is not None else None
+        kinds = (sorted(splits.unique()) if splits is not None else []) + ["all"]
+        self.num_measured_points: dict[str, dict[str, int]] = {}
+        self.measured_points: dict[str, dict[str, dict[str, list[Any]]]] = {}
+        for kind in kinds:
+            chosen = categories if kind == "all" else categories[(splits == kind).to_numpy()]
+            counts = chosen.value_counts(sort=False)
+            self.num_measured_points[kind] = {str(k): int(v) for k, v in sorted(counts.items())}
+            points: dict[str, dict[str, list[Any]]] = {}
+            for category in sorted(counts.index):
+                parts = str(category).split("_")
+                if self.experiment == "drug" and len(parts) >= 3:
+                    cov, pert, dose = parts[0], parts[1], parts[2]
+                else:
+                    cov, pert = parts[0], "_".join(parts[1:])
+                    dose = _dose_text(pert)
+                value: Any = float(dose) if "+" not in dose else dose
+                points.setdefault(cov, {}).setdefault(pert, []).append(value)
+            self.measured_points[kind] = points
+
+    def get_pert_embeddings(self, dose: float = 1.0) -> Any:
+        """The perturbations' latent shifts at ``dose`` (AnnData, ``obs['pert_name']``)."""
+        return self.model.get_pert_embeddings(dosage=float(dose))
+
+    def get_covars_embeddings(self, covariate: str) -> Any:
+        """A covariate's embeddings (AnnData, ``obs[covariate]``)."""
+        return self.model.get_covar_embeddings(covariate)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("cpa.pl needs matplotlib: pip install 'cpa-stream[compat]'") from error
+    return plt
+
+
+class _Plots:
+    """``cpa.pl``: the plots cpa-tools' tutorials draw (matplotlib)."""
+
+    @staticmethod
+    def plot_history(model: CPA, path_to_save: str | os.PathLike | None = None) -> Any:
+        """One panel per metric of ``model.epoch_history``, training and validation lines over
+        the epochs; returns the figure (saved to ``path_to_save`` when given)."""
+        plt = _pyplot()
+
+        df = model.epoch_history
+        if df is None or df.empty:
+            raise RuntimeError("plot_history: the model has no history; train it first")
+        metrics = [c for c in df.columns if c not in ("epoch", "mode") and df[c].notna().any()]
+        columns = min(4, len(metrics))
+        rows = -(-len(metrics) // columns)
+        fig, axes = plt.subplots(rows, columns, sharex=True, figsize=(3.4 * columns, 2.4 * rows), squeeze=False)
+        lines = {}
+        for ax, column in zip(axes.flat, metrics):
+            for mode, style, color in (("train", "-", "C0"), ("valid", "o-", "C1")):
+                part = df[(df["mode"] == mode) & df[column].notna()]
+                if len(part):
+                    (lines[mode],) = ax.plot(part["epoch"], part[column], style, color=color, label=mode, markersize=3)
+            ax.set_title(column, fontweight="bold")
+        for ax in axes[-1]:
+            ax.set_xlabel("epoch")
+        for ax in list(axes.flat)[len(metrics):]:
+            ax.set_visible(False)
+        fig.legend(list(lines.values()), list(lines), loc="upper right")
+        fig.tight_layout(rect=(0, 0, 0.92, 1))
+        if path_to_save is not None:
+            fig.savefig(path_to_save, bbox_inches="tight", dpi=100)
+        return fig
+
+    @staticmethod
+    def mean_plot(adata: Any, pred_obsm_key: str, path_to_save: str | os.PathLike = "./reg_mean.pdf",
+                  gene_list: Sequence[str] | None = None, deg_list: Sequence[str] | None = None, show: bool = False,
+                  title: str | None = None, verbose: bool = False, x_coeff: float = 0.30, y_coeff: float = 0.8,
+                  fontsize: int = 11, R2_type: str = "R2", figsize: tuple[float, float] = (3.5, 3.5),
+                  **kwargs: Any) -> float | tuple[float, float]:
+        """cpa-tools' ``mean_plot``: the mean over ``adata``'s cells of each gene, true (``X``)
+        against predicted (``obsm[pred_obsm_key]``), with R2 over all genes and over
+        ``deg_list``; saved to ``path_to_save``; returns ``r2`` or ``(r2, r2_degs)``.
+        ``adata.X`` is read, not changed."""
+        plt = _pyplot()
+        import scipy.sparse as sp
+        from scipy import stats
+
+        if R2_type not in ("R2", "Pearson R2"):
+            raise ValueError("R2 calculation should be one of ['R2', 'Pearson R2']")
+        x = adata.X
+        true = np.asarray(x.mean(axis=0)).ravel() if sp.issparse(x) else np.asarray(x).mean(axis=0)
+        pred = np.asarray(adata.obsm[pred_obsm_key]).mean(axis=0)
+
+        def r2(a: np.ndarray, b: np.ndarray) -> float:
+            if R2_type == "R2":
+                return float(1 - ((a - b) ** 2).sum() / ((a - a.mean()) ** 2).sum())
+            return float(stats.pearsonr(a, b)[0] ** 2)
+
+        r2_all = r2(true, pred)
+        r2_degs = None
+        if deg_list is not None:
+            positions = adata.var_names.get_indexer(list(deg_list))
+            if (positions < 0).any():
+                missing = [g for g, p in zip(deg_list, positions) if p < 0]
+                raise ValueError(f"deg_list: {len(missing)} gene(s) not in var_names: {', '.join(missing[:5])}")
+            r2_degs = r2(true[positions], pred[positions])
+            if verbose:
+                print(f"Top {len(deg_list)} DEGs var: ", r2_degs)
+        if verbose:
+            print("All genes mean R2: ", r2_all)
+        fig, ax = plt.subplots(figsize=figsize)
+        ax.scatter(pred, true, s=8, alpha=0.6)
+        slope, intercept = np.polyfit(pred, true, 1) if len(pred) > 1 else (1.0, 0.0)
+        line = np.linspace(pred.min(), pred.max(), 2)
+        ax.plot(line, slope * line + intercept, color="C1")
+        if gene_list is not None:
+            for gene in gene_list:
+                j = adata.var_names.get_loc(gene)
+                ax.plot(pred[j], true[j], "o", color="red", markersize=5)
+                ax.text(pred[j], true[j], gene, fontsize=fontsize)
+        if "range" in kwargs:
+            start, stop, step = kwargs["range"]
+            ax.set_xticks(np.arange(start, stop, step))
+            ax.set_yticks(np.arange(start, stop, step))
+        ax.set_xlabel("pred", fontsize=fontsize)
+        ax.set_ylabel("true", fontsize=fontsize)
+        ax.set_title(title or "", fontsize=fontsize, fontweight="bold")
+        ax.text(pred.max() * (1 - x_coeff), true.max() * (1 - y_coeff), f"$R^2$ all genes = {r2_all:.2f}",
+                fontsize=fontsize)
+        if r2_degs is not None:
+            ax.text(pred.max() * (1 - x_coeff), true.max() * (1 - y_coeff - 0.15), f"$R^2$ DEGs = {r2_degs:.2f}",
+                    fontsize=fontsize)
+        fig.savefig(path_to_save, bbox_inches="tight", dpi=100)
+        if show:
+            plt.show()
+        plt.close(fig)
+        return (r2_all, r2_degs) if r2_degs is not None else r2_all
+
+
+#: ``cpa.pl``.
+pl = _Plots()

@@ -1,0 +1,266 @@
+"""cpa-tools' API on cpa-stream (issue 50 items 1-2): a cpa-tools tutorial's calls, with only the
+import line changed, run on the bundled data and return cpa-tools' shapes, computed by the same
+engine as the package's own API; hyper-parameters map one to one; keys that cannot be honoured
+are errors naming them; the setup belongs to the model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cpa_stream as cs
+import cpa_stream.compat as cpa
+from conftest import BUNDLED
+
+pytest.importorskip("matplotlib")
+
+MODEL = {
+    "n_latent": 16, "recon_loss": "nb", "doser_type": "linear", "n_hidden_encoder": 64, "n_layers_encoder": 2,
+    "n_hidden_decoder": 64, "n_layers_decoder": 2, "use_batch_norm_encoder": True, "use_layer_norm_encoder": False,
+    "use_batch_norm_decoder": False, "use_layer_norm_decoder": True, "dropout_rate_encoder": 0.0,
+    "dropout_rate_decoder": 0.1, "variational": False, "seed": 6977,
+}
+PLAN = {
+    "n_epochs_kl_warmup": None, "n_epochs_pretrain_ae": 1, "n_epochs_adv_warmup": 2, "n_epochs_mixup_warmup": 0,
+    "mixup_alpha": 0.0, "adv_steps": None, "n_hidden_adv": 32, "n_layers_adv": 2, "use_batch_norm_adv": True,
+    "use_layer_norm_adv": False, "dropout_rate_adv": 0.3, "reg_adv": 20.0, "pen_adv": 5.0, "lr": 0.0003,
+    "wd": 4e-07, "adv_lr": 0.0003, "adv_wd": 4e-07, "adv_loss": "cce", "doser_lr": 0.0003, "doser_wd": 4e-07,
+    "do_clip_grad": True, "gradient_clip_value": 1.0, "step_size_lr": 10,
+}
+HELD_OUT = "MAP2K3+MAP2K6"
+
+
+def _tutorial_adata():
+    """The bundled data prepared as the Norman tutorial prepares its data: counts in X, a split
+    column of train / valid / ood."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(BUNDLED)
+    adata.X = adata.layers["counts"].copy()
+    rng = np.random.default_rng(0)
+    adata.obs["split"] = rng.choice(["train", "valid"], size=adata.n_obs, p=[0.85, 0.15])
+    adata.obs.loc[adata.obs["condition"] == HELD_OUT, "split"] = "ood"
+    return adata
+
+
+def _setup(adata) -> None:
+    cpa.CPA.setup_anndata(adata, perturbation_key="condition", control_group="control", dosage_key="dose",
+                          categorical_covariate_keys=["cell_type"], is_count_data=True, deg_uns_cat_key="cov_cond",
+                          max_comb_len=2)
+
+
+@pytest.fixture(scope="module")
+def tutorial(tmp_path_factory):
+    """The tutorial's set-up and training (3 epochs, 1 thread), saved to ``save_path``."""
+    adata = _tutorial_adata()
+    _setup(adata)
+    model = cpa.CPA(adata=adata, split_key="split", train_split="train", valid_split="valid", test_split="ood",
+                    **MODEL)
+    saved = tmp_path_factory.mktemp("compat") / "Kang"
+    with pytest.warns(UserWarning, match="use_gpu: no CUDA device"):
+        model.train(max_epochs=3, use_gpu=True, batch_size=512, plan_kwargs=PLAN, early_stopping_patience=5,
+                    check_val_every_n_epoch=1, save_path=saved, threads=1)
+    return adata, model, saved
+
+
+def test_setup_writes_cpa_tools_fields_and_keeps_its_state_out_of_the_class():
+    adata = _tutorial_adata()
+    _setup(adata)
+    assert adata.obs["CPA_cat"].iloc[0] == f"{adata.obs['cell_type'].iloc[0]}_{adata.obs['condition'].iloc[0]}"
+    assert set(adata.obs["CPA_control"].unique()) == {0, 1}
+    assert adata.obsm["perts"].shape == (adata.n_obs, 2) and adata.obsm["perts_doses"].shape == (adata.n_obs, 2)
+    model = cpa.CPA(adata, split_key="split", valid_split="valid")
+    vocabulary = list(model.pert_encoder)
+    assert vocabulary[:2] == ["<PAD>", "control"] and vocabulary[2:] == sorted(vocabulary[2:])
+    # A cell's obsm row names its perturbations by that vocabulary, padding with 0.
+    first = adata.obs["condition"].iloc[0].split("+")
+    assert [vocabulary[i] for i in adata.obsm["perts"][0][: len(first)]] == first
+    # A second dataset with other perturbations gets its own vocabulary: no class-level leak.
+    other = adata[adata.obs["condition"].isin(["control", "KLF1"])].copy()
+    del other.uns[cpa.SETUP_KEY]
+    with pytest.raises(ValueError, match="setup_anndata"):
+        cpa.CPA(other)
+    _setup(other)
+    assert list(cpa.CPA(other).pert_encoder) == ["<PAD>", "control", "KLF1"]
+    assert list(model.pert_encoder) == vocabulary
+    # No dosage key: cpa-tools' CPA_dose_val, "1.0" per part.
+    third = adata[:200].copy()
+    cpa.CPA.setup_anndata(third, perturbation_key="condition", control_group="control")
+    assert all(d == "+".join("1.0" for _ in c.split("+")) for c, d in zip(third.obs["condition"], third.obs["CPA_dose_val"]))
+
+
+def test_keys_map_one_to_one_and_unknown_keys_are_errors_naming_them(tutorial):
+    adata, model, _ = tutorial
+    config = model.run.config
+    assert config["model"]["n_latent"] == 16 and config["model"]["doser_type"] == "linear"
+    assert config["model"]["norm_encoder"] == "batch" and config["model"]["norm_decoder"] == "layer"
+    assert config["model"]["dropout_rate_decoder"] == 0.1
+    assert config["adversary"]["reg_adv"] == 20.0 and config["adversary"]["pen_adv"] == 5.0
+    assert config["adversary"]["adv_steps"] == 0 and config["adversary"]["n_hidden"] == 32
+    assert config["training"]["n_epochs_kl_warmup"] == 0 and config["training"]["n_epochs_pretrain_ae"] == 1
+    assert config["training"]["seed"] == 6977 and config["training"]["batch_size"] == 512
+    assert config["training"]["do_clip_grad"] is True and config["training"]["gradient_clip_value"] == 1.0
+    # The reference preset: cpa-tools' schedule, no averaging.
+    assert config["training"]["lr_schedule"] == "reference" and config["training"]["ema_decay"] == 0.0
+    with pytest.raises(TypeError, match="'n_latnet'"):
+        cpa.CPA(adata, n_latnet=8)
+    with pytest.raises(ValueError, match="use_batch_norm_encoder=True and use_layer_norm_encoder=True"):
+        cpa.CPA(adata, use_batch_norm_encoder=True, use_layer_norm_encoder=True)
+    fresh = cpa.CPA(adata, split_key="split", valid_split="valid", n_latent=8)
+    with pytest.raises(ValueError, match="'n_steps_pretrain_ae'.*'n_epochs_pretrain_ae'"):
+        fresh.train(max_epochs=1, plan_kwargs={"n_steps_pretrain_ae": 10})
+    with pytest.raises(ValueError, match="unknown key 'reg_adverse'"):
+        fresh.train(max_epochs=1, plan_kwargs={"reg_adverse": 1.0})
+    with pytest.raises(NotImplementedError, match="use_rdkit_embeddings"):
+        cpa.CPA(adata, use_rdkit_embeddings=True)
+
+
+def test_the_split_means_what_it_means_in_cpa_tools(tutorial):
+    adata, model, _ = tutorial
+    # valid_split="valid" cells validate, "ood" cells are held out of training and validation.
+    history = model.run.history
+    assert int(history["val_cells"].dropna().iloc[-1]) == int((adata.obs["split"] == "valid").sum())
+    trained_on = int(history["cells"].iloc[0])
+    assert trained_on == int((adata.obs["split"] == "train").sum())
+    assert list(model.test_indices) == list(np.flatnonzero(adata.obs["split"] == "ood"))
+    # cpa-tools' default valid_split is "test": such cells validate.
+    other = adata[:2000].copy()
+    other.obs["split"] = np.where(np.arange(other.n_obs) % 5 == 0, "test", "train")
+    default = cpa.CPA(other, split_key="split", **{**MODEL, "n_latent": 4})
+    default.train(max_epochs=1, batch_size=256, check_val_every_n_epoch=1, threads=1)
+    assert int(default.run.history["val_cells"].dropna().iloc[-1]) == int((other.obs["split"] == "test").sum())
+
+
+def test_history_and_plots_have_cpa_tools_shapes(tutorial, tmp_path):
+    _, model, _ = tutorial
+    history = model.epoch_history
+    assert list(history.columns[-2:]) == ["epoch", "mode"]
+    assert {"recon_loss", "adv_loss", "r2_mean", "cpa_metric"} <= set(history.columns)
+    assert (history["mode"] == "train").sum() == 3 and (history["mode"] == "valid").sum() == 3
+    assert history.loc[history["mode"] == "valid", "r2_mean"].notna().all()
+    figure = cpa.pl.plot_history(model, path_to_save=tmp_path / "history.png")
+    assert (tmp_path / "history.png").stat().st_size > 0 and len(figure.axes) >= 8
+
+
+def test_latents_and_predictions_are_the_engines_in_cpa_tools_shapes(tutorial):
+    adata, model, _ = tutorial
+    latents = model.get_latent_representation(adata, batch_size=2048)
+    assert set(latents) == {"latent_basal", "latent_after", "latent_corrected"}
+    for value in latents.values():
+        assert value.shape == (adata.n_obs, 16)
+        assert list(value.obs_names) == list(adata.obs_names)
+        assert list(value.obs.columns) == list(adata.obs.columns)
+    # The same numbers as the package's own API on the same cells.
+    own = model.run.latents(adata, ["z_basal"], threads=1)
+    order = pd.Index(own["cell_id"]).get_indexer(adata.obs_names)
+    np.testing.assert_array_equal(latents["latent_basal"].X, own["z_basal"][order])
+
+    model.predict(adata, batch_size=2048)
+    predicted = adata.obsm["CPA_pred"]
+    assert predicted.shape == adata.shape and predicted.dtype == np.float32 and np.isfinite(predicted).all()
+    engine = model.run.predict_anndata(adata, source="all", threads=1)
+    np.testing.assert_array_equal(predicted, engine[adata.obs_names].X)
+
+    # The Norman tutorial's counterfactual: X replaced by sampled control cells, then predict.
+    adata.layers["X_true"] = adata.X.copy()
+    control = adata[adata.obs["condition"] == "control"]
+    rng = np.random.default_rng(1)
+    adata.X = control.X[rng.choice(control.n_obs, size=adata.n_obs, replace=True), :]
+    model.predict(adata, batch_size=2048)
+    counterfactual = adata.obsm["CPA_pred"]
+    assert not np.array_equal(counterfactual, predicted), "a changed X must be read again"
+    adata.X = adata.layers["X_true"]
+
+    # custom_predict: the latent kinds and the predicted means, aligned with the cells.
+    custom = model.custom_predict(adata=adata, add_batch=False, batch_size=2048)
+    assert set(custom) == {"latent_x_pred", "latent_z", "latent_z_corrected", "latent_z_no_pert",
+                           "latent_z_no_pert_corrected", "latent_z_basal"}
+    assert custom["latent_x_pred"].shape == adata.shape and custom["latent_z"].shape == (adata.n_obs, 16)
+    np.testing.assert_array_equal(custom["latent_x_pred"].X, predicted)
+    np.testing.assert_array_equal(custom["latent_z_basal"].X, latents["latent_basal"].X)
+    with pytest.raises(NotImplementedError, match="add_pert=False"):
+        model.custom_predict(adata=adata, add_pert=False)
+
+    # Some cells only: their rows, NaN elsewhere.
+    model.predict(adata, indices=np.arange(10))
+    assert np.isnan(adata.obsm["CPA_pred"][10:]).all()
+    # (float32 sums of other batch shapes: equal to rounding)
+    np.testing.assert_allclose(adata.obsm["CPA_pred"][:10], predicted[:10], rtol=1e-5, atol=1e-6)
+
+
+def test_embeddings_mean_plot_and_the_api(tutorial, tmp_path):
+    adata, model, _ = tutorial
+    perts = model.get_pert_embeddings()
+    assert perts.shape == (len(model.pert_encoder), 16)
+    assert list(perts.obs["pert_name"]) == list(model.pert_encoder)
+    assert not perts.X[0].any(), "<PAD> is a zero row"
+    # A linear doser: the shift at dose 1 is the embedding itself, at dose 2 twice it.
+    raw = model.run.perturbation_embeddings().drop(columns="is_control")
+    np.testing.assert_allclose(perts.X[2], raw.loc[perts.obs["pert_name"].iloc[2]].to_numpy(), rtol=1e-6)
+    double = model.get_pert_embeddings(dosage=2.0, pert=perts.obs["pert_name"].iloc[2])
+    np.testing.assert_allclose(double.X[0], 2 * perts.X[2], rtol=1e-5)
+    covariates = model.get_covar_embeddings("cell_type")
+    assert covariates.shape == (adata.obs["cell_type"].nunique(), 16)
+    with pytest.raises(ValueError, match="covariate dose not found"):
+        model.get_covar_embeddings("dose")
+
+    api = cpa.ComPertAPI(adata, model, de_genes_uns_key="none", pert_category_key="cov_cond",
+                         control_group="control", experiment="gene")
+    assert sum(api.num_measured_points["ood"].values()) == int((adata.obs["split"] == "ood").sum())
+    assert api.get_pert_embeddings().shape == perts.shape
+
+    model.predict(adata)
+    held_out = adata[adata.obs["condition"] == HELD_OUT].copy()
+    x = held_out.X.copy()
+    r2, r2_degs = cpa.pl.mean_plot(held_out, pred_obsm_key="CPA_pred", path_to_save=tmp_path / "mean.png",
+                                   deg_list=list(adata.var_names[:20]))
+    assert (tmp_path / "mean.png").stat().st_size > 0 and -10 < r2 <= 1 and -10 < r2_degs <= 1
+    assert type(held_out.X) is type(x), "mean_plot leaves X as it is"
+
+
+def test_save_and_load_give_the_same_model_and_refuse_other_directories(tutorial, tmp_path):
+    adata, model, saved = tutorial
+    assert (saved / cpa.SAVED).is_file() and (saved / "history.csv").is_file() and (saved / "run").is_dir()
+    state = json.loads((saved / cpa.SAVED).read_text())
+    assert state["setup"]["perturbation_key"] == "condition"
+    loaded = cpa.CPA.load(saved, adata=adata)
+    assert loaded.is_trained_ and list(loaded.pert_encoder) == list(model.pert_encoder)
+    loaded.threads = 1
+    a = model.get_latent_representation(adata)["latent_basal"].X
+    b = loaded.get_latent_representation(adata)["latent_basal"].X
+    np.testing.assert_array_equal(a, b)
+    # The saved run is a cpa-stream run: the package (and the command line) read it.
+    assert cs.Run(saved / "run").perturbations
+    # Another folder with files of its own is never replaced.
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="other files"):
+        model.save(other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep"
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(saved)
+    model.save(tmp_path / "copy", save_anndata=True)
+    again = cpa.CPA.load(tmp_path / "copy")
+    assert again.adata.n_obs == adata.n_obs
+
+
+def test_a_backed_anndata_trains_and_predicts_from_its_file(tmp_path):
+    import anndata as ad
+
+    small = _tutorial_adata()[:1500].copy()
+    path = tmp_path / "small.h5ad"
+    small.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    _setup(backed)
+    model = cpa.CPA(backed, split_key="split", valid_split="valid", **{**MODEL, "n_latent": 4})
+    model.train(max_epochs=1, batch_size=256, threads=1)
+    model.predict(backed)
+    assert backed.obsm["CPA_pred"].shape == backed.shape
+    in_memory = ad.read_h5ad(path)
+    _setup(in_memory)
+    model.predict(in_memory)
+    np.testing.assert_array_equal(in_memory.obsm["CPA_pred"], backed.obsm["CPA_pred"])
