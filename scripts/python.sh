@@ -26,6 +26,13 @@ if [ ! -f "$stamp" ]; then
   fi
   flock -u 9
 fi
+# RDKit for the drugs-from-SMILES tests: optional (a 32 MB wheel); they skip with the reason without it.
+rdkit_stamp="$CPA_STREAM_VENV/.rdkit-1.tried"
+if [ ! -f "$rdkit_stamp" ]; then
+  log "installing rdkit (optional: the SMILES tests skip without it)"
+  "$py" -m pip install --quiet --disable-pip-version-check "rdkit==2026.9.1" >&2 || log "rdkit could not be installed"
+  touch "$rdkit_stamp"
+fi
 # Ray for the fan-out test: optional (large); its test skips with the reason when it is absent.
 ray_stamp="$CPA_STREAM_VENV/.ray-1.tried"
 if [ ! -f "$ray_stamp" ]; then

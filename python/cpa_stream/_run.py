@@ -68,7 +68,7 @@ def train(
     test_fraction: float | None = None,
     config: Mapping[str, Any] | PathLike | None = None,
     preset: str | None = None,
-    perturbation_features: PathLike | None = None,
+    perturbation_features: PathLike | pd.DataFrame | None = None,
     max_epochs: int | None = None,
     batch_size: int | str | None = None,
     seed: int | None = None,
@@ -101,9 +101,10 @@ def train(
     ``max_epochs``, ``batch_size`` (or ``"auto"`` on CUDA) and ``seed`` override it.
 
     ``perturbation_features`` is a Parquet or CSV table with one row per perturbation (a name
-    column, then numbers: e.g. RDKit descriptors or fingerprint bits); the model projects them
-    instead of learning a free embedding per perturbation, and perturbations of the table without
-    cells can then be predicted (cpa-tools' drug embeddings, trained here).
+    column, then numbers: e.g. RDKit descriptors or fingerprint bits), or such a DataFrame indexed
+    by perturbation (:func:`cpa_stream.chem.molecule_features` makes one from SMILES); the model
+    projects them instead of learning a free embedding per perturbation, and perturbations of the
+    table without cells can then be predicted (cpa-tools' drug embeddings, trained here).
 
     ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``threads`` libtorch's threads (note:
     libtorch's thread count is per process, so this also sets PyTorch's) and ``workers`` the
@@ -124,6 +125,20 @@ def train(
         config_value = os.fspath(config)
     if isinstance(batch_size, int):
         batch_size = str(batch_size)
+    if isinstance(perturbation_features, pd.DataFrame):
+        from . import chem
+
+        # The run keeps the features in its checkpoint: the table is only read at the start.
+        with tempfile.TemporaryDirectory(prefix="cpa-stream-features-") as scratch:
+            table = chem.write(perturbation_features, Path(scratch) / "features.parquet")
+            return train(
+                store, out, perturbation_key=perturbation_key, dosage_key=dosage_key, control_group=control_group,
+                categorical_covariate_keys=categorical_covariate_keys, batch_key=batch_key, split_key=split_key,
+                holdout=holdout, validation_fraction=validation_fraction, test_fraction=test_fraction,
+                config=config, preset=preset, perturbation_features=table, max_epochs=max_epochs,
+                batch_size=batch_size, seed=seed, device=device, threads=threads, workers=workers, resume=resume,
+                overwrite=overwrite, allow_non_counts=allow_non_counts, progress=progress,
+            )
     request = {
         "store": _path(store),
         "out": os.fspath(out),

@@ -206,7 +206,13 @@ class CPA:
     ``valid_split`` and ``test_split`` (a value or a list) select training, validation and
     held-out cells (cells in none of them are held out too); without it, :meth:`train` splits at
     random by ``train_size``. ``hyper_params`` are cpa-tools' module keys (``n_latent``,
-    ``recon_loss``, ``doser_type``, ``n_hidden_encoder``, ..., ``seed``)."""
+    ``recon_loss``, ``doser_type``, ``n_hidden_encoder``, ..., ``seed``).
+
+    ``use_rdkit_embeddings=True`` (with ``setup_anndata(smiles_key=...)``) gives each drug the
+    features of its molecule (:mod:`cpa_stream.chem`; ``molecule_features="morgan"``, cpa-tools'
+    2,048-bit fingerprints, or ``"descriptors"``, RDKit's 2-D descriptors) through a projection
+    that is trained (cpa-tools' is not), so drugs whose cells are all held out (``test_split``)
+    are predicted from their molecules."""
 
     def __init__(
         self,
@@ -216,19 +222,30 @@ class CPA:
         valid_split: str | Sequence[str] = "test",
         test_split: str | Sequence[str] = "ood",
         use_rdkit_embeddings: bool = False,
+        molecule_features: str = "morgan",
         **hyper_params: Any,
     ) -> None:
         setup = adata.uns.get(SETUP_KEY) if hasattr(adata, "uns") else None
         if not isinstance(setup, Mapping):
             raise ValueError("CPA(adata): call cpa.CPA.setup_anndata(adata, ...) first")
-        if use_rdkit_embeddings:
-            raise NotImplementedError(
-                "use_rdkit_embeddings=True is not available in cpa_stream.compat yet: compute the molecules' "
-                "features (e.g. RDKit Morgan fingerprints) into a table and train with "
-                "cpa_stream.train(..., perturbation_features=TABLE)"
-            )
         self.adata = adata
         self._setup: dict[str, Any] = {k: _plain(v) for k, v in setup.items()}
+        #: The molecules' features the model projects (``use_rdkit_embeddings=True``), one row per drug.
+        self.drug_features: pd.DataFrame | None = None
+        self.use_rdkit_embeddings = bool(use_rdkit_embeddings)
+        self.molecule_features = molecule_features
+        if use_rdkit_embeddings:
+            from . import chem
+
+            if self._setup.get("smiles_key") is None:
+                raise ValueError("use_rdkit_embeddings=True needs setup_anndata(..., smiles_key=...)")
+            smiles = chem.smiles_of(
+                adata.obs, self._setup["perturbation_key"], self._setup["smiles_key"], self._setup["control_group"]
+            )
+            self.pert_smiles_map = smiles
+            self.drug_features = chem.molecule_features(smiles, molecule_features)
+        else:
+            self.pert_smiles_map = None
         self.split_key = split_key
         self._splits = {
             "train": _values(train_split), "valid": _values(valid_split), "test": _values(test_split),
@@ -440,7 +457,8 @@ class CPA:
             store, out, perturbation_key=s["perturbation_key"], dosage_key=s.get("dosage_key"),
             control_group=s["control_group"], categorical_covariate_keys=s.get("categorical_covariate_keys", []),
             batch_key=s.get("batch_key"), config=config, preset="reference", device=device, threads=self.threads,
-            overwrite=True, allow_non_counts=not s.get("is_count_data", True), **split,
+            overwrite=True, allow_non_counts=not s.get("is_count_data", True),
+            perturbation_features=self.drug_features, **split,
         )
         self.is_trained_ = True
         self.epoch_history = _epoch_history(self.run.history)
@@ -622,6 +640,8 @@ class CPA:
         state = {
             "setup": self._setup, "split_key": self.split_key, "splits": self._splits,
             "hyper_params": self.hyper_params, "pert_encoder": self.pert_encoder,
+            "use_rdkit_embeddings": self.use_rdkit_embeddings, "molecule_features": self.molecule_features,
+            "pert_smiles_map": self.pert_smiles_map,
             "covars_encoder": self.covars_encoder,
         }
         _write_atomic(target / SAVED, json.dumps(state, indent=1, default=_plain))
@@ -650,7 +670,8 @@ class CPA:
             cls.setup_anndata(adata, **setup)
         splits = state["splits"]
         model = cls(adata, split_key=state["split_key"], train_split=splits["train"], valid_split=splits["valid"],
-                    test_split=splits["test"], **state["hyper_params"])
+                    test_split=splits["test"], use_rdkit_embeddings=state.get("use_rdkit_embeddings", False),
+                    molecule_features=state.get("molecule_features", "morgan"), **state["hyper_params"])
         model.run = Run(path / "run")
         model.is_trained_ = True
         model.epoch_history = _epoch_history(model.run.history)

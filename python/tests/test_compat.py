@@ -114,7 +114,7 @@ def test_keys_map_one_to_one_and_unknown_keys_are_errors_naming_them(tutorial):
         fresh.train(max_epochs=1, plan_kwargs={"n_steps_pretrain_ae": 10})
     with pytest.raises(ValueError, match="unknown key 'reg_adverse'"):
         fresh.train(max_epochs=1, plan_kwargs={"reg_adverse": 1.0})
-    with pytest.raises(NotImplementedError, match="use_rdkit_embeddings"):
+    with pytest.raises(ValueError, match=r"use_rdkit_embeddings=True needs setup_anndata\(\.\.\., smiles_key"):
         cpa.CPA(adata, use_rdkit_embeddings=True)
 
 
