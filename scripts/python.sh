@@ -34,10 +34,10 @@ if [ ! -f "$rdkit_stamp" ]; then
   touch "$rdkit_stamp"
 fi
 # Ray for the fan-out test: optional (large); its test skips with the reason when it is absent.
-ray_stamp="$CPA_STREAM_VENV/.ray-1.tried"
+ray_stamp="$CPA_STREAM_VENV/.ray-2.tried"
 if [ ! -f "$ray_stamp" ]; then
   log "installing ray (optional: the Ray test skips without it)"
-  "$py" -m pip install --quiet --disable-pip-version-check "ray==2.60.0" >&2 || log "ray could not be installed"
+  "$py" -m pip install --quiet --disable-pip-version-check "ray[tune]==2.60.0" >&2 || log "ray could not be installed"
   touch "$ray_stamp"
 fi
 
