@@ -914,14 +914,15 @@ class _Plots:
         return fig
 
     @staticmethod
-    def mean_plot(adata: Any, pred_obsm_key: str, path_to_save: str | os.PathLike = "./reg_mean.pdf",
+    def mean_plot(adata: Any, pred_obsm_key: str, path_to_save: str | os.PathLike | None = "./reg_mean.pdf",
                   gene_list: Sequence[str] | None = None, deg_list: Sequence[str] | None = None, show: bool = False,
                   title: str | None = None, verbose: bool = False, x_coeff: float = 0.30, y_coeff: float = 0.8,
                   fontsize: int = 11, R2_type: str = "R2", figsize: tuple[float, float] = (3.5, 3.5),
                   **kwargs: Any) -> float | tuple[float, float]:
         """cpa-tools' ``mean_plot``: the mean over ``adata``'s cells of each gene, true (``X``)
         against predicted (``obsm[pred_obsm_key]``), with R2 over all genes and over
-        ``deg_list``; saved to ``path_to_save``; returns ``r2`` or ``(r2, r2_degs)``.
+        ``deg_list``; saved to ``path_to_save`` (``None``: not saved); returns ``r2`` or
+        ``(r2, r2_degs)``.
         ``adata.X`` is read, not changed."""
         plt = _pyplot()
         import scipy.sparse as sp
@@ -972,11 +973,70 @@ class _Plots:
         if r2_degs is not None:
             ax.text(pred.max() * (1 - x_coeff), true.max() * (1 - y_coeff - 0.15), f"$R^2$ DEGs = {r2_degs:.2f}",
                     fontsize=fontsize)
-        fig.savefig(path_to_save, bbox_inches="tight", dpi=100)
+        if path_to_save is not None:
+            fig.savefig(path_to_save, bbox_inches="tight", dpi=100)
         if show:
             plt.show()
         plt.close(fig)
         return (r2_all, r2_degs) if r2_degs is not None else r2_all
+
+    class CompertVisuals:
+        """cpa-tools' ``CompertVisuals``: ``plot_latent_embeddings`` of a :class:`ComPertAPI`'s
+        perturbation or covariate embeddings in two dimensions."""
+
+        def __init__(self, cpa_api: ComPertAPI, fileprefix: str | None = None, **kwargs: Any) -> None:
+            self.api = cpa_api
+            self.fileprefix = fileprefix
+
+        def plot_latent_embeddings(self, emb: np.ndarray, titlename: str = "Example", kind: str = "perturbations",
+                                   palette: Any = None, labels: Sequence[str] | None = None,
+                                   dimred: str = "KernelPCA", filename: str | os.PathLike | None = None,
+                                   show_text: bool = True) -> Any:
+            """The rows of ``emb`` (one per perturbation, or per value of a covariate) in two
+            dimensions (kernel PCA with a cosine kernel as cpa-tools, or ``dimred="PCA"``),
+            labelled; saved to ``filename`` (or under ``fileprefix``) and returned."""
+            plt = _pyplot()
+            emb = np.asarray(emb, dtype=np.float64)
+            if labels is None:
+                labels = self.api.unique_perts if kind == "perturbations" else self.api.unique_covars.get(kind, [])
+            labels = [str(x) for x in labels]
+            if len(labels) != emb.shape[0]:
+                raise ValueError(f"plot_latent_embeddings: {emb.shape[0]} rows and {len(labels)} labels")
+            keep = np.abs(emb).sum(axis=1) > 0  # the padding entry is a zero row
+            emb, labels = emb[keep], [x for x, k in zip(labels, keep) if k]
+            xy = _two_dimensions(emb, dimred)
+            fig, ax = plt.subplots(figsize=(4.5, 4.5))
+            ax.scatter(xy[:, 0], xy[:, 1], s=40, c=[f"C{i % 10}" for i in range(len(labels))])
+            if show_text:
+                for (x, y), text in zip(xy, labels):
+                    ax.annotate(text, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+            ax.set_title(titlename, fontweight="bold")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            target = filename or (f"{self.fileprefix}_emb_{kind}.png" if self.fileprefix else None)
+            if target is not None:
+                fig.savefig(target, bbox_inches="tight", dpi=100)
+            return fig
+
+
+def _two_dimensions(emb: np.ndarray, dimred: str) -> np.ndarray:
+    """Rows in two dimensions: kernel PCA with a cosine kernel (``KernelPCA``, cpa-tools' choice)
+    or PCA."""
+    if len(emb) < 2:
+        return np.zeros((len(emb), 2))
+    if dimred == "KernelPCA":
+        unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        kernel = unit @ unit.T
+        n = len(kernel)
+        centre = np.eye(n) - np.full((n, n), 1.0 / n)
+        values, vectors = np.linalg.eigh(centre @ kernel @ centre)
+        order = np.argsort(values)[::-1][:2]
+        return vectors[:, order] * np.sqrt(np.maximum(values[order], 0))
+    if dimred != "PCA":
+        raise ValueError(f"dimred {dimred!r}: expected 'KernelPCA' or 'PCA'")
+    centred = emb - emb.mean(axis=0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    return u[:, :2] * s[:2]
 
 
 #: ``cpa.pl``.
