@@ -798,23 +798,33 @@ def _latent_anndata(x: np.ndarray, ids: np.ndarray, adata: Any) -> Any:
     return out
 
 
+#: cpa-tools 0.8.8's ``epoch_history`` columns, in its order.
+HISTORY_COLUMNS = [
+    "recon_loss", "KL", "disnt_basal", "disnt_after", "r2_mean", "r2_var", "adv_loss", "penalty_adv", "adv_perts",
+    "acc_perts", "penalty_perts", "epoch", "mode",
+]
+
+
 def _epoch_history(history: pd.DataFrame) -> pd.DataFrame:
-    """cpa-tools' ``epoch_history``: a row per training epoch (``mode`` train) and per
-    validation (``mode`` valid), metric columns first, then ``epoch`` and ``mode``."""
+    """cpa-tools' ``epoch_history``: per epoch a ``valid`` row (when the epoch was validated) and
+    a ``train`` row, with cpa-tools' columns; what cpa-stream does not measure (the
+    disentanglement scores, the training R2, the adversaries' separate losses) is NaN."""
     rows = []
     for _, r in history.iterrows():
-        rows.append({
-            "recon_loss": r.get("recon_loss"), "KL": r.get("kl"), "adv_loss": r.get("adv_loss"),
-            "penalty_adv": r.get("penalty_adv"), "acc_perts": r.get("acc_perts"),
-            "r2_mean": np.nan, "r2_var": np.nan, "cpa_metric": np.nan, "epoch": int(r["epoch"]), "mode": "train",
-        })
         if "val_score" in r and pd.notna(r.get("val_score")):
             rows.append({
-                "recon_loss": r.get("val_recon_loss"), "KL": np.nan, "adv_loss": np.nan, "penalty_adv": np.nan,
-                "acc_perts": np.nan, "r2_mean": r.get("val_r2_mean"), "r2_var": r.get("val_r2_var"),
-                "cpa_metric": r.get("val_score"), "epoch": int(r["epoch"]), "mode": "valid",
+                "recon_loss": r.get("val_recon_loss"), "r2_mean": r.get("val_r2_mean"), "r2_var": r.get("val_r2_var"),
+                "epoch": int(r["epoch"]), "mode": "valid",
             })
-    return pd.DataFrame(rows)
+        rows.append({
+            "recon_loss": r.get("recon_loss"), "KL": r.get("kl"), "adv_loss": r.get("adv_loss"),
+            "penalty_adv": r.get("penalty_adv"), "acc_perts": r.get("acc_perts"), "epoch": int(r["epoch"]),
+            "mode": "train",
+        })
+    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    numeric = [c for c in HISTORY_COLUMNS if c not in ("epoch", "mode")]
+    frame[numeric] = frame[numeric].astype(float)
+    return frame
 
 
 class ComPertAPI:

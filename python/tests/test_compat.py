@@ -137,12 +137,12 @@ def test_the_split_means_what_it_means_in_cpa_tools(tutorial):
 def test_history_and_plots_have_cpa_tools_shapes(tutorial, tmp_path):
     _, model, _ = tutorial
     history = model.epoch_history
-    assert list(history.columns[-2:]) == ["epoch", "mode"]
-    assert {"recon_loss", "adv_loss", "r2_mean", "cpa_metric"} <= set(history.columns)
+    assert list(history.columns) == cpa.HISTORY_COLUMNS  # cpa-tools' columns, in its order
+    assert history.columns[-2:].tolist() == ["epoch", "mode"]
     assert (history["mode"] == "train").sum() == 3 and (history["mode"] == "valid").sum() == 3
     assert history.loc[history["mode"] == "valid", "r2_mean"].notna().all()
     figure = cpa.pl.plot_history(model, path_to_save=tmp_path / "history.png")
-    assert (tmp_path / "history.png").stat().st_size > 0 and len(figure.axes) >= 8
+    assert (tmp_path / "history.png").stat().st_size > 0 and len(figure.axes) >= 7
 
 
 def test_latents_and_predictions_are_the_engines_in_cpa_tools_shapes(tutorial):
