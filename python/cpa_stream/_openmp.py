@@ -65,8 +65,10 @@ def busy_elsewhere(sample: float = SAMPLE) -> float:
 
 
 def prepare() -> None:
-    """Before torch is imported: wait passively when the CPUs are busy."""
+    """Before torch is imported: wait passively when the CPUs are busy; and keep numba (scanpy's
+    kernels) off a second OpenMP runtime (:func:`keep_numba_off_openmp`)."""
     global _PASSIVE, _SET_HERE
+    keep_numba_off_openmp()
     if _USER_SET or "torch" in sys.modules:
         return
     if busy_elsewhere() >= BUSY:
@@ -74,21 +76,86 @@ def prepare() -> None:
         _PASSIVE = _SET_HERE = True
 
 
+def keep_numba_off_openmp() -> None:
+    """numba's parallel kernels (scanpy's, among others) pick the ``omp`` threading layer when
+    TBB is absent, which loads the system's libgomp beside the one libtorch ships. With both in
+    the process, libtorch's parallel loops run from a thread other than the main one (where
+    cpa-stream trains and predicts) do about twice the work: measured on this project's 2-core
+    machine, 40 epochs of a small model 11.0 s after one numba ``prange`` call against 5.9 s
+    without, the same with ``torch`` ops alone on a Python thread (1.73 s against 0.88 s). Unless
+    the user chose a layer (``NUMBA_THREADING_LAYER``), numba is pointed at its own ``workqueue``
+    layer, which uses no OpenMP runtime. scikit-learn brings a libgomp of its own too (its
+    ``KMeans``, for one, uses it: the same slowdown after one fit); where a second runtime is
+    loaded, :func:`should_isolate` moves multi-threaded work to a child process (about 1.4 s of
+    start-up, against the doubled time of every step)."""
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    numba = sys.modules.get("numba")
+    if numba is None:
+        os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
+        return
+    config = getattr(numba, "config", None)
+    if config is not None and getattr(config, "THREADING_LAYER", "default") == "default":
+        # numba was imported but reads its layer when its first parallel kernel runs.
+        config.THREADING_LAYER = "workqueue"
+
+
+#: Files of OpenMP runtimes other than the libgomp libtorch brings (a process that has one of these
+#: mapped runs libtorch's parallel loops slowly, :func:`keep_numba_off_openmp`).
+_OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp.so")
+
+
+def foreign_openmp() -> str | None:
+    """The path of an OpenMP runtime mapped in this process besides libtorch's own, or ``None``."""
+    torch_lib = None
+    found = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
+                name = os.path.basename(path)
+                if any(name.startswith(r) for r in _OPENMP_RUNTIMES) and path not in found:
+                    found.append(path)
+    except OSError:
+        return None
+    torch_mod = sys.modules.get("torch")
+    if torch_mod is not None and getattr(torch_mod, "__file__", None):
+        torch_lib = os.path.join(os.path.dirname(torch_mod.__file__), "lib")
+    for path in found:
+        if torch_lib is None or not path.startswith(torch_lib + os.sep):
+            return path
+    return None
+
+
 def compute(command: str, request: str, progress: object | None) -> str:
     """``_native.run`` of work on libtorch's threads, in this process or, when the wait policy
     torch loaded with does not suit the CPUs now, in a child process (a GPU run never moves)."""
     from . import _native
 
-    if '"cuda' not in request and should_isolate():
+    if '"cuda' not in request and should_isolate(_threads_of(request)):
         return run(command, request, progress)
     return _native.run(command, request, progress)
 
 
-def should_isolate() -> bool:
-    """Whether work on libtorch's CPU threads should run in a child process now."""
+def _threads_of(request: str) -> int | None:
+    """The libtorch threads a request asks for (``None``: planned)."""
+    try:
+        compute = json.loads(request).get("compute") or {}
+    except (ValueError, AttributeError):
+        return None
+    threads = compute.get("threads") if isinstance(compute, dict) else None
+    return threads if isinstance(threads, int) else None
+
+
+def should_isolate(threads: int | None = None) -> bool:
+    """Whether work on libtorch's CPU threads (``threads``; ``None``: planned) should run in a
+    child process now: the wait policy torch loaded with does not suit the CPUs, or another
+    OpenMP runtime is loaded here and libtorch would run parallel loops (more than one thread)."""
     forced = os.environ.get("CPA_STREAM_ISOLATE")
     if forced in ("0", "1"):
         return forced == "1"
+    if threads != 1 and (os.cpu_count() or 1) > 1 and foreign_openmp() is not None:
+        return True
     if _USER_SET:
         return False
     return (busy_elsewhere() >= BUSY) != _PASSIVE

@@ -5,6 +5,7 @@ process. The child gives the same model, relays progress and raises errors as th
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -58,3 +59,39 @@ def test_the_policy_follows_the_cpus_unless_the_user_set_it(monkeypatch):
     assert _openmp.should_isolate()
     monkeypatch.setattr(_openmp, "_USER_SET", True)
     assert not _openmp.should_isolate()
+
+
+def test_numba_is_kept_off_a_second_openmp_runtime_and_one_loaded_anyway_moves_the_work(tmp_path):
+    """numba's ``omp`` layer loads the system's libgomp beside libtorch's, and libtorch's parallel
+    loops on other threads then do twice the work: imported first, cpa_stream points numba at its
+    ``workqueue`` layer; a second runtime loaded anyway (numba told to use ``omp``) makes the work
+    run in a child process."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba", reason="numba is not installed")
+    probe = (
+        "import cpa_stream, numba, numpy as np\n"
+        "from cpa_stream import _openmp\n"
+        "@numba.njit(parallel=True)\n"
+        "def f(x):\n"
+        "    s = 0.0\n"
+        "    for i in numba.prange(x.shape[0]):\n"
+        "        s += x[i]\n"
+        "    return s\n"
+        "f(np.ones(100000))\n"
+        "print(numba.threading_layer(), _openmp.foreign_openmp() is not None, _openmp.should_isolate(2),\n"
+        "      _openmp.should_isolate(1))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "CPA_STREAM_ISOLATE")}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    layer, foreign, _, _ = done.stdout.split()
+    assert (layer, foreign) == ("workqueue", "False")
+    forced = subprocess.run([sys.executable, "-c", probe], env=dict(env, NUMBA_THREADING_LAYER="omp"),
+                            capture_output=True, text=True, timeout=300)
+    if forced.returncode != 0 and "omp" in forced.stderr.lower() and "threading layer" in forced.stderr.lower():
+        pytest.skip("numba's omp threading layer is not available here")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    # Two threads would run parallel loops: moved; one thread runs none: stays.
+    assert forced.stdout.split() == ["omp", "True", "True", "False"]
