@@ -58,7 +58,7 @@ model.train(max_epochs=2, batch_size=256, check_val_every_n_epoch=1, early_stopp
 found["get_latent_representation"] = describe(model.get_latent_representation(adata, batch_size=256))
 model.predict(adata, batch_size=256)
 found["predict"] = describe(adata.obsm["CPA_pred"])
-found["custom_predict"] = describe(model.custom_predict(adata=adata, batch_size=256, n_samples=1))
+found["custom_predict"] = describe(model.custom_predict(adata=adata, batch_size=256))
 perts = model.get_pert_embeddings()
 found["get_pert_embeddings"] = describe(perts)
 found["pert_name"] = [str(p) for p in perts.obs["pert_name"]]
