@@ -51,6 +51,8 @@ def test_the_policy_follows_the_cpus_unless_the_user_set_it(monkeypatch):
     monkeypatch.delenv("CPA_STREAM_ISOLATE", raising=False)
     monkeypatch.setattr(_openmp, "_USER_SET", False)
     monkeypatch.setattr(_openmp, "_PASSIVE", False)
+    # (a second OpenMP runtime in this process, e.g. scikit-learn's, would decide by itself)
+    monkeypatch.setattr(_openmp, "foreign_openmp", lambda: None)
     monkeypatch.setattr(_openmp, "busy_elsewhere", lambda sample=0.2: 1.7)
     assert _openmp.should_isolate()
     monkeypatch.setattr(_openmp, "_PASSIVE", True)

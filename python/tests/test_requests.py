@@ -31,6 +31,8 @@ def python_request(monkeypatch, call: Callable[[], object]) -> tuple[str, dict]:
         raise _Caught
 
     monkeypatch.setattr(_native, "run", run)
+    # In this process, never in a child (which would run the request for real).
+    monkeypatch.setenv("CPA_STREAM_ISOLATE", "0")
     with pytest.raises(_Caught):
         call()
     return seen["command"], canonical(seen["command"], seen["request"])
