@@ -806,6 +806,84 @@ pub fn consecutive_runs(rows: &[u64]) -> impl Iterator<Item = (usize, usize)> + 
 mod tests {
     use super::consecutive_runs;
 
+    /// Issue 49 item 8: a store with more than 2^32 entries reads the rows beyond that boundary
+    /// (u64 offsets from `X/indptr` through the maps and the cursor). Built from a small store
+    /// whose first row is stretched to 2^32 entries in sparse files (zeros the file system does
+    /// not store): 16 GiB per file on paper, a few KiB on disk. Skipped with the reason where the
+    /// file system does not keep sparse files sparse.
+    #[test]
+    fn rows_beyond_four_billion_entries_read_back() {
+        use std::io::{Seek as _, SeekFrom, Write as _};
+        use std::os::unix::fs::MetadataExt as _;
+        use std::sync::Arc;
+
+        use arrow::array::{RecordBatch, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
+
+        use crate::CsrBatch;
+        use crate::store::{Store, StoreWriter, StoreWriterOptions};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("big.store");
+        let ids = |name: &str, values: &[&str]| {
+            let schema = Arc::new(Schema::new(vec![Field::new(name, DataType::Utf8, false)]));
+            RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(values.to_vec()))]).expect("batch")
+        };
+        let var = ids("gene_id", &["g0", "g1", "g2", "g3"]);
+        let obs = ids("cell_id", &["a", "b", "c"]);
+        let mut writer = StoreWriter::create(&path, &var, obs.schema(), StoreWriterOptions::default()).expect("writer");
+        let mut rows = CsrBatch::new(4);
+        rows.push_row(&[], &[]);
+        rows.push_row(&[0, 3], &[1.0, 5.0]);
+        rows.push_row(&[2], &[7.0]);
+        writer.push_rows(&rows, &obs).expect("rows");
+        writer.finish().expect("finish");
+
+        // Row "a" gets 2^32 + 1 entries (column 0, value 0: what a sparse file reads as).
+        let big: u64 = (1 << 32) + 1;
+        let nnz = big + 3;
+        let (indices, data) = (path.join("X/indices"), path.join("X/data"));
+        for (file, tail) in [
+            (&indices, [0u32.to_le_bytes(), 3u32.to_le_bytes(), 2u32.to_le_bytes()].concat()),
+            (&data, [1.0f32.to_le_bytes(), 5.0f32.to_le_bytes(), 7.0f32.to_le_bytes()].concat()),
+        ] {
+            let mut f = std::fs::OpenOptions::new().write(true).open(file).expect("open");
+            f.set_len(nnz * 4).expect("set_len");
+            f.seek(SeekFrom::Start(big * 4)).expect("seek");
+            f.write_all(&tail).expect("write");
+            f.sync_all().expect("sync");
+            let meta = f.metadata().expect("metadata");
+            if meta.blocks() * 512 > (1 << 30) {
+                eprintln!("skipped: {} is not kept sparse by this file system", file.display());
+                return;
+            }
+        }
+        let indptr: Vec<u8> = [0u64, big, big + 2, big + 3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(path.join("X/indptr"), &indptr).expect("indptr");
+        let manifest_path = path.join("manifest.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("manifest")).expect("json");
+        manifest["nnz"] = nnz.into();
+        manifest["files"]["X/indices"]["bytes"] = (nnz * 4).into();
+        manifest["files"]["X/data"]["bytes"] = (nnz * 4).into();
+        manifest["files"]["X/indptr"]["bytes"] = (indptr.len() as u64).into();
+        std::fs::write(&manifest_path, manifest.to_string()).expect("write manifest");
+
+        let store = Store::open(&path).expect("open");
+        assert_eq!((store.n_obs(), store.nnz()), (3, nnz));
+        assert!(store.nnz() > u64::from(u32::MAX));
+        let mut cursor = store.cursor().expect("cursor");
+        assert_eq!(cursor.row(1).expect("row 1"), (&[0u32, 3][..], &[1.0f32, 5.0][..]));
+        assert_eq!(cursor.row(2).expect("row 2"), (&[2u32][..], &[7.0f32][..]));
+        let mut batch = CsrBatch::new(4);
+        cursor.gather(&[2, 1], &mut batch).expect("gather");
+        assert_eq!(batch.row(0), (&[2u32][..], &[7.0f32][..]));
+        assert_eq!(batch.row(1), (&[0u32, 3][..], &[1.0f32, 5.0][..]));
+        let view = store.raw_rows(1..3).expect("raw rows");
+        assert_eq!(view.row(0), (&[0u32, 3][..], &[1.0f32, 5.0][..]));
+        assert_eq!(view.indptr[0], big);
+    }
+
     #[test]
     fn runs_of_consecutive_rows() {
         let runs = |rows: &[u64]| consecutive_runs(rows).collect::<Vec<_>>();
