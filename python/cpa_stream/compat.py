@@ -31,6 +31,7 @@ be honoured is an error naming it, one without effect here a warning. What diffe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from . import _run, _store
 from ._run import Run, _vectors
@@ -450,16 +452,35 @@ class CPA:
             split["test_fraction"] = float(max(0.0, 1.0 - train_size - valid))
         _, store = self._store_of(None)
         s = self._setup
+        if self.is_trained_ and self.run is not None and (self.run.path / "checkpoint").is_dir():
+            # As in cpa-tools, training again goes on from the trained weights: the run is
+            # resumed for `max_epochs` more, with the settings it was started with.
+            done = len(self.run.history)
+            changed = _changed_keys(self.run.config, config)
+            if changed:
+                warnings.warn(
+                    "train() again continues the training with the settings it started with; not applied: "
+                    + ", ".join(changed),
+                    stacklevel=2,
+                )
+            with _engine_errors():
+                self.run = _run.train(store, self.run.path, max_epochs=done + epochs, resume=True, device=device,
+                                      threads=self.threads)
+            self.epoch_history = _epoch_history(self.run.history)
+            if save_path is not None:
+                self.save(save_path, overwrite=True)
+            return
         out = Path(save_path) / "run" if save_path is not None else Path(self._scratch) / "run"
         if save_path is not None:
             _check_save_dir(Path(save_path), overwrite=True)
-        self.run = _run.train(
-            store, out, perturbation_key=s["perturbation_key"], dosage_key=s.get("dosage_key"),
-            control_group=s["control_group"], categorical_covariate_keys=s.get("categorical_covariate_keys", []),
-            batch_key=s.get("batch_key"), config=config, preset="reference", device=device, threads=self.threads,
-            overwrite=True, allow_non_counts=not s.get("is_count_data", True),
-            perturbation_features=self.drug_features, **split,
-        )
+        with _engine_errors():
+            self.run = _run.train(
+                store, out, perturbation_key=s["perturbation_key"], dosage_key=s.get("dosage_key"),
+                control_group=s["control_group"], categorical_covariate_keys=s.get("categorical_covariate_keys", []),
+                batch_key=s.get("batch_key"), config=config, preset="reference", device=device, threads=self.threads,
+                overwrite=True, allow_non_counts=not s.get("is_count_data", True),
+                perturbation_features=self.drug_features, **split,
+            )
         self.is_trained_ = True
         self.epoch_history = _epoch_history(self.run.history)
         if save_path is not None:
@@ -495,12 +516,13 @@ class CPA:
         self._check_samples(n_samples, return_mean)
         full = self.adata if adata is None else adata
         sub, store = self._store_of(full, indices)
-        reader = self._trained().predict(store, source="all", batch_size=batch_size, threads=self.threads)
         means, ids = [], []
         n_genes = len(self.run.vocabulary["genes"])
-        for batch in reader:
-            means.append(_vectors(batch.column("mean"), n_genes))
-            ids.append(batch.column("cell_id").to_numpy(zero_copy_only=False))
+        with _engine_errors():
+            reader = self._trained().predict(store, source="all", batch_size=batch_size, threads=self.threads)
+            for batch in reader:
+                means.append(_vectors(batch.column("mean"), n_genes))
+                ids.append(batch.column("cell_id").to_numpy(zero_copy_only=False))
         x = _in_order(means, ids, sub.obs_names, n_genes)
         if indices is not None:
             filled = np.full((full.n_obs, n_genes), np.nan, dtype=np.float32)
@@ -516,9 +538,10 @@ class CPA:
         (z, what the decoder reads) and ``latent_corrected`` (z without the batch)."""
         sub, store = self._store_of(adata, indices)
         kinds = {"latent_corrected": "z_corrected", "latent_basal": "z_basal", "latent_after": "z"}
-        found = self._trained().latents(
-            store, list(kinds.values()), source="all", batch_size=batch_size, threads=self.threads
-        )
+        with _engine_errors():
+            found = self._trained().latents(
+                store, list(kinds.values()), source="all", batch_size=batch_size, threads=self.threads
+            )
         return {name: _latent_anndata(found[kind], found["cell_id"], sub) for name, kind in kinds.items()}
 
     def custom_predict(
@@ -557,18 +580,20 @@ class CPA:
         kinds = ["z", "z_corrected", "z_no_pert", "z_no_pert_corrected", "z_basal"]
         # Without a batch key there is no batch to leave out: z_no_batch is z, as in cpa-tools.
         corrected = not add_batch and self._setup.get("batch_key") is not None
-        reader = run.predict(
-            store, source="all", latents=kinds, batch_size=batch_size, batch_corrected=corrected, threads=self.threads
-        )
         n_genes = len(run.vocabulary["genes"])
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ["mean", *kinds]}
         ids = []
-        for batch in reader:
-            parts["mean"].append(_vectors(batch.column("mean"), n_genes))
-            for k in kinds:
-                column = batch.column(k)
-                parts[k].append(_vectors(column, column.type.list_size))
-            ids.append(batch.column("cell_id").to_numpy(zero_copy_only=False))
+        with _engine_errors():
+            reader = run.predict(
+                store, source="all", latents=kinds, batch_size=batch_size, batch_corrected=corrected,
+                threads=self.threads,
+            )
+            for batch in reader:
+                parts["mean"].append(_vectors(batch.column("mean"), n_genes))
+                for k in kinds:
+                    column = batch.column(k)
+                    parts[k].append(_vectors(column, column.type.list_size))
+                ids.append(batch.column("cell_id").to_numpy(zero_copy_only=False))
         out = {"latent_x_pred": _latent_anndata(np.concatenate(parts["mean"]), np.concatenate(ids), sub)}
         for k in kinds:
             out[f"latent_{k}"] = _latent_anndata(np.concatenate(parts[k]), np.concatenate(ids), sub)
@@ -682,6 +707,38 @@ _SETUP_ARGS = (
     "perturbation_key", "control_group", "dosage_key", "batch_key", "layer", "smiles_key", "is_count_data",
     "categorical_covariate_keys", "deg_uns_key", "deg_uns_cat_key", "max_comb_len",
 )
+
+
+@contextlib.contextmanager
+def _engine_errors():
+    """Errors of the engine about the store made from an AnnData, as ``ValueError`` about the
+    AnnData (an error met while the predictions stream arrives as pyarrow's ``ArrowInvalid``)."""
+    try:
+        yield
+    except (pa.ArrowInvalid, ValueError) as error:
+        raise ValueError(_about_anndata(str(error).removeprefix("External error: "))) from error
+
+
+def _changed_keys(trained: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``table.key`` of the settings in ``wanted`` that differ from a trained run's (the epoch
+    count aside)."""
+    out = []
+    for table, keys in wanted.items():
+        for key, value in keys.items():
+            if key == "max_epochs":
+                continue
+            have = trained.get(table, {}).get(key)
+            if have != value and not (isinstance(have, float) and isinstance(value, (int, float)) and have == value):
+                out.append(f"{table}.{key}={value!r} (kept {have!r})")
+    return out
+
+
+def _about_anndata(message: str) -> str:
+    """An engine message about the store made from an AnnData, told about the AnnData: the
+    temporary store's obs table is the AnnData's obs."""
+    import re
+
+    return re.sub(r"\S*/cpa-stream-compat-[^/\s]+/store-[^/\s]+/store/obs\.parquet", "adata.obs", message)
 
 
 def _check_save_dir(target: Path, overwrite: bool) -> None:

@@ -264,3 +264,29 @@ def test_a_backed_anndata_trains_and_predicts_from_its_file(tmp_path):
     _setup(in_memory)
     model.predict(in_memory)
     np.testing.assert_array_equal(in_memory.obsm["CPA_pred"], backed.obsm["CPA_pred"])
+
+
+def test_training_again_continues_and_engine_errors_speak_of_the_anndata(adata):
+    small = adata[:1500].copy()
+    small.X = small.layers["counts"]
+    _setup(small)
+    model = cpa.CPA(small, n_latent=4, n_hidden_encoder=32, n_hidden_decoder=32)
+    model.train(max_epochs=1, batch_size=256, threads=1)
+    first = model.run.history
+    with pytest.warns(UserWarning, match=r"training\.lr=0\.01"):
+        model.train(max_epochs=2, batch_size=256, plan_kwargs={"lr": 0.01}, threads=1)
+    history = model.run.history
+    assert len(history) == 3 and history["epoch"].tolist() == [0, 1, 2]
+    pd.testing.assert_frame_equal(history.iloc[:1].drop(columns="seconds"), first.drop(columns="seconds"),
+                                  check_dtype=False)
+    assert (model.epoch_history["mode"] == "train").sum() == 3
+    # A condition the model never saw: a ValueError naming the AnnData's obs, the cell and the value.
+    other = small[:20].copy()
+    other.obs["condition"] = other.obs["condition"].astype(str)
+    other.obs["dose"] = other.obs["dose"].astype(str)
+    other.obs.iloc[0, other.obs.columns.get_loc("condition")] = "NEWDRUG"
+    other.obs.iloc[0, other.obs.columns.get_loc("dose")] = "1"
+    with pytest.raises(ValueError) as caught:
+        model.predict(other)
+    message = str(caught.value)
+    assert "NEWDRUG" in message and "cpa-stream-compat-" not in message, message
