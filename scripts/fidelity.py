@@ -451,6 +451,13 @@ def stream(a):
     # a later one, restores its untrained weights (run_peer.py's note).
     config, _ = translate(model, plan, batch_size=128, check_val_every=min(a.check_val_every, a.epochs),
                           max_comb_len=meta["max_comb_len"], epochs=a.epochs, seed=a.seed)
+    if a.defaults:
+        # cpa-stream's own defaults: only what the harness fixes for every run.
+        config = {
+            "model": {"max_comb_len": meta["max_comb_len"]},
+            "training": {k: config["training"][k] for k in
+                         ("max_epochs", "check_val_every_n_epoch", "early_stopping_patience", "seed")},
+        }
     if not meta["counts"]:
         config["model"]["recon_loss"] = "gauss"
     for assignment in a.set or []:
@@ -497,7 +504,8 @@ def stream(a):
         result = score(a.dir, predictions, a.seed)
         result.update({
             "tool": "cpa-stream", "variant": variant, "epochs": a.epochs, "seed": a.seed,
-            "set": a.set or [], "preset": a.preset, "train_cpu_s": cpu, "train_wall_s": wall,
+            "set": (["cpa-stream's defaults, not the translation"] if a.defaults else []) + (a.set or []),
+            "preset": a.preset, "train_cpu_s": cpu, "train_wall_s": wall,
             "peak_rss_mib": after.ru_maxrss / 1024.0, "loadavg": [load0, os.getloadavg()[0]],
             "best_epoch": best_epoch(history),
         })
@@ -1008,6 +1016,8 @@ def main():
             p.add_argument("--set", action="append", help="TABLE.KEY=VALUE over the translation")
             p.add_argument("--also-last", action="store_true",
                            help="also score the last epoch's weights, as VARIANT-last")
+            p.add_argument("--defaults", action="store_true",
+                           help="start from cpa-stream's defaults instead of the translation")
     p = sub.add_parser("rescore")
     p.add_argument("dir")
     p.add_argument("--variants", default="cpa-stream", help="comma-separated variants to score again")

@@ -13,7 +13,9 @@
 #             celltype (one covariate value's perturbed cells held out: the unseen cell type; HELDOUT=V picks it)
 #   VARIANTS  cpa-stream variants, space-separated NAME[:preset=P][:KEY=VALUE...]; default
 #             "cpa-stream" (the translation as is). Example: "cpa-stream ref:preset=reference
-#             drop:model.dropout_rate_decoder=0.1"; `last` also scores the last epoch's weights
+#             drop:model.dropout_rate_decoder=0.1"; `last` also scores the last epoch's weights;
+#             `defaults` starts from cpa-stream's own defaults instead of the translation (only the
+#             epochs, validation cadence, seed and max_comb_len are set, as for the translation)
 #   RESCORE   variants scored again as VARIANT-elog (expected log1p of the predicted counts),
 #             VARIANT-elog-allctrl (every control cell decoded once), VARIANT-elog-allctrl-delta
 #             (anchored on the observed controls: the recipe) and VARIANT-delta (anchored, log1p
@@ -101,6 +103,7 @@ for h5ad in "${data[@]}"; do
           case "$p" in
             preset=*) args+=(--preset "${p#preset=}") ;;
             last) args+=(--also-last) ;;
+            defaults) args+=(--defaults) ;;
             *) args+=(--set "$p") ;;
           esac
         done
