@@ -789,6 +789,21 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
+def _zarr_key(path: Path) -> str:
+    """A zarr directory's identity as it is now: its real path and every file's size and
+    modification time (a chunk rewritten changes it)."""
+    import hashlib
+
+    digest = hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape"))
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(root, name))
+            digest.update(f"\0{os.path.relpath(os.path.join(root, name), path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode(
+                "utf-8", "surrogateescape"))
+    return "zarr-" + digest.hexdigest()[:32]
+
+
 def _is_store(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, "manifest.json"))
 
@@ -826,6 +841,13 @@ def store_of(data: Any, progress: bool | None = None) -> str:
         return os.fspath(data)
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
+        if is_zarr(path):
+            # A zarr AnnData: imported once, found again while none of its files changed.
+            key = _zarr_key(path)
+            out = _cache_dir() / f"{key}.store"
+            if not _is_store(out):
+                import_h5ad(path, out, overwrite=out.exists(), progress=progress)
+            return os.fspath(out)
         if not path.is_file():
             # A store's directory (or a path the library's error names).
             return os.fspath(path)

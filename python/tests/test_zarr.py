@@ -85,3 +85,18 @@ def test_zarr_inputs_join_a_collection_and_bad_ones_are_clear_errors(tmp_path):
     assert not (tmp_path / "csc.store").exists()
     with pytest.raises(ValueError, match="no layer 'nope'"):
         cs.import_h5ad(tmp_path / "one.zarr", tmp_path / "x.store", layer="nope", progress=False)
+
+
+def test_the_package_takes_a_zarr_path_wherever_it_takes_a_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPA_STREAM_CACHE", str(tmp_path / "cache"))
+    adata = _adata()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata.write_zarr(tmp_path / "a.zarr")
+    run = cs.train(tmp_path / "a.zarr", tmp_path / "run", perturbation_key="condition",
+                   control_group="control", max_epochs=1, threads=1, progress=False)
+    stores = list((tmp_path / "cache" / "stores").glob("zarr-*.store"))
+    assert len(stores) == 1
+    latents = run.latents(tmp_path / "a.zarr", threads=1)
+    assert list(latents["cell_id"]) == list(adata.obs_names)
+    assert list((tmp_path / "cache" / "stores").glob("zarr-*.store")) == stores, "found again, not imported again"
