@@ -59,6 +59,29 @@ pub struct Plan<'a> {
     pub cells: Option<(&'a CellTableLayout, &'a Vocabulary)>,
 }
 
+/// A directory given as an input must be a store: an AnnData zarr store (which the command line
+/// does not read) or any other directory is refused with what it is and the way in.
+fn check_is_store(path: &Path) -> Result<()> {
+    if path.join(cpa_stream_schemas::MANIFEST_FILE).is_file() {
+        return Ok(());
+    }
+    if path.join(".zgroup").is_file() || path.join("zarr.json").is_file() {
+        return Err(Error::InvalidInput(format!(
+            "{}: a zarr store (an AnnData written by write_zarr); the command line reads .h5ad files, Parquet cell \
+             tables and stores. Import it from Python, streamed: `import cpa_stream; \
+             cpa_stream.import_h5ad(\"{}\", \"OUT.store\")`, or write it as .h5ad (adata.write_h5ad)",
+            path.display(),
+            path.display()
+        )));
+    }
+    Err(Error::InvalidInput(format!(
+        "{}: a directory that is not a store (no {}); expected an AnnData .h5ad file, a Parquet cell table or a \
+         store",
+        path.display(),
+        cpa_stream_schemas::MANIFEST_FILE
+    )))
+}
+
 /// Whether `path` names a Parquet cell table (by its extension) rather than an `.h5ad` file.
 pub fn is_cell_table(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("pq"))
@@ -155,6 +178,7 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             continue;
         }
         let (kind, var, n_obs, entries, obs, other_matrices) = if path.is_dir() {
+            check_is_store(path)?;
             let store = Store::open(path).map_err(Error::stage(Stage::Read))?;
             let var = store.small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Read))?;
             let obs = store.table_schema(StoreFiles::OBS).map_err(Error::stage(Stage::Read))?;
