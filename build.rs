@@ -1,4 +1,4 @@
-//! Makes the `cpa-stream-engine` binary load the libtorch it was built against, CUDA included.
+//! Makes the `cpa-stream` binary load the libtorch it was built against, CUDA included.
 //!
 //! torch-sys links libtorch, but (a) the linker's default `--as-needed` drops `libtorch_cuda.so`
 //! because no symbol of it is referenced directly, after which CUDA is silently unavailable at run
@@ -79,15 +79,12 @@ fn link_libtorch() {
     let dir = lib_dir.display();
     println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
     println!("cargo:rustc-link-arg=-L{dir}");
-    // Only the engine: the `cpa-stream` front must not load libtorch (it starts at once), and
-    // the tests and examples run on the CPU, which needs none of the CUDA libraries.
-    let engine = "cargo:rustc-link-arg-bin=cpa-stream-engine";
-    println!("{engine}=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     for lib in ["torch_cuda", "torch_cpu", "torch", "c10_cuda", "c10"] {
         if lib_dir.join(format!("lib{lib}.so")).exists() {
-            println!("{engine}=-l{lib}");
+            println!("cargo:rustc-link-arg=-l{lib}");
         }
     }
-    println!("{engine}=-Wl,--as-needed");
+    println!("cargo:rustc-link-arg=-Wl,--as-needed");
     println!("cargo:rustc-env=CPA_STREAM_LIBTORCH_LIB={dir}");
 }

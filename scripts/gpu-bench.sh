@@ -3,7 +3,7 @@
 # model on preloaded batches, training through the pipeline against preloaded batches, peak
 # device memory, and the loader on the GPU machine's cores.
 #
-#   scripts/gpu-bench.sh build   here: the stripped release binaries in .device/ (ignored by git),
+#   scripts/gpu-bench.sh build   here: a stripped release binary in .device/ (ignored by git),
 #                                built against this checkout's PyPI torch 2.11.0
 #   scripts/gpu-bench.sh run     on a machine with libtorch 2.11.0 (CUDA) and no Rust: runs that
 #                                binary with the torch found in TORCH_LIB, or in /opt/torch/.venv
@@ -19,13 +19,10 @@ dev=.device
 case "${1:-}" in
 build)
   eval "$(scripts/bootstrap.sh)"
-  cargo build --release --locked --bins >&2
+  cargo build --release --locked --bin cpa-stream >&2
   mkdir -p "$dev"
-  # Both binaries: cpa-stream hands the model commands to cpa-stream-engine beside it.
-  for b in cpa-stream cpa-stream-engine; do
-    strip -o "$dev/$b" "$CARGO_TARGET_DIR/release/$b"
-  done
-  ls -la "$dev/cpa-stream" "$dev/cpa-stream-engine"
+  strip -o "$dev/cpa-stream" "$CARGO_TARGET_DIR/release/cpa-stream"
+  ls -la "$dev/cpa-stream"
   exit 0
   ;;
 run) ;;
@@ -36,7 +33,7 @@ run) ;;
 esac
 
 bin="$dev/cpa-stream"
-[ -x "$bin" ] && [ -x "$dev/cpa-stream-engine" ] || { echo "$bin or its engine: missing; run 'scripts/gpu-bench.sh build' first (and carry .device)" >&2; exit 1; }
+[ -x "$bin" ] || { echo "$bin: missing; run 'scripts/gpu-bench.sh build' first (and carry .device)" >&2; exit 1; }
 if [ -z "${TORCH_LIB:-}" ]; then
   TORCH_LIB=$(ls -d /opt/torch/.venv/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1 || true)
 fi

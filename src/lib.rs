@@ -236,8 +236,3 @@ pub mod unstable {
 
 #[cfg(feature = "polars")]
 pub mod lazy;
-
-/// The `cpa-stream` command line, shared by its two binaries (`cpa-stream`, which links no
-/// libtorch, and `cpa-stream-engine`); not an API.
-#[doc(hidden)]
-pub mod cli;

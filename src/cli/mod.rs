@@ -272,239 +272,8 @@ enum Command {
     MarkdownHelp,
 }
 
-/// The commands that need no model run in the `cpa-stream` binary itself, which is linked without
-/// libtorch's CUDA libraries; the others run in `cpa-stream-engine` (see [`exec_engine`]).
-pub fn runs_without_the_model(args: &Args) -> bool {
-    matches!(
-        args.command,
-        Command::Synth(_)
-            | Command::Inspect(_)
-            | Command::Verify(_)
-            | Command::Convert(_)
-            | Command::Import(_)
-            | Command::Export(_)
-            | Command::Completions { .. }
-            | Command::MarkdownHelp
-    )
-}
-
-/// Runs a parsed command line: every command.
+/// Runs a parsed command line.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    settle(&args)?;
-    match args.command {
-        Command::Info(a) => info::run(a),
-        Command::Train(a) => train::run(a),
-        Command::Predict(a) => predict::run(a),
-        Command::Evaluate(a) => evaluate::run(a),
-        Command::Embeddings(a) => evaluate::embeddings(a),
-        Command::DoseResponse(a) => evaluate::dose_response(a),
-        Command::Bench(a) => bench::run(a),
-        command => run_without_the_model(command),
-    }
-}
-
-/// Runs a parsed command line whose command needs no model ([`runs_without_the_model`]); the
-/// code it reaches calls nothing of libtorch.
-pub fn run_front(args: Args) -> anyhow::Result<ExitCode> {
-    settle(&args)?;
-    run_without_the_model(args.command)
-}
-
-fn run_without_the_model(command: Command) -> anyhow::Result<ExitCode> {
-    match command {
-        Command::Synth(a) => synth::run(a),
-        Command::Inspect(a) => store::inspect(a),
-        Command::Verify(a) => store::verify(a),
-        Command::Convert(a) => store::convert(a),
-        Command::Import(a) => h5ad::import(a),
-        Command::Export(a) => h5ad::export(a),
-        Command::Completions { shell } => completions(shell),
-        Command::MarkdownHelp => markdown_help(),
-        other => anyhow::bail!("{other:?} runs in cpa-stream-engine, not in the cpa-stream front (a bug)"),
-    }
-}
-
-fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
-    let mut command = <Args as clap::CommandFactory>::command();
-    // Into memory first: clap_complete panics when a write fails (`| head`).
-    let mut script = Vec::new();
-    clap_complete::generate(shell, &mut command, "cpa-stream", &mut script);
-    let mut out = std::io::stdout().lock();
-    std::io::Write::write_all(&mut out, &script)?;
-    std::io::Write::flush(&mut out)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn markdown_help() -> anyhow::Result<ExitCode> {
-    let options =
-        clap_markdown::MarkdownOptions::new().title("cpa-stream command-line reference".to_owned()).show_footer(false);
-    out!("{}", clap_markdown::help_markdown_custom::<Args>(&options));
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The name of the binary that runs the model commands, installed beside `cpa-stream`.
-pub const ENGINE: &str = "cpa-stream-engine";
-
-/// Where the front finds the engine: `CPA_STREAM_ENGINE` when set, else `cpa-stream-engine` in
-/// the directory of this executable (symbolic links resolved).
-fn engine_path() -> std::io::Result<std::path::PathBuf> {
-    if let Some(path) = std::env::var_os("CPA_STREAM_ENGINE") {
-        return Ok(path.into());
-    }
-    Ok(std::env::current_exe()?.with_file_name(ENGINE))
-}
-
-/// Replaces this process with the engine, given the same arguments (same process id, so
-/// signals and exit codes are the engine's). libtorch's and CUDA's libraries take a third of a
-/// second to several seconds to initialise, before `main`. The front is linked without the CUDA
-/// libraries (`libtorch_cuda`, cuBLAS, cuDNN, NCCL ...), so `--version`, `--help`, `inspect`,
-/// `verify`, `import` ... do not pay for them. It still loads `libtorch_cpu`: the C++ wrappers of
-/// torch-sys and of the device statistics sit in objects the shared crates pull in, and their
-/// static initialisers stay in the binary although nothing calls them; only moving the model code
-/// into crates the front does not depend on would drop it. Returns only on failure, with the
-/// error printed.
-pub fn exec_engine() -> ExitCode {
-    use std::io::Write as _;
-    use std::os::unix::process::CommandExt as _;
-    let mut args = std::env::args_os();
-    let arg0 = args.next();
-    let err = match engine_path() {
-        Ok(engine) => {
-            let mut command = std::process::Command::new(&engine);
-            if let Some(arg0) = arg0 {
-                command.arg0(arg0);
-            }
-            let err = command.args(args).exec();
-            format!("cannot run the model engine {}: {err}", engine.display())
-        }
-        Err(err) => format!("cannot find the model engine: the path of this executable is unknown: {err}"),
-    };
-    let _ = writeln!(
-        std::io::stderr(),
-        "error: {err} (the commands that run the model are in {ENGINE}, installed beside cpa-stream; \
-         CPA_STREAM_ENGINE names another path)"
-    );
-    ExitCode::FAILURE
-}
-
-/// A parsed command line run to its exit code in this process, with `run` ([`run`] or
-/// [`run_front`]): provenance, logging, the error and its causes on stderr.
-pub fn main_with(args: Args, run: fn(Args) -> anyhow::Result<ExitCode>) -> ExitCode {
-    use std::io::Write as _;
-    // Arguments are OS strings (a path may hold any byte but NUL); provenance records them
-    // lossily, with U+FFFD where a byte is not UTF-8.
-    cpa_stream_stages::provenance::set(
-        VERSION_LINE,
-        &cpa_stream_stages::provenance::shell_words(std::env::args_os().map(|a| a.to_string_lossy().into_owned())),
-    );
-    if let Err(err) = init_logging(&args) {
-        let _ = writeln!(std::io::stderr(), "error: {err}");
-        // A usage error, as clap reports a bad flag.
-        return ExitCode::from(2);
-    }
-    cpa_stream_stages::store::explain_sigbus();
-    // A damaged .h5ad can make the HDF5 library loop forever: end with an error instead.
-    cpa_stream_stages::h5ad::watchdog::install(None);
-    match run(args) {
-        Ok(code) => code,
-        // A closed stdout (`cpa-stream inspect S | head`) ends the output, not the program's success.
-        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
-        Err(err) => {
-            // Not `eprintln!`: it panics when stderr is closed (`... 2>&1 | head -1`).
-            let _ = writeln!(std::io::stderr(), "error: {}", message(&err));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-}
-
-/// The error and its causes, each cause only once: library errors already carry their source's
-/// text, which anyhow's `{:#}` would repeat.
-fn message(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let part = cause.to_string();
-        if !text.contains(&part) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&part);
-        }
-    }
-    text
-}
-
-/// glibc's allocator by default serves every allocation above a threshold that starts at 128 KiB
-/// from a fresh `mmap` and gives freed heap back to the system past 128 KiB: the sink's pages and
-/// column chunks (megabytes, made and dropped per row group) then cost a page fault and a zeroed
-/// page per 4 KiB every time. Measured with `cpa-stream bench sink --genes 5000 --threads 1
-/// --profiles fast --mib 256` (3 interleaved runs on 2026-11-25, the fidelity harness running
-/// beside): 413-451 MB/s as glibc sets it, 517-544 MB/s with allocations below 32 MiB kept in the
-/// heap and 256 MiB of freed heap kept for reuse, the same peak RSS (859 MiB). Left as it is when
-/// the user tunes the allocator (`GLIBC_TUNABLES`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`).
-pub fn reuse_freed_buffers() {
-    const MMAP_THRESHOLD: libc::c_int = 32 << 20;
-    const TRIM_THRESHOLD: libc::c_int = 256 << 20;
-    let tuned = ["GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
-        .iter()
-        .any(|name| std::env::var_os(name).is_some());
-    if tuned {
-        return;
-    }
-    // SAFETY: mallopt only changes the allocator's thresholds; called before any other thread
-    // exists. A value it refuses leaves the default (its return value is not needed).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
-    }
-}
-
-/// The working directory this process started in, when it was too deep for the libraries'
-/// initialisers (a descriptor on it; -1: it was not).
-static DEEP_WORKING_DIRECTORY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
-
-/// Runs before any shared library is initialised (the executable's `.preinit_array`). libtorch's
-/// MKL asks for the working directory while it initialises and ends the process (exit 2, "Cannot
-/// load libtorch_cpu.so") when its path is longer than 4,096 bytes. In such a directory this
-/// keeps a descriptor on it and moves to `/` for the libraries' start; `main` moves back at once.
-/// Only system calls here: nothing else of the process is initialised yet. Each binary puts it in
-/// its `.preinit_array` (a static there: the linker keeps those of the executable only).
-pub extern "C" fn leave_a_deep_working_directory() {
-    let mut buffer = [0u8; 4096];
-    // SAFETY: the raw getcwd system call writes at most `len` bytes into the live buffer.
-    let rc = unsafe { libc::syscall(libc::SYS_getcwd, buffer.as_mut_ptr(), buffer.len()) };
-    // SAFETY: reading errno of this thread right after the call.
-    let errno = unsafe { *libc::__errno_location() };
-    if rc >= 0 || !matches!(errno, libc::ENAMETOOLONG | libc::ERANGE) {
-        return;
-    }
-    // SAFETY: open(2) of "." and chdir(2) to "/" with NUL-terminated literals.
-    unsafe {
-        let fd = libc::open(c".".as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC);
-        if fd >= 0 && libc::chdir(c"/".as_ptr()) == 0 {
-            DEEP_WORKING_DIRECTORY.store(fd, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-}
-
-/// Moves back to the working directory [`leave_a_deep_working_directory`] left, so that relative
-/// paths mean what the user meant.
-pub fn return_to_a_deep_working_directory() {
-    let fd = DEEP_WORKING_DIRECTORY.swap(-1, std::sync::atomic::Ordering::SeqCst);
-    if fd >= 0 {
-        // SAFETY: fchdir(2) and close(2) on the descriptor opened before the libraries started.
-        unsafe {
-            libc::fchdir(fd);
-            libc::close(fd);
-        }
-    }
-}
-
-/// The output level and `--print-request` of a command line, checked.
-fn settle(args: &Args) -> anyhow::Result<()> {
     let level = if args.quiet {
         0
     } else if args.verbose {
@@ -532,7 +301,38 @@ fn settle(args: &Args) -> anyhow::Result<()> {
              predict, evaluate, embeddings, dose-response)"
         );
     }
-    Ok(())
+    match args.command {
+        Command::Info(a) => info::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Inspect(a) => store::inspect(a),
+        Command::Verify(a) => store::verify(a),
+        Command::Convert(a) => store::convert(a),
+        Command::Import(a) => h5ad::import(a),
+        Command::Export(a) => h5ad::export(a),
+        Command::Train(a) => train::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Evaluate(a) => evaluate::run(a),
+        Command::Embeddings(a) => evaluate::embeddings(a),
+        Command::DoseResponse(a) => evaluate::dose_response(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Completions { shell } => {
+            let mut command = <Args as clap::CommandFactory>::command();
+            // Into memory first: clap_complete panics when a write fails (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "cpa-stream", &mut script);
+            let mut out = std::io::stdout().lock();
+            std::io::Write::write_all(&mut out, &script)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MarkdownHelp => {
+            let options = clap_markdown::MarkdownOptions::new()
+                .title("cpa-stream command-line reference".to_owned())
+                .show_footer(false);
+            out!("{}", clap_markdown::help_markdown_custom::<Args>(&options));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// `--shuffle-run-cells`: `auto` (0, chosen from the store's order) or a run length of at least 1.
