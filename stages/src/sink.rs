@@ -20,15 +20,18 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use arrow::array::RecordBatch;
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Field, Float32Type, SchemaRef};
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_writer::{ArrowColumnChunk, ArrowColumnWriter, ArrowRowGroupWriterFactory, compute_leaves};
-use parquet::basic::{Compression, Encoding, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
-use parquet::file::writer::SerializedFileWriter;
-use parquet::schema::types::ColumnPath;
+use parquet::basic::{Compression, Encoding, Type as PhysicalType, ZstdLevel};
+use parquet::column::writer::{ColumnCloseResult, ColumnWriterImpl, get_column_writer, get_typed_column_writer};
+use parquet::data_type::FloatType;
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterPropertiesPtr};
+use parquet::file::writer::{SerializedFileWriter, SerializedPageWriter, TrackedWrite};
+use parquet::schema::types::{ColumnDescPtr, ColumnDescriptor, ColumnPath};
 
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -127,7 +130,6 @@ fn narrowed(data_type: &DataType) -> Option<DataType> {
 /// `batch` with its float32 columns cast to the types of `file` (float16); a finite value that
 /// float16 cannot hold is an error naming its column.
 fn narrow(batch: &RecordBatch, file: &SchemaRef) -> Result<RecordBatch> {
-    use arrow::array::{Array, AsArray};
     let mut columns = Vec::with_capacity(batch.num_columns());
     for (column, field) in batch.columns().iter().zip(file.fields()) {
         if column.data_type() == field.data_type() {
@@ -389,9 +391,26 @@ impl ParquetSink {
 }
 
 /// One row group's rows, its index and its column writers, for an encoding thread.
-type Job = (usize, Vec<RecordBatch>, Vec<ArrowColumnWriter>);
+/// A row group to encode: its index, rows, column writers and spare buffers for dense columns.
+type Job = (usize, Vec<RecordBatch>, Vec<ArrowColumnWriter>, Vec<Vec<u8>>);
 /// An encoded row group, by index.
-type Done = (usize, Result<Vec<ArrowColumnChunk>>);
+type Done = (usize, Result<Vec<Chunk>>);
+
+/// An encoded column chunk of a row group.
+enum Chunk {
+    /// Encoded by the Arrow writer.
+    Arrow(ArrowColumnChunk),
+    /// A column of dense float vectors, encoded directly ([`dense_floats`]): its bytes and what
+    /// closing its writer returned.
+    Dense(Bytes, ColumnCloseResult),
+}
+
+/// What every encoding thread shares: the file's rows schema, its Parquet leaves and properties.
+struct Layout {
+    stored: SchemaRef,
+    leaves: Vec<ColumnDescPtr>,
+    props: WriterPropertiesPtr,
+}
 
 /// Cuts rows into row groups, encodes them (on threads when there are several) and writes them
 /// in order.
@@ -400,9 +419,9 @@ struct RowGroups {
     /// Taken by `finish`.
     file: Option<SerializedFileWriter<BufWriter<File>>>,
     factory: ArrowRowGroupWriterFactory,
-    /// The rows' schema, and the file's (float16 columns where asked).
+    /// The rows' schema; the file's (float16 columns where asked), leaves and properties.
     schema: SchemaRef,
-    stored: SchemaRef,
+    layout: Arc<Layout>,
     rows_per_group: usize,
     bytes_per_group: usize,
     /// Rows of the row group being filled.
@@ -415,7 +434,12 @@ struct RowGroups {
     jobs: Option<Sender<Job>>,
     done: Option<Receiver<Done>>,
     threads: Vec<JoinHandle<()>>,
-    encoded: BTreeMap<usize, Vec<ArrowColumnChunk>>,
+    encoded: BTreeMap<usize, Vec<Chunk>>,
+    /// Buffers of dense columns already written, kept for the next row groups: a fresh buffer of
+    /// tens of MiB costs a page fault per 4 KiB as it fills.
+    spare: Vec<Vec<u8>>,
+    /// Columns that may be dense (`FixedSizeList<Float32>`): the spare buffers a row group takes.
+    dense_columns: usize,
     in_flight: usize,
     limit: usize,
 }
@@ -430,6 +454,18 @@ impl RowGroups {
         options: &SinkOptions,
     ) -> Result<RowGroups> {
         let threads = options.threads.max(1);
+        let dense_columns = stored
+            .fields()
+            .iter()
+            .filter(
+                |f| matches!(f.data_type(), DataType::FixedSizeList(item, _) if item.data_type() == &DataType::Float32),
+            )
+            .count();
+        let layout = Arc::new(Layout {
+            leaves: file.schema_descr().columns().to_vec(),
+            props: Arc::clone(file.properties()),
+            stored,
+        });
         let mut groups = RowGroups {
             path: path.to_owned(),
             file: Some(file),
@@ -446,19 +482,21 @@ impl RowGroups {
             encoded: BTreeMap::new(),
             in_flight: 0,
             limit: 2 * threads,
+            spare: Vec::new(),
+            dense_columns,
             schema,
-            stored,
+            layout,
         };
         if threads > 1 {
             let (jobs, job_rx) = crossbeam_channel::bounded::<Job>(threads);
             let (done_tx, done) = unbounded::<Done>();
             for t in 0..threads {
-                let (job_rx, done_tx, schema) = (job_rx.clone(), done_tx.clone(), Arc::clone(&groups.stored));
+                let (job_rx, done_tx, layout) = (job_rx.clone(), done_tx.clone(), Arc::clone(&groups.layout));
                 let handle = std::thread::Builder::new()
                     .name(format!("sink-encode-{t}"))
                     .spawn(move || {
-                        for (index, batches, writers) in job_rx {
-                            let encoded = encode(&schema, &batches, writers);
+                        for (index, batches, writers, spare) in job_rx {
+                            let encoded = encode(&layout, &batches, writers, spare);
                             if done_tx.send((index, encoded)).is_err() {
                                 break;
                             }
@@ -503,14 +541,16 @@ impl RowGroups {
         let writers = self.factory.create_column_writers(index).map_err(|e| Error::parquet(&self.path, e))?;
         match self.jobs.clone() {
             None => {
-                let chunks = encode(&self.stored, &batches, writers)?;
+                let spare = self.spare_buffers();
+                let chunks = encode(&self.layout, &batches, writers, spare)?;
                 self.append(chunks)
             }
             Some(jobs) => {
                 while self.in_flight >= self.limit {
                     self.collect(true)?;
                 }
-                jobs.send((index, batches, writers))
+                let spare = self.spare_buffers();
+                jobs.send((index, batches, writers, spare))
                     .map_err(|_| Error::InvalidInput(format!("{}: an encoding thread ended", self.path.display())))?;
                 self.in_flight += 1;
                 self.collect(false)
@@ -539,11 +579,28 @@ impl RowGroups {
         Ok(())
     }
 
-    fn append(&mut self, chunks: Vec<ArrowColumnChunk>) -> Result<()> {
+    /// Spare buffers for the next row group's dense columns.
+    fn spare_buffers(&mut self) -> Vec<Vec<u8>> {
+        let keep = self.spare.len().saturating_sub(self.dense_columns);
+        self.spare.split_off(keep)
+    }
+
+    fn append(&mut self, chunks: Vec<Chunk>) -> Result<()> {
         let file = self.file.as_mut().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
         let mut row_group = file.next_row_group().map_err(|e| Error::parquet(&self.path, e))?;
         for chunk in chunks {
-            chunk.append_to_row_group(&mut row_group).map_err(|e| Error::parquet(&self.path, e))?;
+            match chunk {
+                Chunk::Arrow(chunk) => chunk.append_to_row_group(&mut row_group),
+                Chunk::Dense(bytes, close) => {
+                    let appended = row_group.append_column(&bytes, close);
+                    // The reader's clones are gone: the buffer is this chunk's alone again.
+                    if let Ok(buffer) = bytes.try_into_mut() {
+                        self.spare.push(Vec::from(buffer));
+                    }
+                    appended
+                }
+            }
+            .map_err(|e| Error::parquet(&self.path, e))?;
         }
         row_group.close().map_err(|e| Error::parquet(&self.path, e))?;
         self.written += 1;
@@ -575,33 +632,166 @@ impl Drop for RowGroups {
     }
 }
 
-/// Encodes one row group's rows into its column chunks.
+/// Encodes one row group's rows into its column chunks: columns of dense float vectors directly
+/// ([`dense_floats`]), the others with the Arrow writer.
 fn encode(
-    schema: &SchemaRef,
+    layout: &Layout,
     batches: &[RecordBatch],
-    mut writers: Vec<ArrowColumnWriter>,
-) -> Result<Vec<ArrowColumnChunk>> {
+    writers: Vec<ArrowColumnWriter>,
+    mut spare: Vec<Vec<u8>>,
+) -> Result<Vec<Chunk>> {
     let context = |e: parquet::errors::ParquetError| Error::InvalidInput(format!("encoding a row group: {e}"));
+    let fields = layout.stored.fields();
+    // One Parquet leaf per field (no structs or maps): the leaves line up with the fields.
+    let aligned = layout.leaves.len() == fields.len() && writers.len() == fields.len();
+    let dense: Vec<Option<usize>> = fields
+        .iter()
+        .enumerate()
+        .map(|(i, field)| if aligned { dense_floats(field, &layout.leaves[i], i, batches) } else { None })
+        .collect();
+    // A dense column's chunk is its values plus page headers and levels (run-length encoded:
+    // a few bytes a row): sized once, so that it never grows by copying.
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let mut buffers: Vec<TrackedWrite<Vec<u8>>> = dense
+        .iter()
+        .flatten()
+        .map(|size| {
+            let mut buffer = spare.pop().unwrap_or_default();
+            buffer.clear();
+            buffer.reserve(rows * (size * 4 + 16) + (64 << 10));
+            TrackedWrite::new(buffer)
+        })
+        .collect();
+    let mut free = buffers.iter_mut();
+    let mut columns = Vec::with_capacity(writers.len());
+    for (i, writer) in writers.into_iter().enumerate() {
+        columns.push(match dense.get(i).copied().flatten() {
+            Some(size) => {
+                let buffer =
+                    free.next().ok_or_else(|| Error::InvalidInput("encoding a row group: a lost buffer".into()))?;
+                Column::Dense(Box::new(DenseFloats::new(&layout.leaves[i], &layout.props, buffer, size)))
+            }
+            None => Column::Arrow(Box::new(writer)),
+        });
+    }
     for batch in batches {
         // Cast here, on the encoding thread: float16 output costs the writer no time.
         let narrowed;
-        let batch = if batch.schema_ref().fields() == schema.fields() {
+        let batch = if batch.schema_ref().fields() == fields {
             batch
         } else {
-            narrowed = narrow(batch, schema)?;
+            narrowed = narrow(batch, &layout.stored)?;
             &narrowed
         };
-        let mut leaves = writers.iter_mut();
-        for (field, column) in schema.fields().iter().zip(batch.columns()) {
-            for leaf in compute_leaves(field, column).map_err(context)? {
-                let writer = leaves
-                    .next()
-                    .ok_or_else(|| Error::InvalidInput("encoding a row group: more leaves than writers".into()))?;
+        let mut columns = columns.iter_mut();
+        let more_leaves = || Error::InvalidInput("encoding a row group: more leaves than writers".into());
+        for (field, array) in fields.iter().zip(batch.columns()) {
+            if aligned && matches!(columns.as_slice().first(), Some(Column::Dense(_))) {
+                let Some(Column::Dense(dense)) = columns.next() else { return Err(more_leaves()) };
+                dense.write(array).map_err(context)?;
+                continue;
+            }
+            for leaf in compute_leaves(field, array).map_err(context)? {
+                let Some(Column::Arrow(writer)) = columns.next() else { return Err(more_leaves()) };
                 writer.write(&leaf).map_err(context)?;
             }
         }
     }
-    writers.into_iter().map(|w| w.close().map_err(context)).collect()
+    // Closing a dense column ends its borrow of its buffer; the buffers become chunks after.
+    let mut closed = Vec::with_capacity(columns.len());
+    for column in columns {
+        closed.push(match column {
+            Column::Arrow(writer) => Closed::Arrow(writer.close().map_err(context)?),
+            Column::Dense(dense) => Closed::Dense(dense.writer.close().map_err(context)?),
+        });
+    }
+    let mut buffers = buffers.into_iter();
+    closed
+        .into_iter()
+        .map(|column| match column {
+            Closed::Arrow(chunk) => Ok(Chunk::Arrow(chunk)),
+            Closed::Dense(close) => {
+                let buffer =
+                    buffers.next().ok_or_else(|| Error::InvalidInput("encoding a row group: a lost buffer".into()))?;
+                Ok(Chunk::Dense(Bytes::from(buffer.into_inner().map_err(context)?), close))
+            }
+        })
+        .collect()
+}
+
+/// A column of a row group being encoded.
+enum Column<'a> {
+    Arrow(Box<ArrowColumnWriter>),
+    Dense(Box<DenseFloats<'a>>),
+}
+
+/// A column of a row group encoded, its writer closed.
+enum Closed {
+    Arrow(ArrowColumnChunk),
+    Dense(ColumnCloseResult),
+}
+
+/// The size of the vectors when field `index` is a `FixedSizeList<Float32>` without nulls in
+/// every batch (the predictor's means): its Parquet leaf is a repeated float whose levels are the
+/// same for every row, so they are written once and its values go to the column writer as they
+/// are, without the Arrow writer's per-value level computation (most of its time on such a column).
+fn dense_floats(field: &Field, leaf: &ColumnDescriptor, index: usize, batches: &[RecordBatch]) -> Option<usize> {
+    let DataType::FixedSizeList(item, size) = field.data_type() else { return None };
+    let size = usize::try_from(*size).ok().filter(|&s| s > 0)?;
+    if item.data_type() != &DataType::Float32
+        || leaf.physical_type() != PhysicalType::FLOAT
+        || leaf.max_rep_level() != 1
+    {
+        return None;
+    }
+    let dense = batches.iter().all(|batch| {
+        let column = batch.column(index);
+        column.null_count() == 0 && column.as_fixed_size_list_opt().is_some_and(|list| list.values().null_count() == 0)
+    });
+    dense.then_some(size)
+}
+
+/// Values per call of the column writer on a [`dense_floats`] column (whole rows, at least one):
+/// the levels of that many values are made once and shared by every call.
+const DENSE_CHUNK_VALUES: usize = 1 << 16;
+
+/// The column writer of a [`dense_floats`] column, with the levels of a chunk of rows.
+struct DenseFloats<'a> {
+    writer: ColumnWriterImpl<'a, FloatType>,
+    /// Values per call: whole rows.
+    chunk: usize,
+    definition: Vec<i16>,
+    repetition: Vec<i16>,
+}
+
+impl<'a> DenseFloats<'a> {
+    fn new(
+        leaf: &ColumnDescPtr,
+        props: &WriterPropertiesPtr,
+        buffer: &'a mut TrackedWrite<Vec<u8>>,
+        size: usize,
+    ) -> DenseFloats<'a> {
+        let pages = Box::new(SerializedPageWriter::new(buffer));
+        let writer =
+            get_typed_column_writer::<FloatType>(get_column_writer(Arc::clone(leaf), Arc::clone(props), pages));
+        let chunk = (DENSE_CHUNK_VALUES / size).max(1) * size;
+        // Every value is present (the deepest level); a row's first value starts a new record.
+        let definition = vec![leaf.max_def_level(); chunk];
+        let repetition = (0..chunk).map(|k| if k % size == 0 { 0 } else { leaf.max_rep_level() }).collect();
+        DenseFloats { writer, chunk, definition, repetition }
+    }
+
+    fn write(&mut self, array: &dyn Array) -> parquet::errors::Result<()> {
+        let values = array
+            .as_fixed_size_list_opt()
+            .and_then(|list| list.values().as_primitive_opt::<Float32Type>())
+            .ok_or_else(|| parquet::errors::ParquetError::General("a dense float column changed type".into()))?;
+        for part in values.values().chunks(self.chunk) {
+            let n = part.len();
+            self.writer.write_batch(part, Some(&self.definition[..n]), Some(&self.repetition[..n]))?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for ParquetSink {
@@ -664,6 +854,7 @@ mod parallel_tests {
     use std::sync::Arc;
 
     use arrow::array::{FixedSizeListArray, Float32Array, StringArray};
+    use arrow::buffer::NullBuffer;
     use arrow::datatypes::{Field, Schema};
 
     use super::*;
@@ -796,6 +987,62 @@ mod parallel_tests {
             let got =
                 arrow::compute::concat_batches(&read[0].schema(), &read).map_err(|e| Error::arrow("concat", e))?;
             assert_eq!(got.columns(), want.columns(), "{name}");
+        }
+        Ok(())
+    }
+
+    /// Float vectors take the direct path when dense (required or nullable fields alike) and the
+    /// Arrow writer's when a row or a value is null; every column reads back as written, across
+    /// row groups that cut batches.
+    #[test]
+    fn dense_and_null_float_vectors_read_back_as_written() -> Result<()> {
+        let required = Arc::new(Field::new("item", DataType::Float32, false));
+        let nullable = Arc::new(Field::new("item", DataType::Float32, true));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::FixedSizeList(Arc::clone(&required), 7), false),
+            Field::new("b", DataType::FixedSizeList(Arc::clone(&nullable), 3), true),
+            Field::new("c", DataType::FixedSizeList(Arc::clone(&nullable), 2), true),
+        ]));
+        let list = |item: &Arc<Field>, size: usize, n: usize, seed: usize, nulls: Option<NullBuffer>| {
+            let values = Float32Array::from_iter_values((0..n * size).map(|k| ((seed + k) as f32 * 0.61).cos()));
+            FixedSizeListArray::try_new(Arc::clone(item), size as i32, Arc::new(values), nulls)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let batches: Vec<RecordBatch> = [300usize, 1, 517, 64]
+            .iter()
+            .enumerate()
+            .map(|(b, &n)| {
+                let c_nulls = (b == 2).then(|| NullBuffer::from_iter((0..n).map(|i| i % 5 != 0)));
+                RecordBatch::try_new(
+                    Arc::clone(&schema),
+                    vec![
+                        Arc::new(list(&required, 7, n, b * 1000, None)),
+                        Arc::new(list(&nullable, 3, n, b * 2000, None)),
+                        Arc::new(list(&nullable, 2, n, b * 3000, c_nulls)),
+                    ],
+                )
+                .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
+        let want = arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::arrow("concat", e))?;
+        for (profile, threads) in [(SinkProfile::Fast, 1), (SinkProfile::Small, 3)] {
+            let path = dir.path().join(format!("{profile:?}.parquet"));
+            let options = SinkOptions { row_group_rows: 200, threads, profile, ..Default::default() };
+            let mut sink = ParquetSink::create(&path, Arc::clone(&schema), &options)?;
+            for batch in &batches {
+                sink.write(batch)?;
+            }
+            sink.finish()?;
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 10_000)
+                .map_err(|e| Error::parquet(&path, e))?;
+            let read: Vec<RecordBatch> =
+                reader.collect::<std::result::Result<_, _>>().map_err(|e| Error::arrow("reading back", e))?;
+            let got =
+                arrow::compute::concat_batches(&read[0].schema(), &read).map_err(|e| Error::arrow("concat", e))?;
+            assert_eq!(got.columns(), want.columns(), "{profile:?}");
+            assert_eq!(got.column(2).null_count(), 517usize.div_ceil(5), "{profile:?}");
         }
         Ok(())
     }
