@@ -18,7 +18,9 @@
 #   threads1         --threads 1
 #   python           the same training and prediction from Python in a fresh interpreter
 #                    (`cs.train`, `run.predict_to_parquet`), cpa_stream imported first, no setting
-#   python-torch     the same with torch imported before cpa_stream (a notebook's usual order)
+#   python-torch     the same with torch imported before cpa_stream (a notebook's usual order);
+#                    python-torch-after: the same runs timed from after `import torch`
+#   CLI_SETTINGS     the CLI settings to run (default "default spin threads1")
 #
 # Each run is a fresh process, timed from its start: the CLI's and Python's start-up included.
 set -euo pipefail
@@ -84,7 +86,7 @@ for rep in $(seq "$reps"); do
   for load in 0 "$busy"; do
     [ "$load" -gt 0 ] && start_busy
     sleep 1
-    for setting in default spin threads1; do
+    for setting in ${CLI_SETTINGS:-default spin threads1}; do
       env_args=() flags=()
       case $setting in
         spin) env_args=(GOMP_SPINCOUNT=300000); flags=(--threads "$cpus" --workers 2) ;;
@@ -99,12 +101,18 @@ for rep in $(seq "$reps"); do
     done
     for setting in python python-torch; do
       first=""
-      [ "$setting" = python-torch ] && first="import torch; "
-      if s=$(timed "$CPA_STREAM_PYTHON" -c "${first}import cpa_stream as cs; cs.train('$store', '$out/busy-py.run', max_epochs=$epochs, overwrite=True, progress=False)"); then
+      # With torch first, the process also reports its time from after `import torch` (the
+      # user's import, which cpa_stream does not need): the python-torch-after lines.
+      [ "$setting" = python-torch ] && first="import torch, time; t0 = time.perf_counter(); "
+      last=""
+      [ "$setting" = python-torch ] && last="; open('$out/after.txt', 'w').write(str(time.perf_counter() - t0))"
+      if s=$(timed "$CPA_STREAM_PYTHON" -c "${first}import cpa_stream as cs; cs.train('$store', '$out/busy-py.run', max_epochs=$epochs, overwrite=True, progress=False)${last}"); then
         record "$setting" "$load" train "$s" "$((train_cells * epochs))"
+        [ -n "$last" ] && record python-torch-after "$load" train "$(cat "$out/after.txt")" "$((train_cells * epochs))"
       fi
-      if s=$(timed "$CPA_STREAM_PYTHON" -c "${first}import cpa_stream as cs; cs.Run('$run').predict_to_parquet('$out/pred-py.parquet', '$store', source='all', overwrite=True, progress=False)"); then
+      if s=$(timed "$CPA_STREAM_PYTHON" -c "${first}import cpa_stream as cs; cs.Run('$run').predict_to_parquet('$out/pred-py.parquet', '$store', source='all', overwrite=True, progress=False)${last}"); then
         record "$setting" "$load" predict "$s" "$cells"
+        [ -n "$last" ] && record python-torch-after "$load" predict "$(cat "$out/after.txt")" "$cells"
       fi
     done
     if [ -x "$peer" ]; then
@@ -141,7 +149,7 @@ for setting, task in keys:
 def median_rate(setting, task, load):
     xs = [r['cells'] / r['seconds'] for r in rows if (r['setting'], r['task'], r['load']) == (setting, task, load)]
     return statistics.median(xs) if xs else float('nan')
-for setting in ("python", "python-torch"):
+for setting in ("python", "python-torch", "python-torch-after"):
     for task in ("train", "predict"):
         cells = []
         for load in (0, busy):

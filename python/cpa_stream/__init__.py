@@ -21,21 +21,28 @@ Every command of the ``cpa-stream`` command line is here with the same settings 
 --print-request`` prints the request a command line makes, the same JSON these keywords build.
 
 Everything runs in the Rust library the `cpa-stream` command line uses; the same request gives
-the same model through either. libtorch is PyTorch's own: this package imports ``torch`` first,
-so one libtorch serves both.
+the same model through either. libtorch is PyTorch's own, loaded by the native module from the
+``torch`` package installed beside it without importing torch's Python side (a second of start);
+``import torch`` before or after finds the same libraries already loaded, so one libtorch serves
+both.
 """
 
-# libtorch's OpenMP runtime reads its wait policy when torch loads it: on busy CPUs, passive
-# (see _openmp). Then the native module links PyTorch's libtorch; importing torch first loads it
-# once for both.
+# libtorch's OpenMP runtime reads its wait policy when it is loaded, here with the native module:
+# on busy CPUs, passive (see _openmp).
 from . import _openmp
 
-_openmp.prepare()
-import torch as _torch  # noqa: E402, F401
 
-from ._native import CpaStreamError
-from ._store import Store, convert, export_h5ad, import_h5ad, synth
-from ._run import Run, train
+def _dependencies() -> None:
+    import numpy  # noqa: F401
+    import pandas  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
+
+_openmp.prepare(meanwhile=_dependencies)
+
+from ._native import CpaStreamError  # noqa: E402
+from ._store import Store, convert, export_h5ad, import_h5ad, synth  # noqa: E402
+from ._run import Run, train  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,15 +1,15 @@
 """libtorch's OpenMP threads, and a Python process as fast as the command line.
 
-libgomp (the OpenMP runtime of PyTorch's libtorch) reads its wait policy once, when torch loads
-it. By default an idle OpenMP thread spins before it sleeps: the fastest on idle cores, but on
-cores shared with other processes the spinning takes the time the step's other threads need (on
-this project's 2-core machine with six busy processes, 4 epochs of the bundled data took 57 s
-spinning against 8 s waiting passively). The command line watches the CPUs before it starts and
-runs itself again with ``OMP_WAIT_POLICY=PASSIVE`` when they are busy. A Python process cannot
-run itself again, so:
+libgomp (the OpenMP runtime of PyTorch's libtorch) reads its wait policy once, when it is loaded
+(by ``cpa_stream``'s native module or by ``import torch``, whichever comes first). By default an
+idle OpenMP thread spins before it sleeps: the fastest on idle cores, but on cores shared with
+other processes the spinning takes the time the step's other threads need (on this project's 2-core
+machine with six busy processes, 4 epochs of the bundled data took 57 s spinning against 8 s
+waiting passively). The command line watches the CPUs before it starts and runs itself again with
+``OMP_WAIT_POLICY=PASSIVE`` when they are busy. A Python process cannot run itself again, so:
 
 - imported before torch, ``cpa_stream`` watches the CPUs for 0.2 s and sets
-  ``OMP_WAIT_POLICY=PASSIVE`` when they are busy, before it imports torch;
+  ``OMP_WAIT_POLICY=PASSIVE`` when they are busy, before its native module loads libtorch;
 - each training, prediction to a file, evaluation and dose-response then checks the CPUs again;
   when the policy torch loaded with does not suit them (torch was imported first on a busy
   machine, or the machine was busy at import and is idle now), the work runs in a child Python
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 #: CPUs busy with other processes from which the machine counts as shared (as the CLI's).
@@ -34,7 +35,16 @@ BUSY = 0.5
 #: How long the CPUs are watched.
 SAMPLE = 0.2
 
+#: How long a measurement of the busy CPUs is reused (a call right after the import takes the
+#: import's instead of watching again).
+REUSE = 1.0
+#: The variable through which the Rust thread plan takes a measurement instead of watching itself
+#: (``cpa_stream_pipeline::threads::BUSY_CPUS_VAR``, which the CLI sets the same way).
+BUSY_VAR = "CPA_STREAM_BUSY_CPUS"
+
 _USER_SET = any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+#: The last measurement: (``time.monotonic()``, CPUs busy elsewhere).
+_MEASURED: tuple[float, float] | None = None
 _SET_HERE = False
 _PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
 
@@ -64,16 +74,51 @@ def busy_elsewhere(sample: float = SAMPLE) -> float:
     return max(0.0, (ticks - (idle1 - idle0) - own) / ticks * cpus)
 
 
-def prepare() -> None:
-    """Before torch is imported: wait passively when the CPUs are busy; and keep numba (scanpy's
-    kernels) off a second OpenMP runtime (:func:`keep_numba_off_openmp`)."""
+def prepare(meanwhile: Callable[[], object] | None = None) -> None:
+    """Before libtorch is loaded: wait passively when the CPUs are busy; and keep numba (scanpy's
+    kernels) off a second OpenMP runtime (:func:`keep_numba_off_openmp`). ``meanwhile`` (the
+    package's other imports) runs while the CPUs are watched, so the watch adds no time of its own
+    (this process's own CPU time is not counted as busy)."""
     global _PASSIVE, _SET_HERE
     keep_numba_off_openmp()
     if _USER_SET or "torch" in sys.modules:
+        if meanwhile is not None:
+            meanwhile()
         return
-    if busy_elsewhere() >= BUSY:
+    busy: list[float] = []
+    watch = threading.Thread(target=lambda: busy.append(busy_elsewhere()), name="cpa-stream-cpu-watch", daemon=True)
+    watch.start()
+    try:
+        if meanwhile is not None:
+            meanwhile()
+    finally:
+        watch.join()
+    if busy:
+        _remember(busy[0])
+    if busy and busy[0] >= BUSY:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         _PASSIVE = _SET_HERE = True
+
+
+def _remember(busy: float) -> None:
+    global _MEASURED
+    _MEASURED = (time.monotonic(), busy)
+
+
+def _fresh() -> float | None:
+    """The CPUs busy elsewhere as measured within the last :data:`REUSE` seconds, if they were."""
+    if _MEASURED is not None and time.monotonic() - _MEASURED[0] < REUSE:
+        return _MEASURED[1]
+    return None
+
+
+def busy_now() -> float:
+    """The CPUs busy elsewhere: the last measurement when fresh, else watched now."""
+    busy = _fresh()
+    if busy is None:
+        busy = busy_elsewhere()
+        _remember(busy)
+    return busy
 
 
 def keep_numba_off_openmp() -> None:
@@ -107,8 +152,8 @@ _OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp.so")
 
 def foreign_openmp() -> str | None:
     """The path of an OpenMP runtime mapped in this process besides libtorch's own, or ``None``."""
-    torch_lib = None
-    found = []
+    found: list[str] = []
+    libtorch: list[str] = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
@@ -116,11 +161,13 @@ def foreign_openmp() -> str | None:
                 name = os.path.basename(path)
                 if any(name.startswith(r) for r in _OPENMP_RUNTIMES) and path not in found:
                     found.append(path)
+                elif name == "libtorch_cpu.so" and path not in libtorch:
+                    libtorch.append(path)
     except OSError:
         return None
-    torch_mod = sys.modules.get("torch")
-    if torch_mod is not None and getattr(torch_mod, "__file__", None):
-        torch_lib = os.path.join(os.path.dirname(torch_mod.__file__), "lib")
+    # libtorch's own runtime sits beside libtorch_cpu.so (torch/lib), whether the native module
+    # or torch loaded it.
+    torch_lib = next((os.path.dirname(p) for p in libtorch if os.path.basename(p) == "libtorch_cpu.so"), None)
     for path in found:
         if torch_lib is None or not path.startswith(torch_lib + os.sep):
             return path
@@ -134,7 +181,15 @@ def compute(command: str, request: str, progress: object | None) -> str:
 
     if '"cuda' not in request and should_isolate(_threads_of(request)):
         return run(command, request, progress)
-    return _native.run(command, request, progress)
+    # The thread plan takes the measurement just made instead of watching the CPUs again.
+    busy = _fresh()
+    if busy is None or BUSY_VAR in os.environ:
+        return _native.run(command, request, progress)
+    os.environ[BUSY_VAR] = f"{busy:.2f}"
+    try:
+        return _native.run(command, request, progress)
+    finally:
+        os.environ.pop(BUSY_VAR, None)
 
 
 def _threads_of(request: str) -> int | None:
@@ -158,7 +213,7 @@ def should_isolate(threads: int | None = None) -> bool:
         return True
     if _USER_SET:
         return False
-    return (busy_elsewhere() >= BUSY) != _PASSIVE
+    return (busy_now() >= BUSY) != _PASSIVE
 
 
 class _Relay:

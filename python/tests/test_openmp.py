@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -53,14 +54,42 @@ def test_the_policy_follows_the_cpus_unless_the_user_set_it(monkeypatch):
     monkeypatch.setattr(_openmp, "_PASSIVE", False)
     # (a second OpenMP runtime in this process, e.g. scikit-learn's, would decide by itself)
     monkeypatch.setattr(_openmp, "foreign_openmp", lambda: None)
+    monkeypatch.setattr(_openmp, "_MEASURED", None)
     monkeypatch.setattr(_openmp, "busy_elsewhere", lambda sample=0.2: 1.7)
     assert _openmp.should_isolate()
     monkeypatch.setattr(_openmp, "_PASSIVE", True)
     assert not _openmp.should_isolate()
+    monkeypatch.setattr(_openmp, "_MEASURED", None)
     monkeypatch.setattr(_openmp, "busy_elsewhere", lambda sample=0.2: 0.1)
     assert _openmp.should_isolate()
     monkeypatch.setattr(_openmp, "_USER_SET", True)
     assert not _openmp.should_isolate()
+
+
+def test_a_fresh_measurement_is_reused_and_handed_to_the_thread_plan(monkeypatch):
+    """The CPUs are watched once per call at most (0.2 s), not again by the Rust thread plan, and
+    a call right after the import takes the import's measurement."""
+    watched = []
+    monkeypatch.setattr(_openmp, "busy_elsewhere", lambda sample=0.2: watched.append(sample) or 0.0)
+    monkeypatch.setattr(_openmp, "_MEASURED", None)
+    monkeypatch.delenv(_openmp.BUSY_VAR, raising=False)
+    assert _openmp.busy_now() == 0.0 and _openmp.busy_now() == 0.0
+    assert len(watched) == 1
+    monkeypatch.setattr(_openmp, "_MEASURED", (time.monotonic() - 2 * _openmp.REUSE, 0.0))
+    _openmp.busy_now()
+    assert len(watched) == 2
+    # During the native call the plan finds the measurement in its variable; after it, it is gone.
+    seen = []
+    monkeypatch.setattr(_openmp, "should_isolate", lambda threads=None: False)
+    import cpa_stream._native as native
+
+    monkeypatch.setattr(
+        native, "run", lambda command, request, progress: seen.append(os.environ.get(_openmp.BUSY_VAR)) or "{}"
+    )
+    _openmp._remember(1.25)
+    _openmp.compute("train", "{}", None)
+    assert seen == ["1.25"]
+    assert _openmp.BUSY_VAR not in os.environ
 
 
 def test_numba_is_kept_off_a_second_openmp_runtime_and_one_loaded_anyway_moves_the_work(tmp_path):
