@@ -45,7 +45,6 @@ BUSY_VAR = "CPA_STREAM_BUSY_CPUS"
 _USER_SET = any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
 #: The last measurement: (``time.monotonic()``, CPUs busy elsewhere).
 _MEASURED: tuple[float, float] | None = None
-_SET_HERE = False
 _PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
 
 
@@ -79,9 +78,9 @@ def prepare(meanwhile: Callable[[], object] | None = None) -> None:
     kernels) off a second OpenMP runtime (:func:`keep_numba_off_openmp`). ``meanwhile`` (the
     package's other imports) runs while the CPUs are watched, so the watch adds no time of its own
     (this process's own CPU time is not counted as busy)."""
-    global _PASSIVE, _SET_HERE
+    global _PASSIVE
     keep_numba_off_openmp()
-    if _USER_SET or "torch" in sys.modules:
+    if _USER_SET:
         if meanwhile is not None:
             meanwhile()
         return
@@ -95,9 +94,11 @@ def prepare(meanwhile: Callable[[], object] | None = None) -> None:
         watch.join()
     if busy:
         _remember(busy[0])
-    if busy and busy[0] >= BUSY:
+    # torch imported first has loaded libtorch's runtime with its policy already: the measurement
+    # only serves the first call (which then need not watch again).
+    if busy and busy[0] >= BUSY and "torch" not in sys.modules:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        _PASSIVE = _SET_HERE = True
+        _PASSIVE = True
 
 
 def _remember(busy: float) -> None:
@@ -242,15 +243,35 @@ class _Relay:
         self._send("end")
 
 
+#: The child's program: this package's native module and this module, without the package's own
+#: imports (numpy, pandas, pyarrow: a second of a busy machine's time that the work does not use).
+_CHILD = """
+import importlib.util, sys, types
+spec = importlib.util.find_spec("cpa_stream")
+package = types.ModuleType("cpa_stream")
+package.__path__ = list(spec.submodule_search_locations)
+sys.modules["cpa_stream"] = package
+from cpa_stream import _openmp
+_openmp._child()
+"""
+
+
 def run(command: str, request: str, progress: object | None) -> str:
     """``_native.run(command, request, progress)`` in a child Python process that loads torch
     with the wait policy the CPUs call for now; the same result, errors raised as themselves."""
     env = dict(os.environ)
-    if _SET_HERE:
-        env.pop("OMP_WAIT_POLICY", None)
+    busy = busy_now()
+    if not _USER_SET:
+        # The policy the CPUs call for now, read by the child's libtorch when it loads (the child
+        # does not run this package's import, which would watch them again).
+        if busy >= BUSY:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        else:
+            env.pop("OMP_WAIT_POLICY", None)
+    env.setdefault(BUSY_VAR, f"{busy:.2f}")
     env["CPA_STREAM_ISOLATE"] = "0"
     child = subprocess.Popen(
-        [sys.executable, "-m", "cpa_stream._child"],
+        [sys.executable, "-c", _CHILD],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
