@@ -182,10 +182,11 @@ def import_h5ad(
     (a seed) writes the cells in a random order. AnnData objects of a list are written to a
     temporary ``.h5ad`` next to ``out`` first (files and backed objects are read in place).
 
-    A zarr AnnData (a directory ``AnnData.write_zarr`` wrote, zarr format 2 or 3) is read with
-    anndata's own element reader for obs, var and DEG lists and its matrix (CSR or dense; CSC is
-    refused with the way around) ``chunk_rows`` cells at a time; in a list, each zarr input is
-    streamed into a temporary store first. (The command line does not read zarr yet.)
+    A zarr AnnData (a directory ``AnnData.write_zarr`` wrote, zarr format 2 or 3, compressed or
+    sharded) is read like an ``.h5ad`` file, alone or in a list, by the same native reader as
+    ``cpa-stream import atlas.zarr``: its matrix (CSR, CSC or dense) ``chunk_rows`` cells at a
+    time, obs and var as ``anndata.read_zarr`` reads them. DEG lists come from a dict of ranked
+    gene names; scanpy's ``rank_genes_groups`` record arrays are not read from zarr.
 
     Paths ending in ``.parquet`` are cell tables (a row per cell, lists of gene ids and counts, as
     Hugging Face's Tahoe-100M): ``var_table`` names their gene vocabulary (a Parquet file, a row per
@@ -227,13 +228,6 @@ def import_h5ad(
         data, (str, os.PathLike)
     ):
         return _import_many(list(data) if many else [data], out, request, labels, progress)
-    if isinstance(data, (str, os.PathLike)) and is_zarr(data):
-        if layer is not None and use_raw:
-            raise ValueError(f"import: layer {layer!r} and use_raw=True both asked for; choose one")
-        arrays = _args.request({k: v for k, v in request.items() if k in _ARRAY_REQUEST})
-        store = _import_zarr(Path(data), out, layer, use_raw, genes, deg_uns_key,
-                             chunk_rows if chunk_rows is not None else DEFAULT_CHUNK_ROWS, progress, arrays)
-        return store
     if isinstance(data, (str, os.PathLike)) or getattr(data, "isbacked", False) and not data.is_view:
         # A file, or a backed AnnData read from its file, out of core, as `cpa-stream import` does.
         request["inputs"] = [os.fspath(data if isinstance(data, (str, os.PathLike)) else data.filename)]
@@ -292,17 +286,12 @@ def _import_many(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.anndata-", dir=parent) as scratch:
         paths, names = [], []
         for i, item in enumerate(items):
-            if isinstance(item, (str, os.PathLike)) and is_zarr(item):
-                # A zarr AnnData: streamed into a store first (stores are inputs of the import).
-                store = os.path.join(scratch, f"zarr{i}.store")
-                import_h5ad(item, store, layer=request.get("layer"), use_raw=bool(request.get("use_raw")),
-                            deg_uns_key=request.get("deg_uns_key"), progress=progress)
-                paths.append(store)
-                names.append(Path(item).name.removesuffix(".zarr"))
-            elif isinstance(item, (str, os.PathLike)):
+            if isinstance(item, (str, os.PathLike)):
                 paths.append(os.fspath(item))
                 name = Path(item).name
-                names.append(next((name[: -len(x)] for x in (".h5ad", ".parquet", ".pq") if name.endswith(x)), name))
+                names.append(
+                    next((name[: -len(x)] for x in (".h5ad", ".zarr", ".parquet", ".pq") if name.endswith(x)), name)
+                )
             elif getattr(item, "isbacked", False) and not item.is_view:
                 paths.append(os.fspath(item.filename))
                 names.append(Path(item.filename).stem)
@@ -433,85 +422,6 @@ def is_zarr(path: PathLike) -> bool:
     ``AnnData.write_zarr`` writes it."""
     p = Path(path)
     return p.is_dir() and ((p / ".zgroup").is_file() or (p / "zarr.json").is_file())
-
-
-class _ZarrRows:
-    """A zarr AnnData's matrix as row blocks: a CSR group through anndata's backed sparse
-    dataset, a dense array by row slices; ``rows[a:b]`` reads those cells only."""
-
-    def __init__(self, element: Any, path: Path, name: str) -> None:
-        from anndata.io import sparse_dataset
-
-        encoding = element.attrs.get("encoding-type") if hasattr(element, "attrs") else None
-        if encoding == "csr_matrix":
-            self.matrix = sparse_dataset(element)
-        elif encoding == "csc_matrix":
-            raise ValueError(
-                f"{path}: {name} is a CSC matrix; importing it by cells would read all of it per chunk. "
-                "Write it as CSR (adata.X = adata.X.tocsr(); adata.write_zarr(...)) or as .h5ad (the command "
-                "line imports CSC .h5ad files by column blocks)"
-            )
-        elif encoding in (None, "array") and hasattr(element, "shape") and len(element.shape) == 2:
-            self.matrix = element
-        else:
-            raise ValueError(f"{path}: {name} is a {encoding or type(element).__name__}, not a matrix anndata writes")
-        self.shape = tuple(int(n) for n in self.matrix.shape)
-
-    def __getitem__(self, rows: slice) -> Any:
-        return self.matrix[rows]
-
-
-def _import_zarr(
-    path: Path, out: Path, layer: str | None, use_raw: bool, genes: list[str] | None, deg_uns_key: str | None,
-    chunk_rows: int, progress: bool | None, request: str,
-) -> Store:
-    """An AnnData zarr store (v2 or v3, as ``AnnData.write_zarr`` writes it) into a new store:
-    obs, var and the DEG lists read with anndata's own element reader (so they equal
-    ``anndata.read_zarr``'s), the matrix (``X``, ``layers[layer]`` or ``raw/X``; CSR or dense)
-    streamed ``chunk_rows`` cells at a time."""
-    import zarr
-    from anndata.io import read_elem
-
-    try:
-        root = zarr.open_group(os.fspath(path), mode="r")
-    except Exception as error:  # zarr raises several types for a directory it cannot read
-        raise ValueError(f"{path}: not a zarr group anndata can read: {error}") from error
-    encoding = root.attrs.get("encoding-type")
-    if encoding not in (None, "anndata"):
-        raise ValueError(f"{path}: a zarr group of encoding {encoding!r}, not an AnnData")
-    if use_raw:
-        if "raw" not in root or "X" not in root["raw"]:
-            raise ValueError(f"import: use_raw=True but {path} has no raw/X")
-        element, var_element, name = root["raw"]["X"], root["raw"]["var"], "raw/X"
-    elif layer is not None:
-        layers = sorted(root["layers"].group_keys()) + sorted(root["layers"].array_keys()) if "layers" in root else []
-        if layer not in layers:
-            raise ValueError(f"import: no layer {layer!r} in {path}; it has {layers or 'none'}")
-        element, var_element, name = root["layers"][layer], root["var"], f"layers/{layer}"
-    else:
-        if "X" not in root:
-            raise ValueError(f"import: {path} has no X; give layer= or use_raw=True")
-        element, var_element, name = root["X"], root["var"], "X"
-    obs, var = read_elem(root["obs"]), read_elem(var_element)
-    rows = _ZarrRows(element, path, name)
-    if rows.shape != (len(obs), len(var)):
-        raise ValueError(f"{path}: {name} is {rows.shape[0]} x {rows.shape[1]}, obs x var is {len(obs)} x {len(var)}")
-    if genes is not None:
-        raise ValueError("import: genes= is not supported for zarr inputs yet; import all genes")
-    uns = {}
-    if "uns" in root:
-        keys = [deg_uns_key] if deg_uns_key is not None else list(root["uns"].group_keys())
-        for key in keys:
-            if key in root["uns"]:
-                uns[key] = read_elem(root["uns"][key])
-            elif deg_uns_key is not None:
-                raise ValueError(f"import: deg_uns_key {deg_uns_key!r} is not in {path}/uns")
-    _native.import_arrays(
-        request, f"AnnData zarr {name} ({path})", dataframe_to_arrow(obs, "cell_id", "obs"),
-        dataframe_to_arrow(var, "gene_id", "var"), _csr_chunks(rows, chunk_rows),
-        degs=_degs_from_uns(uns, deg_uns_key), progress=_progress.make(progress, "import"),
-    )
-    return Store(out)
 
 
 class _BackedRows:

@@ -1,4 +1,4 @@
-//! `cpa-stream import` and `export`: AnnData `.h5ad` files in and out.
+//! `cpa-stream import` and `export`: AnnData `.h5ad` files (and zarr stores, cell tables) in, `.h5ad` out.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,9 +16,10 @@ use super::synth::CodecArgs;
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// Input AnnData files (or Parquet cell tables, *.parquet, with --var-table), in order: many
-    /// become one store (genes aligned, obs columns merged, like anndata.concat). A quoted
-    /// pattern ("plates/*.h5ad") stands for the files it matches, sorted.
+    /// Input AnnData files: .h5ad files and zarr stores (directories AnnData.write_zarr wrote), or
+    /// Parquet cell tables (*.parquet, with --var-table) or stores, in order: many become one
+    /// store (genes aligned, obs columns merged, like anndata.concat). A quoted pattern
+    /// ("plates/*.h5ad") stands for the files it matches, sorted.
     #[arg(required_unless_present = "inputs_from")]
     inputs: Vec<PathBuf>,
     /// Add the inputs' cells to STORE (its genes kept: every input must have them) as a new
@@ -53,7 +54,7 @@ pub struct ImportArgs {
     ))]
     source_key: Option<String>,
     /// The label of each file in --source-key and --make-unique, comma-separated, in order
-    /// [default: the file names without .h5ad].
+    /// [default: the file names without .h5ad or .zarr].
     #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
     labels: Option<Vec<String>>,
     /// Append SEP and the file's label to every cell id, so that ids repeated across files

@@ -3,7 +3,8 @@
 //! - [`store`]: the memory-mapped CSR store (`NAME.store/`): streaming writer, validated reader,
 //!   zero-copy row access, zstd blocks, verification.
 //! - [`synth`]: CPA-shaped synthetic atlases with ground truth.
-//! - [`h5ad`]: AnnData `.h5ad` files in and out, in row chunks.
+//! - [`h5ad`]: AnnData `.h5ad` files in and out, in row chunks; [`zarr`]: AnnData zarr stores in;
+//!   [`anndata`]: either, opened as one.
 //! - [`csr`]: the owned CSR batch that stages hand to each other.
 //! - [`model`]: the CPA model in libtorch (configuration, vocabularies, network, likelihoods, files).
 //! - [`trainer`]: its training schedule, optimizers and exact-resume checkpoints.
@@ -19,6 +20,7 @@
 #[cfg(target_endian = "big")]
 compile_error!("cpa-stream stores are little-endian and mapped without conversion");
 
+pub mod anndata;
 pub mod cell_table;
 pub mod csr;
 pub mod device;
@@ -32,6 +34,7 @@ pub mod sink;
 pub mod store;
 pub mod synth;
 pub mod trainer;
+pub mod zarr;
 
 pub use csr::CsrBatch;
 pub use error::{Error, Result};

@@ -279,25 +279,3 @@ fn every_reader_checks_the_rows_it_gathers() {
     assert!(!o.status.success() && text(&o.stderr).contains("is negative"), "{}", text(&o.stderr));
     assert!(!h5ad.exists());
 }
-
-#[test]
-fn a_zarr_store_or_another_directory_given_to_import_says_what_it_is() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let zarr = dir.path().join("atlas.zarr");
-    std::fs::create_dir(&zarr).expect("mkdir");
-    std::fs::write(zarr.join("zarr.json"), br#"{"zarr_format": 3, "node_type": "group"}"#).expect("write");
-    let out = dir.path().join("out.store");
-    let done = run(&["import", zarr.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-    assert!(!done.status.success());
-    let err = text(&done.stderr);
-    assert!(
-        err.contains("a zarr store") && err.contains("cpa_stream.import_h5ad") && !err.contains("No such file"),
-        "{err}"
-    );
-    let plain = dir.path().join("some-folder");
-    std::fs::create_dir(&plain).expect("mkdir");
-    let done = run(&["import", plain.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-    let err = text(&done.stderr);
-    assert!(err.contains("not a store (no manifest.json)") && err.contains(".h5ad"), "{err}");
-    assert!(!out.exists());
-}

@@ -17,3 +17,4 @@ mod synth;
 mod train;
 mod trust;
 mod untrusted;
+mod zarr;

@@ -17,8 +17,9 @@ use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::{
     CATEGORIES_KEY, GENE_ID, ORDERED_KEY, categorical_field, categorical_type, categories_of, is_ordered,
 };
+use cpa_stream_stages::anndata::{AnnDataReader, is_zarr};
 use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
-use cpa_stream_stages::h5ad::{ExternalData, H5adReader, MatrixSource};
+use cpa_stream_stages::h5ad::{ExternalData, MatrixSource};
 use cpa_stream_stages::store::Store;
 
 use crate::Stage;
@@ -59,24 +60,15 @@ pub struct Plan<'a> {
     pub cells: Option<(&'a CellTableLayout, &'a Vocabulary)>,
 }
 
-/// A directory given as an input must be a store: an AnnData zarr store (which the command line
-/// does not read) or any other directory is refused with what it is and the way in.
+/// A directory given as an input must be a store or an AnnData zarr store; any other directory
+/// is refused with what was expected.
 fn check_is_store(path: &Path) -> Result<()> {
     if path.join(cpa_stream_schemas::MANIFEST_FILE).is_file() {
         return Ok(());
     }
-    if path.join(".zgroup").is_file() || path.join("zarr.json").is_file() {
-        return Err(Error::InvalidInput(format!(
-            "{}: a zarr store (an AnnData written by write_zarr); the command line reads .h5ad files, Parquet cell \
-             tables and stores. Import it from Python, streamed: `import cpa_stream; \
-             cpa_stream.import_h5ad(\"{}\", \"OUT.store\")`, or write it as .h5ad (adata.write_h5ad)",
-            path.display(),
-            path.display()
-        )));
-    }
     Err(Error::InvalidInput(format!(
-        "{}: a directory that is not a store (no {}); expected an AnnData .h5ad file, a Parquet cell table or a \
-         store",
+        "{}: a directory that is neither a store (no {}) nor a zarr store (no zarr.json or .zgroup); expected an \
+         AnnData .h5ad file or zarr store, a Parquet cell table or a store",
         path.display(),
         cpa_stream_schemas::MANIFEST_FILE
     )))
@@ -92,6 +84,8 @@ pub fn is_cell_table(path: &Path) -> bool {
 pub enum Kind {
     /// An AnnData `.h5ad` file.
     H5ad,
+    /// An AnnData zarr store (a directory).
+    Zarr,
     /// A Parquet cell table.
     Cells,
     /// A store (a directory).
@@ -177,18 +171,18 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             });
             continue;
         }
-        let (kind, var, n_obs, entries, obs, other_matrices) = if path.is_dir() {
+        let (kind, var, n_obs, entries, obs, other_matrices) = if path.is_dir() && !is_zarr(path) {
             check_is_store(path)?;
             let store = Store::open(path).map_err(Error::stage(Stage::Read))?;
             let var = store.small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Read))?;
             let obs = store.table_schema(StoreFiles::OBS).map_err(Error::stage(Stage::Read))?;
             (Kind::Store, keyed_var(path, var, plan.gene_key)?, store.n_obs(), store.nnz(), obs, Vec::new())
         } else {
-            let h5 =
-                H5adReader::open_matrix_with(path, plan.source, plan.external).map_err(Error::stage(Stage::Read))?;
+            let h5 = AnnDataReader::open(path, plan.source, plan.external).map_err(Error::stage(Stage::Read))?;
             let var = keyed_var(path, h5.read_var().map_err(Error::stage(Stage::Read))?, plan.gene_key)?;
             let entries = h5.stored_entries();
-            (Kind::H5ad, var, h5.n_obs(), entries, h5.obs_schema(), h5.other_matrices())
+            let kind = if matches!(h5, AnnDataReader::Zarr(_)) { Kind::Zarr } else { Kind::H5ad };
+            (kind, var, h5.n_obs(), entries, h5.obs_schema(), h5.other_matrices())
         };
         let ids = key_values(path, &var, 0, GENE_ID)?;
         if inputs.len() > 1 || matches!(plan.join, GeneJoin::List(_)) {

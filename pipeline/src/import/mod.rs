@@ -18,8 +18,9 @@ use std::time::Instant;
 
 use arrow::array::{AsArray, RecordBatch, StringArray};
 use cpa_stream_schemas::Codec;
+use cpa_stream_stages::anndata::AnnDataReader;
 use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
-use cpa_stream_stages::h5ad::{DEG_FILE, ExternalData, H5adReader, MatrixLayout, MatrixSource};
+use cpa_stream_stages::h5ad::{DEG_FILE, ExternalData, MatrixLayout, MatrixSource};
 use cpa_stream_stages::store::{Store, StoreWriter, StoreWriterOptions, write_table};
 use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
 use crossbeam_channel::{Receiver, bounded};
@@ -306,11 +307,11 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
     })
 }
 
-/// The label of each input: as given, or the file names without `.h5ad`.
+/// The label of each input: as given, or the file names without `.h5ad` (`.zarr`, ...).
 fn labels(options: &ImportOptions) -> Result<Vec<String>> {
     let default = |p: &PathBuf| {
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        [".h5ad", ".parquet", ".pq", ".store"]
+        [".h5ad", ".zarr", ".parquet", ".pq", ".store"]
             .iter()
             .find_map(|x| name.strip_suffix(x))
             .map(str::to_owned)
@@ -440,7 +441,7 @@ fn stream(
                     }
                     continue;
                 }
-                let h5 = H5adReader::open_matrix_with(&part.path, source, options.external)?;
+                let h5 = AnnDataReader::open(&part.path, source, options.external)?;
                 if h5.n_obs() != part.n_obs || h5.n_vars() as usize != part.map.len() {
                     return Err(StageError::InvalidInput(format!(
                         "{}: changed while it was imported ({} x {} when opened, now {} x {})",
@@ -589,7 +590,7 @@ fn check_shared_ids(
             let id = table.cell_id(row).map_err(Error::stage(Stage::Read))?;
             return Ok(format!("{id}{}", part.obs.suffix().unwrap_or_default()));
         }
-        let h5 = H5adReader::open_matrix_with(&part.path, source, external).map_err(Error::stage(Stage::Read))?;
+        let h5 = AnnDataReader::open(&part.path, source, external).map_err(Error::stage(Stage::Read))?;
         let obs = part.obs.apply(&h5.read_obs(row..row + 1).map_err(Error::stage(Stage::Read))?)?;
         Ok(obs.column(0).as_string::<i32>().value(0).to_owned())
     };
@@ -631,8 +632,7 @@ fn read_degs(
             let table = table.with_schema(plain);
             return Ok(Some((key, rename_deg_genes(part, table.map_err(Error::arrow("DEG table"))?)?)));
         }
-        let h5 =
-            H5adReader::open_matrix_with(&part.path, source, options.external).map_err(Error::stage(Stage::Read))?;
+        let h5 = AnnDataReader::open(&part.path, source, options.external).map_err(Error::stage(Stage::Read))?;
         match h5.read_degs(options.deg_uns_key.as_deref()) {
             Ok(Some((key, table))) => return Ok(Some((key, rename_deg_genes(part, table)?))),
             Ok(None) => {}
@@ -793,7 +793,7 @@ fn read_cell_table(
 }
 
 /// Sends the file's cells read by row ranges; `false` when the writer is gone.
-fn read_by_rows(h5: &H5adReader, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink) -> StageResult<bool> {
+fn read_by_rows(h5: &AnnDataReader, map: &[Option<u32>], chunk_rows: u64, out: &ChunkSink) -> StageResult<bool> {
     let mut columns = Remap::new(map, out.n_vars, h5.n_vars() as u32);
     let mut start = 0;
     while start < h5.n_obs() {
@@ -822,7 +822,7 @@ const ENTRY_BYTES: usize = 12;
 // Long: its two passes per group of buckets share the bucket files, the column map and the
 // output; each pass is marked below.
 fn read_csc(
-    h5: &H5adReader,
+    h5: &AnnDataReader,
     map: &[Option<u32>],
     chunk_rows: u64,
     options: &ImportOptions,

@@ -5,20 +5,16 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, DictionaryArray, Float64Array, Int32Array, Int64Array, StringArray,
-    UInt64Array,
-};
-use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type};
 use arrow::record_batch::RecordBatch;
-use cpa_stream_schemas::tables::{
-    SOURCE_NAME_KEY, categorical_field, categories_of, is_ordered, renamed_column, source_name, with_order,
-};
+use cpa_stream_schemas::tables::{categories_of, is_ordered, source_name};
 use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
 use hdf5::{Dataset, Group, Location};
 
 use super::records::{self, Scalar, Values};
 use super::watchdog;
+use crate::anndata::{ColumnType, categorical_array, dataframe_schema};
 use crate::error::{Error, Result};
 
 /// Reads a string attribute (variable- or fixed-length).
@@ -322,31 +318,6 @@ fn codes_fit(path: &Path, records: &Dataset, field: &str, n_rows: u64, n_categor
     Ok(true)
 }
 
-/// A dictionary array of `categories` from codes (-1 missing), checked against their number.
-fn categorical_array(
-    path: &Path,
-    codes: Vec<i32>,
-    categories: &[String],
-    first_row: u64,
-    ctx: impl Fn() -> String,
-) -> Result<ArrayRef> {
-    if let Some(bad) = codes.iter().position(|&c| c >= categories.len() as i32 || c < -1) {
-        return Err(Error::corrupt(
-            path,
-            format!(
-                "{}: row {}: code {} outside {} categories",
-                ctx(),
-                first_row + bad as u64,
-                codes[bad],
-                categories.len()
-            ),
-        ));
-    }
-    let keys = Int32Array::from_iter(codes.iter().map(|&c| (c >= 0).then_some(c)));
-    let values: ArrayRef = Arc::new(StringArray::from_iter_values(categories));
-    Ok(Arc::new(DictionaryArray::try_new(keys, values).map_err(|e| Error::arrow(ctx(), e))?))
-}
-
 impl DataFrameReader {
     /// Opens dataframe group `name`; its index becomes column `id_column` (first, Utf8).
     pub(super) fn open(path: &Path, file: &Group, name: &str, id_column: &str) -> Result<DataFrameReader> {
@@ -402,56 +373,33 @@ impl DataFrameReader {
         columns: Vec<(String, ColumnKind)>,
         n_rows: u64,
     ) -> DataFrameReader {
-        let mut fields = vec![Field::new(id_column, DataType::Utf8, false)];
-        let taken = |n: &str| n == id_column || columns.iter().any(|(c, _)| c == n);
-        for (col, kind) in &columns {
-            // A column named like the index column gets another name (its own kept for export).
-            let out_name = if col == id_column { renamed_column(col, &taken) } else { col.clone() };
-            let field = match kind {
-                ColumnKind::Categorical { categories, ordered, .. } => {
-                    with_order(categorical_field(&out_name, categories, true), *ordered)
-                }
-                ColumnKind::Record { categories: Some(categories), .. } => {
-                    categorical_field(&out_name, categories, true)
-                }
-                ColumnKind::Strings(_) | ColumnKind::Record { kind: Scalar::FixedText { .. }, .. } => {
-                    Field::new(&out_name, DataType::Utf8, false)
-                }
-                ColumnKind::Record { kind: Scalar::VarText { .. }, .. } => Field::new(&out_name, DataType::Utf8, false),
-                ColumnKind::Int(_) | ColumnKind::Record { kind: Scalar::Int, .. } => {
-                    Field::new(&out_name, DataType::Int64, false)
-                }
-                ColumnKind::UInt(_) | ColumnKind::Record { kind: Scalar::UInt, .. } => {
-                    Field::new(&out_name, DataType::UInt64, false)
-                }
-                ColumnKind::Float(_) | ColumnKind::Record { kind: Scalar::Float, .. } => {
-                    Field::new(&out_name, DataType::Float64, false)
-                }
-                ColumnKind::Bool(_) | ColumnKind::Record { kind: Scalar::Bool, .. } => {
-                    Field::new(&out_name, DataType::Boolean, false)
-                }
-                ColumnKind::NullableInt { .. } => Field::new(&out_name, DataType::Int64, true),
-                ColumnKind::NullableBool { .. } => Field::new(&out_name, DataType::Boolean, true),
-                ColumnKind::NullableStrings { .. } => Field::new(&out_name, DataType::Utf8, true),
-            };
-            fields.push(match out_name == *col {
-                true => field,
-                false => {
-                    let mut metadata = field.metadata().clone();
-                    metadata.insert(SOURCE_NAME_KEY.to_owned(), col.clone());
-                    field.with_metadata(metadata)
-                }
-            });
-        }
-        DataFrameReader {
-            path: path.to_owned(),
-            name: name.to_owned(),
-            index,
-            records,
-            columns,
-            schema: Arc::new(Schema::new(fields)),
-            n_rows,
-        }
+        let types: Vec<(&str, ColumnType<'_>)> = columns
+            .iter()
+            .map(|(col, kind)| {
+                let kind = match kind {
+                    ColumnKind::Categorical { categories, ordered, .. } => {
+                        ColumnType::Categorical { categories, ordered: *ordered }
+                    }
+                    ColumnKind::Record { categories: Some(categories), .. } => {
+                        ColumnType::Categorical { categories, ordered: false }
+                    }
+                    ColumnKind::Strings(_)
+                    | ColumnKind::Record { kind: Scalar::FixedText { .. } | Scalar::VarText { .. }, .. } => {
+                        ColumnType::Text
+                    }
+                    ColumnKind::Int(_) | ColumnKind::Record { kind: Scalar::Int, .. } => ColumnType::Int,
+                    ColumnKind::UInt(_) | ColumnKind::Record { kind: Scalar::UInt, .. } => ColumnType::UInt,
+                    ColumnKind::Float(_) | ColumnKind::Record { kind: Scalar::Float, .. } => ColumnType::Float,
+                    ColumnKind::Bool(_) | ColumnKind::Record { kind: Scalar::Bool, .. } => ColumnType::Bool,
+                    ColumnKind::NullableInt { .. } => ColumnType::NullableInt,
+                    ColumnKind::NullableBool { .. } => ColumnType::NullableBool,
+                    ColumnKind::NullableStrings { .. } => ColumnType::NullableText,
+                };
+                (col.as_str(), kind)
+            })
+            .collect();
+        let schema = dataframe_schema(id_column, &types);
+        DataFrameReader { path: path.to_owned(), name: name.to_owned(), index, records, columns, schema, n_rows }
     }
 
     /// The layout anndata <= 0.6 wrote: the dataframe is one record-array dataset whose first

@@ -20,8 +20,10 @@ mod records;
 pub mod watchdog;
 mod writer;
 
+pub use crate::anndata::{MatrixLayout, MatrixSource};
 pub use audit::{ExternalData, disable_plugins};
-pub use reader::{H5adReader, MatrixLayout, MatrixSource};
+pub(crate) use dataframe::{float_text, float_text_f32};
+pub use reader::H5adReader;
 pub use writer::{DEFAULT_GZIP_LEVEL, H5adCompression, H5adWriter};
 
 pub use cpa_stream_schemas::tables::degs::{

@@ -2,9 +2,7 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, StringArray, UInt32Array};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use hdf5::types::TypeDescriptor;
@@ -12,20 +10,9 @@ use hdf5::{Dataset, File, Group};
 
 use super::audit::ExternalData;
 use super::dataframe::{DataFrameReader, attr_string, read_strings, read_vec};
+use crate::anndata::{MatrixLayout, MatrixSource, SparseShape, deg_lists, deg_table, lines_fitting, push_dense_rows};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
-use cpa_stream_schemas::tables::deg_schema;
-
-/// Storage of the matrix being imported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MatrixLayout {
-    /// A `csr_matrix` group.
-    Csr,
-    /// A `csc_matrix` group (read by column ranges and transposed by the importer).
-    Csc,
-    /// A dense 2-D dataset.
-    Dense,
-}
 
 #[derive(Debug, Clone)]
 enum Matrix {
@@ -81,19 +68,6 @@ fn is_hdf5(path: &Path) -> Result<std::fs::File> {
         reason: "not an HDF5 file (no HDF5 signature at offset 0 or after a user block), expected an AnnData .h5ad"
             .to_owned(),
     })
-}
-
-/// Which matrix of an AnnData file to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MatrixSource<'a> {
-    /// `X`.
-    #[default]
-    X,
-    /// `layers/<name>`.
-    Layer(&'a str),
-    /// `raw.X` with the genes of `raw.var` (`adata.raw`: often the counts before filtering or
-    /// scaling; stored as `raw/X` and `raw/var`, or `raw.X` and `raw.var` by anndata <= 0.6).
-    Raw,
 }
 
 impl H5adReader {
@@ -261,63 +235,24 @@ impl H5adReader {
         Error::hdf5(&self.path, format!("{}: {what}", self.element))
     }
 
-    /// Reads offsets `range` of a sparse matrix's `indptr` (as u64, validated: from 0, never
-    /// decreasing, at most `nnz`, and no row (column of a CSC matrix) holding more entries than
-    /// the matrix has columns (rows): sizes are checked before anything is allocated from them).
-    fn offsets(&self, indptr: &Dataset, range: Range<u64>, nnz: u64) -> Result<Vec<u64>> {
+    /// The sparse matrix's shape, for checking what is read of it.
+    fn sparse(&self, data: &Dataset, indptr: &Dataset) -> SparseShape<'_> {
+        SparseShape {
+            path: &self.path,
+            element: &self.element,
+            layout: self.layout(),
+            n_obs: self.n_obs,
+            n_vars: self.n_vars,
+            nnz: data.size() as u64,
+            indptr_len: indptr.size() as u64,
+        }
+    }
+
+    /// Offsets `range` of a sparse matrix's `indptr`, checked (see [`SparseShape::offsets`]).
+    fn offsets(&self, data: &Dataset, indptr: &Dataset, range: Range<u64>) -> Result<Vec<u64>> {
         let sel = range.start as usize..range.end as usize;
         let raw: Vec<i64> = read_vec(&self.path, indptr, &sel, sel.len(), || format!("{}/indptr", self.element))?;
-        let mut out = Vec::with_capacity(raw.len());
-        let whole = indptr.size() as u64;
-        if range.start == 0 && raw.first().is_some_and(|&v| v != 0) {
-            return Err(Error::corrupt(
-                &self.path,
-                format!("{}/indptr[0] = {}: expected 0 (scipy refuses such a matrix too)", self.element, raw[0]),
-            ));
-        }
-        if range.end == whole && raw.last().is_some_and(|&v| v as u64 != nnz) {
-            return Err(Error::corrupt(
-                &self.path,
-                format!(
-                    "{}/indptr[{}] = {}: expected {nnz}, the number of stored values",
-                    self.element,
-                    whole - 1,
-                    raw[raw.len() - 1]
-                ),
-            ));
-        }
-        let (minor, line) = match self.layout() {
-            MatrixLayout::Csc => (self.n_obs, "column"),
-            _ => (self.n_vars, "row"),
-        };
-        for (i, &v) in raw.iter().enumerate() {
-            if v < 0 || v as u64 > nnz || out.last().is_some_and(|&p| (v as u64) < p) {
-                return Err(Error::corrupt(
-                    &self.path,
-                    format!(
-                        "{}/indptr[{}] = {v}: expected non-decreasing offsets in 0..={nnz}",
-                        self.element,
-                        range.start + i as u64
-                    ),
-                ));
-            }
-            if let Some(&p) = out.last()
-                && v as u64 - p > minor
-            {
-                return Err(Error::corrupt(
-                    &self.path,
-                    format!(
-                        "{}/indptr: {line} {} holds {} entries, more than the matrix's {minor} {}s",
-                        self.element,
-                        range.start + i as u64 - 1,
-                        v as u64 - p,
-                        if line == "row" { "column" } else { "row" }
-                    ),
-                ));
-            }
-            out.push(v as u64);
-        }
-        Ok(out)
+        self.sparse(data, indptr).offsets(&raw, range)
     }
 
     /// The end of the longest run of rows (columns of a CSC matrix) from `start`, at most
@@ -337,9 +272,8 @@ impl H5adReader {
         let Matrix::Sparse { data, indptr, .. } = &self.matrix else {
             return Ok(end.min(start + (max_entries / minor.max(1)).max(1)));
         };
-        let offsets = self.offsets(indptr, start..end + 1, data.size() as u64)?;
-        let fit = offsets.partition_point(|&o| o - offsets[0] <= max_entries);
-        Ok(start + (fit as u64).saturating_sub(1).max(1))
+        let offsets = self.offsets(data, indptr, start..end + 1)?;
+        Ok(lines_fitting(start, &offsets, max_entries))
     }
 
     /// Appends rows `rows` of a CSR or dense matrix to `out` (values as f32, zeros dropped from
@@ -350,48 +284,12 @@ impl H5adReader {
         }
         match &self.matrix {
             Matrix::Sparse { layout: MatrixLayout::Csr, data, indices, indptr } => {
-                let nnz = data.size() as u64;
-                let offsets = self.offsets(indptr, rows.start..rows.end + 1, nnz)?;
+                let offsets = self.offsets(data, indptr, rows.start..rows.end + 1)?;
                 let (s, e) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
                 let ctx = || format!("{}: rows {}..{}", self.element, rows.start, rows.end);
                 let idx: Vec<i64> = read_vec(&self.path, indices, &(s..e), e - s, ctx)?;
                 let val = read_values(&self.path, data, &(s..e), ctx)?;
-                let mut row_idx: Vec<u32> = Vec::new();
-                for (r, w) in offsets.windows(2).enumerate() {
-                    let (a, b) = (w[0] as usize - s, w[1] as usize - s);
-                    row_idx.clear();
-                    let mut sorted = true;
-                    for &c in &idx[a..b] {
-                        if c < 0 || c as u64 >= self.n_vars {
-                            return Err(Error::corrupt(
-                                &self.path,
-                                format!(
-                                    "{}/indices: row {}: column index {c} out of range, expected 0..{}",
-                                    self.element,
-                                    rows.start + r as u64,
-                                    self.n_vars
-                                ),
-                            ));
-                        }
-                        sorted &= row_idx.last().is_none_or(|&p| p < c as u32);
-                        row_idx.push(c as u32);
-                    }
-                    if sorted {
-                        out.push_row(&row_idx, &val[a..b]);
-                    } else {
-                        push_sorted(out, &row_idx, &val[a..b]).map_err(|c| {
-                            Error::corrupt(
-                                &self.path,
-                                format!(
-                                    "{}/indices: row {}: column {c} appears twice",
-                                    self.element,
-                                    rows.start + r as u64
-                                ),
-                            )
-                        })?;
-                    }
-                }
-                Ok(())
+                self.sparse(data, indptr).push_rows(out, rows.start, &offsets, &idx, &val)
             }
             Matrix::Dense(x) => {
                 let sel = (rows.start as usize..rows.end as usize, ..);
@@ -400,18 +298,8 @@ impl H5adReader {
                     false => x.read_slice_2d::<f32, _>(sel),
                 }
                 .map_err(self.err(format!("rows {}..{}", rows.start, rows.end)))?;
-                let (mut idx, mut val) = (Vec::new(), Vec::new());
-                for row in block.rows() {
-                    idx.clear();
-                    val.clear();
-                    for (j, &v) in row.iter().enumerate() {
-                        if v != 0.0 {
-                            idx.push(j as u32);
-                            val.push(v);
-                        }
-                    }
-                    out.push_row(&idx, &val);
-                }
+                let values = block.as_standard_layout();
+                push_dense_rows(out, values.as_slice().unwrap_or(&[]), self.n_vars as usize);
                 Ok(())
             }
             Matrix::Sparse { layout, .. } => Err(Error::InvalidInput(format!(
@@ -427,23 +315,12 @@ impl H5adReader {
         let Matrix::Sparse { layout: MatrixLayout::Csc, data, indices, indptr } = &self.matrix else {
             return Err(Error::InvalidInput(format!("{}: not a CSC matrix", self.path.display())));
         };
-        let nnz = data.size() as u64;
-        let offsets = self.offsets(indptr, cols.start..cols.end + 1, nnz)?;
+        let offsets = self.offsets(data, indptr, cols.start..cols.end + 1)?;
         let (s, e) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
         let ctx = || format!("{}: columns {}..{}", self.element, cols.start, cols.end);
         let rows: Vec<i64> = read_vec(&self.path, indices, &(s..e), e - s, ctx)?;
         let vals = read_values(&self.path, data, &(s..e), ctx)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for &r in &rows {
-            if r < 0 || r as u64 >= self.n_obs {
-                return Err(Error::corrupt(
-                    &self.path,
-                    format!("{}/indices: row index {r} out of range, expected 0..{}", self.element, self.n_obs),
-                ));
-            }
-            out.push(r as u64);
-        }
-        Ok((offsets, out, vals))
+        Ok((offsets, self.sparse(data, indptr).row_indices(&rows)?, vals))
     }
 
     /// DEG lists from `uns`, as a table (`group`, `rank`, `gene`, `score`): the entry `key`, or
@@ -529,7 +406,7 @@ impl H5adReader {
         if members.is_empty() {
             return Ok(None);
         }
-        let (mut groups, mut ranks, mut genes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut lists = Vec::with_capacity(members.len());
         for m in &members {
             let Ok(ds) = group.dataset(m) else { return Ok(None) };
             let is_strings = matches!(
@@ -539,35 +416,10 @@ impl H5adReader {
             if ds.ndim() != 1 || !is_strings {
                 return Ok(None);
             }
-            for (rank, gene) in read_strings(&self.path, &ds, 0..ds.size() as u64)?.into_iter().enumerate() {
-                groups.push(m.clone());
-                ranks.push(rank as u32);
-                genes.push(gene);
-            }
+            lists.push((m.clone(), read_strings(&self.path, &ds, 0..ds.size() as u64)?));
         }
-        let scores = vec![None; genes.len()];
-        let none = vec![None; genes.len()];
-        deg_table(groups, ranks, genes, scores, (none.clone(), none)).map(Some)
+        deg_lists(lists).map(Some)
     }
-}
-
-/// The DEG table from its columns.
-fn deg_table(
-    groups: Vec<String>,
-    ranks: Vec<u32>,
-    genes: Vec<String>,
-    scores: Vec<Option<f64>>,
-    (pvalues, qvalues): (Vec<Option<f64>>, Vec<Option<f64>>),
-) -> Result<RecordBatch> {
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(groups)),
-        Arc::new(UInt32Array::from(ranks)),
-        Arc::new(StringArray::from(genes)),
-        Arc::new(Float64Array::from(scores)),
-        Arc::new(Float64Array::from(pvalues)),
-        Arc::new(Float64Array::from(qvalues)),
-    ];
-    RecordBatch::try_new(deg_schema(), columns).map_err(|e| Error::arrow("DEG table", e))
 }
 
 /// Whether a dataset holds booleans (h5py writes numpy's as an enum {FALSE: 0, TRUE: 1}).
@@ -589,18 +441,6 @@ fn read_values(path: &Path, data: &Dataset, sel: &Range<usize>, ctx: impl Fn() -
         return Ok(flags.into_iter().map(|v| f32::from(u8::from(v))).collect());
     }
     read_vec(path, data, sel, n, ctx)
-}
-
-/// Sorts a row's entries by column; `Err(column)` on a repeated column.
-fn push_sorted(out: &mut CsrBatch, idx: &[u32], val: &[f32]) -> std::result::Result<(), u32> {
-    let mut pairs: Vec<(u32, f32)> = idx.iter().copied().zip(val.iter().copied()).collect();
-    pairs.sort_unstable_by_key(|p| p.0);
-    if let Some(w) = pairs.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(w[0].0);
-    }
-    let (i, v): (Vec<u32>, Vec<f32>) = pairs.into_iter().unzip();
-    out.push_row(&i, &v);
-    Ok(())
 }
 
 fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Matrix, (u64, u64))> {
