@@ -126,34 +126,53 @@ done
 
 # Appending to a store: the store is its own input and output, so each kill starts from a copy
 # of the base store, and what is left must be the base store (the kill came before the new
-# version was published) or the complete new version, readable either way.
-base="$work/o/base.store" app="$work/o/app.store"
-"$bin" import "$work/in.h5ad" --out "$base" > /dev/null
-append_args="import --append $app $work/in-b.h5ad --make-unique"
-cp -r "$base" "$app"
-start=$(date +%s%N)
-$bin $append_args > /dev/null
-ms=$(( ($(date +%s%N) - start) / 1000000 ))
-expected=$(digest "$app") before=$(digest "$base")
-rm -rf "$app" && cp -r "$base" "$app"
-renames=$(strace -f -qq -e trace=rename,renameat,renameat2 -o /dev/stdout $bin $append_args 2>/dev/null \
-  | grep -c 'rename' || true)
-points=()
-for ((k = 0; k < kills; k++)); do points+=("delay:$(( RANDOM % (ms + 1) ))"); done
-for ((r = 1; r <= renames; r++)); do points+=("rename:$r"); done
-for point in "${points[@]}"; do
+# version was published: its manifest and every byte it lists as they were; the matrix files may
+# hold bytes after those, which the next append removes) or the complete new version, readable
+# either way. Three bases: a store of one file (the first append adds the source column, so its
+# obs table is written again), the same after one append (its obs table gains the new rows in
+# place) and a zstd store (a new run of blocks after a last block that is not full).
+# The base's version as it was: its manifest, and each listed file's bytes up to its recorded size.
+same_as_base() { # BASE STORE
+  cmp -s "$1/manifest.json" "$2/manifest.json" || return 1
+  local f n
+  while read -r f n; do
+    cmp -s -n "$n" "$1/$f" "$2/$f" || return 1
+  done < <(python3 -c "import json,sys; [print(k, v['bytes']) for k, v in json.load(open(sys.argv[1]))['files'].items()]" "$1/manifest.json")
+}
+"$bin" import "$work/in.h5ad" --out "$work/o/base-one.store" > /dev/null
+cp -r "$work/o/base-one.store" "$work/o/base-grown.store"
+"$bin" import --append "$work/o/base-grown.store" "$work/in-b.h5ad" --make-unique > /dev/null
+cp "$work/in.h5ad" "$work/in-c.h5ad"
+"$bin" import "$work/in.h5ad" --codec zstd --block-rows 300 --out "$work/o/base-zstd.store" > /dev/null
+for case in one:in-b grown:in-c zstd:in-b; do
+  base="$work/o/base-${case%%:*}.store" app="$work/o/app.store"
+  append_args="import --append $app $work/${case##*:}.h5ad --make-unique"
   rm -rf "$app" && cp -r "$base" "$app"
-  kill_at "$point" "$append_args" 2> /dev/null
-  [ -d "$app" ] || fail "append killed at $point: the store is gone"
-  "$bin" verify "$app" > /dev/null 2>"$work/err" || fail "append killed at $point: $(cat "$work/err")"
-  if [ "$(digest "$app")" != "$expected" ]; then
-    # Not the new version: then the old one, as it was.
-    [ "$(digest "$app" | sed 's/app.store/base.store/')" = "$before" ] \
-      || fail "append killed at $point left a store that is neither the old nor the new version"
-    $bin $append_args > /dev/null 2>"$work/err" || fail "append rerun after a kill at $point: $(cat "$work/err")"
-    [ "$(digest "$app")" = "$expected" ] || fail "append rerun after a kill at $point differs"
-  fi
-  left=$(find "$work/o" -maxdepth 1 \( -name ".app.store.tmp-*" -o -name ".app.store.import-*" \) | head -1)
-  [ -z "$left" ] || fail "append after a kill at $point: temporary $left left behind"
+  start=$(date +%s%N)
+  $bin $append_args > /dev/null
+  ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  expected=$(digest "$app")
+  rm -rf "$app" && cp -r "$base" "$app"
+  renames=$(strace -f -qq -e trace=rename,renameat,renameat2 -o /dev/stdout $bin $append_args 2>/dev/null \
+    | grep -c 'rename' || true)
+  points=()
+  for ((k = 0; k < kills; k++)); do points+=("delay:$(( RANDOM % (ms + 1) ))"); done
+  for ((r = 1; r <= renames; r++)); do points+=("rename:$r"); done
+  for point in "${points[@]}"; do
+    rm -rf "$app" && cp -r "$base" "$app"
+    kill_at "$point" "$append_args" 2> /dev/null
+    [ -d "$app" ] || fail "append ($case) killed at $point: the store is gone"
+    "$bin" verify "$app" > /dev/null 2>"$work/err" || fail "append ($case) killed at $point: $(cat "$work/err")"
+    if [ "$(digest "$app")" != "$expected" ]; then
+      # Not the new version: then the old one, as it was.
+      same_as_base "$base" "$app" \
+        || fail "append ($case) killed at $point left a store that is neither the old nor the new version"
+      $bin $append_args > /dev/null 2>"$work/err" \
+        || fail "append ($case) rerun after a kill at $point: $(cat "$work/err")"
+      [ "$(digest "$app")" = "$expected" ] || fail "append ($case) rerun after a kill at $point differs"
+    fi
+    left=$(find "$work/o" -maxdepth 1 \( -name ".app.store.tmp-*" -o -name ".app.store.import-*" \) | head -1)
+    [ -z "$left" ] || fail "append ($case) after a kill at $point: temporary $left left behind"
+  done
+  echo "append ($case): ${#points[@]} kills survived ($kills at random moments within ${ms} ms, $renames at each rename)"
 done
-echo "append: ${#points[@]} kills survived ($kills at random moments within ${ms} ms, $renames at each rename)"

@@ -11,5 +11,6 @@ pub mod tables;
 
 pub use manifest::{
     BlockChecksum, ChecksumAlgorithm, Codec, DEFAULT_ZSTD_BLOCK_ROWS, DEFAULT_ZSTD_LEVEL, FileEntry, MANIFEST_FILE,
-    MAX_MANIFEST_BYTES, Manifest, ManifestError, MatrixDtypes, Planes, STORE_FORMAT, STORE_FORMAT_VERSION, StoreFiles,
+    MAX_MANIFEST_BYTES, Manifest, ManifestError, MatrixDtypes, Planes, STORE_FORMAT, STORE_FORMAT_VERSION,
+    STORE_FORMAT_VERSION_APPENDED, StoreFiles, Version,
 };

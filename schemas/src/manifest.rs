@@ -19,8 +19,11 @@ use serde::{Deserialize, Serialize};
 
 /// The format name every manifest carries in `format` (the store's magic).
 pub const STORE_FORMAT: &str = "cpa-stream-store";
-/// The manifest version this build writes and the only one it reads.
+/// The manifest version of a store written whole (and the oldest this build reads).
 pub const STORE_FORMAT_VERSION: u32 = 1;
+/// The manifest version of a store that grew by appends ([`Manifest::history`],
+/// [`FileEntry::from`], [`Manifest::block_runs`]); this build reads both.
+pub const STORE_FORMAT_VERSION_APPENDED: u32 = 2;
 /// File name of the manifest inside a store directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Default zstd level of the block codec. Level 1 rather than zstd's own default of 3: on the
@@ -225,10 +228,45 @@ pub enum ChecksumAlgorithm {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntry {
-    /// Size in bytes.
+    /// Size in bytes (of a matrix file, the bytes this version reads: an append interrupted by a
+    /// kill may have left more after them, which no version reads).
     pub bytes: u64,
-    /// XXH3-64 of the bytes, 16 lowercase hex digits.
+    /// XXH3-64 of bytes `from..bytes`, 16 lowercase hex digits.
     pub checksum: String,
+    /// Where the checksummed bytes start: 0 for a file written whole; for a file an append grew,
+    /// its size in the previous version (whose entry, in [`Manifest::history`], covers the bytes
+    /// before).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub from: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+impl FileEntry {
+    /// The entry of a file written whole.
+    pub fn whole(bytes: u64, checksum: String) -> FileEntry {
+        FileEntry { bytes, checksum, from: 0 }
+    }
+}
+
+/// An earlier version of a store that grew by appends (`import --append`): what it held and its
+/// files' entries, which still check the bytes they cover (files only grow).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Version {
+    /// Cells of that version.
+    pub n_obs: u64,
+    /// Stored entries of that version.
+    pub nnz: u64,
+    /// Its files, as [`Manifest::files`].
+    pub files: BTreeMap<String, FileEntry>,
+    /// The program that wrote it.
+    pub created_by: String,
+    /// Where its data came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// The parsed `manifest.json` of a store.
@@ -258,6 +296,16 @@ pub struct Manifest {
     /// Where the data came from (a command line, an input file), free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// zstd codec: where each run of blocks after the first starts, as (first row, first
+    /// block). The rows of a run are cut into blocks of `block_rows` from its first row; an
+    /// append starts a run, so that the blocks of earlier versions (the last of them not full)
+    /// are never rewritten. Empty: one run (every store written whole).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub block_runs: Vec<[u64; 2]>,
+    /// The versions before this one, oldest first (a store that grew by appends); this one is
+    /// version `history.len() + 1`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Version>,
 }
 
 impl Manifest {
@@ -270,7 +318,7 @@ impl Manifest {
             return Err(ManifestError::WrongFormat { found: format.to_owned() });
         }
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if version != u64::from(STORE_FORMAT_VERSION) {
+        if version != u64::from(STORE_FORMAT_VERSION) && version != u64::from(STORE_FORMAT_VERSION_APPENDED) {
             return Err(ManifestError::UnsupportedVersion { found: version });
         }
         // serde does not reject unknown fields of an internally tagged unit variant (`raw`).
@@ -321,11 +369,62 @@ impl Manifest {
                 return invalid(format!("files has no entry for {name:?}"));
             }
         }
-        for (path, entry) in &self.files {
-            check_file_name(path)?;
-            let ok = entry.checksum.len() == 16 && entry.checksum.bytes().all(|b| b.is_ascii_hexdigit());
-            if !ok {
-                return invalid(format!("checksum of {path:?} is {:?}, expected 16 hex digits", entry.checksum));
+        let appended = !self.history.is_empty() || !self.block_runs.is_empty();
+        let expected = if appended { STORE_FORMAT_VERSION_APPENDED } else { STORE_FORMAT_VERSION };
+        if self.version != expected {
+            return invalid(format!(
+                "version {} with{} a history of appends, expected {expected}",
+                self.version,
+                if appended { "" } else { "out" }
+            ));
+        }
+        let versions = self.history.iter().map(|v| &v.files).chain(std::iter::once(&self.files));
+        let mut previous: Option<&BTreeMap<String, FileEntry>> = None;
+        for (k, files) in versions.enumerate() {
+            for (path, entry) in files {
+                check_file_name(path)?;
+                let ok = entry.checksum.len() == 16 && entry.checksum.bytes().all(|b| b.is_ascii_hexdigit());
+                if !ok {
+                    return invalid(format!("checksum of {path:?} is {:?}, expected 16 hex digits", entry.checksum));
+                }
+                // A file grown by an append continues the previous version's bytes of it.
+                let before = previous.and_then(|p| p.get(path)).map(|e| e.bytes);
+                if entry.from != 0 && before != Some(entry.from) || entry.from > entry.bytes {
+                    return invalid(format!(
+                        "{path:?} of version {} starts its checksum at byte {}, but the version before holds {} of it",
+                        k + 1,
+                        entry.from,
+                        before.map_or("none".to_owned(), |b| b.to_string())
+                    ));
+                }
+            }
+            previous = Some(files);
+        }
+        self.check_block_runs()
+    }
+
+    /// The runs of zstd blocks (see [`block_runs`](Manifest::block_runs)), the first included:
+    /// (first row, first block), rows and blocks strictly increasing.
+    pub fn runs(&self) -> Vec<[u64; 2]> {
+        std::iter::once([0, 0]).chain(self.block_runs.iter().copied()).collect()
+    }
+
+    fn check_block_runs(&self) -> Result<(), ManifestError> {
+        if self.block_runs.is_empty() {
+            return Ok(());
+        }
+        let Codec::Zstd { block_rows, .. } = self.codec else {
+            return Err(ManifestError::Invalid("block_runs in a store of the raw codec".to_owned()));
+        };
+        let runs = self.runs();
+        for w in runs.windows(2) {
+            let ([row, block], [next_row, next_block]) = (w[0], w[1]);
+            let blocks = next_row.checked_sub(row).map(|rows| rows.div_ceil(u64::from(block_rows)));
+            if next_row <= row || next_row > self.n_obs || blocks.map(|b| block + b) != Some(next_block) {
+                return Err(ManifestError::Invalid(format!(
+                    "block_runs: a run at row {next_row}, block {next_block} does not follow the run at row {row},                      block {block} ({block_rows} rows a block, {} cells)",
+                    self.n_obs
+                )));
             }
         }
         Ok(())
@@ -347,8 +446,16 @@ impl Manifest {
     pub fn n_blocks(&self) -> u64 {
         match self.codec {
             Codec::Raw => 0,
-            Codec::Zstd { block_rows, .. } => self.n_obs.div_ceil(u64::from(block_rows)),
+            Codec::Zstd { block_rows, .. } => {
+                let [row, block] = self.runs().last().copied().unwrap_or([0, 0]);
+                block + self.n_obs.saturating_sub(row).div_ceil(u64::from(block_rows))
+            }
         }
+    }
+
+    /// This version's number (1 for a store written whole).
+    pub fn version_number(&self) -> usize {
+        self.history.len() + 1
     }
 
     /// Total bytes of all files of the store, manifest excluded.
@@ -364,7 +471,7 @@ mod tests {
     fn sample() -> Manifest {
         let mut files = BTreeMap::new();
         for name in [StoreFiles::INDPTR, StoreFiles::INDICES, StoreFiles::DATA, StoreFiles::OBS, StoreFiles::VAR] {
-            files.insert(name.to_owned(), FileEntry { bytes: 8, checksum: "0123456789abcdef".to_owned() });
+            files.insert(name.to_owned(), FileEntry::whole(8, "0123456789abcdef".to_owned()));
         }
         Manifest {
             format: STORE_FORMAT.to_owned(),
@@ -378,6 +485,8 @@ mod tests {
             files,
             created_by: "test".to_owned(),
             source: None,
+            block_runs: Vec::new(),
+            history: Vec::new(),
         }
     }
 
@@ -422,8 +531,8 @@ mod tests {
         let m = sample().to_json();
         let foreign = m.replace(STORE_FORMAT, "zarr");
         assert_eq!(Manifest::from_json(&foreign), Err(ManifestError::WrongFormat { found: "zarr".to_owned() }));
-        let future = m.replace("\"version\": 1", "\"version\": 2");
-        assert_eq!(Manifest::from_json(&future), Err(ManifestError::UnsupportedVersion { found: 2 }));
+        let future = m.replace("\"version\": 1", "\"version\": 3");
+        assert_eq!(Manifest::from_json(&future), Err(ManifestError::UnsupportedVersion { found: 3 }));
         assert!(matches!(Manifest::from_json("{"), Err(ManifestError::Json(_))));
     }
 
@@ -463,5 +572,49 @@ mod tests {
         assert!(text.contains(r#""level": 3"#), "{text}");
         let err = Manifest::from_json(&text).unwrap_err().to_string();
         assert!(err.contains(r#"unknown field "level""#), "{err}");
+    }
+
+    #[test]
+    fn an_appended_store_records_its_versions_runs_and_grown_files() -> Result<(), ManifestError> {
+        let mut first = Manifest { codec: Codec::zstd_with(1, 4), ..sample() };
+        for name in [StoreFiles::BLOCKS, StoreFiles::BLOCK_INDEX] {
+            first.files.insert(name.to_owned(), first.files[StoreFiles::INDPTR].clone());
+        }
+        first.files.remove(StoreFiles::INDICES);
+        first.files.remove(StoreFiles::DATA);
+        first.n_obs = 6;
+        assert_eq!(first.n_blocks(), 2);
+        let mut grown = first.clone();
+        grown.version = STORE_FORMAT_VERSION_APPENDED;
+        grown.history.push(Version {
+            n_obs: first.n_obs,
+            nnz: first.nnz,
+            files: first.files.clone(),
+            created_by: first.created_by.clone(),
+            source: None,
+        });
+        // Rows 6..11 appended: a run of blocks from row 6, block 2 (block 1 holds rows 4 and 5).
+        grown.n_obs = 11;
+        grown.block_runs = vec![[6, 2]];
+        grown.files.insert(
+            StoreFiles::BLOCKS.to_owned(),
+            FileEntry { bytes: 20, checksum: "0123456789abcdef".to_owned(), from: 8 },
+        );
+        assert_eq!(grown.n_blocks(), 4);
+        assert_eq!(grown.version_number(), 2);
+        assert_eq!(Manifest::from_json(&grown.to_json())?, grown);
+        // Inconsistent: a grown file that does not continue the version before, a run that does
+        // not follow the one before, an appended store that says version 1.
+        let mut bad = grown.clone();
+        if let Some(e) = bad.files.get_mut(StoreFiles::BLOCKS) {
+            e.from = 7;
+        }
+        assert!(matches!(bad.validate(), Err(ManifestError::Invalid(e)) if e.contains("starts its checksum")));
+        let mut bad = grown.clone();
+        bad.block_runs = vec![[6, 3]];
+        assert!(matches!(bad.validate(), Err(ManifestError::Invalid(e)) if e.contains("does not follow")));
+        let bad = Manifest { version: STORE_FORMAT_VERSION, ..grown.clone() };
+        assert!(matches!(bad.validate(), Err(ManifestError::Invalid(e)) if e.contains("history of appends")));
+        Ok(())
     }
 }

@@ -24,6 +24,9 @@ pub struct InspectArgs {
 pub struct VerifyArgs {
     /// Store directory.
     store: PathBuf,
+    /// Print what was checked as JSON (files, bytes, rows, entries, versions, trailing bytes).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -67,6 +70,9 @@ struct Inspection<'a> {
     obs_columns: Vec<cpa_stream_stages::store::ColumnSummary>,
     created_by: &'a str,
     source: Option<&'a str>,
+    /// This version's number and the versions before it (appends), oldest first.
+    version: usize,
+    history: &'a [cpa_stream_schemas::Version],
 }
 
 /// Categories listed in full by the text output; longer lists are cut with a count.
@@ -89,6 +95,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         obs_columns,
         created_by: &m.created_by,
         source: m.source.as_deref(),
+        version: m.version_number(),
+        history: &m.history,
     };
     if args.json {
         jsonln!(&report);
@@ -115,6 +123,15 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     for (name, f) in report.files {
         outln!("  {name:<18} {:>14} bytes  xxh3 {}", f.bytes, f.checksum);
     }
+    if !m.history.is_empty() {
+        outln!("versions  {} (grown by appends)", report.version);
+        let sources = m.history.iter().map(|v| (v.n_obs, v.source.as_deref())).chain([(m.n_obs, m.source.as_deref())]);
+        let mut before = 0;
+        for (k, (cells, source)) in sources.enumerate() {
+            outln!("  {:<3} {:>12} cells (+{})  {}", k + 1, cells, cells - before, source.unwrap_or(""));
+            before = cells;
+        }
+    }
     outln!("obs columns");
     for c in &report.obs_columns {
         let nulls = if c.nulls > 0 { format!(", {} nulls", c.nulls) } else { String::new() };
@@ -138,14 +155,29 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let result = Store::open(&args.store).and_then(|s| s.verify());
     match result {
+        Ok(r) if args.json => {
+            jsonln!(&r);
+            Ok(ExitCode::SUCCESS)
+        }
         Ok(r) => {
+            let versions = match r.versions {
+                1 => String::new(),
+                n => format!(" in {n} versions"),
+            };
             outln!(
-                "ok: {} files, {:.1} MB checksummed, {} rows and {} entries checked",
+                "ok: {} files{versions}, {:.1} MB checksummed, {} rows and {} entries checked",
                 r.files,
                 r.bytes as f64 / 1e6,
                 r.rows,
                 r.nnz
             );
+            if r.trailing_bytes > 0 {
+                outln!(
+                    "note: the matrix files hold {} bytes after this version's, left by an append that did not \
+                     finish; nothing reads them and the next append removes them",
+                    r.trailing_bytes
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

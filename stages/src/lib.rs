@@ -4,7 +4,7 @@
 //!   zero-copy row access, zstd blocks, verification.
 //! - [`synth`]: CPA-shaped synthetic atlases with ground truth.
 //! - [`h5ad`]: AnnData `.h5ad` files in and out, in row chunks; [`zarr`]: AnnData zarr stores in;
-//!   [`anndata`]: either, opened as one.
+//!   [`input`]: either, opened as one; [`anndata`]: what the two share of AnnData's encoding.
 //! - [`csr`]: the owned CSR batch that stages hand to each other.
 //! - [`model`]: the CPA model in libtorch (configuration, vocabularies, network, likelihoods, files).
 //! - [`trainer`]: its training schedule, optimizers and exact-resume checkpoints.
@@ -26,6 +26,7 @@ pub mod csr;
 pub mod device;
 mod error;
 pub mod h5ad;
+pub mod input;
 pub mod model;
 pub mod output;
 pub mod provenance;

@@ -73,10 +73,18 @@ fn wrong_magic_version_or_json() {
 #[test]
 fn sizes_disagreeing_with_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
+    // A file shorter than its entry says is damaged; a matrix file longer than its entry holds
+    // bytes of an interrupted append, which nothing reads, but its entry must still fit the shape.
     let path = small_store(dir.path(), "s.store", Codec::Raw);
+    edit_manifest(&path, |v| v["files"]["X/data"]["bytes"] = 1_000_000.into());
+    let err = open_err(&path);
+    assert!(err.contains("X/data: file size in bytes is") && err.contains("expected 1000000"), "{err}");
     edit_manifest(&path, |v| v["files"]["X/data"]["bytes"] = 12.into());
     let err = open_err(&path);
-    assert!(err.contains("X/data: file size in bytes is") && err.contains("expected 12"), "{err}");
+    assert!(err.contains("X/data: file size in bytes (from the manifest's shape) is 12"), "{err}");
+    edit_manifest(&path, |v| v["files"]["var.parquet"]["bytes"] = 12.into());
+    let err = open_err(&path);
+    assert!(err.contains("var.parquet: file size in bytes is") && err.contains("expected 12"), "{err}");
 
     let path = small_store(dir.path(), "t.store", Codec::Raw);
     edit_manifest(&path, |v| {

@@ -1,6 +1,7 @@
 //! Integration tests of cpa-stream (one test binary; one module per area).
 
 mod analyses;
+mod append;
 mod bad_input;
 mod cli;
 mod common;

@@ -402,7 +402,7 @@ pub fn spawn_loader(
                         let more = epoch_plan.next_into(&mut skipped);
                         skipped.sort_unstable();
                         for &row in &skipped {
-                            cache.release(row / cache.block_rows(), 1);
+                            cache.release(cache.block_of(row), 1);
                         }
                         more
                     }),
@@ -427,16 +427,14 @@ pub fn spawn_loader(
 
 /// Holds, block by block, every cell of `split`.
 fn hold_split(cache: &BlockCache, labels: &CellLabels, split: Split) {
-    let block_rows = cache.block_rows();
+    let map = cache.block_map();
     let n = labels.n_cells();
-    let mut first = 0;
-    while first < n {
-        let end = (first + block_rows).min(n);
-        let cells = (first..end).filter(|&c| labels.split(c) == split).count() as u64;
+    for b in 0..map.n_blocks() {
+        let rows = map.rows_of(b);
+        let cells = (rows.start..rows.end.min(n)).filter(|&c| labels.split(c) == split).count() as u64;
         if cells > 0 {
-            cache.hold(first / block_rows, cells);
+            cache.hold(b, cells);
         }
-        first = end;
     }
 }
 
@@ -488,7 +486,7 @@ impl<M> Feeder<M> {
     /// Holds `row` for a job sent later with [`send_reserved`](Feeder::send_reserved).
     pub fn reserve(&mut self, row: u64) {
         if let Some(cache) = &self.cache {
-            cache.hold(row / cache.block_rows(), 1);
+            cache.hold(cache.block_of(row), 1);
         }
     }
 
@@ -501,7 +499,7 @@ impl<M> Feeder<M> {
     /// kept at least until the scan moves past it.
     pub fn scan(&mut self, row: u64) {
         let Some(cache) = &self.cache else { return };
-        let block = row / cache.block_rows();
+        let block = cache.block_of(row);
         if self.scanning == Some(block) {
             return;
         }

@@ -17,9 +17,9 @@ use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::{
     CATEGORIES_KEY, GENE_ID, ORDERED_KEY, categorical_field, categorical_type, categories_of, is_ordered,
 };
-use cpa_stream_stages::anndata::{AnnDataReader, is_zarr};
 use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
 use cpa_stream_stages::h5ad::{ExternalData, MatrixSource};
+use cpa_stream_stages::input::{AnnDataReader, is_zarr};
 use cpa_stream_stages::store::Store;
 
 use crate::Stage;

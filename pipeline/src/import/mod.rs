@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{AsArray, RecordBatch, StringArray};
-use cpa_stream_schemas::Codec;
-use cpa_stream_stages::anndata::AnnDataReader;
+use cpa_stream_schemas::{Codec, StoreFiles};
 use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
 use cpa_stream_stages::h5ad::{DEG_FILE, ExternalData, MatrixLayout, MatrixSource};
-use cpa_stream_stages::store::{Store, StoreWriter, StoreWriterOptions, write_table};
+use cpa_stream_stages::input::AnnDataReader;
+use cpa_stream_stages::store::{ObsGrowth, Store, StoreWriter, StoreWriterOptions, write_table};
 use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
 use crossbeam_channel::{Receiver, bounded};
 use serde::Serialize;
@@ -250,31 +250,57 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
         source: Some(format!("imported from {files}{element}{shuffled}")),
         ..StoreWriterOptions::default()
     };
-    let mut writer = StoreWriter::create(out, &collection.var, Arc::clone(&collection.obs_schema), writer_options)
-        .map_err(Error::stage(Stage::Write))?;
-    // Created once the store's lock is held: while it is, no other import sweeps it away.
-    let scratch = Scratch::create(out)?;
-    let degs = match read_degs(&collection, options, source)? {
-        Some((key, table)) => Some(write_degs(&writer, &key, &table)?),
+    // Appended to in place (the new cells written after the store's): the same codec only; another
+    // writes the store again.
+    let appended = match &options.append {
+        Some(store) => {
+            let opened = Store::open(store).map_err(Error::stage(Stage::Read))?;
+            (opened.manifest().codec == options.codec).then_some(opened)
+        }
         None => None,
     };
+    let mut writer = match &appended {
+        Some(store) => {
+            let adapt = |batch: &RecordBatch| {
+                collection.parts[0].obs.apply(batch).map_err(|e| cpa_stream_stages::Error::InvalidInput(e.to_string()))
+            };
+            let columns = store.table_schema(StoreFiles::OBS).map_err(Error::stage(Stage::Read))?;
+            let growth = match same_columns(&columns, &collection.obs_schema) {
+                true => ObsGrowth::Extend,
+                false => ObsGrowth::Rewrite(&adapt),
+            };
+            StoreWriter::append_to(out, Arc::clone(&collection.obs_schema), growth, writer_options)
+        }
+        None => StoreWriter::create(out, &collection.var, Arc::clone(&collection.obs_schema), writer_options),
+    }
+    .map_err(Error::stage(Stage::Write))?;
+    // Created once the store's lock is held: while it is, no other import sweeps it away.
+    let scratch = Scratch::create(out)?;
+    // An appended store keeps its DEG table (linked into the new version); one without gets the
+    // files'.
+    let keep_degs = appended.as_ref().is_some_and(|s| s.has_file(DEG_FILE));
+    let degs = match read_degs(&collection, options, source)? {
+        Some((key, table)) if !keep_degs => Some(write_degs(&writer, &key, &table)?),
+        _ => None,
+    };
+    let skip = usize::from(appended.is_some());
     let scatter = StageStats::new(Stage::Scatter, 1);
     let mut inputs = Vec::with_capacity(collection.parts.len());
     match options.shuffle {
         None => {
             let target = Target::Store(&mut writer);
-            stream(&collection, options, source, cells, target, &scratch, &mut inputs, [&read, &write], ctx)?
+            stream(&collection, skip, options, source, cells, target, &scratch, &mut inputs, [&read, &write], ctx)?
         }
         Some(shuffle) => {
             // The cells go to the shuffle's buckets as they are read (convert --shuffle's first
             // pass, while the files stream), their obs rows kept; then each bucket is shuffled
             // and written (its second pass).
-            let entries: u64 = collection.parts.iter().map(|p| p.entries).sum();
-            let records = Scatter::record_bytes(collection.parts.iter().map(|p| p.n_obs).sum(), entries);
+            let entries: u64 = collection.parts[skip..].iter().map(|p| p.entries).sum();
+            let records = Scatter::record_bytes(collection.parts[skip..].iter().map(|p| p.n_obs).sum(), entries);
             let mut buckets = Scatter::new(out, shuffle, records)?;
             let mut obs = Vec::new();
             let target = Target::Scatter(&mut buckets, &mut obs, &scatter);
-            stream(&collection, options, source, cells, target, &scratch, &mut inputs, [&read, &write], ctx)?;
+            stream(&collection, skip, options, source, cells, target, &scratch, &mut inputs, [&read, &write], ctx)?;
             let obs = arrow::compute::concat_batches(&collection.obs_schema, &obs).map_err(Error::arrow("obs"))?;
             let result = buckets.write_out(&obs, "obs", &mut writer, [&scatter, &write], ctx.progress());
             if result.is_err() {
@@ -283,6 +309,7 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
             result?;
         }
     }
+    drop(appended);
     let manifest = write.busy(|| writer.finish()).map_err(Error::stage(Stage::Write))?;
     drop(scratch);
     let wall = started.elapsed();
@@ -390,6 +417,7 @@ type NotACount = Option<(u64, f32)>;
 #[allow(clippy::too_many_arguments)]
 fn stream(
     collection: &Collection,
+    skip: usize,
     options: &ImportOptions,
     source: MatrixSource,
     cells: Option<(&CellTableLayout, &Vocabulary)>,
@@ -402,14 +430,28 @@ fn stream(
     let progress = ctx.progress();
     let parts = &collection.parts;
     let n_vars = collection.var.num_rows() as u32;
-    let n_obs: u64 = parts.iter().map(|p| p.n_obs).sum();
+    let n_obs: u64 = parts[skip..].iter().map(|p| p.n_obs).sum();
     let chunk_rows = options.chunk_rows.max(1) as u64;
     let csc_dir = scratch.0.join("csc");
     let mut ids = match parts.len() {
         1 => None,
-        _ => Some(SharedIds::new(&scratch.0.join("ids"), n_obs)?),
+        _ => Some(SharedIds::new(&scratch.0.join("ids"), parts.iter().map(|p| p.n_obs).sum())?),
     };
     let mut not_counts: Vec<NotACount> = vec![None; parts.len()];
+    // The store appended to is not read again: its ids join the check for ids in two inputs, and
+    // a sample of its values says whether it holds counts.
+    for (f, part) in parts[..skip].iter().enumerate() {
+        let store = Store::open(&part.path).map_err(Error::stage(Stage::Read))?;
+        not_counts[f] = store_values_sample(&store).map_err(Error::stage(Stage::Read))?;
+        if let Some(ids) = ids.as_mut() {
+            let mut first = 0;
+            for obs in store.table(StoreFiles::OBS).map_err(Error::stage(Stage::Read))? {
+                let obs = part.obs.apply(&obs.map_err(Error::stage(Stage::Read))?)?;
+                ids.add(f, first, &obs)?;
+                first += obs.num_rows() as u64;
+            }
+        }
+    }
     let mut consumed = 0u64;
     let layouts = std::sync::Mutex::new(Vec::with_capacity(parts.len()));
     progress.begin("cells", n_obs);
@@ -422,7 +464,7 @@ fn stream(
         CHANNEL_DEPTH,
         |out| {
             crate::fault::point(Stage::Read);
-            for (f, part) in parts.iter().enumerate() {
+            for (f, part) in parts.iter().enumerate().skip(skip) {
                 let sink = ChunkSink { out, recycled: &recycle_rx, stats: read, n_vars, part: f };
                 if part.kind == Kind::Store {
                     layouts.lock().unwrap_or_else(|e| e.into_inner()).push("store".to_owned());
@@ -521,7 +563,7 @@ fn stream(
         return Err(Error::InvalidInput(format!("read {consumed} of the {n_obs} cells of the input files")));
     }
     let layouts = layouts.into_inner().unwrap_or_else(|e| e.into_inner());
-    for (part, layout) in parts.iter().zip(layouts) {
+    for (part, layout) in parts[skip..].iter().zip(layouts) {
         inputs.push(InputReport {
             path: part.path.clone(),
             cells: part.n_obs,
@@ -544,6 +586,33 @@ fn element(source: MatrixSource) -> String {
         MatrixSource::Raw => "raw.X".to_owned(),
         MatrixSource::Layer(l) => format!("layers/{l}"),
     }
+}
+
+/// Rows of a store looked at to tell whether it holds counts.
+const SAMPLE_ROWS: u64 = 4096;
+
+/// The first value that is not a count among a store's first rows (a store appended to, which
+/// is not read again), if any.
+fn store_values_sample(store: &Store) -> StageResult<NotACount> {
+    let mut cursor = store.cursor()?;
+    for row in 0..store.n_obs().min(SAMPLE_ROWS) {
+        let (_, values) = cursor.row(row)?;
+        if let Some(v) = values.iter().find(|v| v.fract() != 0.0) {
+            return Ok(Some((row, *v)));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether an appended store's obs table can keep its bytes: the merged schema has its columns,
+/// in order, of the same types (categories may grow).
+fn same_columns(store: &arrow::datatypes::Schema, merged: &arrow::datatypes::Schema) -> bool {
+    store.fields().len() == merged.fields().len()
+        && store
+            .fields()
+            .iter()
+            .zip(merged.fields())
+            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type() && a.is_nullable() == b.is_nullable())
 }
 
 /// Files of counts beside files of other values are an error naming one of each.
@@ -629,7 +698,7 @@ fn read_degs(
             let table = store.small_table(DEG_FILE).map_err(Error::stage(Stage::Read))?;
             // The store's own schema (without its metadata: the writer sets the key again).
             let plain = Arc::new(table.schema().as_ref().clone().with_metadata(HashMap::new()));
-            let table = table.with_schema(plain);
+            let table = RecordBatch::try_new(plain, table.columns().to_vec());
             return Ok(Some((key, rename_deg_genes(part, table.map_err(Error::arrow("DEG table"))?)?)));
         }
         let h5 = AnnDataReader::open(&part.path, source, options.external).map_err(Error::stage(Stage::Read))?;

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use serde::Serialize;
 
+use super::block_map::BlockMap;
 use super::blocks::{BlockDecoder, CompactBlock};
 use super::reader::{RowCursor, Store};
 use crate::csr::CsrBatch;
@@ -209,7 +210,7 @@ impl BlockCacheShared {
 /// Decoded blocks of one zstd store shared by the threads of a pass (see the module docs).
 #[derive(Debug)]
 pub struct BlockCache {
-    block_rows: u64,
+    map: BlockMap,
     budget: u64,
     state: Mutex<State>,
     counts: Arc<BlockCacheShared>,
@@ -220,16 +221,21 @@ impl BlockCache {
     /// sharing its spare buffers with the other caches of `counts`; `None` for a raw store (its
     /// rows are read from the map directly).
     pub fn new(store: &Store, budget: u64, counts: Arc<BlockCacheShared>) -> Option<BlockCache> {
-        let block_rows = store.block_rows()?;
+        let map = store.block_map()?.clone();
         let budget = budget.max(1);
         counts.spares.budget.fetch_max(budget, Ordering::Relaxed);
         let state = State { entries: HashMap::new(), bytes: 0, spares: Arc::clone(&counts.spares), clock: 0 };
-        Some(BlockCache { block_rows, budget, state: Mutex::new(state), counts })
+        Some(BlockCache { map, budget, state: Mutex::new(state), counts })
     }
 
-    /// Rows per block.
-    pub fn block_rows(&self) -> u64 {
-        self.block_rows
+    /// Which block holds which rows.
+    pub fn block_map(&self) -> &BlockMap {
+        &self.map
+    }
+
+    /// The block holding row `row`.
+    pub fn block_of(&self, row: u64) -> u64 {
+        self.map.block_of(row)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -270,14 +276,13 @@ impl BlockCache {
     }
 
     /// `(block, cells)` for the runs of `rows` in one block.
-    fn blocks_of<'r>(&self, rows: &'r [u64]) -> impl Iterator<Item = (u64, u64)> + 'r {
-        let block_rows = self.block_rows;
+    fn blocks_of<'r>(&'r self, rows: &'r [u64]) -> impl Iterator<Item = (u64, u64)> + 'r {
         let mut i = 0;
         std::iter::from_fn(move || {
             let first = *rows.get(i)?;
-            let b = first / block_rows;
+            let b = self.map.block_of(first);
             let start = i;
-            while i < rows.len() && rows[i] / block_rows == b {
+            while i < rows.len() && self.map.block_of(rows[i]) == b {
                 i += 1;
             }
             Some((b, (i - start) as u64))

@@ -14,19 +14,23 @@ pub(crate) struct MappedFile {
 }
 
 impl MappedFile {
-    /// Maps the open `file` (at `path`, for messages) read-only.
+    /// Maps the first `len` bytes of the open `file` (at `path`, for messages) read-only; the
+    /// file must hold at least that many.
     ///
     /// # Safety
-    /// The file must not be truncated or written while the map (or any slice taken from it) is
-    /// alive: the slices are plain Rust references into the page cache. Store files are written
-    /// once into a temporary directory and published by rename, never modified in place.
-    pub(crate) unsafe fn map(file: &File, path: &Path) -> Result<MappedFile> {
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    /// Those bytes must not be truncated or written while the map (or any slice taken from it)
+    /// is alive: the slices are plain Rust references into the page cache. Store files are
+    /// written once into a temporary directory and published by rename; an append only adds
+    /// bytes after those of the versions before (and removes, under the store's lock, only bytes
+    /// after the current version's, which no reader maps).
+    pub(crate) unsafe fn map(file: &File, path: &Path, len: u64) -> Result<MappedFile> {
         if len == 0 {
             return Ok(MappedFile { map: None });
         }
+        let len = usize::try_from(len)
+            .map_err(|_| Error::corrupt(path, format!("{len} bytes cannot be mapped on this platform")))?;
         // SAFETY: forwarded to the caller (see `# Safety`).
-        let map = unsafe { Mmap::map(file) }.map_err(|e| Error::io(path, e))?;
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(file) }.map_err(|e| Error::io(path, e))?;
         Ok(MappedFile { map: Some(map) })
     }
 

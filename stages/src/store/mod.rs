@@ -5,15 +5,18 @@
 //! validates one and gives zero-copy row access ([`Store::raw_rows`]) or, for every codec, copies
 //! rows into a [`CsrBatch`](crate::CsrBatch) through a per-thread [`RowCursor`].
 
+mod block_map;
 mod blocks;
 mod cache;
 mod hashing;
 mod mmap;
 mod reader;
+mod splice;
 mod tables;
 mod verify;
 mod writer;
 
+pub use block_map::BlockMap;
 pub use cache::{BlockCache, BlockCacheReport, BlockCacheShared};
 pub use hashing::file_checksum;
 pub use mmap::explain_sigbus;
@@ -23,5 +26,5 @@ pub use tables::{
     write_table, write_table_locked,
 };
 pub use verify::VerifyReport;
-pub use writer::{DEFAULT_OBS_ROW_GROUP_ROWS, StoreWriter, StoreWriterOptions};
+pub use writer::{AppendReport, DEFAULT_OBS_ROW_GROUP_ROWS, ObsGrowth, StoreWriter, StoreWriterOptions};
 pub(crate) use writer::{table_properties, truth_properties};

@@ -11,6 +11,7 @@ use cpa_stream_schemas::{BlockChecksum, Codec, MANIFEST_FILE, MAX_MANIFEST_BYTES
 use memmap2::Advice;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
+use super::block_map::BlockMap;
 use super::blocks::{BlockDecoder, CompactBlock};
 use super::mmap::{MappedFile, prefetch};
 use crate::csr::{CsrBatch, check_row};
@@ -31,7 +32,7 @@ pub enum Access {
 
 enum Matrix {
     Raw { indices: MappedFile, data: MappedFile },
-    Zstd { blocks: MappedFile, block_index: MappedFile, block_rows: u64, planes: Planes, block_checksum: BlockChecksum },
+    Zstd { blocks: MappedFile, block_index: MappedFile, map: BlockMap, planes: Planes, block_checksum: BlockChecksum },
 }
 
 /// An open, validated store. `Send + Sync`: share one `&Store` between worker threads, each with
@@ -189,7 +190,10 @@ impl Store {
         for (name, entry) in &manifest.files {
             let file = open_in(&handle, &dir, name)?;
             let actual = file.metadata().map_err(|e| Error::io(dir.join(name), e))?.len();
-            if actual != entry.bytes {
+            // A matrix file may hold more than this version's bytes: those of an append that a
+            // kill interrupted, which nothing reads (the next append removes them).
+            let grows = is_matrix_file(name) && actual > entry.bytes;
+            if actual != entry.bytes && !grows {
                 return Err(Error::SizeMismatch {
                     path: dir.join(name),
                     what: "file size in bytes".to_owned(),
@@ -203,9 +207,11 @@ impl Store {
             let path = dir.join(name);
             let opened =
                 files.get(name).ok_or_else(|| Error::corrupt(&manifest_path, format!("no entry for {name}")))?;
-            // SAFETY: store files are published once and never modified in place (see
-            // `MappedFile::map`); a store that another process rewrites while open is misuse.
-            let file = unsafe { MappedFile::map(opened, &path) }?;
+            let bytes = manifest.files.get(name).map_or(0, |e| e.bytes);
+            // SAFETY: store files are published once and only ever grow after the bytes a
+            // version reads (see `MappedFile::map`); a store that another process rewrites in
+            // place while open is misuse.
+            let file = unsafe { MappedFile::map(opened, &path, bytes) }?;
             if let Some(expected) = expected
                 && file.len() != expected
             {
@@ -238,7 +244,7 @@ impl Store {
                     StoreFiles::BLOCK_INDEX,
                     Some(bytes_of(manifest.n_blocks().saturating_add(1), 8, "blocks")?),
                 )?,
-                block_rows: u64::from(block_rows),
+                map: BlockMap::new(u64::from(block_rows), manifest.n_obs, manifest.runs()),
                 planes,
                 block_checksum,
             },
@@ -413,10 +419,10 @@ impl Store {
                 indices.release(s..e);
                 data.release(s..e);
             }
-            Matrix::Zstd { blocks, block_index, block_rows, .. } => {
+            Matrix::Zstd { blocks, block_index, map, .. } => {
                 let offsets = block_index.as_slice::<u64>().unwrap_or(&[]);
-                let first = (start_row as u64).div_ceil(*block_rows) as usize;
-                let last = (end_row as u64 / block_rows) as usize;
+                let within = map.blocks_within(start_row as u64..end_row as u64);
+                let (first, last) = (within.start as usize, within.end as usize);
                 if first < last && last < offsets.len() {
                     blocks.release(offsets[first] as usize..offsets[last] as usize);
                 }
@@ -425,27 +431,31 @@ impl Store {
         self.indptr.release(start_row * 8..end_row * 8);
     }
 
-    /// Rows per compressed block; `None` for a raw store.
+    /// Rows per compressed block (the last of a run may hold fewer); `None` for a raw store.
     pub fn block_rows(&self) -> Option<u64> {
+        self.block_map().map(BlockMap::block_rows)
+    }
+
+    /// Which block holds which rows; `None` for a raw store.
+    pub fn block_map(&self) -> Option<&BlockMap> {
         match &self.matrix {
             Matrix::Raw { .. } => None,
-            Matrix::Zstd { block_rows, .. } => Some(*block_rows),
+            Matrix::Zstd { map, .. } => Some(map),
         }
     }
 
     /// Compressed blocks of the store (0 for a raw store).
     pub fn n_blocks(&self) -> u64 {
-        self.block_rows().map_or(0, |rows| self.n_obs().div_ceil(rows))
+        self.block_map().map_or(0, BlockMap::n_blocks)
     }
 
     /// Entries of block `b` of a zstd store (0 for a raw store or a block past the end): what
     /// its decode fills.
     pub(crate) fn block_entries(&self, b: u64) -> usize {
-        let Some(block_rows) = self.block_rows() else { return 0 };
+        let Some(map) = self.block_map() else { return 0 };
         let indptr = self.indptr();
-        let n_obs = indptr.len().saturating_sub(1) as u64;
-        let start = b.saturating_mul(block_rows).min(n_obs) as usize;
-        let end = b.saturating_add(1).saturating_mul(block_rows).min(n_obs) as usize;
+        let rows = map.rows_of(b);
+        let (start, end) = (rows.start as usize, rows.end as usize);
         match (indptr.get(start), indptr.get(end)) {
             (Some(&s), Some(&e)) => usize::try_from(e.saturating_sub(s)).unwrap_or(0),
             _ => 0,
@@ -455,19 +465,18 @@ impl Store {
     /// Block `b`'s compressed bytes, the offsets of its rows (absolute; one more than rows) and
     /// its first and end rows.
     fn block_parts(&self, b: u64) -> Result<(&[u8], &[u64], u64, u64)> {
-        let Matrix::Zstd { blocks, block_index, block_rows, .. } = &self.matrix else {
+        let Matrix::Zstd { blocks, block_index, map, .. } = &self.matrix else {
             return Err(Error::InvalidInput(format!("{}: a raw store has no blocks", self.dir.display())));
         };
         let offsets = block_index.as_slice::<u64>().unwrap_or(&[]);
-        let start = b.saturating_mul(*block_rows);
+        let Range { start, end } = map.rows_of(b);
         let (s, e) = match (offsets.get(b as usize), offsets.get(b as usize + 1)) {
-            (Some(&s), Some(&e)) if start < self.n_obs() => (s as usize, e as usize),
+            (Some(&s), Some(&e)) if start < end => (s as usize, e as usize),
             _ => {
                 let path = self.dir.join(StoreFiles::BLOCKS);
                 return Err(Error::corrupt(&path, format!("no block {b} (rows from {start})")));
             }
         };
-        let end = (start + block_rows).min(self.n_obs());
         Ok((&blocks.bytes()[s..e], &self.indptr()[start as usize..=end as usize], start, end))
     }
 
@@ -561,11 +570,10 @@ impl Store {
                 }
                 Ok(())
             }
-            Matrix::Zstd { block_rows, .. } => {
+            Matrix::Zstd { map, .. } => {
                 let mut cursor = self.cursor()?;
-                let n_blocks = self.manifest.n_blocks();
-                for b in 0..n_blocks {
-                    cursor.load_block(b * block_rows)?;
+                for b in 0..map.n_blocks() {
+                    cursor.load_block(map.rows_of(b).start)?;
                 }
                 Ok(())
             }
@@ -586,6 +594,12 @@ impl Store {
         }
         out
     }
+}
+
+/// Whether `name` is one of the matrix's files, which appends grow (`X/...`).
+pub(crate) fn is_matrix_file(name: &str) -> bool {
+    [StoreFiles::INDPTR, StoreFiles::INDICES, StoreFiles::DATA, StoreFiles::BLOCKS, StoreFiles::BLOCK_INDEX]
+        .contains(&name)
 }
 
 fn check_monotone(path: &Path, offsets: &[u64], end: u64, unit: &str, end_name: &str) -> Result<()> {
@@ -680,8 +694,8 @@ impl<'a> RowCursor<'a> {
 
     /// Decompresses the block holding `row` unless it is the cached one.
     fn load_block(&mut self, row: u64) -> Result<()> {
-        let Some(block_rows) = self.store.block_rows() else { return Ok(()) };
-        let b = row / block_rows;
+        let Some(map) = self.store.block_map() else { return Ok(()) };
+        let b = map.block_of(row);
         if self.block == Some(b) {
             return Ok(());
         }

@@ -11,7 +11,7 @@ use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::tables::{check_obs_schema, check_var_schema};
 use cpa_stream_schemas::{
     ChecksumAlgorithm, Codec, FileEntry, MANIFEST_FILE, Manifest, MatrixDtypes, STORE_FORMAT, STORE_FORMAT_VERSION,
-    StoreFiles,
+    STORE_FORMAT_VERSION_APPENDED, StoreFiles, Version,
 };
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -19,6 +19,8 @@ use parquet::file::properties::WriterProperties;
 
 use super::blocks::BlockEncoder;
 use super::hashing::{HashingWriter, hash_reader};
+use super::reader::{Store, is_matrix_file};
+use super::splice::{appendix_properties, splice};
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
 use crate::output::{OutputKind, OutputLock, claim_output, publish, temporary_sibling};
@@ -56,8 +58,55 @@ impl Default for StoreWriterOptions {
 type Sink = HashingWriter<BufWriter<File>>;
 
 enum MatrixSink {
-    Raw { indices: Sink, data: Sink },
-    Zstd { blocks: Sink, block_index: Sink, pending: CsrBatch, block_rows: usize, encoder: Box<BlockEncoder> },
+    Raw {
+        indices: Sink,
+        data: Sink,
+    },
+    Zstd {
+        blocks: Sink,
+        block_index: Sink,
+        pending: CsrBatch,
+        block_rows: usize,
+        encoder: Box<BlockEncoder>,
+        /// Bytes of `X/blocks` before this writer's (those of the version appended to).
+        base: u64,
+    },
+}
+
+/// How an append grows the store's `obs` table.
+pub enum ObsGrowth<'a> {
+    /// The table keeps its bytes and gains the new rows' row groups and a new footer: its
+    /// columns stay the same (names, types, whether nullable), their categories may grow.
+    Extend,
+    /// The table is written again: each of its batches turned into the new obs schema by this
+    /// function (columns added, types widened), then the new rows.
+    Rewrite(&'a dyn Fn(&RecordBatch) -> Result<RecordBatch>),
+}
+
+/// What an appending writer adds to.
+struct Base {
+    /// The store as opened (its files are the version appended to).
+    store: Store,
+    /// Where the new obs rows wait to be spliced into the table (`None`: the table is rewritten).
+    appendix: Option<PathBuf>,
+    /// Bytes of the files that could not be linked and were copied.
+    copied: u64,
+}
+
+/// What [`StoreWriter::finish`] of an append did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppendReport {
+    /// Cells before the append.
+    pub base_cells: u64,
+    /// Bytes added to the matrix files.
+    pub matrix_bytes: u64,
+    /// Bytes of the obs table written: its new rows and footer when extended, all of it when
+    /// rewritten.
+    pub obs_bytes: u64,
+    /// Whether the obs table was rewritten (its columns changed).
+    pub obs_rewritten: bool,
+    /// Bytes of files copied because the file system refused a hard link.
+    pub copied_bytes: u64,
 }
 
 /// Writes a store from a stream of row chunks and their `obs` rows.
@@ -79,6 +128,10 @@ pub struct StoreWriter {
     obs: Option<ArrowWriter<File>>,
     obs_schema: SchemaRef,
     finished: bool,
+    /// An append: the version appended to.
+    base: Option<Base>,
+    /// What the append did (after `finish`).
+    append_report: Option<AppendReport>,
     /// Held until the store is published or abandoned (dropped after `Drop::drop`).
     _lock: OutputLock,
 }
@@ -111,10 +164,128 @@ impl StoreWriter {
             obs: None,
             obs_schema,
             finished: false,
+            base: None,
+            append_report: None,
             _lock: lock,
         };
         writer.open_files(var)?;
         Ok(writer)
+    }
+
+    /// Starts the next version of the store at `dest`, holding its cells and the rows pushed
+    /// (whose obs rows have `obs_schema`, the store's own or one that merges it with the new
+    /// files'); `obs` says how its obs table grows. The matrix files only grow: each is linked into
+    /// the new version and written after its current bytes (an interrupted append's bytes there
+    /// removed first), so an append costs the new cells, not the store, and a reader of the
+    /// version appended to reads it to the end. [`finish`](StoreWriter::finish) publishes the
+    /// new version by the same rename as a new store; until then the store is as it was. The
+    /// codec is the store's (`options.codec` must be it).
+    pub fn append_to(
+        dest: &Path,
+        obs_schema: SchemaRef,
+        obs: ObsGrowth<'_>,
+        options: StoreWriterOptions,
+    ) -> Result<StoreWriter> {
+        check_obs_schema(&obs_schema).map_err(|e| Error::InvalidInput(format!("obs table: {e}")))?;
+        let lock = claim_output(dest, OutputKind::Directory, true)?;
+        let store = Store::open(dest)?;
+        let manifest = store.manifest().clone();
+        if options.codec != manifest.codec {
+            return Err(Error::InvalidInput(format!(
+                "{}: appending keeps the store's codec ({}); another is a new store (convert, or import without \
+                 --append)",
+                dest.display(),
+                manifest.codec.name()
+            )));
+        }
+        let tmp = temporary_sibling(dest)?;
+        fs::create_dir_all(tmp.join("X")).map_err(|e| Error::io(&tmp, e))?;
+        let mut writer = StoreWriter {
+            dest: dest.to_owned(),
+            tmp,
+            options,
+            n_vars: u32::try_from(manifest.n_vars).unwrap_or(u32::MAX),
+            n_obs: manifest.n_obs,
+            nnz: manifest.nnz,
+            indptr: None,
+            matrix: None,
+            obs: None,
+            obs_schema,
+            finished: false,
+            base: None,
+            append_report: None,
+            _lock: lock,
+        };
+        let mut copied = 0;
+        for (name, entry) in &manifest.files {
+            let (from, to) = (dest.join(name), writer.tmp.join(name));
+            if name == StoreFiles::OBS {
+                continue;
+            }
+            if is_matrix_file(name) {
+                // Bytes after this version's: an interrupted append's, read by no version.
+                let file = fs::OpenOptions::new().write(true).open(&from).map_err(|e| Error::io(&from, e))?;
+                if file.metadata().map_err(|e| Error::io(&from, e))?.len() > entry.bytes {
+                    file.set_len(entry.bytes).map_err(|e| Error::io(&from, e))?;
+                }
+            }
+            if fs::hard_link(&from, &to).is_err() {
+                copied += fs::copy(&from, &to).map_err(|e| Error::io(&to, e))?;
+            }
+        }
+        let append = |name: &str| -> Result<Sink> {
+            let path = writer.tmp.join(name);
+            let file = fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+            Ok(HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER_BYTES, file)))
+        };
+        writer.indptr = Some(append(StoreFiles::INDPTR)?);
+        writer.matrix = Some(match manifest.codec {
+            Codec::Raw => MatrixSink::Raw { indices: append(StoreFiles::INDICES)?, data: append(StoreFiles::DATA)? },
+            Codec::Zstd { level, block_rows, planes, block_checksum } => {
+                let encoder = BlockEncoder::new(level, planes, block_checksum)
+                    .map_err(|e| Error::io(writer.tmp.join(StoreFiles::BLOCKS), e))?;
+                MatrixSink::Zstd {
+                    blocks: append(StoreFiles::BLOCKS)?,
+                    block_index: append(StoreFiles::BLOCK_INDEX)?,
+                    pending: CsrBatch::new(writer.n_vars),
+                    block_rows: block_rows as usize,
+                    encoder: Box::new(encoder),
+                    base: manifest.files.get(StoreFiles::BLOCKS).map_or(0, |e| e.bytes),
+                }
+            }
+        });
+        let props = table_properties(writer.options.obs_row_group_rows);
+        let appendix = match obs {
+            ObsGrowth::Extend => {
+                let path = writer.tmp.join(".obs-appended.parquet");
+                let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                let props = appendix_properties(props);
+                writer.obs = Some(
+                    ArrowWriter::try_new(file, Arc::clone(&writer.obs_schema), Some(props))
+                        .map_err(|e| Error::parquet(&path, e))?,
+                );
+                Some(path)
+            }
+            ObsGrowth::Rewrite(adapt) => {
+                let path = writer.tmp.join(StoreFiles::OBS);
+                let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                let mut table = ArrowWriter::try_new(file, Arc::clone(&writer.obs_schema), Some(props))
+                    .map_err(|e| Error::parquet(&path, e))?;
+                for batch in store.table(StoreFiles::OBS)? {
+                    table.write(&adapt(&batch?)?).map_err(|e| Error::parquet(&path, e))?;
+                }
+                writer.obs = Some(table);
+                None
+            }
+        };
+        writer.base = Some(Base { store, appendix, copied });
+        Ok(writer)
+    }
+
+    /// What [`finish`](StoreWriter::finish) of an append did; `None` for a new store or before
+    /// it finished.
+    pub fn append_report(&self) -> Option<&AppendReport> {
+        self.append_report.as_ref()
     }
 
     fn open_files(&mut self, var: &RecordBatch) -> Result<()> {
@@ -136,6 +307,7 @@ impl StoreWriter {
                     pending: CsrBatch::new(self.n_vars),
                     block_rows: block_rows as usize,
                     encoder: Box::new(encoder),
+                    base: 0,
                 }
             }
         });
@@ -237,12 +409,12 @@ impl StoreWriter {
                 write_all(indices, bytemuck::cast_slice(rows.indices()), &tmp.join(StoreFiles::INDICES))?;
                 write_all(data, bytemuck::cast_slice(rows.data()), &tmp.join(StoreFiles::DATA))?;
             }
-            Some(MatrixSink::Zstd { blocks, block_index, pending, block_rows, encoder }) => {
+            Some(MatrixSink::Zstd { blocks, block_index, pending, block_rows, encoder, base }) => {
                 for r in 0..rows.n_rows() {
                     let (i, d) = rows.row(r);
                     pending.push_row(i, d);
                     if pending.n_rows() == *block_rows {
-                        flush_block(tmp, pending, encoder, blocks, block_index)?;
+                        flush_block(tmp, pending, encoder, (blocks, *base), block_index)?;
                     }
                 }
             }
@@ -253,16 +425,28 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// Writes the manifest and publishes the store at its destination. Returns the manifest.
+    /// Writes the manifest and publishes the store at its destination (of an append: its next
+    /// version). Returns the manifest.
     pub fn finish(mut self) -> Result<Manifest> {
         let tmp = self.tmp.clone();
+        let base = self.base.take();
+        let before = base.as_ref().map(|b| b.store.manifest().clone());
         let mut files = BTreeMap::new();
+        let mut matrix_bytes = 0;
         let mut close = |name: &str, sink: Sink| -> Result<()> {
             let path = tmp.join(name);
             let (buf, bytes, checksum) = sink.finish().map_err(|e| Error::io(&path, e))?;
             let file = buf.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
             file.sync_all().map_err(|e| Error::io(&path, e))?;
-            files.insert(name.to_owned(), FileEntry { bytes, checksum });
+            let earlier = before.as_ref().and_then(|m| m.files.get(name));
+            let entry = match earlier {
+                // An append that added nothing to this file: the entry of the version before.
+                Some(earlier) if bytes == 0 => earlier.clone(),
+                Some(earlier) => FileEntry { bytes: earlier.bytes + bytes, checksum, from: earlier.bytes },
+                None => FileEntry::whole(bytes, checksum),
+            };
+            matrix_bytes += bytes;
+            files.insert(name.to_owned(), entry);
             Ok(())
         };
         if let Some(indptr) = self.indptr.take() {
@@ -273,9 +457,9 @@ impl StoreWriter {
                 close(StoreFiles::INDICES, indices)?;
                 close(StoreFiles::DATA, data)?;
             }
-            Some(MatrixSink::Zstd { mut blocks, mut block_index, mut pending, mut encoder, .. }) => {
+            Some(MatrixSink::Zstd { mut blocks, mut block_index, mut pending, mut encoder, base, .. }) => {
                 if !pending.is_empty() {
-                    flush_block(&tmp, &mut pending, &mut encoder, &mut blocks, &mut block_index)?;
+                    flush_block(&tmp, &mut pending, &mut encoder, (&mut blocks, base), &mut block_index)?;
                 }
                 close(StoreFiles::BLOCKS, blocks)?;
                 close(StoreFiles::BLOCK_INDEX, block_index)?;
@@ -283,9 +467,26 @@ impl StoreWriter {
             None => {}
         }
         if let Some(obs) = self.obs.take() {
-            let path = tmp.join(StoreFiles::OBS);
+            let path = base.as_ref().and_then(|b| b.appendix.clone()).unwrap_or_else(|| tmp.join(StoreFiles::OBS));
             let file = obs.into_inner().map_err(|e| Error::parquet(&path, e))?;
             file.sync_all().map_err(|e| Error::io(&path, e))?;
+        }
+        let mut report = None;
+        if let (Some(base), Some(before)) = (&base, &before) {
+            let obs = self.grow_obs(base, before, &mut files)?;
+            report = Some(AppendReport {
+                base_cells: before.n_obs,
+                matrix_bytes,
+                obs_bytes: obs,
+                obs_rewritten: base.appendix.is_none(),
+                copied_bytes: base.copied,
+            });
+            // The files the append did not touch (var, DEGs, truth): linked, as they were.
+            for (name, entry) in &before.files {
+                if name != StoreFiles::OBS {
+                    files.entry(name.clone()).or_insert_with(|| entry.clone());
+                }
+            }
         }
         // Tables written whole (var, obs, extras): checksum them by reading back.
         for entry in walk_files(&tmp)? {
@@ -296,11 +497,15 @@ impl StoreWriter {
             let file = File::open(&entry).map_err(|e| Error::io(&entry, e))?;
             file.sync_all().map_err(|e| Error::io(&entry, e))?;
             let (bytes, checksum) = hash_reader(std::io::BufReader::new(file)).map_err(|e| Error::io(&entry, e))?;
-            files.insert(rel, FileEntry { bytes, checksum });
+            files.insert(rel, FileEntry::whole(bytes, checksum));
         }
+        let (history, block_runs) = match &before {
+            Some(before) => self.history(before, report.as_ref().is_some_and(|r| r.obs_rewritten)),
+            None => (Vec::new(), Vec::new()),
+        };
         let manifest = Manifest {
             format: STORE_FORMAT.to_owned(),
-            version: STORE_FORMAT_VERSION,
+            version: if history.is_empty() { STORE_FORMAT_VERSION } else { STORE_FORMAT_VERSION_APPENDED },
             n_obs: self.n_obs,
             n_vars: u64::from(self.n_vars),
             nnz: self.nnz,
@@ -310,14 +515,72 @@ impl StoreWriter {
             files,
             created_by: format!("cpa-stream {}", env!("CARGO_PKG_VERSION")),
             source: self.options.source.clone(),
+            block_runs,
+            history,
         };
+        manifest.validate().map_err(|source| Error::Manifest { path: tmp.join(MANIFEST_FILE), source })?;
         let manifest_path = tmp.join(MANIFEST_FILE);
         let mut file = File::create(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
         file.write_all(manifest.to_json().as_bytes()).map_err(|e| Error::io(&manifest_path, e))?;
         file.sync_all().map_err(|e| Error::io(&manifest_path, e))?;
+        // The version appended to stays open until the new one is in its place.
         self.publish()?;
+        drop(base);
         self.finished = true;
+        self.append_report = report;
         Ok(manifest)
+    }
+
+    /// The obs table of an append: the old table with the new rows spliced in (or, rewritten,
+    /// as written); its entry goes into `files`. Returns the bytes written.
+    fn grow_obs(&self, base: &Base, before: &Manifest, files: &mut BTreeMap<String, FileEntry>) -> Result<u64> {
+        let path = self.tmp.join(StoreFiles::OBS);
+        let Some(appendix) = &base.appendix else {
+            return Ok(fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len());
+        };
+        let old_len = before.files.get(StoreFiles::OBS).map_or(0, |e| e.bytes);
+        let old = base.store.open_file(StoreFiles::OBS)?;
+        let new = File::open(appendix).map_err(|e| Error::io(appendix, e))?;
+        let mut out = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let old_path = self.dest.join(StoreFiles::OBS);
+        let len = splice((&old_path, &old, old_len), (appendix, &new), (&path, &mut out))?;
+        out.sync_all().map_err(|e| Error::io(&path, e))?;
+        fs::remove_file(appendix).map_err(|e| Error::io(appendix, e))?;
+        // The checksum of what follows the old table's bytes, which its old entry checks.
+        let mut read = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        std::io::Seek::seek(&mut read, std::io::SeekFrom::Start(old_len)).map_err(|e| Error::io(&path, e))?;
+        let (added, checksum) = hash_reader(std::io::BufReader::new(read)).map_err(|e| Error::io(&path, e))?;
+        files.insert(StoreFiles::OBS.to_owned(), FileEntry { bytes: len, checksum, from: old_len });
+        Ok(added)
+    }
+
+    /// The history of the new version (the one appended to added to it; where the obs table was
+    /// rewritten, the earlier versions' obs entries, which no longer check anything, left out)
+    /// and its block runs (a run starts where the version appended to left its last block not
+    /// full).
+    fn history(&self, before: &Manifest, obs_rewritten: bool) -> (Vec<Version>, Vec<[u64; 2]>) {
+        let mut history = before.history.clone();
+        history.push(Version {
+            n_obs: before.n_obs,
+            nnz: before.nnz,
+            files: before.files.clone(),
+            created_by: before.created_by.clone(),
+            source: before.source.clone(),
+        });
+        if obs_rewritten {
+            for version in &mut history {
+                version.files.remove(StoreFiles::OBS);
+            }
+        }
+        let mut runs = before.block_runs.clone();
+        if let Codec::Zstd { block_rows, .. } = before.codec {
+            let [row, _] = before.runs().last().copied().unwrap_or([0, 0]);
+            let partial = !(before.n_obs - row).is_multiple_of(u64::from(block_rows));
+            if partial && self.n_obs > before.n_obs {
+                runs.push([before.n_obs, before.n_blocks()]);
+            }
+        }
+        (history, runs)
     }
 
     fn publish(&self) -> Result<()> {
@@ -334,21 +597,35 @@ impl Drop for StoreWriter {
             self.matrix = None;
             self.indptr = None;
             let _ = fs::remove_dir_all(&self.tmp);
+            // An abandoned append: the matrix files (shared with the version appended to) back
+            // to that version's bytes. A kill leaves them longer, which is harmless (see
+            // `append_to`).
+            if let Some(base) = &self.base {
+                for (name, entry) in &base.store.manifest().files {
+                    if is_matrix_file(name)
+                        && let Ok(file) = fs::OpenOptions::new().write(true).open(self.dest.join(name))
+                    {
+                        let _ = file.set_len(entry.bytes);
+                    }
+                }
+            }
         }
     }
 }
 
+/// Encodes the pending rows as one block after the `base` bytes of `X/blocks` written before
+/// this writer, and records where it ends.
 fn flush_block(
     tmp: &Path,
     pending: &mut CsrBatch,
     encoder: &mut BlockEncoder,
-    blocks: &mut Sink,
+    (blocks, base): (&mut Sink, u64),
     block_index: &mut Sink,
 ) -> Result<()> {
     let path = tmp.join(StoreFiles::BLOCKS);
     let frame = encoder.encode(pending.indptr(), pending.indices(), pending.data()).map_err(|e| Error::io(&path, e))?;
     write_all(blocks, frame, &path)?;
-    let end = blocks.bytes();
+    let end = base + blocks.bytes();
     write_all(block_index, &end.to_le_bytes(), &tmp.join(StoreFiles::BLOCK_INDEX))?;
     pending.clear();
     Ok(())
