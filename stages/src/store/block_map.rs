@@ -94,5 +94,11 @@ mod tests {
         assert_eq!(map.blocks_within(5..6), 2..2);
         let whole = BlockMap::new(4, 10, Vec::new());
         assert_eq!((whole.n_blocks(), whole.block_of(9), whole.rows_of(2)), (3, 2, 8..10));
+        // Beyond 2^32 rows (a store grown past four billion cells): u64 all the way.
+        let first = (1u64 << 32) + 5;
+        let tall = BlockMap::new(256, first + 1000, vec![[0, 0], [first, first.div_ceil(256)]]);
+        let b = tall.block_of(first + 999);
+        assert_eq!(tall.rows_of(b), first + 768..first + 1000);
+        assert_eq!(tall.n_blocks(), b + 1);
     }
 }

@@ -257,7 +257,14 @@ impl Store {
 
     fn check_offsets(&self) -> Result<()> {
         let path = self.dir.join(StoreFiles::INDPTR);
-        check_monotone(&path, self.indptr(), self.manifest.nnz, "row", "nnz")?;
+        // Where the file system keeps runs of zeros as holes (empty rows written sparsely), the
+        // check reads only the stored bytes: a hole is zeros, valid where no offset before it is
+        // above zero.
+        let extents = self.files.get(StoreFiles::INDPTR).and_then(|f| data_extents(f, self.indptr.len()));
+        match extents {
+            Some(extents) => check_monotone_extents(&path, self.indptr(), &extents, self.manifest.nnz, "row", "nnz")?,
+            None => check_monotone(&path, self.indptr(), self.manifest.nnz, "row", "nnz")?,
+        }
         if let Matrix::Zstd { blocks, block_index, .. } = &self.matrix {
             let offsets = block_index
                 .as_slice::<u64>()
@@ -602,6 +609,102 @@ pub(crate) fn is_matrix_file(name: &str) -> bool {
         .contains(&name)
 }
 
+/// The byte ranges of the first `len` bytes of `file` that the file system stores (the rest are
+/// holes, read as zeros), from `SEEK_DATA`/`SEEK_HOLE`; `None` where it cannot tell, or where the
+/// file is small enough to read whole anyway.
+fn data_extents(file: &File, len: u64) -> Option<Vec<Range<u64>>> {
+    use std::os::unix::io::AsRawFd as _;
+    const WORTH_IT: u64 = 64 << 20;
+    if len < WORTH_IT {
+        return None;
+    }
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        // SAFETY: lseek on a descriptor this store holds open; it only moves that descriptor's
+        // offset, which nothing else uses (files are read through maps and `open_file`'s new
+        // descriptions).
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                // No data after `at`: the rest is a hole.
+                Some(libc::ENXIO) => Some(extents),
+                _ => None,
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let (start, end) = ((data as u64).min(len), (hole as u64).min(len));
+        if start < end {
+            extents.push(start..end);
+        }
+        at = end.max(at + 1);
+    }
+    Some(extents)
+}
+
+/// [`check_monotone`] of offsets of which only the bytes `extents` are stored (in order); the
+/// others are zeros.
+fn check_monotone_extents(
+    path: &Path,
+    offsets: &[u64],
+    extents: &[Range<u64>],
+    end: u64,
+    unit: &str,
+    end_name: &str,
+) -> Result<()> {
+    // Whole offsets: the element an extent starts in and the one it ends in (holes are
+    // block-aligned, so this is exact but at a file's very end).
+    let mut last = 0u64;
+    let mut next = 0usize;
+    for extent in extents {
+        let (from, to) = ((extent.start / 8) as usize, (extent.end.div_ceil(8) as usize).min(offsets.len()));
+        if from > next && last > 0 {
+            return Err(Error::corrupt(
+                path,
+                format!("offsets decrease at {unit} {} ({last} then 0), expected non-decreasing", next.max(1) - 1),
+            ));
+        }
+        let part = &offsets[from.min(to)..to];
+        if from == 0 && part.first().is_some_and(|&v| v != 0) {
+            return Err(Error::corrupt(path, format!("first offset is {:?}, expected 0", part.first())));
+        }
+        if from > next {
+            last = 0;
+        }
+        let decrease = match part.first() {
+            Some(&first) if first < last => Some((from.saturating_sub(1), last, first)),
+            _ => part.windows(2).position(|w| w[1] < w[0]).map(|i| (from + i, part[i], part[i + 1])),
+        };
+        if let Some((at, a, b)) = decrease {
+            return Err(Error::corrupt(
+                path,
+                format!("offsets decrease at {unit} {at} ({a} then {b}), expected non-decreasing"),
+            ));
+        }
+        last = part.last().copied().unwrap_or(last);
+        next = to;
+    }
+    if next < offsets.len() {
+        // A hole at the end: zeros after the last stored offset.
+        if last > 0 {
+            return Err(Error::corrupt(
+                path,
+                format!("offsets decrease at {unit} {} ({last} then 0), expected non-decreasing", next - 1),
+            ));
+        }
+        last = 0;
+    }
+    if last != end {
+        return Err(Error::corrupt(path, format!("last offset is {last}, expected {end} ({end_name})")));
+    }
+    Ok(())
+}
+
 fn check_monotone(path: &Path, offsets: &[u64], end: u64, unit: &str, end_name: &str) -> Result<()> {
     if offsets.first() != Some(&0) {
         return Err(Error::corrupt(path, format!("first offset is {:?}, expected 0", offsets.first())));
@@ -818,7 +921,9 @@ pub fn consecutive_runs(rows: &[u64]) -> impl Iterator<Item = (usize, usize)> + 
 
 #[cfg(test)]
 mod tests {
-    use super::consecutive_runs;
+    use std::path::Path;
+
+    use super::{check_monotone, check_monotone_extents, consecutive_runs};
 
     /// Issue 49 item 8: a store with more than 2^32 entries reads the rows beyond that boundary
     /// (u64 offsets from `X/indptr` through the maps and the cursor). Built from a small store
@@ -896,6 +1001,133 @@ mod tests {
         let view = store.raw_rows(1..3).expect("raw rows");
         assert_eq!(view.row(0), (&[0u32, 3][..], &[1.0f32, 5.0][..]));
         assert_eq!(view.indptr[0], big);
+    }
+
+    /// The check that reads only stored bytes says what the check of every offset says, on
+    /// offsets that are zero outside the stored extents (valid or not).
+    #[test]
+    fn offsets_checked_by_extents_as_by_every_offset() {
+        let path = Path::new("X/indptr");
+        let cases: [(&[u64], &[std::ops::Range<u64>]); 7] = [
+            (&[0, 0, 0, 0, 2, 3], &[32..48]),
+            (&[0, 1, 2, 3, 3, 3], &[0..48]),
+            (&[0, 1, 0, 0, 2, 3], &[0..16, 32..48]),
+            (&[0, 0, 0, 0, 0, 0], &[]),
+            (&[0, 2, 1, 0, 0, 0], &[0..24]),
+            (&[0, 3, 3, 0, 0, 0], &[0..24]),
+            (&[5, 6, 7, 8, 9, 9], &[0..48]),
+        ];
+        for (offsets, extents) in cases {
+            for end in [0, 3, 9] {
+                let whole = check_monotone(path, offsets, end, "row", "nnz").map_err(|e| e.to_string());
+                let parts =
+                    check_monotone_extents(path, offsets, extents, end, "row", "nnz").map_err(|e| e.to_string());
+                assert_eq!(whole.is_ok(), parts.is_ok(), "{offsets:?} {extents:?} end {end}: {whole:?} / {parts:?}");
+            }
+        }
+    }
+
+    /// A store of more than 2^31 cells (issue 49 item 8): opened (its 16 GiB of row offsets
+    /// checked through the bytes the file system stores: the empty rows before are a hole) and
+    /// its last cells read back by cursor, gather and zero-copy view. Skipped with the reason
+    /// where the file system does not keep sparse files sparse.
+    #[test]
+    fn rows_beyond_two_billion_cells_read_back() {
+        use std::io::{Seek as _, SeekFrom, Write as _};
+        use std::os::unix::fs::MetadataExt as _;
+        use std::sync::Arc;
+
+        use arrow::array::{RecordBatch, StringArray};
+        use arrow::datatypes::{DataType, Field, Schema};
+        use parquet::arrow::ArrowWriter;
+        use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader, ParquetMetaDataWriter};
+
+        use crate::CsrBatch;
+        use crate::store::{Store, StoreWriter, StoreWriterOptions};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tall.store");
+        let ids = |name: &str, values: Vec<&str>| {
+            let schema = Arc::new(Schema::new(vec![Field::new(name, DataType::Utf8, false)]));
+            RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(values))]).expect("batch")
+        };
+        let var = ids("gene_id", vec!["g0", "g1", "g2", "g3"]);
+        let obs = ids("cell_id", vec!["a", "b", "c"]);
+        let mut writer = StoreWriter::create(&path, &var, obs.schema(), StoreWriterOptions::default()).expect("writer");
+        let mut rows = CsrBatch::new(4);
+        rows.push_row(&[], &[]);
+        rows.push_row(&[0, 3], &[1.0, 5.0]);
+        rows.push_row(&[2], &[7.0]);
+        writer.push_rows(&rows, &obs).expect("rows");
+        writer.finish().expect("finish");
+
+        // 2^31 empty cells before the three: their offsets (zeros) a hole of 16 GiB.
+        let first: u64 = 1 << 31;
+        let n_obs = first + 3;
+        let indptr_path = path.join("X/indptr");
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&indptr_path).expect("open");
+        f.set_len((n_obs + 1) * 8).expect("set_len");
+        f.seek(SeekFrom::Start((first + 1) * 8)).expect("seek");
+        f.write_all(&[0u64, 2, 3].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).expect("write");
+        f.sync_all().expect("sync");
+        if f.metadata().expect("metadata").blocks() * 512 > (1 << 30) {
+            eprintln!("skipped: {} is not kept sparse by this file system", indptr_path.display());
+            return;
+        }
+        // An obs table of n_obs rows, a few KiB: one row group of 2^20 ids listed 2,048 times in
+        // the footer, then the three cells' (readers find rows through the footer).
+        let obs_path = path.join("obs.parquet");
+        let block = 1usize << 20;
+        let mut table =
+            ArrowWriter::try_new(std::fs::File::create(&obs_path).expect("obs"), obs.schema(), None).expect("writer");
+        table.write(&ids("cell_id", vec!["e"; block])).expect("write");
+        table.flush().expect("flush");
+        table.write(&obs).expect("write");
+        table.close().expect("close");
+        let file = std::fs::File::open(&obs_path).expect("open");
+        let written = ParquetMetaDataReader::new().parse_and_finish(&file).expect("footer");
+        let groups = written.row_groups();
+        let listed: Vec<_> = std::iter::repeat_n(groups[0].clone(), (first as usize) / block)
+            .chain([groups[1].clone()])
+            .enumerate()
+            .map(|(i, g)| g.into_builder().set_ordinal(i as i32).build().expect("row group"))
+            .collect();
+        let meta = written.file_metadata();
+        let footer = parquet::file::metadata::FileMetaData::new(
+            meta.version(),
+            n_obs as i64,
+            meta.created_by().map(str::to_owned),
+            meta.key_value_metadata().cloned(),
+            meta.schema_descr_ptr(),
+            meta.column_orders().cloned(),
+        );
+        let mut out = std::fs::OpenOptions::new().append(true).open(&obs_path).expect("append");
+        ParquetMetaDataWriter::new(&mut out, &ParquetMetaData::new(footer, listed)).finish().expect("footer");
+        drop(out);
+        let manifest_path = path.join("manifest.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("manifest")).expect("json");
+        manifest["n_obs"] = n_obs.into();
+        manifest["files"]["X/indptr"]["bytes"] = ((n_obs + 1) * 8).into();
+        manifest["files"]["obs.parquet"]["bytes"] = std::fs::metadata(&obs_path).expect("size").len().into();
+        std::fs::write(&manifest_path, manifest.to_string()).expect("write manifest");
+
+        let store = Store::open(&path).expect("open");
+        assert_eq!((store.n_obs(), store.nnz()), (n_obs, 3));
+        assert!(store.n_obs() > u64::from(u32::MAX >> 1));
+        let mut cursor = store.cursor().expect("cursor");
+        assert_eq!(cursor.row(first + 1).expect("row"), (&[0u32, 3][..], &[1.0f32, 5.0][..]));
+        assert_eq!(cursor.row(first + 2).expect("row"), (&[2u32][..], &[7.0f32][..]));
+        assert_eq!(cursor.row(12_345).expect("an empty row"), (&[][..], &[][..]));
+        let mut batch = CsrBatch::new(4);
+        cursor.gather(&[first + 2, 7, first + 1], &mut batch).expect("gather");
+        assert_eq!(batch.row(0), (&[2u32][..], &[7.0f32][..]));
+        assert_eq!(batch.row(1), (&[][..], &[][..]));
+        assert_eq!(batch.row(2), (&[0u32, 3][..], &[1.0f32, 5.0][..]));
+        let view = store.raw_rows(first..n_obs).expect("raw rows");
+        assert_eq!((view.n_rows(), view.row(1)), (3, (&[0u32, 3][..], &[1.0f32, 5.0][..])));
+        store.release(first..n_obs);
+        assert!(cursor.row(n_obs).is_err());
     }
 
     #[test]
