@@ -1006,6 +1006,7 @@ mod tests {
     /// The check that reads only stored bytes says what the check of every offset says, on
     /// offsets that are zero outside the stored extents (valid or not).
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a list of one extent, not a range of them
     fn offsets_checked_by_extents_as_by_every_offset() {
         let path = Path::new("X/indptr");
         let cases: [(&[u64], &[std::ops::Range<u64>]); 7] = [
