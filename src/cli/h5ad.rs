@@ -234,6 +234,23 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    if let Some(a) = &summary.append {
+        let obs = match a.obs_rewritten {
+            true => format!("the obs table written again ({:.1} MB: new columns)", a.obs_bytes as f64 / 1e6),
+            false => format!("the obs table {:.1} MB longer", a.obs_bytes as f64 / 1e6),
+        };
+        let copied = match a.copied_bytes {
+            0 => String::new(),
+            b => format!("; {:.1} MB copied where the file system refused a hard link", b as f64 / 1e6),
+        };
+        outln!(
+            "version {}: {} cells added to {}; the matrix files {:.1} MB longer, {obs}{copied}",
+            m.version_number(),
+            m.n_obs - a.base_cells,
+            a.base_cells,
+            a.matrix_bytes as f64 / 1e6
+        );
+    }
     if let Some(seed) = summary.shuffle_seed {
         outln!("cells written in a random order (seed {seed})");
     }

@@ -153,6 +153,8 @@ pub struct ImportReport {
     pub degs: Option<(String, usize)>,
     /// The seed of the cells' random order, if shuffled.
     pub shuffle_seed: Option<u64>,
+    /// Of an append that grew the store in place: what it wrote.
+    pub append: Option<cpa_stream_stages::store::AppendReport>,
     /// Cells imported per second.
     pub cells_per_s: f64,
     /// Stored bytes of the input files read per second.
@@ -239,15 +241,21 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
         [first, .., last] => format!("{} files, {} .. {}", options.inputs.len(), first.display(), last.display()),
         [] => String::new(),
     };
-    let files = match &options.append {
-        Some(store) => format!("{} with {} appended", store.display(), options.inputs.len() - 1),
-        None => files,
+    let files = match (&options.append, &options.inputs[..]) {
+        (Some(_), [_, one]) => format!("{} appended", one.display()),
+        (Some(_), [_, first, .., last]) => {
+            format!("{} files appended, {} .. {}", options.inputs.len() - 1, first.display(), last.display())
+        }
+        _ => files,
     };
     let shuffled = options.shuffle.map(|s| format!(", cells shuffled with seed {}", s.seed)).unwrap_or_default();
     let writer_options = StoreWriterOptions {
         codec: options.codec,
         overwrite: options.overwrite,
-        source: Some(format!("imported from {files}{element}{shuffled}")),
+        source: Some(match options.append {
+            Some(_) => format!("{files}{element}{shuffled}"),
+            None => format!("imported from {files}{element}{shuffled}"),
+        }),
         ..StoreWriterOptions::default()
     };
     // Appended to in place (the new cells written after the store's): the same codec only; another
@@ -310,7 +318,12 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
         }
     }
     drop(appended);
-    let manifest = write.busy(|| writer.finish()).map_err(Error::stage(Stage::Write))?;
+    let (manifest, append) = write
+        .busy(|| {
+            let manifest = writer.finish_report()?;
+            Ok::<_, cpa_stream_stages::Error>(manifest)
+        })
+        .map_err(Error::stage(Stage::Write))?;
     drop(scratch);
     let wall = started.elapsed();
     let input_bytes: u64 = options.inputs.iter().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
@@ -322,14 +335,16 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
     if options.shuffle.is_some() {
         stages.insert(1, scatter.report());
     }
+    let cells = manifest.n_obs - append.as_ref().map_or(0, |a| a.base_cells);
     Ok(ImportReport {
-        cells_per_s: manifest.n_obs as f64 / wall.as_secs_f64().max(1e-9),
+        cells_per_s: cells as f64 / wall.as_secs_f64().max(1e-9),
         input_mb_per_s: input_bytes as f64 / 1e6 / wall.as_secs_f64().max(1e-9),
         manifest,
         layout,
         inputs,
         degs,
         shuffle_seed: options.shuffle.map(|s| s.seed),
+        append,
         report: RunReport { wall, stages, memory: sampler.finish() },
     })
 }
@@ -1133,6 +1148,7 @@ pub fn run_chunks(
         }],
         degs,
         shuffle_seed: None,
+        append: None,
         report: RunReport { wall, stages: vec![read.report(), write.report()], memory: sampler.finish() },
     })
 }

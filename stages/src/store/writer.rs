@@ -94,7 +94,7 @@ struct Base {
 }
 
 /// What [`StoreWriter::finish`] of an append did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AppendReport {
     /// Cells before the append.
     pub base_cells: u64,
@@ -130,8 +130,6 @@ pub struct StoreWriter {
     finished: bool,
     /// An append: the version appended to.
     base: Option<Base>,
-    /// What the append did (after `finish`).
-    append_report: Option<AppendReport>,
     /// Held until the store is published or abandoned (dropped after `Drop::drop`).
     _lock: OutputLock,
 }
@@ -165,7 +163,6 @@ impl StoreWriter {
             obs_schema,
             finished: false,
             base: None,
-            append_report: None,
             _lock: lock,
         };
         writer.open_files(var)?;
@@ -213,7 +210,6 @@ impl StoreWriter {
             obs_schema,
             finished: false,
             base: None,
-            append_report: None,
             _lock: lock,
         };
         let mut copied = 0;
@@ -282,10 +278,11 @@ impl StoreWriter {
         Ok(writer)
     }
 
-    /// What [`finish`](StoreWriter::finish) of an append did; `None` for a new store or before
-    /// it finished.
-    pub fn append_report(&self) -> Option<&AppendReport> {
-        self.append_report.as_ref()
+    /// [`finish`](StoreWriter::finish), and what it did of an append (`None` for a new store).
+    pub fn finish_report(self) -> Result<(Manifest, Option<AppendReport>)> {
+        let mut report = None;
+        let manifest = self.finish_with(&mut report)?;
+        Ok((manifest, report))
     }
 
     fn open_files(&mut self, var: &RecordBatch) -> Result<()> {
@@ -427,7 +424,11 @@ impl StoreWriter {
 
     /// Writes the manifest and publishes the store at its destination (of an append: its next
     /// version). Returns the manifest.
-    pub fn finish(mut self) -> Result<Manifest> {
+    pub fn finish(self) -> Result<Manifest> {
+        self.finish_with(&mut None)
+    }
+
+    fn finish_with(mut self, appended: &mut Option<AppendReport>) -> Result<Manifest> {
         let tmp = self.tmp.clone();
         let base = self.base.take();
         let before = base.as_ref().map(|b| b.store.manifest().clone());
@@ -527,7 +528,7 @@ impl StoreWriter {
         self.publish()?;
         drop(base);
         self.finished = true;
-        self.append_report = report;
+        *appended = report;
         Ok(manifest)
     }
 
