@@ -5,6 +5,8 @@ embedding, and its projection trains (cpa-tools' does not). Skipped without RDKi
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -141,3 +143,38 @@ def test_a_features_dataframe_trains_through_the_package(tmp_path):
                    perturbation_features=features, max_epochs=1, threads=1, progress=False)
     embeddings = run.perturbation_embeddings()
     assert set(HELD_OUT) <= set(embeddings.index)
+
+
+def test_the_command_line_takes_a_smiles_table_and_predicts_a_drug_without_cells(tmp_path, cli):
+    import subprocess
+    import sys
+
+    adata = drug_atlas(cells_per_drug=10, controls=100, genes=40)
+    adata.write_h5ad(tmp_path / "drugs.h5ad")
+    smiles = chem.smiles_of(adata.obs, "drug", "SMILES", "control")
+    pd.DataFrame({"drug": list(smiles), "SMILES": list(smiles.values())}).to_csv(tmp_path / "smiles.csv", index=False)
+    env = {**os.environ, "CPA_STREAM_PYTHON": sys.executable}
+    store, run = tmp_path / "drugs.store", tmp_path / "run"
+    subprocess.run([str(cli), "import", str(tmp_path / "drugs.h5ad"), "--out", str(store)], check=True, env=env)
+    trained = subprocess.run(
+        [str(cli), "train", "--store", str(store), "--perturbation-key", "drug", "--control", "control",
+         "--split-key", "split", "--perturbation-smiles", str(tmp_path / "smiles.csv"), "--epochs", "1",
+         "--threads", "1", "--out", str(run)],
+        env=env, capture_output=True, text=True,
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert not list(tmp_path.glob(".run.smiles-*")), "the features file is left behind"
+    drug = HELD_OUT[0]
+    out = tmp_path / "unseen.parquet"
+    subprocess.run([str(cli), "predict", "--model", str(run), "--store", str(store), "--source",
+                    "drug == 'control'", "--target", f"drug={drug}", "--threads", "1", "--out", str(out)],
+                   check=True, env=env, capture_output=True)
+    assert set(pd.read_parquet(out, columns=["drug"])["drug"].astype(str)) == {drug}
+    # Without the Python package (or RDKit) the error says how to get the features.
+    failed = subprocess.run(
+        [str(cli), "train", "--store", str(store), "--perturbation-key", "drug", "--control", "control",
+         "--perturbation-smiles", str(tmp_path / "smiles.csv"), "--epochs", "1", "--out", str(tmp_path / "x")],
+        env={**env, "CPA_STREAM_PYTHON": "/nonexistent/python"}, capture_output=True, text=True,
+    )
+    assert failed.returncode != 0 and "pip install 'cpa-stream[chem]'" in failed.stderr, failed.stderr
+    assert not (tmp_path / "x").exists()

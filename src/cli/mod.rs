@@ -145,6 +145,11 @@ static PRINT_REQUEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 /// nothing run; else the request resolved into options (`options`) and run (`run`) with
 /// progress shown, errors with the context `what` says. With `json` the report is printed as
 /// JSON. `Some(report)` when there is text to print; `None` when the command is done.
+/// Whether this command line only prints its request (`--print-request`).
+fn printing_request() -> bool {
+    PRINT_REQUEST.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn run_request<R: serde::Serialize, O, T: serde::Serialize>(
     request: &R,
     options: impl FnOnce(&R) -> cpa_stream_pipeline::Result<O>,

@@ -29,6 +29,18 @@ pub struct TrainArgs {
     /// table without cells can then be predicted.
     #[arg(long)]
     perturbation_features: Option<PathBuf>,
+    /// Drugs as SMILES: a table (CSV, TSV or Parquet: a perturbation name column and a SMILES
+    /// column) whose molecules' features the model projects, as with --perturbation-features, so
+    /// that drugs without cells are predicted from their molecules. The features (RDKit's Morgan
+    /// fingerprints, or its 2-D descriptors: --smiles-features) are computed by the Python
+    /// package's `cpa_stream.chem` (pip install 'cpa-stream[chem]'), run with $CPA_STREAM_PYTHON,
+    /// else python3.
+    #[arg(long, value_name = "TABLE", conflicts_with = "perturbation_features")]
+    perturbation_smiles: Option<PathBuf>,
+    /// The molecule features of --perturbation-smiles: `morgan` (2,048 bits, radius 2, as
+    /// cpa-tools' use_rdkit_embeddings) or `descriptors` (RDKit's 2-D descriptors, standardised).
+    #[arg(long, value_parser = ["morgan", "descriptors"], default_value = "morgan", requires = "perturbation_smiles")]
+    smiles_features: String,
     /// obs column with train / valid / test / ood per cell.
     #[arg(long, conflicts_with_all = ["holdout", "validation_fraction", "test_fraction"])]
     split_key: Option<String>,
@@ -140,9 +152,61 @@ impl TrainArgs {
     }
 }
 
+/// The features of `--perturbation-smiles`, computed into a file next to the run (removed when
+/// dropped: the run keeps its own copy of the features).
+struct SmilesFeatures(PathBuf);
+
+impl Drop for SmilesFeatures {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Computes the molecule features of a SMILES table with the Python package (`python -m
+/// cpa_stream.chem`), into a temporary Parquet file beside `out`.
+fn smiles_features(table: &std::path::Path, kind: &str, out: &std::path::Path) -> anyhow::Result<SmilesFeatures> {
+    let python = std::env::var_os("CPA_STREAM_PYTHON").unwrap_or_else(|| "python3".into());
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let path = parent.join(format!(".{name}.smiles-{}.parquet", std::process::id()));
+    let features = SmilesFeatures(path);
+    let done = std::process::Command::new(&python)
+        .args(["-m", "cpa_stream.chem"])
+        .arg(table)
+        .arg("-o")
+        .arg(&features.0)
+        .args(["--kind", kind, "--overwrite"])
+        .stdout(std::process::Stdio::null())
+        .output();
+    let shown = std::path::Path::new(&python).display().to_string();
+    let advice = "the molecule features of --perturbation-smiles come from the Python package with RDKit                   (pip install 'cpa-stream[chem]'; CPA_STREAM_PYTHON names its interpreter), or compute them with                   `python -m cpa_stream.chem TABLE -o features.parquet` and pass --perturbation-features";
+    match done {
+        Ok(done) if done.status.success() => Ok(features),
+        Ok(done) => {
+            let said = String::from_utf8_lossy(&done.stderr);
+            let said = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            anyhow::bail!(
+                "--perturbation-smiles {}: {shown} -m cpa_stream.chem failed: {said}; {advice}",
+                table.display()
+            )
+        }
+        Err(e) => anyhow::bail!("--perturbation-smiles {}: cannot run {shown}: {e}; {advice}", table.display()),
+    }
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     let what = || format!("training on {}", args.store.display());
+    let mut request = args.request();
+    let _features = match &args.perturbation_smiles {
+        Some(table) if !super::printing_request() => {
+            let features = smiles_features(table, &args.smiles_features, &args.out)?;
+            request.perturbation_features = Some(features.0.clone());
+            Some(features)
+        }
+        _ => None,
+    };
     let run = |options: &TrainOptions, ctx: &RunContext| {
         // Signals stop the run from the start of the training, not while the request is read.
         if let Err(e) = super::signals::stop_on_signals(Arc::clone(&stop)) {
@@ -151,7 +215,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         train::run(options, &ctx.with_stop(&stop))
     };
     // `--json` is printed below: the exit code depends on the report either way.
-    let Some(report) = super::run_request(&args.request(), TrainRequest::options, run, false, what)? else {
+    let Some(report) = super::run_request(&request, TrainRequest::options, run, false, what)? else {
         return Ok(ExitCode::SUCCESS);
     };
     let code = match report.interrupted {
