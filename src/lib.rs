@@ -17,7 +17,7 @@
 //! | `predict` | [`predict`] ([`Predictor`], [`PredictionStream`]) |
 //! | `evaluate`, `dose-response`, `embeddings` | [`evaluate`], [`dose_response`], [`embeddings`] |
 //!
-//! Everything else (the stages, the wiring, the benchmarks) is under [`unstable`], which
+//! Everything else (the stages, the wiring, the model, the benchmarks) is under [`unstable`], which
 //! changes without notice.
 //!
 //! Train, then stream counterfactual predictions as Arrow record batches (an ETL job):
@@ -58,8 +58,8 @@
 //! # Ok::<(), cpa_stream::StoreError>(())
 //! ```
 
-pub use cpa_stream_pipeline::predict::PredictionStream;
-pub use cpa_stream_pipeline::predictor::Predictor;
+pub use cpa_stream_engine::predict::PredictionStream;
+pub use cpa_stream_engine::predictor::Predictor;
 pub use cpa_stream_pipeline::{Error, Progress, Result, RunContext, RunReport, Silent, Stage, StageReport};
 pub use cpa_stream_schemas::{Codec, Manifest};
 pub use cpa_stream_stages::sink::{ParquetSink, SinkOptions, SinkProfile, SinkSummary};
@@ -148,7 +148,7 @@ pub mod convert {
 /// # Ok::<(), cpa_stream::Error>(())
 /// ```
 pub mod train {
-    pub use cpa_stream_pipeline::train::{ConfigSource, EpochRecord, TrainOptions, TrainReport, TrainRequest, run};
+    pub use cpa_stream_engine::train::{ConfigSource, EpochRecord, TrainOptions, TrainReport, TrainRequest, run};
 }
 
 /// `cpa-stream predict`: counterfactual predictions into a Parquet file
@@ -169,9 +169,9 @@ pub mod train {
 /// # Ok::<(), cpa_stream::Error>(())
 /// ```
 pub mod predict {
-    pub use cpa_stream_pipeline::predict::{PredictReport, PredictRequest, PredictionStream, open, run};
-    pub use cpa_stream_pipeline::predictor::targets::{TargetSpec, parse_target_spec};
-    pub use cpa_stream_pipeline::predictor::{GeneSelection, Layout, PredictOptions, Predictor, Shard};
+    pub use cpa_stream_engine::predict::{PredictReport, PredictRequest, PredictionStream, open, run};
+    pub use cpa_stream_engine::predictor::targets::{TargetSpec, parse_target_spec};
+    pub use cpa_stream_engine::predictor::{GeneSelection, Layout, PredictOptions, Predictor, Shard};
 }
 
 /// `cpa-stream evaluate`: per-condition scores of counterfactual means, with plots.
@@ -190,7 +190,7 @@ pub mod predict {
 /// # Ok::<(), cpa_stream::Error>(())
 /// ```
 pub mod evaluate {
-    pub use cpa_stream_pipeline::evaluate::{EvaluateOptions, EvaluateReport, EvaluateRequest, run};
+    pub use cpa_stream_engine::evaluate::{EvaluateOptions, EvaluateReport, EvaluateRequest, run};
 }
 
 /// `cpa-stream dose-response`: dose-response curves of a model.
@@ -208,7 +208,7 @@ pub mod evaluate {
 /// # Ok::<(), cpa_stream::Error>(())
 /// ```
 pub mod dose_response {
-    pub use cpa_stream_pipeline::dose_response::{DoseResponseOptions, DoseResponseReport, DoseResponseRequest, run};
+    pub use cpa_stream_engine::dose_response::{DoseResponseOptions, DoseResponseReport, DoseResponseRequest, run};
 }
 
 /// `cpa-stream embeddings`: a model's learned perturbation and covariate embeddings.
@@ -221,14 +221,15 @@ pub mod dose_response {
 /// # Ok::<(), cpa_stream::Error>(())
 /// ```
 pub mod embeddings {
-    pub use cpa_stream_pipeline::embeddings::{
+    pub use cpa_stream_engine::embeddings::{
         Embeddings, EmbeddingsOptions, EmbeddingsReport, EmbeddingsRequest, open, run,
     };
 }
 
-/// The workspace's crates in full: the stages, their wiring, the benchmarks. No stability
-/// promise: names here move and change between releases.
+/// The workspace's crates in full: the stages, their wiring, the model and the commands that run
+/// it, the benchmarks. No stability promise: names here move and change between releases.
 pub mod unstable {
+    pub use cpa_stream_engine as engine;
     pub use cpa_stream_pipeline as pipeline;
     pub use cpa_stream_schemas as schemas;
     pub use cpa_stream_stages as stages;

@@ -4,7 +4,7 @@
 //! `condition` NUL `dose` (no NUL: no dose), also parsed whole as a target specification.
 #![no_main]
 
-use cpa_stream_pipeline::predictor::targets::parse_target_spec;
+use cpa_stream_engine::predictor::targets::parse_target_spec;
 use cpa_stream_stages::model::vocab::split_condition;
 use libfuzzer_sys::fuzz_target;
 

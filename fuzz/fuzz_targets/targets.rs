@@ -2,7 +2,7 @@
 #![no_main]
 
 
-use cpa_stream_pipeline::predictor::targets::read_targets_file;
+use cpa_stream_engine::predictor::targets::read_targets_file;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "common.rs"]

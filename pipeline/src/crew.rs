@@ -30,7 +30,7 @@ impl Handle<'_> {
 }
 
 /// The threads of one or more stages and their stop flag.
-pub(crate) struct Crew<'scope> {
+pub struct Crew<'scope> {
     stop: Arc<AtomicBool>,
     threads: Vec<(Stage, Handle<'scope>)>,
 }
@@ -44,28 +44,28 @@ impl std::fmt::Debug for Crew<'_> {
 
 impl<'scope> Crew<'scope> {
     /// A crew with no threads yet and a stop flag of its own.
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Crew { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new() }
     }
 
     /// The flag that asks the crew's threads to stop, for them to poll.
-    pub(crate) fn stop_flag(&self) -> Arc<AtomicBool> {
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.stop)
     }
 
     /// Whether the crew was asked to stop.
-    pub(crate) fn stopped(&self) -> bool {
+    pub fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 
     /// Asks every thread to stop (they see it at their next poll).
-    pub(crate) fn stop(&self) {
+    pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
 
     /// Starts `work` on a thread named `name` (its stage, and a number where there are
     /// several) that may outlive the caller.
-    pub(crate) fn spawn(&mut self, stage: Stage, name: String, work: impl FnOnce() + Send + 'static) -> Result<()> {
+    pub fn spawn(&mut self, stage: Stage, name: String, work: impl FnOnce() + Send + 'static) -> Result<()> {
         let handle = std::thread::Builder::new()
             .name(name.clone())
             .spawn(work)
@@ -75,7 +75,7 @@ impl<'scope> Crew<'scope> {
     }
 
     /// Starts `work`, which may borrow from the caller, on a thread of `scope` named `name`.
-    pub(crate) fn spawn_in<'env>(
+    pub fn spawn_in<'env>(
         &mut self,
         scope: &'scope Scope<'scope, 'env>,
         stage: Stage,
@@ -93,7 +93,7 @@ impl<'scope> Crew<'scope> {
     /// Waits for every thread, in the order they started; the first that panicked is the
     /// error, naming its stage. The threads must be on their way to an end (finished their
     /// work, stopped, or their output channel closed).
-    pub(crate) fn join(&mut self) -> Result<()> {
+    pub fn join(&mut self) -> Result<()> {
         let mut first = Ok(());
         for (stage, thread) in self.threads.drain(..) {
             if let Err(payload) = thread.join()
@@ -106,7 +106,7 @@ impl<'scope> Crew<'scope> {
     }
 
     /// [`stop`](Crew::stop), then [`join`](Crew::join).
-    pub(crate) fn stop_and_join(&mut self) -> Result<()> {
+    pub fn stop_and_join(&mut self) -> Result<()> {
         self.stop();
         self.join()
     }

@@ -37,37 +37,31 @@
 
 pub mod batcher;
 pub mod bench;
-mod condition;
+pub mod condition;
 pub mod context;
 pub mod convert;
-mod crew;
+pub mod crew;
 pub mod degs;
-pub mod dose_response;
-pub mod embeddings;
 pub mod encoder;
-mod error;
-pub mod evaluate;
+pub mod error;
 pub mod export;
 pub mod fault;
 pub mod import;
 pub mod limits;
+pub mod model_options;
 pub mod obs;
-mod opened;
 pub mod plots;
-pub mod predict;
-pub mod predictor;
 pub mod progress;
 pub mod request;
 pub mod run_dir;
-mod shuffle;
-mod stage;
+pub mod shuffle;
+pub mod stage;
 pub mod stats;
 pub mod suggest;
 pub mod synth;
 pub mod telemetry;
 pub mod threads;
-pub mod train;
-mod two_stage;
+pub mod two_stage;
 
 pub use context::RunContext;
 pub use error::{Error, Result};
@@ -79,7 +73,7 @@ pub use telemetry::{MemoryPeak, MemorySampler, MemoryUsage, RunReport, StageRepo
 /// a test, so the checkout being tested wins over the path compiled in: a build cache shared by
 /// checkouts at other paths can hold a test binary compiled elsewhere.
 #[cfg(test)]
-pub(crate) fn test_fixture(relative: &str) -> std::path::PathBuf {
+pub fn test_fixture(relative: &str) -> std::path::PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from)
         .join("../tests/fixtures")

@@ -67,14 +67,6 @@ impl Default for Compute {
     }
 }
 
-impl Compute {
-    /// The device, checked, and the batcher's workers; sets libtorch's threads, which are the
-    /// process's ([`threads::configure`](crate::threads::configure)).
-    pub fn configure(&self) -> Result<(tch::Device, usize)> {
-        crate::threads::configure(&self.device, self.threads, self.workers)
-    }
-}
-
 /// The matrix codec of a store a command writes (`import`, `convert`, `synth`), as asked for:
 /// the codec's name and, for zstd, its level and rows per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -118,6 +110,6 @@ impl Naming {
 }
 
 /// An error for two settings given together where one is asked for.
-pub(crate) fn choose_one(naming: Naming, a: &str, b: &str) -> Error {
+pub fn choose_one(naming: Naming, a: &str, b: &str) -> Error {
     Error::InvalidInput(format!("{} and {} both given; choose one", naming.name(a), naming.name(b)))
 }

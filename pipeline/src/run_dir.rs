@@ -44,7 +44,7 @@ pub fn model_dir(path: &Path) -> Result<PathBuf> {
 
 /// Copies the files of directory `from` into directory `to` (a model directory: flat); the
 /// stages' error type, as [`publish_dir`](cpa_stream_stages::model::files::publish_dir) asks.
-pub(crate) fn copy_files(from: &Path, to: &Path) -> cpa_stream_stages::Result<()> {
+pub fn copy_files(from: &Path, to: &Path) -> cpa_stream_stages::Result<()> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| cpa_stream_stages::Error::Io { path, source }

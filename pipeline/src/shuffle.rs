@@ -43,7 +43,7 @@ pub struct Shuffle {
 /// sequentially only (an atlas larger than memory is never read at random): an external shuffle
 /// in two passes ([`Scatter`]). Memory: one bucket, the obs table (about 100 MB at a million
 /// cells) and a write buffer per bucket.
-pub(crate) fn copy_shuffled(
+pub fn copy_shuffled(
     input: &Store,
     writer: &mut StoreWriter,
     shuffle: Shuffle,
@@ -92,7 +92,7 @@ pub(crate) fn copy_shuffled(
 /// ([`write_out`](Self::write_out)). Drawing a bucket per cell and shuffling within buckets
 /// gives every order the same chance. The scratch files, as large as the payload, lie next to
 /// the output (`.NAME.shuffle-PID`) and are removed as they are used, and on error.
-pub(crate) struct Scatter {
+pub struct Scatter {
     scratch: Scratch,
     files: Vec<BufWriter<File>>,
     rng: Xoshiro256PlusPlus,
@@ -103,13 +103,13 @@ pub(crate) struct Scatter {
 impl Scatter {
     /// Bytes of the records of `cells` cells holding `nnz` entries: row number (8 bytes),
     /// entries (4), indices and values (8 per entry).
-    pub(crate) fn record_bytes(cells: u64, nnz: u64) -> u64 {
+    pub fn record_bytes(cells: u64, nnz: u64) -> u64 {
         nnz * 8 + cells * 12
     }
 
     /// Buckets next to `out` for about `record_bytes` of cells ([`record_bytes`](Self::record_bytes)),
     /// each about `shuffle.bucket_bytes`; refused when the filesystem has not room for them.
-    pub(crate) fn new(out: &Path, shuffle: Shuffle, record_bytes: u64) -> Result<Scatter> {
+    pub fn new(out: &Path, shuffle: Shuffle, record_bytes: u64) -> Result<Scatter> {
         let buckets = record_bytes.div_ceil(shuffle.bucket_bytes.max(1)).clamp(1, MAX_SHUFFLE_BUCKETS) as usize;
         let scratch = Scratch::create(out)?;
         // The scratch files hold every cell until pass 2 writes them bucket by bucket, deleting
@@ -136,7 +136,7 @@ impl Scatter {
     }
 
     /// Sends the cells of `rows`, the next in order, to buckets drawn at random.
-    pub(crate) fn push(&mut self, rows: &CsrBatch) -> Result<()> {
+    pub fn push(&mut self, rows: &CsrBatch) -> Result<()> {
         let buckets = self.files.len();
         for r in 0..rows.n_rows() {
             let b = self.rng.random_range(0..buckets);
@@ -157,7 +157,7 @@ impl Scatter {
 
     /// Pass 2: each bucket shuffled in memory and written to `writer` with its rows of `obs`
     /// (the obs rows of every cell pushed, in order; `obs_name` names it in messages).
-    pub(crate) fn write_out(
+    pub fn write_out(
         mut self,
         obs: &RecordBatch,
         obs_name: &str,

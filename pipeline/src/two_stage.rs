@@ -15,21 +15,21 @@ use crate::error::{Error, Result};
 use crate::telemetry::StageStats;
 
 /// The producer's end: sends items, counting time blocked on the channel.
-pub(crate) struct Emitter<'a, T> {
+pub struct Emitter<'a, T> {
     tx: &'a Sender<StageResult<T>>,
     stats: &'a StageStats,
 }
 
 impl<T> Emitter<'_, T> {
     /// Sends an item; `false` when the consumer is gone (stop quietly: it reports why).
-    pub(crate) fn send(&self, item: T) -> bool {
+    pub fn send(&self, item: T) -> bool {
         self.stats.send(self.tx, Ok(item))
     }
 }
 
 /// Produces a store's rows in windows of `batch_rows` rows, each with its `obs` rows (zero-copy
 /// slices of the Parquet batches), and drops consumed pages from the resident set.
-pub(crate) fn send_store_rows(
+pub fn send_store_rows(
     store: &Store,
     batch_rows: usize,
     stats: &StageStats,
@@ -63,7 +63,7 @@ pub(crate) fn send_store_rows(
 /// items. The producer returns its first error, which the consumer receives in order after the
 /// items sent before it; the consumer's first error drops the channel so the producer stops at
 /// its next send. A panic of the producer becomes an error naming `producer_stage`.
-pub(crate) fn two_stage<T: Send>(
+pub fn two_stage<T: Send>(
     producer_stage: Stage,
     producer_stats: &Arc<StageStats>,
     consumer_stats: &StageStats,

@@ -19,16 +19,16 @@ use std::time::Duration;
 
 use arrow::array::{RecordBatch, RecordBatchIterator, RecordBatchReader};
 use arrow::ffi_stream::{FFI_ArrowArrayStream, RecordBatchStreamReader};
+use cpa_stream_engine::dose_response::DoseResponseRequest;
+use cpa_stream_engine::embeddings::EmbeddingsRequest;
+use cpa_stream_engine::evaluate::EvaluateRequest;
+use cpa_stream_engine::predict::PredictRequest;
+use cpa_stream_engine::train::request::TrainRequest;
 use cpa_stream_pipeline::convert::ConvertRequest;
-use cpa_stream_pipeline::dose_response::DoseResponseRequest;
-use cpa_stream_pipeline::embeddings::EmbeddingsRequest;
-use cpa_stream_pipeline::evaluate::EvaluateRequest;
 use cpa_stream_pipeline::export::ExportRequest;
 use cpa_stream_pipeline::import::{ImportRequest, Tables};
-use cpa_stream_pipeline::predict::PredictRequest;
 use cpa_stream_pipeline::request::Naming;
 use cpa_stream_pipeline::synth::SynthRequest;
-use cpa_stream_pipeline::train::request::TrainRequest;
 use cpa_stream_pipeline::{Error, Progress, RunContext, Stage};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::store::Store;
@@ -450,6 +450,7 @@ const COMMANDS: &str = "train, predict, evaluate, dose-response, embeddings, imp
 #[pyo3(signature = (command, request, progress=None))]
 fn run(py: Python<'_>, command: &str, request: &str, progress: Option<Bound<'_, PyAny>>) -> PyResult<String> {
     use OnInterrupt::{Checkpoint, Raise};
+    use cpa_stream_engine as e;
     use cpa_stream_pipeline as p;
     macro_rules! command {
         ($request:ty, $run:path, $on_interrupt:expr) => {{
@@ -458,11 +459,11 @@ fn run(py: Python<'_>, command: &str, request: &str, progress: Option<Bound<'_, 
         }};
     }
     match command {
-        "train" => command!(TrainRequest, p::train::run, Checkpoint),
-        "predict" => command!(PredictRequest, p::predict::run, Raise),
-        "evaluate" => command!(EvaluateRequest, p::evaluate::run, Raise),
-        "dose-response" => command!(DoseResponseRequest, p::dose_response::run, Raise),
-        "embeddings" => command!(EmbeddingsRequest, p::embeddings::run, Raise),
+        "train" => command!(TrainRequest, e::train::run, Checkpoint),
+        "predict" => command!(PredictRequest, e::predict::run, Raise),
+        "evaluate" => command!(EvaluateRequest, e::evaluate::run, Raise),
+        "dose-response" => command!(DoseResponseRequest, e::dose_response::run, Raise),
+        "embeddings" => command!(EmbeddingsRequest, e::embeddings::run, Raise),
         "import" => command!(ImportRequest, p::import::run, Raise),
         "export" => command!(ExportRequest, p::export::run, Raise),
         "convert" => command!(ConvertRequest, p::convert::run, Raise),
@@ -504,7 +505,7 @@ fn canonical_request(command: &str, request: &str) -> PyResult<String> {
 #[pyfunction]
 fn predict_stream(py: Python<'_>, request: &str) -> PyResult<ArrowStream> {
     let options = self::request::<PredictRequest>("predict", request)?.options().map_err(to_py)?;
-    let stream = py.detach(|| cpa_stream_pipeline::predict::open(&options)).map_err(to_py)?;
+    let stream = py.detach(|| cpa_stream_engine::predict::open(&options)).map_err(to_py)?;
     Ok(ArrowStream::of(stream))
 }
 
@@ -513,7 +514,7 @@ fn predict_stream(py: Python<'_>, request: &str) -> PyResult<ArrowStream> {
 #[pyfunction]
 fn embeddings(py: Python<'_>, request: &str, kind: &str) -> PyResult<ArrowStream> {
     let options = self::request::<EmbeddingsRequest>("embeddings", request)?.options().map_err(to_py)?;
-    let opened = py.detach(|| cpa_stream_pipeline::embeddings::open(&options)).map_err(to_py)?;
+    let opened = py.detach(|| cpa_stream_engine::embeddings::open(&options)).map_err(to_py)?;
     let batch = match kind {
         "perturbation" => opened.perturbations,
         "covariate" => opened.covariates,
@@ -525,7 +526,7 @@ fn embeddings(py: Python<'_>, request: &str, kind: &str) -> PyResult<ArrowStream
 /// What a run recorded: `{"encoder": ..., "config": ...}` of its checkpoint, as JSON.
 #[pyfunction]
 fn run_settings(run: PathBuf) -> PyResult<String> {
-    let (encoder, config) = cpa_stream_pipeline::train::recorded_settings(&run).map_err(to_py)?;
+    let (encoder, config) = cpa_stream_engine::train::recorded_settings(&run).map_err(to_py)?;
     let encoder = serde_json::json!({
         "perturbation_key": encoder.perturbation_key,
         "dose_key": encoder.dose_key,

@@ -5,14 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use cpa_stream_pipeline::batcher::{
-    DEFAULT_BLOCK_CELLS, DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, LoaderOptions, PlanOptions,
-};
-use cpa_stream_pipeline::bench::{
+use cpa_stream_engine::bench::{
     DEFAULT_LOADER_BATCH_SIZE, DEFAULT_MODEL_CELLS, DEFAULT_MODEL_EPOCHS, DEFAULT_MODEL_GENES, DEFAULT_PRELOAD_MIB,
     DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, DEFAULT_ROUNDS, DEFAULT_SINK_MIB, LoaderRound, ModelBenchOptions,
     ReaderBenchOptions, SinkBenchOptions, TrainingBenchOptions, bench_loader, bench_loader_cold, bench_model,
     bench_reader, bench_sink, bench_training,
+};
+use cpa_stream_pipeline::batcher::{
+    DEFAULT_BLOCK_CELLS, DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, LoaderOptions, PlanOptions,
 };
 use cpa_stream_stages::model::config::{CpaConfig, DEFAULT_BATCH_SIZE, Precision};
 use cpa_stream_stages::store::{Access, Store};
@@ -61,7 +61,7 @@ pub struct PredictBenchArgs {
     target: Vec<String>,
     /// Output modes, comma-separated (small, fast, aggregate; a round each).
     #[arg(long, value_delimiter = ',', default_value = "small,fast,aggregate")]
-    modes: Vec<cpa_stream_pipeline::bench::PredictMode>,
+    modes: Vec<cpa_stream_engine::bench::PredictMode>,
     /// Repetitions of every mode (interleaved; medians reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -457,7 +457,7 @@ fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
         genes: args.genes,
         batch_size: args.batch_size,
         epochs: args.epochs,
-        device: cpa_stream_stages::device::parse(&args.device)?,
+        device: cpa_stream_engine::device::parse(&args.device)?,
         precision,
         threads: args.threads.unwrap_or(0),
         config,
@@ -547,7 +547,7 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn predict(args: PredictBenchArgs) -> anyhow::Result<ExitCode> {
-    use cpa_stream_pipeline::predict::PredictRequest;
+    use cpa_stream_engine::predict::PredictRequest;
     use cpa_stream_pipeline::request::Compute;
     let request = PredictRequest {
         model: args.model.clone(),
@@ -559,7 +559,7 @@ fn predict(args: PredictBenchArgs) -> anyhow::Result<ExitCode> {
         ..PredictRequest::default()
     };
     let base = request.options()?;
-    let r = cpa_stream_pipeline::bench::bench_predict(&base, &args.modes, args.repeats, args.dir.as_deref())?;
+    let r = cpa_stream_engine::bench::bench_predict(&base, &args.modes, args.repeats, args.dir.as_deref())?;
     if args.json {
         jsonln!(&r);
         return Ok(ExitCode::SUCCESS);

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use cpa_stream_pipeline::dose_response::{self, DoseResponseRequest};
-use cpa_stream_pipeline::embeddings::{self, EmbeddingsRequest};
-use cpa_stream_pipeline::evaluate::{self, EvaluateRequest, MetricSet, render_table};
+use cpa_stream_engine::dose_response::{self, DoseResponseRequest};
+use cpa_stream_engine::embeddings::{self, EmbeddingsRequest};
+use cpa_stream_engine::evaluate::{self, EvaluateRequest, MetricSet, render_table};
 use cpa_stream_pipeline::request::{Compute, Naming};
 
 #[derive(Debug, Args)]
@@ -124,7 +124,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Where each condition's DEGs came from, counted: an evaluation always says which DEGs it used.
-fn deg_sources(report: &cpa_stream_pipeline::evaluate::EvaluateReport) -> String {
+fn deg_sources(report: &cpa_stream_engine::evaluate::EvaluateReport) -> String {
     let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for c in &report.conditions {
         *counts.entry(c.deg_source.as_str()).or_default() += 1;
@@ -210,7 +210,7 @@ pub struct DoseResponseArgs {
     #[arg(long, value_parser = parse_key_value)]
     covariate: Vec<(String, String)>,
     /// Control cells sampled per covariate combination.
-    #[arg(long, default_value_t = cpa_stream_pipeline::dose_response::DEFAULT_CELLS)]
+    #[arg(long, default_value_t = cpa_stream_engine::dose_response::DEFAULT_CELLS)]
     cells: usize,
     /// Seed of the control-cell sample.
     #[arg(long, default_value_t = 0)]

@@ -394,7 +394,7 @@ fn parse_batch_size(value: &str) -> Result<usize, String> {
 /// returned (`--workers` or the plan). On the CPU without both flags, the plan first watches the
 /// CPUs for [`threads::SAMPLE`] to see how busy other processes keep them.
 fn model_device(name: &str, threads: Option<usize>, workers: Option<usize>) -> anyhow::Result<(tch::Device, usize)> {
-    Ok(cpa_stream_pipeline::threads::configure(name, threads, workers)?)
+    Ok(cpa_stream_engine::threads::configure(name, threads, workers)?)
 }
 
 /// The log levels a filter directive may name.

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use cpa_stream_engine::predict::{self, PredictRequest};
+use cpa_stream_engine::predictor::{DEFAULT_BATCH_SIZE, Layout};
 use cpa_stream_pipeline::batcher::DEFAULT_PREFETCH;
-use cpa_stream_pipeline::predict::{self, PredictRequest};
-use cpa_stream_pipeline::predictor::{DEFAULT_BATCH_SIZE, Layout};
 use cpa_stream_pipeline::request::{Compute, Naming};
 use cpa_stream_stages::sink::{DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL};
 
@@ -75,7 +75,7 @@ pub struct PredictArgs {
     /// cells pass: one row per group with `n_cells`, `mean`, `mean_var`, ... (the variance is
     /// the sample variance, ddof 1).
     #[arg(long, value_delimiter = ',', value_name = "mean,var")]
-    aggregate: Vec<cpa_stream_pipeline::predictor::aggregate::Statistic>,
+    aggregate: Vec<cpa_stream_engine::predictor::aggregate::Statistic>,
     /// The obs columns whose values group the source cells of --aggregate (comma-separated)
     /// [default: the model's covariates]; a covariate's group is its value in the output (the
     /// target's where the target sets it).

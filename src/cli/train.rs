@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use clap::Args;
+use cpa_stream_engine::train::request::{ConfigSource, TrainRequest};
+use cpa_stream_engine::train::{self, TrainOptions};
 use cpa_stream_pipeline::RunContext;
 use cpa_stream_pipeline::batcher::{DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS};
 use cpa_stream_pipeline::request::{Compute, Naming};
-use cpa_stream_pipeline::train::request::{ConfigSource, TrainRequest};
-use cpa_stream_pipeline::train::{self, TrainOptions};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {

@@ -124,28 +124,25 @@ pub enum Error {
     Torch {
         /// What the model was doing.
         context: String,
-        /// libtorch's error.
+        /// libtorch's error (`tch::TchError`; boxed so that this crate does not link libtorch).
         #[source]
-        source: tch::TchError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
-impl From<tch::TchError> for Error {
-    fn from(source: tch::TchError) -> Error {
-        Error::Torch { context: "tensor operation".to_owned(), source }
-    }
-}
-
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
         Error::Io { path: path.into(), source }
     }
 
-    pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+    /// A file whose content breaks the format, and why.
+    pub fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
         Error::Corrupt { path: path.into(), reason: reason.into() }
     }
 
-    pub(crate) fn parquet(path: impl Into<PathBuf>, source: ParquetError) -> Error {
+    /// A Parquet error on `path`.
+    pub fn parquet(path: impl Into<PathBuf>, source: ParquetError) -> Error {
         Error::Parquet { path: path.into(), source }
     }
 
@@ -154,11 +151,13 @@ impl Error {
         move |source| Error::Hdf5 { path, context, source }
     }
 
-    pub(crate) fn torch(context: impl Into<String>, source: tch::TchError) -> Error {
-        Error::Torch { context: context.into(), source }
+    /// A libtorch error with what the model was doing.
+    pub fn torch(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Torch { context: context.into(), source: Box::new(source) }
     }
 
-    pub(crate) fn arrow(context: impl Into<String>, source: ArrowError) -> Error {
+    /// An Arrow error while building or reading `context`.
+    pub fn arrow(context: impl Into<String>, source: ArrowError) -> Error {
         Error::Arrow { context: context.into(), source }
     }
 }

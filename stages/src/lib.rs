@@ -6,8 +6,8 @@
 //! - [`h5ad`]: AnnData `.h5ad` files in and out, in row chunks; [`zarr`]: AnnData zarr stores in;
 //!   [`input`]: either, opened as one; [`anndata`]: what the two share of AnnData's encoding.
 //! - [`csr`]: the owned CSR batch that stages hand to each other.
-//! - [`model`]: the CPA model in libtorch (configuration, vocabularies, network, likelihoods, files).
-//! - [`trainer`]: its training schedule, optimizers and exact-resume checkpoints.
+//! - [`model`]: what describes the CPA model without libtorch (configuration, vocabularies, host
+//!   batches, the model file); the model, its training and its weights are `cpa-stream-engine`'s.
 //! - [`sink`]: the Parquet sink (bounded row groups, zstd, complete or absent).
 //!
 //! What belongs here: single-threaded pieces that know files and tensors, each doing one thing
@@ -23,7 +23,6 @@ compile_error!("cpa-stream stores are little-endian and mapped without conversio
 pub mod anndata;
 pub mod cell_table;
 pub mod csr;
-pub mod device;
 mod error;
 pub mod h5ad;
 pub mod input;
@@ -34,7 +33,6 @@ pub mod rng;
 pub mod sink;
 pub mod store;
 pub mod synth;
-pub mod trainer;
 pub mod zarr;
 
 pub use csr::CsrBatch;

@@ -5,13 +5,13 @@ use std::collections::HashMap;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float32Type, UInt64Type};
+use cpa_stream::unstable::engine::model::layers::Noise;
+use cpa_stream::unstable::engine::model::{DeviceBatch, HostBatch};
+use cpa_stream::unstable::engine::trainer::Trainer;
 use cpa_stream::unstable::stages::model::config::CpaConfig;
-use cpa_stream::unstable::stages::model::layers::Noise;
 use cpa_stream::unstable::stages::model::vocab::{Covariate, Vocabulary, canonical_condition, split_condition};
-use cpa_stream::unstable::stages::model::{DeviceBatch, HostBatch};
 use cpa_stream::unstable::stages::store::read_small_table;
 use cpa_stream::unstable::stages::synth::{SynthAtlas, SynthConfig};
-use cpa_stream::unstable::stages::trainer::Trainer;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -190,7 +190,7 @@ fn cuda_training_in_fp32_and_bf16() -> Result<()> {
         eprintln!("skipped: no CUDA device visible to libtorch");
         return Ok(());
     }
-    let (vocab, batches) = cpa_stream::unstable::pipeline::bench::synthetic_batches(2_048, 500, 256, 1)?;
+    let (vocab, batches) = cpa_stream::unstable::engine::bench::synthetic_batches(2_048, 500, 256, 1)?;
     for precision in [
         cpa_stream::unstable::stages::model::config::Precision::Fp32,
         cpa_stream::unstable::stages::model::config::Precision::Bf16,

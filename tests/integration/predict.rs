@@ -565,7 +565,7 @@ fn evaluation_equals_a_computation_by_hand() {
     let beats = if r2(&pred_mean, &real_mean) > r2(&ctrl_mean, &real_mean) { 1.0 } else { 0.0 };
     // The split-half ceiling: the library's fixed halves of the real cells, one predicting the other.
     let (second, first): (Vec<_>, Vec<_>) =
-        real.iter().zip(&real_rows).partition(|(_, r)| cpa_stream::unstable::pipeline::evaluate::in_second_half(**r));
+        real.iter().zip(&real_rows).partition(|(_, r)| cpa_stream::unstable::engine::evaluate::in_second_half(**r));
     let half_mean = |h: &[(&Vec<f64>, &u64)]| mean_var(&h.iter().map(|(v, _)| (*v).clone()).collect::<Vec<_>>()).0;
     assert!(first.len() >= 2 && second.len() >= 2, "halves {} and {}", first.len(), second.len());
     let (first_mean, second_mean) = (half_mean(&first), half_mean(&second));
@@ -700,7 +700,7 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_chan
     let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
     let genes = cpa_stream::unstable::pipeline::obs::gene_names(&store).unwrap_or_else(|e| panic!("{e}"));
     let model =
-        cpa_stream::unstable::stages::model::load_model_for(&f.run.join("model"), &genes, "test", tch::Device::Cpu)
+        cpa_stream::unstable::engine::model::load_model_for(&f.run.join("model"), &genes, "test", tch::Device::Cpu)
             .unwrap_or_else(|e| panic!("{e}"));
     let theta = model.nb_theta().unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|| panic!("an nb model"));
     let theta = Vec::<f64>::try_from(&theta.to_kind(tch::Kind::Double)).unwrap_or_else(|e| panic!("{e}"));

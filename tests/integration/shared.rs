@@ -265,7 +265,7 @@ fn the_split_follows_cell_ids_and_another_store_is_named() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     // Each cell id's split, in either store, as the run recorded it.
     let (encoder, _) =
-        cpa_stream::unstable::pipeline::train::recorded_settings(&run_dir).unwrap_or_else(|e| panic!("{e}"));
+        cpa_stream::unstable::engine::train::recorded_settings(&run_dir).unwrap_or_else(|e| panic!("{e}"));
     let splits = |path: &Path| -> HashMap<String, Split> {
         let opened = Store::open(path).unwrap_or_else(|e| panic!("{e}"));
         let labels = CellLabels::from_store(&opened, &encoder).unwrap_or_else(|e| panic!("{e}"));

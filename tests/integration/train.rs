@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use cpa_stream::unstable::engine::model::load_model;
+use cpa_stream::unstable::engine::trainer::Trainer;
 use cpa_stream::unstable::pipeline::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream::unstable::schemas::tables::{same_schema, training_metrics_schema};
 use cpa_stream::unstable::stages::model::config::CpaConfig;
-use cpa_stream::unstable::stages::model::load_model;
 use cpa_stream::unstable::stages::store::read_small_table;
-use cpa_stream::unstable::stages::trainer::Trainer;
 use serde_json::Value;
 use tch::Device;
 

@@ -228,7 +228,7 @@ pub fn bench_reader(store: &Store, options: &ReaderBenchOptions) -> Result<Reade
 
 /// Copies the payload of every row with `threads` threads, in large chunks. For a compressed
 /// store the bound is the same number of plain bytes copied from a buffer.
-pub(crate) fn memcpy_pass(store: &Store, threads: usize) -> Result<Duration> {
+pub fn memcpy_pass(store: &Store, threads: usize) -> Result<Duration> {
     let n = store.n_obs();
     timed_threads(threads, |t| {
         let rows = partition(n, threads, t);
@@ -281,12 +281,7 @@ fn destination_pools(threads: usize, buffers: usize, width: usize) -> (Vec<std::
 /// destinations are written back to memory, as the loader's are; a single reused buffer (as
 /// [`memcpy_pass`] uses) stays in cache and measures read bandwidth alone. For a compressed
 /// store the source is a plain buffer of the same bytes.
-pub(crate) fn memcpy_into_batches(
-    store: &Store,
-    threads: usize,
-    batch_size: usize,
-    buffers: usize,
-) -> Result<Duration> {
+pub fn memcpy_into_batches(store: &Store, threads: usize, batch_size: usize, buffers: usize) -> Result<Duration> {
     let n = store.n_obs();
     let indptr = store.indptr();
     let batch = batch_size.max(1) as u64;
@@ -330,7 +325,7 @@ pub(crate) fn memcpy_into_batches(
 /// distance from [`memcpy_into_batches`] is the cost of reading scattered rows on this machine;
 /// the loader's distance from it is the loader's own overhead. `None` for a compressed store,
 /// whose scattered rows cost block decompressions rather than copies.
-pub(crate) fn gather_into_batches(
+pub fn gather_into_batches(
     store: &Store,
     threads: usize,
     order: &mut [u64],

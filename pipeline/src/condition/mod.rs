@@ -8,34 +8,34 @@ mod truth;
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::CONTROL_ID;
 
-pub(crate) use truth::{TruthRow, read_truth};
+pub use truth::{TruthRow, read_truth};
 
 use crate::encoder::CellLabels;
 
 /// A condition's key: covariate codes and the sorted (perturbation id, dose bits) parts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct ConditionKey {
+pub struct ConditionKey {
     /// Per covariate of the model, the category code.
-    pub(crate) covariates: Vec<u32>,
+    pub covariates: Vec<u32>,
     /// (perturbation id, dose as `f32` bits), sorted.
-    pub(crate) parts: Vec<(u32, u32)>,
+    pub parts: Vec<(u32, u32)>,
 }
 
 impl ConditionKey {
     /// The key of a condition with these covariate codes and parts (any part order).
-    pub(crate) fn of(covariates: &[u32], parts: &[(u32, f32)]) -> ConditionKey {
+    pub fn of(covariates: &[u32], parts: &[(u32, f32)]) -> ConditionKey {
         let mut p: Vec<(u32, u32)> = parts.iter().map(|&(id, d)| (id, d.to_bits())).collect();
         p.sort_unstable();
         ConditionKey { covariates: covariates.to_vec(), parts: p }
     }
 
     /// Whether every part is the control.
-    pub(crate) fn is_control(&self) -> bool {
+    pub fn is_control(&self) -> bool {
         self.parts.iter().all(|&(id, _)| id as usize == CONTROL_ID)
     }
 
     /// The parts with their doses as numbers.
-    pub(crate) fn doses(&self) -> Vec<(u32, f32)> {
+    pub fn doses(&self) -> Vec<(u32, f32)> {
         self.parts.iter().map(|&(id, d)| (id, f32::from_bits(d))).collect()
     }
 }
@@ -43,16 +43,21 @@ impl ConditionKey {
 /// A label group of the store in the model's vocabulary (`None` where it uses a perturbation or
 /// covariate value the model does not know).
 #[derive(Debug, Clone)]
-pub(crate) struct MappedGroup {
-    pub(crate) key: ConditionKey,
-    pub(crate) parts: Vec<(u32, f32)>,
-    pub(crate) condition: String,
-    pub(crate) dose: String,
-    pub(crate) is_control: bool,
+pub struct MappedGroup {
+    /// The group's condition with its covariates, as the model's codes.
+    pub key: ConditionKey,
+    /// Perturbation ids and doses.
+    pub parts: Vec<(u32, f32)>,
+    /// The condition as obs writes it.
+    pub condition: String,
+    /// The dose as obs writes it.
+    pub dose: String,
+    /// Whether the group is of control cells.
+    pub is_control: bool,
 }
 
 /// The store's label groups in the model's vocabulary.
-pub(crate) fn map_groups(labels: &CellLabels, vocab: &Vocabulary) -> Vec<Option<MappedGroup>> {
+pub fn map_groups(labels: &CellLabels, vocab: &Vocabulary) -> Vec<Option<MappedGroup>> {
     let index = vocab.perturbation_index();
     let own = &labels.vocab;
     labels
@@ -91,7 +96,7 @@ pub(crate) fn map_groups(labels: &CellLabels, vocab: &Vocabulary) -> Vec<Option<
 
 /// The labels of the store's cells that the model cannot map (a perturbation or covariate value
 /// it was not trained with), each with its cells, most cells first.
-pub(crate) fn dropped(labels: &CellLabels, groups: &[Option<MappedGroup>]) -> Vec<(String, u64)> {
+pub fn dropped(labels: &CellLabels, groups: &[Option<MappedGroup>]) -> Vec<(String, u64)> {
     let mut cells = vec![0u64; groups.len()];
     for cell in 0..labels.n_cells() {
         cells[labels.group_id(cell) as usize] += 1;

@@ -16,14 +16,17 @@ use crate::obs::column_strings;
 
 /// A truth table row: labels as written and the true `E[log1p x]` per gene.
 #[derive(Debug, Clone)]
-pub(crate) struct TruthRow {
-    pub(crate) condition: String,
-    pub(crate) dose: String,
-    pub(crate) mean_log1p: Vec<f64>,
+pub struct TruthRow {
+    /// The condition as the truth table writes it.
+    pub condition: String,
+    /// The dose as the truth table writes it.
+    pub dose: String,
+    /// The true `E[log1p x]` of each gene.
+    pub mean_log1p: Vec<f64>,
 }
 
 /// Reads `truth.parquet`; rows whose labels the model does not know are skipped.
-pub(crate) fn read_truth(file: TableFile<'_>, vocab: &Vocabulary) -> Result<HashMap<ConditionKey, TruthRow>> {
+pub fn read_truth(file: TableFile<'_>, vocab: &Vocabulary) -> Result<HashMap<ConditionKey, TruthRow>> {
     let origin = file.path().display().to_string();
     let table = file.read_small().map_err(Error::stage(Stage::Truth))?;
     let text = |name: &str| column_strings(&table, name, &origin);

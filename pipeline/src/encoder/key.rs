@@ -3,7 +3,7 @@
 
 /// Builds group keys into one reused buffer.
 #[derive(Debug, Default)]
-pub(crate) struct GroupKey {
+pub struct GroupKey {
     text: String,
 }
 
@@ -12,7 +12,7 @@ const SEPARATOR: char = '\u{1f}';
 
 impl GroupKey {
     /// The key of a row's labels: condition, dose (or none) and covariate values, as written.
-    pub(crate) fn of(&mut self, condition: &str, dose: Option<&str>, covariates: &[&str]) -> &str {
+    pub fn of(&mut self, condition: &str, dose: Option<&str>, covariates: &[&str]) -> &str {
         self.text.clear();
         self.text.push_str(condition);
         self.text.push(SEPARATOR);

@@ -20,7 +20,7 @@ use cpa_stream_stages::model::config::DEFAULT_MAX_COMB_LEN;
 use cpa_stream_stages::model::vocab::{Covariate, Vocabulary};
 pub use cpa_stream_stages::model::vocab::{SplitSpec, Stratify};
 use cpa_stream_stages::store::Store;
-pub(crate) use key::GroupKey;
+pub use key::GroupKey;
 
 use crate::Stage;
 use crate::error::{Error, Result};

@@ -1,0 +1,389 @@
+//! Scoring each evaluated condition: its DEGs (a table's list, else a Welch t-test over its cells
+//! against the controls, else the truth's change), then R2 of predicted against real means,
+//! variances and changes on all genes and the top-k DEGs, the control-mean baseline, and the
+//! truth's scores.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::model::Vocabulary;
+
+use super::conditions::{Condition, SourceSplits};
+use super::field::{cosine, direction_match, mae, mse, overlap_at, pearson, perturbench_logfc, precision_at, spearman};
+use super::moments::GroupMoments;
+use super::outputs::DegRow;
+use super::{
+    BaselineMetrics, ConditionMetrics, DEG_OVERLAP_K, Definitions, Effects, EvaluateOptions, FieldMetrics, PlotData,
+    TOP_K, TopMetrics, TruthMetrics,
+};
+use crate::condition::{ConditionKey, TruthRow};
+use crate::encoder::Split;
+use crate::obs::ObsKeys;
+use crate::predictor::targets::Target;
+use crate::stats::{Moments, benjamini_hochberg, r2_score, top_by_abs, welch_test};
+
+/// A DEG is significant below this Benjamini-Hochberg q-value (cell-eval's FDR threshold).
+pub const SIGNIFICANT_Q: f64 = 0.05;
+
+/// A condition's test of every gene against the controls: Welch's t, its p-value and the
+/// Benjamini-Hochberg q-value over the genes.
+pub(super) struct Tested {
+    score: Vec<f64>,
+    pvalue: Vec<f64>,
+    qvalue: Vec<f64>,
+}
+
+/// Everything scoring reads.
+pub(super) struct Scoring<'a> {
+    pub(super) vocab: &'a Vocabulary,
+    pub(super) keys: &'a ObsKeys,
+    pub(super) genes: &'a [String],
+    pub(super) options: &'a EvaluateOptions,
+    pub(super) moments: &'a GroupMoments,
+    pub(super) conditions: &'a BTreeMap<ConditionKey, Condition>,
+    /// Per covariate combination: the control cells' groups (every split).
+    pub(super) control_groups: &'a HashMap<Vec<u32>, Vec<usize>>,
+    /// Per covariate combination: which controls were decoded, and their moments.
+    pub(super) sources: &'a HashMap<Vec<u32>, (SourceSplits, Moments)>,
+    pub(super) truth: &'a HashMap<ConditionKey, TruthRow>,
+    /// DEG lists by group name, and where they came from (`store` or `file`).
+    pub(super) deg_table: Option<&'a super::DegLists>,
+    /// The linear baseline, fitted once ([`Scoring::fit_ridge`]).
+    pub(super) ridge: Option<super::ridge::Ridge>,
+}
+
+/// R2 over the genes `idx` (all genes when `None`).
+fn r2_on(pred: &[f64], truth: &[f64], idx: Option<&[usize]>) -> f64 {
+    match idx {
+        None => r2_score(pred, truth),
+        Some(idx) => {
+            let (p, t): (Vec<f64>, Vec<f64>) = idx.iter().map(|&i| (pred[i], truth[i])).unzip();
+            r2_score(&p, &t)
+        }
+    }
+}
+
+fn nan_unless(ok: bool, v: f64) -> f64 {
+    if ok { v } else { f64::NAN }
+}
+
+impl Scoring<'_> {
+    /// Scores one condition from its real and predicted moments; adds its DEGs to `deg_rows`.
+    pub(super) fn score(
+        &self,
+        key: &ConditionKey,
+        target: &Target,
+        real: &Moments,
+        predicted: &Moments,
+        deg_rows: &mut Vec<DegRow>,
+    ) -> ConditionMetrics {
+        let (choice, control) = &self.sources[&key.covariates];
+        let truth = self.truth.get(key);
+        let ctrl_mean = control.mean();
+        let (ranked, deg_source, tested) = self.degs(key, target, &ctrl_mean, truth);
+        let group_name = target.deg_keys(self.vocab, self.keys).into_iter().next().unwrap_or_default();
+        let largest_k = TOP_K[TOP_K.len() - 1];
+        for (rank, &g) in ranked.iter().take(largest_k).enumerate() {
+            let at = |v: fn(&Tested) -> &Vec<f64>| tested.as_ref().map_or(f64::NAN, |t| v(t)[g]);
+            deg_rows.push(DegRow {
+                group: group_name.clone(),
+                rank,
+                gene: self.genes[g].clone(),
+                score: at(|t| &t.score),
+                welch_p: at(|t| &t.pvalue),
+                welch_q: at(|t| &t.qvalue),
+                wilcoxon_p: f64::NAN,
+                wilcoxon_q: f64::NAN,
+            });
+        }
+        let (pred_mean, pred_var) = (predicted.mean(), predicted.var());
+        let (real_mean, real_var) = (real.mean(), real.var());
+        let has_real = real.n >= 1.0;
+        let delta = |v: &[f64]| -> Vec<f64> { v.iter().zip(&ctrl_mean).map(|(a, b)| a - b).collect() };
+        let (pd, rd) = (delta(&pred_mean), delta(&real_mean));
+        let beats = r2_on(&pred_mean, &real_mean, None) > r2_on(&ctrl_mean, &real_mean, None);
+        let top = TOP_K
+            .iter()
+            .map(|&k| {
+                let idx = (ranked.len() >= k).then(|| &ranked[..k]);
+                let score = |p: &[f64], t: &[f64]| idx.map_or(f64::NAN, |i| r2_on(p, t, Some(i)));
+                TopMetrics {
+                    k,
+                    r2_mean: nan_unless(has_real, score(&pred_mean, &real_mean)),
+                    r2_var: nan_unless(real.n >= 2.0, score(&pred_var, &real_var)),
+                    r2_delta: nan_unless(has_real, score(&pd, &rd)),
+                    r2_mean_control: nan_unless(has_real, score(&ctrl_mean, &real_mean)),
+                }
+            })
+            .collect();
+        let truth_metrics = truth.map(|t| {
+            let td = delta(&t.mean_log1p);
+            let top20 = (ranked.len() >= 20).then(|| &ranked[..20]);
+            TruthMetrics {
+                r2_mean: r2_score(&pred_mean, &t.mean_log1p),
+                r2_delta: r2_score(&pd, &td),
+                r2_mean_control: r2_score(&ctrl_mean, &t.mean_log1p),
+                r2_mean_top20: top20.map_or(f64::NAN, |i| r2_on(&pred_mean, &t.mean_log1p, Some(i))),
+                r2_mean_control_top20: top20.map_or(f64::NAN, |i| r2_on(&ctrl_mean, &t.mean_log1p, Some(i))),
+            }
+        });
+        let significant: Option<Vec<usize>> =
+            tested.as_ref().map(|t| ranked.iter().copied().filter(|&g| t.qvalue[g] < SIGNIFICANT_Q).collect());
+        let mut field = self.field(&ranked, has_real, (&pred_mean, &real_mean), (&pd, &rd));
+        let predicted_order = top_by_abs(&pd, pd.len());
+        (field.ceiling_r2_mean, field.ceiling_pearson_delta) = self.ceiling(key, real, &ctrl_mean);
+        field.n_significant = significant.as_ref().map_or(f64::NAN, |s| s.len() as f64);
+        field.deg_precision = DEG_OVERLAP_K
+            .iter()
+            .map(|&k| {
+                let p = significant.as_ref().map_or(f64::NAN, |s| precision_at(&predicted_order, s, k));
+                (k, nan_unless(has_real, p))
+            })
+            .collect();
+        let exclude: Vec<usize> =
+            target.condition.split('+').filter_map(|part| self.genes.iter().position(|g| g == part)).collect();
+        let (predicted_logfc, real_logfc) =
+            (perturbench_logfc(&pred_mean, &ctrl_mean), perturbench_logfc(&real_mean, &ctrl_mean));
+        field.cosine_logfc = nan_unless(has_real, cosine(&predicted_logfc, &real_logfc));
+        field.rmse = nan_unless(has_real, field.mse.sqrt());
+        let effects = Effects {
+            predicted: pd.clone(),
+            real: has_real.then(|| rd.clone()),
+            exclude,
+            predicted_logfc,
+            real_logfc: has_real.then_some(real_logfc),
+        };
+        let baselines = self.baselines(key, &ctrl_mean, &ranked, has_real, &real_mean, &pred_mean);
+        let plot_genes: Vec<usize> = ranked.iter().take(largest_k).copied().collect();
+        let reference = if has_real { &real_mean } else { truth.map_or(&real_mean, |t| &t.mean_log1p) };
+        ConditionMetrics {
+            covariates: key
+                .covariates
+                .iter()
+                .zip(&self.vocab.covariates)
+                .map(|(&c, cov)| cov.categories[c as usize].clone())
+                .collect(),
+            condition: target.condition.clone(),
+            dose: target.dose.clone(),
+            n_cells: real.n as u64,
+            n_control: control.n as u64,
+            control_source: choice.name(self.options.split).to_owned(),
+            deg_source: deg_source.to_owned(),
+            r2_mean: nan_unless(has_real, r2_on(&pred_mean, &real_mean, None)),
+            r2_var: nan_unless(real.n >= 2.0, r2_on(&pred_var, &real_var, None)),
+            r2_delta: nan_unless(has_real, r2_on(&pd, &rd, None)),
+            r2_mean_control: nan_unless(has_real, r2_on(&ctrl_mean, &real_mean, None)),
+            top,
+            truth: truth_metrics,
+            field: FieldMetrics { beats_control: nan_unless(has_real, f64::from(u8::from(beats))), ..field },
+            baselines,
+            uncertainty_cosine: f64::NAN,
+            uncertainty_euclidean: f64::NAN,
+            closest_condition: String::new(),
+            samples: super::samples::SampleMetrics::missing(),
+            effects,
+            plot: PlotData {
+                genes: plot_genes.iter().map(|&g| self.genes[g].clone()).collect(),
+                predicted: plot_genes.iter().map(|&g| pred_mean[g]).collect(),
+                real: plot_genes.iter().map(|&g| reference[g]).collect(),
+                control: plot_genes.iter().map(|&g| ctrl_mean[g]).collect(),
+            },
+        }
+    }
+
+    /// The field's metrics of a condition but its discrimination ranks and baseline flag:
+    /// `ranked` its DEGs, `means` the predicted and real pseudobulks, `deltas` their changes.
+    fn field(
+        &self,
+        ranked: &[usize],
+        has_real: bool,
+        means: (&[f64], &[f64]),
+        deltas: (&[f64], &[f64]),
+    ) -> FieldMetrics {
+        let ((pm, rm), (pd, rd)) = (means, deltas);
+        let on = |v: &[f64], idx: &[usize]| -> Vec<f64> { idx.iter().map(|&i| v[i]).collect() };
+        let top = |k: usize| (ranked.len() >= k).then(|| &ranked[..k]);
+        let predicted_order = top_by_abs(pd, pd.len());
+        let real = |v: f64| nan_unless(has_real, v);
+        let top20 = top(20);
+        FieldMetrics {
+            pearson_delta: real(pearson(pd, rd)),
+            pearson_delta_top: TOP_K
+                .iter()
+                .map(|&k| (k, real(top(k).map_or(f64::NAN, |i| pearson(&on(pd, i), &on(rd, i))))))
+                .collect(),
+            cosine_delta: real(cosine(pd, rd)),
+            mse: real(mse(pm, rm)),
+            mae: real(mae(pm, rm)),
+            mse_delta: real(mse(pd, rd)),
+            mae_delta: real(mae(pd, rd)),
+            deg_overlap: DEG_OVERLAP_K.iter().map(|&k| (k, overlap_at(&predicted_order, ranked, k))).collect(),
+            direction_match_top20: real(top20.map_or(f64::NAN, |i| direction_match(pd, rd, i))),
+            spearman_delta_top20: real(top20.map_or(f64::NAN, |i| spearman(&on(pd, i), &on(rd, i)))),
+            discrimination: Vec::new(),
+            beats_control: f64::NAN,
+            n_significant: f64::NAN,
+            deg_precision: Vec::new(),
+            ceiling_r2_mean: f64::NAN,
+            ceiling_pearson_delta: f64::NAN,
+            cosine_logfc: f64::NAN,
+            rmse: f64::NAN,
+            rank_cosine_logfc: f64::NAN,
+            rank_rmse: f64::NAN,
+        }
+    }
+
+    /// The linear baseline fitted on every perturbed condition's training cells.
+    pub(super) fn fit_ridge(&self) -> Option<super::ridge::Ridge> {
+        let changes: BTreeMap<ConditionKey, Vec<f64>> = self
+            .conditions
+            .keys()
+            .filter_map(|k| Some((k.clone(), self.training_shift(&k.covariates, &k.parts)?)))
+            .collect();
+        super::ridge::Ridge::fit(self.vocab, &changes, self.genes.len())
+    }
+
+    /// The mean of the training cells of `key`'s condition (`None` without any).
+    fn training_mean(&self, key: &ConditionKey) -> Option<Vec<f64>> {
+        let groups = if key.is_control() {
+            self.control_groups.get(&key.covariates)?
+        } else {
+            &self.conditions.get(key)?.groups
+        };
+        let moments = self.moments.of_groups(groups, |s| s == Split::Train);
+        (moments.n >= 1.0).then(|| moments.mean())
+    }
+
+    /// The mean shift of `parts` from the training controls in `covariates`, training cells only.
+    fn training_shift(&self, covariates: &[u32], parts: &[(u32, u32)]) -> Option<Vec<f64>> {
+        let control = ConditionKey { covariates: covariates.to_vec(), parts: Vec::new() };
+        let control = self.training_mean(&control)?;
+        let treated = self.training_mean(&ConditionKey { covariates: covariates.to_vec(), parts: parts.to_vec() })?;
+        Some(treated.iter().zip(&control).map(|(t, c)| t - c).collect())
+    }
+
+    /// The additive and other-covariates baselines of a condition ([`BaselineMetrics`]), scored
+    /// against its real means as the model's `pred_mean` is.
+    fn baselines(
+        &self,
+        key: &ConditionKey,
+        ctrl_mean: &[f64],
+        ranked: &[usize],
+        has_real: bool,
+        real_mean: &[f64],
+        pred_mean: &[f64],
+    ) -> BaselineMetrics {
+        let top20 = (ranked.len() >= 20).then(|| &ranked[..20]);
+        let score = |shift: Option<Vec<f64>>| -> (f64, f64, f64) {
+            let Some(shift) = shift.filter(|_| has_real) else { return (f64::NAN, f64::NAN, f64::NAN) };
+            let baseline: Vec<f64> = ctrl_mean.iter().zip(&shift).map(|(c, d)| c + d).collect();
+            let all = r2_on(&baseline, real_mean, None);
+            let top = top20.map_or(f64::NAN, |i| r2_on(&baseline, real_mean, Some(i)));
+            let model_all = r2_on(pred_mean, real_mean, None);
+            let model_top = top20.map_or(f64::NAN, |i| r2_on(pred_mean, real_mean, Some(i)));
+            let beats = model_all > all && (top.is_nan() || model_top > top);
+            (all, top, f64::from(u8::from(beats)))
+        };
+        // Additive: a combination of two or more perturbations, each part's own shift summed.
+        let parts: Vec<(u32, u32)> =
+            key.parts.iter().copied().filter(|&(id, _)| id as usize != crate::model::vocab::CONTROL_ID).collect();
+        let additive = (parts.len() >= 2)
+            .then(|| {
+                let mut sum = vec![0.0; ctrl_mean.len()];
+                for &part in &parts {
+                    let shift = self.training_shift(&key.covariates, &[part])?;
+                    sum.iter_mut().zip(&shift).for_each(|(s, d)| *s += d);
+                }
+                Some(sum)
+            })
+            .flatten();
+        // Other covariates: the same condition's shift where the covariates differ.
+        let mut others: Vec<Vec<f64>> = Vec::new();
+        if !key.covariates.is_empty() {
+            for other in self.conditions.keys().filter(|k| k.parts == key.parts && k.covariates != key.covariates) {
+                if let Some(shift) = self.training_shift(&other.covariates, &other.parts) {
+                    others.push(shift);
+                }
+            }
+        }
+        let other = (!others.is_empty()).then(|| {
+            let n = others.len() as f64;
+            (0..ctrl_mean.len()).map(|g| others.iter().map(|s| s[g]).sum::<f64>() / n).collect()
+        });
+        let (additive_r2_mean, additive_r2_mean_top20, beats_additive) = score(additive);
+        let (other_covariates_r2_mean, other_covariates_r2_mean_top20, beats_other_covariates) = score(other);
+        let (linear_r2_mean, linear_r2_mean_top20, beats_linear) =
+            score(self.ridge.as_ref().and_then(|r| r.change(key)));
+        BaselineMetrics {
+            additive_r2_mean,
+            additive_r2_mean_top20,
+            beats_additive,
+            other_covariates_r2_mean,
+            other_covariates_r2_mean_top20,
+            beats_other_covariates,
+            linear_r2_mean,
+            linear_r2_mean_top20,
+            beats_linear,
+        }
+    }
+
+    /// The split-half ceiling of a condition: the means of one random half of its evaluated cells
+    /// (`real` is all of them) against the other's, as `r2_mean` and `pearson_delta` score the
+    /// model; NaN with fewer than 2 cells in a half.
+    fn ceiling(&self, key: &ConditionKey, real: &Moments, ctrl_mean: &[f64]) -> (f64, f64) {
+        let second = self.moments.second_half(&self.conditions[key].groups);
+        let first_n = real.n - second.n;
+        if first_n < 2.0 || second.n < 2.0 {
+            return (f64::NAN, f64::NAN);
+        }
+        let first: Vec<f64> = real.sum.iter().zip(&second.sum).map(|(a, b)| (a - b) / first_n).collect();
+        let second = second.mean();
+        let delta = |m: &[f64]| -> Vec<f64> { m.iter().zip(ctrl_mean).map(|(a, b)| a - b).collect() };
+        (r2_score(&first, &second), pearson(&delta(&first), &delta(&second)))
+    }
+
+    /// A condition's genes ranked by differential expression, where the ranking came from, and
+    /// the scores when computed here: a table's list, else a Welch t-test over all its cells
+    /// against all the controls of its covariates, else the truth's change.
+    fn degs(
+        &self,
+        key: &ConditionKey,
+        target: &Target,
+        ctrl_mean: &[f64],
+        truth: Option<&TruthRow>,
+    ) -> (Vec<usize>, &'static str, Option<Tested>) {
+        let n_genes = self.genes.len();
+        let all_splits = |_| true;
+        if self.options.definitions == Definitions::Reference {
+            // The reference ranks by |mean of all the condition's cells - control mean|.
+            let treated = self.moments.of_groups(&self.conditions[key].groups, all_splits);
+            if treated.n >= 1.0 {
+                let change: Vec<f64> = treated.mean().iter().zip(ctrl_mean).map(|(a, b)| a - b).collect();
+                return (top_by_abs(&change, n_genes), "mean difference", None);
+            }
+        }
+        let listed = self.deg_table.and_then(|table| {
+            let keys = target.deg_keys(self.vocab, self.keys);
+            keys.into_iter().find_map(|k| table.lists.get(&k)).map(|l| (l, table.source))
+        });
+        if let Some((list, source)) = listed {
+            let position: HashMap<&str, usize> = self.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
+            return (list.iter().filter_map(|g| position.get(g.as_str()).copied()).collect(), source, None);
+        }
+        let treated = self.moments.of_groups(&self.conditions[key].groups, all_splits);
+        let controls = self
+            .moments
+            .of_groups(self.control_groups.get(&key.covariates).map(Vec::as_slice).unwrap_or(&[]), all_splits);
+        if treated.n >= 2.0 && controls.n >= 2.0 {
+            let (score, pvalue) = welch_test(&treated, &controls);
+            let qvalue = benjamini_hochberg(&pvalue);
+            return (top_by_abs(&score, n_genes), "computed", Some(Tested { score, pvalue, qvalue }));
+        }
+        match truth {
+            Some(t) => {
+                let change: Vec<f64> = t.mean_log1p.iter().zip(ctrl_mean).map(|(a, b)| a - b).collect();
+                (top_by_abs(&change, n_genes), "truth", None)
+            }
+            None => (Vec::new(), "none", None),
+        }
+    }
+}
