@@ -42,6 +42,12 @@ impl std::fmt::Debug for Crew<'_> {
     }
 }
 
+impl Default for Crew<'_> {
+    fn default() -> Self {
+        Crew::new()
+    }
+}
+
 impl<'scope> Crew<'scope> {
     /// A crew with no threads yet and a stop flag of its own.
     pub fn new() -> Self {

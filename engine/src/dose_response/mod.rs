@@ -447,7 +447,7 @@ fn latent_curves(
     let norms: Vec<f64> = tch::no_grad(|| -> cpa_stream_stages::Result<Vec<f64>> {
         let table = model.perturbation_embeddings()?.f_to_kind(Kind::Double).torch()?;
         let norms = table.f_square().torch()?.f_sum_dim_intlist(1, false, Kind::Double).torch()?.f_sqrt().torch()?;
-        Ok(Vec::<f64>::try_from(&norms.f_to_device(Device::Cpu).torch()?).torch()?)
+        Vec::<f64>::try_from(&norms.f_to_device(Device::Cpu).torch()?).torch()
     })
     .map_err(torch)?;
     let mut out = Vec::new();
@@ -458,7 +458,7 @@ fn latent_curves(
                 Tensor::f_from_slice(grid).torch()?.f_to_kind(Kind::Float).torch()?.f_to_device(device).torch()?;
             let s =
                 model.dose_response(&ids, &doses)?.f_to_kind(Kind::Double).torch()?.f_to_device(Device::Cpu).torch()?;
-            Ok(Vec::<f64>::try_from(&s).torch()?)
+            Vec::<f64>::try_from(&s).torch()
         })
         .map_err(torch)?;
         let seen = observed.and_then(|o| o.get(&p));
@@ -584,8 +584,7 @@ impl Decoder<'_> {
         let mean =
             model.mean_over_draws(&encoded.draws, z_pert, &encoded.covariates, encoded.library.as_ref(), noise)?;
         let v = if model.config().model.recon_loss.is_count() { mean.f_log1p().torch()? } else { mean };
-        Ok(Vec::<f64>::try_from(&v.f_mean_dim(0, false, Kind::Double).torch()?.f_to_device(Device::Cpu).torch()?)
-            .torch()?)
+        Vec::<f64>::try_from(&v.f_mean_dim(0, false, Kind::Double).torch()?.f_to_device(Device::Cpu).torch()?).torch()
     }
 
     /// Appends the decoded points of perturbation `p` over `grid` in covariates `covs`; returns

@@ -142,7 +142,7 @@ impl Decode<'_> {
                         perts.push_repeated(&self.targets[t].1.parts, n);
                         let covariates = covs
                             .iter()
-                            .map(|&c| Ok(Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device)).torch()?))
+                            .map(|&c| Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device)).torch())
                             .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
                         let mean = model
                             .counterfactual(&x, &perts.to_device(device)?, &covariates, &mut noise)?

@@ -66,7 +66,7 @@ pub(super) fn uncertainties(
     let (cosine, euclidean) = tch::no_grad(|| -> cpa_stream_stages::Result<(Vec<f64>, Vec<f64>)> {
         let unit = |t: &Tensor| -> cpa_stream_stages::Result<Tensor> {
             let norm = t.f_norm_scalaropt_dim(2, [1i64].as_slice(), true).torch()?.f_clamp_min(1e-12).torch()?;
-            Ok(t.f_div(&norm).torch()?)
+            t.f_div(&norm).torch()
         };
         let cos = Tensor::f_ones([1], (Kind::Double, Device::Cpu))
             .torch()?
@@ -74,7 +74,7 @@ pub(super) fn uncertainties(
             .torch()?;
         let euc = Tensor::f_cdist(&a, &b, 2.0, None::<i64>).torch()?;
         let flat = |t: Tensor| -> cpa_stream_stages::Result<Vec<f64>> {
-            Ok(Vec::<f64>::try_from(&t.f_flatten(0, -1).torch()?).torch()?)
+            Vec::<f64>::try_from(&t.f_flatten(0, -1).torch()?).torch()
         };
         Ok((flat(cos)?, flat(euc)?))
     })
@@ -109,14 +109,14 @@ fn shifts(model: &CpaModel, conditions: &[ConditionParts<'_>]) -> cpa_stream_sta
     let codes: Vec<Tensor> = (0..n_covs)
         .map(|c| {
             let column: Vec<i64> = conditions.iter().map(|(covs, _)| i64::from(covs[c])).collect();
-            Ok(Tensor::f_from_slice(&column).torch()?.f_to_device(device).torch()?)
+            Tensor::f_from_slice(&column).torch()?.f_to_device(device).torch()
         })
         .collect::<cpa_stream_stages::Result<_>>()?;
     let mut z = z_pert;
     for emb in model.covariate_latents(&codes)? {
         z = z.f_add(&emb).torch()?;
     }
-    Ok(z.f_to_kind(Kind::Double).torch()?.f_to_device(Device::Cpu).torch()?)
+    z.f_to_kind(Kind::Double).torch()?.f_to_device(Device::Cpu).torch()
 }
 
 /// `condition dose (covariate values)` of a label group.

@@ -19,7 +19,7 @@ pub trait ToDevice {
 
 impl ToDevice for PerturbationCsr {
     fn to_device(&self, device: Device) -> Result<DevicePerts> {
-        let to = |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(device).torch()?) };
+        let to = |t: Tensor| -> Result<Tensor> { t.f_to_device(device).torch() };
         Ok(DevicePerts {
             ids: to(Tensor::f_from_slice(&self.ids).torch()?)?,
             offsets: to(Tensor::f_from_slice(&self.offsets).torch()?)?,
@@ -63,7 +63,7 @@ impl DeviceBatch {
         let n = batch.n_cells() as i64;
         let genes = i64::from(batch.counts.n_cols());
         let (x, entries) = densify_with_entries(&batch.counts, device)?;
-        let to = |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(device).torch()?) };
+        let to = |t: Tensor| -> Result<Tensor> { t.f_to_device(device).torch() };
         let perts = batch.perts.to_device(device)?;
         let covariates =
             batch.covariates.iter().map(|c| to(Tensor::f_from_slice(c).torch()?)).collect::<Result<Vec<_>>>()?;

@@ -50,21 +50,21 @@ impl Noise {
     /// Uniform [0, 1) float32 values of `shape` on the device.
     pub fn uniform(&mut self, shape: &[i64]) -> Result<Tensor> {
         if self.device.is_cuda() {
-            return Ok(Tensor::f_rand(shape, (Kind::Float, self.device)).torch()?);
+            return Tensor::f_rand(shape, (Kind::Float, self.device)).torch();
         }
         let n: i64 = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| self.rng.random::<f32>()).collect();
-        Ok(Tensor::f_from_slice(&values).torch()?.f_reshape(shape).torch()?)
+        Tensor::f_from_slice(&values).torch()?.f_reshape(shape).torch()
     }
 
     /// Standard normal float32 values of `shape` on the device.
     pub fn normal(&mut self, shape: &[i64]) -> Result<Tensor> {
         if self.device.is_cuda() {
-            return Ok(Tensor::f_randn(shape, (Kind::Float, self.device)).torch()?);
+            return Tensor::f_randn(shape, (Kind::Float, self.device)).torch();
         }
         let n: i64 = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| self.rng.sample::<f32, _>(StandardNormal)).collect();
-        Ok(Tensor::f_from_slice(&values).torch()?.f_reshape(shape).torch()?)
+        Tensor::f_from_slice(&values).torch()?.f_reshape(shape).torch()
     }
 
     /// A uniformly random permutation of `0..n` (host generator on every device).
@@ -89,7 +89,7 @@ impl Noise {
             return Ok(x.shallow_clone());
         }
         let keep = self.uniform(&x.size())?.f_ge(p).torch()?.f_to_kind(x.kind()).torch()?;
-        Ok(x.f_mul(&keep).torch()?.f_mul_scalar(1.0 / (1.0 - p)).torch()?)
+        x.f_mul(&keep).torch()?.f_mul_scalar(1.0 / (1.0 - p)).torch()
     }
 }
 
@@ -106,19 +106,19 @@ impl Init {
     pub(crate) fn uniform(&mut self, shape: &[i64], bound: f64) -> Result<Tensor> {
         let n: i64 = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| ((self.rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
-        Ok(Tensor::f_from_slice(&values).torch()?.f_reshape(shape).torch()?)
+        Tensor::f_from_slice(&values).torch()?.f_reshape(shape).torch()
     }
 
     pub(crate) fn normal(&mut self, shape: &[i64]) -> Result<Tensor> {
         let n: i64 = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| self.rng.sample::<f32, _>(StandardNormal)).collect();
-        Ok(Tensor::f_from_slice(&values).torch()?.f_reshape(shape).torch()?)
+        Tensor::f_from_slice(&values).torch()?.f_reshape(shape).torch()
     }
 }
 
 /// Creates a trainable variable under `path` holding `init` (moved to the store's device).
 pub(crate) fn variable(path: &nn::Path, name: &str, init: Tensor) -> Result<Tensor> {
-    Ok(path.f_var_copy(name, &init).torch()?)
+    path.f_var_copy(name, &init).torch()
 }
 
 /// Matrix product `x @ w.T + b` in the chosen precision; the result is float32.

@@ -13,7 +13,7 @@ pub fn log_nb(x: &Tensor, mu: &Tensor, theta: &Tensor) -> Result<Tensor> {
     let a = theta.f_mul(&theta.f_add_scalar(LOG_EPS)?.f_log()?.f_sub(&log_theta_mu)?)?;
     let b = x.f_mul(&mu.f_add_scalar(LOG_EPS)?.f_log()?.f_sub(&log_theta_mu)?)?;
     let c = x.f_add(theta)?.f_lgamma()?.f_sub(&theta.f_lgamma()?)?.f_sub(&x.f_add_scalar(1.0)?.f_lgamma()?)?;
-    Ok(a.f_add(&b)?.f_add(&c)?)
+    a.f_add(&b)?.f_add(&c)
 }
 
 /// Zero-inflated negative binomial log-likelihood; `zi_logits` are the logits of the
@@ -32,7 +32,7 @@ pub fn log_zinb(x: &Tensor, mu: &Tensor, theta: &Tensor, zi_logits: &Tensor) -> 
         .f_sub(&theta.f_lgamma()?)?
         .f_sub(&x.f_add_scalar(1.0)?.f_lgamma()?)?;
     let zero = x.f_lt(LOG_EPS)?;
-    Ok(case_zero.f_where_self(&zero, &case_nonzero)?)
+    case_zero.f_where_self(&zero, &case_nonzero)
 }
 
 /// The non-zero entries of a batch of counts: row, column and value of each.
@@ -79,14 +79,14 @@ pub fn count_log_likelihood_sparse(
         .f_lgamma()?
         .f_sub(&theta_at.f_lgamma()?)?
         .f_sub(&entries.values.f_add_scalar(1.0)?.f_lgamma()?)?;
-    Ok(per_cell.f_index_add(0, &entries.rows, &gammas)?)
+    per_cell.f_index_add(0, &entries.rows, &gammas)
 }
 
 /// Gaussian log-density of `x` with mean `mean` and variance `var`.
 pub fn log_normal(x: &Tensor, mean: &Tensor, var: &Tensor) -> Result<Tensor> {
     let sq = x.f_sub(mean)?.f_square()?.f_div(&var.f_mul_scalar(2.0)?)?;
     let log_norm = var.f_mul_scalar(2.0 * std::f64::consts::PI)?.f_log()?.f_mul_scalar(0.5)?;
-    Ok(sq.f_add(&log_norm)?.f_neg()?)
+    sq.f_add(&log_norm)?.f_neg()
 }
 
 #[cfg(test)]
@@ -96,11 +96,11 @@ mod tests {
     use super::*;
 
     fn t(values: &[f64]) -> Result<Tensor> {
-        Ok(Tensor::f_from_slice(values)?.f_to_kind(Kind::Double)?)
+        Tensor::f_from_slice(values)?.f_to_kind(Kind::Double)
     }
 
     fn values(x: &Tensor) -> Result<Vec<f64>> {
-        Ok(Vec::<f64>::try_from(&x.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?)
+        Vec::<f64>::try_from(&x.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)
     }
 
     /// log NB(k; mu, theta) by hand: log of prod_{j<k} (theta + j) / k! * p^theta * (1-p)^k with
@@ -137,7 +137,7 @@ mod tests {
         let zero = log_nb(&t(&[0.0])?, &t(&[0.0])?, &t(&[1.5])?)?;
         assert!(values(&zero)?[0].abs() < 1e-6);
         // float32, as in training: large counts stay finite and close.
-        let f = |v: &[f64]| -> Result<Tensor> { Ok(t(v)?.f_to_kind(Kind::Float)?) };
+        let f = |v: &[f64]| -> Result<Tensor> { t(v)?.f_to_kind(Kind::Float) };
         let big = log_nb(&f(&[50_000.0])?, &f(&[49_000.0])?, &f(&[3.0])?)?;
         let want = nb_by_hand(50_000, 49_000.0, 3.0);
         let g = values(&big)?[0];

@@ -464,7 +464,7 @@ impl CpaModel {
         let lengths = perts.offsets.f_diff(1, 0, None::<&Tensor>, None::<&Tensor>).torch()?;
         let rows = Tensor::f_repeat_interleave(&lengths, perts.ids.size()[0]).torch()?;
         let dense = dense.f_index_put(&[Some(rows), Some(perts.ids.shallow_clone())], &scaled, true).torch()?;
-        Ok(dense.f_matmul(&table).torch()?)
+        dense.f_matmul(&table).torch()
     }
 
     /// Covariate embeddings of each covariate, cells x latent.
@@ -476,7 +476,7 @@ impl CpaModel {
                 self.covariate_embeddings.len()
             )));
         }
-        self.covariate_embeddings.iter().zip(codes).map(|(e, c)| Ok(e.f_index_select(0, c).torch()?)).collect()
+        self.covariate_embeddings.iter().zip(codes).map(|(e, c)| e.f_index_select(0, c).torch()).collect()
     }
 
     /// Composes the latents from `z_basal`, `z_pert` and per-covariate embeddings.
@@ -545,7 +545,7 @@ impl CpaModel {
             Generative::Counts { mu, theta, zi_logits: Some(pi) } => log_zinb(x, mu, theta, pi).torch()?,
             Generative::Gauss { mean, var } => log_normal(x, mean, var).torch()?,
         };
-        Ok(ll.f_sum_dim_intlist(-1, false, Kind::Float).torch()?)
+        ll.f_sum_dim_intlist(-1, false, Kind::Float).torch()
     }
 
     /// Perturbation-condition logits of the adversary.

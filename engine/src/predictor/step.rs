@@ -93,7 +93,7 @@ impl Predictor {
         tch::no_grad(|| -> cpa_stream_stages::Result<(Tensor, Vec<Tensor>)> {
             let covs = codes
                 .iter()
-                .map(|c| Ok(Tensor::f_from_slice(c).torch()?.f_to_device(device).torch()?))
+                .map(|c| Tensor::f_from_slice(c).torch()?.f_to_device(device).torch())
                 .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
             let mut latents = model.covariate_latents(&covs)?;
             if self.options.batch_corrected {

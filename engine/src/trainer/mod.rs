@@ -768,9 +768,9 @@ pub fn gradient_penalty(logits: &Tensor, z: &Tensor) -> Result<Tensor> {
     let grads = Tensor::f_run_backward(&[&sum], &[z], true, true).torch()?;
     let g = grads.into_iter().next().ok_or_else(|| Error::InvalidInput("no gradient for the penalty".into()))?;
     if !g.defined() {
-        return Ok(Tensor::f_zeros([], (z.kind(), z.device())).torch()?);
+        return Tensor::f_zeros([], (z.kind(), z.device())).torch();
     }
-    Ok(g.f_square().torch()?.f_mean(g.kind()).torch()?)
+    g.f_square().torch()?.f_mean(g.kind()).torch()
 }
 
 /// KL(N(mean, var) || N(0, I)), summed over latent dimensions, averaged over cells.
@@ -784,7 +784,7 @@ fn kl_standard_normal(mean: &Tensor, var: &Tensor) -> Result<Tensor> {
         .torch()?
         .f_mul_scalar(0.5)
         .torch()?;
-    Ok(per_dim.f_sum_dim_intlist(1, false, Kind::Float).torch()?.f_mean(Kind::Float).torch()?)
+    per_dim.f_sum_dim_intlist(1, false, Kind::Float).torch()?.f_mean(Kind::Float).torch()
 }
 
 fn accumulate(into: &mut Option<Vec<Option<Tensor>>>, grads: Vec<Tensor>) -> Result<()> {

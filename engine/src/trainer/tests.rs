@@ -99,11 +99,11 @@ fn same_weights(a: &CpaModel, b: &CpaModel) -> Result<bool> {
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.f_to_kind(Kind::Double).torch()?.f_double_value(&[]).torch()?)
+    t.f_to_kind(Kind::Double).torch()?.f_double_value(&[]).torch()
 }
 
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(&t.f_to_kind(Kind::Double).torch()?.f_flatten(0, -1).torch()?).torch()?)
+    Vec::<f64>::try_from(&t.f_to_kind(Kind::Double).torch()?.f_flatten(0, -1).torch()?).torch()
 }
 
 #[test]
@@ -684,10 +684,9 @@ fn perturbations_without_training_cells_keep_a_zero_embedding() -> Result<()> {
     train(&mut trainer, &batches, 3)?;
     let index = v.perturbation_index();
     let rows = trainer.with_published_weights(|m| {
-        m.perturbation_embeddings()
-            .and_then(|e| Ok(e.f_abs().torch()?.f_sum_dim_intlist(1, false, Kind::Float).torch()?))
+        m.perturbation_embeddings().and_then(|e| e.f_abs().torch()?.f_sum_dim_intlist(1, false, Kind::Float).torch())
     })??;
-    let row = |name: &str| -> Result<f64> { Ok(rows.f_double_value(&[i64::from(index[name])]).torch()?) };
+    let row = |name: &str| -> Result<f64> { rows.f_double_value(&[i64::from(index[name])]).torch() };
     assert_eq!(row("D")?, 0.0, "the untrained perturbation moved");
     for name in ["A", "B", "C", "ctrl"] {
         assert!(row(name)? > 0.0, "{name} has a zero embedding");
