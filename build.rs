@@ -1,9 +1,12 @@
-//! Makes the `cpa-stream` binary load the libtorch it was built against, CUDA included.
+//! Makes `cpa-stream-engine` (and this package's tests and examples) load the libtorch it was
+//! built against, CUDA included; the `cpa-stream` front needs no libtorch and loads none.
 //!
 //! torch-sys links libtorch, but (a) the linker's default `--as-needed` drops `libtorch_cuda.so`
 //! because no symbol of it is referenced directly, after which CUDA is silently unavailable at run
 //! time, and (b) it records no run path, so the binary would need `LD_LIBRARY_PATH`. This script
-//! links the libtorch libraries with `--no-as-needed` and records an rpath to their directory.
+//! records an rpath to their directory for every target, and links the libtorch libraries with
+//! `--no-as-needed` for the targets that run the model only (the engine, tests, examples): a
+//! `cargo:rustc-link-arg` would make the front load them too.
 
 use std::env;
 use std::path::PathBuf;
@@ -77,14 +80,22 @@ fn link_libtorch() {
         return;
     }
     let dir = lib_dir.display();
+    let libs: Vec<&str> = ["torch_cuda", "torch_cpu", "torch", "c10_cuda", "c10"]
+        .into_iter()
+        .filter(|lib| lib_dir.join(format!("lib{lib}.so")).exists())
+        .collect();
+    // Every target of the package gets the run path (doctests included, which take no
+    // target-specific arguments); on the front it only names a directory, from which nothing is
+    // loaded, because the front needs no library there.
     println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
-    println!("cargo:rustc-link-arg=-L{dir}");
-    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-    for lib in ["torch_cuda", "torch_cpu", "torch", "c10_cuda", "c10"] {
-        if lib_dir.join(format!("lib{lib}.so")).exists() {
-            println!("cargo:rustc-link-arg=-l{lib}");
+    for target in ["-bin=cpa-stream-engine=", "-tests=", "-examples="] {
+        let arg = |a: &str| println!("cargo:rustc-link-arg{target}{a}");
+        arg(&format!("-L{dir}"));
+        arg("-Wl,--no-as-needed");
+        for lib in &libs {
+            arg(&format!("-l{lib}"));
         }
+        arg("-Wl,--as-needed");
     }
-    println!("cargo:rustc-link-arg=-Wl,--as-needed");
     println!("cargo:rustc-env=CPA_STREAM_LIBTORCH_LIB={dir}");
 }

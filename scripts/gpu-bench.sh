@@ -3,7 +3,8 @@
 # model on preloaded batches, training through the pipeline against preloaded batches, peak
 # device memory, and the loader on the GPU machine's cores.
 #
-#   scripts/gpu-bench.sh build   here: a stripped release binary in .device/ (ignored by git),
+#   scripts/gpu-bench.sh build   here: the stripped release binaries (cpa-stream and the
+#                                cpa-stream-engine it hands the model to) in .device/ (ignored by git),
 #                                built against this checkout's PyPI torch 2.11.0
 #   scripts/gpu-bench.sh run     on a machine with libtorch 2.11.0 (CUDA) and no Rust: runs that
 #                                binary with the torch found in TORCH_LIB, or in /opt/torch/.venv
@@ -19,10 +20,12 @@ dev=.device
 case "${1:-}" in
 build)
   eval "$(scripts/bootstrap.sh)"
-  cargo build --release --locked --bin cpa-stream >&2
+  cargo build --release --locked --bin cpa-stream --bin cpa-stream-engine >&2
   mkdir -p "$dev"
-  strip -o "$dev/cpa-stream" "$CARGO_TARGET_DIR/release/cpa-stream"
-  ls -la "$dev/cpa-stream"
+  for b in cpa-stream cpa-stream-engine; do
+    strip -o "$dev/$b" "$CARGO_TARGET_DIR/release/$b"
+  done
+  ls -la "$dev/cpa-stream" "$dev/cpa-stream-engine"
   exit 0
   ;;
 run) ;;
@@ -33,7 +36,9 @@ run) ;;
 esac
 
 bin="$dev/cpa-stream"
-[ -x "$bin" ] || { echo "$bin: missing; run 'scripts/gpu-bench.sh build' first (and carry .device)" >&2; exit 1; }
+for b in "$bin" "$dev/cpa-stream-engine"; do
+  [ -x "$b" ] || { echo "$b: missing; run 'scripts/gpu-bench.sh build' first (and carry .device)" >&2; exit 1; }
+done
 if [ -z "${TORCH_LIB:-}" ]; then
   TORCH_LIB=$(ls -d /opt/torch/.venv/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1 || true)
 fi

@@ -4,8 +4,10 @@
 //!
 //! What belongs here and not in `cpa_stream_stages`: what runs on threads and channels (a
 //! stage's threads are owned by one crew: named after their [`Stage`], stopped and joined
-//! together, the first panic an error naming the stage), and the commands' computations.
-//! `cpa_stream_stages` holds the single-threaded pieces that know files and tensors.
+//! together, the first panic an error naming the stage), and the computations of the commands
+//! that need no model. `cpa_stream_stages` holds the single-threaded pieces that know files;
+//! `cpa_stream_engine` the model (libtorch) and the commands that run it. Neither this crate nor
+//! the stages link libtorch.
 //!
 //! Every command has one front door, the same shape for each: a `*Request` in its module's
 //! `request.rs` (serde, unknown fields refused; what the CLI's flags and the Python package's
@@ -20,17 +22,19 @@
 //! | memory-mapped matrix reader | `cpa_stream_stages::store` (`Store`, `RowCursor`) |
 //! | CSR perturbation encoder | [`encoder`] (labels, vocabularies, splits); its CSR builder is `cpa_stream_stages::model::PerturbationCsr` |
 //! | prefetching batcher with worker threads | [`batcher`] (epoch plans and the one gather-worker pool) |
-//! | libtorch trainer | `cpa_stream_stages::trainer` (`Trainer`), run by [`train`] |
-//! | libtorch predictor | [`predictor`] (`Predictor`) |
+//! | libtorch trainer | `cpa_stream_engine::trainer` (`Trainer`), run by `cpa_stream_engine::train` |
+//! | libtorch predictor | `cpa_stream_engine::predictor` (`Predictor`) |
 //! | Parquet sink | `cpa_stream_stages::sink` (`ParquetSink`) |
 //!
 //! Commands wire the stages and never import one another:
-//! [`synth`], [`import`], [`export`], [`convert`], [`train`], [`predict`], [`evaluate`],
-//! [`dose_response`], [`embeddings`] and the benchmarks ([`bench`](mod@bench)). Shared pieces:
+//! [`synth`], [`import`], [`export`], [`convert`] and the benchmarks that need no model
+//! ([`bench`](mod@bench)); the engine's commands are train, predict, evaluate, dose_response and
+//! embeddings. Shared pieces, the engine's too:
 //! [`request`] (what every request shares), [`obs`] (label columns, cell selection), [`run_dir`]
 //! (a training run's files), [`degs`] (DEG tables), [`stats`] (streaming moments and scores),
-//! [`plots`] (the drawing kit), [`telemetry`] (stage reports, memory) and [`progress`]; inside
-//! the crate, a trained model opened on a store and conditions' keys have rooms of their own.
+//! [`plots`] (the drawing kit), [`telemetry`] (stage reports, memory), [`progress`],
+//! [`condition`] (conditions' keys, the truth table) and [`model_options`] (the model commands'
+//! choices that command lines name).
 //! No module uses a sibling that uses it back (`tests/integration/layout.rs`).
 
 #![warn(missing_docs)]

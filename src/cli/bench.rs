@@ -1,20 +1,22 @@
-//! `cpa-stream bench`.
+//! `cpa-stream bench`: the flags of every benchmark, and those that need no model (reader,
+//! loader, sink).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
-use cpa_stream_engine::bench::{
-    DEFAULT_LOADER_BATCH_SIZE, DEFAULT_MODEL_CELLS, DEFAULT_MODEL_EPOCHS, DEFAULT_MODEL_GENES, DEFAULT_PRELOAD_MIB,
-    DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, DEFAULT_ROUNDS, DEFAULT_SINK_MIB, LoaderRound, ModelBenchOptions,
-    ReaderBenchOptions, SinkBenchOptions, TrainingBenchOptions, bench_loader, bench_loader_cold, bench_model,
-    bench_reader, bench_sink, bench_training,
-};
 use cpa_stream_pipeline::batcher::{
     DEFAULT_BLOCK_CELLS, DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, LoaderOptions, PlanOptions,
 };
-use cpa_stream_stages::model::config::{CpaConfig, DEFAULT_BATCH_SIZE, Precision};
+use cpa_stream_pipeline::bench::{
+    DEFAULT_LOADER_BATCH_SIZE, DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, DEFAULT_ROUNDS, DEFAULT_SINK_MIB,
+    LoaderRound, ReaderBenchOptions, SinkBenchOptions, bench_loader, bench_loader_cold, bench_reader, bench_sink,
+};
+use cpa_stream_pipeline::model_options::{
+    MODEL_BENCH_CELLS as DEFAULT_MODEL_CELLS, MODEL_BENCH_EPOCHS as DEFAULT_MODEL_EPOCHS,
+    MODEL_BENCH_GENES as DEFAULT_MODEL_GENES, PredictMode, TRAIN_BENCH_PRELOAD_MIB as DEFAULT_PRELOAD_MIB,
+};
+use cpa_stream_stages::model::config::{CpaConfig, DEFAULT_BATCH_SIZE};
 use cpa_stream_stages::store::{Access, Store};
 
 #[derive(Debug, Subcommand)]
@@ -49,158 +51,158 @@ pub enum BenchCommand {
 pub struct PredictBenchArgs {
     /// Run directory (or model directory).
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// Store with the source cells.
     #[arg(long)]
-    store: PathBuf,
+    pub(crate) store: PathBuf,
     /// Source cells: an expression over obs columns, or `all` [default: the control cells].
     #[arg(long)]
-    source: Option<String>,
+    pub(crate) source: Option<String>,
     /// A target (repeat for several) [default: each cell reconstructed under its own condition].
     #[arg(long)]
-    target: Vec<String>,
+    pub(crate) target: Vec<String>,
     /// Output modes, comma-separated (small, fast, aggregate; a round each).
     #[arg(long, value_delimiter = ',', default_value = "small,fast,aggregate")]
-    modes: Vec<cpa_stream_engine::bench::PredictMode>,
+    pub(crate) modes: Vec<PredictMode>,
     /// Repetitions of every mode (interleaved; medians reported).
     #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    pub(crate) repeats: usize,
     /// Threads that encode the file's row groups [default: as predict's].
     #[arg(long, value_name = "N")]
-    sink_threads: Option<usize>,
+    pub(crate) sink_threads: Option<usize>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// libtorch threads [default: as predict's].
     #[arg(long, value_parser = super::parse_threads)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Where the files go while written [default: the system's temporary directory].
     #[arg(long)]
-    dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
     /// Print the figures as JSON on stdout.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct SinkArgs {
     /// Genes per row, comma-separated (a round each).
     #[arg(long, value_delimiter = ',', default_value = "5000,20000")]
-    genes: Vec<usize>,
+    pub(crate) genes: Vec<usize>,
     /// Encoding threads, comma-separated (a round each).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
-    threads: Vec<usize>,
+    pub(crate) threads: Vec<usize>,
     /// Page encodings, comma-separated (small, fast; a round each).
     #[arg(long, value_delimiter = ',', default_value = "small,fast")]
-    profiles: Vec<cpa_stream_stages::sink::SinkProfile>,
+    pub(crate) profiles: Vec<cpa_stream_stages::sink::SinkProfile>,
     /// The float type written (f32 or f16).
     #[arg(long, default_value = "f32")]
-    values: cpa_stream_stages::sink::Values,
+    pub(crate) values: cpa_stream_stages::sink::Values,
     /// MiB of float32 values written per round.
     #[arg(long, default_value_t = DEFAULT_SINK_MIB)]
-    mib: usize,
+    pub(crate) mib: usize,
     /// Repetitions of every round (interleaved; medians reported).
     #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    pub(crate) repeats: usize,
     /// Where the files go while written [default: the system's temporary directory].
     #[arg(long)]
-    dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
     /// Print the figures as JSON on stdout.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Store directory (every cell trains).
-    store: PathBuf,
+    pub(crate) store: PathBuf,
     #[command(flatten)]
-    labels: super::LabelArgs,
+    pub(crate) labels: super::LabelArgs,
     /// Model configuration (TOML) [default: the reference's].
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Cells per batch [default: the configuration's].
     #[arg(long, value_parser = super::parse_batch_size)]
-    batch_size: Option<usize>,
+    pub(crate) batch_size: Option<usize>,
     /// fp32 or bf16 [default: the configuration's].
     #[arg(long)]
-    precision: Option<String>,
+    pub(crate) precision: Option<String>,
     /// Consecutive store cells the shuffle keeps together, or `auto` [default: the configuration's].
     #[arg(long, value_parser = super::parse_run_cells)]
-    shuffle_run_cells: Option<usize>,
+    pub(crate) shuffle_run_cells: Option<usize>,
     /// Rounds: an epoch through the pipeline and as many steps on the preloaded batches.
     #[arg(long, default_value_t = DEFAULT_ROUNDS)]
-    epochs: u32,
+    pub(crate) epochs: u32,
     /// Payload the preloaded batches may hold, in MiB (an epoch's first batches, reused in turn).
     #[arg(long, default_value_t = DEFAULT_PRELOAD_MIB)]
-    preload_mib: u64,
+    pub(crate) preload_mib: u64,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
     #[arg(long, value_parser = super::parse_threads)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Batcher worker threads [default: planned with --threads from the usable CPUs].
     #[arg(long, value_parser = super::parse_workers)]
-    workers: Option<usize>,
+    pub(crate) workers: Option<usize>,
     /// Batches buffered ahead of the trainer, per worker.
     #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
-    prefetch: usize,
+    pub(crate) prefetch: usize,
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct LoaderArgs {
     /// Store directory.
-    store: PathBuf,
+    pub(crate) store: PathBuf,
     #[command(flatten)]
-    labels: super::LabelArgs,
+    pub(crate) labels: super::LabelArgs,
     /// Cells per batch.
     #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_LOADER_BATCH_SIZE)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Batcher worker threads [default: available cores].
     #[arg(long, value_parser = super::parse_workers)]
-    workers: Option<usize>,
+    pub(crate) workers: Option<usize>,
     /// Batches buffered ahead of the consumer, per worker.
     #[arg(long, value_parser = super::parse_prefetch, default_value_t = DEFAULT_PREFETCH)]
-    prefetch: usize,
+    pub(crate) prefetch: usize,
     /// Epochs to time, each right after its own measurement of the memcpy and gather bounds.
     #[arg(long, default_value_t = DEFAULT_ROUNDS)]
-    epochs: u32,
+    pub(crate) epochs: u32,
     /// Contiguous cells shuffled as a unit.
     #[arg(long, default_value_t = DEFAULT_BLOCK_CELLS)]
-    block_cells: u64,
+    pub(crate) block_cells: u64,
     /// Blocks shuffled together before being cut into batches.
     #[arg(long, value_parser = super::parse_shuffle_blocks, default_value_t = DEFAULT_SHUFFLE_BLOCKS)]
-    shuffle_blocks: usize,
+    pub(crate) shuffle_blocks: usize,
     /// Most MiB of decoded blocks a compressed store's shuffle buffer holds.
     #[arg(long, value_parser = super::parse_buffer_mb, default_value_t = DEFAULT_BUFFER_BYTES >> 20)]
-    shuffle_buffer_mb: u64,
+    pub(crate) shuffle_buffer_mb: u64,
     /// Consecutive cells the in-buffer shuffle keeps together (training's
     /// `shuffle_run_cells`: 1 shuffles single cells; `auto` chooses from the store's order as
     /// training does).
     #[arg(long, default_value = "auto", value_parser = super::parse_run_cells)]
-    shuffle_run_cells: usize,
+    pub(crate) shuffle_run_cells: usize,
     /// Hand each batch on dense (cells x genes f32 on the host, as a loader yielding numpy arrays
     /// does) instead of as CSR.
     #[arg(long)]
-    dense: bool,
+    pub(crate) dense: bool,
     /// Read from disk: before each epoch drop the store's files from the page cache
     /// (`posix_fadvise(DONTNEED)`), time the disk's sequential read of them as the bound, drop
     /// them again and time the loader's epoch (no memcpy or gather bounds).
     #[arg(long)]
-    cold: bool,
+    pub(crate) cold: bool,
     /// With --cold: the access advice (`madvise`) given to the store's maps before each epoch.
     #[arg(long, value_enum, default_value_t = AdviceArg::Normal, requires = "cold")]
-    advice: AdviceArg,
+    pub(crate) advice: AdviceArg,
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// `madvise` advice for `bench loader --cold`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum AdviceArg {
+pub(crate) enum AdviceArg {
     /// The kernel's default read-around.
     Normal,
     /// No read-ahead.
@@ -215,134 +217,65 @@ enum AdviceArg {
 pub struct ModelArgs {
     /// Cells of the synthetic atlas (held in memory).
     #[arg(long, default_value_t = DEFAULT_MODEL_CELLS)]
-    cells: u64,
+    pub(crate) cells: u64,
     /// Genes of the synthetic atlas.
     #[arg(long, default_value_t = DEFAULT_MODEL_GENES)]
-    genes: u32,
+    pub(crate) genes: u32,
     /// Cells per batch.
     #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_BATCH_SIZE)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Timed epochs (after one warm-up epoch).
     #[arg(long, default_value_t = DEFAULT_MODEL_EPOCHS)]
-    epochs: u32,
+    pub(crate) epochs: u32,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// fp32 or bf16.
     #[arg(long, default_value = "fp32")]
-    precision: String,
+    pub(crate) precision: String,
     /// libtorch threads [default: libtorch's choice].
     #[arg(long, value_parser = super::parse_threads)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Model configuration (TOML) [default: the reference architecture].
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct ReaderArgs {
     /// Store directory.
-    store: PathBuf,
+    pub(crate) store: PathBuf,
     /// Rows per batch.
     #[arg(long, value_parser = super::parse_batch_size, default_value_t = DEFAULT_READER_BATCH_SIZE)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Reader threads [default: available cores].
     #[arg(long, value_parser = super::parse_threads)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Repetitions per measurement (the best is reported).
     #[arg(long, default_value_t = DEFAULT_REPEATS)]
-    repeats: usize,
+    pub(crate) repeats: usize,
     /// Rows of the random-gather pass [default: all rows of a raw store, 2,048 of a zstd store].
     #[arg(long)]
-    random_rows: Option<u64>,
+    pub(crate) random_rows: Option<u64>,
     /// Seed of the random order.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Print JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Reader(args) => reader(args),
-        BenchCommand::Model(args) => model(args),
         BenchCommand::Loader(args) => loader(args),
-        BenchCommand::Train(args) => train(args),
         BenchCommand::Sink(args) => sink(args),
-        BenchCommand::Predict(args) => predict(args),
-    }
-}
-
-fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let mut config = match &args.config {
-        Some(path) => CpaConfig::from_file(path)?,
-        None => CpaConfig::default(),
-    };
-    if let Some(b) = args.batch_size {
-        config.training.batch_size = b;
-    }
-    if let Some(p) = &args.precision {
-        config.training.precision = parse_precision(p)?;
-    }
-    if let Some(k) = args.shuffle_run_cells {
-        config.training.shuffle_run_cells = k;
-    }
-    config.validate().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-    let (device, workers) = super::model_device(&args.device, args.threads, args.workers)?;
-    let options = TrainingBenchOptions {
-        store: args.store.clone(),
-        encoder: args.labels.all_training(config.model.max_comb_len),
-        device,
-        config,
-        loader: LoaderOptions { workers, prefetch: args.prefetch.max(1), ..LoaderOptions::default() },
-        epochs: args.epochs,
-        preload_bytes: args.preload_mib.saturating_mul(1 << 20),
-    };
-    let r = bench_training(&options).with_context(|| format!("benchmarking training on {}", args.store.display()))?;
-    if args.json {
-        jsonln!(&r);
-        return Ok(ExitCode::SUCCESS);
-    }
-    outln!(
-        "{}: {} cells x {} genes, batch {}, runs of {} cells, {} workers, {} {}, {} threads; {} batches ({} cells) \
-         preloaded",
-        r.store,
-        r.cells,
-        r.genes,
-        r.batch_size,
-        r.run_cells,
-        r.workers,
-        r.device,
-        r.precision,
-        r.threads,
-        r.preloaded_batches,
-        r.preloaded_cells
-    );
-    outln!(
-        "through the pipeline {:.0} cells/s; on preloaded batches {:.0} cells/s; ratio {:.2}",
-        r.pipeline_cells_per_s,
-        r.preloaded_cells_per_s,
-        r.ratio
-    );
-    let ratios: Vec<String> = r.rounds.iter().map(|round| format!("{:.2}", round.ratio)).collect();
-    let waits: Vec<String> = r.rounds.iter().map(|round| format!("{:.2}", round.trainer_blocked_s)).collect();
-    outln!("per epoch: ratio {}; trainer waited {} s for batches", ratios.join(" "), waits.join(" "));
-    if let Some(memory) = r.device_memory {
-        outln!("{memory}");
-    }
-    out!("{}", r.report.render());
-    Ok(ExitCode::SUCCESS)
-}
-
-fn parse_precision(name: &str) -> anyhow::Result<Precision> {
-    match name {
-        "fp32" => Ok(Precision::Fp32),
-        "bf16" => Ok(Precision::Bf16),
-        other => anyhow::bail!("--precision {other:?}: expected fp32 or bf16"),
+        BenchCommand::Model(args) => crate::model_commands::bench_model(args),
+        BenchCommand::Train(args) => crate::model_commands::bench_train(args),
+        BenchCommand::Predict(args) => crate::model_commands::bench_predict(args),
     }
 }
 
@@ -446,52 +379,6 @@ fn loader(args: LoaderArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
-    let precision = parse_precision(&args.precision)?;
-    let config = match &args.config {
-        Some(path) => CpaConfig::from_file(path)?,
-        None => CpaConfig::default(),
-    };
-    let options = ModelBenchOptions {
-        cells: args.cells,
-        genes: args.genes,
-        batch_size: args.batch_size,
-        epochs: args.epochs,
-        device: cpa_stream_engine::device::parse(&args.device)?,
-        precision,
-        threads: args.threads.unwrap_or(0),
-        config,
-        seed: 0,
-    };
-    let r = bench_model(&options)?;
-    if args.json {
-        jsonln!(&r);
-        return Ok(ExitCode::SUCCESS);
-    }
-    outln!(
-        "model: {} cells x {} genes, batch {}, {} {}, {} threads, {} parameters",
-        r.cells,
-        r.genes,
-        r.batch_size,
-        r.device,
-        r.precision,
-        r.threads,
-        r.parameters
-    );
-    outln!(
-        "{} epochs in {:.2} s: {:.0} cells/s, {:.2} ms per batch (final reconstruction loss {:.1})",
-        r.epochs,
-        r.seconds,
-        r.cells_per_s,
-        r.ms_per_batch,
-        r.final_recon_loss
-    );
-    if let Some(memory) = r.device_memory {
-        outln!("{memory}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     let limit = |what: &str, values: &[usize], max: usize| -> anyhow::Result<()> {
         match values.iter().find(|&&v| v == 0 || v > max) {
@@ -543,61 +430,6 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
         );
     }
     outln!("(MB/s of float32 values taken in; medians of {} interleaved repetitions)", options.repeats.max(1));
-    Ok(ExitCode::SUCCESS)
-}
-
-fn predict(args: PredictBenchArgs) -> anyhow::Result<ExitCode> {
-    use cpa_stream_engine::predict::PredictRequest;
-    use cpa_stream_pipeline::request::Compute;
-    let request = PredictRequest {
-        model: args.model.clone(),
-        store: args.store.clone(),
-        source: args.source.clone(),
-        targets: args.target.clone(),
-        sink_threads: args.sink_threads,
-        compute: Compute { device: args.device.clone(), threads: args.threads, workers: None },
-        ..PredictRequest::default()
-    };
-    let base = request.options()?;
-    let r = cpa_stream_engine::bench::bench_predict(&base, &args.modes, args.repeats, args.dir.as_deref())?;
-    if args.json {
-        jsonln!(&r);
-        return Ok(ExitCode::SUCCESS);
-    }
-    outln!("{} genes per row; sink threads {}; {} CPUs", r.genes, r.sink_threads, r.cpus);
-    outln!(
-        "{:>9} {:>12} {:>8} {:>9} {:>12} {:>12} {:>12} {:>11} {:>11} {:>10}",
-        "mode",
-        "predictions",
-        "rows",
-        "wall s",
-        "per s",
-        "predictor/s",
-        "sink/s",
-        "sink share",
-        "bottleneck",
-        "file MB"
-    );
-    for round in &r.rounds {
-        outln!(
-            "{:>9} {:>12} {:>8} {:>9.2} {:>12.0} {:>12.0} {:>12.0} {:>10.1}% {:>11} {:>10.1}",
-            format!("{:?}", round.mode).to_lowercase(),
-            round.predictions,
-            round.rows,
-            round.seconds,
-            round.per_s,
-            round.predictor_per_s,
-            round.sink_per_s,
-            100.0 * round.sink_share,
-            round.bottleneck,
-            round.file_bytes as f64 / 1e6
-        );
-    }
-    outln!(
-        "(cell predictions per second of wall time, and of each stage's busy time; medians of {} interleaved \
-         repetitions)",
-        args.repeats.max(1)
-    );
     Ok(ExitCode::SUCCESS)
 }
 

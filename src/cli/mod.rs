@@ -1,4 +1,7 @@
-//! Subcommands of the `cpa-stream` binary.
+//! The command line of both binaries: `cpa-stream`, the front, runs the commands that need no
+//! model and hands the others (`crate::model_commands`) to `cpa-stream-engine`, which runs every
+//! command with libtorch loaded. Both parse the same command line (this module), so help, usage
+//! errors and `--version` are the same, and immediate, from the front.
 
 /// `println!` of a result line: nothing with `--quiet`, and an error instead of a panic when
 /// stdout is closed (`| head`).
@@ -29,16 +32,16 @@ macro_rules! jsonln {
     }};
 }
 
-mod bench;
-mod evaluate;
+pub(crate) mod bench;
+pub(crate) mod evaluate;
 mod h5ad;
-mod info;
-mod predict;
+pub(crate) mod info;
+pub(crate) mod predict;
 mod progress;
-mod signals;
+pub mod start;
 mod store;
 mod synth;
-mod train;
+pub(crate) mod train;
 
 use std::process::ExitCode;
 
@@ -49,16 +52,16 @@ use cpa_stream_pipeline::encoder::{DEFAULT_CONTROL, DEFAULT_PERTURBATION_KEY, En
 pub struct LabelArgs {
     /// obs column of the perturbation condition (`drugA+drugB`) [default: condition].
     #[arg(long)]
-    perturbation_key: Option<String>,
+    pub(crate) perturbation_key: Option<String>,
     /// obs column of the doses (`0.1+1`); without it every part has dose 1.
     #[arg(long)]
-    dose_key: Option<String>,
+    pub(crate) dose_key: Option<String>,
     /// Name of the control condition [default: control].
     #[arg(long)]
-    control: Option<String>,
+    pub(crate) control: Option<String>,
     /// Categorical covariates (comma-separated obs columns).
     #[arg(long, value_delimiter = ',')]
-    covariates: Vec<String>,
+    pub(crate) covariates: Vec<String>,
 }
 
 impl LabelArgs {
@@ -76,7 +79,7 @@ impl LabelArgs {
     }
 
     /// Every cell in training, none held out (the benchmarks).
-    fn all_training(self, max_comb_len: usize) -> EncoderOptions {
+    pub(crate) fn all_training(self, max_comb_len: usize) -> EncoderOptions {
         self.encoder(None, SplitSpec::all_training(), max_comb_len)
     }
 }
@@ -141,16 +144,17 @@ pub fn verbose() -> bool {
 /// Whether `--print-request` was given.
 static PRINT_REQUEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Whether this command line only prints its request (`--print-request`).
+#[allow(dead_code, reason = "read by the engine's train; the front hands train over")]
+pub(crate) fn printing_request() -> bool {
+    PRINT_REQUEST.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A command as every command runs: with `--print-request`, `request` printed as JSON and
 /// nothing run; else the request resolved into options (`options`) and run (`run`) with
 /// progress shown, errors with the context `what` says. With `json` the report is printed as
 /// JSON. `Some(report)` when there is text to print; `None` when the command is done.
-/// Whether this command line only prints its request (`--print-request`).
-fn printing_request() -> bool {
-    PRINT_REQUEST.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-fn run_request<R: serde::Serialize, O, T: serde::Serialize>(
+pub(crate) fn run_request<R: serde::Serialize, O, T: serde::Serialize>(
     request: &R,
     options: impl FnOnce(&R) -> cpa_stream_pipeline::Result<O>,
     run: impl FnOnce(&O, &cpa_stream_pipeline::RunContext) -> cpa_stream_pipeline::Result<T>,
@@ -175,7 +179,7 @@ fn run_request<R: serde::Serialize, O, T: serde::Serialize>(
 /// The end of a command's results: with `--verbose` every stage's report; otherwise one line of
 /// time and peak memory, and the stage table only when a feeding stage held the run up (busy
 /// for most of a run of some length), with one line saying so.
-fn print_report(report: &cpa_stream_pipeline::RunReport) -> anyhow::Result<()> {
+pub(crate) fn print_report(report: &cpa_stream_pipeline::RunReport) -> anyhow::Result<()> {
     if verbose() {
         out!("{}", report.render());
         return Ok(());
@@ -307,18 +311,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     match args.command {
-        Command::Info(a) => info::run(a),
+        Command::Info(a) => crate::model_commands::info(a),
         Command::Synth(a) => synth::run(a),
         Command::Inspect(a) => store::inspect(a),
         Command::Verify(a) => store::verify(a),
         Command::Convert(a) => store::convert(a),
         Command::Import(a) => h5ad::import(a),
         Command::Export(a) => h5ad::export(a),
-        Command::Train(a) => train::run(a),
-        Command::Predict(a) => predict::run(a),
-        Command::Evaluate(a) => evaluate::run(a),
-        Command::Embeddings(a) => evaluate::embeddings(a),
-        Command::DoseResponse(a) => evaluate::dose_response(a),
+        Command::Train(a) => crate::model_commands::train(a),
+        Command::Predict(a) => crate::model_commands::predict(a),
+        Command::Evaluate(a) => crate::model_commands::evaluate(a),
+        Command::Embeddings(a) => crate::model_commands::embeddings(a),
+        Command::DoseResponse(a) => crate::model_commands::dose_response(a),
         Command::Bench(a) => bench::run(a),
         Command::Completions { shell } => {
             let mut command = <Args as clap::CommandFactory>::command();
@@ -389,14 +393,6 @@ fn parse_batch_size(value: &str) -> Result<usize, String> {
     bounded(value, 1, MAX_BATCH_SIZE, "cells per batch")
 }
 
-/// The device named on the command line, checked to exist, and the run's threads planned
-/// ([`threads::plan`]): libtorch's set from `--threads` or the plan, the batcher's workers
-/// returned (`--workers` or the plan). On the CPU without both flags, the plan first watches the
-/// CPUs for [`threads::SAMPLE`] to see how busy other processes keep them.
-fn model_device(name: &str, threads: Option<usize>, workers: Option<usize>) -> anyhow::Result<(tch::Device, usize)> {
-    Ok(cpa_stream_engine::threads::configure(name, threads, workers)?)
-}
-
 /// The log levels a filter directive may name.
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
@@ -459,4 +455,55 @@ impl std::io::Write for LogWriter {
             other => other,
         }
     }
+}
+
+/// The program after its start-up (`start`): the command line parsed and run, an error printed.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    // Arguments are OS strings (a path may hold any byte but NUL); provenance records them
+    // lossily, with U+FFFD where a byte is not UTF-8.
+    cpa_stream_stages::provenance::set(
+        VERSION_LINE,
+        &cpa_stream_stages::provenance::shell_words(std::env::args_os().map(|a| a.to_string_lossy().into_owned())),
+    );
+    if let Err(err) = init_logging(&args) {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "error: {err}");
+        // A usage error, as clap reports a bad flag.
+        return ExitCode::from(2);
+    }
+    cpa_stream_stages::store::explain_sigbus();
+    // A damaged .h5ad can make the HDF5 library loop forever: end with an error instead.
+    cpa_stream_stages::h5ad::watchdog::install(None);
+    match run(args) {
+        Ok(code) => code,
+        // A closed stdout (`cpa-stream inspect S | head`) ends the output, not the program's success.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Not `eprintln!`: it panics when stderr is closed (`... 2>&1 | head -1`).
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "error: {}", message(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// The error and its causes, each cause only once: library errors already carry their source's
+/// text, which anyhow's `{:#}` would repeat.
+fn message(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
 }

@@ -10,7 +10,7 @@
 //!   batches, the model file); the model, its training and its weights are `cpa-stream-engine`'s.
 //! - [`sink`]: the Parquet sink (bounded row groups, zstd, complete or absent).
 //!
-//! What belongs here: single-threaded pieces that know files and tensors, each doing one thing
+//! What belongs here: single-threaded pieces that know files, each doing one thing
 //! to what it is handed. Stages never start threads of their own for a run, nor wire
 //! themselves together: the `cpa-stream-pipeline` crate connects them with bounded channels,
 //! owns their threads, and holds the commands.

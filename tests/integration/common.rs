@@ -29,9 +29,14 @@ pub fn anndata_archives() -> PathBuf {
     repo_root().join("tests/fixtures/anndata-archives")
 }
 
-/// Path of the built `cpa-stream` binary.
+/// Path of the built `cpa-stream` binary (the front).
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cpa-stream"))
+}
+
+/// Path of the built `cpa-stream-engine` binary (the model commands, with libtorch).
+pub fn engine_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cpa-stream-engine"))
 }
 
 /// Runs the binary with `args` and no `LD_LIBRARY_PATH` (the rpath must suffice).

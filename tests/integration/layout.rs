@@ -262,6 +262,19 @@ fn the_commands_never_use_one_another() {
     assert!(crossing.is_empty(), "commands using another command:\n{}", crossing.join("\n"));
 }
 
+/// Only the engine links libtorch: the crates beneath it, and so the `cpa-stream` front, do not
+/// depend on tch or torch-sys (the front's start without libtorch is checked in `link.rs`).
+#[test]
+fn only_the_engine_depends_on_libtorch() {
+    for krate in ["schemas", "stages", "pipeline"] {
+        let manifest = std::fs::read_to_string(repo_root().join(krate).join("Cargo.toml")).unwrap();
+        for line in manifest.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+            let name = line.split(['=', '.', ' ']).next().unwrap_or("");
+            assert!(!matches!(name, "tch" | "torch-sys"), "{krate}/Cargo.toml depends on libtorch: {line}");
+        }
+    }
+}
+
 #[test]
 fn the_circle_check_finds_circles_and_reads_use_trees() {
     assert_eq!(

@@ -1,5 +1,7 @@
-//! The binary loads the libtorch it was built against, with CUDA, and no LD_LIBRARY_PATH.
+//! The engine loads the libtorch it was built against, with CUDA, and no LD_LIBRARY_PATH; the
+//! front loads none, and hands the model commands to the engine.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::Command;
 
@@ -10,8 +12,8 @@ fn libtorch_lib() -> &'static Path {
 }
 
 #[test]
-fn binary_records_libtorch_cuda_and_a_run_path() {
-    let out = match Command::new("readelf").arg("-d").arg(bin()).output() {
+fn engine_records_libtorch_cuda_and_a_run_path() {
+    let out = match Command::new("readelf").arg("-d").arg(engine_bin()).output() {
         Ok(out) => out,
         Err(e) => {
             eprintln!("SKIP: readelf not available ({e})");
@@ -58,4 +60,63 @@ fn info_reports_the_loaded_libtorch() {
     }
     let text_out = run(&["info"]);
     assert!(text(&text_out.stdout).contains("libtorch         2.11.0"));
+}
+
+/// The libraries the dynamic loader loads for `binary --version` (glibc's `LD_DEBUG=libs`), or
+/// `None` where the loader ignores the variable.
+fn loaded_libraries(binary: &Path) -> Option<String> {
+    let out = Command::new(binary).arg("--version").env("LD_DEBUG", "libs").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let log = text(&out.stderr);
+    log.contains("libc.so").then_some(log)
+}
+
+#[test]
+fn the_front_starts_without_libtorch_and_the_engine_with_it() {
+    let (Some(front), Some(engine)) = (loaded_libraries(&bin()), loaded_libraries(&engine_bin())) else {
+        eprintln!("SKIP: the dynamic loader ignores LD_DEBUG here");
+        return;
+    };
+    assert!(!front.contains("libtorch") && !front.contains("libc10"), "the front loads libtorch:\n{front}");
+    assert!(engine.contains("libtorch_cpu.so"), "the engine does not load libtorch:\n{engine}");
+}
+
+#[test]
+fn the_front_hands_model_commands_to_the_engine() {
+    // `info` runs in the engine: it reports the libtorch loaded (see above), through the front.
+    let out = run(&["info", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(info["libtorch_path"].as_str().is_some_and(|p| p.contains("libtorch_cpu")), "{info}");
+    // Usage errors and help come from the front, the same as the engine's.
+    for args in [&["train", "--no-such-flag"][..], &["predict", "--help"][..]] {
+        let front = run(args);
+        let engine = Command::new(engine_bin()).arg0("cpa-stream").args(args).output().unwrap();
+        assert_eq!(front.status.code(), engine.status.code(), "{args:?}");
+        assert_eq!(text(&front.stdout), text(&engine.stdout), "{args:?}");
+        assert_eq!(text(&front.stderr), text(&engine.stderr), "{args:?}");
+    }
+}
+
+#[test]
+fn a_front_without_its_engine_says_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let lone = dir.path().join("cpa-stream");
+    std::fs::copy(bin(), &lone).unwrap();
+    // The commands that need no model run.
+    let out = Command::new(&lone)
+        .args(["synth", "--cells", "200", "--genes", "10", "--perturbations", "2", "--out"])
+        .arg(dir.path().join("s.store"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = Command::new(&lone)
+        .args(["train", "--store", "s.store", "--out", "run"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("cpa-stream-engine is missing") && err.contains("cargo install"), "{err}");
+    assert!(!dir.path().join("run").exists());
 }

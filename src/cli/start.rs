@@ -1,0 +1,82 @@
+//! What both binaries do as they start, before the command line is parsed: the allocator's
+//! thresholds, and libgomp's wait policy for the model commands.
+
+use std::ffi::OsString;
+
+// The CPUs busy elsewhere, as measured at start.
+use cpa_stream_pipeline::threads::{self, BUSY_CPUS_VAR as BUSY_VAR};
+
+/// glibc's allocator by default serves every allocation above a threshold that starts at 128 KiB
+/// from a fresh `mmap` and gives freed heap back to the system past 128 KiB: the sink's pages and
+/// column chunks (megabytes, made and dropped per row group) then cost a page fault and a zeroed
+/// page per 4 KiB every time. Measured with `cpa-stream bench sink --genes 5000 --threads 1
+/// --profiles fast --mib 256` (3 interleaved runs on 2026-11-25, the fidelity harness running
+/// beside): 413-451 MB/s as glibc sets it, 517-544 MB/s with allocations below 32 MiB kept in the
+/// heap and 256 MiB of freed heap kept for reuse, the same peak RSS (859 MiB). Left as it is when
+/// the user tunes the allocator (`GLIBC_TUNABLES`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`).
+pub fn reuse_freed_buffers() {
+    const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+    const TRIM_THRESHOLD: libc::c_int = 256 << 20;
+    let tuned = ["GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some());
+    if tuned {
+        return;
+    }
+    // SAFETY: mallopt only changes the allocator's thresholds; called before any other thread
+    // exists. A value it refuses leaves the default (its return value is not needed).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}
+
+/// Commands that run the model, whose OpenMP threads may need to wait passively.
+const MODEL_COMMANDS: [&str; 4] = ["train", "predict", "evaluate", "bench"];
+
+/// The environment a model command's libtorch should start with, or `None` when there is
+/// nothing to set.
+///
+/// libtorch's OpenMP runtime (libgomp) reads its wait policy once, when it is loaded, before
+/// `main` runs. By default an idle OpenMP thread spins for about 300,000 rounds before it sleeps:
+/// the fastest on idle cores, but on cores shared with other processes the spinning takes the
+/// time the step's other threads need (a quarter of the idle throughput, measured; see
+/// [`cpa_stream_pipeline::threads`]). So a model command first watches the CPUs for
+/// [`threads::SAMPLE`]; the measurement is passed on in [`BUSY_VAR`] (so that the thread plan need
+/// not watch again), and when at least [`threads::BUSY`] CPUs are busy elsewhere libtorch must
+/// start with `OMP_WAIT_POLICY=PASSIVE`: the front sets it for the engine it starts, the engine
+/// started directly executes itself again with it. Nothing is set when the user set
+/// `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`, when the measurement was already made, for the commands
+/// that run no model, or on a GPU (`--device cuda...`).
+pub fn openmp_environment(args: &[OsString]) -> Option<OpenMpEnvironment> {
+    let set = |name: &str| std::env::var_os(name).is_some();
+    if set("OMP_WAIT_POLICY") || set("GOMP_SPINCOUNT") || set(BUSY_VAR) {
+        return None;
+    }
+    let command = args.iter().find(|a| !a.to_string_lossy().starts_with('-'));
+    let on_gpu = args.iter().any(|a| a.to_string_lossy().contains("cuda"));
+    if on_gpu || !command.is_some_and(|c| MODEL_COMMANDS.iter().any(|m| c == *m)) {
+        return None;
+    }
+    let busy = threads::busy_elsewhere(threads::SAMPLE);
+    Some(OpenMpEnvironment { busy: format!("{busy:.2}"), passive: busy >= threads::BUSY })
+}
+
+/// What [`openmp_environment`] measured and decided.
+pub struct OpenMpEnvironment {
+    /// CPUs busy with other processes, for [`BUSY_VAR`].
+    pub busy: String,
+    /// Whether libgomp must start with `OMP_WAIT_POLICY=PASSIVE`.
+    pub passive: bool,
+}
+
+impl OpenMpEnvironment {
+    /// The variables to set.
+    pub fn vars(&self) -> Vec<(&'static str, &str)> {
+        let mut vars = vec![(BUSY_VAR, self.busy.as_str())];
+        if self.passive {
+            vars.push(("OMP_WAIT_POLICY", "PASSIVE"));
+        }
+        vars
+    }
+}

@@ -1,0 +1,159 @@
+//! `cpa-stream evaluate`, `embeddings` and `dose-response`: the requests their flags make, the runs
+//! and their reports.
+
+use std::process::ExitCode;
+
+use cpa_stream_engine::dose_response::{self, DoseResponseRequest};
+use cpa_stream_engine::embeddings::{self, EmbeddingsRequest};
+use cpa_stream_engine::evaluate::{self, EvaluateRequest, MetricSet, render_table};
+use cpa_stream_pipeline::request::{Compute, Naming};
+
+use crate::cli;
+use crate::cli::evaluate::{DoseResponseArgs, EmbeddingsArgs, EvaluateArgs};
+
+impl EvaluateArgs {
+    /// The request these flags make.
+    pub fn request(&self) -> EvaluateRequest {
+        EvaluateRequest {
+            model: self.model.clone(),
+            store: self.store.clone(),
+            out: self.out.clone(),
+            split: self.split.clone(),
+            truth: self.truth.clone(),
+            degs: self.degs.clone(),
+            min_cells: self.min_cells,
+            definitions: self.definitions.clone(),
+            expected_log1p: self.expected_log1p,
+            plots: !self.no_plots,
+            overwrite: self.overwrite,
+            batch_size: self.batch_size,
+            compute: Compute { device: self.device.clone(), threads: self.threads, workers: None },
+            naming: Naming::Flags,
+        }
+    }
+}
+
+pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
+    let what = || format!("evaluating {} on {}", args.model.display(), args.store.display());
+    let Some(report) = cli::run_request(&args.request(), EvaluateRequest::options, evaluate::run, args.json, what)?
+    else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    outln!(
+        "{} conditions evaluated on the {} split of {} (log1p means; R2 over genes; ctrl_bl, top20_bl: the control mean \
+         as the prediction; lin_bl: the linear baseline; ceiling: half the real cells predicting the other half; p_delta: Pearson of the change \
+         from the control; disc_l1: rank of the true condition, 0 best)",
+        report.conditions.len(),
+        report.split,
+        args.store.display()
+    );
+    out!("{}", render_table(&report, args.metrics));
+    if args.metrics == MetricSet::All {
+        outln!(
+            "cos_lfc, rk_rmse: PerturBench's cosine of log fold changes and rank by RMSE (0 best); energy, en_bl: \
+             energy distance of the predicted and of the control cells to the real ones; de_rec, de_prec, de_auc: \
+             cell-eval's DE agreement (Wilcoxon on sampled cells; recall, precision, ROC AUC); uncert: distance to \
+             the training conditions (docs/evaluation.md has every column)"
+        );
+    }
+    outln!("DEGs: {}", deg_sources(&report));
+    outln!(
+        "written: {}/metrics.parquet, summary.json, degs.parquet{}",
+        args.out.display(),
+        if args.no_plots { "" } else { ", plots/, overview.svg and overview.png" }
+    );
+    cli::print_report(&report.report)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where each condition's DEGs came from, counted: an evaluation always says which DEGs it used.
+fn deg_sources(report: &cpa_stream_engine::evaluate::EvaluateReport) -> String {
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for c in &report.conditions {
+        *counts.entry(c.deg_source.as_str()).or_default() += 1;
+    }
+    let what = |source: &str| match source {
+        "store" => "the store's DEG table (imported from the .h5ad's uns)",
+        "file" => "the --degs table",
+        "computed" => "computed here (Welch t of the condition's cells against the controls)",
+        "truth" => "the synthetic atlas's true changes",
+        "mean difference" => "the reference's (difference of the condition's mean from the control mean)",
+        _ => "none (no DEG metrics)",
+    };
+    counts.iter().map(|(s, n)| format!("{} for {n} condition(s)", what(s))).collect::<Vec<_>>().join("; ")
+}
+
+pub fn embeddings(args: EmbeddingsArgs) -> anyhow::Result<ExitCode> {
+    let request = EmbeddingsRequest {
+        model: args.model.clone(),
+        out: Some(args.out.clone()),
+        overwrite: args.overwrite,
+        naming: Naming::Flags,
+    };
+    let what = || format!("embeddings of {}", args.model.display());
+    let Some(report) = cli::run_request(&request, EmbeddingsRequest::options, embeddings::run, args.json, what)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    outln!(
+        "{}: {} perturbations and {} covariate categories, {} latent dimensions each \
+         (perturbations.parquet, covariates.parquet)",
+        args.out.display(),
+        report.perturbations,
+        report.covariate_categories,
+        report.width
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+impl DoseResponseArgs {
+    /// The request these flags make.
+    pub fn request(&self) -> DoseResponseRequest {
+        DoseResponseRequest {
+            model: self.model.clone(),
+            out: self.out.clone(),
+            store: self.store.clone(),
+            perturbations: self.perturbations.clone(),
+            doses: self.doses.clone(),
+            genes: self.genes.clone(),
+            covariates: self.covariate.clone(),
+            cells: self.cells,
+            seed: self.seed,
+            plots: !self.no_plots,
+            overwrite: self.overwrite,
+            compute: Compute { device: self.device.clone(), threads: self.threads, workers: None },
+            naming: Naming::Flags,
+        }
+    }
+}
+
+pub fn dose_response(args: DoseResponseArgs) -> anyhow::Result<ExitCode> {
+    let what = || format!("dose response of {}", args.model.display());
+    let Some(report) =
+        cli::run_request(&args.request(), DoseResponseRequest::options, dose_response::run, args.json, what)?
+    else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    outln!(
+        "{}: latent curves of {} perturbations ({} points){}",
+        args.out.display(),
+        report.perturbations,
+        report.latent_points,
+        if report.decoded_points > 0 {
+            format!(
+                "; decoded curves in {} covariate combination(s) ({} points, {} of the sampled control cells)",
+                report.covariate_combinations, report.decoded_points, report.space
+            )
+        } else {
+            String::new()
+        }
+    );
+    if report.truth_curves > 0 {
+        outln!(
+            "against the truth table ({} curves): R2 of the per-gene changes {:.3}, of the response length {:.3}",
+            report.truth_curves,
+            report.r2_truth_delta,
+            report.r2_truth_response
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
