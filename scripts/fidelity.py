@@ -93,15 +93,38 @@ def prepare(a):
     import anndata
     import numpy as np
     import pandas as pd
+    import scipy.sparse as sp
 
     os.makedirs(a.dir, exist_ok=True)
     adata = anndata.read_h5ad(a.h5ad)
+    subset = None
+    if a.subset:
+        key, _, value = a.subset.partition("=")
+        if key not in adata.obs:
+            sys.exit(f"fidelity: {a.h5ad}: --subset {a.subset}: obs has no column {key!r} "
+                     f"(columns: {', '.join(adata.obs.columns)})")
+        keep = adata.obs[key].astype(str).values == value
+        if not keep.any():
+            sys.exit(f"fidelity: {a.h5ad}: --subset {a.subset}: no cell has it (values: "
+                     f"{', '.join(sorted(adata.obs[key].astype(str).unique()))})")
+        adata = adata[keep].copy()
+        for c in adata.obs.columns:
+            if hasattr(adata.obs[c], "cat"):
+                adata.obs[c] = adata.obs[c].cat.remove_unused_categories()
+        subset = a.subset
     covs = [c for c in a.covariates.split(",") if c]
+    # Counts unless told or unless the values are not whole numbers (log2 expression, z-scores):
+    # those are modelled with a Gaussian likelihood.
+    x = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
+    whole = bool(np.all(np.mod(x[: 1_000_000], 1) == 0)) and bool(np.all(x[: 1_000_000] >= 0))
     meta = {
-        "source": os.path.abspath(a.h5ad), "split": a.split, "split_seed": a.seed,
+        "source": os.path.abspath(a.h5ad), "subset": subset, "split": a.split, "split_seed": a.seed,
         "perturbation_key": a.perturbation_key, "dose_key": a.dose_key, "control": a.control,
-        "covariates": covs, "max_comb_len": a.max_comb_len, "counts": not a.not_counts,
+        "covariates": covs, "max_comb_len": a.max_comb_len, "counts": not a.not_counts and whole,
         "n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars),
+        # Groups scored need this many test cells: 2 for cells (run_peer.py's rule); 1 for bulk
+        # samples, whose groups (a compound at a dose) are one well each.
+        "min_test_cells": 1 if a.split == "doses" else 2,
     }
     for key in [a.perturbation_key, a.dose_key, *covs]:
         if key and key not in adata.obs:
@@ -137,10 +160,29 @@ def prepare(a):
         if not held:
             sys.exit(f"fidelity: {a.h5ad}: --split combos needs conditions with '+' (none found)")
     cov_of = covariate_keys(adata.obs, meta)
+    dose_role = {}
+    if a.split == "doses":
+        # Dose interpolation: of each perturbation's doses (in every covariate value), the second
+        # and the second-largest are test, the middle one valid, the rest (lowest, largest, and
+        # any others) train; a perturbation with fewer than 4 doses trains on all of them.
+        if not a.dose_key:
+            sys.exit(f"fidelity: {a.h5ad}: --split doses needs a dose column (--dose-key)")
+        doses = adata.obs[a.dose_key].astype(str).values
+        for p in np.unique(condition[condition != a.control]):
+            levels = sorted(set(doses[condition == p]), key=float)
+            if len(levels) < 4:
+                continue
+            dose_role[(p, levels[1])] = dose_role[(p, levels[-2])] = "test"
+            dose_role[(p, levels[len(levels) // 2])] = "valid"
+        if not dose_role:
+            sys.exit(f"fidelity: {a.h5ad}: --split doses needs perturbations with 4 or more doses (none found)")
     for g in np.unique(group):
         idx = np.where(group == g)[0]
         if condition[idx[0]] in held or f"{cov_of[idx[0]]}|{condition[idx[0]]}" in held:
             split[idx] = "test"
+            continue
+        if a.split == "doses" and condition[idx[0]] != a.control:
+            split[idx] = dose_role.get((condition[idx[0]], str(adata.obs[a.dose_key].iloc[idx[0]])), "train")
             continue
         rng.shuffle(idx)
         n = len(idx)
@@ -323,7 +365,7 @@ def score(directory, predictions, seed):
     rows = []
     for g in np.unique(group[test & ~ctrl]):
         m = test & (group == g)
-        if m.sum() < 2:
+        if m.sum() < meta.get("min_test_cells", 2):
             continue
         c = cov[np.argmax(m)]
         cmean = values[ctrl & (cov == c)].mean(0)
@@ -354,7 +396,7 @@ def score(directory, predictions, seed):
             row[f"{name}_change"] = r2(tmean - cmean, pred - cmean)
         rows.append(row)
     if not rows:
-        raise SystemExit(f"fidelity: {directory}: no perturbed group has 2 test cells")
+        raise SystemExit(f"fidelity: {directory}: no perturbed group has {meta.get('min_test_cells', 2)} test cells")
     keys = [k for k in rows[0] if k not in ("group", "n_test", "held_out")]
 
     def mean_of(rs, k):
@@ -927,6 +969,80 @@ def table(a):
     print(text)
 
 
+PROTOCOL_METRICS = (("cf_all", "cf all"), ("cf_deg", "cf top-20 DEG"), ("cf_change", "cf change"))
+
+
+def protocol(a):
+    """The protocol's verdict: every variant paired with the baseline by seed on each data set
+    (ROLE=DIR, ROLE `decide` or `confirm`) and epoch count. The deciding sets decide: the one of
+    the two ahead on average on every deciding set, metric and epoch count is chosen (else the
+    question is undecided). The confirming sets confirm: the choice stands confirmed where it is
+    nowhere behind by more than two standard errors; each exception is named."""
+    import glob
+
+    import numpy as np
+
+    sets = []
+    for entry in a.sets:
+        role, _, directory = entry.partition("=")
+        if role not in ("decide", "confirm") or not directory:
+            sys.exit(f"fidelity: protocol: {entry!r}: expected decide=DIR or confirm=DIR")
+        results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(directory, "results", "*", "score.json")))]
+        if not results:
+            sys.exit(f"fidelity: protocol: no results under {directory}/results")
+        sets.append((role, os.path.basename(directory.rstrip("/")), results))
+    variants = sorted({r["variant"] for _, _, rs in sets for r in rs if r["variant"] != a.baseline
+                       and not any(r["variant"].endswith(k) for k in ("-delta", "-elog", "-last", "-allctrl"))})
+    lines = [f"Protocol: each variant minus {a.baseline}, paired by seed (mean ± standard error; seeds ahead)", ""]
+    header = "| variant | data set | role | epochs | " + " | ".join(
+        f"{n} ({a.baseline})" for _, n in PROTOCOL_METRICS) + " | " + " | ".join(f"{n}, difference" for _, n in PROTOCOL_METRICS) + " |"
+    lines += [header, "|---|---|---|---:|" + "---:|" * (2 * len(PROTOCOL_METRICS))]
+    verdicts = []
+    for v in variants:
+        cells = []  # (role, data set, epochs, metric, mean difference, standard error)
+        for role, name, results in sets:
+            for epochs in sorted({r["epochs"] for r in results}):
+                base = {r["seed"]: r for r in results if r["variant"] == a.baseline and r["epochs"] == epochs}
+                other = {r["seed"]: r for r in results if r["variant"] == v and r["epochs"] == epochs}
+                seeds = sorted(set(base) & set(other))
+                if not seeds:
+                    continue
+                absolute, shown = [], []
+                for key, label in PROTOCOL_METRICS:
+                    d = np.array([other[s]["mean"][key] - base[s]["mean"][key] for s in seeds])
+                    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+                    absolute.append(f"{np.mean([base[s]['mean'][key] for s in seeds]):.3f}")
+                    shown.append(f"{d.mean():+.3f} ± {se:.3f} ({int((d > 0).sum())}/{len(d)})")
+                    cells.append((role, name, epochs, label, float(d.mean()), float(se)))
+                lines.append(f"| {v} | {name} | {role} | {epochs} | " + " | ".join(absolute) + " | " + " | ".join(shown) + " |")
+        deciding = [c for c in cells if c[0] == "decide"]
+        if not deciding:
+            verdicts.append(f"- {v} against {a.baseline}: no deciding set measured both")
+            continue
+        if all(c[4] > 0 for c in deciding):
+            chosen, sign = v, 1
+        elif all(c[4] < 0 for c in deciding):
+            chosen, sign = a.baseline, -1
+        else:
+            verdicts.append(f"- {v} against {a.baseline}: undecided (each is ahead somewhere on the deciding sets)")
+            continue
+        against = [c for c in cells if c[0] == "confirm" and sign * c[4] < -2 * c[5]]
+        confirmed = [c for c in cells if c[0] == "confirm"]
+        if not confirmed:
+            verdicts.append(f"- {v} against {a.baseline}: {chosen} decided; no confirming set measured both")
+        elif not against:
+            verdicts.append(f"- {v} against {a.baseline}: {chosen} decided, and confirmed on every confirming set, "
+                            f"metric and epoch count ({len(confirmed)})")
+        else:
+            named = "; ".join(f"{n} {e} epochs {m} ({sign * d:+.3f} ± {se:.3f})" for _, n, e, m, d, se in against)
+            verdicts.append(f"- {v} against {a.baseline}: {chosen} decided; confirmed on {len(confirmed) - len(against)} "
+                            f"of {len(confirmed)} confirming cells, behind by more than two standard errors on: {named}")
+    lines += [""] + verdicts
+    lines += ["", "Decided: ahead on average on every deciding set, metric and epoch count. Confirmed: on no",
+              "confirming set, metric and epoch count behind by more than two standard errors."]
+    print("\n".join(lines))
+
+
 PAIRED_METRICS = (("cf_all", "cf all"), ("cf_deg", "top-20"), ("cf_change", "change"), ("recon_all", "recon"))
 
 
@@ -995,7 +1111,8 @@ def main():
     p = sub.add_parser("prepare")
     p.add_argument("h5ad")
     p.add_argument("dir")
-    p.add_argument("--split", choices=["random", "combos", "celltype"], default="random")
+    p.add_argument("--split", choices=["random", "combos", "celltype", "doses"], default="random")
+    p.add_argument("--subset", default=None, help="KEY=VALUE: only the cells whose obs column KEY is VALUE")
     p.add_argument("--heldout-value", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perturbation-key", default="condition")
@@ -1037,8 +1154,12 @@ def main():
     p.add_argument("--verbose", action="store_true", help="also print every model-draw pair's scores")
     p = sub.add_parser("table")
     p.add_argument("dir")
+    p = sub.add_parser("protocol", help="variants against a baseline over deciding and confirming data sets")
+    p.add_argument("sets", nargs="+", help="decide=DIR or confirm=DIR (a fidelity.sh data set directory)")
+    p.add_argument("--baseline", default="cpa-stream")
     a = ap.parse_args()
-    commands = {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "draws": draws, "table": table}
+    commands = {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "draws": draws, "table": table,
+                "protocol": protocol}
     commands[a.command](a)
 
 

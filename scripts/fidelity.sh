@@ -9,8 +9,10 @@
 #
 #   EPOCHS    epochs, space-separated (default "10 50")
 #   SEEDS     seeds, space-separated (default "0 1 2")
-#   SPLIT     random (stratified 80/10/10 per group, the default), combos (combinations held out) or
-#             celltype (one covariate value's perturbed cells held out: the unseen cell type; HELDOUT=V picks it)
+#   SPLIT     random (stratified 80/10/10 per group, the default), combos (combinations held out),
+#             celltype (one covariate value's perturbed cells held out: the unseen cell type; HELDOUT=V
+#             picks it) or doses (each perturbation's second and second-largest doses held out, the
+#             middle one for validation: dose interpolation, for bulk drug x dose data)
 #   VARIANTS  cpa-stream variants, space-separated NAME[:preset=P][:KEY=VALUE...]; default
 #             "cpa-stream" (the translation as is). Example: "cpa-stream ref:preset=reference
 #             drop:model.dropout_rate_decoder=0.1"; `last` also scores the last epoch's weights;
@@ -20,7 +22,11 @@
 #             VARIANT-elog-allctrl (every control cell decoded once), VARIANT-elog-allctrl-delta
 #             (anchored on the observed controls: the recipe) and VARIANT-delta (anchored, log1p
 #             of the mean, the draws: like for like with cpa-tools-delta), comma-separated
-#   PEER      0 to leave cpa-tools out (kept results are still tabled)
+#   PEER      0 to leave cpa-tools out (kept results are still tabled); it is left out by itself
+#             on bulk data scored per sample (SPLIT=doses), which run_peer.py cannot score
+#   PREPARE   more arguments of `fidelity.py prepare` (e.g. "--subset dataset=norman19",
+#             "--covariates cell_type,batch"); with NAME, the data set's directory name
+#   NAME      name of the data set's directory (default: the file's name); one data set only
 #   DIR       results (default $CPA_STREAM_CACHE/fidelity); one subdirectory per data set and split
 #
 # Each cpa-tools model also decodes every seed's control-cell draws (draws.npz), so that
@@ -79,19 +85,29 @@ if [ ${#data[@]} -eq 0 ]; then
   data=("$repo/../shared/data/perturbench_devel_cpa.h5ad" "$synth")
 fi
 
+if [ -n "${NAME:-}" ] && [ ${#data[@]} -ne 1 ]; then
+  log "NAME names one data set; ${#data[@]} given"
+  exit 2
+fi
+read -r -a prepare_args <<<"${PREPARE:-}"
 for h5ad in "${data[@]}"; do
-  name=$(basename "$h5ad" .h5ad)
+  name=${NAME:-$(basename "$h5ad" .h5ad)}
   out="$dir/$name-$split"
   if [ ! -f "$out/meta.json" ]; then
     heldout=()
     if [ -n "${HELDOUT:-}" ]; then heldout=(--heldout-value "$HELDOUT"); fi
-    "$py" scripts/fidelity.py prepare "$h5ad" "$out" --split "$split" "${heldout[@]}"
+    "$py" scripts/fidelity.py prepare "$h5ad" "$out" --split "$split" "${heldout[@]}" "${prepare_args[@]}"
+  fi
+  peer_here=$peer
+  if [ $peer = 1 ] && [ "$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("min_test_cells", 2))' "$out/meta.json")" = 1 ]; then
+    log "cpa-tools left out on $name: its groups are single samples, and run_peer.py scores groups of 2 or more test cells"
+    peer_here=0
   fi
   for e in $epochs; do
     for s in $seeds; do
       # A run is made again when it predates the draws file (`fidelity.py draws --against`
       # needs it); on the same machine it reproduces its scores to the digit.
-      if [ $peer = 1 ] && { [ ! -f "$out/results/cpa-tools-e$e-s$s/score.json" ] ||
+      if [ $peer_here = 1 ] && { [ ! -f "$out/results/cpa-tools-e$e-s$s/score.json" ] ||
         [ ! -f "$out/results/cpa-tools-e$e-s$s/draws.npz" ]; }; then
         "$py" scripts/fidelity.py peer "$out" --epochs "$e" --seed "$s" ||
           log "cpa-tools failed on $name, $e epochs, seed $s (see $out/results/cpa-tools-e$e-s$s/log.txt)"
