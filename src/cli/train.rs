@@ -51,7 +51,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// Starting point of the configuration: `default`, or `reference` for cpa-tools 0.8.8's
-    /// behaviour where the defaults differ from it (its learning-rate schedule; docs/fidelity.md).
+    /// behaviour where the defaults differ from it (its module defaults, its learning-rate schedule,
+    /// no weight averaging; docs/model.md).
     #[arg(long, value_parser = ["default", "reference"])]
     pub(crate) preset: Option<String>,
     /// Run directory (checkpoint/, best/, model/, metrics.parquet).

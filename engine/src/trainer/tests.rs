@@ -407,6 +407,7 @@ fn the_schedule_follows_the_reference() -> Result<()> {
     c.training.n_epochs_pretrain_ae = 1;
     c.training.n_epochs_adv_warmup = 4;
     c.training.step_size_lr = 2;
+    (c.adversary.adv_steps, c.adversary.reg_adv) = (3, 1.0);
     let batches: Vec<HostBatch> = (0..6).map(|i| batch(&v, 8, i)).collect::<Result<_>>()?;
     let mut t = Trainer::from_config(&c, &v, Device::Cpu)?;
     assert_eq!(t.phase(), Phase::Pretrain);
