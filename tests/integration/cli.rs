@@ -221,7 +221,11 @@ fn pipelines_memory_is_flat_in_cells() {
     let small = peaks("16000");
     let large = peaks("160000");
     eprintln!("peak RssAnon (synth, convert, export, import): 16k cells {small:?} B, 160k cells {large:?} B");
-    let flat = |a: u64, b: u64| b < a + a / 4 + (16 << 20);
+    // The 16k-cell run has not yet filled the reader's and writer's buffer pools: synth's peak
+    // rises about 15 MiB by 160k cells and then stays (46 MiB at 480k, measured), which the
+    // front's small baseline (no libtorch: about 25 MiB) no longer hides in its quarter. 24 MiB
+    // over the quarter still catches 170 bytes a cell between the two sizes.
+    let flat = |a: u64, b: u64| b < a + a / 4 + (24 << 20);
     assert!(flat(small.0, large.0), "synth peak RssAnon grew from {} to {} bytes", small.0, large.0);
     assert!(flat(small.1, large.1), "convert peak RssAnon grew from {} to {} bytes", small.1, large.1);
     assert!(flat(small.2, large.2), "export peak RssAnon grew from {} to {} bytes", small.2, large.2);
