@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures: a 1M x 5,000 training epoch in fp32 and bf16 with `--batch-size auto`, the
-# model on preloaded batches, training through the pipeline against preloaded batches, peak
-# device memory, and the loader on the GPU machine's cores.
+# The GPU figures: the prediction sink alone on the GPU machine's cores, a 1M x 5,000 training
+# epoch in fp32 and bf16 with `--batch-size auto`, prediction on the device with the predictor's and
+# the sink's rates side by side (per-cell rows and aggregates), the model on preloaded batches,
+# training through the pipeline against preloaded batches, peak device memory, and the loader on
+# the GPU machine's cores.
 #
 #   scripts/gpu-bench.sh build   here: the stripped release binaries (cpa-stream and the
 #                                cpa-stream-engine it hands the model to) in .device/ (ignored by git),
@@ -9,10 +11,11 @@
 #   scripts/gpu-bench.sh run     on a machine with libtorch 2.11.0 (CUDA) and no Rust: runs that
 #                                binary with the torch found in TORCH_LIB, or in /opt/torch/.venv
 #
-# `run` knobs: CELLS (1000000), GENES (5000), DEVICE (cuda), STEPS ("info synth model train
-# pipeline loader", any subset, in that order), OUT (results; default .device/results), STORE_DIR
+# `run` knobs: CELLS (1000000), GENES (5000), DEVICE (cuda), STEPS ("info sink synth model train
+# predict pipeline loader", any subset, run in that order), OUT (results; default .device/results), STORE_DIR
 # (the synthetic store; default .device, kept between calls on a warm machine). Results: info.txt,
-# model.jsonl, train-fp32.json, train-bf16.json, pipeline.jsonl, loader.jsonl and summary.txt.
+# sink.json, train-fp32.json, train-bf16.json, predict.jsonl, model.jsonl, pipeline.jsonl,
+# loader.jsonl and summary.txt (each step adds its lines to the summary as it ends).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=.device
@@ -49,7 +52,7 @@ py=python3
 cells="${CELLS:-1000000}"
 genes="${GENES:-5000}"
 device="${DEVICE:-cuda}"
-steps=" ${STEPS:-info synth model train pipeline loader} "
+steps=" ${STEPS:-info sink synth model train predict pipeline loader} "
 out="${OUT:-$dev/results}"
 store="${STORE_DIR:-$dev}/gpu-${cells}x${genes}.store"
 mkdir -p "$out"
@@ -62,6 +65,23 @@ if want info; then
   "$bin" info > "$out/info.txt" 2>&1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$out/info.txt" 2>&1 || true
   say "== $(grep -E 'CUDA devices|libtorch  ' "$out/info.txt" | tr -s ' ' | paste -sd ';' -)"
+fi
+
+if want sink; then
+  # The host side of prediction, no model: per-thread rates and scaling on this machine's cores.
+  "$bin" bench sink --genes 5000,20000 --threads 1,2,4,8,16 --profiles small,fast --mib 256 --repeats 3 \
+    --json > "$out/sink.json"
+  "$py" - "$out/sink.json" <<'PY' | tee -a "$summary"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"== sink alone on {r['cpus']} CPUs (memcpy bound {r['memcpy_mb_per_s']:.0f} MB/s a thread):")
+base = {}
+for x in r["rounds"]:
+    key = (x["genes"], x["profile"])
+    base.setdefault(key, x["mb_per_s"])
+    print(f"   {x['genes']} genes, {x['profile']}, {x['threads']} threads: {x['rows_per_s']:.0f} rows/s, "
+          f"{x['mb_per_s']:.0f} MB/s ({x['mb_per_s_per_thread']:.0f} a thread, {x['mb_per_s'] / base[key]:.2f}x one thread)")
+PY
 fi
 
 if want synth && [ ! -f "$store/manifest.json" ]; then
@@ -115,6 +135,35 @@ print(f"== train {r['train_cells']} cells, {sys.argv[3]}, batch {batch} (auto): 
       f"peak device memory {memory}\n   {stages}")
 PY
   done
+fi
+
+if want predict; then
+  # Prediction on the device from the model trained above: the control cells (about a tenth) to one
+  # target in every output mode, with the sink's default threads and with one; then every cell into
+  # aggregates (no per-cell rows), in fp32 and bf16.
+  : > "$out/predict.jsonl"
+  for sink in default 1; do
+    extra=()
+    [ "$sink" = 1 ] && extra=(--sink-threads 1)
+    "$bin" bench predict --model "$dev/run-fp32" --store "$store" --target PERT01 --modes small,fast,aggregate \
+      --repeats 3 --device "$device" "${extra[@]}" --json \
+      | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$out/predict.jsonl"
+  done
+  for precision in fp32 bf16; do
+    "$bin" bench predict --model "$dev/run-$precision" --store "$store" --source all --target PERT01 \
+      --modes aggregate --repeats 3 --device "$device" --json \
+      | "$py" -c 'import json,sys; r=json.load(sys.stdin); r["model"]=sys.argv[1]; print(json.dumps(r))' "$precision" \
+      >> "$out/predict.jsonl"
+  done
+  "$py" - "$out/predict.jsonl" <<'PY' | tee -a "$summary"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    for x in r["rounds"]:
+        print(f"== predict {x['predictions']} cells x {r['genes']} genes, {x['mode']}, model {r.get('model', 'fp32')}, "
+              f"{r['sink_threads']} sink threads: {x['per_s']:.0f} cells/s; predictor {x['predictor_per_s']:.0f}/s, "
+              f"sink {x['sink_per_s']:.0f}/s, sink share {x['sink_share']:.3f}, bound by the {x['bottleneck']}")
+PY
 fi
 
 if want pipeline; then
