@@ -977,7 +977,10 @@ def protocol(a):
     (ROLE=DIR, ROLE `decide` or `confirm`) and epoch count. The deciding sets decide: the one of
     the two ahead on average on every deciding set, metric and epoch count is chosen (else the
     question is undecided). The confirming sets confirm: the choice stands confirmed where it is
-    nowhere behind by more than two standard errors; each exception is named."""
+    nowhere behind by more than two standard errors; each exception is named. A data set and epoch
+    count where the two give the same numbers on every seed (a variant that changes nothing there,
+    such as a rule that keeps the baseline's setting) neither decides nor confirms; it is counted
+    as identical."""
     import glob
 
     import numpy as np
@@ -1000,6 +1003,7 @@ def protocol(a):
     verdicts = []
     for v in variants:
         cells = []  # (role, data set, epochs, metric, mean difference, standard error)
+        identical = []  # (role, data set, epochs) where every seed's numbers are the same
         for role, name, results in sets:
             for epochs in sorted({r["epochs"] for r in results}):
                 base = {r["seed"]: r for r in results if r["variant"] == a.baseline and r["epochs"] == epochs}
@@ -1007,39 +1011,46 @@ def protocol(a):
                 seeds = sorted(set(base) & set(other))
                 if not seeds:
                     continue
-                absolute, shown = [], []
+                absolute, shown, here = [], [], []
                 for key, label in PROTOCOL_METRICS:
                     d = np.array([other[s]["mean"][key] - base[s]["mean"][key] for s in seeds])
                     se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
                     absolute.append(f"{np.mean([base[s]['mean'][key] for s in seeds]):.3f}")
                     shown.append(f"{d.mean():+.3f} ± {se:.3f} ({int((d > 0).sum())}/{len(d)})")
-                    cells.append((role, name, epochs, label, float(d.mean()), float(se)))
+                    here.append((role, name, epochs, label, float(d.mean()), float(se), bool(np.all(d == 0))))
+                if all(c[6] for c in here):
+                    identical.append((role, name, epochs))
+                else:
+                    cells += [c[:6] for c in here]
                 lines.append(f"| {v} | {name} | {role} | {epochs} | " + " | ".join(absolute) + " | " + " | ".join(shown) + " |")
+        same = (f" (identical on {len(identical)}: "
+                + ", ".join(f"{n} {e} epochs" for _, n, e in identical) + ")") if identical else ""
         deciding = [c for c in cells if c[0] == "decide"]
         if not deciding:
-            verdicts.append(f"- {v} against {a.baseline}: no deciding set measured both")
+            verdicts.append(f"- {v} against {a.baseline}: no deciding set measured both with different results{same}")
             continue
         if all(c[4] > 0 for c in deciding):
             chosen, sign = v, 1
         elif all(c[4] < 0 for c in deciding):
             chosen, sign = a.baseline, -1
         else:
-            verdicts.append(f"- {v} against {a.baseline}: undecided (each is ahead somewhere on the deciding sets)")
+            verdicts.append(f"- {v} against {a.baseline}: undecided (each is ahead somewhere on the deciding sets){same}")
             continue
         against = [c for c in cells if c[0] == "confirm" and sign * c[4] < -2 * c[5]]
         confirmed = [c for c in cells if c[0] == "confirm"]
         if not confirmed:
-            verdicts.append(f"- {v} against {a.baseline}: {chosen} decided; no confirming set measured both")
+            verdicts.append(f"- {v} against {a.baseline}: {chosen} decided; no confirming set measured both{same}")
         elif not against:
             verdicts.append(f"- {v} against {a.baseline}: {chosen} decided, and confirmed on every confirming set, "
-                            f"metric and epoch count ({len(confirmed)})")
+                            f"metric and epoch count ({len(confirmed)}){same}")
         else:
             named = "; ".join(f"{n} {e} epochs {m} ({sign * d:+.3f} ± {se:.3f})" for _, n, e, m, d, se in against)
             verdicts.append(f"- {v} against {a.baseline}: {chosen} decided; confirmed on {len(confirmed) - len(against)} "
-                            f"of {len(confirmed)} confirming cells, behind by more than two standard errors on: {named}")
+                            f"of {len(confirmed)} confirming cells, behind by more than two standard errors on: {named}{same}")
     lines += [""] + verdicts
     lines += ["", "Decided: ahead on average on every deciding set, metric and epoch count. Confirmed: on no",
-              "confirming set, metric and epoch count behind by more than two standard errors."]
+              "confirming set, metric and epoch count behind by more than two standard errors. Identical:",
+              "the same numbers on every seed (left out of both)."]
     print("\n".join(lines))
 
 

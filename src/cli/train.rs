@@ -62,7 +62,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub(crate) epochs: Option<u32>,
     /// Cells per batch, or `auto` (on CUDA the largest power of two that fits, halved for margin;
-    /// on the CPU the configuration's) [default: the configuration's].
+    /// on the CPU the configuration's) [default: the configuration's, whose default is 128, or 64
+    /// when 128 would make fewer than 500 optimizer steps].
     #[arg(long)]
     pub(crate) batch_size: Option<String>,
     /// Consecutive store cells the shuffle keeps together (block sampling: faster reads, less

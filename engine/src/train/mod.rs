@@ -331,6 +331,12 @@ fn start_trainer(
         return Ok(t);
     }
     let mut config = options.config.clone();
+    if config.training.batch_size == 0 {
+        let [train_cells, ..] = labels.split_counts;
+        let epochs = options.epochs.unwrap_or_else(|| config.training.epochs_for(train_cells));
+        config.training.batch_size = config.training.batch_size_for(train_cells, epochs);
+        tracing::info!("batch size {} for {epochs} epochs of {train_cells} training cells", config.training.batch_size);
+    }
     if options.auto_batch_size {
         let nnz_per_cell = (store.nnz() / store.n_obs().max(1)) as usize;
         config.training.batch_size = probe_batch_size(&config, labels, options.device, nnz_per_cell)?;

@@ -102,6 +102,10 @@ pub const DEFAULT_ADAM_BETAS: (f64, f64) = (0.9, 0.999);
 pub const DEFAULT_ADAM_EPS: f64 = 1e-8;
 /// Cells per device batch (the reference's; `cpa-stream train --batch-size auto` picks larger on a GPU).
 pub const DEFAULT_BATCH_SIZE: usize = 128;
+/// The batch of short training ([`TrainingConfig::batch_size_for`]).
+pub const SHORT_BATCH_SIZE: usize = 64;
+/// Optimizer steps at [`DEFAULT_BATCH_SIZE`] below which training counts as short.
+pub const SHORT_TRAINING_STEPS: u64 = 500;
 /// Validation every this many epochs.
 pub const DEFAULT_CHECK_VAL_EVERY: u32 = 10;
 /// Early stopping after this many validations without improvement.
@@ -375,7 +379,8 @@ pub struct TrainingConfig {
     pub n_epochs_mixup_warmup: u32,
     /// Beta(alpha, alpha) mixup; 0 is off.
     pub mixup_alpha: f64,
-    /// Cells per device batch.
+    /// Cells per device batch; 0, the default, lets `train` choose from the planned training
+    /// ([`TrainingConfig::batch_size_for`]); the choice is saved with the run.
     pub batch_size: usize,
     /// Device batches whose gradients are summed before each optimizer step (effective batch =
     /// `batch_size * accumulate_batches`).
@@ -432,7 +437,7 @@ impl Default for TrainingConfig {
             n_epochs_adv_warmup: DEFAULT_ADV_WARMUP_EPOCHS,
             n_epochs_mixup_warmup: 0,
             mixup_alpha: 0.0,
-            batch_size: DEFAULT_BATCH_SIZE,
+            batch_size: 0,
             accumulate_batches: 1,
             shuffle_run_cells: 0,
             max_epochs: 0,
@@ -448,6 +453,19 @@ impl Default for TrainingConfig {
 }
 
 impl TrainingConfig {
+    /// The batch size of a run on `cells` training cells for `epochs` epochs: `batch_size`, or
+    /// when it is 0 [`DEFAULT_BATCH_SIZE`], halved to [`SHORT_BATCH_SIZE`] when that would make
+    /// fewer than [`SHORT_TRAINING_STEPS`] optimizer steps. Chosen by the validation protocol
+    /// (docs/fidelity.md): short training on small data (10 epochs of a few thousand cells) gains
+    /// on every data set from the steps of the smaller batch, longer training does not.
+    pub fn batch_size_for(&self, cells: u64, epochs: u32) -> usize {
+        if self.batch_size > 0 {
+            return self.batch_size;
+        }
+        let steps = cells.div_ceil(DEFAULT_BATCH_SIZE as u64) * u64::from(epochs) / self.accumulate_batches.max(1) as u64;
+        if steps < SHORT_TRAINING_STEPS { SHORT_BATCH_SIZE } else { DEFAULT_BATCH_SIZE }
+    }
+
     /// The epochs to train on `cells` training cells: `max_epochs`, or the reference's rule.
     pub fn epochs_for(&self, cells: u64) -> u32 {
         if self.max_epochs > 0 {
@@ -519,6 +537,7 @@ impl Preset {
             (t.n_epochs_pretrain_ae, t.n_epochs_adv_warmup) = (0, 0);
             t.lr_schedule = LrSchedule::Reference;
             t.ema_decay = 0.0;
+            t.batch_size = DEFAULT_BATCH_SIZE;
         }
         config
     }
@@ -599,13 +618,19 @@ impl CpaConfig {
             ("model.max_comb_len", m.max_comb_len, 64),
             ("adversary.n_hidden", a.n_hidden, WIDTH),
             ("adversary.n_layers", a.n_layers, LAYERS),
-            ("training.batch_size", t.batch_size, 1 << 20),
             ("training.accumulate_batches", t.accumulate_batches, 1 << 16),
         ];
         for (key, value, max) in sizes {
             if value == 0 || value > max {
                 return Err(format!("{key} is {value}, expected a whole number from 1 to {max}"));
             }
+        }
+        if t.batch_size > 1 << 20 {
+            return Err(format!(
+                "training.batch_size is {}, expected a whole number from 1 to {} (or 0: chosen by train)",
+                t.batch_size,
+                1 << 20
+            ));
         }
         for (key, value) in [
             ("model.dropout_rate_encoder", m.dropout_rate_encoder),
@@ -743,10 +768,31 @@ mod tests {
         assert_eq!((a.dropout_rate, a.reg_adv, a.pen_adv, a.adv_steps), (0.1, 1.0, 1.0, 3));
         assert_eq!((t.lr, t.wd, t.step_size_lr, t.do_clip_grad), (5e-4, 1e-6, 45, false));
         assert_eq!((t.n_epochs_pretrain_ae, t.n_epochs_adv_warmup, t.ema_decay), (0, 0, 0.0));
+        assert_eq!(t.batch_size, 128);
         // The defaults: the tutorial's settings, as the protocol chose them.
         let d = CpaConfig::default();
         assert_eq!((d.model.n_latent, d.model.n_hidden_decoder, d.model.norm_decoder), (64, 512, Norm::Layer));
         assert_eq!((d.adversary.reg_adv, d.training.lr, d.training.n_epochs_adv_warmup), (20.0, 3e-4, 5));
+    }
+
+    #[test]
+    fn short_training_gets_the_smaller_batch() {
+        let t = TrainingConfig::default();
+        assert_eq!(t.batch_size, 0, "chosen by train");
+        // 2,066 cells (the bundled McFaline half's training cells): 17 batches of 128 an epoch.
+        assert_eq!(t.batch_size_for(2_066, 10), SHORT_BATCH_SIZE, "170 steps");
+        assert_eq!(t.batch_size_for(2_066, 29), SHORT_BATCH_SIZE, "493 steps");
+        assert_eq!(t.batch_size_for(2_066, 30), DEFAULT_BATCH_SIZE, "510 steps");
+        assert_eq!(t.batch_size_for(40_000, 10), DEFAULT_BATCH_SIZE, "3,130 steps");
+        // Accumulated batches make fewer optimizer steps.
+        let accumulated = TrainingConfig { accumulate_batches: 2, ..TrainingConfig::default() };
+        assert_eq!(accumulated.batch_size_for(2_066, 30), SHORT_BATCH_SIZE, "255 steps");
+        // A batch size given is kept.
+        let given = TrainingConfig { batch_size: 128, ..TrainingConfig::default() };
+        assert_eq!(given.batch_size_for(2_066, 10), 128);
+        let mut config = CpaConfig::default();
+        config.training.batch_size = (1 << 20) + 1;
+        assert!(config.validate().is_err_and(|e| e.contains("training.batch_size")));
     }
 
     #[test]
