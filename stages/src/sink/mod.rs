@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Float32Type, SchemaRef};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, unbounded};
@@ -35,6 +35,8 @@ use parquet::schema::types::{ColumnDescPtr, ColumnDescriptor, ColumnPath};
 
 use crate::error::{Error, Result};
 use std::sync::Arc;
+
+mod halves;
 
 /// Rows per row group at most, unless set otherwise.
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 8_192;
@@ -127,35 +129,27 @@ fn narrowed(data_type: &DataType) -> Option<DataType> {
     }
 }
 
-/// `batch` with its float32 columns cast to the types of `file` (float16); a finite value that
+/// A float32 column cast to the type of its `field` in the file (float16); a finite value that
 /// float16 cannot hold is an error naming its column.
-fn narrow(batch: &RecordBatch, file: &SchemaRef) -> Result<RecordBatch> {
-    let mut columns = Vec::with_capacity(batch.num_columns());
-    for (column, field) in batch.columns().iter().zip(file.fields()) {
-        if column.data_type() == field.data_type() {
-            columns.push(Arc::clone(column));
-            continue;
+fn narrow(column: &ArrayRef, field: &Field) -> Result<ArrayRef> {
+    let cast = arrow::compute::cast(column, field.data_type())
+        .map_err(|e| Error::InvalidInput(format!("column {}: float16: {e}", field.name())))?;
+    let (before, after) = match (column.data_type(), cast.data_type()) {
+        (DataType::FixedSizeList(..), _) => {
+            (Arc::clone(column.as_fixed_size_list().values()), Arc::clone(cast.as_fixed_size_list().values()))
         }
-        let cast = arrow::compute::cast(column, field.data_type())
-            .map_err(|e| Error::InvalidInput(format!("column {}: float16: {e}", field.name())))?;
-        let (before, after) = match (column.data_type(), cast.data_type()) {
-            (DataType::FixedSizeList(..), _) => {
-                (Arc::clone(column.as_fixed_size_list().values()), Arc::clone(cast.as_fixed_size_list().values()))
-            }
-            _ => (Arc::clone(column), Arc::clone(&cast)),
-        };
-        let half = after.as_primitive::<arrow::datatypes::Float16Type>();
-        let single = before.as_primitive::<arrow::datatypes::Float32Type>();
-        if let Some(i) = (0..half.len()).find(|&i| !half.value(i).is_finite() && single.value(i).is_finite()) {
-            return Err(Error::InvalidInput(format!(
-                "column {}: value {} is beyond float16's largest, 65504: write float32 values (--values f32)",
-                field.name(),
-                single.value(i)
-            )));
-        }
-        columns.push(cast);
+        _ => (Arc::clone(column), Arc::clone(&cast)),
+    };
+    let half = after.as_primitive::<arrow::datatypes::Float16Type>();
+    let single = before.as_primitive::<arrow::datatypes::Float32Type>();
+    if let Some(i) = (0..half.len()).find(|&i| !half.value(i).is_finite() && single.value(i).is_finite()) {
+        return Err(Error::InvalidInput(format!(
+            "column {}: value {} is beyond float16's largest, 65504: write float32 values (--values f32)",
+            field.name(),
+            single.value(i)
+        )));
     }
-    RecordBatch::try_new(Arc::clone(file), columns).map_err(|e| Error::InvalidInput(format!("float16 rows: {e}")))
+    Ok(cast)
 }
 
 /// How the sink lays out its file.
@@ -644,53 +638,75 @@ fn encode(
     let fields = layout.stored.fields();
     // One Parquet leaf per field (no structs or maps): the leaves line up with the fields.
     let aligned = layout.leaves.len() == fields.len() && writers.len() == fields.len();
-    let dense: Vec<Option<usize>> = fields
+    // Columns of dense float vectors, written as they are (float32) or rounded (float16).
+    let dense: Vec<Dense> = fields
         .iter()
         .enumerate()
-        .map(|(i, field)| if aligned { dense_floats(field, &layout.leaves[i], i, batches) } else { None })
+        .map(|(i, field)| {
+            if !aligned {
+                return Dense::No;
+            }
+            if let Some(size) = dense_floats(field, &layout.leaves[i], i, batches) {
+                return Dense::Floats(size);
+            }
+            halves::dense_halves(field, &layout.leaves[i], i, batches).map_or(Dense::No, Dense::Halves)
+        })
         .collect();
     // A dense column's chunk is its values plus page headers and levels (run-length encoded:
     // a few bytes a row): sized once, so that it never grows by copying.
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let mut buffers: Vec<TrackedWrite<Vec<u8>>> = dense
         .iter()
-        .flatten()
-        .map(|size| {
+        .filter_map(|d| match *d {
+            Dense::Floats(size) => Some(size * 4),
+            Dense::Halves(size) => Some(size * 2),
+            Dense::No => None,
+        })
+        .map(|row_bytes| {
             let mut buffer = spare.pop().unwrap_or_default();
             buffer.clear();
-            buffer.reserve(rows * (size * 4 + 16) + (64 << 10));
+            buffer.reserve(rows * (row_bytes + 16) + (64 << 10));
             TrackedWrite::new(buffer)
         })
         .collect();
     let mut free = buffers.iter_mut();
     let mut columns = Vec::with_capacity(writers.len());
     for (i, writer) in writers.into_iter().enumerate() {
-        columns.push(match dense.get(i).copied().flatten() {
-            Some(size) => {
-                let buffer =
-                    free.next().ok_or_else(|| Error::InvalidInput("encoding a row group: a lost buffer".into()))?;
-                Column::Dense(Box::new(DenseFloats::new(&layout.leaves[i], &layout.props, buffer, size)))
+        let kind = dense.get(i).copied().unwrap_or(Dense::No);
+        columns.push(match kind {
+            Dense::No => Column::Arrow(Box::new(writer)),
+            Dense::Floats(size) | Dense::Halves(size) => {
+                let lost = || Error::InvalidInput("encoding a row group: a lost buffer".into());
+                let buffer = free.next().ok_or_else(lost)?;
+                let (leaf, props) = (&layout.leaves[i], &layout.props);
+                if kind == Dense::Floats(size) {
+                    Column::Dense(Box::new(DenseFloats::new(leaf, props, buffer, size)))
+                } else {
+                    Column::Halves(Box::new(halves::DenseHalves::new(leaf, props, buffer, size, fields[i].name())))
+                }
             }
-            None => Column::Arrow(Box::new(writer)),
         });
     }
     for batch in batches {
-        // Cast here, on the encoding thread: float16 output costs the writer no time.
-        let narrowed;
-        let batch = if batch.schema_ref().fields() == fields {
-            batch
-        } else {
-            narrowed = narrow(batch, &layout.stored)?;
-            &narrowed
-        };
         let mut columns = columns.iter_mut();
         let more_leaves = || Error::InvalidInput("encoding a row group: more leaves than writers".into());
         for (field, array) in fields.iter().zip(batch.columns()) {
-            if aligned && matches!(columns.as_slice().first(), Some(Column::Dense(_))) {
-                let Some(Column::Dense(dense)) = columns.next() else { return Err(more_leaves()) };
-                dense.write(array).map_err(context)?;
+            if aligned && matches!(columns.as_slice().first(), Some(Column::Dense(_) | Column::Halves(_))) {
+                match columns.next() {
+                    Some(Column::Dense(dense)) => dense.write(array).map_err(context)?,
+                    Some(Column::Halves(halves)) => halves.write(array)?,
+                    _ => return Err(more_leaves()),
+                }
                 continue;
             }
+            // Cast here, on the encoding thread: float16 output costs the writer no time.
+            let narrowed;
+            let array = if array.data_type() == field.data_type() {
+                array
+            } else {
+                narrowed = narrow(array, field)?;
+                &narrowed
+            };
             for leaf in compute_leaves(field, array).map_err(context)? {
                 let Some(Column::Arrow(writer)) = columns.next() else { return Err(more_leaves()) };
                 writer.write(&leaf).map_err(context)?;
@@ -703,6 +719,7 @@ fn encode(
         closed.push(match column {
             Column::Arrow(writer) => Closed::Arrow(writer.close().map_err(context)?),
             Column::Dense(dense) => Closed::Dense(dense.writer.close().map_err(context)?),
+            Column::Halves(halves) => Closed::Dense(halves.close()?),
         });
     }
     let mut buffers = buffers.into_iter();
@@ -719,10 +736,21 @@ fn encode(
         .collect()
 }
 
+/// How a column is encoded: by the Arrow writer, or as dense float vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dense {
+    No,
+    /// [`dense_floats`]: vectors of this size.
+    Floats(usize),
+    /// [`halves::dense_halves`]: vectors of this size, written as float16.
+    Halves(usize),
+}
+
 /// A column of a row group being encoded.
 enum Column<'a> {
     Arrow(Box<ArrowColumnWriter>),
     Dense(Box<DenseFloats<'a>>),
+    Halves(Box<halves::DenseHalves<'a>>),
 }
 
 /// A column of a row group encoded, its writer closed.
@@ -897,6 +925,9 @@ mod parallel_tests {
                 let (x, y) = (f64::from(want.value(i)), f64::from(half.value(i).to_f32()));
                 // Half precision: 2^-11 relative in the normal range, 2^-25 absolute below it.
                 assert!((x - y).abs() <= (x.abs() * 2f64.powi(-11)).max(2f64.powi(-25)), "value {i}: {x} as {y}");
+                // Rounded as Arrow's cast rounds (to nearest, ties to even): the same bits.
+                let cast = half::f16::from_f32(want.value(i));
+                assert_eq!(half.value(i).to_bits(), cast.to_bits(), "value {i}: {x}");
             }
         }
         // A value float16 cannot hold: an error naming the column, and no file.
