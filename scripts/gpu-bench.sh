@@ -14,7 +14,7 @@
 # `run` knobs: CELLS (1000000), GENES (5000), DEVICE (cuda), STEPS ("info sink synth model train
 # predict pipeline loader", any subset, run in that order), OUT (results; default .device/results), STORE_DIR
 # (the synthetic store; default .device, kept between calls on a warm machine). Results: info.txt,
-# sink.json, train-fp32.json, train-bf16.json, predict.jsonl, model.jsonl, pipeline.jsonl,
+# sink-f32.json, sink-f16.json, train-fp32.json, train-bf16.json, predict.jsonl, model.jsonl, pipeline.jsonl,
 # loader.jsonl and summary.txt (each step adds its lines to the summary as it ends).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,19 +69,21 @@ fi
 
 if want sink; then
   # The host side of prediction, no model: per-thread rates and scaling on this machine's cores.
-  "$bin" bench sink --genes 5000,20000 --threads 1,2,4,8,16 --profiles small,fast --mib 256 --repeats 3 \
-    --json > "$out/sink.json"
-  "$py" - "$out/sink.json" <<'PY' | tee -a "$summary"
+  for values in f32 f16; do
+    "$bin" bench sink --genes 5000,20000 --threads 1,2,4,8,16 --profiles small,fast --mib 256 --repeats 3 \
+      --values "$values" --json > "$out/sink-$values.json"
+    "$py" - "$out/sink-$values.json" "$values" <<'PY' | tee -a "$summary"
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"== sink alone on {r['cpus']} CPUs (memcpy bound {r['memcpy_mb_per_s']:.0f} MB/s a thread):")
+print(f"== sink alone on {r['cpus']} CPUs, {sys.argv[2]} values (memcpy bound {r['memcpy_mb_per_s']:.0f} MB/s a thread):")
 base = {}
 for x in r["rounds"]:
     key = (x["genes"], x["profile"])
     base.setdefault(key, x["mb_per_s"])
     print(f"   {x['genes']} genes, {x['profile']}, {x['threads']} threads: {x['rows_per_s']:.0f} rows/s, "
-          f"{x['mb_per_s']:.0f} MB/s ({x['mb_per_s_per_thread']:.0f} a thread, {x['mb_per_s'] / base[key]:.2f}x one thread)")
+          f"{x['mb_per_s']:.0f} MB/s of float32 ({x['mb_per_s_per_thread']:.0f} a thread, {x['mb_per_s'] / base[key]:.2f}x one thread)")
 PY
+  done
 fi
 
 if want synth && [ ! -f "$store/manifest.json" ]; then
@@ -142,10 +144,12 @@ if want predict; then
   # target in every output mode, with the sink's default threads and with one; then every cell into
   # aggregates (no per-cell rows), in fp32 and bf16.
   : > "$out/predict.jsonl"
-  for sink in default 1; do
+  for sink in default 1 f16; do
     extra=()
+    modes=small,fast,aggregate
     [ "$sink" = 1 ] && extra=(--sink-threads 1)
-    "$bin" bench predict --model "$dev/run-fp32" --store "$store" --target PERT01 --modes small,fast,aggregate \
+    [ "$sink" = f16 ] && extra=(--values f16) && modes=small,fast
+    "$bin" bench predict --model "$dev/run-fp32" --store "$store" --target PERT01 --modes "$modes" \
       --repeats 3 --device "$device" "${extra[@]}" --json \
       | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$out/predict.jsonl"
   done
@@ -160,7 +164,8 @@ import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     for x in r["rounds"]:
-        print(f"== predict {x['predictions']} cells x {r['genes']} genes, {x['mode']}, model {r.get('model', 'fp32')}, "
+        print(f"== predict {x['predictions']} cells x {r['genes']} genes, {x['mode']}, {r.get('values', 'f32')} values, "
+              f"model {r.get('model', 'fp32')}, "
               f"{r['sink_threads']} sink threads: {x['per_s']:.0f} cells/s; predictor {x['predictor_per_s']:.0f}/s, "
               f"sink {x['sink_per_s']:.0f}/s, sink share {x['sink_share']:.3f}, bound by the {x['bottleneck']}")
 PY

@@ -70,6 +70,9 @@ pub struct PredictBenchArgs {
     /// Threads that encode the file's row groups [default: as predict's].
     #[arg(long, value_name = "N")]
     pub(crate) sink_threads: Option<usize>,
+    /// The float type of the per-cell rows (f32 or f16), as predict's --values.
+    #[arg(long, default_value = "f32")]
+    pub(crate) values: cpa_stream_stages::sink::Values,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,

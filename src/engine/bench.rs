@@ -134,6 +134,7 @@ pub fn predict(args: PredictBenchArgs) -> anyhow::Result<ExitCode> {
         source: args.source.clone(),
         targets: args.target.clone(),
         sink_threads: args.sink_threads,
+        values: Some(args.values),
         compute: Compute { device: args.device.clone(), threads: args.threads, workers: None },
         ..PredictRequest::default()
     };
@@ -143,7 +144,13 @@ pub fn predict(args: PredictBenchArgs) -> anyhow::Result<ExitCode> {
         jsonln!(&r);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!("{} genes per row; sink threads {}; {} CPUs", r.genes, r.sink_threads, r.cpus);
+    outln!(
+        "{} genes per row; {} values; sink threads {}; {} CPUs",
+        r.genes,
+        if r.values == cpa_stream_stages::sink::Values::F16 { "float16" } else { "float32" },
+        r.sink_threads,
+        r.cpus
+    );
     outln!(
         "{:>9} {:>12} {:>8} {:>9} {:>12} {:>12} {:>12} {:>11} {:>11} {:>10}",
         "mode",

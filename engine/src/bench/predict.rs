@@ -49,6 +49,8 @@ pub struct PredictBench {
     pub genes: usize,
     /// The sink's encoding threads.
     pub sink_threads: usize,
+    /// The float type of the per-cell rows.
+    pub values: cpa_stream_stages::sink::Values,
     /// CPUs of the machine.
     pub cpus: usize,
 }
@@ -150,6 +152,7 @@ pub fn bench_predict(
         rounds,
         genes,
         sink_threads: base.sink.threads,
+        values: base.sink.values,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
     })
 }
