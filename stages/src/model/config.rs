@@ -462,7 +462,8 @@ impl TrainingConfig {
         if self.batch_size > 0 {
             return self.batch_size;
         }
-        let steps = cells.div_ceil(DEFAULT_BATCH_SIZE as u64) * u64::from(epochs) / self.accumulate_batches.max(1) as u64;
+        let steps =
+            cells.div_ceil(DEFAULT_BATCH_SIZE as u64) * u64::from(epochs) / self.accumulate_batches.max(1) as u64;
         if steps < SHORT_TRAINING_STEPS { SHORT_BATCH_SIZE } else { DEFAULT_BATCH_SIZE }
     }
 
