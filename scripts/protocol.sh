@@ -25,7 +25,9 @@
 # ../shared/peer/cpa-tools/make_synth.py atlases of two seeds and shapes (5,000 x 2,000, 2 cell
 # types, 4 drugs; 3,000 x 1,000, 3 cell types, 6 drugs), random splits; l1000 is bulk drug x dose
 # data, split by doses (dose interpolation, Gaussian likelihood), trained 100 and 400 epochs (its
-# 194 training samples make two batches an epoch).
+# 194 training samples make two batches an epoch). Other splits of the same data, for the harness's
+# tables rather than for deciding: norman19-combos (combinations held out), mcfaline23-celltype
+# and synth-a-celltype (one cell type's perturbed cells held out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -49,6 +51,11 @@ dataset() {
       echo "$bundled random - - --subset dataset=$1" ;;
     mcfaline23-celltype)
       echo "$bundled celltype - - --subset dataset=mcfaline23" ;;
+    norman19-combos)
+      echo "$bundled combos - - --subset dataset=norman19" ;;
+    synth-a-celltype)
+      [ -f "$dir/data/synth-a.h5ad" ] || "$py" "$make_synth" --out "$dir/data/synth-a.h5ad" --seed 0 >/dev/null
+      echo "$dir/data/synth-a.h5ad celltype - -" ;;
     synth-a)
       [ -f "$dir/data/synth-a.h5ad" ] || "$py" "$make_synth" --out "$dir/data/synth-a.h5ad" --seed 0 >/dev/null
       echo "$dir/data/synth-a.h5ad random - -" ;;
@@ -70,7 +77,8 @@ dataset() {
       # (min(round(20000 / cells * 400), 400)) gives 400 epochs at this size.
       echo "$dir/data/l1000.h5ad doses 100_400 -" ;;
     *)
-      log "unknown data set $1 (norman19, mcfaline23, mcfaline23-celltype, synth-a, synth-b, synth-atlas, l1000)"
+      log "unknown data set $1 (norman19, mcfaline23, mcfaline23-celltype, norman19-combos, synth-a," \
+        "synth-a-celltype, synth-b, synth-atlas, l1000)"
       exit 2 ;;
   esac
 }
