@@ -94,9 +94,12 @@ for role in decide confirm; do
     if [ "$e" = - ]; then e="${EPOCHS:-10 50}"; else e="${e//_/ }"; fi
     if [ "$s" = - ]; then s="${SEEDS:-0 1 2}"; else s="${s//_/ }"; fi
     log "$name ($role): $split split, epochs $e, seeds $s"
-    NAME="$name" SPLIT="$split" EPOCHS="$e" SEEDS="$s" VARIANTS="$variants" PREPARE="$prepare" \
+    # fidelity.sh names its directory NAME-SPLIT: a data set named for its split (norman19-combos)
+    # goes to the same directory as its base name would (norman19-combos, not norman19-combos-combos).
+    base="${name%-"$split"}"
+    NAME="$base" SPLIT="$split" EPOCHS="$e" SEEDS="$s" VARIANTS="$variants" PREPARE="$prepare" \
       DIR="$dir" scripts/fidelity.sh "$h5ad" >/dev/null
-    roles+=("$role=$dir/$name-$split")
+    roles+=("$role=$dir/$base-$split")
   done
 done
 "$py" scripts/fidelity.py protocol --baseline "$baseline" "${roles[@]}" | tee "$dir/protocol.txt"
