@@ -70,17 +70,17 @@ fi
 if want sink; then
   # The host side of prediction, no model: per-thread rates and scaling on this machine's cores.
   for values in f32 f16; do
-    "$bin" bench sink --genes 5000,20000 --threads 1,2,4,8,16 --profiles small,fast --mib 256 --repeats 3 \
-      --values "$values" --json > "$out/sink-$values.json"
+    "$bin" bench sink --genes 5000 --threads 1,2,4,8,16 --profiles small,fast --outputs file,parts --mib 256 \
+      --repeats 3 --values "$values" --json > "$out/sink-$values.json"
     "$py" - "$out/sink-$values.json" "$values" <<'PY' | tee -a "$summary"
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"== sink alone on {r['cpus']} CPUs, {sys.argv[2]} values (memcpy bound {r['memcpy_mb_per_s']:.0f} MB/s a thread):")
 base = {}
 for x in r["rounds"]:
-    key = (x["genes"], x["profile"])
+    key = (x["genes"], x["profile"], x.get("output", "file"))
     base.setdefault(key, x["mb_per_s"])
-    print(f"   {x['genes']} genes, {x['profile']}, {x['threads']} threads: {x['rows_per_s']:.0f} rows/s, "
+    print(f"   {x['genes']} genes, {x['profile']}, {key[2]}, {x['threads']} threads: {x['rows_per_s']:.0f} rows/s, "
           f"{x['mb_per_s']:.0f} MB/s of float32 ({x['mb_per_s_per_thread']:.0f} a thread, {x['mb_per_s'] / base[key]:.2f}x one thread)")
 PY
   done
@@ -146,9 +146,9 @@ if want predict; then
   : > "$out/predict.jsonl"
   for sink in default 1 f16; do
     extra=()
-    modes=small,fast,aggregate
+    modes=small,fast,parts,aggregate
     [ "$sink" = 1 ] && extra=(--sink-threads 1)
-    [ "$sink" = f16 ] && extra=(--values f16) && modes=small,fast
+    [ "$sink" = f16 ] && extra=(--values f16) && modes=small,fast,parts
     "$bin" bench predict --model "$dev/run-fp32" --store "$store" --target PERT01 --modes "$modes" \
       --repeats 3 --device "$device" "${extra[@]}" --json \
       | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$out/predict.jsonl"

@@ -8,8 +8,9 @@ use std::path::Path;
 
 use polars::prelude::{LazyFrame, PlRefPath, PolarsError, PolarsResult, ScanArgsParquet};
 
-/// Opens a prediction file, or a directory of shard files (`part-*.parquet` from `predict
-/// --shard`; the `genes.parquet` beside them is not a part), as one lazy frame. Nothing is read
+/// Opens a prediction file, or a directory of part files (`part-*.parquet` from `predict
+/// --shard` or `predict --parts`; the shards' `genes.parquet` beside them is not a part), as one
+/// lazy frame. Nothing is read
 /// until the query runs.
 pub fn scan_predictions(path: impl AsRef<Path>) -> PolarsResult<LazyFrame> {
     let path = path.as_ref();

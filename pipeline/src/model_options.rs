@@ -82,6 +82,8 @@ pub enum PredictMode {
     Small,
     /// A row per cell and target, plain uncompressed pages (`--sink-profile fast`).
     Fast,
+    /// As `Fast`, into a directory of parts written side by side (`--sink-profile fast --parts`).
+    Parts,
     /// A row per target and group: mean and variance (`--aggregate mean,var`).
     Aggregate,
 }
@@ -93,8 +95,9 @@ impl std::str::FromStr for PredictMode {
         match text {
             "small" => Ok(PredictMode::Small),
             "fast" => Ok(PredictMode::Fast),
+            "parts" => Ok(PredictMode::Parts),
             "aggregate" => Ok(PredictMode::Aggregate),
-            other => Err(format!("{other:?}: expected small, fast or aggregate")),
+            other => Err(format!("{other:?}: expected small, fast, parts or aggregate")),
         }
     }
 }

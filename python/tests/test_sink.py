@@ -44,6 +44,30 @@ def test_every_profile_reads_the_same_in_every_reader(cli, run, store, tmp_path,
     assert codec == ("UNCOMPRESSED" if profile == "fast" else "ZSTD")
 
 
+def test_parts_from_python_read_whole_in_every_reader(run, store, tmp_path):
+    """``predict_to_parquet(parts=True)``: a directory of part files that polars, pandas,
+    pyarrow and DuckDB read as one table, the single file's rows in order."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    keywords = dict(source="all", targets=["MAP2K6"], threads=1, row_group_rows=1000, sink_threads=2)
+    single = tmp_path / "single.parquet"
+    run.predict_to_parquet(single, store, **keywords)
+    parts = tmp_path / "parts"
+    report = run.predict_to_parquet(parts, store, parts=True, **keywords)
+    names = sorted(p.name for p in parts.iterdir())
+    assert report["output"]["files"] == len(names) > 1, names
+    assert all(n.startswith("part-") and n.endswith(f"-of-{len(names)}.parquet") for n in names), names
+    table = pq.read_table(single)
+    assert pq.read_table(parts).equals(table)
+    assert pl.read_parquet(parts).equals(pl.read_parquet(single))
+    assert list(pd.read_parquet(parts)["cell_id"]) == table.column("cell_id").to_pylist()
+    assert duckdb.sql(f"select count(*) from read_parquet('{parts}/*.parquet')").fetchall()[0][0] == table.num_rows
+    with pytest.raises(Exception, match="shard"):
+        run.predict_to_parquet(tmp_path / "both", store, parts=True, shard="0/2", **keywords)
+
+
 def test_aggregates_from_python_equal_the_cells_grouped_in_polars(run, store, tmp_path):
     """``aggregate=`` on the Arrow stream and on ``predict_to_parquet``: one row per target and
     group, equal to the per-cell predictions grouped afterwards (polars, ddof 1)."""

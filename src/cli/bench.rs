@@ -61,8 +61,9 @@ pub struct PredictBenchArgs {
     /// A target (repeat for several) [default: each cell reconstructed under its own condition].
     #[arg(long)]
     pub(crate) target: Vec<String>,
-    /// Output modes, comma-separated (small, fast, aggregate; a round each).
-    #[arg(long, value_delimiter = ',', default_value = "small,fast,aggregate")]
+    /// Output modes, comma-separated (small, fast, parts: fast into a directory of parts,
+    /// aggregate; a round each).
+    #[arg(long, value_delimiter = ',', default_value = "small,fast,parts,aggregate")]
     pub(crate) modes: Vec<PredictMode>,
     /// Repetitions of every mode (interleaved; medians reported).
     #[arg(long, default_value_t = 3)]
@@ -101,6 +102,10 @@ pub struct SinkArgs {
     /// The float type written (f32 or f16).
     #[arg(long, default_value = "f32")]
     pub(crate) values: cpa_stream_stages::sink::Values,
+    /// What each round writes, comma-separated (a round each): one file, or a directory of parts
+    /// written side by side (`predict --parts`).
+    #[arg(long, value_delimiter = ',', default_value = "file,parts")]
+    pub(crate) outputs: Vec<cpa_stream_pipeline::bench::SinkOutput>,
     /// MiB of float32 values written per round.
     #[arg(long, default_value_t = DEFAULT_SINK_MIB)]
     pub(crate) mib: usize,
@@ -399,6 +404,7 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
         mib: args.mib,
         repeats: args.repeats,
         values: args.values,
+        outputs: args.outputs,
     };
     let r = bench_sink(&options, args.dir.as_deref())?;
     if args.json {
@@ -407,9 +413,10 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     }
     outln!("memcpy of the same values: {:.0} MB/s (one thread); {} CPUs", r.memcpy_mb_per_s, r.cpus);
     outln!(
-        "{:>7} {:>7} {:>8} {:>9} {:>12} {:>10} {:>14} {:>10} {:>10}",
+        "{:>7} {:>7} {:>6} {:>8} {:>9} {:>12} {:>10} {:>14} {:>10} {:>10}",
         "genes",
         "profile",
+        "output",
         "threads",
         "rows",
         "rows/s",
@@ -420,9 +427,10 @@ fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     );
     for round in &r.rounds {
         outln!(
-            "{:>7} {:>7} {:>8} {:>9} {:>12.0} {:>10.0} {:>14.0} {:>10.3} {:>10.1}",
+            "{:>7} {:>7} {:>6} {:>8} {:>9} {:>12.0} {:>10.0} {:>14.0} {:>10.3} {:>10.1}",
             round.genes,
             format!("{:?}", round.profile).to_lowercase(),
+            format!("{:?}", round.output).to_lowercase(),
             round.threads,
             round.rows,
             round.rows_per_s,

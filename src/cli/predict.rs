@@ -15,7 +15,8 @@ pub struct PredictArgs {
     /// Store with the source cells (same genes as the model).
     #[arg(long)]
     pub(crate) store: PathBuf,
-    /// Output Parquet file; with --shard, a dataset directory that receives part-K-of-N.parquet.
+    /// Output Parquet file; with --shard, a dataset directory that receives part-K-of-N.parquet;
+    /// with --parts, the directory of parts.
     #[arg(long)]
     pub(crate) out: PathBuf,
     /// Source cells: an expression over obs columns, e.g. `condition == control and cell_type in
@@ -25,7 +26,8 @@ pub struct PredictArgs {
     /// When the source selects no cell, write an empty file with a warning instead of failing.
     #[arg(long)]
     pub(crate) allow_empty: bool,
-    /// Replace an existing output file (with --shard: an existing part file).
+    /// Replace an existing output file (with --shard: an existing part file; with --parts: an
+    /// existing directory of parts).
     #[arg(long)]
     pub(crate) overwrite: bool,
     /// Target condition: `KEY=VALUE,...` with the perturbation key, dose key and covariates
@@ -102,6 +104,12 @@ pub struct PredictArgs {
     /// [default: 1 on the CPU; on a GPU the CPUs but one, at most 8].
     #[arg(long, value_name = "N")]
     pub(crate) sink_threads: Option<usize>,
+    /// Write --out as a directory of part files (part-K-of-N.parquet in row order, one row group
+    /// each), written side by side by the sink's threads: faster than one file with several sink
+    /// threads (the kernel writes one file at one thread's pace). Read it as one table
+    /// (`polars.scan_parquet(out)`, `pandas.read_parquet(out)`, DuckDB's `read_parquet('out/*.parquet')`).
+    #[arg(long, conflicts_with = "shard")]
+    pub(crate) parts: bool,
     /// Page encoding of the output: small (zstd, byte-stream-split floats; the default) or fast
     /// (uncompressed pages, plain floats: faster to write and read, larger).
     #[arg(long, value_name = "small|fast")]

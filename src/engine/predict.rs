@@ -47,6 +47,7 @@ impl PredictArgs {
             group_by: self.group_by.clone(),
             row_group_rows: self.row_group_rows,
             sink_threads: self.sink_threads,
+            parts: self.parts,
             sink_profile: self.sink_profile,
             values: self.values,
             zstd_level: self.zstd_level,
@@ -65,8 +66,13 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     };
     let plural = if report.targets == 1 { "" } else { "s" };
     let (rows, of) = if report.aggregated { ("groups", "aggregates of ") } else { ("rows", "") };
+    let parts = match report.output.files {
+        1 if !report.parts => String::new(),
+        1 => " in 1 part".to_owned(),
+        n => format!(" in {n} parts"),
+    };
     outln!(
-        "{}: {} {rows} ({of}{} source cells x {} target{plural}), {} genes, {:.1} MB",
+        "{}: {} {rows} ({of}{} source cells x {} target{plural}), {} genes, {:.1} MB{parts}",
         report.output.path.display(),
         report.output.rows,
         report.source_cells,

@@ -83,7 +83,7 @@ pub fn bench_predict(
     dir: Option<&Path>,
 ) -> Result<PredictBench> {
     if modes.is_empty() {
-        return Err(Error::InvalidInput("bench predict: no mode given (small, fast, aggregate)".to_owned()));
+        return Err(Error::InvalidInput("bench predict: no mode given (small, fast, parts, aggregate)".to_owned()));
     }
     let temp = match dir {
         Some(dir) => tempfile::tempdir_in(dir).map_err(Error::io(dir))?,
@@ -99,13 +99,14 @@ pub fn bench_predict(
             options.out = Some(out.clone());
             options.sink.overwrite = true;
             options.sink.profile = match mode {
-                PredictMode::Fast => cpa_stream_stages::sink::SinkProfile::Fast,
+                PredictMode::Fast | PredictMode::Parts => cpa_stream_stages::sink::SinkProfile::Fast,
                 _ => cpa_stream_stages::sink::SinkProfile::Small,
             };
+            options.sink.parts = mode == PredictMode::Parts;
             options.aggregate = (mode == PredictMode::Aggregate)
                 .then(|| AggregateOptions { statistics: vec![Statistic::Mean, Statistic::Var], group_by: None });
             let report = predict::run(&options, &RunContext::default())?;
-            let _ = std::fs::remove_file(&out);
+            let _ = if options.sink.parts { std::fs::remove_dir_all(&out) } else { std::fs::remove_file(&out) };
             let predictions = report.source_cells * report.targets as u64;
             let stages = &report.report.stages;
             let wall = report.seconds;

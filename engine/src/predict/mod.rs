@@ -48,6 +48,8 @@ pub struct PredictReport {
     pub genes: usize,
     /// Whether the rows are aggregates of groups of cells (`--aggregate`) rather than cells.
     pub aggregated: bool,
+    /// Whether the output is a directory of parts (`--parts`).
+    pub parts: bool,
     /// Seconds from the model's load to the file's rename.
     pub seconds: f64,
     /// Source cells per second (each decoded into every target).
@@ -195,6 +197,7 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         targets,
         genes,
         aggregated,
+        parts: options.sink.parts,
         seconds,
         cells_per_s: source_cells as f64 / seconds,
         rows_per_s: written_cells as f64 / seconds,

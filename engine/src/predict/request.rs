@@ -23,7 +23,8 @@ pub struct PredictRequest {
     pub model: PathBuf,
     /// The store with the source cells.
     pub store: PathBuf,
-    /// The Parquet file written (with a shard: the dataset directory); none for a stream.
+    /// The Parquet file written (with a shard or `parts`: the dataset directory); none for a
+    /// stream.
     pub out: Option<PathBuf>,
     /// Source cells: an expression over obs columns, or `all` [default: the control cells].
     pub source: Option<String>,
@@ -69,6 +70,9 @@ pub struct PredictRequest {
     pub row_group_rows: Option<usize>,
     /// Threads that encode the output's row groups [default: [`crate::threads::sink_threads`]].
     pub sink_threads: Option<usize>,
+    /// Write a directory of part files (one row group each, written side by side by the sink's
+    /// threads) instead of one file.
+    pub parts: bool,
     /// How the output's pages are encoded [default: small].
     pub sink_profile: Option<cpa_stream_stages::sink::SinkProfile>,
     /// The float type of the file's float columns: f32 or f16 [default: f32].
@@ -172,8 +176,16 @@ impl PredictRequest {
             threads: sink_threads,
             profile: self.sink_profile.unwrap_or_default(),
             values: self.values.unwrap_or_default(),
+            parts: self.parts,
             ..SinkOptions::default()
         };
+        if self.parts && options.shard.is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{} and {}: a shard is already one part of a dataset directory; give one of them",
+                n.name("--parts"),
+                n.name("--shard")
+            )));
+        }
         if let Some(rows) = self.row_group_rows {
             options.sink.row_group_rows = n.bounded("--row-group-rows", rows, 1, usize::MAX, "rows per row group")?;
         }

@@ -17,4 +17,4 @@ pub use loader::{DEFAULT_LOADER_BATCH_SIZE, DEFAULT_ROUNDS, LoaderBench, LoaderR
 pub use reader::{
     DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, ReaderBench, ReaderBenchOptions, Throughput, bench_reader,
 };
-pub use sink::{DEFAULT_SINK_MIB, SinkBench, SinkBenchOptions, SinkRound, bench_sink};
+pub use sink::{DEFAULT_SINK_MIB, SinkBench, SinkBenchOptions, SinkOutput, SinkRound, bench_sink};

@@ -1,7 +1,8 @@
 //! Sink benchmark: the prediction sink alone, fed prediction batches made beforehand (a cell id,
 //! a target and a vector of expected means per cell, as `predict` writes them), per gene count
 //! and thread count, against a memcpy bound of the same values measured in the same run.
-//! Repetitions interleave the thread counts; figures are medians.
+//! Repetitions interleave the thread counts; figures are medians. Each round writes one file, or
+//! a directory of parts (`SinkOptions::parts`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,6 +38,30 @@ pub struct SinkBenchOptions {
     pub repeats: usize,
     /// The float type written.
     pub values: cpa_stream_stages::sink::Values,
+    /// What each round writes (one round each).
+    pub outputs: Vec<SinkOutput>,
+}
+
+/// What a sink writes: one file, or a directory of parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkOutput {
+    /// One Parquet file.
+    File,
+    /// A directory of part files, one row group each.
+    Parts,
+}
+
+impl std::str::FromStr for SinkOutput {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<SinkOutput> {
+        match text {
+            "file" => Ok(SinkOutput::File),
+            "parts" => Ok(SinkOutput::Parts),
+            _ => Err(Error::InvalidInput(format!("sink output {text:?}: expected file or parts"))),
+        }
+    }
 }
 
 impl Default for SinkBenchOptions {
@@ -48,6 +73,7 @@ impl Default for SinkBenchOptions {
             mib: DEFAULT_SINK_MIB,
             repeats: 3,
             values: cpa_stream_stages::sink::Values::F32,
+            outputs: vec![SinkOutput::File, SinkOutput::Parts],
         }
     }
 }
@@ -61,6 +87,8 @@ pub struct SinkRound {
     pub threads: usize,
     /// Page encoding.
     pub profile: SinkProfile,
+    /// One file or parts.
+    pub output: SinkOutput,
     /// Rows written.
     pub rows: usize,
     /// Median seconds of a round.
@@ -71,8 +99,10 @@ pub struct SinkRound {
     pub mb_per_s: f64,
     /// `mb_per_s` per thread.
     pub mb_per_s_per_thread: f64,
-    /// Bytes of the file written.
+    /// Bytes of the file (of every part) written.
     pub file_bytes: u64,
+    /// Files written (1, or the parts).
+    pub files: usize,
 }
 
 /// What [`bench_sink`] measured.
@@ -112,16 +142,16 @@ fn batches(genes: usize, mib: usize) -> Result<Vec<RecordBatch>> {
     Ok(out)
 }
 
-/// Writes `batches` through a sink of `threads` threads into `dir`; seconds and file bytes.
+/// Writes `batches` through a sink of `threads` threads into `dir`; seconds, bytes and files.
 fn round(
     dir: &Path,
     batches: &[RecordBatch],
-    threads: usize,
-    profile: SinkProfile,
+    (profile, output, threads): Case,
     values: cpa_stream_stages::sink::Values,
-) -> Result<(f64, u64)> {
+) -> Result<(f64, u64, usize)> {
     let path = dir.join("sink-bench.parquet");
-    let options = SinkOptions { threads, profile, values, overwrite: true, ..SinkOptions::default() };
+    let parts = output == SinkOutput::Parts;
+    let options = SinkOptions { threads, profile, values, parts, overwrite: true, ..SinkOptions::default() };
     let started = Instant::now();
     let mut sink = ParquetSink::create(&path, batches[0].schema(), &options).map_err(Error::stage(Stage::Sink))?;
     for batch in batches {
@@ -129,9 +159,12 @@ fn round(
     }
     let summary = sink.finish().map_err(Error::stage(Stage::Sink))?;
     let seconds = started.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&path);
-    Ok((seconds, summary.bytes))
+    let _ = if parts { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+    Ok((seconds, summary.bytes, summary.files))
 }
+
+/// A round's page encoding, output and threads.
+type Case = (SinkProfile, SinkOutput, usize);
 
 /// Copies every value of `batches` once into one buffer: MB per second.
 fn memcpy(batches: &[RecordBatch]) -> f64 {
@@ -171,33 +204,39 @@ pub fn bench_sink(options: &SinkBenchOptions, dir: Option<&Path>) -> Result<Sink
     for &genes in &options.genes {
         let batches = batches(genes.max(1), options.mib.max(1))?;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let cases: Vec<(SinkProfile, usize)> =
-            options.profiles.iter().flat_map(|&p| options.threads.iter().map(move |&t| (p, t.max(1)))).collect();
+        let outputs = if options.outputs.is_empty() { vec![SinkOutput::File] } else { options.outputs.clone() };
+        let cases: Vec<Case> = options
+            .profiles
+            .iter()
+            .flat_map(|&p| outputs.iter().flat_map(move |&o| options.threads.iter().map(move |&t| (p, o, t.max(1)))))
+            .collect();
         let mut seconds = vec![Vec::new(); cases.len()];
-        let mut bytes = vec![0u64; cases.len()];
+        let mut bytes = vec![(0u64, 0usize); cases.len()];
         for repeat in 0..repeats {
             memcpy_rates.push(memcpy(&batches));
             // Cases in a rotating order: each repetition starts with another.
             for k in 0..cases.len() {
                 let c = (k + repeat) % cases.len();
-                let (s, b) = round(dir, &batches, cases[c].1, cases[c].0, options.values)?;
+                let (s, b, files) = round(dir, &batches, cases[c], options.values)?;
                 seconds[c].push(s);
-                bytes[c] = b;
+                bytes[c] = (b, files);
             }
         }
-        for (c, &(profile, threads)) in cases.iter().enumerate() {
+        for (c, &(profile, output, threads)) in cases.iter().enumerate() {
             let (t, s) = (c, median(seconds[c].clone()));
             let mb = (rows * genes * 4) as f64 / 1e6;
             rounds.push(SinkRound {
                 genes,
                 threads,
                 profile,
+                output,
                 rows,
                 seconds: s,
                 rows_per_s: rows as f64 / s,
                 mb_per_s: mb / s,
                 mb_per_s_per_thread: mb / s / threads.max(1) as f64,
-                file_bytes: bytes[t],
+                file_bytes: bytes[t].0,
+                files: bytes[t].1,
             });
         }
     }

@@ -11,6 +11,14 @@
 //! rows) and encoded on [`SinkOptions::threads`] threads, each a whole row group at a time, then
 //! written in order: the file's bytes are the same for any thread count, and memory holds at
 //! most twice as many row groups as threads.
+//!
+//! With [`SinkOptions::parts`] the output is a directory of part files instead, one row group
+//! each (`part-K-of-N.parquet`, in row order), each written by the thread that encoded it: the
+//! kernel serialises writes into one file (ext4 holds its inode lock while it copies into the
+//! page cache), so a single file takes its bytes at one thread's pace however many threads
+//! encode, while parts are written side by side. The directory is built under a temporary name
+//! and renamed into place when every part is complete; each part's bytes depend on its rows
+//! only, so the directory is the same for any thread count.
 
 use crate::output::OutputKind;
 use std::collections::BTreeMap;
@@ -173,6 +181,9 @@ pub struct SinkOptions {
     pub profile: SinkProfile,
     /// The float type of the file's float columns; default [`Values::F32`].
     pub values: Values,
+    /// Write a directory of part files, one row group each, written in parallel (see the
+    /// module's documentation), instead of one file; default false.
+    pub parts: bool,
 }
 
 impl Default for SinkOptions {
@@ -185,6 +196,7 @@ impl Default for SinkOptions {
             threads: 1,
             profile: SinkProfile::Small,
             values: Values::F32,
+            parts: false,
         }
     }
 }
@@ -192,14 +204,16 @@ impl Default for SinkOptions {
 /// What a finished sink wrote.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SinkSummary {
-    /// The final path.
+    /// The final path (with [`SinkOptions::parts`], the directory).
     pub path: PathBuf,
     /// Rows written.
     pub rows: u64,
-    /// Size of the finished file.
+    /// Size of the finished file (of every part together).
     pub bytes: u64,
     /// Row groups.
     pub row_groups: usize,
+    /// Files written: 1, or the parts.
+    pub files: usize,
 }
 
 /// A Parquet file being written. Nothing appears at its path until [`finish`](Self::finish):
@@ -231,11 +245,13 @@ pub struct SinkSummary {
 /// ```
 pub struct ParquetSink {
     writer: Option<RowGroups>,
+    /// The temporary file, or directory of parts.
     tmp: PathBuf,
+    kind: OutputKind,
     overwrite: bool,
     path: PathBuf,
     rows: u64,
-    /// Held until the file is published or abandoned (dropped after `Drop::drop`).
+    /// Held until the output is published or abandoned (dropped after `Drop::drop`).
     _lock: crate::output::OutputLock,
 }
 
@@ -296,34 +312,50 @@ pub fn writer_properties(schema: &SchemaRef, options: &SinkOptions) -> Result<Wr
 
 impl ParquetSink {
     /// Starts writing `path` (its directory must exist). Nothing appears at `path` until
-    /// [`finish`](Self::finish).
+    /// [`finish`](Self::finish). With [`SinkOptions::parts`], `path` is the directory of parts.
     pub fn create(path: &Path, schema: SchemaRef, options: &SinkOptions) -> Result<ParquetSink> {
-        let lock = crate::output::claim_output(path, OutputKind::File, options.overwrite)?;
+        let kind = if options.parts { OutputKind::Directory } else { OutputKind::File };
         let name =
             path.file_name().ok_or_else(|| Error::InvalidInput(format!("{}: not a file name", path.display())))?;
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         if !parent.is_dir() {
             return Err(Error::InvalidInput(format!("{}: no such directory", parent.display())));
         }
+        let lock = crate::output::claim_output(path, kind, options.overwrite)?;
         let n = SINK_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = parent.join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id()));
-        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let stored = file_schema(&schema, options.values);
         let props = writer_properties(&stored, options)?;
-        let writer = ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), Arc::clone(&stored), Some(props))
-            .and_then(ArrowWriter::into_serialized_writer)
-            .map_err(|e| Error::parquet(path, e))
-            .and_then(|(file, factory)| RowGroups::new(path, file, factory, schema, stored, options));
+        let writer = match kind {
+            OutputKind::File => {
+                let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), Arc::clone(&stored), Some(props))
+                    .and_then(ArrowWriter::into_serialized_writer)
+                    .map_err(|e| Error::parquet(path, e))
+                    .and_then(|(file, factory)| {
+                        let layout = Layout::new(stored, Arc::clone(file.properties()))?;
+                        RowGroups::new(path, Target::File { file: Box::new(file), factory }, schema, layout, options)
+                    })
+            }
+            OutputKind::Directory => {
+                std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                Layout::new(stored, Arc::new(props)).and_then(|layout| {
+                    let target = Target::Parts { dir: tmp.clone(), parts: Vec::new() };
+                    RowGroups::new(path, target, schema, layout, options)
+                })
+            }
+        };
         let writer = match writer {
             Ok(w) => w,
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
+                remove_temporary(&tmp, kind);
                 return Err(e);
             }
         };
         Ok(ParquetSink {
             writer: Some(writer),
             tmp,
+            kind,
             path: path.to_owned(),
             rows: 0,
             overwrite: options.overwrite,
@@ -341,7 +373,7 @@ impl ParquetSink {
         self.rows
     }
 
-    /// Row groups written to the file so far (those buffered or being encoded not counted).
+    /// Row groups written so far (those buffered or being encoded not counted).
     pub fn row_groups_written(&self) -> usize {
         self.writer.as_ref().map_or(0, |w| w.written)
     }
@@ -363,32 +395,91 @@ impl ParquetSink {
         Ok(())
     }
 
-    /// Writes the footer, flushes the file to disk and renames it into place.
+    /// Writes the footer (every part's), flushes the output to disk and renames it into place.
     pub fn finish(mut self) -> Result<SinkSummary> {
         let writer = self.writer.take().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
-        let buffered = writer.finish()?;
-        let file = buffered.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-        drop(file);
-        let metadata = parquet::file::reader::SerializedFileReader::new(
-            File::open(&self.tmp).map_err(|e| Error::io(&self.tmp, e))?,
-        )
-        .map_err(|e| Error::parquet(&self.tmp, e))?;
-        let row_groups = parquet::file::reader::FileReader::metadata(&metadata).num_row_groups();
-        if let Err(e) = crate::output::publish(&self.tmp, &self.path, OutputKind::File, self.overwrite) {
-            let _ = std::fs::remove_file(&self.tmp);
+        let finished = writer.finish().and_then(|written| match written {
+            Written::File(buffered) => {
+                let file = buffered.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+                file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+                drop(file);
+                let reader = File::open(&self.tmp).map_err(|e| Error::io(&self.tmp, e))?;
+                let metadata = parquet::file::reader::SerializedFileReader::new(reader)
+                    .map_err(|e| Error::parquet(&self.tmp, e))?;
+                let row_groups = parquet::file::reader::FileReader::metadata(&metadata).num_row_groups();
+                Ok((row_groups, 1))
+            }
+            Written::Parts(parts) => {
+                for part in &parts {
+                    let file = File::open(part).map_err(|e| Error::io(part, e))?;
+                    file.sync_all().map_err(|e| Error::io(part, e))?;
+                }
+                let count = parts.len();
+                for (index, part) in parts.iter().enumerate() {
+                    let name = part_name(index, count);
+                    std::fs::rename(part, self.tmp.join(&name)).map_err(|e| Error::io(part, e))?;
+                }
+                crate::output::sync_parent(&self.tmp.join("part"));
+                // An empty output is one part without row groups: readers still find the schema.
+                Ok((count.saturating_sub(usize::from(self.rows == 0)), count))
+            }
+        });
+        let (row_groups, files) = match finished {
+            Ok(counts) => counts,
+            Err(e) => {
+                remove_temporary(&self.tmp, self.kind);
+                return Err(e);
+            }
+        };
+        if let Err(e) = crate::output::publish(&self.tmp, &self.path, self.kind, self.overwrite) {
+            remove_temporary(&self.tmp, self.kind);
             return Err(e);
         }
-        let bytes = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?.len();
-        Ok(SinkSummary { path: self.path.clone(), rows: self.rows, bytes, row_groups })
+        let bytes = match self.kind {
+            OutputKind::File => std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?.len(),
+            OutputKind::Directory => {
+                let entries = std::fs::read_dir(&self.path).map_err(|e| Error::io(&self.path, e))?;
+                entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+            }
+        };
+        Ok(SinkSummary { path: self.path.clone(), rows: self.rows, bytes, row_groups, files })
     }
 }
 
-/// One row group's rows, its index and its column writers, for an encoding thread.
-/// A row group to encode: its index, rows, column writers and spare buffers for dense columns.
-type Job = (usize, Vec<RecordBatch>, Vec<ArrowColumnWriter>, Vec<Vec<u8>>);
-/// An encoded row group, by index.
-type Done = (usize, Result<Vec<Chunk>>);
+/// The name of part `index` of `count`, numbered from 0 with as many digits as the last one:
+/// names sort in row order.
+pub fn part_name(index: usize, count: usize) -> String {
+    let width = count.saturating_sub(1).max(1).ilog10() as usize + 1;
+    format!("part-{index:0width$}-of-{count:0width$}.parquet")
+}
+
+/// Removes a sink's temporary file or directory of parts.
+fn remove_temporary(tmp: &Path, kind: OutputKind) {
+    let _ = match kind {
+        OutputKind::File => std::fs::remove_file(tmp),
+        OutputKind::Directory => std::fs::remove_dir_all(tmp),
+    };
+}
+
+/// A row group for an encoding thread.
+enum Job {
+    /// To encode into column chunks for the file: its index, rows, column writers and spare
+    /// buffers for dense columns.
+    Encode(usize, Vec<RecordBatch>, Vec<ArrowColumnWriter>, Vec<Vec<u8>>),
+    /// To write as a part file: its index and rows.
+    Part(usize, Vec<RecordBatch>),
+}
+
+/// What a thread made of a row group.
+enum Output {
+    /// The column chunks, for the file.
+    Chunks(Vec<Chunk>),
+    /// A part file, complete.
+    Part(PathBuf),
+}
+
+/// A row group done, by index.
+type Done = (usize, Result<Output>);
 
 /// An encoded column chunk of a row group.
 enum Chunk {
@@ -404,6 +495,48 @@ struct Layout {
     stored: SchemaRef,
     leaves: Vec<ColumnDescPtr>,
     props: WriterPropertiesPtr,
+    /// Columns that may be dense (`FixedSizeList<Float32>`): the spare buffers a row group takes.
+    dense_columns: usize,
+}
+
+impl Layout {
+    fn new(stored: SchemaRef, props: WriterPropertiesPtr) -> Result<Layout> {
+        let leaves = parquet::arrow::ArrowSchemaConverter::new()
+            .with_coerce_types(props.coerce_types())
+            .convert(&stored)
+            .map_err(|e| Error::InvalidInput(format!("the Parquet schema of the rows: {e}")))?
+            .columns()
+            .to_vec();
+        let dense_columns = stored
+            .fields()
+            .iter()
+            .filter(
+                |f| matches!(f.data_type(), DataType::FixedSizeList(item, _) if item.data_type() == &DataType::Float32),
+            )
+            .count();
+        Ok(Layout { stored, leaves, props, dense_columns })
+    }
+
+    /// Spare buffers for the next row group's dense columns, taken from `spare`.
+    fn spare_buffers(&self, spare: &mut Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let keep = spare.len().saturating_sub(self.dense_columns);
+        spare.split_off(keep)
+    }
+}
+
+/// Where row groups go.
+enum Target {
+    /// One file, written in order by the caller's thread.
+    File { file: Box<SerializedFileWriter<BufWriter<File>>>, factory: ArrowRowGroupWriterFactory },
+    /// A directory of parts, each written by the thread that encoded it; the parts written so
+    /// far, in order.
+    Parts { dir: PathBuf, parts: Vec<PathBuf> },
+}
+
+/// What [`RowGroups::finish`] leaves: the file's buffer, or the parts in row order.
+enum Written {
+    File(BufWriter<File>),
+    Parts(Vec<PathBuf>),
 }
 
 /// Cuts rows into row groups, encodes them (on threads when there are several) and writes them
@@ -411,8 +544,7 @@ struct Layout {
 struct RowGroups {
     path: PathBuf,
     /// Taken by `finish`.
-    file: Option<SerializedFileWriter<BufWriter<File>>>,
-    factory: ArrowRowGroupWriterFactory,
+    target: Option<Target>,
     /// The rows' schema; the file's (float16 columns where asked), leaves and properties.
     schema: SchemaRef,
     layout: Arc<Layout>,
@@ -428,42 +560,20 @@ struct RowGroups {
     jobs: Option<Sender<Job>>,
     done: Option<Receiver<Done>>,
     threads: Vec<JoinHandle<()>>,
-    encoded: BTreeMap<usize, Vec<Chunk>>,
+    finished: BTreeMap<usize, Output>,
     /// Buffers of dense columns already written, kept for the next row groups: a fresh buffer of
     /// tens of MiB costs a page fault per 4 KiB as it fills.
     spare: Vec<Vec<u8>>,
-    /// Columns that may be dense (`FixedSizeList<Float32>`): the spare buffers a row group takes.
-    dense_columns: usize,
     in_flight: usize,
     limit: usize,
 }
 
 impl RowGroups {
-    fn new(
-        path: &Path,
-        file: SerializedFileWriter<BufWriter<File>>,
-        factory: ArrowRowGroupWriterFactory,
-        schema: SchemaRef,
-        stored: SchemaRef,
-        options: &SinkOptions,
-    ) -> Result<RowGroups> {
+    fn new(path: &Path, target: Target, schema: SchemaRef, layout: Layout, options: &SinkOptions) -> Result<RowGroups> {
         let threads = options.threads.max(1);
-        let dense_columns = stored
-            .fields()
-            .iter()
-            .filter(
-                |f| matches!(f.data_type(), DataType::FixedSizeList(item, _) if item.data_type() == &DataType::Float32),
-            )
-            .count();
-        let layout = Arc::new(Layout {
-            leaves: file.schema_descr().columns().to_vec(),
-            props: Arc::clone(file.properties()),
-            stored,
-        });
         let mut groups = RowGroups {
             path: path.to_owned(),
-            file: Some(file),
-            factory,
+            target: Some(target),
             rows_per_group: options.row_group_rows.max(1),
             bytes_per_group: options.row_group_bytes.max(1),
             pending: Vec::new(),
@@ -473,25 +583,41 @@ impl RowGroups {
             jobs: None,
             done: None,
             threads: Vec::new(),
-            encoded: BTreeMap::new(),
+            finished: BTreeMap::new(),
             in_flight: 0,
             limit: 2 * threads,
             spare: Vec::new(),
-            dense_columns,
             schema,
-            layout,
+            layout: Arc::new(layout),
         };
         if threads > 1 {
             let (jobs, job_rx) = crossbeam_channel::bounded::<Job>(threads);
             let (done_tx, done) = unbounded::<Done>();
+            let dir = match &groups.target {
+                Some(Target::Parts { dir, .. }) => Some(dir.clone()),
+                _ => None,
+            };
             for t in 0..threads {
                 let (job_rx, done_tx, layout) = (job_rx.clone(), done_tx.clone(), Arc::clone(&groups.layout));
+                let dir = dir.clone();
                 let handle = std::thread::Builder::new()
                     .name(format!("sink-encode-{t}"))
                     .spawn(move || {
-                        for (index, batches, writers, spare) in job_rx {
-                            let encoded = encode(&layout, &batches, writers, spare);
-                            if done_tx.send((index, encoded)).is_err() {
+                        // A part's dense buffers stay with the thread that wrote it.
+                        let mut spare = Vec::new();
+                        for job in job_rx {
+                            let done = match (job, &dir) {
+                                (Job::Encode(index, batches, writers, buffers), _) => {
+                                    (index, encode(&layout, &batches, writers, buffers).map(Output::Chunks))
+                                }
+                                (Job::Part(index, batches), Some(dir)) => {
+                                    (index, write_part(&layout, dir, index, &batches, &mut spare).map(Output::Part))
+                                }
+                                (Job::Part(index, _), None) => {
+                                    (index, Err(Error::InvalidInput("a part without a directory".into())))
+                                }
+                            };
+                            if done_tx.send(done).is_err() {
                                 break;
                             }
                         }
@@ -532,27 +658,43 @@ impl RowGroups {
         self.pending_rows = 0;
         let index = self.next;
         self.next += 1;
-        let writers = self.factory.create_column_writers(index).map_err(|e| Error::parquet(&self.path, e))?;
-        match self.jobs.clone() {
-            None => {
-                let spare = self.spare_buffers();
-                let chunks = encode(&self.layout, &batches, writers, spare)?;
-                self.append(chunks)
+        let finished = || Error::InvalidInput("sink already finished".into());
+        let job = match self.target.as_ref().ok_or_else(finished)? {
+            Target::File { factory, .. } => {
+                let writers = factory.create_column_writers(index).map_err(|e| Error::parquet(&self.path, e))?;
+                Job::Encode(index, batches, writers, Vec::new())
             }
-            Some(jobs) => {
-                while self.in_flight >= self.limit {
-                    self.collect(true)?;
+            Target::Parts { .. } => Job::Part(index, batches),
+        };
+        let Some(jobs) = self.jobs.clone() else {
+            let output = match (job, self.target.as_ref().ok_or_else(finished)?) {
+                (Job::Encode(_, batches, writers, _), _) => {
+                    let spare = self.layout.spare_buffers(&mut self.spare);
+                    Output::Chunks(encode(&self.layout, &batches, writers, spare)?)
                 }
-                let spare = self.spare_buffers();
-                jobs.send((index, batches, writers, spare))
-                    .map_err(|_| Error::InvalidInput(format!("{}: an encoding thread ended", self.path.display())))?;
-                self.in_flight += 1;
-                self.collect(false)
-            }
+                (Job::Part(index, batches), Target::Parts { dir, .. }) => {
+                    Output::Part(write_part(&self.layout, dir, index, &batches, &mut self.spare)?)
+                }
+                (Job::Part(..), Target::File { .. }) => return Err(Error::InvalidInput("a part for a file".into())),
+            };
+            return self.put(output);
+        };
+        while self.in_flight >= self.limit {
+            self.collect(true)?;
         }
+        let job = match job {
+            Job::Encode(index, batches, writers, _) => {
+                Job::Encode(index, batches, writers, self.layout.spare_buffers(&mut self.spare))
+            }
+            part => part,
+        };
+        jobs.send(job)
+            .map_err(|_| Error::InvalidInput(format!("{}: an encoding thread ended", self.path.display())))?;
+        self.in_flight += 1;
+        self.collect(false)
     }
 
-    /// Takes encoded row groups (waiting for one when `wait`) and writes those next in order.
+    /// Takes finished row groups (waiting for one when `wait`) and puts those next in order.
     fn collect(&mut self, wait: bool) -> Result<()> {
         let Some(done) = &self.done else { return Ok(()) };
         let mut received = Vec::new();
@@ -563,53 +705,50 @@ impl RowGroups {
             received.push(first);
         }
         received.extend(done.try_iter());
-        for (index, chunks) in received {
+        for (index, output) in received {
             self.in_flight -= 1;
-            self.encoded.insert(index, chunks?);
+            self.finished.insert(index, output?);
         }
-        while let Some(chunks) = self.encoded.remove(&self.written) {
-            self.append(chunks)?;
+        while let Some(output) = self.finished.remove(&self.written) {
+            self.put(output)?;
         }
         Ok(())
     }
 
-    /// Spare buffers for the next row group's dense columns.
-    fn spare_buffers(&mut self) -> Vec<Vec<u8>> {
-        let keep = self.spare.len().saturating_sub(self.dense_columns);
-        self.spare.split_off(keep)
-    }
-
-    fn append(&mut self, chunks: Vec<Chunk>) -> Result<()> {
-        let file = self.file.as_mut().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
-        let mut row_group = file.next_row_group().map_err(|e| Error::parquet(&self.path, e))?;
-        for chunk in chunks {
-            match chunk {
-                Chunk::Arrow(chunk) => chunk.append_to_row_group(&mut row_group),
-                Chunk::Dense(bytes, close) => {
-                    let appended = row_group.append_column(&bytes, close);
-                    // The reader's clones are gone: the buffer is this chunk's alone again.
-                    if let Ok(buffer) = bytes.try_into_mut() {
-                        self.spare.push(Vec::from(buffer));
-                    }
-                    appended
-                }
+    /// Puts the next row group in order: its chunks into the file, or its part in the list.
+    fn put(&mut self, output: Output) -> Result<()> {
+        let finished = || Error::InvalidInput("sink already finished".into());
+        match (self.target.as_mut().ok_or_else(finished)?, output) {
+            (Target::File { file, .. }, Output::Chunks(chunks)) => {
+                append(file, chunks, &mut self.spare).map_err(|e| Error::parquet(&self.path, e))?;
+                start_writeback(file.inner().get_ref());
             }
-            .map_err(|e| Error::parquet(&self.path, e))?;
+            (Target::Parts { parts, .. }, Output::Part(part)) => parts.push(part),
+            _ => return Err(Error::InvalidInput(format!("{}: a row group of another output", self.path.display()))),
         }
-        row_group.close().map_err(|e| Error::parquet(&self.path, e))?;
         self.written += 1;
         Ok(())
     }
 
-    /// Encodes and writes what is left, writes the footer and returns the file's buffer.
-    fn finish(mut self) -> Result<BufWriter<File>> {
+    /// Encodes and writes what is left, and closes the output: the file's footer written, its
+    /// buffer returned; or the parts (one without rows when there were no rows at all).
+    fn finish(mut self) -> Result<Written> {
         self.cut()?;
         while self.in_flight > 0 {
             self.collect(true)?;
         }
         self.stop();
-        let file = self.file.take().ok_or_else(|| Error::InvalidInput("sink already finished".into()))?;
-        file.into_inner().map_err(|e| Error::parquet(&self.path, e))
+        match self.target.take().ok_or_else(|| Error::InvalidInput("sink already finished".into()))? {
+            Target::File { file, .. } => {
+                file.into_inner().map(Written::File).map_err(|e| Error::parquet(&self.path, e))
+            }
+            Target::Parts { dir, mut parts } => {
+                if parts.is_empty() {
+                    parts.push(write_part(&self.layout, &dir, 0, &[], &mut self.spare)?);
+                }
+                Ok(Written::Parts(parts))
+            }
+        }
     }
 
     fn stop(&mut self) {
@@ -624,6 +763,71 @@ impl Drop for RowGroups {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Appends a row group's encoded chunks to `file`, keeping the dense columns' buffers in `spare`.
+fn append<W: std::io::Write + Send>(
+    file: &mut SerializedFileWriter<W>,
+    chunks: Vec<Chunk>,
+    spare: &mut Vec<Vec<u8>>,
+) -> parquet::errors::Result<()> {
+    let mut row_group = file.next_row_group()?;
+    for chunk in chunks {
+        match chunk {
+            Chunk::Arrow(chunk) => chunk.append_to_row_group(&mut row_group)?,
+            Chunk::Dense(bytes, close) => {
+                row_group.append_column(&bytes, close)?;
+                // The reader's clones are gone: the buffer is this chunk's alone again.
+                if let Ok(buffer) = bytes.try_into_mut() {
+                    spare.push(Vec::from(buffer));
+                }
+            }
+        }
+    }
+    row_group.close()?;
+    Ok(())
+}
+
+/// Starts writing `file`'s dirty pages to disk without waiting: the final `fsync` then finds
+/// most of them written, and the page cache never holds more than a few row groups of the output
+/// unwritten (Linux; elsewhere the system's own writeback).
+pub fn start_writeback(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `file` is an open descriptor for the duration of the call, which only starts
+        // the writeback of its pages (offset 0, length 0: to the end).
+        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
+/// Writes `batches` as part file `index` of `dir` (one row group, or none when there are no
+/// rows), flushed to disk: its bytes depend on the rows only.
+fn write_part(
+    layout: &Layout,
+    dir: &Path,
+    index: usize,
+    batches: &[RecordBatch],
+    spare: &mut Vec<Vec<u8>>,
+) -> Result<PathBuf> {
+    let path = dir.join(format!("row-group-{index}.parquet"));
+    let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+    let props = layout.props.as_ref().clone();
+    let (mut writer, factory) =
+        ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), Arc::clone(&layout.stored), Some(props))
+            .and_then(ArrowWriter::into_serialized_writer)
+            .map_err(|e| Error::parquet(&path, e))?;
+    if !batches.is_empty() {
+        let writers = factory.create_column_writers(0).map_err(|e| Error::parquet(&path, e))?;
+        let chunks = encode(layout, batches, writers, layout.spare_buffers(spare))?;
+        append(&mut writer, chunks, spare).map_err(|e| Error::parquet(&path, e))?;
+    }
+    let buffered = writer.into_inner().map_err(|e| Error::parquet(&path, e))?;
+    let file = buffered.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
+    start_writeback(&file);
+    Ok(path)
 }
 
 /// Encodes one row group's rows into its column chunks: columns of dense float vectors directly
@@ -824,8 +1028,10 @@ impl<'a> DenseFloats<'a> {
 
 impl Drop for ParquetSink {
     fn drop(&mut self) {
-        if self.writer.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
+        if let Some(writer) = self.writer.take() {
+            // Its threads end first: none is still writing a part into the directory.
+            drop(writer);
+            remove_temporary(&self.tmp, self.kind);
         }
     }
 }
@@ -1019,6 +1225,125 @@ mod parallel_tests {
                 arrow::compute::concat_batches(&read[0].schema(), &read).map_err(|e| Error::arrow("concat", e))?;
             assert_eq!(got.columns(), want.columns(), "{name}");
         }
+        Ok(())
+    }
+
+    /// Reads every row of a Parquet file.
+    fn read_rows(path: &Path) -> Result<Vec<RecordBatch>> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 10_000)
+            .map_err(|e| Error::parquet(path, e))?;
+        reader.collect::<std::result::Result<_, _>>().map_err(|e| Error::arrow("reading back", e))
+    }
+
+    /// The files of a directory, by name.
+    fn listing(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .map(|entry| {
+                let path = entry.map_err(|e| Error::io(dir, e))?.path();
+                let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+                Ok((path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), bytes))
+            })
+            .collect::<Result<_>>()?;
+        files.sort();
+        Ok(files)
+    }
+
+    /// A directory of parts: one row group a part, named in row order, the same bytes for any
+    /// thread count and profile-for-profile, holding the rows of the single file in order.
+    #[test]
+    fn parts_are_the_same_for_any_thread_count_and_hold_the_rows_in_order() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
+        let all = batches();
+        let want = arrow::compute::concat_batches(&all[0].schema(), &all).map_err(|e| Error::arrow("concat", e))?;
+        for (profile, values) in
+            [(SinkProfile::Small, Values::F32), (SinkProfile::Fast, Values::F32), (SinkProfile::Fast, Values::F16)]
+        {
+            let mut listings = Vec::new();
+            for threads in [1, 2, 3, 8] {
+                let path = dir.path().join(format!("parts-{profile:?}-{values:?}-{threads}"));
+                let options =
+                    SinkOptions { row_group_rows: 512, threads, profile, values, parts: true, ..Default::default() };
+                let mut sink = ParquetSink::create(&path, all[0].schema(), &options)?;
+                for batch in &all {
+                    sink.write(batch)?;
+                }
+                assert!(!path.exists(), "nothing at the final path before finish");
+                let summary = sink.finish()?;
+                let groups = 6761usize.div_ceil(512);
+                assert_eq!((summary.rows, summary.row_groups, summary.files), (6761, groups, groups));
+                let files = listing(&path)?;
+                assert_eq!(summary.bytes, files.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
+                assert_eq!(files[0].0, "part-00-of-14.parquet");
+                assert_eq!(files[13].0, "part-13-of-14.parquet");
+                listings.push(files);
+            }
+            assert!(
+                listings.windows(2).all(|w| w[0] == w[1]),
+                "{profile:?} {values:?}: parts differ between thread counts"
+            );
+            if values == Values::F32 {
+                let path = dir.path().join(format!("parts-{profile:?}-{values:?}-1"));
+                let mut read = Vec::new();
+                for (name, _) in &listings[0] {
+                    let rows = read_rows(&path.join(name))?;
+                    assert_eq!(
+                        rows.iter().map(RecordBatch::num_rows).sum::<usize>(),
+                        if name.starts_with("part-13") { 6761 - 13 * 512 } else { 512 }
+                    );
+                    read.extend(rows);
+                }
+                let got =
+                    arrow::compute::concat_batches(&read[0].schema(), &read).map_err(|e| Error::arrow("concat", e))?;
+                assert_eq!(got.columns(), want.columns(), "{profile:?}: the parts' rows in order are the rows written");
+            }
+        }
+        // No temporary left beside the outputs.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .map_err(|e| Error::io(dir.path(), e))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| n.starts_with("parts-")), "{names:?}");
+        Ok(())
+    }
+
+    /// No rows: one part without row groups (readers find the schema); a dropped sink leaves
+    /// nothing; an existing directory is replaced only when asked, a file never.
+    #[test]
+    fn parts_when_empty_dropped_or_in_the_way() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
+        let all = batches();
+        let options = SinkOptions { row_group_rows: 512, threads: 2, parts: true, ..Default::default() };
+        let path = dir.path().join("empty");
+        let summary = ParquetSink::create(&path, all[0].schema(), &options)?.finish()?;
+        assert_eq!((summary.rows, summary.row_groups, summary.files), (0, 0, 1));
+        let rows = read_rows(&path.join("part-0-of-1.parquet"))?;
+        assert_eq!(rows.iter().map(RecordBatch::num_rows).sum::<usize>(), 0);
+
+        let dropped = dir.path().join("dropped");
+        let mut sink = ParquetSink::create(&dropped, all[0].schema(), &options)?;
+        for batch in &all {
+            sink.write(batch)?;
+        }
+        drop(sink);
+        assert!(!dropped.exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path()).map_err(|e| Error::io(dir.path(), e))?.flatten().collect();
+        assert_eq!(left.len(), 1, "only the empty output: {left:?}");
+
+        // An existing directory: refused, then replaced with --overwrite.
+        assert!(matches!(ParquetSink::create(&path, all[0].schema(), &options), Err(Error::OutputExists { .. })));
+        let overwrite = SinkOptions { overwrite: true, ..options };
+        let mut sink = ParquetSink::create(&path, all[0].schema(), &overwrite)?;
+        sink.write(&all[0])?;
+        assert_eq!(sink.finish()?.files, 2);
+        assert_eq!(listing(&path)?.len(), 2, "the empty output's part is gone");
+        // A regular file where the directory would go is never replaced.
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").map_err(|e| Error::io(&file, e))?;
+        let refused = ParquetSink::create(&file, all[0].schema(), &overwrite);
+        assert!(refused.is_err_and(|e| e.to_string().contains("is a regular file")));
         Ok(())
     }
 
