@@ -333,13 +333,13 @@ impl ParquetSink {
                     .and_then(ArrowWriter::into_serialized_writer)
                     .map_err(|e| Error::parquet(path, e))
                     .and_then(|(file, factory)| {
-                        let layout = Layout::new(stored, Arc::clone(file.properties()))?;
+                        let layout = Layout::new(stored, Arc::clone(file.properties()), options.profile)?;
                         RowGroups::new(path, Target::File { file: Box::new(file), factory }, schema, layout, options)
                     })
             }
             OutputKind::Directory => {
                 std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-                Layout::new(stored, Arc::new(props)).and_then(|layout| {
+                Layout::new(stored, Arc::new(props), options.profile).and_then(|layout| {
                     let target = Target::Parts { dir: tmp.clone(), parts: Vec::new() };
                     RowGroups::new(path, target, schema, layout, options)
                 })
@@ -472,8 +472,9 @@ enum Job {
 
 /// What a thread made of a row group.
 enum Output {
-    /// The column chunks, for the file.
-    Chunks(Vec<Chunk>),
+    /// The column chunks, for the file, and the rows of those left to write into it
+    /// ([`Chunk::Direct`]).
+    Chunks(Vec<Chunk>, Vec<RecordBatch>),
     /// A part file, complete.
     Part(PathBuf),
 }
@@ -488,6 +489,9 @@ enum Chunk {
     /// A column of dense float vectors, encoded directly ([`dense_floats`]): its bytes and what
     /// closing its writer returned.
     Dense(Bytes, ColumnCloseResult),
+    /// A column of dense float32 vectors not encoded yet: the field's index and the vectors'
+    /// size, for [`write_part`] to write straight into the part's file.
+    Direct(usize, usize),
 }
 
 /// What every encoding thread shares: the file's rows schema, its Parquet leaves and properties.
@@ -497,10 +501,15 @@ struct Layout {
     props: WriterPropertiesPtr,
     /// Columns that may be dense (`FixedSizeList<Float32>`): the spare buffers a row group takes.
     dense_columns: usize,
+    /// Whether dense float32 columns go straight into the file on the thread that writes it
+    /// (the fast profile: copying their values is all their encoding costs, and a chunk buffer in
+    /// between doubles the copies) rather than into chunks on the encoding threads (the small
+    /// profile, whose compression is worth spreading).
+    direct: bool,
 }
 
 impl Layout {
-    fn new(stored: SchemaRef, props: WriterPropertiesPtr) -> Result<Layout> {
+    fn new(stored: SchemaRef, props: WriterPropertiesPtr, profile: SinkProfile) -> Result<Layout> {
         let leaves = parquet::arrow::ArrowSchemaConverter::new()
             .with_coerce_types(props.coerce_types())
             .convert(&stored)
@@ -514,7 +523,7 @@ impl Layout {
                 |f| matches!(f.data_type(), DataType::FixedSizeList(item, _) if item.data_type() == &DataType::Float32),
             )
             .count();
-        Ok(Layout { stored, leaves, props, dense_columns })
+        Ok(Layout { stored, leaves, props, dense_columns, direct: profile == SinkProfile::Fast })
     }
 
     /// Spare buffers for the next row group's dense columns, taken from `spare`.
@@ -608,7 +617,8 @@ impl RowGroups {
                         for job in job_rx {
                             let done = match (job, &dir) {
                                 (Job::Encode(index, batches, writers, buffers), _) => {
-                                    (index, encode(&layout, &batches, writers, buffers).map(Output::Chunks))
+                                    let chunks = encode(&layout, &batches, writers, buffers, layout.direct);
+                                    (index, chunks.map(|chunks| Output::Chunks(chunks, batches)))
                                 }
                                 (Job::Part(index, batches), Some(dir)) => {
                                     (index, write_part(&layout, dir, index, &batches, &mut spare).map(Output::Part))
@@ -667,10 +677,19 @@ impl RowGroups {
             Target::Parts { .. } => Job::Part(index, batches),
         };
         let Some(jobs) = self.jobs.clone() else {
-            let output = match (job, self.target.as_ref().ok_or_else(finished)?) {
-                (Job::Encode(_, batches, writers, _), _) => {
+            let output = match (job, self.target.as_mut().ok_or_else(finished)?) {
+                // One thread: the caller's encodes straight into the file (the same bytes).
+                (Job::Encode(_, batches, writers, _), Target::File { file, .. }) => {
                     let spare = self.layout.spare_buffers(&mut self.spare);
-                    Output::Chunks(encode(&self.layout, &batches, writers, spare)?)
+                    let chunks = encode(&self.layout, &batches, writers, spare, true)?;
+                    write_row_group(file, &self.layout, &batches, chunks, &mut self.spare)
+                        .map_err(|e| Error::parquet(&self.path, e))?;
+                    start_writeback(file.inner().get_ref());
+                    self.written += 1;
+                    return Ok(());
+                }
+                (Job::Encode(..), Target::Parts { .. }) => {
+                    return Err(Error::InvalidInput("a row group to encode for parts".into()));
                 }
                 (Job::Part(index, batches), Target::Parts { dir, .. }) => {
                     Output::Part(write_part(&self.layout, dir, index, &batches, &mut self.spare)?)
@@ -719,8 +738,9 @@ impl RowGroups {
     fn put(&mut self, output: Output) -> Result<()> {
         let finished = || Error::InvalidInput("sink already finished".into());
         match (self.target.as_mut().ok_or_else(finished)?, output) {
-            (Target::File { file, .. }, Output::Chunks(chunks)) => {
-                append(file, chunks, &mut self.spare).map_err(|e| Error::parquet(&self.path, e))?;
+            (Target::File { file, .. }, Output::Chunks(chunks, batches)) => {
+                write_row_group(file, &self.layout, &batches, chunks, &mut self.spare)
+                    .map_err(|e| Error::parquet(&self.path, e))?;
                 start_writeback(file.inner().get_ref());
             }
             (Target::Parts { parts, .. }, Output::Part(part)) => parts.push(part),
@@ -765,9 +785,14 @@ impl Drop for RowGroups {
     }
 }
 
-/// Appends a row group's encoded chunks to `file`, keeping the dense columns' buffers in `spare`.
-fn append<W: std::io::Write + Send>(
+/// Writes a row group of `batches` into `file`: the chunks [`encode`] made (called with `direct`)
+/// appended, and its [`Chunk::Direct`] columns written straight from the batches' values into
+/// pages and on into the file (the page buffers stay in cache; no chunk of the whole row group is
+/// made). The bytes are those of the chunks appended.
+fn write_row_group<W: std::io::Write + Send>(
     file: &mut SerializedFileWriter<W>,
+    layout: &Layout,
+    batches: &[RecordBatch],
     chunks: Vec<Chunk>,
     spare: &mut Vec<Vec<u8>>,
 ) -> parquet::errors::Result<()> {
@@ -777,10 +802,18 @@ fn append<W: std::io::Write + Send>(
             Chunk::Arrow(chunk) => chunk.append_to_row_group(&mut row_group)?,
             Chunk::Dense(bytes, close) => {
                 row_group.append_column(&bytes, close)?;
-                // The reader's clones are gone: the buffer is this chunk's alone again.
                 if let Ok(buffer) = bytes.try_into_mut() {
                     spare.push(Vec::from(buffer));
                 }
+            }
+            Chunk::Direct(index, size) => {
+                let more = || parquet::errors::ParquetError::General("more columns than the schema has".into());
+                let mut column = row_group.next_column()?.ok_or_else(more)?;
+                let mut levels = DenseLevels::new(&layout.leaves[index], size);
+                for batch in batches {
+                    levels.write(column.typed::<FloatType>(), batch.column(index).as_ref())?;
+                }
+                column.close()?;
             }
         }
     }
@@ -821,8 +854,8 @@ fn write_part(
             .map_err(|e| Error::parquet(&path, e))?;
     if !batches.is_empty() {
         let writers = factory.create_column_writers(0).map_err(|e| Error::parquet(&path, e))?;
-        let chunks = encode(layout, batches, writers, layout.spare_buffers(spare))?;
-        append(&mut writer, chunks, spare).map_err(|e| Error::parquet(&path, e))?;
+        let chunks = encode(layout, batches, writers, layout.spare_buffers(spare), true)?;
+        write_row_group(&mut writer, layout, batches, chunks, spare).map_err(|e| Error::parquet(&path, e))?;
     }
     let buffered = writer.into_inner().map_err(|e| Error::parquet(&path, e))?;
     let file = buffered.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
@@ -832,11 +865,15 @@ fn write_part(
 
 /// Encodes one row group's rows into its column chunks: columns of dense float vectors directly
 /// ([`dense_floats`]), the others with the Arrow writer.
+///
+/// With `direct`, dense float32 columns are left for the caller to write straight into its file
+/// ([`Chunk::Direct`]): no chunk buffer holds their values in between.
 fn encode(
     layout: &Layout,
     batches: &[RecordBatch],
     writers: Vec<ArrowColumnWriter>,
     mut spare: Vec<Vec<u8>>,
+    direct: bool,
 ) -> Result<Vec<Chunk>> {
     let context = |e: parquet::errors::ParquetError| Error::InvalidInput(format!("encoding a row group: {e}"));
     let fields = layout.stored.fields();
@@ -851,7 +888,7 @@ fn encode(
                 return Dense::No;
             }
             if let Some(size) = dense_floats(field, &layout.leaves[i], i, batches) {
-                return Dense::Floats(size);
+                return if direct { Dense::Direct(size) } else { Dense::Floats(size) };
             }
             halves::dense_halves(field, &layout.leaves[i], i, batches).map_or(Dense::No, Dense::Halves)
         })
@@ -864,7 +901,7 @@ fn encode(
         .filter_map(|d| match *d {
             Dense::Floats(size) => Some(size * 4),
             Dense::Halves(size) => Some(size * 2),
-            Dense::No => None,
+            Dense::No | Dense::Direct(_) => None,
         })
         .map(|row_bytes| {
             let mut buffer = spare.pop().unwrap_or_default();
@@ -879,6 +916,7 @@ fn encode(
         let kind = dense.get(i).copied().unwrap_or(Dense::No);
         columns.push(match kind {
             Dense::No => Column::Arrow(Box::new(writer)),
+            Dense::Direct(size) => Column::Direct(i, size),
             Dense::Floats(size) | Dense::Halves(size) => {
                 let lost = || Error::InvalidInput("encoding a row group: a lost buffer".into());
                 let buffer = free.next().ok_or_else(lost)?;
@@ -895,10 +933,13 @@ fn encode(
         let mut columns = columns.iter_mut();
         let more_leaves = || Error::InvalidInput("encoding a row group: more leaves than writers".into());
         for (field, array) in fields.iter().zip(batch.columns()) {
-            if aligned && matches!(columns.as_slice().first(), Some(Column::Dense(_) | Column::Halves(_))) {
+            let dense_next =
+                matches!(columns.as_slice().first(), Some(Column::Dense(_) | Column::Halves(_) | Column::Direct(..)));
+            if aligned && dense_next {
                 match columns.next() {
                     Some(Column::Dense(dense)) => dense.write(array).map_err(context)?,
                     Some(Column::Halves(halves)) => halves.write(array)?,
+                    Some(Column::Direct(..)) => {}
                     _ => return Err(more_leaves()),
                 }
                 continue;
@@ -924,6 +965,7 @@ fn encode(
             Column::Arrow(writer) => Closed::Arrow(writer.close().map_err(context)?),
             Column::Dense(dense) => Closed::Dense(dense.writer.close().map_err(context)?),
             Column::Halves(halves) => Closed::Dense(halves.close()?),
+            Column::Direct(index, size) => Closed::Direct(index, size),
         });
     }
     let mut buffers = buffers.into_iter();
@@ -931,6 +973,7 @@ fn encode(
         .into_iter()
         .map(|column| match column {
             Closed::Arrow(chunk) => Ok(Chunk::Arrow(chunk)),
+            Closed::Direct(index, size) => Ok(Chunk::Direct(index, size)),
             Closed::Dense(close) => {
                 let buffer =
                     buffers.next().ok_or_else(|| Error::InvalidInput("encoding a row group: a lost buffer".into()))?;
@@ -948,6 +991,8 @@ enum Dense {
     Floats(usize),
     /// [`halves::dense_halves`]: vectors of this size, written as float16.
     Halves(usize),
+    /// [`dense_floats`], left to the caller to write into its file ([`Chunk::Direct`]).
+    Direct(usize),
 }
 
 /// A column of a row group being encoded.
@@ -955,12 +1000,15 @@ enum Column<'a> {
     Arrow(Box<ArrowColumnWriter>),
     Dense(Box<DenseFloats<'a>>),
     Halves(Box<halves::DenseHalves<'a>>),
+    /// Field index and vector size of a column left to the caller.
+    Direct(usize, usize),
 }
 
 /// A column of a row group encoded, its writer closed.
 enum Closed {
     Arrow(ArrowColumnChunk),
     Dense(ColumnCloseResult),
+    Direct(usize, usize),
 }
 
 /// The size of the vectors when field `index` is a `FixedSizeList<Float32>` without nulls in
@@ -990,10 +1038,7 @@ const DENSE_CHUNK_VALUES: usize = 1 << 16;
 /// The column writer of a [`dense_floats`] column, with the levels of a chunk of rows.
 struct DenseFloats<'a> {
     writer: ColumnWriterImpl<'a, FloatType>,
-    /// Values per call: whole rows.
-    chunk: usize,
-    definition: Vec<i16>,
-    repetition: Vec<i16>,
+    levels: DenseLevels,
 }
 
 impl<'a> DenseFloats<'a> {
@@ -1006,21 +1051,44 @@ impl<'a> DenseFloats<'a> {
         let pages = Box::new(SerializedPageWriter::new(buffer));
         let writer =
             get_typed_column_writer::<FloatType>(get_column_writer(Arc::clone(leaf), Arc::clone(props), pages));
+        DenseFloats { writer, levels: DenseLevels::new(leaf, size) }
+    }
+
+    fn write(&mut self, array: &dyn Array) -> parquet::errors::Result<()> {
+        self.levels.write(&mut self.writer, array)
+    }
+}
+
+/// The levels of a chunk of rows of a [`dense_floats`] column, made once, and the writing of its
+/// values with them into any column writer.
+struct DenseLevels {
+    /// Values per call: whole rows.
+    chunk: usize,
+    definition: Vec<i16>,
+    repetition: Vec<i16>,
+}
+
+impl DenseLevels {
+    fn new(leaf: &ColumnDescriptor, size: usize) -> DenseLevels {
         let chunk = (DENSE_CHUNK_VALUES / size).max(1) * size;
         // Every value is present (the deepest level); a row's first value starts a new record.
         let definition = vec![leaf.max_def_level(); chunk];
         let repetition = (0..chunk).map(|k| if k % size == 0 { 0 } else { leaf.max_rep_level() }).collect();
-        DenseFloats { writer, chunk, definition, repetition }
+        DenseLevels { chunk, definition, repetition }
     }
 
-    fn write(&mut self, array: &dyn Array) -> parquet::errors::Result<()> {
+    fn write(
+        &mut self,
+        writer: &mut ColumnWriterImpl<'_, FloatType>,
+        array: &dyn Array,
+    ) -> parquet::errors::Result<()> {
         let values = array
             .as_fixed_size_list_opt()
             .and_then(|list| list.values().as_primitive_opt::<Float32Type>())
             .ok_or_else(|| parquet::errors::ParquetError::General("a dense float column changed type".into()))?;
         for part in values.values().chunks(self.chunk) {
             let n = part.len();
-            self.writer.write_batch(part, Some(&self.definition[..n]), Some(&self.repetition[..n]))?;
+            writer.write_batch(part, Some(&self.definition[..n]), Some(&self.repetition[..n]))?;
         }
         Ok(())
     }
