@@ -393,6 +393,38 @@ fn a_failing_or_killed_prediction_leaves_no_output_file() {
         .filter(|n| n.starts_with(".failed.parquet"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+    // The same into a directory of parts (several written before the corrupt block is read):
+    // no directory, no temporary one, no part anywhere.
+    let parts = f.dir.join("failed-parts");
+    let (model, store) = (f.run.to_str().unwrap_or_default(), zstd.to_str().unwrap_or_default());
+    let o = run(&[
+        "predict",
+        "--model",
+        model,
+        "--store",
+        store,
+        "--source",
+        "all",
+        "--batch-size",
+        "64",
+        "--row-group-rows",
+        "64",
+        "--parts",
+        "--sink-threads",
+        "2",
+        "--out",
+        parts.to_str().unwrap_or_default(),
+    ]);
+    assert!(!o.status.success(), "a corrupt store predicted into parts");
+    assert!(!parts.exists(), "a failed run left {}", parts.display());
+    let leftovers: Vec<String> = std::fs::read_dir(&f.dir)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".failed-parts"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary parts left: {leftovers:?}");
 }
 
 fn r2(pred: &[f64], truth: &[f64]) -> f64 {
