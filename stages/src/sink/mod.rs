@@ -676,28 +676,7 @@ impl RowGroups {
             }
             Target::Parts { .. } => Job::Part(index, batches),
         };
-        let Some(jobs) = self.jobs.clone() else {
-            let output = match (job, self.target.as_mut().ok_or_else(finished)?) {
-                // One thread: the caller's encodes straight into the file (the same bytes).
-                (Job::Encode(_, batches, writers, _), Target::File { file, .. }) => {
-                    let spare = self.layout.spare_buffers(&mut self.spare);
-                    let chunks = encode(&self.layout, &batches, writers, spare, true)?;
-                    write_row_group(file, &self.layout, &batches, chunks, &mut self.spare)
-                        .map_err(|e| Error::parquet(&self.path, e))?;
-                    start_writeback(file.inner().get_ref());
-                    self.written += 1;
-                    return Ok(());
-                }
-                (Job::Encode(..), Target::Parts { .. }) => {
-                    return Err(Error::InvalidInput("a row group to encode for parts".into()));
-                }
-                (Job::Part(index, batches), Target::Parts { dir, .. }) => {
-                    Output::Part(write_part(&self.layout, dir, index, &batches, &mut self.spare)?)
-                }
-                (Job::Part(..), Target::File { .. }) => return Err(Error::InvalidInput("a part for a file".into())),
-            };
-            return self.put(output);
-        };
+        let Some(jobs) = self.jobs.clone() else { return self.write_here(job) };
         while self.in_flight >= self.limit {
             self.collect(true)?;
         }
@@ -711,6 +690,27 @@ impl RowGroups {
             .map_err(|_| Error::InvalidInput(format!("{}: an encoding thread ended", self.path.display())))?;
         self.in_flight += 1;
         self.collect(false)
+    }
+
+    /// One thread: the caller's encodes the row group and writes it, straight into the file (the
+    /// same bytes as chunks appended) or as a part.
+    fn write_here(&mut self, job: Job) -> Result<()> {
+        let finished = || Error::InvalidInput("sink already finished".into());
+        match (job, self.target.as_mut().ok_or_else(finished)?) {
+            (Job::Encode(_, batches, writers, _), Target::File { file, .. }) => {
+                let spare = self.layout.spare_buffers(&mut self.spare);
+                let chunks = encode(&self.layout, &batches, writers, spare, true)?;
+                write_row_group(file, &self.layout, &batches, chunks, &mut self.spare)
+                    .map_err(|e| Error::parquet(&self.path, e))?;
+                start_writeback(file.inner().get_ref());
+            }
+            (Job::Part(index, batches), Target::Parts { dir, parts }) => {
+                parts.push(write_part(&self.layout, dir, index, &batches, &mut self.spare)?);
+            }
+            _ => return Err(Error::InvalidInput(format!("{}: a row group of another output", self.path.display()))),
+        }
+        self.written += 1;
+        Ok(())
     }
 
     /// Takes finished row groups (waiting for one when `wait`) and puts those next in order.
