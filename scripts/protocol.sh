@@ -26,8 +26,8 @@
 # types, 4 drugs; 3,000 x 1,000, 3 cell types, 6 drugs), random splits; l1000 is bulk drug x dose
 # data, split by doses (dose interpolation, Gaussian likelihood), trained 100 and 400 epochs (its
 # 194 training samples make two batches an epoch). Other splits of the same data, for the harness's
-# tables rather than for deciding: norman19-combos (combinations held out), mcfaline23-celltype
-# and synth-a-celltype (one cell type's perturbed cells held out).
+# tables rather than for deciding: norman19-combos (combinations held out), mcfaline23-celltype,
+# synth-a-celltype and synth-b-celltype (one cell type's perturbed cells held out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -63,6 +63,10 @@ dataset() {
       [ -f "$dir/data/synth-b.h5ad" ] || "$py" "$make_synth" --out "$dir/data/synth-b.h5ad" --seed 1 \
         --n-cells 3000 --n-genes 1000 --n-cell-types 3 --n-drugs 6 --n-de-genes 80 >/dev/null
       echo "$dir/data/synth-b.h5ad random - -" ;;
+    synth-b-celltype)
+      [ -f "$dir/data/synth-b.h5ad" ] || "$py" "$make_synth" --out "$dir/data/synth-b.h5ad" --seed 1 \
+        --n-cells 3000 --n-genes 1000 --n-cell-types 3 --n-drugs 6 --n-de-genes 80 >/dev/null
+      echo "$dir/data/synth-b.h5ad celltype - -" ;;
     synth-atlas)
       [ -f "$dir/data/synth-atlas.h5ad" ] || "$py" "$make_synth" --out "$dir/data/synth-atlas.h5ad" --seed 2 \
         --n-cells 50000 --n-genes 2000 --n-cell-types 4 --n-drugs 8 >/dev/null
@@ -78,7 +82,7 @@ dataset() {
       echo "$dir/data/l1000.h5ad doses 100_400 -" ;;
     *)
       log "unknown data set $1 (norman19, mcfaline23, mcfaline23-celltype, norman19-combos, synth-a," \
-        "synth-a-celltype, synth-b, synth-atlas, l1000)"
+        "synth-a-celltype, synth-b, synth-b-celltype, synth-atlas, l1000)"
       exit 2 ;;
   esac
 }
