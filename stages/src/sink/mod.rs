@@ -327,16 +327,10 @@ impl ParquetSink {
         let stored = file_schema(&schema, options.values);
         let props = writer_properties(&stored, options)?;
         let writer = match kind {
-            OutputKind::File => {
-                let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-                ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), Arc::clone(&stored), Some(props))
-                    .and_then(ArrowWriter::into_serialized_writer)
-                    .map_err(|e| Error::parquet(path, e))
-                    .and_then(|(file, factory)| {
-                        let layout = Layout::new(stored, Arc::clone(file.properties()), options.profile)?;
-                        RowGroups::new(path, Target::File { file: Box::new(file), factory }, schema, layout, options)
-                    })
-            }
+            OutputKind::File => parquet_file(&tmp, path, &stored, props).and_then(|(file, factory)| {
+                let layout = Layout::new(stored, Arc::clone(file.properties()), options.profile)?;
+                RowGroups::new(path, Target::File { file: Box::new(file), factory }, schema, layout, options)
+            }),
             OutputKind::Directory => {
                 std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
                 Layout::new(stored, Arc::new(props), options.profile).and_then(|layout| {
@@ -821,6 +815,20 @@ fn write_row_group<W: std::io::Write + Send>(
     Ok(())
 }
 
+/// A Parquet writer of rows of `stored` into a new file at `path` (errors of the Parquet layer name
+/// `named`, the output the user asked for), and the factory of its row groups' column writers.
+fn parquet_file(
+    path: &Path,
+    named: &Path,
+    stored: &SchemaRef,
+    props: WriterProperties,
+) -> Result<(SerializedFileWriter<BufWriter<File>>, ArrowRowGroupWriterFactory)> {
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), Arc::clone(stored), Some(props))
+        .and_then(ArrowWriter::into_serialized_writer)
+        .map_err(|e| Error::parquet(named, e))
+}
+
 /// Starts writing `file`'s dirty pages to disk without waiting: the final `fsync` then finds
 /// most of them written, and the page cache never holds more than a few row groups of the output
 /// unwritten (Linux; elsewhere the system's own writeback).
@@ -846,12 +854,7 @@ fn write_part(
     spare: &mut Vec<Vec<u8>>,
 ) -> Result<PathBuf> {
     let path = dir.join(format!("row-group-{index}.parquet"));
-    let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    let props = layout.props.as_ref().clone();
-    let (mut writer, factory) =
-        ArrowWriter::try_new(BufWriter::with_capacity(1 << 20, file), Arc::clone(&layout.stored), Some(props))
-            .and_then(ArrowWriter::into_serialized_writer)
-            .map_err(|e| Error::parquet(&path, e))?;
+    let (mut writer, factory) = parquet_file(&path, &path, &layout.stored, layout.props.as_ref().clone())?;
     if !batches.is_empty() {
         let writers = factory.create_column_writers(0).map_err(|e| Error::parquet(&path, e))?;
         let chunks = encode(layout, batches, writers, layout.spare_buffers(spare), true)?;
