@@ -30,6 +30,8 @@ GENES_KEY = b"cpa_stream.genes"
 EXPECTED_LOG1P = "expected_log1p"
 #: The column of ``change=True``: E[log1p(x)] under the target minus under the cell's own condition.
 CHANGE_LOG1P = "change_log1p"
+#: The column of ``anchored=True``: the cell's observed log1p counts plus the model's predicted change.
+ANCHORED = "anchored"
 
 Targets = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | pd.DataFrame | None
 
@@ -293,6 +295,7 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
+        anchored: bool = False,
         aggregate: str | Sequence[str] | None = None,
         group_by: str | Sequence[str] | None = None,
         device: str = "cpu",
@@ -316,7 +319,12 @@ class Run:
         adds a column of the same name: E[log1p(x)] of each predicted count distribution (nb
         models), what a mean of log-normalised counts estimates (``log1p(mean)`` overstates it).
         ``change`` adds ``change_log1p``: that expectation under the target minus under the cell's
-        own condition, the model's predicted change, to add to the cells' observed log1p counts.
+        own condition, the model's predicted change of that expectation. ``anchored`` adds
+        ``anchored``: the cell's observed log1p counts plus the model's predicted change,
+        ``log1p(mean)`` under the target minus under the cell's own condition (values and means
+        for a Gaussian model); with ``aggregate="mean"`` each group's observed mean moved by the
+        model's change, the prediction recommended for a covariate value none of whose perturbed
+        cells were trained on (docs/fidelity.md).
 
         ``aggregate`` (``"mean"``, ``"var"`` or both, a list or ``"mean,var"``) writes, instead of a
         row per cell, a row per target and group of source cells: ``n_cells``, and per predicted
@@ -328,8 +336,8 @@ class Run:
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, degs=degs, latents=latents,
             batch_size=batch_size, seed=seed, allow_empty=allow_empty, batch_corrected=batch_corrected,
-            expected_log1p=expected_log1p, change=change, aggregate=aggregate, group_by=group_by, device=device,
-            threads=threads, workers=workers,
+            expected_log1p=expected_log1p, change=change, anchored=anchored, aggregate=aggregate, group_by=group_by,
+            device=device, threads=threads, workers=workers,
         )
         stream = _native.predict_stream(request)
         return pa.RecordBatchReader.from_stream(stream)
@@ -353,6 +361,7 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
+        anchored: bool = False,
         aggregate: str | Sequence[str] | None = None,
         group_by: str | Sequence[str] | None = None,
         values: str | None = None,
@@ -382,8 +391,8 @@ class Run:
         request = self._request(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, degs=degs, latents=latents,
             out=out, shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
-            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, aggregate=aggregate,
-            group_by=group_by, values=values, sink_threads=sink_threads, sink_profile=sink_profile, parts=parts,
+            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, anchored=anchored,
+            aggregate=aggregate, group_by=group_by, values=values, sink_threads=sink_threads, sink_profile=sink_profile, parts=parts,
             row_group_rows=row_group_rows, zstd_level=zstd_level, prefetch=prefetch, overwrite=overwrite,
             device=device, threads=threads, workers=workers,
         )
@@ -403,6 +412,7 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
+        anchored: bool = False,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
@@ -410,22 +420,24 @@ class Run:
         """The predictions as an AnnData, for results that fit in memory: ``X`` the predicted
         means (float32), ``obs`` the source cell id and the target's labels (categoricals),
         ``var`` the genes, ``obsm`` each latent, ``layers["expected_log1p"]`` with
-        ``expected_log1p`` and ``layers["change_log1p"]`` with ``change``. Arguments as :meth:`predict`. For more rows than
+        ``expected_log1p``, ``layers["change_log1p"]`` with ``change`` and ``layers["anchored"]`` with
+        ``anchored``. Arguments as :meth:`predict`. For more rows than
         memory holds use :meth:`predict_to_parquet` (or :meth:`predict` batch by batch)."""
         import anndata as ad
 
         reader = self.predict(
             store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
             batch_size=batch_size, seed=seed, batch_corrected=batch_corrected, expected_log1p=expected_log1p,
-            change=change, device=device, threads=threads, workers=workers,
+            change=change, anchored=anchored, device=device, threads=threads, workers=workers,
         )
         genes_json = (reader.schema.metadata or {}).get(GENES_KEY)
         gene_names = json.loads(genes_json) if genes_json else []
         latent_names = [n for n in reader.schema.names if n in LATENTS]
-        label_names = [n for n in reader.schema.names if n not in ("mean", EXPECTED_LOG1P, CHANGE_LOG1P, *LATENTS)]
+        label_names = [n for n in reader.schema.names if n not in ("mean", EXPECTED_LOG1P, CHANGE_LOG1P, ANCHORED, *LATENTS)]
         means: list[np.ndarray] = []
         expected: list[np.ndarray] = []
         changes: list[np.ndarray] = []
+        anchors: list[np.ndarray] = []
         obsm: dict[str, list[np.ndarray]] = {n: [] for n in latent_names}
         labels: list[pa.Table] = []
         for batch in reader:
@@ -434,6 +446,8 @@ class Run:
                 expected.append(_vectors(batch.column(EXPECTED_LOG1P), len(gene_names)))
             if change:
                 changes.append(_vectors(batch.column(CHANGE_LOG1P), len(gene_names)))
+            if anchored:
+                anchors.append(_vectors(batch.column(ANCHORED), len(gene_names)))
             for n in latent_names:
                 column = batch.column(n)
                 obsm[n].append(_vectors(column, column.type.list_size))
@@ -450,6 +464,8 @@ class Run:
             layers[EXPECTED_LOG1P] = np.concatenate(expected) if expected else np.zeros_like(x)
         if change:
             layers[CHANGE_LOG1P] = np.concatenate(changes) if changes else np.zeros_like(x)
+        if anchored:
+            layers[ANCHORED] = np.concatenate(anchors) if anchors else np.zeros_like(x)
         return ad.AnnData(
             X=x, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)), obsm=latents_out, layers=layers
         )

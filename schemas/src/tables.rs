@@ -179,8 +179,14 @@ pub mod predictions {
     /// to the target, the same genes, `FixedSizeList<Float32>` (`predict --change`, nb models):
     /// added to the cells' observed log1p counts, the model's prediction anchored on real data.
     pub const CHANGE_LOG1P: &str = "change_log1p";
+    /// The anchored prediction, the same genes, `FixedSizeList<Float32>` (`predict --anchored`):
+    /// the source cell's observed expression (log1p of its counts for a count model) plus the
+    /// model's predicted change of it, `log1p(mean)` under the target minus under the cell's own
+    /// condition (the means themselves for a Gaussian model). Its mean over a group of source
+    /// cells is their observed mean plus the model's predicted change of the group's mean.
+    pub const ANCHORED: &str = "anchored";
     /// The per-gene columns besides `mean`, in the order they are written.
-    pub const GENE_COLUMNS: [&str; 2] = [EXPECTED_LOG1P, CHANGE_LOG1P];
+    pub const GENE_COLUMNS: [&str; 3] = [EXPECTED_LOG1P, CHANGE_LOG1P, ANCHORED];
     /// Schema metadata key: the chosen genes as a JSON array, in the order of [`MEAN`]'s items.
     pub const GENES_KEY: &str = "cpa_stream.genes";
     /// Schema metadata key: the model directory the predictions came from (absolute path).

@@ -43,6 +43,7 @@ impl PredictArgs {
             batch_corrected: self.batch_corrected,
             expected_log1p: self.expected_log1p,
             change: self.change,
+            anchored: self.anchored,
             aggregate: self.aggregate.clone(),
             group_by: self.group_by.clone(),
             row_group_rows: self.row_group_rows,

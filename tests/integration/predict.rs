@@ -873,6 +873,77 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_chan
 }
 
 #[test]
+fn predict_anchored_is_the_observed_log1p_moved_by_the_models_change() {
+    use cpa_stream::unstable::schemas::StoreFiles;
+    let f = fixture();
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    // The observed side by hand: log1p of each control cell's counts, read from the store.
+    let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
+    let genes = store.n_vars() as usize;
+    let obs = store.small_table(StoreFiles::OBS).unwrap_or_else(|e| panic!("{e}"));
+    let ids = strings(std::slice::from_ref(&obs), "cell_id");
+    let row_of: HashMap<&str, u64> = ids.iter().enumerate().map(|(r, id)| (id.as_str(), r as u64)).collect();
+    let mut cursor = store.cursor().unwrap_or_else(|e| panic!("{e}"));
+    let mut observed = |id: &str| -> Vec<f64> {
+        let (index, values) = cursor.row(row_of[id]).unwrap_or_else(|e| panic!("{e}"));
+        let mut dense = vec![0.0f64; genes];
+        for (&g, &v) in index.iter().zip(values) {
+            dense[g as usize] = f64::from(v).ln_1p();
+        }
+        dense
+    };
+
+    let target = f.dir.join("preds-anchored.parquet");
+    let o = predict(&["--target", "PERT03", "--anchored", "--out", &s(&target)]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let (schema, batches) = read_parquet(&target);
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["cell_id", "condition", "dose", "cell_type", "mean", "anchored"]);
+    let own_file = f.dir.join("preds-anchored-own.parquet");
+    let o = predict(&["--anchored", "--out", &s(&own_file)]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let (_, own_batches) = read_parquet(&own_file);
+    let own: HashMap<String, (Vec<f64>, Vec<f64>)> = strings(&own_batches, "cell_id")
+        .into_iter()
+        .zip(means(&own_batches).into_iter().zip(vectors(&own_batches, "anchored")))
+        .collect();
+    let (cell_ids, mean, anchored) = (strings(&batches, "cell_id"), means(&batches), vectors(&batches, "anchored"));
+    assert_eq!(cell_ids.len(), own.len(), "one row per control cell");
+    let mut moved = 0usize;
+    for ((id, m), a) in cell_ids.iter().zip(&mean).zip(&anchored).take(200) {
+        let x = observed(id);
+        let (own_mean, own_anchored) = &own[id];
+        for g in 0..genes {
+            // Under its own condition a cell's anchored prediction is what was observed.
+            assert!((own_anchored[g] - x[g]).abs() < 1e-5, "cell {id} gene {g}: {} vs log1p {}", own_anchored[g], x[g]);
+            let by_hand = x[g] + m[g].ln_1p() - own_mean[g].ln_1p();
+            assert!((a[g] - by_hand).abs() < 1e-4, "cell {id} gene {g}: anchored {} vs {by_hand}", a[g]);
+            moved += usize::from((a[g] - x[g]).abs() > 0.1);
+        }
+    }
+    assert!(moved > 0, "PERT03 moves some gene of some cell");
+
+    // Aggregated, the group's observed mean moved by the model's change of the group's mean.
+    let aggregated = f.dir.join("preds-anchored-groups.parquet");
+    let o = predict(&["--target", "PERT03", "--anchored", "--aggregate", "mean", "--out", &s(&aggregated)]);
+    assert!(o.status.success(), "predict --aggregate failed: {}", text(&o.stderr));
+    let (_, groups) = read_parquet(&aggregated);
+    let cell_types = strings(&batches, "cell_type");
+    let (group_types, group_anchored) = (strings(&groups, "cell_type"), vectors(&groups, "anchored"));
+    assert_eq!(group_types.len(), 2, "two cell types: {group_types:?}");
+    for (cell_type, got) in group_types.iter().zip(&group_anchored) {
+        let members: Vec<usize> = (0..cell_ids.len()).filter(|&i| &cell_types[i] == cell_type).collect();
+        for g in 0..genes {
+            let n = members.len() as f64;
+            let observed_mean = members.iter().map(|&i| own[&cell_ids[i]].1[g]).sum::<f64>() / n;
+            let change = members.iter().map(|&i| mean[i][g].ln_1p() - own[&cell_ids[i]].0[g].ln_1p()).sum::<f64>() / n;
+            let by_hand = observed_mean + change;
+            assert!((got[g] - by_hand).abs() < 1e-4, "{cell_type} gene {g}: {} vs {by_hand}", got[g]);
+        }
+    }
+}
+
+#[test]
 fn a_held_out_combination_beats_the_control_mean_against_the_truth() {
     let f = fixture();
     let eval = f.dir.join("eval-test");

@@ -60,6 +60,8 @@ pub struct PredictRequest {
     pub expected_log1p: bool,
     /// Also write the predicted change of E[log1p(x)].
     pub change: bool,
+    /// Also write the anchored prediction: observed expression plus the predicted change.
+    pub anchored: bool,
     /// Statistics per target and group of source cells written instead of per-cell rows
     /// (`mean`, `var`) [default: none, per-cell rows].
     pub aggregate: Vec<crate::predictor::aggregate::Statistic>,
@@ -147,6 +149,7 @@ impl PredictRequest {
         options.batch_corrected = self.batch_corrected;
         options.expected_log1p = self.expected_log1p;
         options.change = self.change;
+        options.anchored = self.anchored;
         options.out = self.out.clone();
         options.aggregate = match (self.aggregate.as_slice(), &self.group_by) {
             ([], None) => None,

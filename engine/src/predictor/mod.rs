@@ -22,7 +22,9 @@ use crate::model::layers::Noise;
 use crate::model::{CpaModel, Vocabulary};
 use arrow::datatypes::SchemaRef;
 use cpa_stream_schemas::tables::prediction_schema;
-use cpa_stream_schemas::tables::predictions::{CHANGE_LOG1P, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY};
+use cpa_stream_schemas::tables::predictions::{
+    ANCHORED, CHANGE_LOG1P, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY,
+};
 use cpa_stream_stages::store::Store;
 pub use options::{DEFAULT_BATCH_SIZE, GeneSelection, Layout, PredictOptions, Shard};
 use rand::SeedableRng;
@@ -126,7 +128,8 @@ pub struct Predictor {
     options: PredictOptions,
     /// The posterior draws of a variational model.
     noise: Noise,
-    /// Output buffers: the means, the expected log1p and the change if written, then each latent.
+    /// Output buffers: the means, the expected log1p, the change and the anchored prediction if
+    /// written, then each latent.
     pools: Vec<BufferPool>,
     /// The running aggregates (`predict --aggregate`), instead of per-cell rows.
     aggregator: Option<aggregate::Aggregator>,
@@ -247,10 +250,11 @@ impl Predictor {
         } else {
             None
         };
-        let gene_columns: Vec<&str> = [(options.expected_log1p, EXPECTED_LOG1P), (options.change, CHANGE_LOG1P)]
-            .into_iter()
-            .filter_map(|(on, name)| on.then_some(name))
-            .collect();
+        let gene_columns: Vec<&str> =
+            [(options.expected_log1p, EXPECTED_LOG1P), (options.change, CHANGE_LOG1P), (options.anchored, ANCHORED)]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
         let schema = prediction_schema(&label_columns, &genes, &gene_columns, &options.latents, latent_width)
             .map_err(|e| Error::InvalidInput(format!("predictions of {}: {e}", dir.display())))?;
         let mut metadata = schema.metadata().clone();

@@ -137,6 +137,12 @@ pub struct PredictOptions {
     /// cell's own condition (nb models): the model's predicted change, to add to observed log1p
     /// counts. Default false.
     pub change: bool,
+    /// Also write `anchored`: per gene, the source cell's observed expression (log1p of its
+    /// counts for a count model) plus the model's predicted change of it (`log1p` of the mean
+    /// under the target minus under the cell's own condition; the means for a Gaussian model).
+    /// Averaged over a group of source cells (`aggregate`), their observed mean moved by the
+    /// model's change: the prediction recommended for an unseen covariate value. Default false.
+    pub anchored: bool,
     /// Write per target and group of source cells the statistics of every vector column instead
     /// of per-cell rows ([`aggregate`](super::aggregate)); default none.
     pub aggregate: Option<super::aggregate::AggregateOptions>,
@@ -167,6 +173,7 @@ impl PredictOptions {
             batch_corrected: false,
             expected_log1p: false,
             change: false,
+            anchored: false,
             aggregate: None,
         }
     }

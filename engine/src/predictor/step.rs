@@ -131,44 +131,61 @@ impl Predictor {
         let gene_index = self.gene_tensor.as_ref().map(Tensor::shallow_clone);
         let model = &self.model;
         let genes = self.gene_index.as_ref().map_or(model.vocabulary().genes.len(), Vec::len);
-        let (write_expected, write_change) = (self.options.expected_log1p, self.options.change);
-        let gene_columns = usize::from(write_expected) + usize::from(write_change);
+        let (write_expected, write_change, write_anchored) =
+            (self.options.expected_log1p, self.options.change, self.options.anchored);
+        let gene_columns = usize::from(write_expected) + usize::from(write_change) + usize::from(write_anchored);
         let widths: Vec<usize> = std::iter::repeat_n(genes, 1 + gene_columns)
             .chain(self.latents.iter().map(|_| model.config().model.n_latent))
             .collect();
-        let (z_draws, z_mean, library) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
+        let counts_model = model.config().model.recon_loss.is_count();
+        // The space the anchored prediction moves in: log1p of the means for a count model (that
+        // of the encoder's input, log1p of the counts), the means themselves otherwise.
+        let to_anchor_space = |mean: &Tensor| if counts_model { mean.f_log1p() } else { Ok(mean.shallow_clone()) };
+        let (z_draws, z_mean, library, observed) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
             let (x, _) = densify_range(counts, a..b, device)?;
             let (x_in, library) = model.input(&x)?;
             drop(x);
+            // The anchored prediction's observed side is the encoder's input, in the same space.
+            let observed = match (&gene_index, write_anchored) {
+                (_, false) => None,
+                (Some(index), true) => Some(x_in.f_index_select(1, index).torch()?),
+                (None, true) => Some(x_in.shallow_clone()),
+            };
             let mean = model.encode(&x_in, false, false, &mut self.noise)?.z_basal;
             let draws = if model.is_variational() {
                 model.basal_draws(&x_in, &mut self.noise)?
             } else {
                 vec![mean.shallow_clone()]
             };
-            Ok((draws, mean, library))
+            Ok((draws, mean, library, observed))
         })
         .map_err(torch)?;
         let mut perts = PerturbationCsr::new();
-        // `change_log1p`'s reference: the expected log1p of the cells under their own condition,
-        // decoded once per step for every target.
-        let own = match (&self.theta, write_change) {
-            (Some(theta), true) => {
-                let (z_pert, covs) = self.pass_latents(cells, a..b, None, &mut perts)?;
-                let model = &self.model;
-                let own = tch::no_grad(|| -> cpa_stream_stages::Result<Tensor> {
-                    let mut mean =
-                        model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), &mut self.noise)?;
-                    if let Some(index) = &gene_index {
-                        mean = mean.f_index_select(1, index).torch()?;
-                    }
-                    expected_log1p_nb(&mean, theta).torch()
-                })
-                .map_err(torch)?;
-                Some(own)
-            }
-            _ => None,
+        // The cells decoded under their own condition, once per step for every target: the
+        // reference of `change_log1p` (its expected log1p) and of `anchored` (observed minus it).
+        let (own, anchor_base) = if (write_change && self.theta.is_some()) || write_anchored {
+            let (z_pert, covs) = self.pass_latents(cells, a..b, None, &mut perts)?;
+            let model = &self.model;
+            tch::no_grad(|| -> cpa_stream_stages::Result<(Option<Tensor>, Option<Tensor>)> {
+                let mut mean = model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), &mut self.noise)?;
+                if let Some(index) = &gene_index {
+                    mean = mean.f_index_select(1, index).torch()?;
+                }
+                let own = match (&self.theta, write_change) {
+                    (Some(theta), true) => Some(expected_log1p_nb(&mean, theta).torch()?),
+                    _ => None,
+                };
+                let base = match &observed {
+                    Some(observed) => Some(observed.f_sub(&to_anchor_space(&mean).torch()?).torch()?),
+                    None => None,
+                };
+                Ok((own, base))
+            })
+            .map_err(torch)?
+        } else {
+            (None, None)
         };
+        drop(observed);
         let targets = std::mem::take(&mut self.targets);
         let result = (|| -> Result<bool> {
             for (pass, target) in pass_targets(&targets).into_iter().enumerate() {
@@ -182,6 +199,10 @@ impl Predictor {
                         mean = mean.f_index_select(1, index).torch()?;
                     }
                     let mut values = Vec::with_capacity(widths.len());
+                    let anchored = match &anchor_base {
+                        Some(base) => Some(to_anchor_space(&mean).torch()?.f_add(base).torch()?),
+                        None => None,
+                    };
                     if let Some(theta) = &self.theta {
                         let expected = expected_log1p_nb(&mean, theta).torch()?;
                         let change = own.as_ref().map(|own| expected.f_sub(own)).transpose().torch()?;
@@ -193,6 +214,7 @@ impl Predictor {
                     } else {
                         values.push(mean);
                     }
+                    values.extend(anchored);
                     if !self.latents.is_empty() {
                         let l = model.compose(&z_mean, &z_pert, &covs)?;
                         for name in &self.latents {
