@@ -301,13 +301,16 @@ def toml_text(config):
 def set_key(config, assignment):
     key, _, raw = assignment.partition("=")
     table, _, name = key.partition(".")
-    if not name or table not in config:
-        sys.exit(f"fidelity: --set {assignment!r}: expected TABLE.KEY=VALUE with TABLE one of {list(config)}")
+    # The configuration's tables; one the starting configuration leaves out (`--defaults` sets
+    # only model and training keys) is added.
+    tables = ("model", "adversary", "training")
+    if not name or table not in tables:
+        sys.exit(f"fidelity: --set {assignment!r}: expected TABLE.KEY=VALUE with TABLE one of {list(tables)}")
     try:
         v = json.loads(raw)
     except json.JSONDecodeError:
         v = raw
-    config[table][name] = v
+    config.setdefault(table, {})[name] = v
 
 
 # ---------------------------------------------------------------------------------- scoring
