@@ -23,6 +23,11 @@ also be run by hand.
                                               control-cell draws: the spread over seeds split
                                               into the training's part and the draws' part
   table    DIR                                 means and spreads over seeds, as Markdown
+  slopes   DIR --variant V --epochs E --seed S [--covariate C]
+                                              per test group of covariate value C (default the
+                                              held-out one): how much of the real change on the
+                                              top-20 DEGs the anchored prediction and the shift
+                                              baseline recover (slope), and their R2
 
 Scoring (`score`, the definitions of run_peer.py, applied to both tools' predicted group means):
 the test cells of each perturbed group (covariates | condition | dose, at least 2 test cells);
@@ -877,6 +882,80 @@ def draws(a):
             print(f"  spread ratio, {name + ':':<24s}" + " / ".join(cells))
 
 
+def slopes(a):
+    """How much of the real change each prediction recovers on a covariate value's test groups:
+    per group (condition, dose) the slope of the predicted change from the control mean regressed
+    on the real change over the group's top-20 DEGs (`score`'s DEGs; 1 recovers it, 0 predicts
+    none), and the top-20 DEG R2, for the model's anchored prediction (`predict --anchored
+    --aggregate mean` of the value's control cells, through the Python package) and for the
+    shift baseline (`score`'s: the condition's mean shift in the other covariate values)."""
+    import anndata
+    import numpy as np
+    import cpa_stream
+
+    meta = read_meta(a.dir)
+    adata = anndata.read_h5ad(os.path.join(a.dir, "data.h5ad"))
+    obs = adata.obs
+    values = log_values(adata.X, meta["counts"])
+    cov = covariate_keys(obs, meta)
+    group = group_keys(obs, meta)
+    ctrl = obs[meta["perturbation_key"]].astype(str).values == meta["control"]
+    split = obs[SPLIT].astype(str).values
+    condition = obs[meta["perturbation_key"]].astype(str).values
+    dose = obs[meta["dose_key"]].astype(str).values if meta["dose_key"] else np.array(["1.0"] * len(obs))
+    c = a.covariate or meta.get("heldout_value")
+    if c is None or not (cov == c).any():
+        sys.exit(f"fidelity: slopes: covariate value {c!r} not among {sorted(set(cov))} (--covariate)")
+    groups = [g for g in np.unique(group[(split == "test") & ~ctrl & (cov == c)])
+              if ((split == "test") & (group == g)).sum() >= meta.get("min_test_cells", 2)]
+    first = {g: np.argmax(group == g) for g in groups}
+    targets = []
+    for g in groups:
+        t = {meta["perturbation_key"]: condition[first[g]]}
+        if meta["dose_key"]:
+            t[meta["dose_key"]] = dose[first[g]]
+        t.update({k: v for k, v in zip(meta["covariates"], c.split("|"))})
+        targets.append(t)
+    source = " and ".join([f'{meta["perturbation_key"]} == "{meta["control"]}"']
+                          + [f'{k} == "{v}"' for k, v in zip(meta["covariates"], c.split("|"))])
+    run = os.path.join(a.dir, "results", f"{a.variant}-e{a.epochs}-s{a.seed}", "run")
+    reader = cpa_stream.Run(run).predict(os.path.join(a.dir, "data.store"), source=source, targets=targets,
+                                         anchored=True, aggregate="mean", threads=1, workers=1)
+    table = reader.read_all()
+    labels = [table.column(k).to_pylist() for k in targets[0]]
+    anchored = {tuple(str(v[i]) for v in labels): np.asarray(table.column("anchored")[i].as_py())
+                for i in range(table.num_rows)}
+    cmean = values[ctrl & (cov == c)].mean(0)
+
+    def slope(pred, real):
+        return float((pred @ real) / (real @ real))
+
+    print(f"{a.dir}: {a.variant}, {a.epochs} epochs, seed {a.seed}; covariate value {c}; top-{N_TOP_DEG} DEGs")
+    print(f"{'condition':>14} {'dose':>6} {'cells':>5}  slope model / shift   R2 model / shift")
+    rows = []
+    for g, t in zip(groups, targets):
+        p = condition[first[g]]
+        m = (split == "test") & (group == g)
+        tmean = values[m].mean(0)
+        deg = np.argsort(-np.abs(values[group == g].mean(0) - cmean))[:N_TOP_DEG]
+        others = [values[(split == "train") & (condition == p) & (cov == o)].mean(0)
+                  - values[(split == "train") & ctrl & (cov == o)].mean(0)
+                  for o in np.unique(cov) if o != c
+                  and ((split == "train") & (condition == p) & (cov == o)).any()
+                  and ((split == "train") & ctrl & (cov == o)).any()]
+        model = anchored[tuple(str(v) for v in t.values())]
+        real = (tmean - cmean)[deg]
+        row = [slope((model - cmean)[deg], real), r2(tmean[deg], model[deg])]
+        row += [slope(np.mean(others, 0)[deg], real), r2(tmean[deg], (cmean + np.mean(others, 0))[deg])] \
+            if others else [float("nan")] * 2
+        rows.append(row)
+        print(f"{p:>14} {dose[first[g]]:>6} {int(m.sum()):>5}  {row[0]:11.2f} / {row[2]:5.2f}   {row[1]:8.3f} / {row[3]:5.3f}")
+    mean = np.nanmean(np.array(rows), axis=0)
+    print(f"{'mean':>14} {'':>6} {'':>5}  {mean[0]:11.2f} / {mean[2]:5.2f}   {mean[1]:8.3f} / {mean[3]:5.3f}")
+    keys = ("model_slope", "model_deg", "shift_slope", "shift_deg")
+    return {g: dict(zip(keys, row)) for g, row in zip(groups, rows)}
+
+
 def best_epoch(history):
     """The epoch whose weights the run kept: the best validation score (cpa-stream's history calls
     it ``val_score``; ``score`` in histories written before it), the first of equals."""
@@ -1168,12 +1247,18 @@ def main():
     p.add_argument("--verbose", action="store_true", help="also print every model-draw pair's scores")
     p = sub.add_parser("table")
     p.add_argument("dir")
+    p = sub.add_parser("slopes", help="how much of the real change the anchored model and the shift baseline recover")
+    p.add_argument("dir")
+    p.add_argument("--variant", default="cpa-stream")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--covariate", default=None, help="the covariate value (default: the held-out one)")
     p = sub.add_parser("protocol", help="variants against a baseline over deciding and confirming data sets")
     p.add_argument("sets", nargs="+", help="decide=DIR or confirm=DIR (a fidelity.sh data set directory)")
     p.add_argument("--baseline", default="cpa-stream")
     a = ap.parse_args()
     commands = {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "draws": draws, "table": table,
-                "protocol": protocol}
+                "protocol": protocol, "slopes": slopes}
     commands[a.command](a)
 
 

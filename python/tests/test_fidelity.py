@@ -4,8 +4,10 @@ configuration cpa-stream trains with."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import os
 import re
 import sys
 
@@ -310,3 +312,53 @@ def test_the_celltype_split_holds_out_one_values_shared_conditions_and_scores_it
     assert row["shift_all"] == pytest.approx(r2(t, base))
     assert np.isnan(row["additive_all"]) or "+" in p
     assert np.isfinite(result["held_out_mean"]["shift_all"])
+
+
+def test_slopes_score_the_anchored_prediction_and_the_shift_baseline_as_the_scorer_does(
+        fidelity, adata, run, tmp_path, capsys):
+    """``fidelity.py slopes``: per test group of the held-out cell type, the shift baseline's
+    top-20 DEG R2 is the scorer's; the model's R2 is that of its anchored group mean, and its
+    slope is the regression of that prediction's change on the real change, by hand."""
+    import anndata as ad
+    import cpa_stream as cs
+
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    d = tmp_path / "d"
+    sys.argv = ["fidelity.py", "prepare", str(path), str(d), "--split", "celltype"]
+    fidelity.main()
+    cs.import_h5ad(d / "data.h5ad", d / "data.store", progress=False)
+    (d / "results" / "v-e3-s0").mkdir(parents=True)
+    os.symlink(run.path, d / "results" / "v-e3-s0" / "run")
+    got = fidelity.slopes(argparse.Namespace(dir=str(d), variant="v", epochs=3, seed=0, covariate=None))
+    assert "slope model / shift" in capsys.readouterr().out
+    meta = json.loads((d / "meta.json").read_text())
+    data = ad.read_h5ad(d / "data.h5ad")
+    obs = data.obs
+    group = fidelity.group_keys(obs, meta)
+    test = obs["fidelity_split"].astype(str).values == "test"
+    zeros = {"cf": np.zeros(data.n_vars), "recon": np.zeros(data.n_vars)}
+    result = fidelity.score(str(d), {g: zeros for g in np.unique(group[test])}, 0)
+    rows = {r["group"]: r for r in result["groups"]}
+    held = [g for g in got if rows[g]["held_out"]]
+    assert held and all(g.startswith(meta["heldout_value"] + "|") for g in got)
+    for g in held:
+        assert got[g]["shift_deg"] == pytest.approx(rows[g]["shift_deg"])
+    # The model's numbers from the anchored aggregate, recomputed from two plain predictions.
+    g = held[0]
+    values = np.log1p(np.asarray(data.X.todense(), dtype=np.float64))
+    cov, condition = obs["cell_type"].astype(str).values, obs["condition"].astype(str).values
+    ctrl = condition == "control"
+    unseen = meta["heldout_value"]
+    source = f'condition == "control" and cell_type == "{unseen}"'
+    p, dose = g.split("|")[1], g.split("|")[2]
+    target = {"condition": p, "dose": dose, "cell_type": unseen}
+    decoded = cs.Run(run.path).predict_anndata(d / "data.store", source=source, targets=target, threads=1, workers=1)
+    own = cs.Run(run.path).predict_anndata(d / "data.store", source=source, threads=1, workers=1)
+    cmean = values[ctrl & (cov == unseen)].mean(0)
+    model = cmean + np.log1p(decoded.X).mean(0) - np.log1p(own.X).mean(0)
+    t = values[test & (group == g)].mean(0)
+    deg = np.argsort(-np.abs(values[group == g].mean(0) - cmean))[:fidelity.N_TOP_DEG]
+    real = (t - cmean)[deg]
+    assert got[g]["model_slope"] == pytest.approx(((model - cmean)[deg] @ real) / (real @ real), abs=1e-4)
+    assert got[g]["model_deg"] == pytest.approx(fidelity.r2(t[deg], model[deg]), abs=1e-4)
