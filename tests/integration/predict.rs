@@ -870,6 +870,44 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_chan
     ]);
     assert!(text(&o.stderr).contains("--change needs a model with the nb likelihood"), "{}", text(&o.stderr));
     assert!(!refused.exists());
+
+    // `--anchored` needs no dispersion: for a Gaussian model it moves the observed values (not
+    // their log1p) by the change of the means.
+    let anchored = |extra: &[&str], name: &str| -> Vec<RecordBatch> {
+        let out = f.dir.join(name);
+        let mut args = vec!["predict", "--model", run_arg, "--store", store_arg, "--anchored", "--threads", "1"];
+        args.extend_from_slice(extra);
+        args.extend(["--out", out.to_str().unwrap_or_default()]);
+        let o = run(&args);
+        assert!(o.status.success(), "predict --anchored failed: {}", text(&o.stderr));
+        read_parquet(&out).1
+    };
+    let (target, own) =
+        (anchored(&["--target", "PERT03"], "gauss-anchored.parquet"), anchored(&[], "gauss-own.parquet"));
+    assert_eq!(strings(&target, "cell_id"), strings(&own, "cell_id"));
+    let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
+    let mut cursor = store.cursor().unwrap_or_else(|e| panic!("{e}"));
+    let first = strings(&own, "cell_id")[0].clone();
+    let obs = store.small_table(cpa_stream::unstable::schemas::StoreFiles::OBS).unwrap_or_else(|e| panic!("{e}"));
+    let row = strings(std::slice::from_ref(&obs), "cell_id").iter().position(|id| *id == first).unwrap_or(usize::MAX);
+    let (index, counts) = cursor.row(row as u64).unwrap_or_else(|e| panic!("{e}"));
+    let mut observed = vec![0.0f64; genes.len()];
+    for (&g, &v) in index.iter().zip(counts) {
+        observed[g as usize] = f64::from(v);
+    }
+    let own_anchored = vectors(&own, "anchored");
+    assert!(
+        own_anchored[0].iter().zip(&observed).all(|(a, x)| (a - x).abs() <= 1e-5 * (1.0 + x.abs())),
+        "observed values, not log1p"
+    );
+    let (t_mean, o_mean, t_anchored) = (means(&target), means(&own), vectors(&target, "anchored"));
+    for i in 0..t_mean.len() {
+        for g in 0..genes.len() {
+            let by_hand = own_anchored[i][g] + t_mean[i][g] - o_mean[i][g];
+            let close = (t_anchored[i][g] - by_hand).abs() <= 1e-5 * (1.0 + by_hand.abs());
+            assert!(close, "cell {i} gene {g}: {} vs {by_hand}", t_anchored[i][g]);
+        }
+    }
 }
 
 #[test]
