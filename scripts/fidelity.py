@@ -347,6 +347,15 @@ def r2(t, p):
     return 1.0 - ss_res / ss_tot
 
 
+def train_shift(values, train, ctrl, condition, cov, p, c):
+    """Condition p's mean shift from the controls among covariate value c's training cells, or
+    None where c has no training cell of p or no training control: the parts of the baselines."""
+    treated, controls = train & (condition == p) & (cov == c), train & ctrl & (cov == c)
+    if not treated.any() or not controls.any():
+        return None
+    return values[treated].mean(0) - values[controls].mean(0)
+
+
 def score(directory, predictions, seed):
     """Per-group and mean R2 of `predictions` ({group: {"cf": mean, "recon": mean}}) and of the
     control-mean baseline, with run_peer.py's definitions."""
@@ -365,10 +374,7 @@ def score(directory, predictions, seed):
     condition = obs[meta["perturbation_key"]].astype(str).values
 
     def shift(p, c):
-        treated, controls = train & (condition == p) & (cov == c), train & ctrl & (cov == c)
-        if not treated.any() or not controls.any():
-            return None
-        return values[treated].mean(0) - values[controls].mean(0)
+        return train_shift(values, train, ctrl, condition, cov, p, c)
 
     rows = []
     for g in np.unique(group[test & ~ctrl]):
@@ -938,11 +944,8 @@ def slopes(a):
         m = (split == "test") & (group == g)
         tmean = values[m].mean(0)
         deg = np.argsort(-np.abs(values[group == g].mean(0) - cmean))[:N_TOP_DEG]
-        others = [values[(split == "train") & (condition == p) & (cov == o)].mean(0)
-                  - values[(split == "train") & ctrl & (cov == o)].mean(0)
-                  for o in np.unique(cov) if o != c
-                  and ((split == "train") & (condition == p) & (cov == o)).any()
-                  and ((split == "train") & ctrl & (cov == o)).any()]
+        others = [x for x in (train_shift(values, split == "train", ctrl, condition, cov, p, o)
+                              for o in np.unique(cov) if o != c) if x is not None]
         model = anchored[tuple(str(v) for v in t.values())]
         real = (tmean - cmean)[deg]
         row = [slope((model - cmean)[deg], real), r2(tmean[deg], model[deg])]
