@@ -163,7 +163,7 @@ impl Predictor {
         let mut perts = PerturbationCsr::new();
         // The cells decoded under their own condition, once per step for every target: the
         // reference of `change_log1p` (its expected log1p) and of `anchored` (observed minus it).
-        let (own, anchor_base) = if (write_change && self.theta.is_some()) || write_anchored {
+        let (own, anchor_base) = if write_change || write_anchored {
             let (z_pert, covs) = self.pass_latents(cells, a..b, None, &mut perts)?;
             let model = &self.model;
             tch::no_grad(|| -> cpa_stream_stages::Result<(Option<Tensor>, Option<Tensor>)> {
