@@ -386,12 +386,7 @@ fn a_failing_or_killed_prediction_leaves_no_output_file() {
     assert!(!o.status.success(), "a corrupt store predicted: {err}");
     assert!(err.contains("X/blocks") && err.contains("block "), "{err}");
     assert!(!out.exists(), "a failed run left {}", out.display());
-    let leftovers: Vec<String> = std::fs::read_dir(&f.dir)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".failed.parquet"))
-        .collect();
+    let leftovers = names_starting_with(&f.dir, ".failed.parquet");
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 
     // The same into a directory of parts (several written before the corrupt block is read):
@@ -418,13 +413,18 @@ fn a_failing_or_killed_prediction_leaves_no_output_file() {
     ]);
     assert!(!o.status.success(), "a corrupt store predicted into parts");
     assert!(!parts.exists(), "a failed run left {}", parts.display());
-    let leftovers: Vec<String> = std::fs::read_dir(&f.dir)
-        .unwrap_or_else(|e| panic!("{e}"))
+    let leftovers = names_starting_with(&f.dir, ".failed-parts");
+    assert!(leftovers.is_empty(), "temporary parts left: {leftovers:?}");
+}
+
+/// The names in `dir` that start with `prefix` (temporary files a failed run must not leave).
+fn names_starting_with(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".failed-parts"))
-        .collect();
-    assert!(leftovers.is_empty(), "temporary parts left: {leftovers:?}");
+        .filter(|n| n.starts_with(prefix))
+        .collect()
 }
 
 fn r2(pred: &[f64], truth: &[f64]) -> f64 {
