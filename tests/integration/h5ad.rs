@@ -54,6 +54,11 @@ fn anndata_summary(file: &Path, layer: Option<&str>) -> Value {
 
 fn summarize(file: &Path, args: Vec<&str>) -> Value {
     let mut cmd = Command::new(python());
+    // Without HDF5's file locks: this process writes `.h5ad` files on some test threads while
+    // others spawn children, and a child inherits the descriptor (HDF5 opens files without
+    // O_CLOEXEC) and with it the writer's lock until the child exits, so that h5py's reader,
+    // which asks for the lock without waiting, would fail or not by the scheduling of other tests.
+    cmd.env("HDF5_USE_FILE_LOCKING", "FALSE");
     cmd.arg(script()).arg("summarize").arg(file).args(args);
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "summarize {}: {}", file.display(), text(&out.stderr));
