@@ -6,8 +6,9 @@
 # the GPU machine's cores.
 #
 #   scripts/gpu-bench.sh build   here: the stripped release binaries (cpa-stream and the
-#                                cpa-stream-engine it hands the model to) in .device/ (ignored by git),
-#                                built against this checkout's PyPI torch 2.11.0
+#                                cpa-stream-engine it hands the model to), built against this
+#                                checkout's PyPI torch 2.11.0, in .device/bench.tar.xz (ignored by
+#                                git; carry it: the two binaries unpacked are over 64 MiB)
 #   scripts/gpu-bench.sh run     on a machine with libtorch 2.11.0 (CUDA) and no Rust: runs that
 #                                binary with the torch found in TORCH_LIB, or in /opt/torch/.venv
 #
@@ -24,11 +25,14 @@ case "${1:-}" in
 build)
   eval "$(scripts/bootstrap.sh)"
   cargo build --release --locked --bin cpa-stream --bin cpa-stream-engine >&2
-  mkdir -p "$dev"
+  staging=$(mktemp -d)
+  trap 'rm -rf "$staging"' EXIT
   for b in cpa-stream cpa-stream-engine; do
-    strip -o "$dev/$b" "$CARGO_TARGET_DIR/release/$b"
+    strip -o "$staging/$b" "$CARGO_TARGET_DIR/release/$b"
   done
-  ls -la "$dev/cpa-stream" "$dev/cpa-stream-engine"
+  mkdir -p "$dev"
+  (cd "$staging" && tar cf - cpa-stream cpa-stream-engine) | xz -T2 -6 > "$dev/bench.tar.xz"
+  ls -la "$dev/bench.tar.xz"
   exit 0
   ;;
 run) ;;
@@ -38,10 +42,12 @@ run) ;;
   ;;
 esac
 
-bin="$dev/cpa-stream"
-for b in "$bin" "$dev/cpa-stream-engine"; do
-  [ -x "$b" ] || { echo "$b: missing; run 'scripts/gpu-bench.sh build' first (and carry .device)" >&2; exit 1; }
-done
+[ -f "$dev/bench.tar.xz" ] || { echo "$dev/bench.tar.xz: missing; run 'scripts/gpu-bench.sh build' first (and carry it)" >&2; exit 1; }
+# Unpacked outside .device, so that carrying .device again sends the archive alone.
+bins="${TMPDIR:-/tmp}/cpa-stream-gpu-bench"
+rm -rf "$bins" && mkdir -p "$bins"
+xz -dc "$dev/bench.tar.xz" | tar -C "$bins" -xf -
+bin="$bins/cpa-stream"
 if [ -z "${TORCH_LIB:-}" ]; then
   TORCH_LIB=$(ls -d /opt/torch/.venv/lib/python3*/site-packages/torch/lib 2>/dev/null | head -1 || true)
 fi
