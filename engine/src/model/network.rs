@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::batch::DevicePerts;
 use super::config::{CpaConfig, DoserType, Precision, ReconLoss, VAR_EPS};
-use super::layers::{Classifier, FcLayers, Init, Linear, Noise, variable};
+use super::layers::{Classifier, FcLayers, Init, Linear, Noise, affine, variable};
 use super::likelihood::{Entries, count_log_likelihood_sparse, log_nb, log_normal, log_zinb};
 use super::vocab::{PADDING_ID, Vocabulary};
 use crate::torch::TorchResult;
@@ -132,6 +132,8 @@ pub struct CpaModel {
     covariate_embeddings: Vec<Tensor>,
     decoder: FcLayers,
     heads: Heads,
+    /// `model.perturbation_skip`: genes x latent, added to the heads' output as `W z_pert`.
+    skip: Option<Tensor>,
     pert_classifier: Classifier,
     covariate_classifiers: Vec<Option<Classifier>>,
     class_weights: Tensor,
@@ -271,6 +273,18 @@ impl CpaModel {
             },
         };
 
+        // Zero at the start: the model starts where one without the skip starts, and the weights
+        // move only as far as the loss asks.
+        let skip = if m.perturbation_skip {
+            Some(variable(
+                &dec_path,
+                "perturbation_skip",
+                Tensor::f_zeros([genes as i64, latent as i64], (Kind::Float, Device::Cpu)).torch()?,
+            )?)
+        } else {
+            None
+        };
+
         let a = &config.adversary;
         let classifier = |path: nn::Path, init: &mut Init, classes: usize| {
             Classifier::new(&path, init, latent, a.n_hidden, a.n_layers, a.norm, a.dropout_rate, classes)
@@ -295,6 +309,7 @@ impl CpaModel {
             covariate_embeddings,
             decoder,
             heads,
+            skip,
             pert_classifier,
             covariate_classifiers,
             class_weights,
@@ -500,19 +515,29 @@ impl CpaModel {
         })
     }
 
-    /// Decodes latents with the cells' library sizes (count models).
-    pub fn decode(&self, z: &Tensor, library: Option<&Tensor>, train: bool, noise: &mut Noise) -> Result<Generative> {
+    /// Decodes latents with the cells' library sizes (count models). `z_pert` is the
+    /// perturbation term of `z`, which a model with `perturbation_skip` also adds to the heads'
+    /// output.
+    pub fn decode(
+        &self,
+        z: &Tensor,
+        z_pert: &Tensor,
+        library: Option<&Tensor>,
+        train: bool,
+        noise: &mut Noise,
+    ) -> Result<Generative> {
         let h = self.decoder.forward(z, train, self.precision, noise)?;
         match &self.heads {
             Heads::Counts { scale, zi, log_theta } => {
                 let library = library.ok_or_else(|| Error::InvalidInput("count decoder needs library sizes".into()))?;
-                let px_scale = scale.forward(&h, self.precision)?.f_softmax(-1, Kind::Float).torch()?;
+                let logits = self.with_skip(scale.forward(&h, self.precision)?, z_pert)?;
+                let px_scale = logits.f_softmax(-1, Kind::Float).torch()?;
                 let mu = px_scale.f_mul(&library.f_exp().torch()?).torch()?;
                 let zi_logits = zi.as_ref().map(|l| l.forward(&h, self.precision)).transpose()?;
                 Ok(Generative::Counts { mu, theta: log_theta.f_exp().torch()?, zi_logits })
             }
             Heads::Gauss { mean, var } => Ok(Generative::Gauss {
-                mean: mean.forward(&h, self.precision)?,
+                mean: self.with_skip(mean.forward(&h, self.precision)?, z_pert)?,
                 var: var.forward(&h, self.precision)?.f_exp().torch()?.f_add_scalar(VAR_EPS).torch()?,
             }),
         }
@@ -521,16 +546,33 @@ impl CpaModel {
     /// The predicted mean only, in evaluation mode: what prediction needs, without the dispersion,
     /// zero-inflation or variance heads and with the library scaling done in place (one
     /// cells x genes tensor fewer per call than [`CpaModel::decode`]).
-    pub fn decode_mean(&self, z: &Tensor, library: Option<&Tensor>, noise: &mut Noise) -> Result<Tensor> {
+    pub fn decode_mean(
+        &self,
+        z: &Tensor,
+        z_pert: &Tensor,
+        library: Option<&Tensor>,
+        noise: &mut Noise,
+    ) -> Result<Tensor> {
         let h = self.decoder.forward(z, false, self.precision, noise)?;
         match &self.heads {
             Heads::Counts { scale, .. } => {
                 let library = library.ok_or_else(|| Error::InvalidInput("count decoder needs library sizes".into()))?;
-                let mut mu = scale.forward(&h, self.precision)?.f_softmax(-1, Kind::Float).torch()?;
+                let logits = self.with_skip(scale.forward(&h, self.precision)?, z_pert)?;
+                let mut mu = logits.f_softmax(-1, Kind::Float).torch()?;
                 let _ = mu.f_mul_(&library.f_exp().torch()?).torch()?;
                 Ok(mu)
             }
-            Heads::Gauss { mean, .. } => Ok(mean.forward(&h, self.precision)?.f_to_kind(Kind::Float).torch()?),
+            Heads::Gauss { mean, .. } => {
+                Ok(self.with_skip(mean.forward(&h, self.precision)?, z_pert)?.f_to_kind(Kind::Float).torch()?)
+            }
+        }
+    }
+
+    /// A head's output plus `W z_pert` when the model has `perturbation_skip`.
+    fn with_skip(&self, out: Tensor, z_pert: &Tensor) -> Result<Tensor> {
+        match &self.skip {
+            Some(w) => out.f_add(&affine(z_pert, w, None, self.precision)?).torch(),
+            None => Ok(out),
         }
     }
 
@@ -616,7 +658,7 @@ impl CpaModel {
         let mut sum: Option<Tensor> = None;
         for z_basal in draws {
             let z = self.compose(z_basal, z_pert, covariates)?.z;
-            let mean = self.decode_mean(&z, library, noise)?;
+            let mean = self.decode_mean(&z, z_pert, library, noise)?;
             sum = Some(match sum {
                 None => mean,
                 Some(mut s) => {

@@ -85,7 +85,7 @@ pub fn validate(
                     let z_pert = model.perturbation_latent(&b.perts)?;
                     let covs = model.covariate_latents(&b.covariates)?;
                     let latents = model.compose(&encoded.z_basal, &z_pert, &covs)?;
-                    let generative = model.decode(&latents.z, library.as_ref(), false, &mut noise)?;
+                    let generative = model.decode(&latents.z, &latents.z_pert, library.as_ref(), false, &mut noise)?;
                     let ll = model.log_likelihood(&b.x, Some(&b.entries), &generative)?;
                     recon = recon.f_sub(&ll.f_sum(Kind::Float).torch()?).torch()?;
                     let (t, p) = if count_model {

@@ -421,7 +421,7 @@ impl Trainer {
             let z_pert = mix(&self.model.perturbation_latent(&b.perts)?)?;
             let covs = self.model.covariate_latents(&b.covariates)?.iter().map(&mix).collect::<Result<Vec<_>>>()?;
             let latents = self.model.compose(&encoded.z_basal, &z_pert, &covs)?;
-            let generative = self.model.decode(&latents.z, library.as_ref(), true, &mut self.noise)?;
+            let generative = self.model.decode(&latents.z, &latents.z_pert, library.as_ref(), true, &mut self.noise)?;
             // Mixup blends counts, so the non-zero entries are those of the batch only without it.
             let entries = if perm.is_none() { Some(&b.entries) } else { None };
             let recon =

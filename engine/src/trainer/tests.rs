@@ -341,24 +341,78 @@ fn a_checkpoint_within_an_epoch_resumes_exactly() -> Result<()> {
     Ok(())
 }
 
+/// Fills a `perturbation_skip` model's skip weights with draws of N(0, 1) (they start at zero).
+fn randomize_skip(model: &CpaModel) -> Result<()> {
+    let mut w = model.var_store().variables().remove(SKIP_WEIGHTS).expect("the skip's weights");
+    tch::no_grad(|| w.f_copy_(&Tensor::f_randn(w.size(), (Kind::Float, Device::Cpu))?)).torch()?;
+    Ok(())
+}
+
+const SKIP_WEIGHTS: &str = "ae.decoder.perturbation_skip";
+
+#[test]
+fn the_perturbation_skip_starts_at_zero_and_moves_the_mean_by_its_map_of_z_pert() -> Result<()> {
+    let v = vocab()?;
+    let b = batch(&v, 16, 9)?;
+    let d = DeviceBatch::upload(&b, Device::Cpu)?;
+    let mut c = small_config();
+    c.model.recon_loss = ReconLoss::Gauss;
+    let plain = CpaModel::new(&c, &v, None, Device::Cpu, 11)?;
+    c.model.perturbation_skip = true;
+    let skipping = CpaModel::new(&c, &v, None, Device::Cpu, 11)?;
+    assert!(!plain.var_store().variables().contains_key(SKIP_WEIGHTS));
+    assert_eq!(skipping.n_parameters() - plain.n_parameters(), (v.n_genes() * c.model.n_latent) as i64);
+    let means = |model: &CpaModel| -> Result<Tensor> {
+        tch::no_grad(|| {
+            let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(1), Device::Cpu);
+            model.counterfactual(&d.x, &d.perts, &d.covariates, &mut noise)
+        })
+    };
+    // Zero at the start, drawn from the same seed otherwise: the same predictions as without it.
+    assert!(means(&plain)?.f_equal(&means(&skipping)?).torch()?, "a new skip changed the prediction");
+    randomize_skip(&skipping)?;
+    let w = skipping.var_store().variables()[SKIP_WEIGHTS].shallow_clone();
+    let z_pert = tch::no_grad(|| skipping.perturbation_latent(&d.perts))?;
+    let shift = z_pert.f_matmul(&w.f_tr().torch()?).torch()?;
+    let moved = means(&skipping)?.f_sub(&means(&plain)?).torch()?;
+    let error = f64::try_from(moved.f_sub(&shift).torch()?.f_abs().torch()?.f_max().torch()?).torch()?;
+    assert!(error < 1e-4, "the Gaussian mean moved by W z_pert up to {error}");
+    assert!(f64::try_from(shift.f_abs().torch()?.f_max().torch()?).torch()? > 0.1, "the batch has no perturbation");
+    Ok(())
+}
+
 #[test]
 fn the_mean_only_decoder_equals_the_full_decoder() -> Result<()> {
     let v = vocab()?;
     let b = batch(&v, 16, 9)?;
     let d = DeviceBatch::upload(&b, Device::Cpu)?;
-    for (loss, precision) in
-        [(ReconLoss::Nb, Precision::Fp32), (ReconLoss::Zinb, Precision::Bf16), (ReconLoss::Gauss, Precision::Fp32)]
-    {
+    for (loss, precision, skip) in [
+        (ReconLoss::Nb, Precision::Fp32, false),
+        (ReconLoss::Zinb, Precision::Bf16, false),
+        (ReconLoss::Gauss, Precision::Fp32, false),
+        (ReconLoss::Nb, Precision::Fp32, true),
+        (ReconLoss::Gauss, Precision::Bf16, true),
+    ] {
         let mut c = small_config();
         c.model.recon_loss = loss;
         c.training.precision = precision;
+        c.model.perturbation_skip = skip;
         let model = CpaModel::new(&c, &v, None, Device::Cpu, 11)?;
+        if skip {
+            randomize_skip(&model)?;
+        }
         tch::no_grad(|| -> Result<()> {
             let (x_in, library) = model.input(&d.x)?;
             let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(1), Device::Cpu);
             let z = model.encode(&x_in, false, false, &mut noise)?.z_basal;
-            let full = model.decode(&z, library.as_ref(), false, &mut noise)?.mean().f_to_kind(Kind::Float).torch()?;
-            let mean = model.decode_mean(&z, library.as_ref(), &mut noise)?;
+            let z_pert = model.perturbation_latent(&d.perts)?;
+            let z = z.f_add(&z_pert).torch()?;
+            let full = model
+                .decode(&z, &z_pert, library.as_ref(), false, &mut noise)?
+                .mean()
+                .f_to_kind(Kind::Float)
+                .torch()?;
+            let mean = model.decode_mean(&z, &z_pert, library.as_ref(), &mut noise)?;
             assert_eq!(mean.kind(), Kind::Float, "{loss:?}");
             assert!(mean.f_equal(&full).torch()?, "{loss:?} {precision:?}: decode_mean differs from decode().mean()");
             Ok(())
