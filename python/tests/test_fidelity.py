@@ -139,8 +139,12 @@ def test_the_reference_preset_and_definitions_from_python(store, run, tmp_path):
                        max_epochs=1, progress=False, **COMPUTE)
     assert trained.config["training"]["lr_schedule"] == "reference"
     assert trained.config["training"]["lr"] == 1e-3
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(ValueError, match="unseen-covariates"):
         cs.train(store, tmp_path / "bad", **LABELS, preset="paper", max_epochs=1, progress=False, **COMPUTE)
+    unseen = cs.train(store, tmp_path / "unseen", **LABELS, preset="unseen-covariates", max_epochs=1, progress=False,
+                      **COMPUTE)
+    assert unseen.config["model"]["perturbation_skip"] is True
+    assert (unseen.config["model"]["doser_type"], unseen.config["training"]["mixup_alpha"]) == ("logsigm", 4.0)
     frame = run.evaluate(store, definitions="reference", progress=False)
     assert set(frame["deg_source"]) == {"mean difference"}
     assert set(frame["control_source"]) == {"all"}

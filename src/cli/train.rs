@@ -50,10 +50,11 @@ pub struct TrainArgs {
     /// sets.
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
-    /// Starting point of the configuration: `default`, or `reference` for cpa-tools 0.8.8's
+    /// Starting point of the configuration: `default`; `reference` for cpa-tools 0.8.8's
     /// behaviour where the defaults differ from it (its module defaults, its learning-rate schedule,
-    /// no weight averaging; docs/model.md).
-    #[arg(long, value_parser = ["default", "reference"])]
+    /// no weight averaging); `unseen-covariates` for predicting cell types (or other covariate
+    /// values) whose perturbed cells training never saw, then `predict --anchored` (docs/model.md).
+    #[arg(long, value_parser = ["default", "reference", "unseen-covariates"])]
     pub(crate) preset: Option<String>,
     /// Run directory (checkpoint/, best/, model/, metrics.parquet).
     #[arg(long)]

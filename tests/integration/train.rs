@@ -192,6 +192,46 @@ fn a_preset_is_the_base_a_configuration_file_changes() {
 }
 
 #[test]
+fn the_unseen_covariates_preset_trains_the_skip_resumes_exactly_and_predicts_anchored() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "raw");
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    let preset = ["--preset", "unseen-covariates", "--batch-size", "64"];
+    train(&store, &straight, &[&["--epochs", "2"], &preset[..]].concat());
+    train(&store, &split, &[&["--epochs", "1"], &preset[..]].concat());
+    train(&store, &split, &["--epochs", "2", "--resume"]);
+    let config = CpaConfig::from_file(&straight.join("config.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.model.perturbation_skip && config.training.mixup_alpha == 4.0, "{config:?}");
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let weights = read(straight.join("checkpoint").join("weights.safetensors"));
+    let named = |name: &str| weights.windows(name.len()).any(|w| w == name.as_bytes());
+    assert!(named("ae.decoder.perturbation_skip"), "the checkpoint holds no skip weights");
+    for file in ["weights.safetensors", "optimizer.safetensors"] {
+        assert!(
+            read(straight.join("checkpoint").join(file)) == read(split.join("checkpoint").join(file)),
+            "{file} differs between the uninterrupted and the resumed run"
+        );
+    }
+    let (s, m) = (store.to_str().unwrap_or_default(), straight.to_str().unwrap_or_default());
+    let out = dir.path().join("anchored.parquet");
+    let o = run(&[
+        "predict",
+        "--model",
+        m,
+        "--store",
+        s,
+        "--target",
+        "PERT01",
+        "--anchored",
+        "--aggregate",
+        "mean",
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "predict --anchored failed: {}", text(&o.stderr));
+}
+
+#[test]
 fn resume_continues_exactly() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = synth_store(dir.path(), "s.store", "zstd");
