@@ -9,7 +9,9 @@
 #   scripts/gpu-check.sh run     on a machine with libtorch 2.11.0 (CUDA), Python with pandas and
 #                                pyarrow, and no Rust; results in OUT (default .device/check-results).
 #                                GPU_DEVICE=cpu runs the prediction checks on the CPU alone (a dry
-#                                run of this script where there is no GPU; the CUDA tests are left out)
+#                                run of this script where there is no GPU; the CUDA tests are left out);
+#                                PRESET (default "default") is the `train --preset` of the
+#                                prediction checks' model; CUDA_TESTS=0 leaves the CUDA tests out
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=.device
@@ -66,22 +68,24 @@ fi
 cp "$dev/check/cpa-stream" "$dev/check/cpa-stream-engine" "$bin_dir/"
 export CARGO_MANIFEST_DIR="$PWD"
 gpu="${GPU_DEVICE:-cuda}"
+preset="${PRESET:-default}"
 status=0
 
 : > "$out/summary.txt"
-[ "$gpu" = cpu ] || echo "== the test suite's CUDA tests" | tee -a "$out/summary.txt"
-for t in $([ "$gpu" = cpu ] || echo integration cpa_stream_engine); do
+cuda_tests=$([ "$gpu" = cpu ] || [ "${CUDA_TESTS:-1}" = 0 ] || echo integration cpa_stream_engine)
+[ -z "$cuda_tests" ] || echo "== the test suite's CUDA tests" | tee -a "$out/summary.txt"
+for t in $cuda_tests; do
   "$dev/check/$t" cuda --test-threads 1 2>&1 | tee "$out/tests-$t.txt" | grep -E "^test |test result" | tee -a "$out/summary.txt" \
     || status=1
   grep -q "skipped: no CUDA" "$out/tests-$t.txt" && { echo "   CUDA not visible to libtorch" | tee -a "$out/summary.txt"; status=1; }
 done
 
-echo "== prediction on $gpu against the CPU" | tee -a "$out/summary.txt"
+echo "== prediction on $gpu against the CPU, a model of the $preset preset" | tee -a "$out/summary.txt"
 bin="$bin_dir/cpa-stream"
 work=$(mktemp -d)
 "$bin" synth --cells 20000 --genes 500 --perturbations 10 --doses 2 --cell-types 3 --seed 1 --out "$work/s.store" > /dev/null
 "$bin" train --store "$work/s.store" --dose-key dose --covariates cell_type --epochs 3 --device "$gpu" \
-  --out "$work/run" -q
+  --preset "$preset" --out "$work/run" -q
 for device in cpu "$gpu"; do
   "$bin" predict --model "$work/run" --store "$work/s.store" --source all --target PERT01 --device "$device" \
     --out "$work/cells-$device.parquet" -q --overwrite

@@ -182,28 +182,30 @@ fn counterfactual_means_of_a_held_out_combination_beat_the_control_mean() -> Res
     Ok(())
 }
 
-/// On a GPU: training steps in fp32 and bf16, device-side densification, finite losses. Skipped
-/// (with the reason printed) where libtorch sees no CUDA device.
+/// On a GPU: training steps in fp32 and bf16, device-side densification, finite losses, from the
+/// defaults and from the `unseen-covariates` preset (mixup, the logsigm dose response and the
+/// perturbation skip on the device). Skipped (with the reason printed) where libtorch sees no
+/// CUDA device.
 #[test]
 fn cuda_training_in_fp32_and_bf16() -> Result<()> {
+    use cpa_stream::unstable::stages::model::config::{Precision, Preset};
     if !tch::Cuda::is_available() {
         eprintln!("skipped: no CUDA device visible to libtorch");
         return Ok(());
     }
     let (vocab, batches) = cpa_stream::unstable::engine::bench::synthetic_batches(2_048, 500, 256, 1)?;
-    for precision in [
-        cpa_stream::unstable::stages::model::config::Precision::Fp32,
-        cpa_stream::unstable::stages::model::config::Precision::Bf16,
-    ] {
-        let mut config = CpaConfig::default();
-        config.training.precision = precision;
-        config.training.batch_size = 256;
-        let mut trainer = Trainer::from_config(&config, &vocab, Device::Cuda(0))?;
-        for b in &batches {
-            trainer.step(b)?;
+    for preset in [Preset::Default, Preset::UnseenCovariates] {
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            let mut config = preset.config();
+            config.training.precision = precision;
+            config.training.batch_size = 256;
+            let mut trainer = Trainer::from_config(&config, &vocab, Device::Cuda(0))?;
+            for b in &batches {
+                trainer.step(b)?;
+            }
+            let m = trainer.end_epoch()?;
+            assert!(m.recon_loss.is_finite() && m.adv_loss.is_finite(), "{preset:?} {precision:?}: {m:?}");
         }
-        let m = trainer.end_epoch()?;
-        assert!(m.recon_loss.is_finite() && m.adv_loss.is_finite(), "{precision:?}: {m:?}");
     }
     Ok(())
 }
