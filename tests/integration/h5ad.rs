@@ -54,11 +54,6 @@ fn anndata_summary(file: &Path, layer: Option<&str>) -> Value {
 
 fn summarize(file: &Path, args: Vec<&str>) -> Value {
     let mut cmd = Command::new(python());
-    // Without HDF5's file locks: this process writes `.h5ad` files on some test threads while
-    // others spawn children, and a child inherits the descriptor (HDF5 opens files without
-    // O_CLOEXEC) and with it the writer's lock until the child exits, so that h5py's reader,
-    // which asks for the lock without waiting, would fail or not by the scheduling of other tests.
-    cmd.env("HDF5_USE_FILE_LOCKING", "FALSE");
     cmd.arg(script()).arg("summarize").arg(file).args(args);
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "summarize {}: {}", file.display(), text(&out.stderr));
@@ -348,6 +343,27 @@ fn bad_files_give_named_errors_and_no_store() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert_eq!(stderr.matches("X columns is 41").count(), 1, "{stderr}");
+}
+
+/// The writer takes no HDF5 file lock: a child process started while a `.h5ad` is written (by
+/// another test thread here, by any program embedding the library) inherits HDF5's descriptor,
+/// and with a lock on it would keep the published file locked until it exits, failing readers
+/// that ask for the lock (h5py's). A lock HDF5 held would make this `try_lock` fail.
+#[test]
+fn an_h5ad_being_written_holds_no_hdf5_lock_for_a_child_to_inherit() {
+    use cpa_stream::unstable::stages::h5ad::H5adWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out.h5ad");
+    let writer = H5adWriter::create(&dest, &var_table(10), &obs_schema(), 0, H5adCompression::Lzf, false).unwrap();
+    let temporary: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".out.h5ad.tmp-")))
+        .collect();
+    assert_eq!(temporary.len(), 1, "the file being written: {temporary:?}");
+    let file = std::fs::File::open(&temporary[0]).unwrap();
+    assert!(file.try_lock().is_ok(), "HDF5 holds a lock on {}", temporary[0].display());
+    drop(writer);
 }
 
 #[test]

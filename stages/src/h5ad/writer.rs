@@ -68,7 +68,15 @@ impl H5adWriter {
         let lock = crate::output::claim_output(dest, OutputKind::File, overwrite)?;
         let tmp = crate::output::temporary_sibling(dest)?;
         let created = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let file = File::create(super::hdf5_name(&tmp, &created)).map_err(Error::hdf5(&tmp, "creating"))?;
+        // Without HDF5's own file lock: HDF5 opens the file without O_CLOEXEC and locks that
+        // descriptor, so a child process started while the file is written (by a program that
+        // embeds this library) would inherit the lock and keep it, on the published file, until it
+        // exits, and a reader asking for the lock would fail. The temporary name and `lock` already
+        // keep every other writer out.
+        let file = File::with_options()
+            .with_fapl(|p| p.file_locking(false))
+            .create(super::hdf5_name(&tmp, &created))
+            .map_err(Error::hdf5(&tmp, "creating"))?;
         let path = tmp.clone();
         encoding(&path, &file, "anndata", "0.1.0")?;
         let n_vars = var.num_rows() as u64;
