@@ -97,8 +97,61 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         );
     }
     cli::print_report(&report.report)?;
+    let sink = report.report.holdup().filter(|stage| stage.name == "sink").map(|stage| stage.threads);
+    let f16 = args.values == Some(cpa_stream_stages::sink::Values::F16);
+    if let Some(hint) = faster_output_hint(sink, report.aggregated, report.parts, args.shard.is_some(), f16) {
+        outln!("{hint}");
+    }
     if let Some(memory) = report.device_memory {
         outln!("{memory}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What would write per-cell rows faster when writing them held the run up (`sink_held_up`:
+/// the sink stage was the run's holdup, on that many threads): the flags not given of those that
+/// lift the sink's rate (docs/benchmarks.md: parts on several threads 1.8-2.2x on a GPU host,
+/// float16 1.3-1.9x), and aggregates.
+fn faster_output_hint(
+    sink_held_up: Option<u64>,
+    aggregated: bool,
+    parts: bool,
+    shard: bool,
+    f16: bool,
+) -> Option<String> {
+    let threads = sink_held_up.filter(|_| !aggregated)?;
+    let mut ways = Vec::new();
+    let more = if threads < 2 { " --sink-threads 2" } else { "" };
+    if !parts && !shard {
+        ways.push(format!("--parts{more} (part files written side by side)"));
+    } else if parts && !more.is_empty() {
+        ways.push(format!("{} (a thread a part)", more.trim_start()));
+    }
+    if !f16 {
+        ways.push("--values f16 (half the bytes)".to_owned());
+    }
+    ways.push("--aggregate mean,var where per-cell rows are not needed".to_owned());
+    Some(format!("hint: writing the Parquet rows limited this run; faster: {}", ways.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::faster_output_hint;
+
+    #[test]
+    fn the_hint_names_the_faster_outputs_not_already_asked_for_when_the_sink_held_the_run_up() {
+        assert_eq!(faster_output_hint(None, false, false, false, false), None, "another stage or none");
+        assert_eq!(faster_output_hint(Some(1), true, false, false, false), None, "aggregates write a few rows");
+        let all = faster_output_hint(Some(1), false, false, false, false).unwrap_or_default();
+        assert!(all.contains("--parts --sink-threads 2") && all.contains("--values f16"), "{all}");
+        assert!(all.contains("--aggregate mean,var"), "{all}");
+        let threads = faster_output_hint(Some(8), false, false, false, false).unwrap_or_default();
+        assert!(threads.contains("--parts (") && !threads.contains("--sink-threads"), "{threads}");
+        let given = faster_output_hint(Some(4), false, true, false, true).unwrap_or_default();
+        assert!(!given.contains("--parts") && !given.contains("--values") && given.contains("--aggregate"), "{given}");
+        let one = faster_output_hint(Some(1), false, true, false, true).unwrap_or_default();
+        assert!(one.contains("--sink-threads 2 (a thread a part)") && !one.contains("--parts"), "{one}");
+        let sharded = faster_output_hint(Some(1), false, false, true, false).unwrap_or_default();
+        assert!(!sharded.contains("--parts"), "a shard cannot also be parts: {sharded}");
+    }
 }
