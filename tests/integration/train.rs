@@ -202,16 +202,10 @@ fn the_unseen_covariates_preset_trains_the_skip_resumes_exactly_and_predicts_anc
     train(&store, &split, &["--epochs", "2", "--resume"]);
     let config = CpaConfig::from_file(&straight.join("config.toml")).unwrap_or_else(|e| panic!("{e}"));
     assert!(config.model.perturbation_skip && config.training.mixup_alpha == 4.0, "{config:?}");
-    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    let weights = read(straight.join("checkpoint").join("weights.safetensors"));
+    let weights = read_file(&straight.join("checkpoint").join("weights.safetensors"));
     let named = |name: &str| weights.windows(name.len()).any(|w| w == name.as_bytes());
     assert!(named("ae.decoder.perturbation_skip"), "the checkpoint holds no skip weights");
-    for file in ["weights.safetensors", "optimizer.safetensors"] {
-        assert!(
-            read(straight.join("checkpoint").join(file)) == read(split.join("checkpoint").join(file)),
-            "{file} differs between the uninterrupted and the resumed run"
-        );
-    }
+    assert_resumed_exactly(&straight, &split, &["checkpoint/weights.safetensors", "checkpoint/optimizer.safetensors"]);
     let (s, m) = (store.to_str().unwrap_or_default(), straight.to_str().unwrap_or_default());
     let out = dir.path().join("anchored.parquet");
     let o = run(&[
@@ -248,10 +242,19 @@ fn resume_continues_exactly() {
     assert!(o.status.success(), "bare resume failed: {}", text(&o.stderr));
     let resumed: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resumed["epochs"].as_array().map(Vec::len), Some(3), "metrics of all epochs kept");
-    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    for file in ["weights.safetensors", "optimizer.safetensors"] {
+    assert_resumed_exactly(&straight, &split, &["checkpoint/weights.safetensors", "checkpoint/optimizer.safetensors"]);
+}
+
+fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The `files` of two run directories, one trained straight and one interrupted and resumed, are
+/// byte-identical.
+fn assert_resumed_exactly(straight: &Path, resumed: &Path, files: &[&str]) {
+    for file in files {
         assert!(
-            read(straight.join("checkpoint").join(file)) == read(split.join("checkpoint").join(file)),
+            read_file(&straight.join(file)) == read_file(&resumed.join(file)),
             "{file} differs between the uninterrupted and the resumed run"
         );
     }
@@ -342,13 +345,8 @@ fn an_interruption_within_an_epoch_checkpoints_and_resumes_exactly() {
         "epoch 1 took {} s, {seconds_before} s of them before the interruption",
         resumed.epochs[1].seconds
     );
-    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    for file in ["checkpoint/weights.safetensors", "checkpoint/optimizer.safetensors", "model/weights.safetensors"] {
-        assert!(
-            read(dir.path().join("straight").join(file)) == read(dir.path().join("split").join(file)),
-            "{file} differs between the uninterrupted and the resumed run"
-        );
-    }
+    let files = ["checkpoint/weights.safetensors", "checkpoint/optimizer.safetensors", "model/weights.safetensors"];
+    assert_resumed_exactly(&dir.path().join("straight"), &dir.path().join("split"), &files);
 }
 
 /// Imports the bundled .h5ad into `dir/pb.store`.
