@@ -525,8 +525,9 @@ class Run:
         progress: bool | None = None,
     ) -> pd.DataFrame:
         """Evaluates the model as ``cpa-stream evaluate`` does and returns the per-condition
-        metrics as a DataFrame (``attrs["summary"]``: the summary, ``attrs["report"]``: the whole
-        report): the CPA paper's R2 family with the control-mean baseline (``r2_mean_control``)
+        metrics as a DataFrame (``attrs["summary"]``: the summary, ``attrs["transfer"]``: whether
+        perturbations' effects carry over between covariate values in the training cells, or None;
+        ``attrs["report"]``: the whole report): the CPA paper's R2 family with the control-mean baseline (``r2_mean_control``)
         and the data's split-half ceiling (``ceiling_r2_mean``), and the field's metrics
         (``pearson_delta``, ``mse``/``mae`` and their ``_delta``, ``deg_overlap_at*``,
         ``deg_precision_at*``, ``discrimination_*``, ``beats_control``; docs/evaluation.md). ``split``: ``train``, ``valid``, ``test``, ``ood`` or ``all``. ``definitions="reference"``
@@ -551,6 +552,7 @@ class Run:
             report = json.loads(_openmp.compute("evaluate", _args.request(request), shown))
             frame = table_to_pandas(pq.read_table(target / "metrics.parquet"))
         frame.attrs["summary"] = report.get("summary", {})
+        frame.attrs["transfer"] = report.get("transfer")
         frame.attrs["report"] = report
         return frame
 

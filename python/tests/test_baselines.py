@@ -108,3 +108,51 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
     assert checked >= 2, metrics[["cell_type", "condition"]]
     summary = metrics.attrs["summary"]
     assert "additive_r2_mean" in summary and "beats_other_covariates" in summary and "beats_linear" in summary
+
+
+def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_hand(tmp_path):
+    """``attrs["transfer"]``: the Pearson correlation of two conditions' training shifts (training
+    cells minus the training controls of their cell type) in different cell types, averaged over
+    the pairs of the same perturbation and over those of different ones."""
+    ad = pytest.importorskip("anndata")
+    synth = cs.synth(tmp_path / "synth.store", cells=3000, genes=40, perturbations=4, doses=1, cell_types=3,
+                     combinations=0, seed=7, progress=False)
+    cs.export_h5ad(synth, tmp_path / "synth.h5ad")
+    adata = ad.read_h5ad(tmp_path / "synth.h5ad")
+    obs = adata.obs
+    cell_types = sorted(obs["cell_type"].unique())
+    split = np.where(np.random.default_rng(1).random(adata.n_obs) < 0.8, "train", "valid").astype(object)
+    # One perturbation has no training cells in one cell type: it has no shift there.
+    perturbations = sorted(c for c in obs["condition"].unique() if c != "control")
+    dropped = (obs["condition"] == perturbations[0]).to_numpy() & (obs["cell_type"] == cell_types[2]).to_numpy()
+    split[dropped] = "valid"
+    adata.obs["split"] = split
+    store = cs.import_h5ad(adata, tmp_path / "split.store", progress=False)
+    run = cs.train(store, tmp_path / "run", perturbation_key="condition", dosage_key="dose",
+                   categorical_covariate_keys=["cell_type"], split_key="split", max_epochs=1, seed=1, threads=1,
+                   progress=False)
+    transfer = run.evaluate(store, split="valid", threads=1).attrs["transfer"]
+
+    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    x = np.log1p(x.astype(np.float64))
+    condition, cell_type = obs["condition"].to_numpy(), obs["cell_type"].to_numpy()
+    train = split == "train"
+    shifts = {}
+    for p in perturbations:
+        for ct in cell_types:
+            treated = train & (condition == p) & (cell_type == ct)
+            if treated.any():
+                shifts[(p, ct)] = x[treated].mean(0) - x[train & (condition == "control") & (cell_type == ct)].mean(0)
+    same, other = [], []
+    keys = list(shifts)
+    for i, (p1, c1) in enumerate(keys):
+        for p2, c2 in keys[i + 1:]:
+            if c1 != c2:
+                (same if p1 == p2 else other).append(np.corrcoef(shifts[(p1, c1)], shifts[(p2, c2)])[0, 1])
+    assert len(same) == 3 * 3 + 1  # three perturbations in 3 cell types, one in 2
+    assert transfer["same_pairs"] == len(same) and transfer["other_pairs"] == len(other)
+    assert transfer["same_perturbation_r"] == pytest.approx(np.mean(same), abs=1e-9)
+    assert transfer["other_perturbations_r"] == pytest.approx(np.mean(other), abs=1e-9)
+    assert transfer["carries_over"] == (np.mean(same) - np.mean(other) >= 0.05)
+    # The synthetic atlas gives a perturbation one latent effect in every cell type.
+    assert transfer["carries_over"], transfer

@@ -57,6 +57,14 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         );
     }
     outln!("DEGs: {}", deg_sources(&report));
+    if let Some(t) = &report.transfer {
+        outln!("{}", transfer_line(t));
+    } else if report.conditions.iter().any(|c| c.baselines.other_covariates_r2_mean.is_finite()) {
+        outln!(
+            "Across covariate values: no perturbation was trained in two of them, so nothing in the training cells \
+             says whether an effect carries over to a value it was not trained in"
+        );
+    }
     outln!(
         "written: {}/metrics.parquet, summary.json, degs.parquet{}",
         args.out.display(),
@@ -64,6 +72,25 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     );
     cli::print_report(&report.report)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the training cells say of predicting a perturbation in a covariate value it was not
+/// trained in: whether its effect carries over between the values it was trained in.
+fn transfer_line(t: &cpa_stream_engine::evaluate::transfer::Transfer) -> String {
+    let measured = format!(
+        "Across covariate values (training cells): the same perturbation's changes correlate r = {:.2} ({} pairs), \
+         different perturbations' r = {:.2} ({} pairs)",
+        t.same_perturbation_r, t.same_pairs, t.other_perturbations_r, t.other_pairs
+    );
+    if t.carries_over {
+        format!("{measured}: effects carry over between covariate values")
+    } else {
+        format!(
+            "{measured}: a perturbation's effect does not carry over between covariate values in these data, so \
+             the change predicted for a value it was not trained in (the model's, or other_covariates') is a guess; \
+             the control mean is the baseline to beat there"
+        )
+    }
 }
 
 /// Where each condition's DEGs came from, counted: an evaluation always says which DEGs it used.

@@ -500,7 +500,8 @@ fn evaluation_equals_a_computation_by_hand() {
     let f = fixture();
     let eval = f.dir.join("eval-all");
     let o = evaluate(&eval, "all");
-    assert!(text(&o.stdout).contains("r2_mean"), "no table printed: {}", text(&o.stdout));
+    let printed = text(&o.stdout);
+    assert!(printed.contains("r2_mean"), "no table printed: {printed}");
     // The one-page overview, as SVG and PNG.
     let svg = std::fs::read_to_string(eval.join("overview.svg")).unwrap_or_default();
     assert!(svg.starts_with("<svg") && svg.contains("R2 of means per condition"), "overview.svg: {:.200}", svg);
@@ -658,6 +659,13 @@ fn evaluation_equals_a_computation_by_hand() {
         serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json")).unwrap_or_default())
             .unwrap_or_else(|e| panic!("summary.json: {e}"));
     assert_eq!(summary["conditions"].as_u64(), Some(ec.len() as u64));
+    // The synthetic atlas gives a perturbation one latent effect in every cell type (decoded
+    // nonlinearly): it carries over between the two cell types (python/tests/test_baselines.py
+    // checks the figures by hand).
+    let transfer = &summary["transfer"];
+    assert_eq!(transfer["carries_over"].as_bool(), Some(true), "{transfer}");
+    assert!(transfer["same_pairs"].as_u64().is_some_and(|n| n > 0), "{transfer}");
+    assert!(printed.contains("effects carry over between covariate values"), "{printed}");
     let plots = std::fs::read_dir(eval.join("plots")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(plots, ec.len(), "one plot per condition");
 }

@@ -26,6 +26,7 @@ mod ridge;
 pub mod samples;
 mod score;
 mod table;
+pub mod transfer;
 
 pub mod uncertainty;
 
@@ -456,6 +457,9 @@ pub struct EvaluateReport {
     pub conditions: Vec<ConditionMetrics>,
     /// Mean of each metric over the conditions where it is defined.
     pub summary: BTreeMap<String, f64>,
+    /// Whether perturbations' effects carry over between covariate values in the training cells
+    /// ([`transfer`]); `None` without a perturbation trained in two covariate values.
+    pub transfer: Option<transfer::Transfer>,
     /// Cells the store holds and the model cannot label (perturbations or covariate values it
     /// was not trained with): left out of every score, each label with its cells.
     pub dropped: Vec<(String, u64)>,
@@ -709,6 +713,7 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
     };
     let scoring = score::Scoring { ridge: scoring.fit_ridge(), ..scoring };
     let (mut results, deg_rows) = score_conditions(&scoring, &plan, &model, &groups, &predicted)?;
+    let transfer = scoring.transfer();
     if real_cap == 0 {
         tracing::warn!(
             "{} label groups x {} genes: too many for samples of {} cells within {} MiB; the energy distance and \
@@ -735,6 +740,7 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         }
         .to_owned(),
         summary: outputs::summarize(&results),
+        transfer,
         conditions: results,
         dropped,
         other_store,

@@ -249,6 +249,7 @@ fn write_summary(path: &Path, report: &EvaluateReport) -> Result<()> {
         "predicted": report.predicted,
         "conditions": report.conditions.len(),
         "mean": report.summary.iter().map(|(k, v)| (k.clone(), finite(*v))).collect::<serde_json::Map<_, _>>(),
+        "transfer": report.transfer,
         "per_condition": report.conditions,
     });
     let text =

@@ -242,6 +242,13 @@ impl Scoring<'_> {
         super::ridge::Ridge::fit(self.vocab, &changes, self.genes.len())
     }
 
+    /// Whether perturbations' effects carry over between covariate values ([`super::transfer`]),
+    /// over every perturbed condition's training cells.
+    pub(super) fn transfer(&self) -> Option<super::transfer::Transfer> {
+        let keys: Vec<&ConditionKey> = self.conditions.keys().collect();
+        super::transfer::measure(&keys, |k| self.training_shift(&k.covariates, &k.parts))
+    }
+
     /// The mean of the training cells of `key`'s condition (`None` without any).
     fn training_mean(&self, key: &ConditionKey) -> Option<Vec<f64>> {
         let groups = if key.is_control() {
