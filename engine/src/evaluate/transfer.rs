@@ -14,6 +14,8 @@
 //! shift of one covariate value alike. It raises the two averages equally, so the difference is
 //! what a perturbation carries over.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::condition::ConditionKey;
@@ -46,37 +48,60 @@ pub struct Transfer {
 /// skipped), `shift` giving a condition's training shift (`None` without training cells of it or
 /// of its covariates' controls). `None` when no perturbation has a shift in two covariate values.
 pub(super) fn measure(keys: &[&ConditionKey], shift: impl Fn(&ConditionKey) -> Option<Vec<f64>>) -> Option<Transfer> {
-    let shifted: Vec<&ConditionKey> =
-        keys.iter().copied().filter(|k| !k.is_control() && !k.covariates.is_empty() && shift(k).is_some()).collect();
-    let shifted = &shifted;
-    let pairs = |same: bool| {
-        shifted.iter().enumerate().flat_map(move |(i, a)| {
-            shifted[i + 1..]
-                .iter()
-                .filter(move |b| a.covariates != b.covariates && (a.parts == b.parts) == same)
-                .map(move |b| (*a, *b))
-        })
-    };
-    let same_pairs = pairs(true).count();
+    // The conditions with a shift, by perturbation and by covariate value. Pairs are enumerated
+    // within these groups, never over all pairs of conditions: an atlas of many perturbations in
+    // many cell types has too many of those.
+    let mut by_parts: BTreeMap<&[(u32, u32)], Vec<&ConditionKey>> = BTreeMap::new();
+    let mut by_covariates: BTreeMap<&[u32], Vec<&ConditionKey>> = BTreeMap::new();
+    for &k in keys {
+        if !k.is_control() && !k.covariates.is_empty() && shift(k).is_some() {
+            by_parts.entry(&k.parts).or_default().push(k);
+            by_covariates.entry(&k.covariates).or_default().push(k);
+        }
+    }
+    // Two conditions of one perturbation differ in their covariates (a key is both).
+    let same_pairs: usize = by_parts.values().map(|g| g.len() * g.len().saturating_sub(1) / 2).sum();
     if same_pairs == 0 {
         return None;
     }
-    let other_pairs = pairs(false).count();
-    let mean_r = |same: bool, count: usize| -> f64 {
-        let step = count.div_ceil(MAX_PAIRS).max(1);
-        let (mut sum, mut n) = (0.0, 0usize);
-        for (a, b) in pairs(same).step_by(step) {
-            let (Some(x), Some(y)) = (shift(a), shift(b)) else { continue };
-            let r = pearson(&x, &y);
-            if r.is_finite() {
-                sum += r;
-                n += 1;
+    let groups: Vec<&Vec<&ConditionKey>> = by_covariates.values().collect();
+    let across: usize =
+        groups.iter().enumerate().map(|(i, a)| groups[i + 1..].iter().map(|b| a.len() * b.len()).sum::<usize>()).sum();
+    let other_pairs = across - same_pairs;
+
+    let mut same = Mean::default();
+    let step = same_pairs.div_ceil(MAX_PAIRS).max(1);
+    let mut index = 0usize;
+    for group in by_parts.values() {
+        for (i, a) in group.iter().enumerate() {
+            for b in &group[i + 1..] {
+                if index % step == 0 {
+                    same.add(&shift, a, b);
+                }
+                index += 1;
             }
         }
-        if n == 0 { f64::NAN } else { sum / n as f64 }
-    };
-    let same_perturbation_r = mean_r(true, same_pairs);
-    let other_perturbations_r = mean_r(false, other_pairs);
+    }
+    // Different perturbations: every step-th pair of the pairs across two covariate values (in
+    // the order of the values, then of their conditions), skipping those of one perturbation.
+    let mut other = Mean::default();
+    let step = across.div_ceil(MAX_PAIRS).max(1);
+    let (mut next, mut start) = (0usize, 0usize);
+    for (i, a) in groups.iter().enumerate() {
+        for b in &groups[i + 1..] {
+            let size = a.len() * b.len();
+            while next < start + size {
+                let r = next - start;
+                let (x, y) = (a[r / b.len()], b[r % b.len()]);
+                if x.parts != y.parts {
+                    other.add(&shift, x, y);
+                }
+                next += step;
+            }
+            start += size;
+        }
+    }
+    let (same_perturbation_r, other_perturbations_r) = (same.value(), other.value());
     Some(Transfer {
         same_perturbation_r,
         same_pairs,
@@ -84,6 +109,28 @@ pub(super) fn measure(keys: &[&ConditionKey], shift: impl Fn(&ConditionKey) -> O
         other_pairs,
         carries_over: same_perturbation_r - other_perturbations_r >= CARRY_OVER_MARGIN,
     })
+}
+
+/// A running mean of the correlations of pairs of shifts (pairs without a finite one left out).
+#[derive(Default)]
+struct Mean {
+    sum: f64,
+    n: usize,
+}
+
+impl Mean {
+    fn add(&mut self, shift: &impl Fn(&ConditionKey) -> Option<Vec<f64>>, a: &ConditionKey, b: &ConditionKey) {
+        let (Some(x), Some(y)) = (shift(a), shift(b)) else { return };
+        let r = pearson(&x, &y);
+        if r.is_finite() {
+            self.sum += r;
+            self.n += 1;
+        }
+    }
+
+    fn value(&self) -> f64 {
+        if self.n == 0 { f64::NAN } else { self.sum / self.n as f64 }
+    }
 }
 
 #[cfg(test)]
@@ -173,5 +220,16 @@ mod tests {
         assert_eq!((t.same_pairs, t.other_pairs), (130, 130 * 129));
         assert!((t.same_perturbation_r - 1.0).abs() < 1e-12, "{t:?}");
         assert!(t.other_perturbations_r.abs() < 0.1, "{t:?}");
+    }
+
+    #[test]
+    fn an_atlas_of_many_perturbations_in_many_cell_types_is_counted_from_its_groups() {
+        // 3,000 perturbations in 20 cell types: 60,000 conditions, 1.8e9 pairs of them.
+        let keys: Vec<ConditionKey> = (0..20).flat_map(|c| (0..3000).map(move |p| key(c, p))).collect();
+        let refs: Vec<&ConditionKey> = keys.iter().collect();
+        let t = measure(&refs, |k| Some(noise(u64::from(k.parts[0].0), 8))).expect("pairs");
+        let same = 3000 * (20 * 19 / 2);
+        assert_eq!((t.same_pairs, t.other_pairs), (same, (20 * 19 / 2) * 3000 * 3000 - same));
+        assert!((t.same_perturbation_r - 1.0).abs() < 1e-12 && t.carries_over, "{t:?}");
     }
 }
