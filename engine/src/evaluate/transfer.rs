@@ -75,7 +75,7 @@ pub(super) fn measure(keys: &[&ConditionKey], shift: impl Fn(&ConditionKey) -> O
     for group in by_parts.values() {
         for (i, a) in group.iter().enumerate() {
             for b in &group[i + 1..] {
-                if index % step == 0 {
+                if index.is_multiple_of(step) {
                     same.add(&shift, a, b);
                 }
                 index += 1;
