@@ -14,7 +14,7 @@
 //! shift of one covariate value alike. It raises the two averages equally, so the difference is
 //! what a perturbation carries over.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -53,13 +53,14 @@ pub(super) fn measure(keys: &[&ConditionKey], shift: impl Fn(&ConditionKey) -> O
     // many cell types has too many of those.
     let mut by_parts: BTreeMap<&[(u32, u32)], Vec<&ConditionKey>> = BTreeMap::new();
     let mut by_covariates: BTreeMap<&[u32], Vec<&ConditionKey>> = BTreeMap::new();
-    for &k in keys {
+    let keys: BTreeSet<&ConditionKey> = keys.iter().copied().collect();
+    for k in keys {
         if !k.is_control() && !k.covariates.is_empty() && shift(k).is_some() {
             by_parts.entry(&k.parts).or_default().push(k);
             by_covariates.entry(&k.covariates).or_default().push(k);
         }
     }
-    // Two conditions of one perturbation differ in their covariates (a key is both).
+    // Two conditions of one perturbation differ in their covariates (the keys are distinct).
     let same_pairs: usize = by_parts.values().map(|g| g.len() * g.len().saturating_sub(1) / 2).sum();
     if same_pairs == 0 {
         return None;
@@ -67,7 +68,7 @@ pub(super) fn measure(keys: &[&ConditionKey], shift: impl Fn(&ConditionKey) -> O
     let groups: Vec<&Vec<&ConditionKey>> = by_covariates.values().collect();
     let across: usize =
         groups.iter().enumerate().map(|(i, a)| groups[i + 1..].iter().map(|b| a.len() * b.len()).sum::<usize>()).sum();
-    let other_pairs = across - same_pairs;
+    let other_pairs = across.saturating_sub(same_pairs);
 
     let mut same = Mean::default();
     let step = same_pairs.div_ceil(MAX_PAIRS).max(1);
@@ -220,6 +221,10 @@ mod tests {
         assert_eq!((t.same_pairs, t.other_pairs), (130, 130 * 129));
         assert!((t.same_perturbation_r - 1.0).abs() < 1e-12, "{t:?}");
         assert!(t.other_perturbations_r.abs() < 0.1, "{t:?}");
+        // In any order, and a key given twice counts once.
+        let mut keys: Vec<&ConditionKey> = shifts.keys().collect();
+        keys.extend(shifts.keys());
+        assert_eq!(measure(&keys, |k| shifts.get(k).cloned()), Some(t));
     }
 
     #[test]
