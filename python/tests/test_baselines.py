@@ -14,12 +14,22 @@ def r2(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 - float(((truth - pred) ** 2).sum()) / float(((truth - truth.mean()) ** 2).sum())
 
 
-def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand(tmp_path):
+def synthetic(tmp_path, **params):
+    """A synthetic atlas (``cs.synth`` with ``params``) as an AnnData, through an .h5ad."""
     ad = pytest.importorskip("anndata")
-    synth = cs.synth(tmp_path / "synth.store", cells=4000, genes=40, perturbations=3, doses=1, cell_types=2,
-                     combinations=1, seed=4, progress=False)
+    synth = cs.synth(tmp_path / "synth.store", genes=40, doses=1, progress=False, **params)
     cs.export_h5ad(synth, tmp_path / "synth.h5ad")
-    adata = ad.read_h5ad(tmp_path / "synth.h5ad")
+    return ad.read_h5ad(tmp_path / "synth.h5ad")
+
+
+def log1p_counts(adata) -> np.ndarray:
+    """log1p of the counts, dense, as ``evaluate`` takes means of them."""
+    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    return np.log1p(x.astype(np.float64))
+
+
+def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand(tmp_path):
+    adata = synthetic(tmp_path, cells=4000, perturbations=3, cell_types=2, combinations=1, seed=4)
     obs = adata.obs
     combination = sorted(c for c in obs["condition"].unique() if "+" in c)[0]
     single = combination.split("+")[0]
@@ -39,8 +49,7 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
                    progress=False)
     metrics = run.evaluate(store, split="ood", threads=1)
 
-    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    x = np.log1p(x.astype(np.float64))
+    x = log1p_counts(adata)
     condition, cell_type = obs["condition"].to_numpy(), obs["cell_type"].to_numpy()
 
     def mean(mask: np.ndarray) -> np.ndarray:
@@ -114,11 +123,7 @@ def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_h
     """``attrs["transfer"]``: the Pearson correlation of two conditions' training shifts (training
     cells minus the training controls of their cell type) in different cell types, averaged over
     the pairs of the same perturbation and over those of different ones."""
-    ad = pytest.importorskip("anndata")
-    synth = cs.synth(tmp_path / "synth.store", cells=3000, genes=40, perturbations=4, doses=1, cell_types=3,
-                     combinations=0, seed=7, progress=False)
-    cs.export_h5ad(synth, tmp_path / "synth.h5ad")
-    adata = ad.read_h5ad(tmp_path / "synth.h5ad")
+    adata = synthetic(tmp_path, cells=3000, perturbations=4, cell_types=3, combinations=0, seed=7)
     obs = adata.obs
     cell_types = sorted(obs["cell_type"].unique())
     split = np.where(np.random.default_rng(1).random(adata.n_obs) < 0.8, "train", "valid").astype(object)
@@ -133,8 +138,7 @@ def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_h
                    progress=False)
     transfer = run.evaluate(store, split="valid", threads=1).attrs["transfer"]
 
-    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    x = np.log1p(x.astype(np.float64))
+    x = log1p_counts(adata)
     condition, cell_type = obs["condition"].to_numpy(), obs["cell_type"].to_numpy()
     train = split == "train"
     shifts = {}
