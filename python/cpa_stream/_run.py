@@ -527,7 +527,8 @@ class Run:
         """Evaluates the model as ``cpa-stream evaluate`` does and returns the per-condition
         metrics as a DataFrame (``attrs["summary"]``: the summary, ``attrs["transfer"]``: whether
         perturbations' effects carry over between covariate values in the training cells, or None;
-        ``attrs["report"]``: the whole report): the CPA paper's R2 family with the control-mean baseline (``r2_mean_control``)
+        ``attrs["reproducibility"]``: how many conditions' changes reproduce between halves of
+        their cells, or None; ``attrs["report"]``: the whole report): the CPA paper's R2 family with the control-mean baseline (``r2_mean_control``)
         and the data's split-half ceiling (``ceiling_r2_mean``), and the field's metrics
         (``pearson_delta``, ``mse``/``mae`` and their ``_delta``, ``deg_overlap_at*``,
         ``deg_precision_at*``, ``discrimination_*``, ``beats_control``; docs/evaluation.md). ``split``: ``train``, ``valid``, ``test``, ``ood`` or ``all``. ``definitions="reference"``
@@ -553,6 +554,7 @@ class Run:
             frame = table_to_pandas(pq.read_table(target / "metrics.parquet"))
         frame.attrs["summary"] = report.get("summary", {})
         frame.attrs["transfer"] = report.get("transfer")
+        frame.attrs["reproducibility"] = report.get("reproducibility")
         frame.attrs["report"] = report
         return frame
 

@@ -136,7 +136,15 @@ def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_h
     run = cs.train(store, tmp_path / "run", perturbation_key="condition", dosage_key="dose",
                    categorical_covariate_keys=["cell_type"], split_key="split", max_epochs=1, seed=1, threads=1,
                    progress=False)
-    transfer = run.evaluate(store, split="valid", threads=1).attrs["transfer"]
+    metrics = run.evaluate(store, split="valid", threads=1)
+    transfer = metrics.attrs["transfer"]
+    # attrs["reproducibility"] counts the metrics' change_reproducibility (checked by hand in
+    # tests/integration/predict.rs): the synthetic atlas's changes are real.
+    r = metrics["change_reproducibility"].dropna()
+    counted = metrics.attrs["reproducibility"]
+    assert counted["conditions"] == len(r) > 0
+    assert counted["not_reproduced"] == int((r < counted["noise_r"]).sum()) < len(r) / 2
+    assert counted["median_r"] == pytest.approx(float(np.median(r)), abs=1e-12)
 
     x = log1p_counts(adata)
     condition, cell_type = obs["condition"].to_numpy(), obs["cell_type"].to_numpy()

@@ -57,8 +57,13 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         );
     }
     outln!("DEGs: {}", deg_sources(&report));
+    let reproducibility = report.reproducibility.filter(|r| r.not_reproduced > 0);
+    if let Some(r) = &reproducibility {
+        outln!("{}", reproducibility_line(r));
+    }
     if let Some(t) = &report.transfer {
-        outln!("{}", transfer_line(t));
+        let mostly_noise = reproducibility.is_some_and(|r| 2 * r.not_reproduced > r.conditions);
+        outln!("{}", transfer_line(t, mostly_noise));
     } else if report.conditions.iter().any(|c| c.baselines.other_covariates_r2_mean.is_finite()) {
         outln!(
             "Across covariate values: no perturbation was trained in two of them, so nothing in the training cells \
@@ -74,9 +79,21 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The conditions whose change the data do not measure, counted.
+fn reproducibility_line(r: &evaluate::Reproducibility) -> String {
+    format!(
+        "Changes the data do not measure: {} of {} conditions' changes from the control do not reproduce between \
+         two disjoint halves of their cells and controls (r < {:.2}; median r over the {}: {:.2}). At this many \
+         cells their change is noise, and no score of it, the model's or a baseline's, tells predictions apart \
+         (change_reproducibility in metrics.parquet)",
+        r.not_reproduced, r.conditions, r.noise_r, r.conditions, r.median_r
+    )
+}
+
 /// What the training cells say of predicting a perturbation in a covariate value it was not
 /// trained in: whether its effect carries over between the values it was trained in.
-fn transfer_line(t: &cpa_stream_engine::evaluate::transfer::Transfer) -> String {
+/// `mostly_noise`: most evaluated conditions' changes do not reproduce.
+fn transfer_line(t: &cpa_stream_engine::evaluate::transfer::Transfer, mostly_noise: bool) -> String {
     let measured = format!(
         "Across covariate values (training cells): the same perturbation's changes correlate r = {:.2} ({} pairs), \
          different perturbations' r = {:.2} ({} pairs)",
@@ -84,6 +101,12 @@ fn transfer_line(t: &cpa_stream_engine::evaluate::transfer::Transfer) -> String 
     );
     if t.carries_over {
         format!("{measured}: effects carry over between covariate values")
+    } else if mostly_noise {
+        format!(
+            "{measured}: nothing carries over between covariate values, and most changes do not reproduce even \
+             within one (above): these data hold too little effect to carry over, so the change predicted for a \
+             value a perturbation was not trained in is a guess; the control mean is the baseline to beat there"
+        )
     } else {
         format!(
             "{measured}: a perturbation's effect does not carry over between covariate values in these data, so \

@@ -442,15 +442,18 @@ fn mean_var(rows: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
     (mean, var)
 }
 
-/// The dense log1p rows of a condition's cells (with their store rows) and of the control cells
-/// of the same cell type, every split.
-fn log1p_rows(store: &Path, condition: &str, dose: &str, cell_type: &str) -> (Vec<Vec<f64>>, Vec<u64>, Vec<Vec<f64>>) {
+/// log1p of some cells' counts, one dense row per cell, and the cells' rows in the store.
+type Log1pCells = (Vec<Vec<f64>>, Vec<u64>);
+
+/// The dense log1p rows of a condition's cells and of the control cells of the same cell type,
+/// every split, each with their store rows.
+fn log1p_rows(store: &Path, condition: &str, dose: &str, cell_type: &str) -> (Log1pCells, Log1pCells) {
     let opened = Store::open(store).unwrap_or_else(|e| panic!("{e}"));
     let genes = opened.n_vars() as usize;
     let mut cursor = opened.cursor().unwrap_or_else(|e| panic!("{e}"));
     let (conds, doses, types) = obs(store);
     let key = canonical(condition, dose);
-    let (mut real, mut real_rows, mut control) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut real, mut real_rows, mut control, mut control_rows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 0..opened.n_obs() as usize {
         let is_real = canonical(&conds[r], &doses[r]) == key;
         if types[r] != cell_type || (!is_real && conds[r] != "control") {
@@ -466,9 +469,10 @@ fn log1p_rows(store: &Path, condition: &str, dose: &str, cell_type: &str) -> (Ve
             real_rows.push(r as u64);
         } else {
             control.push(dense);
+            control_rows.push(r as u64);
         }
     }
-    (real, real_rows, control)
+    ((real, real_rows), (control, control_rows))
 }
 
 fn metric(batches: &[RecordBatch], name: &str, row: usize) -> f64 {
@@ -529,6 +533,7 @@ fn evaluation_equals_a_computation_by_hand() {
         "discrimination_cosine",
         "beats_control",
         "ceiling_r2_mean",
+        "change_reproducibility",
         "n_significant",
         "deg_precision_at20",
         "uncertainty_cosine",
@@ -578,7 +583,7 @@ fn evaluation_equals_a_computation_by_hand() {
     let row = row.unwrap_or_else(|| panic!("no single-perturbation condition evaluated: {ec:?}"));
     let (condition, dose, cell_type) = (&ec[row], &ed[row], &et[row]);
 
-    let (real, real_rows, control) = log1p_rows(&f.store, condition, dose, cell_type);
+    let ((real, real_rows), (control, control_rows)) = log1p_rows(&f.store, condition, dose, cell_type);
     let genes = control[0].len();
     let preds = f.dir.join("hand.parquet");
     let source = format!("condition == control and cell_type == {cell_type}");
@@ -625,13 +630,21 @@ fn evaluation_equals_a_computation_by_hand() {
     let same_sign = top.iter().filter(|&&g| pd[g].signum() == rd[g].signum()).count() as f64 / top.len() as f64;
     let beats = if r2(&pred_mean, &real_mean) > r2(&ctrl_mean, &real_mean) { 1.0 } else { 0.0 };
     // The split-half ceiling: the library's fixed halves of the real cells, one predicting the other.
-    let (second, first): (Vec<_>, Vec<_>) =
-        real.iter().zip(&real_rows).partition(|(_, r)| cpa_stream::unstable::engine::evaluate::in_second_half(**r));
-    let half_mean = |h: &[(&Vec<f64>, &u64)]| mean_var(&h.iter().map(|(v, _)| (*v).clone()).collect::<Vec<_>>()).0;
-    assert!(first.len() >= 2 && second.len() >= 2, "halves {} and {}", first.len(), second.len());
-    let (first_mean, second_mean) = (half_mean(&first), half_mean(&second));
+    let halves = |cells: &[Vec<f64>], rows: &[u64]| -> (Vec<f64>, Vec<f64>) {
+        let (second, first): (Vec<_>, Vec<_>) =
+            cells.iter().zip(rows).partition(|(_, r)| cpa_stream::unstable::engine::evaluate::in_second_half(**r));
+        assert!(first.len() >= 2 && second.len() >= 2, "halves {} and {}", first.len(), second.len());
+        let mean = |h: &[(&Vec<f64>, &u64)]| mean_var(&h.iter().map(|(v, _)| (*v).clone()).collect::<Vec<_>>()).0;
+        (mean(&first), mean(&second))
+    };
+    let (first_mean, second_mean) = halves(&real, &real_rows);
     let ceiling = r2(&first_mean, &second_mean);
     let ceiling_delta = pearson(&delta(&first_mean), &delta(&second_mean));
+    // The change's reproducibility: each half of the condition's cells against its own half of
+    // the controls, no cell shared.
+    let (first_control, second_control) = halves(&control, &control_rows);
+    let change = |t: &[f64], c: &[f64]| -> Vec<f64> { t.iter().zip(c).map(|(a, b)| a - b).collect() };
+    let reproducibility = pearson(&change(&first_mean, &first_control), &change(&second_mean, &second_control));
     let hand = [
         ("pearson_delta", pearson(&pd, &rd)),
         ("pearson_delta_top20", pearson(&pick(&pd), &pick(&rd))),
@@ -641,6 +654,7 @@ fn evaluation_equals_a_computation_by_hand() {
         ("beats_control", beats),
         ("ceiling_r2_mean", ceiling),
         ("ceiling_pearson_delta", ceiling_delta),
+        ("change_reproducibility", reproducibility),
         ("r2_mean", r2(&pred_mean, &real_mean)),
         ("r2_var", r2(&pred_var, &real_var)),
         ("r2_delta", r2(&delta(&pred_mean), &delta(&real_mean))),
@@ -662,6 +676,10 @@ fn evaluation_equals_a_computation_by_hand() {
     // The synthetic atlas gives a perturbation one latent effect in every cell type (decoded
     // nonlinearly): it carries over between the two cell types (python/tests/test_baselines.py
     // checks the figures by hand).
+    // The synthetic atlas's effects are real: most changes reproduce, and the summary counts them.
+    let counted = &summary["reproducibility"];
+    let conditions = counted["conditions"].as_u64().unwrap_or(0);
+    assert!(conditions > 0 && counted["not_reproduced"].as_u64().is_some_and(|n| 2 * n < conditions), "{counted}");
     let transfer = &summary["transfer"];
     assert_eq!(transfer["carries_over"].as_bool(), Some(true), "{transfer}");
     assert!(transfer["same_pairs"].as_u64().is_some_and(|n| n > 0), "{transfer}");
@@ -689,7 +707,7 @@ fn the_reference_definitions_decode_every_control_and_rank_degs_by_mean_differen
     // Every control cell of the cell type, whatever its split, and the condition's DEGs ranked by
     // |mean of all its cells - mean of those controls| of log1p counts.
     let (condition, dose, cell_type) = (&ec[row], &ed[row], &et[row]);
-    let (real, _, control) = log1p_rows(&f.store, condition, dose, cell_type);
+    let ((real, _), (control, _)) = log1p_rows(&f.store, condition, dose, cell_type);
     let (real_mean, control_mean) = (mean_var(&real).0, mean_var(&control).0);
     let n_control = control.len() as u64;
     let count = batches[0].column_by_name("n_control").map(|c| c.as_primitive::<UInt64Type>().value(row));

@@ -397,8 +397,14 @@ pub struct FieldMetrics {
     /// The data's own ceiling: one random half of the condition's evaluated cells as the
     /// prediction of the other half, `r2_mean` (NaN with fewer than 2 cells in a half).
     pub ceiling_r2_mean: f64,
-    /// The same for `pearson_delta`.
+    /// The same for `pearson_delta`. Both halves' changes are taken from the same control mean,
+    /// as the model's is, so the control mean's noise counts as agreement.
     pub ceiling_pearson_delta: f64,
+    /// Whether the data measure the condition's change at all: Pearson over genes of its change
+    /// in one half of its cells from one half of its covariates' controls against the change in
+    /// the other halves (no cell shared). Under [`NOISE_REPRODUCIBILITY`] the change is noise at
+    /// this many cells, and no score of it tells predictions apart.
+    pub change_reproducibility: f64,
     /// PerturBench's `cosine` of the `logfc` pseudobulks ([`field::perturbench_logfc`]).
     pub cosine_logfc: f64,
     /// PerturBench's `rmse` of the `average` pseudobulks.
@@ -411,6 +417,47 @@ pub struct FieldMetrics {
 
 /// The DEG list lengths of the overlap metrics.
 pub const DEG_OVERLAP_K: [usize; 3] = [20, 50, 100];
+
+/// A condition's change reproduces between disjoint halves of its cells and controls with at
+/// least this Pearson r when the data measure it ([`FieldMetrics::change_reproducibility`]):
+/// real effects score far above (all the cells of the bundled data's K562 CRISPRa conditions:
+/// median 0.93 for pairs, 0.53 for singles; the demo's synthetic atlas: 0.92), noise scatters
+/// around 0.
+pub const NOISE_REPRODUCIBILITY: f64 = 0.1;
+
+/// How many evaluated conditions have a change the data measure ([`NOISE_REPRODUCIBILITY`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Reproducibility {
+    /// Conditions whose reproducibility is defined (2 cells or more in each half).
+    pub conditions: usize,
+    /// Of those, the ones under [`NOISE_REPRODUCIBILITY`]: their change is noise at this many
+    /// cells.
+    pub not_reproduced: usize,
+    /// The median reproducibility over them.
+    pub median_r: f64,
+    /// The threshold, [`NOISE_REPRODUCIBILITY`].
+    pub noise_r: f64,
+}
+
+impl Reproducibility {
+    /// Over the conditions' reproducibilities `values` (NaN: not defined); `None` where none is
+    /// defined.
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Reproducibility> {
+        let mut r: Vec<f64> = values.into_iter().filter(|r| r.is_finite()).collect();
+        if r.is_empty() {
+            return None;
+        }
+        r.sort_by(f64::total_cmp);
+        let mid = r.len() / 2;
+        let median_r = if r.len() % 2 == 1 { r[mid] } else { (r[mid - 1] + r[mid]) / 2.0 };
+        Some(Reproducibility {
+            conditions: r.len(),
+            not_reproduced: r.iter().filter(|&&v| v < NOISE_REPRODUCIBILITY).count(),
+            median_r,
+            noise_r: NOISE_REPRODUCIBILITY,
+        })
+    }
+}
 
 /// A condition's changes from the control pseudobulk, kept until every condition is scored.
 #[derive(Debug, Clone, Default)]
@@ -460,6 +507,9 @@ pub struct EvaluateReport {
     /// Whether perturbations' effects carry over between covariate values in the training cells
     /// ([`transfer`]); `None` without a perturbation trained in two covariate values.
     pub transfer: Option<transfer::Transfer>,
+    /// How many conditions' changes reproduce between halves of their cells; `None` where no
+    /// condition has 2 cells in each half.
+    pub reproducibility: Option<Reproducibility>,
     /// Cells the store holds and the model cannot label (perturbations or covariate values it
     /// was not trained with): left out of every score, each label with its cells.
     pub dropped: Vec<(String, u64)>,
@@ -741,6 +791,7 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         .to_owned(),
         summary: outputs::summarize(&results),
         transfer,
+        reproducibility: Reproducibility::of(results.iter().map(|c| c.field.change_reproducibility)),
         conditions: results,
         dropped,
         other_store,
@@ -817,5 +868,20 @@ fn discriminate(results: &mut [ConditionMetrics]) {
         c.field.discrimination = field::Distance::ALL.iter().zip(&ranks).map(|(d, r)| (d.name(), r[i])).collect();
         c.field.rank_cosine_logfc = rank_cosine_logfc[i];
         c.field.rank_rmse = rank_rmse[i];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reproducibility_counts_the_changes_under_the_noise_level_and_takes_the_median() {
+        let r = Reproducibility::of([0.8, f64::NAN, 0.02, -0.1, 0.5]).unwrap_or_else(|| panic!("defined"));
+        assert_eq!((r.conditions, r.not_reproduced), (4, 2));
+        assert!((r.median_r - 0.26).abs() < 1e-12, "{}", r.median_r);
+        let odd = Reproducibility::of([0.3, 0.05, 0.9]).unwrap_or_else(|| panic!("defined"));
+        assert_eq!((odd.conditions, odd.not_reproduced, odd.median_r), (3, 1, 0.3));
+        assert_eq!(Reproducibility::of([f64::NAN]), None);
     }
 }

@@ -16,7 +16,8 @@ use crate::Stage;
 const CHUNK_CELLS: u64 = 4096;
 
 /// Per-(group, split) moments of every gene, and per group those of one half of its evaluated
-/// cells (the split-half ceiling: the other half is the rest).
+/// cells (a control group's: of all its cells), for the split-half ceiling and the change's
+/// reproducibility: the other half is the rest.
 pub(super) struct GroupMoments {
     pub(super) genes: usize,
     moments: Vec<Moments>,
@@ -60,7 +61,8 @@ impl GroupMoments {
         out
     }
 
-    /// Moments of the second half ([`in_second_half`]) of the evaluated cells of `groups`.
+    /// Moments of the second half ([`in_second_half`]) of the evaluated cells of `groups` (of
+    /// every cell of a control group).
     pub(super) fn second_half(&self, groups: &[usize]) -> Moments {
         let mut out = Moments::new(self.genes);
         for &g in groups {
@@ -71,8 +73,8 @@ impl GroupMoments {
 
     /// One pass over `store`: moments of `log1p(x)` (count models) or `x` per group and split,
     /// and per group of the second half of the cells whose split `evaluated` accepts; a sample of
-    /// at most `sample_cap` of those cells per group (of every cell for the groups `is_control`
-    /// marks).
+    /// at most `sample_cap` of those cells per group. For the groups `is_control` marks, both
+    /// take every cell, whatever its split.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn read(
         store: &Store,
@@ -99,12 +101,11 @@ impl GroupMoments {
                 let (group, split) = (labels.group_id(cell) as usize, labels.split(cell));
                 let (idx, val) = batch.row(i);
                 moments[Self::slot(group, split)].add_sparse(idx, val, count_model);
-                if evaluated(split) && in_second_half(cell) {
+                let taken = evaluated(split) || is_control.get(group).copied().unwrap_or(false);
+                if taken && in_second_half(cell) {
                     half[group].add_sparse(idx, val, count_model);
                 }
-                if (evaluated(split) || is_control.get(group).copied().unwrap_or(false))
-                    && let Some(slot) = samples.offer(group, &mut rng)
-                {
+                if taken && let Some(slot) = samples.offer(group, &mut rng) {
                     samples
                         .put_sparse(group, slot, idx, val, |v| if count_model { v.ln_1p() } else { v })
                         .map_err(Error::io(std::env::temp_dir()))?;

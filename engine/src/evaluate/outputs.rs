@@ -95,6 +95,7 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("rank_rmse".to_owned(), f.rank_rmse));
     out.push(("ceiling_r2_mean".to_owned(), f.ceiling_r2_mean));
     out.push(("ceiling_pearson_delta".to_owned(), f.ceiling_pearson_delta));
+    out.push(("change_reproducibility".to_owned(), f.change_reproducibility));
     out.push(("uncertainty_cosine".to_owned(), c.uncertainty_cosine));
     out.push(("uncertainty_euclidean".to_owned(), c.uncertainty_euclidean));
     let m = &c.samples;
@@ -250,6 +251,7 @@ fn write_summary(path: &Path, report: &EvaluateReport) -> Result<()> {
         "conditions": report.conditions.len(),
         "mean": report.summary.iter().map(|(k, v)| (k.clone(), finite(*v))).collect::<serde_json::Map<_, _>>(),
         "transfer": report.transfer,
+        "reproducibility": report.reproducibility,
         "per_condition": report.conditions,
     });
     let text =

@@ -62,6 +62,16 @@ fn r2_on(pred: &[f64], truth: &[f64], idx: Option<&[usize]>) -> f64 {
     }
 }
 
+/// The means of the cells of `all` outside `second` and of `second` (a subset of them); `None`
+/// with fewer than 2 cells in either.
+fn halves(all: &Moments, second: &Moments) -> Option<(Vec<f64>, Vec<f64>)> {
+    let first_n = all.n - second.n;
+    if first_n < 2.0 || second.n < 2.0 {
+        return None;
+    }
+    Some((all.sum.iter().zip(&second.sum).map(|(a, b)| (a - b) / first_n).collect(), second.mean()))
+}
+
 fn nan_unless(ok: bool, v: f64) -> f64 {
     if ok { v } else { f64::NAN }
 }
@@ -131,6 +141,7 @@ impl Scoring<'_> {
         let mut field = self.field(&ranked, has_real, (&pred_mean, &real_mean), (&pd, &rd));
         let predicted_order = top_by_abs(&pd, pd.len());
         (field.ceiling_r2_mean, field.ceiling_pearson_delta) = self.ceiling(key, real, &ctrl_mean);
+        field.change_reproducibility = self.reproducibility(key, real);
         field.n_significant = significant.as_ref().map_or(f64::NAN, |s| s.len() as f64);
         field.deg_precision = DEG_OVERLAP_K
             .iter()
@@ -225,6 +236,7 @@ impl Scoring<'_> {
             deg_precision: Vec::new(),
             ceiling_r2_mean: f64::NAN,
             ceiling_pearson_delta: f64::NAN,
+            change_reproducibility: f64::NAN,
             cosine_logfc: f64::NAN,
             rmse: f64::NAN,
             rank_cosine_logfc: f64::NAN,
@@ -337,15 +349,31 @@ impl Scoring<'_> {
     /// (`real` is all of them) against the other's, as `r2_mean` and `pearson_delta` score the
     /// model; NaN with fewer than 2 cells in a half.
     fn ceiling(&self, key: &ConditionKey, real: &Moments, ctrl_mean: &[f64]) -> (f64, f64) {
-        let second = self.moments.second_half(&self.conditions[key].groups);
-        let first_n = real.n - second.n;
-        if first_n < 2.0 || second.n < 2.0 {
+        let Some((first, second)) = halves(real, &self.moments.second_half(&self.conditions[key].groups)) else {
             return (f64::NAN, f64::NAN);
-        }
-        let first: Vec<f64> = real.sum.iter().zip(&second.sum).map(|(a, b)| (a - b) / first_n).collect();
-        let second = second.mean();
+        };
         let delta = |m: &[f64]| -> Vec<f64> { m.iter().zip(ctrl_mean).map(|(a, b)| a - b).collect() };
         (r2_score(&first, &second), pearson(&delta(&first), &delta(&second)))
+    }
+
+    /// Whether the data measure a condition's change at all: Pearson over genes of its change in
+    /// one half of its evaluated cells (`real` is all of them) from one half of its covariates'
+    /// control cells (of every split) against the change in the other halves. Unlike the
+    /// ceiling's, the two changes share no control cell, so the noise of the control mean does
+    /// not make them agree; near 0 the change is noise at this many cells. NaN with fewer than 2
+    /// cells in a half.
+    fn reproducibility(&self, key: &ConditionKey, real: &Moments) -> f64 {
+        let Some(control_groups) = self.control_groups.get(&key.covariates) else {
+            return f64::NAN;
+        };
+        let controls = self.moments.of_groups(control_groups, |_| true);
+        let treated = halves(real, &self.moments.second_half(&self.conditions[key].groups));
+        let control = halves(&controls, &self.moments.second_half(control_groups));
+        let (Some((t1, t2)), Some((c1, c2))) = (treated, control) else {
+            return f64::NAN;
+        };
+        let change = |t: &[f64], c: &[f64]| -> Vec<f64> { t.iter().zip(c).map(|(a, b)| a - b).collect() };
+        pearson(&change(&t1, &c1), &change(&t2, &c2))
     }
 
     /// A condition's genes ranked by differential expression, where the ranking came from, and
