@@ -53,6 +53,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "peer", "cpa-tools"))
 SPLIT = "fidelity_split"
 N_TOP_DEG = 20
+# `evaluate`'s threshold: a change reproducing under this is noise (engine NOISE_REPRODUCIBILITY).
+NOISE_REPRODUCIBILITY = 0.1
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -354,6 +356,41 @@ def train_shift(values, train, ctrl, condition, cov, p, c):
     if not treated.any() or not controls.any():
         return None
     return values[treated].mean(0) - values[controls].mean(0)
+
+
+def change_reproducibility(directory, meta, halvings=20):
+    """Per test group: the Pearson correlation over genes of its change in one half of its test
+    cells from one half of its covariates' control cells (every split) with its change in the
+    other halves, the mean over `halvings` random halvings (a fixed generator): `evaluate`'s
+    change_reproducibility, which takes one fixed halving. Near 0 the group's change is noise at
+    this many cells, and no score of it tells predictions apart."""
+    import anndata
+    import numpy as np
+
+    adata = anndata.read_h5ad(os.path.join(directory, "data.h5ad"))
+    obs = adata.obs
+    values = log_values(adata.X, meta["counts"])
+    group, cov = group_keys(obs, meta), covariate_keys(obs, meta)
+    ctrl = obs[meta["perturbation_key"]].astype(str).values == meta["control"]
+    test = obs[SPLIT].astype(str).values == "test"
+    rng = np.random.default_rng(0)
+    out = {}
+    for g in np.unique(group[test & ~ctrl]):
+        cells = np.where(test & (group == g))[0]
+        controls = np.where(ctrl & (cov == cov[cells[0]]))[0]
+        if len(cells) < 4 or len(controls) < 4:
+            continue
+        rs = []
+        for _ in range(halvings):
+            c, k = rng.permutation(cells), rng.permutation(controls)
+            (c1, c2), (k1, k2) = np.array_split(c, 2), np.array_split(k, 2)
+            first = values[c1].mean(0) - values[k1].mean(0)
+            second = values[c2].mean(0) - values[k2].mean(0)
+            if first.std() > 0 and second.std() > 0:
+                rs.append(np.corrcoef(first, second)[0, 1])
+        if rs:
+            out[g] = float(np.mean(rs))
+    return out
 
 
 def score(directory, predictions, seed):
@@ -1024,6 +1061,7 @@ def table(a):
             lines.append(f"| {epochs} | control mean, held-out conditions only | | "
                          + " | ".join(cell([r["held_out_mean"][k] for r in base]) for k in ("ctrl_all", "ctrl_deg", "ctrl_change"))
                          + " | | | | |")
+    lines += reproducibility_lines(a.dir, meta, results[0]["groups"])
     lines += paired_lines(by)
     loads = [x for r in results for x in r["loadavg"]]
     lines += ["", f"Load average during the runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs."]
@@ -1052,6 +1090,29 @@ def table(a):
     with open(os.path.join(a.dir, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)
+
+
+def reproducibility_lines(directory, meta, groups):
+    """The table's line on whether the scored groups' changes are measured at all
+    ([`change_reproducibility`]), for all of them and for the held-out ones."""
+    import numpy as np
+
+    rs = change_reproducibility(directory, meta)
+
+    def describe(names):
+        r = [rs[n] for n in names if n in rs]
+        if not r:
+            return "none with 2 cells in each half"
+        return f"median r {np.median(r):.2f}, {sum(x < NOISE_REPRODUCIBILITY for x in r)} of {len(r)} under {NOISE_REPRODUCIBILITY}"
+
+    scored = [g["group"] for g in groups]
+    held = [g["group"] for g in groups if g["held_out"]]
+    line = (f"Do the scored groups' changes reproduce between disjoint halves of their cells and controls "
+            f"(`evaluate`'s change_reproducibility, mean of 20 halvings; near 0: noise, and no score of the "
+            f"change tells predictions apart)? All: {describe(scored)}")
+    if held:
+        line += f"; held-out: {describe(held)}"
+    return ["", line + "."]
 
 
 PROTOCOL_METRICS = (("cf_all", "cf all"), ("cf_deg", "cf top-20 DEG"), ("cf_change", "cf change"))
