@@ -366,3 +366,30 @@ def test_slopes_score_the_anchored_prediction_and_the_shift_baseline_as_the_scor
     real = (t - cmean)[deg]
     assert got[g]["model_slope"] == pytest.approx(((model - cmean)[deg] @ real) / (real @ real), abs=1e-4)
     assert got[g]["model_deg"] == pytest.approx(fidelity.r2(t[deg], model[deg]), abs=1e-4)
+
+
+def test_change_reproducibility_separates_a_real_change_from_noise(fidelity, tmp_path):
+    """``change_reproducibility``: a group whose cells differ from the controls on 100 genes
+    reproduces its change between disjoint halves; a group drawn like the controls does not, and
+    a group without 2 cells in each half is left out."""
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    genes, base = 300, rng.uniform(1, 20, 300)
+    moved = base.copy()
+    moved[:100] *= rng.choice([0.25, 4.0], 100)
+    sizes = {"control": 120, "moved": 60, "same": 60, "few": 3}
+    rows = [rng.poisson(moved if name == "moved" else base, (n, genes)) for name, n in sizes.items()]
+    obs = pd.DataFrame({"condition": np.repeat(list(sizes), list(sizes.values())), "cell_type": "A", "dose": "1.0"})
+    obs["fidelity_split"] = np.where(obs["condition"] == "control", "train", "test")
+    obs.index = obs.index.astype(str)
+    directory = tmp_path / "d"
+    directory.mkdir()
+    ad.AnnData(np.vstack(rows).astype(np.float32), obs=obs).write_h5ad(directory / "data.h5ad")
+    meta = {"perturbation_key": "condition", "dose_key": "dose", "control": "control", "covariates": ["cell_type"],
+            "counts": True}
+    rs = fidelity.change_reproducibility(str(directory), meta)
+    assert set(rs) == {"A|moved|1.0", "A|same|1.0"}
+    assert rs["A|moved|1.0"] > 0.9, rs
+    assert abs(rs["A|same|1.0"]) < fidelity.NOISE_REPRODUCIBILITY, rs
