@@ -168,3 +168,28 @@ def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_h
     assert transfer["carries_over"] == (np.mean(same) - np.mean(other) >= 0.05)
     # The synthetic atlas gives a perturbation one latent effect in every cell type.
     assert transfer["carries_over"], transfer
+
+
+def test_a_perturbation_that_changes_nothing_does_not_reproduce_a_change(tmp_path):
+    """``change_reproducibility`` end to end: control cells relabelled as a perturbation that
+    changes nothing reproduce no change between halves of their cells and of the controls; the
+    atlas's perturbations do, and ``attrs["reproducibility"]`` counts the one that does not."""
+    ad = pytest.importorskip("anndata")
+    synth = cs.synth(tmp_path / "synth.store", genes=200, doses=1, cells=4000, perturbations=2, cell_types=1,
+                     combinations=0, seed=5, progress=False)
+    cs.export_h5ad(synth, tmp_path / "synth.h5ad")
+    adata = ad.read_h5ad(tmp_path / "synth.h5ad")
+    condition = adata.obs["condition"].astype(str).to_numpy().copy()
+    controls = np.flatnonzero(condition == "control")
+    condition[np.random.default_rng(2).choice(controls, size=len(controls) // 2, replace=False)] = "NOOP"
+    adata.obs["condition"] = condition
+    store = cs.import_h5ad(adata, tmp_path / "noop.store", progress=False)
+    run = cs.train(store, tmp_path / "run", perturbation_key="condition", dosage_key="dose",
+                   categorical_covariate_keys=["cell_type"], max_epochs=1, seed=1, threads=1, progress=False)
+    metrics = run.evaluate(store, split="all", threads=1)
+    r = metrics.set_index("condition")["change_reproducibility"]
+    assert set(r.index) == {"NOOP", "PERT01", "PERT02"}
+    assert abs(r["NOOP"]) < 0.1, r
+    assert (r.drop("NOOP") > 0.5).all(), r
+    counted = metrics.attrs["reproducibility"]
+    assert (counted["conditions"], counted["not_reproduced"]) == (3, 1)

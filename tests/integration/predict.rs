@@ -676,6 +676,14 @@ fn evaluation_equals_a_computation_by_hand() {
     // The synthetic atlas gives a perturbation one latent effect in every cell type (decoded
     // nonlinearly): it carries over between the two cell types (python/tests/test_baselines.py
     // checks the figures by hand).
+    // `~` marks the conditions whose change does not reproduce, and a line says what it means.
+    let reproducibility =
+        batches[0].column_by_name("change_reproducibility").map(|c| c.as_primitive::<Float64Type>().clone());
+    let reproducibility = reproducibility.unwrap_or_else(|| panic!("no change_reproducibility"));
+    let unmeasured = (0..ec.len()).filter(|&i| !reproducibility.is_null(i) && reproducibility.value(i) < 0.1).count();
+    let marked = printed.lines().filter(|l| l.ends_with(" ~")).count();
+    assert_eq!(marked, unmeasured, "{printed}");
+    assert_eq!(printed.contains("`~` marks the conditions"), unmeasured > 0, "{printed}");
     // The synthetic atlas's effects are real: most changes reproduce, and the summary counts them.
     let counted = &summary["reproducibility"];
     let conditions = counted["conditions"].as_u64().unwrap_or(0);

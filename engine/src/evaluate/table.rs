@@ -1,7 +1,7 @@
 //! The table `cpa-stream evaluate` prints: one line per condition and the means. The default set
 //! is short (R2 of means against the control-mean baseline and the data's split-half ceiling, on
 //! all genes and the top 20 DEGs, the change's Pearson, the L1 discrimination rank and whether the
-//! model beats the baseline); `all`
+//! model beats the baseline, and whether the data measure its change at all); `all`
 //! adds the variances, the change's R2, the rest of the field's metrics, the energy distance (with
 //! the control cells' as its baseline), the Wilcoxon DE recall and precision and the uncertainty.
 //! Every metric is in
@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use super::{ConditionMetrics, EvaluateReport};
+use super::{ConditionMetrics, EvaluateReport, NOISE_REPRODUCIBILITY};
 
 pub use cpa_stream_pipeline::model_options::MetricSet;
 
@@ -73,6 +73,7 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
                 summary: "other_covariates_r2_mean",
             },
             Column { header: "lin_bl20", value: |c| c.baselines.linear_r2_mean_top20, summary: "linear_r2_mean_top20" },
+            Column { header: "repro", value: |c| c.field.change_reproducibility, summary: "change_reproducibility" },
         ]);
     }
     if truth {
@@ -86,7 +87,8 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
 }
 
 /// The printed table: one line per condition, `<` after the conditions where the model does not
-/// beat the control mean, and the means.
+/// beat the control mean and `~` after those whose change the data do not measure
+/// ([`NOISE_REPRODUCIBILITY`]), and the means.
 pub fn render_table(report: &EvaluateReport, set: MetricSet) -> String {
     let truth = report.conditions.iter().any(|c| c.truth.is_some());
     let columns = columns(set, truth);
@@ -112,7 +114,13 @@ pub fn render_table(report: &EvaluateReport, set: MetricSet) -> String {
         for column in &columns {
             out.push_str(&f((column.value)(c)));
         }
-        out.push_str(if c.field.beats_control == 0.0 { " <\n" } else { "\n" });
+        if c.field.beats_control == 0.0 {
+            out.push_str(" <");
+        }
+        if c.field.change_reproducibility < NOISE_REPRODUCIBILITY {
+            out.push_str(" ~");
+        }
+        out.push('\n');
     }
     let m = |k: &str| report.summary.get(k).copied().unwrap_or(f64::NAN);
     let _ = write!(out, "{:<28} {:<16} {:>6} {:>6}", "mean", "", "", "");
@@ -125,6 +133,13 @@ pub fn render_table(report: &EvaluateReport, set: MetricSet) -> String {
             out,
             "the model beats the control mean (r2_mean > ctrl_bl) on {:.0}% of the conditions; `<` marks the others",
             100.0 * m("beats_control")
+        );
+    }
+    if report.conditions.iter().any(|c| c.field.change_reproducibility < NOISE_REPRODUCIBILITY) {
+        let _ = writeln!(
+            out,
+            "`~` marks the conditions whose change does not reproduce between halves of their cells \
+             (change_reproducibility < {NOISE_REPRODUCIBILITY}): its scores measure noise"
         );
     }
     out
