@@ -94,10 +94,15 @@ fn reproducibility_line(r: &evaluate::Reproducibility) -> String {
 /// trained in: whether its effect carries over between the values it was trained in.
 /// `mostly_noise`: most evaluated conditions' changes do not reproduce.
 fn transfer_line(t: &cpa_stream_engine::evaluate::transfer::Transfer, mostly_noise: bool) -> String {
+    let reference = if t.other_pairs > 0 && t.other_perturbations_r.is_finite() {
+        format!("different perturbations' r = {:.2} ({} pairs)", t.other_perturbations_r, t.other_pairs)
+    } else {
+        "no pair of different perturbations (compared with 0)".to_owned()
+    };
     let measured = format!(
         "Across covariate values (training cells): the same perturbation's changes correlate r = {:.2} ({} pairs), \
-         different perturbations' r = {:.2} ({} pairs)",
-        t.same_perturbation_r, t.same_pairs, t.other_perturbations_r, t.other_pairs
+         {reference}",
+        t.same_perturbation_r, t.same_pairs
     );
     if t.carries_over {
         format!("{measured}: effects carry over between covariate values")

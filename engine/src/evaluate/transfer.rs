@@ -10,9 +10,12 @@
 //! perturbation's, and neither a model nor the other-covariates baseline can predict that change;
 //! the control mean is the baseline to beat there.
 //!
-//! Both averages share one correlated term: the controls' own sampling noise, which enters every
-//! shift of one covariate value alike. It raises the two averages equally, so the difference is
-//! what a perturbation carries over.
+//! The two shifts of a pair come from different covariate values, so no control cell enters both.
+//! A change common to every perturbation in every covariate value (a generic response to being
+//! perturbed, or a batch between the control and the treated cells) raises the two averages
+//! equally, so the difference is what a perturbation carries over. With a single perturbation (the classic unseen-cell-type
+//! data: one stimulation in several cell types) there is no pair of different perturbations; the
+//! reference is then 0, what unrelated changes correlate on average.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -40,7 +43,8 @@ pub struct Transfer {
     pub other_perturbations_r: f64,
     /// The pairs of different perturbations in different covariate values (all, before sampling).
     pub other_pairs: usize,
-    /// Whether `same_perturbation_r` exceeds `other_perturbations_r` by [`CARRY_OVER_MARGIN`].
+    /// Whether `same_perturbation_r` exceeds `other_perturbations_r` (0 without a pair of
+    /// different perturbations) by [`CARRY_OVER_MARGIN`].
     pub carries_over: bool,
 }
 
@@ -103,12 +107,13 @@ pub(super) fn measure(keys: &[&ConditionKey], shift: impl Fn(&ConditionKey) -> O
         }
     }
     let (same_perturbation_r, other_perturbations_r) = (same.value(), other.value());
+    let reference = if other_perturbations_r.is_finite() { other_perturbations_r } else { 0.0 };
     Some(Transfer {
         same_perturbation_r,
         same_pairs,
         other_perturbations_r,
         other_pairs,
-        carries_over: same_perturbation_r - other_perturbations_r >= CARRY_OVER_MARGIN,
+        carries_over: same_perturbation_r - reference >= CARRY_OVER_MARGIN,
     })
 }
 
@@ -141,7 +146,6 @@ mod tests {
     use super::*;
     use crate::model::vocab::CONTROL_ID;
 
-    /// Perturbation `perturbation` (0-based; id 0 is the control) in covariate value `covariate`.
     /// Perturbation `perturbation` (0-based) in covariate value `covariate`; vocabulary ids start
     /// after the padding and the control.
     fn key(covariate: u32, perturbation: u32) -> ConditionKey {
@@ -191,6 +195,26 @@ mod tests {
         let t = measured(&unrelated).expect("pairs");
         assert!(t.same_perturbation_r.abs() < 0.1 && t.other_perturbations_r.abs() < 0.1, "{t:?}");
         assert!(!t.carries_over);
+    }
+
+    #[test]
+    fn one_perturbation_in_several_cell_types_is_measured_against_zero() {
+        // One stimulation in four cell types (no pair of different perturbations): its shared
+        // effect carries over, its unrelated effects do not.
+        let genes = 400;
+        let one = |shared: f64| -> HashMap<ConditionKey, Vec<f64>> {
+            (0..4)
+                .map(|c| {
+                    let (effect, own) = (noise(7, genes), noise(70 + c as u64, genes));
+                    (key(c, 0), effect.iter().zip(&own).map(|(e, o)| shared * e + o).collect())
+                })
+                .collect()
+        };
+        let t = measured(&one(2.0)).expect("pairs");
+        assert_eq!((t.same_pairs, t.other_pairs), (6, 0));
+        assert!(t.other_perturbations_r.is_nan() && t.same_perturbation_r > 0.5 && t.carries_over, "{t:?}");
+        let t = measured(&one(0.0)).expect("pairs");
+        assert!(t.same_perturbation_r.abs() < 0.1 && !t.carries_over, "{t:?}");
     }
 
     #[test]
