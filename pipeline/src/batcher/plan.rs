@@ -68,8 +68,8 @@ impl Default for PlanOptions {
 /// The batches of one epoch over the cells of `split`, as row lists. With `shuffle`, blocks of
 /// `block_cells` cells are permuted with a generator seeded by (seed, epoch), cells of
 /// `shuffle_blocks` consecutive blocks are shuffled together (in runs of `run_cells`), and the
-/// stream is cut into batches of `batch_size` (the last may be smaller). Every cell of the split
-/// appears exactly once.
+/// stream is cut into batches of `batch_size` (the last may be smaller, never a single cell: a
+/// last cell alone joins the batch before it). Every cell of the split appears exactly once.
 pub struct EpochPlan<'a> {
     labels: &'a CellLabels,
     split: Split,
@@ -183,14 +183,28 @@ impl<'a> EpochPlan<'a> {
         self.next_into(out)
     }
 
-    /// The next batch's place in the buffer (empty at the end of the epoch).
+    /// The next batch's place in the buffer (empty at the end of the epoch). The epoch's last
+    /// cell, when it would be a batch of its own, joins the batch before it: batch normalisation
+    /// cannot train on one cell (its running variance becomes 0/0, and every later prediction
+    /// NaN), as on 577 training cells in batches of 64.
     fn advance(&mut self) -> std::ops::Range<usize> {
         if self.buffer.len() - self.taken < self.options.batch_size {
             self.refill();
         }
-        let (start, end) = (self.taken, (self.taken + self.options.batch_size).min(self.buffer.len()));
+        let (start, mut end) = (self.taken, (self.taken + self.options.batch_size).min(self.buffer.len()));
+        if self.buffer.len() - end == 1 && !self.cells_ahead() {
+            end += 1;
+        }
         self.taken = end;
         start..end
+    }
+
+    /// Whether a block not yet read holds a cell of the split (stops at the first one).
+    fn cells_ahead(&self) -> bool {
+        let (block, n) = (self.options.block_cells, self.labels.n_cells());
+        self.blocks[self.next_block..]
+            .iter()
+            .any(|&b| (b * block..((b + 1) * block).min(n)).any(|cell| self.labels.split(cell) == self.split))
     }
 }
 
@@ -319,7 +333,11 @@ mod tests {
             let batches: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, epoch, &plan).collect();
             let mut seen: Vec<u64> = batches.iter().flatten().copied().collect();
             for (i, b) in batches.iter().enumerate() {
-                prop_assert!(b.len() == batch || i + 1 == batches.len(), "batch {i} has {} cells", b.len());
+                let last = i + 1 == batches.len();
+                prop_assert!(b.len() == batch || (last && b.len() <= batch + 1), "batch {i} has {} cells", b.len());
+                // A batch of one cell only where the split has one cell: batch normalisation cannot
+                // train on it.
+                prop_assert!(b.len() > 1 || batches.iter().map(Vec::len).sum::<usize>() == 1, "batch {i} of one cell");
             }
             seen.sort_unstable();
             let want: Vec<u64> = (0..splits.len() as u64).filter(|&c| splits[c as usize] == Split::Train).collect();
@@ -409,6 +427,34 @@ mod tests {
         // Automatic runs only on the shuffled order; a run length asked for is kept.
         assert_eq!((run_cells_for(0, s), run_cells_for(0, r)), (1, AUTO_RUN_CELLS));
         assert_eq!((run_cells_for(1, r), run_cells_for(16, s)), (1, 16));
+    }
+
+    #[test]
+    fn the_last_cell_of_an_epoch_joins_the_batch_before_it() {
+        // 577 training cells in batches of 64: eight batches of 64 and one of 65, in every epoch;
+        // validation cells interleaved, and after the last training cell.
+        let mut n_train = 0;
+        let splits: Vec<Split> = (0..700)
+            .map(|i| {
+                let train = n_train < 577 && i % 6 != 5;
+                n_train += usize::from(train);
+                if train { Split::Train } else { Split::Valid }
+            })
+            .collect();
+        assert_eq!(n_train, 577);
+        let l = labels(&splits);
+        for epoch in 0..3 {
+            let plan = PlanOptions {
+                batch_size: 64,
+                block_cells: 16,
+                shuffle_blocks: 4,
+                run_cells: 1,
+                seed: 3,
+                shuffle: true,
+            };
+            let sizes: Vec<usize> = EpochPlan::new(&l, Split::Train, epoch, &plan).map(|b| b.len()).collect();
+            assert_eq!(sizes, [vec![64; 8], vec![65]].concat(), "epoch {epoch}");
+        }
     }
 
     #[test]
