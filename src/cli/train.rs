@@ -52,8 +52,10 @@ pub struct TrainArgs {
     pub(crate) config: Option<PathBuf>,
     /// Starting point of the configuration: `default`; `reference` for cpa-tools 0.8.8's
     /// behaviour where the defaults differ from it (its module defaults, its learning-rate schedule,
-    /// no weight averaging); `unseen-covariates` for predicting cell types (or other covariate
-    /// values) whose perturbed cells training never saw, then `predict --anchored` (docs/model.md).
+    /// no weight averaging); `unseen-covariates`: the defaults plus mixup, a log-sigmoid dose
+    /// response and the perturbation skip, better on synthetic unseen cell types but worse than the
+    /// defaults on real PBMCs (docs/fidelity.md, "Unseen cell types on real PBMCs"): not a
+    /// recommendation.
     #[arg(long, value_parser = ["default", "reference", "unseen-covariates"])]
     pub(crate) preset: Option<String>,
     /// Run directory (checkpoint/, best/, model/, metrics.parquet).

@@ -499,12 +499,12 @@ pub enum Preset {
     /// (`ema_decay = 0`). For reproducing the reference's numbers (`cpa_stream.compat` starts
     /// from it); `docs/fidelity.md` measures what each difference does.
     Reference,
-    /// For predicting covariate values (cell types, lines, donors) whose perturbed cells training
-    /// never saw, from those values' control cells: the defaults plus mixup (`mixup_alpha = 4`), a
-    /// log-sigmoid dose response (`doser_type = "logsigm"`) and the perturbation's path straight
-    /// to the output (`perturbation_skip`). Predict with `--anchored`. Chosen and confirmed on
-    /// held-out cell types of three data sets (`docs/fidelity.md`, "Unseen cell types: the
-    /// perturbation skip"); on seen cell types and new doses the defaults are as good or better.
+    /// The defaults plus mixup (`mixup_alpha = 4`), a log-sigmoid dose response (`doser_type =
+    /// "logsigm"`) and the perturbation's path straight to the output (`perturbation_skip`).
+    /// Chosen for covariate values (cell types, lines, donors) whose perturbed cells training never
+    /// saw on synthetic atlases, where it beats the defaults; on real PBMCs (Kang et al. 2018, one
+    /// cell type's IFN-beta cells held out) it is far behind the defaults and the shift baseline,
+    /// so it is not a recommendation (`docs/fidelity.md`, "Unseen cell types on real PBMCs").
     #[serde(rename = "unseen-covariates")]
     UnseenCovariates,
 }
