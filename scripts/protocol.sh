@@ -18,6 +18,8 @@
 #   EPOCHS, SEEDS, PEER   as fidelity.sh (defaults "10 50", "0 1 2", 1)
 #   L1000_GCT  cmap/cmapPy's functional test file test_l1000.gct (public; 59 compounds x 6
 #             doses in A375, 978 genes, log2 expression); without it, l1000 is skipped with a message
+#   KANG_H5AD  Kang et al. 2018's PBMCs as scripts/ifnb_rda_to_h5ad.py writes them (public,
+#             not bundled); without it, kang-celltype and kang-celltype-cd4 are skipped with a message
 #   DIR       results (default $CPA_STREAM_CACHE/protocol), one subdirectory per data set
 #
 # The data sets: norman19 and mcfaline23 are the bundled file's two source studies (K562 CRISPRa
@@ -27,7 +29,8 @@
 # data, split by doses (dose interpolation, Gaussian likelihood), trained 100 and 400 epochs (its
 # 194 training samples make two batches an epoch). Other splits of the same data, for the harness's
 # tables rather than for deciding: norman19-combos (combinations held out), mcfaline23-celltype,
-# synth-a-celltype and synth-b-celltype (one cell type's perturbed cells held out).
+# synth-a-celltype and synth-b-celltype (one cell type's perturbed cells held out); kang-celltype
+# and kang-celltype-cd4 (real PBMCs, IFN-beta: CD14 monocytes or CD4 naive T cells held out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -71,6 +74,13 @@ dataset() {
       [ -f "$dir/data/synth-atlas.h5ad" ] || "$py" "$make_synth" --out "$dir/data/synth-atlas.h5ad" --seed 2 \
         --n-cells 50000 --n-genes 2000 --n-cell-types 4 --n-drugs 8 >/dev/null
       echo "$dir/data/synth-atlas.h5ad random 10 0_1" ;;
+    kang-celltype | kang-celltype-cd4)
+      if [ -z "${KANG_H5AD:-}" ] || [ ! -f "$KANG_H5AD" ]; then
+        log "$1 skipped: set KANG_H5AD to the .h5ad scripts/ifnb_rda_to_h5ad.py makes of seuratTools' data/ifnb1k.rda"
+        return
+      fi
+      # The held-out value of kang-celltype-cd4 has spaces: it goes to fidelity.sh as HELDOUT.
+      echo "$KANG_H5AD celltype - -" ;;
     l1000)
       if [ -z "${L1000_GCT:-}" ] || [ ! -f "$L1000_GCT" ]; then
         log "l1000 skipped: set L1000_GCT to cmap/cmapPy's cmapPy/pandasGEXpress/tests/functional_tests/test_l1000.gct"
@@ -82,7 +92,7 @@ dataset() {
       echo "$dir/data/l1000.h5ad doses 100_400 -" ;;
     *)
       log "unknown data set $1 (norman19, mcfaline23, mcfaline23-celltype, norman19-combos, synth-a," \
-        "synth-a-celltype, synth-b, synth-b-celltype, synth-atlas, l1000)"
+        "synth-a-celltype, synth-b, synth-b-celltype, synth-atlas, l1000, kang-celltype, kang-celltype-cd4)"
       exit 2 ;;
   esac
 }
@@ -101,9 +111,15 @@ for role in decide confirm; do
     # fidelity.sh names its directory NAME-SPLIT: a data set named for its split (norman19-combos)
     # goes to the same directory as its base name would (norman19-combos, not norman19-combos-combos).
     base="${name%-"$split"}"
+    held=""
+    [ "$name" = kang-celltype-cd4 ] && held="CD4 Naive T"
     NAME="$base" SPLIT="$split" EPOCHS="$e" SEEDS="$s" VARIANTS="$variants" PREPARE="$prepare" \
-      DIR="$dir" scripts/fidelity.sh "$h5ad" >/dev/null
+      HELDOUT="$held" DIR="$dir" scripts/fidelity.sh "$h5ad" >/dev/null
     roles+=("$role=$dir/$base-$split")
   done
 done
+if [ ${#roles[@]} -eq 0 ]; then
+  log "no data set left to run (all skipped above)"
+  exit 2
+fi
 "$py" scripts/fidelity.py protocol --baseline "$baseline" "${roles[@]}" | tee "$dir/protocol.txt"
