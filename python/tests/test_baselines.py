@@ -22,6 +22,15 @@ def synthetic(tmp_path, **params):
     return ad.read_h5ad(tmp_path / "synth.h5ad")
 
 
+def trained(adata, tmp_path, max_epochs: int, split_key: str | None = "split"):
+    """``adata`` imported and a model trained on it (one thread, seed 1): the store and the run."""
+    store = cs.import_h5ad(adata, tmp_path / "data.store", progress=False)
+    run = cs.train(store, tmp_path / "run", perturbation_key="condition", dosage_key="dose",
+                   categorical_covariate_keys=["cell_type"], split_key=split_key, max_epochs=max_epochs, seed=1,
+                   threads=1, progress=False)
+    return store, run
+
+
 def log1p_counts(adata) -> np.ndarray:
     """log1p of the counts, dense, as ``evaluate`` takes means of them."""
     x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
@@ -43,10 +52,7 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
     seen = np.flatnonzero(((obs["condition"] == single) & (obs["cell_type"] == cell_types[0])).to_numpy())
     split[np.random.default_rng(0).choice(seen, size=len(seen) // 3, replace=False)] = "valid"
     adata.obs["split"] = split
-    store = cs.import_h5ad(adata, tmp_path / "split.store", progress=False)
-    run = cs.train(store, tmp_path / "run", perturbation_key="condition", dosage_key="dose",
-                   categorical_covariate_keys=["cell_type"], split_key="split", max_epochs=2, seed=1, threads=1,
-                   progress=False)
+    store, run = trained(adata, tmp_path, max_epochs=2)
     metrics = run.evaluate(store, split="ood", threads=1)
 
     x = log1p_counts(adata)
@@ -132,10 +138,7 @@ def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_h
     dropped = (obs["condition"] == perturbations[0]).to_numpy() & (obs["cell_type"] == cell_types[2]).to_numpy()
     split[dropped] = "valid"
     adata.obs["split"] = split
-    store = cs.import_h5ad(adata, tmp_path / "split.store", progress=False)
-    run = cs.train(store, tmp_path / "run", perturbation_key="condition", dosage_key="dose",
-                   categorical_covariate_keys=["cell_type"], split_key="split", max_epochs=1, seed=1, threads=1,
-                   progress=False)
+    store, run = trained(adata, tmp_path, max_epochs=1)
     metrics = run.evaluate(store, split="valid", threads=1)
     transfer = metrics.attrs["transfer"]
     # attrs["reproducibility"] counts the metrics' change_reproducibility (checked by hand in
@@ -183,9 +186,7 @@ def test_a_perturbation_that_changes_nothing_does_not_reproduce_a_change(tmp_pat
     controls = np.flatnonzero(condition == "control")
     condition[np.random.default_rng(2).choice(controls, size=len(controls) // 2, replace=False)] = "NOOP"
     adata.obs["condition"] = condition
-    store = cs.import_h5ad(adata, tmp_path / "noop.store", progress=False)
-    run = cs.train(store, tmp_path / "run", perturbation_key="condition", dosage_key="dose",
-                   categorical_covariate_keys=["cell_type"], max_epochs=1, seed=1, threads=1, progress=False)
+    store, run = trained(adata, tmp_path, max_epochs=1, split_key=None)
     metrics = run.evaluate(store, split="all", threads=1)
     r = metrics.set_index("condition")["change_reproducibility"]
     assert set(r.index) == {"NOOP", "PERT01", "PERT02"}
