@@ -62,6 +62,17 @@ fn r2_on(pred: &[f64], truth: &[f64], idx: Option<&[usize]>) -> f64 {
     }
 }
 
+/// The split-half ceiling of a condition: the means of one random half of its evaluated cells
+/// (`second`; `real` is all of them) against the other's, as `r2_mean` and `pearson_delta` score
+/// the model; NaN with fewer than 2 cells in a half.
+fn ceiling(real: &Moments, second: &Moments, ctrl_mean: &[f64]) -> (f64, f64) {
+    let Some((first, second)) = halves(real, second) else {
+        return (f64::NAN, f64::NAN);
+    };
+    let delta = |m: &[f64]| -> Vec<f64> { m.iter().zip(ctrl_mean).map(|(a, b)| a - b).collect() };
+    (r2_score(&first, &second), pearson(&delta(&first), &delta(&second)))
+}
+
 /// The means of the cells of `all` outside `second` and of `second` (a subset of them); `None`
 /// with fewer than 2 cells in either.
 fn halves(all: &Moments, second: &Moments) -> Option<(Vec<f64>, Vec<f64>)> {
@@ -140,8 +151,9 @@ impl Scoring<'_> {
             tested.as_ref().map(|t| ranked.iter().copied().filter(|&g| t.qvalue[g] < SIGNIFICANT_Q).collect());
         let mut field = self.field(&ranked, has_real, (&pred_mean, &real_mean), (&pd, &rd));
         let predicted_order = top_by_abs(&pd, pd.len());
-        (field.ceiling_r2_mean, field.ceiling_pearson_delta) = self.ceiling(key, real, &ctrl_mean);
-        field.change_reproducibility = self.reproducibility(key, real);
+        let second = self.moments.second_half(&self.conditions[key].groups);
+        (field.ceiling_r2_mean, field.ceiling_pearson_delta) = ceiling(real, &second, &ctrl_mean);
+        field.change_reproducibility = self.reproducibility(key, real, &second);
         field.n_significant = significant.as_ref().map_or(f64::NAN, |s| s.len() as f64);
         field.deg_precision = DEG_OVERLAP_K
             .iter()
@@ -345,29 +357,18 @@ impl Scoring<'_> {
         }
     }
 
-    /// The split-half ceiling of a condition: the means of one random half of its evaluated cells
-    /// (`real` is all of them) against the other's, as `r2_mean` and `pearson_delta` score the
-    /// model; NaN with fewer than 2 cells in a half.
-    fn ceiling(&self, key: &ConditionKey, real: &Moments, ctrl_mean: &[f64]) -> (f64, f64) {
-        let Some((first, second)) = halves(real, &self.moments.second_half(&self.conditions[key].groups)) else {
-            return (f64::NAN, f64::NAN);
-        };
-        let delta = |m: &[f64]| -> Vec<f64> { m.iter().zip(ctrl_mean).map(|(a, b)| a - b).collect() };
-        (r2_score(&first, &second), pearson(&delta(&first), &delta(&second)))
-    }
-
     /// Whether the data measure a condition's change at all: Pearson over genes of its change in
     /// one half of its evaluated cells (`real` is all of them) from one half of its covariates'
     /// control cells (of every split) against the change in the other halves. Unlike the
     /// ceiling's, the two changes share no control cell, so the noise of the control mean does
-    /// not make them agree; near 0 the change is noise at this many cells. NaN with fewer than 2
-    /// cells in a half.
-    fn reproducibility(&self, key: &ConditionKey, real: &Moments) -> f64 {
+    /// not make them agree; near 0 the change is noise at this many cells. `second` is the second
+    /// half of `real`. NaN with fewer than 2 cells in a half.
+    fn reproducibility(&self, key: &ConditionKey, real: &Moments, second: &Moments) -> f64 {
         let Some(control_groups) = self.control_groups.get(&key.covariates) else {
             return f64::NAN;
         };
         let controls = self.moments.of_groups(control_groups, |_| true);
-        let treated = halves(real, &self.moments.second_half(&self.conditions[key].groups));
+        let treated = halves(real, second);
         let control = halves(&controls, &self.moments.second_half(control_groups));
         let (Some((t1, t2)), Some((c1, c2))) = (treated, control) else {
             return f64::NAN;
