@@ -326,8 +326,9 @@ class Run:
         ``anchored``: the cell's observed log1p counts plus the model's predicted change,
         ``log1p(mean)`` under the target minus under the cell's own condition (values and means
         for a Gaussian model); with ``aggregate="mean"`` each group's observed mean moved by the
-        model's change, the prediction recommended for a covariate value none of whose perturbed
-        cells were trained on (docs/fidelity.md).
+        model's change; not a recommendation: on real PBMCs it scored under the plain ``mean``
+        for cell types none of whose perturbed cells were trained on (docs/fidelity.md, "Unseen
+        cell types on real PBMCs").
 
         ``aggregate`` (``"mean"``, ``"var"`` or both, a list or ``"mean,var"``) writes, instead of a
         row per cell, a row per target and group of source cells: ``n_cells``, and per predicted
