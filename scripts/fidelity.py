@@ -427,13 +427,21 @@ def score(directory, predictions, seed):
         held = p in held_names or f"{c}|{p}" in held_names
         row = {"group": g, "n_test": int(m.sum()), "held_out": held}
         # The baselines, from training cells only: the condition's mean shift in the other
-        # covariate values (the unseen cell type's), and a combination's parts' shifts summed.
-        others = [s for s in (shift(p, o) for o in np.unique(cov) if o != c) if s is not None]
+        # covariate values (the unseen cell type's) pooled or the nearest value's alone, and a
+        # combination's parts' shifts summed.
+        shifts = {o: s for o, s in ((o, shift(p, o)) for o in np.unique(cov) if o != c) if s is not None}
+        others = list(shifts.values())
         parts = [shift(q, c) for q in p.split("+")] if "+" in p else []
+        # The nearest covariate value: the one whose training controls' mean lies closest
+        # (Euclidean, the scored space) to this value's control mean; its shift alone.
+        distance = {o: float(np.linalg.norm(values[train & ctrl & (cov == o)].mean(0) - cmean)) for o in shifts}
+        nearest = min(distance, key=distance.get) if distance else None
         baselines = {
             "shift": cmean + np.mean(others, axis=0) if others else None,
+            "nearest": cmean + shifts[nearest] if nearest is not None else None,
             "additive": cmean + np.sum(parts, axis=0) if parts and all(q is not None for q in parts) else None,
         }
+        row["nearest_value"] = nearest
         for name, pred in baselines.items():
             for kind in ("all", "deg", "change"):
                 row[f"{name}_{kind}"] = float("nan")
@@ -448,7 +456,7 @@ def score(directory, predictions, seed):
         rows.append(row)
     if not rows:
         raise SystemExit(f"fidelity: {directory}: no perturbed group has {meta.get('min_test_cells', 2)} test cells")
-    keys = [k for k in rows[0] if k not in ("group", "n_test", "held_out")]
+    keys = [k for k in rows[0] if k not in ("group", "n_test", "held_out", "nearest_value")]
 
     def mean_of(rs, k):
         xs = [r[k] for r in rs if not np.isnan(r[k])]
@@ -1061,6 +1069,15 @@ def table(a):
             lines.append(f"| {epochs} | control mean, held-out conditions only | | "
                          + " | ".join(cell([r["held_out_mean"][k] for r in base]) for k in ("ctrl_all", "ctrl_deg", "ctrl_change"))
                          + " | | | | |")
+            # The baselines from other covariate values' training cells (results scored before
+            # the nearest value's shift existed lack it).
+            for name, label in (("shift", "shift baseline (mean shift in the other values)"),
+                                ("nearest", "nearest value's shift (the closest control mean's)")):
+                if all(f"{name}_all" in r["held_out_mean"] for r in base):
+                    lines.append(f"| {epochs} | {label}, held-out conditions only | | "
+                                 + " | ".join(cell([r["held_out_mean"][f"{name}_{k}"] for r in base])
+                                              for k in ("all", "deg", "change"))
+                                 + " | | | | |")
     lines += reproducibility_lines(a.dir, meta, results[0]["groups"])
     lines += paired_lines(by)
     loads = [x for r in results for x in r["loadavg"]]

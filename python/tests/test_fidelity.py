@@ -144,7 +144,7 @@ def test_the_reference_preset_and_definitions_from_python(store, run, tmp_path):
     unseen = cs.train(store, tmp_path / "unseen", **LABELS, preset="unseen-covariates", max_epochs=1, progress=False,
                       **COMPUTE)
     assert unseen.config["model"]["perturbation_skip"] is True
-    assert (unseen.config["model"]["doser_type"], unseen.config["training"]["mixup_alpha"]) == ("logsigm", 4.0)
+    assert (unseen.config["model"]["doser_type"], unseen.config["training"]["mixup_alpha"]) == ("linear", 0.0)
     frame = run.evaluate(store, definitions="reference", progress=False)
     assert set(frame["deg_source"]) == {"mean difference"}
     assert set(frame["control_source"]) == {"all"}
@@ -315,6 +315,15 @@ def test_the_celltype_split_holds_out_one_values_shared_conditions_and_scores_it
     r2 = lambda a, b: 1 - ((a - b) ** 2).sum() / ((a - a.mean()) ** 2).sum()  # noqa: E731
     assert row["shift_all"] == pytest.approx(r2(t, base))
     assert np.isnan(row["additive_all"]) or "+" in p
+    # The nearest value's shift: the value whose training controls' mean is closest to the
+    # unseen value's control mean, by hand.
+    own = values[ctrl & (cov == unseen)].mean(0)
+    candidates = [o for o in np.unique(cov) if o != unseen and (train & (condition == p) & (cov == o)).any()]
+    near = min(candidates, key=lambda o: np.linalg.norm(values[train & ctrl & (cov == o)].mean(0) - own))
+    assert row["nearest_value"] == near
+    alone = own + values[train & (condition == p) & (cov == near)].mean(0) - values[train & ctrl & (cov == near)].mean(0)
+    assert row["nearest_all"] == pytest.approx(r2(t, alone))
+    assert row["nearest_deg"] != row["shift_deg"] or len(candidates) == 1
     assert np.isfinite(result["held_out_mean"]["shift_all"])
 
 
