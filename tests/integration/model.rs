@@ -183,12 +183,12 @@ fn counterfactual_means_of_a_held_out_combination_beat_the_control_mean() -> Res
 }
 
 /// On a GPU: training steps in fp32 and bf16, device-side densification, finite losses, from the
-/// defaults and from the `unseen-covariates` preset (mixup, the logsigm dose response and the
-/// perturbation skip on the device). Skipped (with the reason printed) where libtorch sees no
-/// CUDA device.
+/// defaults and from the `unseen-covariates` preset with mixup and the logsigm dose response (the
+/// perturbation skip, mixup and the dose response on the device). Skipped (with the reason
+/// printed) where libtorch sees no CUDA device.
 #[test]
 fn cuda_training_in_fp32_and_bf16() -> Result<()> {
-    use cpa_stream::unstable::stages::model::config::{Precision, Preset};
+    use cpa_stream::unstable::stages::model::config::{DoserType, Precision, Preset};
     if !tch::Cuda::is_available() {
         eprintln!("skipped: no CUDA device visible to libtorch");
         return Ok(());
@@ -197,6 +197,9 @@ fn cuda_training_in_fp32_and_bf16() -> Result<()> {
     for preset in [Preset::Default, Preset::UnseenCovariates] {
         for precision in [Precision::Fp32, Precision::Bf16] {
             let mut config = preset.config();
+            if preset == Preset::UnseenCovariates {
+                (config.training.mixup_alpha, config.model.doser_type) = (4.0, DoserType::Logsigm);
+            }
             config.training.precision = precision;
             config.training.batch_size = 256;
             let mut trainer = Trainer::from_config(&config, &vocab, Device::Cuda(0))?;
