@@ -38,7 +38,7 @@ def log1p_counts(adata) -> np.ndarray:
 
 
 def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand(tmp_path):
-    adata = synthetic(tmp_path, cells=4000, perturbations=3, cell_types=2, combinations=1, seed=4)
+    adata = synthetic(tmp_path, cells=4000, perturbations=3, cell_types=3, combinations=1, seed=4)
     obs = adata.obs
     combination = sorted(c for c in obs["condition"].unique() if "+" in c)[0]
     single = combination.split("+")[0]
@@ -118,11 +118,22 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
             assert all(o is not None for o in others)
             baseline = control + np.mean(others, axis=0)
             assert row["other_covariates_r2_mean"] == pytest.approx(r2(baseline, real), abs=1e-9)
+            # The nearest: the other cell type whose training controls' mean is closest to the
+            # unseen one's control mean; two others, so it is not the average.
+            assert len(others) == 2
+            train_control = {o: mean((split == "train") & (condition == "control") & (cell_type == o))
+                             for o in cell_types if o != unseen}
+            near = min(train_control, key=lambda o: np.linalg.norm(train_control[o] - control))
+            alone = control + shift(single, near)
+            assert row["nearest_covariates_r2_mean"] == pytest.approx(r2(alone, real), abs=1e-9)
+            assert row["nearest_covariates_r2_mean"] != pytest.approx(row["other_covariates_r2_mean"], abs=1e-9)
+            assert row["beats_nearest_covariates"] in (0.0, 1.0)
             assert np.isnan(row["additive_r2_mean"]), "a single perturbation has no additive baseline"
             checked += 1
     assert checked >= 2, metrics[["cell_type", "condition"]]
     summary = metrics.attrs["summary"]
     assert "additive_r2_mean" in summary and "beats_other_covariates" in summary and "beats_linear" in summary
+    assert "beats_nearest_covariates" in summary
 
 
 def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_hand(tmp_path):

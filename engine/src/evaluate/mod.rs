@@ -275,6 +275,13 @@ pub struct BaselineMetrics {
     pub other_covariates_r2_mean_top20: f64,
     /// 1 when the model beats the other-covariates baseline on both, 0 when not, NaN without it.
     pub beats_other_covariates: f64,
+    /// R2 of the nearest-covariates baseline's means (the control mean plus the condition's shift
+    /// in the one other covariate value whose training controls are nearest), all genes.
+    pub nearest_covariates_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub nearest_covariates_r2_mean_top20: f64,
+    /// 1 when the model beats the nearest-covariates baseline on both, 0 when not, NaN without it.
+    pub beats_nearest_covariates: f64,
     /// R2 of the linear (ridge) baseline's means, all genes (perturbation and covariate indicators to the change).
     pub linear_r2_mean: f64,
     /// The same on the top 20 DEGs.

@@ -292,8 +292,8 @@ impl Scoring<'_> {
         Some(treated.iter().zip(&control).map(|(t, c)| t - c).collect())
     }
 
-    /// The additive and other-covariates baselines of a condition ([`BaselineMetrics`]), scored
-    /// against its real means as the model's `pred_mean` is.
+    /// The additive, other-covariates and nearest-covariates baselines of a condition
+    /// ([`BaselineMetrics`]), scored against its real means as the model's `pred_mean` is.
     fn baselines(
         &self,
         key: &ConditionKey,
@@ -327,21 +327,33 @@ impl Scoring<'_> {
                 Some(sum)
             })
             .flatten();
-        // Other covariates: the same condition's shift where the covariates differ.
+        // Other covariates: the same condition's shift where the covariates differ, averaged; and
+        // the shift of the one whose training controls' mean lies nearest (Euclidean over the
+        // genes) to this condition's control mean: the most similar cell type's response.
         let mut others: Vec<Vec<f64>> = Vec::new();
+        let mut nearest: Option<(f64, usize)> = None;
         if !key.covariates.is_empty() {
             for other in self.conditions.keys().filter(|k| k.parts == key.parts && k.covariates != key.covariates) {
-                if let Some(shift) = self.training_shift(&other.covariates, &other.parts) {
-                    others.push(shift);
+                let control = ConditionKey { covariates: other.covariates.clone(), parts: Vec::new() };
+                let (Some(their_control), Some(treated)) = (self.training_mean(&control), self.training_mean(other))
+                else {
+                    continue;
+                };
+                let distance: f64 = their_control.iter().zip(ctrl_mean).map(|(a, b)| (a - b) * (a - b)).sum();
+                if nearest.is_none_or(|(best, _)| distance < best) {
+                    nearest = Some((distance, others.len()));
                 }
+                others.push(treated.iter().zip(&their_control).map(|(t, c)| t - c).collect());
             }
         }
+        let nearest = nearest.map(|(_, i)| others[i].clone());
         let other = (!others.is_empty()).then(|| {
             let n = others.len() as f64;
             (0..ctrl_mean.len()).map(|g| others.iter().map(|s| s[g]).sum::<f64>() / n).collect()
         });
         let (additive_r2_mean, additive_r2_mean_top20, beats_additive) = score(additive);
         let (other_covariates_r2_mean, other_covariates_r2_mean_top20, beats_other_covariates) = score(other);
+        let (nearest_covariates_r2_mean, nearest_covariates_r2_mean_top20, beats_nearest_covariates) = score(nearest);
         let (linear_r2_mean, linear_r2_mean_top20, beats_linear) =
             score(self.ridge.as_ref().and_then(|r| r.change(key)));
         BaselineMetrics {
@@ -351,6 +363,9 @@ impl Scoring<'_> {
             other_covariates_r2_mean,
             other_covariates_r2_mean_top20,
             beats_other_covariates,
+            nearest_covariates_r2_mean,
+            nearest_covariates_r2_mean_top20,
+            beats_nearest_covariates,
             linear_r2_mean,
             linear_r2_mean_top20,
             beats_linear,

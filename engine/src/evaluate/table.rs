@@ -72,6 +72,11 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
                 value: |c| c.baselines.other_covariates_r2_mean,
                 summary: "other_covariates_r2_mean",
             },
+            Column {
+                header: "near_bl",
+                value: |c| c.baselines.nearest_covariates_r2_mean,
+                summary: "nearest_covariates_r2_mean",
+            },
             Column { header: "lin_bl20", value: |c| c.baselines.linear_r2_mean_top20, summary: "linear_r2_mean_top20" },
             Column { header: "repro", value: |c| c.field.change_reproducibility, summary: "change_reproducibility" },
         ]);
