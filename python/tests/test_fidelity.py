@@ -144,6 +144,7 @@ def test_the_reference_preset_and_definitions_from_python(store, run, tmp_path):
     unseen = cs.train(store, tmp_path / "unseen", **LABELS, preset="unseen-covariates", max_epochs=1, progress=False,
                       **COMPUTE)
     assert unseen.config["model"]["perturbation_skip"] is True
+    assert unseen.config["model"]["n_latent"] == 128
     assert (unseen.config["model"]["doser_type"], unseen.config["training"]["mixup_alpha"]) == ("linear", 0.0)
     frame = run.evaluate(store, definitions="reference", progress=False)
     assert set(frame["deg_source"]) == {"mean difference"}

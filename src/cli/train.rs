@@ -52,10 +52,10 @@ pub struct TrainArgs {
     pub(crate) config: Option<PathBuf>,
     /// Starting point of the configuration: `default`; `reference` for cpa-tools 0.8.8's
     /// behaviour where the defaults differ from it (its module defaults, its learning-rate schedule,
-    /// no weight averaging); `unseen-covariates`: the defaults plus the perturbation skip, for cell
-    /// types (or lines, donors) none of whose perturbed cells were trained on: ahead of the
-    /// defaults on five of six held-out cell types of real PBMCs, level on the sixth
-    /// (docs/fidelity.md, "Unseen cell types: the skip alone").
+    /// no weight averaging); `unseen-covariates`: the defaults plus the perturbation skip and a
+    /// latent of 128, for cell types (or lines, donors) none of whose perturbed cells were trained
+    /// on: ahead of the defaults on each of six held-out cell types of real PBMCs
+    /// (docs/fidelity.md, "Unseen cell types: the skip and a wider latent").
     #[arg(long, value_parser = ["default", "reference", "unseen-covariates"])]
     pub(crate) preset: Option<String>,
     /// Run directory (checkpoint/, best/, model/, metrics.parquet).

@@ -102,6 +102,8 @@ pub const DEFAULT_ADAM_BETAS: (f64, f64) = (0.9, 0.999);
 pub const DEFAULT_ADAM_EPS: f64 = 1e-8;
 /// Cells per device batch (the reference's; `cpa-stream train --batch-size auto` picks larger on a GPU).
 pub const DEFAULT_BATCH_SIZE: usize = 128;
+/// Width of the latent space in the `unseen-covariates` preset.
+pub const UNSEEN_N_LATENT: usize = 128;
 /// The batch of short training ([`TrainingConfig::batch_size_for`]).
 pub const SHORT_BATCH_SIZE: usize = 64;
 /// Optimizer steps at [`DEFAULT_BATCH_SIZE`] below which training counts as short.
@@ -497,12 +499,13 @@ pub enum Preset {
     /// (`ema_decay = 0`). For reproducing the reference's numbers (`cpa_stream.compat` starts
     /// from it); `docs/fidelity.md` measures what each difference does.
     Reference,
-    /// The defaults plus the perturbation's path straight to the output (`perturbation_skip`),
-    /// for covariate values (cell types, lines, donors) whose perturbed cells training never saw.
-    /// Chosen on real PBMCs (Kang et al. 2018, IFN-beta, CD14 monocytes held out) and confirmed on
-    /// five other held-out cell types of them; on synthetic atlases it is level with the defaults
-    /// or slightly behind (`docs/fidelity.md`, "Unseen cell types: the skip alone"). Until
-    /// 2026-11-26 it also set mixup and a log-sigmoid dose response, which cost on real PBMCs.
+    /// The defaults plus the perturbation's path straight to the output (`perturbation_skip`) and
+    /// a latent space of 128 (`n_latent`), for covariate values (cell types, lines, donors) whose
+    /// perturbed cells training never saw. Chosen on real PBMCs (Kang et al. 2018, IFN-beta, CD14
+    /// monocytes and CD4 naive T cells held out) and confirmed on four other held-out cell types
+    /// of them; on synthetic atlases level or slightly behind (`docs/fidelity.md`, "Unseen cell
+    /// types: the skip and a wider latent"). Until 2026-11-26 it set mixup and a log-sigmoid dose
+    /// response instead of the wider latent, which cost on real PBMCs.
     #[serde(rename = "unseen-covariates")]
     UnseenCovariates,
 }
@@ -558,6 +561,7 @@ impl Preset {
         }
         if self == Preset::UnseenCovariates {
             config.model.perturbation_skip = true;
+            config.model.n_latent = UNSEEN_N_LATENT;
         }
         config
     }
@@ -779,13 +783,14 @@ mod tests {
     }
 
     #[test]
-    fn the_unseen_covariates_preset_is_the_defaults_with_the_skip() -> Result<()> {
+    fn the_unseen_covariates_preset_is_the_defaults_with_the_skip_and_a_wider_latent() -> Result<()> {
         let preset = "unseen-covariates".parse::<Preset>()?;
         assert_eq!(preset.name(), "unseen-covariates");
         let mut u = preset.config();
         assert!(u.model.perturbation_skip);
+        assert_eq!(u.model.n_latent, 128);
         // Nothing else differs from the defaults.
-        u.model.perturbation_skip = false;
+        (u.model.perturbation_skip, u.model.n_latent) = (false, DEFAULT_N_LATENT);
         assert_eq!(u, CpaConfig::default());
         // A run's config.toml records the skip, and one written before it existed reads as off.
         let written = toml::to_string(&preset.config()).expect("toml");
