@@ -123,13 +123,8 @@ impl<'a> EpochPlan<'a> {
         let n = self.labels.n_cells();
         while self.buffer.len() < self.options.batch_size && self.next_block < self.blocks.len() {
             for _ in 0..window {
-                let Some(&b) = self.blocks.get(self.next_block) else { break };
-                self.next_block += 1;
-                let first = b * self.options.block_cells;
-                for cell in first..(first + self.options.block_cells).min(n) {
-                    if self.labels.split(cell) == self.split {
-                        self.buffer.push(cell);
-                    }
+                if !self.read_next_block(n) {
+                    break;
                 }
             }
         }
@@ -192,19 +187,45 @@ impl<'a> EpochPlan<'a> {
             self.refill();
         }
         let (start, mut end) = (self.taken, (self.taken + self.options.batch_size).min(self.buffer.len()));
-        if self.buffer.len() - end == 1 && !self.cells_ahead() {
-            end += 1;
+        match self.buffer.len() - end {
+            1 if self.cells_ahead() == 0 => end += 1,
+            // The buffer ends with this batch and the blocks not yet read hold one cell of the
+            // split: read them now, so that cell joins this batch instead of making one alone.
+            0 if end > start && self.cells_ahead() == 1 => {
+                let n = self.labels.n_cells();
+                while self.read_next_block(n) {}
+                end += 1;
+            }
+            _ => {}
         }
         self.taken = end;
         start..end
     }
 
-    /// Whether a block not yet read holds a cell of the split (stops at the first one).
-    fn cells_ahead(&self) -> bool {
+    /// Appends the split's cells of the next block not yet read to the buffer; `false` when every
+    /// block has been read.
+    fn read_next_block(&mut self, n: u64) -> bool {
+        let Some(&b) = self.blocks.get(self.next_block) else { return false };
+        self.next_block += 1;
+        let first = b * self.options.block_cells;
+        for cell in first..(first + self.options.block_cells).min(n) {
+            if self.labels.split(cell) == self.split {
+                self.buffer.push(cell);
+            }
+        }
+        true
+    }
+
+    /// How many of the split's cells the blocks not yet read hold: 0, 1, or 2 for two or more
+    /// (it stops at the second).
+    fn cells_ahead(&self) -> usize {
         let (block, n) = (self.options.block_cells, self.labels.n_cells());
         self.blocks[self.next_block..]
             .iter()
-            .any(|&b| (b * block..((b + 1) * block).min(n)).any(|cell| self.labels.split(cell) == self.split))
+            .flat_map(|&b| b * block..((b + 1) * block).min(n))
+            .filter(|&cell| self.labels.split(cell) == self.split)
+            .take(2)
+            .count()
     }
 }
 
@@ -335,9 +356,13 @@ mod tests {
             for (i, b) in batches.iter().enumerate() {
                 let last = i + 1 == batches.len();
                 prop_assert!(b.len() == batch || (last && b.len() <= batch + 1), "batch {i} has {} cells", b.len());
-                // A batch of one cell only where the split has one cell: batch normalisation cannot
-                // train on it.
-                prop_assert!(b.len() > 1 || batches.iter().map(Vec::len).sum::<usize>() == 1, "batch {i} of one cell");
+                // A batch of one cell only where the split has one cell or one cell a batch was
+                // asked for (which the configuration refuses with batch normalisation): batch
+                // normalisation cannot train on it.
+                prop_assert!(
+                    b.len() > 1 || batch == 1 || batches.iter().map(Vec::len).sum::<usize>() == 1,
+                    "batch {i} of one cell"
+                );
             }
             seen.sort_unstable();
             let want: Vec<u64> = (0..splits.len() as u64).filter(|&c| splits[c as usize] == Split::Train).collect();

@@ -656,6 +656,20 @@ impl CpaConfig {
                 1 << 20
             ));
         }
+        let batch_norm = [
+            ("model.norm_encoder", m.norm_encoder),
+            ("model.norm_decoder", m.norm_decoder),
+            ("adversary.norm", a.norm),
+        ]
+        .into_iter()
+        .find(|&(_, norm)| norm == Norm::Batch);
+        if let (1, Some((key, _))) = (t.batch_size, batch_norm) {
+            return Err(format!(
+                "training.batch_size is 1 with {key} = \"batch\": batch normalisation cannot train on one cell \
+                 (its variance is 0/0 and the model turns to NaN); use a batch of 2 or more, or \"layer\" \
+                 normalisation"
+            ));
+        }
         for (key, value) in [
             ("model.dropout_rate_encoder", m.dropout_rate_encoder),
             ("model.dropout_rate_decoder", m.dropout_rate_decoder),
@@ -835,6 +849,12 @@ mod tests {
         let mut config = CpaConfig::default();
         config.training.batch_size = (1 << 20) + 1;
         assert!(config.validate().is_err_and(|e| e.contains("training.batch_size")));
+        // One cell a batch: an error with batch normalisation anywhere, allowed without.
+        config.training.batch_size = 1;
+        assert!(config.validate().is_err_and(|e| e.contains("model.norm_encoder") && e.contains("batch of 2")));
+        (config.model.norm_encoder, config.model.norm_decoder, config.adversary.norm) =
+            (Norm::Layer, Norm::Layer, Norm::Layer);
+        assert_eq!(config.validate(), Ok(()));
     }
 
     #[test]
