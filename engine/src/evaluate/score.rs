@@ -286,10 +286,15 @@ impl Scoring<'_> {
 
     /// The mean shift of `parts` from the training controls in `covariates`, training cells only.
     fn training_shift(&self, covariates: &[u32], parts: &[(u32, u32)]) -> Option<Vec<f64>> {
+        self.training_shift_and_control(covariates, parts).map(|(shift, _)| shift)
+    }
+
+    /// [`training_shift`](Self::training_shift) and the training controls' mean it is taken from.
+    fn training_shift_and_control(&self, covariates: &[u32], parts: &[(u32, u32)]) -> Option<(Vec<f64>, Vec<f64>)> {
         let control = ConditionKey { covariates: covariates.to_vec(), parts: Vec::new() };
         let control = self.training_mean(&control)?;
         let treated = self.training_mean(&ConditionKey { covariates: covariates.to_vec(), parts: parts.to_vec() })?;
-        Some(treated.iter().zip(&control).map(|(t, c)| t - c).collect())
+        Some((treated.iter().zip(&control).map(|(t, c)| t - c).collect(), control))
     }
 
     /// The additive, other-covariates and nearest-covariates baselines of a condition
@@ -334,8 +339,7 @@ impl Scoring<'_> {
         let mut nearest: Option<(f64, usize)> = None;
         if !key.covariates.is_empty() {
             for other in self.conditions.keys().filter(|k| k.parts == key.parts && k.covariates != key.covariates) {
-                let control = ConditionKey { covariates: other.covariates.clone(), parts: Vec::new() };
-                let (Some(their_control), Some(treated)) = (self.training_mean(&control), self.training_mean(other))
+                let Some((shift, their_control)) = self.training_shift_and_control(&other.covariates, &other.parts)
                 else {
                     continue;
                 };
@@ -343,7 +347,7 @@ impl Scoring<'_> {
                 if nearest.is_none_or(|(best, _)| distance < best) {
                     nearest = Some((distance, others.len()));
                 }
-                others.push(treated.iter().zip(&their_control).map(|(t, c)| t - c).collect());
+                others.push(shift);
             }
         }
         let nearest = nearest.map(|(_, i)| others[i].clone());
