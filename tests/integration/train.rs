@@ -7,7 +7,7 @@ use cpa_stream::unstable::engine::model::load_model;
 use cpa_stream::unstable::engine::trainer::Trainer;
 use cpa_stream::unstable::pipeline::encoder::{EncoderOptions, SplitSpec};
 use cpa_stream::unstable::schemas::tables::{same_schema, training_metrics_schema};
-use cpa_stream::unstable::stages::model::config::CpaConfig;
+use cpa_stream::unstable::stages::model::config::{CpaConfig, DispersionInit};
 use cpa_stream::unstable::stages::store::read_small_table;
 use serde_json::Value;
 use tch::Device;
@@ -229,6 +229,50 @@ fn the_unseen_covariates_preset_trains_the_skip_resumes_exactly_and_predicts_anc
         out.to_str().unwrap_or_default(),
     ]);
     assert!(o.status.success(), "predict --anchored failed: {}", text(&o.stderr));
+}
+
+#[test]
+fn the_dispersion_starts_from_the_data_s_moments_when_asked() {
+    use cpa_stream::unstable::engine::train::dispersion::moment_log_theta;
+    use cpa_stream::unstable::pipeline::encoder::CellLabels;
+
+    // One epoch of 12 steps at the default rate moves log theta by about 0.004 at most: a run's
+    // dispersion is where it started. The random start is standard normal draws; the moments'
+    // start is the estimate from the store (here from every cell, the run's from its training
+    // cells: close, not equal).
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "raw");
+    let labels = CellLabels::from_store(
+        &cpa_stream::Store::open(&store).unwrap_or_else(|e| panic!("{e}")),
+        &synth_encoder(SplitSpec::all_training()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let opened = cpa_stream::Store::open(&store).unwrap_or_else(|e| panic!("{e}"));
+    let estimate = moment_log_theta(&opened, &labels).unwrap_or_else(|e| panic!("{e}"));
+    let toml = dir.path().join("moments.toml");
+    std::fs::write(&toml, "[model]\ndispersion_init = \"moments\"\n").unwrap_or_else(|e| panic!("{e}"));
+    let log_theta = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        train(&store, &out, &[&["--epochs", "1", "--batch-size", "256"], extra].concat());
+        let model = load_model(&out.join("model"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let theta = model.nb_theta().ok().flatten().unwrap_or_else(|| panic!("{name}: an nb model has a theta"));
+        let theta = Vec::<f32>::try_from(&theta).unwrap_or_else(|e| panic!("{e}"));
+        (theta.iter().map(|t| f64::from(t.ln())).collect::<Vec<f64>>(), model.config().model.dispersion_init)
+    };
+    let correlation = |a: &[f64]| {
+        let b: Vec<f64> = estimate.log_theta.iter().map(|&v| f64::from(v)).collect();
+        let (ma, mb) = (a.iter().sum::<f64>() / a.len() as f64, b.iter().sum::<f64>() / b.len() as f64);
+        let cov: f64 = a.iter().zip(&b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let (va, vb): (f64, f64) = (a.iter().map(|x| (x - ma).powi(2)).sum(), b.iter().map(|y| (y - mb).powi(2)).sum());
+        cov / (va * vb).sqrt()
+    };
+    let (random, kind) = log_theta("random", &[]);
+    assert_eq!(kind, DispersionInit::Random);
+    let (moments, kind) = log_theta("moments", &["--config", toml.to_str().unwrap_or_default()]);
+    assert_eq!(kind, DispersionInit::Moments);
+    let (r_random, r_moments) = (correlation(&random), correlation(&moments));
+    assert!(r_random.abs() < 0.3, "the random start correlates {r_random} with the data's moments");
+    assert!(r_moments > 0.9, "the moments' start correlates only {r_moments} with the data's moments");
 }
 
 #[test]

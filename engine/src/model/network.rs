@@ -331,6 +331,24 @@ impl CpaModel {
         }
     }
 
+    /// Sets the count likelihood's per-gene log inverse dispersion (one value a gene); an error
+    /// for a model without one (`gauss`) or a length other than its genes'.
+    pub fn set_log_theta(&mut self, values: &[f32]) -> Result<()> {
+        let Heads::Counts { log_theta, .. } = &mut self.heads else {
+            return Err(Error::InvalidInput("a gauss likelihood has no dispersion to set".to_owned()));
+        };
+        if values.len() as i64 != log_theta.size1().torch()? {
+            return Err(Error::InvalidInput(format!(
+                "{} dispersion values for a model of {} genes",
+                values.len(),
+                log_theta.size1().torch()?
+            )));
+        }
+        let source = Tensor::from_slice(values).f_to_device(log_theta.device()).torch()?;
+        tch::no_grad(|| log_theta.f_copy_(&source)).torch()?;
+        Ok(())
+    }
+
     /// The vocabularies.
     pub fn vocabulary(&self) -> &Vocabulary {
         &self.vocab

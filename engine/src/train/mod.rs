@@ -6,6 +6,7 @@
 //! weights, or the last ones when there was no validation), `metrics.parquet` (one row per epoch,
 //! [`history`]) and `config.toml`.
 
+pub mod dispersion;
 pub mod features;
 pub mod history;
 pub mod probe;
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::device::{DeviceMemory, memory as device_memory};
-use crate::model::config::CpaConfig;
+use crate::model::config::{CpaConfig, DispersionInit};
 use crate::model::files::publish_dir;
 use crate::model::{CpaModel, save_model};
 use crate::trainer::{EpochMetrics, Trainer};
@@ -362,8 +363,19 @@ fn start_trainer(
             );
         }
     }
-    let model = CpaModel::new(&config, &labels.vocab, features, options.device, config.training.seed)
+    let mut model = CpaModel::new(&config, &labels.vocab, features, options.device, config.training.seed)
         .map_err(Error::stage(Stage::Trainer))?;
+    if config.model.dispersion_init == DispersionInit::Moments && config.model.recon_loss.is_count() {
+        let estimate = dispersion::moment_log_theta(store, labels).map_err(Error::stage(Stage::Reader))?;
+        tracing::debug!(
+            "inverse dispersion starts from moments: {} training cells in {} label groups, {} of {} genes estimated",
+            estimate.cells,
+            estimate.groups,
+            estimate.genes_estimated,
+            estimate.log_theta.len()
+        );
+        model.set_log_theta(&estimate.log_theta).map_err(Error::stage(Stage::Trainer))?;
+    }
     Trainer::new(model).map_err(Error::stage(Stage::Trainer))
 }
 

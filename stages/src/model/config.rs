@@ -211,6 +211,20 @@ pub enum LrSchedule {
     Reference,
 }
 
+/// Where the count likelihoods' per-gene inverse dispersion (`log_theta`) starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DispersionInit {
+    /// Standard normal draws of log theta, the reference's (scvi-tools') start. Learnt at the
+    /// autoencoder's rate, it moves by at most that rate a step: a run of a few hundred steps
+    /// ends near its random start.
+    #[default]
+    Random,
+    /// A method-of-moments estimate from a sample of the training cells, within their label
+    /// groups and relative to each cell's library size; training goes on from there.
+    Moments,
+}
+
 /// The validation score that early stopping and the best weights maximise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -275,6 +289,8 @@ pub struct ModelConfig {
     /// proportions or the Gaussian mean move by `W z_pert`, the same shift in every covariate
     /// value and every cell. Off by default; a model without it has no such weights.
     pub perturbation_skip: bool,
+    /// Where the count likelihoods' inverse dispersion starts (`nb`, `zinb`; `gauss` has none).
+    pub dispersion_init: DispersionInit,
 }
 
 impl Default for ModelConfig {
@@ -297,6 +313,7 @@ impl Default for ModelConfig {
             max_comb_len: DEFAULT_MAX_COMB_LEN,
             n_samples: DEFAULT_N_SAMPLES,
             perturbation_skip: false,
+            dispersion_init: DispersionInit::Random,
         }
     }
 }
