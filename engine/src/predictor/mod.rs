@@ -18,6 +18,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::model::config::DispersionInit;
 use crate::model::layers::Noise;
 use crate::model::{CpaModel, Vocabulary};
 use arrow::datatypes::SchemaRef;
@@ -160,6 +161,15 @@ fn written_theta(model: &CpaModel, dir: &Path, index: Option<&[i64]>, change: bo
             model.config().model.recon_loss
         ))
     })?;
+    if model.config().model.dispersion_init == DispersionInit::Random {
+        tracing::warn!(
+            "{}: {} uses the model's dispersion, which started as random draws (model.dispersion_init = \"random\", \
+             the reference's start) and moves little in a run of a few thousand steps or fewer; a model trained with \
+             dispersion_init = \"moments\" starts from the data's",
+            dir.display(),
+            if change { "--change" } else { "--expected-log1p" }
+        );
+    }
     match index {
         None => Ok(theta),
         Some(index) => {
