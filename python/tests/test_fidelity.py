@@ -145,6 +145,7 @@ def test_the_reference_preset_and_definitions_from_python(store, run, tmp_path):
                       **COMPUTE)
     assert unseen.config["model"]["perturbation_skip"] is True
     assert unseen.config["model"]["n_latent"] == 128
+    # The preset's doser_type "auto" is resolved from the data: the bundled data have one dose.
     assert (unseen.config["model"]["doser_type"], unseen.config["training"]["mixup_alpha"]) == ("linear", 0.0)
     frame = run.evaluate(store, definitions="reference", progress=False)
     assert set(frame["deg_source"]) == {"mean difference"}

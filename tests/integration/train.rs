@@ -232,6 +232,22 @@ fn the_unseen_covariates_preset_trains_the_skip_resumes_exactly_and_predicts_anc
 }
 
 #[test]
+fn the_unseen_covariates_preset_learns_a_dose_response_where_the_data_have_several_doses() {
+    use cpa_stream::unstable::stages::model::config::DoserType;
+
+    // The synthetic store has two doses a perturbation: `doser_type = "auto"` becomes logsigm,
+    // recorded as such (the bundled data's one dose gives linear: python/tests/test_fidelity.py).
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "raw");
+    let out = dir.path().join("run");
+    train(&store, &out, &["--epochs", "1", "--batch-size", "256", "--preset", "unseen-covariates"]);
+    let config = CpaConfig::from_file(&out.join("config.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.model.doser_type, DoserType::Logsigm);
+    let model = load_model(&out.join("model"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(model.config().model.doser_type, DoserType::Logsigm);
+}
+
+#[test]
 fn the_dispersion_starts_from_the_data_s_moments_when_asked() {
     use cpa_stream::unstable::engine::train::dispersion::moment_log_theta;
     use cpa_stream::unstable::pipeline::encoder::CellLabels;

@@ -222,6 +222,13 @@ impl CpaModel {
                 log: m.doser_type == DoserType::Logsigm,
             },
             DoserType::Linear => Doser::Linear,
+            DoserType::Auto => {
+                return Err(Error::InvalidInput(
+                    "model.doser_type = \"auto\" is chosen from the training cells' doses when a run starts; a model \
+                     is built with logsigm, sigm, linear or mlp"
+                        .to_owned(),
+                ));
+            }
             DoserType::Mlp => {
                 let h = m.n_hidden_doser as i64;
                 // Each per-perturbation layer has PyTorch's default bounds: 1/sqrt(fan_in).

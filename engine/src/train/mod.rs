@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::device::{DeviceMemory, memory as device_memory};
-use crate::model::config::{CpaConfig, DispersionInit};
+use crate::model::config::{CpaConfig, DispersionInit, DoserType};
 use crate::model::files::publish_dir;
 use crate::model::{CpaModel, save_model};
 use crate::trainer::{EpochMetrics, Trainer};
@@ -338,6 +338,15 @@ fn start_trainer(
         config.training.batch_size = config.training.batch_size_for(train_cells, epochs);
         tracing::info!("batch size {} for {epochs} epochs of {train_cells} training cells", config.training.batch_size);
     }
+    if config.model.doser_type == DoserType::Auto {
+        let several = several_doses(labels);
+        config.model.doser_type = if several { DoserType::Logsigm } else { DoserType::Linear };
+        tracing::info!(
+            "dose response {} (doser_type auto: {} training cells' perturbations)",
+            if several { "logsigm" } else { "linear" },
+            if several { "several doses among the" } else { "one dose for each of the" }
+        );
+    }
     if options.auto_batch_size {
         let nnz_per_cell = (store.nnz() / store.n_obs().max(1)) as usize;
         config.training.batch_size = probe_batch_size(&config, labels, options.device, nnz_per_cell)?;
@@ -377,6 +386,26 @@ fn start_trainer(
         model.set_log_theta(&estimate.log_theta).map_err(Error::stage(Stage::Trainer))?;
     }
     Trainer::new(model).map_err(Error::stage(Stage::Trainer))
+}
+
+/// Whether some perturbation (not the control) has training cells at two or more doses.
+fn several_doses(labels: &CellLabels) -> bool {
+    let control = cpa_stream_stages::model::vocab::CONTROL_ID as u32;
+    let mut trained = vec![false; labels.groups().len()];
+    for cell in 0..labels.n_cells() {
+        if labels.split(cell) == Split::Train {
+            trained[labels.group_id(cell) as usize] = true;
+        }
+    }
+    let mut first_dose: std::collections::HashMap<u32, f32> = std::collections::HashMap::new();
+    for (group, _) in labels.groups().iter().zip(&trained).filter(|(_, t)| **t) {
+        for &(perturbation, dose) in group.parts.iter().filter(|(p, _)| *p != control) {
+            if *first_dose.entry(perturbation).or_insert(dose) != dose {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// The labels and features of a run with perturbation features: the table's perturbations

@@ -107,6 +107,15 @@ fn values(t: &Tensor) -> Result<Vec<f64>> {
 }
 
 #[test]
+fn a_model_is_not_built_with_the_dose_response_left_to_the_data() -> Result<()> {
+    let mut config = small_config();
+    config.model.doser_type = DoserType::Auto;
+    let err = CpaModel::new(&config, &vocab()?, None, Device::Cpu, 1).err().map(|e| e.to_string());
+    assert!(err.as_deref().is_some_and(|e| e.contains("\"auto\" is chosen")), "{err:?}");
+    Ok(())
+}
+
+#[test]
 fn dose_responses_follow_their_formulas() -> Result<()> {
     let v = vocab()?;
     let doses = [0.0f32, 0.1, 1.0, 10.0];
@@ -145,6 +154,7 @@ fn dose_responses_follow_their_formulas() -> Result<()> {
                         w_in.iter().zip(&b_in).zip(&w_out).map(|((w, b), o)| (dose * w + b).max(0.0) * o).sum();
                     if dose > 0.0 { sigmoid(h + b_out[0]) } else { 0.0 }
                 }
+                DoserType::Auto => unreachable!("not among the dose responses built here"),
             };
             assert!((got[i] - want).abs() < 1e-6, "{doser:?} entry {i}: {} vs {want}", got[i]);
         }

@@ -164,6 +164,11 @@ pub enum DoserType {
     Linear,
     /// `sigmoid(MLP_k(d)) * [d > 0]`, one small MLP per perturbation.
     Mlp,
+    /// Chosen from the data when a run starts and recorded as chosen: `logsigm` where a
+    /// perturbation has training cells at two or more doses (a dose response to learn), `linear`
+    /// where every perturbation has one dose (where the log-sigmoid's start only shrinks the
+    /// embedding). The `unseen-covariates` preset's.
+    Auto,
 }
 
 /// Normalisation of the hidden layers.
@@ -516,13 +521,15 @@ pub enum Preset {
     /// (`ema_decay = 0`). For reproducing the reference's numbers (`cpa_stream.compat` starts
     /// from it); `docs/fidelity.md` measures what each difference does.
     Reference,
-    /// The defaults plus the perturbation's path straight to the output (`perturbation_skip`) and
-    /// a latent space of 128 (`n_latent`), for covariate values (cell types, lines, donors) whose
-    /// perturbed cells training never saw. Chosen on real PBMCs (Kang et al. 2018, IFN-beta, CD14
-    /// monocytes and CD4 naive T cells held out) and confirmed on four other held-out cell types
-    /// of them; on synthetic atlases level or slightly behind (`docs/fidelity.md`, "Unseen cell
-    /// types: the skip and a wider latent"). Until 2026-11-26 it set mixup and a log-sigmoid dose
-    /// response instead of the wider latent, which cost on real PBMCs.
+    /// The defaults plus the perturbation's path straight to the output (`perturbation_skip`), a
+    /// latent space of 128 (`n_latent`) and the dose response chosen from the data (`doser_type =
+    /// "auto"`: log-sigmoid with several doses, linear with one), for covariate values (cell
+    /// types, lines, donors) whose perturbed cells training never saw. The skip and the latent
+    /// chosen on real PBMCs (Kang et al. 2018, IFN-beta, one dose; CD14 monocytes and CD4 naive T
+    /// cells held out) and confirmed on four other held-out cell types of them; the dose response
+    /// on the synthetic drug x dose atlases (`docs/fidelity.md`, "Unseen cell types with several
+    /// doses"). Until 2026-11-26 it set mixup and a log-sigmoid dose response for every data set,
+    /// which cost on real PBMCs.
     #[serde(rename = "unseen-covariates")]
     UnseenCovariates,
 }
@@ -579,6 +586,7 @@ impl Preset {
         if self == Preset::UnseenCovariates {
             config.model.perturbation_skip = true;
             config.model.n_latent = UNSEEN_N_LATENT;
+            config.model.doser_type = DoserType::Auto;
         }
         config
     }
@@ -814,14 +822,15 @@ mod tests {
     }
 
     #[test]
-    fn the_unseen_covariates_preset_is_the_defaults_with_the_skip_and_a_wider_latent() -> Result<()> {
+    fn the_unseen_covariates_preset_is_the_defaults_with_the_skip_a_wider_latent_and_the_data_s_doser() -> Result<()> {
         let preset = "unseen-covariates".parse::<Preset>()?;
         assert_eq!(preset.name(), "unseen-covariates");
         let mut u = preset.config();
         assert!(u.model.perturbation_skip);
-        assert_eq!(u.model.n_latent, 128);
+        assert_eq!((u.model.n_latent, u.model.doser_type), (128, DoserType::Auto));
         // Nothing else differs from the defaults.
-        (u.model.perturbation_skip, u.model.n_latent) = (false, DEFAULT_N_LATENT);
+        (u.model.perturbation_skip, u.model.n_latent, u.model.doser_type) =
+            (false, DEFAULT_N_LATENT, DoserType::Linear);
         assert_eq!(u, CpaConfig::default());
         // A run's config.toml records the skip, and one written before it existed reads as off.
         let written = toml::to_string(&preset.config()).expect("toml");
