@@ -100,10 +100,11 @@ def train(
     missing keys take the defaults), a path to such a file, or ``None`` for the defaults.
     ``preset`` changes the defaults the configuration starts from: ``"reference"`` behaves as
     cpa-tools 0.8.8 where the defaults differ from it (its module defaults, its learning-rate
-    schedule, no weight averaging); ``"unseen-covariates"`` adds the perturbation skip and a latent
-    of 128, for cell types whose perturbed cells training never saw: ahead of the defaults on each
-    of six held-out cell types of real PBMCs (docs/fidelity.md, "Unseen cell types: the skip and a
-    wider latent").
+    schedule, no weight averaging); ``"unseen-covariates"`` adds the perturbation skip, a latent
+    of 128 and the dose response chosen from the data (log-sigmoid where perturbations have
+    several doses, linear with one), for cell types whose perturbed cells training never saw: ahead
+    of the defaults on each of six held-out cell types of real PBMCs and on two synthetic drug x
+    dose atlases (docs/fidelity.md, "Unseen cell types with several doses").
     ``max_epochs``, ``batch_size`` (or ``"auto"`` on CUDA) and ``seed`` override it.
 
     ``perturbation_features`` is a Parquet or CSV table with one row per perturbation (a name

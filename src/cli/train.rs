@@ -52,10 +52,12 @@ pub struct TrainArgs {
     pub(crate) config: Option<PathBuf>,
     /// Starting point of the configuration: `default`; `reference` for cpa-tools 0.8.8's
     /// behaviour where the defaults differ from it (its module defaults, its learning-rate schedule,
-    /// no weight averaging); `unseen-covariates`: the defaults plus the perturbation skip and a
-    /// latent of 128, for cell types (or lines, donors) none of whose perturbed cells were trained
-    /// on: ahead of the defaults on each of six held-out cell types of real PBMCs
-    /// (docs/fidelity.md, "Unseen cell types: the skip and a wider latent").
+    /// no weight averaging); `unseen-covariates`: the defaults plus the perturbation skip, a
+    /// latent of 128 and the dose response chosen from the data (log-sigmoid where perturbations
+    /// have several doses, linear with one), for cell types (or lines, donors) none of whose
+    /// perturbed cells were trained on: ahead of the defaults on each of six held-out cell types of
+    /// real PBMCs and on two synthetic drug x dose atlases (docs/fidelity.md, "Unseen cell types
+    /// with several doses").
     #[arg(long, value_parser = ["default", "reference", "unseen-covariates"])]
     pub(crate) preset: Option<String>,
     /// Run directory (checkpoint/, best/, model/, metrics.parquet).
