@@ -404,3 +404,43 @@ def test_change_reproducibility_separates_a_real_change_from_noise(fidelity, tmp
     assert set(rs) == {"A|moved|1.0", "A|same|1.0"}
     assert rs["A|moved|1.0"] > 0.9, rs
     assert abs(rs["A|same|1.0"]) < fidelity.NOISE_REPRODUCIBILITY, rs
+
+
+MAKE_SYNTH = REPO.parent / "shared" / "peer" / "cpa-tools" / "make_synth.py"
+
+
+@pytest.mark.skipif(not MAKE_SYNTH.exists(), reason=f"no {MAKE_SYNTH} (the peer harness's generator)")
+def test_the_synthetic_oracle_replays_the_generator_and_scores_its_true_means(fidelity, tmp_path):
+    """scripts/synth_oracle.py: the generator's draws replayed match the file's counts (a file whose
+    counts differ is refused), and its true means score as the generating model does: E[log1p x]
+    under the true NB nearer the real group means than log1p of the true mean, on all genes."""
+    import subprocess
+
+    import anndata as ad
+
+    path = tmp_path / "synth.h5ad"
+    subprocess.run([sys.executable, str(MAKE_SYNTH), "--out", str(path), "--seed", "5", "--n-cells", "1500",
+                    "--n-genes", "300", "--n-drugs", "2", "--n-de-genes", "40"], check=True, capture_output=True)
+    sys.argv = ["fidelity.py", "prepare", str(path), str(tmp_path / "d"), "--split", "celltype"]
+    fidelity.main()
+    oracle = [sys.executable, str(REPO / "scripts" / "synth_oracle.py"), str(tmp_path / "d"), "--seed", "0"]
+    out = subprocess.run(oracle, check=True, capture_output=True, text=True).stdout
+    scores = {}
+    for line in out.splitlines():
+        found = re.match(r"\s+true means, (\w+)\s+held-out groups\s+([-\d.]+) / ([-\d.]+)", line)
+        if found:
+            scores[found.group(1)] = (float(found.group(2)), float(found.group(3)))
+    shift = re.search(r"baseline shift\s+held-out groups\s+([-\d.]+)", out)
+    assert set(scores) == {"plain", "expected"} and shift, out
+    # The generator's own means on all genes: under the shift baseline scored as the tools are,
+    # over it as the expectation of log1p (docs/fidelity.md, "What the synthetic unseen cell
+    # types allow").
+    assert scores["expected"][0] > float(shift.group(1)) > scores["plain"][0] > 0.5, out
+    assert scores["expected"][1] > 0.5, out
+
+    data = ad.read_h5ad(tmp_path / "d" / "data.h5ad")
+    data.X = data.X.copy()
+    data.X[0, 0] = data.X[0, 0] + 1
+    data.write_h5ad(tmp_path / "d" / "data.h5ad")
+    refused = subprocess.run(oracle, capture_output=True, text=True)
+    assert refused.returncode != 0 and "differ from the file's" in refused.stderr, refused.stderr
