@@ -20,6 +20,9 @@ const SAMPLE_CELLS: u64 = 16_384;
 /// uncertain. Without any such group, the sample is one group.
 const MIN_GROUP_CELLS: usize = 8;
 
+/// Memory for one pass's sums (three a gene and group of the pass).
+const ACCUMULATOR_BYTES: usize = 64 << 20;
+
 /// The estimate's range of theta: a gene measured as underdispersed starts at the upper end
 /// (near a Poisson), one with a huge excess at the lower.
 const THETA_RANGE: (f64, f64) = (1e-2, 1e3);
@@ -38,8 +41,14 @@ pub struct DispersionEstimate {
 }
 
 /// The estimate from at most [`SAMPLE_CELLS`] training cells of `store` (`labels` its cells'
-/// groups and splits). Reads only the sampled rows; memory is three numbers a gene.
+/// groups and splits). Reads only the sampled rows, each once, in store order within a pass of
+/// groups; memory is at most [`ACCUMULATOR_BYTES`] of sums.
 pub fn moment_log_theta(store: &Store, labels: &CellLabels) -> Result<DispersionEstimate> {
+    moment_log_theta_within(store, labels, ACCUMULATOR_BYTES)
+}
+
+/// [`moment_log_theta`] with `accumulator_bytes` for a pass's sums.
+fn moment_log_theta_within(store: &Store, labels: &CellLabels, accumulator_bytes: usize) -> Result<DispersionEstimate> {
     let genes = store.n_vars() as usize;
     let train_cells = labels.split_counts[Split::Train as usize];
     let step = train_cells.div_ceil(SAMPLE_CELLS).max(1);
@@ -61,48 +70,52 @@ pub fn moment_log_theta(store: &Store, labels: &CellLabels) -> Result<Dispersion
         runs.push(&sample);
     }
 
+    // Groups are summed a pass at a time, as many as ACCUMULATOR_BYTES hold, and each pass reads
+    // its rows in store order (a compressed block is decoded once a pass, not once a row).
     let mut cursor = store.cursor()?;
     let (mut numerator, mut denominator) = (vec![0f64; genes], vec![0f64; genes]);
-    // One group's sums per gene: counts, squared counts, counts times library size.
-    let (mut s1, mut sx2, mut sxl) = (vec![0f64; genes], vec![0f64; genes], vec![0f64; genes]);
-    let mut touched: Vec<usize> = Vec::new();
     let (mut cells, mut groups) = (0usize, 0usize);
-    for run in runs {
-        let (mut sl, mut sl2, mut n) = (0f64, 0f64, 0usize);
-        for &(_, row) in run {
+    let groups_per_pass = (accumulator_bytes / (3 * 8 * genes.max(1))).max(1);
+    for pass in runs.chunks(groups_per_pass) {
+        let mut rows: Vec<(u64, usize)> =
+            pass.iter().enumerate().flat_map(|(slot, run)| run.iter().map(move |&(_, row)| (row, slot))).collect();
+        rows.sort_unstable();
+        // Per group of the pass and gene: counts, squared counts, counts times library size;
+        // per group: library sizes, their squares, cells.
+        let mut sums = vec![[0f64; 3]; pass.len() * genes];
+        let mut libraries = vec![(0f64, 0f64, 0usize); pass.len()];
+        for (row, slot) in rows {
             let (indices, values) = cursor.row(row)?;
             let library: f64 = values.iter().map(|&v| f64::from(v)).sum();
             if library <= 0.0 {
                 continue;
             }
-            n += 1;
-            sl += library;
-            sl2 += library * library;
+            let (sl, sl2, n) = &mut libraries[slot];
+            (*sl, *sl2, *n) = (*sl + library, *sl2 + library * library, *n + 1);
+            let group = &mut sums[slot * genes..(slot + 1) * genes];
             for (&g, &v) in indices.iter().zip(values) {
-                let (g, v) = (g as usize, f64::from(v));
-                if s1[g] == 0.0 && sx2[g] == 0.0 {
-                    touched.push(g);
-                }
-                s1[g] += v;
-                sx2[g] += v * v;
-                sxl[g] += v * library;
+                let (sum, v) = (&mut group[g as usize], f64::from(v));
+                sum[0] += v;
+                sum[1] += v * v;
+                sum[2] += v * library;
             }
         }
-        if n >= 2 {
+        for (slot, &(sl, sl2, n)) in libraries.iter().enumerate() {
+            if n < 2 {
+                continue;
+            }
             let correction = n as f64 / (n - 1) as f64;
-            for &g in &touched {
-                let p = s1[g] / sl;
-                let squares = sx2[g] - 2.0 * p * sxl[g] + p * p * sl2;
-                numerator[g] += correction * squares - s1[g];
-                denominator[g] += p * p * sl2;
+            for (g, &[s1, sx2, sxl]) in sums[slot * genes..(slot + 1) * genes].iter().enumerate() {
+                if s1 > 0.0 {
+                    let p = s1 / sl;
+                    let squares = sx2 - 2.0 * p * sxl + p * p * sl2;
+                    numerator[g] += correction * squares - s1;
+                    denominator[g] += p * p * sl2;
+                }
             }
             cells += n;
             groups += 1;
         }
-        for &g in &touched {
-            (s1[g], sx2[g], sxl[g]) = (0.0, 0.0, 0.0);
-        }
-        touched.clear();
     }
 
     let (low, high) = (THETA_RANGE.0.ln(), THETA_RANGE.1.ln());
@@ -266,6 +279,10 @@ mod tests {
                 thetas[g / 2]
             );
         }
+
+        // A pass a group: the same sums, the same estimate.
+        let by_group = moment_log_theta_within(&store, &labels, 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(by_group.log_theta, estimate.log_theta);
 
         // The same cells as one group: the groups' tenfold difference reads as overdispersion.
         let one = vec![group(0, "control")];
