@@ -695,6 +695,11 @@ impl CpaConfig {
                  normalisation"
             ));
         }
+        if m.dispersion_init == DispersionInit::Moments && !m.recon_loss.is_count() {
+            return Err("model.dispersion_init is \"moments\" with model.recon_loss = \"gauss\", which has no \
+                        dispersion; it is for \"nb\" or \"zinb\""
+                .to_owned());
+        }
         for (key, value) in [
             ("model.dropout_rate_encoder", m.dropout_rate_encoder),
             ("model.dropout_rate_decoder", m.dropout_rate_decoder),
@@ -880,6 +885,11 @@ mod tests {
         assert!(config.validate().is_err_and(|e| e.contains("model.norm_encoder") && e.contains("batch of 2")));
         (config.model.norm_encoder, config.model.norm_decoder, config.adversary.norm) =
             (Norm::Layer, Norm::Layer, Norm::Layer);
+        assert_eq!(config.validate(), Ok(()));
+        // A dispersion's start for a likelihood without one: an error naming both keys.
+        (config.model.dispersion_init, config.model.recon_loss) = (DispersionInit::Moments, ReconLoss::Gauss);
+        assert!(config.validate().is_err_and(|e| e.contains("model.dispersion_init") && e.contains("gauss")));
+        config.model.recon_loss = ReconLoss::Zinb;
         assert_eq!(config.validate(), Ok(()));
     }
 
