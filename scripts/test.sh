@@ -14,7 +14,9 @@ cargo test --release --locked --workspace --features cpa-stream/polars "$@"
 scripts/python.sh >/dev/null
 export CPA_STREAM_BIN="$CARGO_TARGET_DIR/release/cpa-stream"
 status=0
-"$CPA_STREAM_VENV/bin/python" -m pytest python/tests -q -rs || status=$?
+# Temporary folders of passing tests are removed (pytest keeps three runs' by default: gigabytes on
+# a shared disk).
+"$CPA_STREAM_VENV/bin/python" -m pytest python/tests -q -rs -o tmp_path_retention_policy=failed || status=$?
 if [ "$status" -eq 5 ]; then
   echo "test.sh: pytest collected no tests in python/tests" >&2
 fi
