@@ -275,6 +275,40 @@ fn only_the_engine_depends_on_libtorch() {
     }
 }
 
+/// Every crate the Python module's build (maturin, `python/Cargo.toml` alone) compiles is
+/// compiled by the workspace's build with the same features (scripts/build.sh), so the module's
+/// build reuses them: a feature set that differs makes the crate, and every crate above it,
+/// compile twice on a cold CI run. Fixed by a `unify-` line in python/Cargo.toml. Skipped, with
+/// the reason, where `cargo tree` cannot run offline.
+#[test]
+fn the_python_module_compiles_no_crate_the_workspace_build_compiled_otherwise() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tree = |args: &[&str]| -> Option<BTreeSet<String>> {
+        let out = std::process::Command::new(&cargo)
+            .args(["tree", "--offline", "--locked", "--prefix", "none", "-f", "{p} [{f}]"])
+            .args(args)
+            .current_dir(repo_root())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("skipped: cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        // Each crate with its features once; a repeat is marked "(*)".
+        let text = String::from_utf8_lossy(&out.stdout);
+        Some(text.lines().map(|l| l.trim_end_matches(" (*)").to_owned()).filter(|l| !l.is_empty()).collect())
+    };
+    let Some(workspace) = tree(&["--workspace", "--features", "cpa-stream/polars", "-e", "normal,build,dev"]) else {
+        return;
+    };
+    let Some(module) = tree(&["--manifest-path", "python/Cargo.toml", "-e", "normal,build"]) else { return };
+    assert!(module.iter().any(|l| l.starts_with("pyo3 ")), "the module's tree has no pyo3: {module:?}");
+    let own =
+        |l: &&String| l.starts_with("cpa-stream-python ") || l.starts_with("pyo3") || l.starts_with("target-lexicon ");
+    let drifted: Vec<&String> = module.iter().filter(|l| !own(l) && !workspace.contains(*l)).collect();
+    assert!(drifted.is_empty(), "crates with other features in the Python module's build: {drifted:?}");
+}
+
 #[test]
 fn the_circle_check_finds_circles_and_reads_use_trees() {
     assert_eq!(
