@@ -6,6 +6,8 @@ arguments and keys follow cpa-tools' API reference (../shared/reference/cpa-tool
 tutorials' published data layout. ``TUTORIAL_EPOCHS`` caps the epochs.
 Run: python examples/cpa-tools/combosciplex.py [--rdkit] [OUT_DIR]"""
 
+import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +22,7 @@ RDKIT = "--rdkit" in sys.argv
 args = [a for a in sys.argv[1:] if a != "--rdkit"]
 save_path = args[0] if args else "cpa-tools-combosciplex"
 scratch = Path(tempfile.mkdtemp(prefix="combosciplex-"))
+atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # the generated atlas, not an output
 
 adata = combosciplex_like(scratch)  # was: sc.read of combo_sciplex_prep_hvg_filtered.h5ad
 adata.obs['split_1ct_MEC'].value_counts()
