@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -615,6 +616,11 @@ def stream(a):
         with open(os.path.join(target, "score.json"), "w") as f:
             json.dump(result, f, indent=1, default=float)
         print_result(result)
+    if not a.keep_checkpoints:
+        # A protocol makes hundreds of runs: their optimizer states and second copies of the
+        # weights filled a shared disk once (35 GB). model/ is what the later commands read.
+        for name in ("checkpoint", "best"):
+            shutil.rmtree(os.path.join(run, name), ignore_errors=True)
 
 
 def read_log_theta(model):
@@ -1309,6 +1315,9 @@ def main():
                            help="also score the last epoch's weights, as VARIANT-last")
             p.add_argument("--defaults", action="store_true",
                            help="start from cpa-stream's defaults instead of the translation")
+            p.add_argument("--keep-checkpoints", action="store_true",
+                           help="keep the run's checkpoint/ and best/ once scored (by default only "
+                                "model/, which rescore, draws and slopes read, stays)")
     p = sub.add_parser("rescore")
     p.add_argument("dir")
     p.add_argument("--variants", default="cpa-stream", help="comma-separated variants to score again")
