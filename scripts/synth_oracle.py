@@ -93,7 +93,8 @@ def main():
     params = json.loads(adata.uns["synth_params"])
     truth = replay(params)
     row = np.array([int(name.removeprefix("cell")) for name in adata.obs.index])
-    if not np.array_equal(adata.X.toarray(), truth["counts"][row]):
+    counts = adata.X.toarray()
+    if not np.array_equal(counts, truth["counts"][row]):
         sys.exit("synth_oracle: the replayed counts differ from the file's: another make_synth.py version")
 
     obs = adata.obs
@@ -102,7 +103,6 @@ def main():
     source = fidelity.cf_draws(obs, meta, test_idx, a.seed)
     ctrl = obs[meta["perturbation_key"]].astype(str).values == meta["control"]
     cov = fidelity.covariate_keys(obs, meta)
-    counts = adata.X.toarray()
     predictions = {"plain": {}, "expected": {}, "anchored": {}}
     for g in np.unique(group[test_idx]):
         members = np.where(group[test_idx] == g)[0]

@@ -284,12 +284,18 @@ fn only_the_engine_depends_on_libtorch() {
 fn the_python_module_compiles_no_crate_the_workspace_build_compiled_otherwise() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let tree = |args: &[&str]| -> Option<BTreeSet<String>> {
-        let out = std::process::Command::new(&cargo)
+        let out = match std::process::Command::new(&cargo)
             .args(["tree", "--offline", "--locked", "--prefix", "none", "-f", "{p} [{f}]"])
             .args(args)
             .current_dir(repo_root())
             .output()
-            .ok()?;
+        {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("skipped: {cargo} could not be run: {e}");
+                return None;
+            }
+        };
         if !out.status.success() {
             eprintln!("skipped: cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
             return None;
