@@ -11,7 +11,9 @@
 #                                GPU_DEVICE=cpu runs the prediction checks on the CPU alone (a dry
 #                                run of this script where there is no GPU; the CUDA tests are left out);
 #                                PRESET (default "default") is the `train --preset` of the
-#                                prediction checks' model; CUDA_TESTS=0 leaves the CUDA tests out
+#                                prediction checks' model; CONFIG, a TOML file, is passed with it as
+#                                `--config` (e.g. model.dispersion_init = "moments"); CUDA_TESTS=0
+#                                leaves the CUDA tests out
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=.device
@@ -69,6 +71,11 @@ cp "$dev/check/cpa-stream" "$dev/check/cpa-stream-engine" "$bin_dir/"
 export CARGO_MANIFEST_DIR="$PWD"
 gpu="${GPU_DEVICE:-cuda}"
 preset="${PRESET:-default}"
+config=()
+if [ -n "${CONFIG:-}" ]; then
+  [ -f "$CONFIG" ] || { echo "CONFIG=$CONFIG: no such file" >&2; exit 1; }
+  config=(--config "$(realpath "$CONFIG")")
+fi
 status=0
 
 : > "$out/summary.txt"
@@ -80,12 +87,13 @@ for t in $cuda_tests; do
   grep -q "skipped: no CUDA" "$out/tests-$t.txt" && { echo "   CUDA not visible to libtorch" | tee -a "$out/summary.txt"; status=1; }
 done
 
-echo "== prediction on $gpu against the CPU, a model of the $preset preset" | tee -a "$out/summary.txt"
+echo "== prediction on $gpu against the CPU, a model of the $preset preset${CONFIG:+ with $CONFIG}" | tee -a "$out/summary.txt"
 bin="$bin_dir/cpa-stream"
 work=$(mktemp -d)
 "$bin" synth --cells 20000 --genes 500 --perturbations 10 --doses 2 --cell-types 3 --seed 1 --out "$work/s.store" > /dev/null
 "$bin" train --store "$work/s.store" --dose-key dose --covariates cell_type --epochs 3 --device "$gpu" \
-  --preset "$preset" --out "$work/run" -q
+  --preset "$preset" "${config[@]}" --out "$work/run" -q
+[ -z "${CONFIG:-}" ] || sed 's/^/   /' "$work/run/config.toml" | grep -E "dispersion_init|doser_type|recon_loss" | tee -a "$out/summary.txt"
 for device in cpu "$gpu"; do
   "$bin" predict --model "$work/run" --store "$work/s.store" --source all --target PERT01 --device "$device" \
     --out "$work/cells-$device.parquet" -q --overwrite
