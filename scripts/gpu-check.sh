@@ -50,6 +50,11 @@ run) ;;
 esac
 
 out="${OUT:-$dev/check-results}"
+config=()
+if [ -n "${CONFIG:-}" ]; then
+  [ -f "$CONFIG" ] || { echo "CONFIG=$CONFIG: no such file" >&2; exit 1; }
+  config=(--config "$(realpath "$CONFIG")")
+fi
 mkdir -p "$out" "$dev/check"
 [ -f "$dev/check.tar.xz" ] || { echo "$dev/check.tar.xz: missing; run 'scripts/gpu-check.sh build' first" >&2; exit 1; }
 xz -dc "$dev/check.tar.xz" | tar xf - -C "$dev/check"
@@ -71,11 +76,6 @@ cp "$dev/check/cpa-stream" "$dev/check/cpa-stream-engine" "$bin_dir/"
 export CARGO_MANIFEST_DIR="$PWD"
 gpu="${GPU_DEVICE:-cuda}"
 preset="${PRESET:-default}"
-config=()
-if [ -n "${CONFIG:-}" ]; then
-  [ -f "$CONFIG" ] || { echo "CONFIG=$CONFIG: no such file" >&2; exit 1; }
-  config=(--config "$(realpath "$CONFIG")")
-fi
 status=0
 
 : > "$out/summary.txt"
