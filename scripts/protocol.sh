@@ -19,7 +19,7 @@
 #   L1000_GCT  cmap/cmapPy's functional test file test_l1000.gct (public; 59 compounds x 6
 #             doses in A375, 978 genes, log2 expression); without it, l1000 is skipped with a message
 #   KANG_H5AD  Kang et al. 2018's PBMCs as scripts/ifnb_rda_to_h5ad.py writes them (public,
-#             not bundled); without it, kang-celltype and kang-celltype-cd4 are skipped with a message
+#             not bundled); without it, the kang-celltype data sets are skipped with a message
 #   DIR       results (default $CPA_STREAM_CACHE/protocol), one subdirectory per data set
 #
 # The data sets: norman19 and mcfaline23 are the bundled file's two source studies (K562 CRISPRa
@@ -29,8 +29,9 @@
 # data, split by doses (dose interpolation, Gaussian likelihood), trained 100 and 400 epochs (its
 # 194 training samples make two batches an epoch). Other splits of the same data, for the harness's
 # tables rather than for deciding: norman19-combos (combinations held out), mcfaline23-celltype,
-# synth-a-celltype and synth-b-celltype (one cell type's perturbed cells held out); kang-celltype
-# and kang-celltype-cd4 (real PBMCs, IFN-beta: CD14 monocytes or CD4 naive T cells held out).
+# synth-a-celltype and synth-b-celltype (one cell type's perturbed cells held out); kang-celltype,
+# kang-celltype-cd4, -cd4m, -b, -cd16m and -cd8t (real PBMCs, IFN-beta: the stimulated cells of
+# CD14 monocytes, CD4 naive T, CD4 memory T, B, CD16 monocytes or CD8 T cells held out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -45,6 +46,18 @@ baseline="${baseline%%:*}"
 bundled="$repo/../shared/data/perturbench_devel_cpa.h5ad"
 make_synth="$repo/../shared/peer/cpa-tools/make_synth.py"
 log() { printf 'protocol: %s\n' "$*" >&2; }
+# The held-out cell type of each Kang data set (kang-celltype: fidelity.py's default, the cell
+# type with the most stimulated cells, CD14 Mono).
+kang_heldout() {
+  case "$1" in
+    kang-celltype-cd4) echo "CD4 Naive T" ;;
+    kang-celltype-cd4m) echo "CD4 Memory T" ;;
+    kang-celltype-b) echo "B" ;;
+    kang-celltype-cd16m) echo "CD16 Mono" ;;
+    kang-celltype-cd8t) echo "CD8 T" ;;
+    *) echo "" ;;
+  esac
+}
 mkdir -p "$dir/data"
 
 # Prepares data set NAME: prints "H5AD SPLIT EPOCHS SEEDS PREPARE-ARGS" or nothing to skip it.
@@ -74,12 +87,12 @@ dataset() {
       [ -f "$dir/data/synth-atlas.h5ad" ] || "$py" "$make_synth" --out "$dir/data/synth-atlas.h5ad" --seed 2 \
         --n-cells 50000 --n-genes 2000 --n-cell-types 4 --n-drugs 8 >/dev/null
       echo "$dir/data/synth-atlas.h5ad random 10 0_1" ;;
-    kang-celltype | kang-celltype-cd4)
+    kang-celltype | kang-celltype-cd4 | kang-celltype-cd4m | kang-celltype-b | kang-celltype-cd16m | kang-celltype-cd8t)
       if [ -z "${KANG_H5AD:-}" ] || [ ! -f "$KANG_H5AD" ]; then
         log "$1 skipped: set KANG_H5AD to the .h5ad scripts/ifnb_rda_to_h5ad.py makes of seuratTools' data/ifnb1k.rda"
         return
       fi
-      # The held-out value of kang-celltype-cd4 has spaces: it goes to fidelity.sh as HELDOUT.
+      # The held-out values have spaces: they go to fidelity.sh as HELDOUT (kang_heldout).
       echo "$KANG_H5AD celltype - -" ;;
     l1000)
       if [ -z "${L1000_GCT:-}" ] || [ ! -f "$L1000_GCT" ]; then
@@ -92,7 +105,8 @@ dataset() {
       echo "$dir/data/l1000.h5ad doses 100_400 -" ;;
     *)
       log "unknown data set $1 (norman19, mcfaline23, mcfaline23-celltype, norman19-combos, synth-a," \
-        "synth-a-celltype, synth-b, synth-b-celltype, synth-atlas, l1000, kang-celltype, kang-celltype-cd4)"
+        "synth-a-celltype, synth-b, synth-b-celltype, synth-atlas, l1000, kang-celltype, kang-celltype-cd4," \
+        "kang-celltype-cd4m, kang-celltype-b, kang-celltype-cd16m, kang-celltype-cd8t)"
       exit 2 ;;
   esac
 }
@@ -111,8 +125,7 @@ for role in decide confirm; do
     # fidelity.sh names its directory NAME-SPLIT: a data set named for its split (norman19-combos)
     # goes to the same directory as its base name would (norman19-combos, not norman19-combos-combos).
     base="${name%-"$split"}"
-    held=""
-    [ "$name" = kang-celltype-cd4 ] && held="CD4 Naive T"
+    held=$(kang_heldout "$name")
     NAME="$base" SPLIT="$split" EPOCHS="$e" SEEDS="$s" VARIANTS="$variants" PREPARE="$prepare" \
       HELDOUT="$held" DIR="$dir" scripts/fidelity.sh "$h5ad" >/dev/null
     roles+=("$role=$dir/$base-$split")
