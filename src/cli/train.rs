@@ -35,7 +35,7 @@ pub struct TrainArgs {
     #[arg(long, value_parser = ["morgan", "descriptors"], default_value = "morgan", requires = "perturbation_smiles")]
     pub(crate) smiles_features: String,
     /// obs column with train / valid / test / ood per cell.
-    #[arg(long, conflicts_with_all = ["holdout", "validation_fraction", "test_fraction"])]
+    #[arg(long, conflicts_with_all = ["holdout", "validation_fraction", "test_fraction", "split_seed"])]
     pub(crate) split_key: Option<String>,
     /// Conditions held out entirely (comma-separated, as written in obs).
     #[arg(long, value_delimiter = ',')]
@@ -46,6 +46,11 @@ pub struct TrainArgs {
     /// Fraction of each condition's cells kept for testing (without --split-key) [default: 0.1].
     #[arg(long)]
     pub(crate) test_fraction: Option<f64>,
+    /// Seed of the split by fractions (without --split-key) [default: --seed's]: runs given the
+    /// same split seed split the cells alike whatever their --seed, as an ensemble's runs should
+    /// (predict --ensemble).
+    #[arg(long)]
+    pub(crate) split_seed: Option<u64>,
     /// Model configuration (TOML; see examples/cpa.toml); with --preset, changes only the keys it
     /// sets.
     #[arg(long)]

@@ -28,6 +28,7 @@ impl TrainArgs {
             holdout: self.holdout.clone(),
             validation_fraction: self.validation_fraction,
             test_fraction: self.test_fraction,
+            split_seed: self.split_seed,
             preset: self.preset.clone(),
             config: self.config.clone().map_or(ConfigSource::Default, ConfigSource::File),
             epochs: self.epochs,

@@ -302,6 +302,10 @@ fn resume_continues_exactly() {
     let o = train_output(&store, &split, &["--epochs", "3", "--resume", "--covariates", "dose"]);
     let err = text(&o.stderr);
     assert!(err.contains(r#"--covariates cell_type,dose differs from the run's recorded "cell_type""#), "{err}");
+    // The split's seed is the training seed's unless given, and a resume keeps it.
+    let o = train_output(&store, &split, &["--epochs", "3", "--resume", "--split-seed", "9"]);
+    let err = text(&o.stderr);
+    assert!(err.contains(r#"--split-seed 9 differs from the run's recorded"#), "{err}");
     // No flag repeated: keys, covariates, split and seed come from the run.
     let (s, p) = (store.to_str().unwrap_or_default(), split.to_str().unwrap_or_default());
     let o = run(&["train", "--store", s, "--out", p, "--epochs", "3", "--batch-size", "64", "--resume", "--json"]);

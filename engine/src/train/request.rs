@@ -103,6 +103,10 @@ pub struct TrainRequest {
     pub validation_fraction: Option<f64>,
     /// Fraction of each condition's cells kept for testing (without `split_key`).
     pub test_fraction: Option<f64>,
+    /// Seed of the split by fractions [default: the training seed]; runs given the same one
+    /// (and fractions and holdout) split the cells alike whatever their training seeds, as the
+    /// runs of an ensemble should.
+    pub split_seed: Option<u64>,
     /// The configuration's starting point (`default`, `reference`); `config` changes the keys it
     /// sets.
     pub preset: Option<String>,
@@ -181,8 +185,9 @@ impl TrainRequest {
         check("--seed", self.seed.map(|s| s.to_string()), recorded.training.seed.to_string());
         match &encoder.split {
             SplitSpec::Column(c) => check("--split-key", self.split_key.clone(), c.clone()),
-            SplitSpec::Fraction { validation, test, holdout, .. } => {
+            SplitSpec::Fraction { validation, test, holdout, seed, .. } => {
                 check("--split-key", self.split_key.clone(), "(none)".into());
+                check("--split-seed", self.split_seed.map(|v| v.to_string()), seed.to_string());
                 check("--validation-fraction", self.validation_fraction.map(|v| v.to_string()), validation.to_string());
                 check("--test-fraction", self.test_fraction.map(|v| v.to_string()), test.to_string());
                 let given = (!self.holdout.is_empty()).then(|| self.holdout.join(","));
@@ -232,14 +237,18 @@ impl TrainRequest {
             )));
         }
         if self.split_key.is_some()
-            && (!self.holdout.is_empty() || self.validation_fraction.is_some() || self.test_fraction.is_some())
+            && (!self.holdout.is_empty()
+                || self.validation_fraction.is_some()
+                || self.test_fraction.is_some()
+                || self.split_seed.is_some())
         {
             return Err(Error::InvalidInput(format!(
-                "{} gives the split; {}, {} and {} are for a split by fractions",
+                "{} gives the split; {}, {}, {} and {} are for a split by fractions",
                 self.naming.name("--split-key"),
                 self.naming.name("--holdout"),
                 self.naming.name("--validation-fraction"),
-                self.naming.name("--test-fraction")
+                self.naming.name("--test-fraction"),
+                self.naming.name("--split-seed")
             )));
         }
         let recorded = if self.resume { Some(self.resumed()?) } else { None };
@@ -275,7 +284,7 @@ impl TrainRequest {
                     None => SplitSpec::fractions(
                         self.validation_fraction.unwrap_or(DEFAULT_VALIDATION_FRACTION),
                         self.test_fraction.unwrap_or(DEFAULT_TEST_FRACTION),
-                        config.training.seed,
+                        self.split_seed.unwrap_or(config.training.seed),
                         self.holdout.clone(),
                     ),
                 };
