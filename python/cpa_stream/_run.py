@@ -68,6 +68,7 @@ def train(
     holdout: Sequence[str] = (),
     validation_fraction: float | None = None,
     test_fraction: float | None = None,
+    split_seed: int | None = None,
     config: Mapping[str, Any] | PathLike | None = None,
     preset: str | None = None,
     perturbation_features: PathLike | pd.DataFrame | None = None,
@@ -94,7 +95,9 @@ def train(
     ``control_group`` (default ``"control"``), ``categorical_covariate_keys`` and ``batch_key``
     (left out of the corrected latents). The split: ``split_key`` (an obs column of
     train / valid / test / ood), else ``validation_fraction`` and ``test_fraction`` of each
-    condition (0.1 each) with the conditions in ``holdout`` held out entirely.
+    condition (0.1 each) with the conditions in ``holdout`` held out entirely, drawn with
+    ``split_seed`` (default: ``seed``; runs given the same one split alike whatever their
+    ``seed``, as the runs of an ensemble, :meth:`Run.predict`'s ``ensemble``, should).
 
     ``config`` is a dict of the TOML file's tables (``{"model": {...}, "training": {...}}``;
     missing keys take the defaults), a path to such a file, or ``None`` for the defaults.
@@ -142,7 +145,7 @@ def train(
                 store, out, perturbation_key=perturbation_key, dosage_key=dosage_key, control_group=control_group,
                 categorical_covariate_keys=categorical_covariate_keys, batch_key=batch_key, split_key=split_key,
                 holdout=holdout, validation_fraction=validation_fraction, test_fraction=test_fraction,
-                config=config, preset=preset, perturbation_features=table, max_epochs=max_epochs,
+                split_seed=split_seed, config=config, preset=preset, perturbation_features=table, max_epochs=max_epochs,
                 batch_size=batch_size, seed=seed, device=device, threads=threads, workers=workers, resume=resume,
                 overwrite=overwrite, allow_non_counts=allow_non_counts, progress=progress,
             )
@@ -158,6 +161,7 @@ def train(
         "holdout": _args.names("holdout", holdout),
         "validation_fraction": validation_fraction,
         "test_fraction": test_fraction,
+        "split_seed": split_seed,
         "preset": preset,
         "perturbation_features": os.fspath(perturbation_features) if perturbation_features is not None else None,
         "epochs": max_epochs,
@@ -260,6 +264,9 @@ class Run:
         """The library's ``PredictRequest`` for these keywords, as JSON."""
         genes = kw.pop("genes", None)
         degs = kw.pop("degs", None)
+        ensemble = kw.pop("ensemble", ())
+        if isinstance(ensemble, (str, os.PathLike, Run)):
+            raise TypeError("ensemble: expected a list of runs or run directories, got one; wrap it in a list")
         aggregate = kw.pop("aggregate", None)
         if isinstance(aggregate, str):
             aggregate = [part.strip() for part in aggregate.split(",")]
@@ -271,6 +278,7 @@ class Run:
         request = {
             "degs": os.fspath(degs) if degs is not None else None,
             "model": str(self.path),
+            "ensemble": [str(r.path) if isinstance(r, Run) else os.fspath(r) for r in ensemble],
             "store": _path(store),
             "out": os.fspath(out) if out is not None else None,
             "targets": _target_specs(kw.pop("targets", None)),
@@ -289,6 +297,7 @@ class Run:
         *,
         source: str | None = None,
         targets: Targets = None,
+        ensemble: Sequence[Run | PathLike] = (),
         genes: Sequence[str] | None = None,
         top_deg: int | None = None,
         degs: PathLike | None = None,
@@ -337,10 +346,14 @@ class Run:
         group of one cell), computed where the model runs as the cells pass. ``group_by`` names the
         obs columns that group the source cells (default: the model's covariates; a covariate's
         group is its value in the output).
+
+        ``ensemble`` (other runs, or their directories) averages every predicted column over this
+        run's model and theirs: runs trained on the same store with the same keys, say one recipe
+        with other seeds (docs/prediction.md, "Ensembles"); latents cannot be asked for with it.
         """
         request = self._request(
-            store, source=source, targets=targets, genes=genes, top_deg=top_deg, degs=degs, latents=latents,
-            batch_size=batch_size, seed=seed, allow_empty=allow_empty, batch_corrected=batch_corrected,
+            store, source=source, targets=targets, ensemble=ensemble, genes=genes, top_deg=top_deg, degs=degs,
+            latents=latents, batch_size=batch_size, seed=seed, allow_empty=allow_empty, batch_corrected=batch_corrected,
             expected_log1p=expected_log1p, change=change, anchored=anchored, aggregate=aggregate, group_by=group_by,
             device=device, threads=threads, workers=workers,
         )
@@ -354,6 +367,7 @@ class Run:
         *,
         source: str | None = None,
         targets: Targets = None,
+        ensemble: Sequence[Run | PathLike] = (),
         genes: Sequence[str] | None = None,
         top_deg: int | None = None,
         degs: PathLike | None = None,
@@ -394,8 +408,8 @@ class Run:
         ``prefetch`` are the CLI's flags of the same names.
         The way for predictions that do not fit in memory; read them back lazily with ``polars.scan_parquet`` or DuckDB."""
         request = self._request(
-            store, source=source, targets=targets, genes=genes, top_deg=top_deg, degs=degs, latents=latents,
-            out=out, shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
+            store, source=source, targets=targets, ensemble=ensemble, genes=genes, top_deg=top_deg, degs=degs,
+            latents=latents, out=out, shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
             batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, anchored=anchored,
             aggregate=aggregate, group_by=group_by, values=values, sink_threads=sink_threads, sink_profile=sink_profile, parts=parts,
             row_group_rows=row_group_rows, zstd_level=zstd_level, prefetch=prefetch, overwrite=overwrite,
@@ -409,6 +423,7 @@ class Run:
         *,
         source: str | None = None,
         targets: Targets = None,
+        ensemble: Sequence[Run | PathLike] = (),
         genes: Sequence[str] | None = None,
         top_deg: int | None = None,
         latents: Sequence[str] = (),
@@ -431,7 +446,7 @@ class Run:
         import anndata as ad
 
         reader = self.predict(
-            store, source=source, targets=targets, genes=genes, top_deg=top_deg, latents=latents,
+            store, source=source, targets=targets, ensemble=ensemble, genes=genes, top_deg=top_deg, latents=latents,
             batch_size=batch_size, seed=seed, batch_corrected=batch_corrected, expected_log1p=expected_log1p,
             change=change, anchored=anchored, device=device, threads=threads, workers=workers,
         )

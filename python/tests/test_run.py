@@ -139,6 +139,33 @@ def test_anchored_is_the_observed_log1p_moved_by_the_change_and_aggregates_to_th
     np.testing.assert_allclose(np.asarray(groups.column("anchored")[0].as_py()), recipe, atol=1e-4)
 
 
+def test_an_ensemble_averages_its_runs_predictions(run, store, scratch):
+    # Another training seed, the first run's split (its split seed is its seed, 1).
+    other = cs.train(store, scratch / "run-seed-2", **LABELS, holdout=["MAP2K3+MAP2K6"], max_epochs=EPOCHS, seed=2,
+                     split_seed=1, progress=False, **COMPUTE)
+    split = run.vocabulary["data"]["split"]
+    assert other.vocabulary["data"]["split"] == split and split["fraction"]["seed"] == 1, split
+    assert other.config["training"]["seed"] == 2
+    kw = dict(source=SOURCE, targets=TARGET, anchored=True, **COMPUTE)
+    first, second = run.predict_anndata(store, **kw), other.predict_anndata(store, **kw)
+    # A Run or its directory, in a list.
+    for ensemble in ([other], [str(other.path)]):
+        both = run.predict_anndata(store, ensemble=ensemble, **kw)
+        assert list(both.obs["cell_id"]) == list(first.obs["cell_id"])
+        np.testing.assert_allclose(both.X, (first.X + second.X) / 2, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(both.layers["anchored"], (first.layers["anchored"] + second.layers["anchored"]) / 2,
+                                   rtol=1e-5, atol=1e-5)
+    assert np.abs(first.X - second.X).max() > 1e-3, "two seeds predict differently"
+    reader = run.predict(store, ensemble=[other], **kw)
+    listed = json.loads(reader.schema.metadata[b"cpa_stream.ensemble"])
+    assert [os.path.basename(os.path.dirname(m["model"])) for m in listed] == ["run", "run-seed-2"]
+    reader.read_all()
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        run.predict(store, ensemble=other, **kw)
+    with pytest.raises(ValueError, match="latents"):
+        run.predict(store, ensemble=[other], latents=["z_basal"], **kw)
+
+
 def test_latents_cover_every_cell_in_store_order(run, store):
     latents = run.latents(store, ["z_basal", "z"], **COMPUTE)
     assert latents["z_basal"].shape == (store.n_obs, run.config["model"]["n_latent"])

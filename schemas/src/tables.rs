@@ -194,6 +194,10 @@ pub mod predictions {
     /// Schema metadata key: the model's content hash (`xxh3-64:HEX` of its weights file), which
     /// identifies it wherever the directory moves.
     pub const MODEL_ID_KEY: &str = "cpa_stream.model_id";
+    /// Schema metadata key, written only for an ensemble (`predict --ensemble`): its models as a
+    /// JSON array of `{"model": absolute path, "model_id": "xxh3-64:HEX"}`, the first that of
+    /// [`MODEL_KEY`]; each predicted column is their mean.
+    pub const ENSEMBLE_KEY: &str = "cpa_stream.ensemble";
     /// Schema metadata key: the store the source cells came from (absolute path).
     pub const STORE_KEY: &str = "cpa_stream.store";
     /// Schema metadata key: `long` (a `mean` list column) or `wide` (one column per gene).

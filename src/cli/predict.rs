@@ -12,6 +12,12 @@ pub struct PredictArgs {
     /// Training run directory (its model/ is used) or model directory.
     #[arg(long)]
     pub(crate) model: PathBuf,
+    /// Further training runs (or model directories) whose predictions are averaged with
+    /// --model's: an ensemble, say of one recipe trained with other seeds (repeat the flag or
+    /// separate with commas). Every predicted column is the mean over the models; the runs must
+    /// share the store's genes, perturbations and covariates. Latents cannot be asked for.
+    #[arg(long, value_delimiter = ',', value_name = "RUN")]
+    pub(crate) ensemble: Vec<PathBuf>,
     /// Store with the source cells (same genes as the model).
     #[arg(long)]
     pub(crate) store: PathBuf,

@@ -24,6 +24,7 @@ impl PredictArgs {
         };
         Ok(PredictRequest {
             model: self.model.clone(),
+            ensemble: self.ensemble.clone(),
             store: self.store.clone(),
             out: Some(self.out.clone()),
             source: self.source.clone(),

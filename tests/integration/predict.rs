@@ -1409,3 +1409,118 @@ fn bench_predict_reports_the_predictor_and_the_sink_side_by_side() {
     }
     assert_eq!(r["genes"].as_u64(), Some(100));
 }
+
+/// A second model of the fixture's store: the same keys and configuration, another seed and
+/// fewer epochs (an ensemble's other member), or without the covariate (`covariates` false).
+fn other_run(name: &str, covariates: bool) -> PathBuf {
+    let f = fixture();
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let out = f.dir.join(name);
+    let config = repo_root().join(CONFIG);
+    let mut args = vec!["train", "--store", f.store.to_str().unwrap_or_default(), "--dose-key", "dose"];
+    if covariates {
+        args.extend(["--covariates", "cell_type"]);
+    }
+    let (config, out_text) = (s(&config), s(&out));
+    // Another seed, the fixture's split (its split seed is its seed, the configuration's 1).
+    let split = ["--seed", "11", "--split-seed", "1"];
+    args.extend([&["--config", &config, "--epochs", "5", "--threads", "1", "--out", &out_text][..], &split].concat());
+    let o = run(&args);
+    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    out
+}
+
+/// The ensemble tests' second member (trained once).
+fn second_run() -> &'static PathBuf {
+    static SECOND: OnceLock<PathBuf> = OnceLock::new();
+    SECOND.get_or_init(|| other_run("run-seed-11", true))
+}
+
+#[test]
+fn an_ensemble_writes_the_mean_of_its_models_predictions() {
+    let f = fixture();
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let second = second_run();
+    let columns = ["mean", "expected_log1p", "change_log1p", "anchored"];
+    let flags = ["--target", "PERT03", "--target", "condition=PERT01+PERT02,dose=1+1", "--expected-log1p", "--change"];
+    let flags = [&flags[..], &["--anchored"]].concat();
+    let predict_with = |model: &Path, extra: &[&str], out: &Path| {
+        let mut args = vec!["predict", "--model", model.to_str().unwrap_or_default(), "--store"];
+        args.push(f.store.to_str().unwrap_or_default());
+        let out = s(out);
+        args.extend_from_slice(&flags);
+        args.extend_from_slice(extra);
+        args.extend(["--out", &out]);
+        let o = run(&args);
+        assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+        assert!(!text(&o.stderr).contains("another split"), "one split: {}", text(&o.stderr));
+        read_parquet(Path::new(&out))
+    };
+    let (_, first) = predict_with(&f.run, &[], &f.dir.join("ens-first.parquet"));
+    let (_, other) = predict_with(second, &[], &f.dir.join("ens-second.parquet"));
+    let second_text = s(second);
+    let (schema, both) = predict_with(&f.run, &["--ensemble", &second_text], &f.dir.join("ens-both.parquet"));
+    assert_eq!(strings(&both, "cell_id"), strings(&first, "cell_id"), "the same rows in the same order");
+    assert_eq!(strings(&both, "condition"), strings(&first, "condition"));
+    let mut differ = 0usize;
+    for name in columns {
+        let (a, b, e) = (vectors(&first, name), vectors(&other, name), vectors(&both, name));
+        assert_eq!(e.len(), a.len(), "{name}: rows");
+        for ((a, b), e) in a.iter().zip(&b).zip(&e) {
+            for g in 0..a.len() {
+                let mean = (a[g] + b[g]) / 2.0;
+                assert!((e[g] - mean).abs() <= 1e-5 * (1.0 + mean.abs()), "{name} gene {g}: {} vs {mean}", e[g]);
+                differ += usize::from((a[g] - b[g]).abs() > 1e-3 * (1.0 + a[g].abs()));
+            }
+        }
+    }
+    assert!(differ > 0, "the two models predict differently, so the mean is not either one");
+    // The file names its models.
+    let meta = schema.metadata();
+    let listed: serde_json::Value =
+        serde_json::from_str(&meta["cpa_stream.ensemble"]).unwrap_or_else(|e| panic!("ensemble metadata: {e}"));
+    let listed = listed.as_array().unwrap_or_else(|| panic!("a list: {listed}"));
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["model_id"].as_str(), Some(meta["cpa_stream.model_id"].as_str()));
+    assert!(listed[1]["model"].as_str().is_some_and(|p| p.ends_with("run-seed-11/model")), "{listed:?}");
+    assert_ne!(listed[0]["model_id"], listed[1]["model_id"]);
+
+    // Aggregated: each group's statistic of the averaged columns.
+    let (_, one) = predict_with(&f.run, &["--aggregate", "mean"], &f.dir.join("ens-first-agg.parquet"));
+    let (_, two) = predict_with(second, &["--aggregate", "mean"], &f.dir.join("ens-second-agg.parquet"));
+    let (_, agg) =
+        predict_with(&f.run, &["--aggregate", "mean", "--ensemble", &second_text], &f.dir.join("ens-agg.parquet"));
+    for name in columns {
+        let (a, b, e) = (vectors(&one, name), vectors(&two, name), vectors(&agg, name));
+        assert_eq!((e.len(), a.len()), (4, 4), "{name}: two targets x two cell types");
+        for ((a, b), e) in a.iter().zip(&b).zip(&e) {
+            for g in 0..a.len() {
+                let mean = (a[g] + b[g]) / 2.0;
+                assert!((e[g] - mean).abs() <= 1e-4 * (1.0 + mean.abs()), "{name} gene {g}: {} vs {mean}", e[g]);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_ensemble_refuses_latents_the_same_model_twice_and_runs_that_differ() {
+    let f = fixture();
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let out = s(&f.dir.join("ens-refused.parquet"));
+    let run_dir = s(&f.run);
+    let expect_error = |args: &[&str], words: &[&str]| {
+        let o = predict(&[args, &["--target", "PERT03", "--out", &out]].concat());
+        let err = text(&o.stderr);
+        assert!(!o.status.success(), "{args:?} should fail");
+        for w in words {
+            assert!(err.contains(w), "{args:?}: {w:?} not in {err}");
+        }
+        assert!(!Path::new(&out).exists(), "no output on an error");
+    };
+    let second = s(second_run());
+    expect_error(&["--ensemble", &second, "--latents", "z_basal"], &["latents", "z_basal", "ensemble"]);
+    expect_error(&["--ensemble", &run_dir], &["the same model", "xxh3-64:"]);
+    let without = s(&other_run("run-no-covariates", false));
+    expect_error(&["--ensemble", &without], &["ensemble member", "run-no-covariates", "covariates", "cell_type"]);
+    expect_error(&["--ensemble", "/nonexistent/run"], &["/nonexistent/run"]);
+}

@@ -21,6 +21,8 @@ use crate::threads::Configure as _;
 pub struct PredictRequest {
     /// A run directory (its `model/` is used) or a model directory.
     pub model: PathBuf,
+    /// Further runs whose predictions are averaged with `model`'s (an ensemble).
+    pub ensemble: Vec<PathBuf>,
     /// The store with the source cells.
     pub store: PathBuf,
     /// The Parquet file written (with a shard or `parts`: the dataset directory); none for a
@@ -130,6 +132,7 @@ impl PredictRequest {
             .transpose()?;
         let (device, workers) = self.compute.configure()?;
         let mut options = PredictOptions::new(&self.model, &self.store);
+        options.ensemble = self.ensemble.clone();
         options.source = self.source.clone();
         options.targets = targets;
         options.genes = genes;

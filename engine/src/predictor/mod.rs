@@ -24,7 +24,7 @@ use crate::model::{CpaModel, Vocabulary};
 use arrow::datatypes::SchemaRef;
 use cpa_stream_schemas::tables::prediction_schema;
 use cpa_stream_schemas::tables::predictions::{
-    ANCHORED, CHANGE_LOG1P, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY,
+    ANCHORED, CHANGE_LOG1P, ENSEMBLE_KEY, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY,
 };
 use cpa_stream_stages::store::Store;
 pub use options::{DEFAULT_BATCH_SIZE, GeneSelection, Layout, PredictOptions, Shard};
@@ -112,6 +112,9 @@ pub struct SourceCells {
 pub struct Predictor {
     store: Arc<Store>,
     model: CpaModel,
+    /// The ensemble's further models ([`PredictOptions::ensemble`]), each column the mean over
+    /// `model` and these.
+    members: Vec<Member>,
     keys: ObsKeys,
     source: Expr,
     targets: Vec<Target>,
@@ -136,6 +139,77 @@ pub struct Predictor {
     aggregator: Option<aggregate::Aggregator>,
     /// The obs columns of the source cells that group them besides the labels (aggregates).
     group_by_obs: Vec<String>,
+}
+
+/// A further model of an ensemble, with what [`Predictor`] holds per model.
+struct Member {
+    model: CpaModel,
+    /// As [`Predictor`]'s `theta`, for this model.
+    theta: Option<Tensor>,
+}
+
+/// The model directory's weights hash, `xxh3-64:HEX` ([`MODEL_ID_KEY`]).
+fn model_id(dir: &Path) -> Result<String> {
+    let weights = dir.join(crate::model::files::WEIGHTS_FILE);
+    let (_, hash) = cpa_stream_stages::store::file_checksum(&weights).map_err(Error::io(&weights))?;
+    Ok(format!("xxh3-64:{hash}"))
+}
+
+/// Checks that an ensemble's model `member` (at `dir`) reads and writes what its first model
+/// does: the same genes, perturbations, covariates, obs keys and likelihood
+/// family, so that a target means the same to both and their columns can be averaged.
+fn check_member(first: &CpaModel, member: &CpaModel, dir: &Path) -> Result<()> {
+    let (a, b) = (first.vocabulary(), member.vocabulary());
+    let differ = |detail: String| {
+        Err(Error::InvalidInput(format!(
+            "ensemble member {}: {detail}; an ensemble's runs are trained on one store with the same keys (say \
+             one recipe with several seeds)",
+            dir.display()
+        )))
+    };
+    let only = |x: &[String], y: &[String]| x.iter().find(|v| !y.contains(v)).cloned();
+    let which = |what: &str, x: &[String], y: &[String]| match (only(y, x), only(x, y)) {
+        (Some(v), _) => format!("{what} {v:?} is known to this run and not to the first model's"),
+        (None, Some(v)) => format!("{what} {v:?} is known to the first model's run and not to this one"),
+        (None, None) => format!("its {what}s are in another order than the first model's"),
+    };
+    if a.genes != b.genes {
+        return differ(which("gene", &a.genes, &b.genes));
+    }
+    if a.perturbations != b.perturbations {
+        return differ(which("perturbation", &a.perturbations, &b.perturbations));
+    }
+    let names = |v: &Vocabulary| v.covariates.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    if names(a) != names(b) {
+        return differ(format!("covariates {:?} where the first model has {:?}", names(b), names(a)));
+    }
+    for (x, y) in a.covariates.iter().zip(&b.covariates) {
+        if x.is_batch != y.is_batch {
+            return differ(format!("covariate {:?} is the batch key in one run and not in the other", x.name));
+        }
+        if x.categories != y.categories {
+            return differ(format!("covariate {:?}: {}", x.name, which("value", &x.categories, &y.categories)));
+        }
+    }
+    let keys = |v: &Vocabulary| v.data.as_ref().map(|d| (d.perturbation_key.clone(), d.dose_key.clone()));
+    if keys(a) != keys(b) {
+        return differ(format!("obs keys (condition, dose) {:?} where the first model has {:?}", keys(b), keys(a)));
+    }
+    let trained = |v: &Vocabulary| v.data.as_ref().map(|d| (d.split.clone(), d.cells));
+    if trained(a) != trained(b) {
+        tracing::warn!(
+            "ensemble member {}: trained on other cells or with another split than the first model; its predictions \
+             are averaged all the same (a member that trained on cells the others held out scores them as seen)",
+            dir.display()
+        );
+    }
+    let (x, y) = (first.config().model.recon_loss, member.config().model.recon_loss);
+    if x.is_count() != y.is_count() {
+        return differ(format!(
+            "likelihood {y:?} where the first model has {x:?} (a count model and a Gaussian one predict in different spaces)"
+        ));
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Predictor {
@@ -255,11 +329,39 @@ impl Predictor {
         let mut label_columns = vec![keys.perturbation.clone(), keys.dose_output.clone()];
         label_columns.extend(vocab.covariates.iter().map(|c| c.name.clone()));
         let latent_width = i32::try_from(config.model.n_latent).unwrap_or(i32::MAX);
-        let theta = if options.expected_log1p || options.change {
-            Some(written_theta(&model, &dir, gene_index.as_deref(), options.change)?)
-        } else {
-            None
-        };
+        let wants_theta = options.expected_log1p || options.change;
+        let theta =
+            if wants_theta { Some(written_theta(&model, &dir, gene_index.as_deref(), options.change)?) } else { None };
+        if !options.ensemble.is_empty() && !options.latents.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "latents ({}) with an ensemble: each model's latent space is its own, so an ensemble averages \
+                 predictions, not latents; ask for latents from one run",
+                options.latents.join(", ")
+            )));
+        }
+        let mut ids = vec![(dir.clone(), model_id(&dir)?)];
+        let mut members = Vec::with_capacity(options.ensemble.len());
+        for path in &options.ensemble {
+            let Opened { dir: member_dir, model: member, .. } =
+                Opened::open(path, &options.store, options.device, Stage::Predictor)?;
+            check_member(&model, &member, &member_dir)?;
+            let id = model_id(&member_dir)?;
+            if let Some((same, _)) = ids.iter().find(|(_, other)| *other == id) {
+                return Err(Error::InvalidInput(format!(
+                    "ensemble member {}: the same model ({id}) as {}; an ensemble averages different runs",
+                    member_dir.display(),
+                    same.display()
+                )));
+            }
+            warn_untrained(&member, vocab, &targets).map_err(Error::stage(Stage::Predictor))?;
+            let theta = if wants_theta {
+                Some(written_theta(&member, &member_dir, gene_index.as_deref(), options.change)?)
+            } else {
+                None
+            };
+            ids.push((member_dir, id));
+            members.push(Member { model: member, theta });
+        }
         let gene_columns: Vec<&str> =
             [(options.expected_log1p, EXPECTED_LOG1P), (options.change, CHANGE_LOG1P), (options.anchored, ANCHORED)]
                 .into_iter()
@@ -271,9 +373,12 @@ impl Predictor {
         let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()).display().to_string();
         metadata.insert(MODEL_KEY.to_owned(), absolute(&dir));
         metadata.insert(STORE_KEY.to_owned(), absolute(&options.store));
-        let weights = dir.join(crate::model::files::WEIGHTS_FILE);
-        let (_, hash) = cpa_stream_stages::store::file_checksum(&weights).map_err(Error::io(&weights))?;
-        metadata.insert(MODEL_ID_KEY.to_owned(), format!("xxh3-64:{hash}"));
+        metadata.insert(MODEL_ID_KEY.to_owned(), ids[0].1.clone());
+        if !members.is_empty() {
+            let list: Vec<serde_json::Value> =
+                ids.iter().map(|(dir, id)| serde_json::json!({ "model": absolute(dir), "model_id": id })).collect();
+            metadata.insert(ENSEMBLE_KEY.to_owned(), serde_json::Value::Array(list).to_string());
+        }
         let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));
         let (aggregator, group_by_obs, schema) = match &options.aggregate {
             None => (None, Vec::new(), schema),
@@ -315,6 +420,7 @@ impl Predictor {
         Ok(Predictor {
             store,
             model,
+            members,
             keys,
             source,
             targets,

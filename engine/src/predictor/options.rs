@@ -95,6 +95,12 @@ pub use cpa_stream_pipeline::model_options::PREDICT_BATCH_SIZE as DEFAULT_BATCH_
 pub struct PredictOptions {
     /// A run directory (its `model/` is used) or a model directory.
     pub model: PathBuf,
+    /// Further runs (or model directories) of the same genes, perturbations and covariates, each
+    /// model's predictions averaged with `model`'s: an ensemble, say of one recipe trained with
+    /// several seeds. Every predicted column is the mean over the models (the mean of an equal
+    /// mixture of their predictive distributions); latents, which are each model's own space,
+    /// cannot be asked for. Default none.
+    pub ensemble: Vec<PathBuf>,
     /// The store with the source cells (the model's genes).
     pub store: PathBuf,
     /// Source cells: an [`Expr`](crate::obs::expr::Expr) over obs columns; `None` selects the control cells.
@@ -155,6 +161,7 @@ impl PredictOptions {
     pub fn new(model: impl Into<PathBuf>, store: impl Into<PathBuf>) -> PredictOptions {
         PredictOptions {
             model: model.into(),
+            ensemble: Vec::new(),
             store: store.into(),
             source: None,
             targets: Vec::new(),

@@ -6,9 +6,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::model::PerturbationCsr;
 use crate::model::batch::densify_range;
+use crate::model::layers::Noise;
 use crate::model::likelihood::expected_log1p_nb;
+use crate::model::{CpaModel, PerturbationCsr};
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, StringDictionaryBuilder};
 use arrow::datatypes::{DataType, Field, Int32Type};
 use cpa_stream_stages::CsrBatch;
@@ -28,6 +29,178 @@ const CPU_STEP_ROWS: usize = 256;
 /// The passes of a batch: one per target, or one reconstruction under each cell's own condition.
 fn pass_targets(targets: &[Target]) -> Vec<Option<&Target>> {
     if targets.is_empty() { vec![None] } else { targets.iter().map(Some).collect() }
+}
+
+/// The per-gene columns a prediction writes besides `mean`, and how it decodes.
+#[derive(Debug, Clone, Copy)]
+struct Columns {
+    expected: bool,
+    change: bool,
+    anchored: bool,
+    batch_corrected: bool,
+}
+
+/// One model's encoding of a step's cells: their basal latents (the posterior draws and the
+/// mean), library sizes, and the references of `change_log1p` and `anchored` (the cells
+/// decoded under their own condition).
+struct Encoded {
+    z_draws: Vec<Tensor>,
+    z_mean: Tensor,
+    library: Option<Tensor>,
+    /// The expected log1p under the cells' own condition (`change_log1p`).
+    own: Option<Tensor>,
+    /// The observed expression minus the model's own-condition decoding, in the anchored
+    /// prediction's space (`anchored`).
+    anchor_base: Option<Tensor>,
+}
+
+/// The perturbation and covariate latents of one pass for the cells `rows` of the batch under
+/// `model` (rows x latent: small, computed per step so that nothing grows with the targets).
+fn pass_latents(
+    model: &CpaModel,
+    batch_corrected: bool,
+    cells: &SourceCells,
+    rows: Range<usize>,
+    target: Option<&Target>,
+    perts: &mut PerturbationCsr,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let torch = Error::stage(Stage::Predictor);
+    let device = model.device();
+    let vocab = model.vocabulary();
+    let n = rows.len();
+    let groups = &cells.groups[rows];
+    // Perturbations (CSR) and covariate codes of the target, per cell.
+    perts.clear();
+    let mut codes: Vec<Vec<i64>> = vec![Vec::with_capacity(n); vocab.covariates.len()];
+    match target {
+        Some(t) => perts.push_repeated(&t.parts, n),
+        None => {
+            for g in groups {
+                perts.push(g.parts.as_deref().map_err(|e| Error::InvalidInput(e.clone()))?);
+            }
+        }
+    }
+    for g in groups {
+        for (c, codes) in codes.iter_mut().enumerate() {
+            let code = target.and_then(|t| t.covariates[c]).or(g.covariates[c]).ok_or_else(|| {
+                Error::InvalidInput(format!("covariate {} of a source cell is unknown", vocab.covariates[c].name))
+            })?;
+            codes.push(i64::from(code));
+        }
+    }
+    tch::no_grad(|| -> cpa_stream_stages::Result<(Tensor, Vec<Tensor>)> {
+        let covs = codes
+            .iter()
+            .map(|c| Tensor::f_from_slice(c).torch()?.f_to_device(device).torch())
+            .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
+        let mut latents = model.covariate_latents(&covs)?;
+        if batch_corrected {
+            // The batch covariate's embedding left out of every latent, as in `z_corrected`.
+            for (cov, latent) in vocab.covariates.iter().zip(latents.iter_mut()) {
+                if cov.is_batch {
+                    *latent = latent.f_zeros_like().torch()?;
+                }
+            }
+        }
+        Ok((model.perturbation_latent(&perts.to_device(device)?)?, latents))
+    })
+    .map_err(torch)
+}
+
+/// The space the anchored prediction moves in: log1p of the means for a count model (that of
+/// the encoder's input, log1p of the counts), the means themselves otherwise.
+fn to_anchor_space(model: &CpaModel, mean: &Tensor) -> Result<Tensor, tch::TchError> {
+    if model.config().model.recon_loss.is_count() { mean.f_log1p() } else { Ok(mean.shallow_clone()) }
+}
+
+/// `model`'s encoding of the step's cells `x` (dense counts); `own_latents` gives the latents of
+/// the cells' own conditions, needed for the references of `change_log1p` and `anchored`.
+#[allow(clippy::too_many_arguments)]
+fn encode(
+    model: &CpaModel,
+    theta: Option<&Tensor>,
+    x: &Tensor,
+    gene_index: Option<&Tensor>,
+    columns: Columns,
+    own_latents: impl FnOnce(&mut PerturbationCsr) -> Result<(Tensor, Vec<Tensor>)>,
+    perts: &mut PerturbationCsr,
+    noise: &mut Noise,
+) -> Result<Encoded> {
+    let torch = Error::stage(Stage::Predictor);
+    let (z_draws, z_mean, library, observed) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
+        let (x_in, library) = model.input(x)?;
+        // The anchored prediction's observed side is the encoder's input, in the same space.
+        let observed = match (gene_index, columns.anchored) {
+            (_, false) => None,
+            (Some(index), true) => Some(x_in.f_index_select(1, index).torch()?),
+            (None, true) => Some(x_in.shallow_clone()),
+        };
+        let mean = model.encode(&x_in, false, false, noise)?.z_basal;
+        let draws = if model.is_variational() { model.basal_draws(&x_in, noise)? } else { vec![mean.shallow_clone()] };
+        Ok((draws, mean, library, observed))
+    })
+    .map_err(torch)?;
+    // The cells decoded under their own condition, once per step for every target: the
+    // reference of `change_log1p` (its expected log1p) and of `anchored` (observed minus it).
+    let (own, anchor_base) = if columns.change || columns.anchored {
+        let (z_pert, covs) = own_latents(perts)?;
+        tch::no_grad(|| -> cpa_stream_stages::Result<(Option<Tensor>, Option<Tensor>)> {
+            let mut mean = model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), noise)?;
+            if let Some(index) = gene_index {
+                mean = mean.f_index_select(1, index).torch()?;
+            }
+            let own = match (theta, columns.change) {
+                (Some(theta), true) => Some(expected_log1p_nb(&mean, theta).torch()?),
+                _ => None,
+            };
+            let base = match &observed {
+                Some(observed) => Some(observed.f_sub(&to_anchor_space(model, &mean).torch()?).torch()?),
+                None => None,
+            };
+            Ok((own, base))
+        })
+        .map_err(torch)?
+    } else {
+        (None, None)
+    };
+    Ok(Encoded { z_draws, z_mean, library, own, anchor_base })
+}
+
+/// `model`'s per-gene columns of one pass, in the schema's order (mean, expected log1p, change,
+/// anchored, those written), for the cells `e` under the pass's latents.
+#[allow(clippy::too_many_arguments)]
+fn gene_values(
+    model: &CpaModel,
+    theta: Option<&Tensor>,
+    e: &Encoded,
+    z_pert: &Tensor,
+    covs: &[Tensor],
+    gene_index: Option<&Tensor>,
+    columns: Columns,
+    noise: &mut Noise,
+) -> cpa_stream_stages::Result<Vec<Tensor>> {
+    let mut mean = model.mean_over_draws(&e.z_draws, z_pert, covs, e.library.as_ref(), noise)?;
+    if let Some(index) = gene_index {
+        mean = mean.f_index_select(1, index).torch()?;
+    }
+    let mut values = Vec::with_capacity(4);
+    let anchored = match &e.anchor_base {
+        Some(base) => Some(to_anchor_space(model, &mean).torch()?.f_add(base).torch()?),
+        None => None,
+    };
+    if let Some(theta) = theta {
+        let expected = expected_log1p_nb(&mean, theta).torch()?;
+        let change = e.own.as_ref().map(|own| expected.f_sub(own)).transpose().torch()?;
+        values.push(mean);
+        if columns.expected {
+            values.push(expected);
+        }
+        values.extend(change);
+    } else {
+        values.push(mean);
+    }
+    values.extend(anchored);
+    Ok(values)
 }
 
 impl Predictor {
@@ -56,61 +229,8 @@ impl Predictor {
         Ok(true)
     }
 
-    /// The perturbation and covariate latents of one pass for the cells `rows` of the batch
-    /// (rows x latent: small, computed per step so that nothing grows with the targets).
-    fn pass_latents(
-        &self,
-        cells: &SourceCells,
-        rows: Range<usize>,
-        target: Option<&Target>,
-        perts: &mut PerturbationCsr,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let torch = Error::stage(Stage::Predictor);
-        let model = &self.model;
-        let device = model.device();
-        let vocab = model.vocabulary();
-        let n = rows.len();
-        let groups = &cells.groups[rows];
-        // Perturbations (CSR) and covariate codes of the target, per cell.
-        perts.clear();
-        let mut codes: Vec<Vec<i64>> = vec![Vec::with_capacity(n); vocab.covariates.len()];
-        match target {
-            Some(t) => perts.push_repeated(&t.parts, n),
-            None => {
-                for g in groups {
-                    perts.push(g.parts.as_deref().map_err(|e| Error::InvalidInput(e.clone()))?);
-                }
-            }
-        }
-        for g in groups {
-            for (c, codes) in codes.iter_mut().enumerate() {
-                let code = target.and_then(|t| t.covariates[c]).or(g.covariates[c]).ok_or_else(|| {
-                    Error::InvalidInput(format!("covariate {} of a source cell is unknown", vocab.covariates[c].name))
-                })?;
-                codes.push(i64::from(code));
-            }
-        }
-        tch::no_grad(|| -> cpa_stream_stages::Result<(Tensor, Vec<Tensor>)> {
-            let covs = codes
-                .iter()
-                .map(|c| Tensor::f_from_slice(c).torch()?.f_to_device(device).torch())
-                .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
-            let mut latents = model.covariate_latents(&covs)?;
-            if self.options.batch_corrected {
-                // The batch covariate's embedding left out of every latent, as in `z_corrected`.
-                for (cov, latent) in vocab.covariates.iter().zip(latents.iter_mut()) {
-                    if cov.is_batch {
-                        *latent = latent.f_zeros_like().torch()?;
-                    }
-                }
-            }
-            Ok((model.perturbation_latent(&perts.to_device(device)?)?, latents))
-        })
-        .map_err(torch)
-    }
-
-    /// Rows `rows` of a batch through the model for every pass, each pass's record batch given to
-    /// `emit` at once; `Ok(false)` when the consumer is gone.
+    /// Rows `rows` of a batch through the model (each model of an ensemble) for every pass, each
+    /// pass's record batch given to `emit` at once; `Ok(false)` when the consumer is gone.
     fn step(
         &mut self,
         cells: &SourceCells,
@@ -129,110 +249,88 @@ impl Predictor {
             self.gene_tensor = Some(t);
         }
         let gene_index = self.gene_tensor.as_ref().map(Tensor::shallow_clone);
-        let model = &self.model;
-        let genes = self.gene_index.as_ref().map_or(model.vocabulary().genes.len(), Vec::len);
-        let (write_expected, write_change, write_anchored) =
-            (self.options.expected_log1p, self.options.change, self.options.anchored);
-        let gene_columns = usize::from(write_expected) + usize::from(write_change) + usize::from(write_anchored);
-        let widths: Vec<usize> = std::iter::repeat_n(genes, 1 + gene_columns)
-            .chain(self.latents.iter().map(|_| model.config().model.n_latent))
-            .collect();
-        let counts_model = model.config().model.recon_loss.is_count();
-        // The space the anchored prediction moves in: log1p of the means for a count model (that
-        // of the encoder's input, log1p of the counts), the means themselves otherwise.
-        let to_anchor_space = |mean: &Tensor| if counts_model { mean.f_log1p() } else { Ok(mean.shallow_clone()) };
-        let (z_draws, z_mean, library, observed) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
-            let (x, _) = densify_range(counts, a..b, device)?;
-            let (x_in, library) = model.input(&x)?;
-            drop(x);
-            // The anchored prediction's observed side is the encoder's input, in the same space.
-            let observed = match (&gene_index, write_anchored) {
-                (_, false) => None,
-                (Some(index), true) => Some(x_in.f_index_select(1, index).torch()?),
-                (None, true) => Some(x_in.shallow_clone()),
-            };
-            let mean = model.encode(&x_in, false, false, &mut self.noise)?.z_basal;
-            let draws = if model.is_variational() {
-                model.basal_draws(&x_in, &mut self.noise)?
-            } else {
-                vec![mean.shallow_clone()]
-            };
-            Ok((draws, mean, library, observed))
-        })
-        .map_err(torch)?;
-        let mut perts = PerturbationCsr::new();
-        // The cells decoded under their own condition, once per step for every target: the
-        // reference of `change_log1p` (its expected log1p) and of `anchored` (observed minus it).
-        let (own, anchor_base) = if write_change || write_anchored {
-            let (z_pert, covs) = self.pass_latents(cells, a..b, None, &mut perts)?;
-            let model = &self.model;
-            tch::no_grad(|| -> cpa_stream_stages::Result<(Option<Tensor>, Option<Tensor>)> {
-                let mut mean = model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), &mut self.noise)?;
-                if let Some(index) = &gene_index {
-                    mean = mean.f_index_select(1, index).torch()?;
-                }
-                let own = match (&self.theta, write_change) {
-                    (Some(theta), true) => Some(expected_log1p_nb(&mean, theta).torch()?),
-                    _ => None,
-                };
-                let base = match &observed {
-                    Some(observed) => Some(observed.f_sub(&to_anchor_space(&mean).torch()?).torch()?),
-                    None => None,
-                };
-                Ok((own, base))
-            })
-            .map_err(torch)?
-        } else {
-            (None, None)
+        let genes = self.gene_index.as_ref().map_or(self.model.vocabulary().genes.len(), Vec::len);
+        let columns = Columns {
+            expected: self.options.expected_log1p,
+            change: self.options.change,
+            anchored: self.options.anchored,
+            batch_corrected: self.options.batch_corrected,
         };
-        drop(observed);
+        let gene_columns = usize::from(columns.expected) + usize::from(columns.change) + usize::from(columns.anchored);
+        let widths: Vec<usize> = std::iter::repeat_n(genes, 1 + gene_columns)
+            .chain(self.latents.iter().map(|_| self.model.config().model.n_latent))
+            .collect();
+        let x = tch::no_grad(|| densify_range(counts, a..b, device)).map_err(torch)?.0;
+        let mut perts = PerturbationCsr::new();
+        // Each model's encoding of the step's cells, once for every target.
+        let n_models = 1 + self.members.len();
+        let mut encoded = Vec::with_capacity(n_models);
+        for m in 0..n_models {
+            let (model, theta) = match m {
+                0 => (&self.model, self.theta.as_ref()),
+                _ => (&self.members[m - 1].model, self.members[m - 1].theta.as_ref()),
+            };
+            let own =
+                |perts: &mut PerturbationCsr| pass_latents(model, columns.batch_corrected, cells, a..b, None, perts);
+            let e = encode(model, theta, &x, gene_index.as_ref(), columns, own, &mut perts, &mut self.noise)?;
+            encoded.push(e);
+        }
+        drop(x);
         let targets = std::mem::take(&mut self.targets);
         let result = (|| -> Result<bool> {
             for (pass, target) in pass_targets(&targets).into_iter().enumerate() {
-                let (z_pert, covs) = self.pass_latents(cells, a..b, target, &mut perts)?;
-                let model = &self.model;
-                // Every vector column of the pass, in the schema's order, on the device.
-                let values = tch::no_grad(|| -> cpa_stream_stages::Result<Vec<Tensor>> {
-                    let mut mean =
-                        model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), &mut self.noise)?;
-                    if let Some(index) = &gene_index {
-                        mean = mean.f_index_select(1, index).torch()?;
-                    }
-                    let mut values = Vec::with_capacity(widths.len());
-                    let anchored = match &anchor_base {
-                        Some(base) => Some(to_anchor_space(&mean).torch()?.f_add(base).torch()?),
-                        None => None,
+                // Every vector column of the pass, in the schema's order, on the device: the
+                // mean over the models, then the first model's latents.
+                let mut values: Vec<Tensor> = Vec::new();
+                let mut first_latents = None;
+                for (m, e) in encoded.iter().enumerate() {
+                    let (model, theta) = match m {
+                        0 => (&self.model, self.theta.as_ref()),
+                        _ => (&self.members[m - 1].model, self.members[m - 1].theta.as_ref()),
                     };
-                    if let Some(theta) = &self.theta {
-                        let expected = expected_log1p_nb(&mean, theta).torch()?;
-                        let change = own.as_ref().map(|own| expected.f_sub(own)).transpose().torch()?;
-                        values.push(mean);
-                        if write_expected {
-                            values.push(expected);
-                        }
-                        values.extend(change);
+                    let (z_pert, covs) = pass_latents(model, columns.batch_corrected, cells, a..b, target, &mut perts)?;
+                    let own = tch::no_grad(|| {
+                        gene_values(model, theta, e, &z_pert, &covs, gene_index.as_ref(), columns, &mut self.noise)
+                    })
+                    .map_err(torch)?;
+                    values = if values.is_empty() {
+                        own
                     } else {
-                        values.push(mean);
+                        tch::no_grad(|| {
+                            values
+                                .iter()
+                                .zip(&own)
+                                .map(|(v, o)| v.f_add(o).torch())
+                                .collect::<cpa_stream_stages::Result<Vec<_>>>()
+                        })
+                        .map_err(torch)?
+                    };
+                    if m == 0 {
+                        first_latents = Some((z_pert, covs));
                     }
-                    values.extend(anchored);
-                    if !self.latents.is_empty() {
-                        let l = model.compose(&z_mean, &z_pert, &covs)?;
-                        for name in &self.latents {
-                            let t = match name.as_str() {
-                                "z_basal" => &l.z_basal,
-                                "z" => &l.z,
-                                "z_corrected" => &l.z_corrected,
-                                "z_no_pert" => &l.z_no_pert,
-                                _ => &l.z_no_pert_corrected,
-                            };
-                            values.push(t.shallow_clone());
-                        }
+                }
+                if n_models > 1 {
+                    let k = n_models as f64;
+                    values = tch::no_grad(|| {
+                        values.iter().map(|v| v.f_div_scalar(k).torch()).collect::<cpa_stream_stages::Result<Vec<_>>>()
+                    })
+                    .map_err(torch)?;
+                }
+                if let (false, Some((z_pert, covs))) = (self.latents.is_empty(), &first_latents) {
+                    let l = tch::no_grad(|| self.model.compose(&encoded[0].z_mean, z_pert, covs)).map_err(torch)?;
+                    for name in &self.latents {
+                        let t = match name.as_str() {
+                            "z_basal" => &l.z_basal,
+                            "z" => &l.z,
+                            "z_corrected" => &l.z_corrected,
+                            "z_no_pert" => &l.z_no_pert,
+                            _ => &l.z_no_pert_corrected,
+                        };
+                        values.push(t.shallow_clone());
                     }
-                    Ok(values)
-                })
-                .map_err(torch)?;
+                }
                 if let Some(aggregator) = &mut self.aggregator {
-                    let slots = aggregator.slots_of(pass, target, &cells.groups[a..b], model.vocabulary());
+                    let slots = aggregator.slots_of(pass, target, &cells.groups[a..b], self.model.vocabulary());
                     tch::no_grad(|| aggregator.add(&slots, &values)).map_err(|e| torch(torch_error(e)))?;
                     continue;
                 }
