@@ -13,7 +13,9 @@
 #                                PRESET (default "default") is the `train --preset` of the
 #                                prediction checks' model; CONFIG, a TOML file, is passed with it as
 #                                `--config` (e.g. model.dispersion_init = "moments"); CUDA_TESTS=0
-#                                leaves the CUDA tests out
+#                                leaves the CUDA tests out; ENSEMBLE=0 leaves out the ensemble's
+#                                check (a second model, `predict --ensemble` on the device against
+#                                the CPU and against the two models' predictions averaged)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=.device
@@ -92,7 +94,7 @@ bin="$bin_dir/cpa-stream"
 work=$(mktemp -d)
 "$bin" synth --cells 20000 --genes 500 --perturbations 10 --doses 2 --cell-types 3 --seed 1 --out "$work/s.store" > /dev/null
 "$bin" train --store "$work/s.store" --dose-key dose --covariates cell_type --epochs 3 --device "$gpu" \
-  --preset "$preset" "${config[@]}" --out "$work/run" -q
+  --preset "$preset" "${config[@]}" --seed 1 --out "$work/run" -q
 [ -z "${CONFIG:-}" ] || sed 's/^/   /' "$work/run/config.toml" | grep -E "dispersion_init|doser_type|recon_loss" | tee -a "$out/summary.txt"
 for device in cpu "$gpu"; do
   "$bin" predict --model "$work/run" --store "$work/s.store" --source all --target PERT01 --device "$device" \
@@ -135,5 +137,42 @@ for device in sorted({gpu, "cpu"}):
 print("   agreement: " + ("yes" if ok else "NO"))
 sys.exit(0 if ok else 1)
 PY
+
+if [ "${ENSEMBLE:-1}" != 0 ]; then
+  echo "== an ensemble of two models on $gpu against the CPU and against the two averaged" | tee -a "$out/summary.txt"
+  "$bin" train --store "$work/s.store" --dose-key dose --covariates cell_type --epochs 3 --device "$gpu" \
+    --preset "$preset" "${config[@]}" --seed 2 --split-seed 1 --out "$work/run2" -q
+  "$bin" predict --model "$work/run2" --store "$work/s.store" --source all --target PERT01 --device "$gpu" \
+    --out "$work/cells2-$gpu.parquet" -q --overwrite
+  for device in cpu "$gpu"; do
+    "$bin" predict --model "$work/run" --ensemble "$work/run2" --store "$work/s.store" --source all --target PERT01 \
+      --device "$device" --anchored --out "$work/ensemble-$device.parquet" -q --overwrite
+  done
+  "$py" - "$work" "$gpu" <<'PY' 2>&1 | tee -a "$out/summary.txt" || status=1
+import sys
+import numpy as np
+import pyarrow.parquet as pq
+
+work, gpu = sys.argv[1], sys.argv[2]
+def values(path, column):
+    return np.stack(pq.read_table(path).column(column).to_numpy(zero_copy_only=False)).astype(np.float64)
+def rel(a, b):
+    return np.abs(a - b) / np.maximum(np.abs(b), 1e-3)
+ok = True
+for column in ("mean", "anchored"):
+    r = rel(values(f"{work}/ensemble-{gpu}.parquet", column), values(f"{work}/ensemble-cpu.parquet", column))
+    print(f"   ensemble's {column}: {gpu} against the CPU, largest relative difference {r.max():.2e}, "
+          f"median {np.median(r):.2e}")
+    ok = ok and r.max() < 1e-2
+first, second = values(f"{work}/cells-{gpu}.parquet", "mean"), values(f"{work}/cells2-{gpu}.parquet", "mean")
+r = rel(values(f"{work}/ensemble-{gpu}.parquet", "mean"), (first + second) / 2)
+apart = rel(second, first)
+print(f"   ensemble's mean on {gpu} against the two models' means averaged: largest relative difference "
+      f"{r.max():.2e} (the two models differ by up to {apart.max():.2e})")
+ok = ok and r.max() < 1e-4 and apart.max() > 1e-3
+print("   agreement: " + ("yes" if ok else "NO"))
+sys.exit(0 if ok else 1)
+PY
+fi
 rm -rf "$work"
 exit $status
