@@ -660,7 +660,7 @@ def expected_log1p_nb(mu, theta, nodes=48):
     return total
 
 
-def predict_groups(directory, meta, model, seed, space="mean", controls="drawn", anchor=False):
+def predict_groups(directory, meta, model, seed, space="mean", controls="drawn", anchor=False, ensemble=()):
     """Predicted group means of the test groups through the Python package: counterfactual
     (`cf`, run_peer.py's control draws) and reconstruction (`recon`). `space`: `mean` scores
     log1p of the predicted NB mean (both tools' tutorials); `expected` the expectation of log1p
@@ -670,7 +670,11 @@ def predict_groups(directory, meta, model, seed, space="mean", controls="drawn",
     the draw, and the cells the control-mean baseline averages). `anchor`: the model predicts
     the change only: each decoded control cell's prediction minus the same cell decoded under
     the control condition, averaged with the same weights and added to the observed control mean
-    of the covariates (the baseline's prediction; its change is the model's alone)."""
+    of the covariates (the baseline's prediction; its change is the model's alone). `ensemble`:
+    further runs whose predictions cpa-stream averages with `model`'s (`predict --ensemble`);
+    anchored, each cell's change is then read from the `anchored` column the ensemble writes
+    (the mean of each model's log1p change, in the space it moves in) minus the cell's own
+    observed values."""
     import anndata
     import numpy as np
     import cpa_stream
@@ -687,6 +691,11 @@ def predict_groups(directory, meta, model, seed, space="mean", controls="drawn",
     counts = meta["counts"]
 
     theta = np.exp(read_log_theta(model)) if space == "expected" else None
+    if ensemble and space != "mean":
+        sys.exit("fidelity: an ensemble is scored in the mean space (--space mean)")
+    ensemble = [os.fspath(r) for r in ensemble]
+    from_column = anchor and bool(ensemble)
+    position = {cid: i for i, cid in enumerate(cell_ids)}
 
     def transform(rows):
         if not counts:
@@ -719,8 +728,13 @@ def predict_groups(directory, meta, model, seed, space="mean", controls="drawn",
                               + [f'{k} == "{v}"' for k, v in zip(meta["covariates"], values)])
         if not ctrl[cov == c].any():
             source = f'{meta["perturbation_key"]} == "{meta["control"]}"'
-        reader = result_run.predict(store, source=source, targets=targets, threads=1, workers=1)
-        if anchor:
+        reader = result_run.predict(store, source=source, targets=targets, ensemble=ensemble, anchored=from_column,
+                                    threads=1, workers=1)
+        if from_column:
+            # The ensemble's change per cell: its anchored column minus the cell's observed values.
+            members = np.where(ctrl & (cov == c))[0] if ctrl[cov == c].any() else np.where(ctrl)[0]
+            observed = log_values(adata[members].X, counts).mean(0)
+        elif anchor:
             # The same control cells under their own (control) condition, and their observed mean.
             own = {}
             for batch in result_run.predict(store, source=source, threads=1, workers=1):
@@ -745,8 +759,13 @@ def predict_groups(directory, meta, model, seed, space="mean", controls="drawn",
         for batch in reader:
             ids = batch.column("cell_id").to_pylist()
             labels = [batch.column(k).to_pylist() for k in label_columns]
-            means = np.asarray(batch.column("mean").flatten().to_numpy(zero_copy_only=False)).reshape(len(ids), -1)
-            means = transform(means.astype(np.float64))
+            if from_column:
+                anchored = np.asarray(batch.column("anchored").flatten().to_numpy(zero_copy_only=False))
+                rows = [position[cid] for cid in ids]
+                means = anchored.reshape(len(ids), -1).astype(np.float64) - log_values(adata.X[rows], counts)
+            else:
+                means = np.asarray(batch.column("mean").flatten().to_numpy(zero_copy_only=False)).reshape(len(ids), -1)
+                means = transform(means.astype(np.float64))
             for i, cid in enumerate(ids):
                 key = tuple(str(v[i]) for v in labels)
                 g = spell.get(key)
@@ -758,13 +777,14 @@ def predict_groups(directory, meta, model, seed, space="mean", controls="drawn",
         for g in groups:
             n = sum(weight[g].values())
             predictions[g] = {"cf": sums[g] / n}
-            if anchor:
+            if from_column:
+                predictions[g]["cf"] = observed + predictions[g]["cf"]
+            elif anchor:
                 decoded_control = sum(own[cid] * w for cid, w in weight[g].items()) / n
                 predictions[g]["cf"] = observed + predictions[g]["cf"] - decoded_control
 
     # Reconstruction: the test cells under their own condition.
-    reader = result_run.predict(store, source=f"{SPLIT} == test", threads=1, workers=1)
-    position = {cid: i for i, cid in enumerate(cell_ids)}
+    reader = result_run.predict(store, source=f"{SPLIT} == test", ensemble=ensemble, threads=1, workers=1)
     recon_sum, recon_n = {}, {}
     for batch in reader:
         ids = batch.column("cell_id").to_pylist()
@@ -778,6 +798,57 @@ def predict_groups(directory, meta, model, seed, space="mean", controls="drawn",
         predictions[g]["recon"] = recon_sum[g] / recon_n[g]
 
     return predictions
+
+
+def ensemble(a):
+    """Scores ensembles of finished runs: the seeds `--seeds` taken `--size` at a time (disjoint
+    groups, in the order given), each group's predictions averaged. cpa-stream's through
+    `predict --ensemble` (the first seed's control-cell draws), as VARIANT-ensK[-delta];
+    cpa-tools' (`--tool cpa-tools`) from each seed's saved group means (`groups.npz`, `own.npz`),
+    averaged here, as cpa-tools-ensK and cpa-tools-ensK-delta."""
+    import numpy as np
+
+    meta = read_meta(a.dir)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    groups = [seeds[i:i + a.size] for i in range(0, len(seeds) - a.size + 1, a.size)]
+    if not groups or a.size < 2:
+        sys.exit(f"fidelity: ensemble: --size {a.size} of {len(seeds)} seeds makes no ensemble of two or more")
+    for group in groups:
+        dirs = [os.path.join(a.dir, "results", f"{a.variant}-e{a.epochs}-s{s}") for s in group]
+        for d in dirs:
+            if not os.path.exists(os.path.join(d, "score.json")):
+                sys.exit(f"fidelity: ensemble: {d} has no finished run")
+        members = [json.load(open(os.path.join(d, "score.json"))) for d in dirs]
+        if a.variant == "cpa-tools":
+            saved = [np.load(os.path.join(d, "groups.npz"), allow_pickle=False) for d in dirs]
+            own = [np.load(os.path.join(d, "own.npz"), allow_pickle=False)["pred_own"] for d in dirs]
+            names = [str(g) for g in saved[0]["groups"]]
+            if any([str(g) for g in x["groups"]] != names for x in saved):
+                sys.exit("fidelity: ensemble: the seeds' saved groups differ")
+            observed = control_means(a.dir, meta)
+            plain, anchored = {}, {}
+            for i, g in enumerate(names):
+                cf = np.mean([x["pred_cf"][i] for x in saved], axis=0)
+                recon = np.mean([x["pred_recon"][i] for x in saved], axis=0)
+                change = np.mean([x["pred_cf"][i] - o[i] for x, o in zip(saved, own)], axis=0)
+                plain[g] = {"cf": cf, "recon": recon}
+                anchored[g] = {"cf": observed[group_covariates(g, meta)] + change, "recon": recon}
+            scored = [("", plain), ("-delta", anchored)]
+        else:
+            runs = [os.path.join(d, "run") for d in dirs]
+            scored = [("-delta" if a.anchor else "",
+                       predict_groups(a.dir, meta, runs[0], group[0], "mean", "drawn", a.anchor, ensemble=runs[1:]))]
+        for suffix, predictions in scored:
+            result = score(a.dir, predictions, group[0])
+            result.update({
+                "tool": members[0]["tool"], "variant": f"{a.variant}-ens{a.size}{suffix}", "epochs": a.epochs,
+                "seed": group[0], "seeds": group, "train_cpu_s": sum(m["train_cpu_s"] for m in members),
+            })
+            target = os.path.join(a.dir, "results", f"{result['variant']}-e{a.epochs}-s{group[0]}")
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, "score.json"), "w") as f:
+                json.dump(result, f, indent=1, default=float)
+            print_result(result)
 
 
 def rescore(a):
@@ -1329,6 +1400,14 @@ def main():
                    help="expected: E[log1p] of the predicted counts (VARIANT-elog...); mean: log1p of the "
                         "predicted mean, as cpa-tools is scored (no -elog; with --anchor the like-for-like "
                         "of cpa-tools-delta)")
+    p = sub.add_parser("ensemble", help="score disjoint groups of finished seeds, each group's predictions averaged")
+    p.add_argument("dir")
+    p.add_argument("--variant", required=True, help="the runs' variant (cpa-tools: the peer's saved group means)")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--seeds", required=True, help="comma-separated seeds, grouped --size at a time in this order")
+    p.add_argument("--size", type=int, default=2, help="models per ensemble")
+    p.add_argument("--anchor", action="store_true",
+                   help="cpa-stream: the anchored prediction (VARIANT-ensK-delta); cpa-tools scores both")
     p = sub.add_parser("draws", help="score each seed's model with every seed's control-cell draws")
     p.add_argument("dir")
     p.add_argument("--variant", default="cpa-stream")
@@ -1347,7 +1426,7 @@ def main():
     p.add_argument("sets", nargs="+", help="decide=DIR or confirm=DIR (a fidelity.sh data set directory)")
     p.add_argument("--baseline", default="cpa-stream")
     a = ap.parse_args()
-    commands = {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "draws": draws, "table": table,
+    commands = {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "ensemble": ensemble, "draws": draws, "table": table,
                 "protocol": protocol, "slopes": slopes}
     commands[a.command](a)
 
