@@ -379,6 +379,63 @@ def test_slopes_score_the_anchored_prediction_and_the_shift_baseline_as_the_scor
     assert got[g]["model_deg"] == pytest.approx(fidelity.r2(t[deg], model[deg]), abs=1e-4)
 
 
+def test_an_ensemble_scores_the_mean_of_its_seeds_predictions(fidelity, adata, store, run, tmp_path, capsys):
+    """``fidelity.py ensemble``: cpa-stream's ensemble (``predict --ensemble``, anchored) scores
+    as the two seeds' anchored group predictions averaged; cpa-tools' as its saved group means
+    averaged, plain and anchored."""
+    import cpa_stream as cs
+
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    d = tmp_path / "d"
+    sys.argv = ["fidelity.py", "prepare", str(path), str(d), "--split", "celltype"]
+    fidelity.main()
+    cs.import_h5ad(d / "data.h5ad", d / "data.store", progress=False)
+    other = cs.train(store, tmp_path / "other", **LABELS, holdout=["MAP2K3+MAP2K6"], max_epochs=3, seed=2,
+                     split_seed=1, progress=False, **COMPUTE)
+    for seed, model in ((0, run.path), (1, other.path)):
+        (d / "results" / f"v-e3-s{seed}").mkdir(parents=True)
+        os.symlink(model, d / "results" / f"v-e3-s{seed}" / "run")
+        (d / "results" / f"v-e3-s{seed}" / "score.json").write_text(json.dumps({"tool": "cpa-stream", "train_cpu_s": 1.0}))
+    fidelity.ensemble(argparse.Namespace(dir=str(d), variant="v", epochs=3, seeds="0,1", size=2, anchor=True))
+    got = json.loads((d / "results" / "v-ens2-delta-e3-s0" / "score.json").read_text())
+    assert got["seeds"] == [0, 1] and got["variant"] == "v-ens2-delta" and got["train_cpu_s"] == 2.0
+    meta = fidelity.read_meta(str(d))
+    one, two = (fidelity.predict_groups(str(d), meta, str(m), 0, "mean", "drawn", True) for m in (run.path, other.path))
+    assert one.keys() == two.keys()
+    averaged = {g: {"cf": (one[g]["cf"] + two[g]["cf"]) / 2, "recon": one[g]["recon"]} for g in one}
+    assert max(np.abs(one[g]["cf"] - two[g]["cf"]).max() for g in one) > 1e-3, "two seeds differ"
+    expected = fidelity.score(str(d), averaged, 0)["held_out_mean"]
+    for key in ("cf_all", "cf_deg", "cf_change"):
+        assert got["held_out_mean"][key] == pytest.approx(expected[key], abs=1e-5), key
+
+    # cpa-tools: its saved group means, averaged here.
+    groups = sorted(one)
+    rng = np.random.default_rng(0)
+    saved = []
+    for seed in (0, 1):
+        out = d / "results" / f"cpa-tools-e3-s{seed}"
+        out.mkdir(parents=True)
+        cf, own, recon = (rng.uniform(0, 2, (len(groups), adata.n_vars)) for _ in range(3))
+        np.savez(out / "groups.npz", groups=np.array(groups), pred_cf=cf, pred_recon=recon)
+        np.savez(out / "own.npz", pred_own=own)
+        (out / "score.json").write_text(json.dumps({"tool": "cpa-tools", "train_cpu_s": 1.0}))
+        saved.append((cf, own, recon))
+    fidelity.ensemble(argparse.Namespace(dir=str(d), variant="cpa-tools", epochs=3, seeds="0,1", size=2, anchor=False))
+    observed = fidelity.control_means(str(d), meta)
+    plain = {g: {"cf": (saved[0][0][i] + saved[1][0][i]) / 2, "recon": (saved[0][2][i] + saved[1][2][i]) / 2}
+             for i, g in enumerate(groups)}
+    anchored = {g: {"cf": observed[fidelity.group_covariates(g, meta)]
+                    + ((saved[0][0][i] - saved[0][1][i]) + (saved[1][0][i] - saved[1][1][i])) / 2,
+                    "recon": plain[g]["recon"]} for i, g in enumerate(groups)}
+    for variant, predictions in (("cpa-tools-ens2", plain), ("cpa-tools-ens2-delta", anchored)):
+        got = json.loads((d / "results" / f"{variant}-e3-s0" / "score.json").read_text())
+        expected = fidelity.score(str(d), predictions, 0)
+        assert got["mean"]["cf_all"] == pytest.approx(expected["mean"]["cf_all"]), variant
+        assert got["mean"]["recon_all"] == pytest.approx(expected["mean"]["recon_all"]), variant
+    assert "ens2" in capsys.readouterr().out
+
+
 def test_change_reproducibility_separates_a_real_change_from_noise(fidelity, tmp_path):
     """``change_reproducibility``: a group whose cells differ from the controls on 100 genes
     reproduces its change between disjoint halves; a group drawn like the controls does not, and
