@@ -73,8 +73,9 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         1 => " in 1 part".to_owned(),
         n => format!(" in {n} parts"),
     };
+    let models = if report.models > 1 { format!(", each the mean of {} models", report.models) } else { String::new() };
     outln!(
-        "{}: {} {rows} ({of}{} source cells x {} target{plural}), {} genes, {:.1} MB{parts}",
+        "{}: {} {rows} ({of}{} source cells x {} target{plural}{models}), {} genes, {:.1} MB{parts}",
         report.output.path.display(),
         report.output.rows,
         report.source_cells,

@@ -1454,6 +1454,8 @@ fn an_ensemble_writes_the_mean_of_its_models_predictions() {
         let o = run(&args);
         assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
         assert!(!text(&o.stderr).contains("another split"), "one split: {}", text(&o.stderr));
+        let models = if extra.contains(&"--ensemble") { "each the mean of 2 models" } else { "target" };
+        assert!(text(&o.stderr).contains(models) || text(&o.stdout).contains(models), "{}", text(&o.stdout));
         read_parquet(Path::new(&out))
     };
     let (_, first) = predict_with(&f.run, &[], &f.dir.join("ens-first.parquet"));

@@ -46,6 +46,8 @@ pub struct PredictReport {
     pub targets: usize,
     /// Genes of the `mean` column.
     pub genes: usize,
+    /// Models whose predictions each row averages: 1, or an ensemble's (`--ensemble`) count.
+    pub models: usize,
     /// Whether the rows are aggregates of groups of cells (`--aggregate`) rather than cells.
     pub aggregated: bool,
     /// Whether the output is a directory of parts (`--parts`).
@@ -196,6 +198,7 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         source_cells,
         targets,
         genes,
+        models: 1 + options.ensemble.len(),
         aggregated,
         parts: options.sink.parts,
         seconds,
