@@ -16,6 +16,7 @@ installed; Ray schedules the tasks, retries failed ones and reports progress.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from ._run import Targets, _target_specs
@@ -39,6 +40,7 @@ def predict(
     genes: list[str] | None = None,
     top_deg: int | None = None,
     latents: list[str] | tuple[str, ...] = (),
+    ensemble: Sequence[Any] = (),
     wide: bool = False,
     overwrite: bool = False,
     cpus_per_task: int = 1,
@@ -48,7 +50,8 @@ def predict(
     """Predicts ``shards`` contiguous cell ranges of ``store`` as Ray tasks (``cpus_per_task``
     CPUs, and ``gpus_per_task`` GPUs, each: a task with a GPU runs on ``cuda``), all writing into
     the dataset directory ``out``; returns the per-shard reports in shard order. Arguments as
-    :meth:`cpa_stream.Run.predict_to_parquet`. Raises the first task's error after all ended."""
+    :meth:`cpa_stream.Run.predict_to_parquet` (``ensemble``: other runs whose predictions each task
+    averages with this run's). Raises the first task's error after all ended."""
     import ray
 
     if shards < 1:
@@ -57,9 +60,13 @@ def predict(
     store_path = os.path.abspath(os.fspath(store))
     out_path = os.path.abspath(os.fspath(out))
     os.makedirs(out_path, exist_ok=True)
+    if isinstance(ensemble, (str, os.PathLike)):
+        raise TypeError("ensemble: expected a list of runs or run directories, got one; wrap it in a list")
+    members = [os.path.abspath(os.fspath(r)) for r in ensemble]
     options = dict(
         targets=_target_specs(targets), source=source, genes=genes, top_deg=top_deg, latents=list(latents),
-        wide=wide, overwrite=overwrite, device="cuda" if gpus_per_task else "cpu", threads=cpus_per_task,
+        ensemble=members, wide=wide, overwrite=overwrite, device="cuda" if gpus_per_task else "cpu",
+        threads=cpus_per_task,
     )
     task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries)(_predict_shard)
     refs = [task.remote(run_path, store_path, out_path, f"{k}/{shards}", options) for k in range(shards)]

@@ -35,3 +35,28 @@ def test_ray_shards_make_one_dataset_equal_to_a_single_run(run, store, fresh):
     a = np.stack(fanned.column("mean").to_numpy(zero_copy_only=False))
     b = np.stack(single.column("mean").to_numpy(zero_copy_only=False))
     assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ray_shards_predict_an_ensemble_as_one_process_does(run, store, fresh):
+    import cpa_stream as cs
+
+    from conftest import COMPUTE, LABELS
+
+    other = cs.train(store, fresh / "other", **LABELS, holdout=["MAP2K3+MAP2K6"], max_epochs=2, seed=3,
+                     split_seed=1, progress=False, **COMPUTE)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        with pytest.raises(TypeError, match="wrap it in a list"):
+            cs_ray.predict(run, store, fresh / "parts", shards=2, targets=TARGET, ensemble=other)
+        cs_ray.predict(run, store, fresh / "parts", shards=2, source="all", targets=TARGET, ensemble=[other])
+    finally:
+        ray.shutdown()
+    fanned = ds.dataset(sorted((fresh / "parts").glob("part-*.parquet"))).to_table()
+    run.predict_to_parquet(fresh / "single.parquet", store, source="all", targets=TARGET, ensemble=[other],
+                           threads=1, workers=1)
+    single = pq.read_table(fresh / "single.parquet")
+    assert b"cpa_stream.ensemble" in single.schema.metadata
+    assert fanned.column("cell_id").to_pylist() == single.column("cell_id").to_pylist()
+    a = np.stack(fanned.column("mean").to_numpy(zero_copy_only=False))
+    b = np.stack(single.column("mean").to_numpy(zero_copy_only=False))
+    assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
