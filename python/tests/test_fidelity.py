@@ -329,12 +329,8 @@ def test_the_celltype_split_holds_out_one_values_shared_conditions_and_scores_it
     assert np.isfinite(result["held_out_mean"]["shift_all"])
 
 
-def test_slopes_score_the_anchored_prediction_and_the_shift_baseline_as_the_scorer_does(
-        fidelity, adata, run, tmp_path, capsys):
-    """``fidelity.py slopes``: per test group of the held-out cell type, the shift baseline's
-    top-20 DEG R2 is the scorer's; the model's R2 is that of its anchored group mean, and its
-    slope is the regression of that prediction's change on the real change, by hand."""
-    import anndata as ad
+def prepared_celltype(fidelity, adata, tmp_path):
+    """The bundled data prepared with ``--split celltype`` in ``tmp_path/d``, its store imported."""
     import cpa_stream as cs
 
     path = tmp_path / "in.h5ad"
@@ -343,6 +339,18 @@ def test_slopes_score_the_anchored_prediction_and_the_shift_baseline_as_the_scor
     sys.argv = ["fidelity.py", "prepare", str(path), str(d), "--split", "celltype"]
     fidelity.main()
     cs.import_h5ad(d / "data.h5ad", d / "data.store", progress=False)
+    return d
+
+
+def test_slopes_score_the_anchored_prediction_and_the_shift_baseline_as_the_scorer_does(
+        fidelity, adata, run, tmp_path, capsys):
+    """``fidelity.py slopes``: per test group of the held-out cell type, the shift baseline's
+    top-20 DEG R2 is the scorer's; the model's R2 is that of its anchored group mean, and its
+    slope is the regression of that prediction's change on the real change, by hand."""
+    import anndata as ad
+    import cpa_stream as cs
+
+    d = prepared_celltype(fidelity, adata, tmp_path)
     (d / "results" / "v-e3-s0").mkdir(parents=True)
     os.symlink(run.path, d / "results" / "v-e3-s0" / "run")
     got = fidelity.slopes(argparse.Namespace(dir=str(d), variant="v", epochs=3, seed=0, covariate=None))
@@ -385,12 +393,7 @@ def test_an_ensemble_scores_the_mean_of_its_seeds_predictions(fidelity, adata, s
     averaged, plain and anchored."""
     import cpa_stream as cs
 
-    path = tmp_path / "in.h5ad"
-    adata.write_h5ad(path)
-    d = tmp_path / "d"
-    sys.argv = ["fidelity.py", "prepare", str(path), str(d), "--split", "celltype"]
-    fidelity.main()
-    cs.import_h5ad(d / "data.h5ad", d / "data.store", progress=False)
+    d = prepared_celltype(fidelity, adata, tmp_path)
     other = cs.train(store, tmp_path / "other", **LABELS, holdout=["MAP2K3+MAP2K6"], max_epochs=3, seed=2,
                      split_seed=1, progress=False, **COMPUTE)
     for seed, model in ((0, run.path), (1, other.path)):
