@@ -805,16 +805,26 @@ def ensemble(a):
     groups, in the order given), each group's predictions averaged. cpa-stream's through
     `predict --ensemble` (the first seed's control-cell draws), as VARIANT-ensK[-delta];
     cpa-tools' (`--tool cpa-tools`) from each seed's saved group means (`groups.npz`, `own.npz`),
-    averaged here, as cpa-tools-ensK and cpa-tools-ensK-delta."""
+    averaged here, as cpa-tools-ensK and cpa-tools-ensK-delta. `--variant A+B` averages each seed's
+    runs of the variants A and B (one ensemble per seed), as A+B-ens2[-delta]."""
     import numpy as np
 
     meta = read_meta(a.dir)
     seeds = [int(s) for s in a.seeds.split(",")]
-    groups = [seeds[i:i + a.size] for i in range(0, len(seeds) - a.size + 1, a.size)]
+    variants = a.variant.split("+")
+    if len(variants) > 1:
+        # One seed's run of each variant: recipes averaged, seed by seed.
+        if "cpa-tools" in variants:
+            sys.exit("fidelity: ensemble: cpa-tools' saved means cannot be mixed with other variants")
+        a.size = len(variants)
+        groups = [[s] * len(variants) for s in seeds]
+    else:
+        groups = [seeds[i:i + a.size] for i in range(0, len(seeds) - a.size + 1, a.size)]
     if not groups or a.size < 2:
         sys.exit(f"fidelity: ensemble: --size {a.size} of {len(seeds)} seeds makes no ensemble of two or more")
     for group in groups:
-        dirs = [os.path.join(a.dir, "results", f"{a.variant}-e{a.epochs}-s{s}") for s in group]
+        member_variants = variants if len(variants) > 1 else [a.variant] * len(group)
+        dirs = [os.path.join(a.dir, "results", f"{v}-e{a.epochs}-s{s}") for v, s in zip(member_variants, group)]
         for d in dirs:
             if not os.path.exists(os.path.join(d, "score.json")):
                 sys.exit(f"fidelity: ensemble: {d} has no finished run")
@@ -1402,7 +1412,9 @@ def main():
                         "of cpa-tools-delta)")
     p = sub.add_parser("ensemble", help="score disjoint groups of finished seeds, each group's predictions averaged")
     p.add_argument("dir")
-    p.add_argument("--variant", required=True, help="the runs' variant (cpa-tools: the peer's saved group means)")
+    p.add_argument("--variant", required=True,
+                   help="the runs' variant (cpa-tools: the peer's saved group means); A+B: each seed's runs of "
+                        "variants A and B averaged (recipes mixed, one ensemble per seed)")
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--seeds", required=True, help="comma-separated seeds, grouped --size at a time in this order")
     p.add_argument("--size", type=int, default=2, help="models per ensemble")

@@ -389,8 +389,9 @@ def test_slopes_score_the_anchored_prediction_and_the_shift_baseline_as_the_scor
 
 def test_an_ensemble_scores_the_mean_of_its_seeds_predictions(fidelity, adata, store, run, tmp_path, capsys):
     """``fidelity.py ensemble``: cpa-stream's ensemble (``predict --ensemble``, anchored) scores
-    as the two seeds' anchored group predictions averaged; cpa-tools' as its saved group means
-    averaged, plain and anchored."""
+    as the two seeds' anchored group predictions averaged, and so does ``--variant v+w`` (one
+    seed's runs of two variants); cpa-tools' as its saved group means averaged, plain and
+    anchored."""
     import cpa_stream as cs
 
     d = prepared_celltype(fidelity, adata, tmp_path)
@@ -411,6 +412,16 @@ def test_an_ensemble_scores_the_mean_of_its_seeds_predictions(fidelity, adata, s
     expected = fidelity.score(str(d), averaged, 0)["held_out_mean"]
     for key in ("cf_all", "cf_deg", "cf_change"):
         assert got["held_out_mean"][key] == pytest.approx(expected[key], abs=1e-5), key
+
+    # Two recipes averaged seed by seed (`--variant v+w`): seed 0 of each variant.
+    (d / "results" / "w-e3-s0").mkdir(parents=True)
+    os.symlink(other.path, d / "results" / "w-e3-s0" / "run")
+    (d / "results" / "w-e3-s0" / "score.json").write_text(json.dumps({"tool": "cpa-stream", "train_cpu_s": 3.0}))
+    fidelity.ensemble(argparse.Namespace(dir=str(d), variant="v+w", epochs=3, seeds="0", size=2, anchor=True))
+    mixed = json.loads((d / "results" / "v+w-ens2-delta-e3-s0" / "score.json").read_text())
+    assert mixed["seeds"] == [0, 0] and mixed["train_cpu_s"] == 4.0
+    for key in ("cf_all", "cf_deg", "cf_change"):
+        assert mixed["held_out_mean"][key] == pytest.approx(expected[key], abs=1e-5), key
 
     # cpa-tools: its saved group means, averaged here.
     groups = sorted(one)
