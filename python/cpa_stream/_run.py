@@ -211,6 +211,14 @@ def _target_specs(targets: Targets) -> list[str]:
     return specs
 
 
+
+def _ensemble_paths(ensemble: Sequence[Run | PathLike]) -> list[str]:
+    """An ensemble's further runs as the paths the library reads; one run given alone is an error
+    (a string would be read as a list of characters)."""
+    if isinstance(ensemble, (str, os.PathLike, Run)):
+        raise TypeError("ensemble: expected a list of runs or run directories, got one; wrap it in a list")
+    return [str(r.path) if isinstance(r, Run) else os.fspath(r) for r in ensemble]
+
 class Run:
     """A training run directory (``checkpoint/``, ``best/``, ``model/``, ``metrics.parquet``,
     ``config.toml``), as ``train`` (here or on the command line) writes it."""
@@ -264,9 +272,7 @@ class Run:
         """The library's ``PredictRequest`` for these keywords, as JSON."""
         genes = kw.pop("genes", None)
         degs = kw.pop("degs", None)
-        ensemble = kw.pop("ensemble", ())
-        if isinstance(ensemble, (str, os.PathLike, Run)):
-            raise TypeError("ensemble: expected a list of runs or run directories, got one; wrap it in a list")
+        ensemble = _ensemble_paths(kw.pop("ensemble", ()))
         aggregate = kw.pop("aggregate", None)
         if isinstance(aggregate, str):
             aggregate = [part.strip() for part in aggregate.split(",")]
@@ -278,7 +284,7 @@ class Run:
         request = {
             "degs": os.fspath(degs) if degs is not None else None,
             "model": str(self.path),
-            "ensemble": [str(r.path) if isinstance(r, Run) else os.fspath(r) for r in ensemble],
+            "ensemble": ensemble,
             "store": _path(store),
             "out": os.fspath(out) if out is not None else None,
             "targets": _target_specs(kw.pop("targets", None)),
@@ -336,9 +342,10 @@ class Run:
         ``anchored``: the cell's observed log1p counts plus the model's predicted change,
         ``log1p(mean)`` under the target minus under the cell's own condition (values and means
         for a Gaussian model); with ``aggregate="mean"`` each group's observed mean moved by the
-        model's change; not a recommendation: on real PBMCs it scored under the plain ``mean``
-        for cell types none of whose perturbed cells were trained on (docs/fidelity.md, "Unseen
-        cell types on real PBMCs").
+        model's change; the prediction to make with mixup, or with an ensemble of the
+        unseen-covariates preset with and without mixup, for cell types none of whose perturbed
+        cells were trained on (without mixup the plain ``mean`` scored higher there;
+        docs/fidelity.md).
 
         ``aggregate`` (``"mean"``, ``"var"`` or both, a list or ``"mean,var"``) writes, instead of a
         row per cell, a row per target and group of source cells: ``n_cells``, and per predicted
@@ -536,6 +543,8 @@ class Run:
         min_cells: int | None = None,
         definitions: str = "default",
         expected_log1p: bool = False,
+        anchored: bool = False,
+        ensemble: Sequence[Run | PathLike] = (),
         plots: bool | None = None,
         overwrite: bool = False,
         batch_size: int | None = None,
@@ -554,7 +563,10 @@ class Run:
         scores with cpa-tools' tutorial definitions (every control cell of the covariates, DEGs
         by the difference of means, conditions of 2 cells or more). ``expected_log1p`` scores the
         expected log1p of the predicted counts (nb models) instead of log1p of the predicted mean.
-        With ``out`` the
+        ``anchored`` scores the anchored prediction (:meth:`predict`'s ``anchored``: the control
+        cells' observed log1p counts moved by the model's change); ``ensemble`` (other runs, or
+        their directories) averages the predictions of this run's model and theirs, as
+        :meth:`predict`'s ``ensemble`` does. With ``out`` the
         files (``metrics.parquet``, ``summary.json``, ``degs.parquet``, ``plots/``) are kept
         there; without, they go to a temporary directory. ``plots`` defaults to the CLI's: drawn
         when there is an ``out`` to keep them in."""
@@ -565,6 +577,7 @@ class Run:
                 "truth": os.fspath(truth) if truth is not None else None,
                 "degs": os.fspath(degs) if degs is not None else None,
                 "min_cells": min_cells, "definitions": definitions, "expected_log1p": expected_log1p,
+                "anchored": anchored, "ensemble": _ensemble_paths(ensemble),
                 "plots": _plots(plots, out), "overwrite": overwrite, "batch_size": batch_size,
                 "compute": _compute(device, threads), "naming": "keywords",
             }

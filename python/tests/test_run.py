@@ -164,6 +164,17 @@ def test_an_ensemble_averages_its_runs_predictions(run, store, scratch):
         run.predict(store, ensemble=other, **kw)
     with pytest.raises(ValueError, match="latents"):
         run.predict(store, ensemble=[other], latents=["z_basal"], **kw)
+    # `evaluate` scores the same ensemble, anchored (checked against `predict` by
+    # tests/integration/predict.rs): a different prediction from the first run's alone.
+    alone = run.evaluate(store, split="ood", threads=1)
+    both = run.evaluate(store, split="ood", anchored=True, ensemble=[other], threads=1)
+    report = both.attrs["report"]
+    assert report["predicted"] == "anchored log1p"
+    assert [os.path.basename(os.path.dirname(m["model"])) for m in report["ensemble"]] == ["run", "run-seed-2"]
+    assert list(both["condition"]) == list(alone["condition"])
+    assert np.abs(both["r2_mean"].to_numpy() - alone["r2_mean"].to_numpy()).max() > 1e-4
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        run.evaluate(store, ensemble=other)
 
 
 def test_latents_cover_every_cell_in_store_order(run, store):

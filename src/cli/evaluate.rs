@@ -10,6 +10,11 @@ pub struct EvaluateArgs {
     /// Training run directory (its model/ is used) or model directory.
     #[arg(long)]
     pub(crate) model: PathBuf,
+    /// Further training runs (or model directories) whose predictions are averaged with
+    /// --model's, as `predict --ensemble` averages them (repeat the flag or separate with commas);
+    /// the runs must share the store's genes, perturbations and covariates.
+    #[arg(long, value_delimiter = ',', value_name = "RUN")]
+    pub(crate) ensemble: Vec<PathBuf>,
     /// The store the model was trained on (its split is recomputed from the model's record).
     #[arg(long)]
     pub(crate) store: PathBuf,
@@ -38,6 +43,12 @@ pub struct EvaluateArgs {
     /// predicted mean: what the real cells' mean of log1p counts estimates (docs/fidelity.md).
     #[arg(long)]
     pub(crate) expected_log1p: bool,
+    /// Score the anchored prediction, as `predict --anchored` writes it: each control cell's
+    /// observed log1p counts moved by the model's change from the cell's own condition to the
+    /// condition's (the values themselves for a Gaussian model). For cell types none of whose
+    /// perturbed cells were trained on, with mixup (docs/fidelity.md).
+    #[arg(long, conflicts_with = "expected_log1p")]
+    pub(crate) anchored: bool,
     /// The metrics printed: `default` (R2 of means with its control-mean baseline and the data's
     /// split-half ceiling, on all genes and the top 20 DEGs, Pearson of the change, L1
     /// discrimination rank) or `all`; metrics.parquet holds every metric either way.

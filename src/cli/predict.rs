@@ -78,9 +78,10 @@ pub struct PredictArgs {
     /// Also write `anchored`: per gene, the source cell's observed log1p counts plus the model's
     /// predicted change, log1p(mean) under the target minus under the cell's own condition (the
     /// values and means themselves for a Gaussian model). With --aggregate mean, each group's
-    /// observed mean moved by the model's change. Not a recommendation: on real PBMCs it scored
-    /// under the plain `mean` for cell types none of whose perturbed cells were trained on
-    /// (docs/fidelity.md, "Unseen cell types on real PBMCs").
+    /// observed mean moved by the model's change. The prediction to make with mixup or with an
+    /// ensemble of the unseen-covariates preset with and without mixup, for cell types none of
+    /// whose perturbed cells were trained on; without mixup the plain `mean` scored higher there
+    /// (docs/fidelity.md).
     #[arg(long)]
     pub(crate) anchored: bool,
     /// Instead of a row per cell, write per target and group of source cells these statistics of

@@ -24,6 +24,8 @@ impl EvaluateArgs {
             min_cells: self.min_cells,
             definitions: self.definitions.clone(),
             expected_log1p: self.expected_log1p,
+            ensemble: self.ensemble.clone(),
+            anchored: self.anchored,
             plots: !self.no_plots,
             overwrite: self.overwrite,
             batch_size: self.batch_size,
@@ -39,8 +41,18 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     else {
         return Ok(ExitCode::SUCCESS);
     };
+    let scored = match report.predicted.as_str() {
+        "anchored log1p" | "anchored mean" => {
+            "anchored: the controls' observed log1p means moved by the predicted change"
+        }
+        _ => "log1p means",
+    };
+    let models = match report.ensemble.len() {
+        0 | 1 => String::new(),
+        k => format!(", each prediction the mean of {k} models"),
+    };
     outln!(
-        "{} conditions evaluated on the {} split of {} (log1p means; R2 over genes; ctrl_bl, top20_bl: the control mean \
+        "{} conditions evaluated on the {} split of {}{models} ({scored}; R2 over genes; ctrl_bl, top20_bl: the control mean \
          as the prediction; lin_bl: the linear baseline; ceiling: half the real cells predicting the other half; p_delta: Pearson of the change \
          from the control; disc_l1: rank of the true condition, 0 best)",
         report.conditions.len(),

@@ -1526,3 +1526,102 @@ fn an_ensemble_refuses_latents_the_same_model_twice_and_runs_that_differ() {
     expect_error(&["--ensemble", &without], &["ensemble member", "run-no-covariates", "covariates", "cell_type"]);
     expect_error(&["--ensemble", "/nonexistent/run"], &["/nonexistent/run"]);
 }
+
+/// `evaluate --ensemble --anchored` scores what `predict --ensemble --anchored` writes for the
+/// same control cells, and `evaluate --ensemble` the log1p of the models' averaged means.
+#[test]
+fn an_evaluation_of_an_ensemble_scores_its_predictions_plain_and_anchored() {
+    let f = fixture();
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let second = s(second_run());
+    let (model, store) = (s(&f.run), s(&f.store));
+    let evaluate_with = |extra: &[&str], out: &Path| {
+        let out = s(out);
+        let args =
+            [&["evaluate", "--model", &model, "--store", &store, "--split", "all", "--no-plots"][..], extra].concat();
+        let o = run(&[&args[..], &["--out", &out]].concat());
+        assert!(o.status.success(), "evaluate {extra:?} failed: {}", text(&o.stderr));
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(Path::new(&out).join("summary.json")).unwrap_or_default())
+                .unwrap_or_else(|e| panic!("summary.json: {e}"));
+        (text(&o.stdout), summary, read_parquet(&Path::new(&out).join("metrics.parquet")).1)
+    };
+    let (printed, summary, anchored) =
+        evaluate_with(&["--ensemble", &second, "--anchored"], &f.dir.join("eval-ens-anchored"));
+    assert!(printed.contains("each prediction the mean of 2 models") && printed.contains("anchored"), "{printed}");
+    assert_eq!(summary["predicted"].as_str(), Some("anchored log1p"));
+    let listed = summary["ensemble"].as_array().cloned().unwrap_or_default();
+    assert_eq!(listed.len(), 2, "ensemble: {}", summary["ensemble"]);
+    assert!(listed[1]["model"].as_str().is_some_and(|p| p.ends_with("run-seed-11/model")), "{listed:?}");
+    let (_, _, plain) = evaluate_with(&["--ensemble", &second], &f.dir.join("eval-ens-plain"));
+    let (_, single_summary, single) = evaluate_with(&[], &f.dir.join("eval-single"));
+    assert!(single_summary.get("ensemble").is_none(), "one model lists no ensemble: {}", single_summary["ensemble"]);
+
+    let (ec, ed, et) = (strings(&anchored, "condition"), strings(&anchored, "dose"), strings(&anchored, "cell_type"));
+    let row = (0..ec.len()).find(|&i| !ec[i].contains('+') && ec[i] != "control");
+    let row = row.unwrap_or_else(|| panic!("no single-perturbation condition evaluated: {ec:?}"));
+    let (condition, dose, cell_type) = (&ec[row], &ed[row], &et[row]);
+    let ((real, _), (control, _)) = log1p_rows(&f.store, condition, dose, cell_type);
+    let (real_mean, real_var) = mean_var(&real);
+    let (ctrl_mean, _) = mean_var(&control);
+    let source = format!("condition == control and cell_type == {cell_type}");
+    let target = format!("condition={condition},dose={dose},cell_type={cell_type}");
+    let preds = f.dir.join("eval-ens-hand.parquet");
+    let o = predict(&[
+        "--source",
+        &source,
+        "--target",
+        &target,
+        "--ensemble",
+        &second,
+        "--anchored",
+        "--out",
+        preds.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
+    let written = read_parquet(&preds).1;
+    let by_hand = |predicted: &[Vec<f64>]| {
+        let (pred_mean, pred_var) = mean_var(predicted);
+        let delta = |m: &[f64]| -> Vec<f64> { m.iter().zip(&ctrl_mean).map(|(a, b)| a - b).collect() };
+        [
+            ("r2_mean", r2(&pred_mean, &real_mean)),
+            ("r2_var", r2(&pred_var, &real_var)),
+            ("r2_delta", r2(&delta(&pred_mean), &delta(&real_mean))),
+            (
+                "mse",
+                pred_mean.iter().zip(&real_mean).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / real_mean.len() as f64,
+            ),
+        ]
+    };
+    let anchored_cells = vectors(&written, "anchored");
+    let plain_cells: Vec<Vec<f64>> =
+        means(&written).into_iter().map(|r| r.into_iter().map(f64::ln_1p).collect()).collect();
+    assert_eq!((anchored_cells.len(), plain_cells.len()), (control.len(), control.len()));
+    for (what, batches, cells) in [("plain", &plain, &plain_cells), ("anchored", &anchored, &anchored_cells)] {
+        let rows = strings(batches, "condition");
+        let i = (0..rows.len())
+            .find(|&i| rows[i] == *condition && strings(batches, "cell_type")[i] == *cell_type)
+            .unwrap_or_else(|| panic!("{what}: {condition} {cell_type} not evaluated"));
+        for (name, expected) in by_hand(cells) {
+            let got = metric(batches, name, i);
+            assert!((got - expected).abs() < 1e-4, "{what} {name}: evaluate {got}, by hand {expected}");
+        }
+    }
+    // The three evaluations score different predictions.
+    let r2_of = |b: &[RecordBatch]| metric(b, "r2_mean", row);
+    assert!((r2_of(&anchored) - r2_of(&plain)).abs() > 1e-6, "anchored and plain differ");
+    assert!((r2_of(&plain) - r2_of(&single)).abs() > 1e-6, "the ensemble differs from its first model");
+    // The anchored prediction moves in log1p of the means: the expected log1p is refused with it.
+    let o = run(&[
+        "evaluate",
+        "--model",
+        &model,
+        "--store",
+        &store,
+        "--anchored",
+        "--expected-log1p",
+        "--out",
+        &s(&f.dir.join("eval-refused")),
+    ]);
+    assert!(!o.status.success() && text(&o.stderr).contains("--expected-log1p"), "{}", text(&o.stderr));
+}

@@ -39,25 +39,38 @@ pub(super) const CPU_STEP_ROWS: usize = 128;
 /// Cells the planner scans between progress reports.
 const CHUNK_CELLS: u64 = 4096;
 
-/// What the decoding pass reads: which control cells go into which conditions.
-pub(super) struct Decode<'a> {
+/// One model of the decoding pass, with what it needs besides its weights.
+pub(super) struct Decoder<'a> {
     pub(super) model: &'a CpaModel,
+    /// The `nb` inverse dispersion when the expected log1p of the counts is scored.
+    pub(super) theta: Option<Tensor>,
+    /// An `nb` model's inverse dispersion per gene: the sampled predicted cells are count draws
+    /// (log1p), like the real cells, instead of means.
+    pub(super) sample_theta: Option<Vec<f64>>,
+}
+
+/// What the decoding pass reads: which control cells go into which conditions, decoded by which
+/// models.
+pub(super) struct Decode<'a> {
+    /// The models whose predictions are averaged (an ensemble), the first first; one or more.
+    pub(super) models: &'a [Decoder<'a>],
     pub(super) store: &'a Arc<Store>,
     pub(super) labels: &'a CellLabels,
     /// Per label group: its covariate codes and the splits decoded, for the control groups used.
     pub(super) source_of_group: &'a [Option<(Vec<u32>, SourceSplits)>],
+    /// Per label group: its perturbations and doses in the model's vocabulary (the source cells'
+    /// own condition, which the anchored prediction decodes them under).
+    pub(super) parts_of_group: &'a [Option<Vec<(u32, f32)>>],
     pub(super) targets: &'a [(ConditionKey, Target)],
     pub(super) split: EvalSplit,
     pub(super) batch_size: usize,
     pub(super) loader: LoaderOptions,
     pub(super) count_model: bool,
-    /// The `nb` inverse dispersion when the expected log1p of the counts is scored.
-    pub(super) theta: Option<&'a Tensor>,
+    /// Score the anchored prediction: each cell's observed values (the encoder's input) moved by
+    /// the mean over the models of the change from its own (control) condition to the target's.
+    pub(super) anchored: bool,
     /// Predicted cells kept per target at most ([`super::samples`]).
     pub(super) sample_cap: usize,
-    /// An `nb` model's inverse dispersion per gene: the sampled predicted cells are count draws
-    /// (log1p), like the real cells, instead of means.
-    pub(super) sample_theta: Option<Vec<f64>>,
 }
 
 /// What the decoding pass produced: per condition the moments of the predictions and its index
@@ -110,10 +123,9 @@ impl Decode<'_> {
     }
 
     /// Decodes every gathered batch into the targets of its covariates.
-    fn decode(&self, mut loaded: Loaded<Vec<u32>>, stats: &StageStats) -> Result<Decoded> {
+    fn decode(&self, mut loaded: Loaded<Job>, stats: &StageStats) -> Result<Decoded> {
         let torch = Error::stage(Stage::Predictor);
-        let model = self.model;
-        let device = model.device();
+        let device = self.models[0].model.device();
         let mut by_covariates: HashMap<&[u32], Vec<usize>> = HashMap::new();
         for (i, (key, _)) in self.targets.iter().enumerate() {
             by_covariates.entry(&key.covariates).or_default().push(i);
@@ -126,7 +138,7 @@ impl Decode<'_> {
         let mut perts = PerturbationCsr::new();
         while let Some(gathered) = loaded.next(stats) {
             let gathered = gathered?;
-            let covs = &gathered.meta;
+            let Job { covariates: covs, groups } = &gathered.meta;
             let n = gathered.batch.counts.n_rows();
             // On the CPU a few hundred rows at a time: the transient cells x genes tensors (input,
             // decoder output, float64 moments) stay a few MB whatever the batch, so memory does not
@@ -136,22 +148,64 @@ impl Decode<'_> {
                 for start in (0..n).step_by(chunk) {
                     let rows = start..(start + chunk).min(n);
                     let n = rows.len();
-                    let (x, _) = crate::model::batch::densify_range(&gathered.batch.counts, rows, device)?;
+                    let (x, _) = crate::model::batch::densify_range(&gathered.batch.counts, rows.clone(), device)?;
+                    let covariates = covs
+                        .iter()
+                        .map(|&c| Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device)).torch())
+                        .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
+                    // Anchored: per model, the cells' observed values minus their decoding under
+                    // their own (control) condition, in the space the change is taken in. (A
+                    // variational model draws its latents anew for each decoding here, where
+                    // `predict` decodes one set of draws under both conditions.)
+                    let bases = if self.anchored {
+                        perts.clear();
+                        for &g in &groups[rows.clone()] {
+                            perts.push(self.parts_of_group[g as usize].as_deref().unwrap_or(&[]));
+                        }
+                        let own = perts.to_device(device)?;
+                        self.models
+                            .iter()
+                            .map(|d| {
+                                let observed = d.model.input(&x)?.0.f_to_kind(Kind::Double).torch()?;
+                                let mean = d.model.counterfactual(&x, &own, &covariates, &mut noise)?;
+                                observed.f_sub(&anchor_space(d.model, &mean)?).torch()
+                            })
+                            .collect::<cpa_stream_stages::Result<Vec<_>>>()?
+                    } else {
+                        Vec::new()
+                    };
                     for &t in by_covariates.get(covs.as_slice()).map(Vec::as_slice).unwrap_or(&[]) {
                         perts.clear();
                         perts.push_repeated(&self.targets[t].1.parts, n);
-                        let covariates = covs
-                            .iter()
-                            .map(|&c| Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device)).torch())
-                            .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
-                        let mean = model
-                            .counterfactual(&x, &perts.to_device(device)?, &covariates, &mut noise)?
-                            .f_to_kind(Kind::Double)
-                            .torch()?;
-                        let v = match (self.count_model, self.theta) {
-                            (true, Some(theta)) => expected_log1p_nb(&mean, theta).torch()?,
-                            (true, None) => mean.f_log1p().torch()?,
-                            (false, _) => mean.shallow_clone(),
+                        let target = perts.to_device(device)?;
+                        let mut means = Vec::with_capacity(self.models.len());
+                        let mut total: Option<Tensor> = None;
+                        for (m, d) in self.models.iter().enumerate() {
+                            let mean = d
+                                .model
+                                .counterfactual(&x, &target, &covariates, &mut noise)?
+                                .f_to_kind(Kind::Double)
+                                .torch()?;
+                            // Averaged over the models as `predict --ensemble` averages its columns:
+                            // the means (log1p taken after), or each model's expected log1p or
+                            // anchored values.
+                            let value = match (self.anchored, self.count_model, &d.theta) {
+                                (true, _, _) => anchor_space(d.model, &mean)?.f_add(&bases[m]).torch()?,
+                                (false, true, Some(theta)) => expected_log1p_nb(&mean, theta).torch()?,
+                                (false, _, _) => mean.shallow_clone(),
+                            };
+                            total = Some(match total.take() {
+                                None => value,
+                                Some(sum) => sum.f_add(&value).torch()?,
+                            });
+                            means.push(mean);
+                        }
+                        let Some(total) = total else { continue };
+                        let k = self.models.len() as f64;
+                        let average = if k > 1.0 { total.f_div_scalar(k).torch()? } else { total };
+                        let v = match (self.anchored, self.count_model, self.models[0].theta.is_some()) {
+                            (false, true, false) => average.f_log1p().torch()?,
+                            _ => average,
                         };
                         let (s, q) = (
                             v.f_sum_dim_intlist(0, false, Kind::Double).torch()?,
@@ -161,14 +215,26 @@ impl Decode<'_> {
                             None => (s, q),
                             Some((a, b)) => (a.f_add(&s).torch()?, b.f_add(&q).torch()?),
                         });
-                        // The rows the target's sample keeps, copied to the host together.
+                        // The rows the target's sample keeps: count draws from one model's
+                        // predicted distribution each (the models in turn, row by row: a sample of
+                        // their equal mixture), or the scored values themselves.
                         let kept: Vec<(usize, usize)> =
                             (0..n).filter_map(|i| samples.offer(t, &mut rng).map(|slot| (i, slot))).collect();
-                        if !kept.is_empty() {
-                            let rows: Vec<i64> = kept.iter().map(|&(i, _)| i as i64).collect();
+                        if kept.is_empty() {
+                            counts[t] += n as u64;
+                            continue;
+                        }
+                        let mut picked: Vec<Option<Vec<f32>>> = vec![None; kept.len()];
+                        let k = self.models.len();
+                        for (m, d) in self.models.iter().enumerate() {
+                            let mine: Vec<usize> = (0..kept.len()).filter(|&j| kept[j].0 % k == m).collect();
+                            if mine.is_empty() {
+                                continue;
+                            }
+                            let rows: Vec<i64> = mine.iter().map(|&j| kept[j].0 as i64).collect();
                             let index = Tensor::f_from_slice(&rows).torch()?.f_to_device(device).torch()?;
-                            let source = if self.sample_theta.is_some() { &mean } else { &v };
-                            let picked = source
+                            let source = if d.sample_theta.is_some() { &means[m] } else { &v };
+                            let host = source
                                 .f_index_select(0, &index)
                                 .torch()?
                                 .f_to_kind(Kind::Float)
@@ -177,17 +243,22 @@ impl Decode<'_> {
                                 .torch()?
                                 .f_contiguous()
                                 .torch()?;
-                            let mut flat = Vec::<f32>::try_from(&picked.f_flatten(0, -1).torch()?).torch()?;
-                            if let Some(theta) = &self.sample_theta {
+                            let mut flat = Vec::<f32>::try_from(&host.f_flatten(0, -1).torch()?).torch()?;
+                            if let Some(theta) = &d.sample_theta {
                                 draw_log1p_counts(&mut flat, theta, &mut rng);
                             }
-                            let width = flat.len() / kept.len();
-                            // In offer order: a later row of this batch may replace an earlier one.
-                            for (k, &(_, slot)) in kept.iter().enumerate() {
-                                samples.put(t, slot, &flat[k * width..(k + 1) * width]).map_err(|source| {
-                                    cpa_stream_stages::Error::Io { path: std::env::temp_dir(), source }
-                                })?;
+                            let width = flat.len() / mine.len();
+                            for (r, &j) in mine.iter().enumerate() {
+                                picked[j] = Some(flat[r * width..(r + 1) * width].to_vec());
                             }
+                        }
+                        // In offer order: a later row of this batch may replace an earlier one.
+                        for (&(_, slot), row) in kept.iter().zip(&picked) {
+                            let Some(row) = row else { continue };
+                            samples.put(t, slot, row).map_err(|source| cpa_stream_stages::Error::Io {
+                                path: std::env::temp_dir(),
+                                source,
+                            })?;
                         }
                         counts[t] += n as u64;
                     }
@@ -209,6 +280,13 @@ impl Decode<'_> {
         }
         Ok(Decoded { conditions, samples })
     }
+}
+
+/// The space the anchored prediction moves in, as `predict --anchored`'s: log1p of the means for
+/// a count model (that of the encoder's input, log1p of the counts), the means otherwise.
+fn anchor_space(model: &CpaModel, mean: &Tensor) -> cpa_stream_stages::Result<Tensor> {
+    let mean = mean.f_to_kind(Kind::Double).torch()?;
+    if model.config().model.recon_loss.is_count() { mean.f_log1p().torch() } else { Ok(mean) }
 }
 
 /// Replaces each predicted mean (rows of `theta.len()` genes) by `log1p` of a negative binomial
@@ -236,11 +314,17 @@ struct Plan<'a> {
     batch_size: usize,
 }
 
+/// A batch the planner sends: the covariates its cells share, and each cell's label group.
+pub(super) struct Job {
+    covariates: Vec<u32>,
+    groups: Vec<u32>,
+}
+
 impl Plan<'_> {
     /// The planner: each control cell joins its covariates' pending batch, sent when full;
     /// the partial batches go last, in covariate order.
-    fn run(&self, mut feeder: Feeder<Vec<u32>>, ctx: &RunContext) {
-        let mut pending: BTreeMap<Vec<u32>, Vec<u64>> = BTreeMap::new();
+    fn run(&self, mut feeder: Feeder<Job>, ctx: &RunContext) {
+        let mut pending: BTreeMap<Vec<u32>, (Vec<u64>, Vec<u32>)> = BTreeMap::new();
         let batch_size = self.batch_size;
         let n = self.labels.n_cells();
         let mut start = 0u64;
@@ -253,10 +337,14 @@ impl Plan<'_> {
                 }
                 feeder.scan(cell);
                 feeder.reserve(cell);
-                let rows = pending.entry(covs.clone()).or_default();
+                let (rows, groups) = pending.entry(covs.clone()).or_default();
                 rows.push(cell);
-                if rows.len() == batch_size && !feeder.send_reserved(std::mem::take(rows), covs.clone()) {
-                    return;
+                groups.push(self.labels.group_id(cell));
+                if rows.len() == batch_size {
+                    let job = Job { covariates: covs.clone(), groups: std::mem::take(groups) };
+                    if !feeder.send_reserved(std::mem::take(rows), job) {
+                        return;
+                    }
                 }
             }
             ctx.progress().advance(end - start);
@@ -266,8 +354,8 @@ impl Plan<'_> {
             }
             start = end;
         }
-        for (covs, rows) in pending {
-            if !rows.is_empty() && !feeder.send_reserved(rows, covs) {
+        for (covariates, (rows, groups)) in pending {
+            if !rows.is_empty() && !feeder.send_reserved(rows, Job { covariates, groups }) {
                 return;
             }
         }

@@ -53,6 +53,7 @@ use crate::error::{Error, Result};
 use crate::obs::ObsKeys;
 use crate::opened::{Labelled, Opened};
 use crate::predictor::targets::Target;
+use crate::predictor::{Members, open_members};
 use crate::stats::Moments;
 use crate::telemetry::{MemorySampler, RunReport, StageStats};
 use crate::torch::torch_error;
@@ -230,6 +231,12 @@ pub struct EvaluateOptions {
     /// Replace an existing evaluation at `out` (only one: a directory holding other files is
     /// refused); default false.
     pub overwrite: bool,
+    /// Further runs (or model directories) whose predictions are averaged with `model`'s, as
+    /// `predict --ensemble` averages them; default none.
+    pub ensemble: Vec<PathBuf>,
+    /// Score the anchored prediction (`predict --anchored`): each control cell's observed log1p
+    /// counts moved by the model's change from its own condition to the target's; default false.
+    pub anchored: bool,
 }
 
 impl EvaluateOptions {
@@ -249,6 +256,8 @@ impl EvaluateOptions {
             expected_log1p: false,
             plots: true,
             overwrite: false,
+            ensemble: Vec::new(),
+            anchored: false,
         }
     }
 }
@@ -505,8 +514,13 @@ pub struct EvaluateReport {
     pub split: String,
     /// The definitions scored with.
     pub definitions: Definitions,
-    /// What the predicted side is: `log1p(mean)` (count models), `expected log1p` or `mean`.
+    /// What the predicted side is: `log1p(mean)` (count models), `expected log1p` or `mean`;
+    /// `anchored ...` for the anchored prediction.
     pub predicted: String,
+    /// The models whose predictions are averaged (`ensemble`): each one's directory and weights
+    /// hash, the first model first; empty for one model.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ensemble: Vec<EnsembleMember>,
     /// Every evaluated condition.
     pub conditions: Vec<ConditionMetrics>,
     /// Mean of each metric over the conditions where it is defined.
@@ -527,6 +541,15 @@ pub struct EvaluateReport {
     pub seconds: f64,
     /// Stages, wall time and peak memory.
     pub report: RunReport,
+}
+
+/// One model of an evaluated ensemble.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnsembleMember {
+    /// The model directory.
+    pub model: String,
+    /// The hash of its weights, `xxh3-64:HEX`.
+    pub model_id: String,
 }
 
 /// What is evaluated: the conditions with enough cells (or a truth row), their real moments,
@@ -707,7 +730,19 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
     let dropped = dropped(&labels, &groups);
     warn_dropped(&options.store, &labels, &dropped)?;
     let count_model = model.config().model.recon_loss.is_count();
-    let theta = if options.expected_log1p { Some(expected_log1p_theta(&model, &dir)?) } else { None };
+    let Members { ids, models: members } = match options.ensemble.is_empty() {
+        true => Members { ids: Vec::new(), models: Vec::new() },
+        false => open_members(&model, &dir, &options.ensemble, &options.store, options.device, Stage::Evaluate)?,
+    };
+    let mut decoders = Vec::with_capacity(1 + members.len());
+    for (m, member_dir) in std::iter::once((&model, &dir)).chain(members.iter().zip(ids.iter().skip(1).map(|(d, _)| d)))
+    {
+        decoders.push(decode::Decoder {
+            model: m,
+            theta: if options.expected_log1p { Some(expected_log1p_theta(m, member_dir)?) } else { None },
+            sample_theta: if count_model && !options.anchored { nb_theta_host(m)? } else { None },
+        });
+    }
 
     // Samples of cells for the energy distance and the Wilcoxon tests, within a fixed budget.
     let is_control: Vec<bool> = groups.iter().map(|g| g.as_ref().is_some_and(|g| g.is_control)).collect();
@@ -729,18 +764,18 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
     let decode_stats = DecodeStats::new(loader);
     progress.begin("evaluate: counterfactuals", store.n_obs());
     let predicted = Decode {
-        model: &model,
+        models: &decoders,
         store: &store,
         labels: &labels,
         source_of_group: &plan.source_of_group,
+        parts_of_group: &groups.iter().map(|g| g.as_ref().map(|g| g.parts.clone())).collect::<Vec<_>>(),
         targets: &plan.targets,
         split: options.split,
         batch_size: options.batch_size.unwrap_or_else(|| default_batch_size(options.device)),
         loader,
         count_model,
-        theta: theta.as_ref(),
+        anchored: options.anchored,
         sample_cap: samples::sample_cap(plan.targets.len(), genes.len()),
-        sample_theta: if count_model { nb_theta_host(&model)? } else { None },
     }
     .run(&decode_stats, ctx)?;
     progress.end();
@@ -790,12 +825,18 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         store: options.store.display().to_string(),
         split: options.split.name().to_owned(),
         definitions: options.definitions,
-        predicted: match (count_model, options.expected_log1p) {
-            (true, true) => "expected log1p",
-            (true, false) => "log1p(mean)",
-            (false, _) => "mean",
+        predicted: match (options.anchored, count_model, options.expected_log1p) {
+            (true, true, _) => "anchored log1p",
+            (true, false, _) => "anchored mean",
+            (false, true, true) => "expected log1p",
+            (false, true, false) => "log1p(mean)",
+            (false, false, _) => "mean",
         }
         .to_owned(),
+        ensemble: ids
+            .into_iter()
+            .map(|(d, model_id)| EnsembleMember { model: d.display().to_string(), model_id })
+            .collect(),
         summary: outputs::summarize(&results),
         transfer,
         reproducibility: Reproducibility::of(results.iter().map(|c| c.field.change_reproducibility)),

@@ -245,7 +245,7 @@ fn write_degs(path: &Path, rows: &[DegRow]) -> Result<()> {
 /// `summary.json`: the run, the means, and every condition (temporary name, then rename).
 fn write_summary(path: &Path, report: &EvaluateReport) -> Result<()> {
     let finite = |v: f64| if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "model": report.model,
         "store": report.store,
         "split": report.split,
@@ -257,6 +257,9 @@ fn write_summary(path: &Path, report: &EvaluateReport) -> Result<()> {
         "reproducibility": report.reproducibility,
         "per_condition": report.conditions,
     });
+    if let (false, Some(fields)) = (report.ensemble.is_empty(), summary.as_object_mut()) {
+        fields.insert("ensemble".to_owned(), serde_json::json!(report.ensemble));
+    }
     let text =
         serde_json::to_string_pretty(&summary).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
     let tmp = path.with_file_name(format!(".{SUMMARY_FILE}.tmp"));

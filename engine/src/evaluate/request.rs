@@ -32,6 +32,10 @@ pub struct EvaluateRequest {
     pub definitions: String,
     /// Score the expected log1p of the predicted counts (nb models).
     pub expected_log1p: bool,
+    /// Further runs whose predictions are averaged with `model`'s (an ensemble).
+    pub ensemble: Vec<PathBuf>,
+    /// Score the anchored prediction: the control cells' observed values moved by the change.
+    pub anchored: bool,
     /// Write the per-condition plots and the overview.
     pub plots: bool,
     /// Replace an existing evaluation.
@@ -56,6 +60,8 @@ impl Default for EvaluateRequest {
             min_cells: None,
             definitions: "default".to_owned(),
             expected_log1p: false,
+            ensemble: Vec::new(),
+            anchored: false,
             plots: true,
             overwrite: false,
             batch_size: None,
@@ -79,6 +85,14 @@ impl EvaluateRequest {
                 n.name("--workers")
             )));
         }
+        if self.anchored && self.expected_log1p {
+            return Err(Error::InvalidInput(format!(
+                "{} and {}: the anchored prediction moves the observed log1p counts by the change in log1p of \
+                 the means; ask for one of them",
+                n.name("--anchored"),
+                n.name("--expected-log1p")
+            )));
+        }
         let (device, _) = self.compute.configure()?;
         let mut options = EvaluateOptions::new(&self.model, &self.store, &self.out);
         options.split = split;
@@ -89,6 +103,8 @@ impl EvaluateRequest {
         options.min_cells = self.min_cells.unwrap_or(definitions.min_cells());
         options.definitions = definitions;
         options.expected_log1p = self.expected_log1p;
+        options.ensemble = self.ensemble.clone();
+        options.anchored = self.anchored;
         options.plots = self.plots;
         options.overwrite = self.overwrite;
         Ok(options)

@@ -15,7 +15,7 @@ mod step;
 pub mod targets;
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::model::config::DispersionInit;
@@ -31,7 +31,7 @@ pub use options::{DEFAULT_BATCH_SIZE, GeneSelection, Layout, PredictOptions, Sha
 use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use targets::{Target, resolve_target};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use crate::Stage;
 use crate::error::{Error, Result};
@@ -212,6 +212,44 @@ fn check_member(first: &CpaModel, member: &CpaModel, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// An ensemble's models beside its first, as [`open_members`] opens them.
+pub(crate) struct Members {
+    /// Every model's directory and weights hash (`xxh3-64:HEX`), the first model's first.
+    pub(crate) ids: Vec<(PathBuf, String)>,
+    /// The further models, in the order given.
+    pub(crate) models: Vec<CpaModel>,
+}
+
+/// Opens an ensemble's further models `paths` beside its first (`model`, at `dir`) on `store`:
+/// each checked against the first ([`check_member`]) and refused when it is a model already
+/// opened (by its weights' hash).
+pub(crate) fn open_members(
+    model: &CpaModel,
+    dir: &Path,
+    paths: &[PathBuf],
+    store: &Path,
+    device: Device,
+    stage: Stage,
+) -> Result<Members> {
+    let mut ids = vec![(dir.to_owned(), model_id(dir)?)];
+    let mut members = Vec::with_capacity(paths.len());
+    for path in paths {
+        let Opened { dir: member_dir, model: member, .. } = Opened::open(path, store, device, stage)?;
+        check_member(model, &member, &member_dir)?;
+        let id = model_id(&member_dir)?;
+        if let Some((same, _)) = ids.iter().find(|(_, other)| *other == id) {
+            return Err(Error::InvalidInput(format!(
+                "ensemble member {}: the same model ({id}) as {}; an ensemble averages different runs",
+                member_dir.display(),
+                same.display()
+            )));
+        }
+        ids.push((member_dir, id));
+        members.push(member);
+    }
+    Ok(Members { ids, models: members })
+}
+
 impl std::fmt::Debug for Predictor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Predictor")
@@ -339,27 +377,16 @@ impl Predictor {
                 options.latents.join(", ")
             )));
         }
-        let mut ids = vec![(dir.clone(), model_id(&dir)?)];
-        let mut members = Vec::with_capacity(options.ensemble.len());
-        for path in &options.ensemble {
-            let Opened { dir: member_dir, model: member, .. } =
-                Opened::open(path, &options.store, options.device, Stage::Predictor)?;
-            check_member(&model, &member, &member_dir)?;
-            let id = model_id(&member_dir)?;
-            if let Some((same, _)) = ids.iter().find(|(_, other)| *other == id) {
-                return Err(Error::InvalidInput(format!(
-                    "ensemble member {}: the same model ({id}) as {}; an ensemble averages different runs",
-                    member_dir.display(),
-                    same.display()
-                )));
-            }
+        let Members { ids, models: opened } =
+            open_members(&model, &dir, &options.ensemble, &options.store, options.device, Stage::Predictor)?;
+        let mut members = Vec::with_capacity(opened.len());
+        for ((member_dir, _), member) in ids.iter().skip(1).zip(opened) {
             warn_untrained(&member, vocab, &targets).map_err(Error::stage(Stage::Predictor))?;
             let theta = if wants_theta {
-                Some(written_theta(&member, &member_dir, gene_index.as_deref(), options.change)?)
+                Some(written_theta(&member, member_dir, gene_index.as_deref(), options.change)?)
             } else {
                 None
             };
-            ids.push((member_dir, id));
             members.push(Member { model: member, theta });
         }
         let gene_columns: Vec<&str> =
