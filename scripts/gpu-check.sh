@@ -15,7 +15,8 @@
 #                                `--config` (e.g. model.dispersion_init = "moments"); CUDA_TESTS=0
 #                                leaves the CUDA tests out; ENSEMBLE=0 leaves out the ensemble's
 #                                check (a second model, `predict --ensemble` on the device against
-#                                the CPU and against the two models' predictions averaged)
+#                                the CPU and against the two models' predictions averaged, and
+#                                `evaluate --ensemble --anchored` on the device against the CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=.device
@@ -147,6 +148,8 @@ if [ "${ENSEMBLE:-1}" != 0 ]; then
   for device in cpu "$gpu"; do
     "$bin" predict --model "$work/run" --ensemble "$work/run2" --store "$work/s.store" --source all --target PERT01 \
       --device "$device" --anchored --out "$work/ensemble-$device.parquet" -q --overwrite
+    "$bin" evaluate --model "$work/run" --ensemble "$work/run2" --anchored --store "$work/s.store" --split all \
+      --no-plots --device "$device" --out "$work/eval-ensemble-$device" -q --overwrite
   done
   "$py" - "$work" "$gpu" <<'PY' 2>&1 | tee -a "$out/summary.txt" || status=1
 import sys
@@ -170,6 +173,13 @@ apart = rel(second, first)
 print(f"   ensemble's mean on {gpu} against the two models' means averaged: largest relative difference "
       f"{r.max():.2e} (the two models differ by up to {apart.max():.2e})")
 ok = ok and r.max() < 1e-4 and apart.max() > 1e-3
+# `evaluate --ensemble --anchored`: the same conditions, and their scores within 1e-3.
+scores = {d: pq.read_table(f"{work}/eval-ensemble-{d}/metrics.parquet").to_pandas() for d in ("cpu", gpu)}
+same = scores["cpu"]["condition"].tolist() == scores[gpu]["condition"].tolist()
+for column in ("r2_mean", "r2_var", "pearson_delta"):
+    d = np.nanmax(np.abs(scores[gpu][column].to_numpy(float) - scores["cpu"][column].to_numpy(float)))
+    print(f"   evaluate --ensemble --anchored, {column}: {gpu} against the CPU, largest difference {d:.2e}")
+    ok = ok and same and d < 1e-3
 print("   agreement: " + ("yes" if ok else "NO"))
 sys.exit(0 if ok else 1)
 PY
