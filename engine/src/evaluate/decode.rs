@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::model::layers::Noise;
 use crate::model::likelihood::expected_log1p_nb;
-use crate::model::{CpaModel, PerturbationCsr};
+use crate::model::{CpaModel, DevicePerts, PerturbationCsr};
 use cpa_stream_stages::store::Store;
 use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -153,60 +153,15 @@ impl Decode<'_> {
                         .iter()
                         .map(|&c| Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device)).torch())
                         .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
-                    // Anchored: per model, the cells' observed values minus their decoding under
-                    // their own (control) condition, in the space the change is taken in. (A
-                    // variational model draws its latents anew for each decoding here, where
-                    // `predict` decodes one set of draws under both conditions.)
-                    let bases = if self.anchored {
-                        perts.clear();
-                        for &g in &groups[rows.clone()] {
-                            perts.push(self.parts_of_group[g as usize].as_deref().unwrap_or(&[]));
-                        }
-                        let own = perts.to_device(device)?;
-                        self.models
-                            .iter()
-                            .map(|d| {
-                                let observed = d.model.input(&x)?.0.f_to_kind(Kind::Double).torch()?;
-                                let mean = d.model.counterfactual(&x, &own, &covariates, &mut noise)?;
-                                observed.f_sub(&anchor_space(d.model, &mean)?).torch()
-                            })
-                            .collect::<cpa_stream_stages::Result<Vec<_>>>()?
-                    } else {
-                        Vec::new()
+                    let bases = match self.anchored {
+                        true => self.anchor_bases(&x, &covariates, &groups[rows.clone()], &mut perts, &mut noise)?,
+                        false => Vec::new(),
                     };
                     for &t in by_covariates.get(covs.as_slice()).map(Vec::as_slice).unwrap_or(&[]) {
                         perts.clear();
                         perts.push_repeated(&self.targets[t].1.parts, n);
                         let target = perts.to_device(device)?;
-                        let mut means = Vec::with_capacity(self.models.len());
-                        let mut total: Option<Tensor> = None;
-                        for (m, d) in self.models.iter().enumerate() {
-                            let mean = d
-                                .model
-                                .counterfactual(&x, &target, &covariates, &mut noise)?
-                                .f_to_kind(Kind::Double)
-                                .torch()?;
-                            // Averaged over the models as `predict --ensemble` averages its columns:
-                            // the means (log1p taken after), or each model's expected log1p or
-                            // anchored values.
-                            let value = match (self.anchored, self.count_model, &d.theta) {
-                                (true, _, _) => anchor_space(d.model, &mean)?.f_add(&bases[m]).torch()?,
-                                (false, true, Some(theta)) => expected_log1p_nb(&mean, theta).torch()?,
-                                (false, _, _) => mean.shallow_clone(),
-                            };
-                            total = Some(match total.take() {
-                                None => value,
-                                Some(sum) => sum.f_add(&value).torch()?,
-                            });
-                            means.push(mean);
-                        }
-                        let Some(total) = total else { continue };
-                        let k = self.models.len() as f64;
-                        let average = if k > 1.0 { total.f_div_scalar(k).torch()? } else { total };
-                        let v = match (self.anchored, self.count_model, self.models[0].theta.is_some()) {
-                            (false, true, false) => average.f_log1p().torch()?,
-                            _ => average,
-                        };
+                        let (v, means) = self.scored_values(&x, &target, &covariates, &bases, &mut noise)?;
                         let (s, q) = (
                             v.f_sum_dim_intlist(0, false, Kind::Double).torch()?,
                             v.f_square().torch()?.f_sum_dim_intlist(0, false, Kind::Double).torch()?,
@@ -215,46 +170,12 @@ impl Decode<'_> {
                             None => (s, q),
                             Some((a, b)) => (a.f_add(&s).torch()?, b.f_add(&q).torch()?),
                         });
-                        // The rows the target's sample keeps: count draws from one model's
-                        // predicted distribution each (the models in turn, row by row: a sample of
-                        // their equal mixture), or the scored values themselves.
+                        // The rows the target's sample keeps.
                         let kept: Vec<(usize, usize)> =
                             (0..n).filter_map(|i| samples.offer(t, &mut rng).map(|slot| (i, slot))).collect();
-                        if kept.is_empty() {
-                            counts[t] += n as u64;
-                            continue;
-                        }
-                        let mut picked: Vec<Option<Vec<f32>>> = vec![None; kept.len()];
-                        let k = self.models.len();
-                        for (m, d) in self.models.iter().enumerate() {
-                            let mine: Vec<usize> = (0..kept.len()).filter(|&j| kept[j].0 % k == m).collect();
-                            if mine.is_empty() {
-                                continue;
-                            }
-                            let rows: Vec<i64> = mine.iter().map(|&j| kept[j].0 as i64).collect();
-                            let index = Tensor::f_from_slice(&rows).torch()?.f_to_device(device).torch()?;
-                            let source = if d.sample_theta.is_some() { &means[m] } else { &v };
-                            let host = source
-                                .f_index_select(0, &index)
-                                .torch()?
-                                .f_to_kind(Kind::Float)
-                                .torch()?
-                                .f_to_device(Device::Cpu)
-                                .torch()?
-                                .f_contiguous()
-                                .torch()?;
-                            let mut flat = Vec::<f32>::try_from(&host.f_flatten(0, -1).torch()?).torch()?;
-                            if let Some(theta) = &d.sample_theta {
-                                draw_log1p_counts(&mut flat, theta, &mut rng);
-                            }
-                            let width = flat.len() / mine.len();
-                            for (r, &j) in mine.iter().enumerate() {
-                                picked[j] = Some(flat[r * width..(r + 1) * width].to_vec());
-                            }
-                        }
+                        let picked = self.sampled_rows(&kept, &means, &v, &mut rng)?;
                         // In offer order: a later row of this batch may replace an earlier one.
                         for (&(_, slot), row) in kept.iter().zip(&picked) {
-                            let Some(row) = row else { continue };
                             samples.put(t, slot, row).map_err(|source| cpa_stream_stages::Error::Io {
                                 path: std::env::temp_dir(),
                                 source,
@@ -279,6 +200,115 @@ impl Decode<'_> {
             conditions.insert(key.clone(), (Moments::from_sums(counts[t] as f64, host(&s)?, host(&q)?), t));
         }
         Ok(Decoded { conditions, samples })
+    }
+
+    /// Per model, the cells' observed values (the encoder's input) minus their decoding under
+    /// their own condition (`groups`: each cell's label group), in the space the anchored
+    /// prediction's change is taken in. (A variational model draws its latents anew for each
+    /// decoding here, where `predict` decodes one set of draws under both conditions.)
+    fn anchor_bases(
+        &self,
+        x: &Tensor,
+        covariates: &[Tensor],
+        groups: &[u32],
+        perts: &mut PerturbationCsr,
+        noise: &mut Noise,
+    ) -> cpa_stream_stages::Result<Vec<Tensor>> {
+        perts.clear();
+        for &g in groups {
+            perts.push(self.parts_of_group[g as usize].as_deref().unwrap_or(&[]));
+        }
+        let own = perts.to_device(x.device())?;
+        self.models
+            .iter()
+            .map(|d| {
+                let observed = d.model.input(x)?.0.f_to_kind(Kind::Double).torch()?;
+                let mean = d.model.counterfactual(x, &own, covariates, noise)?;
+                observed.f_sub(&anchor_space(d.model, &mean)?).torch()
+            })
+            .collect()
+    }
+
+    /// The scored values of the cells `x` decoded into `target` (cells x genes, float64),
+    /// averaged over the models as `predict --ensemble` averages its columns: log1p of the
+    /// averaged means (count models), or the mean of each model's expected log1p or anchored
+    /// values (`bases` from [`Decode::anchor_bases`]); and each model's predicted means.
+    fn scored_values(
+        &self,
+        x: &Tensor,
+        target: &DevicePerts,
+        covariates: &[Tensor],
+        bases: &[Tensor],
+        noise: &mut Noise,
+    ) -> cpa_stream_stages::Result<(Tensor, Vec<Tensor>)> {
+        let mut means = Vec::with_capacity(self.models.len());
+        let mut total: Option<Tensor> = None;
+        for (m, d) in self.models.iter().enumerate() {
+            let mean = d.model.counterfactual(x, target, covariates, noise)?.f_to_kind(Kind::Double).torch()?;
+            let value = match (self.anchored, self.count_model, &d.theta) {
+                (true, _, _) => anchor_space(d.model, &mean)?.f_add(&bases[m]).torch()?,
+                (false, true, Some(theta)) => expected_log1p_nb(&mean, theta).torch()?,
+                (false, _, _) => mean.shallow_clone(),
+            };
+            total = Some(match total.take() {
+                None => value,
+                Some(sum) => sum.f_add(&value).torch()?,
+            });
+            means.push(mean);
+        }
+        // One model at least: the evaluated run's.
+        let Some(total) = total else { return Ok((Tensor::new(), means)) };
+        let average = match self.models.len() {
+            1 => total,
+            k => total.f_div_scalar(k as f64).torch()?,
+        };
+        let scored = match (self.anchored, self.count_model, self.models[0].theta.is_some()) {
+            (false, true, false) => average.f_log1p().torch()?,
+            _ => average,
+        };
+        Ok((scored, means))
+    }
+
+    /// The rows `kept` (row, slot) of a target's sample, in their order: for a count model
+    /// scored plainly, log1p of a count drawn from one model's predicted distribution each (the
+    /// models in turn, row by row: a sample of their equal mixture); otherwise the scored
+    /// values `v` themselves.
+    fn sampled_rows(
+        &self,
+        kept: &[(usize, usize)],
+        means: &[Tensor],
+        v: &Tensor,
+        rng: &mut Xoshiro256PlusPlus,
+    ) -> cpa_stream_stages::Result<Vec<Vec<f32>>> {
+        let mut picked = vec![Vec::new(); kept.len()];
+        let k = self.models.len();
+        for (m, d) in self.models.iter().enumerate() {
+            let mine: Vec<usize> = (0..kept.len()).filter(|&j| kept[j].0 % k == m).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let rows: Vec<i64> = mine.iter().map(|&j| kept[j].0 as i64).collect();
+            let source = if d.sample_theta.is_some() { &means[m] } else { v };
+            let index = Tensor::f_from_slice(&rows).torch()?.f_to_device(source.device()).torch()?;
+            let host = source
+                .f_index_select(0, &index)
+                .torch()?
+                .f_to_kind(Kind::Float)
+                .torch()?
+                .f_to_device(Device::Cpu)
+                .torch()?
+                .f_contiguous()
+                .torch()?;
+            let mut flat = Vec::<f32>::try_from(&host.f_flatten(0, -1).torch()?).torch()?;
+            if let Some(theta) = &d.sample_theta {
+                draw_log1p_counts(&mut flat, theta, rng);
+            }
+            let width = flat.len() / mine.len();
+            for (r, &j) in mine.iter().enumerate() {
+                picked[j] = flat[r * width..(r + 1) * width].to_vec();
+            }
+        }
+        Ok(picked)
     }
 }
 
