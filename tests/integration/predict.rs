@@ -1525,6 +1525,14 @@ fn an_ensemble_refuses_latents_the_same_model_twice_and_runs_that_differ() {
     let without = s(&other_run("run-no-covariates", false));
     expect_error(&["--ensemble", &without], &["ensemble member", "run-no-covariates", "covariates", "cell_type"]);
     expect_error(&["--ensemble", "/nonexistent/run"], &["/nonexistent/run"]);
+    // A run of another store (other genes): the error names the member, not the first model.
+    let (tiny_store, tiny_run) = (s(&f.dir.join("tiny.store")), s(&f.dir.join("tiny-run")));
+    let o =
+        run(&["synth", "--cells", "300", "--genes", "40", "--perturbations", "3", "--seed", "5", "--out", &tiny_store]);
+    assert!(o.status.success(), "synth failed: {}", text(&o.stderr));
+    let o = run(&["train", "--store", &tiny_store, "--epochs", "1", "--threads", "1", "--out", &tiny_run, "-q"]);
+    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    expect_error(&["--ensemble", &tiny_run], &["ensemble member", "tiny-run", "40"]);
 }
 
 /// `evaluate --ensemble --anchored` scores what `predict --ensemble --anchored` writes for the

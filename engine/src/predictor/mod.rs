@@ -234,7 +234,15 @@ pub(crate) fn open_members(
     let mut ids = vec![(dir.to_owned(), model_id(dir)?)];
     let mut members = Vec::with_capacity(paths.len());
     for path in paths {
-        let Opened { dir: member_dir, model: member, .. } = Opened::open(path, store, device, stage)?;
+        // Whatever the member's run cannot do on this store is said of the member, not of the
+        // first model.
+        let Opened { dir: member_dir, model: member, .. } =
+            Opened::open(path, store, device, stage).map_err(|e| match e {
+                Error::InvalidInput(_) | Error::Stage { .. } => {
+                    Error::InvalidInput(format!("ensemble member {}: {e}", path.display()))
+                }
+                other => other,
+            })?;
         check_member(model, &member, &member_dir)?;
         let id = model_id(&member_dir)?;
         if let Some((same, _)) = ids.iter().find(|(_, other)| *other == id) {
