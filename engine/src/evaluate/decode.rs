@@ -23,6 +23,7 @@ use crate::crew::Crew;
 use crate::encoder::CellLabels;
 use crate::error::{Error, Result};
 use crate::predictor::targets::Target;
+use crate::predictor::to_anchor_space;
 use crate::stats::Moments;
 
 use super::samples::{Samples, sampler};
@@ -224,7 +225,7 @@ impl Decode<'_> {
             .map(|d| {
                 let observed = d.model.input(x)?.0.f_to_kind(Kind::Double).torch()?;
                 let mean = d.model.counterfactual(x, &own, covariates, noise)?;
-                observed.f_sub(&anchor_space(d.model, &mean)?).torch()
+                observed.f_sub(&to_anchor_space(d.model, &mean).torch()?).torch()
             })
             .collect()
     }
@@ -246,7 +247,7 @@ impl Decode<'_> {
         for (m, d) in self.models.iter().enumerate() {
             let mean = d.model.counterfactual(x, target, covariates, noise)?.f_to_kind(Kind::Double).torch()?;
             let value = match (self.anchored, self.count_model, &d.theta) {
-                (true, _, _) => anchor_space(d.model, &mean)?.f_add(&bases[m]).torch()?,
+                (true, _, _) => to_anchor_space(d.model, &mean).torch()?.f_add(&bases[m]).torch()?,
                 (false, true, Some(theta)) => expected_log1p_nb(&mean, theta).torch()?,
                 (false, _, _) => mean.shallow_clone(),
             };
@@ -310,13 +311,6 @@ impl Decode<'_> {
         }
         Ok(picked)
     }
-}
-
-/// The space the anchored prediction moves in, as `predict --anchored`'s: log1p of the means for
-/// a count model (that of the encoder's input, log1p of the counts), the means otherwise.
-fn anchor_space(model: &CpaModel, mean: &Tensor) -> cpa_stream_stages::Result<Tensor> {
-    let mean = mean.f_to_kind(Kind::Double).torch()?;
-    if model.config().model.recon_loss.is_count() { mean.f_log1p().torch() } else { Ok(mean) }
 }
 
 /// Replaces each predicted mean (rows of `theta.len()` genes) by `log1p` of a negative binomial

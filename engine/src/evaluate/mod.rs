@@ -734,15 +734,18 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         true => Members { ids: Vec::new(), models: Vec::new() },
         false => open_members(&model, &dir, &options.ensemble, &options.store, options.device, Stage::Evaluate)?,
     };
-    let mut decoders = Vec::with_capacity(1 + members.len());
-    for (m, member_dir) in std::iter::once((&model, &dir)).chain(members.iter().zip(ids.iter().skip(1).map(|(d, _)| d)))
-    {
-        decoders.push(decode::Decoder {
-            model: m,
-            theta: if options.expected_log1p { Some(expected_log1p_theta(m, member_dir)?) } else { None },
-            sample_theta: if count_model && !options.anchored { nb_theta_host(m)? } else { None },
-        });
-    }
+    let dirs = std::iter::once(dir.as_path()).chain(ids.iter().skip(1).map(|(d, _)| d.as_path()));
+    let decoders = std::iter::once(&model)
+        .chain(&members)
+        .zip(dirs)
+        .map(|(m, d)| {
+            Ok(decode::Decoder {
+                model: m,
+                theta: if options.expected_log1p { Some(expected_log1p_theta(m, d)?) } else { None },
+                sample_theta: if count_model && !options.anchored { nb_theta_host(m)? } else { None },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
 
     // Samples of cells for the energy distance and the Wilcoxon tests, within a fixed budget.
     let is_control: Vec<bool> = groups.iter().map(|g| g.as_ref().is_some_and(|g| g.is_control)).collect();

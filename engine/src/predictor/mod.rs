@@ -12,6 +12,7 @@ mod buffers;
 mod genes;
 pub mod options;
 mod step;
+pub(crate) use step::to_anchor_space;
 pub mod targets;
 
 use std::ops::Range;

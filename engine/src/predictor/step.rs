@@ -109,7 +109,7 @@ fn pass_latents(
 
 /// The space the anchored prediction moves in: log1p of the means for a count model (that of
 /// the encoder's input, log1p of the counts), the means themselves otherwise.
-fn to_anchor_space(model: &CpaModel, mean: &Tensor) -> Result<Tensor, tch::TchError> {
+pub(crate) fn to_anchor_space(model: &CpaModel, mean: &Tensor) -> Result<Tensor, tch::TchError> {
     if model.config().model.recon_loss.is_count() { mean.f_log1p() } else { Ok(mean.shallow_clone()) }
 }
 
