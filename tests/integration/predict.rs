@@ -1545,8 +1545,7 @@ fn an_evaluation_of_an_ensemble_scores_its_predictions_plain_and_anchored() {
     let (model, store) = (s(&f.run), s(&f.store));
     let evaluate_with = |extra: &[&str], out: &Path| {
         let out = s(out);
-        let args =
-            [&["evaluate", "--model", &model, "--store", &store, "--split", "all", "--no-plots"][..], extra].concat();
+        let args = [&["evaluate", "--model", &model, "--store", &store, "--split", "all"][..], extra].concat();
         let o = run(&[&args[..], &["--out", &out]].concat());
         assert!(o.status.success(), "evaluate {extra:?} failed: {}", text(&o.stderr));
         let summary: serde_json::Value =
@@ -1556,13 +1555,15 @@ fn an_evaluation_of_an_ensemble_scores_its_predictions_plain_and_anchored() {
     };
     let (printed, summary, anchored) =
         evaluate_with(&["--ensemble", &second, "--anchored"], &f.dir.join("eval-ens-anchored"));
+    let svg = std::fs::read_to_string(f.dir.join("eval-ens-anchored/overview.svg")).unwrap_or_default();
+    assert!(svg.contains("anchored, mean of 2 models"), "the overview says what it scores: {:.300}", svg);
     assert!(printed.contains("each prediction the mean of 2 models") && printed.contains("anchored"), "{printed}");
     assert_eq!(summary["predicted"].as_str(), Some("anchored log1p"));
     let listed = summary["ensemble"].as_array().cloned().unwrap_or_default();
     assert_eq!(listed.len(), 2, "ensemble: {}", summary["ensemble"]);
     assert!(listed[1]["model"].as_str().is_some_and(|p| p.ends_with("run-seed-11/model")), "{listed:?}");
-    let (_, _, plain) = evaluate_with(&["--ensemble", &second], &f.dir.join("eval-ens-plain"));
-    let (_, single_summary, single) = evaluate_with(&[], &f.dir.join("eval-single"));
+    let (_, _, plain) = evaluate_with(&["--ensemble", &second, "--no-plots"], &f.dir.join("eval-ens-plain"));
+    let (_, single_summary, single) = evaluate_with(&["--no-plots"], &f.dir.join("eval-single"));
     assert!(single_summary.get("ensemble").is_none(), "one model lists no ensemble: {}", single_summary["ensemble"]);
 
     let (ec, ed, et) = (strings(&anchored, "condition"), strings(&anchored, "dose"), strings(&anchored, "cell_type"));

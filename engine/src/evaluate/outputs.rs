@@ -181,7 +181,13 @@ pub(super) fn write_outputs(
         write_summary(&tmp.join(SUMMARY_FILE), report)?;
         if options.plots {
             write_plots(&tmp.join(PLOTS_DIR), &report.conditions)?;
-            let title = format!("{} split", report.split);
+            // Which prediction is scored, where it is not one model's plain one.
+            let anchored = if report.predicted.starts_with("anchored") { ", anchored" } else { "" };
+            let models = match report.ensemble.len() {
+                0 | 1 => String::new(),
+                k => format!(", mean of {k} models"),
+            };
+            let title = format!("{} split{anchored}{models}", report.split);
             plot::overview(&tmp.join(OVERVIEW_STEM), &title, &report.conditions)?;
         }
         check_output(options)?;
