@@ -98,6 +98,27 @@ impl DecodeStats {
     }
 }
 
+/// One model's encoding of a step's cells.
+struct Encoded {
+    /// The encoder's input: the observed values in the space the anchored prediction moves in.
+    input: Tensor,
+    /// Log library sizes (count models).
+    library: Option<Tensor>,
+    /// The `z_basal` decoded from (a variational model's posterior draws).
+    draws: Vec<Tensor>,
+    /// The cells' covariate latents.
+    covariates: Vec<Tensor>,
+}
+
+impl Encoded {
+    /// The predicted means (float32) of these cells under the perturbations `perts`, with their
+    /// own covariates and library sizes.
+    fn decode(&self, model: &CpaModel, perts: &DevicePerts, noise: &mut Noise) -> cpa_stream_stages::Result<Tensor> {
+        let z_pert = model.perturbation_latent(perts)?;
+        model.mean_over_draws(&self.draws, &z_pert, &self.covariates, self.library.as_ref(), noise)
+    }
+}
+
 impl Decode<'_> {
     /// Runs the pass: a planner thread groups the control cells by covariates into batches, the
     /// batcher gathers them, and this thread decodes them.
@@ -154,15 +175,16 @@ impl Decode<'_> {
                         .iter()
                         .map(|&c| Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device)).torch())
                         .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
+                    let encoded = self.encode(&x, &covariates, &mut noise)?;
                     let bases = match self.anchored {
-                        true => self.anchor_bases(&x, &covariates, &groups[rows.clone()], &mut perts, &mut noise)?,
+                        true => self.anchor_bases(&encoded, &groups[rows.clone()], &mut perts, &mut noise)?,
                         false => Vec::new(),
                     };
                     for &t in by_covariates.get(covs.as_slice()).map(Vec::as_slice).unwrap_or(&[]) {
                         perts.clear();
                         perts.push_repeated(&self.targets[t].1.parts, n);
                         let target = perts.to_device(device)?;
-                        let (v, means) = self.scored_values(&x, &target, &covariates, &bases, &mut noise)?;
+                        let (v, means) = self.scored_values(&encoded, &target, &bases, &mut noise)?;
                         let (s, q) = (
                             v.f_sum_dim_intlist(0, false, Kind::Double).torch()?,
                             v.f_square().torch()?.f_sum_dim_intlist(0, false, Kind::Double).torch()?,
@@ -203,14 +225,27 @@ impl Decode<'_> {
         Ok(Decoded { conditions, samples })
     }
 
+    /// Each model's encoding of a step's cells `x` with covariate codes `covariates`, shared by
+    /// every target they are decoded into and by their own condition's decoding (a variational
+    /// model's draws among them, as `predict` decodes one set of draws under every condition).
+    fn encode(&self, x: &Tensor, covariates: &[Tensor], noise: &mut Noise) -> cpa_stream_stages::Result<Vec<Encoded>> {
+        self.models
+            .iter()
+            .map(|d| {
+                let (input, library) = d.model.input(x)?;
+                let draws = d.model.basal_draws(&input, noise)?;
+                let covariates = d.model.covariate_latents(covariates)?;
+                Ok(Encoded { input, library, draws, covariates })
+            })
+            .collect()
+    }
+
     /// Per model, the cells' observed values (the encoder's input) minus their decoding under
     /// their own condition (`groups`: each cell's label group), in the space the anchored
-    /// prediction's change is taken in. (A variational model draws its latents anew for each
-    /// decoding here, where `predict` decodes one set of draws under both conditions.)
+    /// prediction's change is taken in.
     fn anchor_bases(
         &self,
-        x: &Tensor,
-        covariates: &[Tensor],
+        encoded: &[Encoded],
         groups: &[u32],
         perts: &mut PerturbationCsr,
         noise: &mut Noise,
@@ -219,33 +254,34 @@ impl Decode<'_> {
         for &g in groups {
             perts.push(self.parts_of_group[g as usize].as_deref().unwrap_or(&[]));
         }
-        let own = perts.to_device(x.device())?;
+        let Some(first) = encoded.first() else { return Ok(Vec::new()) };
+        let own = perts.to_device(first.input.device())?;
         self.models
             .iter()
-            .map(|d| {
-                let observed = d.model.input(x)?.0.f_to_kind(Kind::Double).torch()?;
-                let mean = d.model.counterfactual(x, &own, covariates, noise)?;
+            .zip(encoded)
+            .map(|(d, e)| {
+                let observed = e.input.f_to_kind(Kind::Double).torch()?;
+                let mean = e.decode(d.model, &own, noise)?;
                 observed.f_sub(&to_anchor_space(d.model, &mean).torch()?).torch()
             })
             .collect()
     }
 
-    /// The scored values of the cells `x` decoded into `target` (cells x genes, float64),
+    /// The scored values of the `encoded` cells decoded into `target` (cells x genes, float64),
     /// averaged over the models as `predict --ensemble` averages its columns: log1p of the
     /// averaged means (count models), or the mean of each model's expected log1p or anchored
     /// values (`bases` from [`Decode::anchor_bases`]); and each model's predicted means.
     fn scored_values(
         &self,
-        x: &Tensor,
+        encoded: &[Encoded],
         target: &DevicePerts,
-        covariates: &[Tensor],
         bases: &[Tensor],
         noise: &mut Noise,
     ) -> cpa_stream_stages::Result<(Tensor, Vec<Tensor>)> {
         let mut means = Vec::with_capacity(self.models.len());
         let mut total: Option<Tensor> = None;
-        for (m, d) in self.models.iter().enumerate() {
-            let mean = d.model.counterfactual(x, target, covariates, noise)?.f_to_kind(Kind::Double).torch()?;
+        for (m, (d, e)) in self.models.iter().zip(encoded).enumerate() {
+            let mean = e.decode(d.model, target, noise)?.f_to_kind(Kind::Double).torch()?;
             let value = match (self.anchored, self.count_model, &d.theta) {
                 (true, _, _) => to_anchor_space(d.model, &mean).torch()?.f_add(&bases[m]).torch()?,
                 (false, true, Some(theta)) => expected_log1p_nb(&mean, theta).torch()?,
