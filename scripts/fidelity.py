@@ -28,6 +28,11 @@ also be run by hand.
                                               held-out one): how much of the real change on the
                                               top-20 DEGs the anchored prediction and the shift
                                               baseline recover (slope), and their R2
+  calibrated DIR [DIR ...]                    per celltype split: the transfer slope (a
+                                              condition's training shift in one covariate value
+                                              regressed on its mean shift in the others) and the
+                                              shift baseline scaled by it, beside the shift
+                                              baseline and the control mean
 
 Scoring (`score`, the definitions of run_peer.py, applied to both tools' predicted group means):
 the test cells of each perturbed group (covariates | condition | dose, at least 2 test cells);
@@ -1091,6 +1096,78 @@ def slopes(a):
     return {g: dict(zip(keys, row)) for g, row in zip(groups, rows)}
 
 
+def transfer_slope(values, train, ctrl, condition, cov, held):
+    """The slope through the origin of a condition's training shift in one covariate value
+    regressed on its mean training shift in the other values (leaving out `held`), pooled over
+    conditions, values and genes: how much of the other values' shift carries over, measured
+    on training cells only. None where no condition has training shifts in two values."""
+    import numpy as np
+
+    values_seen = [o for o in np.unique(cov) if o != held]
+    sxy = sxx = 0.0
+    for p in np.unique(condition[train & ~ctrl]):
+        shifts = {o: s for o in values_seen
+                  if (s := train_shift(values, train, ctrl, condition, cov, p, o)) is not None}
+        for o, y in shifts.items():
+            others = [s for k, s in shifts.items() if k != o]
+            if others:
+                x = np.mean(others, axis=0)
+                sxy, sxx = sxy + float(x @ y), sxx + float(x @ x)
+    return sxy / sxx if sxx > 0 else None
+
+
+def calibrated(a):
+    """The shift baseline scaled by the transfer slope (`transfer_slope`) on each split's
+    held-out covariate value: its test groups' mean R2 (all genes / top-20 DEGs) beside the shift
+    baseline's and the control mean's, with `score`'s definitions."""
+    import anndata
+    import numpy as np
+
+    out = {}
+    for directory in a.dirs:
+        meta = read_meta(directory)
+        held = meta.get("heldout_value")
+        if held is None:
+            sys.exit(f"fidelity: calibrated: {directory} is not a celltype split (its meta.json has no heldout_value)")
+        adata = anndata.read_h5ad(os.path.join(directory, "data.h5ad"))
+        obs = adata.obs
+        values = log_values(adata.X, meta["counts"])
+        cov, group = covariate_keys(obs, meta), group_keys(obs, meta)
+        condition = obs[meta["perturbation_key"]].astype(str).values
+        ctrl = condition == meta["control"]
+        split = obs[SPLIT].astype(str).values
+        train, test = split == "train", split == "test"
+        beta = transfer_slope(values, train, ctrl, condition, cov, held)
+        if beta is None:
+            out[directory] = {"beta": None}
+            print(f"{directory}: held out {held}: no condition has training shifts in two other covariate "
+                  "values, no transfer slope")
+            continue
+        scores = {"shift": [], "calibrated": [], "control": []}
+        for g in np.unique(group[test & ~ctrl & (cov == held)]):
+            m = test & (group == g)
+            if m.sum() < meta.get("min_test_cells", 2):
+                continue
+            p = condition[np.argmax(m)]
+            others = [s for o in np.unique(cov) if o != held
+                      if (s := train_shift(values, train, ctrl, condition, cov, p, o)) is not None]
+            if not others:
+                continue
+            cmean, tmean = values[ctrl & (cov == held)].mean(0), values[m].mean(0)
+            deg = np.argsort(-np.abs(values[group == g].mean(0) - cmean))[:N_TOP_DEG]
+            shift = np.mean(others, axis=0)
+            for name, pred in (("shift", cmean + shift), ("calibrated", cmean + beta * shift), ("control", cmean)):
+                scores[name].append((r2(tmean, pred), r2(tmean[deg], pred[deg])))
+        if not scores["shift"]:
+            sys.exit(f"fidelity: calibrated: {directory}: no test group of {held} has a training shift "
+                     "in two other covariate values")
+        means = {k: tuple(float(x) for x in np.mean(v, axis=0)) for k, v in scores.items()}
+        out[directory] = {"beta": beta, "groups": len(scores["shift"]), **means}
+        print(f"{directory}: held out {held}, transfer slope {beta:.3f}, {len(scores['shift'])} groups; "
+              + ", ".join(f"{k} {v[0]:.3f} / {v[1]:.3f}" for k, v in means.items()))
+    return out
+
+
 def best_epoch(history):
     """The epoch whose weights the run kept: the best validation score (cpa-stream's history calls
     it ``val_score``; ``score`` in histories written before it), the first of equals."""
@@ -1434,12 +1511,14 @@ def main():
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--covariate", default=None, help="the covariate value (default: the held-out one)")
+    p = sub.add_parser("calibrated", help="the shift baseline scaled by how much shifts carry over in training")
+    p.add_argument("dirs", nargs="+", help="celltype split directories")
     p = sub.add_parser("protocol", help="variants against a baseline over deciding and confirming data sets")
     p.add_argument("sets", nargs="+", help="decide=DIR or confirm=DIR (a fidelity.sh data set directory)")
     p.add_argument("--baseline", default="cpa-stream")
     a = ap.parse_args()
     commands = {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "ensemble": ensemble, "draws": draws, "table": table,
-                "protocol": protocol, "slopes": slopes}
+                "protocol": protocol, "slopes": slopes, "calibrated": calibrated}
     commands[a.command](a)
 
 

@@ -477,6 +477,66 @@ def test_change_reproducibility_separates_a_real_change_from_noise(fidelity, tmp
     assert abs(rs["A|same|1.0"]) < fidelity.NOISE_REPRODUCIBILITY, rs
 
 
+def test_the_calibrated_baseline_scales_the_shift_by_its_transfer_slope_in_training(fidelity, tmp_path, capsys):
+    """``fidelity.py calibrated``: the transfer slope regresses each training value's shift on the
+    other training values' mean shift (through the origin, pooled), leaving the held-out value
+    out; the calibrated baseline is the held-out controls' mean plus the shift baseline's shift
+    times that slope. Values as given (``counts`` false), so every number is known by hand."""
+    import anndata as ad
+    import pandas as pd
+
+    genes = 4
+    control = {"c0": [1.0, 1.0, 1.0, 1.0], "c1": [2.0, 2.0, 2.0, 2.0], "c2": [3.0, 1.0, 2.0, 5.0]}
+    shift = {"c0": [1.0, 2.0, 0.0, 0.0], "c1": [2.0, 4.0, 0.0, 1.0], "c2": [0.5, 3.0, -1.0, 0.0]}
+    rows, labels = [], []
+    for value in ("c0", "c1", "c2"):
+        base = np.array(control[value])
+        # Cells scattered symmetrically about each mean, so the means are exact.
+        for sign in (-1.0, 1.0):
+            rows.append(base + sign * 0.1)
+            labels.append((value, "control", "train"))
+            rows.append(base + np.array(shift[value]) + sign * 0.2)
+            labels.append((value, "drug", "test" if value == "c2" else "train"))
+        # One cell of another condition, a test cell: a group under min_test_cells, left out.
+        rows.append(base + 5.0)
+        labels.append((value, "other", "test"))
+    obs = pd.DataFrame(labels, columns=["cell_type", "condition", "fidelity_split"])
+    obs["dose"] = "1.0"
+    obs.index = obs.index.astype(str)
+    directory = tmp_path / "d"
+    directory.mkdir()
+    ad.AnnData(np.array(rows, dtype=np.float32), obs=obs).write_h5ad(directory / "data.h5ad")
+    meta = {"perturbation_key": "condition", "dose_key": "dose", "control": "control", "covariates": ["cell_type"],
+            "counts": False, "heldout_value": "c2", "min_test_cells": 2}
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+    got = fidelity.calibrated(argparse.Namespace(dirs=[str(directory)]))[str(directory)]
+    s0, s1 = np.array(shift["c0"]), np.array(shift["c1"])
+    beta = 2 * (s0 @ s1) / (s0 @ s0 + s1 @ s1)  # (1*2 + 2*4 + 0 + 0) * 2 / (5 + 21) = 20 / 26
+    assert got["beta"] == pytest.approx(beta, rel=1e-6)
+    assert got["groups"] == 1
+    cmean, real = np.array(control["c2"]), np.array(control["c2"]) + np.array(shift["c2"])
+
+    def r2(pred):
+        return 1 - ((real - pred) ** 2).sum() / ((real - real.mean()) ** 2).sum()
+
+    # 4 genes: the top-20 DEGs are all of them, so both scores are the same R2.
+    for name, pred in (("shift", cmean + (s0 + s1) / 2), ("calibrated", cmean + beta * (s0 + s1) / 2),
+                       ("control", cmean)):
+        assert got[name] == pytest.approx((r2(pred), r2(pred)), rel=1e-5), name
+    assert got["calibrated"][0] != pytest.approx(got["shift"][0])
+    assert "transfer slope 0.769" in capsys.readouterr().out
+
+    # A split whose held-out value has one other value: no slope, said so.
+    keep = obs["cell_type"].isin(["c0", "c2"]).values
+    other = tmp_path / "e"
+    other.mkdir()
+    ad.AnnData(np.array(rows, dtype=np.float32)[keep], obs=obs[keep]).write_h5ad(other / "data.h5ad")
+    (other / "meta.json").write_text(json.dumps(meta))
+    assert fidelity.calibrated(argparse.Namespace(dirs=[str(other)]))[str(other)] == {"beta": None}
+    assert "no transfer slope" in capsys.readouterr().out
+
+
 MAKE_SYNTH = REPO.parent / "shared" / "peer" / "cpa-tools" / "make_synth.py"
 
 
