@@ -180,6 +180,15 @@ def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_h
     assert transfer["same_perturbation_r"] == pytest.approx(np.mean(same), abs=1e-9)
     assert transfer["other_perturbations_r"] == pytest.approx(np.mean(other), abs=1e-9)
     assert transfer["carries_over"] == (np.mean(same) - np.mean(other) >= 0.05)
+    # The slope: each shift regressed through the origin on the mean of its perturbation's shifts
+    # in the other cell types, pooled.
+    xy = xx = 0.0
+    for (p, ct), y in shifts.items():
+        others = [s for (q, c), s in shifts.items() if q == p and c != ct]
+        if others:
+            x = np.mean(others, axis=0)
+            xy, xx = xy + float(x @ y), xx + float(x @ x)
+    assert transfer["slope"] == pytest.approx(xy / xx, rel=1e-9)
     # The synthetic atlas gives a perturbation one latent effect in every cell type.
     assert transfer["carries_over"], transfer
 

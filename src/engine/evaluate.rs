@@ -112,9 +112,14 @@ fn transfer_line(t: &cpa_stream_engine::evaluate::transfer::Transfer, mostly_noi
     } else {
         "no pair of different perturbations (compared with 0)".to_owned()
     };
+    let slope = if t.slope.is_finite() {
+        format!("; a value's change repeats {:.2} of the mean change in the others (transfer slope)", t.slope)
+    } else {
+        String::new()
+    };
     let measured = format!(
         "Across covariate values (training cells): the same perturbation's changes correlate r = {:.2} ({} pairs), \
-         {reference}",
+         {reference}{slope}",
         t.same_perturbation_r, t.same_pairs
     );
     if t.carries_over {

@@ -16,6 +16,12 @@
 //! equally, so the difference is what a perturbation carries over. With a single perturbation (the classic unseen-cell-type
 //! data: one stimulation in several cell types) there is no pair of different perturbations; the
 //! reference is then 0, what unrelated changes correlate on average.
+//!
+//! A correlation says whether the effects are alike, not how large the part that carries over is.
+//! The transfer slope says that: each condition's training shift regressed, through the origin
+//! and pooled over conditions and genes, on the mean of the same perturbation's shifts in the
+//! other covariate values. Near 1 a value's shift repeats the others' at full size (what the
+//! other-covariates baseline assumes), near 0 none of it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -46,6 +52,11 @@ pub struct Transfer {
     /// Whether `same_perturbation_r` exceeds `other_perturbations_r` (0 without a pair of
     /// different perturbations) by [`CARRY_OVER_MARGIN`].
     pub carries_over: bool,
+    /// The least-squares slope through the origin of each condition's training shift on the mean
+    /// of the same perturbation's shifts in its other covariate values, over every such condition
+    /// and gene: the share of the others' shift that a value's shift repeats (NaN where those
+    /// means are all zero).
+    pub slope: f64,
 }
 
 /// Measures [`Transfer`] over `keys` (conditions; controls and conditions without covariates are
@@ -114,7 +125,39 @@ pub(super) fn measure(keys: &[&ConditionKey], shift: impl Fn(&ConditionKey) -> O
         other_perturbations_r,
         other_pairs,
         carries_over: same_perturbation_r - reference >= CARRY_OVER_MARGIN,
+        slope: slope(by_parts.values(), &shift),
     })
+}
+
+/// [`Transfer::slope`] over the groups of one perturbation's conditions (in distinct covariate
+/// values); linear in the conditions, one group's shifts in memory at a time.
+fn slope<'k>(
+    groups: impl Iterator<Item = &'k Vec<&'k ConditionKey>>,
+    shift: &impl Fn(&ConditionKey) -> Option<Vec<f64>>,
+) -> f64 {
+    let (mut xy, mut xx) = (0.0f64, 0.0f64);
+    for group in groups {
+        let shifts: Vec<Vec<f64>> = group.iter().filter_map(|k| shift(k)).collect();
+        let Some(first) = shifts.first() else { continue };
+        if shifts.len() < 2 {
+            continue;
+        }
+        let mut total = vec![0.0f64; first.len()];
+        for s in &shifts {
+            for (t, v) in total.iter_mut().zip(s) {
+                *t += v;
+            }
+        }
+        let others = (shifts.len() - 1) as f64;
+        for s in &shifts {
+            for (t, y) in total.iter().zip(s) {
+                let x = (t - y) / others;
+                xy += x * y;
+                xx += x * x;
+            }
+        }
+    }
+    if xx > 0.0 { xy / xx } else { f64::NAN }
 }
 
 /// A running mean of the correlations of pairs of shifts (pairs without a finite one left out).
@@ -187,6 +230,7 @@ mod tests {
         assert!(t.same_perturbation_r > 0.9, "{t:?}");
         assert!(t.other_perturbations_r.abs() < 0.1, "{t:?}");
         assert!(t.carries_over);
+        assert!(t.slope > 0.9 && t.slope < 1.05, "{t:?}");
 
         // Unrelated: every (cell type, perturbation) has an effect of its own.
         let unrelated: HashMap<ConditionKey, Vec<f64>> = (0..3)
@@ -195,6 +239,37 @@ mod tests {
         let t = measured(&unrelated).expect("pairs");
         assert!(t.same_perturbation_r.abs() < 0.1 && t.other_perturbations_r.abs() < 0.1, "{t:?}");
         assert!(!t.carries_over);
+        assert!(t.slope.abs() < 0.1, "{t:?}");
+    }
+
+    #[test]
+    fn the_slope_is_the_share_of_the_other_values_shift_that_repeats() {
+        // One perturbation in three cell types, its shift halved in the third: each shift against
+        // the mean of the other two, by hand.
+        let s = [vec![1.0, 2.0, 0.0, -1.0], vec![1.0, 2.0, 0.0, -1.0], vec![0.5, 1.0, 0.0, -0.5]];
+        let mut shifts: HashMap<ConditionKey, Vec<f64>> =
+            s.iter().enumerate().map(|(c, v)| (key(c as u32, 0), v.clone())).collect();
+        let (mut xy, mut xx) = (0.0, 0.0);
+        for (i, own) in s.iter().enumerate() {
+            for (g, y) in own.iter().enumerate() {
+                let x = (0..3).filter(|&j| j != i).map(|j| s[j][g]).sum::<f64>() / 2.0;
+                xy += x * y;
+                xx += x * x;
+            }
+        }
+        // (0.75 * 1 + 0.75 * 1 + 1 * 0.5) / (0.75^2 + 0.75^2 + 1) on the first gene, and so on.
+        assert!((xy / xx - 2.0 / 2.125).abs() < 1e-12);
+        let t = measured(&shifts).expect("pairs");
+        assert!((t.slope - xy / xx).abs() < 1e-12, "{t:?}");
+        // A second perturbation in two cell types pools with the first; a shift that is zero
+        // adds nothing to the sums of the other's regression but its own x.
+        shifts.insert(key(0, 1), vec![2.0, 0.0, 0.0, 0.0]);
+        shifts.insert(key(1, 1), vec![0.0; 4]);
+        let t = measured(&shifts).expect("pairs");
+        assert!((t.slope - xy / (xx + 4.0)).abs() < 1e-12, "{t:?}");
+        // No shift to regress on: no slope.
+        let zero: HashMap<ConditionKey, Vec<f64>> = (0..2).map(|c| (key(c, 0), vec![0.0; 4])).collect();
+        assert!(measured(&zero).expect("pairs").slope.is_nan());
     }
 
     #[test]
