@@ -92,6 +92,19 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
     design, target = np.array(rows), np.array(changes)
     weights = np.linalg.solve(design.T @ design + np.eye(len(columns)), design.T @ target)
 
+    # The transfer slope: each training shift regressed through the origin on the mean of its
+    # perturbation's training shifts in the other cell types, pooled; the scaled baseline's factor.
+    shifts = {(c, ct): s for c in sorted(set(condition) - {"control"}) for ct in cell_types
+              if (s := shift(c, ct)) is not None}
+    xy = xx = 0.0
+    for (c, ct), y in shifts.items():
+        elsewhere = [s for (q, o), s in shifts.items() if q == c and o != ct]
+        if elsewhere:
+            m = np.mean(elsewhere, axis=0)
+            xy, xx = xy + float(m @ y), xx + float(m @ m)
+    slope = xy / xx
+    assert metrics.attrs["transfer"]["slope"] == pytest.approx(slope, rel=1e-9)
+
     checked = 0
     for _, row in metrics.iterrows():
         ct = row["cell_type"]
@@ -118,6 +131,10 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
             assert all(o is not None for o in others)
             baseline = control + np.mean(others, axis=0)
             assert row["other_covariates_r2_mean"] == pytest.approx(r2(baseline, real), abs=1e-9)
+            scaled = control + slope * np.mean(others, axis=0)
+            assert row["other_covariates_scaled_r2_mean"] == pytest.approx(r2(scaled, real), abs=1e-9)
+            assert abs(slope - 1.0) > 0.01, "a slope of 1 would not tell the two baselines apart"
+            assert row["beats_other_covariates_scaled"] in (0.0, 1.0)
             # The nearest: the other cell type whose training controls' mean is closest to the
             # unseen one's control mean; two others, so it is not the average.
             assert len(others) == 2
@@ -133,7 +150,7 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
     assert checked >= 2, metrics[["cell_type", "condition"]]
     summary = metrics.attrs["summary"]
     assert "additive_r2_mean" in summary and "beats_other_covariates" in summary and "beats_linear" in summary
-    assert "beats_nearest_covariates" in summary
+    assert "beats_nearest_covariates" in summary and "beats_other_covariates_scaled" in summary
 
 
 def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_hand(tmp_path):

@@ -65,8 +65,9 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
             "cos_lfc, rk_rmse: PerturBench's cosine of log fold changes and rank by RMSE (0 best); energy, en_bl: \
              energy distance of the predicted and of the control cells to the real ones; de_rec, de_prec, de_auc: \
              cell-eval's DE agreement (Wilcoxon on sampled cells; recall, precision, ROC AUC); uncert: distance to \
-             the training conditions; add_bl, cov_bl, near_bl, lin_bl20: the additive, other-covariates, \
-             nearest-covariates and linear baselines (docs/evaluation.md has every column)"
+             the training conditions; add_bl, cov_bl, scl_bl, near_bl, lin_bl20: the additive, other-covariates, \
+             scaled other-covariates (times the transfer slope), nearest-covariates and linear baselines \
+             (docs/evaluation.md has every column)"
         );
     }
     outln!("DEGs: {}", deg_sources(&report));

@@ -268,7 +268,8 @@ impl EvaluateOptions {
 /// covariates' training controls, in the same covariates), and the *other covariates* baseline
 /// (the control mean plus the condition's mean shift in the other covariate values where it has
 /// training cells, averaged with equal weight per value: the classic baseline of an unseen cell
-/// type).
+/// type), the same with its shift scaled by the transfer slope ([`transfer::Transfer::slope`]),
+/// the nearest covariates' and the linear baseline.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct BaselineMetrics {
     /// R2 of the additive baseline's means against the real means, all genes.
@@ -284,6 +285,14 @@ pub struct BaselineMetrics {
     pub other_covariates_r2_mean_top20: f64,
     /// 1 when the model beats the other-covariates baseline on both, 0 when not, NaN without it.
     pub beats_other_covariates: f64,
+    /// R2 of the scaled other-covariates baseline's means (the control mean plus the
+    /// other-covariates shift times the transfer slope of the training cells), all genes.
+    pub other_covariates_scaled_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub other_covariates_scaled_r2_mean_top20: f64,
+    /// 1 when the model beats the scaled other-covariates baseline on both, 0 when not, NaN
+    /// without it (or without a finite slope).
+    pub beats_other_covariates_scaled: f64,
     /// R2 of the nearest-covariates baseline's means (the control mean plus the condition's shift
     /// in the one other covariate value whose training controls are nearest), all genes.
     pub nearest_covariates_r2_mean: f64,
@@ -805,10 +814,11 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         truth: &plan.truth,
         deg_table: deg_table.as_ref(),
         ridge: None,
+        transfer: None,
     };
-    let scoring = score::Scoring { ridge: scoring.fit_ridge(), ..scoring };
+    let scoring = score::Scoring { ridge: scoring.fit_ridge(), transfer: scoring.measure_transfer(), ..scoring };
     let (mut results, deg_rows) = score_conditions(&scoring, &plan, &model, &groups, &predicted)?;
-    let transfer = scoring.transfer();
+    let transfer = scoring.transfer;
     if real_cap == 0 {
         tracing::warn!(
             "{} label groups x {} genes: too many for samples of {} cells within {} MiB; the energy distance and \

@@ -84,6 +84,9 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("other_covariates_r2_mean".to_owned(), b.other_covariates_r2_mean));
     out.push(("other_covariates_r2_mean_top20".to_owned(), b.other_covariates_r2_mean_top20));
     out.push(("beats_other_covariates".to_owned(), b.beats_other_covariates));
+    out.push(("other_covariates_scaled_r2_mean".to_owned(), b.other_covariates_scaled_r2_mean));
+    out.push(("other_covariates_scaled_r2_mean_top20".to_owned(), b.other_covariates_scaled_r2_mean_top20));
+    out.push(("beats_other_covariates_scaled".to_owned(), b.beats_other_covariates_scaled));
     out.push(("nearest_covariates_r2_mean".to_owned(), b.nearest_covariates_r2_mean));
     out.push(("nearest_covariates_r2_mean_top20".to_owned(), b.nearest_covariates_r2_mean_top20));
     out.push(("beats_nearest_covariates".to_owned(), b.beats_nearest_covariates));

@@ -49,6 +49,9 @@ pub(super) struct Scoring<'a> {
     pub(super) deg_table: Option<&'a super::DegLists>,
     /// The linear baseline, fitted once ([`Scoring::fit_ridge`]).
     pub(super) ridge: Option<super::ridge::Ridge>,
+    /// Whether effects carry over between covariate values, and how much (the scaled
+    /// other-covariates baseline's slope), measured once ([`Scoring::measure_transfer`]).
+    pub(super) transfer: Option<super::transfer::Transfer>,
 }
 
 /// R2 over the genes `idx` (all genes when `None`).
@@ -268,7 +271,7 @@ impl Scoring<'_> {
 
     /// Whether perturbations' effects carry over between covariate values ([`super::transfer`]),
     /// over every perturbed condition's training cells.
-    pub(super) fn transfer(&self) -> Option<super::transfer::Transfer> {
+    pub(super) fn measure_transfer(&self) -> Option<super::transfer::Transfer> {
         let keys: Vec<&ConditionKey> = self.conditions.keys().collect();
         super::transfer::measure(&keys, |k| self.training_shift(&k.covariates, &k.parts))
     }
@@ -297,7 +300,7 @@ impl Scoring<'_> {
         Some((treated.iter().zip(&control).map(|(t, c)| t - c).collect(), control))
     }
 
-    /// The additive, other-covariates and nearest-covariates baselines of a condition
+    /// The additive, other-covariates (plain and scaled), nearest-covariates and linear baselines of a condition
     /// ([`BaselineMetrics`]), scored against its real means as the model's `pred_mean` is.
     fn baselines(
         &self,
@@ -356,7 +359,14 @@ impl Scoring<'_> {
             (0..ctrl_mean.len()).map(|g| others.iter().map(|s| s[g]).sum::<f64>() / n).collect()
         });
         let (additive_r2_mean, additive_r2_mean_top20, beats_additive) = score(additive);
+        // Scaled: the other covariates' mean shift times the share of it that carries over in the
+        // training cells.
+        let slope = self.transfer.map(|t| t.slope).filter(|s| s.is_finite());
+        let scaled =
+            other.as_ref().zip(slope).map(|(shift, b): (&Vec<f64>, f64)| shift.iter().map(|d| b * d).collect());
         let (other_covariates_r2_mean, other_covariates_r2_mean_top20, beats_other_covariates) = score(other);
+        let (other_covariates_scaled_r2_mean, other_covariates_scaled_r2_mean_top20, beats_other_covariates_scaled) =
+            score(scaled);
         let (nearest_covariates_r2_mean, nearest_covariates_r2_mean_top20, beats_nearest_covariates) = score(nearest);
         let (linear_r2_mean, linear_r2_mean_top20, beats_linear) =
             score(self.ridge.as_ref().and_then(|r| r.change(key)));
@@ -367,6 +377,9 @@ impl Scoring<'_> {
             other_covariates_r2_mean,
             other_covariates_r2_mean_top20,
             beats_other_covariates,
+            other_covariates_scaled_r2_mean,
+            other_covariates_scaled_r2_mean_top20,
+            beats_other_covariates_scaled,
             nearest_covariates_r2_mean,
             nearest_covariates_r2_mean_top20,
             beats_nearest_covariates,

@@ -73,6 +73,11 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
                 summary: "other_covariates_r2_mean",
             },
             Column {
+                header: "scl_bl",
+                value: |c| c.baselines.other_covariates_scaled_r2_mean,
+                summary: "other_covariates_scaled_r2_mean",
+            },
+            Column {
                 header: "near_bl",
                 value: |c| c.baselines.nearest_covariates_r2_mean,
                 summary: "nearest_covariates_r2_mean",
