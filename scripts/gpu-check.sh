@@ -75,7 +75,16 @@ if [ ! -e "$run_path" ]; then
   mkdir -p "$(dirname "$run_path")"
   ln -s "$TORCH_LIB" "$run_path"
 fi
-cp "$dev/check/cpa-stream" "$dev/check/cpa-stream-engine" "$bin_dir/"
+# The binaries go where the test executables start them. Where that folder is this machine's own
+# build (a dry run where the tarball was built), binaries built after the tarball are not replaced
+# by its older ones: that would leave the build folder stale, and the run would check old code.
+for b in cpa-stream cpa-stream-engine; do
+  if [ "$bin_dir/$b" -nt "$dev/check.tar.xz" ]; then
+    echo "$bin_dir/$b is newer than $dev/check.tar.xz: run 'scripts/gpu-check.sh build' first" >&2
+    exit 1
+  fi
+done
+cp -p "$dev/check/cpa-stream" "$dev/check/cpa-stream-engine" "$bin_dir/"
 export CARGO_MANIFEST_DIR="$PWD"
 gpu="${GPU_DEVICE:-cuda}"
 preset="${PRESET:-default}"
