@@ -692,6 +692,30 @@ fn evaluation_equals_a_computation_by_hand() {
     assert_eq!(transfer["carries_over"].as_bool(), Some(true), "{transfer}");
     assert!(transfer["same_pairs"].as_u64().is_some_and(|n| n > 0), "{transfer}");
     assert!(printed.contains("effects carry over between covariate values"), "{printed}");
+    // A line counts the conditions on which the model beats each simple baseline that some
+    // condition has, as the beats_* columns say.
+    let mut expected = Vec::new();
+    for (name, column) in [
+        ("additive", "beats_additive"),
+        ("other covariates", "beats_other_covariates"),
+        ("scaled other covariates", "beats_other_covariates_scaled"),
+        ("nearest covariates", "beats_nearest_covariates"),
+        ("linear", "beats_linear"),
+    ] {
+        let values = batches[0].column_by_name(column).map(|c| c.as_primitive::<Float64Type>().clone());
+        let values = values.unwrap_or_else(|| panic!("no column {column}"));
+        // NaN (no baseline) is written as null.
+        let flags: Vec<f64> =
+            (0..ec.len()).filter(|&i| !values.is_null(i)).map(|i| values.value(i)).filter(|v| v.is_finite()).collect();
+        if !flags.is_empty() {
+            expected.push(format!("{name} {} of {}", flags.iter().filter(|&&v| v == 1.0).count(), flags.len()));
+        }
+    }
+    assert!(expected.len() >= 3, "the atlas has other covariates and combinations: {expected:?}");
+    let line = printed.lines().find(|l| l.starts_with("the model beats the simple baselines")).unwrap_or_default();
+    let listed: Vec<String> =
+        line.split_once("on: ").map(|(_, l)| l.split(", ").map(str::to_owned).collect()).unwrap_or_default();
+    assert_eq!(listed, expected, "{printed}");
     let plots = std::fs::read_dir(eval.join("plots")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(plots, ec.len(), "one plot per condition");
 }

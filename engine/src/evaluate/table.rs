@@ -96,6 +96,37 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
     out
 }
 
+/// A condition's `beats_*` flag of one baseline.
+type Beats = fn(&ConditionMetrics) -> f64;
+
+/// The simple baselines ([`super::BaselineMetrics`]) by name and their `beats_*` flag.
+const BASELINES: [(&str, Beats); 5] = [
+    ("additive", |c| c.baselines.beats_additive),
+    ("other covariates", |c| c.baselines.beats_other_covariates),
+    ("scaled other covariates", |c| c.baselines.beats_other_covariates_scaled),
+    ("nearest covariates", |c| c.baselines.beats_nearest_covariates),
+    ("linear", |c| c.baselines.beats_linear),
+];
+
+/// How many conditions the model beats each simple baseline on (all genes and the top 20 DEGs),
+/// of those that have it; `None` where no condition has one.
+fn baselines_line(report: &EvaluateReport) -> Option<String> {
+    let counts: Vec<String> = BASELINES
+        .iter()
+        .filter_map(|(name, beats)| {
+            let flags: Vec<f64> = report.conditions.iter().map(beats).filter(|v| v.is_finite()).collect();
+            let beaten = flags.iter().filter(|&&v| v == 1.0).count();
+            (!flags.is_empty()).then(|| format!("{name} {beaten} of {}", flags.len()))
+        })
+        .collect();
+    (!counts.is_empty()).then(|| {
+        format!(
+            "the model beats the simple baselines (on all genes and the top-20 DEGs; beats_* in metrics.parquet) on: {}",
+            counts.join(", ")
+        )
+    })
+}
+
 /// The printed table: one line per condition, `<` after the conditions where the model does not
 /// beat the control mean and `~` after those whose change the data do not measure
 /// ([`NOISE_REPRODUCIBILITY`]), and the means.
@@ -144,6 +175,9 @@ pub fn render_table(report: &EvaluateReport, set: MetricSet) -> String {
             "the model beats the control mean (r2_mean > ctrl_bl) on {:.0}% of the conditions; `<` marks the others",
             100.0 * m("beats_control")
         );
+    }
+    if let Some(line) = baselines_line(report) {
+        let _ = writeln!(out, "{line}");
     }
     if report.conditions.iter().any(|c| c.field.change_reproducibility < NOISE_REPRODUCIBILITY) {
         let _ = writeln!(
