@@ -14,6 +14,19 @@ def r2(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 - float(((truth - pred) ** 2).sum()) / float(((truth - truth.mean()) ** 2).sum())
 
 
+def transfer_slope(shifts: dict) -> float:
+    """The transfer slope by hand: each training shift (``shifts[(condition, cell_type)]``)
+    regressed through the origin on the mean of its condition's shifts in the other cell types,
+    pooled over conditions, cell types and genes."""
+    xy = xx = 0.0
+    for (condition, cell_type), y in shifts.items():
+        elsewhere = [s for (q, o), s in shifts.items() if q == condition and o != cell_type]
+        if elsewhere:
+            x = np.mean(elsewhere, axis=0)
+            xy, xx = xy + float(x @ y), xx + float(x @ x)
+    return xy / xx
+
+
 def synthetic(tmp_path, **params):
     """A synthetic atlas (``cs.synth`` with ``params``) as an AnnData, through an .h5ad."""
     ad = pytest.importorskip("anndata")
@@ -96,13 +109,7 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
     # perturbation's training shifts in the other cell types, pooled; the scaled baseline's factor.
     shifts = {(c, ct): s for c in sorted(set(condition) - {"control"}) for ct in cell_types
               if (s := shift(c, ct)) is not None}
-    xy = xx = 0.0
-    for (c, ct), y in shifts.items():
-        elsewhere = [s for (q, o), s in shifts.items() if q == c and o != ct]
-        if elsewhere:
-            m = np.mean(elsewhere, axis=0)
-            xy, xx = xy + float(m @ y), xx + float(m @ m)
-    slope = xy / xx
+    slope = transfer_slope(shifts)
     assert metrics.attrs["transfer"]["slope"] == pytest.approx(slope, rel=1e-9)
 
     checked = 0
@@ -197,15 +204,7 @@ def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_h
     assert transfer["same_perturbation_r"] == pytest.approx(np.mean(same), abs=1e-9)
     assert transfer["other_perturbations_r"] == pytest.approx(np.mean(other), abs=1e-9)
     assert transfer["carries_over"] == (np.mean(same) - np.mean(other) >= 0.05)
-    # The slope: each shift regressed through the origin on the mean of its perturbation's shifts
-    # in the other cell types, pooled.
-    xy = xx = 0.0
-    for (p, ct), y in shifts.items():
-        others = [s for (q, c), s in shifts.items() if q == p and c != ct]
-        if others:
-            x = np.mean(others, axis=0)
-            xy, xx = xy + float(x @ y), xx + float(x @ x)
-    assert transfer["slope"] == pytest.approx(xy / xx, rel=1e-9)
+    assert transfer["slope"] == pytest.approx(transfer_slope(shifts), rel=1e-9)
     # The synthetic atlas gives a perturbation one latent effect in every cell type.
     assert transfer["carries_over"], transfer
 
