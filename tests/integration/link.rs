@@ -104,19 +104,32 @@ fn a_front_without_its_engine_says_what_is_missing() {
     let lone = dir.path().join("cpa-stream");
     std::fs::copy(bin(), &lone).unwrap();
     // The commands that need no model run.
-    let out = Command::new(&lone)
+    let mut synth = Command::new(&lone);
+    synth
         .args(["synth", "--cells", "200", "--genes", "10", "--perturbations", "2", "--out"])
-        .arg(dir.path().join("s.store"))
-        .output()
-        .unwrap();
+        .arg(dir.path().join("s.store"));
+    let out = run_copied(&mut synth);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = Command::new(&lone)
-        .args(["train", "--store", "s.store", "--out", "run"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let out =
+        run_copied(Command::new(&lone).args(["train", "--store", "s.store", "--out", "run"]).current_dir(dir.path()));
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("cpa-stream-engine is missing") && err.contains("cargo install"), "{err}");
     assert!(!dir.path().join("run").exists());
+}
+
+/// Runs a binary this process has just written. Another test's thread may fork while the copy's
+/// file is still open for writing here; until that child execs, the file is open for writing in
+/// it too and the kernel refuses to run it ("Text file busy"). The child execs within
+/// milliseconds, so the run is retried on that error alone.
+fn run_copied(command: &mut Command) -> std::process::Output {
+    for _ in 0..100 {
+        match command.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            result => return result.unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+    panic!("{command:?}: the copied binary stayed busy (open for writing) for 2 s")
 }
