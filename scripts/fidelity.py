@@ -1119,7 +1119,10 @@ def transfer_slope(values, train, ctrl, condition, cov, held):
 def calibrated(a):
     """The shift baseline scaled by the transfer slope (`transfer_slope`) on each split's
     held-out covariate value: its test groups' mean R2 (all genes / top-20 DEGs) beside the shift
-    baseline's and the control mean's, with `score`'s definitions."""
+    baseline's and the control mean's, with `score`'s definitions. Beside them, the generic
+    shift: the held-out value's control mean plus the mean of every condition's training shift in
+    the other values, whatever the perturbation (a response common to all perturbations, the
+    most a value could inherit where no perturbation's own effect carries over)."""
     import anndata
     import numpy as np
 
@@ -1143,7 +1146,10 @@ def calibrated(a):
             print(f"{directory}: held out {held}: no condition has training shifts in two other covariate "
                   "values, no transfer slope")
             continue
-        scores = {"shift": [], "calibrated": [], "control": []}
+        generic = [s for o in np.unique(cov) if o != held for p in np.unique(condition[train & ~ctrl & (cov == o)])
+                   if (s := train_shift(values, train, ctrl, condition, cov, p, o)) is not None]
+        generic = np.mean(generic, axis=0)
+        scores = {"shift": [], "calibrated": [], "generic": [], "control": []}
         for g in np.unique(group[test & ~ctrl & (cov == held)]):
             m = test & (group == g)
             if m.sum() < meta.get("min_test_cells", 2):
@@ -1156,7 +1162,8 @@ def calibrated(a):
             cmean, tmean = values[ctrl & (cov == held)].mean(0), values[m].mean(0)
             deg = np.argsort(-np.abs(values[group == g].mean(0) - cmean))[:N_TOP_DEG]
             shift = np.mean(others, axis=0)
-            for name, pred in (("shift", cmean + shift), ("calibrated", cmean + beta * shift), ("control", cmean)):
+            for name, pred in (("shift", cmean + shift), ("calibrated", cmean + beta * shift),
+                               ("generic", cmean + generic), ("control", cmean)):
                 scores[name].append((r2(tmean, pred), r2(tmean[deg], pred[deg])))
         if not scores["shift"]:
             sys.exit(f"fidelity: calibrated: {directory}: no test group of {held} has a training shift "

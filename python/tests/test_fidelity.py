@@ -481,13 +481,15 @@ def test_the_calibrated_baseline_scales_the_shift_by_its_transfer_slope_in_train
     """``fidelity.py calibrated``: the transfer slope regresses each training value's shift on the
     other training values' mean shift (through the origin, pooled), leaving the held-out value
     out; the calibrated baseline is the held-out controls' mean plus the shift baseline's shift
-    times that slope. Values as given (``counts`` false), so every number is known by hand."""
+    times that slope; the generic shift adds the mean of every condition's training shift in the
+    other values. Values as given (``counts`` false), so every number is known by hand."""
     import anndata as ad
     import pandas as pd
 
     genes = 4
     control = {"c0": [1.0, 1.0, 1.0, 1.0], "c1": [2.0, 2.0, 2.0, 2.0], "c2": [3.0, 1.0, 2.0, 5.0]}
     shift = {"c0": [1.0, 2.0, 0.0, 0.0], "c1": [2.0, 4.0, 0.0, 1.0], "c2": [0.5, 3.0, -1.0, 0.0]}
+    drug2 = [0.0, -3.0, 4.0, 0.0]
     rows, labels = [], []
     for value in ("c0", "c1", "c2"):
         base = np.array(control[value])
@@ -497,6 +499,12 @@ def test_the_calibrated_baseline_scales_the_shift_by_its_transfer_slope_in_train
             labels.append((value, "control", "train"))
             rows.append(base + np.array(shift[value]) + sign * 0.2)
             labels.append((value, "drug", "test" if value == "c2" else "train"))
+        # A second drug in c0's training cells only: in the generic shift, not in the slope (no
+        # other value to regress it on).
+        if value == "c0":
+            for sign in (-1.0, 1.0):
+                rows.append(base + np.array(drug2) + sign * 0.2)
+                labels.append((value, "drug2", "train"))
         # One cell of another condition, a test cell: a group under min_test_cells, left out.
         rows.append(base + 5.0)
         labels.append((value, "other", "test"))
@@ -522,7 +530,7 @@ def test_the_calibrated_baseline_scales_the_shift_by_its_transfer_slope_in_train
 
     # 4 genes: the top-20 DEGs are all of them, so both scores are the same R2.
     for name, pred in (("shift", cmean + (s0 + s1) / 2), ("calibrated", cmean + beta * (s0 + s1) / 2),
-                       ("control", cmean)):
+                       ("generic", cmean + (s0 + s1 + np.array(drug2)) / 3), ("control", cmean)):
         assert got[name] == pytest.approx((r2(pred), r2(pred)), rel=1e-5), name
     assert got["calibrated"][0] != pytest.approx(got["shift"][0])
     assert "transfer slope 0.769" in capsys.readouterr().out
