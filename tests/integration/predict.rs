@@ -1658,3 +1658,111 @@ fn an_evaluation_of_an_ensemble_scores_its_predictions_plain_and_anchored() {
     ]);
     assert!(!o.status.success() && text(&o.stderr).contains("--expected-log1p"), "{}", text(&o.stderr));
 }
+
+/// A perturbation without training cells has no effect: the model decodes it as the control (its
+/// latent without the control's own learned term, as before 2026-11-27, was a state no training
+/// cell was in, and moved the prediction by up to 0.66 of log1p here). A variational model's
+/// anchored change comes from one set of `z_basal` draws decoded under both conditions
+/// (`evaluate` encodes each control cell once per model, as `predict` does), so the anchored
+/// prediction of such a perturbation is the observed controls to the bit, and is scored exactly
+/// as the control mean. Draws taken anew for the second decoding (as `evaluate` did before
+/// 2026-11-27) would move it by their noise.
+#[test]
+fn a_perturbation_without_training_cells_is_predicted_as_the_control_from_one_set_of_draws() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let store = dir.path().join("v.store");
+    let o = run(&[
+        "synth",
+        "--cells",
+        "1500",
+        "--genes",
+        "40",
+        "--perturbations",
+        "3",
+        "--doses",
+        "1",
+        "--cell-types",
+        "2",
+        "--combinations",
+        "0",
+        "--seed",
+        "7",
+        "--out",
+        &s(&store),
+    ]);
+    assert!(o.status.success(), "synth failed: {}", text(&o.stderr));
+    let config = dir.path().join("variational.toml");
+    std::fs::write(&config, "[model]\nvariational = true\nn_samples = 3\n").unwrap_or_else(|e| panic!("{e}"));
+    let model = dir.path().join("run");
+    let o = run(&[
+        "train",
+        "--store",
+        &s(&store),
+        "--dose-key",
+        "dose",
+        "--covariates",
+        "cell_type",
+        "--config",
+        &s(&config),
+        "--holdout",
+        "PERT02",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "128",
+        "--threads",
+        "1",
+        "--out",
+        &s(&model),
+    ]);
+    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    let evaluate = |split: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("eval-{split}-{}", extra.len()));
+        let args = ["evaluate", "--model", &s(&model), "--store", &s(&store), "--split", split, "--no-plots"];
+        let o = run(&[&args[..], extra, &["--threads", "1", "--out", &s(&out)]].concat());
+        assert!(o.status.success(), "evaluate --split {split} {extra:?} failed: {}", text(&o.stderr));
+        read_parquet(&out.join("metrics.parquet")).1
+    };
+    // The conditions scored (the table lists the others of the split's covariates, unscored).
+    let scored = |batches: &[RecordBatch]| -> Vec<usize> {
+        let cells = batches[0].column_by_name("n_cells").map(|c| c.as_primitive::<UInt64Type>().clone());
+        let cells = cells.unwrap_or_else(|| panic!("no n_cells"));
+        (0..cells.len()).filter(|&i| cells.value(i) > 0).collect()
+    };
+    let gap = |batches: &[RecordBatch], model: &str, control: &str| {
+        scored(batches)
+            .into_iter()
+            .map(|i| (metric(batches, model, i) - metric(batches, control, i)).abs())
+            .fold(0.0f64, f64::max)
+    };
+    let held = evaluate("ood", &["--anchored"]);
+    let conditions: Vec<String> = scored(&held).into_iter().map(|i| strings(&held, "condition")[i].clone()).collect();
+    assert!(conditions == ["PERT02", "PERT02"], "ood, scored: {conditions:?}");
+    for (model, control) in [("r2_mean", "r2_mean_control"), ("r2_mean_top20", "r2_mean_control_top20")] {
+        let gap = gap(&held, model, control);
+        assert!(gap < 1e-6, "anchored {model} of the untrained PERT02 is the control mean's {control}: off by {gap}");
+    }
+    // Neither side of that equality is trivial: the plain prediction of PERT02 is not the control
+    // mean, and the anchored prediction of a trained perturbation moves away from it.
+    let plain = evaluate("ood", &[]);
+    assert!(gap(&plain, "r2_mean", "r2_mean_control") > 1e-4, "the plain prediction is the control mean");
+    let trained = evaluate("test", &["--anchored"]);
+    assert!(gap(&trained, "r2_mean", "r2_mean_control") > 1e-4, "a trained perturbation changes nothing");
+    // `predict` alike: each control cell's anchored prediction under PERT02 is its observed
+    // log1p, which is its anchored prediction under its own condition.
+    let predicted = |extra: &[&str], name: &str| {
+        let out = dir.path().join(name);
+        let args = ["predict", "--model", &s(&model), "--store", &s(&store), "--anchored", "--threads", "1"];
+        let o = run(&[&args[..], extra, &["--out", &s(&out)]].concat());
+        assert!(o.status.success(), "predict {extra:?} failed: {}", text(&o.stderr));
+        let batches = read_parquet(&out).1;
+        let ids = strings(&batches, "cell_id");
+        ids.into_iter().zip(vectors(&batches, "anchored")).collect::<HashMap<_, _>>()
+    };
+    let (target, own) = (predicted(&["--target", "PERT02"], "pert02.parquet"), predicted(&[], "own.parquet"));
+    assert!(!target.is_empty() && target.len() == own.len(), "{} and {} cells", target.len(), own.len());
+    for (id, anchored) in &target {
+        assert_eq!(Some(anchored), own.get(id), "cell {id}: PERT02 moved the anchored prediction");
+    }
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::model::layers::Noise;
 use crate::model::likelihood::expected_log1p_nb;
+use crate::model::network::knows_nothing_of;
 use crate::model::{CpaModel, DevicePerts, PerturbationCsr};
 use cpa_stream_stages::store::Store;
 use rand::SeedableRng;
@@ -48,6 +49,9 @@ pub(super) struct Decoder<'a> {
     /// An `nb` model's inverse dispersion per gene: the sampled predicted cells are count draws
     /// (log1p), like the real cells, instead of means.
     pub(super) sample_theta: Option<Vec<f64>>,
+    /// The perturbations the model gives no effect: a condition of these alone is decoded as the
+    /// control, each (control) cell under its own condition.
+    pub(super) effectless: Vec<u32>,
 }
 
 /// What the decoding pass reads: which control cells go into which conditions, decoded by which
@@ -176,14 +180,43 @@ impl Decode<'_> {
                         .map(|&c| Tensor::f_full([n as i64], i64::from(c), (Kind::Int64, device)).torch())
                         .collect::<cpa_stream_stages::Result<Vec<_>>>()?;
                     let encoded = self.encode(&x, &covariates, &mut noise)?;
-                    let bases = match self.anchored {
-                        true => self.anchor_bases(&encoded, &groups[rows.clone()], &mut perts, &mut noise)?,
-                        false => Vec::new(),
+                    let mine = by_covariates.get(covs.as_slice()).map(Vec::as_slice).unwrap_or(&[]);
+                    // The cells' own (control) conditions: the anchored prediction's reference,
+                    // and the target of a model that knows nothing of a condition.
+                    let as_control: Vec<Vec<bool>> = mine
+                        .iter()
+                        .map(|&t| {
+                            self.models
+                                .iter()
+                                .map(|d| knows_nothing_of(&self.targets[t].1.parts, &d.effectless))
+                                .collect()
+                        })
+                        .collect();
+                    let own = match self.anchored || as_control.iter().flatten().any(|&c| c) {
+                        true => {
+                            perts.clear();
+                            for &g in &groups[rows.clone()] {
+                                perts.push(self.parts_of_group[g as usize].as_deref().unwrap_or(&[]));
+                            }
+                            Some(perts.to_device(device)?)
+                        }
+                        false => None,
                     };
-                    for &t in by_covariates.get(covs.as_slice()).map(Vec::as_slice).unwrap_or(&[]) {
+                    let bases = match (&own, self.anchored) {
+                        (Some(own), true) => self.anchor_bases(&encoded, own, &mut noise)?,
+                        _ => Vec::new(),
+                    };
+                    for (&t, as_control) in mine.iter().zip(&as_control) {
                         perts.clear();
                         perts.push_repeated(&self.targets[t].1.parts, n);
-                        let target = perts.to_device(device)?;
+                        let written = perts.to_device(device)?;
+                        let target: Vec<&DevicePerts> = as_control
+                            .iter()
+                            .map(|&c| match (&own, c) {
+                                (Some(own), true) => own,
+                                _ => &written,
+                            })
+                            .collect();
                         let (v, means) = self.scored_values(&encoded, &target, &bases, &mut noise)?;
                         let (s, q) = (
                             v.f_sum_dim_intlist(0, false, Kind::Double).torch()?,
@@ -241,46 +274,40 @@ impl Decode<'_> {
     }
 
     /// Per model, the cells' observed values (the encoder's input) minus their decoding under
-    /// their own condition (`groups`: each cell's label group), in the space the anchored
+    /// their own condition (`own`, each cell's label group's parts), in the space the anchored
     /// prediction's change is taken in.
     fn anchor_bases(
         &self,
         encoded: &[Encoded],
-        groups: &[u32],
-        perts: &mut PerturbationCsr,
+        own: &DevicePerts,
         noise: &mut Noise,
     ) -> cpa_stream_stages::Result<Vec<Tensor>> {
-        perts.clear();
-        for &g in groups {
-            perts.push(self.parts_of_group[g as usize].as_deref().unwrap_or(&[]));
-        }
-        let Some(first) = encoded.first() else { return Ok(Vec::new()) };
-        let own = perts.to_device(first.input.device())?;
         self.models
             .iter()
             .zip(encoded)
             .map(|(d, e)| {
                 let observed = e.input.f_to_kind(Kind::Double).torch()?;
-                let mean = e.decode(d.model, &own, noise)?;
+                let mean = e.decode(d.model, own, noise)?;
                 observed.f_sub(&to_anchor_space(d.model, &mean).torch()?).torch()
             })
             .collect()
     }
 
-    /// The scored values of the `encoded` cells decoded into `target` (cells x genes, float64),
+    /// The scored values of the `encoded` cells decoded into `target` (one per model; cells x
+    /// genes, float64),
     /// averaged over the models as `predict --ensemble` averages its columns: log1p of the
     /// averaged means (count models), or the mean of each model's expected log1p or anchored
     /// values (`bases` from [`Decode::anchor_bases`]); and each model's predicted means.
     fn scored_values(
         &self,
         encoded: &[Encoded],
-        target: &DevicePerts,
+        target: &[&DevicePerts],
         bases: &[Tensor],
         noise: &mut Noise,
     ) -> cpa_stream_stages::Result<(Tensor, Vec<Tensor>)> {
         let mut means = Vec::with_capacity(self.models.len());
         let mut total: Option<Tensor> = None;
-        for (m, (d, e)) in self.models.iter().zip(encoded).enumerate() {
+        for (m, ((d, e), target)) in self.models.iter().zip(encoded).zip(target).enumerate() {
             let mean = e.decode(d.model, target, noise)?.f_to_kind(Kind::Double).torch()?;
             let value = match (self.anchored, self.count_model, &d.theta) {
                 (true, _, _) => to_anchor_space(d.model, &mean).torch()?.f_add(&bases[m]).torch()?,

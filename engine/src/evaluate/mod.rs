@@ -752,6 +752,7 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
                 model: m,
                 theta: if options.expected_log1p { Some(expected_log1p_theta(m, d)?) } else { None },
                 sample_theta: if count_model && !options.anchored { nb_theta_host(m)? } else { None },
+                effectless: m.effectless_perturbations().map_err(Error::stage(Stage::Predictor))?,
             })
         })
         .collect::<Result<Vec<_>>>()?;

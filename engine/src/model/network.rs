@@ -38,6 +38,14 @@ pub struct Encoded {
     pub posterior: Option<(Tensor, Tensor)>,
 }
 
+/// Whether the model knows nothing of a condition with these `parts`: every part is among its
+/// `effectless` perturbations ([`CpaModel::effectless_perturbations`]). Such a condition has no
+/// effect, so it is decoded as the control (its latent without any perturbation's term would be
+/// a state no training cell was in: the control has a learned term of its own).
+pub fn knows_nothing_of(parts: &[(u32, f32)], effectless: &[u32]) -> bool {
+    !parts.is_empty() && parts.iter().all(|(id, _)| effectless.contains(id))
+}
+
 /// The perturbation embedding: free vectors, or fixed features through a trained projection.
 #[derive(Debug)]
 enum PertEmbedding {
@@ -441,6 +449,24 @@ impl CpaModel {
             PertEmbedding::Free(e) => Ok(e.shallow_clone()),
             PertEmbedding::Features { features, projection } => projection.forward(features, self.precision),
         }
+    }
+
+    /// The perturbations this model gives no effect: no training cell has them, and their free
+    /// embedding rows are zero, as a model of this version leaves them (empty with projected
+    /// features, which place every perturbation, and for an older model's random rows).
+    pub fn effectless_perturbations(&self) -> Result<Vec<u32>> {
+        let PertEmbedding::Free(table) = &self.embedding else { return Ok(Vec::new()) };
+        let untrained = self.vocab.untrained_perturbations();
+        if untrained.is_empty() {
+            return Ok(untrained);
+        }
+        let ids: Vec<i64> = untrained.iter().map(|&id| i64::from(id)).collect();
+        let rows = Tensor::f_from_slice(&ids).torch()?.f_to_device(table.device()).torch()?;
+        let magnitude = table.f_index_select(0, &rows).torch()?.f_abs().torch()?.f_amax(&[1i64][..], false).torch()?;
+        let magnitude =
+            Vec::<f64>::try_from(&magnitude.f_to_kind(Kind::Double).torch()?.f_to_device(Device::Cpu).torch()?)
+                .map_err(|e| Error::InvalidInput(format!("perturbation embedding rows: {e}")))?;
+        Ok(untrained.into_iter().zip(magnitude).filter(|(_, m)| *m == 0.0).map(|(id, _)| id).collect())
     }
 
     /// The scaled dose `s(d)` of each entry (perturbation `ids`, `doses`), one per entry.

@@ -133,6 +133,9 @@ pub struct Predictor {
     options: PredictOptions,
     /// The posterior draws of a variational model.
     noise: Noise,
+    /// The perturbations `model` gives no effect: a target of these alone is decoded as the
+    /// control ([`knows_nothing_of`](crate::model::network::knows_nothing_of)).
+    effectless: Vec<u32>,
     /// Output buffers: the means, the expected log1p, the change and the anchored prediction if
     /// written, then each latent.
     pools: Vec<BufferPool>,
@@ -147,6 +150,8 @@ struct Member {
     model: CpaModel,
     /// As [`Predictor`]'s `theta`, for this model.
     theta: Option<Tensor>,
+    /// As [`Predictor`]'s `effectless`, for this model.
+    effectless: Vec<u32>,
 }
 
 /// The model directory's weights hash, `xxh3-64:HEX` ([`MODEL_ID_KEY`]).
@@ -396,7 +401,8 @@ impl Predictor {
             } else {
                 None
             };
-            members.push(Member { model: member, theta });
+            let effectless = member.effectless_perturbations().map_err(Error::stage(Stage::Predictor))?;
+            members.push(Member { model: member, theta, effectless });
         }
         let gene_columns: Vec<&str> =
             [(options.expected_log1p, EXPECTED_LOG1P), (options.change, CHANGE_LOG1P), (options.anchored, ANCHORED)]
@@ -453,9 +459,11 @@ impl Predictor {
         };
         let rows = options.shard.map_or(0..store.n_obs(), |s| s.rows(store.n_obs()));
         let noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(options.seed), model.device());
+        let effectless = model.effectless_perturbations().map_err(Error::stage(Stage::Predictor))?;
         Ok(Predictor {
             store,
             model,
+            effectless,
             members,
             keys,
             source,

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use crate::model::batch::densify_range;
 use crate::model::layers::Noise;
 use crate::model::likelihood::expected_log1p_nb;
+use crate::model::network::knows_nothing_of;
+use crate::model::vocab::CONTROL_ID;
 use crate::model::{CpaModel, PerturbationCsr};
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, StringDictionaryBuilder};
 use arrow::datatypes::{DataType, Field, Int32Type};
@@ -55,13 +57,17 @@ struct Encoded {
 }
 
 /// The perturbation and covariate latents of one pass for the cells `rows` of the batch under
-/// `model` (rows x latent: small, computed per step so that nothing grows with the targets).
+/// `model` (rows x latent: small, computed per step so that nothing grows with the targets). A
+/// target of perturbations the model gives no effect (`effectless`) is the control: a control
+/// cell keeps its own condition, any other cell takes the control at dose 1.
+#[allow(clippy::too_many_arguments)]
 fn pass_latents(
     model: &CpaModel,
     batch_corrected: bool,
     cells: &SourceCells,
     rows: Range<usize>,
     target: Option<&Target>,
+    effectless: &[u32],
     perts: &mut PerturbationCsr,
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let torch = Error::stage(Stage::Predictor);
@@ -73,7 +79,14 @@ fn pass_latents(
     perts.clear();
     let mut codes: Vec<Vec<i64>> = vec![Vec::with_capacity(n); vocab.covariates.len()];
     match target {
-        Some(t) => perts.push_repeated(&t.parts, n),
+        Some(t) if !knows_nothing_of(&t.parts, effectless) => perts.push_repeated(&t.parts, n),
+        Some(_) => {
+            let control = [(CONTROL_ID as u32, 1.0f32)];
+            for g in groups {
+                let own = g.parts.as_deref().ok().filter(|p| p.iter().all(|&(id, _)| id as usize == CONTROL_ID));
+                perts.push(own.unwrap_or(&control));
+            }
+        }
         None => {
             for g in groups {
                 perts.push(g.parts.as_deref().map_err(|e| Error::InvalidInput(e.clone()))?);
@@ -270,8 +283,9 @@ impl Predictor {
                 0 => (&self.model, self.theta.as_ref()),
                 _ => (&self.members[m - 1].model, self.members[m - 1].theta.as_ref()),
             };
-            let own =
-                |perts: &mut PerturbationCsr| pass_latents(model, columns.batch_corrected, cells, a..b, None, perts);
+            let own = |perts: &mut PerturbationCsr| {
+                pass_latents(model, columns.batch_corrected, cells, a..b, None, &[], perts)
+            };
             let e = encode(model, theta, &x, gene_index.as_ref(), columns, own, &mut perts, &mut self.noise)?;
             encoded.push(e);
         }
@@ -284,11 +298,15 @@ impl Predictor {
                 let mut values: Vec<Tensor> = Vec::new();
                 let mut first_latents = None;
                 for (m, e) in encoded.iter().enumerate() {
-                    let (model, theta) = match m {
-                        0 => (&self.model, self.theta.as_ref()),
-                        _ => (&self.members[m - 1].model, self.members[m - 1].theta.as_ref()),
+                    let (model, theta, effectless) = match m {
+                        0 => (&self.model, self.theta.as_ref(), &self.effectless),
+                        _ => {
+                            let member = &self.members[m - 1];
+                            (&member.model, member.theta.as_ref(), &member.effectless)
+                        }
                     };
-                    let (z_pert, covs) = pass_latents(model, columns.batch_corrected, cells, a..b, target, &mut perts)?;
+                    let (z_pert, covs) =
+                        pass_latents(model, columns.batch_corrected, cells, a..b, target, effectless, &mut perts)?;
                     let own = tch::no_grad(|| {
                         gene_values(model, theta, e, &z_pert, &covs, gene_index.as_ref(), columns, &mut self.noise)
                     })
