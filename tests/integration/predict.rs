@@ -1758,9 +1758,11 @@ fn a_perturbation_without_training_cells_is_predicted_as_the_control_from_one_se
         assert!(o.status.success(), "predict {extra:?} failed: {}", text(&o.stderr));
         let batches = read_parquet(&out).1;
         let ids = strings(&batches, "cell_id");
-        ids.into_iter().zip(vectors(&batches, "anchored")).collect::<HashMap<_, _>>()
+        (ids.into_iter().zip(vectors(&batches, "anchored")).collect::<HashMap<_, _>>(), text(&o.stderr))
     };
-    let (target, own) = (predicted(&["--target", "PERT02"], "pert02.parquet"), predicted(&[], "own.parquet"));
+    let ((target, warned), (own, _)) =
+        (predicted(&["--target", "PERT02"], "pert02.parquet"), predicted(&[], "own.parquet"));
+    assert!(warned.contains("(PERT02)") && warned.contains("alone, as the control"), "the warning: {warned}");
     assert!(!target.is_empty() && target.len() == own.len(), "{} and {} cells", target.len(), own.len());
     for (id, anchored) in &target {
         assert_eq!(Some(anchored), own.get(id), "cell {id}: PERT02 moved the anchored prediction");

@@ -341,7 +341,7 @@ fn warn_untrained(model: &CpaModel, vocab: &Vocabulary, targets: &[Target]) -> c
     } else {
         tracing::warn!(
             "targets hold perturbations without training cells ({}): the model knows nothing of them and \
-             predicts them as having no effect (a combination as its trained parts)",
+             predicts them as having no effect (alone, as the control; in a combination, as its trained parts)",
             names.join(", ")
         );
     }
