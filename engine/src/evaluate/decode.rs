@@ -156,6 +156,12 @@ impl Decode<'_> {
         for (i, (key, _)) in self.targets.iter().enumerate() {
             by_covariates.entry(&key.covariates).or_default().push(i);
         }
+        // Per target, per model: whether the model knows nothing of it (decoded as the control).
+        let as_control: Vec<Vec<bool>> = self
+            .targets
+            .iter()
+            .map(|(_, target)| self.models.iter().map(|d| knows_nothing_of(&target.parts, &d.effectless)).collect())
+            .collect();
         let mut sums: Vec<Option<(Tensor, Tensor)>> = (0..self.targets.len()).map(|_| None).collect();
         let mut counts = vec![0u64; self.targets.len()];
         let mut samples = Samples::new(self.targets.len(), self.sample_cap, self.store.n_vars() as usize);
@@ -183,16 +189,7 @@ impl Decode<'_> {
                     let mine = by_covariates.get(covs.as_slice()).map(Vec::as_slice).unwrap_or(&[]);
                     // The cells' own (control) conditions: the anchored prediction's reference,
                     // and the target of a model that knows nothing of a condition.
-                    let as_control: Vec<Vec<bool>> = mine
-                        .iter()
-                        .map(|&t| {
-                            self.models
-                                .iter()
-                                .map(|d| knows_nothing_of(&self.targets[t].1.parts, &d.effectless))
-                                .collect()
-                        })
-                        .collect();
-                    let own = match self.anchored || as_control.iter().flatten().any(|&c| c) {
+                    let own = match self.anchored || mine.iter().any(|&t| as_control[t].contains(&true)) {
                         true => {
                             perts.clear();
                             for &g in &groups[rows.clone()] {
@@ -206,11 +203,11 @@ impl Decode<'_> {
                         (Some(own), true) => self.anchor_bases(&encoded, own, &mut noise)?,
                         _ => Vec::new(),
                     };
-                    for (&t, as_control) in mine.iter().zip(&as_control) {
+                    for &t in mine {
                         perts.clear();
                         perts.push_repeated(&self.targets[t].1.parts, n);
                         let written = perts.to_device(device)?;
-                        let target: Vec<&DevicePerts> = as_control
+                        let target: Vec<&DevicePerts> = as_control[t]
                             .iter()
                             .map(|&c| match (&own, c) {
                                 (Some(own), true) => own,
