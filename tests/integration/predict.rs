@@ -58,28 +58,20 @@ pub fn fixture() -> &'static Fixture {
         assert!(o.status.success(), "synth failed: {}", text(&o.stderr));
         let config = repo_root().join(CONFIG);
         let run_dir = dir.join("run");
-        let o = run(&[
-            "train",
-            "--store",
-            &s(&store),
-            "--dose-key",
-            "dose",
-            "--covariates",
-            "cell_type",
-            "--config",
-            &s(&config),
-            "--epochs",
-            "100",
-            // One libtorch thread: tests run in parallel on 2 cores, and oversubscribed libtorch
-            // threads slowed this training tenfold.
-            "--threads",
-            "1",
-            "--out",
-            &s(&run_dir),
-        ]);
-        assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+        train_synthetic(&store, &config, &run_dir, &["--epochs", "100"]);
         Fixture { dir, store, run: run_dir }
     })
+}
+
+/// Trains a model of a synthetic store (`dose`, `cell_type`) with `config` into `out`; must
+/// succeed. One libtorch thread: tests run in parallel on 2 cores, and oversubscribed libtorch
+/// threads slowed the fixture's training tenfold.
+fn train_synthetic(store: &Path, config: &Path, out: &Path, extra: &[&str]) {
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let (store, config, out) = (s(store), s(config), s(out));
+    let args = ["train", "--store", &store, "--dose-key", "dose", "--covariates", "cell_type", "--config", &config];
+    let o = run(&[&args[..], extra, &["--threads", "1", "--out", &out]].concat());
+    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
 }
 
 fn read_parquet(path: &Path) -> (arrow::datatypes::SchemaRef, Vec<RecordBatch>) {
@@ -1695,28 +1687,7 @@ fn a_perturbation_without_training_cells_is_predicted_as_the_control_from_one_se
     let config = dir.path().join("variational.toml");
     std::fs::write(&config, "[model]\nvariational = true\nn_samples = 3\n").unwrap_or_else(|e| panic!("{e}"));
     let model = dir.path().join("run");
-    let o = run(&[
-        "train",
-        "--store",
-        &s(&store),
-        "--dose-key",
-        "dose",
-        "--covariates",
-        "cell_type",
-        "--config",
-        &s(&config),
-        "--holdout",
-        "PERT02",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "128",
-        "--threads",
-        "1",
-        "--out",
-        &s(&model),
-    ]);
-    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    train_synthetic(&store, &config, &model, &["--holdout", "PERT02", "--epochs", "3", "--batch-size", "128"]);
     let evaluate = |split: &str, extra: &[&str]| {
         let out = dir.path().join(format!("eval-{split}-{}", extra.len()));
         let args = ["evaluate", "--model", &s(&model), "--store", &s(&store), "--split", split, "--no-plots"];
