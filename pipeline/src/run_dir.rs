@@ -74,31 +74,13 @@ pub fn is_nonempty_dir(dir: &Path) -> bool {
 
 /// An existing output directory may be replaced only when it holds nothing but what the
 /// command itself writes (`known`, and temporaries and lock files of them, which a killed run
-/// leaves): `--overwrite` never deletes a user's other files (say, `--out .`).
+/// leaves): `--overwrite` never deletes a user's other files (say, `--out .`). See
+/// [`cpa_stream_stages::output::check_replaceable`].
 pub fn check_replaceable(dir: &Path, known: &[&str], what: &str) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(Error::io(dir))?;
-    let mut foreign = Vec::new();
-    for entry in entries {
-        let name = entry.map_err(Error::io(dir))?.file_name().to_string_lossy().into_owned();
-        let ours = known.contains(&name.as_str())
-            || known.iter().any(|k| {
-                name.starts_with(&format!(".{k}.tmp-"))
-                    || name.starts_with(&format!(".{k}.old-"))
-                    || name == format!(".{k}.lock")
-            });
-        if !ours {
-            foreign.push(name);
-        }
-    }
-    if foreign.is_empty() {
-        return Ok(());
-    }
-    foreign.sort();
-    Err(Error::InvalidInput(format!(
-        "{}: holds files that are not {what}'s ({}); --overwrite replaces only {what} (choose another directory)",
-        dir.display(),
-        foreign.iter().take(6).map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
-    )))
+    cpa_stream_stages::output::check_replaceable(dir, what, |name, _| known.contains(&name)).map_err(|e| match e {
+        cpa_stream_stages::Error::InvalidInput(message) => Error::InvalidInput(message),
+        other => Error::stage(crate::Stage::Write)(other),
+    })
 }
 
 /// Removes what a previous output of the same command left in `dir` (after

@@ -176,3 +176,53 @@ fn verify_names_the_version_whose_bytes_were_changed() {
     let err = text(&o.stdout) + &text(&o.stderr);
     assert!(!o.status.success() && err.contains("X/data") && err.contains("written by version 1 of 2"), "{err}");
 }
+
+/// `cp -al`: a copy of `from` whose files are hard links of its files.
+fn link_copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")) {
+        let entry = entry.unwrap_or_else(|e| panic!("{e}"));
+        let target = to.join(entry.file_name());
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            link_copy(&entry.path(), &target);
+        } else {
+            std::fs::hard_link(entry.path(), &target).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+/// Issue 73 item 2: a store copied with `cp -al` (or an `rsync --link-dest` snapshot) shares the
+/// inodes of its matrix files with the original; an append to one copy must not write into the
+/// others (it copies a file that has other names, then grows the copy).
+#[test]
+fn an_append_to_a_hard_linked_copy_leaves_the_other_copies_as_they_were() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let [a, b, c] = files(dir.path());
+    for codec in [&["--codec", "raw"][..], &["--codec", "zstd", "--block-rows", "64"][..]] {
+        let name = codec[1];
+        let original = dir.path().join(format!("a-{name}.store"));
+        let mut args = vec!["import", s(&a), "--out", s(&original)];
+        args.extend_from_slice(codec);
+        ok(&args);
+        let (x, y) = (dir.path().join(format!("x-{name}.store")), dir.path().join(format!("y-{name}.store")));
+        link_copy(&original, &x);
+        link_copy(&original, &y);
+        let before = content(&original);
+        let said = ok(&["import", "--append", s(&x), s(&b)]);
+        assert!(said.contains("MB copied (files another copy of the store shares"), "{name}: {said}");
+        ok(&["import", "--append", s(&y), s(&c)]);
+        // Each copy holds its own cells, as a store made at once of the same files does (the
+        // labels an append gives: the store's name, then the file's).
+        for (store, added, labels) in [(&x, &b, format!("x-{name},f1")), (&y, &c, format!("y-{name},f2"))] {
+            let at_once = dir.path().join(format!("at-once-{}.store", labels.replace(',', "-")));
+            let mut args = vec!["import", s(&a), s(added), "--out", s(&at_once), "--labels", &labels];
+            args.extend_from_slice(codec);
+            ok(&args);
+            assert_eq!(content(store), content(&at_once), "{name}: {}", store.display());
+            let verified: Value = serde_json::from_str(&ok(&["verify", s(store), "--json"])).unwrap_or_default();
+            assert_eq!(verified["versions"], 2, "{verified}");
+        }
+        assert_eq!(content(&original), before, "{name}: the original changed");
+        ok(&["verify", s(&original)]);
+    }
+}

@@ -158,6 +158,9 @@ pub(super) fn claim_output(options: &EvaluateOptions) -> Result<OutputLock> {
 
 fn check_output(options: &EvaluateOptions) -> Result<()> {
     let out = &options.out;
+    let inputs = [&options.model, &options.store].into_iter().chain(&options.ensemble);
+    cpa_stream_stages::output::check_not_an_input(out, inputs.chain(&options.truth).chain(&options.degs))
+        .map_err(Error::stage(Stage::Evaluate))?;
     check_destination(out, OutputKind::Directory, options.overwrite).map_err(Error::stage(Stage::Evaluate))?;
     if out.exists() {
         check_replaceable(out, &ENTRIES, "an evaluation")?;

@@ -83,6 +83,8 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
                 .to_owned(),
         ));
     }
+    let inputs = [&options.model, &options.store].into_iter().chain(&options.ensemble).chain(&options.degs);
+    cpa_stream_stages::output::check_not_an_input(out, inputs).map_err(Error::stage(Stage::Sink))?;
     let progress = ctx.progress();
     let wall = Instant::now();
     let sampler = MemorySampler::start();

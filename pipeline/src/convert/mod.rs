@@ -69,6 +69,8 @@ pub struct ConvertReport {
 /// cell) are copied as they are. With `shuffle`, the cells are written in a random order drawn
 /// from its seed (see `copy_shuffled`).
 pub fn run(options: &ConvertOptions, ctx: &RunContext) -> Result<ConvertReport> {
+    cpa_stream_stages::output::check_not_an_input(&options.out, [&options.store])
+        .map_err(Error::stage(Stage::Write))?;
     let input = &Store::open(&options.store).map_err(Error::stage(Stage::Read))?;
     let (out, progress, codec, shuffle) = (options.out.as_path(), ctx.progress(), options.codec, options.shuffle);
     let report = |manifest: Manifest, report: RunReport| ConvertReport {

@@ -65,6 +65,8 @@ pub struct ExportReport {
 
 /// Writes the store `options.store` as an AnnData file at `options.out`.
 pub fn run(options: &ExportOptions, ctx: &RunContext) -> Result<ExportReport> {
+    cpa_stream_stages::output::check_not_an_input(&options.out, [&options.store])
+        .map_err(Error::stage(Stage::Write))?;
     let store = Store::open(&options.store).map_err(Error::stage(Stage::Read))?;
     let (out, progress) = (options.out.as_path(), ctx.progress());
     let sampler = MemorySampler::start();

@@ -110,6 +110,73 @@ pub fn check_destination(dest: &Path, kind: OutputKind, overwrite: bool) -> Resu
     Ok(())
 }
 
+/// Refuses an output that would replace an input of the same command: `dest` exists and is one
+/// of `inputs`, holds one (a directory output over the input store), or lies inside one (a
+/// Parquet file over a store's `obs.parquet`, predictions over a model's weights). A new path
+/// inside an input directory replaces nothing and is allowed; paths are compared after
+/// resolving links.
+pub fn check_not_an_input<P: AsRef<Path>>(dest: &Path, inputs: impl IntoIterator<Item = P>) -> Result<()> {
+    // An output that does not exist yet replaces nothing.
+    let Ok(resolved) = fs::canonicalize(dest) else { return Ok(()) };
+    for input in inputs {
+        let input = input.as_ref();
+        let Ok(resolved_input) = fs::canonicalize(input) else { continue };
+        let relation = if resolved_input == resolved {
+            "is"
+        } else if resolved_input.starts_with(&resolved) {
+            "holds"
+        } else if resolved.starts_with(&resolved_input) {
+            "lies inside"
+        } else {
+            continue;
+        };
+        return Err(Error::InvalidInput(format!(
+            "{}: {relation} {}, an input of this command; an output never replaces what the command reads \
+             (choose another path)",
+            dest.display(),
+            input.display()
+        )));
+    }
+    Ok(())
+}
+
+/// An existing directory output may be replaced (`--overwrite`) only when it holds nothing but
+/// what the command itself writes: entries for which `ours(name, type)` is true, and the
+/// temporaries (`.NAME.tmp-*`, `.NAME.old-*`) and lock files (`.NAME.lock`) of such names,
+/// which killed runs leave. `what` names the output ("a directory of prediction parts"). So
+/// `--overwrite` never deletes a user's other files, a model or a store.
+pub fn check_replaceable(dir: &Path, what: &str, ours: impl Fn(&str, fs::FileType) -> bool) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut foreign = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let kind = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+        let decorated = name.strip_prefix('.').and_then(|rest| {
+            rest.strip_suffix(".lock")
+                .or_else(|| rest.rfind(".tmp-").or_else(|| rest.rfind(".old-")).map(|at| &rest[..at]))
+        });
+        let is_ours = match decorated {
+            Some(base) => !base.is_empty() && ours(base, kind),
+            None => ours(&name, kind),
+        };
+        if !is_ours {
+            foreign.push(name);
+        }
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    let shown = foreign.iter().take(6).map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+    let more = if foreign.len() > 6 { format!(" and {} more", foreign.len() - 6) } else { String::new() };
+    Err(Error::InvalidInput(format!(
+        "{}: holds files that are not part of {what} ({shown}{more}); --overwrite replaces only {what} (choose \
+         another path, or remove the directory yourself)",
+        dir.display()
+    )))
+}
+
 /// A temporary sibling of `dest` in its directory (same file system, so the publishing rename is
 /// atomic): `.NAME.tmp-PID-NANOS`.
 pub fn temporary_sibling(dest: &Path) -> Result<PathBuf> {

@@ -114,7 +114,7 @@ impl Store {
     }
 
     /// Every file in the store's directories is one the manifest lists (or the manifest).
-    fn check_unlisted_files(&self) -> Result<()> {
+    pub(crate) fn check_unlisted_files(&self) -> Result<()> {
         let listed = &self.manifest().files;
         // The directory opened, listed through its handle; named as the user named it.
         let mut dirs = vec![(self.opened_directory(), String::new())];

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -105,7 +106,9 @@ pub struct AppendReport {
     pub obs_bytes: u64,
     /// Whether the obs table was rewritten (its columns changed).
     pub obs_rewritten: bool,
-    /// Bytes of files copied because the file system refused a hard link.
+    /// Bytes of files copied rather than linked into the new version: matrix files that have
+    /// other names (a `cp -al` copy of the store shares them, and would see the append), and
+    /// files the file system refused to link.
     pub copied_bytes: u64,
 }
 
@@ -134,6 +137,38 @@ pub struct StoreWriter {
     _lock: OutputLock,
 }
 
+/// Copies the first `bytes` bytes of `from` into a new file `to` (the kernel's copy where the
+/// file system has one); returns the bytes copied.
+fn copy_prefix(from: &Path, to: &Path, bytes: u64) -> Result<u64> {
+    let source = File::open(from).map_err(|e| Error::io(from, e))?;
+    let mut target = File::create(to).map_err(|e| Error::io(to, e))?;
+    let copied = std::io::copy(&mut source.take(bytes), &mut target).map_err(|e| Error::io(to, e))?;
+    if copied != bytes {
+        return Err(Error::corrupt(from, format!("holds {copied} bytes, its manifest says {bytes}")));
+    }
+    Ok(copied)
+}
+
+/// `--overwrite` replaces a store, and only a store: a directory whose manifest opens and which
+/// holds nothing the manifest does not list (an empty directory is no output yet and passes
+/// [`claim_output`] without this). Anything else (a model, a user's folder, a damaged store) is
+/// left for its owner to remove.
+fn check_replaceable_store(dest: &Path) -> Result<()> {
+    let empty = fs::read_dir(dest).map_err(|e| Error::io(dest, e))?.next().is_none();
+    if empty {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        Error::InvalidInput(format!(
+            "{}: --overwrite replaces only a store, and this directory is not one ({why}); choose another path, or \
+             remove it yourself",
+            dest.display()
+        ))
+    };
+    let store = Store::open(dest).map_err(|e| refuse(e.to_string()))?;
+    store.check_unlisted_files().map_err(|e| refuse(e.to_string()))
+}
+
 impl StoreWriter {
     /// Starts a store at `dest` whose genes are the rows of `var` (first column `gene_id`) and
     /// whose cells will have `obs_schema` (first column `cell_id`).
@@ -148,6 +183,9 @@ impl StoreWriter {
         let n_vars = u32::try_from(var.num_rows())
             .map_err(|_| Error::InvalidInput(format!("{} genes exceed the u32 column index range", var.num_rows())))?;
         let lock = claim_output(dest, OutputKind::Directory, options.overwrite)?;
+        if dest.is_dir() {
+            check_replaceable_store(dest)?;
+        }
         let tmp = temporary_sibling(dest)?;
         fs::create_dir_all(tmp.join("X")).map_err(|e| Error::io(&tmp, e))?;
         let mut writer = StoreWriter {
@@ -219,9 +257,18 @@ impl StoreWriter {
                 continue;
             }
             if is_matrix_file(name) {
-                // Bytes after this version's: an interrupted append's, read by no version.
+                // Written after its current bytes, so only a file this store alone names may be
+                // linked: another name of it (`cp -al`, an `rsync --link-dest` snapshot) would
+                // see this append's bytes, and its own appends would overwrite them. Such a file
+                // is copied, up to this version's bytes.
                 let file = fs::OpenOptions::new().write(true).open(&from).map_err(|e| Error::io(&from, e))?;
-                if file.metadata().map_err(|e| Error::io(&from, e))?.len() > entry.bytes {
+                let meta = file.metadata().map_err(|e| Error::io(&from, e))?;
+                if meta.nlink() > 1 {
+                    copied += copy_prefix(&from, &to, entry.bytes)?;
+                    continue;
+                }
+                // Bytes after this version's: an interrupted append's, read by no version.
+                if meta.len() > entry.bytes {
                     file.set_len(entry.bytes).map_err(|e| Error::io(&from, e))?;
                 }
             }
