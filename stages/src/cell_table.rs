@@ -51,6 +51,8 @@ pub struct Vocabulary {
     /// One row per gene, first column `gene_id` (the name column), then the file's columns.
     pub var: RecordBatch,
     ids: HashMap<GeneRef, u32>,
+    /// The column whose values the gene lists hold (ids, or names).
+    id_column: String,
 }
 
 /// How a gene list names a gene.
@@ -58,6 +60,90 @@ pub struct Vocabulary {
 enum GeneRef {
     Id(i64),
     Name(String),
+}
+
+impl std::fmt::Display for GeneRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GeneRef::Id(id) => write!(f, "id {id}"),
+            GeneRef::Name(name) => write!(f, "{name:?}"),
+        }
+    }
+}
+
+/// The values of a gene id column (of a vocabulary, or a cell table's flattened gene lists),
+/// read as they are stored: nothing is cast into another gene. Integer ids are exact; float ids
+/// must be whole numbers; unsigned 64-bit ids must fit a signed one.
+enum GeneKeys {
+    Ints(arrow::array::Int64Array),
+    UInts(arrow::array::UInt64Array),
+    Floats(arrow::array::Float64Array),
+    Names(StringArray),
+}
+
+impl GeneKeys {
+    /// The keys of `values`; `Err` says why the type cannot hold gene ids.
+    fn of(values: &ArrayRef) -> std::result::Result<GeneKeys, String> {
+        let widen = |to: &DataType| cast(values, to).map_err(|e| format!("cannot read as {to}: {e}"));
+        Ok(match values.data_type() {
+            DataType::UInt64 => GeneKeys::UInts(values.as_primitive::<arrow::datatypes::UInt64Type>().clone()),
+            // Every other integer type widens to i64 exactly.
+            t if t.is_integer() => GeneKeys::Ints(widen(&DataType::Int64)?.as_primitive::<Int64Type>().clone()),
+            t if t.is_floating() => {
+                GeneKeys::Floats(widen(&DataType::Float64)?.as_primitive::<arrow::datatypes::Float64Type>().clone())
+            }
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+                GeneKeys::Names(widen(&DataType::Utf8)?.as_string::<i32>().clone())
+            }
+            DataType::Dictionary(_, v) if matches!(**v, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) => {
+                GeneKeys::Names(widen(&DataType::Utf8)?.as_string::<i32>().clone())
+            }
+            DataType::Null => return Err("holds only nulls, no gene ids".to_owned()),
+            other => return Err(format!("holds {other} values; gene ids are integers or names")),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            GeneKeys::Ints(a) => a.len(),
+            GeneKeys::UInts(a) => a.len(),
+            GeneKeys::Floats(a) => a.len(),
+            GeneKeys::Names(a) => a.len(),
+        }
+    }
+
+    /// Whether the keys are names rather than numeric ids.
+    fn are_names(&self) -> bool {
+        matches!(self, GeneKeys::Names(_))
+    }
+
+    /// The key at `k`; `Err` says why it is no gene id.
+    fn get(&self, k: usize) -> std::result::Result<GeneRef, String> {
+        let present = |array: &dyn Array| match array.is_null(k) {
+            true => Err("no gene id (null)".to_owned()),
+            false => Ok(()),
+        };
+        match self {
+            GeneKeys::Ints(a) => present(a).map(|()| GeneRef::Id(a.value(k))),
+            GeneKeys::UInts(a) => {
+                present(a)?;
+                i64::try_from(a.value(k))
+                    .map(GeneRef::Id)
+                    .map_err(|_| format!("id {} is beyond the largest gene id, 2^63 - 1", a.value(k)))
+            }
+            GeneKeys::Floats(a) => {
+                present(a)?;
+                let v = a.value(k);
+                // 2^63 is exactly representable; whole numbers below it convert exactly.
+                if v.is_finite() && v.fract() == 0.0 && v.abs() < 9_223_372_036_854_775_808.0 {
+                    Ok(GeneRef::Id(v as i64))
+                } else {
+                    Err(format!("id {v} is not a whole number"))
+                }
+            }
+            GeneKeys::Names(a) => present(a).map(|()| GeneRef::Name(a.value(k).to_owned())),
+        }
+    }
 }
 
 impl Vocabulary {
@@ -100,27 +186,62 @@ impl Vocabulary {
         if gene_names.null_count() > 0 {
             return Err(Error::InvalidInput(format!("{}: genes without a name", context(name_at))));
         }
+        let gene_name = |row: usize| gene_names.as_string::<i32>().value(row);
+        let mut first_row: HashMap<&str, usize> = HashMap::with_capacity(table.num_rows());
+        for row in 0..table.num_rows() {
+            if let Some(earlier) = first_row.insert(gene_name(row), row) {
+                return Err(Error::InvalidInput(format!(
+                    "{}: gene {:?} is named twice (rows {earlier} and {row}); a store's genes are unique",
+                    context(name_at),
+                    gene_name(row)
+                )));
+            }
+        }
         let mut ids = HashMap::with_capacity(table.num_rows());
         let mut add = |key: GeneRef, row: usize| -> Result<()> {
             match ids.insert(key.clone(), row as u32) {
-                Some(_) => Err(Error::InvalidInput(format!("{}: gene {key:?} appears twice", path.display()))),
+                Some(earlier) => Err(Error::InvalidInput(format!(
+                    "{}: {} is the id of two genes ({:?}, row {earlier}, and {:?}, row {row})",
+                    path.display(),
+                    key,
+                    gene_name(earlier as usize),
+                    gene_name(row)
+                ))),
                 None => Ok(()),
             }
         };
         match id_at {
-            Some(c) => {
-                let values = cast(table.column(c), &DataType::Int64).map_err(|e| Error::arrow(context(c), e))?;
-                for (row, id) in values.as_primitive::<Int64Type>().iter().enumerate() {
-                    let id = id.ok_or_else(|| Error::InvalidInput(format!("{}: gene {row} has no id", context(c))))?;
-                    add(GeneRef::Id(id), row)?;
+            Some(c) => match GeneKeys::of(table.column(c)).map_err(|why| {
+                Error::InvalidInput(format!("{}: {why} (--var-id names the column of the ids)", context(c)))
+            })? {
+                keys @ (GeneKeys::Ints(_) | GeneKeys::UInts(_) | GeneKeys::Floats(_)) => {
+                    for row in 0..table.num_rows() {
+                        let key = keys.get(row).map_err(|why| {
+                            Error::InvalidInput(format!("{}: gene {:?} (row {row}): {why}", context(c), gene_name(row)))
+                        })?;
+                        add(key, row)?;
+                    }
                 }
-            }
+                GeneKeys::Names(names) => {
+                    for (row, name) in names.iter().enumerate() {
+                        let name = name.ok_or_else(|| {
+                            Error::InvalidInput(format!(
+                                "{}: gene {:?} (row {row}) has no id",
+                                context(c),
+                                gene_name(row)
+                            ))
+                        })?;
+                        add(GeneRef::Name(name.to_owned()), row)?;
+                    }
+                }
+            },
             None => {
-                for (row, name) in gene_names.as_string::<i32>().iter().enumerate() {
-                    add(GeneRef::Name(name.unwrap_or_default().to_owned()), row)?;
+                for row in 0..table.num_rows() {
+                    add(GeneRef::Name(gene_name(row).to_owned()), row)?;
                 }
             }
         }
+        let id_column = id_at.map_or_else(|| names[name_at].to_owned(), |c| names[c].to_owned());
         let mut fields: Vec<FieldRef> = vec![Arc::new(Field::new(GENE_ID, DataType::Utf8, false))];
         let mut columns: Vec<ArrayRef> = vec![gene_names];
         for (c, field) in schema.fields().iter().enumerate() {
@@ -132,7 +253,53 @@ impl Vocabulary {
         }
         let var = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
             .map_err(|e| Error::arrow(path.display().to_string(), e))?;
-        Ok(Vocabulary { path: path.to_owned(), var, ids })
+        Ok(Vocabulary { path: path.to_owned(), var, ids, id_column })
+    }
+
+    /// Checks that a cell table's gene lists (`keys`, of column `column` of `table`) refer to
+    /// genes as this vocabulary does, numbers or names, and says which `--var-id` would match
+    /// where they do not.
+    fn check_keys(&self, keys: &GeneKeys, table: &Path, column: &str) -> Result<()> {
+        let by_name = self.ids.keys().next().is_some_and(|k| matches!(k, GeneRef::Name(_)));
+        let vocabulary = self.path.display();
+        let first = (0..keys.len()).find_map(|k| keys.get(k).ok());
+        match (keys.are_names(), by_name) {
+            (true, false) => {
+                let Some(GeneRef::Name(first)) = first else { return Ok(()) };
+                let holding = self.var.schema().fields().iter().zip(self.var.columns()).find_map(|(f, c)| {
+                    let names = c.as_string_opt::<i32>()?;
+                    names.iter().any(|n| n == Some(first.as_str())).then(|| f.name().clone())
+                });
+                let hint = match holding {
+                    Some(c) => format!("--var-id {c} names the vocabulary's column that holds such names"),
+                    None => "no column of the vocabulary holds that name".to_owned(),
+                };
+                Err(Error::InvalidInput(format!(
+                    "{}: column {column:?} holds gene names (the first: {first:?}), but the vocabulary {vocabulary} \
+                     refers to genes by the numbers of its column {:?}; {hint}",
+                    table.display(),
+                    self.id_column
+                )))
+            }
+            (false, true) => {
+                let numeric: Vec<String> = (self.var.schema().fields().iter())
+                    .filter(|f| f.data_type().is_integer())
+                    .map(|f| f.name().clone())
+                    .collect();
+                let hint = match numeric.as_slice() {
+                    [] => "it has no column of numbers".to_owned(),
+                    some => format!("--var-id names its column of ids (of numbers: {})", some.join(", ")),
+                };
+                Err(Error::InvalidInput(format!(
+                    "{}: column {column:?} holds numeric gene ids{}, but the vocabulary {vocabulary} names genes by \
+                     its column {:?}; {hint}",
+                    table.display(),
+                    first.map(|f| format!(" (the first: {f})")).unwrap_or_default(),
+                    self.id_column
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Genes.
@@ -144,6 +311,19 @@ impl Vocabulary {
     pub fn is_empty(&self) -> bool {
         self.var.num_rows() == 0
     }
+}
+
+/// A list column as a `LargeList` of its own item type (offsets widened, no value cast).
+fn large_list(column: &ArrayRef) -> std::result::Result<arrow::array::LargeListArray, String> {
+    let item = match column.data_type() {
+        DataType::List(f) | DataType::LargeList(f) | DataType::ListView(f) | DataType::LargeListView(f) => {
+            f.data_type().clone()
+        }
+        other => return Err(format!("is {other}, expected a list")),
+    };
+    let large =
+        cast(column, &DataType::LargeList(Arc::new(Field::new("item", item, true)))).map_err(|e| e.to_string())?;
+    Ok(large.as_list::<i64>().clone())
 }
 
 /// The type an `obs` column of a cell table gets, `None` for a column left out.
@@ -299,44 +479,59 @@ impl CellTable {
             Ok(batch.column(at))
         };
         let context = |what: &str| format!("{}: column {what:?}", self.path.display());
-        let list_of = |t: DataType| DataType::LargeList(Arc::new(Field::new("item", t, true)));
-        let by_id = vocabulary.ids.keys().next().is_none_or(|k| matches!(k, GeneRef::Id(_)));
-        let genes = cast(column(&self.genes)?, &list_of(if by_id { DataType::Int64 } else { DataType::Utf8 }))
-            .map_err(|e| Error::arrow(context(&self.genes), e))?;
-        let counts = cast(column(&self.counts)?, &list_of(DataType::Float32))
-            .map_err(|e| Error::arrow(context(&self.counts), e))?;
-        let (genes, counts) = (genes.as_list::<i64>(), counts.as_list::<i64>());
+        let genes = large_list(column(&self.genes)?)
+            .map_err(|why| Error::InvalidInput(format!("{}: {why}", context(&self.genes))))?;
+        let counts = large_list(column(&self.counts)?)
+            .map_err(|why| Error::InvalidInput(format!("{}: {why}", context(&self.counts))))?;
+        let keys = GeneKeys::of(genes.values())
+            .map_err(|why| Error::InvalidInput(format!("{}: {why}", context(&self.genes))))?;
+        vocabulary.check_keys(&keys, &self.path, &self.genes)?;
+        let values = counts.values();
+        if !(values.data_type().is_integer() || values.data_type().is_floating()) {
+            return Err(Error::InvalidInput(format!(
+                "{}: holds {} values; counts are numbers (integers or floats)",
+                context(&self.counts),
+                values.data_type()
+            )));
+        }
+        let values = cast(values, &DataType::Float32).map_err(|e| Error::arrow(context(&self.counts), e))?;
+        let values = values.as_primitive::<Float32Type>();
+        let (gene_offsets, count_offsets) = (genes.value_offsets(), counts.value_offsets());
         let mut pairs: Vec<(u32, f32)> = Vec::new();
         for r in 0..batch.num_rows() {
             let row = first + r as u64;
-            let (g, c) = (genes.value(r), counts.value(r));
-            if genes.is_null(r) != counts.is_null(r) || g.len() != c.len() {
+            let (g, c) = (
+                gene_offsets[r] as usize..gene_offsets[r + 1] as usize,
+                count_offsets[r] as usize..count_offsets[r + 1] as usize,
+            );
+            let (g_len, c_len) =
+                (if genes.is_null(r) { 0 } else { g.len() }, if counts.is_null(r) { 0 } else { c.len() });
+            if genes.is_null(r) != counts.is_null(r) || g_len != c_len {
                 return Err(Error::InvalidInput(format!(
-                    "{}: cell {row}: {} genes and {} counts",
+                    "{}: cell {row}: {g_len} genes and {c_len} counts",
                     self.path.display(),
-                    g.len(),
-                    c.len()
                 )));
             }
-            let c = c.as_primitive::<Float32Type>();
             pairs.clear();
-            for k in 0..g.len() {
-                let value = if c.is_null(k) { f32::NAN } else { c.value(k) };
+            for k in 0..g_len {
+                let (at, value_at) = (g.start + k, c.start + k);
+                if values.is_null(value_at) {
+                    return Err(Error::InvalidInput(format!(
+                        "{}: cell {row}: count {k} of its list is null (missing); a count is a number",
+                        context(&self.counts)
+                    )));
+                }
+                let value = values.value(value_at);
                 if self.marker.is_some_and(|m| m == value) {
                     continue;
                 }
-                let key = match by_id {
-                    true => GeneRef::Id(g.as_primitive::<Int64Type>().value(k)),
-                    false => GeneRef::Name(g.as_string::<i32>().value(k).to_owned()),
-                };
+                let key = keys.get(at).map_err(|why| {
+                    Error::InvalidInput(format!("{}: cell {row}: gene {k} of its list: {why}", context(&self.genes)))
+                })?;
                 let Some(&column) = vocabulary.ids.get(&key) else {
                     return Err(Error::InvalidInput(format!(
-                        "{}: cell {row}: gene {} is not in the vocabulary {}{}",
+                        "{}: cell {row}: gene {key} is not in the vocabulary {}{}",
                         self.path.display(),
-                        match &key {
-                            GeneRef::Id(id) => format!("id {id}"),
-                            GeneRef::Name(name) => format!("{name:?}"),
-                        },
                         vocabulary.path.display(),
                         if k == 0 { " (a marker opening every cell? --marker-value names its count)" } else { "" }
                     )));
@@ -393,4 +588,172 @@ fn open_regular(path: &Path) -> Result<File> {
 
 fn builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     ParquetRecordBatchReaderBuilder::try_new(open_regular(path)?).map_err(|e| Error::parquet(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{BooleanArray, Float64Array, Int32Array, ListArray, UInt64Array};
+    use arrow::datatypes::{Float32Type as F32, Float64Type as F64, Int64Type as I64, UInt64Type as U64};
+
+    /// Writes `columns` as one Parquet file.
+    fn write(path: &Path, columns: Vec<(&str, ArrayRef)>) {
+        let batch = RecordBatch::try_from_iter(columns).unwrap_or_else(|e| panic!("{e}"));
+        let file = File::create(path).unwrap_or_else(|e| panic!("{e}"));
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap_or_else(|e| panic!("{e}"));
+        writer.write(&batch).unwrap_or_else(|e| panic!("{e}"));
+        writer.close().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A vocabulary of three genes: token ids 10, 11, 12 (as `ids`), symbols SYM0..SYM2.
+    fn vocabulary(dir: &Path, ids: ArrayRef) -> Result<Vocabulary> {
+        let path = dir.join("vocab.parquet");
+        let symbols: ArrayRef = Arc::new(StringArray::from(vec!["SYM0", "SYM1", "SYM2"]));
+        write(&path, vec![("token_id", ids), ("gene_symbol", symbols)]);
+        Vocabulary::read(&path, None, None)
+    }
+
+    fn int_vocabulary(dir: &Path) -> Vocabulary {
+        vocabulary(dir, Arc::new(arrow::array::Int64Array::from(vec![10, 11, 12]))).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Imports one cell (`genes`, `counts`: lists of one row) against `vocabulary`: its row.
+    fn import(dir: &Path, vocabulary: &Vocabulary, genes: ArrayRef, counts: ArrayRef) -> Result<(Vec<u32>, Vec<f32>)> {
+        let path = dir.join("cells.parquet");
+        write(&path, vec![("genes", genes), ("expressions", counts)]);
+        let table = CellTable::open(&path, &CellTableLayout::default())?;
+        let mut out = CsrBatch::new(vocabulary.len() as u32);
+        for batch in table.batches(16)? {
+            let batch = batch.map_err(|e| Error::arrow("test", e))?;
+            table.split(&batch, 0, vocabulary, &mut out)?;
+        }
+        let (indices, values) = out.row(0);
+        Ok((indices.to_vec(), values.to_vec()))
+    }
+
+    fn list<T: arrow::datatypes::ArrowPrimitiveType>(values: Vec<Option<T::Native>>) -> ArrayRef {
+        Arc::new(ListArray::from_iter_primitive::<T, _, _>([Some(values)]))
+    }
+
+    fn counts(n: usize) -> ArrayRef {
+        list::<F32>((0..n).map(|k| Some(k as f32 + 1.0)).collect())
+    }
+
+    fn message<T: std::fmt::Debug>(result: Result<T>) -> String {
+        match result {
+            Ok(v) => panic!("accepted: {v:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn gene_ids_of_any_integer_type_or_whole_floats_map_to_their_genes() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let v = int_vocabulary(dir.path());
+        let want = (vec![0, 2], vec![2.0, 1.0]);
+        for genes in [
+            list::<I64>(vec![Some(12), Some(10)]),
+            list::<arrow::datatypes::Int32Type>(vec![Some(12), Some(10)]),
+            list::<U64>(vec![Some(12), Some(10)]),
+            list::<F64>(vec![Some(12.0), Some(10.0)]),
+        ] {
+            let t = genes.data_type().clone();
+            assert_eq!(import(dir.path(), &v, genes, counts(2)).unwrap_or_else(|e| panic!("{t}: {e}")), want);
+        }
+        // Names against a vocabulary of names (--var-id gene_symbol).
+        let path = dir.path().join("vocab.parquet");
+        let by_name = Vocabulary::read(&path, None, Some("gene_symbol")).unwrap_or_else(|e| panic!("{e}"));
+        let names: ArrayRef = Arc::new(arrow::array::ListArray::new(
+            Arc::new(Field::new("item", DataType::Utf8, true)),
+            arrow::buffer::OffsetBuffer::new(vec![0, 2].into()),
+            Arc::new(StringArray::from(vec!["SYM2", "SYM0"])),
+            None,
+        ));
+        assert_eq!(import(dir.path(), &by_name, names, counts(2)).unwrap_or_else(|e| panic!("{e}")), want);
+    }
+
+    #[test]
+    fn gene_ids_are_checked_not_cast_into_other_genes() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let v = int_vocabulary(dir.path());
+        for (id, why) in [
+            (1.5, "id 1.5 is not a whole number"),
+            (f64::NAN, "id NaN is not a whole number"),
+            (-0.5, "id -0.5 is not a whole number"),
+            (1e30, "id 1000000000000000000000000000000 is not a whole number"),
+        ] {
+            let err = message(import(dir.path(), &v, list::<F64>(vec![Some(10.0), Some(id)]), counts(2)));
+            assert!(
+                err.contains("cells.parquet: column \"genes\": cell 0: gene 1 of its list") && err.contains(why),
+                "{err}"
+            );
+        }
+        let err = message(import(dir.path(), &v, list::<U64>(vec![Some(1 << 63)]), counts(1)));
+        assert!(err.contains("id 9223372036854775808 is beyond the largest gene id"), "{err}");
+        let err = message(import(dir.path(), &v, list::<I64>(vec![Some(10), None]), counts(2)));
+        assert!(err.contains("gene 1 of its list: no gene id (null)"), "{err}");
+        // Names against integer ids: which --var-id would match.
+        let names: ArrayRef = Arc::new(arrow::array::ListArray::new(
+            Arc::new(Field::new("item", DataType::Utf8, true)),
+            arrow::buffer::OffsetBuffer::new(vec![0, 1].into()),
+            Arc::new(StringArray::from(vec!["SYM1"])),
+            None,
+        ));
+        let err = message(import(dir.path(), &v, names, counts(1)));
+        assert!(err.contains("holds gene names (the first: \"SYM1\")"), "{err}");
+        assert!(err.contains("--var-id gene_symbol names the vocabulary's column"), "{err}");
+        // Integer ids against a vocabulary of names.
+        let path = dir.path().join("vocab.parquet");
+        let by_name = Vocabulary::read(&path, None, Some("gene_symbol")).unwrap_or_else(|e| panic!("{e}"));
+        let err = message(import(dir.path(), &by_name, list::<I64>(vec![Some(10)]), counts(1)));
+        assert!(err.contains("holds numeric gene ids (the first: id 10)") && err.contains("token_id"), "{err}");
+    }
+
+    #[test]
+    fn counts_are_numbers_and_never_missing() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let v = int_vocabulary(dir.path());
+        let err =
+            message(import(dir.path(), &v, list::<I64>(vec![Some(10), Some(11)]), list::<F32>(vec![Some(1.0), None])));
+        assert!(err.contains("column \"expressions\": cell 0: count 1 of its list is null"), "{err}");
+        let strings: ArrayRef = Arc::new(arrow::array::ListArray::new(
+            Arc::new(Field::new("item", DataType::Utf8, true)),
+            arrow::buffer::OffsetBuffer::new(vec![0, 1].into()),
+            Arc::new(StringArray::from(vec!["7"])),
+            None,
+        ));
+        let err = message(import(dir.path(), &v, list::<I64>(vec![Some(10)]), strings));
+        assert!(err.contains("column \"expressions\": holds Utf8 values; counts are numbers"), "{err}");
+        let booleans: ArrayRef = Arc::new(arrow::array::ListArray::new(
+            Arc::new(Field::new("item", DataType::Boolean, true)),
+            arrow::buffer::OffsetBuffer::new(vec![0, 1].into()),
+            Arc::new(BooleanArray::from(vec![true])),
+            None,
+        ));
+        let err = message(import(dir.path(), &v, list::<I64>(vec![Some(10)]), booleans));
+        assert!(err.contains("holds Boolean values; counts are numbers"), "{err}");
+    }
+
+    #[test]
+    fn a_vocabulary_needs_whole_unique_ids_and_unique_names() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let err = message(vocabulary(dir.path(), Arc::new(Float64Array::from(vec![10.0, 1000.5, 12.0]))));
+        assert!(err.contains("column \"token_id\": gene \"SYM1\" (row 1): id 1000.5 is not a whole number"), "{err}");
+        let err = message(vocabulary(dir.path(), Arc::new(UInt64Array::from(vec![10, u64::MAX, 12]))));
+        assert!(err.contains("gene \"SYM1\" (row 1): id 18446744073709551615 is beyond the largest gene id"), "{err}");
+        let err = message(vocabulary(dir.path(), Arc::new(Int32Array::from(vec![Some(10), None, Some(12)]))));
+        assert!(err.contains("gene \"SYM1\" (row 1): no gene id (null)"), "{err}");
+        let err = message(vocabulary(dir.path(), Arc::new(Int32Array::from(vec![10, 12, 12]))));
+        assert!(err.contains("id 12 is the id of two genes (\"SYM1\", row 1, and \"SYM2\", row 2)"), "{err}");
+        let err = message(vocabulary(dir.path(), Arc::new(BooleanArray::from(vec![true, false, true]))));
+        assert!(err.contains("holds Boolean values; gene ids are integers or names (--var-id"), "{err}");
+        // A gene named twice.
+        let path = dir.path().join("twice.parquet");
+        let ids: ArrayRef = Arc::new(Int32Array::from(vec![1, 2]));
+        let names: ArrayRef = Arc::new(StringArray::from(vec!["TP53", "TP53"]));
+        write(&path, vec![("token_id", ids), ("gene_symbol", names)]);
+        let err = message(Vocabulary::read(&path, None, None));
+        assert!(err.contains("gene \"TP53\" is named twice (rows 0 and 1)"), "{err}");
+    }
 }

@@ -18,8 +18,8 @@ use cpa_stream_schemas::tables::{
     CATEGORIES_KEY, GENE_ID, ORDERED_KEY, categorical_field, categorical_type, categories_of, is_ordered,
 };
 use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
-use cpa_stream_stages::h5ad::{ExternalData, MatrixSource};
-use cpa_stream_stages::input::{AnnDataReader, is_zarr};
+use cpa_stream_stages::h5ad::MatrixSource;
+use cpa_stream_stages::input::{AnnDataReader, InputPolicy, is_zarr};
 use cpa_stream_stages::store::Store;
 
 use crate::Stage;
@@ -44,8 +44,8 @@ pub enum GeneJoin {
 pub struct Plan<'a> {
     /// The matrix read of each file.
     pub source: MatrixSource<'a>,
-    /// Whether files may read data from other files.
-    pub external: ExternalData,
+    /// What reading the files may trust (data in other files, missing zarr chunks).
+    pub policy: InputPolicy,
     /// Which genes are kept.
     pub join: &'a GeneJoin,
     /// The `var` column that identifies genes across files; `None`: the var index.
@@ -116,6 +116,8 @@ pub struct Part {
     pub other_matrices: Vec<String>,
     /// Columns of a cell table left out of `obs` (lists, structs, binary), with their types.
     pub skipped: Vec<String>,
+    /// Arrays of a zarr store that lack chunks, read as their fill value (one line each).
+    pub missing_chunks: Vec<String>,
 }
 
 /// The files, planned.
@@ -168,26 +170,29 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
                 gene_names: None,
                 other_matrices: Vec::new(),
                 skipped: table.skipped().to_vec(),
+                missing_chunks: Vec::new(),
             });
             continue;
         }
-        let (kind, var, n_obs, entries, obs, other_matrices) = if path.is_dir() && !is_zarr(path) {
+        let (kind, var, n_obs, entries, obs, other_matrices, missing_chunks) = if path.is_dir() && !is_zarr(path) {
             check_is_store(path)?;
             let store = Store::open(path).map_err(Error::stage(Stage::Read))?;
             let var = store.small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Read))?;
             let obs = store.table_schema(StoreFiles::OBS).map_err(Error::stage(Stage::Read))?;
-            (Kind::Store, keyed_var(path, var, plan.gene_key)?, store.n_obs(), store.nnz(), obs, Vec::new())
+            let kept = keyed_var(path, var, plan.gene_key)?;
+            (Kind::Store, kept, store.n_obs(), store.nnz(), obs, Vec::new(), Vec::new())
         } else {
-            let h5 = AnnDataReader::open(path, plan.source, plan.external).map_err(Error::stage(Stage::Read))?;
+            let h5 = AnnDataReader::open(path, plan.source, plan.policy).map_err(Error::stage(Stage::Read))?;
+            let missing_chunks = h5.missing_chunks();
             let var = keyed_var(path, h5.read_var().map_err(Error::stage(Stage::Read))?, plan.gene_key)?;
             let entries = h5.stored_entries();
             let kind = if matches!(h5, AnnDataReader::Zarr(_)) { Kind::Zarr } else { Kind::H5ad };
-            (kind, var, h5.n_obs(), entries, h5.obs_schema(), h5.other_matrices())
+            (kind, var, h5.n_obs(), entries, h5.obs_schema(), h5.other_matrices(), missing_chunks)
         };
         let ids = key_values(path, &var, 0, GENE_ID)?;
-        if inputs.len() > 1 || matches!(plan.join, GeneJoin::List(_)) {
-            check_unique_genes(path, &ids, plan.gene_key)?;
-        }
+        // Of one file too: two columns of one name would be one column of the store, the values
+        // of both merged into it.
+        check_unique_genes(path, &ids, plan.gene_key)?;
         let gene_names = match plan.gene_key {
             Some(_) => {
                 let index = key_values(path, &var, var.num_columns() - 1, "var_index")?;
@@ -207,9 +212,10 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             gene_names,
             other_matrices,
             skipped,
+            missing_chunks,
         });
     }
-    // Cell tables alone share one vocabulary: its genes, in its order (names may repeat there).
+    // Cell tables alone share one vocabulary: its genes, in its order (unique, as read).
     let (var, maps) = if all_tables && !matches!(plan.join, GeneJoin::List(_)) {
         let identity = Arc::new((0..files[0].ids.len() as u32).map(Some).collect::<Vec<_>>());
         (files[0].var.clone(), files.iter().map(|_| Arc::clone(&identity)).collect::<Vec<_>>())
@@ -240,6 +246,7 @@ pub fn plan(inputs: &[PathBuf], plan: &Plan) -> Result<Collection> {
             gene_names: file.gene_names,
             other_matrices: file.other_matrices,
             skipped: file.skipped,
+            missing_chunks: file.missing_chunks,
         });
     }
     Ok(Collection { parts, var, obs_schema })
@@ -258,6 +265,7 @@ struct FileTables {
     gene_names: Option<HashMap<String, String>>,
     other_matrices: Vec<String>,
     skipped: Vec<String>,
+    missing_chunks: Vec<String>,
 }
 
 /// A file's `var` table with the gene key as its first column: the index itself, or with
@@ -311,8 +319,9 @@ fn check_unique_genes(path: &Path, ids: &[String], gene_key: Option<&str>) -> Re
         if !seen.insert(id.as_str()) {
             let by = gene_key.map_or("the var index".to_owned(), |k| format!("var column {k:?}"));
             return Err(Error::InvalidInput(format!(
-                "{}: gene {id:?} appears twice in {by} (again at gene {row}): genes cannot be matched across \
-                 files by it; --gene-key names a var column of unique identifiers (gene_ids, for one)",
+                "{}: gene {id:?} appears twice in {by} (again at gene {row}): a store's genes are unique (the \
+                 two columns would be merged into one); --gene-key names a var column of unique identifiers \
+                 (gene_ids, for one)",
                 path.display()
             )));
         }

@@ -228,12 +228,24 @@ fn describe(token: Option<&Token>) -> String {
     }
 }
 
+/// Characters of an expression quoted in an error at most.
+const QUOTED_CHARS: usize = 200;
+
+/// `text` quoted for an error, its start only when long (with its length), so that a huge
+/// expression does not fill the terminal.
+fn quoted_start(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_CHARS) {
+        None => format!("{text:?}"),
+        Some((end, _)) => format!("{:?}... ({} characters)", &text[..end], text.chars().count()),
+    }
+}
+
 impl std::str::FromStr for Expr {
     type Err = Error;
 
     /// Parses a selection; errors say what was expected where.
     fn from_str(text: &str) -> Result<Expr> {
-        let bad = |msg: String| Error::InvalidInput(format!("source expression {text:?}: {msg}"));
+        let bad = |msg: String| Error::InvalidInput(format!("source expression {}: {msg}", quoted_start(text)));
         let tokens = tokenize(text).map_err(bad)?;
         if tokens.len() > MAX_TOKENS {
             return Err(bad(format!("{} tokens, at most {MAX_TOKENS}", tokens.len())));
@@ -396,6 +408,8 @@ mod tests {
         let deep = format!("{}a == b{}", "(".repeat(20_000), ")".repeat(20_000));
         let err = &deep.parse::<Expr>().unwrap_err().to_string();
         assert!(err.contains("tokens, at most"), "{err}");
+        // The error quotes the expression's start, not its 40,000 characters.
+        assert!(err.len() < 400 && err.contains("... (40006 characters)"), "{err}");
         let nots = format!("{}a == b", "!".repeat(50_000));
         assert!(&nots.parse::<Expr>().is_err());
         let nested = format!("{}a == b{}", "(".repeat(65), ")".repeat(65));
