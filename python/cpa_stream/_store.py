@@ -153,6 +153,7 @@ def import_h5ad(
     chunk_rows: int | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
+    allow_missing_chunks: bool = False,
     progress: bool | None = None,
 ) -> Store:
     """Imports an AnnData into a new store at ``out`` and returns it.
@@ -204,7 +205,9 @@ def import_h5ad(
     A file is untrusted: importing it reads nothing but that file, so a file whose data lives in
     other files (HDF5 external storage, external links, virtual datasets) is a ``ValueError``
     naming the object; ``allow_external=True`` reads such data for a trusted collection, from
-    regular files in the file's own folder only.
+    regular files in the file's own folder only. A zarr store whose sparse matrix lacks chunks
+    (a damaged or partial copy) is a ``ValueError`` too; ``allow_missing_chunks=True`` reads their
+    entries as the array's fill value.
     """
     out = Path(out)
     if make_unique is True:
@@ -218,7 +221,8 @@ def import_h5ad(
         "var_table": os.fspath(var_table) if var_table is not None else None, "var_id": var_id,
         "genes_column": genes_column, "counts_column": counts_column, "cell_id_column": cell_id_column,
         "marker_value": marker_value, "allow_empty": allow_empty,
-        "chunk_rows": chunk_rows, "allow_external": allow_external, "codec": codec, "zstd_level": zstd_level,
+        "chunk_rows": chunk_rows, "allow_external": allow_external,
+        "allow_missing_chunks": allow_missing_chunks, "codec": codec, "zstd_level": zstd_level,
         "block_rows": block_rows, "overwrite": overwrite, "naming": "keywords",
     }
     if append:
@@ -560,7 +564,9 @@ def dataframe_to_arrow(frame: pd.DataFrame, id_column: str, what: str) -> pa.Tab
         elif pd.api.types.is_integer_dtype(dtype):
             array = pa.array(column, type=pa.int64(), from_pandas=True)
         elif pd.api.types.is_float_dtype(dtype):
-            array = pa.array(column, type=pa.float64(), from_pandas=True)
+            # NaN stays a float NaN, as the .h5ad importer keeps it (not a null, which this
+            # non-nullable column cannot hold): the command that reads the column names its cell.
+            array = pa.array(np.asarray(column, dtype=np.float64), type=pa.float64())
             nullable = False
         elif pd.api.types.is_string_dtype(dtype) or dtype == object:
             values = [None if (v is None or (isinstance(v, float) and np.isnan(v))) else str(v) for v in column]
@@ -596,7 +602,11 @@ def _csr_chunks(matrix: Any, chunk_rows: int) -> Iterator[tuple[bytes, bytes, by
                 block = block.copy()
                 block.sum_duplicates()
         else:
-            block = sp.csr_matrix(np.asarray(block))
+            block = np.asarray(block)
+            # scipy's sparse matrices hold no float16 (anndata writes such dense X).
+            if block.dtype == np.float16:
+                block = block.astype(np.float32)
+            block = sp.csr_matrix(block)
         indptr = (block.indptr - block.indptr[0]).astype("<u8", copy=False)
         yield (
             indptr.tobytes(),

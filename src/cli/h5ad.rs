@@ -112,6 +112,12 @@ pub struct ImportArgs {
     /// untrusted, and reading it reads nothing else.
     #[arg(long)]
     allow_external: bool,
+    /// Read a zarr store whose sparse matrix lacks chunks, their entries as the array's fill
+    /// value. Without it such a store is refused: zarr leaves out only chunks of the fill value,
+    /// which a matrix's indices and values hardly ever are, so a missing one is a damaged or
+    /// partial copy. (Missing chunks of other arrays are reported, not refused.)
+    #[arg(long)]
+    allow_missing_chunks: bool,
     #[command(flatten)]
     codec: CodecArgs,
     /// Replace an existing store at --out.
@@ -185,6 +191,7 @@ impl ImportArgs {
             csc_budget_mib: self.csc_budget_mib,
             csc_max_open_buckets: self.csc_max_open_buckets,
             allow_external: self.allow_external,
+            allow_missing_chunks: self.allow_missing_chunks,
             codec: self.codec.codec.into(),
             zstd_level: self.codec.zstd_level,
             block_rows: self.codec.block_rows,
@@ -222,6 +229,11 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     for input in summary.inputs.iter().filter(|i| !i.skipped_columns.is_empty()) {
         outln!("  {}: columns left out of obs: {}", input.path.display(), input.skipped_columns.join(", "));
     }
+    for input in &summary.inputs {
+        for line in &input.missing_chunks {
+            tracing::warn!("{}: {line}", input.path.display());
+        }
+    }
     if summary.inputs.len() > 1 {
         for input in &summary.inputs {
             outln!(
@@ -241,7 +253,10 @@ pub fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         };
         let copied = match a.copied_bytes {
             0 => String::new(),
-            b => format!("; {:.1} MB copied where the file system refused a hard link", b as f64 / 1e6),
+            b => format!(
+                "; {:.1} MB copied (files another copy of the store shares, or the file system would not link)",
+                b as f64 / 1e6
+            ),
         };
         outln!(
             "version {}: {} cells added to {}; the matrix files {:.1} MB longer, {obs}{copied}",

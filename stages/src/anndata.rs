@@ -95,6 +95,24 @@ pub(crate) fn dataframe_schema(id_column: &str, columns: &[(&str, ColumnType<'_>
     Arc::new(Schema::new(fields))
 }
 
+/// Refuses a categorical whose categories repeat (`[A, A]`): its cells of either code would
+/// become one group (anndata refuses to read such a column too). `column` names it.
+pub(crate) fn check_unique_categories(path: &Path, column: &str, categories: &[String]) -> Result<()> {
+    let mut seen = std::collections::HashMap::with_capacity(categories.len());
+    for (code, category) in categories.iter().enumerate() {
+        if let Some(first) = seen.insert(category.as_str(), code) {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "{column}: category {category:?} appears twice (codes {first} and {code}); its cells would be \
+                     merged into one group (anndata refuses such a column too)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A dictionary array of `categories` from codes (-1 missing), checked against their number.
 pub(crate) fn categorical_array(
     path: &Path,

@@ -15,6 +15,24 @@ use crate::error::Result;
 use crate::h5ad::{ExternalData, H5adReader};
 use crate::zarr::ZarrReader;
 
+/// What reading an input may trust beyond its own bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputPolicy {
+    /// Whether it may read data from other files (see [`ExternalData`]).
+    pub external: ExternalData,
+    /// Whether a zarr store's sparse matrix may lack chunks (read as the fill value: zeros for
+    /// the values, column 0 for the indices). A store that lacks them is refused without it:
+    /// zarr leaves out only chunks of the fill value, which a matrix's indices and values hardly
+    /// ever are, so a missing one is a damaged or partial copy.
+    pub allow_missing_chunks: bool,
+}
+
+impl From<ExternalData> for InputPolicy {
+    fn from(external: ExternalData) -> Self {
+        InputPolicy { external, allow_missing_chunks: false }
+    }
+}
+
 /// Whether `path` is a zarr store (a directory holding zarr metadata at its top).
 pub fn is_zarr(path: &Path) -> bool {
     path.is_dir() && (path.join(".zgroup").is_file() || path.join("zarr.json").is_file())
@@ -42,10 +60,22 @@ impl AnnDataReader {
     /// Opens `path` (a zarr store if it is a directory with zarr metadata, else an `.h5ad`
     /// file) and the matrix `source`, checking first that reading it reads nothing but the
     /// input (see [`ExternalData`]).
-    pub fn open(path: &Path, source: MatrixSource<'_>, external: ExternalData) -> Result<AnnDataReader> {
+    pub fn open(path: &Path, source: MatrixSource<'_>, policy: impl Into<InputPolicy>) -> Result<AnnDataReader> {
+        let policy = policy.into();
         match is_zarr(path) {
-            true => ZarrReader::open_matrix_with(path, source, external).map(|r| AnnDataReader::Zarr(Box::new(r))),
-            false => H5adReader::open_matrix_with(path, source, external).map(|r| AnnDataReader::H5ad(Box::new(r))),
+            true => ZarrReader::open_matrix_with(path, source, policy).map(|r| AnnDataReader::Zarr(Box::new(r))),
+            false => {
+                H5adReader::open_matrix_with(path, source, policy.external).map(|r| AnnDataReader::H5ad(Box::new(r)))
+            }
+        }
+    }
+
+    /// Arrays of a zarr store that lack chunks (read as their fill value), one line each; none
+    /// for an `.h5ad` file.
+    pub fn missing_chunks(&self) -> Vec<String> {
+        match self {
+            AnnDataReader::H5ad(_) => Vec::new(),
+            AnnDataReader::Zarr(r) => r.missing_chunks(),
         }
     }
 

@@ -176,3 +176,39 @@ fn a_directory_that_is_neither_a_store_nor_anndata_says_what_was_expected() {
     assert!(err.contains("neither a store (no manifest.json) nor a zarr store") && err.contains(".h5ad"), "{err}");
     assert!(!out.exists());
 }
+
+/// Issue 73 items 4, 5, 9, 10 and 13: a store a careless copy or a crafted file makes is refused
+/// with the array and why (or, where zarr's own rules allow what it holds, imported with a
+/// warning), never read into wrong cells, a blown-up host or an aborted process.
+#[test]
+fn a_damaged_or_crafted_zarr_store_is_refused_naming_the_array() {
+    let f = fixtures();
+    let out = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = out.path().join("x.store");
+    let cases: [(&str, &[&str], &str); 6] = [
+        ("dupcats.zarr", &[], "obs/condition: category \"control\" appears twice (codes 0 and 1)"),
+        ("missing_index.zarr", &[], "obs/_index (the index): 1 of its 4 chunks have no file"),
+        ("missing_data.zarr", &[], "X/data: 1 of its"),
+        ("bomb.zarr", &[], "a compression bomb or a damaged store; not decoded"),
+        ("shard_index.zarr", &[], "a shard index that points past its shard"),
+        ("bad_metadata.zarr", &[], "X/data/zarr.json: not JSON"),
+    ];
+    for (name, extra, said) in cases {
+        let done = import(&[&f.dir.join(name)], &store, extra);
+        let err = text(&done.stderr);
+        assert!(!done.status.success(), "{name} was imported");
+        assert!(err.contains(said), "{name}: {err}");
+        assert!(!err.contains("panicked") && done.status.code() == Some(1), "{name}: {err}");
+        assert!(!store.exists(), "{name}: a store was written");
+    }
+    let done = import(&[&f.dir.join("missing_data.zarr")], &store, &[]);
+    assert!(text(&done.stderr).contains("--allow-missing-chunks reads it anyway"), "{}", text(&done.stderr));
+    // Asked for, the missing values read as the fill value, and the import says where.
+    let done = import(&[&f.dir.join("missing_data.zarr")], &store, &["--allow-missing-chunks"]);
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    // A column's missing chunk is zarr's way of storing the fill value: imported, and reported.
+    let done = run_bounded(&["import", s(&f.dir.join("missing_column.zarr")), "--out", s(&store), "--overwrite"]);
+    let err = text(&done.stderr);
+    assert!(done.status.success(), "{err}");
+    assert!(err.contains("obs/n_genes: 1 of 4 chunks absent, read as the fill value"), "{err}");
+}

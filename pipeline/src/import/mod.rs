@@ -20,7 +20,7 @@ use arrow::array::{AsArray, RecordBatch, StringArray};
 use cpa_stream_schemas::{Codec, StoreFiles};
 use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
 use cpa_stream_stages::h5ad::{DEG_FILE, ExternalData, MatrixLayout, MatrixSource};
-use cpa_stream_stages::input::AnnDataReader;
+use cpa_stream_stages::input::{AnnDataReader, InputPolicy};
 use cpa_stream_stages::store::{ObsGrowth, Store, StoreWriter, StoreWriterOptions, write_table};
 use cpa_stream_stages::{CsrBatch, Error as StageError, Result as StageResult};
 use crossbeam_channel::{Receiver, bounded};
@@ -100,6 +100,9 @@ pub struct ImportOptions {
     /// Whether the file may read data from other files (HDF5 external storage, external links,
     /// virtual datasets). Default [`ExternalData::Refuse`]: an imported file is untrusted.
     pub external: ExternalData,
+    /// Whether a zarr store's sparse matrix may lack chunks (see
+    /// [`InputPolicy`](cpa_stream_stages::input::InputPolicy)). Default false.
+    pub allow_missing_chunks: bool,
     /// How Parquet cell tables among the inputs lay out their cells.
     pub cell_table: CellTableLayout,
     /// The gene vocabulary of Parquet cell tables (a Parquet file, a row per gene).
@@ -132,6 +135,7 @@ impl Default for ImportOptions {
             overwrite: false,
             deg_uns_key: None,
             external: ExternalData::Refuse,
+            allow_missing_chunks: false,
             cell_table: CellTableLayout::default(),
             var_table: None,
             var_id: None,
@@ -178,6 +182,15 @@ pub struct InputReport {
     pub layout: String,
     /// Columns of a cell table left out of `obs` (lists, structs, binary), with their types.
     pub skipped_columns: Vec<String>,
+    /// Arrays of a zarr store that lack chunks, read as their fill value (one line each).
+    pub missing_chunks: Vec<String>,
+}
+
+impl ImportOptions {
+    /// What reading the inputs may trust.
+    pub fn policy(&self) -> InputPolicy {
+        InputPolicy { external: self.external, allow_missing_chunks: self.allow_missing_chunks }
+    }
 }
 
 /// Imports the `.h5ad` files `options.inputs`, in order, into a new store at `options.out`.
@@ -198,6 +211,10 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
     if options.inputs.is_empty() {
         return Err(Error::InvalidInput("import: no input file".to_owned()));
     }
+    // An append's first input is the store itself, by design; no other input is replaced.
+    let skip = usize::from(options.append.is_some());
+    let inputs = options.inputs[skip..].iter().chain(&options.var_table);
+    cpa_stream_stages::output::check_not_an_input(out, inputs).map_err(Error::stage(Stage::Write))?;
     let labels = labels(options)?;
     let vocabulary = match &options.var_table {
         Some(path) if options.inputs.iter().any(|p| collection::is_cell_table(p)) => Some(
@@ -214,7 +231,7 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
     };
     let plan = Plan {
         source,
-        external: options.external,
+        policy: options.policy(),
         join: &options.join,
         gene_key: options.gene_key.as_deref(),
         source_key: options.source_key.as_deref().map(|key| (key, labels.as_slice())),
@@ -498,7 +515,7 @@ fn stream(
                     }
                     continue;
                 }
-                let h5 = AnnDataReader::open(&part.path, source, options.external)?;
+                let h5 = AnnDataReader::open(&part.path, source, options.policy())?;
                 if h5.n_obs() != part.n_obs || h5.n_vars() as usize != part.map.len() {
                     return Err(StageError::InvalidInput(format!(
                         "{}: changed while it was imported ({} x {} when opened, now {} x {})",
@@ -586,11 +603,12 @@ fn stream(
             genes_kept: part.kept_genes,
             layout,
             skipped_columns: part.skipped.clone(),
+            missing_chunks: part.missing_chunks.clone(),
         });
     }
     check_counts(parts, &not_counts, source)?;
     if let Some(ids) = ids {
-        check_shared_ids(parts, ids, source, options.external, &options.cell_table)?;
+        check_shared_ids(parts, ids, source, options.policy(), &options.cell_table)?;
     }
     Ok(())
 }
@@ -651,7 +669,7 @@ fn check_shared_ids(
     parts: &[Part],
     ids: SharedIds,
     source: MatrixSource,
-    external: ExternalData,
+    policy: InputPolicy,
     layout: &CellTableLayout,
 ) -> Result<()> {
     let id_at = |f: usize, row: u64| -> Result<String> {
@@ -674,7 +692,7 @@ fn check_shared_ids(
             let id = table.cell_id(row).map_err(Error::stage(Stage::Read))?;
             return Ok(format!("{id}{}", part.obs.suffix().unwrap_or_default()));
         }
-        let h5 = AnnDataReader::open(&part.path, source, external).map_err(Error::stage(Stage::Read))?;
+        let h5 = AnnDataReader::open(&part.path, source, policy).map_err(Error::stage(Stage::Read))?;
         let obs = part.obs.apply(&h5.read_obs(row..row + 1).map_err(Error::stage(Stage::Read))?)?;
         Ok(obs.column(0).as_string::<i32>().value(0).to_owned())
     };
@@ -716,7 +734,7 @@ fn read_degs(
             let table = RecordBatch::try_new(plain, table.columns().to_vec());
             return Ok(Some((key, rename_deg_genes(part, table.map_err(Error::arrow("DEG table"))?)?)));
         }
-        let h5 = AnnDataReader::open(&part.path, source, options.external).map_err(Error::stage(Stage::Read))?;
+        let h5 = AnnDataReader::open(&part.path, source, options.policy()).map_err(Error::stage(Stage::Read))?;
         match h5.read_degs(options.deg_uns_key.as_deref()) {
             Ok(Some((key, table))) => return Ok(Some((key, rename_deg_genes(part, table)?))),
             Ok(None) => {}
@@ -1145,6 +1163,7 @@ pub fn run_chunks(
             genes_kept: n_vars as usize,
             layout: "csr".to_owned(),
             skipped_columns: Vec::new(),
+            missing_chunks: Vec::new(),
         }],
         degs,
         shuffle_seed: None,

@@ -74,6 +74,8 @@ pub struct ImportRequest {
     pub csc_max_open_buckets: Option<usize>,
     /// Read data the file keeps in other files, from regular files in its own folder only.
     pub allow_external: bool,
+    /// Read a zarr store whose sparse matrix lacks chunks, as the fill value.
+    pub allow_missing_chunks: bool,
     /// The store's matrix codec.
     pub codec: CodecName,
     /// zstd level (codec zstd).
@@ -136,7 +138,8 @@ impl ImportRequest {
             files.extend(found);
         }
         if let Some(list) = &self.inputs_from {
-            let text = std::fs::read_to_string(list).map_err(Error::io(list))?;
+            let text = cpa_stream_stages::regular::read_text(list, "a list of input paths", 256 << 20)
+                .map_err(Error::stage(crate::Stage::Read))?;
             let folder = list.parent().unwrap_or(std::path::Path::new(""));
             let before = files.len();
             for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
@@ -163,7 +166,8 @@ impl ImportRequest {
             }
             (Some(list), None) => Some(list.clone()),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+                let text = cpa_stream_stages::regular::read_text(path, "a list of gene names", 256 << 20)
+                    .map_err(Error::stage(crate::Stage::Read))?;
                 let list: Vec<String> =
                     text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
                 if list.is_empty() {
@@ -273,6 +277,7 @@ impl ImportRequest {
             overwrite,
             deg_uns_key: self.deg_uns_key.clone(),
             external: if self.allow_external { ExternalData::SameDirectory } else { ExternalData::Refuse },
+            allow_missing_chunks: self.allow_missing_chunks,
             cell_table: CellTableLayout {
                 genes: self.genes_column.clone().unwrap_or(defaults.genes),
                 counts: self.counts_column.clone().unwrap_or(defaults.counts),

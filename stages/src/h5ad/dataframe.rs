@@ -148,6 +148,7 @@ fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
         return Ok(match encoding.as_str() {
             "categorical" => {
                 let categories = read_categories(path, &ds("categories")?, &format!("{full}/categories"))?;
+                crate::anndata::check_unique_categories(path, &full, &categories)?;
                 let ordered = attr_flag(&sub, "ordered");
                 ColumnKind::Categorical { codes: ds("codes")?, categories, ordered }
             }
@@ -173,11 +174,9 @@ fn member_kind(path: &Path, group: &Group, name: &str) -> Result<ColumnKind> {
             ))
         })?;
         let ordered = attr_flag(&ds, "ordered");
-        return Ok(ColumnKind::Categorical {
-            codes: ds,
-            categories: read_categories(path, &categories, &at)?,
-            ordered,
-        });
+        let categories = read_categories(path, &categories, &at)?;
+        crate::anndata::check_unique_categories(path, &full, &categories)?;
+        return Ok(ColumnKind::Categorical { codes: ds, categories, ordered });
     }
     let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(Error::hdf5(path, full.clone()))?;
     Ok(match desc {

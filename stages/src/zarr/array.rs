@@ -27,6 +27,9 @@ use crate::error::{Error, Result};
 const MAX_CHUNK_BYTES: u64 = 512 << 20;
 /// Bytes counted per element of a variable-length type (a string) when bounding its chunks.
 const VARIABLE_ELEMENT_BYTES: u64 = 16;
+/// Bytes a string element of a chunk may take when decoded (with its length prefix): a chunk of
+/// strings that decodes to more is refused as a compression bomb.
+const MAX_TEXT_BYTES: u64 = 4096;
 /// Decoded chunks kept per array: the one being read and the next.
 const CACHED_CHUNKS: u64 = 2;
 
@@ -59,6 +62,10 @@ pub(super) struct ZArray {
     /// each piece decodes within one chunk (zarrs 0.23 panics merging variable-length elements
     /// of several cached chunks).
     step: u64,
+    /// Chunks (shards of a sharded array) the grid has, and those with no file: zarr leaves out
+    /// a chunk that holds only the fill value, and a damaged or partial copy loses some.
+    chunks: u64,
+    missing: u64,
 }
 
 impl std::fmt::Debug for ZArray {
@@ -94,7 +101,12 @@ fn elements_of(array: &Array<dyn ReadableStorageTraits>) -> Elements {
 
 impl ZArray {
     /// Opens array `name` (a path in the store, `obs/cell_type/codes`) of the store at `root`.
-    pub(super) fn open(root: &Path, storage: &Arc<dyn ReadableStorageTraits>, name: &str) -> Result<ZArray> {
+    pub(super) fn open(
+        root: &Path,
+        storage: &Arc<dyn ReadableStorageTraits>,
+        guard: &super::guard::GuardedStore,
+        name: &str,
+    ) -> Result<ZArray> {
         let array = Array::open(Arc::clone(storage), &format!("/{name}"))
             .map_err(|e| Error::Unsupported { path: root.to_owned(), reason: format!("{name}: {e}") })?;
         let array = Arc::new(array);
@@ -108,6 +120,12 @@ impl ZArray {
         };
         let element = array.data_type().fixed_size().map_or(VARIABLE_ELEMENT_BYTES, |s| s as u64);
         let bytes = chunk.iter().try_fold(element, |acc, &d| acc.checked_mul(d)).unwrap_or(u64::MAX);
+        // What a chunk may decode to: its elements' bytes; strings at most MAX_TEXT_BYTES each.
+        let decoded = match array.data_type().fixed_size() {
+            Some(_) => bytes,
+            None => chunk.iter().try_fold(MAX_TEXT_BYTES, |acc, &d| acc.checked_mul(d)).unwrap_or(u64::MAX),
+        };
+        guard.bound(name, decoded.min(MAX_CHUNK_BYTES));
         if bytes > MAX_CHUNK_BYTES {
             return Err(Error::Unsupported {
                 path: root.to_owned(),
@@ -124,7 +142,24 @@ impl ZArray {
         };
         let elements = elements_of(&array);
         let step = chunk.first().copied().unwrap_or(u64::MAX).max(1);
-        Ok(ZArray { root: root.to_owned(), name: name.to_owned(), array, cache, elements, step })
+        let chunks = array.chunk_grid_shape().iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).unwrap_or(u64::MAX);
+        Ok(ZArray { root: root.to_owned(), name: name.to_owned(), array, cache, elements, step, chunks, missing: 0 })
+    }
+
+    /// The array, knowing that `stored` chunk files are in its directory.
+    pub(super) fn with_stored_chunks(mut self, stored: u64) -> ZArray {
+        self.missing = self.chunks.saturating_sub(stored);
+        self
+    }
+
+    /// Chunks of the grid (shards of a sharded array).
+    pub(super) fn chunks(&self) -> u64 {
+        self.chunks
+    }
+
+    /// Chunks without a file, read as the fill value.
+    pub(super) fn missing_chunks(&self) -> u64 {
+        self.missing
     }
 
     /// The array's path in the store.

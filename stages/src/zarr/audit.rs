@@ -31,6 +31,8 @@ pub(super) const MAX_IDS_PER_BYTE: u64 = 4096;
 #[derive(Debug, Default)]
 pub(super) struct Walked {
     stored: HashMap<String, u64>,
+    /// Files under each directory that are not zarr metadata: an array's chunks (or shards).
+    chunk_files: HashMap<String, u64>,
 }
 
 impl Walked {
@@ -38,7 +40,15 @@ impl Walked {
     pub(super) fn stored_under(&self, dir: &str) -> u64 {
         self.stored.get(dir).copied().unwrap_or(0)
     }
+
+    /// Files under `dir` (an array's directory) that are not zarr metadata: its stored chunks.
+    pub(super) fn chunk_files_under(&self, dir: &str) -> u64 {
+        self.chunk_files.get(dir.trim_matches('/')).copied().unwrap_or(0)
+    }
 }
+
+/// The names of zarr's metadata files (formats 2 and 3), which are no chunks.
+const METADATA_FILES: [&str; 5] = [".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json"];
 
 /// Walks the store at `root` and refuses what would make reading it read elsewhere or block.
 pub(super) fn check_store(root: &Path, policy: ExternalData) -> Result<Walked> {
@@ -76,9 +86,14 @@ pub(super) fn check_store(root: &Path, policy: ExternalData) -> Result<Walked> {
                     "a FIFO, socket or device, which reading would block on or read from",
                 ));
             };
-            // Every directory above the file counts its bytes.
+            // Every directory above the file counts its bytes (and it, if it is no metadata).
+            let chunk = !METADATA_FILES.contains(&name.as_str());
             for depth in 0..=rel.len() {
-                *walked.stored.entry(rel[..depth].join("/")).or_default() += bytes;
+                let dir = rel[..depth].join("/");
+                if chunk {
+                    *walked.chunk_files.entry(dir.clone()).or_default() += 1;
+                }
+                *walked.stored.entry(dir).or_default() += bytes;
             }
         }
     }

@@ -114,6 +114,7 @@ fn column(zarr: &Zarr, frame: &str, name: &str) -> Result<Column> {
         return Ok(match encoding.as_str() {
             "categorical" => {
                 let categories = read_categories(&array("categories")?).map_err(|e| with_root(e, root))?;
+                crate::anndata::check_unique_categories(root, &full, &categories)?;
                 let ordered = attributes.get("ordered").and_then(|v| v.as_bool()).unwrap_or(false);
                 Column::Categorical { codes: array("codes")?, categories, ordered }
             }
@@ -210,6 +211,43 @@ impl Frame {
         self.n_rows
     }
 
+    /// Refuses an index with missing chunks: their ids would read as empty, and no cell (or gene)
+    /// could be told apart.
+    pub(super) fn check_index_chunks(&self) -> Result<()> {
+        if self.index.missing_chunks() == 0 {
+            return Ok(());
+        }
+        Err(Error::corrupt(
+            &self.root,
+            format!(
+                "{} (the index): {} of its {} chunks have no file, so their ids would read as empty; a damaged or \
+                 partial copy",
+                self.index.name(),
+                self.index.missing_chunks(),
+                self.index.chunks()
+            ),
+        ))
+    }
+
+    /// Every array it reads (the index, then each column's).
+    pub(super) fn arrays(&self) -> Vec<&ZArray> {
+        let mut out = vec![&self.index];
+        for (_, column) in &self.columns {
+            match column {
+                Column::Categorical { codes: a, .. }
+                | Column::Strings(a)
+                | Column::Int(a)
+                | Column::UInt(a)
+                | Column::Float(a)
+                | Column::Bool(a) => out.push(a),
+                Column::NullableInt { values, mask }
+                | Column::NullableBool { values, mask }
+                | Column::NullableStrings { values, mask } => out.extend([values, mask]),
+            }
+        }
+        out
+    }
+
     pub(super) fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
@@ -217,7 +255,18 @@ impl Frame {
     /// Rows `rows` as a record batch with [`schema`](Self::schema).
     pub(super) fn read(&self, rows: Range<u64>) -> Result<RecordBatch> {
         let root = &self.root;
-        let mut arrays: Vec<ArrayRef> = vec![Arc::new(StringArray::from(self.index.strings(rows.clone())?))];
+        let ids = self.index.strings(rows.clone())?;
+        if let Some(at) = ids.iter().position(String::is_empty) {
+            return Err(Error::corrupt(
+                root,
+                format!(
+                    "{}: row {}: an empty id (the index names every row)",
+                    self.index.name(),
+                    rows.start + at as u64
+                ),
+            ));
+        }
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(StringArray::from(ids))];
         for (col, kind) in &self.columns {
             let ctx = || format!("{}/{col}: rows {}..{}", self.name, rows.start, rows.end);
             let r = || rows.clone();

@@ -12,6 +12,7 @@
 mod array;
 mod audit;
 mod frame;
+mod guard;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,8 @@ const IDS_CHECKED: u64 = 1 << 20;
 struct Zarr {
     root: PathBuf,
     storage: Arc<dyn ReadableStorageTraits>,
+    /// The same storage, where arrays register the bounds of their chunks.
+    guard: Arc<guard::GuardedStore>,
     /// 2 or 3.
     format: u8,
     walked: Walked,
@@ -59,7 +62,8 @@ impl Zarr {
         let walked = audit::check_store(root, external)?;
         let store = FilesystemStore::new(root)
             .map_err(|e| Error::Unsupported { path: root.to_owned(), reason: format!("opening the store: {e}") })?;
-        Ok(Zarr { root: root.to_owned(), storage: Arc::new(store), format, walked })
+        let (guard, storage) = guard::guarded(store);
+        Ok(Zarr { root: root.to_owned(), storage, guard, format, walked })
     }
 
     /// The node type recorded at `path` (`array` or `group`), if a node is there.
@@ -81,6 +85,31 @@ impl Zarr {
         }
     }
 
+    /// Why no node is at `path` although a metadata file is there: its parse error (format 3's
+    /// `zarr.json` that is not JSON, or names no node type); `None` where there is no such file.
+    fn broken_metadata(&self, path: &str) -> Option<String> {
+        if self.format != 3 {
+            return None;
+        }
+        let file = self.root.join(path).join("zarr.json");
+        let text = std::fs::read_to_string(&file).ok()?;
+        let reason = match serde_json::from_str::<serde_json::Value>(&text) {
+            Err(e) => format!("not JSON: {e}"),
+            Ok(value) => match value.get("node_type").and_then(|t| t.as_str()) {
+                Some("array" | "group") => return None,
+                Some(other) => format!("node_type {other:?}, expected \"array\" or \"group\""),
+                None => "no node_type".to_owned(),
+            },
+        };
+        Some(format!("{path}/zarr.json: {reason}"))
+    }
+
+    /// `no WHAT` at `path`, or why its metadata could not be read.
+    fn absent(&self, path: &str, what: &str) -> Error {
+        let reason = self.broken_metadata(path).unwrap_or_else(|| format!("no {what} {path}"));
+        Error::Unsupported { path: self.root.clone(), reason }
+    }
+
     fn is_group(&self, path: &str) -> bool {
         self.node_type(path) == Some("group")
     }
@@ -97,9 +126,10 @@ impl Zarr {
 
     fn array(&self, path: &str) -> Result<ZArray> {
         if !self.is_array(path) {
-            return Err(Error::Unsupported { path: self.root.clone(), reason: format!("no array {path}") });
+            return Err(self.absent(path, "array"));
         }
-        ZArray::open(&self.root, &self.storage, path)
+        let array = ZArray::open(&self.root, &self.storage, &self.guard, path)?;
+        Ok(array.with_stored_chunks(self.walked.chunk_files_under(path)))
     }
 
     /// The nodes in group `path`, by name.
@@ -161,8 +191,13 @@ impl std::fmt::Debug for ZarrReader {
 impl ZarrReader {
     /// Opens the store at `path` and the matrix `source`, after checking that reading it reads
     /// nothing outside it (see [`ExternalData`] and the `audit` module).
-    pub fn open_matrix_with(path: &Path, source: MatrixSource<'_>, external: ExternalData) -> Result<ZarrReader> {
-        let zarr = Zarr::open(path, external)?;
+    pub fn open_matrix_with(
+        path: &Path,
+        source: MatrixSource<'_>,
+        policy: impl Into<crate::input::InputPolicy>,
+    ) -> Result<ZarrReader> {
+        let policy = policy.into();
+        let zarr = Zarr::open(path, policy.external)?;
         let root_attributes = zarr.group_attributes("")?;
         let encoding = root_attributes.get("encoding-type").and_then(|v| v.as_str());
         if encoding.is_some_and(|e| e != "anndata") {
@@ -170,6 +205,9 @@ impl ZarrReader {
                 path: path.to_owned(),
                 reason: format!("root encoding-type is {encoding:?}, expected \"anndata\""),
             });
+        }
+        if let Some(reason) = ["obs", "var"].iter().find_map(|g| zarr.broken_metadata(g)) {
+            return Err(Error::Unsupported { path: path.to_owned(), reason });
         }
         if !zarr.is_group("obs") || !zarr.is_group("var") {
             return Err(Error::Unsupported {
@@ -201,13 +239,32 @@ impl ZarrReader {
             }
         };
         if zarr.node_type(&element).is_none() {
-            return Err(Error::Unsupported { path: path.to_owned(), reason: format!("no {element} matrix") });
+            return Err(zarr.absent(&element, "matrix"));
         }
         let obs = Frame::open(&zarr, "obs", CELL_ID)?;
         zarr.check_index("obs", obs.n_rows())?;
+        obs.check_index_chunks()?;
         let var = Frame::open(&zarr, var_name, GENE_ID)?;
         zarr.check_index(var_name, var.n_rows())?;
+        var.check_index_chunks()?;
         let (matrix, (n_obs, n_vars)) = open_matrix(&zarr, &element)?;
+        if let Matrix::Sparse { data, indices, indptr, .. } = &matrix
+            && !policy.allow_missing_chunks
+            && let Some(array) = [data, indices, indptr].into_iter().find(|a| a.missing_chunks() > 0)
+        {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "{}: {} of its {} chunks have no file; zarr leaves out only chunks of the fill value, which a \
+                     sparse matrix's {} hardly ever are, so this is a damaged or partial copy (their entries would \
+                     read as the fill value); --allow-missing-chunks reads it anyway",
+                    array.name(),
+                    array.missing_chunks(),
+                    array.chunks(),
+                    array.name().rsplit('/').next().unwrap_or_default()
+                ),
+            ));
+        }
         for (what, expected, actual) in
             [(format!("{element} rows"), obs.n_rows(), n_obs), (format!("{element} columns"), var.n_rows(), n_vars)]
         {
@@ -227,6 +284,23 @@ impl ZarrReader {
     /// The store.
     pub fn path(&self) -> &Path {
         &self.zarr.root
+    }
+
+    /// Arrays read that lack chunks (read as their fill value, as zarr means it), one line each.
+    pub fn missing_chunks(&self) -> Vec<String> {
+        let mut arrays: Vec<&ZArray> = self.obs.arrays();
+        arrays.extend(self.var.arrays());
+        match &self.matrix {
+            Matrix::Sparse { data, indices, indptr, .. } => arrays.extend([&**data, &**indices, &**indptr]),
+            Matrix::Dense(x) => arrays.push(x),
+        }
+        arrays
+            .into_iter()
+            .filter(|a| a.missing_chunks() > 0)
+            .map(|a| {
+                format!("{}: {} of {} chunks absent, read as the fill value", a.name(), a.missing_chunks(), a.chunks())
+            })
+            .collect()
     }
 
     /// The other matrices of the store, as the import flags that pick them.
