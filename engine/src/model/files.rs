@@ -24,7 +24,9 @@ pub(crate) fn write_model_files(model: &CpaModel, dir: &Path) -> Result<()> {
         perturbation_features: model.perturbation_feature_width(),
         n_parameters: model.n_parameters(),
         weights_checksum: Some(weights_checksum(&weights)?),
-    };
+        description_checksum: None,
+    }
+    .sealed()?;
     let path = dir.join(MODEL_FILE);
     let text = serde_json::to_string_pretty(&file).map_err(|e| Error::corrupt(&path, e.to_string()))?;
     std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
@@ -77,6 +79,9 @@ pub fn load_model(dir: &Path, device: Device) -> Result<CpaModel> {
         .torch()?;
     let model = CpaModel::new(&file.config, &file.vocabulary, features.as_ref(), device, 0)?;
     let weights = dir.join(WEIGHTS_FILE);
+    let model_bytes: u64 =
+        model.var_store().variables().values().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
+    check_weights_file(&weights, model_bytes)?;
     if let Some(expected) = &file.weights_checksum {
         let actual = weights_checksum(&weights)?;
         if &actual != expected {

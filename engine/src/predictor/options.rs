@@ -27,7 +27,7 @@ impl GeneSelection {
     /// The genes listed in a file, one name per line (quotes and blank lines ignored).
     pub fn from_file(path: &Path) -> Result<GeneSelection> {
         let text = path.display();
-        let body = std::fs::read_to_string(path).map_err(|e| {
+        let body = cpa_stream_stages::regular::read_text(path, "a gene list file", 256 << 20).map_err(|e| {
             Error::InvalidInput(format!("--genes {text:?}: not all, top-deg:K or a readable gene list file ({e})"))
         })?;
         let genes: Vec<String> =

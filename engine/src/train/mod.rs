@@ -135,6 +135,25 @@ pub fn run(options: &TrainOptions, ctx: &RunContext) -> Result<TrainReport> {
     let sampler = MemorySampler::start();
     // Held for the whole run: a second command on this run (a training, a --resume) is refused.
     let _lock = claim_run_dir(options)?;
+    let created = !options.out.exists();
+    let result = train_claimed(options, ctx, wall, sampler);
+    // A new run that fails before its first checkpoint leaves nothing behind (its configuration
+    // alone is no run: a full disk left a config.toml that --resume could not continue).
+    if result.is_err() && !options.resume && !options.out.join(CHECKPOINT_DIR).exists() {
+        let _ = remove_entries(&options.out, &RUN_ENTRIES);
+        if created {
+            let _ = std::fs::remove_dir(&options.out);
+        }
+    }
+    result
+}
+
+fn train_claimed(
+    options: &TrainOptions,
+    ctx: &RunContext,
+    wall: Instant,
+    sampler: MemorySampler,
+) -> Result<TrainReport> {
     let store = Arc::new(Store::open(&options.store).map_err(Error::stage(Stage::Reader))?);
     let encoder_stats = StageStats::new(Stage::Encoder, 1);
     let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &options.encoder))?;
@@ -164,7 +183,12 @@ pub fn run(options: &TrainOptions, ctx: &RunContext) -> Result<TrainReport> {
     let config = trainer.model().config().clone();
     let config_path = options.out.join(CONFIG_FILE);
     let text = config.to_toml().map_err(Error::stage(Stage::Trainer))?;
-    std::fs::write(&config_path, text).map_err(Error::io(&config_path))?;
+    // Whole or absent: written beside, then renamed.
+    let tmp = cpa_stream_stages::output::temporary_sibling(&config_path).map_err(Error::stage(Stage::Trainer))?;
+    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &config_path)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(&config_path)(e)
+    })?;
     let plan = PlanOptions {
         batch_size: config.training.batch_size,
         // 0 only in checkpoints from before the setting, which shuffled single cells.
@@ -260,6 +284,11 @@ fn claim_run_dir(options: &TrainOptions) -> Result<OutputLock> {
     if options.resume && options.overwrite {
         return Err(Error::InvalidInput("--resume continues a run and --overwrite replaces it: give one".to_owned()));
     }
+    cpa_stream_stages::output::check_not_an_input(
+        out,
+        [&options.store].into_iter().chain(&options.perturbation_features),
+    )
+    .map_err(Error::stage(Stage::Trainer))?;
     let lock = claim_output(out, OutputKind::Directory, true).map_err(Error::stage(Stage::Trainer))?;
     if !is_nonempty_dir(out) {
         if options.resume {

@@ -451,8 +451,13 @@ impl Trainer {
             let adv = self.adversary(&z, &labels, true)?;
             let penalty = adv.penalty.unwrap_or(Tensor::f_zeros([], (Kind::Float, self.model.device())).torch()?);
             let total = adv.loss.f_add(&penalty.f_mul_scalar(self.config().adversary.pen_adv).torch()?).torch()?;
-            let grads = Tensor::f_run_backward(&[&total], self.groups[2].params(), false, false).torch()?;
-            accumulate(&mut self.pending.adv, grads)?;
+            // Without a class to tell apart (only control cells and no covariate) the adversary's
+            // loss is a constant: there is no graph to run backward through (libtorch would
+            // crash on it), and nothing for the adversary to learn.
+            if total.requires_grad() {
+                let grads = Tensor::f_run_backward(&[&total], self.groups[2].params(), false, false).torch()?;
+                accumulate(&mut self.pending.adv, grads)?;
+            }
             let zero = Tensor::f_zeros([], (Kind::Float, self.model.device())).torch()?;
             self.add_sums(&[&zero, &zero, &adv.loss, &penalty, &adv.accuracy])?;
             self.counts.1 += 1;
@@ -664,12 +669,17 @@ impl Trainer {
         let model = load_model(dir, device)?;
         let mut trainer = Trainer::new(model)?;
         let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = cpa_stream_stages::regular::read_text(&path, "a trainer's state (trainer.json)", 64 << 20)?;
         let mut state: TrainState = serde_json::from_str(&text).map_err(|e| Error::corrupt(&path, e.to_string()))?;
         if state.group_steps.len() != trainer.groups.len() {
             return Err(Error::corrupt(&path, format!("{} group step counts, expected 3", state.group_steps.len())));
         }
         let path = dir.join(OPTIMIZER_FILE);
+        // Two moments per weight, and the weights' running average at most.
+        let model_bytes: u64 = (trainer.model.var_store().variables().values())
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum();
+        cpa_stream_stages::model::files::check_weights_file(&path, model_bytes.saturating_mul(3))?;
         let saved: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
             .map_err(|e| Error::torch(format!("reading {}", path.display()), e))?
             .into_iter()

@@ -544,6 +544,12 @@ fn saved_models_load_and_check_their_files() -> Result<()> {
     let mut file: crate::model::files::ModelFile =
         serde_json::from_str(&text).map_err(|e| Error::InvalidInput(e.to_string()))?;
     file.vocabulary.perturbations.push("D".into());
+    // Edited after it was written: its own checksum tells.
+    write(&serde_json::to_string(&file).map_err(|e| Error::InvalidInput(e.to_string()))?)?;
+    let err = crate::model::load_model(&path, Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("the description was edited after the model was written"), "{err}");
+    // Sealed again (as a writer of a broken model would): the weights tell.
+    let file = file.sealed()?;
     write(&serde_json::to_string(&file).map_err(|e| Error::InvalidInput(e.to_string()))?)?;
     let err = crate::model::load_model(&path, Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("the model needs [6, 8] (the weights are not this model's)"), "{err}");

@@ -604,6 +604,9 @@ pub struct CpaConfig {
     pub training: TrainingConfig,
 }
 
+/// Largest configuration file read, in bytes.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 impl CpaConfig {
     /// Parses and validates TOML text; the keys it does not set keep their defaults. `origin`
     /// names the source in errors.
@@ -613,7 +616,7 @@ impl CpaConfig {
 
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<CpaConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::regular::read_text(path, "a model configuration (TOML)", MAX_CONFIG_BYTES)?;
         CpaConfig::from_toml(&text, &path.display().to_string())
     }
 
@@ -640,7 +643,7 @@ impl CpaConfig {
 
     /// A TOML file over `base` (see [`from_toml_over`](Self::from_toml_over)).
     pub fn from_file_over(base: &CpaConfig, path: &Path) -> Result<CpaConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::regular::read_text(path, "a model configuration (TOML)", MAX_CONFIG_BYTES)?;
         CpaConfig::from_toml_over(base, &text, &path.display().to_string())
     }
 

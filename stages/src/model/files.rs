@@ -41,12 +41,43 @@ pub struct ModelFile {
     /// models written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_checksum: Option<String>,
+    /// `xxh3-64:HEX` of this description itself, every other field (configuration,
+    /// vocabularies, the weights' checksum) as [`ModelFile::description_checksum`] computes it:
+    /// checked at every read, so that a label edited in a copy (two perturbations' names swapped)
+    /// is refused instead of predicting under the wrong name. Absent in models written before it
+    /// was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description_checksum: Option<String>,
+}
+
+/// Largest `model.json` read, in bytes (a model of 100,000 genes and perturbations has one of a
+/// few MB).
+pub const MAX_MODEL_FILE_BYTES: u64 = 256 << 20;
+
+/// Largest safetensors header read (the format's own bound).
+pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100 << 20;
+
+impl ModelFile {
+    /// `xxh3-64:HEX` of the description without its own checksum: its compact JSON, fields in
+    /// the struct's order (every map in it is ordered), so the same description always gives
+    /// the same text.
+    pub fn compute_description_checksum(&self) -> Result<String> {
+        let bare = ModelFile { description_checksum: None, ..self.clone() };
+        let text = serde_json::to_vec(&bare).map_err(|e| Error::InvalidInput(format!("model description: {e}")))?;
+        Ok(format!("xxh3-64:{:016x}", xxhash_rust::xxh3::xxh3_64(&text)))
+    }
+
+    /// The description with its checksum recorded.
+    pub fn sealed(mut self) -> Result<ModelFile> {
+        self.description_checksum = Some(self.compute_description_checksum()?);
+        Ok(self)
+    }
 }
 
 /// Reads `DIR/model.json`, checking the format and version before anything else.
 pub fn read_model_file(dir: &Path) -> Result<ModelFile> {
     let path = dir.join(MODEL_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::regular::read_text(&path, "a model description (model.json)", MAX_MODEL_FILE_BYTES)?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::corrupt(&path, format!("not JSON: {e}")))?;
     let format = value.get("format").and_then(|f| f.as_str());
@@ -64,15 +95,82 @@ pub fn read_model_file(dir: &Path) -> Result<ModelFile> {
         });
     }
     let file: ModelFile = serde_json::from_value(value).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+    if let Some(recorded) = &file.description_checksum {
+        let actual = file.compute_description_checksum()?;
+        if &actual != recorded {
+            return Err(Error::ChecksumMismatch {
+                path,
+                expected: recorded.clone(),
+                actual: format!(
+                    "{actual} (the description was edited after the model was written: its configuration, \
+                     vocabularies or weights' checksum no longer match what was trained)"
+                ),
+            });
+        }
+    }
     file.config.validate().map_err(|e| Error::corrupt(&path, format!("config: {e}")))?;
     file.vocabulary.validate().map_err(|e| Error::corrupt(&path, e.to_string()))?;
     Ok(file)
 }
 
-/// `xxh3-64:HEX` of a weights file.
+/// `xxh3-64:HEX` of a weights file (a regular file).
 pub fn weights_checksum(path: &Path) -> Result<String> {
-    let (_, hex) = crate::store::file_checksum(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::regular::open_regular(path, "the model's weights (safetensors)")?;
+    let (_, hex) = crate::store::hash_reader(std::io::BufReader::new(file)).map_err(|e| Error::io(path, e))?;
     Ok(format!("xxh3-64:{hex}"))
+}
+
+/// Checks, before the weights file `path` is read, that it is a regular file whose safetensors
+/// header describes at most the bytes a model of `model_bytes` bytes of tensors could need (and
+/// a little more, so that an extra tensor is named by the load rather than refused here), and
+/// that the file holds exactly what its header describes: a huge or padded file is refused
+/// without being read.
+pub fn check_weights_file(path: &Path, model_bytes: u64) -> Result<()> {
+    use std::io::Read;
+    let mut file = crate::regular::open_regular(path, "the model's weights (safetensors)")?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix).map_err(|_| Error::corrupt(path, format!("{len} bytes: not a safetensors file")))?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > MAX_SAFETENSORS_HEADER_BYTES || 8 + header_len > len {
+        return Err(Error::corrupt(
+            path,
+            format!("a safetensors header of {header_len} bytes in a file of {len}: not a safetensors file"),
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| Error::corrupt(path, format!("the safetensors header is not a JSON object: {e}")))?;
+    let mut data_bytes = 0u64;
+    for (name, entry) in header.iter().filter(|(name, _)| *name != "__metadata__") {
+        let end = entry
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| o.get(1))
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| Error::corrupt(path, format!("tensor {name}: no data_offsets in the header")))?;
+        data_bytes = data_bytes.max(end);
+    }
+    if 8 + header_len + data_bytes != len {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "{len} bytes, and its header describes {} (8 + a header of {header_len} + {data_bytes} of tensors): \
+                 truncated or padded",
+                8 + header_len + data_bytes
+            ),
+        ));
+    }
+    let allowance = model_bytes.saturating_add(16 << 20);
+    if data_bytes > allowance {
+        return Err(Error::InvalidInput(format!(
+            "{}: {data_bytes} bytes of tensors, and the model of model.json needs at most {model_bytes}: not this model's \
+             weights",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Runs `write` on a fresh temporary sibling of `dir`, then puts it in place of `dir` with one

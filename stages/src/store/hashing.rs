@@ -51,7 +51,7 @@ pub(crate) fn hash_bytes(bytes: &[u8]) -> String {
 }
 
 /// Hashes everything a reader yields; returns (bytes, checksum).
-pub(crate) fn hash_reader(mut reader: impl Read) -> io::Result<(u64, String)> {
+pub fn hash_reader(mut reader: impl Read) -> io::Result<(u64, String)> {
     let mut hasher = Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;

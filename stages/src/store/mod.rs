@@ -18,7 +18,7 @@ mod writer;
 
 pub use block_map::BlockMap;
 pub use cache::{BlockCache, BlockCacheReport, BlockCacheShared};
-pub use hashing::file_checksum;
+pub use hashing::{file_checksum, hash_reader};
 pub use mmap::explain_sigbus;
 pub use reader::{Access, CsrView, RowCursor, Store, consecutive_runs};
 pub use tables::{
