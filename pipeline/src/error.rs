@@ -96,11 +96,6 @@ impl Error {
 
     /// Turns a thread's panic payload into an error naming its stage.
     pub fn panic(stage: Stage, payload: Box<dyn std::any::Any + Send>) -> Error {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic payload".to_owned());
-        Error::Panic { stage, message }
+        Error::Panic { stage, message: cpa_stream_stages::crew::panic_message(payload.as_ref()) }
     }
 }

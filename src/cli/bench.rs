@@ -69,7 +69,7 @@ pub struct PredictBenchArgs {
     #[arg(long, default_value_t = 3)]
     pub(crate) repeats: usize,
     /// Threads that encode the file's row groups [default: as predict's].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::parse_sink_threads)]
     pub(crate) sink_threads: Option<usize>,
     /// The float type of the per-cell rows (f32 or f16), as predict's --values.
     #[arg(long, default_value = "f32")]

@@ -373,6 +373,18 @@ fn parse_threads(value: &str) -> Result<usize, String> {
     bounded(value, 1, MAX_THREADS, "threads")
 }
 
+fn parse_sink_threads(value: &str) -> Result<usize, String> {
+    bounded(value, 1, MAX_THREADS, "encoding threads")
+}
+
+fn parse_row_group_rows(value: &str) -> Result<usize, String> {
+    bounded(value, 1, usize::MAX, "rows per row group")
+}
+
+fn parse_zstd_level(value: &str) -> Result<i32, String> {
+    bounded(value, 1, 22, "a zstd level").map(|level| level as i32)
+}
+
 fn parse_workers(value: &str) -> Result<usize, String> {
     bounded(value, 1, MAX_WORKERS, "gather workers")
 }

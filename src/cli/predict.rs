@@ -113,11 +113,13 @@ pub struct PredictArgs {
         "Batches buffered between stages [default: {DEFAULT_PREFETCH}]"
     ))]
     pub(crate) prefetch: Option<usize>,
-    #[arg(long, help = format!("Rows per Parquet row group at most [default: {DEFAULT_ROW_GROUP_ROWS}]"))]
+    #[arg(long, value_parser = super::parse_row_group_rows, help = format!(
+        "Rows per Parquet row group at most [default: {DEFAULT_ROW_GROUP_ROWS}]"
+    ))]
     pub(crate) row_group_rows: Option<usize>,
     /// Threads that encode the output's row groups (the file is the same for any count)
     /// [default: 1 on the CPU; on a GPU the CPUs but one, at most 8].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::parse_sink_threads)]
     pub(crate) sink_threads: Option<usize>,
     /// Write --out as a directory of part files (part-K-of-N.parquet in row order, one row group
     /// each), written side by side by the sink's threads: faster than one file with several sink
@@ -133,7 +135,9 @@ pub struct PredictArgs {
     /// half the bytes, relative error at most 0.049%; a value above 65504 is an error).
     #[arg(long, value_name = "f32|f16")]
     pub(crate) values: Option<cpa_stream_stages::sink::Values>,
-    #[arg(long, help = format!("zstd level of the output [default: {DEFAULT_ZSTD_LEVEL}]"))]
+    #[arg(long, value_parser = super::parse_zstd_level, help = format!(
+        "zstd level of the output [default: {DEFAULT_ZSTD_LEVEL}]"
+    ))]
     pub(crate) zstd_level: Option<i32>,
     /// Seed of the posterior draws (variational models).
     #[arg(long, default_value_t = 0)]

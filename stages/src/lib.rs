@@ -11,9 +11,10 @@
 //! - [`sink`]: the Parquet sink (bounded row groups, zstd, complete or absent).
 //!
 //! What belongs here: single-threaded pieces that know files, each doing one thing
-//! to what it is handed. Stages never start threads of their own for a run, nor wire
-//! themselves together: the `cpa-stream-pipeline` crate connects them with bounded channels,
-//! owns their threads, and holds the commands.
+//! to what it is handed. Stages never wire themselves together: the `cpa-stream-pipeline`
+//! crate connects them with bounded channels, owns their threads, and holds the commands. The
+//! one owner of threads, [`crew`], lives here so that the one stage that parallelises inside
+//! itself (the [`sink`]'s encoding threads) is owned the same way.
 
 #![warn(missing_docs)]
 
@@ -22,13 +23,16 @@ compile_error!("cpa-stream stores are little-endian and mapped without conversio
 
 pub mod anndata;
 pub mod cell_table;
+pub mod crew;
 pub mod csr;
 mod error;
+pub mod fault;
 pub mod h5ad;
 pub mod input;
 pub mod model;
 pub mod output;
 pub mod provenance;
+pub mod regular;
 pub mod rng;
 pub mod sink;
 pub mod store;

@@ -20,13 +20,13 @@
 //! and renamed into place when every part is complete; each part's bytes depend on its rows
 //! only, so the directory is the same for any thread count.
 
+use crate::crew::Crew;
 use crate::output::OutputKind;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Float32Type, SchemaRef};
@@ -322,6 +322,13 @@ impl ParquetSink {
             return Err(Error::InvalidInput(format!("{}: no such directory", parent.display())));
         }
         let lock = crate::output::claim_output(path, kind, options.overwrite)?;
+        if kind == OutputKind::Directory && path.is_dir() {
+            // --overwrite replaces an earlier directory of parts, never a model, a store or a
+            // user's folder given as --out.
+            crate::output::check_replaceable(path, "a directory of prediction parts", |name, t| {
+                t.is_file() && is_part_name(name)
+            })?;
+        }
         let n = SINK_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = parent.join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id()));
         let stored = file_schema(&schema, options.values);
@@ -447,6 +454,17 @@ pub fn part_name(index: usize, count: usize) -> String {
     format!("part-{index:0width$}-of-{count:0width$}.parquet")
 }
 
+/// Whether `name` is a part file's name ([`part_name`]): `part-I-of-N.parquet`, I < N.
+pub fn is_part_name(name: &str) -> bool {
+    let Some(numbers) = name.strip_prefix("part-").and_then(|n| n.strip_suffix(".parquet")) else { return false };
+    let Some((index, count)) = numbers.split_once("-of-") else { return false };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match (index.parse::<u64>(), count.parse::<u64>()) {
+        (Ok(i), Ok(n)) => digits(index) && digits(count) && i < n,
+        _ => false,
+    }
+}
+
 /// Removes a sink's temporary file or directory of parts.
 fn remove_temporary(tmp: &Path, kind: OutputKind) {
     let _ = match kind {
@@ -462,6 +480,15 @@ enum Job {
     Encode(usize, Vec<RecordBatch>, Vec<ArrowColumnWriter>, Vec<Vec<u8>>),
     /// To write as a part file: its index and rows.
     Part(usize, Vec<RecordBatch>),
+}
+
+impl Job {
+    /// The row group's index.
+    fn index(&self) -> usize {
+        match self {
+            Job::Encode(index, ..) | Job::Part(index, _) => *index,
+        }
+    }
 }
 
 /// What a thread made of a row group.
@@ -562,7 +589,7 @@ struct RowGroups {
     /// Encoding threads (none when there is one thread: the caller's).
     jobs: Option<Sender<Job>>,
     done: Option<Receiver<Done>>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Crew<'static, &'static str>,
     finished: BTreeMap<usize, Output>,
     /// Buffers of dense columns already written, kept for the next row groups: a fresh buffer of
     /// tens of MiB costs a page fault per 4 KiB as it fills.
@@ -585,7 +612,7 @@ impl RowGroups {
             written: 0,
             jobs: None,
             done: None,
-            threads: Vec::new(),
+            threads: Crew::new(),
             finished: BTreeMap::new(),
             in_flight: 0,
             limit: 2 * threads,
@@ -603,13 +630,14 @@ impl RowGroups {
             for t in 0..threads {
                 let (job_rx, done_tx, layout) = (job_rx.clone(), done_tx.clone(), Arc::clone(&groups.layout));
                 let dir = dir.clone();
-                let handle = std::thread::Builder::new()
-                    .name(format!("sink-encode-{t}"))
-                    .spawn(move || {
-                        // A part's dense buffers stay with the thread that wrote it.
-                        let mut spare = Vec::new();
-                        for job in job_rx {
-                            let done = match (job, &dir) {
+                let work = move || {
+                    // A part's dense buffers stay with the thread that wrote it.
+                    let mut spare = Vec::new();
+                    for job in job_rx {
+                        let index = job.index();
+                        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            crate::fault::point("sink");
+                            match (job, &dir) {
                                 (Job::Encode(index, batches, writers, buffers), _) => {
                                     let chunks = encode(&layout, &batches, writers, buffers, layout.direct);
                                     (index, chunks.map(|chunks| Output::Chunks(chunks, batches)))
@@ -620,14 +648,27 @@ impl RowGroups {
                                 (Job::Part(index, _), None) => {
                                     (index, Err(Error::InvalidInput("a part without a directory".into())))
                                 }
-                            };
-                            if done_tx.send(done).is_err() {
-                                break;
+                            }
+                        }));
+                        match done {
+                            Ok(done) => {
+                                if done_tx.send(done).is_err() {
+                                    break;
+                                }
+                            }
+                            // The row group's result is the panic, so that the writer waiting for
+                            // it ends with an error instead of waiting forever; then the thread
+                            // ends as it would have, and its crew sees the panic too.
+                            Err(payload) => {
+                                let message = crate::crew::panic_message(payload.as_ref());
+                                let failed = Error::InvalidInput(format!("a worker thread panicked: {message}"));
+                                let _ = done_tx.send((index, Err(failed)));
+                                std::panic::resume_unwind(payload);
                             }
                         }
-                    })
-                    .map_err(|e| Error::io(path, e))?;
-                groups.threads.push(handle);
+                    }
+                };
+                groups.threads.spawn("sink", format!("sink-encode-{t}"), work).map_err(|e| Error::io(path, e))?;
             }
             groups.jobs = Some(jobs);
             groups.done = Some(done);
@@ -766,10 +807,10 @@ impl RowGroups {
     }
 
     fn stop(&mut self) {
+        // Closing the jobs' channel ends the threads; a panic among them was already the error
+        // of the row group it was encoding.
         self.jobs = None;
-        for handle in self.threads.drain(..) {
-            let _ = handle.join();
-        }
+        let _ = self.threads.join();
     }
 }
 
