@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import _run, _store
+from . import _args, _run, _store
 from ._run import Run, _vectors
 
 __all__ = ["CPA", "ComPertAPI", "pl"]
@@ -311,8 +311,12 @@ class CPA:
         masks are made (cpa-stream reads the DEG lists from ``uns[deg_uns_key]``)."""
         if kwargs:
             raise TypeError(f"setup_anndata(): unexpected keyword {next(iter(kwargs))!r}")
+        if max_comb_len < 1:
+            raise ValueError(f"setup_anndata: max_comb_len={max_comb_len}: expected at least 1")
+        # A view becomes an AnnData of its own at the first column written (anndata's rule):
+        # everything is read from this frame first, then written.
         obs = adata.obs
-        covariates = list(categorical_covariate_keys or [])
+        covariates = _args.names("categorical_covariate_keys", categorical_covariate_keys)
         for what, key in [("perturbation_key", perturbation_key), ("dosage_key", dosage_key),
                           ("batch_key", batch_key), ("smiles_key", smiles_key), ("deg_uns_cat_key", deg_uns_cat_key),
                           *[("categorical_covariate_keys", k) for k in covariates]]:
@@ -333,18 +337,20 @@ class CPA:
         if dosage_key is None:
             print('Warning: dosage_key is not set. Setting it to "1.0" for all cells')
             codes, uniques = pd.factorize(conditions)
-            adata.obs["CPA_dose_val"] = np.asarray([_dose_text(u) for u in uniques], dtype=object)[codes]
-            dose_column = "CPA_dose_val"
+            dose_values = pd.Series(np.asarray([_dose_text(u) for u in uniques], dtype=object)[codes], index=obs.index)
         else:
-            dose_column = dosage_key
+            dose_values = obs[dosage_key].astype(str)
         keys = ([batch_key] if batch_key is not None else []) + covariates + [perturbation_key]
         joined = obs[keys[0]].astype(str)
         for key in keys[1:]:
             joined = joined + "_" + obs[key].astype(str)
-        adata.obs["CPA_cat"] = joined.to_numpy()
-        adata.obs[f"CPA_{control_group}"] = (conditions == control_group).astype(int).to_numpy()
         encoder = _pert_encoder(obs[perturbation_key], control_group)
-        perts, doses = _perts_matrices(conditions, obs[dose_column].astype(str), encoder, max_comb_len, perturbation_key)
+        perts, doses = _perts_matrices(conditions, dose_values, encoder, max_comb_len, perturbation_key)
+        controls = (conditions == control_group).astype(int).to_numpy()
+        if dosage_key is None:
+            adata.obs["CPA_dose_val"] = dose_values.to_numpy()
+        adata.obs["CPA_cat"] = joined.to_numpy()
+        adata.obs[f"CPA_{control_group}"] = controls
         adata.obsm["perts"] = perts
         adata.obsm["perts_doses"] = doses
         setup = {
@@ -426,6 +432,11 @@ class CPA:
         with a warning. With ``save_path`` the model is saved there (as :meth:`save` with
         ``overwrite=True``); without, nothing is written outside a temporary directory.
         ``threads`` (cpa-stream's) sets libtorch's threads; other Lightning keywords warn."""
+        if max_epochs is not None and (isinstance(max_epochs, bool) or int(max_epochs) != max_epochs or max_epochs < 1):
+            raise ValueError(
+                f"train(max_epochs={max_epochs!r}): expected a whole number of epochs, at least 1 (left out, "
+                "cpa-tools' rule min(round(20000 / cells * 400), 400) applies); nothing was trained"
+            )
         accelerator = trainer_kwargs.pop("accelerator", None)
         self.threads = trainer_kwargs.pop("threads", self.threads)
         trainer_kwargs.pop("devices", None)

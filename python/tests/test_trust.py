@@ -146,3 +146,49 @@ def test_ctrl_c_while_an_output_is_written_publishes_nothing(run, big, fresh):
         assert not output.exists(), f"{output} was published after Ctrl-C"
         leftovers = [p.name for p in fresh.iterdir() if p.name.startswith(f".{output.name}.")]
         assert not leftovers, f"temporaries left: {leftovers}"
+
+
+def test_what_compat_and_import_got_wrong_is_right_or_named(tmp_path):
+    """Issue 73 items 7 and 14: cpa-tools' calls given a string, a view, zero epochs, a NaN
+    dose, a float16 matrix."""
+    import anndata as ad
+
+    import cpa_stream.compat as cpa
+
+    adata = ad.read_h5ad(BUNDLED)
+    adata.X = adata.layers["counts"].copy()
+    # One covariate key as a string is one key, not its characters.
+    cpa.CPA.setup_anndata(adata, perturbation_key="condition", control_group="control", dosage_key="dose",
+                          categorical_covariate_keys="cell_type")
+    assert adata.uns[cpa.SETUP_KEY]["categorical_covariate_keys"] == ["cell_type"]
+    # A view (of a subset) is set up as anndata sets up any view written to: it becomes its own.
+    view = adata[:300]
+    assert view.is_view
+    cpa.CPA.setup_anndata(view, perturbation_key="condition", control_group="control")
+    assert list(view.obs["CPA_dose_val"][:3]) == [
+        "+".join("1.0" for _ in c.split("+")) for c in view.obs["condition"][:3]
+    ]
+    # Zero epochs trains nothing: an error, not cpa-tools' default of hundreds.
+    model = cpa.CPA(adata)
+    for epochs in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=rf"max_epochs={epochs!r}.*nothing was trained"):
+            model.train(max_epochs=epochs, threads=1)
+    assert not model.is_trained_
+    # A NaN in a float dose column: named by the engine, not an Arrow error without a row.
+    singles = ~adata.obs["condition"].astype(str).str.contains("+", regex=False)
+    nan_dose = adata[singles.to_numpy()][:400].copy()
+    nan_dose.obs["dose"] = nan_dose.obs["dose"].astype(str).astype(float)
+    nan_dose.obs.iloc[7, nan_dose.obs.columns.get_loc("dose")] = np.nan
+    store = cs.import_h5ad(nan_dose, tmp_path / "nan.store", progress=False)
+    assert np.isnan(store.obs["dose"].iloc[7])
+    with pytest.raises(ValueError, match=r"obs.parquet: row 7 \(cell .*\): dose \"NaN\" .* is not a finite number"):
+        cs.train(store, tmp_path / "run", perturbation_key="condition", dosage_key="dose", max_epochs=1,
+                 progress=False, **COMPUTE)
+    # A dense float16 matrix imports, as the CLI imports it.
+    half = ad.AnnData(X=np.asarray(adata.X[:50].toarray(), dtype=np.float16), obs=adata.obs[:50].copy(),
+                      var=adata.var.copy())
+    store = cs.import_h5ad(half, tmp_path / "half.store", progress=False)
+    assert store.n_obs == 50
+    half.write_h5ad(tmp_path / "half.h5ad")
+    from_file = cs.import_h5ad(tmp_path / "half.h5ad", tmp_path / "half-file.store", progress=False)
+    assert from_file.n_obs == 50
