@@ -10,6 +10,9 @@
 #   scripts/fuzz.sh condition [SECONDS]   condition/dose text and --targets specifications
 #   scripts/fuzz.sh targets [SECONDS]     the --targets FILE reader (CSV and Parquet)
 #   scripts/fuzz.sh config [SECONDS]      the model configuration (TOML)
+#   scripts/fuzz.sh zarr [SECONDS]        the zarr reader: one file of an AnnData zarr store (format 2,
+#                                         3, sharded, small chunks) edited, truncated or removed
+#   scripts/fuzz.sh cell_table [SECONDS]  the Parquet cell-table reader and its gene vocabulary
 #   These need cargo-fuzz (installed into the cache on first use, from crates.io) and nightly
 #   Rust for the instrumentation flags (a `nightly` rustup toolchain if there is one, otherwise
 #   the stable one with RUSTC_BOOTSTRAP=1). The corpus grows in fuzz/corpus/TARGET; a crash is
@@ -28,7 +31,7 @@
 # None of this is part of CI's time budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target="${1:?usage: scripts/fuzz.sh store|h5ad|source|condition|targets|config|mutate-h5ad|prop-store|prop-parsers [SECONDS]}"
+target="${1:?usage: scripts/fuzz.sh store|h5ad|source|condition|targets|config|zarr|cell_table|mutate-h5ad|prop-store|prop-parsers [SECONDS]}"
 seconds="${2:-60}"
 eval "$(scripts/bootstrap.sh)"
 scripts/build.sh --quiet
@@ -102,7 +105,46 @@ elif target == "targets":
 elif target == "config":
     for f in pathlib.Path("examples").glob("*.toml"):
         seed(f.name, f.read_bytes())
+elif target == "zarr":
+    # The templates are the stores themselves (CPA_FUZZ_ZARR); a seed picks one and a file, and
+    # edits, truncates or removes it.
+    for t in range(4):
+        for f in range(0, 256, 17):
+            seed(f"edit-{t}-{f}", bytes([t, f, 0]) + struct.pack("<I", 9) + b"\xff")
+            seed(f"cut-{t}-{f}", bytes([t, f, 1]) + struct.pack("<I", 30) + b"\x00")
+            seed(f"gone-{t}-{f}", bytes([t, f, 2]))
+elif target == "cell_table":
+    import numpy as np, pyarrow as pa, pyarrow.parquet as pq, io
+    def parquet(table):
+        sink = io.BytesIO()
+        pq.write_table(table, sink, row_group_size=3)
+        return sink.getvalue()
+    vocabularies = {
+        "int": pa.table({"token_id": pa.array([0, 10, 11, 12], pa.int64()), "gene_symbol": ["<cls>", "A", "B", "C"]}),
+        "uint": pa.table({"token_id": pa.array([0, 10, 11, 12], pa.uint64()), "gene_symbol": ["<cls>", "A", "B", "C"]}),
+        "float": pa.table({"token_id": pa.array([0.0, 10.0, 11.0, 12.5]), "gene_symbol": ["<cls>", "A", "B", "C"]}),
+    }
+    cells = {
+        "ints": pa.table({"genes": pa.array([[0, 12, 10], [0, 11], [0]], pa.list_(pa.int64())),
+                          "expressions": pa.array([[-2.0, 1.0, 3.0], [-2.0, 2.0], [-2.0]], pa.list_(pa.float32())),
+                          "cell_id": ["a", "b", "c"], "drug": ["x", "y", None], "dose": [1.0, None, 2.5]}),
+        "names": pa.table({"genes": pa.array([["C", "A"], ["B"], []], pa.list_(pa.string())),
+                           "expressions": pa.array([[1, 3], [2], []], pa.list_(pa.int32())),
+                           "plate": pa.array([1, 2, 3], pa.int16())}),
+        "nulls": pa.table({"genes": pa.array([[10, None], None, [11]], pa.list_(pa.int32())),
+                           "expressions": pa.array([[1.0, 2.0], None, [None]], pa.list_(pa.float64()))}),
+    }
+    for v, vt in vocabularies.items():
+        vb = parquet(vt)
+        for c, ct in cells.items():
+            seed(f"{v}-{c}", struct.pack("<I", len(vb)) + vb + parquet(ct))
 PY
+  if [ "$target" = zarr ]; then
+    rm -rf "$out/templates"
+    "$CPA_STREAM_PYTHON" tests/fixtures/zarr_fixtures.py make "$out/templates" > /dev/null
+    export CPA_FUZZ_ZARR
+    CPA_FUZZ_ZARR=$(printf '%s\n' "$PWD/$out/templates/"{v2_chunked,v3,v3_sharded_small,v3_csc}.zarr)
+  fi
   if [ "$target" = store ]; then
     for codec in raw zstd; do
       rm -rf "$out/template-$codec.store"
@@ -153,7 +195,7 @@ PY
 }
 
 case "$target" in
-  store | h5ad | source | condition | targets | config)
+  store | h5ad | source | condition | targets | config | zarr | cell_table)
     libfuzzer
     ;;
   mutate-h5ad)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Crash safety under SIGKILL: import (of one file, and of two shuffled into one store), convert,
-# train and predict are killed at random moments (KILLS per command, default 20) and at each of
+# train, predict (one file, and a directory of parts written by two sink threads) and appends (to
+# a store, and to a `cp -al` copy that shares its files with the store it was copied from) are killed at random moments (KILLS per command, default 20) and at each of
 # their renames (strace injects SIGKILL at the N-th rename/renameat2 call), then checked:
 #   - an output is either absent or byte-identical to an uninterrupted run's (never half-written);
 #   - the rerun (--overwrite; train: --resume when a checkpoint exists) succeeds;
@@ -42,6 +43,9 @@ train_args="train --store $work/in.store --dose-key dose --covariates cell_type 
 out[predict]="$work/o/predictions.parquet"
 args[predict]="predict --model $work/model-run --store $work/in.store --source all --target PERT01+PERT02 \
 --threads 1 --out ${out[predict]} --overwrite"
+out[predict-parts]="$work/o/parts"
+args[predict-parts]="predict --model $work/model-run --store $work/in.store --source all --target PERT01+PERT02 \
+--threads 1 --parts --sink-threads 2 --row-group-rows 1000 --out ${out[predict-parts]} --overwrite"
 "$bin" train --store "$work/in.store" --dose-key dose --covariates cell_type --config examples/cpa-small.toml \
   --epochs 1 --threads 1 --out "$work/model-run" > /dev/null
 
@@ -72,7 +76,7 @@ kill_at() {
 }
 
 mkdir -p "$work/o"
-for cmd in import import-many convert predict train; do
+for cmd in import import-many convert predict predict-parts train; do
   # The uninterrupted run, its time and its output.
   rm -rf "${out[$cmd]}"
   start=$(date +%s%N)
@@ -130,7 +134,10 @@ done
 # hold bytes after those, which the next append removes) or the complete new version, readable
 # either way. Three bases: a store of one file (the first append adds the source column, so its
 # obs table is written again), the same after one append (its obs table gains the new rows in
-# place) and a zstd store (a new run of blocks after a last block that is not full).
+# place) and a zstd store (a new run of blocks after a last block that is not full); and a fourth,
+# `linked`: the store appended to is a `cp -al` copy of the first base, sharing its files' inodes,
+# and the base must stay byte for byte as it was whatever the kill (an append writes through no
+# link).
 # The base's version as it was: its manifest, and each listed file's bytes up to its recorded size.
 same_as_base() { # BASE STORE
   cmp -s "$1/manifest.json" "$2/manifest.json" || return 1
@@ -144,23 +151,26 @@ cp -r "$work/o/base-one.store" "$work/o/base-grown.store"
 "$bin" import --append "$work/o/base-grown.store" "$work/in-b.h5ad" --make-unique > /dev/null
 cp "$work/in.h5ad" "$work/in-c.h5ad"
 "$bin" import "$work/in.h5ad" --codec zstd --block-rows 300 --out "$work/o/base-zstd.store" > /dev/null
-for case in one:in-b grown:in-c zstd:in-b; do
-  base="$work/o/base-${case%%:*}.store" app="$work/o/app.store"
+for case in one:in-b grown:in-c zstd:in-b linked:in-b; do
+  base="$work/o/base-${case%%:*}.store" app="$work/o/app.store" copy="cp -r"
+  if [ "${case%%:*}" = linked ]; then base="$work/o/base-one.store" copy="cp -al"; fi
+  base_digest=$(digest "$base")
   append_args="import --append $app $work/${case##*:}.h5ad --make-unique"
-  rm -rf "$app" && cp -r "$base" "$app"
+  rm -rf "$app" && $copy "$base" "$app"
   start=$(date +%s%N)
   $bin $append_args > /dev/null
   ms=$(( ($(date +%s%N) - start) / 1000000 ))
   expected=$(digest "$app")
-  rm -rf "$app" && cp -r "$base" "$app"
+  rm -rf "$app" && $copy "$base" "$app"
   renames=$(strace -f -qq -e trace=rename,renameat,renameat2 -o /dev/stdout $bin $append_args 2>/dev/null \
     | grep -c 'rename' || true)
   points=()
   for ((k = 0; k < kills; k++)); do points+=("delay:$(( RANDOM % (ms + 1) ))"); done
   for ((r = 1; r <= renames; r++)); do points+=("rename:$r"); done
   for point in "${points[@]}"; do
-    rm -rf "$app" && cp -r "$base" "$app"
+    rm -rf "$app" && $copy "$base" "$app"
     kill_at "$point" "$append_args" 2> /dev/null
+    [ "$(digest "$base")" = "$base_digest" ] || fail "append ($case) killed at $point changed the store it was copied from"
     [ -d "$app" ] || fail "append ($case) killed at $point: the store is gone"
     "$bin" verify "$app" > /dev/null 2>"$work/err" || fail "append ($case) killed at $point: $(cat "$work/err")"
     if [ "$(digest "$app")" != "$expected" ]; then

@@ -132,9 +132,18 @@ fn a_panicking_stage_is_an_error_naming_it_and_publishes_nothing() {
             .unwrap_or_else(|e| panic!("{e}"));
         (o.status.code(), text(&o.stderr))
     };
-    for stage in ["source", "batcher", "predictor"] {
+    // The sink's encoding threads (several of them, one file or a directory of parts): a panic
+    // in one is the error of the row group it was encoding, not a wait for it forever.
+    for (stage, extra) in [
+        ("source", &[][..]),
+        ("batcher", &[][..]),
+        ("predictor", &[][..]),
+        ("sink", &["--sink-threads", "2"][..]),
+        ("sink", &["--sink-threads", "3", "--parts"][..]),
+    ] {
         let out = f.dir.join(format!("fault-{stage}.parquet"));
-        let args = ["predict", "--model", s(&f.run), "--store", s(&f.store), "--out", s(&out)];
+        let mut args = vec!["predict", "--model", s(&f.run), "--store", s(&f.store), "--out", s(&out)];
+        args.extend_from_slice(extra);
         let (code, err) = fault(stage, &args);
         assert_eq!(code, Some(1), "{stage}: {err}");
         assert!(err.contains(&format!("{stage}: a worker thread panicked: fault injected into {stage}")), "{err}");
@@ -154,6 +163,17 @@ fn a_panicking_stage_is_an_error_naming_it_and_publishes_nothing() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("read: a worker thread panicked: fault injected into read"), "{err}");
     assert!(!store.exists(), "a store was published");
+    // A new run that fails before its first checkpoint leaves no run directory (not even its
+    // config.toml, which is no run to resume).
+    let run_dir = f.dir.join("fault-train-run");
+    let (code, err) = fault("batcher", &["train", "--store", s(&f.store), "--epochs", "1", "--out", s(&run_dir)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("batcher: a worker thread panicked"), "{err}");
+    assert!(
+        !run_dir.exists(),
+        "left: {:?}",
+        std::fs::read_dir(&run_dir).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
 }
 
 #[test]
@@ -222,7 +242,7 @@ fn every_command_refuses_an_existing_output_unless_asked() {
     std::fs::write(eval.join("notes.txt"), b"mine").unwrap_or_else(|e| panic!("{e}"));
     let o = go(args(&["--overwrite"]));
     assert!(
-        text(&o.stderr).contains("holds files that are not an evaluation's (\"notes.txt\")"),
+        text(&o.stderr).contains("holds files that are not part of an evaluation (\"notes.txt\")"),
         "{}",
         text(&o.stderr)
     );
@@ -250,6 +270,17 @@ fn sizes_from_flags_and_configurations_are_bounded() {
     }
     let o = run(&["predict", "--model", s(&out), "--store", s(&store), "--batch-size", "1000000000000", "--out", "x"]);
     assert!(text(&o.stderr).contains("cells per batch, a whole number from 1 to 1048576"), "{}", text(&o.stderr));
+    // The sink's sizes are usage errors too (exit 2), as every other size.
+    for (flag, value, what) in [
+        ("--sink-threads", "0", "encoding threads, a whole number from 1 to 1024"),
+        ("--sink-threads", "100000", "encoding threads, a whole number from 1 to 1024"),
+        ("--row-group-rows", "0", "rows per row group"),
+        ("--zstd-level", "23", "a zstd level, a whole number from 1 to 22"),
+    ] {
+        let o = run(&["predict", "--model", s(&out), "--store", s(&store), flag, value, "--out", "x"]);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains(what), "{flag}: {}", text(&o.stderr));
+    }
     let config = dir.path().join("huge.toml");
     std::fs::write(&config, "[model]\nn_hidden_encoder = 100000000\n").unwrap_or_else(|e| panic!("{e}"));
     let o = run(&["train", "--store", s(&store), "--config", s(&config), "--out", s(&out)]);
@@ -358,8 +389,10 @@ fn weights_that_do_not_fit_the_model_are_refused_at_load() {
         let model = dir.path().join(label);
         std::fs::create_dir_all(&model).unwrap_or_else(|e| panic!("{e}"));
         let mut json = model_json.clone();
+        // Without the weights' checksum, as a model of an older build (which recorded neither).
         if !keep_checksum && let Some(o) = json.as_object_mut() {
             o.remove("weights_checksum");
+            o.remove("description_checksum");
         }
         std::fs::write(model.join("model.json"), json.to_string()).unwrap_or_else(|e| panic!("{e}"));
         let mut weights: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
@@ -423,5 +456,273 @@ fn weights_that_do_not_fit_the_model_are_refused_at_load() {
     // The model itself, copied, loads.
     let copy = crafted("copy", true, &|_| {});
     let (code, err) = predict_with(&copy);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// A copy of directory `from` at `to` (files copied, not linked).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")) {
+        let entry = entry.unwrap_or_else(|e| panic!("{e}"));
+        let target = to.join(entry.file_name());
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+/// Every file under `dir`, relative, with its bytes: what a refused command must leave as it was.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                out.push((path.strip_prefix(dir).unwrap_or(&path).to_owned(), bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Issue 73 item 1: `--overwrite` replaces only what the command itself writes (a directory of
+/// parts holding only part files, a store), and never an input of the same command: not a user's
+/// folder, not the model being read, not the input store, not a file inside them.
+#[test]
+fn overwrite_replaces_only_what_the_command_writes_and_never_an_input() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (run_dir, store) = (dir.path().join("run"), dir.path().join("atlas.store"));
+    copy_tree(&f.run, &run_dir);
+    copy_tree(&f.store, &store);
+    let predict = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["predict", "--model", s(&run_dir), "--store", s(&store), "--out", s(out), "--overwrite"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let refused = |o: &std::process::Output, what: &str, expected: &str| {
+        let err = text(&o.stderr);
+        assert!(!o.status.success(), "{what}: replaced ({err})");
+        assert!(err.contains(expected), "{what}: {err}");
+    };
+    // A user's folder given as --out with --parts: its files and subfolders stay.
+    let folder = dir.path().join("results");
+    std::fs::create_dir_all(folder.join("figures")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(folder.join("notes.txt"), b"mine").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(folder.join("figures/a.png"), b"png").unwrap_or_else(|e| panic!("{e}"));
+    let kept = tree(&folder);
+    let o = predict(&folder, &["--parts"]);
+    refused(
+        &o,
+        "a user's folder",
+        "holds files that are not part of a directory of prediction parts (\"figures\", \"notes.txt\")",
+    );
+    assert_eq!(tree(&folder), kept);
+    // The model being read and the store: inputs, refused by name, whatever they hold.
+    let (model_before, store_before) = (tree(&run_dir), tree(&store));
+    for (out, extra) in
+        [(&run_dir, &["--parts"][..]), (&store, &["--parts"][..]), (&run_dir.join("model"), &["--parts"][..])]
+    {
+        let o = predict(out, extra);
+        refused(&o, &out.display().to_string(), "an input of this command");
+    }
+    // A file inside an input: the store's obs table, the model's weights.
+    let weights = std::fs::read_dir(run_dir.join("model"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap_or_else(|| panic!("no weights in {}", run_dir.display()));
+    for out in [store.join("obs.parquet"), weights] {
+        let o = predict(&out, &[]);
+        refused(&o, &out.display().to_string(), "lies inside");
+    }
+    assert_eq!(tree(&run_dir), model_before, "the model changed");
+    assert_eq!(tree(&store), store_before, "the store changed");
+    // The working directory, by a relative path that names it.
+    let here = dir.path().join("here");
+    std::fs::create_dir_all(&here).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(here.join("data.csv"), b"1,2").unwrap_or_else(|e| panic!("{e}"));
+    let o = Command::new(bin())
+        .args(["predict", "--model", s(&run_dir), "--store", s(&store), "--out", "../here", "--parts", "--overwrite"])
+        .current_dir(&here)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    refused(&o, "../here", "holds files that are not part of a directory of prediction parts (\"data.csv\")");
+    assert!(here.join("data.csv").is_file());
+    // An earlier directory of parts is replaced.
+    let parts = dir.path().join("parts");
+    let o = run(&["predict", "--model", s(&run_dir), "--store", s(&store), "--out", s(&parts), "--parts"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = predict(&parts, &["--parts"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // import and convert: only a store is replaced, and never the store read.
+    let h5ad = dir.path().join("atlas.h5ad");
+    let o = run(&["export", s(&store), "--out", s(&h5ad)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    for command in [&["import", s(&h5ad)][..], &["convert", s(&store)][..]] {
+        let mut args = command.to_vec();
+        args.extend(["--out", s(&folder), "--overwrite"]);
+        let o = run(&args);
+        refused(&o, command[0], "--overwrite replaces only a store, and this directory is not one");
+        assert_eq!(tree(&folder), kept, "{}", command[0]);
+    }
+    let o = run(&["convert", s(&store), "--out", s(&store), "--overwrite", "--codec", "zstd"]);
+    refused(&o, "convert onto its input", "an input of this command");
+    let o = run(&["import", &format!("{}", store.join("obs.parquet").display()), "--out", s(&store), "--overwrite"]);
+    refused(&o, "import from inside the output", "an input of this command");
+    let o = run(&["export", s(&store), "--out", s(&store.join("obs.parquet")), "--overwrite"]);
+    refused(&o, "export into its input", "lies inside");
+    assert_eq!(tree(&store), store_before, "the store changed");
+    // A store is replaced by another.
+    let other = dir.path().join("other.store");
+    let o = run(&["import", s(&h5ad), "--out", s(&other)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = run(&["convert", s(&store), "--out", s(&other), "--overwrite", "--codec", "zstd"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // A store with a user's file in it is not only a store.
+    std::fs::write(other.join("notes.txt"), b"mine").unwrap_or_else(|e| panic!("{e}"));
+    let o = run(&["import", s(&h5ad), "--out", s(&other), "--overwrite"]);
+    refused(&o, "a store holding a user's file", "notes.txt");
+    assert!(other.join("notes.txt").is_file());
+}
+
+/// Issue 73 item 8: a store of control cells alone and no covariate leaves the adversary nothing
+/// to tell apart; training ran backward through a constant and crashed libtorch (SIGSEGV). Now it
+/// trains the autoencoder (the adversary steps skipped) and predicts, and says nothing crashed.
+#[test]
+fn a_store_of_control_cells_alone_trains_without_crashing() {
+    use cpa_stream::unstable::schemas::tables::{CELL_ID, categorical_field};
+    use cpa_stream::unstable::stages::CsrBatch;
+    use cpa_stream::unstable::stages::store::{StoreWriter, StoreWriterOptions};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = dir.path().join("controls.store");
+    let n_vars = 12u32;
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new(CELL_ID, arrow::datatypes::DataType::Utf8, false),
+        categorical_field("condition", &["control".to_owned()], false),
+    ]));
+    let mut writer = StoreWriter::create(
+        &store,
+        &crate::common::var_table(n_vars),
+        Arc::clone(&schema),
+        StoreWriterOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let n = 200usize;
+    let mut batch = CsrBatch::new(n_vars);
+    for i in 0..n {
+        let idx: Vec<u32> = (0..n_vars).filter(|g| !(i as u32 + g).is_multiple_of(3)).collect();
+        let vals: Vec<f32> = idx.iter().map(|g| ((i as u32 * 7 + g) % 5 + 1) as f32).collect();
+        batch.push_row(&idx, &vals);
+    }
+    let ids = arrow::array::StringArray::from_iter_values((0..n).map(|i| format!("c{i}")));
+    let codes = arrow::array::Int32Array::from(vec![0; n]);
+    let values: arrow::array::ArrayRef = Arc::new(arrow::array::StringArray::from(vec!["control"]));
+    let dict = arrow::array::DictionaryArray::try_new(codes, values).unwrap_or_else(|e| panic!("{e}"));
+    let obs = arrow::array::RecordBatch::try_new(schema, vec![Arc::new(ids), Arc::new(dict)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    writer.push_rows(&batch, &obs).unwrap_or_else(|e| panic!("{e}"));
+    writer.finish().unwrap_or_else(|e| panic!("{e}"));
+    let out = dir.path().join("run");
+    let o = run(&["train", "--store", s(&store), "--epochs", "2", "--threads", "1", "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(out.join("model/model.json").is_file());
+    let preds = dir.path().join("p.parquet");
+    let o = run(&["predict", "--model", s(&out), "--store", s(&store), "--out", s(&preds), "--threads", "1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+}
+
+/// Issue 73 items 6 and 11: a model's description is checked as its weights are (two
+/// perturbations' names swapped in a copy's model.json made rows labelled A hold B's
+/// predictions); a FIFO planted as the weights is refused at once, not waited on; a weights
+/// file far larger than the model is refused by its header before it is read.
+#[test]
+fn an_edited_description_or_planted_weights_are_refused_before_use() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let original = f.run.join("model");
+    let copy = |label: &str| -> PathBuf {
+        let model = dir.path().join(label);
+        copy_tree(&original, &model);
+        model
+    };
+    let predict_with = |model: &Path| {
+        let out = dir.path().join("p.parquet");
+        let _ = std::fs::remove_file(&out);
+        let mut child = Command::new(bin())
+            .args(["predict", "--model", s(model), "--store", s(&f.store), "--target", "PERT01", "--out", s(&out)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        // A hang fails the test rather than the suite; no timing is asserted.
+        for _ in 0..2400 {
+            if child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        if child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_none() {
+            let _ = child.kill();
+            panic!("predict with {} still runs after 120 s: it blocked", model.display());
+        }
+        let o = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!out.exists() || o.status.success());
+        (o.status.code(), text(&o.stderr))
+    };
+    // Two perturbations' names swapped.
+    let swapped = copy("swapped");
+    let mut json: Value = serde_json::from_slice(&std::fs::read(swapped.join("model.json")).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let names = json["vocabulary"]["perturbations"].as_array_mut().unwrap_or_else(|| panic!("no perturbations"));
+    assert!(names.len() >= 4, "{names:?}");
+    names.swap(2, 3);
+    std::fs::write(swapped.join("model.json"), json.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let (code, err) = predict_with(&swapped);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the description was edited after the model was written"), "{err}");
+    // A FIFO as the weights.
+    let fifo = copy("fifo");
+    std::fs::remove_file(fifo.join("weights.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    let c = std::ffi::CString::new(s(&fifo.join("weights.safetensors"))).unwrap_or_default();
+    // SAFETY: a NUL-terminated path that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (code, err) = predict_with(&fifo);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    // 20 GB of weights (a sparse file) in a model of an older build, which recorded no checksums.
+    let huge = copy("huge");
+    let mut json: Value = serde_json::from_slice(&std::fs::read(huge.join("model.json")).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(o) = json.as_object_mut() {
+        o.remove("weights_checksum");
+        o.remove("description_checksum");
+    }
+    std::fs::write(huge.join("model.json"), json.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let weights = std::fs::OpenOptions::new().write(true).open(huge.join("weights.safetensors"));
+    weights.and_then(|w| w.set_len(20 << 30)).unwrap_or_else(|e| panic!("{e}"));
+    let (code, err) = predict_with(&huge);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("truncated or padded"), "{err}");
+    // The untouched copy of an older build's model still loads.
+    let old = copy("old");
+    let mut json: Value = serde_json::from_slice(&std::fs::read(old.join("model.json")).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(o) = json.as_object_mut() {
+        o.remove("description_checksum");
+    }
+    std::fs::write(old.join("model.json"), json.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let (code, err) = predict_with(&old);
     assert_eq!(code, Some(0), "{err}");
 }
