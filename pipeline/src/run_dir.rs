@@ -42,6 +42,14 @@ pub fn model_dir(path: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// What a command reads of the model given as `path` (a run or a model directory): its model
+/// directory, for [`check_not_an_input`](cpa_stream_stages::output::check_not_an_input): an
+/// output beside the model in its run (predictions in the run's folder) replaces no input, one
+/// inside `model/` or over the run does.
+pub fn model_input(path: &Path) -> PathBuf {
+    model_dir(path).unwrap_or_else(|_| path.to_owned())
+}
+
 /// Copies the files of directory `from` into directory `to` (a model directory: flat); the
 /// stages' error type, as [`publish_dir`](cpa_stream_stages::model::files::publish_dir) asks.
 pub fn copy_files(from: &Path, to: &Path) -> cpa_stream_stages::Result<()> {

@@ -192,3 +192,12 @@ def test_what_compat_and_import_got_wrong_is_right_or_named(tmp_path):
     half.write_h5ad(tmp_path / "half.h5ad")
     from_file = cs.import_h5ad(tmp_path / "half.h5ad", tmp_path / "half-file.store", progress=False)
     assert from_file.n_obs == 50
+    # Two genes of one name in one file: refused naming the gene (the store would merge them).
+    twice = adata[:50].copy()
+    names = list(twice.var_names)
+    names[5] = names[2]
+    twice.var_names = names
+    twice.write_h5ad(tmp_path / "twice.h5ad")
+    with pytest.raises(ValueError, match=rf"gene \"{names[2]}\" appears twice in the var index \(again at gene 5\)"):
+        cs.import_h5ad(tmp_path / "twice.h5ad", tmp_path / "twice.store", progress=False)
+    assert not (tmp_path / "twice.store").exists()

@@ -53,6 +53,8 @@ pub struct Vocabulary {
     ids: HashMap<GeneRef, u32>,
     /// The column whose values the gene lists hold (ids, or names).
     id_column: String,
+    /// The file's name of the column of gene names (`gene_id` in [`Vocabulary::var`]).
+    name_column: String,
 }
 
 /// How a gene list names a gene.
@@ -253,7 +255,7 @@ impl Vocabulary {
         }
         let var = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
             .map_err(|e| Error::arrow(path.display().to_string(), e))?;
-        Ok(Vocabulary { path: path.to_owned(), var, ids, id_column })
+        Ok(Vocabulary { path: path.to_owned(), var, ids, id_column, name_column: names[name_at].to_owned() })
     }
 
     /// Checks that a cell table's gene lists (`keys`, of column `column` of `table`) refer to
@@ -266,10 +268,13 @@ impl Vocabulary {
         match (keys.are_names(), by_name) {
             (true, false) => {
                 let Some(GeneRef::Name(first)) = first else { return Ok(()) };
-                let holding = self.var.schema().fields().iter().zip(self.var.columns()).find_map(|(f, c)| {
-                    let names = c.as_string_opt::<i32>()?;
-                    names.iter().any(|n| n == Some(first.as_str())).then(|| f.name().clone())
-                });
+                let holding =
+                    self.var.schema().fields().iter().zip(self.var.columns()).enumerate().find_map(|(at, (f, c))| {
+                        let names = c.as_string_opt::<i32>()?;
+                        // The first column is the names, renamed gene_id: the file calls it otherwise.
+                        let column = if at == 0 { self.name_column.clone() } else { f.name().clone() };
+                        names.iter().any(|n| n == Some(first.as_str())).then_some(column)
+                    });
                 let hint = match holding {
                     Some(c) => format!("--var-id {c} names the vocabulary's column that holds such names"),
                     None => "no column of the vocabulary holds that name".to_owned(),

@@ -12,26 +12,9 @@ use arrow::record_batch::RecordBatch;
 pub use crate::anndata::{MatrixLayout, MatrixSource};
 use crate::csr::CsrBatch;
 use crate::error::Result;
-use crate::h5ad::{ExternalData, H5adReader};
+use crate::h5ad::H5adReader;
+pub use crate::h5ad::InputPolicy;
 use crate::zarr::ZarrReader;
-
-/// What reading an input may trust beyond its own bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InputPolicy {
-    /// Whether it may read data from other files (see [`ExternalData`]).
-    pub external: ExternalData,
-    /// Whether a zarr store's sparse matrix may lack chunks (read as the fill value: zeros for
-    /// the values, column 0 for the indices). A store that lacks them is refused without it:
-    /// zarr leaves out only chunks of the fill value, which a matrix's indices and values hardly
-    /// ever are, so a missing one is a damaged or partial copy.
-    pub allow_missing_chunks: bool,
-}
-
-impl From<ExternalData> for InputPolicy {
-    fn from(external: ExternalData) -> Self {
-        InputPolicy { external, allow_missing_chunks: false }
-    }
-}
 
 /// Whether `path` is a zarr store (a directory holding zarr metadata at its top).
 pub fn is_zarr(path: &Path) -> bool {
@@ -59,7 +42,7 @@ macro_rules! each {
 impl AnnDataReader {
     /// Opens `path` (a zarr store if it is a directory with zarr metadata, else an `.h5ad`
     /// file) and the matrix `source`, checking first that reading it reads nothing but the
-    /// input (see [`ExternalData`]).
+    /// input (see [`ExternalData`](crate::h5ad::ExternalData)).
     pub fn open(path: &Path, source: MatrixSource<'_>, policy: impl Into<InputPolicy>) -> Result<AnnDataReader> {
         let policy = policy.into();
         match is_zarr(path) {

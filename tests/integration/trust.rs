@@ -557,6 +557,13 @@ fn overwrite_replaces_only_what_the_command_writes_and_never_an_input() {
         .unwrap_or_else(|e| panic!("{e}"));
     refused(&o, "../here", "holds files that are not part of a directory of prediction parts (\"data.csv\")");
     assert!(here.join("data.csv").is_file());
+    // Predictions beside the model in its run are no input: written again with --overwrite.
+    let beside = run_dir.join("preds.parquet");
+    for _ in 0..2 {
+        let o = predict(&beside, &[]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    std::fs::remove_file(&beside).unwrap_or_else(|e| panic!("{e}"));
     // An earlier directory of parts is replaced.
     let parts = dir.path().join("parts");
     let o = run(&["predict", "--model", s(&run_dir), "--store", s(&store), "--out", s(&parts), "--parts"]);

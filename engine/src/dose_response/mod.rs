@@ -192,11 +192,8 @@ pub struct DoseResponseReport {
 /// Computes the curves and writes them to `options.out` (published whole).
 pub fn run(options: &DoseResponseOptions, ctx: &RunContext) -> Result<DoseResponseReport> {
     let wall = Instant::now();
-    cpa_stream_stages::output::check_not_an_input(
-        &options.out,
-        [Some(&options.model), options.store.as_ref()].into_iter().flatten(),
-    )
-    .map_err(Error::stage(Stage::DoseResponse))?;
+    let inputs = std::iter::once(crate::run_dir::model_input(&options.model)).chain(options.store.clone());
+    cpa_stream_stages::output::check_not_an_input(&options.out, inputs).map_err(Error::stage(Stage::DoseResponse))?;
     let _lock = claim_output(&options.out, OutputKind::Directory, options.overwrite)
         .map_err(Error::stage(Stage::DoseResponse))?;
     if options.out.exists() {

@@ -158,7 +158,8 @@ pub fn run(options: &EmbeddingsOptions, ctx: &RunContext) -> Result<EmbeddingsRe
     let out = options.out.as_deref().ok_or_else(|| {
         Error::InvalidInput("embeddings: no output directory given (`embeddings::open` reads them)".to_owned())
     })?;
-    cpa_stream_stages::output::check_not_an_input(out, [&options.model]).map_err(Error::stage(Stage::Embeddings))?;
+    cpa_stream_stages::output::check_not_an_input(out, [crate::run_dir::model_input(&options.model)])
+        .map_err(Error::stage(Stage::Embeddings))?;
     let _lock = claim_output(out, OutputKind::Directory, options.overwrite).map_err(Error::stage(Stage::Embeddings))?;
     if out.exists() {
         crate::run_dir::check_replaceable(out, &[PERTURBATIONS_FILE, COVARIATES_FILE], "an embeddings directory")?;

@@ -158,9 +158,9 @@ pub(super) fn claim_output(options: &EvaluateOptions) -> Result<OutputLock> {
 
 fn check_output(options: &EvaluateOptions) -> Result<()> {
     let out = &options.out;
-    let inputs = [&options.model, &options.store].into_iter().chain(&options.ensemble);
-    cpa_stream_stages::output::check_not_an_input(out, inputs.chain(&options.truth).chain(&options.degs))
-        .map_err(Error::stage(Stage::Evaluate))?;
+    let models = std::iter::once(&options.model).chain(&options.ensemble).map(|m| crate::run_dir::model_input(m));
+    let inputs = models.chain([options.store.clone()]).chain(options.truth.clone()).chain(options.degs.clone());
+    cpa_stream_stages::output::check_not_an_input(out, inputs).map_err(Error::stage(Stage::Evaluate))?;
     check_destination(out, OutputKind::Directory, options.overwrite).map_err(Error::stage(Stage::Evaluate))?;
     if out.exists() {
         check_replaceable(out, &ENTRIES, "an evaluation")?;

@@ -83,7 +83,8 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
                 .to_owned(),
         ));
     }
-    let inputs = [&options.model, &options.store].into_iter().chain(&options.ensemble).chain(&options.degs);
+    let models = std::iter::once(&options.model).chain(&options.ensemble).map(|m| crate::run_dir::model_input(m));
+    let inputs = models.chain([options.store.clone()]).chain(options.degs.clone());
     cpa_stream_stages::output::check_not_an_input(out, inputs).map_err(Error::stage(Stage::Sink))?;
     let progress = ctx.progress();
     let wall = Instant::now();

@@ -45,6 +45,24 @@ pub enum ExternalData {
     SameDirectory,
 }
 
+/// What reading an input may trust beyond its own bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputPolicy {
+    /// Whether it may read data from other files (see [`ExternalData`]).
+    pub external: ExternalData,
+    /// Whether a zarr store's sparse matrix may lack chunks (read as the fill value: zeros for
+    /// the values, column 0 for the indices). A store that lacks them is refused without it:
+    /// zarr leaves out only chunks of the fill value, which a matrix's indices and values hardly
+    /// ever are, so a missing one is a damaged or partial copy.
+    pub allow_missing_chunks: bool,
+}
+
+impl From<ExternalData> for InputPolicy {
+    fn from(external: ExternalData) -> Self {
+        InputPolicy { external, allow_missing_chunks: false }
+    }
+}
+
 /// Links visited at most (an anndata file has hundreds to a few thousand).
 const MAX_LINKS: usize = 1_000_000;
 /// How deep external links and virtual datasets may lead from file to file.

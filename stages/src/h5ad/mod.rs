@@ -21,7 +21,7 @@ pub mod watchdog;
 mod writer;
 
 pub use crate::anndata::{MatrixLayout, MatrixSource};
-pub use audit::{ExternalData, disable_plugins};
+pub use audit::{ExternalData, InputPolicy, disable_plugins};
 pub(crate) use dataframe::{float_text, float_text_f32};
 pub use reader::H5adReader;
 pub use writer::{DEFAULT_GZIP_LEVEL, H5adCompression, H5adWriter};

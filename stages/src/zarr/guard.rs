@@ -79,8 +79,12 @@ fn check_ranges(key: &StoreKey, ranges: &[ByteRange], size: u64) -> Result<(), S
 pub(super) fn exceeds(bytes: &[u8], bound: u64) -> Option<String> {
     const ZSTD: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
     const GZIP: [u8; 2] = [0x1F, 0x8B];
-    let over =
-        |n: u64, how: &str| (n > bound).then(|| format!("{how} {n} bytes, more than its array's chunk ({bound})"));
+    let declared_over = |n: u64| {
+        (n > bound).then(|| format!("declares {n} bytes decoded, more than its array's chunk can hold ({bound})"))
+    };
+    // A bounded decode stops at the first byte over: how far past it would go is not read.
+    let decoded_over =
+        |n: u64| (n > bound).then(|| format!("decodes to more than its array's chunk can hold ({bound} bytes)"));
     if bytes.starts_with(&ZSTD) {
         let (mut declared, mut at) = (0u64, 0usize);
         while at < bytes.len() {
@@ -88,24 +92,24 @@ pub(super) fn exceeds(bytes: &[u8], bound: u64) -> Option<String> {
             match zstd::zstd_safe::get_frame_content_size(frame) {
                 Ok(Some(n)) => declared = declared.saturating_add(n),
                 // No size declared (or not a frame the header tells): decode, bounded.
-                _ => return over(bounded_len(zstd::stream::read::Decoder::new(bytes).ok()?, bound), "decodes to"),
+                _ => return decoded_over(bounded_len(zstd::stream::read::Decoder::new(bytes).ok()?, bound)),
             }
             match zstd::zstd_safe::find_frame_compressed_size(frame) {
                 Ok(n) if n > 0 => at += n,
                 _ => break,
             }
         }
-        return over(declared, "declares");
+        return declared_over(declared);
     }
     if bytes.starts_with(&GZIP) {
-        return over(bounded_len(flate2::read::GzDecoder::new(bytes), bound), "decodes to");
+        return decoded_over(bounded_len(flate2::read::GzDecoder::new(bytes), bound));
     }
     // blosc: version, versionlz, flags, typesize, then nbytes (decoded), blocksize, cbytes (the
     // frame's own length), little-endian u32s; recognised by cbytes.
     if bytes.len() >= 16 && (1..=4).contains(&bytes[0]) {
         let word = |at: usize| u64::from(u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]));
         if word(12) == bytes.len() as u64 {
-            return over(word(4), "declares");
+            return declared_over(word(4));
         }
     }
     None
@@ -175,7 +179,7 @@ mod tests {
         let packed = zstd::bulk::compress(&zeros, 3).unwrap_or_default();
         assert!(exceeds(&packed, 1 << 20).is_none());
         let why = exceeds(&packed, 1000).unwrap_or_default();
-        assert!(why.contains("declares 1048576 bytes, more than its array's chunk (1000)"), "{why}");
+        assert!(why.contains("declares 1048576 bytes decoded, more than its array's chunk can hold (1000)"), "{why}");
         // zstd without a content size (a streaming encoder's frame): decoded, stopping past the bound.
         let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap_or_else(|e| panic!("{e}"));
         encoder.include_contentsize(false).unwrap_or_else(|e| panic!("{e}"));
@@ -183,13 +187,13 @@ mod tests {
         let streamed = encoder.finish().unwrap_or_default();
         assert!(exceeds(&streamed, 1 << 20).is_none());
         let why = exceeds(&streamed, 1000).unwrap_or_default();
-        assert!(why.contains("decodes to 1001 bytes, more than"), "{why}");
+        assert!(why.contains("decodes to more than its array's chunk can hold (1000 bytes)"), "{why}");
         // gzip: decoded, bounded.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut gz, &zeros).unwrap_or_else(|e| panic!("{e}"));
         let gz = gz.finish().unwrap_or_default();
         assert!(exceeds(&gz, 1 << 20).is_none());
-        assert!(exceeds(&gz, 4096).is_some_and(|w| w.contains("decodes to 4097 bytes")));
+        assert!(exceeds(&gz, 4096).is_some_and(|w| w.contains("decodes to more than")));
         // blosc: the header's decoded size.
         let mut blosc = vec![2u8, 1, 1, 4];
         blosc.extend_from_slice(&(1u32 << 30).to_le_bytes());

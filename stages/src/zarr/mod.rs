@@ -194,7 +194,7 @@ impl ZarrReader {
     pub fn open_matrix_with(
         path: &Path,
         source: MatrixSource<'_>,
-        policy: impl Into<crate::input::InputPolicy>,
+        policy: impl Into<crate::h5ad::InputPolicy>,
     ) -> Result<ZarrReader> {
         let policy = policy.into();
         let zarr = Zarr::open(path, policy.external)?;
