@@ -555,6 +555,8 @@ fn version() -> &'static str {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // A library's panic on a damaged file becomes an exception naming it, without a panic line.
+    cpa_stream_stages::crew::install_quiet_panic_hook();
     m.add("CpaStreamError", m.py().get_type::<CpaStreamError>())?;
     m.add_class::<ArrowStream>()?;
     m.add_function(wrap_pyfunction!(import_arrays, m)?)?;

@@ -485,6 +485,9 @@ pub fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     cpa_stream_stages::store::explain_sigbus();
+    // A library's panic on a damaged file is caught and reported as an error naming the file;
+    // the hook says nothing of it.
+    cpa_stream_stages::crew::install_quiet_panic_hook();
     // A damaged .h5ad can make the HDF5 library loop forever: end with an error instead.
     cpa_stream_stages::h5ad::watchdog::install(None);
     match run(args) {

@@ -48,6 +48,36 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic payload".to_owned())
 }
 
+thread_local! {
+    /// Calls of [`catch_quietly`] in progress on this thread.
+    static QUIET: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `work`, a call into a library that may panic on a damaged input (an index taken from
+/// the file's bytes), and returns its panic as the panic's message instead of unwinding further.
+/// With [`install_quiet_panic_hook`], the hook says nothing of such a panic: the caller turns it
+/// into an error naming the file, which is what the user reads.
+pub fn catch_quietly<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+    QUIET.with(|q| q.set(q.get() + 1));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    QUIET.with(|q| q.set(q.get() - 1));
+    caught.map_err(|payload| panic_message(payload.as_ref()))
+}
+
+/// Installs (once per process) a panic hook that stays silent about the panics [`catch_quietly`]
+/// catches on the panicking thread and hands every other panic to the hook it replaces.
+pub fn install_quiet_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET.with(|q| q.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// The threads of one or more stages and their stop flag.
 pub struct Crew<'scope, S> {
     stop: Arc<AtomicBool>,

@@ -185,8 +185,9 @@ fn a_damaged_or_crafted_zarr_store_is_refused_naming_the_array() {
     let f = fixtures();
     let out = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = out.path().join("x.store");
-    let cases: [(&str, &[&str], &str); 6] = [
+    let cases: [(&str, &[&str], &str); 7] = [
         ("dupcats.zarr", &[], "obs/condition: category \"control\" appears twice (codes 0 and 1)"),
+        ("vlen.zarr", &[], "obs/stage/categories: rows 0..2: a damaged chunk (the zarr library failed on it"),
         ("missing_index.zarr", &[], "obs/_index (the index): 1 of its 4 chunks have no file"),
         ("missing_data.zarr", &[], "X/data: 1 of its"),
         ("bomb.zarr", &[], "a compression bomb or a damaged store; not decoded"),

@@ -81,14 +81,8 @@ const SCAN_BATCH_ROWS: usize = 65_536;
 /// malformed metadata (a negative column range, found by the damaged-store property test), and
 /// such a panic becomes an error naming the file rather than ending the process.
 pub(crate) fn guarded<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        Err(Error::corrupt(path, format!("damaged Parquet file ({message})")))
-    })
+    crate::crew::catch_quietly(read)
+        .unwrap_or_else(|message| Err(Error::corrupt(path, format!("damaged Parquet file ({message})"))))
 }
 
 /// The Arrow schema stored in a Parquet file (field metadata included).

@@ -107,8 +107,13 @@ impl ZArray {
         guard: &super::guard::GuardedStore,
         name: &str,
     ) -> Result<ZArray> {
-        let array = Array::open(Arc::clone(storage), &format!("/{name}"))
-            .map_err(|e| Error::Unsupported { path: root.to_owned(), reason: format!("{name}: {e}") })?;
+        let opened = crate::crew::catch_quietly(|| Array::open(Arc::clone(storage), &format!("/{name}"))).map_err(
+            |message| Error::Unsupported {
+                path: root.to_owned(),
+                reason: format!("{name}: damaged metadata (the zarr library failed on it: {message})"),
+            },
+        )?;
+        let array = opened.map_err(|e| Error::Unsupported { path: root.to_owned(), reason: format!("{name}: {e}") })?;
         let array = Arc::new(array);
         // Bound what one read decodes: the chunk (or a shard's inner chunk).
         let chunk = match array.effective_subchunk_shape() {
@@ -214,12 +219,17 @@ impl ZArray {
             let ranges: Vec<Range<u64>> =
                 std::iter::once(start..end).chain(self.shape().iter().skip(1).map(|&d| 0..d)).collect();
             let subset = ArraySubset::new_with_ranges(&ranges);
-            let read = match &self.cache {
+            // The library indexes a damaged chunk's bytes as they say (a string's length past the
+            // chunk's end) and panics: caught here, an error naming the array and rows.
+            let read = crate::crew::catch_quietly(|| match &self.cache {
                 Cache::Chunks(cache) => cache.retrieve_array_subset::<Vec<T>>(&subset, &options),
                 Cache::Shards(cache) => {
                     self.array.retrieve_array_subset_sharded_opt::<Vec<T>>(cache, &subset, &options)
                 }
-            };
+            })
+            .map_err(|message| {
+                self.error(format!("rows {start}..{end}: a damaged chunk (the zarr library failed on it: {message})"))
+            })?;
             let piece = read.map_err(|e| self.error(format!("rows {start}..{end}: {e}")))?;
             match out.is_empty() {
                 true => out = piece,
