@@ -238,60 +238,18 @@ def peer_defaults():
     return model, plan
 
 
-def norm(batch, layer):
-    return "batch" if batch else ("layer" if layer else "none")
-
-
 def translate(model, plan, *, batch_size, check_val_every, max_comb_len, epochs, seed):
-    """cpa-tools' model and plan parameters as a cpa-stream configuration, key by key, and the
-    parts that have no key of their own (listed, not silently dropped)."""
-    count = model["recon_loss"] in ("nb", "zinb")
-    config = {
-        "model": {
-            "n_latent": model["n_latent"], "recon_loss": model["recon_loss"],
-            "doser_type": model["doser_type"],
-            "n_hidden_encoder": model["n_hidden_encoder"], "n_layers_encoder": model["n_layers_encoder"],
-            "n_hidden_decoder": model["n_hidden_decoder"], "n_layers_decoder": model["n_layers_decoder"],
-            "norm_encoder": norm(model["use_batch_norm_encoder"], model["use_layer_norm_encoder"]),
-            "norm_decoder": norm(model["use_batch_norm_decoder"], model["use_layer_norm_decoder"]),
-            "dropout_rate_encoder": model["dropout_rate_encoder"],
-            # cpa-tools builds scvi's DecoderSCVI for nb/zinb without its dropout argument: the
-            # key has no effect there, so the equivalent model has none.
-            "dropout_rate_decoder": 0.0 if count else model["dropout_rate_decoder"],
-            "variational": model["variational"], "max_comb_len": max_comb_len,
-        },
-        "adversary": {
-            "n_hidden": plan["n_hidden_adv"], "n_layers": plan["n_layers_adv"],
-            "norm": norm(plan["use_batch_norm_adv"], plan["use_layer_norm_adv"]),
-            "dropout_rate": plan["dropout_rate_adv"], "loss": plan["adv_loss"],
-            "reg_adv": plan["reg_adv"], "pen_adv": plan["pen_adv"],
-            "adv_steps": plan["adv_steps"] or 0,
-        },
-        "training": {
-            "lr": plan["lr"], "wd": plan["wd"], "doser_lr": plan["doser_lr"], "doser_wd": plan["doser_wd"],
-            "adv_lr": plan["adv_lr"], "adv_wd": plan["adv_wd"], "step_size_lr": plan["step_size_lr"],
-            "do_clip_grad": plan["do_clip_grad"], "gradient_clip_value": plan["gradient_clip_value"],
-            "n_epochs_pretrain_ae": plan["n_epochs_pretrain_ae"],
-            "n_epochs_kl_warmup": plan["n_epochs_kl_warmup"] or 0,
-            "n_epochs_adv_warmup": plan["n_epochs_adv_warmup"] or 0,
-            "n_epochs_mixup_warmup": plan["n_epochs_mixup_warmup"] or 0,
-            "mixup_alpha": plan["mixup_alpha"], "batch_size": batch_size,
-            "max_epochs": epochs, "check_val_every_n_epoch": check_val_every,
-            "early_stopping_patience": 1_000_000, "seed": seed,
-        },
-    }
-    unexpressed = [
-        "seed: cpa-tools seeds torch's global generator, cpa-stream its own streams: the same number draws "
-        "other initial weights, batches and dropout masks",
-        "dropout_rate_decoder: cpa-tools ignores it for nb/zinb (scvi's DecoderSCVI gets none), so it is "
-        "translated as 0.0",
-        "best state: cpa-tools keeps the weights of the best r2_mean + 0.5 r2_var + exp(disnt_after - "
-        "disnt_basal) (k-NN disentanglement); cpa-stream the best r2_mean + 0.5 r2_var (`-last` variants "
-        "score the last epoch's weights instead)",
-        "schedulers: cpa-tools' StepLR(step_size_lr) is stepped every step_size_lr epochs (one decay per "
-        "step_size_lr^2 epochs); the translation keeps cpa-stream's lr_schedule = \"epochs\" unless a "
-        "variant sets preset=reference",
-    ]
+    """cpa-tools' model and plan parameters as a cpa-stream configuration: the package's one
+    translation (`cpa_stream.translate`, the one `cpa_stream.compat` trains with), with
+    run_peer.py's training arguments (no early stopping: both tools keep the weights of their best
+    validation over every epoch). Returns it with what the translation cannot express."""
+    from cpa_stream import translate as t
+
+    config = t.translate(model, plan, max_epochs=epochs, batch_size=batch_size,
+                         check_val_every_n_epoch=check_val_every, early_stopping_patience=1_000_000)
+    config["model"]["max_comb_len"] = max_comb_len
+    config["training"]["seed"] = seed
+    unexpressed = [f"{p.name}: {p.rule}" for p in t.PARAMETERS if p.status == "differs"] + list(t.DIFFERENCES)
     return config, unexpressed
 
 

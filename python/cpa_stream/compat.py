@@ -16,9 +16,10 @@
 The calls, argument names, defaults and returned shapes are cpa-tools 0.8.8's (the ones its
 tutorials use); the work runs on cpa-stream's out-of-core engine: the AnnData (in memory or
 backed) is written to a store by the streaming writer, and results come back in cpa-tools'
-shapes. Hyper-parameters map one to one onto cpa-stream's configuration, starting from the
-``reference`` preset (cpa-tools' learning-rate schedule, no weight averaging); a key that cannot
-be honoured is an error naming it, one without effect here a warning. What differs on purpose
+shapes. The model's keys, ``plan_kwargs`` and ``train``'s arguments become cpa-stream's
+configuration through :mod:`cpa_stream.translate`, which sets every key as cpa-tools 0.8.8 uses
+it (its defaults where a key is left out); a key that cannot be honoured is an error naming it,
+one without effect here a warning. What differs on purpose
 (docs/python.md, "Coming from cpa-tools"):
 
 - the setup belongs to the model (``CPA(adata)`` copies it from ``adata.uns``), not to class
@@ -46,7 +47,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import _args, _run, _store
+from . import _args, _run, _store, translate
 from ._run import Run, _vectors
 
 __all__ = ["CPA", "ComPertAPI", "pl"]
@@ -59,123 +60,6 @@ SPLIT_COLUMN = "_cpa_stream_split"
 SAVED = "cpa_stream_compat.json"
 #: The padding entry of cpa-tools' perturbation vocabulary.
 PAD = "<PAD>"
-
-# cpa-tools' module keys -> (table, key) of cpa-stream's configuration. The norm flags are
-# handled together (one ``norm_*`` key of three values).
-_MODULE_KEYS: dict[str, tuple[str, str]] = {
-    "n_latent": ("model", "n_latent"),
-    "recon_loss": ("model", "recon_loss"),
-    "doser_type": ("model", "doser_type"),
-    "n_hidden_encoder": ("model", "n_hidden_encoder"),
-    "n_layers_encoder": ("model", "n_layers_encoder"),
-    "n_hidden_decoder": ("model", "n_hidden_decoder"),
-    "n_layers_decoder": ("model", "n_layers_decoder"),
-    "n_hidden_doser": ("model", "n_hidden_doser"),
-    "n_layers_doser": ("model", "n_layers_doser"),
-    "dropout_rate_encoder": ("model", "dropout_rate_encoder"),
-    "dropout_rate_decoder": ("model", "dropout_rate_decoder"),
-    "variational": ("model", "variational"),
-    "seed": ("training", "seed"),
-}
-_NORM_KEYS = {
-    "use_batch_norm_encoder": "encoder", "use_layer_norm_encoder": "encoder",
-    "use_batch_norm_decoder": "decoder", "use_layer_norm_decoder": "decoder",
-}
-# cpa-tools' defaults of the norm flags (batch norm on, layer norm off).
-_NORM_DEFAULTS = {"batch": True, "layer": False}
-
-# ``plan_kwargs`` keys -> (table, key). ``None`` values mean "off" in cpa-tools.
-_PLAN_KEYS: dict[str, tuple[str, str]] = {
-    "lr": ("training", "lr"), "wd": ("training", "wd"),
-    "doser_lr": ("training", "doser_lr"), "doser_wd": ("training", "doser_wd"),
-    "adv_lr": ("training", "adv_lr"), "adv_wd": ("training", "adv_wd"),
-    "n_epochs_pretrain_ae": ("training", "n_epochs_pretrain_ae"),
-    "n_epochs_kl_warmup": ("training", "n_epochs_kl_warmup"),
-    "n_epochs_adv_warmup": ("training", "n_epochs_adv_warmup"),
-    "n_epochs_mixup_warmup": ("training", "n_epochs_mixup_warmup"),
-    "mixup_alpha": ("training", "mixup_alpha"),
-    "step_size_lr": ("training", "step_size_lr"),
-    "do_clip_grad": ("training", "do_clip_grad"),
-    "gradient_clip_value": ("training", "gradient_clip_value"),
-    "adv_steps": ("adversary", "adv_steps"),
-    "reg_adv": ("adversary", "reg_adv"), "pen_adv": ("adversary", "pen_adv"),
-    "n_hidden_adv": ("adversary", "n_hidden"), "n_layers_adv": ("adversary", "n_layers"),
-    "dropout_rate_adv": ("adversary", "dropout_rate"), "adv_loss": ("adversary", "loss"),
-}
-_PLAN_NORM_KEYS = {"use_batch_norm_adv", "use_layer_norm_adv"}
-# Keys whose ``None`` means 0 in cpa-stream's configuration (off).
-_NONE_IS_ZERO = {
-    "n_epochs_pretrain_ae", "n_epochs_kl_warmup", "n_epochs_adv_warmup", "n_epochs_mixup_warmup", "adv_steps",
-    "step_size_lr",
-}
-# Keys that change only what cpa-tools prints.
-_PLAN_DISPLAY_KEYS = {"n_epochs_verbose"}
-
-
-def _norm(flags: Mapping[str, Any], batch_key: str, layer_key: str) -> str:
-    """cpa-stream's ``norm`` from cpa-tools' two flags."""
-    batch = bool(flags.get(batch_key, _NORM_DEFAULTS["batch"]))
-    layer = bool(flags.get(layer_key, _NORM_DEFAULTS["layer"]))
-    if batch and layer:
-        raise ValueError(
-            f"{batch_key}=True and {layer_key}=True: cpa-stream normalises a layer one way; choose one"
-        )
-    return "batch" if batch else "layer" if layer else "none"
-
-
-def module_config(hparams: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """cpa-tools' module keys (``CPA(adata, **hparams)``) as cpa-stream's configuration tables;
-    an unknown key is a ``TypeError`` naming it, as cpa-tools' constructor raises."""
-    config: dict[str, dict[str, Any]] = {"model": {}, "adversary": {}, "training": {}}
-    for key, value in hparams.items():
-        if key in _MODULE_KEYS:
-            table, name = _MODULE_KEYS[key]
-            if key == "recon_loss" and isinstance(value, str):
-                value = value.lower()
-            config[table][name] = value
-        elif key not in _NORM_KEYS:
-            known = sorted([*_MODULE_KEYS, *_NORM_KEYS])
-            raise TypeError(f"CPA(): unexpected keyword {key!r}; the module keys are {', '.join(known)}")
-    for part in ("encoder", "decoder"):
-        b, ln = f"use_batch_norm_{part}", f"use_layer_norm_{part}"
-        if b in hparams or ln in hparams:
-            config["model"][f"norm_{part}"] = _norm(hparams, b, ln)
-    return config
-
-
-def plan_config(plan_kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """cpa-tools' ``plan_kwargs`` as cpa-stream's configuration tables. Keys counted in steps
-    (``n_steps_*``) are refused (cpa-stream counts epochs); display-only keys warn."""
-    config: dict[str, dict[str, Any]] = {"adversary": {}, "training": {}}
-    for key, value in plan_kwargs.items():
-        if key in _PLAN_KEYS:
-            table, name = _PLAN_KEYS[key]
-            if value is None:
-                if key not in _NONE_IS_ZERO:
-                    raise ValueError(f"plan_kwargs[{key!r}] = None: expected a value")
-                value = 0
-            config[table][name] = value
-        elif key in _PLAN_NORM_KEYS:
-            continue
-        elif key in _PLAN_DISPLAY_KEYS:
-            warnings.warn(f"plan_kwargs[{key!r}] only changes cpa-tools' printing; ignored", stacklevel=3)
-        elif key.startswith("n_steps_"):
-            raise ValueError(
-                f"plan_kwargs[{key!r}]: cpa-stream counts warm-ups in epochs; give "
-                f"{key.replace('n_steps_', 'n_epochs_')!r} instead"
-            )
-        else:
-            known = sorted([*_PLAN_KEYS, *_PLAN_NORM_KEYS])
-            raise ValueError(f"plan_kwargs: unknown key {key!r}; the keys are {', '.join(known)}")
-    if _PLAN_NORM_KEYS & set(plan_kwargs):
-        config["adversary"]["norm"] = _norm(plan_kwargs, "use_batch_norm_adv", "use_layer_norm_adv")
-    return config
-
-
-def _merge(into: dict[str, dict[str, Any]], tables: Mapping[str, Mapping[str, Any]]) -> None:
-    for table, keys in tables.items():
-        into.setdefault(table, {}).update(keys)
-
 
 def _device(use_gpu: Any, accelerator: Any) -> str:
     """cpa-tools' ``use_gpu`` / Lightning's ``accelerator`` as a device: CUDA when asked for and
@@ -255,8 +139,9 @@ class CPA:
         if split_key is not None and split_key not in adata.obs.columns:
             raise ValueError(f"split_key {split_key!r} is not an obs column; obs has {', '.join(map(str, adata.obs.columns))}")
         self.hyper_params = dict(hyper_params)
-        self._config = module_config(hyper_params)
-        self._config["model"]["max_comb_len"] = int(self._setup.get("max_comb_len", 2))
+        # An unknown key fails here, as cpa-tools' constructor does; the whole translation is
+        # made by `train`, which has the rest of cpa-tools' parameters.
+        translate.module_tables(hyper_params)
         self.pert_encoder = _pert_encoder(adata.obs[self._setup["perturbation_key"]], self._setup["control_group"])
         self.covars_encoder = {
             key: {str(c): i for i, c in enumerate(_categories(adata.obs[key]))}
@@ -424,8 +309,9 @@ class CPA:
         early_stopping_patience: int = 10,
         **trainer_kwargs: Any,
     ) -> None:
-        """Trains as cpa-tools' ``train`` does, on cpa-stream's engine (the ``reference``
-        preset plus the model's and ``plan_kwargs``' keys). ``max_epochs`` defaults to
+        """Trains as cpa-tools' ``train`` does, on cpa-stream's engine (the configuration
+        :func:`cpa_stream.translate.translate` makes of the model's keys, ``plan_kwargs`` and
+        these arguments). ``max_epochs`` defaults to
         cpa-tools' rule ``min(round(20000 / cells * 400), 400)``; early stopping and the best
         weights follow the validation score every ``check_val_every_n_epoch`` epochs.
         ``use_gpu`` (or ``accelerator="gpu"``) trains on CUDA when there is one, else on the CPU
@@ -443,15 +329,13 @@ class CPA:
         for key in trainer_kwargs:
             warnings.warn(f"train(): Lightning keyword {key!r} has no counterpart in cpa-stream; ignored", stacklevel=2)
         device = _device(use_gpu, accelerator)
-        config = json.loads(json.dumps(self._config))
-        _merge(config, plan_config(plan_kwargs or {}))
-        n_cells = self.adata.n_obs
-        epochs = int(max_epochs) if max_epochs is not None else int(min(round(20000 / max(n_cells, 1) * 400), 400))
-        config["training"].update({
-            "max_epochs": epochs, "batch_size": int(batch_size),
-            "check_val_every_n_epoch": int(check_val_every_n_epoch),
-            "early_stopping_patience": int(early_stopping_patience),
-        })
+        config = translate.translate(
+            self.hyper_params, plan_kwargs or {}, n_cells=self.adata.n_obs, max_epochs=max_epochs,
+            batch_size=batch_size, check_val_every_n_epoch=check_val_every_n_epoch,
+            early_stopping_patience=early_stopping_patience,
+        )
+        config["model"]["max_comb_len"] = int(self._setup.get("max_comb_len", 2))
+        epochs = config["training"]["max_epochs"]
         split: dict[str, Any] = {}
         if self.split_key is not None:
             split["split_key"] = SPLIT_COLUMN
@@ -875,13 +759,14 @@ HISTORY_COLUMNS = [
 
 def _epoch_history(history: pd.DataFrame) -> pd.DataFrame:
     """cpa-tools' ``epoch_history``: per epoch a ``valid`` row (when the epoch was validated) and
-    a ``train`` row, with cpa-tools' columns; what cpa-stream does not measure (the
-    disentanglement scores, the training R2, the adversaries' separate losses) is NaN."""
+    a ``train`` row, with cpa-tools' columns; what cpa-stream does not measure (the training R2,
+    the adversaries' separate losses) is NaN."""
     rows = []
     for _, r in history.iterrows():
         if "val_score" in r and pd.notna(r.get("val_score")):
             rows.append({
                 "recon_loss": r.get("val_recon_loss"), "r2_mean": r.get("val_r2_mean"), "r2_var": r.get("val_r2_var"),
+                "disnt_basal": r.get("val_disnt_basal"), "disnt_after": r.get("val_disnt_after"),
                 "epoch": int(r["epoch"]), "mode": "valid",
             })
         rows.append({

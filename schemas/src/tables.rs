@@ -318,6 +318,11 @@ pub mod training_metrics {
     /// Mean R2 over conditions of the means of each one's top 20 genes by change from the
     /// validation controls (Float64, null when not validated or without control cells).
     pub const VAL_R2_MEAN_DEG: &str = "val_r2_mean_deg";
+    /// cpa-tools' k-NN disentanglement of the validation cells (Float64, null when not
+    /// validated): the mean over validation batches of the k-NN purity (k = 30) of the condition
+    /// and of each covariate of more than one value, summed, in the basal latent and in the full
+    /// latent. Lower basal purity is better disentangled.
+    pub const VAL_DISENTANGLEMENT: [&str; 2] = ["val_disnt_basal", "val_disnt_after"];
 }
 
 /// Schema of a training run's `metrics.parquet`.
@@ -331,6 +336,7 @@ pub fn training_metrics_schema() -> SchemaRef {
     fields.extend(m::VALIDATION_FLOATS.iter().map(|n| Field::new(*n, DataType::Float64, true)));
     fields.push(Field::new(m::VAL_CELLS, DataType::UInt64, true));
     fields.push(Field::new(m::VAL_R2_MEAN_DEG, DataType::Float64, true));
+    fields.extend(m::VAL_DISENTANGLEMENT.iter().map(|n| Field::new(*n, DataType::Float64, true)));
     Arc::new(Schema::new(fields))
 }
 

@@ -56,6 +56,8 @@ pub fn write_history(path: &Path, records: &[EpochRecord]) -> Result<()> {
         floats(&|r| v(r).and_then(|v| finite(v.score))),
         Arc::new(UInt64Array::from(records.iter().map(|r| r.validation.map(|v| v.cells)).collect::<Vec<_>>())),
         floats(&|r| v(r).and_then(|v| finite(v.r2_mean_deg))),
+        floats(&|r| v(r).and_then(|v| finite(v.disnt_basal))),
+        floats(&|r| v(r).and_then(|v| finite(v.disnt_after))),
     ];
     let schema = training_metrics_schema();
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(Error::arrow(path.display().to_string()))?;
@@ -93,6 +95,7 @@ pub fn read_history(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
     let [cells, ae_batches, adv_batches] = columns::COUNTS.map(u64s);
     let (lr, seconds, val_cells) = (f64s(columns::LR), f64s(columns::SECONDS), u64s(columns::VAL_CELLS));
     let val_deg = f64s(columns::VAL_R2_MEAN_DEG);
+    let [disnt_basal, disnt_after] = columns::VAL_DISENTANGLEMENT.map(f64s);
     let get = |v: &[Option<f64>], i: usize| v.get(i).copied().flatten().unwrap_or(f64::NAN);
     let count = |v: &[Option<u64>], i: usize| v.get(i).copied().flatten().unwrap_or(0);
     let mut out = Vec::new();
@@ -102,6 +105,8 @@ pub fn read_history(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
             r2_mean: get(&val_mean, i),
             r2_var: get(&val_var, i),
             r2_mean_deg: get(&val_deg, i),
+            disnt_basal: get(&disnt_basal, i),
+            disnt_after: get(&disnt_after, i),
             score,
             cells: count(&val_cells, i),
         });

@@ -241,6 +241,12 @@ pub enum ValidationScoreKind {
     /// 20 genes by change from the validation controls (the genes a perturbation moves, which
     /// all-gene R2 barely sees). Falls back to `reference` without validation control cells.
     Degs,
+    /// cpa-tools' own score, `r2_mean + 0.5 r2_var + exp(disnt_after - disnt_basal)`: the
+    /// reference's plus its k-NN disentanglement term, which prefers weights whose basal latent
+    /// no longer tells the conditions and covariates apart (cpa-tools' early stopping and best
+    /// weights; what `cpa_stream.compat` trains with).
+    #[serde(rename = "reference-knn")]
+    ReferenceKnn,
 }
 
 /// Floating-point precision of the forward and backward passes.
@@ -428,7 +434,8 @@ pub struct TrainingConfig {
     pub check_val_every_n_epoch: u32,
     /// Validations without improvement before training stops.
     pub early_stopping_patience: u32,
-    /// The score of the validations: `reference` or `degs` ([`ValidationScoreKind`]).
+    /// The score of the validations: `reference`, `degs` or `reference-knn`
+    /// ([`ValidationScoreKind`]).
     pub validation_score: ValidationScoreKind,
     /// Decay of an exponential moving average of the autoencoder's and dosers' weights, updated
     /// after every optimizer step (0: off, the reference's behaviour). When on, validation, the
