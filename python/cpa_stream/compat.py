@@ -213,12 +213,10 @@ class CPA:
             raise ValueError(f"setup_anndata: no layer {layer!r}; the AnnData has {sorted(adata.layers.keys()) or 'none'}")
         if deg_uns_key is not None and deg_uns_key not in adata.uns:
             raise ValueError(f"setup_anndata: deg_uns_key {deg_uns_key!r} is not in adata.uns")
+        # An AnnData without control cells is set up too: cpa-tools' counterfactual idiom copies
+        # control cells, relabels them with the perturbations to predict and sets them up again;
+        # only training needs control cells (`train` says so).
         conditions = obs[perturbation_key].astype(str)
-        if not (conditions == control_group).any():
-            close = sorted(set(conditions.unique()))[:10]
-            raise ValueError(
-                f"setup_anndata: no cell has {perturbation_key} == {control_group!r}; values include {', '.join(close)}"
-            )
         if dosage_key is None:
             print('Warning: dosage_key is not set. Setting it to "1.0" for all cells')
             codes, uniques = pd.factorize(conditions)
@@ -328,6 +326,15 @@ class CPA:
         trainer_kwargs.pop("devices", None)
         for key in trainer_kwargs:
             warnings.warn(f"train(): Lightning keyword {key!r} has no counterpart in cpa-stream; ignored", stacklevel=2)
+        s = self._setup
+        conditions = self.adata.obs[s["perturbation_key"]].astype(str)
+        if not (conditions == s["control_group"]).any():
+            values = ", ".join(sorted(set(conditions.unique()))[:10])
+            raise ValueError(
+                f"train(): no cell of the AnnData has {s['perturbation_key']} == {s['control_group']!r} (values "
+                f"include {values}); CPA learns perturbations against control cells. (An AnnData without them "
+                "is fine for predict(): relabelled control cells predict their new labels.)"
+            )
         device = _device(use_gpu, accelerator)
         config = translate.translate(
             self.hyper_params, plan_kwargs or {}, n_cells=self.adata.n_obs, max_epochs=max_epochs,
@@ -346,7 +353,6 @@ class CPA:
             split["validation_fraction"] = float(valid)
             split["test_fraction"] = float(max(0.0, 1.0 - train_size - valid))
         _, store = self._store_of(None)
-        s = self._setup
         if self.is_trained_ and self.run is not None and (self.run.path / "checkpoint").is_dir():
             # As in cpa-tools, training again goes on from the trained weights: the run is
             # resumed for `max_epochs` more, with the settings it was started with.

@@ -303,3 +303,38 @@ def test_training_again_continues_and_engine_errors_speak_of_the_anndata(adata):
         model.predict(other)
     message = str(caught.value)
     assert "NEWDRUG" in message and "cpa-stream-compat-" not in message, message
+
+
+def test_relabelled_control_cells_set_up_without_controls_predict_their_new_labels(tutorial):
+    # cpa-tools' counterfactual idiom (issue 74 item 5): copy the control cells, give them the
+    # perturbation to predict, set the copy up again (it has no control cell left) and predict.
+    adata, model, _ = tutorial
+    target = "KLF1"
+    controls = adata[adata.obs["condition"] == "control"][:300].copy()
+    model.predict(controls)
+    as_control = np.asarray(controls.obsm["CPA_pred"]).copy()
+    relabelled = controls.copy()
+    relabelled.obs["condition"] = pd.Categorical([target] * relabelled.n_obs)
+    relabelled.obs["dose"] = "1.0"
+    _setup(relabelled)
+    model.predict(relabelled)
+    predicted = np.asarray(relabelled.obsm["CPA_pred"])
+    # The same cells with the same new label, set up beside a control cell (so nothing about the
+    # missing controls can matter), predict the same numbers.
+    beside = anndata_concat(relabelled, adata[adata.obs["condition"] == "control"][300:301].copy())
+    _setup(beside)
+    model.predict(beside)
+    np.testing.assert_allclose(predicted, np.asarray(beside.obsm["CPA_pred"])[:300], rtol=1e-5, atol=1e-6)
+    assert np.abs(predicted - as_control).mean() > 1e-4, "the new label changed nothing: the old one was predicted"
+    # Training needs control cells, and says so.
+    fresh = cpa.CPA(relabelled, n_latent=8)
+    with pytest.raises(ValueError, match="no cell of the AnnData has condition == 'control'.*predict"):
+        fresh.train(max_epochs=1)
+
+
+def anndata_concat(first, second):
+    import anndata as ad
+
+    joined = ad.concat([first, second], join="inner", merge="same")
+    joined.obs["condition"] = joined.obs["condition"].astype(str)
+    return joined
