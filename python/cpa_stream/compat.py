@@ -853,9 +853,11 @@ class _Plots:
     """``cpa.pl``: the plots cpa-tools' tutorials draw (matplotlib)."""
 
     @staticmethod
-    def plot_history(model: CPA, path_to_save: str | os.PathLike | None = None) -> Any:
+    def plot_history(model: CPA, path_to_save: str | os.PathLike | None = None) -> None:
         """One panel per metric of ``model.epoch_history``, training and validation lines over
-        the epochs; returns the figure (saved to ``path_to_save`` when given)."""
+        the epochs, drawn on a new current figure (``plt.gcf()``; saved to ``path_to_save`` when
+        given). Returns ``None``, as cpa-tools does: a notebook cell ending in this call shows the
+        figure once, not once more as the cell's value."""
         plt = _pyplot()
 
         df = model.epoch_history
@@ -880,7 +882,6 @@ class _Plots:
         fig.tight_layout(rect=(0, 0, 0.92, 1))
         if path_to_save is not None:
             fig.savefig(path_to_save, bbox_inches="tight", dpi=100)
-        return fig
 
     @staticmethod
     def mean_plot(adata: Any, pred_obsm_key: str, path_to_save: str | os.PathLike | None = "./reg_mean.pdf",
