@@ -584,8 +584,12 @@ class CPA:
 
         path = Path(dir_path)
         saved = path / SAVED
+        if not saved.is_file() and (path / "model.pt").exists():
+            return cls._load_cpa_tools(path, adata)
         if not saved.is_file():
-            raise FileNotFoundError(f"{path}: no model saved by cpa_stream.compat ({SAVED} is missing)")
+            raise FileNotFoundError(
+                f"{path}: no model saved by cpa_stream.compat ({SAVED} is missing) nor by cpa-tools (model.pt)"
+            )
         state = json.loads(saved.read_text())
         if adata is None:
             if not (path / "adata.h5ad").is_file():
@@ -601,6 +605,40 @@ class CPA:
         model.run = Run(path / "run")
         model.is_trained_ = True
         model.epoch_history = _epoch_history(model.run.history)
+        return model
+
+
+    @classmethod
+    def _load_cpa_tools(cls, path: Path, adata: Any | None) -> CPA:
+        """A model saved by cpa-tools 0.8.8, converted (:mod:`cpa_stream.cpa_tools_model`)."""
+        from . import cpa_tools_model
+
+        if adata is None:
+            raise ValueError(f"{path}: a model saved by cpa-tools is loaded with the AnnData it was set up with: "
+                             "CPA.load(dir_path, adata)")
+        scratch = tempfile.mkdtemp(prefix="cpa-stream-compat-")
+        run = Path(scratch) / "run"
+        run.mkdir()
+        try:
+            converted = cpa_tools_model.convert(path, run / "model")
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        setup = {k: v for k, v in converted["setup"].items() if k in _SETUP_ARGS and v is not None}
+        if not isinstance(adata.uns.get(SETUP_KEY), Mapping):
+            cls.setup_anndata(adata, **setup)
+        split = converted["split"]
+        model = cls(adata, split_key=split.get("split_key") if split.get("split_key") in adata.obs.columns else None,
+                    train_split=split.get("train_split") or "train", valid_split=split.get("valid_split") or "test",
+                    test_split=split.get("test_split") or "ood", **converted["hyper_params"])
+        shutil.rmtree(model._scratch, ignore_errors=True)
+        model._scratch = scratch
+        weakref.finalize(model, shutil.rmtree, scratch, True)
+        model.run = Run(run)
+        model.is_trained_ = True
+        model.epoch_history = pd.DataFrame(columns=HISTORY_COLUMNS)
+        #: What the conversion did (tensors copied, the adversaries' left as initialised).
+        model.converted_from = {"path": str(path), **converted["summary"]}
         return model
 
 

@@ -547,6 +547,20 @@ fn model_vocabulary(model: PathBuf) -> PyResult<String> {
     to_json(&file.vocabulary)
 }
 
+/// Builds a cpa-stream model at `out` from another tool's trained weights: `config` and
+/// `vocabulary` as JSON (a model file's tables), `weights` a safetensors file of the model's
+/// variable names. Returns what was done, as JSON.
+#[pyfunction]
+fn import_model(py: Python<'_>, config: &str, vocabulary: &str, weights: PathBuf, out: PathBuf) -> PyResult<String> {
+    let config: cpa_stream_stages::model::CpaConfig = serde_json::from_str(config).map_err(json_err("config"))?;
+    let vocabulary: cpa_stream_stages::model::Vocabulary =
+        serde_json::from_str(vocabulary).map_err(json_err("vocabulary"))?;
+    let summary = py
+        .detach(|| cpa_stream_engine::model::import::import_weights(&config, &vocabulary, &weights, &out))
+        .map_err(|e| to_py(Error::stage(Stage::Predictor)(e)))?;
+    to_json(&summary)
+}
+
 /// The native module's version.
 #[pyfunction]
 fn version() -> &'static str {
@@ -567,6 +581,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(embeddings, m)?)?;
     m.add_function(wrap_pyfunction!(run_settings, m)?)?;
     m.add_function(wrap_pyfunction!(model_vocabulary, m)?)?;
+    m.add_function(wrap_pyfunction!(import_model, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     Ok(())
 }

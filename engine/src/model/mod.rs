@@ -11,6 +11,7 @@
 
 pub mod batch;
 pub mod files;
+pub mod import;
 pub mod layers;
 pub mod likelihood;
 pub mod network;

@@ -693,7 +693,10 @@ pub fn recorded_settings(run: &Path) -> Result<(EncoderOptions, CpaConfig)> {
     // Read only: a reader never moves or removes what a writer (another process, perhaps on
     // another node) may be in the middle of; `train --resume` recovers a killed write under the
     // run's lock.
+    // A run without a checkpoint (a model imported from cpa-tools is a `model/` alone) records
+    // the same settings in its model.
     let checkpoint = crate::model::files::readable_dir(&run.join(CHECKPOINT_DIR))
+        .or_else(|| crate::model::files::readable_dir(&run.join(cpa_stream_pipeline::run_dir::MODEL_DIR)))
         .ok_or_else(|| Error::InvalidInput(format!("{}: no checkpoint/ to resume", run.display())))?;
     let file = crate::model::files::read_model_file(&checkpoint).map_err(Error::stage(Stage::Trainer))?;
     let encoder = EncoderOptions::recorded(&file.vocabulary, file.config.model.max_comb_len, &checkpoint)?;

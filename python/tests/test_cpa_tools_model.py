@@ -1,0 +1,138 @@
+"""Models saved by cpa-tools load (issue 74 item 3): ``cpa.CPA.load(dir, adata)`` on a directory
+written by cpa-tools 0.8.8's ``save()`` converts it and predicts what cpa-tools predicts from it
+(per-cell means within 1e-4 relative on the CPU). The checked-in fixture was written by cpa-tools
+itself (tests/fixtures/cpa_tools_model/make.py); where the peer environment is present, models of
+every convertible part are trained afresh and checked too. Reading model.pt runs no code from it;
+networks cpa-stream cannot express are refused naming the part."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cpa_stream.compat as cpa
+from cpa_stream import cpa_tools_model
+from conftest import BUNDLED
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "cpa_tools_model"
+
+
+def _predicts_as_cpa_tools(directory: Path, tmp_path: Path) -> float:
+    import anndata as ad
+
+    adata = ad.read_h5ad(directory / "cells.h5ad")
+    model = cpa.CPA.load(directory, adata=adata)
+    assert model.is_trained_ and model.converted_from["copied"] > 0
+    model.predict(adata, batch_size=64)
+    ours, theirs = np.asarray(adata.obsm["CPA_pred"]), np.load(directory / "expected.npy")
+    assert ours.shape == theirs.shape
+    relative = np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1e-6)
+    assert relative.max() < 1e-4, f"largest relative difference {relative.max():.2e}"
+    return float(relative.max())
+
+
+def test_a_model_saved_by_cpa_tools_predicts_what_cpa_tools_predicted(tmp_path):
+    directory = tmp_path / "saved"
+    shutil.copytree(FIXTURE / "nb-logsigm", directory)
+    _predicts_as_cpa_tools(directory, tmp_path)
+    # The directory is read, not changed.
+    assert sorted(p.name for p in directory.iterdir()) == ["CPA_info.json", "cells.h5ad", "expected.npy", "model.pt"]
+
+
+def _peer_python() -> str | None:
+    cache = os.environ.get("CPA_STREAM_CACHE", os.path.expanduser("~/.cache/cpa-stream"))
+    for candidate in (os.environ.get("CPA_PEER_PYTHON"), os.path.join(cache, "cpa-peer", "bin", "python"),
+                      os.path.expanduser("~/.cache/cpa-peer/bin/python")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.mark.parametrize("variant", ["nb-logsigm", "zinb-sigm"])
+def test_models_cpa_tools_trains_now_convert_part_by_part(variant, tmp_path):
+    peer = _peer_python()
+    if peer is None:
+        pytest.skip("cpa-tools' peer environment is absent (../shared/peer/cpa-tools/INSTALL.sh; CPA_PEER_PYTHON)")
+    made = subprocess.run([peer, str(FIXTURE / "make.py"), str(BUNDLED), str(tmp_path), variant],
+                          capture_output=True, text=True, timeout=900)
+    assert made.returncode == 0, made.stderr[-2000:]
+    _predicts_as_cpa_tools(tmp_path / variant, tmp_path)
+
+
+def _edited(tmp_path: Path, edit) -> Path:
+    """A copy of the fixture whose model.pt's pickle is rewritten by `edit(saved_dict)`."""
+    import torch
+
+    directory = tmp_path / "edited"
+    shutil.copytree(FIXTURE / "nb-logsigm", directory)
+    saved = torch.load(directory / "model.pt", map_location="cpu", pickle_module=cpa_tools_model._SafePickle,
+                       weights_only=False)
+    edit(saved)
+    torch.save(saved, directory / "model.pt")
+    return directory
+
+
+def test_networks_cpa_stream_cannot_express_are_refused_naming_the_part(tmp_path):
+    import anndata as ad
+
+    adata = ad.read_h5ad(FIXTURE / "nb-logsigm" / "cells.h5ad")
+
+    def hyper(**changes):
+        def edit(saved):
+            saved["attr_dict"]["init_params_"]["kwargs"]["hyper_params"].update(changes)
+        return edit
+
+    for changes, message in (({"doser_type": "mlp"}, "doser_type 'mlp'"),
+                             ({"variational": True}, "variational model"),
+                             ({"recon_loss": "gauss"}, "recon_loss 'gauss'"),
+                             ({"n_layers_encoder": 3}, "encoder.network.fc_layers.Layer 2")):
+        directory = _edited(tmp_path / message.replace(" ", "_").replace("'", ""), hyper(**changes))
+        with pytest.raises(ValueError, match=message):
+            cpa.CPA.load(directory, adata=adata.copy())
+
+    def widen(saved):
+        state = saved["model_state_dict"]
+        state["encoder.z.weight"] = state["encoder.z.weight"].repeat(2, 1)
+    directory = _edited(tmp_path / "wide", widen)
+    with pytest.raises(ValueError, match="ae.encoder.mean.weight has shape"):
+        cpa.CPA.load(directory, adata=adata.copy())
+
+
+def test_reading_model_pt_runs_no_code_from_it(tmp_path):
+    # A model.pt whose pickle calls os.system: read by pickle it would run the command.
+    directory = tmp_path / "crafted"
+    shutil.copytree(FIXTURE / "nb-logsigm", directory)
+    marker = tmp_path / "ran"
+
+    class Attack:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"model_state_dict": {}, "attr_dict": Attack()}, protocol=2))
+        z.writestr("archive/version", "3\n")
+    (directory / "model.pt").write_bytes(buffer.getvalue())
+    import anndata as ad
+
+    with pytest.raises(ValueError, match="model.pt"):
+        cpa.CPA.load(directory, adata=ad.read_h5ad(directory / "cells.h5ad"))
+    assert not marker.exists(), "reading model.pt ran a command from it"
+    # Not a file at all, or not a torch.save archive: named.
+    (directory / "model.pt").unlink()
+    os.mkfifo(directory / "model.pt")
+    with pytest.raises(ValueError, match="must be a regular file"):
+        cpa_tools_model.read_saved(directory)
+    (directory / "model.pt").unlink()
+    (directory / "model.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a torch.save file"):
+        cpa_tools_model.read_saved(directory)
