@@ -164,6 +164,60 @@ class CPA:
         self._stores: dict[tuple, str] = {}
         #: libtorch threads of this model's commands (``train(threads=...)``; default planned).
         self.threads: int | None = None
+        self._device = "cpu"
+
+    # -- scvi-tools' model attributes that notebooks read ----------------------------------------
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the model has been trained (scvi-tools' ``is_trained``)."""
+        return bool(self.is_trained_)
+
+    @property
+    def validation_indices(self) -> np.ndarray | None:
+        """The validation cells' positions in ``adata`` (scvi-tools' ``validation_indices``)."""
+        return self.valid_indices
+
+    @property
+    def device(self) -> Any:
+        """The ``torch.device`` the model last trained on."""
+        import torch
+
+        return torch.device(self._device)
+
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """scvi-tools' ``history``: per logged metric, a frame indexed by ``epoch`` with one column
+        of that name (cpa-tools' keys: ``recon``, ``adv_loss``, ``acc_pert`` of the training,
+        ``val_recon``, ``val_r2_mean``, ``val_r2_var``, ``disnt_basal``, ``disnt_after`` and
+        ``cpa_metric`` of the validations)."""
+        if not self.is_trained_ or self.run is None or not (self.run.path / "metrics.parquet").exists():
+            return {}
+        h = self.run.history
+        columns = {
+            "recon": "recon_loss", "adv_loss": "adv_loss", "acc_pert": "acc_perts", "val_recon": "val_recon_loss",
+            "val_r2_mean": "val_r2_mean", "val_r2_var": "val_r2_var", "disnt_basal": "val_disnt_basal",
+            "disnt_after": "val_disnt_after", "cpa_metric": "val_score",
+        }
+        out = {}
+        for name, column in columns.items():
+            if column in h.columns:
+                part = h[["epoch", column]].dropna().rename(columns={column: name}).set_index("epoch")
+                out[name] = part
+        return out
+
+    def view_anndata_setup(self, adata: Any | None = None) -> None:
+        """Prints how the AnnData is read (the arguments of :meth:`setup_anndata`) and the
+        model's perturbation and covariate vocabularies (scvi-tools' summary, in plain text)."""
+        target = self.adata if adata is None else adata
+        setup = target.uns.get(SETUP_KEY, self._setup) if hasattr(target, "uns") else self._setup
+        print(f"AnnData of {target.n_obs:,} cells x {target.n_vars:,} genes, set up with:")
+        for key, value in setup.items():
+            print(f"  {key}: {value}")
+        print(f"  perturbations ({len(self.pert_encoder) - 1}): {', '.join(list(self.pert_encoder)[1:][:20])}"
+              + (" ..." if len(self.pert_encoder) > 21 else ""))
+        for key, values in self.covars_encoder.items():
+            print(f"  {key} ({len(values)}): {', '.join(list(values)[:20])}" + (" ..." if len(values) > 20 else ""))
 
     def __repr__(self) -> str:
         state = f"trained ({self.run})" if self.is_trained_ else "not trained"
@@ -336,6 +390,7 @@ class CPA:
                 "is fine for predict(): relabelled control cells predict their new labels.)"
             )
         device = _device(use_gpu, accelerator)
+        self._device = device
         config = translate.translate(
             self.hyper_params, plan_kwargs or {}, n_cells=self.adata.n_obs, max_epochs=max_epochs,
             batch_size=batch_size, check_val_every_n_epoch=check_val_every_n_epoch,

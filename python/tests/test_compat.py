@@ -347,3 +347,21 @@ def anndata_concat(first, second):
     joined = ad.concat([first, second], join="inner", merge="same")
     joined.obs["condition"] = joined.obs["condition"].astype(str)
     return joined
+
+
+def test_the_model_attributes_notebooks_read(tutorial, capsys):
+    # scvi-tools' attributes of a trained model (issue 74 item 4).
+    adata, model, _ = tutorial
+    assert model.is_trained is True
+    assert list(model.validation_indices) == list(np.flatnonzero(adata.obs["split"] == "valid"))
+    assert str(model.device) == "cpu"
+    history = model.history
+    for key in ("recon", "adv_loss", "val_recon", "val_r2_mean", "disnt_basal", "disnt_after", "cpa_metric"):
+        assert key in history and list(history[key].columns) == [key] and history[key].index.name == "epoch"
+    # cpa-tools' score: r2_mean + 0.5 r2_var + exp(disnt_after - disnt_basal).
+    v = model.run.history.dropna(subset=["val_score"]).iloc[-1]
+    expected = v["val_r2_mean"] + 0.5 * v["val_r2_var"] + np.exp(v["val_disnt_after"] - v["val_disnt_basal"])
+    assert abs(history["cpa_metric"]["cpa_metric"].iloc[-1] - expected) < 1e-9
+    model.view_anndata_setup()
+    shown = capsys.readouterr().out
+    assert "perturbation_key: condition" in shown and "cell_type (" in shown
