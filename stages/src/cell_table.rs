@@ -155,9 +155,10 @@ impl Vocabulary {
     pub fn read(path: &Path, name_column: Option<&str>, id_column: Option<&str>) -> Result<Vocabulary> {
         let reader = builder(path)?.build().map_err(|e| Error::parquet(path, e))?;
         let schema = reader.schema();
-        let batches = reader
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::arrow(path.display().to_string(), e))?;
+        // The reader panics on some damaged pages: that is this file's error.
+        let batches = crate::store::guarded(path, || {
+            reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::arrow(path.display().to_string(), e))
+        })?;
         let table = arrow::compute::concat_batches(&schema, &batches)
             .map_err(|e| Error::arrow(path.display().to_string(), e))?;
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -453,20 +454,30 @@ impl CellTable {
         let mask = ProjectionMask::roots(builder.parquet_schema(), [at]);
         let reader = builder.with_projection(mask).with_offset(row as usize).with_limit(1);
         let mut reader = reader.build().map_err(|e| Error::parquet(&self.path, e))?;
-        let batch = reader
-            .next()
-            .ok_or_else(|| Error::InvalidInput(format!("{}: no cell {row}", self.path.display())))?
-            .map_err(|e| Error::arrow(self.path.display().to_string(), e))?;
+        let batch = crate::store::guarded(&self.path, || {
+            reader
+                .next()
+                .ok_or_else(|| Error::InvalidInput(format!("{}: no cell {row}", self.path.display())))?
+                .map_err(|e| Error::arrow(self.path.display().to_string(), e))
+        })?;
         let ids =
             cast(batch.column(0), &DataType::Utf8).map_err(|e| Error::arrow(self.path.display().to_string(), e))?;
         Ok(ids.as_string::<i32>().value(0).to_owned())
     }
 
-    /// The cells in batches of at most `rows` (a row group is read at a time).
-    pub fn batches(&self, rows: usize) -> Result<ParquetRecordBatchReader> {
+    /// The cells in batches of at most `rows` (a row group is read at a time). A damaged file
+    /// on which the Parquet reader panics yields that as an error, and nothing after it.
+    pub fn batches(&self, rows: usize) -> Result<CellBatches> {
         let builder = builder(&self.path)?;
         let mask = ProjectionMask::roots(builder.parquet_schema(), self.read.iter().copied());
-        builder.with_projection(mask).with_batch_size(rows.max(1)).build().map_err(|e| Error::parquet(&self.path, e))
+        let reader = crate::store::guarded(&self.path, || {
+            builder
+                .with_projection(mask)
+                .with_batch_size(rows.max(1))
+                .build()
+                .map_err(|e| Error::parquet(&self.path, e))
+        })?;
+        Ok(CellBatches { reader: Some(reader) })
     }
 
     /// A batch read by [`batches`](Self::batches), of cells from row `first`, as matrix rows
@@ -574,6 +585,27 @@ impl CellTable {
     }
 }
 
+/// A cell table's batches ([`CellTable::batches`]): the Parquet reader's, with its panics on
+/// damaged pages turned into errors.
+pub struct CellBatches {
+    reader: Option<ParquetRecordBatchReader>,
+}
+
+impl Iterator for CellBatches {
+    type Item = std::result::Result<RecordBatch, arrow::error::ArrowError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let reader = self.reader.as_mut()?;
+        match crate::crew::catch_quietly(|| reader.next()) {
+            Ok(next) => next,
+            Err(message) => {
+                self.reader = None;
+                Some(Err(arrow::error::ArrowError::ParquetError(format!("damaged Parquet file ({message})"))))
+            }
+        }
+    }
+}
+
 /// Opens `path` without blocking (a FIFO or device given as input is refused, not waited on).
 fn open_regular(path: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -592,7 +624,8 @@ fn open_regular(path: &Path) -> Result<File> {
 }
 
 fn builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
-    ParquetRecordBatchReaderBuilder::try_new(open_regular(path)?).map_err(|e| Error::parquet(path, e))
+    let file = open_regular(path)?;
+    crate::store::guarded(path, || ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e)))
 }
 
 #[cfg(test)]

@@ -733,3 +733,27 @@ fn an_edited_description_or_planted_weights_are_refused_before_use() {
     let (code, err) = predict_with(&old);
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[test]
+fn a_parquet_cell_table_the_parquet_reader_panics_on_is_an_error_naming_it() {
+    // Found by the cell_table fuzz target: a damaged column chunk whose start and length the
+    // parquet crate asserts are not negative (its panic ended the import with exit 101). Both the
+    // vocabulary and the cell table are read through the guard now.
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let fixture = crate::common::repo_root().join("tests/fixtures/damaged/cell-table-negative-range");
+    let (cells, vocab) = (fixture.join("cells.parquet"), fixture.join("vocab.parquet"));
+    let out = dir.path().join("ct.store");
+    let o = run(&[
+        "import",
+        cells.to_str().unwrap_or_default(),
+        "--var-table",
+        vocab.to_str().unwrap_or_default(),
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("damaged Parquet file") && err.contains(".parquet"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "a failed import publishes nothing");
+}

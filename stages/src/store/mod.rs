@@ -21,6 +21,7 @@ pub use cache::{BlockCache, BlockCacheReport, BlockCacheShared};
 pub use hashing::{file_checksum, hash_reader};
 pub use mmap::explain_sigbus;
 pub use reader::{Access, CsrView, RowCursor, Store, consecutive_runs};
+pub(crate) use tables::guarded;
 pub use tables::{
     ColumnSummary, TableFile, read_small_table, read_table, read_table_from_bytes, summarize_obs, table_schema,
     write_table, write_table_locked,
