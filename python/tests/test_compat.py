@@ -265,9 +265,15 @@ def test_save_and_load_give_the_same_model_and_refuse_other_directories(tutorial
     assert (other / "notes.txt").read_text() == "keep"
     with pytest.raises(FileExistsError, match="overwrite=True"):
         model.save(saved)
-    model.save(tmp_path / "copy", save_anndata=True)
-    again = cpa.CPA.load(tmp_path / "copy")
-    assert again.adata.n_obs == adata.n_obs
+    # Saving elsewhere points the model at the copy; the shared fixture goes back to its own
+    # run afterwards, since this test's folder is removed once it passes (later tests use it).
+    own = model.run
+    try:
+        model.save(tmp_path / "copy", save_anndata=True)
+        again = cpa.CPA.load(tmp_path / "copy")
+        assert again.adata.n_obs == adata.n_obs
+    finally:
+        model.run = own
 
 
 def test_a_backed_anndata_trains_and_predicts_from_its_file(tmp_path):
