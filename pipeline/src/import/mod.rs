@@ -335,13 +335,16 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
         }
     }
     drop(appended);
+    // The scratch is done with; removed before the store is published, so that a kill after
+    // the publication leaves no temporary beside a complete store (one before it is swept by
+    // the next writer).
+    drop(scratch);
     let (manifest, append) = write
         .busy(|| {
             let manifest = writer.finish_report()?;
             Ok::<_, cpa_stream_stages::Error>(manifest)
         })
         .map_err(Error::stage(Stage::Write))?;
-    drop(scratch);
     let wall = started.elapsed();
     let input_bytes: u64 = options.inputs.iter().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
     let layout = match inputs.iter().all(|i| i.layout == inputs[0].layout) {
