@@ -21,6 +21,20 @@ LABEL_FLAGS = ["--perturbation-key", "condition", "--dose-key", "dose", "--contr
 COMPUTE = dict(threads=1, workers=1)
 EPOCHS = 3
 
+#: Why a test that needs cpa-tools itself skips: the peer environment (cpa-tools 0.8.8, installed
+#: by the peer's INSTALL.sh into the cache) is not on this machine.
+NO_PEER = "cpa-tools' peer environment is absent (set CPA_PEER_PYTHON, or install the peer cpa-tools 0.8.8 into the cache)"
+
+
+def peer_python() -> str | None:
+    """The Python of the peer environment with cpa-tools 0.8.8, if this machine has one."""
+    cache = os.environ.get("CPA_STREAM_CACHE", os.path.expanduser("~/.cache/cpa-stream"))
+    for candidate in (os.environ.get("CPA_PEER_PYTHON"), os.path.join(cache, "cpa-peer", "bin", "python"),
+                      os.path.expanduser("~/.cache/cpa-peer/bin/python")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
 
 @pytest.fixture(scope="session")
 def cli() -> Path:

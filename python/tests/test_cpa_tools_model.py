@@ -20,7 +20,7 @@ import pytest
 
 import cpa_stream.compat as cpa
 from cpa_stream import cpa_tools_model
-from conftest import BUNDLED
+from conftest import BUNDLED, NO_PEER, peer_python
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "cpa_tools_model"
@@ -48,20 +48,11 @@ def test_a_model_saved_by_cpa_tools_predicts_what_cpa_tools_predicted(tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == ["CPA_info.json", "cells.h5ad", "expected.npy", "model.pt"]
 
 
-def _peer_python() -> str | None:
-    cache = os.environ.get("CPA_STREAM_CACHE", os.path.expanduser("~/.cache/cpa-stream"))
-    for candidate in (os.environ.get("CPA_PEER_PYTHON"), os.path.join(cache, "cpa-peer", "bin", "python"),
-                      os.path.expanduser("~/.cache/cpa-peer/bin/python")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 @pytest.mark.parametrize("variant", ["nb-logsigm", "zinb-sigm"])
 def test_models_cpa_tools_trains_now_convert_part_by_part(variant, tmp_path):
-    peer = _peer_python()
+    peer = peer_python()
     if peer is None:
-        pytest.skip("cpa-tools' peer environment is absent (../shared/peer/cpa-tools/INSTALL.sh; CPA_PEER_PYTHON)")
+        pytest.skip(NO_PEER)
     made = subprocess.run([peer, str(FIXTURE / "make.py"), str(BUNDLED), str(tmp_path), variant],
                           capture_output=True, text=True, timeout=900)
     assert made.returncode == 0, made.stderr[-2000:]

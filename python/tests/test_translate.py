@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import cpa_stream._run as _run
 import cpa_stream.compat as cpa
 from cpa_stream import translate as t
-from conftest import BUNDLED
+from conftest import BUNDLED, NO_PEER, peer_python
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,19 +138,10 @@ def test_docs_table_is_the_modules():
     assert t.markdown_table() in docs, "docs/python.md's parameter table differs from markdown_table(); paste it"
 
 
-def _peer_python() -> str | None:
-    cache = os.environ.get("CPA_STREAM_CACHE", os.path.expanduser("~/.cache/cpa-stream"))
-    for candidate in (os.environ.get("CPA_PEER_PYTHON"), os.path.join(cache, "cpa-peer", "bin", "python"),
-                      os.path.expanduser("~/.cache/cpa-peer/bin/python")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def test_the_defaults_are_cpa_tools_own():
-    peer = _peer_python()
+    peer = peer_python()
     if peer is None:
-        pytest.skip("cpa-tools' peer environment is absent (../shared/peer/cpa-tools/INSTALL.sh; CPA_PEER_PYTHON)")
+        pytest.skip(NO_PEER)
     probe = (
         "import inspect, json, cpa\n"
         "from cpa._module import CPAModule\nfrom cpa._task import CPATrainingPlan\n"
