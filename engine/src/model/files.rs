@@ -92,28 +92,44 @@ pub fn load_model(dir: &Path, device: Device) -> Result<CpaModel> {
             });
         }
     }
+    fill_variables(&model, &weights, "the model of model.json", |_| false)?;
+    Ok(model)
+}
+
+/// Copies every variable of `model` from the tensor of its name in the safetensors file
+/// `weights` ([`checked_copy`]); `whose` names the model in errors. A variable without a tensor
+/// is an error unless `may_lack(name)`; those are left as they are and returned. A tensor without
+/// a variable is an error naming it.
+pub(crate) fn fill_variables(
+    model: &CpaModel,
+    weights: &Path,
+    whose: &str,
+    may_lack: impl Fn(&str) -> bool,
+) -> Result<Vec<String>> {
     let origin = weights.display().to_string();
-    let mut saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&weights)
-        .map_err(|e| Error::corrupt(&weights, format!("not a safetensors file of tensors: {e}")))?
+    let mut saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(weights)
+        .map_err(|e| Error::corrupt(weights, format!("not a safetensors file of tensors: {e}")))?
         .into_iter()
         .collect();
     let mut variables: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut lacking = Vec::new();
     for (name, variable) in &variables {
-        let src = saved.remove(name).ok_or_else(|| {
-            Error::InvalidInput(format!("{origin}: no tensor {name}, which the model of model.json needs"))
-        })?;
-        checked_copy(variable, &src, &origin, name)?;
+        match saved.remove(name) {
+            Some(src) => checked_copy(variable, &src, &origin, name)?,
+            None if may_lack(name) => lacking.push(name.clone()),
+            None => return Err(Error::InvalidInput(format!("{origin}: no tensor {name}, which {whose} needs"))),
+        }
     }
     if !saved.is_empty() {
         let mut extra: Vec<&String> = saved.keys().collect();
         extra.sort();
         return Err(Error::InvalidInput(format!(
-            "{origin}: tensors the model of model.json does not have: {}",
+            "{origin}: tensors {whose} does not have: {}",
             extra.iter().take(5).map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
         )));
     }
-    Ok(model)
+    Ok(lacking)
 }
 
 /// Loads a model to run on data whose genes (var names, in column order) are `genes`; `what`

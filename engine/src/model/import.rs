@@ -2,16 +2,15 @@
 //! Python package): the network the configuration describes, its variables filled from a
 //! safetensors file of cpa-stream's names, checked one by one, and saved as a cpa-stream model.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Serialize;
-use tch::{Device, Tensor};
+use tch::Device;
 
-use super::files::{check_weights_file, checked_copy, save_model};
+use super::files::{check_weights_file, fill_variables, save_model};
 use super::network::{CpaModel, GROUP_ADV};
 use cpa_stream_stages::model::{CpaConfig, Vocabulary};
-use cpa_stream_stages::{Error, Result};
+use cpa_stream_stages::Result;
 
 /// What an import did.
 #[derive(Debug, Clone, Serialize)]
@@ -36,40 +35,13 @@ pub fn import_weights(
     out: &Path,
 ) -> Result<ImportSummary> {
     let model = CpaModel::new(config, vocabulary, None, Device::Cpu, config.training.seed)?;
-    let origin = weights.display().to_string();
     let model_bytes: u64 =
         model.var_store().variables().values().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
     // A regular file whose header describes exactly its bytes, and no more than the model holds.
     check_weights_file(weights, model_bytes)?;
-    let mut saved: HashMap<String, Tensor> = Tensor::read_safetensors(weights)
-        .map_err(|e| Error::corrupt(weights, format!("not a safetensors file of tensors: {e}")))?
-        .into_iter()
-        .collect();
-    let mut variables: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
-    variables.sort_by(|a, b| a.0.cmp(&b.0));
-    let (mut copied, mut initialised) = (0, Vec::new());
-    for (name, variable) in &variables {
-        match saved.remove(name) {
-            Some(src) => {
-                checked_copy(variable, &src, &origin, name)?;
-                copied += 1;
-            }
-            None if name.starts_with(&format!("{GROUP_ADV}.")) => initialised.push(name.clone()),
-            None => {
-                return Err(Error::InvalidInput(format!(
-                    "{origin}: no tensor {name}, which the model needs (the converted model lacks this part)"
-                )));
-            }
-        }
-    }
-    if !saved.is_empty() {
-        let mut extra: Vec<&String> = saved.keys().collect();
-        extra.sort();
-        return Err(Error::InvalidInput(format!(
-            "{origin}: tensors the model does not have: {}",
-            extra.iter().take(5).map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
-        )));
-    }
+    let adversary = format!("{GROUP_ADV}.");
+    let initialised = fill_variables(&model, weights, "the converted model", |name| name.starts_with(&adversary))?;
+    let copied = model.var_store().variables().len() - initialised.len();
     save_model(&model, out)?;
     Ok(ImportSummary { copied, initialised, n_parameters: model.n_parameters() })
 }
