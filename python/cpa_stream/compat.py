@@ -26,7 +26,8 @@ one without effect here a warning. What differs on purpose
   attributes, so two datasets never share encoders;
 - ``train`` writes files only where ``save_path`` says (cpa-tools writes into the working
   directory when it is not given);
-- no dense per-cell DEG masks (``obsm['deg_mask']``) are made;
+- the per-cell DEG masks (``obsm['deg_mask']``, ``['deg_mask_r2']``) are sparse, and
+  ``deg_mask_r2`` holds the first ``n_deg_r2`` DEGs (cpa-tools writes the full mask twice);
 - ``pl.mean_plot`` leaves ``adata.X`` as it is (cpa-tools densifies it in place).
 """
 
@@ -49,8 +50,11 @@ import pyarrow as pa
 
 from . import _args, _run, _store, translate
 from ._run import Run, _vectors
+from .compat_api import PAD, ComPertAPI, _dose_text
+from .compat_plots import pl
+from .compat_tune import run_autotune
 
-__all__ = ["CPA", "ComPertAPI", "pl"]
+__all__ = ["CPA", "ComPertAPI", "pl", "run_autotune"]
 
 #: Where :meth:`CPA.setup_anndata` records its arguments in ``adata.uns``.
 SETUP_KEY = "_cpa_stream_setup"
@@ -58,8 +62,7 @@ SETUP_KEY = "_cpa_stream_setup"
 SPLIT_COLUMN = "_cpa_stream_split"
 #: The file :meth:`CPA.save` writes beside the run.
 SAVED = "cpa_stream_compat.json"
-#: The padding entry of cpa-tools' perturbation vocabulary.
-PAD = "<PAD>"
+
 
 def _device(use_gpu: Any, accelerator: Any) -> str:
     """cpa-tools' ``use_gpu`` / Lightning's ``accelerator`` as a device: CUDA when asked for and
@@ -77,10 +80,6 @@ def _device(use_gpu: Any, accelerator: Any) -> str:
     if isinstance(use_gpu, str) and use_gpu.startswith("cuda"):
         return use_gpu
     return "cuda"
-
-
-def _dose_text(condition: str) -> str:
-    return "+".join("1.0" for _ in str(condition).split("+"))
 
 
 class CPA:
@@ -206,6 +205,22 @@ class CPA:
                 out[name] = part
         return out
 
+    @property
+    def module(self) -> _ModuleView:
+        """cpa-tools' ``model.module`` as far as a notebook reads it: the module's settings
+        (``n_latent``, ``recon_loss``, ``doser_type``, ``variational``, ... as given or
+        cpa-tools' defaults; ``n_genes``, ``n_perts``, ``covars_encoder``) and
+        ``state_dict()`` (the trained weights as numpy arrays under cpa-stream's names). It is
+        not a ``torch.nn.Module``: the network lives in cpa-stream's engine."""
+        return _ModuleView(self)
+
+    @property
+    def adata_manager(self) -> _AnnDataManager:
+        """scvi-tools' ``adata_manager`` as far as a notebook reads it: ``adata``, ``registry``
+        (``setup_args``: the arguments of :meth:`setup_anndata`), ``view_registry()`` and
+        ``get_from_registry(key)``."""
+        return _AnnDataManager(self)
+
     def view_anndata_setup(self, adata: Any | None = None) -> None:
         """Prints how the AnnData is read (the arguments of :meth:`setup_anndata`) and the
         model's perturbation and covariate vocabularies (scvi-tools' summary, in plain text)."""
@@ -246,8 +261,11 @@ class CPA:
         copies) and writes cpa-tools' obs/obsm fields: ``CPA_cat`` (batch, covariates and
         perturbation joined by ``_``), ``CPA_<control_group>`` (1 for control cells),
         ``CPA_dose_val`` when no ``dosage_key`` is given (``"1.0"`` per ``+``-part), and obsm
-        ``perts`` / ``perts_doses`` (cells x ``max_comb_len``, padding index 0). No dense DEG
-        masks are made (cpa-stream reads the DEG lists from ``uns[deg_uns_key]``)."""
+        ``perts`` / ``perts_doses`` (cells x ``max_comb_len``, padding index 0) and, with
+        ``deg_uns_key`` and ``deg_uns_cat_key``, the sparse masks ``deg_mask`` (each cell's DEGs)
+        and ``deg_mask_r2`` (the first ``n_deg_r2``, default 10). The engine reads the DEG lists
+        from ``uns[deg_uns_key]``."""
+        n_deg_r2 = int(kwargs.pop("n_deg_r2", 10))
         if kwargs:
             raise TypeError(f"setup_anndata(): unexpected keyword {next(iter(kwargs))!r}")
         if max_comb_len < 1:
@@ -290,6 +308,10 @@ class CPA:
         adata.obs[f"CPA_{control_group}"] = controls
         adata.obsm["perts"] = perts
         adata.obsm["perts_doses"] = doses
+        if deg_uns_key is not None and deg_uns_cat_key is not None:
+            masks = _deg_masks(adata, adata.uns[deg_uns_key], obs[deg_uns_cat_key].astype(str), n_deg_r2)
+            if masks is not None:
+                adata.obsm["deg_mask"], adata.obsm["deg_mask_r2"] = masks
         setup = {
             "perturbation_key": perturbation_key, "control_group": control_group, "dosage_key": dosage_key,
             "batch_key": batch_key, "layer": layer, "smiles_key": smiles_key, "is_count_data": bool(is_count_data),
@@ -776,6 +798,48 @@ def _categories(column: pd.Series) -> list[Any]:
     return sorted(column.astype(str).unique())
 
 
+#: The most mask entries ``setup_anndata`` writes (a cell's mask is all genes when its category
+#: has no DEG list, so the masks can be as large as a dense matrix of the data).
+DEG_MASK_LIMIT = 200_000_000
+
+
+def _deg_masks(adata: Any, degs: Mapping[str, Any], categories: pd.Series, n_deg_r2: int) -> tuple[Any, Any] | None:
+    """cpa-tools' ``obsm['deg_mask']`` / ``['deg_mask_r2']``: per cell, 1 for the DEGs of its
+    category (all of them / the first ``n_deg_r2``; every gene where the category has no list),
+    as sparse uint8 matrices. None, with a warning, beyond :data:`DEG_MASK_LIMIT` entries."""
+    import scipy.sparse as sp
+
+    names = pd.Index(adata.var_names)
+    codes, uniques = pd.factorize(categories)
+    every = np.arange(len(names))
+    rows_full, rows_top = [], []
+    for category in uniques:
+        if category in degs:
+            positions = names.get_indexer(list(degs[category]))
+            positions = positions[positions >= 0]
+            rows_full.append(np.unique(positions))
+            rows_top.append(np.unique(positions[:n_deg_r2]))
+        else:
+            rows_full.append(every)
+            rows_top.append(every)
+    counts = np.bincount(codes, minlength=len(uniques))
+    entries = int(sum(len(r) * c for r, c in zip(rows_full, counts)))
+    if entries > DEG_MASK_LIMIT:
+        warnings.warn(
+            f"setup_anndata: obsm['deg_mask'] not written ({entries:,} entries: categories without a DEG list "
+            "mask every gene); cpa-stream reads the DEG lists from uns", stacklevel=3,
+        )
+        return None
+
+    def matrix(rows: list[np.ndarray]) -> Any:
+        lengths = np.array([len(r) for r in rows])[codes]
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        indices = np.concatenate([rows[c] for c in codes]) if len(codes) else np.zeros(0, np.int64)
+        return sp.csr_matrix((np.ones(len(indices), np.uint8), indices, indptr), shape=(len(codes), len(names)))
+
+    return matrix(rows_full), matrix(rows_top)
+
+
 def _pert_encoder(conditions: pd.Series, control: str) -> dict[str, int]:
     """cpa-tools' perturbation vocabulary: ``<PAD>``, the control, then the other perturbations
     (the ``+``-parts of the conditions) sorted."""
@@ -879,228 +943,78 @@ def _epoch_history(history: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-class ComPertAPI:
-    """cpa-tools' ``ComPertAPI`` with the members its combo-sciplex tutorial uses:
-    ``measured_points`` / ``num_measured_points`` per split (cells per ``pert_category_key``
-    value), ``get_pert_embeddings(dose)`` and ``get_covars_embeddings(covariate)``."""
+class _ModuleView:
+    """What ``CPA.module`` offers (see there)."""
 
-    def __init__(self, adata: Any, model: CPA, de_genes_uns_key: str = "rank_genes_groups_cov",
-                 pert_category_key: str = "cov_drug_dose_name", control_group: str = "ctrl",
-                 experiment: str = "drug") -> None:
-        if pert_category_key not in adata.obs.columns:
-            raise ValueError(f"pert_category_key {pert_category_key!r} is not an obs column")
-        self.model, self.adata = model, adata
-        self.var_names = adata.var_names
-        self.control_group = control_group
-        self.experiment = experiment.lower()
-        self.de_genes = adata.uns.get(de_genes_uns_key)
-        self.split_key = model.split_key
-        self.perturbation_key = model._setup["perturbation_key"]
-        self.dose_key = model._setup.get("dosage_key")
-        self.covars_key = model._setup.get("categorical_covariate_keys", [])
-        self.unique_perts = list(model.pert_encoder)
-        self.unique_covars = {k: list(v) for k, v in model.covars_encoder.items()}
-        self.num_drugs = len(model.pert_encoder)
-        self.perts_dict = dict(model.pert_encoder)
-        self.covars_dict = {k: dict(v) for k, v in model.covars_encoder.items()}
-        self.pert_categories_key = pert_category_key
-        categories = adata.obs[pert_category_key].astype(str)
-        splits = adata.obs[self.split_key].astype(str) if self.split_key is not None else None
-        kinds = (sorted(splits.unique()) if splits is not None else []) + ["all"]
-        self.num_measured_points: dict[str, dict[str, int]] = {}
-        self.measured_points: dict[str, dict[str, dict[str, list[Any]]]] = {}
-        for kind in kinds:
-            chosen = categories if kind == "all" else categories[(splits == kind).to_numpy()]
-            counts = chosen.value_counts(sort=False)
-            self.num_measured_points[kind] = {str(k): int(v) for k, v in sorted(counts.items())}
-            points: dict[str, dict[str, list[Any]]] = {}
-            for category in sorted(counts.index):
-                parts = str(category).split("_")
-                if self.experiment == "drug" and len(parts) >= 3:
-                    cov, pert, dose = parts[0], parts[1], parts[2]
-                else:
-                    cov, pert = parts[0], "_".join(parts[1:])
-                    dose = _dose_text(pert)
-                value: Any = float(dose) if "+" not in dose else dose
-                points.setdefault(cov, {}).setdefault(pert, []).append(value)
-            self.measured_points[kind] = points
+    def __init__(self, model: CPA) -> None:
+        settings = {**translate.MODULE_DEFAULTS, **model.hyper_params}
+        for key, value in settings.items():
+            setattr(self, key, value)
+        self.n_genes = model.adata.n_vars
+        self.n_perts = len(model.pert_encoder)
+        self.covars_encoder = {k: dict(v) for k, v in model.covars_encoder.items()}
+        self._model = model
 
-    def get_pert_embeddings(self, dose: float = 1.0) -> Any:
-        """The perturbations' latent shifts at ``dose`` (AnnData, ``obs['pert_name']``)."""
-        return self.model.get_pert_embeddings(dosage=float(dose))
+    def eval(self) -> _ModuleView:
+        return self
 
-    def get_covars_embeddings(self, covariate: str) -> Any:
-        """A covariate's embeddings (AnnData, ``obs[covariate]``)."""
-        return self.model.get_covar_embeddings(covariate)
+    def train(self, mode: bool = True) -> _ModuleView:
+        return self
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The trained weights (``model/weights.safetensors`` of the run), name to array."""
+        run = self._model._trained()
+        return _read_safetensors(run.path / "model" / "weights.safetensors")
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{k}={getattr(self, k)!r}" for k in translate.MODULE_DEFAULTS)
+        return f"CPAModule view (cpa-stream engine; {keys})"
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("cpa.pl needs matplotlib: pip install 'cpa-stream[compat]'") from error
-    return plt
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file as numpy arrays (its 8-byte header length, JSON header, then the
+    tensors' bytes; little-endian)."""
+    kinds = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U8": "u1", "I8": "i1"}
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = f.read()
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in kinds:
+            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this reader does not decode")
+        start, end = entry["data_offsets"]
+        out[name] = np.frombuffer(data[start:end], dtype=kinds[entry["dtype"]]).reshape(entry["shape"]).copy()
+    return out
 
 
-class _Plots:
-    """``cpa.pl``: the plots cpa-tools' tutorials draw (matplotlib)."""
+class _AnnDataManager:
+    """What ``CPA.adata_manager`` offers (see there)."""
 
-    @staticmethod
-    def plot_history(model: CPA, path_to_save: str | os.PathLike | None = None) -> None:
-        """One panel per metric of ``model.epoch_history``, training and validation lines over
-        the epochs, drawn on a new current figure (``plt.gcf()``; saved to ``path_to_save`` when
-        given). Returns ``None``, as cpa-tools does: a notebook cell ending in this call shows the
-        figure once, not once more as the cell's value."""
-        plt = _pyplot()
+    def __init__(self, model: CPA) -> None:
+        self.adata = model.adata
+        self._setup = dict(model._setup)
+        self.registry = {"model_name": "CPA", "setup_method_name": "setup_anndata", "setup_args": dict(model._setup)}
 
-        df = model.epoch_history
-        if df is None or df.empty:
-            raise RuntimeError("plot_history: the model has no history; train it first")
-        metrics = [c for c in df.columns if c not in ("epoch", "mode") and df[c].notna().any()]
-        columns = min(4, len(metrics))
-        rows = -(-len(metrics) // columns)
-        fig, axes = plt.subplots(rows, columns, sharex=True, figsize=(3.4 * columns, 2.4 * rows), squeeze=False)
-        lines = {}
-        for ax, column in zip(axes.flat, metrics):
-            for mode, style, color in (("train", "-", "C0"), ("valid", "o-", "C1")):
-                part = df[(df["mode"] == mode) & df[column].notna()]
-                if len(part):
-                    (lines[mode],) = ax.plot(part["epoch"], part[column], style, color=color, label=mode, markersize=3)
-            ax.set_title(column, fontweight="bold")
-        for ax in axes[-1]:
-            ax.set_xlabel("epoch")
-        for ax in list(axes.flat)[len(metrics):]:
-            ax.set_visible(False)
-        fig.legend(list(lines.values()), list(lines), loc="upper right")
-        fig.tight_layout(rect=(0, 0, 0.92, 1))
-        if path_to_save is not None:
-            fig.savefig(path_to_save, bbox_inches="tight", dpi=100)
+    def view_registry(self, hide_state_registries: bool = False) -> None:
+        print("setup_anndata arguments:")
+        for key, value in self._setup.items():
+            print(f"  {key}: {value}")
 
-    @staticmethod
-    def mean_plot(adata: Any, pred_obsm_key: str, path_to_save: str | os.PathLike | None = "./reg_mean.pdf",
-                  gene_list: Sequence[str] | None = None, deg_list: Sequence[str] | None = None, show: bool = False,
-                  title: str | None = None, verbose: bool = False, x_coeff: float = 0.30, y_coeff: float = 0.8,
-                  fontsize: int = 11, R2_type: str = "R2", figsize: tuple[float, float] = (3.5, 3.5),
-                  **kwargs: Any) -> float | tuple[float, float]:
-        """cpa-tools' ``mean_plot``: the mean over ``adata``'s cells of each gene, true (``X``)
-        against predicted (``obsm[pred_obsm_key]``), with R2 over all genes and over
-        ``deg_list``; saved to ``path_to_save`` (``None``: not saved); returns ``r2`` or
-        ``(r2, r2_degs)``.
-        ``adata.X`` is read, not changed."""
-        plt = _pyplot()
-        import scipy.sparse as sp
-        from scipy import stats
+    def get_from_registry(self, registry_key: str) -> Any:
+        """The data behind a key: ``X`` (the matrix the model reads: the layer of the setup or
+        ``X``), an obs column named in the setup, or an obsm key (``perts``, ``perts_doses``)."""
+        if registry_key == "X":
+            layer = self._setup.get("layer")
+            return self.adata.layers[layer] if layer else self.adata.X
+        if registry_key in self.adata.obsm:
+            return self.adata.obsm[registry_key]
+        named = [self._setup.get(k) for k in ("perturbation_key", "dosage_key", "batch_key", "deg_uns_cat_key")]
+        named += list(self._setup.get("categorical_covariate_keys", []))
+        if registry_key in named and registry_key in self.adata.obs:
+            return self.adata.obs[registry_key].to_numpy()
+        raise KeyError(f"{registry_key!r}: not in the registry; it has X, {', '.join(str(k) for k in named if k)}"
+                       f", {', '.join(self.adata.obsm)}")
 
-        if R2_type not in ("R2", "Pearson R2"):
-            raise ValueError("R2 calculation should be one of ['R2', 'Pearson R2']")
-        x = adata.X
-        true = np.asarray(x.mean(axis=0)).ravel() if sp.issparse(x) else np.asarray(x).mean(axis=0)
-        pred = np.asarray(adata.obsm[pred_obsm_key]).mean(axis=0)
-
-        def r2(a: np.ndarray, b: np.ndarray) -> float:
-            if R2_type == "R2":
-                return float(1 - ((a - b) ** 2).sum() / ((a - a.mean()) ** 2).sum())
-            return float(stats.pearsonr(a, b)[0] ** 2)
-
-        r2_all = r2(true, pred)
-        r2_degs = None
-        if deg_list is not None:
-            positions = adata.var_names.get_indexer(list(deg_list))
-            if (positions < 0).any():
-                missing = [g for g, p in zip(deg_list, positions) if p < 0]
-                raise ValueError(f"deg_list: {len(missing)} gene(s) not in var_names: {', '.join(missing[:5])}")
-            r2_degs = r2(true[positions], pred[positions])
-            if verbose:
-                print(f"Top {len(deg_list)} DEGs var: ", r2_degs)
-        if verbose:
-            print("All genes mean R2: ", r2_all)
-        fig, ax = plt.subplots(figsize=figsize)
-        ax.scatter(pred, true, s=8, alpha=0.6)
-        slope, intercept = np.polyfit(pred, true, 1) if len(pred) > 1 else (1.0, 0.0)
-        line = np.linspace(pred.min(), pred.max(), 2)
-        ax.plot(line, slope * line + intercept, color="C1")
-        if gene_list is not None:
-            for gene in gene_list:
-                j = adata.var_names.get_loc(gene)
-                ax.plot(pred[j], true[j], "o", color="red", markersize=5)
-                ax.text(pred[j], true[j], gene, fontsize=fontsize)
-        if "range" in kwargs:
-            start, stop, step = kwargs["range"]
-            ax.set_xticks(np.arange(start, stop, step))
-            ax.set_yticks(np.arange(start, stop, step))
-        ax.set_xlabel("pred", fontsize=fontsize)
-        ax.set_ylabel("true", fontsize=fontsize)
-        ax.set_title(title or "", fontsize=fontsize, fontweight="bold")
-        ax.text(pred.max() * (1 - x_coeff), true.max() * (1 - y_coeff), f"$R^2$ all genes = {r2_all:.2f}",
-                fontsize=fontsize)
-        if r2_degs is not None:
-            ax.text(pred.max() * (1 - x_coeff), true.max() * (1 - y_coeff - 0.15), f"$R^2$ DEGs = {r2_degs:.2f}",
-                    fontsize=fontsize)
-        if path_to_save is not None:
-            fig.savefig(path_to_save, bbox_inches="tight", dpi=100)
-        if show:
-            plt.show()
-        plt.close(fig)
-        return (r2_all, r2_degs) if r2_degs is not None else r2_all
-
-    class CompertVisuals:
-        """cpa-tools' ``CompertVisuals``: ``plot_latent_embeddings`` of a :class:`ComPertAPI`'s
-        perturbation or covariate embeddings in two dimensions."""
-
-        def __init__(self, cpa_api: ComPertAPI, fileprefix: str | None = None, **kwargs: Any) -> None:
-            self.api = cpa_api
-            self.fileprefix = fileprefix
-
-        def plot_latent_embeddings(self, emb: np.ndarray, titlename: str = "Example", kind: str = "perturbations",
-                                   palette: Any = None, labels: Sequence[str] | None = None,
-                                   dimred: str = "KernelPCA", filename: str | os.PathLike | None = None,
-                                   show_text: bool = True) -> Any:
-            """The rows of ``emb`` (one per perturbation, or per value of a covariate) in two
-            dimensions (kernel PCA with a cosine kernel as cpa-tools, or ``dimred="PCA"``),
-            labelled; saved to ``filename`` (or under ``fileprefix``) and returned."""
-            plt = _pyplot()
-            emb = np.asarray(emb, dtype=np.float64)
-            if labels is None:
-                labels = self.api.unique_perts if kind == "perturbations" else self.api.unique_covars.get(kind, [])
-            labels = [str(x) for x in labels]
-            if len(labels) != emb.shape[0]:
-                raise ValueError(f"plot_latent_embeddings: {emb.shape[0]} rows and {len(labels)} labels")
-            keep = np.abs(emb).sum(axis=1) > 0  # the padding entry is a zero row
-            emb, labels = emb[keep], [x for x, k in zip(labels, keep) if k]
-            xy = _two_dimensions(emb, dimred)
-            fig, ax = plt.subplots(figsize=(4.5, 4.5))
-            ax.scatter(xy[:, 0], xy[:, 1], s=40, c=[f"C{i % 10}" for i in range(len(labels))])
-            if show_text:
-                for (x, y), text in zip(xy, labels):
-                    ax.annotate(text, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
-            ax.set_title(titlename, fontweight="bold")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            target = filename or (f"{self.fileprefix}_emb_{kind}.png" if self.fileprefix else None)
-            if target is not None:
-                fig.savefig(target, bbox_inches="tight", dpi=100)
-            return fig
-
-
-def _two_dimensions(emb: np.ndarray, dimred: str) -> np.ndarray:
-    """Rows in two dimensions: kernel PCA with a cosine kernel (``KernelPCA``, cpa-tools' choice)
-    or PCA."""
-    if len(emb) < 2:
-        return np.zeros((len(emb), 2))
-    if dimred == "KernelPCA":
-        unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        kernel = unit @ unit.T
-        n = len(kernel)
-        centre = np.eye(n) - np.full((n, n), 1.0 / n)
-        values, vectors = np.linalg.eigh(centre @ kernel @ centre)
-        order = np.argsort(values)[::-1][:2]
-        return vectors[:, order] * np.sqrt(np.maximum(values[order], 0))
-    if dimred != "PCA":
-        raise ValueError(f"dimred {dimred!r}: expected 'KernelPCA' or 'PCA'")
-    centred = emb - emb.mean(axis=0)
-    u, s, _ = np.linalg.svd(centred, full_matrices=False)
-    return u[:, :2] * s[:2]
-
-
-#: ``cpa.pl``.
-pl = _Plots()

@@ -92,8 +92,13 @@ def _check_space(space: Mapping[str, Any]) -> None:
             raise ValueError(f"search_space[{table!r}]: expected a dict of keys to search")
 
 
+#: The tables of a search space: cpa-stream's configuration tables, or cpa-tools' two
+#: (``cpa.run_autotune``).
+SPACE_TABLES = (*TABLES, "model_args", "train_args")
+
+
 def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {f"{t}.{k}": v for t, keys in config.items() if t in TABLES for k, v in keys.items()}
+    return {f"{t}.{k}": v for t, keys in config.items() if t in SPACE_TABLES for k, v in keys.items()}
 
 
 def _best(history: pd.DataFrame) -> tuple[float, int | None]:
@@ -114,20 +119,26 @@ def _trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
     context = ray_tune.get_context()
     run_dir = Path(settings["out"]) / "trials" / context.get_trial_id() / "run"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    base = json.loads(json.dumps(settings["config"] or {}))
-    for table in TABLES:
-        if table in config:
-            base.setdefault(table, {}).update(config[table])
+    if settings.get("cpa_tools") is not None:
+        base = _translated(config, settings["cpa_tools"], settings["max_epochs"])
+    else:
+        base = json.loads(json.dumps(settings["config"] or {}))
+        for table in TABLES:
+            if table in config:
+                base.setdefault(table, {}).update(config[table])
     resources = context.get_trial_resources()
     cpus = int(resources.required_resources.get("CPU", 1) or 1)
-    device = settings["device"] if resources.required_resources.get("GPU", 0) else "cpu"
+    # A trial given a GPU trains on it (``device`` names which CUDA device form), the others on the CPU.
+    gpu = resources.required_resources.get("GPU", 0)
+    device = (settings["device"] if settings["device"].startswith("cuda") else "cuda") if gpu else "cpu"
     step, last = settings["report_every"], settings["max_epochs"]
     trained = 0
     for epochs in [*range(step, last, step), last]:
         # A resumed run keeps its checkpoint's configuration: given once, at the start.
         run = train(
             settings["store"], run_dir, config=base if trained == 0 else None, max_epochs=epochs, resume=trained > 0,
-            overwrite=trained == 0, threads=cpus, workers=1, device=device, progress=False, **settings["labels"],
+            overwrite=trained == 0, threads=cpus, workers=1, device=device, progress=False,
+            **(settings.get("train", {}) if trained == 0 else {}), **settings["labels"],
         )
         history = run.history
         done = int(history["epoch"].max()) + 1 if len(history) else 0
@@ -142,6 +153,30 @@ def _trial(config: dict[str, Any], settings: dict[str, Any]) -> None:
             # cpa-stream's own early stopping ended the run.
             break
         trained = done
+
+
+def _translated(config: Mapping[str, Any], fixed: Mapping[str, Any], max_epochs: int) -> dict[str, Any]:
+    """A trial's configuration from cpa-tools' arguments (``run_autotune``): the sampled
+    ``model_args`` / ``train_args`` over the fixed ones, through :func:`cpa_stream.translate.translate`."""
+    from . import translate
+
+    model_args = {**fixed["model_args"], **config.get("model_args", {})}
+    train_args = {**fixed["train_args"], **config.get("train_args", {})}
+    plan = dict(train_args.pop("plan_kwargs", None) or {})
+    for key in fixed["plan_kwargs_keys"]:
+        if key in train_args:
+            plan[key] = train_args.pop(key)
+    train_args.pop("max_epochs", None)
+    known = ("batch_size", "check_val_every_n_epoch", "early_stopping_patience")
+    unknown = [k for k in train_args if k not in known]
+    if unknown:
+        raise ValueError(
+            f"train_args key {unknown[0]!r}: not one of CPA.train's tuned arguments ({', '.join(known)}, max_epochs); "
+            "a plan_kwargs key goes in plan_kwargs_keys"
+        )
+    base = translate.translate(model_args, plan, max_epochs=max_epochs, **{k: train_args[k] for k in known if k in train_args})
+    base["model"]["max_comb_len"] = fixed["max_comb_len"]
+    return base
 
 
 def tune(
@@ -163,11 +198,13 @@ def tune(
     grace_period: int = 2,
     reduction_factor: int = 3,
     resources: Mapping[str, float] | None = None,
-    device: str = "cuda",
+    device: str = "cpu",
     max_concurrent_trials: int | None = None,
     search_alg: Any = None,
     seed: int | None = None,
     overwrite: bool = False,
+    _cpa_tools: Mapping[str, Any] | None = None,
+    _train: Mapping[str, Any] | None = None,
 ) -> TuneResult:
     """Runs ``num_samples`` trials of cpa-stream training on Ray Tune (ASHA, like cpa-tools'
     ``run_autotune``) and returns the table of trials, the best configuration and the best run
@@ -180,14 +217,17 @@ def tune(
     Each trial trains up to ``max_epochs`` and reports its validation score every
     ``report_every`` epochs; ASHA stops the worse trials at rungs from ``grace_period`` with
     ``reduction_factor``. ``resources`` per trial: ``{"cpu": 1}`` (the default; the trial's
-    libtorch threads) or a GPU fraction ``{"cpu": 1, "gpu": 0.25}`` (trained on ``device``).
+    libtorch threads) or a GPU fraction ``{"cpu": 1, "gpu": 0.25}``: trials with a GPU train on
+    it (``device``, ``"cpu"`` by default as in :func:`cpa_stream.train`, then means ``"cuda"``),
+    the others on the CPU.
     ``search_alg`` is any Tune searcher (default random search; ``seed`` seeds it and each
     trial's training). Ray must be initialised (``ray.init()``) or is started locally.
     ``out`` must not exist unless ``overwrite``."""
     ray, ray_tune = _ray()
     from ray.tune.schedulers import ASHAScheduler
 
-    _check_space(search_space)
+    if _cpa_tools is None:
+        _check_space(search_space)
     if max_epochs < 1 or report_every < 1:
         raise ValueError("max_epochs and report_every must be at least 1")
     out = Path(out).absolute()
@@ -209,6 +249,8 @@ def tune(
             "categorical_covariate_keys": list(categorical_covariate_keys), "batch_key": batch_key,
             "split_key": split_key, "holdout": list(holdout),
         },
+        "cpa_tools": dict(_cpa_tools) if _cpa_tools is not None else None,
+        "train": dict(_train or {}),
     }
     wanted = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in (resources or {"cpu": 1}).items()}
     if not ray.is_initialized():
@@ -259,7 +301,7 @@ def tune(
     best = usable.iloc[0]
     best_config: dict[str, dict[str, Any]] = {}
     for column in table.columns:
-        if "." in column and column.split(".", 1)[0] in TABLES:
+        if "." in column and column.split(".", 1)[0] in SPACE_TABLES:
             t, k = column.split(".", 1)
             value = best[column]
             best_config.setdefault(t, {})[k] = value.item() if hasattr(value, "item") else value

@@ -79,3 +79,13 @@ def test_bad_spaces_are_errors_and_the_shell_entry_point_runs(cluster, small_sto
     printed = capsys.readouterr().out
     assert "best:" in printed and "model.n_latent" in printed
     assert cs.Run(tmp_path / "cli" / "best").config["model"]["n_hidden_encoder"] == 32
+
+
+def test_tune_trains_where_train_does_by_default():
+    # Issue 75: tune() defaulted to device="cuda" where train() defaults to the CPU.
+    import inspect
+
+    import cpa_stream as cs
+
+    assert inspect.signature(tune).parameters["device"].default == inspect.signature(cs.train).parameters[
+        "device"].default == "cpu"
