@@ -1,10 +1,30 @@
 #!/usr/bin/env bash
-# The one build of the README's two commands: the binary and every test binary, with the features
-# the tests use (cpa-stream/polars), so that the demo and the tests share one build instead of
-# compiling the workspace twice with different feature sets (a cold build is most of CI's time).
-# Prints nothing on stdout; run it after `eval "$(scripts/bootstrap.sh)"`.
-#   Extra arguments go to cargo (e.g. --quiet).
+# The build of the README's two commands: the release binaries (cpa-stream, cpa-stream-engine)
+# with the workspace's features. The demo needs nothing more; scripts/test.sh then builds the test
+# binaries on top of it, reusing every library compiled here (same profile, same features: the
+# dev-dependencies add crates, not features of shared ones; tests/integration/layout.rs checks the
+# Python module's build against the workspace's). Prints nothing on stdout; run it after
+# `eval "$(scripts/bootstrap.sh)"`. Extra arguments, and $CPA_STREAM_BUILD_FLAGS (for the demo and
+# the tests, which call this script: e.g. --timings), go to cargo.
+#
+# A cold build takes minutes (libtorch's bindings, HDF5 from source); off a terminal, where cargo
+# shows no progress bar, a line every minute says it is still going.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:?run eval \"\$(scripts/bootstrap.sh)\" first}"
-cargo test --release --locked --workspace --features cpa-stream/polars --no-run "$@" >&2
+heartbeat=
+if [ ! -t 2 ]; then
+  (
+    minutes=0
+    while sleep 60; do
+      minutes=$((minutes + 1))
+      echo "build.sh: still building ($minutes min)" >&2
+    done
+  ) &
+  heartbeat=$!
+fi
+status=0
+# shellcheck disable=SC2086 # the flags are words
+cargo build --release --locked --workspace --bins ${CPA_STREAM_BUILD_FLAGS:-} "$@" >&2 || status=$?
+[ -z "$heartbeat" ] || kill "$heartbeat" 2>/dev/null || true
+exit "$status"

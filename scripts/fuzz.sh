@@ -234,7 +234,7 @@ PY
     ;;
   prop-store | prop-parsers)
     if [ "$target" = prop-store ]; then
-      filter=(--features cpa-stream/polars --test integration store::damaged)
+      filter=(--test integration store::damaged)
     else
       filter=(-p cpa-stream-pipeline --test parsers_never_panic)
     fi

@@ -24,7 +24,7 @@ case "${1:-}" in
 build)
   eval "$(scripts/bootstrap.sh)"
   rm -rf "$dev/check" && mkdir -p "$dev/check"
-  cargo test --release --locked --workspace --features cpa-stream/polars --no-run --message-format=json \
+  cargo test --release --locked --workspace --no-run --message-format=json \
     | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -4,38 +4,49 @@
 # libtorch the module links), with what the package's tests use. Run after
 # `eval "$(scripts/bootstrap.sh)"` and scripts/build.sh: the module shares that build's compiled
 # dependencies (same target directory and profile), so only the module itself is compiled here.
+#   --tests  also install what only the package's tests use (pytest, polars; RDKit and Ray,
+#            optional: their tests skip without them). The demo needs none of these.
 #   Prints the wheel's path on stdout.
 set -euo pipefail
+tests=false
+[ "${1:-}" = --tests ] && tests=true
 cd "$(dirname "$0")/.."
 : "${CPA_STREAM_VENV:?run eval \"\$(scripts/bootstrap.sh)\" first}"
 py="$CPA_STREAM_VENV/bin/python"
 log() { printf 'python.sh: %s\n' "$*" >&2; }
 
-# maturin builds the wheel; pytest, scanpy, polars run the tests; tqdm is a dependency of the
-# package. Installed once (pip's wheels, no compiler).
-PY_DEPS="maturin==1.16.0 pytest==9.2.0 scanpy==1.11.5 polars==2.1.0 tqdm==4.70.1"
-PY_DEPS_VERSION=1
-stamp="$CPA_STREAM_VENV/.python-deps-$PY_DEPS_VERSION.ok"
-if [ ! -f "$stamp" ]; then
+# maturin builds the wheel; scanpy draws the quickstart's UMAP; tqdm is a dependency of the
+# package; pytest and polars run the tests. Installed once (pip's wheels, no compiler).
+install_once() { # NAME STAMP PACKAGES...
+  local what=$1 stamp=$2
+  shift 2
+  [ -f "$stamp" ] && return 0
   exec 9>"$CPA_STREAM_CACHE/.bootstrap.lock"
   flock 9
   if [ ! -f "$stamp" ]; then
-    log "installing maturin, pytest, scanpy, polars and tqdm into $CPA_STREAM_VENV"
-    "$py" -m pip install --quiet --disable-pip-version-check $PY_DEPS >&2
+    log "installing $what into $CPA_STREAM_VENV"
+    "$py" -m pip install --quiet --disable-pip-version-check "$@" >&2
     touch "$stamp"
   fi
   flock -u 9
+}
+install_once "maturin, scanpy and tqdm" "$CPA_STREAM_VENV/.python-deps-2.ok" \
+  maturin==1.16.0 scanpy==1.11.5 tqdm==4.70.1
+if ! $tests; then
+  rdkit_stamp= ray_stamp=
+else
+  install_once "pytest and polars" "$CPA_STREAM_VENV/.python-test-deps-1.ok" pytest==9.2.0 polars==2.1.0
+  rdkit_stamp="$CPA_STREAM_VENV/.rdkit-1.tried"
+  ray_stamp="$CPA_STREAM_VENV/.ray-2.tried"
 fi
 # RDKit for the drugs-from-SMILES tests: optional (a 32 MB wheel); they skip with the reason without it.
-rdkit_stamp="$CPA_STREAM_VENV/.rdkit-1.tried"
-if [ ! -f "$rdkit_stamp" ]; then
+if [ -n "$rdkit_stamp" ] && [ ! -f "$rdkit_stamp" ]; then
   log "installing rdkit (optional: the SMILES tests skip without it)"
   "$py" -m pip install --quiet --disable-pip-version-check "rdkit==2026.9.1" >&2 || log "rdkit could not be installed"
   touch "$rdkit_stamp"
 fi
 # Ray for the fan-out test: optional (large); its test skips with the reason when it is absent.
-ray_stamp="$CPA_STREAM_VENV/.ray-2.tried"
-if [ ! -f "$ray_stamp" ]; then
+if [ -n "$ray_stamp" ] && [ ! -f "$ray_stamp" ]; then
   log "installing ray (optional: the Ray test skips without it)"
   "$py" -m pip install --quiet --disable-pip-version-check "ray[tune]==2.60.0" >&2 || log "ray could not be installed"
   touch "$ray_stamp"

@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/bootstrap.sh)"
 echo "test.sh: libtorch $LIBTORCH, build cache $CARGO_TARGET_DIR" >&2
-# The build the demo also uses (scripts/build.sh: release profile, feature cpa-stream/polars for
-# the lazy reader of prediction files and its test), then every test.
+# The build the demo also uses (scripts/build.sh: the release binaries), then every test binary
+# on top of it (the same profile and features: only the tests themselves and their few extra
+# crates are compiled here).
 scripts/build.sh
-cargo test --release --locked --workspace --features cpa-stream/polars "$@"
+cargo test --release --locked --workspace "$@"
 # The Python package, built from the same compiled dependencies, and its tests.
-scripts/python.sh >/dev/null
+scripts/python.sh --tests >/dev/null
 export CPA_STREAM_BIN="$CARGO_TARGET_DIR/release/cpa-stream"
 status=0
 # Temporary folders of passing tests are removed (pytest keeps three runs' by default: gigabytes on

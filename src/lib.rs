@@ -234,6 +234,3 @@ pub mod unstable {
     pub use cpa_stream_schemas as schemas;
     pub use cpa_stream_stages as stages;
 }
-
-#[cfg(feature = "polars")]
-pub mod lazy;

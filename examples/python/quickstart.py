@@ -30,7 +30,7 @@ adata = ad.read_h5ad(REPO / "examples" / "data" / "perturbench_devel_cpa.h5ad")
 store = cs.import_h5ad(adata, out / "bundled.store", overwrite=True)
 print(store)
 
-# 2. Train with cpa-tools' vocabulary; the pair MAP2K3+MAP2K6 is never seen in training.
+# 2. Train with cpa-tools' vocabulary; the pair MAPK1+TGFBR2 is never seen in training.
 run = cs.train(
     store,
     out / "run",
@@ -38,7 +38,7 @@ run = cs.train(
     dosage_key="dose",
     control_group="control",
     categorical_covariate_keys=["cell_type"],
-    holdout=["MAP2K3+MAP2K6"],
+    holdout=["MAPK1+TGFBR2"],
     max_epochs=100,
     overwrite=True,
 )
@@ -49,12 +49,12 @@ print(run.history[["epoch", "recon_loss", "adv_loss", "val_r2_mean"]].tail(3).to
 pred = run.predict_anndata(
     store,
     source="condition == control and cell_type == k562",
-    targets="condition=MAP2K3+MAP2K6,dose=1+1,cell_type=k562",
+    targets="condition=MAPK1+TGFBR2,dose=1+1,cell_type=k562",
     latents=["z_basal"],
 )
 print(pred)
-real = adata[adata.obs["condition"] == "MAP2K3+MAP2K6"]
-print(f"{pred.n_obs} counterfactual cells for {real.n_obs} real ones of MAP2K3+MAP2K6")
+real = adata[adata.obs["condition"] == "MAPK1+TGFBR2"]
+print(f"{pred.n_obs} counterfactual cells for {real.n_obs} real ones of MAPK1+TGFBR2")
 
 # 4. The basal latents of every cell into obsm, a UMAP of them coloured by condition type.
 adata.obsm["X_cpa_basal"] = run.latents(store)["z_basal"]

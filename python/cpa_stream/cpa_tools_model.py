@@ -27,7 +27,7 @@ import numpy as np
 
 from . import translate
 
-__all__ = ["MAX_MODEL_BYTES", "convert", "read_saved"]
+__all__ = ["MAX_MODEL_BYTES", "convert", "main", "publish", "read_saved"]
 
 #: Largest ``model.pt`` read (a cpa-tools model of 30,000 genes and 1,000-wide layers is ~300 MB).
 MAX_MODEL_BYTES = 4 << 30
@@ -303,3 +303,71 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     for name in sorted(tensors):
         buffer.write(np.asarray(tensors[name], dtype="<f4").tobytes())
     path.write_bytes(buffer.getvalue())
+
+
+def publish(dir_path: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
+    """:func:`convert` into ``out`` as a whole: built beside it under a temporary name and
+    renamed into place once complete. An existing ``out`` is replaced only with ``overwrite``
+    and only when it is a cpa-stream model directory (its ``model.json``); anything else there
+    (a file, a link, another directory) is refused."""
+    import shutil
+
+    target = Path(out)
+    if target.is_symlink() or target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target}: exists; pass --overwrite to replace a model converted before")
+        if target.is_symlink() or not target.is_dir() or not (target / "model.json").is_file():
+            raise FileExistsError(f"{target}: not a cpa-stream model directory (no model.json); not replaced")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = target.parent / f".{target.name}.import-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    try:
+        converted = convert(dir_path, building)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(building, target)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return converted
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cpa_stream.cpa_tools_model DIR --out MODEL`` (what ``cpa-stream import-model``
+    runs): converts a model saved by cpa-tools 0.8.8 into a cpa-stream model directory that
+    ``cpa-stream predict --model MODEL`` and ``cs.Run`` read."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="cpa-stream import-model", description=main.__doc__)
+    parser.add_argument("dir", help="the directory cpa-tools' model.save() wrote (model.pt)")
+    parser.add_argument("--out", required=True, help="the cpa-stream model directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model directory converted before")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    try:
+        converted = publish(args.dir, args.out, overwrite=args.overwrite)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    summary = converted["summary"]
+    report = {"model": os.path.abspath(args.out), "from": os.path.abspath(args.dir), **summary,
+              "setup": converted["setup"], "hyper_params": converted["hyper_params"], "split": converted["split"]}
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        setup = converted["setup"]
+        print(f"{args.dir} (cpa-tools) -> {args.out}: {summary.get('copied')} tensors copied, "
+              f"{summary.get('n_parameters', 0):,} parameters")
+        left = summary.get("initialised") or []
+        if left:
+            print(f"left as initialised (cpa-tools saves no state for them): {len(left)} adversary tensors")
+        print(f"labels: perturbation {setup.get('perturbation_key')!r} (control {setup.get('control_group')!r}), "
+              f"dose {setup.get('dosage_key')!r}, covariates {setup.get('categorical_covariate_keys')}; "
+              f"predict with: cpa-stream predict --model {args.out} --store STORE ...")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

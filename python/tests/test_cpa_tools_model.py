@@ -8,10 +8,12 @@ networks cpa-stream cannot express are refused naming the part."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -127,3 +129,54 @@ def test_reading_model_pt_runs_no_code_from_it(tmp_path):
     (directory / "model.pt").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a torch.save file"):
         cpa_tools_model.read_saved(directory)
+
+
+def test_the_cli_imports_a_cpa_tools_model_that_predict_reads(cli, tmp_path):
+    """``cpa-stream import-model DIR --out MODEL`` (issue 74 item 3, the CLI route): the model
+    directory it writes predicts, through ``cpa-stream predict --model``, what cpa-tools predicted;
+    it is written whole, replaced only with ``--overwrite`` and only over a model directory."""
+    import anndata as ad
+    import pyarrow.parquet as pq
+
+    import cpa_stream as cs
+
+    # The Python the tests run in has the package being tested.
+    env = {**os.environ, "CPA_STREAM_PYTHON": sys.executable}
+    model = tmp_path / "model"
+    done = subprocess.run([cli, "import-model", str(FIXTURE / "nb-logsigm"), "--out", str(model), "--json"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["copied"] > 0 and report["model"] == str(model)
+    assert sorted(p.name for p in model.iterdir()) == ["model.json", "weights.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"], "nothing left beside it"
+
+    adata = ad.read_h5ad(FIXTURE / "nb-logsigm" / "cells.h5ad")
+    store = cs.import_h5ad(adata, tmp_path / "cells.store", progress=False)
+    out = tmp_path / "pred.parquet"
+    predicted = subprocess.run([cli, "predict", "--model", str(model), "--store", str(store.path), "--source", "all",
+                                "--threads", "1", "--out", str(out)], capture_output=True, text=True)
+    assert predicted.returncode == 0, predicted.stderr
+    table = pq.read_table(out)
+    order = {name: i for i, name in enumerate(adata.obs_names)}
+    means = np.stack(table.column("mean").to_numpy(zero_copy_only=False))
+    ours = np.empty_like(means)
+    ours[[order[c] for c in table.column("cell_id").to_pylist()]] = means
+    theirs = np.load(FIXTURE / "nb-logsigm" / "expected.npy")
+    assert (np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1e-6)).max() < 1e-4
+
+    again = subprocess.run([cli, "import-model", str(FIXTURE / "nb-logsigm"), "--out", str(model)],
+                           capture_output=True, text=True, env=env)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert subprocess.run([cli, "import-model", str(FIXTURE / "nb-logsigm"), "--out", str(model), "--overwrite"],
+                          capture_output=True, env=env).returncode == 0
+    other = tmp_path / "not-a-model"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    refused = subprocess.run([cli, "import-model", str(FIXTURE / "nb-logsigm"), "--out", str(other), "--overwrite"],
+                             capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and "not a cpa-stream model directory" in refused.stderr
+    assert (other / "keep.txt").read_text() == "mine"
+    missing = subprocess.run([cli, "import-model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")],
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr

@@ -126,3 +126,40 @@ def test_float16_values_read_in_every_reader_within_half_precision(cli, run, sto
         assert half.shape == single.shape, name
         bound = np.maximum(np.abs(single) * 2.0**-11, 2.0**-25)
         assert (np.abs(half - single) <= bound).all(), name
+
+
+def test_polars_scans_shards_and_parts_lazily_with_the_schema_types(cli, run, store, tmp_path):
+    """What a polars user writes to read predictions out of core: ``pl.scan_parquet`` of a
+    shard directory (``--shard k/n``, its ``genes.parquet`` beside the parts left out by the
+    pattern) and of a ``--parts`` directory, filtered before anything is read; ``mean`` reads as
+    ``Array(Float32, genes)``, the labels as ``Categorical``, ``--values f16`` as ``Float16``.
+    (The Rust crate linked polars for this until issue 79; the test moved here with the use.)"""
+    import polars as pl
+
+    def predict(*args: str) -> None:
+        subprocess.run([cli, "predict", "--model", str(run.path), "--store", str(store.path), "--target", "MAP2K6",
+                        "--threads", "1", *args], check=True, capture_output=True)
+
+    controls = int((store.obs["condition"].astype(str) == "control").sum())
+    genes = store.n_vars
+    shards = tmp_path / "shards"
+    for k in range(2):
+        predict("--latents", "z_basal", "--shard", f"{k}/2", "--out", str(shards))
+    assert sorted(p.name for p in shards.iterdir()) == ["genes.parquet", "part-0-of-2.parquet", "part-1-of-2.parquet"]
+    lazy = pl.scan_parquet(shards / "part-*.parquet")
+    schema = lazy.collect_schema()
+    assert schema["mean"] == pl.Array(pl.Float32, genes)
+    assert isinstance(schema["condition"], pl.Categorical), schema["condition"]
+    assert schema["cell_id"] == pl.String
+    assert isinstance(schema["z_basal"], pl.Array) and schema["z_basal"].inner == pl.Float32
+    frame = lazy.filter(pl.col("condition").cast(pl.String) == "MAP2K6").collect()
+    assert frame.height == controls, "both shards, every control cell"
+
+    parts = tmp_path / "parts"
+    predict("--parts", "--source", "all", "--row-group-rows", "1000", "--out", str(parts))
+    assert len(list(parts.iterdir())) > 1
+    assert pl.scan_parquet(parts).select(pl.len()).collect().item() == store.n_obs
+
+    half = tmp_path / "f16.parquet"
+    predict("--values", "f16", "--out", str(half))
+    assert pl.scan_parquet(half).collect_schema()["mean"] == pl.Array(pl.Float16, genes)

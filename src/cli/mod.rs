@@ -35,6 +35,7 @@ macro_rules! jsonln {
 pub(crate) mod bench;
 pub(crate) mod evaluate;
 mod h5ad;
+mod import_model;
 pub(crate) mod info;
 pub(crate) mod predict;
 mod progress;
@@ -263,6 +264,12 @@ enum Command {
                             cpa-stream dose-response --model run/ --store atlas.store --perturbations drug_1,drug_2 \
                             --doses 0,0.01,0.1,1 --genes GATA1,HBG2 --out dose/")]
     DoseResponse(evaluate::DoseResponseArgs),
+    /// Convert a model saved by cpa-tools 0.8.8 (`model.save(dir)`: model.pt) into a cpa-stream
+    /// model directory that predict, evaluate, embeddings and dose-response read.
+    #[command(after_help = "Example:\n  cpa-stream import-model saved_cpa_tools_model/ --out model/\n  \
+                            cpa-stream predict --model model/ --store atlas.store --target \"condition=IFNb\" \
+                            --out pred.parquet")]
+    ImportModel(import_model::ImportModelArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -323,6 +330,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Evaluate(a) => crate::model_commands::evaluate(a),
         Command::Embeddings(a) => crate::model_commands::embeddings(a),
         Command::DoseResponse(a) => crate::model_commands::dose_response(a),
+        Command::ImportModel(a) => import_model::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Completions { shell } => {
             let mut command = <Args as clap::CommandFactory>::command();

@@ -304,7 +304,7 @@ fn the_python_module_compiles_no_crate_the_workspace_build_compiled_otherwise() 
         let text = String::from_utf8_lossy(&out.stdout);
         Some(text.lines().map(|l| l.trim_end_matches(" (*)").to_owned()).filter(|l| !l.is_empty()).collect())
     };
-    let Some(workspace) = tree(&["--workspace", "--features", "cpa-stream/polars", "-e", "normal,build,dev"]) else {
+    let Some(workspace) = tree(&["--workspace", "-e", "normal,build,dev"]) else {
         return;
     };
     let Some(module) = tree(&["--manifest-path", "python/Cargo.toml", "-e", "normal,build"]) else { return };

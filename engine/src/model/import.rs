@@ -9,8 +9,8 @@ use tch::Device;
 
 use super::files::{check_weights_file, fill_variables, save_model};
 use super::network::{CpaModel, GROUP_ADV};
-use cpa_stream_stages::model::{CpaConfig, Vocabulary};
 use cpa_stream_stages::Result;
+use cpa_stream_stages::model::{CpaConfig, Vocabulary};
 
 /// What an import did.
 #[derive(Debug, Clone, Serialize)]
