@@ -65,8 +65,8 @@ step "predict the held-out pair $pair from K562 control cells (Parquet, streamed
 
 step "evaluate: the held-out pair (ood split), then the test split (R2 of log1p means over genes)"
 "$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split ood --out "$out/eval-ood" --overwrite
-echo "(R2 of log1p means over the 500 genes: 1 is perfect. The model sees the pair's two genes alone in training,"
-echo " never together; the control mean is what 'no change' scores, the other rows what simpler guesses score.)"
+echo "(R2 of log1p means over the 500 genes, 1 is perfect: r2_mean is the model's, which never saw the two genes"
+echo " together; ctrl_bl is what predicting 'no change' (the control mean) scores, lin_bl a linear baseline's.)"
 "$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split test --out "$out/eval-test" --overwrite
 
 step "synthetic atlas with a held-back combination: train, then score against the true means"
