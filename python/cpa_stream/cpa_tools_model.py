@@ -31,6 +31,8 @@ __all__ = ["MAX_MODEL_BYTES", "convert", "main", "publish", "read_saved"]
 
 #: Largest ``model.pt`` read (a cpa-tools model of 30,000 genes and 1,000-wide layers is ~300 MB).
 MAX_MODEL_BYTES = 4 << 30
+#: What ``publish`` writes into the model directories it makes (and what ``--overwrite`` replaces).
+IMPORTED = "imported.json"
 #: Largest ``CPA_info.json`` read.
 MAX_INFO_BYTES = 64 << 20
 
@@ -307,23 +309,24 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 def publish(dir_path: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
     """:func:`convert` into ``out`` as a whole: built beside it under a temporary name and
-    renamed into place once complete. An existing ``out`` is replaced only with ``overwrite``
-    and only when it is a cpa-stream model directory (its ``model.json``); anything else there
-    (a file, a link, another directory) is refused."""
+    renamed into place once complete, with ``imported.json`` (where it came from). An existing
+    ``out`` is replaced only with ``overwrite`` and only when this conversion wrote it (its
+    ``imported.json``): a trained run's model, a file, a link or another directory is refused."""
     import shutil
 
     target = Path(out)
     if target.is_symlink() or target.exists():
         if not overwrite:
             raise FileExistsError(f"{target}: exists; pass --overwrite to replace a model converted before")
-        if target.is_symlink() or not target.is_dir() or not (target / "model.json").is_file():
-            raise FileExistsError(f"{target}: not a cpa-stream model directory (no model.json); not replaced")
+        if target.is_symlink() or not target.is_dir() or not (target / IMPORTED).is_file():
+            raise FileExistsError(f"{target}: not a model directory import-model wrote (no {IMPORTED}); not replaced")
     target.parent.mkdir(parents=True, exist_ok=True)
     building = target.parent / f".{target.name}.import-{os.getpid()}"
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     try:
         converted = convert(dir_path, building)
+        (building / IMPORTED).write_text(json.dumps({"from": os.path.abspath(dir_path), **converted["summary"]}))
         if target.exists():
             os.replace(target, old)
         os.replace(building, target)

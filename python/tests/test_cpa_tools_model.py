@@ -148,7 +148,7 @@ def test_the_cli_imports_a_cpa_tools_model_that_predict_reads(cli, tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["copied"] > 0 and report["model"] == str(model)
-    assert sorted(p.name for p in model.iterdir()) == ["model.json", "weights.safetensors"]
+    assert sorted(p.name for p in model.iterdir()) == ["imported.json", "model.json", "weights.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"], "nothing left beside it"
 
     adata = ad.read_h5ad(FIXTURE / "nb-logsigm" / "cells.h5ad")
@@ -175,8 +175,16 @@ def test_the_cli_imports_a_cpa_tools_model_that_predict_reads(cli, tmp_path):
     (other / "keep.txt").write_text("mine")
     refused = subprocess.run([cli, "import-model", str(FIXTURE / "nb-logsigm"), "--out", str(other), "--overwrite"],
                              capture_output=True, text=True, env=env)
-    assert refused.returncode == 1 and "not a cpa-stream model directory" in refused.stderr
+    assert refused.returncode == 1 and "not a model directory import-model wrote" in refused.stderr
     assert (other / "keep.txt").read_text() == "mine"
+    # A trained run's model directory (model.json, not written by import-model) is not replaced either.
+    run_model = tmp_path / "run-model"
+    run_model.mkdir()
+    (run_model / "model.json").write_text("{}")
+    refused = subprocess.run([cli, "import-model", str(FIXTURE / "nb-logsigm"), "--out", str(run_model),
+                              "--overwrite"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and "not a model directory import-model wrote" in refused.stderr
+    assert (run_model / "model.json").read_text() == "{}"
     missing = subprocess.run([cli, "import-model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")],
                              capture_output=True, text=True, env=env)
     assert missing.returncode == 1 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr

@@ -17,7 +17,7 @@ pub struct ImportModelArgs {
     /// The cpa-stream model directory to write (read by `predict --model`, `evaluate --model`, ...).
     #[arg(long)]
     pub out: PathBuf,
-    /// Replace a model directory converted before (never anything else).
+    /// Replace a model directory import-model wrote before (its imported.json; never anything else).
     #[arg(long)]
     pub overwrite: bool,
     /// Print the report as JSON.
