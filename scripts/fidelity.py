@@ -1213,7 +1213,7 @@ def table(a):
     lines += ["", f"Load average during the runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs."]
     model, plan = peer_defaults()
     _, unexpressed = translate(model, plan, batch_size=128, check_val_every=5, max_comb_len=meta["max_comb_len"],
-                               epochs=0, seed=0)
+                               epochs=1, seed=0)
     lines += ["", "Not expressed by the translation:"] + [f"- {u}" for u in unexpressed]
     variants = sorted({(r["variant"], tuple(r.get("set") or []), r.get("preset")) for r in results if r["tool"] == "cpa-stream"})
     def describe(v, sets, p):
@@ -1288,6 +1288,9 @@ def protocol(a):
         sets.append((role, os.path.basename(directory.rstrip("/")), results))
     variants = sorted({r["variant"] for _, _, rs in sets for r in rs if r["variant"] != a.baseline
                        and not any(r["variant"].endswith(k) for k in ("-delta", "-elog", "-last", "-allctrl"))})
+    if a.variant:
+        # Named variants, rescored ones (VARIANT-delta: the anchored prediction) among them.
+        variants = list(a.variant)
     lines = [f"Protocol: each variant minus {a.baseline}, paired by seed (mean ± standard error; seeds ahead)", ""]
     header = "| variant | data set | role | epochs | " + " | ".join(
         f"{n} ({a.baseline})" for _, n in PROTOCOL_METRICS) + " | " + " | ".join(f"{n}, difference" for _, n in PROTOCOL_METRICS) + " |"
@@ -1329,6 +1332,8 @@ def protocol(a):
             verdicts.append(f"- {v} against {a.baseline}: undecided (each is ahead somewhere on the deciding sets){same}")
             continue
         against = [c for c in cells if c[0] == "confirm" and sign * c[4] < -2 * c[5]]
+        # Every cell where the choice is behind on average, whatever the margin.
+        behind = [c for c in cells if sign * c[4] < 0]
         confirmed = [c for c in cells if c[0] == "confirm"]
         if not confirmed:
             verdicts.append(f"- {v} against {a.baseline}: {chosen} decided; no confirming set measured both{same}")
@@ -1339,6 +1344,10 @@ def protocol(a):
             named = "; ".join(f"{n} {e} epochs {m} ({sign * d:+.3f} ± {se:.3f})" for _, n, e, m, d, se in against)
             verdicts.append(f"- {v} against {a.baseline}: {chosen} decided; confirmed on {len(confirmed) - len(against)} "
                             f"of {len(confirmed)} confirming cells, behind by more than two standard errors on: {named}{same}")
+        if behind:
+            verdicts.append(f"  {chosen} is behind on average, by any margin, on {len(behind)} of {len(cells)} cells: "
+                            + "; ".join(f"{n} ({r}) {e} epochs {m} ({sign * d:+.3f} ± {se:.3f})"
+                                        for r, n, e, m, d, se in behind))
     lines += [""] + verdicts
     lines += ["", "Decided: ahead on average on every deciding set, metric and epoch count. Confirmed: on no",
               "confirming set, metric and epoch count behind by more than two standard errors. Identical:",
@@ -1481,6 +1490,8 @@ def main():
     p = sub.add_parser("protocol", help="variants against a baseline over deciding and confirming data sets")
     p.add_argument("sets", nargs="+", help="decide=DIR or confirm=DIR (a fidelity.sh data set directory)")
     p.add_argument("--baseline", default="cpa-stream")
+    p.add_argument("--variant", action="append",
+                   help="judge only this variant (repeatable), rescored ones too: VARIANT-delta is the anchored prediction")
     a = ap.parse_args()
     commands = {"prepare": prepare, "peer": peer, "stream": stream, "rescore": rescore, "ensemble": ensemble, "draws": draws, "table": table,
                 "protocol": protocol, "slopes": slopes, "calibrated": calibrated}

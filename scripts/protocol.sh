@@ -15,6 +15,11 @@
 #   VARIANTS  as fidelity.sh (default "cpa-stream defaults:defaults": the cpa-tools tutorial's
 #             settings as translated, against this project's defaults)
 #   BASELINE  the variant the others are compared with (default: the first of VARIANTS)
+#   JUDGE     the variants judged against it, space-separated (default: every variant run), rescored
+#             ones too: with RESCORE (fidelity.sh), VARIANT-delta is VARIANT's anchored prediction.
+#             The anchored default of `predict` and `evaluate` was confirmed with
+#             VARIANTS="defaults:defaults" RESCORE=defaults BASELINE=defaults JUDGE=defaults-delta
+#             PEER=0 CONFIRM="mcfaline23 synth-b kang-celltype" (docs/fidelity.md)
 #   EPOCHS, SEEDS, PEER   as fidelity.sh (defaults "10 50", "0 1 2", 1)
 #   L1000_GCT  cmap/cmapPy's functional test file test_l1000.gct (public; 59 compounds x 6
 #             doses in A375, 978 genes, log2 expression); without it, l1000 is skipped with a message
@@ -135,4 +140,6 @@ if [ ${#roles[@]} -eq 0 ]; then
   log "no data set left to run (all skipped above)"
   exit 2
 fi
-"$py" scripts/fidelity.py protocol --baseline "$baseline" "${roles[@]}" | tee "$dir/protocol.txt"
+judged=()
+for v in ${JUDGE:-}; do judged+=(--variant "$v"); done
+"$py" scripts/fidelity.py protocol --baseline "$baseline" "${judged[@]}" "${roles[@]}" | tee "$dir/protocol.txt"

@@ -179,3 +179,14 @@ df = pd.DataFrame(results)
 
 df
 print(df.groupby('n_top_deg')[['r2_mean_deg', 'r2_mean_lfc_deg']].mean())
+
+# Beyond the tutorial (cpa-stream only): the same model scored by cpa-stream on the held-out
+# cells: its default, anchored prediction (each control cell's observed log1p counts moved by
+# the model's predicted change) beside the plain one the tutorial scores (the decoded mean,
+# cpa-tools' prediction) and the baselines (docs/prediction.md, "The anchored prediction").
+for anchored in (True, False):
+    s = model.evaluate(split='ood', anchored=anchored).attrs['summary']
+    print(f"held out, {'anchored' if anchored else 'plain'}: R2 of log1p means {s['r2_mean']:.3f} "
+          f"(top-20 DEGs {s['r2_mean_top20']:.3f}); control mean {s['r2_mean_control']:.3f} "
+          f"({s['r2_mean_control_top20']:.3f}), linear baseline {s['linear_r2_mean']:.3f} "
+          f"({s['linear_r2_mean_top20']:.3f})")

@@ -277,6 +277,10 @@ class Run:
         if isinstance(aggregate, str):
             aggregate = [part.strip() for part in aggregate.split(",")]
         group_by = kw.pop("group_by", None)
+        anchored = kw.pop("anchored", None)
+        if anchored is not None and not isinstance(anchored, bool):
+            raise TypeError(f"anchored={anchored!r}: expected None (the default), True or False")
+        kw["anchored"], kw["plain"] = anchored is True, anchored is False
         if aggregate:
             kw["aggregate"] = _args.names("aggregate", aggregate)
         if group_by is not None:
@@ -314,7 +318,7 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
-        anchored: bool = False,
+        anchored: bool | None = None,
         aggregate: str | Sequence[str] | None = None,
         group_by: str | Sequence[str] | None = None,
         device: str = "cpu",
@@ -338,14 +342,18 @@ class Run:
         adds a column of the same name: E[log1p(x)] of each predicted count distribution (nb
         models), what a mean of log-normalised counts estimates (``log1p(mean)`` overstates it).
         ``change`` adds ``change_log1p``: that expectation under the target minus under the cell's
-        own condition, the model's predicted change of that expectation. ``anchored`` adds
-        ``anchored``: the cell's observed log1p counts plus the model's predicted change,
-        ``log1p(mean)`` under the target minus under the cell's own condition (values and means
-        for a Gaussian model); with ``aggregate="mean"`` each group's observed mean moved by the
-        model's change; the prediction to make with mixup, or with an ensemble of the
-        unseen-covariates preset with and without mixup, for cell types none of whose perturbed
-        cells were trained on (without mixup the plain ``mean`` scored higher there;
-        docs/fidelity.md).
+        own condition, the model's predicted change of that expectation.
+
+        With targets, the prediction is anchored by default (``anchored=None``): the column
+        ``anchored`` holds, for a source cell that is a control cell of the target's covariates,
+        its observed log1p counts plus the model's predicted change, ``log1p(mean)`` under the
+        target minus under the cell's own condition (values and means for a Gaussian model), and
+        ``log1p(mean)`` for any other source cell; the Boolean column ``is_anchored`` says which.
+        With ``aggregate="mean"`` each group's observed mean moved by the model's change, and
+        ``n_anchored`` counts the group's anchored cells. On every held-out data set of
+        docs/fidelity.md the anchored prediction is ahead of the plain mean. ``anchored=True``
+        anchors every row on its own source cell, whatever its condition (reconstructions too);
+        ``anchored=False`` writes the model's ``mean`` only (cpa-tools' prediction).
 
         ``aggregate`` (``"mean"``, ``"var"`` or both, a list or ``"mean,var"``) writes, instead of a
         row per cell, a row per target and group of source cells: ``n_cells``, and per predicted
@@ -387,7 +395,7 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
-        anchored: bool = False,
+        anchored: bool | None = None,
         aggregate: str | Sequence[str] | None = None,
         group_by: str | Sequence[str] | None = None,
         values: str | None = None,
@@ -439,7 +447,7 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
-        anchored: bool = False,
+        anchored: bool | None = None,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
@@ -447,8 +455,9 @@ class Run:
         """The predictions as an AnnData, for results that fit in memory: ``X`` the predicted
         means (float32), ``obs`` the source cell id and the target's labels (categoricals),
         ``var`` the genes, ``obsm`` each latent, ``layers["expected_log1p"]`` with
-        ``expected_log1p``, ``layers["change_log1p"]`` with ``change`` and ``layers["anchored"]`` with
-        ``anchored``. Arguments as :meth:`predict`. For more rows than
+        ``expected_log1p``, ``layers["change_log1p"]`` with ``change`` and, where the prediction is
+        anchored (with targets, by default), ``layers["anchored"]`` and ``obs["is_anchored"]``.
+        Arguments as :meth:`predict`. For more rows than
         memory holds use :meth:`predict_to_parquet` (or :meth:`predict` batch by batch)."""
         import anndata as ad
 
@@ -460,6 +469,7 @@ class Run:
         genes_json = (reader.schema.metadata or {}).get(GENES_KEY)
         gene_names = json.loads(genes_json) if genes_json else []
         latent_names = [n for n in reader.schema.names if n in LATENTS]
+        with_anchored = ANCHORED in reader.schema.names
         label_names = [n for n in reader.schema.names if n not in ("mean", EXPECTED_LOG1P, CHANGE_LOG1P, ANCHORED, *LATENTS)]
         means: list[np.ndarray] = []
         expected: list[np.ndarray] = []
@@ -473,7 +483,7 @@ class Run:
                 expected.append(_vectors(batch.column(EXPECTED_LOG1P), len(gene_names)))
             if change:
                 changes.append(_vectors(batch.column(CHANGE_LOG1P), len(gene_names)))
-            if anchored:
+            if with_anchored:
                 anchors.append(_vectors(batch.column(ANCHORED), len(gene_names)))
             for n in latent_names:
                 column = batch.column(n)
@@ -491,7 +501,7 @@ class Run:
             layers[EXPECTED_LOG1P] = np.concatenate(expected) if expected else np.zeros_like(x)
         if change:
             layers[CHANGE_LOG1P] = np.concatenate(changes) if changes else np.zeros_like(x)
-        if anchored:
+        if with_anchored:
             layers[ANCHORED] = np.concatenate(anchors) if anchors else np.zeros_like(x)
         return ad.AnnData(
             X=x, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)), obsm=latents_out, layers=layers
@@ -543,7 +553,7 @@ class Run:
         min_cells: int | None = None,
         definitions: str = "default",
         expected_log1p: bool = False,
-        anchored: bool = False,
+        anchored: bool | None = None,
         ensemble: Sequence[Run | PathLike] = (),
         plots: bool | None = None,
         overwrite: bool = False,
@@ -563,8 +573,10 @@ class Run:
         scores with cpa-tools' tutorial definitions (every control cell of the covariates, DEGs
         by the difference of means, conditions of 2 cells or more). ``expected_log1p`` scores the
         expected log1p of the predicted counts (nb models) instead of log1p of the predicted mean.
-        ``anchored`` scores the anchored prediction (:meth:`predict`'s ``anchored``: the control
-        cells' observed log1p counts moved by the model's change); ``ensemble`` (other runs, or
+        The anchored prediction is scored by default (:meth:`predict`'s ``anchored``: the control
+        cells' observed log1p counts moved by the model's change), except with ``expected_log1p``
+        (a plain prediction); ``anchored=False`` scores log1p of the predicted means, cpa-tools'
+        prediction (with ``definitions="reference"``, its tutorials' numbers). ``ensemble`` (other runs, or
         their directories) averages the predictions of this run's model and theirs, as
         :meth:`predict`'s ``ensemble`` does. With ``out`` the
         files (``metrics.parquet``, ``summary.json``, ``degs.parquet``, ``plots/``) are kept
@@ -577,7 +589,7 @@ class Run:
                 "truth": os.fspath(truth) if truth is not None else None,
                 "degs": os.fspath(degs) if degs is not None else None,
                 "min_cells": min_cells, "definitions": definitions, "expected_log1p": expected_log1p,
-                "anchored": anchored, "ensemble": _ensemble_paths(ensemble),
+                "anchored": anchored is True, "plain": anchored is False, "ensemble": _ensemble_paths(ensemble),
                 "plots": _plots(plots, out), "overwrite": overwrite, "batch_size": batch_size,
                 "compute": _compute(device, threads), "naming": "keywords",
             }

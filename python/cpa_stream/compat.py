@@ -477,6 +477,18 @@ class CPA:
                     stacklevel=3,
                 )
 
+    def evaluate(self, adata: Any | None = None, split: str = "ood", anchored: bool | None = None,
+                 **kwargs: Any) -> pd.DataFrame:
+        """Not in cpa-tools: cpa-stream's evaluation of this model (:meth:`cpa_stream.Run.evaluate`)
+        on ``adata`` (default the model's) with its splits (``"ood"``: the held-out cells; also
+        ``"train"``, ``"valid"``, ``"test"``, ``"all"``): per condition the R2 of log1p means on
+        all genes and the top DEGs, with the control-mean and linear baselines. ``anchored``
+        (default: anchored) as in :meth:`cpa_stream.Run.evaluate`; ``anchored=False`` scores the
+        plain mean that :meth:`predict` writes, cpa-tools' prediction."""
+        _, store = self._store_of(adata)
+        with _engine_errors():
+            return self._trained().evaluate(store, split=split, anchored=anchored, threads=self.threads, **kwargs)
+
     def predict(
         self,
         adata: Any | None = None,
@@ -497,7 +509,10 @@ class CPA:
         means, ids = [], []
         n_genes = len(self.run.vocabulary["genes"])
         with _engine_errors():
-            reader = self._trained().predict(store, source="all", batch_size=batch_size, threads=self.threads)
+            # cpa-tools' prediction: the decoded mean, never anchored (docs/python.md).
+            reader = self._trained().predict(
+                store, source="all", batch_size=batch_size, threads=self.threads, anchored=False
+            )
             for batch in reader:
                 means.append(_vectors(batch.column("mean"), n_genes))
                 ids.append(batch.column("cell_id").to_numpy(zero_copy_only=False))
@@ -564,7 +579,7 @@ class CPA:
         with _engine_errors():
             reader = run.predict(
                 store, source="all", latents=kinds, batch_size=batch_size, batch_corrected=corrected,
-                threads=self.threads,
+                threads=self.threads, anchored=False,
             )
             for batch in reader:
                 parts["mean"].append(_vectors(batch.column("mean"), n_genes))

@@ -110,7 +110,7 @@ def test_expected_log1p_rides_beside_the_mean(run, store, fresh):
     assert (expected[adata.X > 0.1] > 0).all()
     run.predict_to_parquet(fresh / "e.parquet", store, source=SOURCE, targets=TARGET, expected_log1p=True, **COMPUTE)
     written = pq.read_table(fresh / "e.parquet")
-    assert written.column_names[-2:] == ["mean", "expected_log1p"]
+    assert written.column_names[-3:] == ["mean", "expected_log1p", "anchored"]
     assert np.array_equal(np.stack(written.column("expected_log1p").to_numpy(zero_copy_only=False)), expected)
     assert "expected_log1p" not in run.predict_anndata(store, source=SOURCE, targets=TARGET, **COMPUTE).layers
     # The change: under the target minus under the cells' own condition (0 for their own).
@@ -137,6 +137,34 @@ def test_anchored_is_the_observed_log1p_moved_by_the_change_and_aggregates_to_th
     assert groups.num_rows == 1 and groups.column("n_cells")[0].as_py() == len(observed)
     recipe = observed.mean(0) + np.log1p(target.X).mean(0) - np.log1p(own.X).mean(0)
     np.testing.assert_allclose(np.asarray(groups.column("anchored")[0].as_py()), recipe, atol=1e-4)
+
+
+def test_predictions_and_evaluations_are_anchored_by_default_and_plain_on_request(run, store):
+    every = run.predict_anndata(store, source=SOURCE, targets=TARGET, anchored=True, **COMPUTE)
+    default = run.predict_anndata(store, source=SOURCE, targets=TARGET, **COMPUTE)
+    # Control cells of the target's cell type: every row anchored, as anchored=True anchors them.
+    assert default.obs["is_anchored"].all()
+    np.testing.assert_allclose(default.layers["anchored"], every.layers["anchored"], atol=1e-5)
+    plain = run.predict_anndata(store, source=SOURCE, targets=TARGET, anchored=False, **COMPUTE)
+    assert "anchored" not in plain.layers and "is_anchored" not in plain.obs
+    np.testing.assert_allclose(plain.X, default.X, rtol=1e-5, atol=1e-6)
+    # Perturbed source cells are not anchored by default: their `anchored` is log1p(mean).
+    mixed = run.predict(store, source="all", targets=TARGET, **COMPUTE).read_all()
+    flags = np.asarray(mixed.column("is_anchored").to_pylist())
+    assert flags.any() and not flags.all()
+    means = np.stack(mixed.column("mean").to_numpy(zero_copy_only=False))[~flags]
+    anchored = np.stack(mixed.column("anchored").to_numpy(zero_copy_only=False))[~flags]
+    np.testing.assert_allclose(anchored, np.log1p(means), atol=1e-5)
+    with pytest.raises(TypeError, match="anchored"):
+        run.predict(store, targets=TARGET, anchored="yes", **COMPUTE)
+    # evaluate: anchored by default (cpa-tools' definitions too), plain with anchored=False.
+    scored = {
+        "default": run.evaluate(store, split="ood", threads=1),
+        "plain": run.evaluate(store, split="ood", anchored=False, threads=1),
+        "reference": run.evaluate(store, split="ood", definitions="reference", threads=1),
+    }
+    predicted = {k: v.attrs["report"]["predicted"] for k, v in scored.items()}
+    assert predicted == {"default": "anchored log1p", "plain": "log1p(mean)", "reference": "anchored log1p"}
 
 
 def test_an_ensemble_averages_its_runs_predictions(run, store, scratch):

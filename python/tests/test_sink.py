@@ -76,10 +76,12 @@ def test_aggregates_from_python_equal_the_cells_grouped_in_polars(run, store, tm
     keywords = dict(source="all", targets=["MAP2K6"], threads=1)
     cells = pl.DataFrame(run.predict(store, **keywords))
     groups = pl.DataFrame(run.predict(store, aggregate="mean,var", **keywords))
-    covariates = [c for c in groups.columns if c not in ("condition", "dose", "n_cells", "mean", "mean_var")]
+    outputs = ("condition", "dose", "n_cells", "n_anchored", "mean", "mean_var", "anchored", "anchored_var")
+    covariates = [c for c in groups.columns if c not in outputs]
     assert groups.columns[:2] == ["condition", "dose"] and len(covariates) >= 1, groups.columns
     keys = ["condition", "dose", *covariates]
     values = np.stack(cells["mean"].to_numpy())
+    anchored, is_anchored = np.stack(cells["anchored"].to_numpy()), cells["is_anchored"].to_numpy()
     labels = cells.select(pl.col(k).cast(pl.String) for k in keys).rows()
     assert len(groups) == len(set(labels))
     for row in groups.with_columns(pl.col(k).cast(pl.String) for k in keys).iter_rows(named=True):
@@ -87,12 +89,15 @@ def test_aggregates_from_python_equal_the_cells_grouped_in_polars(run, store, tm
         assert row["n_cells"] == members.sum()
         np.testing.assert_allclose(row["mean"], values[members].mean(axis=0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(row["mean_var"], values[members].var(axis=0, ddof=1), rtol=1e-4, atol=1e-6)
+        # The anchored prediction (the default with targets): its mean, and the anchored cells counted.
+        assert row["n_anchored"] == is_anchored[members].sum()
+        np.testing.assert_allclose(row["anchored"], anchored[members].mean(axis=0), rtol=1e-5, atol=1e-5)
 
     out = tmp_path / "groups.parquet"
     report = run.predict_to_parquet(out, store, aggregate=["mean"], group_by=[], **keywords)
     assert report["aggregated"] and report["output"]["rows"] == 1, report
     table = pq.read_table(out)
-    assert table.column_names == ["condition", "dose", "n_cells", "mean"]
+    assert table.column_names == ["condition", "dose", "n_cells", "n_anchored", "mean", "anchored"]
     assert table.column("n_cells")[0].as_py() == len(cells)
     with pytest.raises(Exception, match="group_by"):
         run.predict(store, group_by="cell_type", **keywords)

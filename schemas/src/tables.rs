@@ -179,12 +179,18 @@ pub mod predictions {
     /// to the target, the same genes, `FixedSizeList<Float32>` (`predict --change`, nb models):
     /// added to the cells' observed log1p counts, the model's prediction anchored on real data.
     pub const CHANGE_LOG1P: &str = "change_log1p";
-    /// The anchored prediction, the same genes, `FixedSizeList<Float32>` (`predict --anchored`):
-    /// the source cell's observed expression (log1p of its counts for a count model) plus the
-    /// model's predicted change of it, `log1p(mean)` under the target minus under the cell's own
-    /// condition (the means themselves for a Gaussian model). Its mean over a group of source
-    /// cells is their observed mean plus the model's predicted change of the group's mean.
+    /// The anchored prediction, the same genes, `FixedSizeList<Float32>` (written by default with
+    /// targets; `predict --plain` leaves it out): where [`IS_ANCHORED`] is true, the source cell's
+    /// observed expression (log1p of its counts for a count model) plus the model's predicted
+    /// change of it, `log1p(mean)` under the target minus under the cell's own condition (the
+    /// means themselves for a Gaussian model); its mean over a group of source cells is their
+    /// observed mean plus the model's predicted change of the group's mean. Where
+    /// [`IS_ANCHORED`] is false (the source cell is not a control of the target's covariates),
+    /// the plain prediction in the same space, `log1p(mean)`.
     pub const ANCHORED: &str = "anchored";
+    /// Whether the row's [`ANCHORED`] values are anchored on its source cell (Boolean, written
+    /// with [`ANCHORED`], after the label columns).
+    pub const IS_ANCHORED: &str = "is_anchored";
     /// The per-gene columns besides `mean`, in the order they are written.
     pub const GENE_COLUMNS: [&str; 3] = [EXPECTED_LOG1P, CHANGE_LOG1P, ANCHORED];
     /// Schema metadata key: the chosen genes as a JSON array, in the order of [`MEAN`]'s items.
@@ -207,7 +213,8 @@ pub mod predictions {
 }
 
 /// Schema of a prediction file: `cell_id`, then one categorical column per label of the target
-/// condition (`label_columns`: the perturbation key, the dose key, the covariates), `mean` (one
+/// condition (`label_columns`: the perturbation key, the dose key, the covariates),
+/// `is_anchored` when `gene_columns` holds `anchored`, `mean` (one
 /// value per gene of `genes`, which the schema metadata records), the per-gene columns of
 /// `gene_columns` (of [`predictions::GENE_COLUMNS`], the same genes), then the chosen latents of
 /// width `latent_width`. Errors when a label column collides with another column.
@@ -220,6 +227,9 @@ pub fn prediction_schema(
 ) -> Result<SchemaRef, SchemaError> {
     let mut fields = vec![Field::new(predictions::CELL_ID, DataType::Utf8, false)];
     fields.extend(label_columns.iter().map(|name| Field::new(name, categorical_type(), false)));
+    if gene_columns.contains(&predictions::ANCHORED) {
+        fields.push(Field::new(predictions::IS_ANCHORED, DataType::Boolean, false));
+    }
     let n_genes = i32::try_from(genes.len()).map_err(|_| SchemaError(format!("{} genes is too many", genes.len())))?;
     fields.push(Field::new(predictions::MEAN, f32_vector_type(n_genes), false));
     for name in gene_columns {

@@ -43,12 +43,16 @@ pub struct EvaluateArgs {
     /// predicted mean: what the real cells' mean of log1p counts estimates (docs/fidelity.md).
     #[arg(long)]
     pub(crate) expected_log1p: bool,
-    /// Score the anchored prediction, as `predict --anchored` writes it: each control cell's
+    /// Score the anchored prediction, as `predict` writes it by default: each control cell's
     /// observed log1p counts moved by the model's change from the cell's own condition to the
-    /// condition's (the values themselves for a Gaussian model). For cell types none of whose
-    /// perturbed cells were trained on, with mixup (docs/fidelity.md).
-    #[arg(long, conflicts_with = "expected_log1p")]
+    /// condition's (the values themselves for a Gaussian model). The default (this flag only
+    /// says so).
+    #[arg(long, conflicts_with_all = ["expected_log1p", "plain"])]
     pub(crate) anchored: bool,
+    /// Score the plain prediction, log1p of the predicted means (`predict --plain`'s `mean`),
+    /// as cpa-tools predicts (with --definitions reference: cpa-tools' tutorial numbers).
+    #[arg(long)]
+    pub(crate) plain: bool,
     /// The metrics printed: `default` (R2 of means with its control-mean baseline and the data's
     /// split-half ceiling, on all genes and the top 20 DEGs, Pearson of the change, L1
     /// discrimination rank) or `all`; metrics.parquet holds every metric either way.

@@ -71,19 +71,23 @@ pub struct PredictArgs {
     pub(crate) expected_log1p: bool,
     /// Also write `change_log1p`: per gene, E[log1p(x)] under the target minus under the source
     /// cell's own condition (nb models): the model's predicted change of the expected log1p.
-    /// For a prediction anchored on the observed cells, --anchored is what docs/fidelity.md
-    /// measured best.
     #[arg(long)]
     pub(crate) change: bool,
-    /// Also write `anchored`: per gene, the source cell's observed log1p counts plus the model's
-    /// predicted change, log1p(mean) under the target minus under the cell's own condition (the
-    /// values and means themselves for a Gaussian model). With --aggregate mean, each group's
-    /// observed mean moved by the model's change. The prediction to make with mixup or with an
-    /// ensemble of the unseen-covariates preset with and without mixup, for cell types none of
-    /// whose perturbed cells were trained on; without mixup the plain `mean` scored higher there
-    /// (docs/fidelity.md).
-    #[arg(long)]
+    /// Anchor every row on its source cell, whatever its condition and the target's covariates
+    /// (and reconstructions too). By default, with targets, `anchored` holds per gene the
+    /// source cell's observed log1p counts plus the model's predicted change (log1p(mean) under
+    /// the target minus under the cell's own condition; the values themselves for a Gaussian
+    /// model) where the source cell is a control cell whose covariates the target keeps, and
+    /// log1p(mean) elsewhere; `is_anchored` says which, per row. With --aggregate mean, each
+    /// group's observed mean moved by the model's change, and `n_anchored` counts its anchored
+    /// cells. The anchored prediction is ahead of the plain mean on every held-out data set of
+    /// docs/fidelity.md.
+    #[arg(long, conflicts_with = "plain")]
     pub(crate) anchored: bool,
+    /// No `anchored` column: the model's mean only (cpa-tools' prediction), without decoding the
+    /// anchored cells once more under their own condition.
+    #[arg(long)]
+    pub(crate) plain: bool,
     /// Instead of a row per cell, write per target and group of source cells these statistics of
     /// every predicted column (comma-separated: mean, var), computed where the model runs as the
     /// cells pass: one row per group with `n_cells`, `mean`, `mean_var`, ... (the variance is

@@ -26,6 +26,7 @@ impl EvaluateArgs {
             expected_log1p: self.expected_log1p,
             ensemble: self.ensemble.clone(),
             anchored: self.anchored,
+            plain: self.plain,
             plots: !self.no_plots,
             overwrite: self.overwrite,
             batch_size: self.batch_size,
@@ -70,6 +71,9 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
              (docs/evaluation.md has every column)"
         );
     }
+    if let Some(line) = small_anchor_line(&report) {
+        outln!("{line}");
+    }
     outln!("DEGs: {}", deg_sources(&report));
     let reproducibility = report.reproducibility.filter(|r| r.not_reproduced > 0);
     if let Some(r) = &reproducibility {
@@ -91,6 +95,26 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     );
     cli::print_report(&report.report)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Control cells under which an anchor's mean carries noise comparable to a small change.
+const SMALL_ANCHOR: u64 = 30;
+
+/// A note where the anchored prediction of some scored condition rests on few control cells:
+/// their observed mean, noise included, is its starting point.
+fn small_anchor_line(report: &evaluate::EvaluateReport) -> Option<String> {
+    if !report.predicted.starts_with("anchored") {
+        return None;
+    }
+    let scored = report.conditions.iter().filter(|c| c.n_cells > 0);
+    let few: Vec<u64> = scored.filter(|c| c.n_control < SMALL_ANCHOR).map(|c| c.n_control).collect();
+    let fewest = few.iter().min()?;
+    Some(format!(
+        "Anchored on few control cells: {} scored condition(s) start from the observed mean of fewer than {SMALL_ANCHOR} \
+         controls (as few as {fewest}), whose noise is in the prediction; --definitions reference --anchored anchors \
+         on every control cell of the covariates, --plain decodes them instead (n_control in metrics.parquet)",
+        few.len()
+    ))
 }
 
 /// The conditions whose change the data do not measure, counted.

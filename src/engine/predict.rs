@@ -45,6 +45,7 @@ impl PredictArgs {
             expected_log1p: self.expected_log1p,
             change: self.change,
             anchored: self.anchored,
+            plain: self.plain,
             aggregate: self.aggregate.clone(),
             group_by: self.group_by.clone(),
             row_group_rows: self.row_group_rows,
@@ -83,6 +84,12 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         report.genes,
         report.output.bytes as f64 / 1e6
     );
+    if let Some(anchored) = report.anchored_rows {
+        outln!(
+            "{}",
+            anchored_line(anchored, report.source_cells.saturating_mul(report.targets as u64), report.aggregated)
+        );
+    }
     if report.aggregated {
         outln!("{:.0} source cells/s, {:.0} cell predictions/s", report.cells_per_s, report.rows_per_s);
     } else {
@@ -108,6 +115,30 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         outln!("{memory}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the `anchored` column holds: how many of the `total` rows (cells, for aggregates) are
+/// anchored on their source cell.
+fn anchored_line(anchored: u64, total: u64, aggregated: bool) -> String {
+    let rows = if aggregated { "cells" } else { "rows" };
+    if anchored == total {
+        format!(
+            "anchored: every one of the {total} {rows} is its source cell's observed log1p counts moved by the \
+             predicted change (column `anchored`; `mean` is the plain prediction)"
+        )
+    } else if anchored == 0 {
+        format!(
+            "not anchored: no source cell is a control cell of its target's covariates, so `anchored` holds \
+             log1p(mean) in all {total} {rows} (is_anchored false); anchor on control cells of the target's \
+             covariates, or give --anchored to anchor each cell on itself"
+        )
+    } else {
+        format!(
+            "anchored: {anchored} of {total} {rows}, those whose source cell is a control cell of the target's \
+             covariates; the other {} hold log1p(mean) in `anchored` (is_anchored false)",
+            total - anchored
+        )
+    }
 }
 
 /// What would write per-cell rows faster when writing them held the run up (`sink_held_up`:

@@ -160,7 +160,7 @@ fn predictions_read_back_match_the_schema() {
             .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(store_genes.len(), 100);
     let labels = ["condition", "dose", "cell_type"].map(String::from);
-    let expected = prediction_schema(&labels, &store_genes, &[], &["z_basal".into(), "z".into()], 32)
+    let expected = prediction_schema(&labels, &store_genes, &["anchored"], &["z_basal".into(), "z".into()], 32)
         .unwrap_or_else(|e| panic!("{e}"));
     same_schema(&expected, &schema).unwrap_or_else(|e| panic!("schema read back: {e}"));
     assert_eq!(prediction_genes(&schema), Some(store_genes));
@@ -474,19 +474,16 @@ fn metric(batches: &[RecordBatch], name: &str, row: usize) -> f64 {
 
 /// Runs `evaluate` on the fixture's model and store for `split` into `out`; must succeed.
 fn evaluate(out: &Path, split: &str) -> std::process::Output {
+    evaluate_with(out, split, &[])
+}
+
+/// `evaluate` with `extra` flags.
+fn evaluate_with(out: &Path, split: &str, extra: &[&str]) -> std::process::Output {
     let f = fixture();
     let (model, store) = (f.run.to_str().unwrap_or_default(), f.store.to_str().unwrap_or_default());
-    let o = run(&[
-        "evaluate",
-        "--model",
-        model,
-        "--store",
-        store,
-        "--split",
-        split,
-        "--out",
-        out.to_str().unwrap_or_default(),
-    ]);
+    let args =
+        ["evaluate", "--model", model, "--store", store, "--split", split, "--out", out.to_str().unwrap_or_default()];
+    let o = run(&[&args[..], extra].concat());
     assert!(o.status.success(), "evaluate failed: {}", text(&o.stderr));
     o
 }
@@ -495,7 +492,8 @@ fn evaluate(out: &Path, split: &str) -> std::process::Output {
 fn evaluation_equals_a_computation_by_hand() {
     let f = fixture();
     let eval = f.dir.join("eval-all");
-    let o = evaluate(&eval, "all");
+    // The plain prediction, computed by hand below from `predict`'s means.
+    let o = evaluate_with(&eval, "all", &["--plain"]);
     let printed = text(&o.stdout);
     assert!(printed.contains("r2_mean"), "no table printed: {printed}");
     // The one-page overview, as SVG and PNG.
@@ -758,7 +756,7 @@ fn the_reference_definitions_decode_every_control_and_rank_degs_by_mean_differen
 fn the_expected_log1p_is_scored_below_log1p_of_the_mean() {
     let f = fixture();
     let (model, store) = (f.run.to_str().unwrap_or_default(), f.store.to_str().unwrap_or_default());
-    let summaries: Vec<serde_json::Value> = [&[][..], &["--expected-log1p"][..]]
+    let summaries: Vec<serde_json::Value> = [&["--plain"][..], &["--expected-log1p"][..]]
         .iter()
         .enumerate()
         .map(|(i, extra)| {
@@ -799,7 +797,7 @@ fn expected_log1p_by_pmf(mu: f64, theta: f64) -> f64 {
 fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_change() {
     let f = fixture();
     let long = f.dir.join("preds-elog.parquet");
-    let o = predict(&["--target", "PERT03", "--expected-log1p", "--out", long.to_str().unwrap_or_default()]);
+    let o = predict(&["--target", "PERT03", "--expected-log1p", "--plain", "--out", long.to_str().unwrap_or_default()]);
     assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
     let (schema, batches) = read_parquet(&long);
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -845,7 +843,7 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_chan
     // The change: the expected log1p under the target minus under the cell's own condition (the
     // control cells reconstructed), and exactly 0 where the target is the cell's own condition.
     let changed = f.dir.join("preds-change.parquet");
-    let o = predict(&["--target", "PERT03", "--change", "--out", changed.to_str().unwrap_or_default()]);
+    let o = predict(&["--target", "PERT03", "--change", "--plain", "--out", changed.to_str().unwrap_or_default()]);
     assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
     let (schema, batches) = read_parquet(&changed);
     assert_eq!(schema.fields().iter().map(|f| f.name().as_str()).next_back(), Some("change_log1p"));
@@ -986,7 +984,7 @@ fn predict_anchored_is_the_observed_log1p_moved_by_the_models_change() {
     assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
     let (schema, batches) = read_parquet(&target);
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-    assert_eq!(names, ["cell_id", "condition", "dose", "cell_type", "mean", "anchored"]);
+    assert_eq!(names, ["cell_id", "condition", "dose", "cell_type", "is_anchored", "mean", "anchored"]);
     let own_file = f.dir.join("preds-anchored-own.parquet");
     let o = predict(&["--anchored", "--out", &s(&own_file)]);
     assert!(o.status.success(), "predict failed: {}", text(&o.stderr));
@@ -1029,6 +1027,93 @@ fn predict_anchored_is_the_observed_log1p_moved_by_the_models_change() {
             assert!((got[g] - by_hand).abs() < 1e-4, "{cell_type} gene {g}: {} vs {by_hand}", got[g]);
         }
     }
+}
+
+/// The `is_anchored` column of every row.
+fn flags(batches: &[RecordBatch], name: &str) -> Vec<bool> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let column = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_boolean();
+            (0..column.len()).map(|i| column.value(i)).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn predictions_are_anchored_on_control_cells_by_default_and_say_which_rows_are() {
+    let f = fixture();
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+    let read = |args: &[&str], name: &str| {
+        let out = f.dir.join(name);
+        let o = predict(&[args, &["--threads", "1", "--out", &s(&out)]].concat());
+        assert!(o.status.success(), "predict {args:?} failed: {}", text(&o.stderr));
+        let (schema, batches) = read_parquet(&out);
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        (names, batches, text(&o.stdout))
+    };
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+
+    // From the control cells (the default source): every row anchored, the same values as
+    // anchoring every cell (--anchored), and the line says so.
+    let (names, default, said) = read(&["--target", "PERT03"], "anchored-default.parquet");
+    assert_eq!(names, ["cell_id", "condition", "dose", "cell_type", "is_anchored", "mean", "anchored"]);
+    assert!(flags(&default, "is_anchored").iter().all(|&a| a), "control cells are anchored");
+    assert!(said.contains("anchored: every one of the"), "{said}");
+    let (_, every, _) = read(&["--target", "PERT03", "--anchored"], "anchored-every.parquet");
+    let (d, e) = (vectors(&default, "anchored"), vectors(&every, "anchored"));
+    assert!(d.iter().zip(&e).all(|(d, e)| close(d, e)), "the default anchors controls as --anchored does");
+    assert!(d.iter().zip(means(&default)).any(|(a, m)| !close(a, &m.iter().map(|x| x.ln_1p()).collect::<Vec<_>>())));
+
+    // From every cell: the controls are anchored, the perturbed cells hold log1p(mean); a target
+    // that moves the cells to one cell type anchors only the controls of that type.
+    let (_, all, said) = read(&["--source", "all", "--target", "PERT03"], "anchored-all.parquet");
+    let (conditions, is_anchored) = (strings(&all, "condition"), flags(&all, "is_anchored"));
+    let ids = strings(&all, "cell_id");
+    let (store_conditions, _, store_types) = obs(&f.store);
+    let store_ids =
+        strings(&[read_small_table(&f.store.join("obs.parquet")).unwrap_or_else(|e| panic!("{e}"))], "cell_id");
+    let row_of: HashMap<&str, usize> = store_ids.iter().enumerate().map(|(r, id)| (id.as_str(), r)).collect();
+    assert!(conditions.iter().all(|c| c == "PERT03"), "the target's label on every row");
+    let controls = ids.iter().filter(|id| store_conditions[row_of[id.as_str()]] == "control").count();
+    for (id, &a) in ids.iter().zip(&is_anchored) {
+        assert_eq!(a, store_conditions[row_of[id.as_str()]] == "control", "cell {id}");
+    }
+    assert!(said.contains(&format!("anchored: {controls} of {} rows", ids.len())), "{said}");
+    for ((a, m), anchored) in vectors(&all, "anchored").iter().zip(means(&all)).zip(&is_anchored) {
+        let plain: Vec<f64> = m.iter().map(|x| x.ln_1p()).collect();
+        if !anchored {
+            assert!(close(a, &plain), "an unanchored row holds log1p(mean)");
+        }
+    }
+    let one_type = &store_types[0];
+    let spec = format!("condition=PERT03,cell_type={one_type}");
+    let (_, moved, _) = read(&["--target", &spec], "anchored-moved.parquet");
+    for (id, a) in strings(&moved, "cell_id").iter().zip(flags(&moved, "is_anchored")) {
+        assert_eq!(a, &store_types[row_of[id.as_str()]] == one_type, "cell {id} of another type is not anchored");
+    }
+
+    // Aggregates count the anchored cells of each group.
+    let (names, groups, _) =
+        read(&["--source", "all", "--target", "PERT03", "--aggregate", "mean"], "anchored-groups.parquet");
+    assert!(names.iter().any(|n| n == "n_anchored"), "{names:?}");
+    let counted: u64 = groups
+        .iter()
+        .map(|b| {
+            let c = b.column_by_name("n_anchored").unwrap_or_else(|| panic!("no n_anchored"));
+            c.as_primitive::<arrow::datatypes::UInt64Type>().values().iter().sum::<u64>()
+        })
+        .sum();
+    assert_eq!(counted, controls as u64);
+
+    // --plain: the mean only; a reconstruction is not anchored; the two flags exclude each other.
+    let (names, _, said) = read(&["--target", "PERT03", "--plain"], "anchored-plain.parquet");
+    assert_eq!(names, ["cell_id", "condition", "dose", "cell_type", "mean"]);
+    assert!(!said.contains("anchored: ") && !said.contains("not anchored"), "{said}");
+    let (names, _, _) = read(&[], "anchored-reconstruction.parquet");
+    assert!(!names.iter().any(|n| n == "anchored" || n == "is_anchored"), "{names:?}");
+    let o = predict(&["--target", "PERT03", "--plain", "--anchored", "--out", &s(&f.dir.join("both.parquet"))]);
+    assert!(!o.status.success() && text(&o.stderr).contains("--plain"), "{}", text(&o.stderr));
 }
 
 #[test]
@@ -1218,10 +1303,13 @@ fn aggregates_equal_the_per_cell_predictions_aggregated_afterwards() {
             "dose",
             "cell_type",
             "n_cells",
+            "n_anchored",
             "mean",
             "mean_var",
             "expected_log1p",
             "expected_log1p_var",
+            "anchored",
+            "anchored_var",
             "z_basal",
             "z_basal_var"
         ]
@@ -1240,7 +1328,20 @@ fn aggregates_equal_the_per_cell_predictions_aggregated_afterwards() {
     sorted.sort();
     assert_eq!(group_labels, sorted, "rows ordered by the targets, then the groups' labels");
     assert_eq!(group_labels.len(), 4, "2 targets x 2 cell types: {group_labels:?}");
-    for column in ["mean", "expected_log1p", "z_basal"] {
+    // Each group's anchored cells: its control cells (the targets keep the cell types).
+    let anchored_cells: Vec<u64> = groups
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name("n_anchored").map(|c| c.as_primitive::<UInt64Type>().values().to_vec()).unwrap_or_default()
+        })
+        .collect();
+    let flagged = flags(&batches, "is_anchored");
+    for (i, key) in group_labels.iter().enumerate() {
+        let by_hand = (0..labels.len()).filter(|&r| labels[r] == *key && flagged[r]).count() as u64;
+        assert_eq!(anchored_cells[i], by_hand, "{key:?}");
+        assert!(by_hand > 0 && by_hand < counts[i], "{key:?}: some control cells among all");
+    }
+    for column in ["mean", "expected_log1p", "anchored", "z_basal"] {
         let by_hand = group_stats(&labels, &vectors(&batches, column));
         let (means, vars) = (vectors(&groups, column), vectors(&groups, &format!("{column}_var")));
         for (i, key) in group_labels.iter().enumerate() {
@@ -1273,7 +1374,10 @@ fn aggregates_equal_the_per_cell_predictions_aggregated_afterwards() {
     assert!(o.status.success(), "predict --group-by cell_id failed: {}", text(&o.stderr));
     let (schema, rows) = read_parquet(&by_cell);
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-    assert_eq!(names, ["condition", "dose", "cell_id", "n_cells", "mean", "mean_var"]);
+    assert_eq!(
+        names,
+        ["condition", "dose", "cell_id", "n_cells", "n_anchored", "mean", "mean_var", "anchored", "anchored_var"]
+    );
     let ids = strings(&rows, "cell_id");
     let per_cell: HashMap<String, Vec<f64>> = {
         let all_ids = strings(&batches, "cell_id");
@@ -1484,8 +1588,8 @@ fn an_ensemble_refuses_latents_the_same_model_twice_and_runs_that_differ() {
     expect_error(&["--ensemble", &tiny_run], &["ensemble member", "tiny-run", "40"]);
 }
 
-/// `evaluate --ensemble --anchored` scores what `predict --ensemble --anchored` writes for the
-/// same control cells, and `evaluate --ensemble` the log1p of the models' averaged means.
+/// `evaluate --ensemble` scores by default what `predict --ensemble` writes as `anchored` for the
+/// same control cells, and `evaluate --ensemble --plain` the log1p of the models' averaged means.
 #[test]
 fn an_evaluation_of_an_ensemble_scores_its_predictions_plain_and_anchored() {
     let f = fixture();
@@ -1502,8 +1606,7 @@ fn an_evaluation_of_an_ensemble_scores_its_predictions_plain_and_anchored() {
                 .unwrap_or_else(|e| panic!("summary.json: {e}"));
         (text(&o.stdout), summary, read_parquet(&Path::new(&out).join("metrics.parquet")).1)
     };
-    let (printed, summary, anchored) =
-        evaluate_with(&["--ensemble", &second, "--anchored"], &f.dir.join("eval-ens-anchored"));
+    let (printed, summary, anchored) = evaluate_with(&["--ensemble", &second], &f.dir.join("eval-ens-anchored"));
     let svg = std::fs::read_to_string(f.dir.join("eval-ens-anchored/overview.svg")).unwrap_or_default();
     assert!(svg.contains("anchored, mean of 2 models"), "the overview says what it scores: {:.300}", svg);
     assert!(printed.contains("each prediction the mean of 2 models") && printed.contains("anchored"), "{printed}");
@@ -1511,8 +1614,10 @@ fn an_evaluation_of_an_ensemble_scores_its_predictions_plain_and_anchored() {
     let listed = summary["ensemble"].as_array().cloned().unwrap_or_default();
     assert_eq!(listed.len(), 2, "ensemble: {}", summary["ensemble"]);
     assert!(listed[1]["model"].as_str().is_some_and(|p| p.ends_with("run-seed-11/model")), "{listed:?}");
-    let (_, _, plain) = evaluate_with(&["--ensemble", &second, "--no-plots"], &f.dir.join("eval-ens-plain"));
-    let (_, single_summary, single) = evaluate_with(&["--no-plots"], &f.dir.join("eval-single"));
+    let (_, plain_summary, plain) =
+        evaluate_with(&["--ensemble", &second, "--no-plots", "--plain"], &f.dir.join("eval-ens-plain"));
+    assert_eq!(plain_summary["predicted"].as_str(), Some("log1p(mean)"));
+    let (_, single_summary, single) = evaluate_with(&["--no-plots", "--plain"], &f.dir.join("eval-single"));
     assert!(single_summary.get("ensemble").is_none(), "one model lists no ensemble: {}", single_summary["ensemble"]);
 
     let (ec, ed, et) = (strings(&anchored, "condition"), strings(&anchored, "dose"), strings(&anchored, "cell_type"));
@@ -1640,7 +1745,7 @@ fn a_perturbation_without_training_cells_is_predicted_as_the_control_from_one_se
             .map(|i| (metric(batches, model, i) - metric(batches, control, i)).abs())
             .fold(0.0f64, f64::max)
     };
-    let held = evaluate("ood", &["--anchored"]);
+    let held = evaluate("ood", &[]);
     let conditions: Vec<String> = scored(&held).into_iter().map(|i| strings(&held, "condition")[i].clone()).collect();
     assert!(conditions == ["PERT02", "PERT02"], "ood, scored: {conditions:?}");
     for (model, control) in [("r2_mean", "r2_mean_control"), ("r2_mean_top20", "r2_mean_control_top20")] {
@@ -1649,9 +1754,9 @@ fn a_perturbation_without_training_cells_is_predicted_as_the_control_from_one_se
     }
     // Neither side of that equality is trivial: the plain prediction of PERT02 is not the control
     // mean, and the anchored prediction of a trained perturbation moves away from it.
-    let plain = evaluate("ood", &[]);
+    let plain = evaluate("ood", &["--plain"]);
     assert!(gap(&plain, "r2_mean", "r2_mean_control") > 1e-4, "the plain prediction is the control mean");
-    let trained = evaluate("test", &["--anchored"]);
+    let trained = evaluate("test", &[]);
     assert!(gap(&trained, "r2_mean", "r2_mean_control") > 1e-4, "a trained perturbation changes nothing");
     // `predict` alike: each control cell's anchored prediction under PERT02 is its observed
     // log1p, which is its anchored prediction under its own condition.

@@ -234,8 +234,10 @@ pub struct EvaluateOptions {
     /// Further runs (or model directories) whose predictions are averaged with `model`'s, as
     /// `predict --ensemble` averages them; default none.
     pub ensemble: Vec<PathBuf>,
-    /// Score the anchored prediction (`predict --anchored`): each control cell's observed log1p
-    /// counts moved by the model's change from its own condition to the target's; default false.
+    /// Score the anchored prediction (`predict`'s default `anchored`): each control cell's
+    /// observed log1p counts moved by the model's change from its own condition to the target's;
+    /// default true. `false` scores the plain prediction, log1p of the predicted means (or their
+    /// expected log1p, `expected_log1p`, which needs it false).
     pub anchored: bool,
 }
 
@@ -257,7 +259,7 @@ impl EvaluateOptions {
             plots: true,
             overwrite: false,
             ensemble: Vec::new(),
-            anchored: false,
+            anchored: true,
         }
     }
 }
@@ -725,6 +727,13 @@ fn score_conditions(
 
 /// Evaluates a model on a store.
 pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport> {
+    if options.anchored && options.expected_log1p {
+        return Err(Error::InvalidInput(
+            "evaluate: the anchored prediction moves the observed log1p counts by the change in log1p of the \
+             means, and the expected log1p is a plain prediction; set anchored to false to score it"
+                .to_owned(),
+        ));
+    }
     let progress = ctx.progress();
     let lock = outputs::claim_output(options)?;
     let _allocator = LargeBuffersReturned::for_this_run();

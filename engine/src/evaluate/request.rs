@@ -34,8 +34,11 @@ pub struct EvaluateRequest {
     pub expected_log1p: bool,
     /// Further runs whose predictions are averaged with `model`'s (an ensemble).
     pub ensemble: Vec<PathBuf>,
-    /// Score the anchored prediction: the control cells' observed values moved by the change.
+    /// Score the anchored prediction (the control cells' observed values moved by the change)
+    /// [default: anchored, except with `expected_log1p`, a plain prediction].
     pub anchored: bool,
+    /// Score the plain prediction: log1p of the predicted means.
+    pub plain: bool,
     /// Write the per-condition plots and the overview.
     pub plots: bool,
     /// Replace an existing evaluation.
@@ -62,6 +65,7 @@ impl Default for EvaluateRequest {
             expected_log1p: false,
             ensemble: Vec::new(),
             anchored: false,
+            plain: false,
             plots: true,
             overwrite: false,
             batch_size: None,
@@ -85,6 +89,9 @@ impl EvaluateRequest {
                 n.name("--workers")
             )));
         }
+        if self.anchored && self.plain {
+            return Err(crate::request::choose_one(n, "--anchored", "--plain"));
+        }
         if self.anchored && self.expected_log1p {
             return Err(Error::InvalidInput(format!(
                 "{} and {}: the anchored prediction moves the observed log1p counts by the change in log1p of \
@@ -104,7 +111,8 @@ impl EvaluateRequest {
         options.definitions = definitions;
         options.expected_log1p = self.expected_log1p;
         options.ensemble = self.ensemble.clone();
-        options.anchored = self.anchored;
+        // Anchored unless asked otherwise; the expected log1p is a plain prediction.
+        options.anchored = self.anchored || (!self.plain && !self.expected_log1p);
         options.plots = self.plots;
         options.overwrite = self.overwrite;
         Ok(options)

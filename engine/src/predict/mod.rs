@@ -27,8 +27,10 @@ pub use stream::{PredictStats, PredictionStream};
 use crate::Stage;
 use crate::context::RunContext;
 use crate::error::{Error, Result};
+use crate::predictor::aggregate::N_ANCHORED;
 use crate::predictor::{Layout, PredictOptions, Predictor};
 use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
+use cpa_stream_schemas::tables::predictions::IS_ANCHORED;
 
 /// The predictions of `options` as a stream of record batches, computed as they are read.
 pub fn open(options: &PredictOptions) -> Result<PredictionStream> {
@@ -52,6 +54,9 @@ pub struct PredictReport {
     pub aggregated: bool,
     /// Whether the output is a directory of parts (`--parts`).
     pub parts: bool,
+    /// Rows (with aggregates, cells) whose `anchored` values are anchored on their source cell;
+    /// `None` where no `anchored` column is written.
+    pub anchored_rows: Option<u64>,
     /// Seconds from the model's load to the file's rename.
     pub seconds: f64,
     /// Source cells per second (each decoded into every target).
@@ -125,6 +130,8 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
     let sink_stats = StageStats::new(Stage::Sink, 1);
     let start = Instant::now();
     progress.begin("predict", rows.end - rows.start);
+    let counted = if aggregated { N_ANCHORED } else { IS_ANCHORED };
+    let mut anchored_rows = predictor.schema().column_with_name(counted).map(|_| 0u64);
     let mut stream = predictor.stream()?.without_empty_check();
     let mut written_cells = 0u64;
     let mut reported = 0u64;
@@ -132,6 +139,9 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         let next = sink_stats.blocked_in(|| stream.next());
         let Some(batch) = next else { break };
         let batch = batch.map_err(pipeline_error)?;
+        if let Some(n) = &mut anchored_rows {
+            *n += anchored_in(&batch, aggregated)?;
+        }
         let batch = match &widen {
             Some(w) => sink_stats.busy(|| w.apply(&batch))?,
             None => batch,
@@ -204,6 +214,7 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         models: 1 + options.ensemble.len(),
         aggregated,
         parts: options.sink.parts,
+        anchored_rows,
         seconds,
         cells_per_s: source_cells as f64 / seconds,
         rows_per_s: written_cells as f64 / seconds,
@@ -261,6 +272,20 @@ fn aggregate_cells(batch: &arrow::array::RecordBatch) -> Result<u64> {
         .and_then(|c| c.as_primitive_opt::<arrow::datatypes::UInt64Type>())
         .ok_or_else(|| Error::InvalidInput("aggregates without their n_cells column".to_owned()))?;
     Ok(column.values().iter().sum())
+}
+
+/// The rows of a prediction batch whose `anchored` values are anchored (`is_anchored`), or the
+/// cells an aggregate batch says are (`n_anchored`).
+fn anchored_in(batch: &arrow::array::RecordBatch, aggregated: bool) -> Result<u64> {
+    use arrow::array::AsArray as _;
+    let missing = || Error::InvalidInput("predictions without their is_anchored column".to_owned());
+    if aggregated {
+        let column =
+            batch.column_by_name(N_ANCHORED).and_then(|c| c.as_primitive_opt::<arrow::datatypes::UInt64Type>());
+        return Ok(column.ok_or_else(missing)?.values().iter().sum());
+    }
+    let column = batch.column_by_name(IS_ANCHORED).and_then(|c| c.as_boolean_opt()).ok_or_else(missing)?;
+    Ok(column.true_count() as u64)
 }
 
 /// The pipeline's error back out of the Arrow error a `RecordBatchReader` carries it in.

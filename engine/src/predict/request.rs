@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::batcher::LoaderOptions;
 use crate::error::{Error, Result};
 use crate::predictor::targets::{parse_target_spec, read_targets_file};
-use crate::predictor::{GeneSelection, Layout, PredictOptions, Shard};
+use crate::predictor::{Anchoring, GeneSelection, Layout, PredictOptions, Shard};
 use crate::request::{Compute, Naming, choose_one};
 use crate::threads::Configure as _;
 
@@ -62,8 +62,11 @@ pub struct PredictRequest {
     pub expected_log1p: bool,
     /// Also write the predicted change of E[log1p(x)].
     pub change: bool,
-    /// Also write the anchored prediction: observed expression plus the predicted change.
+    /// Anchor every row on its source cell, whatever its condition and the target's covariates
+    /// (by default, with targets, the rows of control cells whose covariates the target keeps).
     pub anchored: bool,
+    /// No anchored prediction: the model's mean only.
+    pub plain: bool,
     /// Statistics per target and group of source cells written instead of per-cell rows
     /// (`mean`, `var`) [default: none, per-cell rows].
     pub aggregate: Vec<crate::predictor::aggregate::Statistic>,
@@ -152,7 +155,12 @@ impl PredictRequest {
         options.batch_corrected = self.batch_corrected;
         options.expected_log1p = self.expected_log1p;
         options.change = self.change;
-        options.anchored = self.anchored;
+        options.anchoring = match (self.anchored, self.plain) {
+            (true, true) => return Err(choose_one(n, "--anchored", "--plain")),
+            (true, false) => Anchoring::Every,
+            (false, true) => Anchoring::Plain,
+            (false, false) => Anchoring::Controls,
+        };
         options.out = self.out.clone();
         options.aggregate = match (self.aggregate.as_slice(), &self.group_by) {
             ([], None) => None,

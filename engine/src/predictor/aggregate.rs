@@ -15,6 +15,7 @@ use crate::model::Vocabulary;
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringDictionaryBuilder, UInt64Array};
 use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
+use cpa_stream_schemas::tables::predictions::IS_ANCHORED;
 use cpa_stream_schemas::tables::{categorical_type, f32_vector_type};
 use tch::{Device, Kind, Tensor};
 
@@ -26,6 +27,9 @@ use crate::torch::torch_error;
 
 /// The column of an aggregate row that counts its source cells (UInt64).
 pub const N_CELLS: &str = "n_cells";
+/// The column of an aggregate row that counts its source cells whose `anchored` values are
+/// anchored (UInt64), written with `anchored`.
+pub const N_ANCHORED: &str = "n_anchored";
 /// The suffix of a variance column (`mean_var`, `expected_log1p_var`, ...).
 pub const VAR_SUFFIX: &str = "_var";
 /// Schema metadata of an aggregate file: the statistics and the group-by columns, as JSON.
@@ -96,8 +100,9 @@ impl GroupBy {
     }
 }
 
-/// The schema of an aggregate output: the target's labels, the group-by columns, `n_cells`, then
-/// per vector column of `cells` (the per-cell schema) its mean and/or `_var`.
+/// The schema of an aggregate output: the target's labels, the group-by columns, `n_cells`
+/// (and `n_anchored` where `cells` has `is_anchored`), then per vector column of `cells` (the
+/// per-cell schema) its mean and/or `_var`.
 pub(crate) fn aggregate_schema(
     cells: &Schema,
     labels: &[String],
@@ -107,6 +112,9 @@ pub(crate) fn aggregate_schema(
     let mut fields: Vec<Field> = labels.iter().map(|name| Field::new(name, categorical_type(), false)).collect();
     fields.extend(group_by.names.iter().map(|name| Field::new(name, categorical_type(), true)));
     fields.push(Field::new(N_CELLS, DataType::UInt64, false));
+    if cells.column_with_name(IS_ANCHORED).is_some() {
+        fields.push(Field::new(N_ANCHORED, DataType::UInt64, false));
+    }
     for field in cells.fields() {
         let DataType::FixedSizeList(_, width) = field.data_type() else { continue };
         if statistics.contains(&Statistic::Mean) {
@@ -144,6 +152,8 @@ pub(crate) struct Aggregator {
     /// Each slot's pass and labels.
     labels: Vec<(usize, Vec<Option<String>>)>,
     counts: Vec<u64>,
+    /// Per slot, the cells anchored (`None`: no `anchored` column).
+    anchored: Option<Vec<u64>>,
     /// Per vector column: slots x width, float64.
     mean: Vec<Tensor>,
     m2: Vec<Tensor>,
@@ -158,6 +168,7 @@ impl Aggregator {
         device: Device,
         schema: SchemaRef,
     ) -> Aggregator {
+        let anchored = schema.column_with_name(N_ANCHORED).map(|_| Vec::new());
         Aggregator {
             group_by,
             means: statistics.contains(&Statistic::Mean),
@@ -169,6 +180,7 @@ impl Aggregator {
             cache: HashMap::new(),
             labels: Vec::new(),
             counts: Vec::new(),
+            anchored,
             mean: Vec::new(),
             m2: Vec::new(),
             capacity: 0,
@@ -210,6 +222,9 @@ impl Aggregator {
                 if slot == next {
                     self.labels.push((pass, labels));
                     self.counts.push(0);
+                    if let Some(anchored) = &mut self.anchored {
+                        anchored.push(0);
+                    }
                 }
                 self.cache.insert((pass, address), (Arc::clone(g), slot));
                 slot as i64
@@ -252,10 +267,16 @@ impl Aggregator {
     }
 
     /// Merges a step's rows (`columns`: one rows x width tensor per vector column, in the
-    /// schema's order) into the slots `slots` (one per row).
-    pub(crate) fn add(&mut self, slots: &[i64], columns: &[Tensor]) -> tch::Result<()> {
+    /// schema's order; `is_anchored`: whether each row is anchored) into the slots `slots` (one
+    /// per row).
+    pub(crate) fn add(&mut self, slots: &[i64], columns: &[Tensor], is_anchored: Option<&[bool]>) -> tch::Result<()> {
         if slots.is_empty() {
             return Ok(());
+        }
+        if let (Some(counts), Some(rows)) = (&mut self.anchored, is_anchored) {
+            for (&s, _) in slots.iter().zip(rows).filter(|(_, r)| **r) {
+                counts[s as usize] += 1;
+            }
         }
         self.reserve(self.labels.len())?;
         // The step's distinct slots, and each row's index among them.
@@ -341,6 +362,9 @@ impl Aggregator {
             }
             let counts: Vec<u64> = chunk.iter().map(|&s| self.counts[s]).collect();
             columns.push(Arc::new(UInt64Array::from(counts.clone())));
+            if let Some(anchored) = &self.anchored {
+                columns.push(Arc::new(UInt64Array::from_iter_values(chunk.iter().map(|&s| anchored[s]))));
+            }
             let index = Tensor::f_from_slice(&chunk.iter().map(|&s| s as i64).collect::<Vec<_>>())
                 .and_then(|t| t.f_to_device(self.device))
                 .map_err(torch)?;

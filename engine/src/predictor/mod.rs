@@ -28,7 +28,7 @@ use cpa_stream_schemas::tables::predictions::{
     ANCHORED, CHANGE_LOG1P, ENSEMBLE_KEY, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY,
 };
 use cpa_stream_stages::store::Store;
-pub use options::{DEFAULT_BATCH_SIZE, GeneSelection, Layout, PredictOptions, Shard};
+pub use options::{Anchoring, DEFAULT_BATCH_SIZE, GeneSelection, Layout, PredictOptions, Shard};
 use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use targets::{Target, resolve_target};
@@ -136,6 +136,8 @@ pub struct Predictor {
     /// The perturbations `model` gives no effect: a target of these alone is decoded as the
     /// control ([`knows_nothing_of`](crate::model::network::knows_nothing_of)).
     effectless: Vec<u32>,
+    /// Whether `anchored` and `is_anchored` are written ([`Anchoring::writes_column`]).
+    anchored_column: bool,
     /// Output buffers: the means, the expected log1p, the change and the anchored prediction if
     /// written, then each latent.
     pools: Vec<BufferPool>,
@@ -404,8 +406,9 @@ impl Predictor {
             let effectless = member.effectless_perturbations().map_err(Error::stage(Stage::Predictor))?;
             members.push(Member { model: member, theta, effectless });
         }
+        let anchored_column = options.anchoring.writes_column(!targets.is_empty());
         let gene_columns: Vec<&str> =
-            [(options.expected_log1p, EXPECTED_LOG1P), (options.change, CHANGE_LOG1P), (options.anchored, ANCHORED)]
+            [(options.expected_log1p, EXPECTED_LOG1P), (options.change, CHANGE_LOG1P), (anchored_column, ANCHORED)]
                 .into_iter()
                 .filter_map(|(on, name)| on.then_some(name))
                 .collect();
@@ -478,6 +481,7 @@ impl Predictor {
             rows,
             options: options.clone(),
             noise,
+            anchored_column,
             aggregator,
             group_by_obs,
         })

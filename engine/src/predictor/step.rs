@@ -12,14 +12,16 @@ use crate::model::likelihood::expected_log1p_nb;
 use crate::model::network::knows_nothing_of;
 use crate::model::vocab::CONTROL_ID;
 use crate::model::{CpaModel, PerturbationCsr};
-use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, StringDictionaryBuilder};
+use arrow::array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray, StringDictionaryBuilder,
+};
 use arrow::datatypes::{DataType, Field, Int32Type};
 use cpa_stream_stages::CsrBatch;
 use tch::Tensor;
 
 use super::buffers::{HostValues, copy_values};
 use super::targets::Target;
-use super::{CellGroup, Predictor, SourceCells};
+use super::{Anchoring, CellGroup, Predictor, SourceCells};
 use crate::Stage;
 use crate::error::{Error, Result};
 use crate::model::ToDevice as _;
@@ -38,8 +40,29 @@ fn pass_targets(targets: &[Target]) -> Vec<Option<&Target>> {
 struct Columns {
     expected: bool,
     change: bool,
+    /// `anchored` (and `is_anchored`) written.
     anchored: bool,
     batch_corrected: bool,
+}
+
+/// Which of `groups`' cells the pass of `target` anchors ([`Anchoring`]): every cell, or
+/// (the default) those that are control cells whose covariates the target keeps.
+fn anchored_rows(anchoring: Anchoring, groups: &[Arc<CellGroup>], target: Option<&Target>) -> Vec<bool> {
+    groups
+        .iter()
+        .map(|g| match (anchoring, target) {
+            (Anchoring::Every, _) => true,
+            (Anchoring::Plain, _) | (Anchoring::Controls, None) => false,
+            (Anchoring::Controls, Some(t)) => {
+                is_control(g) && t.covariates.iter().zip(&g.covariates).all(|(set, own)| set.is_none() || set == own)
+            }
+        })
+        .collect()
+}
+
+/// Whether the cells of `g` are control cells: their condition resolves to the control alone.
+fn is_control(g: &CellGroup) -> bool {
+    g.parts.as_ref().is_ok_and(|p| !p.is_empty() && p.iter().all(|&(id, _)| id as usize == CONTROL_ID))
 }
 
 /// One model's encoding of a step's cells: their basal latents (the posterior draws and the
@@ -52,21 +75,24 @@ struct Encoded {
     /// The expected log1p under the cells' own condition (`change_log1p`).
     own: Option<Tensor>,
     /// The observed expression minus the model's own-condition decoding, in the anchored
-    /// prediction's space (`anchored`).
+    /// prediction's space (`anchored`); `None` where no cell of the step is anchored.
     anchor_base: Option<Tensor>,
 }
 
 /// The perturbation and covariate latents of one pass for the cells `rows` of the batch under
 /// `model` (rows x latent: small, computed per step so that nothing grows with the targets). A
 /// target of perturbations the model gives no effect (`effectless`) is the control: a control
-/// cell keeps its own condition, any other cell takes the control at dose 1.
+/// cell keeps its own condition, any other cell takes the control at dose 1. `Pass::Anchors`
+/// is the cells' own condition as the default anchoring needs it: only control cells are
+/// anchored, so any other cell (whose condition the model need not know) is decoded as the
+/// control, and a covariate value the model does not know as its first, their values unused.
 #[allow(clippy::too_many_arguments)]
 fn pass_latents(
     model: &CpaModel,
     batch_corrected: bool,
     cells: &SourceCells,
     rows: Range<usize>,
-    target: Option<&Target>,
+    pass: Pass<'_>,
     effectless: &[u32],
     perts: &mut PerturbationCsr,
 ) -> Result<(Tensor, Vec<Tensor>)> {
@@ -75,11 +101,21 @@ fn pass_latents(
     let vocab = model.vocabulary();
     let n = rows.len();
     let groups = &cells.groups[rows];
+    let (target, anchors) = match pass {
+        Pass::Target(t) => (t, false),
+        Pass::Anchors => (None, true),
+    };
     // Perturbations (CSR) and covariate codes of the target, per cell.
     perts.clear();
     let mut codes: Vec<Vec<i64>> = vec![Vec::with_capacity(n); vocab.covariates.len()];
     match target {
         Some(t) if !knows_nothing_of(&t.parts, effectless) => perts.push_repeated(&t.parts, n),
+        _ if anchors => {
+            let control = [(CONTROL_ID as u32, 1.0f32)];
+            for g in groups {
+                perts.push(if is_control(g) { g.parts.as_deref().unwrap_or(&control) } else { &control });
+            }
+        }
         Some(_) => {
             let control = [(CONTROL_ID as u32, 1.0f32)];
             for g in groups {
@@ -95,7 +131,8 @@ fn pass_latents(
     }
     for g in groups {
         for (c, codes) in codes.iter_mut().enumerate() {
-            let code = target.and_then(|t| t.covariates[c]).or(g.covariates[c]).ok_or_else(|| {
+            let own = if anchors { g.covariates[c].or(Some(0)) } else { g.covariates[c] };
+            let code = target.and_then(|t| t.covariates[c]).or(own).ok_or_else(|| {
                 Error::InvalidInput(format!("covariate {} of a source cell is unknown", vocab.covariates[c].name))
             })?;
             codes.push(i64::from(code));
@@ -120,6 +157,15 @@ fn pass_latents(
     .map_err(torch)
 }
 
+/// Whose condition a pass decodes the cells under.
+#[derive(Clone, Copy)]
+enum Pass<'a> {
+    /// A target's, or (`None`) each cell's own (a reconstruction; the reference of the change).
+    Target(Option<&'a Target>),
+    /// The cells' own, as the default anchoring's reference ([`pass_latents`]).
+    Anchors,
+}
+
 /// The space the anchored prediction moves in: log1p of the means for a count model (that of
 /// the encoder's input, log1p of the counts), the means themselves otherwise.
 pub(crate) fn to_anchor_space(model: &CpaModel, mean: &Tensor) -> Result<Tensor, tch::TchError> {
@@ -127,7 +173,8 @@ pub(crate) fn to_anchor_space(model: &CpaModel, mean: &Tensor) -> Result<Tensor,
 }
 
 /// `model`'s encoding of the step's cells `x` (dense counts); `own_latents` gives the latents of
-/// the cells' own conditions, needed for the references of `change_log1p` and `anchored`.
+/// the cells' own conditions, needed for the references of `change_log1p` and (where some cell
+/// is anchored, `anchors`) of `anchored`.
 #[allow(clippy::too_many_arguments)]
 fn encode(
     model: &CpaModel,
@@ -135,6 +182,7 @@ fn encode(
     x: &Tensor,
     gene_index: Option<&Tensor>,
     columns: Columns,
+    anchors: bool,
     own_latents: impl FnOnce(&mut PerturbationCsr) -> Result<(Tensor, Vec<Tensor>)>,
     perts: &mut PerturbationCsr,
     noise: &mut Noise,
@@ -143,7 +191,7 @@ fn encode(
     let (z_draws, z_mean, library, observed) = tch::no_grad(|| -> cpa_stream_stages::Result<_> {
         let (x_in, library) = model.input(x)?;
         // The anchored prediction's observed side is the encoder's input, in the same space.
-        let observed = match (gene_index, columns.anchored) {
+        let observed = match (gene_index, anchors) {
             (_, false) => None,
             (Some(index), true) => Some(x_in.f_index_select(1, index).torch()?),
             (None, true) => Some(x_in.shallow_clone()),
@@ -155,7 +203,7 @@ fn encode(
     .map_err(torch)?;
     // The cells decoded under their own condition, once per step for every target: the
     // reference of `change_log1p` (its expected log1p) and of `anchored` (observed minus it).
-    let (own, anchor_base) = if columns.change || columns.anchored {
+    let (own, anchor_base) = if columns.change || anchors {
         let (z_pert, covs) = own_latents(perts)?;
         tch::no_grad(|| -> cpa_stream_stages::Result<(Option<Tensor>, Option<Tensor>)> {
             let mut mean = model.mean_over_draws(&z_draws, &z_pert, &covs, library.as_ref(), noise)?;
@@ -180,7 +228,8 @@ fn encode(
 }
 
 /// `model`'s per-gene columns of one pass, in the schema's order (mean, expected log1p, change,
-/// anchored, those written), for the cells `e` under the pass's latents.
+/// anchored, those written), for the cells `e` under the pass's latents; `anchored` rows x 1
+/// (1 anchored, 0 plain) where only some rows are anchored.
 #[allow(clippy::too_many_arguments)]
 fn gene_values(
     model: &CpaModel,
@@ -190,6 +239,7 @@ fn gene_values(
     covs: &[Tensor],
     gene_index: Option<&Tensor>,
     columns: Columns,
+    anchored: Option<&Tensor>,
     noise: &mut Noise,
 ) -> cpa_stream_stages::Result<Vec<Tensor>> {
     let mut mean = model.mean_over_draws(&e.z_draws, z_pert, covs, e.library.as_ref(), noise)?;
@@ -197,9 +247,17 @@ fn gene_values(
         mean = mean.f_index_select(1, index).torch()?;
     }
     let mut values = Vec::with_capacity(4);
-    let anchored = match &e.anchor_base {
-        Some(base) => Some(to_anchor_space(model, &mean).torch()?.f_add(base).torch()?),
-        None => None,
+    let anchored = match (columns.anchored, &e.anchor_base) {
+        (false, _) => None,
+        // No cell of the step anchored: the plain prediction in the anchored column's space.
+        (true, None) => Some(to_anchor_space(model, &mean).torch()?),
+        (true, Some(base)) => {
+            let base = match anchored {
+                Some(rows) => base.f_mul(rows).torch()?,
+                None => base.shallow_clone(),
+            };
+            Some(to_anchor_space(model, &mean).torch()?.f_add(&base).torch()?)
+        }
     };
     if let Some(theta) = theta {
         let expected = expected_log1p_nb(&mean, theta).torch()?;
@@ -266,8 +324,24 @@ impl Predictor {
         let columns = Columns {
             expected: self.options.expected_log1p,
             change: self.options.change,
-            anchored: self.options.anchored,
+            anchored: self.anchored_column,
             batch_corrected: self.options.batch_corrected,
+        };
+        // Per pass, the rows anchored; the own-condition decoding only where some row is.
+        let anchoring = self.options.anchoring;
+        let anchored: Vec<Vec<bool>> = match columns.anchored {
+            true => pass_targets(&self.targets)
+                .into_iter()
+                .map(|t| anchored_rows(anchoring, &cells.groups[a..b], t))
+                .collect(),
+            false => Vec::new(),
+        };
+        let anchors = anchored.iter().any(|rows| rows.contains(&true));
+        // Only control cells are anchored by default: the others' own condition is not needed
+        // unless the change is written.
+        let own_pass = match anchoring == Anchoring::Controls && !columns.change {
+            true => Pass::Anchors,
+            false => Pass::Target(None),
         };
         let gene_columns = usize::from(columns.expected) + usize::from(columns.change) + usize::from(columns.anchored);
         let widths: Vec<usize> = std::iter::repeat_n(genes, 1 + gene_columns)
@@ -284,15 +358,27 @@ impl Predictor {
                 _ => (&self.members[m - 1].model, self.members[m - 1].theta.as_ref()),
             };
             let own = |perts: &mut PerturbationCsr| {
-                pass_latents(model, columns.batch_corrected, cells, a..b, None, &[], perts)
+                pass_latents(model, columns.batch_corrected, cells, a..b, own_pass, &[], perts)
             };
-            let e = encode(model, theta, &x, gene_index.as_ref(), columns, own, &mut perts, &mut self.noise)?;
+            let e = encode(model, theta, &x, gene_index.as_ref(), columns, anchors, own, &mut perts, &mut self.noise)?;
             encoded.push(e);
         }
         drop(x);
         let targets = std::mem::take(&mut self.targets);
         let result = (|| -> Result<bool> {
             for (pass, target) in pass_targets(&targets).into_iter().enumerate() {
+                let is_anchored = anchored.get(pass).map(Vec::as_slice);
+                // Rows x 1 on the device where the pass anchors some rows and not others.
+                let mask = match is_anchored {
+                    Some(rows) if rows.contains(&true) && rows.contains(&false) => {
+                        let ones: Vec<f32> = rows.iter().map(|&r| f32::from(u8::from(r))).collect();
+                        let t = Tensor::f_from_slice(&ones)
+                            .and_then(|t| t.f_to_device(device)?.f_unsqueeze(1))
+                            .map_err(|e| torch(torch_error(e)))?;
+                        Some(t)
+                    }
+                    _ => None,
+                };
                 // Every vector column of the pass, in the schema's order, on the device: the
                 // mean over the models, then the first model's latents.
                 let mut values: Vec<Tensor> = Vec::new();
@@ -305,10 +391,18 @@ impl Predictor {
                             (&member.model, member.theta.as_ref(), &member.effectless)
                         }
                     };
-                    let (z_pert, covs) =
-                        pass_latents(model, columns.batch_corrected, cells, a..b, target, effectless, &mut perts)?;
+                    let (z_pert, covs) = pass_latents(
+                        model,
+                        columns.batch_corrected,
+                        cells,
+                        a..b,
+                        Pass::Target(target),
+                        effectless,
+                        &mut perts,
+                    )?;
                     let own = tch::no_grad(|| {
-                        gene_values(model, theta, e, &z_pert, &covs, gene_index.as_ref(), columns, &mut self.noise)
+                        let genes = gene_index.as_ref();
+                        gene_values(model, theta, e, &z_pert, &covs, genes, columns, mask.as_ref(), &mut self.noise)
                     })
                     .map_err(torch)?;
                     values = if values.is_empty() {
@@ -349,7 +443,7 @@ impl Predictor {
                 }
                 if let Some(aggregator) = &mut self.aggregator {
                     let slots = aggregator.slots_of(pass, target, &cells.groups[a..b], self.model.vocabulary());
-                    tch::no_grad(|| aggregator.add(&slots, &values)).map_err(|e| torch(torch_error(e)))?;
+                    tch::no_grad(|| aggregator.add(&slots, &values, is_anchored)).map_err(|e| torch(torch_error(e)))?;
                     continue;
                 }
                 let mut out: Vec<Vec<f32>> = widths.iter().zip(&self.pools).map(|(w, pool)| pool.take(n * w)).collect();
@@ -359,7 +453,7 @@ impl Predictor {
                 drop(values);
                 let mut columns = out.into_iter().zip(&self.pools).map(|(values, pool)| pool.lend(values));
                 let mean = columns.next().ok_or_else(|| Error::InvalidInput("no mean column".into()))?;
-                let batch = self.record_batch(cells, a..b, target, mean, columns.collect())?;
+                let batch = self.record_batch(cells, a..b, target, is_anchored, mean, columns.collect())?;
                 if !emit(batch) {
                     return Ok(false);
                 }
@@ -384,6 +478,7 @@ impl Predictor {
         chunk: &SourceCells,
         rows: Range<usize>,
         target: Option<&Target>,
+        is_anchored: Option<&[bool]>,
         mean: HostValues,
         vectors: Vec<HostValues>,
     ) -> Result<RecordBatch> {
@@ -411,6 +506,9 @@ impl Predictor {
         for c in 0..vocab.covariates.len() {
             let fixed = target.and_then(|t| t.covariate_value(vocab, c)).map(str::to_owned);
             columns.push(label(&|g| fixed.clone().unwrap_or_else(|| g.covariate_values[c].clone()))?);
+        }
+        if let Some(rows) = is_anchored {
+            columns.push(Arc::new(BooleanArray::from(rows.to_vec())));
         }
         let vector = |values: HostValues, width: usize| -> Result<ArrayRef> {
             let item = Arc::new(Field::new("item", DataType::Float32, false));
