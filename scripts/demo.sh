@@ -68,9 +68,10 @@ step "evaluate: the held-out pair (ood split), anchored (the default) and plain;
 "$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split ood --plain --no-plots \
   --out "$out/eval-ood-plain" --overwrite
 echo "(R2 of log1p means over the 500 genes, 1 is perfect: r2_mean is the model's, which never saw the two genes"
-echo " together: first anchored, the K562 controls' observed log1p counts moved by the predicted change, then"
-echo " plain (--plain), log1p of the model's decoded mean as cpa-tools predicts; ctrl_bl is what predicting"
-echo " 'no change' (the control mean) scores, lin_bl a linear baseline's.)"
+echo " together: first anchored, the K562 controls' observed log1p counts moved by the predicted change (all"
+echo " 100 controls: an anchor needs 30 or more), then plain (--plain), log1p of the model's decoded mean as"
+echo " cpa-tools predicts, from the 22 held-out controls; ctrl_bl is what predicting 'no change' (the same"
+echo " controls' mean) scores, lin_bl a linear baseline's.)"
 "$bin" evaluate --model "$out/run" --store "$out/perturbench.store" --split test --out "$out/eval-test" --overwrite
 
 step "synthetic atlas with a held-back combination: train, then score against the true means"

@@ -52,6 +52,10 @@ if [ -n "$ray_stamp" ] && [ ! -f "$ray_stamp" ]; then
   touch "$ray_stamp"
 fi
 
+# One build and install at a time: a second run (the demo and the tests side by side) waits,
+# rather than removing the wheel the first is about to install.
+exec 8>"$CPA_STREAM_CACHE/.python-build.lock"
+flock 8
 wheels="$CPA_STREAM_CACHE/wheels"
 rm -rf "$wheels"
 started=$(date +%s)

@@ -288,6 +288,68 @@ enum Command {
     MarkdownHelp,
 }
 
+/// What a command is, for the places that treat commands alike.
+#[derive(Debug, Clone, Copy)]
+pub struct CommandKind {
+    /// As typed (`dose-response`).
+    pub name: &'static str,
+    /// Runs the model in libtorch (the engine binary; its OpenMP threads may need to wait
+    /// passively on a busy machine, [`start::openmp_environment`]).
+    pub runs_model: bool,
+    /// Builds a request (`--print-request` prints it; Python sends the same).
+    pub takes_request: bool,
+}
+
+/// Every command, once: the start-up's OpenMP setting and `--print-request` read this list, and
+/// a test holds it to the parser's subcommands.
+pub const COMMANDS: [CommandKind; 16] = [
+    CommandKind { name: "info", runs_model: false, takes_request: false },
+    CommandKind { name: "synth", runs_model: false, takes_request: true },
+    CommandKind { name: "inspect", runs_model: false, takes_request: false },
+    CommandKind { name: "verify", runs_model: false, takes_request: false },
+    CommandKind { name: "convert", runs_model: false, takes_request: true },
+    CommandKind { name: "import", runs_model: false, takes_request: true },
+    CommandKind { name: "export", runs_model: false, takes_request: true },
+    CommandKind { name: "train", runs_model: true, takes_request: true },
+    CommandKind { name: "predict", runs_model: true, takes_request: true },
+    CommandKind { name: "evaluate", runs_model: true, takes_request: true },
+    CommandKind { name: "embeddings", runs_model: true, takes_request: true },
+    CommandKind { name: "dose-response", runs_model: true, takes_request: true },
+    CommandKind { name: "import-model", runs_model: false, takes_request: false },
+    CommandKind { name: "bench", runs_model: true, takes_request: false },
+    CommandKind { name: "completions", runs_model: false, takes_request: false },
+    CommandKind { name: "markdown-help", runs_model: false, takes_request: false },
+];
+
+/// The entry of [`COMMANDS`] named `name`.
+pub fn command_kind(name: &str) -> Option<&'static CommandKind> {
+    COMMANDS.iter().find(|k| k.name == name)
+}
+
+impl Command {
+    /// The command's name as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Info(_) => "info",
+            Command::Synth(_) => "synth",
+            Command::Inspect(_) => "inspect",
+            Command::Verify(_) => "verify",
+            Command::Convert(_) => "convert",
+            Command::Import(_) => "import",
+            Command::Export(_) => "export",
+            Command::Train(_) => "train",
+            Command::Predict(_) => "predict",
+            Command::Evaluate(_) => "evaluate",
+            Command::Embeddings(_) => "embeddings",
+            Command::DoseResponse(_) => "dose-response",
+            Command::ImportModel(_) => "import-model",
+            Command::Bench(_) => "bench",
+            Command::Completions { .. } => "completions",
+            Command::MarkdownHelp => "markdown-help",
+        }
+    }
+}
+
 /// Runs a parsed command line.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let level = if args.quiet {
@@ -299,23 +361,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     OUTPUT_LEVEL.store(level, std::sync::atomic::Ordering::Relaxed);
     PRINT_REQUEST.store(args.print_request, std::sync::atomic::Ordering::Relaxed);
-    let has_request = matches!(
-        args.command,
-        Command::Synth(_)
-            | Command::Convert(_)
-            | Command::Import(_)
-            | Command::Export(_)
-            | Command::Train(_)
-            | Command::Predict(_)
-            | Command::Evaluate(_)
-            | Command::Embeddings(_)
-            | Command::DoseResponse(_)
-    );
+    let has_request = command_kind(args.command.name()).is_some_and(|k| k.takes_request);
     if args.print_request && !has_request {
-        anyhow::bail!(
-            "--print-request: this command takes no request (those that do: synth, convert, import, export, train, \
-             predict, evaluate, embeddings, dose-response)"
-        );
+        let those: Vec<&str> = COMMANDS.iter().filter(|k| k.takes_request).map(|k| k.name).collect();
+        anyhow::bail!("--print-request: this command takes no request (those that do: {})", those.join(", "));
     }
     match args.command {
         Command::Info(a) => crate::model_commands::info(a),
@@ -529,4 +578,21 @@ fn message(err: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_list_of_commands_is_the_parsers_in_its_order() {
+        let parser = super::Args::command();
+        let parsed: Vec<&str> = parser.get_subcommands().map(|c| c.get_name()).collect();
+        let listed: Vec<&str> = super::COMMANDS.iter().map(|k| k.name).collect();
+        assert_eq!(parsed, listed);
+        // Every command handed to the engine that computes with the model gets its OpenMP setting.
+        for name in ["train", "predict", "evaluate", "embeddings", "dose-response", "bench"] {
+            assert!(super::command_kind(name).is_some_and(|k| k.runs_model), "{name}");
+        }
+    }
 }

@@ -31,9 +31,6 @@ pub fn reuse_freed_buffers() {
     }
 }
 
-/// Commands that run the model, whose OpenMP threads may need to wait passively.
-const MODEL_COMMANDS: [&str; 4] = ["train", "predict", "evaluate", "bench"];
-
 /// The environment a model command's libtorch should start with, or `None` when there is
 /// nothing to set.
 ///
@@ -55,7 +52,10 @@ pub fn openmp_environment(args: &[OsString]) -> Option<OpenMpEnvironment> {
     }
     let command = args.iter().find(|a| !a.to_string_lossy().starts_with('-'));
     let on_gpu = args.iter().any(|a| a.to_string_lossy().contains("cuda"));
-    if on_gpu || !command.is_some_and(|c| MODEL_COMMANDS.iter().any(|m| c == *m)) {
+    // The commands that run the model ([`super::COMMANDS`]), whose OpenMP threads may need to
+    // wait passively.
+    let runs_model = command.and_then(|c| super::command_kind(&c.to_string_lossy())).is_some_and(|k| k.runs_model);
+    if on_gpu || !runs_model {
         return None;
     }
     let busy = threads::busy_elsewhere(threads::SAMPLE);

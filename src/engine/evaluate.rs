@@ -97,9 +97,6 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Control cells under which an anchor's mean carries noise comparable to a small change.
-const SMALL_ANCHOR: u64 = 30;
-
 /// A note where the anchored prediction of some scored condition rests on few control cells:
 /// their observed mean, noise included, is its starting point.
 fn small_anchor_line(report: &evaluate::EvaluateReport) -> Option<String> {
@@ -107,13 +104,14 @@ fn small_anchor_line(report: &evaluate::EvaluateReport) -> Option<String> {
         return None;
     }
     let scored = report.conditions.iter().filter(|c| c.n_cells > 0);
-    let few: Vec<u64> = scored.filter(|c| c.n_control < SMALL_ANCHOR).map(|c| c.n_control).collect();
+    let few: Vec<u64> = scored.filter(|c| c.n_control < evaluate::ANCHOR_CONTROLS).map(|c| c.n_control).collect();
     let fewest = few.iter().min()?;
     Some(format!(
-        "Anchored on few control cells: {} scored condition(s) start from the observed mean of fewer than {SMALL_ANCHOR} \
-         controls (as few as {fewest}), whose noise is in the prediction; --definitions reference --anchored anchors \
-         on every control cell of the covariates, --plain decodes them instead (n_control in metrics.parquet)",
-        few.len()
+        "Anchored on few control cells: {} scored condition(s) start from the observed mean of fewer than {} \
+         controls (as few as {fewest}), whose noise is in the prediction; --plain decodes them instead (n_control \
+         in metrics.parquet)",
+        few.len(),
+        evaluate::ANCHOR_CONTROLS
     ))
 }
 

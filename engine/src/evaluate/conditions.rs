@@ -95,14 +95,20 @@ pub(crate) fn control_groups(groups: &[Option<MappedGroup>]) -> HashMap<Vec<u32>
     out
 }
 
+/// Control cells an anchored prediction prefers to start from: the evaluated split's (or every
+/// held-out split's) are passed over for a larger set below this many, as their observed mean,
+/// noise included, is the anchored prediction's starting point.
+pub const ANCHOR_CONTROLS: u64 = 30;
+
 /// Per covariate combination of the evaluated conditions, the control cells decoded into them:
-/// the evaluated split's, else every held-out split's, else all, the first with `min_cells`.
+/// the evaluated split's, else every held-out split's, else all, the first with `min_cells`
+/// (with `prefer` more, the first before all with at least `prefer`).
 pub(super) fn control_sources<'a>(
     covariates: impl IntoIterator<Item = &'a Vec<u32>>,
     controls: &HashMap<Vec<u32>, Vec<usize>>,
     moments: &GroupMoments,
     split: EvalSplit,
-    min_cells: u64,
+    (min_cells, prefer): (u64, u64),
     definitions: Definitions,
 ) -> HashMap<Vec<u32>, (SourceSplits, Moments)> {
     let choices: &[SourceSplits] = match definitions {
@@ -122,7 +128,13 @@ pub(super) fn control_sources<'a>(
             }
             m
         };
-        let chosen = choices.iter().map(|&choice| (choice, pick(choice))).find(|(_, m)| m.n >= min_cells.max(1) as f64);
+        let last = choices.len() - 1;
+        let chosen = choices
+            .iter()
+            .enumerate()
+            .map(|(i, &choice)| (i, choice, pick(choice)))
+            .find(|(i, _, m)| m.n >= if *i < last { min_cells.max(prefer) } else { min_cells }.max(1) as f64)
+            .map(|(_, choice, m)| (choice, m));
         if let Some(c) = chosen {
             sources.insert(covs.clone(), c);
         }

@@ -35,6 +35,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::model::{CpaModel, Vocabulary};
+/// Control cells an anchored prediction prefers to start from ([`EvaluateOptions::anchored`]).
+pub use conditions::ANCHOR_CONTROLS;
 use cpa_stream_stages::h5ad::DEG_FILE;
 use cpa_stream_stages::store::{Store, TableFile};
 pub use moments::in_second_half;
@@ -236,7 +238,9 @@ pub struct EvaluateOptions {
     pub ensemble: Vec<PathBuf>,
     /// Score the anchored prediction (`predict`'s default `anchored`): each control cell's
     /// observed log1p counts moved by the model's change from its own condition to the target's;
-    /// default true. `false` scores the plain prediction, log1p of the predicted means (or their
+    /// default true. The controls (under the default definitions the evaluated split's, else
+    /// every held-out split's, else all) are then the first set with at least
+    /// [`ANCHOR_CONTROLS`] cells, or all: their observed mean is the prediction's start. `false` scores the plain prediction, log1p of the predicted means (or their
     /// expected log1p, `expected_log1p`, which needs it false).
     pub anchored: bool,
 }
@@ -602,7 +606,7 @@ impl Plan {
             &control_groups,
             moments,
             options.split,
-            options.min_cells,
+            (options.min_cells, if options.anchored { conditions::ANCHOR_CONTROLS } else { 0 }),
             options.definitions,
         );
         evaluated.retain(|(key, _)| sources.contains_key(&key.covariates));

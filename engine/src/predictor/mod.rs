@@ -105,7 +105,7 @@ pub struct SourceCells {
 /// assert_eq!(predictor.genes().len(), 20);
 /// let mut rows = 0;
 /// for batch in predictor.stream()? {
-///     rows += batch?.num_rows(); // cell_id, condition, dose, mean (20 floats per row)
+///     rows += batch?.num_rows(); // cell_id, condition, dose, is_anchored, mean, anchored (20 floats each)
 /// }
 /// assert!(rows > 0, "one row per control cell");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
