@@ -30,8 +30,11 @@ GENES_KEY = b"cpa_stream.genes"
 EXPECTED_LOG1P = "expected_log1p"
 #: The column of ``change=True``: E[log1p(x)] under the target minus under the cell's own condition.
 CHANGE_LOG1P = "change_log1p"
-#: The column of ``anchored=True``: the cell's observed log1p counts plus the model's predicted change.
+#: The column of the anchored prediction (with targets, by default): a control source cell's
+#: observed log1p counts plus the model's predicted change; ``log1p(mean)`` where not anchored.
 ANCHORED = "anchored"
+#: The Boolean column saying, per row, whether ``anchored`` is anchored on its source cell.
+IS_ANCHORED = "is_anchored"
 
 Targets = str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]] | pd.DataFrame | None
 
@@ -441,13 +444,17 @@ class Run:
         ensemble: Sequence[Run | PathLike] = (),
         genes: Sequence[str] | None = None,
         top_deg: int | None = None,
+        degs: PathLike | None = None,
         latents: Sequence[str] = (),
         batch_size: int | None = None,
         seed: int = 0,
+        allow_empty: bool = False,
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
         anchored: bool | None = None,
+        aggregate: str | Sequence[str] | None = None,
+        group_by: str | Sequence[str] | None = None,
         device: str = "cpu",
         threads: int | None = None,
         workers: int | None = None,
@@ -457,54 +464,49 @@ class Run:
         ``var`` the genes, ``obsm`` each latent, ``layers["expected_log1p"]`` with
         ``expected_log1p``, ``layers["change_log1p"]`` with ``change`` and, where the prediction is
         anchored (with targets, by default), ``layers["anchored"]`` and ``obs["is_anchored"]``.
+        With ``aggregate``, a row per target and group: ``obs`` the labels, the group-by columns,
+        ``n_cells`` (and ``n_anchored``), ``X`` the groups' mean of ``mean`` (with ``"var"`` alone,
+        ``mean_var``), every other statistic a layer (``mean_var``, ``anchored``, ...; a variance
+        of one cell NaN) or, for latents, an ``obsm`` entry; obs names join the labels.
         Arguments as :meth:`predict`. For more rows than
         memory holds use :meth:`predict_to_parquet` (or :meth:`predict` batch by batch)."""
         import anndata as ad
 
         reader = self.predict(
-            store, source=source, targets=targets, ensemble=ensemble, genes=genes, top_deg=top_deg, latents=latents,
-            batch_size=batch_size, seed=seed, batch_corrected=batch_corrected, expected_log1p=expected_log1p,
-            change=change, anchored=anchored, device=device, threads=threads, workers=workers,
+            store, source=source, targets=targets, ensemble=ensemble, genes=genes, top_deg=top_deg, degs=degs,
+            latents=latents, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
+            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, anchored=anchored,
+            aggregate=aggregate, group_by=group_by, device=device, threads=threads, workers=workers,
         )
-        genes_json = (reader.schema.metadata or {}).get(GENES_KEY)
+        schema = reader.schema
+        genes_json = (schema.metadata or {}).get(GENES_KEY)
         gene_names = json.loads(genes_json) if genes_json else []
-        latent_names = [n for n in reader.schema.names if n in LATENTS]
-        with_anchored = ANCHORED in reader.schema.names
-        label_names = [n for n in reader.schema.names if n not in ("mean", EXPECTED_LOG1P, CHANGE_LOG1P, ANCHORED, *LATENTS)]
-        means: list[np.ndarray] = []
-        expected: list[np.ndarray] = []
-        changes: list[np.ndarray] = []
-        anchors: list[np.ndarray] = []
-        obsm: dict[str, list[np.ndarray]] = {n: [] for n in latent_names}
+        vectors = [f.name for f in schema if pa.types.is_fixed_size_list(f.type)]
+        # Latents (and their variances) are per row in their own width: obsm; the rest are genes.
+        in_obsm = [n for n in vectors if n in LATENTS or (n.endswith("_var") and n[: -len("_var")] in LATENTS)]
+        label_names = [n for n in schema.names if n not in vectors]
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in vectors}
         labels: list[pa.Table] = []
         for batch in reader:
-            means.append(_vectors(batch.column("mean"), len(gene_names)))
-            if expected_log1p:
-                expected.append(_vectors(batch.column(EXPECTED_LOG1P), len(gene_names)))
-            if change:
-                changes.append(_vectors(batch.column(CHANGE_LOG1P), len(gene_names)))
-            if with_anchored:
-                anchors.append(_vectors(batch.column(ANCHORED), len(gene_names)))
-            for n in latent_names:
+            for n in vectors:
                 column = batch.column(n)
-                obsm[n].append(_vectors(column, column.type.list_size))
+                parts[n].append(_vectors(column, column.type.list_size))
             labels.append(pa.Table.from_batches([batch.select(label_names)]))
+        arrays = {
+            n: np.concatenate(v) if v else np.zeros((0, schema.field(n).type.list_size), np.float32)
+            for n, v in parts.items()
+        }
         if labels:
             obs = table_to_pandas(pa.concat_tables(labels))
         else:
-            obs = table_to_pandas(pa.schema([reader.schema.field(n) for n in label_names]).empty_table())
+            obs = table_to_pandas(pa.schema([schema.field(n) for n in label_names]).empty_table())
         obs.index = _prediction_names(obs)
-        x = np.concatenate(means) if means else np.zeros((0, len(gene_names)), np.float32)
-        latents_out = {n: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for n, v in obsm.items()}
-        layers = {}
-        if expected_log1p:
-            layers[EXPECTED_LOG1P] = np.concatenate(expected) if expected else np.zeros_like(x)
-        if change:
-            layers[CHANGE_LOG1P] = np.concatenate(changes) if changes else np.zeros_like(x)
-        if with_anchored:
-            layers[ANCHORED] = np.concatenate(anchors) if anchors else np.zeros_like(x)
+        x_name = next((n for n in ("mean", "mean_var") if n in arrays), None)
+        x = arrays.pop(x_name) if x_name else np.zeros((len(obs), len(gene_names)), np.float32)
+        layers = {n: a for n, a in arrays.items() if n not in in_obsm}
+        obsm = {n: arrays[n] for n in in_obsm}
         return ad.AnnData(
-            X=x, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)), obsm=latents_out, layers=layers
+            X=x, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)), obsm=obsm, layers=layers
         )
 
     def latents(
@@ -683,7 +685,17 @@ def _prediction_names(obs: pd.DataFrame) -> pd.Index:
     """obs names of predicted rows: the source cells' ids where each appears once (one target),
     else ``<cell id>_<condition>`` (and ``_<dose>`` where doses tell targets apart), else row
     numbers."""
-    if "cell_id" not in obs.columns or len(obs) == 0:
+    if len(obs) == 0:
+        return obs.index.astype(str)
+    if "cell_id" not in obs.columns:
+        # Aggregates: the labels and groups joined (`MAPK1_1_k562`), where that names each row once.
+        text = [c for c in obs.columns if c not in ("n_cells", "n_anchored", IS_ANCHORED)]
+        if text:
+            names = obs[text[0]].astype(str)
+            for column in text[1:]:
+                names = names + "_" + obs[column].astype(str)
+            if names.is_unique:
+                return pd.Index(names.to_numpy(), dtype=str)
         return obs.index.astype(str)
     ids = obs["cell_id"].astype(str)
     if ids.is_unique:
@@ -707,6 +719,12 @@ def _vectors(column: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
         column = column.combine_chunks()
     if len(column) == 0:
         return np.zeros((0, width), np.float32)
+    if column.null_count:
+        # A null row (an aggregate's variance of one cell) is NaN.
+        out = np.full((len(column), width), np.nan, np.float32)
+        valid = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False))
+        out[valid] = column.drop_null().flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        return out
     values = column.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(len(column), width)
 

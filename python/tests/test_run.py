@@ -346,3 +346,34 @@ def test_dose_response_and_batch_corrected_prediction(run, store, fresh):
     # The run has no batch key: a batch-corrected prediction is refused with the reason.
     with pytest.raises(ValueError, match="batch key"):
         run.predict(store, targets=TARGET, batch_corrected=True, **COMPUTE)
+
+
+def test_predict_anndata_takes_aggregates_a_deg_table_and_an_empty_source(run, store, scratch):
+    """predict_anndata takes what the other predict calls take: aggregates (a row per group, every
+    statistic a layer, a one-cell variance NaN), a DEG table for ``top_deg``, ``allow_empty``."""
+    kw = dict(source="all", targets=TARGET, aggregate="mean,var", **COMPUTE)
+    table = run.predict(store, **kw).read_all()
+    groups = run.predict_anndata(store, **kw)
+    assert groups.n_obs == table.num_rows >= 1
+    assert list(groups.obs["n_cells"]) == table.column("n_cells").to_pylist()
+    assert list(groups.obs["n_anchored"]) == table.column("n_anchored").to_pylist()
+    np.testing.assert_array_equal(groups.X, np.stack(table.column("mean").to_numpy(zero_copy_only=False)))
+    assert set(groups.layers) == {"mean_var", "anchored", "anchored_var"}
+    assert groups.obs_names.is_unique and groups.obs_names[0].startswith("MAP2K3+MAP2K6_")
+    # A DEG table from an evaluation of the same store picks the genes.
+    evaluated = scratch / "eval-for-degs"
+    run.evaluate(store, split="ood", out=evaluated, plots=False, overwrite=True, threads=1)
+    picked = run.predict_anndata(store, source=SOURCE, targets=TARGET, top_deg=5, degs=evaluated / "degs.parquet",
+                                 **COMPUTE)
+    assert 1 <= picked.n_vars <= 5 and picked.n_obs > 0
+    # A source that selects no cell: an empty AnnData with the genes, when asked for.
+    empty = run.predict_anndata(store, source="condition == nothing", targets=TARGET, allow_empty=True, **COMPUTE)
+    assert empty.n_obs == 0 and empty.n_vars == groups.n_vars
+    with pytest.raises(Exception, match="selects no cell"):
+        run.predict_anndata(store, source="condition == nothing", targets=TARGET, **COMPUTE)
+
+
+def test_a_null_vector_row_reads_as_nan():
+    column = pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float32(), 2))
+    got = cs._run._vectors(column, 2)
+    np.testing.assert_array_equal(got, np.array([[1, 2], [np.nan, np.nan], [3, 4]], np.float32))
