@@ -1093,6 +1093,28 @@ fn predictions_are_anchored_on_control_cells_by_default_and_say_which_rows_are()
         assert_eq!(a, &store_types[row_of[id.as_str()]] == one_type, "cell {id} of another type is not anchored");
     }
 
+    // Two targets, the second moving the cells to that type, from the other type's controls: each
+    // step anchors every row of the first pass and none of the second.
+    let other_type = store_types.iter().find(|t| *t != one_type).unwrap_or_else(|| panic!("two cell types"));
+    let others = format!("condition == control and cell_type == {other_type}");
+    let (_, two, _) = read(&["--source", &others, "--target", "PERT03", "--target", &spec], "anchored-two.parquet");
+    let (two_ids, two_flags) = (strings(&two, "cell_id"), flags(&two, "is_anchored"));
+    let (two_anchored, two_means) = (vectors(&two, "anchored"), means(&two));
+    // Each step writes its first target's rows, then its second's: a cell's first row is the first.
+    let mut seen = std::collections::HashSet::new();
+    let mut plain_rows = 0;
+    for (i, id) in two_ids.iter().enumerate() {
+        let first_target = seen.insert(id.as_str());
+        let expected = first_target || store_types[row_of[id.as_str()]] == *one_type;
+        assert_eq!(two_flags[i], expected, "row {i} (cell {id})");
+        if !expected {
+            let plain: Vec<f64> = two_means[i].iter().map(|x| x.ln_1p()).collect();
+            assert!(close(&two_anchored[i], &plain), "row {i}: not anchored, so log1p(mean)");
+            plain_rows += 1;
+        }
+    }
+    assert!(plain_rows > 0, "some cells of the other type");
+
     // Aggregates count the anchored cells of each group.
     let (names, groups, _) =
         read(&["--source", "all", "--target", "PERT03", "--aggregate", "mean"], "anchored-groups.parquet");

@@ -227,9 +227,20 @@ fn encode(
     Ok(Encoded { z_draws, z_mean, library, own, anchor_base })
 }
 
+/// Which rows of a pass are anchored.
+#[derive(Clone, Copy)]
+enum Anchored<'a> {
+    /// Every row.
+    All,
+    /// Rows x 1 on the device: 1 anchored, 0 plain.
+    Some(&'a Tensor),
+    /// No row: the column holds the plain prediction.
+    None,
+}
+
 /// `model`'s per-gene columns of one pass, in the schema's order (mean, expected log1p, change,
-/// anchored, those written), for the cells `e` under the pass's latents; `anchored` rows x 1
-/// (1 anchored, 0 plain) where only some rows are anchored.
+/// anchored, those written), for the cells `e` under the pass's latents; `anchored` says which
+/// rows the `anchored` column anchors.
 #[allow(clippy::too_many_arguments)]
 fn gene_values(
     model: &CpaModel,
@@ -239,7 +250,7 @@ fn gene_values(
     covs: &[Tensor],
     gene_index: Option<&Tensor>,
     columns: Columns,
-    anchored: Option<&Tensor>,
+    anchored: Anchored<'_>,
     noise: &mut Noise,
 ) -> cpa_stream_stages::Result<Vec<Tensor>> {
     let mut mean = model.mean_over_draws(&e.z_draws, z_pert, covs, e.library.as_ref(), noise)?;
@@ -247,17 +258,14 @@ fn gene_values(
         mean = mean.f_index_select(1, index).torch()?;
     }
     let mut values = Vec::with_capacity(4);
-    let anchored = match (columns.anchored, &e.anchor_base) {
-        (false, _) => None,
-        // No cell of the step anchored: the plain prediction in the anchored column's space.
-        (true, None) => Some(to_anchor_space(model, &mean).torch()?),
-        (true, Some(base)) => {
-            let base = match anchored {
-                Some(rows) => base.f_mul(rows).torch()?,
-                None => base.shallow_clone(),
-            };
-            Some(to_anchor_space(model, &mean).torch()?.f_add(&base).torch()?)
+    let anchored = match (columns.anchored, &e.anchor_base, anchored) {
+        (false, _, _) => None,
+        (true, Some(base), Anchored::All) => Some(to_anchor_space(model, &mean).torch()?.f_add(base).torch()?),
+        (true, Some(base), Anchored::Some(rows)) => {
+            Some(to_anchor_space(model, &mean).torch()?.f_add(&base.f_mul(rows).torch()?).torch()?)
         }
+        // No row of the pass anchored: the plain prediction in the anchored column's space.
+        (true, _, _) => Some(to_anchor_space(model, &mean).torch()?),
     };
     if let Some(theta) = theta {
         let expected = expected_log1p_nb(&mean, theta).torch()?;
@@ -379,6 +387,11 @@ impl Predictor {
                     }
                     _ => None,
                 };
+                let which = match (is_anchored, &mask) {
+                    (_, Some(mask)) => Anchored::Some(mask),
+                    (Some(rows), None) if rows.contains(&true) => Anchored::All,
+                    _ => Anchored::None,
+                };
                 // Every vector column of the pass, in the schema's order, on the device: the
                 // mean over the models, then the first model's latents.
                 let mut values: Vec<Tensor> = Vec::new();
@@ -402,7 +415,7 @@ impl Predictor {
                     )?;
                     let own = tch::no_grad(|| {
                         let genes = gene_index.as_ref();
-                        gene_values(model, theta, e, &z_pert, &covs, genes, columns, mask.as_ref(), &mut self.noise)
+                        gene_values(model, theta, e, &z_pert, &covs, genes, columns, which, &mut self.noise)
                     })
                     .map_err(torch)?;
                     values = if values.is_empty() {
