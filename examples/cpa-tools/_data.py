@@ -84,19 +84,27 @@ SMILES = ["CCO", "CC(=O)Oc1ccccc1C(=O)O", "CN1CCC[C@H]1c1cccnc1", "c1ccc2ccccc2c
           "O=C(O)c1ccccc1O", "CN1C(=O)CN=C(c2ccccc2)c2cc(Cl)ccc21", "CC(=O)Nc1ccc(O)cc1"]
 
 
+def combosciplex_atlas(path: Path) -> Path:
+    """The synthetic drug x dose atlas behind [`combosciplex_like`], written to ``path`` (an
+    ``.h5ad``; made by cpa-stream, so that cpa-tools' own run of the tutorial reads the same file
+    through ``TUTORIAL_COMBO_H5AD``)."""
+    import cpa_stream as cs
+
+    store = cs.synth(path.with_suffix(".store"), cells=4000, genes=300, perturbations=8, doses=3, cell_types=2,
+                     combinations=6, seed=0, overwrite=True, progress=False)
+    cs.export_h5ad(store, path, overwrite=True, progress=False)
+    return path
+
+
 def combosciplex_like(scratch: Path):
     """A synthetic drug x dose atlas in the combo-sciplex tutorial's shape: drug combinations at
     doses in two cell lines, ``condition_ID``, ``log_dose``, ``smiles_rdkit`` (a combination's
     SMILES joined by ``..``), ``cov_drug_dose``, DEGs, a control ``CHEMBL504`` and ``split_1ct_MEC``
-    holding one combination out."""
+    holding one combination out. ``TUTORIAL_COMBO_H5AD`` (environment) names a file
+    [`combosciplex_atlas`] wrote, read instead of making one."""
     import anndata as ad
 
-    import cpa_stream as cs
-
-    store = cs.synth(scratch / "combo.store", cells=4000, genes=300, perturbations=8, doses=3, cell_types=2,
-                     combinations=6, seed=0, overwrite=True, progress=False)
-    cs.export_h5ad(store, scratch / "combo.h5ad", overwrite=True, progress=False)
-    adata = ad.read_h5ad(scratch / "combo.h5ad")
+    adata = ad.read_h5ad(os.environ.get("TUTORIAL_COMBO_H5AD") or combosciplex_atlas(scratch / "combo.h5ad"))
     adata.layers["counts"] = adata.X.copy()
     drugs = sorted({p for c in adata.obs["condition"].astype(str) for p in c.split("+") if p != "control"})
     names = {d: f"CHEMBL{1000 + i}" for i, d in enumerate(drugs)} | {"control": "CHEMBL504"}
@@ -118,4 +126,4 @@ def combosciplex_like(scratch: Path):
     return adata
 
 
-__all__ = ["BUNDLED", "combosciplex_like", "epochs", "kang_like", "norman_like"]
+__all__ = ["BUNDLED", "combosciplex_atlas", "combosciplex_like", "epochs", "kang_like", "norman_like"]

@@ -51,6 +51,7 @@ import pyarrow as pa
 from . import _args, _run, _store, translate
 from ._run import Run, _vectors
 from .compat_api import PAD, ComPertAPI, _dose_text
+from .compat_views import HISTORY_COLUMNS, _AnnDataManager, _epoch_history, _ModuleView
 from .compat_plots import pl
 from .compat_tune import run_autotune
 
@@ -444,7 +445,7 @@ class CPA:
             with _engine_errors():
                 self.run = _run.train(store, self.run.path, max_epochs=done + epochs, resume=True, device=device,
                                       threads=self.threads)
-            self.epoch_history = _epoch_history(self.run.history)
+            self.epoch_history = _epoch_history(self.run.history, self.covars_encoder)
             if save_path is not None:
                 self.save(save_path, overwrite=True)
             return
@@ -460,7 +461,7 @@ class CPA:
                 perturbation_features=self.drug_features, **split,
             )
         self.is_trained_ = True
-        self.epoch_history = _epoch_history(self.run.history)
+        self.epoch_history = _epoch_history(self.run.history, self.covars_encoder)
         if save_path is not None:
             self.save(save_path, overwrite=True)
 
@@ -696,7 +697,7 @@ class CPA:
                     molecule_features=state.get("molecule_features", "morgan"), **state["hyper_params"])
         model.run = Run(path / "run")
         model.is_trained_ = True
-        model.epoch_history = _epoch_history(model.run.history)
+        model.epoch_history = _epoch_history(model.run.history, model.covars_encoder)
         return model
 
 
@@ -926,110 +927,3 @@ def _latent_anndata(x: np.ndarray, ids: np.ndarray, adata: Any) -> Any:
     out = ad.AnnData(X=x, obs=adata.obs.copy())
     out.obs_names = names
     return out
-
-
-#: cpa-tools 0.8.8's ``epoch_history`` columns, in its order.
-HISTORY_COLUMNS = [
-    "recon_loss", "KL", "disnt_basal", "disnt_after", "r2_mean", "r2_var", "adv_loss", "penalty_adv", "adv_perts",
-    "acc_perts", "penalty_perts", "epoch", "mode",
-]
-
-
-def _epoch_history(history: pd.DataFrame) -> pd.DataFrame:
-    """cpa-tools' ``epoch_history``: per epoch a ``valid`` row (when the epoch was validated) and
-    a ``train`` row, with cpa-tools' columns; what cpa-stream does not measure (the training R2,
-    the adversaries' separate losses) is NaN."""
-    rows = []
-    for _, r in history.iterrows():
-        if "val_score" in r and pd.notna(r.get("val_score")):
-            rows.append({
-                "recon_loss": r.get("val_recon_loss"), "r2_mean": r.get("val_r2_mean"), "r2_var": r.get("val_r2_var"),
-                "disnt_basal": r.get("val_disnt_basal"), "disnt_after": r.get("val_disnt_after"),
-                "epoch": int(r["epoch"]), "mode": "valid",
-            })
-        rows.append({
-            "recon_loss": r.get("recon_loss"), "KL": r.get("kl"), "adv_loss": r.get("adv_loss"),
-            "penalty_adv": r.get("penalty_adv"), "acc_perts": r.get("acc_perts"), "epoch": int(r["epoch"]),
-            "mode": "train",
-        })
-    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    numeric = [c for c in HISTORY_COLUMNS if c not in ("epoch", "mode")]
-    frame[numeric] = frame[numeric].astype(float)
-    return frame
-
-
-class _ModuleView:
-    """What ``CPA.module`` offers (see there)."""
-
-    def __init__(self, model: CPA) -> None:
-        settings = {**translate.MODULE_DEFAULTS, **model.hyper_params}
-        for key, value in settings.items():
-            setattr(self, key, value)
-        self.n_genes = model.adata.n_vars
-        self.n_perts = len(model.pert_encoder)
-        self.covars_encoder = {k: dict(v) for k, v in model.covars_encoder.items()}
-        self._model = model
-
-    def eval(self) -> _ModuleView:
-        return self
-
-    def train(self, mode: bool = True) -> _ModuleView:
-        return self
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """The trained weights (``model/weights.safetensors`` of the run), name to array."""
-        run = self._model._trained()
-        return _read_safetensors(run.path / "model" / "weights.safetensors")
-
-    def __repr__(self) -> str:
-        keys = ", ".join(f"{k}={getattr(self, k)!r}" for k in translate.MODULE_DEFAULTS)
-        return f"CPAModule view (cpa-stream engine; {keys})"
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file as numpy arrays (its 8-byte header length, JSON header, then the
-    tensors' bytes; little-endian)."""
-    kinds = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U8": "u1", "I8": "i1"}
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        data = f.read()
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in kinds:
-            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this reader does not decode")
-        start, end = entry["data_offsets"]
-        out[name] = np.frombuffer(data[start:end], dtype=kinds[entry["dtype"]]).reshape(entry["shape"]).copy()
-    return out
-
-
-class _AnnDataManager:
-    """What ``CPA.adata_manager`` offers (see there)."""
-
-    def __init__(self, model: CPA) -> None:
-        self.adata = model.adata
-        self._setup = dict(model._setup)
-        self.registry = {"model_name": "CPA", "setup_method_name": "setup_anndata", "setup_args": dict(model._setup)}
-
-    def view_registry(self, hide_state_registries: bool = False) -> None:
-        print("setup_anndata arguments:")
-        for key, value in self._setup.items():
-            print(f"  {key}: {value}")
-
-    def get_from_registry(self, registry_key: str) -> Any:
-        """The data behind a key: ``X`` (the matrix the model reads: the layer of the setup or
-        ``X``), an obs column named in the setup, or an obsm key (``perts``, ``perts_doses``)."""
-        if registry_key == "X":
-            layer = self._setup.get("layer")
-            return self.adata.layers[layer] if layer else self.adata.X
-        if registry_key in self.adata.obsm:
-            return self.adata.obsm[registry_key]
-        named = [self._setup.get(k) for k in ("perturbation_key", "dosage_key", "batch_key", "deg_uns_cat_key")]
-        named += list(self._setup.get("categorical_covariate_keys", []))
-        if registry_key in named and registry_key in self.adata.obs:
-            return self.adata.obs[registry_key].to_numpy()
-        raise KeyError(f"{registry_key!r}: not in the registry; it has X, {', '.join(str(k) for k in named if k)}"
-                       f", {', '.join(self.adata.obsm)}")
-

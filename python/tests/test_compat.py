@@ -150,10 +150,19 @@ def test_the_split_means_what_it_means_in_cpa_tools(tutorial):
 def test_history_and_plots_have_cpa_tools_shapes(tutorial, tmp_path):
     _, model, _ = tutorial
     history = model.epoch_history
-    assert list(history.columns) == cpa.HISTORY_COLUMNS  # cpa-tools' columns, in its order
-    assert history.columns[-2:].tolist() == ["epoch", "mode"]
+    # cpa-tools' columns, in its order: its metrics, each covariate's adversary, epoch and mode.
+    heads = ["adv_cell_type", "penalty_cell_type", "acc_cell_type"]
+    assert list(history.columns) == cpa.HISTORY_COLUMNS[:-2] + heads + ["epoch", "mode"]
     assert (history["mode"] == "train").sum() == 3 and (history["mode"] == "valid").sum() == 3
     assert history.loc[history["mode"] == "valid", "r2_mean"].notna().all()
+    # The training rows: the training R2, and each adversary's own figures summing to the totals.
+    train = history[history["mode"] == "train"]
+    assert train["r2_mean"].notna().all() and (train["r2_mean"] <= 1).all(), train["r2_mean"]
+    assert train["r2_var"].notna().all()
+    np.testing.assert_allclose(train["adv_loss"], train["adv_perts"] + train["adv_cell_type"], rtol=1e-5)
+    np.testing.assert_allclose(train["penalty_adv"], train["penalty_perts"] + train["penalty_cell_type"], rtol=1e-5)
+    assert train["acc_cell_type"].between(0, 1).all()
+    assert history.loc[history["mode"] == "valid", heads].isna().all().all()  # as cpa-tools' validation rows
     import matplotlib.pyplot as plt
 
     # cpa-tools returns nothing (a notebook would otherwise show the figure twice); the figure is

@@ -86,3 +86,76 @@ def test_the_same_session_returns_what_cpa_tools_returns(tmp_path):
     covariates = ours.pop("get_covar_embeddings")["AnnData"]
     assert covariates["obs"] == ["cell_type"] and len(covariates["shape"]) == 2
     assert ours == peer
+
+
+#: The import line the tutorials change (cpa-tools' run puts ``import cpa`` back).
+IMPORT = "import cpa_stream.compat as cpa  # was: import cpa"
+#: Epochs and seeds of the numbers check (environment: ``TUTORIAL_AB_EPOCHS``, ``TUTORIAL_AB_SEEDS``).
+AB_EPOCHS = int(os.environ.get("TUTORIAL_AB_EPOCHS", "30"))
+AB_SEEDS = int(os.environ.get("TUTORIAL_AB_SEEDS", "3"))
+#: How far under cpa-tools compat's mean may be before the check fails: two standard errors of
+#: the difference of the two tools' means over seeds, and never less than this (the R2 of a
+#: seed moves by a few hundredths on these small sets).
+AB_FLOOR = 0.02
+
+
+def _tutorial_variant(script: str, tool: str, seed: int, tmp_path) -> list[dict]:
+    """Runs ``script`` as it is but for the import line (``tool`` "cpa": cpa-tools' own), the
+    model's seed (the tutorial's plus ``seed``), ``use_gpu=False`` (cpa-tools cannot fall back
+    to the CPU) and without the cpa-stream-only lines after the tutorial; returns the rows of the
+    tutorial's own results table (``df``)."""
+    import json
+    import re
+
+    text = (SCRIPTS / script).read_text().split("\n# Beyond the tutorial")[0]
+    assert IMPORT in text, f"{script}: no `{IMPORT}` line"
+    if tool == "cpa":
+        text = text.replace(IMPORT, "import cpa")
+    text, n = re.subn(r'"seed": (\d+),', lambda m: f'"seed": {int(m.group(1)) + seed},', text, count=1)
+    assert n == 1, f"{script}: no model seed"
+    text = text.replace("use_gpu=True", "use_gpu=False")
+    text += '\nprint("RESULTS " + df.to_json(orient="records"))\n'
+    work = tmp_path / f"{tool}-{seed}"
+    work.mkdir()
+    path = work / script
+    path.write_text(text)
+    python = _peer_python() if tool == "cpa" else sys.executable
+    env = dict(os.environ, TUTORIAL_EPOCHS=str(AB_EPOCHS), MPLBACKEND="Agg", PYTHONPATH=str(SCRIPTS))
+    done = subprocess.run([python, str(path), str(work / "saved")], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert done.returncode == 0, f"{tool} {script}: {done.stderr[-3000:]}"
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULTS "))
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.skipif(_peer_python() is None, reason="cpa-tools is not installed (scripts/fidelity.sh installs it "
+                    "from ../shared/peer/cpa-tools into $CPA_STREAM_CACHE/cpa-peer; CPA_PEER_PYTHON names another)")
+@pytest.mark.parametrize("script", ["kang.py", "norman.py", "combosciplex.py"], ids=["kang", "norman", "combosciplex"])
+def test_a_tutorials_numbers_are_at_least_cpa_tools(script, tmp_path):
+    """Each tutorial run through cpa-tools 0.8.8 and through compat, ``AB_SEEDS`` seeds each at
+    ``AB_EPOCHS`` epochs: the mean over seeds of the tutorial's own table (R2 of log1p means over
+    all genes and over the top DEGs, and of the change from the controls, averaged over its
+    rows) is not under cpa-tools' by more than two standard errors of the difference (at least
+    ``AB_FLOOR``). The figures are printed (pytest -s) for docs/fidelity.md."""
+    import numpy as np
+    import pandas as pd
+
+    if script == "combosciplex.py":
+        from _data import combosciplex_atlas  # noqa: PLC0415 (examples/cpa-tools on the path)
+
+        os.environ["TUTORIAL_COMBO_H5AD"] = str(combosciplex_atlas(tmp_path / "combo.h5ad"))
+    scores: dict[str, list[pd.Series]] = {"cpa": [], "compat": []}
+    for seed in range(AB_SEEDS):
+        for tool in scores:  # interleaved, so that the machine's load falls on both alike
+            table = pd.DataFrame(_tutorial_variant(script, tool, seed, tmp_path))
+            table["n_top_deg"] = table["n_top_deg"].astype(str)
+            scores[tool].append(table.groupby("n_top_deg")[["r2_mean_deg", "r2_mean_lfc_deg"]].mean().stack())
+    os.environ.pop("TUTORIAL_COMBO_H5AD", None)
+    cpa_tools, compat = (pd.concat(scores[t], axis=1) for t in ("cpa", "compat"))
+    mean_gap = compat.mean(axis=1) - cpa_tools.mean(axis=1)
+    se = np.sqrt(compat.var(axis=1, ddof=1) / AB_SEEDS + cpa_tools.var(axis=1, ddof=1) / AB_SEEDS).fillna(0)
+    report = pd.DataFrame({"cpa-tools": cpa_tools.mean(axis=1), "compat": compat.mean(axis=1), "gap": mean_gap,
+                           "2 se": 2 * se})
+    print(f"\n{script}, {AB_SEEDS} seeds x {AB_EPOCHS} epochs:\n{report.round(3).to_string()}")
+    behind = report[report["gap"] < -np.maximum(2 * se, AB_FLOOR)]
+    assert behind.empty, f"compat under cpa-tools beyond two standard errors:\n{behind.round(3).to_string()}"

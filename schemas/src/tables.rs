@@ -314,6 +314,14 @@ pub mod training_metrics {
     /// Losses and accuracy of the epoch's training batches (Float64, null when not finite or not
     /// computed): reconstruction, KL, adversary, gradient penalty, perturbation accuracy.
     pub const TRAIN_FLOATS: [&str; 5] = ["recon_loss", "kl", "adv_loss", "penalty_adv", "acc_perts"];
+    /// cpa-tools' training `r2_mean` and `r2_var` (Float64, null when not finite or absent from
+    /// an older file): per autoencoder batch, the R2 over genes of the predicted against the
+    /// observed means (and variances) of each category of condition and covariates in the batch,
+    /// averaged over categories, then over the epoch's batches.
+    pub const TRAIN_R2: [&str; 2] = ["r2_mean", "r2_var"];
+    /// The perturbation adversary's own loss and gradient penalty (Float64, null as above);
+    /// `adv_loss` and `penalty_adv` are sums over all adversaries.
+    pub const PERTURBATION_ADVERSARY: [&str; 2] = ["adv_perts", "penalty_perts"];
     /// The autoencoder's learning rate during the epoch (Float64).
     pub const LR: &str = "lr";
     /// Counts of the epoch (UInt64): cells, autoencoder batches, adversary batches.
@@ -333,13 +341,37 @@ pub mod training_metrics {
     /// and of each covariate of more than one value, summed, in the basal latent and in the full
     /// latent. Lower basal purity is better disentangled.
     pub const VAL_DISENTANGLEMENT: [&str; 2] = ["val_disnt_basal", "val_disnt_after"];
+
+    /// The last columns, three per covariate of the model in its order (Float64, null for a
+    /// covariate of one value, which has no adversary, or absent from an older file): its
+    /// adversary's loss, gradient penalty and accuracy, named as cpa-tools names them
+    /// (`adv_<covariate>`, `penalty_<covariate>`, `acc_<covariate>`), or with `covariate_`
+    /// before the covariate's name where that would repeat a column's name (a covariate named
+    /// `perts`).
+    pub fn covariate_columns(covariate: &str) -> [String; 3] {
+        let fixed = |name: &str| {
+            let mut all = [EPOCH, LR, SECONDS, VAL_CELLS, VAL_R2_MEAN_DEG].into_iter();
+            all.any(|f| f == name)
+                || TRAIN_FLOATS.contains(&name)
+                || TRAIN_R2.contains(&name)
+                || PERTURBATION_ADVERSARY.contains(&name)
+                || COUNTS.contains(&name)
+                || VALIDATION_FLOATS.contains(&name)
+                || VAL_DISENTANGLEMENT.contains(&name)
+        };
+        let named = |c: &str| ["adv", "penalty", "acc"].map(|p| format!("{p}_{c}"));
+        let plain = named(covariate);
+        if plain.iter().any(|n| fixed(n)) { named(&format!("covariate_{covariate}")) } else { plain }
+    }
 }
 
-/// Schema of a training run's `metrics.parquet`.
-pub fn training_metrics_schema() -> SchemaRef {
+/// Schema of a training run's `metrics.parquet` for a model of these covariates.
+pub fn training_metrics_schema(covariates: &[String]) -> SchemaRef {
     use training_metrics as m;
     let mut fields = vec![Field::new(m::EPOCH, DataType::UInt32, false)];
     fields.extend(m::TRAIN_FLOATS.iter().map(|n| Field::new(*n, DataType::Float64, true)));
+    fields.extend(m::TRAIN_R2.iter().map(|n| Field::new(*n, DataType::Float64, true)));
+    fields.extend(m::PERTURBATION_ADVERSARY.iter().map(|n| Field::new(*n, DataType::Float64, true)));
     fields.push(Field::new(m::LR, DataType::Float64, false));
     fields.extend(m::COUNTS.iter().map(|n| Field::new(*n, DataType::UInt64, false)));
     fields.push(Field::new(m::SECONDS, DataType::Float64, false));
@@ -347,6 +379,9 @@ pub fn training_metrics_schema() -> SchemaRef {
     fields.push(Field::new(m::VAL_CELLS, DataType::UInt64, true));
     fields.push(Field::new(m::VAL_R2_MEAN_DEG, DataType::Float64, true));
     fields.extend(m::VAL_DISENTANGLEMENT.iter().map(|n| Field::new(*n, DataType::Float64, true)));
+    for covariate in covariates {
+        fields.extend(m::covariate_columns(covariate).map(|n| Field::new(n, DataType::Float64, true)));
+    }
     Arc::new(Schema::new(fields))
 }
 

@@ -100,8 +100,31 @@ fn trains_on_a_synthetic_store_with_checkpoints_metrics_and_a_final_model() {
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "history.png: {} bytes", png.len());
     let metrics = read_small_table(&run_dir.join("metrics.parquet")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(metrics.num_rows(), 4);
-    same_schema(&training_metrics_schema(), &metrics.schema())
+    same_schema(&training_metrics_schema(&["cell_type".to_owned()]), &metrics.schema())
         .unwrap_or_else(|e| panic!("metrics.parquet against its schema: {e}"));
+    // cpa-tools' epoch_history figures: the training R2 of means, and each adversary's own loss,
+    // penalty and accuracy, the perturbation's and the covariate's summing to the totals.
+    let column = |name: &str| -> Vec<f64> {
+        let c = metrics.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+        let c =
+            c.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap_or_else(|| panic!("{name}: not Float64"));
+        c.iter().map(|v| v.unwrap_or(f64::NAN)).collect()
+    };
+    let r2 = column("r2_mean");
+    assert!(r2.iter().all(|v| v.is_finite() && *v <= 1.0) && r2[3] > r2[0], "training r2_mean {r2:?}");
+    for (name, total, parts) in [
+        ("loss", "adv_loss", ["adv_perts", "adv_cell_type"]),
+        ("penalty", "penalty_adv", ["penalty_perts", "penalty_cell_type"]),
+    ] {
+        let (total, a, b) = (column(total), column(parts[0]), column(parts[1]));
+        for e in 0..4 {
+            assert!(
+                (total[e] - a[e] - b[e]).abs() <= 1e-4 * total[e].abs().max(1.0),
+                "{name}, epoch {e}: {total:?} {a:?} {b:?}"
+            );
+        }
+    }
+    assert!(column("acc_cell_type").iter().all(|v| (0.0..=1.0).contains(v)), "{:?}", column("acc_cell_type"));
     let model = load_model(&run_dir.join("model"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(model.vocabulary().n_genes(), 150);
     let trainer = Trainer::resume(&run_dir.join("checkpoint"), Device::Cpu).unwrap_or_else(|e| panic!("{e}"));

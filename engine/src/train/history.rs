@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::trainer::EpochMetrics;
+use crate::trainer::{EpochMetrics, HeadMetrics};
 use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch, UInt32Array, UInt64Array};
 use cpa_stream_schemas::tables::training_metrics::{self as columns, EPOCH};
 use cpa_stream_schemas::tables::training_metrics_schema;
@@ -27,8 +27,9 @@ pub struct EpochRecord {
     pub validation: Option<ValidationScore>,
 }
 
-/// Writes every epoch's metrics to `path` (temporary name, then rename).
-pub fn write_history(path: &Path, records: &[EpochRecord]) -> Result<()> {
+/// Writes every epoch's metrics to `path` (temporary name, then rename), for a model of these
+/// covariates.
+pub fn write_history(path: &Path, records: &[EpochRecord], covariates: &[String]) -> Result<()> {
     let finite = |v: f64| v.is_finite().then_some(v);
     let floats = |f: &dyn Fn(&EpochRecord) -> Option<f64>| -> ArrayRef {
         Arc::new(Float64Array::from(records.iter().map(f).collect::<Vec<_>>()))
@@ -36,15 +37,22 @@ pub fn write_history(path: &Path, records: &[EpochRecord]) -> Result<()> {
     let counts = |f: &dyn Fn(&EpochRecord) -> u64| -> ArrayRef {
         Arc::new(UInt64Array::from(records.iter().map(f).collect::<Vec<_>>()))
     };
-    let t = |r: &EpochRecord| r.train;
+    fn t(r: &EpochRecord) -> &EpochMetrics {
+        &r.train
+    }
     let v = |r: &EpochRecord| r.validation;
-    let columns: Vec<ArrayRef> = vec![
+    let head = |r: &EpochRecord, i: usize| r.train.covariates.get(i).copied().unwrap_or(HeadMetrics::ABSENT);
+    let mut columns: Vec<ArrayRef> = vec![
         Arc::new(UInt32Array::from(records.iter().map(|r| r.train.epoch).collect::<Vec<_>>())),
         floats(&|r| finite(t(r).recon_loss)),
         floats(&|r| finite(t(r).kl)),
         floats(&|r| finite(t(r).adv_loss)),
         floats(&|r| finite(t(r).penalty_adv)),
         floats(&|r| finite(t(r).acc_perts)),
+        floats(&|r| finite(t(r).r2_mean)),
+        floats(&|r| finite(t(r).r2_var)),
+        floats(&|r| finite(t(r).adv_perts)),
+        floats(&|r| finite(t(r).penalty_perts)),
         Arc::new(Float64Array::from(records.iter().map(|r| r.train.lr).collect::<Vec<_>>())),
         counts(&|r| t(r).cells),
         counts(&|r| t(r).autoencoder_batches),
@@ -59,14 +67,20 @@ pub fn write_history(path: &Path, records: &[EpochRecord]) -> Result<()> {
         floats(&|r| v(r).and_then(|v| finite(v.disnt_basal))),
         floats(&|r| v(r).and_then(|v| finite(v.disnt_after))),
     ];
-    let schema = training_metrics_schema();
+    for i in 0..covariates.len() {
+        columns.push(floats(&|r| finite(head(r, i).adv)));
+        columns.push(floats(&|r| finite(head(r, i).penalty)));
+        columns.push(floats(&|r| finite(head(r, i).acc)));
+    }
+    let schema = training_metrics_schema(covariates);
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(Error::arrow(path.display().to_string()))?;
     write_table(path, schema, [batch]).map_err(Error::stage(Stage::Metrics))
 }
 
-/// Reads back the metrics of epochs before `epochs` (for `--resume`); none if there is no file.
-/// Columns added later (batch counts, validation cells) read as 0 from older files.
-pub fn read_history(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
+/// Reads back the metrics of epochs before `epochs` of a model of these covariates (for
+/// `--resume`); none if there is no file. Columns added later read as 0 (batch counts,
+/// validation cells) or NaN (training R2, each adversary's figures) from older files.
+pub fn read_history(path: &Path, epochs: u32, covariates: &[String]) -> Result<Vec<EpochRecord>> {
     if epochs == 0 || !path.exists() {
         return Ok(Vec::new());
     }
@@ -91,6 +105,10 @@ pub fn read_history(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
         .map(|a| a.values().to_vec())
         .unwrap_or_default();
     let [recon, kl, adv, penalty, acc] = columns::TRAIN_FLOATS.map(f64s);
+    let [r2_mean, r2_var] = columns::TRAIN_R2.map(f64s);
+    let [adv_perts, penalty_perts] = columns::PERTURBATION_ADVERSARY.map(f64s);
+    let heads: Vec<[Vec<Option<f64>>; 3]> =
+        covariates.iter().map(|c| columns::covariate_columns(c).map(|name| f64s(&name))).collect();
     let [val_recon, val_mean, val_var, val_score] = columns::VALIDATION_FLOATS.map(f64s);
     let [cells, ae_batches, adv_batches] = columns::COUNTS.map(u64s);
     let (lr, seconds, val_cells) = (f64s(columns::LR), f64s(columns::SECONDS), u64s(columns::VAL_CELLS));
@@ -118,6 +136,14 @@ pub fn read_history(path: &Path, epochs: u32) -> Result<Vec<EpochRecord>> {
                 adv_loss: get(&adv, i),
                 penalty_adv: get(&penalty, i),
                 acc_perts: get(&acc, i),
+                r2_mean: get(&r2_mean, i),
+                r2_var: get(&r2_var, i),
+                adv_perts: get(&adv_perts, i),
+                penalty_perts: get(&penalty_perts, i),
+                covariates: heads
+                    .iter()
+                    .map(|[a, p, c]| HeadMetrics { adv: get(a, i), penalty: get(p, i), acc: get(c, i) })
+                    .collect(),
                 autoencoder_batches: count(&ae_batches, i),
                 adversary_batches: count(&adv_batches, i),
                 cells: count(&cells, i),

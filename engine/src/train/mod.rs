@@ -204,7 +204,8 @@ fn train_claimed(
     };
     warn_if_clustered(options, &labels, &plan);
     let epochs = options.epochs.unwrap_or_else(|| config.training.epochs_for(train_cells));
-    let records = read_history(&options.out.join(METRICS_FILE), trainer.state().epoch)?;
+    let covariates: Vec<String> = trainer.model().vocabulary().covariates.iter().map(|c| c.name.clone()).collect();
+    let records = read_history(&options.out.join(METRICS_FILE), trainer.state().epoch, &covariates)?;
     let mut run = Run {
         options,
         store,
@@ -554,11 +555,13 @@ impl Run<'_> {
             let due = self.trainer.state().epoch.is_multiple_of(config.training.check_val_every_n_epoch);
             let validation = if valid_cells > 0 && (due || last) { Some(self.validate()?) } else { None };
             let seconds = seconds_before + started.elapsed().as_secs_f64();
-            self.records.push(EpochRecord { train: train_metrics, seconds, validation });
-            write_history(&self.options.out.join(METRICS_FILE), &self.records)?;
-            self.trainer.save_checkpoint(&checkpoint).map_err(Error::stage(Stage::Trainer))?;
             progress.note(&epoch_summary(epoch, &train_metrics, validation.as_ref()));
             log_epoch(epoch, &train_metrics, validation.as_ref());
+            self.records.push(EpochRecord { train: train_metrics, seconds, validation });
+            let covariates: Vec<String> =
+                self.trainer.model().vocabulary().covariates.iter().map(|c| c.name.clone()).collect();
+            write_history(&self.options.out.join(METRICS_FILE), &self.records, &covariates)?;
+            self.trainer.save_checkpoint(&checkpoint).map_err(Error::stage(Stage::Trainer))?;
             if self.trainer.state().validations_without_improvement >= config.training.early_stopping_patience {
                 end.stopped_early = true;
                 break;

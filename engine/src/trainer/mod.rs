@@ -11,6 +11,7 @@
 //! resumes it by feeding the epoch's batches from [`Trainer::batches_in_epoch`] on.
 
 mod average;
+mod metrics;
 pub mod optim;
 
 use std::collections::HashMap;
@@ -23,10 +24,12 @@ use crate::model::batch::{DeviceBatch, HostBatch};
 use crate::model::config::{AdvLoss, CpaConfig, LrSchedule};
 use crate::model::files::{load_model, publish_dir, write_model_files};
 use crate::model::layers::{Noise, seeded};
-use crate::model::network::{CpaModel, GROUP_ADV, GROUP_AE, GROUP_DOSER};
+use crate::model::network::{CpaModel, GROUP_ADV, GROUP_AE, GROUP_DOSER, Generative};
 use crate::torch::TorchResult;
 use average::Averaged;
 use cpa_stream_stages::{Error, Result};
+pub use metrics::HeadMetrics;
+use metrics::{HeadTensors, Heads, Sums, batch_r2, category_codes};
 use optim::{AdamGroup, AdamSettings};
 
 /// Optimizer moments of a checkpoint.
@@ -35,8 +38,6 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer.json";
 
 const STREAM_EPOCH: u64 = 21;
-/// Running sums kept on the device: recon, kl, adversary loss, penalty, perturbation accuracy.
-const N_SUMS: usize = 5;
 
 /// Where training stands; saved with every checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,7 +108,7 @@ pub enum Phase {
 }
 
 /// Means of the training losses over an epoch (or since its start).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     /// The epoch (0-based).
     pub epoch: u32,
@@ -121,6 +122,19 @@ pub struct EpochMetrics {
     pub penalty_adv: f64,
     /// Accuracy of the perturbation adversary on the basal state (lower is better disentangled).
     pub acc_perts: f64,
+    /// cpa-tools' training `r2_mean`: per autoencoder batch, the R2 over genes of the predicted
+    /// against the observed mean of each category (condition and covariates) in the batch,
+    /// averaged over its categories (log1p counts for nb/zinb); the mean over batches.
+    pub r2_mean: f64,
+    /// The same of the variances over each category's cells.
+    pub r2_var: f64,
+    /// The perturbation adversary's loss (`adv_loss` is it plus the covariates' adversaries').
+    pub adv_perts: f64,
+    /// The perturbation adversary's gradient penalty.
+    pub penalty_perts: f64,
+    /// Each covariate's adversary, in the model's covariate order (NaN figures for a covariate
+    /// of one value, which has no adversary).
+    pub covariates: Vec<HeadMetrics>,
     /// Batches that stepped the autoencoder.
     pub autoencoder_batches: u64,
     /// Batches that stepped the adversaries.
@@ -141,7 +155,7 @@ struct Pending {
 struct AdversaryOut {
     loss: Tensor,
     penalty: Option<Tensor>,
-    accuracy: Tensor,
+    heads: Heads,
 }
 
 /// Trains a [`CpaModel`].
@@ -158,7 +172,11 @@ pub struct Trainer {
     /// gradients accumulate).
     batches_in_epoch: u64,
     pending: Pending,
+    /// The running sums ([`Sums`] says what each holds).
     sums: Tensor,
+    layout: Sums,
+    /// Sizes of the condition and covariate vocabularies (the training R2's categories).
+    radices: Vec<i64>,
     /// The first batch of the epoch with a non-finite loss ([`NO_BAD_BATCH`] if none), kept on
     /// the device so that checking costs no synchronisation per batch.
     first_nonfinite: Tensor,
@@ -207,7 +225,17 @@ impl Trainer {
             validations_without_improvement: 0,
             within_epoch: None,
         };
-        let sums = Tensor::f_zeros([N_SUMS as i64], (Kind::Float, device)).torch()?;
+        let vocab = model.vocabulary();
+        let layout = Sums::new(vocab.covariates.len());
+        let sums = Tensor::f_zeros([layout.slots() as i64], (Kind::Float, device)).torch()?;
+        // The categories of the training R2: condition and covariates, as many of the covariates
+        // as their combinations fit an int64 (all, in any model seen).
+        let mut span: i64 = 1;
+        let radices = std::iter::once(vocab.conditions.len())
+            .chain(vocab.covariates.iter().map(|c| c.categories.len()))
+            .map(|n| i64::try_from(n).unwrap_or(i64::MAX).max(1))
+            .take_while(|n| span.checked_mul(*n).map(|s| span = s).is_some())
+            .collect();
         let average = if t.ema_decay > 0.0 {
             let (names, live): (Vec<String>, Vec<Tensor>) =
                 [GROUP_AE, GROUP_DOSER].iter().flat_map(|g| model.group_variables(g)).unzip();
@@ -225,6 +253,8 @@ impl Trainer {
             batches_in_epoch: 0,
             pending: Pending { micro: 0, ae: None, adv: None },
             sums,
+            layout,
+            radices,
             first_nonfinite: Tensor::f_full([], NO_BAD_BATCH, (Kind::Double, device)).torch()?,
             counts: (0, 0, 0),
             epoch_seconds_before: 0.0,
@@ -426,6 +456,7 @@ impl Trainer {
             let entries = if perm.is_none() { Some(&b.entries) } else { None };
             let recon =
                 self.model.log_likelihood(&x, entries, &generative)?.f_mean(Kind::Float).torch()?.f_neg().torch()?;
+            let r2 = tch::no_grad(|| self.training_r2(&x_in, &generative, &b))?;
             let kl = match &encoded.posterior {
                 Some((mean, var)) => kl_standard_normal(mean, var)?,
                 None => Tensor::f_zeros([], (Kind::Float, self.model.device())).torch()?,
@@ -440,8 +471,7 @@ impl Trainer {
                 self.groups[0].params().iter().chain(self.groups[1].params()).map(Tensor::shallow_clone).collect();
             let grads = Tensor::f_run_backward(&[&loss], &params, false, false).torch()?;
             accumulate(&mut self.pending.ae, grads)?;
-            let zero = Tensor::f_zeros([], (Kind::Float, self.model.device())).torch()?;
-            self.add_sums(&[&recon, &kl, &zero, &zero, &zero])?;
+            self.add_sums(&self.layout.autoencoder_row(&recon, &kl, &r2)?)?;
             self.counts.0 += 1;
             encoded.z_basal.f_detach().torch()?
         };
@@ -458,8 +488,7 @@ impl Trainer {
                 let grads = Tensor::f_run_backward(&[&total], self.groups[2].params(), false, false).torch()?;
                 accumulate(&mut self.pending.adv, grads)?;
             }
-            let zero = Tensor::f_zeros([], (Kind::Float, self.model.device())).torch()?;
-            self.add_sums(&[&zero, &zero, &adv.loss, &penalty, &adv.accuracy])?;
+            self.add_sums(&self.layout.adversary_row(&adv.heads)?)?;
             self.counts.1 += 1;
         }
         self.counts.2 += batch.n_cells() as u64;
@@ -472,13 +501,20 @@ impl Trainer {
         Ok(())
     }
 
-    fn add_sums(&mut self, values: &[&Tensor]) -> Result<()> {
-        let row = Tensor::f_stack(
-            &values.iter().map(|v| v.f_detach()).collect::<std::result::Result<Vec<_>, _>>().torch()?,
-            0,
-        )
-        .torch()?;
-        self.sums = self.sums.f_add(&row.f_to_kind(Kind::Float).torch()?).torch()?;
+    /// cpa-tools' training `r2_mean` and `r2_var` of an autoencoder batch ([`batch_r2`]) over
+    /// its categories of condition and covariates; `x_in` is the encoder's input (log1p counts
+    /// for nb/zinb), mixed as the batch was.
+    fn training_r2(&self, x_in: &Tensor, generative: &Generative, b: &DeviceBatch) -> Result<(Tensor, Tensor)> {
+        let keys: Vec<&Tensor> = std::iter::once(&b.conditions).chain(&b.covariates).collect();
+        let codes = category_codes(&keys, &self.radices)?;
+        match generative {
+            Generative::Counts { mu, .. } => batch_r2(x_in, &mu.f_log1p().torch()?, None, &codes),
+            Generative::Gauss { mean, var } => batch_r2(x_in, mean, Some(var), &codes),
+        }
+    }
+
+    fn add_sums(&mut self, row: &Tensor) -> Result<()> {
+        self.sums = self.sums.f_add(row).torch()?;
         // finite ? NO_BAD_BATCH : this batch, folded into the epoch's first.
         let finite = row.f_isfinite().torch()?.f_all().torch()?.f_to_kind(Kind::Double).torch()?;
         let batch = self.batches_in_epoch as f64;
@@ -504,40 +540,44 @@ impl Trainer {
         let a = self.config().adversary.clone();
         let focal = (a.loss == AdvLoss::Focal).then_some(a.focal_gamma);
         let lambda = labels.lambda;
-        let mut logits_all = Vec::new();
-        let logits = self.model.classify_perturbation(z_basal, true, &mut self.noise)?;
-        let accuracy = logits
-            .f_argmax(1, false)
-            .torch()?
-            .f_eq_tensor(labels.conditions)
-            .torch()?
-            .f_to_kind(Kind::Float)
-            .torch()?
-            .f_mean(Kind::Float)
-            .torch()?;
-        let mut loss = Tensor::f_zeros([], (Kind::Float, self.model.device())).torch()?;
-        if self.model.vocabulary().conditions.len() > 1 {
-            let weights = Some(self.model.class_weights());
-            loss = mixed_loss(&logits, labels.conditions, labels.conditions_mix, weights, focal, lambda)?;
-            logits_all.push(logits);
-        }
-        let covariate_logits = self.model.classify_covariates(z_basal, true, &mut self.noise)?;
-        for (i, l) in covariate_logits.into_iter().enumerate() {
-            let Some(l) = l else { continue };
-            let mix = labels.covariates_mix.get(i).and_then(Option::as_ref);
-            loss = loss.f_add(&mixed_loss(&l, &labels.covariates[i], mix, None, focal, lambda)?).torch()?;
-            logits_all.push(l);
-        }
-        let penalty = if penalty {
-            let mut total = Tensor::f_zeros([], (Kind::Float, self.model.device())).torch()?;
-            for l in &logits_all {
-                total = total.f_add(&gradient_penalty(l, z_basal)?).torch()?;
-            }
-            Some(total)
-        } else {
-            None
+        let device = self.model.device();
+        let zero = || Tensor::f_zeros([], (Kind::Float, device)).torch();
+        let accuracy = |logits: &Tensor, target: &Tensor| -> Result<Tensor> {
+            let hits = logits.f_argmax(1, false).torch()?.f_eq_tensor(target).torch()?;
+            hits.f_to_kind(Kind::Float).torch()?.f_mean(Kind::Float).torch()
         };
-        Ok(AdversaryOut { loss, penalty, accuracy })
+        let head = |logits: &Tensor, loss: Tensor, target: &Tensor| -> Result<HeadTensors> {
+            let penalty = if penalty { gradient_penalty(logits, z_basal)? } else { zero()? };
+            Ok(HeadTensors { loss, penalty, accuracy: accuracy(logits, target)? })
+        };
+        let logits = self.model.classify_perturbation(z_basal, true, &mut self.noise)?;
+        let perts = if self.model.vocabulary().conditions.len() > 1 {
+            let weights = Some(self.model.class_weights());
+            let loss = mixed_loss(&logits, labels.conditions, labels.conditions_mix, weights, focal, lambda)?;
+            head(&logits, loss, labels.conditions)?
+        } else {
+            // One class: nothing to tell apart; the accuracy is still reported.
+            HeadTensors { loss: zero()?, penalty: zero()?, accuracy: accuracy(&logits, labels.conditions)? }
+        };
+        let mut covariates = Vec::new();
+        for (i, l) in self.model.classify_covariates(z_basal, true, &mut self.noise)?.into_iter().enumerate() {
+            covariates.push(match l {
+                None => None,
+                Some(l) => {
+                    let mix = labels.covariates_mix.get(i).and_then(Option::as_ref);
+                    let loss = mixed_loss(&l, &labels.covariates[i], mix, None, focal, lambda)?;
+                    Some(head(&l, loss, &labels.covariates[i])?)
+                }
+            });
+        }
+        let heads = Heads { perts, covariates };
+        let mut loss = heads.perts.loss.shallow_clone();
+        let mut total_penalty = heads.perts.penalty.shallow_clone();
+        for h in heads.covariates.iter().flatten() {
+            loss = loss.f_add(&h.loss).torch()?;
+            total_penalty = total_penalty.f_add(&h.penalty).torch()?;
+        }
+        Ok(AdversaryOut { loss, penalty: penalty.then_some(total_penalty), heads })
     }
 
     /// Averages the accumulated gradients, clips and steps the optimizers.
@@ -587,14 +627,21 @@ impl Trainer {
         self.check_finite()?;
         let sums = Vec::<f32>::try_from(&self.sums.f_to_device(Device::Cpu).torch()?).torch()?;
         let (ae, adv, cells) = self.counts;
-        let mean = |s: f32, n: u64| if n == 0 { f64::NAN } else { f64::from(s) / n as f64 };
+        let has_adversary: Vec<bool> =
+            self.model.vocabulary().covariates.iter().map(|c| c.categories.len() > 1).collect();
+        let m = self.layout.means(&sums, self.counts, &has_adversary);
         Ok(EpochMetrics {
             epoch: self.state.epoch,
-            recon_loss: mean(sums[0], ae),
-            kl: mean(sums[1], ae),
-            adv_loss: mean(sums[2], adv),
-            penalty_adv: mean(sums[3], adv),
-            acc_perts: mean(sums[4], adv),
+            recon_loss: m.recon_loss,
+            kl: m.kl,
+            adv_loss: m.adv_loss,
+            penalty_adv: m.penalty_adv,
+            acc_perts: m.acc_perts,
+            r2_mean: m.r2_mean,
+            r2_var: m.r2_var,
+            adv_perts: m.adv_perts,
+            penalty_perts: m.penalty_perts,
+            covariates: m.covariates,
             autoencoder_batches: ae,
             adversary_batches: adv,
             cells,
@@ -696,10 +743,16 @@ impl Trainer {
         // Kept in the trainer's fields from here; the state records it again at the next save.
         if let Some(position) = state.within_epoch.take() {
             let path = dir.join(STATE_FILE);
-            if position.sums.len() != N_SUMS {
-                return Err(Error::corrupt(&path, format!("{} running sums, expected {N_SUMS}", position.sums.len())));
-            }
-            trainer.sums = Tensor::f_from_slice(&position.sums).torch()?.f_to_device(device).torch()?;
+            let layout = trainer.layout;
+            let Some(sums) = layout.restore(&position.sums) else {
+                let want = layout.slots();
+                let n = position.sums.len();
+                return Err(Error::corrupt(
+                    &path,
+                    format!("{n} running sums, expected {want} (or {})", metrics::OLD_SUMS),
+                ));
+            };
+            trainer.sums = Tensor::f_from_slice(&sums).torch()?.f_to_device(device).torch()?;
             trainer.counts = position.counts;
             trainer.batch_in_epoch = position.steps;
             trainer.batches_in_epoch = position.batches;
