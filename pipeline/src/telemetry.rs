@@ -1,12 +1,12 @@
 //! Stage metrics and memory accounting.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::Stage;
+use cpa_stream_stages::crew::Crew;
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
@@ -257,49 +257,45 @@ pub fn release_free_memory() {
     }
 }
 
-/// Samples `/proc/self/status` on a background thread (Linux keeps no peak of RssAnon itself).
+/// Samples `/proc/self/status` on a background thread of its own crew (Linux keeps no peak of
+/// RssAnon itself).
 pub struct MemorySampler {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<MemoryPeak>>,
+    crew: Crew<'static, &'static str>,
+    peak: Arc<Mutex<MemoryPeak>>,
 }
 
 /// Sampling period of [`MemorySampler`].
 pub const MEMORY_SAMPLE_PERIOD: Duration = Duration::from_millis(10);
 
 impl MemorySampler {
-    /// Starts sampling.
+    /// Starts sampling (or, where no thread can be started, samples nothing: the peaks read 0).
     pub fn start() -> MemorySampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let handle = std::thread::Builder::new()
-            .name("memory-sampler".to_owned())
-            .spawn(move || {
-                let mut peak = MemoryPeak::default();
-                loop {
-                    let now = MemoryUsage::current();
+        let mut crew = Crew::new();
+        let (stop, peak) = (crew.stop_flag(), Arc::new(Mutex::new(MemoryPeak::default())));
+        let shared = Arc::clone(&peak);
+        let sample = move || {
+            loop {
+                let now = MemoryUsage::current();
+                {
+                    let mut peak = shared.lock().unwrap_or_else(|p| p.into_inner());
                     peak.rss_anon = peak.rss_anon.max(now.rss_anon);
                     peak.rss_file = peak.rss_file.max(now.rss_file);
                     peak.vm_hwm = peak.vm_hwm.max(now.vm_hwm);
-                    if flag.load(Ordering::Relaxed) {
-                        return peak;
-                    }
-                    std::thread::sleep(MEMORY_SAMPLE_PERIOD);
                 }
-            })
-            .ok();
-        MemorySampler { stop, handle }
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(MEMORY_SAMPLE_PERIOD);
+            }
+        };
+        let _ = crew.spawn("memory-sampler", "memory-sampler".to_owned(), sample);
+        MemorySampler { crew, peak }
     }
 
     /// Stops sampling and returns the peaks.
     pub fn finish(mut self) -> MemoryPeak {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default()
-    }
-}
-
-impl Drop for MemorySampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.crew.stop_and_join();
+        *self.peak.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -14,7 +14,7 @@
 use std::ffi::CStr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arrow::array::{RecordBatch, RecordBatchIterator, RecordBatchReader};
@@ -31,6 +31,7 @@ use cpa_stream_pipeline::request::Naming;
 use cpa_stream_pipeline::synth::SynthRequest;
 use cpa_stream_pipeline::{Error, Progress, RunContext, Stage};
 use cpa_stream_stages::CsrBatch;
+use cpa_stream_stages::crew::Crew;
 use cpa_stream_stages::store::Store;
 use crossbeam_channel::{RecvTimeoutError, Sender, unbounded};
 use pyo3::exceptions::{
@@ -170,15 +171,16 @@ fn run_shown<T: Send + 'static>(
     work: impl FnOnce(&RunContext) -> cpa_stream_pipeline::Result<T> + Send + 'static,
 ) -> PyResult<T> {
     let (tx, rx) = unbounded::<Event>();
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    let thread = std::thread::Builder::new()
-        .name("cpa-stream".to_owned())
-        .spawn(move || {
-            let progress = ChannelProgress(tx);
-            work(&RunContext::new(&progress).with_stop(&flag))
-        })
-        .map_err(|e| PyOSError::new_err(format!("starting a thread: {e}")))?;
+    let mut crew = Crew::new();
+    let (stop, flag) = (crew.stop_flag(), crew.stop_flag());
+    let out: Arc<std::sync::Mutex<Option<cpa_stream_pipeline::Result<T>>>> = Arc::default();
+    let done = Arc::clone(&out);
+    crew.spawn("cpa-stream", "cpa-stream".to_owned(), move || {
+        let progress = ChannelProgress(tx);
+        let result = work(&RunContext::new(&progress).with_stop(&flag));
+        *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+    })
+    .map_err(|e| PyOSError::new_err(format!("starting a thread: {e}")))?;
     let mut shown = Shown { target: progress };
     let mut pending: Option<PyErr> = None;
     loop {
@@ -206,21 +208,13 @@ fn run_shown<T: Send + 'static>(
             }
         }
     }
-    let result = py
-        .detach(|| thread.join())
-        .map_err(|payload| CpaStreamError::new_err(format!("a worker thread panicked: {}", panic_text(&payload))))?;
+    py.detach(|| crew.join())
+        .map_err(|p| CpaStreamError::new_err(format!("a worker thread panicked: {}", p.message)))?;
     if let Some(e) = pending {
         return Err(e);
     }
-    result.map_err(to_py)
-}
-
-fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned())
+    let result = out.lock().unwrap_or_else(|p| p.into_inner()).take();
+    result.ok_or_else(|| CpaStreamError::new_err("the worker thread ended without a result"))?.map_err(to_py)
 }
 
 // ---------------------------------------------------------------------------------------------

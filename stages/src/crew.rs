@@ -9,7 +9,8 @@
 //!
 //! The crew is generic over how a stage is named (`S`): the pipeline's crew names stages by its
 //! `Stage` enum; the sink, which lives below the pipeline, by its name. No other code of the
-//! workspace starts a thread (`tests/integration/layout.rs` checks it).
+//! workspace starts a thread but the process's HDF5 watchdog, which outlives every run
+//! (`tests/integration/layout.rs` checks it).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,6 +1,7 @@
 //! The house rules of the source tree, checked: no circles between the modules of `pipeline` or
 //! `stages` (at every level, a module never uses a sibling that uses it back, directly or round
-//! a loop), and the commands of `pipeline` never use one another.
+//! a loop), the commands of `pipeline` never use one another, threads are started by the crew
+//! alone, and no file of the crates or of the Python package grows past 1,000 lines.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -344,4 +345,112 @@ fn the_circle_check_finds_circles_and_reads_use_trees() {
     assert!(text.contains("plots -> train"), "{text}");
     assert!(!edges.contains_key(&(vec!["eval".to_owned(), "b".to_owned()], vec!["train".to_owned()])), "tests count");
     assert!(!edges.contains_key(&(vec!["train".to_owned()], vec!["eval".to_owned()])), "comments count");
+}
+
+/// The crates' source folders and the Python package, from the repository's root.
+const SOURCES: [&str; 7] =
+    ["schemas/src", "stages/src", "pipeline/src", "engine/src", "src", "python/src", "python/cpa_stream"];
+
+/// The files of library code that start threads themselves, and why. Every other thread is
+/// started by the crew (`stages/src/crew.rs`), which names it after its stage, stops and joins
+/// it with the others, and turns its panic into an error naming the stage.
+const THREAD_STARTERS: [(&str, &str); 2] = [
+    ("stages/src/crew.rs", "the one owner of the threads"),
+    ("stages/src/h5ad/watchdog.rs", "the process's HDF5 watchdog: it outlives every run and is never joined"),
+];
+
+/// What starting a thread looks like in Rust code.
+const STARTS_A_THREAD: [&str; 4] = ["thread::spawn", "thread::Builder", ".spawn_scoped(", "scope.spawn("];
+
+/// The most lines a file may hold: of a Rust file, its library code (its `#[cfg(test)]` module
+/// and the files of tests, `tests.rs` and `*_tests.rs`, not counted); of a Python file, all.
+const MAX_LINES: usize = 1000;
+
+/// Every breach of the thread and size rules under `root` (files under [`SOURCES`]).
+fn house_breaches(root: &Path, starters: &[(&str, &str)]) -> Vec<String> {
+    let mut breaches = Vec::new();
+    let mut files = Vec::new();
+    let mut stack: Vec<PathBuf> = SOURCES.iter().map(|s| root.join(s)).collect();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs" || e == "py") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    for path in files {
+        let relative = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if path.extension().is_some_and(|e| e == "py") {
+            let lines = text.lines().count();
+            if lines > MAX_LINES {
+                breaches.push(format!("{relative}: {lines} lines (at most {MAX_LINES})"));
+            }
+            continue;
+        }
+        if name == "tests.rs" || name.ends_with("_tests.rs") {
+            continue;
+        }
+        let code = code_of(&text);
+        if code.len() > MAX_LINES {
+            breaches.push(format!("{relative}: {} lines of library code (at most {MAX_LINES})", code.len()));
+        }
+        if starters.iter().any(|(file, _)| *file == relative) {
+            continue;
+        }
+        for (line, text) in &code {
+            if STARTS_A_THREAD.iter().any(|p| text.contains(p)) {
+                breaches.push(format!("{relative}:{line}: starts a thread itself (the crew starts every thread)"));
+            }
+        }
+    }
+    breaches
+}
+
+#[test]
+fn threads_are_started_by_the_crew_and_no_file_grows_past_a_thousand_lines() {
+    let breaches = house_breaches(&repo_root(), &THREAD_STARTERS);
+    assert!(breaches.is_empty(), "{}", breaches.join("\n"));
+}
+
+#[test]
+fn the_house_check_finds_a_planted_thread_and_a_long_file() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let root = dir.path();
+    let src = root.join("stages/src");
+    std::fs::create_dir_all(src.join("sink")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(root.join("python/cpa_stream")).unwrap_or_else(|e| panic!("{e}"));
+    let long = "let x = 1;\n".repeat(MAX_LINES + 1);
+    let tested = format!("{}#[cfg(test)]\nmod tests {{\n{}}}\n", "fn f() {}\n".repeat(10), "// t\n".repeat(MAX_LINES));
+    let files = [
+        ("stages/src/long.rs", long.as_str()),
+        ("stages/src/tested.rs", tested.as_str()),
+        (
+            "stages/src/sink/pool.rs",
+            "fn go() {\n    // thread::spawn in a comment\n    std::thread::spawn(|| ());\n}\n",
+        ),
+        ("stages/src/sink/tests.rs", "fn t() { std::thread::spawn(|| ()); }\n"),
+        ("stages/src/quiet.rs", "fn f() {}\n#[cfg(test)]\nmod tests {\n    fn t() { std::thread::spawn(|| ()); }\n}\n"),
+        ("stages/src/owner.rs", "fn own() { std::thread::Builder::new(); }\n"),
+        ("python/cpa_stream/big.py", long.as_str()),
+    ];
+    for (name, text) in files {
+        std::fs::write(root.join(name), text).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let breaches = house_breaches(root, &[("stages/src/owner.rs", "the owner")]);
+    assert_eq!(
+        breaches,
+        [
+            "python/cpa_stream/big.py: 1001 lines (at most 1000)",
+            "stages/src/long.rs: 1001 lines of library code (at most 1000)",
+            "stages/src/sink/pool.rs:3: starts a thread itself (the crew starts every thread)",
+        ],
+        "{breaches:#?}"
+    );
 }

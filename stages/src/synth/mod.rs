@@ -28,9 +28,16 @@ use parquet::arrow::ArrowWriter;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
+use crate::crew::Crew;
 use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
 use model::TrueModel;
+
+/// The truth of a group: mean counts, mean log1p and variance of log1p per gene.
+type GroupTruth = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// The stage that computes the ground truth (its threads' names).
+const TRUTH_STAGE: &str = "synth-truth";
 
 /// Cells per generated chunk (the unit of parallelism and determinism).
 pub const CHUNK_CELLS: u64 = 1024;
@@ -537,7 +544,7 @@ impl SynthAtlas {
             ArrowWriter::try_new(file, Arc::clone(&schema), Some(props)).map_err(|e| Error::parquet(path, e))?;
         let groups: Vec<usize> = (0..self.n_groups()).collect();
         for batch_groups in groups.chunks(TRUTH_BATCH_GROUPS) {
-            let stats = self.truth_stats(batch_groups, threads.max(1));
+            let stats = self.truth_stats(batch_groups, threads.max(1))?;
             let mut ct_codes = Vec::new();
             let mut cond_codes = Vec::new();
             let mut dose_codes = Vec::new();
@@ -588,19 +595,28 @@ impl SynthAtlas {
         Ok(self.n_groups() as u64)
     }
 
-    /// Monte-Carlo statistics of `groups`, computed on `threads` threads.
-    fn truth_stats(&self, groups: &[usize], threads: usize) -> Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    /// Monte-Carlo statistics of `groups`, computed on `threads` threads of a crew (a panic is an
+    /// error naming the stage).
+    fn truth_stats(&self, groups: &[usize], threads: usize) -> Result<Vec<GroupTruth>> {
         let per = groups.len().div_ceil(threads).max(1);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = groups
-                .chunks(per)
-                .map(|part| scope.spawn(move || part.iter().map(|&g| self.group_truth(g)).collect::<Vec<_>>()))
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-        })
+        let mut out: Vec<GroupTruth> = vec![(Vec::new(), Vec::new(), Vec::new()); groups.len()];
+        std::thread::scope(|scope| -> Result<()> {
+            let mut crew = Crew::new();
+            for (t, (part, slots)) in groups.chunks(per).zip(out.chunks_mut(per)).enumerate() {
+                let work = move || {
+                    for (slot, &g) in slots.iter_mut().zip(part) {
+                        *slot = self.group_truth(g);
+                    }
+                };
+                crew.spawn_in(scope, TRUTH_STAGE, format!("{TRUTH_STAGE}-{t}"), work)
+                    .map_err(|e| Error::InvalidInput(format!("starting a thread of {TRUTH_STAGE}: {e}")))?;
+            }
+            crew.join().map_err(|p| Error::InvalidInput(format!("a thread of {} panicked: {}", p.stage, p.message)))
+        })?;
+        Ok(out)
     }
 
-    fn group_truth(&self, group: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn group_truth(&self, group: usize) -> GroupTruth {
         let (l, g) = (self.model.latent, self.model.genes);
         let samples = self.config.truth_samples as usize;
         let mut rng = crate::rng::seeded(self.config.seed, STREAM_TRUTH, group as u64);
