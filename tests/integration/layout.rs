@@ -17,27 +17,34 @@ type Seen = (PathBuf, usize);
 /// Every module file of the crate whose `src` is `src`, by module path.
 fn modules(src: &Path) -> BTreeMap<ModulePath, PathBuf> {
     let mut found = BTreeMap::new();
-    let mut stack = vec![src.to_owned()];
+    for path in files_under(&[src.to_owned()], &["rs"]) {
+        let relative = path.strip_prefix(src).unwrap_or(&path).with_extension("");
+        let mut parts: ModulePath = relative.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+            parts.pop();
+        }
+        found.insert(parts, path);
+    }
+    found
+}
+
+/// Every file under `dirs` (recursively) whose extension is one of `extensions`, sorted.
+fn files_under(dirs: &[PathBuf], extensions: &[&str]) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = dirs.to_vec();
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
-                continue;
+            } else if path.extension().is_some_and(|e| extensions.iter().any(|x| e == *x)) {
+                files.push(path);
             }
-            if path.extension().is_none_or(|e| e != "rs") {
-                continue;
-            }
-            let relative = path.strip_prefix(src).unwrap_or(&path).with_extension("");
-            let mut parts: ModulePath = relative.iter().map(|p| p.to_string_lossy().into_owned()).collect();
-            if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
-                parts.pop();
-            }
-            found.insert(parts, path);
         }
     }
-    found
+    files.sort();
+    files
 }
 
 /// The code of a file without its comments and its `#[cfg(test)]` module (tests may use what
@@ -369,21 +376,8 @@ const MAX_LINES: usize = 1000;
 /// Every breach of the thread and size rules under `root` (files under [`SOURCES`]).
 fn house_breaches(root: &Path, starters: &[(&str, &str)]) -> Vec<String> {
     let mut breaches = Vec::new();
-    let mut files = Vec::new();
-    let mut stack: Vec<PathBuf> = SOURCES.iter().map(|s| root.join(s)).collect();
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs" || e == "py") {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    for path in files {
+    let sources: Vec<PathBuf> = SOURCES.iter().map(|s| root.join(s)).collect();
+    for path in files_under(&sources, &["rs", "py"]) {
         let relative = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

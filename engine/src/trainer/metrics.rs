@@ -69,11 +69,18 @@ impl Sums {
         Tensor::f_stack(&row, 0).torch()
     }
 
-    /// The epoch's means from the sums read back and their counts (autoencoder batches,
-    /// adversary batches, cells); `has_adversary[i]` says whether covariate `i` has an adversary
-    /// (one of a single value has none: its figures are NaN).
-    pub fn means(self, sums: &[f32], counts: (u64, u64, u64), has_adversary: &[bool]) -> Means {
-        let (ae, adv, _) = counts;
+    /// Epoch `epoch`'s means from the sums read back and their counts (autoencoder batches,
+    /// adversary batches, cells), at learning rate `lr`; `has_adversary[i]` says whether
+    /// covariate `i` has an adversary (one of a single value has none: its figures are NaN).
+    pub fn means(
+        self,
+        sums: &[f32],
+        counts: (u64, u64, u64),
+        has_adversary: &[bool],
+        epoch: u32,
+        lr: f64,
+    ) -> EpochMetrics {
+        let (ae, adv, cells) = counts;
         let mean = |slot: usize, n: u64| match sums.get(slot) {
             Some(s) if n > 0 => f64::from(*s) / n as f64,
             _ => f64::NAN,
@@ -88,7 +95,8 @@ impl Sums {
                 }
             })
             .collect();
-        Means {
+        EpochMetrics {
+            epoch,
             recon_loss: mean(0, ae),
             kl: mean(1, ae),
             adv_loss: mean(2, adv),
@@ -99,6 +107,10 @@ impl Sums {
             adv_perts: mean(7, adv),
             penalty_perts: mean(8, adv),
             covariates,
+            autoencoder_batches: ae,
+            adversary_batches: adv,
+            cells,
+            lr,
         }
     }
 
@@ -154,29 +166,42 @@ impl HeadMetrics {
     pub const ABSENT: HeadMetrics = HeadMetrics { adv: f64::NAN, penalty: f64::NAN, acc: f64::NAN };
 }
 
-/// Means of the sums (the parts of [`EpochMetrics`] the sums hold).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Means {
-    /// Negative log-likelihood per cell.
+/// Means of the training losses over an epoch (or since its start).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// The epoch (0-based).
+    pub epoch: u32,
+    /// Negative log-likelihood per cell (summed over genes).
     pub recon_loss: f64,
-    /// KL divergence per cell.
+    /// KL divergence per cell (variational encoder).
     pub kl: f64,
-    /// Adversary loss, all adversaries.
+    /// Adversary classification loss (perturbation + covariates).
     pub adv_loss: f64,
-    /// Gradient penalty, all adversaries.
+    /// The adversaries' gradient penalty.
     pub penalty_adv: f64,
-    /// Perturbation adversary's accuracy.
+    /// Accuracy of the perturbation adversary on the basal state (lower is better disentangled).
     pub acc_perts: f64,
-    /// Training R2 of means.
+    /// cpa-tools' training `r2_mean`: per autoencoder batch, the R2 over genes of the predicted
+    /// against the observed mean of each category (condition and covariates) in the batch,
+    /// averaged over its categories (log1p counts for nb/zinb); the mean over batches.
     pub r2_mean: f64,
-    /// Training R2 of variances.
+    /// The same of the variances over each category's cells.
     pub r2_var: f64,
-    /// Perturbation adversary's loss.
+    /// The perturbation adversary's loss (`adv_loss` is it plus the covariates' adversaries').
     pub adv_perts: f64,
-    /// Perturbation adversary's penalty.
+    /// The perturbation adversary's gradient penalty.
     pub penalty_perts: f64,
-    /// Each covariate adversary's figures.
+    /// Each covariate's adversary, in the model's covariate order (NaN figures for a covariate
+    /// of one value, which has no adversary).
     pub covariates: Vec<HeadMetrics>,
+    /// Batches that stepped the autoencoder.
+    pub autoencoder_batches: u64,
+    /// Batches that stepped the adversaries.
+    pub adversary_batches: u64,
+    /// Cells trained.
+    pub cells: u64,
+    /// The autoencoder's learning rate.
+    pub lr: f64,
 }
 
 /// The key of each cell's category (its condition and covariates) as one int64, in mixed radix
@@ -353,7 +378,7 @@ mod tests {
         let sums = Sums::new(2);
         assert_eq!(sums.slots(), 15);
         let old = sums.restore(&[1.0, 2.0, 3.0, 4.0, 0.5]).expect("five sums are an older checkpoint's");
-        let means = sums.means(&old, (2, 2, 10), &[true, false]);
+        let means = sums.means(&old, (2, 2, 10), &[true, false], 0, 1e-3);
         assert_eq!((means.recon_loss, means.acc_perts), (0.5, 0.25));
         assert!(means.r2_mean.is_nan() && means.adv_perts.is_nan() && means.covariates[0].adv.is_nan());
         assert!(means.covariates[1].acc.is_nan());

@@ -28,7 +28,7 @@ use crate::model::network::{CpaModel, GROUP_ADV, GROUP_AE, GROUP_DOSER, Generati
 use crate::torch::TorchResult;
 use average::Averaged;
 use cpa_stream_stages::{Error, Result};
-pub use metrics::HeadMetrics;
+pub use metrics::{EpochMetrics, HeadMetrics};
 use metrics::{HeadTensors, Heads, Sums, batch_r2, category_codes};
 use optim::{AdamGroup, AdamSettings};
 
@@ -105,44 +105,6 @@ pub enum Phase {
     Adversary,
     /// The autoencoder and dosers only.
     Autoencoder,
-}
-
-/// Means of the training losses over an epoch (or since its start).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    /// The epoch (0-based).
-    pub epoch: u32,
-    /// Negative log-likelihood per cell (summed over genes).
-    pub recon_loss: f64,
-    /// KL divergence per cell (variational encoder).
-    pub kl: f64,
-    /// Adversary classification loss (perturbation + covariates).
-    pub adv_loss: f64,
-    /// The adversaries' gradient penalty.
-    pub penalty_adv: f64,
-    /// Accuracy of the perturbation adversary on the basal state (lower is better disentangled).
-    pub acc_perts: f64,
-    /// cpa-tools' training `r2_mean`: per autoencoder batch, the R2 over genes of the predicted
-    /// against the observed mean of each category (condition and covariates) in the batch,
-    /// averaged over its categories (log1p counts for nb/zinb); the mean over batches.
-    pub r2_mean: f64,
-    /// The same of the variances over each category's cells.
-    pub r2_var: f64,
-    /// The perturbation adversary's loss (`adv_loss` is it plus the covariates' adversaries').
-    pub adv_perts: f64,
-    /// The perturbation adversary's gradient penalty.
-    pub penalty_perts: f64,
-    /// Each covariate's adversary, in the model's covariate order (NaN figures for a covariate
-    /// of one value, which has no adversary).
-    pub covariates: Vec<HeadMetrics>,
-    /// Batches that stepped the autoencoder.
-    pub autoencoder_batches: u64,
-    /// Batches that stepped the adversaries.
-    pub adversary_batches: u64,
-    /// Cells trained.
-    pub cells: u64,
-    /// The autoencoder's learning rate.
-    pub lr: f64,
 }
 
 struct Pending {
@@ -626,27 +588,10 @@ impl Trainer {
     pub fn running_metrics(&self) -> Result<EpochMetrics> {
         self.check_finite()?;
         let sums = Vec::<f32>::try_from(&self.sums.f_to_device(Device::Cpu).torch()?).torch()?;
-        let (ae, adv, cells) = self.counts;
         let has_adversary: Vec<bool> =
             self.model.vocabulary().covariates.iter().map(|c| c.categories.len() > 1).collect();
-        let m = self.layout.means(&sums, self.counts, &has_adversary);
-        Ok(EpochMetrics {
-            epoch: self.state.epoch,
-            recon_loss: m.recon_loss,
-            kl: m.kl,
-            adv_loss: m.adv_loss,
-            penalty_adv: m.penalty_adv,
-            acc_perts: m.acc_perts,
-            r2_mean: m.r2_mean,
-            r2_var: m.r2_var,
-            adv_perts: m.adv_perts,
-            penalty_perts: m.penalty_perts,
-            covariates: m.covariates,
-            autoencoder_batches: ae,
-            adversary_batches: adv,
-            cells,
-            lr: self.config().training.lr * self.lr_factor(),
-        })
+        let lr = self.config().training.lr * self.lr_factor();
+        Ok(self.layout.means(&sums, self.counts, &has_adversary, self.state.epoch, lr))
     }
 
     /// Ends the epoch: steps any partial accumulation, returns the epoch's metrics, advances the
