@@ -33,11 +33,12 @@ install_once() { # NAME STAMP PACKAGES...
 install_once "maturin, scanpy and tqdm" "$CPA_STREAM_VENV/.python-deps-2.ok" \
   maturin==1.16.0 scanpy==1.11.5 tqdm==4.70.1
 if ! $tests; then
-  rdkit_stamp= ray_stamp=
+  rdkit_stamp= ray_stamp= cell_eval2_stamp=
 else
   install_once "pytest and polars" "$CPA_STREAM_VENV/.python-test-deps-1.ok" pytest==9.2.0 polars==2.1.0
   rdkit_stamp="$CPA_STREAM_VENV/.rdkit-1.tried"
   ray_stamp="$CPA_STREAM_VENV/.ray-2.tried"
+  cell_eval2_stamp="$CPA_STREAM_VENV/.cell-eval2-1.tried"
 fi
 # RDKit for the drugs-from-SMILES tests: optional (a 32 MB wheel); they skip with the reason without it.
 if [ -n "$rdkit_stamp" ] && [ ! -f "$rdkit_stamp" ]; then
@@ -50,6 +51,14 @@ if [ -n "$ray_stamp" ] && [ ! -f "$ray_stamp" ]; then
   log "installing ray (optional: the Ray test skips without it)"
   "$py" -m pip install --quiet --disable-pip-version-check "ray[tune]==2.60.0" >&2 || log "ray could not be installed"
   touch "$ray_stamp"
+fi
+
+# cell-eval2 for the test that it scores a counts prediction: optional (pure Python, on PyPI; its
+# dependencies are the package's own); that test skips with the reason when it is absent.
+if [ -n "${cell_eval2_stamp:-}" ] && [ ! -f "$cell_eval2_stamp" ]; then
+  log "installing cell-eval2 (optional: the counts-scoring test skips without it)"
+  "$py" -m pip install --quiet --disable-pip-version-check "cell-eval2==0.20.0" >&2 || log "cell-eval2 could not be installed"
+  touch "$cell_eval2_stamp"
 fi
 
 # One build and install at a time: a second run (the demo and the tests side by side) waits,

@@ -321,6 +321,7 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
+        counts: bool = False,
         anchored: bool | None = None,
         aggregate: str | Sequence[str] | None = None,
         group_by: str | Sequence[str] | None = None,
@@ -345,7 +346,11 @@ class Run:
         adds a column of the same name: E[log1p(x)] of each predicted count distribution (nb
         models), what a mean of log-normalised counts estimates (``log1p(mean)`` overstates it).
         ``change`` adds ``change_log1p``: that expectation under the target minus under the cell's
-        own condition, the model's predicted change of that expectation.
+        own condition, the model's predicted change of that expectation. ``counts`` adds
+        ``counts``: per cell and target, whole counts drawn from the model's count distribution
+        (nb, zinb: a negative binomial of the predicted mean at the source cell's library size,
+        zero with the zero-inflation probability), seeded by ``seed``; a cell's draws do not
+        depend on the batch size, the shard or the other targets.
 
         With targets, the prediction is anchored by default (``anchored=None``): the column
         ``anchored`` holds, for a source cell that is a control cell of the target's covariates,
@@ -372,7 +377,7 @@ class Run:
         request = self._request(
             store, source=source, targets=targets, ensemble=ensemble, genes=genes, top_deg=top_deg, degs=degs,
             latents=latents, batch_size=batch_size, seed=seed, allow_empty=allow_empty, batch_corrected=batch_corrected,
-            expected_log1p=expected_log1p, change=change, anchored=anchored, aggregate=aggregate, group_by=group_by,
+            expected_log1p=expected_log1p, change=change, counts=counts, anchored=anchored, aggregate=aggregate, group_by=group_by,
             device=device, threads=threads, workers=workers,
         )
         stream = _native.predict_stream(request)
@@ -398,6 +403,7 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
+        counts: bool = False,
         anchored: bool | None = None,
         aggregate: str | Sequence[str] | None = None,
         group_by: str | Sequence[str] | None = None,
@@ -423,12 +429,14 @@ class Run:
         (``part-k-of-n.parquet`` in row order; faster with several ``sink_threads``), read as one
         table by ``polars.scan_parquet(out)`` or ``pandas.read_parquet(out)``. ``sink_threads``,
         ``sink_profile`` (``"small"`` or ``"fast"``), ``row_group_rows``, ``zstd_level`` and
-        ``prefetch`` are the CLI's flags of the same names.
+        ``prefetch`` are the CLI's flags of the same names. With ``counts=True`` and an ``out``
+        ending in ``.h5ad``, the file is an AnnData of raw counts as cell-eval2 scores it: the
+        drawn rows, then the control cells among the source cells as observed.
         The way for predictions that do not fit in memory; read them back lazily with ``polars.scan_parquet`` or DuckDB."""
         request = self._request(
             store, source=source, targets=targets, ensemble=ensemble, genes=genes, top_deg=top_deg, degs=degs,
             latents=latents, out=out, shard=shard, wide=wide, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
-            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, anchored=anchored,
+            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, counts=counts, anchored=anchored,
             aggregate=aggregate, group_by=group_by, values=values, sink_threads=sink_threads, sink_profile=sink_profile, parts=parts,
             row_group_rows=row_group_rows, zstd_level=zstd_level, prefetch=prefetch, overwrite=overwrite,
             device=device, threads=threads, workers=workers,
@@ -452,6 +460,7 @@ class Run:
         batch_corrected: bool = False,
         expected_log1p: bool = False,
         change: bool = False,
+        counts: bool = False,
         anchored: bool | None = None,
         aggregate: str | Sequence[str] | None = None,
         group_by: str | Sequence[str] | None = None,
@@ -462,7 +471,7 @@ class Run:
         """The predictions as an AnnData, for results that fit in memory: ``X`` the predicted
         means (float32), ``obs`` the source cell id and the target's labels (categoricals),
         ``var`` the genes, ``obsm`` each latent, ``layers["expected_log1p"]`` with
-        ``expected_log1p``, ``layers["change_log1p"]`` with ``change`` and, where the prediction is
+        ``expected_log1p``, ``layers["change_log1p"]`` with ``change``, ``layers["counts"]`` with ``counts`` and, where the prediction is
         anchored (with targets, by default), ``layers["anchored"]`` and ``obs["is_anchored"]``.
         With ``aggregate``, a row per target and group: ``obs`` the labels, the group-by columns,
         ``n_cells`` (and ``n_anchored``), ``X`` the groups' mean of ``mean`` (with ``"var"`` alone,
@@ -475,7 +484,7 @@ class Run:
         reader = self.predict(
             store, source=source, targets=targets, ensemble=ensemble, genes=genes, top_deg=top_deg, degs=degs,
             latents=latents, batch_size=batch_size, seed=seed, allow_empty=allow_empty,
-            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, anchored=anchored,
+            batch_corrected=batch_corrected, expected_log1p=expected_log1p, change=change, counts=counts, anchored=anchored,
             aggregate=aggregate, group_by=group_by, device=device, threads=threads, workers=workers,
         )
         schema = reader.schema

@@ -191,8 +191,13 @@ pub mod predictions {
     /// Whether the row's [`ANCHORED`] values are anchored on its source cell (Boolean, written
     /// with [`ANCHORED`], after the label columns).
     pub const IS_ANCHORED: &str = "is_anchored";
+    /// Counts drawn per cell from the model's count distribution (`predict --counts`, nb and zinb
+    /// models), the same genes, `FixedSizeList<Float32>` of whole numbers: one sample of the
+    /// cell's counts under the target, at the source cell's library size, seeded by the
+    /// prediction's seed.
+    pub const COUNTS: &str = "counts";
     /// The per-gene columns besides `mean`, in the order they are written.
-    pub const GENE_COLUMNS: [&str; 3] = [EXPECTED_LOG1P, CHANGE_LOG1P, ANCHORED];
+    pub const GENE_COLUMNS: [&str; 4] = [EXPECTED_LOG1P, CHANGE_LOG1P, ANCHORED, COUNTS];
     /// Schema metadata key: the chosen genes as a JSON array, in the order of [`MEAN`]'s items.
     pub const GENES_KEY: &str = "cpa_stream.genes";
     /// Schema metadata key: the model directory the predictions came from (absolute path).

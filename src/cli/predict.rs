@@ -73,6 +73,14 @@ pub struct PredictArgs {
     /// cell's own condition (nb models): the model's predicted change of the expected log1p.
     #[arg(long)]
     pub(crate) change: bool,
+    /// Also write `counts`: per cell, whole counts drawn from the model's count distribution (nb,
+    /// zinb; a negative binomial of the predicted mean at the source cell's library size, zero
+    /// with the zero-inflation probability), one draw per cell and target, seeded by --seed (a
+    /// cell's draws do not depend on the batch size, the shard or the other targets). With an
+    /// --out ending in .h5ad, the file is an AnnData of raw counts as cell-eval2 scores it
+    /// (docs/evaluation.md).
+    #[arg(long)]
+    pub(crate) counts: bool,
     /// Anchor every row on its source cell, whatever its condition and the target's covariates
     /// (and reconstructions too). By default, with targets, `anchored` holds per gene the
     /// source cell's observed log1p counts plus the model's predicted change (log1p(mean) under

@@ -44,6 +44,7 @@ impl PredictArgs {
             batch_corrected: self.batch_corrected,
             expected_log1p: self.expected_log1p,
             change: self.change,
+            counts: self.counts,
             anchored: self.anchored,
             plain: self.plain,
             aggregate: self.aggregate.clone(),
@@ -75,6 +76,21 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         n => format!(" in {n} parts"),
     };
     let models = if report.models > 1 { format!(", each the mean of {} models", report.models) } else { String::new() };
+    if let Some(controls) = report.observed_controls {
+        outln!(
+            "{}: AnnData of raw counts, {} rows x {} genes: {} drawn ({} source cells x {} target{plural}), then the \
+             {controls} control cells among the source cells as observed (obs `observed`); {:.1} MB",
+            report.output.path.display(),
+            report.output.rows,
+            report.genes,
+            report.output.rows - controls,
+            report.source_cells,
+            report.targets,
+            report.output.bytes as f64 / 1e6
+        );
+        cli::print_report(&report.report)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     outln!(
         "{}: {} {rows} ({of}{} source cells x {} target{plural}{models}), {} genes, {:.1} MB{parts}",
         report.output.path.display(),

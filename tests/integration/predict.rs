@@ -959,6 +959,114 @@ fn predict_writes_the_expected_log1p_of_each_predicted_distribution_and_its_chan
 }
 
 #[test]
+fn counts_are_whole_seeded_draws_whose_means_match_the_predicted_means_and_an_h5ad_holds_them() {
+    use cpa_stream::unstable::stages::CsrBatch;
+    use cpa_stream::unstable::stages::h5ad::H5adReader;
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let counted = |name: &str, extra: &[&str]| -> Vec<RecordBatch> {
+        let out = dir.path().join(name);
+        let out_arg = out.to_str().unwrap_or_default().to_owned();
+        let targets = ["--target", "PERT01", "--target", "PERT03+PERT02", "--counts", "--threads", "1"];
+        let o = predict(&[&targets[..], extra, &["--out", &out_arg]].concat());
+        assert!(o.status.success(), "predict --counts failed: {}", text(&o.stderr));
+        read_parquet(&out).1
+    };
+    let first = counted("a.parquet", &[]);
+    let (counts, mean) = (vectors(&first, "counts"), means(&first));
+    assert!(!counts.is_empty() && counts.len() == mean.len());
+    assert!(counts.iter().flatten().all(|&c| c >= 0.0 && c.fract() == 0.0), "whole, non-negative counts");
+    // Per target and gene, the mean count over the source cells against the mean of the
+    // predicted means, within 5 standard errors.
+    let conditions = strings(&first, "condition");
+    for target in ["PERT01", "PERT03+PERT02"] {
+        let rows: Vec<usize> = (0..conditions.len()).filter(|&r| conditions[r] == target).collect();
+        let n = rows.len() as f64;
+        assert!(n > 100.0, "{target}: {n} rows");
+        for g in 0..mean[0].len() {
+            let c: Vec<f64> = rows.iter().map(|&r| counts[r][g]).collect();
+            let m = rows.iter().map(|&r| mean[r][g]).sum::<f64>() / n;
+            let cm = c.iter().sum::<f64>() / n;
+            // The variance at least the mean's: a negative binomial's is mu + mu^2 / theta.
+            let var = (c.iter().map(|v| (v - cm).powi(2)).sum::<f64>() / (n - 1.0)).max(m);
+            assert!((cm - m).abs() <= 5.0 * (var / n).sqrt(), "{target}, gene {g}: counts {cm} against mean {m}");
+        }
+    }
+    // The same seed draws the same counts; a row's draws follow the row, not its batch (the
+    // batch size orders the rows by batch, then target): at another batch size only the float
+    // rounding of the means, which the model's matrix products may round otherwise for other
+    // shapes, can move a draw. Another seed draws others.
+    assert!(vectors(&counted("again.parquet", &[]), "counts") == counts, "the same seed drew other counts");
+    let keyed = |batches: &[RecordBatch]| -> HashMap<(String, String), Vec<f64>> {
+        let (ids, conditions) = (strings(batches, "cell_id"), strings(batches, "condition"));
+        ids.into_iter().zip(conditions).zip(vectors(batches, "counts")).collect()
+    };
+    let (want, small) = (keyed(&first), keyed(&counted("b.parquet", &["--batch-size", "37"])));
+    assert_eq!(small.len(), want.len());
+    let entries = (counts.len() * counts[0].len()) as f64;
+    let moved = want
+        .iter()
+        .map(|(k, v)| small.get(k).map_or(v.len(), |s| s.iter().zip(v).filter(|(a, b)| a != b).count()))
+        .sum::<usize>() as f64;
+    assert!(moved <= 0.001 * entries, "batch size 37 changed {moved} of {entries} draws");
+    let other = keyed(&counted("c.parquet", &["--seed", "9"]));
+    assert!(want.iter().all(|(k, v)| other.get(k) != Some(v)), "another seed drew the same counts for some row");
+    // The .h5ad: the drawn rows in order, then the source's control cells as observed.
+    let out = dir.path().join("p.h5ad");
+    let o = predict(&[
+        "--target",
+        "PERT01",
+        "--target",
+        "PERT03+PERT02",
+        "--counts",
+        "--threads",
+        "1",
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "predict --counts to .h5ad failed: {}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("AnnData of raw counts"), "{}", text(&o.stdout));
+    let h5ad = H5adReader::open(&out, None).unwrap_or_else(|e| panic!("{e}"));
+    let controls = obs(&f.store).0.iter().filter(|c| c.as_str() == "control").count();
+    assert_eq!(h5ad.n_obs() as usize, counts.len() + controls);
+    let mut rows = CsrBatch::new(h5ad.n_vars() as u32);
+    h5ad.read_rows(0..h5ad.n_obs(), &mut rows).unwrap_or_else(|e| panic!("{e}"));
+    for (r, want) in counts.iter().enumerate() {
+        let mut dense = vec![0.0f64; want.len()];
+        let (idx, data) = rows.row(r);
+        idx.iter().zip(data).for_each(|(&g, &v)| dense[g as usize] = f64::from(v));
+        assert_eq!(&dense, want, "row {r} of the .h5ad is not the Parquet file's counts");
+    }
+    let labels = h5ad.read_obs(0..h5ad.n_obs()).unwrap_or_else(|e| panic!("{e}"));
+    let written = strings(std::slice::from_ref(&labels), "condition");
+    assert_eq!(written[..counts.len()], conditions[..], "predicted rows keep the targets' labels");
+    assert!(written[counts.len()..].iter().all(|c| c == "control"), "then the control cells");
+    let observed = labels.column_by_name("observed").unwrap_or_else(|| panic!("no observed column")).as_boolean();
+    assert_eq!(observed.true_count(), controls);
+    // The observed rows are the control cells' own counts.
+    let store = Store::open(&f.store).unwrap_or_else(|e| panic!("{e}"));
+    let ids = strings(&[labels], "source_cell_id");
+    let store_ids =
+        strings(&[read_small_table(&f.store.join("obs.parquet")).unwrap_or_else(|e| panic!("{e}"))], "cell_id");
+    let first_control = ids[counts.len()].clone();
+    let at = store_ids.iter().position(|i| *i == first_control).unwrap_or_else(|| panic!("{first_control}")) as u64;
+    let mut own = CsrBatch::new(store.n_vars() as u32);
+    store.cursor().and_then(|mut c| c.read_range(at..at + 1, &mut own)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows.row(counts.len()), own.row(0), "an observed control row is its cell's counts");
+    // Refusals: an .h5ad without --counts, with --parts.
+    let refused = |extra: &[&str], want: &str| {
+        let bad = dir.path().join("bad.h5ad");
+        let o = predict(&[&["--target", "PERT01", "--out", bad.to_str().unwrap_or_default()][..], extra].concat());
+        assert!(!o.status.success() && text(&o.stderr).contains(want), "{}", text(&o.stderr));
+        assert!(!bad.exists(), "a refused prediction wrote its file");
+    };
+    refused(&[], "add --counts");
+    refused(&["--counts", "--parts"], "--parts");
+    let o = predict(&["--target", "PERT01", "--counts", "--aggregate", "mean", "--out", "x.parquet"]);
+    assert!(!o.status.success() && text(&o.stderr).contains("--counts with --aggregate"), "{}", text(&o.stderr));
+}
+
+#[test]
 fn predict_anchored_is_the_observed_log1p_moved_by_the_models_change() {
     use cpa_stream::unstable::schemas::StoreFiles;
     let f = fixture();

@@ -376,16 +376,9 @@ impl Decode<'_> {
 /// Replaces each predicted mean (rows of `theta.len()` genes) by `log1p` of a negative binomial
 /// draw with that mean and the gene's inverse dispersion (a gamma-Poisson mixture).
 fn draw_log1p_counts(values: &mut [f32], theta: &[f64], rng: &mut Xoshiro256PlusPlus) {
-    use rand_distr::{Distribution, Gamma, Poisson};
     for row in values.chunks_mut(theta.len().max(1)) {
         for (v, &t) in row.iter_mut().zip(theta) {
-            let mu = f64::from(*v);
-            let rate = match Gamma::new(t, mu / t) {
-                Ok(g) if mu > 0.0 && t > 0.0 => g.sample(rng),
-                _ => 0.0,
-            };
-            let count = if rate > 0.0 { Poisson::new(rate).map_or(0.0, |p| p.sample(rng)) } else { 0.0 };
-            *v = (count as f32).ln_1p();
+            *v = (crate::model::likelihood::draw_nb(f64::from(*v), t, rng) as f32).ln_1p();
         }
     }
 }

@@ -288,3 +288,15 @@ mod expected_log1p_tests {
         Ok(())
     }
 }
+
+/// One draw from the negative binomial of mean `mu` and inverse dispersion `theta`, as the
+/// gamma-Poisson mixture it is (a rate from Gamma(theta, mu / theta), then a Poisson count of
+/// it): 0 where `mu` or `theta` is not a positive number.
+pub fn draw_nb(mu: f64, theta: f64, rng: &mut impl rand::Rng) -> f64 {
+    use rand_distr::{Distribution, Gamma, Poisson};
+    let rate = match Gamma::new(theta, mu / theta) {
+        Ok(g) if mu > 0.0 && theta > 0.0 => g.sample(rng),
+        _ => 0.0,
+    };
+    if rate > 0.0 { Poisson::new(rate).map_or(0.0, |p| p.sample(rng)) } else { 0.0 }
+}

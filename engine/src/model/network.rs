@@ -346,6 +346,19 @@ impl CpaModel {
         }
     }
 
+    /// The count likelihood's per-gene inverse dispersion (`nb` and `zinb`); `None` for `gauss`.
+    pub fn count_theta(&self) -> Result<Option<Tensor>> {
+        match &self.heads {
+            Heads::Counts { log_theta, .. } => Ok(Some(log_theta.f_detach().torch()?.f_exp().torch()?)),
+            Heads::Gauss { .. } => Ok(None),
+        }
+    }
+
+    /// Whether the count likelihood is zero-inflated (`zinb`).
+    pub fn is_zero_inflated(&self) -> bool {
+        matches!(&self.heads, Heads::Counts { zi: Some(_), .. })
+    }
+
     /// Sets the count likelihood's per-gene log inverse dispersion (one value a gene); an error
     /// for a model without one (`gauss`) or a length other than its genes'.
     pub fn set_log_theta(&mut self, values: &[f32]) -> Result<()> {
@@ -723,6 +736,32 @@ impl CpaModel {
             let _ = sum.f_div_scalar_(draws.len() as f64).torch()?;
         }
         Ok(sum)
+    }
+
+    /// The zero-inflation probabilities (`sigmoid` of the zinb head's logits, float32) of each
+    /// `z_basal` draw composed with the perturbation and covariate latents, averaged over the
+    /// draws as [`mean_over_draws`](CpaModel::mean_over_draws) averages the means; `None` for a
+    /// model without zero inflation.
+    pub fn zero_probability_over_draws(
+        &self,
+        draws: &[Tensor],
+        z_pert: &Tensor,
+        covariates: &[Tensor],
+        noise: &mut Noise,
+    ) -> Result<Option<Tensor>> {
+        let Heads::Counts { zi: Some(zi), .. } = &self.heads else { return Ok(None) };
+        let mut sum: Option<Tensor> = None;
+        for z_basal in draws {
+            let z = self.compose(z_basal, z_pert, covariates)?.z;
+            let h = self.decoder.forward(&z, false, self.precision, noise)?;
+            let p = zi.forward(&h, self.precision)?.f_sigmoid().torch()?.f_to_kind(Kind::Float).torch()?;
+            sum = Some(match sum {
+                None => p,
+                Some(s) => s.f_add(&p).torch()?,
+            });
+        }
+        let sum = sum.ok_or_else(|| Error::InvalidInput("no draws".into()))?;
+        if draws.len() > 1 { sum.f_div_scalar(draws.len() as f64).torch().map(Some) } else { Ok(Some(sum)) }
     }
 
     /// Width of the fixed perturbation features, when the model projects features.

@@ -8,6 +8,7 @@
 //! a bounded number of batches: host memory depends on batch size, prefetch depth, genes and
 //! targets, never on the number of cells.
 
+mod h5ad;
 mod request;
 mod select;
 mod stream;
@@ -57,6 +58,9 @@ pub struct PredictReport {
     /// Rows (with aggregates, cells) whose `anchored` values are anchored on their source cell;
     /// `None` where no `anchored` column is written.
     pub anchored_rows: Option<u64>,
+    /// With an `.h5ad` output (drawn counts), the observed control cells written after the
+    /// predicted rows; `None` for Parquet.
+    pub observed_controls: Option<u64>,
     /// Seconds from the model's load to the file's rename.
     pub seconds: f64,
     /// Source cells per second (each decoded into every target).
@@ -101,6 +105,15 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         }
         None => out.to_owned(),
     };
+    let anndata = h5ad::is_h5ad(out);
+    let f16 = options.sink.values != cpa_stream_stages::sink::Values::default();
+    if anndata && (options.shard.is_some() || options.sink.parts || options.layout == Layout::Wide || f16) {
+        return Err(Error::InvalidInput(format!(
+            "{}: an .h5ad prediction is one AnnData file of per-cell counts; --shard, --parts, --layout wide and \
+             --values f16 are for Parquet outputs",
+            out.display()
+        )));
+    }
     let predictor = Predictor::open(options)?;
     device_memory::reset_peak(options.device);
     let (genes, targets) = (predictor.genes().len(), predictor.targets().len().max(1));
@@ -126,7 +139,12 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
     if options.shard.is_some() {
         write_genes_table(&predictor, &out.join(GENES_FILE))?;
     }
-    let mut sink = ParquetSink::create(&path, schema, &options.sink).map_err(Error::stage(Stage::Sink))?;
+    let mut sink = match anndata {
+        true => Output::AnnData(Box::new(h5ad::CountsFile::create(&path, &predictor, options.sink.overwrite)?)),
+        false => Output::Parquet(Box::new(
+            ParquetSink::create(&path, schema, &options.sink).map_err(Error::stage(Stage::Sink))?,
+        )),
+    };
     let sink_stats = StageStats::new(Stage::Sink, 1);
     let start = Instant::now();
     progress.begin("predict", rows.end - rows.start);
@@ -146,10 +164,15 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
             Some(w) => sink_stats.busy(|| w.apply(&batch))?,
             None => batch,
         };
-        let flushed = sink.row_groups_written();
-        sink_stats.busy(|| sink.write(&batch)).map_err(Error::stage(Stage::Sink))?;
-        if sink.row_groups_written() > flushed {
-            sink_stats.busy(release_free_memory);
+        match &mut sink {
+            Output::Parquet(sink) => {
+                let flushed = sink.row_groups_written();
+                sink_stats.busy(|| sink.write(&batch)).map_err(Error::stage(Stage::Sink))?;
+                if sink.row_groups_written() > flushed {
+                    sink_stats.busy(release_free_memory);
+                }
+            }
+            Output::AnnData(file) => sink_stats.busy(|| file.write(&batch))?,
         }
         sink_stats.add(batch.num_rows() as u64, batch.get_array_memory_size() as u64);
         written_cells += match aggregated {
@@ -195,7 +218,22 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
             if aggregated { "cells aggregated" } else { "rows" },
         )));
     }
-    let output = sink_stats.busy(|| sink.finish()).map_err(Error::stage(Stage::Sink))?;
+    let mut observed_controls = None;
+    let output = match sink {
+        Output::Parquet(sink) => sink_stats.busy(|| sink.finish()).map_err(Error::stage(Stage::Sink))?,
+        Output::AnnData(mut file) => {
+            let controls = sink_stats.busy(|| file.write_observed_controls(ctx))?;
+            if controls == 0 {
+                tracing::warn!(
+                    "{}: no control cell among the source cells, so the file holds no control group (a benchmark \
+                     that scores against the predictions' own controls needs one; select control cells with --source)",
+                    path.display()
+                );
+            }
+            observed_controls = Some(controls);
+            sink_stats.busy(|| file.finish())?
+        }
+    };
     progress.end();
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     let report = RunReport {
@@ -215,12 +253,19 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         aggregated,
         parts: options.sink.parts,
         anchored_rows,
+        observed_controls,
         seconds,
         cells_per_s: source_cells as f64 / seconds,
         rows_per_s: written_cells as f64 / seconds,
         report,
         device_memory: device_memory::stats(options.device),
     })
+}
+
+/// Where a prediction goes: a Parquet file (or directory of parts), or an `.h5ad` of counts.
+enum Output {
+    Parquet(Box<ParquetSink>),
+    AnnData(Box<h5ad::CountsFile>),
 }
 
 /// The var table of a sharded dataset's genes, beside its parts.
@@ -233,6 +278,22 @@ pub const GENES_FILE: &str = "genes.parquet";
 /// finds it written leaves it alone when its rows are the same (another table, say from other
 /// genes, replaces it).
 fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
+    let table = genes_var_table(predictor)?;
+    let lock = cpa_stream_stages::output::lock_output(path, cpa_stream_stages::output::Wait::Yes)
+        .map_err(Error::stage(Stage::Sink))?;
+    if path.is_file()
+        && let Ok(written) = cpa_stream_stages::store::read_small_table(path)
+        && written.columns() == table.columns()
+    {
+        return Ok(());
+    }
+    let schema = cpa_stream_stages::provenance::stamp(table.schema_ref());
+    let table = table.with_schema(std::sync::Arc::clone(&schema)).map_err(Error::arrow("genes table"))?;
+    cpa_stream_stages::store::write_table_locked(path, &lock, schema, [table]).map_err(Error::stage(Stage::Sink))
+}
+
+/// The store's var rows of the predicted genes, in the order of the `mean` column.
+fn genes_var_table(predictor: &Predictor) -> Result<arrow::array::RecordBatch> {
     let var_path = predictor.store().file_path(StoreFiles::VAR);
     let var = predictor.store().small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Reader))?;
     let ids = arrow::compute::cast(var.column(0), &arrow::datatypes::DataType::Utf8)
@@ -249,19 +310,7 @@ fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
             })
         })
         .collect::<Result<_>>()?;
-    let table = arrow::compute::take_record_batch(&var, &arrow::array::UInt32Array::from(rows))
-        .map_err(Error::arrow("genes table"))?;
-    let lock = cpa_stream_stages::output::lock_output(path, cpa_stream_stages::output::Wait::Yes)
-        .map_err(Error::stage(Stage::Sink))?;
-    if path.is_file()
-        && let Ok(written) = cpa_stream_stages::store::read_small_table(path)
-        && written.columns() == table.columns()
-    {
-        return Ok(());
-    }
-    let schema = cpa_stream_stages::provenance::stamp(table.schema_ref());
-    let table = table.with_schema(std::sync::Arc::clone(&schema)).map_err(Error::arrow("genes table"))?;
-    cpa_stream_stages::store::write_table_locked(path, &lock, schema, [table]).map_err(Error::stage(Stage::Sink))
+    arrow::compute::take_record_batch(&var, &arrow::array::UInt32Array::from(rows)).map_err(Error::arrow("genes table"))
 }
 
 /// The cells x targets an aggregate batch sums up (its `n_cells` column).

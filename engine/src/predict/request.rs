@@ -62,6 +62,8 @@ pub struct PredictRequest {
     pub expected_log1p: bool,
     /// Also write the predicted change of E[log1p(x)].
     pub change: bool,
+    /// Also write `counts`: whole counts drawn per cell from the model's count distribution.
+    pub counts: bool,
     /// Anchor every row on its source cell, whatever its condition and the target's covariates
     /// (by default, with targets, the rows of control cells whose covariates the target keeps).
     pub anchored: bool,
@@ -155,6 +157,7 @@ impl PredictRequest {
         options.batch_corrected = self.batch_corrected;
         options.expected_log1p = self.expected_log1p;
         options.change = self.change;
+        options.counts = self.counts;
         options.anchoring = match (self.anchored, self.plain) {
             (true, true) => return Err(choose_one(n, "--anchored", "--plain")),
             (true, false) => Anchoring::Every,

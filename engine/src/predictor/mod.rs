@@ -9,6 +9,7 @@
 
 pub mod aggregate;
 mod buffers;
+mod counts;
 mod genes;
 pub mod options;
 mod step;
@@ -25,7 +26,7 @@ use crate::model::{CpaModel, Vocabulary};
 use arrow::datatypes::SchemaRef;
 use cpa_stream_schemas::tables::prediction_schema;
 use cpa_stream_schemas::tables::predictions::{
-    ANCHORED, CHANGE_LOG1P, ENSEMBLE_KEY, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY,
+    ANCHORED, CHANGE_LOG1P, COUNTS, ENSEMBLE_KEY, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY,
 };
 use cpa_stream_stages::store::Store;
 pub use options::{Anchoring, DEFAULT_BATCH_SIZE, GeneSelection, Layout, PredictOptions, Shard};
@@ -128,6 +129,8 @@ pub struct Predictor {
     /// The nb dispersion of the written genes, on the model's device, when `expected_log1p` or
     /// `change_log1p` is written.
     theta: Option<Tensor>,
+    /// The draws of `counts` (`predict --counts`).
+    counts: Option<counts::CountSampler>,
     schema: SchemaRef,
     rows: Range<u64>,
     options: PredictOptions,
@@ -310,6 +313,62 @@ fn written_theta(model: &CpaModel, dir: &Path, index: Option<&[i64]>, change: bo
     }
 }
 
+/// The sampler of `predict --counts` for the written genes `index` (all: `None`) of `model`: a
+/// count model (nb, zinb), alone (not an ensemble), writing per-cell rows (not aggregates).
+fn count_sampler(
+    model: &CpaModel,
+    dir: &Path,
+    options: &PredictOptions,
+    index: Option<&[i64]>,
+    genes: &[String],
+) -> Result<counts::CountSampler> {
+    let torch = Error::stage(Stage::Predictor);
+    let Some(theta) = model.count_theta().map_err(torch)? else {
+        return Err(Error::InvalidInput(format!(
+            "{}: --counts draws counts from the model's count distribution, and this model's likelihood is gauss \
+             (a mean and variance of normalised expression, with no counts to draw); train with \
+             model.recon_loss = \"nb\" or \"zinb\" on raw counts",
+            dir.display()
+        )));
+    };
+    if !options.ensemble.is_empty() {
+        return Err(Error::InvalidInput(
+            "--counts with an ensemble: counts are drawn from one model's distribution, and an ensemble's mean is \
+             the mean of several; draw counts from one run"
+                .to_owned(),
+        ));
+    }
+    if options.aggregate.is_some() {
+        return Err(Error::InvalidInput(
+            "--counts with --aggregate: counts are one draw per cell, and their mean over a group estimates, with \
+             sampling noise, the group's `mean` that --aggregate mean writes without it; write per-cell rows"
+                .to_owned(),
+        ));
+    }
+    if model.config().model.dispersion_init == DispersionInit::Random {
+        tracing::warn!(
+            "{}: --counts draws with the model's dispersion, which started as random draws (model.dispersion_init = \
+             \"random\", the reference's start) and moves little in a run of a few thousand steps or fewer, so the \
+             counts' spread around the predicted means is the start's rather than the data's; a model trained with \
+             dispersion_init = \"moments\" starts from the data's",
+            dir.display()
+        );
+    }
+    let theta = match index {
+        None => theta,
+        Some(index) => Tensor::f_from_slice(index)
+            .and_then(|i| i.f_to_device(theta.device()))
+            .and_then(|i| theta.f_index_select(0, &i))
+            .map_err(|e| torch(torch_error(e)))?,
+    };
+    let theta = theta
+        .f_to_kind(tch::Kind::Float)
+        .and_then(|t| t.f_to_device(tch::Device::Cpu))
+        .and_then(|t| Vec::<f32>::try_from(&t))
+        .map_err(|e| torch(torch_error(e)))?;
+    counts::CountSampler::new(&theta, genes, options.seed, &dir.display().to_string())
+}
+
 /// Warns when targets hold perturbations that no training cell had: the model knows nothing of
 /// them. A model of this version gives them a zero embedding (no effect, so a combination is
 /// predicted as its trained parts); one trained before holds a random start for them.
@@ -407,11 +466,19 @@ impl Predictor {
             members.push(Member { model: member, theta, effectless });
         }
         let anchored_column = options.anchoring.writes_column(!targets.is_empty());
-        let gene_columns: Vec<&str> =
-            [(options.expected_log1p, EXPECTED_LOG1P), (options.change, CHANGE_LOG1P), (anchored_column, ANCHORED)]
-                .into_iter()
-                .filter_map(|(on, name)| on.then_some(name))
-                .collect();
+        let counts = match options.counts {
+            true => Some(count_sampler(&model, &dir, options, gene_index.as_deref(), &genes)?),
+            false => None,
+        };
+        let gene_columns: Vec<&str> = [
+            (options.expected_log1p, EXPECTED_LOG1P),
+            (options.change, CHANGE_LOG1P),
+            (anchored_column, ANCHORED),
+            (options.counts, COUNTS),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
         let schema = prediction_schema(&label_columns, &genes, &gene_columns, &options.latents, latent_width)
             .map_err(|e| Error::InvalidInput(format!("predictions of {}: {e}", dir.display())))?;
         let mut metadata = schema.metadata().clone();
@@ -477,6 +544,7 @@ impl Predictor {
             pools: vec![BufferPool::default(); 1 + gene_columns.len() + options.latents.len()],
             latents: options.latents.clone(),
             theta,
+            counts,
             schema,
             rows,
             options: options.clone(),

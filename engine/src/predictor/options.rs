@@ -143,6 +143,10 @@ pub struct PredictOptions {
     /// cell's own condition (nb models): the model's predicted change, to add to observed log1p
     /// counts. Default false.
     pub change: bool,
+    /// Also write `counts`: per cell, whole counts drawn from the model's count distribution (nb,
+    /// zinb) at the predicted mean and the source cell's library size, seeded by `seed`
+    /// ([`predictions::COUNTS`](cpa_stream_schemas::tables::predictions::COUNTS)). Default false.
+    pub counts: bool,
     /// Whether and where the `anchored` column is written ([`Anchoring`]); default
     /// [`Anchoring::Controls`].
     pub anchoring: Anchoring,
@@ -214,6 +218,7 @@ impl PredictOptions {
             batch_corrected: false,
             expected_log1p: false,
             change: false,
+            counts: false,
             anchoring: Anchoring::Controls,
             aggregate: None,
         }

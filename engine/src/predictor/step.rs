@@ -42,6 +42,8 @@ struct Columns {
     change: bool,
     /// `anchored` (and `is_anchored`) written.
     anchored: bool,
+    /// `counts` written (drawn on the host from `mean`, after the other columns).
+    counts: bool,
     batch_corrected: bool,
 }
 
@@ -333,6 +335,7 @@ impl Predictor {
             expected: self.options.expected_log1p,
             change: self.options.change,
             anchored: self.anchored_column,
+            counts: self.counts.is_some(),
             batch_corrected: self.options.batch_corrected,
         };
         // Per pass, the rows anchored; the own-condition decoding only where some row is.
@@ -351,7 +354,10 @@ impl Predictor {
             true => Pass::Anchors,
             false => Pass::Target(None),
         };
-        let gene_columns = usize::from(columns.expected) + usize::from(columns.change) + usize::from(columns.anchored);
+        // The columns computed on the device come first; `counts`, drawn on the host from `mean`,
+        // sits after them and before the latents.
+        let counts_at = 1 + usize::from(columns.expected) + usize::from(columns.change) + usize::from(columns.anchored);
+        let gene_columns = counts_at - 1 + usize::from(columns.counts);
         let widths: Vec<usize> = std::iter::repeat_n(genes, 1 + gene_columns)
             .chain(self.latents.iter().map(|_| self.model.config().model.n_latent))
             .collect();
@@ -459,11 +465,45 @@ impl Predictor {
                     tch::no_grad(|| aggregator.add(&slots, &values, is_anchored)).map_err(|e| torch(torch_error(e)))?;
                     continue;
                 }
+                // The zero-inflation probabilities of the counts' draws (zinb), on the host.
+                let zero = match (columns.counts, &first_latents) {
+                    (true, Some((z_pert, covs))) => {
+                        let p = tch::no_grad(|| {
+                            let p = self.model.zero_probability_over_draws(
+                                &encoded[0].z_draws,
+                                z_pert,
+                                covs,
+                                &mut self.noise,
+                            )?;
+                            match (p, &gene_index) {
+                                (Some(p), Some(index)) => p.f_index_select(1, index).torch().map(Some),
+                                (p, _) => Ok(p),
+                            }
+                        })
+                        .map_err(torch)?;
+                        match p {
+                            Some(p) => {
+                                let mut host = vec![0.0f32; n * genes];
+                                copy_values(&p, &mut host).map_err(torch)?;
+                                Some(host)
+                            }
+                            None => None,
+                        }
+                    }
+                    _ => None,
+                };
                 let mut out: Vec<Vec<f32>> = widths.iter().zip(&self.pools).map(|(w, pool)| pool.take(n * w)).collect();
-                for (t, out) in values.iter().zip(out.iter_mut()) {
+                let computed = out.iter_mut().enumerate().filter(|(k, _)| !(columns.counts && *k == counts_at));
+                for (t, (_, out)) in values.iter().zip(computed) {
                     copy_values(t, out).map_err(torch)?;
                 }
                 drop(values);
+                if let Some(sampler) = &self.counts {
+                    let (computed, drawn) = out.split_at_mut(counts_at);
+                    let (rows, ids) = (&cells.rows[a..b], &cells.ids[a..b]);
+                    let key = super::counts::CountSampler::target_key(target);
+                    sampler.draw(&computed[0], zero.as_deref(), rows, key, ids, &mut drawn[0])?;
+                }
                 let mut columns = out.into_iter().zip(&self.pools).map(|(values, pool)| pool.lend(values));
                 let mean = columns.next().ok_or_else(|| Error::InvalidInput("no mean column".into()))?;
                 let batch = self.record_batch(cells, a..b, target, is_anchored, mean, columns.collect())?;
