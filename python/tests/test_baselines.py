@@ -112,6 +112,15 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
     slope = transfer_slope(shifts)
     assert metrics.attrs["transfer"]["slope"] == pytest.approx(slope, rel=1e-9)
 
+    # The context's mean response: the control mean plus the mean training shift of every other
+    # perturbed condition of the cell type (cell-eval2's mean-response baseline, training cells).
+    trained_shifts = dict(shifts)
+
+    def context(cond: str, ct: str) -> np.ndarray:
+        others = [s for (c, o), s in trained_shifts.items() if o == ct and c != cond]
+        assert others
+        return np.mean(others, axis=0)
+
     checked = 0
     for _, row in metrics.iterrows():
         ct = row["cell_type"]
@@ -122,6 +131,13 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
         linear = control + features(row["condition"], ct) @ weights
         assert row["linear_r2_mean"] == pytest.approx(r2(linear, real), abs=1e-9)
         assert row["beats_linear"] in (0.0, 1.0)
+        centroid = control + context(row["condition"], ct)
+        assert row["context_mean_r2_mean"] == pytest.approx(r2(centroid, real), abs=1e-9)
+        assert row["beats_context_mean"] in (0.0, 1.0)
+        # Held out: no training cells of the condition there, so no perturbation-matched mean.
+        assert np.isnan(row["matched_mean_r2_mean"]) and np.isnan(row["beats_matched_mean"])
+        assert -1.0 <= row["pearson_delta_perturbed"] <= 1.0
+        assert row["pearson_delta_perturbed"] != pytest.approx(row["pearson_delta"], abs=1e-6)
         if row["condition"] == combination:
             shifts = [shift(p, ct) for p in combination.split("+")]
             if any(s is None for s in shifts):
@@ -155,8 +171,18 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
             assert np.isnan(row["additive_r2_mean"]), "a single perturbation has no additive baseline"
             checked += 1
     assert checked >= 2, metrics[["cell_type", "condition"]]
+    # The perturbation-matched mean of a seen condition: the single perturbation's validation
+    # cells of the seen cell type against its own training cells' mean.
+    valid = run.evaluate(store, split="valid", threads=1)
+    row = valid[(valid["condition"] == single) & (valid["cell_type"] == cell_types[0])].iloc[0]
+    control = mean((condition == "control") & (cell_type == cell_types[0]))
+    real = mean((split == "valid") & (condition == single) & (cell_type == cell_types[0]))
+    matched = mean((split == "train") & (condition == single) & (cell_type == cell_types[0]))
+    assert row["matched_mean_r2_mean"] == pytest.approx(r2(matched, real), abs=1e-9)
+    assert row["context_mean_r2_mean"] == pytest.approx(r2(control + context(single, cell_types[0]), real), abs=1e-9)
     summary = metrics.attrs["summary"]
     assert "additive_r2_mean" in summary and "beats_other_covariates" in summary and "beats_linear" in summary
+    assert "beats_context_mean" in summary and "pearson_delta_perturbed" in summary
     assert "beats_nearest_covariates" in summary and "beats_other_covariates_scaled" in summary
 
 

@@ -686,6 +686,8 @@ fn evaluation_equals_a_computation_by_hand() {
     // condition has, as the beats_* columns say.
     let mut expected = Vec::new();
     for (name, column) in [
+        ("context mean", "beats_context_mean"),
+        ("matched mean", "beats_matched_mean"),
         ("additive", "beats_additive"),
         ("other covariates", "beats_other_covariates"),
         ("scaled other covariates", "beats_other_covariates_scaled"),

@@ -312,6 +312,22 @@ pub struct BaselineMetrics {
     pub linear_r2_mean_top20: f64,
     /// 1 when the model beats the linear baseline on both, 0 when not, NaN without it.
     pub beats_linear: f64,
+    /// R2 of the context's mean response (the control mean of the condition's covariates plus the
+    /// mean of every other perturbed condition's training shift there, each condition weighted
+    /// equally; cell-eval2's mean-response baseline `b`, from the training cells), all genes.
+    pub context_mean_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub context_mean_r2_mean_top20: f64,
+    /// 1 when the model beats the context's mean response on both, 0 when not, NaN without it.
+    pub beats_context_mean: f64,
+    /// R2 of the perturbation-matched mean (the condition's own training cells' mean in its
+    /// covariates: what a seen condition looks like), all genes; NaN for a condition without
+    /// training cells (held out).
+    pub matched_mean_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub matched_mean_r2_mean_top20: f64,
+    /// 1 when the model beats the perturbation-matched mean on both, 0 when not, NaN without it.
+    pub beats_matched_mean: f64,
 }
 
 /// One evaluated condition's figures (NaN where not computable).
@@ -444,6 +460,12 @@ pub struct FieldMetrics {
     pub rank_cosine_logfc: f64,
     /// PerturBench's rank metric of `rmse`.
     pub rank_rmse: f64,
+    /// Systema's Pearson delta against the perturbed centroid: Pearson over genes of the predicted
+    /// and real means each minus the centroid of the other perturbed conditions of the covariates
+    /// (the context's mean response: the control mean plus their mean training shift). Unlike
+    /// `pearson_delta` it does not reward the shift every perturbation shares; NaN without
+    /// another perturbed condition with training cells in the covariates.
+    pub pearson_delta_perturbed: f64,
 }
 
 /// The DEG list lengths of the overlap metrics.
@@ -829,7 +851,11 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         deg_table: deg_table.as_ref(),
         ridge: None,
         transfer: None,
+        shifts: BTreeMap::new(),
+        context: HashMap::new(),
     };
+    let (shifts, context) = scoring.training_shifts();
+    let scoring = score::Scoring { shifts, context, ..scoring };
     let scoring = score::Scoring { ridge: scoring.fit_ridge(), transfer: scoring.measure_transfer(), ..scoring };
     let (mut results, deg_rows) = score_conditions(&scoring, &plan, &model, &groups, &predicted)?;
     let transfer = scoring.transfer;

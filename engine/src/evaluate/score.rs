@@ -52,6 +52,11 @@ pub(super) struct Scoring<'a> {
     /// Whether effects carry over between covariate values, and how much (the scaled
     /// other-covariates baseline's slope), measured once ([`Scoring::measure_transfer`]).
     pub(super) transfer: Option<super::transfer::Transfer>,
+    /// Every perturbed condition's training shift ([`Scoring::training_shifts`]), taken once.
+    pub(super) shifts: BTreeMap<ConditionKey, Vec<f64>>,
+    /// Per covariate combination, the sum of its perturbed conditions' training shifts and how
+    /// many they are: the context's mean response, less a condition's own.
+    pub(super) context: HashMap<Vec<u32>, (Vec<f64>, usize)>,
 }
 
 /// R2 over the genes `idx` (all genes when `None`).
@@ -178,7 +183,17 @@ impl Scoring<'_> {
             predicted_logfc,
             real_logfc: has_real.then_some(real_logfc),
         };
-        let baselines = self.baselines(key, &ctrl_mean, &ranked, has_real, &real_mean, &pred_mean);
+        let context = self.context_shift(key);
+        let baselines = self.baselines(key, &ctrl_mean, &ranked, has_real, &real_mean, &pred_mean, context.as_ref());
+        // Systema: the changes from the perturbed centroid (the context's mean response).
+        field.pearson_delta_perturbed = match &context {
+            Some(shift) if has_real => {
+                let centroid: Vec<f64> = ctrl_mean.iter().zip(shift).map(|(c, d)| c + d).collect();
+                let from = |m: &[f64]| -> Vec<f64> { m.iter().zip(&centroid).map(|(a, b)| a - b).collect() };
+                pearson(&from(&pred_mean), &from(&real_mean))
+            }
+            _ => f64::NAN,
+        };
         let plot_genes: Vec<usize> = ranked.iter().take(largest_k).copied().collect();
         let reference = if has_real { &real_mean } else { truth.map_or(&real_mean, |t| &t.mean_log1p) };
         ConditionMetrics {
@@ -256,17 +271,47 @@ impl Scoring<'_> {
             rmse: f64::NAN,
             rank_cosine_logfc: f64::NAN,
             rank_rmse: f64::NAN,
+            pearson_delta_perturbed: f64::NAN,
         }
     }
 
-    /// The linear baseline fitted on every perturbed condition's training cells.
-    pub(super) fn fit_ridge(&self) -> Option<super::ridge::Ridge> {
-        let changes: BTreeMap<ConditionKey, Vec<f64>> = self
+    /// Every condition's mean shift from its covariates' training controls, training cells only
+    /// (those with training cells on both sides), and the perturbed ones' sums per covariates.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn training_shifts(&self) -> (BTreeMap<ConditionKey, Vec<f64>>, HashMap<Vec<u32>, (Vec<f64>, usize)>) {
+        let shifts: BTreeMap<ConditionKey, Vec<f64>> = self
             .conditions
             .keys()
             .filter_map(|k| Some((k.clone(), self.training_shift(&k.covariates, &k.parts)?)))
             .collect();
-        super::ridge::Ridge::fit(self.vocab, &changes, self.genes.len())
+        let mut context: HashMap<Vec<u32>, (Vec<f64>, usize)> = HashMap::new();
+        for (key, shift) in shifts.iter().filter(|(k, _)| !k.is_control()) {
+            let (sum, n) = context.entry(key.covariates.clone()).or_insert_with(|| (vec![0.0; shift.len()], 0));
+            sum.iter_mut().zip(shift).for_each(|(s, d)| *s += d);
+            *n += 1;
+        }
+        (shifts, context)
+    }
+
+    /// The linear baseline fitted on every perturbed condition's training cells.
+    pub(super) fn fit_ridge(&self) -> Option<super::ridge::Ridge> {
+        super::ridge::Ridge::fit(self.vocab, &self.shifts, self.genes.len())
+    }
+
+    /// The mean training shift of the perturbed conditions of `key`'s covariates other than
+    /// `key` itself: the context's mean response less the control mean (`None` without another).
+    fn context_shift(&self, key: &ConditionKey) -> Option<Vec<f64>> {
+        let (sum, n) = self.context.get(&key.covariates)?;
+        let own = self.shifts.get(key).filter(|_| !key.is_control());
+        let others = n - usize::from(own.is_some());
+        if others == 0 {
+            return None;
+        }
+        let k = others as f64;
+        Some(match own {
+            Some(own) => sum.iter().zip(own).map(|(s, o)| (s - o) / k).collect(),
+            None => sum.iter().map(|s| s / k).collect(),
+        })
     }
 
     /// Whether perturbations' effects carry over between covariate values ([`super::transfer`]),
@@ -302,6 +347,7 @@ impl Scoring<'_> {
 
     /// The additive, other-covariates (plain and scaled), nearest-covariates and linear baselines of a condition
     /// ([`BaselineMetrics`]), scored against its real means as the model's `pred_mean` is.
+    #[allow(clippy::too_many_arguments)]
     fn baselines(
         &self,
         key: &ConditionKey,
@@ -310,6 +356,7 @@ impl Scoring<'_> {
         has_real: bool,
         real_mean: &[f64],
         pred_mean: &[f64],
+        context: Option<&Vec<f64>>,
     ) -> BaselineMetrics {
         let top20 = (ranked.len() >= 20).then(|| &ranked[..20]);
         let score = |shift: Option<Vec<f64>>| -> (f64, f64, f64) {
@@ -370,6 +417,14 @@ impl Scoring<'_> {
         let (nearest_covariates_r2_mean, nearest_covariates_r2_mean_top20, beats_nearest_covariates) = score(nearest);
         let (linear_r2_mean, linear_r2_mean_top20, beats_linear) =
             score(self.ridge.as_ref().and_then(|r| r.change(key)));
+        let (context_mean_r2_mean, context_mean_r2_mean_top20, beats_context_mean) = score(context.cloned());
+        // The perturbation-matched mean: the condition's own training mean, as a shift from the
+        // control mean the others are added to.
+        let matched = self
+            .training_mean(key)
+            .filter(|_| !key.is_control())
+            .map(|m| m.iter().zip(ctrl_mean).map(|(m, c)| m - c).collect());
+        let (matched_mean_r2_mean, matched_mean_r2_mean_top20, beats_matched_mean) = score(matched);
         BaselineMetrics {
             additive_r2_mean,
             additive_r2_mean_top20,
@@ -386,6 +441,12 @@ impl Scoring<'_> {
             linear_r2_mean,
             linear_r2_mean_top20,
             beats_linear,
+            context_mean_r2_mean,
+            context_mean_r2_mean_top20,
+            beats_context_mean,
+            matched_mean_r2_mean,
+            matched_mean_r2_mean_top20,
+            beats_matched_mean,
         }
     }
 

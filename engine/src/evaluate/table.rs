@@ -100,7 +100,9 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
 type Beats = fn(&ConditionMetrics) -> f64;
 
 /// The simple baselines ([`super::BaselineMetrics`]) by name and their `beats_*` flag.
-const BASELINES: [(&str, Beats); 5] = [
+const BASELINES: [(&str, Beats); 7] = [
+    ("context mean", |c| c.baselines.beats_context_mean),
+    ("matched mean", |c| c.baselines.beats_matched_mean),
     ("additive", |c| c.baselines.beats_additive),
     ("other covariates", |c| c.baselines.beats_other_covariates),
     ("scaled other covariates", |c| c.baselines.beats_other_covariates_scaled),
