@@ -121,6 +121,26 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
         assert others
         return np.mean(others, axis=0)
 
+    def calibration(cond: str, ct: str, real_cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The calibrated metrics' weights and reference: |t| of the condition's evaluated cells
+        against the other perturbed cells of the cell type (every split; the rest's variance over
+        the condition's cells), min-max scaled, squared, summing to 1; the mean of the perturbed
+        conditions' means."""
+        groups = [(c, (condition == c) & (cell_type == ct)) for c in sorted(set(condition) - {"control"})]
+        groups = [(c, m) for c, m in groups if m.any()]
+        rest = np.zeros(adata.n_obs, dtype=bool)
+        for c, m in groups:
+            rest |= m if c != cond else False
+        own, other, n = x[real_cells], x[rest], real_cells.sum()
+        t = (own.mean(0) - other.mean(0)) / np.sqrt((own.var(0, ddof=1) + other.var(0, ddof=1)) / n)
+        t = np.where(np.isfinite(t), np.abs(t), 0.0)
+        w = ((t - t.min()) / (t.max() - t.min())) ** 2
+        return w / w.sum(), np.mean([x[m].mean(0) for _, m in groups], axis=0)
+
+    def weighted_r2(pred: np.ndarray, truth: np.ndarray, w: np.ndarray) -> float:
+        mean = (w * truth).sum() / w.sum()
+        return 1.0 - float((w * (truth - pred) ** 2).sum()) / float((w * (truth - mean) ** 2).sum())
+
     checked = 0
     for _, row in metrics.iterrows():
         ct = row["cell_type"]
@@ -136,6 +156,12 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
         assert row["beats_context_mean"] in (0.0, 1.0)
         # Held out: no training cells of the condition there, so no perturbation-matched mean.
         assert np.isnan(row["matched_mean_r2_mean"]) and np.isnan(row["beats_matched_mean"])
+        real_cells = (split == "ood") & (condition == row["condition"]) & (cell_type == ct)
+        w, reference = calibration(row["condition"], ct, real_cells)
+        assert row["context_mean_weighted_mse"] == pytest.approx(float((w * (centroid - real) ** 2).sum()), rel=1e-9)
+        collapsed = weighted_r2(centroid - reference, real - reference, w)
+        assert row["context_mean_weighted_r2_delta"] == pytest.approx(collapsed, abs=1e-9)
+        assert np.isfinite(row["weighted_mse"]) and np.isfinite(row["weighted_r2_delta"])
         assert -1.0 <= row["pearson_delta_perturbed"] <= 1.0
         assert row["pearson_delta_perturbed"] != pytest.approx(row["pearson_delta"], abs=1e-6)
         if row["condition"] == combination:
@@ -144,6 +170,7 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
                 # A part without training cells in these covariates: no additive baseline.
                 assert np.isnan(row["additive_r2_mean"]) and np.isnan(row["beats_additive"])
             else:
+                assert np.isnan(row["knn_r2_mean"]), "a combination has no nearest-perturbations baseline"
                 additive = control + sum(shifts)
                 assert row["additive_r2_mean"] == pytest.approx(r2(additive, real), abs=1e-9)
                 assert np.isfinite(row["additive_r2_mean_top20"])
@@ -169,6 +196,15 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
             assert row["nearest_covariates_r2_mean"] != pytest.approx(row["other_covariates_r2_mean"], abs=1e-9)
             assert row["beats_nearest_covariates"] in (0.0, 1.0)
             assert np.isnan(row["additive_r2_mean"]), "a single perturbation has no additive baseline"
+            # The nearest perturbations: the other singles with training cells in this cell type,
+            # nearest to it by cosine in the model's perturbation embedding, up to five, averaged.
+            embeddings = run.perturbation_embeddings().drop(columns="is_control")
+            unit = lambda p: embeddings.loc[p].to_numpy() / np.linalg.norm(embeddings.loc[p].to_numpy())  # noqa: E731
+            candidates = [p for p in perturbations if p != single and shift(p, ct) is not None]
+            near = sorted(candidates, key=lambda p: -float(unit(p) @ unit(single)))[:5]
+            knn = control + np.mean([shift(p, ct) for p in near], axis=0)
+            assert row["knn_r2_mean"] == pytest.approx(r2(knn, real), abs=1e-9)
+            assert row["beats_knn"] in (0.0, 1.0)
             checked += 1
     assert checked >= 2, metrics[["cell_type", "condition"]]
     # The perturbation-matched mean of a seen condition: the single perturbation's validation

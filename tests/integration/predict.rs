@@ -693,6 +693,7 @@ fn evaluation_equals_a_computation_by_hand() {
         ("scaled other covariates", "beats_other_covariates_scaled"),
         ("nearest covariates", "beats_nearest_covariates"),
         ("linear", "beats_linear"),
+        ("nearest perturbations", "beats_knn"),
     ] {
         let values = batches[0].column_by_name(column).map(|c| c.as_primitive::<Float64Type>().clone());
         let values = values.unwrap_or_else(|| panic!("no column {column}"));

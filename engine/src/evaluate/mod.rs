@@ -328,6 +328,21 @@ pub struct BaselineMetrics {
     pub matched_mean_r2_mean_top20: f64,
     /// 1 when the model beats the perturbation-matched mean on both, 0 when not, NaN without it.
     pub beats_matched_mean: f64,
+    /// The context's mean response scored by the calibrated metrics ([`FieldMetrics::weighted_mse`],
+    /// [`FieldMetrics::weighted_r2_delta`]): what they give a prediction that collapsed to the mean.
+    pub context_mean_weighted_mse: f64,
+    /// See [`BaselineMetrics::context_mean_weighted_mse`].
+    pub context_mean_weighted_r2_delta: f64,
+    /// R2 of the nearest-perturbations baseline (a single perturbation: the control mean plus the
+    /// mean training shift, in the same covariates and at the same dose, of the
+    /// [`score::KNN_K`] other perturbations nearest to it by cosine in the model's perturbation
+    /// embedding), all genes; NaN for a combination or a perturbation the model gives no
+    /// embedding (one without training cells, unless the model projects features).
+    pub knn_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub knn_r2_mean_top20: f64,
+    /// 1 when the model beats the nearest-perturbations baseline on both, 0 when not, NaN without it.
+    pub beats_knn: f64,
 }
 
 /// One evaluated condition's figures (NaN where not computable).
@@ -466,6 +481,17 @@ pub struct FieldMetrics {
     /// `pearson_delta` it does not reward the shift every perturbation shares; NaN without
     /// another perturbed condition with training cells in the covariates.
     pub pearson_delta_perturbed: f64,
+    /// The calibrated weighted MSE (Shift Bioscience's "Diversity by design", 2025): the squared
+    /// errors of the means weighted per gene by how much the condition differs from the other
+    /// perturbed conditions of its covariates there (|t| of Welch's test of its cells against
+    /// theirs, the rest's variance over the condition's cells, as scanpy's
+    /// `t-test_overestim_var`; min-max scaled, squared, summing to 1). NaN without two perturbed
+    /// conditions in the covariates.
+    pub weighted_mse: f64,
+    /// The calibrated weighted delta R2: R2 with those weights of the predicted against the real
+    /// means, each minus the mean of the perturbed conditions' means of the covariates (every
+    /// split, each condition once). A prediction of that mean scores at most 0.
+    pub weighted_r2_delta: f64,
 }
 
 /// The DEG list lengths of the overlap metrics.
@@ -853,9 +879,12 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         transfer: None,
         shifts: BTreeMap::new(),
         context: HashMap::new(),
+        perturbed: HashMap::new(),
+        embeddings: score::host_embeddings(&model),
     };
     let (shifts, context) = scoring.training_shifts();
-    let scoring = score::Scoring { shifts, context, ..scoring };
+    let perturbed = scoring.perturbed_cells();
+    let scoring = score::Scoring { shifts, context, perturbed, ..scoring };
     let scoring = score::Scoring { ridge: scoring.fit_ridge(), transfer: scoring.measure_transfer(), ..scoring };
     let (mut results, deg_rows) = score_conditions(&scoring, &plan, &model, &groups, &predicted)?;
     let transfer = scoring.transfer;

@@ -100,6 +100,13 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("matched_mean_r2_mean_top20".to_owned(), b.matched_mean_r2_mean_top20));
     out.push(("beats_matched_mean".to_owned(), b.beats_matched_mean));
     out.push(("pearson_delta_perturbed".to_owned(), f.pearson_delta_perturbed));
+    out.push(("weighted_mse".to_owned(), f.weighted_mse));
+    out.push(("weighted_r2_delta".to_owned(), f.weighted_r2_delta));
+    out.push(("context_mean_weighted_mse".to_owned(), b.context_mean_weighted_mse));
+    out.push(("context_mean_weighted_r2_delta".to_owned(), b.context_mean_weighted_r2_delta));
+    out.push(("knn_r2_mean".to_owned(), b.knn_r2_mean));
+    out.push(("knn_r2_mean_top20".to_owned(), b.knn_r2_mean_top20));
+    out.push(("beats_knn".to_owned(), b.beats_knn));
     out.push(("n_significant".to_owned(), f.n_significant));
     out.extend(f.deg_precision.iter().map(|(k, v)| (format!("deg_precision_at{k}"), *v)));
     out.push(("cosine_logfc".to_owned(), f.cosine_logfc));

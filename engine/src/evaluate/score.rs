@@ -57,6 +57,69 @@ pub(super) struct Scoring<'a> {
     /// Per covariate combination, the sum of its perturbed conditions' training shifts and how
     /// many they are: the context's mean response, less a condition's own.
     pub(super) context: HashMap<Vec<u32>, (Vec<f64>, usize)>,
+    /// Per covariate combination, its perturbed cells of every split ([`Scoring::perturbed_cells`]).
+    pub(super) perturbed: HashMap<Vec<u32>, Perturbed>,
+    /// The model's perturbation embedding rows on the host ([`host_embeddings`]; empty where
+    /// they could not be read).
+    pub(super) embeddings: Vec<Vec<f64>>,
+}
+
+/// The perturbations the nearest-perturbations baseline averages.
+pub const KNN_K: usize = 5;
+
+/// The model's perturbation embedding rows on the host, for the nearest-perturbations baseline
+/// (empty, with a warning, where they cannot be read).
+pub(super) fn host_embeddings(model: &crate::model::CpaModel) -> Vec<Vec<f64>> {
+    let rows = tch::no_grad(|| -> Result<Vec<Vec<f64>>, String> {
+        let t = model.perturbation_embeddings().map_err(|e| e.to_string())?;
+        let t =
+            t.f_to_kind(tch::Kind::Double).and_then(|t| t.f_to_device(tch::Device::Cpu)).map_err(|e| e.to_string())?;
+        let width = t.size().get(1).copied().unwrap_or(0).max(1) as usize;
+        let flat = Vec::<f64>::try_from(&t.f_flatten(0, -1).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        Ok(flat.chunks(width).map(<[f64]>::to_vec).collect())
+    });
+    rows.unwrap_or_else(|e| {
+        tracing::warn!(
+            "the model's perturbation embeddings could not be read ({e}): no nearest-perturbations baseline"
+        );
+        Vec::new()
+    })
+}
+
+/// The perturbed cells of one covariate combination, every split: their moments and the sum of
+/// their conditions' means (each condition once), the calibrated metrics' reference.
+pub(super) struct Perturbed {
+    cells: Moments,
+    means: Vec<f64>,
+    conditions: usize,
+}
+
+/// The calibrated metrics' per-gene weights and reference of a condition.
+struct Calibration {
+    /// Summing to 1.
+    weights: Vec<f64>,
+    /// The mean of the perturbed conditions' means.
+    reference: Vec<f64>,
+}
+
+/// `sum(w (a - b)^2)`.
+fn weighted_mse(a: &[f64], b: &[f64], w: &[f64]) -> f64 {
+    a.iter().zip(b).zip(w).map(|((a, b), w)| w * (a - b) * (a - b)).sum()
+}
+
+/// sklearn's `r2_score(truth, pred, sample_weight=w)`: 1 minus the weighted squared error over
+/// the weighted squares of the truth about its weighted mean.
+fn weighted_r2(pred: &[f64], truth: &[f64], w: &[f64]) -> f64 {
+    let total: f64 = w.iter().sum();
+    let mean = truth.iter().zip(w).map(|(t, w)| t * w).sum::<f64>() / total;
+    let residual = weighted_mse(pred, truth, w);
+    let spread: f64 = truth.iter().zip(w).map(|(t, w)| w * (t - mean) * (t - mean)).sum();
+    1.0 - residual / spread
+}
+
+/// Unbiased per-gene variances of `m` (0 where rounding makes them negative).
+fn variances(m: &Moments) -> Vec<f64> {
+    m.sum.iter().zip(&m.sq).map(|(s, q)| ((q - s * s / m.n) / (m.n - 1.0)).max(0.0)).collect()
 }
 
 /// R2 over the genes `idx` (all genes when `None`).
@@ -184,7 +247,20 @@ impl Scoring<'_> {
             real_logfc: has_real.then_some(real_logfc),
         };
         let context = self.context_shift(key);
-        let baselines = self.baselines(key, &ctrl_mean, &ranked, has_real, &real_mean, &pred_mean, context.as_ref());
+        let mut baselines =
+            self.baselines(key, &ctrl_mean, &ranked, has_real, &real_mean, &pred_mean, context.as_ref());
+        // The calibrated metrics, of the model and of the context's mean response.
+        if let Some(c) = self.calibration(key, real).filter(|_| has_real) {
+            let from = |m: &[f64]| -> Vec<f64> { m.iter().zip(&c.reference).map(|(a, b)| a - b).collect() };
+            let real_delta = from(&real_mean);
+            field.weighted_mse = weighted_mse(&pred_mean, &real_mean, &c.weights);
+            field.weighted_r2_delta = weighted_r2(&from(&pred_mean), &real_delta, &c.weights);
+            if let Some(shift) = &context {
+                let baseline: Vec<f64> = ctrl_mean.iter().zip(shift).map(|(c, d)| c + d).collect();
+                baselines.context_mean_weighted_mse = weighted_mse(&baseline, &real_mean, &c.weights);
+                baselines.context_mean_weighted_r2_delta = weighted_r2(&from(&baseline), &real_delta, &c.weights);
+            }
+        }
         // Systema: the changes from the perturbed centroid (the context's mean response).
         field.pearson_delta_perturbed = match &context {
             Some(shift) if has_real => {
@@ -272,6 +348,8 @@ impl Scoring<'_> {
             rank_cosine_logfc: f64::NAN,
             rank_rmse: f64::NAN,
             pearson_delta_perturbed: f64::NAN,
+            weighted_mse: f64::NAN,
+            weighted_r2_delta: f64::NAN,
         }
     }
 
@@ -291,6 +369,94 @@ impl Scoring<'_> {
             *n += 1;
         }
         (shifts, context)
+    }
+
+    /// Per covariate combination, the moments of its perturbed cells (every split) and the sum of
+    /// its conditions' means.
+    pub(super) fn perturbed_cells(&self) -> HashMap<Vec<u32>, Perturbed> {
+        let mut out: HashMap<Vec<u32>, Perturbed> = HashMap::new();
+        for (key, condition) in self.conditions.iter().filter(|(k, _)| !k.is_control()) {
+            let cells = self.moments.of_groups(&condition.groups, |_| true);
+            if cells.n < 1.0 {
+                continue;
+            }
+            let genes = cells.sum.len();
+            let entry = out.entry(key.covariates.clone()).or_insert_with(|| Perturbed {
+                cells: Moments::new(genes),
+                means: vec![0.0; genes],
+                conditions: 0,
+            });
+            entry.means.iter_mut().zip(cells.mean()).for_each(|(s, m)| *s += m);
+            entry.cells.merge(&cells);
+            entry.conditions += 1;
+        }
+        out
+    }
+
+    /// The calibrated metrics' weights of `key`, whose evaluated cells are `real`: per gene the
+    /// |t| of Welch's test of `real` against the other perturbed cells of the covariates (every
+    /// split), with the rest's variance taken over `real`'s cells (scanpy's
+    /// `t-test_overestim_var`), min-max scaled to [0, 1], squared and scaled to sum to 1; `None`
+    /// with fewer than two perturbed conditions or two cells a side, or all weights 0.
+    fn calibration(&self, key: &ConditionKey, real: &Moments) -> Option<Calibration> {
+        let context = self.perturbed.get(&key.covariates)?;
+        let own = self.moments.of_groups(&self.conditions.get(key)?.groups, |_| true);
+        let mut rest = context.cells.clone();
+        rest.n -= own.n;
+        rest.sum.iter_mut().zip(&own.sum).for_each(|(r, o)| *r -= o);
+        rest.sq.iter_mut().zip(&own.sq).for_each(|(r, o)| *r -= o);
+        if context.conditions < 2 || real.n < 2.0 || rest.n < 2.0 {
+            return None;
+        }
+        let (mean, var, rest_mean, rest_var) = (real.mean(), variances(real), rest.mean(), variances(&rest));
+        let t: Vec<f64> = (0..mean.len())
+            .map(|g| {
+                let t = (mean[g] - rest_mean[g]) / ((var[g] + rest_var[g]) / real.n).sqrt();
+                if t.is_finite() { t.abs() } else { 0.0 }
+            })
+            .collect();
+        let (lo, hi) = t.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let scaled: Vec<f64> = match hi > lo {
+            true => t.iter().map(|v| ((v - lo) / (hi - lo)).powi(2)).collect(),
+            false if hi > 0.0 => vec![1.0; t.len()],
+            false => return None,
+        };
+        let total: f64 = scaled.iter().sum();
+        let k = context.conditions as f64;
+        Some(Calibration {
+            weights: scaled.iter().map(|w| w / total).collect(),
+            reference: context.means.iter().map(|m| m / k).collect(),
+        })
+    }
+
+    /// The nearest-perturbations baseline's shift of `key`, a single perturbation: the mean training
+    /// shift of the [`KNN_K`] other single perturbations of its covariates and dose whose model
+    /// embeddings are nearest to its own by cosine (ties by id); `None` for a combination, an
+    /// embedding of zero (a perturbation the model knows nothing of) or no candidate.
+    fn knn_shift(&self, key: &ConditionKey) -> Option<Vec<f64>> {
+        let [(id, dose)] = key.parts.as_slice() else { return None };
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let own = self.embeddings.get(*id as usize).filter(|e| norm(e) > 0.0)?;
+        let mut candidates: Vec<(f64, u32, &Vec<f64>)> = self
+            .shifts
+            .iter()
+            .filter_map(|(k, shift)| {
+                let [(other, d)] = k.parts.as_slice() else { return None };
+                if k.covariates != key.covariates || other == id || d != dose {
+                    return None;
+                }
+                let e = self.embeddings.get(*other as usize).filter(|e| norm(e) > 0.0)?;
+                let cosine = own.iter().zip(e).map(|(a, b)| a * b).sum::<f64>() / (norm(own) * norm(e));
+                Some((cosine, *other, shift))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let near = &candidates[..candidates.len().min(KNN_K)];
+        let k = near.len() as f64;
+        Some((0..near[0].2.len()).map(|g| near.iter().map(|c| c.2[g]).sum::<f64>() / k).collect())
     }
 
     /// The linear baseline fitted on every perturbed condition's training cells.
@@ -425,6 +591,7 @@ impl Scoring<'_> {
             .filter(|_| !key.is_control())
             .map(|m| m.iter().zip(ctrl_mean).map(|(m, c)| m - c).collect());
         let (matched_mean_r2_mean, matched_mean_r2_mean_top20, beats_matched_mean) = score(matched);
+        let (knn_r2_mean, knn_r2_mean_top20, beats_knn) = score(self.knn_shift(key));
         BaselineMetrics {
             additive_r2_mean,
             additive_r2_mean_top20,
@@ -447,6 +614,11 @@ impl Scoring<'_> {
             matched_mean_r2_mean,
             matched_mean_r2_mean_top20,
             beats_matched_mean,
+            context_mean_weighted_mse: f64::NAN,
+            context_mean_weighted_r2_delta: f64::NAN,
+            knn_r2_mean,
+            knn_r2_mean_top20,
+            beats_knn,
         }
     }
 

@@ -100,7 +100,7 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
 type Beats = fn(&ConditionMetrics) -> f64;
 
 /// The simple baselines ([`super::BaselineMetrics`]) by name and their `beats_*` flag.
-const BASELINES: [(&str, Beats); 7] = [
+const BASELINES: [(&str, Beats); 8] = [
     ("context mean", |c| c.baselines.beats_context_mean),
     ("matched mean", |c| c.baselines.beats_matched_mean),
     ("additive", |c| c.baselines.beats_additive),
@@ -108,6 +108,7 @@ const BASELINES: [(&str, Beats); 7] = [
     ("scaled other covariates", |c| c.baselines.beats_other_covariates_scaled),
     ("nearest covariates", |c| c.baselines.beats_nearest_covariates),
     ("linear", |c| c.baselines.beats_linear),
+    ("nearest perturbations", |c| c.baselines.beats_knn),
 ];
 
 /// How many conditions the model beats each simple baseline on (all genes and the top 20 DEGs),
