@@ -492,6 +492,11 @@ pub struct FieldMetrics {
     /// means, each minus the mean of the perturbed conditions' means of the covariates (every
     /// split, each condition once). A prediction of that mean scores at most 0.
     pub weighted_r2_delta: f64,
+    /// Systema's centroid accuracy: 1 when, of the real changes from the perturbed centroid of
+    /// the conditions of its covariates with real cells, the condition's own is the nearest by
+    /// cosine to its predicted change from that centroid, else 0 (its own genes left out, as
+    /// in `discrimination_cosine`); NaN alone in its covariates or without a centroid.
+    pub centroid_accuracy: f64,
 }
 
 /// The DEG list lengths of the overlap metrics.
@@ -551,6 +556,9 @@ pub struct Effects {
     pub predicted_logfc: Vec<f64>,
     /// The same of the real cells; `None` without real cells.
     pub real_logfc: Option<Vec<f64>>,
+    /// The perturbed centroid of the covariates minus the control mean: the mean training shift
+    /// of their perturbed conditions (Systema's reference); `None` without one.
+    pub centroid: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -999,11 +1007,89 @@ fn discriminate(results: &mut [ConditionMetrics]) {
         c.field.rank_cosine_logfc = rank_cosine_logfc[i];
         c.field.rank_rmse = rank_rmse[i];
     }
+    let accuracy = centroid_accuracy(results);
+    for (c, a) in results.iter_mut().zip(accuracy) {
+        c.field.centroid_accuracy = a;
+    }
+}
+
+/// Systema's centroid accuracy of each condition ([`FieldMetrics::centroid_accuracy`]).
+fn centroid_accuracy(results: &[ConditionMetrics]) -> Vec<f64> {
+    let conditions: Vec<Centred<'_>> = results
+        .iter()
+        .map(|c| Centred {
+            group: &c.covariates,
+            predicted: &c.effects.predicted,
+            real: c.effects.real.as_deref(),
+            centroid: c.effects.centroid.as_deref(),
+            exclude: &c.effects.exclude,
+        })
+        .collect();
+    centroid_hits(&conditions)
+}
+
+/// A condition's changes from the control and its covariates' perturbed centroid (minus the
+/// control), as [`centroid_hits`] takes them.
+struct Centred<'a> {
+    group: &'a [String],
+    predicted: &'a [f64],
+    real: Option<&'a [f64]>,
+    centroid: Option<&'a [f64]>,
+    exclude: &'a [usize],
+}
+
+/// Per condition, 1 when its own real change from the centroid is the nearest by cosine to its
+/// predicted one among the conditions of its group with real cells, 0 when another is, NaN
+/// alone, without real cells or without a centroid.
+fn centroid_hits(conditions: &[Centred<'_>]) -> Vec<f64> {
+    let from = |v: &[f64], o: &[f64]| -> Vec<f64> { v.iter().zip(o).map(|(a, b)| a - b).collect() };
+    let centred: Vec<(Vec<f64>, Option<Vec<f64>>)> = conditions
+        .iter()
+        .map(|c| match c.centroid {
+            Some(o) => (from(c.predicted, o), c.real.map(|r| from(r, o))),
+            None => (c.predicted.to_vec(), None),
+        })
+        .collect();
+    let effects: Vec<field::Effects<'_>> = conditions
+        .iter()
+        .zip(&centred)
+        .map(|(c, (predicted, real))| field::Effects {
+            group: c.group,
+            predicted,
+            real: real.as_deref(),
+            exclude: c.exclude.to_vec(),
+        })
+        .collect();
+    field::discrimination_ranks(&effects, field::Distance::Cosine)
+        .into_iter()
+        .map(|rank| if rank.is_nan() { f64::NAN } else { f64::from(u8::from(rank == 0.0)) })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn centroid_accuracy_tells_conditions_apart_by_their_changes_from_the_perturbed_centroid() {
+        // Two perturbations sharing a large change from the control (+5 on gene 0) and each its
+        // own (+1 on gene 1, +1 on gene 2). From the control, every prediction points along gene
+        // 0 and cosine hardly tells them apart; from the perturbed centroid (5, 0.5, 0.5) only
+        // the own change is left.
+        let group = vec!["K562".to_owned()];
+        let (a_real, b_real) = ([5.0, 1.0, 0.0], [5.0, 0.0, 1.0]);
+        let centroid = [5.0, 0.5, 0.5];
+        let (a_pred, b_pred) = ([5.0, 0.6, 0.4], [5.0, 0.7, 0.3]);
+        let conditions = [
+            Centred { group: &group, predicted: &a_pred, real: Some(&a_real), centroid: Some(&centroid), exclude: &[] },
+            Centred { group: &group, predicted: &b_pred, real: Some(&b_real), centroid: Some(&centroid), exclude: &[] },
+        ];
+        // a's prediction leans to gene 1 (its own), b's too: a is a hit, b a miss.
+        assert_eq!(centroid_hits(&conditions), vec![1.0, 0.0]);
+        // Without a centroid, or alone in its group: NaN.
+        let alone = [Centred { group: &group, predicted: &a_pred, real: Some(&a_real), centroid: None, exclude: &[] }];
+        assert!(centroid_hits(&alone)[0].is_nan());
+    }
 
     #[test]
     fn reproducibility_counts_the_changes_under_the_noise_level_and_takes_the_median() {

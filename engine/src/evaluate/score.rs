@@ -245,6 +245,7 @@ impl Scoring<'_> {
             exclude,
             predicted_logfc,
             real_logfc: has_real.then_some(real_logfc),
+            centroid: self.context.get(&key.covariates).map(|(sum, n)| sum.iter().map(|s| s / *n as f64).collect()),
         };
         let context = self.context_shift(key);
         let mut baselines =
@@ -350,6 +351,7 @@ impl Scoring<'_> {
             pearson_delta_perturbed: f64::NAN,
             weighted_mse: f64::NAN,
             weighted_r2_delta: f64::NAN,
+            centroid_accuracy: f64::NAN,
         }
     }
 
