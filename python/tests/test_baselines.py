@@ -141,6 +141,35 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
         mean = (w * truth).sum() / w.sum()
         return 1.0 - float((w * (truth - pred) ** 2).sum()) / float((w * (truth - mean) ** 2).sum())
 
+    def second_half(rows: np.ndarray) -> np.ndarray:
+        """evaluate's fixed halves: splitmix64 of the store row, its lowest bit."""
+        z = rows.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return ((z ^ (z >> np.uint64(31))) & np.uint64(1)) == 1
+
+    def bh(p: np.ndarray) -> np.ndarray:
+        """Benjamini-Hochberg, a NaN p ranked as 1 and kept NaN."""
+        filled = np.where(np.isnan(p), 1.0, p)
+        order = np.argsort(filled, kind="stable")
+        q = filled[order] * len(p) / np.arange(1, len(p) + 1)
+        q = np.minimum.accumulate(q[::-1])[::-1]
+        out = np.empty_like(q)
+        out[order] = np.minimum(q, 1.0)
+        return np.where(np.isnan(p), np.nan, out)
+
+    def interpolated(cells: np.ndarray, controls: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The interpolated duplicate and the first half's means."""
+        from scipy import stats
+
+        rows = np.flatnonzero(cells)
+        second = second_half(rows)
+        duplicate = x[rows[second]]
+        with np.errstate(all="ignore"):
+            p = stats.ttest_ind(duplicate, x[controls], equal_var=False).pvalue
+        a = 1.0 - np.nan_to_num(bh(p), nan=1.0)
+        return a * duplicate.mean(0) + (1.0 - a) * base, x[rows[~second]].mean(0)
+
     checked = 0
     for _, row in metrics.iterrows():
         ct = row["cell_type"]
@@ -163,6 +192,8 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
         assert row["context_mean_weighted_r2_delta"] == pytest.approx(collapsed, abs=1e-9)
         assert np.isfinite(row["weighted_mse"]) and np.isfinite(row["weighted_r2_delta"])
         assert -1.0 <= row["pearson_delta_perturbed"] <= 1.0
+        guess, first = interpolated(real_cells, (condition == "control") & (cell_type == ct), centroid)
+        assert row["interpolated_r2_mean"] == pytest.approx(r2(guess, first), abs=1e-7)
         # Two held-out conditions in the unseen cell type: each is a hit or a miss there.
         alone = (metrics["cell_type"] == ct).sum() < 2
         assert np.isnan(row["centroid_accuracy"]) if alone else row["centroid_accuracy"] in (0.0, 1.0)

@@ -497,6 +497,15 @@ pub struct FieldMetrics {
     /// cosine to its predicted change from that centroid, else 0 (its own genes left out, as
     /// in `discrimination_cosine`); NaN alone in its covariates or without a centroid.
     pub centroid_accuracy: f64,
+    /// The interpolated duplicate's R2, a positive control (Miller et al., "Diversity by design"):
+    /// per gene, the second half of the condition's cells ([`moments::in_second_half`]) where it
+    /// differs from the control (weight 1 - q, q the Benjamini-Hochberg value of Welch's test of
+    /// that half against the control cells) and the context's mean response elsewhere, scored
+    /// against the first half as `ceiling_r2_mean` is; NaN with fewer than 2 cells in a half or
+    /// without a context.
+    pub interpolated_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub interpolated_r2_mean_top20: f64,
 }
 
 /// The DEG list lengths of the overlap metrics.

@@ -103,6 +103,8 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("weighted_mse".to_owned(), f.weighted_mse));
     out.push(("weighted_r2_delta".to_owned(), f.weighted_r2_delta));
     out.push(("centroid_accuracy".to_owned(), f.centroid_accuracy));
+    out.push(("interpolated_r2_mean".to_owned(), f.interpolated_r2_mean));
+    out.push(("interpolated_r2_mean_top20".to_owned(), f.interpolated_r2_mean_top20));
     out.push(("context_mean_weighted_mse".to_owned(), b.context_mean_weighted_mse));
     out.push(("context_mean_weighted_r2_delta".to_owned(), b.context_mean_weighted_r2_delta));
     out.push(("knn_r2_mean".to_owned(), b.knn_r2_mean));

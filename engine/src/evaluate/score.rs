@@ -117,11 +117,6 @@ fn weighted_r2(pred: &[f64], truth: &[f64], w: &[f64]) -> f64 {
     1.0 - residual / spread
 }
 
-/// Unbiased per-gene variances of `m` (0 where rounding makes them negative).
-fn variances(m: &Moments) -> Vec<f64> {
-    m.sum.iter().zip(&m.sq).map(|(s, q)| ((q - s * s / m.n) / (m.n - 1.0)).max(0.0)).collect()
-}
-
 /// R2 over the genes `idx` (all genes when `None`).
 fn r2_on(pred: &[f64], truth: &[f64], idx: Option<&[usize]>) -> f64 {
     match idx {
@@ -152,6 +147,34 @@ fn halves(all: &Moments, second: &Moments) -> Option<(Vec<f64>, Vec<f64>)> {
         return None;
     }
     Some((all.sum.iter().zip(&second.sum).map(|(a, b)| (a - b) / first_n).collect(), second.mean()))
+}
+
+/// The interpolated duplicate of a condition whose evaluated cells are `all` (`second` their
+/// second half) and its first half's means: per gene `a d + (1 - a) b`, `d` the second half's
+/// mean, `b` the `baseline`, `a = 1 - q` with `q` the Benjamini-Hochberg value of Welch's test
+/// of the second half against `control`; `None` with fewer than 2 cells in a half.
+fn interpolated_duplicate(
+    all: &Moments,
+    second: &Moments,
+    control: &Moments,
+    baseline: &[f64],
+) -> Option<(Vec<f64>, Vec<f64>)> {
+    let (first, duplicate) = halves(all, second)?;
+    if control.n < 2.0 {
+        return None;
+    }
+    let (_, p) = welch_test(second, control);
+    let q = benjamini_hochberg(&p);
+    let interpolated = duplicate
+        .iter()
+        .zip(baseline)
+        .zip(&q)
+        .map(|((d, b), q)| {
+            let a = if q.is_finite() { 1.0 - q } else { 0.0 };
+            a * d + (1.0 - a) * b
+        })
+        .collect();
+    Some((interpolated, first))
 }
 
 fn nan_unless(ok: bool, v: f64) -> f64 {
@@ -262,6 +285,16 @@ impl Scoring<'_> {
                 baselines.context_mean_weighted_r2_delta = weighted_r2(&from(&baseline), &real_delta, &c.weights);
             }
         }
+        // The interpolated duplicate: one half of the cells where it differs from the control,
+        // the context's mean response elsewhere, against the other half.
+        if let Some(shift) = &context {
+            let base: Vec<f64> = ctrl_mean.iter().zip(shift).map(|(c, d)| c + d).collect();
+            if let Some((interpolated, first)) = interpolated_duplicate(real, &second, control, &base) {
+                let top20 = (ranked.len() >= 20).then(|| &ranked[..20]);
+                field.interpolated_r2_mean = r2_on(&interpolated, &first, None);
+                field.interpolated_r2_mean_top20 = top20.map_or(f64::NAN, |i| r2_on(&interpolated, &first, Some(i)));
+            }
+        }
         // Systema: the changes from the perturbed centroid (the context's mean response).
         field.pearson_delta_perturbed = match &context {
             Some(shift) if has_real => {
@@ -352,6 +385,8 @@ impl Scoring<'_> {
             weighted_mse: f64::NAN,
             weighted_r2_delta: f64::NAN,
             centroid_accuracy: f64::NAN,
+            interpolated_r2_mean: f64::NAN,
+            interpolated_r2_mean_top20: f64::NAN,
         }
     }
 
@@ -410,7 +445,7 @@ impl Scoring<'_> {
         if context.conditions < 2 || real.n < 2.0 || rest.n < 2.0 {
             return None;
         }
-        let (mean, var, rest_mean, rest_var) = (real.mean(), variances(real), rest.mean(), variances(&rest));
+        let (mean, var, rest_mean, rest_var) = (real.mean(), real.sample_var(), rest.mean(), rest.sample_var());
         let t: Vec<f64> = (0..mean.len())
             .map(|g| {
                 let t = (mean[g] - rest_mean[g]) / ((var[g] + rest_var[g]) / real.n).sqrt();
