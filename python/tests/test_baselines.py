@@ -256,6 +256,56 @@ def test_the_additive_and_other_covariates_baselines_equal_a_computation_by_hand
     assert "beats_nearest_covariates" in summary and "beats_other_covariates_scaled" in summary
 
 
+def test_the_linear_baseline_on_perturbation_features_predicts_an_unseen_perturbation_as_numpy_does(tmp_path):
+    """A perturbation without any training cell: the indicator ridge cannot place it, the ridge on
+    the model's perturbation features (the synthetic atlas's own table) can; repeated in numpy."""
+    import polars as pl
+
+    adata = synthetic(tmp_path, cells=3000, perturbations=5, cell_types=2, combinations=0, seed=11)
+    obs = adata.obs
+    condition, cell_type = obs["condition"].to_numpy(), obs["cell_type"].to_numpy()
+    unseen = sorted(set(condition) - {"control"})[-1]
+    split = np.where(condition == unseen, "ood", "train").astype(object)
+    adata.obs["split"] = split
+    features = tmp_path / "synth.store" / "perturbation_features.parquet"
+    store = cs.import_h5ad(adata, tmp_path / "data.store", progress=False)
+    run = cs.train(store, tmp_path / "run", perturbation_key="condition", dosage_key="dose",
+                   categorical_covariate_keys=["cell_type"], split_key="split", max_epochs=2, seed=1, threads=1,
+                   perturbation_features=features, progress=False)
+    metrics = run.evaluate(store, split="ood", threads=1)
+    x = log1p_counts(adata)
+    table = pl.read_parquet(features)
+    names = table.get_column(table.columns[0]).to_list()
+    values = table.drop(table.columns[0]).to_numpy().astype(np.float32).astype(np.float64)
+    row_of = {n: values[i] for i, n in enumerate(names)}
+    cell_types = sorted(set(cell_type))
+
+    def design(cond: str, ct: str) -> np.ndarray:
+        onehot = np.array([1.0 if ct == c else 0.0 for c in cell_types])
+        return np.concatenate([row_of[cond], onehot, [1.0]])
+
+    train = split == "train"
+    rows, changes = [], []
+    for cond in sorted(set(condition) - {"control", unseen}):
+        for ct in cell_types:
+            treated = train & (condition == cond) & (cell_type == ct)
+            control = train & (condition == "control") & (cell_type == ct)
+            if treated.any() and control.any():
+                rows.append(design(cond, ct))
+                changes.append(x[treated].mean(0) - x[control].mean(0))
+    a, y = np.array(rows), np.array(changes)
+    weights = a.T @ np.linalg.solve(a @ a.T + np.eye(len(a)), y) if a.shape[1] > len(a) else \
+        np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ y)
+    assert len(metrics) == len(cell_types)
+    for _, row in metrics.iterrows():
+        ct = row["cell_type"]
+        control = x[(condition == "control") & (cell_type == ct)].mean(0)
+        real = x[(split == "ood") & (condition == unseen) & (cell_type == ct)].mean(0)
+        linear = control + design(unseen, ct) @ weights
+        assert row["linear_features_r2_mean"] == pytest.approx(r2(linear, real), abs=1e-7)
+        assert row["beats_linear_features"] in (0.0, 1.0)
+
+
 def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_hand(tmp_path):
     """``attrs["transfer"]``: the Pearson correlation of two conditions' training shifts (training
     cells minus the training controls of their cell type) in different cell types, averaged over

@@ -694,6 +694,7 @@ fn evaluation_equals_a_computation_by_hand() {
         ("nearest covariates", "beats_nearest_covariates"),
         ("linear", "beats_linear"),
         ("nearest perturbations", "beats_knn"),
+        ("linear on features", "beats_linear_features"),
     ] {
         let values = batches[0].column_by_name(column).map(|c| c.as_primitive::<Float64Type>().clone());
         let values = values.unwrap_or_else(|| panic!("no column {column}"));

@@ -343,6 +343,15 @@ pub struct BaselineMetrics {
     pub knn_r2_mean_top20: f64,
     /// 1 when the model beats the nearest-perturbations baseline on both, 0 when not, NaN without it.
     pub beats_knn: f64,
+    /// R2 of the linear baseline on perturbation features (the linear baseline's ridge on the
+    /// model's perturbation features instead of indicators, a combination the sum of its parts'
+    /// features), all genes; NaN for a model without `--perturbation-features`. It predicts
+    /// perturbations without training cells too.
+    pub linear_features_r2_mean: f64,
+    /// The same on the top 20 DEGs.
+    pub linear_features_r2_mean_top20: f64,
+    /// 1 when the model beats the linear baseline on features on both, 0 when not, NaN without it.
+    pub beats_linear_features: f64,
 }
 
 /// One evaluated condition's figures (NaN where not computable).
@@ -893,6 +902,7 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
         truth: &plan.truth,
         deg_table: deg_table.as_ref(),
         ridge: None,
+        feature_ridge: None,
         transfer: None,
         shifts: BTreeMap::new(),
         context: HashMap::new(),
@@ -902,7 +912,12 @@ pub fn run(options: &EvaluateOptions, ctx: &RunContext) -> Result<EvaluateReport
     let (shifts, context) = scoring.training_shifts();
     let perturbed = scoring.perturbed_cells();
     let scoring = score::Scoring { shifts, context, perturbed, ..scoring };
-    let scoring = score::Scoring { ridge: scoring.fit_ridge(), transfer: scoring.measure_transfer(), ..scoring };
+    let scoring = score::Scoring {
+        ridge: scoring.fit_ridge(),
+        feature_ridge: scoring.fit_feature_ridge(score::host_features(&model)),
+        transfer: scoring.measure_transfer(),
+        ..scoring
+    };
     let (mut results, deg_rows) = score_conditions(&scoring, &plan, &model, &groups, &predicted)?;
     let transfer = scoring.transfer;
     if real_cap == 0 {

@@ -110,6 +110,9 @@ pub(super) fn metric_columns(c: &ConditionMetrics) -> Vec<(String, f64)> {
     out.push(("knn_r2_mean".to_owned(), b.knn_r2_mean));
     out.push(("knn_r2_mean_top20".to_owned(), b.knn_r2_mean_top20));
     out.push(("beats_knn".to_owned(), b.beats_knn));
+    out.push(("linear_features_r2_mean".to_owned(), b.linear_features_r2_mean));
+    out.push(("linear_features_r2_mean_top20".to_owned(), b.linear_features_r2_mean_top20));
+    out.push(("beats_linear_features".to_owned(), b.beats_linear_features));
     out.push(("n_significant".to_owned(), f.n_significant));
     out.extend(f.deg_precision.iter().map(|(k, v)| (format!("deg_precision_at{k}"), *v)));
     out.push(("cosine_logfc".to_owned(), f.cosine_logfc));

@@ -3,7 +3,9 @@
 //! its covariates, fitted on the training cells of every perturbed condition. It predicts any
 //! condition whose parts and covariates appear somewhere in training: a combination as the sum of
 //! its parts' coefficients, a seen perturbation in another cell type as its coefficient plus that
-//! cell type's.
+//! cell type's. Given the model's perturbation features, the same fit on them instead of the
+//! perturbations' indicators (a combination the sum of its parts' features): the linear model
+//! on perturbation features, which also predicts a perturbation without training cells.
 
 use std::collections::BTreeMap;
 
@@ -25,14 +27,25 @@ pub(super) struct Ridge {
     weights: Tensor,
     covariate_offsets: Vec<usize>,
     features: usize,
+    /// Per perturbation its features (the rows of the model's table), or `None`: indicators.
+    table: Option<Vec<Vec<f64>>>,
 }
 
-/// The feature row of a condition: its perturbations, its covariate values, the intercept.
-fn features(key: &ConditionKey, offsets: &[usize], width: usize) -> Vec<f64> {
+/// The feature row of a condition: its perturbations (indicators, or the sum of their rows of
+/// `table`), its covariate values, the intercept.
+fn features(key: &ConditionKey, offsets: &[usize], width: usize, table: Option<&[Vec<f64>]>) -> Vec<f64> {
     let mut x = vec![0.0; width];
     for &(id, _) in &key.parts {
-        if id as usize != CONTROL_ID {
-            x[id as usize] = 1.0;
+        if id as usize == CONTROL_ID {
+            continue;
+        }
+        match table {
+            None => x[id as usize] = 1.0,
+            Some(table) => {
+                for (x, f) in x.iter_mut().zip(table.get(id as usize).map_or(&[][..], Vec::as_slice)) {
+                    *x += f;
+                }
+            }
         }
     }
     for (k, &c) in key.covariates.iter().enumerate() {
@@ -62,8 +75,19 @@ impl Ridge {
     /// Fits the changes `changes` (per training condition) of `genes` genes; `None` without
     /// training conditions or when the fit would be too large.
     pub(super) fn fit(vocab: &Vocabulary, changes: &BTreeMap<ConditionKey, Vec<f64>>, genes: usize) -> Option<Ridge> {
+        Self::fit_on(vocab, changes, genes, None)
+    }
+
+    /// [`fit`](Self::fit) on the perturbations' rows of `table` (perturbations x features)
+    /// instead of their indicators.
+    pub(super) fn fit_on(
+        vocab: &Vocabulary,
+        changes: &BTreeMap<ConditionKey, Vec<f64>>,
+        genes: usize,
+        table: Option<Vec<Vec<f64>>>,
+    ) -> Option<Ridge> {
         let mut offsets = Vec::with_capacity(vocab.covariates.len());
-        let mut width = vocab.perturbations.len();
+        let mut width = table.as_ref().map_or(vocab.perturbations.len(), |t| t.first().map_or(0, Vec::len));
         for c in &vocab.covariates {
             offsets.push(width);
             width += c.categories.len();
@@ -78,11 +102,11 @@ impl Ridge {
             }
             return None;
         }
-        let x: Vec<f64> = changes.keys().flat_map(|k| features(k, &offsets, width)).collect();
+        let x: Vec<f64> = changes.keys().flat_map(|k| features(k, &offsets, width, table.as_deref())).collect();
         let y: Vec<f64> = changes.values().flatten().copied().collect();
         let fit = || solve(&x, &y, (n, width, genes), width > n);
         match fit() {
-            Ok(weights) => Some(Ridge { weights, covariate_offsets: offsets, features: width }),
+            Ok(weights) => Some(Ridge { weights, covariate_offsets: offsets, features: width, table }),
             Err(e) => {
                 tracing::warn!("the linear baseline could not be fitted ({e}); it is left out");
                 None
@@ -92,7 +116,7 @@ impl Ridge {
 
     /// The predicted change of a condition.
     pub(super) fn change(&self, key: &ConditionKey) -> Option<Vec<f64>> {
-        let x = features(key, &self.covariate_offsets, self.features);
+        let x = features(key, &self.covariate_offsets, self.features, self.table.as_deref());
         let predict = || -> tch::Result<Vec<f64>> {
             let x = Tensor::f_from_slice(&x)?.f_view([1, self.features as i64])?;
             Vec::<f64>::try_from(x.f_matmul(&self.weights)?.f_view([-1])?)

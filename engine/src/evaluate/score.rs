@@ -49,6 +49,8 @@ pub(super) struct Scoring<'a> {
     pub(super) deg_table: Option<&'a super::DegLists>,
     /// The linear baseline, fitted once ([`Scoring::fit_ridge`]).
     pub(super) ridge: Option<super::ridge::Ridge>,
+    /// The linear baseline on the model's perturbation features ([`Scoring::fit_feature_ridge`]).
+    pub(super) feature_ridge: Option<super::ridge::Ridge>,
     /// Whether effects carry over between covariate values, and how much (the scaled
     /// other-covariates baseline's slope), measured once ([`Scoring::measure_transfer`]).
     pub(super) transfer: Option<super::transfer::Transfer>,
@@ -67,17 +69,28 @@ pub(super) struct Scoring<'a> {
 /// The perturbations the nearest-perturbations baseline averages.
 pub const KNN_K: usize = 5;
 
-/// The model's perturbation embedding rows on the host, for the nearest-perturbations baseline
-/// (empty, with a warning, where they cannot be read).
-pub(super) fn host_embeddings(model: &crate::model::CpaModel) -> Vec<Vec<f64>> {
-    let rows = tch::no_grad(|| -> Result<Vec<Vec<f64>>, String> {
-        let t = model.perturbation_embeddings().map_err(|e| e.to_string())?;
+/// The model's perturbation features on the host, one row per perturbation (`None` for a model
+/// without features, or, with a warning, where they cannot be read).
+pub(super) fn host_features(model: &crate::model::CpaModel) -> Option<Vec<Vec<f64>>> {
+    let table = model.perturbation_feature_table()?;
+    host_rows(table).map_err(|e| tracing::warn!("the model's perturbation features could not be read ({e})")).ok()
+}
+
+/// A 2-D tensor's rows as float64 vectors on the host.
+fn host_rows(t: &tch::Tensor) -> Result<Vec<Vec<f64>>, String> {
+    tch::no_grad(|| {
         let t =
             t.f_to_kind(tch::Kind::Double).and_then(|t| t.f_to_device(tch::Device::Cpu)).map_err(|e| e.to_string())?;
         let width = t.size().get(1).copied().unwrap_or(0).max(1) as usize;
         let flat = Vec::<f64>::try_from(&t.f_flatten(0, -1).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         Ok(flat.chunks(width).map(<[f64]>::to_vec).collect())
-    });
+    })
+}
+
+/// The model's perturbation embedding rows on the host, for the nearest-perturbations baseline
+/// (empty, with a warning, where they cannot be read).
+pub(super) fn host_embeddings(model: &crate::model::CpaModel) -> Vec<Vec<f64>> {
+    let rows = model.perturbation_embeddings().map_err(|e| e.to_string()).and_then(|t| host_rows(&t));
     rows.unwrap_or_else(|e| {
         tracing::warn!(
             "the model's perturbation embeddings could not be read ({e}): no nearest-perturbations baseline"
@@ -501,6 +514,13 @@ impl Scoring<'_> {
         super::ridge::Ridge::fit(self.vocab, &self.shifts, self.genes.len())
     }
 
+    /// The linear baseline on the model's perturbation features (`table`), fitted as
+    /// [`fit_ridge`](Self::fit_ridge)'s; `None` for a model without features.
+    pub(super) fn fit_feature_ridge(&self, table: Option<Vec<Vec<f64>>>) -> Option<super::ridge::Ridge> {
+        let table = table?;
+        super::ridge::Ridge::fit_on(self.vocab, &self.shifts, self.genes.len(), Some(table))
+    }
+
     /// The mean training shift of the perturbed conditions of `key`'s covariates other than
     /// `key` itself: the context's mean response less the control mean (`None` without another).
     fn context_shift(&self, key: &ConditionKey) -> Option<Vec<f64>> {
@@ -629,6 +649,8 @@ impl Scoring<'_> {
             .map(|m| m.iter().zip(ctrl_mean).map(|(m, c)| m - c).collect());
         let (matched_mean_r2_mean, matched_mean_r2_mean_top20, beats_matched_mean) = score(matched);
         let (knn_r2_mean, knn_r2_mean_top20, beats_knn) = score(self.knn_shift(key));
+        let (linear_features_r2_mean, linear_features_r2_mean_top20, beats_linear_features) =
+            score(self.feature_ridge.as_ref().and_then(|r| r.change(key)));
         BaselineMetrics {
             additive_r2_mean,
             additive_r2_mean_top20,
@@ -656,6 +678,9 @@ impl Scoring<'_> {
             knn_r2_mean,
             knn_r2_mean_top20,
             beats_knn,
+            linear_features_r2_mean,
+            linear_features_r2_mean_top20,
+            beats_linear_features,
         }
     }
 

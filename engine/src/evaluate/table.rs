@@ -100,7 +100,7 @@ fn columns(set: MetricSet, truth: bool) -> Vec<Column> {
 type Beats = fn(&ConditionMetrics) -> f64;
 
 /// The simple baselines ([`super::BaselineMetrics`]) by name and their `beats_*` flag.
-const BASELINES: [(&str, Beats); 8] = [
+const BASELINES: [(&str, Beats); 9] = [
     ("context mean", |c| c.baselines.beats_context_mean),
     ("matched mean", |c| c.baselines.beats_matched_mean),
     ("additive", |c| c.baselines.beats_additive),
@@ -109,6 +109,7 @@ const BASELINES: [(&str, Beats); 8] = [
     ("nearest covariates", |c| c.baselines.beats_nearest_covariates),
     ("linear", |c| c.baselines.beats_linear),
     ("nearest perturbations", |c| c.baselines.beats_knn),
+    ("linear on features", |c| c.baselines.beats_linear_features),
 ];
 
 /// How many conditions the model beats each simple baseline on (all genes and the top 20 DEGs),

@@ -764,6 +764,15 @@ impl CpaModel {
         if draws.len() > 1 { sum.f_div_scalar(draws.len() as f64).torch().map(Some) } else { Ok(Some(sum)) }
     }
 
+    /// The fixed perturbation features (perturbations x features, as given to training), when
+    /// the model projects features.
+    pub fn perturbation_feature_table(&self) -> Option<&Tensor> {
+        match &self.embedding {
+            PertEmbedding::Free(_) => None,
+            PertEmbedding::Features { features, .. } => Some(features),
+        }
+    }
+
     /// Width of the fixed perturbation features, when the model projects features.
     pub fn perturbation_feature_width(&self) -> Option<i64> {
         match &self.embedding {
