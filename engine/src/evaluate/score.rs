@@ -541,7 +541,7 @@ impl Scoring<'_> {
     /// over every perturbed condition's training cells.
     pub(super) fn measure_transfer(&self) -> Option<super::transfer::Transfer> {
         let keys: Vec<&ConditionKey> = self.conditions.keys().collect();
-        super::transfer::measure(&keys, |k| self.training_shift(&k.covariates, &k.parts))
+        super::transfer::measure(&keys, |k| self.shifts.get(k).cloned())
     }
 
     /// The mean of the training cells of `key`'s condition (`None` without any).

@@ -301,16 +301,16 @@ fn written_theta(model: &CpaModel, dir: &Path, index: Option<&[i64]>, change: bo
             if change { "--change" } else { "--expected-log1p" }
         );
     }
-    match index {
-        None => Ok(theta),
-        Some(index) => {
-            let index = Tensor::f_from_slice(index)
-                .and_then(|i| i.f_to_device(theta.device()))
-                .and_then(|i| theta.f_index_select(0, &i))
-                .map_err(|e| torch(torch_error(e)))?;
-            Ok(index)
-        }
-    }
+    of_genes(theta, index)
+}
+
+/// The entries `index` (all: `None`) of a per-gene tensor of the model.
+fn of_genes(per_gene: Tensor, index: Option<&[i64]>) -> Result<Tensor> {
+    let Some(index) = index else { return Ok(per_gene) };
+    Tensor::f_from_slice(index)
+        .and_then(|i| i.f_to_device(per_gene.device()))
+        .and_then(|i| per_gene.f_index_select(0, &i))
+        .map_err(|e| Error::stage(Stage::Predictor)(torch_error(e)))
 }
 
 /// The sampler of `predict --counts` for the written genes `index` (all: `None`) of `model`: a
@@ -354,14 +354,7 @@ fn count_sampler(
             dir.display()
         );
     }
-    let theta = match index {
-        None => theta,
-        Some(index) => Tensor::f_from_slice(index)
-            .and_then(|i| i.f_to_device(theta.device()))
-            .and_then(|i| theta.f_index_select(0, &i))
-            .map_err(|e| torch(torch_error(e)))?,
-    };
-    let theta = theta
+    let theta = of_genes(theta, index)?
         .f_to_kind(tch::Kind::Float)
         .and_then(|t| t.f_to_device(tch::Device::Cpu))
         .and_then(|t| Vec::<f32>::try_from(&t))
