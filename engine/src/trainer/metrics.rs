@@ -205,9 +205,9 @@ pub struct EpochMetrics {
 }
 
 /// The key of each cell's category (its condition and covariates) as one int64, in mixed radix
-/// over the vocabulary's sizes `radices` (condition first). Errors where the product of the
-/// sizes does not fit an int64.
-pub fn category_codes(keys: &[&Tensor], radices: &[i64]) -> Result<Tensor> {
+/// over the vocabulary's sizes `radices` (condition first), and how many keys there can be (the
+/// product of the sizes). Errors where that product does not fit an int64.
+pub fn category_codes(keys: &[&Tensor], radices: &[i64]) -> Result<(Tensor, i64)> {
     let mut span: i64 = 1;
     let mut code: Option<Tensor> = None;
     for (key, &radix) in keys.iter().zip(radices) {
@@ -221,52 +221,43 @@ pub fn category_codes(keys: &[&Tensor], radices: &[i64]) -> Result<Tensor> {
             )
         })?;
     }
-    code.ok_or_else(|| cpa_stream_stages::Error::InvalidInput("no keys for the training R2".into()))
+    let code = code.ok_or_else(|| cpa_stream_stages::Error::InvalidInput("no keys for the training R2".into()))?;
+    Ok((code, span))
 }
 
 /// cpa-tools' training `r2_mean` and `r2_var` of one batch (its `r2_metric` in mode "direct"):
-/// for each category present (cells of one code of [`category_codes`]), the R2 over genes of the
-/// predicted mean against the observed mean (`target`: log1p counts for nb/zinb, values for
-/// gauss; `predicted`: log1p of the predicted means, or the Gaussian means), and of the
-/// variances (`predicted_var`: the Gaussian's variances, averaged over the category's cells;
-/// `None`: the variance over its cells of `predicted`), each R2 that is not finite counted as 0
-/// (a category of one cell has no variance), averaged over categories. R2 is torchmetrics':
-/// `1 - sum (t - p)^2 / sum (t - mean t)^2` with `t` the observed side.
+/// for each category present (cells of one code of [`category_codes`], of which there are at
+/// most `span`), the R2 over genes of the predicted mean against the observed mean (`target`:
+/// log1p counts for nb/zinb, values for gauss; `predicted`: log1p of the predicted means, or the
+/// Gaussian means), and of the variances (`predicted_var`: the Gaussian's variances, averaged
+/// over the category's cells; `None`: the variance over its cells of `predicted`), each R2 that
+/// is not finite counted as 0 (a category of one cell has no variance), averaged over
+/// categories. R2 is torchmetrics': `1 - sum (t - p)^2 / sum (t - mean t)^2` with `t` the
+/// observed side.
 ///
-/// Static shapes only (no device-to-host read): cells are grouped by sorting their codes, and
-/// the at most `n` groups are summed into `n` rows of which the empty ones are left out.
+/// Static shapes only (no device-to-host read): cells are summed into one row per possible
+/// code where there are no more codes than cells (the usual case: a few conditions times a few
+/// cell types), else into one row per distinct code of the batch, found by sorting the codes;
+/// the empty rows are left out of the average.
 pub fn batch_r2(
     target: &Tensor,
     predicted: &Tensor,
     predicted_var: Option<&Tensor>,
     codes: &Tensor,
+    span: i64,
 ) -> Result<(Tensor, Tensor)> {
     let n = codes.size().first().copied().unwrap_or(0);
     let genes = target.size().get(1).copied().unwrap_or(0);
     let device = target.device();
     let target = target.f_detach().torch()?.f_to_kind(Kind::Float).torch()?;
     let predicted = predicted.f_detach().torch()?.f_to_kind(Kind::Float).torch()?;
-    // Group of each cell: the rank of its code among the batch's distinct codes.
-    let order = codes.f_argsort_stable(true, 0, false).torch()?;
-    let sorted = codes.f_index_select(0, &order).torch()?;
-    let starts = sorted
-        .f_slice(0, 1, n, 1)
-        .torch()?
-        .f_ne_tensor(&sorted.f_slice(0, 0, n - 1, 1).torch()?)
-        .torch()?
-        .f_to_kind(Kind::Int64)
-        .torch()?;
-    let ranks = Tensor::f_cat(&[Tensor::f_zeros([1], (Kind::Int64, device)).torch()?, starts], 0)
-        .torch()?
-        .f_cumsum(0, Kind::Int64)
-        .torch()?;
-    let group = Tensor::f_zeros([n], (Kind::Int64, device)).torch()?.f_scatter(0, &order, &ranks).torch()?;
-    let cells = Tensor::f_zeros([n], (Kind::Float, device))
+    let (group, rows) = if span <= n { (codes.shallow_clone(), span) } else { (ranks(codes)?, n) };
+    let cells = Tensor::f_zeros([rows], (Kind::Float, device))
         .torch()?
         .f_index_add(0, &group, &Tensor::f_ones([n], (Kind::Float, device)).torch()?)
         .torch()?;
     let per_group = |v: &Tensor| -> Result<Tensor> {
-        Tensor::f_zeros([n, genes], (Kind::Float, device)).torch()?.f_index_add(0, &group, v).torch()
+        Tensor::f_zeros([rows, genes], (Kind::Float, device)).torch()?.f_index_add(0, &group, v).torch()
     };
     let n_col = cells.f_clamp_min(1.0).torch()?.f_unsqueeze(1).torch()?;
     let mean = |v: &Tensor| -> Result<Tensor> { per_group(v)?.f_div(&n_col).torch() };
@@ -295,6 +286,27 @@ pub fn batch_r2(
         r2.f_mul(&present).torch()?.f_sum(Kind::Float).torch()?.f_div(&groups).torch()
     };
     Ok((averaged(&target_mean, &predicted_mean)?, averaged(&target_var, &predicted_var)?))
+}
+
+/// The rank of each code among the distinct codes of `codes` (0 for the smallest), by a stable
+/// sort: static shapes, no device-to-host read.
+fn ranks(codes: &Tensor) -> Result<Tensor> {
+    let n = codes.size().first().copied().unwrap_or(0);
+    let device = codes.device();
+    let order = codes.f_argsort_stable(true, 0, false).torch()?;
+    let sorted = codes.f_index_select(0, &order).torch()?;
+    let starts = sorted
+        .f_slice(0, 1, n, 1)
+        .torch()?
+        .f_ne_tensor(&sorted.f_slice(0, 0, n - 1, 1).torch()?)
+        .torch()?
+        .f_to_kind(Kind::Int64)
+        .torch()?;
+    let ranks = Tensor::f_cat(&[Tensor::f_zeros([1], (Kind::Int64, device)).torch()?, starts], 0)
+        .torch()?
+        .f_cumsum(0, Kind::Int64)
+        .torch()?;
+    Tensor::f_zeros([n], (Kind::Int64, device)).torch()?.f_scatter(0, &order, &ranks).torch()
 }
 
 #[cfg(test)]
@@ -338,28 +350,32 @@ mod tests {
             [2.5, 1.2, 1.1, 1.5],
             [0.3, 0.2, 0.2, 0.5],
         ];
-        let codes = [7i64, 3, 3, 7, 3, 5];
         let flat = |m: &[[f64; 4]; 6]| Tensor::f_from_slice(&m.concat()).and_then(|t| t.f_reshape([6, 4]));
-        let (mean, var) = batch_r2(
-            &flat(&target).torch()?,
-            &flat(&predicted).torch()?,
-            None,
-            &Tensor::f_from_slice(&codes).torch()?,
-        )?;
-        let mut want = (0.0, 0.0);
-        for code in [7, 3, 5] {
-            fn pick<'a>(m: &'a [[f64; 4]; 6], codes: &[i64], code: i64) -> Vec<&'a [f64]> {
-                codes.iter().zip(m).filter(|(c, _)| **c == code).map(|(_, r)| r.as_slice()).collect()
+        // The same three categories by the possible codes (span 6 <= 6 cells, one row each) and
+        // by the batch's distinct codes (span 8 > 6 cells, found by sorting).
+        for (codes, span) in [([5i64, 3, 3, 5, 3, 4], 6), ([7, 3, 3, 7, 3, 5], 8)] {
+            let (mean, var) = batch_r2(
+                &flat(&target).torch()?,
+                &flat(&predicted).torch()?,
+                None,
+                &Tensor::f_from_slice(&codes).torch()?,
+                span,
+            )?;
+            let mut want = (0.0, 0.0);
+            for (i, code) in [codes[0], codes[1], codes[5]].into_iter().enumerate() {
+                fn pick<'a>(m: &'a [[f64; 4]; 6], codes: &[i64], code: i64) -> Vec<&'a [f64]> {
+                    codes.iter().zip(m).filter(|(c, _)| **c == code).map(|(_, r)| r.as_slice()).collect()
+                }
+                let (tm, tv) = column_stats(&pick(&target, &codes, code));
+                let (pm, pv) = column_stats(&pick(&predicted, &codes, code));
+                want.0 += r2(&tm, &pm) / 3.0;
+                // One cell (the third category): its variances are NaN, so is its R2, counted as 0.
+                want.1 += if i == 2 { 0.0 } else { r2(&tv, &pv) / 3.0 };
             }
-            let (tm, tv) = column_stats(&pick(&target, &codes, code));
-            let (pm, pv) = column_stats(&pick(&predicted, &codes, code));
-            want.0 += r2(&tm, &pm) / 3.0;
-            // One cell: its variances are NaN, so is its R2, counted as 0.
-            want.1 += if code == 5 { 0.0 } else { r2(&tv, &pv) / 3.0 };
+            let got = (mean.f_double_value(&[]).torch()?, var.f_double_value(&[]).torch()?);
+            assert!((got.0 - want.0).abs() < 1e-5 && (got.1 - want.1).abs() < 1e-4, "span {span}: {got:?} vs {want:?}");
+            assert_eq!(mean.device(), Device::Cpu);
         }
-        let got = (mean.f_double_value(&[]).torch()?, var.f_double_value(&[]).torch()?);
-        assert!((got.0 - want.0).abs() < 1e-5 && (got.1 - want.1).abs() < 1e-4, "{got:?} vs {want:?}");
-        assert_eq!(mean.device(), Device::Cpu);
         Ok(())
     }
 
@@ -367,8 +383,8 @@ mod tests {
     fn category_codes_tell_every_combination_apart_and_refuse_an_overflow() -> Result<()> {
         let condition = Tensor::f_from_slice(&[0i64, 1, 1, 2]).torch()?;
         let cell_type = Tensor::f_from_slice(&[1i64, 0, 1, 1]).torch()?;
-        let codes = Vec::<i64>::try_from(&category_codes(&[&condition, &cell_type], &[3, 2])?).torch()?;
-        assert_eq!(codes, [1, 2, 3, 5]);
+        let (codes, span) = category_codes(&[&condition, &cell_type], &[3, 2])?;
+        assert_eq!((Vec::<i64>::try_from(&codes).torch()?, span), (vec![1, 2, 3, 5], 6));
         assert!(category_codes(&[&condition, &cell_type], &[i64::MAX, 3]).is_err());
         Ok(())
     }

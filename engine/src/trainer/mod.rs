@@ -468,10 +468,10 @@ impl Trainer {
     /// for nb/zinb), mixed as the batch was.
     fn training_r2(&self, x_in: &Tensor, generative: &Generative, b: &DeviceBatch) -> Result<(Tensor, Tensor)> {
         let keys: Vec<&Tensor> = std::iter::once(&b.conditions).chain(&b.covariates).collect();
-        let codes = category_codes(&keys, &self.radices)?;
+        let (codes, span) = category_codes(&keys, &self.radices)?;
         match generative {
-            Generative::Counts { mu, .. } => batch_r2(x_in, &mu.f_log1p().torch()?, None, &codes),
-            Generative::Gauss { mean, var } => batch_r2(x_in, mean, Some(var), &codes),
+            Generative::Counts { mu, .. } => batch_r2(x_in, &mu.f_log1p().torch()?, None, &codes, span),
+            Generative::Gauss { mean, var } => batch_r2(x_in, mean, Some(var), &codes, span),
         }
     }
 

@@ -124,14 +124,17 @@ impl AdamGroup {
                 let g2 = g.shallow_clone();
                 let _ = g.f_mul_(&g2).torch()?;
                 let _ = v.f_lerp_(&g, 1.0 - s.beta2).torch()?;
-                // p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-                let mut update = v.f_sqrt().torch()?;
-                let _ = update.f_div_scalar_(bias2_sqrt).torch()?;
-                let _ = update.f_add_scalar_(s.eps).torch()?;
-                let _ = update.f_reciprocal_().torch()?;
-                let _ = update.f_mul_(&m).torch()?;
-                let _ = update.f_mul_scalar_(step_size).torch()?;
-                let _ = p.f_sub_(&update).torch()?;
+                // p -= step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), as p += m / d with
+                // d = -(sqrt(v) / sqrt(1 - beta2^t) + eps) / step_size: four passes over the
+                // parameter where the formula written out takes seven. A learning rate of 0
+                // moves nothing (and would divide by it).
+                if step_size == 0.0 {
+                    continue;
+                }
+                let mut denom = v.f_sqrt().torch()?;
+                let _ = denom.f_mul_scalar_(-1.0 / (bias2_sqrt * step_size)).torch()?;
+                let _ = denom.f_add_scalar_(-s.eps / step_size).torch()?;
+                let _ = p.f_addcdiv_(&m, &denom).torch()?;
             }
             Ok(())
         })
