@@ -3,7 +3,6 @@
 
 #[macro_use]
 mod cli;
-#[path = "engine/mod.rs"]
 mod model_commands;
 
 use std::process::ExitCode;

@@ -82,10 +82,10 @@ fn engine_path() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find this program's path: {e}"))?;
     let engine = exe.with_file_name(ENGINE);
     if !engine.is_file() {
+        let handed = cpa_stream_pipeline::commands::names(|k| k.in_engine);
         anyhow::bail!(
-            "{} is missing: the model commands (train, predict, evaluate, embeddings, dose-response, info, bench \
-             model|train|predict) run in it, installed beside {} (`cargo install --path .` installs both; \
-             see docs/install.md)",
+            "{} is missing: the model commands ({handed}; bench only its model, train and predict benchmarks) run \
+             in it, installed beside {} (`cargo install --path .` installs both; see docs/install.md)",
             engine.display(),
             exe.display()
         );

@@ -32,11 +32,9 @@ mod torch;
 pub mod train;
 pub mod trainer;
 
-// The pipeline's pieces the commands are made of, under the names they have there.
-pub use cpa_stream_pipeline::{Error, Progress, Result, RunContext, Silent, Stage, context, error};
-pub(crate) use cpa_stream_pipeline::{
-    batcher, condition, crew, degs, encoder, fault, limits, obs, plots, request, run_dir, stats, suggest, telemetry,
-};
+// The pipeline's types every command's signature names (its modules are used by their own
+// paths, `cpa_stream_pipeline::batcher` and so on).
+pub use cpa_stream_pipeline::{Error, Progress, Result, RunContext, Silent, Stage};
 
 /// A file under the repository's `tests/fixtures` (see `cpa_stream_pipeline`'s).
 #[cfg(test)]

@@ -11,11 +11,11 @@ use cpa_stream_stages::store::Store;
 use tch::Device;
 
 use crate::Stage;
-use crate::encoder::{CellLabels, EncoderOptions};
-use crate::error::{Error, Result};
-use crate::obs::gene_names;
-use crate::run_dir::model_dir;
-use crate::telemetry::StageStats;
+use cpa_stream_pipeline::encoder::{CellLabels, EncoderOptions};
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::obs::gene_names;
+use cpa_stream_pipeline::run_dir::model_dir;
+use cpa_stream_pipeline::telemetry::StageStats;
 
 /// A model and the store it runs on.
 pub(crate) struct Opened {

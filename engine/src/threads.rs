@@ -15,7 +15,7 @@ use crate::Stage;
 /// libtorch's thread count is process-wide: in a process that also uses PyTorch this sets it
 /// for both.
 pub fn configure(device: &str, threads: Option<usize>, workers: Option<usize>) -> crate::Result<(tch::Device, usize)> {
-    use crate::limits::{MAX_THREADS, MAX_WORKERS, check};
+    use cpa_stream_pipeline::limits::{MAX_THREADS, MAX_WORKERS, check};
     if let Some(n) = threads {
         check("threads", n, 1, MAX_THREADS, "libtorch threads")?;
     }

@@ -33,7 +33,7 @@
 //! [`request`] (what every request shares), [`obs`] (label columns, cell selection), [`run_dir`]
 //! (a training run's files), [`degs`] (DEG tables), [`stats`] (streaming moments and scores),
 //! [`plots`] (the drawing kit), [`telemetry`] (stage reports, memory), [`progress`],
-//! [`condition`] (conditions' keys, the truth table) and [`model_options`] (the model commands'
+//! [`condition`] (conditions' keys, the truth table) and [`model_flags`] (the model commands'
 //! choices that command lines name).
 //! No module uses a sibling that uses it back (`tests/integration/layout.rs`).
 
@@ -41,6 +41,7 @@
 
 pub mod batcher;
 pub mod bench;
+pub mod commands;
 pub mod condition;
 pub mod context;
 pub mod convert;
@@ -52,7 +53,7 @@ pub mod export;
 pub mod fault;
 pub mod import;
 pub mod limits;
-pub mod model_options;
+pub mod model_flags;
 pub mod obs;
 pub mod plots;
 pub mod progress;

@@ -1,4 +1,4 @@
-//! The model commands' choices and defaults that their command lines name.
+//! The model commands' flag values: the choices and defaults their command lines name.
 //!
 //! They belong to `cpa_stream_engine` (which re-exports each where it is used), but live here so
 //! that the `cpa-stream` front parses them, and `--help` shows them, without linking libtorch.

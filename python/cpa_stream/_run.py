@@ -84,6 +84,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     allow_non_counts: bool = False,
+    checkpoint_every: float | None = None,
     progress: bool | None = None,
 ) -> Run:
     """Trains CPA on ``store`` into the run directory ``out`` and returns the :class:`Run`.
@@ -125,7 +126,10 @@ def train(
     workers, the weights are byte-identical to the CLI's.
 
     An existing run at ``out`` is an error unless ``overwrite`` (start again) or ``resume``
-    (continue from its checkpoint with its recorded settings; settings given must agree).
+    (continue from its checkpoint with its recorded settings; settings given must agree). The
+    checkpoint is written after the first epoch that ends ``checkpoint_every`` seconds after the
+    last one (default 10; 0: after every epoch), after the last epoch, at an early stop and on
+    an interruption; a run killed outright resumes from it exactly.
     Runs on a thread of its own with the GIL released; a progress bar shows in Jupyter and on a
     terminal. Ctrl-C (KeyboardInterrupt) stops after the current step with a checkpoint, as the
     CLI does, and returns the run with ``interrupted`` set (continue with ``resume=True``).
@@ -150,7 +154,8 @@ def train(
                 holdout=holdout, validation_fraction=validation_fraction, test_fraction=test_fraction,
                 split_seed=split_seed, config=config, preset=preset, perturbation_features=table, max_epochs=max_epochs,
                 batch_size=batch_size, seed=seed, device=device, threads=threads, workers=workers, resume=resume,
-                overwrite=overwrite, allow_non_counts=allow_non_counts, progress=progress,
+                overwrite=overwrite, allow_non_counts=allow_non_counts, checkpoint_every=checkpoint_every,
+                progress=progress,
             )
     request = {
         "store": _path(store),
@@ -173,6 +178,7 @@ def train(
         "resume": resume,
         "overwrite": overwrite,
         "allow_non_counts": allow_non_counts,
+        "checkpoint_every": checkpoint_every,
         "compute": _compute(device, threads, workers),
         "naming": "keywords",
     }

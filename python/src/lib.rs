@@ -433,8 +433,21 @@ fn request<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> PyResult<T
     serde_json::from_str(json).map_err(json_err(what))
 }
 
-/// The commands `run` and `canonical_request` know, as the CLI names them.
-const COMMANDS: &str = "train, predict, evaluate, dose-response, embeddings, import, export, convert, synth";
+/// The commands `run` and `canonical_request` know: the command registry's that take a request,
+/// as the CLI names them (a test holds both functions to the registry).
+fn request_commands() -> String {
+    cpa_stream_pipeline::commands::names(|k| k.takes_request)
+}
+
+/// The command registry: per command, its name and whether it runs in the engine, runs the
+/// model and takes a request (`cpa_stream_pipeline::commands::COMMANDS`).
+#[pyfunction]
+fn commands() -> Vec<(&'static str, bool, bool, bool)> {
+    cpa_stream_pipeline::commands::COMMANDS
+        .iter()
+        .map(|k| (k.name, k.in_engine, k.runs_model, k.takes_request))
+        .collect()
+}
 
 /// Runs a command of the library as `cpa-stream COMMAND` runs it: `request` is its JSON request
 /// (the library's `*Request`, as `cpa-stream COMMAND --print-request` prints it); returns its
@@ -462,7 +475,7 @@ fn run(py: Python<'_>, command: &str, request: &str, progress: Option<Bound<'_, 
         "export" => command!(ExportRequest, p::export::run, Raise),
         "convert" => command!(ConvertRequest, p::convert::run, Raise),
         "synth" => command!(SynthRequest, p::synth::run, Raise),
-        other => Err(PyValueError::new_err(format!("command {other:?}: expected one of {COMMANDS}"))),
+        other => Err(PyValueError::new_err(format!("command {other:?}: expected one of {}", request_commands()))),
     }
 }
 
@@ -490,7 +503,7 @@ fn canonical_request(command: &str, request: &str) -> PyResult<String> {
         "export" => canonical(command, request, |r: &mut ExportRequest| &mut r.naming),
         "convert" => canonical(command, request, |r: &mut ConvertRequest| &mut r.naming),
         "synth" => canonical(command, request, |r: &mut SynthRequest| &mut r.naming),
-        other => Err(PyValueError::new_err(format!("command {other:?}: expected one of {COMMANDS}"))),
+        other => Err(PyValueError::new_err(format!("command {other:?}: expected one of {}", request_commands()))),
     }
 }
 
@@ -571,6 +584,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(store_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_request, m)?)?;
+    m.add_function(wrap_pyfunction!(commands, m)?)?;
     m.add_function(wrap_pyfunction!(predict_stream, m)?)?;
     m.add_function(wrap_pyfunction!(embeddings, m)?)?;
     m.add_function(wrap_pyfunction!(run_settings, m)?)?;

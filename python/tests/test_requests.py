@@ -98,13 +98,14 @@ def test_every_command_gets_the_same_request_from_flags_and_keywords(cli, monkey
              "--covariates", "cell_type,donor", "--batch-key", "batch", "--holdout", "A+B,C",
              "--validation-fraction", "0.2", "--test-fraction", "0.05", "--preset", "reference", "--config", config,
              "--epochs", "7", "--batch-size", "64", "--seed", "3", "--overwrite", "--allow-non-counts",
-             "--perturbation-features", features, "--device", "cpu", "--threads", "2", "--workers", "1"],
+             "--perturbation-features", features, "--device", "cpu", "--threads", "2", "--workers", "1",
+             "--checkpoint-every", "2.5"],
             lambda: cs.train(store, out, perturbation_key="drug", dosage_key="dose", control_group="DMSO",
                              categorical_covariate_keys=["cell_type", "donor"], batch_key="batch",
                              holdout=["A+B", "C"], validation_fraction=0.2, test_fraction=0.05, preset="reference",
                              config=config, max_epochs=7, batch_size=64, seed=3, overwrite=True,
                              allow_non_counts=True, perturbation_features=features, device="cpu", threads=2,
-                             workers=1, progress=False),
+                             workers=1, checkpoint_every=2.5, progress=False),
         ),
         ("train", ["--store", store, "--out", out, "--split-key", "split", "--resume", "--batch-size", "auto"],
          lambda: cs.train(store, out, split_key="split", resume=True, batch_size="auto", progress=False)),
@@ -194,3 +195,24 @@ def test_errors_of_keywords_name_the_keywords(tmp_path):
     with pytest.raises(ValueError, match="perturbations must be at least 1") as refused:
         cs.synth(tmp_path / "s.store", cells=10, genes=5, perturbations=0)
     assert "--" not in str(refused.value)
+    cs.synth(tmp_path / "s.store", cells=200, genes=10, perturbations=2, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every -1: expected seconds, 0 or more"):
+        cs.train(tmp_path / "s.store", tmp_path / "run", checkpoint_every=-1, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_module_runs_exactly_the_registrys_commands_that_take_a_request():
+    from cpa_stream import _native
+
+    registry = _native.commands()
+    names = [name for name, _engine, _model, _request in registry]
+    assert names[:3] == ["info", "synth", "inspect"] and "dose-response" in names
+    for name, _in_engine, _runs_model, takes_request in registry:
+        try:
+            _native.canonical_request(name, "{}")
+            known = True
+        except ValueError as e:
+            known = "expected one of" not in str(e)
+        assert known == takes_request, name
+    with pytest.raises(ValueError, match="expected one of synth, convert, import, export, train"):
+        _native.run("transform", "{}")

@@ -12,7 +12,7 @@ use cpa_stream_pipeline::bench::{
     DEFAULT_LOADER_BATCH_SIZE, DEFAULT_READER_BATCH_SIZE, DEFAULT_REPEATS, DEFAULT_ROUNDS, DEFAULT_SINK_MIB,
     LoaderRound, ReaderBenchOptions, SinkBenchOptions, bench_loader, bench_loader_cold, bench_reader, bench_sink,
 };
-use cpa_stream_pipeline::model_options::{
+use cpa_stream_pipeline::model_flags::{
     MODEL_BENCH_CELLS as DEFAULT_MODEL_CELLS, MODEL_BENCH_EPOCHS as DEFAULT_MODEL_EPOCHS,
     MODEL_BENCH_GENES as DEFAULT_MODEL_GENES, PredictMode, TRAIN_BENCH_PRELOAD_MIB as DEFAULT_PRELOAD_MIB,
 };

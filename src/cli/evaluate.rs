@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use cpa_stream_pipeline::model_options::{DOSE_RESPONSE_CELLS, MetricSet};
+use cpa_stream_pipeline::model_flags::{DOSE_RESPONSE_CELLS, MetricSet};
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
@@ -64,16 +64,12 @@ pub struct EvaluateArgs {
     /// Replace an existing evaluation at --out (a directory holding other files is refused).
     #[arg(long)]
     pub(crate) overwrite: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub(crate) device: String,
+    #[command(flatten)]
+    pub(crate) device: super::DeviceArgs,
     /// Control cells decoded per batch [default: 128 on the CPU, where larger batches only hold
     /// more memory, 1024 on a GPU].
     #[arg(long, value_parser = super::parse_batch_size)]
     pub(crate) batch_size: Option<usize>,
-    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
-    #[arg(long, value_parser = super::parse_threads)]
-    pub(crate) threads: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -137,12 +133,8 @@ pub struct DoseResponseArgs {
     /// Replace an existing dose-response directory at --out.
     #[arg(long)]
     pub(crate) overwrite: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub(crate) device: String,
-    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
-    #[arg(long, value_parser = super::parse_threads)]
-    pub(crate) threads: Option<usize>,
+    #[command(flatten)]
+    pub(crate) device: super::DeviceArgs,
     /// Print the report as JSON.
     #[arg(long)]
     pub(crate) json: bool,

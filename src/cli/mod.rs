@@ -48,6 +48,30 @@ use std::process::ExitCode;
 
 use cpa_stream_pipeline::encoder::{DEFAULT_CONTROL, DEFAULT_PERTURBATION_KEY, EncoderOptions, SplitSpec};
 
+/// Where a model command computes, declared once for every command that runs the model on a
+/// device: `evaluate`, `dose-response` (and, with the batcher's workers, [`ComputeArgs`]). The
+/// benchmarks declare their own (their defaults differ: libtorch's choice, or predict's).
+#[derive(Debug, clap::Args)]
+pub struct DeviceArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
+    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
+    #[arg(long, value_parser = parse_threads)]
+    pub(crate) threads: Option<usize>,
+}
+
+/// [`DeviceArgs`] and the batcher's worker threads: `train`, `predict`.
+#[derive(Debug, clap::Args)]
+pub struct ComputeArgs {
+    #[command(flatten)]
+    pub(crate) device: DeviceArgs,
+    /// Batcher worker threads (reading and gathering cells) [default: planned with --threads
+    /// from the usable CPUs].
+    #[arg(long, value_parser = parse_workers)]
+    pub(crate) workers: Option<usize>,
+}
+
 /// The obs columns that label the cells for the model: `train`, `bench loader`, `bench train`.
 #[derive(Debug, clap::Args)]
 pub struct LabelArgs {
@@ -288,43 +312,9 @@ enum Command {
     MarkdownHelp,
 }
 
-/// What a command is, for the places that treat commands alike.
-#[derive(Debug, Clone, Copy)]
-pub struct CommandKind {
-    /// As typed (`dose-response`).
-    pub name: &'static str,
-    /// Runs the model in libtorch (the engine binary; its OpenMP threads may need to wait
-    /// passively on a busy machine, [`start::openmp_environment`]).
-    pub runs_model: bool,
-    /// Builds a request (`--print-request` prints it; Python sends the same).
-    pub takes_request: bool,
-}
-
-/// Every command, once: the start-up's OpenMP setting and `--print-request` read this list, and
-/// a test holds it to the parser's subcommands.
-pub const COMMANDS: [CommandKind; 16] = [
-    CommandKind { name: "info", runs_model: false, takes_request: false },
-    CommandKind { name: "synth", runs_model: false, takes_request: true },
-    CommandKind { name: "inspect", runs_model: false, takes_request: false },
-    CommandKind { name: "verify", runs_model: false, takes_request: false },
-    CommandKind { name: "convert", runs_model: false, takes_request: true },
-    CommandKind { name: "import", runs_model: false, takes_request: true },
-    CommandKind { name: "export", runs_model: false, takes_request: true },
-    CommandKind { name: "train", runs_model: true, takes_request: true },
-    CommandKind { name: "predict", runs_model: true, takes_request: true },
-    CommandKind { name: "evaluate", runs_model: true, takes_request: true },
-    CommandKind { name: "embeddings", runs_model: true, takes_request: true },
-    CommandKind { name: "dose-response", runs_model: true, takes_request: true },
-    CommandKind { name: "import-model", runs_model: false, takes_request: false },
-    CommandKind { name: "bench", runs_model: true, takes_request: false },
-    CommandKind { name: "completions", runs_model: false, takes_request: false },
-    CommandKind { name: "markdown-help", runs_model: false, takes_request: false },
-];
-
-/// The entry of [`COMMANDS`] named `name`.
-pub fn command_kind(name: &str) -> Option<&'static CommandKind> {
-    COMMANDS.iter().find(|k| k.name == name)
-}
+#[cfg(test)]
+use cpa_stream_pipeline::commands::COMMANDS;
+pub use cpa_stream_pipeline::commands::command_kind;
 
 impl Command {
     /// The command's name as typed.
@@ -363,8 +353,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     PRINT_REQUEST.store(args.print_request, std::sync::atomic::Ordering::Relaxed);
     let has_request = command_kind(args.command.name()).is_some_and(|k| k.takes_request);
     if args.print_request && !has_request {
-        let those: Vec<&str> = COMMANDS.iter().filter(|k| k.takes_request).map(|k| k.name).collect();
-        anyhow::bail!("--print-request: this command takes no request (those that do: {})", those.join(", "));
+        let those = cpa_stream_pipeline::commands::names(|k| k.takes_request);
+        anyhow::bail!("--print-request: this command takes no request (those that do: {those})");
     }
     match args.command {
         Command::Info(a) => crate::model_commands::info(a),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use cpa_stream_pipeline::batcher::DEFAULT_PREFETCH;
-use cpa_stream_pipeline::model_options::{Layout, PREDICT_BATCH_SIZE as DEFAULT_BATCH_SIZE, Statistic};
+use cpa_stream_pipeline::model_flags::{Layout, PREDICT_BATCH_SIZE as DEFAULT_BATCH_SIZE, Statistic};
 use cpa_stream_stages::sink::{DEFAULT_ROW_GROUP_ROWS, DEFAULT_ZSTD_LEVEL};
 
 #[derive(Debug, Args)]
@@ -111,16 +111,12 @@ pub struct PredictArgs {
     /// (the var rows of the predicted genes, in column order) is written beside the parts.
     #[arg(long)]
     pub(crate) shard: Option<String>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub(crate) device: String,
+    #[command(flatten)]
+    pub(crate) compute: super::ComputeArgs,
     #[arg(long, value_parser = super::parse_batch_size, help = format!(
         "Source cells per batch [default: {DEFAULT_BATCH_SIZE}]"
     ))]
     pub(crate) batch_size: Option<usize>,
-    /// Gather worker threads [default: planned with --threads from the usable CPUs].
-    #[arg(long, value_parser = super::parse_workers)]
-    pub(crate) workers: Option<usize>,
     #[arg(long, value_parser = super::parse_prefetch, help = format!(
         "Batches buffered between stages [default: {DEFAULT_PREFETCH}]"
     ))]
@@ -154,9 +150,6 @@ pub struct PredictArgs {
     /// Seed of the posterior draws (variational models).
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
-    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
-    #[arg(long, value_parser = super::parse_threads)]
-    pub(crate) threads: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     pub(crate) json: bool,

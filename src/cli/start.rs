@@ -52,8 +52,8 @@ pub fn openmp_environment(args: &[OsString]) -> Option<OpenMpEnvironment> {
     }
     let command = args.iter().find(|a| !a.to_string_lossy().starts_with('-'));
     let on_gpu = args.iter().any(|a| a.to_string_lossy().contains("cuda"));
-    // The commands that run the model ([`super::COMMANDS`]), whose OpenMP threads may need to
-    // wait passively.
+    // The commands that run the model (the command registry's), whose OpenMP threads may need
+    // to wait passively.
     let runs_model = command.and_then(|c| super::command_kind(&c.to_string_lossy())).is_some_and(|k| k.runs_model);
     if on_gpu || !runs_model {
         return None;

@@ -92,15 +92,18 @@ pub struct TrainArgs {
     /// instead of the error).
     #[arg(long)]
     pub(crate) allow_non_counts: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub(crate) device: String,
+    /// Seconds of training between two checkpoints: checkpoint/ is written at the end of the
+    /// first epoch that ends this long after the last one (every epoch of at least this long),
+    /// and always after the last epoch, at an early stop and on an interruption; 0 writes it after
+    /// every epoch. A run killed outright continues with --resume from its last checkpoint,
+    /// exactly as if it had not stopped [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub(crate) checkpoint_every: Option<f64>,
+    #[command(flatten)]
+    pub(crate) compute: super::ComputeArgs,
     /// Seed [default: the configuration's].
     #[arg(long)]
     pub(crate) seed: Option<u64>,
-    /// Batcher worker threads [default: planned with --threads from the usable CPUs].
-    #[arg(long, value_parser = super::parse_workers)]
-    pub(crate) workers: Option<usize>,
     #[arg(long, value_parser = super::parse_prefetch, help = format!(
         "Batches buffered ahead of the trainer, per worker [default: {DEFAULT_PREFETCH}]"
     ))]
@@ -115,9 +118,6 @@ pub struct TrainArgs {
          of it [default: {}]", DEFAULT_BUFFER_BYTES >> 20
     ))]
     pub(crate) shuffle_buffer_mb: Option<u64>,
-    /// libtorch threads [default: on the CPU, the usable CPUs not busy with other processes].
-    #[arg(long, value_parser = super::parse_threads)]
-    pub(crate) threads: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     pub(crate) json: bool,

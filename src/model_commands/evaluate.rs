@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use cpa_stream_engine::dose_response::{self, DoseResponseRequest};
 use cpa_stream_engine::embeddings::{self, EmbeddingsRequest};
 use cpa_stream_engine::evaluate::{self, EvaluateRequest, MetricSet, render_table};
-use cpa_stream_pipeline::request::{Compute, Naming};
+use cpa_stream_pipeline::request::Naming;
 
 use crate::cli;
 use crate::cli::evaluate::{DoseResponseArgs, EmbeddingsArgs, EvaluateArgs};
@@ -30,7 +30,7 @@ impl EvaluateArgs {
             plots: !self.no_plots,
             overwrite: self.overwrite,
             batch_size: self.batch_size,
-            compute: Compute { device: self.device.clone(), threads: self.threads, workers: None },
+            compute: self.device.compute(),
             naming: Naming::Flags,
         }
     }
@@ -216,7 +216,7 @@ impl DoseResponseArgs {
             seed: self.seed,
             plots: !self.no_plots,
             overwrite: self.overwrite,
-            compute: Compute { device: self.device.clone(), threads: self.threads, workers: None },
+            compute: self.device.compute(),
             naming: Naming::Flags,
         }
     }

@@ -22,3 +22,17 @@ pub use train::run as train;
 fn model_device(name: &str, threads: Option<usize>, workers: Option<usize>) -> anyhow::Result<(tch::Device, usize)> {
     Ok(cpa_stream_engine::threads::configure(name, threads, workers)?)
 }
+
+impl crate::cli::DeviceArgs {
+    /// The request's compute settings, the batcher's workers planned.
+    pub fn compute(&self) -> cpa_stream_pipeline::request::Compute {
+        cpa_stream_pipeline::request::Compute { device: self.device.clone(), threads: self.threads, workers: None }
+    }
+}
+
+impl crate::cli::ComputeArgs {
+    /// The request's compute settings.
+    pub fn compute(&self) -> cpa_stream_pipeline::request::Compute {
+        cpa_stream_pipeline::request::Compute { workers: self.workers, ..self.device.compute() }
+    }
+}

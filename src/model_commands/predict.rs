@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cpa_stream_engine::predict::{self, PredictRequest};
-use cpa_stream_pipeline::request::{Compute, Naming};
+use cpa_stream_pipeline::request::Naming;
 
 use crate::cli;
 use crate::cli::predict::PredictArgs;
@@ -56,7 +56,7 @@ impl PredictArgs {
             values: self.values,
             zstd_level: self.zstd_level,
             overwrite: self.overwrite,
-            compute: Compute { device: self.device.clone(), threads: self.threads, workers: self.workers },
+            compute: self.compute.compute(),
             naming: Naming::Flags,
         })
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use cpa_stream_engine::train::request::{ConfigSource, TrainRequest};
 use cpa_stream_engine::train::{self, TrainOptions};
 use cpa_stream_pipeline::RunContext;
-use cpa_stream_pipeline::request::{Compute, Naming};
+use cpa_stream_pipeline::request::Naming;
 
 use crate::cli;
 use crate::cli::train::TrainArgs;
@@ -38,11 +38,12 @@ impl TrainArgs {
             resume: self.resume,
             overwrite: self.overwrite,
             allow_non_counts: self.allow_non_counts,
+            checkpoint_every: self.checkpoint_every,
             prefetch: self.prefetch,
             shuffle_blocks: self.shuffle_blocks,
             shuffle_buffer_bytes: self.shuffle_buffer_mb.map(|mb| mb << 20),
             perturbation_features: self.perturbation_features.clone(),
-            compute: Compute { device: self.device.clone(), threads: self.threads, workers: self.workers },
+            compute: self.compute.compute(),
             naming: Naming::Flags,
         }
     }

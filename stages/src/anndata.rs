@@ -12,7 +12,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use cpa_stream_schemas::tables::{SOURCE_NAME_KEY, categorical_field, deg_schema, renamed_column, with_order};
 
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 use crate::error::{Error, Result};
 
 /// Storage of the matrix being imported.

@@ -19,7 +19,7 @@ use cpa_stream_schemas::tables::{CELL_ID, GENE_ID};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 use crate::error::{Error, Result};
 
 /// How a cell table lays out its cells.

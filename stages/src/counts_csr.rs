@@ -1,4 +1,5 @@
-//! An owned batch of sparse rows in CSR layout, reused between batches.
+//! The counts' CSR: an owned batch of a matrix's sparse rows (cells x genes), reused between
+//! batches. (The perturbations' CSR is `model::batch::PerturbationCsr`.)
 
 /// Rows of a sparse matrix in CSR layout: `indptr` (starting at 0, one more entry than rows),
 /// column `indices` sorted within each row, and `data`.

@@ -10,7 +10,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
 pub use crate::anndata::{MatrixLayout, MatrixSource};
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 use crate::error::Result;
 use crate::h5ad::H5adReader;
 pub use crate::h5ad::InputPolicy;

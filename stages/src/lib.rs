@@ -23,8 +23,8 @@ compile_error!("cpa-stream stores are little-endian and mapped without conversio
 
 pub mod anndata;
 pub mod cell_table;
+pub mod counts_csr;
 pub mod crew;
-pub mod csr;
 mod error;
 pub mod fault;
 pub mod h5ad;
@@ -39,5 +39,5 @@ pub mod store;
 pub mod synth;
 pub mod zarr;
 
-pub use csr::CsrBatch;
+pub use counts_csr::CsrBatch;
 pub use error::{Error, Result};

@@ -38,7 +38,7 @@ fn synth(out: &Path, cells: &str) {
 fn spawn_train(store: &Path, out: &Path, extra: &[&str]) -> Child {
     Command::new(bin())
         .args(["train", "--store", s(store), "--dose-key", "dose", "--covariates", "cell_type", "--out", s(out)])
-        .args(["--threads", "1", "--batch-size", "32"])
+        .args(["--threads", "1", "--batch-size", "32", "--checkpoint-every", "0"])
         .args(extra)
         .env("CPA_STREAM_LOG", "warn")
         .stdin(Stdio::null())

@@ -338,6 +338,39 @@ fn resume_continues_exactly() {
     assert_resumed_exactly(&straight, &split, &["checkpoint/weights.safetensors", "checkpoint/optimizer.safetensors"]);
 }
 
+/// A run killed after writing an epoch's history but before its checkpoint (or a checkpoint
+/// kept from before, `--checkpoint-every`) resumes from the checkpoint it has, exactly: the
+/// history's later epochs are trained again, not kept twice.
+#[test]
+fn a_history_ahead_of_its_checkpoint_resumes_from_the_checkpoint_exactly() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = synth_store(dir.path(), "s.store", "zstd");
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    train(&store, &straight, &["--epochs", "3", "--batch-size", "64", "--checkpoint-every", "0"]);
+    train(&store, &split, &["--epochs", "1", "--batch-size", "64"]);
+    let older = dir.path().join("older-checkpoint");
+    copy_flat_dir(&split.join("checkpoint"), &older);
+    train(&store, &split, &["--epochs", "2", "--resume", "--checkpoint-every", "0"]);
+    std::fs::remove_dir_all(split.join("checkpoint")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::rename(&older, split.join("checkpoint")).unwrap_or_else(|e| panic!("{e}"));
+    let resumed = train(&store, &split, &["--epochs", "3", "--resume"]);
+    assert_eq!(resumed["epochs"].as_array().map(Vec::len), Some(3), "{resumed}");
+    assert_resumed_exactly(&straight, &split, &["checkpoint/weights.safetensors", "checkpoint/optimizer.safetensors"]);
+    // Seconds are a duration: not negative, not NaN.
+    for bad in ["--checkpoint-every=-1", "--checkpoint-every=NaN"] {
+        let o = train_output(&store, &dir.path().join("bad"), &["--epochs", "1", bad]);
+        let err = text(&o.stderr);
+        assert!(!o.status.success() && err.contains("--checkpoint-every"), "{bad}: {err}");
+    }
+}
+
+fn copy_flat_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")).flatten() {
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 fn read_file(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

@@ -14,10 +14,10 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::Stage;
-use crate::error::{Error, Result};
-use crate::obs::column_strings;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::obs::column_strings;
 
-pub use cpa_stream_pipeline::model_options::{
+pub use cpa_stream_pipeline::model_flags::{
     MODEL_BENCH_CELLS as DEFAULT_MODEL_CELLS, MODEL_BENCH_EPOCHS as DEFAULT_MODEL_EPOCHS,
     MODEL_BENCH_GENES as DEFAULT_MODEL_GENES,
 };

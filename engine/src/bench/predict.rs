@@ -7,13 +7,13 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::context::RunContext;
-use crate::error::{Error, Result};
 use crate::predict;
 use crate::predictor::PredictOptions;
 use crate::predictor::aggregate::{AggregateOptions, Statistic};
-use crate::telemetry::StageReport;
-pub use cpa_stream_pipeline::model_options::PredictMode;
+use cpa_stream_pipeline::context::RunContext;
+use cpa_stream_pipeline::error::{Error, Result};
+pub use cpa_stream_pipeline::model_flags::PredictMode;
+use cpa_stream_pipeline::telemetry::StageReport;
 
 /// One mode's medians.
 #[derive(Debug, Clone, Serialize)]

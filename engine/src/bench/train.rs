@@ -16,12 +16,12 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::Stage;
-use crate::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
-use crate::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
-use crate::error::{Error, Result};
-use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
+use cpa_stream_pipeline::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+use cpa_stream_pipeline::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
 
-pub use cpa_stream_pipeline::model_options::TRAIN_BENCH_PRELOAD_MIB as DEFAULT_PRELOAD_MIB;
+pub use cpa_stream_pipeline::model_flags::TRAIN_BENCH_PRELOAD_MIB as DEFAULT_PRELOAD_MIB;
 
 /// Options of [`bench_training`].
 #[derive(Debug, Clone)]

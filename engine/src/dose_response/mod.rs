@@ -35,15 +35,15 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::Stage;
-use crate::condition::{ConditionKey, TruthRow, map_groups, read_truth};
-use crate::context::RunContext;
-use crate::encoder::CellLabels;
-use crate::error::{Error, Result};
 use crate::model::ToDevice as _;
 use crate::opened::Opened;
-use crate::suggest::listing;
-use crate::telemetry::StageStats;
 use crate::torch::TorchResult;
+use cpa_stream_pipeline::condition::{ConditionKey, TruthRow, map_groups, read_truth};
+use cpa_stream_pipeline::context::RunContext;
+use cpa_stream_pipeline::encoder::CellLabels;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::suggest::listing;
+use cpa_stream_pipeline::telemetry::StageStats;
 
 /// File of the latent curves.
 pub const LATENT_FILE: &str = "latent.parquet";
@@ -57,7 +57,7 @@ pub const SUMMARY_FILE: &str = "summary.json";
 pub const PLOT_STEM: &str = "dose_response";
 
 /// Control cells sampled per covariate combination, unless set otherwise (cpa-tools' default).
-pub use cpa_stream_pipeline::model_options::DOSE_RESPONSE_CELLS as DEFAULT_CELLS;
+pub use cpa_stream_pipeline::model_flags::DOSE_RESPONSE_CELLS as DEFAULT_CELLS;
 pub use request::DoseResponseRequest;
 
 /// Points of the default dose grid, from 0 to the largest dose the data has.
@@ -192,12 +192,13 @@ pub struct DoseResponseReport {
 /// Computes the curves and writes them to `options.out` (published whole).
 pub fn run(options: &DoseResponseOptions, ctx: &RunContext) -> Result<DoseResponseReport> {
     let wall = Instant::now();
-    let inputs = std::iter::once(crate::run_dir::model_input(&options.model)).chain(options.store.clone());
+    let inputs =
+        std::iter::once(cpa_stream_pipeline::run_dir::model_input(&options.model)).chain(options.store.clone());
     cpa_stream_stages::output::check_not_an_input(&options.out, inputs).map_err(Error::stage(Stage::DoseResponse))?;
     let _lock = claim_output(&options.out, OutputKind::Directory, options.overwrite)
         .map_err(Error::stage(Stage::DoseResponse))?;
     if options.out.exists() {
-        crate::run_dir::check_replaceable(
+        cpa_stream_pipeline::run_dir::check_replaceable(
             &options.out,
             &[LATENT_FILE, DECODED_FILE, GENES_FILE, SUMMARY_FILE, "dose_response.svg", "dose_response.png"],
             "a dose-response directory",
@@ -213,7 +214,7 @@ pub fn run(options: &DoseResponseOptions, ctx: &RunContext) -> Result<DoseRespon
             (opened.model, opened.dir, Some((data, store.clone())))
         }
         None => {
-            let dir = crate::run_dir::model_dir(&options.model)?;
+            let dir = cpa_stream_pipeline::run_dir::model_dir(&options.model)?;
             let model =
                 crate::model::files::load_model(&dir, options.device).map_err(Error::stage(Stage::DoseResponse))?;
             (model, dir, None)

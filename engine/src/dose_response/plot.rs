@@ -1,10 +1,10 @@
-//! The dose-response picture, drawn with the [`plots`](crate::plots) kit.
+//! The dose-response picture, drawn with the [`plots`](cpa_stream_pipeline::plots) kit.
 
 use std::path::Path;
 
 use super::{DecodedPoint, LatentPoint};
-use crate::error::Result;
-use crate::plots::{Colour, Line, Marks, PALETTE_LEN, Panel, padded_range, write_panels};
+use cpa_stream_pipeline::error::Result;
+use cpa_stream_pipeline::plots::{Colour, Line, Marks, PALETTE_LEN, Panel, padded_range, write_panels};
 
 /// Writes `stem.svg` and `stem.png`: each perturbation's learned dose scaling `s(d)` (left) and,
 /// with decoded curves, the length of the decoded change from dose 0 for the first covariate

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{DEFAULT_CELLS, DoseResponseOptions};
-use crate::error::{Error, Result};
-use crate::request::{Compute, Naming};
 use crate::threads::Configure as _;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::request::{Compute, Naming};
 
 /// A dose-response request. `None` takes the default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -17,10 +17,10 @@ use tch::{Device, Kind, Tensor};
 pub use request::EmbeddingsRequest;
 
 use crate::Stage;
-use crate::context::RunContext;
-use crate::error::{Error, Result};
-use crate::run_dir::model_dir;
 use crate::torch::torch_error;
+use cpa_stream_pipeline::context::RunContext;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::run_dir::model_dir;
 
 /// Column of the perturbation (or covariate category) name.
 pub const NAME: &str = "name";
@@ -158,11 +158,15 @@ pub fn run(options: &EmbeddingsOptions, ctx: &RunContext) -> Result<EmbeddingsRe
     let out = options.out.as_deref().ok_or_else(|| {
         Error::InvalidInput("embeddings: no output directory given (`embeddings::open` reads them)".to_owned())
     })?;
-    cpa_stream_stages::output::check_not_an_input(out, [crate::run_dir::model_input(&options.model)])
+    cpa_stream_stages::output::check_not_an_input(out, [cpa_stream_pipeline::run_dir::model_input(&options.model)])
         .map_err(Error::stage(Stage::Embeddings))?;
     let _lock = claim_output(out, OutputKind::Directory, options.overwrite).map_err(Error::stage(Stage::Embeddings))?;
     if out.exists() {
-        crate::run_dir::check_replaceable(out, &[PERTURBATIONS_FILE, COVARIATES_FILE], "an embeddings directory")?;
+        cpa_stream_pipeline::run_dir::check_replaceable(
+            out,
+            &[PERTURBATIONS_FILE, COVARIATES_FILE],
+            "an embeddings directory",
+        )?;
     }
     let Embeddings { perturbations: perts, covariates: covs } = open(options)?;
     ctx.check_stopped()?;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::EmbeddingsOptions;
-use crate::error::{Error, Result};
-use crate::request::Naming;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::request::Naming;
 
 /// The embeddings as their users ask for them (the CLI's `embeddings` flags; the Python
 /// package's `Run.perturbation_embeddings` and `covariate_embeddings`, which read them without

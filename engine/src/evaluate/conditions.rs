@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::moments::GroupMoments;
 use super::{Definitions, EvalSplit};
-use crate::condition::{ConditionKey, MappedGroup, TruthRow};
-use crate::encoder::Split;
-use crate::stats::Moments;
+use cpa_stream_pipeline::condition::{ConditionKey, MappedGroup, TruthRow};
+use cpa_stream_pipeline::encoder::Split;
+use cpa_stream_pipeline::stats::Moments;
 
 /// A condition's labels and the label groups (same condition in other part orders) it covers.
 #[derive(Debug, Clone)]

@@ -17,21 +17,21 @@ use tch::{Device, Kind, Tensor};
 
 use super::EvalSplit;
 use super::conditions::SourceSplits;
-use crate::batcher::{Feeder, Loaded, LoaderOptions, PoolStats, spawn_fed};
-use crate::condition::ConditionKey;
-use crate::context::RunContext;
-use crate::crew::Crew;
-use crate::encoder::CellLabels;
-use crate::error::{Error, Result};
 use crate::predictor::targets::Target;
 use crate::predictor::to_anchor_space;
-use crate::stats::Moments;
+use cpa_stream_pipeline::batcher::{Feeder, Loaded, LoaderOptions, PoolStats, spawn_fed};
+use cpa_stream_pipeline::condition::ConditionKey;
+use cpa_stream_pipeline::context::RunContext;
+use cpa_stream_pipeline::crew::Crew;
+use cpa_stream_pipeline::encoder::CellLabels;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::stats::Moments;
 
 use super::samples::{Samples, sampler};
 use crate::Stage;
 use crate::model::ToDevice as _;
-use crate::telemetry::StageStats;
 use crate::torch::{TorchResult, torch_error};
+use cpa_stream_pipeline::telemetry::StageStats;
 
 /// Rows decoded at once on the CPU: the per-target transients (decoded means and their float64
 /// moments) stay about 5 MB at 5,000 genes. Measured at 1M cells x 5,000 genes

@@ -4,10 +4,10 @@
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::store::Store;
 
-use crate::context::RunContext;
-use crate::encoder::{CellLabels, Split};
-use crate::error::{Error, Result};
-use crate::stats::Moments;
+use cpa_stream_pipeline::context::RunContext;
+use cpa_stream_pipeline::encoder::{CellLabels, Split};
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::stats::Moments;
 
 use super::samples::{Samples, sampler};
 use crate::Stage;

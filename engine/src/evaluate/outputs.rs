@@ -4,7 +4,7 @@
 
 use cpa_stream_stages::output::{OutputKind, OutputLock, check_destination, publish, temporary_sibling};
 
-use crate::run_dir::check_replaceable;
+use cpa_stream_pipeline::run_dir::check_replaceable;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,8 +16,8 @@ use cpa_stream_stages::store::write_table;
 
 use super::{ConditionMetrics, EvaluateOptions, EvaluateReport, TruthMetrics, plot, samples};
 use crate::Stage;
-use crate::error::{Error, Result};
-use crate::obs::ObsKeys;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::obs::ObsKeys;
 
 /// File of the per-condition metrics.
 pub const METRICS_FILE: &str = "metrics.parquet";
@@ -178,7 +178,8 @@ pub(super) fn claim_output(options: &EvaluateOptions) -> Result<OutputLock> {
 
 fn check_output(options: &EvaluateOptions) -> Result<()> {
     let out = &options.out;
-    let models = std::iter::once(&options.model).chain(&options.ensemble).map(|m| crate::run_dir::model_input(m));
+    let models =
+        std::iter::once(&options.model).chain(&options.ensemble).map(|m| cpa_stream_pipeline::run_dir::model_input(m));
     let inputs = models.chain([options.store.clone()]).chain(options.truth.clone()).chain(options.degs.clone());
     cpa_stream_stages::output::check_not_an_input(out, inputs).map_err(Error::stage(Stage::Evaluate))?;
     check_destination(out, OutputKind::Directory, options.overwrite).map_err(Error::stage(Stage::Evaluate))?;

@@ -1,4 +1,4 @@
-//! An evaluation's pictures, drawn with the [`plots`](crate::plots) kit: the overview (every
+//! An evaluation's pictures, drawn with the [`plots`](cpa_stream_pipeline::plots) kit: the overview (every
 //! condition's score against the control-mean baseline and the data's ceiling, sorted, the
 //! conditions where the model does not beat the baseline marked) and one scatter plot per
 //! condition, with the file names they go to.
@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use super::{ConditionMetrics, PlotData};
-use crate::error::Result;
-use crate::plots::{DotChart, DotRow, Scatter, ScatterPoint, write_dots, write_scatter};
+use cpa_stream_pipeline::error::Result;
+use cpa_stream_pipeline::plots::{DotChart, DotRow, Scatter, ScatterPoint, write_dots, write_scatter};
 
 /// Rows of the overview at most; more conditions keep the lowest and highest scores.
 const OVERVIEW_ROWS: usize = 80;

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{Definitions, EvalSplit, EvaluateOptions};
-use crate::error::{Error, Result};
-use crate::request::{Compute, Naming};
 use crate::threads::Configure as _;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::request::{Compute, Naming};
 
 /// An evaluation request. `None` takes the default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,7 +90,7 @@ impl EvaluateRequest {
             )));
         }
         if self.anchored && self.plain {
-            return Err(crate::request::choose_one(n, "--anchored", "--plain"));
+            return Err(cpa_stream_pipeline::request::choose_one(n, "--anchored", "--plain"));
         }
         if self.anchored && self.expected_log1p {
             return Err(Error::InvalidInput(format!(

@@ -13,7 +13,7 @@ use crate::model::Vocabulary;
 use crate::model::vocab::CONTROL_ID;
 use tch::{Device, Kind, Tensor};
 
-use crate::condition::ConditionKey;
+use cpa_stream_pipeline::condition::ConditionKey;
 
 /// The ridge penalty on the coefficients (features are 0/1 indicators; the intercept is
 /// penalised too, which the centred changes make harmless).

@@ -12,7 +12,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
 
 use super::field::{pearson, spearman};
-use crate::stats::{average_precision, benjamini_hochberg, energy_distance, rank_sum_p, roc_auc};
+use cpa_stream_pipeline::stats::{average_precision, benjamini_hochberg, energy_distance, rank_sum_p, roc_auc};
 use std::io;
 
 /// Cells per sample at most.

@@ -15,11 +15,11 @@ use super::{
     BaselineMetrics, ConditionMetrics, DEG_OVERLAP_K, Definitions, Effects, EvaluateOptions, FieldMetrics, PlotData,
     TOP_K, TopMetrics, TruthMetrics,
 };
-use crate::condition::{ConditionKey, TruthRow};
-use crate::encoder::Split;
-use crate::obs::ObsKeys;
 use crate::predictor::targets::Target;
-use crate::stats::{Moments, benjamini_hochberg, r2_score, top_by_abs, welch_test};
+use cpa_stream_pipeline::condition::{ConditionKey, TruthRow};
+use cpa_stream_pipeline::encoder::Split;
+use cpa_stream_pipeline::obs::ObsKeys;
+use cpa_stream_pipeline::stats::{Moments, benjamini_hochberg, r2_score, top_by_abs, welch_test};
 
 /// A DEG is significant below this Benjamini-Hochberg q-value (cell-eval's FDR threshold).
 pub const SIGNIFICANT_Q: f64 = 0.05;

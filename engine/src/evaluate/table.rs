@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use super::{ConditionMetrics, EvaluateReport, NOISE_REPRODUCIBILITY};
 
-pub use cpa_stream_pipeline::model_options::MetricSet;
+pub use cpa_stream_pipeline::model_flags::MetricSet;
 
 /// A column of the table: its header and its value of a condition, or of the summary.
 struct Column {

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::condition::ConditionKey;
+use cpa_stream_pipeline::condition::ConditionKey;
 
 use super::field::pearson;
 

@@ -11,11 +11,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::moments::GroupMoments;
 use crate::Stage;
-use crate::condition::{ConditionKey, MappedGroup};
-use crate::encoder::Split;
-use crate::error::{Error, Result};
 use crate::model::ToDevice as _;
 use crate::torch::TorchResult;
+use cpa_stream_pipeline::condition::{ConditionKey, MappedGroup};
+use cpa_stream_pipeline::encoder::Split;
+use cpa_stream_pipeline::error::{Error, Result};
 
 /// Training conditions with fewer training cells are not compared with (cpa-tools' threshold).
 pub const MIN_TRAINING_CELLS: f64 = 30.0;

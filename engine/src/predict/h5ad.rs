@@ -18,9 +18,9 @@ use cpa_stream_stages::h5ad::{H5adCompression, H5adWriter};
 use cpa_stream_stages::sink::SinkSummary;
 
 use crate::Stage;
-use crate::error::{Error, Result};
-use crate::obs::column_strings;
 use crate::predictor::Predictor;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::obs::column_strings;
 
 /// The obs column of the source cell's id.
 pub const SOURCE_CELL: &str = "source_cell_id";
@@ -50,9 +50,9 @@ pub(super) struct CountsFile {
 /// The source cells' selection, as [`CountsFile::write_observed_controls`] reads it again.
 struct Source {
     store: Arc<cpa_stream_stages::store::Store>,
-    select: crate::obs::expr::Expr,
+    select: cpa_stream_pipeline::obs::expr::Expr,
     rows: std::ops::Range<u64>,
-    keys: crate::obs::ObsKeys,
+    keys: cpa_stream_pipeline::obs::ObsKeys,
     control: String,
     covariates: Vec<String>,
     genes: Vec<String>,
@@ -148,7 +148,7 @@ impl CountsFile {
 
     /// Appends the control cells among the source cells (of the shard's rows), as observed:
     /// their counts of the written genes under their own labels. Returns how many.
-    pub(super) fn write_observed_controls(&mut self, ctx: &crate::context::RunContext) -> Result<u64> {
+    pub(super) fn write_observed_controls(&mut self, ctx: &cpa_stream_pipeline::context::RunContext) -> Result<u64> {
         let store = Arc::clone(&self.source.store);
         let obs_path = store.file_path(StoreFiles::OBS);
         let origin = obs_path.display().to_string();

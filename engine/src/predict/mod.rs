@@ -26,11 +26,11 @@ use serde::Serialize;
 pub use stream::{PredictStats, PredictionStream};
 
 use crate::Stage;
-use crate::context::RunContext;
-use crate::error::{Error, Result};
 use crate::predictor::aggregate::N_ANCHORED;
 use crate::predictor::{Layout, PredictOptions, Predictor};
-use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
+use cpa_stream_pipeline::context::RunContext;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
 use cpa_stream_schemas::tables::predictions::IS_ANCHORED;
 
 /// The predictions of `options` as a stream of record batches, computed as they are read.
@@ -92,7 +92,8 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
                 .to_owned(),
         ));
     }
-    let models = std::iter::once(&options.model).chain(&options.ensemble).map(|m| crate::run_dir::model_input(m));
+    let models =
+        std::iter::once(&options.model).chain(&options.ensemble).map(|m| cpa_stream_pipeline::run_dir::model_input(m));
     let inputs = models.chain([options.store.clone()]).chain(options.degs.clone());
     cpa_stream_stages::output::check_not_an_input(out, inputs).map_err(Error::stage(Stage::Sink))?;
     let progress = ctx.progress();

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use cpa_stream_stages::sink::SinkOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::batcher::LoaderOptions;
-use crate::error::{Error, Result};
 use crate::predictor::targets::{parse_target_spec, read_targets_file};
 use crate::predictor::{Anchoring, GeneSelection, Layout, PredictOptions, Shard};
-use crate::request::{Compute, Naming, choose_one};
 use crate::threads::Configure as _;
+use cpa_stream_pipeline::batcher::LoaderOptions;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::request::{Compute, Naming, choose_one};
 
 /// A prediction request: the model and store, source cells, targets, genes, latents and the
 /// output's layout. `None` takes the default.
@@ -185,7 +185,7 @@ impl PredictRequest {
             }
         };
         let sink_threads = match self.sink_threads {
-            Some(t) => n.bounded("--sink-threads", t, 1, crate::limits::MAX_THREADS, "threads")?,
+            Some(t) => n.bounded("--sink-threads", t, 1, cpa_stream_pipeline::limits::MAX_THREADS, "threads")?,
             None => crate::threads::sink_threads(device == tch::Device::Cpu),
         };
         options.sink = SinkOptions {

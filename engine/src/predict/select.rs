@@ -15,14 +15,14 @@ use cpa_stream_schemas::tables::CELL_ID;
 use cpa_stream_stages::store::Store;
 
 use crate::Stage;
-use crate::batcher::Feeder;
-use crate::encoder::GroupKey;
-use crate::error::{Error, Result};
-use crate::obs::expr::Expr;
-use crate::obs::{ObsKeys, TextColumn, column_strings};
 use crate::predictor::targets::{Target, known};
 use crate::predictor::{CellGroup, SourceCells};
-use crate::telemetry::StageStats;
+use cpa_stream_pipeline::batcher::Feeder;
+use cpa_stream_pipeline::encoder::GroupKey;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::obs::expr::Expr;
+use cpa_stream_pipeline::obs::{ObsKeys, TextColumn, column_strings};
+use cpa_stream_pipeline::telemetry::StageStats;
 
 /// Which per-cell labels must resolve against the model: the perturbations (reconstruction)
 /// and each covariate that some target leaves to the source cell.
@@ -68,7 +68,7 @@ impl Select {
         stop: &AtomicBool,
         selected: &AtomicU64,
     ) {
-        crate::fault::point(Stage::Source);
+        cpa_stream_pipeline::fault::point(Stage::Source);
         if let Err(e) = self.select(feeder, stats, stop, selected) {
             feeder.fail(e);
         }
@@ -166,7 +166,7 @@ impl Select {
                 required(name, "a group-by column of the aggregates").map_err(|e| match e {
                     Error::InvalidInput(text) if batch.column_by_name(name).is_none() => {
                         let names: Vec<&str> = batch.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
-                        let close = crate::suggest::listing(name, names, 5);
+                        let close = cpa_stream_pipeline::suggest::listing(name, names, 5);
                         Error::InvalidInput(format!("{text}; obs columns, closest first: {close}"))
                     }
                     other => other,

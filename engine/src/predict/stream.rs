@@ -13,11 +13,11 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::select::{Needs, Select};
 use crate::Stage;
-use crate::batcher::{Loaded, LoaderOptions, PoolStats, spawn_fed};
-use crate::crew::Crew;
-use crate::error::{Error, Result};
 use crate::predictor::{Predictor, SourceCells};
-use crate::telemetry::StageStats;
+use cpa_stream_pipeline::batcher::{Loaded, LoaderOptions, PoolStats, spawn_fed};
+use cpa_stream_pipeline::crew::Crew;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::telemetry::StageStats;
 
 /// Stage statistics of a prediction stream.
 #[derive(Debug, Clone)]
@@ -52,7 +52,7 @@ pub struct PredictionStream {
 /// What explains a source that selected no cell: the expression, the obs table, the rows.
 struct EmptyCheck {
     text: Option<String>,
-    source: crate::obs::expr::Expr,
+    source: cpa_stream_pipeline::obs::expr::Expr,
     store: Arc<cpa_stream_stages::store::Store>,
     shard: Option<crate::predictor::Shard>,
     rows: std::ops::Range<u64>,
@@ -162,7 +162,7 @@ fn run_predictor(
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        crate::fault::point(Stage::Predictor);
+        cpa_stream_pipeline::fault::point(Stage::Predictor);
         let gathered = match item {
             Ok(g) => g,
             Err(e) => {

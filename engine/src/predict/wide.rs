@@ -9,7 +9,7 @@ use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, R
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
 use cpa_stream_schemas::tables::predictions::{GENE_COLUMNS, LAYOUT_KEY, MEAN};
 
-use crate::error::{Error, Result};
+use cpa_stream_pipeline::error::{Error, Result};
 
 /// Turns long prediction batches into wide ones.
 #[derive(Debug, Clone)]

@@ -21,9 +21,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::CellGroup;
 use super::targets::Target;
-use crate::error::{Error, Result};
-use crate::obs::ObsKeys;
 use crate::torch::torch_error;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::obs::ObsKeys;
 
 /// The column of an aggregate row that counts its source cells (UInt64).
 pub const N_CELLS: &str = "n_cells";
@@ -37,7 +37,7 @@ pub const AGGREGATE_KEY: &str = "cpa_stream.aggregate";
 /// Slots of aggregates written per record batch.
 const ROWS_PER_BATCH: usize = 1024;
 
-pub use cpa_stream_pipeline::model_options::Statistic;
+pub use cpa_stream_pipeline::model_flags::Statistic;
 
 /// What an aggregate prediction computes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,8 +10,8 @@
 
 use rand::Rng as _;
 
-use crate::error::{Error, Result};
 use crate::model::likelihood::draw_nb;
+use cpa_stream_pipeline::error::{Error, Result};
 
 /// The stream family of the counts' draws ([`cpa_stream_stages::rng::seeded`]'s `stream`).
 const COUNTS_STREAM: u64 = 0x636f_756e_7473;

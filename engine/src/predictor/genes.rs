@@ -9,9 +9,9 @@ use cpa_stream_stages::store::{Store, TableFile};
 
 use super::options::GeneSelection;
 use super::targets::{Target, known};
-use crate::degs::read_deg_lists;
-use crate::error::{Error, Result};
-use crate::obs::ObsKeys;
+use cpa_stream_pipeline::degs::read_deg_lists;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::obs::ObsKeys;
 
 /// The chosen genes: indices into the model's genes (`None` for all) and names.
 pub(super) fn select_genes(

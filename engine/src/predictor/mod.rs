@@ -36,12 +36,12 @@ use targets::{Target, resolve_target};
 use tch::{Device, Tensor};
 
 use crate::Stage;
-use crate::error::{Error, Result};
-use crate::obs::ObsKeys;
-use crate::obs::expr::Expr;
 use crate::opened::Opened;
 use crate::torch::{TorchResult, torch_error};
 use buffers::BufferPool;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::obs::ObsKeys;
+use cpa_stream_pipeline::obs::expr::Expr;
 
 /// The labels of one kind of source cell (condition, doses, covariates), resolved against the
 /// model's vocabulary where it could be.

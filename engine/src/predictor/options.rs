@@ -8,8 +8,8 @@ use cpa_stream_stages::sink::SinkOptions;
 use tch::Device;
 
 use super::targets::TargetSpec;
-use crate::batcher::LoaderOptions;
-use crate::error::{Error, Result};
+use cpa_stream_pipeline::batcher::LoaderOptions;
+use cpa_stream_pipeline::error::{Error, Result};
 
 /// Which genes' predicted means are written.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +88,7 @@ impl Shard {
 }
 
 /// Source cells per batch, unless set otherwise.
-pub use cpa_stream_pipeline::model_options::PREDICT_BATCH_SIZE as DEFAULT_BATCH_SIZE;
+pub use cpa_stream_pipeline::model_flags::PREDICT_BATCH_SIZE as DEFAULT_BATCH_SIZE;
 
 /// What to predict.
 #[derive(Debug, Clone)]
@@ -103,7 +103,7 @@ pub struct PredictOptions {
     pub ensemble: Vec<PathBuf>,
     /// The store with the source cells (the model's genes).
     pub store: PathBuf,
-    /// Source cells: an [`Expr`](crate::obs::expr::Expr) over obs columns; `None` selects the control cells.
+    /// Source cells: an [`Expr`](cpa_stream_pipeline::obs::expr::Expr) over obs columns; `None` selects the control cells.
     pub source: Option<String>,
     /// Targets; empty (the default) reconstructs each cell under its own condition.
     pub targets: Vec<TargetSpec>,
@@ -155,7 +155,7 @@ pub struct PredictOptions {
     pub aggregate: Option<super::aggregate::AggregateOptions>,
 }
 
-pub use cpa_stream_pipeline::model_options::Layout;
+pub use cpa_stream_pipeline::model_flags::Layout;
 
 /// The anchored prediction: per gene, the source cell's observed expression (log1p of its counts
 /// for a count model, the encoder's input) plus the model's predicted change of it (`log1p` of

@@ -23,9 +23,9 @@ use super::buffers::{HostValues, copy_values};
 use super::targets::Target;
 use super::{Anchoring, CellGroup, Predictor, SourceCells};
 use crate::Stage;
-use crate::error::{Error, Result};
 use crate::model::ToDevice as _;
 use crate::torch::{TorchResult, torch_error};
+use cpa_stream_pipeline::error::{Error, Result};
 
 /// Rows the predictor runs the model on at a time on the CPU (see [`Predictor::steps`]).
 const CPU_STEP_ROWS: usize = 256;

@@ -10,8 +10,8 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 
 use crate::Stage;
-use crate::error::{Error, Result};
-use crate::obs::ObsKeys;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::obs::ObsKeys;
 
 /// A target as the user wrote it: `(key, value)` pairs. Keys are the model's perturbation key
 /// (or `perturbation` / `condition`), its dose key (or `dose`), and covariate names.

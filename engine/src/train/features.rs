@@ -14,9 +14,9 @@ use arrow::datatypes::{DataType, Float64Type};
 use tch::Tensor;
 
 use crate::Stage;
-use crate::error::{Error, Result};
-use crate::suggest::listing;
 use crate::torch::torch_error;
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::suggest::listing;
 
 /// Column names the perturbation names are looked for under, after the perturbation key.
 const NAME_COLUMNS: [&str; 3] = ["perturbation", "name", "drug"];

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::validate::ValidationScore;
 use crate::Stage;
-use crate::error::{Error, Result};
+use cpa_stream_pipeline::error::{Error, Result};
 
 /// One epoch's row of `metrics.parquet`.
 #[derive(Debug, Clone, Serialize)]
@@ -159,7 +159,7 @@ pub fn read_history(path: &Path, epochs: u32, covariates: &[String]) -> Result<V
 /// Writes `stem.svg` and `stem.png`: the run's reconstruction and adversary losses, its
 /// validation scores and its learning rate, per epoch (1-based, as the logs count).
 pub fn plot_history(stem: &Path, title: &str, records: &[EpochRecord]) -> Result<()> {
-    use crate::plots::{Colour, Line, Panel, write_panels};
+    use cpa_stream_pipeline::plots::{Colour, Line, Panel, write_panels};
     if records.is_empty() {
         return Ok(());
     }

@@ -1,7 +1,7 @@
 //! Training through the streaming pipeline: store reader -> perturbation encoder -> batcher
 //! (gather workers, each planning the epoch) -> trainer (the one thread that owns the model).
 //!
-//! A run directory ([`crate::run_dir`]) holds `checkpoint/` (every epoch, for `--resume`),
+//! A run directory ([`cpa_stream_pipeline::run_dir`]) holds `checkpoint/` (for `--resume`; see [`TrainOptions::checkpoint_every`]),
 //! `best/` (the weights with the best validation score), `model/` (the final model: the best
 //! weights, or the last ones when there was no validation), `metrics.parquet` (one row per epoch,
 //! [`history`]) and `config.toml`.
@@ -17,7 +17,7 @@ use cpa_stream_stages::output::{OutputKind, OutputLock, claim_output};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::device::{DeviceMemory, memory as device_memory};
 use crate::model::config::{CpaConfig, DispersionInit, DoserType};
@@ -29,20 +29,25 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::Stage;
-use crate::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
-use crate::context::RunContext;
-use crate::encoder::{CellLabels, EncoderOptions, Split};
-use crate::error::{Error, Result};
-use crate::run_dir::{
+use cpa_stream_pipeline::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+use cpa_stream_pipeline::context::RunContext;
+use cpa_stream_pipeline::encoder::{CellLabels, EncoderOptions, Split};
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::run_dir::{
     BEST_DIR, CHECKPOINT_DIR, CONFIG_FILE, HISTORY_STEM, METRICS_FILE, MODEL_DIR, RUN_ENTRIES, check_replaceable,
     copy_files, is_nonempty_dir, remove_entries,
 };
-use crate::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
+use cpa_stream_pipeline::telemetry::{MemorySampler, RunReport, StageStats, release_free_memory};
 pub use history::EpochRecord;
 use history::{read_history, write_history};
 pub use probe::{AUTO_BATCH_MAX, probe_batch_size};
 pub use request::{ConfigSource, TrainRequest};
 use validate::{ValidationScore, validate};
+
+/// Seconds of training between two checkpoints by default: a checkpoint of a small model takes
+/// milliseconds to write but its epochs can too (cpa-tools' tutorials' data), so short epochs
+/// share one; a run killed outright loses at most this much work, and none of its exactness.
+pub const DEFAULT_CHECKPOINT_SECONDS: f64 = 10.0;
 
 /// What `cpa-stream train` does.
 #[derive(Debug, Clone)]
@@ -65,6 +70,11 @@ pub struct TrainOptions {
     /// Replace an existing run at `out` (only a run: a directory holding other files is
     /// refused); default false, and an existing run is an error unless resumed.
     pub overwrite: bool,
+    /// Training time between two checkpoints: `checkpoint/` (and `metrics.parquet`) is written
+    /// after the first epoch that ends this long after the last checkpoint, and always after the last epoch, at an
+    /// early stop and on an interruption; zero: after every epoch. Default
+    /// [`DEFAULT_CHECKPOINT_SECONDS`].
+    pub checkpoint_every: Duration,
     /// Epochs in all (a resumed run keeps its checkpoint's configuration, so this is how it is
     /// extended); `None` (the default) takes the configuration's.
     pub epochs: Option<u32>,
@@ -95,6 +105,7 @@ impl Default for TrainOptions {
             resume: false,
             overwrite: false,
             allow_non_counts: false,
+            checkpoint_every: Duration::from_secs_f64(DEFAULT_CHECKPOINT_SECONDS),
             epochs: None,
             auto_batch_size: false,
             loader: LoaderOptions::default(),
@@ -529,6 +540,7 @@ impl Run<'_> {
         progress.begin("train", remaining.saturating_sub(resumed_cells));
         progress.epochs(train_cells.max(1), resumed_cells, self.trainer.state().epoch, epochs);
         let mut end = End::default();
+        let mut last_checkpoint = Instant::now();
         while self.trainer.state().epoch < epochs {
             let epoch = self.trainer.state().epoch;
             let started = Instant::now();
@@ -540,9 +552,7 @@ impl Run<'_> {
             }
             if trained? {
                 end.interrupted = true;
-                self.train_stats
-                    .busy(|| self.trainer.save_checkpoint(&checkpoint))
-                    .map_err(Error::stage(Stage::Trainer))?;
+                self.save(&checkpoint)?;
                 tracing::warn!(
                     "interrupted in epoch {epoch} after {} batches; checkpoint written (continue with --resume)",
                     self.trainer.batches_in_epoch()
@@ -558,15 +568,18 @@ impl Run<'_> {
             progress.note(&epoch_summary(epoch, &train_metrics, validation.as_ref()));
             log_epoch(epoch, &train_metrics, validation.as_ref());
             self.records.push(EpochRecord { train: train_metrics, seconds, validation });
-            let covariates: Vec<String> =
-                self.trainer.model().vocabulary().covariates.iter().map(|c| c.name.clone()).collect();
-            write_history(&self.options.out.join(METRICS_FILE), &self.records, &covariates)?;
-            self.trainer.save_checkpoint(&checkpoint).map_err(Error::stage(Stage::Trainer))?;
-            if self.trainer.state().validations_without_improvement >= config.training.early_stopping_patience {
+            let stop_early =
+                self.trainer.state().validations_without_improvement >= config.training.early_stopping_patience;
+            let interrupted = ctx.stopped() && self.trainer.state().epoch < epochs;
+            if last || stop_early || interrupted || last_checkpoint.elapsed() >= self.options.checkpoint_every {
+                self.save(&checkpoint)?;
+                last_checkpoint = Instant::now();
+            }
+            if stop_early {
                 end.stopped_early = true;
                 break;
             }
-            if ctx.stopped() && self.trainer.state().epoch < epochs {
+            if interrupted {
                 // Interrupted during the epoch's last accumulation or its validation: the epoch's
                 // checkpoint is the place to stop.
                 end.interrupted = true;
@@ -576,6 +589,15 @@ impl Run<'_> {
         }
         progress.end();
         Ok(end)
+    }
+
+    /// Writes the history of the epochs so far, then the checkpoint (a resumed run reads the
+    /// history up to its checkpoint's epoch, so the history is never behind it).
+    fn save(&mut self, checkpoint: &Path) -> Result<()> {
+        let covariates: Vec<String> =
+            self.trainer.model().vocabulary().covariates.iter().map(|c| c.name.clone()).collect();
+        write_history(&self.options.out.join(METRICS_FILE), &self.records, &covariates)?;
+        self.train_stats.busy(|| self.trainer.save_checkpoint(checkpoint)).map_err(Error::stage(Stage::Trainer))
     }
 
     /// One epoch's batches through the trainer; `true` when the context's stop ended it early

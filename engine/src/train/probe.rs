@@ -7,8 +7,8 @@ use crate::trainer::Trainer;
 use tch::Device;
 
 use crate::Stage;
-use crate::encoder::CellLabels;
-use crate::error::{Error, Result};
+use cpa_stream_pipeline::encoder::CellLabels;
+use cpa_stream_pipeline::error::{Error, Result};
 
 /// Largest batch `--batch-size auto` probes.
 pub const AUTO_BATCH_MAX: usize = 1 << 16;

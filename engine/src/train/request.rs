@@ -8,20 +8,22 @@ use std::path::PathBuf;
 use crate::model::config::{CpaConfig, Preset};
 use serde::{Deserialize, Serialize};
 
-use super::{TrainOptions, recorded_settings};
+use std::time::Duration;
+
+use super::{DEFAULT_CHECKPOINT_SECONDS, TrainOptions, recorded_settings};
 use crate::Stage;
-use crate::batcher::{
+use cpa_stream_pipeline::batcher::{
     DEFAULT_BLOCK_CELLS, DEFAULT_BUFFER_BYTES, DEFAULT_PREFETCH, DEFAULT_SHUFFLE_BLOCKS, LoaderOptions, PlanOptions,
 };
-use crate::encoder::{
+use cpa_stream_pipeline::encoder::{
     DEFAULT_CONTROL, DEFAULT_PERTURBATION_KEY, DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, EncoderOptions,
     SplitSpec,
 };
-use crate::error::{Error, Result};
+use cpa_stream_pipeline::error::{Error, Result};
 
-use crate::request::Compute;
-pub use crate::request::Naming;
 use crate::threads::Configure as _;
+use cpa_stream_pipeline::request::Compute;
+pub use cpa_stream_pipeline::request::Naming;
 
 /// Where the model's configuration comes from.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -126,6 +128,9 @@ pub struct TrainRequest {
     pub overwrite: bool,
     /// Train count likelihoods on values that are not whole numbers (a warning).
     pub allow_non_counts: bool,
+    /// Seconds of training between two checkpoints [default: [`DEFAULT_CHECKPOINT_SECONDS`]; 0:
+    /// every epoch].
+    pub checkpoint_every: Option<f64>,
     /// Batches buffered ahead of the trainer, per worker [default: [`DEFAULT_PREFETCH`]].
     pub prefetch: Option<usize>,
     /// Blocks whose cells are shuffled together [default: [`DEFAULT_SHUFFLE_BLOCKS`]].
@@ -276,6 +281,15 @@ impl TrainRequest {
             config.training.shuffle_run_cells = k;
         }
         config.validate().map_err(|e| Error::InvalidInput(format!("configuration: {e}")))?;
+        let checkpoint_every = match self.checkpoint_every {
+            None => Duration::from_secs_f64(DEFAULT_CHECKPOINT_SECONDS),
+            Some(s) => Duration::try_from_secs_f64(s).map_err(|_| {
+                Error::InvalidInput(format!(
+                    "{} {s}: expected seconds, 0 or more (0: after every epoch)",
+                    self.naming.name("--checkpoint-every")
+                ))
+            })?,
+        };
         let encoder = match recorded {
             Some((encoder, _)) => encoder,
             None => {
@@ -301,6 +315,7 @@ impl TrainRequest {
             resume: self.resume,
             overwrite: self.overwrite,
             allow_non_counts: self.allow_non_counts,
+            checkpoint_every,
             epochs: self.epochs,
             auto_batch_size,
             loader: LoaderOptions {

@@ -15,12 +15,12 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::Stage;
-use crate::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
-use crate::encoder::{CellLabels, Split};
-use crate::error::{Error, Result};
-use crate::stats::r2_score;
-use crate::telemetry::StageStats;
 use crate::torch::{TorchResult, torch_error};
+use cpa_stream_pipeline::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+use cpa_stream_pipeline::encoder::{CellLabels, Split};
+use cpa_stream_pipeline::error::{Error, Result};
+use cpa_stream_pipeline::stats::r2_score;
+use cpa_stream_pipeline::telemetry::StageStats;
 
 /// Classes with fewer validation cells are left out of the R2 averages.
 pub const MIN_CELLS_PER_CONDITION: f64 = 2.0;

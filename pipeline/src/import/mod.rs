@@ -551,7 +551,7 @@ fn stream(
             // The store's rule for values (finite, >= 0), reported against the input file.
             for r in 0..rows.n_rows() {
                 let (indices, values) = rows.row(r);
-                cpa_stream_stages::csr::check_row(indices, values, n_vars).map_err(|e| {
+                cpa_stream_stages::counts_csr::check_row(indices, values, n_vars).map_err(|e| {
                     let hint = match part.other_matrices.is_empty() {
                         true => String::new(),
                         false => format!("; this file has other matrices: {}", part.other_matrices.join(", ")),
@@ -849,7 +849,7 @@ pub fn run_chunks(
             }
             for r in 0..rows.n_rows() {
                 let (indices, values) = rows.row(r);
-                cpa_stream_stages::csr::check_row(indices, values, n_vars)
+                cpa_stream_stages::counts_csr::check_row(indices, values, n_vars)
                     .map_err(|e| Error::InvalidInput(format!("{what}: cell {}{e}", first + r as u64)))?;
             }
             let obs = tables.obs.slice(first as usize, rows.n_rows());

@@ -11,7 +11,7 @@ use hdf5::{Dataset, File, Group};
 use super::audit::ExternalData;
 use super::dataframe::{DataFrameReader, attr_string, read_strings, read_vec};
 use crate::anndata::{MatrixLayout, MatrixSource, SparseShape, deg_lists, deg_table, lines_fitting, push_dense_rows};
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use hdf5::{Dataset, File};
 
 use super::dataframe::{DataFrameWriter, append, appendable, encoding, strings_to_h5};
 use super::{DEG_GENE, DEG_GROUP, DEG_RANK};
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 use crate::error::{Error, Result};
 
 /// Compression of the datasets written to an `.h5ad`.

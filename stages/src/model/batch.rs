@@ -4,7 +4,7 @@
 use sprs::CsMatViewI;
 
 use super::vocab::{PADDING_ID, Vocabulary};
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 use crate::error::{Error, Result};
 
 /// The perturbations of a run of cells as a CSR matrix of doses, cells x perturbation

@@ -24,7 +24,7 @@ use std::io;
 use cpa_stream_schemas::{BlockChecksum, Planes};
 use zstd::bulk::{Compressor, Decompressor};
 
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 
 /// Header bit of a narrow block: index deltas in two 16-bit planes.
 const NARROW_INDICES: u8 = 1;
@@ -344,7 +344,7 @@ impl BlockDecoder {
     /// Decodes a block whose rows have the absolute offsets `indptr` into `indices` and `data`
     /// (replacing their contents). Checks the plain size, and that indices are strictly increasing
     /// within each row and below `n_vars`, and the values (the stored-row rule,
-    /// [`check_row`](crate::csr::check_row)); the error says which row of the block is wrong.
+    /// [`check_row`](crate::counts_csr::check_row)); the error says which row of the block is wrong.
     pub(crate) fn decode(
         &mut self,
         block: &[u8],
@@ -575,14 +575,14 @@ fn values_ok(data: &[f32]) -> bool {
 }
 
 /// Checks that every value is finite and >= 0; the error names the row, worked out with
-/// [`check_row`](crate::csr::check_row) over the block's absolute `indices`.
+/// [`check_row`](crate::counts_csr::check_row) over the block's absolute `indices`.
 fn check_values(indptr: &[u64], indices: &[u32], data: &[f32], n_vars: u64) -> Result<(), String> {
     if values_ok(data) {
         return Ok(());
     }
     let n_cols = u32::try_from(n_vars).unwrap_or(u32::MAX);
     for (row, range) in block_rows(indptr) {
-        crate::csr::check_row(&indices[range.clone()], &data[range], n_cols)
+        crate::counts_csr::check_row(&indices[range.clone()], &data[range], n_cols)
             .map_err(|e| format!("row {row} of the block{e}"))?;
     }
     Ok(())

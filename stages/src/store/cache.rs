@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::block_map::BlockMap;
 use super::blocks::{BlockDecoder, CompactBlock};
 use super::reader::{RowCursor, Store};
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 use crate::error::{Error, Result};
 
 /// One decompressed block. Dropping it (when the cache and every gather are done with it) hands

@@ -14,7 +14,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use super::block_map::BlockMap;
 use super::blocks::{BlockDecoder, CompactBlock};
 use super::mmap::{MappedFile, prefetch};
-use crate::csr::{CsrBatch, check_row};
+use crate::counts_csr::{CsrBatch, check_row};
 use crate::error::{Error, Result};
 
 /// Access pattern hints for the matrix maps (`madvise`).

@@ -22,7 +22,7 @@ use super::blocks::BlockEncoder;
 use super::hashing::{HashingWriter, hash_reader};
 use super::reader::{Store, is_matrix_file};
 use super::splice::{appendix_properties, splice};
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 use crate::error::{Error, Result};
 use crate::output::{OutputKind, OutputLock, claim_output, publish, temporary_sibling};
 

@@ -28,8 +28,8 @@ use parquet::arrow::ArrowWriter;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
+use crate::counts_csr::CsrBatch;
 use crate::crew::Crew;
-use crate::csr::CsrBatch;
 use crate::error::{Error, Result};
 use model::TrueModel;
 

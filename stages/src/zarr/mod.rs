@@ -28,7 +28,7 @@ use self::array::{Elements, ZArray};
 use self::audit::{MAX_IDS_PER_BYTE, Walked};
 use self::frame::Frame;
 use crate::anndata::{MatrixLayout, MatrixSource, SparseShape, deg_lists, lines_fitting, push_dense_rows};
-use crate::csr::CsrBatch;
+use crate::counts_csr::CsrBatch;
 use crate::error::{Error, Result};
 use crate::h5ad::ExternalData;
 use cpa_stream_schemas::tables::{CELL_ID, GENE_ID};
