@@ -71,8 +71,8 @@ pub struct TrainOptions {
     /// refused); default false, and an existing run is an error unless resumed.
     pub overwrite: bool,
     /// Training time between two checkpoints: `checkpoint/` (and `metrics.parquet`) is written
-    /// after the first epoch that ends this long after the last checkpoint, and always after the last epoch, at an
-    /// early stop and on an interruption; zero: after every epoch. Default
+    /// after the first epoch that ends this long after the last checkpoint, and always after the
+    /// last epoch, at an early stop and on an interruption; zero: after every epoch. Default
     /// [`DEFAULT_CHECKPOINT_SECONDS`].
     pub checkpoint_every: Duration,
     /// Epochs in all (a resumed run keeps its checkpoint's configuration, so this is how it is
