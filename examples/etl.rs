@@ -18,8 +18,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, Float32Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Float32Type, Schema};
+use arrow_array::cast::AsArray;
+
+use arrow_array::types::Float32Type;
+use arrow_array::{Float32Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
 use cpa_stream::predict::{PredictOptions, PredictRequest};
 use cpa_stream::{ParquetSink, Predictor, RunContext, SinkOptions, import, train};
 
@@ -136,7 +139,7 @@ fn means(batch: &RecordBatch) -> Vec<Vec<f32>> {
 fn label(batch: &RecordBatch, column: &str, row: usize) -> String {
     batch
         .column_by_name(column)
-        .and_then(|c| arrow::compute::cast(c, &DataType::Utf8).ok())
+        .and_then(|c| arrow_cast::cast(c, &DataType::Utf8).ok())
         .map(|c| c.as_string::<i32>().value(row).to_owned())
         .unwrap_or_default()
 }

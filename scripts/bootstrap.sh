@@ -5,7 +5,12 @@
 #   CPA_STREAM_CACHE   cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/cpa-stream)
 #
 # Usage: eval "$(scripts/bootstrap.sh)"   (the env lines go to stdout, progress to stderr)
+#        eval "$(scripts/bootstrap.sh --tools)"   everything but PyTorch (a virtual environment with
+#        cmake: what the front's build needs; no LIBTORCH line). scripts/demo.sh runs this first and
+#        downloads PyTorch's gigabytes while the front compiles.
 set -euo pipefail
+tools_only=false
+[ "${1:-}" = --tools ] && tools_only=true
 
 TORCH_VERSION=2.11.0   # tch =0.24.0 binds exactly this PyTorch
 # duckdb and pyarrow: tests read every Parquet output as DuckDB and pandas users would.
@@ -19,23 +24,24 @@ python="${PYTHON:-python3}"
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
 mkdir -p "$cache"
-if [ ! -f "$stamp" ]; then
+# The virtual environment; a cache made before the environment had its own stamp has PyTorch's.
+venv_stamp="$venv/.venv-1.ok"
+if [ ! -f "$venv_stamp" ] && [ ! -f "$stamp" ]; then
   # A lock so two concurrent first runs (tests, demo) do not install twice.
   exec 9>"$cache/.bootstrap.lock"
   flock 9
-  if [ ! -f "$stamp" ]; then
-    log "installing PyTorch $TORCH_VERSION (libtorch for tch) into $venv; this happens once"
+  if [ ! -f "$venv_stamp" ] && [ ! -f "$stamp" ]; then
+    log "creating a virtual environment in $venv; this happens once"
     rm -rf "$venv"
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2
-    touch "$stamp"
+    touch "$venv_stamp"
   fi
   flock -u 9
 fi
 
 # cmake builds the bundled HDF5 C library (hdf5-metno "static"); anndata and h5py make the .h5ad
-# test fixtures. Small; installed once next to torch.
+# test fixtures. Small; installed once.
 extras_stamp="$venv/.extras-$EXTRAS_VERSION.ok"
 if [ ! -f "$extras_stamp" ]; then
   exec 9>"$cache/.bootstrap.lock"
@@ -48,6 +54,24 @@ if [ ! -f "$extras_stamp" ]; then
   flock -u 9
 fi
 
+echo "export CPA_STREAM_CACHE='$cache'"
+echo "export CARGO_TARGET_DIR='${CARGO_TARGET_DIR:-$cache/target}'"
+echo "export CPA_STREAM_VENV='$venv'"
+echo "export CMAKE='$venv/bin/cmake'"
+echo "export CPA_STREAM_PYTHON='$venv/bin/python'"
+$tools_only && exit 0
+
+if [ ! -f "$stamp" ]; then
+  exec 9>"$cache/.bootstrap.lock"
+  flock 9
+  if [ ! -f "$stamp" ]; then
+    log "installing PyTorch $TORCH_VERSION (libtorch for tch, about 4.6 GB with its CUDA libraries) into $venv; this happens once"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2
+    touch "$stamp"
+  fi
+  flock -u 9
+fi
+
 torch_dir="$("$venv/bin/python" - <<'PY'
 import os, importlib.util
 spec = importlib.util.find_spec("torch")
@@ -56,10 +80,5 @@ PY
 )"
 [ -f "$torch_dir/lib/libtorch_cpu.so" ] || { log "no libtorch under $torch_dir/lib; delete $venv and rerun"; exit 1; }
 
-echo "export CPA_STREAM_CACHE='$cache'"
 echo "export LIBTORCH='$torch_dir'"
 echo "export LIBTORCH_CXX11_ABI=1"
-echo "export CARGO_TARGET_DIR='${CARGO_TARGET_DIR:-$cache/target}'"
-echo "export CPA_STREAM_VENV='$venv'"
-echo "export CMAKE='$venv/bin/cmake'"
-echo "export CPA_STREAM_PYTHON='$venv/bin/python'"

@@ -7,11 +7,21 @@
 # `eval "$(scripts/bootstrap.sh)"`. Extra arguments, and $CPA_STREAM_BUILD_FLAGS (for the demo and
 # the tests, which call this script: e.g. --timings), go to cargo.
 #
+# `scripts/build.sh --front` builds only the front (`cpa-stream`: every command that needs no model)
+# without libtorch's binding, the engine crate or PyTorch (`eval "$(scripts/bootstrap.sh --tools)"`
+# is enough): the demo's first part runs on it while the rest compiles. The same features as the
+# full build (tests/integration/layout.rs checks), so the full build reuses all of it.
+#
 # A cold build takes minutes (libtorch's bindings, HDF5 from source); off a terminal, where cargo
 # shows no progress bar, a line every minute says it is still going.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:?run eval \"\$(scripts/bootstrap.sh)\" first}"
+what=(--workspace --bins)
+if [ "${1:-}" = --front ]; then
+  shift
+  what=(-p cpa-stream --bin cpa-stream --no-default-features)
+fi
 heartbeat=
 if [ ! -t 2 ]; then
   (
@@ -25,6 +35,6 @@ if [ ! -t 2 ]; then
 fi
 status=0
 # shellcheck disable=SC2086 # the flags are words
-cargo build --release --locked --workspace --bins ${CPA_STREAM_BUILD_FLAGS:-} "$@" >&2 || status=$?
+cargo build --release --locked "${what[@]}" ${CPA_STREAM_BUILD_FLAGS:-} "$@" >&2 || status=$?
 [ -z "$heartbeat" ] || kill "$heartbeat" 2>/dev/null || true
 exit "$status"

@@ -2,48 +2,99 @@
 # The demo of the README: runs the main job on bundled and built-in data, in a few minutes on a
 # laptop CPU.
 #   OUT  output directory (default: out/demo)
+#
+# The first run builds everything (docs/install.md: about 20 minutes on 2 cores). It builds the
+# front first (the data commands, no libtorch) and runs the demo's first part on it, while PyTorch
+# downloads and the model's engine and the Python module compile in the background; later runs
+# find everything built and start at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(scripts/bootstrap.sh)"
-# The release binaries (scripts/build.sh; the tests' build reuses it). The first run compiles them:
-# about 15 minutes on 2 cores (docs/install.md); later runs start at once.
-[ -x "$CARGO_TARGET_DIR/release/cpa-stream-engine" ] ||
-  echo "demo: compiling cpa-stream (the first run only; about 15 minutes on 2 cores)" >&2
-scripts/build.sh
-bin="$CARGO_TARGET_DIR/release/cpa-stream"
 out="${OUT:-out/demo}"
 mkdir -p "$out"
+eval "$(scripts/bootstrap.sh --tools)"
+work="$(mktemp -d "${TMPDIR:-/tmp}/cpa-stream-demo.XXXXXX")"
+log="$work/build.log"
+first=false
+[ -x "$CARGO_TARGET_DIR/release/cpa-stream-engine" ] || first=true
+
+# In the background, in its own process group: PyTorch (the first time: gigabytes), then, once the
+# front is built, the full build, then the Python package. Each step leaves a mark the foreground
+# waits for.
+setsid bash -c '
+  set -euo pipefail
+  work=$1
+  scripts/bootstrap.sh >"$work/env.sh"
+  eval "$(cat "$work/env.sh")"
+  while [ ! -f "$work/front.ok" ]; do sleep 1; done
+  scripts/build.sh
+  touch "$work/engine.ok"
+  scripts/python.sh >/dev/null
+  touch "$work/python.ok"
+' background "$work" >"$log" 2>&1 &
+background=$!
+trap 'kill -TERM -- -"$background" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+# Waits for the background's mark NAME, a line a minute meanwhile; its log and exit 1 if it failed.
+wait_for() { # NAME WHAT
+  local waited=0
+  while [ ! -f "$work/$1.ok" ]; do
+    if ! kill -0 "$background" 2>/dev/null && [ ! -f "$work/$1.ok" ]; then
+      echo "demo: building $2 failed; its log:" >&2
+      tail -n 40 "$log" >&2
+      exit 1
+    fi
+    sleep 1
+    waited=$((waited + 1))
+    if [ $((waited % 60)) -eq 0 ]; then
+      local last
+      last="$(grep -Eo '(Compiling|installing) [^ ]+( v[^ ]+)?' "$log" | tail -n 1 || true)"
+      echo "demo: waiting for $2 ($((waited / 60)) min${last:+; $last})" >&2
+    fi
+  done
+}
+
+$first && echo "demo: the first run compiles cpa-stream: the data commands first (about 11 minutes on 2" \
+  "cores), then the model's engine while the demo's first part runs (PyTorch downloads meanwhile)" >&2
+scripts/build.sh --front
+# The first part runs a copy: the full build replaces the front's file when it finishes.
+front="$work/cpa-stream"
+cp "$CARGO_TARGET_DIR/release/cpa-stream" "$front"
+touch "$work/front.ok"
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "libtorch and devices"
-"$bin" info
-
 step "real data: import the bundled .h5ad (Norman 2019 + McFaline-Figueroa 2023 subset)"
-"$bin" import examples/data/perturbench_devel_cpa.h5ad --out "$out/perturbench.store" --overwrite
-"$bin" inspect "$out/perturbench.store"
-"$bin" verify "$out/perturbench.store"
+"$front" import examples/data/perturbench_devel_cpa.h5ad --out "$out/perturbench.store" --overwrite
+"$front" inspect "$out/perturbench.store"
+"$front" verify "$out/perturbench.store"
 
 step "export it back to .h5ad (gzip) and import that again"
-"$bin" export "$out/perturbench.store" --out "$out/perturbench-roundtrip.h5ad" --compression gzip --overwrite
-"$bin" import "$out/perturbench-roundtrip.h5ad" --out "$out/perturbench-roundtrip.store" --overwrite
+"$front" export "$out/perturbench.store" --out "$out/perturbench-roundtrip.h5ad" --compression gzip --overwrite
+"$front" import "$out/perturbench-roundtrip.h5ad" --out "$out/perturbench-roundtrip.store" --overwrite
 
 step "synthetic atlas with ground truth: 20,000 cells x 2,000 genes"
-"$bin" synth --cells 20000 --genes 2000 --perturbations 8 --doses 3 --cell-types 3 \
+"$front" synth --cells 20000 --genes 2000 --perturbations 8 --doses 3 --cell-types 3 \
   --combinations 4 --seed 42 --out "$out/atlas.store" --overwrite
 
 step "inspect"
-"$bin" inspect "$out/atlas.store"
+"$front" inspect "$out/atlas.store"
 
 step "verify"
-"$bin" verify "$out/atlas.store"
+"$front" verify "$out/atlas.store"
 
 step "zstd copy"
-"$bin" convert "$out/atlas.store" --codec zstd --out "$out/atlas-zstd.store" --overwrite
+"$front" convert "$out/atlas.store" --codec zstd --out "$out/atlas-zstd.store" --overwrite
 
 step "reader throughput (raw, then zstd)"
-"$bin" bench reader "$out/atlas.store" --repeats 2
-"$bin" bench reader "$out/atlas-zstd.store" --repeats 2
+"$front" bench reader "$out/atlas.store" --repeats 2
+"$front" bench reader "$out/atlas-zstd.store" --repeats 2
+
+wait_for engine "the model's engine (libtorch's binding)"
+eval "$(cat "$work/env.sh")"
+bin="$CARGO_TARGET_DIR/release/cpa-stream"
+
+step "libtorch and devices"
+"$bin" info
 
 step "CPA training throughput (reference architecture, 5,000 x 2,000 synthetic cells in memory, CPU)"
 "$bin" bench model --cells 5000 --genes 2000 --batch-size 128 --epochs 2
@@ -84,5 +135,5 @@ step "synthetic atlas with a held-back combination: train, then score against th
 echo "(rows with 0 cells are the held-back combination, scored only against the truth: column 'truth')"
 
 step "the same from Python: the cpa_stream package on an in-memory AnnData (examples/python/quickstart.py)"
-scripts/python.sh >/dev/null
+wait_for python "the Python package"
 "$CPA_STREAM_VENV/bin/python" examples/python/quickstart.py "$out/python"

@@ -58,6 +58,10 @@
 //! # Ok::<(), cpa_stream::StoreError>(())
 //! ```
 
+// The library is the model's: without the `engine` feature (the front's early build,
+// scripts/build.sh) it is empty.
+#![cfg(feature = "engine")]
+
 pub use cpa_stream_engine::predict::PredictionStream;
 pub use cpa_stream_engine::predictor::Predictor;
 pub use cpa_stream_pipeline::{Error, Progress, Result, RunContext, RunReport, Silent, Stage, StageReport};

@@ -5,9 +5,9 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use arrow::array::UInt64Array;
-use arrow::compute::take_record_batch;
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
+use arrow_array::UInt64Array;
+use arrow_select::take::take_record_batch;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::store::{Access, Store, StoreWriter};

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::store::Store;
 use cpa_stream_stages::{CsrBatch, Result as StageResult};

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use arrow::array::{RecordBatch, RecordBatchIterator, RecordBatchReader};
-use arrow::ffi_stream::{FFI_ArrowArrayStream, RecordBatchStreamReader};
+use arrow_array::ffi_stream::{FFI_ArrowArrayStream, RecordBatchStreamReader};
+use arrow_array::{RecordBatch, RecordBatchIterator, RecordBatchReader};
 use cpa_stream_engine::dose_response::DoseResponseRequest;
 use cpa_stream_engine::embeddings::EmbeddingsRequest;
 use cpa_stream_engine::evaluate::EvaluateRequest;
@@ -277,12 +277,12 @@ impl ArrowStream {
 /// for the next batch, so two threads reading one `RecordBatchReader` call it at once): one
 /// batch at a time, and after the end (or an error) only the end.
 struct Serialized {
-    schema: arrow::datatypes::SchemaRef,
+    schema: arrow_schema::SchemaRef,
     reader: Arc<std::sync::Mutex<Option<Box<dyn RecordBatchReader + Send>>>>,
 }
 
 impl Iterator for Serialized {
-    type Item = Result<RecordBatch, arrow::error::ArrowError>;
+    type Item = Result<RecordBatch, arrow_schema::ArrowError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let mut reader = self.reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -296,7 +296,7 @@ impl Iterator for Serialized {
 }
 
 impl RecordBatchReader for Serialized {
-    fn schema(&self) -> arrow::datatypes::SchemaRef {
+    fn schema(&self) -> arrow_schema::SchemaRef {
         Arc::clone(&self.schema)
     }
 }
@@ -315,7 +315,7 @@ fn read_table(what: &str, object: &Bound<'_, PyAny>) -> PyResult<RecordBatch> {
         .map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?;
     let schema = reader.schema();
     let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?;
-    arrow::compute::concat_batches(&schema, &batches).map_err(|e| PyValueError::new_err(format!("{what}: {e}")))
+    arrow_select::concat::concat_batches(&schema, &batches).map_err(|e| PyValueError::new_err(format!("{what}: {e}")))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,9 +12,12 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchReader, StringArray};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, FieldRef, Float32Type, Int64Type, Schema, SchemaRef};
+use arrow_array::{Array, ArrayRef, RecordBatch, RecordBatchReader, StringArray};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Int64Type};
+use arrow_cast::cast;
+use arrow_schema::{DataType, Field, FieldRef, Schema, SchemaRef};
 use cpa_stream_schemas::tables::{CELL_ID, GENE_ID};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -77,9 +80,9 @@ impl std::fmt::Display for GeneRef {
 /// read as they are stored: nothing is cast into another gene. Integer ids are exact; float ids
 /// must be whole numbers; unsigned 64-bit ids must fit a signed one.
 enum GeneKeys {
-    Ints(arrow::array::Int64Array),
-    UInts(arrow::array::UInt64Array),
-    Floats(arrow::array::Float64Array),
+    Ints(arrow_array::Int64Array),
+    UInts(arrow_array::UInt64Array),
+    Floats(arrow_array::Float64Array),
     Names(StringArray),
 }
 
@@ -88,11 +91,11 @@ impl GeneKeys {
     fn of(values: &ArrayRef) -> std::result::Result<GeneKeys, String> {
         let widen = |to: &DataType| cast(values, to).map_err(|e| format!("cannot read as {to}: {e}"));
         Ok(match values.data_type() {
-            DataType::UInt64 => GeneKeys::UInts(values.as_primitive::<arrow::datatypes::UInt64Type>().clone()),
+            DataType::UInt64 => GeneKeys::UInts(values.as_primitive::<arrow_array::types::UInt64Type>().clone()),
             // Every other integer type widens to i64 exactly.
             t if t.is_integer() => GeneKeys::Ints(widen(&DataType::Int64)?.as_primitive::<Int64Type>().clone()),
             t if t.is_floating() => {
-                GeneKeys::Floats(widen(&DataType::Float64)?.as_primitive::<arrow::datatypes::Float64Type>().clone())
+                GeneKeys::Floats(widen(&DataType::Float64)?.as_primitive::<arrow_array::types::Float64Type>().clone())
             }
             DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
                 GeneKeys::Names(widen(&DataType::Utf8)?.as_string::<i32>().clone())
@@ -159,7 +162,7 @@ impl Vocabulary {
         let batches = crate::store::guarded(path, || {
             reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::arrow(path.display().to_string(), e))
         })?;
-        let table = arrow::compute::concat_batches(&schema, &batches)
+        let table = arrow_select::concat::concat_batches(&schema, &batches)
             .map_err(|e| Error::arrow(path.display().to_string(), e))?;
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         let pick = |asked: Option<&str>, defaults: &[&str], what: &str| -> Result<Option<usize>> {
@@ -320,7 +323,7 @@ impl Vocabulary {
 }
 
 /// A list column as a `LargeList` of its own item type (offsets widened, no value cast).
-fn large_list(column: &ArrayRef) -> std::result::Result<arrow::array::LargeListArray, String> {
+fn large_list(column: &ArrayRef) -> std::result::Result<arrow_array::LargeListArray, String> {
     let item = match column.data_type() {
         DataType::List(f) | DataType::LargeList(f) | DataType::ListView(f) | DataType::LargeListView(f) => {
             f.data_type().clone()
@@ -592,7 +595,7 @@ pub struct CellBatches {
 }
 
 impl Iterator for CellBatches {
-    type Item = std::result::Result<RecordBatch, arrow::error::ArrowError>;
+    type Item = std::result::Result<RecordBatch, arrow_schema::ArrowError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let reader = self.reader.as_mut()?;
@@ -600,7 +603,7 @@ impl Iterator for CellBatches {
             Ok(next) => next,
             Err(message) => {
                 self.reader = None;
-                Some(Err(arrow::error::ArrowError::ParquetError(format!("damaged Parquet file ({message})"))))
+                Some(Err(arrow_schema::ArrowError::ParquetError(format!("damaged Parquet file ({message})"))))
             }
         }
     }
@@ -631,8 +634,8 @@ fn builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{BooleanArray, Float64Array, Int32Array, ListArray, UInt64Array};
-    use arrow::datatypes::{Float32Type as F32, Float64Type as F64, Int64Type as I64, UInt64Type as U64};
+    use arrow_array::types::{Float32Type as F32, Float64Type as F64, Int64Type as I64, UInt64Type as U64};
+    use arrow_array::{BooleanArray, Float64Array, Int32Array, ListArray, UInt64Array};
 
     /// Writes `columns` as one Parquet file.
     fn write(path: &Path, columns: Vec<(&str, ArrayRef)>) {
@@ -653,7 +656,7 @@ mod tests {
     }
 
     fn int_vocabulary(dir: &Path) -> Vocabulary {
-        vocabulary(dir, Arc::new(arrow::array::Int64Array::from(vec![10, 11, 12]))).unwrap_or_else(|e| panic!("{e}"))
+        vocabulary(dir, Arc::new(arrow_array::Int64Array::from(vec![10, 11, 12]))).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Imports one cell (`genes`, `counts`: lists of one row) against `vocabulary`: its row.
@@ -670,7 +673,7 @@ mod tests {
         Ok((indices.to_vec(), values.to_vec()))
     }
 
-    fn list<T: arrow::datatypes::ArrowPrimitiveType>(values: Vec<Option<T::Native>>) -> ArrayRef {
+    fn list<T: arrow_array::ArrowPrimitiveType>(values: Vec<Option<T::Native>>) -> ArrayRef {
         Arc::new(ListArray::from_iter_primitive::<T, _, _>([Some(values)]))
     }
 
@@ -692,7 +695,7 @@ mod tests {
         let want = (vec![0, 2], vec![2.0, 1.0]);
         for genes in [
             list::<I64>(vec![Some(12), Some(10)]),
-            list::<arrow::datatypes::Int32Type>(vec![Some(12), Some(10)]),
+            list::<arrow_array::types::Int32Type>(vec![Some(12), Some(10)]),
             list::<U64>(vec![Some(12), Some(10)]),
             list::<F64>(vec![Some(12.0), Some(10.0)]),
         ] {
@@ -702,9 +705,9 @@ mod tests {
         // Names against a vocabulary of names (--var-id gene_symbol).
         let path = dir.path().join("vocab.parquet");
         let by_name = Vocabulary::read(&path, None, Some("gene_symbol")).unwrap_or_else(|e| panic!("{e}"));
-        let names: ArrayRef = Arc::new(arrow::array::ListArray::new(
+        let names: ArrayRef = Arc::new(arrow_array::ListArray::new(
             Arc::new(Field::new("item", DataType::Utf8, true)),
-            arrow::buffer::OffsetBuffer::new(vec![0, 2].into()),
+            arrow_buffer::OffsetBuffer::new(vec![0, 2].into()),
             Arc::new(StringArray::from(vec!["SYM2", "SYM0"])),
             None,
         ));
@@ -732,9 +735,9 @@ mod tests {
         let err = message(import(dir.path(), &v, list::<I64>(vec![Some(10), None]), counts(2)));
         assert!(err.contains("gene 1 of its list: no gene id (null)"), "{err}");
         // Names against integer ids: which --var-id would match.
-        let names: ArrayRef = Arc::new(arrow::array::ListArray::new(
+        let names: ArrayRef = Arc::new(arrow_array::ListArray::new(
             Arc::new(Field::new("item", DataType::Utf8, true)),
-            arrow::buffer::OffsetBuffer::new(vec![0, 1].into()),
+            arrow_buffer::OffsetBuffer::new(vec![0, 1].into()),
             Arc::new(StringArray::from(vec!["SYM1"])),
             None,
         ));
@@ -755,17 +758,17 @@ mod tests {
         let err =
             message(import(dir.path(), &v, list::<I64>(vec![Some(10), Some(11)]), list::<F32>(vec![Some(1.0), None])));
         assert!(err.contains("column \"expressions\": cell 0: count 1 of its list is null"), "{err}");
-        let strings: ArrayRef = Arc::new(arrow::array::ListArray::new(
+        let strings: ArrayRef = Arc::new(arrow_array::ListArray::new(
             Arc::new(Field::new("item", DataType::Utf8, true)),
-            arrow::buffer::OffsetBuffer::new(vec![0, 1].into()),
+            arrow_buffer::OffsetBuffer::new(vec![0, 1].into()),
             Arc::new(StringArray::from(vec!["7"])),
             None,
         ));
         let err = message(import(dir.path(), &v, list::<I64>(vec![Some(10)]), strings));
         assert!(err.contains("column \"expressions\": holds Utf8 values; counts are numbers"), "{err}");
-        let booleans: ArrayRef = Arc::new(arrow::array::ListArray::new(
+        let booleans: ArrayRef = Arc::new(arrow_array::ListArray::new(
             Arc::new(Field::new("item", DataType::Boolean, true)),
-            arrow::buffer::OffsetBuffer::new(vec![0, 1].into()),
+            arrow_buffer::OffsetBuffer::new(vec![0, 1].into()),
             Arc::new(BooleanArray::from(vec![true])),
             None,
         ));

@@ -1,7 +1,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use arrow::error::ArrowError;
+use arrow_schema::ArrowError;
 use cpa_stream_schemas::ManifestError;
 use parquet::errors::ParquetError;
 

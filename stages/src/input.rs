@@ -6,8 +6,8 @@
 use std::ops::Range;
 use std::path::Path;
 
-use arrow::datatypes::SchemaRef;
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
 
 pub use crate::anndata::{MatrixLayout, MatrixSource};
 use crate::counts_csr::CsrBatch;

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow_schema::{Schema, SchemaRef};
 use parquet::file::metadata::KeyValue;
 
 /// Metadata key: the cpa-stream version (with the git revision when built from a checkout).

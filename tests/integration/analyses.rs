@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use arrow::array::{AsArray, RecordBatch};
-use arrow::datatypes::{Float64Type, UInt64Type};
+use arrow_array::cast::AsArray;
+
+use arrow_array::RecordBatch;
+use arrow_array::types::{Float64Type, UInt64Type};
 use cpa_stream::unstable::stages::store::read_small_table;
 
 use crate::common::{repo_root, run, text};
@@ -82,7 +84,7 @@ fn floats(batch: &RecordBatch, name: &str) -> Vec<f64> {
 
 fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
     let column = batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
-    let column = arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8).unwrap_or_else(|e| panic!("{e}"));
+    let column = arrow_cast::cast(column, &arrow_schema::DataType::Utf8).unwrap_or_else(|e| panic!("{e}"));
     column.as_string::<i32>().iter().map(|v| v.unwrap_or_default().to_owned()).collect()
 }
 
@@ -204,7 +206,7 @@ fn batch_corrected_predictions_do_not_depend_on_the_batch() {
         let (mut a, mut c) = (Vec::new(), Vec::new());
         for (i, t) in ct.iter().enumerate() {
             let row = list.value(i);
-            let row = row.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec();
+            let row = row.as_primitive::<arrow_array::types::Float32Type>().values().to_vec();
             if t == "CT01" { a.extend(row) } else { c.extend(row) }
         }
         (a, c)
@@ -242,7 +244,7 @@ fn embedding_of(table: &RecordBatch, name: &str) -> Vec<f32> {
     let names = strings(table, "name");
     let row = names.iter().position(|n| n == name).unwrap_or_else(|| panic!("no embedding of {name}: {names:?}"));
     let list = table.column_by_name("embedding").map(|c| c.as_fixed_size_list().clone()).unwrap_or_else(|| panic!());
-    list.value(row).as_primitive::<arrow::datatypes::Float32Type>().values().to_vec()
+    list.value(row).as_primitive::<arrow_array::types::Float32Type>().values().to_vec()
 }
 
 #[test]
@@ -260,7 +262,7 @@ fn perturbation_features_reach_the_model_and_predict_a_perturbation_without_cell
     let widths: Vec<String> = truth.schema().fields().iter().skip(1).map(|f| f.name().clone()).collect();
     let value = |row: usize, c: &str| -> f64 {
         let col = truth.column_by_name(c).unwrap_or_else(|| panic!());
-        f64::from(col.as_primitive::<arrow::datatypes::Float32Type>().value(row))
+        f64::from(col.as_primitive::<arrow_array::types::Float32Type>().value(row))
     };
     let mut csv = format!("drug,{}\n", widths.join(","));
     for (row, name) in names.iter().enumerate() {

@@ -73,9 +73,8 @@ fn rows_and_obs(store: &Store) -> Content {
     for b in obs {
         let b = b.unwrap_or_else(|e| panic!("{e}"));
         for (field, column) in b.schema().fields().iter().zip(b.columns()) {
-            let column =
-                arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8).unwrap_or_else(|e| panic!("{e}"));
-            let values: Vec<Option<&str>> = arrow::array::AsArray::as_string::<i32>(&column).iter().collect();
+            let column = arrow_cast::cast(column, &arrow_schema::DataType::Utf8).unwrap_or_else(|e| panic!("{e}"));
+            let values: Vec<Option<&str>> = arrow_array::cast::AsArray::as_string::<i32>(&column).iter().collect();
             text.push_str(&format!("{}={values:?};", field.name()));
         }
     }

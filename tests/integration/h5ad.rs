@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, Float64Type, Int64Type, UInt32Type};
+use arrow_array::Array;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type, UInt32Type};
+use arrow_schema::DataType;
 use cpa_stream::RunContext;
 use cpa_stream::export::ExportOptions;
 use cpa_stream::import::{GeneJoin, ImportOptions, ImportReport};
@@ -127,13 +130,13 @@ fn assert_store_matches(store_path: &Path, expected: &Value, rel: f64) {
             } else {
                 match col.data_type() {
                     DataType::Dictionary(_, _) => {
-                        let d = col.as_dictionary::<arrow::datatypes::Int32Type>();
+                        let d = col.as_dictionary::<arrow_array::types::Int32Type>();
                         let values = d.values().as_string::<i32>();
                         Value::from(values.value(d.keys().value(i) as usize))
                     }
                     DataType::Utf8 => Value::from(col.as_string::<i32>().value(i)),
                     DataType::Int64 => Value::from(col.as_primitive::<Int64Type>().value(i)),
-                    DataType::UInt64 => Value::from(col.as_primitive::<arrow::datatypes::UInt64Type>().value(i)),
+                    DataType::UInt64 => Value::from(col.as_primitive::<arrow_array::types::UInt64Type>().value(i)),
                     DataType::Float64 => Value::from(col.as_primitive::<Float64Type>().value(i)),
                     DataType::Boolean => Value::from(col.as_boolean().value(i)),
                     t => panic!("{name}: unexpected type {t}"),

@@ -294,37 +294,56 @@ fn only_the_engine_depends_on_libtorch() {
 /// the reason, where `cargo tree` cannot run offline.
 #[test]
 fn the_python_module_compiles_no_crate_the_workspace_build_compiled_otherwise() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let tree = |args: &[&str]| -> Option<BTreeSet<String>> {
-        let out = match std::process::Command::new(&cargo)
-            .args(["tree", "--offline", "--locked", "--prefix", "none", "-f", "{p} [{f}]"])
-            .args(args)
-            .current_dir(repo_root())
-            .output()
-        {
-            Ok(out) => out,
-            Err(e) => {
-                eprintln!("skipped: {cargo} could not be run: {e}");
-                return None;
-            }
-        };
-        if !out.status.success() {
-            eprintln!("skipped: cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
-            return None;
-        }
-        // Each crate with its features once; a repeat is marked "(*)".
-        let text = String::from_utf8_lossy(&out.stdout);
-        Some(text.lines().map(|l| l.trim_end_matches(" (*)").to_owned()).filter(|l| !l.is_empty()).collect())
-    };
-    let Some(workspace) = tree(&["--workspace", "-e", "normal,build,dev"]) else {
-        return;
-    };
-    let Some(module) = tree(&["--manifest-path", "python/Cargo.toml", "-e", "normal,build"]) else { return };
+    let Some(workspace) = cargo_tree(&["--workspace", "-e", "normal,build,dev"]) else { return };
+    let Some(module) = cargo_tree(&["--manifest-path", "python/Cargo.toml", "-e", "normal,build"]) else { return };
     assert!(module.iter().any(|l| l.starts_with("pyo3 ")), "the module's tree has no pyo3: {module:?}");
     let own =
         |l: &&String| l.starts_with("cpa-stream-python ") || l.starts_with("pyo3") || l.starts_with("target-lexicon ");
     let drifted: Vec<&String> = module.iter().filter(|l| !own(l) && !workspace.contains(*l)).collect();
     assert!(drifted.is_empty(), "crates with other features in the Python module's build: {drifted:?}");
+}
+
+/// scripts/build.sh builds the front alone first (`-p cpa-stream --bin cpa-stream
+/// --no-default-features`), then everything: every crate of the first build has the features the
+/// second gives it (else the second compiles Arrow, Parquet and the stages again; fixed by a
+/// `unify-` line in the root Cargo.toml), and the first has no libtorch in it.
+#[test]
+fn the_fronts_early_build_compiles_no_crate_the_full_build_compiles_otherwise() {
+    let Some(full) = cargo_tree(&["--workspace", "-e", "normal,build"]) else { return };
+    let Some(front) = cargo_tree(&["-p", "cpa-stream", "--no-default-features", "-e", "normal,build"]) else {
+        return;
+    };
+    assert!(front.iter().any(|l| l.starts_with("cpa-stream-stages ")), "the front's tree has no stages: {front:?}");
+    let libtorch: Vec<&String> =
+        front.iter().filter(|l| l.starts_with("tch ") || l.starts_with("torch-sys ")).collect();
+    assert!(libtorch.is_empty(), "the front's early build compiles libtorch's binding: {libtorch:?}");
+    let drifted: Vec<&String> = front.iter().filter(|l| !l.starts_with("cpa-stream ") && !full.contains(*l)).collect();
+    assert!(drifted.is_empty(), "crates with other features in the front's early build: {drifted:?}");
+}
+
+/// `cargo tree` of this workspace, offline, one line per crate with its features (`{p} [{f}]`);
+/// `None`, with the reason printed, where it cannot run.
+fn cargo_tree(args: &[&str]) -> Option<BTreeSet<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = match std::process::Command::new(&cargo)
+        .args(["tree", "--offline", "--locked", "--prefix", "none", "-f", "{p} [{f}]"])
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("skipped: {cargo} could not be run: {e}");
+            return None;
+        }
+    };
+    if !out.status.success() {
+        eprintln!("skipped: cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    // Each crate with its features once; a repeat is marked "(*)".
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(text.lines().map(|l| l.trim_end_matches(" (*)").to_owned()).filter(|l| !l.is_empty()).collect())
 }
 
 #[test]

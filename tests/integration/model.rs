@@ -3,8 +3,11 @@
 
 use std::collections::HashMap;
 
-use arrow::array::{AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Float32Type, UInt64Type};
+use arrow_array::cast::AsArray;
+
+use arrow_array::RecordBatch;
+use arrow_array::types::{Float32Type, UInt64Type};
+use arrow_schema::DataType;
 use cpa_stream::unstable::engine::model::layers::Noise;
 use cpa_stream::unstable::engine::model::{DeviceBatch, HostBatch};
 use cpa_stream::unstable::engine::trainer::Trainer;
@@ -21,7 +24,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn strings(batch: &RecordBatch, column: &str) -> Result<Vec<String>> {
     let col = batch.column_by_name(column).ok_or(format!("no column {column}"))?;
-    let utf8 = arrow::compute::cast(col, &DataType::Utf8)?;
+    let utf8 = arrow_cast::cast(col, &DataType::Utf8)?;
     Ok(utf8.as_string::<i32>().iter().map(|s| s.unwrap_or_default().to_owned()).collect())
 }
 

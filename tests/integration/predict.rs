@@ -7,8 +7,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{Float32Type, Float64Type, UInt64Type};
+use arrow_array::{Array, RecordBatch};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Float64Type, UInt64Type};
 use cpa_stream::unstable::schemas::tables::{
     evaluation_deg_schema, evaluation_metrics, evaluation_metrics_schema, prediction_genes, prediction_schema,
     same_schema,
@@ -74,7 +76,7 @@ fn train_synthetic(store: &Path, config: &Path, out: &Path, extra: &[&str]) {
     assert!(o.status.success(), "train failed: {}", text(&o.stderr));
 }
 
-fn read_parquet(path: &Path) -> (arrow::datatypes::SchemaRef, Vec<RecordBatch>) {
+fn read_parquet(path: &Path) -> (arrow_schema::SchemaRef, Vec<RecordBatch>) {
     let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap_or_else(|e| panic!("{e}"));
     let schema = builder.schema().clone();
@@ -87,7 +89,7 @@ fn strings(batches: &[RecordBatch], name: &str) -> Vec<String> {
     let mut out = Vec::new();
     for b in batches {
         let col = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
-        let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Utf8).unwrap_or_else(|e| panic!("{e}"));
+        let col = arrow_cast::cast(col, &arrow_schema::DataType::Utf8).unwrap_or_else(|e| panic!("{e}"));
         let s = col.as_string::<i32>();
         out.extend((0..s.len()).map(|i| s.value(i).to_owned()));
     }
@@ -1235,7 +1237,7 @@ fn predictions_are_anchored_on_control_cells_by_default_and_say_which_rows_are()
         .iter()
         .map(|b| {
             let c = b.column_by_name("n_anchored").unwrap_or_else(|| panic!("no n_anchored"));
-            c.as_primitive::<arrow::datatypes::UInt64Type>().values().iter().sum::<u64>()
+            c.as_primitive::<arrow_array::types::UInt64Type>().values().iter().sum::<u64>()
         })
         .sum();
     assert_eq!(counted, controls as u64);
@@ -1327,7 +1329,7 @@ fn the_library_streams_record_batches_and_exports_an_arrow_c_stream() {
         .stream()
         .unwrap_or_else(|e| panic!("{e}"))
         .into_ffi();
-    let reader = arrow::ffi_stream::RecordBatchStreamReader::try_new(ffi).unwrap_or_else(|e| panic!("{e}"));
+    let reader = arrow_array::ffi_stream::RecordBatchStreamReader::try_new(ffi).unwrap_or_else(|e| panic!("{e}"));
     let imported: Vec<RecordBatch> = reader.map(|b| b.unwrap_or_else(|e| panic!("{e}"))).collect();
     assert_eq!(means(&imported), means(&direct), "same predictions through the C stream");
     assert_eq!(strings(&imported, "cell_id"), strings(&direct, "cell_id"));
@@ -1371,7 +1373,7 @@ fn embeddings_are_written_once_and_match_the_model() {
     assert_eq!(rows, file.vocabulary.perturbations.len() - 1, "every perturbation but the padding entry");
     assert_eq!(report["perturbations"].as_u64(), Some(rows as u64));
     let width = match schema.field_with_name("embedding").map(|f| f.data_type().clone()) {
-        Ok(arrow::datatypes::DataType::FixedSizeList(_, w)) => w as usize,
+        Ok(arrow_schema::DataType::FixedSizeList(_, w)) => w as usize,
         other => panic!("embedding column: {other:?}"),
     };
     assert_eq!(width, file.config.model.n_latent);

@@ -127,7 +127,7 @@ fn a_run_has_one_writer_and_schedulers_signals_checkpoint_it() {
 /// reader goes on reading the version it opened, every file of it, never a mix.
 #[test]
 fn a_store_replaced_under_a_reader_is_read_as_it_was_opened() {
-    use arrow::array::AsArray;
+    use arrow_array::cast::AsArray;
     use cpa_stream::unstable::schemas::{Codec, StoreFiles};
 
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -250,7 +250,7 @@ fn paths_that_are_not_utf8_work_in_every_command() {
 fn the_split_follows_cell_ids_and_another_store_is_named() {
     use std::collections::HashMap;
 
-    use arrow::array::AsArray;
+    use arrow_array::cast::AsArray;
     use cpa_stream::unstable::pipeline::encoder::{CellLabels, Split};
     use cpa_stream::unstable::schemas::StoreFiles;
 

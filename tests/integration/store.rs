@@ -229,8 +229,8 @@ proptest! {
 
 #[test]
 fn convert_shuffles_cells_with_their_obs_rows() {
-    use arrow::array::{Array, DictionaryArray, StringArray};
-    use arrow::datatypes::Int32Type;
+    use arrow_array::types::Int32Type;
+    use arrow_array::{Array, DictionaryArray, StringArray};
     use cpa_stream::unstable::schemas::tables::CELL_ID;
     use cpa_stream::unstable::stages::store::read_small_table;
 
@@ -275,7 +275,7 @@ fn convert_shuffles_cells_with_their_obs_rows() {
 
     let table = |name: &str| read_small_table(&dir.path().join(name).join(StoreFiles::OBS)).unwrap();
     let (orig_obs, obs) = (table("orig.store"), table("a.store"));
-    let strings = |t: &arrow::array::RecordBatch, column: &str| -> Vec<String> {
+    let strings = |t: &arrow_array::RecordBatch, column: &str| -> Vec<String> {
         let c = t.column_by_name(column).unwrap();
         if let Some(s) = c.as_any().downcast_ref::<StringArray>() {
             return (0..s.len()).map(|i| s.value(i).to_owned()).collect();

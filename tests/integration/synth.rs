@@ -2,8 +2,10 @@
 
 use std::collections::HashMap;
 
-use arrow::array::{AsArray, DictionaryArray, FixedSizeListArray};
-use arrow::datatypes::{Float32Type, Int32Type, UInt64Type};
+use arrow_array::cast::AsArray;
+
+use arrow_array::types::{Float32Type, Int32Type, UInt64Type};
+use arrow_array::{DictionaryArray, FixedSizeListArray};
 use cpa_stream::RunContext;
 use cpa_stream::synth::SynthOptions;
 use cpa_stream::unstable::schemas::tables::{categories_of, truth};

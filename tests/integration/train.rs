@@ -106,8 +106,7 @@ fn trains_on_a_synthetic_store_with_checkpoints_metrics_and_a_final_model() {
     // penalty and accuracy, the perturbation's and the covariate's summing to the totals.
     let column = |name: &str| -> Vec<f64> {
         let c = metrics.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
-        let c =
-            c.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap_or_else(|| panic!("{name}: not Float64"));
+        let c = c.as_any().downcast_ref::<arrow_array::Float64Array>().unwrap_or_else(|| panic!("{name}: not Float64"));
         c.iter().map(|v| v.unwrap_or(f64::NAN)).collect()
     };
     let r2 = column("r2_mean");

@@ -614,8 +614,8 @@ fn a_store_of_control_cells_alone_trains_without_crashing() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let store = dir.path().join("controls.store");
     let n_vars = 12u32;
-    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
-        arrow::datatypes::Field::new(CELL_ID, arrow::datatypes::DataType::Utf8, false),
+    let schema = Arc::new(arrow_schema::Schema::new(vec![
+        arrow_schema::Field::new(CELL_ID, arrow_schema::DataType::Utf8, false),
         categorical_field("condition", &["control".to_owned()], false),
     ]));
     let mut writer = StoreWriter::create(
@@ -632,11 +632,11 @@ fn a_store_of_control_cells_alone_trains_without_crashing() {
         let vals: Vec<f32> = idx.iter().map(|g| ((i as u32 * 7 + g) % 5 + 1) as f32).collect();
         batch.push_row(&idx, &vals);
     }
-    let ids = arrow::array::StringArray::from_iter_values((0..n).map(|i| format!("c{i}")));
-    let codes = arrow::array::Int32Array::from(vec![0; n]);
-    let values: arrow::array::ArrayRef = Arc::new(arrow::array::StringArray::from(vec!["control"]));
-    let dict = arrow::array::DictionaryArray::try_new(codes, values).unwrap_or_else(|e| panic!("{e}"));
-    let obs = arrow::array::RecordBatch::try_new(schema, vec![Arc::new(ids), Arc::new(dict)])
+    let ids = arrow_array::StringArray::from_iter_values((0..n).map(|i| format!("c{i}")));
+    let codes = arrow_array::Int32Array::from(vec![0; n]);
+    let values: arrow_array::ArrayRef = Arc::new(arrow_array::StringArray::from(vec!["control"]));
+    let dict = arrow_array::DictionaryArray::try_new(codes, values).unwrap_or_else(|e| panic!("{e}"));
+    let obs = arrow_array::RecordBatch::try_new(schema, vec![Arc::new(ids), Arc::new(dict)])
         .unwrap_or_else(|e| panic!("{e}"));
     writer.push_rows(&batch, &obs).unwrap_or_else(|e| panic!("{e}"));
     writer.finish().unwrap_or_else(|e| panic!("{e}"));

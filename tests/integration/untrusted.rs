@@ -249,7 +249,7 @@ fn files_of_other_valid_writers_import_and_export_as_anndata_reads_them() {
             let text = |n: &str| categories_of(&field(n)).unwrap_or_default();
             assert_eq!(text("dose"), ["1e-05", "0.1", "0.5", "1.0", "100.0", "2.5e+16"]);
             assert_eq!(text("dose32"), ["1e-05", "0.1", "1.0"]);
-            assert_eq!(field("half").data_type(), &arrow::datatypes::DataType::Float64);
+            assert_eq!(field("half").data_type(), &arrow_schema::DataType::Float64);
         }
     }
 }

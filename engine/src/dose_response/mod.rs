@@ -24,8 +24,8 @@ use std::time::Instant;
 use crate::model::layers::Noise;
 use crate::model::vocab::CONTROL_ID;
 use crate::model::{CpaModel, PerturbationCsr};
-use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow_schema::{DataType, Field, Schema};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::output::{OutputKind, claim_output};
 use cpa_stream_stages::store::TableFile;
@@ -703,7 +703,7 @@ fn schema(fields: Vec<Field>) -> Arc<Schema> {
     Arc::new(Schema::new(fields))
 }
 
-fn latent_batch(points: &[LatentPoint]) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+fn latent_batch(points: &[LatentPoint]) -> std::result::Result<RecordBatch, arrow_schema::ArrowError> {
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(points.iter().map(|p| p.perturbation.as_str()))),
         Arc::new(Float64Array::from_iter_values(points.iter().map(|p| p.dose))),
@@ -728,7 +728,7 @@ fn with_covariates(
     names: &[String],
     rows: &[&DecodedPoint],
     rest: Vec<(Field, ArrayRef)>,
-) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+) -> std::result::Result<RecordBatch, arrow_schema::ArrowError> {
     let mut fields = Vec::new();
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -749,7 +749,7 @@ fn with_covariates(
 fn decoded_batch(
     names: &[String],
     points: &[DecodedPoint],
-) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+) -> std::result::Result<RecordBatch, arrow_schema::ArrowError> {
     let rows: Vec<&DecodedPoint> = points.iter().collect();
     let float = |name: &str, f: fn(&DecodedPoint) -> f64| -> (Field, ArrayRef) {
         (Field::new(name, DataType::Float64, false), Arc::new(Float64Array::from_iter_values(points.iter().map(f))))
@@ -777,7 +777,7 @@ fn genes_batch(
     genes: &[String],
     points: &[DecodedPoint],
     rows: &[GenePoint],
-) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+) -> std::result::Result<RecordBatch, arrow_schema::ArrowError> {
     let of: Vec<&DecodedPoint> = rows.iter().map(|r| &points[r.point]).collect();
     let float = |name: &str, f: fn(&GenePoint) -> f64| -> (Field, ArrayRef) {
         (Field::new(name, DataType::Float64, false), Arc::new(Float64Array::from_iter_values(rows.iter().map(f))))

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use crate::model::CpaModel;
 use crate::model::files::load_model;
-use arrow::array::{ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow_array::{ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 

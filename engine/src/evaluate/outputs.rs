@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::model::Vocabulary;
-use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use cpa_stream_schemas::tables::{degs, evaluation_deg_schema, evaluation_metrics_schema};
 use cpa_stream_stages::store::write_table;
 

@@ -9,8 +9,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
+use arrow_array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float32Type;
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::predictions::{CELL_ID, COUNTS};
 use cpa_stream_stages::CsrBatch;
@@ -130,7 +133,7 @@ impl CountsFile {
             }
             rows.push_row(&indices, &data);
         }
-        let ids = arrow::compute::cast(
+        let ids = arrow_cast::cast(
             batch.column_by_name(CELL_ID).ok_or_else(|| Error::InvalidInput("predictions without cell ids".into()))?,
             &DataType::Utf8,
         )
@@ -140,7 +143,7 @@ impl CountsFile {
             .iter()
             .map(|l| {
                 let column = batch.column_by_name(l).ok_or_else(|| Error::InvalidInput(format!("no label {l:?}")))?;
-                arrow::compute::cast(column, &DataType::Utf8).map_err(Error::arrow(format!("label {l:?}")))
+                arrow_cast::cast(column, &DataType::Utf8).map_err(Error::arrow(format!("label {l:?}")))
             })
             .collect::<Result<Vec<_>>>()?;
         self.append(rows, labels, ids, false)
@@ -153,7 +156,7 @@ impl CountsFile {
         let obs_path = store.file_path(StoreFiles::OBS);
         let origin = obs_path.display().to_string();
         let var = store.small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Reader))?;
-        let ids = arrow::compute::cast(var.column(0), &DataType::Utf8).map_err(Error::arrow("gene ids"))?;
+        let ids = arrow_cast::cast(var.column(0), &DataType::Utf8).map_err(Error::arrow("gene ids"))?;
         let position: HashMap<&str, u32> =
             self.source.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i as u32)).collect();
         let map: Vec<Option<u32>> =

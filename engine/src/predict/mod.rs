@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::device::{DeviceMemory, memory as device_memory};
-use arrow::error::ArrowError;
+use arrow_schema::ArrowError;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::sink::{ParquetSink, SinkSummary};
 pub use request::PredictRequest;
@@ -124,7 +124,7 @@ pub fn run(options: &PredictOptions, ctx: &RunContext) -> Result<PredictReport> 
         .fields()
         .iter()
         .map(|f| match f.data_type() {
-            arrow::datatypes::DataType::FixedSizeList(_, n) => usize::try_from(*n).unwrap_or(0),
+            arrow_schema::DataType::FixedSizeList(_, n) => usize::try_from(*n).unwrap_or(0),
             _ => 0,
         })
         .sum();
@@ -294,12 +294,12 @@ fn write_genes_table(predictor: &Predictor, path: &Path) -> Result<()> {
 }
 
 /// The store's var rows of the predicted genes, in the order of the `mean` column.
-fn genes_var_table(predictor: &Predictor) -> Result<arrow::array::RecordBatch> {
+fn genes_var_table(predictor: &Predictor) -> Result<arrow_array::RecordBatch> {
     let var_path = predictor.store().file_path(StoreFiles::VAR);
     let var = predictor.store().small_table(StoreFiles::VAR).map_err(Error::stage(Stage::Reader))?;
-    let ids = arrow::compute::cast(var.column(0), &arrow::datatypes::DataType::Utf8)
+    let ids = arrow_cast::cast(var.column(0), &arrow_schema::DataType::Utf8)
         .map_err(Error::arrow(format!("{}: gene ids", var_path.display())))?;
-    let ids = arrow::array::AsArray::as_string::<i32>(ids.as_ref());
+    let ids = arrow_array::cast::AsArray::as_string::<i32>(ids.as_ref());
     let row_of: std::collections::HashMap<&str, u32> =
         ids.iter().enumerate().filter_map(|(i, g)| Some((g?, i as u32))).collect();
     let rows: Vec<u32> = predictor
@@ -311,27 +311,28 @@ fn genes_var_table(predictor: &Predictor) -> Result<arrow::array::RecordBatch> {
             })
         })
         .collect::<Result<_>>()?;
-    arrow::compute::take_record_batch(&var, &arrow::array::UInt32Array::from(rows)).map_err(Error::arrow("genes table"))
+    arrow_select::take::take_record_batch(&var, &arrow_array::UInt32Array::from(rows))
+        .map_err(Error::arrow("genes table"))
 }
 
 /// The cells x targets an aggregate batch sums up (its `n_cells` column).
-fn aggregate_cells(batch: &arrow::array::RecordBatch) -> Result<u64> {
-    use arrow::array::AsArray as _;
+fn aggregate_cells(batch: &arrow_array::RecordBatch) -> Result<u64> {
+    use arrow_array::cast::AsArray as _;
     let column = batch
         .column_by_name(crate::predictor::aggregate::N_CELLS)
-        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::UInt64Type>())
+        .and_then(|c| c.as_primitive_opt::<arrow_array::types::UInt64Type>())
         .ok_or_else(|| Error::InvalidInput("aggregates without their n_cells column".to_owned()))?;
     Ok(column.values().iter().sum())
 }
 
 /// The rows of a prediction batch whose `anchored` values are anchored (`is_anchored`), or the
 /// cells an aggregate batch says are (`n_anchored`).
-fn anchored_in(batch: &arrow::array::RecordBatch, aggregated: bool) -> Result<u64> {
-    use arrow::array::AsArray as _;
+fn anchored_in(batch: &arrow_array::RecordBatch, aggregated: bool) -> Result<u64> {
+    use arrow_array::cast::AsArray as _;
     let missing = || Error::InvalidInput("predictions without their is_anchored column".to_owned());
     if aggregated {
         let column =
-            batch.column_by_name(N_ANCHORED).and_then(|c| c.as_primitive_opt::<arrow::datatypes::UInt64Type>());
+            batch.column_by_name(N_ANCHORED).and_then(|c| c.as_primitive_opt::<arrow_array::types::UInt64Type>());
         return Ok(column.ok_or_else(missing)?.values().iter().sum());
     }
     let column = batch.column_by_name(IS_ANCHORED).and_then(|c| c.as_boolean_opt()).ok_or_else(missing)?;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::model::Vocabulary;
 use crate::model::vocab::split_condition;
-use arrow::array::RecordBatch;
+use arrow_array::RecordBatch;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::CELL_ID;
 use cpa_stream_stages::store::Store;

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use arrow::array::{RecordBatch, RecordBatchReader};
-use arrow::datatypes::SchemaRef;
-use arrow::error::ArrowError;
+use arrow_array::{RecordBatch, RecordBatchReader};
+use arrow_schema::ArrowError;
+use arrow_schema::SchemaRef;
 use cpa_stream_stages::store::BlockCacheShared;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
@@ -232,8 +232,8 @@ impl PredictionStream {
 
     /// Exports the stream through the Arrow C stream interface, for other runtimes (pyarrow's
     /// `RecordBatchReader._import_from_c`, DuckDB, R's nanoarrow, ...).
-    pub fn into_ffi(self) -> arrow::ffi_stream::FFI_ArrowArrayStream {
-        arrow::ffi_stream::FFI_ArrowArrayStream::new(Box::new(self))
+    pub fn into_ffi(self) -> arrow_array::ffi_stream::FFI_ArrowArrayStream {
+        arrow_array::ffi_stream::FFI_ArrowArrayStream::new(Box::new(self))
     }
 
     /// Leaves an empty result to the caller, which explains it itself (`predict::run`).

@@ -5,8 +5,11 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, RecordBatch};
-use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
+use arrow_array::{Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float32Type;
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use cpa_stream_schemas::tables::predictions::{GENE_COLUMNS, LAYOUT_KEY, MEAN};
 
 use cpa_stream_pipeline::error::{Error, Result};
@@ -85,7 +88,7 @@ impl Widen {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::StringArray;
+    use arrow_array::StringArray;
 
     #[test]
     fn lists_become_one_column_per_item_in_order() {

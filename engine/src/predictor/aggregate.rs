@@ -12,9 +12,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::model::Vocabulary;
-use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringDictionaryBuilder, UInt64Array};
-use arrow::buffer::NullBuffer;
-use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
+use arrow_array::builder::StringDictionaryBuilder;
+use arrow_array::types::Int32Type;
+use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array};
+use arrow_buffer::NullBuffer;
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use cpa_stream_schemas::tables::predictions::IS_ANCHORED;
 use cpa_stream_schemas::tables::{categorical_type, f32_vector_type};
 use tch::{Device, Kind, Tensor};

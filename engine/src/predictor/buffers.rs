@@ -4,7 +4,7 @@
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
-use arrow::buffer::{Buffer, ScalarBuffer};
+use arrow_buffer::{Buffer, ScalarBuffer};
 use tch::{Device, Kind, Tensor};
 
 use crate::torch::TorchResult;
@@ -98,7 +98,7 @@ pub(super) fn copy_values(t: &Tensor, out: &mut [f32]) -> cpa_stream_stages::Res
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::Float32Array;
+    use arrow_array::Float32Array;
 
     use super::*;
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use crate::model::config::DispersionInit;
 use crate::model::layers::Noise;
 use crate::model::{CpaModel, Vocabulary};
-use arrow::datatypes::SchemaRef;
+use arrow_schema::SchemaRef;
 use cpa_stream_schemas::tables::prediction_schema;
 use cpa_stream_schemas::tables::predictions::{
     ANCHORED, CHANGE_LOG1P, COUNTS, ENSEMBLE_KEY, EXPECTED_LOG1P, MODEL_ID_KEY, MODEL_KEY, STORE_KEY,
@@ -505,7 +505,7 @@ impl Predictor {
                     .fields()
                     .iter()
                     .filter_map(|f| match f.data_type() {
-                        arrow::datatypes::DataType::FixedSizeList(_, w) => Some(*w as usize),
+                        arrow_schema::DataType::FixedSizeList(_, w) => Some(*w as usize),
                         _ => None,
                     })
                     .collect();
@@ -609,7 +609,7 @@ impl Predictor {
     }
 
     /// The aggregate rows, once every batch has passed (none for per-cell predictions).
-    pub fn finish_aggregates(&self) -> Result<Vec<arrow::array::RecordBatch>> {
+    pub fn finish_aggregates(&self) -> Result<Vec<arrow_array::RecordBatch>> {
         match &self.aggregator {
             Some(a) => a.finish(),
             None => Ok(Vec::new()),

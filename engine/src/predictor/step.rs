@@ -12,10 +12,10 @@ use crate::model::likelihood::expected_log1p_nb;
 use crate::model::network::knows_nothing_of;
 use crate::model::vocab::CONTROL_ID;
 use crate::model::{CpaModel, PerturbationCsr};
-use arrow::array::{
-    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray, StringDictionaryBuilder,
-};
-use arrow::datatypes::{DataType, Field, Int32Type};
+use arrow_array::builder::StringDictionaryBuilder;
+use arrow_array::types::Int32Type;
+use arrow_array::{ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field};
 use cpa_stream_stages::CsrBatch;
 use tch::Tensor;
 

@@ -6,8 +6,9 @@ use std::path::Path;
 
 use crate::model::Vocabulary;
 use crate::model::vocab::{canonical_condition, split_condition};
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::DataType;
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::DataType;
 
 use crate::Stage;
 use cpa_stream_pipeline::error::{Error, Result};
@@ -133,13 +134,13 @@ fn push_targets(batch: &RecordBatch, origin: &str, out: &mut Vec<TargetSpec>) ->
             "{origin}: more than {MAX_TARGETS} targets (rows); split the table and predict in parts"
         )));
     }
-    let columns: Vec<(String, arrow::array::ArrayRef)> = batch
+    let columns: Vec<(String, arrow_array::ArrayRef)> = batch
         .schema()
         .fields()
         .iter()
         .zip(batch.columns())
         .map(|(f, c)| {
-            arrow::compute::cast(c, &DataType::Utf8)
+            arrow_cast::cast(c, &DataType::Utf8)
                 .map(|c| (f.name().clone(), c))
                 .map_err(|e| Error::InvalidInput(format!("{origin}: column {:?}: {e}", f.name())))
         })
@@ -192,10 +193,10 @@ pub(crate) fn read_csv(path: &Path) -> Result<Vec<RecordBatch>> {
             header.trim_end()
         )));
     }
-    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(
-        names.iter().map(|n| arrow::datatypes::Field::new(n, DataType::Utf8, true)).collect::<Vec<_>>(),
+    let schema = std::sync::Arc::new(arrow_schema::Schema::new(
+        names.iter().map(|n| arrow_schema::Field::new(n, DataType::Utf8, true)).collect::<Vec<_>>(),
     ));
-    let reader = arrow::csv::ReaderBuilder::new(schema)
+    let reader = arrow_csv::ReaderBuilder::new(schema)
         .with_header(true)
         .build(std::io::Cursor::new(text.as_bytes()))
         .map_err(Error::arrow(origin.as_str()))?;
@@ -363,8 +364,8 @@ mod tests {
     fn targets_tables_are_bounded_in_bytes_and_rows() -> std::result::Result<(), Box<dyn std::error::Error>> {
         use std::sync::Arc;
 
-        use arrow::array::StringArray;
-        use arrow::datatypes::{Field, Schema};
+        use arrow_array::StringArray;
+        use arrow_schema::{Field, Schema};
         let dir = tempfile::tempdir()?;
         // One more row than allowed, all the same condition: dictionary- and run-length-encoded
         // into a file of a few KB, as a hostile file would declare them.

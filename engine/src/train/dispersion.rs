@@ -198,8 +198,8 @@ mod tests {
     fn write_store(path: &std::path::Path, rows: &[Vec<f64>]) -> Store {
         use std::sync::Arc;
 
-        use arrow::array::{RecordBatch, StringArray};
-        use arrow::datatypes::{DataType, Field, Schema};
+        use arrow_array::{RecordBatch, StringArray};
+        use arrow_schema::{DataType, Field, Schema};
         use cpa_stream_stages::CsrBatch;
         use cpa_stream_stages::store::{StoreWriter, StoreWriterOptions};
 

@@ -9,8 +9,10 @@ use std::path::Path;
 
 use crate::model::Vocabulary;
 use crate::model::vocab::{CONTROL_ID, PADDING_NAME};
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Float64Type};
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float64Type;
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::DataType;
 use tch::Tensor;
 
 use crate::Stage;
@@ -70,20 +72,19 @@ impl FeatureTable {
             let name_column = batch
                 .column_by_name(&key)
                 .ok_or_else(|| Error::InvalidInput(format!("{origin}: no column {key:?}")))?;
-            let name_column = arrow::compute::cast(name_column, &DataType::Utf8)
+            let name_column = arrow_cast::cast(name_column, &DataType::Utf8)
                 .map_err(|e| Error::InvalidInput(format!("{origin}: column {key:?}: {e}")))?;
             let name_column = name_column.as_string::<i32>();
-            let numeric: Vec<arrow::array::ArrayRef> = columns
+            let numeric: Vec<arrow_array::ArrayRef> = columns
                 .iter()
                 .map(|c| {
                     let column = batch
                         .column_by_name(c)
                         .ok_or_else(|| Error::InvalidInput(format!("{origin}: no column {c:?}")))?;
                     let column = if column.data_type() == &DataType::Boolean {
-                        arrow::compute::cast(column, &DataType::Int8)
-                            .and_then(|c| arrow::compute::cast(&c, &DataType::Float64))
+                        arrow_cast::cast(column, &DataType::Int8).and_then(|c| arrow_cast::cast(&c, &DataType::Float64))
                     } else {
-                        arrow::compute::cast(column, &DataType::Float64)
+                        arrow_cast::cast(column, &DataType::Float64)
                     };
                     column.map_err(|e| Error::InvalidInput(format!("{origin}: column {c:?} is not numeric: {e}")))
                 })
@@ -101,7 +102,7 @@ impl FeatureTable {
                     let v = column.as_primitive::<Float64Type>();
                     if v.is_null(row) || !v.value(row).is_finite() {
                         let raw = batch.column_by_name(c).and_then(|a| {
-                            arrow::compute::cast(a, &DataType::Utf8)
+                            arrow_cast::cast(a, &DataType::Utf8)
                                 .ok()
                                 .map(|s| s.as_string::<i32>().value(row).to_owned())
                         });

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::trainer::{EpochMetrics, HeadMetrics};
-use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch, UInt32Array, UInt64Array};
+use arrow_array::{Array, ArrayRef, Float64Array, RecordBatch, UInt32Array, UInt64Array};
 use cpa_stream_schemas::tables::training_metrics::{self as columns, EPOCH};
 use cpa_stream_schemas::tables::training_metrics_schema;
 use cpa_stream_stages::store::{read_small_table, write_table};

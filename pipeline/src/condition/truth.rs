@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use arrow::array::AsArray;
-use arrow::datatypes::Float32Type;
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float32Type;
 use cpa_stream_schemas::tables::truth;
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::model::vocab::split_condition;

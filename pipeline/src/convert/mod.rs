@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
 use cpa_stream_schemas::{Codec, Manifest, StoreFiles};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::store::{Access, Store, StoreWriter, StoreWriterOptions};

@@ -13,7 +13,7 @@ mod tests;
 
 use std::path::Path;
 
-use arrow::datatypes::Schema;
+use arrow_schema::Schema;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::{CELL_ID, categories_of};
 use cpa_stream_stages::model::config::DEFAULT_MAX_COMB_LEN;

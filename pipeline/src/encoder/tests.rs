@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
 use cpa_stream_schemas::tables::{CELL_ID, GENE_ID};
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::model::HostBatch;

@@ -5,7 +5,7 @@ mod request;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::h5ad::{DEG_FILE, H5adCompression, H5adWriter};

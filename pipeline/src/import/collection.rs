@@ -10,9 +10,13 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, Int32Array, RecordBatch, StringArray, new_null_array};
-use arrow::compute::{cast, interleave};
-use arrow::datatypes::{DataType, Field, FieldRef, Int32Type, Schema, SchemaRef};
+use arrow_array::{Array, ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray, new_null_array};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Int32Type;
+use arrow_cast::cast;
+use arrow_schema::{DataType, Field, FieldRef, Schema, SchemaRef};
+use arrow_select::interleave::interleave;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::{
     CATEGORIES_KEY, GENE_ID, ORDERED_KEY, categorical_field, categorical_type, categories_of, is_ordered,

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{AsArray, RecordBatch, StringArray};
+use arrow_array::cast::AsArray;
+
+use arrow_array::{RecordBatch, StringArray};
 use cpa_stream_schemas::{Codec, StoreFiles};
 use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
 use cpa_stream_stages::h5ad::{DEG_FILE, ExternalData, MatrixLayout, MatrixSource};
@@ -328,7 +330,8 @@ pub fn run(options: &ImportOptions, ctx: &RunContext) -> Result<ImportReport> {
             let mut obs = Vec::new();
             let target = Target::Scatter(&mut buckets, &mut obs, &scatter);
             stream(&collection, skip, options, source, cells, target, &scratch, &mut inputs, [&read, &write], ctx)?;
-            let obs = arrow::compute::concat_batches(&collection.obs_schema, &obs).map_err(Error::arrow("obs"))?;
+            let obs =
+                arrow_select::concat::concat_batches(&collection.obs_schema, &obs).map_err(Error::arrow("obs"))?;
             let result = buckets.write_out(&obs, "obs", &mut writer, [&scatter, &write], ctx.progress());
             if result.is_err() {
                 ctx.progress().end();
@@ -644,7 +647,7 @@ fn store_values_sample(store: &Store) -> StageResult<NotACount> {
 
 /// Whether an appended store's obs table can keep its bytes: the merged schema has its columns,
 /// in order, of the same types (categories may grow).
-fn same_columns(store: &arrow::datatypes::Schema, merged: &arrow::datatypes::Schema) -> bool {
+fn same_columns(store: &arrow_schema::Schema, merged: &arrow_schema::Schema) -> bool {
     store.fields().len() == merged.fields().len()
         && store
             .fields()

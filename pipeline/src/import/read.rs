@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
-use arrow::array::RecordBatch;
+use arrow_array::RecordBatch;
 use cpa_stream_stages::cell_table::{CellTable, CellTableLayout, Vocabulary};
 use cpa_stream_stages::input::AnnDataReader;
 use cpa_stream_stages::store::Store;

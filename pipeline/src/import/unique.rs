@@ -8,7 +8,9 @@ use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow_array::cast::AsArray;
+
+use arrow_array::RecordBatch;
 
 use crate::error::{Error, Result};
 

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use arrow::array::RecordBatch;
+use arrow_array::RecordBatch;
 
 use super::{TextColumn, column_strings};
 use crate::Stage;
@@ -370,8 +370,8 @@ impl Expr {
 mod tests {
     use std::sync::Arc;
 
-    use arrow::array::StringArray;
-    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow_array::StringArray;
+    use arrow_schema::{DataType, Field, Schema};
 
     use super::*;
 
@@ -441,7 +441,7 @@ mod tests {
             Field::new("condition", DataType::Utf8, true),
             Field::new("cell_type", DataType::Utf8, false),
         ]));
-        let columns: Vec<arrow::array::ArrayRef> = vec![
+        let columns: Vec<arrow_array::ArrayRef> = vec![
             Arc::new(StringArray::from(vec![Some("control"), Some("A"), None, Some("control")])),
             Arc::new(StringArray::from(vec!["x", "x", "y", "y"])),
         ];

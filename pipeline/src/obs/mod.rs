@@ -4,8 +4,10 @@
 
 pub mod expr;
 
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::DataType;
+use arrow_array::{Array, RecordBatch};
+
+use arrow_array::cast::AsArray;
+use arrow_schema::DataType;
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_stages::model::Vocabulary;
 use cpa_stream_stages::store::Store;
@@ -21,10 +23,10 @@ pub enum TextColumn {
         /// Each row's category (`None`: null or out of range).
         keys: Vec<Option<usize>>,
         /// The category names.
-        values: arrow::array::StringArray,
+        values: arrow_array::StringArray,
     },
     /// A string column as it is.
-    Strings(arrow::array::StringArray),
+    Strings(arrow_array::StringArray),
     /// Any other column (numbers, booleans), formatted once per row.
     Formatted(Vec<Option<String>>),
 }
@@ -44,13 +46,13 @@ impl TextColumn {
 pub fn column_strings(batch: &RecordBatch, name: &str, origin: &str) -> Result<TextColumn> {
     let col =
         batch.column_by_name(name).ok_or_else(|| Error::InvalidInput(format!("{origin}: no obs column {name:?}")))?;
-    let unreadable = |e: arrow::error::ArrowError| {
+    let unreadable = |e: arrow_schema::ArrowError| {
         Error::InvalidInput(format!("{origin}: obs column {name:?} cannot be read as text: {e}"))
     };
     if let Some(dict) = col.as_any_dictionary_opt() {
-        let values = arrow::compute::cast(dict.values(), &DataType::Utf8).map_err(unreadable)?;
-        let keys = arrow::compute::cast(dict.keys(), &DataType::Int64).map_err(unreadable)?;
-        let keys = keys.as_primitive::<arrow::datatypes::Int64Type>();
+        let values = arrow_cast::cast(dict.values(), &DataType::Utf8).map_err(unreadable)?;
+        let keys = arrow_cast::cast(dict.keys(), &DataType::Int64).map_err(unreadable)?;
+        let keys = keys.as_primitive::<arrow_array::types::Int64Type>();
         let n_values = values.len();
         let keys = (0..keys.len())
             .map(|i| {
@@ -65,7 +67,7 @@ pub fn column_strings(batch: &RecordBatch, name: &str, origin: &str) -> Result<T
     if let Some(s) = col.as_string_opt::<i32>() {
         return Ok(TextColumn::Strings(s.clone()));
     }
-    let utf8 = arrow::compute::cast(col, &DataType::Utf8).map_err(unreadable)?;
+    let utf8 = arrow_cast::cast(col, &DataType::Utf8).map_err(unreadable)?;
     let strings = utf8.as_string::<i32>();
     Ok(TextColumn::Formatted(
         (0..strings.len()).map(|i| (!strings.is_null(i)).then(|| strings.value(i).to_owned())).collect(),
@@ -81,7 +83,7 @@ pub fn gene_names(store: &Store) -> Result<Vec<String>> {
         .or_else(|| (var.num_columns() > 0).then(|| var.column(0)))
         .ok_or_else(|| Error::InvalidInput(format!("{}: no gene names", path.display())))?;
     let utf8 =
-        arrow::compute::cast(col, &DataType::Utf8).map_err(Error::arrow(format!("{}: gene names", path.display())))?;
+        arrow_cast::cast(col, &DataType::Utf8).map_err(Error::arrow(format!("{}: gene names", path.display())))?;
     let s = utf8.as_string::<i32>();
     Ok((0..s.len()).map(|i| s.value(i).to_owned()).collect())
 }

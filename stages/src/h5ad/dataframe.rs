@@ -5,9 +5,12 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StringArray, UInt64Array};
-use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type};
-use arrow::record_batch::RecordBatch;
+use arrow_array::{Array, ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray, UInt64Array};
+
+use arrow_array::RecordBatch;
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int32Type, Int64Type, UInt64Type};
+use arrow_schema::{DataType, Schema, SchemaRef};
 use cpa_stream_schemas::tables::{categories_of, is_ordered, source_name};
 use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
 use hdf5::{Dataset, Group, Location};
@@ -782,7 +785,7 @@ impl DataFrameWriter {
 }
 
 fn cast(array: &ArrayRef, to: &DataType) -> Result<ArrayRef> {
-    arrow::compute::cast(array, to).map_err(|e| Error::arrow(format!("converting a column to {to}"), e))
+    arrow_cast::cast(array, to).map_err(|e| Error::arrow(format!("converting a column to {to}"), e))
 }
 
 fn plain<T: hdf5::H5Type>(

@@ -3,9 +3,10 @@
 use crate::output::OutputKind;
 use std::path::{Path, PathBuf};
 
-use arrow::array::AsArray;
-use arrow::datatypes::{SchemaRef, UInt32Type};
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
+use arrow_array::cast::AsArray;
+use arrow_array::types::UInt32Type;
+use arrow_schema::SchemaRef;
 use hdf5::types::VarLenUnicode;
 use hdf5::{Dataset, File};
 
@@ -162,11 +163,11 @@ impl H5adWriter {
         let col = |name: &str| {
             table.column_by_name(name).ok_or_else(|| Error::InvalidInput(format!("DEG table has no column {name:?}")))
         };
-        let groups = arrow::compute::cast(col(DEG_GROUP)?, &arrow::datatypes::DataType::Utf8)
+        let groups = arrow_cast::cast(col(DEG_GROUP)?, &arrow_schema::DataType::Utf8)
             .map_err(|e| Error::arrow("DEG groups", e))?;
-        let genes = arrow::compute::cast(col(DEG_GENE)?, &arrow::datatypes::DataType::Utf8)
+        let genes = arrow_cast::cast(col(DEG_GENE)?, &arrow_schema::DataType::Utf8)
             .map_err(|e| Error::arrow("DEG genes", e))?;
-        let ranks = arrow::compute::cast(col(DEG_RANK)?, &arrow::datatypes::DataType::UInt32)
+        let ranks = arrow_cast::cast(col(DEG_RANK)?, &arrow_schema::DataType::UInt32)
             .map_err(|e| Error::arrow("DEG ranks", e))?;
         let (groups, genes, ranks) =
             (groups.as_string::<i32>(), genes.as_string::<i32>(), ranks.as_primitive::<UInt32Type>());

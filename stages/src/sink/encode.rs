@@ -4,8 +4,11 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Field, Float32Type};
+use arrow_array::{Array, RecordBatch};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float32Type;
+use arrow_schema::{DataType, Field};
 use bytes::Bytes;
 use parquet::arrow::arrow_writer::{ArrowColumnChunk, ArrowColumnWriter, compute_leaves};
 use parquet::basic::Type as PhysicalType;

@@ -14,9 +14,12 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, Field, Float32Type};
-use arrow::record_batch::RecordBatch;
+use arrow_array::Array;
+
+use arrow_array::RecordBatch;
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float32Type;
+use arrow_schema::{DataType, Field};
 use bytes::Bytes;
 use half::f16;
 use half::slice::HalfFloatSliceExt;

@@ -28,8 +28,10 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Field, SchemaRef};
+use arrow_array::{Array, ArrayRef, RecordBatch};
+
+use arrow_array::cast::AsArray;
+use arrow_schema::{DataType, Field, SchemaRef};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use parquet::arrow::ArrowWriter;
@@ -117,7 +119,7 @@ pub fn file_schema(schema: &SchemaRef, values: Values) -> SchemaRef {
     if values == Values::F32 {
         return Arc::clone(schema);
     }
-    let fields: Vec<arrow::datatypes::FieldRef> = schema
+    let fields: Vec<arrow_schema::FieldRef> = schema
         .fields()
         .iter()
         .map(|f| match narrowed(f.data_type()) {
@@ -125,7 +127,7 @@ pub fn file_schema(schema: &SchemaRef, values: Values) -> SchemaRef {
             None => Arc::clone(f),
         })
         .collect();
-    Arc::new(arrow::datatypes::Schema::new_with_metadata(fields, schema.metadata().clone()))
+    Arc::new(arrow_schema::Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
 /// The float16 type of a float32 column or vector column (`None`: any other type).
@@ -142,7 +144,7 @@ fn narrowed(data_type: &DataType) -> Option<DataType> {
 /// A float32 column cast to the type of its `field` in the file (float16); a finite value that
 /// float16 cannot hold is an error naming its column.
 fn narrow(column: &ArrayRef, field: &Field) -> Result<ArrayRef> {
-    let cast = arrow::compute::cast(column, field.data_type())
+    let cast = arrow_cast::cast(column, field.data_type())
         .map_err(|e| Error::InvalidInput(format!("column {}: float16: {e}", field.name())))?;
     let (before, after) = match (column.data_type(), cast.data_type()) {
         (DataType::FixedSizeList(..), _) => {
@@ -150,8 +152,8 @@ fn narrow(column: &ArrayRef, field: &Field) -> Result<ArrayRef> {
         }
         _ => (Arc::clone(column), Arc::clone(&cast)),
     };
-    let half = after.as_primitive::<arrow::datatypes::Float16Type>();
-    let single = before.as_primitive::<arrow::datatypes::Float32Type>();
+    let half = after.as_primitive::<arrow_array::types::Float16Type>();
+    let single = before.as_primitive::<arrow_array::types::Float32Type>();
     if let Some(i) = (0..half.len()).find(|&i| !half.value(i).is_finite() && single.value(i).is_finite()) {
         return Err(Error::InvalidInput(format!(
             "column {}: value {} is beyond float16's largest, 65504: write float32 values (--values f32)",
@@ -223,8 +225,8 @@ pub struct SinkSummary {
 /// ```
 /// use std::sync::Arc;
 ///
-/// use arrow::array::{Float32Array, RecordBatch, StringArray};
-/// use arrow::datatypes::{DataType, Field, Schema};
+/// use arrow_array::{Float32Array, RecordBatch, StringArray};
+/// use arrow_schema::{DataType, Field, Schema};
 /// use cpa_stream_stages::sink::{ParquetSink, SinkOptions};
 ///
 /// let dir = tempfile::tempdir()?;
@@ -921,8 +923,8 @@ impl Drop for ParquetSink {
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{Float32Array, StringArray};
-    use arrow::datatypes::{Field, Schema};
+    use arrow_array::{Float32Array, StringArray};
+    use arrow_schema::{Field, Schema};
 
     use super::*;
 
@@ -931,7 +933,7 @@ mod tests {
             Field::new("id", DataType::Utf8, false),
             Field::new("x", DataType::Float32, false),
         ]));
-        let columns: Vec<arrow::array::ArrayRef> =
+        let columns: Vec<arrow_array::ArrayRef> =
             vec![Arc::new(StringArray::from(vec!["a", "b"])), Arc::new(Float32Array::from(vec![1.0, 2.5]))];
         RecordBatch::try_new(schema, columns).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -970,16 +972,16 @@ mod tests {
 mod parallel_tests {
     use std::sync::Arc;
 
-    use arrow::array::{FixedSizeListArray, Float32Array, StringArray};
-    use arrow::buffer::NullBuffer;
-    use arrow::datatypes::{Field, Schema};
+    use arrow_array::{FixedSizeListArray, Float32Array, StringArray};
+    use arrow_buffer::NullBuffer;
+    use arrow_schema::{Field, Schema};
 
     use super::*;
 
     /// Rows of ids and 50-gene vectors, in batches of uneven sizes.
     #[test]
     fn float16_values_read_back_within_half_precision_on_any_thread_count() -> Result<()> {
-        use arrow::array::AsArray;
+        use arrow_array::cast::AsArray;
         let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
         let all = batches();
         let mut files = Vec::new();
@@ -996,20 +998,22 @@ mod parallel_tests {
         }
         let bytes = |p: &Path| std::fs::read(p).map_err(|e| Error::io(p, e));
         assert_eq!(bytes(&files[0].1)?, bytes(&files[1].1)?, "the bytes differ between thread counts");
-        let want = arrow::compute::concat_batches(&all[0].schema(), &all).map_err(|e| Error::arrow("concat", e))?;
-        let want = want.column(1).as_fixed_size_list().values().as_primitive::<arrow::datatypes::Float32Type>().clone();
+        let want =
+            arrow_select::concat::concat_batches(&all[0].schema(), &all).map_err(|e| Error::arrow("concat", e))?;
+        let want =
+            want.column(1).as_fixed_size_list().values().as_primitive::<arrow_array::types::Float32Type>().clone();
         for (_, path) in &files {
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
             let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 10_000)
                 .map_err(|e| Error::parquet(path, e))?;
             let read: Vec<RecordBatch> =
                 reader.collect::<std::result::Result<_, _>>().map_err(|e| Error::arrow("reading back", e))?;
-            let got =
-                arrow::compute::concat_batches(&read[0].schema(), &read).map_err(|e| Error::arrow("concat", e))?;
+            let got = arrow_select::concat::concat_batches(&read[0].schema(), &read)
+                .map_err(|e| Error::arrow("concat", e))?;
             assert_eq!(got.num_rows(), 6761);
             let list = got.column(1).as_fixed_size_list();
             assert_eq!(list.value_type(), DataType::Float16, "{}", path.display());
-            let half = list.values().as_primitive::<arrow::datatypes::Float16Type>();
+            let half = list.values().as_primitive::<arrow_array::types::Float16Type>();
             for i in 0..want.len() {
                 let (x, y) = (f64::from(want.value(i)), f64::from(half.value(i).to_f32()));
                 // Half precision: 2^-11 relative in the normal range, 2^-25 absolute below it.
@@ -1096,7 +1100,8 @@ mod parallel_tests {
         assert_ne!(fast[0], files[0], "the profiles write the same file");
         // And the files read back as written, rows in order.
         let all = batches();
-        let want = arrow::compute::concat_batches(&all[0].schema(), &all).map_err(|e| Error::arrow("concat", e))?;
+        let want =
+            arrow_select::concat::concat_batches(&all[0].schema(), &all).map_err(|e| Error::arrow("concat", e))?;
         for name in ["t8.parquet", "fast8.parquet"] {
             let path = dir.path().join(name);
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
@@ -1104,8 +1109,8 @@ mod parallel_tests {
                 .map_err(|e| Error::parquet(&path, e))?;
             let read: Vec<RecordBatch> =
                 reader.collect::<std::result::Result<_, _>>().map_err(|e| Error::arrow("reading back", e))?;
-            let got =
-                arrow::compute::concat_batches(&read[0].schema(), &read).map_err(|e| Error::arrow("concat", e))?;
+            let got = arrow_select::concat::concat_batches(&read[0].schema(), &read)
+                .map_err(|e| Error::arrow("concat", e))?;
             assert_eq!(got.columns(), want.columns(), "{name}");
         }
         Ok(())
@@ -1139,7 +1144,8 @@ mod parallel_tests {
     fn parts_are_the_same_for_any_thread_count_and_hold_the_rows_in_order() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
         let all = batches();
-        let want = arrow::compute::concat_batches(&all[0].schema(), &all).map_err(|e| Error::arrow("concat", e))?;
+        let want =
+            arrow_select::concat::concat_batches(&all[0].schema(), &all).map_err(|e| Error::arrow("concat", e))?;
         for (profile, values) in
             [(SinkProfile::Small, Values::F32), (SinkProfile::Fast, Values::F32), (SinkProfile::Fast, Values::F16)]
         {
@@ -1177,8 +1183,8 @@ mod parallel_tests {
                     );
                     read.extend(rows);
                 }
-                let got =
-                    arrow::compute::concat_batches(&read[0].schema(), &read).map_err(|e| Error::arrow("concat", e))?;
+                let got = arrow_select::concat::concat_batches(&read[0].schema(), &read)
+                    .map_err(|e| Error::arrow("concat", e))?;
                 assert_eq!(got.columns(), want.columns(), "{profile:?}: the parts' rows in order are the rows written");
             }
         }
@@ -1264,7 +1270,7 @@ mod parallel_tests {
             })
             .collect();
         let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
-        let want = arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::arrow("concat", e))?;
+        let want = arrow_select::concat::concat_batches(&schema, &batches).map_err(|e| Error::arrow("concat", e))?;
         for (profile, threads) in [(SinkProfile::Fast, 1), (SinkProfile::Small, 3)] {
             let path = dir.path().join(format!("{profile:?}.parquet"));
             let options = SinkOptions { row_group_rows: 200, threads, profile, ..Default::default() };
@@ -1278,8 +1284,8 @@ mod parallel_tests {
                 .map_err(|e| Error::parquet(&path, e))?;
             let read: Vec<RecordBatch> =
                 reader.collect::<std::result::Result<_, _>>().map_err(|e| Error::arrow("reading back", e))?;
-            let got =
-                arrow::compute::concat_batches(&read[0].schema(), &read).map_err(|e| Error::arrow("concat", e))?;
+            let got = arrow_select::concat::concat_batches(&read[0].schema(), &read)
+                .map_err(|e| Error::arrow("concat", e))?;
             assert_eq!(got.columns(), want.columns(), "{profile:?}");
             assert_eq!(got.column(2).null_count(), 517usize.div_ceil(5), "{profile:?}");
         }

@@ -444,8 +444,8 @@ impl RowCursor<'_> {
 mod tests {
     use std::sync::Arc;
 
-    use arrow::array::{RecordBatch, StringArray};
-    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow_array::{RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
     use cpa_stream_schemas::Codec;
     use rand::SeedableRng;
     use rand::seq::SliceRandom;

@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
 use cpa_stream_schemas::tables::check_obs_schema;
 use cpa_stream_schemas::{BlockChecksum, Codec, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Planes, StoreFiles};
 use memmap2::Advice;
@@ -49,8 +49,8 @@ enum Matrix {
 /// ```
 /// use std::sync::Arc;
 ///
-/// use arrow::array::{RecordBatch, StringArray};
-/// use arrow::datatypes::{DataType, Field, Schema};
+/// use arrow_array::{RecordBatch, StringArray};
+/// use arrow_schema::{DataType, Field, Schema};
 /// use cpa_stream_stages::CsrBatch;
 /// use cpa_stream_stages::store::{Store, StoreWriter, StoreWriterOptions};
 ///
@@ -371,11 +371,11 @@ impl Store {
         let path = self.dir.join(name);
         let schema = self.table_schema(name)?;
         let batches = self.table(name)?.collect::<Result<Vec<_>>>()?;
-        arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::arrow(path.display().to_string(), e))
+        arrow_select::concat::concat_batches(&schema, &batches).map_err(|e| Error::arrow(path.display().to_string(), e))
     }
 
     /// The Arrow schema of table `name` of the store.
-    pub fn table_schema(&self, name: &str) -> Result<arrow::datatypes::SchemaRef> {
+    pub fn table_schema(&self, name: &str) -> Result<arrow_schema::SchemaRef> {
         super::tables::table_schema_of(&self.dir.join(name), self.open_file(name)?)
     }
 
@@ -936,8 +936,8 @@ mod tests {
         use std::os::unix::fs::MetadataExt as _;
         use std::sync::Arc;
 
-        use arrow::array::{RecordBatch, StringArray};
-        use arrow::datatypes::{DataType, Field, Schema};
+        use arrow_array::{RecordBatch, StringArray};
+        use arrow_schema::{DataType, Field, Schema};
 
         use crate::CsrBatch;
         use crate::store::{Store, StoreWriter, StoreWriterOptions};
@@ -1038,8 +1038,8 @@ mod tests {
         use std::os::unix::fs::MetadataExt as _;
         use std::sync::Arc;
 
-        use arrow::array::{RecordBatch, StringArray};
-        use arrow::datatypes::{DataType, Field, Schema};
+        use arrow_array::{RecordBatch, StringArray};
+        use arrow_schema::{DataType, Field, Schema};
         use parquet::arrow::ArrowWriter;
         use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader, ParquetMetaDataWriter};
 

@@ -5,9 +5,12 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use arrow::array::{Array, AsArray, DictionaryArray};
-use arrow::datatypes::{DataType, Float64Type, Int32Type, SchemaRef};
-use arrow::record_batch::RecordBatch;
+use arrow_array::{Array, DictionaryArray};
+
+use arrow_array::RecordBatch;
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int32Type};
+use arrow_schema::{DataType, SchemaRef};
 use cpa_stream_schemas::StoreFiles;
 use cpa_stream_schemas::tables::categories_of;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -69,7 +72,7 @@ impl TableFile<'_> {
     pub fn read_small(&self) -> Result<RecordBatch> {
         let schema = self.schema()?;
         let batches = self.read()?.collect::<Result<Vec<_>>>()?;
-        arrow::compute::concat_batches(&schema, &batches)
+        arrow_select::concat::concat_batches(&schema, &batches)
             .map_err(|e| Error::arrow(self.path().display().to_string(), e))
     }
 }
@@ -190,7 +193,7 @@ impl<R: Read> Read for EndIsAnErrorRead<R> {
 pub fn read_small_table(path: &Path) -> Result<RecordBatch> {
     let schema = table_schema(path)?;
     let batches = read_table(path)?.collect::<Result<Vec<_>>>()?;
-    arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::arrow(path.display().to_string(), e))
+    arrow_select::concat::concat_batches(&schema, &batches).map_err(|e| Error::arrow(path.display().to_string(), e))
 }
 
 /// Writes `batches` (all with `schema`) as a Parquet table with the store's table properties
@@ -303,7 +306,7 @@ pub fn summarize_obs(store: &Store) -> Result<Vec<ColumnSummary>> {
                     }
                 }
             } else if array.data_type().is_numeric() {
-                let cast = arrow::compute::cast(array, &DataType::Float64)
+                let cast = arrow_cast::cast(array, &DataType::Float64)
                     .map_err(|e| Error::arrow(format!("{}: column {:?}", path.display(), summary.name), e))?;
                 let values = cast.as_primitive::<Float64Type>();
                 for v in values.iter().flatten() {

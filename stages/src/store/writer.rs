@@ -7,8 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
 use cpa_stream_schemas::tables::{check_obs_schema, check_var_schema};
 use cpa_stream_schemas::{
     ChecksumAlgorithm, Codec, FileEntry, MANIFEST_FILE, Manifest, MatrixDtypes, STORE_FORMAT, STORE_FORMAT_VERSION,

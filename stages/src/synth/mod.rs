@@ -18,11 +18,11 @@ mod nb;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{
+use arrow_array::RecordBatch;
+use arrow_array::{
     ArrayRef, BooleanArray, DictionaryArray, FixedSizeListArray, Float32Array, Int32Array, StringArray, UInt64Array,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use cpa_stream_schemas::tables::{CELL_ID, GENE_ID, categorical_field, truth_schema};
 use parquet::arrow::ArrowWriter;
 use rand::Rng;
