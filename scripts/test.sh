@@ -16,8 +16,9 @@ scripts/python.sh --tests >/dev/null
 export CPA_STREAM_BIN="$CARGO_TARGET_DIR/release/cpa-stream"
 status=0
 # Temporary folders of passing tests are removed (pytest keeps three runs' by default: gigabytes on
-# a shared disk).
-"$CPA_STREAM_VENV/bin/python" -m pytest python/tests -q -rs -o tmp_path_retention_policy=failed || status=$?
+# a shared disk). The ten slowest tests are listed at the end: where the suite's minutes go.
+"$CPA_STREAM_VENV/bin/python" -m pytest python/tests -q -rs -o tmp_path_retention_policy=failed --durations=10 ||
+  status=$?
 if [ "$status" -eq 5 ]; then
   echo "test.sh: pytest collected no tests in python/tests" >&2
 fi
