@@ -321,12 +321,18 @@ fn the_fronts_early_build_compiles_no_crate_the_full_build_compiles_otherwise() 
     assert!(drifted.is_empty(), "crates with other features in the front's early build: {drifted:?}");
 }
 
-/// `cargo tree` of this workspace, offline, one line per crate with its features (`{p} [{f}]`);
-/// `None`, with the reason printed, where it cannot run.
+/// `cargo tree` of this workspace, offline, one line per crate with its features (`{p} [{f}]`),
+/// those compiled for the build machine (build scripts' dependencies, procedural macros and what
+/// they use) marked `host `: cargo resolves their features apart from the others'. `None`, with
+/// the reason printed, where it cannot run.
 fn cargo_tree(args: &[&str]) -> Option<BTreeSet<String>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // With the target named, the build machine's crates are nodes of their own even where their
+    // features equal the target's (without it, cargo tree shows such a crate once, under whichever
+    // side it meets first).
+    let target = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     let out = match std::process::Command::new(&cargo)
-        .args(["tree", "--offline", "--locked", "--prefix", "none", "-f", "{p} [{f}]"])
+        .args(["tree", "--offline", "--locked", "--prefix", "indent", "-f", "{p} [{f}]", "--target", &target])
         .args(args)
         .current_dir(repo_root())
         .output()
@@ -341,9 +347,56 @@ fn cargo_tree(args: &[&str]) -> Option<BTreeSet<String>> {
         eprintln!("skipped: cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
         return None;
     }
-    // Each crate with its features once; a repeat is marked "(*)".
-    let text = String::from_utf8_lossy(&out.stdout);
-    Some(text.lines().map(|l| l.trim_end_matches(" (*)").to_owned()).filter(|l| !l.is_empty()).collect())
+    Some(tag_host_crates(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The lines of an indented `cargo tree`, each crate once (a repeat is marked "(*)"), prefixed
+/// `host ` under a `[build-dependencies]` heading or a procedural macro.
+fn tag_host_crates(tree: &str) -> BTreeSet<String> {
+    // Open scopes: (column from which they hold, whether what is in them is the host's).
+    let mut scopes: Vec<(usize, bool)> = Vec::new();
+    let mut lines = BTreeSet::new();
+    for line in tree.lines() {
+        let start = line.find(|c: char| !matches!(c, ' ' | '│' | '├' | '└' | '─')).unwrap_or(line.len());
+        let column = line[..start].chars().count();
+        let text = line[start..].trim_end_matches(" (*)");
+        if text.is_empty() {
+            continue;
+        }
+        if text.starts_with('[') {
+            // A heading at this column covers the items that follow at this column and deeper.
+            scopes.retain(|&(at, _)| at < column);
+            scopes.push((column, text == "[build-dependencies]"));
+            continue;
+        }
+        // An item's branch ("├── ") begins four columns before its name.
+        let branch = column.saturating_sub(4);
+        scopes.retain(|&(at, _)| at <= branch);
+        let host = scopes.iter().any(|&(_, host)| host);
+        lines.insert(if host { format!("host {text}") } else { text.to_owned() });
+        if text.contains(" (proc-macro)") {
+            scopes.push((column, true));
+        }
+    }
+    lines
+}
+
+#[test]
+fn the_tree_reader_marks_what_build_scripts_and_macros_use() {
+    let tree = "a v1 [x]\n├── b v1 [y]\n│   [build-dependencies]\n│   └── c v1 [z]\n│       └── d v1 []\n\
+                ├── m v1 (proc-macro) []\n│   └── e v1 [w]\n└── d v1 [q]\n[build-dependencies]\n└── f v1 []\n";
+    let lines = tag_host_crates(tree);
+    let expected = [
+        "a v1 [x]",
+        "b v1 [y]",
+        "host c v1 [z]",
+        "host d v1 []",
+        "m v1 (proc-macro) []",
+        "host e v1 [w]",
+        "d v1 [q]",
+        "host f v1 []",
+    ];
+    assert_eq!(lines, expected.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>());
 }
 
 #[test]
