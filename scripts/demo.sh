@@ -3,7 +3,7 @@
 # laptop CPU.
 #   OUT  output directory (default: out/demo)
 #
-# The first run builds everything (docs/install.md: about 20 minutes on 2 cores). It builds the
+# The first run builds everything (docs/install.md: about 22 minutes on 2 cores). It builds the
 # front first (the data commands, no libtorch) and runs the demo's first part on it, while PyTorch
 # downloads and the model's engine and the Python module compile in the background; later runs
 # find everything built and start at once.
