@@ -40,19 +40,26 @@ if [ ! -f "$venv_stamp" ] && [ ! -f "$stamp" ]; then
   flock -u 9
 fi
 
-# cmake builds the bundled HDF5 C library (hdf5-metno "static"); anndata and h5py make the .h5ad
-# test fixtures. Small; installed once.
-extras_stamp="$venv/.extras-$EXTRAS_VERSION.ok"
-if [ ! -f "$extras_stamp" ]; then
+# pip installs PACKAGES into the venv once: STAMP marks it done; a lock keeps two first runs (tests,
+# demo) from installing at once.
+pip_once() { # WHAT STAMP PACKAGES...
+  local what=$1 done_stamp=$2
+  shift 2
+  [ -f "$done_stamp" ] && return 0
   exec 9>"$cache/.bootstrap.lock"
   flock 9
-  if [ ! -f "$extras_stamp" ]; then
-    log "installing cmake, anndata and h5py into $venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $EXTRAS >&2
-    touch "$extras_stamp"
+  if [ ! -f "$done_stamp" ]; then
+    log "installing $what into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >&2
+    touch "$done_stamp"
   fi
   flock -u 9
-fi
+}
+
+# cmake builds the bundled HDF5 C library (hdf5-metno "static"); anndata and h5py make the .h5ad
+# test fixtures. Small; installed once.
+# shellcheck disable=SC2086 # the packages are words
+pip_once "cmake, anndata and h5py" "$venv/.extras-$EXTRAS_VERSION.ok" $EXTRAS
 
 echo "export CPA_STREAM_CACHE='$cache'"
 echo "export CARGO_TARGET_DIR='${CARGO_TARGET_DIR:-$cache/target}'"
@@ -61,16 +68,8 @@ echo "export CMAKE='$venv/bin/cmake'"
 echo "export CPA_STREAM_PYTHON='$venv/bin/python'"
 $tools_only && exit 0
 
-if [ ! -f "$stamp" ]; then
-  exec 9>"$cache/.bootstrap.lock"
-  flock 9
-  if [ ! -f "$stamp" ]; then
-    log "installing PyTorch $TORCH_VERSION (libtorch for tch, about 4.6 GB with its CUDA libraries) into $venv; this happens once"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2
-    touch "$stamp"
-  fi
-  flock -u 9
-fi
+pip_once "PyTorch $TORCH_VERSION (libtorch for tch, about 4.6 GB with its CUDA libraries; this happens once)" \
+  "$stamp" "torch==$TORCH_VERSION"
 
 torch_dir="$("$venv/bin/python" - <<'PY'
 import os, importlib.util
