@@ -26,11 +26,11 @@ fuzz_target!(init: common::init(), |data: &[u8]| {
         let _ = h5.read_var();
         let _ = h5.read_degs(None);
         let _ = h5.other_matrices();
-        if h5.layout() == MatrixLayout::Csc {
-            let _ = h5.read_columns(0..h5.n_vars().min(64));
+        if h5.matrix().layout() == MatrixLayout::Csc {
+            let _ = h5.matrix().read_columns(0..h5.n_vars().min(64));
         } else {
             let mut out = CsrBatch::new(h5.n_vars().min(u64::from(u32::MAX)) as u32);
-            let _ = h5.read_rows(0..n.min(4096), &mut out);
+            let _ = h5.matrix().read_rows(0..n.min(4096), &mut out);
         }
     }
 });

@@ -94,11 +94,11 @@ fuzz_target!(init: common::init(), |data: &[u8]| {
             let _ = z.read_var();
             let _ = z.read_degs(None);
             let _ = z.missing_chunks();
-            if z.layout() == MatrixLayout::Csc {
-                let _ = z.read_columns(0..z.n_vars().min(64));
+            if z.matrix().layout() == MatrixLayout::Csc {
+                let _ = z.matrix().read_columns(0..z.n_vars().min(64));
             } else {
                 let mut out = CsrBatch::new(z.n_vars().min(u64::from(u32::MAX)) as u32);
-                let _ = z.read_rows(0..n.min(4096), &mut out);
+                let _ = z.matrix().read_rows(0..n.min(4096), &mut out);
             }
         }
     }

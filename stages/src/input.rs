@@ -9,7 +9,7 @@ use std::path::Path;
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 
-pub use crate::anndata::{MatrixLayout, MatrixSource};
+pub use crate::anndata::{MatrixLayout, MatrixSource, StoredMatrix};
 use crate::counts_csr::CsrBatch;
 use crate::error::Result;
 use crate::h5ad::H5adReader;
@@ -87,14 +87,19 @@ impl AnnDataReader {
         each!(self, r => r.n_vars())
     }
 
+    /// The matrix, read by row or column ranges.
+    pub fn matrix(&self) -> &StoredMatrix {
+        each!(self, r => r.matrix())
+    }
+
     /// The matrix's layout.
     pub fn layout(&self) -> MatrixLayout {
-        each!(self, r => r.layout())
+        self.matrix().layout()
     }
 
     /// Stored entries of the sparse matrix (for dense: the number of elements).
     pub fn stored_entries(&self) -> u64 {
-        each!(self, r => r.stored_entries())
+        self.matrix().stored_entries()
     }
 
     /// The Arrow schema `obs` becomes.
@@ -113,19 +118,19 @@ impl AnnDataReader {
     }
 
     /// The end of the longest run of lines from `start` (at most `max_lines`) whose entries
-    /// number at most `max_entries` (see [`H5adReader::lines_within`]).
+    /// number at most `max_entries` (see [`StoredMatrix::lines_within`]).
     pub fn lines_within(&self, start: u64, max_lines: u64, max_entries: u64) -> Result<u64> {
-        each!(self, r => r.lines_within(start, max_lines, max_entries))
+        self.matrix().lines_within(start, max_lines, max_entries)
     }
 
     /// Appends rows `rows` of a CSR or dense matrix to `out`.
     pub fn read_rows(&self, rows: Range<u64>, out: &mut CsrBatch) -> Result<()> {
-        each!(self, r => r.read_rows(rows, out))
+        self.matrix().read_rows(rows, out)
     }
 
     /// For a CSC matrix: columns `cols` as (column offsets, row indices, values).
     pub fn read_columns(&self, cols: Range<u64>) -> Result<(Vec<u64>, Vec<u64>, Vec<f32>)> {
-        each!(self, r => r.read_columns(cols))
+        self.matrix().read_columns(cols)
     }
 
     /// DEG lists from `uns` (see [`H5adReader::read_degs`]).

@@ -1036,7 +1036,7 @@ fn counts_are_whole_seeded_draws_whose_means_match_the_predicted_means_and_an_h5
     let controls = obs(&f.store).0.iter().filter(|c| c.as_str() == "control").count();
     assert_eq!(h5ad.n_obs() as usize, counts.len() + controls);
     let mut rows = CsrBatch::new(h5ad.n_vars() as u32);
-    h5ad.read_rows(0..h5ad.n_obs(), &mut rows).unwrap_or_else(|e| panic!("{e}"));
+    h5ad.matrix().read_rows(0..h5ad.n_obs(), &mut rows).unwrap_or_else(|e| panic!("{e}"));
     for (r, want) in counts.iter().enumerate() {
         let mut dense = vec![0.0f64; want.len()];
         let (idx, data) = rows.row(r);

@@ -10,14 +10,40 @@ use hdf5::{Dataset, File, Group};
 
 use super::audit::ExternalData;
 use super::dataframe::{DataFrameReader, attr_string, read_strings, read_vec};
-use crate::anndata::{MatrixLayout, MatrixSource, SparseShape, deg_lists, deg_table, lines_fitting, push_dense_rows};
-use crate::counts_csr::CsrBatch;
+use crate::anndata::{Arrays, MatrixArray, MatrixLayout, MatrixSource, StoredMatrix, deg_lists, deg_table};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone)]
-enum Matrix {
-    Sparse { layout: MatrixLayout, data: Dataset, indices: Dataset, indptr: Dataset },
-    Dense(Dataset),
+/// A dataset of the matrix (`data`, `indices`, `indptr`, or a dense `X`), read by ranges.
+struct H5Array {
+    path: PathBuf,
+    ds: Dataset,
+}
+
+impl MatrixArray for H5Array {
+    fn len(&self) -> u64 {
+        self.ds.shape().first().map_or(0, |&n| n as u64)
+    }
+
+    fn ints(&self, range: Range<u64>, what: &dyn Fn() -> String) -> Result<Vec<i64>> {
+        let sel = range.start as usize..range.end as usize;
+        read_vec(&self.path, &self.ds, &sel, sel.len(), what)
+    }
+
+    fn floats(&self, range: Range<u64>, what: &dyn Fn() -> String) -> Result<Vec<f32>> {
+        let sel = range.start as usize..range.end as usize;
+        if self.ds.ndim() != 2 {
+            return read_values(&self.path, &self.ds, &sel, what);
+        }
+        if sel.is_empty() {
+            return Ok(Vec::new());
+        }
+        let block = match is_boolean(&self.ds) {
+            true => self.ds.read_slice_2d::<bool, _>((sel, ..)).map(|b| b.mapv(|v| f32::from(u8::from(v)))),
+            false => self.ds.read_slice_2d::<f32, _>((sel, ..)),
+        }
+        .map_err(Error::hdf5(&self.path, what()))?;
+        Ok(block.as_standard_layout().into_owned().into_raw_vec_and_offset().0)
+    }
 }
 
 /// An open `.h5ad` file: the matrix (`X` or a layer), `obs`, `var` and DEG lists.
@@ -26,9 +52,7 @@ pub struct H5adReader {
     path: PathBuf,
     file: File,
     element: String,
-    matrix: Matrix,
-    n_obs: u64,
-    n_vars: u64,
+    matrix: StoredMatrix,
     obs: DataFrameReader,
     var: DataFrameReader,
 }
@@ -133,7 +157,7 @@ impl H5adReader {
         }
         let obs = DataFrameReader::open(path, &file, "obs", cpa_stream_schemas::tables::CELL_ID)?;
         let var = DataFrameReader::open(path, &file, var_name, cpa_stream_schemas::tables::GENE_ID)?;
-        let (matrix, shape) = open_matrix(path, &file, &element)?;
+        let (arrays, shape) = open_matrix(path, &file, &element)?;
         let (n_obs, n_vars) = shape;
         if n_obs != obs.n_rows() {
             return Err(Error::SizeMismatch {
@@ -157,7 +181,8 @@ impl H5adReader {
                 reason: format!("{n_vars} genes exceed u32 indices"),
             });
         }
-        Ok(H5adReader { path: path.to_owned(), file, element, matrix, n_obs, n_vars, obs, var })
+        let matrix = StoredMatrix::new(path, &element, arrays, shape);
+        Ok(H5adReader { path: path.to_owned(), file, element, matrix, obs, var })
     }
 
     /// The file.
@@ -187,28 +212,17 @@ impl H5adReader {
 
     /// Cells.
     pub fn n_obs(&self) -> u64 {
-        self.n_obs
+        self.matrix.n_obs()
     }
 
     /// Genes (of the matrix read, after any gene selection).
     pub fn n_vars(&self) -> u64 {
-        self.n_vars
+        self.matrix.n_vars()
     }
 
-    /// The matrix's layout.
-    pub fn layout(&self) -> MatrixLayout {
-        match &self.matrix {
-            Matrix::Sparse { layout, .. } => *layout,
-            Matrix::Dense(_) => MatrixLayout::Dense,
-        }
-    }
-
-    /// Stored entries of the sparse matrix (for dense: the number of elements).
-    pub fn stored_entries(&self) -> u64 {
-        match &self.matrix {
-            Matrix::Sparse { data, .. } => data.size() as u64,
-            Matrix::Dense(d) => d.size() as u64,
-        }
+    /// The matrix, read by row or column ranges.
+    pub fn matrix(&self) -> &StoredMatrix {
+        &self.matrix
     }
 
     /// The Arrow schema `obs` becomes.
@@ -223,104 +237,12 @@ impl H5adReader {
 
     /// The whole `var` table (genes are few).
     pub fn read_var(&self) -> Result<RecordBatch> {
-        self.var.read(0..self.n_vars)
+        self.var.read(0..self.n_vars())
     }
 
     /// Gene ids (the `var` index).
     pub fn gene_ids(&self) -> Result<Vec<String>> {
-        self.var.read_index(0..self.n_vars)
-    }
-
-    fn err(&self, what: String) -> impl FnOnce(hdf5::Error) -> Error {
-        Error::hdf5(&self.path, format!("{}: {what}", self.element))
-    }
-
-    /// The sparse matrix's shape, for checking what is read of it.
-    fn sparse(&self, data: &Dataset, indptr: &Dataset) -> SparseShape<'_> {
-        SparseShape {
-            path: &self.path,
-            element: &self.element,
-            layout: self.layout(),
-            n_obs: self.n_obs,
-            n_vars: self.n_vars,
-            nnz: data.size() as u64,
-            indptr_len: indptr.size() as u64,
-        }
-    }
-
-    /// Offsets `range` of a sparse matrix's `indptr`, checked (see [`SparseShape::offsets`]).
-    fn offsets(&self, data: &Dataset, indptr: &Dataset, range: Range<u64>) -> Result<Vec<u64>> {
-        let sel = range.start as usize..range.end as usize;
-        let raw: Vec<i64> = read_vec(&self.path, indptr, &sel, sel.len(), || format!("{}/indptr", self.element))?;
-        self.sparse(data, indptr).offsets(&raw, range)
-    }
-
-    /// The end of the longest run of rows (columns of a CSC matrix) from `start`, at most
-    /// `max_lines` of them, whose entries number at most `max_entries` (at least one line, which
-    /// holds at most as many entries as the matrix is wide). For a dense matrix, the run whose
-    /// elements fit. Import reads by these runs, so that one read is bounded whatever the file
-    /// declares.
-    pub fn lines_within(&self, start: u64, max_lines: u64, max_entries: u64) -> Result<u64> {
-        let (lines, minor) = match self.layout() {
-            MatrixLayout::Csc => (self.n_vars, self.n_obs),
-            _ => (self.n_obs, self.n_vars),
-        };
-        let end = start.saturating_add(max_lines.max(1)).min(lines);
-        if start >= end {
-            return Ok(end);
-        }
-        let Matrix::Sparse { data, indptr, .. } = &self.matrix else {
-            return Ok(end.min(start + (max_entries / minor.max(1)).max(1)));
-        };
-        let offsets = self.offsets(data, indptr, start..end + 1)?;
-        Ok(lines_fitting(start, &offsets, max_entries))
-    }
-
-    /// Appends rows `rows` of a CSR or dense matrix to `out` (values as f32, zeros dropped from
-    /// dense rows). Checks indices against `n_vars` and their order within rows.
-    pub fn read_rows(&self, rows: Range<u64>, out: &mut CsrBatch) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        match &self.matrix {
-            Matrix::Sparse { layout: MatrixLayout::Csr, data, indices, indptr } => {
-                let offsets = self.offsets(data, indptr, rows.start..rows.end + 1)?;
-                let (s, e) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
-                let ctx = || format!("{}: rows {}..{}", self.element, rows.start, rows.end);
-                let idx: Vec<i64> = read_vec(&self.path, indices, &(s..e), e - s, ctx)?;
-                let val = read_values(&self.path, data, &(s..e), ctx)?;
-                self.sparse(data, indptr).push_rows(out, rows.start, &offsets, &idx, &val)
-            }
-            Matrix::Dense(x) => {
-                let sel = (rows.start as usize..rows.end as usize, ..);
-                let block = match is_boolean(x) {
-                    true => x.read_slice_2d::<bool, _>(sel).map(|b| b.mapv(|v| f32::from(u8::from(v)))),
-                    false => x.read_slice_2d::<f32, _>(sel),
-                }
-                .map_err(self.err(format!("rows {}..{}", rows.start, rows.end)))?;
-                let values = block.as_standard_layout();
-                push_dense_rows(out, values.as_slice().unwrap_or(&[]), self.n_vars as usize);
-                Ok(())
-            }
-            Matrix::Sparse { layout, .. } => Err(Error::InvalidInput(format!(
-                "{}: {:?} matrix cannot be read by rows; use read_columns",
-                self.path.display(),
-                layout
-            ))),
-        }
-    }
-
-    /// For a CSC matrix: columns `cols` as (column offsets, row indices, values).
-    pub fn read_columns(&self, cols: Range<u64>) -> Result<(Vec<u64>, Vec<u64>, Vec<f32>)> {
-        let Matrix::Sparse { layout: MatrixLayout::Csc, data, indices, indptr } = &self.matrix else {
-            return Err(Error::InvalidInput(format!("{}: not a CSC matrix", self.path.display())));
-        };
-        let offsets = self.offsets(data, indptr, cols.start..cols.end + 1)?;
-        let (s, e) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
-        let ctx = || format!("{}: columns {}..{}", self.element, cols.start, cols.end);
-        let rows: Vec<i64> = read_vec(&self.path, indices, &(s..e), e - s, ctx)?;
-        let vals = read_values(&self.path, data, &(s..e), ctx)?;
-        Ok((offsets, self.sparse(data, indptr).row_indices(&rows)?, vals))
+        self.var.read_index(0..self.n_vars())
     }
 
     /// DEG lists from `uns`, as a table (`group`, `rank`, `gene`, `score`): the entry `key`, or
@@ -434,7 +356,7 @@ fn is_boolean(ds: &Dataset) -> bool {
 }
 
 /// Entries `sel` of a matrix's values as f32 (HDF5 converts numbers; booleans become 1 and 0).
-fn read_values(path: &Path, data: &Dataset, sel: &Range<usize>, ctx: impl Fn() -> String) -> Result<Vec<f32>> {
+fn read_values(path: &Path, data: &Dataset, sel: &Range<usize>, ctx: &dyn Fn() -> String) -> Result<Vec<f32>> {
     let n = sel.len();
     if is_boolean(data) {
         let flags: Vec<bool> = read_vec(path, data, sel, n, ctx)?;
@@ -443,7 +365,7 @@ fn read_values(path: &Path, data: &Dataset, sel: &Range<usize>, ctx: impl Fn() -
     read_vec(path, data, sel, n, ctx)
 }
 
-fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Matrix, (u64, u64))> {
+fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Arrays, (u64, u64))> {
     if let Ok(group) = file.group(element) {
         // anndata <= 0.6 (h5sparse): no encoding-type, `h5sparse_format` "csr"/"csc" and
         // `h5sparse_shape` instead.
@@ -510,7 +432,9 @@ fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Matrix, (u64,
                 actual: indices.size() as u64,
             });
         }
-        return Ok((Matrix::Sparse { layout, data, indices, indptr }, (shape[0] as u64, shape[1] as u64)));
+        let array = |ds: Dataset| -> Box<dyn MatrixArray> { Box::new(H5Array { path: path.to_owned(), ds }) };
+        let arrays = Arrays::Sparse { layout, data: array(data), indices: array(indices), indptr: array(indptr) };
+        return Ok((arrays, (shape[0] as u64, shape[1] as u64)));
     }
     let x = file.dataset(element).map_err(Error::hdf5(path, element.to_owned()))?;
     let shape = x.shape();
@@ -520,5 +444,6 @@ fn open_matrix(path: &Path, file: &File, element: &str) -> Result<(Matrix, (u64,
             reason: format!("{element}: {}-dimensional array, expected 2", shape.len()),
         });
     }
-    Ok((Matrix::Dense(x), (shape[0] as u64, shape[1] as u64)))
+    let shape = (shape[0] as u64, shape[1] as u64);
+    Ok((Arrays::Dense(Box::new(H5Array { path: path.to_owned(), ds: x })), shape))
 }

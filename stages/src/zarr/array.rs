@@ -347,3 +347,19 @@ impl ZArray {
         }
     }
 }
+
+/// A matrix's arrays read by the shared reader ([`crate::anndata::StoredMatrix`]); the array
+/// names itself in errors.
+impl crate::anndata::MatrixArray for ZArray {
+    fn len(&self) -> u64 {
+        ZArray::len(self)
+    }
+
+    fn ints(&self, range: Range<u64>, _what: &dyn Fn() -> String) -> Result<Vec<i64>> {
+        ZArray::ints(self, range)
+    }
+
+    fn floats(&self, range: Range<u64>, _what: &dyn Fn() -> String) -> Result<Vec<f32>> {
+        ZArray::floats(self, range)
+    }
+}

@@ -27,8 +27,7 @@ use zarrs::storage::ReadableStorageTraits;
 use self::array::{Elements, ZArray};
 use self::audit::{MAX_IDS_PER_BYTE, Walked};
 use self::frame::Frame;
-use crate::anndata::{MatrixLayout, MatrixSource, SparseShape, deg_lists, lines_fitting, push_dense_rows};
-use crate::counts_csr::CsrBatch;
+use crate::anndata::{Arrays, MatrixLayout, MatrixSource, StoredMatrix, deg_lists};
 use crate::error::{Error, Result};
 use crate::h5ad::ExternalData;
 use cpa_stream_schemas::tables::{CELL_ID, GENE_ID};
@@ -161,18 +160,13 @@ impl Zarr {
     }
 }
 
-enum Matrix {
-    Sparse { layout: MatrixLayout, data: Box<ZArray>, indices: Box<ZArray>, indptr: Box<ZArray> },
-    Dense(Box<ZArray>),
-}
-
 /// An open AnnData zarr store: the matrix (`X`, a layer or `raw/X`), `obs`, `var` and DEG lists.
 pub struct ZarrReader {
     zarr: Zarr,
     element: String,
-    matrix: Matrix,
-    n_obs: u64,
-    n_vars: u64,
+    matrix: StoredMatrix,
+    /// What [`ZarrReader::missing_chunks`] says of the matrix's arrays.
+    matrix_missing: Vec<String>,
     obs: Frame,
     var: Frame,
 }
@@ -182,8 +176,8 @@ impl std::fmt::Debug for ZarrReader {
         f.debug_struct("ZarrReader")
             .field("path", &self.zarr.root)
             .field("element", &self.element)
-            .field("n_obs", &self.n_obs)
-            .field("n_vars", &self.n_vars)
+            .field("n_obs", &self.n_obs())
+            .field("n_vars", &self.n_vars())
             .finish()
     }
 }
@@ -248,9 +242,13 @@ impl ZarrReader {
         zarr.check_index(var_name, var.n_rows())?;
         var.check_index_chunks()?;
         let (matrix, (n_obs, n_vars)) = open_matrix(&zarr, &element)?;
-        if let Matrix::Sparse { data, indices, indptr, .. } = &matrix
+        let matrix_arrays: Vec<&ZArray> = match &matrix {
+            Opened::Sparse { data, indices, indptr, .. } => vec![&**data, &**indices, &**indptr],
+            Opened::Dense(x) => vec![&**x],
+        };
+        if let Opened::Sparse { .. } = &matrix
             && !policy.allow_missing_chunks
-            && let Some(array) = [data, indices, indptr].into_iter().find(|a| a.missing_chunks() > 0)
+            && let Some(array) = matrix_arrays.iter().find(|a| a.missing_chunks() > 0)
         {
             return Err(Error::corrupt(
                 path,
@@ -278,7 +276,13 @@ impl ZarrReader {
                 reason: format!("{n_vars} genes exceed u32 indices"),
             });
         }
-        Ok(ZarrReader { zarr, element, matrix, n_obs, n_vars, obs, var })
+        let matrix_missing = missing_lines(matrix_arrays);
+        let arrays = match matrix {
+            Opened::Sparse { layout, data, indices, indptr } => Arrays::Sparse { layout, data, indices, indptr },
+            Opened::Dense(x) => Arrays::Dense(x),
+        };
+        let matrix = StoredMatrix::new(&zarr.root, &element, arrays, (n_obs, n_vars));
+        Ok(ZarrReader { zarr, element, matrix, matrix_missing, obs, var })
     }
 
     /// The store.
@@ -290,17 +294,9 @@ impl ZarrReader {
     pub fn missing_chunks(&self) -> Vec<String> {
         let mut arrays: Vec<&ZArray> = self.obs.arrays();
         arrays.extend(self.var.arrays());
-        match &self.matrix {
-            Matrix::Sparse { data, indices, indptr, .. } => arrays.extend([&**data, &**indices, &**indptr]),
-            Matrix::Dense(x) => arrays.push(x),
-        }
-        arrays
-            .into_iter()
-            .filter(|a| a.missing_chunks() > 0)
-            .map(|a| {
-                format!("{}: {} of {} chunks absent, read as the fill value", a.name(), a.missing_chunks(), a.chunks())
-            })
-            .collect()
+        let mut lines = missing_lines(arrays);
+        lines.extend(self.matrix_missing.iter().cloned());
+        lines
     }
 
     /// The other matrices of the store, as the import flags that pick them.
@@ -325,28 +321,17 @@ impl ZarrReader {
 
     /// Cells.
     pub fn n_obs(&self) -> u64 {
-        self.n_obs
+        self.matrix.n_obs()
     }
 
     /// Genes.
     pub fn n_vars(&self) -> u64 {
-        self.n_vars
+        self.matrix.n_vars()
     }
 
-    /// The matrix's layout.
-    pub fn layout(&self) -> MatrixLayout {
-        match &self.matrix {
-            Matrix::Sparse { layout, .. } => *layout,
-            Matrix::Dense(_) => MatrixLayout::Dense,
-        }
-    }
-
-    /// Stored entries of the sparse matrix (for dense: the number of elements).
-    pub fn stored_entries(&self) -> u64 {
-        match &self.matrix {
-            Matrix::Sparse { data, .. } => data.len(),
-            Matrix::Dense(d) => d.shape().iter().product(),
-        }
+    /// The matrix, read by row or column ranges.
+    pub fn matrix(&self) -> &StoredMatrix {
+        &self.matrix
     }
 
     /// The Arrow schema `obs` becomes.
@@ -361,78 +346,7 @@ impl ZarrReader {
 
     /// The whole `var` table (genes are few).
     pub fn read_var(&self) -> Result<RecordBatch> {
-        self.var.read(0..self.n_vars)
-    }
-
-    fn sparse<'a>(&'a self, data: &ZArray, indptr: &ZArray) -> SparseShape<'a> {
-        SparseShape {
-            path: &self.zarr.root,
-            element: &self.element,
-            layout: self.layout(),
-            n_obs: self.n_obs,
-            n_vars: self.n_vars,
-            nnz: data.len(),
-            indptr_len: indptr.len(),
-        }
-    }
-
-    fn offsets(&self, data: &ZArray, indptr: &ZArray, range: Range<u64>) -> Result<Vec<u64>> {
-        let raw = indptr.ints(range.clone())?;
-        self.sparse(data, indptr).offsets(&raw, range)
-    }
-
-    /// The end of the longest run of rows (columns of a CSC matrix) from `start`, at most
-    /// `max_lines`, whose entries number at most `max_entries` (see
-    /// [`H5adReader::lines_within`](crate::h5ad::H5adReader::lines_within)).
-    pub fn lines_within(&self, start: u64, max_lines: u64, max_entries: u64) -> Result<u64> {
-        let (lines, minor) = match self.layout() {
-            MatrixLayout::Csc => (self.n_vars, self.n_obs),
-            _ => (self.n_obs, self.n_vars),
-        };
-        let end = start.saturating_add(max_lines.max(1)).min(lines);
-        if start >= end {
-            return Ok(end);
-        }
-        let Matrix::Sparse { data, indptr, .. } = &self.matrix else {
-            return Ok(end.min(start + (max_entries / minor.max(1)).max(1)));
-        };
-        let offsets = self.offsets(data, indptr, start..end + 1)?;
-        Ok(lines_fitting(start, &offsets, max_entries))
-    }
-
-    /// Appends rows `rows` of a CSR or dense matrix to `out` (values as f32, zeros dropped from
-    /// dense rows); indices checked against the genes, unsorted rows sorted.
-    pub fn read_rows(&self, rows: Range<u64>, out: &mut CsrBatch) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        match &self.matrix {
-            Matrix::Sparse { layout: MatrixLayout::Csr, data, indices, indptr } => {
-                let offsets = self.offsets(data, indptr, rows.start..rows.end + 1)?;
-                let entries = offsets[0]..offsets[offsets.len() - 1];
-                let (idx, val) = (indices.ints(entries.clone())?, data.floats(entries)?);
-                self.sparse(data, indptr).push_rows(out, rows.start, &offsets, &idx, &val)
-            }
-            Matrix::Dense(x) => {
-                push_dense_rows(out, &x.floats(rows)?, self.n_vars as usize);
-                Ok(())
-            }
-            Matrix::Sparse { layout, .. } => Err(Error::InvalidInput(format!(
-                "{}: {layout:?} matrix cannot be read by rows; use read_columns",
-                self.zarr.root.display()
-            ))),
-        }
-    }
-
-    /// For a CSC matrix: columns `cols` as (column offsets, row indices, values).
-    pub fn read_columns(&self, cols: Range<u64>) -> Result<(Vec<u64>, Vec<u64>, Vec<f32>)> {
-        let Matrix::Sparse { layout: MatrixLayout::Csc, data, indices, indptr } = &self.matrix else {
-            return Err(Error::InvalidInput(format!("{}: not a CSC matrix", self.zarr.root.display())));
-        };
-        let offsets = self.offsets(data, indptr, cols.start..cols.end + 1)?;
-        let entries = offsets[0]..offsets[offsets.len() - 1];
-        let (rows, vals) = (indices.ints(entries.clone())?, data.floats(entries)?);
-        Ok((offsets, self.sparse(data, indptr).row_indices(&rows)?, vals))
+        self.var.read(0..self.n_vars())
     }
 
     /// DEG lists from `uns`: the entry `key`, or without one the first that is a dict of 1-D
@@ -503,7 +417,24 @@ impl ZarrReader {
     }
 }
 
-fn open_matrix(zarr: &Zarr, element: &str) -> Result<(Matrix, (u64, u64))> {
+/// A matrix's arrays as opened, before [`StoredMatrix`] takes them.
+enum Opened {
+    Sparse { layout: MatrixLayout, data: Box<ZArray>, indices: Box<ZArray>, indptr: Box<ZArray> },
+    Dense(Box<ZArray>),
+}
+
+/// One line per array that lacks chunks.
+fn missing_lines(arrays: Vec<&ZArray>) -> Vec<String> {
+    arrays
+        .into_iter()
+        .filter(|a| a.missing_chunks() > 0)
+        .map(|a| {
+            format!("{}: {} of {} chunks absent, read as the fill value", a.name(), a.missing_chunks(), a.chunks())
+        })
+        .collect()
+}
+
+fn open_matrix(zarr: &Zarr, element: &str) -> Result<(Opened, (u64, u64))> {
     let root = &zarr.root;
     let unsupported = |reason: String| Error::Unsupported { path: root.clone(), reason };
     if zarr.is_group(element) {
@@ -561,7 +492,7 @@ fn open_matrix(zarr: &Zarr, element: &str) -> Result<(Matrix, (u64, u64))> {
             });
         }
         return Ok((
-            Matrix::Sparse { layout, data: Box::new(data), indices: Box::new(indices), indptr: Box::new(indptr) },
+            Opened::Sparse { layout, data: Box::new(data), indices: Box::new(indices), indptr: Box::new(indptr) },
             (shape[0], shape[1]),
         ));
     }
@@ -573,5 +504,5 @@ fn open_matrix(zarr: &Zarr, element: &str) -> Result<(Matrix, (u64, u64))> {
         return Err(unsupported(format!("{element} holds {}, expected numbers", x.type_name())));
     }
     let shape = (x.shape()[0], x.shape()[1]);
-    Ok((Matrix::Dense(Box::new(x)), shape))
+    Ok((Opened::Dense(Box::new(x)), shape))
 }
