@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fidelity against the reference: cpa-stream and cpa-tools 0.8.8 trained on the same cells (one
-# split column), with cpa-tools' hyper-parameters translated key by key (scripts/fidelity.py
+# split column), with cpa-tools' hyper-parameters translated key by key (python -m cpa_stream.fidelity
 # `translate`), equal epochs, the same counterfactual control-cell draws, scored by one script;
 # prints a table of means and spreads over seeds with the control-mean baseline, and each variant
 # paired by seed against cpa-tools (difference and its standard error, ratio of the spreads).
@@ -24,13 +24,13 @@
 #             of the mean, the draws: like for like with cpa-tools-delta), comma-separated
 #   PEER      0 to leave cpa-tools out (kept results are still tabled); it is left out by itself
 #             on bulk data scored per sample (SPLIT=doses), which run_peer.py cannot score
-#   PREPARE   more arguments of `fidelity.py prepare` (e.g. "--subset dataset=norman19",
+#   PREPARE   more arguments of `cpa_stream.fidelity prepare` (e.g. "--subset dataset=norman19",
 #             "--covariates cell_type,batch"); with NAME, the data set's directory name
 #   NAME      name of the data set's directory (default: the file's name); one data set only
 #   DIR       results (default $CPA_STREAM_CACHE/fidelity); one subdirectory per data set and split
 #
 # Each cpa-tools model also decodes every seed's control-cell draws (draws.npz), so that
-# `scripts/fidelity.py draws DIR --variant cpa-stream --against cpa-tools --epochs E` can split
+# `python -m cpa_stream.fidelity draws DIR --variant cpa-stream --against cpa-tools --epochs E` can split
 # both tools' spread over seeds into the training's part and the draws' part.
 #
 # cpa-tools is installed on first use into $CPA_STREAM_CACHE/cpa-peer by
@@ -55,6 +55,8 @@ split="${SPLIT:-random}"
 variants="${VARIANTS:-cpa-stream}"
 dir="${DIR:-$CPA_STREAM_CACHE/fidelity}"
 peer_dir="$repo/../shared/peer/cpa-tools"
+# Where the harness (python -m cpa_stream.fidelity) finds the peer's run_peer.py.
+export CPA_FIDELITY_PEER="${CPA_FIDELITY_PEER:-$peer_dir}"
 log() { printf 'fidelity: %s\n' "$*" >&2; }
 
 peer=0
@@ -96,7 +98,7 @@ for h5ad in "${data[@]}"; do
   if [ ! -f "$out/meta.json" ]; then
     heldout=()
     if [ -n "${HELDOUT:-}" ]; then heldout=(--heldout-value "$HELDOUT"); fi
-    "$py" scripts/fidelity.py prepare "$h5ad" "$out" --split "$split" "${heldout[@]}" "${prepare_args[@]}"
+    "$py" -m cpa_stream.fidelity prepare "$h5ad" "$out" --split "$split" "${heldout[@]}" "${prepare_args[@]}"
   fi
   peer_here=$peer
   if [ $peer = 1 ] && [ "$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("min_test_cells", 2))' "$out/meta.json")" = 1 ]; then
@@ -105,11 +107,11 @@ for h5ad in "${data[@]}"; do
   fi
   for e in $epochs; do
     for s in $seeds; do
-      # A run is made again when it predates the draws file (`fidelity.py draws --against`
+      # A run is made again when it predates the draws file (`cpa_stream.fidelity draws --against`
       # needs it); on the same machine it reproduces its scores to the digit.
       if [ $peer_here = 1 ] && { [ ! -f "$out/results/cpa-tools-e$e-s$s/score.json" ] ||
         [ ! -f "$out/results/cpa-tools-e$e-s$s/draws.npz" ]; }; then
-        "$py" scripts/fidelity.py peer "$out" --epochs "$e" --seed "$s" ||
+        "$py" -m cpa_stream.fidelity peer "$out" --epochs "$e" --seed "$s" ||
           log "cpa-tools failed on $name, $e epochs, seed $s (see $out/results/cpa-tools-e$e-s$s/log.txt)"
       fi
       for v in $variants; do
@@ -124,16 +126,16 @@ for h5ad in "${data[@]}"; do
           esac
         done
         if [ ! -f "$out/results/${parts[0]}-e$e-s$s/score.json" ]; then
-          "$py" scripts/fidelity.py stream "$out" --epochs "$e" --seed "$s" "${args[@]}"
+          "$py" -m cpa_stream.fidelity stream "$out" --epochs "$e" --seed "$s" "${args[@]}"
         fi
       done
     done
   done
   if [ -n "${RESCORE:-}" ]; then
-    "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE"
-    "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE" --controls all
-    "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE" --controls all --anchor
-    "$py" scripts/fidelity.py rescore "$out" --variants "$RESCORE" --space mean --anchor
+    "$py" -m cpa_stream.fidelity rescore "$out" --variants "$RESCORE"
+    "$py" -m cpa_stream.fidelity rescore "$out" --variants "$RESCORE" --controls all
+    "$py" -m cpa_stream.fidelity rescore "$out" --variants "$RESCORE" --controls all --anchor
+    "$py" -m cpa_stream.fidelity rescore "$out" --variants "$RESCORE" --space mean --anchor
   fi
-  "$py" scripts/fidelity.py table "$out"
+  "$py" -m cpa_stream.fidelity table "$out"
 done

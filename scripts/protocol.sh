@@ -2,7 +2,7 @@
 # The validation protocol of docs/fidelity.md: a default or a recipe is decided on some data sets
 # and confirmed on others that played no part in choosing it. Each data set below is run through
 # scripts/fidelity.sh (same split rules, seeds, one thread, cpa-tools beside where it is installed
-# and the data allow), then `fidelity.py protocol` pairs every variant with the baseline variant
+# and the data allow), then `cpa_stream.fidelity protocol` pairs every variant with the baseline variant
 # by seed on each data set and prints the verdict: better on the deciding sets, and no worse
 # (within two standard errors) on every confirming set, on each of the three counterfactual
 # metrics (all genes, top-20 DEGs, change).
@@ -42,6 +42,8 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 eval "$(scripts/bootstrap.sh)"
 py="$CPA_STREAM_VENV/bin/python"
+# Where the harness (python -m cpa_stream.fidelity) finds the peer's run_peer.py.
+export CPA_FIDELITY_PEER="${CPA_FIDELITY_PEER:-$(pwd)/../shared/peer/cpa-tools}"
 dir="${DIR:-$CPA_STREAM_CACHE/protocol}"
 decide="${DECIDE-norman19 synth-a}"
 confirm="${CONFIRM-mcfaline23 synth-b l1000}"
@@ -51,7 +53,7 @@ baseline="${baseline%%:*}"
 bundled="$repo/../shared/data/perturbench_devel_cpa.h5ad"
 make_synth="$repo/../shared/peer/cpa-tools/make_synth.py"
 log() { printf 'protocol: %s\n' "$*" >&2; }
-# The held-out cell type of each Kang data set (kang-celltype: fidelity.py's default, the cell
+# The held-out cell type of each Kang data set (kang-celltype: cpa_stream.fidelity's default, the cell
 # type with the most stimulated cells, CD14 Mono).
 kang_heldout() {
   case "$1" in
@@ -142,4 +144,4 @@ if [ ${#roles[@]} -eq 0 ]; then
 fi
 judged=()
 for v in ${JUDGE:-}; do judged+=(--variant "$v"); done
-"$py" scripts/fidelity.py protocol --baseline "$baseline" "${judged[@]}" "${roles[@]}" | tee "$dir/protocol.txt"
+"$py" -m cpa_stream.fidelity protocol --baseline "$baseline" "${judged[@]}" "${roles[@]}" | tee "$dir/protocol.txt"

@@ -4,20 +4,20 @@ by the harness like a model.
 
     synth_oracle.py DIR [--seed S]
 
-DIR is a `fidelity.py prepare` directory of an atlas written by
+DIR is a `cpa_stream.fidelity prepare` directory of an atlas written by
 ../shared/peer/cpa-tools/make_synth.py (its `uns['synth_params']` name the generator's
 settings). The generator's draws are replayed from its seed in its order, and the replay is
 checked against the file's counts (a different generator version is an error, not a wrong
 answer). Each test group is then predicted as a model would be, from the same control cells
-`fidelity.py` draws for seed S (`cf_draws`), but with the true negative-binomial mean of each
+`cpa_stream.fidelity` draws for seed S (`cf_draws`), but with the true negative-binomial mean of each
 control cell under the group's drug and dose (its own library size and basal state, the drug's
-Hill curve and log-fold changes for the cell type), and scored by `fidelity.py score`:
+Hill curve and log-fold changes for the cell type), and scored by `cpa_stream.fidelity score`:
 
   plain     log1p of the true mean, averaged: how both tools' predictions are scored
   expected  E[log1p X] under the true NB (the true theta): the real side's quantity
   anchored  the observed log1p mean of the cell type's control cells moved by the true change,
             log1p of the true mean under the drug minus without it, averaged over the same
-            cells: `fidelity.py rescore --space mean --anchor` (`predict --anchored`)
+            cells: `cpa_stream.fidelity rescore --space mean --anchor` (`predict --anchored`)
 
 beside the harness's baselines. A score the true means do not reach in a space is beyond any
 model scored in it.
@@ -29,8 +29,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fidelity  # noqa: E402
+from cpa_stream import fidelity
 
 
 def replay(p):
@@ -81,7 +80,7 @@ def replay(p):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir")
-    ap.add_argument("--seed", type=int, default=0, help="the control-cell draws' seed (fidelity.py's run seed)")
+    ap.add_argument("--seed", type=int, default=0, help="the control-cell draws' seed (cpa_stream.fidelity's run seed)")
     a = ap.parse_args()
 
     import anndata

@@ -6,7 +6,7 @@ cpa-tools 0.8.8 takes its settings in three places: the model's keyword argument
 the ``[model]``, ``[adversary]`` and ``[training]`` tables of a cpa-stream configuration that
 trains what cpa-tools trains with them: every key cpa-tools determines is set, from the caller's
 value or cpa-tools' own default, as cpa-tools uses it (read from cpa-tools 0.8.8 and scvi-tools
-0.20.3, not from their docstrings). ``cpa_stream.compat`` trains with it, ``scripts/fidelity.py``
+0.20.3, not from their docstrings). ``cpa_stream.compat`` trains with it, ``python -m cpa_stream.fidelity``
 compares the two tools with it, and docs/python.md's table is :func:`markdown_table`.
 
 Where cpa-tools' behaviour cannot be reproduced, or is a defect that is not reproduced, the

@@ -11,6 +11,8 @@
 //! polls, shows progress and watches for Ctrl-C: training then stops after the current step
 //! with a checkpoint, as the CLI does.
 
+mod metrics;
+
 use std::ffi::CStr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -591,5 +593,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model_vocabulary, m)?)?;
     m.add_function(wrap_pyfunction!(import_model, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    metrics::register(m)?;
     Ok(())
 }

@@ -351,6 +351,15 @@ def test_whether_effects_carry_over_between_cell_types_equals_a_computation_by_h
     assert transfer["other_perturbations_r"] == pytest.approx(np.mean(other), abs=1e-9)
     assert transfer["carries_over"] == (np.mean(same) - np.mean(other) >= 0.05)
     assert transfer["slope"] == pytest.approx(transfer_slope(shifts), rel=1e-9)
+    # cpa_stream.metrics.transfer, given the same shifts, is evaluate's computation (the fidelity
+    # harness's transfer slope).
+    from cpa_stream import metrics as m
+
+    again = m.transfer([(p, ct, s) for (p, ct), s in shifts.items()])
+    for key in ("same_pairs", "other_pairs", "carries_over"):
+        assert again[key] == transfer[key], key
+    for key in ("same_perturbation_r", "other_perturbations_r", "slope"):
+        assert again[key] == pytest.approx(transfer[key], rel=1e-9, abs=1e-12), key
     # The synthetic atlas gives a perturbation one latent effect in every cell type.
     assert transfer["carries_over"], transfer
 

@@ -1,11 +1,10 @@
-"""scripts/fidelity.py, the harness beside cpa-tools: its scorer against a computation by hand, its
+"""`cpa_stream.fidelity`, the harness beside cpa-tools: its scorer against a computation by hand, its
 control draws against run_peer.py's, and its translation of cpa-tools' hyper-parameters as a
 configuration cpa-stream trains with."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -16,16 +15,17 @@ import pytest
 
 from conftest import COMPUTE, LABELS, REPO
 
-SCRIPT = REPO / "scripts" / "fidelity.py"
+from cpa_stream import metrics
+
 RUN_PEER = REPO.parent / "shared" / "peer" / "cpa-tools" / "run_peer.py"
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fidelity"] = module
-    spec.loader.exec_module(module)
+    # The peer harness beside the repository, wherever pytest runs from (skipped where absent).
+    os.environ.setdefault("CPA_FIDELITY_PEER", str(RUN_PEER.parent))
+    from cpa_stream import fidelity as module
+
     return module
 
 
@@ -36,7 +36,7 @@ def prepared(fidelity, adata, tmp_path_factory):
     path = directory / "in.h5ad"
     adata.write_h5ad(path)
     args = ["prepare", str(path), str(directory / "d")]
-    sys.argv = ["fidelity.py", *args]
+    sys.argv = ["cpa_stream.fidelity", *args]
     fidelity.main()
     return directory / "d"
 
@@ -165,19 +165,20 @@ def test_the_expected_log1p_of_a_negative_binomial_is_exact(fidelity):
 
 
 def test_the_draws_split_the_spread_between_models_and_draws(fidelity, tmp_path, monkeypatch, capsys):
-    """`fidelity.py draws`: model seed i scored with draw seed j; here the score is 0.1 i + 0.01 j
+    """`cpa_stream.fidelity draws`: model seed i scored with draw seed j; here the score is 0.1 i + 0.01 j
     (a fake prediction and scorer), so the spread over models is 10 times that over draws."""
     for seed in (0, 1, 2):
         (tmp_path / "results" / f"v-e5-s{seed}" / "run").mkdir(parents=True)
-    monkeypatch.setattr(fidelity, "read_meta", lambda directory: {})
-    monkeypatch.setattr(fidelity, "predict_groups", lambda d, meta, run, draw: (run, draw))
+    # Patched where `draws` looks them up (its module).
+    monkeypatch.setattr(fidelity.tools, "read_meta", lambda directory: {})
+    monkeypatch.setattr(fidelity.tools, "predict_groups", lambda d, meta, run, draw: (run, draw))
     def fake_score(directory, predictions, draw):
         run, _ = predictions
         model = int(run.split("-s")[-1].split("/")[0])
         value = 0.1 * model + 0.01 * draw
         return {"mean": {"cf_all": value, "cf_deg": value, "cf_change": value}}
-    monkeypatch.setattr(fidelity, "score", fake_score)
-    monkeypatch.setattr(sys, "argv", ["fidelity.py", "draws", str(tmp_path), "--variant", "v", "--epochs", "5"])
+    monkeypatch.setattr(fidelity.tools, "score", fake_score)
+    monkeypatch.setattr(sys, "argv", ["cpa_stream.fidelity", "draws", str(tmp_path), "--variant", "v", "--epochs", "5"])
     fidelity.main()
     out = capsys.readouterr().out
     lines = {line.split(":")[0].strip(): line for line in out.splitlines()}
@@ -282,7 +283,7 @@ def test_the_celltype_split_holds_out_one_values_shared_conditions_and_scores_it
 
     path = tmp_path / "in.h5ad"
     adata.write_h5ad(path)
-    sys.argv = ["fidelity.py", "prepare", str(path), str(tmp_path / "d"), "--split", "celltype"]
+    sys.argv = ["cpa_stream.fidelity", "prepare", str(path), str(tmp_path / "d"), "--split", "celltype"]
     fidelity.main()
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     data = ad.read_h5ad(tmp_path / "d" / "data.h5ad")
@@ -336,7 +337,7 @@ def prepared_celltype(fidelity, adata, tmp_path):
     path = tmp_path / "in.h5ad"
     adata.write_h5ad(path)
     d = tmp_path / "d"
-    sys.argv = ["fidelity.py", "prepare", str(path), str(d), "--split", "celltype"]
+    sys.argv = ["cpa_stream.fidelity", "prepare", str(path), str(d), "--split", "celltype"]
     fidelity.main()
     cs.import_h5ad(d / "data.h5ad", d / "data.store", progress=False)
     return d
@@ -344,7 +345,7 @@ def prepared_celltype(fidelity, adata, tmp_path):
 
 def test_slopes_score_the_anchored_prediction_and_the_shift_baseline_as_the_scorer_does(
         fidelity, adata, run, tmp_path, capsys):
-    """``fidelity.py slopes``: per test group of the held-out cell type, the shift baseline's
+    """``cpa_stream.fidelity slopes``: per test group of the held-out cell type, the shift baseline's
     top-20 DEG R2 is the scorer's; the model's R2 is that of its anchored group mean, and its
     slope is the regression of that prediction's change on the real change, by hand."""
     import anndata as ad
@@ -388,7 +389,7 @@ def test_slopes_score_the_anchored_prediction_and_the_shift_baseline_as_the_scor
 
 
 def test_an_ensemble_scores_the_mean_of_its_seeds_predictions(fidelity, adata, store, run, tmp_path, capsys):
-    """``fidelity.py ensemble``: cpa-stream's ensemble (``predict --ensemble``, anchored) scores
+    """``cpa_stream.fidelity ensemble``: cpa-stream's ensemble (``predict --ensemble``, anchored) scores
     as the two seeds' anchored group predictions averaged, and so does ``--variant v+w`` (one
     seed's runs of two variants); cpa-tools' as its saved group means averaged, plain and
     anchored."""
@@ -474,11 +475,11 @@ def test_change_reproducibility_separates_a_real_change_from_noise(fidelity, tmp
     rs = fidelity.change_reproducibility(str(directory), meta)
     assert set(rs) == {"A|moved|1.0", "A|same|1.0"}
     assert rs["A|moved|1.0"] > 0.9, rs
-    assert abs(rs["A|same|1.0"]) < fidelity.NOISE_REPRODUCIBILITY, rs
+    assert abs(rs["A|same|1.0"]) < metrics.NOISE_REPRODUCIBILITY, rs
 
 
 def test_the_calibrated_baseline_scales_the_shift_by_its_transfer_slope_in_training(fidelity, tmp_path, capsys):
-    """``fidelity.py calibrated``: the transfer slope regresses each training value's shift on the
+    """``cpa_stream.fidelity calibrated``: the transfer slope regresses each training value's shift on the
     other training values' mean shift (through the origin, pooled), leaving the held-out value
     out; the calibrated baseline is the held-out controls' mean plus the shift baseline's shift
     times that slope; the generic shift adds the mean of every condition's training shift in the
@@ -561,7 +562,7 @@ def test_the_synthetic_oracle_replays_the_generator_and_scores_its_true_means(fi
     path = tmp_path / "synth.h5ad"
     subprocess.run([sys.executable, str(MAKE_SYNTH), "--out", str(path), "--seed", "5", "--n-cells", "1500",
                     "--n-genes", "300", "--n-drugs", "2", "--n-de-genes", "40"], check=True, capture_output=True)
-    sys.argv = ["fidelity.py", "prepare", str(path), str(tmp_path / "d"), "--split", "celltype"]
+    sys.argv = ["cpa_stream.fidelity", "prepare", str(path), str(tmp_path / "d"), "--split", "celltype"]
     fidelity.main()
     oracle = [sys.executable, str(REPO / "scripts" / "synth_oracle.py"), str(tmp_path / "d"), "--seed", "0"]
     out = subprocess.run(oracle, check=True, capture_output=True, text=True).stdout

@@ -6,7 +6,6 @@ module's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -62,10 +61,9 @@ def _compat_config(monkeypatch, model_params, plan, **train):
 
 
 def _fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity_translate", REPO / "scripts" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from cpa_stream import fidelity
+
+    return fidelity
 
 
 def test_compat_and_the_fidelity_harness_train_the_same_configuration(monkeypatch):

@@ -62,7 +62,7 @@ pub struct Transfer {
 /// Measures [`Transfer`] over `keys` (conditions; controls and conditions without covariates are
 /// skipped), `shift` giving a condition's training shift (`None` without training cells of it or
 /// of its covariates' controls). `None` when no perturbation has a shift in two covariate values.
-pub(super) fn measure(keys: &[&ConditionKey], shift: impl Fn(&ConditionKey) -> Option<Vec<f64>>) -> Option<Transfer> {
+pub fn measure(keys: &[&ConditionKey], shift: impl Fn(&ConditionKey) -> Option<Vec<f64>>) -> Option<Transfer> {
     // The conditions with a shift, by perturbation and by covariate value. Pairs are enumerated
     // within these groups, never over all pairs of conditions: an atlas of many perturbations in
     // many cell types has too many of those.

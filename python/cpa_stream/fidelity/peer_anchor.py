@@ -4,22 +4,34 @@
 the control cells it drew for the counterfactuals under their own (control) condition and writes,
 per test group, the mean of log1p of those predictions (`pred_own`, in run_peer.py's group order
 and space) to an .npz. With run_peer.py's `pred_cf` of the same cells, `observed control mean +
-pred_cf - pred_own` is the anchored prediction that `scripts/fidelity.py rescore --anchor` makes
-for cpa-stream. With FIDELITY_DRAW_SEEDS set ("0 1 2 ..."), the same model also decodes every one
-of those seeds' counterfactual draws and writes their group means to draws.npz beside OWN.npz
-(`scripts/fidelity.py draws --variant cpa-tools`: how much of the seeds' spread is the draw). Run
-with cpa-tools' venv (scripts/fidelity.py peer calls it):
+pred_cf - pred_own` is the anchored prediction that `python -m cpa_stream.fidelity rescore
+--anchor` makes for cpa-stream. With FIDELITY_DRAW_SEEDS set ("0 1 2 ..."), the same model also
+decodes every one of those seeds' counterfactual draws and writes their group means to draws.npz
+beside OWN.npz (`python -m cpa_stream.fidelity draws --variant cpa-tools`: how much of the seeds'
+spread is the draw). Run with cpa-tools' venv, which has no cpa_stream (the harness's `peer`
+command calls it; CPA_FIDELITY_PEER names the peer harness's directory):
 
-    $CPA_STREAM_CACHE/cpa-peer/bin/python scripts/peer_anchor.py OWN.npz RUN_PEER_ARGS...
+    $CPA_STREAM_CACHE/cpa-peer/bin/python .../cpa_stream/fidelity/peer_anchor.py OWN.npz RUN_PEER_ARGS...
 """
+import importlib.util
 import os
 import runpy
 import sys
 
-import fidelity
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUN_PEER = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "peer", "cpa-tools", "run_peer.py"))
+
+
+def _harness_data():
+    """The harness's data module (cell keys, the draws), loaded from its file: the package itself
+    is not installed in cpa-tools' environment, and data.py needs nothing of it."""
+    spec = importlib.util.spec_from_file_location("cpa_stream_fidelity_data", os.path.join(HERE, "data.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fidelity = _harness_data()
+RUN_PEER = os.path.join(fidelity.peer_dir(), "run_peer.py")
 
 
 def argument(args, name, default=None):

@@ -1,0 +1,5 @@
+"""`python -m cpa_stream.fidelity`."""
+
+from .cli import main
+
+main()
