@@ -16,7 +16,7 @@ py="$CPA_STREAM_VENV/bin/python"
 log() { printf 'python.sh: %s\n' "$*" >&2; }
 
 # maturin builds the wheel; scanpy draws the quickstart's UMAP; tqdm is a dependency of the
-# package; pytest and polars run the tests. Installed once (pip's wheels, no compiler).
+# package; pytest (with pytest-xdist's workers) and polars run the tests. Installed once (pip's wheels, no compiler).
 install_once() { # NAME STAMP PACKAGES...
   local what=$1 stamp=$2
   shift 2
@@ -35,7 +35,8 @@ install_once "maturin, scanpy and tqdm" "$CPA_STREAM_VENV/.python-deps-2.ok" \
 if ! $tests; then
   rdkit_stamp= ray_stamp= cell_eval2_stamp=
 else
-  install_once "pytest and polars" "$CPA_STREAM_VENV/.python-test-deps-1.ok" pytest==9.2.0 polars==2.1.0
+  install_once "pytest, pytest-xdist and polars" "$CPA_STREAM_VENV/.python-test-deps-2.ok" \
+    pytest==9.2.0 pytest-xdist==3.8.0 polars==2.1.0
   rdkit_stamp="$CPA_STREAM_VENV/.rdkit-1.tried"
   ray_stamp="$CPA_STREAM_VENV/.ray-2.tried"
   cell_eval2_stamp="$CPA_STREAM_VENV/.cell-eval2-1.tried"

@@ -15,10 +15,19 @@ cargo test --release --locked --workspace "$@"
 scripts/python.sh --tests >/dev/null
 export CPA_STREAM_BIN="$CARGO_TARGET_DIR/release/cpa-stream"
 status=0
+# The tests pin libtorch to one thread (conftest.py's COMPUTE), so one pytest process leaves the
+# other cores idle: pytest-xdist deals the test files out to one worker per core (at most 4; each
+# worker its own store cache, conftest.py). Without pytest-xdist, one process.
+workers=$(nproc 2>/dev/null || echo 1)
+[ "$workers" -gt 4 ] && workers=4
+parallel=()
+if [ "$workers" -gt 1 ] && "$CPA_STREAM_VENV/bin/python" -c "import xdist" 2>/dev/null; then
+  parallel=(-n "$workers" --dist loadfile)
+fi
 # Temporary folders of passing tests are removed (pytest keeps three runs' by default: gigabytes on
 # a shared disk). The ten slowest tests are listed at the end: where the suite's minutes go.
-"$CPA_STREAM_VENV/bin/python" -m pytest python/tests -q -rs -o tmp_path_retention_policy=failed --durations=10 ||
-  status=$?
+"$CPA_STREAM_VENV/bin/python" -m pytest python/tests "${parallel[@]}" -q -rs -o tmp_path_retention_policy=failed \
+  --durations=10 || status=$?
 if [ "$status" -eq 5 ]; then
   echo "test.sh: pytest collected no tests in python/tests" >&2
 fi

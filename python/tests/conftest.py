@@ -26,6 +26,25 @@ EPOCHS = 3
 NO_PEER = "cpa-tools' peer environment is absent (set CPA_PEER_PYTHON, or install the peer cpa-tools 0.8.8 into the cache)"
 
 
+def _worker_cache() -> None:
+    """Under pytest-xdist, each worker imports the files it is given into a store cache of its
+    own: two workers importing one file (the bundled data, read backed) into the shared cache at
+    once would meet at its output's lock. The peer environment is looked up first, where the
+    shared cache says it is."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    peer = peer_python()
+    if peer:
+        os.environ.setdefault("CPA_PEER_PYTHON", peer)
+    import atexit
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix=f"cpa-stream-tests-{worker}-")
+    os.environ["CPA_STREAM_CACHE"] = cache
+    atexit.register(shutil.rmtree, cache, True)
+
+
 def peer_python() -> str | None:
     """The Python of the peer environment with cpa-tools 0.8.8, if this machine has one."""
     cache = os.environ.get("CPA_STREAM_CACHE", os.path.expanduser("~/.cache/cpa-stream"))
@@ -34,6 +53,9 @@ def peer_python() -> str | None:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+_worker_cache()
 
 
 @pytest.fixture(scope="session")
