@@ -28,9 +28,8 @@ NO_PEER = "cpa-tools' peer environment is absent (set CPA_PEER_PYTHON, or instal
 
 def _worker_cache() -> None:
     """Under pytest-xdist, each worker imports the files it is given into a store cache of its
-    own: two workers importing one file (the bundled data, read backed) into the shared cache at
-    once would meet at its output's lock. The peer environment is looked up first, where the
-    shared cache says it is."""
+    own (two workers importing one file, the bundled data read backed, into the shared cache at
+    once would meet at its output's lock), and plans threads as on an idle machine."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker:
         return
@@ -40,6 +39,10 @@ def _worker_cache() -> None:
     peer = os.path.join(shared, "cpa-peer", "bin", "python")
     if os.access(peer, os.X_OK):
         os.environ.setdefault("CPA_PEER_PYTHON", peer)
+    # The thread plan of work left to it (compat's tutorials) follows how busy the CPUs are, which
+    # the other workers make them: each worker plans as on an idle machine, as a serial run does,
+    # so that what a test computes does not depend on what runs beside it.
+    os.environ.setdefault("CPA_STREAM_BUSY_CPUS", "0")
     import atexit
     import tempfile
 
