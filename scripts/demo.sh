@@ -90,6 +90,9 @@ step "reader throughput (raw, then zstd)"
 "$front" bench reader "$out/atlas-zstd.store" --repeats 2
 
 wait_for engine "the model's engine (libtorch's binding)"
+# The Python module builds next (under a minute): the training below plans its threads on the load
+# it finds when it starts, so it starts once nothing of the build runs beside it.
+wait_for python "the Python package"
 eval "$(cat "$work/env.sh")"
 bin="$CARGO_TARGET_DIR/release/cpa-stream"
 
@@ -135,5 +138,4 @@ step "synthetic atlas with a held-back combination: train, then score against th
 echo "(rows with 0 cells are the held-back combination, scored only against the truth: column 'truth')"
 
 step "the same from Python: the cpa_stream package on an in-memory AnnData (examples/python/quickstart.py)"
-wait_for python "the Python package"
 "$CPA_STREAM_VENV/bin/python" examples/python/quickstart.py "$out/python"

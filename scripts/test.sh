@@ -15,12 +15,17 @@ cargo test --release --locked --workspace "$@"
 scripts/python.sh --tests >/dev/null
 export CPA_STREAM_BIN="$CARGO_TARGET_DIR/release/cpa-stream"
 status=0
-# Serial: pytest-xdist (installed; `-n 2 --dist loadfile` by hand, python/tests/conftest.py gives
-# each worker its own store cache and an idle machine's thread plan) halves the suite's time, but
-# test_trust.py's Ctrl-C test interrupts a child when its lock file appears, and on two busy cores
-# the child finished first once (docs/install.md): until that test waits on something other
-# than time, CI runs the suite in one process.
+# The tests pin libtorch to one thread (conftest.py's COMPUTE), so one pytest process leaves the
+# other cores idle: pytest-xdist deals the test files out to one worker per core (at most 4; each
+# worker its own store cache and an idle machine's thread plan, conftest.py). No test waits on
+# time: test_trust.py's Ctrl-C test holds its child until the signal (CPA_STREAM_FAULT=hold).
+# Without pytest-xdist, one process.
+workers=$(nproc 2>/dev/null || echo 1)
+[ "$workers" -gt 4 ] && workers=4
 parallel=()
+if [ "$workers" -gt 1 ] && "$CPA_STREAM_VENV/bin/python" -c "import xdist" 2>/dev/null; then
+  parallel=(-n "$workers" --dist loadfile)
+fi
 # Temporary folders of passing tests are removed (pytest keeps three runs' by default: gigabytes on
 # a shared disk). The ten slowest tests are listed at the end: where the suite's minutes go.
 "$CPA_STREAM_VENV/bin/python" -m pytest python/tests "${parallel[@]}" -q -rs -o tmp_path_retention_policy=failed \

@@ -51,7 +51,18 @@ impl<'a> RunContext<'a> {
     }
 
     /// `Err(`[`Error::Interrupted`]`)` once the caller asked the run to stop.
+    ///
+    /// Under `CPA_STREAM_FAULT=hold` (tests, [`cpa_stream_stages::fault`]), a run that can be
+    /// stopped first waits here until it is.
     pub fn check_stopped(&self) -> Result<()> {
+        if let Some(stop) = self.stop
+            && cpa_stream_stages::fault::holding()
+        {
+            let start = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < cpa_stream_stages::fault::HOLD_LIMIT {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         match self.stopped() {
             true => Err(Error::Interrupted),
             false => Ok(()),

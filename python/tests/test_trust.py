@@ -4,6 +4,7 @@ AnnData, one string where a list is expected, NaN in a request, Ctrl-C while an 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -94,9 +95,13 @@ def test_one_string_is_one_name_and_nan_is_named(store, fresh):
 
 def _interrupt_when(script: str, ready: Path) -> subprocess.CompletedProcess:
     """Runs `script` in a child Python and sends it Ctrl-C (SIGINT) once `ready` exists (the
-    work has started: its output's lock or temporary file is on disk)."""
+    work has started: its output's lock or temporary file is on disk). The child runs with
+    `CPA_STREAM_FAULT=hold`: its command waits at its first check for a stop, after its output's
+    lock and temporary exist, until the Ctrl-C comes, so the work cannot end first however fast
+    or slow the machine is."""
+    env = dict(os.environ, CPA_STREAM_FAULT="hold")
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -106,22 +111,8 @@ def _interrupt_when(script: str, ready: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory):
-    """The bundled data 40 times over (240k cells), for work that lasts long enough to interrupt."""
-    import anndata as ad
-
-    directory = tmp_path_factory.mktemp("big")
-    a = ad.read_h5ad(BUNDLED)
-    copies = ad.concat([a] * 40, index_unique="-", keys=[str(k) for k in range(40)], label="copy")
-    path = directory / "big.h5ad"
-    copies.write_h5ad(path)
-    store = cs.import_h5ad(path, directory / "big.store", progress=False)
-    return path, store
-
-
-def test_ctrl_c_while_an_output_is_written_publishes_nothing(run, big, fresh):
-    path, store = big
+def test_ctrl_c_while_an_output_is_written_publishes_nothing(run, store, fresh):
+    path = BUNDLED
     cases = [
         (f"cs.import_h5ad({str(path)!r}, {str(fresh / 'i.store')!r}, progress=False)", fresh / ".i.store.lock",
          fresh / "i.store"),
