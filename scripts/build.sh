@@ -17,6 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:?run eval \"\$(scripts/bootstrap.sh)\" first}"
+# shellcheck source=scripts/checkout-guard.sh
+. scripts/checkout-guard.sh
+own_crates_for_this_checkout
 what=(--workspace --bins)
 if [ "${1:-}" = --front ]; then
   shift

@@ -66,6 +66,9 @@ fi
 # rather than removing the wheel the first is about to install.
 exec 8>"$CPA_STREAM_CACHE/.python-build.lock"
 flock 8
+# shellcheck source=scripts/checkout-guard.sh
+. scripts/checkout-guard.sh
+own_crates_for_this_checkout
 wheels="$CPA_STREAM_CACHE/wheels"
 rm -rf "$wheels"
 started=$(date +%s)
@@ -77,7 +80,7 @@ PYO3_PYTHON="$py" "$CPA_STREAM_VENV/bin/maturin" build --release --locked --mani
 # other crate means the features of a shared dependency drifted from the workspace build (see
 # the note in python/Cargo.toml).
 drifted=$(grep '^ *Compiling ' "$build_log" | grep -vE 'Compiling (pyo3|target-lexicon|cpa-stream-python)' || true)
-if [ -n "$drifted" ]; then
+if [ -n "$drifted" ] && ! $own_crates_cleaned; then
   log "warning: the module's build compiled crates the workspace build had compiled with other features:"
   printf '%s\n' "$drifted" >&2
 fi
