@@ -271,7 +271,9 @@ def test_ctrl_c_checkpoints_and_the_run_resumes(store, fresh):
                        threads=1, workers=1, progress=False)
         print("interrupted", run.interrupted, len(run.history), flush=True)
     """
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
+    # Python's Ctrl-C handler put back in a child that inherited an ignored SIGINT (test_trust.py).
+    armed = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    child = subprocess.Popen([sys.executable, "-c", armed + textwrap.dedent(script)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     metrics = fresh / "run" / "metrics.parquet"
     deadline = time.monotonic() + 120

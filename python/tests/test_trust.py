@@ -93,6 +93,12 @@ def test_one_string_is_one_name_and_nan_is_named(store, fresh):
         run.predict(store, targets=["MAP2K6"], genes=[3, 4], **COMPUTE)
 
 
+# A child inherits an ignored SIGINT (a shell's background job, `cmd &`, ignores it; so do CI
+# runners), and Python then never raises KeyboardInterrupt: the child's first line puts Python's
+# Ctrl-C handler back.
+CTRL_C_ARMED = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def _interrupt_when(script: str, ready: Path) -> subprocess.CompletedProcess:
     """Runs `script` in a child Python and sends it Ctrl-C (SIGINT) once `ready` exists (the
     work has started: its output's lock or temporary file is on disk). The child runs with
@@ -100,7 +106,7 @@ def _interrupt_when(script: str, ready: Path) -> subprocess.CompletedProcess:
     lock and temporary exist, until the Ctrl-C comes, so the work cannot end first however fast
     or slow the machine is."""
     env = dict(os.environ, CPA_STREAM_FAULT="hold")
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", CTRL_C_ARMED + textwrap.dedent(script)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
