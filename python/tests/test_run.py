@@ -276,12 +276,17 @@ def test_ctrl_c_checkpoints_and_the_run_resumes(store, fresh):
     child = subprocess.Popen([sys.executable, "-c", armed + textwrap.dedent(script)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     metrics = fresh / "run" / "metrics.parquet"
-    deadline = time.monotonic() + 120
-    while not metrics.exists() and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.2)
-    assert metrics.exists(), "no epoch finished"
-    child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not metrics.exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.2)
+        assert metrics.exists(), "no epoch finished"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:  # never left running past a failed test
+            child.kill()
+            child.communicate()
     assert child.returncode == 0, err
     assert out.startswith("interrupted True"), out + err
     epochs = int(out.split()[-1])

@@ -93,9 +93,9 @@ def test_one_string_is_one_name_and_nan_is_named(store, fresh):
         run.predict(store, targets=["MAP2K6"], genes=[3, 4], **COMPUTE)
 
 
-# A child inherits an ignored SIGINT (a shell's background job, `cmd &`, ignores it; so do CI
-# runners), and Python then never raises KeyboardInterrupt: the child's first line puts Python's
-# Ctrl-C handler back.
+# A child inherits an ignored SIGINT (a non-interactive shell's background job, `cmd &`, ignores
+# it, and so may a CI runner's), and Python then never raises KeyboardInterrupt: the child's first
+# line puts Python's Ctrl-C handler back.
 CTRL_C_ARMED = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
 
@@ -113,7 +113,12 @@ def _interrupt_when(script: str, ready: Path) -> subprocess.CompletedProcess:
         time.sleep(0.005)
     assert child.poll() is None, f"the work ended before it was interrupted: {child.communicate()}"
     child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=120)
+    try:
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:  # never left running past a failed test
+            child.kill()
+            child.communicate()
     return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
