@@ -34,7 +34,7 @@ const fn kind(
 }
 
 /// Every command, in the order `cpa-stream --help` lists them.
-pub const COMMANDS: [CommandKind; 16] = [
+pub const COMMANDS: [CommandKind; 17] = [
     kind("info", true, false, false, None),
     kind("synth", false, false, true, Some("synth")),
     kind("inspect", false, false, false, None),
@@ -48,6 +48,7 @@ pub const COMMANDS: [CommandKind; 16] = [
     kind("embeddings", true, true, true, Some("embeddings")),
     kind("dose-response", true, true, true, Some("dose_response")),
     kind("import-model", false, false, false, None),
+    kind("score", false, false, false, Some("score")),
     kind("bench", true, true, false, None),
     kind("completions", false, false, false, None),
     kind("markdown-help", false, false, false, None),

@@ -59,6 +59,7 @@ pub mod plots;
 pub mod progress;
 pub mod request;
 pub mod run_dir;
+pub mod score;
 pub mod shuffle;
 pub mod stage;
 pub mod stats;

@@ -39,6 +39,7 @@ mod import_model;
 pub(crate) mod info;
 pub(crate) mod predict;
 mod progress;
+mod score;
 pub mod start;
 mod store;
 mod synth;
@@ -294,6 +295,13 @@ enum Command {
                             cpa-stream predict --model model/ --store atlas.store --target \"condition=IFNb\" \
                             --out pred.parquet")]
     ImportModel(import_model::ImportModelArgs),
+    /// Score a prediction of raw counts against the real cells with the Virtual Cell Challenge
+    /// 2026's metrics (cell-eval2 0.20.0's vcc2026 preset), out of core: so far its expression
+    /// members, pds_cosine and expr_mse_unbiased_capped_norm.
+    #[command(after_help = "Example:\n  cpa-stream predict --model run/ --store atlas.store --target A --target B \
+                            --counts --out pred.h5ad\n  \
+                            cpa-stream score --prediction pred.h5ad --reference real.h5ad --out scores/")]
+    Score(score::ScoreArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -333,6 +341,7 @@ impl Command {
             Command::Embeddings(_) => "embeddings",
             Command::DoseResponse(_) => "dose-response",
             Command::ImportModel(_) => "import-model",
+            Command::Score(_) => "score",
             Command::Bench(_) => "bench",
             Command::Completions { .. } => "completions",
             Command::MarkdownHelp => "markdown-help",
@@ -370,6 +379,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Embeddings(a) => crate::model_commands::embeddings(a),
         Command::DoseResponse(a) => crate::model_commands::dose_response(a),
         Command::ImportModel(a) => import_model::run(a),
+        Command::Score(a) => score::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Completions { shell } => {
             let mut command = <Args as clap::CommandFactory>::command();

@@ -1,0 +1,298 @@
+//! One side of a scoring (the prediction or the reference) reduced to what cell-eval2's
+//! expression metrics read, in two streaming passes over the file: per group of cells (one
+//! perturbation), the count sums of every gene and, from them, the group's pseudobulk
+//! `log1p(TS * sum_g / sum)` and the delete-1 jackknife of that pseudobulk (cell-eval2 0.20.0,
+//! `moments.jackknife_correction` and `_loo_bulk`). Memory holds three `groups x genes` arrays
+//! of f64 and one chunk of cells, whatever the number of cells.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use cpa_stream_stages::CsrBatch;
+use cpa_stream_stages::h5ad::H5adReader;
+
+use crate::context::RunContext;
+use crate::error::{Error, Result};
+use crate::obs::column_strings;
+
+/// Cells read at a time.
+const CHUNK_ROWS: u64 = 512;
+
+/// The largest count total of a cell cell-eval2's `vcc2026` preset accepts
+/// (`max_counts_per_cell`).
+pub const MAX_CELL_TOTAL: f64 = 1e6;
+
+/// One file's groups: labels in sorted order (numpy's `unique`, as cell-eval2 orders them), their
+/// cell counts, count sums, pseudobulks and jackknife corrections.
+#[derive(Debug, Clone)]
+pub struct SideBulk {
+    /// The file.
+    pub path: PathBuf,
+    /// Group labels, sorted.
+    pub labels: Vec<String>,
+    /// Cells per group.
+    pub cells: Vec<u64>,
+    /// Genes.
+    pub n_genes: usize,
+    /// Per group, the pseudobulk `log1p(TS * sums / total)` (all zero for a group without counts).
+    pub means: Vec<Vec<f64>>,
+    /// Per group, the delete-1 jackknife correction `C_p` (0 below two cells).
+    pub jackknife: Vec<f64>,
+}
+
+impl SideBulk {
+    /// The row of `label`, if the file has that group.
+    pub fn row(&self, label: &str) -> Option<usize> {
+        self.labels.binary_search_by(|l| l.as_str().cmp(label)).ok()
+    }
+}
+
+/// Group sums of the first pass, groups in the order first seen.
+struct Sums {
+    index: HashMap<String, usize>,
+    labels: Vec<String>,
+    cells: Vec<u64>,
+    sums: Vec<Vec<f64>>,
+}
+
+/// Reads `reader`'s cells twice and reduces them per value of obs column `group_by`.
+/// `target_sum` is the pseudobulk's total (`bulk_target_sum`, 5e4 in `vcc2026`). `threads` share
+/// the jackknife's genes.
+pub fn side_bulk(
+    reader: &H5adReader,
+    group_by: &str,
+    target_sum: f64,
+    threads: usize,
+    ctx: &RunContext,
+) -> Result<SideBulk> {
+    let path = reader.path();
+    let n_genes = reader.n_vars() as usize;
+    let n_obs = reader.n_obs();
+    if n_obs == 0 {
+        return Err(Error::InvalidInput(format!("{}: no cells", path.display())));
+    }
+    let progress = ctx.progress();
+    // Pass 1: count sums per group, every count checked.
+    let mut first = Sums { index: HashMap::new(), labels: Vec::new(), cells: Vec::new(), sums: Vec::new() };
+    let mut batch = CsrBatch::new(n_genes as u32);
+    progress.begin("cells (sums)", n_obs);
+    for rows in chunks(n_obs) {
+        let codes = read_chunk(reader, group_by, rows.clone(), &mut batch, &mut first)?;
+        for (r, &g) in codes.iter().enumerate() {
+            first.cells[g] += 1;
+            let (cols, values) = batch.row(r);
+            let mut total = 0.0f64;
+            let sums = &mut first.sums[g];
+            for (&c, &v) in cols.iter().zip(values) {
+                let v = f64::from(v);
+                check_count(path, rows.start + r as u64, c, v)?;
+                sums[c as usize] += v;
+                total += v;
+            }
+            if total > MAX_CELL_TOTAL {
+                return Err(Error::InvalidInput(format!(
+                    "{}: cell {} holds {total} counts, more than the {MAX_CELL_TOTAL} a cell may hold in \
+                     cell-eval2's vcc2026 scoring (max_counts_per_cell)",
+                    path.display(),
+                    rows.start + r as u64
+                )));
+            }
+        }
+        progress.advance(rows.end - rows.start);
+        ctx.check_stopped()?;
+    }
+    progress.end();
+    // Sorted group order (numpy's unique), and each group's pseudobulk.
+    let mut order: Vec<usize> = (0..first.labels.len()).collect();
+    order.sort_by(|&a, &b| first.labels[a].cmp(&first.labels[b]));
+    let mut rank = vec![0usize; order.len()];
+    for (r, &g) in order.iter().enumerate() {
+        rank[g] = r;
+    }
+    let labels: Vec<String> = order.iter().map(|&g| first.labels[g].clone()).collect();
+    let cells: Vec<u64> = order.iter().map(|&g| first.cells[g]).collect();
+    let sums: Vec<Vec<f64>> = order.iter().map(|&g| std::mem::take(&mut first.sums[g])).collect();
+    let totals: Vec<f64> = sums.iter().map(|s| s.iter().sum()).collect();
+    let means: Vec<Vec<f64>> = sums.iter().zip(&totals).map(|(s, &t)| bulk_log1p(s, t, target_sum)).collect();
+
+    // Pass 2: the jackknife, per gene `sum_i (v_ig - b_g)` and its squares over each group's cells.
+    let mut s1 = vec![vec![0.0f64; n_genes]; labels.len()];
+    let mut s2 = vec![vec![0.0f64; n_genes]; labels.len()];
+    let mut dense = Vec::new();
+    progress.begin("cells (jackknife)", n_obs);
+    for rows in chunks(n_obs) {
+        let codes = read_chunk(reader, group_by, rows.clone(), &mut batch, &mut first)?;
+        let groups = codes
+            .iter()
+            .map(|&g| rank.get(g).copied())
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| Error::InvalidInput(format!("{}: changed while it was read", path.display())))?;
+        let n_rows = groups.len();
+        dense.clear();
+        dense.resize(n_rows * n_genes, 0.0f64);
+        let mut remainders = Vec::with_capacity(n_rows);
+        for (r, &g) in groups.iter().enumerate() {
+            let (cols, values) = batch.row(r);
+            let row = &mut dense[r * n_genes..(r + 1) * n_genes];
+            let mut library = 0.0f64;
+            for (&c, &v) in cols.iter().zip(values) {
+                row[c as usize] += f64::from(v);
+                library += f64::from(v);
+            }
+            remainders.push(totals[g] - library);
+        }
+        accumulate_jackknife(&dense, &groups, &remainders, &sums, &means, target_sum, threads, &mut s1, &mut s2);
+        progress.advance(rows.end - rows.start);
+        ctx.check_stopped()?;
+    }
+    progress.end();
+    let jackknife = (0..labels.len())
+        .map(|g| {
+            let n = cells[g] as f64;
+            if cells[g] < 2 || totals[g] <= 0.0 {
+                return 0.0;
+            }
+            let q: f64 = s1[g].iter().zip(&s2[g]).map(|(&a, &b)| b - a * a / n).sum();
+            (((n - 1.0) / n) * q).max(0.0)
+        })
+        .collect();
+    Ok(SideBulk { path: path.to_owned(), labels, cells, n_genes, means, jackknife })
+}
+
+/// `log1p(TS * sums / total)`; zeros for a group without counts.
+fn bulk_log1p(sums: &[f64], total: f64, target_sum: f64) -> Vec<f64> {
+    let scale = if total > 0.0 { target_sum / total } else { 0.0 };
+    sums.iter().map(|&s| (s * scale).ln_1p()).collect()
+}
+
+/// Row ranges of `CHUNK_ROWS` cells.
+fn chunks(n_obs: u64) -> impl Iterator<Item = Range<u64>> {
+    (0..n_obs.div_ceil(CHUNK_ROWS)).map(move |k| k * CHUNK_ROWS..((k + 1) * CHUNK_ROWS).min(n_obs))
+}
+
+/// Reads cells `rows` into `batch` and returns each cell's group (groups first seen are added).
+fn read_chunk(
+    reader: &H5adReader,
+    group_by: &str,
+    rows: Range<u64>,
+    batch: &mut CsrBatch,
+    sums: &mut Sums,
+) -> Result<Vec<usize>> {
+    let path = reader.path();
+    let origin = path.display().to_string();
+    batch.clear();
+    reader.matrix().read_rows(rows.clone(), batch).map_err(Error::stage(crate::Stage::Read))?;
+    let obs = reader.read_obs(rows.clone()).map_err(Error::stage(crate::Stage::Read))?;
+    let column = column_strings(&obs, group_by, &origin).map_err(|e| match e {
+        Error::InvalidInput(_) if obs.column_by_name(group_by).is_none() => {
+            let names: Vec<String> = obs.schema().fields().iter().map(|f| f.name().clone()).collect();
+            Error::InvalidInput(format!(
+                "{origin}: no obs column {group_by:?} (the perturbation column); obs has {}",
+                crate::suggest::listing(group_by, names.iter().map(String::as_str), 8)
+            ))
+        }
+        other => other,
+    })?;
+    let n_genes = reader.n_vars() as usize;
+    (0..obs.num_rows())
+        .map(|i| {
+            let label = column.get(i).ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "{origin}: cell {} has no {group_by:?} (a missing value); every cell needs its perturbation",
+                    rows.start + i as u64
+                ))
+            })?;
+            let next = sums.labels.len();
+            let g = *sums.index.entry(label.to_owned()).or_insert(next);
+            if g == next {
+                sums.labels.push(label.to_owned());
+                sums.cells.push(0);
+                sums.sums.push(vec![0.0; n_genes]);
+            }
+            Ok(g)
+        })
+        .collect()
+}
+
+/// A count must be a whole non-negative number.
+fn check_count(path: &Path, cell: u64, gene: u32, value: f64) -> Result<()> {
+    if value.is_finite() && value >= 0.0 && value.fract() == 0.0 {
+        return Ok(());
+    }
+    Err(Error::InvalidInput(format!(
+        "{}: cell {cell}, gene {gene} holds {value}; cell-eval2's vcc2026 scoring reads raw counts (whole, \
+         non-negative numbers): give the counts, not normalised or log values",
+        path.display()
+    )))
+}
+
+/// Adds the chunk's cells to the jackknife sums: for cell `i` of group `p` with the remainder
+/// `r_i = S_p - lib_i`, `v_ig - b_g` where `v_ig = log1p(TS * (P_pg - y_ig) / r_i)` (0 when
+/// `r_i` is 0: the cell holds all of the group's counts) and `b_g` the group's pseudobulk. The
+/// genes are shared among `threads`, each gene's sums taken in cell order whatever the number of
+/// threads, so the result does not depend on it.
+#[allow(clippy::too_many_arguments, reason = "the pass's arrays, named as the formula names them")]
+fn accumulate_jackknife(
+    dense: &[f64],
+    groups: &[usize],
+    remainders: &[f64],
+    sums: &[Vec<f64>],
+    means: &[Vec<f64>],
+    target_sum: f64,
+    threads: usize,
+    s1: &mut [Vec<f64>],
+    s2: &mut [Vec<f64>],
+) {
+    let n_genes = sums.first().map_or(0, Vec::len);
+    if n_genes == 0 || groups.is_empty() {
+        return;
+    }
+    let threads = threads.clamp(1, n_genes.div_ceil(256).max(1));
+    let per = n_genes.div_ceil(threads);
+    // Each thread takes its gene range of every group's sums.
+    let mut parts: Vec<Vec<(&mut [f64], &mut [f64])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (a, b) in s1.iter_mut().zip(s2.iter_mut()) {
+        let mut a_rest: &mut [f64] = a;
+        let mut b_rest: &mut [f64] = b;
+        for part in parts.iter_mut() {
+            let take = per.min(a_rest.len());
+            let (a_head, a_tail) = a_rest.split_at_mut(take);
+            let (b_head, b_tail) = b_rest.split_at_mut(take);
+            part.push((a_head, b_head));
+            a_rest = a_tail;
+            b_rest = b_tail;
+        }
+    }
+    std::thread::scope(|scope| {
+        for (t, mut part) in parts.into_iter().enumerate() {
+            let genes = (t * per).min(n_genes)..((t + 1) * per).min(n_genes);
+            if genes.is_empty() {
+                continue;
+            }
+            scope.spawn(move || {
+                for (r, &g) in groups.iter().enumerate() {
+                    let (a, b) = &mut part[g];
+                    let row = &dense[r * n_genes + genes.start..r * n_genes + genes.end];
+                    let p = &sums[g][genes.clone()];
+                    let m = &means[g][genes.clone()];
+                    let rem = remainders[r];
+                    if rem > 0.0 {
+                        let scale = target_sum / rem;
+                        for k in 0..row.len() {
+                            let d = (scale * (p[k] - row[k])).ln_1p() - m[k];
+                            a[k] += d;
+                            b[k] += d * d;
+                        }
+                    } else {
+                        for k in 0..row.len() {
+                            let d = -m[k];
+                            a[k] += d;
+                            b[k] += d * d;
+                        }
+                    }
+                }
+            });
+        }
+    });
+}

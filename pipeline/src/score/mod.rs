@@ -1,0 +1,266 @@
+//! `score`: a prediction of raw counts (`.h5ad`, as `predict --counts` writes it) scored against
+//! the real cells (`.h5ad`) with the metrics of cell-eval2 0.20.0's `vcc2026` preset, the
+//! Virtual Cell Challenge 2026's, out of core: each file is read twice in chunks of cells and
+//! reduced to per-perturbation sums, so memory holds `perturbations x genes` numbers and one
+//! chunk, whatever the number of cells.
+//!
+//! Computed here so far: the two expression members, `pds_cosine` and
+//! `expr_mse_unbiased_capped_norm` (with its components `expr_mse_unbiased_capped` and
+//! `expr_distance_unbiased`, and the diagnostic `expr_mse_unbiased`), as cell-eval2's `run`
+//! computes them. Not yet: its four Wilcoxon DE members, and the scaling of each member between
+//! the mean-response baseline and the split-half replicate (`cell-eval2 score`).
+
+mod bulk;
+mod expression;
+mod targets;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use cpa_stream_stages::h5ad::H5adReader;
+use cpa_stream_stages::output::{OutputKind, check_replaceable, claim_output, publish, temporary_sibling};
+use serde::Serialize;
+
+pub use bulk::MAX_CELL_TOTAL;
+pub use targets::TargetGenes;
+
+use crate::Stage;
+use crate::context::RunContext;
+use crate::error::{Error, Result};
+use crate::telemetry::{MemorySampler, RunReport};
+
+/// `bulk_target_sum` of the `vcc2026` preset: the total each pseudobulk is scaled to.
+pub const BULK_TARGET_SUM: f64 = 5e4;
+/// The per-perturbation values: `perturbation`, `metric`, `value` (cell-eval2's `results.csv`).
+pub const RESULTS_FILE: &str = "results.parquet";
+/// The aggregates and what was scored.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// What `score` reads and writes.
+#[derive(Debug, Clone)]
+pub struct ScoreOptions {
+    /// The predicted cells: raw counts, an obs column of perturbations, the control among them.
+    pub prediction: PathBuf,
+    /// The real cells, the same genes in the same order.
+    pub reference: PathBuf,
+    /// The obs column of the perturbations [default: `condition`].
+    pub perturbation_key: String,
+    /// The control's label [default: `control`].
+    pub control: String,
+    /// Where each perturbation's target gene comes from.
+    pub target_genes: TargetGenes,
+    /// The directory written (`results.parquet`, `summary.json`); none: only the report.
+    pub out: Option<PathBuf>,
+    /// Replace a score directory written before.
+    pub overwrite: bool,
+    /// Threads of the jackknife pass [default: the usable CPUs].
+    pub threads: usize,
+}
+
+impl ScoreOptions {
+    /// Options with every default.
+    pub fn new(prediction: impl Into<PathBuf>, reference: impl Into<PathBuf>) -> ScoreOptions {
+        ScoreOptions {
+            prediction: prediction.into(),
+            reference: reference.into(),
+            perturbation_key: "condition".to_owned(),
+            control: "control".to_owned(),
+            target_genes: TargetGenes::ByName,
+            out: None,
+            overwrite: false,
+            threads: crate::threads::cpus(),
+        }
+    }
+}
+
+/// One perturbation's values.
+#[derive(Debug, Clone, Serialize)]
+pub struct PerturbationScores {
+    /// The label.
+    pub perturbation: String,
+    /// Predicted cells.
+    pub predicted_cells: u64,
+    /// Real cells.
+    pub real_cells: u64,
+    /// Metric -> value.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// What a scoring found.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreReport {
+    /// The prediction scored.
+    pub prediction: PathBuf,
+    /// The reference.
+    pub reference: PathBuf,
+    /// The directory written, if any.
+    pub out: Option<PathBuf>,
+    /// Genes compared.
+    pub genes: usize,
+    /// Cells of the prediction and of the reference.
+    pub predicted_cells: u64,
+    /// Cells of the reference.
+    pub real_cells: u64,
+    /// The aggregates, cell-eval2's `agg_results.csv` means (`expr_mse_unbiased_capped_norm`:
+    /// the ratio of the sums).
+    pub aggregates: BTreeMap<String, f64>,
+    /// Every perturbation's values.
+    pub perturbations: Vec<PerturbationScores>,
+    /// Perturbations whose label names no gene (scored with every gene), at most five.
+    pub unresolved_targets: Vec<String>,
+    /// How many perturbations name no gene.
+    pub n_unresolved_targets: usize,
+    /// Wall time and peak memory.
+    pub report: RunReport,
+}
+
+/// Scores `options.prediction` against `options.reference`.
+pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
+    let sampler = MemorySampler::start();
+    let started = Instant::now();
+    let lock = match &options.out {
+        Some(out) => {
+            cpa_stream_stages::output::check_not_an_input(out, [&options.prediction, &options.reference])
+                .map_err(Error::stage(Stage::Write))?;
+            let lock =
+                claim_output(out, OutputKind::Directory, options.overwrite).map_err(Error::stage(Stage::Write))?;
+            if out.exists() {
+                check_replaceable(out, "a score directory", ours).map_err(Error::stage(Stage::Write))?;
+            }
+            Some(lock)
+        }
+        None => None,
+    };
+    let open = |path: &Path| H5adReader::open(path, None).map_err(Error::stage(Stage::Read));
+    let (pred_file, real_file) = (open(&options.prediction)?, open(&options.reference)?);
+    let genes = pred_file.gene_ids().map_err(Error::stage(Stage::Read))?;
+    let real_genes = real_file.gene_ids().map_err(Error::stage(Stage::Read))?;
+    same_genes(&genes, &real_genes, options)?;
+    let side = |file: &H5adReader| {
+        bulk::side_bulk(file, &options.perturbation_key, BULK_TARGET_SUM, options.threads.max(1), ctx)
+    };
+    let pred = side(&pred_file)?;
+    let real = side(&real_file)?;
+    let scores = expression::score(&pred, &real, &options.control, &genes, options.target_genes)?;
+
+    let mut per: BTreeMap<String, PerturbationScores> = BTreeMap::new();
+    let columns = [
+        ("pds_cosine", &scores.pds_cosine),
+        ("expr_mse_unbiased", &scores.mse_unbiased),
+        ("expr_mse_unbiased_capped", &scores.mse_unbiased_capped),
+        ("expr_distance_unbiased", &scores.distance_unbiased),
+    ];
+    let mut aggregates = BTreeMap::new();
+    for (name, values) in columns {
+        for (label, v) in values {
+            let row = per.entry(label.clone()).or_insert_with(|| PerturbationScores {
+                perturbation: label.clone(),
+                predicted_cells: pred.row(label).map_or(0, |i| pred.cells[i]),
+                real_cells: real.row(label).map_or(0, |j| real.cells[j]),
+                metrics: BTreeMap::new(),
+            });
+            row.metrics.insert(name.to_owned(), *v);
+        }
+        let finite: Vec<f64> = values.iter().map(|(_, v)| *v).filter(|v| v.is_finite()).collect();
+        aggregates.insert(name.to_owned(), finite.iter().sum::<f64>() / finite.len().max(1) as f64);
+    }
+    aggregates.insert("expr_mse_unbiased_capped_norm".to_owned(), scores.mse_unbiased_capped_norm);
+    let report = ScoreReport {
+        prediction: options.prediction.clone(),
+        reference: options.reference.clone(),
+        out: options.out.clone(),
+        genes: genes.len(),
+        predicted_cells: pred_file.n_obs(),
+        real_cells: real_file.n_obs(),
+        aggregates,
+        perturbations: per.into_values().collect(),
+        unresolved_targets: scores.unresolved_targets,
+        n_unresolved_targets: scores.n_unresolved_targets,
+        report: RunReport { wall: started.elapsed(), stages: Vec::new(), memory: sampler.finish() },
+    };
+    if let (Some(out), Some(_lock)) = (&options.out, &lock) {
+        write(out, &report, options.overwrite)?;
+    }
+    Ok(report)
+}
+
+/// The entries a score directory holds.
+fn ours(name: &str, kind: std::fs::FileType) -> bool {
+    kind.is_file() && (name == RESULTS_FILE || name == SUMMARY_FILE)
+}
+
+/// The two files must have the same gene ids in the same order.
+fn same_genes(pred: &[String], real: &[String], options: &ScoreOptions) -> Result<()> {
+    if pred.len() != real.len() {
+        return Err(Error::InvalidInput(format!(
+            "{} has {} genes and {} has {}: the prediction must have the reference's genes, in its order",
+            options.prediction.display(),
+            pred.len(),
+            options.reference.display(),
+            real.len()
+        )));
+    }
+    if let Some(k) = pred.iter().zip(real).position(|(a, b)| a != b) {
+        return Err(Error::InvalidInput(format!(
+            "{}: gene {k} is {:?} where the reference {} has {:?}: the prediction must have the reference's genes, \
+             in its order",
+            options.prediction.display(),
+            pred[k],
+            options.reference.display(),
+            real[k]
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `results.parquet` and `summary.json` into a temporary sibling of `out`, then publishes it.
+fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
+    let tmp = temporary_sibling(out).map_err(Error::stage(Stage::Write))?;
+    std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
+    let written = (|| {
+        let (mut labels, mut metrics, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        for p in &report.perturbations {
+            for (m, v) in &p.metrics {
+                labels.push(p.perturbation.as_str());
+                metrics.push(m.as_str());
+                values.push(*v);
+            }
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("perturbation", DataType::Utf8, false),
+            Field::new("metric", DataType::Utf8, false),
+            Field::new("value", DataType::Float64, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(labels)),
+            Arc::new(StringArray::from(metrics)),
+            Arc::new(Float64Array::from(values)),
+        ];
+        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(Error::arrow(RESULTS_FILE))?;
+        cpa_stream_stages::store::write_table(&tmp.join(RESULTS_FILE), schema, [batch])
+            .map_err(Error::stage(Stage::Write))?;
+        let summary = serde_json::json!({
+            "prediction": report.prediction,
+            "reference": report.reference,
+            "preset": "vcc2026",
+            "cell_eval2": "0.20.0",
+            "genes": report.genes,
+            "predicted_cells": report.predicted_cells,
+            "real_cells": report.real_cells,
+            "aggregates": report.aggregates,
+            "unresolved_targets": report.unresolved_targets,
+            "n_unresolved_targets": report.n_unresolved_targets,
+        });
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        std::fs::write(tmp.join(SUMMARY_FILE), text + "\n").map_err(Error::io(tmp.join(SUMMARY_FILE)))?;
+        publish(&tmp, out, OutputKind::Directory, overwrite).map_err(Error::stage(Stage::Write))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
+}
