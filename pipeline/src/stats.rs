@@ -121,8 +121,9 @@ pub fn welch_test(a: &Moments, b: &Moments) -> (Vec<f64>, Vec<f64>) {
     (t, p)
 }
 
-/// Benjamini-Hochberg adjusted p-values (q-values), as scipy's `false_discovery_control`; a NaN
-/// p-value counts as 1 and stays NaN.
+/// Benjamini-Hochberg adjusted p-values (q-values), as scipy's `false_discovery_control` (the
+/// same operations: `p * (m / i)`, then the running minimum from the largest); a NaN p-value
+/// counts as 1 and stays NaN.
 pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
     let m = p.len();
     let value = |i: usize| if p[i].is_nan() { 1.0 } else { p[i] };
@@ -131,7 +132,7 @@ pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
     let mut q = vec![f64::NAN; m];
     let mut running = 1.0f64;
     for (rank, &i) in order.iter().enumerate().rev() {
-        running = running.min(value(i) * m as f64 / (rank + 1) as f64);
+        running = running.min(value(i) * (m as f64 / (rank + 1) as f64));
         q[i] = if p[i].is_nan() { f64::NAN } else { running.min(1.0) };
     }
     q

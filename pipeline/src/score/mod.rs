@@ -11,6 +11,7 @@
 //! the mean-response baseline and the split-half replicate (`cell-eval2 score`).
 
 mod bulk;
+mod de;
 mod expression;
 mod targets;
 
@@ -146,6 +147,7 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
     let pred = side(&pred_file)?;
     let real = side(&real_file)?;
     let scores = expression::score(&pred, &real, &options.control, &genes, options.target_genes)?;
+    let de = differential_expression(&pred_file, &real_file, &genes, options, ctx)?;
 
     let mut per: BTreeMap<String, PerturbationScores> = BTreeMap::new();
     let columns = [
@@ -168,6 +170,25 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         let finite: Vec<f64> = values.iter().map(|(_, v)| *v).filter(|v| v.is_finite()).collect();
         aggregates.insert(name.to_owned(), finite.iter().sum::<f64>() / finite.len().max(1) as f64);
     }
+    let de_columns: [(&str, fn(&de::DeScores) -> Option<f64>); 4] = [
+        ("de_wilcoxon_direction_fidelity_yield_raw", |s| Some(s.direction_fidelity_yield_raw)),
+        ("de_wilcoxon_direction_reach_raw", |s| Some(s.direction_reach_raw)),
+        ("de_wilcoxon_sig_jaccard", |s| Some(s.sig_jaccard)),
+        ("de_wilcoxon_lfc_nmae", |s| s.lfc_nmae),
+    ];
+    for (name, read) in de_columns {
+        let mut finite = Vec::new();
+        for (label, s) in &de {
+            if let (Some(v), Some(row)) = (read(s), per.get_mut(label)) {
+                row.metrics.insert(name.to_owned(), v);
+                if v.is_finite() {
+                    finite.push(v);
+                }
+            }
+        }
+        let mean = if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 };
+        aggregates.insert(name.to_owned(), mean);
+    }
     aggregates.insert("expr_mse_unbiased_capped_norm".to_owned(), scores.mse_unbiased_capped_norm);
     let report = ScoreReport {
         prediction: options.prediction.clone(),
@@ -186,6 +207,57 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         write(out, &report, options.overwrite)?;
     }
     Ok(report)
+}
+
+/// The Wilcoxon tests of both files' perturbations against the reference's control cells, and
+/// the four DE members of each perturbation.
+fn differential_expression(
+    pred_file: &H5adReader,
+    real_file: &H5adReader,
+    genes: &[String],
+    options: &ScoreOptions,
+    ctx: &RunContext,
+) -> Result<Vec<(String, de::DeScores)>> {
+    let key = &options.perturbation_key;
+    let real_rows = de::group_rows(real_file, key)?;
+    let pred_rows = de::group_rows(pred_file, key)?;
+    let pool = de::ControlPool::read(real_file, &real_rows, &options.control, ctx)?;
+    let real_tests = de::test_groups(real_file, &real_rows, &options.control, &pool, ctx)?;
+    let pred_tests: BTreeMap<String, de::DeResult> =
+        de::test_groups(pred_file, &pred_rows, &options.control, &pool, ctx)?.into_iter().collect();
+    let features: Vec<&str> = pool.kept.iter().map(|&g| genes[g].as_str()).collect();
+    let column: BTreeMap<&str, usize> = features.iter().enumerate().map(|(k, &f)| (f, k)).collect();
+    let own = |label: &str| match options.target_genes {
+        TargetGenes::ByName => column.get(label).copied(),
+        TargetGenes::None => None,
+    };
+    if options.target_genes == TargetGenes::ByName
+        && !real_tests.is_empty()
+        && real_tests.iter().all(|(label, _)| own(label).is_none())
+    {
+        let sample: Vec<&str> = real_tests.iter().take(5).map(|(l, _)| l.as_str()).collect();
+        return Err(Error::InvalidInput(format!(
+            "{}: the DE metrics leave each perturbation's own gene out, but no perturbation label (such as \
+             {sample:?}) names one of the {} genes tested (gene ids with a control mean above {} CPM): if the \
+             perturbations have no target gene, say so with --no-target-genes; if the labels name genes \
+             differently, rename them to the gene ids",
+            options.reference.display(),
+            features.len(),
+            de::MIN_CONTROL_CPM
+        )));
+    }
+    real_tests
+        .iter()
+        .map(|(label, real)| {
+            let pred = pred_tests.get(label).ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "{}: no cells of perturbation {label:?}, which the reference has",
+                    options.prediction.display()
+                ))
+            })?;
+            Ok((label.clone(), de::de_scores(real, pred, &features, own(label))))
+        })
+        .collect()
 }
 
 /// The entries a score directory holds.
