@@ -27,10 +27,19 @@ pub struct ScoreArgs {
     /// cell-eval2 does.
     #[arg(long)]
     no_target_genes: bool,
+    /// A real bundle written by `cell-eval2 prep-real-bundle` for this reference (its
+    /// baseline_agg.csv and anchor_agg.parquet): each member is also scaled between the
+    /// mean-response baseline (0) and the split-half replicate (1), as the challenge scores.
+    #[arg(long, value_name = "DIR")]
+    real_bundle: Option<PathBuf>,
     /// Directory written: results.parquet (perturbation, metric, value: cell-eval2's
     /// results.csv) and summary.json (the aggregates).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Accept counts that are not whole numbers (a baseline arm of mean counts, as cell-eval2's
+    /// baseline writes it); the challenge's scoring refuses them.
+    #[arg(long)]
+    allow_fractional_counts: bool,
     /// Replace a score directory written before (a directory holding other files is refused).
     #[arg(long)]
     overwrite: bool,
@@ -48,6 +57,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     options.control = args.control;
     options.target_genes = if args.no_target_genes { TargetGenes::None } else { TargetGenes::ByName };
     options.out = args.out;
+    options.real_bundle = args.real_bundle;
+    options.allow_fractional_counts = args.allow_fractional_counts;
     options.overwrite = args.overwrite;
     if let Some(t) = args.threads {
         options.threads = t.max(1);
@@ -74,9 +85,10 @@ fn print(report: &ScoreReport) -> anyhow::Result<()> {
     );
     if report.n_unresolved_targets > 0 {
         outln!(
-            "note: {} perturbation labels name no gene (such as {:?}): scored with every gene; if they have no \
+            "note: {} perturbation label{} no gene (such as {:?}): scored with every gene; if they have no \
              target gene, say so with --no-target-genes",
             report.n_unresolved_targets,
+            if report.n_unresolved_targets == 1 { " names" } else { "s name" },
             report.unresolved_targets
         );
     }
@@ -88,6 +100,38 @@ fn print(report: &ScoreReport) -> anyhow::Result<()> {
             _ => "mean",
         };
         outln!("  {name:<width$}  {value:>10.6}  ({how})");
+    }
+    if let Some(scaled) = &report.scaled {
+        outln!("scaled against {} (0 the mean-response baseline):", scaled.bundle.display());
+        outln!(
+            "  {:<width$}  {:>10}  {:>10}  {:>10}  {:>13}  {:>14}",
+            "metric",
+            "value",
+            "baseline",
+            "replicate",
+            "from_baseline",
+            "from_replicate"
+        );
+        for m in &scaled.members {
+            outln!(
+                "  {:<width$}  {:>10.6}  {:>10.6}  {:>10.6}  {:>13.6}  {:>14.6}",
+                m.metric,
+                m.value,
+                m.baseline,
+                m.replicate,
+                m.from_baseline,
+                m.from_replicate
+            );
+        }
+        outln!(
+            "  {:<width$}  {:>10}  {:>10}  {:>10}  {:>13.6}  {:>14.6}",
+            "avg_score",
+            "",
+            "",
+            "",
+            scaled.avg_from_baseline,
+            scaled.avg_from_replicate
+        );
     }
     if let Some(out) = &report.out {
         outln!("wrote {}", out.display());

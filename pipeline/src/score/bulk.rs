@@ -57,12 +57,15 @@ struct Sums {
 }
 
 /// Reads `reader`'s cells twice and reduces them per value of obs column `group_by`.
-/// `target_sum` is the pseudobulk's total (`bulk_target_sum`, 5e4 in `vcc2026`). `threads` share
-/// the jackknife's genes.
+/// `target_sum` is the pseudobulk's total (`bulk_target_sum`, 5e4 in `vcc2026`); `fractional`
+/// accepts counts that are not whole (a baseline arm of means). `threads` share the jackknife's
+/// genes.
+#[allow(clippy::too_many_arguments, reason = "one pass's settings, each named")]
 pub fn side_bulk(
     reader: &H5adReader,
     group_by: &str,
     target_sum: f64,
+    fractional: bool,
     threads: usize,
     ctx: &RunContext,
 ) -> Result<SideBulk> {
@@ -86,7 +89,7 @@ pub fn side_bulk(
             let sums = &mut first.sums[g];
             for (&c, &v) in cols.iter().zip(values) {
                 let v = f64::from(v);
-                check_count(path, rows.start + r as u64, c, v)?;
+                check_count(path, rows.start + r as u64, c, v, fractional)?;
                 sums[c as usize] += v;
                 total += v;
             }
@@ -215,14 +218,15 @@ fn read_chunk(
         .collect()
 }
 
-/// A count must be a whole non-negative number.
-fn check_count(path: &Path, cell: u64, gene: u32, value: f64) -> Result<()> {
-    if value.is_finite() && value >= 0.0 && value.fract() == 0.0 {
+/// A count must be a non-negative number, whole unless `fractional`.
+fn check_count(path: &Path, cell: u64, gene: u32, value: f64, fractional: bool) -> Result<()> {
+    if value.is_finite() && value >= 0.0 && (fractional || value.fract() == 0.0) {
         return Ok(());
     }
     Err(Error::InvalidInput(format!(
         "{}: cell {cell}, gene {gene} holds {value}; cell-eval2's vcc2026 scoring reads raw counts (whole, \
-         non-negative numbers): give the counts, not normalised or log values",
+         non-negative numbers): give the counts, not normalised or log values (--allow-fractional-counts \
+         accepts counts that are not whole, such as a baseline of means)",
         path.display()
     )))
 }

@@ -13,6 +13,7 @@
 mod bulk;
 mod de;
 mod expression;
+mod scale;
 mod targets;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ use cpa_stream_stages::output::{OutputKind, check_replaceable, claim_output, pub
 use serde::Serialize;
 
 pub use bulk::MAX_CELL_TOTAL;
+pub use scale::{Scaled, ScaledMember};
 pub use targets::TargetGenes;
 
 use crate::Stage;
@@ -56,6 +58,12 @@ pub struct ScoreOptions {
     pub target_genes: TargetGenes,
     /// The directory written (`results.parquet`, `summary.json`); none: only the report.
     pub out: Option<PathBuf>,
+    /// A real bundle of cell-eval2 (`prep-real-bundle`) for the reference: the baseline and
+    /// replicate ends each member is scaled between.
+    pub real_bundle: Option<PathBuf>,
+    /// Accept counts that are not whole numbers (cell-eval2's `allow_fractional_counts`: a
+    /// baseline arm of mean counts); by default a fraction is an error, as in `vcc2026`.
+    pub allow_fractional_counts: bool,
     /// Replace a score directory written before.
     pub overwrite: bool,
     /// Threads of the jackknife pass [default: the usable CPUs].
@@ -72,6 +80,8 @@ impl ScoreOptions {
             control: "control".to_owned(),
             target_genes: TargetGenes::ByName,
             out: None,
+            real_bundle: None,
+            allow_fractional_counts: false,
             overwrite: false,
             threads: crate::threads::cpus(),
         }
@@ -111,6 +121,8 @@ pub struct ScoreReport {
     pub aggregates: BTreeMap<String, f64>,
     /// Every perturbation's values.
     pub perturbations: Vec<PerturbationScores>,
+    /// The members scaled between the bundle's baseline and replicate (with `real_bundle`).
+    pub scaled: Option<Scaled>,
     /// Perturbations whose label names no gene (scored with every gene), at most five.
     pub unresolved_targets: Vec<String>,
     /// How many perturbations name no gene.
@@ -136,13 +148,28 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         }
         None => None,
     };
+    if let Some(bundle) = &options.real_bundle
+        && !bundle.is_dir()
+    {
+        return Err(Error::InvalidInput(format!(
+            "{}: not a directory (a real bundle of `cell-eval2 prep-real-bundle`)",
+            bundle.display()
+        )));
+    }
     let open = |path: &Path| H5adReader::open(path, None).map_err(Error::stage(Stage::Read));
     let (pred_file, real_file) = (open(&options.prediction)?, open(&options.reference)?);
     let genes = pred_file.gene_ids().map_err(Error::stage(Stage::Read))?;
     let real_genes = real_file.gene_ids().map_err(Error::stage(Stage::Read))?;
     same_genes(&genes, &real_genes, options)?;
     let side = |file: &H5adReader| {
-        bulk::side_bulk(file, &options.perturbation_key, BULK_TARGET_SUM, options.threads.max(1), ctx)
+        bulk::side_bulk(
+            file,
+            &options.perturbation_key,
+            BULK_TARGET_SUM,
+            options.allow_fractional_counts,
+            options.threads.max(1),
+            ctx,
+        )
     };
     let pred = side(&pred_file)?;
     let real = side(&real_file)?;
@@ -190,6 +217,7 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         aggregates.insert(name.to_owned(), mean);
     }
     aggregates.insert("expr_mse_unbiased_capped_norm".to_owned(), scores.mse_unbiased_capped_norm);
+    let scaled = options.real_bundle.as_deref().map(|bundle| scale::scale(&aggregates, bundle)).transpose()?;
     let report = ScoreReport {
         prediction: options.prediction.clone(),
         reference: options.reference.clone(),
@@ -199,6 +227,7 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         real_cells: real_file.n_obs(),
         aggregates,
         perturbations: per.into_values().collect(),
+        scaled,
         unresolved_targets: scores.unresolved_targets,
         n_unresolved_targets: scores.n_unresolved_targets,
         report: RunReport { wall: started.elapsed(), stages: Vec::new(), memory: sampler.finish() },
@@ -324,6 +353,7 @@ fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
             "predicted_cells": report.predicted_cells,
             "real_cells": report.real_cells,
             "aggregates": report.aggregates,
+            "scaled": report.scaled,
             "unresolved_targets": report.unresolved_targets,
             "n_unresolved_targets": report.n_unresolved_targets,
         });
