@@ -65,11 +65,13 @@ pub enum Stage {
     Probe,
     /// A benchmark's own steps (preloading, timing).
     Bench,
+    /// Scoring a prediction file against the real cells (`score`).
+    Score,
 }
 
 impl Stage {
     /// Every stage.
-    pub const ALL: [Stage; 27] = [
+    pub const ALL: [Stage; 28] = [
         Stage::Reader,
         Stage::Read,
         Stage::Write,
@@ -97,6 +99,7 @@ impl Stage {
         Stage::Device,
         Stage::Probe,
         Stage::Bench,
+        Stage::Score,
     ];
 
     /// The stage's name in reports, messages, thread names and `CPA_STREAM_FAULT`.
@@ -129,6 +132,7 @@ impl Stage {
             Stage::Device => "device",
             Stage::Probe => "batch-size probe",
             Stage::Bench => "bench",
+            Stage::Score => "score",
         }
     }
 

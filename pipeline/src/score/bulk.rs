@@ -54,6 +54,8 @@ struct Sums {
     labels: Vec<String>,
     cells: Vec<u64>,
     sums: Vec<Vec<f64>>,
+    /// The largest count total of a cell of the group.
+    max_library: Vec<f64>,
 }
 
 /// Reads `reader`'s cells twice and reduces them per value of obs column `group_by`.
@@ -77,7 +79,13 @@ pub fn side_bulk(
     }
     let progress = ctx.progress();
     // Pass 1: count sums per group, every count checked.
-    let mut first = Sums { index: HashMap::new(), labels: Vec::new(), cells: Vec::new(), sums: Vec::new() };
+    let mut first = Sums {
+        index: HashMap::new(),
+        labels: Vec::new(),
+        cells: Vec::new(),
+        sums: Vec::new(),
+        max_library: Vec::new(),
+    };
     let mut batch = CsrBatch::new(n_genes as u32);
     progress.begin("cells (sums)", n_obs);
     for rows in chunks(n_obs) {
@@ -93,6 +101,7 @@ pub fn side_bulk(
                 sums[c as usize] += v;
                 total += v;
             }
+            first.max_library[g] = first.max_library[g].max(total);
             if total > MAX_CELL_TOTAL {
                 return Err(Error::InvalidInput(format!(
                     "{}: cell {} holds {total} counts, more than the {MAX_CELL_TOTAL} a cell may hold in \
@@ -119,7 +128,16 @@ pub fn side_bulk(
     let totals: Vec<f64> = sums.iter().map(|s| s.iter().sum()).collect();
     let means: Vec<Vec<f64>> = sums.iter().zip(&totals).map(|(s, &t)| bulk_log1p(s, t, target_sum)).collect();
 
-    // Pass 2: the jackknife, per gene `sum_i (v_ig - b_g)` and its squares over each group's cells.
+    // Pass 2: the jackknife, per gene `sum_i (v_ig - b_g)` and its squares over each group's
+    // cells. Where no cell holds more than `SERIES_MAX_SHARE` of its group's counts, the terms of
+    // a cell's zero counts come from power sums of the cells' shares (`series`), and only its
+    // non-zero counts are visited; elsewhere every count is (`accumulate_jackknife`).
+    let series: Vec<bool> = order
+        .iter()
+        .zip(&totals)
+        .map(|(&g, &total)| total > 0.0 && first.max_library[g] <= SERIES_MAX_SHARE * total)
+        .collect();
+    let mut powers = vec![[0.0f64; 2 * SERIES_TERMS]; labels.len()];
     let mut s1 = vec![vec![0.0f64; n_genes]; labels.len()];
     let mut s2 = vec![vec![0.0f64; n_genes]; labels.len()];
     let mut dense = Vec::new();
@@ -131,25 +149,42 @@ pub fn side_bulk(
             .map(|&g| rank.get(g).copied())
             .collect::<Option<Vec<usize>>>()
             .ok_or_else(|| Error::InvalidInput(format!("{}: changed while it was read", path.display())))?;
-        let n_rows = groups.len();
         dense.clear();
-        dense.resize(n_rows * n_genes, 0.0f64);
-        let mut remainders = Vec::with_capacity(n_rows);
+        let (mut dense_groups, mut remainders) = (Vec::new(), Vec::new());
         for (r, &g) in groups.iter().enumerate() {
             let (cols, values) = batch.row(r);
-            let row = &mut dense[r * n_genes..(r + 1) * n_genes];
-            let mut library = 0.0f64;
-            for (&c, &v) in cols.iter().zip(values) {
-                row[c as usize] += f64::from(v);
-                library += f64::from(v);
+            let library: f64 = values.iter().map(|&v| f64::from(v)).sum();
+            if series[g] {
+                let share = library / totals[g];
+                add_powers(&mut powers[g], share);
+                let scale = target_sum / (totals[g] - library);
+                let zero_term = (-share).ln_1p();
+                for (&c, &v) in cols.iter().zip(values) {
+                    let c = c as usize;
+                    let (b, a) = (means[g][c], sums[g][c] * target_sum / totals[g]);
+                    let exact = (scale * (sums[g][c] - f64::from(v))).ln_1p() - b;
+                    let as_zero = (-share / (1.0 + a)).ln_1p() - zero_term;
+                    s1[g][c] += exact - as_zero;
+                    s2[g][c] += exact * exact - as_zero * as_zero;
+                }
+            } else {
+                let start = dense.len();
+                dense.resize(start + n_genes, 0.0f64);
+                for (&c, &v) in cols.iter().zip(values) {
+                    dense[start + c as usize] += f64::from(v);
+                }
+                dense_groups.push(g);
+                remainders.push(totals[g] - library);
             }
-            remainders.push(totals[g] - library);
         }
-        accumulate_jackknife(&dense, &groups, &remainders, &sums, &means, target_sum, threads, &mut s1, &mut s2);
+        accumulate_jackknife(&dense, &dense_groups, &remainders, &sums, &means, target_sum, threads, &mut s1, &mut s2)?;
         progress.advance(rows.end - rows.start);
         ctx.check_stopped()?;
     }
     progress.end();
+    for g in (0..labels.len()).filter(|&g| series[g]) {
+        add_series(&powers[g], &means[g], &mut s1[g], &mut s2[g]);
+    }
     let jackknife = (0..labels.len())
         .map(|g| {
             let n = cells[g] as f64;
@@ -161,6 +196,49 @@ pub fn side_bulk(
         })
         .collect();
     Ok(SideBulk { path: path.to_owned(), labels, cells, n_genes, means, jackknife })
+}
+
+/// The terms of the series of a zero count's jackknife term (see [`add_series`]).
+const SERIES_TERMS: usize = 12;
+/// The largest share of its group's counts a cell may hold for the series (`0.05^13 / 13`: the
+/// terms left out are below 2e-17 of the first).
+const SERIES_MAX_SHARE: f64 = 0.05;
+
+/// Adds `share^j`, `j = 1..=2K`, to a group's power sums.
+fn add_powers(powers: &mut [f64; 2 * SERIES_TERMS], share: f64) {
+    let mut x = share;
+    for p in powers.iter_mut() {
+        *p += x;
+        x *= share;
+    }
+}
+
+/// Adds to a group's jackknife sums the terms of every cell at every gene as if its count there
+/// were zero (the non-zero counts were corrected as they passed). For a cell holding the share
+/// `e` of its group's total `S`, a zero count's leave-one-out pseudobulk less the group's is
+/// `log1p(TS P / (S (1 - e))) - log1p(TS P / S) = log(1 - e u) - log(1 - e)` with
+/// `u = 1 / (1 + TS P / S) = exp(-b)`, which is `sum_k c_k e^k` with `c_k = (1 - u^k) / k`: its sum
+/// over the cells is `sum_k c_k M_k` and its square's `sum_kl c_k c_l M_(k+l)`, where `M_j` is the
+/// cells' sum of `e^j`. Exact to the terms left out (`SERIES_MAX_SHARE`).
+fn add_series(powers: &[f64; 2 * SERIES_TERMS], means: &[f64], s1: &mut [f64], s2: &mut [f64]) {
+    let mut c = [0.0f64; SERIES_TERMS];
+    for ((b, a), q) in means.iter().zip(s1.iter_mut()).zip(s2.iter_mut()) {
+        for (k, ck) in c.iter_mut().enumerate() {
+            // 1 - u^k without cancelling: -expm1(-k b).
+            let k1 = (k + 1) as f64;
+            *ck = -(-k1 * b).exp_m1() / k1;
+        }
+        let mut first = 0.0f64;
+        let mut second = 0.0f64;
+        for k in 0..SERIES_TERMS {
+            first += c[k] * powers[k];
+            for l in 0..SERIES_TERMS {
+                second += c[k] * c[l] * powers[k + l + 1];
+            }
+        }
+        *a += first;
+        *q += second;
+    }
 }
 
 /// `log1p(TS * sums / total)`; zeros for a group without counts.
@@ -212,6 +290,7 @@ fn read_chunk(
                 sums.labels.push(label.to_owned());
                 sums.cells.push(0);
                 sums.sums.push(vec![0.0; n_genes]);
+                sums.max_library.push(0.0);
             }
             Ok(g)
         })
@@ -247,10 +326,10 @@ fn accumulate_jackknife(
     threads: usize,
     s1: &mut [Vec<f64>],
     s2: &mut [Vec<f64>],
-) {
+) -> Result<()> {
     let n_genes = sums.first().map_or(0, Vec::len);
     if n_genes == 0 || groups.is_empty() {
-        return;
+        return Ok(());
     }
     let threads = threads.clamp(1, n_genes.div_ceil(256).max(1));
     let per = n_genes.div_ceil(threads);
@@ -268,13 +347,14 @@ fn accumulate_jackknife(
             b_rest = b_tail;
         }
     }
-    std::thread::scope(|scope| {
+    std::thread::scope(|scope| -> Result<()> {
+        let mut crew = crate::crew::Crew::new();
         for (t, mut part) in parts.into_iter().enumerate() {
             let genes = (t * per).min(n_genes)..((t + 1) * per).min(n_genes);
             if genes.is_empty() {
                 continue;
             }
-            scope.spawn(move || {
+            crew.spawn_in(scope, crate::Stage::Score, format!("{}-{t}", crate::Stage::Score), move || {
                 for (r, &g) in groups.iter().enumerate() {
                     let (a, b) = &mut part[g];
                     let row = &dense[r * n_genes + genes.start..r * n_genes + genes.end];
@@ -296,7 +376,67 @@ fn accumulate_jackknife(
                         }
                     }
                 }
-            });
+            })?;
         }
-    });
+        crew.join()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_jackknife_is_the_leave_one_out_variance_of_the_pseudobulk() {
+        // Two groups of cells (rows) over four genes, one cell holding all of its group's counts
+        // in one gene, whatever the number of threads.
+        let cells: [(usize, [f64; 4]); 7] = [
+            (0, [3.0, 0.0, 1.0, 5.0]),
+            (1, [0.0, 2.0, 0.0, 0.0]),
+            (0, [1.0, 1.0, 0.0, 2.0]),
+            (0, [0.0, 4.0, 2.0, 0.0]),
+            (1, [0.0, 0.0, 7.0, 0.0]),
+            (0, [2.0, 0.0, 0.0, 1.0]),
+            (1, [1.0, 0.0, 0.0, 3.0]),
+        ];
+        let ts = 5e4;
+        let mut sums = vec![vec![0.0; 4]; 2];
+        for (g, y) in &cells {
+            for k in 0..4 {
+                sums[*g][k] += y[k];
+            }
+        }
+        let totals: Vec<f64> = sums.iter().map(|s| s.iter().sum()).collect();
+        let means: Vec<Vec<f64>> = sums.iter().zip(&totals).map(|(s, &t)| bulk_log1p(s, t, ts)).collect();
+        for threads in [1, 3] {
+            let (mut s1, mut s2) = (vec![vec![0.0; 4]; 2], vec![vec![0.0; 4]; 2]);
+            let dense: Vec<f64> = cells.iter().flat_map(|(_, y)| y.iter().copied()).collect();
+            let groups: Vec<usize> = cells.iter().map(|(g, _)| *g).collect();
+            let remainders: Vec<f64> = cells.iter().map(|(g, y)| totals[*g] - y.iter().sum::<f64>()).collect();
+            accumulate_jackknife(&dense, &groups, &remainders, &sums, &means, ts, threads, &mut s1, &mut s2)
+                .unwrap_or_else(|e| panic!("{e}"));
+            for g in 0..2 {
+                let members: Vec<&[f64; 4]> = cells.iter().filter(|(c, _)| *c == g).map(|(_, y)| y).collect();
+                let n = members.len() as f64;
+                // Each leave-one-out pseudobulk, then (n - 1) / n times the sum of their squared
+                // deviations from their mean.
+                let loo: Vec<Vec<f64>> = members
+                    .iter()
+                    .map(|y| {
+                        let rest: Vec<f64> = (0..4).map(|k| sums[g][k] - y[k]).collect();
+                        bulk_log1p(&rest, rest.iter().sum(), ts)
+                    })
+                    .collect();
+                let mut want = 0.0;
+                for k in 0..4 {
+                    let mean = loo.iter().map(|v| v[k]).sum::<f64>() / n;
+                    want += loo.iter().map(|v| (v[k] - mean).powi(2)).sum::<f64>();
+                }
+                want *= (n - 1.0) / n;
+                let q: f64 = s1[g].iter().zip(&s2[g]).map(|(&a, &b)| b - a * a / n).sum();
+                let got = ((n - 1.0) / n) * q;
+                assert!((got - want).abs() < 1e-12 * want.max(1.0), "group {g}, {threads} threads: {got} vs {want}");
+            }
+        }
+    }
 }

@@ -167,6 +167,17 @@ impl ControlPool {
     }
 }
 
+/// `ln(f64::MAX)`: where the normal tail of scipy's `ndtr` (Cephes) underflows to 0.
+const MAX_LOG: f64 = 709.782_712_893_384;
+
+/// `2 P(Z > |z|)` as scanpy computes it (`2 * scipy.stats.norm.sf(|z|)`), 0 where scipy's
+/// tail underflows to 0 (`|z| / sqrt(2)` squared above `ln(f64::MAX)`), so that the p-values
+/// that order the genes tie where scipy's do.
+fn two_sided_p(z: f64) -> f64 {
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    if x * x > MAX_LOG { 0.0 } else { statrs::function::erf::erfc(x) }
+}
+
 /// `sum (t^3 - t)` over the blocks of equal values of a sorted slice.
 fn tie_sum(sorted: &[f64]) -> f64 {
     let mut total = 0.0f64;
@@ -264,7 +275,7 @@ fn test(group: &GroupValues, pool: &ControlPool) -> DeResult {
         if z.is_nan() {
             z = 0.0;
         }
-        p_value.push(statrs::function::erf::erfc(z.abs() / std::f64::consts::SQRT_2));
+        p_value.push(two_sided_p(z));
         lfc.push(((group.mean_cpm[g] + EPSILON) / (control.mean_cpm[g] + EPSILON)).log2());
     }
     let mut p_adj = crate::stats::benjamini_hochberg(&p_value);
@@ -368,4 +379,130 @@ pub fn de_scores(real: &DeResult, pred: &DeResult, features: &[&str], own: Optio
         })
         .flatten();
     DeScores { direction_fidelity_yield_raw, direction_reach_raw, sig_jaccard, lfc_nmae }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The combined sample's average ranks, as scipy's `rankdata`.
+    fn ranks(all: &[f64]) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..all.len()).collect();
+        order.sort_by(|&a, &b| all[a].total_cmp(&all[b]));
+        let mut out = vec![0.0; all.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i + 1;
+            while j < order.len() && all[order[j]] == all[order[i]] {
+                j += 1;
+            }
+            for &k in &order[i..j] {
+                out[k] = (i + j + 1) as f64 / 2.0;
+            }
+            i = j;
+        }
+        out
+    }
+
+    /// The group's values for one gene: zeros stay implicit, as a CSR row leaves them.
+    fn values(cells: &[f64]) -> GroupValues {
+        let mut nonzero: Vec<f64> = cells.iter().copied().filter(|&v| v != 0.0).collect();
+        nonzero.sort_by(f64::total_cmp);
+        GroupValues { cells: cells.len() as u64, values: vec![nonzero], mean_cpm: vec![10.0] }
+    }
+
+    #[test]
+    fn the_streamed_rank_sum_is_the_rank_sum_of_the_combined_sample() {
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(7);
+        for case in 0..200 {
+            // Few distinct values, so that ties within and across the samples are common.
+            let levels = 1 + case % 6;
+            let mut draw = |n: usize| -> Vec<f64> {
+                (0..n)
+                    .map(|_| if rng.random_bool(0.4) { 0.0 } else { rng.random_range(1..=levels) as f64 * 0.7 })
+                    .collect()
+            };
+            let (x, y) = (draw(2 + case % 9), draw(3 + case % 13));
+            let control = values(&y);
+            let pool = ControlPool {
+                ties: control.values.iter().map(|v| tie_sum(v)).collect(),
+                group: control,
+                kept: vec![0],
+            };
+            let got = test(&values(&x), &pool).p_value[0];
+
+            let all: Vec<f64> = x.iter().chain(&y).copied().collect();
+            let r = ranks(&all);
+            let rank_sum: f64 = r[..x.len()].iter().sum();
+            let mut sorted = all.clone();
+            sorted.sort_by(f64::total_cmp);
+            let (mut ties, mut i) = (0.0, 0);
+            while i < sorted.len() {
+                let j = i + sorted[i..].iter().take_while(|&&v| v == sorted[i]).count();
+                let t = (j - i) as f64;
+                ties += t * t * t - t;
+                i = j;
+            }
+            let (n1, n2) = (x.len() as f64, y.len() as f64);
+            let size = n1 + n2;
+            let sd = ((1.0 - ties / (size * size * size - size)) * n1 * n2 * (n1 + n2 + 1.0) / 12.0).sqrt();
+            let mut z = (rank_sum - n1 * ((n1 + n2 + 1.0) / 2.0)) / sd;
+            if z.is_nan() {
+                z = 0.0;
+            }
+            let want = two_sided_p(z);
+            assert_eq!(got, want, "case {case}: x {x:?} y {y:?}");
+        }
+    }
+
+    #[test]
+    fn p_values_underflow_where_scipys_do() {
+        // scipy: 2 * norm.sf(37.6) = 2.1496e-309 (subnormal), 2 * norm.sf(38) = 0.
+        let p = two_sided_p(37.6);
+        assert!(p > 0.0 && (p / 2.149622499173733e-309 - 1.0).abs() < 1e-6, "{p}");
+        assert_eq!(two_sided_p(-38.0), 0.0);
+        assert_eq!(two_sided_p(0.0), 1.0);
+        assert!((two_sided_p(1.959963984540054) - 0.05).abs() < 1e-15);
+    }
+
+    fn result(lfc: &[f64], p_adj: &[f64]) -> DeResult {
+        DeResult { lfc: lfc.to_vec(), p_value: p_adj.to_vec(), p_adj: p_adj.to_vec() }
+    }
+
+    #[test]
+    fn the_de_members_count_as_cell_eval2_defines_them() {
+        // Genes a..l; the perturbation's own gene is `a` (left out everywhere).
+        let features: Vec<String> = (b'a'..=b'l').map(|c| (c as char).to_string()).collect();
+        let features: Vec<&str> = features.iter().map(String::as_str).collect();
+        let real = result(
+            &[-5.0, 1.0, 1.0, -1.0, 2.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0],
+            &[0.0, 0.01, 0.01, 0.01, 0.2, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
+        );
+        // Called: b c d e; directions right on b c, wrong on d; e is not called on the real side.
+        let pred = result(
+            &[-5.0, 2.0, 0.5, 1.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            &[0.0, 0.001, 0.002, 0.003, 0.004, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+        );
+        let s = de_scores(&real, &pred, &features, Some(0));
+        // Real called (a left out): b c d f g h i j k l = 10; predicted called: b c d e.
+        assert_eq!(s.sig_jaccard, 3.0 / 11.0);
+        // Scored: predicted called with a real direction, called on the real side or not (b c d
+        // e): right b c e = 3, over max(4, 10).
+        assert_eq!(s.direction_fidelity_yield_raw, 3.0 / 10.0);
+        // Real called genes in the prediction's order: b c d (right, right, wrong), then f..l by
+        // p_adj, f wrong (-1 vs 1), g..l undirected predictions (0): purity 1, 1, 2/3... never
+        // back to 0.9 after d, so the deepest prefix at 90% is 2 of 10.
+        assert_eq!(s.direction_reach_raw, 2.0 / 10.0);
+        // lfc_nmae over the 10 real called genes: |2-1| + |0.5-1| + |1+1| + |-1-1| + 6 * 1 = 11.5
+        // over sum |real| = 10.
+        assert!((s.lfc_nmae.unwrap() - 11.5 / 10.0).abs() < 1e-15);
+        // Fewer than 10 genes called on the real side: no lfc_nmae.
+        let few = de_scores(&real, &pred, &features[..], Some(11));
+        assert!(few.lfc_nmae.is_some());
+        let mut sparse = real.clone();
+        sparse.p_adj[9] = 0.5;
+        sparse.p_adj[10] = 0.5;
+        assert_eq!(de_scores(&sparse, &pred, &features, Some(0)).lfc_nmae, None);
+    }
 }

@@ -253,3 +253,31 @@ fn read_small(path: &Path) -> Result<String> {
     }
     std::fs::read_to_string(path).map_err(Error::io(path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_follow_cell_eval2s_policies() {
+        let (pds, norm, nmae) = (MEMBERS[0].1, MEMBERS[1].1, MEMBERS[5].1);
+        // Higher is better: the share of the way from the baseline to the far end.
+        assert_eq!(score_one(0.8, 0.5, Policy { perfect: 0.9, ..pds }), (0.8 - 0.5) / (0.9 - 0.5));
+        // Unfloored: past the baseline goes negative; a missing value scores as the metric's
+        // minimum (0) would.
+        assert_eq!(score_one(0.3, 0.5, pds), (0.3 - 0.5) / (1.0 - 0.5));
+        assert_eq!(score_one(f64::NAN, 0.5, pds), (0.0 - 0.5) / (1.0 - 0.5));
+        // Lower is better, clamped to [0, 1]: past the baseline is 0, past the far end 1.
+        assert_eq!(score_one(0.25, 1.0, norm), 0.75);
+        assert_eq!(score_one(2.0, 1.0, norm), 0.0);
+        assert_eq!(score_one(-0.5, 1.0, Policy { perfect: -0.1, ..norm }), 1.0);
+        // lfc_nmae: linear below the baseline down to -6, a missing value at the floor.
+        assert_eq!(score_one(3.0, 1.0, Policy { perfect: 0.5, ..nmae }), 1.0 - (3.0 - 0.5) / (1.0 - 0.5));
+        assert_eq!(score_one(100.0, 1.0, nmae), -6.0);
+        assert_eq!(score_one(f64::NAN, 1.0, nmae), -6.0);
+        // The Box-Cox penalty below the baseline, without the clamp that hides it in vcc2026.
+        let penalised = Policy { low: -PENALTY_CAP, ..norm };
+        assert_eq!(score_one(2.0, 1.0, penalised), -(2.0f64.powi(2) - 1.0) / 2.0);
+        assert_eq!(score_one(50.0, 1.0, penalised), -PENALTY_CAP);
+    }
+}

@@ -1,0 +1,200 @@
+"""`cpa-stream score` against cell-eval2 0.20.0 on the same files: every vcc2026 metric per
+perturbation, the aggregates, and the scaled scores of a real bundle, to 1e-6. Skipped with the
+reason where cell-eval2 is not installed (scripts/python.sh --tests installs it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_counts import cell_eval2
+
+METRICS = [
+    "pds_cosine",
+    "expr_mse_unbiased",
+    "expr_mse_unbiased_capped",
+    "expr_distance_unbiased",
+    "de_wilcoxon_direction_fidelity_yield_raw",
+    "de_wilcoxon_direction_reach_raw",
+    "de_wilcoxon_sig_jaccard",
+    "de_wilcoxon_lfc_nmae",
+]
+PRESET = ["--preset", "vcc2026", "--pert-col", "condition", "--control", "control"]
+PERTURBATIONS = ["G3", "G7", "G11", "G20", "NOTAGENE", "G50", "G51", "G90"]
+
+
+def write_panel(path: Path, blocks, genes) -> None:
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    labels = [label for label, x in blocks for _ in range(len(x))]
+    obs = pd.DataFrame({"condition": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))])
+    matrix = sp.csr_matrix(np.vstack([x for _, x in blocks]))
+    ad.AnnData(matrix, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+
+
+def panel(tmp: Path, kind: str, seed: int = 1) -> tuple[Path, Path]:
+    """A reference of eight knock-downs (one of a label that is no gene) and a prediction of
+    `kind`: a model's (effects partly right), the control for everything, one block of cells
+    pasted for every perturbation (no spread: the bound of #348 binds), or few shallow cells
+    (the cap of #247 binds)."""
+    rng = np.random.default_rng(seed)
+    n_genes = 150
+    genes = [f"G{i}" for i in range(n_genes)]
+    base = rng.gamma(0.6, 2.0, n_genes)
+    effects = {}
+    for p in PERTURBATIONS:
+        f = np.ones(n_genes)
+        idx = rng.choice(n_genes, 12, replace=False)
+        f[idx] = rng.lognormal(0, 1.0, 12)
+        if p in genes:
+            f[genes.index(p)] = 0.1
+        effects[p] = f
+
+    def draw(mu, n, depth=2000.0):
+        library = rng.lognormal(np.log(depth), 0.3, n)
+        m = mu / mu.sum() * library[:, None]
+        return rng.negative_binomial(5, 5 / (5 + m)).astype(np.float32)
+
+    real = tmp / "real.h5ad"
+    write_panel(real, [("control", draw(base, 150))] + [(p, draw(base * effects[p], 70)) for p in PERTURBATIONS], genes)
+    if kind == "model":
+        pred = [(p, draw(base * effects[p] ** rng.uniform(0.3, 1.0), 60)) for p in PERTURBATIONS]
+    elif kind == "control":
+        pred = [(p, draw(base, 60)) for p in PERTURBATIONS]
+    elif kind == "pinned":
+        block = draw(base, 60)
+        pred = [(p, block) for p in PERTURBATIONS]
+    else:
+        pred = [(p, draw(base * effects[p], 8, depth=300.0)) for p in PERTURBATIONS]
+    path = tmp / f"pred-{kind}.h5ad"
+    write_panel(path, [("control", draw(base, 120))] + pred, genes)
+    return real, path
+
+
+def score(cli: Path, pred: Path, real: Path, out: Path, *extra: str) -> dict:
+    done = subprocess.run(
+        [str(cli), "-q", "score", "--prediction", str(pred), "--reference", str(real), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads((out / "summary.json").read_text())
+
+
+def compare(ce_dir: Path, ours: Path, results: str = "results.csv", agg: str = "agg_results.csv") -> None:
+    import pandas as pd
+
+    theirs = pd.read_csv(ce_dir / results)
+    theirs = theirs[theirs["metric"].isin(METRICS)]
+    mine = pd.read_parquet(ours / "results.parquet")
+    both = theirs.merge(mine, on=["perturbation", "metric"], how="outer", suffixes=("_ce", "_cs"), indicator=True)
+    only = both[both["_merge"] != "both"]
+    assert only.empty, f"rows of one tool only:\n{only}"
+    np.testing.assert_allclose(both["value_cs"], both["value_ce"], rtol=0, atol=1e-6)
+    means = pd.read_csv(ce_dir / agg).set_index("statistic").loc["mean"]
+    summary = json.loads((ours / "summary.json").read_text())["aggregates"]
+    for metric, value in summary.items():
+        assert value == pytest.approx(float(means[metric]), abs=1e-6, nan_ok=True), metric
+
+
+@pytest.mark.parametrize("kind", ["model", "control", "pinned", "shallow"])
+def test_every_vcc2026_metric_agrees_with_cell_eval2(cli, tmp_path, kind):
+    command = cell_eval2()
+    real, pred = panel(tmp_path, kind)
+    done = subprocess.run(
+        [str(command), "run", "-ap", str(pred), "-ar", str(real), *PRESET, "-o", str(tmp_path / "ce")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    score(cli, pred, real, tmp_path / "cs")
+    compare(tmp_path / "ce", tmp_path / "cs")
+
+
+def test_no_target_genes_agrees_with_cell_eval2(cli, tmp_path):
+    command = cell_eval2()
+    real, pred = panel(tmp_path, "model", seed=4)
+    done = subprocess.run(
+        [str(command), "run", "-ap", str(pred), "-ar", str(real), *PRESET, "--no-target-genes", "-o",
+         str(tmp_path / "ce")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    score(cli, pred, real, tmp_path / "cs", "--no-target-genes")
+    compare(tmp_path / "ce", tmp_path / "cs")
+
+
+def test_the_scaled_scores_of_a_real_bundle_agree_with_cell_eval2(cli, tmp_path):
+    """The baseline arm cell-eval2 builds scored by both tools alike, and a prediction scaled
+    between the bundle's baseline and replicate as `cell-eval2 score` scales it."""
+    import pandas as pd
+
+    command = cell_eval2()
+    real, pred = panel(tmp_path, "model", seed=2)
+
+    def ce(*args: str) -> None:
+        done = subprocess.run([str(command), *args], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    base = tmp_path / "base.h5ad"
+    ce("baseline", "-ar", str(real), *PRESET, "-o", str(tmp_path / "base_out"), "--save-pred", str(base))
+    ce("prep-real-bundle", "--real", str(real), "--baseline", str(base), *PRESET, "-o", str(tmp_path / "bundle"))
+    ce("run", "-ap", str(pred), "-ar", str(real), *PRESET, "-o", str(tmp_path / "run"))
+    ce("score", "--user-agg", str(tmp_path / "run" / "agg_results.csv"), "--real-bundle", str(tmp_path / "bundle"),
+       "-o", str(tmp_path / "score.csv"))
+    # The baseline arm holds mean counts, not whole ones.
+    score(cli, base, real, tmp_path / "cs_base", "--allow-fractional-counts")
+    compare(tmp_path / "base_out", tmp_path / "cs_base", "baseline_results.csv", "baseline_agg.csv")
+
+    summary = score(cli, pred, real, tmp_path / "cs", "--real-bundle", str(tmp_path / "bundle"))
+    theirs = pd.read_csv(tmp_path / "score.csv").set_index("metric")
+    scaled = summary["scaled"]
+    assert {m["metric"] for m in scaled["members"]} | {"avg_score"} == set(theirs.index)
+    for member in scaled["members"]:
+        for column in ("from_baseline", "from_replicate"):
+            assert member[column] == pytest.approx(theirs.loc[member["metric"], column], abs=1e-6), member
+    assert scaled["avg_from_baseline"] == pytest.approx(theirs.loc["avg_score", "from_baseline"], abs=1e-6)
+    assert scaled["avg_from_replicate"] == pytest.approx(theirs.loc["avg_score", "from_replicate"], abs=1e-6)
+
+
+def test_a_prediction_that_is_not_counts_is_refused_naming_the_cell(cli, tmp_path):
+    import anndata as ad
+
+    real, pred = panel(tmp_path, "model")
+    data = ad.read_h5ad(pred)
+    data.X = data.X.astype(np.float32) * 0.5
+    data.write_h5ad(tmp_path / "halves.h5ad")
+    done = subprocess.run(
+        [str(cli), "score", "--prediction", str(tmp_path / "halves.h5ad"), "--reference", str(real)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "halves.h5ad: cell" in done.stderr and "raw counts" in done.stderr, done.stderr
+
+
+def test_a_prediction_missing_a_perturbation_is_refused_naming_it(cli, tmp_path):
+    import anndata as ad
+
+    real, pred = panel(tmp_path, "model")
+    data = ad.read_h5ad(pred)
+    data[data.obs["condition"] != "G90"].copy().write_h5ad(tmp_path / "short.h5ad")
+    done = subprocess.run(
+        [str(cli), "score", "--prediction", str(tmp_path / "short.h5ad"), "--reference", str(real)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "G90" in done.stderr and "7 of the reference's 8" in done.stderr, done.stderr
