@@ -126,7 +126,7 @@ fn read_group(reader: &H5adReader, runs: &[Range<u64>], ctx: &RunContext) -> Res
                     values[c as usize].push(cpm.ln_1p());
                 }
             }
-            cells += (end - start) as u64;
+            cells += end - start;
             start = end;
             ctx.check_stopped()?;
         }

@@ -315,7 +315,7 @@ fn ratio_of_sums(numerators: &PerPerturbation, denominators: &PerPerturbation, o
             d_sum += d;
         }
     }
-    if !(d_sum > 0.0) {
+    if d_sum.is_nan() || d_sum <= 0.0 {
         return Err(Error::InvalidInput(format!(
             "{origin}: the reference's perturbations differ from its control by {d_sum} in all (the sum of \
              expr_distance_unbiased, once each group's sampling noise is taken out): the reference carries no \

@@ -197,7 +197,8 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         let finite: Vec<f64> = values.iter().map(|(_, v)| *v).filter(|v| v.is_finite()).collect();
         aggregates.insert(name.to_owned(), finite.iter().sum::<f64>() / finite.len().max(1) as f64);
     }
-    let de_columns: [(&str, fn(&de::DeScores) -> Option<f64>); 4] = [
+    type Read = fn(&de::DeScores) -> Option<f64>;
+    let de_columns: [(&str, Read); 4] = [
         ("de_wilcoxon_direction_fidelity_yield_raw", |s| Some(s.direction_fidelity_yield_raw)),
         ("de_wilcoxon_direction_reach_raw", |s| Some(s.direction_reach_raw)),
         ("de_wilcoxon_sig_jaccard", |s| Some(s.sig_jaccard)),
