@@ -88,6 +88,18 @@ def score(cli: Path, pred: Path, real: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def refused(cli: Path, pred: Path, real: Path) -> str:
+    """The error of `score` on `pred`, which must fail."""
+    done = subprocess.run(
+        [str(cli), "score", "--prediction", str(pred), "--reference", str(real)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0, done.stdout
+    return done.stderr
+
+
 def compare(ce_dir: Path, ours: Path, results: str = "results.csv", agg: str = "agg_results.csv") -> None:
     import pandas as pd
 
@@ -174,14 +186,8 @@ def test_a_prediction_that_is_not_counts_is_refused_naming_the_cell(cli, tmp_pat
     data = ad.read_h5ad(pred)
     data.X = data.X.astype(np.float32) * 0.5
     data.write_h5ad(tmp_path / "halves.h5ad")
-    done = subprocess.run(
-        [str(cli), "score", "--prediction", str(tmp_path / "halves.h5ad"), "--reference", str(real)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode != 0
-    assert "halves.h5ad: cell" in done.stderr and "raw counts" in done.stderr, done.stderr
+    message = refused(cli, tmp_path / "halves.h5ad", real)
+    assert "halves.h5ad: cell" in message and "raw counts" in message, message
 
 
 def test_a_prediction_missing_a_perturbation_is_refused_naming_it(cli, tmp_path):
@@ -190,11 +196,5 @@ def test_a_prediction_missing_a_perturbation_is_refused_naming_it(cli, tmp_path)
     real, pred = panel(tmp_path, "model")
     data = ad.read_h5ad(pred)
     data[data.obs["condition"] != "G90"].copy().write_h5ad(tmp_path / "short.h5ad")
-    done = subprocess.run(
-        [str(cli), "score", "--prediction", str(tmp_path / "short.h5ad"), "--reference", str(real)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode != 0
-    assert "G90" in done.stderr and "7 of the reference's 8" in done.stderr, done.stderr
+    message = refused(cli, tmp_path / "short.h5ad", real)
+    assert "G90" in message and "7 of the reference's 8" in message, message
