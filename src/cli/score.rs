@@ -32,8 +32,17 @@ pub struct ScoreArgs {
     /// mean-response baseline (0) and the split-half replicate (1), as the challenge scores.
     #[arg(long, value_name = "DIR")]
     real_bundle: Option<PathBuf>,
+    /// Also score cell-eval2's mean-response baseline arm of the reference (what `cell-eval2
+    /// baseline` builds: every perturbation predicted as the average perturbation, drawn from
+    /// the control cells), emitted here without writing it, and show each metric beside it.
+    #[arg(long, conflicts_with = "real_bundle")]
+    baseline: bool,
+    /// Seed of the baseline arm's draws (cell-eval2's `--seed`; the same seed draws the same
+    /// cells as cell-eval2).
+    #[arg(long, default_value_t = score::BASELINE_SEED, requires = "baseline")]
+    baseline_seed: u64,
     /// Directory written: results.parquet (perturbation, metric, value: cell-eval2's
-    /// results.csv) and summary.json (the aggregates).
+    /// results.csv), summary.json (the aggregates) and, with --baseline, baseline_results.parquet.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Accept counts that are not whole numbers (a baseline arm of mean counts, as cell-eval2's
@@ -58,6 +67,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     options.target_genes = if args.no_target_genes { TargetGenes::None } else { TargetGenes::ByName };
     options.out = args.out;
     options.real_bundle = args.real_bundle;
+    options.baseline = args.baseline;
+    options.baseline_seed = args.baseline_seed;
     options.allow_fractional_counts = args.allow_fractional_counts;
     options.overwrite = args.overwrite;
     if let Some(t) = args.threads {
@@ -93,15 +104,43 @@ fn print(report: &ScoreReport) -> anyhow::Result<()> {
         );
     }
     let width = report.aggregates.keys().map(String::len).max().unwrap_or(0);
-    for (name, value) in &report.aggregates {
-        let how = match name.as_str() {
-            "expr_mse_unbiased_capped_norm" => "ratio of sums; 0 perfect, 1 the control predicted",
-            "pds_cosine" => "mean; 1 best, 0.5 chance",
-            _ => "mean",
-        };
-        outln!("  {name:<width$}  {value:>10.6}  ({how})");
+    match &report.baseline {
+        None => {
+            for (name, value) in &report.aggregates {
+                outln!("  {name:<width$}  {value:>10.6}  ({})", how(name));
+            }
+        }
+        Some(baseline) => {
+            outln!("  {:<width$}  {:>10}  {:>10}", "metric", "value", "baseline");
+            let mut behind = Vec::new();
+            for (name, value) in &report.aggregates {
+                let b = baseline.aggregates.get(name).copied().unwrap_or(f64::NAN);
+                let verdict = match score::better(name) {
+                    Some(higher) if value.is_finite() && b.is_finite() => {
+                        let ahead = if higher { *value > b } else { *value < b };
+                        if !ahead {
+                            behind.push(name.as_str());
+                        }
+                        if ahead { "beats the baseline" } else { "does NOT beat the baseline" }
+                    }
+                    Some(_) => "not comparable",
+                    None => "the reference's own spread",
+                };
+                outln!("  {name:<width$}  {value:>10.6}  {b:>10.6}  {verdict}; {}", how(name));
+            }
+            if behind.is_empty() {
+                outln!("the prediction beats the mean-response baseline (seed {}) on every metric", baseline.seed);
+            } else {
+                outln!(
+                    "the prediction does not beat the mean-response baseline (seed {}) on {}",
+                    baseline.seed,
+                    behind.join(", ")
+                );
+            }
+        }
     }
     if let Some(scaled) = &report.scaled {
+        let width = width.max("avg_score".len());
         outln!("scaled against {} (0 the mean-response baseline):", scaled.bundle.display());
         outln!(
             "  {:<width$}  {:>10}  {:>10}  {:>10}  {:>13}  {:>14}",
@@ -137,4 +176,15 @@ fn print(report: &ScoreReport) -> anyhow::Result<()> {
         outln!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// What a metric's number means.
+fn how(name: &str) -> &'static str {
+    match name {
+        "expr_mse_unbiased_capped_norm" => "ratio of sums; 0 perfect, 1 the control predicted",
+        "pds_cosine" => "mean; 1 best, 0.5 chance",
+        "expr_distance_unbiased" => "mean; the reference's own effect size",
+        "de_wilcoxon_lfc_nmae" | "expr_mse_unbiased" | "expr_mse_unbiased_capped" => "mean; lower is better",
+        _ => "mean; higher is better",
+    }
 }

@@ -6,18 +6,11 @@
 //! of f64 and one chunk of cells, whatever the number of cells.
 
 use std::collections::HashMap;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use cpa_stream_stages::CsrBatch;
-use cpa_stream_stages::h5ad::H5adReader;
-
+use super::cells::Cells;
 use crate::context::RunContext;
 use crate::error::{Error, Result};
-use crate::obs::column_strings;
-
-/// Cells read at a time.
-const CHUNK_ROWS: u64 = 512;
 
 /// The largest count total of a cell cell-eval2's `vcc2026` preset accepts
 /// (`max_counts_per_cell`).
@@ -35,6 +28,8 @@ pub struct SideBulk {
     pub cells: Vec<u64>,
     /// Genes.
     pub n_genes: usize,
+    /// Per group, the count sums of every gene.
+    pub sums: Vec<Vec<f64>>,
     /// Per group, the pseudobulk `log1p(TS * sums / total)` (all zero for a group without counts).
     pub means: Vec<Vec<f64>>,
     /// Per group, the delete-1 jackknife correction `C_p` (0 below two cells).
@@ -58,24 +53,43 @@ struct Sums {
     max_library: Vec<f64>,
 }
 
-/// Reads `reader`'s cells twice and reduces them per value of obs column `group_by`.
+impl Sums {
+    /// Each of `labels`' group, groups first seen added.
+    fn codes(&mut self, labels: &[&str], n_genes: usize) -> Vec<usize> {
+        labels
+            .iter()
+            .map(|&label| {
+                let next = self.labels.len();
+                let g = *self.index.entry(label.to_owned()).or_insert(next);
+                if g == next {
+                    self.labels.push(label.to_owned());
+                    self.cells.push(0);
+                    self.sums.push(vec![0.0; n_genes]);
+                    self.max_library.push(0.0);
+                }
+                g
+            })
+            .collect()
+    }
+}
+
+/// Reads the cells of `source` twice and reduces them per group.
 /// `target_sum` is the pseudobulk's total (`bulk_target_sum`, 5e4 in `vcc2026`); `fractional`
 /// accepts counts that are not whole (a baseline arm of means). `threads` share the jackknife's
 /// genes.
-#[allow(clippy::too_many_arguments, reason = "one pass's settings, each named")]
 pub fn side_bulk(
-    reader: &H5adReader,
-    group_by: &str,
+    source: &Cells,
     target_sum: f64,
     fractional: bool,
     threads: usize,
     ctx: &RunContext,
 ) -> Result<SideBulk> {
-    let path = reader.path();
-    let n_genes = reader.n_vars() as usize;
-    let n_obs = reader.n_obs();
+    let path = source.path();
+    let origin = source.origin();
+    let n_genes = source.n_genes();
+    let n_obs = source.n_cells();
     if n_obs == 0 {
-        return Err(Error::InvalidInput(format!("{}: no cells", path.display())));
+        return Err(Error::InvalidInput(format!("{origin}: no cells")));
     }
     let progress = ctx.progress();
     // Pass 1: count sums per group, every count checked.
@@ -86,10 +100,9 @@ pub fn side_bulk(
         sums: Vec::new(),
         max_library: Vec::new(),
     };
-    let mut batch = CsrBatch::new(n_genes as u32);
     progress.begin("cells (sums)", n_obs);
-    for rows in chunks(n_obs) {
-        let codes = read_chunk(reader, group_by, rows.clone(), &mut batch, &mut first)?;
+    source.scan(|rows, batch, labels| {
+        let codes = first.codes(labels, n_genes);
         for (r, &g) in codes.iter().enumerate() {
             first.cells[g] += 1;
             let (cols, values) = batch.row(r);
@@ -97,23 +110,22 @@ pub fn side_bulk(
             let sums = &mut first.sums[g];
             for (&c, &v) in cols.iter().zip(values) {
                 let v = f64::from(v);
-                check_count(path, rows.start + r as u64, c, v, fractional)?;
+                check_count(&origin, rows.start + r as u64, c, v, fractional)?;
                 sums[c as usize] += v;
                 total += v;
             }
             first.max_library[g] = first.max_library[g].max(total);
             if total > MAX_CELL_TOTAL {
                 return Err(Error::InvalidInput(format!(
-                    "{}: cell {} holds {total} counts, more than the {MAX_CELL_TOTAL} a cell may hold in \
+                    "{origin}: cell {} holds {total} counts, more than the {MAX_CELL_TOTAL} a cell may hold in \
                      cell-eval2's vcc2026 scoring (max_counts_per_cell)",
-                    path.display(),
                     rows.start + r as u64
                 )));
             }
         }
         progress.advance(rows.end - rows.start);
-        ctx.check_stopped()?;
-    }
+        ctx.check_stopped()
+    })?;
     progress.end();
     // Sorted group order (numpy's unique), and each group's pseudobulk.
     let mut order: Vec<usize> = (0..first.labels.len()).collect();
@@ -142,13 +154,13 @@ pub fn side_bulk(
     let mut s2 = vec![vec![0.0f64; n_genes]; labels.len()];
     let mut dense = Vec::new();
     progress.begin("cells (jackknife)", n_obs);
-    for rows in chunks(n_obs) {
-        let codes = read_chunk(reader, group_by, rows.clone(), &mut batch, &mut first)?;
+    source.scan(|rows, batch, labels| {
+        let codes = first.codes(labels, n_genes);
         let groups = codes
             .iter()
             .map(|&g| rank.get(g).copied())
             .collect::<Option<Vec<usize>>>()
-            .ok_or_else(|| Error::InvalidInput(format!("{}: changed while it was read", path.display())))?;
+            .ok_or_else(|| Error::InvalidInput(format!("{origin}: changed while it was read")))?;
         dense.clear();
         let (mut dense_groups, mut remainders) = (Vec::new(), Vec::new());
         for (r, &g) in groups.iter().enumerate() {
@@ -179,8 +191,8 @@ pub fn side_bulk(
         }
         accumulate_jackknife(&dense, &dense_groups, &remainders, &sums, &means, target_sum, threads, &mut s1, &mut s2)?;
         progress.advance(rows.end - rows.start);
-        ctx.check_stopped()?;
-    }
+        ctx.check_stopped()
+    })?;
     progress.end();
     for g in (0..labels.len()).filter(|&g| series[g]) {
         add_series(&powers[g], &means[g], &mut s1[g], &mut s2[g]);
@@ -195,7 +207,7 @@ pub fn side_bulk(
             (((n - 1.0) / n) * q).max(0.0)
         })
         .collect();
-    Ok(SideBulk { path: path.to_owned(), labels, cells, n_genes, means, jackknife })
+    Ok(SideBulk { path: path.to_owned(), labels, cells, n_genes, sums, means, jackknife })
 }
 
 /// The terms of the series of a zero count's jackknife term (see [`add_series`]).
@@ -247,66 +259,15 @@ fn bulk_log1p(sums: &[f64], total: f64, target_sum: f64) -> Vec<f64> {
     sums.iter().map(|&s| (s * scale).ln_1p()).collect()
 }
 
-/// Row ranges of `CHUNK_ROWS` cells.
-fn chunks(n_obs: u64) -> impl Iterator<Item = Range<u64>> {
-    (0..n_obs.div_ceil(CHUNK_ROWS)).map(move |k| k * CHUNK_ROWS..((k + 1) * CHUNK_ROWS).min(n_obs))
-}
-
-/// Reads cells `rows` into `batch` and returns each cell's group (groups first seen are added).
-fn read_chunk(
-    reader: &H5adReader,
-    group_by: &str,
-    rows: Range<u64>,
-    batch: &mut CsrBatch,
-    sums: &mut Sums,
-) -> Result<Vec<usize>> {
-    let path = reader.path();
-    let origin = path.display().to_string();
-    batch.clear();
-    reader.matrix().read_rows(rows.clone(), batch).map_err(Error::stage(crate::Stage::Read))?;
-    let obs = reader.read_obs(rows.clone()).map_err(Error::stage(crate::Stage::Read))?;
-    let column = column_strings(&obs, group_by, &origin).map_err(|e| match e {
-        Error::InvalidInput(_) if obs.column_by_name(group_by).is_none() => {
-            let names: Vec<String> = obs.schema().fields().iter().map(|f| f.name().clone()).collect();
-            Error::InvalidInput(format!(
-                "{origin}: no obs column {group_by:?} (the perturbation column); obs has {}",
-                crate::suggest::listing(group_by, names.iter().map(String::as_str), 8)
-            ))
-        }
-        other => other,
-    })?;
-    let n_genes = reader.n_vars() as usize;
-    (0..obs.num_rows())
-        .map(|i| {
-            let label = column.get(i).ok_or_else(|| {
-                Error::InvalidInput(format!(
-                    "{origin}: cell {} has no {group_by:?} (a missing value); every cell needs its perturbation",
-                    rows.start + i as u64
-                ))
-            })?;
-            let next = sums.labels.len();
-            let g = *sums.index.entry(label.to_owned()).or_insert(next);
-            if g == next {
-                sums.labels.push(label.to_owned());
-                sums.cells.push(0);
-                sums.sums.push(vec![0.0; n_genes]);
-                sums.max_library.push(0.0);
-            }
-            Ok(g)
-        })
-        .collect()
-}
-
 /// A count must be a non-negative number, whole unless `fractional`.
-fn check_count(path: &Path, cell: u64, gene: u32, value: f64, fractional: bool) -> Result<()> {
+fn check_count(origin: &str, cell: u64, gene: u32, value: f64, fractional: bool) -> Result<()> {
     if value.is_finite() && value >= 0.0 && (fractional || value.fract() == 0.0) {
         return Ok(());
     }
     Err(Error::InvalidInput(format!(
-        "{}: cell {cell}, gene {gene} holds {value}; cell-eval2's vcc2026 scoring reads raw counts (whole, \
+        "{origin}: cell {cell}, gene {gene} holds {value}; cell-eval2's vcc2026 scoring reads raw counts (whole, \
          non-negative numbers): give the counts, not normalised or log values (--allow-fractional-counts \
-         accepts counts that are not whole, such as a baseline of means)",
-        path.display()
+         accepts counts that are not whole, such as a baseline of means)"
     )))
 }
 

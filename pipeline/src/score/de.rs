@@ -11,15 +11,9 @@
 //! perturbation needs only the control's sorted values per gene and its own cells, read group by
 //! group. Memory holds the control's non-zero values and one perturbation's cells.
 
-use std::collections::HashMap;
-use std::ops::Range;
-
-use cpa_stream_stages::CsrBatch;
-use cpa_stream_stages::h5ad::H5adReader;
-
+use super::cells::{Cells, Groups};
 use crate::context::RunContext;
 use crate::error::{Error, Result};
-use crate::obs::column_strings;
 
 /// The CPM a cell's counts are scaled to (`target_sum` of the preset).
 const TARGET_SUM: f64 = 1e6;
@@ -27,66 +21,6 @@ const TARGET_SUM: f64 = 1e6;
 const EPSILON: f64 = 1e-9;
 /// A gene is tested when the control's mean CPM is above this (`filter_gene_min_cpm_cell`).
 pub const MIN_CONTROL_CPM: f64 = 5.0;
-/// Cells read at a time from a group's rows.
-const READ_ROWS: u64 = 4096;
-
-/// Where each group's cells are: sorted labels and, per label, its runs of consecutive rows.
-#[derive(Debug, Clone)]
-pub struct GroupRows {
-    /// Labels, sorted.
-    pub labels: Vec<String>,
-    /// Per label, the row ranges of its cells, in row order.
-    pub runs: Vec<Vec<Range<u64>>>,
-}
-
-impl GroupRows {
-    /// The runs of `label`.
-    fn runs_of(&self, label: &str) -> Option<&[Range<u64>]> {
-        self.labels.binary_search_by(|l| l.as_str().cmp(label)).ok().map(|i| self.runs[i].as_slice())
-    }
-
-    fn cells(&self, i: usize) -> u64 {
-        self.runs[i].iter().map(|r| r.end - r.start).sum()
-    }
-}
-
-/// Reads `reader`'s obs column `key` and records where each value's cells are.
-pub fn group_rows(reader: &H5adReader, key: &str) -> Result<GroupRows> {
-    let origin = reader.path().display().to_string();
-    let n_obs = reader.n_obs();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut labels: Vec<String> = Vec::new();
-    let mut runs: Vec<Vec<Range<u64>>> = Vec::new();
-    let mut start = 0u64;
-    while start < n_obs {
-        let end = (start + 65_536).min(n_obs);
-        let obs = reader.read_obs(start..end).map_err(Error::stage(crate::Stage::Read))?;
-        let column = column_strings(&obs, key, &origin)?;
-        for i in 0..obs.num_rows() {
-            let row = start + i as u64;
-            let label = column
-                .get(i)
-                .ok_or_else(|| Error::InvalidInput(format!("{origin}: cell {row} has no {key:?} (a missing value)")))?;
-            let next = labels.len();
-            let g = *index.entry(label.to_owned()).or_insert(next);
-            if g == next {
-                labels.push(label.to_owned());
-                runs.push(Vec::new());
-            }
-            match runs[g].last_mut() {
-                Some(run) if run.end == row => run.end = row + 1,
-                _ => runs[g].push(row..row + 1),
-            }
-        }
-        start = end;
-    }
-    let mut order: Vec<usize> = (0..labels.len()).collect();
-    order.sort_by(|&a, &b| labels[a].cmp(&labels[b]));
-    Ok(GroupRows {
-        labels: order.iter().map(|&g| labels[g].clone()).collect(),
-        runs: order.iter().map(|&g| std::mem::take(&mut runs[g])).collect(),
-    })
-}
 
 /// A group's cells as `log1p(CPM)` per gene: each gene's non-zero values sorted, and the group's
 /// mean CPM per gene.
@@ -98,44 +32,36 @@ struct GroupValues {
     mean_cpm: Vec<f64>,
 }
 
-/// Reads the cells of `runs` and transposes them into [`GroupValues`].
-fn read_group(reader: &H5adReader, runs: &[Range<u64>], ctx: &RunContext) -> Result<GroupValues> {
-    let n_genes = reader.n_vars() as usize;
+/// Reads the cells of group `i` and transposes them into [`GroupValues`].
+fn read_group(cells: &Cells, groups: &Groups, i: usize, ctx: &RunContext) -> Result<GroupValues> {
+    let n_genes = cells.n_genes();
     let mut values: Vec<Vec<f64>> = vec![Vec::new(); n_genes];
     let mut sums = vec![0.0f64; n_genes];
-    let mut cells = 0u64;
-    let mut batch = CsrBatch::new(n_genes as u32);
-    for run in runs {
-        let mut start = run.start;
-        while start < run.end {
-            let end = (start + READ_ROWS).min(run.end);
-            batch.clear();
-            reader.matrix().read_rows(start..end, &mut batch).map_err(Error::stage(crate::Stage::Read))?;
-            for r in 0..batch.n_rows() {
-                let (cols, data) = batch.row(r);
-                // scanpy's normalize_total: the cell's total over the target sum, then each count
-                // divided by it (a cell without counts stays zero).
-                let library: f64 = data.iter().map(|&v| f64::from(v)).sum();
-                let per = library / TARGET_SUM;
-                for (&c, &v) in cols.iter().zip(data) {
-                    if v == 0.0 {
-                        continue;
-                    }
-                    let cpm = f64::from(v) / per;
-                    sums[c as usize] += cpm;
-                    values[c as usize].push(cpm.ln_1p());
+    let mut n_cells = 0u64;
+    cells.scan_group(groups, i, |batch| {
+        for r in 0..batch.n_rows() {
+            let (cols, data) = batch.row(r);
+            // scanpy's normalize_total: the cell's total over the target sum, then each count
+            // divided by it (a cell without counts stays zero).
+            let library: f64 = data.iter().map(|&v| f64::from(v)).sum();
+            let per = library / TARGET_SUM;
+            for (&c, &v) in cols.iter().zip(data) {
+                if v == 0.0 {
+                    continue;
                 }
+                let cpm = f64::from(v) / per;
+                sums[c as usize] += cpm;
+                values[c as usize].push(cpm.ln_1p());
             }
-            cells += end - start;
-            start = end;
-            ctx.check_stopped()?;
         }
-    }
+        n_cells += batch.n_rows() as u64;
+        ctx.check_stopped()
+    })?;
     for v in &mut values {
         v.sort_by(f64::total_cmp);
     }
-    let n = cells as f64;
-    Ok(GroupValues { cells, values, mean_cpm: sums.iter().map(|s| s / n).collect() })
+    let n = n_cells as f64;
+    Ok(GroupValues { cells: n_cells, values, mean_cpm: sums.iter().map(|s| s / n).collect() })
 }
 
 /// The reference's control cells, as every test needs them.
@@ -148,16 +74,16 @@ pub struct ControlPool {
 }
 
 impl ControlPool {
-    /// Reads the control cells `label` of `reader` (grouped by `rows`).
-    pub fn read(reader: &H5adReader, rows: &GroupRows, label: &str, ctx: &RunContext) -> Result<ControlPool> {
-        let runs = rows.runs_of(label).ok_or_else(|| {
-            Error::InvalidInput(format!("{}: no cells of the control {label:?}", reader.path().display()))
-        })?;
-        let group = read_group(reader, runs, ctx)?;
+    /// Reads the control cells `label` of `cells` (grouped as `groups`).
+    pub fn read(cells: &Cells, groups: &Groups, label: &str, ctx: &RunContext) -> Result<ControlPool> {
+        let i = groups
+            .position(label)
+            .ok_or_else(|| Error::InvalidInput(format!("{}: no cells of the control {label:?}", cells.origin())))?;
+        let group = read_group(cells, groups, i, ctx)?;
         if group.cells < 2 {
             return Err(Error::InvalidInput(format!(
                 "{}: the control {label:?} has {} cell; the Wilcoxon test needs at least 2",
-                reader.path().display(),
+                cells.origin(),
                 group.cells
             )));
         }
@@ -205,27 +131,27 @@ pub struct DeResult {
     pub p_adj: Vec<f64>,
 }
 
-/// Tests every group of `rows` but `control` against `pool`; results by label, sorted.
+/// Tests every group of `groups` but `control` against `pool`; results by label, sorted.
 pub fn test_groups(
-    reader: &H5adReader,
-    rows: &GroupRows,
+    cells: &Cells,
+    groups: &Groups,
     control: &str,
     pool: &ControlPool,
     ctx: &RunContext,
 ) -> Result<Vec<(String, DeResult)>> {
     let progress = ctx.progress();
-    let total: u64 = (0..rows.labels.len()).filter(|&i| rows.labels[i] != control).map(|i| rows.cells(i)).sum();
+    let total: u64 = (0..groups.labels.len()).filter(|&i| groups.labels[i] != control).map(|i| groups.cells[i]).sum();
     progress.begin("cells (Wilcoxon)", total);
     let mut out = Vec::new();
-    for (i, label) in rows.labels.iter().enumerate() {
+    for (i, label) in groups.labels.iter().enumerate() {
         if label == control {
             continue;
         }
-        let group = read_group(reader, &rows.runs[i], ctx)?;
+        let group = read_group(cells, groups, i, ctx)?;
         if group.cells < 2 {
             return Err(Error::InvalidInput(format!(
                 "{}: perturbation {label:?} has {} cell; the Wilcoxon test needs at least 2",
-                reader.path().display(),
+                cells.origin(),
                 group.cells
             )));
         }

@@ -11,8 +11,10 @@
 //! the mean-response baseline and the split-half replicate (`cell-eval2 score`).
 
 mod bulk;
+mod cells;
 mod de;
 mod expression;
+mod numpy_random;
 mod scale;
 mod targets;
 
@@ -28,8 +30,11 @@ use cpa_stream_stages::output::{OutputKind, check_replaceable, claim_output, pub
 use serde::Serialize;
 
 pub use bulk::MAX_CELL_TOTAL;
+pub use cells::BASELINE_SEED;
 pub use scale::{Scaled, ScaledMember};
 pub use targets::TargetGenes;
+
+use cells::Cells;
 
 use crate::Stage;
 use crate::context::RunContext;
@@ -42,6 +47,22 @@ pub const BULK_TARGET_SUM: f64 = 5e4;
 pub const RESULTS_FILE: &str = "results.parquet";
 /// The aggregates and what was scored.
 pub const SUMMARY_FILE: &str = "summary.json";
+/// The baseline arm's per-perturbation values (with `baseline`; cell-eval2's
+/// `baseline_results.csv`).
+pub const BASELINE_RESULTS_FILE: &str = "baseline_results.parquet";
+
+/// Whether higher values of the aggregate `metric` are better (`Some(true)`), lower
+/// (`Some(false)`), or it is not a measure of the prediction (`expr_distance_unbiased`: the
+/// reference's own effects).
+pub fn better(metric: &str) -> Option<bool> {
+    match metric {
+        "expr_distance_unbiased" => None,
+        "expr_mse_unbiased" | "expr_mse_unbiased_capped" | "expr_mse_unbiased_capped_norm" | "de_wilcoxon_lfc_nmae" => {
+            Some(false)
+        }
+        _ => Some(true),
+    }
+}
 
 /// What `score` reads and writes.
 #[derive(Debug, Clone)]
@@ -61,6 +82,11 @@ pub struct ScoreOptions {
     /// A real bundle of cell-eval2 (`prep-real-bundle`) for the reference: the baseline and
     /// replicate ends each member is scaled between.
     pub real_bundle: Option<PathBuf>,
+    /// Also score cell-eval2's mean-response baseline arm of the reference (`cell-eval2
+    /// baseline`), emitted here from the reference's control cells, beside the prediction.
+    pub baseline: bool,
+    /// The seed of the baseline arm's draws [default: 0, cell-eval2's].
+    pub baseline_seed: u64,
     /// Accept counts that are not whole numbers (cell-eval2's `allow_fractional_counts`: a
     /// baseline arm of mean counts); by default a fraction is an error, as in `vcc2026`.
     pub allow_fractional_counts: bool,
@@ -81,6 +107,8 @@ impl ScoreOptions {
             target_genes: TargetGenes::ByName,
             out: None,
             real_bundle: None,
+            baseline: false,
+            baseline_seed: BASELINE_SEED,
             allow_fractional_counts: false,
             overwrite: false,
             threads: crate::threads::cpus(),
@@ -99,6 +127,17 @@ pub struct PerturbationScores {
     pub real_cells: u64,
     /// Metric -> value.
     pub metrics: BTreeMap<String, f64>,
+}
+
+/// The mean-response baseline arm's scores.
+#[derive(Debug, Clone, Serialize)]
+pub struct Baseline {
+    /// The seed of its draws.
+    pub seed: u64,
+    /// Its aggregates (cell-eval2's `baseline_agg.csv`, `mean` row).
+    pub aggregates: BTreeMap<String, f64>,
+    /// Its values per perturbation.
+    pub perturbations: Vec<PerturbationScores>,
 }
 
 /// What a scoring found.
@@ -121,6 +160,8 @@ pub struct ScoreReport {
     pub aggregates: BTreeMap<String, f64>,
     /// Every perturbation's values.
     pub perturbations: Vec<PerturbationScores>,
+    /// The mean-response baseline arm scored as the prediction is (with `baseline`).
+    pub baseline: Option<Baseline>,
     /// The members scaled between the bundle's baseline and replicate (with `real_bundle`).
     pub scaled: Option<Scaled>,
     /// Perturbations whose label names no gene (scored with every gene), at most five.
@@ -161,20 +202,93 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
     let genes = pred_file.gene_ids().map_err(Error::stage(Stage::Read))?;
     let real_genes = real_file.gene_ids().map_err(Error::stage(Stage::Read))?;
     same_genes(&genes, &real_genes, options)?;
-    let side = |file: &H5adReader| {
-        bulk::side_bulk(
-            file,
-            &options.perturbation_key,
-            BULK_TARGET_SUM,
-            options.allow_fractional_counts,
-            options.threads.max(1),
+    let key = options.perturbation_key.as_str();
+    let reference = Reference::read(Cells::File { reader: &real_file, group_by: key }, options, ctx)?;
+    let pred_cells = Cells::File { reader: &pred_file, group_by: key };
+    let scored = score_side(&pred_cells, &reference, &genes, options, options.allow_fractional_counts, ctx)?;
+    let baseline = if options.baseline {
+        let arm = cells::BaselineArm::build(
+            &real_file,
+            &reference.groups,
+            &reference.bulk,
+            &options.control,
+            &genes,
+            options.target_genes,
+            options.baseline_seed,
             ctx,
-        )
+        )?;
+        Some(score_side(&Cells::Baseline(&arm), &reference, &genes, options, true, ctx)?)
+    } else {
+        None
     };
-    let pred = side(&pred_file)?;
-    let real = side(&real_file)?;
-    let scores = expression::score(&pred, &real, &options.control, &genes, options.target_genes)?;
-    let de = differential_expression(&pred_file, &real_file, &genes, options, ctx)?;
+    let scaled = options.real_bundle.as_deref().map(|bundle| scale::scale(&scored.aggregates, bundle)).transpose()?;
+    let report = ScoreReport {
+        prediction: options.prediction.clone(),
+        reference: options.reference.clone(),
+        out: options.out.clone(),
+        genes: genes.len(),
+        predicted_cells: pred_file.n_obs(),
+        real_cells: real_file.n_obs(),
+        aggregates: scored.aggregates,
+        perturbations: scored.perturbations,
+        baseline: baseline.map(|b| Baseline {
+            seed: options.baseline_seed,
+            aggregates: b.aggregates,
+            perturbations: b.perturbations,
+        }),
+        scaled,
+        unresolved_targets: scored.unresolved_targets,
+        n_unresolved_targets: scored.n_unresolved_targets,
+        report: RunReport { wall: started.elapsed(), stages: Vec::new(), memory: sampler.finish() },
+    };
+    if let (Some(out), Some(_lock)) = (&options.out, &lock) {
+        write(out, &report, options.overwrite)?;
+    }
+    Ok(report)
+}
+
+/// The reference reduced once for every side scored against it: its pseudobulks, where its
+/// groups are, its control cells for the tests, and its own tests.
+struct Reference<'a> {
+    cells: Cells<'a>,
+    bulk: bulk::SideBulk,
+    groups: cells::Groups,
+    pool: de::ControlPool,
+    tests: Vec<(String, de::DeResult)>,
+}
+
+impl<'a> Reference<'a> {
+    fn read(cells: Cells<'a>, options: &ScoreOptions, ctx: &RunContext) -> Result<Reference<'a>> {
+        let bulk =
+            bulk::side_bulk(&cells, BULK_TARGET_SUM, options.allow_fractional_counts, options.threads.max(1), ctx)?;
+        let groups = cells.groups()?;
+        let pool = de::ControlPool::read(&cells, &groups, &options.control, ctx)?;
+        let tests = de::test_groups(&cells, &groups, &options.control, &pool, ctx)?;
+        Ok(Reference { cells, bulk, groups, pool, tests })
+    }
+}
+
+/// One side's scores against the reference.
+struct SideScores {
+    aggregates: BTreeMap<String, f64>,
+    perturbations: Vec<PerturbationScores>,
+    unresolved_targets: Vec<String>,
+    n_unresolved_targets: usize,
+}
+
+/// Scores the cells `pred` against `reference`; `fractional` accepts counts that are not whole.
+fn score_side(
+    pred_cells: &Cells,
+    reference: &Reference,
+    genes: &[String],
+    options: &ScoreOptions,
+    fractional: bool,
+    ctx: &RunContext,
+) -> Result<SideScores> {
+    let pred = bulk::side_bulk(pred_cells, BULK_TARGET_SUM, fractional, options.threads.max(1), ctx)?;
+    let real = &reference.bulk;
+    let scores = expression::score(&pred, real, &options.control, genes, options.target_genes)?;
+    let de = differential_expression(pred_cells, reference, genes, options, ctx)?;
 
     let mut per: BTreeMap<String, PerturbationScores> = BTreeMap::new();
     let columns = [
@@ -218,43 +332,28 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         aggregates.insert(name.to_owned(), mean);
     }
     aggregates.insert("expr_mse_unbiased_capped_norm".to_owned(), scores.mse_unbiased_capped_norm);
-    let scaled = options.real_bundle.as_deref().map(|bundle| scale::scale(&aggregates, bundle)).transpose()?;
-    let report = ScoreReport {
-        prediction: options.prediction.clone(),
-        reference: options.reference.clone(),
-        out: options.out.clone(),
-        genes: genes.len(),
-        predicted_cells: pred_file.n_obs(),
-        real_cells: real_file.n_obs(),
+    Ok(SideScores {
         aggregates,
         perturbations: per.into_values().collect(),
-        scaled,
         unresolved_targets: scores.unresolved_targets,
         n_unresolved_targets: scores.n_unresolved_targets,
-        report: RunReport { wall: started.elapsed(), stages: Vec::new(), memory: sampler.finish() },
-    };
-    if let (Some(out), Some(_lock)) = (&options.out, &lock) {
-        write(out, &report, options.overwrite)?;
-    }
-    Ok(report)
+    })
 }
 
-/// The Wilcoxon tests of both files' perturbations against the reference's control cells, and
-/// the four DE members of each perturbation.
+/// The Wilcoxon tests of the predicted perturbations against the reference's control cells,
+/// and the four DE members of each perturbation.
 fn differential_expression(
-    pred_file: &H5adReader,
-    real_file: &H5adReader,
+    pred_cells: &Cells,
+    reference: &Reference,
     genes: &[String],
     options: &ScoreOptions,
     ctx: &RunContext,
 ) -> Result<Vec<(String, de::DeScores)>> {
-    let key = &options.perturbation_key;
-    let real_rows = de::group_rows(real_file, key)?;
-    let pred_rows = de::group_rows(pred_file, key)?;
-    let pool = de::ControlPool::read(real_file, &real_rows, &options.control, ctx)?;
-    let real_tests = de::test_groups(real_file, &real_rows, &options.control, &pool, ctx)?;
+    let pred_groups = pred_cells.groups()?;
+    let pool = &reference.pool;
+    let real_tests = &reference.tests;
     let pred_tests: BTreeMap<String, de::DeResult> =
-        de::test_groups(pred_file, &pred_rows, &options.control, &pool, ctx)?.into_iter().collect();
+        de::test_groups(pred_cells, &pred_groups, &options.control, pool, ctx)?.into_iter().collect();
     let features: Vec<&str> = pool.kept.iter().map(|&g| genes[g].as_str()).collect();
     let column: BTreeMap<&str, usize> = features.iter().enumerate().map(|(k, &f)| (f, k)).collect();
     let own = |label: &str| match options.target_genes {
@@ -271,7 +370,7 @@ fn differential_expression(
              {sample:?}) names one of the {} genes tested (gene ids with a control mean above {} CPM): if the \
              perturbations have no target gene, say so with --no-target-genes; if the labels name genes \
              differently, rename them to the gene ids",
-            options.reference.display(),
+            reference.cells.origin(),
             features.len(),
             de::MIN_CONTROL_CPM
         )));
@@ -282,7 +381,7 @@ fn differential_expression(
             let pred = pred_tests.get(label).ok_or_else(|| {
                 Error::InvalidInput(format!(
                     "{}: no cells of perturbation {label:?}, which the reference has",
-                    options.prediction.display()
+                    pred_cells.origin()
                 ))
             })?;
             Ok((label.clone(), de::de_scores(real, pred, &features, own(label))))
@@ -292,7 +391,7 @@ fn differential_expression(
 
 /// The entries a score directory holds.
 fn ours(name: &str, kind: std::fs::FileType) -> bool {
-    kind.is_file() && (name == RESULTS_FILE || name == SUMMARY_FILE)
+    kind.is_file() && (name == RESULTS_FILE || name == SUMMARY_FILE || name == BASELINE_RESULTS_FILE)
 }
 
 /// The two files must have the same gene ids in the same order.
@@ -324,27 +423,10 @@ fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
     let tmp = temporary_sibling(out).map_err(Error::stage(Stage::Write))?;
     std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
     let written = (|| {
-        let (mut labels, mut metrics, mut values) = (Vec::new(), Vec::new(), Vec::new());
-        for p in &report.perturbations {
-            for (m, v) in &p.metrics {
-                labels.push(p.perturbation.as_str());
-                metrics.push(m.as_str());
-                values.push(*v);
-            }
+        write_results(&tmp.join(RESULTS_FILE), &report.perturbations)?;
+        if let Some(baseline) = &report.baseline {
+            write_results(&tmp.join(BASELINE_RESULTS_FILE), &baseline.perturbations)?;
         }
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("perturbation", DataType::Utf8, false),
-            Field::new("metric", DataType::Utf8, false),
-            Field::new("value", DataType::Float64, false),
-        ]));
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from(labels)),
-            Arc::new(StringArray::from(metrics)),
-            Arc::new(Float64Array::from(values)),
-        ];
-        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(Error::arrow(RESULTS_FILE))?;
-        cpa_stream_stages::store::write_table(&tmp.join(RESULTS_FILE), schema, [batch])
-            .map_err(Error::stage(Stage::Write))?;
         let summary = serde_json::json!({
             "prediction": report.prediction,
             "reference": report.reference,
@@ -354,6 +436,10 @@ fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
             "predicted_cells": report.predicted_cells,
             "real_cells": report.real_cells,
             "aggregates": report.aggregates,
+            "baseline": report.baseline.as_ref().map(|b| serde_json::json!({
+                "seed": b.seed,
+                "aggregates": b.aggregates,
+            })),
             "scaled": report.scaled,
             "unresolved_targets": report.unresolved_targets,
             "n_unresolved_targets": report.n_unresolved_targets,
@@ -366,4 +452,29 @@ fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     written
+}
+
+/// Writes one side's per-perturbation values as `perturbation`, `metric`, `value`.
+fn write_results(path: &Path, perturbations: &[PerturbationScores]) -> Result<()> {
+    let (mut labels, mut metrics, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for p in perturbations {
+        for (m, v) in &p.metrics {
+            labels.push(p.perturbation.as_str());
+            metrics.push(m.as_str());
+            values.push(*v);
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("perturbation", DataType::Utf8, false),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(labels)),
+        Arc::new(StringArray::from(metrics)),
+        Arc::new(Float64Array::from(values)),
+    ];
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(Error::arrow(name))?;
+    cpa_stream_stages::store::write_table(path, schema, [batch]).map_err(Error::stage(Stage::Write))
 }
