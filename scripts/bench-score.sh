@@ -5,7 +5,9 @@
 #
 #   WORK   scratch directory (default: out/bench-score); the atlases take 14 GB with ROWS=abc
 #   ROWS   which rows: a (60 perturbations x 400 cells, both tools, REPS times), b (300 x 400,
-#          both tools once; cell-eval2 takes hours there), c (a million predicted cells, ours)
+#          both tools once; cell-eval2 takes hours there), c (a million predicted cells, ours),
+#          d (row a's reference: the baseline arm and the split-half replicate, `score --baseline
+#          --replicate` against `cell-eval2 baseline` + `prep-real-bundle`, once each)
 #   REPS   repetitions of row a (default 3)
 #
 # Needs the release build (scripts/build.sh) and cell-eval2 in $CPA_STREAM_PYTHON's environment
@@ -72,5 +74,29 @@ fi
 if [[ $rows == *c* ]]; then
   atlas c_pred 1052632 300 23
   ours c_pred.h5ad b_real.h5ad c_cs
+fi
+if [[ $rows == *d* ]]; then
+  atlas a_real 25260 60 11 && atlas a_pred 25260 60 12
+  /usr/bin/time -f "%e s, %M KiB" -o time.txt "$bin" -q score --prediction a_pred.h5ad --reference a_real.h5ad \
+    --no-target-genes --baseline --replicate --out d_cs --overwrite
+  log "cpa-stream score --baseline --replicate: $(cat time.txt) (load $(cut -d' ' -f1 /proc/loadavg))"
+  rm -rf d_base d_bundle d_base.h5ad
+  /usr/bin/time -f "%e s, %M KiB" -o time.txt "$ce" baseline -ar a_real.h5ad "${preset[@]}" -o d_base \
+    --save-pred d_base.h5ad > d_base.log 2>&1 || true
+  log "cell-eval2 baseline: $(cat time.txt) (load $(cut -d' ' -f1 /proc/loadavg))"
+  /usr/bin/time -f "%e s, %M KiB" -o time.txt "$ce" prep-real-bundle --real a_real.h5ad --baseline d_base.h5ad \
+    "${preset[@]}" -o d_bundle > d_bundle.log 2>&1 || true
+  log "cell-eval2 prep-real-bundle: $(cat time.txt) (load $(cut -d' ' -f1 /proc/loadavg))"
+  "$CPA_STREAM_PYTHON" - d_cs d_bundle <<'PY' | tee -a bench.log
+import json, sys
+import pandas as pd
+cs, bundle = sys.argv[1], sys.argv[2]
+summary = json.loads(open(f"{cs}/summary.json").read())
+base = pd.read_csv(f"{bundle}/baseline_agg.csv").set_index("statistic").loc["mean"]
+anchor = pd.read_parquet(f"{bundle}/anchor_agg.parquet").set_index("metric")["replicate"]
+b = max(abs(v - float(base[m])) for m, v in summary["baseline"]["aggregates"].items())
+r = max(abs(v - float(anchor[m])) for m, v in summary["replicate"]["aggregates"].items())
+print(f"baseline: largest difference {b:.2g}; replicate: largest difference {r:.2g}")
+PY
 fi
 log "end"

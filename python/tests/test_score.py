@@ -27,18 +27,23 @@ PRESET = ["--preset", "vcc2026", "--pert-col", "condition", "--control", "contro
 PERTURBATIONS = ["G3", "G7", "G11", "G20", "NOTAGENE", "G50", "G51", "G90"]
 
 
-def write_panel(path: Path, blocks, genes) -> None:
+def write_panel(path: Path, blocks, genes, reorder: bool = False) -> None:
+    """An .h5ad of the blocks of cells; `reorder`: the label's categories in reverse order
+    (pandas groups a categorical column in its categories' order)."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
 
     labels = [label for label, x in blocks for _ in range(len(x))]
-    obs = pd.DataFrame({"condition": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))])
+    categories = sorted(set(labels), reverse=reorder)
+    obs = pd.DataFrame(
+        {"condition": pd.Categorical(labels, categories=categories)}, index=[f"c{i}" for i in range(len(labels))]
+    )
     matrix = sp.csr_matrix(np.vstack([x for _, x in blocks]))
     ad.AnnData(matrix, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
 
 
-def panel(tmp: Path, kind: str, seed: int = 1) -> tuple[Path, Path]:
+def panel(tmp: Path, kind: str, seed: int = 1, reorder: bool = False) -> tuple[Path, Path]:
     """A reference of eight knock-downs (one of a label that is no gene) and a prediction of
     `kind`: a model's (effects partly right), the control for everything, one block of cells
     pasted for every perturbation (no spread: the bound of #348 binds), or few shallow cells
@@ -62,7 +67,9 @@ def panel(tmp: Path, kind: str, seed: int = 1) -> tuple[Path, Path]:
         return rng.negative_binomial(5, 5 / (5 + m)).astype(np.float32)
 
     real = tmp / "real.h5ad"
-    write_panel(real, [("control", draw(base, 150))] + [(p, draw(base * effects[p], 70)) for p in PERTURBATIONS], genes)
+    write_panel(
+        real, [("control", draw(base, 150))] + [(p, draw(base * effects[p], 70)) for p in PERTURBATIONS], genes, reorder
+    )
     if kind == "model":
         pred = [(p, draw(base * effects[p] ** rng.uniform(0.3, 1.0), 60)) for p in PERTURBATIONS]
     elif kind == "control":
@@ -177,6 +184,66 @@ def test_the_scaled_scores_of_a_real_bundle_agree_with_cell_eval2(cli, tmp_path)
             assert member[column] == pytest.approx(theirs.loc[member["metric"], column], abs=1e-6), member
     assert scaled["avg_from_baseline"] == pytest.approx(theirs.loc["avg_score", "from_baseline"], abs=1e-6)
     assert scaled["avg_from_replicate"] == pytest.approx(theirs.loc["avg_score", "from_replicate"], abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["defaults", "reordered"])
+def test_the_baseline_and_replicate_computed_here_are_cell_eval2s(cli, tmp_path, variant):
+    """`score --baseline --replicate` draws the baseline arm and splits the halves as
+    cell-eval2 does (numpy's generators, pandas' group order), so its two ends and the scaled
+    scores are cell-eval2's to 1e-6, without a real bundle. `reordered`: the categories out of
+    sorted order, no target genes, other seeds."""
+    import pandas as pd
+
+    command = cell_eval2()
+    defaults = variant == "defaults"
+    real, pred = panel(tmp_path, "model", seed=2 if defaults else 5, reorder=not defaults)
+    targets = [] if defaults else ["--no-target-genes"]
+
+    def ce(*args: str) -> None:
+        done = subprocess.run([str(command), *args], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    base = tmp_path / "base.h5ad"
+    ce("baseline", "-ar", str(real), *PRESET, *targets, *([] if defaults else ["--seed", "7"]),
+       "-o", str(tmp_path / "base_out"), "--save-pred", str(base))
+    ce("prep-real-bundle", "--real", str(real), "--baseline", str(base), *PRESET, *targets,
+       *([] if defaults else ["--anchor-base-seed", "3"]), "-o", str(tmp_path / "bundle"))
+    ce("run", "-ap", str(pred), "-ar", str(real), *PRESET, *targets, "-o", str(tmp_path / "run"))
+    ce("score", "--user-agg", str(tmp_path / "run" / "agg_results.csv"), "--real-bundle", str(tmp_path / "bundle"),
+       "-o", str(tmp_path / "score.csv"))
+
+    seeds = [] if defaults else ["--baseline-seed", "7", "--replicate-seed", "3"]
+    out = tmp_path / "cs"
+    summary = score(cli, pred, real, out, "--baseline", "--replicate", *targets, *seeds)
+    compare(tmp_path / "run", out)
+
+    # The baseline arm, per perturbation and aggregated.
+    theirs = pd.read_csv(tmp_path / "base_out" / "baseline_results.csv")
+    theirs = theirs[theirs["metric"].isin(METRICS)]
+    mine = pd.read_parquet(out / "baseline_results.parquet")
+    both = theirs.merge(mine, on=["perturbation", "metric"], how="outer", suffixes=("_ce", "_cs"), indicator=True)
+    assert (both["_merge"] == "both").all(), both[both["_merge"] != "both"]
+    np.testing.assert_allclose(both["value_cs"], both["value_ce"], rtol=0, atol=1e-6)
+    means = pd.read_csv(tmp_path / "bundle" / "baseline_agg.csv").set_index("statistic").loc["mean"]
+    for metric, value in summary["baseline"]["aggregates"].items():
+        assert value == pytest.approx(float(means[metric]), abs=1e-6), metric
+
+    # The replicate: every member the anchor holds, the five splits' seeds.
+    anchor = pd.read_parquet(tmp_path / "bundle" / "anchor_agg.parquet").set_index("metric")["replicate"]
+    replicate = summary["replicate"]
+    for metric, value in replicate["aggregates"].items():
+        assert value == pytest.approx(float(anchor[metric]), abs=1e-6), metric
+    meta = json.loads((tmp_path / "bundle" / "anchor_meta.json").read_text())
+    assert replicate["seeds"] == meta["derived_seeds"]
+
+    # The scaled scores.
+    scored = pd.read_csv(tmp_path / "score.csv").set_index("metric")
+    scaled = summary["scaled"]
+    assert scaled["bundle"] is None
+    for member in scaled["members"]:
+        for column in ("from_baseline", "from_replicate"):
+            assert member[column] == pytest.approx(scored.loc[member["metric"], column], abs=1e-6), member
+    assert scaled["avg_from_replicate"] == pytest.approx(scored.loc["avg_score", "from_replicate"], abs=1e-6)
 
 
 def test_a_prediction_that_is_not_counts_is_refused_naming_the_cell(cli, tmp_path):

@@ -41,6 +41,16 @@ pub struct ScoreArgs {
     /// cells as cell-eval2).
     #[arg(long, default_value_t = score::BASELINE_SEED, requires = "baseline")]
     baseline_seed: u64,
+    /// Also compute cell-eval2's split-half technical replicate of the reference (the anchor
+    /// of `cell-eval2 prep-real-bundle`: five splits of its cells into two halves, one scored
+    /// as a prediction of the other). With --baseline, each metric is then scaled between the
+    /// two as the challenge scores, without a real bundle.
+    #[arg(long, conflicts_with = "real_bundle")]
+    replicate: bool,
+    /// Seed the replicate's five split seeds come from (cell-eval2's `base_seed`; the same
+    /// seed splits the same cells as cell-eval2).
+    #[arg(long, default_value_t = score::REPLICATE_SEED, requires = "replicate")]
+    replicate_seed: u64,
     /// Directory written: results.parquet (perturbation, metric, value: cell-eval2's
     /// results.csv), summary.json (the aggregates) and, with --baseline, baseline_results.parquet.
     #[arg(long)]
@@ -69,6 +79,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     options.real_bundle = args.real_bundle;
     options.baseline = args.baseline;
     options.baseline_seed = args.baseline_seed;
+    options.replicate = args.replicate;
+    options.replicate_seed = args.replicate_seed;
     options.allow_fractional_counts = args.allow_fractional_counts;
     options.overwrite = args.overwrite;
     if let Some(t) = args.threads {
@@ -124,9 +136,10 @@ fn print(report: &ScoreReport) -> anyhow::Result<()> {
                         if ahead { "beats the baseline" } else { "does NOT beat the baseline" }
                     }
                     Some(_) => "not comparable",
-                    None => "the reference's own spread",
+                    None => "",
                 };
-                outln!("  {name:<width$}  {value:>10.6}  {b:>10.6}  {verdict}; {}", how(name));
+                let sep = if verdict.is_empty() { "" } else { "; " };
+                outln!("  {name:<width$}  {value:>10.6}  {b:>10.6}  {verdict}{sep}{}", how(name));
             }
             if behind.is_empty() {
                 outln!("the prediction beats the mean-response baseline (seed {}) on every metric", baseline.seed);
@@ -139,9 +152,30 @@ fn print(report: &ScoreReport) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(replicate) = &report.replicate
+        && report.scaled.is_none()
+    {
+        if let Some(reason) = &report.scale_error {
+            outln!("no scaled score: {reason}");
+        }
+        outln!(
+            "split-half replicate of the reference (mean of {} splits, seed {}):",
+            replicate.splits.len(),
+            replicate.base_seed
+        );
+        for (name, value) in &replicate.aggregates {
+            outln!("  {name:<width$}  {value:>10.6}");
+        }
+    }
     if let Some(scaled) = &report.scaled {
         let width = width.max("avg_score".len());
-        outln!("scaled against {} (0 the mean-response baseline):", scaled.bundle.display());
+        match &scaled.bundle {
+            Some(bundle) => outln!("scaled against {} (0 the mean-response baseline):", bundle.display()),
+            None => outln!(
+                "scaled between the mean-response baseline (0) and the split-half replicate (1), both computed from \
+                 the reference:"
+            ),
+        }
         outln!(
             "  {:<width$}  {:>10}  {:>10}  {:>10}  {:>13}  {:>14}",
             "metric",

@@ -28,9 +28,22 @@ pub enum Cells<'a> {
         reader: &'a H5adReader,
         /// The obs column of the groups (perturbations).
         group_by: &'a str,
+        /// Only these of its cells (a half of the replicate).
+        subset: Option<Subset<'a>>,
     },
     /// The baseline arm of a reference.
     Baseline(&'a BaselineArm),
+}
+
+/// Some of a file's cells: those whose entry of `membership` (one per cell) is `side`.
+#[derive(Clone, Copy)]
+pub struct Subset<'a> {
+    /// One entry per cell of the file.
+    pub membership: &'a [u8],
+    /// The entry of the cells taken.
+    pub side: u8,
+    /// What the cells are called in messages.
+    pub name: &'a str,
 }
 
 /// Where each group's cells are: labels sorted (numpy's `unique`), their cell counts and, for a
@@ -46,6 +59,35 @@ pub struct Groups {
 }
 
 impl Groups {
+    /// The cells of `subset` among these, groups without one left out.
+    fn within(self, subset: Subset) -> Groups {
+        let mut out = Groups { labels: Vec::new(), cells: Vec::new(), runs: Vec::new() };
+        for (label, runs) in self.labels.into_iter().zip(self.runs) {
+            let mut kept: Vec<Range<u64>> = Vec::new();
+            for row in runs.into_iter().flatten() {
+                if subset.membership[row as usize] != subset.side {
+                    continue;
+                }
+                match kept.last_mut() {
+                    Some(run) if run.end == row => run.end = row + 1,
+                    _ => kept.push(row..row + 1),
+                }
+            }
+            let n: u64 = kept.iter().map(|r| r.end - r.start).sum();
+            if n > 0 {
+                out.labels.push(label);
+                out.cells.push(n);
+                out.runs.push(kept);
+            }
+        }
+        out
+    }
+
+    /// The rows of group `i`, ascending.
+    pub fn rows(&self, i: usize) -> Vec<u64> {
+        self.runs[i].iter().flat_map(|r| r.clone()).collect()
+    }
+
     /// The position of `label`.
     pub fn position(&self, label: &str) -> Option<usize> {
         self.labels.binary_search_by(|l| l.as_str().cmp(label)).ok()
@@ -55,7 +97,7 @@ impl Groups {
 impl<'a> Cells<'a> {
     /// The file the cells are (the reference, for the baseline arm).
     pub fn path(&self) -> &'a Path {
-        match self {
+        match *self {
             Cells::File { reader, .. } => reader.path(),
             Cells::Baseline(arm) => &arm.reference,
         }
@@ -64,7 +106,8 @@ impl<'a> Cells<'a> {
     /// How the cells are named in messages.
     pub fn origin(&self) -> String {
         match self {
-            Cells::File { reader, .. } => reader.path().display().to_string(),
+            Cells::File { reader, subset: None, .. } => reader.path().display().to_string(),
+            Cells::File { reader, subset: Some(s), .. } => format!("{} of {}", s.name, reader.path().display()),
             Cells::Baseline(arm) => format!("the mean-response baseline arm of {}", arm.reference.display()),
         }
     }
@@ -80,7 +123,8 @@ impl<'a> Cells<'a> {
     /// Cells.
     pub fn n_cells(&self) -> u64 {
         match self {
-            Cells::File { reader, .. } => reader.n_obs(),
+            Cells::File { reader, subset: None, .. } => reader.n_obs(),
+            Cells::File { subset: Some(s), .. } => s.membership.iter().filter(|&&m| m == s.side).count() as u64,
             Cells::Baseline(arm) => arm.cells.iter().sum(),
         }
     }
@@ -89,9 +133,11 @@ impl<'a> Cells<'a> {
     pub fn scan(&self, mut visit: impl FnMut(Range<u64>, &CsrBatch, &[&str]) -> Result<()>) -> Result<()> {
         let mut batch = CsrBatch::new(self.n_genes() as u32);
         match *self {
-            Cells::File { reader, group_by } => {
+            Cells::File { reader, group_by, subset } => {
                 let n_obs = reader.n_obs();
                 let origin = reader.path().display().to_string();
+                let mut kept = CsrBatch::new(self.n_genes() as u32);
+                let mut first = 0u64;
                 for k in 0..n_obs.div_ceil(CHUNK_ROWS) {
                     let rows = k * CHUNK_ROWS..((k + 1) * CHUNK_ROWS).min(n_obs);
                     batch.clear();
@@ -118,7 +164,23 @@ impl<'a> Cells<'a> {
                             })
                         })
                         .collect::<Result<Vec<&str>>>()?;
-                    visit(rows, &batch, &labels)?;
+                    match subset {
+                        None => visit(rows, &batch, &labels)?,
+                        Some(s) => {
+                            kept.clear();
+                            let mut taken = Vec::with_capacity(labels.len());
+                            for (r, &label) in labels.iter().enumerate() {
+                                if s.membership[(rows.start + r as u64) as usize] == s.side {
+                                    let (c, v) = batch.row(r);
+                                    kept.push_row(c, v);
+                                    taken.push(label);
+                                }
+                            }
+                            let n = taken.len() as u64;
+                            visit(first..first + n, &kept, &taken)?;
+                            first += n;
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -142,7 +204,13 @@ impl<'a> Cells<'a> {
     /// The groups and where their cells are.
     pub fn groups(&self) -> Result<Groups> {
         match *self {
-            Cells::File { reader, group_by } => file_groups(reader, group_by),
+            Cells::File { reader, group_by, subset } => {
+                let groups = file_groups(reader, group_by)?;
+                Ok(match subset {
+                    None => groups,
+                    Some(s) => groups.within(s),
+                })
+            }
             Cells::Baseline(arm) => Ok(Groups {
                 labels: arm.labels.clone(),
                 cells: arm.cells.clone(),

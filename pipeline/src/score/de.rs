@@ -246,40 +246,92 @@ fn defined(x: f64) -> bool {
     !x.is_nan() && x != 0.0
 }
 
-/// The DE members of one perturbation from its real and predicted tests over the kept genes
-/// (`features`: their gene ids), its own gene (a position among them) left out.
-pub fn de_scores(real: &DeResult, pred: &DeResult, features: &[&str], own: Option<usize>) -> DeScores {
-    let genes: Vec<usize> = (0..features.len()).filter(|&k| Some(k) != own).collect();
+/// Which of the prediction's tested genes is each of the reference's (by gene id), where the
+/// two sides kept different genes (each side tested against its own control, as the replicate
+/// is); the same positions where both were tested against the reference's control.
+#[derive(Debug, Clone)]
+pub struct Alignment {
+    /// Per reference gene, the prediction's position of the same gene.
+    pred_of_real: Vec<Option<usize>>,
+    /// The prediction's genes, by id.
+    pred_position: std::collections::HashMap<String, usize>,
+}
+
+impl Alignment {
+    /// Both sides tested the same genes.
+    pub fn same(n: usize) -> Alignment {
+        Alignment { pred_of_real: (0..n).map(Some).collect(), pred_position: Default::default() }
+    }
+
+    /// The reference tested `real` and the prediction `pred` (gene ids).
+    pub fn by_id(real: &[&str], pred: &[&str]) -> Alignment {
+        let pred_position: std::collections::HashMap<String, usize> =
+            pred.iter().enumerate().map(|(j, &g)| (g.to_owned(), j)).collect();
+        Alignment { pred_of_real: real.iter().map(|g| pred_position.get(*g).copied()).collect(), pred_position }
+    }
+
+    /// The prediction's position of `gene`, given its reference position `real` if it has one.
+    fn pred_gene(&self, real: Option<usize>, gene: Option<&str>) -> Option<usize> {
+        if self.pred_position.is_empty() {
+            return real;
+        }
+        gene.and_then(|g| self.pred_position.get(g).copied())
+    }
+}
+
+/// The DE members of one perturbation from its real and predicted tests, the genes of each
+/// matched by `alignment`, its own gene (`own`: its position among the reference's tested genes,
+/// and its id) left out of both. Where a side did not test a gene, cell-eval2's joins decide:
+/// the called sets are compared by gene id (`sig_jaccard`), the directions over the genes both
+/// tested (an inner join), the fold changes over the reference's called genes with the
+/// prediction's missing ones as 0 (a left join).
+pub fn de_scores(
+    real: &DeResult,
+    pred: &DeResult,
+    alignment: &Alignment,
+    features: &[&str],
+    own: (Option<usize>, Option<&str>),
+) -> DeScores {
+    let (own_real, own_id) = own;
+    let own_pred = alignment.pred_gene(own_real, own_id);
+    let genes: Vec<usize> = (0..real.lfc.len()).filter(|&k| Some(k) != own_real).collect();
+    let at = |k: usize| alignment.pred_of_real[k];
     let real_called = |k: usize| real.p_adj[k] < ALPHA;
-    let pred_called = |k: usize| pred.p_adj[k] < ALPHA;
+    let pred_called = |k: usize| at(k).is_some_and(|j| pred.p_adj[j] < ALPHA);
     let in_denom = |k: usize| defined(real.lfc[k]);
-    let matches = |k: usize| in_denom(k) && defined(pred.lfc[k]) && real.lfc[k].signum() == pred.lfc[k].signum();
+    let pred_lfc = |k: usize| at(k).map_or(f64::NAN, |j| pred.lfc[j]);
+    let matches = |k: usize| in_denom(k) && defined(pred_lfc(k)) && real.lfc[k].signum() == pred_lfc(k).signum();
 
     // sig_jaccard
     let both = genes.iter().filter(|&&k| real_called(k) && pred_called(k)).count();
-    let either = genes.iter().filter(|&&k| real_called(k) || pred_called(k)).count();
+    let n_real = genes.iter().filter(|&&k| real_called(k)).count();
+    let n_pred = (0..pred.p_adj.len()).filter(|&j| Some(j) != own_pred && pred.p_adj[j] < ALPHA).count();
+    let either = n_real + n_pred - both;
     let sig_jaccard = if either == 0 { 1.0 } else { both as f64 / either as f64 };
 
-    // direction_fidelity_yield_raw
-    let n_conf = genes.iter().filter(|&&k| real_called(k)).count();
+    // direction_fidelity_yield_raw, over the genes both sides tested.
+    let n_conf = n_real;
     let scored: Vec<usize> = genes.iter().copied().filter(|&k| pred_called(k) && in_denom(k)).collect();
     let right = scored.iter().filter(|&&k| matches(k)).count();
     let larger = scored.len().max(n_conf);
     let direction_fidelity_yield_raw = if larger == 0 { f64::NAN } else { right as f64 / larger as f64 };
 
-    // direction_reach_raw: the real called genes in the prediction's order of confidence.
+    // direction_reach_raw: the real called genes the prediction tested, in its order of
+    // confidence.
     let direction_reach_raw = if n_conf == 0 {
         f64::NAN
     } else {
         let rank_p = |p: f64| if p.is_nan() { f64::INFINITY } else { p };
         let abs_lfc = |l: f64| if l.is_nan() { f64::NEG_INFINITY } else { l.abs() };
-        let mut order: Vec<usize> = genes.iter().copied().filter(|&k| real_called(k)).collect();
+        let p_adj = |k: usize| at(k).map_or(f64::NAN, |j| pred.p_adj[j]);
+        let p_value = |k: usize| at(k).map_or(f64::NAN, |j| pred.p_value[j]);
+        let mut order: Vec<usize> = genes.iter().copied().filter(|&k| real_called(k) && at(k).is_some()).collect();
         order.sort_by(|&a, &b| {
             pred_called(b)
                 .cmp(&pred_called(a))
-                .then(rank_p(pred.p_adj[a]).total_cmp(&rank_p(pred.p_adj[b])))
-                .then(rank_p(pred.p_value[a]).total_cmp(&rank_p(pred.p_value[b])))
-                .then(abs_lfc(pred.lfc[b]).total_cmp(&abs_lfc(pred.lfc[a])))
+                .then(rank_p(p_adj(a)).total_cmp(&rank_p(p_adj(b))))
+                .then(rank_p(p_value(a)).total_cmp(&rank_p(p_value(b))))
+                .then(abs_lfc(pred_lfc(b)).total_cmp(&abs_lfc(pred_lfc(a))))
                 .then(features[a].cmp(features[b]))
         });
         let (mut n_denom, mut n_match, mut deepest) = (0usize, 0usize, 0usize);
@@ -294,17 +346,28 @@ pub fn de_scores(real: &DeResult, pred: &DeResult, features: &[&str], own: Optio
     };
 
     // lfc_nmae over the real called genes with a finite fold change.
-    let gate: Vec<usize> = genes.iter().copied().filter(|&k| real_called(k) && real.lfc[k].is_finite()).collect();
-    let lfc_nmae = (gate.len() >= LFC_NMAE_MIN_GENES)
-        .then(|| {
-            let predicted = |k: usize| if pred.lfc[k].is_finite() { pred.lfc[k] } else { 0.0 };
-            let n = gate.len() as f64;
-            let num = gate.iter().map(|&k| (predicted(k) - real.lfc[k]).abs()).sum::<f64>() / n;
-            let den = gate.iter().map(|&k| real.lfc[k].abs()).sum::<f64>() / n;
-            (den.is_finite() && den != 0.0).then_some(num / den)
-        })
-        .flatten();
+    let error = |k: usize| {
+        let l = pred_lfc(k);
+        ((if l.is_finite() { l } else { 0.0 }) - real.lfc[k]).abs()
+    };
+    let lfc_nmae = nmae(real, &genes, error);
     DeScores { direction_fidelity_yield_raw, direction_reach_raw, sig_jaccard, lfc_nmae }
+}
+
+/// The mean of `error` (an absolute difference of fold changes) over `mean |real|`, over the
+/// reference's called genes among `genes` with a finite fold change, where there are at least
+/// [`LFC_NMAE_MIN_GENES`] of them and the denominator is not 0 (`de_lfc_nmae`: `|predicted -
+/// real|`; the replicate's `nmae_ref_raw`: `|half A - half B|`).
+pub fn nmae(real: &DeResult, genes: &[usize], error: impl Fn(usize) -> f64) -> Option<f64> {
+    let gate: Vec<usize> =
+        genes.iter().copied().filter(|&k| real.p_adj[k] < ALPHA && real.lfc[k].is_finite()).collect();
+    if gate.len() < LFC_NMAE_MIN_GENES {
+        return None;
+    }
+    let n = gate.len() as f64;
+    let num = gate.iter().map(|&k| error(k)).sum::<f64>() / n;
+    let den = gate.iter().map(|&k| real.lfc[k].abs()).sum::<f64>() / n;
+    (den.is_finite() && den != 0.0).then_some(num / den)
 }
 
 #[cfg(test)]
@@ -411,7 +474,8 @@ mod tests {
             &[-5.0, 2.0, 0.5, 1.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
             &[0.0, 0.001, 0.002, 0.003, 0.004, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
         );
-        let s = de_scores(&real, &pred, &features, Some(0));
+        let same = Alignment::same(features.len());
+        let s = de_scores(&real, &pred, &same, &features, (Some(0), Some("a")));
         // Real called (a left out): b c d f g h i j k l = 10; predicted called: b c d e.
         assert_eq!(s.sig_jaccard, 3.0 / 11.0);
         // Scored: predicted called with a real direction, called on the real side or not (b c d
@@ -425,11 +489,47 @@ mod tests {
         // over sum |real| = 10.
         assert!((s.lfc_nmae.unwrap() - 11.5 / 10.0).abs() < 1e-15);
         // Fewer than 10 genes called on the real side: no lfc_nmae.
-        let few = de_scores(&real, &pred, &features[..], Some(11));
+        let few = de_scores(&real, &pred, &same, &features[..], (Some(11), Some("l")));
         assert!(few.lfc_nmae.is_some());
         let mut sparse = real.clone();
         sparse.p_adj[9] = 0.5;
         sparse.p_adj[10] = 0.5;
-        assert_eq!(de_scores(&sparse, &pred, &features, Some(0)).lfc_nmae, None);
+        assert_eq!(de_scores(&sparse, &pred, &same, &features, (Some(0), Some("a"))).lfc_nmae, None);
+    }
+
+    #[test]
+    fn sides_that_tested_different_genes_are_joined_as_cell_eval2_joins_them() {
+        // The reference tested a..l (its own gene `a`), the prediction b..e and x, y (say its
+        // own control kept other genes).
+        let features: Vec<String> = (b'a'..=b'l').map(|c| (c as char).to_string()).collect();
+        let features: Vec<&str> = features.iter().map(String::as_str).collect();
+        let pred_features = ["b", "c", "d", "e", "x", "y"];
+        let real = result(
+            &[-5.0, 1.0, 1.0, -1.0, 2.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0],
+            &[0.0, 0.01, 0.01, 0.01, 0.2, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
+        );
+        // Called: b (right), c (right), d (wrong), x, y (not tested on the real side).
+        let pred = result(&[2.0, 0.5, 1.0, 1.0, 3.0, 3.0], &[0.001, 0.002, 0.003, 0.5, 0.01, 0.02]);
+        let alignment = Alignment::by_id(&features, &pred_features);
+        let s = de_scores(&real, &pred, &alignment, &features, (Some(0), Some("a")));
+        // Real called: b c d f..l = 10; predicted called: b c d x y = 5; both: b c d.
+        assert_eq!(s.sig_jaccard, 3.0 / 12.0);
+        // Directions over the genes both tested: scored b c d, right b c, over max(3, 10).
+        assert_eq!(s.direction_fidelity_yield_raw, 2.0 / 10.0);
+        // The real called genes the prediction tested, in its order: b c d: purity 1, 1, 2/3.
+        assert_eq!(s.direction_reach_raw, 2.0 / 10.0);
+        // Fold changes over the 10 real called genes, the untested ones (f..l) predicted as 0:
+        // |2-1| + |0.5-1| + |1+1| + 7 * 1 = 10.5 over 10.
+        assert!((s.lfc_nmae.unwrap() - 10.5 / 10.0).abs() < 1e-15);
+        // The prediction's own gene is left out by id: with `b` as the perturbation's gene, its
+        // predicted call goes too.
+        let real_b = result(&real.lfc, &{
+            let mut p = real.p_adj.clone();
+            p[0] = 0.5;
+            p
+        });
+        let without_b = de_scores(&real_b, &pred, &alignment, &features, (Some(1), Some("b")));
+        // Real called: c d f..l = 9; predicted called: c d x y = 4; both: c d.
+        assert_eq!(without_b.sig_jaccard, 2.0 / 11.0);
     }
 }

@@ -41,13 +41,16 @@ pub struct ExpressionScores {
 }
 
 /// Scores `pred` against `real`, whose group `control` is the control cells; `genes` the gene
-/// ids of both.
+/// ids of both. `own_control`: the predicted effects are taken against the prediction's own
+/// control cells (cell-eval2's `control_source="pred"`, the replicate's) rather than the
+/// reference's (`"real"`, `vcc2026`'s).
 pub fn score(
     pred: &SideBulk,
     real: &SideBulk,
     control: &str,
     genes: &[String],
     target_genes: TargetGenes,
+    own_control: bool,
 ) -> Result<ExpressionScores> {
     let origin = real.path.display().to_string();
     let ci = real.row(control).ok_or_else(|| {
@@ -101,7 +104,15 @@ pub fn score(
     let real_excluded =
         targets::resolve(&real_labels, &positions, target_genes, &real_labels, "expr_distance_unbiased")?;
 
-    let pds_cosine = discrimination(pred, real, ci, &pred_rows, &aligned, &real_rows, &real_excluded)?;
+    let pred_control = if own_control {
+        let i = pred.row(control).ok_or_else(|| {
+            Error::InvalidInput(format!("{}: no cells of the control {control:?}", pred.path.display()))
+        })?;
+        &pred.means[i]
+    } else {
+        &real.means[ci]
+    };
+    let pds_cosine = discrimination(pred, real, ci, pred_control, &pred_rows, &aligned, &real_rows, &real_excluded)?;
     let mse_unbiased = numerator(pred, real, &pred_rows, &aligned, &pred_excluded.columns, false);
     let mse_unbiased_capped = numerator(pred, real, &pred_rows, &aligned, &pred_excluded.columns, true);
     let distance_unbiased = distance(real, ci, &real_rows, &real_excluded.columns);
@@ -122,10 +133,12 @@ pub fn score(
 /// predicted effect (prediction minus the reference's control), the rank of the true
 /// perturbation's reference effect among all reference effects by cosine distance; `1 - rank /
 /// (n - 1)`.
+#[allow(clippy::too_many_arguments, reason = "the two sides' rows and controls, each named")]
 fn discrimination(
     pred: &SideBulk,
     real: &SideBulk,
     ci: usize,
+    pred_control: &[f64],
     pred_rows: &[usize],
     aligned: &[usize],
     real_rows: &[usize],
@@ -143,18 +156,17 @@ fn discrimination(
             real.path.display()
         )));
     }
-    let control = &real.means[ci];
-    let effect = |means: &[f64]| -> Vec<f64> {
+    let effect = |means: &[f64], control: &[f64]| -> Vec<f64> {
         means.iter().zip(control).zip(&keep).filter(|(_, k)| **k).map(|((m, c), _)| m - c).collect()
     };
-    let real_effects: Vec<Vec<f64>> = real_rows.iter().map(|&j| effect(&real.means[j])).collect();
+    let real_effects: Vec<Vec<f64>> = real_rows.iter().map(|&j| effect(&real.means[j], &real.means[ci])).collect();
     let real_norms: Vec<f64> = real_effects.iter().map(|e| dot(e, e).sqrt()).collect();
     let position: HashMap<usize, usize> = real_rows.iter().enumerate().map(|(k, &j)| (j, k)).collect();
     let denominator = real_rows.len() as f64 - 1.0;
     let mut out = Vec::with_capacity(pred_rows.len());
     let mut distances = vec![0.0f64; real_rows.len()];
     for (&i, &j) in pred_rows.iter().zip(aligned) {
-        let e = effect(&pred.means[i]);
+        let e = effect(&pred.means[i], pred_control);
         let norm = dot(&e, &e).sqrt();
         for (d, (r, rn)) in distances.iter_mut().zip(real_effects.iter().zip(&real_norms)) {
             let denom = norm * rn;

@@ -4,21 +4,25 @@
 //! reduced to per-perturbation sums, so memory holds `perturbations x genes` numbers and one
 //! chunk, whatever the number of cells.
 //!
-//! Computed here so far: the two expression members, `pds_cosine` and
-//! `expr_mse_unbiased_capped_norm` (with its components `expr_mse_unbiased_capped` and
-//! `expr_distance_unbiased`, and the diagnostic `expr_mse_unbiased`), as cell-eval2's `run`
-//! computes them. Not yet: its four Wilcoxon DE members, and the scaling of each member between
-//! the mean-response baseline and the split-half replicate (`cell-eval2 score`).
+//! Computed here: the two expression members, `pds_cosine` and `expr_mse_unbiased_capped_norm`
+//! (with its components `expr_mse_unbiased_capped` and `expr_distance_unbiased`, and the
+//! diagnostic `expr_mse_unbiased`), and the four Wilcoxon DE members, as cell-eval2's `run`
+//! computes them; the two ends each member is scaled between, the mean-response baseline arm
+//! ([`cells::BaselineArm`], `cell-eval2 baseline`) and the split-half replicate ([`replicate`],
+//! `prep-real-bundle`'s anchor), drawn from the reference with numpy's own generator so that they
+//! are cell-eval2's; and the scaled scores (`cell-eval2 score`), from those ends or from a real
+//! bundle.
 
 mod bulk;
 mod cells;
 mod de;
 mod expression;
 mod numpy_random;
+mod replicate;
 mod scale;
 mod targets;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,6 +35,7 @@ use serde::Serialize;
 
 pub use bulk::MAX_CELL_TOTAL;
 pub use cells::BASELINE_SEED;
+pub use replicate::BASE_SEED as REPLICATE_SEED;
 pub use scale::{Scaled, ScaledMember};
 pub use targets::TargetGenes;
 
@@ -87,6 +92,11 @@ pub struct ScoreOptions {
     pub baseline: bool,
     /// The seed of the baseline arm's draws [default: 0, cell-eval2's].
     pub baseline_seed: u64,
+    /// Also compute cell-eval2's split-half replicate of the reference (`cell-eval2
+    /// prep-real-bundle`'s anchor) and, with `baseline`, scale each member between the two.
+    pub replicate: bool,
+    /// The seed the replicate's five split seeds come from [default: 0, cell-eval2's].
+    pub replicate_seed: u64,
     /// Accept counts that are not whole numbers (cell-eval2's `allow_fractional_counts`: a
     /// baseline arm of mean counts); by default a fraction is an error, as in `vcc2026`.
     pub allow_fractional_counts: bool,
@@ -109,6 +119,8 @@ impl ScoreOptions {
             real_bundle: None,
             baseline: false,
             baseline_seed: BASELINE_SEED,
+            replicate: false,
+            replicate_seed: replicate::BASE_SEED,
             allow_fractional_counts: false,
             overwrite: false,
             threads: crate::threads::cpus(),
@@ -162,7 +174,13 @@ pub struct ScoreReport {
     pub perturbations: Vec<PerturbationScores>,
     /// The mean-response baseline arm scored as the prediction is (with `baseline`).
     pub baseline: Option<Baseline>,
-    /// The members scaled between the bundle's baseline and replicate (with `real_bundle`).
+    /// The split-half replicate (with `replicate`).
+    pub replicate: Option<Replicate>,
+    /// Why the members could not be scaled between the baseline and the replicate computed
+    /// here (a member whose replicate is not better than its baseline).
+    pub scale_error: Option<String>,
+    /// The members scaled between the baseline and the replicate (with `real_bundle`, or
+    /// `baseline` and `replicate`).
     pub scaled: Option<Scaled>,
     /// Perturbations whose label names no gene (scored with every gene), at most five.
     pub unresolved_targets: Vec<String>,
@@ -203,9 +221,10 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
     let real_genes = real_file.gene_ids().map_err(Error::stage(Stage::Read))?;
     same_genes(&genes, &real_genes, options)?;
     let key = options.perturbation_key.as_str();
-    let reference = Reference::read(Cells::File { reader: &real_file, group_by: key }, options, ctx)?;
-    let pred_cells = Cells::File { reader: &pred_file, group_by: key };
-    let scored = score_side(&pred_cells, &reference, &genes, options, options.allow_fractional_counts, ctx)?;
+    let reference = Reference::read(Cells::File { reader: &real_file, group_by: key, subset: None }, options, ctx)?;
+    let pred_cells = Cells::File { reader: &pred_file, group_by: key, subset: None };
+    let plain = Scoring { fractional: options.allow_fractional_counts, own_control: false };
+    let scored = score_side(&pred_cells, &reference, &genes, options, plain, ctx)?;
     let baseline = if options.baseline {
         let arm = cells::BaselineArm::build(
             &real_file,
@@ -217,11 +236,36 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
             options.baseline_seed,
             ctx,
         )?;
-        Some(score_side(&Cells::Baseline(&arm), &reference, &genes, options, true, ctx)?)
+        Some(score_side(
+            &Cells::Baseline(&arm),
+            &reference,
+            &genes,
+            options,
+            Scoring { fractional: true, own_control: false },
+            ctx,
+        )?)
     } else {
         None
     };
-    let scaled = options.real_bundle.as_deref().map(|bundle| scale::scale(&scored.aggregates, bundle)).transpose()?;
+    let anchor = if options.replicate {
+        Some(split_half_replicate(&real_file, &reference, &genes, options, ctx)?)
+    } else {
+        None
+    };
+    // An undefined scale of ends computed here is a finding about the reference, reported beside
+    // the ends rather than in place of them; a bundle's is an error, as `cell-eval2 score` has it.
+    let (scaled, scale_error) = match (&options.real_bundle, &baseline, &anchor) {
+        (Some(bundle), _, _) => (Some(scale::scale(&scored.aggregates, bundle)?), None),
+        (None, Some(b), Some(r)) => {
+            let origin = options.reference.display().to_string();
+            match scale::scale_between(&scored.aggregates, &b.aggregates, &r.aggregates, None, &origin) {
+                Ok(scaled) => (Some(scaled), None),
+                Err(Error::InvalidInput(reason)) => (None, Some(reason)),
+                Err(other) => return Err(other),
+            }
+        }
+        _ => (None, None),
+    };
     let report = ScoreReport {
         prediction: options.prediction.clone(),
         reference: options.reference.clone(),
@@ -236,7 +280,9 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
             aggregates: b.aggregates,
             perturbations: b.perturbations,
         }),
+        replicate: anchor,
         scaled,
+        scale_error,
         unresolved_targets: scored.unresolved_targets,
         n_unresolved_targets: scored.n_unresolved_targets,
         report: RunReport { wall: started.elapsed(), stages: Vec::new(), memory: sampler.finish() },
@@ -257,6 +303,13 @@ struct Reference<'a> {
     tests: Vec<(String, de::DeResult)>,
 }
 
+impl Reference<'_> {
+    /// The ids of the genes its tests tested.
+    fn features<'g>(&self, genes: &'g [String]) -> Vec<&'g str> {
+        self.pool.kept.iter().map(|&g| genes[g].as_str()).collect()
+    }
+}
+
 impl<'a> Reference<'a> {
     fn read(cells: Cells<'a>, options: &ScoreOptions, ctx: &RunContext) -> Result<Reference<'a>> {
         let bulk =
@@ -271,24 +324,36 @@ impl<'a> Reference<'a> {
 /// One side's scores against the reference.
 struct SideScores {
     aggregates: BTreeMap<String, f64>,
+    /// The side's own tests and the genes tested.
+    tests: Tests,
     perturbations: Vec<PerturbationScores>,
     unresolved_targets: Vec<String>,
     n_unresolved_targets: usize,
 }
 
-/// Scores the cells `pred` against `reference`; `fractional` accepts counts that are not whole.
+/// How a side is scored against the reference.
+#[derive(Debug, Clone, Copy)]
+struct Scoring {
+    /// Counts that are not whole are accepted (a baseline arm).
+    fractional: bool,
+    /// The side's effects and tests are against its own control cells (the replicate's
+    /// `control_source="pred"`), not the reference's.
+    own_control: bool,
+}
+
+/// Scores the cells `pred` against `reference`.
 fn score_side(
     pred_cells: &Cells,
     reference: &Reference,
     genes: &[String],
     options: &ScoreOptions,
-    fractional: bool,
+    how: Scoring,
     ctx: &RunContext,
 ) -> Result<SideScores> {
-    let pred = bulk::side_bulk(pred_cells, BULK_TARGET_SUM, fractional, options.threads.max(1), ctx)?;
+    let pred = bulk::side_bulk(pred_cells, BULK_TARGET_SUM, how.fractional, options.threads.max(1), ctx)?;
     let real = &reference.bulk;
-    let scores = expression::score(&pred, real, &options.control, genes, options.target_genes)?;
-    let de = differential_expression(pred_cells, reference, genes, options, ctx)?;
+    let scores = expression::score(&pred, real, &options.control, genes, options.target_genes, how.own_control)?;
+    let (de, pred_tests) = differential_expression(pred_cells, reference, genes, options, how.own_control, ctx)?;
 
     let mut per: BTreeMap<String, PerturbationScores> = BTreeMap::new();
     let columns = [
@@ -335,31 +400,49 @@ fn score_side(
     Ok(SideScores {
         aggregates,
         perturbations: per.into_values().collect(),
+        tests: pred_tests,
         unresolved_targets: scores.unresolved_targets,
         n_unresolved_targets: scores.n_unresolved_targets,
     })
 }
 
-/// The Wilcoxon tests of the predicted perturbations against the reference's control cells,
-/// and the four DE members of each perturbation.
+/// A side's tests: per perturbation (sorted), over the genes tested (their ids).
+struct Tests {
+    results: BTreeMap<String, de::DeResult>,
+    features: Vec<String>,
+}
+
+/// The Wilcoxon tests of the predicted perturbations against the reference's control cells (or
+/// their own, `own_control`), and the four DE members of each perturbation.
 fn differential_expression(
     pred_cells: &Cells,
     reference: &Reference,
     genes: &[String],
     options: &ScoreOptions,
+    own_control: bool,
     ctx: &RunContext,
-) -> Result<Vec<(String, de::DeScores)>> {
+) -> Result<(Vec<(String, de::DeScores)>, Tests)> {
     let pred_groups = pred_cells.groups()?;
-    let pool = &reference.pool;
+    let own_pool;
+    let pred_pool = if own_control {
+        own_pool = de::ControlPool::read(pred_cells, &pred_groups, &options.control, ctx)?;
+        &own_pool
+    } else {
+        &reference.pool
+    };
     let real_tests = &reference.tests;
     let pred_tests: BTreeMap<String, de::DeResult> =
-        de::test_groups(pred_cells, &pred_groups, &options.control, pool, ctx)?.into_iter().collect();
-    let features: Vec<&str> = pool.kept.iter().map(|&g| genes[g].as_str()).collect();
-    let column: BTreeMap<&str, usize> = features.iter().enumerate().map(|(k, &f)| (f, k)).collect();
+        de::test_groups(pred_cells, &pred_groups, &options.control, pred_pool, ctx)?.into_iter().collect();
+    let features: Vec<&str> = reference.pool.kept.iter().map(|&g| genes[g].as_str()).collect();
+    let pred_features: Vec<&str> = pred_pool.kept.iter().map(|&g| genes[g].as_str()).collect();
+    let alignment =
+        if own_control { de::Alignment::by_id(&features, &pred_features) } else { de::Alignment::same(features.len()) };
+    let column = replicate::positions(&features);
     let own = |label: &str| match options.target_genes {
         TargetGenes::ByName => column.get(label).copied(),
         TargetGenes::None => None,
     };
+    let by_name = options.target_genes == TargetGenes::ByName;
     if options.target_genes == TargetGenes::ByName
         && !real_tests.is_empty()
         && real_tests.iter().all(|(label, _)| own(label).is_none())
@@ -375,7 +458,7 @@ fn differential_expression(
             de::MIN_CONTROL_CPM
         )));
     }
-    real_tests
+    let scores = real_tests
         .iter()
         .map(|(label, real)| {
             let pred = pred_tests.get(label).ok_or_else(|| {
@@ -384,9 +467,14 @@ fn differential_expression(
                     pred_cells.origin()
                 ))
             })?;
-            Ok((label.clone(), de::de_scores(real, pred, &features, own(label))))
+            Ok((
+                label.clone(),
+                de::de_scores(real, pred, &alignment, &features, (own(label), by_name.then_some(label.as_str()))),
+            ))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let features = pred_features.iter().map(|&f| f.to_owned()).collect();
+    Ok((scores, Tests { results: pred_tests, features }))
 }
 
 /// The entries a score directory holds.
@@ -440,7 +528,9 @@ fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
                 "seed": b.seed,
                 "aggregates": b.aggregates,
             })),
+            "replicate": report.replicate,
             "scaled": report.scaled,
+            "scale_error": report.scale_error,
             "unresolved_targets": report.unresolved_targets,
             "n_unresolved_targets": report.n_unresolved_targets,
         });
@@ -477,4 +567,105 @@ fn write_results(path: &Path, perturbations: &[PerturbationScores]) -> Result<()
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(Error::arrow(name))?;
     cpa_stream_stages::store::write_table(path, schema, [batch]).map_err(Error::stage(Stage::Write))
+}
+
+/// The split-half replicate's aggregates ([`replicate`]), each split's and their means.
+fn split_half_replicate(
+    real_file: &H5adReader,
+    reference: &Reference,
+    genes: &[String],
+    options: &ScoreOptions,
+    ctx: &RunContext,
+) -> Result<Replicate> {
+    let key = options.perturbation_key.as_str();
+    let origin = real_file.path().display().to_string();
+    let order = replicate::group_order(real_file, key, &reference.groups)?;
+    let full_features = reference.features(genes);
+    let seeds = replicate::split_seeds(options.replicate_seed, replicate::SPLITS);
+    let mut splits = Vec::with_capacity(seeds.len());
+    for (k, &seed) in seeds.iter().enumerate() {
+        let membership = replicate::halves(real_file.n_obs(), &reference.groups, &order, seed, &origin)?;
+        let names = [format!("half A of split {k}"), format!("half B of split {k}")];
+        let half_a = Cells::File {
+            reader: real_file,
+            group_by: key,
+            subset: Some(cells::Subset { membership: &membership, side: replicate::HALF_A, name: &names[0] }),
+        };
+        let half_b = Cells::File {
+            reader: real_file,
+            group_by: key,
+            subset: Some(cells::Subset { membership: &membership, side: replicate::HALF_B, name: &names[1] }),
+        };
+        let half_a = Reference::read(half_a, options, ctx)?;
+        let scored = score_side(
+            &half_b,
+            &half_a,
+            genes,
+            options,
+            Scoring { fractional: options.allow_fractional_counts, own_control: true },
+            ctx,
+        )?;
+        let mut aggregates = scored.aggregates;
+        // de_wilcoxon_lfc_nmae's replicate: the two halves' fold changes over the whole
+        // reference's called genes.
+        let a_features = half_a.features(genes);
+        let a_at = replicate::positions(&a_features);
+        let b_features: Vec<&str> = scored.tests.features.iter().map(String::as_str).collect();
+        let b_at = replicate::positions(&b_features);
+        let a_tests: BTreeMap<&str, &de::DeResult> = half_a.tests.iter().map(|(l, t)| (l.as_str(), t)).collect();
+        let own_column = replicate::positions(&full_features);
+        let mut raws = Vec::new();
+        for (label, full) in &reference.tests {
+            let (Some(a), Some(b)) = (a_tests.get(label.as_str()), scored.tests.results.get(label)) else {
+                return Err(Error::InvalidInput(format!(
+                    "{origin}: perturbation {label:?} is missing from a half of split {k}"
+                )));
+            };
+            let own = match options.target_genes {
+                TargetGenes::ByName => own_column.get(label.as_str()).copied(),
+                TargetGenes::None => None,
+            };
+            let kept: Vec<usize> = (0..full_features.len()).filter(|&g| Some(g) != own).collect();
+            let lfc = |tests: &de::DeResult, at: &HashMap<&str, usize>, g: usize| {
+                at.get(full_features[g]).map_or(0.0, |&j| if tests.lfc[j].is_finite() { tests.lfc[j] } else { 0.0 })
+            };
+            let raw = de::nmae(full, &kept, |g| (lfc(a, &a_at, g) - lfc(b, &b_at, g)).abs());
+            if let Some(raw) = raw {
+                raws.push(raw);
+            }
+        }
+        if raws.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "{origin}: no perturbation has 10 genes called in the reference, so de_wilcoxon_lfc_nmae has no \
+                 replicate (split {k})"
+            )));
+        }
+        aggregates.insert("de_wilcoxon_lfc_nmae".to_owned(), raws.iter().sum::<f64>() / raws.len() as f64);
+        if let Some((metric, _)) = aggregates.iter().find(|(m, v)| scale::is_scored(m) && !v.is_finite()) {
+            return Err(Error::InvalidInput(format!(
+                "{origin}: split {k} of the replicate (seed {seed}) gives no value of {metric}, so the metric has no \
+                 replicate end"
+            )));
+        }
+        splits.push(aggregates);
+    }
+    let mut aggregates = BTreeMap::new();
+    for metric in splits[0].keys() {
+        let mean = splits.iter().map(|s| s[metric]).sum::<f64>() / splits.len() as f64;
+        aggregates.insert(metric.clone(), mean);
+    }
+    Ok(Replicate { base_seed: options.replicate_seed, seeds, splits, aggregates })
+}
+
+/// The split-half replicate's aggregates.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replicate {
+    /// The seed the splits' seeds come from.
+    pub base_seed: u64,
+    /// The splits' seeds.
+    pub seeds: Vec<u64>,
+    /// Each split's aggregates.
+    pub splits: Vec<BTreeMap<String, f64>>,
+    /// Their means (cell-eval2's anchor `replicate`).
+    pub aggregates: BTreeMap<String, f64>,
 }

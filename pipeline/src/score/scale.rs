@@ -82,8 +82,8 @@ pub struct ScaledMember {
 /// The scaled scores.
 #[derive(Debug, Clone, Serialize)]
 pub struct Scaled {
-    /// The bundle read.
-    pub bundle: std::path::PathBuf,
+    /// The real bundle read (none: the ends computed here).
+    pub bundle: Option<std::path::PathBuf>,
     /// Each scored member.
     pub members: Vec<ScaledMember>,
     /// The mean of `from_baseline`.
@@ -92,31 +92,50 @@ pub struct Scaled {
     pub avg_from_replicate: f64,
 }
 
+/// Whether `metric` is one of the six scored members.
+pub fn is_scored(metric: &str) -> bool {
+    MEMBERS.iter().any(|(m, _)| *m == metric)
+}
+
 /// Scores `aggregates` against the ends of the real bundle `bundle`.
 pub fn scale(aggregates: &BTreeMap<String, f64>, bundle: &Path) -> Result<Scaled> {
     let baseline = read_baseline(&bundle.join("baseline_agg.csv"))?;
     let replicate = read_anchor(&bundle.join("anchor_agg.parquet"))?;
+    scale_between(aggregates, &baseline, &replicate, Some(bundle), &bundle.display().to_string())
+}
+
+/// Scores `aggregates` between the `baseline` and `replicate` aggregates (from `bundle`, or
+/// computed here); `origin` names where the ends come from in messages.
+pub fn scale_between(
+    aggregates: &BTreeMap<String, f64>,
+    baseline: &BTreeMap<String, f64>,
+    replicate: &BTreeMap<String, f64>,
+    bundle: Option<&Path>,
+    origin: &str,
+) -> Result<Scaled> {
+    let (baseline_file, replicate_file) = match bundle {
+        Some(_) => ("baseline_agg.csv", "anchor_agg.parquet"),
+        None => ("the baseline arm", "the split-half replicate"),
+    };
     let mut members = Vec::with_capacity(MEMBERS.len());
     for (metric, policy) in MEMBERS {
         let end = |table: &BTreeMap<String, f64>, file: &str| {
             table.get(metric).copied().filter(|v| v.is_finite()).ok_or_else(|| {
                 Error::InvalidInput(format!(
-                    "{}: no finite {metric} in {file}, so the metric has no scale (a bundle of cell-eval2 0.20.0's \
-                     vcc2026 preset holds every member)",
-                    bundle.display()
+                    "{origin}: no finite {metric} in {file}, so the metric has no scale (cell-eval2 0.20.0's vcc2026 \
+                     scale needs every member at both ends)"
                 ))
             })
         };
-        let b = end(&baseline, "baseline_agg.csv")?;
-        let r = end(&replicate, "anchor_agg.parquet")?;
+        let b = end(baseline, baseline_file)?;
+        let r = end(replicate, replicate_file)?;
         let u = aggregates.get(metric).copied().unwrap_or(f64::NAN);
         let to_replicate = Policy { perfect: r, ..policy };
         for (p, which) in [(policy, "the metric's perfect value"), (to_replicate, "the replicate")] {
             let headroom = if p.higher { p.perfect - b } else { b - p.perfect };
             if !(headroom.is_finite() && headroom > 0.0) {
                 return Err(Error::InvalidInput(format!(
-                    "{}: {metric}'s baseline {b} leaves no room below {which} ({}), so its scale is undefined",
-                    bundle.display(),
+                    "{origin}: {metric}'s baseline {b} leaves no room below {which} ({}), so its scale is undefined",
                     p.perfect
                 )));
             }
@@ -132,7 +151,7 @@ pub fn scale(aggregates: &BTreeMap<String, f64>, bundle: &Path) -> Result<Scaled
     }
     let mean = |f: fn(&ScaledMember) -> f64| members.iter().map(f).sum::<f64>() / members.len() as f64;
     Ok(Scaled {
-        bundle: bundle.to_owned(),
+        bundle: bundle.map(Path::to_path_buf),
         avg_from_baseline: mean(|m| m.from_baseline),
         avg_from_replicate: mean(|m| m.from_replicate),
         members,
