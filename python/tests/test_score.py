@@ -246,6 +246,69 @@ def test_the_baseline_and_replicate_computed_here_are_cell_eval2s(cli, tmp_path,
     assert scaled["avg_from_replicate"] == pytest.approx(scored.loc["avg_score", "from_replicate"], abs=1e-6)
 
 
+def test_each_context_is_scored_as_its_own_files_are(cli, tmp_path):
+    """`--context-key`: two cell lines in one pair of files score, line by line, exactly as
+    each line's own pair of files does (with its baseline and replicate), and a prediction that
+    leaves a line out is refused naming it. No cell-eval2 needed: the files of one line are what
+    the tests above hold to cell-eval2."""
+    import anndata as ad
+    import pandas as pd
+
+    lines = {}
+    for line, seed in (("K1", 11), ("K2", 12)):
+        folder = tmp_path / line
+        folder.mkdir()
+        real, pred = panel(folder, "model", seed=seed)
+        lines[line] = (ad.read_h5ad(real), ad.read_h5ad(pred), real, pred)
+
+    def both(which: int, path: Path) -> Path:
+        parts = []
+        for line, files in lines.items():
+            part = files[which].copy()
+            part.obs["cell_line"] = line
+            part.obs_names = [f"{line}-{n}" for n in part.obs_names]
+            parts.append(part)
+        merged = ad.concat(parts)
+        merged.obs["condition"] = merged.obs["condition"].astype("category")
+        merged.write_h5ad(path)
+        return path
+
+    real, pred = both(0, tmp_path / "real.h5ad"), both(1, tmp_path / "pred.h5ad")
+    extra = ["--baseline", "--replicate"]
+    summary = score(cli, pred, real, tmp_path / "cs", "--context-key", "cell_line", *extra)
+    assert summary["context_key"] == "cell_line"
+    assert [c["context"] for c in summary["contexts"]] == ["K1", "K2"]
+    results = pd.read_parquet(tmp_path / "cs" / "results.parquet")
+    baseline = pd.read_parquet(tmp_path / "cs" / "baseline_results.parquet")
+    avg = []
+    for context in summary["contexts"]:
+        line = context["context"]
+        alone = score(cli, lines[line][3], lines[line][2], tmp_path / f"cs-{line}", *extra)
+        assert context["aggregates"] == pytest.approx(alone["aggregates"], abs=1e-12, nan_ok=True), line
+        assert context["baseline"]["aggregates"] == pytest.approx(alone["baseline"]["aggregates"], abs=1e-12)
+        assert context["replicate"]["aggregates"] == pytest.approx(alone["replicate"]["aggregates"], abs=1e-12)
+        assert context["scaled"]["avg_from_replicate"] == pytest.approx(alone["scaled"]["avg_from_replicate"], abs=1e-12)
+        avg.append(alone["scaled"]["avg_from_replicate"])
+        for mine, theirs in ((results, "results.parquet"), (baseline, "baseline_results.parquet")):
+            own = pd.read_parquet(tmp_path / f"cs-{line}" / theirs)
+            part = mine[mine["context"] == line].drop(columns="context").reset_index(drop=True)
+            merged = part.merge(own, on=["perturbation", "metric"], suffixes=("_ctx", "_alone"))
+            assert len(merged) == len(own) == len(part)
+            np.testing.assert_allclose(merged["value_ctx"], merged["value_alone"], rtol=0, atol=1e-12)
+    assert summary["avg_from_replicate"] == pytest.approx(sum(avg) / 2, abs=1e-12)
+
+    # A prediction of one line only.
+    only = ad.read_h5ad(pred)
+    only = only[only.obs["cell_line"] == "K1"].copy()
+    only.write_h5ad(tmp_path / "pred-K1.h5ad")
+    done = subprocess.run(
+        [str(cli), "score", "--prediction", str(tmp_path / "pred-K1.h5ad"), "--reference", str(real),
+         "--context-key", "cell_line"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0 and "no cells of context \"K2\"" in done.stderr, done.stderr
+
+
 def test_a_prediction_that_is_not_counts_is_refused_naming_the_cell(cli, tmp_path):
     import anndata as ad
 

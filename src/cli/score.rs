@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
-use cpa_stream_pipeline::score::{self, ScoreOptions, ScoreReport, TargetGenes};
+use cpa_stream_pipeline::score::{self, ContextScores, ScoreOptions, ScoreReport, TargetGenes};
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
@@ -62,6 +62,11 @@ pub struct ScoreArgs {
     /// Replace a score directory written before (a directory holding other files is refused).
     #[arg(long)]
     overwrite: bool,
+    /// An obs column of both files whose values (cell lines, say) are scored each on its own,
+    /// with its own control, baseline and replicate, as the challenge scores its contexts;
+    /// results.parquet gains a `context` column and summary.json a `contexts` list.
+    #[arg(long, value_name = "KEY")]
+    context_key: Option<String>,
     /// Threads of the pass over the cells [default: the usable CPUs].
     #[arg(long)]
     threads: Option<usize>,
@@ -83,6 +88,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     options.replicate_seed = args.replicate_seed;
     options.allow_fractional_counts = args.allow_fractional_counts;
     options.overwrite = args.overwrite;
+    options.context_key = args.context_key;
     if let Some(t) = args.threads {
         options.threads = t.max(1);
     }
@@ -99,33 +105,62 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print(report: &ScoreReport) -> anyhow::Result<()> {
-    outln!(
-        "{} perturbations, {} genes; {} predicted and {} real cells (cell-eval2 0.20.0's vcc2026 definitions)",
-        report.perturbations.len(),
-        report.genes,
-        report.predicted_cells,
-        report.real_cells
-    );
-    if report.n_unresolved_targets > 0 {
+    for c in &report.contexts {
+        let context = c.context.as_ref().map(|name| format!("context {name:?}: ")).unwrap_or_default();
+        outln!(
+            "{context}{} perturbations, {} genes; {} predicted and {} real cells (cell-eval2 0.20.0's vcc2026 \
+             definitions)",
+            c.perturbations.len(),
+            report.genes,
+            c.predicted_cells,
+            c.real_cells
+        );
+        print_context(c)?;
+    }
+    if report.contexts.len() > 1
+        && let Some(avg) = report.avg_from_replicate
+    {
+        outln!("avg_score from the replicate over the {} contexts: {avg:.6}", report.contexts.len());
+    }
+    if let Some(out) = &report.out {
+        outln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// What a metric's number means.
+fn how(name: &str) -> &'static str {
+    match name {
+        "expr_mse_unbiased_capped_norm" => "ratio of sums; 0 perfect, 1 the control predicted",
+        "pds_cosine" => "mean; 1 best, 0.5 chance",
+        "expr_distance_unbiased" => "mean; the reference's own effect size",
+        "de_wilcoxon_lfc_nmae" | "expr_mse_unbiased" | "expr_mse_unbiased_capped" => "mean; lower is better",
+        _ => "mean; higher is better",
+    }
+}
+
+/// One context's tables.
+fn print_context(c: &ContextScores) -> anyhow::Result<()> {
+    if c.n_unresolved_targets > 0 {
         outln!(
             "note: {} perturbation label{} no gene (such as {:?}): scored with every gene; if they have no \
              target gene, say so with --no-target-genes",
-            report.n_unresolved_targets,
-            if report.n_unresolved_targets == 1 { " names" } else { "s name" },
-            report.unresolved_targets
+            c.n_unresolved_targets,
+            if c.n_unresolved_targets == 1 { " names" } else { "s name" },
+            c.unresolved_targets
         );
     }
-    let width = report.aggregates.keys().map(String::len).max().unwrap_or(0);
-    match &report.baseline {
+    let width = c.aggregates.keys().map(String::len).max().unwrap_or(0);
+    match &c.baseline {
         None => {
-            for (name, value) in &report.aggregates {
+            for (name, value) in &c.aggregates {
                 outln!("  {name:<width$}  {value:>10.6}  ({})", how(name));
             }
         }
         Some(baseline) => {
             outln!("  {:<width$}  {:>10}  {:>10}", "metric", "value", "baseline");
             let mut behind = Vec::new();
-            for (name, value) in &report.aggregates {
+            for (name, value) in &c.aggregates {
                 let b = baseline.aggregates.get(name).copied().unwrap_or(f64::NAN);
                 let verdict = match score::better(name) {
                     Some(higher) if value.is_finite() && b.is_finite() => {
@@ -152,10 +187,10 @@ fn print(report: &ScoreReport) -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(replicate) = &report.replicate
-        && report.scaled.is_none()
+    if let Some(replicate) = &c.replicate
+        && c.scaled.is_none()
     {
-        if let Some(reason) = &report.scale_error {
+        if let Some(reason) = &c.scale_error {
             outln!("no scaled score: {reason}");
         }
         outln!(
@@ -167,7 +202,7 @@ fn print(report: &ScoreReport) -> anyhow::Result<()> {
             outln!("  {name:<width$}  {value:>10.6}");
         }
     }
-    if let Some(scaled) = &report.scaled {
+    if let Some(scaled) = &c.scaled {
         let width = width.max("avg_score".len());
         match &scaled.bundle {
             Some(bundle) => outln!("scaled against {} (0 the mean-response baseline):", bundle.display()),
@@ -206,19 +241,5 @@ fn print(report: &ScoreReport) -> anyhow::Result<()> {
             scaled.avg_from_replicate
         );
     }
-    if let Some(out) = &report.out {
-        outln!("wrote {}", out.display());
-    }
     Ok(())
-}
-
-/// What a metric's number means.
-fn how(name: &str) -> &'static str {
-    match name {
-        "expr_mse_unbiased_capped_norm" => "ratio of sums; 0 perfect, 1 the control predicted",
-        "pds_cosine" => "mean; 1 best, 0.5 chance",
-        "expr_distance_unbiased" => "mean; the reference's own effect size",
-        "de_wilcoxon_lfc_nmae" | "expr_mse_unbiased" | "expr_mse_unbiased_capped" => "mean; lower is better",
-        _ => "mean; higher is better",
-    }
 }

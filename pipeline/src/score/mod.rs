@@ -15,6 +15,7 @@
 
 mod bulk;
 mod cells;
+mod contexts;
 mod de;
 mod expression;
 mod numpy_random;
@@ -102,6 +103,9 @@ pub struct ScoreOptions {
     pub allow_fractional_counts: bool,
     /// Replace a score directory written before.
     pub overwrite: bool,
+    /// An obs column of both files whose values (cell lines, say) are scored each on its own,
+    /// with its own control, baseline and replicate, as the challenge scores its contexts.
+    pub context_key: Option<String>,
     /// Threads of the jackknife pass [default: the usable CPUs].
     pub threads: usize,
 }
@@ -123,6 +127,7 @@ impl ScoreOptions {
             replicate_seed: replicate::BASE_SEED,
             allow_fractional_counts: false,
             overwrite: false,
+            context_key: None,
             threads: crate::threads::cpus(),
         }
     }
@@ -163,9 +168,29 @@ pub struct ScoreReport {
     pub out: Option<PathBuf>,
     /// Genes compared.
     pub genes: usize,
-    /// Cells of the prediction and of the reference.
+    /// Cells of the prediction.
     pub predicted_cells: u64,
     /// Cells of the reference.
+    pub real_cells: u64,
+    /// The obs column of the contexts, each scored on its own (with `context_key`).
+    pub context_key: Option<String>,
+    /// Each context's scores, in sorted order (one, unnamed, without `context_key`).
+    pub contexts: Vec<ContextScores>,
+    /// The mean over the contexts of their `avg_from_replicate` (the challenge's score of a
+    /// prediction of several contexts), where every context was scaled.
+    pub avg_from_replicate: Option<f64>,
+    /// Wall time and peak memory.
+    pub report: RunReport,
+}
+
+/// One context's scores (the whole files without `context_key`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ContextScores {
+    /// The context's value of `context_key` (none: the whole files).
+    pub context: Option<String>,
+    /// Predicted cells of the context.
+    pub predicted_cells: u64,
+    /// Real cells of the context.
     pub real_cells: u64,
     /// The aggregates, cell-eval2's `agg_results.csv` means (`expr_mse_unbiased_capped_norm`:
     /// the ratio of the sums).
@@ -186,8 +211,6 @@ pub struct ScoreReport {
     pub unresolved_targets: Vec<String>,
     /// How many perturbations name no gene.
     pub n_unresolved_targets: usize,
-    /// Wall time and peak memory.
-    pub report: RunReport,
 }
 
 /// Scores `options.prediction` against `options.reference`.
@@ -220,18 +243,68 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
     let genes = pred_file.gene_ids().map_err(Error::stage(Stage::Read))?;
     let real_genes = real_file.gene_ids().map_err(Error::stage(Stage::Read))?;
     same_genes(&genes, &real_genes, options)?;
+    let contexts = match &options.context_key {
+        None => vec![score_context(&pred_file, &real_file, &genes, None, options, ctx)?],
+        Some(key) => {
+            let split = contexts::split(&pred_file, &real_file, key, options)?;
+            let mut out = Vec::with_capacity(split.names.len());
+            for (k, name) in split.names.iter().enumerate() {
+                let (pred_in, real_in) = (split.membership(&split.pred, k), split.membership(&split.real, k));
+                let label = format!("context {name:?}");
+                let subsets = (
+                    cells::Subset { membership: &pred_in, side: 1, name: &label },
+                    cells::Subset { membership: &real_in, side: 1, name: &label },
+                );
+                let mut scores = score_context(&pred_file, &real_file, &genes, Some(subsets), options, ctx)?;
+                scores.context = Some(name.clone());
+                out.push(scores);
+            }
+            out
+        }
+    };
+    let avg: Option<Vec<f64>> = contexts.iter().map(|c| c.scaled.as_ref().map(|s| s.avg_from_replicate)).collect();
+    let report = ScoreReport {
+        prediction: options.prediction.clone(),
+        reference: options.reference.clone(),
+        out: options.out.clone(),
+        genes: genes.len(),
+        predicted_cells: pred_file.n_obs(),
+        real_cells: real_file.n_obs(),
+        context_key: options.context_key.clone(),
+        avg_from_replicate: avg.map(|v| v.iter().sum::<f64>() / v.len() as f64),
+        contexts,
+        report: RunReport { wall: started.elapsed(), stages: Vec::new(), memory: sampler.finish() },
+    };
+    if let (Some(out), Some(_lock)) = (&options.out, &lock) {
+        write(out, &report, options.overwrite)?;
+    }
+    Ok(report)
+}
+
+/// Scores the prediction against the reference, both whole or both restricted to one context
+/// (`subsets`: the prediction's and the reference's cells of it).
+fn score_context(
+    pred_file: &H5adReader,
+    real_file: &H5adReader,
+    genes: &[String],
+    subsets: Option<(cells::Subset, cells::Subset)>,
+    options: &ScoreOptions,
+    ctx: &RunContext,
+) -> Result<ContextScores> {
     let key = options.perturbation_key.as_str();
-    let reference = Reference::read(Cells::File { reader: &real_file, group_by: key, subset: None }, options, ctx)?;
-    let pred_cells = Cells::File { reader: &pred_file, group_by: key, subset: None };
+    let (pred_subset, real_subset) = subsets.map_or((None, None), |(p, r)| (Some(p), Some(r)));
+    let real_cells = Cells::File { reader: real_file, group_by: key, subset: real_subset };
+    let pred_cells = Cells::File { reader: pred_file, group_by: key, subset: pred_subset };
+    let reference = Reference::read(real_cells, options, ctx)?;
     let plain = Scoring { fractional: options.allow_fractional_counts, own_control: false };
-    let scored = score_side(&pred_cells, &reference, &genes, options, plain, ctx)?;
+    let scored = score_side(&pred_cells, &reference, genes, options, plain, ctx)?;
     let baseline = if options.baseline {
         let arm = cells::BaselineArm::build(
-            &real_file,
+            real_file,
             &reference.groups,
             &reference.bulk,
             &options.control,
-            &genes,
+            genes,
             options.target_genes,
             options.baseline_seed,
             ctx,
@@ -239,7 +312,7 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         Some(score_side(
             &Cells::Baseline(&arm),
             &reference,
-            &genes,
+            genes,
             options,
             Scoring { fractional: true, own_control: false },
             ctx,
@@ -248,7 +321,7 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         None
     };
     let anchor = if options.replicate {
-        Some(split_half_replicate(&real_file, &reference, &genes, options, ctx)?)
+        Some(split_half_replicate(real_file, &reference, genes, real_subset.map(|s| s.name), options, ctx)?)
     } else {
         None
     };
@@ -257,7 +330,7 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
     let (scaled, scale_error) = match (&options.real_bundle, &baseline, &anchor) {
         (Some(bundle), _, _) => (Some(scale::scale(&scored.aggregates, bundle)?), None),
         (None, Some(b), Some(r)) => {
-            let origin = options.reference.display().to_string();
+            let origin = reference.cells.origin();
             match scale::scale_between(&scored.aggregates, &b.aggregates, &r.aggregates, None, &origin) {
                 Ok(scaled) => (Some(scaled), None),
                 Err(Error::InvalidInput(reason)) => (None, Some(reason)),
@@ -266,13 +339,10 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         }
         _ => (None, None),
     };
-    let report = ScoreReport {
-        prediction: options.prediction.clone(),
-        reference: options.reference.clone(),
-        out: options.out.clone(),
-        genes: genes.len(),
-        predicted_cells: pred_file.n_obs(),
-        real_cells: real_file.n_obs(),
+    Ok(ContextScores {
+        context: None,
+        predicted_cells: pred_cells.n_cells(),
+        real_cells: reference.cells.n_cells(),
         aggregates: scored.aggregates,
         perturbations: scored.perturbations,
         baseline: baseline.map(|b| Baseline {
@@ -285,12 +355,7 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         scale_error,
         unresolved_targets: scored.unresolved_targets,
         n_unresolved_targets: scored.n_unresolved_targets,
-        report: RunReport { wall: started.elapsed(), stages: Vec::new(), memory: sampler.finish() },
-    };
-    if let (Some(out), Some(_lock)) = (&options.out, &lock) {
-        write(out, &report, options.overwrite)?;
-    }
-    Ok(report)
+    })
 }
 
 /// The reference reduced once for every side scored against it: its pseudobulks, where its
@@ -511,11 +576,34 @@ fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
     let tmp = temporary_sibling(out).map_err(Error::stage(Stage::Write))?;
     std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
     let written = (|| {
-        write_results(&tmp.join(RESULTS_FILE), &report.perturbations)?;
-        if let Some(baseline) = &report.baseline {
-            write_results(&tmp.join(BASELINE_RESULTS_FILE), &baseline.perturbations)?;
+        let by_context = report.context_key.is_some();
+        let rows = report.contexts.iter().map(|c| (c.context.as_deref(), c.perturbations.as_slice()));
+        write_results(&tmp.join(RESULTS_FILE), by_context, rows)?;
+        if report.contexts.iter().all(|c| c.baseline.is_some()) {
+            let baselines = report
+                .contexts
+                .iter()
+                .filter_map(|c| c.baseline.as_ref().map(|b| (c.context.as_deref(), b.perturbations.as_slice())));
+            write_results(&tmp.join(BASELINE_RESULTS_FILE), by_context, baselines)?;
         }
-        let summary = serde_json::json!({
+        let context_json = |c: &ContextScores| {
+            serde_json::json!({
+                "context": c.context,
+                "predicted_cells": c.predicted_cells,
+                "real_cells": c.real_cells,
+                "aggregates": c.aggregates,
+                "baseline": c.baseline.as_ref().map(|b| serde_json::json!({
+                    "seed": b.seed,
+                    "aggregates": b.aggregates,
+                })),
+                "replicate": c.replicate,
+                "scaled": c.scaled,
+                "scale_error": c.scale_error,
+                "unresolved_targets": c.unresolved_targets,
+                "n_unresolved_targets": c.n_unresolved_targets,
+            })
+        };
+        let mut summary = serde_json::json!({
             "prediction": report.prediction,
             "reference": report.reference,
             "preset": "vcc2026",
@@ -523,17 +611,20 @@ fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
             "genes": report.genes,
             "predicted_cells": report.predicted_cells,
             "real_cells": report.real_cells,
-            "aggregates": report.aggregates,
-            "baseline": report.baseline.as_ref().map(|b| serde_json::json!({
-                "seed": b.seed,
-                "aggregates": b.aggregates,
-            })),
-            "replicate": report.replicate,
-            "scaled": report.scaled,
-            "scale_error": report.scale_error,
-            "unresolved_targets": report.unresolved_targets,
-            "n_unresolved_targets": report.n_unresolved_targets,
         });
+        let fields = summary.as_object_mut().expect("an object");
+        match (&report.context_key, report.contexts.as_slice()) {
+            (None, [only]) => {
+                if let serde_json::Value::Object(one) = context_json(only) {
+                    fields.extend(one.into_iter().filter(|(k, _)| k != "context"));
+                }
+            }
+            (key, all) => {
+                fields.insert("context_key".to_owned(), serde_json::json!(key));
+                fields.insert("contexts".to_owned(), all.iter().map(context_json).collect());
+                fields.insert("avg_from_replicate".to_owned(), serde_json::json!(report.avg_from_replicate));
+            }
+        }
         let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::InvalidInput(e.to_string()))?;
         std::fs::write(tmp.join(SUMMARY_FILE), text + "\n").map_err(Error::io(tmp.join(SUMMARY_FILE)))?;
         publish(&tmp, out, OutputKind::Directory, overwrite).map_err(Error::stage(Stage::Write))
@@ -544,26 +635,39 @@ fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
     written
 }
 
-/// Writes one side's per-perturbation values as `perturbation`, `metric`, `value`.
-fn write_results(path: &Path, perturbations: &[PerturbationScores]) -> Result<()> {
-    let (mut labels, mut metrics, mut values) = (Vec::new(), Vec::new(), Vec::new());
-    for p in perturbations {
-        for (m, v) in &p.metrics {
-            labels.push(p.perturbation.as_str());
-            metrics.push(m.as_str());
-            values.push(*v);
+/// Writes per-perturbation values as `perturbation`, `metric`, `value` (cell-eval2's
+/// `results.csv`), after a `context` column with `by_context`.
+fn write_results<'a>(
+    path: &Path,
+    by_context: bool,
+    parts: impl Iterator<Item = (Option<&'a str>, &'a [PerturbationScores])>,
+) -> Result<()> {
+    let (mut contexts, mut labels, mut metrics, mut values) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (context, perturbations) in parts {
+        for p in perturbations {
+            for (m, v) in &p.metrics {
+                contexts.push(context.unwrap_or_default());
+                labels.push(p.perturbation.as_str());
+                metrics.push(m.as_str());
+                values.push(*v);
+            }
         }
     }
-    let schema = Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("perturbation", DataType::Utf8, false),
         Field::new("metric", DataType::Utf8, false),
         Field::new("value", DataType::Float64, false),
-    ]));
-    let columns: Vec<ArrayRef> = vec![
+    ];
+    let mut columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(labels)),
         Arc::new(StringArray::from(metrics)),
         Arc::new(Float64Array::from(values)),
     ];
+    if by_context {
+        fields.insert(0, Field::new("context", DataType::Utf8, false));
+        columns.insert(0, Arc::new(StringArray::from(contexts)));
+    }
+    let schema = Arc::new(Schema::new(fields));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let batch = RecordBatch::try_new(schema.clone(), columns).map_err(Error::arrow(name))?;
     cpa_stream_stages::store::write_table(path, schema, [batch]).map_err(Error::stage(Stage::Write))
@@ -574,18 +678,20 @@ fn split_half_replicate(
     real_file: &H5adReader,
     reference: &Reference,
     genes: &[String],
+    context: Option<&str>,
     options: &ScoreOptions,
     ctx: &RunContext,
 ) -> Result<Replicate> {
     let key = options.perturbation_key.as_str();
-    let origin = real_file.path().display().to_string();
+    let origin = reference.cells.origin();
+    let of_context = context.map(|c| format!(" of {c}")).unwrap_or_default();
     let order = replicate::group_order(real_file, key, &reference.groups)?;
     let full_features = reference.features(genes);
     let seeds = replicate::split_seeds(options.replicate_seed, replicate::SPLITS);
     let mut splits = Vec::with_capacity(seeds.len());
     for (k, &seed) in seeds.iter().enumerate() {
         let membership = replicate::halves(real_file.n_obs(), &reference.groups, &order, seed, &origin)?;
-        let names = [format!("half A of split {k}"), format!("half B of split {k}")];
+        let names = [format!("half A of split {k}{of_context}"), format!("half B of split {k}{of_context}")];
         let half_a = Cells::File {
             reader: real_file,
             group_by: key,

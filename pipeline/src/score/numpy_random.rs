@@ -6,9 +6,10 @@
 //!
 //! The algorithms, as numpy 1.17+ defines them: `SeedSequence`'s entropy pool of four 32-bit
 //! words and its hash mixing; PCG64 (128-bit LCG, XSL-RR output) seeded by
-//! `generate_state(4, uint64)`; `integers` by Lemire's bounded multiply with a buffer of 32-bit
-//! halves per call; `shuffle` by Fisher-Yates with `random_interval`'s masked rejection on the
-//! generator's cached 32-bit draws.
+//! `generate_state(4, uint64)`; `integers` by Lemire's bounded multiply and `shuffle` by
+//! Fisher-Yates with `random_interval`'s masked rejection, both on the generator's 32-bit draws
+//! (the halves of a 64-bit draw, the upper one kept for the next 32-bit draw, whichever call
+//! makes it).
 
 const MASK32: u64 = 0xFFFF_FFFF;
 const INIT_A: u32 = 0x43b0_d7e5;
@@ -124,26 +125,17 @@ impl Generator {
             if range == MASK32 {
                 return (0..size).map(|_| u64::from(self.next_u32())).collect();
             }
-            // Lemire on 32-bit halves of 64-bit draws, the buffer local to this call.
-            let mut buffer: Option<u64> = None;
-            let mut half = |g: &mut Generator| -> u64 {
-                match buffer.take() {
-                    Some(v) => v >> 32,
-                    None => {
-                        let v = g.next_u64();
-                        buffer = Some(v);
-                        v & MASK32
-                    }
-                }
-            };
+            // Lemire on the generator's 32-bit draws (numpy's `buffered_bounded_lemire_uint32`
+            // takes a buffer only to share a template with the 8- and 16-bit draws: the halves
+            // of a 64-bit draw carry over from one call to the next).
             let excl = range + 1;
             let threshold = (MASK32 - range) % excl;
             return (0..size)
                 .map(|_| {
-                    let mut m = half(self) * excl;
+                    let mut m = u64::from(self.next_u32()) * excl;
                     if m & MASK32 < excl {
                         while m & MASK32 < threshold {
-                            m = half(self) * excl;
+                            m = u64::from(self.next_u32()) * excl;
                         }
                     }
                     m >> 32
@@ -212,10 +204,11 @@ mod tests {
     const EXPECTED_STATE_0: [u32; 5] = [2968811710, 3677149159, 745650761, 2884920346, 2642120001];
     const EXPECTED_STATE_BIG: [u32; 3] = [238885397, 226915041, 1322230113];
     const EXPECTED_RAW_12345: [u64; 3] = [4193609425186963869, 5843160025838961886, 14708796524633321433];
-    const EXPECTED_INTEGERS_0: [u64; 34] = [
+    const EXPECTED_INTEGERS_0: [u64; 42] = [
         31, 23, 18, 9, 11, 1, 2, 0, 6, 30, 24, 33, 18, 22, 35, 26, 23, 20, 20, 34, 277, 815, 670, 2, 394, 857, 554, 0,
-        0, 0, 3648277232, 878278103, 4315894611, 2707306101,
+        0, 0, 3648277232, 878278103, 4315894611, 2707306101, 42, 101, 377, 606, 532, 508, 35, 6,
     ];
+    const EXPECTED_MIXED_3: [u64; 9] = [8, 0, 1, 3, 0, 2, 1, 4, 5];
     const EXPECTED_PERMUTATIONS_3: [u64; 25] =
         [0, 4, 2, 1, 3, 0, 15, 12, 5, 8, 3, 13, 14, 10, 6, 1, 2, 11, 16, 0, 9, 4, 7, 1, 0];
 
@@ -239,7 +232,18 @@ mod tests {
         got.extend(g.integers(1000, 7));
         got.extend(g.integers(1, 3));
         got.extend(g.integers(5_000_000_000, 4));
+        // Odd counts: the upper half of the last 64-bit draw starts the next call.
+        got.extend(g.integers(1260, 5));
+        got.extend(g.integers(1260, 3));
         assert_eq!(got, EXPECTED_INTEGERS_0);
+    }
+
+    #[test]
+    fn integers_and_permutations_share_the_cached_half() {
+        let mut g = Generator::new(3);
+        let mut got = g.integers(10, 3);
+        got.extend(g.permutation(&(0..6u64).collect::<Vec<_>>()));
+        assert_eq!(got, EXPECTED_MIXED_3);
     }
 
     #[test]
