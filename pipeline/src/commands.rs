@@ -48,7 +48,7 @@ pub const COMMANDS: [CommandKind; 17] = [
     kind("embeddings", true, true, true, Some("embeddings")),
     kind("dose-response", true, true, true, Some("dose_response")),
     kind("import-model", false, false, false, None),
-    kind("score", false, false, false, Some("score")),
+    kind("score", false, false, true, Some("score")),
     kind("bench", true, true, false, None),
     kind("completions", false, false, false, None),
     kind("markdown-help", false, false, false, None),

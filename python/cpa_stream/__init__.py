@@ -17,7 +17,7 @@ The workflow of a cpa-tools user, out of core::
 
 Every command of the ``cpa-stream`` command line is here with the same settings as keywords
 (``cs.synth``, ``cs.convert``, ``cs.export_h5ad``, ``cs.import_h5ad``, ``cs.train``,
-``Run.predict_to_parquet``, ``Run.evaluate``, ``Run.dose_response``); ``cpa-stream COMMAND
+``Run.predict_to_parquet``, ``Run.evaluate``, ``Run.dose_response``, ``cs.score``); ``cpa-stream COMMAND
 --print-request`` prints the request a command line makes, the same JSON these keywords build.
 
 Everything runs in the Rust library the `cpa-stream` command line uses; the same request gives
@@ -43,9 +43,11 @@ _openmp.prepare(meanwhile=_dependencies)
 from ._native import CpaStreamError  # noqa: E402
 from ._store import Store, convert, export_h5ad, import_h5ad, synth  # noqa: E402
 from ._run import Run, train  # noqa: E402
+from ._score import score  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CpaStreamError", "Run", "Store", "convert", "export_h5ad", "import_h5ad", "synth", "train", "__version__",
+    "CpaStreamError", "Run", "Store", "convert", "export_h5ad", "import_h5ad", "score", "synth", "train",
+    "__version__",
 ]

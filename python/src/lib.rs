@@ -30,6 +30,7 @@ use cpa_stream_pipeline::convert::ConvertRequest;
 use cpa_stream_pipeline::export::ExportRequest;
 use cpa_stream_pipeline::import::{ImportRequest, Tables};
 use cpa_stream_pipeline::request::Naming;
+use cpa_stream_pipeline::score::ScoreRequest;
 use cpa_stream_pipeline::synth::SynthRequest;
 use cpa_stream_pipeline::{Error, Progress, RunContext, Stage};
 use cpa_stream_stages::CsrBatch;
@@ -477,6 +478,7 @@ fn run(py: Python<'_>, command: &str, request: &str, progress: Option<Bound<'_, 
         "export" => command!(ExportRequest, p::export::run, Raise),
         "convert" => command!(ConvertRequest, p::convert::run, Raise),
         "synth" => command!(SynthRequest, p::synth::run, Raise),
+        "score" => command!(ScoreRequest, p::score::run, Raise),
         other => Err(PyValueError::new_err(format!("command {other:?}: expected one of {}", request_commands()))),
     }
 }
@@ -505,6 +507,7 @@ fn canonical_request(command: &str, request: &str) -> PyResult<String> {
         "export" => canonical(command, request, |r: &mut ExportRequest| &mut r.naming),
         "convert" => canonical(command, request, |r: &mut ConvertRequest| &mut r.naming),
         "synth" => canonical(command, request, |r: &mut SynthRequest| &mut r.naming),
+        "score" => canonical(command, request, |r: &mut ScoreRequest| &mut r.naming),
         other => Err(PyValueError::new_err(format!("command {other:?}: expected one of {}", request_commands()))),
     }
 }

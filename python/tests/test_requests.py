@@ -86,6 +86,17 @@ def test_every_command_gets_the_same_request_from_flags_and_keywords(cli, monkey
         ),
         ("export", [store, "--out", out], lambda: cs.export_h5ad(store, out, progress=False)),
         (
+            "score",
+            ["--prediction", truth, "--reference", degs, "--perturbation-key", "gene", "--control", "ntc",
+             "--no-target-genes", "--baseline", "--baseline-seed", "7", "--replicate", "--replicate-seed", "3",
+             "--context-key", "cell_line", "--out", out, "--allow-fractional-counts", "--overwrite", "--threads", "2"],
+            lambda: cs.score(truth, degs, perturbation_key="gene", control="ntc", no_target_genes=True, baseline=True,
+                             baseline_seed=7, replicate=True, replicate_seed=3, context_key="cell_line", out=out,
+                             allow_fractional_counts=True, overwrite=True, threads=2, progress=False),
+        ),
+        ("score", ["--prediction", truth, "--reference", degs, "--real-bundle", model],
+         lambda: cs.score(truth, degs, real_bundle=model, progress=False)),
+        (
             "convert",
             [store, "--out", out, "--codec", "zstd", "--zstd-level", "5", "--block-rows", "64", "--shuffle", "9",
              "--shuffle-memory-mib", "32", "--overwrite"],

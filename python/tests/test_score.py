@@ -310,6 +310,33 @@ def test_each_context_is_scored_as_its_own_files_are(cli, tmp_path):
     assert done.returncode != 0 and "no cells of context \"K2\"" in done.stderr, done.stderr
 
 
+def test_python_scores_as_the_command_line_does(cli, tmp_path):
+    """`cs.score` runs the command's request in the library: the same values per perturbation,
+    aggregates, ends and scaled scores as `cpa-stream score`."""
+    import cpa_stream as cs
+
+    real, pred = panel(tmp_path, "model", seed=3)
+    summary = score(cli, pred, real, tmp_path / "cs", "--baseline", "--replicate")
+    frame = cs.score(pred, real, baseline=True, replicate=True, progress=False)
+    assert list(frame.columns[:3]) == ["perturbation", "predicted_cells", "real_cells"]
+    assert set(frame["perturbation"]) == set(PERTURBATIONS)
+    import pandas as pd
+
+    mine = pd.read_parquet(tmp_path / "cs" / "results.parquet")
+    long = frame.melt(id_vars=["perturbation"], value_vars=[m for m in METRICS if m in frame.columns],
+                      var_name="metric").dropna()
+    both = long.merge(mine, on=["perturbation", "metric"], suffixes=("_py", "_cli"))
+    assert len(both) == len(mine)
+    np.testing.assert_array_equal(both["value_py"], both["value_cli"])
+    (context,) = frame.attrs["contexts"]
+    assert context["aggregates"] == summary["aggregates"]
+    assert context["baseline"]["aggregates"] == summary["baseline"]["aggregates"]
+    assert context["replicate"]["aggregates"] == summary["replicate"]["aggregates"]
+    assert context["scaled"]["avg_from_replicate"] == summary["scaled"]["avg_from_replicate"]
+    with pytest.raises(ValueError, match="real_bundle reads the baseline"):
+        cs.score(pred, real, baseline=True, real_bundle=tmp_path, progress=False)
+
+
 def test_a_prediction_that_is_not_counts_is_refused_naming_the_cell(cli, tmp_path):
     import anndata as ad
 

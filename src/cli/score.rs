@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Args;
-use cpa_stream_pipeline::score::{self, ContextScores, ScoreOptions, ScoreReport, TargetGenes};
+use cpa_stream_pipeline::request::Naming;
+use cpa_stream_pipeline::score::{self, ContextScores, ScoreReport, ScoreRequest};
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
@@ -16,12 +16,12 @@ pub struct ScoreArgs {
     /// The real cells: an .h5ad of raw counts, the control cells among them.
     #[arg(long, value_name = "H5AD")]
     reference: PathBuf,
-    /// obs column of the perturbation, in both files.
-    #[arg(long, default_value = "condition")]
-    perturbation_key: String,
-    /// Label of the control cells.
-    #[arg(long, default_value = "control")]
-    control: String,
+    /// obs column of the perturbation, in both files [default: condition].
+    #[arg(long)]
+    perturbation_key: Option<String>,
+    /// Label of the control cells [default: control].
+    #[arg(long)]
+    control: Option<String>,
     /// The perturbations have no target gene (drugs, cytokines): none is left out of the
     /// comparison. By default a perturbation whose label is a gene id leaves that gene out, as
     /// cell-eval2 does.
@@ -38,9 +38,9 @@ pub struct ScoreArgs {
     #[arg(long, conflicts_with = "real_bundle")]
     baseline: bool,
     /// Seed of the baseline arm's draws (cell-eval2's `--seed`; the same seed draws the same
-    /// cells as cell-eval2).
-    #[arg(long, default_value_t = score::BASELINE_SEED, requires = "baseline")]
-    baseline_seed: u64,
+    /// cells as cell-eval2) [default: 0].
+    #[arg(long, requires = "baseline")]
+    baseline_seed: Option<u64>,
     /// Also compute cell-eval2's split-half technical replicate of the reference (the anchor
     /// of `cell-eval2 prep-real-bundle`: five splits of its cells into two halves, one scored
     /// as a prediction of the other). With --baseline, each metric is then scaled between the
@@ -48,9 +48,9 @@ pub struct ScoreArgs {
     #[arg(long, conflicts_with = "real_bundle")]
     replicate: bool,
     /// Seed the replicate's five split seeds come from (cell-eval2's `base_seed`; the same
-    /// seed splits the same cells as cell-eval2).
-    #[arg(long, default_value_t = score::REPLICATE_SEED, requires = "replicate")]
-    replicate_seed: u64,
+    /// seed splits the same cells as cell-eval2) [default: 0].
+    #[arg(long, requires = "replicate")]
+    replicate_seed: Option<u64>,
     /// Directory written: results.parquet (perturbation, metric, value: cell-eval2's
     /// results.csv), summary.json (the aggregates) and, with --baseline, baseline_results.parquet.
     #[arg(long)]
@@ -76,29 +76,28 @@ pub struct ScoreArgs {
 }
 
 pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
-    let mut options = ScoreOptions::new(&args.prediction, &args.reference);
-    options.perturbation_key = args.perturbation_key;
-    options.control = args.control;
-    options.target_genes = if args.no_target_genes { TargetGenes::None } else { TargetGenes::ByName };
-    options.out = args.out;
-    options.real_bundle = args.real_bundle;
-    options.baseline = args.baseline;
-    options.baseline_seed = args.baseline_seed;
-    options.replicate = args.replicate;
-    options.replicate_seed = args.replicate_seed;
-    options.allow_fractional_counts = args.allow_fractional_counts;
-    options.overwrite = args.overwrite;
-    options.context_key = args.context_key;
-    if let Some(t) = args.threads {
-        options.threads = t.max(1);
-    }
-    let progress = super::progress::CliProgress::new();
-    let report = score::run(&options, &cpa_stream_pipeline::RunContext::new(&progress))
-        .with_context(|| format!("scoring {}", args.prediction.display()))?;
-    if args.json {
-        jsonln!(&report);
+    let request = ScoreRequest {
+        prediction: args.prediction.clone(),
+        reference: args.reference,
+        perturbation_key: args.perturbation_key,
+        control: args.control,
+        no_target_genes: args.no_target_genes,
+        real_bundle: args.real_bundle,
+        baseline: args.baseline,
+        baseline_seed: args.baseline_seed,
+        replicate: args.replicate,
+        replicate_seed: args.replicate_seed,
+        context_key: args.context_key,
+        out: args.out,
+        allow_fractional_counts: args.allow_fractional_counts,
+        overwrite: args.overwrite,
+        threads: args.threads,
+        naming: Naming::Flags,
+    };
+    let what = || format!("scoring {}", args.prediction.display());
+    let Some(report) = super::run_request(&request, ScoreRequest::options, score::run, args.json, what)? else {
         return Ok(ExitCode::SUCCESS);
-    }
+    };
     print(&report)?;
     super::print_report(&report.report)?;
     Ok(ExitCode::SUCCESS)

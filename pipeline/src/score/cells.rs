@@ -9,7 +9,6 @@ use std::path::Path;
 use cpa_stream_stages::CsrBatch;
 use cpa_stream_stages::h5ad::H5adReader;
 
-use super::bulk::SideBulk;
 use super::numpy_random::Generator;
 use super::targets::{self, TargetGenes};
 use crate::context::RunContext;
@@ -286,6 +285,23 @@ fn file_groups(reader: &H5adReader, key: &str) -> Result<Groups> {
     })
 }
 
+/// A side's groups reduced to count sums: labels (sorted), cells and per-gene sums per group.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupSums<'a> {
+    /// Labels, sorted.
+    pub labels: &'a [String],
+    /// Cells per group.
+    pub cells: &'a [u64],
+    /// Count sums per group and gene.
+    pub sums: &'a [Vec<f64>],
+}
+
+impl GroupSums<'_> {
+    fn row(&self, label: &str) -> Option<usize> {
+        self.labels.binary_search_by(|l| l.as_str().cmp(label)).ok()
+    }
+}
+
 /// The seed `cell-eval2 baseline` emits its arm with by default.
 pub const BASELINE_SEED: u64 = 0;
 
@@ -313,13 +329,14 @@ pub struct BaselineArm {
 }
 
 impl BaselineArm {
-    /// The arm of `reference`, whose cells `groups` locates and `real` reduces (as
-    /// [`super::bulk::side_bulk`] reduced them), `control` its control's label.
+    /// The arm of `reference`, whose cells `groups` locates and `real` sums (its groups' labels,
+    /// sorted, their cells and count sums per gene, as [`super::bulk::side_bulk`] reduced them),
+    /// `control` its control's label.
     #[allow(clippy::too_many_arguments, reason = "the arm's inputs, each named")]
     pub fn build(
         reference: &H5adReader,
         groups: &Groups,
-        real: &SideBulk,
+        real: GroupSums,
         control: &str,
         genes: &[String],
         target_genes: TargetGenes,
@@ -408,8 +425,8 @@ impl BaselineArm {
             reference: reference.path().to_owned(),
             control: cells,
             scale,
-            labels: real.labels.clone(),
-            cells: real.cells.clone(),
+            labels: real.labels.to_vec(),
+            cells: real.cells.to_vec(),
             starts,
         })
     }

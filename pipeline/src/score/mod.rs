@@ -20,6 +20,7 @@ mod de;
 mod expression;
 mod numpy_random;
 mod replicate;
+mod request;
 mod scale;
 mod targets;
 
@@ -37,6 +38,7 @@ use serde::Serialize;
 pub use bulk::MAX_CELL_TOTAL;
 pub use cells::BASELINE_SEED;
 pub use replicate::BASE_SEED as REPLICATE_SEED;
+pub use request::ScoreRequest;
 pub use scale::{Scaled, ScaledMember};
 pub use targets::TargetGenes;
 
@@ -302,7 +304,11 @@ fn score_context(
         let arm = cells::BaselineArm::build(
             real_file,
             &reference.groups,
-            &reference.bulk,
+            cells::GroupSums {
+                labels: &reference.bulk.labels,
+                cells: &reference.bulk.cells,
+                sums: &reference.bulk.sums,
+            },
             &options.control,
             genes,
             options.target_genes,
