@@ -390,7 +390,11 @@ impl BaselineArm {
             )));
         }
         // The control's own cells, raw, and their mean count per gene (the emission's denominator).
-        let gi = groups.position(control).expect("the control is a group of the reference");
+        let gi = groups.position(control).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{origin}: no cells of the control {control:?}; the baseline arm is drawn from them"
+            ))
+        })?;
         let mut cells = CsrBatch::new(n_genes as u32);
         for run in &groups.runs[gi] {
             reference.matrix().read_rows(run.clone(), &mut cells).map_err(Error::stage(crate::Stage::Read))?;
