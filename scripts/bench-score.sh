@@ -5,23 +5,35 @@
 #
 #   WORK   scratch directory (default: out/bench-score); the atlases take 14 GB with ROWS=abc
 #   ROWS   which rows: a (60 perturbations x 400 cells, both tools, REPS times), b (300 x 400,
-#          both tools once; cell-eval2 takes hours there), c (a million predicted cells, ours),
+#          ours and cell-eval2 with pdex, REPS_B times), c (a million predicted cells, ours),
 #          d (row a's reference: the baseline arm and the split-half replicate, `score --baseline
 #          --replicate` against `cell-eval2 baseline` + `prep-real-bundle`, once each)
-#   REPS   repetitions of row a (default 3)
+#   REPS   repetitions of row a (default 3); REPS_B of row b (default 2)
 #
-# Needs the release build (scripts/build.sh) and cell-eval2 in $CPA_STREAM_PYTHON's environment
-# (scripts/python.sh --tests installs it).
+# cell-eval2 runs with each of its two CPU engines for the Wilcoxon tests: scanpy (what
+# `pip install cell-eval2` brings; single-threaded, hours on row b) and pdex (threaded, chosen
+# when installed; its DE values differ from scanpy's in the third decimal, and cpa-stream
+# computes scanpy's). Needs the release build (scripts/build.sh) and cell-eval2 in
+# $CPA_STREAM_PYTHON's environment (scripts/python.sh --tests installs it); the pdex engine gets a
+# venv of its own under $CPA_STREAM_CACHE (made on the first run, from PyPI) so that the tests'
+# environment keeps scanpy's.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 eval "$("$repo/scripts/bootstrap.sh")"
 work="${WORK:-$repo/out/bench-score}"
 rows="${ROWS:-a}"
 reps="${REPS:-3}"
+reps_b="${REPS_B:-2}"
 mkdir -p "$work" && cd "$work"
 bin="$CARGO_TARGET_DIR/release/cpa-stream"
 ce="$(dirname "$CPA_STREAM_PYTHON")/cell-eval2"
 [ -x "$ce" ] || { echo "cell-eval2 is not installed beside $CPA_STREAM_PYTHON (scripts/python.sh --tests)"; exit 1; }
+pdex_env="$CPA_STREAM_CACHE/bench/cell-eval2-pdex"
+if [[ ! -x $pdex_env/bin/cell-eval2 ]]; then
+  echo "bench-score: installing cell-eval2 0.20.0 with pdex into $pdex_env" >&2
+  python3 -m venv "$pdex_env"
+  "$pdex_env/bin/pip" install -q 'cell-eval2==0.20.0' 'pdex==0.3.0'
+fi
 preset=(--preset vcc2026 --pert-col condition --control control --no-target-genes)
 log() { echo "$(date +%T) $*" | tee -a bench.log; }
 # atlas NAME CELLS PERTURBATIONS SEED: a synthetic atlas exported as .h5ad of raw counts.
@@ -37,10 +49,14 @@ ours() {
     --out "$3" --overwrite
   log "cpa-stream score $1: $(cat time.txt) (load $(cut -d' ' -f1 /proc/loadavg))"
 }
+# theirs ENGINE PRED REAL OUT: `cell-eval2 run` with the Wilcoxon engine ENGINE (scanpy, pdex).
 theirs() {
-  rm -rf "$3"
-  /usr/bin/time -f "%e s, %M KiB" -o time.txt "$ce" run -ap "$1" -ar "$2" "${preset[@]}" -o "$3" > "$3.log" 2>&1 || true
-  log "cell-eval2 run $1: $(cat time.txt) (load $(cut -d' ' -f1 /proc/loadavg))"
+  local run="$ce"
+  [[ $1 == pdex ]] && run="$pdex_env/bin/cell-eval2"
+  rm -rf "$4"
+  /usr/bin/time -f "%e s, %M KiB" -o time.txt "$run" run -ap "$2" -ar "$3" "${preset[@]}" --set "de.backend=$1" \
+    -o "$4" > "$4.log" 2>&1 || true
+  log "cell-eval2 run ($1) $2: $(cat time.txt) (load $(cut -d' ' -f1 /proc/loadavg))"
 }
 compare() {
   "$CPA_STREAM_PYTHON" - "$1" "$2" <<'PY' | tee -a bench.log
@@ -50,7 +66,10 @@ ce, cs = sys.argv[1], sys.argv[2]
 theirs = pd.read_csv(f"{ce}/results.csv")
 mine = pd.read_parquet(f"{cs}/results.parquet")
 both = theirs.merge(mine, on=["perturbation", "metric"], suffixes=("_ce", "_cs"))
-print(f"{len(both)} values compared, largest difference {(both.value_ce - both.value_cs).abs().max():.2g}")
+diff = (both.value_ce - both.value_cs).abs()
+print(f"{ce}: {len(both)} values compared, largest difference {diff.max():.2g}", end="")
+de = both.metric.str.startswith("de_")
+print(f" ({diff[~de].max():.2g} outside the DE members)")
 PY
 }
 log "start, rows $rows"
@@ -58,18 +77,23 @@ if [[ $rows == *a* ]]; then
   atlas a_real 25260 60 11 && atlas a_pred 25260 60 12
   for _ in $(seq "$reps"); do
     ours a_pred.h5ad a_real.h5ad a_cs
-    theirs a_pred.h5ad a_real.h5ad a_ce
+    theirs pdex a_pred.h5ad a_real.h5ad a_ce_pdex
+    theirs scanpy a_pred.h5ad a_real.h5ad a_ce
   done
   compare a_ce a_cs
+  compare a_ce_pdex a_cs
 fi
 if [[ $rows == *b* || $rows == *c* ]]; then
   atlas b_real 126316 300 21
 fi
 if [[ $rows == *b* ]]; then
   atlas b_pred 126316 300 22
+  for _ in $(seq "$reps_b"); do
+    ours b_pred.h5ad b_real.h5ad b_cs
+    theirs pdex b_pred.h5ad b_real.h5ad b_ce_pdex
+  done
   ours b_pred.h5ad b_real.h5ad b_cs
-  theirs b_pred.h5ad b_real.h5ad b_ce
-  compare b_ce b_cs
+  compare b_ce_pdex b_cs
 fi
 if [[ $rows == *c* ]]; then
   atlas c_pred 1052632 300 23

@@ -39,7 +39,7 @@ else
     pytest==9.2.0 pytest-xdist==3.8.0 polars==2.1.0
   rdkit_stamp="$CPA_STREAM_VENV/.rdkit-1.tried"
   ray_stamp="$CPA_STREAM_VENV/.ray-2.tried"
-  cell_eval2_stamp="$CPA_STREAM_VENV/.cell-eval2-1.tried"
+  cell_eval2_stamp="$CPA_STREAM_VENV/.cell-eval2-2.tried"
 fi
 # RDKit for the drugs-from-SMILES tests: optional (a 32 MB wheel); they skip with the reason without it.
 if [ -n "$rdkit_stamp" ] && [ ! -f "$rdkit_stamp" ]; then
@@ -54,11 +54,12 @@ if [ -n "$ray_stamp" ] && [ ! -f "$ray_stamp" ]; then
   touch "$ray_stamp"
 fi
 
-# cell-eval2 for the test that it scores a counts prediction: optional (pure Python, on PyPI; its
-# dependencies are the package's own); that test skips with the reason when it is absent.
+# cell-eval2 (and pdex, its threaded CPU engine for the Wilcoxon tests) for the tests that hold
+# `score` to it: optional (on PyPI); those tests skip with the reason when it is absent.
 if [ -n "${cell_eval2_stamp:-}" ] && [ ! -f "$cell_eval2_stamp" ]; then
   log "installing cell-eval2 (optional: the counts-scoring test skips without it)"
-  "$py" -m pip install --quiet --disable-pip-version-check "cell-eval2==0.20.0" >&2 || log "cell-eval2 could not be installed"
+  "$py" -m pip install --quiet --disable-pip-version-check "cell-eval2==0.20.0" "pdex==0.3.0" >&2 ||
+    log "cell-eval2 could not be installed"
   touch "$cell_eval2_stamp"
 fi
 

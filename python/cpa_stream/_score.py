@@ -28,6 +28,7 @@ def score(
     out: PathLike | str | None = None,
     allow_fractional_counts: bool = False,
     overwrite: bool = False,
+    de_engine: str | None = None,
     threads: int | None = None,
     progress: bool | None = None,
 ) -> pd.DataFrame:
@@ -46,7 +47,9 @@ def score(
     cell-eval2 draws them (``baseline_seed``, ``replicate_seed``: its seeds, default 0).
     ``perturbation_key`` defaults to ``"condition"``, ``control`` to ``"control"``.
     ``no_target_genes``: the perturbations have no target gene (drugs, cytokines). ``out``: a
-    directory written as the command writes it (``results.parquet``, ``summary.json``)."""
+    directory written as the command writes it (``results.parquet``, ``summary.json``).
+    ``de_engine``: whose Wilcoxon p-values, cell-eval2's ``"scanpy"`` engine (the default) or
+    its ``"pdex"`` engine (which cell-eval2 runs where pdex is installed)."""
     path = lambda p: None if p is None else os.fspath(p)  # noqa: E731
     request = {
         "prediction": os.fspath(prediction), "reference": os.fspath(reference),
@@ -54,7 +57,7 @@ def score(
         "real_bundle": path(real_bundle), "baseline": baseline, "baseline_seed": baseline_seed,
         "replicate": replicate, "replicate_seed": replicate_seed, "context_key": context_key,
         "out": path(out), "allow_fractional_counts": allow_fractional_counts, "overwrite": overwrite,
-        "threads": threads, "naming": "keywords",
+        "de_engine": de_engine, "threads": threads, "naming": "keywords",
     }
     report = json.loads(_native.run("score", _args.request(request), _progress.make(progress, "score")))
     rows = []

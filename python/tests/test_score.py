@@ -23,7 +23,9 @@ METRICS = [
     "de_wilcoxon_sig_jaccard",
     "de_wilcoxon_lfc_nmae",
 ]
-PRESET = ["--preset", "vcc2026", "--pert-col", "condition", "--control", "control"]
+# cpa-stream computes the DE of cell-eval2's scanpy engine, which cell-eval2 picks on a CPU only
+# where pdex is not installed; named, so that an environment with pdex compares the same engine.
+PRESET = ["--preset", "vcc2026", "--pert-col", "condition", "--control", "control", "--set", "de.backend=scanpy"]
 PERTURBATIONS = ["G3", "G7", "G11", "G20", "NOTAGENE", "G50", "G51", "G90"]
 
 
@@ -107,6 +109,12 @@ def refused(cli: Path, pred: Path, real: Path) -> str:
     return done.stderr
 
 
+def ce(*args: str) -> None:
+    """Runs cell-eval2 with `args` (the test skips with the reason where it is not installed)."""
+    done = subprocess.run([str(cell_eval2()), *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def compare(ce_dir: Path, ours: Path, results: str = "results.csv", agg: str = "agg_results.csv") -> None:
     import pandas as pd
 
@@ -125,32 +133,34 @@ def compare(ce_dir: Path, ours: Path, results: str = "results.csv", agg: str = "
 
 @pytest.mark.parametrize("kind", ["model", "control", "pinned", "shallow"])
 def test_every_vcc2026_metric_agrees_with_cell_eval2(cli, tmp_path, kind):
-    command = cell_eval2()
     real, pred = panel(tmp_path, kind)
-    done = subprocess.run(
-        [str(command), "run", "-ap", str(pred), "-ar", str(real), *PRESET, "-o", str(tmp_path / "ce")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    ce("run", "-ap", str(pred), "-ar", str(real), *PRESET, "-o", str(tmp_path / "ce"))
     score(cli, pred, real, tmp_path / "cs")
     compare(tmp_path / "ce", tmp_path / "cs")
 
 
 def test_no_target_genes_agrees_with_cell_eval2(cli, tmp_path):
-    command = cell_eval2()
     real, pred = panel(tmp_path, "model", seed=4)
-    done = subprocess.run(
-        [str(command), "run", "-ap", str(pred), "-ar", str(real), *PRESET, "--no-target-genes", "-o",
-         str(tmp_path / "ce")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    ce("run", "-ap", str(pred), "-ar", str(real), *PRESET, "--no-target-genes", "-o", str(tmp_path / "ce"))
     score(cli, pred, real, tmp_path / "cs", "--no-target-genes")
     compare(tmp_path / "ce", tmp_path / "cs")
+
+
+def test_the_pdex_engine_agrees_with_cell_eval2_on_pdex(cli, tmp_path):
+    """Where pdex is installed cell-eval2 tests with it (continuity-corrected p-values);
+    `--de-engine pdex` computes those."""
+    cell_eval2()
+    pytest.importorskip("pdex", reason="pdex is not installed (scripts/python.sh --tests installs it)")
+    # Few shallow cells: p-values near the threshold, where the two engines call different genes.
+    real, pred = panel(tmp_path, "shallow", seed=6)
+    ce("run", "-ap", str(pred), "-ar", str(real), *PRESET[:-1], "de.backend=pdex", "-o", str(tmp_path / "ce"))
+    summary = score(cli, pred, real, tmp_path / "cs", "--de-engine", "pdex")
+    assert summary["de_backend"] == "pdex"
+    compare(tmp_path / "ce", tmp_path / "cs")
+    # The default engine's values are not these.
+    score(cli, pred, real, tmp_path / "scanpy")
+    with pytest.raises(AssertionError):
+        compare(tmp_path / "ce", tmp_path / "scanpy")
 
 
 def test_the_scaled_scores_of_a_real_bundle_agree_with_cell_eval2(cli, tmp_path):
@@ -158,13 +168,8 @@ def test_the_scaled_scores_of_a_real_bundle_agree_with_cell_eval2(cli, tmp_path)
     between the bundle's baseline and replicate as `cell-eval2 score` scales it."""
     import pandas as pd
 
-    command = cell_eval2()
+    cell_eval2()
     real, pred = panel(tmp_path, "model", seed=2)
-
-    def ce(*args: str) -> None:
-        done = subprocess.run([str(command), *args], capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-
     base = tmp_path / "base.h5ad"
     ce("baseline", "-ar", str(real), *PRESET, "-o", str(tmp_path / "base_out"), "--save-pred", str(base))
     ce("prep-real-bundle", "--real", str(real), "--baseline", str(base), *PRESET, "-o", str(tmp_path / "bundle"))
@@ -195,14 +200,10 @@ def test_the_baseline_and_replicate_computed_here_are_cell_eval2s(cli, tmp_path,
     arm's draws then start on the half of a 64-bit draw the previous perturbation left)."""
     import pandas as pd
 
-    command = cell_eval2()
+    cell_eval2()
     defaults = variant == "defaults"
     real, pred = panel(tmp_path, "model", seed=2 if defaults else 5, reorder=not defaults, cells=70 if defaults else 71)
     targets = [] if defaults else ["--no-target-genes"]
-
-    def ce(*args: str) -> None:
-        done = subprocess.run([str(command), *args], capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
 
     base = tmp_path / "base.h5ad"
     ce("baseline", "-ar", str(real), *PRESET, *targets, *([] if defaults else ["--seed", "7"]),

@@ -67,7 +67,13 @@ pub struct ScoreArgs {
     /// results.parquet gains a `context` column and summary.json a `contexts` list.
     #[arg(long, value_name = "KEY")]
     context_key: Option<String>,
-    /// Threads of the pass over the cells [default: the usable CPUs].
+    /// Whose Wilcoxon p-values the DE members use: cell-eval2's `scanpy` engine (what `pip
+    /// install cell-eval2` runs on a CPU) or its `pdex` engine (what it runs where pdex is
+    /// installed: continuity-corrected, so the DE members differ in the third decimal)
+    /// [default: scanpy].
+    #[arg(long, value_name = "ENGINE", value_parser = ["scanpy", "pdex"])]
+    de_engine: Option<String>,
+    /// Threads of the passes over the cells and of the tests [default: the usable CPUs].
     #[arg(long)]
     threads: Option<usize>,
     /// Print the report as JSON.
@@ -91,6 +97,10 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         out: args.out,
         allow_fractional_counts: args.allow_fractional_counts,
         overwrite: args.overwrite,
+        de_engine: args.de_engine.as_deref().map(|e| match e {
+            "pdex" => score::DeEngine::Pdex,
+            _ => score::DeEngine::Scanpy,
+        }),
         threads: args.threads,
         naming: Naming::Flags,
     };

@@ -6,11 +6,13 @@
 //! of f64 and one chunk of cells, whatever the number of cells.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 
 use super::cells::Cells;
 use crate::context::RunContext;
 use crate::error::{Error, Result};
+use cpa_stream_stages::CsrBatch;
 
 /// The largest count total of a cell cell-eval2's `vcc2026` preset accepts
 /// (`max_counts_per_cell`).
@@ -162,23 +164,20 @@ pub fn side_bulk(
             .collect::<Option<Vec<usize>>>()
             .ok_or_else(|| Error::InvalidInput(format!("{origin}: changed while it was read")))?;
         dense.clear();
-        let (mut dense_groups, mut remainders) = (Vec::new(), Vec::new());
+        let (mut dense_groups, mut remainders, mut series_cells) = (Vec::new(), Vec::new(), Vec::new());
         for (r, &g) in groups.iter().enumerate() {
             let (cols, values) = batch.row(r);
             let library: f64 = values.iter().map(|&v| f64::from(v)).sum();
             if series[g] {
                 let share = library / totals[g];
                 add_powers(&mut powers[g], share);
-                let scale = target_sum / (totals[g] - library);
-                let zero_term = (-share).ln_1p();
-                for (&c, &v) in cols.iter().zip(values) {
-                    let c = c as usize;
-                    let (b, a) = (means[g][c], sums[g][c] * target_sum / totals[g]);
-                    let exact = (scale * (sums[g][c] - f64::from(v))).ln_1p() - b;
-                    let as_zero = (-share / (1.0 + a)).ln_1p() - zero_term;
-                    s1[g][c] += exact - as_zero;
-                    s2[g][c] += exact * exact - as_zero * as_zero;
-                }
+                series_cells.push(SeriesCell {
+                    row: r,
+                    group: g,
+                    share,
+                    scale: target_sum / (totals[g] - library),
+                    zero_term: (-share).ln_1p(),
+                });
             } else {
                 let start = dense.len();
                 dense.resize(start + n_genes, 0.0f64);
@@ -189,6 +188,8 @@ pub fn side_bulk(
                 remainders.push(totals[g] - library);
             }
         }
+        let group_sums = Bulks { sums: &sums, totals: &totals, means: &means, target_sum };
+        accumulate_series(batch, &series_cells, &group_sums, threads, &mut s1, &mut s2)?;
         accumulate_jackknife(&dense, &dense_groups, &remainders, &sums, &means, target_sum, threads, &mut s1, &mut s2)?;
         progress.advance(rows.end - rows.start);
         ctx.check_stopped()
@@ -271,6 +272,108 @@ fn check_count(origin: &str, cell: u64, gene: u32, value: f64, fractional: bool)
     )))
 }
 
+/// A cell of a group whose zero counts the series accounts for (`add_series`).
+struct SeriesCell {
+    /// Its row in the chunk.
+    row: usize,
+    group: usize,
+    /// Its share of the group's counts.
+    share: f64,
+    /// `TS` over the group's counts without the cell's.
+    scale: f64,
+    /// `log1p(-share)`.
+    zero_term: f64,
+}
+
+/// The groups' count sums, totals and pseudobulks.
+struct Bulks<'a> {
+    sums: &'a [Vec<f64>],
+    totals: &'a [f64],
+    means: &'a [Vec<f64>],
+    target_sum: f64,
+}
+
+/// Runs `work` on the genes of every group's jackknife sums shared among at most `threads`
+/// threads (ranges of at least 256 genes): each call gets its range and, per group, the sums of
+/// that range.
+fn on_gene_ranges(
+    s1: &mut [Vec<f64>],
+    s2: &mut [Vec<f64>],
+    n_genes: usize,
+    threads: usize,
+    work: impl Fn(Range<usize>, &mut [(&mut [f64], &mut [f64])]) + Sync,
+) -> Result<()> {
+    let threads = threads.clamp(1, n_genes.div_ceil(256).max(1));
+    let per = n_genes.div_ceil(threads);
+    let mut parts: Vec<Vec<(&mut [f64], &mut [f64])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (a, b) in s1.iter_mut().zip(s2.iter_mut()) {
+        let mut a_rest: &mut [f64] = a;
+        let mut b_rest: &mut [f64] = b;
+        for part in parts.iter_mut() {
+            let take = per.min(a_rest.len());
+            let (a_head, a_tail) = a_rest.split_at_mut(take);
+            let (b_head, b_tail) = b_rest.split_at_mut(take);
+            part.push((a_head, b_head));
+            a_rest = a_tail;
+            b_rest = b_tail;
+        }
+    }
+    if threads == 1 {
+        work(0..n_genes, &mut parts[0]);
+        return Ok(());
+    }
+    let work = &work;
+    std::thread::scope(|scope| -> Result<()> {
+        let mut crew = crate::crew::Crew::new();
+        for (t, mut part) in parts.into_iter().enumerate() {
+            let genes = (t * per).min(n_genes)..((t + 1) * per).min(n_genes);
+            if genes.is_empty() {
+                continue;
+            }
+            crew.spawn_in(scope, crate::Stage::Score, format!("{}-{t}", crate::Stage::Score), move || {
+                work(genes, &mut part)
+            })?;
+        }
+        crew.join()
+    })
+}
+
+/// Adds the non-zero counts of the chunk's series cells to the jackknife sums: each one's exact
+/// term less the zero count's term the series adds for it. The genes are shared among
+/// `threads`, each gene's sums taken in cell order whatever the number of threads.
+fn accumulate_series(
+    batch: &CsrBatch,
+    cells: &[SeriesCell],
+    groups: &Bulks,
+    threads: usize,
+    s1: &mut [Vec<f64>],
+    s2: &mut [Vec<f64>],
+) -> Result<()> {
+    let n_genes = groups.sums.first().map_or(0, Vec::len);
+    if n_genes == 0 || cells.is_empty() {
+        return Ok(());
+    }
+    on_gene_ranges(s1, s2, n_genes, threads, |genes: std::ops::Range<usize>, part: &mut [(&mut [f64], &mut [f64])]| {
+        for cell in cells {
+            let g = cell.group;
+            let (a, b) = &mut part[g];
+            let (sums, mean) = (&groups.sums[g], &groups.means[g]);
+            let (cols, values) = batch.row(cell.row);
+            for (&c, &v) in cols.iter().zip(values) {
+                let c = c as usize;
+                if !genes.contains(&c) {
+                    continue;
+                }
+                let (m, share_of_bulk) = (mean[c], sums[c] * groups.target_sum / groups.totals[g]);
+                let exact = (cell.scale * (sums[c] - f64::from(v))).ln_1p() - m;
+                let as_zero = (-cell.share / (1.0 + share_of_bulk)).ln_1p() - cell.zero_term;
+                a[c - genes.start] += exact - as_zero;
+                b[c - genes.start] += exact * exact - as_zero * as_zero;
+            }
+        }
+    })
+}
+
 /// Adds the chunk's cells to the jackknife sums: for cell `i` of group `p` with the remainder
 /// `r_i = S_p - lib_i`, `v_ig - b_g` where `v_ig = log1p(TS * (P_pg - y_ig) / r_i)` (0 when
 /// `r_i` is 0: the cell holds all of the group's counts) and `b_g` the group's pseudobulk. The
@@ -292,54 +395,28 @@ fn accumulate_jackknife(
     if n_genes == 0 || groups.is_empty() {
         return Ok(());
     }
-    let threads = threads.clamp(1, n_genes.div_ceil(256).max(1));
-    let per = n_genes.div_ceil(threads);
-    // Each thread takes its gene range of every group's sums.
-    let mut parts: Vec<Vec<(&mut [f64], &mut [f64])>> = (0..threads).map(|_| Vec::new()).collect();
-    for (a, b) in s1.iter_mut().zip(s2.iter_mut()) {
-        let mut a_rest: &mut [f64] = a;
-        let mut b_rest: &mut [f64] = b;
-        for part in parts.iter_mut() {
-            let take = per.min(a_rest.len());
-            let (a_head, a_tail) = a_rest.split_at_mut(take);
-            let (b_head, b_tail) = b_rest.split_at_mut(take);
-            part.push((a_head, b_head));
-            a_rest = a_tail;
-            b_rest = b_tail;
-        }
-    }
-    std::thread::scope(|scope| -> Result<()> {
-        let mut crew = crate::crew::Crew::new();
-        for (t, mut part) in parts.into_iter().enumerate() {
-            let genes = (t * per).min(n_genes)..((t + 1) * per).min(n_genes);
-            if genes.is_empty() {
-                continue;
-            }
-            crew.spawn_in(scope, crate::Stage::Score, format!("{}-{t}", crate::Stage::Score), move || {
-                for (r, &g) in groups.iter().enumerate() {
-                    let (a, b) = &mut part[g];
-                    let row = &dense[r * n_genes + genes.start..r * n_genes + genes.end];
-                    let p = &sums[g][genes.clone()];
-                    let m = &means[g][genes.clone()];
-                    let rem = remainders[r];
-                    if rem > 0.0 {
-                        let scale = target_sum / rem;
-                        for k in 0..row.len() {
-                            let d = (scale * (p[k] - row[k])).ln_1p() - m[k];
-                            a[k] += d;
-                            b[k] += d * d;
-                        }
-                    } else {
-                        for k in 0..row.len() {
-                            let d = -m[k];
-                            a[k] += d;
-                            b[k] += d * d;
-                        }
-                    }
+    on_gene_ranges(s1, s2, n_genes, threads, |genes, part| {
+        for (r, &g) in groups.iter().enumerate() {
+            let (a, b) = &mut part[g];
+            let row = &dense[r * n_genes + genes.start..r * n_genes + genes.end];
+            let p = &sums[g][genes.clone()];
+            let m = &means[g][genes.clone()];
+            let rem = remainders[r];
+            if rem > 0.0 {
+                let scale = target_sum / rem;
+                for k in 0..row.len() {
+                    let d = (scale * (p[k] - row[k])).ln_1p() - m[k];
+                    a[k] += d;
+                    b[k] += d * d;
                 }
-            })?;
+            } else {
+                for k in 0..row.len() {
+                    let d = -m[k];
+                    a[k] += d;
+                    b[k] += d * d;
+                }
+            }
         }
-        crew.join()
     })
 }
 
@@ -399,5 +476,70 @@ mod tests {
                 assert!((got - want).abs() < 1e-12 * want.max(1.0), "group {g}, {threads} threads: {got} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn the_series_gives_the_exact_jackknife_whatever_the_number_of_threads() {
+        // 60 cells of one group over 600 genes (three threads' ranges), no cell above 5% of the
+        // group's counts: the series pass against the exact pass.
+        let (n_cells, n_genes, ts) = (60usize, 600usize, 5e4);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut draw = move || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) as u32
+        };
+        let mut batch = CsrBatch::new(n_genes as u32);
+        let mut dense = vec![0.0f64; n_cells * n_genes];
+        for r in 0..n_cells {
+            let (mut cols, mut data) = (Vec::new(), Vec::new());
+            for c in 0..n_genes {
+                if draw() % 3 == 0 {
+                    let v = (1 + draw() % 6) as f32;
+                    cols.push(c as u32);
+                    data.push(v);
+                    dense[r * n_genes + c] = f64::from(v);
+                }
+            }
+            batch.push_row(&cols, &data);
+        }
+        let mut sums = vec![vec![0.0f64; n_genes]];
+        for r in 0..n_cells {
+            for c in 0..n_genes {
+                sums[0][c] += dense[r * n_genes + c];
+            }
+        }
+        let totals = vec![sums[0].iter().sum::<f64>()];
+        let means = vec![bulk_log1p(&sums[0], totals[0], ts)];
+        let libraries: Vec<f64> = (0..n_cells).map(|r| dense[r * n_genes..(r + 1) * n_genes].iter().sum()).collect();
+        assert!(libraries.iter().all(|&l| l <= SERIES_MAX_SHARE * totals[0]));
+
+        let (mut e1, mut e2) = (vec![vec![0.0; n_genes]], vec![vec![0.0; n_genes]]);
+        let remainders: Vec<f64> = libraries.iter().map(|l| totals[0] - l).collect();
+        accumulate_jackknife(&dense, &vec![0; n_cells], &remainders, &sums, &means, ts, 1, &mut e1, &mut e2)
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        let bulks = Bulks { sums: &sums, totals: &totals, means: &means, target_sum: ts };
+        let mut runs = Vec::new();
+        for threads in [1, 3] {
+            let mut powers = [0.0f64; 2 * SERIES_TERMS];
+            let cells: Vec<SeriesCell> = libraries
+                .iter()
+                .enumerate()
+                .map(|(row, &l)| {
+                    let share = l / totals[0];
+                    add_powers(&mut powers, share);
+                    SeriesCell { row, group: 0, share, scale: ts / (totals[0] - l), zero_term: (-share).ln_1p() }
+                })
+                .collect();
+            let (mut s1, mut s2) = (vec![vec![0.0; n_genes]], vec![vec![0.0; n_genes]]);
+            accumulate_series(&batch, &cells, &bulks, threads, &mut s1, &mut s2).unwrap_or_else(|e| panic!("{e}"));
+            add_series(&powers, &means[0], &mut s1[0], &mut s2[0]);
+            for c in 0..n_genes {
+                assert!((s1[0][c] - e1[0][c]).abs() < 1e-10, "gene {c}: {} vs {}", s1[0][c], e1[0][c]);
+                assert!((s2[0][c] - e2[0][c]).abs() < 1e-10 * e2[0][c].abs().max(1e-6), "gene {c}");
+            }
+            runs.push((s1, s2));
+        }
+        assert_eq!(runs[0], runs[1], "the threads' sums differ from one thread's");
     }
 }

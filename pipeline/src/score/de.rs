@@ -14,6 +14,32 @@
 use super::cells::{Cells, Groups};
 use crate::context::RunContext;
 use crate::error::{Error, Result};
+use cpa_stream_stages::counts_csr::CsrBatch;
+
+/// Which of cell-eval2's CPU engines (`de.backend`) the Wilcoxon p-values follow. They test the
+/// same ranks against the same normal approximation with the same tie correction; pdex's
+/// (`numba_mwu`, as `scipy.stats.mannwhitneyu` by default) moves `|U - n1 n2 / 2|` half a unit
+/// toward the mean first (a continuity correction) and caps the p-value at 1. cell-eval2 takes
+/// pdex where it is installed, scanpy otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// scanpy's `rank_genes_groups(method="wilcoxon", tie_correct=True)`.
+    #[default]
+    Scanpy,
+    /// pdex 0.3's Mann-Whitney U (`numba_mwu`, continuity-corrected).
+    Pdex,
+}
+
+impl Engine {
+    /// The name cell-eval2's `de.backend` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Scanpy => "scanpy",
+            Engine::Pdex => "pdex",
+        }
+    }
+}
 
 /// The CPM a cell's counts are scaled to (`target_sum` of the preset).
 const TARGET_SUM: f64 = 1e6;
@@ -32,36 +58,82 @@ struct GroupValues {
     mean_cpm: Vec<f64>,
 }
 
-/// Reads the cells of group `i` and transposes them into [`GroupValues`].
-fn read_group(cells: &Cells, groups: &Groups, i: usize, ctx: &RunContext) -> Result<GroupValues> {
-    let n_genes = cells.n_genes();
-    let mut values: Vec<Vec<f64>> = vec![Vec::new(); n_genes];
-    let mut sums = vec![0.0f64; n_genes];
-    let mut n_cells = 0u64;
-    cells.scan_group(groups, i, |batch| {
+/// Counts below this whose `log1p(CPM)` a cell computes once.
+const SMALL_COUNTS: usize = 64;
+
+/// A group's cells gathered into [`GroupValues`], batch by batch.
+struct Gather {
+    values: Vec<Vec<f64>>,
+    sums: Vec<f64>,
+    cells: u64,
+}
+
+impl Gather {
+    fn new(n_genes: usize) -> Gather {
+        Gather { values: vec![Vec::new(); n_genes], sums: vec![0.0; n_genes], cells: 0 }
+    }
+
+    fn add(&mut self, batch: &CsrBatch) {
         for r in 0..batch.n_rows() {
             let (cols, data) = batch.row(r);
             // scanpy's normalize_total: the cell's total over the target sum, then each count
             // divided by it (a cell without counts stays zero).
             let library: f64 = data.iter().map(|&v| f64::from(v)).sum();
             let per = library / TARGET_SUM;
+            // Most counts are small whole numbers that recur within a cell: their logarithm is
+            // taken once per cell (the same arithmetic, so the same values).
+            let mut small = [f64::NAN; SMALL_COUNTS];
             for (&c, &v) in cols.iter().zip(data) {
                 if v == 0.0 {
                     continue;
                 }
                 let cpm = f64::from(v) / per;
-                sums[c as usize] += cpm;
-                values[c as usize].push(cpm.ln_1p());
+                let log = match v as usize {
+                    k if k < SMALL_COUNTS && k as f32 == v => {
+                        if small[k].is_nan() {
+                            small[k] = cpm.ln_1p();
+                        }
+                        small[k]
+                    }
+                    _ => cpm.ln_1p(),
+                };
+                self.sums[c as usize] += cpm;
+                self.values[c as usize].push(log);
             }
         }
-        n_cells += batch.n_rows() as u64;
+        self.cells += batch.n_rows() as u64;
+    }
+
+    fn finish(mut self) -> GroupValues {
+        for v in &mut self.values {
+            v.sort_by(f64::total_cmp);
+        }
+        let n = self.cells as f64;
+        GroupValues { cells: self.cells, values: self.values, mean_cpm: self.sums.iter().map(|s| s / n).collect() }
+    }
+}
+
+/// Reads the cells of group `i` and transposes them into [`GroupValues`].
+fn read_group(cells: &Cells, groups: &Groups, i: usize, ctx: &RunContext) -> Result<GroupValues> {
+    let mut gather = Gather::new(cells.n_genes());
+    cells.scan_group(groups, i, |batch| {
+        gather.add(batch);
         ctx.check_stopped()
     })?;
-    for v in &mut values {
-        v.sort_by(f64::total_cmp);
-    }
-    let n = n_cells as f64;
-    Ok(GroupValues { cells: n_cells, values, mean_cpm: sums.iter().map(|s| s / n).collect() })
+    Ok(gather.finish())
+}
+
+/// Reads the cells of group `i` into one batch.
+fn copy_group(cells: &Cells, groups: &Groups, i: usize, ctx: &RunContext) -> Result<CsrBatch> {
+    let mut rows = CsrBatch::new(cells.n_genes() as u32);
+    cells.scan_group(groups, i, |batch| {
+        for r in 0..batch.n_rows() {
+            let (cols, data) = batch.row(r);
+            rows.push_row(cols, data);
+        }
+        ctx.check_stopped()
+    })?;
+    Ok(rows)
 }
 
 /// The reference's control cells, as every test needs them.
@@ -104,6 +176,23 @@ fn two_sided_p(z: f64) -> f64 {
     if x * x > MAX_LOG { 0.0 } else { libm::erfc(x) }
 }
 
+/// The two-sided p-value of pdex 0.3 (`numba_mwu._mwu_stats_from_rank_sum`, its arithmetic in
+/// its order): the larger of the two U statistics less its mean and a half, over the
+/// tie-corrected standard deviation; 1 where every value is equal.
+fn pdex_p(rank_sum: f64, n1: f64, n2: f64, ties: f64) -> f64 {
+    let n = n1 + n2;
+    let u1 = rank_sum - n1 * (n1 + 1.0) / 2.0;
+    let u = u1.max(n1 * n2 - u1);
+    let mu = n1 * n2 / 2.0;
+    let variance = n1 * n2 / 12.0 * ((n + 1.0) - ties / (n * (n - 1.0)));
+    if variance <= 0.0 {
+        return 1.0;
+    }
+    let z = (u - mu - 0.5) / variance.sqrt();
+    // 2 ndtr(-z), ndtr(x) = erfc(-x / sqrt 2) / 2
+    (0.5 * libm::erfc(z / std::f64::consts::SQRT_2) * 2.0).clamp(0.0, 1.0)
+}
+
 /// `sum (t^3 - t)` over the blocks of equal values of a sorted slice.
 fn tie_sum(sorted: &[f64]) -> f64 {
     let mut total = 0.0f64;
@@ -132,38 +221,101 @@ pub struct DeResult {
 }
 
 /// Tests every group of `groups` but `control` against `pool`; results by label, sorted.
+///
+/// With `threads` above 1 this thread reads the groups in turn and hands each, copied, to
+/// `threads` workers that transpose and test it (memory: a group per worker and per place in
+/// the channel between them); a group's result does not depend on which worker tests it.
 pub fn test_groups(
     cells: &Cells,
     groups: &Groups,
     control: &str,
     pool: &ControlPool,
+    engine: Engine,
+    threads: usize,
     ctx: &RunContext,
 ) -> Result<Vec<(String, DeResult)>> {
+    let tested: Vec<usize> = (0..groups.labels.len()).filter(|&i| groups.labels[i] != control).collect();
+    if let Some(&i) = tested.iter().find(|&&i| groups.cells[i] < 2) {
+        return Err(Error::InvalidInput(format!(
+            "{}: perturbation {:?} has {} cell; the Wilcoxon test needs at least 2",
+            cells.origin(),
+            groups.labels[i],
+            groups.cells[i]
+        )));
+    }
     let progress = ctx.progress();
-    let total: u64 = (0..groups.labels.len()).filter(|&i| groups.labels[i] != control).map(|i| groups.cells[i]).sum();
-    progress.begin("cells (Wilcoxon)", total);
-    let mut out = Vec::new();
-    for (i, label) in groups.labels.iter().enumerate() {
-        if label == control {
-            continue;
+    progress.begin("cells (Wilcoxon)", tested.iter().map(|&i| groups.cells[i]).sum());
+    let threads = threads.clamp(1, tested.len().max(1));
+    let mut results: Vec<Option<DeResult>> = vec![None; groups.labels.len()];
+    if threads == 1 {
+        for &i in &tested {
+            let group = read_group(cells, groups, i, ctx)?;
+            results[i] = Some(test(&group, pool, engine));
+            progress.advance(group.cells);
         }
-        let group = read_group(cells, groups, i, ctx)?;
-        if group.cells < 2 {
-            return Err(Error::InvalidInput(format!(
-                "{}: perturbation {label:?} has {} cell; the Wilcoxon test needs at least 2",
-                cells.origin(),
-                group.cells
-            )));
-        }
-        out.push((label.clone(), test(&group, pool)));
-        progress.advance(group.cells);
+    } else {
+        let n_genes = cells.n_genes();
+        let (work, jobs) = crossbeam_channel::bounded::<(usize, CsrBatch)>(threads);
+        let (done, finished) = crossbeam_channel::unbounded::<(usize, DeResult)>();
+        std::thread::scope(|scope| -> Result<()> {
+            let mut crew = crate::crew::Crew::new();
+            for t in 0..threads {
+                let (jobs, done) = (jobs.clone(), done.clone());
+                crew.spawn_in(
+                    scope,
+                    crate::Stage::Score,
+                    format!("{}-wilcoxon-{t}", crate::Stage::Score),
+                    move || {
+                        for (i, rows) in jobs {
+                            let mut gather = Gather::new(n_genes);
+                            gather.add(&rows);
+                            drop(rows);
+                            if done.send((i, test(&gather.finish(), pool, engine))).is_err() {
+                                return;
+                            }
+                        }
+                    },
+                )?;
+            }
+            drop((jobs, done));
+            let mut record = |(i, result): (usize, DeResult)| {
+                progress.advance(groups.cells[i]);
+                results[i] = Some(result);
+            };
+            let mut read = || -> Result<()> {
+                for &i in &tested {
+                    let rows = copy_group(cells, groups, i, ctx)?;
+                    // A worker that panicked has dropped its end; the crew's join names it.
+                    if work.send((i, rows)).is_err() {
+                        return Ok(());
+                    }
+                    finished.try_iter().for_each(&mut record);
+                }
+                Ok(())
+            };
+            let read = read();
+            // The workers end once `work` is gone, on an error as at the end.
+            drop(work);
+            finished.iter().for_each(record);
+            crew.join()?;
+            read
+        })?;
     }
     progress.end();
-    Ok(out)
+    tested
+        .into_iter()
+        .map(|i| {
+            let result = results[i].take().ok_or_else(|| Error::Panic {
+                stage: crate::Stage::Score,
+                message: format!("the Wilcoxon test of {:?} did not return", groups.labels[i]),
+            })?;
+            Ok((groups.labels[i].clone(), result))
+        })
+        .collect()
 }
 
 /// The test of `group` against the control, on the kept genes.
-fn test(group: &GroupValues, pool: &ControlPool) -> DeResult {
+fn test(group: &GroupValues, pool: &ControlPool, engine: Engine) -> DeResult {
     let control = &pool.group;
     let (n1, n2) = (group.cells as f64, control.cells as f64);
     let size = n1 + n2;
@@ -194,14 +346,19 @@ fn test(group: &GroupValues, pool: &ControlPool) -> DeResult {
             i = j;
         }
         let rank_sum = u + n1 * (n1 + 1.0) / 2.0;
-        let tie_correction = 1.0 - ties / (size * size * size - size);
-        // scanpy's arithmetic, in its order.
-        let std_dev = (tie_correction * n1 * n2 * (n1 + n2 + 1.0) / 12.0).sqrt();
-        let mut z = (rank_sum - n1 * ((n1 + n2 + 1.0) / 2.0)) / std_dev;
-        if z.is_nan() {
-            z = 0.0;
-        }
-        p_value.push(two_sided_p(z));
+        p_value.push(match engine {
+            Engine::Scanpy => {
+                let tie_correction = 1.0 - ties / (size * size * size - size);
+                // scanpy's arithmetic, in its order.
+                let std_dev = (tie_correction * n1 * n2 * (n1 + n2 + 1.0) / 12.0).sqrt();
+                let mut z = (rank_sum - n1 * ((n1 + n2 + 1.0) / 2.0)) / std_dev;
+                if z.is_nan() {
+                    z = 0.0;
+                }
+                two_sided_p(z)
+            }
+            Engine::Pdex => pdex_p(rank_sum, n1, n2, ties),
+        });
         lfc.push(((group.mean_cpm[g] + EPSILON) / (control.mean_cpm[g] + EPSILON)).log2());
     }
     let mut p_adj = crate::stats::benjamini_hochberg(&p_value);
@@ -419,7 +576,8 @@ mod tests {
                 group: control,
                 kept: vec![0],
             };
-            let got = test(&values(&x), &pool).p_value[0];
+            let got = test(&values(&x), &pool, Engine::Scanpy).p_value[0];
+            let got_pdex = test(&values(&x), &pool, Engine::Pdex).p_value[0];
 
             let all: Vec<f64> = x.iter().chain(&y).copied().collect();
             let r = ranks(&all);
@@ -442,7 +600,44 @@ mod tests {
             }
             let want = two_sided_p(z);
             assert_eq!(got, want, "case {case}: x {x:?} y {y:?}");
+            assert_eq!(got_pdex, pdex_p(rank_sum, n1, n2, ties), "case {case}: x {x:?} y {y:?}");
         }
+    }
+
+    #[test]
+    fn pdex_p_values_are_scipys_continuity_corrected_ones() {
+        // scipy.stats.mannwhitneyu(x, y, use_continuity=True, method="asymptotic").pvalue, which
+        // pdex's numba_mwu computes by the same formula.
+        let cases: [(&[f64], &[f64], f64); 3] = [
+            (
+                &[0.0, 0.0, 1.4, 2.1, 2.1, 0.7, 3.5],
+                &[0.0, 0.7, 0.7, 0.0, 1.4, 0.0, 0.0, 2.1, 0.7, 0.0],
+                0.16795173942656516,
+            ),
+            (&[0.7, 0.0, 0.0], &[0.0, 0.0, 0.7, 0.0], 1.0),
+            (
+                &[5.0, 6.0, 7.0, 8.0, 9.0, 10.0],
+                &[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0],
+                0.00026209510359975676,
+            ),
+        ];
+        for (x, y, want) in cases {
+            let control = values(y);
+            let pool = ControlPool {
+                ties: control.values.iter().map(|v| tie_sum(v)).collect(),
+                group: control,
+                kept: vec![0],
+            };
+            let got = test(&values(x), &pool, Engine::Pdex).p_value[0];
+            // erfc of another library: the last bits may differ.
+            assert!((got - want).abs() <= 1e-13 * want, "x {x:?}: {got} vs scipy's {want}");
+            let scanpy = test(&values(x), &pool, Engine::Scanpy).p_value[0];
+            assert!(scanpy < got, "the correction makes the p-value larger: {scanpy} vs {got}");
+        }
+        // Every value equal: no evidence either way.
+        let control = values(&[0.0, 0.0, 0.0]);
+        let pool = ControlPool { ties: vec![0.0], group: control, kept: vec![0] };
+        assert_eq!(test(&values(&[0.0, 0.0]), &pool, Engine::Pdex).p_value[0], 1.0);
     }
 
     #[test]

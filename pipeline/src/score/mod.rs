@@ -37,6 +37,7 @@ use serde::Serialize;
 
 pub use bulk::MAX_CELL_TOTAL;
 pub use cells::BASELINE_SEED;
+pub use de::Engine as DeEngine;
 pub use replicate::BASE_SEED as REPLICATE_SEED;
 pub use request::ScoreRequest;
 pub use scale::{Scaled, ScaledMember};
@@ -108,7 +109,9 @@ pub struct ScoreOptions {
     /// An obs column of both files whose values (cell lines, say) are scored each on its own,
     /// with its own control, baseline and replicate, as the challenge scores its contexts.
     pub context_key: Option<String>,
-    /// Threads of the jackknife pass [default: the usable CPUs].
+    /// Whose Wilcoxon p-values: cell-eval2's scanpy engine (the default) or its pdex engine.
+    pub de_engine: de::Engine,
+    /// Threads of the jackknife pass and of the tests [default: the usable CPUs].
     pub threads: usize,
 }
 
@@ -130,6 +133,7 @@ impl ScoreOptions {
             allow_fractional_counts: false,
             overwrite: false,
             context_key: None,
+            de_engine: de::Engine::Scanpy,
             threads: crate::threads::cpus(),
         }
     }
@@ -176,6 +180,8 @@ pub struct ScoreReport {
     pub real_cells: u64,
     /// The obs column of the contexts, each scored on its own (with `context_key`).
     pub context_key: Option<String>,
+    /// Whose Wilcoxon p-values (cell-eval2's `de.backend`).
+    pub de_engine: de::Engine,
     /// Each context's scores, in sorted order (one, unnamed, without `context_key`).
     pub contexts: Vec<ContextScores>,
     /// The mean over the contexts of their `avg_from_replicate` (the challenge's score of a
@@ -273,6 +279,7 @@ pub fn run(options: &ScoreOptions, ctx: &RunContext) -> Result<ScoreReport> {
         predicted_cells: pred_file.n_obs(),
         real_cells: real_file.n_obs(),
         context_key: options.context_key.clone(),
+        de_engine: options.de_engine,
         avg_from_replicate: avg.map(|v| v.iter().sum::<f64>() / v.len() as f64),
         contexts,
         report: RunReport { wall: started.elapsed(), stages: Vec::new(), memory: sampler.finish() },
@@ -387,7 +394,8 @@ impl<'a> Reference<'a> {
             bulk::side_bulk(&cells, BULK_TARGET_SUM, options.allow_fractional_counts, options.threads.max(1), ctx)?;
         let groups = cells.groups()?;
         let pool = de::ControlPool::read(&cells, &groups, &options.control, ctx)?;
-        let tests = de::test_groups(&cells, &groups, &options.control, &pool, ctx)?;
+        let tests =
+            de::test_groups(&cells, &groups, &options.control, &pool, options.de_engine, options.threads.max(1), ctx)?;
         Ok(Reference { cells, bulk, groups, pool, tests })
     }
 }
@@ -502,8 +510,17 @@ fn differential_expression(
         &reference.pool
     };
     let real_tests = &reference.tests;
-    let pred_tests: BTreeMap<String, de::DeResult> =
-        de::test_groups(pred_cells, &pred_groups, &options.control, pred_pool, ctx)?.into_iter().collect();
+    let pred_tests: BTreeMap<String, de::DeResult> = de::test_groups(
+        pred_cells,
+        &pred_groups,
+        &options.control,
+        pred_pool,
+        options.de_engine,
+        options.threads.max(1),
+        ctx,
+    )?
+    .into_iter()
+    .collect();
     let features: Vec<&str> = reference.pool.kept.iter().map(|&g| genes[g].as_str()).collect();
     let pred_features: Vec<&str> = pred_pool.kept.iter().map(|&g| genes[g].as_str()).collect();
     let alignment =
@@ -614,6 +631,7 @@ fn write(out: &Path, report: &ScoreReport, overwrite: bool) -> Result<()> {
             "reference": report.reference,
             "preset": "vcc2026",
             "cell_eval2": "0.20.0",
+            "de_backend": report.de_engine.name(),
             "genes": report.genes,
             "predicted_cells": report.predicted_cells,
             "real_cells": report.real_cells,

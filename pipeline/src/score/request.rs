@@ -41,6 +41,8 @@ pub struct ScoreRequest {
     pub allow_fractional_counts: bool,
     /// Replace a score directory written before.
     pub overwrite: bool,
+    /// Whose Wilcoxon p-values: cell-eval2's `scanpy` or `pdex` engine [default: scanpy].
+    pub de_engine: Option<super::de::Engine>,
     /// Threads [default: the usable CPUs].
     pub threads: Option<usize>,
     /// How messages name the settings.
@@ -90,6 +92,7 @@ impl ScoreRequest {
         options.out = self.out.clone();
         options.allow_fractional_counts = self.allow_fractional_counts;
         options.overwrite = self.overwrite;
+        options.de_engine = self.de_engine.unwrap_or_default();
         if let Some(t) = self.threads {
             options.threads = n.bounded("--threads", t, 1, 1024, "threads")?;
         }
