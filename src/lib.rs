@@ -118,7 +118,9 @@ pub mod import {
 /// # Ok::<(), cpa_stream::Error>(())
 /// ```
 pub mod export {
-    pub use cpa_stream_pipeline::export::{ExportCompression, ExportOptions, ExportReport, ExportRequest, run};
+    pub use cpa_stream_pipeline::export::{
+        CellSelection, ExportCompression, ExportOptions, ExportReport, ExportRequest, run,
+    };
 }
 
 /// `cpa-stream convert`: a store copied with another codec, or its cells shuffled.

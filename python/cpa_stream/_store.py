@@ -324,15 +324,20 @@ def export_h5ad(
     compression: str = "none",
     gzip_level: int | None = None,
     overwrite: bool = False,
+    cells: str | None = None,
     progress: bool | None = None,
 ) -> Path:
     """Writes a store as an AnnData ``.h5ad`` file at ``out``, as ``cpa-stream export`` does
     (streamed: memory does not grow with the cells), and returns its path: CSR ``X``, ``obs``,
     ``var`` and the DEG lists in ``uns``. ``compression`` is ``"none"`` (anndata's default),
-    ``"gzip"`` (at ``gzip_level``, default 4) or ``"lzf"``."""
+    ``"gzip"`` (at ``gzip_level``, default 4) or ``"lzf"``. ``cells``: only the cells this
+    expression over obs columns selects (``predict``'s ``source`` language, e.g.
+    ``"split == ood or condition == control"``: a held-out split and the controls, the reference
+    ``score`` takes); an expression that selects no cell is an error."""
     request = {
         "store": os.fspath(store.path if isinstance(store, Store) else store), "out": os.fspath(out),
-        "compression": compression, "gzip_level": gzip_level, "overwrite": overwrite, "naming": "keywords",
+        "compression": compression, "gzip_level": gzip_level, "overwrite": overwrite, "cells": cells,
+        "naming": "keywords",
     }
     _native.run("export", _args.request(request), _progress.make(progress, "export"))
     return Path(out)

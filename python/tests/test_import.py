@@ -107,3 +107,30 @@ def test_an_existing_store_is_refused_unless_overwrite(adata, fresh):
     assert again.n_obs == 100
     with pytest.raises(FileNotFoundError):
         cs.Store(fresh / "absent.store")
+
+
+def test_export_writes_the_cells_a_selection_picks(adata, store, fresh):
+    """`export --cells`: the cells an expression over obs selects, in the store's order, as
+    anndata reads them; a selection of no cell is an error that writes nothing."""
+    import anndata as ad
+
+    select = "cell_type == k562 and condition in (MAPK1+TGFBR2, control)"
+    part = ad.read_h5ad(cs.export_h5ad(store, fresh / "part.h5ad", cells=select, progress=False))
+    obs = adata.obs
+    mask = ((obs["cell_type"] == "k562") & obs["condition"].isin(["MAPK1+TGFBR2", "control"])).to_numpy()
+    assert 0 < mask.sum() < len(mask)
+    want = adata[mask]
+    assert list(part.obs_names) == list(want.obs_names)
+    assert list(part.var_names) == list(adata.var_names)
+    np.testing.assert_array_equal(part.X.toarray(), want.X.toarray())
+    for column in ("condition", "dose", "cell_type"):
+        assert list(part.obs[column].astype(str)) == list(want.obs[column].astype(str)), column
+        # No empty category: scanpy's tests (cell-eval2's) refuse a group without cells.
+        kept = [c for c in adata.obs[column].cat.categories if c in set(want.obs[column])]
+        assert list(part.obs[column].cat.categories) == kept, column
+
+    with pytest.raises(ValueError, match=r'selects no cell.*no value "contrl".*"control"'):
+        cs.export_h5ad(store, fresh / "none.h5ad", cells="condition == contrl", progress=False)
+    assert not (fresh / "none.h5ad").exists(), "an export of no cell leaves no file"
+    with pytest.raises(ValueError, match=r"obs column \"cel_type\".*\"cell_type\""):
+        cs.export_h5ad(store, fresh / "col.h5ad", cells="cel_type == k562", progress=False)

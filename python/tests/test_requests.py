@@ -86,6 +86,11 @@ def test_every_command_gets_the_same_request_from_flags_and_keywords(cli, monkey
         ),
         ("export", [store, "--out", out], lambda: cs.export_h5ad(store, out, progress=False)),
         (
+            "export",
+            [store, "--out", out, "--cells", "condition == control or cell_type == k562"],
+            lambda: cs.export_h5ad(store, out, cells="condition == control or cell_type == k562", progress=False),
+        ),
+        (
             "score",
             ["--prediction", truth, "--reference", degs, "--perturbation-key", "gene", "--control", "ntc",
              "--no-target-genes", "--baseline", "--baseline-seed", "7", "--replicate", "--replicate-seed", "3",

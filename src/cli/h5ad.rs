@@ -151,6 +151,11 @@ pub struct ExportArgs {
     /// Replace an existing file at --out.
     #[arg(long)]
     overwrite: bool,
+    /// Only the cells this expression over obs columns selects, in `predict --source`'s
+    /// language: `"split == ood or condition == control"` writes a held-out split's cells and
+    /// the controls, the reference `score` takes [default: every cell].
+    #[arg(long, value_name = "EXPR")]
+    cells: Option<String>,
     /// Print the stage report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -287,6 +292,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         },
         gzip_level: args.gzip_level,
         overwrite: args.overwrite,
+        cells: args.cells.clone(),
         naming: Naming::Flags,
     };
     let what = || format!("export {} to {}", args.store.display(), args.out.display());

@@ -50,6 +50,8 @@ pub struct ExportRequest {
     pub gzip_level: Option<u8>,
     /// Replace an existing file.
     pub overwrite: bool,
+    /// Only the cells this expression over obs columns selects [default: every cell].
+    pub cells: Option<String>,
     /// How messages name the settings.
     pub naming: Naming,
 }
@@ -77,6 +79,23 @@ impl ExportRequest {
             (ExportCompression::None, None) => H5adCompression::None,
             (ExportCompression::Lzf, None) => H5adCompression::Lzf,
         };
-        Ok(ExportOptions { store: self.store.clone(), out: self.out.clone(), compression, overwrite: self.overwrite })
+        let cells = match &self.cells {
+            None => None,
+            Some(text) => {
+                let given = format!("{} {text:?}", n.name("--cells"));
+                let expr = text.parse().map_err(|e| match e {
+                    Error::InvalidInput(why) => Error::InvalidInput(format!("{}: {why}", n.name("--cells"))),
+                    other => other,
+                })?;
+                Some(super::CellSelection { expr, given })
+            }
+        };
+        Ok(ExportOptions {
+            store: self.store.clone(),
+            out: self.out.clone(),
+            compression,
+            overwrite: self.overwrite,
+            cells,
+        })
     }
 }

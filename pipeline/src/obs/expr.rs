@@ -224,6 +224,11 @@ fn describe(token: Option<&Token>) -> String {
         None => "the end".to_owned(),
         Some(Token::Word(w)) => format!("{w:?}"),
         Some(Token::Quoted(w)) => format!("'{w}'"),
+        Some(Token::Open) => "'('".to_owned(),
+        Some(Token::Close) => "')'".to_owned(),
+        Some(Token::Comma) => "','".to_owned(),
+        Some(Token::Eq) => "'=='".to_owned(),
+        Some(Token::Ne) => "'!='".to_owned(),
         Some(t) => format!("{t:?}").to_lowercase(),
     }
 }
@@ -245,7 +250,7 @@ impl std::str::FromStr for Expr {
 
     /// Parses a selection; errors say what was expected where.
     fn from_str(text: &str) -> Result<Expr> {
-        let bad = |msg: String| Error::InvalidInput(format!("source expression {}: {msg}", quoted_start(text)));
+        let bad = |msg: String| Error::InvalidInput(format!("cell selection {}: {msg}", quoted_start(text)));
         let tokens = tokenize(text).map_err(bad)?;
         if tokens.len() > MAX_TOKENS {
             return Err(bad(format!("{} tokens, at most {MAX_TOKENS}", tokens.len())));
@@ -288,7 +293,7 @@ impl Expr {
             if batch.column_by_name(name).is_none() {
                 let names: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
                 return Err(Error::InvalidInput(format!(
-                    "{origin}: the source expression reads obs column {name:?}, which does not exist (columns: {})",
+                    "{origin}: the cell selection reads obs column {name:?}, which does not exist (columns: {})",
                     names.join(", ")
                 )));
             }
