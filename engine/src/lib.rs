@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod collective;
 pub mod device;
 pub mod dose_response;
 pub mod embeddings;

@@ -180,7 +180,8 @@ def compute(command: str, request: str, progress: object | None) -> str:
     torch loaded with does not suit the CPUs now, in a child process (a GPU run never moves)."""
     from . import _native
 
-    if '"cuda' not in request and should_isolate(_threads_of(request)):
+    # A GPU run, and a rank of data-parallel training (its process group lives here), never move.
+    if '"cuda' not in request and not _in_group(request) and should_isolate(_threads_of(request)):
         return run(command, request, progress)
     # The thread plan takes the measurement just made instead of watching the CPUs again.
     busy = _fresh()
@@ -191,6 +192,14 @@ def compute(command: str, request: str, progress: object | None) -> str:
         return _native.run(command, request, progress)
     finally:
         os.environ.pop(BUSY_VAR, None)
+
+
+def _in_group(request: str) -> bool:
+    """Whether a request trains as a rank of a process group of this process."""
+    try:
+        return json.loads(request).get("process_group") is not None
+    except (ValueError, AttributeError):
+        return False
 
 
 def _threads_of(request: str) -> int | None:

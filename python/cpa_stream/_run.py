@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import _args, _native, _openmp, _progress
+from . import _args, _native, _openmp, _progress, distributed
 from ._store import PathLike, Store, store_of, table_to_pandas
 
 if TYPE_CHECKING:
@@ -157,6 +157,7 @@ def train(
                 overwrite=overwrite, allow_non_counts=allow_non_counts, checkpoint_every=checkpoint_every,
                 progress=progress,
             )
+    place = distributed.join(device)
     request = {
         "store": _path(store),
         "out": os.fspath(out),
@@ -179,13 +180,18 @@ def train(
         "overwrite": overwrite,
         "allow_non_counts": allow_non_counts,
         "checkpoint_every": checkpoint_every,
-        "compute": _compute(device, threads, workers),
+        "compute": _compute(place.device, threads, workers),
+        "process_group": place.group,
         "naming": "keywords",
     }
     if config_value is not None:
         request["config"] = config_value
     as_json = _args.request(request, {"covariates": "categorical_covariate_keys", "epochs": "max_epochs"})
-    report = json.loads(_openmp.compute("train", as_json, _progress.make(progress, "train")))
+    # The other ranks show no progress of their own: rank 0's bar is the run's.
+    report = json.loads(_openmp.compute("train", as_json, _progress.make(progress if place.rank == 0 else False, "train")))
+    if place.group is not None:
+        # Rank 0 publishes the run after the others have stepped their last batch.
+        distributed.barrier()
     run = Run(out)
     run.report = report
     if report.get("interrupted"):

@@ -1,4 +1,5 @@
-"""Prediction of an atlas that outgrows one machine, fanned out as Ray tasks.
+"""Ray: prediction of an atlas that outgrows one machine, fanned out as Ray tasks
+(:func:`predict`), and data-parallel training on a Ray cluster's workers (:func:`train`).
 
 The store's cells are cut into ``shards`` contiguous ranges (``cpa-stream predict --shard k/n``);
 each range is one Ray task that streams its predictions to ``out/part-k-of-n.parquet``, so the
@@ -71,3 +72,64 @@ def predict(
     task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries)(_predict_shard)
     refs = [task.remote(run_path, store_path, out_path, f"{k}/{shards}", options) for k in range(shards)]
     return ray.get(refs)
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    from ._run import train as train_run
+
+    kwargs = dict(config["kwargs"])
+    if config["use_gpu"]:
+        import ray.train.torch
+
+        kwargs["device"] = str(ray.train.torch.get_device())
+    # Ray Train made the process group (gloo, or NCCL with GPUs): cpa_stream.train joins it.
+    train_run(config["store"], config["out"], **kwargs)
+
+
+def train(
+    store: Store | PathLike,
+    out: PathLike,
+    *,
+    num_workers: int,
+    use_gpu: bool = False,
+    cpus_per_worker: int = 1,
+    storage_path: PathLike | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Trains on ``store`` into the run directory ``out`` as ``num_workers`` ranks of data-parallel
+    training on a Ray cluster (Ray Train's ``TorchTrainer``, which makes the process group: gloo,
+    or NCCL with ``use_gpu``, a GPU per worker) and returns the :class:`~cpa_stream.Run`. Every
+    worker must see ``store`` and ``out`` at the same paths (a shared file system); rank 0 writes
+    the run. ``kwargs`` are :func:`cpa_stream.train`'s (``batch_size`` is the whole step's,
+    shared by the workers; ``threads`` defaults to ``cpus_per_worker``). ``storage_path`` is
+    where Ray Train keeps its own records (default a directory beside ``out``)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ._run import Run
+
+    if num_workers < 1:
+        raise ValueError("num_workers must be at least 1")
+    if "device" in kwargs:
+        raise TypeError("device: each Ray worker trains on its own (use_gpu=True for a GPU each)")
+    kwargs.setdefault("threads", cpus_per_worker)
+    kwargs.setdefault("progress", False)
+    out_path = os.path.abspath(os.fspath(out))
+    records = os.path.abspath(os.fspath(storage_path)) if storage_path else os.path.join(
+        os.path.dirname(out_path), f".{os.path.basename(out_path)}.ray")
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "store": os.path.abspath(os.fspath(store)),
+            "out": out_path,
+            "use_gpu": use_gpu,
+            "kwargs": kwargs,
+        },
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(storage_path=records, name="train"),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return Run(out_path)

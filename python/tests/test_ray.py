@@ -60,3 +60,22 @@ def test_ray_shards_predict_an_ensemble_as_one_process_does(run, store, fresh):
     a = np.stack(fanned.column("mean").to_numpy(zero_copy_only=False))
     b = np.stack(single.column("mean").to_numpy(zero_copy_only=False))
     assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ray_train_workers_train_as_ranks_launched_otherwise(store, fresh):
+    """Two Ray Train workers (gloo) give the run that two ranks launched by hand give."""
+    pytest.importorskip("ray.train.torch", reason="Ray Train's torch integration is not installed")
+    import test_distributed as td
+
+    td._gloo_or_skip()
+    kwargs = {k: v for k, v in td.TRAIN.items() if k not in ("progress", "threads")}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        run = cs_ray.train(store, fresh / "ray", num_workers=2, max_epochs=2, storage_path=fresh / "records", **kwargs)
+    finally:
+        ray.shutdown()
+    assert len(run.history) == 2
+    td._train_ranks(store, fresh / "ranks", max_epochs=2)
+    wa, wb = td._weights(fresh / "ranks"), td._weights(fresh / "ray")
+    for name, w in wa.items():
+        np.testing.assert_array_equal(wb[name], w, err_msg=name)

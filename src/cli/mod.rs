@@ -268,7 +268,12 @@ enum Command {
     /// Train CPA on a store through the streaming pipeline.
     #[command(after_help = "Examples:\n  cpa-stream train --store atlas.store --dose-key dose --covariates cell_type \
                             --holdout \"MAP2K3+MAP2K6\" --epochs 100 --out run/\n  \
-                            cpa-stream train --store atlas.store --out run/ --resume      (after Ctrl-C)")]
+                            cpa-stream train --store atlas.store --out run/ --resume      (after Ctrl-C)\n  \
+                            torchrun --nproc-per-node 8 --no-python cpa-stream train --store atlas.store \
+                            --out run/ --device cuda --batch-size 4096\n\n\
+                            Launched as several processes (torchrun, srun, RANK/WORLD_SIZE), it trains as one \
+                            rank of a data-parallel run\n(through the Python package's torch.distributed; \
+                            --batch-size is the whole step's): docs/training.md.")]
     Train(train::TrainArgs),
     /// Counterfactual predictions of a trained model into a Parquet file.
     #[command(after_help = "Example:\n  cpa-stream predict --model run/ --store atlas.store \

@@ -44,6 +44,7 @@ impl TrainArgs {
             shuffle_buffer_bytes: self.shuffle_buffer_mb.map(|mb| mb << 20),
             perturbation_features: self.perturbation_features.clone(),
             compute: self.compute.compute(),
+            process_group: None,
             naming: Naming::Flags,
         }
     }
@@ -94,10 +95,58 @@ fn smiles_features(table: &std::path::Path, kind: &str, out: &std::path::Path) -
     }
 }
 
+/// The processes a launcher started for data-parallel training (`WORLD_SIZE` of torchrun and
+/// others, `SLURM_STEP_NUM_TASKS` of an `srun` step); 1 without one.
+fn launched_world() -> anyhow::Result<usize> {
+    for name in ["WORLD_SIZE", "SLURM_STEP_NUM_TASKS"] {
+        if let Ok(value) = std::env::var(name)
+            && !value.trim().is_empty()
+        {
+            return value.trim().parse().map_err(|_| anyhow::anyhow!("{name}={value:?}: expected a whole number"));
+        }
+    }
+    Ok(1)
+}
+
+/// One rank of data-parallel training: the process group is torch.distributed's, made in Python,
+/// so this process becomes `python -m cpa_stream._rank` with the request (the interpreter
+/// of `CPA_STREAM_PYTHON`, else `python3`, with the cpa_stream package and PyTorch).
+#[cfg(unix)]
+fn become_rank(request: &TrainRequest, json: bool) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let python = std::env::var_os("CPA_STREAM_PYTHON").unwrap_or_else(|| "python3".into());
+    let mut command = std::process::Command::new(&python);
+    command.args(["-m", "cpa_stream._rank"]).arg(serde_json::to_string(request)?);
+    if json {
+        command.arg("--json");
+    }
+    let e = command.exec();
+    anyhow::bail!(
+        "{} processes launched: data-parallel training runs through the Python package (torch.distributed makes the \
+         process group), but {} cannot be run: {e} (CPA_STREAM_PYTHON names an interpreter with cpa_stream and PyTorch)",
+        launched_world().unwrap_or(0),
+        std::path::Path::new(&python).display()
+    )
+}
+
+#[cfg(not(unix))]
+fn become_rank(_request: &TrainRequest, _json: bool) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("data-parallel training from the command line needs a Unix system; use cpa_stream.train")
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     let what = || format!("training on {}", args.store.display());
     let mut request = args.request();
+    if launched_world()? > 1 && !cli::printing_request() {
+        if args.perturbation_smiles.is_some() {
+            anyhow::bail!(
+                "--perturbation-smiles in data-parallel training: compute the features once (`python -m \
+                 cpa_stream.chem TABLE -o features.parquet`) and pass --perturbation-features"
+            );
+        }
+        return become_rank(&request, args.json);
+    }
     let _features = match &args.perturbation_smiles {
         Some(table) if !cli::printing_request() => {
             let features = smiles_features(table, &args.smiles_features, &args.out)?;

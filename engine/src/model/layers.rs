@@ -21,12 +21,51 @@ pub(crate) use cpa_stream_stages::rng::seeded;
 pub struct Noise {
     rng: Xoshiro256PlusPlus,
     device: Device,
+    /// Data-parallel training: this rank's rows of the step's whole batch, while the network
+    /// runs on them ([`Noise::set_shard`]).
+    shard: Option<BatchShard>,
+}
+
+/// This rank's rows of a data-parallel step's whole batch: draws for them are made for the whole
+/// batch and cut to these rows (every rank draws the same stream, so a cell gets the dropout one
+/// process would give it), and batch normalisation takes its statistics over every rank's rows.
+#[derive(Debug, Clone)]
+pub struct BatchShard {
+    /// The process group.
+    pub collective: std::sync::Arc<crate::collective::Collective>,
+    /// The first of this rank's rows in the whole batch.
+    pub offset: i64,
+    /// This rank's rows.
+    pub rows: i64,
+    /// The whole batch's rows.
+    pub total: i64,
 }
 
 impl Noise {
     /// A stream seeded by `rng`, drawing on `device`.
     pub fn new(rng: Xoshiro256PlusPlus, device: Device) -> Noise {
-        Noise { rng, device }
+        Noise { rng, device, shard: None }
+    }
+
+    /// Sets (or clears) the rows of data-parallel training the network runs on; returns the
+    /// previous setting.
+    pub fn set_shard(&mut self, shard: Option<BatchShard>) -> Option<BatchShard> {
+        std::mem::replace(&mut self.shard, shard)
+    }
+
+    /// The rows of data-parallel training the network runs on, if any.
+    pub fn shard(&self) -> Option<&BatchShard> {
+        self.shard.as_ref()
+    }
+
+    /// The whole batch's shape for a draw of `shape` on this rank's rows, and the rows to keep.
+    fn widened(&self, shape: &[i64]) -> Option<(Vec<i64>, i64, i64)> {
+        let s = self.shard.as_ref()?;
+        (shape.first() == Some(&s.rows)).then(|| {
+            let mut whole = shape.to_vec();
+            whole[0] = s.total;
+            (whole, s.offset, s.rows)
+        })
     }
 
     /// Reseeds the stream (on CUDA also libtorch's CUDA generators).
@@ -49,6 +88,13 @@ impl Noise {
 
     /// Uniform [0, 1) float32 values of `shape` on the device.
     pub fn uniform(&mut self, shape: &[i64]) -> Result<Tensor> {
+        if let Some((whole, offset, rows)) = self.widened(shape) {
+            return self.uniform_unsharded(&whole)?.f_narrow(0, offset, rows).torch();
+        }
+        self.uniform_unsharded(shape)
+    }
+
+    fn uniform_unsharded(&mut self, shape: &[i64]) -> Result<Tensor> {
         if self.device.is_cuda() {
             return Tensor::f_rand(shape, (Kind::Float, self.device)).torch();
         }
@@ -59,6 +105,13 @@ impl Noise {
 
     /// Standard normal float32 values of `shape` on the device.
     pub fn normal(&mut self, shape: &[i64]) -> Result<Tensor> {
+        if let Some((whole, offset, rows)) = self.widened(shape) {
+            return self.normal_unsharded(&whole)?.f_narrow(0, offset, rows).torch();
+        }
+        self.normal_unsharded(shape)
+    }
+
+    fn normal_unsharded(&mut self, shape: &[i64]) -> Result<Tensor> {
         if self.device.is_cuda() {
             return Tensor::f_randn(shape, (Kind::Float, self.device)).torch();
         }
@@ -184,8 +237,22 @@ impl NormLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool, noise: &Noise) -> Result<Tensor> {
         Ok(match self {
+            NormLayer::Batch { weight, bias, running_mean, running_var }
+                if let (true, Some(s)) = (train, noise.shard()) =>
+            {
+                s.collective.sync_batch_norm(
+                    x,
+                    weight,
+                    bias,
+                    running_mean,
+                    running_var,
+                    s.total,
+                    BATCH_NORM_MOMENTUM,
+                    BATCH_NORM_EPS,
+                )?
+            }
             NormLayer::Batch { weight, bias, running_mean, running_var } => Tensor::f_batch_norm(
                 x,
                 Some(weight),
@@ -245,7 +312,7 @@ impl FcLayers {
     pub fn forward(&self, x: &Tensor, train: bool, precision: Precision, noise: &mut Noise) -> Result<Tensor> {
         let mut h = x.shallow_clone();
         for (linear, norm) in &self.blocks {
-            h = norm.forward(&linear.forward(&h, precision)?, train)?.f_relu().torch()?;
+            h = norm.forward(&linear.forward(&h, precision)?, train, noise)?.f_relu().torch()?;
             h = noise.dropout(&h, self.dropout, train)?;
         }
         Ok(h)

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::collective::Collective;
 use crate::device::{DeviceMemory, memory as device_memory};
 use crate::model::config::{CpaConfig, DispersionInit, DoserType};
 use crate::model::files::publish_dir;
@@ -29,7 +30,7 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::Stage;
-use cpa_stream_pipeline::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+use cpa_stream_pipeline::batcher::{self, LoaderOptions, PlanOptions, PoolStats, Shard, spawn_loader};
 use cpa_stream_pipeline::context::RunContext;
 use cpa_stream_pipeline::encoder::{CellLabels, EncoderOptions, Split};
 use cpa_stream_pipeline::error::{Error, Result};
@@ -80,6 +81,11 @@ pub struct TrainOptions {
     pub epochs: Option<u32>,
     /// Probe the batch size (`--batch-size auto`) instead of the configuration's; default false.
     pub auto_batch_size: bool,
+    /// Train as one rank of the torch.distributed process group of this name (made in this
+    /// process by the caller; [`crate::collective`]): each rank trains on its share of every
+    /// batch (the configuration's batch size is the whole step's), rank 0 validates and writes
+    /// the run directory, the others write nothing. Default `None`: alone.
+    pub process_group: Option<String>,
     /// The batcher's threads and depth.
     pub loader: LoaderOptions,
     /// Fixed perturbation features ([`features::FeatureTable`]) the model projects instead of
@@ -108,6 +114,7 @@ impl Default for TrainOptions {
             checkpoint_every: Duration::from_secs_f64(DEFAULT_CHECKPOINT_SECONDS),
             epochs: None,
             auto_batch_size: false,
+            process_group: None,
             loader: LoaderOptions::default(),
             plan: PlanOptions::default(),
         }
@@ -144,10 +151,23 @@ pub struct TrainReport {
 pub fn run(options: &TrainOptions, ctx: &RunContext) -> Result<TrainReport> {
     let wall = Instant::now();
     let sampler = MemorySampler::start();
+    let collective =
+        options.process_group.as_deref().map(Collective::join).transpose().map_err(Error::stage(Stage::Trainer))?;
+    if collective.as_ref().is_some_and(|c| c.rank() > 0) {
+        // The run directory is rank 0's.
+        return train_claimed(options, ctx, wall, sampler, collective);
+    }
+    if options.auto_batch_size && collective.is_some() {
+        return Err(Error::InvalidInput(
+            "--batch-size auto probes one device; in data-parallel training give the batch size of a whole step \
+             (each rank trains on its share of it)"
+                .to_owned(),
+        ));
+    }
     // Held for the whole run: a second command on this run (a training, a --resume) is refused.
     let _lock = claim_run_dir(options)?;
     let created = !options.out.exists();
-    let result = train_claimed(options, ctx, wall, sampler);
+    let result = train_claimed(options, ctx, wall, sampler, collective);
     // A new run that fails before its first checkpoint leaves nothing behind (its configuration
     // alone is no run: a full disk left a config.toml that --resume could not continue).
     if result.is_err() && !options.resume && !options.out.join(CHECKPOINT_DIR).exists() {
@@ -164,7 +184,9 @@ fn train_claimed(
     ctx: &RunContext,
     wall: Instant,
     sampler: MemorySampler,
+    collective: Option<Collective>,
 ) -> Result<TrainReport> {
+    let leader = collective.as_ref().is_none_or(|c| c.rank() == 0);
     let store = Arc::new(Store::open(&options.store).map_err(Error::stage(Stage::Reader))?);
     let encoder_stats = StageStats::new(Stage::Encoder, 1);
     let labels = encoder_stats.busy(|| CellLabels::from_store(&store, &options.encoder))?;
@@ -184,28 +206,58 @@ fn train_claimed(
                 .to_owned(),
         ));
     }
-    let trainer = start_trainer(options, &store, &labels, features.as_ref())?;
+    let mut trainer = start_trainer(options, &store, &labels, features.as_ref())?;
     if trainer.model().config().model.recon_loss.is_count() {
         check_counts(&store, options.allow_non_counts)?;
     }
-    std::fs::create_dir_all(&options.out).map_err(Error::io(&options.out))?;
+    let shard = match collective {
+        None => Shard::WHOLE,
+        Some(c) => {
+            let recorded = trainer.state().world_size.unwrap_or(1) as usize;
+            if options.resume && recorded != c.world() && leader {
+                tracing::warn!(
+                    "{}: trained on {recorded} process(es) until its checkpoint, continued on {}: the run goes on, but \
+                     not exactly as an uninterrupted run on either would",
+                    options.out.display(),
+                    c.world()
+                );
+            }
+            let batch = trainer.model().config().training.batch_size;
+            if batch < c.world() || (train_cells as usize) < c.world() {
+                return Err(Error::InvalidInput(format!(
+                    "{} processes, but batches of {batch} cells and {train_cells} training cells: every process \
+                     trains on a share of every batch, so a batch needs at least one cell per process",
+                    c.world()
+                )));
+            }
+            let shard = Shard { rank: c.rank(), world: c.world() };
+            trainer.join(c).map_err(Error::stage(Stage::Trainer))?;
+            shard
+        }
+    };
+    if leader {
+        std::fs::create_dir_all(&options.out).map_err(Error::io(&options.out))?;
+    }
     // Peak device memory counts from here: the model, optimizer state and training steps.
     device_memory::reset_peak(options.device);
     let config = trainer.model().config().clone();
-    let config_path = options.out.join(CONFIG_FILE);
-    let text = config.to_toml().map_err(Error::stage(Stage::Trainer))?;
-    // Whole or absent: written beside, then renamed.
-    let tmp = cpa_stream_stages::output::temporary_sibling(&config_path).map_err(Error::stage(Stage::Trainer))?;
-    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &config_path)).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(&config_path)(e)
-    })?;
+    if leader {
+        let config_path = options.out.join(CONFIG_FILE);
+        let text = config.to_toml().map_err(Error::stage(Stage::Trainer))?;
+        // Whole or absent: written beside, then renamed.
+        let tmp = cpa_stream_stages::output::temporary_sibling(&config_path).map_err(Error::stage(Stage::Trainer))?;
+        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &config_path)).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(&config_path)(e)
+        })?;
+    }
     let plan = PlanOptions {
         batch_size: config.training.batch_size,
         // 0 only in checkpoints from before the setting, which shuffled single cells.
         run_cells: config.training.shuffle_run_cells.max(1),
         seed: config.training.seed,
         shuffle: true,
+        shard,
         ..options.plan.clone()
     };
     let loader = LoaderOptions {
@@ -216,8 +268,13 @@ fn train_claimed(
     warn_if_clustered(options, &labels, &plan);
     let epochs = options.epochs.unwrap_or_else(|| config.training.epochs_for(train_cells));
     let covariates: Vec<String> = trainer.model().vocabulary().covariates.iter().map(|c| c.name.clone()).collect();
-    let records = read_history(&options.out.join(METRICS_FILE), trainer.state().epoch, &covariates)?;
+    let records = if leader {
+        read_history(&options.out.join(METRICS_FILE), trainer.state().epoch, &covariates)?
+    } else {
+        Vec::new()
+    };
     let mut run = Run {
+        leader,
         options,
         store,
         labels,
@@ -232,14 +289,14 @@ fn train_claimed(
     };
     let trained_start = Instant::now();
     let end = run.epochs(epochs, ctx)?;
-    if !end.interrupted {
+    if !end.interrupted && leader {
         run.publish_model()?;
     }
     let seconds = trained_start.elapsed().as_secs_f64().max(1e-9);
     let Run { trainer, records, pool, train_stats, trained_cells, .. } = run;
     // A picture is no reason to fail a run: a warning when it cannot be drawn.
     let title = format!("training history of {}", options.out.display());
-    if let Err(e) = history::plot_history(&options.out.join(HISTORY_STEM), &title, &records) {
+    if leader && let Err(e) = history::plot_history(&options.out.join(HISTORY_STEM), &title, &records) {
         tracing::warn!("{e}");
     }
     let stages = [encoder_stats.report()].into_iter().chain(pool.reports()).chain([train_stats.report()]).collect();
@@ -511,6 +568,8 @@ struct End {
 
 /// A run in progress: the wiring of the stages and what they have done so far.
 struct Run<'a> {
+    /// Alone, or rank 0 of data-parallel training: validates and writes the run directory.
+    leader: bool,
     options: &'a TrainOptions,
     store: Arc<Store>,
     labels: Arc<CellLabels>,
@@ -551,6 +610,7 @@ impl Run<'_> {
                 self.halt.store(true, Ordering::Relaxed);
             }
             if trained? {
+                // Alone only: data-parallel training stops between epochs.
                 end.interrupted = true;
                 self.save(&checkpoint)?;
                 tracing::warn!(
@@ -563,15 +623,27 @@ impl Run<'_> {
                 self.train_stats.busy(|| self.trainer.end_epoch()).map_err(Error::stage(Stage::Trainer))?;
             let last = self.trainer.state().epoch >= epochs;
             let due = self.trainer.state().epoch.is_multiple_of(config.training.check_val_every_n_epoch);
-            let validation = if valid_cells > 0 && (due || last) { Some(self.validate()?) } else { None };
+            let validation =
+                if self.leader && valid_cells > 0 && (due || last) { Some(self.validate()?) } else { None };
             let seconds = seconds_before + started.elapsed().as_secs_f64();
             progress.note(&epoch_summary(epoch, &train_metrics, validation.as_ref()));
             log_epoch(epoch, &train_metrics, validation.as_ref());
             self.records.push(EpochRecord { train: train_metrics, seconds, validation });
-            let stop_early =
+            let mut stop_early =
                 self.trainer.state().validations_without_improvement >= config.training.early_stopping_patience;
-            let interrupted = ctx.stopped() && self.trainer.state().epoch < epochs;
-            if last || stop_early || interrupted || last_checkpoint.elapsed() >= self.options.checkpoint_every {
+            let mut interrupted = ctx.stopped() && self.trainer.state().epoch < epochs;
+            if let Some(c) = self.trainer.collective() {
+                // Rank 0's validation decides the early stop; any rank's Ctrl-C stops them all.
+                let device = self.options.device;
+                stop_early = c
+                    .any(stop_early, device, &format!("the early stop after epoch {epoch}"))
+                    .map_err(Error::stage(Stage::Trainer))?;
+                interrupted = c
+                    .any(interrupted, device, &format!("the stop after epoch {epoch}"))
+                    .map_err(Error::stage(Stage::Trainer))?;
+            }
+            let due = last || stop_early || interrupted || last_checkpoint.elapsed() >= self.options.checkpoint_every;
+            if due && self.leader {
                 self.save(&checkpoint)?;
                 last_checkpoint = Instant::now();
             }

@@ -141,6 +141,9 @@ pub struct TrainRequest {
     pub perturbation_features: Option<PathBuf>,
     /// Device and threads.
     pub compute: Compute,
+    /// The torch.distributed process group (its name) to train as one rank of, made in this
+    /// process by the caller (`cpa_stream.train` under torchrun, srun or Ray); `None` trains alone.
+    pub process_group: Option<String>,
     /// How messages name the settings.
     pub naming: Naming,
 }
@@ -317,6 +320,7 @@ impl TrainRequest {
             allow_non_counts: self.allow_non_counts,
             checkpoint_every,
             epochs: self.epochs,
+            process_group: self.process_group.clone(),
             auto_batch_size,
             loader: LoaderOptions {
                 workers,

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::Stage;
 use crate::torch::{TorchResult, torch_error};
-use cpa_stream_pipeline::batcher::{LoaderOptions, PlanOptions, PoolStats, spawn_loader};
+use cpa_stream_pipeline::batcher::{LoaderOptions, PlanOptions, PoolStats, Shard, spawn_loader};
 use cpa_stream_pipeline::encoder::{CellLabels, Split};
 use cpa_stream_pipeline::error::{Error, Result};
 use cpa_stream_pipeline::stats::r2_score;
@@ -88,7 +88,9 @@ pub fn validate(
     let scored_covariates: Vec<usize> =
         labels.vocab.covariates.iter().enumerate().filter(|(_, c)| c.categories.len() > 1).map(|(i, _)| i).collect();
     let mut noise = Noise::new(Xoshiro256PlusPlus::seed_from_u64(0), device);
-    let plan = PlanOptions { shuffle: false, ..plan.clone() };
+    // Validation reads every validation cell, whatever part of the training batches this
+    // process trains on.
+    let plan = PlanOptions { shuffle: false, shard: Shard::WHOLE, ..plan.clone() };
     let consumer = StageStats::new(Stage::Validation, 1);
     let count_model = model.config().model.recon_loss.is_count();
     {

@@ -73,6 +73,11 @@ impl Averaged {
         Ok(())
     }
 
+    /// The shadows (data-parallel training broadcasts rank 0's).
+    pub(crate) fn shadows(&self) -> &[Tensor] {
+        &self.shadow
+    }
+
     /// The shadows under their checkpoint names.
     pub(crate) fn state_tensors(&self) -> Vec<(String, Tensor)> {
         debug_assert!(!self.swapped, "the averaged weights are in the model");

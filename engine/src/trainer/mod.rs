@@ -11,14 +11,19 @@
 //! resumes it by feeding the epoch's batches from [`Trainer::batches_in_epoch`] on.
 
 mod average;
+mod losses;
 mod metrics;
 pub mod optim;
+mod ranks;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Tensor};
+
+use crate::collective::Collective;
 
 use crate::model::batch::{DeviceBatch, HostBatch};
 use crate::model::config::{AdvLoss, CpaConfig, LrSchedule};
@@ -28,9 +33,12 @@ use crate::model::network::{CpaModel, GROUP_ADV, GROUP_AE, GROUP_DOSER, Generati
 use crate::torch::TorchResult;
 use average::Averaged;
 use cpa_stream_stages::{Error, Result};
+pub use losses::{classification_loss, gradient_penalty};
+use losses::{kl_standard_normal, mixed_loss};
 pub use metrics::{EpochMetrics, HeadMetrics};
 use metrics::{HeadTensors, Heads, Sums, batch_r2, category_codes};
 use optim::{AdamGroup, AdamSettings};
+use ranks::{splice, whole_perts};
 
 /// Optimizer moments of a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -62,6 +70,10 @@ pub struct TrainState {
     /// Where the current epoch stands, for a checkpoint taken within it; `None` between epochs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub within_epoch: Option<EpochPosition>,
+    /// The processes of data-parallel training (absent: one), recorded so that a resume at
+    /// another world size can say that it does not continue exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u32>,
 }
 
 /// What a validation score did ([`Trainer::record_validation`]).
@@ -149,6 +161,8 @@ pub struct Trainer {
     epoch_clock: Option<std::time::Instant>,
     /// The moving average of the weights, when `training.ema_decay` is set.
     average: Option<Averaged>,
+    /// The process group of data-parallel training ([`Trainer::join`]); `None` trains alone.
+    collective: Option<Arc<Collective>>,
 }
 
 /// [`Trainer::first_nonfinite`] while every loss of the epoch is finite.
@@ -186,6 +200,7 @@ impl Trainer {
             best_epoch: None,
             validations_without_improvement: 0,
             within_epoch: None,
+            world_size: None,
         };
         let vocab = model.vocabulary();
         let layout = Sums::new(vocab.covariates.len());
@@ -222,7 +237,35 @@ impl Trainer {
             epoch_seconds_before: 0.0,
             epoch_clock: None,
             average,
+            collective: None,
         })
+    }
+
+    /// Trains as one rank of data-parallel training, as one process would train on the whole
+    /// batches: every rank starts from rank 0's weights and buffers and
+    /// [`step`](Trainer::step)s its share of every batch (at least one cell); batch
+    /// normalisation takes its statistics over every rank's cells; every rank draws the whole
+    /// batch's dropout and mixup from the same stream and keeps its own cells'; the adversaries
+    /// see the whole batch's basal latents on every rank; each optimizer step sums the ranks'
+    /// gradients of their shares of the whole batch's loss. The running losses are summed over
+    /// the ranks. Checkpoints are taken between epochs only.
+    pub fn join(&mut self, collective: Collective) -> Result<()> {
+        let mut variables: Vec<(String, Tensor)> = self.model.var_store().variables().into_iter().collect();
+        // Every rank in the same order.
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut tensors: Vec<Tensor> = variables.into_iter().map(|(_, t)| t).collect();
+        if let Some(average) = &self.average {
+            tensors.extend(average.shadows().iter().map(Tensor::shallow_clone));
+        }
+        collective.broadcast_all(&tensors)?;
+        self.state.world_size = Some(u32::try_from(collective.world()).unwrap_or(u32::MAX));
+        self.collective = Some(Arc::new(collective));
+        Ok(())
+    }
+
+    /// The process group this trainer is a rank of.
+    pub fn collective(&self) -> Option<&Collective> {
+        self.collective.as_deref()
     }
 
     /// A fresh model from a configuration and vocabulary, initialised from the configuration's seed.
@@ -299,7 +342,7 @@ impl Trainer {
     /// Whether a checkpoint can be taken now: between epochs, or within one after an optimizer
     /// step (not while gradients of a step are still being accumulated).
     pub fn can_checkpoint(&self) -> bool {
-        self.pending.micro == 0
+        self.pending.micro == 0 && (self.collective.is_none() || !self.in_epoch)
     }
 
     /// Epochs after pre-training, for the warm-ups (negative during pre-training).
@@ -360,7 +403,27 @@ impl Trainer {
     /// Trains on one device batch (gradients of `accumulate_batches` batches are summed before
     /// each optimizer step).
     pub fn step(&mut self, batch: &HostBatch) -> Result<()> {
+        let result = self.step_batch(batch);
+        match (&self.collective, result) {
+            (Some(c), Err(e)) => {
+                Err(c.name_rank(e, &format!("batch {} of epoch {}", self.batches_in_epoch, self.state.epoch)))
+            }
+            (_, result) => result,
+        }
+    }
+
+    fn step_batch(&mut self, batch: &HostBatch) -> Result<()> {
         if batch.is_empty() {
+            if let Some(c) = &self.collective {
+                // The plan gives every rank a share of every batch (at least one cell each).
+                return Err(Error::InvalidInput(format!(
+                    "rank {} of {}: an empty share of batch {} of epoch {}",
+                    c.rank(),
+                    c.world(),
+                    self.batches_in_epoch,
+                    self.state.epoch
+                )));
+            }
             return Ok(());
         }
         if !self.in_epoch {
@@ -369,11 +432,22 @@ impl Trainer {
         }
         self.epoch_clock.get_or_insert_with(std::time::Instant::now);
         let b = DeviceBatch::upload(batch, self.model.device())?;
+        let shard = self.batch_shard(b.n_cells)?;
+        let (offset, rows, total) = shard.as_ref().map_or((0, b.n_cells, b.n_cells), |s| (s.offset, s.rows, s.total));
+        let gather = |t: &Tensor, what: &str| -> Result<Tensor> {
+            match &shard {
+                None => Ok(t.shallow_clone()),
+                Some(s) => {
+                    s.collective.gather_rows(t, offset, total, &format!("{what} of batch {}", self.batches_in_epoch))
+                }
+            }
+        };
         let phase = self.phase();
         let alpha = self.mixup_alpha();
+        // Mixup pairs the cells of the whole batch (every rank draws the same permutation).
         let (lambda, perm) = if alpha > 0.0 {
             let lambda = self.noise.beta(alpha)?;
-            let perm = Tensor::f_from_slice(&self.noise.permutation(batch.n_cells()))
+            let perm = Tensor::f_from_slice(&self.noise.permutation(total as usize))
                 .torch()?
                 .f_to_device(self.model.device())
                 .torch()?;
@@ -381,39 +455,83 @@ impl Trainer {
         } else {
             (1.0, None)
         };
+        // The whole batch's labels, for the adversaries (which see the whole batch).
+        let conditions = gather(&b.conditions, "the conditions")?;
+        let covariates = b.covariates.iter().map(|c| gather(c, "the covariates")).collect::<Result<Vec<_>>>()?;
+        // With mixup, a tensor of the whole batch's rows mixed and cut to this rank's rows;
+        // without, this rank's rows as they are.
         let mix = |t: &Tensor| -> Result<Tensor> {
             match &perm {
                 None => Ok(t.shallow_clone()),
                 Some(p) => Ok(t
+                    .f_narrow(0, offset, rows)
+                    .torch()?
                     .f_mul_scalar(lambda)
                     .torch()?
-                    .f_add(&t.f_index_select(0, p).torch()?.f_mul_scalar(1.0 - lambda).torch()?)
+                    .f_add(
+                        &t.f_index_select(0, &p.f_narrow(0, offset, rows).torch()?)
+                            .torch()?
+                            .f_mul_scalar(1.0 - lambda)
+                            .torch()?,
+                    )
                     .torch()?),
             }
         };
         let permuted = |t: &Tensor| -> Result<Option<Tensor>> {
             perm.as_ref().map(|p| t.f_index_select(0, p)).transpose().torch()
         };
-        let x = mix(&b.x)?;
+        // Mixing needs the partners' rows, which other ranks hold: the counts and perturbations
+        // of the whole batch then come to every rank.
+        let whole_x = if perm.is_some() { gather(&b.x, "the counts")? } else { b.x.shallow_clone() };
+        let x = mix(&whole_x)?;
         let (x_in, library) = self.model.input(&x)?;
-        let conditions_mix = permuted(&b.conditions)?;
-        let covariates_mix = b.covariates.iter().map(&permuted).collect::<Result<Vec<_>>>()?;
+        let conditions_mix = permuted(&conditions)?;
+        let covariates_mix = covariates.iter().map(&permuted).collect::<Result<Vec<_>>>()?;
         let labels = Labels {
-            conditions: &b.conditions,
+            conditions: &conditions,
             conditions_mix: conditions_mix.as_ref(),
-            covariates: &b.covariates,
+            covariates: &covariates,
             covariates_mix: &covariates_mix,
             lambda,
         };
+        // This rank's share of the whole batch's mean losses.
+        let share = rows as f64 / total as f64;
 
-        let z_detached = if phase == Phase::Adversary {
-            tch::no_grad(|| self.model.encode(&x_in, true, true, &mut self.noise).map(|e| e.z_basal))?
+        self.noise.set_shard(shard.clone());
+        let encoded = if phase == Phase::Adversary {
+            tch::no_grad(|| self.model.encode(&x_in, true, true, &mut self.noise))
         } else {
-            let encoded = self.model.encode(&x_in, true, true, &mut self.noise)?;
-            let z_pert = mix(&self.model.perturbation_latent(&b.perts)?)?;
-            let covs = self.model.covariate_latents(&b.covariates)?.iter().map(&mix).collect::<Result<Vec<_>>>()?;
+            self.model.encode(&x_in, true, true, &mut self.noise)
+        };
+        let encoded = match encoded {
+            Ok(e) => e,
+            Err(e) => {
+                self.noise.set_shard(None);
+                return Err(e);
+            }
+        };
+        let z_detached = encoded.z_basal.f_detach().torch()?;
+        let z_whole = gather(&z_detached, "the basal latents")?;
+        if phase != Phase::Adversary {
+            let (z_pert, covs) = match (&perm, &shard) {
+                (Some(_), Some(s)) => {
+                    let perts = whole_perts(&s.collective, &b.perts, offset, total)?;
+                    let z_pert = mix(&self.model.perturbation_latent(&perts)?)?;
+                    let covs =
+                        self.model.covariate_latents(&covariates)?.iter().map(&mix).collect::<Result<Vec<_>>>()?;
+                    (z_pert, covs)
+                }
+                _ => {
+                    let z_pert = mix(&self.model.perturbation_latent(&b.perts)?)?;
+                    let covs =
+                        self.model.covariate_latents(&b.covariates)?.iter().map(&mix).collect::<Result<Vec<_>>>()?;
+                    (z_pert, covs)
+                }
+            };
             let latents = self.model.compose(&encoded.z_basal, &z_pert, &covs)?;
-            let generative = self.model.decode(&latents.z, &latents.z_pert, library.as_ref(), true, &mut self.noise)?;
+            let generative = self.model.decode(&latents.z, &latents.z_pert, library.as_ref(), true, &mut self.noise);
+            self.noise.set_shard(None);
+            let generative = generative?;
             // Mixup blends counts, so the non-zero entries are those of the batch only without it.
             let entries = if perm.is_none() { Some(&b.entries) } else { None };
             let recon =
@@ -424,22 +542,31 @@ impl Trainer {
                 None => Tensor::f_zeros([], (Kind::Float, self.model.device())).torch()?,
             };
             let mut loss = recon.f_add(&kl.f_mul_scalar(self.kl_weight()).torch()?).torch()?;
+            if share != 1.0 {
+                loss = loss.f_mul_scalar(share).torch()?;
+            }
             let adv_weight = self.adv_weight();
             if phase != Phase::Pretrain && adv_weight != 0.0 {
-                let adv = self.adversary(&encoded.z_basal, &labels, false)?;
+                // The whole batch's basal latents, this rank's rows differentiable: the
+                // adversaries' loss of the whole batch sends each rank the gradient of its rows.
+                let z = splice(&z_whole, &encoded.z_basal, offset)?;
+                let adv = self.adversary(&z, &labels, false)?;
                 loss = loss.f_sub(&adv.loss.f_mul_scalar(adv_weight).torch()?).torch()?;
             }
             let params: Vec<Tensor> =
                 self.groups[0].params().iter().chain(self.groups[1].params()).map(Tensor::shallow_clone).collect();
             let grads = Tensor::f_run_backward(&[&loss], &params, false, false).torch()?;
             accumulate(&mut self.pending.ae, grads)?;
-            self.add_sums(&self.layout.autoencoder_row(&recon, &kl, &r2)?)?;
+            // Data-parallel: this rank's share of the whole batch's means (the ranks' rows add up
+            // to them; the training R2, not a mean over cells, is approximated so).
+            let row = self.layout.autoencoder_row(&recon, &kl, &r2)?;
+            self.add_sums(&if share == 1.0 { row } else { row.f_mul_scalar(share).torch()? })?;
             self.counts.0 += 1;
-            encoded.z_basal.f_detach().torch()?
-        };
+        }
+        self.noise.set_shard(None);
 
         if phase != Phase::Autoencoder {
-            let z = z_detached.f_set_requires_grad(true).torch()?;
+            let z = z_whole.f_set_requires_grad(true).torch()?;
             let adv = self.adversary(&z, &labels, true)?;
             let penalty = adv.penalty.unwrap_or(Tensor::f_zeros([], (Kind::Float, self.model.device())).torch()?);
             let total = adv.loss.f_add(&penalty.f_mul_scalar(self.config().adversary.pen_adv).torch()?).torch()?;
@@ -450,7 +577,10 @@ impl Trainer {
                 let grads = Tensor::f_run_backward(&[&total], self.groups[2].params(), false, false).torch()?;
                 accumulate(&mut self.pending.adv, grads)?;
             }
-            self.add_sums(&self.layout.adversary_row(&adv.heads)?)?;
+            // Every rank computed the whole batch's: each adds its part of the one value.
+            let row = self.layout.adversary_row(&adv.heads)?;
+            let world = self.collective.as_ref().map_or(1, |c| c.world());
+            self.add_sums(&if world == 1 { row } else { row.f_div_scalar(world as f64).torch()? })?;
             self.counts.1 += 1;
         }
         self.counts.2 += batch.n_cells() as u64;
@@ -548,6 +678,14 @@ impl Trainer {
         let t = self.config().training.clone();
         let factor = self.lr_factor();
         let clip = t.do_clip_grad.then_some(t.gradient_clip_value);
+        if self.collective.is_some() {
+            // Every rank reduces the groups the phase trains, whether or not it has cells.
+            let phase = self.phase();
+            let ae = self.pending.ae.take();
+            self.pending.ae = if phase == Phase::Adversary { ae } else { self.all_reduced(false, ae)? };
+            let adv = self.pending.adv.take();
+            self.pending.adv = if phase == Phase::Autoencoder { adv } else { self.all_reduced(true, adv)? };
+        }
         if let Some(mut grads) = self.pending.ae.take() {
             scale(&mut grads, count)?;
             let doser = grads.split_off(self.groups[0].params().len());
@@ -587,11 +725,29 @@ impl Trainer {
     /// Means of the losses since the start of the epoch (one device-to-host read).
     pub fn running_metrics(&self) -> Result<EpochMetrics> {
         self.check_finite()?;
-        let sums = Vec::<f32>::try_from(&self.sums.f_to_device(Device::Cpu).torch()?).torch()?;
+        let (sums, counts) = match &self.collective {
+            None => (self.sums.shallow_clone(), self.counts),
+            Some(c) => {
+                // Every rank's sums and counts (in one all-reduce: the counts as floats).
+                let (a, b, n) = self.counts;
+                let counts = Tensor::f_from_slice(&[a as f32, b as f32, n as f32]).torch()?;
+                let both =
+                    Tensor::f_cat(&[self.sums.shallow_clone(), counts.f_to_device(self.model.device()).torch()?], 0)
+                        .torch()?;
+                c.all_reduce_sum(&both, &format!("the running losses of epoch {}", self.state.epoch))?;
+                let slots = self.layout.slots() as i64;
+                let n = Vec::<f32>::try_from(&both.f_narrow(0, slots, 3).torch()?.f_to_device(Device::Cpu).torch()?)
+                    .torch()?;
+                // The sums are the whole batches' (each rank added its part); every rank counted
+                // every batch, and its own cells.
+                (both.f_narrow(0, 0, slots).torch()?, (a, b, n[2] as u64))
+            }
+        };
+        let sums = Vec::<f32>::try_from(&sums.f_to_device(Device::Cpu).torch()?).torch()?;
         let has_adversary: Vec<bool> =
             self.model.vocabulary().covariates.iter().map(|c| c.categories.len() > 1).collect();
         let lr = self.config().training.lr * self.lr_factor();
-        Ok(self.layout.means(&sums, self.counts, &has_adversary, self.state.epoch, lr))
+        Ok(self.layout.means(&sums, counts, &has_adversary, self.state.epoch, lr))
     }
 
     /// Ends the epoch: steps any partial accumulation, returns the epoch's metrics, advances the
@@ -717,82 +873,6 @@ struct Labels<'a> {
     covariates: &'a [Tensor],
     covariates_mix: &'a [Option<Tensor>],
     lambda: f64,
-}
-
-/// `lambda * L(y) + (1 - lambda) * L(y_mix)` for cross-entropy or focal loss.
-fn mixed_loss(
-    logits: &Tensor,
-    target: &Tensor,
-    target_mix: Option<&Tensor>,
-    weights: Option<&Tensor>,
-    focal: Option<f64>,
-    lambda: f64,
-) -> Result<Tensor> {
-    let l = classification_loss(logits, target, weights, focal)?;
-    match target_mix {
-        Some(t) if lambda < 1.0 => {
-            let m = classification_loss(logits, t, weights, focal)?;
-            Ok(l.f_mul_scalar(lambda).torch()?.f_add(&m.f_mul_scalar(1.0 - lambda).torch()?).torch()?)
-        }
-        _ => Ok(l),
-    }
-}
-
-/// Cross-entropy (weighted mean, as `nn.CrossEntropyLoss(weight=..)`) or focal loss
-/// (`(1 - p_t)^gamma * w_t * -log p_t`, plain mean, as the reference's `FocalLoss`).
-pub fn classification_loss(
-    logits: &Tensor,
-    target: &Tensor,
-    weights: Option<&Tensor>,
-    focal: Option<f64>,
-) -> Result<Tensor> {
-    match focal {
-        None => Ok(logits.f_cross_entropy_loss(target, weights, Reduction::Mean, -100, 0.0).torch()?),
-        Some(gamma) => {
-            let log_p = logits.f_log_softmax(-1, Kind::Float).torch()?;
-            let log_pt = log_p.f_gather(1, &target.f_unsqueeze(1).torch()?, false).torch()?.f_squeeze_dim(1).torch()?;
-            let mut ce = log_pt.f_neg().torch()?;
-            if let Some(w) = weights {
-                ce = ce.f_mul(&w.f_index_select(0, target).torch()?).torch()?;
-            }
-            let focal_term = log_pt
-                .f_exp()
-                .torch()?
-                .f_neg()
-                .torch()?
-                .f_add_scalar(1.0)
-                .torch()?
-                .f_pow_tensor_scalar(gamma)
-                .torch()?;
-            Ok(focal_term.f_mul(&ce).torch()?.f_mean(Kind::Float).torch()?)
-        }
-    }
-}
-
-/// The reference's gradient penalty of one classifier: the mean of the squared gradients of the
-/// summed logits with respect to `z` (kept differentiable, for the classifier's update).
-pub fn gradient_penalty(logits: &Tensor, z: &Tensor) -> Result<Tensor> {
-    let sum = logits.f_sum(logits.kind()).torch()?;
-    let grads = Tensor::f_run_backward(&[&sum], &[z], true, true).torch()?;
-    let g = grads.into_iter().next().ok_or_else(|| Error::InvalidInput("no gradient for the penalty".into()))?;
-    if !g.defined() {
-        return Tensor::f_zeros([], (z.kind(), z.device())).torch();
-    }
-    g.f_square().torch()?.f_mean(g.kind()).torch()
-}
-
-/// KL(N(mean, var) || N(0, I)), summed over latent dimensions, averaged over cells.
-fn kl_standard_normal(mean: &Tensor, var: &Tensor) -> Result<Tensor> {
-    let per_dim = var
-        .f_add(&mean.f_square().torch()?)
-        .torch()?
-        .f_sub_scalar(1.0)
-        .torch()?
-        .f_sub(&var.f_log().torch()?)
-        .torch()?
-        .f_mul_scalar(0.5)
-        .torch()?;
-    per_dim.f_sum_dim_intlist(1, false, Kind::Float).torch()?.f_mean(Kind::Float).torch()
 }
 
 fn accumulate(into: &mut Option<Vec<Option<Tensor>>>, grads: Vec<Tensor>) -> Result<()> {

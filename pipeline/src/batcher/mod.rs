@@ -6,7 +6,7 @@ pub mod plan;
 pub mod pool;
 
 pub use plan::{
-    AUTO_RUN_CELLS, CLUSTERED, DEFAULT_BLOCK_CELLS, DEFAULT_SHUFFLE_BLOCKS, EpochPlan, MIXED, PlanOptions,
+    AUTO_RUN_CELLS, CLUSTERED, DEFAULT_BLOCK_CELLS, DEFAULT_SHUFFLE_BLOCKS, EpochPlan, MIXED, PlanOptions, Shard,
     group_clustering, run_cells_for,
 };
 pub use pool::{

@@ -34,6 +34,38 @@ pub struct PlanOptions {
     pub seed: u64,
     /// Shuffle (training) or read in store order (validation, evaluation); default true.
     pub shuffle: bool,
+    /// The part of every batch this process reads (data-parallel training); default the whole.
+    pub shard: Shard,
+}
+
+/// One process's part of every batch in data-parallel training: every rank plans the same
+/// batches (the plan is a function of the seed and the epoch) and takes the `rank`-th of
+/// `world` consecutive slices of each, so that the ranks together read each batch once and the
+/// batch size stays the size of the whole step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's rank, below `world`.
+    pub rank: usize,
+    /// The number of processes (at least 1).
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole batch: training alone.
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+
+    /// The rows of a batch of `n` cells that this rank reads: the `rank`-th of `world` slices
+    /// whose sizes differ by at most one (empty where the batch has fewer cells than ranks).
+    pub fn range(&self, n: usize) -> std::ops::Range<usize> {
+        let world = self.world.max(1);
+        (n * self.rank / world)..(n * (self.rank + 1) / world)
+    }
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard::WHOLE
+    }
 }
 
 impl PlanOptions {
@@ -61,6 +93,7 @@ impl Default for PlanOptions {
             run_cells: 1,
             seed: 0,
             shuffle: true,
+            shard: Shard::WHOLE,
         }
     }
 }
@@ -152,11 +185,38 @@ impl<'a> EpochPlan<'a> {
         }
     }
 
-    /// The next batch's rows, written into `out` (cleared first). `false` at the end of the epoch.
+    /// The next batch's rows (this process's [`Shard`] of them), written into `out` (cleared
+    /// first). `false` at the end of the epoch.
     pub fn next_into(&mut self, out: &mut Vec<u64>) -> bool {
         out.clear();
         let rows = self.advance();
+        if self.options.shard.world > 1 {
+            return self.split(rows, out, &mut Vec::new());
+        }
         out.extend_from_slice(&self.buffer[rows.clone()]);
+        !rows.is_empty()
+    }
+
+    /// As [`next_into`](EpochPlan::next_into), also writing the batch's rows of the other ranks
+    /// into `others` (cleared first), whose holds on a block cache this rank gives back.
+    pub fn next_split_into(&mut self, out: &mut Vec<u64>, others: &mut Vec<u64>) -> bool {
+        out.clear();
+        others.clear();
+        let rows = self.advance();
+        self.split(rows, out, others)
+    }
+
+    /// This rank's part of the batch at `rows` of the buffer into `out`, the rest into `others`.
+    /// The batch is put in store order first, the order in which the loader hands a whole batch
+    /// to the trainer: the ranks' parts, one after the other, are then the batch one process
+    /// trains on, row for row.
+    fn split(&mut self, rows: std::ops::Range<usize>, out: &mut Vec<u64>, others: &mut Vec<u64>) -> bool {
+        let batch = &mut self.buffer[rows.clone()];
+        batch.sort_unstable();
+        let mine = self.options.shard.range(batch.len());
+        out.extend_from_slice(&batch[mine.clone()]);
+        others.extend_from_slice(&batch[..mine.start]);
+        others.extend_from_slice(&batch[mine.end..]);
         !rows.is_empty()
     }
 
@@ -181,22 +241,25 @@ impl<'a> EpochPlan<'a> {
     /// The next batch's place in the buffer (empty at the end of the epoch). The epoch's last
     /// cell, when it would be a batch of its own, joins the batch before it: batch normalisation
     /// cannot train on one cell (its running variance becomes 0/0, and every later prediction
-    /// NaN), as on 577 training cells in batches of 64.
+    /// NaN), as on 577 training cells in batches of 64. In data-parallel training the last
+    /// cells join the batch before them when they are fewer than the ranks, so that every rank
+    /// has a cell of every batch.
     fn advance(&mut self) -> std::ops::Range<usize> {
         if self.buffer.len() - self.taken < self.options.batch_size {
             self.refill();
         }
+        let least = self.options.shard.world.max(2);
         let (start, mut end) = (self.taken, (self.taken + self.options.batch_size).min(self.buffer.len()));
-        match self.buffer.len() - end {
-            1 if self.cells_ahead() == 0 => end += 1,
-            // The buffer ends with this batch and the blocks not yet read hold one cell of the
-            // split: read them now, so that cell joins this batch instead of making one alone.
-            0 if end > start && self.cells_ahead() == 1 => {
+        let rest = self.buffer.len() - end;
+        if end > start && rest < least {
+            // The cells after this batch, in the buffer and in the blocks not yet read, are too
+            // few for a batch: read them now, so that they join this one.
+            let ahead = self.cells_ahead(least);
+            if rest + ahead > 0 && rest + ahead < least {
                 let n = self.labels.n_cells();
                 while self.read_next_block(n) {}
-                end += 1;
+                end = self.buffer.len();
             }
-            _ => {}
         }
         self.taken = end;
         start..end
@@ -216,15 +279,15 @@ impl<'a> EpochPlan<'a> {
         true
     }
 
-    /// How many of the split's cells the blocks not yet read hold: 0, 1, or 2 for two or more
-    /// (it stops at the second).
-    fn cells_ahead(&self) -> usize {
+    /// How many of the split's cells the blocks not yet read hold, counting up to `limit` (it
+    /// stops there).
+    fn cells_ahead(&self, limit: usize) -> usize {
         let (block, n) = (self.options.block_cells, self.labels.n_cells());
         self.blocks[self.next_block..]
             .iter()
             .flat_map(|&b| b * block..((b + 1) * block).min(n))
             .filter(|&cell| self.labels.split(cell) == self.split)
-            .take(2)
+            .take(limit)
             .count()
     }
 }
@@ -350,6 +413,7 @@ mod tests {
                 run_cells: run,
                 seed,
                 shuffle: true,
+                shard: Shard::WHOLE,
             };
             let batches: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, epoch, &plan).collect();
             let mut seen: Vec<u64> = batches.iter().flatten().copied().collect();
@@ -385,6 +449,48 @@ mod tests {
                 }
             }
         }
+
+        #[test]
+        fn the_ranks_shares_of_every_batch_make_the_batch_of_one_process(
+            splits in split_strategy(),
+            batch_size in 1usize..300,
+            block in 1u64..100,
+            run in prop_oneof![3 => Just(1usize), 1 => 2usize..70],
+            seed in any::<u64>(),
+            world in 2usize..6,
+        ) {
+            let l = labels(&splits);
+            let whole = PlanOptions { batch_size, block_cells: block, run_cells: run, seed, ..Default::default() };
+            let shares: Vec<Vec<Vec<u64>>> = (0..world)
+                .map(|rank| {
+                    let plan = PlanOptions { shard: Shard { rank, world }, ..whole.clone() };
+                    EpochPlan::new(&l, Split::Train, 1, &plan).collect()
+                })
+                .collect();
+            let alone: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, 1, &whole).collect();
+            let cells = alone.iter().map(Vec::len).sum::<usize>();
+            prop_assert!(shares.iter().all(|s| s.len() == shares[0].len()), "every rank has every batch");
+            let mut seen = Vec::new();
+            for (i, _) in shares[0].iter().enumerate() {
+                let batch: Vec<u64> = shares.iter().flat_map(|s| s[i].iter().copied()).collect();
+                // In store order, the ranks' shares one after the other.
+                prop_assert!(batch.windows(2).all(|w| w[0] < w[1]), "batch {} out of order", i);
+                // Training refuses batches of fewer cells than ranks.
+                if cells >= world && batch_size >= world {
+                    prop_assert!(shares.iter().all(|s| !s[i].is_empty()), "a rank without a cell of batch {}", i);
+                }
+                if world == 2 {
+                    // The tail rule of two ranks is one process's: the same batches.
+                    let mut one = alone[i].clone();
+                    one.sort_unstable();
+                    prop_assert_eq!(&batch, &one);
+                }
+                seen.extend(batch);
+            }
+            seen.sort_unstable();
+            let want: Vec<u64> = (0..splits.len() as u64).filter(|&c| splits[c as usize] == Split::Train).collect();
+            prop_assert_eq!(seen, want);
+        }
     }
 
     /// Pieces of consecutive rows in a batch: the scattered reads it costs.
@@ -407,6 +513,7 @@ mod tests {
             run_cells,
             seed: 7,
             shuffle: true,
+            shard: Shard::WHOLE,
         };
         let single: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, 0, &plan(1)).collect();
         let runs: Vec<Vec<u64>> = EpochPlan::new(&l, Split::Train, 0, &plan(16)).collect();
@@ -476,6 +583,7 @@ mod tests {
                 run_cells: 1,
                 seed: 3,
                 shuffle: true,
+                shard: Shard::WHOLE,
             };
             let sizes: Vec<usize> = EpochPlan::new(&l, Split::Train, epoch, &plan).map(|b| b.len()).collect();
             assert_eq!(sizes, [vec![64; 8], vec![65]].concat(), "epoch {epoch}");
@@ -485,8 +593,14 @@ mod tests {
     #[test]
     fn seeds_and_epochs_change_the_order() {
         let l = labels(&vec![Split::Train; 5000]);
-        let plan =
-            PlanOptions { batch_size: 128, block_cells: 64, shuffle_blocks: 4, run_cells: 1, seed: 1, shuffle: true };
+        let plan = PlanOptions {
+            batch_size: 128,
+            block_cells: 64,
+            shuffle_blocks: 4,
+            run_cells: 1,
+            seed: 1,
+            ..Default::default()
+        };
         let order = |seed: u64, epoch: u64| -> Vec<u64> {
             EpochPlan::new(&l, Split::Train, epoch, &PlanOptions { seed, ..plan.clone() }).flatten().collect()
         };

@@ -413,8 +413,22 @@ pub fn spawn_loader(
                 }
             }
             let mut gap = w;
+            let mut others = Vec::new();
             let mut next = |rows: &mut Vec<u64>| {
-                let more = epoch_plan.next_after_into(gap, rows);
+                let more = if plan.shard.world > 1 {
+                    // The other ranks read the rest of the batch: the worker of the batch gives
+                    // back its holds.
+                    let more =
+                        (0..gap).all(|_| epoch_plan.pass_over()) && epoch_plan.next_split_into(rows, &mut others);
+                    if let Some(cache) = &shared.cache {
+                        for &row in &others {
+                            cache.release(cache.block_of(row), 1);
+                        }
+                    }
+                    more
+                } else {
+                    epoch_plan.next_after_into(gap, rows)
+                };
                 gap = workers - 1;
                 // Store order within a batch: a compressed block is looked up once per batch.
                 rows.sort_unstable();
