@@ -210,18 +210,21 @@ fn train_claimed(
     if trainer.model().config().model.recon_loss.is_count() {
         check_counts(&store, options.allow_non_counts)?;
     }
+    let world = collective.as_ref().map_or(1, Collective::world);
+    let recorded = trainer.state().world_size.map_or(1, |w| w as usize);
+    if options.resume && recorded != world && leader {
+        tracing::warn!(
+            "{}: trained on {recorded} process(es) until its checkpoint, continued on {world}: the run goes on, but \
+             not exactly as an uninterrupted run on either would",
+            options.out.display(),
+        );
+    }
     let shard = match collective {
-        None => Shard::WHOLE,
+        None => {
+            trainer.state_mut().world_size = None;
+            Shard::WHOLE
+        }
         Some(c) => {
-            let recorded = trainer.state().world_size.unwrap_or(1) as usize;
-            if options.resume && recorded != c.world() && leader {
-                tracing::warn!(
-                    "{}: trained on {recorded} process(es) until its checkpoint, continued on {}: the run goes on, but \
-                     not exactly as an uninterrupted run on either would",
-                    options.out.display(),
-                    c.world()
-                );
-            }
             let batch = trainer.model().config().training.batch_size;
             if batch < c.world() || (train_cells as usize) < c.world() {
                 return Err(Error::InvalidInput(format!(
