@@ -455,9 +455,18 @@ impl Trainer {
         } else {
             (1.0, None)
         };
-        // The whole batch's labels, for the adversaries (which see the whole batch).
-        let conditions = gather(&b.conditions, "the conditions")?;
-        let covariates = b.covariates.iter().map(|c| gather(c, "the covariates")).collect::<Result<Vec<_>>>()?;
+        // The whole batch's labels, for the adversaries (which see the whole batch): the
+        // condition and covariate codes side by side, gathered at once.
+        let (conditions, covariates) = match &shard {
+            None => (b.conditions.shallow_clone(), b.covariates.iter().map(Tensor::shallow_clone).collect()),
+            Some(_) => {
+                let columns: Vec<&Tensor> = std::iter::once(&b.conditions).chain(&b.covariates).collect();
+                let whole = gather(&Tensor::f_stack(&columns, 1).torch()?, "the labels")?;
+                let column = |i: i64| whole.f_select(1, i).and_then(|c| c.f_contiguous()).torch();
+                let covariates = (1..=b.covariates.len() as i64).map(column).collect::<Result<Vec<_>>>()?;
+                (column(0)?, covariates)
+            }
+        };
         // With mixup, a tensor of the whole batch's rows mixed and cut to this rank's rows;
         // without, this rank's rows as they are.
         let mix = |t: &Tensor| -> Result<Tensor> {
