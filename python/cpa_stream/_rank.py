@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{request['out']}: {report.get('train_cells')} training cells, {report.get('valid_cells')} validation "
                 f"cells, {len(epochs)} epochs recorded{ending}; {place.world} processes, "
-                f"{report.get('cells_per_s', 0.0):,.0f} cells/s on this one"
+                f"{report.get('cells_per_s', 0.0):,.0f} cells/s"
             )
     return 130 if report.get("interrupted") else 0
 

@@ -694,8 +694,10 @@ impl Run<'_> {
             self.train_stats.busy(|| self.trainer.step(&batch)).map_err(Error::stage(Stage::Trainer))?;
             let n = batch.n_cells() as u64;
             self.train_stats.add(n, batch.counts.byte_size());
-            self.trained_cells += n;
-            ctx.progress().advance(n);
+            // The run's cells (in data-parallel training, every rank's share of the batch).
+            let whole = if batch.is_empty() { 0 } else { self.trainer.last_batch_cells() };
+            self.trained_cells += whole;
+            ctx.progress().advance(whole);
             loaded.recycle(batch);
             if ctx.stopped() && self.trainer.can_checkpoint() {
                 self.halt.store(true, Ordering::Relaxed);

@@ -163,6 +163,8 @@ pub struct Trainer {
     average: Option<Averaged>,
     /// The process group of data-parallel training ([`Trainer::join`]); `None` trains alone.
     collective: Option<Arc<Collective>>,
+    /// Cells of the last batch stepped, every rank's.
+    last_batch_cells: u64,
 }
 
 /// [`Trainer::first_nonfinite`] while every loss of the epoch is finite.
@@ -238,6 +240,7 @@ impl Trainer {
             epoch_clock: None,
             average,
             collective: None,
+            last_batch_cells: 0,
         })
     }
 
@@ -261,6 +264,12 @@ impl Trainer {
         self.state.world_size = Some(u32::try_from(collective.world()).unwrap_or(u32::MAX));
         self.collective = Some(Arc::new(collective));
         Ok(())
+    }
+
+    /// Cells of the last batch [`step`](Trainer::step)ped: in data-parallel training the whole
+    /// batch's, every rank's share (what the run's progress and throughput count).
+    pub fn last_batch_cells(&self) -> u64 {
+        self.last_batch_cells
     }
 
     /// The process group this trainer is a rank of.
@@ -593,7 +602,9 @@ impl Trainer {
             self.counts.1 += 1;
         }
         self.counts.2 += batch.n_cells() as u64;
-        self.state.cells_seen += batch.n_cells() as u64;
+        // The run's cells: every rank's share of the batch.
+        self.state.cells_seen += total as u64;
+        self.last_batch_cells = total as u64;
         self.batches_in_epoch += 1;
         self.pending.micro += 1;
         if self.pending.micro >= self.config().training.accumulate_batches {
