@@ -101,9 +101,13 @@ fi
 
 if want model; then
   : > "$out/model.jsonl"
-  for precision in fp32 bf16; do
-    "$bin" bench model --cells 50000 --genes "$genes" --batch-size 1024 --epochs 2 --device "$device" \
-      --precision "$precision" --json | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' \
+  # fp32 and bf16 at batch 1,024, then fp32 at larger batches: where a step stops being bound by
+  # its launches. The operators of a step (kernels, host synchronisations) counted once.
+  for run in "fp32 1024 --count-ops" "bf16 1024" "fp32 8192" "fp32 32768"; do
+    read -r precision batch extra <<< "$run"
+    # shellcheck disable=SC2086 # the extra flag is a word or nothing
+    "$bin" bench model --cells 50000 --genes "$genes" --batch-size "$batch" --epochs 2 --device "$device" \
+      --precision "$precision" ${extra:-} --json | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' \
       >> "$out/model.jsonl"
   done
   "$py" - "$out/model.jsonl" <<'PY' | tee -a "$summary"
@@ -115,6 +119,10 @@ for line in open(sys.argv[1]):
               if m else "none (not CUDA)")
     print(f"== model on preloaded batches, {r['precision']}, batch {r['batch_size']}: {r['cells_per_s']:.0f} cells/s, "
           f"{r['ms_per_batch']:.2f} ms per batch, peak device memory {memory}")
+    if r.get("ops"):
+        o = r["ops"]
+        print(f"   per step: {o['dispatched']:.0f} operators dispatched, {o['kernels']:.0f} kernels, "
+              f"{o['syncs']:.0f} host synchronisations")
 PY
 fi
 

@@ -247,6 +247,10 @@ pub struct ModelArgs {
     /// Model configuration (TOML) [default: the reference architecture].
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
+    /// After the timed epochs, count the operators one more epoch's steps dispatch: kernel
+    /// launches and host synchronisations per step on a device (the same counts on any device).
+    #[arg(long)]
+    pub(crate) count_ops: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     pub(crate) json: bool,

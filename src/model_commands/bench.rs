@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use cpa_stream_engine::bench::{ModelBenchOptions, TrainingBenchOptions, bench_model, bench_training};
+use cpa_stream_engine::bench::{
+    ModelBenchOptions, OpClass, OpCounts, TrainingBenchOptions, bench_model, bench_training,
+};
 use cpa_stream_pipeline::batcher::LoaderOptions;
 use cpa_stream_stages::model::config::{CpaConfig, Precision};
 
@@ -95,6 +97,7 @@ pub fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
         threads: args.threads.unwrap_or(0),
         config,
         seed: 0,
+        count_ops: args.count_ops,
     };
     let r = bench_model(&options)?;
     if args.json {
@@ -122,7 +125,39 @@ pub fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
     if let Some(memory) = r.device_memory {
         outln!("{memory}");
     }
+    if let Some(ops) = &r.ops {
+        print_ops(ops)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The operator counts of a step: totals, then the operators behind most of the kernels.
+fn print_ops(ops: &OpCounts) -> anyhow::Result<()> {
+    outln!(
+        "per training step ({} steps counted): {:.1} operators dispatched, {:.1} kernels, {:.1} host \
+         synchronisations",
+        ops.units,
+        ops.dispatched,
+        ops.kernels,
+        ops.syncs
+    );
+    let per = |n: u64| n as f64 / ops.units.max(1) as f64;
+    let kernels = ops.ops.iter().filter(|o| o.class == OpClass::Kernel);
+    let shown: Vec<String> = kernels.take(12).map(|o| format!("{} {:.1}", o.name, per(o.kernels))).collect();
+    outln!("kernels per step, most first: {}", shown.join(", "));
+    let by: Vec<String> =
+        ops.by_dispatch.iter().take(12).map(|d| format!("{} {:.1}", d.name, per(d.kernels))).collect();
+    outln!("kernels per step by the operator dispatched, most first: {}", by.join(", "));
+    let syncs: Vec<String> = ops
+        .ops
+        .iter()
+        .filter(|o| o.class == OpClass::Sync)
+        .map(|o| format!("{} {:.1}", o.name, per(o.calls)))
+        .collect();
+    if !syncs.is_empty() {
+        outln!("host synchronisations per step: {}", syncs.join(", "));
+    }
+    Ok(())
 }
 
 pub fn predict(args: PredictBenchArgs) -> anyhow::Result<ExitCode> {

@@ -4,8 +4,10 @@
 //! - [`model`]: training steps of the model alone, on preloaded batches.
 //! - [`train`]: training through the pipeline against the same model on preloaded batches.
 //! - [`predict`]: prediction through the pipeline per output mode, predictor and sink side by side.
+//! - [`ops`]: the operators libtorch dispatches per training step (launches and host syncs).
 
 pub mod model;
+pub mod ops;
 pub mod predict;
 pub mod train;
 
@@ -14,5 +16,6 @@ pub use model::{
     DEFAULT_MODEL_CELLS, DEFAULT_MODEL_EPOCHS, DEFAULT_MODEL_GENES, ModelBench, ModelBenchOptions, bench_model,
     synthetic_batches,
 };
+pub use ops::{Dispatched, OpClass, OpCounts, OpTally, Tallies, Threads, count_ops};
 pub use predict::{PredictBench, PredictMode, PredictRound, bench_predict};
 pub use train::{DEFAULT_PRELOAD_MIB, TrainingBench, TrainingBenchOptions, TrainingRound, bench_training};

@@ -13,6 +13,7 @@ use cpa_stream_stages::synth::{SynthAtlas, SynthConfig};
 use serde::Serialize;
 use tch::Device;
 
+use super::ops::{OpCounts, Threads, count_ops};
 use crate::Stage;
 use cpa_stream_pipeline::error::{Error, Result};
 use cpa_stream_pipeline::obs::column_strings;
@@ -43,6 +44,8 @@ pub struct ModelBenchOptions {
     pub config: CpaConfig,
     /// Seed of the atlas and the model; default 0.
     pub seed: u64,
+    /// Counts the operators of one more epoch's steps after the timed ones ([`ModelBench::ops`]).
+    pub count_ops: bool,
 }
 
 impl Default for ModelBenchOptions {
@@ -57,6 +60,7 @@ impl Default for ModelBenchOptions {
             threads: 0,
             config: CpaConfig::default(),
             seed: 0,
+            count_ops: false,
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct ModelBench {
     pub final_recon_loss: f64,
     /// The CUDA caching allocator's counts at the end, peaks over model and steps (`None` on the CPU).
     pub device_memory: Option<DeviceMemory>,
+    /// Operators per training step, counted over an epoch after the timed ones, when asked.
+    pub ops: Option<OpCounts>,
 }
 
 /// Generates a synthetic atlas in memory and cuts it into training batches (with its vocabulary).
@@ -167,6 +173,16 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
     }
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     let cells = options.cells * u64::from(options.epochs);
+    let device_memory = device_memory::stats(options.device);
+    let ops = if options.count_ops {
+        // The steps of one epoch; the epoch's end (one read of its metrics) is not a step's.
+        let ((), tallies) =
+            count_ops(Threads::All, || batches.iter().try_for_each(|b| trainer.step(b))).map_err(stage)?;
+        trainer.end_epoch().map_err(stage)?;
+        Some(OpCounts::per(batches.len() as u64, tallies))
+    } else {
+        None
+    };
     Ok(ModelBench {
         cells: options.cells,
         genes: options.genes,
@@ -180,6 +196,7 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
         cells_per_s: cells as f64 / seconds,
         ms_per_batch: seconds * 1e3 / (batches.len() as f64 * f64::from(options.epochs)),
         final_recon_loss: recon,
-        device_memory: device_memory::stats(options.device),
+        device_memory,
+        ops,
     })
 }

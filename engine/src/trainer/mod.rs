@@ -11,6 +11,7 @@
 //! resumes it by feeding the epoch's batches from [`Trainer::batches_in_epoch`] on.
 
 mod average;
+mod fused;
 mod losses;
 mod metrics;
 pub mod optim;
@@ -923,8 +924,17 @@ fn scale(grads: &mut [Option<Tensor>], count: f64) -> Result<()> {
     Ok(())
 }
 
-/// Scales gradients so that their joint norm is at most `max` (no device-to-host sync).
+/// Scales gradients so that their joint norm is at most `max` (no device-to-host sync): by
+/// libtorch's multi-tensor kernels where this build has them, else written out.
 fn clip_norm(grads: &mut [Option<Tensor>], max: f64) -> Result<()> {
+    if fused::AVAILABLE {
+        let present: Vec<&Tensor> = grads.iter().flatten().collect();
+        return fused::clip_norm(&present, max).map_err(|e| Error::InvalidInput(format!("gradient clipping: {e}")));
+    }
+    clip_norm_written_out(grads, max)
+}
+
+fn clip_norm_written_out(grads: &mut [Option<Tensor>], max: f64) -> Result<()> {
     let squares: Vec<Tensor> = grads
         .iter()
         .flatten()

@@ -1,14 +1,19 @@
 //! Adam over plain tensors, with its moments where a checkpoint can save them (libtorch's
 //! optimizers, as bound by tch, cannot export their state).
 //!
-//! The update is PyTorch's single-tensor Adam: L2 weight decay added to the gradient
-//! (`torch.optim.Adam`, the reference's choice) or decoupled (`torch.optim.AdamW`). Parameters
-//! without a gradient in a step are left alone, moments included, as PyTorch does.
+//! The update is PyTorch's Adam: L2 weight decay added to the gradient (`torch.optim.Adam`, the
+//! reference's choice) or decoupled (`torch.optim.AdamW`). Parameters without a gradient in a
+//! step are left alone, moments included, as PyTorch does. A group's step is libtorch's fused
+//! Adam kernel over all its tensors (`torch.optim.Adam(fused=True)`; `cxx/optim.cpp`): one
+//! pass over each parameter, and on CUDA a few launches for the group where the update written
+//! out takes eight a parameter. Builds without libtorch's headers take the written-out update,
+//! which the tests hold the fused one to.
 
 use std::collections::HashMap;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
+use super::fused;
 use crate::model::config::Optimizer;
 use crate::torch::TorchResult;
 use cpa_stream_stages::{Error, Result};
@@ -39,6 +44,8 @@ pub struct AdamGroup {
     v: Vec<Tensor>,
     steps: u64,
     settings: AdamSettings,
+    /// The step count on the parameters' device, as the fused kernel reads it (float32).
+    step_tensor: Option<Tensor>,
 }
 
 impl std::fmt::Debug for AdamGroup {
@@ -64,7 +71,11 @@ impl AdamGroup {
             names.push(n);
             tensors.push(p);
         }
-        Ok(AdamGroup { name: name.to_owned(), names, params: tensors, m, v, steps: 0, settings })
+        let step_tensor = match tensors.first() {
+            Some(p) => Some(Tensor::f_zeros([1], (Kind::Float, p.device())).torch()?),
+            None => None,
+        };
+        Ok(AdamGroup { name: name.to_owned(), names, params: tensors, m, v, steps: 0, settings, step_tensor })
     }
 
     /// The group's name.
@@ -100,6 +111,39 @@ impl AdamGroup {
             )));
         }
         self.steps += 1;
+        if fused::AVAILABLE { self.step_fused(grads, lr) } else { self.step_written_out(grads, lr) }
+    }
+
+    /// The update by libtorch's fused kernel, over the parameters that have a gradient.
+    fn step_fused(&mut self, grads: Vec<Option<Tensor>>, lr: f64) -> Result<()> {
+        let (mut params, mut with_grads, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (((p, g), mt), vt) in self.params.iter().zip(grads).zip(&self.m).zip(&self.v) {
+            if let Some(g) = g {
+                params.push(p);
+                with_grads.push(g);
+                m.push(mt);
+                v.push(vt);
+            }
+        }
+        let Some(step) = self.step_tensor.as_mut() else { return Ok(()) };
+        if params.is_empty() {
+            return Ok(());
+        }
+        let _ = step.f_fill_(self.steps as f64).torch()?;
+        let s = self.settings;
+        let hyper = fused::Hyper {
+            lr,
+            betas: (s.beta1, s.beta2),
+            weight_decay: s.weight_decay,
+            eps: s.eps,
+            decoupled: s.kind == Optimizer::Adamw,
+        };
+        tch::no_grad(|| fused::adam(&params, &with_grads, &m, &v, step, hyper))
+            .map_err(|e| Error::InvalidInput(format!("optimizer group {}: {e}", self.name)))
+    }
+
+    /// The update written out in tensor operations (PyTorch's single-tensor Adam).
+    fn step_written_out(&mut self, grads: Vec<Option<Tensor>>, lr: f64) -> Result<()> {
         let s = self.settings;
         let t = self.steps as i32;
         let step_size = lr / (1.0 - s.beta1.powi(t));
@@ -204,6 +248,70 @@ mod tests {
             let before = p.f_double_value(&[0]).torch()?;
             group.step(vec![None], 0.1)?;
             assert_eq!(p.f_double_value(&[0]).torch()?, before);
+        }
+        Ok(())
+    }
+
+    /// The fused kernel's update is the written-out one's, to float rounding, over several steps
+    /// of tensors of several shapes: a transposed (non-contiguous) gradient, a parameter without
+    /// a gradient in one step (left alone, moments included), both kinds of weight decay.
+    #[test]
+    fn the_fused_step_is_the_written_out_one() -> Result<()> {
+        if !fused::AVAILABLE {
+            eprintln!("skipped: this build has no fused Adam (libtorch's headers were missing)");
+            return Ok(());
+        }
+        tch::manual_seed(7);
+        let shapes: [&[i64]; 3] = [&[16, 8], &[8], &[3, 5]];
+        for kind in [Optimizer::Adam, Optimizer::Adamw] {
+            let settings = AdamSettings { lr: 0.01, weight_decay: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, kind };
+            let start: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| Tensor::f_randn(*s, (Kind::Float, Device::Cpu)))
+                .collect::<std::result::Result<_, _>>()
+                .torch()?;
+            let named = |ts: &[Tensor]| -> Result<Vec<(String, Tensor)>> {
+                ts.iter().enumerate().map(|(i, t)| Ok((format!("p{i}"), t.f_detach_copy().torch()?))).collect()
+            };
+            let mut fused_group = AdamGroup::new("f", named(&start)?, settings)?;
+            let mut written = AdamGroup::new("w", named(&start)?, settings)?;
+            for step in 0..6 {
+                let grads: Vec<Tensor> = shapes
+                    .iter()
+                    .map(|s| Tensor::f_randn(*s, (Kind::Float, Device::Cpu)))
+                    .collect::<std::result::Result<_, _>>()
+                    .torch()?;
+                let as_given = |copy: bool| -> Result<Vec<Option<Tensor>>> {
+                    grads
+                        .iter()
+                        .enumerate()
+                        .map(|(i, g)| {
+                            // The second parameter has no gradient in step 3; the first's
+                            // gradient is a transposed view on the fused side.
+                            if i == 1 && step == 3 {
+                                return Ok(None);
+                            }
+                            let g = g.f_detach_copy().torch()?;
+                            Ok(Some(if i == 0 && copy { g.f_t_copy().torch()?.f_t_().torch()? } else { g }))
+                        })
+                        .collect()
+                };
+                fused_group.steps += 1;
+                fused_group.step_fused(as_given(true)?, settings.lr)?;
+                written.steps += 1;
+                written.step_written_out(as_given(false)?, settings.lr)?;
+            }
+            for (name, (a, b)) in ["param", "m", "v"].iter().zip([
+                (&fused_group.params, &written.params),
+                (&fused_group.m, &written.m),
+                (&fused_group.v, &written.v),
+            ]) {
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    let scale = y.f_abs().torch()?.f_max().torch()?.f_double_value(&[]).torch()?.max(1e-30);
+                    let diff = x.f_sub(y).torch()?.f_abs().torch()?.f_max().torch()?.f_double_value(&[]).torch()?;
+                    assert!(diff <= 1e-5 * scale, "{kind:?} {name} {i}: largest difference {diff} of {scale}");
+                }
+            }
         }
         Ok(())
     }
