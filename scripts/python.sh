@@ -6,10 +6,13 @@
 # dependencies (same target directory and profile), so only the module itself is compiled here.
 #   --tests  also install what only the package's tests use (pytest, polars; RDKit and Ray,
 #            optional: their tests skip without them). The demo needs none of these.
+#   --deps   only install what the demo's Python part uses (maturin, scanpy, tqdm) and stop: the
+#            demo runs this beside the build, so that the downloads overlap the compilation.
 #   Prints the wheel's path on stdout.
 set -euo pipefail
-tests=false
+tests=false deps_only=false
 [ "${1:-}" = --tests ] && tests=true
+[ "${1:-}" = --deps ] && deps_only=true
 cd "$(dirname "$0")/.."
 : "${CPA_STREAM_VENV:?run eval \"\$(scripts/bootstrap.sh)\" first}"
 py="$CPA_STREAM_VENV/bin/python"
@@ -32,6 +35,7 @@ install_once() { # NAME STAMP PACKAGES...
 }
 install_once "maturin, scanpy and tqdm" "$CPA_STREAM_VENV/.python-deps-2.ok" \
   maturin==1.16.0 scanpy==1.11.5 tqdm==4.70.1
+$deps_only && exit 0
 if ! $tests; then
   rdkit_stamp= ray_stamp= cell_eval2_stamp=
 else

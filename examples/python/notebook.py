@@ -18,7 +18,7 @@ def notebook(script: str) -> dict:
     """The notebook of `script`: its docstring as a markdown cell, then a code cell per step."""
     end = script.index('"""', 3) + 3
     doc = script[3 : end - 3].strip()
-    doc = "\n".join(line for line in doc.splitlines() if "quickstart.py [OUT]" not in line)
+    doc = "\n".join(line for line in doc.splitlines() if "quickstart.py [OUT" not in line)
     body = script[end:]
     # In a notebook: the repository from the working directory, the output beside it, inline plots.
     body = body.replace("import sys\n", "").replace('matplotlib.use("Agg")\n', "")
@@ -29,6 +29,11 @@ def notebook(script: str) -> dict:
     body = body.replace(
         'out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "out" / "python-quickstart"',
         'out = REPO / "out" / "python-quickstart"',
+    )
+    body = body.replace(
+        "# Training epochs (the demo, which has trained the same model from the command line, runs 30).\n"
+        "epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 100",
+        "epochs = 100",
     )
     cells = [{"cell_type": "markdown", "metadata": {}, "source": _lines("# cpa-stream quickstart\n\n" + doc)}]
     for part in re.split(r"\n(?=# \d\. )", body):

@@ -2,7 +2,7 @@
 combination, a UMAP of the basal latents, evaluate.
 
     scripts/python.sh                      # builds and installs the package into the cache's venv
-    ~/.cache/cpa-stream/venv/bin/python examples/python/quickstart.py [OUT]
+    ~/.cache/cpa-stream/venv/bin/python examples/python/quickstart.py [OUT [EPOCHS]]
 
 The bundled data (examples/data/perturbench_devel_cpa.h5ad) is a 5,961-cell x 500-gene subset of
 Norman et al. 2019 (K562, CRISPRa pairs) and McFaline-Figueroa et al. 2023; see its README.
@@ -23,6 +23,8 @@ import cpa_stream as cs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "out" / "python-quickstart"
+# Training epochs (the demo, which has trained the same model from the command line, runs 30).
+epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 100
 out.mkdir(parents=True, exist_ok=True)
 
 # 1. An AnnData in memory, as a notebook has it; written to a store without a temporary .h5ad.
@@ -39,7 +41,7 @@ run = cs.train(
     control_group="control",
     categorical_covariate_keys=["cell_type"],
     holdout=["MAPK1+TGFBR2"],
-    max_epochs=100,
+    max_epochs=epochs,
     overwrite=True,
 )
 print(run.history[["epoch", "recon_loss", "adv_loss", "val_r2_mean"]].tail(3).to_string(index=False))
