@@ -3,7 +3,7 @@
 # laptop CPU.
 #   OUT  output directory (default: out/demo)
 #
-# The first run builds everything (docs/install.md: about 22 minutes on 2 cores). It builds the
+# The first run builds everything (docs/install.md: 22 to 28 minutes on 2 cores). It builds the
 # front first (the data commands, no libtorch) and runs the demo's first part on it, while PyTorch
 # downloads and the model's engine and the Python module compile in the background; later runs
 # find everything built and start at once.
@@ -57,7 +57,7 @@ wait_for() { # NAME WHAT
   done
 }
 
-$first && echo "demo: the first run compiles cpa-stream: the data commands first (about 11 minutes on 2" \
+$first && echo "demo: the first run compiles cpa-stream: the data commands first (11 to 15 minutes on 2" \
   "cores), then the model's engine while the demo's first part runs (PyTorch downloads meanwhile)" >&2
 scripts/build.sh --front
 # The first part runs a copy: the full build replaces the front's file when it finishes.
