@@ -16,6 +16,7 @@ fn main() {
     println!("cargo:rerun-if-changed=cxx/collective.cpp");
     println!("cargo:rerun-if-changed=cxx/op_count.cpp");
     println!("cargo:rerun-if-changed=cxx/optim.cpp");
+    println!("cargo:rerun-if-changed=cxx/guarded.h");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo::rustc-check-cfg=cfg(cpa_device_memory)");

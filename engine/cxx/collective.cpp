@@ -8,6 +8,8 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include "guarded.h"
+
 #include <chrono>
 #include <cstring>
 #include <exception>
@@ -16,26 +18,7 @@
 
 namespace {
 
-void write_error(const char* what, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) {
-    return;
-  }
-  std::strncpy(err, what, err_len - 1);
-  err[err_len - 1] = '\0';
-}
-
-template <typename F>
-int guarded(char* err, size_t err_len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(e.what(), err, err_len);
-  } catch (...) {
-    write_error("unknown C++ exception", err, err_len);
-  }
-  return -1;
-}
+using cpa::guarded;
 
 void all_reduce(const std::string& group, at::Tensor& t) {
   auto pg = c10d::resolve_process_group(group);

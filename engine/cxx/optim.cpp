@@ -14,6 +14,8 @@
 #include <ATen/ops/reciprocal.h>
 #include <ATen/ops/stack.h>
 
+#include "guarded.h"
+
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -21,26 +23,7 @@
 
 namespace {
 
-void write_error(const char* what, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) {
-    return;
-  }
-  std::strncpy(err, what, err_len - 1);
-  err[err_len - 1] = '\0';
-}
-
-template <typename F>
-int guarded(char* err, size_t err_len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(e.what(), err, err_len);
-  } catch (...) {
-    write_error("unknown C++ exception", err, err_len);
-  }
-  return -1;
-}
+using cpa::guarded;
 
 std::vector<at::Tensor> tensors(void* const* ptrs, int64_t n) {
   std::vector<at::Tensor> out;
