@@ -5,7 +5,8 @@
 //! statistics read as unknown), and `cxx/collective.cpp`, the collectives of a torch.distributed
 //! process group for data-parallel training (`cfg(cpa_collective)`; without c10d's headers
 //! training runs on one process only), `cxx/op_count.cpp`, the operator counter of
-//! `bench model --count-ops` (`cfg(cpa_op_count)`), and `cxx/optim.cpp`, the optimizer's fused
+//! `bench model --count-ops` (`cfg(cpa_op_count)`), `cxx/profile.cpp`, libtorch's profiler for
+//! `bench model --profile` (`cfg(cpa_profile)`), and `cxx/optim.cpp`, the optimizer's fused
 //! kernels (`cfg(cpa_fused)`; without them the trainer writes the update out).
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ fn main() {
     println!("cargo:rerun-if-changed=cxx/collective.cpp");
     println!("cargo:rerun-if-changed=cxx/op_count.cpp");
     println!("cargo:rerun-if-changed=cxx/optim.cpp");
+    println!("cargo:rerun-if-changed=cxx/profile.cpp");
     println!("cargo:rerun-if-changed=cxx/guarded.h");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -23,6 +25,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(cpa_collective)");
     println!("cargo::rustc-check-cfg=cfg(cpa_op_count)");
     println!("cargo::rustc-check-cfg=cfg(cpa_fused)");
+    println!("cargo::rustc-check-cfg=cfg(cpa_profile)");
     let Some(lib_dir) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         return;
     };
@@ -40,6 +43,12 @@ fn main() {
             "no device memory statistics",
         ),
         ("cxx/op_count.cpp", "cpa_op_count", &["ATen/record_function.h"][..], "no operator counts"),
+        (
+            "cxx/profile.cpp",
+            "cpa_profile",
+            &["torch/csrc/autograd/profiler_kineto.h"][..],
+            "no profiler for bench model --profile",
+        ),
         (
             "cxx/optim.cpp",
             "cpa_fused",

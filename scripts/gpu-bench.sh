@@ -15,7 +15,8 @@
 # `run` knobs: CELLS (1000000), GENES (5000), DEVICE (cuda), STEPS ("info sink synth model train
 # predict pipeline loader", any subset, run in that order), OUT (results; default .device/results), STORE_DIR
 # (the synthetic store; default .device, kept between calls on a warm machine). Results: info.txt,
-# sink-f32.json, sink-f16.json, train-fp32.json, train-bf16.json, predict.jsonl, model.jsonl, pipeline.jsonl,
+# sink-f32.json, sink-f16.json, train-fp32.json, train-bf16.json, predict.jsonl, model.jsonl (and
+# trace-32768.json, the profile of a step as a Chrome trace), pipeline.jsonl,
 # loader.jsonl and summary.txt (each step adds its lines to the summary as it ends).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,10 +103,12 @@ fi
 if want model; then
   : > "$out/model.jsonl"
   # fp32 and bf16 at batch 1,024, then fp32 at larger batches: where a step stops being bound by
-  # its launches. The operators of a step (kernels, host synchronisations) counted once.
-  for run in "fp32 1024 --count-ops" "bf16 1024" "fp32 8192" "fp32 32768"; do
+  # its launches. The operators of a step (kernels, host synchronisations) counted once; where
+  # the time goes (libtorch's profiler: the device's busy share, its kernels' times) at 1,024 and
+  # at 32,768 (the batch `train --batch-size auto` chose on an H200), with the trace of the latter.
+  for run in "fp32 1024 --count-ops --profile" "bf16 1024" "fp32 8192" "fp32 32768 --profile --trace $out/trace-32768.json"; do
     read -r precision batch extra <<< "$run"
-    # shellcheck disable=SC2086 # the extra flag is a word or nothing
+    # shellcheck disable=SC2086 # the extra flags are words
     "$bin" bench model --cells 50000 --genes "$genes" --batch-size "$batch" --epochs 2 --device "$device" \
       --precision "$precision" ${extra:-} --json | "$py" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' \
       >> "$out/model.jsonl"
@@ -123,6 +126,15 @@ for line in open(sys.argv[1]):
         o = r["ops"]
         print(f"   per step: {o['dispatched']:.0f} operators dispatched, {o['kernels']:.0f} kernels, "
               f"{o['syncs']:.0f} host synchronisations")
+    p = r.get("profile")
+    if p:
+        top = lambda shares: ", ".join(f"{s['name'][:60]} {s['ms']:.3f} ms ({s['calls']:.0f}x)" for s in shares[:10])
+        d = p.get("device")
+        busy = f"device busy {d['busy_ms']:.2f} ms ({100 * d['busy_ms'] / p['wall_ms']:.0f}%), {d['events']:.0f} kernels/copies" if d else "no device events"
+        print(f"   profile: {p['wall_ms']:.2f} ms a step; host in libtorch {p['host_ms']:.2f} ms; {busy}")
+        if d:
+            print(f"   device time per step: {top(d['top'])}")
+        print(f"   host self time per step: {top(p['host_top'])}")
 PY
 fi
 

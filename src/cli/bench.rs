@@ -251,6 +251,14 @@ pub struct ModelArgs {
     /// launches and host synchronisations per step on a device (the same counts on any device).
     #[arg(long)]
     pub(crate) count_ops: bool,
+    /// After the timed epochs, profile one more epoch's steps with libtorch's profiler: each
+    /// operator's host time and, on CUDA, each kernel's device time and how busy the device was.
+    #[arg(long)]
+    pub(crate) profile: bool,
+    /// Save the profile as a Chrome trace (chrome://tracing, Perfetto) to this file (implies
+    /// --profile).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) trace: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub(crate) json: bool,

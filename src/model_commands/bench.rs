@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 
 use cpa_stream_engine::bench::{
-    ModelBenchOptions, OpClass, OpCounts, TrainingBenchOptions, bench_model, bench_training,
+    ModelBenchOptions, OpClass, OpCounts, Profile, TimeShare, TrainingBenchOptions, bench_model, bench_training,
 };
 use cpa_stream_pipeline::batcher::LoaderOptions;
 use cpa_stream_stages::model::config::{CpaConfig, Precision};
@@ -98,6 +98,8 @@ pub fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
         config,
         seed: 0,
         count_ops: args.count_ops,
+        profile: args.profile,
+        trace: args.trace.clone(),
     };
     let r = bench_model(&options)?;
     if args.json {
@@ -128,7 +130,45 @@ pub fn model(args: ModelArgs) -> anyhow::Result<ExitCode> {
     if let Some(ops) = &r.ops {
         print_ops(ops)?;
     }
+    if let Some(profile) = &r.profile {
+        print_profile(profile)?;
+    }
+    if let Some(trace) = &args.trace {
+        outln!("trace: {}", trace.display());
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a step's time went: the wall, the host's time in libtorch, the device's busy time, then
+/// the kernels and host operators that took most of it.
+fn print_profile(p: &Profile) -> anyhow::Result<()> {
+    let top = |shares: &[TimeShare]| -> String {
+        shares
+            .iter()
+            .take(12)
+            .map(|s| format!("{} {:.3} ms ({:.1}x)", s.name, s.ms, s.calls))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let share = |ms: f64| 100.0 * ms / p.wall_ms.max(1e-12);
+    outln!(
+        "profile of {} training steps: {:.2} ms a step; the host in libtorch {:.2} ms ({:.0}%)",
+        p.units,
+        p.wall_ms,
+        p.host_ms,
+        share(p.host_ms)
+    );
+    if let Some(d) = &p.device {
+        outln!(
+            "device busy {:.2} ms a step ({:.0}% of the wall), {:.1} kernels, copies and fills a step",
+            d.busy_ms,
+            share(d.busy_ms),
+            d.events
+        );
+        outln!("device time per step, most first: {}", top(&d.top));
+    }
+    outln!("host self time per step, most first: {}", top(&p.host_top));
+    Ok(())
 }
 
 /// The operator counts of a step: totals, then the operators behind most of the kernels.

@@ -2,6 +2,7 @@
 //! model alone, without the loader. The training pipeline's figures are compared against it.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::device::{DeviceMemory, memory as device_memory};
@@ -14,6 +15,7 @@ use serde::Serialize;
 use tch::Device;
 
 use super::ops::{OpCounts, Threads, count_ops};
+use super::profile::{Profile, profile};
 use crate::Stage;
 use cpa_stream_pipeline::error::{Error, Result};
 use cpa_stream_pipeline::obs::column_strings;
@@ -46,6 +48,10 @@ pub struct ModelBenchOptions {
     pub seed: u64,
     /// Counts the operators of one more epoch's steps after the timed ones ([`ModelBench::ops`]).
     pub count_ops: bool,
+    /// Profiles one more epoch's steps after the timed ones ([`ModelBench::profile`]).
+    pub profile: bool,
+    /// With `profile`: where to save the profile as a Chrome trace.
+    pub trace: Option<PathBuf>,
 }
 
 impl Default for ModelBenchOptions {
@@ -61,6 +67,8 @@ impl Default for ModelBenchOptions {
             config: CpaConfig::default(),
             seed: 0,
             count_ops: false,
+            profile: false,
+            trace: None,
         }
     }
 }
@@ -96,6 +104,8 @@ pub struct ModelBench {
     pub device_memory: Option<DeviceMemory>,
     /// Operators per training step, counted over an epoch after the timed ones, when asked.
     pub ops: Option<OpCounts>,
+    /// Where a step's time went, over an epoch after the timed ones, when asked.
+    pub profile: Option<Profile>,
 }
 
 /// Generates a synthetic atlas in memory and cuts it into training batches (with its vocabulary).
@@ -183,6 +193,24 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
     } else {
         None
     };
+    let profile = if options.profile || options.trace.is_some() {
+        let cuda = options.device.is_cuda();
+        // The steps' wall, without the profiler's start and its processing of the events.
+        let (wall, events) = profile(cuda, options.trace.as_deref(), || {
+            let start = Instant::now();
+            batches.iter().try_for_each(|b| trainer.step(b))?;
+            // The device's work of the steps, inside the profile and the wall.
+            if let Device::Cuda(index) = options.device {
+                tch::Cuda::synchronize(index as i64);
+            }
+            Ok(start.elapsed().as_secs_f64())
+        })
+        .map_err(stage)?;
+        trainer.end_epoch().map_err(stage)?;
+        Some(Profile::summarise(&events, batches.len() as u64, wall))
+    } else {
+        None
+    };
     Ok(ModelBench {
         cells: options.cells,
         genes: options.genes,
@@ -198,5 +226,6 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
         final_recon_loss: recon,
         device_memory,
         ops,
+        profile,
     })
 }
