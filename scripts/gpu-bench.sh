@@ -7,17 +7,18 @@
 #
 #   scripts/gpu-bench.sh build   here: the stripped release binaries (cpa-stream and the
 #                                cpa-stream-engine it hands the model to), built against this
-#                                checkout's PyPI torch 2.11.0, in .device/bench.tar.xz (ignored by
-#                                git; carry it: the two binaries unpacked are over 64 MiB)
+#                                checkout's PyPI torch 2.11.0, in .device/bench.tar.xz, and the
+#                                Python package's wheel beside it (ignored by git; carry .device:
+#                                the two binaries unpacked are over 64 MiB)
 #   scripts/gpu-bench.sh run     on a machine with libtorch 2.11.0 (CUDA) and no Rust: runs that
 #                                binary with the torch found in TORCH_LIB, or in /opt/torch/.venv
 #
 # `run` knobs: CELLS (1000000), GENES (5000), DEVICE (cuda), STEPS ("info sink synth model train
-# predict pipeline loader", any subset, run in that order), OUT (results; default .device/results), STORE_DIR
+# predict pipeline loader allreduce", any subset, run in that order), OUT (results; default .device/results), STORE_DIR
 # (the synthetic store; default .device, kept between calls on a warm machine). Results: info.txt,
 # sink-f32.json, sink-f16.json, train-fp32.json, train-bf16.json, predict.jsonl, model.jsonl (and
 # trace-32768.json, the profile of a step as a Chrome trace), pipeline.jsonl,
-# loader.jsonl and summary.txt (each step adds its lines to the summary as it ends).
+# loader.jsonl, allreduce.json and summary.txt (each step adds its lines to the summary as it ends).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=.device
@@ -33,7 +34,11 @@ build)
   done
   mkdir -p "$dev"
   (cd "$staging" && tar cf - cpa-stream cpa-stream-engine) | xz -T2 -6 > "$dev/bench.tar.xz"
-  ls -la "$dev/bench.tar.xz"
+  # The Python package too, for the all-reduce step (torch.distributed makes the process group).
+  scripts/python.sh >&2
+  rm -f "$dev"/cpa_stream-*.whl
+  cp "$CPA_STREAM_CACHE"/wheels/cpa_stream-*.whl "$dev/"
+  ls -la "$dev"
   exit 0
   ;;
 run) ;;
@@ -59,7 +64,7 @@ py=python3
 cells="${CELLS:-1000000}"
 genes="${GENES:-5000}"
 device="${DEVICE:-cuda}"
-steps=" ${STEPS:-info sink synth model train predict pipeline loader} "
+steps=" ${STEPS:-info sink synth model train predict pipeline loader allreduce} "
 out="${OUT:-$dev/results}"
 store="${STORE_DIR:-$dev}/gpu-${cells}x${genes}.store"
 mkdir -p "$out"
@@ -235,4 +240,21 @@ for line in open(sys.argv[1]):
           f"({r['memcpy_cells_per_s']:.0f}; per epoch " + " ".join(f"{x['vs_memcpy']:.2f}" for x in r["rounds"])
           + f"), {r['vs_gather_bound'] or 0:.2f} of the gather bound")
 PY
+fi
+
+if want allreduce; then
+  # Training as the one rank of an NCCL group (every step's all-reduce runs) against training
+  # alone, and one all-reduce of the gradients' 14.1 MB: the package from the wheel built here.
+  wheel=$(ls "$dev"/cpa_stream-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$wheel" ]; then
+    say "== allreduce: no wheel in $dev (scripts/gpu-bench.sh build makes one): skipped"
+  else
+    site="${TMPDIR:-/tmp}/cpa-stream-gpu-bench-py"
+    rm -rf "$site" && "$py" -m pip install --quiet --no-deps --no-index --target "$site" "$wheel"
+    batch=$(sed -n 's/^batch_size = \([0-9]*\)$/\1/p' "$dev/run-fp32/config.toml" 2>/dev/null || true)
+    PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" "$py" scripts/bench_allreduce.py "$store" \
+      "$dev/allreduce" --device "$device" --reps 2 --epochs 2 --batch "${batch:-32768}" 2>&1 | tee "$out/allreduce.txt" \
+      | tail -2 | sed 's/^/== allreduce: /' >> "$summary"
+    cp "$dev/allreduce/allreduce.json" "$out/" 2>/dev/null || true
+  fi
 fi
