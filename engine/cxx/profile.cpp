@@ -38,8 +38,9 @@ std::set<ActivityType> activities(int cuda) {
 }  // namespace
 
 // Starts the profiler on the calling thread (the host's operators it dispatches) and, where
-// `cuda` is not 0, CUPTI's record of the device's kernels, copies and fills. 0 on success.
-extern "C" int cpa_profile_start(int cuda, char* err, size_t err_len) {
+// `cuda` is not 0, CUPTI's record of the device's kernels, copies and fills; with `shapes` not 0
+// each operator's input shapes and types are recorded too (for a trace). 0 on success.
+extern "C" int cpa_profile_start(int cuda, int shapes, char* err, size_t err_len) {
   return guarded(err, err_len, [&] {
     last.reset();
     if (cuda == 0) {
@@ -47,7 +48,7 @@ extern "C" int cpa_profile_start(int cuda, char* err, size_t err_len) {
       // its log (read once, at its start) unless the caller chose a level.
       setenv("KINETO_LOG_LEVEL", "5", 0);
     }
-    const ProfilerConfig config(ProfilerState::KINETO);
+    const ProfilerConfig config(ProfilerState::KINETO, /*report_input_shapes=*/shapes != 0);
     const auto acts = activities(cuda);
     prof::prepareProfiler(config, acts);
     prof::enableProfiler(config, acts);

@@ -195,7 +195,9 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
     };
     let profile = if options.profile || options.trace.is_some() {
         let cuda = options.device.is_cuda();
-        // The steps' wall, without the profiler's start and its processing of the events.
+        // After the count, so that the count is of the same epoch with or without a profile (a
+        // schedule can change the step from one epoch to the next). The steps' wall, without the
+        // profiler's start and its processing of the events.
         let (wall, events) = profile(cuda, options.trace.as_deref(), || {
             let start = Instant::now();
             batches.iter().try_for_each(|b| trainer.step(b))?;

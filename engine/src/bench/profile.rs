@@ -181,7 +181,7 @@ mod ffi {
     use std::ffi::{c_char, c_int};
 
     unsafe extern "C" {
-        pub fn cpa_profile_start(cuda: c_int, err: *mut c_char, err_len: usize) -> c_int;
+        pub fn cpa_profile_start(cuda: c_int, shapes: c_int, err: *mut c_char, err_len: usize) -> c_int;
         pub fn cpa_profile_stop(trace_path: *const c_char, err: *mut c_char, err_len: usize) -> c_int;
         pub fn cpa_profile_events(out: *mut c_char, capacity: i64) -> i64;
     }
@@ -189,7 +189,7 @@ mod ffi {
 
 /// Runs `work` under libtorch's profiler: the calling thread's operators and, where `cuda`, the
 /// device's kernels. Returns its result with the events; saves a Chrome trace to `trace` where
-/// given. One profile at a time in a process. An error where this build has no profiler
+/// given (with the operators' input shapes and types). One profile at a time in a process. An error where this build has no profiler
 /// (libtorch's headers were missing when it was compiled) or libtorch refuses to start one.
 pub fn profile<T>(cuda: bool, trace: Option<&Path>, work: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Event>)> {
     #[cfg(cpa_profile)]
@@ -203,8 +203,11 @@ pub fn profile<T>(cuda: bool, trace: Option<&Path>, work: impl FnOnce() -> Resul
                 .map_err(|_| Error::InvalidInput(format!("{}: a trace path with a NUL byte", p.display())))?,
             None => CString::default(),
         };
+        // A trace also records each operator's input shapes and types (what a reader of it needs
+        // to tell one `aten::copy_` from another); the summary does not use them.
+        let shapes = std::ffi::c_int::from(trace.is_some());
         // SAFETY: the wrapper catches every exception and writes at most `len` bytes of `err`.
-        call("start", |err, len| unsafe { ffi::cpa_profile_start(std::ffi::c_int::from(cuda), err, len) })?;
+        call("start", |err, len| unsafe { ffi::cpa_profile_start(std::ffi::c_int::from(cuda), shapes, err, len) })?;
         let result = work();
         // SAFETY: `path` is a NUL-terminated string alive for the call.
         let stopped = call("stop", |err, len| unsafe { ffi::cpa_profile_stop(path.as_ptr(), err, len) });
