@@ -12,6 +12,8 @@
 // them; the CPU loops over per-tensor operators inside it, which are not counted).
 #include <ATen/record_function.h>
 
+#include "guarded.h"
+
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -157,11 +159,7 @@ extern "C" int64_t cpa_op_count_stop(char* out, int64_t capacity) {
         text += "<top>\t" + name + '\t' + std::to_string(n) + '\n';
       }
     }
-    const auto needed = static_cast<int64_t>(text.size());
-    if (needed <= capacity && out != nullptr) {
-      std::memcpy(out, text.data(), text.size());
-    }
-    return needed;
+    return cpa::copy_out(text, out, capacity);
   } catch (...) {
     return -1;
   }

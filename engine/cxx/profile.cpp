@@ -90,11 +90,7 @@ extern "C" int64_t cpa_profile_events(char* out, int64_t capacity) {
         text += '\n';
       }
     }
-    const auto needed = static_cast<int64_t>(text.size());
-    if (needed <= capacity && out != nullptr) {
-      std::memcpy(out, text.data(), text.size());
-    }
-    return needed;
+    return cpa::copy_out(text, out, capacity);
   } catch (...) {
     return -1;
   }

@@ -169,22 +169,11 @@ pub fn count_ops<T>(threads: Threads, work: impl FnOnce() -> Result<T>) -> Resul
 
 #[cfg(cpa_op_count)]
 fn stop() -> Result<String> {
-    let mut buffer: Vec<u8> = Vec::new();
-    loop {
-        let capacity = buffer.len() as i64;
-        // SAFETY: `buffer` holds `capacity` writable bytes (none when empty: the wrapper then only
-        // measures); the wrapper writes at most that many.
-        let needed = unsafe { ffi::cpa_op_count_stop(buffer.as_mut_ptr().cast(), capacity) };
-        if needed < 0 {
-            return Err(Error::InvalidInput("libtorch's operator counter failed to report".into()));
-        }
-        if needed <= capacity {
-            buffer.truncate(needed as usize);
-            return String::from_utf8(buffer)
-                .map_err(|e| Error::InvalidInput(format!("operator names are not UTF-8: {e}")));
-        }
-        buffer = vec![0; needed as usize];
-    }
+    // SAFETY: `out` holds `capacity` writable bytes (none when empty: the wrapper then only
+    // measures); the wrapper writes at most that many.
+    let text =
+        super::wrapper_text("operator counter", |out, capacity| unsafe { ffi::cpa_op_count_stop(out, capacity) })?;
+    String::from_utf8(text).map_err(|e| Error::InvalidInput(format!("operator names are not UTF-8: {e}")))
 }
 
 /// The wrapper's lines: `name\tcalls\tkernels\ttop`, and `<top>\tname\tkernels`.

@@ -242,22 +242,11 @@ fn call(what: &str, f: impl FnOnce(*mut std::ffi::c_char, usize) -> std::ffi::c_
 
 #[cfg(cpa_profile)]
 fn events_text() -> Result<String> {
-    let mut buffer: Vec<u8> = Vec::new();
-    loop {
-        let capacity = buffer.len() as i64;
-        // SAFETY: `buffer` holds `capacity` writable bytes (none when empty: the wrapper then only
-        // measures); the wrapper writes at most that many.
-        let needed = unsafe { ffi::cpa_profile_events(buffer.as_mut_ptr().cast(), capacity) };
-        if needed < 0 {
-            return Err(Error::InvalidInput("libtorch's profiler failed to report its events".into()));
-        }
-        if needed <= capacity {
-            buffer.truncate(needed as usize);
-            // Kernel names are C++ signatures: keep what is not UTF-8 readable rather than fail.
-            return Ok(String::from_utf8_lossy(&buffer).into_owned());
-        }
-        buffer = vec![0; needed as usize];
-    }
+    // SAFETY: `out` holds `capacity` writable bytes (none when empty: the wrapper then only
+    // measures); the wrapper writes at most that many.
+    let text = super::wrapper_text("profiler", |out, capacity| unsafe { ffi::cpa_profile_events(out, capacity) })?;
+    // Kernel names are C++ signatures: keep what is not UTF-8 readable rather than fail.
+    Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
 /// The wrapper's lines: `cpu|cuda\tlane\tstart_ns\tend_ns\tname`.
