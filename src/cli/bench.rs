@@ -256,7 +256,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub(crate) profile: bool,
     /// Save the profile as a Chrome trace (chrome://tracing, Perfetto) to this file (implies
-    /// --profile).
+    /// --profile); a file there is replaced once the trace is complete, anything else refused.
     #[arg(long, value_name = "FILE")]
     pub(crate) trace: Option<PathBuf>,
     /// Print JSON instead of text.

@@ -179,6 +179,36 @@ fn bad_arguments_are_named() {
     assert!(text(&out.stderr).contains("none.store/manifest.json"));
 }
 
+/// `bench model --profile` reports where a step's time went; `--trace` writes a Chrome trace as a
+/// new file or over a file, never over a directory or a link (refused before any work, left as
+/// they were), and leaves no temporary beside it.
+#[test]
+fn bench_model_profiles_and_its_trace_replaces_only_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ["bench", "model", "--cells", "600", "--genes", "100", "--batch-size", "512", "--epochs", "1"];
+    let trace = dir.path().join("trace.json");
+    std::fs::write(&trace, "old").unwrap();
+    let r = json(&[&model[..], &["--trace", trace.to_str().unwrap(), "--json"]].concat());
+    let p = &r["profile"];
+    assert_eq!(p["units"], 2, "{p}");
+    assert!(p["host_ms"].as_f64().unwrap() > 0.0 && p["host_ms"].as_f64() <= p["wall_ms"].as_f64(), "{p}");
+    let names: Vec<&str> = p["host_top"].as_array().unwrap().iter().filter_map(|s| s["name"].as_str()).collect();
+    assert!(names.contains(&"aten::addmm") || names.contains(&"aten::mm"), "{names:?}");
+    assert!(p["device"].is_null(), "no device side on the CPU: {p}");
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    assert!(saved["traceEvents"].as_array().is_some_and(|e| !e.is_empty()));
+    let taken = dir.path().join("taken");
+    std::fs::create_dir(&taken).unwrap();
+    std::fs::write(taken.join("keep"), "mine").unwrap();
+    let out = run(&[&model[..], &["--trace", taken.to_str().unwrap()]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("is a directory"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(taken.join("keep")).unwrap(), "mine");
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+}
+
 /// Peak anonymous memory of `synth`, `convert`, `export` and `import` does not grow with the
 /// number of cells.
 #[test]

@@ -10,6 +10,7 @@ use crate::model::config::{CpaConfig, DEFAULT_BATCH_SIZE, Precision};
 use crate::model::vocab::{Covariate, Vocabulary, canonical_condition, parse_condition};
 use crate::model::{CpaModel, HostBatch};
 use crate::trainer::Trainer;
+use cpa_stream_stages::output::{OutputKind, claim_output, publish, temporary_sibling};
 use cpa_stream_stages::synth::{SynthAtlas, SynthConfig};
 use serde::Serialize;
 use tch::Device;
@@ -50,7 +51,8 @@ pub struct ModelBenchOptions {
     pub count_ops: bool,
     /// Profiles one more epoch's steps after the timed ones ([`ModelBench::profile`]).
     pub profile: bool,
-    /// With `profile`: where to save the profile as a Chrome trace.
+    /// With `profile`: where to save the profile as a Chrome trace (a regular file there is
+    /// replaced once the trace is complete; anything else there is refused).
     pub trace: Option<PathBuf>,
 }
 
@@ -161,6 +163,14 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
         tch::set_num_threads(options.threads as i32);
     }
     let stage = Error::stage(Stage::Trainer);
+    // The trace's destination is claimed before the work (another process writing it, or a
+    // directory, link or device there, is refused) and the trace published whole after it.
+    let trace = options
+        .trace
+        .as_deref()
+        .map(|dest| Ok((dest, claim_output(dest, OutputKind::File, true)?, temporary_sibling(dest)?)))
+        .transpose()
+        .map_err(stage)?;
     let (vocab, batches) = synthetic_batches(options.cells, options.genes, options.batch_size, options.seed)?;
     let mut config = options.config.clone();
     config.training.batch_size = options.batch_size;
@@ -193,12 +203,13 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
     } else {
         None
     };
-    let profile = if options.profile || options.trace.is_some() {
+    let profile = if options.profile || trace.is_some() {
         let cuda = options.device.is_cuda();
         // After the count, so that the count is of the same epoch with or without a profile (a
         // schedule can change the step from one epoch to the next). The steps' wall, without the
         // profiler's start and its processing of the events.
-        let (wall, events) = profile(cuda, options.trace.as_deref(), || {
+        let staging = trace.as_ref().map(|(_, _, tmp)| tmp.as_path());
+        let profiled = profile(cuda, staging, || {
             let start = Instant::now();
             batches.iter().try_for_each(|b| trainer.step(b))?;
             // The device's work of the steps, inside the profile and the wall.
@@ -207,7 +218,16 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
             }
             Ok(start.elapsed().as_secs_f64())
         })
-        .map_err(stage)?;
+        .map_err(stage);
+        if let Some((dest, _lock, tmp)) = &trace {
+            match &profiled {
+                Ok(_) => publish(tmp, dest, OutputKind::File, true).map_err(stage)?,
+                Err(_) => {
+                    let _ = std::fs::remove_file(tmp);
+                }
+            }
+        }
+        let (wall, events) = profiled?;
         trainer.end_epoch().map_err(stage)?;
         Some(Profile::summarise(&events, batches.len() as u64, wall))
     } else {
