@@ -116,10 +116,11 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
 fn print(report: &ScoreReport) -> anyhow::Result<()> {
     for c in &report.contexts {
         let context = c.context.as_ref().map(|name| format!("context {name:?}: ")).unwrap_or_default();
+        let n = c.perturbations.len();
         outln!(
-            "{context}{} perturbations, {} genes; {} predicted and {} real cells (cell-eval2 0.20.0's vcc2026 \
+            "{context}{n} perturbation{}, {} genes; {} predicted and {} real cells (cell-eval2 0.20.0's vcc2026 \
              definitions)",
-            c.perturbations.len(),
+            if n == 1 { "" } else { "s" },
             report.genes,
             c.predicted_cells,
             c.real_cells

@@ -26,7 +26,9 @@ fn s(p: &Path) -> String {
 
 /// Four dose levels of three perturbations in two cell types, the cell type trained as the batch
 /// covariate; the small configuration with a doser learning rate that lets the dose scaling
-/// saturate (the reference's 3e-4 leaves it near its initial curve in 100 epochs).
+/// saturate (the reference's 3e-4 leaves it near its initial curve in 100 epochs). 50 epochs:
+/// the decoded changes' R2 against the truth was 0.56 (0.59 after 100, in twice the time; the
+/// test asks for 0.3).
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
@@ -66,7 +68,7 @@ fn fixture() -> &'static Fixture {
             "--config",
             &s(&config),
             "--epochs",
-            "100",
+            "50",
             "--threads",
             "1",
             "--out",

@@ -47,6 +47,10 @@ fn r2(pred: &[f64], truth: &[f64]) -> f64 {
 
 #[test]
 fn counterfactual_means_of_a_held_out_combination_beat_the_control_mean() -> Result<()> {
+    // One libtorch thread: this model's products are small, and the harness runs tests side by
+    // side, so a second thread only spins against them (alone on 2 cores: 64 s on one thread
+    // against 75 s and twice the CPU time on two; beside the other tests 242 s).
+    tch::set_num_threads(1);
     let mut synth = SynthConfig::new(8_000, 120, 4, 3, 2, 3, 5);
     synth.truth_samples = 64;
     let atlas = SynthAtlas::new(synth)?;
