@@ -52,11 +52,12 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         0 | 1 => String::new(),
         k => format!(", each prediction the mean of {k} models"),
     };
+    let n = report.conditions.len();
     outln!(
-        "{} conditions evaluated on the {} split of {}{models} ({scored}; R2 over genes; ctrl_bl, top20_bl: the control mean \
+        "{n} condition{} evaluated on the {} split of {}{models} ({scored}; R2 over genes; ctrl_bl, top20_bl: the control mean \
          as the prediction; lin_bl: the linear baseline; ceiling: half the real cells predicting the other half; p_delta: Pearson of the change \
          from the control; disc_l1: rank of the true condition, 0 best)",
-        report.conditions.len(),
+        if n == 1 { "" } else { "s" },
         report.split,
         args.store.display()
     );
