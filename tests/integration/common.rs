@@ -59,6 +59,45 @@ pub fn python() -> PathBuf {
     })
 }
 
+/// The files a fixture script makes with the real anndata and zarr (`python SCRIPT make FILES
+/// OUTSIDE`): made once for each content of the script and version of the Python packages that
+/// write them, and kept under the target directory (`CARGO_TARGET_TMPDIR/fixtures/NAME-KEY`), so
+/// that later runs of the tests reuse them (the zarr fixtures take half a minute of zarr's own
+/// writing). Made in a temporary sibling and renamed into place: a run finds them whole or makes
+/// them. OUTSIDE (`NAME-KEY-outside`) stays where the script made it, since the files may link to
+/// it. Returns (FILES, OUTSIDE); the tests only read them.
+pub fn python_fixtures(name: &str, script: &Path) -> (PathBuf, PathBuf) {
+    use std::hash::{Hash, Hasher};
+
+    let source = std::fs::read(script).unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    let probe = "import importlib.metadata as m\n\
+        def v(p):\n    try:\n        return m.version(p)\n    except m.PackageNotFoundError:\n        return '-'\n\
+        print(*(v(p) for p in ('anndata', 'zarr', 'numcodecs', 'h5py', 'numpy', 'scipy', 'pandas')))";
+    let versions = Command::new(python()).arg("-c").arg(probe).output();
+    let versions = versions.unwrap_or_else(|e| panic!("{}: {e}", python().display()));
+    assert!(versions.status.success(), "the Python packages' versions: {}", text(&versions.stderr));
+    let mut hasher = std::hash::DefaultHasher::new();
+    (source, python(), versions.stdout).hash(&mut hasher);
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    let root = base.join(format!("{name}-{:016x}", hasher.finish()));
+    let outside = base.join(format!("{name}-{:016x}-outside", hasher.finish()));
+    if root.join("files").is_dir() {
+        return (root.join("files"), outside);
+    }
+    let making = base.join(format!("{name}-{:016x}.making-{}", hasher.finish(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&making);
+    std::fs::create_dir_all(&making).unwrap_or_else(|e| panic!("{}: {e}", making.display()));
+    let out = Command::new(python()).arg(script).arg("make").arg(making.join("files")).arg(&outside).output();
+    let out = out.unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    assert!(out.status.success(), "fixture script {} failed: {}", script.display(), text(&out.stderr));
+    // Another test process may have made them meanwhile: then its copy is kept and ours removed.
+    if std::fs::rename(&making, &root).is_err() {
+        let _ = std::fs::remove_dir_all(&making);
+        assert!(root.join("files").is_dir(), "{}: neither made nor found", root.display());
+    }
+    (root.join("files"), outside)
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

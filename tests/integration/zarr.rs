@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{bin, python, repo_root, text};
+use crate::common::{bin, python_fixtures, repo_root, text};
 
 const SECRET: &str = "TOP-SECRET-LINE";
 
@@ -24,12 +24,7 @@ struct Fixtures {
 fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
     FIXTURES.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("zarr-{}", std::process::id()));
-        let (dir, outside) = (root.join("files"), root.join("outside"));
-        let script = repo_root().join("tests/fixtures/zarr_fixtures.py");
-        let out = Command::new(python()).arg(&script).arg("make").arg(&dir).arg(&outside).output();
-        let out = out.unwrap_or_else(|e| panic!("{}: {e}", script.display()));
-        assert!(out.status.success(), "fixture script failed: {}", text(&out.stderr));
+        let (dir, _outside) = python_fixtures("zarr", &repo_root().join("tests/fixtures/zarr_fixtures.py"));
         Fixtures { dir }
     })
 }
