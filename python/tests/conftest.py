@@ -63,6 +63,19 @@ def peer_python() -> str | None:
 
 _worker_cache()
 
+#: The files whose tests take longest (1-2 minutes each on 2 cores), started first: pytest-xdist
+#: hands files to its workers in the order they were collected, and collected alphabetically the
+#: tutorials came last, one worker running them alone while the other had nothing left.
+LONGEST_FIRST = ("test_tutorials.py", "test_distributed.py", "test_ray.py", "test_score.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def cli() -> Path:
