@@ -65,8 +65,8 @@ pub fn python() -> PathBuf {
 /// that later runs of the tests reuse them (the zarr fixtures take half a minute of zarr's own
 /// writing). Made in a temporary sibling and renamed into place: a run finds them whole or makes
 /// them. OUTSIDE (`NAME-KEY-outside`) stays where the script made it, since the files may link to
-/// it. Returns (FILES, OUTSIDE); the tests only read them.
-pub fn python_fixtures(name: &str, script: &Path) -> (PathBuf, PathBuf) {
+/// it. Returns FILES; the tests only read them.
+pub fn python_fixtures(name: &str, script: &Path) -> PathBuf {
     use std::hash::{Hash, Hasher};
 
     let source = std::fs::read(script).unwrap_or_else(|e| panic!("{}: {e}", script.display()));
@@ -79,12 +79,13 @@ pub fn python_fixtures(name: &str, script: &Path) -> (PathBuf, PathBuf) {
     let mut hasher = std::hash::DefaultHasher::new();
     (source, python(), versions.stdout).hash(&mut hasher);
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-    let root = base.join(format!("{name}-{:016x}", hasher.finish()));
-    let outside = base.join(format!("{name}-{:016x}-outside", hasher.finish()));
+    let key = format!("{name}-{:016x}", hasher.finish());
+    let root = base.join(&key);
     if root.join("files").is_dir() {
-        return (root.join("files"), outside);
+        return root.join("files");
     }
-    let making = base.join(format!("{name}-{:016x}.making-{}", hasher.finish(), std::process::id()));
+    let outside = base.join(format!("{key}-outside"));
+    let making = base.join(format!("{key}.making-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&making);
     std::fs::create_dir_all(&making).unwrap_or_else(|e| panic!("{}: {e}", making.display()));
     let out = Command::new(python()).arg(script).arg("make").arg(making.join("files")).arg(&outside).output();
@@ -95,7 +96,7 @@ pub fn python_fixtures(name: &str, script: &Path) -> (PathBuf, PathBuf) {
         let _ = std::fs::remove_dir_all(&making);
         assert!(root.join("files").is_dir(), "{}: neither made nor found", root.display());
     }
-    (root.join("files"), outside)
+    root.join("files")
 }
 
 pub fn text(bytes: &[u8]) -> String {

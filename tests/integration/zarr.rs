@@ -23,10 +23,8 @@ struct Fixtures {
 
 fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
-    FIXTURES.get_or_init(|| {
-        let (dir, _outside) = python_fixtures("zarr", &repo_root().join("tests/fixtures/zarr_fixtures.py"));
-        Fixtures { dir }
-    })
+    FIXTURES
+        .get_or_init(|| Fixtures { dir: python_fixtures("zarr", &repo_root().join("tests/fixtures/zarr_fixtures.py")) })
 }
 
 fn s(p: &Path) -> &str {
