@@ -7,7 +7,8 @@
 //! training runs on one process only), `cxx/op_count.cpp`, the operator counter of
 //! `bench model --count-ops` (`cfg(cpa_op_count)`), `cxx/profile.cpp`, libtorch's profiler for
 //! `bench model --profile` (`cfg(cpa_profile)`), and `cxx/optim.cpp`, the optimizer's fused
-//! kernels (`cfg(cpa_fused)`; without them the trainer writes the update out).
+//! kernels (`cfg(cpa_fused)`; without them the trainer writes the update out), and
+//! `cxx/pinned.cpp`, copies to the device through pinned host memory (`cfg(cpa_pinned)`).
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,7 @@ fn main() {
     println!("cargo:rerun-if-changed=cxx/op_count.cpp");
     println!("cargo:rerun-if-changed=cxx/optim.cpp");
     println!("cargo:rerun-if-changed=cxx/profile.cpp");
+    println!("cargo:rerun-if-changed=cxx/pinned.cpp");
     println!("cargo:rerun-if-changed=cxx/guarded.h");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -26,6 +28,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(cpa_op_count)");
     println!("cargo::rustc-check-cfg=cfg(cpa_fused)");
     println!("cargo::rustc-check-cfg=cfg(cpa_profile)");
+    println!("cargo::rustc-check-cfg=cfg(cpa_pinned)");
     let Some(lib_dir) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         return;
     };
@@ -55,6 +58,7 @@ fn main() {
             &["ATen/ops/_fused_adam.h", "ATen/ops/_foreach_norm.h"][..],
             "the optimizer's step is written out",
         ),
+        ("cxx/pinned.cpp", "cpa_pinned", &["ATen/core/Tensor.h"][..], "batches go to the device from pageable memory"),
         (
             "cxx/collective.cpp",
             "cpa_collective",

@@ -14,9 +14,9 @@
 #                                binary with the torch found in TORCH_LIB, or in /opt/torch/.venv
 #
 # `run` knobs: CELLS (1000000), GENES (5000), DEVICE (cuda), STEPS ("info sink synth model train
-# predict pipeline loader allreduce", any subset, run in that order), OUT (results; default .device/results), STORE_DIR
+# workers predict pipeline loader allreduce", any subset, run in that order), OUT (results; default .device/results), STORE_DIR
 # (the synthetic store; default .device, kept between calls on a warm machine). Results: info.txt,
-# sink-f32.json, sink-f16.json, train-fp32.json, train-bf16.json, predict.jsonl, model.jsonl (and
+# sink-f32.json, sink-f16.json, train-fp32.json, train-bf16.json, train-workers-N.json, predict.jsonl, model.jsonl (and
 # trace-32768.json, the profile of a step as a Chrome trace), pipeline.jsonl,
 # loader.jsonl, allreduce.json and summary.txt (each step adds its lines to the summary as it ends).
 set -euo pipefail
@@ -64,7 +64,7 @@ py=python3
 cells="${CELLS:-1000000}"
 genes="${GENES:-5000}"
 device="${DEVICE:-cuda}"
-steps=" ${STEPS:-info sink synth model train predict pipeline loader allreduce} "
+steps=" ${STEPS:-info sink synth model train workers predict pipeline loader allreduce} "
 out="${OUT:-$dev/results}"
 store="${STORE_DIR:-$dev}/gpu-${cells}x${genes}.store"
 mkdir -p "$out"
@@ -175,6 +175,28 @@ memory = (f"{m['peak_allocated'] / 2**20:.0f} MiB in tensors, {m['peak_reserved'
 print(f"== train {r['train_cells']} cells, {sys.argv[3]}, batch {batch} (auto): epoch {r['epochs'][0]['seconds']:.1f} s, "
       f"{r['cells_per_s']:.0f} cells/s; peak RssAnon {r['report']['memory']['rss_anon'] / 2**20:.0f} MiB; "
       f"peak device memory {memory}\n   {stages}")
+PY
+  done
+fi
+
+if want workers; then
+  # One fp32 epoch at the batch the train step probed, with 2, 4 and 8 gather workers (a GPU run
+  # plans half the CPUs, at most 8): whether the batcher keeps the trainer fed.
+  batch=$(sed -n 's/^batch_size = \([0-9]*\)$/\1/p' "$dev/run-fp32/config.toml" 2>/dev/null || true)
+  for w in 2 4 8; do
+    run="$dev/run-workers"
+    rm -rf "$run"
+    "$bin" train --store "$store" --dose-key dose --covariates cell_type --epochs 1 --batch-size "${batch:-32768}" \
+      --validation-fraction 0 --test-fraction 0 --device "$device" --config examples/cpa.toml --workers "$w" \
+      --out "$run" --json > "$out/train-workers-$w.json"
+    "$py" - "$out/train-workers-$w.json" "$w" <<'PY' | tee -a "$summary"
+import json, sys
+r = json.load(open(sys.argv[1]))
+secs = lambda d: d["secs"] + d["nanos"] * 1e-9
+stages = ", ".join(f"{s['name']} busy {secs(s['busy']):.1f} s, in {secs(s['blocked_in']):.1f} s"
+                   for s in r["report"]["stages"] if s["name"] in ("batcher", "uploader", "trainer"))
+print(f"== train fp32 with {sys.argv[2]} workers: epoch {r['epochs'][0]['seconds']:.2f} s, {r['cells_per_s']:.0f} cells/s; "
+      f"peak RssAnon {r['report']['memory']['rss_anon'] / 2**20:.0f} MiB; {stages}")
 PY
   done
 fi

@@ -26,6 +26,8 @@ pub enum Stage {
     Batcher,
     /// Selecting prediction's source cells.
     Source,
+    /// Copying training batches to the device ahead of the trainer (CUDA).
+    Uploader,
     /// The libtorch trainer.
     Trainer,
     /// Scoring validation cells after epochs.
@@ -71,7 +73,7 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage.
-    pub const ALL: [Stage; 28] = [
+    pub const ALL: [Stage; 29] = [
         Stage::Reader,
         Stage::Read,
         Stage::Write,
@@ -80,6 +82,7 @@ impl Stage {
         Stage::Planner,
         Stage::Batcher,
         Stage::Source,
+        Stage::Uploader,
         Stage::Trainer,
         Stage::Validation,
         Stage::Predictor,
@@ -113,6 +116,7 @@ impl Stage {
             Stage::Planner => "planner",
             Stage::Batcher => "batcher",
             Stage::Source => "source",
+            Stage::Uploader => "uploader",
             Stage::Trainer => "trainer",
             Stage::Validation => "validation",
             Stage::Predictor => "predictor",

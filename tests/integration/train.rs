@@ -150,6 +150,11 @@ fn cuda_training_probes_its_batch_size_and_reports_device_memory() {
     assert!(bytes("peak_allocated") > 0, "{}", report["device_memory"]);
     assert!(bytes("peak_reserved") >= bytes("peak_allocated"), "{}", report["device_memory"]);
     assert!(recon(&report, 1).is_finite(), "{report}");
+    // The batches went to the device through the uploader, every cell the trainer trained on.
+    let stages = report["report"]["stages"].as_array().cloned().unwrap_or_default();
+    let stage = |name: &str| stages.iter().find(|s| s["name"] == name).cloned().unwrap_or_default();
+    assert!(stage("uploader")["rows"].as_u64().unwrap_or(0) > 0, "{stages:?}");
+    assert_eq!(stage("uploader")["rows"], stage("trainer")["rows"], "{stages:?}");
 }
 
 #[test]

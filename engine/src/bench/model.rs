@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::device::{DeviceMemory, memory as device_memory};
 use crate::model::config::{CpaConfig, DEFAULT_BATCH_SIZE, Precision};
 use crate::model::vocab::{Covariate, Vocabulary, canonical_condition, parse_condition};
 use crate::model::{CpaModel, HostBatch};
+use crate::train::upload::{self, Ahead, Preloaded};
 use crate::trainer::Trainer;
 use cpa_stream_stages::output::{OutputKind, claim_output, publish, temporary_sibling};
 use cpa_stream_stages::synth::{SynthAtlas, SynthConfig};
@@ -20,6 +22,7 @@ use super::profile::{Profile, profile};
 use crate::Stage;
 use cpa_stream_pipeline::error::{Error, Result};
 use cpa_stream_pipeline::obs::column_strings;
+use cpa_stream_pipeline::telemetry::StageStats;
 
 pub use cpa_stream_pipeline::model_flags::{
     MODEL_BENCH_CELLS as DEFAULT_MODEL_CELLS, MODEL_BENCH_EPOCHS as DEFAULT_MODEL_EPOCHS,
@@ -172,6 +175,7 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
         .transpose()
         .map_err(stage)?;
     let (vocab, batches) = synthetic_batches(options.cells, options.genes, options.batch_size, options.seed)?;
+    let batches = Arc::new(batches);
     let mut config = options.config.clone();
     config.training.batch_size = options.batch_size;
     config.training.precision = options.precision;
@@ -179,9 +183,18 @@ pub fn bench_model(options: &ModelBenchOptions) -> Result<ModelBench> {
     let model = CpaModel::new(&config, &vocab, None, options.device, config.training.seed).map_err(stage)?;
     let parameters = model.n_parameters();
     let mut trainer = Trainer::new(model).map_err(stage)?;
+    // As `train` feeds its trainer: on CUDA, uploaded a batch ahead.
+    let stats = StageStats::new(Stage::Uploader, 1);
     let run_epoch = |trainer: &mut Trainer| -> Result<f64> {
-        for b in &batches {
-            trainer.step(b).map_err(stage)?;
+        if options.device.is_cuda() {
+            let mut ahead = Ahead::start(Preloaded::new(&batches), options.device, &stats)?;
+            while let Some(fed) = ahead.next(&stats) {
+                upload::step(trainer, fed?).map_err(stage)?;
+            }
+        } else {
+            for b in batches.iter() {
+                trainer.step(b).map_err(stage)?;
+            }
         }
         Ok(trainer.end_epoch().map_err(stage)?.recon_loss)
     };

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::Stage;
+use crate::train::upload::Feed;
 use cpa_stream_pipeline::batcher::{self, LoaderOptions, PlanOptions, PoolStats, spawn_loader};
 use cpa_stream_pipeline::encoder::{CellLabels, EncoderOptions, Split, SplitSpec};
 use cpa_stream_pipeline::error::{Error, Result};
@@ -106,6 +107,7 @@ struct Bench {
     plan: PlanOptions,
     loader: LoaderOptions,
     pool: PoolStats,
+    upload_stats: Arc<StageStats>,
     train_stats: Arc<StageStats>,
     stop: Arc<AtomicBool>,
 }
@@ -144,7 +146,7 @@ impl Bench {
     fn through_pipeline(&self, trainer: &mut Trainer, epoch: u64) -> Result<(u64, u64, Duration)> {
         let (mut batches, mut cells) = (0u64, 0u64);
         let start = Instant::now();
-        let mut loaded = spawn_loader(
+        let loaded = spawn_loader(
             &self.store,
             &self.labels,
             Split::Train,
@@ -155,14 +157,16 @@ impl Bench {
             self.pool.clone(),
             Arc::clone(&self.stop),
         )?;
-        while let Some(gathered) = loaded.next(&self.train_stats) {
-            let batch = gathered?.batch;
-            self.train_stats.busy(|| trainer.step(&batch)).map_err(Error::stage(Stage::Trainer))?;
-            self.train_stats.add(batch.n_cells() as u64, batch.counts.byte_size());
-            (batches, cells) = (batches + 1, cells + batch.n_cells() as u64);
-            loaded.recycle(batch);
+        // As `train` feeds its trainer: on CUDA, uploaded a batch ahead.
+        let mut feed = Feed::new(loaded, trainer.model().device(), &self.upload_stats)?;
+        while let Some(fed) = feed.next(&self.train_stats) {
+            let fed = fed?;
+            let n = fed.cells();
+            self.train_stats.add(n, fed.bytes());
+            self.train_stats.busy(|| feed.step(trainer, fed)).map_err(Error::stage(Stage::Trainer))?;
+            (batches, cells) = (batches + 1, cells + n);
         }
-        drop(loaded);
+        drop(feed);
         sync(trainer)?;
         let elapsed = start.elapsed();
         trainer.end_epoch().map_err(Error::stage(Stage::Trainer))?;
@@ -236,6 +240,7 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
         plan: plan.clone(),
         loader: options.loader,
         pool: PoolStats::planned(options.loader.workers),
+        upload_stats: StageStats::new(Stage::Uploader, 1),
         train_stats: StageStats::new(Stage::Trainer, 1),
         stop: Arc::new(AtomicBool::new(false)),
     };
@@ -283,7 +288,12 @@ pub fn bench_training(options: &TrainingBenchOptions) -> Result<TrainingBench> {
     }
     let pipeline_cells_per_s = pipeline_cells as f64 / pipeline_time.as_secs_f64().max(1e-9);
     let preloaded_cells_per_s = preloaded_total as f64 / preloaded_time.as_secs_f64().max(1e-9);
-    let stages = [encoder_stats.report()].into_iter().chain(bench.pool.reports()).chain([bench.train_stats.report()]);
+    let uploader = options.device.is_cuda().then(|| bench.upload_stats.report());
+    let stages = [encoder_stats.report()]
+        .into_iter()
+        .chain(bench.pool.reports())
+        .chain(uploader)
+        .chain([bench.train_stats.report()]);
     Ok(TrainingBench {
         store: options.store.display().to_string(),
         cells: labels.n_cells(),

@@ -11,6 +11,7 @@ pub mod features;
 pub mod history;
 pub mod probe;
 pub mod request;
+pub(crate) mod upload;
 pub mod validate;
 
 use cpa_stream_stages::output::{OutputKind, OutputLock, claim_output};
@@ -43,6 +44,7 @@ pub use history::EpochRecord;
 use history::{read_history, write_history};
 pub use probe::{AUTO_BATCH_MAX, probe_batch_size};
 pub use request::{ConfigSource, TrainRequest};
+use upload::Feed;
 use validate::{ValidationScore, validate};
 
 /// Seconds of training between two checkpoints by default: a checkpoint of a small model takes
@@ -285,6 +287,7 @@ fn train_claimed(
         loader,
         trainer,
         pool: PoolStats::planned(loader.workers),
+        upload_stats: StageStats::new(Stage::Uploader, 1),
         train_stats: StageStats::new(Stage::Trainer, 1),
         records,
         halt: Arc::new(AtomicBool::new(false)),
@@ -296,13 +299,20 @@ fn train_claimed(
         run.publish_model()?;
     }
     let seconds = trained_start.elapsed().as_secs_f64().max(1e-9);
-    let Run { trainer, records, pool, train_stats, trained_cells, .. } = run;
+    let Run { trainer, records, pool, upload_stats, train_stats, trained_cells, .. } = run;
     // A picture is no reason to fail a run: a warning when it cannot be drawn.
     let title = format!("training history of {}", options.out.display());
     if leader && let Err(e) = history::plot_history(&options.out.join(HISTORY_STEM), &title, &records) {
         tracing::warn!("{e}");
     }
-    let stages = [encoder_stats.report()].into_iter().chain(pool.reports()).chain([train_stats.report()]).collect();
+    // The uploader is a stage of CUDA runs only (elsewhere the trainer uploads).
+    let uploader = options.device.is_cuda().then(|| upload_stats.report());
+    let stages = [encoder_stats.report()]
+        .into_iter()
+        .chain(pool.reports())
+        .chain(uploader)
+        .chain([train_stats.report()])
+        .collect();
     Ok(TrainReport {
         best_epoch: trainer.state().best_epoch,
         epochs: records,
@@ -580,6 +590,8 @@ struct Run<'a> {
     loader: LoaderOptions,
     trainer: Trainer,
     pool: PoolStats,
+    /// The uploader's counters (CUDA: batches go to the device ahead of the trainer).
+    upload_stats: Arc<StageStats>,
     train_stats: Arc<StageStats>,
     records: Vec<EpochRecord>,
     /// The loader's own stop: set by the trainer once it has decided to stop (after an
@@ -678,7 +690,7 @@ impl Run<'_> {
     /// One epoch's batches through the trainer; `true` when the context's stop ended it early
     /// (at a point where a checkpoint can be taken).
     fn train_epoch(&mut self, epoch: u64, ctx: &RunContext) -> Result<bool> {
-        let mut loaded = spawn_loader(
+        let loaded = spawn_loader(
             &self.store,
             &self.labels,
             Split::Train,
@@ -689,16 +701,17 @@ impl Run<'_> {
             self.pool.clone(),
             Arc::clone(&self.halt),
         )?;
-        while let Some(gathered) = loaded.next(&self.train_stats) {
-            let batch = gathered?.batch;
-            self.train_stats.busy(|| self.trainer.step(&batch)).map_err(Error::stage(Stage::Trainer))?;
-            let n = batch.n_cells() as u64;
-            self.train_stats.add(n, batch.counts.byte_size());
+        let mut feed = Feed::new(loaded, self.options.device, &self.upload_stats)?;
+        while let Some(fed) = feed.next(&self.train_stats) {
+            let fed = fed?;
+            let (cells, bytes) = (fed.cells(), fed.bytes());
+            let trainer = &mut self.trainer;
+            self.train_stats.busy(|| feed.step(trainer, fed)).map_err(Error::stage(Stage::Trainer))?;
+            self.train_stats.add(cells, bytes);
             // The run's cells (in data-parallel training, every rank's share of the batch).
-            let whole = if batch.is_empty() { 0 } else { self.trainer.last_batch_cells() };
+            let whole = if cells == 0 { 0 } else { self.trainer.last_batch_cells() };
             self.trained_cells += whole;
             ctx.progress().advance(whole);
-            loaded.recycle(batch);
             if ctx.stopped() && self.trainer.can_checkpoint() {
                 self.halt.store(true, Ordering::Relaxed);
                 return Ok(true);

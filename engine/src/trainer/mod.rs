@@ -410,10 +410,21 @@ impl Trainer {
         if w == 0 { alpha } else { alpha * (self.epochs_after_pretrain().max(0) as f64 / f64::from(w)).min(1.0) }
     }
 
-    /// Trains on one device batch (gradients of `accumulate_batches` batches are summed before
-    /// each optimizer step).
+    /// Trains on one batch, uploaded to the device here (gradients of `accumulate_batches`
+    /// batches are summed before each optimizer step).
     pub fn step(&mut self, batch: &HostBatch) -> Result<()> {
-        let result = self.step_batch(batch);
+        let device = self.model.device();
+        self.step_with(batch.n_cells(), || DeviceBatch::upload(batch, device))
+    }
+
+    /// [`step`](Self::step) on a batch already on the model's device (uploaded ahead, while
+    /// the batch before trained).
+    pub fn step_uploaded(&mut self, batch: DeviceBatch) -> Result<()> {
+        self.step_with(batch.n_cells as usize, || Ok(batch))
+    }
+
+    fn step_with(&mut self, n_cells: usize, upload: impl FnOnce() -> Result<DeviceBatch>) -> Result<()> {
+        let result = self.step_batch(n_cells, upload);
         match (&self.collective, result) {
             (Some(c), Err(e)) => {
                 Err(c.name_rank(e, &format!("batch {} of epoch {}", self.batches_in_epoch, self.state.epoch)))
@@ -422,8 +433,8 @@ impl Trainer {
         }
     }
 
-    fn step_batch(&mut self, batch: &HostBatch) -> Result<()> {
-        if batch.is_empty() {
+    fn step_batch(&mut self, n_cells: usize, upload: impl FnOnce() -> Result<DeviceBatch>) -> Result<()> {
+        if n_cells == 0 {
             if let Some(c) = &self.collective {
                 // The plan gives every rank a share of every batch (at least one cell each).
                 return Err(Error::InvalidInput(format!(
@@ -441,7 +452,7 @@ impl Trainer {
             self.in_epoch = true;
         }
         self.epoch_clock.get_or_insert_with(std::time::Instant::now);
-        let b = DeviceBatch::upload(batch, self.model.device())?;
+        let b = upload()?;
         let shard = self.batch_shard(b.n_cells)?;
         let (offset, rows, total) = shard.as_ref().map_or((0, b.n_cells, b.n_cells), |s| (s.offset, s.rows, s.total));
         let gather = |t: &Tensor, what: &str| -> Result<Tensor> {
@@ -602,7 +613,7 @@ impl Trainer {
             self.add_sums(&if world == 1 { row } else { row.f_div_scalar(world as f64).torch()? })?;
             self.counts.1 += 1;
         }
-        self.counts.2 += batch.n_cells() as u64;
+        self.counts.2 += n_cells as u64;
         // The run's cells: every rank's share of the batch.
         self.state.cells_seen += total as u64;
         self.last_batch_cells = total as u64;
