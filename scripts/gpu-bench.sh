@@ -14,9 +14,10 @@
 #                                binary with the torch found in TORCH_LIB, or in /opt/torch/.venv
 #
 # `run` knobs: CELLS (1000000), GENES (5000), DEVICE (cuda), STEPS ("info sink synth model train
-# workers predict pipeline loader allreduce", any subset, run in that order), OUT (results; default .device/results), STORE_DIR
+# workers predict pipeline loader allreduce", any subset, run in that order; and `ab`, named
+# with OLD, before predict: this build against another, see there), OUT (results; default .device/results), STORE_DIR
 # (the synthetic store; default .device, kept between calls on a warm machine). Results: info.txt,
-# sink-f32.json, sink-f16.json, train-fp32.json, train-bf16.json, train-workers-N.json, predict.jsonl, model.jsonl (and
+# sink-f32.json, sink-f16.json, train-fp32.json, train-bf16.json, train-workers-N.json, ab.jsonl, predict.jsonl, model.jsonl (and
 # trace-32768.json, the profile of a step as a Chrome trace), pipeline.jsonl,
 # loader.jsonl, allreduce.json and summary.txt (each step adds its lines to the summary as it ends).
 set -euo pipefail
@@ -199,6 +200,38 @@ print(f"== train fp32 with {sys.argv[2]} workers: epoch {r['epochs'][0]['seconds
       f"peak RssAnon {r['report']['memory']['rss_anon'] / 2**20:.0f} MiB; {stages}")
 PY
   done
+fi
+
+if want ab; then
+  # This build against another (OLD: an archive `gpu-bench.sh build` made of that build, e.g.
+  # OLD=.device/old.tar.xz), interleaved on this machine: one fp32 epoch each with
+  # `--batch-size auto`, REPS rounds (default 3), each build's default workers.
+  [ -f "${OLD:-}" ] || { echo "ab: OLD (an archive of the other build's binaries) is not a file" >&2; exit 1; }
+  old_bins="${TMPDIR:-/tmp}/cpa-stream-gpu-bench-old"
+  rm -rf "$old_bins" && mkdir -p "$old_bins"
+  xz -dc "$OLD" | tar -C "$old_bins" -xf -
+  : > "$out/ab.jsonl"
+  for rep in $(seq "${REPS:-3}"); do
+    for build in old new; do
+      b="$bin"
+      [ "$build" = old ] && b="$old_bins/cpa-stream"
+      run="$dev/run-ab"
+      rm -rf "$run"
+      "$b" train --store "$store" --dose-key dose --covariates cell_type --epochs 1 --batch-size auto \
+        --validation-fraction 0 --test-fraction 0 --device "$device" --config examples/cpa.toml --out "$run" \
+        --json | "$py" -c 'import json,sys; r=json.load(sys.stdin); r["build"]=sys.argv[1]; print(json.dumps(r))' \
+        "$build" >> "$out/ab.jsonl"
+    done
+  done
+  "$py" - "$out/ab.jsonl" "$("$old_bins/cpa-stream" --version | head -1)" "$("$bin" --version | head -1)" <<'PY' | tee -a "$summary"
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+rate = {b: [r["cells_per_s"] for r in rows if r["build"] == b] for b in ("old", "new")}
+med = {b: statistics.median(v) for b, v in rate.items()}
+print(f"== ab, one fp32 epoch, interleaved: old ({sys.argv[2]}) " + " ".join(f"{x:.0f}" for x in rate["old"])
+    + f", new ({sys.argv[3]}) " + " ".join(f"{x:.0f}" for x in rate["new"])
+    + f" cells/s; medians {med['old']:.0f} / {med['new']:.0f}, new/old {med['new'] / med['old']:.2f}x")
+PY
 fi
 
 if want predict; then

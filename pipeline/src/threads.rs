@@ -92,8 +92,8 @@ fn plan_on(
     let planned = match (on_cpu, shared) {
         (true, true) => 1,
         (true, false) => (cpus / 4).clamp(1, default_workers.max(1)),
-        // A GPU trains a batch faster than one worker gathers it (an H200 trains the default
-        // model at 0.7-0.9 M cells/s; a worker gathers about 0.3 M): half the CPUs, up to 8.
+        // A GPU trains faster than one worker gathers (an H200 trains the default model at
+        // 0.6-0.9 M cells/s; a worker gathers 0.15-0.3 M): half the CPUs, up to 8.
         (false, _) => (cpus / 2).min(GPU_WORKERS_MAX).max(default_workers.min(cpus)).max(1),
     };
     let workers = workers.unwrap_or(planned).max(1);

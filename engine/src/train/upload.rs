@@ -3,7 +3,7 @@
 //! On CUDA a step's upload (the batch's CSR arrays copied to the device and densified there)
 //! took half the trainer's time on a 1 M x 5,000 atlas when the trainer did it itself: copies
 //! from pageable memory block the host thread while the driver stages them (docs/benchmarks.md,
-//! "One GPU used well"). Here a thread of its own, the uploader, uploads batch k + 1 through
+//! "Uploads ahead of the trainer"). Here a thread of its own, the uploader, uploads batch k + 1 through
 //! pinned memory while the trainer queues the kernels of batch k, and hands the host batch back
 //! as soon as its arrays are copied out. Both threads queue their work on the device's current
 //! stream, so a batch's kernels run after its upload, in order; the channel between them holds
