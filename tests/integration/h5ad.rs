@@ -38,16 +38,11 @@ fn script() -> PathBuf {
     repo_root().join("tests/fixtures/h5ad_fixtures.py")
 }
 
-/// Fixtures made once per test run by anndata itself.
+/// Fixtures made by anndata itself, once per version of the script and of the Python packages
+/// ([`python_fixtures`]); the tests only read them and write their outputs elsewhere.
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("h5ad-fixtures-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = Command::new(python()).arg(script()).arg("make").arg(&dir).output().unwrap();
-        assert!(out.status.success(), "fixture script failed: {}", text(&out.stderr));
-        dir
-    })
+    DIR.get_or_init(|| python_fixtures("h5ad", &script()))
 }
 
 /// What anndata reads from `file`.
@@ -157,6 +152,8 @@ fn assert_store_matches(store_path: &Path, expected: &Value, rel: f64) {
 #[test]
 fn every_encoding_imports_as_anndata_reads_it() {
     let dir = fixtures();
+    let scratch = tempfile::tempdir().unwrap();
+    let work = scratch.path();
     for (name, rel) in [
         ("csr_f32", 1e-9),
         ("csr_f64_i64_gzip", 1e-6),
@@ -166,8 +163,7 @@ fn every_encoding_imports_as_anndata_reads_it() {
         ("csr_u16", 1e-9),
     ] {
         let file = dir.join(format!("{name}.h5ad"));
-        let out = dir.join(format!("{name}.store"));
-        let _ = std::fs::remove_dir_all(&out);
+        let out = work.join(format!("{name}.store"));
         import(&file, &out, ImportOptions::default());
         assert_store_matches(&out, &anndata_summary(&file, None), rel);
         Store::open(&out).unwrap().verify().unwrap();
@@ -177,9 +173,10 @@ fn every_encoding_imports_as_anndata_reads_it() {
 #[test]
 fn layers_degs_chunks_and_csc_buckets() {
     let dir = fixtures();
+    let scratch = tempfile::tempdir().unwrap();
+    let work = scratch.path();
     let file = dir.join("csr_f32.h5ad");
-    let out = dir.join("layer.store");
-    let _ = std::fs::remove_dir_all(&out);
+    let out = work.join("layer.store");
     import(&file, &out, ImportOptions { layer: Some("counts".into()), chunk_rows: 7, ..Default::default() });
     assert_store_matches(&out, &anndata_summary(&file, Some("counts")), 1e-9);
 
@@ -196,11 +193,8 @@ fn layers_degs_chunks_and_csc_buckets() {
     assert_eq!(table_schema(&out.join(DEG_FILE)).unwrap().metadata()["uns_key"], "rank_genes_groups_cov");
 
     // CSC through many tiny buckets, in groups of 7 open at once, equals CSR.
-    let csr = dir.join("ref.store");
-    let csc = dir.join("buckets.store");
-    for p in [&csr, &csc] {
-        let _ = std::fs::remove_dir_all(p);
-    }
+    let csr = work.join("ref.store");
+    let csc = work.join("buckets.store");
     let a = import(&file, &csr, ImportOptions::default());
     let b = import(
         &dir.join("csc.h5ad"),
@@ -210,7 +204,7 @@ fn layers_degs_chunks_and_csc_buckets() {
     for f in [StoreFiles::INDPTR, StoreFiles::INDICES, StoreFiles::DATA] {
         assert_eq!(a.files[f], b.files[f], "{f}");
     }
-    let leftovers: Vec<_> = std::fs::read_dir(dir)
+    let leftovers: Vec<_> = std::fs::read_dir(work)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().contains(".import-"))
@@ -221,8 +215,9 @@ fn layers_degs_chunks_and_csc_buckets() {
 #[test]
 fn scanpy_rank_genes_groups_becomes_the_deg_table() {
     let dir = fixtures();
-    let out = dir.join("rgg.store");
-    let _ = std::fs::remove_dir_all(&out);
+    let scratch = tempfile::tempdir().unwrap();
+    let work = scratch.path();
+    let out = work.join("rgg.store");
     import(&dir.join("csr_rgg.h5ad"), &out, ImportOptions::default());
     let degs = read_table(&out.join(DEG_FILE)).unwrap().next().unwrap().unwrap();
     let group = degs.column(0).as_string::<i32>();
@@ -250,12 +245,11 @@ fn scanpy_rank_genes_groups_becomes_the_deg_table() {
 
     // Named: the same entry; an absent one is an error naming what uns holds, never a silent
     // fall-back to another entry or to none.
-    let named = dir.join("rgg-named.store");
-    let _ = std::fs::remove_dir_all(&named);
+    let named = work.join("rgg-named.store");
     let options = |key: &str| ImportOptions { deg_uns_key: Some(key.into()), ..Default::default() };
     import(&dir.join("csr_rgg.h5ad"), &named, options("rank_genes_groups"));
     assert_eq!(table_schema(&named.join(DEG_FILE)).unwrap().metadata()["uns_key"], "rank_genes_groups");
-    let absent = dir.join("rgg-absent.store");
+    let absent = work.join("rgg-absent.store");
     let err = import_file(&dir.join("csr_rgg.h5ad"), &absent, &options("rank_genes_groups_cov"))
         .err()
         .map(|e| e.to_string())
@@ -267,11 +261,10 @@ fn scanpy_rank_genes_groups_becomes_the_deg_table() {
 #[test]
 fn gene_subset_keeps_the_given_order() {
     let dir = fixtures();
+    let scratch = tempfile::tempdir().unwrap();
+    let work = scratch.path();
     let file = dir.join("csc.h5ad");
-    let (full, sub) = (dir.join("genes-full.store"), dir.join("genes-sub.store"));
-    for p in [&full, &sub] {
-        let _ = std::fs::remove_dir_all(p);
-    }
+    let (full, sub) = (work.join("genes-full.store"), work.join("genes-sub.store"));
     import(&file, &full, ImportOptions::default());
     let genes = ["GENE010", "GENE002", "GENE039"];
     import(
@@ -296,16 +289,18 @@ fn gene_subset_keeps_the_given_order() {
 
     let bad = import_file(
         &file,
-        &dir.join("never.store"),
+        &work.join("never.store"),
         &ImportOptions { join: GeneJoin::List(vec!["NOPE".into()]), ..Default::default() },
     );
     assert!(bad.unwrap_err().to_string().contains("not in the genes of"));
-    assert!(!dir.join("never.store").exists());
+    assert!(!work.join("never.store").exists());
 }
 
 #[test]
 fn bad_files_give_named_errors_and_no_store() {
     let dir = fixtures();
+    let scratch = tempfile::tempdir().unwrap();
+    let work = scratch.path();
     for (name, layer, expected) in [
         ("bad_not_hdf5", None, "not an HDF5 file"),
         ("bad_not_anndata", None, "not an AnnData file"),
@@ -319,7 +314,7 @@ fn bad_files_give_named_errors_and_no_store() {
         ("missing", None, "No such file"),
     ] {
         let file = dir.join(format!("{name}.h5ad"));
-        let out = dir.join(format!("{name}-{}.store", layer.unwrap_or("x")));
+        let out = work.join(format!("{name}-{}.store", layer.unwrap_or("x")));
         let options = ImportOptions { layer: layer.map(str::to_owned), ..Default::default() };
         let err = import_file(&file, &out, &options).err().unwrap_or_else(|| panic!("{name} imported")).to_string();
         assert!(err.contains(expected) && err.contains(&*file.to_string_lossy()), "{name}: {err}");
@@ -329,7 +324,7 @@ fn bad_files_give_named_errors_and_no_store() {
     // buffer; the import ends with the library's error naming the element, never a crash (since
     // every link is checked before reading, the damaged group's listing is what fails first).
     let damaged = repo_root().join("tests/fixtures/damaged/h5ad-huge-allocation.h5ad");
-    let out_store = dir.join("damaged.store");
+    let out_store = work.join("damaged.store");
     let err = import_file(&damaged, &out_store, &ImportOptions::default())
         .err()
         .unwrap_or_else(|| panic!("the damaged file imported"))
@@ -341,7 +336,7 @@ fn bad_files_give_named_errors_and_no_store() {
         "import",
         dir.join("bad_shape.h5ad").to_str().unwrap(),
         "--out",
-        dir.join("cli.store").to_str().unwrap(),
+        work.join("cli.store").to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
@@ -403,12 +398,12 @@ fn real_data_imports_exports_and_round_trips() {
 #[test]
 fn export_round_trips_every_column_kind_and_degs() {
     let dir = fixtures();
+    let scratch = tempfile::tempdir().unwrap();
+    let work = scratch.path();
     let file = dir.join("csr_f32.h5ad");
-    let store = dir.join("rt.store");
-    let _ = std::fs::remove_dir_all(&store);
+    let store = work.join("rt.store");
     import(&file, &store, ImportOptions::default());
-    let exported = dir.join("rt.h5ad");
-    let _ = std::fs::remove_file(&exported);
+    let exported = work.join("rt.h5ad");
     export(&store, &exported, H5adCompression::Lzf).unwrap();
     let original = anndata_summary(&file, None);
     let round = anndata_summary(&exported, None);
