@@ -31,7 +31,7 @@ pub fn configure(device: &str, threads: Option<usize>, workers: Option<usize>) -
         None if on_cpu && (threads.is_none() || workers.is_none()) => busy_elsewhere(SAMPLE),
         None => 0.0,
     };
-    let plan = plan(on_cpu, threads, workers, cpa_stream_pipeline::batcher::DEFAULT_WORKERS, busy);
+    let plan = plan(cpus(), on_cpu, threads, workers, cpa_stream_pipeline::batcher::DEFAULT_WORKERS, busy);
     let torch = i32::try_from(plan.torch)
         .map_err(|_| crate::Error::InvalidInput(format!("threads {}: too many", plan.torch)))?;
     tch::set_num_threads(torch);

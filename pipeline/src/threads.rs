@@ -63,20 +63,10 @@ pub const GPU_WORKERS_MAX: usize = 8;
 /// CPUs busy with other processes from which a run counts the machine as shared.
 pub const BUSY: f64 = 0.5;
 
-/// Plans the threads of a run on the CPU (`on_cpu`) or on a GPU; `torch` and `workers` are the
-/// user's (kept as given), `busy` the CPUs other processes keep busy ([`busy_elsewhere`]).
+/// Plans the threads of a run on a machine of `cpus` usable CPUs ([`cpus`]), on the CPU
+/// (`on_cpu`) or on a GPU; `torch` and `workers` are the user's (kept as given), `busy` the CPUs
+/// other processes keep busy ([`busy_elsewhere`]).
 pub fn plan(
-    on_cpu: bool,
-    torch: Option<usize>,
-    workers: Option<usize>,
-    default_workers: usize,
-    busy: f64,
-) -> ThreadPlan {
-    plan_on(cpus(), on_cpu, torch, workers, default_workers, busy)
-}
-
-/// [`plan`] on a machine of `cpus` CPUs.
-fn plan_on(
     cpus: usize,
     on_cpu: bool,
     torch: Option<usize>,
@@ -165,32 +155,32 @@ mod tests {
 
     #[test]
     fn the_user_s_counts_are_kept() {
-        let p = plan(true, Some(7), Some(3), 2, 100.0);
+        let p = plan(cpus(), true, Some(7), Some(3), 2, 100.0);
         assert_eq!((p.torch, p.workers), (7, 3));
     }
 
     #[test]
     fn shared_cpus_make_openmp_wait_passively_and_the_batcher_small() {
         let n = cpus();
-        let idle = plan(true, None, None, 2, 0.0);
+        let idle = plan(n, true, None, None, 2, 0.0);
         assert_eq!((idle.torch, idle.passive), (n, false));
         assert_eq!(idle.workers, (n / 4).clamp(1, 2));
-        let loaded = plan(true, None, None, 2, n as f64);
+        let loaded = plan(n, true, None, None, 2, n as f64);
         // The load changes how threads wait and the batcher, never libtorch's thread count (its
         // results depend on it).
         assert_eq!((loaded.torch, loaded.workers, loaded.passive), (n, 1, true));
         // A GPU run plans the batcher, not libtorch's compute.
-        let gpu = plan(false, None, None, 2, 0.0);
+        let gpu = plan(n, false, None, None, 2, 0.0);
         assert_eq!(gpu.torch, n.min(4));
     }
 
     #[test]
     fn a_gpu_run_gathers_with_half_the_cpus_at_least_the_default_and_at_most_eight() {
-        let workers = |cpus: usize| plan_on(cpus, false, None, None, 2, 0.0).workers;
+        let workers = |cpus: usize| plan(cpus, false, None, None, 2, 0.0).workers;
         assert_eq!([1, 2, 3, 4, 8, 12, 16, 64].map(workers), [1, 2, 2, 2, 4, 6, 8, 8]);
         // The user's count stands, and the CPU's plan is not the GPU's.
-        assert_eq!(plan_on(16, false, None, Some(3), 2, 0.0).workers, 3);
-        assert_eq!(plan_on(16, true, None, None, 2, 0.0).workers, 2);
+        assert_eq!(plan(16, false, None, Some(3), 2, 0.0).workers, 3);
+        assert_eq!(plan(16, true, None, None, 2, 0.0).workers, 2);
     }
 
     #[test]
