@@ -2,8 +2,9 @@
 code and the combo-sciplex tutorials' calls (examples/cpa-tools/), with only the import line and
 the data loading changed, run to the end on offline data (the bundled data; a synthetic drug x dose
 atlas with SMILES), ``use_gpu=True`` falling back to the CPU with a warning. A few epochs each
-(``TUTORIAL_EPOCHS``): this checks that the calls work and return what the code after them uses,
-not the science. The four run one after another in one Python process (run_tutorials.py), each as
+(``TUTORIAL_EPOCHS``) and scanpy's UMAP layouts of the latents in 30 epochs
+(``TUTORIAL_UMAP_EPOCHS``): this checks that the calls work and return what the code after them
+uses, not the science. The four run one after another in one Python process (run_tutorials.py), each as
 ``python SCRIPT`` runs it in a directory of its own: in four processes, each spent a third of its
 time importing and another third in numba compiling scanpy's UMAP, which numba does not cache."""
 
@@ -62,7 +63,7 @@ def tutorial_runs(tmp_path_factory):
         plan.append(item)
         runs[name] = item
     (root / "plan.json").write_text(json.dumps(plan))
-    env = dict(os.environ, TUTORIAL_EPOCHS="3", MPLBACKEND="Agg", PYTHONPATH=str(SCRIPTS))
+    env = dict(os.environ, TUTORIAL_EPOCHS="3", TUTORIAL_UMAP_EPOCHS="30", MPLBACKEND="Agg", PYTHONPATH=str(SCRIPTS))
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("run_tutorials.py")), str(root / "plan.json")],
                           cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, f"the tutorials' runner failed: {done.stderr[-3000:]}"
