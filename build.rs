@@ -1,12 +1,13 @@
 //! Makes `cpa-stream-engine` (and this package's tests and examples) load the libtorch it was
-//! built against, CUDA included; the `cpa-stream` front needs no libtorch and loads none.
+//! built against; the `cpa-stream` front needs no libtorch and loads none.
 //!
-//! torch-sys links libtorch, but (a) the linker's default `--as-needed` drops `libtorch_cuda.so`
-//! because no symbol of it is referenced directly, after which CUDA is silently unavailable at run
-//! time, and (b) it records no run path, so the binary would need `LD_LIBRARY_PATH`. This script
-//! records an rpath to their directory for every target, and links the libtorch libraries with
-//! `--no-as-needed` for the targets that run the model only (the engine, tests, examples): a
-//! `cargo:rustc-link-arg` would make the front load them too.
+//! torch-sys links libtorch but records no run path, so the binary would need `LD_LIBRARY_PATH`.
+//! This script records an rpath to their directory for every target, and links libtorch's CPU
+//! libraries with `--no-as-needed` for the targets that run the model only (the engine, tests,
+//! examples): a `cargo:rustc-link-arg` would make the front load them too. The CUDA backend
+//! (`libtorch_cuda.so`) is not linked (the linker's `--as-needed` drops it: no symbol of it is
+//! referenced): the engine crate's `device::backend` loads it as the process starts where an
+//! NVIDIA driver is present, and a machine without one does not pay its 0.4 s at every start.
 
 use std::env;
 use std::path::PathBuf;
@@ -80,10 +81,11 @@ fn link_libtorch() {
         return;
     }
     let dir = lib_dir.display();
-    let libs: Vec<&str> = ["torch_cuda", "torch_cpu", "torch", "c10_cuda", "c10"]
-        .into_iter()
-        .filter(|lib| lib_dir.join(format!("lib{lib}.so")).exists())
-        .collect();
+    // libtorch's CPU libraries only: the CUDA backend (`libtorch_cuda.so`, and `libtorch.so`,
+    // which needs it) is loaded at the start where a driver is present (the engine's
+    // `device::backend`), not by the dynamic loader on every machine.
+    let libs: Vec<&str> =
+        ["torch_cpu", "c10"].into_iter().filter(|lib| lib_dir.join(format!("lib{lib}.so")).exists()).collect();
     // Every target of the package gets the run path (doctests included, which take no
     // target-specific arguments); on the front it only names a directory, from which nothing is
     // loaded, because the front needs no library there.

@@ -3,9 +3,10 @@
 //!
 //! The module lives at `site-packages/cpa_stream/_native*.so` and torch's libraries at
 //! `site-packages/torch/lib`; the run path `$ORIGIN/../torch/lib` finds them without
-//! `LD_LIBRARY_PATH`. `cpa_stream/__init__.py` imports torch first, so the libraries are already
-//! loaded (matched by soname) and one libtorch serves both. `--no-as-needed` keeps
-//! `libtorch_cuda.so` (nothing refers to it by symbol; without it CUDA would silently be absent).
+//! `LD_LIBRARY_PATH`. Where torch's Python side is imported too, before or after, the libraries are
+//! matched by soname and one libtorch serves both. `--no-as-needed` keeps libtorch's CPU
+//! libraries; its CUDA backend (`libtorch_cuda.so`, and `libtorch.so`, which needs it) is not
+//! linked: the engine's `device::backend` loads it as the module loads, where a driver is present.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -17,7 +18,7 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../torch/lib");
     println!("cargo:rustc-link-arg=-L{}", lib_dir.display());
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-    for lib in ["torch_cuda", "torch_cpu", "torch", "c10_cuda", "c10"] {
+    for lib in ["torch_cpu", "c10"] {
         if lib_dir.join(format!("lib{lib}.so")).exists() {
             println!("cargo:rustc-link-arg=-l{lib}");
         }

@@ -14,7 +14,12 @@ struct Info {
     libtorch_version: String,
     libtorch_path: Option<PathBuf>,
     libtorch_cuda_loaded: bool,
+    /// What became of the CUDA backend: "loaded (PATH)" or "not loaded: WHY".
+    cuda_backend: String,
     cuda_available: bool,
+    /// Without a CUDA device: libtorch's own error for a tensor on `cuda:0` (no driver, an old
+    /// driver, no backend), its first sentence.
+    cuda_error: Option<String>,
     cudnn_available: bool,
     cuda_device_count: i64,
     cuda_devices: Vec<String>,
@@ -22,6 +27,8 @@ struct Info {
 }
 
 pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
+    // The backend's state first: it is settled before libtorch is asked about CUDA.
+    let backend = cpa_stream_engine::device::cuda_backend();
     let cuda_available = tch::Cuda::is_available();
     let cuda_device_count = tch::Cuda::device_count();
     let libtorch_path = loaded_library("libtorch_cpu.so");
@@ -33,8 +40,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         cpa_stream_version: env!("CARGO_PKG_VERSION"),
         libtorch_version,
         libtorch_cuda_loaded: loaded_library("libtorch_cuda.so").is_some(),
+        cuda_backend: cpa_stream_engine::device::cuda_backend().to_string(),
         libtorch_path,
         cuda_available,
+        cuda_error: if cuda_available { None } else { cuda_error() },
         cudnn_available: cuda_available && tch::Cuda::cudnn_is_available(),
         cuda_device_count,
         cuda_devices: if cuda_available { cuda_device_names(cuda_device_count) } else { Vec::new() },
@@ -49,8 +58,14 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &info.libtorch_path {
         outln!("libtorch path    {}", p.display());
     }
-    outln!("libtorch_cuda    {}", if info.libtorch_cuda_loaded { "loaded" } else { "not loaded" });
+    match backend.why_not() {
+        None => outln!("libtorch_cuda    loaded"),
+        Some(why) => outln!("libtorch_cuda    not loaded: {why}"),
+    }
     outln!("CUDA available   {}", info.cuda_available);
+    if let (true, Some(error)) = (backend.is_loaded(), &info.cuda_error) {
+        outln!("CUDA error       {error}");
+    }
     outln!("cuDNN available  {}", info.cudnn_available);
     outln!("CUDA devices     {}", info.cuda_device_count);
     for (i, name) in info.cuda_devices.iter().enumerate() {
@@ -60,6 +75,18 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// libtorch's error for a tensor placed on `cuda:0`, its first sentence (`None` if that works).
+fn cuda_error() -> Option<String> {
+    match tch::Tensor::f_zeros([1], (tch::Kind::Float, tch::Device::Cuda(0))) {
+        Ok(_) => None,
+        Err(e) => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or_default().trim();
+            Some(line.find(". ").map_or(line, |end| &line[..=end]).to_string())
+        }
+    }
+}
+
 /// The libtorch version this binary was built against (recorded by build.rs).
 fn torch_sys_version() -> &'static str {
     option_env!("CPA_STREAM_LIBTORCH_BUILD_VERSION").unwrap_or("unknown")
@@ -67,11 +94,7 @@ fn torch_sys_version() -> &'static str {
 
 /// Path of a shared library this process has mapped, from `/proc/self/maps`.
 fn loaded_library(file_name: &str) -> Option<PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
-        .filter_map(|line| line.split_whitespace().nth(5))
-        .find(|path| Path::new(path).file_name().is_some_and(|n| n == file_name))
-        .map(PathBuf::from)
+    cpa_stream_engine::device::backend::mapped(file_name)
 }
 
 /// The `__version__` of the torch package whose `lib/` holds `library`.

@@ -1,5 +1,6 @@
-//! The engine loads the libtorch it was built against, with CUDA, and no LD_LIBRARY_PATH; the
-//! front loads none, and hands the model commands to the engine.
+//! The engine loads the libtorch it was built against, and no LD_LIBRARY_PATH; its CUDA backend
+//! where an NVIDIA driver is present (or when asked); the front loads none, and hands the model
+//! commands to the engine.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
@@ -12,7 +13,7 @@ fn libtorch_lib() -> &'static Path {
 }
 
 #[test]
-fn engine_records_libtorch_cuda_and_a_run_path() {
+fn engine_records_libtorch_and_a_run_path_and_leaves_cuda_to_the_start() {
     let out = match Command::new("readelf").arg("-d").arg(engine_bin()).output() {
         Ok(out) => out,
         Err(e) => {
@@ -23,11 +24,9 @@ fn engine_records_libtorch_cuda_and_a_run_path() {
     assert!(out.status.success());
     let dynamic = text(&out.stdout);
     let lib = libtorch_lib();
-    let has_cuda = lib.join("libtorch_cuda.so").exists();
-    if has_cuda {
-        assert!(dynamic.contains("Shared library: [libtorch_cuda.so]"), "libtorch_cuda.so not NEEDED:\n{dynamic}");
-    } else {
-        eprintln!("note: {} has no libtorch_cuda.so (CPU-only libtorch)", lib.display());
+    // The CUDA backend (and libtorch.so, which needs it) is loaded at the start, not linked.
+    for cuda in ["libtorch_cuda.so", "libtorch.so", "libc10_cuda.so"] {
+        assert!(!dynamic.contains(&format!("Shared library: [{cuda}]")), "{cuda} is NEEDED:\n{dynamic}");
     }
     assert!(dynamic.contains("Shared library: [libtorch_cpu.so]"), "{dynamic}");
     let run_path = dynamic
@@ -45,9 +44,9 @@ fn info_reports_the_loaded_libtorch() {
     assert!(info["libtorch_version"].as_str().unwrap().starts_with("2.11.0"), "{info}");
     let loaded = info["libtorch_path"].as_str().unwrap();
     assert!(Path::new(loaded).starts_with(libtorch_lib()), "{loaded}");
-    if libtorch_lib().join("libtorch_cuda.so").exists() {
-        assert_eq!(info["libtorch_cuda_loaded"], true, "{info}");
-    }
+    // Loaded exactly where the process says it loaded it.
+    let backend = info["cuda_backend"].as_str().unwrap();
+    assert_eq!(info["libtorch_cuda_loaded"], backend.starts_with("loaded"), "{info}");
     assert!(info["cpu_threads"].as_i64().unwrap() >= 1);
     assert_eq!(info["cpa_stream_version"], env!("CARGO_PKG_VERSION"));
     if info["cuda_available"] == true {
@@ -60,6 +59,39 @@ fn info_reports_the_loaded_libtorch() {
     }
     let text_out = run(&["info"]);
     assert!(text(&text_out.stdout).contains("libtorch         2.11.0"));
+}
+
+/// `CPA_STREAM_CUDA=1` loads libtorch's CUDA backend where no driver is present, and it
+/// registers with libtorch as a linked one does: a CUDA device is then refused for want of a
+/// device or driver, no longer for want of the library. `CPA_STREAM_CUDA=0` leaves it out.
+#[test]
+fn the_cuda_backend_loads_when_asked_and_registers_with_libtorch() {
+    let lib = libtorch_lib();
+    if !lib.join("libtorch_cuda.so").exists() {
+        eprintln!("SKIP: {} has no libtorch_cuda.so (CPU-only libtorch)", lib.display());
+        return;
+    }
+    let info = |value: &str| -> serde_json::Value {
+        let out = Command::new(engine_bin()).args(["info", "--json"]).env("CPA_STREAM_CUDA", value).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let on = info("1");
+    assert_eq!(on["libtorch_cuda_loaded"], true, "{on}");
+    assert!(on["cuda_backend"].as_str().unwrap().starts_with("loaded"), "{on}");
+    let off = info("0");
+    assert_eq!(off["libtorch_cuda_loaded"], false, "{off}");
+    assert!(off["cuda_backend"].as_str().unwrap().contains("CPA_STREAM_CUDA=0"), "{off}");
+    if on["cuda_available"] == true {
+        return;
+    }
+    // No device here. Without the backend, libtorch has no CUDA kernel for a tensor on cuda:0;
+    // with it, the kernel runs and asks the driver: the late load registered the backend's
+    // kernels as linking it would.
+    let (on_error, off_error) = (on["cuda_error"].as_str().unwrap(), off["cuda_error"].as_str().unwrap());
+    let no_kernel = "from the 'CUDA' backend";
+    assert!(off_error.contains(no_kernel), "{off_error}");
+    assert!(!on_error.contains(no_kernel), "the loaded backend did not register its kernels: {on_error}");
 }
 
 /// The libraries the dynamic loader loads for `binary --version` (glibc's `LD_DEBUG=libs`), or

@@ -1,8 +1,11 @@
-//! The devices a model runs on: their command-line names, a check that a CUDA device exists, and
-//! the CUDA caching allocator's memory figures ([`memory`]).
+//! The devices a model runs on: their command-line names, a check that a CUDA device exists,
+//! libtorch's CUDA backend loaded at the start where a driver is present ([`backend`]), and the
+//! CUDA caching allocator's memory figures ([`memory`]).
 
+pub mod backend;
 pub mod memory;
 
+pub use backend::{CudaBackend, cuda_backend};
 pub use memory::DeviceMemory;
 use tch::Device;
 
@@ -23,6 +26,9 @@ pub fn parse(name: &str) -> Result<Device> {
 /// Checks that a requested CUDA device exists, with a clear error when it does not.
 pub fn check(device: Device) -> Result<()> {
     if let Device::Cuda(i) = device {
+        if let Some(why) = cuda_backend().why_not() {
+            return Err(Error::InvalidInput(format!("device cuda:{i} requested, but {why}")));
+        }
         let n = tch::Cuda::device_count();
         if !tch::Cuda::is_available() || i as i64 >= n {
             return Err(Error::InvalidInput(format!(
