@@ -63,10 +63,21 @@ def peer_python() -> str | None:
 
 _worker_cache()
 
-#: The files whose tests take longest (1-2 minutes each on 2 cores), started first: pytest-xdist
-#: hands files to its workers in the order they were collected, and collected alphabetically the
-#: tutorials came last, one worker running them alone while the other had nothing left.
-LONGEST_FIRST = ("test_tutorials.py", "test_distributed.py", "test_ray.py", "test_score.py")
+#: The files whose tests take longest (30 s to 2 minutes each on 2 cores; `--durations=0` of
+#: 2026-11-29), longest first: pytest-xdist hands files to its workers in the order they were
+#: collected, and collected alphabetically the tutorials came last, one worker running them alone
+#: while the other had nothing left. Longest first, the short files even the workers out at the end.
+LONGEST_FIRST = (
+    "test_distributed.py",
+    "test_ray.py",
+    "test_fidelity.py",
+    "test_tutorials.py",
+    "test_cpa_tools_model.py",
+    "test_run.py",
+    "test_tune.py",
+    "test_score.py",
+    "test_chem.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
