@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
+use cpa_stream_engine::device::backend::mapped;
+
 use crate::cli::info::InfoArgs;
 
 #[derive(Debug, Serialize)]
@@ -31,7 +33,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     let backend = cpa_stream_engine::device::cuda_backend();
     let cuda_available = tch::Cuda::is_available();
     let cuda_device_count = tch::Cuda::device_count();
-    let libtorch_path = loaded_library("libtorch_cpu.so");
+    let libtorch_path = mapped("libtorch_cpu.so");
     let libtorch_version = libtorch_path
         .as_deref()
         .and_then(version_next_to)
@@ -39,7 +41,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
     let info = Info {
         cpa_stream_version: env!("CARGO_PKG_VERSION"),
         libtorch_version,
-        libtorch_cuda_loaded: loaded_library("libtorch_cuda.so").is_some(),
+        libtorch_cuda_loaded: mapped("libtorch_cuda.so").is_some(),
         cuda_backend: cpa_stream_engine::device::cuda_backend().to_string(),
         libtorch_path,
         cuda_available,
@@ -90,11 +92,6 @@ fn cuda_error() -> Option<String> {
 /// The libtorch version this binary was built against (recorded by build.rs).
 fn torch_sys_version() -> &'static str {
     option_env!("CPA_STREAM_LIBTORCH_BUILD_VERSION").unwrap_or("unknown")
-}
-
-/// Path of a shared library this process has mapped, from `/proc/self/maps`.
-fn loaded_library(file_name: &str) -> Option<PathBuf> {
-    cpa_stream_engine::device::backend::mapped(file_name)
 }
 
 /// The `__version__` of the torch package whose `lib/` holds `library`.
