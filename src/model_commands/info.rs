@@ -42,7 +42,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         cpa_stream_version: env!("CARGO_PKG_VERSION"),
         libtorch_version,
         libtorch_cuda_loaded: mapped("libtorch_cuda.so").is_some(),
-        cuda_backend: cpa_stream_engine::device::cuda_backend().to_string(),
+        cuda_backend: backend.to_string(),
         libtorch_path,
         cuda_available,
         cuda_error: if cuda_available { None } else { cuda_error() },

@@ -1,7 +1,7 @@
 //! libtorch's CUDA backend, loaded when the process starts on a machine that can run it.
 //!
 //! PyTorch's wheels put CUDA in `libtorch_cuda.so`, which pulls in cuBLAS, cuDNN, NCCL and the
-//! other CUDA libraries and registers CUDA kernels for every operator as it loads: 0.4 s of CPU
+//! other CUDA libraries and registers CUDA kernels for every operator as it loads: about 0.3 s of CPU
 //! at each start of a process on a 2-core machine, half of libtorch's whole start, paid by every
 //! command and every Python import even where no GPU exists. The binaries therefore do not link
 //! it (build.rs); this module's initialiser, which runs before `main` (and when Python loads the
