@@ -8,9 +8,12 @@
 #        eval "$(scripts/bootstrap.sh --tools)"   only what the front's build needs (a virtual
 #        environment with cmake; no LIBTORCH line). scripts/demo.sh runs this first, then the rest
 #        (the test fixtures' packages and PyTorch's gigabytes) installs while the front compiles.
+#        scripts/bootstrap.sh --installed   exits 0 when everything is installed, 1 when a run
+#        would install something (prints nothing).
 set -euo pipefail
-tools_only=false
+tools_only=false installed_only=false
 [ "${1:-}" = --tools ] && tools_only=true
+[ "${1:-}" = --installed ] && installed_only=true
 
 TORCH_VERSION=2.11.0   # tch =0.24.0 binds exactly this PyTorch
 # cmake builds the bundled HDF5 C library (hdf5-metno "static"): all the front's build needs.
@@ -25,6 +28,13 @@ stamp="$venv/.torch-$TORCH_VERSION.ok"
 python="${PYTHON:-python3}"
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+if $installed_only; then
+  for done_stamp in "$venv/.cmake-$CMAKE_VERSION.ok" "$venv/.extras-$EXTRAS_VERSION.ok" "$stamp"; do
+    [ -f "$done_stamp" ] || exit 1
+  done
+  exit 0
+fi
 
 mkdir -p "$cache"
 # The virtual environment; a cache made before the environment had its own stamp has PyTorch's.

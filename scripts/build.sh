@@ -12,6 +12,10 @@
 # is enough): the demo's first part runs on it while the rest compiles. The same features as the
 # full build (tests/integration/layout.rs checks), so the full build reuses all of it.
 #
+# `scripts/build.sh --tests` builds the same and every test binary of the workspace in one cargo run
+# (scripts/test.sh): the tests' own crates compile while libtorch's binding and the engine, which
+# follow one another, leave cores idle.
+#
 # A cold build takes minutes (libtorch's bindings, HDF5 from source); off a terminal, where cargo
 # shows no progress bar, a line every minute says it is still going.
 set -euo pipefail
@@ -20,11 +24,17 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/checkout-guard.sh
 . scripts/checkout-guard.sh
 own_crates_for_this_checkout
-what=(--workspace --bins)
-if [ "${1:-}" = --front ]; then
-  shift
-  what=(-p cpa-stream --bin cpa-stream --no-default-features)
-fi
+command=build what=(--workspace --bins)
+case "${1:-}" in
+  --front)
+    shift
+    what=(-p cpa-stream --bin cpa-stream --no-default-features)
+    ;;
+  --tests)
+    shift
+    command=test what=(--workspace --no-run)
+    ;;
+esac
 heartbeat=
 if [ ! -t 2 ]; then
   (
@@ -38,6 +48,6 @@ if [ ! -t 2 ]; then
 fi
 status=0
 # shellcheck disable=SC2086 # the flags are words
-cargo build --release --locked "${what[@]}" ${CPA_STREAM_BUILD_FLAGS:-} "$@" >&2 || status=$?
+cargo "$command" --release --locked "${what[@]}" ${CPA_STREAM_BUILD_FLAGS:-} "$@" >&2 || status=$?
 [ -z "$heartbeat" ] || kill "$heartbeat" 2>/dev/null || true
 exit "$status"

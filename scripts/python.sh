@@ -8,11 +8,15 @@
 #            optional: their tests skip without them). The demo needs none of these.
 #   --deps   only install what the demo's Python part uses (maturin, scanpy, tqdm) and stop: the
 #            demo runs this beside the build, so that the downloads overlap the compilation.
+#   --test-deps  only install what --tests installs and stop (scripts/test.sh, beside its build).
 #   Prints the wheel's path on stdout.
 set -euo pipefail
 tests=false deps_only=false
-[ "${1:-}" = --tests ] && tests=true
-[ "${1:-}" = --deps ] && deps_only=true
+case "${1:-}" in
+  --tests) tests=true ;;
+  --deps) deps_only=true ;;
+  --test-deps) tests=true deps_only=true ;;
+esac
 cd "$(dirname "$0")/.."
 : "${CPA_STREAM_VENV:?run eval \"\$(scripts/bootstrap.sh)\" first}"
 py="$CPA_STREAM_VENV/bin/python"
@@ -35,7 +39,7 @@ install_once() { # NAME STAMP PACKAGES...
 }
 install_once "maturin, scanpy and tqdm" "$CPA_STREAM_VENV/.python-deps-2.ok" \
   maturin==1.16.0 scanpy==1.11.5 tqdm==4.70.1
-$deps_only && exit 0
+$deps_only && ! $tests && exit 0
 if ! $tests; then
   rdkit_stamp= ray_stamp= cell_eval2_stamp=
 else
@@ -66,6 +70,7 @@ if [ -n "${cell_eval2_stamp:-}" ] && [ ! -f "$cell_eval2_stamp" ]; then
     log "cell-eval2 could not be installed"
   touch "$cell_eval2_stamp"
 fi
+$deps_only && exit 0
 
 # One build and install at a time: a second run (the demo and the tests side by side) waits,
 # rather than removing the wheel the first is about to install.

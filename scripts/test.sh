@@ -4,12 +4,25 @@
 # Tests that need a GPU or an optional tool print why they skip. Arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A first run installs PyTorch (gigabytes) and the tests' Python packages while the front, which
+# needs only cmake, compiles (as the demo does): 1 to 3 minutes of downloads off a cold run.
+if ! scripts/bootstrap.sh --installed; then
+  eval "$(scripts/bootstrap.sh --tools)"
+  setsid bash -c 'set -euo pipefail; eval "$(scripts/bootstrap.sh)"; scripts/python.sh --test-deps' &
+  setup=$!
+  trap 'kill -TERM -- -"$setup" 2>/dev/null || true' EXIT
+  scripts/build.sh --front
+  if ! wait "$setup"; then
+    echo "test.sh: installing PyTorch or the tests' Python packages failed (the lines above say why)" >&2
+    exit 1
+  fi
+fi
 eval "$(scripts/bootstrap.sh)"
 echo "test.sh: libtorch $LIBTORCH, build cache $CARGO_TARGET_DIR" >&2
-# The build the demo also uses (scripts/build.sh: the release binaries), then every test binary
-# on top of it (the same profile and features: only the tests themselves and their few extra
-# crates are compiled here).
-scripts/build.sh
+# The build the demo also uses (the release binaries, the front's crates reused) and every test
+# binary on top of it, in one cargo run (the same profile and features: the tests add their own
+# code and a few crates), then the tests.
+scripts/build.sh --tests
 # One test thread more than cores: a test that waits for a fixture another test is training (on
 # one thread) leaves its core to a third (the integration suite 341 and 362 s against 365 and
 # 393 s on two threads, interleaved, 2 cores).
