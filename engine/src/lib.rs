@@ -18,6 +18,10 @@
 
 #![warn(missing_docs)]
 
+// The C++ wrappers' static library (engine/cxx), whose functions the modules declare: linked
+// through this crate, which nothing names otherwise.
+use cpa_stream_cxx as _;
+
 pub mod bench;
 pub mod collective;
 pub mod device;
