@@ -1,7 +1,8 @@
 //! Compiles the engine's C++ wrappers against libtorch's headers into one static library, each
 //! wrapper where the headers have what it needs, and tells the engine's build script which ones
-//! (`cargo::metadata=cfgs`, a comma-separated list of the engine's cfg names) and where libtorch
-//! was found (`cargo::metadata=torch`, the directory holding `include` and `lib`).
+//! (`cargo::metadata=cfgs`, a comma-separated list of the engine's cfg names, out of `known`, all
+//! of them) and where libtorch was found (`cargo::metadata=torch`, the directory holding `include`
+//! and `lib`).
 //!
 //! libtorch is found as libtorch's binding (torch-sys) finds it, without waiting for it:
 //! `LIBTORCH_USE_PYTORCH` (the torch package of the Python on the path, as `pip install ./python`
@@ -44,6 +45,9 @@ fn main() {
     for var in ["LIBTORCH", "LIBTORCH_INCLUDE", "LIBTORCH_USE_PYTORCH", "LIBTORCH_CXX11_ABI", "VIRTUAL_ENV"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
+    // Every cfg a wrapper can turn on, whether compiled or not: the engine declares them all.
+    let known: Vec<&str> = WRAPPERS.iter().map(|(_, cfg, ..)| *cfg).collect();
+    println!("cargo::metadata=known={}", known.join(","));
     let Some(torch) = libtorch_dir() else {
         println!("cargo::warning=libtorch not found (LIBTORCH, LIBTORCH_USE_PYTORCH): no C++ wrappers");
         println!("cargo::metadata=cfgs=");
