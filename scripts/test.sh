@@ -19,6 +19,11 @@ if ! scripts/bootstrap.sh --installed; then
 fi
 eval "$(scripts/bootstrap.sh)"
 echo "test.sh: libtorch $LIBTORCH, build cache $CARGO_TARGET_DIR" >&2
+# The tests' Python packages, where the demo set up the cache (PyTorch, not these): they install
+# while the test binaries build and the Rust suites run, not after them (a no-op once installed).
+setsid scripts/python.sh --test-deps &
+test_deps=$!
+trap 'kill -TERM -- -"$test_deps" 2>/dev/null || true' EXIT
 # The build the demo also uses (the release binaries, the front's crates reused) and every test
 # binary on top of it, in one cargo run (the same profile and features: the tests add their own
 # code and a few crates), then the tests.
@@ -29,6 +34,10 @@ scripts/build.sh --tests
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-$(($(nproc 2>/dev/null || echo 1) + 1))}"
 cargo test --release --locked --workspace "$@"
 # The Python package, built from the same compiled dependencies, and its tests.
+if ! wait "$test_deps"; then
+  echo "test.sh: installing the tests' Python packages failed (the lines above say why)" >&2
+  exit 1
+fi
 scripts/python.sh --tests >/dev/null
 export CPA_STREAM_BIN="$CARGO_TARGET_DIR/release/cpa-stream"
 status=0
