@@ -25,7 +25,9 @@ struct Fixtures {
 fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
     FIXTURES.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("untrusted-{}", std::process::id()));
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        remove_those_of_ended_runs(tmp);
+        let root = tmp.join(format!("untrusted-{}", std::process::id()));
         let (dir, outside) = (root.join("files"), root.join("outside"));
         let script = repo_root().join("tests/fixtures/untrusted_h5ad.py");
         let out = Command::new(python()).arg(&script).arg("make").arg(&dir).arg(&outside).output();
@@ -33,6 +35,27 @@ fn fixtures() -> &'static Fixtures {
         assert!(out.status.success(), "fixture script failed: {}", text(&out.stderr));
         Fixtures { dir, outside }
     })
+}
+
+/// Removes the fixtures earlier runs of this suite left in `tmp` (`untrusted-<pid>`, each run its
+/// own, used until the run ends): those whose process no longer runs. A run still going (two
+/// suites at once) keeps its own.
+fn remove_those_of_ended_runs(tmp: &Path) {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("untrusted-")).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn s(p: &Path) -> &str {
