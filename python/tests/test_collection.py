@@ -6,7 +6,6 @@ naming the file."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
@@ -18,8 +17,6 @@ import scipy.sparse as sp
 
 import cpa_stream as cs
 from conftest import BUNDLED
-
-BIN = os.environ.get("CPA_STREAM_BIN")
 
 
 def make(seed: int, n_obs: int, genes: list[str], prefix: str, extra: dict | None = None, dtype=np.float32):
@@ -108,24 +105,22 @@ def test_many_files_make_the_store_anndata_concat_makes(files, tmp_path, join):
     assert ours.obs["source_file"].cat.categories.tolist() == labels
 
 
-def test_a_list_of_paths_and_anndata_objects_imports_as_the_cli_does(files, tmp_path):
-    if BIN is None:
-        pytest.skip("CPA_STREAM_BIN is not set (the tests' runner sets it)")
+def test_a_list_of_paths_and_anndata_objects_imports_as_the_cli_does(files, tmp_path, cli):
     objects = [ad.read_h5ad(files[0]), files[1], ad.read_h5ad(files[2], backed="r")]
     store = cs.import_h5ad(objects, tmp_path / "mixed.store", labels=["plate0", "plate1", "plate2"])
     listing = tmp_path / "inputs.txt"
     listing.write_text("# the plates\nplate1.h5ad\n\nplate2.h5ad\n")
-    cli = tmp_path / "cli.store"
+    listed = tmp_path / "cli.store"
     subprocess.run(
-        [BIN, "import", str(files[0]), "--inputs-from", str(listing), "--out", str(cli)],
+        [cli, "import", str(files[0]), "--inputs-from", str(listing), "--out", str(listed)],
         check=True,
         capture_output=True,
     )
     pattern = tmp_path / "glob.store"
-    command = [BIN, "import", str(tmp_path / "plate?.h5ad"), "--out", str(pattern)]
+    command = [cli, "import", str(tmp_path / "plate?.h5ad"), "--out", str(pattern)]
     subprocess.run(command, check=True, capture_output=True)
     want = read_back(store, tmp_path, "mixed")
-    for other in (cli, pattern):
+    for other in (listed, pattern):
         got = read_back(cs.Store(other), tmp_path, other.stem)
         assert list(got.obs_names) == list(want.obs_names)
         assert list(got.var_names) == list(want.var_names)
