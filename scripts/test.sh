@@ -4,23 +4,24 @@
 # Tests that need a GPU or an optional tool print why they skip. Arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# A first run installs PyTorch (gigabytes) and the tests' Python packages while the front, which
-# needs only cmake, compiles (as the demo does): 1 to 3 minutes of downloads off a cold run.
+# A first run installs PyTorch (gigabytes) while the front, which needs only cmake, compiles (as
+# the demo does): a minute or two of downloads off a cold run.
 if ! scripts/bootstrap.sh --installed; then
   eval "$(scripts/bootstrap.sh --tools)"
-  setsid bash -c 'set -euo pipefail; eval "$(scripts/bootstrap.sh)"; scripts/python.sh --test-deps' &
+  setsid scripts/bootstrap.sh >/dev/null &
   setup=$!
   trap 'kill -TERM -- -"$setup" 2>/dev/null || true' EXIT
   scripts/build.sh --front
   if ! wait "$setup"; then
-    echo "test.sh: installing PyTorch or the tests' Python packages failed (the lines above say why)" >&2
+    echo "test.sh: installing PyTorch failed (the lines above say why)" >&2
     exit 1
   fi
 fi
 eval "$(scripts/bootstrap.sh)"
 echo "test.sh: libtorch $LIBTORCH, build cache $CARGO_TARGET_DIR" >&2
-# The tests' Python packages, where the demo set up the cache (PyTorch, not these): they install
-# while the test binaries build and the Rust suites run, not after them (a no-op once installed).
+# The tests' Python packages (a first run's, or the first after the demo, which installs PyTorch
+# but not these) install while the test binaries build and the Rust suites run, not after them (a
+# no-op once installed).
 setsid scripts/python.sh --test-deps &
 test_deps=$!
 trap 'kill -TERM -- -"$test_deps" 2>/dev/null || true' EXIT
