@@ -10,7 +10,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     return_to_a_deep_working_directory();
     openmp_waits_passively();
-    cli::start::reuse_freed_buffers();
+    cpa_stream_pipeline::allocator::reuse_freed_buffers();
     cli::main()
 }
 

@@ -9,6 +9,6 @@ mod model_commands;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    cli::start::reuse_freed_buffers();
+    cpa_stream_pipeline::allocator::reuse_freed_buffers();
     cli::main()
 }

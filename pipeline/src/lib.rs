@@ -39,6 +39,7 @@
 
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod batcher;
 pub mod bench;
 pub mod commands;

@@ -7,17 +7,16 @@
 //! - tables as Arrow C streams (`__arrow_c_stream__` PyCapsules), both ways, without copies;
 //! - matrix chunks of an in-memory AnnData as little-endian bytes (CSR arrays).
 //!
-//! Long work runs on a thread of its own while the calling thread, with the GIL released between
-//! polls, shows progress and watches for Ctrl-C: training then stops after the current step
-//! with a checkpoint, as the CLI does.
+//! Long work runs on the calling thread with the GIL released while a thread of its own shows
+//! progress and watches for Ctrl-C: training then stops after the current step with a
+//! checkpoint, as the CLI does (`shown`).
 
 mod metrics;
+mod shown;
 
 use std::ffi::CStr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use arrow_array::ffi_stream::{FFI_ArrowArrayStream, RecordBatchStreamReader};
 use arrow_array::{RecordBatch, RecordBatchIterator, RecordBatchReader};
@@ -34,14 +33,13 @@ use cpa_stream_pipeline::score::ScoreRequest;
 use cpa_stream_pipeline::synth::SynthRequest;
 use cpa_stream_pipeline::{Error, Progress, RunContext, Stage};
 use cpa_stream_stages::CsrBatch;
-use cpa_stream_stages::crew::Crew;
 use cpa_stream_stages::store::Store;
-use crossbeam_channel::{RecvTimeoutError, Sender, unbounded};
 use pyo3::exceptions::{
     PyFileExistsError, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyCapsule};
+use shown::{Event, OnInterrupt, Shown, run_shown};
 
 pyo3::create_exception!(
     _native,
@@ -94,130 +92,6 @@ fn json_err(what: &str) -> impl Fn(serde_json::Error) -> PyErr + '_ {
 
 fn to_json<T: serde::Serialize>(value: &T) -> PyResult<String> {
     serde_json::to_string(value).map_err(|e| CpaStreamError::new_err(format!("report to JSON: {e}")))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Progress: events from the working thread, shown by a Python object on the calling thread.
-
-/// What a run reports, sent from its thread to the thread that holds the GIL.
-enum Event {
-    Begin(String, u64),
-    Advance(u64),
-    End,
-    Epochs(u64, u64, u32, u32),
-    Note(String),
-}
-
-/// Progress sent to the calling thread.
-struct ChannelProgress(Sender<Event>);
-
-impl Progress for ChannelProgress {
-    fn begin(&self, phase: &str, total: u64) {
-        let _ = self.0.send(Event::Begin(phase.to_owned(), total));
-    }
-    fn advance(&self, n: u64) {
-        let _ = self.0.send(Event::Advance(n));
-    }
-    fn end(&self) {
-        let _ = self.0.send(Event::End);
-    }
-    fn epochs(&self, cells_per_epoch: u64, resumed: u64, first: u32, last: u32) {
-        let _ = self.0.send(Event::Epochs(cells_per_epoch, resumed, first, last));
-    }
-    fn note(&self, text: &str) {
-        let _ = self.0.send(Event::Note(text.to_owned()));
-    }
-}
-
-/// Calls the Python progress object (methods `begin`, `advance`, `end`, `epochs`, `note`); a
-/// failing one is reported once as unraisable and then left alone, never failing the run.
-struct Shown<'py> {
-    target: Option<Bound<'py, PyAny>>,
-}
-
-impl<'py> Shown<'py> {
-    fn deliver(&mut self, event: Event) {
-        let Some(target) = &self.target else { return };
-        let called = match event {
-            Event::Begin(phase, total) => target.call_method1("begin", (phase, total)),
-            Event::Advance(n) => target.call_method1("advance", (n,)),
-            Event::End => target.call_method0("end"),
-            Event::Epochs(cells, resumed, first, last) => target.call_method1("epochs", (cells, resumed, first, last)),
-            Event::Note(text) => target.call_method1("note", (text,)),
-        };
-        if let Err(e) = called
-            && let Some(target) = self.target.take()
-        {
-            e.write_unraisable(target.py(), Some(&target));
-        }
-    }
-}
-
-/// What Ctrl-C does to a command.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum OnInterrupt {
-    /// Training: the run ends at its next step with a checkpoint, as on the CLI's first Ctrl-C,
-    /// and returns its report (`interrupted`).
-    Checkpoint,
-    /// Everything else: nothing is published, and `KeyboardInterrupt` is raised once the work
-    /// has ended.
-    Raise,
-}
-
-/// Runs `work` on a thread of its own and shows its progress on this one, with the GIL released
-/// while waiting; Ctrl-C sets the context's stop flag, with the effect `on_interrupt` says.
-/// Returns what the work returned.
-fn run_shown<T: Send + 'static>(
-    py: Python<'_>,
-    progress: Option<Bound<'_, PyAny>>,
-    on_interrupt: OnInterrupt,
-    work: impl FnOnce(&RunContext) -> cpa_stream_pipeline::Result<T> + Send + 'static,
-) -> PyResult<T> {
-    let (tx, rx) = unbounded::<Event>();
-    let mut crew = Crew::new();
-    let (stop, flag) = (crew.stop_flag(), crew.stop_flag());
-    let out: Arc<std::sync::Mutex<Option<cpa_stream_pipeline::Result<T>>>> = Arc::default();
-    let done = Arc::clone(&out);
-    crew.spawn("cpa-stream", "cpa-stream".to_owned(), move || {
-        let progress = ChannelProgress(tx);
-        let result = work(&RunContext::new(&progress).with_stop(&flag));
-        *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-    })
-    .map_err(|e| PyOSError::new_err(format!("starting a thread: {e}")))?;
-    let mut shown = Shown { target: progress };
-    let mut pending: Option<PyErr> = None;
-    loop {
-        match py.detach(|| rx.recv_timeout(Duration::from_millis(100))) {
-            Ok(event) => {
-                shown.deliver(event);
-                while let Ok(event) = rx.try_recv() {
-                    shown.deliver(event);
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-        if let Err(e) = py.check_signals() {
-            if e.is_instance_of::<PyKeyboardInterrupt>(py) {
-                stop.store(true, Ordering::Relaxed);
-                match on_interrupt {
-                    OnInterrupt::Checkpoint => {
-                        shown.deliver(Event::Note("interrupted: stopping after this step with a checkpoint".into()));
-                    }
-                    OnInterrupt::Raise => pending = Some(e),
-                }
-            } else {
-                pending.get_or_insert(e);
-            }
-        }
-    }
-    py.detach(|| crew.join())
-        .map_err(|p| CpaStreamError::new_err(format!("a worker thread panicked: {}", p.message)))?;
-    if let Some(e) = pending {
-        return Err(e);
-    }
-    let result = out.lock().unwrap_or_else(|p| p.into_inner()).take();
-    result.ok_or_else(|| CpaStreamError::new_err("the worker thread ended without a result"))?.map_err(to_py)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,20 +199,20 @@ fn read_table(what: &str, object: &Bound<'_, PyAny>) -> PyResult<RecordBatch> {
 // Import.
 
 /// A synchronous progress for work that runs on the calling thread with the GIL held.
-struct Direct<'py>(std::cell::RefCell<Shown<'py>>);
+struct Direct<'py>(Python<'py>, std::cell::RefCell<Shown>);
 
 // SAFETY: only used on the thread that holds the GIL, inside one call (never shared).
 unsafe impl Sync for Direct<'_> {}
 
 impl Progress for Direct<'_> {
     fn begin(&self, phase: &str, total: u64) {
-        self.0.borrow_mut().deliver(Event::Begin(phase.to_owned(), total));
+        self.1.borrow_mut().deliver(self.0, Event::Begin(phase.to_owned(), total));
     }
     fn advance(&self, n: u64) {
-        self.0.borrow_mut().deliver(Event::Advance(n));
+        self.1.borrow_mut().deliver(self.0, Event::Advance(n));
     }
     fn end(&self) {
-        self.0.borrow_mut().deliver(Event::End);
+        self.1.borrow_mut().deliver(self.0, Event::End);
     }
 }
 
@@ -413,7 +287,7 @@ fn import_arrays(
             Error::InvalidInput(message)
         })
     });
-    let progress = Direct(std::cell::RefCell::new(Shown { target: progress }));
+    let progress = Direct(obs.py(), std::cell::RefCell::new(Shown { target: progress.map(Bound::unbind) }));
     match cpa_stream_pipeline::import::run_chunks(what, &tables, rows, &options, &RunContext::new(&progress)) {
         Ok(summary) => to_json(&summary),
         Err(e) => Err(failed.take().unwrap_or_else(|| to_py(e))),

@@ -384,3 +384,31 @@ def test_a_null_vector_row_reads_as_nan():
     column = pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float32(), 2))
     got = cs._run._vectors(column, 2)
     np.testing.assert_array_equal(got, np.array([[1, 2], [np.nan, np.nan], [3, 4]], np.float32))
+
+
+def test_the_same_model_under_torch_no_grad_and_from_another_thread(run, store, fresh):
+    # The work runs on the calling thread (python/src/shown.rs), whose libtorch grad mode is the
+    # caller's: training must not depend on it, nor on which thread calls.
+    import threading
+
+    import torch
+
+    settings = dict(**LABELS, holdout=["MAP2K3+MAP2K6"], max_epochs=EPOCHS, seed=1, progress=False, **COMPUTE)
+    with torch.no_grad():
+        cs.train(store, fresh / "no-grad", **settings)
+    assert torch.is_grad_enabled(), "the caller's grad mode was not put back"
+    failed = []
+
+    def train_here():
+        try:
+            cs.train(store, fresh / "thread", **settings)
+        except BaseException as e:  # raised again below, on the test's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=train_here)
+    thread.start()
+    thread.join()
+    assert not failed, failed
+    expected = (run.path / "model" / "weights.safetensors").read_bytes()
+    for out in ("no-grad", "thread"):
+        assert (fresh / out / "model" / "weights.safetensors").read_bytes() == expected, out

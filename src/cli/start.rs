@@ -1,35 +1,10 @@
-//! What both binaries do as they start, before the command line is parsed: the allocator's
-//! thresholds, and libgomp's wait policy for the model commands.
+//! What both binaries do as they start, before the command line is parsed: libgomp's wait
+//! policy for the model commands (the allocator's thresholds: `cpa_stream_pipeline::allocator`).
 
 use std::ffi::OsString;
 
 // The CPUs busy elsewhere, as measured at start.
 use cpa_stream_pipeline::threads::{self, BUSY_CPUS_VAR as BUSY_VAR};
-
-/// glibc's allocator by default serves every allocation above a threshold that starts at 128 KiB
-/// from a fresh `mmap` and gives freed heap back to the system past 128 KiB: the sink's pages and
-/// column chunks (megabytes, made and dropped per row group) then cost a page fault and a zeroed
-/// page per 4 KiB every time. Measured with `cpa-stream bench sink --genes 5000 --threads 1
-/// --profiles fast --mib 256` (3 interleaved runs on 2026-11-25, the fidelity harness running
-/// beside): 413-451 MB/s as glibc sets it, 517-544 MB/s with allocations below 32 MiB kept in the
-/// heap and 256 MiB of freed heap kept for reuse, the same peak RSS (859 MiB). Left as it is when
-/// the user tunes the allocator (`GLIBC_TUNABLES`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`).
-pub fn reuse_freed_buffers() {
-    const MMAP_THRESHOLD: libc::c_int = 32 << 20;
-    const TRIM_THRESHOLD: libc::c_int = 256 << 20;
-    let tuned = ["GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
-        .iter()
-        .any(|name| std::env::var_os(name).is_some());
-    if tuned {
-        return;
-    }
-    // SAFETY: mallopt only changes the allocator's thresholds; called before any other thread
-    // exists. A value it refuses leaves the default (its return value is not needed).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
-    }
-}
 
 /// The environment a model command's libtorch should start with, or `None` when there is
 /// nothing to set.
