@@ -130,7 +130,7 @@ def train(
     checkpoint is written after the first epoch that ends ``checkpoint_every`` seconds after the
     last one (default 10; 0: after every epoch), after the last epoch, at an early stop and on
     an interruption; a run killed outright resumes from it exactly.
-    Runs on a thread of its own with the GIL released; a progress bar shows in Jupyter and on a
+    Runs on the calling thread with the GIL released; a progress bar shows in Jupyter and on a
     terminal. Ctrl-C (KeyboardInterrupt) stops after the current step with a checkpoint, as the
     CLI does, and returns the run with ``interrupted`` set (continue with ``resume=True``).
     """
