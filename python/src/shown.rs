@@ -124,6 +124,10 @@ pub(crate) fn run_shown<T: Send>(
                 Python::attach(|py| events.into_iter().for_each(|e| shown.deliver(py, e)));
             }
         }
+        // The progress object released with the GIL held.
+        if shown.target.is_some() {
+            Python::attach(|_| drop(shown));
+        }
     })
     .map_err(|e| PyOSError::new_err(format!("starting a thread: {e}")))?;
     let flag = crew.stop_flag();
