@@ -126,7 +126,8 @@ def keep_numba_off_openmp() -> None:
     """numba's parallel kernels (scanpy's, among others) pick the ``omp`` threading layer when
     TBB is absent, which loads the system's libgomp beside the one libtorch ships. With both in
     the process, libtorch's parallel loops run from a thread other than the main one (where
-    cpa-stream trains and predicts) do about twice the work: measured on this project's 2-core
+    cpa-stream worked until 2026-11-30; it now works on the calling thread) do about twice the
+    work: measured on this project's 2-core
     machine, 40 epochs of a small model 11.0 s after one numba ``prange`` call against 5.9 s
     without, the same with ``torch`` ops alone on a Python thread (1.73 s against 0.88 s). Unless
     the user chose a layer (``NUMBA_THREADING_LAYER``), numba is pointed at its own ``workqueue``
