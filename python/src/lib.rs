@@ -391,6 +391,7 @@ fn canonical_request(command: &str, request: &str) -> PyResult<String> {
 #[pyfunction]
 fn predict_stream(py: Python<'_>, request: &str) -> PyResult<ArrowStream> {
     let options = self::request::<PredictRequest>("predict", request)?.options().map_err(to_py)?;
+    shown::set_allocator();
     let stream = py.detach(|| cpa_stream_engine::predict::open(&options)).map_err(to_py)?;
     Ok(ArrowStream::of(stream))
 }

@@ -84,6 +84,12 @@ pub(crate) enum OnInterrupt {
     Raise,
 }
 
+/// glibc's allocator set as the CLI sets it, once, before the first command of the process.
+pub(crate) fn set_allocator() {
+    static ALLOCATOR: Once = Once::new();
+    ALLOCATOR.call_once(cpa_stream_pipeline::allocator::reuse_freed_buffers);
+}
+
 /// Runs `work` on this thread with the GIL released while a thread of its own shows its
 /// progress; Ctrl-C (on the main thread) sets the context's stop flag, with the effect
 /// `on_interrupt` says. Returns what the work returned.
@@ -93,8 +99,7 @@ pub(crate) fn run_shown<T: Send>(
     on_interrupt: OnInterrupt,
     work: impl FnOnce(&RunContext) -> cpa_stream_pipeline::Result<T> + Send,
 ) -> PyResult<T> {
-    static ALLOCATOR: Once = Once::new();
-    ALLOCATOR.call_once(cpa_stream_pipeline::allocator::reuse_freed_buffers);
+    set_allocator();
     // Python runs its SIGINT handler on the main thread only, between bytecodes: not while that
     // thread works here. Elsewhere Ctrl-C is the main thread's, as for any Python thread.
     let main = py.import("threading")?;
