@@ -20,10 +20,12 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp examples/cpa-tools/_data.py "$work/"
 # cpa-tools with use_gpu=True on a machine without CUDA stops (Lightning picks an MPS accelerator
-# that is not there); its copy asks for the CPU, as a user there has to.
+# that is not there); its copy asks for the CPU, as a user there has to. Both copies end where the
+# example goes beyond the tutorial (cpa-stream's own calls, which cpa-tools has not), as
+# python/tests/test_tutorials.py cuts them.
 sed -e 's/^import cpa_stream.compat as cpa  # was: import cpa$/import cpa/' -e 's/use_gpu=True/use_gpu=False/' \
-  "examples/cpa-tools/$tutorial.py" > "$work/peer_$tutorial.py"
-cp "examples/cpa-tools/$tutorial.py" "$work/ours_$tutorial.py"
+  -e '/^# Beyond the tutorial/,$d' "examples/cpa-tools/$tutorial.py" > "$work/peer_$tutorial.py"
+sed -e '/^# Beyond the tutorial/,$d' "examples/cpa-tools/$tutorial.py" > "$work/ours_$tutorial.py"
 grep -q '^import cpa$' "$work/peer_$tutorial.py"
 # Time model.train(...) on its own too, and count the epochs it trained (early stopping may end
 # the two tools' runs at different epochs): a line TRAIN <seconds> <epochs> on stderr.
