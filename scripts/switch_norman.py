@@ -33,7 +33,12 @@ rng = np.random.default_rng(0)
 adata.obs['split'] = rng.choice(['train', 'valid'], size=adata.n_obs, p=[0.85, 0.15])
 adata.obs.loc[adata.obs['cond_harm'].isin(HELD_OUT), 'split'] = 'ood'
 model = cpa.CPA(adata=adata, split_key='split', train_split='train', valid_split='valid', test_split='ood', **model_params)
-kw = dict(threads=1) if tool != "cpa" else {}
+# SWITCH_THREADS: libtorch threads of both tools (default: compat 1, the harness's; cpa-tools
+# its own default, the usable CPUs), for timings at equal threads.
+threads = int(os.environ["SWITCH_THREADS"]) if os.environ.get("SWITCH_THREADS") else None
+if tool == "cpa" and threads:
+    import torch; torch.set_num_threads(threads)
+kw = dict(threads=threads or 1) if tool != "cpa" else {}
 t0 = time.time()
 model.train(max_epochs=epochs, use_gpu=False, batch_size=2048, plan_kwargs=trainer_params, early_stopping_patience=5,
             check_val_every_n_epoch=5, save_path=out, **kw)

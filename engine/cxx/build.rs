@@ -17,7 +17,7 @@ use std::process::Command;
 
 /// Each wrapper: its file, the engine's cfg that says it was compiled, the headers it needs and
 /// what the engine lacks without it.
-const WRAPPERS: [(&str, &str, &[&str], &str); 6] = [
+const WRAPPERS: [(&str, &str, &[&str], &str); 7] = [
     ("device_memory.cpp", "cpa_device_memory", &["ATen/DeviceAccelerator.h"], "no device memory statistics"),
     ("op_count.cpp", "cpa_op_count", &["ATen/record_function.h"], "no operator counts"),
     ("profile.cpp", "cpa_profile", &["torch/csrc/autograd/profiler_kineto.h"], "no profiler for bench model --profile"),
@@ -26,6 +26,12 @@ const WRAPPERS: [(&str, &str, &[&str], &str); 6] = [
         "cpa_fused",
         &["ATen/ops/_fused_adam.h", "ATen/ops/_foreach_norm.h"],
         "the optimizer's step is written out",
+    ),
+    (
+        "nb_loss.cpp",
+        "cpa_fused_nb",
+        &["torch/csrc/autograd/custom_function.h"],
+        "the count likelihood trains through autograd's graph of it",
     ),
     ("pinned.cpp", "cpa_pinned", &["ATen/core/Tensor.h"], "batches go to the device from pageable memory"),
     (

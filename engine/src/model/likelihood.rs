@@ -46,6 +46,21 @@ pub struct Entries {
     pub values: Tensor,
 }
 
+impl Entries {
+    /// The non-zero entries of a dense cells x genes matrix (mixup's blended counts), in row-major
+    /// order. The number of entries is read on the host: on a GPU that waits for the device.
+    pub fn of_dense(x: &Tensor) -> Result<Entries> {
+        let genes = x.size().get(1).copied().unwrap_or(1).max(1);
+        let flat = x.f_reshape([-1])?;
+        let at = flat.f_nonzero()?.f_squeeze_dim(1)?;
+        Ok(Entries {
+            rows: at.f_div_scalar_mode(genes, "floor")?,
+            cols: at.f_remainder(genes)?,
+            values: flat.f_index_select(0, &at)?,
+        })
+    }
+}
+
 /// Per-cell NB or ZINB log-likelihood (summed over genes), equal to summing [`log_nb`] /
 /// [`log_zinb`] over genes, with the terms that vanish where x = 0 computed on the non-zero
 /// `entries` of `x` only: the gamma-function terms `lgamma(x + theta) - lgamma(theta) -
@@ -94,7 +109,7 @@ pub fn count_log_likelihood_sparse(
 fn nb_sparse(entries: &Entries, mu: &Tensor, theta: &Tensor, log_theta: &Tensor, gammas: &Tensor) -> Result<Tensor> {
     let genes = mu.size().get(1).copied().unwrap_or(0);
     let log_theta_mu = mu.f_add(&theta.f_add_scalar(LOG_EPS)?)?.f_log()?;
-    let constant = theta.f_mul(log_theta)?.f_sum(Kind::Float)?;
+    let constant = theta.f_mul(log_theta)?.f_sum(theta.kind())?;
     let per_cell = log_theta_mu.f_mv(theta)?.f_neg()?.f_add(&constant)?;
     let at = entries.rows.f_mul_scalar(genes)?.f_add(&entries.cols)?;
     let pick = |t: &Tensor| t.f_reshape([-1]).and_then(|flat| flat.f_index_select(0, &at));

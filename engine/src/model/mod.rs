@@ -4,13 +4,14 @@
 //!   [`cpa_stream_stages::model`], which describes a model without libtorch).
 //! - [`batch`]: host batches and their device form.
 //! - [`network`]: the model itself ([`CpaModel`]).
-//! - [`likelihood`]: NB, ZINB and Gaussian log-likelihoods.
+//! - [`likelihood`]: NB, ZINB and Gaussian log-likelihoods; [`fused_nb`]: the NB's as one autograd node.
 //! - [`files`]: saving and loading a model directory.
 //!
 //! Training lives in [`crate::trainer`].
 
 pub mod batch;
 pub mod files;
+pub mod fused_nb;
 pub mod import;
 pub mod layers;
 pub mod likelihood;

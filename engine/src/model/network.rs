@@ -7,7 +7,8 @@
 use tch::{Device, Kind, Tensor, nn};
 
 use super::batch::DevicePerts;
-use super::config::{CpaConfig, DoserType, Precision, ReconLoss, VAR_EPS};
+use super::config::{CpaConfig, DoserType, LOG_EPS, Precision, ReconLoss, VAR_EPS};
+use super::fused_nb;
 use super::layers::{Classifier, FcLayers, Init, Linear, Noise, affine, variable};
 use super::likelihood::{Entries, count_log_likelihood_sparse, log_nb, log_normal, log_zinb};
 use super::vocab::{PADDING_ID, Vocabulary};
@@ -630,6 +631,35 @@ impl CpaModel {
                 Ok(self.with_skip(mean.forward(&h, self.precision)?, z_pert)?.f_to_kind(Kind::Float).torch()?)
             }
         }
+    }
+
+    /// Decodes latents in training mode and scores the counts `x` (their non-zero `entries`
+    /// where known): the per-cell log-likelihood, as [`decode`](Self::decode) then
+    /// [`log_likelihood`](Self::log_likelihood) give it, and the decoder's output. An `nb`
+    /// model takes the fused likelihood where this build has it and the
+    /// entries are known (one autograd node, [`fused_nb`]); the others autograd's graph.
+    pub fn reconstruct(
+        &self,
+        x: &Tensor,
+        entries: Option<&Entries>,
+        z: &Tensor,
+        z_pert: &Tensor,
+        library: Option<&Tensor>,
+        noise: &mut Noise,
+    ) -> Result<(Tensor, Generative)> {
+        if let (true, Some(entries), Some(library), Heads::Counts { scale, zi: None, log_theta }) =
+            (fused_nb::AVAILABLE, entries, library, &self.heads)
+        {
+            let h = self.decoder.forward(z, true, self.precision, noise)?;
+            let logits = self.with_skip(scale.forward(&h, self.precision)?, z_pert)?;
+            let (ll, mu) =
+                fused_nb::nb_log_likelihood(&logits.f_contiguous().torch()?, library, log_theta, entries, LOG_EPS)
+                    .map_err(|e| Error::InvalidInput(format!("the NB likelihood: {e}")))?;
+            let theta = log_theta.f_detach().torch()?.f_exp().torch()?;
+            return Ok((ll, Generative::Counts { mu, theta, zi_logits: None }));
+        }
+        let generative = self.decode(z, z_pert, library, true, noise)?;
+        Ok((self.log_likelihood(x, entries, &generative)?, generative))
     }
 
     /// A head's output plus `W z_pert` when the model has `perturbation_skip`.

@@ -30,6 +30,7 @@ use crate::model::batch::{DeviceBatch, HostBatch};
 use crate::model::config::{AdvLoss, CpaConfig, LrSchedule};
 use crate::model::files::{load_model, publish_dir, write_model_files};
 use crate::model::layers::{Noise, seeded};
+use crate::model::likelihood::Entries;
 use crate::model::network::{CpaModel, GROUP_ADV, GROUP_AE, GROUP_DOSER, Generative};
 use crate::torch::TorchResult;
 use average::Averaged;
@@ -559,13 +560,18 @@ impl Trainer {
                 }
             };
             let latents = self.model.compose(&encoded.z_basal, &z_pert, &covs)?;
-            let generative = self.model.decode(&latents.z, &latents.z_pert, library.as_ref(), true, &mut self.noise);
+            // Mixup blends counts, so the non-zero entries are those of the batch only without it;
+            // with it they are found on the CPU (on a GPU that would wait for the device).
+            let mixed = match &perm {
+                Some(_) if x.device() == Device::Cpu => Some(Entries::of_dense(&x).torch()?),
+                _ => None,
+            };
+            let entries = if perm.is_none() { Some(&b.entries) } else { mixed.as_ref() };
+            let reconstruction =
+                self.model.reconstruct(&x, entries, &latents.z, &latents.z_pert, library.as_ref(), &mut self.noise);
             self.noise.set_shard(None);
-            let generative = generative?;
-            // Mixup blends counts, so the non-zero entries are those of the batch only without it.
-            let entries = if perm.is_none() { Some(&b.entries) } else { None };
-            let recon =
-                self.model.log_likelihood(&x, entries, &generative)?.f_mean(Kind::Float).torch()?.f_neg().torch()?;
+            let (ll, generative) = reconstruction?;
+            let recon = ll.f_mean(Kind::Float).torch()?.f_neg().torch()?;
             let r2 = tch::no_grad(|| self.training_r2(&x_in, &generative, &b))?;
             let kl = match &encoded.posterior {
                 Some((mean, var)) => kl_standard_normal(mean, var)?,
