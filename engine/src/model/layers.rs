@@ -141,8 +141,32 @@ impl Noise {
         if !train || p == 0.0 {
             return Ok(x.shallow_clone());
         }
-        let keep = self.uniform(&x.size())?.f_ge(p).torch()?.f_to_kind(x.kind()).torch()?;
-        x.f_mul(&keep).torch()?.f_mul_scalar(1.0 / (1.0 - p)).torch()
+        let mask = self.dropout_mask(&x.size(), p)?;
+        x.f_mul(&if mask.kind() == x.kind() { mask } else { mask.f_to_kind(x.kind()).torch()? }).torch()
+    }
+
+    /// Float32 values of `shape`: 1/(1-p) where a uniform draw is at least `p`, else 0 (one
+    /// product a dropout layer, forward and backward, where a 0/1 mask and the scaling take
+    /// two and the mask's making two more).
+    fn dropout_mask(&mut self, shape: &[i64], p: f64) -> Result<Tensor> {
+        if let Some((whole, offset, rows)) = self.widened(shape) {
+            return self.dropout_mask_unsharded(&whole, p)?.f_narrow(0, offset, rows).torch();
+        }
+        self.dropout_mask_unsharded(shape, p)
+    }
+
+    fn dropout_mask_unsharded(&mut self, shape: &[i64], p: f64) -> Result<Tensor> {
+        let scale = 1.0 / (1.0 - p);
+        if self.device.is_cuda() {
+            let keep = self.uniform_unsharded(shape)?.f_ge(p).torch()?;
+            return keep.f_to_kind(Kind::Float).torch()?.f_mul_scalar_(scale).torch();
+        }
+        // The draws and decisions of `uniform(shape) >= p` (a float32 comparison).
+        let (threshold, scale) = (p as f32, scale as f32);
+        let n: i64 = shape.iter().product();
+        let values: Vec<f32> =
+            (0..n).map(|_| if self.rng.random::<f32>() >= threshold { scale } else { 0.0 }).collect();
+        Tensor::f_from_slice(&values).torch()?.f_reshape(shape).torch()
     }
 }
 
@@ -366,6 +390,16 @@ mod tests {
         let mean = y.f_mean(Kind::Float).torch()?.f_double_value(&[]).torch()?;
         assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
         assert!(a.dropout(&x, 0.25, false)?.f_equal(&x).torch()?);
+        // The mask is the draws of `uniform` against p, scaled: the same values, bit for bit,
+        // as a 0/1 mask times the input then the scale (`keep` is exact, the scale one product).
+        let (mut c, mut d) = (Noise::new(seeded(4, 5, 6), Device::Cpu), Noise::new(seeded(4, 5, 6), Device::Cpu));
+        let x = c.normal(&[64, 33])?;
+        let _ = d.normal(&[64, 33])?;
+        for p in [0.1, 0.2, 0.3, 0.5] {
+            let keep = c.uniform(&[64, 33])?.f_ge(p).torch()?.f_to_kind(Kind::Float).torch()?;
+            let before = x.f_mul(&keep).torch()?.f_mul_scalar(1.0 / (1.0 - p)).torch()?;
+            assert!(d.dropout(&x, p, true)?.f_equal(&before).torch()?, "p {p}");
+        }
         let mut p = a.permutation(100);
         p.sort_unstable();
         assert_eq!(p, (0..100).collect::<Vec<i64>>());
