@@ -8,8 +8,9 @@
 //! `cxx/op_count.cpp`, the operator counter of `bench model --count-ops` (`cfg(cpa_op_count)`),
 //! `cxx/profile.cpp`, libtorch's profiler for `bench model --profile` (`cfg(cpa_profile)`),
 //! `cxx/optim.cpp`, the optimizer's fused kernels (`cfg(cpa_fused)`; without them the trainer
-//! writes the update out), and `cxx/pinned.cpp`, copies to the device through pinned host memory
-//! (`cfg(cpa_pinned)`). It checks that the wrappers were compiled against the libtorch that tch
+//! writes the update out), `cxx/nb_loss.cpp`, the training step's NB likelihood as one autograd
+//! node (`cfg(cpa_fused_nb)`; without it autograd's graph of it), and `cxx/pinned.cpp`, copies to
+//! the device through pinned host memory (`cfg(cpa_pinned)`). It checks that the wrappers were compiled against the libtorch that tch
 //! links.
 
 use std::path::{Path, PathBuf};

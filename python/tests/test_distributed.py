@@ -22,13 +22,15 @@ from conftest import COMPUTE, LABELS
 #: The training every test starts from (cpa-tools' names); batch 256 is the whole step's.
 TRAIN = dict(**LABELS, holdout=["MAP2K3+MAP2K6"], seed=1, batch_size=256, progress=False, checkpoint_every=0, **COMPUTE)
 
-#: How much two runs that do the same arithmetic in another order may differ. The losses agree to
-#: seven digits; a weight tensor differs by less than 1% of its norm, about as much as one
-#: process on 2 libtorch threads differs from one on 1 (the most sensitive are the linear
-#: biases that feed a batch normalisation, whose gradient is float noise that Adam scales to whole
-#: steps). Before batch normalisation was synchronised, such biases differed by 39%.
-LOSS_RTOL = 1e-5
-WEIGHT_RTOL = 1e-2
+#: How much two runs that do the same arithmetic in another order may differ. Their difference
+#: grows epoch by epoch as the rounding compounds; measured over 1, 2 and 3 epochs of the first
+#: test below since the likelihood became one autograd node: the adversary's loss 2e-6, 7e-6 and
+#: 1.8e-5 relative apart, the farthest weight tensor 0.3%, 0.8% and 1.4% of its norm (the batch
+#: normalisations' biases: their gradient is float noise that Adam scales to whole steps). One
+#: process on 2 libtorch threads against one on 1 differs by up to 0.7% after 3 epochs. Before batch
+#: normalisation was synchronised, such biases differed by 39%.
+LOSS_RTOL = 5e-5
+WEIGHT_RTOL = 2e-2
 
 RANK_SCRIPT = """
 import json, sys
