@@ -635,9 +635,9 @@ impl CpaModel {
 
     /// Decodes latents in training mode and scores the counts `x` (their non-zero `entries`
     /// where known): the per-cell log-likelihood, as [`decode`](Self::decode) then
-    /// [`log_likelihood`](Self::log_likelihood) give it, and the decoder's output. An `nb`
-    /// model takes the fused likelihood where this build has it and the
-    /// entries are known (one autograd node, [`fused_nb`]); the others autograd's graph.
+    /// [`log_likelihood`](Self::log_likelihood) give it, and the decoder's output. An `nb` model
+    /// takes the fused likelihood (one autograd node, [`fused_nb`]) where this build has it and
+    /// the entries are known; the others autograd's graph.
     pub fn reconstruct(
         &self,
         x: &Tensor,
