@@ -80,6 +80,13 @@ def main():
     sc.pp.highly_variable_genes(normalised, n_top_genes=a.genes, flavor="seurat")
     data = data[:, normalised.var["highly_variable"].values].copy()
     data.X = sp.csr_matrix(data.X)
+    # cpa-tools' anndata (0.9) cannot read the nullable string arrays a newer anndata writes for
+    # pandas' string indices and columns ("/obs/_index"): plain object indices and categorical
+    # columns it can.
+    data.obs.index = pd.Index(data.obs.index.astype(str).tolist(), dtype=object)
+    data.var.index = pd.Index(data.var.index.astype(str).tolist(), dtype=object)
+    for column in data.obs.columns:
+        data.obs[column] = pd.Categorical(data.obs[column].astype(str).tolist())
     data.write_h5ad(a.out)
     print(f"{a.out}: {data.n_obs} cells x {data.n_vars} genes; "
           + ", ".join(f"{k}: {v}" for k, v in obs.groupby(["cell_type", "condition"]).size().items()))
